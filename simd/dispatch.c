@@ -1,0 +1,66 @@
+/*
+ * dispatch.c - picks the kernel table once per process.
+ *
+ * The best variant the CPU (and OS) supports wins; KLI_SIMD=generic|avx2|avx512|neon forces
+ * one, which is how tests and benchmarks compare variants. A forced variant that is not
+ * compiled in or not supported falls back to the best available one.
+ */
+#include "config.h"
+
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "simd.h"
+
+static const struct kli_kernels *dispatch_table;
+static pthread_once_t dispatch_once = PTHREAD_ONCE_INIT;
+
+int
+kli_kernels_all(const struct kli_kernels **out, int cap)
+{
+    const struct kli_kernels *(*get[])(void) = {
+        kli_kernels_generic, kli_kernels_neon, kli_kernels_avx2, kli_kernels_avx512,
+    };
+    int n = 0;
+
+    for (size_t i = 0; i < sizeof(get) / sizeof(get[0]) && n < cap; i++) {
+        const struct kli_kernels *k = get[i]();
+        if (k != NULL)
+            out[n++] = k;
+    }
+    return n;
+}
+
+static void
+dispatch_init(void)
+{
+    const struct kli_kernels *all[8];
+    int n = kli_kernels_all(all, 8);
+    const char *want = getenv("KLI_SIMD");
+
+    dispatch_table = all[n - 1];
+    if (want != NULL && *want != '\0') {
+        for (int i = 0; i < n; i++) {
+            if (strcmp(all[i]->name, want) == 0)
+                dispatch_table = all[i];
+        }
+    }
+}
+
+const struct kli_kernels *
+kli_kernels(void)
+{
+    pthread_once(&dispatch_once, dispatch_init);
+    return dispatch_table;
+}
+
+#ifndef KLI_BUILD_AVX2
+const struct kli_kernels *kli_kernels_avx2(void) { return NULL; }
+#endif
+#ifndef KLI_BUILD_AVX512
+const struct kli_kernels *kli_kernels_avx512(void) { return NULL; }
+#endif
+#ifndef KLI_BUILD_NEON
+const struct kli_kernels *kli_kernels_neon(void) { return NULL; }
+#endif

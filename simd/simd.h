@@ -1,0 +1,61 @@
+/*
+ * simd.h - the table of CPU kernels, chosen once per process at run time.
+ *
+ * Every entry has a plain C version in generic.c (the test oracle) and optionally faster
+ * ones in avx2.c / avx512.c / neon.c. Kernels are model-neutral: they know matrices and
+ * vectors, not layers. They never allocate, never fail and never spawn threads; callers split
+ * work across threads by rows.
+ *
+ * Checklist: a new entry needs a generic version, a line in each ISA's table (NULL is not
+ * allowed: copy the generic pointer), and a case in tests/test-simd.c.
+ */
+#ifndef KLI_SIMD_H
+#define KLI_SIMD_H
+
+#include <stdint.h>
+
+#include "dtype.h"
+
+/* y[i][r] = sum_j x[i][j] * W[r][j] for i < m, r < n.
+ *   y  [m][ldy] floats, x [m][ldx] floats,
+ *   w  [n][k] in the kernel's dtype, rows contiguous (row r at byte r * row_bytes(k)).
+ * k is a multiple of the dtype's block size. */
+typedef void (*kli_matmul_fn)(float *y, int64_t ldy, const float *x, int64_t ldx,
+                              const void *w, int64_t n, int64_t k, int64_t m);
+
+struct kli_kernels {
+    const char *name;                        /* "generic", "avx2", "avx512", "neon" */
+    kli_matmul_fn matmul[KLI_DT_COUNT];      /* NULL for KLI_DT_OTHER */
+    /* @return sum a[i]*b[i], i < n */
+    float (*dot)(const float *a, const float *b, int64_t n);
+    /* y[i] += a * x[i] */
+    void (*axpy)(float *y, float a, const float *x, int64_t n);
+    /* y[i] *= a */
+    void (*scale)(float *y, float a, int64_t n);
+    /* dst[i] = float(src[i]) for n elements of dtype dt (whole blocks) */
+    void (*to_f32)(enum kli_dtype dt, const void *src, float *dst, int64_t n);
+};
+
+/* The selected table (KLI_SIMD=generic|avx2|avx512|neon forces one; an unavailable forced
+ * variant falls back to the best available and kli_kernels_forced_ok() says so). */
+const struct kli_kernels *kli_kernels(void);
+
+/* Every compiled-in variant usable on this CPU, best last; for tests and benchmarks.
+ * @return the count written into `out` (at most `cap`). */
+int kli_kernels_all(const struct kli_kernels **out, int cap);
+
+/* Per-ISA tables; NULL-returning when not compiled in or not supported by this CPU. */
+const struct kli_kernels *kli_kernels_generic(void);
+const struct kli_kernels *kli_kernels_avx2(void);
+const struct kli_kernels *kli_kernels_avx512(void);
+const struct kli_kernels *kli_kernels_neon(void);
+
+/* CPU features (cpu.c), with the OS support check for the vector state. */
+struct kli_cpu_features {
+    int avx2, fma, f16c;
+    int avx512f, avx512bw, avx512vl, avx512dq, avx512bf16, avx512vnni;
+    int neon, dotprod;
+};
+const struct kli_cpu_features *kli_cpu_features(void);
+
+#endif

@@ -1,0 +1,119 @@
+/*
+ * describe.c - kli_model_describe: the architecture summary behind `kli info`.
+ */
+#include "config.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "internal.h"
+#include "model.h"
+
+struct text {
+    char *buf;
+    size_t cap, len;
+};
+
+static void text_printf(struct text *t, const char *fmt, ...) KLI_PRINTF(2, 3);
+
+static void
+text_printf(struct text *t, const char *fmt, ...)
+{
+    va_list ap;
+    char *dst = t->len < t->cap ? t->buf + t->len : NULL;
+    size_t room = t->len < t->cap ? t->cap - t->len : 0;
+
+    va_start(ap, fmt);
+    int n = vsnprintf(dst, room, fmt, ap);
+    va_end(ap);
+    if (n > 0)
+        t->len += (size_t)n;
+}
+
+static int64_t
+numel(const struct kli_tensor_desc *d)
+{
+    return d->numel;
+}
+
+size_t
+kli_model_describe(const struct kli_model *m, int tensors, char *buf, size_t cap)
+{
+    const struct kli_config *c = &m->cfg;
+    struct text t = {buf, cap, 0};
+    int n_kda = 0, n_mla = 0, n_dense = 0, n_moe = 0;
+    uint64_t by_dtype[KLI_DT_COUNT] = {0};
+    int64_t params = 0, routed = 0;
+
+    if (cap > 0)
+        buf[0] = '\0';
+    for (int i = 0; i < c->n_layers; i++) {
+        n_kda += c->layer_mixer[i] == KLI_MIXER_KDA;
+        n_mla += c->layer_mixer[i] == KLI_MIXER_MLA;
+        n_dense += c->layer_ffn[i] == KLI_FFN_DENSE;
+        n_moe += c->layer_ffn[i] == KLI_FFN_MOE;
+    }
+    int64_t nt = kli_wfile_n_tensors(m->wf);
+    for (int64_t i = 0; i < nt; i++) {
+        const struct kli_tensor_desc *d = kli_wfile_tensor(m->wf, i);
+        params += numel(d);
+        by_dtype[d->dtype] += d->nbytes;
+        if (strstr(d->name, ".experts.") != NULL)
+            routed += numel(d);
+    }
+
+    text_printf(&t, "model:        %s\n", m->path);
+    text_printf(&t, "architecture: kimi_linear, %d layers (%d KDA, %d MLA; %d dense, %d MoE)\n",
+                c->n_layers, n_kda, n_mla, n_dense, n_moe);
+    text_printf(&t, "layer kinds:  ");
+    for (int i = 0; i < c->n_layers; i++)
+        text_printf(&t, "%s%c", i ? " " : "", c->layer_mixer[i] == KLI_MIXER_KDA ? 'K' : 'M');
+    text_printf(&t, "  (K = KDA, M = MLA)\n");
+    text_printf(&t, "hidden:       %d, vocab %d, rms_norm_eps %g, dense d_ff %d\n", c->d_model,
+                c->n_vocab, (double)c->norm_eps, c->d_ff);
+    text_printf(&t, "KDA:          %d heads x %d, short conv %d, gate ranks %d/%d\n",
+                c->kda.n_heads, c->kda.head_dim, c->kda.conv_size, m->kda_rank_f,
+                m->kda_rank_g);
+    text_printf(&t, "MLA:          %d heads, latent %d, q/k nope %d + rope-part %d (no rotary), "
+                "v %d\n", c->mla.n_heads, c->mla.kv_lora_rank, c->mla.qk_nope_dim,
+                c->mla.qk_rope_dim, c->mla.v_head_dim);
+    if (c->moe.n_experts > 0)
+        text_printf(&t, "MoE:          %d experts, top-%d, %d shared, d_ff %d, %d group(s) "
+                    "keeping %d, %s router, %srenormalised, scale %g, first %d layer(s) dense\n",
+                    c->moe.n_experts, c->moe.top_k, c->moe.n_shared, c->moe.d_ff,
+                    c->moe.n_group, c->moe.topk_group, c->moe.sigmoid ? "sigmoid" : "softmax",
+                    c->moe.renormalize ? "" : "not ", (double)c->moe.scaling,
+                    c->moe.first_dense);
+    int64_t active = params;
+    if (c->moe.n_experts > 0)
+        active = params - routed + routed / c->moe.n_experts * c->moe.top_k;
+    text_printf(&t, "parameters:   %lld (%.2f B), active per token %lld (%.2f B)\n",
+                (long long)params, (double)params / 1e9, (long long)active,
+                (double)active / 1e9);
+    text_printf(&t, "bytes:       ");
+    for (int d = 0; d < KLI_DT_COUNT; d++) {
+        if (by_dtype[d] > 0)
+            text_printf(&t, " %s %llu", kli_dtype_name(d), (unsigned long long)by_dtype[d]);
+    }
+    text_printf(&t, "\n");
+    int64_t HK = (int64_t)c->kda.n_heads * c->kda.head_dim;
+    int64_t kda_bytes = (int64_t)n_kda * 4 *
+                        (HK * c->kda.head_dim + 3 * HK * (c->kda.conv_size - 1));
+    int64_t mla_bytes = (int64_t)n_mla * 4 * (c->mla.kv_lora_rank + c->mla.qk_rope_dim);
+    text_printf(&t, "state:        KDA %lld bytes per sequence (fp32 recurrent + conv), "
+                "MLA cache %lld bytes per token (fp32 latent + k_pe)\n",
+                (long long)kda_bytes, (long long)mla_bytes);
+    text_printf(&t, "context:      up to %d tokens\n", c->ctx_max);
+    if (tensors) {
+        text_printf(&t, "tensors:      %lld\n", (long long)nt);
+        for (int64_t i = 0; i < nt; i++) {
+            const struct kli_tensor_desc *d = kli_wfile_tensor(m->wf, i);
+            text_printf(&t, "  %-64s %-5s [", d->name, d->dtype_name);
+            for (int k = 0; k < d->ndim; k++)
+                text_printf(&t, "%s%lld", k ? ", " : "", (long long)d->shape[k]);
+            text_printf(&t, "]\n");
+        }
+    }
+    return t.len;
+}

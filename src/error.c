@@ -1,0 +1,52 @@
+/*
+ * error.c - status strings and the sticky error out-parameter.
+ */
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "internal.h"
+
+const char *
+kli_strerror(int code)
+{
+    switch (code) {
+    case KLI_OK: return "success";
+    case KLI_E_NOMEM: return "out of memory";
+    case KLI_E_IO: return "input/output error";
+    case KLI_E_FORMAT: return "malformed input";
+    case KLI_E_UNSUPPORTED: return "unsupported";
+    case KLI_E_RANGE: return "value out of range";
+    case KLI_E_CUDA: return "CUDA error";
+    case KLI_E_INVALID: return "invalid argument";
+    case KLI_E_INTERRUPTED: return "interrupted";
+    default: return "unknown error";
+    }
+}
+
+const char *
+kli_version(void)
+{
+    return KLI_VERSION_STRING;
+}
+
+int
+kli_err_set(struct kli_err *err, int code, const char *fmt, ...)
+{
+    va_list ap;
+
+    if (err == NULL || err->code != 0)
+        return code;
+    err->code = code;
+    va_start(ap, fmt);
+    vsnprintf(err->msg, sizeof(err->msg), fmt, ap);
+    va_end(ap);
+    return code;
+}
+
+void
+kli_panic(const char *file, int line, const char *what)
+{
+    fprintf(stderr, "kli: internal error at %s:%d: %s\n", file, line, what);
+    abort();
+}

@@ -1,0 +1,75 @@
+/*
+ * forward.c - the forward pass of Kimi Linear for one batch of tokens (docs/model.md 3):
+ *
+ *     h = embed[t]
+ *     for each layer:  h += mixer(rmsnorm(h))     (KDA or MLA)
+ *                      h += ffn(rmsnorm(h))       (dense SwiGLU or MoE)
+ *     logits = lm_head(rmsnorm(h))
+ *
+ * There are no position ids anywhere: KDA carries order in its state and MLA uses no
+ * rotary embedding. Activations are float32 throughout (decision 2 of docs/model.md).
+ */
+#include "config.h"
+
+#include <string.h>
+
+#include "ffn.h"
+#include "forward.h"
+#include "kda.h"
+#include "mla.h"
+#include "moe.h"
+#include "ops.h"
+
+static void
+rmsnorm_rows(float *y, const float *x, const float *w, int64_t T, int64_t D, float eps)
+{
+    for (int64_t t = 0; t < T; t++)
+        ops_rmsnorm(y + t * D, x + t * D, w, D, eps);
+}
+
+static void
+add_rows(float *h, const float *y, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++)
+        h[i] += y[i];
+}
+
+void
+forward_batch(struct kli_session *s, const kli_token *tok, int64_t T, float *logits_all)
+{
+    const struct kli_model *m = s->m;
+    const struct kli_config *cfg = &m->cfg;
+    int64_t D = cfg->d_model, V = cfg->n_vocab;
+
+    for (int64_t t = 0; t < T; t++)
+        ops_row_f32(&m->embed, tok[t], s->h + t * D);
+
+    for (int i = 0; i < cfg->n_layers; i++) {
+        const struct kli_layer *ly = &m->layers[i];
+
+        rmsnorm_rows(s->x, s->h, ly->attn_norm, T, D, cfg->norm_eps);
+        if (ly->mixer == KLI_MIXER_KDA)
+            kda_forward(m, &ly->kda, &s->kda[i], &s->kda_sc, s->x, T, s->y);
+        else
+            mla_forward(m, &ly->mla, s->cache[i], s->pos, &s->mla_sc, s->x, T, s->y);
+        add_rows(s->h, s->y, T * D);
+
+        rmsnorm_rows(s->x, s->h, ly->ffn_norm, T, D, cfg->norm_eps);
+        if (ly->ffn_kind == KLI_FFN_DENSE)
+            ffn_forward(&ly->ffn, s->x, T, s->y, s->ffn_h1, s->ffn_h3);
+        else
+            moe_forward(m, &ly->moe, &s->moe_sc, s->x, T, s->y);
+        add_rows(s->h, s->y, T * D);
+    }
+
+    if (logits_all != NULL) {
+        rmsnorm_rows(s->x, s->h, m->final_norm, T, D, cfg->norm_eps);
+        ops_matmul(&m->lm_head, s->x, D, logits_all, V, T);
+        memcpy(s->logits, logits_all + (T - 1) * V, (size_t)V * sizeof(float));
+    } else {
+        ops_rmsnorm(s->x, s->h + (T - 1) * D, m->final_norm, D, cfg->norm_eps);
+        ops_matmul(&m->lm_head, s->x, D, s->logits, V, 1);
+    }
+    s->has_logits = 1;
+    s->pos += (int32_t)T;
+}

@@ -1,0 +1,323 @@
+/*
+ * kda.c - Kimi Delta Attention (docs/model.md section 4).
+ *
+ * Per token and head, with state S [K][V] (row = key channel):
+ *
+ *     S <- Diag(exp(g)) S                  channel-wise decay, g <= 0
+ *     u  = beta * (v - S^T k)              delta-rule error against the decayed state
+ *     S <- S + k u^T                       rank-1 write
+ *     o  = S^T q                           read with the updated state
+ *
+ * i.e. S_t = (I - beta k k^T) Diag(alpha_t) S_{t-1} + beta k v^T (tech report eq. 1).
+ * Decoding uses this recurrence as written. Prefill uses the chunked form, which computes
+ * the same thing for 64 tokens at a time with matrix products; both live here side by side
+ * and tests/test-kda.c checks that they agree.
+ */
+#include "config.h"
+
+#include <math.h>
+#include <string.h>
+
+#include "kda.h"
+#include "ops.h"
+#include "simd.h"
+#include "threads.h"
+
+/* ==== the recurrence ====================================================================== */
+
+void
+kda_recurrent(int64_t T, int64_t K, int64_t V, const float *q, const float *k, const float *v,
+              const float *g, const float *beta, int64_t ld_qk, int64_t ld_v, int64_t ld_b,
+              float *S, float *o, int64_t ld_o)
+{
+    const struct kli_kernels *kk = kli_kernels();
+    float u[1024];   /* V <= 1024 is checked at session creation */
+
+    for (int64_t t = 0; t < T; t++) {
+        const float *qt = q + t * ld_qk, *kt = k + t * ld_qk, *gt = g + t * ld_qk;
+        const float *vt = v + t * ld_v;
+        float *ot = o + t * ld_o;
+        float b = beta[t * ld_b];
+
+        /* 1-2: decay the rows and predict v from the decayed state. */
+        memset(u, 0, (size_t)V * sizeof(float));
+        for (int64_t d = 0; d < K; d++) {
+            float *row = S + d * V;
+            kk->scale(row, expf(gt[d]), V);
+            kk->axpy(u, kt[d], row, V);
+        }
+        /* 3: the delta-rule error. */
+        for (int64_t j = 0; j < V; j++)
+            u[j] = b * (vt[j] - u[j]);
+        /* 4-5: rank-1 write, then read with the updated state. */
+        memset(ot, 0, (size_t)V * sizeof(float));
+        for (int64_t d = 0; d < K; d++) {
+            float *row = S + d * V;
+            kk->axpy(row, kt[d], u, V);
+            kk->axpy(ot, qt[d], row, V);
+        }
+    }
+}
+
+/* ==== the chunked form ====================================================================
+ *
+ * For a chunk of C tokens r = 0..C-1 starting from state S0, with the local cumulative
+ * log-decay G_r = g_0 + ... + g_r (per key channel, non-increasing):
+ *
+ *   L[r][j] = beta_r sum_d k_r[d] k_j[d] exp(G_r[d] - G_j[d])     j < r
+ *   (I + L) U = beta (.) V,   (I + L) W = beta (.) exp(G) (.) K    (forward substitution)
+ *   V_new  = U - W S0                                              the per-token errors u_r
+ *   A[r][j] = sum_d q_r[d] k_j[d] exp(G_r[d] - G_j[d])             j <= r
+ *   O      = (q (.) exp(G)) S0 + A V_new
+ *   S_next = Diag(exp(G_C)) S0 + (K (.) exp(G_C - G))^T V_new
+ *
+ * Unrolling the recurrence gives u_r + sum_{j<r} L[r][j] u_j = beta_r (v_r - S0^T(exp(G_r) k_r)),
+ * which is the triangular system above. Only differences G_r - G_j with j <= r and G_r itself
+ * are exponentiated, so every factor lies in [0, 1]: exp(-G) is never formed (it overflows
+ * within one chunk when the decay is strong). */
+
+int64_t
+kda_chunk_floats(int64_t K, int64_t V)
+{
+    int64_t C = KDA_CHUNK;
+
+    /* G, W [C][K]; U [C][V]; L/A [C][C] */
+    return 2 * C * K + C * V + C * C + 64;
+}
+
+void
+kda_chunked(int64_t T, int64_t K, int64_t V, const float *q, const float *k, const float *v,
+            const float *g, const float *beta, int64_t ld_qk, int64_t ld_v, int64_t ld_b,
+            float *S, float *o, int64_t ld_o, float *work)
+{
+    const struct kli_kernels *kk = kli_kernels();
+    const int64_t CM = KDA_CHUNK;
+    float *G = work;              /* [C][K] */
+    float *W = G + CM * K;        /* [C][K] */
+    float *U = W + CM * K;        /* [C][V]: U, then V_new in place */
+    float *LA = U + CM * V;       /* [C][C]: L, then A */
+
+    for (int64_t t0 = 0; t0 < T; t0 += CM) {
+        int64_t C = T - t0 < CM ? T - t0 : CM;
+        const float *qc = q + t0 * ld_qk, *kc = k + t0 * ld_qk, *gc = g + t0 * ld_qk;
+        const float *vc = v + t0 * ld_v, *bc = beta + t0 * ld_b;
+        float *oc = o + t0 * ld_o;
+
+        /* Local cumulative decay. */
+        for (int64_t r = 0; r < C; r++) {
+            for (int64_t d = 0; d < K; d++)
+                G[r * K + d] = (r ? G[(r - 1) * K + d] : 0.0f) + gc[r * ld_qk + d];
+        }
+        /* L (strictly lower), scaled by beta_r. */
+        for (int64_t r = 0; r < C; r++) {
+            const float *kr = kc + r * ld_qk, *Gr = G + r * K;
+            for (int64_t j = 0; j < r; j++) {
+                const float *kj = kc + j * ld_qk, *Gj = G + j * K;
+                float s = 0.0f;
+                for (int64_t d = 0; d < K; d++)
+                    s += kr[d] * kj[d] * expf(Gr[d] - Gj[d]);
+                LA[r * CM + j] = bc[r * ld_b] * s;
+            }
+        }
+        /* Forward substitution: (I + L) U = beta V and (I + L) W = beta exp(G) K. */
+        for (int64_t r = 0; r < C; r++) {
+            float b = bc[r * ld_b];
+            float *Ur = U + r * V, *Wr = W + r * K;
+            const float *Gr = G + r * K, *kr = kc + r * ld_qk;
+            for (int64_t j = 0; j < V; j++)
+                Ur[j] = b * vc[r * ld_v + j];
+            for (int64_t d = 0; d < K; d++)
+                Wr[d] = b * expf(Gr[d]) * kr[d];
+            for (int64_t j = 0; j < r; j++) {
+                float l = LA[r * CM + j];
+                kk->axpy(Ur, -l, U + j * V, V);
+                kk->axpy(Wr, -l, W + j * K, K);
+            }
+        }
+        /* V_new = U - W S0 (in place in U). */
+        for (int64_t r = 0; r < C; r++) {
+            float *Ur = U + r * V;
+            const float *Wr = W + r * K;
+            for (int64_t d = 0; d < K; d++)
+                kk->axpy(Ur, -Wr[d], S + d * V, V);
+        }
+        /* A (lower, diagonal included). */
+        for (int64_t r = 0; r < C; r++) {
+            const float *qr = qc + r * ld_qk, *Gr = G + r * K;
+            for (int64_t j = 0; j <= r; j++) {
+                const float *kj = kc + j * ld_qk, *Gj = G + j * K;
+                float s = 0.0f;
+                for (int64_t d = 0; d < K; d++)
+                    s += qr[d] * kj[d] * expf(Gr[d] - Gj[d]);
+                LA[r * CM + j] = s;
+            }
+        }
+        /* O = (q exp(G)) S0 + A V_new. */
+        for (int64_t r = 0; r < C; r++) {
+            float *orow = oc + r * ld_o;
+            const float *qr = qc + r * ld_qk, *Gr = G + r * K;
+            memset(orow, 0, (size_t)V * sizeof(float));
+            for (int64_t d = 0; d < K; d++)
+                kk->axpy(orow, qr[d] * expf(Gr[d]), S + d * V, V);
+            for (int64_t j = 0; j <= r; j++)
+                kk->axpy(orow, LA[r * CM + j], U + j * V, V);
+        }
+        /* S_next = Diag(exp(G_C)) S0 + (K exp(G_C - G))^T V_new. */
+        const float *GC = G + (C - 1) * K;
+        for (int64_t d = 0; d < K; d++) {
+            float *row = S + d * V;
+            kk->scale(row, expf(GC[d]), V);
+            for (int64_t r = 0; r < C; r++)
+                kk->axpy(row, kc[r * ld_qk + d] * expf(GC[d] - G[r * K + d]), U + r * V, V);
+        }
+    }
+}
+
+/* ==== the layer =========================================================================== */
+
+struct kda_job {
+    const struct kli_model *m;
+    const struct kli_kda_w *w;
+    struct kda_state *st;
+    struct kda_scratch *sc;
+    int64_t T;
+};
+
+/* Short causal depthwise convolution + SiLU over channels [c0, c1) of q, k and v; the
+ * state holds the last W-1 raw inputs (oldest first) and is advanced. */
+static void
+kda_conv_range(void *ctx, int64_t c0, int64_t c1, int ith)
+{
+    struct kda_job *j = ctx;
+    const struct kli_config *cfg = &j->m->cfg;
+    int64_t HK = (int64_t)cfg->kda.n_heads * cfg->kda.head_dim, Wn = cfg->kda.conv_size;
+    int64_t T = j->T;
+
+    (void)ith;
+    for (int p = 0; p < 3; p++) {
+        const float *raw = j->sc->raw[p];
+        float *y = j->sc->qkv[p];
+        float *state = j->st->conv + (int64_t)p * HK * (Wn - 1);
+        const float *wts = j->w->conv[p];
+        for (int64_t c = c0; c < c1; c++) {
+            const float *wc = wts + c * Wn;
+            float *sc = state + c * (Wn - 1);
+            for (int64_t t = 0; t < T; t++) {
+                /* input at time t - (Wn-1) + i: from the state if before this call */
+                float a = 0.0f;
+                for (int64_t i = 0; i < Wn; i++) {
+                    int64_t tt = t - (Wn - 1) + i;
+                    float in = tt >= 0 ? raw[tt * HK + c] : sc[(Wn - 1) + tt];
+                    a += wc[i] * in;
+                }
+                y[t * HK + c] = ops_silu(a);
+            }
+            /* New state: the last W-1 inputs of (old state ++ raw). */
+            for (int64_t i = 0; i < Wn - 1; i++) {
+                int64_t tt = T - (Wn - 1) + i;
+                sc[i] = tt >= 0 ? raw[tt * HK + c] : sc[(Wn - 1) + tt];
+            }
+        }
+    }
+}
+
+static void
+l2norm(float *x, int64_t n, float scale)
+{
+    double ss = 0.0;
+
+    for (int64_t i = 0; i < n; i++)
+        ss += (double)x[i] * x[i];
+    float r = (float)(1.0 / sqrt(ss + 1e-6)) * scale;
+    for (int64_t i = 0; i < n; i++)
+        x[i] *= r;
+}
+
+/* Per token and head [i0, i1) of T*H: gate, beta, q/k normalisation. */
+static void
+kda_prep_range(void *ctx, int64_t i0, int64_t i1, int ith)
+{
+    struct kda_job *j = ctx;
+    const struct kli_config *cfg = &j->m->cfg;
+    int64_t H = cfg->kda.n_heads, K = cfg->kda.head_dim, HK = H * K;
+    float qscale = 1.0f / sqrtf((float)K);
+
+    (void)ith;
+    for (int64_t i = i0; i < i1; i++) {
+        int64_t t = i / H, h = i % H;
+        float *g = j->sc->g + t * HK + h * K;
+        const float *bias = j->w->dt_bias + h * K;
+        float a = j->w->a_neg[h];
+        for (int64_t d = 0; d < K; d++)
+            g[d] = a * ops_softplus(g[d] + bias[d]);
+        j->sc->beta[t * H + h] = ops_sigmoid(j->sc->beta[t * H + h]);
+        l2norm(j->sc->qkv[0] + t * HK + h * K, K, qscale);
+        l2norm(j->sc->qkv[1] + t * HK + h * K, K, 1.0f);
+    }
+}
+
+static void
+kda_heads_range(void *ctx, int64_t h0, int64_t h1, int ith)
+{
+    struct kda_job *j = ctx;
+    const struct kli_config *cfg = &j->m->cfg;
+    int64_t H = cfg->kda.n_heads, K = cfg->kda.head_dim, HK = H * K;
+    struct kda_scratch *sc = j->sc;
+
+    for (int64_t h = h0; h < h1; h++) {
+        const float *q = sc->qkv[0] + h * K, *k = sc->qkv[1] + h * K, *v = sc->qkv[2] + h * K;
+        float *S = j->st->S + h * K * K;
+        if (j->T == 1)
+            kda_recurrent(1, K, K, q, k, v, sc->g + h * K, sc->beta + h, HK, HK, H, S,
+                          sc->o + h * K, HK);
+        else
+            kda_chunked(j->T, K, K, q, k, v, sc->g + h * K, sc->beta + h, HK, HK, H, S,
+                        sc->o + h * K, HK, sc->chunk + ith * kda_chunk_floats(K, K));
+    }
+}
+
+/* Gated RMSNorm per head: y = rmsnorm(o) * w * sigmoid(gate) (docs/model.md 4.8). */
+static void
+kda_outnorm_range(void *ctx, int64_t i0, int64_t i1, int ith)
+{
+    struct kda_job *j = ctx;
+    const struct kli_config *cfg = &j->m->cfg;
+    int64_t H = cfg->kda.n_heads, K = cfg->kda.head_dim;
+
+    (void)ith;
+    for (int64_t i = i0; i < i1; i++) {
+        float *o = j->sc->o + i * K;
+        const float *gg = j->sc->gate + i * K;
+        ops_rmsnorm(o, o, j->w->o_norm, K, cfg->norm_eps);
+        for (int64_t d = 0; d < K; d++)
+            o[d] *= ops_sigmoid(gg[d]);
+    }
+    (void)H;
+}
+
+void
+kda_forward(const struct kli_model *m, const struct kli_kda_w *w, struct kda_state *st,
+            struct kda_scratch *sc, const float *x, int64_t T, float *out)
+{
+    const struct kli_config *cfg = &m->cfg;
+    int64_t D = cfg->d_model, H = cfg->kda.n_heads, K = cfg->kda.head_dim, HK = H * K;
+    int64_t rf = w->f_a.shape[0], rg = w->g_a.shape[0];
+    struct kda_job j = {m, w, st, sc, T};
+
+    ops_matmul(&w->q_proj, x, D, sc->raw[0], HK, T);
+    ops_matmul(&w->k_proj, x, D, sc->raw[1], HK, T);
+    ops_matmul(&w->v_proj, x, D, sc->raw[2], HK, T);
+    threads_parallel_for(HK, 64, kda_conv_range, &j);
+
+    ops_matmul(&w->f_a, x, D, sc->low, rf, T);
+    ops_matmul(&w->f_b, sc->low, rf, sc->g, HK, T);
+    ops_matmul(&w->b_proj, x, D, sc->beta, H, T);
+    threads_parallel_for(T * H, 4, kda_prep_range, &j);
+
+    threads_parallel_for(H, 1, kda_heads_range, &j);
+
+    ops_matmul(&w->g_a, x, D, sc->low, rg, T);
+    ops_matmul(&w->g_b, sc->low, rg, sc->gate, HK, T);
+    threads_parallel_for(T * H, 4, kda_outnorm_range, &j);
+    ops_matmul(&w->o_proj, sc->o, HK, out, D, T);
+}

@@ -1,0 +1,55 @@
+/*
+ * kda.h - Kimi Delta Attention: the token mixer of the linear-attention layers.
+ */
+#ifndef KLI_KDA_H
+#define KLI_KDA_H
+
+#include <stdint.h>
+
+#include "model.h"
+
+/* Chunk length of the chunked (prefill) form. */
+#define KDA_CHUNK 64
+
+/* Per-sequence state of one KDA layer. */
+struct kda_state {
+    float *S;      /* [H][K][V] recurrent state, row = key channel */
+    float *conv;   /* [3][H*K][W-1] the last W-1 raw inputs of q, k, v, oldest first */
+};
+
+/* Scratch for T <= batch_max tokens, sized by kda_scratch_floats. */
+struct kda_scratch {
+    float *raw[3];   /* [T][HK] projections before the convolution */
+    float *qkv[3];   /* [T][HK] after conv + SiLU; q and k then L2-normalised */
+    float *g;        /* [T][HK] log decay (<= 0) */
+    float *beta;     /* [T][H] */
+    float *low;      /* [T][max(r_f, r_g)] */
+    float *gate;     /* [T][HK] output gate pre-activation */
+    float *o;        /* [T][HK] attention output, then the gated norm's output */
+    float *chunk;    /* [n_threads][kda_chunk_floats] chunked-form workspace */
+};
+
+/* Floats of chunk workspace one thread needs for head dims K, V. */
+int64_t kda_chunk_floats(int64_t K, int64_t V);
+
+/* Runs one KDA layer over T tokens: x [T][d_model] (normed input) -> out [T][d_model],
+ * advancing `st`. Uses the recurrence for T == 1 and the chunked form otherwise. */
+void kda_forward(const struct kli_model *m, const struct kli_kda_w *w, struct kda_state *st,
+                 struct kda_scratch *sc, const float *x, int64_t T, float *out);
+
+/* ==== the two forms of the delta rule, one head (exposed for tests) ====================== */
+
+/* Exact recurrence (docs/model.md 4.6) over T tokens for one head.
+ *   q, k, g: [T] rows of K values at stride ld_qk; q already scaled, q and k normalised
+ *   v: [T] rows of V values at stride ld_v; beta: [T] at stride ld_b
+ *   S: [K][V] state, updated in place; o: [T] rows of V at stride ld_o */
+void kda_recurrent(int64_t T, int64_t K, int64_t V, const float *q, const float *k,
+                   const float *v, const float *g, const float *beta, int64_t ld_qk,
+                   int64_t ld_v, int64_t ld_b, float *S, float *o, int64_t ld_o);
+
+/* The chunked form (docs/model.md 4.7): same contract, `work` holds kda_chunk_floats(K, V). */
+void kda_chunked(int64_t T, int64_t K, int64_t V, const float *q, const float *k,
+                 const float *v, const float *g, const float *beta, int64_t ld_qk,
+                 int64_t ld_v, int64_t ld_b, float *S, float *o, int64_t ld_o, float *work);
+
+#endif

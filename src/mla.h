@@ -1,0 +1,41 @@
+/*
+ * mla.h - NoPE multi-head latent attention: the token mixer of the full-attention layers.
+ */
+#ifndef KLI_MLA_H
+#define KLI_MLA_H
+
+#include <stdint.h>
+
+#include "model.h"
+
+/* Scratch for T <= batch_max tokens. */
+struct mla_scratch {
+    float *q;      /* [T][H*(nope+rope)] */
+    float *ckv;    /* [T][L+rope] */
+    float *o;      /* [T][H*v] */
+    float *work;   /* [n_threads][mla_work_floats(ctx)] */
+    int64_t work_stride;
+};
+
+/* Floats of per-thread attention workspace for a context of n tokens. */
+int64_t mla_work_floats(const struct kli_config *cfg, int64_t n);
+
+/* Runs one MLA layer over T tokens. `cache` [pos+T][L+rope] holds, per token, the
+ * normalised latent c^ (L values) and the raw k_pe (rope values); the T new entries are
+ * written at rows pos..pos+T-1. x [T][d_model] -> out [T][d_model]. */
+void mla_forward(const struct kli_model *m, const struct kli_mla_w *w, float *cache,
+                 int64_t pos, struct mla_scratch *sc, const float *x, int64_t T, float *out);
+
+/* Attention for one query row and head, two ways (exposed for tests).
+ *   absorbed: scores against the latent cache directly (docs/model.md 5.2)
+ *   expanded: K and V rebuilt per cached token through kv_b (docs/model.md 5.1), the
+ *             reference form; `work` needs mla_work_floats as well.
+ * q: [nope+rope] this head's query; attends to cache rows [0, n); o: [v]. */
+void mla_attend_absorbed(const struct kli_model *m, const struct kli_mla_w *w,
+                         const float *cache, int64_t n, int64_t h, const float *q, float *o,
+                         float *work);
+void mla_attend_expanded(const struct kli_model *m, const struct kli_mla_w *w,
+                         const float *cache, int64_t n, int64_t h, const float *q, float *o,
+                         float *work);
+
+#endif

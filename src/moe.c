@@ -1,0 +1,137 @@
+/*
+ * moe.c - router and expert dispatch (docs/model.md section 6).
+ *
+ * The router is DeepSeek-V3's "noaux_tc" selection: sigmoid scores plus a learned
+ * correction bias pick the experts, but the bias never enters the weights (decision 1 of
+ * docs/model.md: the official remote code adds it through an aliasing slip; vLLM,
+ * llama.cpp and DeepSeek-V3 do not).
+ */
+#include "config.h"
+
+#include <math.h>
+#include <string.h>
+
+#include "ffn.h"
+#include "moe.h"
+#include "ops.h"
+#include "simd.h"
+
+/* Index of the largest value among the n with keep[i] set; ties to the lowest index. */
+static int32_t
+moe_argmax(const float *v, const uint8_t *keep, int32_t n)
+{
+    int32_t best = -1;
+
+    for (int32_t i = 0; i < n; i++) {
+        if (keep[i] && (best < 0 || v[i] > v[best]))
+            best = i;
+    }
+    return best;
+}
+
+void
+moe_route(const struct kli_config_moe *c, const float *logits, const float *bias, int32_t *idx,
+          float *wt, float *tmp)
+{
+    int32_t E = c->n_experts, K = c->top_k, G = c->n_group, per = E / G;
+    float *s = tmp, *sb = tmp + E;
+    uint8_t keep[KLI_MAX_EXPERTS];
+
+    if (c->sigmoid) {
+        for (int32_t e = 0; e < E; e++)
+            s[e] = ops_sigmoid(logits[e]);
+    } else {
+        memcpy(s, logits, (size_t)E * sizeof(float));
+        ops_softmax(s, E);
+    }
+    for (int32_t e = 0; e < E; e++) {
+        sb[e] = s[e] + bias[e];
+        keep[e] = 1;
+    }
+
+    /* Group-limited selection: keep only the topk_group best groups. */
+    if (G > 1 && c->topk_group < G) {
+        float gscore[KLI_MAX_EXPERTS];
+        uint8_t gkeep[KLI_MAX_EXPERTS], gsel[KLI_MAX_EXPERTS];
+        for (int32_t g = 0; g < G; g++) {
+            const float *p = sb + g * per;
+            int32_t b1 = 0, b2 = -1;
+            for (int32_t i = 1; i < per; i++) {
+                if (p[i] > p[b1]) {
+                    b2 = b1;
+                    b1 = i;
+                } else if (b2 < 0 || p[i] > p[b2]) {
+                    b2 = i;
+                }
+            }
+            gscore[g] = p[b1] + (b2 >= 0 ? p[b2] : 0.0f);
+            gkeep[g] = 1;
+            gsel[g] = 0;
+        }
+        for (int32_t n = 0; n < c->topk_group; n++) {
+            int32_t g = moe_argmax(gscore, gkeep, G);
+            gkeep[g] = 0;
+            gsel[g] = 1;
+        }
+        for (int32_t e = 0; e < E; e++)
+            keep[e] = gsel[e / per];
+    }
+
+    float sum = 0.0f;
+    for (int32_t k = 0; k < K; k++) {
+        int32_t e = moe_argmax(sb, keep, E);
+        keep[e] = 0;
+        idx[k] = e;
+        wt[k] = s[e];
+        sum += s[e];
+    }
+    if (c->renormalize && K > 1) {
+        for (int32_t k = 0; k < K; k++)
+            wt[k] /= sum + 1e-20f;
+    }
+    for (int32_t k = 0; k < K; k++)
+        wt[k] *= c->scaling;
+}
+
+void
+moe_forward(const struct kli_model *m, const struct kli_moe_w *w, struct moe_scratch *sc,
+            const float *x, int64_t T, float *out)
+{
+    const struct kli_config *cfg = &m->cfg;
+    const struct kli_config_moe *c = &cfg->moe;
+    const struct kli_kernels *kk = kli_kernels();
+    int64_t D = cfg->d_model, E = c->n_experts, K = c->top_k;
+    float tmp[2 * KLI_MAX_EXPERTS];
+
+    ops_matmul(&w->router, x, D, sc->logits, E, T);
+    for (int64_t t = 0; t < T; t++)
+        moe_route(c, sc->logits + t * E, w->bias, sc->idx + t * K, sc->wt + t * K, tmp);
+
+    /* Counting sort of the (token, slot) pairs by expert. */
+    memset(sc->count, 0, (size_t)(E + 1) * sizeof(int32_t));
+    for (int64_t i = 0; i < T * K; i++)
+        sc->count[sc->idx[i] + 1]++;
+    for (int64_t e = 0; e < E; e++)
+        sc->count[e + 1] += sc->count[e];
+    int32_t fill[KLI_MAX_EXPERTS];
+    memcpy(fill, sc->count, (size_t)E * sizeof(int32_t));
+    for (int64_t i = 0; i < T * K; i++)
+        sc->order[fill[sc->idx[i]]++] = (int32_t)i;
+
+    /* The shared experts first, then each routed expert adds its weighted output. */
+    if (c->n_shared > 0)
+        ffn_forward(&w->shared, x, T, out, sc->h1, sc->h3);
+    else
+        memset(out, 0, (size_t)(T * D) * sizeof(float));
+    for (int64_t e = 0; e < E; e++) {
+        int32_t n = sc->count[e + 1] - sc->count[e];
+        const int32_t *ord = sc->order + sc->count[e];
+        if (n == 0)
+            continue;
+        for (int32_t i = 0; i < n; i++)
+            memcpy(sc->xe + i * D, x + (ord[i] / K) * D, (size_t)D * sizeof(float));
+        ffn_forward(&w->experts[e], sc->xe, n, sc->ye, sc->h1, sc->h3);
+        for (int32_t i = 0; i < n; i++)
+            kk->axpy(out + (ord[i] / K) * D, sc->wt[ord[i]], sc->ye + i * D, D);
+    }
+}

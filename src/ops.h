@@ -1,0 +1,49 @@
+/*
+ * ops.h - small scalar operators and the threaded matrix product every block uses.
+ */
+#ifndef KLI_OPS_H
+#define KLI_OPS_H
+
+#include <math.h>
+#include <stdint.h>
+
+#include "model.h"
+
+/* y[i][r] = sum_j x[i][j] * W[r][j] for the m rows of x and every row r of W, with the rows
+ * of W split across the worker threads. x [m][ldx], y [m][ldy]. */
+void ops_matmul(const struct kli_tensor *w, const float *x, int64_t ldx, float *y, int64_t ldy,
+                int64_t m);
+
+/* The same for rows [r0, r1) of W only, on the calling thread. */
+void ops_matmul_rows(const struct kli_tensor *w, int64_t r0, int64_t r1, const float *x,
+                     int64_t ldx, float *y, int64_t ldy, int64_t m);
+
+/* y = x / sqrt(mean(x^2) + eps) * w over n values (y may alias x). */
+void ops_rmsnorm(float *y, const float *x, const float *w, int64_t n, float eps);
+
+/* In-place softmax over n values. */
+void ops_softmax(float *x, int64_t n);
+
+/* Reads row `id` of an embedding-like tensor into float. */
+void ops_row_f32(const struct kli_tensor *t, int64_t id, float *out);
+
+static inline float
+ops_sigmoid(float x)
+{
+    return 1.0f / (1.0f + expf(-x));
+}
+
+static inline float
+ops_silu(float x)
+{
+    return x / (1.0f + expf(-x));
+}
+
+/* PyTorch softplus with beta 1 and threshold 20: z for z > 20, else log(1 + exp(z)). */
+static inline float
+ops_softplus(float z)
+{
+    return z > 20.0f ? z : logf(1.0f + expf(z));
+}
+
+#endif

@@ -1,0 +1,24 @@
+/*
+ * threads.h - the one place kli runs work on several cores.
+ *
+ * kli_parallel_for splits [0, n) into contiguous ranges, one per worker, and calls
+ * fn(ctx, i0, i1) for each; the calling thread takes a share. A call from inside a parallel
+ * region, or with n below `grain`, runs serially on the caller. Model and kernel files never
+ * contain OpenMP pragmas: this file is the only one.
+ */
+#ifndef KLI_THREADS_H
+#define KLI_THREADS_H
+
+#include <stdint.h>
+
+typedef void (*kli_range_fn)(void *ctx, int64_t i0, int64_t i1, int ith);
+
+void threads_parallel_for(int64_t n, int64_t grain, kli_range_fn fn, void *ctx);
+
+/* Sets the worker count for this process (0 = one per physical core). */
+void threads_set_count(int n);
+int threads_count(void);
+/* Physical cores of this machine (logical CPUs when unknown). */
+int threads_physical_cores(void);
+
+#endif

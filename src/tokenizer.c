@@ -1,0 +1,1214 @@
+/*
+ * tokenizer.c - Kimi's tiktoken BPE: tiktoken.model + tokenizer_config.json in, token ids out.
+ *
+ * The reference is tokenization_kimi.py's TikTokenTokenizer.encode() on top of tiktoken's Rust
+ * core (docs/formats.md section 1). Encoding goes through four stages, each one reproduced
+ * exactly because any difference changes ids:
+ *
+ *   1. Chunking (tokenization_kimi.py): 400,000-character pieces, each cut wherever a run of
+ *      same-class characters (Python isspace) would exceed 25,000. Chunks never interact.
+ *   2. Special tokens (tiktoken, allowed_special="all"): the leftmost occurrence of any special
+ *      string is emitted as its id; the text before it is ordinary text.
+ *   3. Pre-tokenization: the Kimi split pattern, matched repeatedly left to right (PCRE2).
+ *   4. Byte-pair merging per piece (tiktoken's _byte_pair_merge): a piece that is a token is
+ *      emitted whole; otherwise start from single bytes and keep merging the adjacent pair
+ *      whose concatenated bytes have the lowest rank, leftmost first, until no pair has one.
+ *
+ * A tokenizer is read-only after open, so every per-call resource (PCRE2 match data, JIT
+ * stack, merge scratch) lives in a struct tok_enc on the caller's stack.
+ */
+#include "config.h"
+
+#define PCRE2_CODE_UNIT_WIDTH 8
+
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <pcre2.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+#include "tokenizer.h"
+#include "unicode.h"
+
+enum {
+    TOK_SLOTS = 256,               /* special slots after the ranks (Kimi K2 / Kimi Linear) */
+    TOK_SLOTS_OLD = 258,           /* older tokenization_*.py: num_reserved_special_tokens + 2 */
+    TOK_MAX_LINE = 4096,           /* longest tiktoken.model line accepted */
+    TOK_MAX_RANKS = 1 << 26,
+    TOK_MAX_SPECIAL = 1024,        /* longest special-token name accepted, in bytes */
+    TOK_CHUNK_CHARS = 400000,      /* tokenization_kimi.py TIKTOKEN_MAX_ENCODE_CHARS */
+    TOK_RUN_CHARS = 25000,         /* tokenization_kimi.py MAX_NO_WHITESPACES_CHARS */
+};
+
+/* Pieces up to this many bytes are merged by tiktoken's quadratic scan, longer ones through
+ * a heap; both give the same ids (overridable at build time to test the heap path). */
+#ifndef TOK_BPE_LINEAR_MAX
+#define TOK_BPE_LINEAR_MAX 128
+#endif
+
+#define TOK_NO_RANK UINT32_MAX
+
+/* Open-addressing map from a byte string to a token id, the strings living in the token
+ * pool. A slot is 0 when empty, else (hash >> 32) << 32 | (id + 1): the upper half filters
+ * out most mismatches before the bytes are compared. */
+struct tok_map {
+    uint64_t *slot;                /* [mask + 1] */
+    size_t mask;
+};
+
+struct kli_tokenizer {
+    int32_t n_base;                /* ranks in tiktoken.model; the first special id */
+    int32_t n_vocab;               /* n_base + special slots */
+    uint32_t *tok_off;             /* [n_vocab]: bytes of token i at pool + tok_off[i] */
+    uint32_t *tok_len;             /* [n_vocab] (each token is followed by a NUL in the pool) */
+    char *pool;
+    size_t pool_len, pool_cap;
+    struct tok_map ranks;          /* ids 0 .. n_base-1 */
+    struct tok_map specials;       /* ids n_base .. n_vocab-1 */
+    uint32_t max_rank_len;         /* longest ranked byte string: longer ones need no lookup */
+    kli_token byte_id[256];        /* the rank of each single byte */
+    unsigned char special_first[256];  /* bytes that start some special name */
+    uint32_t special_lens[TOK_SLOTS_OLD];  /* distinct special name lengths, longest first */
+    int n_special_lens;
+    pcre2_code *re;
+};
+
+/* Kimi's split pattern (docs/formats.md 1.4), rewritten for PCRE2 with the same meaning:
+ *  - [X&&[^\p{Han}]] (class intersection, which PCRE2 lacks) becomes (?:(?!Han)[X]);
+ *  - \p{Han} is the Script property (Rust regex), spelled sc:Han because PCRE2 >= 10.40
+ *    reads a bare script name as Script_Extensions, which would take in "。" and "、";
+ *  - \s is spelled out as Unicode White_Space (Rust regex), because PCRE2's \s also matches
+ *    U+180E.
+ * Alternation is leftmost-first and quantifiers greedy with backtracking in both engines. */
+#if PCRE2_MAJOR > 10 || (PCRE2_MAJOR == 10 && PCRE2_MINOR >= 40)
+#define TOK_HAN "\\p{sc:Han}"
+#else
+#define TOK_HAN "\\p{Han}"
+#endif
+#define TOK_WS "\\t\\n\\x0B\\f\\r\\x20\\x{85}\\x{A0}\\x{1680}\\x{2000}-\\x{200A}" \
+               "\\x{2028}\\x{2029}\\x{202F}\\x{205F}\\x{3000}"
+#define TOK_UPPER "(?:(?!" TOK_HAN ")[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}])"
+#define TOK_LOWER "(?:(?!" TOK_HAN ")[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}])"
+#define TOK_CONTRACTION "(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+
+static const char tok_pattern[] =
+    "[" TOK_HAN "]+"
+    "|[^\\r\\n\\p{L}\\p{N}]?" TOK_UPPER "*" TOK_LOWER "+" TOK_CONTRACTION
+    "|[^\\r\\n\\p{L}\\p{N}]?" TOK_UPPER "+" TOK_LOWER "*" TOK_CONTRACTION
+    "|\\p{N}{1,3}"
+    "| ?[^" TOK_WS "\\p{L}\\p{N}]+[\\r\\n]*"
+    "|[" TOK_WS "]*[\\r\\n]+"
+    "|[" TOK_WS "]+(?![^" TOK_WS "])"
+    "|[" TOK_WS "]+";
+
+/* ==== Byte-string map ======================================================================= */
+
+static inline uint64_t
+tok_load64(const unsigned char *p)
+{
+    uint64_t w;
+
+    memcpy(&w, p, 8);
+    return w;
+}
+
+static inline uint32_t
+tok_load32(const unsigned char *p)
+{
+    uint32_t w;
+
+    memcpy(&w, p, 4);
+    return w;
+}
+
+/* A fast hash of short byte strings: the overlapping loads cover every byte once the length
+ * is mixed in, so equal-length strings that differ anywhere feed different words. */
+static inline uint64_t
+tok_hash(const unsigned char *s, size_t n)
+{
+    const unsigned char *end = s + n;
+    uint64_t h = (n + 1) * UINT64_C(0x9E3779B97F4A7C15);
+    uint64_t w;
+
+    if (n >= 8) {
+        while (end - s > 8) {
+            h = (h ^ tok_load64(s)) * UINT64_C(0xBF58476D1CE4E5B9);
+            h ^= h >> 29;
+            s += 8;
+        }
+        w = tok_load64(end - 8);
+    } else if (n >= 4) {
+        w = tok_load32(s) | (uint64_t)tok_load32(end - 4) << 32;
+    } else if (n > 0) {
+        w = s[0] | (uint64_t)s[n >> 1] << 8 | (uint64_t)end[-1] << 16;
+    } else {
+        w = 0;
+    }
+    h = (h ^ w) * UINT64_C(0x94D049BB133111EB);
+    h ^= h >> 31;
+    h *= UINT64_C(0xD6E8FEB86659FD93);
+    h ^= h >> 32;
+    return h;
+}
+
+static int
+tok_map_init(struct tok_map *m, size_t count)
+{
+    size_t cap = 16;
+
+    while (cap < count + count / 2 + 1)
+        cap *= 2;
+    m->slot = kli_calloc(cap, sizeof(*m->slot));
+    if (m->slot == NULL)
+        return KLI_E_NOMEM;
+    m->mask = cap - 1;
+    return KLI_OK;
+}
+
+/* @return the id whose bytes are s[0..n), or -1. */
+static inline kli_token
+tok_map_find(const struct kli_tokenizer *t, const struct tok_map *m, const unsigned char *s,
+             size_t n)
+{
+    uint64_t h = tok_hash(s, n);
+    uint32_t tag = (uint32_t)(h >> 32);
+    size_t i = (size_t)h & m->mask;
+
+    for (;;) {
+        uint64_t e = m->slot[i];
+
+        if (e == 0)
+            return -1;
+        if ((uint32_t)(e >> 32) == tag) {
+            kli_token id = (kli_token)((uint32_t)e - 1);
+
+            if (t->tok_len[id] == n && memcmp(t->pool + t->tok_off[id], s, n) == 0)
+                return id;
+        }
+        i = (i + 1) & m->mask;
+    }
+}
+
+/* Adds token `id` (its bytes already in the pool).
+ * @return -1 on success, or the id that already has the same bytes. */
+static kli_token
+tok_map_insert(const struct kli_tokenizer *t, struct tok_map *m, kli_token id)
+{
+    const unsigned char *s = (const unsigned char *)t->pool + t->tok_off[id];
+    size_t n = t->tok_len[id];
+    kli_token old = tok_map_find(t, m, s, n);
+    uint64_t h;
+    size_t i;
+
+    if (old >= 0)
+        return old;
+    h = tok_hash(s, n);
+    i = (size_t)h & m->mask;
+    while (m->slot[i] != 0)
+        i = (i + 1) & m->mask;
+    m->slot[i] = (h >> 32) << 32 | (uint32_t)(id + 1);
+    return -1;
+}
+
+/* ==== Loading =============================================================================== */
+
+/* Reads a whole file into a NUL-terminated buffer.
+ * @return KLI_OK, 1 if the file does not exist and `optional` is set, or an error. */
+static int
+tok_read_file(const char *path, int optional, char **buf, size_t *len, struct kli_err *err)
+{
+    FILE *f;
+    char *b = NULL;
+    size_t cap = 0, n = 0;
+
+    *buf = NULL;
+    *len = 0;
+    f = fopen(path, "rb");
+    if (f == NULL) {
+        if (optional && errno == ENOENT)
+            return 1;
+        return kli_err_set(err, KLI_E_IO, "tokenizer: cannot open %s: %s", path,
+                           strerror(errno));
+    }
+    for (;;) {
+        if (cap - n < 65536 + 1) {
+            char *nb;
+
+            if (cap > SIZE_MAX / 4)
+                goto nomem;
+            cap = cap == 0 ? 262144 : cap * 2;
+            nb = realloc(b, cap);
+            if (nb == NULL)
+                goto nomem;
+            b = nb;
+        }
+        size_t got = fread(b + n, 1, cap - n - 1, f);
+        n += got;
+        if (got == 0)
+            break;
+    }
+    if (ferror(f)) {
+        fclose(f);
+        free(b);
+        return kli_err_set(err, KLI_E_IO, "tokenizer: cannot read %s", path);
+    }
+    fclose(f);
+    b[n] = '\0';
+    *buf = b;
+    *len = n;
+    return KLI_OK;
+nomem:
+    fclose(f);
+    free(b);
+    return kli_err_set(err, KLI_E_NOMEM, "tokenizer: out of memory reading %s", path);
+}
+
+static int
+tok_b64_value(unsigned char c)
+{
+    if (c >= 'A' && c <= 'Z')
+        return c - 'A';
+    if (c >= 'a' && c <= 'z')
+        return c - 'a' + 26;
+    if (c >= '0' && c <= '9')
+        return c - '0' + 52;
+    if (c == '+')
+        return 62;
+    if (c == '/')
+        return 63;
+    return -1;
+}
+
+/* Decodes standard padded base64 (what tiktoken writes).
+ * @return the decoded length, or -1 if s[0..n) is not valid base64. */
+static long
+tok_b64_decode(const char *s, size_t n, unsigned char *out)
+{
+    size_t i, pad = 0, o = 0;
+
+    if (n == 0 || n % 4 != 0)
+        return -1;
+    if (s[n - 1] == '=')
+        pad = s[n - 2] == '=' ? 2 : 1;
+    for (i = 0; i < n; i += 4) {
+        int v[4];
+
+        for (int k = 0; k < 4; k++) {
+            if (i + k >= n - pad)
+                v[k] = 0;
+            else if ((v[k] = tok_b64_value((unsigned char)s[i + k])) < 0)
+                return -1;
+        }
+        uint32_t w = (uint32_t)v[0] << 18 | (uint32_t)v[1] << 12 | (uint32_t)v[2] << 6 |
+                     (uint32_t)v[3];
+        out[o++] = (unsigned char)(w >> 16);
+        out[o++] = (unsigned char)(w >> 8);
+        out[o++] = (unsigned char)w;
+    }
+    return (long)(o - pad);
+}
+
+/* Appends a token's bytes and a NUL to the pool. */
+static int
+tok_pool_add(struct kli_tokenizer *t, kli_token id, const void *s, size_t n)
+{
+    if (t->pool_cap - t->pool_len < n + 1) {
+        size_t cap = t->pool_cap * 2 + n + 1;
+        char *p;
+
+        if (cap > UINT32_MAX)
+            return KLI_E_RANGE;
+        p = realloc(t->pool, cap);
+        if (p == NULL)
+            return KLI_E_NOMEM;
+        t->pool = p;
+        t->pool_cap = cap;
+    }
+    memcpy(t->pool + t->pool_len, s, n);
+    t->pool[t->pool_len + n] = '\0';
+    t->tok_off[id] = (uint32_t)t->pool_len;
+    t->tok_len[id] = (uint32_t)n;
+    t->pool_len += n + 1;
+    return KLI_OK;
+}
+
+static int
+tok_is_blank(char c)
+{
+    return c == ' ' || c == '\t' || c == '\r' || c == '\v' || c == '\f';
+}
+
+/* One "<base64> <rank>" line, without its '\n'. */
+static int
+tok_parse_rank_line(struct kli_tokenizer *t, const char *path, long lineno, const char *s,
+                    size_t n, uint32_t *rank_line, unsigned char *dec, struct kli_err *err)
+{
+    size_t i = 0, b64, b64_len, d;
+    unsigned long rank = 0;
+    long len;
+    kli_token old;
+    int rc;
+
+    while (i < n && tok_is_blank(s[i]))
+        i++;
+    b64 = i;
+    while (i < n && !tok_is_blank(s[i]))
+        i++;
+    b64_len = i - b64;
+    while (i < n && tok_is_blank(s[i]))
+        i++;
+    d = i;
+    while (i < n && s[i] >= '0' && s[i] <= '9' && i - d < 10) {
+        rank = rank * 10 + (unsigned long)(s[i] - '0');
+        i++;
+    }
+    if (i == d || (i < n && !tok_is_blank(s[i])))
+        return kli_err_set(err, KLI_E_FORMAT,
+                           "tokenizer: %s line %ld: expected \"<base64> <rank>\"", path, lineno);
+    while (i < n && tok_is_blank(s[i]))
+        i++;
+    if (i != n)
+        return kli_err_set(err, KLI_E_FORMAT,
+                           "tokenizer: %s line %ld: extra text after the rank", path, lineno);
+    len = tok_b64_decode(s + b64, b64_len, dec);
+    if (len <= 0)
+        return kli_err_set(err, KLI_E_FORMAT, "tokenizer: %s line %ld: invalid base64 \"%.*s\"",
+                           path, lineno, (int)(b64_len > 40 ? 40 : b64_len), s + b64);
+    if (rank >= (unsigned long)t->n_base)
+        return kli_err_set(err, KLI_E_FORMAT,
+                           "tokenizer: %s line %ld: rank %lu out of range: %d entries need "
+                           "ranks 0..%d with no gaps", path, lineno, rank, t->n_base,
+                           t->n_base - 1);
+    if (rank_line[rank] != 0)
+        return kli_err_set(err, KLI_E_FORMAT,
+                           "tokenizer: %s line %ld: rank %lu repeated (first on line %lu)",
+                           path, lineno, rank, (unsigned long)rank_line[rank]);
+    rank_line[rank] = (uint32_t)lineno;
+    rc = tok_pool_add(t, (kli_token)rank, dec, (size_t)len);
+    if (rc != KLI_OK)
+        return kli_err_set(err, rc, "tokenizer: %s: out of memory", path);
+    old = tok_map_insert(t, &t->ranks, (kli_token)rank);
+    if (old >= 0)
+        return kli_err_set(err, KLI_E_FORMAT,
+                           "tokenizer: %s line %ld: the bytes of rank %lu repeat those of rank "
+                           "%d (line %lu)", path, lineno, rank, old,
+                           (unsigned long)rank_line[old]);
+    if ((uint32_t)len > t->max_rank_len)
+        t->max_rank_len = (uint32_t)len;
+    return KLI_OK;
+}
+
+static int
+tok_load_ranks(struct kli_tokenizer *t, const char *path, struct kli_err *err)
+{
+    char *buf = NULL;
+    size_t len, i, n_lines = 0;
+    uint32_t *rank_line = NULL;
+    unsigned char dec[TOK_MAX_LINE];
+    long lineno;
+    int rc;
+
+    rc = tok_read_file(path, 0, &buf, &len, err);
+    if (rc != KLI_OK)
+        return rc;
+    /* Pass 1: count entries (tiktoken skips empty lines) and bound line lengths. */
+    lineno = 0;
+    for (i = 0; i < len;) {
+        const char *nl = memchr(buf + i, '\n', len - i);
+        size_t e = nl != NULL ? (size_t)(nl - buf) : len;
+        size_t ll = e - i;
+
+        lineno++;
+        if (ll > 0 && buf[e - 1] == '\r')
+            ll--;
+        if (ll > TOK_MAX_LINE) {
+            rc = kli_err_set(err, KLI_E_FORMAT, "tokenizer: %s line %ld: longer than %d bytes",
+                             path, lineno, TOK_MAX_LINE);
+            goto out;
+        }
+        if (ll > 0)
+            n_lines++;
+        i = e + 1;
+    }
+    if (n_lines < 256 || n_lines > TOK_MAX_RANKS) {
+        rc = kli_err_set(err, KLI_E_FORMAT, "tokenizer: %s has %zu ranks; expected 256..%d",
+                         path, n_lines, TOK_MAX_RANKS);
+        goto out;
+    }
+    t->n_base = (int32_t)n_lines;
+    t->n_vocab = t->n_base;     /* the specials come later */
+    t->tok_off = kli_calloc((size_t)t->n_base + TOK_SLOTS_OLD, sizeof(*t->tok_off));
+    t->tok_len = kli_calloc((size_t)t->n_base + TOK_SLOTS_OLD, sizeof(*t->tok_len));
+    rank_line = kli_calloc((size_t)t->n_base, sizeof(*rank_line));
+    t->pool_cap = len + 1 + TOK_SLOTS_OLD * 32;
+    t->pool = kli_malloc(t->pool_cap);
+    if (t->tok_off == NULL || t->tok_len == NULL || rank_line == NULL || t->pool == NULL ||
+        tok_map_init(&t->ranks, (size_t)t->n_base) != KLI_OK) {
+        rc = kli_err_set(err, KLI_E_NOMEM, "tokenizer: out of memory loading %s", path);
+        goto out;
+    }
+    /* Pass 2: decode. */
+    lineno = 0;
+    for (i = 0; i < len;) {
+        const char *nl = memchr(buf + i, '\n', len - i);
+        size_t e = nl != NULL ? (size_t)(nl - buf) : len;
+        size_t ll = e - i;
+
+        lineno++;
+        if (ll > 0 && buf[e - 1] == '\r')
+            ll--;
+        if (ll > 0) {
+            rc = tok_parse_rank_line(t, path, lineno, buf + i, ll, rank_line, dec, err);
+            if (rc != KLI_OK)
+                goto out;
+        }
+        i = e + 1;
+    }
+    for (i = 0; i < 256; i++) {
+        unsigned char b = (unsigned char)i;
+
+        t->byte_id[i] = tok_map_find(t, &t->ranks, &b, 1);
+        if (t->byte_id[i] < 0) {
+            rc = kli_err_set(err, KLI_E_FORMAT,
+                             "tokenizer: %s: byte 0x%02zx has no rank (every single byte "
+                             "needs one)", path, i);
+            goto out;
+        }
+    }
+    rc = KLI_OK;
+out:
+    free(rank_line);
+    free(buf);
+    return rc;
+}
+
+/* Reads the names of tokenizer_config.json's added_tokens_decoder into names[0..258)
+ * (slot k = id n_base + k; NULL = unnamed) and sets *n_slots. The strings are copied.
+ * A missing file names nothing. */
+static int
+tok_load_config(struct kli_tokenizer *t, const char *path, char **names, int *n_slots,
+                struct kli_err *err)
+{
+    char *buf = NULL;
+    size_t len;
+    cJSON *root = NULL;
+    const cJSON *dec, *item;
+    int rc;
+
+    *n_slots = TOK_SLOTS;
+    rc = tok_read_file(path, 1, &buf, &len, err);
+    if (rc == 1)
+        return KLI_OK;
+    if (rc != KLI_OK)
+        return rc;
+    root = cJSON_ParseWithLength(buf, len);
+    if (root == NULL || !cJSON_IsObject(root)) {
+        rc = kli_err_set(err, KLI_E_FORMAT, "tokenizer: %s is not a JSON object", path);
+        goto out;
+    }
+    dec = cJSON_GetObjectItemCaseSensitive(root, "added_tokens_decoder");
+    if (dec == NULL || cJSON_IsNull(dec)) {
+        rc = KLI_OK;
+        goto out;
+    }
+    if (!cJSON_IsObject(dec)) {
+        rc = kli_err_set(err, KLI_E_FORMAT,
+                         "tokenizer: %s: \"added_tokens_decoder\" is not an object", path);
+        goto out;
+    }
+    cJSON_ArrayForEach(item, dec) {
+        const char *key = item->string;
+        const cJSON *content = cJSON_GetObjectItemCaseSensitive(item, "content");
+        char *end = NULL;
+        long id;
+        size_t nlen;
+
+        errno = 0;
+        id = key != NULL && key[0] >= '0' && key[0] <= '9' ? strtol(key, &end, 10) : -1;
+        if (id < 0 || errno != 0 || *end != '\0') {
+            rc = kli_err_set(err, KLI_E_FORMAT,
+                             "tokenizer: %s: added_tokens_decoder key \"%s\" is not a token id",
+                             path, key != NULL ? key : "");
+            goto out;
+        }
+        if (id < t->n_base || id >= (long)t->n_base + TOK_SLOTS_OLD) {
+            rc = kli_err_set(err, KLI_E_FORMAT,
+                             "tokenizer: %s: added token id %ld is outside the special slots "
+                             "%d..%d", path, id, t->n_base, t->n_base + TOK_SLOTS_OLD - 1);
+            goto out;
+        }
+        if (!cJSON_IsString(content) || content->valuestring == NULL ||
+            content->valuestring[0] == '\0') {
+            rc = kli_err_set(err, KLI_E_FORMAT,
+                             "tokenizer: %s: added token %ld has no \"content\" string", path,
+                             id);
+            goto out;
+        }
+        nlen = strlen(content->valuestring);
+        if (nlen > TOK_MAX_SPECIAL ||
+            unicode_valid_prefix(content->valuestring, nlen) != nlen) {
+            rc = kli_err_set(err, KLI_E_FORMAT,
+                             "tokenizer: %s: added token %ld is longer than %d bytes or not "
+                             "UTF-8", path, id, TOK_MAX_SPECIAL);
+            goto out;
+        }
+        if (names[id - t->n_base] != NULL) {
+            rc = kli_err_set(err, KLI_E_FORMAT, "tokenizer: %s: added token %ld named twice",
+                             path, id);
+            goto out;
+        }
+        names[id - t->n_base] = kli_strdup(content->valuestring);
+        if (names[id - t->n_base] == NULL) {
+            rc = kli_err_set(err, KLI_E_NOMEM, "tokenizer: out of memory reading %s", path);
+            goto out;
+        }
+        if (id - t->n_base >= TOK_SLOTS)
+            *n_slots = TOK_SLOTS_OLD;
+    }
+    rc = KLI_OK;
+out:
+    cJSON_Delete(root);
+    free(buf);
+    return rc;
+}
+
+static int
+tok_cmp_len_desc(const void *a, const void *b)
+{
+    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+
+    return x < y ? 1 : x > y ? -1 : 0;
+}
+
+/* Gives every special slot its name (or "<|reserved_token_ID|>") and indexes the names. */
+static int
+tok_add_specials(struct kli_tokenizer *t, char **names, int n_slots, struct kli_err *err)
+{
+    uint32_t lens[TOK_SLOTS_OLD];
+    int k, rc;
+
+    if (tok_map_init(&t->specials, (size_t)n_slots) != KLI_OK)
+        return kli_err_set(err, KLI_E_NOMEM, "tokenizer: out of memory");
+    for (k = 0; k < n_slots; k++) {
+        kli_token id = t->n_base + k, old;
+        char tmp[64];
+        const char *name = names[k];
+
+        if (name == NULL) {
+            snprintf(tmp, sizeof(tmp), "<|reserved_token_%d|>", (int)id);
+            name = tmp;
+        }
+        rc = tok_pool_add(t, id, name, strlen(name));
+        if (rc != KLI_OK)
+            return kli_err_set(err, rc, "tokenizer: out of memory");
+        old = tok_map_insert(t, &t->specials, id);
+        if (old >= 0)
+            return kli_err_set(err, KLI_E_FORMAT,
+                               "tokenizer: special token \"%s\" names both id %d and id %d",
+                               name, (int)old, (int)id);
+        t->special_first[(unsigned char)name[0]] = 1;
+        lens[k] = t->tok_len[id];
+    }
+    t->n_vocab = t->n_base + n_slots;
+    qsort(lens, (size_t)n_slots, sizeof(lens[0]), tok_cmp_len_desc);
+    t->n_special_lens = 0;
+    for (k = 0; k < n_slots; k++) {
+        if (k == 0 || lens[k] != lens[k - 1])
+            t->special_lens[t->n_special_lens++] = lens[k];
+    }
+    return KLI_OK;
+}
+
+static int
+tok_compile(struct kli_tokenizer *t, struct kli_err *err)
+{
+    int ecode;
+    PCRE2_SIZE eoff;
+
+    t->re = pcre2_compile((PCRE2_SPTR)tok_pattern, PCRE2_ZERO_TERMINATED,
+                          PCRE2_UTF | PCRE2_UCP | PCRE2_NO_UTF_CHECK, &ecode, &eoff, NULL);
+    if (t->re == NULL) {
+        PCRE2_UCHAR msg[160];
+
+        pcre2_get_error_message(ecode, msg, sizeof(msg));
+        return kli_err_set(err, KLI_E_UNSUPPORTED,
+                           "tokenizer: PCRE2 cannot compile the split pattern at offset %zu: "
+                           "%s (is it built with Unicode support?)", (size_t)eoff,
+                           (const char *)msg);
+    }
+    /* Without JIT (unsupported platform or build) pcre2_match interprets: slower, same ids. */
+    (void)pcre2_jit_compile(t->re, PCRE2_JIT_COMPLETE);
+    return KLI_OK;
+}
+
+int
+kli_tokenizer_open(struct kli_tokenizer **out, const char *dir, struct kli_err *err)
+{
+    struct kli_tokenizer *t = NULL;
+    char *names[TOK_SLOTS_OLD] = {0};
+    char *path = NULL;
+    size_t plen;
+    int n_slots, k, rc;
+
+    if (out == NULL || dir == NULL)
+        return kli_err_set(err, KLI_E_INVALID, "kli_tokenizer_open: NULL argument");
+    *out = NULL;
+    plen = strlen(dir) + sizeof("/tokenizer_config.json");
+    path = kli_malloc(plen);
+    t = kli_calloc(1, sizeof(*t));
+    if (path == NULL || t == NULL) {
+        rc = kli_err_set(err, KLI_E_NOMEM, "tokenizer: out of memory");
+        goto fail;
+    }
+    snprintf(path, plen, "%s/tiktoken.model", dir);
+    rc = tok_load_ranks(t, path, err);
+    if (rc != KLI_OK)
+        goto fail;
+    snprintf(path, plen, "%s/tokenizer_config.json", dir);
+    rc = tok_load_config(t, path, names, &n_slots, err);
+    if (rc != KLI_OK)
+        goto fail;
+    rc = tok_add_specials(t, names, n_slots, err);
+    if (rc != KLI_OK)
+        goto fail;
+    rc = tok_compile(t, err);
+    if (rc != KLI_OK)
+        goto fail;
+    for (k = 0; k < TOK_SLOTS_OLD; k++)
+        free(names[k]);
+    free(path);
+    *out = t;
+    return KLI_OK;
+fail:
+    for (k = 0; k < TOK_SLOTS_OLD; k++)
+        free(names[k]);
+    free(path);
+    kli_tokenizer_close(t);
+    return rc;
+}
+
+void
+kli_tokenizer_close(struct kli_tokenizer *t)
+{
+    if (t == NULL)
+        return;
+    pcre2_code_free(t->re);
+    free(t->specials.slot);
+    free(t->ranks.slot);
+    free(t->pool);
+    free(t->tok_len);
+    free(t->tok_off);
+    free(t);
+}
+
+int32_t
+kli_tokenizer_n_vocab(const struct kli_tokenizer *t)
+{
+    return t->n_vocab;
+}
+
+int32_t
+kli_tokenizer_n_base(const struct kli_tokenizer *t)
+{
+    return t->n_base;
+}
+
+const char *
+kli_token_bytes(const struct kli_tokenizer *t, kli_token id, size_t *len)
+{
+    if (id < 0 || id >= t->n_vocab) {
+        if (len != NULL)
+            *len = 0;
+        return NULL;
+    }
+    if (len != NULL)
+        *len = t->tok_len[id];
+    return t->pool + t->tok_off[id];
+}
+
+kli_token
+kli_tokenizer_find_special(const struct kli_tokenizer *t, const char *name)
+{
+    if (name == NULL)
+        return -1;
+    return tok_map_find(t, &t->specials, (const unsigned char *)name, strlen(name));
+}
+
+/* ==== Encoding ============================================================================== */
+
+/* Per-call state: everything kli_tokenize() needs that the shared tokenizer cannot hold. */
+struct tok_enc {
+    const struct kli_tokenizer *t;
+    const unsigned char *text;
+    kli_token *out;
+    int64_t cap;
+    int64_t n;                     /* tokens produced so far (may exceed cap) */
+    pcre2_match_data *md;
+    pcre2_match_context *mctx;     /* NULL until a match outgrows the default JIT stack */
+    pcre2_jit_stack *jstack;
+    /* Scratch of the heap merge, grown to the longest piece seen. */
+    uint32_t *nx, *pv, *rk;        /* [scratch_n + 1] each */
+    kli_token *id;                 /* [scratch_n + 1] */
+    uint64_t *heap;                /* [3 * scratch_n + 1] */
+    size_t scratch_n;
+    struct kli_err *err;
+};
+
+static inline void
+tok_emit(struct tok_enc *e, kli_token id)
+{
+    if (e->n < e->cap)
+        e->out[e->n] = id;
+    e->n++;
+}
+
+/* The rank of s[0..n), or TOK_NO_RANK. */
+static inline uint32_t
+tok_rank(const struct kli_tokenizer *t, const unsigned char *s, size_t n)
+{
+    kli_token id;
+
+    if (n > t->max_rank_len)
+        return TOK_NO_RANK;
+    id = tok_map_find(t, &t->ranks, s, n);
+    return id < 0 ? TOK_NO_RANK : (uint32_t)id;
+}
+
+/*
+ * tiktoken's _byte_pair_merge as written there: parts[i] starts at start[i], and pr[i] is
+ * the rank of the bytes of parts i and i+1 together. Each round scans for the lowest pr
+ * (strict <, so the leftmost wins), merges that pair and recomputes the two pair ranks it
+ * changed. Quadratic, so only for short pieces; id[i] tracks each part's own token.
+ */
+static void
+tok_bpe_linear(struct tok_enc *e, const unsigned char *s, size_t n)
+{
+    const struct kli_tokenizer *t = e->t;
+    uint32_t start[TOK_BPE_LINEAR_MAX + 1], pr[TOK_BPE_LINEAR_MAX + 1];
+    kli_token id[TOK_BPE_LINEAR_MAX + 1];
+    size_t np = n + 1, i, best;
+    uint32_t min;
+
+    for (i = 0; i < n; i++) {
+        start[i] = (uint32_t)i;
+        id[i] = t->byte_id[s[i]];
+        pr[i] = i + 1 < n ? tok_rank(t, s + i, 2) : TOK_NO_RANK;
+    }
+    start[n] = (uint32_t)n;
+    pr[n] = TOK_NO_RANK;
+    for (;;) {
+        min = TOK_NO_RANK;
+        best = 0;
+        for (i = 0; i + 1 < np; i++) {
+            if (pr[i] < min) {
+                min = pr[i];
+                best = i;
+            }
+        }
+        if (min == TOK_NO_RANK)
+            break;
+        i = best;
+        id[i] = (kli_token)min;
+        /* Part i absorbs part i+1: its pair now ends where part i+2 ends. */
+        pr[i] = i + 3 < np ? tok_rank(t, s + start[i], start[i + 3] - start[i]) : TOK_NO_RANK;
+        if (i > 0)
+            pr[i - 1] = tok_rank(t, s + start[i - 1], start[i + 2] - start[i - 1]);
+        memmove(start + i + 1, start + i + 2, (np - i - 2) * sizeof(start[0]));
+        memmove(pr + i + 1, pr + i + 2, (np - i - 2) * sizeof(pr[0]));
+        memmove(id + i + 1, id + i + 2, (np - i - 2) * sizeof(id[0]));
+        np--;
+    }
+    for (i = 0; i + 1 < np; i++)
+        tok_emit(e, id[i]);
+}
+
+static void
+tok_heap_push(uint64_t *h, size_t *n, uint64_t key)
+{
+    size_t i = (*n)++;
+
+    while (i > 0) {
+        size_t p = (i - 1) / 2;
+
+        if (h[p] <= key)
+            break;
+        h[i] = h[p];
+        i = p;
+    }
+    h[i] = key;
+}
+
+static uint64_t
+tok_heap_pop(uint64_t *h, size_t *n)
+{
+    uint64_t top = h[0], key = h[--*n];
+    size_t i = 0, m = *n;
+
+    for (;;) {
+        size_t c = 2 * i + 1;
+
+        if (c >= m)
+            break;
+        if (c + 1 < m && h[c + 1] < h[c])
+            c++;
+        if (key <= h[c])
+            break;
+        h[i] = h[c];
+        i = c;
+    }
+    if (m > 0)
+        h[i] = key;
+    return top;
+}
+
+static int
+tok_scratch(struct tok_enc *e, size_t n)
+{
+    void *p;
+
+    if (n <= e->scratch_n)
+        return KLI_OK;
+    if (n > UINT32_MAX / 4)
+        return kli_err_set(e->err, KLI_E_RANGE, "tokenize: a piece of %zu bytes is too long",
+                           n);
+    if ((p = kli_reallocarray(e->nx, n + 1, sizeof(*e->nx))) == NULL)
+        goto nomem;
+    e->nx = p;
+    if ((p = kli_reallocarray(e->pv, n + 1, sizeof(*e->pv))) == NULL)
+        goto nomem;
+    e->pv = p;
+    if ((p = kli_reallocarray(e->rk, n + 1, sizeof(*e->rk))) == NULL)
+        goto nomem;
+    e->rk = p;
+    if ((p = kli_reallocarray(e->id, n + 1, sizeof(*e->id))) == NULL)
+        goto nomem;
+    e->id = p;
+    if ((p = kli_reallocarray(e->heap, 3 * n + 1, sizeof(*e->heap))) == NULL)
+        goto nomem;
+    e->heap = p;
+    e->scratch_n = n;
+    return KLI_OK;
+nomem:
+    return kli_err_set(e->err, KLI_E_NOMEM, "tokenize: out of memory");
+}
+
+/*
+ * The same merge for long pieces in O(n log n), the way newer tiktoken does it: the parts
+ * form a doubly linked list named by their first byte (nx/pv; index n ends the list), and a
+ * min-heap holds (pair rank << 32 | first byte), whose minimum is the lowest rank and, among
+ * equal ranks, the leftmost, as in the scan. Entries are not removed when a pair changes; a
+ * popped entry is stale when its rank is not the part's current pair rank. That test is exact:
+ * a part's pair only grows to the right, so its byte string, and with it the rank, never
+ * comes back.
+ */
+static int
+tok_bpe_heap(struct tok_enc *e, const unsigned char *s, size_t n)
+{
+    const struct kli_tokenizer *t = e->t;
+    uint32_t *nx, *pv, *rk;
+    kli_token *id;
+    uint64_t *heap;
+    size_t hn = 0, i;
+    int rc;
+
+    rc = tok_scratch(e, n);
+    if (rc != KLI_OK)
+        return rc;
+    nx = e->nx;
+    pv = e->pv;
+    rk = e->rk;
+    id = e->id;
+    heap = e->heap;
+    for (i = 0; i < n; i++) {
+        nx[i] = (uint32_t)(i + 1);
+        pv[i] = (uint32_t)i - 1;
+        id[i] = t->byte_id[s[i]];
+        rk[i] = i + 1 < n ? tok_rank(t, s + i, 2) : TOK_NO_RANK;
+        if (rk[i] != TOK_NO_RANK)
+            tok_heap_push(heap, &hn, (uint64_t)rk[i] << 32 | i);
+    }
+    nx[n] = (uint32_t)n;
+    while (hn > 0) {
+        uint64_t key = tok_heap_pop(heap, &hn);
+        uint32_t r = (uint32_t)(key >> 32), a = (uint32_t)key, b, c;
+
+        if (rk[a] != r)
+            continue;
+        /* Part a absorbs its right neighbour b; c is the part after them. */
+        b = nx[a];
+        c = nx[b];
+        id[a] = (kli_token)r;
+        nx[a] = c;
+        if (c < n)
+            pv[c] = a;
+        rk[b] = TOK_NO_RANK;
+        rk[a] = c < n ? tok_rank(t, s + a, nx[c] - a) : TOK_NO_RANK;
+        if (rk[a] != TOK_NO_RANK)
+            tok_heap_push(heap, &hn, (uint64_t)rk[a] << 32 | a);
+        if (a > 0) {
+            uint32_t p = pv[a];
+
+            rk[p] = tok_rank(t, s + p, c - p);
+            if (rk[p] != TOK_NO_RANK)
+                tok_heap_push(heap, &hn, (uint64_t)rk[p] << 32 | p);
+        }
+    }
+    for (i = 0; i < n; i = nx[i])
+        tok_emit(e, id[i]);
+    return KLI_OK;
+}
+
+/* Encodes one piece of the split: whole if it is a token, else merged. */
+static int
+tok_encode_piece(struct tok_enc *e, const unsigned char *s, size_t n)
+{
+    const struct kli_tokenizer *t = e->t;
+    uint32_t r;
+
+    if (n == 1) {
+        tok_emit(e, t->byte_id[s[0]]);
+        return KLI_OK;
+    }
+    r = tok_rank(t, s, n);
+    if (r != TOK_NO_RANK) {
+        tok_emit(e, (kli_token)r);
+        return KLI_OK;
+    }
+    if (n <= TOK_BPE_LINEAR_MAX) {
+        tok_bpe_linear(e, s, n);
+        return KLI_OK;
+    }
+    return tok_bpe_heap(e, s, n);
+}
+
+/* One pcre2_match. JIT code runs on a 32 KiB stack by default; a long piece can need more,
+ * so the first time it does this call gets its own JIT stack (up to 64 MiB), and should even
+ * that fail, the interpreter (whose frames live on the heap) takes over. */
+static int
+tok_match(struct tok_enc *e, const unsigned char *s, size_t n, size_t off)
+{
+    uint32_t opts = PCRE2_NO_UTF_CHECK;
+    int rc;
+
+    for (;;) {
+        rc = pcre2_match(e->t->re, s, n, off, opts, e->md, e->mctx);
+        if (rc != PCRE2_ERROR_JIT_STACKLIMIT)
+            return rc;
+        if (e->jstack == NULL) {
+            e->mctx = pcre2_match_context_create(NULL);
+            e->jstack = pcre2_jit_stack_create(256 * 1024, 64 * 1024 * 1024, NULL);
+            if (e->mctx == NULL || e->jstack == NULL)
+                return PCRE2_ERROR_NOMEMORY;
+            pcre2_jit_stack_assign(e->mctx, NULL, e->jstack);
+        } else if (!(opts & PCRE2_NO_JIT)) {
+            opts |= PCRE2_NO_JIT;
+        } else {
+            return rc;
+        }
+    }
+}
+
+/* Ordinary text s[0..n): split by the pattern, each piece merged. tiktoken runs the pattern
+ * over exactly this slice, so a lookahead at its end sees the end of the subject. */
+static int
+tok_encode_ordinary(struct tok_enc *e, const unsigned char *s, size_t n)
+{
+    size_t off = 0;
+    int rc;
+
+    while (off < n) {
+        PCRE2_SIZE *ov;
+
+        rc = tok_match(e, s, n, off);
+        if (rc == PCRE2_ERROR_NOMATCH)
+            break;
+        if (rc < 0) {
+            PCRE2_UCHAR msg[120];
+
+            pcre2_get_error_message(rc, msg, sizeof(msg));
+            return kli_err_set(e->err, rc == PCRE2_ERROR_NOMEMORY ? KLI_E_NOMEM : KLI_E_RANGE,
+                               "tokenize: the split pattern failed near byte %zu: %s",
+                               (size_t)(s - e->text) + off, (const char *)msg);
+        }
+        ov = pcre2_get_ovector_pointer(e->md);
+        /* No alternative matches the empty string, so every match moves forward. */
+        KLI_ASSERT(ov[1] > ov[0] && ov[0] >= off && ov[1] <= n);
+        rc = tok_encode_piece(e, s + ov[0], ov[1] - ov[0]);
+        if (rc != KLI_OK)
+            return rc;
+        off = ov[1];
+    }
+    return KLI_OK;
+}
+
+/* @return the position of the leftmost special name in s[0..n) (n if none), its id and
+ *         length; the longest name wins where several start at one place. */
+static size_t
+tok_find_special(const struct kli_tokenizer *t, const unsigned char *s, size_t n,
+                 kli_token *id, size_t *len)
+{
+    for (size_t p = 0; p < n; p++) {
+        if (!t->special_first[s[p]])
+            continue;
+        for (int k = 0; k < t->n_special_lens; k++) {
+            size_t l = t->special_lens[k];
+            kli_token sid;
+
+            if (l > n - p)
+                continue;
+            sid = tok_map_find(t, &t->specials, s + p, l);
+            if (sid >= 0) {
+                *id = sid;
+                *len = l;
+                return p;
+            }
+        }
+    }
+    return n;
+}
+
+/* One chunk of tokenization_kimi.py, i.e. one tiktoken encode() call. */
+static int
+tok_encode_chunk(struct tok_enc *e, size_t a, size_t b, int special)
+{
+    const unsigned char *s = e->text + a;
+    size_t n = b - a, p = 0;
+    int rc;
+
+    if (!special)
+        return tok_encode_ordinary(e, s, n);
+    while (p < n) {
+        kli_token id = -1;
+        size_t len = 0;
+        size_t q = p + tok_find_special(e->t, s + p, n - p, &id, &len);
+
+        rc = tok_encode_ordinary(e, s + p, q - p);
+        if (rc != KLI_OK)
+            return rc;
+        if (q == n)
+            break;
+        tok_emit(e, id);
+        p = q + len;
+    }
+    return KLI_OK;
+}
+
+/*
+ * tokenization_kimi.py's chunking, walked character by character: the text is cut into
+ * 400,000-character pieces, and within a piece a new chunk starts at the character that would
+ * make the current run of isspace() or of non-isspace() characters 25,001 long (the run then
+ * counts 1 again). Counts are characters, not bytes.
+ */
+static int
+tok_encode_text(struct tok_enc *e, size_t len, int special)
+{
+    const unsigned char *s = e->text;
+    size_t i = 0, chunk = 0;
+    long piece_chars = 0, run = 0;
+    int run_space = 0, rc;
+
+    while (i < len) {
+        uint32_t cp = s[i];
+        size_t cl = 1;
+        int sp;
+
+        if (piece_chars == TOK_CHUNK_CHARS) {
+            rc = tok_encode_chunk(e, chunk, i, special);
+            if (rc != KLI_OK)
+                return rc;
+            chunk = i;
+            piece_chars = 0;
+        }
+        if (cp >= 0x80)
+            cl = unicode_decode(s + i, len - i, &cp);   /* valid: checked by the caller */
+        sp = unicode_isspace(cp);
+        if (piece_chars == 0 || sp != run_space) {
+            run_space = sp;
+            run = 1;
+        } else if (++run > TOK_RUN_CHARS) {
+            rc = tok_encode_chunk(e, chunk, i, special);
+            if (rc != KLI_OK)
+                return rc;
+            chunk = i;
+            run = 1;
+        }
+        piece_chars++;
+        i += cl;
+    }
+    return tok_encode_chunk(e, chunk, len, special);
+}
+
+int64_t
+kli_tokenize(const struct kli_tokenizer *t, const char *text, size_t len, int flags,
+             kli_token *out, int64_t cap, struct kli_err *err)
+{
+    struct tok_enc e;
+    size_t bad;
+    int rc;
+
+    if (t == NULL || (text == NULL && len > 0) || cap < 0 || (out == NULL && cap > 0) ||
+        (flags & ~KLI_TOKENIZE_SPECIAL) != 0)
+        return kli_err_set(err, KLI_E_INVALID, "kli_tokenize: invalid argument");
+    if (len > (size_t)INT64_MAX)
+        return kli_err_set(err, KLI_E_RANGE, "kli_tokenize: text too long");
+    bad = unicode_valid_prefix(text, len);
+    if (bad != len)
+        return kli_err_set(err, KLI_E_FORMAT,
+                           "tokenize: invalid UTF-8 at byte offset %zu (byte 0x%02x)", bad,
+                           (unsigned)(unsigned char)text[bad]);
+    if (len == 0)
+        return 0;
+    memset(&e, 0, sizeof(e));
+    e.t = t;
+    e.text = (const unsigned char *)text;
+    e.out = out;
+    e.cap = cap;
+    e.err = err;
+    e.md = pcre2_match_data_create_from_pattern(t->re, NULL);
+    if (e.md == NULL) {
+        rc = kli_err_set(err, KLI_E_NOMEM, "tokenize: out of memory");
+        goto out;
+    }
+    rc = tok_encode_text(&e, len, flags & KLI_TOKENIZE_SPECIAL);
+out:
+    free(e.heap);
+    free(e.id);
+    free(e.rk);
+    free(e.pv);
+    free(e.nx);
+    pcre2_match_data_free(e.md);
+    pcre2_match_context_free(e.mctx);
+    pcre2_jit_stack_free(e.jstack);
+    return rc != KLI_OK ? rc : e.n;
+}
+
+/* ==== Decoding ============================================================================== */
+
+int64_t
+kli_detokenize(const struct kli_tokenizer *t, const kli_token *ids, int64_t n, char *out,
+               int64_t cap, struct kli_err *err)
+{
+    int64_t need = 0;
+
+    if (t == NULL || n < 0 || (ids == NULL && n > 0) || cap < 0 || (out == NULL && cap > 0))
+        return kli_err_set(err, KLI_E_INVALID, "kli_detokenize: invalid argument");
+    for (int64_t i = 0; i < n; i++) {
+        kli_token id = ids[i];
+        size_t l;
+
+        if (id < 0 || id >= t->n_vocab)
+            return kli_err_set(err, KLI_E_RANGE,
+                               "detokenize: token %d at index %lld is outside [0, %d)",
+                               (int)id, (long long)i, (int)t->n_vocab);
+        l = t->tok_len[id];
+        if (need < cap) {
+            size_t room = (size_t)(cap - need);
+
+            memcpy(out + need, t->pool + t->tok_off[id], l < room ? l : room);
+        }
+        need += (int64_t)l;
+    }
+    return need;
+}

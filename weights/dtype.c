@@ -1,0 +1,145 @@
+/*
+ * dtype.c - the dtype table and reference (scalar) conversions to float.
+ */
+#include "config.h"
+
+#include <math.h>
+
+#include "dtype.h"
+
+static const struct kli_dtype_info dtype_table[KLI_DT_COUNT] = {
+    [KLI_DT_F32] = {"F32", 1, 4},
+    [KLI_DT_F16] = {"F16", 1, 2},
+    [KLI_DT_BF16] = {"BF16", 1, 2},
+    [KLI_DT_Q8_0] = {"Q8_0", 32, 34},
+    [KLI_DT_Q4] = {"Q4", 32, 18},
+    [KLI_DT_OTHER] = {"OTHER", 1, 1},
+};
+
+const struct kli_dtype_info *
+kli_dtype_info(enum kli_dtype dt)
+{
+    if ((int)dt < 0 || dt >= KLI_DT_COUNT)
+        return &dtype_table[KLI_DT_OTHER];
+    return &dtype_table[dt];
+}
+
+const char *
+kli_dtype_name(enum kli_dtype dt)
+{
+    return kli_dtype_info(dt)->name;
+}
+
+uint64_t
+kli_dtype_nbytes(enum kli_dtype dt, uint64_t n)
+{
+    const struct kli_dtype_info *in = kli_dtype_info(dt);
+
+    if (n % (uint64_t)in->block != 0)
+        return UINT64_MAX;
+    return n / (uint64_t)in->block * (uint64_t)in->block_bytes;
+}
+
+/* IEEE binary16 to binary32, subnormals included. */
+float
+kli_f16_to_f32(uint16_t h)
+{
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exp = (h >> 10) & 0x1f;
+    uint32_t man = h & 0x3ffu;
+    uint32_t u;
+    float f;
+
+    if (exp == 0) {
+        f = ldexpf((float)man, -24);
+        return sign ? -f : f;
+    }
+    if (exp == 31)
+        u = sign | 0x7f800000u | (man << 13);
+    else
+        u = sign | ((exp + 112) << 23) | (man << 13);
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* Round to nearest even, with overflow to infinity and gradual underflow. */
+uint16_t
+kli_f32_to_f16(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    uint32_t sign = (u >> 16) & 0x8000u;
+    uint32_t a = u & 0x7fffffffu;
+
+    if (a > 0x7f800000u)
+        return (uint16_t)(sign | 0x7e00u);
+    if (a >= 0x477ff000u)   /* rounds to >= 65520: infinity */
+        return (uint16_t)(sign | 0x7c00u);
+    if (a < 0x38800000u) {  /* below the smallest normal half: subnormal or zero */
+        float af;
+        memcpy(&af, &a, 4);
+        float q = af * 16777216.0f;   /* in units of 2^-24 */
+        uint32_t r = (uint32_t)nearbyintf(q);
+        return (uint16_t)(sign | r);
+    }
+    uint32_t e = ((a >> 23) - 112) << 10;
+    uint32_t m = (a >> 13) & 0x3ffu;
+    uint32_t rest = a & 0x1fffu;
+    uint32_t h = e | m;
+    if (rest > 0x1000u || (rest == 0x1000u && (h & 1u)))
+        h++;
+    return (uint16_t)(sign | h);
+}
+
+void
+kli_dtype_to_f32(enum kli_dtype dt, const void *src, float *dst, int64_t n)
+{
+    const uint8_t *p = src;
+
+    switch (dt) {
+    case KLI_DT_F32:
+        memcpy(dst, src, (size_t)n * 4);
+        break;
+    case KLI_DT_F16:
+        for (int64_t i = 0; i < n; i++) {
+            uint16_t h;
+            memcpy(&h, p + 2 * i, 2);
+            dst[i] = kli_f16_to_f32(h);
+        }
+        break;
+    case KLI_DT_BF16:
+        for (int64_t i = 0; i < n; i++) {
+            uint16_t h;
+            memcpy(&h, p + 2 * i, 2);
+            dst[i] = kli_bf16_to_f32(h);
+        }
+        break;
+    case KLI_DT_Q8_0:
+        /* block: f16 d; int8 q[32]; value = q * d */
+        for (int64_t b = 0; b < n / 32; b++, p += 34) {
+            uint16_t h;
+            memcpy(&h, p, 2);
+            float d = kli_f16_to_f32(h);
+            for (int j = 0; j < 32; j++)
+                dst[b * 32 + j] = (float)(int8_t)p[2 + j] * d;
+        }
+        break;
+    case KLI_DT_Q4:
+        /* block: f16 d; u8 q[16]; element j (< 16) is the low nibble of q[j], element
+         * j + 16 the high nibble; value = (nibble - 8) * d */
+        for (int64_t b = 0; b < n / 32; b++, p += 18) {
+            uint16_t h;
+            memcpy(&h, p, 2);
+            float d = kli_f16_to_f32(h);
+            for (int j = 0; j < 16; j++) {
+                dst[b * 32 + j] = (float)((int)(p[2 + j] & 0xf) - 8) * d;
+                dst[b * 32 + j + 16] = (float)((int)(p[2 + j] >> 4) - 8) * d;
+            }
+        }
+        break;
+    default:
+        for (int64_t i = 0; i < n; i++)
+            dst[i] = NAN;
+        break;
+    }
+}

@@ -1,0 +1,65 @@
+/*
+ * dtype.h - element types of stored tensors and the reference conversions between them.
+ *
+ * Checklist: a new dtype needs an entry here, a row in dtype.c's table, a reader mapping in
+ * safetensors.c, and matmul kernels in simd/ (generic first).
+ */
+#ifndef KLI_DTYPE_H
+#define KLI_DTYPE_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+enum kli_dtype {
+    KLI_DT_F32 = 0,
+    KLI_DT_F16 = 1,
+    KLI_DT_BF16 = 2,
+    KLI_DT_Q8_0 = 3,    /* blocks of 32: f16 scale + 32 x int8 (34 bytes) */
+    KLI_DT_Q4 = 4,      /* kli's 4-bit type; layout in simd/simd.h */
+    KLI_DT_OTHER = 5,   /* a valid safetensors dtype kli cannot compute with (I8, F64, ...) */
+    KLI_DT_COUNT
+};
+
+struct kli_dtype_info {
+    const char *name;     /* "F32", "BF16", ... */
+    int32_t block;        /* elements per block (1 for plain types) */
+    int32_t block_bytes;  /* bytes per block */
+};
+
+const struct kli_dtype_info *kli_dtype_info(enum kli_dtype dt);
+const char *kli_dtype_name(enum kli_dtype dt);
+
+/* Bytes for `n` elements, or UINT64_MAX if n is not a multiple of the block size. */
+uint64_t kli_dtype_nbytes(enum kli_dtype dt, uint64_t n);
+
+static inline float
+kli_bf16_to_f32(uint16_t h)
+{
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* Round to nearest even; NaN stays NaN. */
+static inline uint16_t
+kli_f32_to_bf16(float f)
+{
+    uint32_t u;
+
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u)
+        return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+float kli_f16_to_f32(uint16_t h);
+uint16_t kli_f32_to_f16(float f);
+
+/* Converts `n` elements of `src` (dtype dt, whole blocks) to float. */
+void kli_dtype_to_f32(enum kli_dtype dt, const void *src, float *dst, int64_t n);
+
+#endif
