@@ -1,0 +1,325 @@
+/*
+ * bench-kernels.c - micro benchmark of the matmul kernels of every usable SIMD variant.
+ *
+ * Not part of `make check`. Build by hand from the source root, with a config.h from a
+ * configured tree (or one defining KLI_BUILD_AVX2 / KLI_BUILD_AVX512 as wanted):
+ *
+ *   CF="-std=gnu11 -O2 -Isimd -Iweights -Isrc -I<dir of config.h>"
+ *   gcc $CF -mavx2 -mfma -mf16c -c simd/avx2.c -o /tmp/avx2.o
+ *   gcc $CF -mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma -mf16c -c simd/avx512.c \
+ *       -o /tmp/avx512.o
+ *   gcc $CF -fopenmp -o /tmp/bench-kernels contrib/bench/bench-kernels.c /tmp/avx2.o \
+ *       /tmp/avx512.o simd/cpu.c simd/dispatch.c simd/generic.c weights/dtype.c -lm -lpthread
+ *
+ * What it prints (each number the median of 5 timed repetitions after one warm-up, with the
+ * range beside it), for 1 and 2 threads (or -t LIST):
+ *   - a STREAM-triad-like probe, a[i] = b[i] + s * c[i] over three 128 MiB double arrays,
+ *     counting 24 bytes per element, and a read-only probe (sum of a 256 MiB array);
+ *   - decode: m = 1, k = 2304, n = 16384, GB/s of weight bytes read, per dtype and variant.
+ *     Enough copies of W are cycled through (at least 256 MiB together) that every pass reads
+ *     from memory, not from the last-level cache; threads split the rows, as callers do, and
+ *     meet at a barrier after each copy;
+ *   - prefill: m = 64 and m = 512, k = n = 2304, GFLOP/s (2 m n k per call).
+ *
+ * Options: -v NAME (one variant), -d DTYPE (one dtype), -t 1,2 (thread counts), -G (include
+ * the generic variant in prefill; it is slow), -P (skip prefill), -D (skip decode).
+ */
+#include "config.h"
+
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "simd.h"
+
+#define BENCH_REPS 5
+
+static double
+bench_now(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static int
+bench_cmp(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+
+    return x < y ? -1 : x > y;
+}
+
+/* Sorts v[BENCH_REPS]; @return the median. */
+static double
+bench_median(double *v)
+{
+    qsort(v, BENCH_REPS, sizeof(double), bench_cmp);
+    return v[BENCH_REPS / 2];
+}
+
+static uint64_t bench_rng = 88172645463325252ull;
+
+static uint32_t
+bench_rand(void)
+{
+    bench_rng ^= bench_rng << 13;
+    bench_rng ^= bench_rng >> 7;
+    bench_rng ^= bench_rng << 17;
+    return (uint32_t)(bench_rng >> 32);
+}
+
+static float
+bench_randf(void)
+{
+    return (float)bench_rand() / 2147483648.0f - 1.0f;
+}
+
+static void *
+bench_alloc(size_t n)
+{
+    void *p = NULL;
+
+    if (posix_memalign(&p, 64, n) != 0) {
+        fprintf(stderr, "out of memory (%zu bytes)\n", n);
+        exit(1);
+    }
+    return p;
+}
+
+/* Random but valid weights. */
+static void
+bench_fill(enum kli_dtype dt, uint8_t *w, int64_t nelem)
+{
+    int bb = kli_dtype_info(dt)->block_bytes, blk = kli_dtype_info(dt)->block;
+    int64_t nb = nelem / blk;
+
+    for (int64_t b = 0; b < nb; b++) {
+        uint8_t *p = w + b * bb;
+        if (dt == KLI_DT_F32) {
+            float f = bench_randf();
+            memcpy(p, &f, 4);
+        } else if (dt == KLI_DT_F16 || dt == KLI_DT_BF16) {
+            float f = bench_randf();
+            uint16_t h = dt == KLI_DT_F16 ? kli_f32_to_f16(f) : kli_f32_to_bf16(f);
+            memcpy(p, &h, 2);
+        } else {
+            uint16_t h = kli_f32_to_f16(0.01f * bench_randf());
+            memcpy(p, &h, 2);
+            for (int i = 2; i < bb; i++)
+                p[i] = (uint8_t)bench_rand();
+        }
+    }
+}
+
+/* ---- bandwidth probes --------------------------------------------------------------------- */
+
+static void
+bench_bandwidth(int nt)
+{
+    int64_t n = (int64_t)1 << 24;   /* 128 MiB per double array */
+    double *a = bench_alloc((size_t)n * 8), *b = bench_alloc((size_t)n * 8);
+    double *c = bench_alloc((size_t)n * 8);
+    double tri[BENCH_REPS], rd[BENCH_REPS], sink = 0.0;
+
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        a[i] = 0.0;
+        b[i] = 1.0 + (double)(i & 7);
+        c[i] = 2.0;
+    }
+    for (int rep = -1; rep < BENCH_REPS; rep++) {
+        double t0 = bench_now();
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (int64_t i = 0; i < n; i++)
+            a[i] = b[i] + 3.0 * c[i];
+        double t = bench_now() - t0;
+        if (rep >= 0)
+            tri[rep] = 24.0 * (double)n / t * 1e-9;
+    }
+    /* read-only: the two arrays a and b in sequence, 256 MiB */
+    for (int rep = -1; rep < BENCH_REPS; rep++) {
+        double t0 = bench_now(), s = 0.0;
+#pragma omp parallel num_threads(nt) reduction(+ : s)
+        {
+            int th = omp_get_thread_num(), tn = omp_get_num_threads();
+            int64_t i0 = n * th / tn, i1 = n * (th + 1) / tn;
+            const uint64_t *pa = (const uint64_t *)a, *pb = (const uint64_t *)b;
+            uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+            for (int64_t i = i0; i + 4 <= i1; i += 4) {
+                s0 += pa[i];
+                s1 += pa[i + 1];
+                s2 += pa[i + 2];
+                s3 += pa[i + 3];
+            }
+            for (int64_t i = i0; i + 4 <= i1; i += 4) {
+                s0 ^= pb[i];
+                s1 ^= pb[i + 1];
+                s2 ^= pb[i + 2];
+                s3 ^= pb[i + 3];
+            }
+            s += (double)(s0 + s1 + s2 + s3);
+        }
+        double t = bench_now() - t0;
+        sink += s;
+        if (rep >= 0)
+            rd[rep] = 16.0 * (double)n / t * 1e-9;
+    }
+    double mt = bench_median(tri), mr = bench_median(rd);
+    printf("bandwidth  triad      %dT  %6.1f GB/s  (%.1f-%.1f)\n", nt, mt, tri[0],
+           tri[BENCH_REPS - 1]);
+    printf("bandwidth  read-only  %dT  %6.1f GB/s  (%.1f-%.1f)%s\n", nt, mr, rd[0],
+           rd[BENCH_REPS - 1], sink == 1.0 ? " " : "");
+    free(a);
+    free(b);
+    free(c);
+}
+
+/* ---- matmul ----------------------------------------------------------------------------------- */
+
+/* One timed pass: every copy of W, rows split over nt threads, barrier after each copy. */
+static double
+bench_pass(const struct kli_kernels *kt, enum kli_dtype dt, int nt, uint8_t **w, int ncopy,
+           float *y, const float *x, int64_t n, int64_t k, int64_t m)
+{
+    size_t rb = (size_t)kli_dtype_nbytes(dt, (uint64_t)k);
+    double t0 = bench_now();
+
+#pragma omp parallel num_threads(nt)
+    {
+        int th = omp_get_thread_num(), tn = omp_get_num_threads();
+        /* rows split in multiples of 48, the largest GEMM panel */
+        int64_t units = (n + 47) / 48;
+        int64_t r0 = units * th / tn * 48, r1 = units * (th + 1) / tn * 48;
+        if (r1 > n)
+            r1 = n;
+        for (int c = 0; c < ncopy; c++) {
+            if (r1 > r0)
+                kt->matmul[dt](y + r0, n, x, k, w[c] + (size_t)r0 * rb, r1 - r0, k, m);
+#pragma omp barrier
+        }
+    }
+    return bench_now() - t0;
+}
+
+static void
+bench_matmul(const struct kli_kernels **tabs, int ntab, const int *threads, int nthreads,
+             int only_dt, int prefill, int with_generic)
+{
+    int64_t k = 2304, n = prefill ? 2304 : 16384;
+    int64_t ms[2] = {64, 512};
+    int nm = prefill ? 2 : 1;
+
+    for (int dt = 0; dt < KLI_DT_OTHER; dt++) {
+        if (only_dt >= 0 && dt != only_dt)
+            continue;
+        size_t wbytes = (size_t)kli_dtype_nbytes(dt, (uint64_t)(n * k));
+        int ncopy = prefill ? 1 : (int)(((size_t)256 << 20) / wbytes + 1);
+        uint8_t **w = malloc(sizeof(*w) * (size_t)ncopy);
+        int64_t mmax = prefill ? 512 : 1;
+        float *x = bench_alloc((size_t)(mmax * k) * 4), *y = bench_alloc((size_t)(mmax * n) * 4);
+
+        for (int c = 0; c < ncopy; c++) {
+            w[c] = bench_alloc(wbytes);
+            bench_fill(dt, w[c], n * k);
+        }
+        for (int64_t i = 0; i < mmax * k; i++)
+            x[i] = bench_randf();
+        for (int im = 0; im < nm; im++) {
+            int64_t m = prefill ? ms[im] : 1;
+            for (int v = 0; v < ntab; v++) {
+                const struct kli_kernels *kt = tabs[v];
+                if (prefill && !with_generic && strcmp(kt->name, "generic") == 0)
+                    continue;
+                for (int it = 0; it < nthreads; it++) {
+                    double r[BENCH_REPS];
+                    for (int rep = -1; rep < BENCH_REPS; rep++) {
+                        double t = bench_pass(kt, dt, threads[it], w, ncopy, y, x, n, k, m);
+                        if (rep >= 0)
+                            r[rep] = prefill ? 2.0 * (double)(m * n * k) / t * 1e-9
+                                             : (double)wbytes * ncopy / t * 1e-9;
+                    }
+                    double med = bench_median(r);
+                    if (prefill)
+                        printf("prefill m=%-3lld k=%lld n=%lld  %-8s %-5s %dT  %6.1f GFLOP/s"
+                               "  (%.1f-%.1f)\n", (long long)m, (long long)k, (long long)n,
+                               kt->name, kli_dtype_name(dt), threads[it], med, r[0],
+                               r[BENCH_REPS - 1]);
+                    else
+                        printf("decode  m=1 k=%lld n=%lld  %-8s %-5s %dT  %6.1f GB/s"
+                               "  (%.1f-%.1f)  [%.2f ms/call]\n", (long long)k, (long long)n,
+                               kt->name, kli_dtype_name(dt), threads[it], med, r[0],
+                               r[BENCH_REPS - 1], (double)wbytes / med * 1e-6);
+                    fflush(stdout);
+                }
+            }
+        }
+        for (int c = 0; c < ncopy; c++)
+            free(w[c]);
+        free(w);
+        free(x);
+        free(y);
+    }
+}
+
+int
+main(int argc, char **argv)
+{
+    const struct kli_kernels *all[8], *tabs[8];
+    int nall = kli_kernels_all(all, 8), ntab = 0;
+    const char *only_v = NULL;
+    int only_dt = -1, with_generic = 0, do_prefill = 1, do_decode = 1;
+    int threads[8] = {1, 2}, nthreads = 2;
+
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "-v") == 0 && i + 1 < argc) {
+            only_v = argv[++i];
+        } else if (strcmp(argv[i], "-d") == 0 && i + 1 < argc) {
+            const char *d = argv[++i];
+            for (int dt = 0; dt < KLI_DT_OTHER; dt++) {
+                if (strcmp(kli_dtype_name(dt), d) == 0)
+                    only_dt = dt;
+            }
+        } else if (strcmp(argv[i], "-t") == 0 && i + 1 < argc) {
+            char *s = argv[++i];
+            nthreads = 0;
+            while (*s && nthreads < 8) {
+                threads[nthreads++] = (int)strtol(s, &s, 10);
+                if (*s == ',')
+                    s++;
+            }
+        } else if (strcmp(argv[i], "-G") == 0) {
+            with_generic = 1;
+        } else if (strcmp(argv[i], "-P") == 0) {
+            do_prefill = 0;
+        } else if (strcmp(argv[i], "-D") == 0) {
+            do_decode = 0;
+        } else {
+            fprintf(stderr, "usage: %s [-v variant] [-d dtype] [-t 1,2] [-G] [-P] [-D]\n",
+                    argv[0]);
+            return 2;
+        }
+    }
+    for (int i = 0; i < nall; i++) {
+        if (only_v == NULL || strcmp(all[i]->name, only_v) == 0)
+            tabs[ntab++] = all[i];
+    }
+    printf("variants:");
+    for (int i = 0; i < ntab; i++)
+        printf(" %s", tabs[i]->name);
+    printf("   (median of %d; range in parentheses)\n", BENCH_REPS);
+    for (int i = 0; i < nthreads; i++)
+        bench_bandwidth(threads[i]);
+    if (do_decode)
+        bench_matmul(tabs, ntab, threads, nthreads, only_dt, 0, with_generic);
+    if (do_prefill)
+        bench_matmul(tabs, ntab, threads, nthreads, only_dt, 1, with_generic);
+    for (int i = 0; i < nthreads; i++)
+        bench_bandwidth(threads[i]);
+    return 0;
+}
