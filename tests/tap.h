@@ -11,13 +11,13 @@
 static int tap_n;
 static int tap_failed;
 
-static void
+__attribute__((unused)) static void
 plan(int n)
 {
     printf("1..%d\n", n);
 }
 
-static void
+__attribute__((unused)) static void
 plan_done(void)
 {
     printf("1..%d\n", tap_n);
@@ -40,7 +40,7 @@ ok(int cond, const char *fmt, ...)
     return cond;
 }
 
-__attribute__((format(printf, 1, 2))) static void
+__attribute__((format(printf, 1, 2), unused)) static void
 diag(const char *fmt, ...)
 {
     va_list ap;
@@ -52,14 +52,14 @@ diag(const char *fmt, ...)
     printf("\n");
 }
 
-static void
+__attribute__((unused)) static void
 skip_all(const char *why)
 {
     printf("1..0 # SKIP %s\n", why);
     exit(0);
 }
 
-static int
+__attribute__((unused)) static int
 tap_exit(void)
 {
     return tap_failed ? 1 : 0;

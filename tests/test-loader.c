@@ -1,0 +1,340 @@
+/*
+ * test-loader.c - model-level bad input: every broken model directory is refused with
+ * one clear message naming what is wrong, and nothing crashes.
+ *
+ * Each case copies the tiny fixture into a temporary directory, breaks one thing (the
+ * config text, a tensor's name, shape or dtype in the safetensors header, a value) and
+ * opens it through the public API.
+ */
+#include "config.h"
+
+#include <cjson/cJSON.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "kli.h"
+#include "tap.h"
+
+static char fixture[4096];
+static char *orig_config;
+static uint8_t *orig_st;
+static size_t orig_st_len, orig_config_len;
+
+static uint8_t *
+slurp(const char *path, size_t *len)
+{
+    FILE *f = fopen(path, "rb");
+    uint8_t *buf;
+    long n;
+
+    if (f == NULL)
+        return NULL;
+    fseek(f, 0, SEEK_END);
+    n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    buf = malloc((size_t)n + 1);
+    if (buf == NULL || fread(buf, 1, (size_t)n, f) != (size_t)n) {
+        fclose(f);
+        free(buf);
+        return NULL;
+    }
+    buf[n] = 0;
+    fclose(f);
+    *len = (size_t)n;
+    return buf;
+}
+
+static void
+spill(const char *dir, const char *name, const void *data, size_t len)
+{
+    char path[4200];
+    FILE *f;
+
+    snprintf(path, sizeof(path), "%s/%s", dir, name);
+    f = fopen(path, "wb");
+    if (f == NULL || fwrite(data, 1, len, f) != len) {
+        perror(path);
+        exit(99);
+    }
+    fclose(f);
+}
+
+/* A config with `from` replaced by `to` (first occurrence), or the original. */
+static char *
+config_with(const char *from, const char *to)
+{
+    const char *p = from ? strstr(orig_config, from) : NULL;
+    size_t n = orig_config_len + (to ? strlen(to) : 0) + 1;
+    char *s = malloc(n);
+
+    if (p == NULL) {
+        if (from != NULL) {
+            fprintf(stderr, "config_with: '%s' not in config\n", from);
+            exit(99);
+        }
+        memcpy(s, orig_config, orig_config_len + 1);
+        return s;
+    }
+    size_t pre = (size_t)(p - orig_config);
+    memcpy(s, orig_config, pre);
+    strcpy(s + pre, to);
+    strcat(s, p + strlen(from));
+    return s;
+}
+
+/* The safetensors file with its header edited by `edit`. */
+typedef void (*header_edit)(cJSON *hdr);
+
+static uint8_t *
+st_with(header_edit edit, size_t *len)
+{
+    uint64_t n;
+    memcpy(&n, orig_st, 8);
+    char *text = malloc(n + 1);
+    memcpy(text, orig_st + 8, n);
+    text[n] = 0;
+    cJSON *hdr = cJSON_Parse(text);
+    free(text);
+    if (edit != NULL)
+        edit(hdr);
+    char *out = cJSON_PrintUnformatted(hdr);
+    cJSON_Delete(hdr);
+    size_t hl = strlen(out), pad = (8 - hl % 8) % 8, data = orig_st_len - 8 - n;
+    uint8_t *buf = malloc(8 + hl + pad + data);
+    uint64_t nh = hl + pad;
+    memcpy(buf, &nh, 8);
+    memcpy(buf + 8, out, hl);
+    memset(buf + 8 + hl, ' ', pad);
+    memcpy(buf + 8 + nh, orig_st + 8 + n, data);
+    free(out);
+    *len = 8 + nh + data;
+    return buf;
+}
+
+static int
+open_dir(const char *dir, struct kli_err *err)
+{
+    struct kli_model *m = NULL;
+    int rc;
+
+    memset(err, 0, sizeof(*err));
+    rc = kli_model_open(&m, dir, NULL, err);
+    if (rc == KLI_OK) {
+        /* It opened: it must also run. */
+        struct kli_session *s = NULL;
+        kli_token t = 1;
+        if (kli_session_create(&s, m, NULL, err) == KLI_OK)
+            rc = kli_session_eval(s, &t, 1, NULL, err);
+        kli_session_free(s);
+    }
+    kli_model_close(m);
+    return rc;
+}
+
+/* Writes a model dir from (config, safetensors) and expects failure with `want` in the
+ * message. */
+static void
+expect(const char *what, char *cfg, uint8_t *st, size_t st_len, int code, const char *want)
+{
+    char dir[] = "/tmp/kli-loader-XXXXXX";
+    struct kli_err err;
+    char cmd[128];
+
+    if (mkdtemp(dir) == NULL) {
+        perror("mkdtemp");
+        exit(99);
+    }
+    spill(dir, "config.json", cfg ? cfg : orig_config, cfg ? strlen(cfg) : orig_config_len);
+    spill(dir, "model.safetensors", st ? st : orig_st, st ? st_len : orig_st_len);
+    int rc = open_dir(dir, &err);
+    if (code == KLI_OK) {
+        ok(rc == KLI_OK, "%s: opens and runs (%s)", what, err.msg);
+    } else {
+        ok(rc == code && strstr(err.msg, want) != NULL, "%s: code %d (want %d), message: %s",
+           what, rc, code, err.msg);
+    }
+    snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
+    if (system(cmd) != 0)
+        diag("could not remove %s", dir);
+    free(cfg);
+    free(st);
+}
+
+/* ---- header edits -------------------------------------------------------------------- */
+
+static void
+ed_rename(cJSON *h)
+{
+    cJSON *t = cJSON_DetachItemFromObject(h, "model.layers.2.self_attn.b_proj.weight");
+    cJSON_AddItemToObject(h, "model.layers.2.self_attn.b_proj_renamed.weight", t);
+}
+
+static void
+ed_transpose(cJSON *h)
+{
+    cJSON *t = cJSON_GetObjectItem(h, "model.layers.1.self_attn.o_proj.weight");
+    cJSON *shape = cJSON_GetObjectItem(t, "shape");
+    int a = cJSON_GetArrayItem(shape, 0)->valueint, b = cJSON_GetArrayItem(shape, 1)->valueint;
+    cJSON_ReplaceItemInArray(shape, 0, cJSON_CreateNumber(b));
+    cJSON_ReplaceItemInArray(shape, 1, cJSON_CreateNumber(a));
+}
+
+static void
+ed_dtype_i16(cJSON *h)
+{
+    cJSON *t = cJSON_GetObjectItem(h, "model.layers.0.self_attn.q_proj.weight");
+    cJSON_ReplaceItemInObject(t, "dtype", cJSON_CreateString("I16"));
+}
+
+static void
+ed_dtype_bogus(cJSON *h)
+{
+    cJSON *t = cJSON_GetObjectItem(h, "model.norm.weight");
+    cJSON_ReplaceItemInObject(t, "dtype", cJSON_CreateString("BF17"));
+}
+
+static void
+ed_extra_layer_tensor(cJSON *h)
+{
+    /* A duplicate entry for an extra (sixth) layer pointing at layer 0's norm bytes. */
+    cJSON *t = cJSON_Duplicate(cJSON_GetObjectItem(h, "model.layers.0.input_layernorm.weight"),
+                               1);
+    cJSON_AddItemToObject(h, "model.layers.5.input_layernorm.weight", t);
+}
+
+static void
+ed_offsets_past_end(cJSON *h)
+{
+    cJSON *t = cJSON_GetObjectItem(h, "lm_head.weight");
+    cJSON *off = cJSON_GetObjectItem(t, "data_offsets");
+    double e = cJSON_GetArrayItem(off, 1)->valuedouble;
+    cJSON_ReplaceItemInArray(off, 1, cJSON_CreateNumber(e + 1e9));
+}
+
+int
+main(void)
+{
+    const char *td = getenv("KLI_TESTDATA");
+    char path[4200];
+    size_t len = 0;
+
+    if (td == NULL)
+        skip_all("KLI_TESTDATA not set");
+    snprintf(fixture, sizeof(fixture), "%s/tiny-kimi-linear", td);
+    snprintf(path, sizeof(path), "%s/config.json", fixture);
+    orig_config = (char *)slurp(path, &orig_config_len);
+    snprintf(path, sizeof(path), "%s/model.safetensors", fixture);
+    orig_st = slurp(path, &orig_st_len);
+    if (orig_config == NULL || orig_st == NULL)
+        skip_all("fixture missing");
+
+    struct kli_err err;
+    ok(open_dir(fixture, &err) == KLI_OK, "the fixture itself opens and runs (%s)", err.msg);
+    ok(open_dir("/nonexistent/kli-model", &err) == KLI_E_IO && strstr(err.msg, "/nonexistent"),
+       "missing directory: %s", err.msg);
+
+    /* config.json */
+    expect("malformed JSON", config_with("\"hidden_size\": 128,", "\"hidden_size\": 128,,"),
+           NULL, 0, KLI_E_FORMAT, "malformed JSON");
+    expect("not an object", strdup("[1, 2, 3]"), NULL, 0, KLI_E_FORMAT, "not a JSON object");
+    expect("missing hidden_size", config_with("\"hidden_size\": 128,", ""), NULL, 0,
+           KLI_E_FORMAT, "\"hidden_size\"");
+    expect("string where a number goes", config_with("\"vocab_size\": 512", "\"vocab_size\": \"x\""),
+           NULL, 0, KLI_E_FORMAT, "vocab_size");
+    expect("negative head count", config_with("\"num_attention_heads\": 2",
+                                              "\"num_attention_heads\": -2"),
+           NULL, 0, KLI_E_RANGE, "num_attention_heads");
+    expect("0-based layer list", config_with("\"kda_layers\": [\n   1,", "\"kda_layers\": [\n   0,"),
+           NULL, 0, KLI_E_RANGE, "1-based");
+    expect("layer in no list", config_with("\"full_attn_layers\": [\n   4\n  ]",
+                                           "\"full_attn_layers\": []"),
+           NULL, 0, KLI_E_FORMAT, "neither");
+    expect("top-k above expert count", config_with("\"num_experts_per_token\": 2",
+                                                   "\"num_experts_per_token\": 9"),
+           NULL, 0, KLI_E_RANGE, "num_experts_per_token");
+    expect("q_lora_rank set", config_with("\"q_lora_rank\": null", "\"q_lora_rank\": 64"), NULL,
+           0, KLI_E_UNSUPPORTED, "q_lora_rank");
+    expect("unknown router function", config_with("\"sigmoid\"", "\"relu\""), NULL, 0,
+           KLI_E_UNSUPPORTED, "relu");
+
+    /* config that contradicts the tensors */
+    expect("hidden_size contradicts tensors", config_with("\"hidden_size\": 128",
+                                                          "\"hidden_size\": 96"),
+           NULL, 0, KLI_E_FORMAT, "expected [512,96]");
+    {
+        char *c6 = config_with("\"num_hidden_layers\": 5", "\"num_hidden_layers\": 6");
+        char *c = config_with(NULL, NULL);
+        free(c);
+        /* six layers, the sixth declared KDA: its tensors are missing */
+        char *p6 = strstr(c6, "   5\n  ]");
+        char *c6b = malloc(strlen(c6) + 16);
+        size_t pre = (size_t)(p6 - c6);
+        memcpy(c6b, c6, pre);
+        strcpy(c6b + pre, "   5, 6\n  ]");
+        strcat(c6b, p6 + strlen("   5\n  ]"));
+        free(c6);
+        expect("more layers than the checkpoint", c6b, NULL, 0, KLI_E_FORMAT,
+               "missing tensor model.layers.5.");
+    }
+    {
+        char *c4 = config_with("\"num_hidden_layers\": 5", "\"num_hidden_layers\": 4");
+        char *p5 = strstr(c4, ",\n   5\n  ]");
+        memmove(p5, p5 + 6, strlen(p5 + 6) + 1);
+        expect("fewer layers than the checkpoint", c4, NULL, 0, KLI_E_FORMAT,
+               "model.layers.4.");
+    }
+    expect("more experts than the checkpoint", config_with("\"num_experts\": 8",
+                                                           "\"num_experts\": 16"),
+           NULL, 0, KLI_E_FORMAT, "gate.weight has shape [8,128], expected [16,128]");
+    expect("fewer experts than the checkpoint", config_with("\"num_experts\": 8",
+                                                            "\"num_experts\": 4"),
+           NULL, 0, KLI_E_FORMAT, "gate.weight has shape [8,128], expected [4,128]");
+    expect("KDA head count contradicts tensors", config_with("\"num_heads\": 2",
+                                                             "\"num_heads\": 4"),
+           NULL, 0, KLI_E_FORMAT, "expected");
+
+    /* tensors */
+    uint8_t *st = st_with(ed_rename, &len);
+    expect("missing tensor", NULL, st, len, KLI_E_FORMAT,
+           "missing tensor model.layers.2.self_attn.b_proj.weight");
+    st = st_with(ed_transpose, &len);
+    expect("transposed shape", NULL, st, len, KLI_E_FORMAT,
+           "model.layers.1.self_attn.o_proj.weight has shape [64,128], expected [128,64]");
+    st = st_with(ed_dtype_i16, &len);
+    expect("integer dtype", NULL, st, len, KLI_E_UNSUPPORTED, "I16");
+    st = st_with(ed_dtype_bogus, &len);
+    expect("unknown dtype", NULL, st, len, KLI_E_FORMAT, "BF17");
+    st = st_with(ed_extra_layer_tensor, &len);
+    expect("tensor of a layer the config lacks", NULL, st, len, KLI_E_FORMAT,
+           "model.layers.5.input_layernorm.weight");
+    st = st_with(ed_offsets_past_end, &len);
+    expect("offsets past the end", NULL, st, len, KLI_E_FORMAT, "lm_head.weight");
+    st = malloc(orig_st_len);
+    memcpy(st, orig_st, orig_st_len);
+    expect("truncated file", NULL, st, orig_st_len / 2, KLI_E_FORMAT, "");
+
+    /* A NaN in a norm weight: find model.norm.weight's bytes and poison the first. */
+    {
+        uint64_t n;
+        memcpy(&n, orig_st, 8);
+        cJSON *h = cJSON_ParseWithLength((const char *)orig_st + 8, n);
+        cJSON *off = cJSON_GetObjectItem(cJSON_GetObjectItem(h, "model.norm.weight"),
+                                         "data_offsets");
+        size_t at = 8 + n + (size_t)cJSON_GetArrayItem(off, 0)->valuedouble;
+        cJSON_Delete(h);
+        st = malloc(orig_st_len);
+        memcpy(st, orig_st, orig_st_len);
+        st[at] = 0xc0;
+        st[at + 1] = 0x7f;   /* bf16 0x7fc0 = NaN */
+        expect("NaN in a norm weight", NULL, st, orig_st_len, KLI_E_FORMAT, "non-finite");
+    }
+
+    free(orig_config);
+    free(orig_st);
+    plan_done();
+    return tap_exit();
+}
