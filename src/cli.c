@@ -372,6 +372,8 @@ static void
 usage(FILE *f)
 {
     fprintf(f, "usage: kli COMMAND [OPTIONS]\n       kli --version\n\ncommands:\n");
+    for (const struct cli_command *c = cli_gen_commands; c->name != NULL; c++)
+        fprintf(f, "  %-12s %s\n", c->name, c->help);
     for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
         fprintf(f, "  %-12s %s\n", commands[i].name, commands[i].help);
     fprintf(f, "\nSee kli(1) for the options of each command.\n");
@@ -392,6 +394,12 @@ main(int argc, char **argv)
         strcmp(argv[1], "help") == 0) {
         usage(stdout);
         return 0;
+    }
+    for (const struct cli_command *c = cli_gen_commands; c->name != NULL; c++) {
+        if (strcmp(argv[1], c->name) == 0) {
+            optind = 1;
+            return c->run(argc - 1, argv + 1);
+        }
     }
     for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++) {
         if (strcmp(argv[1], commands[i].name) == 0) {

@@ -22,4 +22,12 @@ int cli_parse_ids(const char *s, kli_token **out, int32_t *n_out);
 int cli_open_model(const char *path, int threads, struct kli_model **m);
 int cli_threads(long opt_t);
 
+/* The commands of cli_gen.c, NULL-terminated. */
+extern const struct cli_command cli_gen_commands[];
+
+/* The built-in demo model (demo.c): writes it to a new temporary directory, whose path
+ * goes to `dir`; cli_demo_remove deletes it again. */
+int cli_demo_dir(char *dir, size_t cap);
+void cli_demo_remove(const char *dir);
+
 #endif

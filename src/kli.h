@@ -80,6 +80,90 @@ const char *kli_version(void);
  * The choice is made once per process, honouring the KLI_SIMD environment variable. */
 const char *kli_simd_variant(void);
 
+
+/* ==== Tokenizer ============================================================================
+ * Kimi's tiktoken BPE tokenizer. It reproduces tokenization_kimi.py's
+ * TikTokenTokenizer.encode() byte for byte: the text is cut into 400,000-character pieces,
+ * each piece where a run of whitespace or of non-whitespace characters would exceed 25,000,
+ * and every resulting chunk is encoded on its own by tiktoken's algorithm (optional
+ * special-token matching, the Kimi split pattern, then byte-pair merging by rank). No BOS or
+ * EOS is ever added. A kli_tokenizer is immutable once open: any number of threads may use
+ * it at once. */
+
+struct kli_tokenizer;
+
+/* Flags of kli_tokenize(). */
+enum kli_tokenize_flags {
+    /* Special-token strings in the text ("<|im_end|>", "[BOS]", and also the unnamed
+     * "<|reserved_token_N|>" slots) become their ids, as tiktoken's allowed_special="all"
+     * (tokenization_kimi.py's default). Without this flag they are ordinary text. */
+    KLI_TOKENIZE_SPECIAL = 1
+};
+
+/* Opens the tokenizer of a model directory:
+ *  - `dir`/tiktoken.model (required): one "<base64 bytes> <rank>" per line; the ranks must be
+ *    0..n-1 with no gaps, no byte string may appear twice, and each of the 256 single bytes
+ *    must have a rank. The number of ranks is n_base.
+ *  - `dir`/tokenizer_config.json (optional): its "added_tokens_decoder" names special ids.
+ * The special tokens take the ids n_base .. n_base+255; a slot without a name is called
+ * "<|reserved_token_ID|>" with its absolute id. When added_tokens_decoder names id n_base+256
+ * or n_base+257, there are 258 slots instead (the older tokenization_*.py variant). Without
+ * tokenizer_config.json every slot is unnamed.
+ * @return KLI_OK; KLI_E_IO if a file cannot be read; KLI_E_FORMAT with the file and line at
+ *         fault; KLI_E_NOMEM; KLI_E_INVALID for NULL arguments. On failure *out is NULL.
+ *         On success the caller owns *out and releases it with kli_tokenizer_close(). */
+int kli_tokenizer_open(struct kli_tokenizer **out, const char *dir, struct kli_err *err);
+
+/* Releases a tokenizer. NULL is allowed. */
+void kli_tokenizer_close(struct kli_tokenizer *t);
+
+/* Encodes `len` bytes of UTF-8 text (not NUL-terminated; `text` may be NULL when len is 0).
+ * @param flags  0 (special-token strings are plain text) or KLI_TOKENIZE_SPECIAL.
+ * @param out    receives the first min(cap, result) token ids; may be NULL when cap is 0.
+ * @return the number of tokens the whole text encodes to, which may exceed `cap`: then only
+ *         `cap` ids were written, and the caller retries with a buffer of the returned size.
+ *         Every token covers at least one byte of the text, so the result is at most `len`,
+ *         and a buffer of len + 1 ids (len + 1 so that it is never empty) is always enough.
+ *         Negative on error: KLI_E_FORMAT when the text is not valid UTF-8 (the message gives
+ *         the byte offset), KLI_E_INVALID for bad arguments, KLI_E_NOMEM, KLI_E_RANGE when the
+ *         regex engine hits its match limit. */
+int64_t kli_tokenize(const struct kli_tokenizer *t, const char *text, size_t len, int flags,
+                     kli_token *out, int64_t cap, struct kli_err *err);
+
+/* Decodes `n` token ids to the concatenation of their bytes (a special id gives its name).
+ * The result is raw bytes: it is not NUL-terminated, and it may end inside a UTF-8 character
+ * or contain invalid UTF-8 (see kli_utf8_complete_prefix() for streaming).
+ * @param out  receives the first min(cap, result) bytes; may be NULL when cap is 0.
+ * @return the number of bytes the whole decoding needs (retry with that much room when it
+ *         exceeds `cap`); KLI_E_RANGE if an id is outside [0, n_vocab), naming its index;
+ *         KLI_E_INVALID for bad arguments. */
+int64_t kli_detokenize(const struct kli_tokenizer *t, const kli_token *ids, int64_t n,
+                       char *out, int64_t cap, struct kli_err *err);
+
+/* @return the bytes of token `id` (a special token's name for special ids) and their count in
+ *         *len (when len is not NULL); NULL (and *len 0) if id is outside [0, n_vocab).
+ *         Borrowed: valid while the tokenizer is open. The bytes are followed by a NUL for
+ *         convenience, but may themselves contain NUL (the token of byte 0x00). */
+const char *kli_token_bytes(const struct kli_tokenizer *t, kli_token id, size_t *len);
+
+/* @return the number of token ids: n_base + the special slots (256 or 258). */
+int32_t kli_tokenizer_n_vocab(const struct kli_tokenizer *t);
+
+/* @return the number of BPE ranks in tiktoken.model; the first special id. */
+int32_t kli_tokenizer_n_base(const struct kli_tokenizer *t);
+
+/* @return the id of the special token called `name` (e.g. "<|im_end|>", or a reserved name
+ *         such as "<|reserved_token_163600|>"), or -1 if no special slot has that name. */
+kli_token kli_tokenizer_find_special(const struct kli_tokenizer *t, const char *name);
+
+/* For streaming decoded text without splitting a character between two writes.
+ * @return the length of the longest prefix of s[0..n) that does not end inside an incomplete
+ *         UTF-8 sequence: trailing bytes that start a sequence which more bytes could still
+ *         complete (a lead byte followed by fewer continuation bytes than it announces) are
+ *         left out, at most 3 of them. Bytes that can never become valid are kept, so that
+ *         invalid input is passed on rather than held back forever. Never more than n. */
+size_t kli_utf8_complete_prefix(const char *s, size_t n);
+
 /* ==== Model ================================================================================ */
 
 struct kli_model;
@@ -110,7 +194,6 @@ int32_t kli_model_d_model(const struct kli_model *model);
 kli_token kli_model_bos(const struct kli_model *model);
 kli_token kli_model_eos(const struct kli_model *model);
 
-struct kli_tokenizer;
 /* @return the model's tokenizer (borrowed), or NULL when its directory has none. */
 const struct kli_tokenizer *kli_model_tokenizer(const struct kli_model *model);
 
@@ -161,6 +244,102 @@ int32_t kli_session_pos(const struct kli_session *s);
 
 /* @return the model a session belongs to (borrowed). */
 const struct kli_model *kli_session_model(const struct kli_session *s);
+
+/* ==== Sampling ============================================================================= */
+
+struct kli_sampler;
+
+struct kli_sampler_options {
+    float temperature;        /* 0 = greedy (argmax, ties to the lowest id); default 0.7 */
+    int32_t top_k;            /* keep the k most likely tokens; 0 = off (default) */
+    float top_p;              /* nucleus: smallest set with probability >= p; 1 = off; 0.9 */
+    float min_p;              /* drop tokens below min_p * p(best); 0 = off (default) */
+    float repeat_penalty;     /* divide positive / multiply negative logits of recent
+                                 tokens (CTRL-style); 1 = off (default) */
+    float presence_penalty;   /* subtract once from every recent token's logit; 0 = off */
+    float frequency_penalty;  /* subtract per occurrence of a recent token; 0 = off */
+    int32_t penalty_last_n;   /* recent tokens the penalties look at; default 64 */
+    uint64_t seed;            /* the random stream; the same seed gives the same tokens */
+};
+
+void kli_sampler_options_init(struct kli_sampler_options *opt);
+
+/* Creates a sampler for a vocabulary of n_vocab ids.
+ * @return KLI_OK; KLI_E_RANGE naming an option outside its range (temperature < 0,
+ *         top_p outside (0,1], min_p outside [0,1], repeat_penalty <= 0, ...). */
+int kli_sampler_create(struct kli_sampler **out, const struct kli_sampler_options *opt,
+                       int32_t n_vocab, struct kli_err *err);
+void kli_sampler_free(struct kli_sampler *smp);
+
+/* Picks the next token from logits [n_vocab] (not modified). */
+kli_token kli_sampler_sample(struct kli_sampler *smp, const float *logits);
+
+/* Records a token of the context for the penalties (prompt tokens too, if wanted). */
+void kli_sampler_accept(struct kli_sampler *smp, kli_token tok);
+
+/* Forgets the recorded tokens and restarts the random stream from the seed. */
+void kli_sampler_reset(struct kli_sampler *smp);
+
+/* ==== Chat format ========================================================================== */
+
+struct kli_chat_message {
+    const char *role;      /* "system", "user", "assistant" or "tool" */
+    const char *content;   /* UTF-8; special-token strings in it stay plain text */
+};
+
+/* Renders messages in Kimi's chat format, as token ids:
+ *     <|im_system|>system<|im_middle|>You are a helpful assistant<|im_end|>   (default system
+ *                                                   turn, when the first message is no system)
+ *     <|im_user|>user<|im_middle|>CONTENT<|im_end|> ...
+ *     <|im_assistant|>assistant<|im_middle|>        (with add_generation_prompt)
+ * Role markers are emitted as special ids; content is encoded as ordinary text, so a user
+ * cannot inject control tokens. With `continuation` set, the default system turn is not
+ * added (for the next turns of a conversation already in a session).
+ * @return the number of ids (see kli_tokenize for the `cap` protocol), or a negative status:
+ *         KLI_E_INVALID for an unknown role, KLI_E_UNSUPPORTED when the tokenizer lacks the
+ *         chat special tokens, KLI_E_FORMAT for invalid UTF-8. */
+int64_t kli_chat_render(const struct kli_tokenizer *tok, const struct kli_chat_message *msgs,
+                        int32_t n, int add_generation_prompt, int continuation,
+                        kli_token *out, int64_t cap, struct kli_err *err);
+
+/* ==== Generation =========================================================================== */
+
+enum kli_finish {
+    KLI_FINISH_NONE = 0,
+    KLI_FINISH_EOS = 1,        /* the model produced an end token (<|im_end|>, [EOS]) */
+    KLI_FINISH_STOP = 2,       /* a stop string appeared */
+    KLI_FINISH_LENGTH = 3,     /* max_tokens reached, or the context is full */
+    KLI_FINISH_INTERRUPT = 4   /* the callback asked to stop */
+};
+
+/* Receives generated text as it is produced: `len` bytes that never end inside a UTF-8
+ * character and never contain (the start of) a stop string. Return non-zero to stop. */
+typedef int (*kli_text_fn)(void *ud, const char *text, size_t len);
+
+struct kli_generate_options {
+    int32_t max_tokens;          /* default 256 */
+    const char *const *stop;     /* stop strings (not emitted), n_stop of them */
+    int32_t n_stop;
+    kli_text_fn on_text;         /* may be NULL */
+    void *ud;
+};
+
+struct kli_generate_result {
+    int32_t n_prompt, n_generated;
+    double prefill_seconds, decode_seconds;
+    enum kli_finish finish;
+    kli_token last;              /* the last sampled token (the end token on KLI_FINISH_EOS) */
+};
+
+void kli_generate_options_init(struct kli_generate_options *opt);
+
+/* Feeds `prompt` to the session and samples up to max_tokens tokens, feeding each one
+ * back (the end token is not fed: the session ends just before it). Text goes to on_text.
+ * @return KLI_OK (see res->finish for why it stopped) or a negative status. */
+int kli_generate(struct kli_session *s, const struct kli_tokenizer *tok,
+                 struct kli_sampler *smp, const kli_token *prompt, int32_t n_prompt,
+                 const struct kli_generate_options *opt, struct kli_generate_result *res,
+                 struct kli_err *err);
 
 #ifdef __cplusplus
 }

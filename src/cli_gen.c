@@ -1,0 +1,716 @@
+/*
+ * cli_gen.c - the text commands of kli: run, chat, tokenize, detokenize.
+ */
+#include "config.h"
+
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <getopt.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include "kli.h"
+#include "cli.h"
+
+/* ==== options shared by run and chat ====================================================== */
+
+enum {
+    OPT_TEMP = 256, OPT_TOPK, OPT_TOPP, OPT_MINP, OPT_REPEAT, OPT_PRESENCE, OPT_FREQUENCY,
+    OPT_LASTN, OPT_SEED, OPT_STOP, OPT_RAW, OPT_SPECIAL, OPT_MESSAGES, OPT_CTX, OPT_QUIET,
+};
+
+#define GEN_MAX_STOP 16
+
+struct gen_args {
+    const char *model, *prompt, *file, *system, *messages;
+    int raw, special, quiet;
+    long threads, max_tokens, ctx;
+    struct kli_sampler_options so;
+    const char *stop[GEN_MAX_STOP];
+    int n_stop;
+    char demo[4096];
+};
+
+static const struct option gen_opts[] = {
+    {"model", required_argument, NULL, 'm'},
+    {"prompt", required_argument, NULL, 'p'},
+    {"file", required_argument, NULL, 'f'},
+    {"system", required_argument, NULL, 's'},
+    {"messages", required_argument, NULL, OPT_MESSAGES},
+    {"max-tokens", required_argument, NULL, 'n'},
+    {"threads", required_argument, NULL, 't'},
+    {"temp", required_argument, NULL, OPT_TEMP},
+    {"temperature", required_argument, NULL, OPT_TEMP},
+    {"top-k", required_argument, NULL, OPT_TOPK},
+    {"top-p", required_argument, NULL, OPT_TOPP},
+    {"min-p", required_argument, NULL, OPT_MINP},
+    {"repeat-penalty", required_argument, NULL, OPT_REPEAT},
+    {"presence-penalty", required_argument, NULL, OPT_PRESENCE},
+    {"frequency-penalty", required_argument, NULL, OPT_FREQUENCY},
+    {"repeat-last-n", required_argument, NULL, OPT_LASTN},
+    {"seed", required_argument, NULL, OPT_SEED},
+    {"stop", required_argument, NULL, OPT_STOP},
+    {"raw", no_argument, NULL, OPT_RAW},
+    {"special", no_argument, NULL, OPT_SPECIAL},
+    {"ctx", required_argument, NULL, OPT_CTX},
+    {"quiet", no_argument, NULL, OPT_QUIET},
+    {"help", no_argument, NULL, 'h'},
+    {NULL, 0, NULL, 0},
+};
+
+static int
+parse_float(const char *s, const char *what, float *out)
+{
+    char *end;
+
+    errno = 0;
+    double v = strtod(s, &end);
+    if (errno != 0 || end == s || *end != '\0' || v != v) {
+        cli_error("%s: '%s' is not a number", what, s);
+        return -1;
+    }
+    *out = (float)v;
+    return 0;
+}
+
+/* @return 0 to go on, 1 for --help (already printed), -1 for a usage error. */
+static int
+gen_parse(int argc, char **argv, struct gen_args *a, const char *usage)
+{
+    int c;
+    long v;
+
+    memset(a, 0, sizeof(*a));
+    a->max_tokens = 256;
+    kli_sampler_options_init(&a->so);
+    while ((c = getopt_long(argc, argv, "m:p:f:s:n:t:h", gen_opts, NULL)) != -1) {
+        switch (c) {
+        case 'm': a->model = optarg; break;
+        case 'p': a->prompt = optarg; break;
+        case 'f': a->file = optarg; break;
+        case 's': a->system = optarg; break;
+        case OPT_MESSAGES: a->messages = optarg; break;
+        case 'n':
+            if (cli_parse_int(optarg, 0, 1 << 30, "--max-tokens", &a->max_tokens))
+                return -1;
+            break;
+        case 't':
+            if (cli_parse_int(optarg, 1, 4096, "--threads", &a->threads))
+                return -1;
+            break;
+        case OPT_CTX:
+            if (cli_parse_int(optarg, 1, 1 << 30, "--ctx", &a->ctx))
+                return -1;
+            break;
+        case OPT_TEMP:
+            if (parse_float(optarg, "--temp", &a->so.temperature))
+                return -1;
+            break;
+        case OPT_TOPK:
+            if (cli_parse_int(optarg, 0, 1 << 30, "--top-k", &v))
+                return -1;
+            a->so.top_k = (int32_t)v;
+            break;
+        case OPT_TOPP:
+            if (parse_float(optarg, "--top-p", &a->so.top_p))
+                return -1;
+            break;
+        case OPT_MINP:
+            if (parse_float(optarg, "--min-p", &a->so.min_p))
+                return -1;
+            break;
+        case OPT_REPEAT:
+            if (parse_float(optarg, "--repeat-penalty", &a->so.repeat_penalty))
+                return -1;
+            break;
+        case OPT_PRESENCE:
+            if (parse_float(optarg, "--presence-penalty", &a->so.presence_penalty))
+                return -1;
+            break;
+        case OPT_FREQUENCY:
+            if (parse_float(optarg, "--frequency-penalty", &a->so.frequency_penalty))
+                return -1;
+            break;
+        case OPT_LASTN:
+            if (cli_parse_int(optarg, 0, 1 << 24, "--repeat-last-n", &v))
+                return -1;
+            a->so.penalty_last_n = (int32_t)v;
+            break;
+        case OPT_SEED: {
+            char *end;
+            errno = 0;
+            unsigned long long s = strtoull(optarg, &end, 10);
+            if (errno != 0 || end == optarg || *end != '\0' || optarg[0] == '-') {
+                cli_error("--seed: '%s' is not a non-negative integer", optarg);
+                return -1;
+            }
+            a->so.seed = s;
+            break;
+        }
+        case OPT_STOP:
+            if (a->n_stop == GEN_MAX_STOP) {
+                cli_error("--stop: at most %d stop strings", GEN_MAX_STOP);
+                return -1;
+            }
+            if (optarg[0] == '\0') {
+                cli_error("--stop: empty stop string");
+                return -1;
+            }
+            a->stop[a->n_stop++] = optarg;
+            break;
+        case OPT_RAW: a->raw = 1; break;
+        case OPT_SPECIAL: a->special = 1; break;
+        case OPT_QUIET: a->quiet = 1; break;
+        case 'h':
+            printf("%s", usage);
+            return 1;
+        default:
+            return -1;
+        }
+    }
+    if (optind < argc) {
+        cli_error("unexpected argument '%s'", argv[optind]);
+        return -1;
+    }
+    return 0;
+}
+
+/* The model directory to open: -m, or the built-in demo model written to a temp dir. */
+static const char *
+gen_model_path(struct gen_args *a)
+{
+    if (a->model != NULL)
+        return a->model;
+    if (cli_demo_dir(a->demo, sizeof(a->demo)) != 0)
+        return NULL;
+    return a->demo;
+}
+
+/* ==== streaming output and interruption =================================================== */
+
+static volatile sig_atomic_t gen_interrupted;
+
+static void
+gen_on_sigint(int sig)
+{
+    (void)sig;
+    gen_interrupted = 1;
+}
+
+static int
+gen_print(void *ud, const char *text, size_t len)
+{
+    (void)ud;
+    if (fwrite(text, 1, len, stdout) != len)
+        return 1;
+    fflush(stdout);
+    return gen_interrupted ? 1 : 0;
+}
+
+static const char *
+finish_name(enum kli_finish f)
+{
+    switch (f) {
+    case KLI_FINISH_EOS: return "end of turn";
+    case KLI_FINISH_STOP: return "stop string";
+    case KLI_FINISH_LENGTH: return "token limit";
+    case KLI_FINISH_INTERRUPT: return "interrupted";
+    default: return "none";
+    }
+}
+
+static void
+gen_report(const struct kli_generate_result *r)
+{
+    struct rusage ru;
+
+    getrusage(RUSAGE_SELF, &ru);
+    fprintf(stderr,
+            "\nkli: prompt %d tokens, prefill %.1f tok/s | generated %d tokens, decode %.1f "
+            "tok/s | peak memory %.1f MiB | stop: %s\n",
+            r->n_prompt, r->prefill_seconds > 0 ? r->n_prompt / r->prefill_seconds : 0.0,
+            r->n_generated, r->decode_seconds > 0 ? r->n_generated / r->decode_seconds : 0.0,
+            (double)ru.ru_maxrss / 1024.0, finish_name(r->finish));
+}
+
+static int64_t
+gen_oom(struct kli_err *err)
+{
+    err->code = KLI_E_NOMEM;
+    snprintf(err->msg, sizeof(err->msg), "out of memory");
+    return KLI_E_NOMEM;
+}
+
+/* ==== prompts ============================================================================= */
+
+/* Tokens of a messages JSON file: [{"role": ..., "content": ...}, ...]. */
+static int64_t
+messages_tokens(const struct kli_tokenizer *tok, const char *path, kli_token **ids,
+                struct kli_err *err)
+{
+    size_t len;
+    char *text = cli_read_file(path, &len);
+    cJSON *root = NULL;
+    struct kli_chat_message *msgs = NULL;
+    int64_t n = -1;
+
+    if (text == NULL)
+        return -1;
+    root = cJSON_ParseWithLength(text, len);
+    if (root == NULL || !cJSON_IsArray(root)) {
+        cli_error("%s: expected a JSON array of {\"role\", \"content\"} objects", path);
+        goto out;
+    }
+    int count = cJSON_GetArraySize(root);
+    msgs = calloc((size_t)count + 1, sizeof(*msgs));
+    if (msgs == NULL)
+        goto out;
+    for (int i = 0; i < count; i++) {
+        cJSON *m = cJSON_GetArrayItem(root, i);
+        cJSON *r = cJSON_GetObjectItemCaseSensitive(m, "role");
+        cJSON *c = cJSON_GetObjectItemCaseSensitive(m, "content");
+        if (!cJSON_IsString(r) || !cJSON_IsString(c)) {
+            cli_error("%s: message %d needs string \"role\" and \"content\"", path, i);
+            goto out;
+        }
+        msgs[i].role = r->valuestring;
+        msgs[i].content = c->valuestring;
+    }
+    n = kli_chat_render(tok, msgs, count, 1, 0, NULL, 0, err);
+    if (n < 0 || (*ids = malloc((size_t)n * sizeof(kli_token) + 1)) == NULL) {
+        cli_error("%s: %s", path, err->msg);
+        n = -1;
+        goto out;
+    }
+    n = kli_chat_render(tok, msgs, count, 1, 0, *ids, n, err);
+out:
+    free(msgs);
+    cJSON_Delete(root);
+    free(text);
+    return n;
+}
+
+static int64_t
+prompt_tokens(const struct gen_args *a, const struct kli_tokenizer *tok, const char *text,
+              size_t len, kli_token **ids, struct kli_err *err)
+{
+    int64_t n;
+
+    if (a->raw) {
+        *ids = malloc((len + 1) * sizeof(kli_token));
+        if (*ids == NULL)
+            return gen_oom(err);
+        n = kli_tokenize(tok, text, len, a->special ? KLI_TOKENIZE_SPECIAL : 0, *ids,
+                         (int64_t)len + 1, err);
+        return n;
+    }
+    struct kli_chat_message msgs[2];
+    int nm = 0;
+    if (a->system != NULL) {
+        msgs[nm].role = "system";
+        msgs[nm++].content = a->system;
+    }
+    msgs[nm].role = "user";
+    msgs[nm++].content = text;
+    n = kli_chat_render(tok, msgs, nm, 1, 0, NULL, 0, err);
+    if (n < 0)
+        return n;
+    *ids = malloc((size_t)n * sizeof(kli_token) + 1);
+    if (*ids == NULL)
+        return gen_oom(err);
+    return kli_chat_render(tok, msgs, nm, 1, 0, *ids, n, err);
+}
+
+/* ==== kli run ============================================================================= */
+
+static const char run_usage[] =
+    "usage: kli run [-m MODEL] (-p TEXT | -f FILE | --messages FILE.json) [--raw [--special]]\n"
+    "               [-s SYSTEM] [-n MAX] [--temp T] [--top-k K] [--top-p P] [--min-p P]\n"
+    "               [--repeat-penalty R] [--presence-penalty P] [--frequency-penalty F]\n"
+    "               [--repeat-last-n N] [--seed S] [--stop STR]... [--ctx N] [-t N] [--quiet]\n"
+    "Without -m, the built-in demo model runs. Without -p/-f, the prompt is read from stdin.\n";
+
+static int
+cmd_run(int argc, char **argv)
+{
+    struct gen_args a;
+    struct kli_model *m = NULL;
+    struct kli_session *s = NULL;
+    struct kli_sampler *smp = NULL;
+    struct kli_err err = {0};
+    struct kli_session_options sopt;
+    struct kli_generate_options go;
+    struct kli_generate_result res;
+    kli_token *ids = NULL;
+    char *text = NULL;
+    size_t len = 0;
+    int64_t n;
+    int rc = 1, pr;
+
+    if ((pr = gen_parse(argc, argv, &a, run_usage)) != 0)
+        return pr > 0 ? 0 : 2;
+    if ((a.prompt != NULL) + (a.file != NULL) + (a.messages != NULL) > 1) {
+        cli_error("run: give one of -p, -f and --messages");
+        return 2;
+    }
+    if (a.messages != NULL && a.raw) {
+        cli_error("run: --messages and --raw do not go together");
+        return 2;
+    }
+    if (a.prompt != NULL) {
+        len = strlen(a.prompt);
+        text = strdup(a.prompt);
+    } else if (a.messages == NULL) {
+        if (a.file == NULL && isatty(STDIN_FILENO))
+            fprintf(stderr, "kli: reading the prompt from standard input (end with Ctrl-D)\n");
+        text = cli_read_file(a.file != NULL ? a.file : "-", &len);
+        if (text == NULL)
+            return 1;
+    }
+    const char *path = gen_model_path(&a);
+    if (path == NULL || cli_open_model(path, cli_threads(a.threads), &m) != 0)
+        goto out;
+    const struct kli_tokenizer *tok = kli_model_tokenizer(m);
+    if (tok == NULL) {
+        cli_error("%s: no tokenizer (tiktoken.model) in the model directory", path);
+        goto out;
+    }
+    if (a.messages != NULL)
+        n = messages_tokens(tok, a.messages, &ids, &err);
+    else
+        n = prompt_tokens(&a, tok, text, len, &ids, &err);
+    if (n < 0) {
+        if (err.msg[0] != '\0')
+            cli_error("prompt: %s", err.msg);
+        goto out;
+    }
+    kli_session_options_init(&sopt);
+    sopt.ctx_max = (int32_t)a.ctx;
+    if (kli_session_create(&s, m, &sopt, &err) != KLI_OK ||
+        kli_sampler_create(&smp, &a.so, kli_model_n_vocab(m), &err) != KLI_OK) {
+        cli_error("%s", err.msg);
+        goto out;
+    }
+    kli_generate_options_init(&go);
+    go.max_tokens = (int32_t)a.max_tokens;
+    go.stop = a.stop;
+    go.n_stop = a.n_stop;
+    go.on_text = gen_print;
+    signal(SIGINT, gen_on_sigint);
+    if (kli_generate(s, tok, smp, ids, (int32_t)n, &go, &res, &err) != KLI_OK) {
+        cli_error("%s", err.msg);
+        goto out;
+    }
+    signal(SIGINT, SIG_DFL);
+    fputc('\n', stdout);
+    fflush(stdout);
+    if (!a.quiet)
+        gen_report(&res);
+    rc = gen_interrupted ? 130 : 0;
+out:
+    free(ids);
+    free(text);
+    kli_sampler_free(smp);
+    kli_session_free(s);
+    kli_model_close(m);
+    cli_demo_remove(a.demo);
+    return rc;
+}
+
+/* ==== kli chat ============================================================================ */
+
+static const char chat_usage[] =
+    "usage: kli chat [-m MODEL] [-s SYSTEM] [-n MAX] [sampling options as for run] [--ctx N]\n"
+    "Commands inside the chat: /reset, /help, /exit. Ctrl-C stops the current answer.\n";
+
+static int
+cmd_chat(int argc, char **argv)
+{
+    struct gen_args a;
+    struct kli_model *m = NULL;
+    struct kli_session *s = NULL;
+    struct kli_sampler *smp = NULL;
+    struct kli_err err = {0};
+    struct kli_session_options sopt;
+    struct kli_generate_options go;
+    struct kli_generate_result res;
+    struct sigaction sa;
+    char line[65536];
+    int rc = 1, pr, tty = isatty(STDIN_FILENO), turns = 0;
+
+    if ((pr = gen_parse(argc, argv, &a, chat_usage)) != 0)
+        return pr > 0 ? 0 : 2;
+    if (a.prompt != NULL || a.file != NULL || a.messages != NULL || a.raw) {
+        cli_error("chat: -p, -f, --messages and --raw belong to 'kli run'");
+        return 2;
+    }
+    const char *path = gen_model_path(&a);
+    if (path == NULL || cli_open_model(path, cli_threads(a.threads), &m) != 0)
+        goto out;
+    const struct kli_tokenizer *tok = kli_model_tokenizer(m);
+    if (tok == NULL) {
+        cli_error("%s: no tokenizer (tiktoken.model) in the model directory", path);
+        goto out;
+    }
+    kli_token im_end = kli_tokenizer_find_special(tok, "<|im_end|>");
+    kli_session_options_init(&sopt);
+    sopt.ctx_max = (int32_t)a.ctx;
+    if (kli_session_create(&s, m, &sopt, &err) != KLI_OK ||
+        kli_sampler_create(&smp, &a.so, kli_model_n_vocab(m), &err) != KLI_OK) {
+        cli_error("%s", err.msg);
+        goto out;
+    }
+    kli_generate_options_init(&go);
+    go.max_tokens = (int32_t)a.max_tokens;
+    go.stop = a.stop;
+    go.n_stop = a.n_stop;
+    go.on_text = gen_print;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = gen_on_sigint;   /* no SA_RESTART: Ctrl-C at the prompt interrupts fgets */
+    sigaction(SIGINT, &sa, NULL);
+    if (tty)
+        fprintf(stderr, "kli chat: /help for commands, /exit or Ctrl-D to leave.\n");
+    for (;;) {
+        if (tty) {
+            fputs("> ", stdout);
+            fflush(stdout);
+        }
+        gen_interrupted = 0;
+        if (fgets(line, sizeof(line), stdin) == NULL) {
+            if (gen_interrupted && !feof(stdin)) {
+                clearerr(stdin);
+                fputs("\n(use /exit or Ctrl-D to leave)\n", stdout);
+                continue;
+            }
+            break;
+        }
+        size_t len = strlen(line);
+        if (len == sizeof(line) - 1 && line[len - 1] != '\n') {
+            cli_error("line too long (limit %zu bytes); use 'kli run -f' for long prompts",
+                      sizeof(line) - 2);
+            int ch;
+            while ((ch = getchar()) != EOF && ch != '\n')
+                ;
+            continue;
+        }
+        while (len > 0 && (line[len - 1] == '\n' || line[len - 1] == '\r'))
+            line[--len] = '\0';
+        if (len == 0)
+            continue;
+        if (strcmp(line, "/exit") == 0 || strcmp(line, "/quit") == 0)
+            break;
+        if (strcmp(line, "/help") == 0) {
+            printf("/reset  forget the conversation\n/help   this text\n/exit   leave "
+                   "(also Ctrl-D)\nCtrl-C stops the current answer.\n");
+            continue;
+        }
+        if (strcmp(line, "/reset") == 0) {
+            kli_session_reset(s);
+            kli_sampler_reset(smp);
+            turns = 0;
+            printf("(conversation forgotten)\n");
+            continue;
+        }
+        if (line[0] == '/') {
+            printf("unknown command %s (/help lists them)\n", line);
+            continue;
+        }
+        /* Only the new tokens of this turn are fed: the session carries the rest. */
+        struct kli_chat_message msgs[2];
+        int nm = 0;
+        if (turns == 0 && a.system != NULL) {
+            msgs[nm].role = "system";
+            msgs[nm++].content = a.system;
+        }
+        msgs[nm].role = "user";
+        msgs[nm++].content = line;
+        memset(&err, 0, sizeof(err));
+        int64_t n = kli_chat_render(tok, msgs, nm, 1, turns > 0, NULL, 0, &err);
+        kli_token *ids = n >= 0 ? malloc(((size_t)n + 1) * sizeof(kli_token)) : NULL;
+        if (ids == NULL) {
+            cli_error("%s", n < 0 ? err.msg : "out of memory");
+            continue;
+        }
+        int off = 0;
+        if (turns > 0)
+            ids[off++] = im_end;   /* closes the previous answer, which ended unfed */
+        kli_chat_render(tok, msgs, nm, 1, turns > 0, ids + off, n, &err);
+        int r = kli_generate(s, tok, smp, ids, (int32_t)n + off, &go, &res, &err);
+        free(ids);
+        fputc('\n', stdout);
+        if (r != KLI_OK) {
+            cli_error("%s (/reset starts over)", err.msg);
+            continue;
+        }
+        if (res.finish == KLI_FINISH_INTERRUPT)
+            fputs("(stopped)\n", stdout);
+        fflush(stdout);
+        turns++;
+        if (!a.quiet && tty)
+            gen_report(&res);
+    }
+    rc = 0;
+out:
+    kli_sampler_free(smp);
+    kli_session_free(s);
+    kli_model_close(m);
+    cli_demo_remove(a.demo);
+    return rc;
+}
+
+/* ==== kli tokenize / detokenize =========================================================== */
+
+static int
+tok_open(const char *model, char *demo, size_t cap, struct kli_tokenizer **t)
+{
+    struct kli_err err = {0};
+
+    if (model == NULL) {
+        if (cli_demo_dir(demo, cap) != 0)
+            return -1;
+        model = demo;
+    }
+    if (kli_tokenizer_open(t, model, &err) != KLI_OK) {
+        cli_error("%s", err.msg);
+        return -1;
+    }
+    return 0;
+}
+
+static int
+cmd_tokenize(int argc, char **argv)
+{
+    static const struct option opts[] = {
+        {"model", required_argument, NULL, 'm'},
+        {"special", no_argument, NULL, 'S'},
+        {"file", required_argument, NULL, 'f'},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0},
+    };
+    const char *model = NULL, *file = "-";
+    int special = 0, c, rc = 1;
+    struct kli_tokenizer *t = NULL;
+    struct kli_err err = {0};
+    char demo[4096] = "";
+    kli_token *ids = NULL;
+    char *text = NULL;
+    size_t len;
+
+    while ((c = getopt_long(argc, argv, "m:f:h", opts, NULL)) != -1) {
+        switch (c) {
+        case 'm': model = optarg; break;
+        case 'S': special = 1; break;
+        case 'f': file = optarg; break;
+        case 'h':
+            printf("usage: kli tokenize [-m MODEL] [--special] [--file F]\n");
+            return 0;
+        default:
+            return 2;
+        }
+    }
+    if (optind < argc) {
+        cli_error("tokenize: unexpected argument '%s'", argv[optind]);
+        return 2;
+    }
+    if ((text = cli_read_file(file, &len)) == NULL)
+        return 1;
+    if (tok_open(model, demo, sizeof(demo), &t) != 0)
+        goto out;
+    ids = malloc((len + 1) * sizeof(kli_token));
+    if (ids == NULL) {
+        cli_error("out of memory");
+        goto out;
+    }
+    int64_t n = kli_tokenize(t, text, len, special ? KLI_TOKENIZE_SPECIAL : 0, ids,
+                             (int64_t)len + 1, &err);
+    if (n < 0) {
+        cli_error("%s", err.msg);
+        goto out;
+    }
+    for (int64_t i = 0; i < n; i++)
+        printf(i ? " %d" : "%d", ids[i]);
+    printf("\n");
+    rc = fflush(stdout) == 0 ? 0 : 1;
+out:
+    free(ids);
+    free(text);
+    kli_tokenizer_close(t);
+    cli_demo_remove(demo);
+    return rc;
+}
+
+static int
+cmd_detokenize(int argc, char **argv)
+{
+    static const struct option opts[] = {
+        {"model", required_argument, NULL, 'm'},
+        {"file", required_argument, NULL, 'f'},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0},
+    };
+    const char *model = NULL, *file = "-";
+    int c, rc = 1;
+    struct kli_tokenizer *t = NULL;
+    struct kli_err err = {0};
+    char demo[4096] = "";
+    kli_token *ids = NULL;
+    int32_t n = 0;
+    char *text = NULL, *out = NULL;
+    size_t len;
+
+    while ((c = getopt_long(argc, argv, "m:f:h", opts, NULL)) != -1) {
+        switch (c) {
+        case 'm': model = optarg; break;
+        case 'f': file = optarg; break;
+        case 'h':
+            printf("usage: kli detokenize [-m MODEL] [--file F]\n");
+            return 0;
+        default:
+            return 2;
+        }
+    }
+    if (optind < argc) {
+        cli_error("detokenize: unexpected argument '%s'", argv[optind]);
+        return 2;
+    }
+    if ((text = cli_read_file(file, &len)) == NULL)
+        return 1;
+    if (strlen(text) != len) {
+        cli_error("%s: contains a NUL byte", file);
+        goto out;
+    }
+    if (cli_parse_ids(text, &ids, &n) != 0)
+        goto out;
+    if (tok_open(model, demo, sizeof(demo), &t) != 0)
+        goto out;
+    int64_t need = kli_detokenize(t, ids, n, NULL, 0, &err);
+    if (need < 0 || (out = malloc((size_t)need + 1)) == NULL) {
+        cli_error("%s", need < 0 ? err.msg : "out of memory");
+        goto out;
+    }
+    kli_detokenize(t, ids, n, out, need, &err);
+    if (fwrite(out, 1, (size_t)need, stdout) != (size_t)need || fflush(stdout) != 0) {
+        cli_error("stdout: write error");
+        goto out;
+    }
+    rc = 0;
+out:
+    free(out);
+    free(ids);
+    free(text);
+    kli_tokenizer_close(t);
+    cli_demo_remove(demo);
+    return rc;
+}
+
+const struct cli_command cli_gen_commands[] = {
+    {"run", cmd_run, "generate an answer to a prompt (streams to stdout)"},
+    {"chat", cmd_chat, "talk with a model, turn by turn"},
+    {"tokenize", cmd_tokenize, "print the token ids of a text"},
+    {"detokenize", cmd_detokenize, "write the bytes of token ids"},
+    {NULL, NULL, NULL},
+};

@@ -1,0 +1,188 @@
+/*
+ * generate.c - kli_generate: prompt in, streamed text out.
+ *
+ * The prompt is evaluated in one call; then each step samples a token, turns it into text
+ * and feeds it back. Text is held back while it might still become a stop string or while
+ * it ends inside a UTF-8 character, so the callback never sees half a character or part of
+ * a stop string. End tokens (<|im_end|>, [EOS], config's eos) end generation without being
+ * fed, so a chat can append <|im_end|> and the next turn to the same session.
+ */
+#include "config.h"
+
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "internal.h"
+#include "session.h"
+#include "tokenizer.h"
+#include "unicode.h"
+
+void
+kli_generate_options_init(struct kli_generate_options *opt)
+{
+    memset(opt, 0, sizeof(*opt));
+    opt->max_tokens = 256;
+}
+
+static double
+gen_now(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* Longest k < strlen(stop) such that buf ends with the first k bytes of stop. */
+static size_t
+gen_partial_stop(const char *buf, size_t n, const char *stop)
+{
+    size_t sl = strlen(stop);
+
+    for (size_t k = sl - 1 < n ? sl - 1 : n; k > 0; k--) {
+        if (memcmp(buf + n - k, stop, k) == 0)
+            return k;
+    }
+    return 0;
+}
+
+struct gen_text {
+    char *buf;
+    size_t n, cap;
+};
+
+static int
+gen_append(struct gen_text *t, const char *p, size_t len)
+{
+    if (t->n + len + 1 > t->cap) {
+        size_t nc = (t->n + len + 1) * 2;
+        char *nb = realloc(t->buf, nc);
+        if (nb == NULL)
+            return -1;
+        t->buf = nb;
+        t->cap = nc;
+    }
+    memcpy(t->buf + t->n, p, len);
+    t->n += len;
+    t->buf[t->n] = '\0';
+    return 0;
+}
+
+static int
+gen_emit(struct gen_text *t, size_t k, const struct kli_generate_options *o)
+{
+    int stop = 0;
+
+    if (k > 0 && o->on_text != NULL)
+        stop = o->on_text(o->ud, t->buf, k);
+    memmove(t->buf, t->buf + k, t->n - k);
+    t->n -= k;
+    return stop;
+}
+
+int
+kli_generate(struct kli_session *s, const struct kli_tokenizer *tok, struct kli_sampler *smp,
+             const kli_token *prompt, int32_t n_prompt, const struct kli_generate_options *opt,
+             struct kli_generate_result *res, struct kli_err *err)
+{
+    struct kli_generate_options dflt;
+    struct kli_generate_result r;
+    struct gen_text text = {NULL, 0, 0};
+    kli_token ends[3];
+    int rc = KLI_OK, n_ends = 0;
+    double t0;
+
+    memset(&r, 0, sizeof(r));
+    r.last = -1;
+    if (s == NULL || tok == NULL || smp == NULL || (prompt == NULL && n_prompt > 0) ||
+        n_prompt < 0)
+        return kli_err_set(err, KLI_E_INVALID, "kli_generate: invalid arguments");
+    if (opt == NULL) {
+        kli_generate_options_init(&dflt);
+        opt = &dflt;
+    }
+    if (opt->max_tokens < 0 || opt->n_stop < 0 || (opt->n_stop > 0 && opt->stop == NULL))
+        return kli_err_set(err, KLI_E_INVALID, "kli_generate: invalid options");
+    for (int32_t i = 0; i < opt->n_stop; i++) {
+        if (opt->stop[i] == NULL || opt->stop[i][0] == '\0')
+            return kli_err_set(err, KLI_E_INVALID, "stop string %d is empty", i);
+    }
+    ends[n_ends++] = s->m->cfg.eos;
+    ends[n_ends++] = kli_tokenizer_find_special(tok, "<|im_end|>");
+    ends[n_ends++] = kli_tokenizer_find_special(tok, "[EOS]");
+    int32_t n_base = kli_tokenizer_n_base(tok);
+
+    t0 = gen_now();
+    if (n_prompt > 0 && (rc = kli_session_eval(s, prompt, n_prompt, NULL, err)) != KLI_OK)
+        goto out;
+    r.n_prompt = n_prompt;
+    r.prefill_seconds = gen_now() - t0;
+    if (kli_session_logits(s) == NULL) {
+        rc = kli_err_set(err, KLI_E_INVALID, "kli_generate: empty prompt and empty session");
+        goto out;
+    }
+
+    t0 = gen_now();
+    while (r.n_generated < opt->max_tokens) {
+        kli_token t = kli_sampler_sample(smp, kli_session_logits(s));
+        int is_end = 0;
+        r.last = t;
+        for (int i = 0; i < n_ends; i++)
+            is_end |= ends[i] >= 0 && t == ends[i];
+        if (is_end) {
+            r.finish = KLI_FINISH_EOS;
+            break;
+        }
+        kli_sampler_accept(smp, t);
+        r.n_generated++;
+        if (t < n_base) {   /* special tokens other than the ends produce no text */
+            size_t len;
+            const char *p = kli_token_bytes(tok, t, &len);
+            if (p != NULL && gen_append(&text, p, len) != 0) {
+                rc = kli_err_set(err, KLI_E_NOMEM, "out of memory");
+                goto out;
+            }
+        }
+        /* A stop string: emit what precedes it and end. */
+        size_t hold = 0;
+        for (int32_t i = 0; i < opt->n_stop && r.finish == KLI_FINISH_NONE; i++) {
+            const char *hit = strstr(text.buf != NULL ? text.buf : "", opt->stop[i]);
+            if (hit != NULL) {
+                text.n = (size_t)(hit - text.buf);
+                r.finish = KLI_FINISH_STOP;
+            } else {
+                size_t k = gen_partial_stop(text.buf, text.n, opt->stop[i]);
+                hold = k > hold ? k : hold;
+            }
+        }
+        if (r.finish == KLI_FINISH_STOP) {
+            gen_emit(&text, text.n, opt);
+            /* The token is part of the conversation all the same. */
+            rc = kli_session_eval(s, &t, 1, NULL, err);
+            break;
+        }
+        size_t safe = kli_utf8_complete_prefix(text.buf, text.n - hold);
+        if (gen_emit(&text, safe, opt) != 0) {
+            r.finish = KLI_FINISH_INTERRUPT;
+            rc = kli_session_eval(s, &t, 1, NULL, err);
+            break;
+        }
+        if (kli_session_pos(s) >= s->ctx_max) {
+            r.finish = KLI_FINISH_LENGTH;
+            break;
+        }
+        if ((rc = kli_session_eval(s, &t, 1, NULL, err)) != KLI_OK)
+            goto out;
+    }
+    if (r.finish == KLI_FINISH_NONE)
+        r.finish = KLI_FINISH_LENGTH;
+    if (r.finish != KLI_FINISH_STOP && r.finish != KLI_FINISH_INTERRUPT)
+        gen_emit(&text, text.n, opt);   /* whatever remains, even a partial character */
+    r.decode_seconds = gen_now() - t0;
+out:
+    free(text.buf);
+    if (res != NULL)
+        *res = r;
+    return rc;
+}
