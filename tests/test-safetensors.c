@@ -458,6 +458,9 @@ test_bad_headers(void)
     expect_bad_header("header JSON array", "[1, 2, 3]", NULL, 0, "not a JSON object");
     expect_bad_header("header JSON string", "\"abc\"", NULL, 0, "not a JSON object");
     expect_bad_header("garbage after the object", "{} x", NULL, 0, "not valid JSON");
+    /* cJSON before 1.7.18 reads past the end here (the padding is skipped as whitespace). */
+    expect_bad_header("header ending after a comma", "{\"__metadata__\":{},", NULL, 0,
+                      "not valid JSON");
     expect_bad_header("overlapping offsets",
                       "{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]},"
                       "\"b\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[4,12]}}",
@@ -738,7 +741,6 @@ main(void)
     const char *t = getenv("TMPDIR");
 
     snprintf(tmpdir, sizeof(tmpdir), "%s/kli-st-XXXXXX", t != NULL && *t ? t : "/tmp");
-    (void)plan;   /* the count is only known at the end: plan_done */
     if (mkdtemp(tmpdir) == NULL)
         skip_all("cannot make a temporary directory");
     test_single();

@@ -47,6 +47,17 @@ bench_now(void)
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
+/* CPU time of the calling thread: with other processes on the machine, the longest thread's
+ * CPU time approximates the wall time of an unshared run. */
+static double
+bench_cpu(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
 static int
 bench_cmp(const void *a, const void *b)
 {
@@ -125,7 +136,7 @@ bench_bandwidth(int nt)
     int64_t n = (int64_t)1 << 24;   /* 128 MiB per double array */
     double *a = bench_alloc((size_t)n * 8), *b = bench_alloc((size_t)n * 8);
     double *c = bench_alloc((size_t)n * 8);
-    double tri[BENCH_REPS], rd[BENCH_REPS], sink = 0.0;
+    double tri[BENCH_REPS], rd[BENCH_REPS], tric[BENCH_REPS], rdc[BENCH_REPS], sink = 0.0;
 
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t i = 0; i < n; i++) {
@@ -134,21 +145,30 @@ bench_bandwidth(int nt)
         c[i] = 2.0;
     }
     for (int rep = -1; rep < BENCH_REPS; rep++) {
-        double t0 = bench_now();
-#pragma omp parallel for num_threads(nt) schedule(static)
-        for (int64_t i = 0; i < n; i++)
-            a[i] = b[i] + 3.0 * c[i];
-        double t = bench_now() - t0;
-        if (rep >= 0)
-            tri[rep] = 24.0 * (double)n / t * 1e-9;
-    }
-    /* read-only: the two arrays a and b in sequence, 256 MiB */
-    for (int rep = -1; rep < BENCH_REPS; rep++) {
-        double t0 = bench_now(), s = 0.0;
-#pragma omp parallel num_threads(nt) reduction(+ : s)
+        double t0 = bench_now(), cmax = 0.0;
+#pragma omp parallel num_threads(nt) reduction(max : cmax)
         {
             int th = omp_get_thread_num(), tn = omp_get_num_threads();
             int64_t i0 = n * th / tn, i1 = n * (th + 1) / tn;
+            double c0 = bench_cpu();
+            for (int64_t i = i0; i < i1; i++)
+                a[i] = b[i] + 3.0 * c[i];
+            cmax = bench_cpu() - c0;
+        }
+        double t = bench_now() - t0;
+        if (rep >= 0) {
+            tri[rep] = 24.0 * (double)n / t * 1e-9;
+            tric[rep] = 24.0 * (double)n / cmax * 1e-9;
+        }
+    }
+    /* read-only: the two arrays a and b in sequence, 256 MiB */
+    for (int rep = -1; rep < BENCH_REPS; rep++) {
+        double t0 = bench_now(), s = 0.0, cmax = 0.0;
+#pragma omp parallel num_threads(nt) reduction(+ : s) reduction(max : cmax)
+        {
+            int th = omp_get_thread_num(), tn = omp_get_num_threads();
+            int64_t i0 = n * th / tn, i1 = n * (th + 1) / tn;
+            double c0 = bench_cpu();
             const uint64_t *pa = (const uint64_t *)a, *pb = (const uint64_t *)b;
             uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
             for (int64_t i = i0; i + 4 <= i1; i += 4) {
@@ -164,46 +184,56 @@ bench_bandwidth(int nt)
                 s3 ^= pb[i + 3];
             }
             s += (double)(s0 + s1 + s2 + s3);
+            cmax = bench_cpu() - c0;
         }
         double t = bench_now() - t0;
         sink += s;
-        if (rep >= 0)
+        if (rep >= 0) {
             rd[rep] = 16.0 * (double)n / t * 1e-9;
+            rdc[rep] = 16.0 * (double)n / cmax * 1e-9;
+        }
     }
     double mt = bench_median(tri), mr = bench_median(rd);
-    printf("bandwidth  triad      %dT  %6.1f GB/s  (%.1f-%.1f)\n", nt, mt, tri[0],
-           tri[BENCH_REPS - 1]);
-    printf("bandwidth  read-only  %dT  %6.1f GB/s  (%.1f-%.1f)%s\n", nt, mr, rd[0],
-           rd[BENCH_REPS - 1], sink == 1.0 ? " " : "");
+    double mtc = bench_median(tric), mrc = bench_median(rdc);
+    printf("bandwidth  triad      %dT  %6.1f GB/s  (%.1f-%.1f)  cpu-time %6.1f\n", nt, mt,
+           tri[0], tri[BENCH_REPS - 1], mtc);
+    printf("bandwidth  read-only  %dT  %6.1f GB/s  (%.1f-%.1f)  cpu-time %6.1f%s\n", nt, mr,
+           rd[0], rd[BENCH_REPS - 1], mrc, sink == 1.0 ? " " : "");
     free(a);
     free(b);
     free(c);
 }
 
-/* ---- matmul ----------------------------------------------------------------------------------- */
+/* ---- matmul ---------------------------------------------------------------------------------- */
 
-/* One timed pass: every copy of W, rows split over nt threads, barrier after each copy. */
+/* One timed pass: every copy of W, rows split over nt threads, barrier after each copy.
+ * @return wall seconds; *cpu gets the largest per-thread CPU seconds (barrier waits excluded) */
 static double
 bench_pass(const struct kli_kernels *kt, enum kli_dtype dt, int nt, uint8_t **w, int ncopy,
-           float *y, const float *x, int64_t n, int64_t k, int64_t m)
+           float *y, const float *x, int64_t n, int64_t k, int64_t m, double *cpu)
 {
     size_t rb = (size_t)kli_dtype_nbytes(dt, (uint64_t)k);
-    double t0 = bench_now();
+    double t0 = bench_now(), cmax = 0.0;
 
-#pragma omp parallel num_threads(nt)
+#pragma omp parallel num_threads(nt) reduction(max : cmax)
     {
         int th = omp_get_thread_num(), tn = omp_get_num_threads();
+        double c = 0.0;
         /* rows split in multiples of 48, the largest GEMM panel */
         int64_t units = (n + 47) / 48;
         int64_t r0 = units * th / tn * 48, r1 = units * (th + 1) / tn * 48;
         if (r1 > n)
             r1 = n;
-        for (int c = 0; c < ncopy; c++) {
+        for (int i = 0; i < ncopy; i++) {
+            double c0 = bench_cpu();
             if (r1 > r0)
-                kt->matmul[dt](y + r0, n, x, k, w[c] + (size_t)r0 * rb, r1 - r0, k, m);
+                kt->matmul[dt](y + r0, n, x, k, w[i] + (size_t)r0 * rb, r1 - r0, k, m);
+            c += bench_cpu() - c0;
 #pragma omp barrier
         }
+        cmax = c;
     }
+    *cpu = cmax;
     return bench_now() - t0;
 }
 
@@ -237,24 +267,27 @@ bench_matmul(const struct kli_kernels **tabs, int ntab, const int *threads, int 
                 if (prefill && !with_generic && strcmp(kt->name, "generic") == 0)
                     continue;
                 for (int it = 0; it < nthreads; it++) {
-                    double r[BENCH_REPS];
+                    double r[BENCH_REPS], rc[BENCH_REPS];
+                    double work = prefill ? 2.0 * (double)(m * n * k) : (double)wbytes * ncopy;
                     for (int rep = -1; rep < BENCH_REPS; rep++) {
-                        double t = bench_pass(kt, dt, threads[it], w, ncopy, y, x, n, k, m);
-                        if (rep >= 0)
-                            r[rep] = prefill ? 2.0 * (double)(m * n * k) / t * 1e-9
-                                             : (double)wbytes * ncopy / t * 1e-9;
+                        double c, t = bench_pass(kt, dt, threads[it], w, ncopy, y, x, n, k, m,
+                                                 &c);
+                        if (rep >= 0) {
+                            r[rep] = work / t * 1e-9;
+                            rc[rep] = work / c * 1e-9;
+                        }
                     }
-                    double med = bench_median(r);
+                    double med = bench_median(r), medc = bench_median(rc);
                     if (prefill)
                         printf("prefill m=%-3lld k=%lld n=%lld  %-8s %-5s %dT  %6.1f GFLOP/s"
-                               "  (%.1f-%.1f)\n", (long long)m, (long long)k, (long long)n,
-                               kt->name, kli_dtype_name(dt), threads[it], med, r[0],
-                               r[BENCH_REPS - 1]);
+                               "  (%.1f-%.1f)  cpu-time %6.1f\n", (long long)m, (long long)k,
+                               (long long)n, kt->name, kli_dtype_name(dt), threads[it], med,
+                               r[0], r[BENCH_REPS - 1], medc);
                     else
                         printf("decode  m=1 k=%lld n=%lld  %-8s %-5s %dT  %6.1f GB/s"
-                               "  (%.1f-%.1f)  [%.2f ms/call]\n", (long long)k, (long long)n,
+                               "  (%.1f-%.1f)  cpu-time %6.1f\n", (long long)k, (long long)n,
                                kt->name, kli_dtype_name(dt), threads[it], med, r[0],
-                               r[BENCH_REPS - 1], (double)wbytes / med * 1e-6);
+                               r[BENCH_REPS - 1], medc);
                     fflush(stdout);
                 }
             }

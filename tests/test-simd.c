@@ -1,0 +1,429 @@
+/*
+ * test-simd.c - every SIMD kernel table against a float64 reference (and generic beside it).
+ *
+ * For each table from kli_kernels_all() other than generic, each entry runs on random data and
+ * random shapes with odd tails and unaligned pointers. Variants compiled in but not usable on
+ * this CPU (and variants not compiled in) are reported as SKIP.
+ *
+ * Tolerances, per kernel:
+ *   to_f32        bit-exact against kli_dtype_to_f32 (NaN matches any NaN).
+ *   scale         bit-exact (one rounding either way).
+ *   axpy          |y - ref| <= 2^-23 (|y0| + |a x|) per element (FMA or not: one rounding
+ *                 more or less).
+ *   dot           |s - ref| <= (n/4 + 16) 2^-24 sum|a b|, the float32 summation bound for
+ *                 sums split over lanes.
+ *   matmul F32/F16/BF16: the reference uses the dequantized weights, so only summation error
+ *                 is left: per element |y - ref| <= (k/4 + 64) 2^-24 sum_j |x_j w_j|, and over
+ *                 the whole output the relative L2 error must stay below 1e-5.
+ *   matmul Q8_0/Q4: a kernel may quantize x per 32-block to int8 with scale d = amax/127
+ *                 (round to nearest), which moves each x_j by at most d/2 = amax_b/254. So
+ *                 per element |y - ref| <= 1.01 sum_b (amax_b / 254) sum_{j in b} |w_j|
+ *                 + (k/4 + 64) 2^-24 sum_j |x_j w_j| (the 1% covers the rounding of d and
+ *                 1/d), and the relative L2 error of the output must stay below 1e-2
+ *                 (for random x the expected value is about amax / (127 sqrt(12) rms(x)), a
+ *                 few 1e-3).
+ * Entries of y outside [m][n] (the ldy padding) must be left untouched.
+ */
+#include "config.h"
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "simd.h"
+#include "tap.h"
+
+static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
+
+static uint64_t
+rng_next(void)
+{
+    uint64_t z = (rng_state += 0x9e3779b97f4a7c15ull);
+
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+/* Uniform in [lo, hi]. */
+static int64_t
+rng_int(int64_t lo, int64_t hi)
+{
+    return lo + (int64_t)(rng_next() % (uint64_t)(hi - lo + 1));
+}
+
+/* Uniform in [-1, 1). */
+static float
+rng_float(void)
+{
+    return (float)((double)(rng_next() >> 11) * (2.0 / 9007199254740992.0) - 1.0);
+}
+
+static void *
+xmalloc(size_t n)
+{
+    void *p = malloc(n ? n : 1);
+
+    if (p == NULL) {
+        printf("Bail out! out of memory\n");
+        exit(1);
+    }
+    return p;
+}
+
+/* Random x: mostly uniform, with some blocks scaled up or zeroed to exercise the scales. */
+static void
+fill_x(float *x, int64_t n)
+{
+    for (int64_t j = 0; j < n; j += 32) {
+        int kind = (int)rng_int(0, 9);
+        float s = kind == 0 ? 0.0f : kind == 1 ? 30.0f : kind == 2 ? 1e-3f : 1.0f;
+        for (int64_t i = j; i < j + 32 && i < n; i++)
+            x[i] = s * rng_float();
+    }
+}
+
+static void
+fill_w(enum kli_dtype dt, uint8_t *w, int64_t nelem)
+{
+    int64_t nb = nelem / kli_dtype_info(dt)->block;
+
+    switch (dt) {
+    case KLI_DT_F32:
+        for (int64_t i = 0; i < nelem; i++) {
+            float f = rng_float();
+            memcpy(w + 4 * i, &f, 4);
+        }
+        break;
+    case KLI_DT_F16:
+    case KLI_DT_BF16:
+        for (int64_t i = 0; i < nelem; i++) {
+            float f = rng_float();
+            uint16_t h = dt == KLI_DT_F16 ? kli_f32_to_f16(f) : kli_f32_to_bf16(f);
+            memcpy(w + 2 * i, &h, 2);
+        }
+        break;
+    case KLI_DT_Q8_0:
+    case KLI_DT_Q4: {
+        int bb = kli_dtype_info(dt)->block_bytes;
+        for (int64_t b = 0; b < nb; b++) {
+            uint8_t *p = w + b * bb;
+            uint16_t h = kli_f32_to_f16(rng_float() * 0.05f);
+            memcpy(p, &h, 2);
+            for (int i = 2; i < bb; i++)
+                p[i] = (uint8_t)rng_next();
+        }
+        break;
+    }
+    default:
+        for (int64_t i = 0; i < nelem; i++)
+            w[i] = (uint8_t)rng_next();
+        break;
+    }
+}
+
+static int
+same_float(float a, float b)
+{
+    if (isnan(a) || isnan(b))
+        return isnan(a) && isnan(b);
+    return memcmp(&a, &b, 4) == 0;
+}
+
+static const char *const dt_names[KLI_DT_COUNT] = {"F32", "F16", "BF16", "Q8_0", "Q4", "OTHER"};
+
+/* ---- to_f32 ------------------------------------------------------------------------------ */
+
+static void
+test_to_f32(const struct kli_kernels *kt)
+{
+    for (int dt = 0; dt < KLI_DT_COUNT; dt++) {
+        int blk = kli_dtype_info(dt)->block;
+        int bad = 0;
+        for (int trial = 0; trial < 20 && !bad; trial++) {
+            int64_t n = blk * rng_int(0, 3000 / blk + 3);
+            size_t nbytes = (size_t)kli_dtype_nbytes(dt, (uint64_t)n);
+            int off = (int)rng_int(0, 7);
+            uint8_t *src = xmalloc(nbytes + 8);
+            float *want = xmalloc((size_t)n * 4 + 4), *got = xmalloc((size_t)n * 4 + 8);
+            /* Raw random bits: every F16/BF16 pattern (subnormals, Inf, NaN) shows up. */
+            for (size_t i = 0; i < nbytes + 8; i++)
+                src[i] = (uint8_t)rng_next();
+            kli_dtype_to_f32(dt, src + off, want, n);
+            float guard = 1234.5f;
+            memcpy(got + n + 1, &guard, 4);
+            kt->to_f32(dt, src + off, got + 1, n);
+            for (int64_t i = 0; i < n && !bad; i++) {
+                if (!same_float(want[i], got[1 + i])) {
+                    diag("%s to_f32 %s n=%lld: [%lld] want %a got %a", kt->name, dt_names[dt],
+                         (long long)n, (long long)i, want[i], got[1 + i]);
+                    bad = 1;
+                }
+            }
+            if (got[n + 1] != guard)
+                bad = 1;
+            free(src);
+            free(want);
+            free(got);
+        }
+        ok(!bad, "%s to_f32 %s: bit-exact vs kli_dtype_to_f32", kt->name, dt_names[dt]);
+    }
+}
+
+/* ---- dot, axpy, scale ---------------------------------------------------------------------- */
+
+static void
+test_vector(const struct kli_kernels *kt)
+{
+    int bad_dot = 0, bad_axpy = 0, bad_scale = 0;
+    double worst_dot = 0.0;
+
+    for (int trial = 0; trial < 200; trial++) {
+        int64_t n = trial < 40 ? trial : rng_int(0, 3000);
+        int oa = (int)rng_int(0, 7), ob = (int)rng_int(0, 7);
+        float *a = xmalloc((size_t)(n + 16) * 4), *b = xmalloc((size_t)(n + 16) * 4);
+        float *y = xmalloc((size_t)(n + 16) * 4), *y0 = xmalloc((size_t)(n + 16) * 4);
+        float s = rng_float() * 3.0f;
+
+        for (int64_t i = 0; i < n + 16; i++) {
+            a[i] = rng_float();
+            b[i] = rng_float() * 10.0f;
+            y[i] = y0[i] = rng_float();
+        }
+
+        double ref = 0.0, mag = 0.0;
+        for (int64_t i = 0; i < n; i++) {
+            ref += (double)a[oa + i] * b[ob + i];
+            mag += fabs((double)a[oa + i] * b[ob + i]);
+        }
+        double got = kt->dot(a + oa, b + ob, n);
+        double tol = ((double)n / 4 + 16) * ldexp(1.0, -24) * mag;
+        if (fabs(got - ref) > tol) {
+            if (!bad_dot)
+                diag("%s dot n=%lld: got %.9g want %.9g", kt->name, (long long)n, got, ref);
+            bad_dot = 1;
+        }
+        if (mag > 0 && fabs(got - ref) / mag > worst_dot)
+            worst_dot = fabs(got - ref) / mag;
+
+        kt->axpy(y + ob, s, a + oa, n);
+        for (int64_t i = 0; i < n + 16 - ob; i++) {
+            int in = i < n;
+            double want = in ? (double)y0[ob + i] + (double)s * a[oa + i] : y0[ob + i];
+            double t = in ? ldexp(1.0, -23) * (fabs(y0[ob + i]) + fabs(s * a[oa + i])) : 0.0;
+            if (fabs(y[ob + i] - want) > t)
+                bad_axpy = 1;
+        }
+        for (int i = 0; i < ob; i++)
+            bad_axpy |= y[i] != y0[i];
+
+        memcpy(y, y0, (size_t)(n + 16) * 4);
+        kt->scale(y + oa, s, n);
+        for (int64_t i = 0; i < n + 16 - oa; i++) {
+            float want = i < n ? y0[oa + i] * s : y0[oa + i];
+            bad_scale |= !same_float(y[oa + i], want);
+        }
+        for (int i = 0; i < oa; i++)
+            bad_scale |= y[i] != y0[i];
+        free(a);
+        free(b);
+        free(y);
+        free(y0);
+    }
+    ok(!bad_dot, "%s dot: within (n/4+16) 2^-24 sum|ab| (worst %.2g of sum|ab|)", kt->name,
+       worst_dot);
+    ok(!bad_axpy, "%s axpy: within 2^-23 (|y|+|ax|), tail untouched", kt->name);
+    ok(!bad_scale, "%s scale: bit-exact, tail untouched", kt->name);
+}
+
+/* ---- matmul --------------------------------------------------------------------------------- */
+
+struct mm_case {
+    int64_t n, k, m, ldx, ldy;
+};
+
+/* Error of y against ref: per-element bound check and relative L2. */
+struct mm_err {
+    double l2_num, l2_den, worst;   /* worst = max |err| / bound */
+};
+
+static void
+mm_check(struct mm_err *e, const float *y, const double *ref, const double *bound,
+         int64_t n, int64_t m, int64_t ldy)
+{
+    for (int64_t t = 0; t < m; t++) {
+        for (int64_t r = 0; r < n; r++) {
+            double d = (double)y[t * ldy + r] - ref[t * n + r];
+            e->l2_num += d * d;
+            e->l2_den += ref[t * n + r] * ref[t * n + r];
+            double q = isnan(d) ? INFINITY : fabs(d) / bound[t * n + r];
+            if (q > e->worst)
+                e->worst = q;
+        }
+    }
+}
+
+static double
+mm_rel(const struct mm_err *e)
+{
+    return e->l2_den > 0 ? sqrt(e->l2_num / e->l2_den) : sqrt(e->l2_num);
+}
+
+/* Runs one shape on kt and generic; accumulates both errors. @return 0 if y's padding changed */
+static int
+mm_run(const struct kli_kernels *kt, const struct kli_kernels *gen, enum kli_dtype dt,
+       const struct mm_case *c, struct mm_err *e, struct mm_err *eg)
+{
+    int64_t n = c->n, k = c->k, m = c->m;
+    size_t rb = (size_t)kli_dtype_nbytes(dt, (uint64_t)k);
+    int woff = (int)rng_int(0, 3) * (dt == KLI_DT_F32 ? 4 : dt <= KLI_DT_BF16 ? 2 : 1);
+    uint8_t *wbuf = xmalloc(rb * (size_t)n + 64);
+    uint8_t *w = wbuf + woff;
+    float *wf = xmalloc((size_t)(n * k) * 4 + 4);
+    float *xbuf = xmalloc((size_t)(m * c->ldx + 8) * 4), *x = xbuf + rng_int(0, 7);
+    size_t ysz = (size_t)(m * c->ldy + 8);
+    float *y = xmalloc(ysz * 4), *yg = xmalloc(ysz * 4);
+    double *ref = xmalloc((size_t)(m * n) * 8 + 8), *bound = xmalloc((size_t)(m * n) * 8 + 8);
+    int yoff = (int)rng_int(0, 7);
+    int quant = dt == KLI_DT_Q8_0 || dt == KLI_DT_Q4;
+    int intact = 1;
+
+    fill_w(dt, w, n * k);
+    for (int64_t t = 0; t < m; t++) {
+        fill_x(x + t * c->ldx, k);
+        for (int64_t j = k; j < c->ldx; j++)
+            x[t * c->ldx + j] = NAN;   /* padding must never be read */
+    }
+    for (int64_t r = 0; r < n; r++)
+        kli_dtype_to_f32(dt, w + (size_t)r * rb, wf + r * k, k);
+    for (int64_t t = 0; t < m; t++) {
+        const float *xt = x + t * c->ldx;
+        for (int64_t r = 0; r < n; r++) {
+            const float *wr = wf + r * k;
+            double s = 0.0, mag = 0.0, qerr = 0.0;
+            for (int64_t j = 0; j < k; j++) {
+                s += (double)xt[j] * wr[j];
+                mag += fabs((double)xt[j] * wr[j]);
+            }
+            if (quant) {
+                for (int64_t b = 0; b < k; b += 32) {
+                    double amax = 0.0, wsum = 0.0;
+                    for (int64_t j = b; j < b + 32; j++) {
+                        amax = fmax(amax, fabs(xt[j]));
+                        wsum += fabs(wr[j]);
+                    }
+                    qerr += amax / 254.0 * wsum;
+                }
+            }
+            ref[t * n + r] = s;
+            bound[t * n + r] = 1.01 * qerr + ((double)k / 4 + 64) * ldexp(1.0, -24) * mag
+                               + 1e-30;
+        }
+    }
+
+    for (size_t i = 0; i < ysz; i++)
+        y[i] = yg[i] = -777.0f;
+    kt->matmul[dt](y + yoff, c->ldy, x, c->ldx, w, n, k, m);
+    gen->matmul[dt](yg + yoff, c->ldy, x, c->ldx, w, n, k, m);
+    mm_check(e, y + yoff, ref, bound, n, m, c->ldy);
+    mm_check(eg, yg + yoff, ref, bound, n, m, c->ldy);
+    for (size_t i = 0; i < ysz; i++) {
+        int64_t p = (int64_t)i - yoff;
+        int inside = p >= 0 && p / c->ldy < m && p % c->ldy < n;
+        if (!inside && y[i] != -777.0f)
+            intact = 0;
+    }
+    free(wbuf);
+    free(wf);
+    free(xbuf);
+    free(y);
+    free(yg);
+    free(ref);
+    free(bound);
+    return intact;
+}
+
+static void
+test_matmul(const struct kli_kernels *kt, const struct kli_kernels *gen)
+{
+    for (int dt = 0; dt < KLI_DT_OTHER; dt++) {
+        int blk = kli_dtype_info(dt)->block;
+        int quant = dt == KLI_DT_Q8_0 || dt == KLI_DT_Q4;
+        double l2tol = quant ? 1e-2 : 1e-5;
+        struct mm_err e = {0, 0, 0}, eg = {0, 0, 0};
+        int intact = 1, ncases = 0;
+
+        if (kt->matmul[dt] == NULL) {
+            ok(0, "%s matmul %s: entry is NULL", kt->name, dt_names[dt]);
+            continue;
+        }
+        for (int trial = 0; trial < 40; trial++) {
+            struct mm_case c;
+            if (trial < 4) {
+                /* Edge shapes first: one block, one row, one token. */
+                c.k = blk * (trial + 1) + (blk == 1 ? trial : 0);
+                c.n = trial + 1;
+                c.m = 1 + trial * 2;
+            } else if (trial < 36) {
+                c.k = blk == 1 ? rng_int(1, 3000) : blk * rng_int(1, 3000 / blk);
+                c.n = rng_int(1, 70);
+                c.m = rng_int(1, 9);
+            } else {
+                /* Past the kernels' per-slice limits (activation buffers, k blocking). */
+                c.k = blk == 1 ? rng_int(16385, 17000) : blk * rng_int(16385 / blk, 17000 / blk);
+                c.n = rng_int(1, 6);
+                c.m = trial == 36 ? 1 : rng_int(1, 6);
+            }
+            c.ldx = c.k + (rng_int(0, 1) ? rng_int(1, 9) : 0);
+            c.ldy = c.n + (rng_int(0, 1) ? rng_int(1, 9) : 0);
+            intact &= mm_run(kt, gen, dt, &c, &e, &eg);
+            ncases++;
+        }
+        /* Degenerate sizes must not write anything. */
+        {
+            float y[4] = {5, 5, 5, 5}, x[64] = {0};
+            uint8_t w[256] = {0};
+            kt->matmul[dt](y, 1, x, 32, w, 0, 32, 3);
+            kt->matmul[dt](y, 4, x, 32, w, 4, 32, 0);
+            intact &= y[0] == 5 && y[1] == 5 && y[2] == 5 && y[3] == 5;
+        }
+        double rel = mm_rel(&e), relg = mm_rel(&eg);
+        diag("%s matmul %s: %d shapes, rel L2 %.3g (generic %.3g), worst err/bound %.3g "
+             "(generic %.3g)", kt->name, dt_names[dt], ncases, rel, relg, e.worst, eg.worst);
+        ok(e.worst <= 1.0 && rel < l2tol && intact,
+           "%s matmul %s: per-element bound, rel L2 %.2g < %g, padding untouched", kt->name,
+           dt_names[dt], rel, l2tol);
+    }
+}
+
+int
+main(void)
+{
+    const struct kli_kernels *all[8], *use[3];
+    int n = kli_kernels_all(all, 8), count = 0;
+    const char *variants[3] = {"avx2", "avx512", "neon"};
+
+    (void)skip_all;   /* each variant is skipped on its own line instead */
+    (void)plan_done;
+    for (int v = 0; v < 3; v++) {
+        use[v] = NULL;
+        for (int i = 0; i < n; i++) {
+            if (strcmp(all[i]->name, variants[v]) == 0)
+                use[v] = all[i];
+        }
+        /* to_f32 per dtype, dot/axpy/scale, matmul per computable dtype */
+        count += use[v] ? KLI_DT_COUNT + 3 + KLI_DT_OTHER : 1;
+    }
+    plan(count);
+    for (int v = 0; v < 3; v++) {
+        if (use[v] == NULL) {
+            ok(1, "%s # SKIP not compiled in or not usable on this CPU", variants[v]);
+            continue;
+        }
+        test_to_f32(use[v]);
+        test_vector(use[v]);
+        test_matmul(use[v], kli_kernels_generic());
+    }
+    return tap_exit();
+}
