@@ -374,6 +374,8 @@ usage(FILE *f)
     fprintf(f, "usage: kli COMMAND [OPTIONS]\n       kli --version\n\ncommands:\n");
     for (const struct cli_command *c = cli_gen_commands; c->name != NULL; c++)
         fprintf(f, "  %-12s %s\n", c->name, c->help);
+    for (const struct cli_command *c = cli_tool_commands; c->name != NULL; c++)
+        fprintf(f, "  %-12s %s\n", c->name, c->help);
     for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
         fprintf(f, "  %-12s %s\n", commands[i].name, commands[i].help);
     fprintf(f, "\nSee kli(1) for the options of each command.\n");
@@ -396,6 +398,12 @@ main(int argc, char **argv)
         return 0;
     }
     for (const struct cli_command *c = cli_gen_commands; c->name != NULL; c++) {
+        if (strcmp(argv[1], c->name) == 0) {
+            optind = 1;
+            return c->run(argc - 1, argv + 1);
+        }
+    }
+    for (const struct cli_command *c = cli_tool_commands; c->name != NULL; c++) {
         if (strcmp(argv[1], c->name) == 0) {
             optind = 1;
             return c->run(argc - 1, argv + 1);

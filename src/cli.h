@@ -24,6 +24,8 @@ int cli_threads(long opt_t);
 
 /* The commands of cli_gen.c, NULL-terminated. */
 extern const struct cli_command cli_gen_commands[];
+/* The commands of cli_tools.c, NULL-terminated. */
+extern const struct cli_command cli_tool_commands[];
 
 /* The built-in demo model (demo.c): writes it to a new temporary directory, whose path
  * goes to `dir`; cli_demo_remove deletes it again. */

@@ -117,3 +117,47 @@ kli_model_describe(const struct kli_model *m, int tensors, char *buf, size_t cap
     }
     return t.len;
 }
+
+static uint64_t
+tensor_bytes(const struct kli_tensor *t)
+{
+    return t->data != NULL ? model_row_bytes(t) * (uint64_t)t->shape[0] : 0;
+}
+
+static uint64_t
+ffn_bytes(const struct kli_ffn_w *f)
+{
+    return tensor_bytes(&f->gate) + tensor_bytes(&f->up) + tensor_bytes(&f->down);
+}
+
+uint64_t
+kli_model_decode_bytes(const struct kli_model *m)
+{
+    const struct kli_config *c = &m->cfg;
+    uint64_t b = model_row_bytes(&m->embed) + tensor_bytes(&m->lm_head);
+
+    for (int i = 0; i < c->n_layers; i++) {
+        const struct kli_layer *ly = &m->layers[i];
+        if (ly->mixer == KLI_MIXER_KDA) {
+            const struct kli_kda_w *w = &ly->kda;
+            b += tensor_bytes(&w->q_proj) + tensor_bytes(&w->k_proj) + tensor_bytes(&w->v_proj) +
+                 tensor_bytes(&w->f_a) + tensor_bytes(&w->f_b) + tensor_bytes(&w->b_proj) +
+                 tensor_bytes(&w->g_a) + tensor_bytes(&w->g_b) + tensor_bytes(&w->o_proj);
+        } else {
+            const struct kli_mla_w *w = &ly->mla;
+            /* kv_b is read through its float copies (W_UK^T and W_UV) */
+            b += tensor_bytes(&w->q_proj) + tensor_bytes(&w->kv_a) + tensor_bytes(&w->o_proj) +
+                 (uint64_t)w->kv_b.shape[0] * (uint64_t)w->kv_b.shape[1] * sizeof(float);
+        }
+        if (ly->ffn_kind == KLI_FFN_DENSE) {
+            b += ffn_bytes(&ly->ffn);
+        } else {
+            uint64_t experts = 0;
+            for (int e = 0; e < c->moe.n_experts; e++)
+                experts += ffn_bytes(&ly->moe.experts[e]);
+            b += tensor_bytes(&ly->moe.router) + ffn_bytes(&ly->moe.shared) +
+                 experts / (uint64_t)c->moe.n_experts * (uint64_t)c->moe.top_k;
+        }
+    }
+    return b;
+}

@@ -12,6 +12,7 @@
 #include "config.h"
 
 #include <string.h>
+#include <time.h>
 
 #include "ffn.h"
 #include "forward.h"
@@ -19,6 +20,15 @@
 #include "mla.h"
 #include "moe.h"
 #include "ops.h"
+
+static double
+fwd_now(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
 
 static void
 rmsnorm_rows(float *y, const float *x, const float *w, int64_t T, int64_t D, float eps)
@@ -41,6 +51,8 @@ forward_batch(struct kli_session *s, const kli_token *tok, int64_t T, float *log
     const struct kli_config *cfg = &m->cfg;
     int64_t D = cfg->d_model, V = cfg->n_vocab;
 
+    double t0 = fwd_now(), t1;
+
     for (int64_t t = 0; t < T; t++)
         ops_row_f32(&m->embed, tok[t], s->h + t * D);
 
@@ -48,17 +60,25 @@ forward_batch(struct kli_session *s, const kli_token *tok, int64_t T, float *log
         const struct kli_layer *ly = &m->layers[i];
 
         rmsnorm_rows(s->x, s->h, ly->attn_norm, T, D, cfg->norm_eps);
+        t1 = fwd_now();
+        s->phase[KLI_PHASE_OTHER] += t1 - t0;
         if (ly->mixer == KLI_MIXER_KDA)
             kda_forward(m, &ly->kda, &s->kda[i], &s->kda_sc, s->x, T, s->y);
         else
             mla_forward(m, &ly->mla, s->cache[i], s->pos, &s->mla_sc, s->x, T, s->y);
+        t0 = fwd_now();
+        s->phase[ly->mixer == KLI_MIXER_KDA ? KLI_PHASE_KDA : KLI_PHASE_MLA] += t0 - t1;
         add_rows(s->h, s->y, T * D);
 
         rmsnorm_rows(s->x, s->h, ly->ffn_norm, T, D, cfg->norm_eps);
+        t1 = fwd_now();
+        s->phase[KLI_PHASE_OTHER] += t1 - t0;
         if (ly->ffn_kind == KLI_FFN_DENSE)
             ffn_forward(&ly->ffn, s->x, T, s->y, s->ffn_h1, s->ffn_h3);
         else
             moe_forward(m, &ly->moe, &s->moe_sc, s->x, T, s->y);
+        t0 = fwd_now();
+        s->phase[ly->ffn_kind == KLI_FFN_DENSE ? KLI_PHASE_DENSE : KLI_PHASE_MOE] += t0 - t1;
         add_rows(s->h, s->y, T * D);
     }
 
@@ -70,6 +90,7 @@ forward_batch(struct kli_session *s, const kli_token *tok, int64_t T, float *log
         ops_rmsnorm(s->x, s->h + (T - 1) * D, m->final_norm, D, cfg->norm_eps);
         ops_matmul(&m->lm_head, s->x, D, s->logits, V, 1);
     }
+    s->phase[KLI_PHASE_LM_HEAD] += fwd_now() - t0;
     s->has_logits = 1;
     s->pos += (int32_t)T;
 }

@@ -170,6 +170,9 @@ struct kli_model;
 
 struct kli_model_options {
     int n_threads;   /* worker threads for this process; 0 = one per physical core (default) */
+    const char *weight_type;   /* NULL: weights as stored. "q8_0", "q4", "bf16", "f16", "f32":
+                                  convert the weight matrices at open (as kli_quantize would;
+                                  the router and small parameters stay), held in memory */
 };
 
 /* Fills `opt` with the defaults. */
@@ -196,6 +199,11 @@ kli_token kli_model_eos(const struct kli_model *model);
 
 /* @return the model's tokenizer (borrowed), or NULL when its directory has none. */
 const struct kli_tokenizer *kli_model_tokenizer(const struct kli_model *model);
+
+/* @return the bytes of weights one decode step reads: every attention and shared matrix,
+ * the router, top_k routed experts per MoE layer (average expert size), one embedding row
+ * and lm_head. The numerator of the decode roofline. */
+uint64_t kli_model_decode_bytes(const struct kli_model *model);
 
 /* Writes a human-readable architecture summary (layer kinds, dimensions, parameter count,
  * bytes by dtype, state sizes) into `buf`, NUL-terminated and truncated to `cap`.
@@ -241,6 +249,20 @@ const float *kli_session_logits(const struct kli_session *s);
 
 /* @return the number of tokens the session has seen. */
 int32_t kli_session_pos(const struct kli_session *s);
+
+/* Time spent per part of the forward pass, accumulated over evals since the session was
+ * created or kli_session_reset_timers was called. */
+enum kli_phase {
+    KLI_PHASE_KDA = 0,      /* KDA layers (projections, convolutions, the delta rule) */
+    KLI_PHASE_MLA = 1,      /* MLA layers (projections and attention) */
+    KLI_PHASE_MOE = 2,      /* router, routed and shared experts */
+    KLI_PHASE_DENSE = 3,    /* dense MLP layers */
+    KLI_PHASE_LM_HEAD = 4,  /* final norm and lm_head */
+    KLI_PHASE_OTHER = 5,    /* embedding, norms, residual adds */
+    KLI_PHASE_COUNT = 6
+};
+void kli_session_phase_seconds(const struct kli_session *s, double out[KLI_PHASE_COUNT]);
+void kli_session_reset_timers(struct kli_session *s);
 
 /* @return the model a session belongs to (borrowed). */
 const struct kli_model *kli_session_model(const struct kli_session *s);
@@ -340,6 +362,61 @@ int kli_generate(struct kli_session *s, const struct kli_tokenizer *tok,
                  struct kli_sampler *smp, const kli_token *prompt, int32_t n_prompt,
                  const struct kli_generate_options *opt, struct kli_generate_result *res,
                  struct kli_err *err);
+
+/* ==== Tools: writing checkpoints ========================================================== */
+
+/* Progress of a long operation: `done` of `total` bytes; `what` names the current item. */
+typedef void (*kli_progress_fn)(void *ud, uint64_t done, uint64_t total, const char *what);
+
+struct kli_quantize_options {
+    const char *type;           /* "q8_0" (default), "q4", "bf16", "f16" or "f32" */
+    const char *const *keep;    /* n_keep rules "GLOB=TYPE" (fnmatch on tensor names; TYPE
+                                   as above or "keep" for the stored type); first match wins */
+    int32_t n_keep;
+    int force;                  /* overwrite an existing output model.safetensors */
+    kli_progress_fn progress;
+    void *ud;
+};
+
+void kli_quantize_options_init(struct kli_quantize_options *opt);
+
+/* Writes a copy of the model directory `in` to directory `out` (created if missing) with its
+ * weight matrices converted to opt->type: config.json and the tokenizer files are copied,
+ * the weights go to one out/model.safetensors (kli's KLI_Q8_0 / KLI_Q4 dtypes for the
+ * quantized types). By default the router, norms, convolution taps, gate parameters and
+ * every tensor that is not a matrix with whole 32-element blocks per row keep their stored
+ * dtype. Streams tensor by tensor; writes to a temporary file renamed at the end.
+ * @return KLI_OK, KLI_E_IO, KLI_E_FORMAT, KLI_E_RANGE (bad type or rule). */
+int kli_quantize(const char *in, const char *out, const struct kli_quantize_options *opt,
+                 struct kli_err *err);
+
+struct kli_synth_options {
+    int32_t n_layers;           /* default 4: KDA, KDA, KDA, MLA, repeating */
+    int32_t n_experts;          /* default 64 */
+    const char *type;           /* weight type of the matrices: "bf16" (default), "q8_0", "q4" */
+    uint64_t seed;
+    int force;
+    kli_progress_fn progress;
+    void *ud;
+};
+
+void kli_synth_options_init(struct kli_synth_options *opt);
+
+/* Writes a random-weight checkpoint with the real per-layer sizes of Kimi-Linear-48B-A3B
+ * (hidden 2304, vocab 163840, KDA 32x128, MLA 32 heads with latent 512 and 128/64/128
+ * head dims, experts 1024 wide, top-8, one shared expert) but fewer layers and experts, all
+ * MoE: per-token cost is real while the model fits a small machine. For benchmarks.
+ * @return KLI_OK or a negative status. */
+int kli_synth(const char *out, const struct kli_synth_options *opt, struct kli_err *err);
+
+/* Measures memory bandwidth with a STREAM triad (a[i] = b[i] + s * c[i]) over three arrays
+ * of `bytes_per_array` bytes, on the same worker threads the model uses; counts 3 x 4 bytes
+ * per element (two reads, one write) like STREAM. @return GB/s (1e9 bytes), or -1 when the
+ * arrays cannot be allocated. */
+double kli_bench_triad(size_t bytes_per_array);
+
+/* @return the number of worker threads in use. */
+int kli_threads(void);
 
 #ifdef __cplusplus
 }

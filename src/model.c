@@ -79,6 +79,64 @@ bind_lookup(struct bind *b, const char *fmt, va_list ap, char *name, size_t cap)
     return d;
 }
 
+struct convert_job {
+    const struct kli_tensor *src;
+    enum kli_dtype to;
+    uint8_t *dst;
+};
+
+static void
+convert_rows(void *ctx, int64_t r0, int64_t r1, int ith)
+{
+    struct convert_job *j = ctx;
+    int64_t cols = j->src->shape[1];
+    uint64_t rb_in = model_row_bytes(j->src), rb_out = kli_dtype_nbytes(j->to, (uint64_t)cols);
+    float row[16384];
+
+    (void)ith;
+    for (int64_t r = r0; r < r1; r++) {
+        for (int64_t c = 0; c < cols; c += 16384) {
+            int64_t n = cols - c < 16384 ? cols - c : 16384;
+            kli_dtype_to_f32(j->src->dtype, (const uint8_t *)j->src->data + (uint64_t)r * rb_in +
+                             kli_dtype_nbytes(j->src->dtype, (uint64_t)c), row, n);
+            kli_dtype_from_f32(j->to, row, j->dst + (uint64_t)r * rb_out +
+                               kli_dtype_nbytes(j->to, (uint64_t)c), n);
+        }
+    }
+}
+
+/* Converts a bound matrix to the model's load-time weight type (kli_model_options
+ * .weight_type), into memory the model owns. Rows that are not whole blocks stay. */
+static int
+bind_convert(struct bind *b, struct kli_tensor *t)
+{
+    struct kli_model *m = b->m;
+    enum kli_dtype to = m->convert_dt;
+    int32_t blk = kli_dtype_info(to)->block;
+
+    if (t->dtype == to || t->shape[1] % blk != 0)
+        return KLI_OK;
+    uint64_t bytes = kli_dtype_nbytes(to, (uint64_t)t->shape[1]) * (uint64_t)t->shape[0];
+    if (m->n_owned == m->cap_owned) {
+        int64_t nc = m->cap_owned ? m->cap_owned * 2 : 64;
+        void **no = kli_reallocarray(m->owned, (size_t)nc, sizeof(*no));
+        if (no == NULL)
+            return kli_err_set(b->err, KLI_E_NOMEM, "out of memory converting %s", t->name);
+        m->owned = no;
+        m->cap_owned = nc;
+    }
+    uint8_t *dst = kli_malloc_aligned(bytes);
+    if (dst == NULL)
+        return kli_err_set(b->err, KLI_E_NOMEM, "out of memory converting %s (%llu bytes)",
+                           t->name, (unsigned long long)bytes);
+    m->owned[m->n_owned++] = dst;
+    struct convert_job j = {t, to, dst};
+    threads_parallel_for(t->shape[0], 64, convert_rows, &j);
+    t->data = dst;
+    t->dtype = to;
+    return KLI_OK;
+}
+
 /* A matrix [rows][cols] in a dtype the kernels multiply with. rows or cols of -1 accept any
  * positive size (the caller reads it back from out->shape). */
 static int
@@ -118,6 +176,8 @@ bind_mat(struct bind *b, struct kli_tensor *out, int64_t rows, int64_t cols, con
     out->shape[1] = d->shape[1];
     out->data = d->data;
     out->name = d->name;
+    if (b->m->convert && strstr(d->name, "block_sparse_moe.gate.weight") == NULL)
+        return bind_convert(b, out);
     return KLI_OK;
 }
 
@@ -404,6 +464,9 @@ kli_model_close(struct kli_model *m)
     if (m == NULL)
         return;
     model_free_layers(m);
+    for (int64_t i = 0; i < m->n_owned; i++)
+        kli_free_aligned(m->owned[i]);
+    free(m->owned);
     free(m->final_norm);
     kli_tokenizer_close(m->tok);
     kli_wfile_close(m->wf);
@@ -436,6 +499,15 @@ kli_model_open(struct kli_model **out, const char *path, const struct kli_model_
         free(m);
         return kli_err_set(err, KLI_E_NOMEM, "out of memory");
     }
+    if (opt->weight_type != NULL) {
+        if (kli_dtype_parse(opt->weight_type, &m->convert_dt) != 0) {
+            rc = kli_err_set(err, KLI_E_RANGE, "unknown weight type \"%s\" (q8_0, q4, bf16, "
+                             "f16, f32)", opt->weight_type);
+            goto fail;
+        }
+        m->convert = 1;
+    }
+    threads_set_count(opt->n_threads);
     if ((rc = hparams_load(&m->cfg, path, err)) != KLI_OK)
         goto fail;
     if ((rc = kli_wfile_open(&m->wf, path, err)) != KLI_OK)
@@ -466,7 +538,6 @@ kli_model_open(struct kli_model **out, const char *path, const struct kli_model_
             goto fail;
         }
     }
-    threads_set_count(opt->n_threads);
     m->n_threads = threads_count();
     *out = m;
     return KLI_OK;

@@ -81,6 +81,10 @@ struct kli_model {
     struct kli_layer *layers;     /* [n_layers] */
     int32_t kda_rank_f, kda_rank_g;
     char *path;
+    int convert;                  /* weight matrices converted to convert_dt at open */
+    enum kli_dtype convert_dt;
+    void **owned;                 /* converted matrices, freed at close */
+    int64_t n_owned, cap_owned;
     struct kli_tokenizer *tok;    /* NULL when the directory has no tokenizer */
     int n_threads;
 };

@@ -267,6 +267,18 @@ kli_session_pos(const struct kli_session *s)
     return s->pos;
 }
 
+void
+kli_session_phase_seconds(const struct kli_session *s, double out[KLI_PHASE_COUNT])
+{
+    memcpy(out, s->phase, sizeof(s->phase));
+}
+
+void
+kli_session_reset_timers(struct kli_session *s)
+{
+    memset(s->phase, 0, sizeof(s->phase));
+}
+
 const struct kli_model *
 kli_session_model(const struct kli_session *s)
 {

@@ -32,6 +32,7 @@ struct kli_session {
     struct moe_scratch moe_sc;
     float *logits;                /* [n_vocab] of the last position */
     int has_logits;
+    double phase[KLI_PHASE_COUNT];   /* seconds per part of the forward pass */
 };
 
 /* Grows the MLA cache (and attention workspace) to hold `n` tokens. */

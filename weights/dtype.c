@@ -4,6 +4,7 @@
 #include "config.h"
 
 #include <math.h>
+#include <strings.h>
 
 #include "dtype.h"
 
@@ -141,5 +142,106 @@ kli_dtype_to_f32(enum kli_dtype dt, const void *src, float *dst, int64_t n)
         for (int64_t i = 0; i < n; i++)
             dst[i] = NAN;
         break;
+    }
+}
+
+/* Q8_0 block: d = max|x| / 127, q = round(x / d). */
+static void
+dtype_quant_q8_0(const float *x, uint8_t *out)
+{
+    float amax = 0.0f;
+
+    for (int j = 0; j < 32; j++)
+        amax = fabsf(x[j]) > amax ? fabsf(x[j]) : amax;
+    float d = amax / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+    uint16_t h = kli_f32_to_f16(d);
+    memcpy(out, &h, 2);
+    for (int j = 0; j < 32; j++) {
+        float v = nearbyintf(x[j] * id);
+        out[2 + j] = (uint8_t)(int8_t)(v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v);
+    }
+}
+
+/* Q4 block: the value of largest magnitude m maps to -8, so d = m / -8 and the 16 levels
+ * (q - 8) * d cover [-8d, 7d] with the extreme exactly representable. */
+static void
+dtype_quant_q4(const float *x, uint8_t *out)
+{
+    float m = 0.0f;
+
+    for (int j = 0; j < 32; j++)
+        m = fabsf(x[j]) > fabsf(m) ? x[j] : m;
+    float d = m / -8.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+    uint16_t h = kli_f32_to_f16(d);
+    memcpy(out, &h, 2);
+    for (int j = 0; j < 16; j++) {
+        int lo = (int)floorf(x[j] * id + 8.5f), hi = (int)floorf(x[j + 16] * id + 8.5f);
+        lo = lo < 0 ? 0 : lo > 15 ? 15 : lo;
+        hi = hi < 0 ? 0 : hi > 15 ? 15 : hi;
+        out[2 + j] = (uint8_t)(lo | (hi << 4));
+    }
+}
+
+void
+kli_dtype_from_f32(enum kli_dtype dt, const float *src, void *dst, int64_t n)
+{
+    uint8_t *p = dst;
+
+    switch (dt) {
+    case KLI_DT_F32:
+        memcpy(dst, src, (size_t)n * 4);
+        break;
+    case KLI_DT_F16:
+        for (int64_t i = 0; i < n; i++) {
+            uint16_t h = kli_f32_to_f16(src[i]);
+            memcpy(p + 2 * i, &h, 2);
+        }
+        break;
+    case KLI_DT_BF16:
+        for (int64_t i = 0; i < n; i++) {
+            uint16_t h = kli_f32_to_bf16(src[i]);
+            memcpy(p + 2 * i, &h, 2);
+        }
+        break;
+    case KLI_DT_Q8_0:
+        for (int64_t b = 0; b < n / 32; b++)
+            dtype_quant_q8_0(src + 32 * b, p + 34 * b);
+        break;
+    case KLI_DT_Q4:
+        for (int64_t b = 0; b < n / 32; b++)
+            dtype_quant_q4(src + 32 * b, p + 18 * b);
+        break;
+    default:
+        break;
+    }
+}
+
+int
+kli_dtype_parse(const char *s, enum kli_dtype *out)
+{
+    static const struct {
+        const char *name;
+        enum kli_dtype dt;
+    } names[] = {
+        {"f32", KLI_DT_F32}, {"f16", KLI_DT_F16}, {"bf16", KLI_DT_BF16},
+        {"q8_0", KLI_DT_Q8_0}, {"q4", KLI_DT_Q4},
+    };
+
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
+        if (strcasecmp(s, names[i].name) == 0) {
+            *out = names[i].dt;
+            return 0;
+        }
+    }
+    return -1;
+}
+
+const char *
+kli_dtype_st_name(enum kli_dtype dt)
+{
+    switch (dt) {
+    case KLI_DT_Q8_0: return "KLI_Q8_0";
+    case KLI_DT_Q4: return "KLI_Q4";
+    default: return kli_dtype_name(dt);
     }
 }

@@ -59,6 +59,16 @@ kli_f32_to_bf16(float f)
 float kli_f16_to_f32(uint16_t h);
 uint16_t kli_f32_to_f16(float f);
 
+/* Converts `n` float elements (whole blocks) to dtype dt (round to nearest; blocks scaled by
+ * their largest magnitude). The reference quantizers. */
+void kli_dtype_from_f32(enum kli_dtype dt, const float *src, void *dst, int64_t n);
+
+/* "f32", "f16", "bf16", "q8_0", "q4" (any case) to a dtype. @return 0 or -1. */
+int kli_dtype_parse(const char *s, enum kli_dtype *out);
+
+/* The dtype's name in a safetensors header ("BF16", "KLI_Q8_0", ...). */
+const char *kli_dtype_st_name(enum kli_dtype dt);
+
 /* Converts `n` elements of `src` (dtype dt, whole blocks) to float. */
 void kli_dtype_to_f32(enum kli_dtype dt, const void *src, float *dst, int64_t n);
 

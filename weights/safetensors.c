@@ -64,6 +64,10 @@ static const struct st_dtype st_dtypes[] = {
     {"F6_E2M3", KLI_DT_OTHER, 6},
     {"F6_E3M2", KLI_DT_OTHER, 6},
     {"F4", KLI_DT_OTHER, 4},
+    /* kli's own block-quantized types (written by `kli quantize`; bits = 0 marks them):
+     * rows of whole 32-element blocks, sized by kli_dtype_nbytes. */
+    {"KLI_Q8_0", KLI_DT_Q8_0, 0},
+    {"KLI_Q4", KLI_DT_Q4, 0},
 };
 
 /* One tensor's byte range in the data buffer, for the overlap check. */
@@ -205,6 +209,47 @@ st_join(const char *dir, const char *name)
     return p;
 }
 
+/* Parses `len` bytes of JSON text that must hold one value followed only by whitespace.
+ * cJSON 1.7.15 and older read a byte past `len` on some inputs (cJSON issue #800, fixed in
+ * 1.7.18), so it gets a NUL-terminated heap copy, never the mapping itself.
+ * @return KLI_OK; KLI_E_FORMAT with the byte offset of the problem in *where (-1 unknown)
+ *         and *trailing set when the value parsed but garbage follows; KLI_E_NOMEM. */
+static int
+st_json_parse(const char *text, uint64_t len, cJSON **out, long long *where, int *trailing)
+{
+    const char *end = NULL;
+    char *copy;
+    cJSON *root;
+
+    *out = NULL;
+    *where = -1;
+    *trailing = 0;
+    copy = len < SIZE_MAX ? kli_malloc((size_t)len + 1) : NULL;
+    if (copy == NULL)
+        return KLI_E_NOMEM;
+    memcpy(copy, text, (size_t)len);
+    copy[len] = '\0';
+    root = cJSON_ParseWithLengthOpts(copy, (size_t)len, &end, 0);
+    if (root == NULL) {
+        if (end != NULL)
+            *where = (long long)(end - copy);
+        free(copy);
+        return KLI_E_FORMAT;
+    }
+    for (const char *p = end; p < copy + len; p++) {
+        if (*p != ' ' && *p != '\t' && *p != '\n' && *p != '\r') {
+            *where = (long long)(p - copy);
+            *trailing = 1;
+            cJSON_Delete(root);
+            free(copy);
+            return KLI_E_FORMAT;
+        }
+    }
+    free(copy);
+    *out = root;
+    return KLI_OK;
+}
+
 /* ==== One safetensors image ==== */
 
 /* Parses one header entry into *d (name copied) and its byte range into *r. */
@@ -277,7 +322,15 @@ st_parse_tensor(const cJSON *item, const char *fname, const uint8_t *data, uint6
         numel *= dim;
         d->shape[ndim++] = (int64_t)dim;
     }
-    if (dt->bits % 8 == 0) {
+    if (dt->bits == 0) {
+        int32_t blk = kli_dtype_info(dt->dt)->block;
+
+        if (ndim == 0 || d->shape[ndim - 1] % blk != 0) {
+            return st_terr(err, KLI_E_FORMAT, fname, name,
+                           "%s rows must be whole blocks of %d elements", dt->name, blk);
+        }
+        nbytes = kli_dtype_nbytes(dt->dt, numel);
+    } else if (dt->bits % 8 == 0) {
         uint64_t size = (uint64_t)dt->bits / 8;
 
         if (numel > UINT64_MAX / size) {
@@ -428,7 +481,9 @@ kli_safetensors_parse(const uint8_t *base, uint64_t size, const char *fname, int
                       struct kli_err *err)
 {
     const int64_t n0 = *n;
-    const char *hdr, *end = NULL;
+    const char *hdr;
+    long long where;
+    int trailing;
     const cJSON *item, *meta = NULL;
     cJSON *root = NULL;
     struct st_range *ranges = NULL;
@@ -461,22 +516,16 @@ kli_safetensors_parse(const uint8_t *base, uint64_t size, const char *fname, int
                            "%s: header is not a JSON object (it does not start with '{')",
                            fname);
     }
-    root = cJSON_ParseWithLengthOpts(hdr, (size_t)hlen, &end, 0);
-    if (root == NULL) {
-        return kli_err_set(err, KLI_E_FORMAT,
-                           "%s: header is not valid JSON (error near byte %lld of %llu)",
-                           fname, end != NULL ? (long long)(end - hdr) : -1LL,
+    /* The writer pads the header with spaces; anything else after the object is garbage. */
+    rc = st_json_parse(hdr, hlen, &root, &where, &trailing);
+    if (rc == KLI_E_NOMEM) {
+        return kli_err_set(err, rc, "%s: out of memory for a %llu-byte header", fname,
                            (unsigned long long)hlen);
     }
-    /* The writer pads the header with spaces; anything else after the object is garbage. */
-    for (const char *p = end; p < hdr + hlen; p++) {
-        if (*p != ' ' && *p != '\t' && *p != '\n' && *p != '\r') {
-            rc = kli_err_set(err, KLI_E_FORMAT,
-                             "%s: header is not valid JSON (unexpected byte 0x%02x at byte %lld "
-                             "after the object)", fname, (unsigned)(uint8_t)*p,
-                             (long long)(p - hdr));
-            goto fail;
-        }
+    if (rc != KLI_OK) {
+        return kli_err_set(err, rc, "%s: header is not valid JSON (%s at byte %lld of %llu)",
+                           fname, trailing ? "garbage after the object" : "error", where,
+                           (unsigned long long)hlen);
     }
     if (!cJSON_IsObject(root)) {
         rc = kli_err_set(err, KLI_E_FORMAT, "%s: header is not a JSON object", fname);
@@ -658,8 +707,9 @@ st_open_index(struct kli_wfile *w, const char *dir, const char *ipath, struct kl
     const char **shards = NULL;
     uint8_t *claimed = NULL;
     char *spath = NULL;
-    const char *end = NULL;
+    long long where;
     int64_t n_entries = 0, n_shards = 0;
+    int trailing;
     int rc;
 
     rc = kli_mmap_open(&im, ipath, err);
@@ -670,19 +720,15 @@ st_open_index(struct kli_wfile *w, const char *dir, const char *ipath, struct kl
                          (unsigned long long)im.size);
         goto fail;
     }
-    root = cJSON_ParseWithLengthOpts((const char *)im.base, (size_t)im.size, &end, 0);
-    if (root == NULL) {
-        rc = kli_err_set(err, KLI_E_FORMAT, "%s: index is not valid JSON (error near byte %lld)",
-                         ipath, end != NULL ? (long long)(end - (const char *)im.base) : -1LL);
+    rc = st_json_parse((const char *)im.base, im.size, &root, &where, &trailing);
+    if (rc == KLI_E_NOMEM) {
+        rc = kli_err_set(err, rc, "%s: out of memory", ipath);
         goto fail;
     }
-    for (const char *c = end; c < (const char *)im.base + im.size; c++) {
-        if (*c != ' ' && *c != '\t' && *c != '\n' && *c != '\r') {
-            rc = kli_err_set(err, KLI_E_FORMAT,
-                             "%s: index is not valid JSON (garbage after the object at byte "
-                             "%lld)", ipath, (long long)(c - (const char *)im.base));
-            goto fail;
-        }
+    if (rc != KLI_OK) {
+        rc = kli_err_set(err, rc, "%s: index is not valid JSON (%s at byte %lld)", ipath,
+                         trailing ? "garbage after the object" : "error", where);
+        goto fail;
     }
     if (!cJSON_IsObject(root)) {
         rc = kli_err_set(err, KLI_E_FORMAT, "%s: index is not a JSON object", ipath);

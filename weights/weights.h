@@ -65,4 +65,30 @@ void kli_safetensors_free_descs(struct kli_tensor_desc *descs, int64_t n);
 int32_t kli_wfile_n_files(const struct kli_wfile *w);
 const char *kli_wfile_file_path(const struct kli_wfile *w, int32_t i);
 
+/* ==== writing safetensors ==================================================================
+ * A streaming writer: the tensor list is declared up front (so the header can be written
+ * first), then each tensor's bytes are appended in that order. The file is written as
+ * PATH.tmp and renamed over PATH only by a successful kli_st_writer_close, so an interrupted
+ * run never leaves a half-written file under the final name. */
+
+struct kli_st_entry {
+    const char *name;
+    const char *dtype;            /* safetensors dtype string: "BF16", "F32", "KLI_Q8_0", ... */
+    int32_t ndim;
+    int64_t shape[KLI_MAX_DIMS];
+    uint64_t nbytes;
+};
+
+struct kli_st_writer;
+
+int kli_st_writer_open(struct kli_st_writer **out, const char *path,
+                       const struct kli_st_entry *entries, int64_t n, struct kli_err *err);
+/* Appends bytes of the current tensor(s); any split of the data into calls is fine. */
+int kli_st_writer_write(struct kli_st_writer *w, const void *data, uint64_t nbytes,
+                        struct kli_err *err);
+/* Checks that every declared byte was written, flushes and renames into place. */
+int kli_st_writer_close(struct kli_st_writer *w, struct kli_err *err);
+/* Abandons the file (removes PATH.tmp). NULL is allowed. */
+void kli_st_writer_abort(struct kli_st_writer *w);
+
 #endif

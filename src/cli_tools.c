@@ -1,0 +1,533 @@
+/*
+ * cli_tools.c - the tool commands of kli: synth, quantize, bench.
+ */
+#include "config.h"
+
+#include <getopt.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "kli.h"
+#include "cli.h"
+
+/* ==== progress ============================================================================ */
+
+struct progress {
+    double t0, last;
+    int tty;
+    const char *what;
+};
+
+static double
+now_s(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* A bar with ETA on a terminal; a plain line every 10 s otherwise. */
+static void
+on_progress(void *ud, uint64_t done, uint64_t total, const char *what)
+{
+    struct progress *p = ud;
+    double t = now_s(), el = t - p->t0;
+    double frac = total > 0 ? (double)done / (double)total : 1.0;
+    double eta = frac > 0 ? el / frac - el : 0;
+
+    (void)what;
+    if (done < total && t - p->last < (p->tty ? 0.2 : 10.0))
+        return;
+    p->last = t;
+    if (p->tty) {
+        int w = 30, fill = (int)(frac * w);
+        fprintf(stderr, "\r%s [%.*s%*s] %5.1f%% %6.0f MB  ETA %4.0f s ", p->what, fill,
+                "##############################", w - fill, "", 100 * frac,
+                (double)done / 1e6, eta);
+        if (done >= total)
+            fputc('\n', stderr);
+    } else {
+        fprintf(stderr, "%s: %.1f%% (%.0f of %.0f MB), ETA %.0f s\n", p->what, 100 * frac,
+                (double)done / 1e6, (double)total / 1e6, eta);
+    }
+}
+
+/* ==== kli synth =========================================================================== */
+
+static int
+cmd_synth(int argc, char **argv)
+{
+    static const struct option opts[] = {
+        {"output", required_argument, NULL, 'o'},
+        {"layers", required_argument, NULL, 'L'},
+        {"experts", required_argument, NULL, 'E'},
+        {"type", required_argument, NULL, 'T'},
+        {"seed", required_argument, NULL, 'S'},
+        {"force", no_argument, NULL, 'F'},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0},
+    };
+    struct kli_synth_options o;
+    struct kli_err err = {0};
+    struct progress p = {now_s(), 0, isatty(STDERR_FILENO), "synth"};
+    const char *out = NULL;
+    long v;
+    int c;
+
+    kli_synth_options_init(&o);
+    while ((c = getopt_long(argc, argv, "o:h", opts, NULL)) != -1) {
+        switch (c) {
+        case 'o': out = optarg; break;
+        case 'L':
+            if (cli_parse_int(optarg, 1, 1024, "--layers", &v))
+                return 2;
+            o.n_layers = (int32_t)v;
+            break;
+        case 'E':
+            if (cli_parse_int(optarg, 1, 4096, "--experts", &v))
+                return 2;
+            o.n_experts = (int32_t)v;
+            break;
+        case 'T': o.type = optarg; break;
+        case 'S':
+            if (cli_parse_int(optarg, 0, 2147483647L, "--seed", &v))
+                return 2;
+            o.seed = (uint64_t)v;
+            break;
+        case 'F': o.force = 1; break;
+        case 'h':
+            printf("usage: kli synth -o DIR [--layers N] [--experts E] [--type bf16|q8_0|q4] "
+                   "[--seed S] [--force]\n");
+            return 0;
+        default:
+            return 2;
+        }
+    }
+    if (out == NULL || optind < argc) {
+        cli_error("usage: kli synth -o DIR [--layers N] [--experts E] [--type T] [--seed S]");
+        return 2;
+    }
+    o.progress = on_progress;
+    o.ud = &p;
+    if (kli_synth(out, &o, &err) != KLI_OK) {
+        cli_error("%s", err.msg);
+        return 1;
+    }
+    fprintf(stderr, "synth: wrote %s in %.1f s\n", out, now_s() - p.t0);
+    return 0;
+}
+
+/* ==== kli quantize ======================================================================== */
+
+static int
+cmd_quantize(int argc, char **argv)
+{
+    static const struct option opts[] = {
+        {"model", required_argument, NULL, 'm'},
+        {"output", required_argument, NULL, 'o'},
+        {"type", required_argument, NULL, 'T'},
+        {"keep", required_argument, NULL, 'K'},
+        {"force", no_argument, NULL, 'F'},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0},
+    };
+    struct kli_quantize_options o;
+    struct kli_err err = {0};
+    struct progress p = {now_s(), 0, isatty(STDERR_FILENO), "quantize"};
+    const char *in = NULL, *out = NULL, *keep[64];
+    int c, nk = 0;
+
+    kli_quantize_options_init(&o);
+    while ((c = getopt_long(argc, argv, "m:o:h", opts, NULL)) != -1) {
+        switch (c) {
+        case 'm': in = optarg; break;
+        case 'o': out = optarg; break;
+        case 'T': o.type = optarg; break;
+        case 'K':
+            if (nk == 64) {
+                cli_error("--keep: at most 64 rules");
+                return 2;
+            }
+            keep[nk++] = optarg;
+            break;
+        case 'F': o.force = 1; break;
+        case 'h':
+            printf("usage: kli quantize -m DIR -o OUT_DIR --type q8_0|q4|bf16|f16|f32 "
+                   "[--keep GLOB=TYPE]... [--force]\n");
+            return 0;
+        default:
+            return 2;
+        }
+    }
+    if (in == NULL || out == NULL || optind < argc) {
+        cli_error("usage: kli quantize -m DIR -o OUT_DIR --type TYPE [--keep GLOB=TYPE]...");
+        return 2;
+    }
+    o.keep = keep;
+    o.n_keep = nk;
+    o.progress = on_progress;
+    o.ud = &p;
+    if (kli_quantize(in, out, &o, &err) != KLI_OK) {
+        cli_error("%s", err.msg);
+        return 1;
+    }
+    fprintf(stderr, "quantize: wrote %s in %.1f s\n", out, now_s() - p.t0);
+    return 0;
+}
+
+/* ==== kli bench =========================================================================== */
+
+static int
+dcmp(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+
+    return x < y ? -1 : x > y;
+}
+
+struct stat3 {
+    double med, min, max;
+};
+
+static struct stat3
+stats(double *v, int n)
+{
+    struct stat3 s = {0, 0, 0};
+
+    if (n == 0)
+        return s;
+    qsort(v, (size_t)n, sizeof(double), dcmp);
+    s.min = v[0];
+    s.max = v[n - 1];
+    s.med = n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+    return s;
+}
+
+static uint64_t bench_rng = 88172645463325252ull;
+
+static kli_token
+rand_token(int32_t V)
+{
+    bench_rng ^= bench_rng << 13;
+    bench_rng ^= bench_rng >> 7;
+    bench_rng ^= bench_rng << 17;
+    return (kli_token)(bench_rng % (uint64_t)V);
+}
+
+/* Decodes n tokens one at a time after the session's current context. @return tok/s. */
+static double
+bench_decode(struct kli_session *s, int n, int32_t V, struct kli_err *err)
+{
+    double t0 = now_s();
+
+    for (int i = 0; i < n; i++) {
+        kli_token t = rand_token(V);
+        if (kli_session_eval(s, &t, 1, NULL, err) != KLI_OK)
+            return -1;
+    }
+    return n / (now_s() - t0);
+}
+
+/* KL(p || q) of two logit rows, in nats, and whether their argmaxes agree. */
+static double
+kl_row(const float *p, const float *q, int32_t V, int *same)
+{
+    double mp = -INFINITY, mq = -INFINITY, zp = 0, zq = 0, kl = 0;
+    int ap = 0, aq = 0;
+
+    for (int32_t i = 0; i < V; i++) {
+        if (p[i] > mp) { mp = p[i]; ap = i; }
+        if (q[i] > mq) { mq = q[i]; aq = i; }
+    }
+    for (int32_t i = 0; i < V; i++) {
+        zp += exp(p[i] - mp);
+        zq += exp(q[i] - mq);
+    }
+    double lzp = log(zp) + mp, lzq = log(zq) + mq;
+    for (int32_t i = 0; i < V; i++) {
+        double lp = p[i] - lzp, lq = q[i] - lzq;
+        kl += exp(lp) * (lp - lq);
+    }
+    *same = ap == aq;
+    return kl;
+}
+
+static int
+bench_quality(const char *path, int threads, const kli_token *ids, int32_t n, int json)
+{
+    const char *types[] = {"q8_0", "q4"};
+    struct kli_model *ref = NULL;
+    struct kli_session *s = NULL;
+    struct kli_err err = {0};
+    float *lr = NULL, *lq = NULL;
+    int rc = 1;
+
+    if (cli_open_model(path, threads, &ref) != 0)
+        return 1;
+    int32_t V = kli_model_n_vocab(ref);
+    lr = malloc((size_t)n * (size_t)V * sizeof(float));
+    lq = malloc((size_t)n * (size_t)V * sizeof(float));
+    if (lr == NULL || lq == NULL || kli_session_create(&s, ref, NULL, &err) != KLI_OK ||
+        kli_session_eval(s, ids, n, lr, &err) != KLI_OK) {
+        cli_error("quality: %s", err.msg[0] ? err.msg : "out of memory");
+        goto out;
+    }
+    kli_session_free(s);
+    s = NULL;
+    if (json)
+        printf("{\"quality\": [");
+    for (size_t t = 0; t < sizeof(types) / sizeof(types[0]); t++) {
+        struct kli_model *m = NULL;
+        struct kli_model_options mo;
+        kli_model_options_init(&mo);
+        mo.n_threads = threads;
+        mo.weight_type = types[t];
+        if (kli_model_open(&m, path, &mo, &err) != KLI_OK ||
+            kli_session_create(&s, m, NULL, &err) != KLI_OK ||
+            kli_session_eval(s, ids, n, lq, &err) != KLI_OK) {
+            cli_error("quality: %s", err.msg);
+            kli_session_free(s);
+            kli_model_close(m);
+            goto out;
+        }
+        double sum = 0, mx = 0;
+        int agree = 0, big = 0;
+        for (int32_t i = 0; i < n; i++) {
+            int same;
+            double kl = kl_row(lr + (size_t)i * V, lq + (size_t)i * V, V, &same);
+            sum += kl;
+            mx = kl > mx ? kl : mx;
+            agree += same;
+            big += kl > 0.1;   /* isolated large errors: MoE top-k flips on near-ties */
+        }
+        if (json)
+            printf("%s{\"type\": \"%s\", \"kl_mean\": %.6g, \"kl_max\": %.6g, "
+                   "\"top1_agreement\": %.4f, \"positions\": %d, \"kl_above_0.1\": %d}",
+                   t ? ", " : "", types[t], sum / n, mx, (double)agree / n, n, big);
+        else
+            printf("%-5s vs stored weights: KL mean %.3g max %.3g nats, top-1 agreement "
+                   "%.1f%% (%d/%d), positions with KL > 0.1: %d\n", types[t], sum / n, mx,
+                   100.0 * agree / n, agree, n, big);
+        kli_session_free(s);
+        s = NULL;
+        kli_model_close(m);
+    }
+    if (json)
+        printf("]}\n");
+    rc = 0;
+out:
+    free(lr);
+    free(lq);
+    kli_session_free(s);
+    kli_model_close(ref);
+    return rc;
+}
+
+static const char *phase_names[KLI_PHASE_COUNT] = {
+    "kda", "mla", "moe", "dense", "lm_head", "other",
+};
+
+static int
+cmd_bench(int argc, char **argv)
+{
+    static const struct option opts[] = {
+        {"model", required_argument, NULL, 'm'},
+        {"prompt", required_argument, NULL, 'p'},
+        {"gen", required_argument, NULL, 'n'},
+        {"depth", required_argument, NULL, 'd'},
+        {"reps", required_argument, NULL, 'r'},
+        {"threads", required_argument, NULL, 't'},
+        {"type", required_argument, NULL, 'T'},
+        {"json", no_argument, NULL, 'J'},
+        {"quality", no_argument, NULL, 'Q'},
+        {"ids", required_argument, NULL, 'I'},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0},
+    };
+    const char *model = NULL, *type = NULL, *ids_arg = NULL;
+    long pp = 512, tg = 128, depth = 0, reps = 5, threads = 0;
+    int json = 0, quality = 0, c, rc = 1;
+    struct kli_model *m = NULL;
+    struct kli_session *s = NULL;
+    struct kli_err err = {0};
+    struct kli_model_options mo;
+    struct kli_session_options so;
+    char demo[4096] = "";
+
+    while ((c = getopt_long(argc, argv, "m:p:n:d:r:t:h", opts, NULL)) != -1) {
+        switch (c) {
+        case 'm': model = optarg; break;
+        case 'p': if (cli_parse_int(optarg, 0, 1 << 20, "-p", &pp)) return 2; break;
+        case 'n': if (cli_parse_int(optarg, 0, 1 << 20, "-n", &tg)) return 2; break;
+        case 'd': if (cli_parse_int(optarg, 0, 1 << 24, "--depth", &depth)) return 2; break;
+        case 'r': if (cli_parse_int(optarg, 1, 1000, "-r", &reps)) return 2; break;
+        case 't': if (cli_parse_int(optarg, 1, 4096, "-t", &threads)) return 2; break;
+        case 'T': type = optarg; break;
+        case 'J': json = 1; break;
+        case 'Q': quality = 1; break;
+        case 'I': ids_arg = optarg; break;
+        case 'h':
+            printf("usage: kli bench [-m MODEL] [-p 512] [-n 128] [--depth D] [-r 5] [-t N] "
+                   "[--type T] [--json]\n       kli bench --quality [-m MODEL] [-p N | --ids "
+                   "1,2,3] [--json]\n");
+            return 0;
+        default:
+            return 2;
+        }
+    }
+    if (optind < argc) {
+        cli_error("bench: unexpected argument '%s'", argv[optind]);
+        return 2;
+    }
+    if (model == NULL) {
+        if (cli_demo_dir(demo, sizeof(demo)) != 0)
+            return 1;
+        model = demo;
+    }
+    int th = cli_threads(threads);
+
+    if (quality) {
+        kli_token *ids = NULL;
+        int32_t n = 0;
+        if (ids_arg != NULL) {
+            if (cli_parse_ids(ids_arg, &ids, &n) != 0 || n == 0) {
+                free(ids);
+                rc = 2;
+                goto out;
+            }
+        } else {
+            struct kli_model *probe = NULL;
+            if (cli_open_model(model, th, &probe) != 0)
+                goto out;
+            n = pp > 0 ? (int32_t)pp : 64;
+            ids = malloc((size_t)n * sizeof(kli_token));
+            for (int32_t i = 0; ids != NULL && i < n; i++)
+                ids[i] = rand_token(kli_model_n_vocab(probe));
+            kli_model_close(probe);
+        }
+        rc = ids != NULL ? bench_quality(model, th, ids, n, json) : 1;
+        free(ids);
+        goto out;
+    }
+
+    kli_model_options_init(&mo);
+    mo.n_threads = th;
+    mo.weight_type = type;
+    if (kli_model_open(&m, model, &mo, &err) != KLI_OK) {
+        cli_error("%s", err.msg);
+        goto out;
+    }
+    kli_session_options_init(&so);
+    so.batch_max = pp > 0 && pp < 512 ? (int32_t)pp : 512;
+    if (kli_session_create(&s, m, &so, &err) != KLI_OK) {
+        cli_error("%s", err.msg);
+        goto out;
+    }
+    int32_t V = kli_model_n_vocab(m);
+    double *pf = calloc((size_t)reps, sizeof(double)), *dc = calloc((size_t)reps, sizeof(double));
+    double *dd = calloc((size_t)reps, sizeof(double)), *tr = calloc((size_t)reps, sizeof(double));
+    double ph[KLI_PHASE_COUNT] = {0};
+    kli_token *prompt = malloc(((size_t)(pp > depth ? pp : depth) + 1) * sizeof(kli_token));
+    if (!pf || !dc || !dd || !tr || !prompt) {
+        cli_error("out of memory");
+        goto bench_out;
+    }
+    if (!json)
+        fprintf(stderr, "bench: %s, kernels %s, %d threads, weights %s; %ld repetitions\n",
+                model, kli_simd_variant(), kli_threads(), type ? type : "as stored", reps);
+    for (long r = 0; r < reps; r++) {
+        tr[r] = kli_bench_triad((size_t)64 << 20);
+        if (pp > 0) {
+            for (long i = 0; i < pp; i++)
+                prompt[i] = rand_token(V);
+            kli_session_reset(s);
+            double t0 = now_s();
+            if (kli_session_eval(s, prompt, (int32_t)pp, NULL, &err) != KLI_OK)
+                goto fail;
+            pf[r] = pp / (now_s() - t0);
+        }
+        if (tg > 0) {
+            kli_session_reset(s);
+            kli_session_reset_timers(s);
+            if ((dc[r] = bench_decode(s, (int)tg, V, &err)) < 0)
+                goto fail;
+            double p1[KLI_PHASE_COUNT];
+            kli_session_phase_seconds(s, p1);
+            for (int k = 0; k < KLI_PHASE_COUNT; k++)
+                ph[k] += p1[k] / (double)tg / (double)reps;
+            if (depth > 0) {
+                kli_session_reset(s);
+                for (long i = 0; i < depth; i++)
+                    prompt[i] = rand_token(V);
+                if (kli_session_eval(s, prompt, (int32_t)depth, NULL, &err) != KLI_OK)
+                    goto fail;
+                if ((dd[r] = bench_decode(s, (int)tg, V, &err)) < 0)
+                    goto fail;
+            }
+        }
+        if (!json)
+            fprintf(stderr, "  rep %ld: prefill %.1f tok/s, decode %.2f tok/s%s, triad %.1f "
+                    "GB/s\n", r + 1, pf[r], dc[r], depth > 0 ? " (empty context)" : "", tr[r]);
+    }
+    struct stat3 spf = stats(pf, (int)reps), sdc = stats(dc, (int)reps);
+    struct stat3 sdd = stats(dd, (int)reps), str = stats(tr, (int)reps);
+    double bytes = (double)kli_model_decode_bytes(m);
+    double roof = str.med > 0 ? bytes * sdc.med / (str.med * 1e9) : 0;
+    if (json) {
+        printf("{\"model\": \"%s\", \"simd\": \"%s\", \"threads\": %d, \"weight_type\": \"%s\", "
+               "\"prompt_tokens\": %ld, \"gen_tokens\": %ld, \"depth\": %ld, \"reps\": %ld, "
+               "\"prefill_tok_s\": %.3f, \"prefill_tok_s_min\": %.3f, "
+               "\"prefill_tok_s_max\": %.3f, \"decode_tok_s\": %.3f, \"decode_tok_s_min\": %.3f, "
+               "\"decode_tok_s_max\": %.3f, \"decode_depth_tok_s\": %.3f, "
+               "\"triad_gb_s\": %.3f, \"triad_gb_s_min\": %.3f, \"triad_gb_s_max\": %.3f, "
+               "\"decode_bytes_per_token\": %.0f, \"roofline_fraction\": %.4f, \"phase_ms\": {",
+               model, kli_simd_variant(), kli_threads(), type ? type : "stored", pp, tg, depth,
+               reps, spf.med, spf.min, spf.max, sdc.med, sdc.min, sdc.max, sdd.med, str.med,
+               str.min, str.max, bytes, roof);
+        for (int k = 0; k < KLI_PHASE_COUNT; k++)
+            printf("%s\"%s\": %.4f", k ? ", " : "", phase_names[k], ph[k] * 1e3);
+        printf("}}\n");
+    } else {
+        printf("prefill  %6ld tokens: %8.2f tok/s (min %.2f, max %.2f)\n", pp, spf.med, spf.min,
+               spf.max);
+        printf("decode   %6ld tokens: %8.2f tok/s (min %.2f, max %.2f), empty context\n", tg,
+               sdc.med, sdc.min, sdc.max);
+        if (depth > 0)
+            printf("decode at depth %ld: %8.2f tok/s (min %.2f, max %.2f)\n", depth, sdd.med,
+                   sdd.min, sdd.max);
+        printf("decode phases (ms/token):");
+        for (int k = 0; k < KLI_PHASE_COUNT; k++)
+            printf(" %s %.2f", phase_names[k], ph[k] * 1e3);
+        printf("\nmemory   triad %.1f GB/s (min %.1f, max %.1f); decode reads %.1f MB/token\n",
+               str.med, str.min, str.max, bytes / 1e6);
+        printf("roofline %.3f of measured bandwidth (%.1f GB/s used in decode)\n", roof,
+               bytes * sdc.med / 1e9);
+    }
+    rc = 0;
+    goto bench_out;
+fail:
+    cli_error("%s", err.msg);
+bench_out:
+    free(pf);
+    free(dc);
+    free(dd);
+    free(tr);
+    free(prompt);
+out:
+    kli_session_free(s);
+    kli_model_close(m);
+    cli_demo_remove(demo);
+    return rc;
+}
+
+const struct cli_command cli_tool_commands[] = {
+    {"synth", cmd_synth, "write a random model with the real per-layer shapes, for benchmarks"},
+    {"quantize", cmd_quantize, "convert a model's weight matrices to q8_0, q4, bf16, ..."},
+    {"bench", cmd_bench, "measure prefill and decode speed, bandwidth, and quantization quality"},
+    {NULL, NULL, NULL},
+};

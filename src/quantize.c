@@ -1,0 +1,220 @@
+/*
+ * quantize.c - kli_quantize: a checkpoint with its weight matrices in another dtype.
+ *
+ * Streaming: one tensor at a time, a bounded number of rows at a time, so peak memory is
+ * a few megabytes whatever the model size. The output is written to a temporary file and
+ * renamed at the end (stwrite.c).
+ */
+#include "config.h"
+
+#include <errno.h>
+#include <fnmatch.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "internal.h"
+#include "weights.h"
+
+void
+kli_quantize_options_init(struct kli_quantize_options *opt)
+{
+    memset(opt, 0, sizeof(*opt));
+    opt->type = "q8_0";
+}
+
+/* Tensors that stay as stored by default: what the math reads element by element or
+ * needs at full precision (the router decides which experts run). */
+static int
+quant_keep_default(const struct kli_tensor_desc *d)
+{
+    static const char *const keep[] = {
+        "norm.weight", "layernorm.weight", "conv1d.weight", "A_log", "dt_bias",
+        "e_score_correction_bias", "block_sparse_moe.gate.weight",
+    };
+    size_t nl = strlen(d->name);
+
+    if (d->ndim != 2 || d->shape[1] % 32 != 0 || d->dtype == KLI_DT_OTHER)
+        return 1;
+    for (size_t i = 0; i < KLI_ARRAY_LEN(keep); i++) {
+        size_t kl = strlen(keep[i]);
+        if (nl >= kl && strcmp(d->name + nl - kl, keep[i]) == 0)
+            return 1;
+    }
+    return 0;
+}
+
+/* Copies a small file if it exists. */
+static int
+quant_copy(const char *in, const char *out, const char *name, int required, struct kli_err *err)
+{
+    char src[4096], dst[4096], buf[65536];
+    FILE *f, *g;
+    size_t n;
+
+    snprintf(src, sizeof(src), "%s/%s", in, name);
+    snprintf(dst, sizeof(dst), "%s/%s", out, name);
+    if ((f = fopen(src, "rb")) == NULL) {
+        if (!required && errno == ENOENT)
+            return KLI_OK;
+        return kli_err_set(err, KLI_E_IO, "%s: %s", src, strerror(errno));
+    }
+    if ((g = fopen(dst, "wb")) == NULL) {
+        fclose(f);
+        return kli_err_set(err, KLI_E_IO, "%s: %s", dst, strerror(errno));
+    }
+    while ((n = fread(buf, 1, sizeof(buf), f)) > 0) {
+        if (fwrite(buf, 1, n, g) != n) {
+            fclose(f);
+            fclose(g);
+            return kli_err_set(err, KLI_E_IO, "%s: write error", dst);
+        }
+    }
+    fclose(f);
+    if (fclose(g) != 0)
+        return kli_err_set(err, KLI_E_IO, "%s: write error", dst);
+    return KLI_OK;
+}
+
+int
+kli_quantize(const char *in, const char *out, const struct kli_quantize_options *opt,
+             struct kli_err *err)
+{
+    struct kli_quantize_options dflt;
+    struct kli_wfile *wf = NULL;
+    struct kli_st_entry *ent = NULL;
+    enum kli_dtype *to = NULL, want;
+    struct kli_st_writer *w = NULL;
+    float *fbuf = NULL;
+    uint8_t *qbuf = NULL;
+    char path[4096];
+    struct stat st;
+    int rc;
+
+    if (opt == NULL) {
+        kli_quantize_options_init(&dflt);
+        opt = &dflt;
+    }
+    if (kli_dtype_parse(opt->type, &want) != 0)
+        return kli_err_set(err, KLI_E_RANGE, "unknown weight type \"%s\" (q8_0, q4, bf16, f16, "
+                           "f32)", opt->type);
+    for (int32_t i = 0; i < opt->n_keep; i++) {
+        const char *eq = strrchr(opt->keep[i], '=');
+        enum kli_dtype dt;
+        if (eq == NULL || eq == opt->keep[i] ||
+            (strcmp(eq + 1, "keep") != 0 && kli_dtype_parse(eq + 1, &dt) != 0))
+            return kli_err_set(err, KLI_E_RANGE, "--keep \"%s\": expected GLOB=TYPE with TYPE "
+                               "one of keep, q8_0, q4, bf16, f16, f32", opt->keep[i]);
+    }
+    if (mkdir(out, 0777) != 0 && errno != EEXIST)
+        return kli_err_set(err, KLI_E_IO, "%s: %s", out, strerror(errno));
+    snprintf(path, sizeof(path), "%s/model.safetensors", out);
+    if (!opt->force && stat(path, &st) == 0)
+        return kli_err_set(err, KLI_E_IO, "%s exists (use --force to overwrite)", path);
+    /* A stale shard index in the output would win over the new file. */
+    snprintf(path, sizeof(path), "%s/model.safetensors.index.json", out);
+    if (stat(path, &st) == 0) {
+        if (!opt->force)
+            return kli_err_set(err, KLI_E_IO, "%s exists (use --force to replace)", path);
+        unlink(path);
+    }
+    snprintf(path, sizeof(path), "%s/model.safetensors", out);
+    if ((rc = kli_wfile_open(&wf, in, err)) != KLI_OK)
+        return rc;
+
+    int64_t n = kli_wfile_n_tensors(wf);
+    ent = kli_calloc((size_t)n, sizeof(*ent));
+    to = kli_calloc((size_t)n, sizeof(*to));
+    if (ent == NULL || to == NULL) {
+        rc = kli_err_set(err, KLI_E_NOMEM, "out of memory");
+        goto out;
+    }
+    uint64_t total = 0;
+    int64_t maxcols = 1;
+    for (int64_t i = 0; i < n; i++) {
+        const struct kli_tensor_desc *d = kli_wfile_tensor(wf, i);
+        enum kli_dtype dt = quant_keep_default(d) ? d->dtype : want;
+        for (int32_t k = 0; k < opt->n_keep; k++) {
+            const char *eq = strrchr(opt->keep[k], '=');
+            char glob[512];
+            size_t gl = (size_t)(eq - opt->keep[k]);
+            if (gl >= sizeof(glob))
+                gl = sizeof(glob) - 1;
+            memcpy(glob, opt->keep[k], gl);
+            glob[gl] = '\0';
+            if (fnmatch(glob, d->name, 0) == 0) {
+                if (strcmp(eq + 1, "keep") == 0)
+                    dt = d->dtype;
+                else
+                    kli_dtype_parse(eq + 1, &dt);
+                break;
+            }
+        }
+        /* A block type needs whole blocks per row; a float source type needs a float input. */
+        int64_t cols = d->ndim > 0 ? d->shape[d->ndim - 1] : 1;
+        if (d->dtype == KLI_DT_OTHER)
+            dt = KLI_DT_OTHER;
+        else if (kli_dtype_info(dt)->block > 1 && (cols % kli_dtype_info(dt)->block != 0))
+            dt = d->dtype;
+        to[i] = dt;
+        ent[i].name = d->name;
+        ent[i].dtype = dt == KLI_DT_OTHER ? d->dtype_name : kli_dtype_st_name(dt);
+        ent[i].ndim = d->ndim;
+        memcpy(ent[i].shape, d->shape, sizeof(d->shape));
+        ent[i].nbytes = dt == d->dtype ? d->nbytes : kli_dtype_nbytes(dt, (uint64_t)d->numel);
+        total += d->nbytes;
+        maxcols = cols > maxcols ? cols : maxcols;
+    }
+    if ((rc = quant_copy(in, out, "config.json", 1, err)) != KLI_OK ||
+        (rc = quant_copy(in, out, "tiktoken.model", 0, err)) != KLI_OK ||
+        (rc = quant_copy(in, out, "tokenizer_config.json", 0, err)) != KLI_OK)
+        goto out;
+    if ((rc = kli_st_writer_open(&w, path, ent, n, err)) != KLI_OK)
+        goto out;
+
+    /* Convert in slabs of whole rows, about 4 MB of floats at a time. */
+    int64_t slab_rows = (1 << 20) / maxcols > 0 ? (1 << 20) / maxcols : 1;
+    fbuf = kli_mallocarray((size_t)(slab_rows * maxcols), sizeof(float));
+    qbuf = kli_mallocarray((size_t)(slab_rows * maxcols), 4);
+    if (fbuf == NULL || qbuf == NULL) {
+        rc = kli_err_set(err, KLI_E_NOMEM, "out of memory");
+        goto out;
+    }
+    uint64_t done = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const struct kli_tensor_desc *d = kli_wfile_tensor(wf, i);
+        if (to[i] == d->dtype || to[i] == KLI_DT_OTHER) {
+            rc = kli_st_writer_write(w, d->data, d->nbytes, err);
+        } else {
+            int64_t cols = d->ndim > 0 ? d->shape[d->ndim - 1] : 1;
+            int64_t rows = cols > 0 ? d->numel / cols : 0;
+            uint64_t in_rb = kli_dtype_nbytes(d->dtype, (uint64_t)cols);
+            uint64_t out_rb = kli_dtype_nbytes(to[i], (uint64_t)cols);
+            rc = KLI_OK;
+            for (int64_t r = 0; r < rows && rc == KLI_OK; r += slab_rows) {
+                int64_t k = rows - r < slab_rows ? rows - r : slab_rows;
+                kli_dtype_to_f32(d->dtype, (const uint8_t *)d->data + (uint64_t)r * in_rb, fbuf,
+                                 k * cols);
+                kli_dtype_from_f32(to[i], fbuf, qbuf, k * cols);
+                rc = kli_st_writer_write(w, qbuf, (uint64_t)k * out_rb, err);
+            }
+        }
+        if (rc != KLI_OK)
+            goto out;
+        done += d->nbytes;
+        if (opt->progress != NULL)
+            opt->progress(opt->ud, done, total, d->name);
+    }
+    rc = kli_st_writer_close(w, err);
+    w = NULL;
+out:
+    kli_st_writer_abort(w);
+    free(fbuf);
+    free(qbuf);
+    free(ent);
+    free(to);
+    kli_wfile_close(wf);
+    return rc;
+}

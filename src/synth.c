@@ -1,0 +1,314 @@
+/*
+ * synth.c - kli_synth: a random-weight checkpoint with the real per-layer shapes of
+ * Kimi-Linear-48B-A3B, for measuring speed on machines the real model does not fit
+ * (docs/targets.md: 4 layers KDA, KDA, KDA, MLA, all MoE, 64 experts by default).
+ *
+ * Weights are uniform with the standard deviation 1/sqrt(fan_in), so activations keep a
+ * sane scale through the layers; norms are 1; the gate parameters are in their usual
+ * ranges. Generated and written tensor by tensor, row slab by row slab.
+ */
+#include "config.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "internal.h"
+#include "weights.h"
+
+/* The shape of the released model (docs/model.md section 1). */
+enum {
+    SY_HIDDEN = 2304, SY_VOCAB = 163840, SY_KDA_HEADS = 32, SY_KDA_DIM = 128,
+    SY_MLA_HEADS = 32, SY_LATENT = 512, SY_NOPE = 128, SY_ROPE = 64, SY_V = 128,
+    SY_EXPERT_FF = 1024, SY_TOPK = 8, SY_DENSE_FF = 9216,
+};
+
+void
+kli_synth_options_init(struct kli_synth_options *opt)
+{
+    memset(opt, 0, sizeof(*opt));
+    opt->n_layers = 4;
+    opt->n_experts = 64;
+    opt->type = "bf16";
+    opt->seed = 1;
+}
+
+enum sy_init { SY_MAT, SY_ONES, SY_CONV, SY_ALOG, SY_DTBIAS, SY_SMALL };
+
+struct sy_tensor {
+    char name[128];
+    int64_t rows, cols;   /* cols = 1 with ndim 1 */
+    int ndim;
+    enum kli_dtype dt;
+    enum sy_init init;
+};
+
+struct sy_list {
+    struct sy_tensor *t;
+    int64_t n, cap;
+};
+
+static int sy_add(struct sy_list *l, enum kli_dtype dt, enum sy_init init, int64_t rows,
+                  int64_t cols, int ndim, const char *fmt, ...) KLI_PRINTF(7, 8);
+
+static int
+sy_add(struct sy_list *l, enum kli_dtype dt, enum sy_init init, int64_t rows, int64_t cols,
+       int ndim, const char *fmt, ...)
+{
+    va_list ap;
+
+    if (l->n == l->cap) {
+        int64_t nc = l->cap ? l->cap * 2 : 256;
+        struct sy_tensor *nt = kli_reallocarray(l->t, (size_t)nc, sizeof(*nt));
+        if (nt == NULL)
+            return -1;
+        l->t = nt;
+        l->cap = nc;
+    }
+    struct sy_tensor *t = &l->t[l->n++];
+    va_start(ap, fmt);
+    vsnprintf(t->name, sizeof(t->name), fmt, ap);
+    va_end(ap);
+    t->rows = rows;
+    t->cols = cols;
+    t->ndim = ndim;
+    t->dt = dt;
+    t->init = init;
+    return 0;
+}
+
+/* xorshift64* uniform in [-1, 1) */
+static inline float
+sy_rand(uint64_t *s)
+{
+    *s ^= *s >> 12;
+    *s ^= *s << 25;
+    *s ^= *s >> 27;
+    return (float)((int64_t)(*s * 0x2545f4914f6cdd1dull) >> 11) * (1.0f / 4503599627370496.0f);
+}
+
+static void
+sy_fill(const struct sy_tensor *t, float *x, int64_t n, uint64_t *rng)
+{
+    float a = sqrtf(3.0f / (float)t->cols);   /* uniform with std 1/sqrt(fan_in) */
+
+    for (int64_t i = 0; i < n; i++) {
+        switch (t->init) {
+        case SY_MAT: x[i] = a * sy_rand(rng); break;
+        case SY_ONES: x[i] = 1.0f; break;
+        case SY_CONV: x[i] = 0.5f * sy_rand(rng); break;
+        case SY_ALOG: x[i] = logf(1.0f + 7.5f * (sy_rand(rng) + 1.0f)); break;
+        case SY_DTBIAS: x[i] = -2.0f + sy_rand(rng); break;
+        case SY_SMALL: x[i] = 0.01f * sy_rand(rng); break;
+        }
+    }
+}
+
+static int
+sy_config(const char *out, const struct kli_synth_options *o, struct kli_err *err)
+{
+    char path[4096];
+    FILE *f;
+
+    snprintf(path, sizeof(path), "%s/config.json", out);
+    if ((f = fopen(path, "w")) == NULL)
+        return kli_err_set(err, KLI_E_IO, "%s: %s", path, strerror(errno));
+    fprintf(f, "{\n \"architectures\": [\"KimiLinearForCausalLM\"],\n"
+               " \"model_type\": \"kimi_linear\",\n \"vocab_size\": %d,\n"
+               " \"hidden_size\": %d,\n \"num_hidden_layers\": %d,\n"
+               " \"intermediate_size\": %d,\n \"rms_norm_eps\": 1e-05,\n"
+               " \"num_attention_heads\": %d,\n \"q_lora_rank\": null,\n"
+               " \"kv_lora_rank\": %d,\n \"qk_nope_head_dim\": %d,\n"
+               " \"qk_rope_head_dim\": %d,\n \"v_head_dim\": %d,\n \"mla_use_nope\": true,\n"
+               " \"tie_word_embeddings\": false,\n \"num_experts\": %d,\n"
+               " \"num_experts_per_token\": %d,\n \"num_shared_experts\": 1,\n"
+               " \"moe_intermediate_size\": %d,\n \"first_k_dense_replace\": 0,\n"
+               " \"moe_layer_freq\": 1,\n \"moe_router_activation_func\": \"sigmoid\",\n"
+               " \"moe_renormalize\": true,\n \"routed_scaling_factor\": 2.446,\n"
+               " \"num_expert_group\": 1,\n \"topk_group\": 1,\n \"bos_token_id\": 163584,\n"
+               " \"eos_token_id\": 163586,\n \"linear_attn_config\": {\n  \"kda_layers\": [",
+            SY_VOCAB, SY_HIDDEN, o->n_layers, SY_DENSE_FF, SY_MLA_HEADS, SY_LATENT, SY_NOPE,
+            SY_ROPE, SY_V, o->n_experts, o->n_experts < SY_TOPK ? o->n_experts : SY_TOPK,
+            SY_EXPERT_FF);
+    int first = 1;
+    for (int i = 0; i < o->n_layers; i++) {
+        if (i % 4 != 3) {
+            fprintf(f, "%s%d", first ? "" : ", ", i + 1);
+            first = 0;
+        }
+    }
+    fprintf(f, "],\n  \"full_attn_layers\": [");
+    first = 1;
+    for (int i = 0; i < o->n_layers; i++) {
+        if (i % 4 == 3) {
+            fprintf(f, "%s%d", first ? "" : ", ", i + 1);
+            first = 0;
+        }
+    }
+    fprintf(f, "],\n  \"head_dim\": %d,\n  \"num_heads\": %d,\n"
+               "  \"short_conv_kernel_size\": 4\n }\n}\n", SY_KDA_DIM, SY_KDA_HEADS);
+    if (fclose(f) != 0)
+        return kli_err_set(err, KLI_E_IO, "%s: write error", path);
+    return KLI_OK;
+}
+
+int
+kli_synth(const char *out, const struct kli_synth_options *opt, struct kli_err *err)
+{
+    struct kli_synth_options dflt;
+    struct sy_list l = {0};
+    struct kli_st_entry *ent = NULL;
+    struct kli_st_writer *w = NULL;
+    float *fbuf = NULL;
+    uint8_t *qbuf = NULL;
+    enum kli_dtype mt;
+    char path[4096];
+    struct stat st;
+    int rc = KLI_OK;
+
+    if (opt == NULL) {
+        kli_synth_options_init(&dflt);
+        opt = &dflt;
+    }
+    if (opt->n_layers < 1 || opt->n_layers > 1024 || opt->n_experts < 1 ||
+        opt->n_experts > 4096)
+        return kli_err_set(err, KLI_E_RANGE, "synth: layers must be 1..1024 and experts "
+                           "1..4096");
+    if (kli_dtype_parse(opt->type, &mt) != 0)
+        return kli_err_set(err, KLI_E_RANGE, "synth: unknown weight type \"%s\"", opt->type);
+    if (mkdir(out, 0777) != 0 && errno != EEXIST)
+        return kli_err_set(err, KLI_E_IO, "%s: %s", out, strerror(errno));
+    snprintf(path, sizeof(path), "%s/model.safetensors", out);
+    if (!opt->force && stat(path, &st) == 0)
+        return kli_err_set(err, KLI_E_IO, "%s exists (use --force to overwrite)", path);
+
+    const int D = SY_HIDDEN, HK = SY_KDA_HEADS * SY_KDA_DIM, K = SY_KDA_DIM;
+    const enum kli_dtype F = KLI_DT_F32, B = KLI_DT_BF16;
+    int bad = 0;
+#define L "model.layers.%d."
+    bad |= sy_add(&l, mt, SY_MAT, SY_VOCAB, D, 2, "model.embed_tokens.weight");
+    for (int i = 0; i < opt->n_layers; i++) {
+        bad |= sy_add(&l, B, SY_ONES, D, 1, 1, L "input_layernorm.weight", i);
+        bad |= sy_add(&l, B, SY_ONES, D, 1, 1, L "post_attention_layernorm.weight", i);
+        if (i % 4 != 3) {
+            bad |= sy_add(&l, mt, SY_MAT, HK, D, 2, L "self_attn.q_proj.weight", i);
+            bad |= sy_add(&l, mt, SY_MAT, HK, D, 2, L "self_attn.k_proj.weight", i);
+            bad |= sy_add(&l, mt, SY_MAT, HK, D, 2, L "self_attn.v_proj.weight", i);
+            bad |= sy_add(&l, B, SY_CONV, HK, 4, 3, L "self_attn.q_conv1d.weight", i);
+            bad |= sy_add(&l, B, SY_CONV, HK, 4, 3, L "self_attn.k_conv1d.weight", i);
+            bad |= sy_add(&l, B, SY_CONV, HK, 4, 3, L "self_attn.v_conv1d.weight", i);
+            bad |= sy_add(&l, F, SY_ALOG, SY_KDA_HEADS, 1, 4, L "self_attn.A_log", i);
+            bad |= sy_add(&l, mt, SY_MAT, K, D, 2, L "self_attn.f_a_proj.weight", i);
+            bad |= sy_add(&l, mt, SY_MAT, HK, K, 2, L "self_attn.f_b_proj.weight", i);
+            bad |= sy_add(&l, F, SY_DTBIAS, HK, 1, 1, L "self_attn.dt_bias", i);
+            bad |= sy_add(&l, mt, SY_MAT, SY_KDA_HEADS, D, 2, L "self_attn.b_proj.weight", i);
+            bad |= sy_add(&l, mt, SY_MAT, K, D, 2, L "self_attn.g_a_proj.weight", i);
+            bad |= sy_add(&l, mt, SY_MAT, HK, K, 2, L "self_attn.g_b_proj.weight", i);
+            bad |= sy_add(&l, B, SY_ONES, K, 1, 1, L "self_attn.o_norm.weight", i);
+            bad |= sy_add(&l, mt, SY_MAT, D, HK, 2, L "self_attn.o_proj.weight", i);
+        } else {
+            bad |= sy_add(&l, mt, SY_MAT, SY_MLA_HEADS * (SY_NOPE + SY_ROPE), D, 2,
+                          L "self_attn.q_proj.weight", i);
+            bad |= sy_add(&l, mt, SY_MAT, SY_LATENT + SY_ROPE, D, 2,
+                          L "self_attn.kv_a_proj_with_mqa.weight", i);
+            bad |= sy_add(&l, B, SY_ONES, SY_LATENT, 1, 1, L "self_attn.kv_a_layernorm.weight",
+                          i);
+            bad |= sy_add(&l, mt, SY_MAT, SY_MLA_HEADS * (SY_NOPE + SY_V), SY_LATENT, 2,
+                          L "self_attn.kv_b_proj.weight", i);
+            bad |= sy_add(&l, mt, SY_MAT, D, SY_MLA_HEADS * SY_V, 2, L "self_attn.o_proj.weight",
+                          i);
+        }
+        bad |= sy_add(&l, B, SY_MAT, opt->n_experts, D, 2, L "block_sparse_moe.gate.weight",
+                      i);
+        bad |= sy_add(&l, F, SY_SMALL, opt->n_experts, 1, 1,
+                      L "block_sparse_moe.gate.e_score_correction_bias", i);
+        for (int e = 0; e < opt->n_experts; e++) {
+            bad |= sy_add(&l, mt, SY_MAT, SY_EXPERT_FF, D, 2,
+                          L "block_sparse_moe.experts.%d.w1.weight", i, e);
+            bad |= sy_add(&l, mt, SY_MAT, SY_EXPERT_FF, D, 2,
+                          L "block_sparse_moe.experts.%d.w3.weight", i, e);
+            bad |= sy_add(&l, mt, SY_MAT, D, SY_EXPERT_FF, 2,
+                          L "block_sparse_moe.experts.%d.w2.weight", i, e);
+        }
+        bad |= sy_add(&l, mt, SY_MAT, SY_EXPERT_FF, D, 2,
+                      L "block_sparse_moe.shared_experts.gate_proj.weight", i);
+        bad |= sy_add(&l, mt, SY_MAT, SY_EXPERT_FF, D, 2,
+                      L "block_sparse_moe.shared_experts.up_proj.weight", i);
+        bad |= sy_add(&l, mt, SY_MAT, D, SY_EXPERT_FF, 2,
+                      L "block_sparse_moe.shared_experts.down_proj.weight", i);
+    }
+#undef L
+    bad |= sy_add(&l, B, SY_ONES, D, 1, 1, "model.norm.weight");
+    bad |= sy_add(&l, mt, SY_MAT, SY_VOCAB, D, 2, "lm_head.weight");
+    ent = kli_calloc((size_t)l.n, sizeof(*ent));
+    if (bad || ent == NULL) {
+        rc = kli_err_set(err, KLI_E_NOMEM, "out of memory");
+        goto out;
+    }
+    uint64_t total = 0;
+    for (int64_t i = 0; i < l.n; i++) {
+        struct sy_tensor *t = &l.t[i];
+        ent[i].name = t->name;
+        ent[i].dtype = kli_dtype_st_name(t->dt);
+        ent[i].ndim = t->ndim;
+        if (t->ndim == 1) {
+            ent[i].shape[0] = t->rows;
+        } else if (t->ndim == 2) {
+            ent[i].shape[0] = t->rows;
+            ent[i].shape[1] = t->cols;
+        } else if (t->ndim == 3) {   /* conv taps [HK][1][4] */
+            ent[i].shape[0] = t->rows;
+            ent[i].shape[1] = 1;
+            ent[i].shape[2] = t->cols;
+        } else {                     /* A_log [1][1][H][1] */
+            ent[i].shape[0] = 1;
+            ent[i].shape[1] = 1;
+            ent[i].shape[2] = t->rows;
+            ent[i].shape[3] = 1;
+        }
+        ent[i].nbytes = kli_dtype_nbytes(t->dt, (uint64_t)(t->rows * t->cols));
+        total += ent[i].nbytes;
+    }
+    if ((rc = sy_config(out, opt, err)) != KLI_OK ||
+        (rc = kli_st_writer_open(&w, path, ent, l.n, err)) != KLI_OK)
+        goto out;
+    const int64_t slab = 1 << 20;   /* floats per slab; every row length divides into it */
+    fbuf = kli_mallocarray((size_t)slab + 16384, sizeof(float));
+    qbuf = kli_mallocarray((size_t)slab + 16384, 4);
+    if (fbuf == NULL || qbuf == NULL) {
+        rc = kli_err_set(err, KLI_E_NOMEM, "out of memory");
+        goto out;
+    }
+    uint64_t done = 0, rng = opt->seed * 0x9e3779b97f4a7c15ull + 0x1234567ull;
+    for (int64_t i = 0; i < l.n && rc == KLI_OK; i++) {
+        struct sy_tensor *t = &l.t[i];
+        int64_t total_el = t->rows * t->cols;
+        int64_t step = (slab / t->cols) * t->cols;
+        if (step == 0)
+            step = t->cols;
+        for (int64_t j = 0; j < total_el && rc == KLI_OK; j += step) {
+            int64_t k = total_el - j < step ? total_el - j : step;
+            sy_fill(t, fbuf, k, &rng);
+            kli_dtype_from_f32(t->dt, fbuf, qbuf, k);
+            rc = kli_st_writer_write(w, qbuf, kli_dtype_nbytes(t->dt, (uint64_t)k), err);
+        }
+        done += ent[i].nbytes;
+        if (opt->progress != NULL)
+            opt->progress(opt->ud, done, total, t->name);
+    }
+    if (rc == KLI_OK) {
+        rc = kli_st_writer_close(w, err);
+        w = NULL;
+    }
+out:
+    kli_st_writer_abort(w);
+    free(fbuf);
+    free(qbuf);
+    free(ent);
+    free(l.t);
+    return rc;
+}

@@ -1,0 +1,148 @@
+/*
+ * stwrite.c - a streaming safetensors writer (the format of docs/formats.md 2.1): header
+ * length, JSON header padded with spaces to a multiple of 8, then the tensors back to back
+ * in the declared order. Written to PATH.tmp and renamed on success.
+ */
+#include "config.h"
+
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "internal.h"
+#include "weights.h"
+
+struct kli_st_writer {
+    FILE *f;
+    char *path, *tmp;
+    uint64_t total, written;
+};
+
+void
+kli_st_writer_abort(struct kli_st_writer *w)
+{
+    if (w == NULL)
+        return;
+    if (w->f != NULL)
+        fclose(w->f);
+    if (w->tmp != NULL)
+        unlink(w->tmp);
+    free(w->path);
+    free(w->tmp);
+    free(w);
+}
+
+int
+kli_st_writer_open(struct kli_st_writer **out, const char *path,
+                   const struct kli_st_entry *entries, int64_t n, struct kli_err *err)
+{
+    struct kli_st_writer *w = kli_calloc(1, sizeof(*w));
+    cJSON *hdr = cJSON_CreateObject(), *meta;
+    char *text = NULL;
+    int rc = KLI_OK;
+
+    *out = NULL;
+    if (w == NULL || hdr == NULL)
+        goto nomem;
+    size_t pl = strlen(path);
+    w->path = kli_strdup(path);
+    w->tmp = kli_malloc(pl + 8);
+    if (w->path == NULL || w->tmp == NULL)
+        goto nomem;
+    snprintf(w->tmp, pl + 8, "%s.tmp", path);
+    for (int64_t i = 0; i < n; i++) {
+        const struct kli_st_entry *e = &entries[i];
+        cJSON *t = cJSON_CreateObject(), *shape = cJSON_CreateArray(), *off = cJSON_CreateArray();
+        if (t == NULL || shape == NULL || off == NULL) {
+            cJSON_Delete(t);
+            cJSON_Delete(shape);
+            cJSON_Delete(off);
+            goto nomem;
+        }
+        cJSON_AddItemToObject(hdr, e->name, t);
+        cJSON_AddStringToObject(t, "dtype", e->dtype);
+        for (int d = 0; d < e->ndim; d++)
+            cJSON_AddItemToArray(shape, cJSON_CreateNumber((double)e->shape[d]));
+        cJSON_AddItemToObject(t, "shape", shape);
+        cJSON_AddItemToArray(off, cJSON_CreateNumber((double)w->total));
+        cJSON_AddItemToArray(off, cJSON_CreateNumber((double)(w->total + e->nbytes)));
+        cJSON_AddItemToObject(t, "data_offsets", off);
+        w->total += e->nbytes;
+    }
+    meta = cJSON_AddObjectToObject(hdr, "__metadata__");
+    if (meta == NULL || cJSON_AddStringToObject(meta, "format", "pt") == NULL)
+        goto nomem;
+    text = cJSON_PrintUnformatted(hdr);
+    if (text == NULL)
+        goto nomem;
+    size_t hl = strlen(text), pad = (8 - hl % 8) % 8;
+    uint64_t nh = hl + pad;
+    uint8_t len8[8];
+    for (int i = 0; i < 8; i++)
+        len8[i] = (uint8_t)(nh >> (8 * i));
+    w->f = fopen(w->tmp, "wb");
+    if (w->f == NULL) {
+        rc = kli_err_set(err, KLI_E_IO, "%s: %s", w->tmp, strerror(errno));
+        goto fail;
+    }
+    if (fwrite(len8, 1, 8, w->f) != 8 || fwrite(text, 1, hl, w->f) != hl ||
+        fwrite("        ", 1, pad, w->f) != pad) {
+        rc = kli_err_set(err, KLI_E_IO, "%s: write error: %s", w->tmp, strerror(errno));
+        goto fail;
+    }
+    free(text);
+    cJSON_Delete(hdr);
+    *out = w;
+    return KLI_OK;
+nomem:
+    rc = kli_err_set(err, KLI_E_NOMEM, "out of memory writing %s", path);
+fail:
+    free(text);
+    cJSON_Delete(hdr);
+    kli_st_writer_abort(w);
+    return rc;
+}
+
+int
+kli_st_writer_write(struct kli_st_writer *w, const void *data, uint64_t nbytes,
+                    struct kli_err *err)
+{
+    if (w->written + nbytes > w->total)
+        return kli_err_set(err, KLI_E_INVALID, "%s: more tensor bytes than declared", w->path);
+    if (nbytes > 0 && fwrite(data, 1, nbytes, w->f) != nbytes)
+        return kli_err_set(err, KLI_E_IO, "%s: write error: %s", w->tmp, strerror(errno));
+    w->written += nbytes;
+    return KLI_OK;
+}
+
+int
+kli_st_writer_close(struct kli_st_writer *w, struct kli_err *err)
+{
+    int rc;
+
+    if (w->written != w->total) {
+        rc = kli_err_set(err, KLI_E_INVALID, "%s: %llu of %llu tensor bytes written", w->path,
+                         (unsigned long long)w->written, (unsigned long long)w->total);
+        kli_st_writer_abort(w);
+        return rc;
+    }
+    if (fflush(w->f) != 0 || fsync(fileno(w->f)) != 0 || fclose(w->f) != 0) {
+        w->f = NULL;
+        rc = kli_err_set(err, KLI_E_IO, "%s: write error: %s", w->tmp, strerror(errno));
+        kli_st_writer_abort(w);
+        return rc;
+    }
+    w->f = NULL;
+    if (rename(w->tmp, w->path) != 0) {
+        rc = kli_err_set(err, KLI_E_IO, "%s: %s", w->path, strerror(errno));
+        kli_st_writer_abort(w);
+        return rc;
+    }
+    free(w->tmp);
+    w->tmp = NULL;
+    kli_st_writer_abort(w);
+    return KLI_OK;
+}
