@@ -32,20 +32,40 @@ kli_kernels_all(const struct kli_kernels **out, int cap)
     return n;
 }
 
+/* The chosen table with any entry a variant leaves NULL taken from generic.c, so a new
+ * kernel can land in generic.c first and in the ISA files later. */
+static struct kli_kernels dispatch_merged;
+
 static void
 dispatch_init(void)
 {
-    const struct kli_kernels *all[8];
+    const struct kli_kernels *all[8], *gen = kli_kernels_generic();
     int n = kli_kernels_all(all, 8);
     const char *want = getenv("KLI_SIMD");
+    const struct kli_kernels *pick = all[n - 1];
 
-    dispatch_table = all[n - 1];
     if (want != NULL && *want != '\0') {
         for (int i = 0; i < n; i++) {
             if (strcmp(all[i]->name, want) == 0)
-                dispatch_table = all[i];
+                pick = all[i];
         }
     }
+    dispatch_merged = *pick;
+    for (int d = 0; d < KLI_DT_COUNT; d++) {
+        if (dispatch_merged.matmul[d] == NULL)
+            dispatch_merged.matmul[d] = gen->matmul[d];
+    }
+    if (dispatch_merged.dot == NULL)
+        dispatch_merged.dot = gen->dot;
+    if (dispatch_merged.dot_decay == NULL)
+        dispatch_merged.dot_decay = gen->dot_decay;
+    if (dispatch_merged.axpy == NULL)
+        dispatch_merged.axpy = gen->axpy;
+    if (dispatch_merged.scale == NULL)
+        dispatch_merged.scale = gen->scale;
+    if (dispatch_merged.to_f32 == NULL)
+        dispatch_merged.to_f32 = gen->to_f32;
+    dispatch_table = &dispatch_merged;
 }
 
 const struct kli_kernels *

@@ -20,6 +20,16 @@ gen_dot(const float *a, const float *b, int64_t n)
     return s;
 }
 
+static float
+gen_dot_decay(const float *a, const float *b, const float *ga, const float *gb, int64_t n)
+{
+    float s = 0.0f;
+
+    for (int64_t i = 0; i < n; i++)
+        s += a[i] * b[i] * expf(ga[i] - gb[i]);
+    return s;
+}
+
 static void
 gen_axpy(float *y, float a, const float *x, int64_t n)
 {
@@ -129,6 +139,7 @@ static const struct kli_kernels gen_table = {
         [KLI_DT_Q4] = gen_matmul_q4,
     },
     .dot = gen_dot,
+    .dot_decay = gen_dot_decay,
     .axpy = gen_axpy,
     .scale = gen_scale,
     .to_f32 = kli_dtype_to_f32,

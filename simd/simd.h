@@ -32,6 +32,10 @@ struct kli_kernels {
     void (*axpy)(float *y, float a, const float *x, int64_t n);
     /* y[i] *= a */
     void (*scale)(float *y, float a, int64_t n);
+    /* @return sum a[i] * b[i] * exp(ga[i] - gb[i]), i < n: the decay-weighted inner product of
+     * the chunked delta rule (callers guarantee ga[i] - gb[i] <= 0) */
+    float (*dot_decay)(const float *a, const float *b, const float *ga, const float *gb,
+                       int64_t n);
     /* dst[i] = float(src[i]) for n elements of dtype dt (whole blocks) */
     void (*to_f32)(enum kli_dtype dt, const void *src, float *dst, int64_t n);
 };

@@ -111,13 +111,9 @@ kda_chunked(int64_t T, int64_t K, int64_t V, const float *q, const float *k, con
         /* L (strictly lower), scaled by beta_r. */
         for (int64_t r = 0; r < C; r++) {
             const float *kr = kc + r * ld_qk, *Gr = G + r * K;
-            for (int64_t j = 0; j < r; j++) {
-                const float *kj = kc + j * ld_qk, *Gj = G + j * K;
-                float s = 0.0f;
-                for (int64_t d = 0; d < K; d++)
-                    s += kr[d] * kj[d] * expf(Gr[d] - Gj[d]);
-                LA[r * CM + j] = bc[r * ld_b] * s;
-            }
+            for (int64_t j = 0; j < r; j++)
+                LA[r * CM + j] =
+                    bc[r * ld_b] * kk->dot_decay(kr, kc + j * ld_qk, Gr, G + j * K, K);
         }
         /* Forward substitution: (I + L) U = beta V and (I + L) W = beta exp(G) K. */
         for (int64_t r = 0; r < C; r++) {
@@ -144,13 +140,8 @@ kda_chunked(int64_t T, int64_t K, int64_t V, const float *q, const float *k, con
         /* A (lower, diagonal included). */
         for (int64_t r = 0; r < C; r++) {
             const float *qr = qc + r * ld_qk, *Gr = G + r * K;
-            for (int64_t j = 0; j <= r; j++) {
-                const float *kj = kc + j * ld_qk, *Gj = G + j * K;
-                float s = 0.0f;
-                for (int64_t d = 0; d < K; d++)
-                    s += qr[d] * kj[d] * expf(Gr[d] - Gj[d]);
-                LA[r * CM + j] = s;
-            }
+            for (int64_t j = 0; j <= r; j++)
+                LA[r * CM + j] = kk->dot_decay(qr, kc + j * ld_qk, Gr, G + j * K, K);
         }
         /* O = (q exp(G)) S0 + A V_new. */
         for (int64_t r = 0; r < C; r++) {

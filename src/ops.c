@@ -4,7 +4,11 @@
 #include "config.h"
 
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
+#ifdef HAVE_OPENBLAS
+#include <cblas.h>
+#endif
 
 #include "ops.h"
 #include "simd.h"
@@ -45,12 +49,59 @@ matmul_range(void *ctx, int64_t i0, int64_t i1, int ith)
     ops_matmul_rows(j->w, i0, i1, j->x, j->ldx, j->y, j->ldy, j->m);
 }
 
+#ifdef HAVE_OPENBLAS
+/* Many rows of x (prefill, or an expert's tokens): each worker converts a tile of W's rows to
+ * float and multiplies it with a single-threaded SGEMM, so W is read once per call and the
+ * arithmetic runs in OpenBLAS's blocked kernels. BLAS never starts threads of its own here
+ * (threads.c sets it to one), so nothing oversubscribes the cores. */
+#define OPS_TILE_ROWS 32
+
+static void
+matmul_gemm_range(void *ctx, int64_t t0, int64_t t1, int ith)
+{
+    struct matmul_job *j = ctx;
+    const struct kli_kernels *kk = kli_kernels();
+    int64_t k = j->w->shape[1], n = j->w->shape[0];
+    uint64_t rb = model_row_bytes(j->w);
+    float *tile = j->w->dtype == KLI_DT_F32 ? NULL
+                  : malloc((size_t)OPS_TILE_ROWS * (size_t)k * sizeof(float));
+
+    (void)ith;
+    for (int64_t t = t0; t < t1; t++) {
+        int64_t r0 = t * OPS_TILE_ROWS, r1 = r0 + OPS_TILE_ROWS < n ? r0 + OPS_TILE_ROWS : n;
+        const float *wt;
+        if (j->w->dtype == KLI_DT_F32) {
+            wt = (const float *)j->w->data + r0 * k;
+        } else if (tile == NULL) {
+            /* No memory for the tile: the kernel's own path computes the same product. */
+            ops_matmul_rows(j->w, r0, r1, j->x, j->ldx, j->y, j->ldy, j->m);
+            continue;
+        } else {
+            kk->to_f32(j->w->dtype, (const uint8_t *)j->w->data + (uint64_t)r0 * rb, tile,
+                       (r1 - r0) * k);
+            wt = tile;
+        }
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (blasint)j->m, (blasint)(r1 - r0),
+                    (blasint)k, 1.0f, j->x, (blasint)j->ldx, wt, (blasint)k, 0.0f, j->y + r0,
+                    (blasint)j->ldy);
+    }
+    free(tile);
+}
+#endif
+
 void
 ops_matmul(const struct kli_tensor *w, const float *x, int64_t ldx, float *y, int64_t ldy,
            int64_t m)
 {
     struct matmul_job j = {w, x, ldx, y, ldy, m};
 
+#ifdef HAVE_OPENBLAS
+    if (m >= OPS_GEMM_MIN_ROWS) {
+        int64_t tiles = (w->shape[0] + OPS_TILE_ROWS - 1) / OPS_TILE_ROWS;
+        threads_parallel_for(tiles, 1, matmul_gemm_range, &j);
+        return;
+    }
+#endif
     threads_parallel_for(w->shape[0], 16, matmul_range, &j);
 }
 

@@ -9,6 +9,9 @@
 
 #include "model.h"
 
+/* From this many rows of x on, ops_matmul uses tiled SGEMM (when built with OpenBLAS). */
+#define OPS_GEMM_MIN_ROWS 8
+
 /* y[i][r] = sum_j x[i][j] * W[r][j] for the m rows of x and every row r of W, with the rows
  * of W split across the worker threads. x [m][ldx], y [m][ldy]. */
 void ops_matmul(const struct kli_tensor *w, const float *x, int64_t ldx, float *y, int64_t ldy,

@@ -63,7 +63,8 @@ threads_set_count(int n)
     omp_set_num_threads(n);
 #endif
 #ifdef HAVE_OPENBLAS
-    openblas_set_num_threads(n);
+    /* BLAS is called from inside our workers, one tile each: it must not start threads. */
+    openblas_set_num_threads(1);
 #endif
 }
 

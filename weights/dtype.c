@@ -153,8 +153,9 @@ dtype_quant_q8_0(const float *x, uint8_t *out)
 
     for (int j = 0; j < 32; j++)
         amax = fabsf(x[j]) > amax ? fabsf(x[j]) : amax;
-    float d = amax / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
-    uint16_t h = kli_f32_to_f16(d);
+    /* The inverse comes from the scale as stored (f16), so rounding is against it. */
+    uint16_t h = kli_f32_to_f16(amax / 127.0f);
+    float d = kli_f16_to_f32(h), id = d > 0.0f ? 1.0f / d : 0.0f;
     memcpy(out, &h, 2);
     for (int j = 0; j < 32; j++) {
         float v = nearbyintf(x[j] * id);
@@ -171,8 +172,8 @@ dtype_quant_q4(const float *x, uint8_t *out)
 
     for (int j = 0; j < 32; j++)
         m = fabsf(x[j]) > fabsf(m) ? x[j] : m;
-    float d = m / -8.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
-    uint16_t h = kli_f32_to_f16(d);
+    uint16_t h = kli_f32_to_f16(m / -8.0f);
+    float d = kli_f16_to_f32(h), id = d != 0.0f ? 1.0f / d : 0.0f;
     memcpy(out, &h, 2);
     for (int j = 0; j < 16; j++) {
         int lo = (int)floorf(x[j] * id + 8.5f), hi = (int)floorf(x[j + 16] * id + 8.5f);

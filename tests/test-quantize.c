@@ -1,0 +1,249 @@
+/*
+ * test-quantize.c - quantized weights: the reference quantizers' error bounds, kli_quantize
+ * on the tiny model (q8_0 and q4 checkpoints that load and stay close to the stored
+ * weights), load-time conversion giving the same logits as the written checkpoint, keep
+ * rules, and refusing to overwrite.
+ */
+#include "config.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "kli.h"
+#include "dtype.h"
+#include "tap.h"
+#include "weights.h"
+
+static char fixture[4096];
+
+static float *
+logits_of(const char *dir, const char *convert, const kli_token *ids, int n, int32_t *V)
+{
+    struct kli_model *m = NULL;
+    struct kli_session *s = NULL;
+    struct kli_model_options mo;
+    struct kli_err err = {0};
+    float *out = NULL;
+
+    kli_model_options_init(&mo);
+    mo.weight_type = convert;
+    if (kli_model_open(&m, dir, &mo, &err) != KLI_OK ||
+        kli_session_create(&s, m, NULL, &err) != KLI_OK) {
+        diag("open %s: %s", dir, err.msg);
+        goto out;
+    }
+    *V = kli_model_n_vocab(m);
+    out = malloc((size_t)n * (size_t)*V * sizeof(float));
+    if (kli_session_eval(s, ids, n, out, &err) != KLI_OK) {
+        diag("eval: %s", err.msg);
+        free(out);
+        out = NULL;
+    }
+out:
+    kli_session_free(s);
+    kli_model_close(m);
+    return out;
+}
+
+static double
+rel_l2(const float *a, const float *b, size_t n)
+{
+    double num = 0, den = 0;
+
+    for (size_t i = 0; i < n; i++) {
+        num += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
+        den += (double)b[i] * b[i];
+    }
+    return sqrt(num / den);
+}
+
+static int
+dcmp(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+
+    return x < y ? -1 : x > y;
+}
+
+/* Median over rows of the per-row relative L2 error: a random-weight model routes on
+ * near-ties, so a few rows flip an MoE choice and carry large errors; the median shows the
+ * weight error itself, and the count of rows above 0.1 shows the flips. */
+static double
+median_row_err(const float *a, const float *b, int n, int32_t V, int *big)
+{
+    double e[256];
+
+    *big = 0;
+    for (int i = 0; i < n && i < 256; i++) {
+        e[i] = rel_l2(a + (size_t)i * V, b + (size_t)i * V, (size_t)V);
+        *big += e[i] > 0.1;
+    }
+    qsort(e, (size_t)n, sizeof(double), dcmp);
+    return e[n / 2];
+}
+
+static int
+argmax_agree(const float *a, const float *b, int n, int32_t V)
+{
+    int agree = 0;
+
+    for (int i = 0; i < n; i++) {
+        int x = 0, y = 0;
+        for (int32_t j = 1; j < V; j++) {
+            x = a[i * V + j] > a[i * V + x] ? j : x;
+            y = b[i * V + j] > b[i * V + y] ? j : y;
+        }
+        agree += x == y;
+    }
+    return agree;
+}
+
+int
+main(void)
+{
+    const char *td = getenv("KLI_TESTDATA");
+    struct kli_err err;
+    char dir[] = "/tmp/kli-quant-XXXXXX";
+    char out8[4200], out4[4200], outk[4200], cmd[4300];
+    kli_token ids[96];
+    int32_t V = 0;
+
+    if (td == NULL)
+        skip_all("KLI_TESTDATA not set");
+    snprintf(fixture, sizeof(fixture), "%s/tiny-kimi-linear", td);
+    if (mkdtemp(dir) == NULL)
+        skip_all("mkdtemp failed");
+
+    /* ---- reference quantizers: error within half a step per element ---- */
+    {
+        float x[256], y[256];
+        uint8_t q[256 * 2];
+        uint64_t r = 12345;
+        for (int i = 0; i < 256; i++) {
+            r ^= r << 13, r ^= r >> 7, r ^= r << 17;
+            x[i] = (float)((int64_t)(r % 20001) - 10000) / 1000.0f * (i < 32 ? 0.01f : 1.0f);
+        }
+        int ok8 = 1, ok4 = 1;
+        kli_dtype_from_f32(KLI_DT_Q8_0, x, q, 256);
+        kli_dtype_to_f32(KLI_DT_Q8_0, q, y, 256);
+        for (int b = 0; b < 8; b++) {
+            float amax = 0;
+            for (int j = 0; j < 32; j++)
+                amax = fmaxf(amax, fabsf(x[b * 32 + j]));
+            for (int j = 0; j < 32; j++)
+                ok8 &= fabsf(x[b * 32 + j] - y[b * 32 + j]) <= amax / 127.0f * 0.5f * 1.01f + 1e-7f;
+        }
+        kli_dtype_from_f32(KLI_DT_Q4, x, q, 256);
+        kli_dtype_to_f32(KLI_DT_Q4, q, y, 256);
+        for (int b = 0; b < 8; b++) {
+            float amax = 0;
+            for (int j = 0; j < 32; j++)
+                amax = fmaxf(amax, fabsf(x[b * 32 + j]));
+            for (int j = 0; j < 32; j++)
+                ok4 &= fabsf(x[b * 32 + j] - y[b * 32 + j]) <= amax / 8.0f * 1.01f + 1e-7f;
+        }
+        ok(ok8, "q8_0 round trip within half a step of max|x|/127");
+        ok(ok4, "q4 round trip within one step of max|x|/8 (the level opposite the extreme clips)");
+        float z[32] = {0};
+        kli_dtype_from_f32(KLI_DT_Q4, z, q, 32);
+        kli_dtype_to_f32(KLI_DT_Q4, q, y, 32);
+        int zeros = 1;
+        for (int j = 0; j < 32; j++)
+            zeros &= y[j] == 0.0f;
+        ok(zeros, "an all-zero block stays zero");
+    }
+
+    for (int i = 0; i < 96; i++)
+        ids[i] = (kli_token)((i * 37 + 11) % 256);
+    float *ref = logits_of(fixture, NULL, ids, 96, &V);
+    ok(ref != NULL, "stored-weight logits");
+
+    /* ---- q8_0 and q4 checkpoints ---- */
+    struct kli_quantize_options qo;
+    snprintf(out8, sizeof(out8), "%s/q8", dir);
+    snprintf(out4, sizeof(out4), "%s/q4", dir);
+    snprintf(outk, sizeof(outk), "%s/keep", dir);
+    kli_quantize_options_init(&qo);
+    memset(&err, 0, sizeof(err));
+    ok(kli_quantize(fixture, out8, &qo, &err) == KLI_OK, "quantize q8_0: %s", err.msg);
+    qo.type = "q4";
+    ok(kli_quantize(fixture, out4, &qo, &err) == KLI_OK, "quantize q4: %s", err.msg);
+
+    struct kli_wfile *wf = NULL;
+    if (kli_wfile_open(&wf, out8, &err) == KLI_OK) {
+        const struct kli_tensor_desc *a = kli_wfile_find(wf, "model.layers.1.self_attn.q_proj.weight");
+        const struct kli_tensor_desc *r = kli_wfile_find(wf, "model.layers.1.block_sparse_moe.gate.weight");
+        const struct kli_tensor_desc *n = kli_wfile_find(wf, "model.layers.1.input_layernorm.weight");
+        ok(a && a->dtype == KLI_DT_Q8_0 && r && r->dtype == KLI_DT_BF16 && n &&
+           n->dtype == KLI_DT_BF16, "matrices are q8_0; router and norms stay bf16");
+        kli_wfile_close(wf);
+    } else {
+        ok(0, "open q8 checkpoint: %s", err.msg);
+    }
+
+    float *l8 = logits_of(out8, NULL, ids, 96, &V);
+    float *l4 = logits_of(out4, NULL, ids, 96, &V);
+    if (ref && l8 && l4) {
+        int b8, b4;
+        double e8 = median_row_err(l8, ref, 96, V, &b8), e4 = median_row_err(l4, ref, 96, V, &b4);
+        int a8 = argmax_agree(l8, ref, 96, V), a4 = argmax_agree(l4, ref, 96, V);
+        diag("median row rel L2: q8_0 %.3g (%d rows > 0.1, top-1 %d/96), q4 %.3g (%d rows > "
+             "0.1, top-1 %d/96)", e8, b8, a8, e4, b4, a4);
+        ok(e8 < 0.1 && a8 >= 72, "q8_0 stays close to the stored weights");
+        ok(e4 < 1.0 && e4 > e8, "q4 is further off than q8_0 but bounded");
+    } else {
+        ok(0, "q8_0 logits");
+        ok(0, "q4 logits");
+    }
+    float *c8 = logits_of(fixture, "q8_0", ids, 96, &V);
+    ok(c8 && l8 && memcmp(c8, l8, (size_t)96 * V * sizeof(float)) == 0,
+       "load-time q8_0 conversion gives the written checkpoint's logits bit for bit");
+    float *cb = logits_of(fixture, "bf16", ids, 96, &V);
+    ok(cb && ref && memcmp(cb, ref, (size_t)96 * V * sizeof(float)) == 0,
+       "bf16 to bf16 changes nothing");
+
+    /* ---- keep rules and overwrite protection ---- */
+    const char *keep[] = {"*.experts.*=keep", "lm_head.weight=f32"};
+    kli_quantize_options_init(&qo);
+    qo.keep = keep;
+    qo.n_keep = 2;
+    ok(kli_quantize(fixture, outk, &qo, &err) == KLI_OK, "quantize with keep rules");
+    if (kli_wfile_open(&wf, outk, &err) == KLI_OK) {
+        const struct kli_tensor_desc *e = kli_wfile_find(wf, "model.layers.2.block_sparse_moe.experts.3.w2.weight");
+        const struct kli_tensor_desc *h = kli_wfile_find(wf, "lm_head.weight");
+        const struct kli_tensor_desc *q = kli_wfile_find(wf, "model.layers.2.self_attn.v_proj.weight");
+        ok(e && e->dtype == KLI_DT_BF16 && h && h->dtype == KLI_DT_F32 && q &&
+           q->dtype == KLI_DT_Q8_0, "experts kept bf16, lm_head f32, the rest q8_0");
+        kli_wfile_close(wf);
+    } else {
+        ok(0, "open keep checkpoint");
+    }
+    memset(&err, 0, sizeof(err));
+    kli_quantize_options_init(&qo);
+    ok(kli_quantize(fixture, out8, &qo, &err) == KLI_E_IO && strstr(err.msg, "--force"),
+       "an existing output is not overwritten: %s", err.msg);
+    memset(&err, 0, sizeof(err));
+    qo.type = "q3";
+    ok(kli_quantize(fixture, outk, &qo, &err) == KLI_E_RANGE, "unknown type: %s", err.msg);
+    const char *badkeep[] = {"nonsense"};
+    memset(&err, 0, sizeof(err));
+    qo.type = "q8_0";
+    qo.keep = badkeep;
+    qo.n_keep = 1;
+    qo.force = 1;
+    ok(kli_quantize(fixture, outk, &qo, &err) == KLI_E_RANGE, "bad keep rule: %s", err.msg);
+
+    free(ref);
+    free(l8);
+    free(l4);
+    free(c8);
+    free(cb);
+    snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
+    if (system(cmd) != 0)
+        diag("could not remove %s", dir);
+    plan_done();
+    return tap_exit();
+}
