@@ -163,8 +163,13 @@ cli_threads(long opt_t)
 
     if (opt_t > 0)
         return (int)opt_t;
-    if (e != NULL && *e != '\0' && cli_parse_int(e, 1, 4096, "KLI_NUM_THREADS", &v) == 0)
+    if (e != NULL && *e != '\0') {
+        if (cli_parse_int(e, 1, 4096, "KLI_NUM_THREADS", &v) != 0) {
+            cli_error("KLI_NUM_THREADS ignored: using one thread per physical core");
+            return 0;
+        }
         return (int)v;
+    }
     return 0;
 }
 

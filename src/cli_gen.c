@@ -176,6 +176,14 @@ gen_parse(int argc, char **argv, struct gen_args *a, const char *usage)
         cli_error("unexpected argument '%s'", argv[optind]);
         return -1;
     }
+    /* Check the sampling options now, before a model is loaded. */
+    struct kli_sampler *probe = NULL;
+    struct kli_err err = {0};
+    if (kli_sampler_create(&probe, &a->so, 1, &err) != KLI_OK) {
+        cli_error("%s", err.msg);
+        return -1;
+    }
+    kli_sampler_free(probe);
     return 0;
 }
 
@@ -193,6 +201,7 @@ gen_model_path(struct gen_args *a)
 /* ==== streaming output and interruption =================================================== */
 
 static volatile sig_atomic_t gen_interrupted;
+static int gen_write_failed;
 
 static void
 gen_on_sigint(int sig)
@@ -205,9 +214,10 @@ static int
 gen_print(void *ud, const char *text, size_t len)
 {
     (void)ud;
-    if (fwrite(text, 1, len, stdout) != len)
+    if (fwrite(text, 1, len, stdout) != len || fflush(stdout) != 0) {
+        gen_write_failed = 1;
         return 1;
-    fflush(stdout);
+    }
     return gen_interrupted ? 1 : 0;
 }
 
@@ -361,6 +371,16 @@ cmd_run(int argc, char **argv)
         cli_error("run: --messages and --raw do not go together");
         return 2;
     }
+    if (a.system != NULL && (a.raw || a.messages != NULL)) {
+        cli_error("run: -s applies to the chat format; with --messages put the system turn in "
+                  "the file, with --raw in the text");
+        return 2;
+    }
+    if (a.special && !a.raw) {
+        cli_error("run: --special only applies with --raw (the chat format keeps typed "
+                  "special tokens as text)");
+        return 2;
+    }
     if (a.prompt != NULL) {
         len = strlen(a.prompt);
         text = strdup(a.prompt);
@@ -371,6 +391,8 @@ cmd_run(int argc, char **argv)
         if (text == NULL)
             return 1;
     }
+    /* From here on Ctrl-C ends generation cleanly (and removes the demo directory). */
+    signal(SIGINT, gen_on_sigint);
     const char *path = gen_model_path(&a);
     if (path == NULL || cli_open_model(path, cli_threads(a.threads), &m) != 0)
         goto out;
@@ -400,14 +422,16 @@ cmd_run(int argc, char **argv)
     go.stop = a.stop;
     go.n_stop = a.n_stop;
     go.on_text = gen_print;
-    signal(SIGINT, gen_on_sigint);
     if (kli_generate(s, tok, smp, ids, (int32_t)n, &go, &res, &err) != KLI_OK) {
         cli_error("%s", err.msg);
         goto out;
     }
     signal(SIGINT, SIG_DFL);
     fputc('\n', stdout);
-    fflush(stdout);
+    if (fflush(stdout) != 0 || gen_write_failed) {
+        cli_error("stdout: write error");
+        goto out;
+    }
     if (!a.quiet)
         gen_report(&res);
     rc = gen_interrupted ? 130 : 0;
@@ -505,7 +529,7 @@ cmd_chat(int argc, char **argv)
             break;
         if (strcmp(line, "/help") == 0) {
             printf("/reset  forget the conversation\n/help   this text\n/exit   leave "
-                   "(also Ctrl-D)\nCtrl-C stops the current answer.\n");
+                   "(also /quit and Ctrl-D)\nCtrl-C stops the current answer.\n");
             continue;
         }
         if (strcmp(line, "/reset") == 0) {

@@ -248,8 +248,8 @@ cfg_parse_root(struct kli_config *cfg, struct cfg_ctx *c)
         cfg->layer_ffn[i] = moe ? KLI_FFN_MOE : KLI_FFN_DENSE;
         if (!moe && cfg->d_ff <= 0)
             return kli_err_set(c->err, KLI_E_FORMAT,
-                               "%s: layer %d has a dense MLP but intermediate_size is missing",
-                               c->fname, i);
+                               "%s: layer %d (1-based) has a dense MLP but intermediate_size is "
+                               "missing", c->fname, i + 1);
     }
 
     int has_mla = 0;

@@ -169,7 +169,9 @@ size_t kli_utf8_complete_prefix(const char *s, size_t n);
 struct kli_model;
 
 struct kli_model_options {
-    int n_threads;   /* worker threads for this process; 0 = one per physical core (default) */
+    int n_threads;   /* worker threads for this process; 0 = one per physical core (default).
+                        The count is process-wide: the last kli_model_open sets it, and a
+                        session refuses to run with more threads than it was created for */
     const char *weight_type;   /* NULL: weights as stored. "q8_0", "q4", "bf16", "f16", "f32":
                                   convert the weight matrices at open (as kli_quantize would;
                                   the router and small parameters stay), held in memory */
@@ -182,8 +184,9 @@ void kli_model_options_init(struct kli_model_options *opt);
  * model.safetensors.index.json with its shards), the Hugging Face layout. The weights are
  * memory-mapped, not copied. Every tensor is checked against config.json.
  * @param opt  NULL for the defaults.
- * @return KLI_OK, or KLI_E_IO / KLI_E_FORMAT / KLI_E_UNSUPPORTED / KLI_E_NOMEM with a message
- *         that names the file or tensor at fault. On failure *out is NULL. */
+ * @return KLI_OK, or KLI_E_IO / KLI_E_FORMAT / KLI_E_UNSUPPORTED / KLI_E_RANGE / KLI_E_NOMEM
+ *         with a message that names the file, key or tensor at fault. On failure *out is
+ *         NULL. */
 int kli_model_open(struct kli_model **out, const char *path,
                    const struct kli_model_options *opt, struct kli_err *err);
 
@@ -334,8 +337,9 @@ enum kli_finish {
     KLI_FINISH_INTERRUPT = 4   /* the callback asked to stop */
 };
 
-/* Receives generated text as it is produced: `len` bytes that never end inside a UTF-8
- * character and never contain (the start of) a stop string. Return non-zero to stop. */
+/* Receives generated text as it is produced: `len` bytes that never contain (the start of) a
+ * stop string and never end inside a UTF-8 character, except the final piece, which passes
+ * on whatever bytes remain. Return non-zero to stop. */
 typedef int (*kli_text_fn)(void *ud, const char *text, size_t len);
 
 struct kli_generate_options {

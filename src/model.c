@@ -163,8 +163,8 @@ bind_mat(struct bind *b, struct kli_tensor *out, int64_t rows, int64_t cols, con
     if (d->dtype != KLI_DT_F32 && d->dtype != KLI_DT_F16 && d->dtype != KLI_DT_BF16 &&
         d->dtype != KLI_DT_Q8_0 && d->dtype != KLI_DT_Q4)
         return kli_err_set(b->err, KLI_E_UNSUPPORTED,
-                           "weights: tensor %s has dtype %s; kli reads F32, F16 and BF16",
-                           d->name, d->dtype_name);
+                           "weights: tensor %s has dtype %s; kli reads F32, F16, BF16, KLI_Q8_0 "
+                           "and KLI_Q4", d->name, d->dtype_name);
     if (kli_dtype_nbytes(d->dtype, (uint64_t)d->shape[1]) == UINT64_MAX)
         return kli_err_set(b->err, KLI_E_FORMAT,
                            "weights: tensor %s: rows of %lld are not whole %s blocks",
@@ -399,7 +399,8 @@ bind_all(struct bind *b)
             if (i > 0 && m->kda_rank_f != 0 &&
                 (ly->kda.f_a.shape[0] != m->kda_rank_f || ly->kda.g_a.shape[0] != m->kda_rank_g))
                 return kli_err_set(b->err, KLI_E_FORMAT,
-                                   "weights: layer %d gate ranks differ from earlier layers", i);
+                                   "weights: layer %d (0-based) gate ranks differ from earlier "
+                                   "layers", i);
             m->kda_rank_f = (int32_t)ly->kda.f_a.shape[0];
             m->kda_rank_g = (int32_t)ly->kda.g_a.shape[0];
         }

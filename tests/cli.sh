@@ -1,6 +1,6 @@
 #!/bin/sh
-# cli.sh - the kli command as a user meets it: exit codes, messages, output files; and the
-# EXAMPLES section of kli(1), run against the tiny model (jq's man-examples-as-tests idea).
+# cli.sh - the kli command as a user meets it: exit codes, messages, output files.
+# (tests/man-examples.sh runs the EXAMPLES of kli(1).)
 set -u
 : "${KLI_BIN:?}" "${KLI_TESTDATA:?}" "${KLI_SRCDIR:?}"
 kli=$KLI_BIN

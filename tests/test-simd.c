@@ -278,10 +278,12 @@ mm_run(const struct kli_kernels *kt, const struct kli_kernels *gen, enum kli_dty
     int64_t n = c->n, k = c->k, m = c->m;
     size_t rb = (size_t)kli_dtype_nbytes(dt, (uint64_t)k);
     int woff = (int)rng_int(0, 3) * (dt == KLI_DT_F32 ? 4 : dt <= KLI_DT_BF16 ? 2 : 1);
-    uint8_t *wbuf = xmalloc(rb * (size_t)n + 64);
+    /* exact sizes, so that a memory checker sees any read past the end */
+    uint8_t *wbuf = xmalloc(rb * (size_t)n + (size_t)woff);
     uint8_t *w = wbuf + woff;
     float *wf = xmalloc((size_t)(n * k) * 4 + 4);
-    float *xbuf = xmalloc((size_t)(m * c->ldx + 8) * 4), *x = xbuf + rng_int(0, 7);
+    int xoff = (int)rng_int(0, 7);
+    float *xbuf = xmalloc((size_t)(m * c->ldx + xoff) * 4), *x = xbuf + xoff;
     size_t ysz = (size_t)(m * c->ldy + 8);
     float *y = xmalloc(ysz * 4), *yg = xmalloc(ysz * 4);
     double *ref = xmalloc((size_t)(m * n) * 8 + 8), *bound = xmalloc((size_t)(m * n) * 8 + 8);
@@ -382,7 +384,7 @@ test_matmul(const struct kli_kernels *kt, const struct kli_kernels *gen)
         }
         /* Degenerate sizes must not write anything. */
         {
-            float y[4] = {5, 5, 5, 5}, x[64] = {0};
+            float y[4] = {5, 5, 5, 5}, x[128] = {0};
             uint8_t w[256] = {0};
             kt->matmul[dt](y, 1, x, 32, w, 0, 32, 3);
             kt->matmul[dt](y, 4, x, 32, w, 4, 32, 0);

@@ -222,7 +222,7 @@ static void
 check_chunking(const struct kli_tokenizer *t, const uint32_t *cps, size_t n, int flags,
                int want_slices, const char *what)
 {
-    char *text = malloc(4 * n + 1);
+    char *text = calloc(4 * n + 1, 1);
     size_t *byte_at = malloc((n + 1) * sizeof(*byte_at));
     size_t len = 0, i, piece;
     int64_t nw, ne = 0;
