@@ -28,8 +28,12 @@ mla_work_floats(const struct kli_config *cfg, int64_t n)
 {
     int64_t Lr = cfg->mla.kv_lora_rank, nope = cfg->mla.qk_nope_dim, dv = cfg->mla.v_head_dim;
 
-    /* scores [n], q_lat [L], lat [L], expanded-form k/v rows [nope + v] */
-    return n + 2 * Lr + nope + dv + 16;
+    /* One head's attention (the reference forms): scores [n], q_lat [L], lat [L], expanded
+     * k/v rows [nope + v]. The batched forward uses the workspace of all threads together
+     * for [H][n] scores, so each thread's share also covers H*n / 1. */
+    int64_t one = n + 2 * Lr + nope + dv + 16;
+    int64_t all = (int64_t)cfg->mla.n_heads * n;
+    return one > all ? one : all;
 }
 
 void
@@ -103,25 +107,64 @@ mla_attend_expanded(const struct kli_model *m, const struct kli_mla_w *w, const 
 struct mla_job {
     const struct kli_model *m;
     const struct kli_mla_w *w;
-    const float *cache;
-    int64_t pos;
     struct mla_scratch *sc;
+    int64_t T;
 };
 
-/* Items are (token, head) pairs; token t attends to cache rows [0, pos + t]. */
+/* Per head h: the absorbed queries q_lat = W_UK[h]^T q_nope of all T tokens in one product
+ * (W_UK is read once per batch, not once per token), then q_pe copied behind them. */
 static void
-mla_attn_range(void *ctx, int64_t i0, int64_t i1, int ith)
+mla_absorb_range(void *ctx, int64_t h0, int64_t h1, int ith)
 {
     struct mla_job *j = ctx;
     const struct kli_config_mla *c = &j->m->cfg.mla;
-    int64_t H = c->n_heads, dqk = c->qk_nope_dim + c->qk_rope_dim, dv = c->v_head_dim;
-    float *work = j->sc->work + ith * j->sc->work_stride;
+    int64_t H = c->n_heads, Lr = c->kv_lora_rank, nope = c->qk_nope_dim, rope = c->qk_rope_dim;
+    int64_t dqk = nope + rope, stride = Lr + rope;
 
-    for (int64_t i = i0; i < i1; i++) {
-        int64_t t = i / H, h = i % H;
-        mla_attend_absorbed(j->m, j->w, j->cache, j->pos + t + 1, h,
-                            j->sc->q + t * H * dqk + h * dqk, j->sc->o + t * H * dv + h * dv,
-                            work);
+    (void)ith;
+    for (int64_t h = h0; h < h1; h++) {
+        struct kli_tensor wuk = ops_view_f32(j->w->w_uk_t + h * Lr * nope, Lr, nope);
+        ops_matmul_rows(&wuk, 0, Lr, j->sc->q + h * dqk, H * dqk, j->sc->qfull + h * stride,
+                        H * stride, j->T);
+        for (int64_t t = 0; t < j->T; t++)
+            memcpy(j->sc->qfull + (t * H + h) * stride + Lr, j->sc->q + t * H * dqk + h * dqk +
+                   nope, (size_t)rope * sizeof(float));
+    }
+}
+
+/* Per head h: o[h] = W_UV[h] lat[h] for all T tokens in one product. */
+static void
+mla_expand_range(void *ctx, int64_t h0, int64_t h1, int ith)
+{
+    struct mla_job *j = ctx;
+    const struct kli_config_mla *c = &j->m->cfg.mla;
+    int64_t H = c->n_heads, Lr = c->kv_lora_rank, dv = c->v_head_dim;
+
+    (void)ith;
+    for (int64_t h = h0; h < h1; h++) {
+        struct kli_tensor wuv = ops_view_f32(j->w->w_uv + h * dv * Lr, dv, Lr);
+        ops_matmul_rows(&wuv, 0, dv, j->sc->lat + h * Lr, H * Lr, j->sc->o + h * dv, H * dv,
+                        j->T);
+    }
+}
+
+struct mla_softmax_job {
+    float *s;
+    int64_t n, ld;
+    float scale;
+};
+
+static void
+mla_softmax_range(void *ctx, int64_t h0, int64_t h1, int ith)
+{
+    struct mla_softmax_job *j = ctx;
+
+    (void)ith;
+    for (int64_t h = h0; h < h1; h++) {
+        float *row = j->s + h * j->ld;
+        for (int64_t i = 0; i < j->n; i++)
+            row[i] *= j->scale;
+        ops_softmax(row, j->n);
     }
 }
 
@@ -133,7 +176,8 @@ mla_forward(const struct kli_model *m, const struct kli_mla_w *w, float *cache, 
     const struct kli_config_mla *c = &cfg->mla;
     int64_t D = cfg->d_model, H = c->n_heads, Lr = c->kv_lora_rank, rope = c->qk_rope_dim;
     int64_t dqk = c->qk_nope_dim + rope, dv = c->v_head_dim, stride = Lr + rope;
-    struct mla_job j = {m, w, cache, pos, sc};
+    struct mla_job j = {m, w, sc, T};
+    float scale = 1.0f / sqrtf((float)dqk);
 
     ops_matmul(&w->q_proj, x, D, sc->q, H * dqk, T);
     ops_matmul(&w->kv_a, x, D, sc->ckv, stride, T);
@@ -144,6 +188,22 @@ mla_forward(const struct kli_model *m, const struct kli_mla_w *w, float *cache, 
         ops_rmsnorm(row, src, w->kv_a_norm, Lr, 1e-6f);
         memcpy(row + Lr, src + Lr, (size_t)rope * sizeof(float));
     }
-    threads_parallel_for(T * H, 1, mla_attn_range, &j);
+
+    /* Attention in matrix form, token by token (each sees its own causal prefix):
+     *   S [H][n]  = Q_full [H][L+rope] . cache[0:n]^T      every head against every latent
+     *   P         = softmax(S * scale) per head
+     *   lat [H][L] = P . cache[0:n][0:L]
+     * The cache is read once per token for all heads. */
+    threads_parallel_for(H, 1, mla_absorb_range, &j);
+    for (int64_t t = 0; t < T; t++) {
+        int64_t n = pos + t + 1;
+        float *S = sc->work;   /* [H][n]: the whole per-thread workspace is at least H*n */
+        struct kli_tensor keys = ops_view_f32(cache, n, stride);
+        ops_matmul(&keys, sc->qfull + t * H * stride, stride, S, n, H);
+        struct mla_softmax_job sj = {S, n, n, scale};
+        threads_parallel_for(H, 1, mla_softmax_range, &sj);
+        ops_gemm_nn(S, n, cache, stride, sc->lat + t * H * Lr, Lr, H, Lr, n);
+    }
+    threads_parallel_for(H, 1, mla_expand_range, &j);
     ops_matmul(&w->o_proj, sc->o, H * dv, out, D, T);
 }

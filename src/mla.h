@@ -13,7 +13,9 @@ struct mla_scratch {
     float *q;      /* [T][H*(nope+rope)] */
     float *ckv;    /* [T][L+rope] */
     float *o;      /* [T][H*v] */
-    float *work;   /* [n_threads][mla_work_floats(ctx)] */
+    float *qfull;  /* [T][H][L+rope]: absorbed query (W_UK^T q_nope) followed by q_pe */
+    float *lat;    /* [T][H][L]: attention-weighted latent per head */
+    float *work;   /* [n_threads][mla_work_floats(ctx)]; the batched path uses it whole */
     int64_t work_stride;
 };
 

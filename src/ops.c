@@ -105,6 +105,57 @@ ops_matmul(const struct kli_tensor *w, const float *x, int64_t ldx, float *y, in
     threads_parallel_for(w->shape[0], 16, matmul_range, &j);
 }
 
+struct kli_tensor
+ops_view_f32(const float *data, int64_t rows, int64_t cols)
+{
+    struct kli_tensor t;
+
+    memset(&t, 0, sizeof(t));
+    t.dtype = KLI_DT_F32;
+    t.ndim = 2;
+    t.shape[0] = rows;
+    t.shape[1] = cols;
+    t.data = data;
+    t.name = "(scratch)";
+    return t;
+}
+
+struct gemm_nn_job {
+    const float *x, *B;
+    float *y;
+    int64_t ldx, ldb, ldy, n, k;
+};
+
+static void
+gemm_nn_range(void *ctx, int64_t i0, int64_t i1, int ith)
+{
+    struct gemm_nn_job *j = ctx;
+
+    (void)ith;
+#ifdef HAVE_OPENBLAS
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (blasint)(i1 - i0), (blasint)j->n,
+                (blasint)j->k, 1.0f, j->x + i0 * j->ldx, (blasint)j->ldx, j->B, (blasint)j->ldb,
+                0.0f, j->y + i0 * j->ldy, (blasint)j->ldy);
+#else
+    const struct kli_kernels *kk = kli_kernels();
+    for (int64_t i = i0; i < i1; i++) {
+        float *yi = j->y + i * j->ldy;
+        memset(yi, 0, (size_t)j->n * sizeof(float));
+        for (int64_t l = 0; l < j->k; l++)
+            kk->axpy(yi, j->x[i * j->ldx + l], j->B + l * j->ldb, j->n);
+    }
+#endif
+}
+
+void
+ops_gemm_nn(const float *x, int64_t ldx, const float *B, int64_t ldb, float *y, int64_t ldy,
+            int64_t m, int64_t n, int64_t k)
+{
+    struct gemm_nn_job j = {x, B, y, ldx, ldb, ldy, n, k};
+
+    threads_parallel_for(m, 1, gemm_nn_range, &j);
+}
+
 void
 ops_rmsnorm(float *y, const float *x, const float *w, int64_t n, float eps)
 {

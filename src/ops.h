@@ -21,6 +21,14 @@ void ops_matmul(const struct kli_tensor *w, const float *x, int64_t ldx, float *
 void ops_matmul_rows(const struct kli_tensor *w, int64_t r0, int64_t r1, const float *x,
                      int64_t ldx, float *y, int64_t ldy, int64_t m);
 
+/* y[i][j] = sum_l x[i][l] * B[l][j] for i < m, j < n, l < k: the product with a row-major
+ * B [k][ldb] (not transposed, unlike ops_matmul). Rows of y split across the workers. */
+void ops_gemm_nn(const float *x, int64_t ldx, const float *B, int64_t ldb, float *y,
+                 int64_t ldy, int64_t m, int64_t n, int64_t k);
+
+/* A float tensor view over memory the caller owns: rows [rows][cols], row stride = cols. */
+struct kli_tensor ops_view_f32(const float *data, int64_t rows, int64_t cols);
+
 /* y = x / sqrt(mean(x^2) + eps) * w over n values (y may alias x). */
 void ops_rmsnorm(float *y, const float *x, const float *w, int64_t n, float eps);
 

@@ -48,11 +48,13 @@ kli_session_free(struct kli_session *s)
     }
     free(s->kda);
     free(s->cache);
+    free(s->hist);
     float *bufs[] = {s->h, s->x, s->y, s->ffn_h1, s->ffn_h3, s->logits,
                      s->kda_sc.raw[0], s->kda_sc.raw[1], s->kda_sc.raw[2],
                      s->kda_sc.qkv[0], s->kda_sc.qkv[1], s->kda_sc.qkv[2],
                      s->kda_sc.g, s->kda_sc.beta, s->kda_sc.low, s->kda_sc.gate, s->kda_sc.o,
                      s->kda_sc.chunk, s->mla_sc.q, s->mla_sc.ckv, s->mla_sc.o, s->mla_sc.work,
+                     s->mla_sc.qfull, s->mla_sc.lat,
                      s->moe_sc.logits, s->moe_sc.wt, s->moe_sc.xe, s->moe_sc.ye,
                      s->moe_sc.h1, s->moe_sc.h3};
     for (size_t i = 0; i < KLI_ARRAY_LEN(bufs); i++)
@@ -90,6 +92,11 @@ session_reserve(struct kli_session *s, int64_t n, struct kli_err *err)
         kli_free_aligned(s->cache[i]);
         s->cache[i] = p;
     }
+    kli_token *hist = kli_reallocarray(s->hist, (size_t)cap, sizeof(kli_token));
+    if (hist == NULL)
+        return kli_err_set(err, KLI_E_NOMEM, "out of memory growing the token history to %lld "
+                           "tokens", (long long)cap);
+    s->hist = hist;
     int64_t ws = mla_work_floats(cfg, cap);
     float *w = sess_floats(ws * s->n_threads);
     if (w == NULL)
@@ -175,8 +182,11 @@ kli_session_create(struct kli_session **out, const struct kli_model *m,
     s->mla_sc.q = sess_floats(B * Hm * dqk);
     s->mla_sc.ckv = sess_floats(B * stride);
     s->mla_sc.o = sess_floats(B * Hm * cfg->mla.v_head_dim);
+    s->mla_sc.qfull = sess_floats(B * Hm * stride);
+    s->mla_sc.lat = sess_floats(B * Hm * cfg->mla.kv_lora_rank);
     if (!s->kda_sc.g || !s->kda_sc.beta || !s->kda_sc.low || !s->kda_sc.gate || !s->kda_sc.o ||
-        !s->kda_sc.chunk || !s->mla_sc.q || !s->mla_sc.ckv || !s->mla_sc.o)
+        !s->kda_sc.chunk || !s->mla_sc.q || !s->mla_sc.ckv || !s->mla_sc.o ||
+        !s->mla_sc.qfull || !s->mla_sc.lat)
         goto nomem;
     if (E > 0) {
         s->moe_sc.logits = sess_floats(B * E);
@@ -250,6 +260,7 @@ kli_session_eval(struct kli_session *s, const kli_token *tokens, int32_t n, floa
     int64_t V = s->m->cfg.n_vocab;
     for (int32_t i = 0; i < n; i += s->batch_max) {
         int32_t T = n - i < s->batch_max ? n - i : s->batch_max;
+        memcpy(s->hist + s->pos, tokens + i, (size_t)T * sizeof(kli_token));
         forward_batch(s, tokens + i, T, logits != NULL ? logits + (int64_t)i * V : NULL);
     }
     return KLI_OK;
@@ -264,6 +275,14 @@ kli_session_logits(const struct kli_session *s)
 int32_t
 kli_session_pos(const struct kli_session *s)
 {
+    return s->pos;
+}
+
+int32_t
+kli_session_tokens(const struct kli_session *s, const kli_token **out)
+{
+    if (out != NULL)
+        *out = s->hist;
     return s->pos;
 }
 
