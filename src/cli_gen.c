@@ -21,12 +21,14 @@
 enum {
     OPT_TEMP = 256, OPT_TOPK, OPT_TOPP, OPT_MINP, OPT_REPEAT, OPT_PRESENCE, OPT_FREQUENCY,
     OPT_LASTN, OPT_SEED, OPT_STOP, OPT_RAW, OPT_SPECIAL, OPT_MESSAGES, OPT_CTX, OPT_QUIET,
+    OPT_SAVE_STATE, OPT_LOAD_STATE,
 };
 
 #define GEN_MAX_STOP 16
 
 struct gen_args {
     const char *model, *prompt, *file, *system, *messages;
+    const char *save_state, *load_state;   /* kli run --save-state / --load-state */
     int raw, special, quiet;
     long threads, max_tokens, ctx;
     struct kli_sampler_options so;
@@ -58,6 +60,8 @@ static const struct option gen_opts[] = {
     {"special", no_argument, NULL, OPT_SPECIAL},
     {"ctx", required_argument, NULL, OPT_CTX},
     {"quiet", no_argument, NULL, OPT_QUIET},
+    {"save-state", required_argument, NULL, OPT_SAVE_STATE},
+    {"load-state", required_argument, NULL, OPT_LOAD_STATE},
     {"help", no_argument, NULL, 'h'},
     {NULL, 0, NULL, 0},
 };
@@ -165,6 +169,8 @@ gen_parse(int argc, char **argv, struct gen_args *a, const char *usage)
         case OPT_RAW: a->raw = 1; break;
         case OPT_SPECIAL: a->special = 1; break;
         case OPT_QUIET: a->quiet = 1; break;
+        case OPT_SAVE_STATE: a->save_state = optarg; break;
+        case OPT_LOAD_STATE: a->load_state = optarg; break;
         case 'h':
             printf("%s", usage);
             return 1;
@@ -304,11 +310,14 @@ out:
     return n;
 }
 
+/* With `cont`, the session already holds a conversation (a loaded state): the chat format
+ * renders the next turn as kli chat does, after an <|im_end|> that closes the last answer. */
 static int64_t
 prompt_tokens(const struct gen_args *a, const struct kli_tokenizer *tok, const char *text,
-              size_t len, kli_token **ids, struct kli_err *err)
+              size_t len, int cont, kli_token **ids, struct kli_err *err)
 {
     int64_t n;
+    int off = cont ? 1 : 0;
 
     if (a->raw) {
         *ids = malloc((len + 1) * sizeof(kli_token));
@@ -326,13 +335,16 @@ prompt_tokens(const struct gen_args *a, const struct kli_tokenizer *tok, const c
     }
     msgs[nm].role = "user";
     msgs[nm++].content = text;
-    n = kli_chat_render(tok, msgs, nm, 1, 0, NULL, 0, err);
+    n = kli_chat_render(tok, msgs, nm, 1, cont, NULL, 0, err);
     if (n < 0)
         return n;
-    *ids = malloc((size_t)n * sizeof(kli_token) + 1);
+    *ids = malloc(((size_t)n + 1) * sizeof(kli_token));
     if (*ids == NULL)
         return gen_oom(err);
-    return kli_chat_render(tok, msgs, nm, 1, 0, *ids, n, err);
+    if (cont)
+        (*ids)[0] = kli_tokenizer_find_special(tok, "<|im_end|>");
+    n = kli_chat_render(tok, msgs, nm, 1, cont, *ids + off, n, err);
+    return n < 0 ? n : n + off;
 }
 
 /* ==== kli run ============================================================================= */
@@ -342,6 +354,7 @@ static const char run_usage[] =
     "               [-s SYSTEM] [-n MAX] [--temp T] [--top-k K] [--top-p P] [--min-p P]\n"
     "               [--repeat-penalty R] [--presence-penalty P] [--frequency-penalty F]\n"
     "               [--repeat-last-n N] [--seed S] [--stop STR]... [--ctx N] [-t N] [--quiet]\n"
+    "               [--load-state FILE] [--save-state FILE]\n"
     "Without -m, the built-in demo model runs. Without -p/-f, the prompt is read from stdin.\n";
 
 static int
@@ -401,20 +414,21 @@ cmd_run(int argc, char **argv)
         cli_error("%s: no tokenizer (tiktoken.model) in the model directory", path);
         goto out;
     }
-    if (a.messages != NULL)
-        n = messages_tokens(tok, a.messages, &ids, &err);
-    else
-        n = prompt_tokens(&a, tok, text, len, &ids, &err);
-    if (n < 0) {
-        if (err.msg[0] != '\0')
-            cli_error("prompt: %s", err.msg);
-        goto out;
-    }
     kli_session_options_init(&sopt);
     sopt.ctx_max = (int32_t)a.ctx;
     if (kli_session_create(&s, m, &sopt, &err) != KLI_OK ||
-        kli_sampler_create(&smp, &a.so, kli_model_n_vocab(m), &err) != KLI_OK) {
+        kli_sampler_create(&smp, &a.so, kli_model_n_vocab(m), &err) != KLI_OK ||
+        (a.load_state != NULL && kli_session_load(s, smp, a.load_state, &err) != KLI_OK)) {
         cli_error("%s", err.msg);
+        goto out;
+    }
+    if (a.messages != NULL)
+        n = messages_tokens(tok, a.messages, &ids, &err);
+    else
+        n = prompt_tokens(&a, tok, text, len, kli_session_pos(s) > 0, &ids, &err);
+    if (n < 0) {
+        if (err.msg[0] != '\0')
+            cli_error("prompt: %s", err.msg);
         goto out;
     }
     kli_generate_options_init(&go);
@@ -434,6 +448,10 @@ cmd_run(int argc, char **argv)
     }
     if (!a.quiet)
         gen_report(&res);
+    if (a.save_state != NULL && kli_session_save(s, smp, a.save_state, &err) != KLI_OK) {
+        cli_error("%s", err.msg);
+        goto out;
+    }
     rc = gen_interrupted ? 130 : 0;
 out:
     free(ids);
@@ -447,9 +465,19 @@ out:
 
 /* ==== kli chat ============================================================================ */
 
+/* Is `line` the command `cmd`, alone or followed by a space and an argument? */
+static int
+chat_is_cmd(const char *line, const char *cmd)
+{
+    size_t n = strlen(cmd);
+
+    return strncmp(line, cmd, n) == 0 && (line[n] == '\0' || line[n] == ' ' || line[n] == '\t');
+}
+
 static const char chat_usage[] =
     "usage: kli chat [-m MODEL] [-s SYSTEM] [-n MAX] [sampling options as for run] [--ctx N]\n"
-    "Commands inside the chat: /reset, /help, /exit. Ctrl-C stops the current answer.\n";
+    "Commands inside the chat: /reset, /save FILE, /load FILE, /help, /exit. Ctrl-C stops the\n"
+    "current answer.\n";
 
 static int
 cmd_chat(int argc, char **argv)
@@ -470,6 +498,11 @@ cmd_chat(int argc, char **argv)
         return pr > 0 ? 0 : 2;
     if (a.prompt != NULL || a.file != NULL || a.messages != NULL || a.raw) {
         cli_error("chat: -p, -f, --messages and --raw belong to 'kli run'");
+        return 2;
+    }
+    if (a.save_state != NULL || a.load_state != NULL) {
+        cli_error("chat: --save-state and --load-state belong to 'kli run'; in the chat, use "
+                  "/save FILE and /load FILE");
         return 2;
     }
     const char *path = gen_model_path(&a);
@@ -528,8 +561,32 @@ cmd_chat(int argc, char **argv)
         if (strcmp(line, "/exit") == 0 || strcmp(line, "/quit") == 0)
             break;
         if (strcmp(line, "/help") == 0) {
-            printf("/reset  forget the conversation\n/help   this text\n/exit   leave "
-                   "(also /quit and Ctrl-D)\nCtrl-C stops the current answer.\n");
+            printf("/reset  forget the conversation\n/save F save the conversation (and the "
+                   "sampler) to file F\n/load F go on from a conversation saved in F\n"
+                   "/help   this text\n/exit   leave (also /quit and Ctrl-D)\n"
+                   "Ctrl-C stops the current answer.\n");
+            continue;
+        }
+        if (chat_is_cmd(line, "/save") || chat_is_cmd(line, "/load")) {
+            const char *f = line + 5;
+            int load = line[1] == 'l';
+            while (*f == ' ' || *f == '\t')
+                f++;
+            if (*f == '\0') {
+                printf("usage: %s FILE\n", load ? "/load" : "/save");
+                continue;
+            }
+            memset(&err, 0, sizeof(err));
+            if ((load ? kli_session_load(s, smp, f, &err)
+                      : kli_session_save(s, smp, f, &err)) != KLI_OK) {
+                cli_error("%s", err.msg);
+                continue;
+            }
+            /* After a load the next turn continues the loaded conversation. */
+            if (load)
+                turns = kli_session_pos(s) > 0;
+            printf("(%s %d tokens %s %s)\n", load ? "loaded" : "saved", kli_session_pos(s),
+                   load ? "from" : "to", f);
             continue;
         }
         if (strcmp(line, "/reset") == 0) {

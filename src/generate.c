@@ -76,7 +76,8 @@ gen_emit(struct gen_text *t, size_t k, const struct kli_generate_options *o)
 
     if (k > 0 && o->on_text != NULL)
         stop = o->on_text(o->ud, t->buf, k);
-    memmove(t->buf, t->buf + k, t->n - k);
+    if (k > 0)
+        memmove(t->buf, t->buf + k, t->n - k);   /* buf is NULL until text arrives */
     t->n -= k;
     return stop;
 }

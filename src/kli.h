@@ -253,6 +253,12 @@ const float *kli_session_logits(const struct kli_session *s);
 /* @return the number of tokens the session has seen. */
 int32_t kli_session_pos(const struct kli_session *s);
 
+/* The token ids the session has seen, in order (prompt and generated tokens alike).
+ * @param out  receives a pointer to kli_session_pos(s) ids (borrowed: valid until the next
+ *             eval/reset/restore/free of the session); may be NULL.
+ * @return the number of ids, kli_session_pos(s). */
+int32_t kli_session_tokens(const struct kli_session *s, const kli_token **out);
+
 /* Time spent per part of the forward pass, accumulated over evals since the session was
  * created or kli_session_reset_timers was called. */
 enum kli_phase {
@@ -304,6 +310,65 @@ void kli_sampler_accept(struct kli_sampler *smp, kli_token tok);
 
 /* Forgets the recorded tokens and restarts the random stream from the seed. */
 void kli_sampler_reset(struct kli_sampler *smp);
+
+/* ==== Snapshots: saving, restoring and forking a session ==================================
+ * A snapshot is a session's complete state: the KDA recurrent and convolution states, the MLA
+ * latent cache, the token history, the logits of the last position and, when a sampler is
+ * given, the sampler's random stream and recent tokens. Restoring it and going on gives the
+ * same tokens and bitwise the same logits as going on without the interruption (on the same
+ * model, with the same thread count and CPU kernels).
+ *
+ * The bytes are a versioned header (magic "KLISNAP", the fingerprint of the model, sizes and
+ * checksums) and a zstd frame (stored uncompressed when kli is built without zstd; both
+ * forms are read back). The format is described in kli(3). A snapshot is tied to its model:
+ * the fingerprint covers the configuration, every tensor's name, dtype and shape and the
+ * dtypes the weights are computed in (kli_model_options.weight_type), but not the weight
+ * values. The sampler options are recorded but not restored: a restore puts the random
+ * stream and recent tokens into the sampler given, whatever its options. */
+
+/* Writes a snapshot of `s` (and of `smp`, when not NULL) to `buf`.
+ * @param buf  receives the first min(cap, result) bytes; may be NULL when cap is 0.
+ * @return the size of the whole snapshot, which may exceed `cap` (see kli_tokenize for the
+ *         protocol; note that a call compresses the whole state, so size the buffer
+ *         generously rather than asking first); KLI_E_INVALID for bad arguments;
+ *         KLI_E_NOMEM. The session and sampler are not modified. */
+int64_t kli_session_snapshot(const struct kli_session *s, const struct kli_sampler *smp,
+                             void *buf, int64_t cap, struct kli_err *err);
+
+/* Replaces the state of `s` (and of `smp`) by the snapshot in buf[0..len). Everything is
+ * checked and decoded into temporary memory before the session is touched: when this fails,
+ * the session and the sampler are exactly as they were.
+ * @param smp  NULL: sampler state in the snapshot is ignored. A snapshot without sampler
+ *             state leaves `smp` as it is. When `smp` has a shorter penalty window than the
+ *             saved sampler, the most recent tokens that fit are kept.
+ * @return KLI_OK; KLI_E_FORMAT for bytes that are not a snapshot, are truncated or damaged
+ *         (checksum mismatch); KLI_E_INVALID when the snapshot was made with another model
+ *         (the message names both fingerprints); KLI_E_UNSUPPORTED for a newer format
+ *         version, or a compressed snapshot in a build without zstd; KLI_E_RANGE when it
+ *         holds more tokens than the session's ctx_max; KLI_E_NOMEM. The session's options
+ *         (ctx_max, batch_max) stay its own. */
+int kli_session_restore(struct kli_session *s, struct kli_sampler *smp, const void *buf,
+                        size_t len, struct kli_err *err);
+
+/* kli_session_snapshot to a file: written to PATH.tmp, synced, and renamed over `path`, so
+ * `path` holds either the old file or the complete new one.
+ * @return KLI_OK; KLI_E_IO naming the file; KLI_E_NOMEM; KLI_E_INVALID. */
+int kli_session_save(const struct kli_session *s, const struct kli_sampler *smp,
+                     const char *path, struct kli_err *err);
+
+/* kli_session_restore from a file. Messages name the file.
+ * @return as kli_session_restore, and KLI_E_IO when the file cannot be read. */
+int kli_session_load(struct kli_session *s, struct kli_sampler *smp, const char *path,
+                     struct kli_err *err);
+
+/* Creates a new, independent session with the model and options of `src` and a copy of its
+ * state (no serialisation): many continuations can share one evaluated prefix. Evaluating
+ * one session never changes the other. The sampler is not part of a session: fork it by
+ * creating another (see kli_session_snapshot to carry its random stream over).
+ * @return KLI_OK; KLI_E_NOMEM; KLI_E_INVALID. On failure *out is NULL; on success the
+ *         caller owns *out and releases it with kli_session_free(). */
+int kli_session_fork(struct kli_session **out, const struct kli_session *src,
+                     struct kli_err *err);
 
 /* ==== Chat format ========================================================================== */
 

@@ -430,6 +430,137 @@ bind_all(struct bind *b)
 
 #undef L
 
+/* ==== Fingerprint ===========================================================================
+ * A 64-bit FNV-1a hash that names a model for session snapshots (snapshot.c): a state is only
+ * valid for the exact computation that produced it. It covers the configuration values, every
+ * stored tensor's name, dtype and shape (summed per tensor, so the order of the checkpoint's
+ * directory does not matter), and the effective dtype of every bound matrix, so that opening
+ * the same checkpoint with another weight_type gives another fingerprint. Weight values are
+ * not hashed: that would read the whole checkpoint at open. If you add a config field that
+ * changes the computation, add it to model_fp_config. */
+
+#define MODEL_FNV_BASIS 0xcbf29ce484222325ull
+#define MODEL_FNV_PRIME 0x100000001b3ull
+
+static uint64_t
+model_fnv(uint64_t h, const void *p, size_t n)
+{
+    const uint8_t *b = p;
+
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ b[i]) * MODEL_FNV_PRIME;
+    return h;
+}
+
+static uint64_t
+model_fnv_i64(uint64_t h, int64_t v)
+{
+    uint8_t b[8];
+
+    for (int i = 0; i < 8; i++)
+        b[i] = (uint8_t)((uint64_t)v >> (8 * i));
+    return model_fnv(h, b, 8);
+}
+
+static uint64_t
+model_fnv_f32(uint64_t h, float f)
+{
+    uint32_t u;
+
+    memcpy(&u, &f, 4);
+    return model_fnv_i64(h, u);
+}
+
+static uint64_t
+model_fp_config(uint64_t h, const struct kli_config *c)
+{
+    const int32_t ints[] = {
+        c->d_model, c->n_layers, c->n_vocab, c->d_ff, c->ctx_max, c->tie_embeddings,
+        c->bos, c->eos, c->pad, c->kda.n_heads, c->kda.head_dim, c->kda.conv_size,
+        c->mla.n_heads, c->mla.kv_lora_rank, c->mla.qk_nope_dim, c->mla.qk_rope_dim,
+        c->mla.v_head_dim, c->moe.n_experts, c->moe.top_k, c->moe.n_shared, c->moe.d_ff,
+        c->moe.first_dense, c->moe.layer_freq, c->moe.n_group, c->moe.topk_group,
+        c->moe.sigmoid, c->moe.renormalize,
+    };
+
+    for (size_t i = 0; i < KLI_ARRAY_LEN(ints); i++)
+        h = model_fnv_i64(h, ints[i]);
+    h = model_fnv_f32(h, c->norm_eps);
+    h = model_fnv_f32(h, c->moe.scaling);
+    for (int i = 0; i < c->n_layers; i++) {
+        h = model_fnv_i64(h, c->layer_mixer[i]);
+        h = model_fnv_i64(h, c->layer_ffn[i]);
+    }
+    return h;
+}
+
+/* A bound matrix as the kernels see it: name, effective dtype, shape. */
+static uint64_t
+model_fp_mat(uint64_t h, const struct kli_tensor *t)
+{
+    if (t->name != NULL)
+        h = model_fnv(h, t->name, strlen(t->name) + 1);
+    h = model_fnv_i64(h, t->dtype);
+    h = model_fnv_i64(h, t->shape[0]);
+    return model_fnv_i64(h, t->shape[1]);
+}
+
+static uint64_t
+model_fp_ffn(uint64_t h, const struct kli_ffn_w *f)
+{
+    h = model_fp_mat(h, &f->gate);
+    h = model_fp_mat(h, &f->up);
+    return model_fp_mat(h, &f->down);
+}
+
+static uint64_t
+model_fingerprint(const struct kli_model *m)
+{
+    const struct kli_config *c = &m->cfg;
+    uint64_t h = model_fnv(MODEL_FNV_BASIS, "kli-model-1", 12), dir = 0;
+    int64_t n = kli_wfile_n_tensors(m->wf);
+
+    h = model_fp_config(h, c);
+    for (int64_t i = 0; i < n; i++) {
+        const struct kli_tensor_desc *d = kli_wfile_tensor(m->wf, i);
+        uint64_t t = model_fnv(MODEL_FNV_BASIS, d->name, strlen(d->name) + 1);
+        t = model_fnv(t, d->dtype_name, strlen(d->dtype_name) + 1);
+        t = model_fnv_i64(t, d->ndim);
+        for (int k = 0; k < d->ndim && k < KLI_MAX_DIMS; k++)
+            t = model_fnv_i64(t, d->shape[k]);
+        dir += t;
+    }
+    h = model_fnv_i64(h, (int64_t)dir);
+    h = model_fp_mat(h, &m->embed);
+    h = model_fp_mat(h, &m->lm_head);
+    for (int i = 0; i < c->n_layers; i++) {
+        const struct kli_layer *ly = &m->layers[i];
+        if (ly->mixer == KLI_MIXER_KDA) {
+            const struct kli_tensor *kt[] = {
+                &ly->kda.q_proj, &ly->kda.k_proj, &ly->kda.v_proj, &ly->kda.f_a, &ly->kda.f_b,
+                &ly->kda.b_proj, &ly->kda.g_a, &ly->kda.g_b, &ly->kda.o_proj,
+            };
+            for (size_t k = 0; k < KLI_ARRAY_LEN(kt); k++)
+                h = model_fp_mat(h, kt[k]);
+        } else {
+            h = model_fp_mat(h, &ly->mla.q_proj);
+            h = model_fp_mat(h, &ly->mla.kv_a);
+            h = model_fp_mat(h, &ly->mla.kv_b);
+            h = model_fp_mat(h, &ly->mla.o_proj);
+        }
+        if (ly->ffn_kind == KLI_FFN_DENSE) {
+            h = model_fp_ffn(h, &ly->ffn);
+            continue;
+        }
+        h = model_fp_mat(h, &ly->moe.router);
+        for (int e = 0; e < c->moe.n_experts; e++)
+            h = model_fp_ffn(h, &ly->moe.experts[e]);
+        if (c->moe.n_shared > 0)
+            h = model_fp_ffn(h, &ly->moe.shared);
+    }
+    return h;
+}
+
 void
 kli_model_options_init(struct kli_model_options *opt)
 {
@@ -540,6 +671,7 @@ kli_model_open(struct kli_model **out, const char *path, const struct kli_model_
         }
     }
     m->n_threads = threads_count();
+    m->fingerprint = model_fingerprint(m);
     *out = m;
     return KLI_OK;
 fail:

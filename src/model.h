@@ -87,6 +87,7 @@ struct kli_model {
     int64_t n_owned, cap_owned;
     struct kli_tokenizer *tok;    /* NULL when the directory has no tokenizer */
     int n_threads;
+    uint64_t fingerprint;         /* identity for session snapshots (model_fingerprint) */
 };
 
 /* Bytes of one row of a tensor. */

@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "internal.h"
+#include "sampler.h"
 
 struct sampler_cand {
     float logit;
@@ -130,6 +131,50 @@ kli_sampler_accept(struct kli_sampler *smp, kli_token tok)
         smp->n_recent++;
     }
     smp->count[tok]++;
+}
+
+/* ==== state for snapshots (sampler.h) ==================================================== */
+
+const struct kli_sampler_options *
+sampler_options(const struct kli_sampler *smp)
+{
+    return &smp->o;
+}
+
+int32_t
+sampler_n_vocab(const struct kli_sampler *smp)
+{
+    return smp->n_vocab;
+}
+
+uint64_t
+sampler_rng(const struct kli_sampler *smp)
+{
+    return smp->rng;
+}
+
+int32_t
+sampler_n_recent(const struct kli_sampler *smp)
+{
+    return smp->n_recent;
+}
+
+kli_token
+sampler_recent(const struct kli_sampler *smp, int32_t i)
+{
+    return smp->recent[(smp->head + i) % smp->o.penalty_last_n];
+}
+
+void
+sampler_set_state(struct kli_sampler *smp, uint64_t rng, const kli_token *recent, int32_t n)
+{
+    int32_t w = smp->o.penalty_last_n;
+
+    smp->n_recent = smp->head = 0;
+    memset(smp->count, 0, (size_t)smp->n_vocab * sizeof(int32_t));
+    for (int32_t i = n > w ? n - w : 0; i < n; i++)
+        kli_sampler_accept(smp, recent[i]);
+    smp->rng = rng;
 }
 
 /* xorshift64*: a uniform float in [0, 1). */

@@ -21,6 +21,7 @@ struct kli_session {
     struct kda_state *kda;        /* [n_layers]; empty for MLA layers */
     float **cache;                /* [n_layers] MLA latent cache [cache_cap][L+rope] */
     int64_t cache_cap;
+    kli_token *hist;              /* [cache_cap] the ids seen, rows [0,pos) valid */
 
     /* scratch for batch_max tokens */
     float *h;                     /* [B][d_model] residual stream */
@@ -35,7 +36,7 @@ struct kli_session {
     double phase[KLI_PHASE_COUNT];   /* seconds per part of the forward pass */
 };
 
-/* Grows the MLA cache (and attention workspace) to hold `n` tokens. */
+/* Grows the MLA cache, the token history (and attention workspace) to hold `n` tokens. */
 int session_reserve(struct kli_session *s, int64_t n, struct kli_err *err);
 
 #endif

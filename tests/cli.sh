@@ -70,5 +70,38 @@ fi
 t "logits --chunk 0 is rejected" 2 "$kli" logits -m "$model" --ids 1 --chunk 0 -o "$tmp/y"
 t "logits with a missing ids file" 1 "$kli" logits -m "$model" --ids-file "$tmp/none" -o "$tmp/y"
 
+# ---- session state: --save-state / --load-state, /save and /load ----
+t "run uninterrupted" 0 "$kli" run -m "$model" --raw -p 'Once' -n 12 --temp 1 --seed 9 --quiet
+cp "$tmp/out" "$tmp/full.txt"
+t "run --save-state after the prompt" 0 "$kli" run -m "$model" --raw -p 'Once' -n 0 --temp 1 \
+    --seed 9 --quiet --save-state "$tmp/st"
+t "run --load-state continues" 0 "$kli" run -m "$model" --raw -p '' -n 12 --temp 1 --seed 9 \
+    --quiet --load-state "$tmp/st"
+n=$((n + 1))
+if cmp -s "$tmp/out" "$tmp/full.txt"; then
+    echo "ok $n - a saved and loaded run continues as the uninterrupted one"
+else
+    fail=1; echo "not ok $n - the continuation after --load-state differs"
+fi
+t "chat format after --load-state" 0 "$kli" run -m "$model" -p 'More' -n 4 --quiet \
+    --load-state "$tmp/st" --save-state "$tmp/st2"
+t "--load-state of a missing file" 1 "$kli" run -m "$model" -p x -n 1 --load-state "$tmp/none"
+has "the missing state file is named" "$tmp/err" "$tmp/none"
+cp "$tmp/st" "$tmp/bad"
+printf 'XXXX' | dd of="$tmp/bad" bs=1 seek=200 conv=notrunc 2>/dev/null
+t "--load-state of a damaged file" 1 "$kli" run -m "$model" -p x -n 1 --load-state "$tmp/bad"
+has "the damage is reported" "$tmp/err" "damaged"
+t "--load-state longer than --ctx" 1 "$kli" run -m "$model" -p x -n 1 --ctx 2 \
+    --load-state "$tmp/st2"
+has "the context limit is named" "$tmp/err" "ctx_max"
+t "chat refuses --load-state" 2 "$kli" chat -m "$model" --load-state "$tmp/st"
+printf '%s\n' 'Hi' "/save $tmp/c.state" '/load' "/load $tmp/c.state" 'Again' "/load $tmp/none" \
+    >"$tmp/chat.in"
+t "chat /save and /load" 0 sh -c '"$1" chat -m "$2" -n 4 <"$3"' sh "$kli" "$model" "$tmp/chat.in"
+has "/save reports" "$tmp/out" "(saved "
+has "/load reports" "$tmp/out" "(loaded "
+has "/load without a file shows the usage" "$tmp/out" "usage: /load FILE"
+has "a failed /load is reported" "$tmp/err" "$tmp/none"
+
 echo "1..$n"
 exit $fail

@@ -35,7 +35,7 @@ main(void)
     s = mk(&o, 5);
     float tie[5] = {1, 3, 2, 3, -1};
     ok(kli_sampler_sample(s, tie) == 1, "greedy picks the argmax, ties to the lower id");
-    float nan[3] = {NAN, 1, 0};
+    float nan[5] = {NAN, 1, 0, -1, -2};
     ok(kli_sampler_sample(s, nan) == 1, "a NaN logit is never picked");
     kli_sampler_free(s);
 

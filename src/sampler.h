@@ -1,0 +1,33 @@
+/*
+ * sampler.h - the mutable state of a kli_sampler (the random stream and the ring of recent
+ * tokens the penalties look at), for session snapshots (snapshot.c).
+ */
+#ifndef KLI_SAMPLER_H
+#define KLI_SAMPLER_H
+
+#include <stdint.h>
+
+#include "kli.h"
+
+/* @return the options the sampler was created with (borrowed). */
+const struct kli_sampler_options *sampler_options(const struct kli_sampler *smp);
+
+/* @return the vocabulary size the sampler was created for. */
+int32_t sampler_n_vocab(const struct kli_sampler *smp);
+
+/* @return the state of the random stream; never 0 (xorshift64* would stay at 0). */
+uint64_t sampler_rng(const struct kli_sampler *smp);
+
+/* @return the number of recent tokens held (at most the options' penalty_last_n). */
+int32_t sampler_n_recent(const struct kli_sampler *smp);
+
+/* @return recent token i, oldest first: i in [0, sampler_n_recent). */
+kli_token sampler_recent(const struct kli_sampler *smp, int32_t i);
+
+/* Replaces the random stream and the recent tokens (oldest first). When `n` exceeds this
+ * sampler's penalty_last_n, only the last penalty_last_n tokens are kept. The caller has
+ * checked that rng is not 0 and that every token is in [0, n_vocab). */
+void sampler_set_state(struct kli_sampler *smp, uint64_t rng, const kli_token *recent,
+                       int32_t n);
+
+#endif
