@@ -45,16 +45,23 @@ add_rows(float *h, const float *y, int64_t n)
 }
 
 void
-forward_batch(struct kli_session *s, const kli_token *tok, int64_t T, float *logits_all)
+forward_run(struct kli_session *const *ss, int64_t n_seq, const kli_token *tok, int64_t T_seq,
+            float *logits_all)
 {
+    struct kli_session *s = ss[0];   /* its scratch serves every row */
     const struct kli_model *m = s->m;
     const struct kli_config *cfg = &m->cfg;
-    int64_t D = cfg->d_model, V = cfg->n_vocab;
+    int64_t D = cfg->d_model, V = cfg->n_vocab, T = n_seq * T_seq;
+    struct kda_state *kst[FORWARD_MAX_SEQ];
+    float *caches[FORWARD_MAX_SEQ];
+    int64_t pos[FORWARD_MAX_SEQ];
 
     double t0 = fwd_now(), t1;
 
     for (int64_t t = 0; t < T; t++)
         ops_row_f32(&m->embed, tok[t], s->h + t * D);
+    for (int64_t q = 0; q < n_seq; q++)
+        pos[q] = ss[q]->pos;
 
     for (int i = 0; i < cfg->n_layers; i++) {
         const struct kli_layer *ly = &m->layers[i];
@@ -62,10 +69,15 @@ forward_batch(struct kli_session *s, const kli_token *tok, int64_t T, float *log
         rmsnorm_rows(s->x, s->h, ly->attn_norm, T, D, cfg->norm_eps);
         t1 = fwd_now();
         s->phase[KLI_PHASE_OTHER] += t1 - t0;
-        if (ly->mixer == KLI_MIXER_KDA)
-            kda_forward(m, &ly->kda, &s->kda[i], &s->kda_sc, s->x, T, s->y);
-        else
-            mla_forward(m, &ly->mla, s->cache[i], s->pos, &s->mla_sc, s->x, T, s->y);
+        if (ly->mixer == KLI_MIXER_KDA) {
+            for (int64_t q = 0; q < n_seq; q++)
+                kst[q] = &ss[q]->kda[i];
+            kda_forward(m, &ly->kda, kst, n_seq, &s->kda_sc, s->x, T_seq, s->y);
+        } else {
+            for (int64_t q = 0; q < n_seq; q++)
+                caches[q] = ss[q]->cache[i];
+            mla_forward(m, &ly->mla, caches, pos, n_seq, &s->mla_sc, s->x, T_seq, s->y);
+        }
         t0 = fwd_now();
         s->phase[ly->mixer == KLI_MIXER_KDA ? KLI_PHASE_KDA : KLI_PHASE_MLA] += t0 - t1;
         add_rows(s->h, s->y, T * D);
@@ -83,14 +95,25 @@ forward_batch(struct kli_session *s, const kli_token *tok, int64_t T, float *log
     }
 
     if (logits_all != NULL) {
+        /* every row (prefill asked for all positions, or one row per sequence) */
         rmsnorm_rows(s->x, s->h, m->final_norm, T, D, cfg->norm_eps);
         ops_matmul(&m->lm_head, s->x, D, logits_all, V, T);
-        memcpy(s->logits, logits_all + (T - 1) * V, (size_t)V * sizeof(float));
+        for (int64_t q = 0; q < n_seq; q++)
+            memcpy(ss[q]->logits, logits_all + ((q + 1) * T_seq - 1) * V,
+                   (size_t)V * sizeof(float));
     } else {
         ops_rmsnorm(s->x, s->h + (T - 1) * D, m->final_norm, D, cfg->norm_eps);
         ops_matmul(&m->lm_head, s->x, D, s->logits, V, 1);
     }
     s->phase[KLI_PHASE_LM_HEAD] += fwd_now() - t0;
-    s->has_logits = 1;
-    s->pos += (int32_t)T;
+    for (int64_t q = 0; q < n_seq; q++) {
+        ss[q]->has_logits = 1;
+        ss[q]->pos += (int32_t)T_seq;
+    }
+}
+
+void
+forward_batch(struct kli_session *s, const kli_token *tok, int64_t T, float *logits_all)
+{
+    forward_run(&s, 1, tok, T, logits_all);
 }

@@ -14,4 +14,15 @@
  * the ids and reserved the cache. */
 void forward_batch(struct kli_session *s, const kli_token *tok, int64_t T, float *logits_all);
 
+/* Most sequences one forward_run serves together. */
+#define FORWARD_MAX_SEQ 512
+
+/* The general form: n_seq sessions of T_seq new tokens each (tok [n_seq][T_seq]), every row
+ * through the same pass over the weights; ss[0]'s scratch (sized for n_seq * T_seq rows)
+ * holds the activations. With logits_all [n_seq*T_seq][n_vocab] every row's logits are
+ * written there; each session's last row goes to its own logits either way (for n_seq > 1
+ * logits_all is required). */
+void forward_run(struct kli_session *const *ss, int64_t n_seq, const kli_token *tok,
+                 int64_t T_seq, float *logits_all);
+
 #endif

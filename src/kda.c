@@ -166,10 +166,14 @@ kda_chunked(int64_t T, int64_t K, int64_t V, const float *q, const float *k, con
 
 /* ==== the layer =========================================================================== */
 
+/* Rows of the scratch are n_seq sequences of T tokens each: row s * T + t is token t of
+ * sequence s, whose state is st[s]. Prefill has one sequence; batched decode has many
+ * sequences of one token. */
 struct kda_job {
     const struct kli_model *m;
     const struct kli_kda_w *w;
-    struct kda_state *st;
+    struct kda_state *const *st;
+    int64_t n_seq;
     struct kda_scratch *sc;
     int64_t T;
 };
@@ -185,28 +189,30 @@ kda_conv_range(void *ctx, int64_t c0, int64_t c1, int ith)
     int64_t T = j->T;
 
     (void)ith;
-    for (int p = 0; p < 3; p++) {
-        const float *raw = j->sc->raw[p];
-        float *y = j->sc->qkv[p];
-        float *state = j->st->conv + (int64_t)p * HK * (Wn - 1);
-        const float *wts = j->w->conv[p];
-        for (int64_t c = c0; c < c1; c++) {
-            const float *wc = wts + c * Wn;
-            float *sc = state + c * (Wn - 1);
-            for (int64_t t = 0; t < T; t++) {
-                /* input at time t - (Wn-1) + i: from the state if before this call */
-                float a = 0.0f;
-                for (int64_t i = 0; i < Wn; i++) {
-                    int64_t tt = t - (Wn - 1) + i;
-                    float in = tt >= 0 ? raw[tt * HK + c] : sc[(Wn - 1) + tt];
-                    a += wc[i] * in;
+    for (int64_t sq = 0; sq < j->n_seq; sq++) {
+        for (int p = 0; p < 3; p++) {
+            const float *raw = j->sc->raw[p] + sq * T * HK;
+            float *y = j->sc->qkv[p] + sq * T * HK;
+            float *state = j->st[sq]->conv + (int64_t)p * HK * (Wn - 1);
+            const float *wts = j->w->conv[p];
+            for (int64_t c = c0; c < c1; c++) {
+                const float *wc = wts + c * Wn;
+                float *sc = state + c * (Wn - 1);
+                for (int64_t t = 0; t < T; t++) {
+                    /* input at time t - (Wn-1) + i: from the state if before this call */
+                    float a = 0.0f;
+                    for (int64_t i = 0; i < Wn; i++) {
+                        int64_t tt = t - (Wn - 1) + i;
+                        float in = tt >= 0 ? raw[tt * HK + c] : sc[(Wn - 1) + tt];
+                        a += wc[i] * in;
+                    }
+                    y[t * HK + c] = ops_silu(a);
                 }
-                y[t * HK + c] = ops_silu(a);
-            }
-            /* New state: the last W-1 inputs of (old state ++ raw). */
-            for (int64_t i = 0; i < Wn - 1; i++) {
-                int64_t tt = T - (Wn - 1) + i;
-                sc[i] = tt >= 0 ? raw[tt * HK + c] : sc[(Wn - 1) + tt];
+                /* New state: the last W-1 inputs of (old state ++ raw). */
+                for (int64_t i = 0; i < Wn - 1; i++) {
+                    int64_t tt = T - (Wn - 1) + i;
+                    sc[i] = tt >= 0 ? raw[tt * HK + c] : sc[(Wn - 1) + tt];
+                }
             }
         }
     }
@@ -255,15 +261,18 @@ kda_heads_range(void *ctx, int64_t h0, int64_t h1, int ith)
     int64_t H = cfg->kda.n_heads, K = cfg->kda.head_dim, HK = H * K;
     struct kda_scratch *sc = j->sc;
 
-    for (int64_t h = h0; h < h1; h++) {
-        const float *q = sc->qkv[0] + h * K, *k = sc->qkv[1] + h * K, *v = sc->qkv[2] + h * K;
-        float *S = j->st->S + h * K * K;
+    /* Items are (sequence, head) pairs. */
+    for (int64_t i = h0; i < h1; i++) {
+        int64_t sq = i / H, h = i % H, r0 = sq * j->T;
+        const float *q = sc->qkv[0] + r0 * HK + h * K, *k = sc->qkv[1] + r0 * HK + h * K;
+        const float *v = sc->qkv[2] + r0 * HK + h * K, *g = sc->g + r0 * HK + h * K;
+        const float *beta = sc->beta + r0 * H + h;
+        float *S = j->st[sq]->S + h * K * K, *o = sc->o + r0 * HK + h * K;
         if (j->T == 1)
-            kda_recurrent(1, K, K, q, k, v, sc->g + h * K, sc->beta + h, HK, HK, H, S,
-                          sc->o + h * K, HK);
+            kda_recurrent(1, K, K, q, k, v, g, beta, HK, HK, H, S, o, HK);
         else
-            kda_chunked(j->T, K, K, q, k, v, sc->g + h * K, sc->beta + h, HK, HK, H, S,
-                        sc->o + h * K, HK, sc->chunk + ith * kda_chunk_floats(K, K));
+            kda_chunked(j->T, K, K, q, k, v, g, beta, HK, HK, H, S, o, HK,
+                        sc->chunk + ith * kda_chunk_floats(K, K));
     }
 }
 
@@ -287,13 +296,13 @@ kda_outnorm_range(void *ctx, int64_t i0, int64_t i1, int ith)
 }
 
 void
-kda_forward(const struct kli_model *m, const struct kli_kda_w *w, struct kda_state *st,
-            struct kda_scratch *sc, const float *x, int64_t T, float *out)
+kda_forward(const struct kli_model *m, const struct kli_kda_w *w, struct kda_state *const *st,
+            int64_t n_seq, struct kda_scratch *sc, const float *x, int64_t T_seq, float *out)
 {
     const struct kli_config *cfg = &m->cfg;
     int64_t D = cfg->d_model, H = cfg->kda.n_heads, K = cfg->kda.head_dim, HK = H * K;
-    int64_t rf = w->f_a.shape[0], rg = w->g_a.shape[0];
-    struct kda_job j = {m, w, st, sc, T};
+    int64_t rf = w->f_a.shape[0], rg = w->g_a.shape[0], T = n_seq * T_seq;
+    struct kda_job j = {m, w, st, n_seq, sc, T_seq};
 
     ops_matmul(&w->q_proj, x, D, sc->raw[0], HK, T);
     ops_matmul(&w->k_proj, x, D, sc->raw[1], HK, T);
@@ -305,7 +314,7 @@ kda_forward(const struct kli_model *m, const struct kli_kda_w *w, struct kda_sta
     ops_matmul(&w->b_proj, x, D, sc->beta, H, T);
     threads_parallel_for(T * H, 4, kda_prep_range, &j);
 
-    threads_parallel_for(H, 1, kda_heads_range, &j);
+    threads_parallel_for(n_seq * H, 1, kda_heads_range, &j);
 
     ops_matmul(&w->g_a, x, D, sc->low, rg, T);
     ops_matmul(&w->g_b, sc->low, rg, sc->gate, HK, T);

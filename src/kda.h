@@ -32,10 +32,13 @@ struct kda_scratch {
 /* Floats of chunk workspace one thread needs for head dims K, V. */
 int64_t kda_chunk_floats(int64_t K, int64_t V);
 
-/* Runs one KDA layer over T tokens: x [T][d_model] (normed input) -> out [T][d_model],
- * advancing `st`. Uses the recurrence for T == 1 and the chunked form otherwise. */
-void kda_forward(const struct kli_model *m, const struct kli_kda_w *w, struct kda_state *st,
-                 struct kda_scratch *sc, const float *x, int64_t T, float *out);
+/* Runs one KDA layer over n_seq sequences of T_seq tokens each (row s * T_seq + t of x and
+ * out is token t of sequence s, whose state is st[s]): x [n_seq*T_seq][d_model] (normed
+ * input) -> out, advancing every st[s]. Uses the recurrence for T_seq == 1 and the chunked
+ * form otherwise. */
+void kda_forward(const struct kli_model *m, const struct kli_kda_w *w,
+                 struct kda_state *const *st, int64_t n_seq, struct kda_scratch *sc,
+                 const float *x, int64_t T_seq, float *out);
 
 /* ==== the two forms of the delta rule, one head (exposed for tests) ====================== */
 

@@ -246,6 +246,17 @@ void kli_session_reset(struct kli_session *s);
 int kli_session_eval(struct kli_session *s, const kli_token *tokens, int32_t n,
                      float *logits, struct kli_err *err);
 
+/* One decode step for n sequences at once: session ss[i] takes token tokens[i]. Every row
+ * goes through the same pass over the weights (the experts chosen by several sequences run
+ * one matrix product over their rows), which is what makes continuous batching pay off:
+ * memory traffic per step barely grows with n. Each session's logits are then in
+ * kli_session_logits(ss[i]). The sessions must be distinct and of one model; ss[0]'s scratch
+ * serves the step, so n must not exceed its batch_max. The same thread rule applies to all
+ * of them at once (no other thread may use any of these sessions meanwhile).
+ * @return KLI_OK; KLI_E_RANGE (a bad id, a full sequence, n too large), KLI_E_INVALID. */
+int kli_session_eval_batch(struct kli_session *const *ss, const kli_token *tokens, int32_t n,
+                           struct kli_err *err);
+
 /* @return the logits of the last evaluated position, [n_vocab]; NULL before any eval.
  *         Borrowed: valid until the next eval/reset/free of the session. */
 const float *kli_session_logits(const struct kli_session *s);

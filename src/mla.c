@@ -169,20 +169,23 @@ mla_softmax_range(void *ctx, int64_t h0, int64_t h1, int ith)
 }
 
 void
-mla_forward(const struct kli_model *m, const struct kli_mla_w *w, float *cache, int64_t pos,
-            struct mla_scratch *sc, const float *x, int64_t T, float *out)
+mla_forward(const struct kli_model *m, const struct kli_mla_w *w, float *const *caches,
+            const int64_t *pos, int64_t n_seq, struct mla_scratch *sc, const float *x,
+            int64_t T_seq, float *out)
 {
     const struct kli_config *cfg = &m->cfg;
     const struct kli_config_mla *c = &cfg->mla;
     int64_t D = cfg->d_model, H = c->n_heads, Lr = c->kv_lora_rank, rope = c->qk_rope_dim;
     int64_t dqk = c->qk_nope_dim + rope, dv = c->v_head_dim, stride = Lr + rope;
+    int64_t T = n_seq * T_seq;
     struct mla_job j = {m, w, sc, T};
     float scale = 1.0f / sqrtf((float)dqk);
 
     ops_matmul(&w->q_proj, x, D, sc->q, H * dqk, T);
     ops_matmul(&w->kv_a, x, D, sc->ckv, stride, T);
     for (int64_t t = 0; t < T; t++) {
-        float *row = cache + (pos + t) * stride;
+        int64_t sq = t / T_seq;
+        float *row = caches[sq] + (pos[sq] + t % T_seq) * stride;
         const float *src = sc->ckv + t * stride;
         /* kv_a_layernorm uses eps 1e-6 (docs/model.md decision 3); k_pe is not normalised. */
         ops_rmsnorm(row, src, w->kv_a_norm, Lr, 1e-6f);
@@ -196,7 +199,8 @@ mla_forward(const struct kli_model *m, const struct kli_mla_w *w, float *cache, 
      * The cache is read once per token for all heads. */
     threads_parallel_for(H, 1, mla_absorb_range, &j);
     for (int64_t t = 0; t < T; t++) {
-        int64_t n = pos + t + 1;
+        int64_t sq = t / T_seq, n = pos[sq] + t % T_seq + 1;
+        const float *cache = caches[sq];
         float *S = sc->work;   /* [H][n]: the whole per-thread workspace is at least H*n */
         struct kli_tensor keys = ops_view_f32(cache, n, stride);
         ops_matmul(&keys, sc->qfull + t * H * stride, stride, S, n, H);

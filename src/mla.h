@@ -22,11 +22,13 @@ struct mla_scratch {
 /* Floats of per-thread attention workspace for a context of n tokens. */
 int64_t mla_work_floats(const struct kli_config *cfg, int64_t n);
 
-/* Runs one MLA layer over T tokens. `cache` [pos+T][L+rope] holds, per token, the
- * normalised latent c^ (L values) and the raw k_pe (rope values); the T new entries are
- * written at rows pos..pos+T-1. x [T][d_model] -> out [T][d_model]. */
-void mla_forward(const struct kli_model *m, const struct kli_mla_w *w, float *cache,
-                 int64_t pos, struct mla_scratch *sc, const float *x, int64_t T, float *out);
+/* Runs one MLA layer over n_seq sequences of T_seq tokens (row s * T_seq + t of x is
+ * token t of sequence s). caches[s] [pos[s]+T_seq][L+rope] holds, per token, the
+ * normalised latent c^ (L values) and the raw k_pe (rope values); the new entries are
+ * written at rows pos[s].. of each. x [n_seq*T_seq][d_model] -> out. */
+void mla_forward(const struct kli_model *m, const struct kli_mla_w *w, float *const *caches,
+                 const int64_t *pos, int64_t n_seq, struct mla_scratch *sc, const float *x,
+                 int64_t T_seq, float *out);
 
 /* Attention for one query row and head, two ways (exposed for tests).
  *   absorbed: scores against the latent cache directly (docs/model.md 5.2)

@@ -49,7 +49,7 @@ kli_session_free(struct kli_session *s)
     free(s->kda);
     free(s->cache);
     free(s->hist);
-    float *bufs[] = {s->h, s->x, s->y, s->ffn_h1, s->ffn_h3, s->logits,
+    float *bufs[] = {s->batch_logits, s->h, s->x, s->y, s->ffn_h1, s->ffn_h3, s->logits,
                      s->kda_sc.raw[0], s->kda_sc.raw[1], s->kda_sc.raw[2],
                      s->kda_sc.qkv[0], s->kda_sc.qkv[1], s->kda_sc.qkv[2],
                      s->kda_sc.g, s->kda_sc.beta, s->kda_sc.low, s->kda_sc.gate, s->kda_sc.o,
@@ -263,6 +263,56 @@ kli_session_eval(struct kli_session *s, const kli_token *tokens, int32_t n, floa
         memcpy(s->hist + s->pos, tokens + i, (size_t)T * sizeof(kli_token));
         forward_batch(s, tokens + i, T, logits != NULL ? logits + (int64_t)i * V : NULL);
     }
+    return KLI_OK;
+}
+
+int
+kli_session_eval_batch(struct kli_session *const *ss, const kli_token *tokens, int32_t n,
+                       struct kli_err *err)
+{
+    int rc;
+
+    if (ss == NULL || tokens == NULL || n < 1)
+        return kli_err_set(err, KLI_E_INVALID, "kli_session_eval_batch: invalid arguments");
+    struct kli_session *s0 = ss[0];
+    if (n > s0->batch_max || n > FORWARD_MAX_SEQ)
+        return kli_err_set(err, KLI_E_RANGE, "a batched step of %d sequences exceeds the "
+                           "first session's batch_max %d (or %d)", n, s0->batch_max,
+                           FORWARD_MAX_SEQ);
+    for (int32_t i = 0; i < n; i++) {
+        const struct kli_session *s = ss[i];
+        if (s == NULL || s->m != s0->m)
+            return kli_err_set(err, KLI_E_INVALID, "batched step: session %d is NULL or of "
+                               "another model", i);
+        for (int32_t k = 0; k < i; k++) {
+            if (ss[k] == s)
+                return kli_err_set(err, KLI_E_INVALID, "batched step: session %d appears "
+                                   "twice", i);
+        }
+        if (tokens[i] < 0 || tokens[i] >= s->m->cfg.n_vocab)
+            return kli_err_set(err, KLI_E_RANGE, "batched step: token id %d of sequence %d is "
+                               "outside the vocabulary [0, %d)", tokens[i], i,
+                               s->m->cfg.n_vocab);
+        if (s->pos + 1 > s->ctx_max)
+            return kli_err_set(err, KLI_E_RANGE, "batched step: sequence %d is full (%d "
+                               "tokens)", i, s->pos);
+    }
+    if (threads_count() > s0->n_threads)
+        return kli_err_set(err, KLI_E_INVALID,
+                           "the thread count grew to %d after this session was created for %d",
+                           threads_count(), s0->n_threads);
+    if (s0->batch_logits == NULL) {
+        s0->batch_logits = sess_floats((int64_t)s0->batch_max * s0->m->cfg.n_vocab);
+        if (s0->batch_logits == NULL)
+            return kli_err_set(err, KLI_E_NOMEM, "out of memory for batched logits");
+    }
+    for (int32_t i = 0; i < n; i++) {
+        if ((rc = session_reserve(ss[i], (int64_t)ss[i]->pos + 1, err)) != KLI_OK)
+            return rc;
+    }
+    for (int32_t i = 0; i < n; i++)
+        ss[i]->hist[ss[i]->pos] = tokens[i];
+    forward_run(ss, n, tokens, 1, s0->batch_logits);
     return KLI_OK;
 }
 

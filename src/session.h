@@ -22,6 +22,8 @@ struct kli_session {
     float **cache;                /* [n_layers] MLA latent cache [cache_cap][L+rope] */
     int64_t cache_cap;
     kli_token *hist;              /* [cache_cap] the ids seen, rows [0,pos) valid */
+    float *batch_logits;          /* [batch_max][n_vocab], allocated by the first batched
+                                     step this session leads (kli_session_eval_batch) */
 
     /* scratch for batch_max tokens */
     float *h;                     /* [B][d_model] residual stream */

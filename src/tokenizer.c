@@ -9,7 +9,9 @@
  *      same-class characters (Python isspace) would exceed 25,000. Chunks never interact.
  *   2. Special tokens (tiktoken, allowed_special="all"): the leftmost occurrence of any special
  *      string is emitted as its id; the text before it is ordinary text.
- *   3. Pre-tokenization: the Kimi split pattern, matched repeatedly left to right (PCRE2).
+ *   3. Pre-tokenization: the Kimi split pattern, matched repeatedly left to right: by PCRE2,
+ *      or for pieces made of ASCII alone by a hand-written matcher (tok_split_ascii) that
+ *      tests check against PCRE2.
  *   4. Byte-pair merging per piece (tiktoken's _byte_pair_merge): a piece that is a token is
  *      emitted whole; otherwise start from single bytes and keep merging the adjacent pair
  *      whose concatenated bytes have the lowest rank, leftmost first, until no pair has one.
@@ -50,6 +52,19 @@ enum {
 
 #define TOK_NO_RANK UINT32_MAX
 
+/* What the split pattern sees in an ASCII byte (the fast path of tok_split_ascii). */
+enum tok_class {
+    TOK_C_END = 0,                 /* the end of the subject */
+    TOK_C_UPPER,                   /* A-Z: \p{Lu} */
+    TOK_C_LOWER,                   /* a-z: \p{Ll} */
+    TOK_C_DIGIT,                   /* 0-9: \p{N} */
+    TOK_C_NEWLINE,                 /* \r \n */
+    TOK_C_SPACE,                   /* ' ' */
+    TOK_C_BLANK,                   /* \t \v \f: the rest of ASCII White_Space */
+    TOK_C_OTHER,                   /* anything else below 0x80 */
+    TOK_C_NONASCII                 /* a byte of a multi-byte character: ask PCRE2 */
+};
+
 /* Open-addressing map from a byte string to a token id, the strings living in the token
  * pool. A slot is 0 when empty, else (hash >> 32) << 32 | (id + 1): the upper half filters
  * out most mismatches before the bytes are compared. */
@@ -69,10 +84,14 @@ struct kli_tokenizer {
     struct tok_map specials;       /* ids n_base .. n_vocab-1 */
     uint32_t max_rank_len;         /* longest ranked byte string: longer ones need no lookup */
     kli_token byte_id[256];        /* the rank of each single byte */
-    unsigned char special_first[256];  /* bytes that start some special name */
+    uint32_t *pair_rank;           /* [65536]: rank of the two bytes (b0 << 8 | b1), or none */
+    unsigned char special_one[256];    /* bytes that are a whole special name */
+    uint8_t special_start[65536 / 8];  /* bit (b0 << 8 | b1): some special name starts so */
     uint32_t special_lens[TOK_SLOTS_OLD];  /* distinct special name lengths, longest first */
     int n_special_lens;
+    unsigned char aclass[256];     /* enum tok_class of each byte, for the ASCII fast path */
     pcre2_code *re;
+    int jit;                       /* re is JIT-compiled */
 };
 
 /* Kimi's split pattern (docs/formats.md 1.4), rewritten for PCRE2 with the same meaning:
@@ -153,6 +172,22 @@ tok_hash(const unsigned char *s, size_t n)
     return h;
 }
 
+/* memcmp(a, b, n) == 0, inlined for the short strings that BPE looks up. */
+static inline int
+tok_equal(const unsigned char *a, const unsigned char *b, size_t n)
+{
+    if (n >= 4 && n <= 8)
+        return tok_load32(a) == tok_load32(b) && tok_load32(a + n - 4) == tok_load32(b + n - 4);
+    if (n < 4) {
+        for (size_t i = 0; i < n; i++) {
+            if (a[i] != b[i])
+                return 0;
+        }
+        return 1;
+    }
+    return memcmp(a, b, n) == 0;
+}
+
 static int
 tok_map_init(struct tok_map *m, size_t count)
 {
@@ -184,7 +219,8 @@ tok_map_find(const struct kli_tokenizer *t, const struct tok_map *m, const unsig
         if ((uint32_t)(e >> 32) == tag) {
             kli_token id = (kli_token)((uint32_t)e - 1);
 
-            if (t->tok_len[id] == n && memcmp(t->pool + t->tok_off[id], s, n) == 0)
+            if (t->tok_len[id] == n &&
+                tok_equal((const unsigned char *)t->pool + t->tok_off[id], s, n))
                 return id;
         }
         i = (i + 1) & m->mask;
@@ -346,7 +382,7 @@ tok_parse_rank_line(struct kli_tokenizer *t, const char *path, long lineno, cons
                     size_t n, uint32_t *rank_line, unsigned char *dec, struct kli_err *err)
 {
     size_t i = 0, b64, b64_len, d;
-    unsigned long rank = 0;
+    uint64_t rank = 0;
     long len;
     kli_token old;
     int rc;
@@ -361,7 +397,7 @@ tok_parse_rank_line(struct kli_tokenizer *t, const char *path, long lineno, cons
         i++;
     d = i;
     while (i < n && s[i] >= '0' && s[i] <= '9' && i - d < 10) {
-        rank = rank * 10 + (unsigned long)(s[i] - '0');
+        rank = rank * 10 + (uint64_t)(s[i] - '0');
         i++;
     }
     if (i == d || (i < n && !tok_is_blank(s[i])))
@@ -376,15 +412,16 @@ tok_parse_rank_line(struct kli_tokenizer *t, const char *path, long lineno, cons
     if (len <= 0)
         return kli_err_set(err, KLI_E_FORMAT, "tokenizer: %s line %ld: invalid base64 \"%.*s\"",
                            path, lineno, (int)(b64_len > 40 ? 40 : b64_len), s + b64);
-    if (rank >= (unsigned long)t->n_base)
+    if (rank >= (uint64_t)t->n_base)
         return kli_err_set(err, KLI_E_FORMAT,
-                           "tokenizer: %s line %ld: rank %lu out of range: %d entries need "
-                           "ranks 0..%d with no gaps", path, lineno, rank, t->n_base,
-                           t->n_base - 1);
+                           "tokenizer: %s line %ld: rank %llu out of range: %d entries need "
+                           "ranks 0..%d with no gaps", path, lineno, (unsigned long long)rank,
+                           t->n_base, t->n_base - 1);
     if (rank_line[rank] != 0)
         return kli_err_set(err, KLI_E_FORMAT,
-                           "tokenizer: %s line %ld: rank %lu repeated (first on line %lu)",
-                           path, lineno, rank, (unsigned long)rank_line[rank]);
+                           "tokenizer: %s line %ld: rank %llu repeated (first on line %lu)",
+                           path, lineno, (unsigned long long)rank,
+                           (unsigned long)rank_line[rank]);
     rank_line[rank] = (uint32_t)lineno;
     rc = tok_pool_add(t, (kli_token)rank, dec, (size_t)len);
     if (rc != KLI_OK)
@@ -392,8 +429,8 @@ tok_parse_rank_line(struct kli_tokenizer *t, const char *path, long lineno, cons
     old = tok_map_insert(t, &t->ranks, (kli_token)rank);
     if (old >= 0)
         return kli_err_set(err, KLI_E_FORMAT,
-                           "tokenizer: %s line %ld: the bytes of rank %lu repeat those of rank "
-                           "%d (line %lu)", path, lineno, rank, old,
+                           "tokenizer: %s line %ld: the bytes of rank %llu repeat those of "
+                           "rank %d (line %lu)", path, lineno, (unsigned long long)rank, old,
                            (unsigned long)rank_line[old]);
     if ((uint32_t)len > t->max_rank_len)
         t->max_rank_len = (uint32_t)len;
@@ -413,6 +450,10 @@ tok_load_ranks(struct kli_tokenizer *t, const char *path, struct kli_err *err)
     rc = tok_read_file(path, 0, &buf, &len, err);
     if (rc != KLI_OK)
         return rc;
+    if (len > UINT32_MAX / 2) {
+        rc = kli_err_set(err, KLI_E_FORMAT, "tokenizer: %s is larger than 2 GiB", path);
+        goto out;
+    }
     /* Pass 1: count entries (tiktoken skips empty lines) and bound line lengths. */
     lineno = 0;
     for (i = 0; i < len;) {
@@ -465,6 +506,20 @@ tok_load_ranks(struct kli_tokenizer *t, const char *path, struct kli_err *err)
                 goto out;
         }
         i = e + 1;
+    }
+    t->pair_rank = kli_mallocarray(65536, sizeof(*t->pair_rank));
+    if (t->pair_rank == NULL) {
+        rc = kli_err_set(err, KLI_E_NOMEM, "tokenizer: out of memory loading %s", path);
+        goto out;
+    }
+    for (i = 0; i < 65536; i++)
+        t->pair_rank[i] = TOK_NO_RANK;
+    for (i = 0; i < (size_t)t->n_base; i++) {
+        if (t->tok_len[i] == 2) {
+            const unsigned char *b = (const unsigned char *)t->pool + t->tok_off[i];
+
+            t->pair_rank[b[0] << 8 | b[1]] = (uint32_t)i;
+        }
     }
     for (i = 0; i < 256; i++) {
         unsigned char b = (unsigned char)i;
@@ -608,7 +663,13 @@ tok_add_specials(struct kli_tokenizer *t, char **names, int n_slots, struct kli_
             return kli_err_set(err, KLI_E_FORMAT,
                                "tokenizer: special token \"%s\" names both id %d and id %d",
                                name, (int)old, (int)id);
-        t->special_first[(unsigned char)name[0]] = 1;
+        if (t->tok_len[id] == 1) {
+            t->special_one[(unsigned char)name[0]] = 1;
+        } else {
+            unsigned pair = (unsigned char)name[0] << 8 | (unsigned char)name[1];
+
+            t->special_start[pair >> 3] |= (uint8_t)(1u << (pair & 7));
+        }
         lens[k] = t->tok_len[id];
     }
     t->n_vocab = t->n_base + n_slots;
@@ -619,6 +680,26 @@ tok_add_specials(struct kli_tokenizer *t, char **names, int n_slots, struct kli_
             t->special_lens[t->n_special_lens++] = lens[k];
     }
     return KLI_OK;
+}
+
+static unsigned char
+tok_ascii_class(int c)
+{
+    if (c >= 0x80)
+        return TOK_C_NONASCII;
+    if ((c >= 'a' && c <= 'z'))
+        return TOK_C_LOWER;
+    if ((c >= 'A' && c <= 'Z'))
+        return TOK_C_UPPER;
+    if (c >= '0' && c <= '9')
+        return TOK_C_DIGIT;
+    if (c == '\r' || c == '\n')
+        return TOK_C_NEWLINE;
+    if (c == ' ')
+        return TOK_C_SPACE;
+    if (c == '\t' || c == '\v' || c == '\f')
+        return TOK_C_BLANK;
+    return TOK_C_OTHER;       /* punctuation, symbols, controls (U+001C..U+001F included) */
 }
 
 static int
@@ -639,7 +720,9 @@ tok_compile(struct kli_tokenizer *t, struct kli_err *err)
                            (const char *)msg);
     }
     /* Without JIT (unsupported platform or build) pcre2_match interprets: slower, same ids. */
-    (void)pcre2_jit_compile(t->re, PCRE2_JIT_COMPLETE);
+    t->jit = pcre2_jit_compile(t->re, PCRE2_JIT_COMPLETE) == 0;
+    for (int c = 0; c < 256; c++)
+        t->aclass[c] = tok_ascii_class(c);
     return KLI_OK;
 }
 
@@ -697,6 +780,7 @@ kli_tokenizer_close(struct kli_tokenizer *t)
     pcre2_code_free(t->re);
     free(t->specials.slot);
     free(t->ranks.slot);
+    free(t->pair_rank);
     free(t->pool);
     free(t->tok_len);
     free(t->tok_off);
@@ -745,6 +829,7 @@ struct tok_enc {
     kli_token *out;
     int64_t cap;
     int64_t n;                     /* tokens produced so far (may exceed cap) */
+    int fast;                      /* ASCII fast path on (off: TOKENIZER_PCRE2_ONLY) */
     pcre2_match_data *md;
     pcre2_match_context *mctx;     /* NULL until a match outgrows the default JIT stack */
     pcre2_jit_stack *jstack;
@@ -777,51 +862,51 @@ tok_rank(const struct kli_tokenizer *t, const unsigned char *s, size_t n)
 }
 
 /*
- * tiktoken's _byte_pair_merge as written there: parts[i] starts at start[i], and pr[i] is
- * the rank of the bytes of parts i and i+1 together. Each round scans for the lowest pr
- * (strict <, so the leftmost wins), merges that pair and recomputes the two pair ranks it
- * changed. Quadratic, so only for short pieces; id[i] tracks each part's own token.
+ * tiktoken's _byte_pair_merge: the parts of the piece, named by their first byte, form a list
+ * (nx; index n ends it), and pr[a] is the rank of the bytes of part a and the part after it
+ * together. Each round scans for the lowest pr (strict <, so the leftmost wins), merges that
+ * pair and recomputes the two pair ranks it changed. Quadratic, so only for short pieces;
+ * id[a] tracks each part's own token.
  */
 static void
 tok_bpe_linear(struct tok_enc *e, const unsigned char *s, size_t n)
 {
     const struct kli_tokenizer *t = e->t;
-    uint32_t start[TOK_BPE_LINEAR_MAX + 1], pr[TOK_BPE_LINEAR_MAX + 1];
+    uint32_t nx[TOK_BPE_LINEAR_MAX + 1], pr[TOK_BPE_LINEAR_MAX + 1];
     kli_token id[TOK_BPE_LINEAR_MAX + 1];
-    size_t np = n + 1, i, best;
-    uint32_t min;
+    uint32_t a, b, c, p, prev, best, best_prev, min;
 
-    for (i = 0; i < n; i++) {
-        start[i] = (uint32_t)i;
-        id[i] = t->byte_id[s[i]];
-        pr[i] = i + 1 < n ? tok_rank(t, s + i, 2) : TOK_NO_RANK;
+    for (a = 0; a < n; a++) {
+        nx[a] = a + 1;
+        id[a] = t->byte_id[s[a]];
+        pr[a] = a + 1 < n ? t->pair_rank[s[a] << 8 | s[a + 1]] : TOK_NO_RANK;
     }
-    start[n] = (uint32_t)n;
-    pr[n] = TOK_NO_RANK;
     for (;;) {
         min = TOK_NO_RANK;
-        best = 0;
-        for (i = 0; i + 1 < np; i++) {
-            if (pr[i] < min) {
-                min = pr[i];
-                best = i;
+        best = best_prev = 0;
+        for (prev = 0, a = 0; a < n; prev = a, a = nx[a]) {
+            if (pr[a] < min) {
+                min = pr[a];
+                best = a;
+                best_prev = prev;
             }
         }
         if (min == TOK_NO_RANK)
             break;
-        i = best;
-        id[i] = (kli_token)min;
-        /* Part i absorbs part i+1: its pair now ends where part i+2 ends. */
-        pr[i] = i + 3 < np ? tok_rank(t, s + start[i], start[i + 3] - start[i]) : TOK_NO_RANK;
-        if (i > 0)
-            pr[i - 1] = tok_rank(t, s + start[i - 1], start[i + 2] - start[i - 1]);
-        memmove(start + i + 1, start + i + 2, (np - i - 2) * sizeof(start[0]));
-        memmove(pr + i + 1, pr + i + 2, (np - i - 2) * sizeof(pr[0]));
-        memmove(id + i + 1, id + i + 2, (np - i - 2) * sizeof(id[0]));
-        np--;
+        /* Part a absorbs its right neighbour b; c is the part after them. */
+        a = best;
+        b = nx[a];
+        c = nx[b];
+        id[a] = (kli_token)min;
+        nx[a] = c;
+        pr[a] = c < n ? tok_rank(t, s + a, nx[c] - a) : TOK_NO_RANK;
+        if (a > 0) {
+            p = best_prev;
+            pr[p] = tok_rank(t, s + p, c - p);
+        }
     }
-    for (i = 0; i + 1 < np; i++)
-        tok_emit(e, id[i]);
+    for (a = 0; a < n; a = nx[a])
+        tok_emit(e, id[a]);
 }
 
 static void
@@ -925,7 +1010,7 @@ tok_bpe_heap(struct tok_enc *e, const unsigned char *s, size_t n)
         nx[i] = (uint32_t)(i + 1);
         pv[i] = (uint32_t)i - 1;
         id[i] = t->byte_id[s[i]];
-        rk[i] = i + 1 < n ? tok_rank(t, s + i, 2) : TOK_NO_RANK;
+        rk[i] = i + 1 < n ? t->pair_rank[s[i] << 8 | s[i + 1]] : TOK_NO_RANK;
         if (rk[i] != TOK_NO_RANK)
             tok_heap_push(heap, &hn, (uint64_t)rk[i] << 32 | i);
     }
@@ -983,17 +1068,19 @@ tok_encode_piece(struct tok_enc *e, const unsigned char *s, size_t n)
     return tok_bpe_heap(e, s, n);
 }
 
-/* One pcre2_match. JIT code runs on a 32 KiB stack by default; a long piece can need more,
- * so the first time it does this call gets its own JIT stack (up to 64 MiB), and should even
- * that fail, the interpreter (whose frames live on the heap) takes over. */
+/* One match of the split pattern at or after s[off], with PCRE2. JIT code runs on a 32 KiB
+ * stack by default; a long piece can need more, so the first time it does, this call gets its
+ * own JIT stack (up to 64 MiB), and should even that fail, the interpreter (whose frames live
+ * on the heap) takes over. */
 static int
 tok_match(struct tok_enc *e, const unsigned char *s, size_t n, size_t off)
 {
-    uint32_t opts = PCRE2_NO_UTF_CHECK;
+    const struct kli_tokenizer *t = e->t;
     int rc;
 
-    for (;;) {
-        rc = pcre2_match(e->t->re, s, n, off, opts, e->md, e->mctx);
+    if (t->jit) {
+        /* The text was validated once, up front: pcre2_jit_match checks nothing. */
+        rc = pcre2_jit_match(t->re, s, n, off, 0, e->md, e->mctx);
         if (rc != PCRE2_ERROR_JIT_STACKLIMIT)
             return rc;
         if (e->jstack == NULL) {
@@ -1002,12 +1089,104 @@ tok_match(struct tok_enc *e, const unsigned char *s, size_t n, size_t off)
             if (e->mctx == NULL || e->jstack == NULL)
                 return PCRE2_ERROR_NOMEMORY;
             pcre2_jit_stack_assign(e->mctx, NULL, e->jstack);
-        } else if (!(opts & PCRE2_NO_JIT)) {
-            opts |= PCRE2_NO_JIT;
-        } else {
-            return rc;
+            rc = pcre2_jit_match(t->re, s, n, off, 0, e->md, e->mctx);
+            if (rc != PCRE2_ERROR_JIT_STACKLIMIT)
+                return rc;
         }
     }
+    return pcre2_match(t->re, s, n, off, PCRE2_NO_UTF_CHECK | (t->jit ? PCRE2_NO_JIT : 0),
+                       e->md, e->mctx);
+}
+
+/*
+ * The split pattern on ASCII, without PCRE2: the end of the match that starts at s[i]
+ * (s[i] < 0x80), found by following the pattern's alternatives in order with backtracking
+ * worked out by hand (comments below). It returns 0, leaving the match to PCRE2, as soon as
+ * the outcome depends on a multi-byte character (a following é could extend a word, U+00A0
+ * a space run, a non-ASCII digit a number, "'ſ" is a contraction). tests compare it with
+ * PCRE2 alone (TOKENIZER_PCRE2_ONLY).
+ */
+static size_t
+tok_contraction(const unsigned char *cls, const unsigned char *s, size_t n, size_t r)
+{
+    unsigned char c1, c2;
+
+    /* (?i:'s|'t|'re|'ve|'m|'ll|'d)? after the letters ending at r; only U+017F (ſ), folding
+     * to s, is outside ASCII among the characters that fold to these letters. */
+    if (r >= n || s[r] != '\'' || r + 1 >= n)
+        return r;
+    if (cls[s[r + 1]] == TOK_C_NONASCII)
+        return 0;
+    c1 = s[r + 1] | 0x20;
+    if (c1 == 's' || c1 == 't' || c1 == 'm' || c1 == 'd')
+        return r + 2;
+    if (c1 != 'r' && c1 != 'v' && c1 != 'l')
+        return r;
+    if (r + 2 >= n)
+        return r;
+    if (cls[s[r + 2]] == TOK_C_NONASCII)
+        return 0;
+    c2 = s[r + 2] | 0x20;
+    return c2 == (c1 == 'l' ? 'l' : 'e') ? r + 3 : r;
+}
+
+static size_t
+tok_split_ascii(const unsigned char *cls, const unsigned char *s, size_t n, size_t i)
+{
+#define TOK_CLS(p) ((p) < n ? cls[s[(p)]] : TOK_C_END)
+    int c = TOK_CLS(i);
+    size_t p, q, r, w, nl;
+
+    /* [^\r\n\p{L}\p{N}]?[UPPER]*[LOWER]+'x?  then  [^\r\n\p{L}\p{N}]?[UPPER]+[LOWER]*'x?
+     * The optional lead is taken when s[i] is no letter (and not a digit or CR/LF); giving it
+     * back never helps, as the letters would then have to start at s[i]. In ASCII, UPPER is
+     * A-Z and LOWER a-z: the first alternative matches when the A-Z run after the lead is
+     * followed by a-z, the second when that run is not empty. */
+    if (c != TOK_C_DIGIT && c != TOK_C_NEWLINE) {
+        p = c == TOK_C_UPPER || c == TOK_C_LOWER ? i : i + 1;
+        for (q = p; TOK_CLS(q) == TOK_C_UPPER; q++)
+            ;
+        for (r = q; TOK_CLS(r) == TOK_C_LOWER; r++)
+            ;
+        if (TOK_CLS(r) == TOK_C_NONASCII)
+            return 0;
+        if (r > p)
+            return tok_contraction(cls, s, n, r);
+    }
+    /* \p{N}{1,3} */
+    if (c == TOK_C_DIGIT) {
+        for (q = i; q < i + 3 && TOK_CLS(q) == TOK_C_DIGIT; q++)
+            ;
+        return q < i + 3 && TOK_CLS(q) == TOK_C_NONASCII ? 0 : q;
+    }
+    /*  ?[^\s\p{L}\p{N}]+[\r\n]*   (the space is given back when no symbol follows it) */
+    if (c == TOK_C_OTHER || (c == TOK_C_SPACE && TOK_CLS(i + 1) == TOK_C_OTHER)) {
+        for (q = c == TOK_C_OTHER ? i : i + 1; TOK_CLS(q) == TOK_C_OTHER; q++)
+            ;
+        if (TOK_CLS(q) == TOK_C_NONASCII)
+            return 0;
+        while (TOK_CLS(q) == TOK_C_NEWLINE)
+            q++;
+        return q;
+    }
+    /* Whitespace: w ends the run, nl is one past its last CR/LF (0 if none). */
+    nl = 0;
+    for (w = i; TOK_CLS(w) == TOK_C_SPACE || TOK_CLS(w) == TOK_C_BLANK ||
+                TOK_CLS(w) == TOK_C_NEWLINE; w++) {
+        if (TOK_CLS(w) == TOK_C_NEWLINE)
+            nl = w + 1;
+    }
+    if (TOK_CLS(w) == TOK_C_NONASCII)
+        return 0;
+    /* \s*[\r\n]+ : \s* backtracks from the run's end to its last CR/LF. */
+    if (nl > 0)
+        return nl;
+    /* \s+(?!\S) : the whole run at the end of the text, else all but its last character;
+     * a single blank before a non-space falls through to \s+ . */
+    if (w == n)
+        return w;
+    return w - i >= 2 ? w - 1 : w;
+#undef TOK_CLS
 }
 
 /* Ordinary text s[0..n): split by the pattern, each piece merged. tiktoken runs the pattern
@@ -1021,6 +1200,17 @@ tok_encode_ordinary(struct tok_enc *e, const unsigned char *s, size_t n)
     while (off < n) {
         PCRE2_SIZE *ov;
 
+        if (s[off] < 0x80 && e->fast) {
+            size_t end = tok_split_ascii(e->t->aclass, s, n, off);
+
+            if (end > off) {
+                rc = tok_encode_piece(e, s + off, end - off);
+                if (rc != KLI_OK)
+                    return rc;
+                off = end;
+                continue;
+            }
+        }
         rc = tok_match(e, s, n, off);
         if (rc == PCRE2_ERROR_NOMATCH)
             break;
@@ -1050,7 +1240,11 @@ tok_find_special(const struct kli_tokenizer *t, const unsigned char *s, size_t n
                  kli_token *id, size_t *len)
 {
     for (size_t p = 0; p < n; p++) {
-        if (!t->special_first[s[p]])
+        unsigned pair = p + 1 < n ? (unsigned)s[p] << 8 | s[p + 1] : 0;
+        int may_start = p + 1 < n && (t->special_start[pair >> 3] >> (pair & 7) & 1);
+
+        /* Most positions are ruled out by their first two bytes. */
+        if (!may_start && !t->special_one[s[p]])
             continue;
         for (int k = 0; k < t->n_special_lens; k++) {
             size_t l = t->special_lens[k];
@@ -1109,6 +1303,9 @@ tok_encode_text(struct tok_enc *e, size_t len, int special)
     long piece_chars = 0, run = 0;
     int run_space = 0, rc;
 
+    /* Up to 25,000 bytes there are at most 25,000 characters: never a cut. */
+    if (len <= TOK_RUN_CHARS)
+        return tok_encode_chunk(e, 0, len, special);
     while (i < len) {
         uint32_t cp = s[i];
         size_t cl = 1;
@@ -1121,9 +1318,12 @@ tok_encode_text(struct tok_enc *e, size_t len, int special)
             chunk = i;
             piece_chars = 0;
         }
-        if (cp >= 0x80)
+        if (cp < 0x80) {
+            sp = (cp >= 0x09 && cp <= 0x0D) || (cp >= 0x1C && cp <= 0x20);
+        } else {
             cl = unicode_decode(s + i, len - i, &cp);   /* valid: checked by the caller */
-        sp = unicode_isspace(cp);
+            sp = unicode_isspace(cp);
+        }
         if (piece_chars == 0 || sp != run_space) {
             run_space = sp;
             run = 1;
@@ -1149,7 +1349,7 @@ kli_tokenize(const struct kli_tokenizer *t, const char *text, size_t len, int fl
     int rc;
 
     if (t == NULL || (text == NULL && len > 0) || cap < 0 || (out == NULL && cap > 0) ||
-        (flags & ~KLI_TOKENIZE_SPECIAL) != 0)
+        (flags & ~(KLI_TOKENIZE_SPECIAL | TOKENIZER_PCRE2_ONLY)) != 0)
         return kli_err_set(err, KLI_E_INVALID, "kli_tokenize: invalid argument");
     if (len > (size_t)INT64_MAX)
         return kli_err_set(err, KLI_E_RANGE, "kli_tokenize: text too long");
@@ -1166,6 +1366,7 @@ kli_tokenize(const struct kli_tokenizer *t, const char *text, size_t len, int fl
     e.out = out;
     e.cap = cap;
     e.err = err;
+    e.fast = !(flags & TOKENIZER_PCRE2_ONLY);
     e.md = pcre2_match_data_create_from_pattern(t->re, NULL);
     if (e.md == NULL) {
         rc = kli_err_set(err, KLI_E_NOMEM, "tokenize: out of memory");

@@ -21,4 +21,8 @@
 
 /* The declarations are public: they live in kli.h. */
 
+/* Internal, for tests only (not part of the public API): a kli_tokenize() flag that makes
+ * PCRE2 split every piece, bypassing the ASCII fast path, so that tests can compare the two. */
+#define TOKENIZER_PCRE2_ONLY (1 << 30)
+
 #endif /* KLI_TOKENIZER_H */
