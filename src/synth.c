@@ -156,6 +156,79 @@ sy_config(const char *out, const struct kli_synth_options *o, struct kli_err *er
     return KLI_OK;
 }
 
+/* base64 of up to 3 bytes (tiktoken.model's encoding). */
+static void
+sy_b64(const uint8_t *b, int n, char *out)
+{
+    static const char tab[] =
+        "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    uint32_t v = (uint32_t)b[0] << 16 | (n > 1 ? (uint32_t)b[1] << 8 : 0) | (n > 2 ? b[2] : 0);
+
+    out[0] = tab[(v >> 18) & 63];
+    out[1] = tab[(v >> 12) & 63];
+    out[2] = n > 1 ? tab[(v >> 6) & 63] : '=';
+    out[3] = n > 2 ? tab[v & 63] : '=';
+    out[4] = '\0';
+}
+
+/* A tokenizer with the released model's layout: 163,584 ranks (the 256 bytes, then every
+ * pair of bytes, then byte triples made of printable ASCII, in a fixed order) and Kimi's
+ * named specials from id 163,584, so text prompts work on a synthetic model. The merges are
+ * not a trained vocabulary, but tokenization runs the same code at the same vocabulary
+ * size. */
+static int
+sy_tokenizer(const char *out, struct kli_err *err)
+{
+    static const char *const names[][2] = {
+        {"163584", "[BOS]"}, {"163585", "[EOS]"}, {"163586", "<|im_end|>"},
+        {"163587", "<|im_user|>"}, {"163588", "<|im_assistant|>"},
+        {"163590", "<|start_header_id|>"}, {"163591", "<|end_header_id|>"},
+        {"163593", "[EOT]"}, {"163594", "<|im_system|>"}, {"163601", "<|im_middle|>"},
+        {"163838", "[UNK]"}, {"163839", "[PAD]"},
+    };
+    char path[4096], b64[8];
+    FILE *f;
+    int rank = 0;
+
+    snprintf(path, sizeof(path), "%s/tiktoken.model", out);
+    if ((f = fopen(path, "w")) == NULL)
+        return kli_err_set(err, KLI_E_IO, "%s: %s", path, strerror(errno));
+    for (int a = 0; a < 256; a++) {
+        uint8_t b[1] = {(uint8_t)a};
+        sy_b64(b, 1, b64);
+        fprintf(f, "%s %d\n", b64, rank++);
+    }
+    for (int a = 0; a < 256 && rank < SY_VOCAB - 256; a++) {
+        for (int c = 0; c < 256 && rank < SY_VOCAB - 256; c++) {
+            uint8_t b[2] = {(uint8_t)a, (uint8_t)c};
+            sy_b64(b, 2, b64);
+            fprintf(f, "%s %d\n", b64, rank++);
+        }
+    }
+    for (int a = 32; a < 127 && rank < SY_VOCAB - 256; a++) {
+        for (int c = 32; c < 127 && rank < SY_VOCAB - 256; c++) {
+            for (int d = 32; d < 127 && rank < SY_VOCAB - 256; d++) {
+                uint8_t b[3] = {(uint8_t)a, (uint8_t)c, (uint8_t)d};
+                sy_b64(b, 3, b64);
+                fprintf(f, "%s %d\n", b64, rank++);
+            }
+        }
+    }
+    if (fclose(f) != 0)
+        return kli_err_set(err, KLI_E_IO, "%s: write error", path);
+    snprintf(path, sizeof(path), "%s/tokenizer_config.json", out);
+    if ((f = fopen(path, "w")) == NULL)
+        return kli_err_set(err, KLI_E_IO, "%s: %s", path, strerror(errno));
+    fprintf(f, "{\n \"added_tokens_decoder\": {\n");
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
+        fprintf(f, "  \"%s\": {\"content\": \"%s\", \"special\": true}%s\n", names[i][0],
+                names[i][1], i + 1 < sizeof(names) / sizeof(names[0]) ? "," : "");
+    fprintf(f, " }\n}\n");
+    if (fclose(f) != 0)
+        return kli_err_set(err, KLI_E_IO, "%s: write error", path);
+    return KLI_OK;
+}
+
 int
 kli_synth(const char *out, const struct kli_synth_options *opt, struct kli_err *err)
 {
@@ -273,7 +346,7 @@ kli_synth(const char *out, const struct kli_synth_options *opt, struct kli_err *
         ent[i].nbytes = kli_dtype_nbytes(t->dt, (uint64_t)(t->rows * t->cols));
         total += ent[i].nbytes;
     }
-    if ((rc = sy_config(out, opt, err)) != KLI_OK ||
+    if ((rc = sy_config(out, opt, err)) != KLI_OK || (rc = sy_tokenizer(out, err)) != KLI_OK ||
         (rc = kli_st_writer_open(&w, path, ent, l.n, err)) != KLI_OK)
         goto out;
     const int64_t slab = 1 << 20;   /* floats per slab; every row length divides into it */
