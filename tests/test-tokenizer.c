@@ -132,6 +132,9 @@ test_golden(const struct kli_tokenizer *t, const cJSON *golden)
         int64_t no, ns;
         kli_token *ord = encode(t, text, len, 0, &no);
         kli_token *spe = encode(t, text, len, KLI_TOKENIZE_SPECIAL, &ns);
+        int64_t np, nq;
+        kli_token *ord_p = encode(t, text, len, TOKENIZER_PCRE2_ONLY, &np);
+        kli_token *spe_p = encode(t, text, len, KLI_TOKENIZE_SPECIAL | TOKENIZER_PCRE2_ONLY, &nq);
         char lb[48];
 
         ok(same_ids(ord, no, cJSON_GetObjectItem(c, "ordinary")),
@@ -142,8 +145,13 @@ test_golden(const struct kli_tokenizer *t, const cJSON *golden)
         ok(decodes_to(t, ord, no, text, len) && decodes_to(t, spe, ns, text, len) &&
            no <= (int64_t)len && ns <= (int64_t)len,
            "case %d decodes back byte for byte; ids <= bytes", n_case);
+        ok(same_ids(ord_p, np, cJSON_GetObjectItem(c, "ordinary")) &&
+           same_ids(spe_p, nq, cJSON_GetObjectItem(c, "special")),
+           "case %d with PCRE2 alone (no ASCII fast path)", n_case);
         free(ord);
         free(spe);
+        free(ord_p);
+        free(spe_p);
         n_case++;
     }
     ok(n_case >= 30, "%d golden cases", n_case);
@@ -167,6 +175,59 @@ test_short_buffer(const struct kli_tokenizer *t)
     ok(m == (int64_t)strlen(s) && memcmp(buf, s, sizeof(buf)) == 0,
        "detokenize into 8 bytes: needs %lld, first 8 written", (long long)m);
     free(full);
+}
+
+/*
+ * The ASCII fast path of the split against PCRE2 alone, on random strings built from pieces
+ * that probe its edges: every ASCII class, contractions in all cases, whitespace runs, and
+ * the non-ASCII characters next to which it must hand over (letters, digits, spaces, "'ſ").
+ */
+static void
+test_fast_path(const struct kli_tokenizer *t, const char *what)
+{
+    static const char *const atoms[] = {
+        "a", "Z", "q", "Hello", "WORLD", "iPhone", "HTTPServer", "x", "7", "123456", " ", "  ",
+        "\t", "\n", "\r\n", "\v", "\f", " \n ", "\n\n", "'", "'s", "'S", "'t", "'re", "'RE",
+        "'ve", "'m", "'ll", "'lL", "'d", "'x", "'r", "'l", ".", "...", "!?", "-", "_", "#", "\x1c",
+        "\x1f", "\x7f", "\x01", "(", "\"", "\xc3\xa9", "\xc3\x89", "\xc5\xbf", "\xc2\xa0",
+        "\xe3\x80\x80", "\xe4\xb8\xad", "\xd9\xa3", "\xf0\x9f\x98\x80", "\xe2\x80\x8b",
+        "\xcc\x81", "\xc7\x85", "\xe1\xa0\x8e", "<|im_end|>", "[BOS]",
+    };
+    uint64_t rng = 0x9E3779B97F4A7C15u;
+    char text[512];
+    kli_token a[512], b[512];
+    int bad = 0, i, k;
+
+    for (i = 0; i < 5000; i++) {
+        size_t len = 0;
+        int n_atoms;
+
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        n_atoms = (int)(rng % 24);
+        for (k = 0; k < n_atoms; k++) {
+            const char *at;
+
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            at = atoms[(rng >> 8) % (sizeof(atoms) / sizeof(atoms[0]))];
+            memcpy(text + len, at, strlen(at));
+            len += strlen(at);
+        }
+        for (int flags = 0; flags <= KLI_TOKENIZE_SPECIAL; flags++) {
+            int64_t na = kli_tokenize(t, text, len, flags, a, 512, NULL);
+            int64_t nb = kli_tokenize(t, text, len, flags | TOKENIZER_PCRE2_ONLY, b, 512, NULL);
+
+            if (na < 0 || na != nb || memcmp(a, b, (size_t)na * sizeof(*a)) != 0) {
+                if (bad++ < 3)
+                    diag("fast path differs on %.*s", (int)len, text);
+            }
+        }
+    }
+    ok(bad == 0, "%s: ASCII fast path = PCRE2 alone on 5,000 random strings (%d differ)", what,
+       bad);
 }
 
 /* ==== Chunking (tokenization_kimi.py) ====================================================== */
@@ -525,6 +586,22 @@ test_loading(void)
     t = NULL;
 
     write_file("tokenizer_config.json",
+               "{\"added_tokens_decoder\": {\"257\": {\"content\": \"@\"},"
+               " \"258\": {\"content\": \"[X]\"}, \"259\": {\"content\": \"[X]Y\"}}}");
+    memset(&err, 0, sizeof(err));
+    rc = kli_tokenizer_open(&t, tmpdir, &err);
+    ok(rc == KLI_OK, "one-byte and nested special names load (%s)", err.msg);
+    if (t != NULL) {
+        kli_token ids[16];
+        int64_t n = kli_tokenize(t, "a@[X]Y[X]@", 10, KLI_TOKENIZE_SPECIAL, ids, 16, NULL);
+
+        ok(n == 5 && ids[1] == 257 && ids[2] == 259 && ids[3] == 258 && ids[4] == 257,
+           "a one-byte special at the end; the longer of two names at one place wins");
+    }
+    kli_tokenizer_close(t);
+    t = NULL;
+
+    write_file("tokenizer_config.json",
                "{\"added_tokens_decoder\": {\"600\": {\"content\": \"x\"}}}");
     expect_refused("added token id beyond the slots", "outside the special slots");
     write_file("tokenizer_config.json",
@@ -572,6 +649,51 @@ test_loading(void)
     memset(&err, 0, sizeof(err));
     ok(kli_tokenizer_open(&t, tmpdir, &err) == KLI_E_IO && t == NULL, "no tiktoken.model: %s",
        err.msg);
+    rmdir(tmpdir);
+}
+
+/*
+ * A vocabulary in which every pair of bytes is a token (ranks in a scrambled order), so that
+ * the ids show where the split cut: moving a boundary by one byte changes the pairs. The
+ * fixture's small vocabulary would often give the same ids for different splits.
+ */
+static void
+test_fast_path_pairs(void)
+{
+    struct kli_tokenizer *t = NULL;
+    struct kli_err err = {0};
+    char *buf = malloc((256 + 65536) * 16), *o = buf;
+    int rank = 0;
+
+    snprintf(tmpdir, sizeof(tmpdir), "/tmp/kli-test-tok-XXXXXX");
+    if (buf == NULL || mkdtemp(tmpdir) == NULL) {
+        ok(0, "mkdtemp");
+        free(buf);
+        return;
+    }
+    for (int i = 0; i < 256; i++) {
+        unsigned char b = (unsigned char)i;
+
+        b64(&b, 1, o);
+        o += strlen(o);
+        o += sprintf(o, " %d\n", rank++);
+    }
+    for (uint32_t i = 0; i < 65536; i++) {
+        uint32_t x = (i * 40503u + 12345u) & 0xFFFF;     /* a permutation of 0..65535 */
+        unsigned char pair[2] = {(unsigned char)(x >> 8), (unsigned char)x};
+
+        b64(pair, 2, o);
+        o += strlen(o);
+        o += sprintf(o, " %d\n", rank++);
+    }
+    write_file("tiktoken.model", buf);
+    free(buf);
+    ok(kli_tokenizer_open(&t, tmpdir, &err) == KLI_OK && kli_tokenizer_n_base(t) == 65792,
+       "all-pairs vocabulary loads (%s)", err.msg);
+    if (t != NULL)
+        test_fast_path(t, "all-pairs vocabulary");
+    kli_tokenizer_close(t);
+    write_file("tiktoken.model", NULL);
     rmdir(tmpdir);
 }
 
@@ -677,6 +799,7 @@ main(void)
     }
     test_golden(t, golden);
     test_short_buffer(t);
+    test_fast_path(t, "fixture");
     test_chunking(t);
     test_invalid_utf8(t);
     test_decode(t);
@@ -685,6 +808,7 @@ main(void)
     kli_tokenizer_close(t);
     kli_tokenizer_close(NULL);
     test_loading();
+    test_fast_path_pairs();
     test_tiny();
     cJSON_Delete(golden);
     free(json);

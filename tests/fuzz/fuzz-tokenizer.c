@@ -9,7 +9,8 @@
  * Every input is encoded in both modes. Besides "no crash", it checks the API's promises:
  * invalid UTF-8 is refused with KLI_E_FORMAT and a message; valid text gives at most one id
  * per byte, ids inside the vocabulary (no special ids in ordinary mode), decoding gives the
- * text back byte for byte, and a short buffer yields the same count and a prefix of the ids.
+ * text back byte for byte, a short buffer yields the same count and a prefix of the ids, and
+ * the ASCII fast path of the split gives the same ids as PCRE2 alone.
  * kli_utf8_complete_prefix() is checked on every prefix of the input.
  */
 #include "config.h"
@@ -73,6 +74,16 @@ fuzz_mode(const char *text, size_t size, int valid, int flags)
 
         fuzz_check(ids[i] >= 0 && ids[i] < lim, "id out of range");
     }
+    /* The ASCII fast path of the split agrees with PCRE2 alone. */
+    part = malloc((size + 1) * sizeof(*part));
+    fuzz_check(part != NULL, "out of memory");
+    m = kli_tokenize(fuzz_tok, text, size, flags | TOKENIZER_PCRE2_ONLY, part, (int64_t)size + 1,
+                     NULL);
+    fuzz_check(m == n && memcmp(part, ids, (size_t)n * sizeof(*ids)) == 0,
+               "ASCII fast path differs from PCRE2");
+    free(part);
+    part = NULL;
+
     m = kli_detokenize(fuzz_tok, ids, n, back, (int64_t)size + 1, &err);
     fuzz_check(m == (int64_t)size && memcmp(back, text, size) == 0,
                "decode(encode(text)) != text");
