@@ -103,5 +103,43 @@ has "/load reports" "$tmp/out" "(loaded "
 has "/load without a file shows the usage" "$tmp/out" "usage: /load FILE"
 has "a failed /load is reported" "$tmp/err" "$tmp/none"
 
+# ---- tokenize / detokenize on a directory holding only the two tokenizer files ----
+tokdir="$KLI_TESTDATA/tokenizer"
+t "tokenize the corpus" 0 "$kli" tokenize -m "$tokdir" --file "$tokdir/corpus.txt"
+cp "$tmp/out" "$tmp/corpus.ids"
+t "detokenize it back" 0 "$kli" detokenize -m "$tokdir" --file "$tmp/corpus.ids"
+n=$((n + 1))
+if cmp -s "$tmp/out" "$tokdir/corpus.txt"; then echo "ok $n - corpus round trip is byte-exact"
+else fail=1; echo "not ok $n - corpus round trip differs"; fi
+for py in python3 /usr/bin/python3; do
+    if "$py" -c 'import json' 2>/dev/null; then
+        n=$((n + 1))
+        for mode in ordinary special; do
+            flag=""
+            [ "$mode" = special ] && flag="--special"
+            # shellcheck disable=SC2086
+            "$kli" tokenize -m "$tokdir" $flag --file "$tokdir/corpus.txt" >"$tmp/$mode.ids"
+        done
+        if "$py" - "$tokdir/golden.json" "$tokdir/corpus.txt" "$tmp" <<'PY'
+import json, sys
+g = json.load(open(sys.argv[1]))
+text = open(sys.argv[2], encoding="utf-8").read()
+case = [c for c in g["cases"] if c["text"] == text]
+ok = bool(case)
+for mode in ("ordinary", "special"):
+    got = [int(x) for x in open(sys.argv[3] + "/" + mode + ".ids").read().split()]
+    ok = ok and got == case[0][mode]
+sys.exit(0 if ok else 1)
+PY
+        then echo "ok $n - kli tokenize equals tiktoken's ids for the whole corpus, both modes"
+        else fail=1; echo "not ok $n - kli tokenize differs from the golden ids"; fi
+        break
+    fi
+done
+printf '\377\376bad' >"$tmp/bad.txt"
+t "invalid UTF-8 is refused" 1 "$kli" tokenize -m "$tokdir" --file "$tmp/bad.txt"
+has "the offset is named" "$tmp/err" "offset"
+t "an unknown id is refused by detokenize" 1 sh -c "echo 999999 | '$kli' detokenize -m '$tokdir'"
+
 echo "1..$n"
 exit $fail
