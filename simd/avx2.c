@@ -6,21 +6,27 @@
  *
  * matmul takes one of two paths, chosen by the number of token rows m:
  *
- *  - m < AVX2_MPACK (decode): W is streamed once, four rows at a time, and each group of rows
- *    is dotted with every x row while it is in L1/L2. Float weights are widened in registers
- *    (F16 by vcvtph2ps, BF16 by a 16-bit shift). Q8_0 and Q4 weights are never widened: x is
- *    quantized per 32-block to int8 (scale amax/127) into a stack buffer and the block dot
- *    products are integer (vpmaddubsw + vpmaddwd), then scaled by d_w * d_x in float.
- *      Q8_0: maddubs(|x|, sign(w, x)) keeps the unsigned operand on the activation side.
+ *  - m < avx2_mpack[dt] (decode, batched decode): W is streamed once, a few rows at a time,
+ *    and each group of rows is dotted with every x row while it is in L1 (register tiles of up
+ *    to 4 tokens, so each weight vector is widened or unpacked once for 4 tokens); the next
+ *    rows are prefetched (without that, the integer kernels wait on memory instead of
+ *    overlapping with it). Float weights
+ *    are widened in registers (F16 by vcvtph2ps, BF16 by a 16-bit shift). Q8_0 and Q4
+ *    weights are never widened: x is quantized per 32-block to int8 (scale amax/127) into a
+ *    stack buffer and the block dot products are integer (vpmaddubsw + vpmaddwd), then scaled
+ *    by d_w * d_x in float.
+ *      Q8_0: maddubs(|w|, sign(x, w)); |w| may be 128 (w = -128 is valid), x never is -128.
  *      Q4:   maddubs(nibble, x) on the unsigned nibbles, and the -8 offset is added back as
- *            -8 * sum(x_q) per block. Two blocks share one 256-bit step: x is stored
+ *            -8 * sum(q_x) per block. Two blocks share one 256-bit step: x is stored
  *            pre-shuffled as [lo16(b) lo16(b+1) hi16(b) hi16(b+1)] so the nibbles of two
- *            blocks, loaded side by side, need one shift and two masks.
- *  - m >= AVX2_MPACK (prefill, batched decode): a blocked GEMM. A chunk of AVX2_NC rows x
+ *            blocks, loaded side by side, need one shift and two masks. Eight blocks are
+ *            reduced together by two rounds of vphaddd, so their scales are converted and
+ *            applied once per eight blocks.
+ *  - m >= avx2_mpack[dt] (prefill): a blocked GEMM. A chunk of AVX2_NC rows x
  *    AVX2_KC columns of W is converted to float once and packed into panels of 24 rows
- *    (column-major within a panel), then a 4-token x 24-row register tile (12 accumulators)
- *    runs over it with broadcast activations; W is read from memory once per call and the
- *    conversion cost is shared by all m tokens.
+ *    (column-major within a panel, converted and transposed in registers), then a 4-token x
+ *    24-row register tile (12 accumulators) runs over it with broadcast activations; W is read
+ *    from memory once per call and the conversion cost is shared by all m tokens.
  */
 #include "config.h"
 
@@ -32,13 +38,20 @@
 
 #define AVX2_INLINE static inline __attribute__((always_inline))
 
-#define AVX2_MPACK 4        /* m from which matmul packs W and runs the GEMM tile */
-#define AVX2_MT (AVX2_MPACK - 1)
-#define AVX2_KQ 8192        /* activations quantized per slice of k (int paths) */
 #define AVX2_KC 256         /* GEMM: columns of W per packed chunk */
 #define AVX2_NR 24          /* GEMM: rows per panel (three vectors) */
 #define AVX2_NC 96          /* GEMM: rows per packed chunk */
 #define AVX2_TM 4           /* GEMM: tokens per tile */
+
+/* m from which matmul packs W and runs the GEMM tile instead of streaming W through the
+ * multi-token decode tiles: crossovers measured on Skylake-SP and Sapphire Rapids cores (k = n
+ * = 2304, one thread). The Q4 integer tiles stay ahead of the float GEMM up to m = 50..120;
+ * Q8_0's need a sign step per token and fall behind early. The quantized limits must keep
+ * m * 320 bytes <= AVX2_QBUF. */
+static const int64_t avx2_mpack[KLI_DT_COUNT] = {
+    [KLI_DT_F32] = 24, [KLI_DT_F16] = 32, [KLI_DT_BF16] = 32, [KLI_DT_Q8_0] = 12,
+    [KLI_DT_Q4] = 64,
+};
 
 /* ---- small helpers -------------------------------------------------------------------- */
 
@@ -141,7 +154,8 @@ avx2_axpy(float *y, float a, const float *x, int64_t n)
                                                 _mm256_loadu_ps(y + i)));
     if (i < n) {
         __m256i mk = avx2_tailmask(n - i);
-        __m256 v = _mm256_fmadd_ps(va, _mm256_maskload_ps(x + i, mk), _mm256_maskload_ps(y + i, mk));
+        __m256 v = _mm256_maskload_ps(y + i, mk);
+        v = _mm256_fmadd_ps(va, _mm256_maskload_ps(x + i, mk), v);
         _mm256_maskstore_ps(y + i, mk, v);
     }
 }
@@ -224,10 +238,20 @@ avx2_zero_y(float *y, int64_t ldy, int64_t n, int64_t m)
 
 /* ---- decode path, float weights ------------------------------------------------------- */
 
-/* out[r] = dot(x, row r), r < nr (a constant 4 or 1 after inlining); rows rb bytes apart. */
+/* Prefetch distance in bytes for a group of `g` rows at r: the next group while there is one
+ * (prefetches past the rows the caller owns can cost page walks), else 0 (the data being
+ * read: a no-op). */
+AVX2_INLINE size_t
+avx2_ahead(int64_t r, int64_t g, int64_t n, size_t rb)
+{
+    return r + 2 * g <= n ? (size_t)g * rb : 0;
+}
+
+/* out[r] = dot(x, row r), r < nr (a constant 1, 3 or 4 after inlining); rows rb bytes apart;
+ * the rows pf bytes further are prefetched. */
 AVX2_INLINE void
 avx2_dot_rows(enum kli_dtype dt, int nr, const float *x, const uint8_t *w, size_t rb,
-              int64_t k, float *out)
+              size_t pf, int64_t k, float *out)
 {
     __m256 a0[4], a1[4];
     int64_t j = 0;
@@ -239,6 +263,8 @@ avx2_dot_rows(enum kli_dtype dt, int nr, const float *x, const uint8_t *w, size_
         __m256 x0 = _mm256_loadu_ps(x + j), x1 = _mm256_loadu_ps(x + j + 8);
 #pragma GCC unroll 4
         for (int r = 0; r < nr; r++) {
+            const uint8_t *ahead = w + pf + r * rb + j * (dt == KLI_DT_F32 ? 4 : 2);
+            _mm_prefetch((const char *)ahead, _MM_HINT_T0);
             a0[r] = _mm256_fmadd_ps(avx2_load8(dt, w + r * rb, j), x0, a0[r]);
             a1[r] = _mm256_fmadd_ps(avx2_load8(dt, w + r * rb, j + 8), x1, a1[r]);
         }
@@ -259,6 +285,46 @@ avx2_dot_rows(enum kli_dtype dt, int nr, const float *x, const uint8_t *w, size_
     }
 }
 
+/* y[t][r] = dot(x[t], row r) for 4 tokens x 3 rows: each widened weight vector serves four
+ * tokens (12 accumulators). */
+AVX2_INLINE void
+avx2_dot_tile(enum kli_dtype dt, const float *x, int64_t ldx, const uint8_t *w, size_t rb,
+              size_t pf, int64_t k, float *y, int64_t ldy)
+{
+    __m256 acc[4][3];
+    int64_t j = 0;
+
+#pragma GCC unroll 4
+    for (int t = 0; t < 4; t++)
+        acc[t][0] = acc[t][1] = acc[t][2] = _mm256_setzero_ps();
+    for (; j + 8 <= k; j += 8) {
+        __m256 wv[3];
+#pragma GCC unroll 3
+        for (int r = 0; r < 3; r++) {
+            _mm_prefetch((const char *)(w + pf + r * rb + j * (dt == KLI_DT_F32 ? 4 : 2)),
+                         _MM_HINT_T0);
+            wv[r] = avx2_load8(dt, w + r * rb, j);
+        }
+#pragma GCC unroll 4
+        for (int t = 0; t < 4; t++) {
+            __m256 xv = _mm256_loadu_ps(x + t * ldx + j);
+#pragma GCC unroll 3
+            for (int r = 0; r < 3; r++)
+                acc[t][r] = _mm256_fmadd_ps(wv[r], xv, acc[t][r]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int t = 0; t < 4; t++) {
+#pragma GCC unroll 3
+        for (int r = 0; r < 3; r++) {
+            float s = avx2_hsum(acc[t][r]);
+            for (int64_t jj = j; jj < k; jj++)
+                s += x[t * ldx + jj] * avx2_load1(dt, w + r * rb, jj);
+            y[t * ldy + r] = s;
+        }
+    }
+}
+
 AVX2_INLINE void
 avx2_stream_float(enum kli_dtype dt, float *y, int64_t ldy, const float *x, int64_t ldx,
                   const uint8_t *w, int64_t n, int64_t k, int64_t m)
@@ -267,15 +333,26 @@ avx2_stream_float(enum kli_dtype dt, float *y, int64_t ldy, const float *x, int6
     float out[4];
     int64_t r = 0;
 
-    for (; r + 4 <= n; r += 4) {
-        for (int64_t t = 0; t < m; t++) {
-            avx2_dot_rows(dt, 4, x + t * ldx, w + r * rb, rb, k, out);
-            memcpy(y + t * ldy + r, out, sizeof(out));
+    if (m == 1) {
+        for (; r + 4 <= n; r += 4) {
+            avx2_dot_rows(dt, 4, x, w + r * rb, rb, avx2_ahead(r, 4, n, rb), k, out);
+            memcpy(y + r, out, sizeof(out));
+        }
+    }
+    /* several tokens: rows three at a time, every token against them while they are in L1 */
+    for (; r + 3 <= n; r += 3) {
+        size_t pf = avx2_ahead(r, 3, n, rb);
+        int64_t t = 0;
+        for (; t + 4 <= m; t += 4)
+            avx2_dot_tile(dt, x + t * ldx, ldx, w + r * rb, rb, pf, k, y + t * ldy + r, ldy);
+        for (; t < m; t++) {
+            avx2_dot_rows(dt, 3, x + t * ldx, w + r * rb, rb, pf, k, out);
+            memcpy(y + t * ldy + r, out, 3 * sizeof(float));
         }
     }
     for (; r < n; r++) {
         for (int64_t t = 0; t < m; t++) {
-            avx2_dot_rows(dt, 1, x + t * ldx, w + r * rb, rb, k, out);
+            avx2_dot_rows(dt, 1, x + t * ldx, w + r * rb, rb, 0, k, out);
             y[t * ldy + r] = out[0];
         }
     }
@@ -297,7 +374,7 @@ avx2_quant_block(const float *x, float *d)
     m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
     m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
     float amax = _mm_cvtss_f32(m4);
-    __m256 id = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+    __m256 id = _mm256_set1_ps(amax >= 1e-30f ? 127.0f / amax : 0.0f);
     *d = amax / 127.0f;
     __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, id));
     __m256i i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, id));
@@ -307,34 +384,64 @@ avx2_quant_block(const float *x, float *d)
     return _mm256_permutevar8x32_epi32(q, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
 }
 
-/* Q8_0 activations: q[32 * b + j] and d[b] for nb blocks. */
-static void
-avx2_quant_q8(const float *x, int64_t nb, int8_t *q, float *d)
+/* sum of the 32 int8 in q */
+AVX2_INLINE int32_t
+avx2_sum_i8(__m256i q)
 {
-    for (int64_t b = 0; b < nb; b++)
-        _mm256_storeu_si256((__m256i *)(q + 32 * b), avx2_quant_block(x + 32 * b, d + b));
+    __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), q),
+                                  _mm256_set1_epi16(1));
+    __m128i h = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+
+    h = _mm_add_epi32(h, _mm_unpackhi_epi64(h, h));
+    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 1));
+    return _mm_cvtsi128_si32(h);
 }
 
-/* out[r] = sum over nb blocks of row r (Q8_0) . (q, d), r < nr. */
+/*
+ * The quantized activations of m tokens live in one stack buffer of AVX2_QBUF bytes, one
+ * region per token. k is cut into slices when m tokens of it do not fit (k > 16384 for one
+ * token); the first slice writes y, later ones add to it.
+ *
+ * Q8_0 region for nb blocks: int8 q[32 nb], then float d[nb].
+ */
+#define AVX2_QBUF 65536
+
+AVX2_INLINE size_t
+avx2_q8_bytes(int64_t nb)
+{
+    return (size_t)nb * 36;
+}
+
+static void
+avx2_quant_q8(const float *x, int64_t nb, uint8_t *buf)
+{
+    float *d = (float *)(buf + 32 * nb);
+
+    for (int64_t b = 0; b < nb; b++)
+        _mm256_storeu_si256((__m256i *)(buf + 32 * b), avx2_quant_block(x + 32 * b, d + b));
+}
+
+/* out[r] = sum over nb blocks of row r (Q8_0) . x (a Q8_0 region), r < nr: one token. */
 AVX2_INLINE void
-avx2_q8_rows(int nr, const int8_t *q, const float *d, int64_t nb, const uint8_t *w, size_t rb,
+avx2_q8_rows(int nr, const uint8_t *act, int64_t nb, const uint8_t *w, size_t rb, size_t pf,
              float *out)
 {
     const __m256i ones = _mm256_set1_epi16(1);
+    const float *d = (const float *)(act + 32 * nb);
     __m256 acc[4];
 
 #pragma GCC unroll 4
     for (int r = 0; r < nr; r++)
         acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
-        __m256i xq = _mm256_loadu_si256((const __m256i *)(q + 32 * b));
-        __m256i xa = _mm256_abs_epi8(xq);
+        __m256i xq = _mm256_loadu_si256((const __m256i *)(act + 32 * b));
         __m256 dx = _mm256_broadcast_ss(d + b);
 #pragma GCC unroll 4
         for (int r = 0; r < nr; r++) {
             const uint8_t *p = w + r * rb + 34 * b;
+            _mm_prefetch((const char *)(p + pf), _MM_HINT_T0);
             __m256i wq = _mm256_loadu_si256((const __m256i *)(p + 2));
-            __m256i pr = _mm256_maddubs_epi16(xa, _mm256_sign_epi8(wq, xq));
+            __m256i pr = _mm256_maddubs_epi16(_mm256_abs_epi8(wq), _mm256_sign_epi8(xq, wq));
             __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(pr, ones));
             __m256 dw = _mm256_cvtph_ps(_mm_set1_epi16((short)avx2_u16(p)));
             acc[r] = _mm256_fmadd_ps(f, _mm256_mul_ps(dw, dx), acc[r]);
@@ -345,21 +452,81 @@ avx2_q8_rows(int nr, const int8_t *q, const float *d, int64_t nb, const uint8_t 
         out[r] = avx2_hsum(acc[r]);
 }
 
+/* out[t] = row p (Q8_0) . x of token t (regions `stride` bytes apart), t < nt (constant, at
+ * most 4): each weight block is loaded and made unsigned once for all the tokens. */
+AVX2_INLINE void
+avx2_q8_tile(int nt, const uint8_t *act, size_t stride, int64_t nb, const uint8_t *p, size_t pf,
+             float *out)
+{
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[4];
+
+#pragma GCC unroll 4
+    for (int t = 0; t < nt; t++)
+        acc[t] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *pb = p + 34 * b;
+        _mm_prefetch((const char *)(pb + pf), _MM_HINT_T0);
+        __m256i wq = _mm256_loadu_si256((const __m256i *)(pb + 2));
+        __m256i wa = _mm256_abs_epi8(wq);
+        __m256 dw = _mm256_cvtph_ps(_mm_set1_epi16((short)avx2_u16(pb)));
+#pragma GCC unroll 4
+        for (int t = 0; t < nt; t++) {
+            const uint8_t *xt = act + t * stride;
+            __m256i xq = _mm256_loadu_si256((const __m256i *)(xt + 32 * b));
+            __m256i pr = _mm256_maddubs_epi16(wa, _mm256_sign_epi8(xq, wq));
+            __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(pr, ones));
+            __m256 dx = _mm256_broadcast_ss((const float *)(xt + 32 * nb) + b);
+            acc[t] = _mm256_fmadd_ps(f, _mm256_mul_ps(dw, dx), acc[t]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int t = 0; t < nt; t++)
+        out[t] = avx2_hsum(acc[t]);
+}
+
 /*
- * Q4 activations, two blocks (b, c = b + 1) per 128-byte record:
+ * Q4 region. Whole groups of eight blocks b0..b7 come first, 320 bytes each:
+ *   bytes 0..255    int8 x, per pair (b2i, b2i+1): [b2i 0..15] [b2i+1 0..15] [b2i 16..31]
+ *                   [b2i+1 16..31]
+ *   bytes 256..287  float scales in the order b0 b2 b4 b6 b1 b3 b5 b7 (the order that two
+ *                   rounds of vphaddd leave the eight block sums in)
+ *   bytes 288..319  int32 offsets -8 * sum(q), same order
+ * then the remaining blocks as 128-byte pair records:
  *   bytes 0..63    int8 x: [b 0..15] [c 0..15] [b 16..31] [c 16..31]
  *   bytes 64..95   float scales: d_b x4, d_c x4
  *   bytes 96..127  int32 offsets: -8 * sum(q_b), 0, 0, 0, -8 * sum(q_c), 0, 0, 0
  * An odd last block gets a zero partner.
  */
+#define AVX2_Q4GRP 320
 #define AVX2_Q4REC 128
+
+AVX2_INLINE size_t
+avx2_q4_bytes(int64_t nb)
+{
+    return (size_t)(nb / 8) * AVX2_Q4GRP + (size_t)((nb % 8 + 1) / 2) * AVX2_Q4REC;
+}
 
 static void
 avx2_quant_q4(const float *x, int64_t nb, uint8_t *buf)
 {
-    const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+    static const int ord[8] = {0, 4, 1, 5, 2, 6, 3, 7};   /* slot of block i */
+    int64_t b = 0;
 
-    for (int64_t b = 0; b < nb; b += 2, buf += AVX2_Q4REC) {
+    for (; b + 8 <= nb; b += 8, buf += AVX2_Q4GRP) {
+        float *dv = (float *)(buf + 256);
+        int32_t *cv = (int32_t *)(buf + 288);
+        for (int i = 0; i < 8; i += 2) {
+            __m256i qb = avx2_quant_block(x + 32 * (b + i), dv + ord[i]);
+            __m256i qc = avx2_quant_block(x + 32 * (b + i + 1), dv + ord[i + 1]);
+            _mm256_store_si256((__m256i *)(buf + 32 * i), _mm256_permute2x128_si256(qb, qc, 0x20));
+            _mm256_store_si256((__m256i *)(buf + 32 * i + 32),
+                               _mm256_permute2x128_si256(qb, qc, 0x31));
+            cv[ord[i]] = -8 * avx2_sum_i8(qb);
+            cv[ord[i + 1]] = -8 * avx2_sum_i8(qc);
+        }
+    }
+    for (; b < nb; b += 2, buf += AVX2_Q4REC) {
         float db, dc = 0.0f;
         __m256i qb = avx2_quant_block(x + 32 * b, &db);
         __m256i qc = _mm256_setzero_si256();
@@ -367,47 +534,107 @@ avx2_quant_q4(const float *x, int64_t nb, uint8_t *buf)
             qc = avx2_quant_block(x + 32 * (b + 1), &dc);
         _mm256_store_si256((__m256i *)buf, _mm256_permute2x128_si256(qb, qc, 0x20));
         _mm256_store_si256((__m256i *)(buf + 32), _mm256_permute2x128_si256(qb, qc, 0x31));
-        __m256 dv = _mm256_setr_ps(db, db, db, db, dc, dc, dc, dc);
-        _mm256_store_ps((float *)(buf + 64), dv);
-        /* per-128-bit-half sums of q_b and q_c */
-        __m256i sb = _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, qb), ones16);
-        __m256i sc = _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, qc), ones16);
-        __m128i s = _mm_hadd_epi32(_mm_add_epi32(_mm256_castsi256_si128(sb),
-                                                 _mm256_extracti128_si256(sb, 1)),
-                                   _mm_add_epi32(_mm256_castsi256_si128(sc),
-                                                 _mm256_extracti128_si256(sc, 1)));
-        s = _mm_hadd_epi32(s, s);   /* sum(q_b), sum(q_c), ... */
-        int32_t tb = -8 * _mm_cvtsi128_si32(s), tc = -8 * _mm_extract_epi32(s, 1);
-        _mm256_store_si256((__m256i *)(buf + 96), _mm256_setr_epi32(tb, 0, 0, 0, tc, 0, 0, 0));
+        _mm256_store_ps((float *)(buf + 64), _mm256_setr_ps(db, db, db, db, dc, dc, dc, dc));
+        _mm256_store_si256((__m256i *)(buf + 96),
+                           _mm256_setr_epi32(-8 * avx2_sum_i8(qb), 0, 0, 0,
+                                             -8 * avx2_sum_i8(qc), 0, 0, 0));
     }
 }
 
-/* One record (two blocks, or one when `pair` is 0) of one Q4 row into acc. */
-AVX2_INLINE __m256
-avx2_q4_step(int pair, const uint8_t *p, __m256i x0, __m256i x1, __m256 dx, __m256i corr,
-             __m256 acc)
+/* The nibbles of the Q4 blocks at p and p + 18 (just p when `pair` is 0): lo = elements 0..15
+ * of each block side by side, hi = elements 16..31. */
+AVX2_INLINE void
+avx2_q4_nibbles(int pair, const uint8_t *p, __m256i *lo, __m256i *hi)
 {
-    const __m256i m4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
-    const __m128i dup = _mm_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3);
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
     __m256i wq;
+
+    if (pair)
+        wq = _mm256_loadu2_m128i((const __m128i *)(p + 20), (const __m128i *)(p + 2));
+    else
+        wq = _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)(p + 2)));
+    *lo = _mm256_and_si256(wq, m4);
+    *hi = _mm256_and_si256(_mm256_srli_epi16(wq, 4), m4);
+}
+
+/* Integer dot products of a block pair's nibbles with a 64-byte x record; lanes 0..3 hold
+ * parts of the first block's sum, lanes 4..7 of the second's. */
+AVX2_INLINE __m256i
+avx2_q4_dot(__m256i lo, __m256i hi, const uint8_t *xr)
+{
+    __m256i x0 = _mm256_load_si256((const __m256i *)xr);
+    __m256i x1 = _mm256_load_si256((const __m256i *)(xr + 32));
+    __m256i pr = _mm256_add_epi16(_mm256_maddubs_epi16(lo, x0), _mm256_maddubs_epi16(hi, x1));
+
+    return _mm256_madd_epi16(pr, _mm256_set1_epi16(1));
+}
+
+/* The f16 scales of the eight blocks at p, in the group order b0 b2 b4 b6 b1 b3 b5 b7. */
+AVX2_INLINE __m256
+avx2_q4_scales8(const uint8_t *p)
+{
+    __m128i h = _mm_cvtsi32_si128(avx2_u16(p));
+
+    h = _mm_insert_epi16(h, avx2_u16(p + 36), 1);
+    h = _mm_insert_epi16(h, avx2_u16(p + 72), 2);
+    h = _mm_insert_epi16(h, avx2_u16(p + 108), 3);
+    h = _mm_insert_epi16(h, avx2_u16(p + 18), 4);
+    h = _mm_insert_epi16(h, avx2_u16(p + 54), 5);
+    h = _mm_insert_epi16(h, avx2_u16(p + 90), 6);
+    h = _mm_insert_epi16(h, avx2_u16(p + 126), 7);
+    return _mm256_cvtph_ps(h);
+}
+
+/* The scales of the pair at p as [d_b x4, d_c x4] (d_c = 0 when `pair` is 0). */
+AVX2_INLINE __m256
+avx2_q4_scales2(int pair, const uint8_t *p)
+{
+    const __m128i dup = _mm_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3);
     uint32_t h = avx2_u16(p);
 
-    if (pair) {
-        wq = _mm256_loadu2_m128i((const __m128i *)(p + 20), (const __m128i *)(p + 2));
+    if (pair)
         h |= (uint32_t)avx2_u16(p + 18) << 16;
-    } else {
-        wq = _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)(p + 2)));
-    }
-    __m256i lo = _mm256_and_si256(wq, m4);
-    __m256i hi = _mm256_and_si256(_mm256_srli_epi16(wq, 4), m4);
-    __m256i pr = _mm256_add_epi16(_mm256_maddubs_epi16(lo, x0), _mm256_maddubs_epi16(hi, x1));
-    __m256i di = _mm256_add_epi32(_mm256_madd_epi16(pr, ones), corr);
-    __m256 dw = _mm256_cvtph_ps(_mm_shuffle_epi8(_mm_cvtsi32_si128((int)h), dup));
-    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(di), _mm256_mul_ps(dw, dx), acc);
+    return _mm256_cvtph_ps(_mm_shuffle_epi8(_mm_cvtsi32_si128((int)h), dup));
 }
 
+/* One group of eight Q4 blocks of one row (p: block b0) against one token's group record. */
+AVX2_INLINE __m256
+avx2_q4_group(const uint8_t *p, const uint8_t *xg, __m256 acc)
+{
+    __m256i l0, h0, l1, h1, l2, h2, l3, h3;
+
+    avx2_q4_nibbles(1, p, &l0, &h0);
+    avx2_q4_nibbles(1, p + 36, &l1, &h1);
+    avx2_q4_nibbles(1, p + 72, &l2, &h2);
+    avx2_q4_nibbles(1, p + 108, &l3, &h3);
+    __m256i s01 = _mm256_hadd_epi32(avx2_q4_dot(l0, h0, xg), avx2_q4_dot(l1, h1, xg + 64));
+    __m256i s23 = _mm256_hadd_epi32(avx2_q4_dot(l2, h2, xg + 128),
+                                    avx2_q4_dot(l3, h3, xg + 192));
+    __m256i s = _mm256_add_epi32(_mm256_hadd_epi32(s01, s23),
+                                 _mm256_load_si256((const __m256i *)(xg + 288)));
+    __m256 sc = _mm256_mul_ps(avx2_q4_scales8(p), _mm256_load_ps((const float *)(xg + 256)));
+
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), sc, acc);
+}
+
+/* One pair record (two blocks, or one when `pair` is 0) of one Q4 row into acc. */
+AVX2_INLINE __m256
+avx2_q4_pairstep(int pair, const uint8_t *p, const uint8_t *xr, __m256 acc)
+{
+    __m256i lo, hi;
+
+    avx2_q4_nibbles(pair, p, &lo, &hi);
+    __m256i di = _mm256_add_epi32(avx2_q4_dot(lo, hi, xr),
+                                  _mm256_load_si256((const __m256i *)(xr + 96)));
+    __m256 sc = _mm256_mul_ps(avx2_q4_scales2(pair, p), _mm256_load_ps((const float *)(xr + 64)));
+
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(di), sc, acc);
+}
+
+/* out[r] = row r (Q4) . x (one token's Q4 region) for r < nr. */
 AVX2_INLINE void
-avx2_q4_rows(int nr, const uint8_t *act, int64_t nb, const uint8_t *w, size_t rb, float *out)
+avx2_q4_rows(int nr, const uint8_t *act, int64_t nb, const uint8_t *w, size_t rb, size_t pf,
+             float *out)
 {
     __m256 acc[4];
     int64_t b = 0;
@@ -415,27 +642,88 @@ avx2_q4_rows(int nr, const uint8_t *act, int64_t nb, const uint8_t *w, size_t rb
 #pragma GCC unroll 4
     for (int r = 0; r < nr; r++)
         acc[r] = _mm256_setzero_ps();
-    for (; b + 2 <= nb; b += 2, act += AVX2_Q4REC) {
-        __m256i x0 = _mm256_load_si256((const __m256i *)act);
-        __m256i x1 = _mm256_load_si256((const __m256i *)(act + 32));
-        __m256 dx = _mm256_load_ps((const float *)(act + 64));
-        __m256i corr = _mm256_load_si256((const __m256i *)(act + 96));
+    for (; b + 8 <= nb; b += 8, act += AVX2_Q4GRP) {
 #pragma GCC unroll 4
-        for (int r = 0; r < nr; r++)
-            acc[r] = avx2_q4_step(1, w + r * rb + 18 * b, x0, x1, dx, corr, acc[r]);
+        for (int r = 0; r < nr; r++) {
+            const uint8_t *p = w + r * rb + 18 * b;
+            _mm_prefetch((const char *)(p + pf), _MM_HINT_T0);
+            _mm_prefetch((const char *)(p + pf + 64), _MM_HINT_T0);
+            _mm_prefetch((const char *)(p + pf + 128), _MM_HINT_T0);
+            acc[r] = avx2_q4_group(p, act, acc[r]);
+        }
     }
-    if (b < nb) {
-        __m256i x0 = _mm256_load_si256((const __m256i *)act);
-        __m256i x1 = _mm256_load_si256((const __m256i *)(act + 32));
-        __m256 dx = _mm256_load_ps((const float *)(act + 64));
-        __m256i corr = _mm256_load_si256((const __m256i *)(act + 96));
+    for (; b < nb; b += 2, act += AVX2_Q4REC) {
 #pragma GCC unroll 4
-        for (int r = 0; r < nr; r++)
-            acc[r] = avx2_q4_step(0, w + r * rb + 18 * b, x0, x1, dx, corr, acc[r]);
+        for (int r = 0; r < nr; r++) {
+            const uint8_t *p = w + r * rb + 18 * b;
+            _mm_prefetch((const char *)(p + pf), _MM_HINT_T0);
+            acc[r] = b + 1 < nb ? avx2_q4_pairstep(1, p, act, acc[r])
+                                : avx2_q4_pairstep(0, p, act, acc[r]);
+        }
     }
 #pragma GCC unroll 4
     for (int r = 0; r < nr; r++)
         out[r] = avx2_hsum(acc[r]);
+}
+
+/* out[t] = row p (Q4) . x of token t (regions `stride` bytes apart), t < nt (constant, at most
+ * 4): the nibbles and scales of each block are unpacked once for all the tokens. */
+AVX2_INLINE void
+avx2_q4_tile(int nt, const uint8_t *act, size_t stride, int64_t nb, const uint8_t *p, size_t pf,
+             float *out)
+{
+    __m256 acc[4];
+    int64_t b = 0;
+
+#pragma GCC unroll 4
+    for (int t = 0; t < nt; t++)
+        acc[t] = _mm256_setzero_ps();
+    for (; b + 8 <= nb; b += 8, act += AVX2_Q4GRP) {
+        const uint8_t *pg = p + 18 * b;
+        __m256i l0, h0, l1, h1, s01[4];
+        _mm_prefetch((const char *)(pg + pf), _MM_HINT_T0);
+        _mm_prefetch((const char *)(pg + pf + 64), _MM_HINT_T0);
+        _mm_prefetch((const char *)(pg + pf + 128), _MM_HINT_T0);
+        __m256 dw = avx2_q4_scales8(pg);
+        avx2_q4_nibbles(1, pg, &l0, &h0);
+        avx2_q4_nibbles(1, pg + 36, &l1, &h1);
+#pragma GCC unroll 4
+        for (int t = 0; t < nt; t++) {
+            const uint8_t *xg = act + t * stride;
+            s01[t] = _mm256_hadd_epi32(avx2_q4_dot(l0, h0, xg), avx2_q4_dot(l1, h1, xg + 64));
+        }
+        avx2_q4_nibbles(1, pg + 72, &l0, &h0);
+        avx2_q4_nibbles(1, pg + 108, &l1, &h1);
+#pragma GCC unroll 4
+        for (int t = 0; t < nt; t++) {
+            const uint8_t *xg = act + t * stride;
+            __m256i s23 = _mm256_hadd_epi32(avx2_q4_dot(l0, h0, xg + 128),
+                                            avx2_q4_dot(l1, h1, xg + 192));
+            __m256i s = _mm256_add_epi32(_mm256_hadd_epi32(s01[t], s23),
+                                         _mm256_load_si256((const __m256i *)(xg + 288)));
+            __m256 sc = _mm256_mul_ps(dw, _mm256_load_ps((const float *)(xg + 256)));
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), sc, acc[t]);
+        }
+    }
+    for (; b < nb; b += 2, act += AVX2_Q4REC) {
+        int pair = b + 1 < nb;
+        const uint8_t *pb = p + 18 * b;
+        __m256i lo, hi;
+        _mm_prefetch((const char *)(pb + pf), _MM_HINT_T0);
+        avx2_q4_nibbles(pair, pb, &lo, &hi);
+        __m256 dw = avx2_q4_scales2(pair, pb);
+#pragma GCC unroll 4
+        for (int t = 0; t < nt; t++) {
+            const uint8_t *xr = act + t * stride;
+            __m256i di = _mm256_add_epi32(avx2_q4_dot(lo, hi, xr),
+                                          _mm256_load_si256((const __m256i *)(xr + 96)));
+            __m256 sc = _mm256_mul_ps(dw, _mm256_load_ps((const float *)(xr + 64)));
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(di), sc, acc[t]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int t = 0; t < nt; t++)
+        out[t] = avx2_hsum(acc[t]);
 }
 
 /* Stores a slice's partial products: the first slice writes, later ones add. */
@@ -446,32 +734,74 @@ avx2_put(float *y, const float *v, int nr, int add)
         y[i] = add ? y[i] + v[i] : v[i];
 }
 
+/* The same for one value per token, tokens ldy apart. */
+AVX2_INLINE void
+avx2_put_col(float *y, int64_t ldy, const float *v, int nt, int add)
+{
+    for (int t = 0; t < nt; t++)
+        y[t * ldy] = add ? y[t * ldy] + v[t] : v[t];
+}
+
+/* Elements of k (from `left`) per activation slice: all of it when m tokens fit the buffer,
+ * else whole groups of 256. `bytes` gives a region's size for nb blocks; `grp` that of 256
+ * elements. */
+AVX2_INLINE int64_t
+avx2_qslice(int64_t left, int64_t m, size_t (*bytes)(int64_t), size_t grp)
+{
+    if ((size_t)m * bytes(left / 32) <= AVX2_QBUF)
+        return left;
+    return (int64_t)(AVX2_QBUF / ((size_t)m * grp)) * 256;
+}
+
 static void
 avx2_stream_q8(float *y, int64_t ldy, const float *x, int64_t ldx, const uint8_t *w,
                int64_t n, int64_t k, int64_t m)
 {
-    int8_t q[AVX2_MT][AVX2_KQ] __attribute__((aligned(32)));
-    float d[AVX2_MT][AVX2_KQ / 32];
+    uint8_t act[AVX2_QBUF] __attribute__((aligned(32)));
     size_t rb = (size_t)(k / 32) * 34;
     float out[4];
 
-    for (int64_t k0 = 0; k0 < k; k0 += AVX2_KQ) {
-        int64_t nb = (k - k0 < AVX2_KQ ? k - k0 : AVX2_KQ) / 32;
+    for (int64_t k0 = 0, kq; k0 < k; k0 += kq) {
+        kq = avx2_qslice(k - k0, m, avx2_q8_bytes, 288);
+        int64_t nb = kq / 32;
+        size_t stride = avx2_q8_bytes(nb);
         const uint8_t *wk = w + (k0 / 32) * 34;
         int64_t r = 0;
         for (int64_t t = 0; t < m; t++)
-            avx2_quant_q8(x + t * ldx + k0, nb, q[t], d[t]);
-        for (; r + 4 <= n; r += 4) {
-            for (int64_t t = 0; t < m; t++) {
-                avx2_q8_rows(4, q[t], d[t], nb, wk + r * rb, rb, out);
-                avx2_put(y + t * ldy + r, out, 4, k0 > 0);
+            avx2_quant_q8(x + t * ldx + k0, nb, act + t * stride);
+        if (m == 1) {
+            for (; r + 4 <= n; r += 4) {
+                avx2_q8_rows(4, act, nb, wk + r * rb, rb, avx2_ahead(r, 4, n, rb), out);
+                avx2_put(y + r, out, 4, k0 > 0);
             }
+            for (; r < n; r++) {
+                avx2_q8_rows(1, act, nb, wk + r * rb, rb, 0, out);
+                avx2_put(y + r, out, 1, k0 > 0);
+            }
+            continue;
         }
         for (; r < n; r++) {
-            for (int64_t t = 0; t < m; t++) {
-                avx2_q8_rows(1, q[t], d[t], nb, wk + r * rb, rb, out);
-                avx2_put(y + t * ldy + r, out, 1, k0 > 0);
+            const uint8_t *p = wk + r * rb;
+            size_t pf = avx2_ahead(r, 1, n, rb);
+            int64_t t = 0;
+            for (; t + 4 <= m; t += 4) {
+                avx2_q8_tile(4, act + t * stride, stride, nb, p, pf, out);
+                avx2_put_col(y + t * ldy + r, ldy, out, 4, k0 > 0);
             }
+            switch (m - t) {
+            case 3:
+                avx2_q8_tile(3, act + t * stride, stride, nb, p, pf, out);
+                break;
+            case 2:
+                avx2_q8_tile(2, act + t * stride, stride, nb, p, pf, out);
+                break;
+            case 1:
+                avx2_q8_tile(1, act + t * stride, stride, nb, p, pf, out);
+                break;
+            default:
+                break;
+            }
+            avx2_put_col(y + t * ldy + r, ldy, out, (int)(m - t), k0 > 0);
         }
     }
 }
@@ -480,45 +810,65 @@ static void
 avx2_stream_q4(float *y, int64_t ldy, const float *x, int64_t ldx, const uint8_t *w,
                int64_t n, int64_t k, int64_t m)
 {
-    uint8_t act[AVX2_MT][AVX2_KQ / 64 * AVX2_Q4REC] __attribute__((aligned(32)));
+    uint8_t act[AVX2_QBUF] __attribute__((aligned(32)));
     size_t rb = (size_t)(k / 32) * 18;
     float out[4];
 
-    for (int64_t k0 = 0; k0 < k; k0 += AVX2_KQ) {
-        int64_t nb = (k - k0 < AVX2_KQ ? k - k0 : AVX2_KQ) / 32;
+    for (int64_t k0 = 0, kq; k0 < k; k0 += kq) {
+        kq = avx2_qslice(k - k0, m, avx2_q4_bytes, AVX2_Q4GRP);
+        int64_t nb = kq / 32;
+        size_t stride = avx2_q4_bytes(nb);
         const uint8_t *wk = w + (k0 / 32) * 18;
         int64_t r = 0;
         for (int64_t t = 0; t < m; t++)
-            avx2_quant_q4(x + t * ldx + k0, nb, act[t]);
-        for (; r + 4 <= n; r += 4) {
-            for (int64_t t = 0; t < m; t++) {
-                avx2_q4_rows(4, act[t], nb, wk + r * rb, rb, out);
-                avx2_put(y + t * ldy + r, out, 4, k0 > 0);
+            avx2_quant_q4(x + t * ldx + k0, nb, act + t * stride);
+        if (m == 1) {
+            for (; r + 4 <= n; r += 4) {
+                avx2_q4_rows(4, act, nb, wk + r * rb, rb, avx2_ahead(r, 4, n, rb), out);
+                avx2_put(y + r, out, 4, k0 > 0);
             }
+            for (; r < n; r++) {
+                avx2_q4_rows(1, act, nb, wk + r * rb, rb, 0, out);
+                avx2_put(y + r, out, 1, k0 > 0);
+            }
+            continue;
         }
         for (; r < n; r++) {
-            for (int64_t t = 0; t < m; t++) {
-                avx2_q4_rows(1, act[t], nb, wk + r * rb, rb, out);
-                avx2_put(y + t * ldy + r, out, 1, k0 > 0);
+            const uint8_t *p = wk + r * rb;
+            size_t pf = avx2_ahead(r, 1, n, rb);
+            int64_t t = 0;
+            for (; t + 4 <= m; t += 4) {
+                avx2_q4_tile(4, act + t * stride, stride, nb, p, pf, out);
+                avx2_put_col(y + t * ldy + r, ldy, out, 4, k0 > 0);
             }
+            switch (m - t) {
+            case 3:
+                avx2_q4_tile(3, act + t * stride, stride, nb, p, pf, out);
+                break;
+            case 2:
+                avx2_q4_tile(2, act + t * stride, stride, nb, p, pf, out);
+                break;
+            case 1:
+                avx2_q4_tile(1, act + t * stride, stride, nb, p, pf, out);
+                break;
+            default:
+                break;
+            }
+            avx2_put_col(y + t * ldy + r, ldy, out, (int)(m - t), k0 > 0);
         }
     }
 }
 
 /* ---- prefill path: packed GEMM ----------------------------------------------------------- */
 
-/* Transposes the 8x8 block src[i * ss + j] into dst[j * ds + i]. */
+/* Stores the transpose of the 8x8 block v[i][j]: dst[j * ds + i] (dst 32-byte aligned). */
 AVX2_INLINE void
-avx2_transpose8(const float *src, int64_t ss, float *dst, int64_t ds)
+avx2_transpose8(const __m256 *v, float *dst, int64_t ds)
 {
-    __m256 r0 = _mm256_loadu_ps(src), r1 = _mm256_loadu_ps(src + ss);
-    __m256 r2 = _mm256_loadu_ps(src + 2 * ss), r3 = _mm256_loadu_ps(src + 3 * ss);
-    __m256 r4 = _mm256_loadu_ps(src + 4 * ss), r5 = _mm256_loadu_ps(src + 5 * ss);
-    __m256 r6 = _mm256_loadu_ps(src + 6 * ss), r7 = _mm256_loadu_ps(src + 7 * ss);
-    __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
-    __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
-    __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
-    __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+    __m256 t0 = _mm256_unpacklo_ps(v[0], v[1]), t1 = _mm256_unpackhi_ps(v[0], v[1]);
+    __m256 t2 = _mm256_unpacklo_ps(v[2], v[3]), t3 = _mm256_unpackhi_ps(v[2], v[3]);
+    __m256 t4 = _mm256_unpacklo_ps(v[4], v[5]), t5 = _mm256_unpackhi_ps(v[4], v[5]);
+    __m256 t6 = _mm256_unpacklo_ps(v[6], v[7]), t7 = _mm256_unpackhi_ps(v[6], v[7]);
     __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xee);
     __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xee);
     __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xee);
@@ -534,6 +884,85 @@ avx2_transpose8(const float *src, int64_t ss, float *dst, int64_t ds)
     _mm256_store_ps(dst + 7 * ds, _mm256_permute2f128_ps(u3, u7, 0x31));
 }
 
+/* Zero bytes that stand in for the rows of a panel past n (zero in every dtype). */
+static const uint8_t avx2_zero_row[AVX2_KC * 4] __attribute__((aligned(32)));
+
+/* Packs eight rows x kc columns into dst[j * AVX2_NR + i]. */
+static void
+avx2_pack8(enum kli_dtype dt, const uint8_t *const *row, int64_t kc, float *dst)
+{
+    const __m128i m4 = _mm_set1_epi8(0x0f);
+    const __m256i e8 = _mm256_set1_epi32(8);
+    __m256 v[8];
+    float d[8];
+    int64_t j = 0;
+
+    switch (dt) {
+    case KLI_DT_F32:
+    case KLI_DT_F16:
+    case KLI_DT_BF16:
+        for (; j + 8 <= kc; j += 8) {
+#pragma GCC unroll 8
+            for (int i = 0; i < 8; i++)
+                v[i] = avx2_load8(dt, row[i], j);
+            avx2_transpose8(v, dst + j * AVX2_NR, AVX2_NR);
+        }
+        if (j < kc) {
+            float t[8][8] __attribute__((aligned(32)));
+            memset(t, 0, sizeof(t));
+            for (int i = 0; i < 8; i++) {
+                for (int64_t jj = j; jj < kc; jj++)
+                    t[i][jj - j] = avx2_load1(dt, row[i], jj);
+                v[i] = _mm256_load_ps(t[i]);
+            }
+            avx2_transpose8(v, dst + j * AVX2_NR, AVX2_NR);
+        }
+        return;
+    case KLI_DT_Q8_0:
+        for (int64_t b = 0; j < kc; b++) {
+            for (int i = 0; i < 8; i++)
+                d[i] = avx2_f16(row[i] + b * 34);
+            for (int s = 0; s < 4; s++, j += 8) {
+#pragma GCC unroll 8
+                for (int i = 0; i < 8; i++) {
+                    const uint8_t *p = row[i] + b * 34 + 2 + 8 * s;
+                    __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p));
+                    v[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(q), _mm256_broadcast_ss(d + i));
+                }
+                avx2_transpose8(v, dst + j * AVX2_NR, AVX2_NR);
+            }
+        }
+        return;
+    case KLI_DT_Q4:
+        for (int64_t b = 0; j < kc; b++, j += 32) {
+            for (int i = 0; i < 8; i++)
+                d[i] = avx2_f16(row[i] + b * 18);
+            for (int s = 0; s < 2; s++) {
+#pragma GCC unroll 8
+                for (int i = 0; i < 8; i++) {
+                    const uint8_t *p = row[i] + b * 18 + 2 + 8 * s;
+                    __m128i h = _mm_and_si128(_mm_loadl_epi64((const __m128i *)p), m4);
+                    __m256i q = _mm256_sub_epi32(_mm256_cvtepu8_epi32(h), e8);
+                    v[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(q), _mm256_broadcast_ss(d + i));
+                }
+                avx2_transpose8(v, dst + (j + 8 * s) * AVX2_NR, AVX2_NR);
+#pragma GCC unroll 8
+                for (int i = 0; i < 8; i++) {
+                    const uint8_t *p = row[i] + b * 18 + 2 + 8 * s;
+                    __m128i h = _mm_loadl_epi64((const __m128i *)p);
+                    h = _mm_and_si128(_mm_srli_epi16(h, 4), m4);
+                    __m256i q = _mm256_sub_epi32(_mm256_cvtepu8_epi32(h), e8);
+                    v[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(q), _mm256_broadcast_ss(d + i));
+                }
+                avx2_transpose8(v, dst + (j + 16 + 8 * s) * AVX2_NR, AVX2_NR);
+            }
+        }
+        return;
+    default:
+        return;
+    }
+}
+
 /*
  * Converts rows [0, nc) x columns [0, kc) of W (w points at row 0, column k0) into panels of
  * AVX2_NR rows: element (row p * NR + i, column j) at pk[p * NR * kcp + j * NR + i], with kcp
@@ -542,23 +971,14 @@ avx2_transpose8(const float *src, int64_t ss, float *dst, int64_t ds)
 static void
 avx2_pack(enum kli_dtype dt, float *pk, const uint8_t *w, size_t rb, int64_t nc, int64_t kc)
 {
-    float tmp[8 * AVX2_KC] __attribute__((aligned(32)));
     int64_t kcp = (kc + 7) & ~(int64_t)7;
     int64_t ncp = (nc + AVX2_NR - 1) / AVX2_NR * AVX2_NR;
 
     for (int64_t g = 0; g < ncp; g += 8) {
-        for (int64_t i = 0; i < 8; i++) {
-            float *t = tmp + i * AVX2_KC;
-            if (g + i < nc) {
-                avx2_to_f32(dt, w + (g + i) * rb, t, kc);
-                memset(t + kc, 0, (size_t)(kcp - kc) * sizeof(float));
-            } else {
-                memset(t, 0, (size_t)kcp * sizeof(float));
-            }
-        }
-        float *dst = pk + (g / AVX2_NR) * AVX2_NR * kcp + g % AVX2_NR;
-        for (int64_t j = 0; j < kcp; j += 8)
-            avx2_transpose8(tmp + j, AVX2_KC, dst + j * AVX2_NR, AVX2_NR);
+        const uint8_t *row[8];
+        for (int64_t i = 0; i < 8; i++)
+            row[i] = g + i < nc ? w + (size_t)(g + i) * rb : avx2_zero_row;
+        avx2_pack8(dt, row, kc, pk + (g / AVX2_NR) * AVX2_NR * kcp + g % AVX2_NR);
     }
 }
 
@@ -648,9 +1068,11 @@ static void
 avx2_matmul_f32(float *y, int64_t ldy, const float *x, int64_t ldx, const void *w, int64_t n,
                 int64_t k, int64_t m)
 {
+    if (n <= 0 || m <= 0)
+        return;
     if (k == 0)
         avx2_zero_y(y, ldy, n, m);
-    else if (m >= AVX2_MPACK)
+    else if (m >= avx2_mpack[KLI_DT_F32])
         avx2_gemm(KLI_DT_F32, y, ldy, x, ldx, w, n, k, m);
     else
         avx2_stream_float(KLI_DT_F32, y, ldy, x, ldx, w, n, k, m);
@@ -660,9 +1082,11 @@ static void
 avx2_matmul_f16(float *y, int64_t ldy, const float *x, int64_t ldx, const void *w, int64_t n,
                 int64_t k, int64_t m)
 {
+    if (n <= 0 || m <= 0)
+        return;
     if (k == 0)
         avx2_zero_y(y, ldy, n, m);
-    else if (m >= AVX2_MPACK)
+    else if (m >= avx2_mpack[KLI_DT_F16])
         avx2_gemm(KLI_DT_F16, y, ldy, x, ldx, w, n, k, m);
     else
         avx2_stream_float(KLI_DT_F16, y, ldy, x, ldx, w, n, k, m);
@@ -672,9 +1096,11 @@ static void
 avx2_matmul_bf16(float *y, int64_t ldy, const float *x, int64_t ldx, const void *w, int64_t n,
                  int64_t k, int64_t m)
 {
+    if (n <= 0 || m <= 0)
+        return;
     if (k == 0)
         avx2_zero_y(y, ldy, n, m);
-    else if (m >= AVX2_MPACK)
+    else if (m >= avx2_mpack[KLI_DT_BF16])
         avx2_gemm(KLI_DT_BF16, y, ldy, x, ldx, w, n, k, m);
     else
         avx2_stream_float(KLI_DT_BF16, y, ldy, x, ldx, w, n, k, m);
@@ -684,9 +1110,11 @@ static void
 avx2_matmul_q8_0(float *y, int64_t ldy, const float *x, int64_t ldx, const void *w, int64_t n,
                  int64_t k, int64_t m)
 {
+    if (n <= 0 || m <= 0)
+        return;
     if (k == 0)
         avx2_zero_y(y, ldy, n, m);
-    else if (m >= AVX2_MPACK)
+    else if (m >= avx2_mpack[KLI_DT_Q8_0])
         avx2_gemm(KLI_DT_Q8_0, y, ldy, x, ldx, w, n, k, m);
     else
         avx2_stream_q8(y, ldy, x, ldx, w, n, k, m);
@@ -696,9 +1124,11 @@ static void
 avx2_matmul_q4(float *y, int64_t ldy, const float *x, int64_t ldx, const void *w, int64_t n,
                int64_t k, int64_t m)
 {
+    if (n <= 0 || m <= 0)
+        return;
     if (k == 0)
         avx2_zero_y(y, ldy, n, m);
-    else if (m >= AVX2_MPACK)
+    else if (m >= avx2_mpack[KLI_DT_Q4])
         avx2_gemm(KLI_DT_Q4, y, ldy, x, ldx, w, n, k, m);
     else
         avx2_stream_q4(y, ldy, x, ldx, w, n, k, m);

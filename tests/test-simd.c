@@ -2,7 +2,9 @@
  * test-simd.c - every SIMD kernel table against a float64 reference (and generic beside it).
  *
  * For each table from kli_kernels_all() other than generic, each entry runs on random data and
- * random shapes with odd tails and unaligned pointers. Variants compiled in but not usable on
+ * random shapes with odd tails and unaligned pointers: k from one block to a few thousand,
+ * n = 1..70, m = 1..9 (and a few shapes with m = 10..130 and k > 16384, past the kernels'
+ * internal thresholds), ldx > k and ldy > n. Variants compiled in but not usable on
  * this CPU (and variants not compiled in) are reported as SKIP.
  *
  * Tolerances, per kernel:
@@ -367,15 +369,21 @@ test_matmul(const struct kli_kernels *kt, const struct kli_kernels *gen)
                 c.k = blk * (trial + 1) + (blk == 1 ? trial : 0);
                 c.n = trial + 1;
                 c.m = 1 + trial * 2;
-            } else if (trial < 36) {
+            } else if (trial < 32) {
                 c.k = blk == 1 ? rng_int(1, 3000) : blk * rng_int(1, 3000 / blk);
                 c.n = rng_int(1, 70);
                 c.m = rng_int(1, 9);
+            } else if (trial < 36) {
+                /* More tokens: the kernels switch to their prefill paths somewhere here. */
+                c.k = blk == 1 ? rng_int(1, 1000) : blk * rng_int(1, 1000 / blk);
+                c.n = rng_int(1, 70);
+                c.m = trial < 34 ? rng_int(10, 40) : trial == 34 ? rng_int(41, 95)
+                                                                  : rng_int(96, 130);
             } else {
                 /* Past the kernels' per-slice limits (activation buffers, k blocking). */
                 c.k = blk == 1 ? rng_int(16385, 17000) : blk * rng_int(16385 / blk, 17000 / blk);
                 c.n = rng_int(1, 6);
-                c.m = trial == 36 ? 1 : rng_int(1, 6);
+                c.m = trial == 36 ? 1 : trial == 37 ? 15 : rng_int(1, 6);
             }
             c.ldx = c.k + (rng_int(0, 1) ? rng_int(1, 9) : 0);
             c.ldy = c.n + (rng_int(0, 1) ? rng_int(1, 9) : 0);

@@ -13,16 +13,20 @@
  *
  * What it prints (each number the median of 5 timed repetitions after one warm-up, with the
  * range beside it), for 1 and 2 threads (or -t LIST):
- *   - a STREAM-triad-like probe, a[i] = b[i] + s * c[i] over three 128 MiB double arrays,
- *     counting 24 bytes per element, and a read-only probe (sum of a 256 MiB array);
+ *   - a STREAM-triad-like probe, a[i] = b[i] + s * c[i] over three 128 MiB double arrays
+ *     (or -M MiB each), counting 24 bytes per element, and a read-only probe (the best
+ *     table's dot product over two of the arrays);
  *   - decode: m = 1, k = 2304, n = 16384, GB/s of weight bytes read, per dtype and variant.
- *     Enough copies of W are cycled through (at least 256 MiB together) that every pass reads
- *     from memory, not from the last-level cache; threads split the rows, as callers do, and
- *     meet at a barrier after each copy;
- *   - prefill: m = 64 and m = 512, k = n = 2304, GFLOP/s (2 m n k per call).
+ *     Enough copies of W are cycled through (at least 256 MiB together, -M to change it: use
+ *     several times the last-level cache) that every pass reads from memory, not from the
+ *     cache; threads split the rows, as callers do, and meet at a barrier after each copy.
+ *     With -B, also m = 8 (batched decode) in the same setting: the same GB/s as m = 1 means
+ *     eight tokens cost what one does;
+ *   - prefill: m = 64 and m = 512 (or -m LIST), k = n = 2304, GFLOP/s (2 m n k per call).
  *
- * Options: -v NAME (one variant), -d DTYPE (one dtype), -t 1,2 (thread counts), -G (include
- * the generic variant in prefill; it is slow), -P (skip prefill), -D (skip decode).
+ * Options: -v NAME[,NAME] (variants), -d DTYPE (one dtype), -t 1,2 (thread counts), -M MiB,
+ * -B, -G (include the generic variant in prefill; it is slow), -P (skip prefill), -D (skip
+ * decode).
  */
 #include "config.h"
 
@@ -131,9 +135,10 @@ bench_fill(enum kli_dtype dt, uint8_t *w, int64_t nelem)
 /* ---- bandwidth probes --------------------------------------------------------------------- */
 
 static void
-bench_bandwidth(int nt)
+bench_bandwidth(int nt, int footprint_mib)
 {
-    int64_t n = (int64_t)1 << 24;   /* 128 MiB per double array */
+    /* 128 MiB per double array, or the -M footprint if larger */
+    int64_t n = ((int64_t)(footprint_mib > 128 ? footprint_mib : 128) << 20) / 8;
     double *a = bench_alloc((size_t)n * 8), *b = bench_alloc((size_t)n * 8);
     double *c = bench_alloc((size_t)n * 8);
     double tri[BENCH_REPS], rd[BENCH_REPS], tric[BENCH_REPS], rdc[BENCH_REPS], sink = 0.0;
@@ -161,29 +166,17 @@ bench_bandwidth(int nt)
             tric[rep] = 24.0 * (double)n / cmax * 1e-9;
         }
     }
-    /* read-only: the two arrays a and b in sequence, 256 MiB */
+    /* read-only: the best table's dot product over a and b viewed as floats, 256 MiB (the
+     * doubles hold small integers, so the floats are zeros and normal numbers) */
+    const struct kli_kernels *kt = kli_kernels();
     for (int rep = -1; rep < BENCH_REPS; rep++) {
         double t0 = bench_now(), s = 0.0, cmax = 0.0;
 #pragma omp parallel num_threads(nt) reduction(+ : s) reduction(max : cmax)
         {
             int th = omp_get_thread_num(), tn = omp_get_num_threads();
-            int64_t i0 = n * th / tn, i1 = n * (th + 1) / tn;
+            int64_t i0 = 2 * n * th / tn, i1 = 2 * n * (th + 1) / tn;
             double c0 = bench_cpu();
-            const uint64_t *pa = (const uint64_t *)a, *pb = (const uint64_t *)b;
-            uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-            for (int64_t i = i0; i + 4 <= i1; i += 4) {
-                s0 += pa[i];
-                s1 += pa[i + 1];
-                s2 += pa[i + 2];
-                s3 += pa[i + 3];
-            }
-            for (int64_t i = i0; i + 4 <= i1; i += 4) {
-                s0 ^= pb[i];
-                s1 ^= pb[i + 1];
-                s2 ^= pb[i + 2];
-                s3 ^= pb[i + 3];
-            }
-            s += (double)(s0 + s1 + s2 + s3);
+            s += kt->dot((const float *)a + i0, (const float *)b + i0, i1 - i0);
             cmax = bench_cpu() - c0;
         }
         double t = bench_now() - t0;
@@ -239,19 +232,27 @@ bench_pass(const struct kli_kernels *kt, enum kli_dtype dt, int nt, uint8_t **w,
 
 static void
 bench_matmul(const struct kli_kernels **tabs, int ntab, const int *threads, int nthreads,
-             int only_dt, int prefill, int with_generic)
+             int only_dt, int prefill, int with_generic, int batch, int footprint_mib,
+             const int64_t *pm, int npm)
 {
     int64_t k = 2304, n = prefill ? 2304 : 16384;
-    int64_t ms[2] = {64, 512};
-    int nm = prefill ? 2 : 1;
+    int64_t ms[16] = {1, 8};
+    int nm = batch ? 2 : 1;
+
+    if (prefill) {
+        memcpy(ms, pm, sizeof(int64_t) * (size_t)npm);
+        nm = npm;
+    }
 
     for (int dt = 0; dt < KLI_DT_OTHER; dt++) {
         if (only_dt >= 0 && dt != only_dt)
             continue;
         size_t wbytes = (size_t)kli_dtype_nbytes(dt, (uint64_t)(n * k));
-        int ncopy = prefill ? 1 : (int)(((size_t)256 << 20) / wbytes + 1);
+        int ncopy = prefill ? 1 : (int)(((size_t)footprint_mib << 20) / wbytes + 1);
         uint8_t **w = malloc(sizeof(*w) * (size_t)ncopy);
-        int64_t mmax = prefill ? 512 : 1;
+        int64_t mmax = 1;
+        for (int i = 0; i < nm; i++)
+            mmax = ms[i] > mmax ? ms[i] : mmax;
         float *x = bench_alloc((size_t)(mmax * k) * 4), *y = bench_alloc((size_t)(mmax * n) * 4);
 
         for (int c = 0; c < ncopy; c++) {
@@ -261,7 +262,7 @@ bench_matmul(const struct kli_kernels **tabs, int ntab, const int *threads, int 
         for (int64_t i = 0; i < mmax * k; i++)
             x[i] = bench_randf();
         for (int im = 0; im < nm; im++) {
-            int64_t m = prefill ? ms[im] : 1;
+            int64_t m = ms[im];
             for (int v = 0; v < ntab; v++) {
                 const struct kli_kernels *kt = tabs[v];
                 if (prefill && !with_generic && strcmp(kt->name, "generic") == 0)
@@ -284,9 +285,9 @@ bench_matmul(const struct kli_kernels **tabs, int ntab, const int *threads, int 
                                (long long)n, kt->name, kli_dtype_name(dt), threads[it], med,
                                r[0], r[BENCH_REPS - 1], medc);
                     else
-                        printf("decode  m=1 k=%lld n=%lld  %-8s %-5s %dT  %6.1f GB/s"
-                               "  (%.1f-%.1f)  cpu-time %6.1f\n", (long long)k, (long long)n,
-                               kt->name, kli_dtype_name(dt), threads[it], med, r[0],
+                        printf("decode  m=%lld k=%lld n=%lld  %-8s %-5s %dT  %6.1f GB/s"
+                               "  (%.1f-%.1f)  cpu-time %6.1f\n", (long long)m, (long long)k,
+                               (long long)n, kt->name, kli_dtype_name(dt), threads[it], med, r[0],
                                r[BENCH_REPS - 1], medc);
                     fflush(stdout);
                 }
@@ -306,7 +307,9 @@ main(int argc, char **argv)
     const struct kli_kernels *all[8], *tabs[8];
     int nall = kli_kernels_all(all, 8), ntab = 0;
     const char *only_v = NULL;
-    int only_dt = -1, with_generic = 0, do_prefill = 1, do_decode = 1;
+    int only_dt = -1, with_generic = 0, do_prefill = 1, do_decode = 1, batch = 0;
+    int footprint = 256, npm = 2;
+    int64_t pm[16] = {64, 512};
     int threads[8] = {1, 2}, nthreads = 2;
 
     for (int i = 1; i < argc; i++) {
@@ -326,6 +329,18 @@ main(int argc, char **argv)
                 if (*s == ',')
                     s++;
             }
+        } else if (strcmp(argv[i], "-M") == 0 && i + 1 < argc) {
+            footprint = atoi(argv[++i]);
+        } else if (strcmp(argv[i], "-m") == 0 && i + 1 < argc) {
+            char *s = argv[++i];
+            npm = 0;
+            while (*s && npm < 16) {
+                pm[npm++] = strtol(s, &s, 10);
+                if (*s == ',')
+                    s++;
+            }
+        } else if (strcmp(argv[i], "-B") == 0) {
+            batch = 1;
         } else if (strcmp(argv[i], "-G") == 0) {
             with_generic = 1;
         } else if (strcmp(argv[i], "-P") == 0) {
@@ -333,26 +348,42 @@ main(int argc, char **argv)
         } else if (strcmp(argv[i], "-D") == 0) {
             do_decode = 0;
         } else {
-            fprintf(stderr, "usage: %s [-v variant] [-d dtype] [-t 1,2] [-G] [-P] [-D]\n",
-                    argv[0]);
+            fprintf(stderr, "usage: %s [-v variants] [-d dtype] [-t 1,2] [-M MiB] [-B] "
+                    "[-m 64,512] [-G] [-P] [-D]\n", argv[0]);
             return 2;
         }
     }
     for (int i = 0; i < nall; i++) {
-        if (only_v == NULL || strcmp(all[i]->name, only_v) == 0)
+        size_t len = strlen(all[i]->name);
+        const char *hit = only_v;
+        /* -v takes a comma-separated list of names */
+        while (hit != NULL && (hit = strstr(hit, all[i]->name)) != NULL) {
+            if ((hit == only_v || hit[-1] == ',') && (hit[len] == '\0' || hit[len] == ','))
+                break;
+            hit += len;
+        }
+        if (only_v == NULL || hit != NULL)
             tabs[ntab++] = all[i];
     }
     printf("variants:");
     for (int i = 0; i < ntab; i++)
         printf(" %s", tabs[i]->name);
     printf("   (median of %d; range in parentheses)\n", BENCH_REPS);
+    FILE *la = fopen("/proc/loadavg", "r");
+    char line[128];
+    if (la != NULL && fgets(line, sizeof(line), la) != NULL)
+        printf("load average at start: %s", line);
+    if (la != NULL)
+        fclose(la);
     for (int i = 0; i < nthreads; i++)
-        bench_bandwidth(threads[i]);
+        bench_bandwidth(threads[i], footprint);
     if (do_decode)
-        bench_matmul(tabs, ntab, threads, nthreads, only_dt, 0, with_generic);
+        bench_matmul(tabs, ntab, threads, nthreads, only_dt, 0, with_generic, batch, footprint,
+                     pm, npm);
     if (do_prefill)
-        bench_matmul(tabs, ntab, threads, nthreads, only_dt, 1, with_generic);
+        bench_matmul(tabs, ntab, threads, nthreads, only_dt, 1, with_generic, 0, footprint, pm,
+                     npm);
     for (int i = 0; i < nthreads; i++)
-        bench_bandwidth(threads[i]);
+        bench_bandwidth(threads[i], footprint);
     return 0;
 }

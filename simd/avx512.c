@@ -1,0 +1,1172 @@
+/*
+ * avx512.c - kernels for x86-64 CPUs with AVX-512 F, BW, VL and DQ (Skylake-SP, Ice Lake,
+ * Sapphire Rapids, Zen 4 and later).
+ *
+ * Compiled with -mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma -mf16c; kli_kernels_avx512()
+ * hands the table out only when the CPU and OS support F, BW, VL and DQ.
+ *
+ * The structure follows avx2.c, with 512-bit registers where they pay:
+ *
+ *  - m < avx512_mpack[dt] (decode, batched decode): W is streamed once, a few rows at a time,
+ *    with the next rows prefetched, and each group of rows is dotted with every x row while it
+ *    is in L1 (register tiles of up to 4 tokens). Float weights are widened in registers, 16
+ *    per step, and k tails are masked loads. Q8_0 and Q4 keep W in int8/nibbles: x is
+ *    quantized per 32-block to int8 (scale amax/127) into a stack buffer, block sums are
+ *    integer (vpmaddubsw + vpmaddwd) and are scaled in float. Blocks go eight at a time: the
+ *    eight f16 scales of a row are converted together and multiplied by the eight x scales
+ *    once, and each 512-bit step takes its per-lane scales from that vector with one vpermps.
+ *      Q8_0: two blocks per step, maddubs(|w|, x negated where w < 0) (a mask subtract).
+ *      Q4:   four blocks per step, x stored as [lo16(b0..b3)] [hi16(b0..b3)] so one shift and
+ *            two masks unpack the nibbles; the -8 offset goes in as -8 sum(q_x) d_x per block,
+ *            one FMA per eight blocks. Fewer than eight trailing blocks take 256-bit steps.
+ *  - m >= avx512_mpack[dt] (prefill): the blocked GEMM of avx2.c with panels of 48 rows and
+ *    an 8-token x 48-row register tile (24 accumulators of the 32 registers).
+ *
+ * No VNNI (vpdpbusd) variant: it would replace vpmaddubsw + vpmaddwd in the integer tiles,
+ * which bound batched decode, but single-token decode is memory-bound already.
+ */
+#include "config.h"
+
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "simd.h"
+
+#define AVX512_INLINE static inline __attribute__((always_inline))
+
+#define AVX512_KC 256       /* GEMM: columns of W per packed chunk */
+#define AVX512_NR 48        /* GEMM: rows per panel (three vectors) */
+#define AVX512_NC 96        /* GEMM: rows per packed chunk */
+#define AVX512_TM 8         /* GEMM: tokens per tile */
+
+/* m from which matmul packs W and runs the GEMM tile instead of streaming W through the
+ * multi-token decode tiles: measured crossovers (k = n = 2304, one Sapphire Rapids core). The
+ * quantized limits must keep m * 320 bytes <= AVX512_QBUF. */
+static const int64_t avx512_mpack[KLI_DT_COUNT] = {
+    [KLI_DT_F32] = 8, [KLI_DT_F16] = 16, [KLI_DT_BF16] = 16, [KLI_DT_Q8_0] = 16,
+    [KLI_DT_Q4] = 32,
+};
+
+/* ---- small helpers -------------------------------------------------------------------- */
+
+AVX512_INLINE float
+avx512_hsum256(__m256 v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+AVX512_INLINE float
+avx512_hsum(__m512 v)
+{
+    return avx512_hsum256(_mm256_add_ps(_mm512_castps512_ps256(v),
+                                        _mm512_extractf32x8_ps(v, 1)));
+}
+
+/* The first r (0..16) lanes. */
+AVX512_INLINE __mmask16
+avx512_mask(int64_t r)
+{
+    return (__mmask16)((1u << r) - 1u);
+}
+
+AVX512_INLINE uint16_t
+avx512_u16(const uint8_t *p)
+{
+    uint16_t h;
+
+    memcpy(&h, p, 2);
+    return h;
+}
+
+AVX512_INLINE float
+avx512_f16(const uint8_t *p)
+{
+    return _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(avx512_u16(p))));
+}
+
+/* Sixteen weights from element j of a float-type row (F32, F16 or BF16), widened. */
+AVX512_INLINE __m512
+avx512_load16(enum kli_dtype dt, const uint8_t *row, int64_t j)
+{
+    if (dt == KLI_DT_F32)
+        return _mm512_loadu_ps((const float *)row + j);
+    __m256i h = _mm256_loadu_si256((const __m256i *)(row + 2 * j));
+    if (dt == KLI_DT_F16)
+        return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* The same for the first lanes of mk only; the others are zero and their memory untouched. */
+AVX512_INLINE __m512
+avx512_load16_mask(enum kli_dtype dt, const uint8_t *row, int64_t j, __mmask16 mk)
+{
+    if (dt == KLI_DT_F32)
+        return _mm512_maskz_loadu_ps(mk, (const float *)row + j);
+    __m256i h = _mm256_maskz_loadu_epi16(mk, row + 2 * j);
+    if (dt == KLI_DT_F16)
+        return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* Eight weights of a float-type row, widened (the packing uses 256-bit transposes). */
+AVX512_INLINE __m256
+avx512_load8(enum kli_dtype dt, const uint8_t *row, int64_t j)
+{
+    if (dt == KLI_DT_F32)
+        return _mm256_loadu_ps((const float *)row + j);
+    __m128i h = _mm_loadu_si128((const __m128i *)(row + 2 * j));
+    if (dt == KLI_DT_F16)
+        return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+/* The eight f16 scales of eight consecutive blocks (stride bytes apart), as floats. */
+AVX512_INLINE __m256
+avx512_scales8(const uint8_t *p, int stride)
+{
+    __m128i h = _mm_cvtsi32_si128(avx512_u16(p));
+
+    h = _mm_insert_epi16(h, avx512_u16(p + stride), 1);
+    h = _mm_insert_epi16(h, avx512_u16(p + 2 * stride), 2);
+    h = _mm_insert_epi16(h, avx512_u16(p + 3 * stride), 3);
+    h = _mm_insert_epi16(h, avx512_u16(p + 4 * stride), 4);
+    h = _mm_insert_epi16(h, avx512_u16(p + 5 * stride), 5);
+    h = _mm_insert_epi16(h, avx512_u16(p + 6 * stride), 6);
+    h = _mm_insert_epi16(h, avx512_u16(p + 7 * stride), 7);
+    return _mm256_cvtph_ps(h);
+}
+
+/* ---- vector primitives ------------------------------------------------------------------ */
+
+static float
+avx512_dot(const float *a, const float *b, int64_t n)
+{
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    int64_t i = 0;
+
+    for (; i + 64 <= n; i += 64) {
+        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+        s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);
+        s2 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 32), _mm512_loadu_ps(b + i + 32), s2);
+        s3 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 48), _mm512_loadu_ps(b + i + 48), s3);
+    }
+    for (; i + 16 <= n; i += 16)
+        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+    if (i < n) {
+        __mmask16 mk = avx512_mask(n - i);
+        s1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, a + i), _mm512_maskz_loadu_ps(mk, b + i),
+                             s1);
+    }
+    return avx512_hsum(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+}
+
+static void
+avx512_axpy(float *y, float a, const float *x, int64_t n)
+{
+    __m512 va = _mm512_set1_ps(a);
+    int64_t i = 0;
+
+    for (; i + 32 <= n; i += 32) {
+        __m512 y0 = _mm512_fmadd_ps(va, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i));
+        __m512 y1 = _mm512_fmadd_ps(va, _mm512_loadu_ps(x + i + 16), _mm512_loadu_ps(y + i + 16));
+        _mm512_storeu_ps(y + i, y0);
+        _mm512_storeu_ps(y + i + 16, y1);
+    }
+    for (; i < n; i += 16) {
+        __mmask16 mk = avx512_mask(n - i < 16 ? n - i : 16);
+        __m512 v = _mm512_maskz_loadu_ps(mk, y + i);
+        v = _mm512_fmadd_ps(va, _mm512_maskz_loadu_ps(mk, x + i), v);
+        _mm512_mask_storeu_ps(y + i, mk, v);
+    }
+}
+
+static void
+avx512_scale(float *y, float a, int64_t n)
+{
+    __m512 va = _mm512_set1_ps(a);
+    int64_t i = 0;
+
+    for (; i + 32 <= n; i += 32) {
+        _mm512_storeu_ps(y + i, _mm512_mul_ps(va, _mm512_loadu_ps(y + i)));
+        _mm512_storeu_ps(y + i + 16, _mm512_mul_ps(va, _mm512_loadu_ps(y + i + 16)));
+    }
+    for (; i < n; i += 16) {
+        __mmask16 mk = avx512_mask(n - i < 16 ? n - i : 16);
+        _mm512_mask_storeu_ps(y + i, mk, _mm512_mul_ps(va, _mm512_maskz_loadu_ps(mk, y + i)));
+    }
+}
+
+static void
+avx512_to_f32(enum kli_dtype dt, const void *src, float *dst, int64_t n)
+{
+    const uint8_t *p = src;
+    int64_t i = 0;
+
+    switch (dt) {
+    case KLI_DT_F32:
+        memcpy(dst, src, (size_t)n * 4);
+        return;
+    case KLI_DT_F16:
+    case KLI_DT_BF16:
+        for (; i + 16 <= n; i += 16)
+            _mm512_storeu_ps(dst + i, avx512_load16(dt, p, i));
+        if (i < n) {
+            __mmask16 mk = avx512_mask(n - i);
+            _mm512_mask_storeu_ps(dst + i, mk, avx512_load16_mask(dt, p, i, mk));
+        }
+        return;
+    case KLI_DT_Q8_0:
+        for (; i < n; i += 32, p += 34) {
+            __m512 d = _mm512_set1_ps(avx512_f16(p));
+            __m512i q0 = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 2)));
+            __m512i q1 = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 18)));
+            _mm512_storeu_ps(dst + i, _mm512_mul_ps(_mm512_cvtepi32_ps(q0), d));
+            _mm512_storeu_ps(dst + i + 16, _mm512_mul_ps(_mm512_cvtepi32_ps(q1), d));
+        }
+        return;
+    case KLI_DT_Q4: {
+        const __m128i m4 = _mm_set1_epi8(0x0f);
+        const __m512i e8 = _mm512_set1_epi32(8);
+        for (; i < n; i += 32, p += 18) {
+            __m512 d = _mm512_set1_ps(avx512_f16(p));
+            __m128i q = _mm_loadu_si128((const __m128i *)(p + 2));
+            __m512i lo = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_and_si128(q, m4)), e8);
+            __m512i hi = _mm512_sub_epi32(
+                _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(q, 4), m4)), e8);
+            _mm512_storeu_ps(dst + i, _mm512_mul_ps(_mm512_cvtepi32_ps(lo), d));
+            _mm512_storeu_ps(dst + i + 16, _mm512_mul_ps(_mm512_cvtepi32_ps(hi), d));
+        }
+        return;
+    }
+    default:
+        kli_dtype_to_f32(dt, src, dst, n);
+        return;
+    }
+}
+
+/* Writes zeros to y[i][r], i < m, r < n (the k == 0 product). */
+static void
+avx512_zero_y(float *y, int64_t ldy, int64_t n, int64_t m)
+{
+    for (int64_t i = 0; i < m; i++)
+        memset(y + i * ldy, 0, (size_t)n * sizeof(float));
+}
+
+/* Stores a slice's partial products: the first slice writes, later ones add. */
+AVX512_INLINE void
+avx512_put(float *y, const float *v, int nr, int add)
+{
+    for (int i = 0; i < nr; i++)
+        y[i] = add ? y[i] + v[i] : v[i];
+}
+
+/* The same for one value per token, tokens ldy apart. */
+AVX512_INLINE void
+avx512_put_col(float *y, int64_t ldy, const float *v, int nt, int add)
+{
+    for (int t = 0; t < nt; t++)
+        y[t * ldy] = add ? y[t * ldy] + v[t] : v[t];
+}
+
+/* Prefetch distance in bytes for a group of `g` rows at r: the next group while there is one
+ * (prefetches past the caller's rows can cost page walks), else 0 (a no-op). */
+AVX512_INLINE size_t
+avx512_ahead(int64_t r, int64_t g, int64_t n, size_t rb)
+{
+    return r + 2 * g <= n ? (size_t)g * rb : 0;
+}
+
+/* ---- decode path, float weights ------------------------------------------------------- */
+
+/* out[r] = dot(x, row r), r < nr (a constant 1, 3 or 4 after inlining); rows rb bytes apart;
+ * the rows pf bytes further are prefetched. */
+AVX512_INLINE void
+avx512_dot_rows(enum kli_dtype dt, int nr, const float *x, const uint8_t *w, size_t rb,
+                size_t pf, int64_t k, float *out)
+{
+    int es = dt == KLI_DT_F32 ? 4 : 2;
+    __m512 a0[4], a1[4];
+    int64_t j = 0;
+
+#pragma GCC unroll 4
+    for (int r = 0; r < nr; r++)
+        a0[r] = a1[r] = _mm512_setzero_ps();
+    for (; j + 32 <= k; j += 32) {
+        __m512 x0 = _mm512_loadu_ps(x + j), x1 = _mm512_loadu_ps(x + j + 16);
+#pragma GCC unroll 4
+        for (int r = 0; r < nr; r++) {
+            _mm_prefetch((const char *)(w + pf + r * rb + j * es), _MM_HINT_T0);
+            a0[r] = _mm512_fmadd_ps(avx512_load16(dt, w + r * rb, j), x0, a0[r]);
+            a1[r] = _mm512_fmadd_ps(avx512_load16(dt, w + r * rb, j + 16), x1, a1[r]);
+        }
+    }
+    for (; j < k; j += 16) {
+        __mmask16 mk = avx512_mask(k - j < 16 ? k - j : 16);
+        __m512 x0 = _mm512_maskz_loadu_ps(mk, x + j);
+#pragma GCC unroll 4
+        for (int r = 0; r < nr; r++)
+            a0[r] = _mm512_fmadd_ps(avx512_load16_mask(dt, w + r * rb, j, mk), x0, a0[r]);
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < nr; r++)
+        out[r] = avx512_hsum(_mm512_add_ps(a0[r], a1[r]));
+}
+
+/* y[t][r] = dot(x[t], row r) for 4 tokens x 3 rows: each widened weight vector serves four
+ * tokens (12 accumulators). */
+AVX512_INLINE void
+avx512_dot_tile(enum kli_dtype dt, const float *x, int64_t ldx, const uint8_t *w, size_t rb,
+                size_t pf, int64_t k, float *y, int64_t ldy)
+{
+    int es = dt == KLI_DT_F32 ? 4 : 2;
+    __m512 acc[4][3];
+
+#pragma GCC unroll 4
+    for (int t = 0; t < 4; t++)
+        acc[t][0] = acc[t][1] = acc[t][2] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < k; j += 16) {
+        __mmask16 mk = avx512_mask(k - j < 16 ? k - j : 16);
+        __m512 wv[3];
+#pragma GCC unroll 3
+        for (int r = 0; r < 3; r++) {
+            _mm_prefetch((const char *)(w + pf + r * rb + j * es), _MM_HINT_T0);
+            wv[r] = k - j >= 16 ? avx512_load16(dt, w + r * rb, j)
+                                : avx512_load16_mask(dt, w + r * rb, j, mk);
+        }
+#pragma GCC unroll 4
+        for (int t = 0; t < 4; t++) {
+            __m512 xv = _mm512_maskz_loadu_ps(mk, x + t * ldx + j);
+#pragma GCC unroll 3
+            for (int r = 0; r < 3; r++)
+                acc[t][r] = _mm512_fmadd_ps(wv[r], xv, acc[t][r]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int t = 0; t < 4; t++) {
+#pragma GCC unroll 3
+        for (int r = 0; r < 3; r++)
+            y[t * ldy + r] = avx512_hsum(acc[t][r]);
+    }
+}
+
+AVX512_INLINE void
+avx512_stream_float(enum kli_dtype dt, float *y, int64_t ldy, const float *x, int64_t ldx,
+                    const uint8_t *w, int64_t n, int64_t k, int64_t m)
+{
+    size_t rb = (size_t)k * (dt == KLI_DT_F32 ? 4 : 2);
+    float out[4];
+    int64_t r = 0;
+
+    if (m == 1) {
+        for (; r + 4 <= n; r += 4) {
+            avx512_dot_rows(dt, 4, x, w + r * rb, rb, avx512_ahead(r, 4, n, rb), k, out);
+            memcpy(y + r, out, sizeof(out));
+        }
+    }
+    /* several tokens: rows three at a time, every token against them while they are in L1 */
+    for (; r + 3 <= n; r += 3) {
+        size_t pf = avx512_ahead(r, 3, n, rb);
+        int64_t t = 0;
+        for (; t + 4 <= m; t += 4)
+            avx512_dot_tile(dt, x + t * ldx, ldx, w + r * rb, rb, pf, k, y + t * ldy + r, ldy);
+        for (; t < m; t++) {
+            avx512_dot_rows(dt, 3, x + t * ldx, w + r * rb, rb, pf, k, out);
+            memcpy(y + t * ldy + r, out, 3 * sizeof(float));
+        }
+    }
+    for (; r < n; r++) {
+        for (int64_t t = 0; t < m; t++) {
+            avx512_dot_rows(dt, 1, x + t * ldx, w + r * rb, rb, 0, k, out);
+            y[t * ldy + r] = out[0];
+        }
+    }
+}
+
+/* ---- decode path, quantized weights ---------------------------------------------------- */
+
+/* Quantizes 32 floats to int8 with scale amax/127 (round to nearest); *d gets the scale. */
+AVX512_INLINE __m256i
+avx512_quant_block(const float *x, float *d)
+{
+    __m512 v0 = _mm512_loadu_ps(x), v1 = _mm512_loadu_ps(x + 16);
+    float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+    __m512 id = _mm512_set1_ps(amax >= 1e-30f ? 127.0f / amax : 0.0f);
+    __m128i q0 = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v0, id)));
+    __m128i q1 = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v1, id)));
+
+    *d = amax / 127.0f;
+    return _mm256_inserti128_si256(_mm256_castsi128_si256(q0), q1, 1);
+}
+
+AVX512_INLINE int32_t
+avx512_sum_i8(__m256i q)
+{
+    __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), q),
+                                  _mm256_set1_epi16(1));
+    __m128i h = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+
+    h = _mm_add_epi32(h, _mm_unpackhi_epi64(h, h));
+    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 1));
+    return _mm_cvtsi128_si32(h);
+}
+
+/*
+ * The quantized activations of m tokens live in one stack buffer of AVX512_QBUF bytes, one
+ * region per token (64-byte aligned). k is cut into slices when m tokens of it do not fit
+ * (k > 16384 for one token); the first slice writes y, later ones add to it.
+ *
+ * Q8_0 region for nb blocks: int8 q[32 nb], then float d[nb].
+ */
+#define AVX512_QBUF 65536
+
+AVX512_INLINE size_t
+avx512_q8_bytes(int64_t nb)
+{
+    return ((size_t)nb * 36 + 63) & ~(size_t)63;
+}
+
+static void
+avx512_quant_q8(const float *x, int64_t nb, uint8_t *buf)
+{
+    float *d = (float *)(buf + 32 * nb);
+
+    for (int64_t b = 0; b < nb; b++)
+        _mm256_storeu_si256((__m256i *)(buf + 32 * b), avx512_quant_block(x + 32 * b, d + b));
+}
+
+/* One Q8_0 block of one row against x block (xq, scale dx) into a 256-bit accumulator. */
+AVX512_INLINE __m256
+avx512_q8_block(const uint8_t *p, __m256i xq, __m256 dx, __m256 acc)
+{
+    __m256i wq = _mm256_loadu_si256((const __m256i *)(p + 2));
+    __m256i pr = _mm256_maddubs_epi16(_mm256_abs_epi8(wq), _mm256_sign_epi8(xq, wq));
+    __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(pr, _mm256_set1_epi16(1)));
+    __m256 dw = _mm256_set1_ps(avx512_f16(p));
+
+    return _mm256_fmadd_ps(f, _mm256_mul_ps(dw, dx), acc);
+}
+
+/* Two Q8_0 blocks of a row (pb: the first) side by side. */
+AVX512_INLINE __m512i
+avx512_q8_pair(const uint8_t *pb)
+{
+    return _mm512_inserti64x4(
+        _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(pb + 2))),
+        _mm256_loadu_si256((const __m256i *)(pb + 36)), 1);
+}
+
+/* vpermps indices that give lanes 0..7 scale 2i and lanes 8..15 scale 2i + 1 */
+AVX512_INLINE __m512i
+avx512_q8_idx(int i)
+{
+    return _mm512_inserti64x4(_mm512_set1_epi32(2 * i), _mm256_set1_epi32(2 * i + 1), 1);
+}
+
+/* out[r] = sum over nb blocks of row r (Q8_0) . x (one token's Q8_0 region), r < nr. */
+AVX512_INLINE void
+avx512_q8_rows(int nr, const uint8_t *act, int64_t nb, const uint8_t *w, size_t rb, size_t pf,
+               float *out)
+{
+    const __m512i ones = _mm512_set1_epi16(1);
+    const float *d = (const float *)(act + 32 * nb);
+    __m512 acc[4];
+    __m256 acc8[4];
+    int64_t b = 0;
+
+#pragma GCC unroll 4
+    for (int r = 0; r < nr; r++) {
+        acc[r] = _mm512_setzero_ps();
+        acc8[r] = _mm256_setzero_ps();
+    }
+    for (; b + 8 <= nb; b += 8) {
+        __m256 dx = _mm256_loadu_ps(d + b);
+#pragma GCC unroll 4
+        for (int r = 0; r < nr; r++) {
+            const uint8_t *p = w + r * rb + 34 * b;
+            for (int l = 0; l < 5; l++)
+                _mm_prefetch((const char *)(p + pf + 64 * l), _MM_HINT_T0);
+            /* only lanes 0..7 of s are ever selected */
+            __m512 s = _mm512_castps256_ps512(_mm256_mul_ps(avx512_scales8(p, 34), dx));
+#pragma GCC unroll 4
+            for (int i = 0; i < 4; i++) {
+                __m512i wq = avx512_q8_pair(p + 68 * i);
+                __m512i xq = _mm512_loadu_si512(act + 32 * (b + 2 * i));
+                __m512i xs = _mm512_mask_sub_epi8(xq, _mm512_movepi8_mask(wq),
+                                                  _mm512_setzero_si512(), xq);
+                __m512i pr = _mm512_maddubs_epi16(_mm512_abs_epi8(wq), xs);
+                __m512 f = _mm512_cvtepi32_ps(_mm512_madd_epi16(pr, ones));
+                acc[r] = _mm512_fmadd_ps(f, _mm512_permutexvar_ps(avx512_q8_idx(i), s), acc[r]);
+            }
+        }
+    }
+    for (; b < nb; b++) {
+        __m256i xq = _mm256_loadu_si256((const __m256i *)(act + 32 * b));
+        __m256 dx = _mm256_broadcast_ss(d + b);
+#pragma GCC unroll 4
+        for (int r = 0; r < nr; r++)
+            acc8[r] = avx512_q8_block(w + r * rb + 34 * b, xq, dx, acc8[r]);
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < nr; r++)
+        out[r] = avx512_hsum(acc[r]) + avx512_hsum256(acc8[r]);
+}
+
+/* out[t] = row p (Q8_0) . x of token t (regions `stride` bytes apart), t < nt (constant, at
+ * most 4): each pair of weight blocks is loaded, made unsigned and sign-masked once for all
+ * the tokens. */
+AVX512_INLINE void
+avx512_q8_tile(int nt, const uint8_t *act, size_t stride, int64_t nb, const uint8_t *p,
+               size_t pf, float *out)
+{
+    const __m512i ones = _mm512_set1_epi16(1);
+    __m512 acc[4];
+    __m256 acc8[4];
+    int64_t b = 0;
+
+#pragma GCC unroll 4
+    for (int t = 0; t < nt; t++) {
+        acc[t] = _mm512_setzero_ps();
+        acc8[t] = _mm256_setzero_ps();
+    }
+    for (; b + 8 <= nb; b += 8) {
+        const uint8_t *pg = p + 34 * b;
+        __m512 s[4];
+        for (int l = 0; l < 5; l++)
+            _mm_prefetch((const char *)(pg + pf + 64 * l), _MM_HINT_T0);
+        __m256 dw = avx512_scales8(pg, 34);
+#pragma GCC unroll 4
+        for (int t = 0; t < nt; t++) {
+            const float *d = (const float *)(act + t * stride + 32 * nb);
+            s[t] = _mm512_castps256_ps512(_mm256_mul_ps(dw, _mm256_loadu_ps(d + b)));
+        }
+#pragma GCC unroll 4
+        for (int i = 0; i < 4; i++) {
+            __m512i wq = avx512_q8_pair(pg + 68 * i);
+            __m512i wa = _mm512_abs_epi8(wq);
+            __mmask64 neg = _mm512_movepi8_mask(wq);
+            __m512i idx = avx512_q8_idx(i);
+#pragma GCC unroll 4
+            for (int t = 0; t < nt; t++) {
+                __m512i xq = _mm512_loadu_si512(act + t * stride + 32 * (b + 2 * i));
+                __m512i xs = _mm512_mask_sub_epi8(xq, neg, _mm512_setzero_si512(), xq);
+                __m512 f = _mm512_cvtepi32_ps(_mm512_madd_epi16(_mm512_maddubs_epi16(wa, xs),
+                                                                ones));
+                acc[t] = _mm512_fmadd_ps(f, _mm512_permutexvar_ps(idx, s[t]), acc[t]);
+            }
+        }
+    }
+    for (; b < nb; b++) {
+#pragma GCC unroll 4
+        for (int t = 0; t < nt; t++) {
+            const uint8_t *xt = act + t * stride;
+            __m256i xq = _mm256_loadu_si256((const __m256i *)(xt + 32 * b));
+            __m256 dx = _mm256_broadcast_ss((const float *)(xt + 32 * nb) + b);
+            acc8[t] = avx512_q8_block(p + 34 * b, xq, dx, acc8[t]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int t = 0; t < nt; t++)
+        out[t] = avx512_hsum(acc[t]) + avx512_hsum256(acc8[t]);
+}
+
+/*
+ * Q4 region. Whole groups of eight blocks first, 320 bytes each:
+ *   bytes 0..255    int8 x, per quad j (blocks 4j..4j+3 of the group): [b 0..15] for the four
+ *                   blocks, then [b 16..31] for the four
+ *   bytes 256..287  float x scales d_b, b = 0..7
+ *   bytes 288..319  float offsets -8 * sum(q_b) * d_b (the nibbles' -8, moved to the x side)
+ * then each remaining block as a 96-byte record: 32 int8 x, the offset -8 * sum(q) as int32
+ * lane 0 of eight, and d broadcast to eight floats.
+ */
+#define AVX512_Q4GRP 320
+#define AVX512_Q4REC 96
+
+AVX512_INLINE size_t
+avx512_q4_bytes(int64_t nb)
+{
+    size_t n = (size_t)(nb / 8) * AVX512_Q4GRP + (size_t)(nb % 8) * AVX512_Q4REC;
+
+    return (n + 63) & ~(size_t)63;
+}
+
+static void
+avx512_quant_q4(const float *x, int64_t nb, uint8_t *buf)
+{
+    int64_t b = 0;
+
+    for (; b + 8 <= nb; b += 8, buf += AVX512_Q4GRP) {
+        float *dv = (float *)(buf + 256), *cv = (float *)(buf + 288);
+        for (int i = 0; i < 8; i++) {
+            __m256i q = avx512_quant_block(x + 32 * (b + i), dv + i);
+            uint8_t *xr = buf + 128 * (i / 4) + 16 * (i % 4);
+            _mm_storeu_si128((__m128i *)xr, _mm256_castsi256_si128(q));
+            _mm_storeu_si128((__m128i *)(xr + 64), _mm256_extracti128_si256(q, 1));
+            cv[i] = -8.0f * (float)avx512_sum_i8(q) * dv[i];
+        }
+    }
+    for (; b < nb; b++, buf += AVX512_Q4REC) {
+        float d;
+        __m256i q = avx512_quant_block(x + 32 * b, &d);
+        _mm256_store_si256((__m256i *)buf, q);
+        _mm256_store_si256((__m256i *)(buf + 32),
+                           _mm256_setr_epi32(-8 * avx512_sum_i8(q), 0, 0, 0, 0, 0, 0, 0));
+        _mm256_store_ps((float *)(buf + 64), _mm256_set1_ps(d));
+    }
+}
+
+/* The nibbles of four Q4 blocks (pq: the first block's bytes, blocks 18 bytes apart): lo =
+ * elements 0..15 of each block, hi = elements 16..31. */
+AVX512_INLINE void
+avx512_q4_nibbles(const uint8_t *pq, __m512i *lo, __m512i *hi)
+{
+    const __m512i m4 = _mm512_set1_epi8(0x0f);
+    __m512i wq = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)pq));
+
+    wq = _mm512_inserti32x4(wq, _mm_loadu_si128((const __m128i *)(pq + 18)), 1);
+    wq = _mm512_inserti32x4(wq, _mm_loadu_si128((const __m128i *)(pq + 36)), 2);
+    wq = _mm512_inserti32x4(wq, _mm_loadu_si128((const __m128i *)(pq + 54)), 3);
+    *lo = _mm512_and_si512(wq, m4);
+    *hi = _mm512_and_si512(_mm512_srli_epi16(wq, 4), m4);
+}
+
+/* Integer dot products of four blocks' nibbles with a 128-byte x quad; lanes 4i..4i+3 hold
+ * parts of block i's sum. */
+AVX512_INLINE __m512i
+avx512_q4_dot(__m512i lo, __m512i hi, const uint8_t *xq)
+{
+    __m512i x0 = _mm512_load_si512(xq), x1 = _mm512_load_si512(xq + 64);
+    __m512i pr = _mm512_add_epi16(_mm512_maddubs_epi16(lo, x0), _mm512_maddubs_epi16(hi, x1));
+
+    return _mm512_madd_epi16(pr, _mm512_set1_epi16(1));
+}
+
+/* vpermps indices that give lanes 4i..4i+3 scale 4j + i */
+AVX512_INLINE __m512i
+avx512_q4_idx(int j)
+{
+    return _mm512_add_epi32(_mm512_set1_epi32(4 * j),
+                            _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3));
+}
+
+/* One single Q4 block of one row against a 96-byte tail record into a 256-bit accumulator. */
+AVX512_INLINE __m256
+avx512_q4_block(const uint8_t *p, const uint8_t *xr, __m256 acc)
+{
+    const __m256i sh = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
+    __m256i wq = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(p + 2)));
+    __m256i nib = _mm256_and_si256(_mm256_srlv_epi32(wq, sh), _mm256_set1_epi8(0x0f));
+    __m256i xq = _mm256_load_si256((const __m256i *)xr);
+    __m256i di = _mm256_madd_epi16(_mm256_maddubs_epi16(nib, xq), _mm256_set1_epi16(1));
+    __m256 f = _mm256_cvtepi32_ps(
+        _mm256_add_epi32(di, _mm256_load_si256((const __m256i *)(xr + 32))));
+    __m256 dw = _mm256_set1_ps(avx512_f16(p));
+
+    return _mm256_fmadd_ps(f, _mm256_mul_ps(dw, _mm256_load_ps((const float *)(xr + 64))), acc);
+}
+
+/* out[r] = row r (Q4) . x (one token's Q4 region) for r < nr. */
+AVX512_INLINE void
+avx512_q4_rows(int nr, const uint8_t *act, int64_t nb, const uint8_t *w, size_t rb, size_t pf,
+               float *out)
+{
+    __m512 acc[4];
+    __m256 acc8[4];
+    int64_t b = 0;
+
+#pragma GCC unroll 4
+    for (int r = 0; r < nr; r++) {
+        acc[r] = _mm512_setzero_ps();
+        acc8[r] = _mm256_setzero_ps();
+    }
+    for (; b + 8 <= nb; b += 8, act += AVX512_Q4GRP) {
+        __m256 dx = _mm256_load_ps((const float *)(act + 256));
+        __m256 cx = _mm256_load_ps((const float *)(act + 288));
+#pragma GCC unroll 4
+        for (int r = 0; r < nr; r++) {
+            const uint8_t *p = w + r * rb + 18 * b;
+            _mm_prefetch((const char *)(p + pf), _MM_HINT_T0);
+            _mm_prefetch((const char *)(p + pf + 64), _MM_HINT_T0);
+            _mm_prefetch((const char *)(p + pf + 128), _MM_HINT_T0);
+            __m256 dw = avx512_scales8(p, 18);
+            /* only lanes 0..7 of s are ever selected */
+            __m512 s = _mm512_castps256_ps512(_mm256_mul_ps(dw, dx));
+            /* the offsets: sum_b d_w(b) * (-8 sum(q_b) d_x(b)) */
+            acc8[r] = _mm256_fmadd_ps(dw, cx, acc8[r]);
+#pragma GCC unroll 2
+            for (int j = 0; j < 2; j++) {
+                __m512i lo, hi;
+                avx512_q4_nibbles(p + 72 * j + 2, &lo, &hi);
+                __m512 f = _mm512_cvtepi32_ps(avx512_q4_dot(lo, hi, act + 128 * j));
+                acc[r] = _mm512_fmadd_ps(f, _mm512_permutexvar_ps(avx512_q4_idx(j), s), acc[r]);
+            }
+        }
+    }
+    for (; b < nb; b++, act += AVX512_Q4REC) {
+#pragma GCC unroll 4
+        for (int r = 0; r < nr; r++)
+            acc8[r] = avx512_q4_block(w + r * rb + 18 * b, act, acc8[r]);
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < nr; r++)
+        out[r] = avx512_hsum(acc[r]) + avx512_hsum256(acc8[r]);
+}
+
+/* out[t] = row p (Q4) . x of token t (regions `stride` bytes apart), t < nt (constant, at most
+ * 4): the nibbles and scales of each block are unpacked once for all the tokens. */
+AVX512_INLINE void
+avx512_q4_tile(int nt, const uint8_t *act, size_t stride, int64_t nb, const uint8_t *p,
+               size_t pf, float *out)
+{
+    __m512 acc[4];
+    __m256 acc8[4];
+    int64_t b = 0;
+
+#pragma GCC unroll 4
+    for (int t = 0; t < nt; t++) {
+        acc[t] = _mm512_setzero_ps();
+        acc8[t] = _mm256_setzero_ps();
+    }
+    for (; b + 8 <= nb; b += 8, act += AVX512_Q4GRP) {
+        const uint8_t *pg = p + 18 * b;
+        __m512 s[4];
+        _mm_prefetch((const char *)(pg + pf), _MM_HINT_T0);
+        _mm_prefetch((const char *)(pg + pf + 64), _MM_HINT_T0);
+        _mm_prefetch((const char *)(pg + pf + 128), _MM_HINT_T0);
+        __m256 dw = avx512_scales8(pg, 18);
+#pragma GCC unroll 4
+        for (int t = 0; t < nt; t++) {
+            const uint8_t *xg = act + t * stride;
+            __m256 dx = _mm256_load_ps((const float *)(xg + 256));
+            s[t] = _mm512_castps256_ps512(_mm256_mul_ps(dw, dx));
+            acc8[t] = _mm256_fmadd_ps(dw, _mm256_load_ps((const float *)(xg + 288)), acc8[t]);
+        }
+#pragma GCC unroll 2
+        for (int j = 0; j < 2; j++) {
+            __m512i lo, hi, idx = avx512_q4_idx(j);
+            avx512_q4_nibbles(pg + 72 * j + 2, &lo, &hi);
+#pragma GCC unroll 4
+            for (int t = 0; t < nt; t++) {
+                const uint8_t *xq = act + t * stride + 128 * j;
+                __m512 f = _mm512_cvtepi32_ps(avx512_q4_dot(lo, hi, xq));
+                acc[t] = _mm512_fmadd_ps(f, _mm512_permutexvar_ps(idx, s[t]), acc[t]);
+            }
+        }
+    }
+    for (; b < nb; b++, act += AVX512_Q4REC) {
+#pragma GCC unroll 4
+        for (int t = 0; t < nt; t++)
+            acc8[t] = avx512_q4_block(p + 18 * b, act + t * stride, acc8[t]);
+    }
+#pragma GCC unroll 4
+    for (int t = 0; t < nt; t++)
+        out[t] = avx512_hsum(acc[t]) + avx512_hsum256(acc8[t]);
+}
+
+/* Elements of k (from `left`) per activation slice: all of it when m tokens fit the buffer,
+ * else whole groups of 256. */
+AVX512_INLINE int64_t
+avx512_qslice(int64_t left, int64_t m, size_t (*bytes)(int64_t))
+{
+    if ((size_t)m * bytes(left / 32) <= AVX512_QBUF)
+        return left;
+    return (int64_t)(AVX512_QBUF / ((size_t)m * bytes(8))) * 256;
+}
+
+static void
+avx512_stream_q8(float *y, int64_t ldy, const float *x, int64_t ldx, const uint8_t *w,
+                 int64_t n, int64_t k, int64_t m)
+{
+    uint8_t act[AVX512_QBUF] __attribute__((aligned(64)));
+    size_t rb = (size_t)(k / 32) * 34;
+    float out[4];
+
+    for (int64_t k0 = 0, kq; k0 < k; k0 += kq) {
+        kq = avx512_qslice(k - k0, m, avx512_q8_bytes);
+        int64_t nb = kq / 32;
+        size_t stride = avx512_q8_bytes(nb);
+        const uint8_t *wk = w + (k0 / 32) * 34;
+        int64_t r = 0;
+        for (int64_t t = 0; t < m; t++)
+            avx512_quant_q8(x + t * ldx + k0, nb, act + t * stride);
+        if (m == 1) {
+            for (; r + 4 <= n; r += 4) {
+                avx512_q8_rows(4, act, nb, wk + r * rb, rb, avx512_ahead(r, 4, n, rb), out);
+                avx512_put(y + r, out, 4, k0 > 0);
+            }
+            for (; r < n; r++) {
+                avx512_q8_rows(1, act, nb, wk + r * rb, rb, 0, out);
+                avx512_put(y + r, out, 1, k0 > 0);
+            }
+            continue;
+        }
+        for (; r < n; r++) {
+            const uint8_t *p = wk + r * rb;
+            size_t pf = avx512_ahead(r, 1, n, rb);
+            int64_t t = 0;
+            for (; t + 4 <= m; t += 4) {
+                avx512_q8_tile(4, act + t * stride, stride, nb, p, pf, out);
+                avx512_put_col(y + t * ldy + r, ldy, out, 4, k0 > 0);
+            }
+            switch (m - t) {
+            case 3:
+                avx512_q8_tile(3, act + t * stride, stride, nb, p, pf, out);
+                break;
+            case 2:
+                avx512_q8_tile(2, act + t * stride, stride, nb, p, pf, out);
+                break;
+            case 1:
+                avx512_q8_tile(1, act + t * stride, stride, nb, p, pf, out);
+                break;
+            default:
+                break;
+            }
+            avx512_put_col(y + t * ldy + r, ldy, out, (int)(m - t), k0 > 0);
+        }
+    }
+}
+
+static void
+avx512_stream_q4(float *y, int64_t ldy, const float *x, int64_t ldx, const uint8_t *w,
+                 int64_t n, int64_t k, int64_t m)
+{
+    uint8_t act[AVX512_QBUF] __attribute__((aligned(64)));
+    size_t rb = (size_t)(k / 32) * 18;
+    float out[4];
+
+    for (int64_t k0 = 0, kq; k0 < k; k0 += kq) {
+        kq = avx512_qslice(k - k0, m, avx512_q4_bytes);
+        int64_t nb = kq / 32;
+        size_t stride = avx512_q4_bytes(nb);
+        const uint8_t *wk = w + (k0 / 32) * 18;
+        int64_t r = 0;
+        for (int64_t t = 0; t < m; t++)
+            avx512_quant_q4(x + t * ldx + k0, nb, act + t * stride);
+        if (m == 1) {
+            for (; r + 4 <= n; r += 4) {
+                avx512_q4_rows(4, act, nb, wk + r * rb, rb, avx512_ahead(r, 4, n, rb), out);
+                avx512_put(y + r, out, 4, k0 > 0);
+            }
+            for (; r < n; r++) {
+                avx512_q4_rows(1, act, nb, wk + r * rb, rb, 0, out);
+                avx512_put(y + r, out, 1, k0 > 0);
+            }
+            continue;
+        }
+        for (; r < n; r++) {
+            const uint8_t *p = wk + r * rb;
+            size_t pf = avx512_ahead(r, 1, n, rb);
+            int64_t t = 0;
+            for (; t + 4 <= m; t += 4) {
+                avx512_q4_tile(4, act + t * stride, stride, nb, p, pf, out);
+                avx512_put_col(y + t * ldy + r, ldy, out, 4, k0 > 0);
+            }
+            switch (m - t) {
+            case 3:
+                avx512_q4_tile(3, act + t * stride, stride, nb, p, pf, out);
+                break;
+            case 2:
+                avx512_q4_tile(2, act + t * stride, stride, nb, p, pf, out);
+                break;
+            case 1:
+                avx512_q4_tile(1, act + t * stride, stride, nb, p, pf, out);
+                break;
+            default:
+                break;
+            }
+            avx512_put_col(y + t * ldy + r, ldy, out, (int)(m - t), k0 > 0);
+        }
+    }
+}
+
+/* ---- prefill path: packed GEMM ----------------------------------------------------------- */
+
+/* Stores the transpose of the 8x8 block v[i][j]: dst[j * ds + i] (dst 32-byte aligned). */
+AVX512_INLINE void
+avx512_transpose8(const __m256 *v, float *dst, int64_t ds)
+{
+    __m256 t0 = _mm256_unpacklo_ps(v[0], v[1]), t1 = _mm256_unpackhi_ps(v[0], v[1]);
+    __m256 t2 = _mm256_unpacklo_ps(v[2], v[3]), t3 = _mm256_unpackhi_ps(v[2], v[3]);
+    __m256 t4 = _mm256_unpacklo_ps(v[4], v[5]), t5 = _mm256_unpackhi_ps(v[4], v[5]);
+    __m256 t6 = _mm256_unpacklo_ps(v[6], v[7]), t7 = _mm256_unpackhi_ps(v[6], v[7]);
+    __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xee);
+    __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xee);
+    __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xee);
+    __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xee);
+
+    _mm256_store_ps(dst, _mm256_permute2f128_ps(u0, u4, 0x20));
+    _mm256_store_ps(dst + ds, _mm256_permute2f128_ps(u1, u5, 0x20));
+    _mm256_store_ps(dst + 2 * ds, _mm256_permute2f128_ps(u2, u6, 0x20));
+    _mm256_store_ps(dst + 3 * ds, _mm256_permute2f128_ps(u3, u7, 0x20));
+    _mm256_store_ps(dst + 4 * ds, _mm256_permute2f128_ps(u0, u4, 0x31));
+    _mm256_store_ps(dst + 5 * ds, _mm256_permute2f128_ps(u1, u5, 0x31));
+    _mm256_store_ps(dst + 6 * ds, _mm256_permute2f128_ps(u2, u6, 0x31));
+    _mm256_store_ps(dst + 7 * ds, _mm256_permute2f128_ps(u3, u7, 0x31));
+}
+
+/* Zero bytes that stand in for the rows of a panel past n (zero in every dtype). */
+static const uint8_t avx512_zero_row[AVX512_KC * 4] __attribute__((aligned(64)));
+
+/* Packs eight rows x kc columns into dst[j * AVX512_NR + i]. */
+static void
+avx512_pack8(enum kli_dtype dt, const uint8_t *const *row, int64_t kc, float *dst)
+{
+    const __m128i m4 = _mm_set1_epi8(0x0f);
+    const __m256i e8 = _mm256_set1_epi32(8);
+    __m256 v[8];
+    float d[8];
+    int64_t j = 0;
+
+    switch (dt) {
+    case KLI_DT_F32:
+    case KLI_DT_F16:
+    case KLI_DT_BF16:
+        for (; j + 8 <= kc; j += 8) {
+#pragma GCC unroll 8
+            for (int i = 0; i < 8; i++)
+                v[i] = avx512_load8(dt, row[i], j);
+            avx512_transpose8(v, dst + j * AVX512_NR, AVX512_NR);
+        }
+        if (j < kc) {
+            __mmask16 mk = avx512_mask(kc - j);
+            for (int i = 0; i < 8; i++)
+                v[i] = _mm512_castps512_ps256(avx512_load16_mask(dt, row[i], j, mk));
+            avx512_transpose8(v, dst + j * AVX512_NR, AVX512_NR);
+        }
+        return;
+    case KLI_DT_Q8_0:
+        for (int64_t b = 0; j < kc; b++) {
+            for (int i = 0; i < 8; i++)
+                d[i] = avx512_f16(row[i] + b * 34);
+            for (int s = 0; s < 4; s++, j += 8) {
+#pragma GCC unroll 8
+                for (int i = 0; i < 8; i++) {
+                    const uint8_t *p = row[i] + b * 34 + 2 + 8 * s;
+                    __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p));
+                    v[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(q), _mm256_broadcast_ss(d + i));
+                }
+                avx512_transpose8(v, dst + j * AVX512_NR, AVX512_NR);
+            }
+        }
+        return;
+    case KLI_DT_Q4:
+        for (int64_t b = 0; j < kc; b++, j += 32) {
+            for (int i = 0; i < 8; i++)
+                d[i] = avx512_f16(row[i] + b * 18);
+            for (int s = 0; s < 2; s++) {
+#pragma GCC unroll 8
+                for (int i = 0; i < 8; i++) {
+                    const uint8_t *p = row[i] + b * 18 + 2 + 8 * s;
+                    __m128i h = _mm_and_si128(_mm_loadl_epi64((const __m128i *)p), m4);
+                    __m256i q = _mm256_sub_epi32(_mm256_cvtepu8_epi32(h), e8);
+                    v[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(q), _mm256_broadcast_ss(d + i));
+                }
+                avx512_transpose8(v, dst + (j + 8 * s) * AVX512_NR, AVX512_NR);
+#pragma GCC unroll 8
+                for (int i = 0; i < 8; i++) {
+                    const uint8_t *p = row[i] + b * 18 + 2 + 8 * s;
+                    __m128i h = _mm_loadl_epi64((const __m128i *)p);
+                    h = _mm_and_si128(_mm_srli_epi16(h, 4), m4);
+                    __m256i q = _mm256_sub_epi32(_mm256_cvtepu8_epi32(h), e8);
+                    v[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(q), _mm256_broadcast_ss(d + i));
+                }
+                avx512_transpose8(v, dst + (j + 16 + 8 * s) * AVX512_NR, AVX512_NR);
+            }
+        }
+        return;
+    default:
+        return;
+    }
+}
+
+/*
+ * Converts rows [0, nc) x columns [0, kc) of W (w points at row 0, column k0) into panels of
+ * AVX512_NR rows: element (row p * NR + i, column j) at pk[p * NR * kcp + j * NR + i], with
+ * kcp = kc rounded up to 8. Rows past nc, up to the panel's end, and columns past kc are zero.
+ */
+static void
+avx512_pack(enum kli_dtype dt, float *pk, const uint8_t *w, size_t rb, int64_t nc, int64_t kc)
+{
+    int64_t kcp = (kc + 7) & ~(int64_t)7;
+    int64_t ncp = (nc + AVX512_NR - 1) / AVX512_NR * AVX512_NR;
+
+    for (int64_t g = 0; g < ncp; g += 8) {
+        const uint8_t *row[8];
+        for (int64_t i = 0; i < 8; i++)
+            row[i] = g + i < nc ? w + (size_t)(g + i) * rb : avx512_zero_row;
+        avx512_pack8(dt, row, kc, pk + (g / AVX512_NR) * AVX512_NR * kcp + g % AVX512_NR);
+    }
+}
+
+/*
+ * The register tile: y[t][i] (+)= sum_j x[t][j] * panel[j][i] for t < tm (8 or 4, a constant
+ * after inlining), i < 48. Only t < nt and i < nr are stored; xt[t] for t >= nt must still be
+ * readable (callers repeat the last row).
+ */
+AVX512_INLINE void
+avx512_tile(int tm, const float *pk, const float *const *xt, int64_t kc, float *y, int64_t ldy,
+            int nr, int nt, int add)
+{
+    __m512 c[AVX512_TM][3];
+
+#pragma GCC unroll 8
+    for (int t = 0; t < tm; t++)
+        c[t][0] = c[t][1] = c[t][2] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < kc; j++) {
+        const float *p = pk + j * AVX512_NR;
+        __m512 w0 = _mm512_load_ps(p), w1 = _mm512_load_ps(p + 16), w2 = _mm512_load_ps(p + 32);
+#pragma GCC unroll 8
+        for (int t = 0; t < tm; t++) {
+            __m512 b = _mm512_set1_ps(xt[t][j]);
+            c[t][0] = _mm512_fmadd_ps(w0, b, c[t][0]);
+            c[t][1] = _mm512_fmadd_ps(w1, b, c[t][1]);
+            c[t][2] = _mm512_fmadd_ps(w2, b, c[t][2]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int t = 0; t < tm; t++) {
+        if (t >= nt)
+            break;
+        float *yt = y + t * ldy;
+        for (int v = 0; v < 3; v++) {
+            int cnt = nr - 16 * v;
+            __mmask16 mk = avx512_mask(cnt <= 0 ? 0 : cnt >= 16 ? 16 : cnt);
+            __m512 s = c[t][v];
+            if (add)
+                s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(mk, yt + 16 * v));
+            _mm512_mask_storeu_ps(yt + 16 * v, mk, s);
+        }
+    }
+}
+
+static void
+avx512_gemm(enum kli_dtype dt, float *y, int64_t ldy, const float *x, int64_t ldx,
+            const uint8_t *w, int64_t n, int64_t k, int64_t m)
+{
+    float pk[AVX512_NC * AVX512_KC] __attribute__((aligned(64)));
+    size_t rb = (size_t)kli_dtype_nbytes(dt, (uint64_t)k);
+
+    for (int64_t r0 = 0; r0 < n; r0 += AVX512_NC) {
+        int64_t nc = n - r0 < AVX512_NC ? n - r0 : AVX512_NC;
+        for (int64_t k0 = 0; k0 < k; k0 += AVX512_KC) {
+            int64_t kc = k - k0 < AVX512_KC ? k - k0 : AVX512_KC;
+            int64_t kcp = (kc + 7) & ~(int64_t)7;
+            avx512_pack(dt, pk, w + r0 * rb + kli_dtype_nbytes(dt, (uint64_t)k0), rb, nc, kc);
+            for (int64_t t0 = 0; t0 < m; t0 += AVX512_TM) {
+                int nt = m - t0 < AVX512_TM ? (int)(m - t0) : AVX512_TM;
+                const float *xt[AVX512_TM];
+                for (int t = 0; t < AVX512_TM; t++)
+                    xt[t] = x + (t0 + (t < nt ? t : nt - 1)) * ldx + k0;
+                for (int64_t p0 = 0; p0 < nc; p0 += AVX512_NR) {
+                    int nr = nc - p0 < AVX512_NR ? (int)(nc - p0) : AVX512_NR;
+                    float *yp = y + t0 * ldy + r0 + p0;
+                    if (nt > 4)
+                        avx512_tile(8, pk + p0 * kcp, xt, kc, yp, ldy, nr, nt, k0 > 0);
+                    else
+                        avx512_tile(4, pk + p0 * kcp, xt, kc, yp, ldy, nr, nt, k0 > 0);
+                }
+            }
+        }
+    }
+}
+
+/* ---- the table ----------------------------------------------------------------------------- */
+
+static void
+avx512_matmul_f32(float *y, int64_t ldy, const float *x, int64_t ldx, const void *w, int64_t n,
+                  int64_t k, int64_t m)
+{
+    if (n <= 0 || m <= 0)
+        return;
+    if (k == 0)
+        avx512_zero_y(y, ldy, n, m);
+    else if (m >= avx512_mpack[KLI_DT_F32])
+        avx512_gemm(KLI_DT_F32, y, ldy, x, ldx, w, n, k, m);
+    else
+        avx512_stream_float(KLI_DT_F32, y, ldy, x, ldx, w, n, k, m);
+}
+
+static void
+avx512_matmul_f16(float *y, int64_t ldy, const float *x, int64_t ldx, const void *w, int64_t n,
+                  int64_t k, int64_t m)
+{
+    if (n <= 0 || m <= 0)
+        return;
+    if (k == 0)
+        avx512_zero_y(y, ldy, n, m);
+    else if (m >= avx512_mpack[KLI_DT_F16])
+        avx512_gemm(KLI_DT_F16, y, ldy, x, ldx, w, n, k, m);
+    else
+        avx512_stream_float(KLI_DT_F16, y, ldy, x, ldx, w, n, k, m);
+}
+
+static void
+avx512_matmul_bf16(float *y, int64_t ldy, const float *x, int64_t ldx, const void *w, int64_t n,
+                   int64_t k, int64_t m)
+{
+    if (n <= 0 || m <= 0)
+        return;
+    if (k == 0)
+        avx512_zero_y(y, ldy, n, m);
+    else if (m >= avx512_mpack[KLI_DT_BF16])
+        avx512_gemm(KLI_DT_BF16, y, ldy, x, ldx, w, n, k, m);
+    else
+        avx512_stream_float(KLI_DT_BF16, y, ldy, x, ldx, w, n, k, m);
+}
+
+static void
+avx512_matmul_q8_0(float *y, int64_t ldy, const float *x, int64_t ldx, const void *w, int64_t n,
+                   int64_t k, int64_t m)
+{
+    if (n <= 0 || m <= 0)
+        return;
+    if (k == 0)
+        avx512_zero_y(y, ldy, n, m);
+    else if (m >= avx512_mpack[KLI_DT_Q8_0])
+        avx512_gemm(KLI_DT_Q8_0, y, ldy, x, ldx, w, n, k, m);
+    else
+        avx512_stream_q8(y, ldy, x, ldx, w, n, k, m);
+}
+
+static void
+avx512_matmul_q4(float *y, int64_t ldy, const float *x, int64_t ldx, const void *w, int64_t n,
+                 int64_t k, int64_t m)
+{
+    if (n <= 0 || m <= 0)
+        return;
+    if (k == 0)
+        avx512_zero_y(y, ldy, n, m);
+    else if (m >= avx512_mpack[KLI_DT_Q4])
+        avx512_gemm(KLI_DT_Q4, y, ldy, x, ldx, w, n, k, m);
+    else
+        avx512_stream_q4(y, ldy, x, ldx, w, n, k, m);
+}
+
+static const struct kli_kernels avx512_table = {
+    .name = "avx512",
+    .matmul = {
+        [KLI_DT_F32] = avx512_matmul_f32,
+        [KLI_DT_F16] = avx512_matmul_f16,
+        [KLI_DT_BF16] = avx512_matmul_bf16,
+        [KLI_DT_Q8_0] = avx512_matmul_q8_0,
+        [KLI_DT_Q4] = avx512_matmul_q4,
+    },
+    .dot = avx512_dot,
+    .axpy = avx512_axpy,
+    .scale = avx512_scale,
+    .to_f32 = avx512_to_f32,
+};
+
+const struct kli_kernels *
+kli_kernels_avx512(void)
+{
+    const struct kli_cpu_features *f = kli_cpu_features();
+
+    if (!f->avx512f || !f->avx512bw || !f->avx512vl || !f->avx512dq || !f->fma || !f->f16c)
+        return NULL;
+    return &avx512_table;
+}
