@@ -1134,6 +1134,58 @@ avx2_matmul_q4(float *y, int64_t ldy, const float *x, int64_t ldx, const void *w
         avx2_stream_q4(y, ldy, x, ldx, w, n, k, m);
 }
 
+/* ==== exp and the decay-weighted dot product ============================================= */
+
+/* exp(x) for x <= 0, 8 lanes: x = n ln2 + r with |r| <= ln2/2 (ln2 split in two parts for
+ * accuracy), e^r by a degree-6 polynomial (the classic Cephes expf coefficients), 2^n
+ * through the exponent bits. Inputs below -87 are clamped so 2^n stays a normal number;
+ * e^-87 is 1.6e-38, far below anything that matters next to the terms it is added to.
+ * About 2 ulp. */
+static inline __m256
+avx2_exp_neg(__m256 x)
+{
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n),
+                                                   _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+static float
+avx2_dot_decay(const float *a, const float *b, const float *ga, const float *gb, int64_t n)
+{
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    float s;
+
+    for (; i + 8 <= n; i += 8) {
+        __m256 e = avx2_exp_neg(_mm256_sub_ps(_mm256_loadu_ps(ga + i), _mm256_loadu_ps(gb + i)));
+        acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i)), e,
+                              acc);
+    }
+    s = avx2_hsum(acc);
+    if (i < n) {
+        float ta[8] = {0}, tb[8] = {0}, tga[8] = {0}, tgb[8] = {0};
+        memcpy(ta, a + i, (size_t)(n - i) * sizeof(float));
+        memcpy(tb, b + i, (size_t)(n - i) * sizeof(float));
+        memcpy(tga, ga + i, (size_t)(n - i) * sizeof(float));
+        memcpy(tgb, gb + i, (size_t)(n - i) * sizeof(float));
+        __m256 e = avx2_exp_neg(_mm256_sub_ps(_mm256_loadu_ps(tga), _mm256_loadu_ps(tgb)));
+        s += avx2_hsum(_mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(ta), _mm256_loadu_ps(tb)), e));
+    }
+    return s;
+}
+
 static const struct kli_kernels avx2_table = {
     .name = "avx2",
     .matmul = {
@@ -1144,6 +1196,7 @@ static const struct kli_kernels avx2_table = {
         [KLI_DT_Q4] = avx2_matmul_q4,
     },
     .dot = avx2_dot,
+    .dot_decay = avx2_dot_decay,
     .axpy = avx2_axpy,
     .scale = avx2_scale,
     .to_f32 = avx2_to_f32,

@@ -1146,6 +1146,50 @@ avx512_matmul_q4(float *y, int64_t ldy, const float *x, int64_t ldx, const void 
         avx512_stream_q4(y, ldy, x, ldx, w, n, k, m);
 }
 
+/* ==== exp and the decay-weighted dot product ============================================= */
+
+/* exp(x) for x <= 0, 16 lanes; the same reduction and polynomial as avx2.c's, with
+ * vscalefps doing the 2^n. */
+static inline __m512
+avx512_exp_neg(__m512 x)
+{
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+static float
+avx512_dot_decay(const float *a, const float *b, const float *ga, const float *gb, int64_t n)
+{
+    __m512 acc = _mm512_setzero_ps();
+    int64_t i = 0;
+
+    for (; i + 16 <= n; i += 16) {
+        __m512 e = avx512_exp_neg(_mm512_sub_ps(_mm512_loadu_ps(ga + i),
+                                                _mm512_loadu_ps(gb + i)));
+        acc = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i)), e,
+                              acc);
+    }
+    if (i < n) {
+        __mmask16 k = (__mmask16)((1u << (n - i)) - 1u);
+        __m512 e = avx512_exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, ga + i),
+                                                _mm512_maskz_loadu_ps(k, gb + i)));
+        acc = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, a + i),
+                                            _mm512_maskz_loadu_ps(k, b + i)), e, acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
 static const struct kli_kernels avx512_table = {
     .name = "avx512",
     .matmul = {
@@ -1156,6 +1200,7 @@ static const struct kli_kernels avx512_table = {
         [KLI_DT_Q4] = avx512_matmul_q4,
     },
     .dot = avx512_dot,
+    .dot_decay = avx512_dot_decay,
     .axpy = avx512_axpy,
     .scale = avx512_scale,
     .to_f32 = avx512_to_f32,

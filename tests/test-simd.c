@@ -239,6 +239,51 @@ test_vector(const struct kli_kernels *kt)
     ok(!bad_scale, "%s scale: bit-exact, tail untouched", kt->name);
 }
 
+/* ---- dot_decay: sum a b exp(ga - gb) with ga - gb <= 0 -------------------------------------- */
+
+static void
+test_dot_decay(const struct kli_kernels *kt)
+{
+    int bad = 0;
+    double worst = 0.0;
+
+    for (int trial = 0; trial < 300; trial++) {
+        int64_t n = trial < 40 ? trial : rng_int(0, 600);
+        float *a = xmalloc((size_t)(n + 1) * 4), *b = xmalloc((size_t)(n + 1) * 4);
+        float *ga = xmalloc((size_t)(n + 1) * 4), *gb = xmalloc((size_t)(n + 1) * 4);
+        double ref = 0.0, mag = 0.0;
+
+        for (int64_t i = 0; i < n; i++) {
+            a[i] = rng_float();
+            b[i] = rng_float();
+            gb[i] = rng_float() * 20.0f;
+            /* decays from none to far below float range, as a 64-token chunk produces */
+            float d = trial % 3 == 0 ? -fabsf(rng_float()) * 120.0f : -fabsf(rng_float()) * 8.0f;
+            ga[i] = gb[i] + d;
+        }
+        for (int64_t i = 0; i < n; i++) {
+            double t = (double)a[i] * b[i] * exp((double)ga[i] - (double)gb[i]);
+            ref += t;
+            mag += fabs(t);
+        }
+        double got = kt->dot_decay(a, b, ga, gb, n);
+        /* the float product, the exp (a few ulp) and the float sum */
+        double tol = ((double)n / 4 + 24) * ldexp(1.0, -22) * mag + 1e-37;
+        if (fabs(got - ref) > tol) {
+            if (!bad)
+                diag("%s dot_decay n=%lld: got %.9g want %.9g", kt->name, (long long)n, got, ref);
+            bad = 1;
+        }
+        if (mag > 1e-30 && fabs(got - ref) / mag > worst)   /* relative where it means much */
+            worst = fabs(got - ref) / mag;
+        free(a);
+        free(b);
+        free(ga);
+        free(gb);
+    }
+    ok(!bad, "%s dot_decay: within (n/4+24) 2^-22 sum|ab e^g| (worst %.2g)", kt->name, worst);
+}
+
 /* ---- matmul --------------------------------------------------------------------------------- */
 
 struct mm_case {
@@ -433,6 +478,7 @@ main(void)
         }
         test_to_f32(use[v]);
         test_vector(use[v]);
+        test_dot_decay(use[v]);
         test_matmul(use[v], kli_kernels_generic());
     }
     return tap_exit();
