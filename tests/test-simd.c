@@ -467,8 +467,8 @@ main(void)
             if (strcmp(all[i]->name, variants[v]) == 0)
                 use[v] = all[i];
         }
-        /* to_f32 per dtype, dot/axpy/scale, matmul per computable dtype */
-        count += use[v] ? KLI_DT_COUNT + 3 + KLI_DT_OTHER : 1;
+        /* to_f32 per dtype, dot/axpy/scale, dot_decay, matmul per computable dtype */
+        count += use[v] ? KLI_DT_COUNT + 4 + KLI_DT_OTHER : 1;
     }
     plan(count);
     for (int v = 0; v < 3; v++) {
