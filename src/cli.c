@@ -139,6 +139,163 @@ cli_parse_ids(const char *s, kli_token **out, int32_t *n_out)
     return 0;
 }
 
+/* ==== GPU options ========================================================================== */
+
+static struct {
+    int given;                    /* any --gpu* option */
+    int mode;                     /* enum kli_gpu_mode */
+    uint64_t mem;
+    int32_t experts;
+    const char *profile;
+} cli_gpu = {0, KLI_GPU_AUTO, 0, -1, NULL};
+
+/* "8G", "512M", "1024K" or bytes; @return 0 or -1. */
+static int
+cli_parse_size(const char *s, uint64_t *out)
+{
+    char *end;
+    double v;
+
+    errno = 0;
+    v = strtod(s, &end);
+    if (errno != 0 || end == s || !(v > 0) || v > 1e15)
+        return -1;
+    switch (*end) {
+    case 'k': case 'K': v *= 1024.0; end++; break;
+    case 'm': case 'M': v *= 1048576.0; end++; break;
+    case 'g': case 'G': v *= 1073741824.0; end++; break;
+    case 't': case 'T': v *= 1099511627776.0; end++; break;
+    default: break;
+    }
+    if (end[0] != '\0' && (end[0] == 'i' || end[0] == 'I') && (end[1] == 'b' || end[1] == 'B'))
+        end += 2;   /* GiB */
+    else if (end[0] == 'b' || end[0] == 'B')
+        end++;
+    if (*end != '\0')
+        return -1;
+    *out = (uint64_t)v;
+    return 0;
+}
+
+int
+cli_gpu_option(int c, const char *arg)
+{
+    long v;
+
+    switch (c) {
+    case CLI_OPT_GPU:
+        if (strcmp(arg, "auto") == 0)
+            cli_gpu.mode = KLI_GPU_AUTO;
+        else if (strcmp(arg, "on") == 0)
+            cli_gpu.mode = KLI_GPU_ON;
+        else if (strcmp(arg, "off") == 0)
+            cli_gpu.mode = KLI_GPU_OFF;
+        else {
+            cli_error("--gpu: '%s' is not auto, on or off", arg);
+            return -1;
+        }
+        break;
+    case CLI_OPT_GPU_MEM:
+        if (cli_parse_size(arg, &cli_gpu.mem) != 0) {
+            cli_error("--gpu-mem: '%s' is not a size (such as 20G or 512M)", arg);
+            return -1;
+        }
+        break;
+    case CLI_OPT_GPU_EXPERTS:
+        if (strcmp(arg, "auto") == 0)
+            cli_gpu.experts = -1;
+        else if (cli_parse_int(arg, 0, 1 << 20, "--gpu-experts", &v) != 0)
+            return -1;
+        else
+            cli_gpu.experts = (int32_t)v;
+        break;
+    case CLI_OPT_GPU_PROFILE:
+        cli_gpu.profile = arg;
+        break;
+    default:
+        return 0;
+    }
+    cli_gpu.given = 1;
+    return 1;
+}
+
+void
+cli_gpu_apply(struct kli_model_options *mo)
+{
+    mo->gpu = cli_gpu.mode;
+    mo->gpu_mem = cli_gpu.mem;
+    mo->gpu_experts = cli_gpu.experts;
+    mo->gpu_profile = cli_gpu.profile;
+}
+
+void
+cli_gpu_report(const struct kli_model *m)
+{
+    const char *st = kli_model_gpu_status(m);
+
+    if (cli_gpu.given || strncmp(st, "CPU only", 8) != 0)
+        fprintf(stderr, "kli: %s\n", st);
+}
+
+/* ==== Placement options (--cpus, --numa) =================================================== */
+
+static struct {
+    const char *cpus;
+    int numa;                     /* enum kli_numa */
+    int plan_only;                /* kli info --topology */
+} cli_place = {NULL, KLI_NUMA_NONE, 0};
+
+int
+cli_placement_option(int c, const char *arg)
+{
+    static const char *const names[] = {"none", "interleave", "replicate", "partition"};
+
+    if (c == CLI_OPT_CPUS) {
+        cli_place.cpus = arg;
+        return 1;
+    }
+    if (c != CLI_OPT_NUMA)
+        return 0;
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
+        if (strcmp(arg, names[i]) == 0) {
+            cli_place.numa = (int)i;    /* the order of enum kli_numa */
+            return 1;
+        }
+    }
+    cli_error("--numa: '%s' is not interleave, replicate, partition or none", arg);
+    return -1;
+}
+
+void
+cli_placement_apply(struct kli_model_options *mo)
+{
+    mo->cpus = cli_place.cpus;
+    mo->numa = cli_place.numa;
+    mo->plan_only = cli_place.plan_only;
+}
+
+/* With a --numa policy, the placement lines of kli_topology_describe go to stderr: what was
+ * bound and where the pages were found. */
+static void
+cli_placement_report(const struct kli_model *m)
+{
+    char *buf, *line, *save = NULL;
+    size_t need;
+
+    if (cli_place.numa == KLI_NUMA_NONE || cli_place.plan_only)
+        return;
+    need = kli_topology_describe(m, NULL, NULL, 0);
+    if ((buf = malloc(need + 1)) == NULL)
+        return;
+    kli_topology_describe(m, NULL, buf, need + 1);
+    for (line = strtok_r(buf, "\n", &save); line != NULL; line = strtok_r(NULL, "\n", &save)) {
+        if (strncmp(line, "placement:", 10) == 0 || strncmp(line, "verified:", 9) == 0 ||
+            strncmp(line, "  pages by node:", 16) == 0)
+            fprintf(stderr, "kli: %s\n", line);
+    }
+    free(buf);
+}
+
 int
 cli_open_model(const char *path, int threads, struct kli_model **m)
 {
@@ -147,10 +304,14 @@ cli_open_model(const char *path, int threads, struct kli_model **m)
 
     kli_model_options_init(&mo);
     mo.n_threads = threads;
+    cli_gpu_apply(&mo);
+    cli_placement_apply(&mo);
     if (kli_model_open(m, path, &mo, &err) != KLI_OK) {
         cli_error("%s", err.msg);
         return -1;
     }
+    cli_gpu_report(*m);
+    cli_placement_report(*m);
     return 0;
 }
 
@@ -186,6 +347,8 @@ cmd_logits(int argc, char **argv)
         {"output", required_argument, NULL, 'o'},
         {"threads", required_argument, NULL, 't'},
         {"help", no_argument, NULL, 'h'},
+        CLI_GPU_LONGOPTS,
+        CLI_PLACEMENT_LONGOPTS,
         {NULL, 0, NULL, 0},
     };
     const char *model = NULL, *ids_arg = NULL, *ids_file = NULL, *outp = NULL;
@@ -214,12 +377,18 @@ cmd_logits(int argc, char **argv)
             if (cli_parse_int(optarg, 1, 4096, "-t", &threads) != 0)
                 return 2;
             break;
+        case CLI_OPT_CPUS: case CLI_OPT_NUMA:
+            if (cli_placement_option(c, optarg) != 1)
+                return 2;
+            break;
         case 'h':
             printf("usage: kli logits -m DIR (--ids 1,2,3 | --ids-file FILE) [--chunk N] "
-                   "-o OUT\n");
+                   "-o OUT [--gpu auto|on|off] [--gpu-mem SIZE] [--gpu-experts N|auto]\n");
             return 0;
         default:
-            return 2;
+            if (cli_gpu_option(c, optarg) != 1)
+                return 2;
+            break;
         }
     }
     if (optind < argc) {
@@ -322,32 +491,83 @@ out:
 
 /* ==== kli info ============================================================================ */
 
+/* kli info --topology: the machine, the workers and, with a model, where its weights would
+ * go, as kli_model_open would place them with these options (nothing pinned or bound). */
+static int
+info_topology(const char *model, long threads)
+{
+    struct kli_model *m = NULL;
+    struct kli_model_options mo;
+
+    cli_place.plan_only = 1;
+    if (model != NULL && cli_open_model(model, cli_threads(threads), &m) != 0)
+        return 1;
+    kli_model_options_init(&mo);
+    mo.n_threads = cli_threads(threads);
+    cli_placement_apply(&mo);
+    size_t need = kli_topology_describe(m, &mo, NULL, 0);
+    char *buf = malloc(need + 1);
+    if (buf == NULL) {
+        cli_error("out of memory");
+        kli_model_close(m);
+        return 1;
+    }
+    kli_topology_describe(m, &mo, buf, need + 1);
+    fputs(buf, stdout);
+    /* Without a model a bad --cpus is described in place of the workers (no "allowed:"). */
+    int bad = m == NULL && strstr(buf, "\nallowed:") == NULL;
+    free(buf);
+    kli_model_close(m);
+    return bad;
+}
+
 static int
 cmd_info(int argc, char **argv)
 {
     static const struct option opts[] = {
         {"model", required_argument, NULL, 'm'},
         {"tensors", no_argument, NULL, 'T'},
+        {"verify", no_argument, NULL, 'V'},
+        {"topology", no_argument, NULL, 'P'},
+        {"threads", required_argument, NULL, 't'},
         {"help", no_argument, NULL, 'h'},
+        CLI_PLACEMENT_LONGOPTS,
         {NULL, 0, NULL, 0},
     };
     const char *model = NULL;
-    int tensors = 0, c;
+    int tensors = 0, verify = 0, topology = 0, c;
+    long threads = 0;
     struct kli_model *m = NULL;
 
-    while ((c = getopt_long(argc, argv, "m:h", opts, NULL)) != -1) {
+    cli_place.plan_only = 1;    /* info never pins or binds */
+    while ((c = getopt_long(argc, argv, "m:t:h", opts, NULL)) != -1) {
         switch (c) {
         case 'm': model = optarg; break;
         case 'T': tensors = 1; break;
+        case 'V': verify = 1; break;
+        case 'P': topology = 1; break;
+        case 't':
+            if (cli_parse_int(optarg, 1, 4096, "-t", &threads) != 0)
+                return 2;
+            break;
+        case CLI_OPT_CPUS: case CLI_OPT_NUMA:
+            if (cli_placement_option(c, optarg) != 1)
+                return 2;
+            break;
         case 'h':
-            printf("usage: kli info -m DIR [--tensors]\n");
+            printf("usage: kli info -m MODEL [--tensors] [--verify]\n"
+                   "       kli info --topology [-m MODEL] [-t N] [--cpus LIST] "
+                   "[--numa POLICY]\n");
             return 0;
         default:
             return 2;
         }
     }
-    if (model == NULL || optind < argc) {
-        cli_error("usage: kli info -m DIR [--tensors]");
+    if (topology && optind == argc && !tensors && !verify)
+        return info_topology(model, threads);
+    if (model == NULL || optind < argc || topology) {
+        cli_error("usage: kli info -m MODEL [--tensors] [--verify] | kli info --topology "
+                  "[-m MODEL] [-t N] [--cpus LIST] [--numa POLICY]");
         return 2;
     }
     if (cli_open_model(model, 1, &m) != 0)
@@ -362,6 +582,17 @@ cmd_info(int argc, char **argv)
     kli_model_describe(m, tensors, buf, need + 1);
     fputs(buf, stdout);
     free(buf);
+    if (verify) {
+        /* Every tensor of a .kli against its checksum (a directory has none). */
+        struct kli_err err = {0};
+        int rc = kli_model_verify(m, NULL, NULL, &err);
+        if (rc != KLI_OK)
+            cli_error("%s", err.msg);
+        else
+            printf("verified:     every checksum matches\n");
+        kli_model_close(m);
+        return rc != KLI_OK;
+    }
     kli_model_close(m);
     return 0;
 }
@@ -370,7 +601,7 @@ cmd_info(int argc, char **argv)
 
 static const struct cli_command commands[] = {
     {"logits", cmd_logits, "run token ids through a model and write every position's logits"},
-    {"info", cmd_info, "describe a model's architecture (and its tensors)"},
+    {"info", cmd_info, "describe a model's architecture (and its tensors), or the machine"},
 };
 
 static void
@@ -380,6 +611,8 @@ usage(FILE *f)
     for (const struct cli_command *c = cli_gen_commands; c->name != NULL; c++)
         fprintf(f, "  %-12s %s\n", c->name, c->help);
     for (const struct cli_command *c = cli_tool_commands; c->name != NULL; c++)
+        fprintf(f, "  %-12s %s\n", c->name, c->help);
+    for (const struct cli_command *c = cli_batch_commands; c->name != NULL; c++)
         fprintf(f, "  %-12s %s\n", c->name, c->help);
     for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
         fprintf(f, "  %-12s %s\n", commands[i].name, commands[i].help);
@@ -409,6 +642,12 @@ main(int argc, char **argv)
         }
     }
     for (const struct cli_command *c = cli_tool_commands; c->name != NULL; c++) {
+        if (strcmp(argv[1], c->name) == 0) {
+            optind = 1;
+            return c->run(argc - 1, argv + 1);
+        }
+    }
+    for (const struct cli_command *c = cli_batch_commands; c->name != NULL; c++) {
         if (strcmp(argv[1], c->name) == 0) {
             optind = 1;
             return c->run(argc - 1, argv + 1);

@@ -20,12 +20,42 @@ int cli_parse_int(const char *s, long lo, long hi, const char *what, long *out);
 char *cli_read_file(const char *path, size_t *len);
 int cli_parse_ids(const char *s, kli_token **out, int32_t *n_out);
 int cli_open_model(const char *path, int threads, struct kli_model **m);
+
+/* The GPU options of run, chat, logits and bench: --gpu auto|on|off, --gpu-mem SIZE,
+ * --gpu-experts N|auto, --gpu-profile FILE. A command lists CLI_GPU_LONGOPTS in its option
+ * table and hands these codes to cli_gpu_option; cli_open_model (or cli_gpu_apply, for a
+ * command that opens models itself) uses the values. */
+enum { CLI_OPT_GPU = 0x4000, CLI_OPT_GPU_MEM, CLI_OPT_GPU_EXPERTS, CLI_OPT_GPU_PROFILE };
+#define CLI_GPU_LONGOPTS \
+    {"gpu", required_argument, NULL, CLI_OPT_GPU}, \
+    {"gpu-mem", required_argument, NULL, CLI_OPT_GPU_MEM}, \
+    {"gpu-experts", required_argument, NULL, CLI_OPT_GPU_EXPERTS}, \
+    {"gpu-profile", required_argument, NULL, CLI_OPT_GPU_PROFILE}
+/* @return 1 if c was a GPU option (parsed), 0 if not, -1 for a bad value (reported). */
+int cli_gpu_option(int c, const char *arg);
+void cli_gpu_apply(struct kli_model_options *mo);
+/* Prints the model's GPU status line to stderr when a GPU option was given or a GPU is in
+ * use, so that a CPU-only fallback always says why when one was asked for. */
+void cli_gpu_report(const struct kli_model *m);
 int cli_threads(long opt_t);
+
+/* The placement options of every command that takes -t: --cpus LIST and --numa POLICY. A
+ * command lists CLI_PLACEMENT_LONGOPTS in its option table and hands these codes to
+ * cli_placement_option; cli_open_model (or cli_placement_apply) passes the values on. */
+enum { CLI_OPT_CPUS = 0x4100, CLI_OPT_NUMA };
+#define CLI_PLACEMENT_LONGOPTS \
+    {"cpus", required_argument, NULL, CLI_OPT_CPUS}, \
+    {"numa", required_argument, NULL, CLI_OPT_NUMA}
+/* @return 1 if c was a placement option (parsed), 0 if not, -1 for a bad value (reported). */
+int cli_placement_option(int c, const char *arg);
+void cli_placement_apply(struct kli_model_options *mo);
 
 /* The commands of cli_gen.c, NULL-terminated. */
 extern const struct cli_command cli_gen_commands[];
 /* The commands of cli_tools.c, NULL-terminated. */
 extern const struct cli_command cli_tool_commands[];
+/* The commands of cli_batch.c, NULL-terminated. */
+extern const struct cli_command cli_batch_commands[];
 
 /* The built-in demo model (demo.c): writes it to a new temporary directory, whose path
  * goes to `dir`; cli_demo_remove deletes it again. */

@@ -63,6 +63,8 @@ static const struct option gen_opts[] = {
     {"save-state", required_argument, NULL, OPT_SAVE_STATE},
     {"load-state", required_argument, NULL, OPT_LOAD_STATE},
     {"help", no_argument, NULL, 'h'},
+    CLI_GPU_LONGOPTS,
+    CLI_PLACEMENT_LONGOPTS,
     {NULL, 0, NULL, 0},
 };
 
@@ -104,6 +106,10 @@ gen_parse(int argc, char **argv, struct gen_args *a, const char *usage)
             break;
         case 't':
             if (cli_parse_int(optarg, 1, 4096, "--threads", &a->threads))
+                return -1;
+            break;
+        case CLI_OPT_CPUS: case CLI_OPT_NUMA:
+            if (cli_placement_option(c, optarg) != 1)
                 return -1;
             break;
         case OPT_CTX:
@@ -175,7 +181,9 @@ gen_parse(int argc, char **argv, struct gen_args *a, const char *usage)
             printf("%s", usage);
             return 1;
         default:
-            return -1;
+            if (cli_gpu_option(c, optarg) != 1)
+                return -1;
+            break;
         }
     }
     if (optind < argc) {
@@ -355,6 +363,7 @@ static const char run_usage[] =
     "               [--repeat-penalty R] [--presence-penalty P] [--frequency-penalty F]\n"
     "               [--repeat-last-n N] [--seed S] [--stop STR]... [--ctx N] [-t N] [--quiet]\n"
     "               [--load-state FILE] [--save-state FILE]\n"
+    "               [--gpu auto|on|off] [--gpu-mem SIZE] [--gpu-experts N|auto]\n"
     "Without -m, the built-in demo model runs. Without -p/-f, the prompt is read from stdin.\n";
 
 static int
@@ -476,6 +485,7 @@ chat_is_cmd(const char *line, const char *cmd)
 
 static const char chat_usage[] =
     "usage: kli chat [-m MODEL] [-s SYSTEM] [-n MAX] [sampling options as for run] [--ctx N]\n"
+    "                [--gpu auto|on|off] [--gpu-mem SIZE] [--gpu-experts N|auto]\n"
     "Commands inside the chat: /reset, /save FILE, /load FILE, /help, /exit. Ctrl-C stops the\n"
     "current answer.\n";
 

@@ -5,6 +5,7 @@
 
 #include <getopt.h>
 #include <math.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -180,6 +181,92 @@ cmd_quantize(int argc, char **argv)
     return 0;
 }
 
+/* ==== kli convert ========================================================================= */
+
+static volatile sig_atomic_t convert_signal;
+
+static void
+convert_on_signal(int sig)
+{
+    convert_signal = sig;
+}
+
+static int
+convert_interrupt(void *ud)
+{
+    (void)ud;
+    return convert_signal != 0;
+}
+
+static int
+cmd_convert(int argc, char **argv)
+{
+    static const struct option opts[] = {
+        {"model", required_argument, NULL, 'm'},
+        {"output", required_argument, NULL, 'o'},
+        {"type", required_argument, NULL, 'T'},
+        {"keep", required_argument, NULL, 'K'},
+        {"force", no_argument, NULL, 'F'},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0},
+    };
+    struct kli_convert_options o;
+    struct kli_err err = {0};
+    struct progress p = {now_s(), 0, isatty(STDERR_FILENO), "convert"};
+    struct sigaction sa, old_int, old_term;
+    const char *in = NULL, *out = NULL, *keep[64];
+    int c, nk = 0, rc;
+
+    kli_convert_options_init(&o);
+    while ((c = getopt_long(argc, argv, "m:o:h", opts, NULL)) != -1) {
+        switch (c) {
+        case 'm': in = optarg; break;
+        case 'o': out = optarg; break;
+        case 'T': o.type = optarg; break;
+        case 'K':
+            if (nk == 64) {
+                cli_error("--keep: at most 64 rules");
+                return 2;
+            }
+            keep[nk++] = optarg;
+            break;
+        case 'F': o.force = 1; break;
+        case 'h':
+            printf("usage: kli convert -m MODEL -o OUT.kli [--type bf16|q8_0|q4|f16|f32] "
+                   "[--keep GLOB=TYPE]... [--force]\n");
+            return 0;
+        default:
+            return 2;
+        }
+    }
+    if (in == NULL || out == NULL || optind < argc) {
+        cli_error("usage: kli convert -m MODEL -o OUT.kli [--type TYPE] [--keep GLOB=TYPE]...");
+        return 2;
+    }
+    o.keep = keep;
+    o.n_keep = nk;
+    o.progress = on_progress;
+    o.ud = &p;
+    o.interrupt = convert_interrupt;
+    /* Ctrl-C stops between slabs and removes the temporary file. */
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = convert_on_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, &old_int);
+    sigaction(SIGTERM, &sa, &old_term);
+    rc = kli_convert(in, out, &o, &err);
+    sigaction(SIGINT, &old_int, NULL);
+    sigaction(SIGTERM, &old_term, NULL);
+    if (rc != KLI_OK) {
+        if (p.tty)
+            fputc('\n', stderr);
+        cli_error("%s", err.msg);
+        return rc == KLI_E_INTERRUPTED ? 128 + (int)convert_signal : 1;
+    }
+    fprintf(stderr, "convert: wrote %s in %.1f s\n", out, now_s() - p.t0);
+    return 0;
+}
+
 /* ==== kli bench =========================================================================== */
 
 static int
@@ -347,6 +434,8 @@ cmd_bench(int argc, char **argv)
         {"quality", no_argument, NULL, 'Q'},
         {"ids", required_argument, NULL, 'I'},
         {"help", no_argument, NULL, 'h'},
+        CLI_GPU_LONGOPTS,
+        CLI_PLACEMENT_LONGOPTS,
         {NULL, 0, NULL, 0},
     };
     const char *model = NULL, *type = NULL, *ids_arg = NULL;
@@ -367,17 +456,24 @@ cmd_bench(int argc, char **argv)
         case 'd': if (cli_parse_int(optarg, 0, 1 << 24, "--depth", &depth)) return 2; break;
         case 'r': if (cli_parse_int(optarg, 1, 1000, "-r", &reps)) return 2; break;
         case 't': if (cli_parse_int(optarg, 1, 4096, "-t", &threads)) return 2; break;
+        case CLI_OPT_CPUS: case CLI_OPT_NUMA:
+            if (cli_placement_option(c, optarg) != 1)
+                return 2;
+            break;
         case 'T': type = optarg; break;
         case 'J': json = 1; break;
         case 'Q': quality = 1; break;
         case 'I': ids_arg = optarg; break;
         case 'h':
             printf("usage: kli bench [-m MODEL] [-p 512] [-n 128] [--depth D] [-r 5] [-t N] "
-                   "[--type T] [--json]\n       kli bench --quality [-m MODEL] [-p N | --ids "
+                   "[--type T] [--json]\n                 [--gpu auto|on|off] [--gpu-mem SIZE] "
+                   "[--gpu-experts N|auto]\n       kli bench --quality [-m MODEL] [-p N | --ids "
                    "1,2,3] [--json]\n");
             return 0;
         default:
-            return 2;
+            if (cli_gpu_option(c, optarg) != 1)
+                return 2;
+            break;
         }
     }
     if (optind < argc) {
@@ -418,10 +514,13 @@ cmd_bench(int argc, char **argv)
     kli_model_options_init(&mo);
     mo.n_threads = th;
     mo.weight_type = type;
+    cli_gpu_apply(&mo);
+    cli_placement_apply(&mo);
     if (kli_model_open(&m, model, &mo, &err) != KLI_OK) {
         cli_error("%s", err.msg);
         goto out;
     }
+    cli_gpu_report(m);
     kli_session_options_init(&so);
     so.batch_max = pp > 0 && pp < 512 ? (int32_t)pp : 512;
     if (kli_session_create(&s, m, &so, &err) != KLI_OK) {
@@ -528,6 +627,7 @@ out:
 const struct cli_command cli_tool_commands[] = {
     {"synth", cmd_synth, "write a random model with the real per-layer shapes, for benchmarks"},
     {"quantize", cmd_quantize, "convert a model's weight matrices to q8_0, q4, bf16, ..."},
+    {"convert", cmd_convert, "write a model as one .kli file (weights, config, tokenizer)"},
     {"bench", cmd_bench, "measure prefill and decode speed, bandwidth, and quantization quality"},
     {NULL, NULL, NULL},
 };

@@ -14,6 +14,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "backend.h"
 #include "ffn.h"
 #include "forward.h"
 #include "kda.h"
@@ -62,11 +63,17 @@ forward_run(struct kli_session *const *ss, int64_t n_seq, const kli_token *tok, 
         ops_row_f32(&m->embed, tok[t], s->h + t * D);
     for (int64_t q = 0; q < n_seq; q++)
         pos[q] = ss[q]->pos;
+    /* With a GPU, the MLA and MoE blocks hand it part of their work (backend.c). */
+    struct backend_sess *gs[FORWARD_MAX_SEQ];
+    int gpu = backend_forward_begin(ss, n_seq, T_seq, gs);
+    s->mla_sc.gpu = gpu ? gs : NULL;
+    s->moe_sc.gpu = gpu ? gs[0] : NULL;
 
     for (int i = 0; i < cfg->n_layers; i++) {
         const struct kli_layer *ly = &m->layers[i];
 
         rmsnorm_rows(s->x, s->h, ly->attn_norm, T, D, cfg->norm_eps);
+        s->mla_sc.layer = s->moe_sc.layer = i;
         t1 = fwd_now();
         s->phase[KLI_PHASE_OTHER] += t1 - t0;
         if (ly->mixer == KLI_MIXER_KDA) {

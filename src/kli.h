@@ -108,7 +108,8 @@ enum kli_tokenize_flags {
  * The special tokens take the ids n_base .. n_base+255; a slot without a name is called
  * "<|reserved_token_ID|>" with its absolute id. When added_tokens_decoder names id n_base+256
  * or n_base+257, there are 258 slots instead (the older tokenization_*.py variant). Without
- * tokenizer_config.json every slot is unnamed.
+ * tokenizer_config.json every slot is unnamed. `dir` may also be a .kli file (kli_convert),
+ * whose tokenizer section holds the same two files.
  * @return KLI_OK; KLI_E_IO if a file cannot be read; KLI_E_FORMAT with the file and line at
  *         fault; KLI_E_NOMEM; KLI_E_INVALID for NULL arguments. On failure *out is NULL.
  *         On success the caller owns *out and releases it with kli_tokenizer_close(). */
@@ -175,14 +176,52 @@ struct kli_model_options {
     const char *weight_type;   /* NULL: weights as stored. "q8_0", "q4", "bf16", "f16", "f32":
                                   convert the weight matrices at open (as kli_quantize would;
                                   the router and small parameters stay), held in memory */
+    int gpu;         /* enum kli_gpu_mode: where the work runs (default KLI_GPU_AUTO) */
+    uint64_t gpu_mem;          /* bytes of GPU memory kli may use; 0 = the free memory less
+                                  1 GiB */
+    int32_t gpu_experts;       /* routed experts per MoE layer kept on the GPU: -1 (default)
+                                  as many as gpu_mem holds, 0 none (MLA attention only) */
+    const char *gpu_profile;   /* NULL, or a routing trace (JSON lines {"layers": [[ids of
+                                  MoE layer 0], ...]}) whose counts pick the first hot set */
+    const char *cpus;          /* NULL: every CPU the process may use; else a list of OS CPU
+                                  numbers ("0-7,16-23") the workers are pinned within */
+    int numa;                  /* enum kli_numa: weight placement over NUMA nodes (default
+                                  KLI_NUMA_NONE); see kli_topology_describe */
+    int plan_only;             /* non-zero: work out the placement (kli_topology_describe
+                                  shows it) but pin no thread and bind no memory */
+};
+
+/* Where the weights live on a machine with several NUMA nodes (kli_model_options.numa).
+ * Workers are one per physical core in every case, pinned as kli_topology_describe says. */
+enum kli_numa {
+    KLI_NUMA_NONE = 0,         /* no binding: the kernel places pages where first read */
+    KLI_NUMA_INTERLEAVE = 1,   /* pages of every weight spread over the nodes with workers */
+    KLI_NUMA_REPLICATE = 2,    /* the trunk (attention, norms, router, shared experts, dense
+                                  layers, lm_head) copied to each node, each worker reading
+                                  its node's copy; the rest interleaved */
+    KLI_NUMA_PARTITION = 3     /* each routed expert bound to one node, experts balanced by
+                                  bytes; the rest interleaved */
+};
+
+/* GPU use of a model (a build with CUDA and a device with its driver). The GPU takes the MLA
+ * attention over the latent cache, which it mirrors, and the routed experts chosen most
+ * often (the hot set, re-chosen from the routing counts as kli runs), together with the
+ * shared expert; the CPU computes the other experts at the same time. */
+enum kli_gpu_mode {
+    KLI_GPU_AUTO = 0,   /* use a GPU when one is present; else the CPU, and
+                           kli_model_gpu_status says why */
+    KLI_GPU_OFF = 1,    /* CPU only */
+    KLI_GPU_ON = 2      /* require a GPU: kli_model_open fails (KLI_E_CUDA) without one */
 };
 
 /* Fills `opt` with the defaults. */
 void kli_model_options_init(struct kli_model_options *opt);
 
 /* Opens a model: a directory holding config.json and model.safetensors (or a sharded
- * model.safetensors.index.json with its shards), the Hugging Face layout. The weights are
- * memory-mapped, not copied. Every tensor is checked against config.json.
+ * model.safetensors.index.json with its shards), the Hugging Face layout, or a .kli file
+ * written by kli_convert (checked section by section; tensor bytes are not read, see
+ * kli_model_verify). The weights are memory-mapped, not copied. Every tensor is checked
+ * against config.json.
  * @param opt  NULL for the defaults.
  * @return KLI_OK, or KLI_E_IO / KLI_E_FORMAT / KLI_E_UNSUPPORTED / KLI_E_RANGE / KLI_E_NOMEM
  *         with a message that names the file, key or tensor at fault. On failure *out is
@@ -192,6 +231,11 @@ int kli_model_open(struct kli_model **out, const char *path,
 
 /* Releases the model. Every session made from it must be freed first. NULL is allowed. */
 void kli_model_close(struct kli_model *model);
+
+/* @return one line on the model's GPU use: the device, its memory budget and what runs on
+ *         it, or "CPU only: " and the reason (no GPU, no driver, not enough memory, a build
+ *         without CUDA, GPU use off). Borrowed, valid until kli_model_close. */
+const char *kli_model_gpu_status(const struct kli_model *model);
 
 int32_t kli_model_n_vocab(const struct kli_model *model);
 int32_t kli_model_n_layers(const struct kli_model *model);
@@ -207,6 +251,11 @@ const struct kli_tokenizer *kli_model_tokenizer(const struct kli_model *model);
  * the router, top_k routed experts per MoE layer (average expert size), one embedding row
  * and lm_head. The numerator of the decode roofline. */
 uint64_t kli_model_decode_bytes(const struct kli_model *model);
+
+/* @return the model's identity as recorded in snapshots: a hash of the configuration, every
+ * tensor's name, dtype and shape and the dtypes computed in (weight_type). It does not cover
+ * the weight values: two checkpoints of one architecture share it. */
+uint64_t kli_model_fingerprint(const struct kli_model *model);
 
 /* Writes a human-readable architecture summary (layer kinds, dimensions, parameter count,
  * bytes by dtype, state sizes) into `buf`, NUL-terminated and truncated to `cap`.
@@ -263,6 +312,9 @@ const float *kli_session_logits(const struct kli_session *s);
 
 /* @return the number of tokens the session has seen. */
 int32_t kli_session_pos(const struct kli_session *s);
+
+/* @return the most tokens the session may hold (its ctx_max, or the model's maximum). */
+int32_t kli_session_ctx_max(const struct kli_session *s);
 
 /* The token ids the session has seen, in order (prompt and generated tokens alike).
  * @param out  receives a pointer to kli_session_pos(s) ids (borrowed: valid until the next
@@ -381,6 +433,22 @@ int kli_session_load(struct kli_session *s, struct kli_sampler *smp, const char 
 int kli_session_fork(struct kli_session **out, const struct kli_session *src,
                      struct kli_err *err);
 
+/* Replaces the state of `dst` by a copy of the state of `src` (a session of the same model),
+ * as kli_session_fork does, but into a session that already exists and keeps its own
+ * options: a prompt prefilled in a session with a large batch_max can move into a small one
+ * for decoding, or into a cache entry created with batch_max 1. Afterwards `dst` goes on
+ * exactly as `src` would; `src` is not modified. Allocates only when dst's cache must grow.
+ * @return KLI_OK; KLI_E_INVALID (NULL, the same session twice, two models); KLI_E_RANGE when
+ *         src holds more tokens than dst's ctx_max; KLI_E_NOMEM. On failure dst is as it
+ *         was. */
+int kli_session_copy(struct kli_session *dst, const struct kli_session *src,
+                     struct kli_err *err);
+
+/* @return the bytes of memory the session holds now: its state (KDA states, the MLA cache as
+ *         allocated, the token history, logits) and its scratch, which grows with batch_max.
+ *         For caches of sessions bounded in bytes. */
+uint64_t kli_session_nbytes(const struct kli_session *s);
+
 /* ==== Chat format ========================================================================== */
 
 struct kli_chat_message {
@@ -489,6 +557,40 @@ void kli_synth_options_init(struct kli_synth_options *opt);
  * @return KLI_OK or a negative status. */
 int kli_synth(const char *out, const struct kli_synth_options *opt, struct kli_err *err);
 
+struct kli_convert_options {
+    const char *type;           /* weight matrices in "bf16", "q8_0", "q4", "f16" or "f32";
+                                   NULL (default): every tensor as stored */
+    const char *const *keep;    /* n_keep rules "GLOB=TYPE", as in kli_quantize_options */
+    int32_t n_keep;
+    int force;                  /* overwrite an existing output file */
+    kli_progress_fn progress;
+    void *ud;
+    int (*interrupt)(void *ud); /* polled as it goes (with ud): non-zero stops the conversion
+                                   with KLI_E_INTERRUPTED, leaving no output; may be NULL */
+};
+
+void kli_convert_options_init(struct kli_convert_options *opt);
+
+/* Writes the model `in` (a model directory, or a .kli file) as one self-contained .kli file
+ * `out` (kli-pack(5)): config.json, the tokenizer files and every tensor, row-major in the
+ * dtype the kernels read, each routed expert's three matrices one page-aligned range. Which
+ * tensors are converted follows kli_quantize. The input must open as a model (every tensor
+ * is checked against config.json first). Streams tensor by tensor, so memory stays a few MB
+ * plus the metadata whatever the model size; writes out.tmp, syncs it and renames it over
+ * `out` at the end, so an interrupted conversion never leaves a partial `out` (a killed one
+ * may leave out.tmp, which the next run replaces).
+ * @return KLI_OK; KLI_E_IO (an existing `out` without force, read or write errors);
+ *         KLI_E_FORMAT; KLI_E_RANGE (bad type or rule); KLI_E_INTERRUPTED; KLI_E_NOMEM. */
+int kli_convert(const char *in, const char *out, const struct kli_convert_options *opt,
+                struct kli_err *err);
+
+/* Reads every weight of a model opened from a .kli file and checks it against the checksum
+ * the file records for it (the sections opening needs are checked at open already). Slow:
+ * it reads the whole file. A model directory has no checksums: KLI_OK at once.
+ * @return KLI_OK; KLI_E_FORMAT naming the damaged tensor. */
+int kli_model_verify(const struct kli_model *model, kli_progress_fn progress, void *ud,
+                     struct kli_err *err);
+
 /* Measures memory bandwidth with a STREAM triad (a[i] = b[i] + s * c[i]) over three arrays
  * of `bytes_per_array` bytes, on the same worker threads the model uses; counts 3 x 4 bytes
  * per element (two reads, one write) like STREAM. @return GB/s (1e9 bytes), or -1 when the
@@ -497,6 +599,19 @@ double kli_bench_triad(size_t bytes_per_array);
 
 /* @return the number of worker threads in use. */
 int kli_threads(void);
+
+/* Writes what kli sees of the machine and what it does with it: packages, NUMA nodes, cores
+ * and SMT siblings (from hwloc, else sysfs; $KLI_TOPOLOGY="synthetic:pack:2 numa:2 core:8
+ * pu:2" or "xml:PATH" describes another machine instead), the workers (count, CPUs, nodes,
+ * pinning) and, for an open model, the node of every weight under its NUMA policy and what
+ * a check of the pages found.
+ * @param model  an open model (its placement is described), or NULL: the machine and the
+ *               workers that `opt` (NULL for the defaults) would give.
+ * @return the length the full text needs (excluding the NUL), like snprintf; buf receives
+ *         at most cap bytes, NUL-terminated. A bad opt->cpus list is described, not
+ *         returned as an error. */
+size_t kli_topology_describe(const struct kli_model *model,
+                             const struct kli_model_options *opt, char *buf, size_t cap);
 
 #ifdef __cplusplus
 }

@@ -18,6 +18,7 @@
 #include <math.h>
 #include <string.h>
 
+#include "backend.h"
 #include "mla.h"
 #include "ops.h"
 #include "simd.h"
@@ -196,9 +197,13 @@ mla_forward(const struct kli_model *m, const struct kli_mla_w *w, float *const *
      *   S [H][n]  = Q_full [H][L+rope] . cache[0:n]^T      every head against every latent
      *   P         = softmax(S * scale) per head
      *   lat [H][L] = P . cache[0:n][0:L]
-     * The cache is read once per token for all heads. */
+     * The cache is read once per token for all heads. With a GPU the same three steps run
+     * there over its mirror of the cache (backend.c); on any failure the CPU does them. */
     threads_parallel_for(H, 1, mla_absorb_range, &j);
-    for (int64_t t = 0; t < T; t++) {
+    int on_gpu = sc->gpu != NULL &&
+                 backend_mla_attend(sc->gpu, sc->layer, caches, pos, n_seq, T_seq, sc->qfull,
+                                    sc->lat) == 0;
+    for (int64_t t = 0; !on_gpu && t < T; t++) {
         int64_t sq = t / T_seq, n = pos[sq] + t % T_seq + 1;
         const float *cache = caches[sq];
         float *S = sc->work;   /* [H][n]: the whole per-thread workspace is at least H*n */

@@ -17,6 +17,8 @@ struct mla_scratch {
     float *lat;    /* [T][H][L]: attention-weighted latent per head */
     float *work;   /* [n_threads][mla_work_floats(ctx)]; the batched path uses it whole */
     int64_t work_stride;
+    struct backend_sess *const *gpu;   /* [n_seq] device state for this pass, or NULL */
+    int layer;                         /* the layer being run, for gpu */
 };
 
 /* Floats of per-thread attention workspace for a context of n tokens. */

@@ -15,8 +15,10 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "backend.h"
 #include "internal.h"
 #include "model.h"
+#include "numa.h"
 #include "threads.h"
 #include "simd.h"
 #include "tokenizer.h"
@@ -32,15 +34,8 @@ bind_find(struct bind *b, const char *name)
 {
     const struct kli_tensor_desc *d = kli_wfile_find(b->m->wf, name);
 
-    if (d != NULL) {
-        int64_t n = kli_wfile_n_tensors(b->m->wf);
-        for (int64_t i = 0; i < n; i++) {
-            if (kli_wfile_tensor(b->m->wf, i) == d) {
-                b->used[i] = 1;
-                break;
-            }
-        }
-    }
+    if (d != NULL)
+        b->used[kli_wfile_index(b->m->wf, d)] = 1;
     return d;
 }
 
@@ -565,6 +560,7 @@ void
 kli_model_options_init(struct kli_model_options *opt)
 {
     memset(opt, 0, sizeof(*opt));
+    opt->gpu_experts = -1;
 }
 
 static void
@@ -595,7 +591,9 @@ kli_model_close(struct kli_model *m)
 {
     if (m == NULL)
         return;
+    backend_model_close(m);
     model_free_layers(m);
+    numa_close(m->numa);
     for (int64_t i = 0; i < m->n_owned; i++)
         kli_free_aligned(m->owned[i]);
     free(m->owned);
@@ -623,9 +621,10 @@ kli_model_open(struct kli_model **out, const char *path, const struct kli_model_
         kli_model_options_init(&dflt);
         opt = &dflt;
     }
-    if (stat(path, &st) != 0 || !S_ISDIR(st.st_mode))
+    if (stat(path, &st) != 0 || (!S_ISDIR(st.st_mode) && !kli_pack_probe(path)))
         return kli_err_set(err, KLI_E_IO, "%s: not a model directory (config.json and "
-                           "safetensors expected)", path);
+                           "safetensors expected) or .kli file", path);
+    int is_dir = S_ISDIR(st.st_mode);
     m = kli_calloc(1, sizeof(*m));
     if (m == NULL || (m->path = kli_strdup(path)) == NULL) {
         free(m);
@@ -639,10 +638,21 @@ kli_model_open(struct kli_model **out, const char *path, const struct kli_model_
         }
         m->convert = 1;
     }
-    threads_set_count(opt->n_threads);
-    if ((rc = hparams_load(&m->cfg, path, err)) != KLI_OK)
+    /* Workers: one per physical core, pinned per the plan (numa.c, topology.c). */
+    if ((rc = numa_open(&m->numa, opt, err)) != KLI_OK)
+        goto fail;
+    if (is_dir && (rc = hparams_load(&m->cfg, path, err)) != KLI_OK)
         goto fail;
     if ((rc = kli_wfile_open(&m->wf, path, err)) != KLI_OK)
+        goto fail;
+    /* A .kli file carries config.json and the tokenizer (packed.c). */
+    const struct kli_pack_info *pk = kli_wfile_pack(m->wf);
+    if (!is_dir && pk == NULL) {
+        rc = kli_err_set(err, KLI_E_FORMAT, "%s: not a .kli file", path);
+        goto fail;
+    }
+    if (!is_dir && (rc = hparams_parse(&m->cfg, pk->config, (size_t)pk->config_len, path,
+                                       err)) != KLI_OK)
         goto fail;
     b.m = m;
     b.err = err;
@@ -653,14 +663,19 @@ kli_model_open(struct kli_model **out, const char *path, const struct kli_model_
     }
     rc = bind_all(&b);
     free(b.used);
-    if (rc != KLI_OK)
+    if (rc != KLI_OK || (rc = numa_place(m->numa, m, err)) != KLI_OK)
         goto fail;
 
     /* The tokenizer is optional: logits need only ids. */
     char tpath[4096];
     snprintf(tpath, sizeof(tpath), "%s/tiktoken.model", path);
-    if (stat(tpath, &st) == 0) {
-        if ((rc = kli_tokenizer_open(&m->tok, path, err)) != KLI_OK)
+    if (is_dir ? stat(tpath, &st) == 0 : pk->tok_ranks != NULL) {
+        if (is_dir)
+            rc = kli_tokenizer_open(&m->tok, path, err);
+        else
+            rc = tokenizer_open_mem(&m->tok, pk->tok_ranks, (size_t)pk->tok_ranks_len,
+                                    pk->tok_config, (size_t)pk->tok_config_len, path, err);
+        if (rc != KLI_OK)
             goto fail;
         if (kli_tokenizer_n_vocab(m->tok) > m->cfg.n_vocab &&
             kli_tokenizer_n_vocab(m->tok) - 2 > m->cfg.n_vocab) {
@@ -672,6 +687,8 @@ kli_model_open(struct kli_model **out, const char *path, const struct kli_model_
     }
     m->n_threads = threads_count();
     m->fingerprint = model_fingerprint(m);
+    if ((rc = backend_model_open(m, opt, err)) != KLI_OK)
+        goto fail;
     *out = m;
     return KLI_OK;
 fail:

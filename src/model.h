@@ -23,6 +23,8 @@ struct kli_tensor {
     int64_t shape[4];
     const void *data;
     const char *name;   /* the checkpoint's name, for messages */
+    const void *const *node_data;   /* NULL, or [THREADS_NODES]: the copy each NUMA node's
+                                       workers read (numa.c, --numa replicate) */
 };
 
 struct kli_kda_w {
@@ -88,6 +90,8 @@ struct kli_model {
     struct kli_tokenizer *tok;    /* NULL when the directory has no tokenizer */
     int n_threads;
     uint64_t fingerprint;         /* identity for session snapshots (model_fingerprint) */
+    struct backend_model *gpu;    /* device state (backend.c); NULL: GPU use off */
+    struct numa_state *numa;      /* topology, placement plan, node copies (numa.c) */
 };
 
 /* Bytes of one row of a tensor. */

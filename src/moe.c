@@ -11,6 +11,7 @@
 #include <math.h>
 #include <string.h>
 
+#include "backend.h"
 #include "ffn.h"
 #include "moe.h"
 #include "ops.h"
@@ -118,20 +119,32 @@ moe_forward(const struct kli_model *m, const struct kli_moe_w *w, struct moe_scr
     for (int64_t i = 0; i < T * K; i++)
         sc->order[fill[sc->idx[i]]++] = (int32_t)i;
 
-    /* The shared experts first, then each routed expert adds its weighted output. */
-    if (c->n_shared > 0)
+    /* The shared experts first, then each routed expert adds its weighted output. With a
+     * GPU (backend.c) it takes the shared expert and the resident (hot) routed experts while
+     * the CPU computes the others; if it fails, the CPU computes its share afterwards. */
+    int gpu = sc->gpu != NULL && backend_moe_launch(sc->gpu, sc->layer, sc, x, T) == 0;
+    if (c->n_shared > 0 && !gpu)
         ffn_forward(&w->shared, x, T, out, sc->h1, sc->h3);
     else
         memset(out, 0, (size_t)(T * D) * sizeof(float));
-    for (int64_t e = 0; e < E; e++) {
-        int32_t n = sc->count[e + 1] - sc->count[e];
-        const int32_t *ord = sc->order + sc->count[e];
-        if (n == 0)
-            continue;
-        for (int32_t i = 0; i < n; i++)
-            memcpy(sc->xe + i * D, x + (ord[i] / K) * D, (size_t)D * sizeof(float));
-        ffn_forward(&w->experts[e], sc->xe, n, sc->ye, sc->h1, sc->h3);
-        for (int32_t i = 0; i < n; i++)
-            kk->axpy(out + (ord[i] / K) * D, sc->wt[ord[i]], sc->ye + i * D, D);
+    for (int pass = 0; pass < 2; pass++) {
+        for (int64_t e = 0; e < E; e++) {
+            int32_t n = sc->count[e + 1] - sc->count[e];
+            const int32_t *ord = sc->order + sc->count[e];
+            if (n == 0 || (gpu && backend_moe_hot(sc->gpu, sc->layer, (int32_t)e) != pass))
+                continue;
+            for (int32_t i = 0; i < n; i++)
+                memcpy(sc->xe + i * D, x + (ord[i] / K) * D, (size_t)D * sizeof(float));
+            ffn_forward(&w->experts[e], sc->xe, n, sc->ye, sc->h1, sc->h3);
+            for (int32_t i = 0; i < n; i++)
+                kk->axpy(out + (ord[i] / K) * D, sc->wt[ord[i]], sc->ye + i * D, D);
+        }
+        /* pass 1 only when the GPU failed: its shared expert, then its routed ones */
+        if (pass == 1 || !gpu || backend_moe_wait(sc->gpu, sc->layer, out) == 0)
+            break;
+        if (c->n_shared > 0) {
+            ffn_forward(&w->shared, x, T, sc->ye, sc->h1, sc->h3);
+            kk->axpy(out, 1.0f, sc->ye, T * D);
+        }
     }
 }

@@ -17,6 +17,8 @@ struct moe_scratch {
     float *xe;        /* [T][d_model] the tokens of one expert, gathered */
     float *ye;        /* [T][d_model] */
     float *h1, *h3;   /* [T][max d_ff] */
+    struct backend_sess *gpu;   /* device state for this pass, or NULL */
+    int layer;                  /* the layer being run, for gpu */
 };
 
 /* Chooses the experts of one token and their weights (docs/model.md 6.2, decision 1):

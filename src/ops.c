@@ -20,12 +20,19 @@ model_row_bytes(const struct kli_tensor *t)
     return kli_dtype_nbytes(t->dtype, (uint64_t)t->shape[1]);
 }
 
+/* The copy of W the calling worker reads: its NUMA node's under --numa replicate. */
+static inline const uint8_t *
+ops_wdata(const struct kli_tensor *w)
+{
+    return w->node_data != NULL ? w->node_data[threads_node()] : w->data;
+}
+
 void
 ops_matmul_rows(const struct kli_tensor *w, int64_t r0, int64_t r1, const float *x,
                 int64_t ldx, float *y, int64_t ldy, int64_t m)
 {
     const struct kli_kernels *kk = kli_kernels();
-    const uint8_t *base = (const uint8_t *)w->data + (uint64_t)r0 * model_row_bytes(w);
+    const uint8_t *base = ops_wdata(w) + (uint64_t)r0 * model_row_bytes(w);
 
     if (r1 > r0)
         kk->matmul[w->dtype](y + r0, ldy, x, ldx, base, r1 - r0, w->shape[1], m);
@@ -71,13 +78,13 @@ matmul_gemm_range(void *ctx, int64_t t0, int64_t t1, int ith)
         int64_t r0 = t * OPS_TILE_ROWS, r1 = r0 + OPS_TILE_ROWS < n ? r0 + OPS_TILE_ROWS : n;
         const float *wt;
         if (j->w->dtype == KLI_DT_F32) {
-            wt = (const float *)j->w->data + r0 * k;
+            wt = (const float *)(const void *)ops_wdata(j->w) + r0 * k;
         } else if (tile == NULL) {
             /* No memory for the tile: the kernel's own path computes the same product. */
             ops_matmul_rows(j->w, r0, r1, j->x, j->ldx, j->y, j->ldy, j->m);
             continue;
         } else {
-            kk->to_f32(j->w->dtype, (const uint8_t *)j->w->data + (uint64_t)r0 * rb, tile,
+            kk->to_f32(j->w->dtype, ops_wdata(j->w) + (uint64_t)r0 * rb, tile,
                        (r1 - r0) * k);
             wt = tile;
         }

@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include "internal.h"
+#include "quantize.h"
 #include "weights.h"
 
 void
@@ -44,6 +45,73 @@ quant_keep_default(const struct kli_tensor_desc *d)
             return 1;
     }
     return 0;
+}
+
+int
+quantize_check_rules(const char *const *keep, int32_t n_keep, struct kli_err *err)
+{
+    for (int32_t i = 0; i < n_keep; i++) {
+        const char *eq = strrchr(keep[i], '=');
+        enum kli_dtype dt;
+        if (eq == NULL || eq == keep[i] ||
+            (strcmp(eq + 1, "keep") != 0 && kli_dtype_parse(eq + 1, &dt) != 0))
+            return kli_err_set(err, KLI_E_RANGE, "--keep \"%s\": expected GLOB=TYPE with TYPE "
+                               "one of keep, q8_0, q4, bf16, f16, f32", keep[i]);
+    }
+    return KLI_OK;
+}
+
+enum kli_dtype
+quantize_target(const struct kli_tensor_desc *d, enum kli_dtype want, const char *const *keep,
+                int32_t n_keep)
+{
+    enum kli_dtype dt = want == KLI_DT_COUNT || quant_keep_default(d) ? d->dtype : want;
+
+    for (int32_t k = 0; k < n_keep; k++) {
+        const char *eq = strrchr(keep[k], '=');
+        char glob[512];
+        size_t gl = (size_t)(eq - keep[k]);
+        if (gl >= sizeof(glob))
+            gl = sizeof(glob) - 1;
+        memcpy(glob, keep[k], gl);
+        glob[gl] = '\0';
+        if (fnmatch(glob, d->name, 0) == 0) {
+            if (strcmp(eq + 1, "keep") == 0)
+                dt = d->dtype;
+            else
+                kli_dtype_parse(eq + 1, &dt);
+            break;
+        }
+    }
+    /* A block type needs whole blocks per row; a float source type needs a float input. */
+    int64_t cols = d->ndim > 0 ? d->shape[d->ndim - 1] : 1;
+    if (d->dtype == KLI_DT_OTHER)
+        dt = KLI_DT_OTHER;
+    else if (kli_dtype_info(dt)->block > 1 && (cols % kli_dtype_info(dt)->block != 0))
+        dt = d->dtype;
+    return dt;
+}
+
+/* Writes `len` bytes of `text` to out/name; nothing when text is NULL. */
+static int
+quant_write(const char *out, const char *name, const char *text, uint64_t len,
+            struct kli_err *err)
+{
+    char dst[4096];
+    FILE *g;
+
+    if (text == NULL)
+        return KLI_OK;
+    snprintf(dst, sizeof(dst), "%s/%s", out, name);
+    if ((g = fopen(dst, "wb")) == NULL)
+        return kli_err_set(err, KLI_E_IO, "%s: %s", dst, strerror(errno));
+    if (fwrite(text, 1, (size_t)len, g) != (size_t)len) {
+        fclose(g);
+        return kli_err_set(err, KLI_E_IO, "%s: write error", dst);
+    }
+    if (fclose(g) != 0)
+        return kli_err_set(err, KLI_E_IO, "%s: write error", dst);
+    return KLI_OK;
 }
 
 /* Copies a small file if it exists. */
@@ -100,14 +168,8 @@ kli_quantize(const char *in, const char *out, const struct kli_quantize_options 
     if (kli_dtype_parse(opt->type, &want) != 0)
         return kli_err_set(err, KLI_E_RANGE, "unknown weight type \"%s\" (q8_0, q4, bf16, f16, "
                            "f32)", opt->type);
-    for (int32_t i = 0; i < opt->n_keep; i++) {
-        const char *eq = strrchr(opt->keep[i], '=');
-        enum kli_dtype dt;
-        if (eq == NULL || eq == opt->keep[i] ||
-            (strcmp(eq + 1, "keep") != 0 && kli_dtype_parse(eq + 1, &dt) != 0))
-            return kli_err_set(err, KLI_E_RANGE, "--keep \"%s\": expected GLOB=TYPE with TYPE "
-                               "one of keep, q8_0, q4, bf16, f16, f32", opt->keep[i]);
-    }
+    if ((rc = quantize_check_rules(opt->keep, opt->n_keep, err)) != KLI_OK)
+        return rc;
     if (mkdir(out, 0777) != 0 && errno != EEXIST)
         return kli_err_set(err, KLI_E_IO, "%s: %s", out, strerror(errno));
     snprintf(path, sizeof(path), "%s/model.safetensors", out);
@@ -135,29 +197,8 @@ kli_quantize(const char *in, const char *out, const struct kli_quantize_options 
     int64_t maxcols = 1;
     for (int64_t i = 0; i < n; i++) {
         const struct kli_tensor_desc *d = kli_wfile_tensor(wf, i);
-        enum kli_dtype dt = quant_keep_default(d) ? d->dtype : want;
-        for (int32_t k = 0; k < opt->n_keep; k++) {
-            const char *eq = strrchr(opt->keep[k], '=');
-            char glob[512];
-            size_t gl = (size_t)(eq - opt->keep[k]);
-            if (gl >= sizeof(glob))
-                gl = sizeof(glob) - 1;
-            memcpy(glob, opt->keep[k], gl);
-            glob[gl] = '\0';
-            if (fnmatch(glob, d->name, 0) == 0) {
-                if (strcmp(eq + 1, "keep") == 0)
-                    dt = d->dtype;
-                else
-                    kli_dtype_parse(eq + 1, &dt);
-                break;
-            }
-        }
-        /* A block type needs whole blocks per row; a float source type needs a float input. */
+        enum kli_dtype dt = quantize_target(d, want, opt->keep, opt->n_keep);
         int64_t cols = d->ndim > 0 ? d->shape[d->ndim - 1] : 1;
-        if (d->dtype == KLI_DT_OTHER)
-            dt = KLI_DT_OTHER;
-        else if (kli_dtype_info(dt)->block > 1 && (cols % kli_dtype_info(dt)->block != 0))
-            dt = d->dtype;
         to[i] = dt;
         ent[i].name = d->name;
         ent[i].dtype = dt == KLI_DT_OTHER ? d->dtype_name : kli_dtype_st_name(dt);
@@ -167,10 +208,20 @@ kli_quantize(const char *in, const char *out, const struct kli_quantize_options 
         total += d->nbytes;
         maxcols = cols > maxcols ? cols : maxcols;
     }
-    if ((rc = quant_copy(in, out, "config.json", 1, err)) != KLI_OK ||
-        (rc = quant_copy(in, out, "tiktoken.model", 0, err)) != KLI_OK ||
-        (rc = quant_copy(in, out, "tokenizer_config.json", 0, err)) != KLI_OK)
+    const struct kli_pack_info *pk = kli_wfile_pack(wf);
+    if (pk != NULL) {
+        /* A .kli input carries the three files in its sections. */
+        if ((rc = quant_write(out, "config.json", pk->config, pk->config_len, err)) != KLI_OK ||
+            (rc = quant_write(out, "tiktoken.model", pk->tok_ranks, pk->tok_ranks_len,
+                              err)) != KLI_OK ||
+            (rc = quant_write(out, "tokenizer_config.json", pk->tok_config,
+                              pk->tok_config_len, err)) != KLI_OK)
+            goto out;
+    } else if ((rc = quant_copy(in, out, "config.json", 1, err)) != KLI_OK ||
+               (rc = quant_copy(in, out, "tiktoken.model", 0, err)) != KLI_OK ||
+               (rc = quant_copy(in, out, "tokenizer_config.json", 0, err)) != KLI_OK) {
         goto out;
+    }
     if ((rc = kli_st_writer_open(&w, path, ent, n, err)) != KLI_OK)
         goto out;
 

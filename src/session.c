@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "backend.h"
 #include "forward.h"
 #include "internal.h"
 #include "session.h"
@@ -36,6 +37,7 @@ kli_session_free(struct kli_session *s)
 {
     if (s == NULL)
         return;
+    backend_sess_free(s);
     if (s->kda != NULL) {
         for (int i = 0; i < s->m->cfg.n_layers; i++) {
             kli_free_aligned(s->kda[i].S);
@@ -203,7 +205,7 @@ kli_session_create(struct kli_session **out, const struct kli_model *m,
             !s->moe_sc.count)
             goto nomem;
     }
-    if (session_reserve(s, 1, err) != KLI_OK) {
+    if (session_reserve(s, 1, err) != KLI_OK || backend_sess_create(s, err) != KLI_OK) {
         kli_session_free(s);
         return KLI_E_NOMEM;
     }

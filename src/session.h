@@ -36,6 +36,7 @@ struct kli_session {
     float *logits;                /* [n_vocab] of the last position */
     int has_logits;
     double phase[KLI_PHASE_COUNT];   /* seconds per part of the forward pass */
+    struct backend_sess *gpu;     /* device queue and cache mirrors; NULL: CPU only */
 };
 
 /* Grows the MLA cache, the token history (and attention workspace) to hold `n` tokens. */

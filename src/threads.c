@@ -3,9 +3,17 @@
  *
  * Work is split statically (ith/nth), so the same thread handles the same rows every call
  * and results do not depend on scheduling.
+ *
+ * Placement (numa.c hands over the plan of topology.c): worker ith runs on plan CPU ith.
+ * Each worker pins itself the first time it runs a share after the plan changed, so the
+ * cost is one comparison per call; a thread that a plan without pinning meets again gets
+ * the process's original affinity back.
  */
+#define _GNU_SOURCE
 #include "config.h"
 
+#include <pthread.h>
+#include <sched.h>
 #include <stdio.h>
 #include <string.h>
 #include <unistd.h>
@@ -19,6 +27,94 @@
 #include "threads.h"
 
 static int threads_n;
+
+/* ==== Placement =========================================================================== */
+
+enum { THREADS_MAX = 4096 };
+
+#ifdef __linux__
+typedef cpu_set_t threads_mask[THREADS_MAX / CPU_SETSIZE];   /* room for THREADS_MAX CPUs */
+static threads_mask threads_orig;      /* the affinity before kli pinned anything */
+static int threads_orig_ok;
+#endif
+static pthread_once_t threads_orig_once = PTHREAD_ONCE_INIT;
+static int threads_plan_n, threads_plan_pin;
+static int32_t threads_plan_cpu[THREADS_MAX], threads_plan_node[THREADS_MAX];
+static unsigned threads_gen;           /* bumped by every threads_set_plan */
+static _Thread_local unsigned threads_tls_gen;
+static _Thread_local int threads_tls_slot = -1, threads_tls_node, threads_tls_pinned;
+
+static void
+threads_save_affinity(void)
+{
+#ifdef __linux__
+    threads_orig_ok = sched_getaffinity(0, sizeof(threads_orig), threads_orig) == 0;
+#endif
+}
+
+int
+threads_allowed_cpus(uint8_t *set, int n)
+{
+    int count = 0;
+
+    pthread_once(&threads_orig_once, threads_save_affinity);
+#ifdef __linux__
+    if (!threads_orig_ok)
+        return 0;
+    for (int i = 0; i < n; i++) {
+        set[i] = i < THREADS_MAX && CPU_ISSET_S((size_t)i, sizeof(threads_orig), threads_orig);
+        count += set[i];
+    }
+#else
+    (void)set;
+    (void)n;
+#endif
+    return count;
+}
+
+/* Puts the calling thread where plan slot `slot` says. No allocation: this runs inside
+ * the first parallel region after a plan change, which may be a decode step. */
+static void
+threads_place(int slot)
+{
+    threads_tls_gen = threads_gen;
+    threads_tls_slot = slot;
+    threads_tls_node = slot < threads_plan_n ? threads_plan_node[slot] : 0;
+#ifdef __linux__
+    if (threads_plan_pin && slot < threads_plan_n) {
+        threads_mask m;
+        CPU_ZERO_S(sizeof(m), m);
+        CPU_SET_S((size_t)threads_plan_cpu[slot], sizeof(m), m);
+        threads_tls_pinned = pthread_setaffinity_np(pthread_self(), sizeof(m), m) == 0;
+    } else if (threads_tls_pinned && threads_orig_ok) {
+        pthread_setaffinity_np(pthread_self(), sizeof(threads_orig), threads_orig);
+        threads_tls_pinned = 0;
+    }
+#endif
+}
+
+void
+threads_set_plan(int n, const int32_t *cpus, const int32_t *nodes, int pin)
+{
+    pthread_once(&threads_orig_once, threads_save_affinity);
+    if (n > THREADS_MAX)
+        n = THREADS_MAX;
+    for (int i = 0; i < n; i++) {
+        threads_plan_cpu[i] = cpus[i];
+        threads_plan_node[i] = nodes[i] >= 0 && nodes[i] < THREADS_NODES ? nodes[i] : 0;
+    }
+    threads_plan_n = n;
+    threads_plan_pin = pin;
+    threads_gen++;
+    threads_set_count(n);
+    threads_place(0);      /* the caller is worker 0 of every region it starts */
+}
+
+int
+threads_node(void)
+{
+    return threads_tls_node;
+}
 
 int
 threads_physical_cores(void)
@@ -93,12 +189,19 @@ threads_parallel_for(int64_t n, int64_t grain, kli_range_fn fn, void *ctx)
         {
             int ith = omp_get_thread_num();
             int tn = omp_get_num_threads();
+            if (threads_tls_gen != threads_gen || threads_tls_slot != ith)
+                threads_place(ith);
             int64_t i0 = n * ith / tn, i1 = n * (ith + 1) / tn;
             if (i1 > i0)
                 fn(ctx, i0, i1, ith);
         }
         return;
     }
+    if (!omp_in_parallel() && (threads_tls_gen != threads_gen || threads_tls_slot != 0))
+        threads_place(0);
+#else
+    if (threads_tls_gen != threads_gen || threads_tls_slot != 0)
+        threads_place(0);
 #endif
     fn(ctx, 0, n, 0);
 }

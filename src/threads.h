@@ -21,4 +21,18 @@ int threads_count(void);
 /* Physical cores of this machine (logical CPUs when unknown). */
 int threads_physical_cores(void);
 
+/* NUMA nodes a worker's node index may name (topology.h TOPO_MAX_NODES). */
+#define THREADS_NODES 64
+
+/* Worker placement (numa.c): worker i runs on OS CPU cpus[i], pinned there when `pin`, and
+ * belongs to logical NUMA node nodes[i]. Sets the worker count to n. Process-wide, like
+ * threads_set_count; the calling thread is worker 0. */
+void threads_set_plan(int n, const int32_t *cpus, const int32_t *nodes, int pin);
+/* @return the NUMA node (logical index) of the calling worker under the current plan; 0
+ *         without one. Kernels use it to read a node-local copy of a weight. */
+int threads_node(void);
+/* The CPUs the process could run on before kli pinned anything: set[i] = 1 for i < n.
+ * @return their number; 0 when unknown (not Linux). */
+int threads_allowed_cpus(uint8_t *set, int n);
+
 #endif

@@ -33,6 +33,7 @@
 #include "internal.h"
 #include "tokenizer.h"
 #include "unicode.h"
+#include "weights.h"
 
 enum {
     TOK_SLOTS = 256,               /* special slots after the ranks (Kimi K2 / Kimi Linear) */
@@ -437,19 +438,17 @@ tok_parse_rank_line(struct kli_tokenizer *t, const char *path, long lineno, cons
     return KLI_OK;
 }
 
+/* tiktoken.model text (`len` bytes, NUL-terminated); `path` names it in messages. */
 static int
-tok_load_ranks(struct kli_tokenizer *t, const char *path, struct kli_err *err)
+tok_parse_ranks(struct kli_tokenizer *t, const char *path, const char *buf, size_t len,
+                struct kli_err *err)
 {
-    char *buf = NULL;
-    size_t len, i, n_lines = 0;
+    size_t i, n_lines = 0;
     uint32_t *rank_line = NULL;
     unsigned char dec[TOK_MAX_LINE];
     long lineno;
     int rc;
 
-    rc = tok_read_file(path, 0, &buf, &len, err);
-    if (rc != KLI_OK)
-        return rc;
     if (len > UINT32_MAX / 2) {
         rc = kli_err_set(err, KLI_E_FORMAT, "tokenizer: %s is larger than 2 GiB", path);
         goto out;
@@ -535,6 +534,20 @@ tok_load_ranks(struct kli_tokenizer *t, const char *path, struct kli_err *err)
     rc = KLI_OK;
 out:
     free(rank_line);
+    return rc;
+}
+
+static int
+tok_load_ranks(struct kli_tokenizer *t, const char *path, struct kli_err *err)
+{
+    char *buf = NULL;
+    size_t len;
+    int rc;
+
+    rc = tok_read_file(path, 0, &buf, &len, err);
+    if (rc != KLI_OK)
+        return rc;
+    rc = tok_parse_ranks(t, path, buf, len, err);
     free(buf);
     return rc;
 }
@@ -543,21 +556,16 @@ out:
  * (slot k = id n_base + k; NULL = unnamed) and sets *n_slots. The strings are copied.
  * A missing file names nothing. */
 static int
-tok_load_config(struct kli_tokenizer *t, const char *path, char **names, int *n_slots,
-                struct kli_err *err)
+tok_parse_config(struct kli_tokenizer *t, const char *path, const char *buf, size_t len,
+                 char **names, int *n_slots, struct kli_err *err)
 {
-    char *buf = NULL;
-    size_t len;
     cJSON *root = NULL;
     const cJSON *dec, *item;
     int rc;
 
     *n_slots = TOK_SLOTS;
-    rc = tok_read_file(path, 1, &buf, &len, err);
-    if (rc == 1)
+    if (buf == NULL)
         return KLI_OK;
-    if (rc != KLI_OK)
-        return rc;
     root = cJSON_ParseWithLength(buf, len);
     if (root == NULL || !cJSON_IsObject(root)) {
         rc = kli_err_set(err, KLI_E_FORMAT, "tokenizer: %s is not a JSON object", path);
@@ -625,6 +633,24 @@ tok_load_config(struct kli_tokenizer *t, const char *path, char **names, int *n_
     rc = KLI_OK;
 out:
     cJSON_Delete(root);
+    return rc;
+}
+
+static int
+tok_load_config(struct kli_tokenizer *t, const char *path, char **names, int *n_slots,
+                struct kli_err *err)
+{
+    char *buf = NULL;
+    size_t len;
+    int rc;
+
+    *n_slots = TOK_SLOTS;
+    rc = tok_read_file(path, 1, &buf, &len, err);
+    if (rc == 1)
+        return KLI_OK;
+    if (rc != KLI_OK)
+        return rc;
+    rc = tok_parse_config(t, path, buf, len, names, n_slots, err);
     free(buf);
     return rc;
 }
@@ -726,6 +752,26 @@ tok_compile(struct kli_tokenizer *t, struct kli_err *err)
     return KLI_OK;
 }
 
+/* The tokenizer section of a .kli file (weights/packed.c). */
+static int
+tok_open_packed(struct kli_tokenizer **out, const char *path, struct kli_err *err)
+{
+    struct kli_wfile *wf = NULL;
+    const struct kli_pack_info *pk;
+    int rc = kli_wfile_open(&wf, path, err);
+
+    if (rc != KLI_OK)
+        return rc;
+    pk = kli_wfile_pack(wf);
+    if (pk == NULL || pk->tok_ranks == NULL)
+        rc = kli_err_set(err, KLI_E_FORMAT, "tokenizer: %s holds no tokenizer", path);
+    else
+        rc = tokenizer_open_mem(out, pk->tok_ranks, (size_t)pk->tok_ranks_len, pk->tok_config,
+                                (size_t)pk->tok_config_len, path, err);
+    kli_wfile_close(wf);
+    return rc;
+}
+
 int
 kli_tokenizer_open(struct kli_tokenizer **out, const char *dir, struct kli_err *err)
 {
@@ -738,6 +784,8 @@ kli_tokenizer_open(struct kli_tokenizer **out, const char *dir, struct kli_err *
     if (out == NULL || dir == NULL)
         return kli_err_set(err, KLI_E_INVALID, "kli_tokenizer_open: NULL argument");
     *out = NULL;
+    if (kli_pack_probe(dir))
+        return tok_open_packed(out, dir, err);
     plen = strlen(dir) + sizeof("/tokenizer_config.json");
     path = kli_malloc(plen);
     t = kli_calloc(1, sizeof(*t));
@@ -768,6 +816,49 @@ fail:
     for (k = 0; k < TOK_SLOTS_OLD; k++)
         free(names[k]);
     free(path);
+    kli_tokenizer_close(t);
+    return rc;
+}
+
+int
+tokenizer_open_mem(struct kli_tokenizer **out, const char *ranks, size_t ranks_len,
+                   const char *config, size_t config_len, const char *name, struct kli_err *err)
+{
+    struct kli_tokenizer *t = NULL;
+    char *names[TOK_SLOTS_OLD] = {0};
+    char *rb = NULL, *cb = NULL, what[160];
+    int n_slots, k, rc;
+
+    *out = NULL;
+    /* The parsers want NUL-terminated text, as tok_read_file gives them. */
+    rb = kli_malloc(ranks_len + 1);
+    cb = config != NULL ? kli_malloc(config_len + 1) : NULL;
+    t = kli_calloc(1, sizeof(*t));
+    if (rb == NULL || (config != NULL && cb == NULL) || t == NULL) {
+        rc = kli_err_set(err, KLI_E_NOMEM, "tokenizer: out of memory");
+        goto out;
+    }
+    memcpy(rb, ranks, ranks_len);
+    rb[ranks_len] = '\0';
+    if (cb != NULL) {
+        memcpy(cb, config, config_len);
+        cb[config_len] = '\0';
+    }
+    snprintf(what, sizeof(what), "%s (tiktoken.model)", name);
+    if ((rc = tok_parse_ranks(t, what, rb, ranks_len, err)) != KLI_OK)
+        goto out;
+    snprintf(what, sizeof(what), "%s (tokenizer_config.json)", name);
+    if ((rc = tok_parse_config(t, what, cb, config_len, names, &n_slots, err)) != KLI_OK ||
+        (rc = tok_add_specials(t, names, n_slots, err)) != KLI_OK ||
+        (rc = tok_compile(t, err)) != KLI_OK)
+        goto out;
+    *out = t;
+    t = NULL;
+out:
+    for (k = 0; k < TOK_SLOTS_OLD; k++)
+        free(names[k]);
+    free(rb);
+    free(cb);
     kli_tokenizer_close(t);
     return rc;
 }

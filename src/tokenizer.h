@@ -21,6 +21,13 @@
 
 /* The declarations are public: they live in kli.h. */
 
+/* kli_tokenizer_open from memory: the texts of tiktoken.model (`ranks`) and of
+ * tokenizer_config.json (`config`, NULL when there is none), as a .kli file holds them.
+ * They are copied. `name` stands for the files in messages. Same results as the files. */
+int tokenizer_open_mem(struct kli_tokenizer **out, const char *ranks, size_t ranks_len,
+                       const char *config, size_t config_len, const char *name,
+                       struct kli_err *err);
+
 /* Internal, for tests only (not part of the public API): a kli_tokenize() flag that makes
  * PCRE2 split every piece, bypassing the ASCII fast path, so that tests can compare the two. */
 #define TOKENIZER_PCRE2_ONLY (1 << 30)

@@ -141,5 +141,46 @@ t "invalid UTF-8 is refused" 1 "$kli" tokenize -m "$tokdir" --file "$tmp/bad.txt
 has "the offset is named" "$tmp/err" "offset"
 t "an unknown id is refused by detokenize" 1 sh -c "echo 999999 | '$kli' detokenize -m '$tokdir'"
 
+# ---- kli convert: one .kli file that every -m accepts ----
+t "convert" 0 "$kli" convert -m "$model" -o "$tmp/m.kli"
+t "info on a .kli" 0 "$kli" info -m "$tmp/m.kli" --verify
+has "info on a .kli counts layers" "$tmp/out" "5 layers (4 KDA, 1 MLA; 1 dense, 4 MoE)"
+has "info --verify reports the checksums" "$tmp/out" "every checksum matches"
+t "logits from the directory" 0 "$kli" logits -m "$model" --ids 1,2,3 -o "$tmp/ld.f32"
+t "logits from the .kli" 0 "$kli" logits -m "$tmp/m.kli" --ids 1,2,3 -o "$tmp/lk.f32"
+n=$((n + 1))
+if cmp -s "$tmp/ld.f32" "$tmp/lk.f32"; then echo "ok $n - the .kli gives the same logits"
+else fail=1; echo "not ok $n - the .kli logits differ"; fi
+t "run on a .kli" 0 "$kli" run -m "$tmp/m.kli" --raw -p 'Once' -n 4 --temp 0 --quiet
+printf 'Hello, <|im_end|> world' >"$tmp/tok.txt"
+t "tokenize with a .kli" 0 "$kli" tokenize -m "$tmp/m.kli" --special --file "$tmp/tok.txt"
+cp "$tmp/out" "$tmp/tk.ids"
+t "tokenize with the directory" 0 "$kli" tokenize -m "$model" --special --file "$tmp/tok.txt"
+n=$((n + 1))
+if cmp -s "$tmp/out" "$tmp/tk.ids"; then echo "ok $n - the .kli tokenizer gives the same ids"
+else fail=1; echo "not ok $n - the .kli tokenizer gives other ids"; fi
+t "quantize reads a .kli" 0 "$kli" quantize -m "$tmp/m.kli" -o "$tmp/mq" --type q8_0
+t "and its output opens" 0 "$kli" info -m "$tmp/mq"
+t "convert refuses to overwrite" 1 "$kli" convert -m "$model" -o "$tmp/m.kli" --type q8_0
+has "the refusal names --force" "$tmp/err" "use --force"
+t "convert --force --type q8_0" 0 "$kli" convert -m "$model" -o "$tmp/m.kli" --type q8_0 --force
+t "convert with a bad type" 1 "$kli" convert -m "$model" -o "$tmp/x.kli" --type q7
+t "convert without -o" 2 "$kli" convert -m "$model"
+n=$((n + 1))
+if [ ! -e "$tmp/x.kli" ] && [ ! -e "$tmp/x.kli.tmp" ]; then
+    echo "ok $n - a failed convert leaves no file"
+else fail=1; echo "not ok $n - a failed convert left a file"; fi
+head -c 100000 "$tmp/m.kli" >"$tmp/cut.kli"
+t "a truncated .kli is refused" 1 "$kli" info -m "$tmp/cut.kli"
+has "truncation is named" "$tmp/err" "truncated"
+
+# ---- placement: --cpus, --numa, info --topology --------------------------------------------
+t "info --topology" 0 "$kli" info --topology -m "$model" --numa partition
+has "it shows the workers" "$tmp/out" "workers:"
+t "--numa with a bad policy is a usage error" 2 "$kli" logits -m "$model" --ids 1 -o - --numa x
+t "--cpus naming a CPU the machine lacks" 1 "$kli" logits -m "$model" --ids 1 -o - --cpus 4095
+has "the CPU is named" "$tmp/err" "CPU 4095"
+t "info --topology with a bad --cpus" 1 "$kli" info --topology --cpus 4095
+
 echo "1..$n"
 exit $fail

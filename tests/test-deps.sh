@@ -26,8 +26,8 @@ check "simd/ includes only its own headers, dtype.h and kli.h" \
     "$(inc simd/*.c simd/*.h | grep -vE '"(config|kli|simd|dtype)\.h"')"
 check "src/ includes no CUDA headers" \
     "$(grep -Hn '#include' src/*.c src/*.h | grep -E 'cuda|\.cuh' | grep -v 'kli_cuda\.h')"
-check "the CLI includes only kli.h (and its own cli.h)" \
-    "$(inc src/cli*.c | grep -vE '"(config|kli|cli)\.h"')"
+check "the CLI includes only kli.h (and its own cli.h, cli_*.h)" \
+    "$(inc src/cli*.c src/cli*.h | grep -vE '"(config|kli|cli|cli_[a-z_]+)\.h"')"
 check "contrib/examples include only kli.h" \
     "$(inc contrib/examples/*.c 2>/dev/null | grep -vE '"kli\.h"')"
 check "no exit() or abort() in library code (kli_panic in error.c is the one assert path)" \

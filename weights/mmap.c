@@ -102,6 +102,13 @@ kli_mmap_advise(const struct kli_mmap *m, uint64_t off, uint64_t len,
     /* posix_madvise wants a page-aligned start; widen the range down to the page. */
     start = off - off % (uint64_t)page;
     end = off + len;
+#if defined(MADV_DONTNEED)
+    /* glibc ignores POSIX_MADV_DONTNEED (the kernel's MADV_DONTNEED discards changes, which
+     * POSIX's must not). Our mappings are read-only and private: there are none to lose. */
+    if (advice == KLI_MMAP_DONTNEED)
+        return madvise((uint8_t *)m->addr + start, (size_t)(end - start), MADV_DONTNEED) == 0 ?
+               0 : errno;
+#endif
     switch (advice) {
     case KLI_MMAP_SEQUENTIAL: how = POSIX_MADV_SEQUENTIAL; break;
     case KLI_MMAP_RANDOM: how = POSIX_MADV_RANDOM; break;

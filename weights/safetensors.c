@@ -87,6 +87,7 @@ struct kli_wfile {
     int64_t *slots;                  /* [mask + 1] hash table: descriptor index + 1, 0 empty */
     uint64_t mask;
     uint64_t data_bytes;
+    struct kli_pack_info *pack;      /* a .kli file (packed.c); NULL for safetensors */
 };
 
 /* ==== Small helpers ==== */
@@ -637,6 +638,10 @@ st_add_file(struct kli_wfile *w, const char *path, struct kli_err *err)
         return rc;
     }
     w->n_files++;
+    if (w->pack != NULL) {
+        return kli_pack_parse(w->maps[i].base, w->maps[i].size, path, i, &w->descs, &w->n,
+                              &w->cap, w->pack, err);
+    }
     return kli_safetensors_parse(w->maps[i].base, w->maps[i].size, path, i, &w->descs,
                                  &w->n, &w->cap, err);
 }
@@ -906,6 +911,11 @@ kli_wfile_open(struct kli_wfile **out, const char *path, struct kli_err *err)
         }
         rc = st_open_index(w, dir, path, err);
     } else {
+        /* A .kli file (packed.c) is recognised by its magic. */
+        if (kli_pack_probe(path) && (w->pack = kli_calloc(1, sizeof(*w->pack))) == NULL) {
+            rc = kli_err_set(err, KLI_E_NOMEM, "%s: out of memory", path);
+            goto fail;
+        }
         rc = st_add_file(w, path, err);
         if (rc == KLI_OK)
             rc = st_build_table(w, err);
@@ -937,6 +947,8 @@ kli_wfile_close(struct kli_wfile *w)
     free(w->maps);
     free(w->paths);
     free(w->slots);
+    kli_pack_info_free(w->pack);
+    free(w->pack);
     free(w);
 }
 
@@ -962,6 +974,13 @@ int64_t
 kli_wfile_n_tensors(const struct kli_wfile *w)
 {
     return w == NULL ? 0 : w->n;
+}
+
+int64_t
+kli_wfile_index(const struct kli_wfile *w, const struct kli_tensor_desc *d)
+{
+    KLI_ASSERT(w != NULL && d >= w->descs && d < w->descs + w->n);
+    return d - w->descs;
 }
 
 const struct kli_tensor_desc *
@@ -990,4 +1009,22 @@ kli_wfile_file_path(const struct kli_wfile *w, int32_t i)
     if (w == NULL || i < 0 || i >= w->n_files)
         return NULL;
     return w->paths[i];
+}
+
+const struct kli_pack_info *
+kli_wfile_pack(const struct kli_wfile *w)
+{
+    return w == NULL ? NULL : w->pack;
+}
+
+int
+kli_wfile_dontneed(const struct kli_wfile *w, const struct kli_tensor_desc *d)
+{
+    const struct kli_mmap *m;
+
+    if (w == NULL || d == NULL || d->file < 0 || d->file >= w->n_files || d->nbytes == 0)
+        return 0;
+    m = &w->maps[d->file];
+    return kli_mmap_advise(m, (uint64_t)((const uint8_t *)d->data - m->base), d->nbytes,
+                           KLI_MMAP_DONTNEED);
 }

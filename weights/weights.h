@@ -44,6 +44,8 @@ void kli_wfile_close(struct kli_wfile *w);
 const struct kli_tensor_desc *kli_wfile_find(const struct kli_wfile *w, const char *name);
 int64_t kli_wfile_n_tensors(const struct kli_wfile *w);
 const struct kli_tensor_desc *kli_wfile_tensor(const struct kli_wfile *w, int64_t i);
+/* @return i such that kli_wfile_tensor(w, i) == d, for d from this wfile (constant time). */
+int64_t kli_wfile_index(const struct kli_wfile *w, const struct kli_tensor_desc *d);
 /* Total bytes of tensor data. */
 uint64_t kli_wfile_data_bytes(const struct kli_wfile *w);
 
@@ -90,5 +92,104 @@ int kli_st_writer_write(struct kli_st_writer *w, const void *data, uint64_t nbyt
 int kli_st_writer_close(struct kli_st_writer *w, struct kli_err *err);
 /* Abandons the file (removes PATH.tmp). NULL is allowed. */
 void kli_st_writer_abort(struct kli_st_writer *w);
+
+/* ==== kli's packed format (.kli, packed.c; the byte layout is kli-pack(5)) ==================
+ * One file: a versioned header with a section table, the config.json text, the tokenizer
+ * files, a tensor directory and the tensor data (row-major in the dtype the kernels read,
+ * each routed expert's matrices one page-aligned range). kli_wfile_open recognises a .kli
+ * by its magic; what a .kli holds besides tensors is reached through kli_wfile_pack. */
+
+#define KLI_PACK_MAGIC "KLIPACK"   /* 8 bytes with the NUL */
+#define KLI_PACK_VERSION_MAJOR 1
+#define KLI_PACK_VERSION_MINOR 0
+
+/* A run of tensors stored together: one routed expert's w1, w3 and w2. `offset` (into the
+ * file) is a multiple of the page size and nothing else shares the pages of
+ * [offset, offset + size rounded up to a page), so one madvise covers the expert. */
+struct kli_tensor_group {
+    const void *data;      /* first byte, in the mapping */
+    uint64_t offset, size;
+    int64_t first;         /* index of its first tensor (kli_wfile_tensor) */
+    int32_t n;             /* tensors first .. first + n - 1 */
+    int32_t layer, expert;
+};
+
+struct kli_pack_info {
+    uint16_t version_major, version_minor;
+    const char *config;         /* config.json text, NUL-terminated, in the mapping */
+    uint64_t config_len;
+    const char *tok_ranks;      /* tiktoken.model text (NUL-terminated); NULL: no tokenizer */
+    uint64_t tok_ranks_len;
+    const char *tok_config;     /* tokenizer_config.json text; NULL when absent */
+    uint64_t tok_config_len;
+    struct kli_tensor_group *groups;   /* [n_groups], heap */
+    int64_t n_groups;
+    uint64_t *checksums;        /* [tensors]: XXH64 of each tensor's bytes, heap */
+    uint64_t data_checksum;     /* the DATA section's: XXH64 of the per-tensor checksums */
+};
+
+/* Parses a .kli image held in memory (`base`, `size` bytes): header, section table, the
+ * checksums of the header, config, tokenizer and directory sections, and every tensor's
+ * bounds (tensor bytes are not read). Descriptors are appended like kli_safetensors_parse;
+ * *info is filled (release with kli_pack_info_free). Messages name the damaged section.
+ * @return KLI_OK; KLI_E_FORMAT (truncated, damaged, malformed); KLI_E_UNSUPPORTED (another
+ *         major version, big-endian host, unknown tensor layout); KLI_E_NOMEM. */
+int kli_pack_parse(const uint8_t *base, uint64_t size, const char *fname, int32_t file,
+                   struct kli_tensor_desc **descs, int64_t *n, int64_t *cap,
+                   struct kli_pack_info *info, struct kli_err *err);
+void kli_pack_info_free(struct kli_pack_info *info);
+
+/* @return 1 if the file at `path` starts with the .kli magic, else 0. */
+int kli_pack_probe(const char *path);
+
+/* @return the .kli contents of a wfile opened from a .kli file, NULL for safetensors. */
+const struct kli_pack_info *kli_wfile_pack(const struct kli_wfile *w);
+
+/* Reads every tensor of a .kli and checks it against its checksum (a safetensors wfile has
+ * none: KLI_OK). Progress in bytes. @return KLI_OK or KLI_E_FORMAT naming the tensor. */
+int kli_wfile_verify(const struct kli_wfile *w, kli_progress_fn progress, void *ud,
+                     struct kli_err *err);
+
+/* Drops the pages of tensor `d` from this process (they are read again on the next touch).
+ * Streaming readers use it to keep their resident size small. @return 0 or an errno. */
+int kli_wfile_dontneed(const struct kli_wfile *w, const struct kli_tensor_desc *d);
+
+/* XXH64 (xxhash.com, spec in the xxHash repository's doc/xxhash_spec.md) of n bytes. */
+uint64_t kli_xxh64(const void *p, size_t n, uint64_t seed);
+
+/* The streaming writer: declare the tensors in file order, then append their bytes in
+ * that order (any split into calls), then close. Tensors with the same group >= 0 must be
+ * consecutive; each such run becomes one page-aligned range in the group table. Written to
+ * PATH.tmp, synced, and renamed over PATH by a successful close. */
+struct kli_pack_entry {
+    const char *name;
+    enum kli_dtype dtype;
+    const char *dtype_name;     /* the source's dtype name ("BF16", "I64"); NULL: kli's */
+    int32_t ndim;
+    int64_t shape[KLI_MAX_DIMS];
+    uint64_t nbytes;
+    int64_t group;              /* -1: none */
+    int32_t layer, expert;      /* the group's labels */
+};
+
+struct kli_pack_meta {
+    const char *config;         /* config.json text */
+    uint64_t config_len;
+    const char *tok_ranks;      /* tiktoken.model text, or NULL (no tokenizer) */
+    uint64_t tok_ranks_len;
+    const char *tok_config;     /* tokenizer_config.json text, or NULL */
+    uint64_t tok_config_len;
+};
+
+struct kli_pack_writer;
+
+int kli_pack_writer_open(struct kli_pack_writer **out, const char *path,
+                         const struct kli_pack_meta *meta, const struct kli_pack_entry *entries,
+                         int64_t n, struct kli_err *err);
+int kli_pack_writer_write(struct kli_pack_writer *w, const void *data, uint64_t nbytes,
+                          struct kli_err *err);
+int kli_pack_writer_close(struct kli_pack_writer *w, struct kli_err *err);
+/* Abandons the file (removes PATH.tmp). NULL is allowed. */
+void kli_pack_writer_abort(struct kli_pack_writer *w);
 
 #endif

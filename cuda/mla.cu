@@ -1,0 +1,304 @@
+/*
+ * mla.cu - latent attention in the absorbed form (docs/model.md 5.2) over the device mirror
+ * of an MLA layer's cache; the CPU twin is the attention loop of src/mla.c.
+ *
+ * For one query row, every head h attends to the same n cached rows c_s = (c^_s, k_pe_s) of
+ * C = L + rope floats:
+ *     S[h][s] = scale * q[h] . c_s,     P[h] = softmax(S[h]),     lat[h] = sum_s P[h][s] c^_s
+ * Reading the cache is the cost (n * C * 4 bytes per row and layer; 302 MB at 128K tokens of
+ * the released model), and all H heads share each cached row, so one block takes one query
+ * row and one chunk of the context for all heads: the chunk's rows are read from memory once
+ * and used H times from shared memory.
+ *
+ * Long contexts are split over many blocks (split-K, "flash decoding"): block (s, t) keeps
+ * the running maximum m[h], the running sum l[h] and the unnormalised accumulator acc[h][L]
+ * of its chunk (the online softmax of Milakov and Gimelshein, 2018), and a second kernel
+ * merges the chunks: with M = max_s m_s,
+ *     lat[h] = sum_s exp(m_s - M) acc_s[h] / sum_s exp(m_s - M) l_s.
+ * Everything is float32, as on the CPU; exp is the accurate expf.
+ */
+#include <math.h>
+#include <string.h>
+
+#include "common.cuh"
+
+enum {
+    ATT_PT = 32,      /* cached rows per tile; = warp size (the softmax step relies on it) */
+    ATT_NT = 256,     /* threads per block */
+    ATT_MAXJ = 16,    /* float4 accumulators per thread: H * L <= 16384 at L/4 <= 256 */
+    ATT_PAD = 4,      /* floats added to each shared row: rows start 4 banks apart */
+};
+
+/* One query row: the device cache of its sequence and how many rows it attends to. */
+struct att_row {
+    const float *cache;
+    long long n;
+};
+
+static uint64_t
+att_smem(int H, int C)
+{
+    uint64_t cp = (uint64_t)C + ATT_PAD;
+
+    return sizeof(float) * ((uint64_t)H * cp + ATT_PT * cp + (uint64_t)H * ATT_PT + 3u * H);
+}
+
+/*
+ * Block (s, t): query row t against cached rows [s*chunk, min((s+1)*chunk, n_t)), all heads.
+ * Shared memory: q [H][C+4], the tile [32][C+4], scores/probabilities [H][32], and per head
+ * the running max, running sum and this tile's rescale factor.
+ *
+ * Work split inside a tile:
+ *   scores   thread (hp, pp) computes heads {hp, hp+HP} x rows {pp, pp+16}, HP = ceil(H/2):
+ *            four dot products over C sharing their loads;
+ *   softmax  one warp per head, one lane per row of the tile;
+ *   P . V    thread (trow, col) owns columns [4col, 4col+4) of heads trow + rowsT*j,
+ *            rowsT = 256 / (L/4): each tile value it loads serves up to 16 heads.
+ * Partial result per (t, s, h): m, l, two unused floats, acc[L] (so acc is 16-byte aligned).
+ */
+__global__ void __launch_bounds__(ATT_NT, 1)
+mla_att_part(const struct att_row *rows, const float *q, int H, int L, int C, float scale,
+             long long chunk, int S, float *part)
+{
+    extern __shared__ float4 smem4[];
+    float *sm = (float *)smem4;
+    const int CP = C + ATT_PAD, C4 = C / 4;
+    float *qs = sm, *ts = qs + H * CP, *ps = ts + ATT_PT * CP;
+    float *ms = ps + H * ATT_PT, *ls = ms + H, *as = ls + H;
+    const int tid = threadIdx.x, t = blockIdx.y, s = blockIdx.x;
+    const struct att_row r = rows[t];
+    const long long p0 = (long long)s * chunk;
+    const long long p1 = p0 + chunk < r.n ? p0 + chunk : r.n;
+
+    const float4 *qg = (const float4 *)(q + (size_t)t * H * C);
+    for (int i = tid; i < H * C4; i += ATT_NT)
+        *(float4 *)(qs + (i / C4) * CP + (i % C4) * 4) = qg[i];
+    for (int h = tid; h < H; h += ATT_NT) {
+        ms[h] = -INFINITY;
+        ls[h] = 0.0f;
+    }
+    const int LQ = L / 4, rowsT = ATT_NT / LQ, col = tid % LQ, trow = tid / LQ;
+    float4 acc[ATT_MAXJ];
+#pragma unroll
+    for (int j = 0; j < ATT_MAXJ; j++)
+        acc[j] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    __syncthreads();
+
+    for (long long base = p0; base < p1; base += ATT_PT) {
+        const int np = (int)(p1 - base < ATT_PT ? p1 - base : ATT_PT);
+        const float4 *cg = (const float4 *)(r.cache + base * C);
+        for (int i = tid; i < np * C4; i += ATT_NT)
+            *(float4 *)(ts + (i / C4) * CP + (i % C4) * 4) = cg[i];
+        __syncthreads();
+
+        /* scores; rows past np read row np-1 (written) and are masked to -inf */
+        const int HP = (H + 1) / 2, pp = tid % 16;
+        const float *k0 = ts + (pp < np ? pp : np - 1) * CP;
+        const float *k1 = ts + (pp + 16 < np ? pp + 16 : np - 1) * CP;
+        for (int hp = tid / 16; hp < HP; hp += ATT_NT / 16) {
+            const int h1 = hp + HP;
+            const float *q0 = qs + hp * CP, *q1 = qs + (h1 < H ? h1 : hp) * CP;
+            float d00 = 0.0f, d01 = 0.0f, d10 = 0.0f, d11 = 0.0f;
+            for (int c = 0; c < C; c += 4) {
+                const float4 a = *(const float4 *)(q0 + c), b = *(const float4 *)(q1 + c);
+                const float4 x = *(const float4 *)(k0 + c), y = *(const float4 *)(k1 + c);
+                d00 += a.x * x.x + a.y * x.y + a.z * x.z + a.w * x.w;
+                d01 += a.x * y.x + a.y * y.y + a.z * y.z + a.w * y.w;
+                d10 += b.x * x.x + b.y * x.y + b.z * x.z + b.w * x.w;
+                d11 += b.x * y.x + b.y * y.y + b.z * y.z + b.w * y.w;
+            }
+            ps[hp * ATT_PT + pp] = pp < np ? d00 * scale : -INFINITY;
+            ps[hp * ATT_PT + pp + 16] = pp + 16 < np ? d01 * scale : -INFINITY;
+            if (h1 < H) {
+                ps[h1 * ATT_PT + pp] = pp < np ? d10 * scale : -INFINITY;
+                ps[h1 * ATT_PT + pp + 16] = pp + 16 < np ? d11 * scale : -INFINITY;
+            }
+        }
+        __syncthreads();
+
+        /* online softmax: new max, rescale factor of what came before, probabilities */
+        const int warp = tid / 32, lane = tid % 32;
+        for (int h = warp; h < H; h += ATT_NT / 32) {
+            const float v = ps[h * ATT_PT + lane];
+            float mx = v;
+            for (int o = 16; o > 0; o /= 2)
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+            const float mold = ms[h], mnew = fmaxf(mold, mx);
+            const float e = expf(v - mnew);
+            float sum = e;
+            for (int o = 16; o > 0; o /= 2)
+                sum += __shfl_xor_sync(0xffffffffu, sum, o);
+            ps[h * ATT_PT + lane] = e;
+            __syncwarp();   /* every lane has read ms[h] before lane 0 replaces it */
+            if (lane == 0) {
+                const float a = expf(mold - mnew);
+                as[h] = a;
+                ls[h] = ls[h] * a + sum;
+                ms[h] = mnew;
+            }
+        }
+        __syncthreads();
+
+        /* acc[h] = acc[h] * alpha[h] + sum_p P[h][p] c^_p */
+        if (trow < rowsT) {
+#pragma unroll
+            for (int j = 0; j < ATT_MAXJ; j++) {
+                const int h = trow + rowsT * j;
+                if (h < H) {
+                    const float a = as[h];
+                    acc[j].x *= a;
+                    acc[j].y *= a;
+                    acc[j].z *= a;
+                    acc[j].w *= a;
+                }
+            }
+            for (int p = 0; p < np; p++) {
+                const float4 v = *(const float4 *)(ts + p * CP + col * 4);
+#pragma unroll
+                for (int j = 0; j < ATT_MAXJ; j++) {
+                    const int h = trow + rowsT * j;
+                    if (h < H) {
+                        const float w = ps[h * ATT_PT + p];
+                        acc[j].x += w * v.x;
+                        acc[j].y += w * v.y;
+                        acc[j].z += w * v.z;
+                        acc[j].w += w * v.w;
+                    }
+                }
+            }
+        }
+        __syncthreads();
+    }
+
+    float *out = part + ((size_t)t * S + s) * H * (L + 4);
+    for (int h = tid; h < H; h += ATT_NT) {
+        out[h * (L + 4)] = ms[h];
+        out[h * (L + 4) + 1] = ls[h];
+        out[h * (L + 4) + 2] = 0.0f;
+        out[h * (L + 4) + 3] = 0.0f;
+    }
+    if (trow < rowsT) {
+#pragma unroll
+        for (int j = 0; j < ATT_MAXJ; j++) {
+            const int h = trow + rowsT * j;
+            if (h < H)
+                *(float4 *)(out + h * (L + 4) + 4 + col * 4) = acc[j];
+        }
+    }
+}
+
+/* Block (h, t) merges the S partial results of head h of row t into lat[t][h]. Chunks past
+ * the row's length hold m = -inf, l = 0 and weigh nothing. The weights live in shared memory
+ * padded to whole float4s (zeros), so vectorised reads of the last few stay inside it. */
+__global__ void
+mla_att_merge(const float *part, int S, int H, int L, float *lat)
+{
+    extern __shared__ float4 smem4[];
+    float *wgt = (float *)smem4;      /* [S rounded up to 4] */
+    const int h = blockIdx.x, t = blockIdx.y, tid = threadIdx.x;
+    const size_t stride = (size_t)H * (L + 4);
+    const float *base = part + (size_t)t * S * stride + (size_t)h * (L + 4);
+    __shared__ float den_sh;
+
+    if (tid == 0) {
+        float mx = -INFINITY, den = 0.0f;
+        for (int s = 0; s < S; s++)
+            mx = fmaxf(mx, base[s * stride]);
+        for (int s = 0; s < S; s++) {
+            const float w = expf(base[s * stride] - mx);
+            wgt[s] = w;
+            den += w * base[s * stride + 1];
+        }
+        for (int s = S; s % 4 != 0; s++)
+            wgt[s] = 0.0f;
+        den_sh = den;
+    }
+    __syncthreads();
+    const float inv = 1.0f / den_sh;
+    for (int l = tid; l < L; l += blockDim.x) {
+        float a = 0.0f;
+        for (int s = 0; s < S; s++)
+            a += wgt[s] * base[s * stride + 4 + l];
+        lat[((size_t)t * H + h) * L + l] = a * inv;
+    }
+}
+
+int
+cu_mla_check(struct kli_gpu *g, int32_t H, int32_t L, int32_t C, struct kli_err *err)
+{
+    if (H < 1 || L < 4 || L % 4 != 0 || C % 4 != 0 || C < L)
+        return cu_fail(err, KLI_E_UNSUPPORTED, "GPU attention needs the latent width (%d) "
+                       "and the cache row (%d) in multiples of 4", L, C);
+    if (L / 4 > ATT_NT || (H + ATT_NT / (L / 4) - 1) / (ATT_NT / (L / 4)) > ATT_MAXJ)
+        return cu_fail(err, KLI_E_UNSUPPORTED, "GPU attention holds at most %d heads x "
+                       "latent values per block, not %d x %d", ATT_MAXJ * ATT_NT * 4, H, L);
+    if (att_smem(H, C) > g->info.smem_block)
+        return cu_fail(err, KLI_E_UNSUPPORTED, "GPU attention needs %llu bytes of shared "
+                       "memory per block; the device allows %llu",
+                       (unsigned long long)att_smem(H, C),
+                       (unsigned long long)g->info.smem_block);
+    return KLI_OK;
+}
+
+int
+cu_mla_attend(struct kli_gpu_queue *q, const struct kli_gpu_mla_job *j, struct kli_err *err)
+{
+    const int H = j->H, L = j->L, C = j->C;
+    const int64_t T = j->T;
+    int64_t nmax = 1;
+    int rc;
+
+    if ((rc = cu_check(cudaSetDevice(q->g->info.device), err, "cudaSetDevice")) != KLI_OK)
+        return rc;
+    for (int64_t t = 0; t < T; t++)
+        nmax = j->n[t] > nmax ? j->n[t] : nmax;
+    /* Enough blocks to fill the device twice over, in chunks of whole tiles. */
+    int64_t tiles = (nmax + ATT_PT - 1) / ATT_PT;
+    int64_t S = (2 * (int64_t)q->g->info.n_sm + T - 1) / T;
+    S = S < 1 ? 1 : S > tiles ? tiles : S;
+    int64_t chunk = (tiles + S - 1) / S * ATT_PT;
+    S = (nmax + chunk - 1) / chunk;
+
+    uint64_t b_rows = cu_align((uint64_t)T * sizeof(struct att_row));
+    uint64_t b_q = cu_align((uint64_t)T * H * C * sizeof(float));
+    uint64_t b_lat = cu_align((uint64_t)T * H * L * sizeof(float));
+    uint64_t b_part = cu_align((uint64_t)T * S * H * (L + 4) * sizeof(float));
+    if ((rc = cu_queue_reserve(q, b_rows + b_q + b_lat + b_part,
+                               b_rows + b_q > b_lat ? b_rows + b_q : b_lat, err)) != KLI_OK)
+        return rc;
+    char *ws = (char *)q->ws, *pin = (char *)q->pin;
+    struct att_row *rows_h = (struct att_row *)pin;
+    for (int64_t t = 0; t < T; t++) {
+        rows_h[t].cache = j->cache[t];
+        rows_h[t].n = j->n[t];
+    }
+    memcpy(pin + b_rows, j->q, (size_t)T * H * C * sizeof(float));
+    struct att_row *rows_d = (struct att_row *)ws;
+    float *q_d = (float *)(ws + b_rows), *lat_d = (float *)(ws + b_rows + b_q);
+    float *part_d = (float *)(ws + b_rows + b_q + b_lat);
+
+    if ((rc = cu_check(cudaMemcpyAsync(ws, pin, b_rows + b_q, cudaMemcpyHostToDevice, q->st),
+                       err, "cudaMemcpyAsync (queries)")) != KLI_OK)
+        return rc;
+    size_t smem = (size_t)att_smem(H, C);
+    if ((rc = cu_check(cudaFuncSetAttribute(mla_att_part,
+                                            cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            (int)smem), err, "cudaFuncSetAttribute")) != KLI_OK)
+        return rc;
+    mla_att_part<<<dim3((unsigned)S, (unsigned)T), ATT_NT, smem, q->st>>>(
+        rows_d, q_d, H, L, C, j->scale, (long long)chunk, (int)S, part_d);
+    if ((rc = cu_launched(err, "mla_att_part")) != KLI_OK)
+        return rc;
+    mla_att_merge<<<dim3((unsigned)H, (unsigned)T), 128, (size_t)(S + 3) / 4 * sizeof(float4),
+                    q->st>>>(
+        part_d, (int)S, H, L, lat_d);
+    if ((rc = cu_launched(err, "mla_att_merge")) != KLI_OK)
+        return rc;
+    if ((rc = cu_check(cudaMemcpyAsync(pin, lat_d, (size_t)T * H * L * sizeof(float),
+                                       cudaMemcpyDeviceToHost, q->st), err,
+                       "cudaMemcpyAsync (latents)")) != KLI_OK ||
+        (rc = cu_check(cudaStreamSynchronize(q->st), err, "mla attention")) != KLI_OK)
+        return rc;
+    memcpy(j->lat, pin, (size_t)T * H * L * sizeof(float));
+    return KLI_OK;
+}

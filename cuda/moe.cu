@@ -1,0 +1,323 @@
+/*
+ * moe.cu - SwiGLU experts on the device (docs/model.md 6.1): the GPU share of a MoE layer;
+ * the CPU twins are ffn_forward (src/ffn.c) and the expert loop of moe_forward (src/moe.c).
+ *
+ * One job holds several FFNs ("items": the shared expert over every row, and each resident
+ * routed expert over the rows routed to it). Three launches do the whole job:
+ *   ffn_gate_up  h_p = silu(W_gate x_p) * (W_up x_p)   grid (d_ff rows / 8, items)
+ *   ffn_down     y_p = W_down h_p                       grid (d_model rows / 8, items)
+ *   ffn_combine  out[t] = sum_{p: row p = t} wt_p y_p   grid (T)
+ * A warp computes one weight row against up to 4 input rows at once: decode is a matrix-vector
+ * product bound by reading the weights, and each weight is read once per 4 rows. The weights
+ * stay in their stored dtype (F32, F16, BF16, Q8_0, Q4) and are expanded 8 at a time in
+ * registers, as the CPU kernels expand them (simd/generic.c); the products are float32.
+ * Summing in ffn_combine in a fixed order keeps the result deterministic (no atomics).
+ */
+#include <cuda_fp16.h>
+#include <math.h>
+#include <string.h>
+
+#include "common.cuh"
+#include "weights.h"
+
+enum {
+    FFN_ROWS = 8,    /* weight rows per block: one per warp */
+    FFN_TOK = 4,     /* input rows per pass over a weight row */
+};
+
+/* One item as the kernels see it: its pairs are [start, start + n). */
+struct ffn_item {
+    const void *gate, *up, *down;
+    int dtype, F, start, n;
+};
+
+/* Elements [8c, 8c+8) of row r of a [.][K] matrix of dtype DT, as floats. */
+template <int DT>
+__device__ __forceinline__ void
+ffn_w8(const void *w, long long r, int K, int c, float *o)
+{
+    if (DT == KLI_DT_BF16 || DT == KLI_DT_F16) {
+        const uint4 v = __ldg((const uint4 *)((const uint16_t *)w + r * K) + c);
+        const unsigned u[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            if (DT == KLI_DT_BF16) {
+                o[2 * i] = __uint_as_float(u[i] << 16);
+                o[2 * i + 1] = __uint_as_float(u[i] & 0xffff0000u);
+            } else {
+                o[2 * i] = __half2float(__ushort_as_half((unsigned short)(u[i] & 0xffffu)));
+                o[2 * i + 1] = __half2float(__ushort_as_half((unsigned short)(u[i] >> 16)));
+            }
+        }
+    } else if (DT == KLI_DT_F32) {
+        const float4 *p = (const float4 *)((const float *)w + r * K) + 2 * c;
+        const float4 a = __ldg(p), b = __ldg(p + 1);
+        o[0] = a.x; o[1] = a.y; o[2] = a.z; o[3] = a.w;
+        o[4] = b.x; o[5] = b.y; o[6] = b.z; o[7] = b.w;
+    } else if (DT == KLI_DT_Q8_0) {
+        /* block of 32: f16 d, int8 q[32]; chunk c is quarter c % 4 of block c / 4 */
+        const unsigned char *blk = (const unsigned char *)w + r * (K / 32) * 34 + (c / 4) * 34;
+        const float d = __half2float(__ushort_as_half(
+            (unsigned short)(__ldg(blk) | (__ldg(blk + 1) << 8))));
+        const signed char *qs = (const signed char *)blk + 2 + (c % 4) * 8;
+#pragma unroll
+        for (int i = 0; i < 8; i++)
+            o[i] = (float)__ldg(qs + i) * d;
+    } else {
+        /* Q4, block of 32: f16 d, u8 q[16]; element j < 16 is the low nibble of q[j], element
+         * j + 16 the high one; value (nibble - 8) * d */
+        const unsigned char *blk = (const unsigned char *)w + r * (K / 32) * 18 + (c / 4) * 18;
+        const float d = __half2float(__ushort_as_half(
+            (unsigned short)(__ldg(blk) | (__ldg(blk + 1) << 8))));
+        const int quarter = c % 4, shift = quarter >= 2 ? 4 : 0;
+        const unsigned char *qs = blk + 2 + (quarter % 2) * 8;
+#pragma unroll
+        for (int i = 0; i < 8; i++)
+            o[i] = (float)(((__ldg(qs + i) >> shift) & 15) - 8) * d;
+    }
+}
+
+__device__ __forceinline__ float
+ffn_warp_sum(float v)
+{
+    for (int o = 16; o > 0; o /= 2)
+        v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+/* Row f of gate and up against the item's input rows: hb[p][f] = silu(g) * u. */
+template <int DT>
+__device__ void
+ffn_gate_up_row(const struct ffn_item &it, int f, const float *x, const int *row, int D,
+                float *hb, int ldh, int lane)
+{
+    for (int p0 = 0; p0 < it.n; p0 += FFN_TOK) {
+        const int np = it.n - p0 < FFN_TOK ? it.n - p0 : FFN_TOK;
+        const float *xr[FFN_TOK];
+        float g[FFN_TOK], u[FFN_TOK];
+#pragma unroll
+        for (int i = 0; i < FFN_TOK; i++) {
+            xr[i] = x + (size_t)row[it.start + p0 + (i < np ? i : np - 1)] * D;
+            g[i] = 0.0f;
+            u[i] = 0.0f;
+        }
+        for (int c = lane; c < D / 8; c += 32) {
+            float wg[8], wu[8];
+            ffn_w8<DT>(it.gate, f, D, c, wg);
+            ffn_w8<DT>(it.up, f, D, c, wu);
+#pragma unroll
+            for (int i = 0; i < FFN_TOK; i++) {
+                const float4 a = *(const float4 *)(xr[i] + 8 * c);
+                const float4 b = *(const float4 *)(xr[i] + 8 * c + 4);
+                g[i] += wg[0] * a.x + wg[1] * a.y + wg[2] * a.z + wg[3] * a.w +
+                        wg[4] * b.x + wg[5] * b.y + wg[6] * b.z + wg[7] * b.w;
+                u[i] += wu[0] * a.x + wu[1] * a.y + wu[2] * a.z + wu[3] * a.w +
+                        wu[4] * b.x + wu[5] * b.y + wu[6] * b.z + wu[7] * b.w;
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < FFN_TOK; i++) {
+            const float gs = ffn_warp_sum(g[i]), us = ffn_warp_sum(u[i]);
+            if (lane == 0 && i < np)
+                hb[(size_t)(it.start + p0 + i) * ldh + f] = gs / (1.0f + expf(-gs)) * us;
+        }
+    }
+}
+
+/* Row d of down against the item's hidden rows: y[p][d]. */
+template <int DT>
+__device__ void
+ffn_down_row(const struct ffn_item &it, int d, const float *hb, int ldh, int D, float *y,
+             int lane)
+{
+    for (int p0 = 0; p0 < it.n; p0 += FFN_TOK) {
+        const int np = it.n - p0 < FFN_TOK ? it.n - p0 : FFN_TOK;
+        const float *hr[FFN_TOK];
+        float a[FFN_TOK];
+#pragma unroll
+        for (int i = 0; i < FFN_TOK; i++) {
+            hr[i] = hb + (size_t)(it.start + p0 + (i < np ? i : np - 1)) * ldh;
+            a[i] = 0.0f;
+        }
+        for (int c = lane; c < it.F / 8; c += 32) {
+            float w[8];
+            ffn_w8<DT>(it.down, d, it.F, c, w);
+#pragma unroll
+            for (int i = 0; i < FFN_TOK; i++) {
+                const float4 p = *(const float4 *)(hr[i] + 8 * c);
+                const float4 q = *(const float4 *)(hr[i] + 8 * c + 4);
+                a[i] += w[0] * p.x + w[1] * p.y + w[2] * p.z + w[3] * p.w +
+                        w[4] * q.x + w[5] * q.y + w[6] * q.z + w[7] * q.w;
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < FFN_TOK; i++) {
+            const float s = ffn_warp_sum(a[i]);
+            if (lane == 0 && i < np)
+                y[(size_t)(it.start + p0 + i) * D + d] = s;
+        }
+    }
+}
+
+__global__ void __launch_bounds__(32 * FFN_ROWS)
+ffn_gate_up(const struct ffn_item *items, const float *x, const int *row, int D, float *hb,
+            int ldh)
+{
+    const struct ffn_item it = items[blockIdx.y];
+    const int f = blockIdx.x * FFN_ROWS + threadIdx.x / 32, lane = threadIdx.x % 32;
+
+    if (f >= it.F || it.n == 0)
+        return;
+    switch (it.dtype) {
+    case KLI_DT_F32: ffn_gate_up_row<KLI_DT_F32>(it, f, x, row, D, hb, ldh, lane); break;
+    case KLI_DT_F16: ffn_gate_up_row<KLI_DT_F16>(it, f, x, row, D, hb, ldh, lane); break;
+    case KLI_DT_BF16: ffn_gate_up_row<KLI_DT_BF16>(it, f, x, row, D, hb, ldh, lane); break;
+    case KLI_DT_Q8_0: ffn_gate_up_row<KLI_DT_Q8_0>(it, f, x, row, D, hb, ldh, lane); break;
+    default: ffn_gate_up_row<KLI_DT_Q4>(it, f, x, row, D, hb, ldh, lane); break;
+    }
+}
+
+__global__ void __launch_bounds__(32 * FFN_ROWS)
+ffn_down(const struct ffn_item *items, const float *hb, int ldh, int D, float *y)
+{
+    const struct ffn_item it = items[blockIdx.y];
+    const int d = blockIdx.x * FFN_ROWS + threadIdx.x / 32, lane = threadIdx.x % 32;
+
+    if (d >= D || it.n == 0)
+        return;
+    switch (it.dtype) {
+    case KLI_DT_F32: ffn_down_row<KLI_DT_F32>(it, d, hb, ldh, D, y, lane); break;
+    case KLI_DT_F16: ffn_down_row<KLI_DT_F16>(it, d, hb, ldh, D, y, lane); break;
+    case KLI_DT_BF16: ffn_down_row<KLI_DT_BF16>(it, d, hb, ldh, D, y, lane); break;
+    case KLI_DT_Q8_0: ffn_down_row<KLI_DT_Q8_0>(it, d, hb, ldh, D, y, lane); break;
+    default: ffn_down_row<KLI_DT_Q4>(it, d, hb, ldh, D, y, lane); break;
+    }
+}
+
+/* out[t] = sum of wt[p] * y[p] over the pairs of row t, in pair order. */
+__global__ void
+ffn_combine(const float *y, const float *wt, const int *tokptr, const int *tpair, int D,
+            float *out)
+{
+    const int t = blockIdx.x;
+
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        float a = 0.0f;
+        for (int k = tokptr[t]; k < tokptr[t + 1]; k++) {
+            const int p = tpair[k];
+            a += wt[p] * y[(size_t)p * D + d];
+        }
+        out[(size_t)t * D + d] = a;
+    }
+}
+
+int
+cu_moe_launch(struct kli_gpu_queue *q, const struct kli_gpu_moe_job *j, struct kli_err *err)
+{
+    const int64_t T = j->T, D = j->D, P = j->start[j->n_items];
+    int32_t fmax = 8;
+    int rc;
+
+    if (j->n_items < 1 || P < 1 || D % 32 != 0)
+        return cu_fail(err, KLI_E_INVALID, "moe job: no work, or d_model %lld is not a "
+                       "multiple of 32", (long long)D);
+    for (int32_t i = 0; i < j->n_items; i++) {
+        if (j->item[i].d_ff % 32 != 0 || j->item[i].dtype < KLI_DT_F32 ||
+            j->item[i].dtype > KLI_DT_Q4)
+            return cu_fail(err, KLI_E_UNSUPPORTED, "moe job: d_ff %d or dtype %d",
+                           j->item[i].d_ff, j->item[i].dtype);
+        fmax = j->item[i].d_ff > fmax ? j->item[i].d_ff : fmax;
+    }
+
+    if ((rc = cu_check(cudaSetDevice(q->g->info.device), err, "cudaSetDevice")) != KLI_OK)
+        return rc;
+    /* One staging area, one copy: items, row, wt, tpair, tokptr, x. */
+    uint64_t b_it = cu_align((uint64_t)j->n_items * sizeof(struct ffn_item));
+    uint64_t b_row = cu_align((uint64_t)P * 4), b_tp = cu_align((uint64_t)(T + 1) * 4);
+    uint64_t b_x = cu_align((uint64_t)T * D * 4), b_out = cu_align((uint64_t)T * D * 4);
+    uint64_t b_in = b_it + 3 * b_row + b_tp + b_x;
+    uint64_t b_h = cu_align((uint64_t)P * fmax * 4), b_y = cu_align((uint64_t)P * D * 4);
+    if ((rc = cu_queue_reserve(q, b_in + b_h + b_y + b_out, b_in + b_out, err)) != KLI_OK)
+        return rc;
+    char *pin = (char *)q->pin, *ws = (char *)q->ws;
+    struct ffn_item *it = (struct ffn_item *)pin;
+    int *row = (int *)(pin + b_it), *tpair = (int *)(pin + b_it + 2 * b_row);
+    float *wt = (float *)(pin + b_it + b_row);
+    int *tokptr = (int *)(pin + b_it + 3 * b_row);
+    for (int32_t i = 0; i < j->n_items; i++) {
+        it[i].gate = j->item[i].gate;
+        it[i].up = j->item[i].up;
+        it[i].down = j->item[i].down;
+        it[i].dtype = j->item[i].dtype;
+        it[i].F = j->item[i].d_ff;
+        it[i].start = j->start[i];
+        it[i].n = j->start[i + 1] - j->start[i];
+    }
+    memcpy(row, j->row, (size_t)P * 4);
+    memcpy(wt, j->wt, (size_t)P * 4);
+    /* The pairs of each row, in pair order (counting sort by row). */
+    memset(tokptr, 0, (size_t)(T + 1) * 4);
+    for (int64_t p = 0; p < P; p++) {
+        if (row[p] < 0 || row[p] >= T)
+            return cu_fail(err, KLI_E_INVALID, "moe job: pair %lld names row %d of %lld",
+                           (long long)p, row[p], (long long)T);
+        tokptr[row[p] + 1]++;
+    }
+    for (int64_t t = 0; t < T; t++)
+        tokptr[t + 1] += tokptr[t];
+    for (int64_t p = 0, k; p < P; p++) {
+        /* tokptr[row] is advanced as the row's pairs are placed, then restored below */
+        k = tokptr[row[p]]++;
+        tpair[k] = (int)p;
+    }
+    for (int64_t t = T; t > 0; t--)
+        tokptr[t] = tokptr[t - 1];
+    tokptr[0] = 0;
+    memcpy(pin + b_it + 3 * b_row + b_tp, j->x, (size_t)T * D * 4);
+
+    const struct ffn_item *it_d = (const struct ffn_item *)ws;
+    const int *row_d = (const int *)(ws + b_it), *tpair_d = (const int *)(ws + b_it + 2 * b_row);
+    const float *wt_d = (const float *)(ws + b_it + b_row);
+    const int *tokptr_d = (const int *)(ws + b_it + 3 * b_row);
+    const float *x_d = (const float *)(ws + b_it + 3 * b_row + b_tp);
+    float *h_d = (float *)(ws + b_in), *y_d = (float *)(ws + b_in + b_h);
+    float *out_d = (float *)(ws + b_in + b_h + b_y);
+
+    if ((rc = cu_check(cudaMemcpyAsync(ws, pin, b_in, cudaMemcpyHostToDevice, q->st), err,
+                       "cudaMemcpyAsync (moe inputs)")) != KLI_OK)
+        return rc;
+    ffn_gate_up<<<dim3((unsigned)((fmax + FFN_ROWS - 1) / FFN_ROWS), (unsigned)j->n_items),
+                  32 * FFN_ROWS, 0, q->st>>>(it_d, x_d, row_d, (int)D, h_d, fmax);
+    if ((rc = cu_launched(err, "ffn_gate_up")) != KLI_OK)
+        return rc;
+    ffn_down<<<dim3((unsigned)((D + FFN_ROWS - 1) / FFN_ROWS), (unsigned)j->n_items),
+               32 * FFN_ROWS, 0, q->st>>>(it_d, h_d, fmax, (int)D, y_d);
+    if ((rc = cu_launched(err, "ffn_down")) != KLI_OK)
+        return rc;
+    ffn_combine<<<(unsigned)T, 256, 0, q->st>>>(y_d, wt_d, tokptr_d, tpair_d, (int)D, out_d);
+    if ((rc = cu_launched(err, "ffn_combine")) != KLI_OK)
+        return rc;
+    float *res = (float *)(pin + b_in);
+    if ((rc = cu_check(cudaMemcpyAsync(res, out_d, (size_t)T * D * 4, cudaMemcpyDeviceToHost,
+                                       q->st), err, "cudaMemcpyAsync (moe result)")) != KLI_OK)
+        return rc;
+    q->moe_res = res;
+    q->moe_n = T * D;
+    return KLI_OK;
+}
+
+int
+cu_moe_wait(struct kli_gpu_queue *q, float *out, struct kli_err *err)
+{
+    int64_t n = q->moe_n;
+    int rc;
+
+    q->moe_n = 0;
+    if (n == 0)
+        return cu_fail(err, KLI_E_INVALID, "moe_wait without a launched job");
+    if ((rc = cu_check(cudaStreamSynchronize(q->st), err, "moe experts")) != KLI_OK)
+        return rc;
+    for (int64_t i = 0; i < n; i++)
+        out[i] += q->moe_res[i];
+    return KLI_OK;
+}

@@ -1,0 +1,861 @@
+/*
+ * backend.c - what of the model runs on an accelerator, and the fallback when it cannot.
+ *
+ * The device takes the two parts of a decode step that the CPU does worst (docs/targets.md):
+ *
+ *   MLA attention   its cost grows with the context (the whole latent cache is read per token
+ *                   and layer). Each session keeps a mirror of every MLA layer's cache on the
+ *                   device; rows are appended as they are computed, and the attention itself
+ *                   (cuda/mla.cu) returns only the weighted latents [T][H][L] to mla_forward.
+ *   hot experts     per MoE layer the routed experts chosen most often stay resident in device
+ *                   memory (the hot set), with the shared expert; the device computes them
+ *                   while the CPU computes the cold ones (cuda/moe.cu, moe_forward).
+ *
+ * The host cache stays the truth. A mirror row is trusted only while the token history that
+ * produced it is unchanged: backend_forward_begin compares the session's history with the ids
+ * the mirror was built from, so snapshots, copies and rewinds need no hooks of their own.
+ *
+ * The hot set is chosen from routing counts as kli runs (optionally seeded from a routing
+ * trace): every 32 * n_experts routed slots of a layer, up to two experts whose count clearly
+ * exceeds the coldest resident one's replace it, and the counts halve. The switch holds the model's
+ * lock for writing; jobs in flight hold it for reading, so a session never computes with an
+ * expert that is being replaced.
+ *
+ * Every failure is the CPU's cue: an open that fails leaves "CPU only: <why>" in the status
+ * (or is an error with KLI_GPU_ON), a memory budget that runs out keeps that layer's
+ * attention on the CPU, and a CUDA error in a step sends the session to the CPU for good.
+ */
+#include "config.h"
+
+#include <cjson/cJSON.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend.h"
+#include "internal.h"
+#include "model.h"
+#include "moe.h"
+#include "session.h"
+#ifdef HAVE_CUDA
+#include "kli_cuda.h"
+#endif
+
+/* Routed slots between two choices of a layer's hot set, per expert of the layer, and the
+ * most experts one choice replaces: every replacement is a synchronous upload (14 MB per
+ * expert of the released model), so the hot set moves slowly and only on clear evidence. */
+#define BK_REBALANCE_PER_EXPERT 32
+#define BK_MAX_SWAPS 2
+/* Bytes kept free for queues' workspaces when sizing the hot set. */
+#define BK_WORKSPACE_RESERVE ((uint64_t)512 << 20)
+/* Context the MLA mirrors are budgeted for when sizing the hot set. */
+#define BK_MLA_RESERVE_CTX 131072
+
+const struct kli_backend_ops *
+backend_cuda(void)
+{
+#ifdef HAVE_CUDA
+    return kli_cuda_backend();
+#else
+    return NULL;
+#endif
+}
+
+/* One MoE layer's device experts. */
+struct bk_layer {
+    struct kli_gpu_ffn shared;    /* gate NULL: none */
+    void *shared_buf;
+    struct kli_gpu_ffn *exp;      /* [E]; gate NULL: not resident */
+    void **buf;                   /* [E] the allocation holding gate, up, down */
+    uint32_t *count;              /* [E] routing counts (halved at each choice) */
+    uint64_t since;               /* slots routed since the last choice */
+};
+
+struct backend_model {
+    const struct kli_model *m;
+    const struct kli_backend_ops *ops;
+    struct kli_gpu *g;            /* NULL: CPU only, status says why */
+    struct kli_gpu_info info;
+    char status[320];
+    pthread_mutex_t status_lock;
+    int failed;                   /* a session's step failed (status says so) */
+    int mla;                      /* MLA attention on the device */
+    int experts;                  /* shared and hot routed experts on the device */
+    int32_t n_hot;                /* routed experts per MoE layer kept resident */
+    uint64_t exp_bytes;           /* device bytes of one routed expert */
+    struct bk_layer *layer;       /* [n_layers], used for MoE layers */
+    pthread_rwlock_t lock;        /* read: a job in flight; write: changing a hot set */
+    int have_locks;
+};
+
+struct backend_sess {
+    struct backend_model *bm;
+    struct kli_session *s;
+    struct kli_gpu_queue *q;
+    int dead;                     /* a step failed: the CPU from now on */
+    int mla_off;                  /* the mirrors no longer fit the budget */
+    float **dc;                   /* [n_layers] device mirrors [dcap][L+rope] */
+    int64_t *dcap, *synced;       /* [n_layers] rows allocated, rows equal to the host's */
+    kli_token *toks;              /* [toks_cap] the ids the mirrors were built from */
+    int64_t toks_n, toks_cap;
+    /* job scratch, sized for batch_max rows */
+    const float **cptr;           /* [B] */
+    int64_t *nrow;                /* [B] */
+    struct kli_gpu_ffn *items;    /* [E+1] */
+    int32_t *start;               /* [E+2] */
+    int32_t *row;                 /* [B*(top_k+1)] */
+    float *wt;                    /* [B*(top_k+1)] */
+    int moe_locked;               /* holds bm->lock for reading (launch..wait) */
+};
+
+/* ==== Model: device, budget, resident weights ================================================ */
+
+const char *
+kli_model_gpu_status(const struct kli_model *m)
+{
+    if (m == NULL || m->gpu == NULL)
+        return "CPU only: GPU use off";
+    return m->gpu->status;
+}
+
+/* Records a step's failure once in the model's status line. */
+static void
+bk_note_failure(struct backend_model *bm, const char *msg)
+{
+    pthread_mutex_lock(&bm->status_lock);
+    if (!bm->failed) {
+        size_t n = strlen(bm->status);
+        bm->failed = 1;
+        snprintf(bm->status + n, sizeof(bm->status) - n, "; a step failed (%s), its session "
+                 "went on on the CPU", msg);
+    }
+    pthread_mutex_unlock(&bm->status_lock);
+}
+
+static uint64_t
+bk_tensor_bytes(const struct kli_tensor *t)
+{
+    return model_row_bytes(t) * (uint64_t)t->shape[0];
+}
+
+/* Whether cuda/moe.cu computes this FFN: one dtype it knows, widths multiples of 32. */
+static int
+bk_ffn_ok(const struct kli_ffn_w *f)
+{
+    enum kli_dtype dt = f->gate.dtype;
+
+    return (dt == KLI_DT_F32 || dt == KLI_DT_F16 || dt == KLI_DT_BF16 || dt == KLI_DT_Q8_0 ||
+            dt == KLI_DT_Q4) && f->up.dtype == dt && f->down.dtype == dt &&
+           f->gate.shape[0] % 32 == 0 && f->gate.shape[1] % 32 == 0;
+}
+
+static void
+bk_ffn_release(struct backend_model *bm, struct kli_gpu_ffn *d, void **buf, uint64_t bytes)
+{
+    if (*buf != NULL)
+        bm->ops->release(bm->g, *buf, bytes);
+    *buf = NULL;
+    memset(d, 0, sizeof(*d));
+}
+
+/* Copies one FFN's three matrices into one device allocation. */
+static int
+bk_ffn_upload(struct backend_model *bm, const struct kli_ffn_w *f, struct kli_gpu_ffn *d,
+              void **buf, struct kli_err *err)
+{
+    uint64_t bg = bk_tensor_bytes(&f->gate), bu = bk_tensor_bytes(&f->up);
+    uint64_t bd = bk_tensor_bytes(&f->down);
+    uint64_t og = 0, ou = (bg + 255) & ~(uint64_t)255, od = ou + ((bu + 255) & ~(uint64_t)255);
+    uint64_t total = od + bd;
+    void *p = NULL;
+    int rc;
+
+    if ((rc = bm->ops->alloc(bm->g, &p, total, err)) != KLI_OK)
+        return rc;
+    char *c = p;
+    if ((rc = bm->ops->upload(bm->g, c + og, f->gate.data, bg, err)) != KLI_OK ||
+        (rc = bm->ops->upload(bm->g, c + ou, f->up.data, bu, err)) != KLI_OK ||
+        (rc = bm->ops->upload(bm->g, c + od, f->down.data, bd, err)) != KLI_OK) {
+        bm->ops->release(bm->g, p, total);
+        return rc;
+    }
+    *buf = p;
+    d->gate = c + og;
+    d->up = c + ou;
+    d->down = c + od;
+    d->dtype = (int32_t)f->gate.dtype;
+    d->d_ff = (int32_t)f->gate.shape[0];
+    return KLI_OK;
+}
+
+/* Upload size of one routed expert: the same allocation bk_ffn_upload makes. */
+static uint64_t
+bk_alloc_bytes(const struct kli_ffn_w *f)
+{
+    uint64_t bg = bk_tensor_bytes(&f->gate), bu = bk_tensor_bytes(&f->up);
+
+    return ((bg + 255) & ~(uint64_t)255) + ((bu + 255) & ~(uint64_t)255) +
+           bk_tensor_bytes(&f->down);
+}
+
+/* Adds a routing trace's choices to the counts: one JSON object per line whose "layers"
+ * holds, per MoE layer in order, the ids chosen for one token. */
+static int
+bk_read_profile(struct backend_model *bm, const char *path, struct kli_err *err)
+{
+    const struct kli_config *cfg = &bm->m->cfg;
+    FILE *f = fopen(path, "r");
+    char *line = NULL;
+    size_t cap = 0;
+    ssize_t len;
+    int64_t lineno = 0;
+    int rc = KLI_OK;
+
+    if (f == NULL)
+        return kli_err_set(err, KLI_E_IO, "%s: cannot open the routing profile", path);
+    while (rc == KLI_OK && (len = getline(&line, &cap, f)) >= 0) {
+        lineno++;
+        if (strspn(line, " \t\r\n") == (size_t)len)
+            continue;
+        cJSON *o = cJSON_ParseWithLength(line, (size_t)len);
+        const cJSON *ls = o ? cJSON_GetObjectItemCaseSensitive(o, "layers") : NULL, *l;
+        if (!cJSON_IsArray(ls)) {
+            rc = kli_err_set(err, KLI_E_FORMAT, "%s:%lld: not an object with \"layers\"",
+                             path, (long long)lineno);
+            cJSON_Delete(o);
+            break;
+        }
+        int k = 0;
+        for (int i = 0; i < cfg->n_layers && rc == KLI_OK; i++) {
+            if (cfg->layer_ffn[i] != KLI_FFN_MOE)
+                continue;
+            l = cJSON_GetArrayItem(ls, k++);
+            const cJSON *id;
+            if (!cJSON_IsArray(l)) {
+                rc = kli_err_set(err, KLI_E_FORMAT, "%s:%lld: %d MoE layers, the model has "
+                                 "more", path, (long long)lineno, cJSON_GetArraySize(ls));
+                break;
+            }
+            cJSON_ArrayForEach(id, l) {
+                if (!cJSON_IsNumber(id) || id->valueint < 0 ||
+                    id->valueint >= cfg->moe.n_experts) {
+                    rc = kli_err_set(err, KLI_E_FORMAT, "%s:%lld: an expert id outside [0, "
+                                     "%d)", path, (long long)lineno, cfg->moe.n_experts);
+                    break;
+                }
+                bm->layer[i].count[id->valueint]++;
+            }
+        }
+        cJSON_Delete(o);
+    }
+    free(line);
+    fclose(f);
+    return rc;
+}
+
+/* Sorts expert ids by count, highest first, ties to the lower id (insertion sort, stable:
+ * E is a few hundred, and this runs once per 32 * E routed slots). */
+static void
+bk_sort_by_count(int32_t *order, const uint32_t *count, int32_t E)
+{
+    for (int32_t i = 0; i < E; i++)
+        order[i] = i;
+    for (int32_t i = 1; i < E; i++) {
+        int32_t v = order[i], k = i;
+        while (k > 0 && count[order[k - 1]] < count[v]) {
+            order[k] = order[k - 1];
+            k--;
+        }
+        order[k] = v;
+    }
+}
+
+/* Re-chooses the hot set of MoE layer i: the most-counted experts become resident, with a
+ * margin against churn: a cold expert replaces the coldest resident one only when it was
+ * chosen more than twice as often (plus 16), and at most BK_MAX_SWAPS are replaced (the
+ * first choice, at open, fills the set). Call with the lock held for writing. */
+static void
+bk_choose(struct backend_model *bm, int i, int initial)
+{
+    const struct kli_config *cfg = &bm->m->cfg;
+    const struct kli_moe_w *w = &bm->m->layers[i].moe;
+    struct bk_layer *bl = &bm->layer[i];
+    int32_t E = cfg->moe.n_experts, order[KLI_MAX_EXPERTS];
+    uint32_t snap[KLI_MAX_EXPERTS];
+
+    for (int32_t e = 0; e < E; e++)
+        snap[e] = __atomic_load_n(&bl->count[e], __ATOMIC_RELAXED);
+    bk_sort_by_count(order, snap, E);
+    int32_t n_res = 0, swaps = 0;
+    for (int32_t e = 0; e < E; e++)
+        n_res += bl->exp[e].gate != NULL;
+    for (int32_t r = 0; r < bm->n_hot && r < E; r++) {
+        int32_t c = order[r];
+        if (bl->exp[c].gate != NULL)
+            continue;
+        if (n_res >= bm->n_hot) {
+            /* the coldest resident expert outside the top n_hot */
+            int32_t v = -1;
+            for (int32_t k = E - 1; k >= bm->n_hot; k--) {
+                if (bl->exp[order[k]].gate != NULL) {
+                    v = order[k];
+                    break;
+                }
+            }
+            if (v < 0 || (!initial && (snap[c] <= 2 * snap[v] + 16 || swaps == BK_MAX_SWAPS)))
+                break;
+            swaps++;
+            bk_ffn_release(bm, &bl->exp[v], &bl->buf[v], bm->exp_bytes);
+            n_res--;
+        }
+        if (bk_ffn_upload(bm, &w->experts[c], &bl->exp[c], &bl->buf[c], NULL) != KLI_OK)
+            break;
+        n_res++;
+    }
+    for (int32_t e = 0; e < E; e++)
+        __atomic_store_n(&bl->count[e], snap[e] / 2, __ATOMIC_RELAXED);
+    __atomic_store_n(&bl->since, 0, __ATOMIC_RELAXED);
+}
+
+void
+backend_model_close(struct kli_model *m)
+{
+    struct backend_model *bm = m->gpu;
+
+    if (bm == NULL)
+        return;
+    if (bm->layer != NULL) {
+        for (int i = 0; i < m->cfg.n_layers; i++) {
+            struct bk_layer *bl = &bm->layer[i];
+            if (bl->exp != NULL) {
+                for (int32_t e = 0; e < m->cfg.moe.n_experts; e++)
+                    bk_ffn_release(bm, &bl->exp[e], &bl->buf[e], bm->exp_bytes);
+            }
+            if (bl->shared_buf != NULL)
+                bk_ffn_release(bm, &bl->shared, &bl->shared_buf,
+                               bk_alloc_bytes(&m->layers[i].moe.shared));
+            free(bl->exp);
+            free(bl->buf);
+            free(bl->count);
+        }
+        free(bm->layer);
+    }
+    if (bm->g != NULL)
+        bm->ops->close(bm->g);
+    if (bm->have_locks) {
+        pthread_rwlock_destroy(&bm->lock);
+        pthread_mutex_destroy(&bm->status_lock);
+    }
+    free(bm);
+    m->gpu = NULL;
+}
+
+/* Leaves the model on the CPU with the reason in its status; an error with KLI_GPU_ON. */
+static int
+bk_cpu_only(struct kli_model *m, const struct kli_model_options *opt, int code,
+            const char *why, struct kli_err *err)
+{
+    struct backend_model *bm = m->gpu;
+
+    if (opt->gpu == KLI_GPU_ON)
+        return kli_err_set(err, code == KLI_E_NOMEM ? KLI_E_NOMEM : KLI_E_CUDA,
+                           "a GPU was required: %s", why);
+    snprintf(bm->status, sizeof(bm->status), "CPU only: %s", why);
+    if (bm->layer != NULL || bm->g != NULL) {
+        /* keep only the status: release whatever the device holds */
+        char keep[sizeof(bm->status)];
+        memcpy(keep, bm->status, sizeof(keep));
+        backend_model_close(m);
+        bm = kli_calloc(1, sizeof(*bm));
+        if (bm == NULL)
+            return kli_err_set(err, KLI_E_NOMEM, "out of memory");
+        memcpy(bm->status, keep, sizeof(keep));
+        m->gpu = bm;
+    }
+    return KLI_OK;
+}
+
+/* Sets up the experts of every MoE layer: the shared ones, then the first hot sets. */
+static int
+bk_open_experts(struct kli_model *m, const struct kli_model_options *opt, uint64_t avail,
+                char *note, size_t note_cap, struct kli_err *err)
+{
+    struct backend_model *bm = m->gpu;
+    const struct kli_config *cfg = &m->cfg;
+    int32_t E = cfg->moe.n_experts, n_moe = 0;
+    uint64_t shared = 0;
+    int rc;
+
+    for (int i = 0; i < cfg->n_layers; i++) {
+        if (cfg->layer_ffn[i] != KLI_FFN_MOE)
+            continue;
+        const struct kli_moe_w *w = &m->layers[i].moe;
+        for (int32_t e = 0; e < E; e++) {
+            if (!bk_ffn_ok(&w->experts[e])) {
+                snprintf(note, note_cap, "experts on the CPU (%s weights, or widths not "
+                         "multiples of 32)", kli_dtype_name(w->experts[e].gate.dtype));
+                return KLI_OK;
+            }
+        }
+        if (cfg->moe.n_shared > 0) {
+            if (!bk_ffn_ok(&w->shared)) {
+                snprintf(note, note_cap, "experts on the CPU (shared expert in %s)",
+                         kli_dtype_name(w->shared.gate.dtype));
+                return KLI_OK;
+            }
+            shared += bk_alloc_bytes(&w->shared);
+        }
+        bm->exp_bytes = bk_alloc_bytes(&w->experts[0]);
+        n_moe++;
+    }
+    if (n_moe == 0)
+        return KLI_OK;
+    if (shared > avail) {
+        snprintf(note, note_cap, "experts on the CPU (the shared experts need %.0f MiB)",
+                 (double)shared / 1048576.0);
+        return KLI_OK;
+    }
+    avail -= shared;
+    int64_t fit = (int64_t)(avail / ((uint64_t)n_moe * bm->exp_bytes));
+    int64_t want = opt->gpu_experts < 0 ? E : opt->gpu_experts;
+    bm->n_hot = (int32_t)(want < fit ? want : fit);
+    if (bm->n_hot > E)
+        bm->n_hot = E;
+    for (int i = 0; i < cfg->n_layers; i++) {
+        if (cfg->layer_ffn[i] != KLI_FFN_MOE)
+            continue;
+        struct bk_layer *bl = &bm->layer[i];
+        bl->exp = kli_calloc((size_t)E, sizeof(*bl->exp));
+        bl->buf = kli_calloc((size_t)E, sizeof(*bl->buf));
+        bl->count = kli_calloc((size_t)E, sizeof(*bl->count));
+        if (bl->exp == NULL || bl->buf == NULL || bl->count == NULL)
+            return kli_err_set(err, KLI_E_NOMEM, "out of memory");
+        if (cfg->moe.n_shared > 0 &&
+            (rc = bk_ffn_upload(bm, &m->layers[i].moe.shared, &bl->shared, &bl->shared_buf,
+                                err)) != KLI_OK)
+            return rc;
+    }
+    if (opt->gpu_profile != NULL && bm->n_hot < E &&
+        (rc = bk_read_profile(bm, opt->gpu_profile, err)) != KLI_OK)
+        return rc;
+    int32_t least = E;
+    for (int i = 0; i < cfg->n_layers; i++) {
+        if (cfg->layer_ffn[i] != KLI_FFN_MOE)
+            continue;
+        bk_choose(bm, i, 1);
+        int32_t n = 0;
+        for (int32_t e = 0; e < E; e++)
+            n += bm->layer[i].exp[e].gate != NULL;
+        least = n < least ? n : least;
+    }
+    bm->n_hot = least;
+    bm->experts = 1;
+    if (want > least && opt->gpu_experts >= 0)
+        snprintf(note, note_cap, "shared expert + %d of %d routed experts per MoE layer (%lld "
+                 "asked; the budget holds %d)", least, E, (long long)want, least);
+    else if (want > least)
+        snprintf(note, note_cap, "shared expert + %d of %d routed experts per MoE layer (as "
+                 "many as the budget holds)", least, E);
+    else
+        snprintf(note, note_cap, "shared expert + %d of %d routed experts per MoE layer",
+                 least, E);
+    return KLI_OK;
+}
+
+int
+backend_model_open(struct kli_model *m, const struct kli_model_options *opt,
+                   struct kli_err *err)
+{
+    const struct kli_config *cfg = &m->cfg;
+    struct backend_model *bm;
+    struct kli_err e2 = {0};
+    char why[300], note[160] = "";
+    int rc, dev = 0;
+
+    m->gpu = NULL;
+    if (opt->gpu == KLI_GPU_OFF)
+        return KLI_OK;
+    if (opt->gpu != KLI_GPU_AUTO && opt->gpu != KLI_GPU_ON)
+        return kli_err_set(err, KLI_E_RANGE, "gpu mode %d is not KLI_GPU_AUTO, _OFF or _ON",
+                           opt->gpu);
+    if (opt->gpu_experts < -1)
+        return kli_err_set(err, KLI_E_RANGE, "gpu_experts %d: -1 (as many as fit) or a count",
+                           opt->gpu_experts);
+    if ((bm = kli_calloc(1, sizeof(*bm))) == NULL)
+        return kli_err_set(err, KLI_E_NOMEM, "out of memory");
+    m->gpu = bm;
+    bm->m = m;
+    if ((bm->ops = backend_cuda()) == NULL)
+        return bk_cpu_only(m, opt, KLI_E_UNSUPPORTED, "this kli was built without CUDA", err);
+    const char *env = getenv("KLI_CUDA_DEVICE");
+    if (env != NULL && *env != '\0') {
+        char *end;
+        long v = strtol(env, &end, 10);
+        if (*end != '\0' || v < 0 || v > 1024)
+            return kli_err_set(err, KLI_E_RANGE, "KLI_CUDA_DEVICE=%s is not a device index",
+                               env);
+        dev = (int)v;
+    }
+    if (bm->ops->open(&bm->g, dev, opt->gpu_mem, &bm->info, &e2) != KLI_OK)
+        return bk_cpu_only(m, opt, e2.code, e2.msg, err);
+    pthread_rwlock_init(&bm->lock, NULL);
+    pthread_mutex_init(&bm->status_lock, NULL);
+    bm->have_locks = 1;
+    bm->layer = kli_calloc((size_t)cfg->n_layers, sizeof(*bm->layer));
+    if (bm->layer == NULL)
+        return kli_err_set(err, KLI_E_NOMEM, "out of memory");
+
+    uint64_t budget = 0;
+    bm->ops->used(bm->g, &budget);
+    if (budget < ((uint64_t)64 << 20)) {
+        snprintf(why, sizeof(why), "not enough GPU memory (a budget of %.0f MiB of %.0f MiB "
+                 "free on %s)", (double)budget / 1048576.0,
+                 (double)bm->info.mem_free / 1048576.0, bm->info.name);
+        return bk_cpu_only(m, opt, KLI_E_NOMEM, why, err);
+    }
+
+    /* MLA attention: the shape must suit the kernel; the mirrors grow as sessions do. */
+    int64_t n_mla = 0, C = (int64_t)cfg->mla.kv_lora_rank + cfg->mla.qk_rope_dim;
+    for (int i = 0; i < cfg->n_layers; i++)
+        n_mla += cfg->layer_mixer[i] == KLI_MIXER_MLA;
+    char mla_note[200] = "";
+    if (n_mla > 0) {
+        struct kli_err e3 = {0};
+        if (bm->ops->mla_check(bm->g, cfg->mla.n_heads, cfg->mla.kv_lora_rank, (int32_t)C,
+                               &e3) == KLI_OK)
+            bm->mla = 1;
+        else
+            snprintf(mla_note, sizeof(mla_note), "MLA attention on the CPU (%.160s)", e3.msg);
+    }
+
+    /* Experts get what the mirrors (budgeted for 128K tokens) and the workspaces leave. */
+    int64_t ctx = cfg->ctx_max < BK_MLA_RESERVE_CTX ? cfg->ctx_max : BK_MLA_RESERVE_CTX;
+    uint64_t reserve = BK_WORKSPACE_RESERVE +
+                       (bm->mla ? (uint64_t)n_mla * (uint64_t)C * 4 * (uint64_t)ctx : 0);
+    uint64_t avail = budget > reserve ? budget - reserve : 0;
+    if (cfg->moe.n_experts > 0 && opt->gpu_experts != 0 &&
+        (rc = bk_open_experts(m, opt, avail, note, sizeof(note), err)) != KLI_OK) {
+        backend_model_close(m);
+        return rc;
+    }
+    if (!bm->mla && !bm->experts) {
+        snprintf(why, sizeof(why), "nothing for the GPU (%s)",
+                 mla_note[0] ? mla_note : note[0] ? note : "no MLA layers, experts off");
+        return bk_cpu_only(m, opt, KLI_E_UNSUPPORTED, why, err);
+    }
+    snprintf(bm->status, sizeof(bm->status), "GPU %d: %s, %.1f GiB budget: %s%s%s", dev,
+             bm->info.name, (double)budget / 1073741824.0,
+             bm->mla ? "MLA attention" : mla_note, note[0] ? "; " : "",
+             note[0] ? note : "; experts on the CPU");
+    return KLI_OK;
+}
+
+/* ==== Session: queue and cache mirrors ======================================================= */
+
+void
+backend_sess_free(struct kli_session *s)
+{
+    struct backend_sess *g = s->gpu;
+
+    if (g == NULL)
+        return;
+    struct backend_model *bm = g->bm;
+    int64_t C = (int64_t)s->m->cfg.mla.kv_lora_rank + s->m->cfg.mla.qk_rope_dim;
+    if (g->q != NULL)
+        bm->ops->queue_sync(g->q, NULL);
+    if (g->dc != NULL) {
+        for (int i = 0; i < s->m->cfg.n_layers; i++) {
+            if (g->dc[i] != NULL)
+                bm->ops->release(bm->g, g->dc[i], (uint64_t)g->dcap[i] * C * 4);
+        }
+    }
+    if (g->q != NULL)
+        bm->ops->queue_free(g->q);
+    free(g->dc);
+    free(g->dcap);
+    free(g->synced);
+    free(g->toks);
+    free(g->cptr);
+    free(g->nrow);
+    free(g->items);
+    free(g->start);
+    free(g->row);
+    free(g->wt);
+    free(g);
+    s->gpu = NULL;
+}
+
+int
+backend_sess_create(struct kli_session *s, struct kli_err *err)
+{
+    struct backend_model *bm = s->m->gpu;
+    const struct kli_config *cfg = &s->m->cfg;
+    struct backend_sess *g;
+
+    s->gpu = NULL;
+    if (bm == NULL || bm->g == NULL)
+        return KLI_OK;
+    if ((g = kli_calloc(1, sizeof(*g))) == NULL)
+        return kli_err_set(err, KLI_E_NOMEM, "out of memory");
+    s->gpu = g;
+    g->bm = bm;
+    g->s = s;
+    size_t nl = (size_t)cfg->n_layers, B = (size_t)s->batch_max;
+    size_t E = (size_t)(cfg->moe.n_experts > 0 ? cfg->moe.n_experts : 1);
+    size_t P = B * (size_t)(cfg->moe.top_k + 1);
+    g->dc = kli_calloc(nl, sizeof(*g->dc));
+    g->dcap = kli_calloc(nl, sizeof(*g->dcap));
+    g->synced = kli_calloc(nl, sizeof(*g->synced));
+    g->cptr = kli_calloc(B, sizeof(*g->cptr));
+    g->nrow = kli_calloc(B, sizeof(*g->nrow));
+    g->items = kli_calloc(E + 1, sizeof(*g->items));
+    g->start = kli_calloc(E + 2, sizeof(*g->start));
+    g->row = kli_calloc(P, sizeof(*g->row));
+    g->wt = kli_calloc(P, sizeof(*g->wt));
+    if (!g->dc || !g->dcap || !g->synced || !g->cptr || !g->nrow || !g->items || !g->start ||
+        !g->row || !g->wt) {
+        backend_sess_free(s);
+        return kli_err_set(err, KLI_E_NOMEM, "out of memory");
+    }
+    struct kli_err e2 = {0};
+    if (bm->ops->queue_create(bm->g, &g->q, &e2) != KLI_OK) {
+        /* not fatal: this session computes on the CPU */
+        bk_note_failure(bm, e2.msg);
+        backend_sess_free(s);
+    }
+    return KLI_OK;
+}
+
+/* Marks a session's device state unusable after a failed step. */
+static void
+bk_dead(struct backend_sess *g, const struct kli_err *e)
+{
+    if (g->moe_locked) {
+        pthread_rwlock_unlock(&g->bm->lock);
+        g->moe_locked = 0;
+    }
+    g->dead = 1;
+    bk_note_failure(g->bm, e->msg);
+}
+
+/* Drops the mirror rows whose history changed and records the ids of this pass. */
+static int
+bk_sync_tokens(struct backend_sess *g, const struct kli_session *s, int64_t T_seq)
+{
+    int64_t upto = g->toks_n < s->pos ? g->toks_n : s->pos, k = 0;
+    int64_t need = (int64_t)s->pos + T_seq;
+
+    while (k < upto && g->toks[k] == s->hist[k])
+        k++;
+    for (int i = 0; i < s->m->cfg.n_layers; i++) {
+        if (g->synced[i] > k)
+            g->synced[i] = k;
+    }
+    if (need > g->toks_cap) {
+        int64_t cap = g->toks_cap > 0 ? g->toks_cap : 1024;
+        while (cap < need)
+            cap *= 2;
+        kli_token *t = kli_reallocarray(g->toks, (size_t)cap, sizeof(*t));
+        if (t == NULL)
+            return -1;
+        g->toks = t;
+        g->toks_cap = cap;
+    }
+    memcpy(g->toks + k, s->hist + k, (size_t)(need - k) * sizeof(kli_token));
+    g->toks_n = need;
+    return 0;
+}
+
+int
+backend_forward_begin(struct kli_session *const *ss, int64_t n_seq, int64_t T_seq,
+                      struct backend_sess **gs)
+{
+    for (int64_t q = 0; q < n_seq; q++) {
+        if (ss[q]->gpu == NULL || ss[q]->gpu->dead)
+            return 0;
+    }
+    for (int64_t q = 0; q < n_seq; q++) {
+        if (bk_sync_tokens(ss[q]->gpu, ss[q], T_seq) != 0) {
+            struct kli_err e = {KLI_E_NOMEM, "out of memory for the mirrored token ids"};
+            bk_dead(ss[q]->gpu, &e);
+            return 0;
+        }
+        gs[q] = ss[q]->gpu;
+    }
+    return 1;
+}
+
+/* Makes layer i's mirror of session g hold `need` rows: grows it (keeping the rows already
+ * there, copied through queue q) and uploads the rows [synced, need) from the host cache. */
+static int
+bk_mirror(struct backend_sess *g, struct kli_gpu_queue *q, int i, const float *cache,
+          int64_t need, struct kli_err *err)
+{
+    struct backend_model *bm = g->bm;
+    const struct kli_backend_ops *ops = bm->ops;
+    int64_t C = (int64_t)bm->m->cfg.mla.kv_lora_rank + bm->m->cfg.mla.qk_rope_dim;
+    int rc;
+
+    if (need > g->dcap[i]) {
+        int64_t cap = g->dcap[i] > 0 ? 2 * g->dcap[i] : 1024;
+        void *p = NULL;
+        while (cap < need)
+            cap *= 2;
+        if (cap > g->s->ctx_max)
+            cap = g->s->ctx_max > need ? g->s->ctx_max : need;
+        if (ops->alloc(bm->g, &p, (uint64_t)cap * C * 4, NULL) != KLI_OK &&
+            (cap = need, rc = ops->alloc(bm->g, &p, (uint64_t)cap * C * 4, err)) != KLI_OK)
+            return rc;
+        if (g->synced[i] > 0 &&
+            (rc = ops->queue_copy(q, p, g->dc[i], (uint64_t)g->synced[i] * C * 4, err)) !=
+            KLI_OK) {
+            ops->release(bm->g, p, (uint64_t)cap * C * 4);
+            return rc;
+        }
+        if (g->dc[i] != NULL) {
+            if ((rc = ops->queue_sync(q, err)) != KLI_OK)
+                return rc;
+            ops->release(bm->g, g->dc[i], (uint64_t)g->dcap[i] * C * 4);
+        }
+        g->dc[i] = p;
+        g->dcap[i] = cap;
+    }
+    if (need > g->synced[i]) {
+        if ((rc = ops->queue_upload(q, g->dc[i] + g->synced[i] * C, cache + g->synced[i] * C,
+                                    (uint64_t)(need - g->synced[i]) * C * 4, err)) != KLI_OK)
+            return rc;
+        g->synced[i] = need;
+    }
+    return KLI_OK;
+}
+
+int
+backend_mla_attend(struct backend_sess *const *gs, int layer, float *const *caches,
+                   const int64_t *pos, int64_t n_seq, int64_t T_seq, const float *qfull,
+                   float *lat)
+{
+    struct backend_sess *g0 = gs[0];
+    struct backend_model *bm = g0->bm;
+    const struct kli_config_mla *c = &bm->m->cfg.mla;
+    struct kli_err e = {0};
+
+    if (!bm->mla || g0->dead)
+        return 1;
+    for (int64_t q = 0; q < n_seq; q++) {
+        if (gs[q]->mla_off)
+            return 1;
+        int rc = bk_mirror(gs[q], g0->q, layer, caches[q], pos[q] + T_seq, &e);
+        if (rc == KLI_E_NOMEM) {
+            gs[q]->mla_off = 1;   /* over the budget: this session's attention stays here */
+            return 1;
+        }
+        if (rc != KLI_OK) {
+            bk_dead(g0, &e);
+            return 1;
+        }
+    }
+    int64_t T = n_seq * T_seq;
+    for (int64_t t = 0; t < T; t++) {
+        int64_t q = t / T_seq;
+        g0->cptr[t] = gs[q]->dc[layer];
+        g0->nrow[t] = pos[q] + t % T_seq + 1;
+    }
+    struct kli_gpu_mla_job j = {
+        T, c->n_heads, c->kv_lora_rank, c->kv_lora_rank + c->qk_rope_dim,
+        1.0f / sqrtf((float)(c->qk_nope_dim + c->qk_rope_dim)),
+        g0->cptr, g0->nrow, qfull, lat,
+    };
+    if (bm->ops->mla_attend(g0->q, &j, &e) != KLI_OK) {
+        bk_dead(g0, &e);
+        return 1;
+    }
+    return 0;
+}
+
+/* ==== MoE: counting, the hot set, and the device's share of a layer ========================= */
+
+int
+backend_moe_launch(struct backend_sess *g, int layer, const struct moe_scratch *sc,
+                   const float *x, int64_t T)
+{
+    struct backend_model *bm = g->bm;
+    const struct kli_config_moe *c = &bm->m->cfg.moe;
+    struct bk_layer *bl = &bm->layer[layer];
+    int32_t E = c->n_experts, K = c->top_k;
+    struct kli_err e = {0};
+
+    if (!bm->experts || g->dead)
+        return 1;
+    if (bm->n_hot < E) {
+        for (int64_t i = 0; i < T * K; i++)
+            __atomic_fetch_add(&bl->count[sc->idx[i]], 1, __ATOMIC_RELAXED);
+        uint64_t since = __atomic_add_fetch(&bl->since, (uint64_t)(T * K), __ATOMIC_RELAXED);
+        if (since >= (uint64_t)BK_REBALANCE_PER_EXPERT * (uint64_t)E &&
+            pthread_rwlock_trywrlock(&bm->lock) == 0) {
+            bk_choose(bm, layer, 0);
+            pthread_rwlock_unlock(&bm->lock);
+        }
+    }
+    pthread_rwlock_rdlock(&bm->lock);
+    g->moe_locked = 1;
+
+    /* items: the shared expert over every row, then each resident expert over its rows */
+    int32_t n = 0, p = 0;
+    if (bl->shared.gate != NULL) {
+        g->items[n] = bl->shared;
+        g->start[n++] = p;
+        for (int64_t t = 0; t < T; t++) {
+            g->row[p] = (int32_t)t;
+            g->wt[p++] = 1.0f;
+        }
+    }
+    for (int32_t ex = 0; ex < E; ex++) {
+        int32_t cnt = sc->count[ex + 1] - sc->count[ex];
+        const int32_t *ord = sc->order + sc->count[ex];
+        if (cnt == 0 || bl->exp[ex].gate == NULL)
+            continue;
+        g->items[n] = bl->exp[ex];
+        g->start[n++] = p;
+        for (int32_t i = 0; i < cnt; i++) {
+            g->row[p] = ord[i] / K;
+            g->wt[p++] = sc->wt[ord[i]];
+        }
+    }
+    g->start[n] = p;
+    if (n == 0) {
+        pthread_rwlock_unlock(&bm->lock);
+        g->moe_locked = 0;
+        return 1;
+    }
+    struct kli_gpu_moe_job j = {T, bm->m->cfg.d_model, x, n, g->items, g->start, g->row,
+                                g->wt};
+    if (bm->ops->moe_launch(g->q, &j, &e) != KLI_OK) {
+        bk_dead(g, &e);
+        return 1;
+    }
+    return 0;
+}
+
+int
+backend_moe_hot(const struct backend_sess *g, int layer, int32_t e)
+{
+    return g->bm->layer[layer].exp[e].gate != NULL;
+}
+
+int
+backend_moe_wait(struct backend_sess *g, int layer, float *out)
+{
+    struct kli_err e = {0};
+
+    (void)layer;
+    int rc = g->bm->ops->moe_wait(g->q, out, &e);
+    pthread_rwlock_unlock(&g->bm->lock);
+    g->moe_locked = 0;
+    if (rc != KLI_OK) {
+        bk_dead(g, &e);
+        return 1;
+    }
+    return 0;
+}

@@ -1,0 +1,173 @@
+/*
+ * backend.h - the boundary between kli's CPU code and an accelerator backend.
+ *
+ * Two layers live here:
+ *
+ *   struct kli_backend_ops  the device vtable. It knows buffers, streams and a few
+ *                           model-neutral blocks (latent attention, SwiGLU experts); it knows
+ *                           nothing of kli_model or kli_session. cuda/ implements it
+ *                           (kli_cuda_backend() in cuda/kli_cuda.h) and includes this header
+ *                           and nothing else of src/.
+ *   backend_*               the glue in backend.c that maps the model onto the vtable: which
+ *                           MLA caches are mirrored on the device, which experts of which
+ *                           layer are resident (the hot set), and the fallback to the CPU.
+ *
+ * The CPU path is always complete: the latent cache in host memory stays the truth and every
+ * backend_* call that returns non-zero leaves its work to the caller's CPU code, so a device
+ * failure costs speed, never a result.
+ */
+#ifndef KLI_BACKEND_H
+#define KLI_BACKEND_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kli.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ==== The device vtable ===================================================================== */
+
+struct kli_gpu;         /* one device: its context and the memory budget kli may use */
+struct kli_gpu_queue;   /* one stream with its workspace and pinned staging: one per session */
+
+struct kli_gpu_info {
+    char name[128];         /* "NVIDIA H100 80GB HBM3" */
+    int device;             /* index among the visible devices */
+    int n_sm;               /* multiprocessors */
+    int cc_major, cc_minor; /* compute capability */
+    uint64_t mem_total;     /* bytes on the device */
+    uint64_t mem_free;      /* bytes free when it was opened */
+    uint64_t smem_block;    /* most shared memory one block may use (opt-in limit) */
+};
+
+/* One SwiGLU FFN whose three matrices are on the device, rows contiguous:
+ * gate, up [d_ff][d_model] and down [d_model][d_ff], all of one dtype (enum kli_dtype:
+ * F32, F16, BF16 or Q8_0; both widths multiples of 32). */
+struct kli_gpu_ffn {
+    const void *gate, *up, *down;
+    int32_t dtype;
+    int32_t d_ff;
+};
+
+/* The device share of one MoE layer over T rows: item j (an expert, or the shared expert
+ * over all rows) computes y_p = FFN_j(x[row[p]]) for its pairs p in [start[j], start[j+1]),
+ * and the result is out[t] = sum over the pairs p with row[p] = t of wt[p] * y_p. */
+struct kli_gpu_moe_job {
+    int64_t T, D;                      /* rows, d_model */
+    const float *x;                    /* host [T][D] */
+    int32_t n_items;
+    const struct kli_gpu_ffn *item;    /* [n_items] */
+    const int32_t *start;              /* [n_items+1] */
+    const int32_t *row;                /* [start[n_items]] */
+    const float *wt;                   /* [start[n_items]] */
+};
+
+/* Absorbed-form latent attention (docs/model.md 5.2) for T query rows, all heads:
+ *     S[h][s]   = scale * q[t][h] . cache_t[s]          s < n[t]   (C = L + rope values)
+ *     P         = softmax(S[h])
+ *     lat[t][h] = sum_s P[h][s] cache_t[s][0:L]
+ * cache_t is the device cache (rows of C floats) of the sequence row t belongs to. */
+struct kli_gpu_mla_job {
+    int64_t T;
+    int32_t H, L, C;
+    float scale;
+    const float *const *cache;   /* [T] device pointers (host array) */
+    const int64_t *n;            /* [T] rows attended, >= 1 */
+    const float *q;              /* host [T][H][C] */
+    float *lat;                  /* host [T][H][L], written */
+};
+
+/* Every member returns KLI_OK or a negative status with a message in `err` (KLI_E_CUDA with
+ * the runtime's own words for a device failure); none aborts. Members marked (optional)
+ * may be NULL. */
+struct kli_backend_ops {
+    const char *name;
+    /* Opens device `device` (KLI_E_CUDA "no GPU: ..." when there is none or no driver) and
+     * fills `info`. `budget` bytes (0 = the free memory less 1 GiB) bound what alloc hands
+     * out. */
+    int (*open)(struct kli_gpu **out, int device, uint64_t budget, struct kli_gpu_info *info,
+                struct kli_err *err);
+    void (*close)(struct kli_gpu *g);
+    /* Device memory counted against the budget (KLI_E_NOMEM beyond it). */
+    int (*alloc)(struct kli_gpu *g, void **out, uint64_t bytes, struct kli_err *err);
+    void (*release)(struct kli_gpu *g, void *p, uint64_t bytes);
+    /* @return bytes allocated now, and the budget */
+    uint64_t (*used)(struct kli_gpu *g, uint64_t *budget);
+    /* Synchronous copy host -> device (weights at load). */
+    int (*upload)(struct kli_gpu *g, void *dst, const void *src, uint64_t bytes,
+                  struct kli_err *err);
+    int (*queue_create)(struct kli_gpu *g, struct kli_gpu_queue **out, struct kli_err *err);
+    void (*queue_free)(struct kli_gpu_queue *q);
+    /* Host -> device in the queue's order; `src` may be reused when it returns. */
+    int (*queue_upload)(struct kli_gpu_queue *q, void *dst, const void *src, uint64_t bytes,
+                        struct kli_err *err);
+    /* Device -> device in the queue's order. */
+    int (*queue_copy)(struct kli_gpu_queue *q, void *dst, const void *src, uint64_t bytes,
+                      struct kli_err *err);
+    /* Waits until everything queued has run. */
+    int (*queue_sync)(struct kli_gpu_queue *q, struct kli_err *err);
+    /* Checks that a job's shape is supported (KLI_E_UNSUPPORTED with the reason if not). */
+    int (*mla_check)(struct kli_gpu *g, int32_t H, int32_t L, int32_t C, struct kli_err *err);
+    /* Runs the job; j->lat is written when it returns. */
+    int (*mla_attend)(struct kli_gpu_queue *q, const struct kli_gpu_mla_job *j,
+                      struct kli_err *err);
+    /* Starts the job and returns at once (the host arrays may be reused); moe_wait then adds
+     * the result into out [T][D]. Every successful moe_launch is followed by one moe_wait. */
+    int (*moe_launch)(struct kli_gpu_queue *q, const struct kli_gpu_moe_job *j,
+                      struct kli_err *err);
+    int (*moe_wait)(struct kli_gpu_queue *q, float *out, struct kli_err *err);
+};
+
+/* The CUDA table when built with it (HAVE_CUDA), else NULL. */
+const struct kli_backend_ops *backend_cuda(void);
+
+/* ==== The glue: the model's and the session's device state ================================== */
+
+struct kli_model;
+struct kli_session;
+struct backend_model;   /* kli_model.gpu: device, budget, resident weights, hot sets */
+struct backend_sess;    /* kli_session.gpu: queue and the device mirrors of its MLA caches */
+struct moe_scratch;
+
+/* Sets up the device for a model just bound (opt->gpu, gpu_mem, gpu_experts, gpu_profile).
+ * With KLI_GPU_AUTO every failure leaves m->gpu describing why the CPU runs alone and
+ * returns KLI_OK; with KLI_GPU_ON it is an error. */
+int backend_model_open(struct kli_model *m, const struct kli_model_options *opt,
+                       struct kli_err *err);
+void backend_model_close(struct kli_model *m);
+
+/* Creates the session's device state (none when the model has no device). */
+int backend_sess_create(struct kli_session *s, struct kli_err *err);
+void backend_sess_free(struct kli_session *s);
+
+/* Before a forward pass over ss[0..n_seq) with T_seq new tokens each (their ids already in
+ * hist): drops mirrored cache rows whose token history changed (restore, copy, rewind) and
+ * fills gs[q]. @return 1 when the device takes part in this pass, else 0 (gs untouched). */
+int backend_forward_begin(struct kli_session *const *ss, int64_t n_seq, int64_t T_seq,
+                          struct backend_sess **gs);
+
+/* Attention of MLA layer `layer` on the device: mirrors the rows of caches[q] the device
+ * lacks, then lat [T][H][L] from qfull [T][H][L+rope] (see mla_forward). @return 0 when lat
+ * was written; non-zero: compute it on the CPU (the session then stays on the CPU). */
+int backend_mla_attend(struct backend_sess *const *gs, int layer, float *const *caches,
+                       const int64_t *pos, int64_t n_seq, int64_t T_seq, const float *qfull,
+                       float *lat);
+
+/* MoE layer `layer` with the routing in sc (idx, wt, order, count) for T rows of x: counts
+ * the routing, launches the shared expert and the resident routed experts on the device and
+ * returns; backend_moe_hot then tells the CPU which experts to skip, and backend_moe_wait
+ * adds the device's share into out. @return 0 when launched; then backend_moe_wait must
+ * follow. Non-zero from either: the CPU computes everything (wait's out is untouched). */
+int backend_moe_launch(struct backend_sess *g, int layer, const struct moe_scratch *sc,
+                       const float *x, int64_t T);
+int backend_moe_hot(const struct backend_sess *g, int layer, int32_t e);
+int backend_moe_wait(struct backend_sess *g, int layer, float *out);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,116 @@
+/*
+ * cli_batch.h - the parts of kli batch shared by its files (not part of the library):
+ * cli_batch.c (the command and the scheduler) and cli_batch_io.c (the input index, the ids
+ * already done, records and output lines).
+ */
+#ifndef KLI_CLI_BATCH_H
+#define KLI_CLI_BATCH_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kli.h"
+
+#define BATCH_MAX_STOP 16
+
+/* ==== growable byte buffer ================================================================= */
+
+struct bbuf {
+    char *p;
+    size_t n, cap;
+};
+
+int bbuf_add(struct bbuf *b, const void *p, size_t n);
+int bbuf_addf(struct bbuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Appends `s` as a JSON string: escaped, and with every invalid UTF-8 sequence replaced by
+ * U+FFFD (one per maximal subpart, as Unicode recommends and Python's decoder does). */
+int bbuf_json_str(struct bbuf *b, const char *s, size_t n);
+
+/* @return the offset of the first byte that is not part of valid UTF-8, or n. */
+size_t batch_utf8_valid(const char *s, size_t n);
+
+/* FNV-1a, 64 bits. */
+uint64_t batch_fnv(uint64_t h, const void *p, size_t n);
+#define BATCH_FNV_BASIS 0xcbf29ce484222325ULL
+
+/* ==== the input ============================================================================ */
+
+/* One line of the input that holds a record (blank lines hold none). */
+struct batch_item {
+    int64_t off, len;        /* the line's bytes in the input */
+    int32_t line;            /* 1-based line number */
+    char *id;                /* the record's id, or "line:N" */
+    char *error;             /* a reason found while scanning (malformed, duplicate,
+                                oversized), or NULL */
+};
+
+struct batch_input {
+    const char *text;        /* the input (mapped or read) */
+    size_t len;
+    int mapped;
+    struct batch_item *items;   /* the records this run does, in input order */
+    int64_t n_items;
+    int64_t n_lines, n_records, n_done, n_other_shards;
+};
+
+/* Which records to keep while scanning. */
+struct batch_select {
+    int64_t max_line;               /* longer lines are errors without parsing */
+    int32_t shard_k, shard_n;       /* record belongs when fnv(id) % n == k - 1 */
+    struct batch_idset *done;       /* ids already in the output; may be NULL */
+};
+
+/* Reads `path` ("-" for standard input) and indexes its records. @return 0, or -1 after a
+ * message (the file cannot be read). */
+int batch_input_open(struct batch_input *in, const char *path, const struct batch_select *sel);
+void batch_input_close(struct batch_input *in);
+
+/* ==== a set of ids ========================================================================= */
+
+struct batch_idset;
+
+struct batch_idset *batch_idset_create(void);
+void batch_idset_free(struct batch_idset *set);
+/* @return 1 if added, 0 if it was there, -1 out of memory. `id` is copied. When `value` is
+ * not NULL, *value receives the value stored with the id (the first add's). */
+int batch_idset_add(struct batch_idset *set, const char *id, int32_t v, int32_t *value);
+int batch_idset_has(const struct batch_idset *set, const char *id);
+int64_t batch_idset_count(const struct batch_idset *set);
+
+/* Reads the ids of an existing output file into `set`. An incomplete last line (no
+ * newline: a crash mid-write) is cut off the file. @return 0, or -1 after a message. */
+int batch_output_scan(const char *path, struct batch_idset *set, int quiet);
+
+/* ==== records ============================================================================== */
+
+/* Defaults for the fields a record may leave out. */
+struct batch_defaults {
+    struct kli_sampler_options so;
+    int32_t max_tokens;
+    const char *const *stop;
+    int n_stop;
+    const char *system;        /* for "prompt" records in the chat format; NULL: default */
+    int raw;                   /* "prompt" is plain text to continue */
+    int64_t max_prompt_bytes;
+};
+
+/* A record ready to run: its prompt tokens and settings. */
+struct batch_rec {
+    struct batch_item *it;
+    kli_token *toks;
+    int32_t n;
+    struct kli_sampler_options so;
+    int32_t max_tokens;
+    char *stop[BATCH_MAX_STOP];
+    int n_stop;
+    char *error;               /* set: the record fails with this message */
+};
+
+/* Parses and tokenizes the record of item `it`. Problems with the record end up in
+ * rec->error. @return NULL only when out of memory. */
+struct batch_rec *batch_rec_prepare(const struct batch_input *in, struct batch_item *it,
+                                    const struct kli_tokenizer *tok,
+                                    const struct batch_defaults *d);
+void batch_rec_free(struct batch_rec *r);
+
+#endif

@@ -1,0 +1,746 @@
+/*
+ * cli_batch_io.c - the input and output side of kli batch: indexing the JSONL input (ids,
+ * shards, duplicates, records already done), reading the ids of an existing output, turning
+ * a record into prompt tokens and settings, and writing JSON strings.
+ *
+ * The input is scanned once before any work, every line parsed, so that each record's id
+ * is known up front: that gives the total for the progress bar, the duplicate check (a
+ * record whose id appeared on an earlier line fails as "line:N") and the shard split, and it
+ * is the same in every copy of a sharded job because it depends on the input alone. A record
+ * is parsed again, and tokenized, only when it is about to run.
+ */
+#include "config.h"
+
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "kli.h"
+#include "cli.h"
+#include "cli_batch.h"
+
+/* ==== bytes, UTF-8 and JSON strings ======================================================== */
+
+int
+bbuf_add(struct bbuf *b, const void *p, size_t n)
+{
+    if (b->n + n + 1 > b->cap) {
+        size_t nc = (b->n + n + 1) * 2;
+        char *np = realloc(b->p, nc);
+        if (np == NULL)
+            return -1;
+        b->p = np;
+        b->cap = nc;
+    }
+    if (n > 0)
+        memcpy(b->p + b->n, p, n);
+    b->n += n;
+    b->p[b->n] = '\0';
+    return 0;
+}
+
+int
+bbuf_addf(struct bbuf *b, const char *fmt, ...)
+{
+    char tmp[512];
+    va_list ap;
+    int k;
+
+    va_start(ap, fmt);
+    k = vsnprintf(tmp, sizeof(tmp), fmt, ap);
+    va_end(ap);
+    if (k < 0 || (size_t)k >= sizeof(tmp))
+        return -1;
+    return bbuf_add(b, tmp, (size_t)k);
+}
+
+/* The length of the valid UTF-8 sequence at p (1 to 4), or minus the length of its maximal
+ * subpart: the bytes that started a sequence before it broke off (at least 1). */
+static int
+utf8_seq(const unsigned char *p, size_t n)
+{
+    unsigned c = p[0], lo = 0x80, hi = 0xbf;
+    int need;
+
+    if (c < 0x80)
+        return 1;
+    if (c >= 0xc2 && c <= 0xdf) {
+        need = 1;
+    } else if (c >= 0xe0 && c <= 0xef) {
+        need = 2;
+        if (c == 0xe0)
+            lo = 0xa0;
+        else if (c == 0xed)
+            hi = 0x9f;
+    } else if (c >= 0xf0 && c <= 0xf4) {
+        need = 3;
+        if (c == 0xf0)
+            lo = 0x90;
+        else if (c == 0xf4)
+            hi = 0x8f;
+    } else {
+        return -1;
+    }
+    for (int k = 1; k <= need; k++) {
+        if ((size_t)k >= n || p[k] < lo || p[k] > hi)
+            return -k;
+        lo = 0x80;
+        hi = 0xbf;
+    }
+    return need + 1;
+}
+
+size_t
+batch_utf8_valid(const char *s, size_t n)
+{
+    size_t i = 0;
+
+    while (i < n) {
+        int k = utf8_seq((const unsigned char *)s + i, n - i);
+        if (k < 0)
+            return i;
+        i += (size_t)k;
+    }
+    return n;
+}
+
+int
+bbuf_json_str(struct bbuf *b, const char *s, size_t n)
+{
+    size_t i = 0;
+
+    if (bbuf_add(b, "\"", 1) != 0)
+        return -1;
+    while (i < n) {
+        unsigned char c = (unsigned char)s[i];
+        int k, rc;
+        if (c < 0x80) {
+            switch (c) {
+            case '"': rc = bbuf_add(b, "\\\"", 2); break;
+            case '\\': rc = bbuf_add(b, "\\\\", 2); break;
+            case '\n': rc = bbuf_add(b, "\\n", 2); break;
+            case '\r': rc = bbuf_add(b, "\\r", 2); break;
+            case '\t': rc = bbuf_add(b, "\\t", 2); break;
+            default:
+                rc = c < 0x20 ? bbuf_addf(b, "\\u%04x", c) : bbuf_add(b, s + i, 1);
+            }
+            i++;
+        } else if ((k = utf8_seq((const unsigned char *)s + i, n - i)) > 0) {
+            rc = bbuf_add(b, s + i, (size_t)k);
+            i += (size_t)k;
+        } else {
+            rc = bbuf_add(b, "\xef\xbf\xbd", 3);
+            i += (size_t)-k;
+        }
+        if (rc != 0)
+            return -1;
+    }
+    return bbuf_add(b, "\"", 1);
+}
+
+uint64_t
+batch_fnv(uint64_t h, const void *p, size_t n)
+{
+    const unsigned char *b = p;
+
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ b[i]) * 0x100000001b3ULL;
+    return h;
+}
+
+/* ==== a set of ids: open addressing over FNV hashes ======================================== */
+
+struct batch_idset {
+    char **key;
+    int32_t *val;
+    uint64_t cap, n;    /* cap: a power of two, at most half full */
+};
+
+struct batch_idset *
+batch_idset_create(void)
+{
+    struct batch_idset *s = calloc(1, sizeof(*s));
+
+    if (s == NULL)
+        return NULL;
+    s->cap = 1024;
+    s->key = calloc(s->cap, sizeof(*s->key));
+    s->val = calloc(s->cap, sizeof(*s->val));
+    if (s->key == NULL || s->val == NULL) {
+        batch_idset_free(s);
+        return NULL;
+    }
+    return s;
+}
+
+void
+batch_idset_free(struct batch_idset *s)
+{
+    if (s == NULL)
+        return;
+    if (s->key != NULL) {
+        for (uint64_t i = 0; i < s->cap; i++)
+            free(s->key[i]);
+    }
+    free(s->key);
+    free(s->val);
+    free(s);
+}
+
+static uint64_t
+idset_slot(char *const *key, uint64_t cap, const char *id)
+{
+    uint64_t i = batch_fnv(BATCH_FNV_BASIS, id, strlen(id)) & (cap - 1);
+
+    while (key[i] != NULL && strcmp(key[i], id) != 0)
+        i = (i + 1) & (cap - 1);
+    return i;
+}
+
+int
+batch_idset_add(struct batch_idset *s, const char *id, int32_t v, int32_t *value)
+{
+    uint64_t i = idset_slot(s->key, s->cap, id);
+
+    if (s->key[i] != NULL) {
+        if (value != NULL)
+            *value = s->val[i];
+        return 0;
+    }
+    if (2 * (s->n + 1) > s->cap) {
+        uint64_t nc = 2 * s->cap;
+        char **nk = calloc(nc, sizeof(*nk));
+        int32_t *nv = calloc(nc, sizeof(*nv));
+        if (nk == NULL || nv == NULL) {
+            free(nk);
+            free(nv);
+            return -1;
+        }
+        for (uint64_t k = 0; k < s->cap; k++) {
+            if (s->key[k] != NULL) {
+                uint64_t j = idset_slot(nk, nc, s->key[k]);
+                nk[j] = s->key[k];
+                nv[j] = s->val[k];
+            }
+        }
+        free(s->key);
+        free(s->val);
+        s->key = nk;
+        s->val = nv;
+        s->cap = nc;
+        i = idset_slot(s->key, s->cap, id);
+    }
+    if ((s->key[i] = strdup(id)) == NULL)
+        return -1;
+    s->val[i] = v;
+    s->n++;
+    if (value != NULL)
+        *value = v;
+    return 1;
+}
+
+int
+batch_idset_has(const struct batch_idset *s, const char *id)
+{
+    return s->key[idset_slot(s->key, s->cap, id)] != NULL;
+}
+
+int64_t
+batch_idset_count(const struct batch_idset *s)
+{
+    return (int64_t)s->n;
+}
+
+/* ==== the input index ====================================================================== */
+
+static char *
+io_strdupf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+static char *
+io_strdupf(const char *fmt, ...)
+{
+    char tmp[512];
+    va_list ap;
+
+    va_start(ap, fmt);
+    vsnprintf(tmp, sizeof(tmp), fmt, ap);
+    va_end(ap);
+    return strdup(tmp);
+}
+
+static int
+io_load(struct batch_input *in, const char *path)
+{
+    struct stat st;
+    int fd;
+
+    if (strcmp(path, "-") != 0) {
+        if ((fd = open(path, O_RDONLY)) < 0) {
+            cli_error("%s: %s", path, strerror(errno));
+            return -1;
+        }
+        if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_size > 0) {
+            void *p = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
+            close(fd);
+            if (p == MAP_FAILED) {
+                cli_error("%s: %s", path, strerror(errno));
+                return -1;
+            }
+            in->text = p;
+            in->len = (size_t)st.st_size;
+            in->mapped = 1;
+            return 0;
+        }
+        close(fd);
+    }
+    char *t = cli_read_file(path, &in->len);
+    if (t == NULL)
+        return -1;
+    in->text = t;
+    return 0;
+}
+
+/* The id of the record on a line, or NULL when it has none (or not a usable one). Sets
+ * *error for a line that is no record at all. */
+static char *
+io_line_id(const char *p, size_t len, int64_t max_line, char **error)
+{
+    size_t bad;
+
+    if ((int64_t)len > max_line) {
+        *error = io_strdupf("a line of %zu bytes is over the limit of %lld (see "
+                            "--max-prompt-bytes)", len, (long long)max_line);
+        return NULL;
+    }
+    if ((bad = batch_utf8_valid(p, len)) < len) {
+        *error = io_strdupf("not valid UTF-8 at byte %zu", bad + 1);
+        return NULL;
+    }
+    cJSON *root = cJSON_ParseWithLength(p, len);
+    if (root == NULL) {
+        const char *at = cJSON_GetErrorPtr();
+        size_t off = at != NULL && at >= p && at <= p + len ? (size_t)(at - p) + 1 : 0;
+        *error = io_strdupf("malformed JSON near byte %zu", off);
+        return NULL;
+    }
+    char *id = NULL;
+    if (!cJSON_IsObject(root)) {
+        *error = strdup("not a JSON object");
+    } else {
+        cJSON *j = cJSON_GetObjectItemCaseSensitive(root, "id");
+        if (cJSON_IsString(j) && j->valuestring[0] != '\0')
+            id = strdup(j->valuestring);
+    }
+    cJSON_Delete(root);
+    return id;
+}
+
+int
+batch_input_open(struct batch_input *in, const char *path, const struct batch_select *sel)
+{
+    struct batch_idset *seen = batch_idset_create();
+    int64_t cap = 0;
+    size_t pos = 0;
+    int32_t ln = 0;
+
+    memset(in, 0, sizeof(*in));
+    if (seen == NULL || io_load(in, path) != 0)
+        goto fail;
+    while (pos < in->len) {
+        const char *p = in->text + pos, *nl = memchr(p, '\n', in->len - pos);
+        size_t len = nl != NULL ? (size_t)(nl - p) : in->len - pos;
+        pos += len + (nl != NULL);
+        ln++;
+        if (len > 0 && p[len - 1] == '\r')
+            len--;
+        size_t k = 0;
+        while (k < len && (p[k] == ' ' || p[k] == '\t'))
+            k++;
+        if (k == len)
+            continue;   /* a blank line is no record */
+        in->n_records++;
+
+        struct batch_item it = {(int64_t)(p - in->text), (int64_t)len, ln, NULL, NULL};
+        char lid[32];
+        int32_t first;
+        snprintf(lid, sizeof(lid), "line:%d", (int)ln);
+        it.id = io_line_id(p, len, sel->max_line, &it.error);
+        if (it.id != NULL) {
+            int r = batch_idset_add(seen, it.id, ln, &first);
+            if (r < 0)
+                goto nomem;
+            if (r == 0) {
+                it.error = io_strdupf("duplicate id \"%.200s\" (first on line %d)", it.id,
+                                      (int)first);
+                free(it.id);
+                it.id = NULL;
+            }
+        }
+        if (it.id == NULL && (it.id = strdup(lid)) == NULL)
+            goto nomem;
+        if (batch_fnv(BATCH_FNV_BASIS, it.id, strlen(it.id)) % (uint64_t)sel->shard_n !=
+            (uint64_t)(sel->shard_k - 1)) {
+            in->n_other_shards++;
+            free(it.id);
+            free(it.error);
+            continue;
+        }
+        if (sel->done != NULL && batch_idset_has(sel->done, it.id)) {
+            in->n_done++;
+            free(it.id);
+            free(it.error);
+            continue;
+        }
+        if (in->n_items == cap) {
+            int64_t nc = cap ? 2 * cap : 256;
+            struct batch_item *ni = realloc(in->items, (size_t)nc * sizeof(*ni));
+            if (ni == NULL) {
+                free(it.id);
+                free(it.error);
+                goto nomem;
+            }
+            in->items = ni;
+            cap = nc;
+        }
+        in->items[in->n_items++] = it;
+    }
+    in->n_lines = ln;
+    batch_idset_free(seen);
+    return 0;
+nomem:
+    cli_error("%s: out of memory", path);
+fail:
+    batch_idset_free(seen);
+    batch_input_close(in);
+    return -1;
+}
+
+void
+batch_input_close(struct batch_input *in)
+{
+    for (int64_t i = 0; i < in->n_items; i++) {
+        free(in->items[i].id);
+        free(in->items[i].error);
+    }
+    free(in->items);
+    if (in->mapped)
+        munmap((void *)in->text, in->len);
+    else
+        free((void *)in->text);
+    memset(in, 0, sizeof(*in));
+}
+
+/* ==== the output of an earlier run ========================================================= */
+
+int
+batch_output_scan(const char *path, struct batch_idset *set, int quiet)
+{
+    size_t len, pos = 0, bad = 0;
+    char *text = cli_read_file(path, &len);
+
+    if (text == NULL)
+        return -1;
+    if (len > 0 && text[len - 1] != '\n') {
+        size_t keep = len;
+        while (keep > 0 && text[keep - 1] != '\n')
+            keep--;
+        if (truncate(path, (off_t)keep) != 0) {
+            cli_error("%s: cannot cut off its incomplete last line: %s", path, strerror(errno));
+            free(text);
+            return -1;
+        }
+        if (!quiet)
+            fprintf(stderr, "kli: %s: dropped an incomplete last line (%zu bytes)\n", path,
+                    len - keep);
+        len = keep;
+    }
+    while (pos < len) {
+        char *p = text + pos, *nl = memchr(p, '\n', len - pos);
+        size_t n = (size_t)(nl - p);   /* every line ends in a newline now */
+        pos += n + 1;
+        cJSON *root = cJSON_ParseWithLength(p, n);
+        cJSON *id = cJSON_GetObjectItemCaseSensitive(root, "id");
+        if (cJSON_IsString(id)) {
+            if (batch_idset_add(set, id->valuestring, 0, NULL) < 0) {
+                cJSON_Delete(root);
+                free(text);
+                cli_error("%s: out of memory", path);
+                return -1;
+            }
+        } else if (n > 0) {
+            bad++;
+        }
+        cJSON_Delete(root);
+    }
+    if (bad > 0 && !quiet)
+        fprintf(stderr, "kli: %s: %zu lines without an id ignored\n", path, bad);
+    free(text);
+    return 0;
+}
+
+/* ==== records ============================================================================== */
+
+static int
+rec_fail(struct batch_rec *r, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+static int
+rec_fail(struct batch_rec *r, const char *fmt, ...)
+{
+    char tmp[512];
+    va_list ap;
+
+    va_start(ap, fmt);
+    vsnprintf(tmp, sizeof(tmp), fmt, ap);
+    va_end(ap);
+    if (r->error == NULL)
+        r->error = strdup(tmp);
+    return -1;
+}
+
+/* A number field: absent leaves *out, anything but a number in [lo, hi] fails. */
+static int
+rec_num(struct batch_rec *r, const cJSON *o, const char *name, double lo, double hi,
+        int integer, double *out)
+{
+    const cJSON *j = cJSON_GetObjectItemCaseSensitive(o, name);
+
+    if (j == NULL || cJSON_IsNull(j))
+        return 0;
+    if (!cJSON_IsNumber(j) || !(j->valuedouble >= lo && j->valuedouble <= hi) ||
+        (integer && j->valuedouble != (double)(int64_t)j->valuedouble))
+        return rec_fail(r, "\"%s\" must be %s in [%g, %g]", name,
+                        integer ? "an integer" : "a number", lo, hi);
+    *out = j->valuedouble;
+    return 0;
+}
+
+static int
+rec_settings(struct batch_rec *r, const cJSON *o)
+{
+    double v;
+    const cJSON *stop;
+
+    static const struct {
+        const char *name;
+        size_t off;
+        double lo, hi;
+    } floats[] = {
+        {"temperature", offsetof(struct kli_sampler_options, temperature), 0, 100},
+        {"top_p", offsetof(struct kli_sampler_options, top_p), 0, 1},
+        {"min_p", offsetof(struct kli_sampler_options, min_p), 0, 1},
+        {"repeat_penalty", offsetof(struct kli_sampler_options, repeat_penalty), 0, 100},
+        {"presence_penalty", offsetof(struct kli_sampler_options, presence_penalty), -100, 100},
+        {"frequency_penalty", offsetof(struct kli_sampler_options, frequency_penalty), -100,
+         100},
+    };
+    for (size_t i = 0; i < sizeof(floats) / sizeof(floats[0]); i++) {
+        float *f = (float *)((char *)&r->so + floats[i].off);
+        v = *f;
+        if (rec_num(r, o, floats[i].name, floats[i].lo, floats[i].hi, 0, &v) != 0)
+            return -1;
+        *f = (float)v;
+    }
+    v = r->so.top_k;
+    if (rec_num(r, o, "top_k", 0, 1 << 30, 1, &v) != 0)
+        return -1;
+    r->so.top_k = (int32_t)v;
+    v = r->so.penalty_last_n;
+    if (rec_num(r, o, "repeat_last_n", 0, 1 << 24, 1, &v) != 0)
+        return -1;
+    r->so.penalty_last_n = (int32_t)v;
+    v = r->max_tokens;
+    if (rec_num(r, o, "max_tokens", 0, 1 << 30, 1, &v) != 0)
+        return -1;
+    r->max_tokens = (int32_t)v;
+    /* Seeds above 2^53 cannot be told apart in a JSON number; they are rejected. */
+    v = (double)r->so.seed;
+    if (rec_num(r, o, "seed", 0, 9007199254740992.0, 1, &v) != 0)
+        return -1;
+    r->so.seed = (uint64_t)v;
+
+    stop = cJSON_GetObjectItemCaseSensitive(o, "stop");
+    if (stop != NULL && !cJSON_IsNull(stop)) {
+        for (int i = 0; i < r->n_stop; i++)
+            free(r->stop[i]);
+        r->n_stop = 0;
+        if (cJSON_IsString(stop)) {
+            if (stop->valuestring[0] == '\0')
+                return rec_fail(r, "\"stop\" may not be empty");
+            if ((r->stop[r->n_stop++] = strdup(stop->valuestring)) == NULL)
+                return rec_fail(r, "out of memory");
+        } else if (cJSON_IsArray(stop)) {
+            const cJSON *s;
+            cJSON_ArrayForEach(s, stop) {
+                if (!cJSON_IsString(s) || s->valuestring[0] == '\0')
+                    return rec_fail(r, "\"stop\" must hold non-empty strings");
+                if (r->n_stop == BATCH_MAX_STOP)
+                    return rec_fail(r, "\"stop\": at most %d strings", BATCH_MAX_STOP);
+                if ((r->stop[r->n_stop++] = strdup(s->valuestring)) == NULL)
+                    return rec_fail(r, "out of memory");
+            }
+        } else {
+            return rec_fail(r, "\"stop\" must be a string or an array of strings");
+        }
+    }
+    struct kli_sampler *probe = NULL;
+    struct kli_err err = {0};
+    if (kli_sampler_create(&probe, &r->so, 1, &err) != KLI_OK)
+        return rec_fail(r, "%s", err.msg);
+    kli_sampler_free(probe);
+    return 0;
+}
+
+/* Renders chat messages to r->toks. */
+static int
+rec_render(struct batch_rec *r, const struct kli_tokenizer *tok,
+           const struct kli_chat_message *msgs, int32_t nm)
+{
+    struct kli_err err = {0};
+    int64_t n = kli_chat_render(tok, msgs, nm, 1, 0, NULL, 0, &err);
+
+    if (n < 0)
+        return rec_fail(r, "%s", err.msg);
+    if (n > INT32_MAX - 1)
+        return rec_fail(r, "the prompt is too long");
+    if ((r->toks = malloc(((size_t)n + 1) * sizeof(kli_token))) == NULL)
+        return rec_fail(r, "out of memory");
+    kli_chat_render(tok, msgs, nm, 1, 0, r->toks, n, &err);
+    r->n = (int32_t)n;
+    return 0;
+}
+
+static int
+rec_prompt(struct batch_rec *r, const cJSON *o, const struct kli_tokenizer *tok,
+           const struct batch_defaults *d)
+{
+    const cJSON *prompt = cJSON_GetObjectItemCaseSensitive(o, "prompt");
+    const cJSON *messages = cJSON_GetObjectItemCaseSensitive(o, "messages");
+    const cJSON *system = cJSON_GetObjectItemCaseSensitive(o, "system");
+    const cJSON *raw = cJSON_GetObjectItemCaseSensitive(o, "raw");
+    struct kli_err err = {0};
+
+    if (prompt != NULL && messages != NULL)
+        return rec_fail(r, "give \"prompt\" or \"messages\", not both");
+    if (prompt == NULL && messages == NULL)
+        return rec_fail(r, "the record has no \"prompt\" and no \"messages\"");
+    if (system != NULL && !cJSON_IsString(system))
+        return rec_fail(r, "\"system\" must be a string");
+    if (raw != NULL && !cJSON_IsBool(raw))
+        return rec_fail(r, "\"raw\" must be true or false");
+    if (prompt != NULL) {
+        if (!cJSON_IsString(prompt))
+            return rec_fail(r, "\"prompt\" must be a string");
+        const char *text = prompt->valuestring;
+        size_t len = strlen(text);
+        if ((int64_t)len > d->max_prompt_bytes)
+            return rec_fail(r, "the prompt of %zu bytes is over --max-prompt-bytes %lld", len,
+                            (long long)d->max_prompt_bytes);
+        if (raw != NULL ? cJSON_IsTrue(raw) : d->raw) {
+            if ((r->toks = malloc((len + 1) * sizeof(kli_token))) == NULL)
+                return rec_fail(r, "out of memory");
+            int64_t n = kli_tokenize(tok, text, len, 0, r->toks, (int64_t)len + 1, &err);
+            if (n < 0)
+                return rec_fail(r, "%s", err.msg);
+            if (n > INT32_MAX - 1)
+                return rec_fail(r, "the prompt is too long");
+            r->n = (int32_t)n;
+            return 0;
+        }
+        struct kli_chat_message msgs[2];
+        int nm = 0;
+        const char *sys = system != NULL ? system->valuestring : d->system;
+        if (sys != NULL) {
+            msgs[nm].role = "system";
+            msgs[nm++].content = sys;
+        }
+        msgs[nm].role = "user";
+        msgs[nm++].content = text;
+        return rec_render(r, tok, msgs, nm);
+    }
+    if (!cJSON_IsArray(messages) || cJSON_GetArraySize(messages) < 1)
+        return rec_fail(r, "\"messages\" must be a non-empty array of {\"role\", \"content\"}");
+    int count = cJSON_GetArraySize(messages);
+    struct kli_chat_message *msgs = calloc((size_t)count, sizeof(*msgs));
+    int64_t bytes = 0;
+    const cJSON *m;
+    int i = 0, rc;
+    if (msgs == NULL)
+        return rec_fail(r, "out of memory");
+    cJSON_ArrayForEach(m, messages) {
+        const cJSON *role = cJSON_GetObjectItemCaseSensitive(m, "role");
+        const cJSON *content = cJSON_GetObjectItemCaseSensitive(m, "content");
+        if (!cJSON_IsString(role) || !cJSON_IsString(content)) {
+            free(msgs);
+            return rec_fail(r, "message %d needs string \"role\" and \"content\"", i);
+        }
+        msgs[i].role = role->valuestring;
+        msgs[i++].content = content->valuestring;
+        bytes += (int64_t)strlen(content->valuestring);
+    }
+    if (bytes > d->max_prompt_bytes) {
+        free(msgs);
+        return rec_fail(r, "the messages of %lld bytes are over --max-prompt-bytes %lld",
+                        (long long)bytes, (long long)d->max_prompt_bytes);
+    }
+    rc = rec_render(r, tok, msgs, count);
+    free(msgs);
+    return rc;
+}
+
+struct batch_rec *
+batch_rec_prepare(const struct batch_input *in, struct batch_item *it,
+                  const struct kli_tokenizer *tok, const struct batch_defaults *d)
+{
+    struct batch_rec *r = calloc(1, sizeof(*r));
+    cJSON *root = NULL;
+
+    if (r == NULL)
+        return NULL;
+    r->it = it;
+    r->so = d->so;
+    r->max_tokens = d->max_tokens;
+    for (int i = 0; i < d->n_stop; i++) {
+        if ((r->stop[r->n_stop++] = strdup(d->stop[i])) == NULL)
+            goto nomem;
+    }
+    if (it->error != NULL) {
+        if ((r->error = strdup(it->error)) == NULL)
+            goto nomem;
+        return r;
+    }
+    root = cJSON_ParseWithLength(in->text + it->off, (size_t)it->len);
+    if (root == NULL)
+        goto nomem;   /* it parsed during the scan */
+    if (rec_settings(r, root) == 0 && rec_prompt(r, root, tok, d) == 0 && r->n == 0)
+        rec_fail(r, "the prompt is empty");
+    cJSON_Delete(root);
+    if (r->error != NULL) {
+        free(r->toks);
+        r->toks = NULL;
+        r->n = 0;
+    }
+    return r;
+nomem:
+    batch_rec_free(r);
+    return NULL;
+}
+
+void
+batch_rec_free(struct batch_rec *r)
+{
+    if (r == NULL)
+        return;
+    for (int i = 0; i < r->n_stop; i++)
+        free(r->stop[i]);
+    free(r->toks);
+    free(r->error);
+    free(r);
+}

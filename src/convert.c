@@ -1,0 +1,351 @@
+/*
+ * convert.c - kli_convert: a model directory (or a .kli file) into one self-contained .kli
+ * file (weights/packed.c writes it, kli-pack(5) specifies it); kli_model_verify.
+ *
+ * The input is opened as a model first, so a checkpoint kli cannot run is refused before
+ * anything is written, with the message model.c gives. Then the tensors stream through the
+ * writer one at a time, converted in slabs of rows as kli_quantize does (same rules for which
+ * tensors change dtype, shared through quantize.h), and each source tensor's pages are
+ * dropped once written: resident memory stays a few MB plus the metadata whatever the model
+ * size. File order: every tensor that is not a routed expert's, in the checkpoint's order,
+ * then the routed experts by layer and expert, each as the run w1, w3, w2 that the writer
+ * puts in one page-aligned range (an expert is then one range to prefetch or evict).
+ */
+#include "config.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "internal.h"
+#include "model.h"
+#include "quantize.h"
+#include "weights.h"
+
+enum {
+    CV_COPY_CHUNK = 8 << 20,         /* bytes copied between progress reports */
+    CV_MAX_TEXT = 1 << 28,           /* the largest config or tokenizer file accepted */
+};
+
+void
+kli_convert_options_init(struct kli_convert_options *opt)
+{
+    memset(opt, 0, sizeof(*opt));
+}
+
+/* One tensor in file order. */
+struct cv_item {
+    int64_t src;            /* index in the input wfile */
+    int32_t layer, expert;  /* for routed experts */
+    int32_t role;           /* 0: not a routed expert; 1, 2, 3: w1, w3, w2 */
+    int64_t group;          /* -1, or the expert's group number */
+};
+
+/* "model.layers.L.block_sparse_moe.experts.E.wK.weight" in its canonical spelling.
+ * @return the role (1 w1, 2 w3, 3 w2) or 0. */
+static int
+cv_expert_role(const char *name, int32_t *layer, int32_t *expert)
+{
+    static const char *const suffix[] = {"w1.weight", "w3.weight", "w2.weight"};
+    char canon[128];
+    int L, E, n = -1;
+
+    if (sscanf(name, "model.layers.%d.block_sparse_moe.experts.%d.%n", &L, &E, &n) != 2 ||
+        n < 0 || L < 0 || E < 0)
+        return 0;
+    snprintf(canon, sizeof(canon), "model.layers.%d.block_sparse_moe.experts.%d.", L, E);
+    if (strncmp(name, canon, (size_t)n) != 0 || strlen(canon) != (size_t)n)
+        return 0;
+    for (int k = 0; k < 3; k++) {
+        if (strcmp(name + n, suffix[k]) == 0) {
+            *layer = L;
+            *expert = E;
+            return k + 1;
+        }
+    }
+    return 0;
+}
+
+static int
+cv_item_cmp(const void *a, const void *b)
+{
+    const struct cv_item *x = a, *y = b;
+
+    if ((x->role > 0) != (y->role > 0))
+        return x->role > 0 ? 1 : -1;
+    if (x->role > 0) {
+        if (x->layer != y->layer)
+            return x->layer < y->layer ? -1 : 1;
+        if (x->expert != y->expert)
+            return x->expert < y->expert ? -1 : 1;
+        if (x->role != y->role)
+            return x->role < y->role ? -1 : 1;
+    }
+    return x->src < y->src ? -1 : x->src > y->src;
+}
+
+/* Puts the tensors in file order and numbers the complete experts' groups. */
+static struct cv_item *
+cv_order(const struct kli_wfile *wf, int64_t n)
+{
+    struct cv_item *it = kli_calloc((size_t)n + 1, sizeof(*it));
+    int64_t g = 0;
+
+    if (it == NULL)
+        return NULL;
+    for (int64_t i = 0; i < n; i++) {
+        it[i].src = i;
+        it[i].role = cv_expert_role(kli_wfile_tensor(wf, i)->name, &it[i].layer,
+                                    &it[i].expert);
+        it[i].group = -1;
+    }
+    qsort(it, (size_t)n, sizeof(*it), cv_item_cmp);
+    for (int64_t i = 0; i + 2 < n; i++) {
+        if (it[i].role == 1 && it[i + 1].role == 2 && it[i + 2].role == 3 &&
+            it[i].layer == it[i + 2].layer && it[i].expert == it[i + 2].expert &&
+            it[i].layer == it[i + 1].layer && it[i].expert == it[i + 1].expert) {
+            it[i].group = it[i + 1].group = it[i + 2].group = g++;
+            i += 2;
+        }
+    }
+    return it;
+}
+
+/* Reads a whole small file. @return KLI_OK, 1 when it is absent and optional, or an error. */
+static int
+cv_read(const char *dir, const char *name, int optional, char **buf, uint64_t *len,
+        struct kli_err *err)
+{
+    char path[4096];
+    FILE *f;
+    long n;
+
+    *buf = NULL;
+    *len = 0;
+    if (snprintf(path, sizeof(path), "%s/%s", dir, name) >= (int)sizeof(path))
+        return kli_err_set(err, KLI_E_RANGE, "%s: path too long", dir);
+    f = fopen(path, "rb");
+    if (f == NULL) {
+        if (optional && errno == ENOENT)
+            return 1;
+        return kli_err_set(err, KLI_E_IO, "%s: %s", path, strerror(errno));
+    }
+    if (fseek(f, 0, SEEK_END) != 0 || (n = ftell(f)) < 0 || fseek(f, 0, SEEK_SET) != 0 ||
+        n > CV_MAX_TEXT) {
+        fclose(f);
+        return kli_err_set(err, KLI_E_IO, "%s: cannot read (or larger than %d bytes)", path,
+                           CV_MAX_TEXT);
+    }
+    *buf = kli_malloc((size_t)n + 1);
+    if (*buf == NULL) {
+        fclose(f);
+        return kli_err_set(err, KLI_E_NOMEM, "out of memory reading %s", path);
+    }
+    if (fread(*buf, 1, (size_t)n, f) != (size_t)n) {
+        fclose(f);
+        free(*buf);
+        *buf = NULL;
+        return kli_err_set(err, KLI_E_IO, "%s: short read", path);
+    }
+    fclose(f);
+    (*buf)[n] = '\0';
+    *len = (uint64_t)n;
+    return KLI_OK;
+}
+
+/* The state of one conversion's streaming loop. */
+struct cv_stream {
+    const struct kli_convert_options *opt;
+    struct kli_pack_writer *w;
+    uint64_t done, total;
+    float *fbuf;          /* [slab_rows * maxcols] */
+    uint8_t *qbuf;        /* the same in the widest output dtype (4 bytes per element) */
+    int64_t slab_rows;
+};
+
+static int
+cv_tick(struct cv_stream *s, uint64_t bytes, const char *name, struct kli_err *err)
+{
+    s->done += bytes;
+    if (s->opt->progress != NULL)
+        s->opt->progress(s->opt->ud, s->done, s->total, name);
+    if (s->opt->interrupt != NULL && s->opt->interrupt(s->opt->ud) != 0)
+        return kli_err_set(err, KLI_E_INTERRUPTED, "conversion interrupted");
+    return KLI_OK;
+}
+
+/* Drops the source pages of bytes [off, off + n) of d: a 1 GB embedding then costs no
+ * more resident memory than a small tensor. */
+static void
+cv_drop(const struct kli_wfile *wf, const struct kli_tensor_desc *d, uint64_t off, uint64_t n)
+{
+    struct kli_tensor_desc part = *d;
+
+    part.data = (const uint8_t *)d->data + off;
+    part.nbytes = n;
+    kli_wfile_dontneed(wf, &part);
+}
+
+static int
+cv_tensor(struct cv_stream *s, const struct kli_wfile *wf, const struct kli_tensor_desc *d,
+          enum kli_dtype to, struct kli_err *err)
+{
+    const uint8_t *src = d->data;
+    int rc = KLI_OK;
+
+    if (to == d->dtype) {
+        for (uint64_t o = 0; o < d->nbytes && rc == KLI_OK; o += CV_COPY_CHUNK) {
+            uint64_t k = d->nbytes - o < CV_COPY_CHUNK ? d->nbytes - o : CV_COPY_CHUNK;
+
+            rc = kli_pack_writer_write(s->w, src + o, k, err);
+            cv_drop(wf, d, o, k);
+            if (rc == KLI_OK)
+                rc = cv_tick(s, k, d->name, err);
+        }
+        return d->nbytes == 0 ? cv_tick(s, 0, d->name, err) : rc;
+    }
+    int64_t cols = d->ndim > 0 ? d->shape[d->ndim - 1] : 1;
+    int64_t rows = cols > 0 ? d->numel / cols : 0;
+    uint64_t in_rb = kli_dtype_nbytes(d->dtype, (uint64_t)cols);
+    uint64_t out_rb = kli_dtype_nbytes(to, (uint64_t)cols);
+
+    for (int64_t r = 0; r < rows && rc == KLI_OK; r += s->slab_rows) {
+        int64_t k = rows - r < s->slab_rows ? rows - r : s->slab_rows;
+
+        kli_dtype_to_f32(d->dtype, src + (uint64_t)r * in_rb, s->fbuf, k * cols);
+        kli_dtype_from_f32(to, s->fbuf, s->qbuf, k * cols);
+        rc = kli_pack_writer_write(s->w, s->qbuf, (uint64_t)k * out_rb, err);
+        cv_drop(wf, d, (uint64_t)r * in_rb, (uint64_t)k * in_rb);
+        if (rc == KLI_OK)
+            rc = cv_tick(s, (uint64_t)k * in_rb, d->name, err);
+    }
+    return rc;
+}
+
+int
+kli_convert(const char *in, const char *out, const struct kli_convert_options *opt,
+            struct kli_err *err)
+{
+    struct kli_convert_options dflt;
+    struct kli_model_options mo;
+    struct kli_model *m = NULL;
+    struct kli_pack_meta meta = {0};
+    struct kli_pack_entry *ent = NULL;
+    struct cv_item *order = NULL;
+    struct cv_stream s = {0};
+    char *cfg = NULL, *ranks = NULL, *tcfg = NULL;
+    enum kli_dtype want = KLI_DT_COUNT;
+    struct stat st;
+    int rc;
+
+    if (in == NULL || out == NULL)
+        return kli_err_set(err, KLI_E_INVALID, "kli_convert: NULL argument");
+    if (opt == NULL) {
+        kli_convert_options_init(&dflt);
+        opt = &dflt;
+    }
+    if (opt->type != NULL && kli_dtype_parse(opt->type, &want) != 0)
+        return kli_err_set(err, KLI_E_RANGE, "unknown weight type \"%s\" (bf16, q8_0, q4, f16, "
+                           "f32)", opt->type);
+    if ((rc = quantize_check_rules(opt->keep, opt->n_keep, err)) != KLI_OK)
+        return rc;
+    if (!opt->force && stat(out, &st) == 0)
+        return kli_err_set(err, KLI_E_IO, "%s exists (use --force to overwrite)", out);
+
+    /* The input must run: every tensor checked against its configuration. */
+    kli_model_options_init(&mo);
+    if ((rc = kli_model_open(&m, in, &mo, err)) != KLI_OK)
+        return rc;
+    const struct kli_wfile *wf = m->wf;
+    const struct kli_pack_info *pk = kli_wfile_pack(wf);
+    if (pk != NULL) {
+        meta.config = pk->config;
+        meta.config_len = pk->config_len;
+        meta.tok_ranks = pk->tok_ranks;
+        meta.tok_ranks_len = pk->tok_ranks_len;
+        meta.tok_config = pk->tok_config;
+        meta.tok_config_len = pk->tok_config_len;
+    } else {
+        if ((rc = cv_read(in, "config.json", 0, &cfg, &meta.config_len, err)) != KLI_OK)
+            goto out;
+        meta.config = cfg;
+        rc = cv_read(in, "tiktoken.model", 1, &ranks, &meta.tok_ranks_len, err);
+        if (rc < 0)
+            goto out;
+        meta.tok_ranks = ranks;
+        if (ranks != NULL) {
+            rc = cv_read(in, "tokenizer_config.json", 1, &tcfg, &meta.tok_config_len, err);
+            if (rc < 0)
+                goto out;
+            meta.tok_config = tcfg;
+        }
+    }
+
+    int64_t n = kli_wfile_n_tensors(wf), maxcols = 1;
+    ent = kli_calloc((size_t)n + 1, sizeof(*ent));
+    order = cv_order(wf, n);
+    if (ent == NULL || order == NULL) {
+        rc = kli_err_set(err, KLI_E_NOMEM, "out of memory");
+        goto out;
+    }
+    for (int64_t i = 0; i < n; i++) {
+        const struct kli_tensor_desc *d = kli_wfile_tensor(wf, order[i].src);
+        enum kli_dtype to = quantize_target(d, want, opt->keep, opt->n_keep);
+        struct kli_pack_entry *e = &ent[i];
+
+        e->name = d->name;
+        e->dtype = to;
+        e->dtype_name = to == d->dtype ? d->dtype_name : NULL;
+        e->ndim = d->ndim;
+        memcpy(e->shape, d->shape, sizeof(e->shape));
+        e->nbytes = to == d->dtype ? d->nbytes : kli_dtype_nbytes(to, (uint64_t)d->numel);
+        e->group = order[i].group;
+        e->layer = order[i].layer;
+        e->expert = order[i].expert;
+        s.total += d->nbytes;
+        int64_t cols = d->ndim > 0 ? d->shape[d->ndim - 1] : 1;
+        if (to != d->dtype && cols > maxcols)
+            maxcols = cols;
+    }
+    /* Slabs of whole rows, about 4 MB of floats. */
+    s.opt = opt;
+    s.slab_rows = (1 << 20) / maxcols > 0 ? (1 << 20) / maxcols : 1;
+    s.fbuf = kli_mallocarray((size_t)(s.slab_rows * maxcols), sizeof(float));
+    s.qbuf = kli_mallocarray((size_t)(s.slab_rows * maxcols), 4);
+    if (s.fbuf == NULL || s.qbuf == NULL) {
+        rc = kli_err_set(err, KLI_E_NOMEM, "out of memory");
+        goto out;
+    }
+    if ((rc = kli_pack_writer_open(&s.w, out, &meta, ent, n, err)) != KLI_OK)
+        goto out;
+    for (int64_t i = 0; i < n; i++) {
+        const struct kli_tensor_desc *d = kli_wfile_tensor(wf, order[i].src);
+
+        if ((rc = cv_tensor(&s, wf, d, ent[i].dtype, err)) != KLI_OK)
+            goto out;
+    }
+    rc = kli_pack_writer_close(s.w, err);
+    s.w = NULL;
+out:
+    kli_pack_writer_abort(s.w);
+    free(s.fbuf);
+    free(s.qbuf);
+    free(order);
+    free(ent);
+    free(cfg);
+    free(ranks);
+    free(tcfg);
+    kli_model_close(m);
+    return rc;
+}
+
+int
+kli_model_verify(const struct kli_model *model, kli_progress_fn progress, void *ud,
+                 struct kli_err *err)
+{
+    if (model == NULL)
+        return kli_err_set(err, KLI_E_INVALID, "kli_model_verify: NULL model");
+    return kli_wfile_verify(model->wf, progress, ud, err);
+}

@@ -1,0 +1,712 @@
+/*
+ * test-cuda.c - every CUDA block against its CPU twin on random inputs, and the golden
+ * fixture end to end with the GPU forced on (white-box: it drives the backend vtable of
+ * src/backend.h directly).
+ *
+ *   1. latent attention (cuda/mla.cu) vs the attention steps of mla_forward (ops_matmul,
+ *      softmax, ops_gemm_nn) and a float64 reference: decode rows, prefill rows with causal
+ *      lengths, several sequences in one job, the released model's shape; 1e-5 relative L2;
+ *   2. SwiGLU experts (cuda/moe.cu) vs ffn_forward and moe_forward's weighted sum, for each
+ *      weight dtype; 1e-5 (the CPU twins run the generic C kernels: KLI_SIMD=generic);
+ *   3. the memory budget refuses with a message;
+ *   4. the tiny model with --gpu on: prefill + decode within 1e-4 of the golden logits, all
+ *      experts resident, 3 per layer (the CPU computing the rest at the same time, with the
+ *      hot set re-chosen as it runs), MLA only; the same against the CPU path; a batched step
+ *      over two sessions; a session whose history is replaced (copy) must not reuse stale
+ *      device rows.
+ *
+ * Without CUDA or without a GPU it prints "1..0 # SKIP" with the reason.
+ *
+ * `test-cuda --bench` instead times the attention step, CPU against GPU, at the released
+ * model's shape for contexts of 4K, 32K and 128K tokens (not part of make check).
+ */
+#include "config.h"
+
+#include <cjson/cJSON.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "backend.h"
+#include "ffn.h"
+#include "kli.h"
+#include "model.h"
+#include "ops.h"
+#include "tap.h"
+#include "threads.h"
+
+static const struct kli_backend_ops *ops;
+static struct kli_gpu *gpu;
+static struct kli_gpu_queue *queue;
+static uint64_t rng = 0x9e3779b97f4a7c15ull;
+
+static void *
+xmalloc(size_t n)
+{
+    void *p = malloc(n ? n : 1);
+
+    if (p == NULL) {
+        printf("Bail out! out of memory\n");
+        exit(1);
+    }
+    return p;
+}
+
+static float
+frand(void)
+{
+    rng ^= rng << 13;
+    rng ^= rng >> 7;
+    rng ^= rng << 17;
+    return (float)((rng >> 11) * (1.0 / 9007199254740992.0)) * 2.0f - 1.0f;
+}
+
+static double
+rel_l2(const float *a, const float *b, int64_t n)
+{
+    double num = 0.0, den = 0.0;
+
+    for (int64_t i = 0; i < n; i++) {
+        if (!isfinite(a[i]))
+            return INFINITY;
+        double d = (double)a[i] - (double)b[i];
+        num += d * d;
+        den += (double)b[i] * b[i];
+    }
+    return den > 0.0 ? sqrt(num / den) : INFINITY;
+}
+
+static double
+now_s(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static void *
+dev_copy(const void *src, uint64_t bytes)
+{
+    struct kli_err err = {0};
+    void *p = NULL;
+
+    if (ops->alloc(gpu, &p, bytes, &err) != KLI_OK ||
+        ops->upload(gpu, p, src, bytes, &err) != KLI_OK) {
+        printf("Bail out! device copy of %llu bytes: %s\n", (unsigned long long)bytes,
+               err.msg);
+        exit(1);
+    }
+    return p;
+}
+
+/* ==== 1. Latent attention ==================================================================== */
+
+struct softmax_job {
+    float *s;
+    int64_t n;
+    float scale;
+};
+
+static void
+softmax_rows(void *ctx, int64_t h0, int64_t h1, int ith)
+{
+    struct softmax_job *j = ctx;
+
+    (void)ith;
+    for (int64_t h = h0; h < h1; h++) {
+        float *row = j->s + h * j->n;
+        for (int64_t i = 0; i < j->n; i++)
+            row[i] *= j->scale;
+        ops_softmax(row, j->n);
+    }
+}
+
+/* The CPU twin: the attention steps of mla_forward for one query row. S: [H][n] scratch. */
+static void
+cpu_attend(const float *cache, int64_t n, const float *q, int H, int L, int C, float scale,
+           float *lat, float *S)
+{
+    struct kli_tensor keys = ops_view_f32(cache, n, C);
+    struct softmax_job sj = {S, n, scale};
+
+    ops_matmul(&keys, q, C, S, n, H);
+    threads_parallel_for(H, 1, softmax_rows, &sj);
+    ops_gemm_nn(S, n, cache, C, lat, L, H, L, n);
+}
+
+/* float64 reference for one query row. */
+static void
+ref_attend(const float *cache, int64_t n, const float *q, int H, int L, int C, float scale,
+           float *lat)
+{
+    double *s = xmalloc((size_t)n * sizeof(double)), *acc = xmalloc((size_t)L * sizeof(double));
+
+    for (int h = 0; h < H; h++) {
+        double mx = -INFINITY, den = 0.0;
+        for (int64_t i = 0; i < n; i++) {
+            double d = 0.0;
+            for (int c = 0; c < C; c++)
+                d += (double)q[h * C + c] * cache[i * C + c];
+            s[i] = d * scale;
+            mx = s[i] > mx ? s[i] : mx;
+        }
+        for (int l = 0; l < L; l++)
+            acc[l] = 0.0;
+        for (int64_t i = 0; i < n; i++) {
+            double w = exp(s[i] - mx);
+            den += w;
+            for (int l = 0; l < L; l++)
+                acc[l] += w * cache[i * C + l];
+        }
+        for (int l = 0; l < L; l++)
+            lat[h * L + l] = (float)(acc[l] / den);
+    }
+    free(s);
+    free(acc);
+}
+
+/* n_seq sequences with cache lengths len[q], T_seq query rows each (row t of sequence q
+ * attends to len[q] - T_seq + t + 1 rows, as in prefill). */
+static void
+test_attention(const char *what, int H, int L, int C, int n_seq, const int64_t *len,
+               int T_seq)
+{
+    float scale = 1.0f / sqrtf((float)C / 2);
+    int64_t T = (int64_t)n_seq * T_seq, nmax = 0;
+    float *caches[8], *dcache[8];
+    const float *cptr[64];
+    int64_t nrow[64];
+
+    for (int q = 0; q < n_seq; q++) {
+        caches[q] = xmalloc((size_t)len[q] * C * sizeof(float));
+        for (int64_t i = 0; i < len[q] * C; i++)
+            caches[q][i] = frand() * 2.0f;
+        dcache[q] = dev_copy(caches[q], (uint64_t)len[q] * C * sizeof(float));
+        nmax = len[q] > nmax ? len[q] : nmax;
+    }
+    float *qv = xmalloc((size_t)T * H * C * sizeof(float));
+    float *lat = xmalloc((size_t)T * H * L * sizeof(float));
+    float *cpu = xmalloc((size_t)T * H * L * sizeof(float));
+    float *ref = xmalloc((size_t)T * H * L * sizeof(float));
+    float *S = xmalloc((size_t)H * nmax * sizeof(float));
+    for (int64_t i = 0; i < T * H * C; i++)
+        qv[i] = frand();
+    for (int64_t i = 0; i < T * H * L; i++)
+        lat[i] = NAN;   /* poison: every element must be written */
+    for (int64_t t = 0; t < T; t++) {
+        int q = (int)(t / T_seq);
+        cptr[t] = dcache[q];
+        nrow[t] = len[q] - T_seq + t % T_seq + 1;
+        cpu_attend(caches[q], nrow[t], qv + t * H * C, H, L, C, scale, cpu + t * H * L, S);
+        ref_attend(caches[q], nrow[t], qv + t * H * C, H, L, C, scale, ref + t * H * L);
+    }
+    struct kli_gpu_mla_job j = {T, H, L, C, scale, cptr, nrow, qv, lat};
+    struct kli_err err = {0};
+    int rc = ops->mla_attend(queue, &j, &err);
+    if (rc != KLI_OK)
+        diag("%s: %s", what, err.msg);
+    double eg = rel_l2(lat, ref, T * H * L), ec = rel_l2(cpu, ref, T * H * L);
+    double egc = rel_l2(lat, cpu, T * H * L);
+    ok(rc == KLI_OK && eg < 1e-5 && egc < 1e-5, "attention %s: GPU vs float64 %.2g, vs CPU "
+       "twin %.2g (CPU vs float64 %.2g)", what, eg, egc, ec);
+    for (int q = 0; q < n_seq; q++) {
+        ops->release(gpu, dcache[q], (uint64_t)len[q] * C * sizeof(float));
+        free(caches[q]);
+    }
+    free(qv);
+    free(lat);
+    free(cpu);
+    free(ref);
+    free(S);
+}
+
+/* ==== 2. Experts ============================================================================= */
+
+/* A random FFN of dtype dt: host views in w (data in bufs) and a device copy in d. */
+static void
+make_ffn(enum kli_dtype dt, int64_t D, int64_t F, struct kli_ffn_w *w, void **bufs,
+         struct kli_gpu_ffn *d)
+{
+    struct kli_tensor *t[3] = {&w->gate, &w->up, &w->down};
+    int64_t rows[3] = {F, F, D}, cols[3] = {D, D, F};
+    const void *dp[3];
+
+    for (int k = 0; k < 3; k++) {
+        int64_t n = rows[k] * cols[k];
+        float *f = xmalloc((size_t)n * sizeof(float));
+        for (int64_t i = 0; i < n; i++)
+            f[i] = frand() / sqrtf((float)cols[k]);
+        uint64_t bytes = kli_dtype_nbytes(dt, (uint64_t)n);
+        bufs[k] = xmalloc(bytes);
+        kli_dtype_from_f32(dt, f, bufs[k], n);
+        free(f);
+        memset(t[k], 0, sizeof(*t[k]));
+        t[k]->dtype = dt;
+        t[k]->ndim = 2;
+        t[k]->shape[0] = rows[k];
+        t[k]->shape[1] = cols[k];
+        t[k]->data = bufs[k];
+        t[k]->name = "test";
+        dp[k] = dev_copy(bufs[k], bytes);
+    }
+    d->gate = dp[0];
+    d->up = dp[1];
+    d->down = dp[2];
+    d->dtype = (int32_t)dt;
+    d->d_ff = (int32_t)F;
+}
+
+static void
+test_experts(enum kli_dtype dt)
+{
+    enum { D = 256, F = 96, NE = 3, T = 6 };
+    struct kli_ffn_w w[NE + 1];
+    struct kli_gpu_ffn d[NE + 1];
+    void *bufs[NE + 1][3];
+    float *x = xmalloc(T * D * sizeof(float)), *out = xmalloc(T * D * sizeof(float));
+    float *ref = xmalloc(T * D * sizeof(float)), *y = xmalloc(T * D * sizeof(float));
+    float *h1 = xmalloc(T * F * 2 * sizeof(float)), *h3 = xmalloc(T * F * 2 * sizeof(float));
+    float *xe = xmalloc(T * D * sizeof(float));
+    int32_t start[NE + 2], row[T * (NE + 1)];
+    float wt[T * (NE + 1)];
+
+    for (int e = 0; e <= NE; e++)   /* item 0: a shared expert twice as wide */
+        make_ffn(dt, D, e == 0 ? 2 * F : F, &w[e], bufs[e], &d[e]);
+    for (int i = 0; i < T * D; i++)
+        x[i] = frand();
+    /* item 0 over every row; expert e over rows t with (t + e) % 2 == 0, e = 3 over none */
+    int32_t p = 0;
+    for (int e = 0; e <= NE; e++) {
+        start[e] = p;
+        for (int t = 0; t < T && e < NE; t++) {
+            if (e == 0 || (t + e) % 2 == 0) {
+                row[p] = t;
+                wt[p++] = e == 0 ? 1.0f : 0.25f + 0.5f * frand() * frand();
+            }
+        }
+    }
+    start[NE + 1] = p;
+    /* the CPU twin: ffn_forward per item over its gathered rows, weighted sum */
+    memset(ref, 0, T * D * sizeof(float));
+    for (int e = 0; e <= NE; e++) {
+        int32_t n = start[e + 1] - start[e];
+        for (int32_t i = 0; i < n; i++)
+            memcpy(xe + i * D, x + row[start[e] + i] * D, D * sizeof(float));
+        if (n > 0)
+            ffn_forward(&w[e], xe, n, y, h1, h3);
+        for (int32_t i = 0; i < n; i++)
+            for (int k = 0; k < D; k++)
+                ref[row[start[e] + i] * D + k] += wt[start[e] + i] * y[i * D + k];
+    }
+    for (int i = 0; i < T * D; i++)
+        out[i] = 0.5f;   /* moe_wait adds into out */
+    struct kli_gpu_moe_job j = {T, D, x, NE + 1, d, start, row, wt};
+    struct kli_err err = {0};
+    int rc = ops->moe_launch(queue, &j, &err);
+    if (rc == KLI_OK)
+        rc = ops->moe_wait(queue, out, &err);
+    if (rc != KLI_OK)
+        diag("experts %s: %s", kli_dtype_name(dt), err.msg);
+    for (int i = 0; i < T * D; i++)
+        out[i] -= 0.5f;
+    double e = rel_l2(out, ref, T * D);
+    ok(rc == KLI_OK && e < 1e-5, "experts %s (shared + %d routed, one idle): GPU vs CPU twin "
+       "%.2g", kli_dtype_name(dt), NE - 1, e);
+    for (int e2 = 0; e2 <= NE; e2++) {
+        uint64_t b[3] = {kli_dtype_nbytes(dt, (uint64_t)d[e2].d_ff * D),
+                         kli_dtype_nbytes(dt, (uint64_t)d[e2].d_ff * D),
+                         kli_dtype_nbytes(dt, (uint64_t)d[e2].d_ff * D)};
+        ops->release(gpu, (void *)d[e2].gate, b[0]);
+        ops->release(gpu, (void *)d[e2].up, b[1]);
+        ops->release(gpu, (void *)d[e2].down, b[2]);
+        for (int k = 0; k < 3; k++)
+            free(bufs[e2][k]);
+    }
+    free(x);
+    free(out);
+    free(ref);
+    free(y);
+    free(h1);
+    free(h3);
+    free(xe);
+}
+
+/* ==== 4. The golden fixture end to end ======================================================= */
+
+static char dir[4096];
+static int32_t V, n_prompt, n_decode;
+static kli_token tokens[512];
+static float *ref_prefill, *ref_decode;
+
+static char *
+slurp(const char *path, size_t *len)
+{
+    FILE *f = fopen(path, "rb");
+    char *b = NULL;
+    long n;
+
+    if (f == NULL)
+        return NULL;
+    if (fseek(f, 0, SEEK_END) == 0 && (n = ftell(f)) >= 0 && fseek(f, 0, SEEK_SET) == 0) {
+        b = xmalloc((size_t)n + 1);
+        if (fread(b, 1, (size_t)n, f) != (size_t)n) {
+            free(b);
+            b = NULL;
+        } else {
+            b[n] = '\0';
+            *len = (size_t)n;
+        }
+    }
+    fclose(f);
+    return b;
+}
+
+static float *
+load_ref(const char *name, int32_t rows)
+{
+    char path[4200];
+    size_t len = 0;
+
+    snprintf(path, sizeof(path), "%s/%s", dir, name);
+    char *b = slurp(path, &len);
+    if (b == NULL || len != (size_t)rows * (size_t)V * sizeof(float)) {
+        printf("Bail out! %s: missing or not [%d][%d] float32\n", path, rows, V);
+        exit(1);
+    }
+    return (float *)b;
+}
+
+static void
+load_golden(void)
+{
+    char path[4200];
+    size_t len = 0;
+
+    snprintf(path, sizeof(path), "%s/golden.json", dir);
+    char *text = slurp(path, &len);
+    cJSON *root = text ? cJSON_ParseWithLength(text, len) : NULL;
+    const cJSON *a, *it;
+    if (root == NULL) {
+        printf("Bail out! cannot read %s\n", path);
+        exit(1);
+    }
+    n_prompt = n_decode = 0;
+    a = cJSON_GetObjectItemCaseSensitive(root, "prompt");
+    cJSON_ArrayForEach(it, a) {
+        if (n_prompt < 400)
+            tokens[n_prompt++] = (kli_token)it->valueint;
+    }
+    a = cJSON_GetObjectItemCaseSensitive(root, "decode_tokens");
+    cJSON_ArrayForEach(it, a) {
+        if (n_prompt + n_decode < 512)
+            tokens[n_prompt + n_decode++] = (kli_token)it->valueint;
+    }
+    cJSON_Delete(root);
+    free(text);
+    if (n_prompt == 0 || n_decode == 0) {
+        printf("Bail out! %s: no prompt or decode tokens\n", path);
+        exit(1);
+    }
+}
+
+static struct kli_model *
+open_tiny(int mode, int32_t experts, uint64_t mem)
+{
+    struct kli_model_options o;
+    struct kli_model *m = NULL;
+    struct kli_err err = {0};
+
+    kli_model_options_init(&o);
+    o.n_threads = 2;
+    o.gpu = mode;
+    o.gpu_experts = experts;
+    o.gpu_mem = mem;
+    if (kli_model_open(&m, dir, &o, &err) != KLI_OK) {
+        printf("Bail out! %s: %s\n", dir, err.msg);
+        exit(1);
+    }
+    return m;
+}
+
+/* Prompt in calls of batch_max tokens, then the decode tokens one at a time: all logits. */
+static int
+run_all(struct kli_model *m, int32_t batch_max, float *all)
+{
+    struct kli_session_options so;
+    struct kli_session *s = NULL;
+    struct kli_err err = {0};
+    int good;
+
+    kli_session_options_init(&so);
+    so.batch_max = batch_max;
+    good = kli_session_create(&s, m, &so, &err) == KLI_OK &&
+           kli_session_eval(s, tokens, n_prompt, all, &err) == KLI_OK;
+    for (int32_t i = 0; good && i < n_decode; i++)
+        good = kli_session_eval(s, tokens + n_prompt + i, 1,
+                                all + (int64_t)(n_prompt + i) * V, &err) == KLI_OK;
+    if (!good)
+        diag("eval: %s", err.msg);
+    kli_session_free(s);
+    return good;
+}
+
+static void
+check_golden(const char *what, struct kli_model *m, int32_t batch_max, const float *cpu)
+{
+    int64_t N = n_prompt + n_decode;
+    float *all = xmalloc((size_t)N * V * sizeof(float));
+    int good = run_all(m, batch_max, all);
+    double ep = rel_l2(all, ref_prefill, (int64_t)n_prompt * V);
+    double ed = rel_l2(all + (int64_t)n_prompt * V, ref_decode, (int64_t)n_decode * V);
+    double ec = cpu != NULL ? rel_l2(all, cpu, N * V) : 0.0;
+
+    ok(good && ep < 1e-4 && ed < 1e-4 && ec < 1e-5, "%s: prefill %.2g, decode %.2g from the "
+       "golden logits; %.2g from the CPU path", what, ep, ed, ec);
+    free(all);
+}
+
+static void
+test_golden(void)
+{
+    int64_t N;
+    struct kli_model *mc = open_tiny(KLI_GPU_OFF, 0, 0);
+
+    V = kli_model_n_vocab(mc);
+    load_golden();
+    ref_prefill = load_ref("ref64_prefill.f32", n_prompt);
+    ref_decode = load_ref("ref64_decode.f32", n_decode);
+    N = n_prompt + n_decode;
+    float *cpu = xmalloc((size_t)N * V * sizeof(float));
+    ok(run_all(mc, 0, cpu), "the CPU path runs");
+
+    struct kli_model *m = open_tiny(KLI_GPU_ON, -1, 0);
+    const char *st = kli_model_gpu_status(m);
+    diag("%s", st);
+    ok(strncmp(st, "GPU", 3) == 0 && strstr(st, "MLA attention") != NULL &&
+       strstr(st, "8 of 8") != NULL, "--gpu on: MLA attention and all 8 experts on the GPU");
+    check_golden("gpu on, all experts", m, 0, cpu);
+    check_golden("gpu on, all experts, batch_max 7", m, 7, cpu);
+
+    /* Two sessions in one batched step: each row against its own mirror. */
+    {
+        struct kli_session *a = NULL, *b = NULL, *c = NULL;
+        struct kli_err err = {0};
+        float *la = xmalloc((size_t)V * sizeof(float)), *lb = xmalloc((size_t)V * sizeof(float));
+        int good = kli_session_create(&a, m, NULL, &err) == KLI_OK &&
+                   kli_session_create(&b, m, NULL, &err) == KLI_OK &&
+                   kli_session_create(&c, mc, NULL, &err) == KLI_OK &&
+                   kli_session_eval(a, tokens, n_prompt, NULL, &err) == KLI_OK &&
+                   kli_session_eval(b, tokens, 40, NULL, &err) == KLI_OK;
+        struct kli_session *ab[2] = {a, b};
+        kli_token next[2] = {tokens[n_prompt], tokens[40]};
+        for (int i = 0; good && i < 4; i++) {
+            good = kli_session_eval_batch(ab, next, 2, &err) == KLI_OK;
+            next[0] = (kli_token)((next[0] + 7) % V);
+            next[1] = (kli_token)((next[1] + 3) % V);
+        }
+        /* the same history on the CPU for b */
+        good = good && kli_session_eval(c, tokens, 40, NULL, &err) == KLI_OK;
+        kli_token nb = tokens[40];
+        for (int i = 0; good && i < 4; i++) {
+            good = kli_session_eval(c, &nb, 1, NULL, &err) == KLI_OK;
+            nb = (kli_token)((nb + 3) % V);
+        }
+        if (good) {
+            memcpy(lb, kli_session_logits(b), (size_t)V * sizeof(float));
+            memcpy(la, kli_session_logits(c), (size_t)V * sizeof(float));
+        }
+        double e = good ? rel_l2(lb, la, V) : INFINITY;
+        ok(good && e < 1e-5, "batched step over two GPU sessions: %.2g from the CPU", e);
+
+        /* a's history replaced by c's (CPU session of the other model: copy through b) */
+        good = good && kli_session_copy(b, a, &err) == KLI_OK;
+        kli_session_reset(a);
+        good = good && kli_session_eval(a, tokens + 10, 60, NULL, &err) == KLI_OK;
+        good = good && kli_session_copy(a, b, &err) == KLI_OK;   /* back to the long one */
+        kli_token t1 = tokens[3];
+        good = good && kli_session_eval(a, &t1, 1, NULL, &err) == KLI_OK &&
+               kli_session_eval(b, &t1, 1, NULL, &err) == KLI_OK;
+        e = good ? rel_l2(kli_session_logits(a), kli_session_logits(b), V) : INFINITY;
+        ok(good && e < 1e-5, "after kli_session_copy the device rows follow the new history: "
+           "%.2g", e);
+        if (!good)
+            diag("%s", err.msg);
+        kli_session_free(a);
+        kli_session_free(b);
+        kli_session_free(c);
+        free(la);
+        free(lb);
+    }
+    kli_model_close(m);
+
+    m = open_tiny(KLI_GPU_ON, 3, 0);
+    diag("%s", kli_model_gpu_status(m));
+    ok(strstr(kli_model_gpu_status(m), "3 of 8") != NULL, "--gpu-experts 3: 3 of 8 resident");
+    check_golden("gpu on, 3 hot experts per layer", m, 0, cpu);
+    check_golden("gpu on, 3 hot experts per layer, batch_max 7", m, 7, cpu);
+    kli_model_close(m);
+
+    m = open_tiny(KLI_GPU_ON, 0, 0);
+    diag("%s", kli_model_gpu_status(m));
+    check_golden("gpu on, MLA only", m, 0, cpu);
+    kli_model_close(m);
+
+    /* A budget too small for anything: CPU only with the reason, or an error with "on". */
+    {
+        struct kli_model_options o;
+        struct kli_model *m2 = NULL;
+        struct kli_err err = {0};
+        kli_model_options_init(&o);
+        o.gpu = KLI_GPU_ON;
+        o.gpu_mem = 1 << 20;
+        int rc = kli_model_open(&m2, dir, &o, &err);
+        ok(rc != KLI_OK && strstr(err.msg, "memory") != NULL, "--gpu on with 1 MiB fails: %s",
+           err.msg);
+        m2 = open_tiny(KLI_GPU_AUTO, -1, 1 << 20);
+        ok(strncmp(kli_model_gpu_status(m2), "CPU only: not enough GPU memory", 31) == 0,
+           "--gpu auto with 1 MiB: %s", kli_model_gpu_status(m2));
+        kli_model_close(m2);
+    }
+    free(cpu);
+    kli_model_close(mc);
+    free(ref_prefill);
+    free(ref_decode);
+}
+
+/* ==== --bench: the attention step at the released model's shape ============================= */
+
+static int
+bench(void)
+{
+    const int H = 32, L = 512, C = 576;
+    const int64_t ns[] = {4096, 32768, 131072};
+    float scale = 1.0f / sqrtf(192.0f);
+
+    threads_set_count(0);
+    printf("attention step, %d heads, latent %d + rope %d, %d CPU threads, %s\n", H, L,
+           C - L, threads_count(), kli_simd_variant());
+    printf("%8s %12s %12s %9s %12s\n", "context", "CPU ms", "GPU ms", "speedup", "GPU GB/s");
+    for (size_t k = 0; k < sizeof(ns) / sizeof(ns[0]); k++) {
+        int64_t n = ns[k];
+        float *cache = xmalloc((size_t)n * C * sizeof(float));
+        float *q = xmalloc((size_t)H * C * sizeof(float)), *S = xmalloc((size_t)H * n * 4);
+        float *lc = xmalloc((size_t)H * L * 4), *lg = xmalloc((size_t)H * L * 4);
+        for (int64_t i = 0; i < n * C; i++)
+            cache[i] = frand();
+        for (int64_t i = 0; i < H * C; i++)
+            q[i] = frand();
+        float *dc = dev_copy(cache, (uint64_t)n * C * 4);
+        const float *cp[1] = {dc};
+        int64_t nr[1] = {n};
+        struct kli_gpu_mla_job j = {1, H, L, C, scale, cp, nr, q, lg};
+        struct kli_err err = {0};
+        double tc = 1e30, tg = 1e30;
+        for (int r = 0; r < 5; r++) {
+            double t0 = now_s();
+            cpu_attend(cache, n, q, H, L, C, scale, lc, S);
+            double t1 = now_s();
+            tc = t1 - t0 < tc ? t1 - t0 : tc;
+        }
+        for (int r = 0; r < 20; r++) {
+            double t0 = now_s();
+            if (ops->mla_attend(queue, &j, &err) != KLI_OK) {
+                printf("GPU attention: %s\n", err.msg);
+                return 1;
+            }
+            double t1 = now_s();
+            tg = t1 - t0 < tg ? t1 - t0 : tg;
+        }
+        printf("%8lld %12.3f %12.3f %8.1fx %12.0f   (rel L2 GPU vs CPU %.2g)\n", (long long)n,
+               tc * 1e3, tg * 1e3, tc / tg, (double)n * C * 4 / tg / 1e9,
+               rel_l2(lg, lc, H * L));
+        ops->release(gpu, dc, (uint64_t)n * C * 4);
+        free(cache);
+        free(q);
+        free(S);
+        free(lc);
+        free(lg);
+    }
+    return 0;
+}
+
+int
+main(int argc, char **argv)
+{
+    struct kli_gpu_info info;
+    struct kli_err err = {0};
+    const char *td = getenv("KLI_TESTDATA");
+    int do_bench = argc > 1 && strcmp(argv[1], "--bench") == 0;
+
+    /* The CPU twins in plain C: the SIMD kernels quantize the activations of Q8_0 and Q4
+     * products to int8, an approximation of their own (about 1e-2 relative). */
+    if (!do_bench)
+        setenv("KLI_SIMD", "generic", 1);
+    if ((ops = backend_cuda()) == NULL)
+        skip_all("built without CUDA");
+    if (ops->open(&gpu, 0, 0, &info, &err) != KLI_OK)
+        skip_all(err.msg);
+    if (ops->queue_create(gpu, &queue, &err) != KLI_OK) {
+        printf("Bail out! queue: %s\n", err.msg);
+        return 1;
+    }
+    if (!do_bench)
+        diag("%s, %d SMs, compute %d.%d, %.1f GiB free", info.name, info.n_sm, info.cc_major,
+             info.cc_minor, (double)info.mem_free / 1073741824.0);
+    if (do_bench) {
+        int rc = bench();
+        ops->queue_free(queue);
+        ops->close(gpu);
+        return rc;
+    }
+    threads_set_count(2);
+
+    /* 1. attention: tiny shape, decode and prefill rows, several sequences, real shape */
+    int64_t l1[] = {1}, l2[] = {37}, l3[] = {1000}, l4[] = {5, 300, 77};
+    int64_t l5[] = {4097}, l6[] = {513};
+    ok(ops->mla_check(gpu, 2, 64, 80, &err) == KLI_OK, "tiny shape supported");
+    test_attention("one cached row", 2, 64, 80, 1, l1, 1);
+    test_attention("decode, 37 rows", 2, 64, 80, 1, l2, 1);
+    test_attention("decode, 1000 rows", 2, 64, 80, 1, l3, 1);
+    test_attention("prefill, 3 sequences x 5 rows", 2, 64, 80, 3, l4, 5);
+    test_attention("odd heads (3)", 3, 64, 80, 1, l2, 1);
+    ok(ops->mla_check(gpu, 32, 512, 576, &err) == KLI_OK, "released shape supported");
+    test_attention("released shape, decode, 4097 rows", 32, 512, 576, 1, l5, 1);
+    test_attention("released shape, prefill 9 rows at 513", 32, 512, 576, 1, l6, 9);
+    struct kli_err e2 = {0};
+    ok(ops->mla_check(gpu, 64, 1024, 1088, &e2) != KLI_OK && e2.msg[0] != '\0',
+       "an unsupported shape is refused with a reason: %s", e2.msg);
+
+    /* 2. experts in every dtype */
+    const enum kli_dtype dts[] = {KLI_DT_F32, KLI_DT_F16, KLI_DT_BF16, KLI_DT_Q8_0, KLI_DT_Q4};
+    for (size_t i = 0; i < sizeof(dts) / sizeof(dts[0]); i++)
+        test_experts(dts[i]);
+
+    /* 3. the budget */
+    {
+        struct kli_gpu *g2 = NULL;
+        struct kli_gpu_info i2;
+        struct kli_err e3 = {0};
+        void *p = NULL;
+        int rc = ops->open(&g2, 0, 1 << 20, &i2, &e3);
+        ok(rc == KLI_OK && ops->alloc(g2, &p, 2 << 20, &e3) == KLI_E_NOMEM &&
+           strstr(e3.msg, "budget") != NULL, "2 MiB from a 1 MiB budget: %s", e3.msg);
+        if (rc == KLI_OK)
+            ops->close(g2);
+    }
+
+    /* 4. the golden fixture */
+    if (td == NULL) {
+        diag("KLI_TESTDATA is not set: no end-to-end checks");
+    } else {
+        snprintf(dir, sizeof(dir), "%s/tiny-kimi-linear", td);
+        test_golden();
+    }
+    ops->queue_free(queue);
+    ops->close(gpu);
+    plan_done();
+    return tap_exit();
+}

@@ -1,0 +1,1310 @@
+/*
+ * packed.c - kli's own weight file (.kli): reader and streaming writer.
+ *
+ * One file holds everything a model needs: config.json, the tokenizer files, a tensor
+ * directory and the tensor data, each tensor row-major in the dtype the kernels read, so
+ * opening is a mmap plus checks of a few small sections. The byte layout is specified in
+ * kli-pack(5); in short:
+ *
+ *     [0, 512)         header: magic, version, byte-order mark, file size, section table,
+ *                      XXH64 of the header itself
+ *     CONFIG           config.json text + NUL
+ *     TOKENIZER        lengths, tiktoken.model text + NUL, tokenizer_config.json text + NUL
+ *     DIRECTORY        counts, tensor records (128 bytes), group records (32 bytes), names
+ *     DATA             tensors, 64-byte aligned; each routed expert's w1, w3, w2 one run
+ *                      that starts on a page and whose last page no other tensor shares
+ *
+ * Every integer is little-endian. Every section carries an XXH64 in the section table; the
+ * small ones are verified at open, the DATA section per tensor on request (kli_wfile_verify)
+ * because reading it all would make opening as slow as the model is large.
+ *
+ * Checklist: a change of the layout needs kli-pack(5) updated, KLI_PACK_VERSION_MINOR bumped
+ * for a compatible addition (a new section kind, longer records) or _MAJOR for anything an
+ * older reader would misread, and tests/fuzz/fuzz-packed.c's resealing kept in step.
+ */
+#include "config.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "internal.h"
+#include "weights.h"
+
+#ifndef O_CLOEXEC
+#define O_CLOEXEC 0
+#endif
+
+enum {
+    PACK_HEADER_SIZE = 512,
+    PACK_HEADER_SUM = 504,        /* the header's own checksum covers bytes [0, 504) */
+    PACK_TABLE = 64,              /* the section table starts here */
+    PACK_MAX_SECTIONS = 8,
+    PACK_SECTION_SIZE = 32,
+    PACK_ALIGN = 4096,            /* the alignment this writer uses (the header records it) */
+    PACK_TENSOR_ALIGN = 64,       /* every tensor starts on a cache line */
+    PACK_DIR_HEAD = 32,
+    PACK_TENSOR_REC = 128,
+    PACK_GROUP_REC = 32,
+    PACK_MAX_NAME = 512,
+    PACK_BOM = 0x01020304,
+};
+
+enum pack_kind {
+    PACK_CONFIG = 1,
+    PACK_TOKENIZER = 2,
+    PACK_DIRECTORY = 3,
+    PACK_DATA = 4,
+};
+
+static const char *const pack_kind_names[] = {"?", "config", "tokenizer", "directory", "data"};
+
+/* ==== XXH64 ================================================================================
+ * Yann Collet's XXH64 (doc/xxhash_spec.md of the xxHash repository): four accumulators over
+ * 32-byte stripes, then the tail and an avalanche. About as fast as memory on one core. */
+
+#define XXH_P1 11400714785074694791ull
+#define XXH_P2 14029467366897019727ull
+#define XXH_P3 1609587929392839161ull
+#define XXH_P4 9650029242287828579ull
+#define XXH_P5 2870177450012600261ull
+
+struct xxh64_state {
+    uint64_t v[4];
+    uint64_t total;
+    uint8_t mem[32];
+    uint32_t n_mem;
+};
+
+static uint64_t
+pack_le64(const uint8_t *p)
+{
+    uint64_t v = 0;
+
+    for (int i = 7; i >= 0; i--)
+        v = (v << 8) | p[i];
+    return v;
+}
+
+static uint32_t
+pack_le32(const uint8_t *p)
+{
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static uint16_t
+pack_le16(const uint8_t *p)
+{
+    return (uint16_t)(p[0] | p[1] << 8);
+}
+
+static void
+pack_put64(uint8_t *p, uint64_t v)
+{
+    for (int i = 0; i < 8; i++)
+        p[i] = (uint8_t)(v >> (8 * i));
+}
+
+static void
+pack_put32(uint8_t *p, uint32_t v)
+{
+    for (int i = 0; i < 4; i++)
+        p[i] = (uint8_t)(v >> (8 * i));
+}
+
+static void
+pack_put16(uint8_t *p, uint16_t v)
+{
+    p[0] = (uint8_t)v;
+    p[1] = (uint8_t)(v >> 8);
+}
+
+static inline uint64_t
+xxh_rotl(uint64_t x, int r)
+{
+    return (x << r) | (x >> (64 - r));
+}
+
+static inline uint64_t
+xxh_round(uint64_t acc, uint64_t input)
+{
+    acc += input * XXH_P2;
+    acc = xxh_rotl(acc, 31);
+    return acc * XXH_P1;
+}
+
+static inline uint64_t
+xxh_merge(uint64_t acc, uint64_t v)
+{
+    acc ^= xxh_round(0, v);
+    return acc * XXH_P1 + XXH_P4;
+}
+
+/* Host-order 64-bit load; the format is little-endian and big-endian hosts are refused
+ * before anything is hashed, so a plain memcpy is the LE load here. */
+static inline uint64_t
+xxh_load64(const uint8_t *p)
+{
+    uint64_t v;
+
+    memcpy(&v, p, 8);
+    return v;
+}
+
+static void
+xxh64_init(struct xxh64_state *s, uint64_t seed)
+{
+    memset(s, 0, sizeof(*s));
+    s->v[0] = seed + XXH_P1 + XXH_P2;
+    s->v[1] = seed + XXH_P2;
+    s->v[2] = seed;
+    s->v[3] = seed - XXH_P1;
+}
+
+static const uint8_t *
+xxh64_stripes(uint64_t v[4], const uint8_t *p, const uint8_t *end)
+{
+    uint64_t a = v[0], b = v[1], c = v[2], d = v[3];
+
+    while (end - p >= 32) {
+        a = xxh_round(a, xxh_load64(p));
+        b = xxh_round(b, xxh_load64(p + 8));
+        c = xxh_round(c, xxh_load64(p + 16));
+        d = xxh_round(d, xxh_load64(p + 24));
+        p += 32;
+    }
+    v[0] = a;
+    v[1] = b;
+    v[2] = c;
+    v[3] = d;
+    return p;
+}
+
+static void
+xxh64_update(struct xxh64_state *s, const void *data, size_t n)
+{
+    const uint8_t *p = data, *end = p + n;
+
+    s->total += n;
+    if (s->n_mem + n < 32) {
+        if (n > 0)
+            memcpy(s->mem + s->n_mem, p, n);
+        s->n_mem += (uint32_t)n;
+        return;
+    }
+    if (s->n_mem > 0) {
+        uint32_t take = 32 - s->n_mem;
+
+        memcpy(s->mem + s->n_mem, p, take);
+        xxh64_stripes(s->v, s->mem, s->mem + 32);
+        p += take;
+        s->n_mem = 0;
+    }
+    p = xxh64_stripes(s->v, p, end);
+    if (p < end) {
+        memcpy(s->mem, p, (size_t)(end - p));
+        s->n_mem = (uint32_t)(end - p);
+    }
+}
+
+static uint64_t
+xxh64_digest(const struct xxh64_state *s)
+{
+    const uint8_t *p = s->mem, *end = s->mem + s->n_mem;
+    uint64_t h;
+
+    if (s->total >= 32) {
+        h = xxh_rotl(s->v[0], 1) + xxh_rotl(s->v[1], 7) + xxh_rotl(s->v[2], 12) +
+            xxh_rotl(s->v[3], 18);
+        for (int i = 0; i < 4; i++)
+            h = xxh_merge(h, s->v[i]);
+    } else {
+        h = s->v[2] + XXH_P5;   /* v[2] is still the seed */
+    }
+    h += s->total;
+    for (; end - p >= 8; p += 8) {
+        h ^= xxh_round(0, xxh_load64(p));
+        h = xxh_rotl(h, 27) * XXH_P1 + XXH_P4;
+    }
+    if (end - p >= 4) {
+        h ^= (uint64_t)pack_le32(p) * XXH_P1;
+        h = xxh_rotl(h, 23) * XXH_P2 + XXH_P3;
+        p += 4;
+    }
+    for (; p < end; p++) {
+        h ^= *p * XXH_P5;
+        h = xxh_rotl(h, 11) * XXH_P1;
+    }
+    h ^= h >> 33;
+    h *= XXH_P2;
+    h ^= h >> 29;
+    h *= XXH_P3;
+    h ^= h >> 32;
+    return h;
+}
+
+uint64_t
+kli_xxh64(const void *p, size_t n, uint64_t seed)
+{
+    struct xxh64_state s;
+
+    xxh64_init(&s, seed);
+    xxh64_update(&s, p, n);
+    return xxh64_digest(&s);
+}
+
+/* ==== Small helpers ======================================================================== */
+
+static int
+pack_host_is_le(void)
+{
+    const uint32_t one = 1;
+    uint8_t b;
+
+    memcpy(&b, &one, 1);
+    return b == 1;
+}
+
+static uint64_t
+pack_align(uint64_t x, uint64_t a)
+{
+    return (x + a - 1) / a * a;
+}
+
+/* A long path pushes the problem out of the 256-byte message: keep its tail. */
+static const char *
+pack_tail(const char *path)
+{
+    size_t len = strlen(path);
+
+    return len > 96 ? path + len - 96 : path;
+}
+
+KLI_PRINTF(4, 5) static int
+pack_err(struct kli_err *err, int code, const char *fname, const char *fmt, ...)
+{
+    char what[200];
+    va_list ap;
+
+    va_start(ap, fmt);
+    vsnprintf(what, sizeof(what), fmt, ap);
+    va_end(ap);
+    return kli_err_set(err, code, "%s%s: %s", pack_tail(fname) == fname ? "" : "...",
+                       pack_tail(fname), what);
+}
+
+/* Bytes of `numel` elements of dt, or UINT64_MAX when not whole blocks or too large. */
+static uint64_t
+pack_nbytes(enum kli_dtype dt, const int64_t *shape, int32_t ndim, uint64_t numel)
+{
+    int32_t blk = kli_dtype_info(dt)->block;
+    uint64_t bb = (uint64_t)kli_dtype_info(dt)->block_bytes;
+
+    if (blk > 1 && (ndim == 0 || shape[ndim - 1] % blk != 0))
+        return UINT64_MAX;
+    if (numel / (uint64_t)blk > UINT64_MAX / bb)
+        return UINT64_MAX;
+    return kli_dtype_nbytes(dt, numel);
+}
+
+/* Element count of a shape, or -1 when a dimension is negative or the count exceeds 2^62. */
+static int64_t
+pack_numel(const int64_t *shape, int32_t ndim)
+{
+    uint64_t n = 1;
+
+    for (int32_t k = 0; k < ndim; k++) {
+        if (shape[k] < 0)
+            return -1;
+        if (shape[k] != 0 && n > ((uint64_t)1 << 62) / (uint64_t)shape[k])
+            return -1;
+        n *= (uint64_t)shape[k];
+    }
+    return (int64_t)n;
+}
+
+/* ==== Reader =============================================================================== */
+
+struct pack_section {
+    uint64_t offset, size, checksum;
+    int present;
+};
+
+/* A byte range of the data section owned by one tensor or one group (page-rounded). */
+struct pack_range {
+    uint64_t begin, end;
+    int64_t idx;       /* descriptor index (relative to the first one this file added) */
+};
+
+static int
+pack_range_cmp(const void *a, const void *b)
+{
+    const struct pack_range *x = a, *y = b;
+
+    if (x->begin != y->begin)
+        return x->begin < y->begin ? -1 : 1;
+    return x->end < y->end ? -1 : x->end > y->end;
+}
+
+void
+kli_pack_info_free(struct kli_pack_info *info)
+{
+    if (info == NULL)
+        return;
+    free(info->groups);
+    free(info->checksums);
+    memset(info, 0, sizeof(*info));
+}
+
+int
+kli_pack_probe(const char *path)
+{
+    char magic[8];
+    ssize_t got;
+    int fd;
+
+    do {
+        fd = open(path, O_RDONLY | O_CLOEXEC);
+    } while (fd < 0 && errno == EINTR);
+    if (fd < 0)
+        return 0;
+    do {
+        got = read(fd, magic, sizeof(magic));
+    } while (got < 0 && errno == EINTR);
+    close(fd);
+    return got == (ssize_t)sizeof(magic) && memcmp(magic, KLI_PACK_MAGIC, 8) == 0;
+}
+
+/* The header: magic, its checksum, version, byte order, sizes, then the section table. A
+ * section of a kind this reader does not know is skipped (a later minor version may add
+ * one); each known kind may appear once. */
+static int
+pack_parse_header(const uint8_t *base, uint64_t size, const char *fname,
+                  struct pack_section sec[5], uint64_t *align, struct kli_pack_info *info,
+                  struct kli_err *err)
+{
+    uint64_t fsize;
+    uint32_t n_sec;
+    uint16_t major, minor;
+
+    if (size < PACK_HEADER_SIZE) {
+        return pack_err(err, KLI_E_FORMAT, fname, "truncated: %llu bytes, too short for the "
+                        "%d-byte header", (unsigned long long)size, PACK_HEADER_SIZE);
+    }
+    if (memcmp(base, KLI_PACK_MAGIC, 8) != 0)
+        return pack_err(err, KLI_E_FORMAT, fname, "not a .kli file (no KLIPACK magic)");
+    if (!pack_host_is_le()) {
+        return pack_err(err, KLI_E_UNSUPPORTED, fname, "kli reads .kli tensor data in place, "
+                        "which needs a little-endian host");
+    }
+    major = pack_le16(base + 8);
+    minor = pack_le16(base + 10);
+    if (kli_xxh64(base, PACK_HEADER_SUM, 0) != pack_le64(base + PACK_HEADER_SUM)) {
+        if (major != KLI_PACK_VERSION_MAJOR) {
+            return pack_err(err, KLI_E_UNSUPPORTED, fname, "format version %u.%u is not "
+                            "supported (this kli reads %d.x), or the header is damaged",
+                            major, minor, KLI_PACK_VERSION_MAJOR);
+        }
+        return pack_err(err, KLI_E_FORMAT, fname, "section \"header\" is damaged (checksum "
+                        "mismatch)");
+    }
+    if (major != KLI_PACK_VERSION_MAJOR) {
+        return pack_err(err, KLI_E_UNSUPPORTED, fname, "format version %u.%u is not supported "
+                        "(this kli reads %d.x)", major, minor, KLI_PACK_VERSION_MAJOR);
+    }
+    info->version_major = major;
+    info->version_minor = minor;
+    if (pack_le32(base + 12) != PACK_BOM) {
+        return pack_err(err, KLI_E_FORMAT, fname, "section \"header\": byte-order mark "
+                        "0x%08x is not 0x%08x", pack_le32(base + 12), PACK_BOM);
+    }
+    if (pack_le32(base + 16) != PACK_HEADER_SIZE) {
+        return pack_err(err, KLI_E_FORMAT, fname, "section \"header\": header size %u is not "
+                        "%d", pack_le32(base + 16), PACK_HEADER_SIZE);
+    }
+    *align = pack_le32(base + 20);
+    if (*align < PACK_TENSOR_ALIGN || *align > (1u << 20) || (*align & (*align - 1)) != 0) {
+        return pack_err(err, KLI_E_FORMAT, fname, "section \"header\": alignment %llu is not a "
+                        "power of two in [64, 2^20]", (unsigned long long)*align);
+    }
+    fsize = pack_le64(base + 24);
+    if (size < fsize) {
+        return pack_err(err, KLI_E_FORMAT, fname, "truncated: the header says %llu bytes, the "
+                        "file has %llu", (unsigned long long)fsize, (unsigned long long)size);
+    }
+    if (size > fsize) {
+        return pack_err(err, KLI_E_FORMAT, fname, "%llu bytes follow the end the header gives "
+                        "(%llu bytes): the file was appended to or damaged",
+                        (unsigned long long)(size - fsize), (unsigned long long)fsize);
+    }
+    n_sec = pack_le32(base + 32);
+    if (n_sec > PACK_MAX_SECTIONS) {
+        return pack_err(err, KLI_E_FORMAT, fname, "section \"header\": %u sections, at most %d",
+                        n_sec, PACK_MAX_SECTIONS);
+    }
+    memset(sec, 0, 5 * sizeof(*sec));
+    for (uint32_t i = 0; i < n_sec; i++) {
+        const uint8_t *e = base + PACK_TABLE + i * PACK_SECTION_SIZE;
+        uint32_t kind = pack_le32(e);
+        struct pack_section s = {pack_le64(e + 8), pack_le64(e + 16), pack_le64(e + 24), 1};
+
+        if (kind < PACK_CONFIG || kind > PACK_DATA)
+            continue;
+        if (sec[kind].present) {
+            return pack_err(err, KLI_E_FORMAT, fname, "section \"header\": section \"%s\" is "
+                            "listed twice", pack_kind_names[kind]);
+        }
+        if (s.offset < PACK_HEADER_SIZE || s.offset > size || s.size > size - s.offset) {
+            return pack_err(err, KLI_E_FORMAT, fname, "section \"%s\" at [%llu, +%llu) lies "
+                            "outside the file (%llu bytes) or over the header",
+                            pack_kind_names[kind], (unsigned long long)s.offset,
+                            (unsigned long long)s.size, (unsigned long long)size);
+        }
+        sec[kind] = s;
+    }
+    for (int k = PACK_CONFIG; k <= PACK_DATA; k++) {
+        if (!sec[k].present && k != PACK_TOKENIZER) {
+            return pack_err(err, KLI_E_FORMAT, fname, "section \"%s\" is missing",
+                            pack_kind_names[k]);
+        }
+    }
+    /* Known sections may not share a byte. */
+    for (int a = PACK_CONFIG; a <= PACK_DATA; a++) {
+        for (int b = a + 1; b <= PACK_DATA; b++) {
+            if (sec[a].size == 0 || sec[b].size == 0)
+                continue;
+            if (sec[a].offset < sec[b].offset + sec[b].size &&
+                sec[b].offset < sec[a].offset + sec[a].size) {
+                return pack_err(err, KLI_E_FORMAT, fname, "sections \"%s\" and \"%s\" overlap",
+                                pack_kind_names[a], pack_kind_names[b]);
+            }
+        }
+    }
+    if (sec[PACK_DATA].offset % *align != 0) {
+        return pack_err(err, KLI_E_FORMAT, fname, "section \"data\" at %llu is not aligned to "
+                        "%llu", (unsigned long long)sec[PACK_DATA].offset,
+                        (unsigned long long)*align);
+    }
+    info->data_checksum = sec[PACK_DATA].checksum;
+    return KLI_OK;
+}
+
+/* TOKENIZER: u64 ranks_len, u64 config_len, u32 flags (bit 0: tokenizer_config.json
+ * present), u32 reserved, the tiktoken.model text + NUL, the tokenizer_config.json text +
+ * NUL. An empty section means no tokenizer. */
+static int
+pack_parse_tokenizer(const uint8_t *p, uint64_t size, const char *fname,
+                     struct kli_pack_info *info, struct kli_err *err)
+{
+    uint64_t rl, cl;
+    uint32_t flags;
+
+    if (size == 0)
+        return KLI_OK;
+    if (size < 26)
+        return pack_err(err, KLI_E_FORMAT, fname, "section \"tokenizer\" is too short");
+    rl = pack_le64(p);
+    cl = pack_le64(p + 8);
+    flags = pack_le32(p + 16);
+    if (rl > size - 26 || cl != size - 26 - rl) {
+        return pack_err(err, KLI_E_FORMAT, fname, "section \"tokenizer\": lengths %llu + %llu "
+                        "do not fill its %llu bytes", (unsigned long long)rl,
+                        (unsigned long long)cl, (unsigned long long)size);
+    }
+    if (p[24 + rl] != 0 || p[25 + rl + cl] != 0)
+        return pack_err(err, KLI_E_FORMAT, fname, "section \"tokenizer\": text not NUL-terminated");
+    if ((flags & 1) == 0 && cl != 0) {
+        return pack_err(err, KLI_E_FORMAT, fname, "section \"tokenizer\": a tokenizer_config.json "
+                        "text but its flag is clear");
+    }
+    info->tok_ranks = (const char *)p + 24;
+    info->tok_ranks_len = rl;
+    if (flags & 1) {
+        info->tok_config = (const char *)p + 25 + rl;
+        info->tok_config_len = cl;
+    }
+    return KLI_OK;
+}
+
+/* One tensor record into *d (name copied). `i` numbers it in messages until the name is
+ * known. */
+static int
+pack_parse_tensor(const uint8_t *rec, const uint8_t *strings, uint64_t ss, const uint8_t *base,
+                  uint64_t data_begin, uint64_t data_end, int64_t i, const char *fname,
+                  struct kli_tensor_desc *d, uint64_t *sum, struct kli_err *err)
+{
+    uint64_t name_off = pack_le64(rec), off = pack_le64(rec + 88), nb = pack_le64(rec + 96);
+    uint32_t name_len = pack_le32(rec + 8), dt = pack_le32(rec + 12), layout = pack_le32(rec + 16);
+    uint32_t ndim = pack_le32(rec + 20);
+    const char *name;
+    int64_t numel;
+
+    memset(d, 0, sizeof(*d));
+    if (name_len == 0 || name_len > PACK_MAX_NAME || name_off > ss || name_len >= ss - name_off ||
+        strings[name_off + name_len] != 0 || memchr(strings + name_off, 0, name_len) != NULL) {
+        return pack_err(err, KLI_E_FORMAT, fname, "section \"directory\": tensor %lld: bad name "
+                        "(offset %llu, %u bytes, in %llu bytes of names)", (long long)i,
+                        (unsigned long long)name_off, name_len, (unsigned long long)ss);
+    }
+    name = (const char *)strings + name_off;
+    if (dt >= KLI_DT_COUNT) {
+        return pack_err(err, KLI_E_FORMAT, fname, "section \"directory\": tensor \"%.64s\": "
+                        "unknown dtype code %u", name, dt);
+    }
+    if (layout != 0) {
+        return pack_err(err, KLI_E_UNSUPPORTED, fname, "tensor \"%.64s\": layout %u is not "
+                        "known to this kli (0 = row-major)", name, layout);
+    }
+    if (ndim > KLI_MAX_DIMS) {
+        return pack_err(err, KLI_E_FORMAT, fname, "section \"directory\": tensor \"%.64s\": %u "
+                        "dimensions, at most %d", name, ndim, KLI_MAX_DIMS);
+    }
+    for (uint32_t k = 0; k < ndim; k++) {
+        uint64_t v = pack_le64(rec + 24 + 8 * k);
+
+        if (v > ((uint64_t)1 << 62)) {
+            return pack_err(err, KLI_E_FORMAT, fname, "section \"directory\": tensor \"%.64s\": "
+                            "shape[%u] is too large", name, k);
+        }
+        d->shape[k] = (int64_t)v;
+    }
+    numel = pack_numel(d->shape, (int32_t)ndim);
+    if (numel < 0) {
+        return pack_err(err, KLI_E_FORMAT, fname, "section \"directory\": tensor \"%.64s\": the "
+                        "element count overflows", name);
+    }
+    if (dt != KLI_DT_OTHER && pack_nbytes(dt, d->shape, (int32_t)ndim, (uint64_t)numel) != nb) {
+        return pack_err(err, KLI_E_FORMAT, fname, "section \"directory\": tensor \"%.64s\": %llu "
+                        "bytes do not match its %u-d shape of %s", name,
+                        (unsigned long long)nb, ndim, kli_dtype_name(dt));
+    }
+    if (off < data_begin || off > data_end || nb > data_end - off ||
+        off % PACK_TENSOR_ALIGN != 0) {
+        return pack_err(err, KLI_E_FORMAT, fname, "section \"directory\": tensor \"%.64s\": "
+                        "bytes [%llu, +%llu) are not 64-byte aligned inside the data section "
+                        "[%llu, %llu)", name, (unsigned long long)off, (unsigned long long)nb,
+                        (unsigned long long)data_begin, (unsigned long long)data_end);
+    }
+    if (rec[112 + 15] != 0 || rec[112] == 0) {
+        return pack_err(err, KLI_E_FORMAT, fname, "section \"directory\": tensor \"%.64s\": "
+                        "dtype name is empty or not NUL-terminated", name);
+    }
+    d->name = kli_strdup(name);
+    if (d->name == NULL)
+        return pack_err(err, KLI_E_NOMEM, fname, "out of memory");
+    d->dtype = (enum kli_dtype)dt;
+    snprintf(d->dtype_name, sizeof(d->dtype_name), "%s", (const char *)rec + 112);
+    d->ndim = (int32_t)ndim;
+    d->numel = numel;
+    d->data = base + off;
+    d->nbytes = nb;
+    *sum = pack_le64(rec + 104);
+    return KLI_OK;
+}
+
+int
+kli_pack_parse(const uint8_t *base, uint64_t size, const char *fname, int32_t file,
+               struct kli_tensor_desc **descs, int64_t *n, int64_t *cap,
+               struct kli_pack_info *info, struct kli_err *err)
+{
+    const int64_t n0 = *n;
+    struct pack_section sec[5];
+    struct pack_range *ranges = NULL;
+    int64_t *owner = NULL;
+    uint64_t align = PACK_ALIGN, nt, ng, ss, trs, grs, data_begin, data_end;
+    const uint8_t *dir;
+    int rc;
+
+    memset(info, 0, sizeof(*info));
+    if (fname == NULL)
+        fname = "(memory)";
+    if ((rc = pack_parse_header(base, size, fname, sec, &align, info, err)) != KLI_OK)
+        return rc;
+    for (int k = PACK_CONFIG; k <= PACK_DIRECTORY; k++) {
+        if (sec[k].present && kli_xxh64(base + sec[k].offset, (size_t)sec[k].size, 0) !=
+            sec[k].checksum) {
+            return pack_err(err, KLI_E_FORMAT, fname, "section \"%s\" is damaged (checksum "
+                            "mismatch)", pack_kind_names[k]);
+        }
+    }
+
+    /* CONFIG: the config.json text and a NUL. */
+    if (sec[PACK_CONFIG].size == 0 || base[sec[PACK_CONFIG].offset + sec[PACK_CONFIG].size - 1])
+        return pack_err(err, KLI_E_FORMAT, fname, "section \"config\" is not NUL-terminated text");
+    info->config = (const char *)base + sec[PACK_CONFIG].offset;
+    info->config_len = sec[PACK_CONFIG].size - 1;
+    if (sec[PACK_TOKENIZER].present) {
+        rc = pack_parse_tokenizer(base + sec[PACK_TOKENIZER].offset, sec[PACK_TOKENIZER].size,
+                                  fname, info, err);
+        if (rc != KLI_OK)
+            goto fail;
+    }
+
+    /* DIRECTORY: counts and record sizes, then the records and the names. */
+    dir = base + sec[PACK_DIRECTORY].offset;
+    if (sec[PACK_DIRECTORY].size < PACK_DIR_HEAD) {
+        rc = pack_err(err, KLI_E_FORMAT, fname, "section \"directory\" is too short");
+        goto fail;
+    }
+    nt = pack_le64(dir);
+    ng = pack_le64(dir + 8);
+    ss = pack_le64(dir + 16);
+    trs = pack_le32(dir + 24);
+    grs = pack_le32(dir + 28);
+    {
+        uint64_t room = sec[PACK_DIRECTORY].size - PACK_DIR_HEAD;
+
+        if (trs < PACK_TENSOR_REC || grs < PACK_GROUP_REC || nt > room / trs ||
+            ng > (room - nt * trs) / grs || ss > room - nt * trs - ng * grs) {
+            rc = pack_err(err, KLI_E_FORMAT, fname, "section \"directory\": %llu tensors, %llu "
+                          "groups and %llu bytes of names do not fit its %llu bytes",
+                          (unsigned long long)nt, (unsigned long long)ng,
+                          (unsigned long long)ss, (unsigned long long)sec[PACK_DIRECTORY].size);
+            goto fail;
+        }
+    }
+    data_begin = sec[PACK_DATA].offset;
+    data_end = data_begin + sec[PACK_DATA].size;
+
+    if ((uint64_t)n0 + nt > (uint64_t)*cap) {
+        uint64_t want = (uint64_t)n0 + nt, grow = (uint64_t)*cap * 2;
+        struct kli_tensor_desc *p;
+
+        want = want < grow ? grow : want;
+        want = want < 16 ? 16 : want;
+        p = want > SIZE_MAX / sizeof(*p) ? NULL :
+            kli_reallocarray(*descs, (size_t)want, sizeof(*p));
+        if (p == NULL) {
+            rc = pack_err(err, KLI_E_NOMEM, fname, "out of memory for %llu tensors",
+                          (unsigned long long)nt);
+            goto fail;
+        }
+        *descs = p;
+        *cap = (int64_t)want;
+    }
+    info->checksums = kli_mallocarray((size_t)nt + 1, sizeof(*info->checksums));
+    info->groups = kli_mallocarray((size_t)ng + 1, sizeof(*info->groups));
+    ranges = kli_mallocarray((size_t)(nt + ng) + 1, sizeof(*ranges));
+    owner = kli_mallocarray((size_t)nt + 1, sizeof(*owner));
+    if (info->checksums == NULL || info->groups == NULL || ranges == NULL || owner == NULL) {
+        rc = pack_err(err, KLI_E_NOMEM, fname, "out of memory for %llu tensors",
+                      (unsigned long long)nt);
+        goto fail;
+    }
+    {
+        const uint8_t *strings = dir + PACK_DIR_HEAD + nt * trs + ng * grs;
+
+        for (uint64_t i = 0; i < nt; i++) {
+            rc = pack_parse_tensor(dir + PACK_DIR_HEAD + i * trs, strings, ss, base, data_begin,
+                                   data_end, (int64_t)i, fname, &(*descs)[*n],
+                                   &info->checksums[i], err);
+            if (rc != KLI_OK)
+                goto fail;
+            (*descs)[*n].file = file;
+            (*n)++;
+            owner[i] = -1;
+        }
+    }
+
+    /* Groups: runs of consecutive tensors in one range that starts on an alignment unit;
+     * its units are its own (checked below with the tensors' ranges). */
+    info->n_groups = (int64_t)ng;
+    for (uint64_t g = 0; g < ng; g++) {
+        const uint8_t *r = dir + PACK_DIR_HEAD + nt * trs + g * grs;
+        struct kli_tensor_group *G = &info->groups[g];
+        uint64_t off = pack_le64(r), gs = pack_le64(r + 8), prev_end = off;
+        uint64_t first = pack_le32(r + 16), cnt = pack_le32(r + 20);
+
+        if (cnt == 0 || first >= nt || cnt > nt - first || off % align != 0 ||
+            off < data_begin || off > data_end || gs > data_end - off) {
+            rc = pack_err(err, KLI_E_FORMAT, fname, "section \"directory\": group %llu "
+                          "(tensors %llu+%llu at [%llu, +%llu)) is out of bounds or not "
+                          "aligned", (unsigned long long)g, (unsigned long long)first,
+                          (unsigned long long)cnt, (unsigned long long)off,
+                          (unsigned long long)gs);
+            goto fail;
+        }
+        for (uint64_t t = first; t < first + cnt; t++) {
+            const struct kli_tensor_desc *d = &(*descs)[n0 + (int64_t)t];
+            uint64_t toff = (uint64_t)((const uint8_t *)d->data - base);
+
+            if (owner[t] >= 0 || toff < prev_end || (t == first && toff != off) ||
+                toff + d->nbytes > off + gs) {
+                rc = pack_err(err, KLI_E_FORMAT, fname, "section \"directory\": tensor "
+                              "\"%.64s\" is not in order inside group %llu, or in two groups",
+                              d->name, (unsigned long long)g);
+                goto fail;
+            }
+            owner[t] = (int64_t)g;
+            prev_end = toff + d->nbytes;
+        }
+        G->data = base + off;
+        G->offset = off;
+        G->size = gs;
+        G->first = n0 + (int64_t)first;
+        G->n = (int32_t)cnt;
+        G->layer = (int32_t)pack_le32(r + 24);
+        G->expert = (int32_t)pack_le32(r + 28);
+    }
+
+    /* No byte of the data section belongs to two tensors, and no tensor outside a group
+     * touches the group's alignment units. */
+    {
+        int64_t nr = 0;
+
+        for (uint64_t t = 0; t < nt; t++) {
+            const struct kli_tensor_desc *d = &(*descs)[n0 + (int64_t)t];
+            uint64_t toff = (uint64_t)((const uint8_t *)d->data - base);
+
+            if (owner[t] < 0 && d->nbytes > 0)
+                ranges[nr++] = (struct pack_range){toff, toff + d->nbytes, (int64_t)t};
+        }
+        for (uint64_t g = 0; g < ng; g++) {
+            uint64_t end = pack_align(info->groups[g].offset + info->groups[g].size, align);
+
+            ranges[nr++] = (struct pack_range){info->groups[g].offset,
+                                               end < data_end ? end : data_end,
+                                               -1 - (int64_t)g};
+        }
+        int64_t last = 0;   /* the range reaching furthest so far */
+
+        qsort(ranges, (size_t)nr, sizeof(*ranges), pack_range_cmp);
+        for (int64_t k = 1; k < nr; k++) {
+            if (ranges[k].end > ranges[k].begin && ranges[k].begin < ranges[last].end) {
+                int64_t a = ranges[last].idx, b = ranges[k].idx;
+                char wa[96], wb[96];
+
+                if (a >= 0)
+                    snprintf(wa, sizeof(wa), "tensor \"%.64s\"", (*descs)[n0 + a].name);
+                else
+                    snprintf(wa, sizeof(wa), "group %lld", (long long)(-1 - a));
+                if (b >= 0)
+                    snprintf(wb, sizeof(wb), "tensor \"%.64s\"", (*descs)[n0 + b].name);
+                else
+                    snprintf(wb, sizeof(wb), "group %lld", (long long)(-1 - b));
+                rc = pack_err(err, KLI_E_FORMAT, fname, "section \"directory\": %s overlaps %s",
+                              wa, wb);
+                goto fail;
+            }
+            if (ranges[k].end > ranges[last].end)
+                last = k;
+        }
+    }
+
+    /* The DATA section's checksum commits to the per-tensor ones. */
+    {
+        struct xxh64_state h;
+        uint8_t b[8];
+
+        xxh64_init(&h, 0);
+        for (uint64_t t = 0; t < nt; t++) {
+            pack_put64(b, info->checksums[t]);
+            xxh64_update(&h, b, 8);
+        }
+        if (xxh64_digest(&h) != sec[PACK_DATA].checksum) {
+            rc = pack_err(err, KLI_E_FORMAT, fname, "section \"data\": its checksum does not "
+                          "match the tensor checksums in the directory");
+            goto fail;
+        }
+    }
+    free(ranges);
+    free(owner);
+    return KLI_OK;
+
+fail:
+    for (int64_t i = n0; i < *n; i++)
+        free((char *)(*descs)[i].name);
+    *n = n0;
+    free(ranges);
+    free(owner);
+    kli_pack_info_free(info);
+    return rc;
+}
+
+int
+kli_wfile_verify(const struct kli_wfile *w, kli_progress_fn progress, void *ud,
+                 struct kli_err *err)
+{
+    const struct kli_pack_info *info = kli_wfile_pack(w);
+    int64_t n = kli_wfile_n_tensors(w);
+    uint64_t done = 0, total = kli_wfile_data_bytes(w);
+
+    if (info == NULL)
+        return KLI_OK;
+    for (int64_t i = 0; i < n; i++) {
+        const struct kli_tensor_desc *d = kli_wfile_tensor(w, i);
+        uint64_t h = kli_xxh64(d->data, (size_t)d->nbytes, 0);
+
+        kli_wfile_dontneed(w, d);
+        if (h != info->checksums[i]) {
+            return pack_err(err, KLI_E_FORMAT, kli_wfile_file_path(w, d->file),
+                            "section \"data\" is damaged: tensor \"%.64s\" does not match its "
+                            "checksum", d->name);
+        }
+        done += d->nbytes;
+        if (progress != NULL)
+            progress(ud, done, total, d->name);
+    }
+    return KLI_OK;
+}
+
+/* ==== Writer ===============================================================================
+ * Everything before the data section (header, config, tokenizer, directory) is laid out in
+ * memory at open and written as zeros-for-now; the tensors stream after it through a write
+ * buffer, each hashed as it passes; close fills in the checksums and writes the prefix again.
+ * Peak memory: the prefix (a few MB for the largest models) plus the 1 MiB buffer. */
+
+enum { PW_BUF = 1 << 20 };
+
+struct pw_tensor {
+    uint64_t offset, nbytes;
+};
+
+struct kli_pack_writer {
+    int fd;
+    char *path, *tmp;
+    uint8_t *prefix;             /* [data_off] */
+    uint64_t data_off, file_size;
+    uint64_t dir_off;
+    struct pw_tensor *t;         /* [n] */
+    int64_t n, cur;              /* tensor being written */
+    uint64_t cur_done;           /* of its bytes */
+    uint64_t pos;                /* file offset of the next byte appended */
+    struct xxh64_state h;        /* of tensor cur */
+    struct xxh64_state hdata;    /* of the per-tensor checksums */
+    uint8_t *buf;
+    size_t n_buf;
+};
+
+static const uint8_t pw_zeros[4096];
+
+void
+kli_pack_writer_abort(struct kli_pack_writer *w)
+{
+    if (w == NULL)
+        return;
+    if (w->fd >= 0)
+        close(w->fd);
+    if (w->tmp != NULL)
+        unlink(w->tmp);
+    free(w->path);
+    free(w->tmp);
+    free(w->prefix);
+    free(w->t);
+    free(w->buf);
+    free(w);
+}
+
+static int
+pw_write_all(struct kli_pack_writer *w, const void *p, size_t n, struct kli_err *err)
+{
+    const uint8_t *b = p;
+
+    while (n > 0) {
+        ssize_t k = write(w->fd, b, n);
+
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k <= 0) {
+            int e = k < 0 ? errno : ENOSPC;
+
+            return kli_err_set(err, KLI_E_IO, "%s: write error: %s", w->tmp, strerror(e));
+        }
+        b += k;
+        n -= (size_t)k;
+    }
+    return KLI_OK;
+}
+
+static int
+pw_flush(struct kli_pack_writer *w, struct kli_err *err)
+{
+    int rc = pw_write_all(w, w->buf, w->n_buf, err);
+
+    w->n_buf = 0;
+    return rc;
+}
+
+/* Appends bytes at w->pos through the buffer. */
+static int
+pw_emit(struct kli_pack_writer *w, const void *p, uint64_t n, struct kli_err *err)
+{
+    const uint8_t *b = p;
+    int rc;
+
+    w->pos += n;
+    while (n > 0) {
+        size_t take = PW_BUF - w->n_buf;
+
+        if (take > n)
+            take = (size_t)n;
+        memcpy(w->buf + w->n_buf, b, take);
+        w->n_buf += take;
+        b += take;
+        n -= take;
+        if (w->n_buf == PW_BUF && (rc = pw_flush(w, err)) != KLI_OK)
+            return rc;
+    }
+    return KLI_OK;
+}
+
+static int
+pw_pad_to(struct kli_pack_writer *w, uint64_t off, struct kli_err *err)
+{
+    int rc;
+
+    KLI_ASSERT(off >= w->pos);
+    while (w->pos < off) {
+        uint64_t k = off - w->pos < sizeof(pw_zeros) ? off - w->pos : sizeof(pw_zeros);
+
+        if ((rc = pw_emit(w, pw_zeros, k, err)) != KLI_OK)
+            return rc;
+    }
+    return KLI_OK;
+}
+
+/* Finishes every complete tensor from cur on: records its checksum, pads to the next. */
+static int
+pw_advance(struct kli_pack_writer *w, struct kli_err *err)
+{
+    int rc;
+
+    while (w->cur < w->n && w->cur_done == w->t[w->cur].nbytes) {
+        uint64_t sum = xxh64_digest(&w->h);
+        uint8_t b[8];
+
+        pack_put64(w->prefix + w->dir_off + PACK_DIR_HEAD + (uint64_t)w->cur * PACK_TENSOR_REC +
+                   104, sum);
+        pack_put64(b, sum);
+        xxh64_update(&w->hdata, b, 8);
+        w->cur++;
+        w->cur_done = 0;
+        xxh64_init(&w->h, 0);
+        if (w->cur < w->n && (rc = pw_pad_to(w, w->t[w->cur].offset, err)) != KLI_OK)
+            return rc;
+    }
+    return KLI_OK;
+}
+
+static int
+pw_name_cmp(const void *a, const void *b)
+{
+    const struct kli_pack_entry *const *x = a, *const *y = b;
+
+    return strcmp((*x)->name, (*y)->name);
+}
+
+/* The entries must describe a valid file: names unique and sane, sizes matching shapes,
+ * each group one run. */
+static int
+pw_check_entries(const char *path, const struct kli_pack_entry *e, int64_t n,
+                 struct kli_err *err)
+{
+    const struct kli_pack_entry **v = NULL;
+    int64_t *runs = NULL, n_runs = 0;
+    int rc = KLI_OK;
+
+    for (int64_t i = 0; i < n; i++) {
+        size_t nl = e[i].name != NULL ? strlen(e[i].name) : 0;
+        int64_t numel = e[i].ndim >= 0 && e[i].ndim <= KLI_MAX_DIMS ?
+                        pack_numel(e[i].shape, e[i].ndim) : -1;
+
+        if (nl == 0 || nl > PACK_MAX_NAME)
+            return kli_err_set(err, KLI_E_INVALID, "%s: tensor %lld: empty or long name", path,
+                               (long long)i);
+        if ((unsigned)e[i].dtype >= KLI_DT_COUNT || numel < 0 ||
+            (e[i].dtype != KLI_DT_OTHER &&
+             pack_nbytes(e[i].dtype, e[i].shape, e[i].ndim, (uint64_t)numel) != e[i].nbytes) ||
+            (e[i].dtype_name != NULL && (e[i].dtype_name[0] == '\0' ||
+                                         strlen(e[i].dtype_name) > 15)))
+            return kli_err_set(err, KLI_E_INVALID, "%s: tensor %s: dtype, shape and size "
+                               "disagree", path, e[i].name);
+        if (e[i].nbytes > ((uint64_t)1 << 56))
+            return kli_err_set(err, KLI_E_INVALID, "%s: tensor %s is too large", path,
+                               e[i].name);
+    }
+    v = kli_mallocarray((size_t)n + 1, sizeof(*v));
+    runs = kli_mallocarray((size_t)n + 1, sizeof(*runs));
+    if (v == NULL || runs == NULL) {
+        rc = kli_err_set(err, KLI_E_NOMEM, "%s: out of memory", path);
+        goto out;
+    }
+    for (int64_t i = 0; i < n; i++) {
+        v[i] = &e[i];
+        if (e[i].group >= 0 && (i == 0 || e[i - 1].group != e[i].group))
+            runs[n_runs++] = e[i].group;
+    }
+    qsort(v, (size_t)n, sizeof(*v), pw_name_cmp);
+    for (int64_t i = 1; i < n; i++) {
+        if (strcmp(v[i - 1]->name, v[i]->name) == 0) {
+            rc = kli_err_set(err, KLI_E_INVALID, "%s: tensor %s declared twice", path,
+                             v[i]->name);
+            goto out;
+        }
+    }
+    for (int64_t i = 0; i < n_runs; i++) {
+        for (int64_t j = i + 1; j < n_runs; j++) {
+            if (runs[i] == runs[j]) {
+                rc = kli_err_set(err, KLI_E_INVALID, "%s: the tensors of group %lld are not "
+                                 "consecutive", path, (long long)runs[i]);
+                goto out;
+            }
+        }
+    }
+out:
+    free(v);
+    free(runs);
+    return rc;
+}
+
+int
+kli_pack_writer_open(struct kli_pack_writer **out, const char *path,
+                     const struct kli_pack_meta *meta, const struct kli_pack_entry *entries,
+                     int64_t n, struct kli_err *err)
+{
+    struct kli_pack_writer *w;
+    uint64_t cfg_off, cfg_size, tok_off, tok_size, tcl, dir_size, ss = 0, pos, n_groups = 0;
+    size_t pl;
+    int rc;
+
+    *out = NULL;
+    if (!pack_host_is_le())
+        return kli_err_set(err, KLI_E_UNSUPPORTED, "%s: .kli files are written on "
+                           "little-endian hosts only", path);
+    if ((rc = pw_check_entries(path, entries, n, err)) != KLI_OK)
+        return rc;
+    w = kli_calloc(1, sizeof(*w));
+    if (w == NULL)
+        return kli_err_set(err, KLI_E_NOMEM, "out of memory writing %s", path);
+    w->fd = -1;
+    w->n = n;
+    pl = strlen(path);
+    w->path = kli_strdup(path);
+    w->tmp = kli_malloc(pl + 5);
+    w->t = kli_calloc((size_t)n + 1, sizeof(*w->t));
+    w->buf = kli_malloc(PW_BUF);
+    if (w->path == NULL || w->tmp == NULL || w->t == NULL || w->buf == NULL)
+        goto nomem;
+    snprintf(w->tmp, pl + 5, "%s.tmp", path);
+
+    /* Layout: header, config, tokenizer and directory (64-byte aligned), then the data. */
+    for (int64_t i = 0; i < n; i++) {
+        ss += strlen(entries[i].name) + 1;
+        n_groups += entries[i].group >= 0 && (i == 0 || entries[i - 1].group != entries[i].group);
+    }
+    cfg_off = PACK_HEADER_SIZE;
+    cfg_size = meta->config_len + 1;
+    tok_off = pack_align(cfg_off + cfg_size, PACK_TENSOR_ALIGN);
+    tcl = meta->tok_config != NULL ? meta->tok_config_len : 0;
+    tok_size = meta->tok_ranks != NULL ? 26 + meta->tok_ranks_len + tcl : 0;
+    w->dir_off = pack_align(tok_off + tok_size, PACK_TENSOR_ALIGN);
+    dir_size = PACK_DIR_HEAD + (uint64_t)n * PACK_TENSOR_REC + n_groups * PACK_GROUP_REC + ss;
+    w->data_off = pack_align(w->dir_off + dir_size, PACK_ALIGN);
+    if (w->data_off > SIZE_MAX) {
+        rc = kli_err_set(err, KLI_E_NOMEM, "%s: metadata too large", path);
+        goto fail;
+    }
+    /* A group starts on a page, and so does whatever follows it. */
+    pos = w->data_off;
+    for (int64_t i = 0; i < n; i++) {
+        int starts = entries[i].group >= 0 && (i == 0 || entries[i - 1].group != entries[i].group);
+        int after = i > 0 && entries[i - 1].group >= 0 && entries[i - 1].group != entries[i].group;
+
+        pos = pack_align(pos, starts || after ? PACK_ALIGN : PACK_TENSOR_ALIGN);
+        w->t[i].offset = pos;
+        w->t[i].nbytes = entries[i].nbytes;
+        pos += entries[i].nbytes;
+    }
+    w->file_size = pack_align(pos, PACK_ALIGN);
+
+    /* The prefix, complete but for the checksums. */
+    w->prefix = kli_calloc(1, (size_t)w->data_off);
+    if (w->prefix == NULL)
+        goto nomem;
+    {
+        uint8_t *h = w->prefix, *d = w->prefix + w->dir_off;
+        uint8_t *rec = d + PACK_DIR_HEAD, *grp = rec + (uint64_t)n * PACK_TENSOR_REC;
+        uint8_t *str = grp + n_groups * PACK_GROUP_REC;
+        uint64_t so = 0;
+
+        memcpy(h, KLI_PACK_MAGIC, 8);
+        pack_put16(h + 8, KLI_PACK_VERSION_MAJOR);
+        pack_put16(h + 10, KLI_PACK_VERSION_MINOR);
+        pack_put32(h + 12, PACK_BOM);
+        pack_put32(h + 16, PACK_HEADER_SIZE);
+        pack_put32(h + 20, PACK_ALIGN);
+        pack_put64(h + 24, w->file_size);
+        pack_put32(h + 32, 4);
+        {
+            const uint64_t so_[4][3] = {
+                {PACK_CONFIG, cfg_off, cfg_size}, {PACK_TOKENIZER, tok_off, tok_size},
+                {PACK_DIRECTORY, w->dir_off, dir_size},
+                {PACK_DATA, w->data_off, w->file_size - w->data_off},
+            };
+            for (int k = 0; k < 4; k++) {
+                uint8_t *e = h + PACK_TABLE + k * PACK_SECTION_SIZE;
+
+                pack_put32(e, (uint32_t)so_[k][0]);
+                pack_put64(e + 8, so_[k][1]);
+                pack_put64(e + 16, so_[k][2]);
+            }
+        }
+        if (meta->config_len > 0)
+            memcpy(h + cfg_off, meta->config, (size_t)meta->config_len);
+        if (tok_size > 0) {
+            uint8_t *t = h + tok_off;
+
+            pack_put64(t, meta->tok_ranks_len);
+            pack_put64(t + 8, tcl);
+            pack_put32(t + 16, meta->tok_config != NULL);
+            memcpy(t + 24, meta->tok_ranks, (size_t)meta->tok_ranks_len);
+            if (tcl > 0)
+                memcpy(t + 25 + meta->tok_ranks_len, meta->tok_config, (size_t)tcl);
+        }
+        pack_put64(d, (uint64_t)n);
+        pack_put64(d + 8, n_groups);
+        pack_put64(d + 16, ss);
+        pack_put32(d + 24, PACK_TENSOR_REC);
+        pack_put32(d + 28, PACK_GROUP_REC);
+        for (int64_t i = 0; i < n; i++, rec += PACK_TENSOR_REC) {
+            const struct kli_pack_entry *e = &entries[i];
+            size_t nl = strlen(e->name);
+            const char *dn = e->dtype_name != NULL ? e->dtype_name : kli_dtype_st_name(e->dtype);
+
+            pack_put64(rec, so);
+            pack_put32(rec + 8, (uint32_t)nl);
+            pack_put32(rec + 12, (uint32_t)e->dtype);
+            pack_put32(rec + 16, 0);   /* layout: row-major */
+            pack_put32(rec + 20, (uint32_t)e->ndim);
+            for (int k = 0; k < e->ndim; k++)
+                pack_put64(rec + 24 + 8 * k, (uint64_t)e->shape[k]);
+            pack_put64(rec + 88, w->t[i].offset);
+            pack_put64(rec + 96, e->nbytes);
+            snprintf((char *)rec + 112, 16, "%s", dn);
+            memcpy(str + so, e->name, nl + 1);
+            so += nl + 1;
+            if (e->group >= 0 && (i == 0 || entries[i - 1].group != e->group)) {
+                int64_t j = i;
+
+                while (j + 1 < n && entries[j + 1].group == e->group)
+                    j++;
+                pack_put64(grp, w->t[i].offset);
+                pack_put64(grp + 8, w->t[j].offset + w->t[j].nbytes - w->t[i].offset);
+                pack_put32(grp + 16, (uint32_t)i);
+                pack_put32(grp + 20, (uint32_t)(j - i + 1));
+                pack_put32(grp + 24, (uint32_t)e->layer);
+                pack_put32(grp + 28, (uint32_t)e->expert);
+                grp += PACK_GROUP_REC;
+            }
+        }
+    }
+
+    do {
+        w->fd = open(w->tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
+    } while (w->fd < 0 && errno == EINTR);
+    if (w->fd < 0) {
+        rc = kli_err_set(err, KLI_E_IO, "%s: %s", w->tmp, strerror(errno));
+        goto fail;
+    }
+    if ((rc = pw_write_all(w, w->prefix, (size_t)w->data_off, err)) != KLI_OK)
+        goto fail;
+    w->pos = w->data_off;
+    xxh64_init(&w->h, 0);
+    xxh64_init(&w->hdata, 0);
+    if (n > 0 && (rc = pw_pad_to(w, w->t[0].offset, err)) != KLI_OK)
+        goto fail;
+    if ((rc = pw_advance(w, err)) != KLI_OK)
+        goto fail;
+    *out = w;
+    return KLI_OK;
+nomem:
+    rc = kli_err_set(err, KLI_E_NOMEM, "out of memory writing %s", path);
+fail:
+    kli_pack_writer_abort(w);
+    return rc;
+}
+
+int
+kli_pack_writer_write(struct kli_pack_writer *w, const void *data, uint64_t nbytes,
+                      struct kli_err *err)
+{
+    const uint8_t *p = data;
+    int rc;
+
+    while (nbytes > 0) {
+        uint64_t take;
+
+        if (w->cur >= w->n)
+            return kli_err_set(err, KLI_E_INVALID, "%s: more tensor bytes than declared",
+                               w->path);
+        take = w->t[w->cur].nbytes - w->cur_done;
+        take = take < nbytes ? take : nbytes;
+        xxh64_update(&w->h, p, (size_t)take);
+        if ((rc = pw_emit(w, p, take, err)) != KLI_OK)
+            return rc;
+        w->cur_done += take;
+        p += take;
+        nbytes -= take;
+        if ((rc = pw_advance(w, err)) != KLI_OK)
+            return rc;
+    }
+    return KLI_OK;
+}
+
+int
+kli_pack_writer_close(struct kli_pack_writer *w, struct kli_err *err)
+{
+    uint8_t *h = w->prefix;
+    int rc;
+
+    if (w->cur < w->n) {
+        rc = kli_err_set(err, KLI_E_INVALID, "%s: tensor %lld of %lld is incomplete", w->path,
+                         (long long)w->cur, (long long)w->n);
+        goto fail;
+    }
+    if ((rc = pw_pad_to(w, w->file_size, err)) != KLI_OK || (rc = pw_flush(w, err)) != KLI_OK)
+        goto fail;
+    /* Section checksums, then the header's own. */
+    for (int k = 0; k < 4; k++) {
+        uint8_t *e = h + PACK_TABLE + k * PACK_SECTION_SIZE;
+        uint64_t sum = pack_le32(e) == PACK_DATA ? xxh64_digest(&w->hdata) :
+                       kli_xxh64(h + pack_le64(e + 8), (size_t)pack_le64(e + 16), 0);
+
+        pack_put64(e + 24, sum);
+    }
+    pack_put64(h + PACK_HEADER_SUM, kli_xxh64(h, PACK_HEADER_SUM, 0));
+    for (uint64_t o = 0; o < w->data_off;) {
+        ssize_t k = pwrite(w->fd, h + o, (size_t)(w->data_off - o), (off_t)o);
+
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k <= 0) {
+            rc = kli_err_set(err, KLI_E_IO, "%s: write error: %s", w->tmp,
+                             strerror(k < 0 ? errno : ENOSPC));
+            goto fail;
+        }
+        o += (uint64_t)k;
+    }
+    if (fsync(w->fd) != 0 || close(w->fd) != 0) {
+        w->fd = -1;
+        rc = kli_err_set(err, KLI_E_IO, "%s: write error: %s", w->tmp, strerror(errno));
+        goto fail;
+    }
+    w->fd = -1;
+    if (rename(w->tmp, w->path) != 0) {
+        rc = kli_err_set(err, KLI_E_IO, "%s: %s", w->path, strerror(errno));
+        goto fail;
+    }
+    free(w->tmp);
+    w->tmp = NULL;
+    kli_pack_writer_abort(w);
+    return KLI_OK;
+fail:
+    kli_pack_writer_abort(w);
+    return rc;
+}
