@@ -648,7 +648,10 @@ topo_plan_workers(const struct topo *t, const struct topo_options *o, struct top
             p->n_worker_nodes++;
         }
     }
-    p->pin = o->cpus != NULL || o->numa != KLI_NUMA_NONE || n == p->n_cores_allowed;
+    /* Pinning only on request (--cpus, or a NUMA policy that places memory). Pinning every
+     * worker by default made decode 20x slower on the 16-core GPU server, for a reason not
+     * yet found; until it is, unpinned workers are the safe default. */
+    p->pin = o->cpus != NULL || o->numa != KLI_NUMA_NONE;
     return KLI_OK;
 }
 

@@ -103,7 +103,7 @@ test_machine_a(void)
     ok(t->n_nodes == 1 && t->n_cores == 2 && t->n_pus == 2 && t->synthetic, "A: 1 node, "
        "2 cores, 2 PUs");
     ok(plan_for(t, 0, NULL, KLI_NUMA_NONE, &err) == KLI_OK && wp.n_workers == 2 &&
-       wp.pin && plan_sane(t, NULL), "A: default is one pinned worker per core (2)");
+       !wp.pin && plan_sane(t, NULL), "A: default is one worker per core (2), not pinned");
     ok(plan_for(t, 1, NULL, KLI_NUMA_NONE, &err) == KLI_OK && wp.n_workers == 1 &&
        !wp.pin, "A: -t 1 uses one core and does not pin (part of the machine, no --cpus)");
     ok(plan_for(t, 5, NULL, KLI_NUMA_NONE, &err) == KLI_OK && wp.n_workers == 2 &&
@@ -140,8 +140,8 @@ test_machine_b(void)
     ok(layout, "B: cores 8 per node, 16 per package, 2 siblings each");
 
     ok(plan_for(t, 0, NULL, KLI_NUMA_NONE, &err) == KLI_OK && wp.n_workers == 32 &&
-       wp.pin && plan_sane(t, NULL), "B: default: 32 workers (cores, not the 64 PUs), "
-       "pinned");
+       !wp.pin && plan_sane(t, NULL), "B: default: 32 workers (cores, not the 64 PUs), "
+       "not pinned");
     int first_sibling = 1;
     for (int32_t i = 0; i < wp.n_workers; i++)
         first_sibling &= wp.workers[i].cpu % 2 == 0;
