@@ -47,6 +47,62 @@ cli_parse_int(const char *s, long lo, long hi, const char *what, long *out)
     return 0;
 }
 
+int
+cli_parse_float(const char *s, const char *what, float *out)
+{
+    char *end;
+
+    errno = 0;
+    double v = strtod(s, &end);
+    if (errno != 0 || end == s || *end != '\0' || v != v) {
+        cli_error("%s: '%s' is not a number", what, s);
+        return -1;
+    }
+    *out = (float)v;
+    return 0;
+}
+
+int
+cli_sampling_option(int c, const char *arg, struct kli_sampler_options *so)
+{
+    long v;
+
+    switch (c) {
+    case CLI_OPT_TEMP: return cli_parse_float(arg, "--temp", &so->temperature) ? -1 : 1;
+    case CLI_OPT_TOPP: return cli_parse_float(arg, "--top-p", &so->top_p) ? -1 : 1;
+    case CLI_OPT_MINP: return cli_parse_float(arg, "--min-p", &so->min_p) ? -1 : 1;
+    case CLI_OPT_REPEAT:
+        return cli_parse_float(arg, "--repeat-penalty", &so->repeat_penalty) ? -1 : 1;
+    case CLI_OPT_PRESENCE:
+        return cli_parse_float(arg, "--presence-penalty", &so->presence_penalty) ? -1 : 1;
+    case CLI_OPT_FREQUENCY:
+        return cli_parse_float(arg, "--frequency-penalty", &so->frequency_penalty) ? -1 : 1;
+    case CLI_OPT_TOPK:
+        if (cli_parse_int(arg, 0, 1 << 30, "--top-k", &v))
+            return -1;
+        so->top_k = (int32_t)v;
+        return 1;
+    case CLI_OPT_LASTN:
+        if (cli_parse_int(arg, 0, 1 << 24, "--repeat-last-n", &v))
+            return -1;
+        so->penalty_last_n = (int32_t)v;
+        return 1;
+    case CLI_OPT_SEED: {
+        char *end;
+        errno = 0;
+        unsigned long long s = strtoull(arg, &end, 10);
+        if (errno != 0 || end == arg || *end != '\0' || arg[0] == '-') {
+            cli_error("--seed: '%s' is not a non-negative integer", arg);
+            return -1;
+        }
+        so->seed = s;
+        return 1;
+    }
+    default:
+        return 0;
+    }
+}
+
 /* Reads a whole file (or stdin for "-") into a NUL-terminated buffer. */
 char *
 cli_read_file(const char *path, size_t *len)

@@ -50,6 +50,30 @@ enum { CLI_OPT_CPUS = 0x4100, CLI_OPT_NUMA };
 int cli_placement_option(int c, const char *arg);
 void cli_placement_apply(struct kli_model_options *mo);
 
+/* The sampling options shared by run, chat and batch (--temp, --top-k, --top-p, --min-p,
+ * the three penalties, --repeat-last-n, --seed): a command lists CLI_SAMPLING_LONGOPTS and
+ * hands the codes to cli_sampling_option. */
+enum {
+    CLI_OPT_TEMP = 0x4200, CLI_OPT_TOPK, CLI_OPT_TOPP, CLI_OPT_MINP, CLI_OPT_REPEAT,
+    CLI_OPT_PRESENCE, CLI_OPT_FREQUENCY, CLI_OPT_LASTN, CLI_OPT_SEED,
+};
+#define CLI_SAMPLING_LONGOPTS \
+    {"temp", required_argument, NULL, CLI_OPT_TEMP}, \
+    {"temperature", required_argument, NULL, CLI_OPT_TEMP}, \
+    {"top-k", required_argument, NULL, CLI_OPT_TOPK}, \
+    {"top-p", required_argument, NULL, CLI_OPT_TOPP}, \
+    {"min-p", required_argument, NULL, CLI_OPT_MINP}, \
+    {"repeat-penalty", required_argument, NULL, CLI_OPT_REPEAT}, \
+    {"presence-penalty", required_argument, NULL, CLI_OPT_PRESENCE}, \
+    {"frequency-penalty", required_argument, NULL, CLI_OPT_FREQUENCY}, \
+    {"repeat-last-n", required_argument, NULL, CLI_OPT_LASTN}, \
+    {"seed", required_argument, NULL, CLI_OPT_SEED}
+/* @return 1 if c was a sampling option (parsed into so), 0 if not, -1 for a bad value
+ * (reported). */
+int cli_sampling_option(int c, const char *arg, struct kli_sampler_options *so);
+/* A float option value: @return 0, or -1 after reporting. */
+int cli_parse_float(const char *s, const char *what, float *out);
+
 /* The commands of cli_gen.c, NULL-terminated. */
 extern const struct cli_command cli_gen_commands[];
 /* The commands of cli_tools.c, NULL-terminated. */

@@ -52,8 +52,7 @@
 /* ==== options ============================================================================= */
 
 enum {
-    OPT_TEMP = 256, OPT_TOPK, OPT_TOPP, OPT_MINP, OPT_REPEAT, OPT_PRESENCE, OPT_FREQUENCY,
-    OPT_LASTN, OPT_SEED, OPT_STOP, OPT_RAW, OPT_CTX, OPT_QUIET, OPT_PREFIX_CACHE,
+    OPT_STOP = 256, OPT_RAW, OPT_CTX, OPT_QUIET, OPT_PREFIX_CACHE,
     OPT_PREFIX_DIR, OPT_MIN_PREFIX, OPT_SHARD, OPT_RESUME, OPT_OVERWRITE, OPT_MAX_PROMPT,
 };
 
@@ -76,16 +75,7 @@ static const struct option batch_opts[] = {
     {"max-tokens", required_argument, NULL, 'n'},
     {"threads", required_argument, NULL, 't'},
     {"system", required_argument, NULL, 's'},
-    {"temp", required_argument, NULL, OPT_TEMP},
-    {"temperature", required_argument, NULL, OPT_TEMP},
-    {"top-k", required_argument, NULL, OPT_TOPK},
-    {"top-p", required_argument, NULL, OPT_TOPP},
-    {"min-p", required_argument, NULL, OPT_MINP},
-    {"repeat-penalty", required_argument, NULL, OPT_REPEAT},
-    {"presence-penalty", required_argument, NULL, OPT_PRESENCE},
-    {"frequency-penalty", required_argument, NULL, OPT_FREQUENCY},
-    {"repeat-last-n", required_argument, NULL, OPT_LASTN},
-    {"seed", required_argument, NULL, OPT_SEED},
+    CLI_SAMPLING_LONGOPTS,
     {"stop", required_argument, NULL, OPT_STOP},
     {"raw", no_argument, NULL, OPT_RAW},
     {"ctx", required_argument, NULL, OPT_CTX},
@@ -112,21 +102,6 @@ static const char batch_usage[] =
     "\"stop\", ...}.\n"
     "Each output line: id, text, prompt_tokens, completion_tokens, cached_tokens,\n"
     "finish_reason, prefill_ms, decode_ms (and error). See kli(1).\n";
-
-static int
-batch_float(const char *s, const char *what, float *out)
-{
-    char *end;
-
-    errno = 0;
-    double v = strtod(s, &end);
-    if (errno != 0 || end == s || *end != '\0' || v != v) {
-        cli_error("%s: '%s' is not a number", what, s);
-        return -1;
-    }
-    *out = (float)v;
-    return 0;
-}
 
 /* A byte count: digits with an optional K, M, G or T (powers of 1024), optionally followed
  * by B or iB. */
@@ -165,7 +140,6 @@ batch_size(const char *s, const char *what, uint64_t max, uint64_t *out)
 static int
 batch_parse(int argc, char **argv, struct batch_args *a)
 {
-    long v;
     int c;
 
     memset(a, 0, sizeof(*a));
@@ -202,51 +176,6 @@ batch_parse(int argc, char **argv, struct batch_args *a)
             if (cli_parse_int(optarg, 1, 1 << 30, "--ctx", &a->ctx))
                 return -1;
             break;
-        case OPT_TEMP:
-            if (batch_float(optarg, "--temp", &a->so.temperature))
-                return -1;
-            break;
-        case OPT_TOPK:
-            if (cli_parse_int(optarg, 0, 1 << 30, "--top-k", &v))
-                return -1;
-            a->so.top_k = (int32_t)v;
-            break;
-        case OPT_TOPP:
-            if (batch_float(optarg, "--top-p", &a->so.top_p))
-                return -1;
-            break;
-        case OPT_MINP:
-            if (batch_float(optarg, "--min-p", &a->so.min_p))
-                return -1;
-            break;
-        case OPT_REPEAT:
-            if (batch_float(optarg, "--repeat-penalty", &a->so.repeat_penalty))
-                return -1;
-            break;
-        case OPT_PRESENCE:
-            if (batch_float(optarg, "--presence-penalty", &a->so.presence_penalty))
-                return -1;
-            break;
-        case OPT_FREQUENCY:
-            if (batch_float(optarg, "--frequency-penalty", &a->so.frequency_penalty))
-                return -1;
-            break;
-        case OPT_LASTN:
-            if (cli_parse_int(optarg, 0, 1 << 24, "--repeat-last-n", &v))
-                return -1;
-            a->so.penalty_last_n = (int32_t)v;
-            break;
-        case OPT_SEED: {
-            char *end;
-            errno = 0;
-            unsigned long long s = strtoull(optarg, &end, 10);
-            if (errno != 0 || end == optarg || *end != '\0' || optarg[0] == '-') {
-                cli_error("--seed: '%s' is not a non-negative integer", optarg);
-                return -1;
-            }
-            a->so.seed = s;
-            break;
-        }
         case OPT_STOP:
             if (a->n_stop == BATCH_MAX_STOP || optarg[0] == '\0') {
                 cli_error("--stop: at most %d stop strings, none empty", BATCH_MAX_STOP);
@@ -293,6 +222,8 @@ batch_parse(int argc, char **argv, struct batch_args *a)
             printf("%s", batch_usage);
             return 1;
         default:
+            if (cli_sampling_option(c, optarg, &a->so) == 1)
+                break;
             return -1;
         }
     }

@@ -19,8 +19,7 @@
 /* ==== options shared by run and chat ====================================================== */
 
 enum {
-    OPT_TEMP = 256, OPT_TOPK, OPT_TOPP, OPT_MINP, OPT_REPEAT, OPT_PRESENCE, OPT_FREQUENCY,
-    OPT_LASTN, OPT_SEED, OPT_STOP, OPT_RAW, OPT_SPECIAL, OPT_MESSAGES, OPT_CTX, OPT_QUIET,
+    OPT_STOP = 256, OPT_RAW, OPT_SPECIAL, OPT_MESSAGES, OPT_CTX, OPT_QUIET,
     OPT_SAVE_STATE, OPT_LOAD_STATE,
 };
 
@@ -45,16 +44,7 @@ static const struct option gen_opts[] = {
     {"messages", required_argument, NULL, OPT_MESSAGES},
     {"max-tokens", required_argument, NULL, 'n'},
     {"threads", required_argument, NULL, 't'},
-    {"temp", required_argument, NULL, OPT_TEMP},
-    {"temperature", required_argument, NULL, OPT_TEMP},
-    {"top-k", required_argument, NULL, OPT_TOPK},
-    {"top-p", required_argument, NULL, OPT_TOPP},
-    {"min-p", required_argument, NULL, OPT_MINP},
-    {"repeat-penalty", required_argument, NULL, OPT_REPEAT},
-    {"presence-penalty", required_argument, NULL, OPT_PRESENCE},
-    {"frequency-penalty", required_argument, NULL, OPT_FREQUENCY},
-    {"repeat-last-n", required_argument, NULL, OPT_LASTN},
-    {"seed", required_argument, NULL, OPT_SEED},
+    CLI_SAMPLING_LONGOPTS,
     {"stop", required_argument, NULL, OPT_STOP},
     {"raw", no_argument, NULL, OPT_RAW},
     {"special", no_argument, NULL, OPT_SPECIAL},
@@ -68,27 +58,11 @@ static const struct option gen_opts[] = {
     {NULL, 0, NULL, 0},
 };
 
-static int
-parse_float(const char *s, const char *what, float *out)
-{
-    char *end;
-
-    errno = 0;
-    double v = strtod(s, &end);
-    if (errno != 0 || end == s || *end != '\0' || v != v) {
-        cli_error("%s: '%s' is not a number", what, s);
-        return -1;
-    }
-    *out = (float)v;
-    return 0;
-}
-
 /* @return 0 to go on, 1 for --help (already printed), -1 for a usage error. */
 static int
 gen_parse(int argc, char **argv, struct gen_args *a, const char *usage)
 {
     int c;
-    long v;
 
     memset(a, 0, sizeof(*a));
     a->max_tokens = 256;
@@ -116,51 +90,6 @@ gen_parse(int argc, char **argv, struct gen_args *a, const char *usage)
             if (cli_parse_int(optarg, 1, 1 << 30, "--ctx", &a->ctx))
                 return -1;
             break;
-        case OPT_TEMP:
-            if (parse_float(optarg, "--temp", &a->so.temperature))
-                return -1;
-            break;
-        case OPT_TOPK:
-            if (cli_parse_int(optarg, 0, 1 << 30, "--top-k", &v))
-                return -1;
-            a->so.top_k = (int32_t)v;
-            break;
-        case OPT_TOPP:
-            if (parse_float(optarg, "--top-p", &a->so.top_p))
-                return -1;
-            break;
-        case OPT_MINP:
-            if (parse_float(optarg, "--min-p", &a->so.min_p))
-                return -1;
-            break;
-        case OPT_REPEAT:
-            if (parse_float(optarg, "--repeat-penalty", &a->so.repeat_penalty))
-                return -1;
-            break;
-        case OPT_PRESENCE:
-            if (parse_float(optarg, "--presence-penalty", &a->so.presence_penalty))
-                return -1;
-            break;
-        case OPT_FREQUENCY:
-            if (parse_float(optarg, "--frequency-penalty", &a->so.frequency_penalty))
-                return -1;
-            break;
-        case OPT_LASTN:
-            if (cli_parse_int(optarg, 0, 1 << 24, "--repeat-last-n", &v))
-                return -1;
-            a->so.penalty_last_n = (int32_t)v;
-            break;
-        case OPT_SEED: {
-            char *end;
-            errno = 0;
-            unsigned long long s = strtoull(optarg, &end, 10);
-            if (errno != 0 || end == optarg || *end != '\0' || optarg[0] == '-') {
-                cli_error("--seed: '%s' is not a non-negative integer", optarg);
-                return -1;
-            }
-            a->so.seed = s;
-            break;
-        }
         case OPT_STOP:
             if (a->n_stop == GEN_MAX_STOP) {
                 cli_error("--stop: at most %d stop strings", GEN_MAX_STOP);
@@ -181,6 +110,8 @@ gen_parse(int argc, char **argv, struct gen_args *a, const char *usage)
             printf("%s", usage);
             return 1;
         default:
+            if (cli_sampling_option(c, optarg, &a->so) == 1)
+                break;
             if (cli_gpu_option(c, optarg) != 1)
                 return -1;
             break;
