@@ -3,7 +3,8 @@
  *
  * Scheduling (continuous batching). Up to --parallel records are active, each in a slot
  * that owns a decode session (batch_max = --parallel, so its scratch is small) and, while a
- * record runs, the record's sampler. Between decode steps, free slots take the next records:
+ * record runs, the record's sampler. Between decode steps, free slots take the next records
+ * (while others decode, only as many as BATCH_JOIN_TOKENS prompt tokens take to evaluate):
  * a joining record's prompt is evaluated in one shared prefill session (batch_max 256, so
  * prefill runs as matrix products), whose state is then copied into the slot
  * (kli_session_copy). Each decode step feeds one token of every active record through
@@ -48,6 +49,7 @@
 #define BATCH_MAX_PARALLEL 256
 #define BATCH_RECENT 8           /* records that ran, kept for finding shared prefixes */
 #define BATCH_PREFILL 256        /* batch_max of the prefill session: kli's default */
+#define BATCH_JOIN_TOKENS 512    /* prompt tokens evaluated per fill round while others run */
 
 /* ==== options ============================================================================= */
 
@@ -583,10 +585,11 @@ batch_take(struct batch *b, struct batch_slot *sl, kli_token t)
 
 /* Starts record r in free slot sl: the prompt after the longest cached prefix is evaluated
  * in the prefill session, whose state then moves to the slot, and the first token is
- * sampled. A record that cannot run gets its error line. @return 1 when interrupted (r is
- * dropped, to run again next time), else 0. */
+ * sampled. A record that cannot run gets its error line. *evaluated receives the number of
+ * prompt tokens evaluated. @return 1 when interrupted (r is dropped, to run again next
+ * time), else 0. */
 static int
-batch_join(struct batch *b, struct batch_slot *sl, struct batch_rec *r)
+batch_join(struct batch *b, struct batch_slot *sl, struct batch_rec *r, int32_t *evaluated)
 {
     struct kli_err err = {0};
     const struct kli_session *hit = NULL;
@@ -645,6 +648,7 @@ batch_join(struct batch *b, struct batch_slot *sl, struct batch_rec *r)
         sl->smp = NULL;
         return 1;
     }
+    *evaluated = r->n - have;
     sl->cached = have;
     sl->prefill_s = batch_now() - t0;
     sl->t_decode = batch_now();
@@ -660,6 +664,16 @@ batch_join(struct batch *b, struct batch_slot *sl, struct batch_rec *r)
     }
     batch_take(b, sl, kli_sampler_sample(sl->smp, kli_session_logits(sl->s)));
     return 0;
+}
+
+static int
+batch_active(const struct batch *b)
+{
+    int n = 0;
+
+    for (int i = 0; i < b->a->parallel; i++)
+        n += b->slot[i].rec != NULL;
+    return n;
 }
 
 /* One decode step of every active record. */
@@ -877,15 +891,22 @@ cmd_batch(int argc, char **argv)
         goto out;
     }
 
-    /* The loop: fill free slots, then one decode step for all. */
+    /* The loop: fill free slots, then one decode step for all. A fill round ends early once
+     * the records it started have evaluated BATCH_JOIN_TOKENS prompt tokens while some record
+     * is ready to decode: long prompts then join one or two per step, rather than stalling
+     * the running records (and holding back every line) until all the slots are full. */
     b.t0 = b.last = batch_now();
     while (!batch_signal && !b.io_failed) {
         int active = 0;
+        int64_t spent = 0;
         for (int i = 0; i < a.parallel && !batch_signal && !b.io_failed; i++) {
-            while (b.slot[i].rec == NULL && !batch_signal && !b.io_failed) {
+            while (b.slot[i].rec == NULL && !batch_signal && !b.io_failed &&
+                   (spent < BATCH_JOIN_TOKENS || batch_active(&b) == 0)) {
                 struct batch_rec *r = batch_next(&b);
-                if (r == NULL || batch_join(&b, &b.slot[i], r) != 0)
+                int32_t ev = 0;
+                if (r == NULL || batch_join(&b, &b.slot[i], r, &ev) != 0)
                     break;
+                spent += ev;
             }
             active += b.slot[i].rec != NULL;
         }
