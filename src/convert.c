@@ -25,7 +25,6 @@
 #include "weights.h"
 
 enum {
-    CV_COPY_CHUNK = 8 << 20,         /* bytes copied between progress reports */
     CV_MAX_TEXT = 1 << 28,           /* the largest config or tokenizer file accepted */
 };
 
@@ -160,9 +159,6 @@ struct cv_stream {
     const struct kli_convert_options *opt;
     struct kli_pack_writer *w;
     uint64_t done, total;
-    float *fbuf;          /* [slab_rows * maxcols] */
-    uint8_t *qbuf;        /* the same in the widest output dtype (4 bytes per element) */
-    int64_t slab_rows;
 };
 
 static int
@@ -176,52 +172,16 @@ cv_tick(struct cv_stream *s, uint64_t bytes, const char *name, struct kli_err *e
     return KLI_OK;
 }
 
-/* Drops the source pages of bytes [off, off + n) of d: a 1 GB embedding then costs no
- * more resident memory than a small tensor. */
-static void
-cv_drop(const struct kli_wfile *wf, const struct kli_tensor_desc *d, uint64_t off, uint64_t n)
+static int
+cv_write(void *ctx, const void *data, uint64_t n, struct kli_err *err)
 {
-    struct kli_tensor_desc part = *d;
-
-    part.data = (const uint8_t *)d->data + off;
-    part.nbytes = n;
-    kli_wfile_dontneed(wf, &part);
+    return kli_pack_writer_write(((struct cv_stream *)ctx)->w, data, n, err);
 }
 
 static int
-cv_tensor(struct cv_stream *s, const struct kli_wfile *wf, const struct kli_tensor_desc *d,
-          enum kli_dtype to, struct kli_err *err)
+cv_tick_fn(void *ctx, uint64_t in_bytes, const char *name, struct kli_err *err)
 {
-    const uint8_t *src = d->data;
-    int rc = KLI_OK;
-
-    if (to == d->dtype) {
-        for (uint64_t o = 0; o < d->nbytes && rc == KLI_OK; o += CV_COPY_CHUNK) {
-            uint64_t k = d->nbytes - o < CV_COPY_CHUNK ? d->nbytes - o : CV_COPY_CHUNK;
-
-            rc = kli_pack_writer_write(s->w, src + o, k, err);
-            cv_drop(wf, d, o, k);
-            if (rc == KLI_OK)
-                rc = cv_tick(s, k, d->name, err);
-        }
-        return d->nbytes == 0 ? cv_tick(s, 0, d->name, err) : rc;
-    }
-    int64_t cols = d->ndim > 0 ? d->shape[d->ndim - 1] : 1;
-    int64_t rows = cols > 0 ? d->numel / cols : 0;
-    uint64_t in_rb = kli_dtype_nbytes(d->dtype, (uint64_t)cols);
-    uint64_t out_rb = kli_dtype_nbytes(to, (uint64_t)cols);
-
-    for (int64_t r = 0; r < rows && rc == KLI_OK; r += s->slab_rows) {
-        int64_t k = rows - r < s->slab_rows ? rows - r : s->slab_rows;
-
-        kli_dtype_to_f32(d->dtype, src + (uint64_t)r * in_rb, s->fbuf, k * cols);
-        kli_dtype_from_f32(to, s->fbuf, s->qbuf, k * cols);
-        rc = kli_pack_writer_write(s->w, s->qbuf, (uint64_t)k * out_rb, err);
-        cv_drop(wf, d, (uint64_t)r * in_rb, (uint64_t)k * in_rb);
-        if (rc == KLI_OK)
-            rc = cv_tick(s, (uint64_t)k * in_rb, d->name, err);
-    }
-    return rc;
+    return cv_tick(ctx, in_bytes, name, err);
 }
 
 int
@@ -235,6 +195,7 @@ kli_convert(const char *in, const char *out, const struct kli_convert_options *o
     struct kli_pack_entry *ent = NULL;
     struct cv_item *order = NULL;
     struct cv_stream s = {0};
+    struct quantize_stream qs = {0};
     char *cfg = NULL, *ranks = NULL, *tcfg = NULL;
     enum kli_dtype want = KLI_DT_COUNT;
     struct stat st;
@@ -309,29 +270,25 @@ kli_convert(const char *in, const char *out, const struct kli_convert_options *o
         if (to != d->dtype && cols > maxcols)
             maxcols = cols;
     }
-    /* Slabs of whole rows, about 4 MB of floats. */
     s.opt = opt;
-    s.slab_rows = (1 << 20) / maxcols > 0 ? (1 << 20) / maxcols : 1;
-    s.fbuf = kli_mallocarray((size_t)(s.slab_rows * maxcols), sizeof(float));
-    s.qbuf = kli_mallocarray((size_t)(s.slab_rows * maxcols), 4);
-    if (s.fbuf == NULL || s.qbuf == NULL) {
-        rc = kli_err_set(err, KLI_E_NOMEM, "out of memory");
+    qs.write = cv_write;
+    qs.tick = cv_tick_fn;
+    qs.ctx = &s;
+    if ((rc = quantize_stream_init(&qs, maxcols, err)) != KLI_OK)
         goto out;
-    }
     if ((rc = kli_pack_writer_open(&s.w, out, &meta, ent, n, err)) != KLI_OK)
         goto out;
     for (int64_t i = 0; i < n; i++) {
         const struct kli_tensor_desc *d = kli_wfile_tensor(wf, order[i].src);
 
-        if ((rc = cv_tensor(&s, wf, d, ent[i].dtype, err)) != KLI_OK)
+        if ((rc = quantize_tensor(&qs, wf, d, ent[i].dtype, err)) != KLI_OK)
             goto out;
     }
     rc = kli_pack_writer_close(s.w, err);
     s.w = NULL;
 out:
     kli_pack_writer_abort(s.w);
-    free(s.fbuf);
-    free(s.qbuf);
+    quantize_stream_free(&qs);
     free(order);
     free(ent);
     free(cfg);

@@ -146,6 +146,103 @@ quant_copy(const char *in, const char *out, const char *name, int required, stru
     return KLI_OK;
 }
 
+/* ==== streaming one tensor ================================================================ */
+
+#define QUANT_COPY_CHUNK (8u << 20)   /* bytes copied between ticks */
+
+int
+quantize_stream_init(struct quantize_stream *qs, int64_t max_cols, struct kli_err *err)
+{
+    if (max_cols < 1)
+        max_cols = 1;
+    qs->rows = (1 << 20) / max_cols > 0 ? (1 << 20) / max_cols : 1;
+    qs->fbuf = kli_mallocarray((size_t)(qs->rows * max_cols), sizeof(float));
+    qs->qbuf = kli_mallocarray((size_t)(qs->rows * max_cols), 4);
+    if (qs->fbuf == NULL || qs->qbuf == NULL) {
+        quantize_stream_free(qs);
+        return kli_err_set(err, KLI_E_NOMEM, "out of memory for conversion buffers");
+    }
+    return KLI_OK;
+}
+
+void
+quantize_stream_free(struct quantize_stream *qs)
+{
+    free(qs->fbuf);
+    free(qs->qbuf);
+    qs->fbuf = NULL;
+    qs->qbuf = NULL;
+}
+
+static void
+quant_drop(const struct kli_wfile *wf, const struct kli_tensor_desc *d, uint64_t off, uint64_t n)
+{
+    struct kli_tensor_desc part = *d;
+
+    part.data = (const uint8_t *)d->data + off;
+    part.nbytes = n;
+    kli_wfile_dontneed(wf, &part);
+}
+
+int
+quantize_tensor(struct quantize_stream *qs, const struct kli_wfile *wf,
+                const struct kli_tensor_desc *d, enum kli_dtype to, struct kli_err *err)
+{
+    const uint8_t *src = d->data;
+    int rc = KLI_OK;
+
+    if (to == d->dtype || to == KLI_DT_OTHER) {
+        for (uint64_t o = 0; o < d->nbytes && rc == KLI_OK; o += QUANT_COPY_CHUNK) {
+            uint64_t k = d->nbytes - o < QUANT_COPY_CHUNK ? d->nbytes - o : QUANT_COPY_CHUNK;
+            rc = qs->write(qs->ctx, src + o, k, err);
+            quant_drop(wf, d, o, k);
+            if (rc == KLI_OK)
+                rc = qs->tick(qs->ctx, k, d->name, err);
+        }
+        return d->nbytes == 0 ? qs->tick(qs->ctx, 0, d->name, err) : rc;
+    }
+    int64_t cols = d->ndim > 0 ? d->shape[d->ndim - 1] : 1;
+    int64_t rows = cols > 0 ? d->numel / cols : 0;
+    uint64_t in_rb = kli_dtype_nbytes(d->dtype, (uint64_t)cols);
+    uint64_t out_rb = kli_dtype_nbytes(to, (uint64_t)cols);
+
+    for (int64_t r = 0; r < rows && rc == KLI_OK; r += qs->rows) {
+        int64_t k = rows - r < qs->rows ? rows - r : qs->rows;
+        kli_dtype_to_f32(d->dtype, src + (uint64_t)r * in_rb, qs->fbuf, k * cols);
+        kli_dtype_from_f32(to, qs->fbuf, qs->qbuf, k * cols);
+        rc = qs->write(qs->ctx, qs->qbuf, (uint64_t)k * out_rb, err);
+        quant_drop(wf, d, (uint64_t)r * in_rb, (uint64_t)k * in_rb);
+        if (rc == KLI_OK)
+            rc = qs->tick(qs->ctx, (uint64_t)k * in_rb, d->name, err);
+    }
+    return rc;
+}
+
+/* kli_quantize's side of the stream: a safetensors writer and the progress callback. */
+struct quant_ctx {
+    struct kli_st_writer *w;
+    const struct kli_quantize_options *opt;
+    uint64_t done, total;
+};
+
+static int
+quant_write_st(void *ctx, const void *data, uint64_t n, struct kli_err *err)
+{
+    return kli_st_writer_write(((struct quant_ctx *)ctx)->w, data, n, err);
+}
+
+static int
+quant_tick(void *ctx, uint64_t in_bytes, const char *name, struct kli_err *err)
+{
+    struct quant_ctx *q = ctx;
+
+    (void)err;
+    q->done += in_bytes;
+    if (q->opt->progress != NULL)
+        q->opt->progress(q->opt->ud, q->done, q->total, name);
+    return KLI_OK;
+}
+
 int
 kli_quantize(const char *in, const char *out, const struct kli_quantize_options *opt,
              struct kli_err *err)
@@ -155,8 +252,6 @@ kli_quantize(const char *in, const char *out, const struct kli_quantize_options 
     struct kli_st_entry *ent = NULL;
     enum kli_dtype *to = NULL, want;
     struct kli_st_writer *w = NULL;
-    float *fbuf = NULL;
-    uint8_t *qbuf = NULL;
     char path[4096];
     struct stat st;
     int rc;
@@ -225,45 +320,19 @@ kli_quantize(const char *in, const char *out, const struct kli_quantize_options 
     if ((rc = kli_st_writer_open(&w, path, ent, n, err)) != KLI_OK)
         goto out;
 
-    /* Convert in slabs of whole rows, about 4 MB of floats at a time. */
-    int64_t slab_rows = (1 << 20) / maxcols > 0 ? (1 << 20) / maxcols : 1;
-    fbuf = kli_mallocarray((size_t)(slab_rows * maxcols), sizeof(float));
-    qbuf = kli_mallocarray((size_t)(slab_rows * maxcols), 4);
-    if (fbuf == NULL || qbuf == NULL) {
-        rc = kli_err_set(err, KLI_E_NOMEM, "out of memory");
+    struct quant_ctx qc = {w, opt, 0, total};
+    struct quantize_stream qs = {quant_write_st, quant_tick, &qc, NULL, NULL, 0};
+    if ((rc = quantize_stream_init(&qs, maxcols, err)) != KLI_OK)
         goto out;
-    }
-    uint64_t done = 0;
-    for (int64_t i = 0; i < n; i++) {
-        const struct kli_tensor_desc *d = kli_wfile_tensor(wf, i);
-        if (to[i] == d->dtype || to[i] == KLI_DT_OTHER) {
-            rc = kli_st_writer_write(w, d->data, d->nbytes, err);
-        } else {
-            int64_t cols = d->ndim > 0 ? d->shape[d->ndim - 1] : 1;
-            int64_t rows = cols > 0 ? d->numel / cols : 0;
-            uint64_t in_rb = kli_dtype_nbytes(d->dtype, (uint64_t)cols);
-            uint64_t out_rb = kli_dtype_nbytes(to[i], (uint64_t)cols);
-            rc = KLI_OK;
-            for (int64_t r = 0; r < rows && rc == KLI_OK; r += slab_rows) {
-                int64_t k = rows - r < slab_rows ? rows - r : slab_rows;
-                kli_dtype_to_f32(d->dtype, (const uint8_t *)d->data + (uint64_t)r * in_rb, fbuf,
-                                 k * cols);
-                kli_dtype_from_f32(to[i], fbuf, qbuf, k * cols);
-                rc = kli_st_writer_write(w, qbuf, (uint64_t)k * out_rb, err);
-            }
-        }
-        if (rc != KLI_OK)
-            goto out;
-        done += d->nbytes;
-        if (opt->progress != NULL)
-            opt->progress(opt->ud, done, total, d->name);
-    }
+    for (int64_t i = 0; i < n && rc == KLI_OK; i++)
+        rc = quantize_tensor(&qs, wf, kli_wfile_tensor(wf, i), to[i], err);
+    quantize_stream_free(&qs);
+    if (rc != KLI_OK)
+        goto out;
     rc = kli_st_writer_close(w, err);
     w = NULL;
 out:
     kli_st_writer_abort(w);
-    free(fbuf);
-    free(qbuf);
     free(ent);
     free(to);
     kli_wfile_close(wf);

@@ -23,4 +23,30 @@ int quantize_check_rules(const char *const *keep, int32_t n_keep, struct kli_err
 enum kli_dtype quantize_target(const struct kli_tensor_desc *d, enum kli_dtype want,
                                const char *const *keep, int32_t n_keep);
 
+/* Streaming one tensor into a writer, converted to dtype `to` in slabs of whole rows (or
+ * copied in chunks when `to` is its stored dtype or KLI_DT_OTHER). The source pages are
+ * dropped behind the conversion, so a 1 GB tensor costs no more resident memory than a
+ * small one. `write` receives the output bytes in order; `tick`, after each slab or chunk,
+ * the input bytes consumed (it may stop the stream by returning an error). */
+typedef int (*quantize_write_fn)(void *ctx, const void *data, uint64_t n, struct kli_err *err);
+typedef int (*quantize_tick_fn)(void *ctx, uint64_t in_bytes, const char *name,
+                                struct kli_err *err);
+
+struct quantize_stream {
+    quantize_write_fn write;
+    quantize_tick_fn tick;
+    void *ctx;
+    float *fbuf;          /* [rows * max_cols] */
+    uint8_t *qbuf;        /* [rows * max_cols * 4]: the widest output dtype */
+    int64_t rows;         /* rows per slab */
+};
+
+/* Allocates the slab buffers for rows of up to max_cols elements (about 4 MB of floats per
+ * slab). @return KLI_OK or KLI_E_NOMEM. */
+int quantize_stream_init(struct quantize_stream *qs, int64_t max_cols, struct kli_err *err);
+void quantize_stream_free(struct quantize_stream *qs);
+
+int quantize_tensor(struct quantize_stream *qs, const struct kli_wfile *wf,
+                    const struct kli_tensor_desc *d, enum kli_dtype to, struct kli_err *err);
+
 #endif
