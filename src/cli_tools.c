@@ -123,10 +123,21 @@ cmd_synth(int argc, char **argv)
     return 0;
 }
 
-/* ==== kli quantize ======================================================================== */
+/* ==== kli quantize / kli convert: the same options ======================================= */
 
+#define TOOLS_MAX_KEEP 64
+
+struct convert_args {
+    const char *in, *out, *type;
+    const char *keep[TOOLS_MAX_KEEP];
+    int n_keep, force;
+};
+
+/* -m IN -o OUT [--type T] [--keep GLOB=TYPE]... [--force]. `help` is printed for -h and
+ * `usage` with a usage error. @return 0 to go on, 1 after --help, -1 on a usage error. */
 static int
-cmd_quantize(int argc, char **argv)
+convert_args_parse(int argc, char **argv, struct convert_args *a, const char *help,
+                   const char *usage)
 {
     static const struct option opts[] = {
         {"model", required_argument, NULL, 'm'},
@@ -137,47 +148,66 @@ cmd_quantize(int argc, char **argv)
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
+    int c;
+
+    while ((c = getopt_long(argc, argv, "m:o:h", opts, NULL)) != -1) {
+        switch (c) {
+        case 'm': a->in = optarg; break;
+        case 'o': a->out = optarg; break;
+        case 'T': a->type = optarg; break;
+        case 'K':
+            if (a->n_keep == TOOLS_MAX_KEEP) {
+                cli_error("--keep: at most %d rules", TOOLS_MAX_KEEP);
+                return -1;
+            }
+            a->keep[a->n_keep++] = optarg;
+            break;
+        case 'F': a->force = 1; break;
+        case 'h':
+            printf("%s", help);
+            return 1;
+        default:
+            return -1;
+        }
+    }
+    if (a->in == NULL || a->out == NULL || optind < argc) {
+        cli_error("%s", usage);
+        return -1;
+    }
+    return 0;
+}
+
+/* ==== kli quantize ======================================================================== */
+
+static int
+cmd_quantize(int argc, char **argv)
+{
     struct kli_quantize_options o;
     struct kli_err err = {0};
     struct progress p = {now_s(), 0, isatty(STDERR_FILENO), "quantize"};
-    const char *in = NULL, *out = NULL, *keep[64];
-    int c, nk = 0;
+    struct convert_args a = {0};
+    int pr;
 
     kli_quantize_options_init(&o);
-    while ((c = getopt_long(argc, argv, "m:o:h", opts, NULL)) != -1) {
-        switch (c) {
-        case 'm': in = optarg; break;
-        case 'o': out = optarg; break;
-        case 'T': o.type = optarg; break;
-        case 'K':
-            if (nk == 64) {
-                cli_error("--keep: at most 64 rules");
-                return 2;
-            }
-            keep[nk++] = optarg;
-            break;
-        case 'F': o.force = 1; break;
-        case 'h':
-            printf("usage: kli quantize -m DIR -o OUT_DIR --type q8_0|q4|bf16|f16|f32 "
-                   "[--keep GLOB=TYPE]... [--force]\n");
-            return 0;
-        default:
-            return 2;
-        }
-    }
-    if (in == NULL || out == NULL || optind < argc) {
-        cli_error("usage: kli quantize -m DIR -o OUT_DIR --type TYPE [--keep GLOB=TYPE]...");
-        return 2;
-    }
-    o.keep = keep;
-    o.n_keep = nk;
+    a.type = o.type;
+    pr = convert_args_parse(argc, argv, &a,
+                            "usage: kli quantize -m DIR -o OUT_DIR --type q8_0|q4|bf16|f16|f32 "
+                            "[--keep GLOB=TYPE]... [--force]\n",
+                            "usage: kli quantize -m DIR -o OUT_DIR --type TYPE "
+                            "[--keep GLOB=TYPE]...");
+    if (pr != 0)
+        return pr > 0 ? 0 : 2;
+    o.type = a.type;
+    o.force = a.force;
+    o.keep = a.keep;
+    o.n_keep = a.n_keep;
     o.progress = on_progress;
     o.ud = &p;
-    if (kli_quantize(in, out, &o, &err) != KLI_OK) {
+    if (kli_quantize(a.in, a.out, &o, &err) != KLI_OK) {
         cli_error("%s", err.msg);
         return 1;
     }
-    fprintf(stderr, "quantize: wrote %s in %.1f s\n", out, now_s() - p.t0);
+    fprintf(stderr, "quantize: wrote %s in %.1f s\n", a.out, now_s() - p.t0);
     return 0;
 }
 
@@ -201,50 +231,26 @@ convert_interrupt(void *ud)
 static int
 cmd_convert(int argc, char **argv)
 {
-    static const struct option opts[] = {
-        {"model", required_argument, NULL, 'm'},
-        {"output", required_argument, NULL, 'o'},
-        {"type", required_argument, NULL, 'T'},
-        {"keep", required_argument, NULL, 'K'},
-        {"force", no_argument, NULL, 'F'},
-        {"help", no_argument, NULL, 'h'},
-        {NULL, 0, NULL, 0},
-    };
     struct kli_convert_options o;
     struct kli_err err = {0};
     struct progress p = {now_s(), 0, isatty(STDERR_FILENO), "convert"};
     struct sigaction sa, old_int, old_term;
-    const char *in = NULL, *out = NULL, *keep[64];
-    int c, nk = 0, rc;
+    struct convert_args a = {0};
+    int rc, pr;
 
     kli_convert_options_init(&o);
-    while ((c = getopt_long(argc, argv, "m:o:h", opts, NULL)) != -1) {
-        switch (c) {
-        case 'm': in = optarg; break;
-        case 'o': out = optarg; break;
-        case 'T': o.type = optarg; break;
-        case 'K':
-            if (nk == 64) {
-                cli_error("--keep: at most 64 rules");
-                return 2;
-            }
-            keep[nk++] = optarg;
-            break;
-        case 'F': o.force = 1; break;
-        case 'h':
-            printf("usage: kli convert -m MODEL -o OUT.kli [--type bf16|q8_0|q4|f16|f32] "
-                   "[--keep GLOB=TYPE]... [--force]\n");
-            return 0;
-        default:
-            return 2;
-        }
-    }
-    if (in == NULL || out == NULL || optind < argc) {
-        cli_error("usage: kli convert -m MODEL -o OUT.kli [--type TYPE] [--keep GLOB=TYPE]...");
-        return 2;
-    }
-    o.keep = keep;
-    o.n_keep = nk;
+    a.type = o.type;
+    pr = convert_args_parse(argc, argv, &a,
+                            "usage: kli convert -m MODEL -o OUT.kli [--type bf16|q8_0|q4|f16|f32] "
+                            "[--keep GLOB=TYPE]... [--force]\n",
+                            "usage: kli convert -m MODEL -o OUT.kli [--type TYPE] "
+                            "[--keep GLOB=TYPE]...");
+    if (pr != 0)
+        return pr > 0 ? 0 : 2;
+    o.type = a.type;
+    o.force = a.force;
+    o.keep = a.keep;
+    o.n_keep = a.n_keep;
     o.progress = on_progress;
     o.ud = &p;
     o.interrupt = convert_interrupt;
@@ -254,7 +260,7 @@ cmd_convert(int argc, char **argv)
     sigemptyset(&sa.sa_mask);
     sigaction(SIGINT, &sa, &old_int);
     sigaction(SIGTERM, &sa, &old_term);
-    rc = kli_convert(in, out, &o, &err);
+    rc = kli_convert(a.in, a.out, &o, &err);
     sigaction(SIGINT, &old_int, NULL);
     sigaction(SIGTERM, &old_term, NULL);
     if (rc != KLI_OK) {
@@ -263,7 +269,7 @@ cmd_convert(int argc, char **argv)
         cli_error("%s", err.msg);
         return rc == KLI_E_INTERRUPTED ? 128 + (int)convert_signal : 1;
     }
-    fprintf(stderr, "convert: wrote %s in %.1f s\n", out, now_s() - p.t0);
+    fprintf(stderr, "convert: wrote %s in %.1f s\n", a.out, now_s() - p.t0);
     return 0;
 }
 
