@@ -295,11 +295,69 @@ cli_gpu_report(const struct kli_model *m)
 
 /* ==== Placement options (--cpus, --numa) =================================================== */
 
+#define CLI_MAX_BUDGETS 16
+
 static struct {
     const char *cpus;
     int numa;                     /* enum kli_numa */
     int plan_only;                /* kli info --topology */
-} cli_place = {NULL, KLI_NUMA_NONE, 0};
+    uint64_t budgets[CLI_MAX_BUDGETS];   /* --mem-budget */
+    int n_budgets;
+} cli_place = {NULL, KLI_NUMA_NONE, 0, {0}, 0};
+
+/* --mem-budget SIZE[,SIZE...] */
+static int
+cli_parse_budgets(const char *arg)
+{
+    char buf[512], *tok, *save = NULL;
+
+    if (strlen(arg) >= sizeof(buf)) {
+        cli_error("--mem-budget: list too long");
+        return -1;
+    }
+    snprintf(buf, sizeof(buf), "%s", arg);
+    cli_place.n_budgets = 0;
+    for (tok = strtok_r(buf, ",", &save); tok != NULL; tok = strtok_r(NULL, ",", &save)) {
+        if (cli_place.n_budgets == CLI_MAX_BUDGETS) {
+            cli_error("--mem-budget: at most %d sizes", CLI_MAX_BUDGETS);
+            return -1;
+        }
+        if (cli_parse_size(tok, &cli_place.budgets[cli_place.n_budgets]) != 0) {
+            cli_error("--mem-budget: '%s' is not a size (such as 6G or 1500M)", tok);
+            return -1;
+        }
+        cli_place.n_budgets++;
+    }
+    if (cli_place.n_budgets == 0) {
+        cli_error("--mem-budget: no size given");
+        return -1;
+    }
+    return 0;
+}
+
+int
+cli_mem_budgets(const uint64_t **out)
+{
+    *out = cli_place.budgets;
+    return cli_place.n_budgets;
+}
+
+void
+cli_cache_report(const struct kli_model *m)
+{
+    struct kli_cache_stats st;
+
+    if (kli_model_cache_stats(m, &st) != 0)
+        return;
+    fprintf(stderr, "kli: expert cache: %d of %d experts (%.1f MiB of a %.1f MiB budget), "
+            "%llu asked, %.1f%% hits, %.1f MiB read, %.2f s waiting; next-layer guesses "
+            "%.0f%% right\n", st.n_slots, st.n_experts,
+            (double)st.slot_bytes * st.n_slots / 1048576.0, (double)st.budget / 1048576.0,
+            (unsigned long long)st.requests,
+            st.requests ? 100.0 * (double)st.hits / (double)st.requests : 0.0,
+            (double)st.bytes_read / 1048576.0, st.wait_seconds,
+            st.predicted ? 100.0 * (double)st.predicted_right / (double)st.predicted : 0.0);
+}
 
 int
 cli_placement_option(int c, const char *arg)
@@ -310,6 +368,8 @@ cli_placement_option(int c, const char *arg)
         cli_place.cpus = arg;
         return 1;
     }
+    if (c == CLI_OPT_MEM_BUDGET)
+        return cli_parse_budgets(arg) == 0 ? 1 : -1;
     if (c != CLI_OPT_NUMA)
         return 0;
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
@@ -328,6 +388,7 @@ cli_placement_apply(struct kli_model_options *mo)
     mo->cpus = cli_place.cpus;
     mo->numa = cli_place.numa;
     mo->plan_only = cli_place.plan_only;
+    mo->mem_budget = cli_place.n_budgets > 0 ? cli_place.budgets[0] : 0;
 }
 
 /* With a --numa policy, the placement lines of kli_topology_describe go to stderr: what was
@@ -362,6 +423,10 @@ cli_open_model(const char *path, int threads, struct kli_model **m)
     mo.n_threads = threads;
     cli_gpu_apply(&mo);
     cli_placement_apply(&mo);
+    if (cli_place.n_budgets > 1) {
+        cli_error("--mem-budget: one size here (a list is for kli bench)");
+        return -1;
+    }
     if (kli_model_open(m, path, &mo, &err) != KLI_OK) {
         cli_error("%s", err.msg);
         return -1;
@@ -433,7 +498,7 @@ cmd_logits(int argc, char **argv)
             if (cli_parse_int(optarg, 1, 4096, "-t", &threads) != 0)
                 return 2;
             break;
-        case CLI_OPT_CPUS: case CLI_OPT_NUMA:
+        case CLI_OPT_CPUS: case CLI_OPT_NUMA: case CLI_OPT_MEM_BUDGET:
             if (cli_placement_option(c, optarg) != 1)
                 return 2;
             break;
@@ -541,6 +606,7 @@ out:
     free(buf);
     free(ids);
     kli_session_free(s);
+    cli_cache_report(m);
     kli_model_close(m);
     return rc;
 }
@@ -606,7 +672,7 @@ cmd_info(int argc, char **argv)
             if (cli_parse_int(optarg, 1, 4096, "-t", &threads) != 0)
                 return 2;
             break;
-        case CLI_OPT_CPUS: case CLI_OPT_NUMA:
+        case CLI_OPT_CPUS: case CLI_OPT_NUMA: case CLI_OPT_MEM_BUDGET:
             if (cli_placement_option(c, optarg) != 1)
                 return 2;
             break;

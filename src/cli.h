@@ -42,13 +42,19 @@ int cli_threads(long opt_t);
 /* The placement options of every command that takes -t: --cpus LIST and --numa POLICY. A
  * command lists CLI_PLACEMENT_LONGOPTS in its option table and hands these codes to
  * cli_placement_option; cli_open_model (or cli_placement_apply) passes the values on. */
-enum { CLI_OPT_CPUS = 0x4100, CLI_OPT_NUMA };
+enum { CLI_OPT_CPUS = 0x4100, CLI_OPT_NUMA, CLI_OPT_MEM_BUDGET };
 #define CLI_PLACEMENT_LONGOPTS \
     {"cpus", required_argument, NULL, CLI_OPT_CPUS}, \
-    {"numa", required_argument, NULL, CLI_OPT_NUMA}
+    {"numa", required_argument, NULL, CLI_OPT_NUMA}, \
+    {"mem-budget", required_argument, NULL, CLI_OPT_MEM_BUDGET}
 /* @return 1 if c was a placement option (parsed), 0 if not, -1 for a bad value (reported). */
 int cli_placement_option(int c, const char *arg);
 void cli_placement_apply(struct kli_model_options *mo);
+/* The sizes --mem-budget listed (kli bench takes several, other commands one).
+ * @return their count (0: no budget); *out borrowed. */
+int cli_mem_budgets(const uint64_t **out);
+/* The edge-mode line for stderr after a run: cache size, hit rate, bytes read. */
+void cli_cache_report(const struct kli_model *m);
 
 /* The sampling options shared by run, chat and batch (--temp, --top-k, --top-p, --min-p,
  * the three penalties, --repeat-last-n, --seed): a command lists CLI_SAMPLING_LONGOPTS and

@@ -170,7 +170,7 @@ batch_parse(int argc, char **argv, struct batch_args *a)
             if (cli_parse_int(optarg, 1, 4096, "--threads", &a->threads))
                 return -1;
             break;
-        case CLI_OPT_CPUS: case CLI_OPT_NUMA:
+        case CLI_OPT_CPUS: case CLI_OPT_NUMA: case CLI_OPT_MEM_BUDGET:
             if (cli_placement_option(c, optarg) != 1)
                 return -1;
             break;
@@ -947,6 +947,7 @@ out:
     free(b.slot);
     prefix_cache_free(b.cache);
     kli_session_free(b.pre);
+    cli_cache_report(model);
     kli_model_close(model);
     batch_input_close(&b.in);
     batch_idset_free(done);

@@ -82,7 +82,7 @@ gen_parse(int argc, char **argv, struct gen_args *a, const char *usage)
             if (cli_parse_int(optarg, 1, 4096, "--threads", &a->threads))
                 return -1;
             break;
-        case CLI_OPT_CPUS: case CLI_OPT_NUMA:
+        case CLI_OPT_CPUS: case CLI_OPT_NUMA: case CLI_OPT_MEM_BUDGET:
             if (cli_placement_option(c, optarg) != 1)
                 return -1;
             break;
@@ -398,6 +398,7 @@ out:
     free(text);
     kli_sampler_free(smp);
     kli_session_free(s);
+    cli_cache_report(m);
     kli_model_close(m);
     cli_demo_remove(a.demo);
     return rc;
@@ -579,6 +580,7 @@ cmd_chat(int argc, char **argv)
 out:
     kli_sampler_free(smp);
     kli_session_free(s);
+    cli_cache_report(m);
     kli_model_close(m);
     cli_demo_remove(a.demo);
     return rc;

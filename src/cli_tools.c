@@ -4,6 +4,7 @@
 #include "config.h"
 
 #include <getopt.h>
+#include <inttypes.h>
 #include <math.h>
 #include <signal.h>
 #include <stdio.h>
@@ -425,6 +426,218 @@ static const char *phase_names[KLI_PHASE_COUNT] = {
     "kda", "mla", "moe", "dense", "lm_head", "other",
 };
 
+struct bench_args {
+    const char *model, *type;
+    int threads;
+    long pp, tg, depth, reps;
+    int json;
+    uint64_t budget;            /* 0: resident weights */
+};
+
+/* Peak resident size since the last bench_rss_reset, in bytes (0 where unknown). */
+static uint64_t
+bench_rss_peak(void)
+{
+    FILE *f = fopen("/proc/self/status", "r");
+    char line[256];
+    uint64_t kb = 0;
+
+    if (f == NULL)
+        return 0;
+    while (fgets(line, sizeof(line), f) != NULL) {
+        if (sscanf(line, "VmHWM: %" SCNu64, &kb) == 1)
+            break;
+    }
+    fclose(f);
+    return kb * 1024;
+}
+
+static void
+bench_rss_reset(void)
+{
+    FILE *f = fopen("/proc/self/clear_refs", "w");
+
+    if (f != NULL) {
+        fputs("5", f);   /* resets VmHWM to the current resident size (Linux 4.0+) */
+        fclose(f);
+    }
+}
+
+/* One model configuration: prefill, decode (and at depth), triad, phases; in edge mode the
+ * expert cache's hit rate and bytes read per decode token, and the peak resident size. */
+static int
+bench_one(const struct bench_args *a)
+{
+    const char *model = a->model, *type = a->type;
+    long pp = a->pp, tg = a->tg, depth = a->depth, reps = a->reps;
+    int json = a->json, rc = 1;
+    struct kli_model *m = NULL;
+    struct kli_session *s = NULL;
+    struct kli_err err = {0};
+    struct kli_model_options mo;
+    struct kli_session_options so;
+    struct kli_cache_stats cs, dsum;
+    int edge = 0;
+
+    memset(&dsum, 0, sizeof(dsum));
+    /* The bandwidth probe first: its buffers are gone before the peak resident size of the
+     * model's run is measured. */
+    double *tr = calloc((size_t)reps, sizeof(double));
+    if (tr == NULL) {
+        cli_error("out of memory");
+        return 1;
+    }
+    for (long r = 0; r < reps; r++)
+        tr[r] = kli_bench_triad((size_t)64 << 20);
+    bench_rss_reset();
+    kli_model_options_init(&mo);
+    mo.n_threads = a->threads;
+    mo.weight_type = type;
+    cli_gpu_apply(&mo);
+    cli_placement_apply(&mo);
+    mo.mem_budget = a->budget;
+    if (kli_model_open(&m, model, &mo, &err) != KLI_OK) {
+        cli_error("%s", err.msg);
+        goto out;
+    }
+    cli_gpu_report(m);
+    edge = kli_model_cache_stats(m, &cs) == 0;
+    kli_session_options_init(&so);
+    so.batch_max = pp > 0 && pp < 512 ? (int32_t)pp : 512;
+    if (kli_session_create(&s, m, &so, &err) != KLI_OK) {
+        cli_error("%s", err.msg);
+        goto out;
+    }
+    int32_t V = kli_model_n_vocab(m);
+    double *pf = calloc((size_t)reps, sizeof(double)), *dc = calloc((size_t)reps, sizeof(double));
+    double *dd = calloc((size_t)reps, sizeof(double));
+    double ph[KLI_PHASE_COUNT] = {0};
+    kli_token *prompt = malloc(((size_t)(pp > depth ? pp : depth) + 1) * sizeof(kli_token));
+    if (!pf || !dc || !dd || !prompt) {
+        cli_error("out of memory");
+        goto bench_out;
+    }
+    if (!json)
+        fprintf(stderr, "bench: %s, kernels %s, %d threads, weights %s; %ld repetitions\n",
+                model, kli_simd_variant(), kli_threads(), type ? type : "as stored", reps);
+    if (!json && edge)
+        fprintf(stderr, "bench: memory budget %.0f MiB: trunk %.0f MiB, expert cache %d of %d "
+                "experts (%.1f MiB each)\n", (double)cs.budget / 1048576.0,
+                (double)cs.trunk_bytes / 1048576.0, cs.n_slots, cs.n_experts,
+                (double)cs.slot_bytes / 1048576.0);
+    for (long r = 0; r < reps; r++) {
+        if (pp > 0) {
+            for (long i = 0; i < pp; i++)
+                prompt[i] = rand_token(V);
+            kli_session_reset(s);
+            double t0 = now_s();
+            if (kli_session_eval(s, prompt, (int32_t)pp, NULL, &err) != KLI_OK)
+                goto fail;
+            pf[r] = pp / (now_s() - t0);
+        }
+        if (tg > 0) {
+            kli_session_reset(s);
+            kli_session_reset_timers(s);
+            kli_model_cache_reset(m);
+            if ((dc[r] = bench_decode(s, (int)tg, V, &err)) < 0)
+                goto fail;
+            if (edge) {
+                kli_model_cache_stats(m, &cs);
+                dsum.requests += cs.requests;
+                dsum.hits += cs.hits;
+                dsum.bytes_read += cs.bytes_read;
+                dsum.prefetches += cs.prefetches;
+                dsum.prefetch_used += cs.prefetch_used;
+                dsum.wait_seconds += cs.wait_seconds;
+            }
+            double p1[KLI_PHASE_COUNT];
+            kli_session_phase_seconds(s, p1);
+            for (int k = 0; k < KLI_PHASE_COUNT; k++)
+                ph[k] += p1[k] / (double)tg / (double)reps;
+            if (depth > 0) {
+                kli_session_reset(s);
+                for (long i = 0; i < depth; i++)
+                    prompt[i] = rand_token(V);
+                if (kli_session_eval(s, prompt, (int32_t)depth, NULL, &err) != KLI_OK)
+                    goto fail;
+                if ((dd[r] = bench_decode(s, (int)tg, V, &err)) < 0)
+                    goto fail;
+            }
+        }
+        if (!json)
+            fprintf(stderr, "  rep %ld: prefill %.1f tok/s, decode %.2f tok/s%s, triad %.1f "
+                    "GB/s\n", r + 1, pf[r], dc[r], depth > 0 ? " (empty context)" : "", tr[r]);
+    }
+    struct stat3 spf = stats(pf, (int)reps), sdc = stats(dc, (int)reps);
+    struct stat3 sdd = stats(dd, (int)reps), str = stats(tr, (int)reps);
+    double bytes = (double)kli_model_decode_bytes(m);
+    double roof = str.med > 0 ? bytes * sdc.med / (str.med * 1e9) : 0;
+    if (json) {
+        printf("{\"model\": \"%s\", \"simd\": \"%s\", \"threads\": %d, \"weight_type\": \"%s\", "
+               "\"prompt_tokens\": %ld, \"gen_tokens\": %ld, \"depth\": %ld, \"reps\": %ld, "
+               "\"prefill_tok_s\": %.3f, \"prefill_tok_s_min\": %.3f, "
+               "\"prefill_tok_s_max\": %.3f, \"decode_tok_s\": %.3f, \"decode_tok_s_min\": %.3f, "
+               "\"decode_tok_s_max\": %.3f, \"decode_depth_tok_s\": %.3f, "
+               "\"triad_gb_s\": %.3f, \"triad_gb_s_min\": %.3f, \"triad_gb_s_max\": %.3f, "
+               "\"decode_bytes_per_token\": %.0f, \"roofline_fraction\": %.4f, \"phase_ms\": {",
+               model, kli_simd_variant(), kli_threads(), type ? type : "stored", pp, tg, depth,
+               reps, spf.med, spf.min, spf.max, sdc.med, sdc.min, sdc.max, sdd.med, str.med,
+               str.min, str.max, bytes, roof);
+        for (int k = 0; k < KLI_PHASE_COUNT; k++)
+            printf("%s\"%s\": %.4f", k ? ", " : "", phase_names[k], ph[k] * 1e3);
+        printf("}");
+        if (edge)
+            printf(", \"mem_budget\": %llu, \"cache_slots\": %d, \"cache_experts\": %d, "
+                   "\"cache_hit_rate\": %.4f, \"cache_bytes_read_per_token\": %.0f, "
+                   "\"cache_prefetch_used\": %.4f, \"cache_wait_ms_per_token\": %.3f",
+                   (unsigned long long)cs.budget, cs.n_slots, cs.n_experts,
+                   dsum.requests ? (double)dsum.hits / (double)dsum.requests : 0.0,
+                   tg > 0 ? (double)dsum.bytes_read / (double)(tg * reps) : 0.0,
+                   dsum.prefetches ? (double)dsum.prefetch_used / (double)dsum.prefetches : 0.0,
+                   tg > 0 ? dsum.wait_seconds * 1e3 / (double)(tg * reps) : 0.0);
+        printf(", \"peak_rss_bytes\": %llu}\n", (unsigned long long)bench_rss_peak());
+    } else {
+        printf("prefill  %6ld tokens: %8.2f tok/s (min %.2f, max %.2f)\n", pp, spf.med, spf.min,
+               spf.max);
+        printf("decode   %6ld tokens: %8.2f tok/s (min %.2f, max %.2f), empty context\n", tg,
+               sdc.med, sdc.min, sdc.max);
+        if (depth > 0)
+            printf("decode at depth %ld: %8.2f tok/s (min %.2f, max %.2f)\n", depth, sdd.med,
+                   sdd.min, sdd.max);
+        printf("decode phases (ms/token):");
+        for (int k = 0; k < KLI_PHASE_COUNT; k++)
+            printf(" %s %.2f", phase_names[k], ph[k] * 1e3);
+        printf("\nmemory   triad %.1f GB/s (min %.1f, max %.1f); decode reads %.1f MB/token\n",
+               str.med, str.min, str.max, bytes / 1e6);
+        printf("roofline %.3f of measured bandwidth (%.1f GB/s used in decode)\n", roof,
+               bytes * sdc.med / 1e9);
+        if (edge)
+            printf("cache    budget %.0f MiB, %d of %d experts: decode hit rate %.1f%%, %.1f MB "
+                   "read/token, prefetches used %.0f%%, %.2f ms/token waiting\n",
+                   (double)cs.budget / 1048576.0, cs.n_slots, cs.n_experts,
+                   dsum.requests ? 100.0 * (double)dsum.hits / (double)dsum.requests : 0.0,
+                   tg > 0 ? (double)dsum.bytes_read / 1e6 / (double)(tg * reps) : 0.0,
+                   dsum.prefetches ? 100.0 * (double)dsum.prefetch_used /
+                                     (double)dsum.prefetches : 0.0,
+                   tg > 0 ? dsum.wait_seconds * 1e3 / (double)(tg * reps) : 0.0);
+        printf("memory   peak resident %.1f MiB\n", (double)bench_rss_peak() / 1048576.0);
+    }
+    rc = 0;
+    goto bench_out;
+fail:
+    cli_error("%s", err.msg);
+bench_out:
+    free(pf);
+    free(dc);
+    free(dd);
+    free(prompt);
+out:
+    free(tr);
+    kli_session_free(s);
+    kli_model_close(m);
+    return rc;
+}
+
 static int
 cmd_bench(int argc, char **argv)
 {
@@ -447,11 +660,6 @@ cmd_bench(int argc, char **argv)
     const char *model = NULL, *type = NULL, *ids_arg = NULL;
     long pp = 512, tg = 128, depth = 0, reps = 5, threads = 0;
     int json = 0, quality = 0, c, rc = 1;
-    struct kli_model *m = NULL;
-    struct kli_session *s = NULL;
-    struct kli_err err = {0};
-    struct kli_model_options mo;
-    struct kli_session_options so;
     char demo[4096] = "";
 
     while ((c = getopt_long(argc, argv, "m:p:n:d:r:t:h", opts, NULL)) != -1) {
@@ -462,7 +670,7 @@ cmd_bench(int argc, char **argv)
         case 'd': if (cli_parse_int(optarg, 0, 1 << 24, "--depth", &depth)) return 2; break;
         case 'r': if (cli_parse_int(optarg, 1, 1000, "-r", &reps)) return 2; break;
         case 't': if (cli_parse_int(optarg, 1, 4096, "-t", &threads)) return 2; break;
-        case CLI_OPT_CPUS: case CLI_OPT_NUMA:
+        case CLI_OPT_CPUS: case CLI_OPT_NUMA: case CLI_OPT_MEM_BUDGET:
             if (cli_placement_option(c, optarg) != 1)
                 return 2;
             break;
@@ -517,115 +725,15 @@ cmd_bench(int argc, char **argv)
         goto out;
     }
 
-    kli_model_options_init(&mo);
-    mo.n_threads = th;
-    mo.weight_type = type;
-    cli_gpu_apply(&mo);
-    cli_placement_apply(&mo);
-    if (kli_model_open(&m, model, &mo, &err) != KLI_OK) {
-        cli_error("%s", err.msg);
-        goto out;
-    }
-    cli_gpu_report(m);
-    kli_session_options_init(&so);
-    so.batch_max = pp > 0 && pp < 512 ? (int32_t)pp : 512;
-    if (kli_session_create(&s, m, &so, &err) != KLI_OK) {
-        cli_error("%s", err.msg);
-        goto out;
-    }
-    int32_t V = kli_model_n_vocab(m);
-    double *pf = calloc((size_t)reps, sizeof(double)), *dc = calloc((size_t)reps, sizeof(double));
-    double *dd = calloc((size_t)reps, sizeof(double)), *tr = calloc((size_t)reps, sizeof(double));
-    double ph[KLI_PHASE_COUNT] = {0};
-    kli_token *prompt = malloc(((size_t)(pp > depth ? pp : depth) + 1) * sizeof(kli_token));
-    if (!pf || !dc || !dd || !tr || !prompt) {
-        cli_error("out of memory");
-        goto bench_out;
-    }
-    if (!json)
-        fprintf(stderr, "bench: %s, kernels %s, %d threads, weights %s; %ld repetitions\n",
-                model, kli_simd_variant(), kli_threads(), type ? type : "as stored", reps);
-    for (long r = 0; r < reps; r++) {
-        tr[r] = kli_bench_triad((size_t)64 << 20);
-        if (pp > 0) {
-            for (long i = 0; i < pp; i++)
-                prompt[i] = rand_token(V);
-            kli_session_reset(s);
-            double t0 = now_s();
-            if (kli_session_eval(s, prompt, (int32_t)pp, NULL, &err) != KLI_OK)
-                goto fail;
-            pf[r] = pp / (now_s() - t0);
-        }
-        if (tg > 0) {
-            kli_session_reset(s);
-            kli_session_reset_timers(s);
-            if ((dc[r] = bench_decode(s, (int)tg, V, &err)) < 0)
-                goto fail;
-            double p1[KLI_PHASE_COUNT];
-            kli_session_phase_seconds(s, p1);
-            for (int k = 0; k < KLI_PHASE_COUNT; k++)
-                ph[k] += p1[k] / (double)tg / (double)reps;
-            if (depth > 0) {
-                kli_session_reset(s);
-                for (long i = 0; i < depth; i++)
-                    prompt[i] = rand_token(V);
-                if (kli_session_eval(s, prompt, (int32_t)depth, NULL, &err) != KLI_OK)
-                    goto fail;
-                if ((dd[r] = bench_decode(s, (int)tg, V, &err)) < 0)
-                    goto fail;
-            }
-        }
-        if (!json)
-            fprintf(stderr, "  rep %ld: prefill %.1f tok/s, decode %.2f tok/s%s, triad %.1f "
-                    "GB/s\n", r + 1, pf[r], dc[r], depth > 0 ? " (empty context)" : "", tr[r]);
-    }
-    struct stat3 spf = stats(pf, (int)reps), sdc = stats(dc, (int)reps);
-    struct stat3 sdd = stats(dd, (int)reps), str = stats(tr, (int)reps);
-    double bytes = (double)kli_model_decode_bytes(m);
-    double roof = str.med > 0 ? bytes * sdc.med / (str.med * 1e9) : 0;
-    if (json) {
-        printf("{\"model\": \"%s\", \"simd\": \"%s\", \"threads\": %d, \"weight_type\": \"%s\", "
-               "\"prompt_tokens\": %ld, \"gen_tokens\": %ld, \"depth\": %ld, \"reps\": %ld, "
-               "\"prefill_tok_s\": %.3f, \"prefill_tok_s_min\": %.3f, "
-               "\"prefill_tok_s_max\": %.3f, \"decode_tok_s\": %.3f, \"decode_tok_s_min\": %.3f, "
-               "\"decode_tok_s_max\": %.3f, \"decode_depth_tok_s\": %.3f, "
-               "\"triad_gb_s\": %.3f, \"triad_gb_s_min\": %.3f, \"triad_gb_s_max\": %.3f, "
-               "\"decode_bytes_per_token\": %.0f, \"roofline_fraction\": %.4f, \"phase_ms\": {",
-               model, kli_simd_variant(), kli_threads(), type ? type : "stored", pp, tg, depth,
-               reps, spf.med, spf.min, spf.max, sdc.med, sdc.min, sdc.max, sdd.med, str.med,
-               str.min, str.max, bytes, roof);
-        for (int k = 0; k < KLI_PHASE_COUNT; k++)
-            printf("%s\"%s\": %.4f", k ? ", " : "", phase_names[k], ph[k] * 1e3);
-        printf("}}\n");
-    } else {
-        printf("prefill  %6ld tokens: %8.2f tok/s (min %.2f, max %.2f)\n", pp, spf.med, spf.min,
-               spf.max);
-        printf("decode   %6ld tokens: %8.2f tok/s (min %.2f, max %.2f), empty context\n", tg,
-               sdc.med, sdc.min, sdc.max);
-        if (depth > 0)
-            printf("decode at depth %ld: %8.2f tok/s (min %.2f, max %.2f)\n", depth, sdd.med,
-                   sdd.min, sdd.max);
-        printf("decode phases (ms/token):");
-        for (int k = 0; k < KLI_PHASE_COUNT; k++)
-            printf(" %s %.2f", phase_names[k], ph[k] * 1e3);
-        printf("\nmemory   triad %.1f GB/s (min %.1f, max %.1f); decode reads %.1f MB/token\n",
-               str.med, str.min, str.max, bytes / 1e6);
-        printf("roofline %.3f of measured bandwidth (%.1f GB/s used in decode)\n", roof,
-               bytes * sdc.med / 1e9);
-    }
+    const uint64_t *budgets;
+    int nb = cli_mem_budgets(&budgets);
     rc = 0;
-    goto bench_out;
-fail:
-    cli_error("%s", err.msg);
-bench_out:
-    free(pf);
-    free(dc);
-    free(dd);
-    free(tr);
-    free(prompt);
+    for (int i = 0; i < (nb > 0 ? nb : 1) && rc == 0; i++) {
+        struct bench_args ba = {model, type, th, pp, tg, depth, reps, json,
+                                nb > 0 ? budgets[i] : 0};
+        rc = bench_one(&ba);
+    }
 out:
-    kli_session_free(s);
-    kli_model_close(m);
     cli_demo_remove(demo);
     return rc;
 }

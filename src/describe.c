@@ -9,6 +9,7 @@
 
 #include "internal.h"
 #include "model.h"
+#include "xcache.h"
 
 struct text {
     char *buf;
@@ -105,6 +106,17 @@ kli_model_describe(const struct kli_model *m, int tensors, char *buf, size_t cap
                 "MLA cache %lld bytes per token (fp32 latent + k_pe)\n",
                 (long long)kda_bytes, (long long)mla_bytes);
     text_printf(&t, "context:      up to %d tokens\n", c->ctx_max);
+    if (c->moe.n_experts > 0) {
+        struct kli_cache_stats cs;
+        uint64_t least = xcache_min_budget(m, c->moe.top_k);
+        text_printf(&t, "edge mode:    least --mem-budget %llu bytes (%.1f MiB)",
+                    (unsigned long long)least, (double)least / 1048576.0);
+        if (kli_model_cache_stats(m, &cs) == 0)
+            text_printf(&t, "; on: budget %.1f MiB, trunk %.1f MiB, cache %d of %d experts",
+                        (double)cs.budget / 1048576.0, (double)cs.trunk_bytes / 1048576.0,
+                        cs.n_slots, cs.n_experts);
+        text_printf(&t, "\n");
+    }
     if (tensors) {
         text_printf(&t, "tensors:      %lld\n", (long long)nt);
         for (int64_t i = 0; i < nt; i++) {

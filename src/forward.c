@@ -21,6 +21,7 @@
 #include "mla.h"
 #include "moe.h"
 #include "ops.h"
+#include "xcache.h"
 
 static double
 fwd_now(void)
@@ -45,9 +46,9 @@ add_rows(float *h, const float *y, int64_t n)
         h[i] += y[i];
 }
 
-void
+int
 forward_run(struct kli_session *const *ss, int64_t n_seq, const kli_token *tok, int64_t T_seq,
-            float *logits_all)
+            float *logits_all, struct kli_err *err)
 {
     struct kli_session *s = ss[0];   /* its scratch serves every row */
     const struct kli_model *m = s->m;
@@ -68,6 +69,8 @@ forward_run(struct kli_session *const *ss, int64_t n_seq, const kli_token *tok, 
     int gpu = backend_forward_begin(ss, n_seq, T_seq, gs);
     s->mla_sc.gpu = gpu ? gs : NULL;
     s->moe_sc.gpu = gpu ? gs[0] : NULL;
+    if (m->xc != NULL)
+        xcache_step(m->xc);
 
     for (int i = 0; i < cfg->n_layers; i++) {
         const struct kli_layer *ly = &m->layers[i];
@@ -94,8 +97,12 @@ forward_run(struct kli_session *const *ss, int64_t n_seq, const kli_token *tok, 
         s->phase[KLI_PHASE_OTHER] += t1 - t0;
         if (ly->ffn_kind == KLI_FFN_DENSE)
             ffn_forward(&ly->ffn, s->x, T, s->y, s->ffn_h1, s->ffn_h3);
-        else
-            moe_forward(m, &ly->moe, &s->moe_sc, s->x, T, s->y);
+        else if (moe_forward(m, &ly->moe, &s->moe_sc, s->x, T, s->y, err) != KLI_OK) {
+            /* layers before this one have advanced: the state is no longer whole */
+            for (int64_t q = 0; q < n_seq; q++)
+                ss[q]->broken = 1;
+            return err != NULL && err->code != 0 ? err->code : KLI_E_IO;
+        }
         t0 = fwd_now();
         s->phase[ly->ffn_kind == KLI_FFN_DENSE ? KLI_PHASE_DENSE : KLI_PHASE_MOE] += t0 - t1;
         add_rows(s->h, s->y, T * D);
@@ -117,10 +124,12 @@ forward_run(struct kli_session *const *ss, int64_t n_seq, const kli_token *tok, 
         ss[q]->has_logits = 1;
         ss[q]->pos += (int32_t)T_seq;
     }
+    return KLI_OK;
 }
 
-void
-forward_batch(struct kli_session *s, const kli_token *tok, int64_t T, float *logits_all)
+int
+forward_batch(struct kli_session *s, const kli_token *tok, int64_t T, float *logits_all,
+              struct kli_err *err)
 {
-    forward_run(&s, 1, tok, T, logits_all);
+    return forward_run(&s, 1, tok, T, logits_all, err);
 }

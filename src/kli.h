@@ -189,6 +189,14 @@ struct kli_model_options {
                                   KLI_NUMA_NONE); see kli_topology_describe */
     int plan_only;             /* non-zero: work out the placement (kli_topology_describe
                                   shows it) but pin no thread and bind no memory */
+    uint64_t mem_budget;       /* 0 (default): the weights are used from the mapping. Else
+                                  edge mode: bytes of memory kli may use; the trunk stays
+                                  mapped and the routed experts are read on demand into a
+                                  bounded cache (the rest of the budget, less a reserve of
+                                  32 MiB + 1/16 for sessions and the program). Results are
+                                  identical; needs the experts stored in the type they run
+                                  in (no weight_type conversion), no --numa partition, and
+                                  keeps routed experts off the GPU. See kli_model_cache_stats */
 };
 
 /* Where the weights live on a machine with several NUMA nodes (kli_model_options.numa).
@@ -251,6 +259,33 @@ const struct kli_tokenizer *kli_model_tokenizer(const struct kli_model *model);
  * the router, top_k routed experts per MoE layer (average expert size), one embedding row
  * and lm_head. The numerator of the decode roofline. */
 uint64_t kli_model_decode_bytes(const struct kli_model *model);
+
+/* Edge mode's expert cache (kli_model_options.mem_budget): its sizes and what it did. */
+struct kli_cache_stats {
+    uint64_t budget;          /* bytes: the whole budget */
+    uint64_t trunk_bytes;     /* counted for the resident trunk (every tensor but the routed
+                                 experts, plus the float MLA up-projections) */
+    uint64_t reserve;         /* kept for sessions, scratch and the program: 32 MiB + 1/16 */
+    uint64_t slot_bytes;      /* one slot: the largest routed expert, rounded to 4 KiB */
+    int32_t n_slots;          /* routed experts the cache holds at once */
+    int32_t n_experts;        /* routed experts in the model */
+    uint64_t requests;        /* experts the forward passes asked for */
+    uint64_t hits;            /* of which cached, or already being read by a prefetch */
+    uint64_t prefetches;      /* speculative reads started (next layer's router on this
+                                 layer's input) */
+    uint64_t prefetch_used;   /* of which used before being evicted */
+    uint64_t predicted;       /* experts the next-layer guesses named (read or not) */
+    uint64_t predicted_right; /* of which the layer then asked for: reads start only while
+                                 a running average of this ratio stays at 1/2 or more */
+    uint64_t bytes_read;      /* from the weight files */
+    double wait_seconds;      /* time the forward passes waited for reads */
+};
+
+/* @return 0 with *st filled in edge mode; -1 (and *st zeroed) for a model without a budget. */
+int kli_model_cache_stats(const struct kli_model *model, struct kli_cache_stats *st);
+
+/* Zeroes the counters (requests to wait_seconds) of kli_model_cache_stats. */
+void kli_model_cache_reset(struct kli_model *model);
 
 /* @return the model's identity as recorded in snapshots: a hash of the configuration, every
  * tensor's name, dtype and shape and the dtypes computed in (weight_type). It does not cover

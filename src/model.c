@@ -19,6 +19,7 @@
 #include "internal.h"
 #include "model.h"
 #include "numa.h"
+#include "xcache.h"
 #include "threads.h"
 #include "simd.h"
 #include "tokenizer.h"
@@ -592,6 +593,7 @@ kli_model_close(struct kli_model *m)
     if (m == NULL)
         return;
     backend_model_close(m);
+    xcache_close(m->xc);
     model_free_layers(m);
     numa_close(m->numa);
     for (int64_t i = 0; i < m->n_owned; i++)
@@ -637,6 +639,11 @@ kli_model_open(struct kli_model **out, const char *path, const struct kli_model_
             goto fail;
         }
         m->convert = 1;
+    }
+    if (opt->mem_budget > 0 && opt->numa != KLI_NUMA_NONE) {
+        rc = kli_err_set(err, KLI_E_UNSUPPORTED, "a memory budget does not combine with "
+                         "--numa placement (binding reads every page in): use --numa none");
+        goto fail;
     }
     /* Workers: one per physical core, pinned per the plan (numa.c, topology.c). */
     if ((rc = numa_open(&m->numa, opt, err)) != KLI_OK)
@@ -687,7 +694,20 @@ kli_model_open(struct kli_model **out, const char *path, const struct kli_model_
     }
     m->n_threads = threads_count();
     m->fingerprint = model_fingerprint(m);
-    if ((rc = backend_model_open(m, opt, err)) != KLI_OK)
+    struct kli_model_options eopt = *opt;
+    if (opt->mem_budget > 0) {
+        if (m->convert) {
+            rc = kli_err_set(err, KLI_E_UNSUPPORTED, "a memory budget reads the experts from "
+                             "the file as stored: convert the model first (kli convert -m %s "
+                             "-o MODEL.kli --type %s) instead of converting at open", path,
+                             opt->weight_type);
+            goto fail;
+        }
+        if ((rc = xcache_open(&m->xc, m, opt->mem_budget, err)) != KLI_OK)
+            goto fail;
+        eopt.gpu_experts = 0;   /* the cache, not the GPU, holds the routed experts */
+    }
+    if ((rc = backend_model_open(m, &eopt, err)) != KLI_OK)
         goto fail;
     *out = m;
     return KLI_OK;
@@ -706,6 +726,23 @@ const struct kli_tokenizer *
 kli_model_tokenizer(const struct kli_model *m)
 {
     return m->tok;
+}
+
+int
+kli_model_cache_stats(const struct kli_model *m, struct kli_cache_stats *st)
+{
+    memset(st, 0, sizeof(*st));
+    if (m == NULL || m->xc == NULL)
+        return -1;
+    xcache_get_stats(m->xc, st);
+    return 0;
+}
+
+void
+kli_model_cache_reset(struct kli_model *m)
+{
+    if (m != NULL && m->xc != NULL)
+        xcache_reset_stats(m->xc);
 }
 
 const char *

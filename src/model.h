@@ -92,6 +92,7 @@ struct kli_model {
     uint64_t fingerprint;         /* identity for session snapshots (model_fingerprint) */
     struct backend_model *gpu;    /* device state (backend.c); NULL: GPU use off */
     struct numa_state *numa;      /* topology, placement plan, node copies (numa.c) */
+    struct xcache *xc;            /* edge mode's expert cache (xcache.c); NULL: resident */
 };
 
 /* Bytes of one row of a tensor. */

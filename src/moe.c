@@ -16,6 +16,7 @@
 #include "moe.h"
 #include "ops.h"
 #include "simd.h"
+#include "xcache.h"
 
 /* Index of the largest value among the n with keep[i] set; ties to the lowest index. */
 static int32_t
@@ -94,9 +95,78 @@ moe_route(const struct kli_config_moe *c, const float *logits, const float *bias
         wt[k] *= c->scaling;
 }
 
-void
+/* Edge mode: the next MoE layer's router applied to this layer's input guesses the experts
+ * it will want; their reads start now (xcache_prefetch). Only for a few tokens at a time:
+ * a long prefill asks for most experts anyway. */
+static void
+moe_prefetch_next(const struct kli_model *m, struct moe_scratch *sc, const float *x, int64_t T)
+{
+    const struct kli_config *cfg = &m->cfg;
+    const struct kli_config_moe *c = &cfg->moe;
+    int32_t E = c->n_experts, K = c->top_k, l2 = sc->layer + 1;
+    float tmp[2 * KLI_MAX_EXPERTS], wt[KLI_MAX_EXPERTS];
+    int32_t idx[KLI_MAX_EXPERTS], ids[KLI_MAX_EXPERTS], n = 0;
+    uint8_t want[KLI_MAX_EXPERTS] = {0};
+
+    while (l2 < cfg->n_layers && m->layers[l2].ffn_kind != KLI_FFN_MOE)
+        l2++;
+    if (l2 >= cfg->n_layers || T > 8)
+        return;
+    const struct kli_moe_w *w2 = &m->layers[l2].moe;
+    ops_matmul(&w2->router, x, cfg->d_model, sc->logits, E, T);
+    for (int64_t t = 0; t < T; t++) {
+        moe_route(c, sc->logits + t * E, w2->bias, idx, wt, tmp);
+        for (int32_t k = 0; k < K; k++)
+            want[idx[k]] = 1;
+    }
+    for (int32_t e = 0; e < E; e++) {
+        if (want[e])
+            ids[n++] = e;
+    }
+    xcache_prefetch(m->xc, l2, ids, n);
+}
+
+/* Edge mode: the routed experts come from the bounded cache, in the same order as below. */
+static int
+moe_experts_cached(const struct kli_model *m, const struct kli_moe_w *w,
+                   struct moe_scratch *sc, const float *x, int64_t T, float *out,
+                   struct kli_err *err)
+{
+    const struct kli_config_moe *c = &m->cfg.moe;
+    const struct kli_kernels *kk = kli_kernels();
+    int64_t D = m->cfg.d_model, E = c->n_experts, K = c->top_k;
+    int32_t ids[KLI_MAX_EXPERTS], n = 0;
+
+    for (int64_t e = 0; e < E; e++) {
+        if (sc->count[e + 1] > sc->count[e])
+            ids[n++] = (int32_t)e;
+    }
+    xcache_begin(m->xc, sc->layer, ids, n);
+    moe_prefetch_next(m, sc, x, T);
+    if (c->n_shared > 0)
+        ffn_forward(&w->shared, x, T, out, sc->h1, sc->h3);
+    else
+        memset(out, 0, (size_t)(T * D) * sizeof(float));
+    for (int32_t i = 0; i < n; i++) {
+        int32_t e = ids[i];
+        int32_t ne = sc->count[e + 1] - sc->count[e];
+        const int32_t *ord = sc->order + sc->count[e];
+        const struct kli_ffn_w *ew = xcache_get(m->xc, sc->layer, e, err);
+        if (ew == NULL)
+            return err != NULL && err->code != 0 ? err->code : KLI_E_IO;
+        for (int32_t j = 0; j < ne; j++)
+            memcpy(sc->xe + j * D, x + (ord[j] / K) * D, (size_t)D * sizeof(float));
+        ffn_forward(ew, sc->xe, ne, sc->ye, sc->h1, sc->h3);
+        xcache_put(m->xc, sc->layer, e);
+        for (int32_t j = 0; j < ne; j++)
+            kk->axpy(out + (ord[j] / K) * D, sc->wt[ord[j]], sc->ye + j * D, D);
+    }
+    return KLI_OK;
+}
+
+int
 moe_forward(const struct kli_model *m, const struct kli_moe_w *w, struct moe_scratch *sc,
-            const float *x, int64_t T, float *out)
+            const float *x, int64_t T, float *out, struct kli_err *err)
 {
     const struct kli_config *cfg = &m->cfg;
     const struct kli_config_moe *c = &cfg->moe;
@@ -118,6 +188,9 @@ moe_forward(const struct kli_model *m, const struct kli_moe_w *w, struct moe_scr
     memcpy(fill, sc->count, (size_t)E * sizeof(int32_t));
     for (int64_t i = 0; i < T * K; i++)
         sc->order[fill[sc->idx[i]]++] = (int32_t)i;
+
+    if (m->xc != NULL)
+        return moe_experts_cached(m, w, sc, x, T, out, err);
 
     /* The shared experts first, then each routed expert adds its weighted output. With a
      * GPU (backend.c) it takes the shared expert and the resident (hot) routed experts while
@@ -147,4 +220,5 @@ moe_forward(const struct kli_model *m, const struct kli_moe_w *w, struct moe_scr
             kk->axpy(out, 1.0f, sc->ye, T * D);
         }
     }
+    return KLI_OK;
 }

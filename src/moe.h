@@ -31,8 +31,10 @@ void moe_route(const struct kli_config_moe *c, const float *logits, const float 
                int32_t *idx, float *wt, float *tmp);
 
 /* Runs one MoE layer over T tokens: x [T][d_model] -> out [T][d_model]. Tokens are grouped
- * by expert so each chosen expert runs one matrix product over its tokens. */
-void moe_forward(const struct kli_model *m, const struct kli_moe_w *w, struct moe_scratch *sc,
-                 const float *x, int64_t T, float *out);
+ * by expert so each chosen expert runs one matrix product over its tokens. In edge mode
+ * (m->xc) the routed experts come from the expert cache, whose reads can fail.
+ * @return KLI_OK, or the cache's error (KLI_E_IO, with `err` set). */
+int moe_forward(const struct kli_model *m, const struct kli_moe_w *w, struct moe_scratch *sc,
+                const float *x, int64_t T, float *out, struct kli_err *err);
 
 #endif

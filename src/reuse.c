@@ -58,6 +58,7 @@ kli_session_copy(struct kli_session *dst, const struct kli_session *src, struct 
     memcpy(dst->logits, src->logits, (size_t)c->n_vocab * sizeof(float));
     dst->has_logits = src->has_logits;
     dst->pos = src->pos;
+    dst->broken = src->broken;
     return KLI_OK;
 }
 

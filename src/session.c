@@ -231,6 +231,7 @@ kli_session_reset(struct kli_session *s)
     }
     s->pos = 0;
     s->has_logits = 0;
+    s->broken = 0;
 }
 
 int
@@ -249,6 +250,9 @@ kli_session_eval(struct kli_session *s, const kli_token *tokens, int32_t n, floa
                                "token id %d at position %d is outside the vocabulary [0, %d)",
                                tokens[i], i, s->m->cfg.n_vocab);
     }
+    if (s->broken)
+        return kli_err_set(err, KLI_E_INVALID, "the session's state is incomplete after a "
+                           "failed step: reset it or restore a snapshot");
     if ((int64_t)s->pos + n > s->ctx_max)
         return kli_err_set(err, KLI_E_RANGE,
                            "context full: %d tokens seen + %d new exceed the limit of %d",
@@ -263,7 +267,9 @@ kli_session_eval(struct kli_session *s, const kli_token *tokens, int32_t n, floa
     for (int32_t i = 0; i < n; i += s->batch_max) {
         int32_t T = n - i < s->batch_max ? n - i : s->batch_max;
         memcpy(s->hist + s->pos, tokens + i, (size_t)T * sizeof(kli_token));
-        forward_batch(s, tokens + i, T, logits != NULL ? logits + (int64_t)i * V : NULL);
+        if ((rc = forward_batch(s, tokens + i, T, logits != NULL ? logits + (int64_t)i * V :
+                                NULL, err)) != KLI_OK)
+            return rc;
     }
     return KLI_OK;
 }
@@ -298,6 +304,10 @@ kli_session_eval_batch(struct kli_session *const *ss, const kli_token *tokens, i
         if (s->pos + 1 > s->ctx_max)
             return kli_err_set(err, KLI_E_RANGE, "batched step: sequence %d is full (%d "
                                "tokens)", i, s->pos);
+        if (s->broken)
+            return kli_err_set(err, KLI_E_INVALID, "batched step: sequence %d's state is "
+                               "incomplete after a failed step: reset it or restore a "
+                               "snapshot", i);
     }
     if (threads_count() > s0->n_threads)
         return kli_err_set(err, KLI_E_INVALID,
@@ -314,8 +324,7 @@ kli_session_eval_batch(struct kli_session *const *ss, const kli_token *tokens, i
     }
     for (int32_t i = 0; i < n; i++)
         ss[i]->hist[ss[i]->pos] = tokens[i];
-    forward_run(ss, n, tokens, 1, s0->batch_logits);
-    return KLI_OK;
+    return forward_run(ss, n, tokens, 1, s0->batch_logits, err);
 }
 
 const float *

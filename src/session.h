@@ -35,6 +35,8 @@ struct kli_session {
     struct moe_scratch moe_sc;
     float *logits;                /* [n_vocab] of the last position */
     int has_logits;
+    int broken;                   /* a forward step failed part-way (edge mode's reads): the
+                                     state is incomplete until reset or restored */
     double phase[KLI_PHASE_COUNT];   /* seconds per part of the forward pass */
     struct backend_sess *gpu;     /* device queue and cache mirrors; NULL: CPU only */
 };

@@ -421,6 +421,10 @@ snap_encode(struct snap_enc *e, const struct kli_session *s, const struct kli_sa
     uint64_t size = snap_payload_bytes(s, smp);
     uint32_t flags = smp != NULL ? SNAP_F_SAMPLER : 0;
 
+    if (s->broken)
+        return kli_err_set(e->err, KLI_E_INVALID, "the session's state is incomplete after a "
+                           "failed step: nothing to save");
+
     e->hash = SNAP_HASH_BASIS;
     e->sh.h = SNAP_HASH_BASIS;
     e->stage = kli_malloc(SNAP_STAGE);
@@ -715,6 +719,7 @@ snap_apply(struct kli_session *s, struct kli_sampler *smp, const struct snap_vie
         snap_copy32(s->logits, v->logits, c->n_vocab);
     s->has_logits = v->has_logits;
     s->pos = v->pos;
+    s->broken = 0;
     if (smp != NULL && v->has_sampler)
         sampler_set_state(smp, v->rng, v->recent, v->n_recent);
 }
@@ -891,6 +896,7 @@ kli_session_fork(struct kli_session **out, const struct kli_session *src, struct
     memcpy(s->logits, src->logits, (size_t)c->n_vocab * sizeof(float));
     s->has_logits = src->has_logits;
     s->pos = src->pos;
+    s->broken = src->broken;
     *out = s;
     return KLI_OK;
 }

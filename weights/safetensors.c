@@ -1028,3 +1028,21 @@ kli_wfile_dontneed(const struct kli_wfile *w, const struct kli_tensor_desc *d)
     return kli_mmap_advise(m, (uint64_t)((const uint8_t *)d->data - m->base), d->nbytes,
                            KLI_MMAP_DONTNEED);
 }
+
+int
+kli_wfile_locate(const struct kli_wfile *w, const void *p, int32_t *file, uint64_t *off)
+{
+    const uint8_t *b = p;
+
+    if (w == NULL || p == NULL)
+        return -1;
+    for (int32_t i = 0; i < w->n_files; i++) {
+        const struct kli_mmap *m = &w->maps[i];
+        if (m->size > 0 && b >= m->base && b < m->base + m->size) {
+            *file = i;
+            *off = (uint64_t)(b - m->base);
+            return 0;
+        }
+    }
+    return -1;
+}

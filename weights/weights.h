@@ -67,6 +67,12 @@ void kli_safetensors_free_descs(struct kli_tensor_desc *descs, int64_t n);
 int32_t kli_wfile_n_files(const struct kli_wfile *w);
 const char *kli_wfile_file_path(const struct kli_wfile *w, int32_t i);
 
+/* Where the byte at `p` (a pointer into one of w's mappings, such as a tensor's data) lies:
+ * the file index (kli_wfile_file_path) and the offset in that file. For readers that pread
+ * tensor bytes instead of touching the mapping (edge mode, xcache.c).
+ * @return 0, or -1 if p is not inside any mapping. */
+int kli_wfile_locate(const struct kli_wfile *w, const void *p, int32_t *file, uint64_t *off);
+
 /* ==== writing safetensors ==================================================================
  * A streaming writer: the tensor list is declared up front (so the header can be written
  * first), then each tensor's bytes are appended in that order. The file is written as

@@ -272,6 +272,10 @@ VARIANTS = {
                  "linear_attn_config": {"kda_layers": [1, 3, 4], "full_attn_layers": [2, 5],
                                         "head_dim": 8, "num_heads": 3,
                                         "short_conv_kernel_size": 3}}, {}),
+    # edge mode (tests/test-edge.sh): 128 routed experts of 1.5 MiB (192 MiB) around a small
+    # trunk, so a memory budget well under the model size is testable
+    "edge": ({"hidden_size": 512, "moe_intermediate_size": 512, "num_experts": 64,
+              "num_experts_per_token": 4, "first_k_dense_replace": 2}, {}),
     # softmax router without renormalisation, conv kernel 2, tied embeddings, F16 weights
     "softmax_tied": ({"moe_router_activation_func": "softmax", "moe_renormalize": False,
                       "tie_word_embeddings": True, "num_experts_per_token": 1,

@@ -1,0 +1,114 @@
+#!/bin/sh
+# test-edge.sh - edge mode on a model larger than the memory it may use: a 200 MB random
+# checkpoint (contrib/reference/kimi_ref.py, variant "edge": 128 routed experts of 1.5 MiB)
+# run with --mem-budget 96M. The peak resident size of the kli process, read by the parent
+# (getrusage of the child), stays under the budget while the resident run's exceeds it; the
+# logits equal the resident run's bit for bit and the float64 NumPy reference's within
+# 1e-4; the CLI refuses a budget below the least and a list outside kli bench; kli bench
+# reports the cache's hit rate and bytes read per token.
+set -u
+: "${KLI_BIN:?}" "${KLI_SRCDIR:?}"
+REF="$KLI_SRCDIR/contrib/reference/kimi_ref.py"
+PY=""
+for p in ${KLI_PYTHON:-} python3 /usr/bin/python3; do
+    if "$p" -c 'import numpy, resource' 2>/dev/null; then PY=$p; break; fi
+done
+if [ -z "$PY" ]; then
+    echo "1..0 # SKIP no python3 with numpy (apt-get install python3-numpy)"
+    exit 0
+fi
+tmp=$(mktemp -d) || exit 99
+trap 'rm -rf "$tmp"' EXIT
+n=0
+fail=0
+ok() { n=$((n + 1)); echo "ok $n - $1"; }
+notok() { n=$((n + 1)); fail=1; echo "not ok $n - $1"; }
+check() { if [ "$1" = 0 ]; then ok "$2"; else notok "$2"; fi; }
+
+# Peak RSS in bytes of one command, measured from outside it.
+cat >"$tmp/rss.py" <<'EOF'
+import resource, subprocess, sys
+r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+sys.stderr.write(r.stderr.decode(errors="replace"))
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
+sys.exit(r.returncode)
+EOF
+
+M="$tmp/edge"
+if ! "$PY" "$REF" make "$M" edge 5; then
+    notok "the edge model could not be written"
+    echo "1..$n"
+    exit 1
+fi
+size=$(wc -c <"$M/model.safetensors")
+budget=$((96 * 1024 * 1024))
+ids=$("$PY" -c "import random; r=random.Random(3); print(','.join(str(r.randrange(300)) for _ in range(40)))")
+
+res_rss=$("$PY" "$tmp/rss.py" "$KLI_BIN" logits -m "$M" --chunk 1 --ids "$ids" -o "$tmp/res.f32")
+check $? "resident run (model $((size / 1048576)) MiB): peak RSS $((res_rss / 1048576)) MiB"
+edge_rss=$("$PY" "$tmp/rss.py" "$KLI_BIN" logits -m "$M" --chunk 1 --mem-budget 96M \
+           --ids "$ids" -o "$tmp/edge.f32" 2>"$tmp/edge.err")
+check $? "edge run with --mem-budget 96M: $(cat "$tmp/edge.err")"
+[ "$size" -gt "$budget" ] && [ "$res_rss" -gt "$budget" ]
+check $? "the model ($size bytes) and the resident run ($res_rss) exceed the budget ($budget)"
+[ "$edge_rss" -gt 0 ] && [ "$edge_rss" -le "$budget" ]
+check $? "the edge run's peak RSS ($edge_rss bytes) stays under the budget ($budget)"
+cmp -s "$tmp/res.f32" "$tmp/edge.f32"
+check $? "edge logits equal the resident logits bit for bit"
+grep -q "expert cache: [0-9]* of 128 experts" "$tmp/edge.err"
+check $? "the run ends with the cache line on stderr"
+
+if "$PY" "$REF" logits "$M" "$ids" "$tmp/ref.f32" &&
+   out=$("$PY" "$REF" compare "$tmp/edge.f32" "$tmp/ref.f32" 300 1e-4); then
+    ok "edge logits vs the NumPy reference: $out"
+else
+    notok "edge logits vs the NumPy reference: ${out:-reference failed}"
+fi
+
+# One call (prefill) and chunks of 5 too.
+for chunk in 0 5; do
+    args=""
+    [ "$chunk" -gt 0 ] && args="--chunk $chunk"
+    # shellcheck disable=SC2086
+    "$KLI_BIN" logits -m "$M" $args --ids "$ids" -o "$tmp/r$chunk.f32" &&
+        "$KLI_BIN" logits -m "$M" $args --mem-budget 64M --ids "$ids" -o "$tmp/e$chunk.f32" \
+            2>/dev/null && cmp -s "$tmp/r$chunk.f32" "$tmp/e$chunk.f32"
+    check $? "chunk $chunk, --mem-budget 64M: logits bit-identical"
+done
+
+# Refusals.
+out=$("$KLI_BIN" logits -m "$M" --mem-budget 20M --ids 1,2 -o "$tmp/x.f32" 2>&1)
+rc=$?
+[ $rc -ne 0 ] && echo "$out" | grep -q "the least budget is"
+check $? "a budget below the least is refused (exit $rc): $out"
+out=$("$KLI_BIN" logits -m "$M" --mem-budget 64M,96M --ids 1,2 -o "$tmp/x.f32" 2>&1)
+rc=$?
+[ $rc -ne 0 ] && echo "$out" | grep -q "a list is for kli bench"
+check $? "a list of budgets outside kli bench is refused (exit $rc)"
+out=$("$KLI_BIN" logits -m "$M" --mem-budget 12Q --ids 1,2 -o "$tmp/x.f32" 2>&1)
+rc=$?
+[ $rc -ne 0 ] && echo "$out" | grep -q "not a size"
+check $? "a malformed size is refused (exit $rc): $out"
+least=$("$KLI_BIN" info -m "$M" | sed -n 's/^edge mode: *least --mem-budget \([0-9]*\) bytes.*/\1/p')
+[ -n "$least" ] && "$KLI_BIN" logits -m "$M" --mem-budget "$least" --chunk 1 --ids "$ids" \
+    -o "$tmp/least.f32" 2>/dev/null && cmp -s "$tmp/res.f32" "$tmp/least.f32"
+check $? "kli info's least budget ($least bytes) runs, bit-identical"
+
+# kli bench: one JSON object per budget with the cache's numbers.
+"$KLI_BIN" bench -m "$M" -p 8 -n 8 -r 1 --mem-budget 64M,128M --json >"$tmp/bench.json" 2>/dev/null
+check $? "kli bench --mem-budget 64M,128M"
+"$PY" - "$tmp/bench.json" <<'EOF'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+assert len(rows) == 2, rows
+for r, b in zip(rows, (64 << 20, 128 << 20)):
+    assert r["mem_budget"] == b, r
+    assert 0 <= r["cache_hit_rate"] <= 1 and r["cache_bytes_read_per_token"] >= 0, r
+    assert 0 < r["cache_slots"] <= r["cache_experts"] == 128, r
+    assert r["decode_tok_s"] > 0 and r["peak_rss_bytes"] > 0, r
+assert rows[1]["cache_slots"] > rows[0]["cache_slots"], rows
+EOF
+check $? "bench prints one object per budget with hit rate, bytes read per token and slots"
+
+echo "1..$n"
+exit $fail
