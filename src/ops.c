@@ -57,42 +57,24 @@ matmul_range(void *ctx, int64_t i0, int64_t i1, int ith)
 }
 
 #ifdef HAVE_OPENBLAS
-/* Many rows of x (prefill, or an expert's tokens): each worker converts a tile of W's rows to
- * float and multiplies it with a single-threaded SGEMM, so W is read once per call and the
- * arithmetic runs in OpenBLAS's blocked kernels. BLAS never starts threads of its own here
- * (threads.c sets it to one), so nothing oversubscribes the cores. */
-#define OPS_TILE_ROWS 32
-
+/* Float32 weights with many rows of x (the KDA chunk products, the MLA up-projections kept
+ * in float): each worker multiplies its range of W's rows with one single-threaded SGEMM.
+ * BLAS never starts threads of its own here (threads.c sets it to one), so nothing
+ * oversubscribes the cores. Stored types (bf16, q8_0, q4, f16) go to the kernels' own
+ * blocked GEMM instead, which widens W panel by panel in cache: converting W to float tiles
+ * for SGEMM measured 27-37% slower in prefill (2-core Skylake-SP, pp256: q8_0 61 vs 84
+ * tok/s, bf16 58 vs 79), as SGEMM re-packs x for every tile. */
 static void
-matmul_gemm_range(void *ctx, int64_t t0, int64_t t1, int ith)
+matmul_sgemm_range(void *ctx, int64_t r0, int64_t r1, int ith)
 {
     struct matmul_job *j = ctx;
-    const struct kli_kernels *kk = kli_kernels();
-    int64_t k = j->w->shape[1], n = j->w->shape[0];
-    uint64_t rb = model_row_bytes(j->w);
-    float *tile = j->w->dtype == KLI_DT_F32 ? NULL
-                  : malloc((size_t)OPS_TILE_ROWS * (size_t)k * sizeof(float));
+    int64_t k = j->w->shape[1];
 
     (void)ith;
-    for (int64_t t = t0; t < t1; t++) {
-        int64_t r0 = t * OPS_TILE_ROWS, r1 = r0 + OPS_TILE_ROWS < n ? r0 + OPS_TILE_ROWS : n;
-        const float *wt;
-        if (j->w->dtype == KLI_DT_F32) {
-            wt = (const float *)(const void *)ops_wdata(j->w) + r0 * k;
-        } else if (tile == NULL) {
-            /* No memory for the tile: the kernel's own path computes the same product. */
-            ops_matmul_rows(j->w, r0, r1, j->x, j->ldx, j->y, j->ldy, j->m);
-            continue;
-        } else {
-            kk->to_f32(j->w->dtype, ops_wdata(j->w) + (uint64_t)r0 * rb, tile,
-                       (r1 - r0) * k);
-            wt = tile;
-        }
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (blasint)j->m, (blasint)(r1 - r0),
-                    (blasint)k, 1.0f, j->x, (blasint)j->ldx, wt, (blasint)k, 0.0f, j->y + r0,
-                    (blasint)j->ldy);
-    }
-    free(tile);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (blasint)j->m, (blasint)(r1 - r0),
+                (blasint)k, 1.0f, j->x, (blasint)j->ldx,
+                (const float *)(const void *)ops_wdata(j->w) + r0 * k, (blasint)k, 0.0f,
+                j->y + r0, (blasint)j->ldy);
 }
 #endif
 
@@ -103,9 +85,8 @@ ops_matmul(const struct kli_tensor *w, const float *x, int64_t ldx, float *y, in
     struct matmul_job j = {w, x, ldx, y, ldy, m};
 
 #ifdef HAVE_OPENBLAS
-    if (m >= OPS_GEMM_MIN_ROWS) {
-        int64_t tiles = (w->shape[0] + OPS_TILE_ROWS - 1) / OPS_TILE_ROWS;
-        threads_parallel_for(tiles, 1, matmul_gemm_range, &j);
+    if (w->dtype == KLI_DT_F32 && m >= OPS_GEMM_MIN_ROWS) {
+        threads_parallel_for(w->shape[0], 64, matmul_sgemm_range, &j);
         return;
     }
 #endif

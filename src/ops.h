@@ -9,7 +9,8 @@
 
 #include "model.h"
 
-/* From this many rows of x on, ops_matmul uses tiled SGEMM (when built with OpenBLAS). */
+/* From this many rows of x on, ops_matmul multiplies float32 weights with OpenBLAS SGEMM (when
+ * built with it); other types always take the kernels of simd/. */
 #define OPS_GEMM_MIN_ROWS 8
 
 /* y[i][r] = sum_j x[i][j] * W[r][j] for the m rows of x and every row r of W, with the rows
