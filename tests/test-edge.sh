@@ -5,7 +5,9 @@
 # (getrusage of the child), stays under the budget while the resident run's exceeds it; the
 # logits equal the resident run's bit for bit and the float64 NumPy reference's within
 # 1e-4; the CLI refuses a budget below the least and a list outside kli bench; kli bench
-# reports the cache's hit rate and bytes read per token.
+# reports the cache's hit rate and bytes read per token. Every run is CPU-only (--gpu off): a
+# resident run with a GPU computes hot experts there, and the CUDA runtime's own memory is not
+# part of what the budget bounds.
 set -u
 : "${KLI_BIN:?}" "${KLI_SRCDIR:?}"
 REF="$KLI_SRCDIR/contrib/reference/kimi_ref.py"
@@ -44,9 +46,9 @@ size=$(wc -c <"$M/model.safetensors")
 budget=$((96 * 1024 * 1024))
 ids=$("$PY" -c "import random; r=random.Random(3); print(','.join(str(r.randrange(300)) for _ in range(40)))")
 
-res_rss=$("$PY" "$tmp/rss.py" "$KLI_BIN" logits -m "$M" --chunk 1 --ids "$ids" -o "$tmp/res.f32")
+res_rss=$("$PY" "$tmp/rss.py" "$KLI_BIN" logits --gpu off -m "$M" --chunk 1 --ids "$ids" -o "$tmp/res.f32")
 check $? "resident run (model $((size / 1048576)) MiB): peak RSS $((res_rss / 1048576)) MiB"
-edge_rss=$("$PY" "$tmp/rss.py" "$KLI_BIN" logits -m "$M" --chunk 1 --mem-budget 96M \
+edge_rss=$("$PY" "$tmp/rss.py" "$KLI_BIN" logits --gpu off -m "$M" --chunk 1 --mem-budget 96M \
            --ids "$ids" -o "$tmp/edge.f32" 2>"$tmp/edge.err")
 check $? "edge run with --mem-budget 96M: $(cat "$tmp/edge.err")"
 [ "$size" -gt "$budget" ] && [ "$res_rss" -gt "$budget" ]
@@ -70,32 +72,32 @@ for chunk in 0 5; do
     args=""
     [ "$chunk" -gt 0 ] && args="--chunk $chunk"
     # shellcheck disable=SC2086
-    "$KLI_BIN" logits -m "$M" $args --ids "$ids" -o "$tmp/r$chunk.f32" &&
-        "$KLI_BIN" logits -m "$M" $args --mem-budget 64M --ids "$ids" -o "$tmp/e$chunk.f32" \
+    "$KLI_BIN" logits --gpu off -m "$M" $args --ids "$ids" -o "$tmp/r$chunk.f32" &&
+        "$KLI_BIN" logits --gpu off -m "$M" $args --mem-budget 64M --ids "$ids" -o "$tmp/e$chunk.f32" \
             2>/dev/null && cmp -s "$tmp/r$chunk.f32" "$tmp/e$chunk.f32"
     check $? "chunk $chunk, --mem-budget 64M: logits bit-identical"
 done
 
 # Refusals.
-out=$("$KLI_BIN" logits -m "$M" --mem-budget 20M --ids 1,2 -o "$tmp/x.f32" 2>&1)
+out=$("$KLI_BIN" logits --gpu off -m "$M" --mem-budget 20M --ids 1,2 -o "$tmp/x.f32" 2>&1)
 rc=$?
 [ $rc -ne 0 ] && echo "$out" | grep -q "the least budget is"
 check $? "a budget below the least is refused (exit $rc): $out"
-out=$("$KLI_BIN" logits -m "$M" --mem-budget 64M,96M --ids 1,2 -o "$tmp/x.f32" 2>&1)
+out=$("$KLI_BIN" logits --gpu off -m "$M" --mem-budget 64M,96M --ids 1,2 -o "$tmp/x.f32" 2>&1)
 rc=$?
 [ $rc -ne 0 ] && echo "$out" | grep -q "a list is for kli bench"
 check $? "a list of budgets outside kli bench is refused (exit $rc)"
-out=$("$KLI_BIN" logits -m "$M" --mem-budget 12Q --ids 1,2 -o "$tmp/x.f32" 2>&1)
+out=$("$KLI_BIN" logits --gpu off -m "$M" --mem-budget 12Q --ids 1,2 -o "$tmp/x.f32" 2>&1)
 rc=$?
 [ $rc -ne 0 ] && echo "$out" | grep -q "not a size"
 check $? "a malformed size is refused (exit $rc): $out"
 least=$("$KLI_BIN" info -m "$M" | sed -n 's/^edge mode: *least --mem-budget \([0-9]*\) bytes.*/\1/p')
-[ -n "$least" ] && "$KLI_BIN" logits -m "$M" --mem-budget "$least" --chunk 1 --ids "$ids" \
+[ -n "$least" ] && "$KLI_BIN" logits --gpu off -m "$M" --mem-budget "$least" --chunk 1 --ids "$ids" \
     -o "$tmp/least.f32" 2>/dev/null && cmp -s "$tmp/res.f32" "$tmp/least.f32"
 check $? "kli info's least budget ($least bytes) runs, bit-identical"
 
 # kli bench: one JSON object per budget with the cache's numbers.
-"$KLI_BIN" bench -m "$M" -p 8 -n 8 -r 1 --mem-budget 64M,128M --json >"$tmp/bench.json" 2>/dev/null
+"$KLI_BIN" bench --gpu off -m "$M" -p 8 -n 8 -r 1 --mem-budget 64M,128M --json >"$tmp/bench.json" 2>/dev/null
 check $? "kli bench --mem-budget 64M,128M"
 "$PY" - "$tmp/bench.json" <<'EOF'
 import json, sys

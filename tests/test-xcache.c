@@ -35,6 +35,7 @@ run(const char *path, uint64_t budget, int chunk, struct kli_cache_stats *st,
 
     kli_model_options_init(&mo);
     mo.mem_budget = budget;
+    mo.gpu = KLI_GPU_OFF;   /* with a GPU the resident run would compute hot experts there */
     memset(err, 0, sizeof(*err));
     if (kli_model_open(&m, path, &mo, err) != KLI_OK ||
         kli_session_create(&s, m, NULL, err) != KLI_OK)
