@@ -1186,6 +1186,72 @@ avx2_dot_decay(const float *a, const float *b, const float *ga, const float *gb,
     return s;
 }
 
+static void
+avx2_mul_decay(float *y, const float *a, const float *ga, const float *gb, int64_t n)
+{
+    int64_t i = 0;
+
+    for (; i + 8 <= n; i += 8) {
+        __m256 e = avx2_exp_neg(_mm256_sub_ps(_mm256_loadu_ps(ga + i), _mm256_loadu_ps(gb + i)));
+        _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_loadu_ps(a + i), e));
+    }
+    if (i < n) {
+        float ta[8] = {0}, tga[8] = {0}, tgb[8] = {0}, ty[8];
+        memcpy(ta, a + i, (size_t)(n - i) * sizeof(float));
+        memcpy(tga, ga + i, (size_t)(n - i) * sizeof(float));
+        memcpy(tgb, gb + i, (size_t)(n - i) * sizeof(float));
+        __m256 e = avx2_exp_neg(_mm256_sub_ps(_mm256_loadu_ps(tga), _mm256_loadu_ps(tgb)));
+        _mm256_storeu_ps(ty, _mm256_mul_ps(_mm256_loadu_ps(ta), e));
+        memcpy(y + i, ty, (size_t)(n - i) * sizeof(float));
+    }
+}
+
+/* gemm_nn: register tiles of 4 rows x 16 columns (8 accumulators); rows past m repeat the last
+ * row and are not stored, columns past n are masked. */
+static void
+avx2_gemm_nn(float *y, int64_t ldy, const float *x, int64_t ldx, const float *B, int64_t ldb,
+             int64_t m, int64_t n, int64_t k, float alpha, int acc)
+{
+    const __m256 va = _mm256_set1_ps(alpha);
+
+    for (int64_t j0 = 0; j0 < n; j0 += 16) {
+        int64_t c0 = n - j0, c1 = n - j0 - 8;
+        __m256i mk0 = avx2_tailmask(c0 >= 8 ? 8 : c0), mk1 = avx2_tailmask(c1 <= 0 ? 0 : c1 >= 8 ? 8 : c1);
+        for (int64_t i0 = 0; i0 < m; i0 += 4) {
+            const float *xr[4];
+            __m256 c[4][2];
+            for (int i = 0; i < 4; i++)
+                xr[i] = x + (i0 + i < m ? i0 + i : m - 1) * ldx;
+#pragma GCC unroll 4
+            for (int i = 0; i < 4; i++)
+                c[i][0] = c[i][1] = _mm256_setzero_ps();
+            for (int64_t l = 0; l < k; l++) {
+                const float *b = B + l * ldb + j0;
+                __m256 b0 = _mm256_maskload_ps(b, mk0), b1 = _mm256_maskload_ps(b + 8, mk1);
+#pragma GCC unroll 4
+                for (int i = 0; i < 4; i++) {
+                    __m256 a = _mm256_broadcast_ss(xr[i] + l);
+                    c[i][0] = _mm256_fmadd_ps(a, b0, c[i][0]);
+                    c[i][1] = _mm256_fmadd_ps(a, b1, c[i][1]);
+                }
+            }
+#pragma GCC unroll 4
+            for (int i = 0; i < 4; i++) {
+                if (i0 + i >= m)
+                    break;
+                float *yr = y + (i0 + i) * ldy + j0;
+                __m256 s0 = _mm256_mul_ps(va, c[i][0]), s1 = _mm256_mul_ps(va, c[i][1]);
+                if (acc) {
+                    s0 = _mm256_add_ps(s0, _mm256_maskload_ps(yr, mk0));
+                    s1 = _mm256_add_ps(s1, _mm256_maskload_ps(yr + 8, mk1));
+                }
+                _mm256_maskstore_ps(yr, mk0, s0);
+                _mm256_maskstore_ps(yr + 8, mk1, s1);
+            }
+        }
+    }
+}
+
 static const struct kli_kernels avx2_table = {
     .name = "avx2",
     .matmul = {
@@ -1197,6 +1263,8 @@ static const struct kli_kernels avx2_table = {
     },
     .dot = avx2_dot,
     .dot_decay = avx2_dot_decay,
+    .mul_decay = avx2_mul_decay,
+    .gemm_nn = avx2_gemm_nn,
     .axpy = avx2_axpy,
     .scale = avx2_scale,
     .to_f32 = avx2_to_f32,

@@ -1190,6 +1190,78 @@ avx512_dot_decay(const float *a, const float *b, const float *ga, const float *g
     return _mm512_reduce_add_ps(acc);
 }
 
+static void
+avx512_mul_decay(float *y, const float *a, const float *ga, const float *gb, int64_t n)
+{
+    int64_t i = 0;
+
+    for (; i + 16 <= n; i += 16) {
+        __m512 e = avx512_exp_neg(_mm512_sub_ps(_mm512_loadu_ps(ga + i),
+                                                _mm512_loadu_ps(gb + i)));
+        _mm512_storeu_ps(y + i, _mm512_mul_ps(_mm512_loadu_ps(a + i), e));
+    }
+    if (i < n) {
+        __mmask16 k = (__mmask16)((1u << (n - i)) - 1u);
+        __m512 e = avx512_exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, ga + i),
+                                                _mm512_maskz_loadu_ps(k, gb + i)));
+        _mm512_mask_storeu_ps(y + i, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, a + i), e));
+    }
+}
+
+/* gemm_nn: register tiles of 4 rows x 64 columns (16 accumulators); rows past m repeat the
+ * last row and are not stored, columns past n are masked. */
+static void
+avx512_gemm_nn(float *y, int64_t ldy, const float *x, int64_t ldx, const float *B, int64_t ldb,
+               int64_t m, int64_t n, int64_t k, float alpha, int acc)
+{
+    const __m512 va = _mm512_set1_ps(alpha);
+
+    for (int64_t j0 = 0; j0 < n; j0 += 64) {
+        __mmask16 mk[4];
+        for (int v = 0; v < 4; v++) {
+            int64_t c = n - j0 - 16 * v;
+            mk[v] = avx512_mask(c <= 0 ? 0 : c >= 16 ? 16 : c);
+        }
+        for (int64_t i0 = 0; i0 < m; i0 += 4) {
+            const float *xr[4];
+            __m512 c[4][4];
+            for (int i = 0; i < 4; i++)
+                xr[i] = x + (i0 + i < m ? i0 + i : m - 1) * ldx;
+#pragma GCC unroll 4
+            for (int i = 0; i < 4; i++)
+                c[i][0] = c[i][1] = c[i][2] = c[i][3] = _mm512_setzero_ps();
+            for (int64_t l = 0; l < k; l++) {
+                const float *b = B + l * ldb + j0;
+                __m512 b0 = _mm512_maskz_loadu_ps(mk[0], b);
+                __m512 b1 = _mm512_maskz_loadu_ps(mk[1], b + 16);
+                __m512 b2 = _mm512_maskz_loadu_ps(mk[2], b + 32);
+                __m512 b3 = _mm512_maskz_loadu_ps(mk[3], b + 48);
+#pragma GCC unroll 4
+                for (int i = 0; i < 4; i++) {
+                    __m512 a = _mm512_set1_ps(xr[i][l]);
+                    c[i][0] = _mm512_fmadd_ps(a, b0, c[i][0]);
+                    c[i][1] = _mm512_fmadd_ps(a, b1, c[i][1]);
+                    c[i][2] = _mm512_fmadd_ps(a, b2, c[i][2]);
+                    c[i][3] = _mm512_fmadd_ps(a, b3, c[i][3]);
+                }
+            }
+#pragma GCC unroll 4
+            for (int i = 0; i < 4; i++) {
+                if (i0 + i >= m)
+                    break;
+                float *yr = y + (i0 + i) * ldy + j0;
+#pragma GCC unroll 4
+                for (int v = 0; v < 4; v++) {
+                    __m512 s = _mm512_mul_ps(va, c[i][v]);
+                    if (acc)
+                        s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(mk[v], yr + 16 * v));
+                    _mm512_mask_storeu_ps(yr + 16 * v, mk[v], s);
+                }
+            }
+        }
+    }
+}
+
 static const struct kli_kernels avx512_table = {
     .name = "avx512",
     .matmul = {
@@ -1201,6 +1273,8 @@ static const struct kli_kernels avx512_table = {
     },
     .dot = avx512_dot,
     .dot_decay = avx512_dot_decay,
+    .mul_decay = avx512_mul_decay,
+    .gemm_nn = avx512_gemm_nn,
     .axpy = avx512_axpy,
     .scale = avx512_scale,
     .to_f32 = avx512_to_f32,

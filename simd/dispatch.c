@@ -59,6 +59,10 @@ dispatch_init(void)
         dispatch_merged.dot = gen->dot;
     if (dispatch_merged.dot_decay == NULL)
         dispatch_merged.dot_decay = gen->dot_decay;
+    if (dispatch_merged.mul_decay == NULL)
+        dispatch_merged.mul_decay = gen->mul_decay;
+    if (dispatch_merged.gemm_nn == NULL)
+        dispatch_merged.gemm_nn = gen->gemm_nn;
     if (dispatch_merged.axpy == NULL)
         dispatch_merged.axpy = gen->axpy;
     if (dispatch_merged.scale == NULL)

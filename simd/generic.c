@@ -31,6 +31,28 @@ gen_dot_decay(const float *a, const float *b, const float *ga, const float *gb, 
 }
 
 static void
+gen_mul_decay(float *y, const float *a, const float *ga, const float *gb, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++)
+        y[i] = a[i] * expf(ga[i] - gb[i]);
+}
+
+static void
+gen_gemm_nn(float *y, int64_t ldy, const float *x, int64_t ldx, const float *B, int64_t ldb,
+            int64_t m, int64_t n, int64_t k, float alpha, int acc)
+{
+    for (int64_t i = 0; i < m; i++) {
+        float *yi = y + i * ldy;
+        for (int64_t j = 0; j < n; j++) {
+            float s = 0.0f;
+            for (int64_t l = 0; l < k; l++)
+                s += x[i * ldx + l] * B[l * ldb + j];
+            yi[j] = (acc ? yi[j] : 0.0f) + alpha * s;
+        }
+    }
+}
+
+static void
 gen_axpy(float *y, float a, const float *x, int64_t n)
 {
     for (int64_t i = 0; i < n; i++)
@@ -140,6 +162,8 @@ static const struct kli_kernels gen_table = {
     },
     .dot = gen_dot,
     .dot_decay = gen_dot_decay,
+    .mul_decay = gen_mul_decay,
+    .gemm_nn = gen_gemm_nn,
     .axpy = gen_axpy,
     .scale = gen_scale,
     .to_f32 = kli_dtype_to_f32,

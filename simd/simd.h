@@ -36,6 +36,13 @@ struct kli_kernels {
      * the chunked delta rule (callers guarantee ga[i] - gb[i] <= 0) */
     float (*dot_decay)(const float *a, const float *b, const float *ga, const float *gb,
                        int64_t n);
+    /* y[i] = a[i] * exp(ga[i] - gb[i]), i < n: the decay-scaled rows of the chunked delta rule
+     * (callers guarantee ga[i] - gb[i] <= 0; y may alias a) */
+    void (*mul_decay)(float *y, const float *a, const float *ga, const float *gb, int64_t n);
+    /* y[i][j] = (acc ? y[i][j] : 0) + alpha sum_l x[i][l] B[l][j], i < m, j < n, l < k: the
+     * small row-major products of the chunked delta rule (no packing; B rows in cache) */
+    void (*gemm_nn)(float *y, int64_t ldy, const float *x, int64_t ldx, const float *B,
+                    int64_t ldb, int64_t m, int64_t n, int64_t k, float alpha, int acc);
     /* dst[i] = float(src[i]) for n elements of dtype dt (whole blocks) */
     void (*to_f32)(enum kli_dtype dt, const void *src, float *dst, int64_t n);
 };

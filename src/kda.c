@@ -76,13 +76,29 @@ kda_recurrent(int64_t T, int64_t K, int64_t V, const float *q, const float *k, c
  * are exponentiated, so every factor lies in [0, 1]: exp(-G) is never formed (it overflows
  * within one chunk when the decay is strong). */
 
+/* Rows per sub-block of a chunk. Between sub-blocks the decay factors split at the later
+ * block's first row R0: exp(G_r - G_j) = exp(G_r - G_R0) exp(G_R0 - G_j) for j < R0 <= r,
+ * both factors in [0, 1], so the off-diagonal blocks of L and A are matrix products of
+ * decay-scaled rows; only the 16 x 16 diagonal blocks take pairwise decayed dots. */
+#define KDA_SUB 16
+
 int64_t
 kda_chunk_floats(int64_t K, int64_t V)
 {
     int64_t C = KDA_CHUNK;
 
-    /* G, W [C][K]; U [C][V]; L/A [C][C] */
-    return 2 * C * K + C * V + C * C + 64;
+    /* G, W, Q', Tb [C][K]; U [C][V]; L, A [C][C]; TbT [K][C]; Z [K] */
+    return 4 * C * K + C * V + 2 * C * C + K * C + K + 64;
+}
+
+/* dst [cols][ldd] = src [rows][cols]^T (src row stride lds). */
+static void
+kda_transpose(float *dst, int64_t ldd, const float *src, int64_t lds, int64_t rows, int64_t cols)
+{
+    for (int64_t i = 0; i < rows; i++) {
+        for (int64_t j = 0; j < cols; j++)
+            dst[j * ldd + i] = src[i * lds + j];
+    }
 }
 
 void
@@ -92,11 +108,17 @@ kda_chunked(int64_t T, int64_t K, int64_t V, const float *q, const float *k, con
 {
     const struct kli_kernels *kk = kli_kernels();
     const int64_t CM = KDA_CHUNK;
-    float *G = work;              /* [C][K] */
+    float *G = work;              /* [C][K] cumulative log-decay */
     float *W = G + CM * K;        /* [C][K] */
-    float *U = W + CM * K;        /* [C][V]: U, then V_new in place */
-    float *LA = U + CM * V;       /* [C][C]: L, then A */
+    float *Q = W + CM * K;        /* [C][K] decay-scaled q (and k) rows */
+    float *Tb = Q + CM * K;       /* [C][K] decay-scaled k rows */
+    float *U = Tb + CM * K;       /* [C][V]: U, then V_new in place */
+    float *L = U + CM * V;        /* [C][C] strictly lower, beta-scaled */
+    float *A = L + CM * CM;       /* [C][C] lower with the diagonal, zero above */
+    float *TbT = A + CM * CM;     /* [K][C] */
+    float *Z = TbT + K * CM;      /* [K] zeros: exp(G - 0) */
 
+    memset(Z, 0, (size_t)K * sizeof(float));
     for (int64_t t0 = 0; t0 < T; t0 += CM) {
         int64_t C = T - t0 < CM ? T - t0 : CM;
         const float *qc = q + t0 * ld_qk, *kc = k + t0 * ld_qk, *gc = g + t0 * ld_qk;
@@ -108,59 +130,77 @@ kda_chunked(int64_t T, int64_t K, int64_t V, const float *q, const float *k, con
             for (int64_t d = 0; d < K; d++)
                 G[r * K + d] = (r ? G[(r - 1) * K + d] : 0.0f) + gc[r * ld_qk + d];
         }
-        /* L (strictly lower), scaled by beta_r. */
-        for (int64_t r = 0; r < C; r++) {
-            const float *kr = kc + r * ld_qk, *Gr = G + r * K;
-            for (int64_t j = 0; j < r; j++)
-                LA[r * CM + j] =
-                    bc[r * ld_b] * kk->dot_decay(kr, kc + j * ld_qk, Gr, G + j * K, K);
+        for (int64_t r = 0; r < C; r++)
+            memset(A + r * CM, 0, (size_t)C * sizeof(float));
+        /* L (strictly lower, scaled by beta_r) and A (lower), a sub-block of rows at a time. */
+        for (int64_t R0 = 0; R0 < C; R0 += KDA_SUB) {
+            int64_t nr = C - R0 < KDA_SUB ? C - R0 : KDA_SUB;
+            const float *G0 = G + R0 * K;
+            if (R0 > 0) {
+                /* this block's rows decayed to R0 (q in Q, k in Q + 16 rows); the earlier
+                 * rows j < R0 decayed from j to R0, transposed into TbT [K][R0] */
+                float *Qk = Q + KDA_SUB * K;
+                for (int64_t i = 0; i < nr; i++) {
+                    kk->mul_decay(Q + i * K, qc + (R0 + i) * ld_qk, G + (R0 + i) * K, G0, K);
+                    kk->mul_decay(Qk + i * K, kc + (R0 + i) * ld_qk, G + (R0 + i) * K, G0, K);
+                }
+                for (int64_t j = 0; j < R0; j++)
+                    kk->mul_decay(Tb + j * K, kc + j * ld_qk, G0, G + j * K, K);
+                kda_transpose(TbT, R0, Tb, K, R0, K);
+                kk->gemm_nn(A + R0 * CM, CM, Q, K, TbT, R0, nr, R0, K, 1.0f, 0);
+                kk->gemm_nn(L + R0 * CM, CM, Qk, K, TbT, R0, nr, R0, K, 1.0f, 0);
+                for (int64_t i = 0; i < nr; i++)
+                    kk->scale(L + (R0 + i) * CM, bc[(R0 + i) * ld_b], R0);
+            }
+            /* the diagonal block: pairwise decayed dots */
+            for (int64_t r = R0; r < R0 + nr; r++) {
+                const float *kr = kc + r * ld_qk, *qr = qc + r * ld_qk, *Gr = G + r * K;
+                for (int64_t j = R0; j <= r; j++) {
+                    const float *kj = kc + j * ld_qk, *Gj = G + j * K;
+                    A[r * CM + j] = kk->dot_decay(qr, kj, Gr, Gj, K);
+                    if (j < r)
+                        L[r * CM + j] = bc[r * ld_b] * kk->dot_decay(kr, kj, Gr, Gj, K);
+                }
+            }
         }
-        /* Forward substitution: (I + L) U = beta V and (I + L) W = beta exp(G) K. */
-        for (int64_t r = 0; r < C; r++) {
-            float b = bc[r * ld_b];
-            float *Ur = U + r * V, *Wr = W + r * K;
-            const float *Gr = G + r * K, *kr = kc + r * ld_qk;
-            for (int64_t j = 0; j < V; j++)
-                Ur[j] = b * vc[r * ld_v + j];
-            for (int64_t d = 0; d < K; d++)
-                Wr[d] = b * expf(Gr[d]) * kr[d];
-            for (int64_t j = 0; j < r; j++) {
-                float l = LA[r * CM + j];
-                kk->axpy(Ur, -l, U + j * V, V);
-                kk->axpy(Wr, -l, W + j * K, K);
+        /* Forward substitution: (I + L) U = beta V and (I + L) W = beta exp(G) K, a block of
+         * rows at a time: the earlier blocks' share as one product, then row by row. */
+        for (int64_t R0 = 0; R0 < C; R0 += KDA_SUB) {
+            int64_t nr = C - R0 < KDA_SUB ? C - R0 : KDA_SUB;
+            for (int64_t r = R0; r < R0 + nr; r++) {
+                float b = bc[r * ld_b];
+                for (int64_t j = 0; j < V; j++)
+                    U[r * V + j] = b * vc[r * ld_v + j];
+                kk->mul_decay(W + r * K, kc + r * ld_qk, G + r * K, Z, K);
+                kk->scale(W + r * K, b, K);
+            }
+            if (R0 > 0) {
+                kk->gemm_nn(U + R0 * V, V, L + R0 * CM, CM, U, V, nr, V, R0, -1.0f, 1);
+                kk->gemm_nn(W + R0 * K, K, L + R0 * CM, CM, W, K, nr, K, R0, -1.0f, 1);
+            }
+            for (int64_t r = R0; r < R0 + nr; r++) {
+                for (int64_t j = R0; j < r; j++) {
+                    float l = L[r * CM + j];
+                    kk->axpy(U + r * V, -l, U + j * V, V);
+                    kk->axpy(W + r * K, -l, W + j * K, K);
+                }
             }
         }
         /* V_new = U - W S0 (in place in U). */
-        for (int64_t r = 0; r < C; r++) {
-            float *Ur = U + r * V;
-            const float *Wr = W + r * K;
-            for (int64_t d = 0; d < K; d++)
-                kk->axpy(Ur, -Wr[d], S + d * V, V);
-        }
-        /* A (lower, diagonal included). */
-        for (int64_t r = 0; r < C; r++) {
-            const float *qr = qc + r * ld_qk, *Gr = G + r * K;
-            for (int64_t j = 0; j <= r; j++)
-                LA[r * CM + j] = kk->dot_decay(qr, kc + j * ld_qk, Gr, G + j * K, K);
-        }
+        kk->gemm_nn(U, V, W, K, S, V, C, V, K, -1.0f, 1);
         /* O = (q exp(G)) S0 + A V_new. */
-        for (int64_t r = 0; r < C; r++) {
-            float *orow = oc + r * ld_o;
-            const float *qr = qc + r * ld_qk, *Gr = G + r * K;
-            memset(orow, 0, (size_t)V * sizeof(float));
-            for (int64_t d = 0; d < K; d++)
-                kk->axpy(orow, qr[d] * expf(Gr[d]), S + d * V, V);
-            for (int64_t j = 0; j <= r; j++)
-                kk->axpy(orow, LA[r * CM + j], U + j * V, V);
-        }
+        for (int64_t r = 0; r < C; r++)
+            kk->mul_decay(Q + r * K, qc + r * ld_qk, G + r * K, Z, K);
+        kk->gemm_nn(oc, ld_o, Q, K, S, V, C, V, K, 1.0f, 0);
+        kk->gemm_nn(oc, ld_o, A, CM, U, V, C, V, C, 1.0f, 1);
         /* S_next = Diag(exp(G_C)) S0 + (K exp(G_C - G))^T V_new. */
         const float *GC = G + (C - 1) * K;
-        for (int64_t d = 0; d < K; d++) {
-            float *row = S + d * V;
-            kk->scale(row, expf(GC[d]), V);
-            for (int64_t r = 0; r < C; r++)
-                kk->axpy(row, kc[r * ld_qk + d] * expf(GC[d] - G[r * K + d]), U + r * V, V);
-        }
+        for (int64_t r = 0; r < C; r++)
+            kk->mul_decay(Tb + r * K, kc + r * ld_qk, GC, G + r * K, K);
+        kda_transpose(TbT, C, Tb, K, C, K);
+        for (int64_t d = 0; d < K; d++)
+            kk->scale(S + d * V, expf(GC[d]), V);
+        kk->gemm_nn(S, V, TbT, C, U, V, K, V, C, 1.0f, 1);
     }
 }
 
@@ -261,6 +301,10 @@ kda_heads_range(void *ctx, int64_t h0, int64_t h1, int ith)
     int64_t H = cfg->kda.n_heads, K = cfg->kda.head_dim, HK = H * K;
     struct kda_scratch *sc = j->sc;
 
+    /* Strong decay drives the state and the decay-scaled rows below float's normal range,
+     * where every multiply takes a microcode assist: flushed to zero here (30% of a prefill
+     * on the synthetic model), and the caller's mode restored after. */
+    unsigned long fpm = ops_ftz_begin();
     /* Items are (sequence, head) pairs. */
     for (int64_t i = h0; i < h1; i++) {
         int64_t sq = i / H, h = i % H, r0 = sq * j->T;
@@ -274,6 +318,7 @@ kda_heads_range(void *ctx, int64_t h0, int64_t h1, int ith)
             kda_chunked(j->T, K, K, q, k, v, g, beta, HK, HK, H, S, o, HK,
                         sc->chunk + ith * kda_chunk_floats(K, K));
     }
+    ops_ftz_end(fpm);
 }
 
 /* Gated RMSNorm per head: y = rmsnorm(o) * w * sigmoid(gate) (docs/model.md 4.8). */
