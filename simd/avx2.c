@@ -1252,6 +1252,42 @@ avx2_gemm_nn(float *y, int64_t ldy, const float *x, int64_t ldx, const float *B,
     }
 }
 
+/* silu(x) = x sigmoid(x), sigmoid from e = exp(-|x|) as in avx512.c. */
+AVX2_INLINE __m256
+avx2_silu8(__m256 x)
+{
+    __m256 ax = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);
+    __m256 e = avx2_exp_neg(_mm256_sub_ps(_mm256_setzero_ps(), ax));
+    __m256 r = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+    __m256 neg = _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ);
+    r = _mm256_blendv_ps(r, _mm256_mul_ps(r, e), neg);
+    return _mm256_mul_ps(x, r);
+}
+
+static void
+avx2_silu(float *y, const float *x, const float *mul, int64_t n)
+{
+    int64_t i = 0;
+
+    for (; i + 8 <= n; i += 8) {
+        __m256 s = avx2_silu8(_mm256_loadu_ps(x + i));
+        if (mul != NULL)
+            s = _mm256_mul_ps(s, _mm256_loadu_ps(mul + i));
+        _mm256_storeu_ps(y + i, s);
+    }
+    if (i < n) {
+        float tx[8] = {0}, tm[8] = {0}, ty[8];
+        memcpy(tx, x + i, (size_t)(n - i) * sizeof(float));
+        if (mul != NULL)
+            memcpy(tm, mul + i, (size_t)(n - i) * sizeof(float));
+        __m256 s = avx2_silu8(_mm256_loadu_ps(tx));
+        if (mul != NULL)
+            s = _mm256_mul_ps(s, _mm256_loadu_ps(tm));
+        _mm256_storeu_ps(ty, s);
+        memcpy(y + i, ty, (size_t)(n - i) * sizeof(float));
+    }
+}
+
 static const struct kli_kernels avx2_table = {
     .name = "avx2",
     .matmul = {
@@ -1265,6 +1301,7 @@ static const struct kli_kernels avx2_table = {
     .dot_decay = avx2_dot_decay,
     .mul_decay = avx2_mul_decay,
     .gemm_nn = avx2_gemm_nn,
+    .silu = avx2_silu,
     .axpy = avx2_axpy,
     .scale = avx2_scale,
     .to_f32 = avx2_to_f32,

@@ -1262,6 +1262,38 @@ avx512_gemm_nn(float *y, int64_t ldy, const float *x, int64_t ldx, const float *
     }
 }
 
+/* silu(x) = x sigmoid(x); with e = exp(-|x|) in (0, 1], sigmoid is 1/(1+e) for x >= 0 and
+ * e/(1+e) below, so only exp of a non-positive argument is needed. */
+AVX512_INLINE __m512
+avx512_silu16(__m512 x)
+{
+    __m512 e = avx512_exp_neg(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(x)));
+    __m512 r = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+    __mmask16 neg = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
+    r = _mm512_mask_mul_ps(r, neg, r, e);
+    return _mm512_mul_ps(x, r);
+}
+
+static void
+avx512_silu(float *y, const float *x, const float *mul, int64_t n)
+{
+    int64_t i = 0;
+
+    for (; i + 16 <= n; i += 16) {
+        __m512 s = avx512_silu16(_mm512_loadu_ps(x + i));
+        if (mul != NULL)
+            s = _mm512_mul_ps(s, _mm512_loadu_ps(mul + i));
+        _mm512_storeu_ps(y + i, s);
+    }
+    if (i < n) {
+        __mmask16 k = (__mmask16)((1u << (n - i)) - 1u);
+        __m512 s = avx512_silu16(_mm512_maskz_loadu_ps(k, x + i));
+        if (mul != NULL)
+            s = _mm512_mul_ps(s, _mm512_maskz_loadu_ps(k, mul + i));
+        _mm512_mask_storeu_ps(y + i, k, s);
+    }
+}
+
 static const struct kli_kernels avx512_table = {
     .name = "avx512",
     .matmul = {
@@ -1275,6 +1307,7 @@ static const struct kli_kernels avx512_table = {
     .dot_decay = avx512_dot_decay,
     .mul_decay = avx512_mul_decay,
     .gemm_nn = avx512_gemm_nn,
+    .silu = avx512_silu,
     .axpy = avx512_axpy,
     .scale = avx512_scale,
     .to_f32 = avx512_to_f32,

@@ -63,6 +63,8 @@ dispatch_init(void)
         dispatch_merged.mul_decay = gen->mul_decay;
     if (dispatch_merged.gemm_nn == NULL)
         dispatch_merged.gemm_nn = gen->gemm_nn;
+    if (dispatch_merged.silu == NULL)
+        dispatch_merged.silu = gen->silu;
     if (dispatch_merged.axpy == NULL)
         dispatch_merged.axpy = gen->axpy;
     if (dispatch_merged.scale == NULL)

@@ -53,6 +53,15 @@ gen_gemm_nn(float *y, int64_t ldy, const float *x, int64_t ldx, const float *B, 
 }
 
 static void
+gen_silu(float *y, const float *x, const float *mul, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++) {
+        float s = x[i] / (1.0f + expf(-x[i]));
+        y[i] = mul != NULL ? s * mul[i] : s;
+    }
+}
+
+static void
 gen_axpy(float *y, float a, const float *x, int64_t n)
 {
     for (int64_t i = 0; i < n; i++)
@@ -164,6 +173,7 @@ static const struct kli_kernels gen_table = {
     .dot_decay = gen_dot_decay,
     .mul_decay = gen_mul_decay,
     .gemm_nn = gen_gemm_nn,
+    .silu = gen_silu,
     .axpy = gen_axpy,
     .scale = gen_scale,
     .to_f32 = kli_dtype_to_f32,

@@ -4,6 +4,7 @@
 #include "config.h"
 
 #include "ffn.h"
+#include "simd.h"
 #include "ops.h"
 #include "threads.h"
 
@@ -18,8 +19,7 @@ swiglu_range(void *ctx, int64_t i0, int64_t i1, int ith)
     struct swiglu_job *j = ctx;
 
     (void)ith;
-    for (int64_t i = i0; i < i1; i++)
-        j->h1[i] = ops_silu(j->h1[i]) * j->h3[i];
+    kli_kernels()->silu(j->h1 + i0, j->h1 + i0, j->h3 + i0, i1 - i0);
 }
 
 void

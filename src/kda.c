@@ -224,6 +224,7 @@ static void
 kda_conv_range(void *ctx, int64_t c0, int64_t c1, int ith)
 {
     struct kda_job *j = ctx;
+    const struct kli_kernels *kk = kli_kernels();
     const struct kli_config *cfg = &j->m->cfg;
     int64_t HK = (int64_t)cfg->kda.n_heads * cfg->kda.head_dim, Wn = cfg->kda.conv_size;
     int64_t T = j->T;
@@ -235,20 +236,36 @@ kda_conv_range(void *ctx, int64_t c0, int64_t c1, int ith)
             float *y = j->sc->qkv[p] + sq * T * HK;
             float *state = j->st[sq]->conv + (int64_t)p * HK * (Wn - 1);
             const float *wts = j->w->conv[p];
-            for (int64_t c = c0; c < c1; c++) {
-                const float *wc = wts + c * Wn;
-                float *sc = state + c * (Wn - 1);
-                for (int64_t t = 0; t < T; t++) {
-                    /* input at time t - (Wn-1) + i: from the state if before this call */
-                    float a = 0.0f;
-                    for (int64_t i = 0; i < Wn; i++) {
-                        int64_t tt = t - (Wn - 1) + i;
-                        float in = tt >= 0 ? raw[tt * HK + c] : sc[(Wn - 1) + tt];
-                        a += wc[i] * in;
+            /* Row by row over the channels, so every read of raw and y is contiguous (a
+             * column walk strides a whole row per token). The first W-1 tokens reach back
+             * into the state. */
+            for (int64_t t = 0; t < T; t++) {
+                float *yt = y + t * HK;
+                if (t >= Wn - 1) {
+                    const float *in0 = raw + (t - (Wn - 1)) * HK;
+                    for (int64_t c = c0; c < c1; c++) {
+                        const float *wc = wts + c * Wn;
+                        float a = 0.0f;
+                        for (int64_t i = 0; i < Wn; i++)
+                            a += wc[i] * in0[i * HK + c];
+                        yt[c] = a;
                     }
-                    y[t * HK + c] = ops_silu(a);
+                } else {
+                    for (int64_t c = c0; c < c1; c++) {
+                        const float *wc = wts + c * Wn, *sc = state + c * (Wn - 1);
+                        float a = 0.0f;
+                        for (int64_t i = 0; i < Wn; i++) {
+                            int64_t tt = t - (Wn - 1) + i;
+                            a += wc[i] * (tt >= 0 ? raw[tt * HK + c] : sc[(Wn - 1) + tt]);
+                        }
+                        yt[c] = a;
+                    }
                 }
-                /* New state: the last W-1 inputs of (old state ++ raw). */
+                kk->silu(yt + c0, yt + c0, NULL, c1 - c0);
+            }
+            /* New state: the last W-1 inputs of (old state ++ raw). */
+            for (int64_t c = c0; c < c1; c++) {
+                float *sc = state + c * (Wn - 1);
                 for (int64_t i = 0; i < Wn - 1; i++) {
                     int64_t tt = T - (Wn - 1) + i;
                     sc[i] = tt >= 0 ? raw[tt * HK + c] : sc[(Wn - 1) + tt];

@@ -407,6 +407,57 @@ test_gemm_nn(const struct kli_kernels *kt)
        "(k/8+4) 2^-22 sum|xB| (worst %.2g)", kt->name, worst);
 }
 
+/* ---- silu: x / (1 + e^-x), times mul or not, in place or not -------------------------------- */
+
+static void
+test_silu(const struct kli_kernels *kt)
+{
+    int bad = 0;
+    double worst = 0.0;
+
+    for (int trial = 0; trial < 300; trial++) {
+        int64_t n = trial < 40 ? trial : rng_int(0, 600);
+        float *x = xmalloc((size_t)(n + 1) * 4), *m = xmalloc((size_t)(n + 1) * 4);
+        float *y = xmalloc((size_t)(n + 1) * 4);
+        /* from tiny to past exp's range both ways */
+        float scale = trial % 4 == 0 ? 200.0f : trial % 4 == 1 ? 1e-3f : 8.0f;
+
+        for (int64_t i = 0; i <= n; i++) {
+            x[i] = rng_float() * scale;
+            m[i] = rng_float();
+            y[i] = 12345.0f;
+        }
+        int withmul = trial % 2, inplace = trial % 3 == 0;
+        if (inplace)
+            memcpy(y, x, (size_t)n * 4);
+        kt->silu(y, inplace ? y : x, withmul ? m : NULL, n);
+        for (int64_t i = 0; i < n; i++) {
+            double xv = x[i], want = xv / (1.0 + exp(-xv)) * (withmul ? m[i] : 1.0);
+            double err = fabs(y[i] - want);
+            /* exp(-|x|) below float's normal range may stop at the smallest normal float, so
+             * past x = -87 the result may be up to 2 |x| FLT_MIN instead of a denormal */
+            if (err > 8 * ldexp(1.0, -23) * fabs(want) + 2 * fabs(xv) * ldexp(1.0, -126) +
+                      1e-38) {
+                if (!bad)
+                    diag("%s silu x=%.9g: got %.9g want %.9g", kt->name, x[i], y[i], want);
+                bad = 1;
+            }
+            if (fabs(want) > 1e-30 && err / fabs(want) > worst)
+                worst = err / fabs(want);
+        }
+        if (y[n] != 12345.0f) {
+            if (!bad)
+                diag("%s silu n=%lld wrote past the end", kt->name, (long long)n);
+            bad = 1;
+        }
+        free(x);
+        free(m);
+        free(y);
+    }
+    ok(!bad, "%s silu: within 8 ulp for |x| up to 200, with and without mul, in place "
+       "(worst %.2g)", kt->name, worst);
+}
+
 /* ---- matmul --------------------------------------------------------------------------------- */
 
 struct mm_case {
@@ -590,9 +641,9 @@ main(void)
             if (strcmp(all[i]->name, variants[v]) == 0)
                 use[v] = all[i];
         }
-        /* to_f32 per dtype, dot/axpy/scale, dot_decay, mul_decay, gemm_nn, matmul per computable
-         * dtype */
-        count += use[v] ? KLI_DT_COUNT + 6 + KLI_DT_OTHER : 1;
+        /* to_f32 per dtype, dot/axpy/scale, dot_decay, mul_decay, gemm_nn, silu, matmul per
+         * computable dtype */
+        count += use[v] ? KLI_DT_COUNT + 7 + KLI_DT_OTHER : 1;
     }
     plan(count);
     for (int v = 0; v < 3; v++) {
@@ -605,6 +656,7 @@ main(void)
         test_dot_decay(use[v]);
         test_mul_decay(use[v]);
         test_gemm_nn(use[v]);
+        test_silu(use[v]);
         test_matmul(use[v], kli_kernels_generic());
     }
     return tap_exit();
