@@ -1257,10 +1257,13 @@ AVX2_INLINE __m256
 avx2_silu8(__m256 x)
 {
     __m256 ax = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);
-    __m256 e = avx2_exp_neg(_mm256_sub_ps(_mm256_setzero_ps(), ax));
+    /* past -80 the result is below 1e-33: zero, and no denormal ever enters the arithmetic */
+    __m256 e = avx2_exp_neg(_mm256_max_ps(_mm256_sub_ps(_mm256_setzero_ps(), ax),
+                                          _mm256_set1_ps(-80.0f)));
     __m256 r = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_add_ps(_mm256_set1_ps(1.0f), e));
     __m256 neg = _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ);
     r = _mm256_blendv_ps(r, _mm256_mul_ps(r, e), neg);
+    r = _mm256_and_ps(r, _mm256_cmp_ps(x, _mm256_set1_ps(-80.0f), _CMP_GE_OQ));
     return _mm256_mul_ps(x, r);
 }
 

@@ -1267,10 +1267,13 @@ avx512_gemm_nn(float *y, int64_t ldy, const float *x, int64_t ldx, const float *
 AVX512_INLINE __m512
 avx512_silu16(__m512 x)
 {
-    __m512 e = avx512_exp_neg(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(x)));
+    /* past -80 the result is below 1e-33: zero, and no denormal ever enters the arithmetic */
+    __m512 e = avx512_exp_neg(_mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(x)),
+                                            _mm512_set1_ps(-80.0f)));
     __m512 r = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(_mm512_set1_ps(1.0f), e));
     __mmask16 neg = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
     r = _mm512_mask_mul_ps(r, neg, r, e);
+    r = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-80.0f), _CMP_GE_OQ), r);
     return _mm512_mul_ps(x, r);
 }
 

@@ -44,7 +44,8 @@ struct kli_kernels {
     void (*gemm_nn)(float *y, int64_t ldy, const float *x, int64_t ldx, const float *B,
                     int64_t ldb, int64_t m, int64_t n, int64_t k, float alpha, int acc);
     /* y[i] = silu(x[i]) * (mul ? mul[i] : 1), silu(x) = x / (1 + exp(-x)), i < n (y may alias
-     * x or mul): the SwiGLU gate and the KDA short convolution's activation */
+     * x or mul): the SwiGLU gate and the KDA short convolution's activation. Below x = -80
+     * (|silu| < 1e-33) the result may be zero. */
     void (*silu)(float *y, const float *x, const float *mul, int64_t n);
     /* dst[i] = float(src[i]) for n elements of dtype dt (whole blocks) */
     void (*to_f32)(enum kli_dtype dt, const void *src, float *dst, int64_t n);

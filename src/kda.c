@@ -318,11 +318,9 @@ kda_heads_range(void *ctx, int64_t h0, int64_t h1, int ith)
     int64_t H = cfg->kda.n_heads, K = cfg->kda.head_dim, HK = H * K;
     struct kda_scratch *sc = j->sc;
 
-    /* Strong decay drives the state and the decay-scaled rows below float's normal range,
-     * where every multiply takes a microcode assist: flushed to zero here (30% of a prefill
-     * on the synthetic model), and the caller's mode restored after. */
-    unsigned long fpm = ops_ftz_begin();
-    /* Items are (sequence, head) pairs. */
+    /* Items are (sequence, head) pairs. (Strong decay drives the state and the decay-scaled
+     * rows below float's normal range: threads_parallel_for runs every range with denormals
+     * flushed to zero.) */
     for (int64_t i = h0; i < h1; i++) {
         int64_t sq = i / H, h = i % H, r0 = sq * j->T;
         const float *q = sc->qkv[0] + r0 * HK + h * K, *k = sc->qkv[1] + r0 * HK + h * K;
@@ -335,7 +333,6 @@ kda_heads_range(void *ctx, int64_t h0, int64_t h1, int ith)
             kda_chunked(j->T, K, K, q, k, v, g, beta, HK, HK, H, S, o, HK,
                         sc->chunk + ith * kda_chunk_floats(K, K));
     }
-    ops_ftz_end(fpm);
 }
 
 /* Gated RMSNorm per head: y = rmsnorm(o) * w * sigmoid(gate) (docs/model.md 4.8). */
