@@ -93,3 +93,31 @@ kli_cpu_features(void)
     pthread_once(&cpu_once, cpu_init);
     return &cpu_features;
 }
+
+unsigned long
+kli_fp_flush_begin(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    unsigned long m = __builtin_ia32_stmxcsr();
+    __builtin_ia32_ldmxcsr((unsigned)(m | 0x8040u));   /* FTZ (bit 15) and DAZ (bit 6) */
+    return m;
+#elif defined(__aarch64__)
+    unsigned long m = __builtin_aarch64_get_fpcr64();
+    __builtin_aarch64_set_fpcr64(m | (1ul << 24));       /* FZ */
+    return m;
+#else
+    return 0;
+#endif
+}
+
+void
+kli_fp_flush_end(unsigned long mode)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_ldmxcsr((unsigned)mode);
+#elif defined(__aarch64__)
+    __builtin_aarch64_set_fpcr64(mode);
+#else
+    (void)mode;
+#endif
+}

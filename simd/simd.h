@@ -65,6 +65,13 @@ const struct kli_kernels *kli_kernels_avx2(void);
 const struct kli_kernels *kli_kernels_avx512(void);
 const struct kli_kernels *kli_kernels_neon(void);
 
+/* Flush-to-zero for the calling thread until kli_fp_flush_end: results and operands below
+ * float's normal range become zero instead of taking a slow microcode path (x86 MXCSR FTZ
+ * and DAZ, AArch64 FPCR.FZ; elsewhere nothing changes). src/threads.c wraps every parallel
+ * range in it. @return the mode to restore. */
+unsigned long kli_fp_flush_begin(void);
+void kli_fp_flush_end(unsigned long mode);
+
 /* CPU features (cpu.c), with the OS support check for the vector state. */
 struct kli_cpu_features {
     int avx2, fma, f16c;

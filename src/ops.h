@@ -39,37 +39,6 @@ void ops_softmax(float *x, int64_t n);
 /* Reads row `id` of an embedding-like tensor into float. */
 void ops_row_f32(const struct kli_tensor *t, int64_t id, float *out);
 
-/* Flush-to-zero for this thread until ops_ftz_end: results and operands below float's
- * normal range become zero instead of taking a slow microcode path (x86 MXCSR FTZ and DAZ,
- * AArch64 FPCR.FZ; elsewhere nothing changes). @return the mode to restore. */
-static inline unsigned long
-ops_ftz_begin(void)
-{
-#if defined(__SSE__) || defined(__x86_64__)
-    unsigned long m = __builtin_ia32_stmxcsr();
-    __builtin_ia32_ldmxcsr((unsigned)(m | 0x8040u));
-    return m;
-#elif defined(__aarch64__)
-    unsigned long m = __builtin_aarch64_get_fpcr64();
-    __builtin_aarch64_set_fpcr64(m | (1ul << 24));
-    return m;
-#else
-    return 0;
-#endif
-}
-
-static inline void
-ops_ftz_end(unsigned long m)
-{
-#if defined(__SSE__) || defined(__x86_64__)
-    __builtin_ia32_ldmxcsr((unsigned)m);
-#elif defined(__aarch64__)
-    __builtin_aarch64_set_fpcr64(m);
-#else
-    (void)m;
-#endif
-}
-
 static inline float
 ops_sigmoid(float x)
 {

@@ -24,7 +24,7 @@
 #include <cblas.h>
 #endif
 
-#include "ops.h"
+#include "simd.h"
 #include "threads.h"
 
 static int threads_n;
@@ -193,10 +193,10 @@ threads_parallel_for(int64_t n, int64_t grain, kli_range_fn fn, void *ctx)
             if (threads_tls_gen != threads_gen || threads_tls_slot != ith)
                 threads_place(ith);
             int64_t i0 = n * ith / tn, i1 = n * (ith + 1) / tn;
-            unsigned long fpm = ops_ftz_begin();
+            unsigned long fpm = kli_fp_flush_begin();
             if (i1 > i0)
                 fn(ctx, i0, i1, ith);
-            ops_ftz_end(fpm);
+            kli_fp_flush_end(fpm);
         }
         return;
     }
@@ -206,7 +206,7 @@ threads_parallel_for(int64_t n, int64_t grain, kli_range_fn fn, void *ctx)
     if (threads_tls_gen != threads_gen || threads_tls_slot != 0)
         threads_place(0);
 #endif
-    unsigned long fpm = ops_ftz_begin();
+    unsigned long fpm = kli_fp_flush_begin();
     fn(ctx, 0, n, 0);
-    ops_ftz_end(fpm);
+    kli_fp_flush_end(fpm);
 }
