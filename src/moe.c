@@ -12,10 +12,12 @@
 #include <string.h>
 
 #include "backend.h"
+#include "internal.h"
 #include "ffn.h"
 #include "moe.h"
 #include "ops.h"
 #include "simd.h"
+#include "threads.h"
 #include "xcache.h"
 
 /* Index of the largest value among the n with keep[i] set; ties to the lowest index. */
@@ -164,6 +166,185 @@ moe_experts_cached(const struct kli_model *m, const struct kli_moe_w *w,
     return KLI_OK;
 }
 
+/* ---- the grouped path: every expert of a layer in two parallel regions -------------------
+ *
+ * Decode and batched decode give each chosen expert one or a few tokens, so the per-expert
+ * path below meets the workers at two barriers per expert (gate+up+SwiGLU, then down): 18
+ * per layer for one token, ~84 for eight sequences. Here the rows of all experts are one
+ * index space: region 1 computes gate, up and SwiGLU for every (expert, hidden row range),
+ * region 2 the down projection for every (expert, output row range), each pair's rows
+ * gathered once. The outputs are then added in the per-expert path's order (shared expert,
+ * then routed experts ascending), and each row is computed by the same kernel over the same
+ * data, so the result matches it. */
+#define MOE_GROUP_MAX_T 32       /* tokens up to which a layer takes the grouped path */
+
+struct moe_group {
+    const struct kli_ffn_w *w[KLI_MAX_EXPERTS + 1];
+    int64_t n[KLI_MAX_EXPERTS + 1];     /* tokens of item i */
+    int64_t row[KLI_MAX_EXPERTS + 1];   /* first pair row of item i */
+    int64_t h0[KLI_MAX_EXPERTS + 2];    /* item i's hidden rows: [h0[i], h0[i+1]) */
+    int64_t n_items, D, P, Fmax;
+    int tn;                             /* workers: one range each */
+    float *xg, *h1, *h3, *yg;           /* [P][D], [P][Fmax] x2, [P][D] */
+};
+
+/* Worker ith of tn takes, of every item, the rows that threads_parallel_for(rows, 16, ...)
+ * would give it (ffn_forward and ops_matmul split that way): the float kernels' results
+ * depend on how rows are grouped, and edge mode (and the GPU fallback) computes experts one
+ * at a time, so the same split keeps every path bit-identical. */
+static void
+moe_group_share(int64_t rows, int ith, int tn, int64_t *r0, int64_t *r1)
+{
+    int64_t nth = rows / 16 < tn ? rows / 16 : tn;
+
+    if (nth < 1)
+        nth = 1;
+    *r0 = *r1 = 0;
+    if (ith < nth) {
+        *r0 = rows * ith / nth;
+        *r1 = rows * (ith + 1) / nth;
+    }
+}
+
+static void
+moe_group_up_range(void *ctx, int64_t t0, int64_t t1, int ith)
+{
+    const struct moe_group *g = ctx;
+    const struct kli_kernels *kk = kli_kernels();
+
+    (void)t1;
+    for (int64_t i = 0; i < g->n_items; i++) {
+        int64_t r0, r1;
+        moe_group_share(g->h0[i + 1] - g->h0[i], (int)t0, g->tn, &r0, &r1);
+        if (r1 <= r0)
+            continue;
+        const float *xi = g->xg + g->row[i] * g->D;
+        float *h1 = g->h1 + g->row[i] * g->Fmax, *h3 = g->h3 + g->row[i] * g->Fmax;
+        ops_matmul_rows(&g->w[i]->gate, r0, r1, xi, g->D, h1, g->Fmax, g->n[i]);
+        ops_matmul_rows(&g->w[i]->up, r0, r1, xi, g->D, h3, g->Fmax, g->n[i]);
+        for (int64_t t = 0; t < g->n[i]; t++)
+            kk->silu(h1 + t * g->Fmax + r0, h1 + t * g->Fmax + r0, h3 + t * g->Fmax + r0,
+                     r1 - r0);
+    }
+    (void)ith;
+}
+
+static void
+moe_group_down_range(void *ctx, int64_t t0, int64_t t1, int ith)
+{
+    const struct moe_group *g = ctx;
+    int64_t r0, r1;
+
+    (void)t1;
+    (void)ith;
+    moe_group_share(g->D, (int)t0, g->tn, &r0, &r1);
+    if (r1 <= r0)
+        return;
+    for (int64_t i = 0; i < g->n_items; i++)
+        ops_matmul_rows(&g->w[i]->down, r0, r1, g->h1 + g->row[i] * g->Fmax, g->Fmax,
+                        g->yg + g->row[i] * g->D, g->D, g->n[i]);
+}
+
+/* @return 0 when the layer was computed here, -1 to take the per-expert path (too many
+ * tokens, or no memory for the pair rows). */
+static int
+moe_grouped(const struct kli_model *m, const struct kli_moe_w *w, struct moe_scratch *sc,
+            const float *x, int64_t T, float *out)
+{
+    const struct kli_config_moe *c = &m->cfg.moe;
+    const struct kli_kernels *kk = kli_kernels();
+    int64_t D = m->cfg.d_model, E = c->n_experts, K = c->top_k;
+    struct moe_group g;
+
+    if (T > MOE_GROUP_MAX_T)
+        return -1;
+    g.D = D;
+    g.n_items = 0;
+    g.P = 0;
+    g.Fmax = 0;
+    g.h0[0] = 0;
+    if (c->n_shared > 0 && w->shared.gate.dtype == KLI_DT_F32 && T >= OPS_GEMM_MIN_ROWS)
+        return -1;
+    if (c->n_shared > 0) {
+        g.w[0] = &w->shared;
+        g.n[0] = T;
+        g.row[0] = 0;
+        g.P = T;
+        g.h0[1] = w->shared.gate.shape[0];
+        g.Fmax = w->shared.gate.shape[0];
+        g.n_items = 1;
+    }
+    for (int64_t e = 0; e < E; e++) {
+        int32_t n = sc->count[e + 1] - sc->count[e];
+        if (n == 0)
+            continue;
+        if (w->experts[e].gate.dtype == KLI_DT_F32 && n >= OPS_GEMM_MIN_ROWS)
+            return -1;   /* the per-expert path multiplies these with SGEMM */
+        int64_t i = g.n_items++;
+        g.w[i] = &w->experts[e];
+        g.n[i] = n;
+        g.row[i] = g.P;
+        g.P += n;
+        int64_t F = w->experts[e].gate.shape[0];
+        g.h0[i + 1] = g.h0[i] + F;
+        g.Fmax = F > g.Fmax ? F : g.Fmax;
+    }
+    if (g.n_items == 0) {
+        memset(out, 0, (size_t)(T * D) * sizeof(float));
+        return 0;
+    }
+    /* rows: x and y [P][D], h1 and h3 [P][Fmax] */
+    int64_t need = g.P * (2 * D + 2 * g.Fmax);
+    if (sc->gcap < need) {
+        int64_t cap = MOE_GROUP_MAX_T * (K + c->n_shared + 1) * (2 * D + 2 * g.Fmax);
+        float *p = kli_malloc_aligned((size_t)(cap > need ? cap : need) * sizeof(float));
+        if (p == NULL)
+            return -1;
+        kli_free_aligned(sc->gbuf);
+        sc->gbuf = p;
+        sc->gcap = cap > need ? cap : need;
+    }
+    g.xg = sc->gbuf;
+    g.yg = g.xg + g.P * D;
+    g.h1 = g.yg + g.P * D;
+    g.h3 = g.h1 + g.P * g.Fmax;
+    int64_t it = 0;
+    if (c->n_shared > 0) {
+        memcpy(g.xg, x, (size_t)(T * D) * sizeof(float));
+        it = 1;
+    }
+    for (int64_t e = 0; e < E; e++) {
+        int32_t n = sc->count[e + 1] - sc->count[e];
+        const int32_t *ord = sc->order + sc->count[e];
+        if (n == 0)
+            continue;
+        for (int32_t j = 0; j < n; j++)
+            memcpy(g.xg + (g.row[it] + j) * D, x + (ord[j] / K) * D, (size_t)D * sizeof(float));
+        it++;
+    }
+    g.tn = threads_count();
+    threads_parallel_for(g.tn, 1, moe_group_up_range, &g);
+    threads_parallel_for(g.tn, 1, moe_group_down_range, &g);
+
+    /* the shared expert's rows are the first T (or zeros), then each routed expert adds its
+     * weighted rows, ascending */
+    if (c->n_shared > 0)
+        memcpy(out, g.yg, (size_t)(T * D) * sizeof(float));
+    else
+        memset(out, 0, (size_t)(T * D) * sizeof(float));
+    it = c->n_shared > 0 ? 1 : 0;
+    for (int64_t e = 0; e < E; e++) {
+        int32_t n = sc->count[e + 1] - sc->count[e];
+        const int32_t *ord = sc->order + sc->count[e];
+        if (n == 0)
+            continue;
+        for (int32_t j = 0; j < n; j++)
+            kk->axpy(out + (ord[j] / K) * D, sc->wt[ord[j]], g.yg + (g.row[it] + j) * D, D);
+        it++;
+    }
+    return 0;
+}
+
 int
 moe_forward(const struct kli_model *m, const struct kli_moe_w *w, struct moe_scratch *sc,
             const float *x, int64_t T, float *out, struct kli_err *err)
@@ -196,6 +377,8 @@ moe_forward(const struct kli_model *m, const struct kli_moe_w *w, struct moe_scr
      * GPU (backend.c) it takes the shared expert and the resident (hot) routed experts while
      * the CPU computes the others; if it fails, the CPU computes its share afterwards. */
     int gpu = sc->gpu != NULL && backend_moe_launch(sc->gpu, sc->layer, sc, x, T) == 0;
+    if (!gpu && moe_grouped(m, w, sc, x, T, out) == 0)
+        return KLI_OK;
     if (c->n_shared > 0 && !gpu)
         ffn_forward(&w->shared, x, T, out, sc->h1, sc->h3);
     else

@@ -17,6 +17,9 @@ struct moe_scratch {
     float *xe;        /* [T][d_model] the tokens of one expert, gathered */
     float *ye;        /* [T][d_model] */
     float *h1, *h3;   /* [T][max d_ff] */
+    float *gbuf;      /* grouped path (moe.c): x, hidden (2) and output rows of every
+                         (expert, token) pair, allocated on first use; NULL: none yet */
+    int64_t gcap;     /* pairs gbuf holds */
     struct backend_sess *gpu;   /* device state for this pass, or NULL */
     int layer;                  /* the layer being run, for gpu */
 };

@@ -61,6 +61,7 @@ kli_session_free(struct kli_session *s)
                      s->moe_sc.h1, s->moe_sc.h3};
     for (size_t i = 0; i < KLI_ARRAY_LEN(bufs); i++)
         kli_free_aligned(bufs[i]);
+    kli_free_aligned(s->moe_sc.gbuf);
     free(s->moe_sc.idx);
     free(s->moe_sc.order);
     free(s->moe_sc.count);
