@@ -354,6 +354,36 @@ kda_outnorm_range(void *ctx, int64_t i0, int64_t i1, int ith)
     (void)H;
 }
 
+/* Rows up to which a KDA layer fuses its small products into fewer parallel regions. */
+#define KDA_FUSE_MAX_T 32
+
+struct kda_fused {
+    struct kda_job *j;
+    struct ops_mm up[2];      /* f_b and g_b */
+    int tn;
+};
+
+/* Worker t0's share of the convolution's channels and of both up-projections' rows. */
+static void
+kda_fused_range(void *ctx, int64_t t0, int64_t t1, int ith)
+{
+    struct kda_fused *f = ctx;
+    const struct kli_config *cfg = &f->j->m->cfg;
+    int64_t HK = (int64_t)cfg->kda.n_heads * cfg->kda.head_dim, c0, c1;
+
+    (void)t1;
+    ops_share(HK, 64, (int)t0, f->tn, &c0, &c1);
+    if (c1 > c0)
+        kda_conv_range(f->j, c0, c1, ith);
+    for (int i = 0; i < 2; i++) {
+        int64_t r0, r1;
+        ops_share(f->up[i].w->shape[0], 16, (int)t0, f->tn, &r0, &r1);
+        if (r1 > r0)
+            ops_matmul_rows(f->up[i].w, r0, r1, f->up[i].x, f->up[i].ldx, f->up[i].y,
+                            f->up[i].ldy, f->j->T * f->j->n_seq);
+    }
+}
+
 void
 kda_forward(const struct kli_model *m, const struct kli_kda_w *w, struct kda_state *const *st,
             int64_t n_seq, struct kda_scratch *sc, const float *x, int64_t T_seq, float *out)
@@ -363,6 +393,26 @@ kda_forward(const struct kli_model *m, const struct kli_kda_w *w, struct kda_sta
     int64_t rf = w->f_a.shape[0], rg = w->g_a.shape[0], T = n_seq * T_seq;
     struct kda_job j = {m, w, st, n_seq, sc, T_seq};
 
+    if (T <= KDA_FUSE_MAX_T) {
+        /* Decode: few rows, so the barriers between the many small products cost more than
+         * the products. Everything that reads x in one region; the convolution and both
+         * low-rank up-projections in a second; then gates, heads, norm, output as below. */
+        float *low_f = sc->low, *low_g = sc->low + T * rf;
+        const struct ops_mm first[6] = {
+            {&w->q_proj, x, D, sc->raw[0], HK}, {&w->k_proj, x, D, sc->raw[1], HK},
+            {&w->v_proj, x, D, sc->raw[2], HK}, {&w->f_a, x, D, low_f, rf},
+            {&w->b_proj, x, D, sc->beta, H}, {&w->g_a, x, D, low_g, rg},
+        };
+        ops_matmul_multi(first, 6, T);
+        struct kda_fused f = {&j, {{&w->f_b, low_f, rf, sc->g, HK},
+                                   {&w->g_b, low_g, rg, sc->gate, HK}}, threads_count()};
+        threads_parallel_for(f.tn, 1, kda_fused_range, &f);
+        threads_parallel_for(T * H, 4, kda_prep_range, &j);
+        threads_parallel_for(n_seq * H, 1, kda_heads_range, &j);
+        threads_parallel_for(T * H, 4, kda_outnorm_range, &j);
+        ops_matmul(&w->o_proj, sc->o, HK, out, D, T);
+        return;
+    }
     ops_matmul(&w->q_proj, x, D, sc->raw[0], HK, T);
     ops_matmul(&w->k_proj, x, D, sc->raw[1], HK, T);
     ops_matmul(&w->v_proj, x, D, sc->raw[2], HK, T);

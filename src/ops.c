@@ -79,6 +79,50 @@ matmul_sgemm_range(void *ctx, int64_t r0, int64_t r1, int ith)
 #endif
 
 void
+ops_share(int64_t rows, int64_t grain, int ith, int tn, int64_t *r0, int64_t *r1)
+{
+    int64_t nth = rows / grain < tn ? rows / grain : tn;
+
+    if (nth < 1)
+        nth = 1;
+    *r0 = *r1 = 0;
+    if (ith < nth) {
+        *r0 = rows * ith / nth;
+        *r1 = rows * (ith + 1) / nth;
+    }
+}
+
+struct multi_job {
+    const struct ops_mm *mm;
+    int n, tn;
+    int64_t m;
+};
+
+static void
+matmul_multi_range(void *ctx, int64_t t0, int64_t t1, int ith)
+{
+    struct multi_job *j = ctx;
+
+    (void)t1;
+    (void)ith;
+    for (int i = 0; i < j->n; i++) {
+        const struct ops_mm *p = &j->mm[i];
+        int64_t r0, r1;
+        ops_share(p->w->shape[0], 16, (int)t0, j->tn, &r0, &r1);
+        if (r1 > r0)
+            ops_matmul_rows(p->w, r0, r1, p->x, p->ldx, p->y, p->ldy, j->m);
+    }
+}
+
+void
+ops_matmul_multi(const struct ops_mm *mm, int n, int64_t m)
+{
+    struct multi_job j = {mm, n, threads_count(), m};
+
+    threads_parallel_for(j.tn, 1, matmul_multi_range, &j);
+}
+
+void
 ops_matmul(const struct kli_tensor *w, const float *x, int64_t ldx, float *y, int64_t ldy,
            int64_t m)
 {

@@ -18,6 +18,24 @@
 void ops_matmul(const struct kli_tensor *w, const float *x, int64_t ldx, float *y, int64_t ldy,
                 int64_t m);
 
+/* Several products in one parallel region (one barrier instead of n): y[i] = x[i] W[i]^T
+ * for i < n (n <= OPS_MULTI_MAX), each with m rows of x; every worker takes its share of
+ * every matrix's rows. For small products (decode), where the barriers cost more than the
+ * arithmetic. Uses the kernels for every type (no SGEMM). */
+#define OPS_MULTI_MAX 8
+struct ops_mm {
+    const struct kli_tensor *w;
+    const float *x;
+    int64_t ldx;
+    float *y;
+    int64_t ldy;
+};
+void ops_matmul_multi(const struct ops_mm *mm, int n, int64_t m);
+
+/* Worker ith of tn's share [*r0, *r1) of `rows` rows, as threads_parallel_for(rows, grain)
+ * would split them among tn workers (empty when the split uses fewer). */
+void ops_share(int64_t rows, int64_t grain, int ith, int tn, int64_t *r0, int64_t *r1);
+
 /* The same for rows [r0, r1) of W only, on the calling thread. */
 void ops_matmul_rows(const struct kli_tensor *w, int64_t r0, int64_t r1, const float *x,
                      int64_t ldx, float *y, int64_t ldy, int64_t m);

@@ -72,7 +72,7 @@ kli_session_nbytes(const struct kli_session *s)
     const struct kli_config *cfg = &m->cfg;
     uint64_t B = (uint64_t)s->batch_max, D = (uint64_t)cfg->d_model;
     uint64_t H = (uint64_t)cfg->kda.n_heads, K = (uint64_t)cfg->kda.head_dim, HK = H * K;
-    uint64_t low = (uint64_t)(m->kda_rank_f > m->kda_rank_g ? m->kda_rank_f : m->kda_rank_g);
+    uint64_t low = (uint64_t)m->kda_rank_f + (uint64_t)m->kda_rank_g;
     uint64_t Hm = (uint64_t)cfg->mla.n_heads;
     uint64_t dqk = (uint64_t)(cfg->mla.qk_nope_dim + cfg->mla.qk_rope_dim);
     uint64_t stride = (uint64_t)cfg->mla.kv_lora_rank + (uint64_t)cfg->mla.qk_rope_dim;

@@ -142,7 +142,8 @@ kli_session_create(struct kli_session **out, const struct kli_model *m,
 
     int64_t B = s->batch_max, D = cfg->d_model, nl = cfg->n_layers;
     int64_t H = cfg->kda.n_heads, K = cfg->kda.head_dim, HK = H * K;
-    int64_t low = m->kda_rank_f > m->kda_rank_g ? m->kda_rank_f : m->kda_rank_g;
+    /* the low-rank gate inputs: f and g side by side (kda.c fuses them for short batches) */
+    int64_t low = m->kda_rank_f + m->kda_rank_g;
     int64_t Hm = cfg->mla.n_heads, dqk = cfg->mla.qk_nope_dim + cfg->mla.qk_rope_dim;
     int64_t stride = (int64_t)cfg->mla.kv_lora_rank + cfg->mla.qk_rope_dim;
     int64_t E = cfg->moe.n_experts, top = cfg->moe.top_k;
