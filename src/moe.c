@@ -249,7 +249,7 @@ moe_group_down_range(void *ctx, int64_t t0, int64_t t1, int ith)
  * tokens, or no memory for the pair rows). */
 static int
 moe_grouped(const struct kli_model *m, const struct kli_moe_w *w, struct moe_scratch *sc,
-            const float *x, int64_t T, float *out)
+            const float *x, int64_t T, float *out, int gpu)
 {
     const struct kli_config_moe *c = &m->cfg.moe;
     const struct kli_kernels *kk = kli_kernels();
@@ -263,9 +263,11 @@ moe_grouped(const struct kli_model *m, const struct kli_moe_w *w, struct moe_scr
     g.P = 0;
     g.Fmax = 0;
     g.h0[0] = 0;
-    if (c->n_shared > 0 && w->shared.gate.dtype == KLI_DT_F32 && T >= OPS_GEMM_MIN_ROWS)
+    /* with the GPU working on the shared and the hot experts, only the cold ones are ours */
+    int shared = c->n_shared > 0 && !gpu;
+    if (shared && w->shared.gate.dtype == KLI_DT_F32 && T >= OPS_GEMM_MIN_ROWS)
         return -1;
-    if (c->n_shared > 0) {
+    if (shared) {
         g.w[0] = &w->shared;
         g.n[0] = T;
         g.row[0] = 0;
@@ -276,7 +278,7 @@ moe_grouped(const struct kli_model *m, const struct kli_moe_w *w, struct moe_scr
     }
     for (int64_t e = 0; e < E; e++) {
         int32_t n = sc->count[e + 1] - sc->count[e];
-        if (n == 0)
+        if (n == 0 || (gpu && backend_moe_hot(sc->gpu, sc->layer, (int32_t)e)))
             continue;
         if (w->experts[e].gate.dtype == KLI_DT_F32 && n >= OPS_GEMM_MIN_ROWS)
             return -1;   /* the per-expert path multiplies these with SGEMM */
@@ -309,14 +311,14 @@ moe_grouped(const struct kli_model *m, const struct kli_moe_w *w, struct moe_scr
     g.h1 = g.yg + g.P * D;
     g.h3 = g.h1 + g.P * g.Fmax;
     int64_t it = 0;
-    if (c->n_shared > 0) {
+    if (shared) {
         memcpy(g.xg, x, (size_t)(T * D) * sizeof(float));
         it = 1;
     }
     for (int64_t e = 0; e < E; e++) {
         int32_t n = sc->count[e + 1] - sc->count[e];
         const int32_t *ord = sc->order + sc->count[e];
-        if (n == 0)
+        if (n == 0 || (gpu && backend_moe_hot(sc->gpu, sc->layer, (int32_t)e)))
             continue;
         for (int32_t j = 0; j < n; j++)
             memcpy(g.xg + (g.row[it] + j) * D, x + (ord[j] / K) * D, (size_t)D * sizeof(float));
@@ -328,15 +330,15 @@ moe_grouped(const struct kli_model *m, const struct kli_moe_w *w, struct moe_scr
 
     /* the shared expert's rows are the first T (or zeros), then each routed expert adds its
      * weighted rows, ascending */
-    if (c->n_shared > 0)
+    if (shared)
         memcpy(out, g.yg, (size_t)(T * D) * sizeof(float));
     else
         memset(out, 0, (size_t)(T * D) * sizeof(float));
-    it = c->n_shared > 0 ? 1 : 0;
+    it = shared ? 1 : 0;
     for (int64_t e = 0; e < E; e++) {
         int32_t n = sc->count[e + 1] - sc->count[e];
         const int32_t *ord = sc->order + sc->count[e];
-        if (n == 0)
+        if (n == 0 || (gpu && backend_moe_hot(sc->gpu, sc->layer, (int32_t)e)))
             continue;
         for (int32_t j = 0; j < n; j++)
             kk->axpy(out + (ord[j] / K) * D, sc->wt[ord[j]], g.yg + (g.row[it] + j) * D, D);
@@ -377,13 +379,22 @@ moe_forward(const struct kli_model *m, const struct kli_moe_w *w, struct moe_scr
      * GPU (backend.c) it takes the shared expert and the resident (hot) routed experts while
      * the CPU computes the others; if it fails, the CPU computes its share afterwards. */
     int gpu = sc->gpu != NULL && backend_moe_launch(sc->gpu, sc->layer, sc, x, T) == 0;
-    if (!gpu && moe_grouped(m, w, sc, x, T, out) == 0)
-        return KLI_OK;
-    if (c->n_shared > 0 && !gpu)
+    int first = 0;
+    if (moe_grouped(m, w, sc, x, T, out, gpu) == 0) {
+        /* the CPU's share is done: wait for the GPU's, or on its failure compute that too */
+        if (!gpu || backend_moe_wait(sc->gpu, sc->layer, out) == 0)
+            return KLI_OK;
+        if (c->n_shared > 0) {
+            ffn_forward(&w->shared, x, T, sc->ye, sc->h1, sc->h3);
+            kk->axpy(out, 1.0f, sc->ye, T * D);
+        }
+        first = 1;
+    } else if (c->n_shared > 0 && !gpu) {
         ffn_forward(&w->shared, x, T, out, sc->h1, sc->h3);
-    else
+    } else {
         memset(out, 0, (size_t)(T * D) * sizeof(float));
-    for (int pass = 0; pass < 2; pass++) {
+    }
+    for (int pass = first; pass < 2; pass++) {
         for (int64_t e = 0; e < E; e++) {
             int32_t n = sc->count[e + 1] - sc->count[e];
             const int32_t *ord = sc->order + sc->count[e];
