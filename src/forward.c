@@ -69,8 +69,10 @@ forward_run(struct kli_session *const *ss, int64_t n_seq, const kli_token *tok, 
     int gpu = backend_forward_begin(ss, n_seq, T_seq, gs);
     s->mla_sc.gpu = gpu ? gs : NULL;
     s->moe_sc.gpu = gpu ? gs[0] : NULL;
-    if (m->xc != NULL)
+    if (m->xc != NULL) {
+        xcache_lock(m->xc);   /* sessions of one model take turns with the expert cache */
         xcache_step(m->xc);
+    }
 
     for (int i = 0; i < cfg->n_layers; i++) {
         const struct kli_layer *ly = &m->layers[i];
@@ -101,6 +103,8 @@ forward_run(struct kli_session *const *ss, int64_t n_seq, const kli_token *tok, 
             /* layers before this one have advanced: the state is no longer whole */
             for (int64_t q = 0; q < n_seq; q++)
                 ss[q]->broken = 1;
+            if (m->xc != NULL)
+                xcache_unlock(m->xc);   /* only the cache's reads fail here */
             return err != NULL && err->code != 0 ? err->code : KLI_E_IO;
         }
         t0 = fwd_now();
@@ -124,6 +128,8 @@ forward_run(struct kli_session *const *ss, int64_t n_seq, const kli_token *tok, 
         ss[q]->has_logits = 1;
         ss[q]->pos += (int32_t)T_seq;
     }
+    if (m->xc != NULL)
+        xcache_unlock(m->xc);
     return KLI_OK;
 }
 

@@ -66,6 +66,7 @@ struct xcache {
     int32_t n_files;
 
     pthread_mutex_t mu;
+    pthread_mutex_t pass;     /* held by the forward pass using the cache */
     pthread_cond_t work, done;
     int32_t dq_head, dq_tail, pq_head, pq_tail;   /* demand and prefetch FIFOs, -1 empty */
     int32_t n_prefetching;
@@ -374,6 +375,7 @@ xcache_open(struct xcache **out, const struct kli_model *m, uint64_t budget,
     c->st.n_slots = c->n_slots;
     c->st.n_experts = n_exp;
     pthread_mutex_init(&c->mu, NULL);
+    pthread_mutex_init(&c->pass, NULL);
     pthread_cond_init(&c->work, NULL);
     pthread_cond_init(&c->done, NULL);
     size_t nk = (size_t)c->n_layers * (size_t)c->E;
@@ -465,6 +467,7 @@ xcache_close(struct xcache *c)
     pthread_cond_destroy(&c->work);
     pthread_cond_destroy(&c->done);
     pthread_mutex_destroy(&c->mu);
+    pthread_mutex_destroy(&c->pass);
     free(c->fds);
     free(c->guess);
     free(c->guessed);
@@ -695,4 +698,16 @@ xcache_reset_stats(struct xcache *c)
     c->st.bytes_read = 0;
     c->st.wait_seconds = 0.0;
     pthread_mutex_unlock(&c->mu);
+}
+
+void
+xcache_lock(struct xcache *c)
+{
+    pthread_mutex_lock(&c->pass);
+}
+
+void
+xcache_unlock(struct xcache *c)
+{
+    pthread_mutex_unlock(&c->pass);
 }

@@ -18,8 +18,9 @@
  * Eviction: slots split evenly over the MoE layers, least recently used first within a
  * layer (contrib/tools/xcache-sim.py measures the choice on a real router trace).
  *
- * One forward pass at a time may use a cache (the model's sessions are driven from one
- * thread); the I/O threads are internal.
+ * One forward pass at a time uses a cache: forward_run holds xcache_lock for its whole pass,
+ * so sessions of one model driven from several threads take turns. The I/O threads are
+ * internal.
  */
 #ifndef KLI_XCACHE_H
 #define KLI_XCACHE_H
@@ -62,6 +63,10 @@ void xcache_put(struct xcache *c, int32_t layer, int32_t e);
 void xcache_prefetch(struct xcache *c, int32_t layer, const int32_t *ids, int32_t n);
 
 void xcache_get_stats(const struct xcache *c, struct kli_cache_stats *st);
+
+/* Serializes forward passes over one cache (see above). */
+void xcache_lock(struct xcache *c);
+void xcache_unlock(struct xcache *c);
 void xcache_reset_stats(struct xcache *c);
 
 #endif

@@ -6,10 +6,12 @@
  * every expert hits on a second pass); a budget below the least is refused with the least
  * in the message; load-time conversion and --numa placement are refused; a damaged expert
  * in a .kli is named when first read, leaves the session broken (eval and snapshot refuse)
- * until it is reset, and other experts keep working.
+ * until it is reset, and other experts keep working; two threads driving two sessions of
+ * one edge-mode model at once get the logits each gets alone.
  */
 #include "config.h"
 
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -251,6 +253,76 @@ out:
     unlink(bad);
 }
 
+/* ---- two threads, two sessions, one model with a small cache ---- */
+
+struct runner {
+    struct kli_model *m;
+    float *out;
+    int rc;
+    int offset;    /* each thread feeds ids rotated by this much */
+};
+
+static void *
+runner_main(void *arg)
+{
+    struct runner *r = arg;
+    struct kli_session *s = NULL;
+    struct kli_err err = {0};
+    int32_t V = kli_model_n_vocab(r->m);
+
+    r->rc = kli_session_create(&s, r->m, NULL, &err);
+    for (int i = 0; r->rc == KLI_OK && i < N_IDS; i++) {
+        kli_token t = ids[(i + r->offset) % N_IDS];
+        r->rc = kli_session_eval(s, &t, 1, r->out + (size_t)i * (size_t)V, &err);
+    }
+    kli_session_free(s);
+    return NULL;
+}
+
+static void
+check_threads(const char *path, uint64_t budget)
+{
+    struct kli_model *m = NULL;
+    struct kli_model_options mo;
+    struct kli_err err = {0};
+    struct runner r[2];
+    float *alone[2];
+    pthread_t th[2];
+
+    kli_model_options_init(&mo);
+    mo.mem_budget = budget;
+    mo.gpu = KLI_GPU_OFF;
+    if (!ok(kli_model_open(&m, path, &mo, &err) == KLI_OK, "open for threads: %s", err.msg))
+        return;
+    int32_t V = kli_model_n_vocab(m);
+    for (int k = 0; k < 2; k++) {
+        r[k].m = m;
+        r[k].offset = 17 * k;
+        r[k].out = malloc((size_t)N_IDS * (size_t)V * sizeof(float));
+        alone[k] = malloc((size_t)N_IDS * (size_t)V * sizeof(float));
+    }
+    /* each alone first, then both at once */
+    for (int k = 0; k < 2; k++) {
+        runner_main(&r[k]);
+        memcpy(alone[k], r[k].out, (size_t)N_IDS * (size_t)V * sizeof(float));
+    }
+    for (int k = 0; k < 2; k++)
+        pthread_create(&th[k], NULL, runner_main, &r[k]);
+    for (int k = 0; k < 2; k++)
+        pthread_join(th[k], NULL);
+    int same = 1;
+    for (int k = 0; k < 2; k++)
+        same &= r[k].rc == KLI_OK &&
+                memcmp(alone[k], r[k].out, (size_t)N_IDS * (size_t)V * sizeof(float)) == 0;
+    ok(same, "two threads decoding two sessions of one model under a small budget get the "
+       "logits each gets alone");
+    for (int k = 0; k < 2; k++) {
+        free(r[k].out);
+        free(alone[k]);
+    }
+    kli_model_close(m);
+}
+
 int
 main(void)
 {
@@ -286,6 +358,7 @@ main(void)
     ok(kli_convert(fixture, kli, &co, &err) == KLI_OK, "convert to .kli: %s", err.msg);
     check_edge(kli, ".kli", V, ref);
     check_counters(fixture);
+    check_threads(fixture, least_budget(fixture) + (64u << 10));
     check_refusals(fixture);
     check_damage(kli, dir);
 
