@@ -96,6 +96,18 @@ least=$("$KLI_BIN" info -m "$M" | sed -n 's/^edge mode: *least --mem-budget \([0
     -o "$tmp/least.f32" 2>/dev/null && cmp -s "$tmp/res.f32" "$tmp/least.f32"
 check $? "kli info's least budget ($least bytes) runs, bit-identical"
 
+# A sharded checkpoint (3 files, F32 gate parameters): experts read from every shard.
+S="$tmp/sharded"
+if "$PY" "$REF" make "$S" sharded_f32 3; then
+    sl=$("$KLI_BIN" info -m "$S" | sed -n 's/^edge mode: *least --mem-budget \([0-9]*\) bytes.*/\1/p')
+    "$KLI_BIN" logits --gpu off -m "$S" --chunk 1 --ids "$ids" -o "$tmp/sr.f32" &&
+        "$KLI_BIN" logits --gpu off -m "$S" --chunk 1 --mem-budget "$sl" --ids "$ids" \
+            -o "$tmp/se.f32" 2>/dev/null && cmp -s "$tmp/sr.f32" "$tmp/se.f32"
+    check $? "sharded checkpoint at its least budget ($sl bytes): logits bit-identical"
+else
+    notok "the sharded model could not be written"
+fi
+
 # kli bench: one JSON object per budget with the cache's numbers.
 "$KLI_BIN" bench --gpu off -m "$M" -p 8 -n 8 -r 1 --mem-budget 64M,128M --json >"$tmp/bench.json" 2>/dev/null
 check $? "kli bench --mem-budget 64M,128M"
