@@ -354,9 +354,6 @@ kda_outnorm_range(void *ctx, int64_t i0, int64_t i1, int ith)
     (void)H;
 }
 
-/* Rows up to which a KDA layer fuses its small products into fewer parallel regions. */
-#define KDA_FUSE_MAX_T 32
-
 struct kda_fused {
     struct kda_job *j;
     struct ops_mm up[2];      /* f_b and g_b */
@@ -393,40 +390,21 @@ kda_forward(const struct kli_model *m, const struct kli_kda_w *w, struct kda_sta
     int64_t rf = w->f_a.shape[0], rg = w->g_a.shape[0], T = n_seq * T_seq;
     struct kda_job j = {m, w, st, n_seq, sc, T_seq};
 
-    if (T <= KDA_FUSE_MAX_T) {
-        /* Decode: few rows, so the barriers between the many small products cost more than
-         * the products. Everything that reads x in one region; the convolution and both
-         * low-rank up-projections in a second; then gates, heads, norm, output as below. */
-        float *low_f = sc->low, *low_g = sc->low + T * rf;
-        const struct ops_mm first[6] = {
-            {&w->q_proj, x, D, sc->raw[0], HK}, {&w->k_proj, x, D, sc->raw[1], HK},
-            {&w->v_proj, x, D, sc->raw[2], HK}, {&w->f_a, x, D, low_f, rf},
-            {&w->b_proj, x, D, sc->beta, H}, {&w->g_a, x, D, low_g, rg},
-        };
-        ops_matmul_multi(first, 6, T);
-        struct kda_fused f = {&j, {{&w->f_b, low_f, rf, sc->g, HK},
-                                   {&w->g_b, low_g, rg, sc->gate, HK}}, threads_count()};
-        threads_parallel_for(f.tn, 1, kda_fused_range, &f);
-        threads_parallel_for(T * H, 4, kda_prep_range, &j);
-        threads_parallel_for(n_seq * H, 1, kda_heads_range, &j);
-        threads_parallel_for(T * H, 4, kda_outnorm_range, &j);
-        ops_matmul(&w->o_proj, sc->o, HK, out, D, T);
-        return;
-    }
-    ops_matmul(&w->q_proj, x, D, sc->raw[0], HK, T);
-    ops_matmul(&w->k_proj, x, D, sc->raw[1], HK, T);
-    ops_matmul(&w->v_proj, x, D, sc->raw[2], HK, T);
-    threads_parallel_for(HK, 64, kda_conv_range, &j);
-
-    ops_matmul(&w->f_a, x, D, sc->low, rf, T);
-    ops_matmul(&w->f_b, sc->low, rf, sc->g, HK, T);
-    ops_matmul(&w->b_proj, x, D, sc->beta, H, T);
+    /* Everything that reads x in one region; the convolution and both low-rank
+     * up-projections in a second; then gates, heads, norm and output. (Decode's products are
+     * small, and the barriers between them cost more than the products.) */
+    float *low_f = sc->low, *low_g = sc->low + T * rf;
+    const struct ops_mm first[6] = {
+        {&w->q_proj, x, D, sc->raw[0], HK}, {&w->k_proj, x, D, sc->raw[1], HK},
+        {&w->v_proj, x, D, sc->raw[2], HK}, {&w->f_a, x, D, low_f, rf},
+        {&w->b_proj, x, D, sc->beta, H}, {&w->g_a, x, D, low_g, rg},
+    };
+    ops_matmul_multi(first, 6, T);
+    struct kda_fused f = {&j, {{&w->f_b, low_f, rf, sc->g, HK},
+                               {&w->g_b, low_g, rg, sc->gate, HK}}, threads_count()};
+    threads_parallel_for(f.tn, 1, kda_fused_range, &f);
     threads_parallel_for(T * H, 4, kda_prep_range, &j);
-
     threads_parallel_for(n_seq * H, 1, kda_heads_range, &j);
-
-    ops_matmul(&w->g_a, x, D, sc->low, rg, T);
-    ops_matmul(&w->g_b, sc->low, rg, sc->gate, HK, T);
     threads_parallel_for(T * H, 4, kda_outnorm_range, &j);
     ops_matmul(&w->o_proj, sc->o, HK, out, D, T);
 }

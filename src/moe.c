@@ -189,23 +189,9 @@ struct moe_group {
 };
 
 /* Worker ith of tn takes, of every item, the rows that threads_parallel_for(rows, 16, ...)
- * would give it (ffn_forward and ops_matmul split that way): the float kernels' results
- * depend on how rows are grouped, and edge mode (and the GPU fallback) computes experts one
- * at a time, so the same split keeps every path bit-identical. */
-static void
-moe_group_share(int64_t rows, int ith, int tn, int64_t *r0, int64_t *r1)
-{
-    int64_t nth = rows / 16 < tn ? rows / 16 : tn;
-
-    if (nth < 1)
-        nth = 1;
-    *r0 = *r1 = 0;
-    if (ith < nth) {
-        *r0 = rows * ith / nth;
-        *r1 = rows * (ith + 1) / nth;
-    }
-}
-
+ * would give it (ffn_forward and ops_matmul split that way, see ops_share): the float
+ * kernels' results depend on how rows are grouped, and edge mode (and the GPU fallback)
+ * computes experts one at a time, so the same split keeps every path bit-identical. */
 static void
 moe_group_up_range(void *ctx, int64_t t0, int64_t t1, int ith)
 {
@@ -215,7 +201,7 @@ moe_group_up_range(void *ctx, int64_t t0, int64_t t1, int ith)
     (void)t1;
     for (int64_t i = 0; i < g->n_items; i++) {
         int64_t r0, r1;
-        moe_group_share(g->h0[i + 1] - g->h0[i], (int)t0, g->tn, &r0, &r1);
+        ops_share(g->h0[i + 1] - g->h0[i], 16, (int)t0, g->tn, &r0, &r1);
         if (r1 <= r0)
             continue;
         const float *xi = g->xg + g->row[i] * g->D;
@@ -237,7 +223,7 @@ moe_group_down_range(void *ctx, int64_t t0, int64_t t1, int ith)
 
     (void)t1;
     (void)ith;
-    moe_group_share(g->D, (int)t0, g->tn, &r0, &r1);
+    ops_share(g->D, 16, (int)t0, g->tn, &r0, &r1);
     if (r1 <= r0)
         return;
     for (int64_t i = 0; i < g->n_items; i++)

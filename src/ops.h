@@ -21,7 +21,8 @@ void ops_matmul(const struct kli_tensor *w, const float *x, int64_t ldx, float *
 /* Several products in one parallel region (one barrier instead of n): y[i] = x[i] W[i]^T
  * for i < n (n <= OPS_MULTI_MAX), each with m rows of x; every worker takes its share of
  * every matrix's rows. For small products (decode), where the barriers cost more than the
- * arithmetic. Uses the kernels for every type (no SGEMM). */
+ * arithmetic, and in prefill one barrier is simply fewer. Uses the kernels for every type
+ * (no SGEMM). */
 #define OPS_MULTI_MAX 8
 struct ops_mm {
     const struct kli_tensor *w;
