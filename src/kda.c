@@ -360,7 +360,8 @@ struct kda_fused {
     int tn;
 };
 
-/* Worker t0's share of the convolution's channels and of both up-projections' rows. */
+/* Workers [t0, t1)'s shares (one each, or all of them when run serially) of the
+ * convolution's channels and of both up-projections' rows. */
 static void
 kda_fused_range(void *ctx, int64_t t0, int64_t t1, int ith)
 {
@@ -368,16 +369,17 @@ kda_fused_range(void *ctx, int64_t t0, int64_t t1, int ith)
     const struct kli_config *cfg = &f->j->m->cfg;
     int64_t HK = (int64_t)cfg->kda.n_heads * cfg->kda.head_dim, c0, c1;
 
-    (void)t1;
-    ops_share(HK, 64, (int)t0, f->tn, &c0, &c1);
-    if (c1 > c0)
-        kda_conv_range(f->j, c0, c1, ith);
-    for (int i = 0; i < 2; i++) {
-        int64_t r0, r1;
-        ops_share(f->up[i].w->shape[0], 16, (int)t0, f->tn, &r0, &r1);
-        if (r1 > r0)
-            ops_matmul_rows(f->up[i].w, r0, r1, f->up[i].x, f->up[i].ldx, f->up[i].y,
-                            f->up[i].ldy, f->j->T * f->j->n_seq);
+    for (int64_t wk = t0; wk < t1; wk++) {
+        ops_share(HK, 64, (int)wk, f->tn, &c0, &c1);
+        if (c1 > c0)
+            kda_conv_range(f->j, c0, c1, ith);
+        for (int i = 0; i < 2; i++) {
+            int64_t r0, r1;
+            ops_share(f->up[i].w->shape[0], 16, (int)wk, f->tn, &r0, &r1);
+            if (r1 > r0)
+                ops_matmul_rows(f->up[i].w, r0, r1, f->up[i].x, f->up[i].ldx, f->up[i].y,
+                                f->up[i].ldy, f->j->T * f->j->n_seq);
+        }
     }
 }
 

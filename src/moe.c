@@ -198,21 +198,22 @@ moe_group_up_range(void *ctx, int64_t t0, int64_t t1, int ith)
     const struct moe_group *g = ctx;
     const struct kli_kernels *kk = kli_kernels();
 
-    (void)t1;
-    for (int64_t i = 0; i < g->n_items; i++) {
-        int64_t r0, r1;
-        ops_share(g->h0[i + 1] - g->h0[i], 16, (int)t0, g->tn, &r0, &r1);
-        if (r1 <= r0)
-            continue;
-        const float *xi = g->xg + g->row[i] * g->D;
-        float *h1 = g->h1 + g->row[i] * g->Fmax, *h3 = g->h3 + g->row[i] * g->Fmax;
-        ops_matmul_rows(&g->w[i]->gate, r0, r1, xi, g->D, h1, g->Fmax, g->n[i]);
-        ops_matmul_rows(&g->w[i]->up, r0, r1, xi, g->D, h3, g->Fmax, g->n[i]);
-        for (int64_t t = 0; t < g->n[i]; t++)
-            kk->silu(h1 + t * g->Fmax + r0, h1 + t * g->Fmax + r0, h3 + t * g->Fmax + r0,
-                     r1 - r0);
-    }
     (void)ith;
+    for (int64_t wk = t0; wk < t1; wk++) {   /* one worker each, or all when run serially */
+        for (int64_t i = 0; i < g->n_items; i++) {
+            int64_t r0, r1;
+            ops_share(g->h0[i + 1] - g->h0[i], 16, (int)wk, g->tn, &r0, &r1);
+            if (r1 <= r0)
+                continue;
+            const float *xi = g->xg + g->row[i] * g->D;
+            float *h1 = g->h1 + g->row[i] * g->Fmax, *h3 = g->h3 + g->row[i] * g->Fmax;
+            ops_matmul_rows(&g->w[i]->gate, r0, r1, xi, g->D, h1, g->Fmax, g->n[i]);
+            ops_matmul_rows(&g->w[i]->up, r0, r1, xi, g->D, h3, g->Fmax, g->n[i]);
+            for (int64_t t = 0; t < g->n[i]; t++)
+                kk->silu(h1 + t * g->Fmax + r0, h1 + t * g->Fmax + r0, h3 + t * g->Fmax + r0,
+                         r1 - r0);
+        }
+    }
 }
 
 static void
@@ -221,14 +222,15 @@ moe_group_down_range(void *ctx, int64_t t0, int64_t t1, int ith)
     const struct moe_group *g = ctx;
     int64_t r0, r1;
 
-    (void)t1;
     (void)ith;
-    ops_share(g->D, 16, (int)t0, g->tn, &r0, &r1);
-    if (r1 <= r0)
-        return;
-    for (int64_t i = 0; i < g->n_items; i++)
-        ops_matmul_rows(&g->w[i]->down, r0, r1, g->h1 + g->row[i] * g->Fmax, g->Fmax,
-                        g->yg + g->row[i] * g->D, g->D, g->n[i]);
+    for (int64_t wk = t0; wk < t1; wk++) {   /* one worker each, or all when run serially */
+        ops_share(g->D, 16, (int)wk, g->tn, &r0, &r1);
+        if (r1 <= r0)
+            continue;
+        for (int64_t i = 0; i < g->n_items; i++)
+            ops_matmul_rows(&g->w[i]->down, r0, r1, g->h1 + g->row[i] * g->Fmax, g->Fmax,
+                            g->yg + g->row[i] * g->D, g->D, g->n[i]);
+    }
 }
 
 /* @return 0 when the layer was computed here, -1 to take the per-expert path (too many

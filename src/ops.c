@@ -103,14 +103,15 @@ matmul_multi_range(void *ctx, int64_t t0, int64_t t1, int ith)
 {
     struct multi_job *j = ctx;
 
-    (void)t1;
     (void)ith;
-    for (int i = 0; i < j->n; i++) {
-        const struct ops_mm *p = &j->mm[i];
-        int64_t r0, r1;
-        ops_share(p->w->shape[0], 16, (int)t0, j->tn, &r0, &r1);
-        if (r1 > r0)
-            ops_matmul_rows(p->w, r0, r1, p->x, p->ldx, p->y, p->ldy, j->m);
+    for (int64_t wk = t0; wk < t1; wk++) {   /* one worker each, or all when run serially */
+        for (int i = 0; i < j->n; i++) {
+            const struct ops_mm *p = &j->mm[i];
+            int64_t r0, r1;
+            ops_share(p->w->shape[0], 16, (int)wk, j->tn, &r0, &r1);
+            if (r1 > r0)
+                ops_matmul_rows(p->w, r0, r1, p->x, p->ldx, p->y, p->ldy, j->m);
+        }
     }
 }
 
