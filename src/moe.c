@@ -128,6 +128,21 @@ moe_prefetch_next(const struct kli_model *m, struct moe_scratch *sc, const float
     xcache_prefetch(m->xc, l2, ids, n);
 }
 
+/* One routed expert on the CPU over its n (token, slot) pairs `ord`: gathers the tokens,
+ * runs the FFN and adds each output, weighted, to its token's row of out. */
+static void
+moe_expert_cpu(const struct kli_ffn_w *ew, struct moe_scratch *sc, const float *x,
+               const int32_t *ord, int32_t n, int64_t D, int64_t K, float *out)
+{
+    const struct kli_kernels *kk = kli_kernels();
+
+    for (int32_t j = 0; j < n; j++)
+        memcpy(sc->xe + j * D, x + (ord[j] / K) * D, (size_t)D * sizeof(float));
+    ffn_forward(ew, sc->xe, n, sc->ye, sc->h1, sc->h3);
+    for (int32_t j = 0; j < n; j++)
+        kk->axpy(out + (ord[j] / K) * D, sc->wt[ord[j]], sc->ye + j * D, D);
+}
+
 /* Edge mode: the routed experts come from the bounded cache, in the same order as below. */
 static int
 moe_experts_cached(const struct kli_model *m, const struct kli_moe_w *w,
@@ -135,7 +150,6 @@ moe_experts_cached(const struct kli_model *m, const struct kli_moe_w *w,
                    struct kli_err *err)
 {
     const struct kli_config_moe *c = &m->cfg.moe;
-    const struct kli_kernels *kk = kli_kernels();
     int64_t D = m->cfg.d_model, E = c->n_experts, K = c->top_k;
     int32_t ids[KLI_MAX_EXPERTS], n = 0;
 
@@ -156,12 +170,8 @@ moe_experts_cached(const struct kli_model *m, const struct kli_moe_w *w,
         const struct kli_ffn_w *ew = xcache_get(m->xc, sc->layer, e, err);
         if (ew == NULL)
             return err != NULL && err->code != 0 ? err->code : KLI_E_IO;
-        for (int32_t j = 0; j < ne; j++)
-            memcpy(sc->xe + j * D, x + (ord[j] / K) * D, (size_t)D * sizeof(float));
-        ffn_forward(ew, sc->xe, ne, sc->ye, sc->h1, sc->h3);
+        moe_expert_cpu(ew, sc, x, ord, ne, D, K, out);
         xcache_put(m->xc, sc->layer, e);
-        for (int32_t j = 0; j < ne; j++)
-            kk->axpy(out + (ord[j] / K) * D, sc->wt[ord[j]], sc->ye + j * D, D);
     }
     return KLI_OK;
 }
@@ -182,6 +192,8 @@ struct moe_group {
     const struct kli_ffn_w *w[KLI_MAX_EXPERTS + 1];
     int64_t n[KLI_MAX_EXPERTS + 1];     /* tokens of item i */
     int64_t row[KLI_MAX_EXPERTS + 1];   /* first pair row of item i */
+    const int32_t *ord[KLI_MAX_EXPERTS + 1];   /* its (token, slot) pairs; NULL: every token
+                                                  with weight 1 (the shared expert) */
     int64_t h0[KLI_MAX_EXPERTS + 2];    /* item i's hidden rows: [h0[i], h0[i+1]) */
     int64_t n_items, D, P, Fmax;
     int tn;                             /* workers: one range each */
@@ -257,6 +269,7 @@ moe_grouped(const struct kli_model *m, const struct kli_moe_w *w, struct moe_scr
         return -1;
     if (shared) {
         g.w[0] = &w->shared;
+        g.ord[0] = NULL;
         g.n[0] = T;
         g.row[0] = 0;
         g.P = T;
@@ -272,6 +285,7 @@ moe_grouped(const struct kli_model *m, const struct kli_moe_w *w, struct moe_scr
             return -1;   /* the per-expert path multiplies these with SGEMM */
         int64_t i = g.n_items++;
         g.w[i] = &w->experts[e];
+        g.ord[i] = sc->order + sc->count[e];
         g.n[i] = n;
         g.row[i] = g.P;
         g.P += n;
@@ -298,19 +312,11 @@ moe_grouped(const struct kli_model *m, const struct kli_moe_w *w, struct moe_scr
     g.yg = g.xg + g.P * D;
     g.h1 = g.yg + g.P * D;
     g.h3 = g.h1 + g.P * g.Fmax;
-    int64_t it = 0;
-    if (shared) {
-        memcpy(g.xg, x, (size_t)(T * D) * sizeof(float));
-        it = 1;
-    }
-    for (int64_t e = 0; e < E; e++) {
-        int32_t n = sc->count[e + 1] - sc->count[e];
-        const int32_t *ord = sc->order + sc->count[e];
-        if (n == 0 || (gpu && backend_moe_hot(sc->gpu, sc->layer, (int32_t)e)))
-            continue;
-        for (int32_t j = 0; j < n; j++)
-            memcpy(g.xg + (g.row[it] + j) * D, x + (ord[j] / K) * D, (size_t)D * sizeof(float));
-        it++;
+    for (int64_t i = 0; i < g.n_items; i++) {
+        for (int64_t j = 0; j < g.n[i]; j++) {
+            int64_t t = g.ord[i] != NULL ? g.ord[i][j] / K : j;
+            memcpy(g.xg + (g.row[i] + j) * D, x + t * D, (size_t)D * sizeof(float));
+        }
     }
     g.tn = threads_count();
     threads_parallel_for(g.tn, 1, moe_group_up_range, &g);
@@ -322,15 +328,11 @@ moe_grouped(const struct kli_model *m, const struct kli_moe_w *w, struct moe_scr
         memcpy(out, g.yg, (size_t)(T * D) * sizeof(float));
     else
         memset(out, 0, (size_t)(T * D) * sizeof(float));
-    it = shared ? 1 : 0;
-    for (int64_t e = 0; e < E; e++) {
-        int32_t n = sc->count[e + 1] - sc->count[e];
-        const int32_t *ord = sc->order + sc->count[e];
-        if (n == 0 || (gpu && backend_moe_hot(sc->gpu, sc->layer, (int32_t)e)))
-            continue;
-        for (int32_t j = 0; j < n; j++)
-            kk->axpy(out + (ord[j] / K) * D, sc->wt[ord[j]], g.yg + (g.row[it] + j) * D, D);
-        it++;
+    for (int64_t i = shared; i < g.n_items; i++) {
+        for (int64_t j = 0; j < g.n[i]; j++) {
+            int32_t p = g.ord[i][j];
+            kk->axpy(out + (p / K) * D, sc->wt[p], g.yg + (g.row[i] + j) * D, D);
+        }
     }
     return 0;
 }
@@ -388,11 +390,7 @@ moe_forward(const struct kli_model *m, const struct kli_moe_w *w, struct moe_scr
             const int32_t *ord = sc->order + sc->count[e];
             if (n == 0 || (gpu && backend_moe_hot(sc->gpu, sc->layer, (int32_t)e) != pass))
                 continue;
-            for (int32_t i = 0; i < n; i++)
-                memcpy(sc->xe + i * D, x + (ord[i] / K) * D, (size_t)D * sizeof(float));
-            ffn_forward(&w->experts[e], sc->xe, n, sc->ye, sc->h1, sc->h3);
-            for (int32_t i = 0; i < n; i++)
-                kk->axpy(out + (ord[i] / K) * D, sc->wt[ord[i]], sc->ye + i * D, D);
+            moe_expert_cpu(&w->experts[e], sc, x, ord, n, D, K, out);
         }
         /* pass 1 only when the GPU failed: its shared expert, then its routed ones */
         if (pass == 1 || !gpu || backend_moe_wait(sc->gpu, sc->layer, out) == 0)
