@@ -124,6 +124,14 @@ cu_upload(struct kli_gpu *g, void *dst, const void *src, uint64_t bytes, struct 
                     "(upload)");
 }
 
+static int
+cu_download(struct kli_gpu *g, void *dst, const void *src, uint64_t bytes, struct kli_err *err)
+{
+    (void)g;
+    return cu_check(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost), err, "cudaMemcpy "
+                    "(download)");
+}
+
 static void
 cu_queue_free(struct kli_gpu_queue *q)
 {
@@ -226,6 +234,7 @@ static const struct kli_backend_ops cu_ops = {
     cu_release,
     cu_used,
     cu_upload,
+    cu_download,
     cu_queue_create,
     cu_queue_free,
     cu_queue_upload,
@@ -233,6 +242,8 @@ static const struct kli_backend_ops cu_ops = {
     cu_queue_sync,
     cu_mla_check,
     cu_mla_attend,
+    cu_mla_layer_check,
+    cu_mla_layer,
     cu_moe_launch,
     cu_moe_wait,
 };

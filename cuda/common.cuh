@@ -7,6 +7,7 @@
 #ifndef KLI_CUDA_COMMON_CUH
 #define KLI_CUDA_COMMON_CUH
 
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -14,6 +15,7 @@
 #include <stdio.h>
 
 #include "kli_cuda.h"
+#include "weights.h"
 
 struct kli_gpu {
     struct kli_gpu_info info;
@@ -68,6 +70,62 @@ cu_launched(struct kli_err *err, const char *kernel)
     return cu_check(cudaGetLastError(), err, kernel);
 }
 
+/* ==== Weight rows as the kernels read them (moe.cu, mla.cu) ==== */
+
+/* Elements [8c, 8c+8) of row r of a [.][K] matrix of dtype DT, as floats. */
+template <int DT>
+static __device__ __forceinline__ void
+cu_w8(const void *w, long long r, int K, int c, float *o)
+{
+    if (DT == KLI_DT_BF16 || DT == KLI_DT_F16) {
+        const uint4 v = __ldg((const uint4 *)((const uint16_t *)w + r * K) + c);
+        const unsigned u[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            if (DT == KLI_DT_BF16) {
+                o[2 * i] = __uint_as_float(u[i] << 16);
+                o[2 * i + 1] = __uint_as_float(u[i] & 0xffff0000u);
+            } else {
+                o[2 * i] = __half2float(__ushort_as_half((unsigned short)(u[i] & 0xffffu)));
+                o[2 * i + 1] = __half2float(__ushort_as_half((unsigned short)(u[i] >> 16)));
+            }
+        }
+    } else if (DT == KLI_DT_F32) {
+        const float4 *p = (const float4 *)((const float *)w + r * K) + 2 * c;
+        const float4 a = __ldg(p), b = __ldg(p + 1);
+        o[0] = a.x; o[1] = a.y; o[2] = a.z; o[3] = a.w;
+        o[4] = b.x; o[5] = b.y; o[6] = b.z; o[7] = b.w;
+    } else if (DT == KLI_DT_Q8_0) {
+        /* block of 32: f16 d, int8 q[32]; chunk c is quarter c % 4 of block c / 4 */
+        const unsigned char *blk = (const unsigned char *)w + r * (K / 32) * 34 + (c / 4) * 34;
+        const float d = __half2float(__ushort_as_half(
+            (unsigned short)(__ldg(blk) | (__ldg(blk + 1) << 8))));
+        const signed char *qs = (const signed char *)blk + 2 + (c % 4) * 8;
+#pragma unroll
+        for (int i = 0; i < 8; i++)
+            o[i] = (float)__ldg(qs + i) * d;
+    } else {
+        /* Q4, block of 32: f16 d, u8 q[16]; element j < 16 is the low nibble of q[j], element
+         * j + 16 the high one; value (nibble - 8) * d */
+        const unsigned char *blk = (const unsigned char *)w + r * (K / 32) * 18 + (c / 4) * 18;
+        const float d = __half2float(__ushort_as_half(
+            (unsigned short)(__ldg(blk) | (__ldg(blk + 1) << 8))));
+        const int quarter = c % 4, shift = quarter >= 2 ? 4 : 0;
+        const unsigned char *qs = blk + 2 + (quarter % 2) * 8;
+#pragma unroll
+        for (int i = 0; i < 8; i++)
+            o[i] = (float)(((__ldg(qs + i) >> shift) & 15) - 8) * d;
+    }
+}
+
+static __device__ __forceinline__ float
+cu_warp_sum(float v)
+{
+    for (int o = 16; o > 0; o /= 2)
+        v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
 /* Rounds n up to a multiple of 256 (the alignment cudaMalloc gives), for carving one
  * workspace into several arrays. */
 static inline uint64_t
@@ -85,6 +143,10 @@ int cu_queue_reserve(struct kli_gpu_queue *q, uint64_t bytes, uint64_t pin_bytes
 int cu_mla_check(struct kli_gpu *g, int32_t H, int32_t L, int32_t C, struct kli_err *err);
 int cu_mla_attend(struct kli_gpu_queue *q, const struct kli_gpu_mla_job *j,
                   struct kli_err *err);
+int cu_mla_layer_check(struct kli_gpu *g, const struct kli_gpu_mla_w *w, int32_t D, int32_t H,
+                       int32_t nope, int32_t rope, int32_t dv, struct kli_err *err);
+int cu_mla_layer(struct kli_gpu_queue *q, const struct kli_gpu_mla_layer_job *j,
+                 struct kli_err *err);
 int cu_moe_launch(struct kli_gpu_queue *q, const struct kli_gpu_moe_job *j,
                   struct kli_err *err);
 int cu_moe_wait(struct kli_gpu_queue *q, float *out, struct kli_err *err);

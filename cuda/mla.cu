@@ -16,6 +16,12 @@
  * merges the chunks: with M = max_s m_s,
  *     lat[h] = sum_s exp(m_s - M) acc_s[h] / sum_s exp(m_s - M) l_s.
  * Everything is float32, as on the CPU; exp is the accurate expf.
+ *
+ * cu_mla_layer runs the whole layer around that attention (the CPU twin is mla_forward):
+ * the projections q_proj, kv_a, o_proj in the stored dtype and the per-head absorbed
+ * products W_UK^T, W_UV in float32, one warp per weight row (mla_mm); the new latent rows are
+ * normalised straight into the device caches, so only x goes in and out and the new rows
+ * come back.
  */
 #include <math.h>
 #include <string.h>
@@ -240,24 +246,54 @@ cu_mla_check(struct kli_gpu *g, int32_t H, int32_t L, int32_t C, struct kli_err 
     return KLI_OK;
 }
 
+/* Attention of T query rows whose device inputs are staged: rows_d [T], q_d [T][H][C] ->
+ * lat_d [T][H][L], with part_d for the chunks' partial results (att_part_floats). */
+static int64_t
+att_chunks(const struct kli_gpu *g, int64_t T, int64_t nmax, int64_t *chunk)
+{
+    /* Enough blocks to fill the device twice over, in chunks of whole tiles. */
+    int64_t tiles = (nmax + ATT_PT - 1) / ATT_PT;
+    int64_t S = (2 * (int64_t)g->info.n_sm + T - 1) / T;
+    S = S < 1 ? 1 : S > tiles ? tiles : S;
+    *chunk = (tiles + S - 1) / S * ATT_PT;
+    return (nmax + *chunk - 1) / *chunk;
+}
+
+static int
+att_run(struct kli_gpu_queue *q, const struct att_row *rows_d, const float *q_d, int64_t T,
+        int H, int L, int C, float scale, int64_t S, int64_t chunk, float *part_d,
+        float *lat_d, struct kli_err *err)
+{
+    size_t smem = (size_t)att_smem(H, C);
+    int rc;
+
+    if ((rc = cu_check(cudaFuncSetAttribute(mla_att_part,
+                                            cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            (int)smem), err, "cudaFuncSetAttribute")) != KLI_OK)
+        return rc;
+    mla_att_part<<<dim3((unsigned)S, (unsigned)T), ATT_NT, smem, q->st>>>(
+        rows_d, q_d, H, L, C, scale, (long long)chunk, (int)S, part_d);
+    if ((rc = cu_launched(err, "mla_att_part")) != KLI_OK)
+        return rc;
+    mla_att_merge<<<dim3((unsigned)H, (unsigned)T), 128, (size_t)(S + 3) / 4 * sizeof(float4),
+                    q->st>>>(
+        part_d, (int)S, H, L, lat_d);
+    return cu_launched(err, "mla_att_merge");
+}
+
 int
 cu_mla_attend(struct kli_gpu_queue *q, const struct kli_gpu_mla_job *j, struct kli_err *err)
 {
     const int H = j->H, L = j->L, C = j->C;
     const int64_t T = j->T;
-    int64_t nmax = 1;
+    int64_t nmax = 1, chunk;
     int rc;
 
     if ((rc = cu_check(cudaSetDevice(q->g->info.device), err, "cudaSetDevice")) != KLI_OK)
         return rc;
     for (int64_t t = 0; t < T; t++)
         nmax = j->n[t] > nmax ? j->n[t] : nmax;
-    /* Enough blocks to fill the device twice over, in chunks of whole tiles. */
-    int64_t tiles = (nmax + ATT_PT - 1) / ATT_PT;
-    int64_t S = (2 * (int64_t)q->g->info.n_sm + T - 1) / T;
-    S = S < 1 ? 1 : S > tiles ? tiles : S;
-    int64_t chunk = (tiles + S - 1) / S * ATT_PT;
-    S = (nmax + chunk - 1) / chunk;
+    int64_t S = att_chunks(q->g, T, nmax, &chunk);
 
     uint64_t b_rows = cu_align((uint64_t)T * sizeof(struct att_row));
     uint64_t b_q = cu_align((uint64_t)T * H * C * sizeof(float));
@@ -280,19 +316,8 @@ cu_mla_attend(struct kli_gpu_queue *q, const struct kli_gpu_mla_job *j, struct k
     if ((rc = cu_check(cudaMemcpyAsync(ws, pin, b_rows + b_q, cudaMemcpyHostToDevice, q->st),
                        err, "cudaMemcpyAsync (queries)")) != KLI_OK)
         return rc;
-    size_t smem = (size_t)att_smem(H, C);
-    if ((rc = cu_check(cudaFuncSetAttribute(mla_att_part,
-                                            cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            (int)smem), err, "cudaFuncSetAttribute")) != KLI_OK)
-        return rc;
-    mla_att_part<<<dim3((unsigned)S, (unsigned)T), ATT_NT, smem, q->st>>>(
-        rows_d, q_d, H, L, C, j->scale, (long long)chunk, (int)S, part_d);
-    if ((rc = cu_launched(err, "mla_att_part")) != KLI_OK)
-        return rc;
-    mla_att_merge<<<dim3((unsigned)H, (unsigned)T), 128, (size_t)(S + 3) / 4 * sizeof(float4),
-                    q->st>>>(
-        part_d, (int)S, H, L, lat_d);
-    if ((rc = cu_launched(err, "mla_att_merge")) != KLI_OK)
+    if ((rc = att_run(q, rows_d, q_d, T, H, L, C, j->scale, S, chunk, part_d, lat_d, err)) !=
+        KLI_OK)
         return rc;
     if ((rc = cu_check(cudaMemcpyAsync(pin, lat_d, (size_t)T * H * L * sizeof(float),
                                        cudaMemcpyDeviceToHost, q->st), err,
@@ -300,5 +325,258 @@ cu_mla_attend(struct kli_gpu_queue *q, const struct kli_gpu_mla_job *j, struct k
         (rc = cu_check(cudaStreamSynchronize(q->st), err, "mla attention")) != KLI_OK)
         return rc;
     memcpy(j->lat, pin, (size_t)T * H * L * sizeof(float));
+    return KLI_OK;
+}
+
+/* ==== The projections: the rest of the layer ================================================ */
+
+enum {
+    MM_ROWS = 8,     /* weight rows per block: one per warp */
+    MM_TOK = 4,      /* input rows per pass over a weight row */
+    MM_TG = 32,      /* input rows per block (grid z splits longer batches) */
+};
+
+/*
+ * Batch b of grid y: y_b[t][r] = W_b[r] . x_b[t] for r < R, t < T, where
+ *     W_b = W + b * wbs bytes ([R][K] of dtype DT),  x_b[t] = x + b * xbs + t * ldx,
+ *     y_b[t] = y + b * ybs + t * ldy.
+ * One warp per weight row, as the expert kernels of moe.cu: decode reads each weight once.
+ * The batches are the heads of the absorbed products (W_UK^T, W_UV); the dense projections
+ * are one batch.
+ */
+template <int DT>
+__global__ void __launch_bounds__(32 * MM_ROWS)
+mla_mm(const void *W, long long wbs, int R, int K, const float *x, int ldx, int xbs, int T,
+       float *y, int ldy, int ybs)
+{
+    const int r = blockIdx.x * MM_ROWS + threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int b = blockIdx.y, t0 = blockIdx.z * MM_TG;
+    const int t1 = t0 + MM_TG < T ? t0 + MM_TG : T;
+
+    if (r >= R)
+        return;
+    const void *w = (const char *)W + b * wbs;
+    x += (size_t)b * xbs;
+    y += (size_t)b * ybs;
+    for (int p0 = t0; p0 < t1; p0 += MM_TOK) {
+        const int np = t1 - p0 < MM_TOK ? t1 - p0 : MM_TOK;
+        float a[MM_TOK];
+#pragma unroll
+        for (int i = 0; i < MM_TOK; i++)
+            a[i] = 0.0f;
+        for (int c = lane; c < K / 8; c += 32) {
+            float wv[8];
+            cu_w8<DT>(w, r, K, c, wv);
+#pragma unroll
+            for (int i = 0; i < MM_TOK; i++) {
+                const float *xr = x + (size_t)(p0 + (i < np ? i : np - 1)) * ldx + 8 * c;
+                const float4 p = *(const float4 *)xr, u = *(const float4 *)(xr + 4);
+                a[i] += wv[0] * p.x + wv[1] * p.y + wv[2] * p.z + wv[3] * p.w +
+                        wv[4] * u.x + wv[5] * u.y + wv[6] * u.z + wv[7] * u.w;
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < MM_TOK; i++) {
+            const float s = cu_warp_sum(a[i]);
+            if (lane == 0 && i < np)
+                y[(size_t)(p0 + i) * ldy + r] = s;
+        }
+    }
+}
+
+static int
+mm_launch(struct kli_gpu_queue *q, const void *W, int dtype, long long wbs, int R, int K,
+          int nb, const float *x, int ldx, int xbs, int64_t T, float *y, int ldy, int ybs,
+          struct kli_err *err, const char *what)
+{
+    dim3 grid((unsigned)((R + MM_ROWS - 1) / MM_ROWS), (unsigned)nb,
+              (unsigned)((T + MM_TG - 1) / MM_TG));
+
+    switch (dtype) {
+    case KLI_DT_F32:
+        mla_mm<KLI_DT_F32><<<grid, 32 * MM_ROWS, 0, q->st>>>(W, wbs, R, K, x, ldx, xbs, (int)T,
+                                                             y, ldy, ybs);
+        break;
+    case KLI_DT_F16:
+        mla_mm<KLI_DT_F16><<<grid, 32 * MM_ROWS, 0, q->st>>>(W, wbs, R, K, x, ldx, xbs, (int)T,
+                                                             y, ldy, ybs);
+        break;
+    case KLI_DT_BF16:
+        mla_mm<KLI_DT_BF16><<<grid, 32 * MM_ROWS, 0, q->st>>>(W, wbs, R, K, x, ldx, xbs,
+                                                              (int)T, y, ldy, ybs);
+        break;
+    case KLI_DT_Q8_0:
+        mla_mm<KLI_DT_Q8_0><<<grid, 32 * MM_ROWS, 0, q->st>>>(W, wbs, R, K, x, ldx, xbs,
+                                                              (int)T, y, ldy, ybs);
+        break;
+    default:
+        mla_mm<KLI_DT_Q4><<<grid, 32 * MM_ROWS, 0, q->st>>>(W, wbs, R, K, x, ldx, xbs, (int)T,
+                                                            y, ldy, ybs);
+        break;
+    }
+    return cu_launched(err, what);
+}
+
+/* Block t: the new cache row of query row t, (rmsnorm(c) * norm, k_pe), into its device
+ * cache at row n - 1 and into out[t]. The sum of squares is taken in double, as ops_rmsnorm
+ * does, so the rows match the CPU's to the last bit but for that sum's order. */
+__global__ void
+mla_kv_store(const float *ckv, const float *norm, const struct att_row *rows, int L, int C,
+             float eps, float *out)
+{
+    __shared__ double part[256];
+    __shared__ float rs;
+    const int t = blockIdx.x, tid = threadIdx.x;
+    const float *src = ckv + (size_t)t * C;
+    float *dst = (float *)rows[t].cache + (size_t)(rows[t].n - 1) * C;
+    double ss = 0.0;
+
+    for (int i = tid; i < L; i += blockDim.x)
+        ss += (double)src[i] * src[i];
+    part[tid] = ss;
+    __syncthreads();
+    for (int k = blockDim.x / 2; k > 0; k /= 2) {
+        if (tid < k)
+            part[tid] += part[tid + k];
+        __syncthreads();
+    }
+    if (tid == 0)
+        rs = (float)(1.0 / sqrt(part[0] / (double)L + (double)eps));
+    __syncthreads();
+    const float r = rs;
+    for (int i = tid; i < C; i += blockDim.x) {
+        const float v = i < L ? __fmul_rn(__fmul_rn(src[i], r), norm[i]) : src[i];
+        dst[i] = v;
+        out[(size_t)t * C + i] = v;
+    }
+}
+
+/* Block t: q_pe of every head behind its absorbed query: qfull[t][h][L + k] = q[t][h][nope + k]. */
+__global__ void
+mla_qpe(const float *q, int H, int nope, int rope, int L, int C, float *qfull)
+{
+    const int t = blockIdx.x, dqk = nope + rope;
+
+    for (int i = threadIdx.x; i < H * rope; i += blockDim.x) {
+        const int h = i / rope, k = i % rope;
+        qfull[((size_t)t * H + h) * C + L + k] = q[(size_t)t * H * dqk + h * dqk + nope + k];
+    }
+}
+
+static int
+mat_ok(const struct kli_gpu_mat *m, int32_t rows, int32_t cols)
+{
+    int blk = m->dtype == KLI_DT_Q8_0 || m->dtype == KLI_DT_Q4;
+
+    return m->w != NULL && m->dtype >= KLI_DT_F32 && m->dtype <= KLI_DT_Q4 && m->rows == rows &&
+           m->cols == cols && cols % (blk ? 32 : 8) == 0;
+}
+
+int
+cu_mla_layer_check(struct kli_gpu *g, const struct kli_gpu_mla_w *w, int32_t D, int32_t H,
+                   int32_t nope, int32_t rope, int32_t dv, struct kli_err *err)
+{
+    (void)g;
+    if (w == NULL)
+        return cu_fail(err, KLI_E_INVALID, "mla layer: no weights");
+    int32_t L = w->kv_a.rows - rope, dqk = nope + rope;
+    if (!mat_ok(&w->q_proj, H * dqk, D) || !mat_ok(&w->kv_a, L + rope, D) ||
+        !mat_ok(&w->o_proj, D, H * dv) || w->kv_norm == NULL || w->w_uk_t == NULL ||
+        w->w_uv == NULL)
+        return cu_fail(err, KLI_E_UNSUPPORTED, "GPU projections need matrices in F32, F16, "
+                       "BF16, Q8_0 or Q4 with widths in multiples of 8 (32 for the block "
+                       "types): q_proj %d x %d, kv_a %d x %d, o_proj %d x %d",
+                       w->q_proj.rows, w->q_proj.cols, w->kv_a.rows, w->kv_a.cols,
+                       w->o_proj.rows, w->o_proj.cols);
+    if (L < 8 || nope % 8 != 0 || L % 8 != 0 || dqk % 4 != 0)
+        return cu_fail(err, KLI_E_UNSUPPORTED, "GPU projections need the latent (%d) and nope "
+                       "(%d) widths in multiples of 8 and nope + rope in multiples of 4", L,
+                       nope);
+    return KLI_OK;
+}
+
+int
+cu_mla_layer(struct kli_gpu_queue *q, const struct kli_gpu_mla_layer_job *j,
+             struct kli_err *err)
+{
+    const struct kli_gpu_mla_w *w = j->w;
+    const int H = j->H, L = j->L, C = j->L + j->rope, D = j->D;
+    const int dqk = j->nope + j->rope, dv = j->dv;
+    const int64_t T = j->T;
+    int64_t nmax = 1, chunk;
+    int rc;
+
+    if (T < 1)
+        return cu_fail(err, KLI_E_INVALID, "mla layer: no rows");
+    if ((rc = cu_check(cudaSetDevice(q->g->info.device), err, "cudaSetDevice")) != KLI_OK)
+        return rc;
+    for (int64_t t = 0; t < T; t++) {
+        if (j->n[t] < 1)
+            return cu_fail(err, KLI_E_INVALID, "mla layer: row %lld attends to %lld rows",
+                           (long long)t, (long long)j->n[t]);
+        nmax = j->n[t] > nmax ? j->n[t] : nmax;
+    }
+    int64_t S = att_chunks(q->g, T, nmax, &chunk);
+
+    /* workspace: rows, x | q, ckv, qfull, lat, part, o | out, new rows */
+    uint64_t b_rows = cu_align((uint64_t)T * sizeof(struct att_row));
+    uint64_t b_x = cu_align((uint64_t)T * D * 4), b_qp = cu_align((uint64_t)T * H * dqk * 4);
+    uint64_t b_ckv = cu_align((uint64_t)T * C * 4), b_qf = cu_align((uint64_t)T * H * C * 4);
+    uint64_t b_lat = cu_align((uint64_t)T * H * L * 4);
+    uint64_t b_part = cu_align((uint64_t)T * S * H * (L + 4) * 4);
+    uint64_t b_o = cu_align((uint64_t)T * H * dv * 4), b_out = cu_align((uint64_t)T * D * 4);
+    uint64_t b_in = b_rows + b_x, b_res = b_out + b_ckv;
+    uint64_t total = b_in + b_qp + b_ckv + b_qf + b_lat + b_part + b_o + b_res;
+    if ((rc = cu_queue_reserve(q, total, b_in > b_res ? b_in : b_res, err)) != KLI_OK)
+        return rc;
+    char *ws = (char *)q->ws, *pin = (char *)q->pin;
+    struct att_row *rows_h = (struct att_row *)pin;
+    for (int64_t t = 0; t < T; t++) {
+        rows_h[t].cache = j->cache[t];
+        rows_h[t].n = j->n[t];
+    }
+    memcpy(pin + b_rows, j->x, (size_t)T * D * 4);
+    char *p = ws;
+    const struct att_row *rows_d = (const struct att_row *)p;
+    const float *x_d = (const float *)(p += b_rows);
+    float *qp_d = (float *)(p += b_x), *ckv_d = (float *)(p += b_qp);
+    float *qf_d = (float *)(p += b_ckv), *lat_d = (float *)(p += b_qf);
+    float *part_d = (float *)(p += b_lat), *o_d = (float *)(p += b_part);
+    float *out_d = (float *)(p += b_o), *new_d = (float *)(p += b_out);
+
+    if ((rc = cu_check(cudaMemcpyAsync(ws, pin, b_in, cudaMemcpyHostToDevice, q->st), err,
+                       "cudaMemcpyAsync (mla inputs)")) != KLI_OK)
+        return rc;
+    if ((rc = mm_launch(q, w->q_proj.w, w->q_proj.dtype, 0, H * dqk, D, 1, x_d, D, 0, T, qp_d,
+                        H * dqk, 0, err, "mla q_proj")) != KLI_OK ||
+        (rc = mm_launch(q, w->kv_a.w, w->kv_a.dtype, 0, C, D, 1, x_d, D, 0, T, ckv_d, C, 0,
+                        err, "mla kv_a")) != KLI_OK)
+        return rc;
+    mla_kv_store<<<(unsigned)T, 256, 0, q->st>>>(ckv_d, w->kv_norm, rows_d, L, C, j->eps,
+                                                 new_d);
+    if ((rc = cu_launched(err, "mla_kv_store")) != KLI_OK)
+        return rc;
+    /* qfull[t][h][0:L] = W_UK[h]^T q_nope[t][h]: head h is batch h */
+    if ((rc = mm_launch(q, w->w_uk_t, KLI_DT_F32, (long long)L * j->nope * 4, L, j->nope, H,
+                        qp_d, H * dqk, dqk, T, qf_d, H * C, C, err, "mla absorb")) != KLI_OK)
+        return rc;
+    mla_qpe<<<(unsigned)T, 128, 0, q->st>>>(qp_d, H, j->nope, j->rope, L, C, qf_d);
+    if ((rc = cu_launched(err, "mla_qpe")) != KLI_OK)
+        return rc;
+    if ((rc = att_run(q, rows_d, qf_d, T, H, L, C, j->scale, S, chunk, part_d, lat_d, err)) !=
+        KLI_OK)
+        return rc;
+    /* o[t][h] = W_UV[h] lat[t][h], then out = o_proj o */
+    if ((rc = mm_launch(q, w->w_uv, KLI_DT_F32, (long long)dv * L * 4, dv, L, H, lat_d, H * L,
+                        L, T, o_d, H * dv, dv, err, "mla expand")) != KLI_OK ||
+        (rc = mm_launch(q, w->o_proj.w, w->o_proj.dtype, 0, D, H * dv, 1, o_d, H * dv, 0, T,
+                        out_d, D, 0, err, "mla o_proj")) != KLI_OK)
+        return rc;
+    if ((rc = cu_check(cudaMemcpyAsync(pin, out_d, b_res, cudaMemcpyDeviceToHost, q->st), err,
+                       "cudaMemcpyAsync (mla result)")) != KLI_OK ||
+        (rc = cu_check(cudaStreamSynchronize(q->st), err, "mla layer")) != KLI_OK)
+        return rc;
+    memcpy(j->out, pin, (size_t)T * D * 4);
+    memcpy(j->rows, pin + b_out, (size_t)T * C * 4);
     return KLI_OK;
 }

@@ -13,12 +13,10 @@
  * registers, as the CPU kernels expand them (simd/generic.c); the products are float32.
  * Summing in ffn_combine in a fixed order keeps the result deterministic (no atomics).
  */
-#include <cuda_fp16.h>
 #include <math.h>
 #include <string.h>
 
 #include "common.cuh"
-#include "weights.h"
 
 enum {
     FFN_ROWS = 8,    /* weight rows per block: one per warp */
@@ -30,60 +28,6 @@ struct ffn_item {
     const void *gate, *up, *down;
     int dtype, F, start, n;
 };
-
-/* Elements [8c, 8c+8) of row r of a [.][K] matrix of dtype DT, as floats. */
-template <int DT>
-__device__ __forceinline__ void
-ffn_w8(const void *w, long long r, int K, int c, float *o)
-{
-    if (DT == KLI_DT_BF16 || DT == KLI_DT_F16) {
-        const uint4 v = __ldg((const uint4 *)((const uint16_t *)w + r * K) + c);
-        const unsigned u[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            if (DT == KLI_DT_BF16) {
-                o[2 * i] = __uint_as_float(u[i] << 16);
-                o[2 * i + 1] = __uint_as_float(u[i] & 0xffff0000u);
-            } else {
-                o[2 * i] = __half2float(__ushort_as_half((unsigned short)(u[i] & 0xffffu)));
-                o[2 * i + 1] = __half2float(__ushort_as_half((unsigned short)(u[i] >> 16)));
-            }
-        }
-    } else if (DT == KLI_DT_F32) {
-        const float4 *p = (const float4 *)((const float *)w + r * K) + 2 * c;
-        const float4 a = __ldg(p), b = __ldg(p + 1);
-        o[0] = a.x; o[1] = a.y; o[2] = a.z; o[3] = a.w;
-        o[4] = b.x; o[5] = b.y; o[6] = b.z; o[7] = b.w;
-    } else if (DT == KLI_DT_Q8_0) {
-        /* block of 32: f16 d, int8 q[32]; chunk c is quarter c % 4 of block c / 4 */
-        const unsigned char *blk = (const unsigned char *)w + r * (K / 32) * 34 + (c / 4) * 34;
-        const float d = __half2float(__ushort_as_half(
-            (unsigned short)(__ldg(blk) | (__ldg(blk + 1) << 8))));
-        const signed char *qs = (const signed char *)blk + 2 + (c % 4) * 8;
-#pragma unroll
-        for (int i = 0; i < 8; i++)
-            o[i] = (float)__ldg(qs + i) * d;
-    } else {
-        /* Q4, block of 32: f16 d, u8 q[16]; element j < 16 is the low nibble of q[j], element
-         * j + 16 the high one; value (nibble - 8) * d */
-        const unsigned char *blk = (const unsigned char *)w + r * (K / 32) * 18 + (c / 4) * 18;
-        const float d = __half2float(__ushort_as_half(
-            (unsigned short)(__ldg(blk) | (__ldg(blk + 1) << 8))));
-        const int quarter = c % 4, shift = quarter >= 2 ? 4 : 0;
-        const unsigned char *qs = blk + 2 + (quarter % 2) * 8;
-#pragma unroll
-        for (int i = 0; i < 8; i++)
-            o[i] = (float)(((__ldg(qs + i) >> shift) & 15) - 8) * d;
-    }
-}
-
-__device__ __forceinline__ float
-ffn_warp_sum(float v)
-{
-    for (int o = 16; o > 0; o /= 2)
-        v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
 
 /* Row f of gate and up against the item's input rows: hb[p][f] = silu(g) * u. */
 template <int DT>
@@ -103,8 +47,8 @@ ffn_gate_up_row(const struct ffn_item &it, int f, const float *x, const int *row
         }
         for (int c = lane; c < D / 8; c += 32) {
             float wg[8], wu[8];
-            ffn_w8<DT>(it.gate, f, D, c, wg);
-            ffn_w8<DT>(it.up, f, D, c, wu);
+            cu_w8<DT>(it.gate, f, D, c, wg);
+            cu_w8<DT>(it.up, f, D, c, wu);
 #pragma unroll
             for (int i = 0; i < FFN_TOK; i++) {
                 const float4 a = *(const float4 *)(xr[i] + 8 * c);
@@ -117,7 +61,7 @@ ffn_gate_up_row(const struct ffn_item &it, int f, const float *x, const int *row
         }
 #pragma unroll
         for (int i = 0; i < FFN_TOK; i++) {
-            const float gs = ffn_warp_sum(g[i]), us = ffn_warp_sum(u[i]);
+            const float gs = cu_warp_sum(g[i]), us = cu_warp_sum(u[i]);
             if (lane == 0 && i < np)
                 hb[(size_t)(it.start + p0 + i) * ldh + f] = gs / (1.0f + expf(-gs)) * us;
         }
@@ -141,7 +85,7 @@ ffn_down_row(const struct ffn_item &it, int d, const float *hb, int ldh, int D, 
         }
         for (int c = lane; c < it.F / 8; c += 32) {
             float w[8];
-            ffn_w8<DT>(it.down, d, it.F, c, w);
+            cu_w8<DT>(it.down, d, it.F, c, w);
 #pragma unroll
             for (int i = 0; i < FFN_TOK; i++) {
                 const float4 p = *(const float4 *)(hr[i] + 8 * c);
@@ -152,7 +96,7 @@ ffn_down_row(const struct ffn_item &it, int d, const float *hb, int ldh, int D, 
         }
 #pragma unroll
         for (int i = 0; i < FFN_TOK; i++) {
-            const float s = ffn_warp_sum(a[i]);
+            const float s = cu_warp_sum(a[i]);
             if (lane == 0 && i < np)
                 y[(size_t)(it.start + p0 + i) * D + d] = s;
         }

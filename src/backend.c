@@ -3,10 +3,14 @@
  *
  * The device takes the two parts of a decode step that the CPU does worst (docs/targets.md):
  *
- *   MLA attention   its cost grows with the context (the whole latent cache is read per token
- *                   and layer). Each session keeps a mirror of every MLA layer's cache on the
- *                   device; rows are appended as they are computed, and the attention itself
- *                   (cuda/mla.cu) returns only the weighted latents [T][H][L] to mla_forward.
+ *   MLA layers      attention cost grows with the context (the whole latent cache is read
+ *                   per token and layer). Each session keeps a mirror of every MLA layer's
+ *                   cache on the device. When the layers' weights fit the budget (they are
+ *                   taken before the experts), the whole layer runs there (cuda/mla.cu
+ *                   cu_mla_layer): x goes in, the output and the new cache rows come back.
+ *                   Otherwise only the attention does: mla_forward sends the absorbed queries
+ *                   and gets the weighted latents [T][H][L] back, and the host rows are
+ *                   appended to the mirror.
  *   hot experts     per MoE layer the routed experts chosen most often stay resident in device
  *                   memory (the hot set), with the shared expert; the device computes them
  *                   while the CPU computes the cold ones (cuda/moe.cu, moe_forward).
@@ -73,15 +77,24 @@ struct bk_layer {
     uint64_t since;               /* slots routed since the last choice */
 };
 
+/* One MLA layer's resident weights (NULL buf: its projections run on the CPU). */
+struct bk_mla {
+    struct kli_gpu_mla_w w;
+    void *buf;
+    uint64_t bytes;
+};
+
 struct backend_model {
     const struct kli_model *m;
     const struct kli_backend_ops *ops;
     struct kli_gpu *g;            /* NULL: CPU only, status says why */
     struct kli_gpu_info info;
-    char status[320];
+    char status[512];
     pthread_mutex_t status_lock;
     int failed;                   /* a session's step failed (status says so) */
     int mla;                      /* MLA attention on the device */
+    int mla_proj;                 /* and the projections of every MLA layer (mla_w) */
+    struct bk_mla *mla_w;         /* [n_layers], used for MLA layers */
     int experts;                  /* shared and hot routed experts on the device */
     int32_t n_hot;                /* routed experts per MoE layer kept resident */
     uint64_t exp_bytes;           /* device bytes of one routed expert */
@@ -102,6 +115,7 @@ struct backend_sess {
     int64_t toks_n, toks_cap;
     /* job scratch, sized for batch_max rows */
     const float **cptr;           /* [B] */
+    float *newrows;               /* [B][L+rope]: cache rows made on the device */
     int64_t *nrow;                /* [B] */
     struct kli_gpu_ffn *items;    /* [E+1] */
     int32_t *start;               /* [E+2] */
@@ -342,6 +356,13 @@ backend_model_close(struct kli_model *m)
         }
         free(bm->layer);
     }
+    if (bm->mla_w != NULL) {
+        for (int i = 0; i < m->cfg.n_layers; i++) {
+            if (bm->mla_w[i].buf != NULL)
+                bm->ops->release(bm->g, bm->mla_w[i].buf, bm->mla_w[i].bytes);
+        }
+        free(bm->mla_w);
+    }
     if (bm->g != NULL)
         bm->ops->close(bm->g);
     if (bm->have_locks) {
@@ -374,6 +395,107 @@ bk_cpu_only(struct kli_model *m, const struct kli_model_options *opt, int code,
         memcpy(bm->status, keep, sizeof(keep));
         m->gpu = bm;
     }
+    return KLI_OK;
+}
+
+/* The device layout of one MLA layer's weights: what cu_mla_layer reads. Pieces start on
+ * 256-byte boundaries of one allocation; off[] are their offsets, the return the total. */
+static uint64_t
+bk_mla_layout(const struct kli_model *m, const struct kli_mla_w *w, uint64_t off[7],
+              uint64_t len[7])
+{
+    const struct kli_config_mla *c = &m->cfg.mla;
+    uint64_t H = (uint64_t)c->n_heads, L = (uint64_t)c->kv_lora_rank;
+    uint64_t o = 0;
+
+    len[0] = bk_tensor_bytes(&w->q_proj);
+    len[1] = bk_tensor_bytes(&w->kv_a);
+    len[2] = bk_tensor_bytes(&w->o_proj);
+    len[3] = L * 4;
+    len[4] = H * L * (uint64_t)c->qk_nope_dim * 4;
+    len[5] = H * (uint64_t)c->v_head_dim * L * 4;
+    len[6] = 0;
+    for (int k = 0; k < 6; k++) {
+        off[k] = o;
+        o += (len[k] + 255) & ~(uint64_t)255;
+    }
+    return o;
+}
+
+static struct kli_gpu_mat
+bk_mat(const struct kli_tensor *t, const void *dev)
+{
+    struct kli_gpu_mat g = {dev, (int32_t)t->dtype, (int32_t)t->shape[0],
+                            (int32_t)t->shape[1]};
+
+    return g;
+}
+
+/* Makes the projections of every MLA layer resident when all of them fit in `*avail` (taken
+ * from it) and suit cu_mla_layer; otherwise they stay on the CPU and note says why. */
+static int
+bk_open_mla_proj(struct kli_model *m, uint64_t *avail, char *note, size_t note_cap,
+                 struct kli_err *err)
+{
+    struct backend_model *bm = m->gpu;
+    const struct kli_config *cfg = &m->cfg;
+    const struct kli_config_mla *c = &cfg->mla;
+    uint64_t off[7], len[7], need = 0;
+    int rc;
+
+    if (bm->ops->mla_layer == NULL || bm->ops->mla_layer_check == NULL)
+        return KLI_OK;
+    for (int i = 0; i < cfg->n_layers; i++) {
+        if (cfg->layer_mixer[i] != KLI_MIXER_MLA)
+            continue;
+        const struct kli_mla_w *w = &m->layers[i].mla;
+        struct kli_gpu_mla_w hw = {bk_mat(&w->q_proj, w->q_proj.data),
+                                   bk_mat(&w->kv_a, w->kv_a.data),
+                                   bk_mat(&w->o_proj, w->o_proj.data), w->kv_a_norm,
+                                   w->w_uk_t, w->w_uv};
+        struct kli_err e = {0};
+        if (bm->ops->mla_layer_check(bm->g, &hw, (int32_t)cfg->d_model, c->n_heads,
+                                     c->qk_nope_dim, c->qk_rope_dim, c->v_head_dim, &e) !=
+            KLI_OK) {
+            snprintf(note, note_cap, "MLA projections on the CPU (%.120s)", e.msg);
+            return KLI_OK;
+        }
+        need += bk_mla_layout(m, w, off, len);
+    }
+    if (need == 0)
+        return KLI_OK;
+    if (need > *avail) {
+        snprintf(note, note_cap, "MLA projections on the CPU (they need %.0f MiB)",
+                 (double)need / 1048576.0);
+        return KLI_OK;
+    }
+    if ((bm->mla_w = kli_calloc((size_t)cfg->n_layers, sizeof(*bm->mla_w))) == NULL)
+        return kli_err_set(err, KLI_E_NOMEM, "out of memory");
+    for (int i = 0; i < cfg->n_layers; i++) {
+        if (cfg->layer_mixer[i] != KLI_MIXER_MLA)
+            continue;
+        const struct kli_mla_w *w = &m->layers[i].mla;
+        struct bk_mla *d = &bm->mla_w[i];
+        const void *src[6] = {w->q_proj.data, w->kv_a.data, w->o_proj.data, w->kv_a_norm,
+                              w->w_uk_t, w->w_uv};
+        uint64_t total = bk_mla_layout(m, w, off, len);
+        if ((rc = bm->ops->alloc(bm->g, &d->buf, total, err)) != KLI_OK)
+            return rc;
+        d->bytes = total;
+        char *b = d->buf;
+        for (int k = 0; k < 6; k++) {
+            if ((rc = bm->ops->upload(bm->g, b + off[k], src[k], len[k], err)) != KLI_OK)
+                return rc;
+        }
+        d->w.q_proj = bk_mat(&w->q_proj, b + off[0]);
+        d->w.kv_a = bk_mat(&w->kv_a, b + off[1]);
+        d->w.o_proj = bk_mat(&w->o_proj, b + off[2]);
+        d->w.kv_norm = (const float *)(b + off[3]);
+        d->w.w_uk_t = (const float *)(b + off[4]);
+        d->w.w_uv = (const float *)(b + off[5]);
+    }
+    *avail -= need;
+    bm->mla_proj = 1;
     return KLI_OK;
 }
 
@@ -535,6 +657,11 @@ backend_model_open(struct kli_model *m, const struct kli_model_options *opt,
     uint64_t reserve = BK_WORKSPACE_RESERVE +
                        (bm->mla ? (uint64_t)n_mla * (uint64_t)C * 4 * (uint64_t)ctx : 0);
     uint64_t avail = budget > reserve ? budget - reserve : 0;
+    if (bm->mla && (rc = bk_open_mla_proj(m, &avail, mla_note, sizeof(mla_note), err)) !=
+        KLI_OK) {
+        backend_model_close(m);
+        return rc;
+    }
     if (cfg->moe.n_experts > 0 && opt->gpu_experts != 0 &&
         (rc = bk_open_experts(m, opt, avail, note, sizeof(note), err)) != KLI_OK) {
         backend_model_close(m);
@@ -545,10 +672,16 @@ backend_model_open(struct kli_model *m, const struct kli_model_options *opt,
                  mla_note[0] ? mla_note : note[0] ? note : "no MLA layers, experts off");
         return bk_cpu_only(m, opt, KLI_E_UNSUPPORTED, why, err);
     }
+    char what[400];
+    if (bm->mla_proj)
+        snprintf(what, sizeof(what), "MLA layers");
+    else if (bm->mla)
+        snprintf(what, sizeof(what), "MLA attention%s%s", mla_note[0] ? "; " : "", mla_note);
+    else
+        snprintf(what, sizeof(what), "%s", mla_note);
     snprintf(bm->status, sizeof(bm->status), "GPU %d: %s, %.1f GiB budget: %s%s%s", dev,
-             bm->info.name, (double)budget / 1073741824.0,
-             bm->mla ? "MLA attention" : mla_note, note[0] ? "; " : "",
-             note[0] ? note : "; experts on the CPU");
+             bm->info.name, (double)budget / 1073741824.0, what, what[0] ? "; " : "",
+             note[0] ? note : "experts on the CPU");
     return KLI_OK;
 }
 
@@ -578,6 +711,7 @@ backend_sess_free(struct kli_session *s)
     free(g->synced);
     free(g->toks);
     free(g->cptr);
+    free(g->newrows);
     free(g->nrow);
     free(g->items);
     free(g->start);
@@ -609,13 +743,15 @@ backend_sess_create(struct kli_session *s, struct kli_err *err)
     g->dcap = kli_calloc(nl, sizeof(*g->dcap));
     g->synced = kli_calloc(nl, sizeof(*g->synced));
     g->cptr = kli_calloc(B, sizeof(*g->cptr));
+    g->newrows = kli_calloc(B * (size_t)(cfg->mla.kv_lora_rank + cfg->mla.qk_rope_dim),
+                            sizeof(float));
     g->nrow = kli_calloc(B, sizeof(*g->nrow));
     g->items = kli_calloc(E + 1, sizeof(*g->items));
     g->start = kli_calloc(E + 2, sizeof(*g->start));
     g->row = kli_calloc(P, sizeof(*g->row));
     g->wt = kli_calloc(P, sizeof(*g->wt));
-    if (!g->dc || !g->dcap || !g->synced || !g->cptr || !g->nrow || !g->items || !g->start ||
-        !g->row || !g->wt) {
+    if (!g->dc || !g->dcap || !g->synced || !g->cptr || !g->newrows || !g->nrow ||
+        !g->items || !g->start || !g->row || !g->wt) {
         backend_sess_free(s);
         return kli_err_set(err, KLI_E_NOMEM, "out of memory");
     }
@@ -687,26 +823,27 @@ backend_forward_begin(struct kli_session *const *ss, int64_t n_seq, int64_t T_se
     return 1;
 }
 
-/* Makes layer i's mirror of session g hold `need` rows: grows it (keeping the rows already
- * there, copied through queue q) and uploads the rows [synced, need) from the host cache. */
+/* Makes layer i's mirror of session g hold room for `room` rows (grown keeping the rows
+ * already there, copied through queue q) and uploads the rows [synced, need) from the host
+ * cache. */
 static int
 bk_mirror(struct backend_sess *g, struct kli_gpu_queue *q, int i, const float *cache,
-          int64_t need, struct kli_err *err)
+          int64_t need, int64_t room, struct kli_err *err)
 {
     struct backend_model *bm = g->bm;
     const struct kli_backend_ops *ops = bm->ops;
     int64_t C = (int64_t)bm->m->cfg.mla.kv_lora_rank + bm->m->cfg.mla.qk_rope_dim;
     int rc;
 
-    if (need > g->dcap[i]) {
+    if (room > g->dcap[i]) {
         int64_t cap = g->dcap[i] > 0 ? 2 * g->dcap[i] : 1024;
         void *p = NULL;
-        while (cap < need)
+        while (cap < room)
             cap *= 2;
         if (cap > g->s->ctx_max)
-            cap = g->s->ctx_max > need ? g->s->ctx_max : need;
+            cap = g->s->ctx_max > room ? g->s->ctx_max : room;
         if (ops->alloc(bm->g, &p, (uint64_t)cap * C * 4, NULL) != KLI_OK &&
-            (cap = need, rc = ops->alloc(bm->g, &p, (uint64_t)cap * C * 4, err)) != KLI_OK)
+            (cap = room, rc = ops->alloc(bm->g, &p, (uint64_t)cap * C * 4, err)) != KLI_OK)
             return rc;
         if (g->synced[i] > 0 &&
             (rc = ops->queue_copy(q, p, g->dc[i], (uint64_t)g->synced[i] * C * 4, err)) !=
@@ -746,7 +883,8 @@ backend_mla_attend(struct backend_sess *const *gs, int layer, float *const *cach
     for (int64_t q = 0; q < n_seq; q++) {
         if (gs[q]->mla_off)
             return 1;
-        int rc = bk_mirror(gs[q], g0->q, layer, caches[q], pos[q] + T_seq, &e);
+        int rc = bk_mirror(gs[q], g0->q, layer, caches[q], pos[q] + T_seq, pos[q] + T_seq,
+                           &e);
         if (rc == KLI_E_NOMEM) {
             gs[q]->mla_off = 1;   /* over the budget: this session's attention stays here */
             return 1;
@@ -771,6 +909,59 @@ backend_mla_attend(struct backend_sess *const *gs, int layer, float *const *cach
         bk_dead(g0, &e);
         return 1;
     }
+    return 0;
+}
+
+int
+backend_mla_layer(struct backend_sess *const *gs, int layer, float *const *caches,
+                  const int64_t *pos, int64_t n_seq, int64_t T_seq, const float *x, float *out)
+{
+    struct backend_sess *g0 = gs[0];
+    struct backend_model *bm = g0->bm;
+    const struct kli_config *cfg = &bm->m->cfg;
+    const struct kli_config_mla *c = &cfg->mla;
+    int64_t C = (int64_t)c->kv_lora_rank + c->qk_rope_dim, T = n_seq * T_seq;
+    struct kli_err e = {0};
+
+    if (!bm->mla_proj || bm->mla_w[layer].buf == NULL || g0->dead)
+        return 1;
+    /* the device needs every earlier row, and room for this pass's */
+    for (int64_t q = 0; q < n_seq; q++) {
+        if (gs[q]->mla_off)
+            return 1;
+        int rc = bk_mirror(gs[q], g0->q, layer, caches[q], pos[q], pos[q] + T_seq, &e);
+        if (rc == KLI_E_NOMEM) {
+            gs[q]->mla_off = 1;
+            return 1;
+        }
+        if (rc != KLI_OK) {
+            bk_dead(g0, &e);
+            return 1;
+        }
+    }
+    for (int64_t t = 0; t < T; t++) {
+        int64_t q = t / T_seq;
+        g0->cptr[t] = gs[q]->dc[layer];
+        g0->nrow[t] = pos[q] + t % T_seq + 1;
+    }
+    struct kli_gpu_mla_layer_job j = {
+        T, (int32_t)cfg->d_model, c->n_heads, c->kv_lora_rank, c->qk_rope_dim, c->qk_nope_dim,
+        c->v_head_dim, 1.0f / sqrtf((float)(c->qk_nope_dim + c->qk_rope_dim)),
+        1e-6f,   /* kv_a_layernorm's eps (docs/model.md decision 3), as mla_forward */
+        &bm->mla_w[layer].w, (float *const *)g0->cptr, g0->nrow, x, out, g0->newrows,
+    };
+    if (bm->ops->mla_layer(g0->q, &j, &e) != KLI_OK) {
+        bk_dead(g0, &e);
+        return 1;
+    }
+    /* the host cache stays the truth: the new rows go there too */
+    for (int64_t t = 0; t < T; t++) {
+        int64_t q = t / T_seq;
+        memcpy(caches[q] + (pos[q] + t % T_seq) * C, g0->newrows + t * C,
+               (size_t)C * sizeof(float));
+    }
+    for (int64_t q = 0; q < n_seq; q++)
+        gs[q]->synced[layer] = pos[q] + T_seq;
     return 0;
 }
 

@@ -80,6 +80,42 @@ struct kli_gpu_mla_job {
     float *lat;                  /* host [T][H][L], written */
 };
 
+/* One weight matrix on the device: [rows][cols] of dtype (F32, F16, BF16, Q8_0 or Q4; cols a
+ * multiple of 8, of 32 for the block types), rows contiguous. */
+struct kli_gpu_mat {
+    const void *w;
+    int32_t dtype;
+    int32_t rows, cols;
+};
+
+/* An MLA layer's weights on the device (the shapes of struct kli_mla_w in src/model.h). */
+struct kli_gpu_mla_w {
+    struct kli_gpu_mat q_proj;   /* [H*(nope+rope)][D] */
+    struct kli_gpu_mat kv_a;     /* [L+rope][D] */
+    struct kli_gpu_mat o_proj;   /* [D][H*v] */
+    const float *kv_norm;        /* [L] */
+    const float *w_uk_t;         /* [H][L][nope] */
+    const float *w_uv;           /* [H][v][L] */
+};
+
+/* A whole MLA layer (docs/model.md 5, the absorbed form) for T rows:
+ *     q = q_proj x,  (c, k_pe) = kv_a x,  cache_t[n[t]-1] = (rmsnorm(c) * kv_norm, k_pe),
+ *     qfull[h] = (W_UK[h]^T q_nope[h], q_pe[h]),  lat = attention (as kli_gpu_mla_job),
+ *     o[h] = W_UV[h] lat[h],  out = o_proj o.
+ * Row t's new cache row is written into its device cache before any row attends, so rows of
+ * one sequence in one job see each other causally; the new rows also come back in rows. */
+struct kli_gpu_mla_layer_job {
+    int64_t T;
+    int32_t D, H, L, rope, nope, dv;
+    float scale, eps;
+    const struct kli_gpu_mla_w *w;
+    float *const *cache;         /* [T] device caches (host array) */
+    const int64_t *n;            /* [T] rows attended, the last one new, >= 1 */
+    const float *x;              /* host [T][D] */
+    float *out;                  /* host [T][D], written */
+    float *rows;                 /* host [T][L+rope], written: the new cache rows */
+};
+
 /* Every member returns KLI_OK or a negative status with a message in `err` (KLI_E_CUDA with
  * the runtime's own words for a device failure); none aborts. Members marked (optional)
  * may be NULL. */
@@ -99,6 +135,9 @@ struct kli_backend_ops {
     /* Synchronous copy host -> device (weights at load). */
     int (*upload)(struct kli_gpu *g, void *dst, const void *src, uint64_t bytes,
                   struct kli_err *err);
+    /* Synchronous copy device -> host (tests, diagnostics). */
+    int (*download)(struct kli_gpu *g, void *dst, const void *src, uint64_t bytes,
+                    struct kli_err *err);
     int (*queue_create)(struct kli_gpu *g, struct kli_gpu_queue **out, struct kli_err *err);
     void (*queue_free)(struct kli_gpu_queue *q);
     /* Host -> device in the queue's order; `src` may be reused when it returns. */
@@ -114,6 +153,14 @@ struct kli_backend_ops {
     /* Runs the job; j->lat is written when it returns. */
     int (*mla_attend)(struct kli_gpu_queue *q, const struct kli_gpu_mla_job *j,
                       struct kli_err *err);
+    /* Checks that the layer's weight shapes and dtypes suit mla_layer (KLI_E_UNSUPPORTED
+     * with the reason if not); mla_check must accept H, L, L+rope as well. */
+    int (*mla_layer_check)(struct kli_gpu *g, const struct kli_gpu_mla_w *w, int32_t D,
+                           int32_t H, int32_t nope, int32_t rope, int32_t dv,
+                           struct kli_err *err);
+    /* Runs the whole layer; out and rows are written when it returns. */
+    int (*mla_layer)(struct kli_gpu_queue *q, const struct kli_gpu_mla_layer_job *j,
+                     struct kli_err *err);
     /* Starts the job and returns at once (the host arrays may be reused); moe_wait then adds
      * the result into out [T][D]. Every successful moe_launch is followed by one moe_wait. */
     int (*moe_launch)(struct kli_gpu_queue *q, const struct kli_gpu_moe_job *j,
@@ -155,6 +202,14 @@ int backend_forward_begin(struct kli_session *const *ss, int64_t n_seq, int64_t 
 int backend_mla_attend(struct backend_sess *const *gs, int layer, float *const *caches,
                        const int64_t *pos, int64_t n_seq, int64_t T_seq, const float *qfull,
                        float *lat);
+
+/* The whole of MLA layer `layer` on the device, when its weights are resident there: x
+ * [T][d_model] -> out, and the new rows of caches[q] (rows pos[q].. pos[q]+T_seq) written on
+ * both sides. @return 0 when done; non-zero: run the layer on the CPU (nothing was written
+ * that the CPU path does not write again). */
+int backend_mla_layer(struct backend_sess *const *gs, int layer, float *const *caches,
+                      const int64_t *pos, int64_t n_seq, int64_t T_seq, const float *x,
+                      float *out);
 
 /* MoE layer `layer` with the routing in sc (idx, wt, order, count) for T rows of x: counts
  * the routing, launches the shared expert and the resident routed experts on the device and

@@ -182,6 +182,10 @@ mla_forward(const struct kli_model *m, const struct kli_mla_w *w, float *const *
     struct mla_job j = {m, w, sc, T};
     float scale = 1.0f / sqrtf((float)dqk);
 
+    /* With a GPU that holds this layer's weights, the whole layer runs there. */
+    if (sc->gpu != NULL && backend_mla_layer(sc->gpu, sc->layer, caches, pos, n_seq, T_seq, x,
+                                             out) == 0)
+        return;
     ops_matmul(&w->q_proj, x, D, sc->q, H * dqk, T);
     ops_matmul(&w->kv_a, x, D, sc->ckv, stride, T);
     for (int64_t t = 0; t < T; t++) {

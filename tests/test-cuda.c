@@ -8,7 +8,10 @@
  *      lengths, several sequences in one job, the released model's shape; 1e-5 relative L2;
  *   2. SwiGLU experts (cuda/moe.cu) vs ffn_forward and moe_forward's weighted sum, for each
  *      weight dtype; 1e-5 (the CPU twins run the generic C kernels: KLI_SIMD=generic);
- *   3. the memory budget refuses with a message;
+ *   3. a whole MLA layer (cuda/mla.cu: projections, new cache rows, attention) vs
+ *      mla_forward, for each dtype of the projections, decode and prefill rows of several
+ *      sequences, and the released shape; 1e-5 on the output, the new rows on both sides;
+ *      then the memory budget refuses with a message;
  *   4. the tiny model with --gpu on: prefill + decode within 1e-4 of the golden logits, all
  *      experts resident, 3 per layer (the CPU computing the rest at the same time, with the
  *      hot set re-chosen as it runs), MLA only; the same against the CPU path; a batched step
@@ -33,6 +36,7 @@
 #include "backend.h"
 #include "ffn.h"
 #include "kli.h"
+#include "mla.h"
 #include "model.h"
 #include "ops.h"
 #include "tap.h"
@@ -53,6 +57,19 @@ xmalloc(size_t n)
         exit(1);
     }
     return p;
+}
+
+/* Device -> host. @return 0 on success. */
+static int
+dev_read(void *dst, const void *src, uint64_t bytes)
+{
+    struct kli_err err = {0};
+
+    if (ops->download(gpu, dst, src, bytes, &err) != KLI_OK) {
+        diag("download: %s", err.msg);
+        return -1;
+    }
+    return 0;
 }
 
 static float
@@ -335,6 +352,163 @@ test_experts(enum kli_dtype dt)
     free(xe);
 }
 
+/* ==== 3. A whole MLA layer =================================================================== */
+
+/* A random [rows][cols] matrix of dtype dt: host view in t (data in *buf). */
+static void
+make_mat(enum kli_dtype dt, int64_t rows, int64_t cols, struct kli_tensor *t, void **buf)
+{
+    int64_t n = rows * cols;
+    float *f = xmalloc((size_t)n * sizeof(float));
+
+    for (int64_t i = 0; i < n; i++)
+        f[i] = frand() / sqrtf((float)cols) * 2.0f;
+    *buf = xmalloc(kli_dtype_nbytes(dt, (uint64_t)n));
+    kli_dtype_from_f32(dt, f, *buf, n);
+    free(f);
+    memset(t, 0, sizeof(*t));
+    t->dtype = dt;
+    t->ndim = 2;
+    t->shape[0] = rows;
+    t->shape[1] = cols;
+    t->data = *buf;
+    t->name = "test";
+}
+
+static float *
+rand_floats(int64_t n, float scale, float bias)
+{
+    float *f = xmalloc((size_t)n * sizeof(float));
+
+    for (int64_t i = 0; i < n; i++)
+        f[i] = bias + scale * frand();
+    return f;
+}
+
+/* n_seq sequences of len[q] rows after this pass, T_seq new rows each. */
+static void
+test_mla_layer(const char *what, enum kli_dtype dt, int D, int H, int L, int nope, int rope,
+               int dv, int n_seq, const int64_t *len, int T_seq)
+{
+    const int C = L + rope, dqk = nope + rope;
+    const int64_t T = (int64_t)n_seq * T_seq;
+    struct kli_model m;
+    struct kli_mla_w w;
+    void *bq, *bkv, *bo;
+    int64_t nmax = 1, pos[8];
+
+    memset(&m, 0, sizeof(m));
+    m.cfg.d_model = D;
+    m.cfg.mla.n_heads = H;
+    m.cfg.mla.kv_lora_rank = L;
+    m.cfg.mla.qk_nope_dim = nope;
+    m.cfg.mla.qk_rope_dim = rope;
+    m.cfg.mla.v_head_dim = dv;
+    memset(&w, 0, sizeof(w));
+    make_mat(dt, (int64_t)H * dqk, D, &w.q_proj, &bq);
+    make_mat(dt, C, D, &w.kv_a, &bkv);
+    make_mat(dt, D, (int64_t)H * dv, &w.o_proj, &bo);
+    w.kv_a_norm = rand_floats(L, 0.5f, 1.0f);
+    w.w_uk_t = rand_floats((int64_t)H * L * nope, 1.0f / sqrtf((float)nope), 0.0f);
+    w.w_uv = rand_floats((int64_t)H * dv * L, 1.0f / sqrtf((float)L), 0.0f);
+
+    /* the device copy of the weights */
+    struct kli_gpu_mla_w dw = {
+        {dev_copy(bq, kli_dtype_nbytes(dt, (uint64_t)H * dqk * D)), dt, H * dqk, D},
+        {dev_copy(bkv, kli_dtype_nbytes(dt, (uint64_t)C * D)), dt, C, D},
+        {dev_copy(bo, kli_dtype_nbytes(dt, (uint64_t)D * H * dv)), dt, D, H * dv},
+        dev_copy(w.kv_a_norm, (uint64_t)L * 4),
+        dev_copy(w.w_uk_t, (uint64_t)H * L * nope * 4),
+        dev_copy(w.w_uv, (uint64_t)H * dv * L * 4),
+    };
+    struct kli_err err = {0};
+    ok(ops->mla_layer_check(gpu, &dw, D, H, nope, rope, dv, &err) == KLI_OK,
+       "%s: shape accepted %s", what, err.msg);
+
+    /* caches: the rows before this pass random, on the host and the device */
+    float *hc[8], *dc[8];
+    for (int q = 0; q < n_seq; q++) {
+        pos[q] = len[q] - T_seq;
+        hc[q] = rand_floats(len[q] * C, 1.0f, 0.0f);
+        for (int64_t i = pos[q] * C; i < len[q] * C; i++)
+            hc[q][i] = NAN;   /* poison: the layer writes these */
+        dc[q] = dev_copy(hc[q], (uint64_t)len[q] * C * 4);
+        nmax = len[q] > nmax ? len[q] : nmax;
+    }
+    float *x = rand_floats(T * D, 1.0f, 0.0f);
+    float *out_c = xmalloc((size_t)T * D * 4), *out_g = xmalloc((size_t)T * D * 4);
+    float *rows = xmalloc((size_t)T * C * 4);
+
+    /* the CPU twin */
+    struct mla_scratch sc;
+    memset(&sc, 0, sizeof(sc));
+    sc.q = xmalloc((size_t)T * H * dqk * 4);
+    sc.ckv = xmalloc((size_t)T * C * 4);
+    sc.o = xmalloc((size_t)T * H * dv * 4);
+    sc.qfull = xmalloc((size_t)T * H * C * 4);
+    sc.lat = xmalloc((size_t)T * H * L * 4);
+    sc.work_stride = mla_work_floats(&m.cfg, nmax);
+    sc.work = xmalloc((size_t)(sc.work_stride * 2 + (int64_t)H * nmax) * 4);
+    mla_forward(&m, &w, hc, pos, n_seq, &sc, x, T_seq, out_c);
+
+    const float *cptr[64];
+    int64_t nrow[64];
+    for (int64_t t = 0; t < T; t++) {
+        cptr[t] = dc[t / T_seq];
+        nrow[t] = pos[t / T_seq] + t % T_seq + 1;
+    }
+    struct kli_gpu_mla_layer_job j = {
+        T, D, H, L, rope, nope, dv, 1.0f / sqrtf((float)dqk), 1e-6f, &dw,
+        (float *const *)cptr, nrow, x, out_g, rows,
+    };
+    int rc = ops->mla_layer(queue, &j, &err);
+    if (rc != KLI_OK)
+        diag("%s: %s", what, err.msg);
+    /* the new rows: returned, and in the device caches, equal to the CPU's */
+    double er = 0.0, ed = 0.0;
+    for (int64_t t = 0; rc == KLI_OK && t < T; t++) {
+        int q = (int)(t / T_seq);
+        const float *ref = hc[q] + (pos[q] + t % T_seq) * C;
+        float *back = xmalloc((size_t)C * 4);
+        er = fmax(er, rel_l2(rows + t * C, ref, C));
+        if (dev_read(back, dc[q] + (pos[q] + t % T_seq) * C, (uint64_t)C * 4) == 0)
+            ed = fmax(ed, rel_l2(back, rows + t * C, C));
+        else
+            ed = INFINITY;
+        free(back);
+    }
+    double eo = rel_l2(out_g, out_c, T * D);
+    ok(rc == KLI_OK && eo < 1e-5 && er < 1e-6 && ed == 0.0, "%s: GPU layer vs CPU twin %.2g, "
+       "new rows %.2g, device rows = returned rows (%.2g)", what, eo, er, ed);
+
+    for (int q = 0; q < n_seq; q++) {
+        ops->release(gpu, dc[q], (uint64_t)len[q] * C * 4);
+        free(hc[q]);
+    }
+    ops->release(gpu, (void *)dw.q_proj.w, kli_dtype_nbytes(dt, (uint64_t)H * dqk * D));
+    ops->release(gpu, (void *)dw.kv_a.w, kli_dtype_nbytes(dt, (uint64_t)C * D));
+    ops->release(gpu, (void *)dw.o_proj.w, kli_dtype_nbytes(dt, (uint64_t)D * H * dv));
+    ops->release(gpu, (void *)dw.kv_norm, (uint64_t)L * 4);
+    ops->release(gpu, (void *)dw.w_uk_t, (uint64_t)H * L * nope * 4);
+    ops->release(gpu, (void *)dw.w_uv, (uint64_t)H * dv * L * 4);
+    free(bq);
+    free(bkv);
+    free(bo);
+    free(w.kv_a_norm);
+    free(w.w_uk_t);
+    free(w.w_uv);
+    free(x);
+    free(out_c);
+    free(out_g);
+    free(rows);
+    free(sc.q);
+    free(sc.ckv);
+    free(sc.o);
+    free(sc.qfull);
+    free(sc.lat);
+    free(sc.work);
+}
+
 /* ==== 4. The golden fixture end to end ======================================================= */
 
 static char dir[4096];
@@ -486,8 +660,8 @@ test_golden(void)
     struct kli_model *m = open_tiny(KLI_GPU_ON, -1, 0);
     const char *st = kli_model_gpu_status(m);
     diag("%s", st);
-    ok(strncmp(st, "GPU", 3) == 0 && strstr(st, "MLA attention") != NULL &&
-       strstr(st, "8 of 8") != NULL, "--gpu on: MLA attention and all 8 experts on the GPU");
+    ok(strncmp(st, "GPU", 3) == 0 && strstr(st, "MLA layers") != NULL &&
+       strstr(st, "8 of 8") != NULL, "--gpu on: MLA layers and all 8 experts on the GPU");
     check_golden("gpu on, all experts", m, 0, cpu);
     check_golden("gpu on, all experts, batch_max 7", m, 7, cpu);
 
@@ -685,7 +859,30 @@ main(int argc, char **argv)
     for (size_t i = 0; i < sizeof(dts) / sizeof(dts[0]); i++)
         test_experts(dts[i]);
 
-    /* 3. the budget */
+    /* 3. a whole MLA layer, then the budget */
+    {
+        int64_t one[] = {1}, dec[] = {300}, pre[] = {7, 40}, big[] = {1000};
+        for (size_t i = 0; i < sizeof(dts) / sizeof(dts[0]); i++) {
+            char what[96];
+            snprintf(what, sizeof(what), "MLA layer %s, decode at 300", kli_dtype_name(dts[i]));
+            test_mla_layer(what, dts[i], 256, 4, 64, 32, 16, 32, 1, dec, 1);
+        }
+        test_mla_layer("MLA layer bf16, first token", KLI_DT_BF16, 128, 2, 64, 32, 16, 32, 1, one,
+                       1);
+        test_mla_layer("MLA layer q8_0, prefill 2 sequences x 7 rows", KLI_DT_Q8_0, 256, 3, 64,
+                       32, 16, 32, 2, pre, 7);
+        test_mla_layer("MLA layer bf16, released shape, decode at 1000", KLI_DT_BF16, 2304, 32,
+                       512, 128, 64, 128, 1, big, 1);
+        test_mla_layer("MLA layer q8_0, released shape, prefill 40 rows", KLI_DT_Q8_0, 2304, 32,
+                       512, 128, 64, 128, 1, big, 40);
+        struct kli_gpu_mla_w bad = {{(void *)1, KLI_DT_Q8_0, 96, 100}, {(void *)1, KLI_DT_Q8_0,
+                                    80, 128}, {(void *)1, KLI_DT_Q8_0, 128, 64}, (float *)1,
+                                    (float *)1, (float *)1};
+        struct kli_err e4 = {0};
+        ok(ops->mla_layer_check(gpu, &bad, 128, 2, 32, 16, 32, &e4) == KLI_E_UNSUPPORTED &&
+           e4.msg[0] != '\0', "a projection of the wrong shape is refused: %s", e4.msg);
+    }
+    /* the budget */
     {
         struct kli_gpu *g2 = NULL;
         struct kli_gpu_info i2;
