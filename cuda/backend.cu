@@ -99,6 +99,7 @@ cu_release(struct kli_gpu *g, void *p, uint64_t bytes)
 {
     if (p == NULL)
         return;
+    (void)cudaSetDevice(g->info.device);   /* the mover thread frees too */
     (void)cudaFree(p);
     pthread_mutex_lock(&g->lock);
     g->used -= bytes;
@@ -119,7 +120,11 @@ cu_used(struct kli_gpu *g, uint64_t *budget)
 static int
 cu_upload(struct kli_gpu *g, void *dst, const void *src, uint64_t bytes, struct kli_err *err)
 {
-    (void)g;
+    int rc;
+
+    /* any thread may call this (the hot-set mover has its own): the device first */
+    if ((rc = cu_check(cudaSetDevice(g->info.device), err, "cudaSetDevice")) != KLI_OK)
+        return rc;
     return cu_check(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice), err, "cudaMemcpy "
                     "(upload)");
 }
@@ -127,7 +132,10 @@ cu_upload(struct kli_gpu *g, void *dst, const void *src, uint64_t bytes, struct 
 static int
 cu_download(struct kli_gpu *g, void *dst, const void *src, uint64_t bytes, struct kli_err *err)
 {
-    (void)g;
+    int rc;
+
+    if ((rc = cu_check(cudaSetDevice(g->info.device), err, "cudaSetDevice")) != KLI_OK)
+        return rc;
     return cu_check(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost), err, "cudaMemcpy "
                     "(download)");
 }

@@ -20,10 +20,14 @@
  * the mirror was built from, so snapshots, copies and rewinds need no hooks of their own.
  *
  * The hot set is chosen from routing counts as kli runs (optionally seeded from a routing
- * trace): every 32 * n_experts routed slots of a layer, up to two experts whose count clearly
- * exceeds the coldest resident one's replace it, and the counts halve. The switch holds the model's
- * lock for writing; jobs in flight hold it for reading, so a session never computes with an
- * expert that is being replaced.
+ * trace): every n_experts routed slots of a layer (32 tokens of the released model), the
+ * experts whose count exceeds twice the coldest resident one's plus 4 replace them, up to 8
+ * at a time, and the counts halve (contrib/tools/hotset-sim.py chose these on the real
+ * router trace: 51% of routed slots on 32 of 256 experts, where a fixed first set gives
+ * 11% and a profile from the trace's first half 52%). The copies run on a thread of their
+ * own (the mover) while decode goes on; a new expert is switched in, and the old one freed,
+ * under the model's lock for writing. Jobs in flight hold it for reading, so a session
+ * never computes with an expert that is being replaced.
  *
  * Every failure is the CPU's cue: an open that fails leaves "CPU only: <why>" in the status
  * (or is an error with KLI_GPU_ON), a memory budget that runs out keeps that layer's
@@ -50,8 +54,8 @@
 /* Routed slots between two choices of a layer's hot set, per expert of the layer, and the
  * most experts one choice replaces: every replacement is a synchronous upload (14 MB per
  * expert of the released model), so the hot set moves slowly and only on clear evidence. */
-#define BK_REBALANCE_PER_EXPERT 32
-#define BK_MAX_SWAPS 2
+#define BK_REBALANCE_PER_EXPERT 1
+#define BK_MAX_SWAPS 8
 /* Bytes kept free for queues' workspaces when sizing the hot set. */
 #define BK_WORKSPACE_RESERVE ((uint64_t)512 << 20)
 /* Context the MLA mirrors are budgeted for when sizing the hot set. */
@@ -100,6 +104,15 @@ struct backend_model {
     uint64_t exp_bytes;           /* device bytes of one routed expert */
     struct bk_layer *layer;       /* [n_layers], used for MoE layers */
     pthread_rwlock_t lock;        /* read: a job in flight; write: changing a hot set */
+    uint64_t st_routed, st_on_gpu, st_swaps;   /* kli_model_gpu_stats (atomic) */
+    /* the mover: one re-choice at a time, copied in the background */
+    pthread_t mover;
+    int have_mover;
+    pthread_mutex_t mv_lock;
+    pthread_cond_t mv_cond;
+    int mv_busy, mv_stop;         /* under mv_lock; mv_busy also read atomically */
+    int mv_layer, mv_n;
+    int32_t mv_in[BK_MAX_SWAPS], mv_out[BK_MAX_SWAPS];
     int have_locks;
 };
 
@@ -132,6 +145,35 @@ kli_model_gpu_status(const struct kli_model *m)
     if (m == NULL || m->gpu == NULL)
         return "CPU only: GPU use off";
     return m->gpu->status;
+}
+
+int
+kli_model_gpu_stats(const struct kli_model *m, struct kli_gpu_stats *st)
+{
+    if (st == NULL)
+        return -1;
+    memset(st, 0, sizeof(*st));
+    if (m == NULL || m->gpu == NULL || m->gpu->g == NULL)
+        return -1;
+    struct backend_model *bm = m->gpu;
+    st->mla_layers = bm->mla_proj;
+    st->n_hot = bm->experts ? bm->n_hot : 0;
+    st->n_experts = m->cfg.moe.n_experts;
+    st->bytes_used = bm->ops->used(bm->g, &st->budget);
+    st->routed = __atomic_load_n(&bm->st_routed, __ATOMIC_RELAXED);
+    st->on_gpu = __atomic_load_n(&bm->st_on_gpu, __ATOMIC_RELAXED);
+    st->swaps = __atomic_load_n(&bm->st_swaps, __ATOMIC_RELAXED);
+    return 0;
+}
+
+void
+kli_model_gpu_reset(struct kli_model *m)
+{
+    if (m == NULL || m->gpu == NULL)
+        return;
+    __atomic_store_n(&m->gpu->st_routed, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&m->gpu->st_on_gpu, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&m->gpu->st_swaps, 0, __ATOMIC_RELAXED);
 }
 
 /* Records a step's failure once in the model's status line. */
@@ -286,51 +328,98 @@ bk_sort_by_count(int32_t *order, const uint32_t *count, int32_t E)
     }
 }
 
-/* Re-chooses the hot set of MoE layer i: the most-counted experts become resident, with a
- * margin against churn: a cold expert replaces the coldest resident one only when it was
- * chosen more than twice as often (plus 16), and at most BK_MAX_SWAPS are replaced (the
- * first choice, at open, fills the set). Call with the lock held for writing. */
+/* The first hot set of MoE layer i: its most-counted experts (the profile's, or the lowest
+ * ids), as many as n_hot, uploaded now. */
 static void
-bk_choose(struct backend_model *bm, int i, int initial)
+bk_fill(struct backend_model *bm, int i)
 {
-    const struct kli_config *cfg = &bm->m->cfg;
     const struct kli_moe_w *w = &bm->m->layers[i].moe;
     struct bk_layer *bl = &bm->layer[i];
-    int32_t E = cfg->moe.n_experts, order[KLI_MAX_EXPERTS];
-    uint32_t snap[KLI_MAX_EXPERTS];
+    int32_t E = bm->m->cfg.moe.n_experts, order[KLI_MAX_EXPERTS];
+
+    bk_sort_by_count(order, bl->count, E);
+    for (int32_t r = 0; r < bm->n_hot && r < E; r++) {
+        if (bk_ffn_upload(bm, &w->experts[order[r]], &bl->exp[order[r]], &bl->buf[order[r]],
+                          NULL) != KLI_OK)
+            break;
+    }
+    for (int32_t e = 0; e < E; e++)
+        bl->count[e] /= 2;
+}
+
+/* A re-choice of MoE layer i's hot set from its counts (halved afterwards): up to
+ * BK_MAX_SWAPS pairs, in[k] to become resident in place of out[k], each in chosen more than
+ * twice as often as its out plus 4. Reads which experts are resident: call with the lock
+ * held (for reading is enough: only the mover changes the set, and it is idle). */
+static int
+bk_plan(struct backend_model *bm, int i, int32_t *in, int32_t *out)
+{
+    struct bk_layer *bl = &bm->layer[i];
+    int32_t E = bm->m->cfg.moe.n_experts, order[KLI_MAX_EXPERTS], n = 0;
+    uint32_t snap[KLI_MAX_EXPERTS] = {0};
 
     for (int32_t e = 0; e < E; e++)
         snap[e] = __atomic_load_n(&bl->count[e], __ATOMIC_RELAXED);
     bk_sort_by_count(order, snap, E);
-    int32_t n_res = 0, swaps = 0;
-    for (int32_t e = 0; e < E; e++)
-        n_res += bl->exp[e].gate != NULL;
-    for (int32_t r = 0; r < bm->n_hot && r < E; r++) {
+    /* the hottest cold ones against the coldest resident ones, pairwise */
+    int32_t k = E - 1;
+    for (int32_t r = 0; r < bm->n_hot && r < E && n < BK_MAX_SWAPS; r++) {
         int32_t c = order[r];
         if (bl->exp[c].gate != NULL)
             continue;
-        if (n_res >= bm->n_hot) {
-            /* the coldest resident expert outside the top n_hot */
-            int32_t v = -1;
-            for (int32_t k = E - 1; k >= bm->n_hot; k--) {
-                if (bl->exp[order[k]].gate != NULL) {
-                    v = order[k];
-                    break;
-                }
-            }
-            if (v < 0 || (!initial && (snap[c] <= 2 * snap[v] + 16 || swaps == BK_MAX_SWAPS)))
-                break;
-            swaps++;
-            bk_ffn_release(bm, &bl->exp[v], &bl->buf[v], bm->exp_bytes);
-            n_res--;
-        }
-        if (bk_ffn_upload(bm, &w->experts[c], &bl->exp[c], &bl->buf[c], NULL) != KLI_OK)
+        while (k >= bm->n_hot && bl->exp[order[k]].gate == NULL)
+            k--;
+        if (k < bm->n_hot || snap[c] <= 2 * snap[order[k]] + 4)
             break;
-        n_res++;
+        in[n] = c;
+        out[n++] = order[k--];
     }
     for (int32_t e = 0; e < E; e++)
         __atomic_store_n(&bl->count[e], snap[e] / 2, __ATOMIC_RELAXED);
     __atomic_store_n(&bl->since, 0, __ATOMIC_RELAXED);
+    return n;
+}
+
+/* The mover: copies each planned expert into fresh device memory while decode goes on, then
+ * switches it in and frees the one it replaces under the lock for writing. When the budget
+ * has no room for the copy beside the old expert, the old one goes first (both under the
+ * lock). A failed copy leaves the set as it was. */
+static void *
+bk_mover(void *arg)
+{
+    struct backend_model *bm = arg;
+
+    pthread_mutex_lock(&bm->mv_lock);
+    for (;;) {
+        while (!bm->mv_busy && !bm->mv_stop)
+            pthread_cond_wait(&bm->mv_cond, &bm->mv_lock);
+        if (bm->mv_stop)
+            break;
+        int layer = bm->mv_layer, n = bm->mv_n;
+        pthread_mutex_unlock(&bm->mv_lock);
+        struct bk_layer *bl = &bm->layer[layer];
+        const struct kli_moe_w *w = &bm->m->layers[layer].moe;
+        for (int k = 0; k < n; k++) {
+            int32_t in = bm->mv_in[k], out = bm->mv_out[k];
+            struct kli_gpu_ffn d;
+            void *buf = NULL;
+            int early = bk_ffn_upload(bm, &w->experts[in], &d, &buf, NULL) == KLI_OK;
+            pthread_rwlock_wrlock(&bm->lock);
+            bk_ffn_release(bm, &bl->exp[out], &bl->buf[out], bm->exp_bytes);
+            if (early) {
+                bl->exp[in] = d;
+                bl->buf[in] = buf;
+            } else {
+                bk_ffn_upload(bm, &w->experts[in], &bl->exp[in], &bl->buf[in], NULL);
+            }
+            pthread_rwlock_unlock(&bm->lock);
+            __atomic_add_fetch(&bm->st_swaps, 1, __ATOMIC_RELAXED);
+        }
+        pthread_mutex_lock(&bm->mv_lock);
+        __atomic_store_n(&bm->mv_busy, 0, __ATOMIC_RELEASE);
+    }
+    pthread_mutex_unlock(&bm->mv_lock);
+    return NULL;
 }
 
 void
@@ -340,6 +429,16 @@ backend_model_close(struct kli_model *m)
 
     if (bm == NULL)
         return;
+    if (bm->have_mover) {
+        pthread_mutex_lock(&bm->mv_lock);
+        bm->mv_stop = 1;
+        pthread_cond_signal(&bm->mv_cond);
+        pthread_mutex_unlock(&bm->mv_lock);
+        pthread_join(bm->mover, NULL);
+        pthread_mutex_destroy(&bm->mv_lock);
+        pthread_cond_destroy(&bm->mv_cond);
+        bm->have_mover = 0;
+    }
     if (bm->layer != NULL) {
         for (int i = 0; i < m->cfg.n_layers; i++) {
             struct bk_layer *bl = &bm->layer[i];
@@ -566,7 +665,7 @@ bk_open_experts(struct kli_model *m, const struct kli_model_options *opt, uint64
     for (int i = 0; i < cfg->n_layers; i++) {
         if (cfg->layer_ffn[i] != KLI_FFN_MOE)
             continue;
-        bk_choose(bm, i, 1);
+        bk_fill(bm, i);
         int32_t n = 0;
         for (int32_t e = 0; e < E; e++)
             n += bm->layer[i].exp[e].gate != NULL;
@@ -666,6 +765,17 @@ backend_model_open(struct kli_model *m, const struct kli_model_options *opt,
         (rc = bk_open_experts(m, opt, avail, note, sizeof(note), err)) != KLI_OK) {
         backend_model_close(m);
         return rc;
+    }
+    if (bm->experts && bm->n_hot > 0 && bm->n_hot < cfg->moe.n_experts) {
+        /* without the mover the first hot set simply stays */
+        pthread_mutex_init(&bm->mv_lock, NULL);
+        pthread_cond_init(&bm->mv_cond, NULL);
+        if (pthread_create(&bm->mover, NULL, bk_mover, bm) == 0) {
+            bm->have_mover = 1;
+        } else {
+            pthread_mutex_destroy(&bm->mv_lock);
+            pthread_cond_destroy(&bm->mv_cond);
+        }
     }
     if (!bm->mla && !bm->experts) {
         snprintf(why, sizeof(why), "nothing for the GPU (%s)",
@@ -982,18 +1092,26 @@ backend_moe_launch(struct backend_sess *g, int layer, const struct moe_scratch *
     if (bm->n_hot < E) {
         for (int64_t i = 0; i < T * K; i++)
             __atomic_fetch_add(&bl->count[sc->idx[i]], 1, __ATOMIC_RELAXED);
-        uint64_t since = __atomic_add_fetch(&bl->since, (uint64_t)(T * K), __ATOMIC_RELAXED);
-        if (since >= (uint64_t)BK_REBALANCE_PER_EXPERT * (uint64_t)E &&
-            pthread_rwlock_trywrlock(&bm->lock) == 0) {
-            bk_choose(bm, layer, 0);
-            pthread_rwlock_unlock(&bm->lock);
-        }
+        __atomic_add_fetch(&bl->since, (uint64_t)(T * K), __ATOMIC_RELAXED);
     }
     pthread_rwlock_rdlock(&bm->lock);
     g->moe_locked = 1;
+    /* a re-choice for the mover, when it is idle */
+    if (bm->have_mover && bm->n_hot < E &&
+        __atomic_load_n(&bl->since, __ATOMIC_RELAXED) >=
+            (uint64_t)BK_REBALANCE_PER_EXPERT * (uint64_t)E &&
+        !__atomic_load_n(&bm->mv_busy, __ATOMIC_ACQUIRE) &&
+        pthread_mutex_trylock(&bm->mv_lock) == 0) {
+        if (!bm->mv_busy && (bm->mv_n = bk_plan(bm, layer, bm->mv_in, bm->mv_out)) > 0) {
+            bm->mv_layer = layer;
+            bm->mv_busy = 1;
+            pthread_cond_signal(&bm->mv_cond);
+        }
+        pthread_mutex_unlock(&bm->mv_lock);
+    }
 
     /* items: the shared expert over every row, then each resident expert over its rows */
-    int32_t n = 0, p = 0;
+    int32_t n = 0, p = 0, hits = 0;
     if (bl->shared.gate != NULL) {
         g->items[n] = bl->shared;
         g->start[n++] = p;
@@ -1009,12 +1127,15 @@ backend_moe_launch(struct backend_sess *g, int layer, const struct moe_scratch *
             continue;
         g->items[n] = bl->exp[ex];
         g->start[n++] = p;
+        hits += cnt;
         for (int32_t i = 0; i < cnt; i++) {
             g->row[p] = ord[i] / K;
             g->wt[p++] = sc->wt[ord[i]];
         }
     }
     g->start[n] = p;
+    __atomic_add_fetch(&bm->st_routed, (uint64_t)(T * K), __ATOMIC_RELAXED);
+    __atomic_add_fetch(&bm->st_on_gpu, (uint64_t)hits, __ATOMIC_RELAXED);
     if (n == 0) {
         pthread_rwlock_unlock(&bm->lock);
         g->moe_locked = 0;

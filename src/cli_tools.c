@@ -477,7 +477,9 @@ bench_one(const struct bench_args *a)
     struct kli_model_options mo;
     struct kli_session_options so;
     struct kli_cache_stats cs, dsum;
-    int edge = 0;
+    struct kli_gpu_stats gs;
+    uint64_t g_routed = 0, g_on = 0, g_swaps = 0;
+    int edge = 0, gpu = 0;
 
     memset(&dsum, 0, sizeof(dsum));
     /* The bandwidth probe first: its buffers are gone before the peak resident size of the
@@ -502,6 +504,7 @@ bench_one(const struct bench_args *a)
     }
     cli_gpu_report(m);
     edge = kli_model_cache_stats(m, &cs) == 0;
+    gpu = kli_model_gpu_stats(m, &gs) == 0;
     kli_session_options_init(&so);
     so.batch_max = pp > 0 && pp < 512 ? (int32_t)pp : 512;
     if (kli_session_create(&s, m, &so, &err) != KLI_OK) {
@@ -539,8 +542,15 @@ bench_one(const struct bench_args *a)
             kli_session_reset(s);
             kli_session_reset_timers(s);
             kli_model_cache_reset(m);
+            kli_model_gpu_reset(m);
             if ((dc[r] = bench_decode(s, (int)tg, V, &err)) < 0)
                 goto fail;
+            if (gpu) {
+                kli_model_gpu_stats(m, &gs);
+                g_routed += gs.routed;
+                g_on += gs.on_gpu;
+                g_swaps += gs.swaps;
+            }
             if (edge) {
                 kli_model_cache_stats(m, &cs);
                 dsum.requests += cs.requests;
@@ -595,6 +605,13 @@ bench_one(const struct bench_args *a)
                    tg > 0 ? (double)dsum.bytes_read / (double)(tg * reps) : 0.0,
                    dsum.prefetches ? (double)dsum.prefetch_used / (double)dsum.prefetches : 0.0,
                    tg > 0 ? dsum.wait_seconds * 1e3 / (double)(tg * reps) : 0.0);
+        if (gpu)
+            printf(", \"gpu_mla_layers\": %d, \"gpu_hot_experts\": %d, \"gpu_experts\": %d, "
+                   "\"gpu_bytes_used\": %llu, \"gpu_expert_hit_rate\": %.4f, "
+                   "\"gpu_swaps\": %llu", gs.mla_layers, gs.n_hot, gs.n_experts,
+                   (unsigned long long)gs.bytes_used,
+                   g_routed ? (double)g_on / (double)g_routed : 0.0,
+                   (unsigned long long)g_swaps);
         printf(", \"peak_rss_bytes\": %llu}\n", (unsigned long long)bench_rss_peak());
     } else {
         printf("prefill  %6ld tokens: %8.2f tok/s (min %.2f, max %.2f)\n", pp, spf.med, spf.min,
@@ -620,6 +637,13 @@ bench_one(const struct bench_args *a)
                    dsum.prefetches ? 100.0 * (double)dsum.prefetch_used /
                                      (double)dsum.prefetches : 0.0,
                    tg > 0 ? dsum.wait_seconds * 1e3 / (double)(tg * reps) : 0.0);
+        if (gpu)
+            printf("gpu      %s, %d of %d routed experts per layer resident, %.0f MiB used: "
+                   "decode expert hit rate %.1f%%, %llu experts swapped\n",
+                   gs.mla_layers ? "MLA layers" : "MLA attention", gs.n_hot, gs.n_experts,
+                   (double)gs.bytes_used / 1048576.0,
+                   g_routed ? 100.0 * (double)g_on / (double)g_routed : 0.0,
+                   (unsigned long long)g_swaps);
         printf("memory   peak resident %.1f MiB\n", (double)bench_rss_peak() / 1048576.0);
     }
     rc = 0;

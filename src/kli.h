@@ -287,6 +287,25 @@ int kli_model_cache_stats(const struct kli_model *model, struct kli_cache_stats 
 /* Zeroes the counters (requests to wait_seconds) of kli_model_cache_stats. */
 void kli_model_cache_reset(struct kli_model *model);
 
+/* What the GPU does for a model (kli_model_options.gpu): the hot sets and their use. */
+struct kli_gpu_stats {
+    int32_t mla_layers;       /* 1: MLA layers run whole on the GPU; 0: attention only or none */
+    int32_t n_hot;            /* routed experts per MoE layer resident (fewest of any layer) */
+    int32_t n_experts;        /* routed experts per MoE layer in the model */
+    uint64_t bytes_used;      /* device memory kli holds now (weights, mirrors, workspaces) */
+    uint64_t budget;          /* device memory kli may hold */
+    uint64_t routed;          /* (token, routed expert) pairs of the forward passes */
+    uint64_t on_gpu;          /* of which computed by the GPU (the hit rate is on_gpu/routed) */
+    uint64_t swaps;           /* experts replaced in hot sets as the routing counts drifted */
+};
+
+/* @return 0 with *st filled when the model uses a GPU; -1 (and *st zeroed) otherwise. The
+ * counters count from the open or from kli_model_gpu_reset. */
+int kli_model_gpu_stats(const struct kli_model *model, struct kli_gpu_stats *st);
+
+/* Zeroes the counters (routed, on_gpu, swaps) of kli_model_gpu_stats. */
+void kli_model_gpu_reset(struct kli_model *model);
+
 /* @return the model's identity as recorded in snapshots: a hash of the configuration, every
  * tensor's name, dtype and shape and the dtypes computed in (weight_type). It does not cover
  * the weight values: two checkpoints of one architecture share it. */

@@ -14,7 +14,8 @@
  *      then the memory budget refuses with a message;
  *   4. the tiny model with --gpu on: prefill + decode within 1e-4 of the golden logits, all
  *      experts resident, 3 per layer (the CPU computing the rest at the same time, with the
- *      hot set re-chosen as it runs), MLA only; the same against the CPU path; a batched step
+ *      hot set re-chosen as it runs, the copies made by the mover thread; kli_model_gpu_stats
+ *      counts them), MLA only; the same against the CPU path; a batched step
  *      over two sessions; a session whose history is replaced (copy) must not reuse stale
  *      device rows.
  *
@@ -722,6 +723,26 @@ test_golden(void)
     ok(strstr(kli_model_gpu_status(m), "3 of 8") != NULL, "--gpu-experts 3: 3 of 8 resident");
     check_golden("gpu on, 3 hot experts per layer", m, 0, cpu);
     check_golden("gpu on, 3 hot experts per layer, batch_max 7", m, 7, cpu);
+    {
+        /* the counters, and the mover: with 3 of 8 resident and a re-choice every 8 routed
+         * slots, the fixture's routing moves experts in the background */
+        struct kli_gpu_stats gs;
+        int have = kli_model_gpu_stats(m, &gs) == 0;
+        diag("routed %llu, on the GPU %llu, swaps %llu, %llu bytes used",
+             (unsigned long long)gs.routed, (unsigned long long)gs.on_gpu,
+             (unsigned long long)gs.swaps, (unsigned long long)gs.bytes_used);
+        ok(have && gs.n_hot == 3 && gs.n_experts == 8 && gs.mla_layers == 1 &&
+           gs.routed == (uint64_t)2 * 4 * 2 * (n_prompt + n_decode) && gs.on_gpu > 0 &&
+           gs.on_gpu < gs.routed && gs.swaps > 0 && gs.bytes_used > 0,
+           "gpu stats: %llu of %llu routed pairs on the GPU, %llu experts moved",
+           (unsigned long long)gs.on_gpu, (unsigned long long)gs.routed,
+           (unsigned long long)gs.swaps);
+        kli_model_gpu_reset(m);
+        ok(kli_model_gpu_stats(m, &gs) == 0 && gs.routed == 0 && gs.on_gpu == 0 &&
+           gs.swaps == 0, "kli_model_gpu_reset zeroes the counters");
+        ok(kli_model_gpu_stats(mc, &gs) == -1 && gs.routed == 0,
+           "a model on the CPU has no GPU stats");
+    }
     kli_model_close(m);
 
     m = open_tiny(KLI_GPU_ON, 0, 0);
