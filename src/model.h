@@ -61,6 +61,9 @@ struct kli_moe_w {
     float *bias;                  /* [E] e_score_correction_bias (selection only) */
     struct kli_ffn_w *experts;    /* [E]: w1 = gate, w3 = up, w2 = down */
     struct kli_ffn_w shared;      /* d_ff = moe d_ff * n_shared; absent if n_shared = 0 */
+    const int8_t *node;           /* [E] under --numa partition: the node (logical index)
+                                     holding each routed expert, whose workers compute it in
+                                     decode steps (moe.c); NULL: any worker (numa.c) */
 };
 
 struct kli_layer {
@@ -92,6 +95,10 @@ struct kli_model {
     uint64_t fingerprint;         /* identity for session snapshots (model_fingerprint) */
     struct backend_model *gpu;    /* device state (backend.c); NULL: GPU use off */
     struct numa_state *numa;      /* topology, placement plan, node copies (numa.c) */
+    uint64_t numa_away;           /* expert rows computed by a worker of another node than
+                                     the expert's (atomic; only counted with moe.node) */
+    int numa_route;               /* moe.node decides which workers compute an expert;
+                                     set with moe.node by numa.c (tests turn it off) */
     struct xcache *xc;            /* edge mode's expert cache (xcache.c); NULL: resident */
 };
 

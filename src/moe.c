@@ -187,6 +187,7 @@ moe_experts_cached(const struct kli_model *m, const struct kli_moe_w *w,
  * then routed experts ascending), and each row is computed by the same kernel over the same
  * data, so the result matches it. */
 #define MOE_GROUP_MAX_T 32       /* tokens up to which a layer takes the grouped path */
+#define MOE_ROUTE_MAX 256        /* workers up to which --numa partition routes experts */
 
 struct moe_group {
     const struct kli_ffn_w *w[KLI_MAX_EXPERTS + 1];
@@ -198,7 +199,38 @@ struct moe_group {
     int64_t n_items, D, P, Fmax;
     int tn;                             /* workers: one range each */
     float *xg, *h1, *h3, *yg;           /* [P][D], [P][Fmax] x2, [P][D] */
+    /* --numa partition (kli_moe_w.node): item i's node, -1 for any worker; and per worker
+     * its node, its index among that node's workers and their number */
+    int route;
+    int8_t node[KLI_MAX_EXPERTS + 1];
+    int8_t wnode[MOE_ROUTE_MAX];
+    int16_t wrank[MOE_ROUTE_MAX], wsize[MOE_ROUTE_MAX];
+    uint64_t *away;                     /* the model's count of rows computed off-node */
 };
+
+/* Worker wk's share of `rows` of item i: under --numa partition a routed expert's rows go
+ * to the workers of its node only (ops_share among them), everything else to all. */
+static void
+moe_group_share(const struct moe_group *g, int64_t i, int64_t rows, int64_t wk, int64_t *r0,
+                int64_t *r1)
+{
+    if (g->route && g->node[i] >= 0) {
+        *r0 = *r1 = 0;
+        if (g->wnode[wk] == g->node[i])
+            ops_share(rows, 16, g->wrank[wk], g->wsize[wk], r0, r1);
+        return;
+    }
+    ops_share(rows, 16, (int)wk, g->tn, r0, r1);
+}
+
+/* Counts rows of routed experts that worker wk computed away from their node. */
+static void
+moe_group_away(const struct moe_group *g, int64_t i, int64_t wk, int64_t rows)
+{
+    if (g->away != NULL && g->node[i] >= 0 && rows > 0 &&
+        threads_slot_node((int)wk) != g->node[i])
+        __atomic_add_fetch(g->away, (uint64_t)rows, __ATOMIC_RELAXED);
+}
 
 /* Worker ith of tn takes, of every item, the rows that threads_parallel_for(rows, 16, ...)
  * would give it (ffn_forward and ops_matmul split that way, see ops_share): the float
@@ -214,9 +246,10 @@ moe_group_up_range(void *ctx, int64_t t0, int64_t t1, int ith)
     for (int64_t wk = t0; wk < t1; wk++) {   /* one worker each, or all when run serially */
         for (int64_t i = 0; i < g->n_items; i++) {
             int64_t r0, r1;
-            ops_share(g->h0[i + 1] - g->h0[i], 16, (int)wk, g->tn, &r0, &r1);
+            moe_group_share(g, i, g->h0[i + 1] - g->h0[i], wk, &r0, &r1);
             if (r1 <= r0)
                 continue;
+            moe_group_away(g, i, wk, r1 - r0);
             const float *xi = g->xg + g->row[i] * g->D;
             float *h1 = g->h1 + g->row[i] * g->Fmax, *h3 = g->h3 + g->row[i] * g->Fmax;
             ops_matmul_rows(&g->w[i]->gate, r0, r1, xi, g->D, h1, g->Fmax, g->n[i]);
@@ -236,12 +269,14 @@ moe_group_down_range(void *ctx, int64_t t0, int64_t t1, int ith)
 
     (void)ith;
     for (int64_t wk = t0; wk < t1; wk++) {   /* one worker each, or all when run serially */
-        ops_share(g->D, 16, (int)wk, g->tn, &r0, &r1);
-        if (r1 <= r0)
-            continue;
-        for (int64_t i = 0; i < g->n_items; i++)
+        for (int64_t i = 0; i < g->n_items; i++) {
+            moe_group_share(g, i, g->D, wk, &r0, &r1);
+            if (r1 <= r0)
+                continue;
+            moe_group_away(g, i, wk, r1 - r0);
             ops_matmul_rows(&g->w[i]->down, r0, r1, g->h1 + g->row[i] * g->Fmax, g->Fmax,
                             g->yg + g->row[i] * g->D, g->D, g->n[i]);
+        }
     }
 }
 
@@ -269,6 +304,7 @@ moe_grouped(const struct kli_model *m, const struct kli_moe_w *w, struct moe_scr
         return -1;
     if (shared) {
         g.w[0] = &w->shared;
+        g.node[0] = -1;
         g.ord[0] = NULL;
         g.n[0] = T;
         g.row[0] = 0;
@@ -285,6 +321,7 @@ moe_grouped(const struct kli_model *m, const struct kli_moe_w *w, struct moe_scr
             return -1;   /* the per-expert path multiplies these with SGEMM */
         int64_t i = g.n_items++;
         g.w[i] = &w->experts[e];
+        g.node[i] = w->node != NULL ? w->node[e] : -1;
         g.ord[i] = sc->order + sc->count[e];
         g.n[i] = n;
         g.row[i] = g.P;
@@ -319,6 +356,21 @@ moe_grouped(const struct kli_model *m, const struct kli_moe_w *w, struct moe_scr
         }
     }
     g.tn = threads_count();
+    g.away = w->node != NULL ? (uint64_t *)&m->numa_away : NULL;
+    g.route = w->node != NULL && m->numa_route && g.tn <= MOE_ROUTE_MAX;
+    if (g.route) {
+        /* every item's node must have a worker, else the plain split */
+        int16_t per[THREADS_NODES] = {0};
+        for (int k = 0; k < g.tn; k++) {
+            int nd = threads_slot_node(k);
+            g.wnode[k] = (int8_t)nd;
+            g.wrank[k] = per[nd]++;
+        }
+        for (int k = 0; k < g.tn; k++)
+            g.wsize[k] = per[g.wnode[k]];
+        for (int64_t i = 0; i < g.n_items; i++)
+            g.route &= g.node[i] < 0 || per[g.node[i]] > 0;
+    }
     threads_parallel_for(g.tn, 1, moe_group_up_range, &g);
     threads_parallel_for(g.tn, 1, moe_group_down_range, &g);
 

@@ -18,12 +18,12 @@
  * Replicate needs no such care: the copies are anonymous memory allocated with a BIND
  * policy (hwloc_alloc_membind) before they are written.
  *
- * Not done: routing the computation of a partitioned expert to the workers of its node.
- * The experts of a layer run one after the other on all workers (moe.c), so under
- * partition a worker reads its row slice of each expert from the expert's node, half of
- * them remote on two nodes: the binding and the check work, the locality of the compute
- * does not follow yet. That needs moe.c to run the experts of different nodes at once,
- * each on its node's workers.
+ * Partition also routes the work: numa_route gives each MoE layer the node of each routed
+ * expert (kli_moe_w.node), and moe.c's grouped path (decode steps, up to 32 tokens a layer)
+ * splits each expert's rows over the workers of its node only, the shared expert over all
+ * workers, so a decode step reads every routed expert from local memory. Prefill runs each
+ * expert on every worker, as before: there each weight serves many tokens and arithmetic,
+ * not the link between the nodes, is the limit.
  */
 #define _GNU_SOURCE
 #include "config.h"
@@ -573,6 +573,8 @@ fail:
     return rc;
 }
 
+static int numa_route(struct numa_state *s, struct kli_model *m, struct kli_err *err);
+
 int
 numa_place(struct numa_state *s, struct kli_model *m, struct kli_err *err)
 {
@@ -584,6 +586,8 @@ numa_place(struct numa_state *s, struct kli_model *m, struct kli_err *err)
         return rc;
     if (topo_plan_memory(&s->plan, s->regions, s->n_regions, NULL) != KLI_OK)
         return kli_err_set(err, KLI_E_NOMEM, "out of memory for the placement plan");
+    if (!s->plan_only && (rc = numa_route(s, m, err)) != KLI_OK)
+        return rc;
     if (s->plan.numa == KLI_NUMA_NONE)
         why = "--numa none (pages stay where they are first read)";
     else if (s->plan_only)
@@ -625,11 +629,46 @@ numa_apply(struct numa_state *s, struct kli_err *err)
     return KLI_OK;
 }
 
+/* Under partition on a machine whose workers span several nodes: each MoE layer learns the
+ * node of each of its routed experts, so that moe.c computes it there. */
+static int
+numa_route(struct numa_state *s, struct kli_model *m, struct kli_err *err)
+{
+    const struct kli_config *c = &m->cfg;
+    int64_t E = c->moe.n_experts, nodes = 0;
+
+    nodes = s->plan.n_worker_nodes;
+    if (s->plan.numa != KLI_NUMA_PARTITION || s->topo->synthetic || nodes < 2 || E == 0)
+        return KLI_OK;
+    s->expert_node = kli_calloc((size_t)(c->n_layers * E), 1);
+    if (s->expert_node == NULL)
+        return kli_err_set(err, KLI_E_NOMEM, "out of memory for the placement plan");
+    memset(s->expert_node, -1, (size_t)(c->n_layers * E));
+    for (int64_t i = 0; i < s->n_regions; i++) {
+        const struct topo_region *r = &s->regions[i];
+        if (r->role == TOPO_ROLE_EXPERT && r->layer >= 0 && r->layer < c->n_layers &&
+            r->expert >= 0 && r->expert < E && r->node >= 0 && r->node < TOPO_MAX_NODES)
+            s->expert_node[r->layer * E + r->expert] = (int8_t)r->node;
+    }
+    for (int i = 0; i < c->n_layers; i++) {
+        if (m->layers[i].ffn_kind != KLI_FFN_MOE)
+            continue;
+        int whole = 1;
+        for (int64_t e = 0; e < E; e++)
+            whole &= s->expert_node[i * E + e] >= 0;
+        if (whole)   /* a layer with an expert of no node keeps the plain split */
+            m->layers[i].moe.node = s->expert_node + i * E;
+    }
+    m->numa_route = 1;
+    return KLI_OK;
+}
+
 void
 numa_close(struct numa_state *s)
 {
     if (s == NULL)
         return;
+    free(s->expert_node);
     for (int64_t i = 0; i < s->n_copies; i++)
         numa_free_copy(s->topo, s->copies[i], s->copy_bytes[i]);
     free(s->copies);

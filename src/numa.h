@@ -26,6 +26,7 @@ struct numa_state {
     const void **node_ptrs;             /* backing store of kli_tensor.node_data */
     int plan_only;
     struct topo_report report;
+    int8_t *expert_node;                /* [n_layers][E] backing store of kli_moe_w.node */
 };
 
 /* Discovers the machine, plans the workers for `opt` and hands the plan to threads.c (which

@@ -118,6 +118,12 @@ threads_node(void)
 }
 
 int
+threads_slot_node(int slot)
+{
+    return slot >= 0 && slot < threads_plan_n ? threads_plan_node[slot] : 0;
+}
+
+int
 threads_physical_cores(void)
 {
     /* Count distinct (physical id, core id) pairs; fall back to the logical CPU count. */

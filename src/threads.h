@@ -31,6 +31,9 @@ void threads_set_plan(int n, const int32_t *cpus, const int32_t *nodes, int pin)
 /* @return the NUMA node (logical index) of the calling worker under the current plan; 0
  *         without one. Kernels use it to read a node-local copy of a weight. */
 int threads_node(void);
+/* @return the NUMA node (logical index) of worker slot `slot` under the current plan; 0
+ *         without one or beyond it. */
+int threads_slot_node(int slot);
 /* The CPUs the process could run on before kli pinned anything: set[i] = 1 for i < n.
  * @return their number; 0 when unknown (not Linux). */
 int threads_allowed_cpus(uint8_t *set, int n);

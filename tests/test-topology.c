@@ -17,10 +17,16 @@
  * plan without pinning restores the original), memory binding of a file mapping with its
  * get_mempolicy/move_pages check (one node suffices for the mechanics), node copies, and
  * the matmul reading a tensor's node copy (kli_tensor.node_data).
+ *
+ * Routing under partition, on a described two-node worker plan: each routed expert of a
+ * decode step is computed only by workers of its node (moe.c counts rows computed away from
+ * an expert's node: none with routing, some without), and the logits stay those of the
+ * plain split.
  */
 #define _GNU_SOURCE
 #include "config.h"
 
+#include <math.h>
 #include <sched.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -787,6 +793,106 @@ test_policy(enum kli_numa numa)
     kli_model_close(m);
 }
 
+/* Logits of a 6-token prompt in one call and three decode steps (every MoE layer takes the
+ * grouped path: at most 32 tokens). */
+static int
+route_run(struct kli_model *m, float *out, int32_t V)
+{
+    struct kli_session *s = NULL;
+    struct kli_err err = {0};
+    kli_token p[6] = {5, 17, 99, 3, 250, 42};
+    int good = kli_session_create(&s, m, NULL, &err) == KLI_OK &&
+               kli_session_eval(s, p, 6, out, &err) == KLI_OK;
+
+    for (int i = 0; good && i < 3; i++) {
+        kli_token t = (kli_token)(7 + 31 * i);
+        good = kli_session_eval(s, &t, 1, out + (size_t)(6 + i) * V, &err) == KLI_OK;
+    }
+    if (!good)
+        diag("eval: %s", err.msg);
+    kli_session_free(s);
+    return good;
+}
+
+static void
+test_routing(void)
+{
+    char dir[4096];
+    const char *td = getenv("KLI_TESTDATA");
+    struct kli_model *m = NULL;
+    struct kli_err err = {0};
+    struct kli_model_options mo;
+
+    snprintf(dir, sizeof(dir), "%s/tiny-kimi-linear", td ? td : "tests/data");
+    kli_model_options_init(&mo);
+    mo.n_threads = 2;
+    mo.numa = KLI_NUMA_PARTITION;
+    if (!ok(kli_model_open(&m, dir, &mo, &err) == KLI_OK, "routing: model opens (%s)",
+            err.msg))
+        return;
+    int32_t V = kli_model_n_vocab(m), E = m->cfg.moe.n_experts;
+    size_t n = (size_t)9 * V;
+    float *base = calloc(n, sizeof(float)), *plain = calloc(n, sizeof(float));
+    float *routed = calloc(n, sizeof(float));
+    int8_t *node = malloc((size_t)E);
+    int32_t cpus[2] = {0, 0}, two[2] = {0, 1}, one[2] = {0, 0};
+    if (!base || !plain || !routed || !node) {
+        ok(0, "routing: out of memory");
+        goto out;
+    }
+    for (int32_t e = 0; e < E; e++)
+        node[e] = (int8_t)(e % 2);
+    /* one node here: no routing set up by the open */
+    int none = m->numa_route == 0;
+    for (int i = 0; i < m->cfg.n_layers; i++)
+        none &= m->layers[i].moe.node == NULL;
+    ok(none, "routing: off on a machine whose workers are on one node");
+    int good = route_run(m, base, V);
+
+    /* two workers on two described nodes, experts alternating between them */
+    threads_set_plan(2, cpus, two, 0);
+    for (int i = 0; i < m->cfg.n_layers; i++) {
+        if (m->layers[i].ffn_kind == KLI_FFN_MOE)
+            m->layers[i].moe.node = node;
+    }
+    m->numa_route = 0;
+    m->numa_away = 0;
+    good = good && route_run(m, plain, V);
+    uint64_t away_plain = m->numa_away;
+    m->numa_route = 1;
+    m->numa_away = 0;
+    good = good && route_run(m, routed, V);
+    uint64_t away_routed = m->numa_away;
+    double d = 0.0, ref = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        d += ((double)routed[i] - base[i]) * ((double)routed[i] - base[i]);
+        ref += (double)base[i] * base[i];
+    }
+    d = ref > 0 ? sqrt(d / ref) : INFINITY;
+    ok(good && memcmp(plain, base, n * sizeof(float)) == 0 && away_plain > 0,
+       "routing: the plain split computes %llu expert rows away from their node, logits "
+       "unchanged", (unsigned long long)away_plain);
+    ok(good && away_routed == 0 && d < 1e-6, "routing: with partition routing no expert row "
+       "is computed off its node; logits within %.2g of the plain split", d);
+
+    /* a node without workers: the plain split, bit for bit */
+    threads_set_plan(2, cpus, one, 0);
+    m->numa_away = 0;
+    good = good && route_run(m, routed, V);
+    ok(good && memcmp(routed, base, n * sizeof(float)) == 0,
+       "routing: an expert on a node without workers falls back to the plain split");
+    for (int i = 0; i < m->cfg.n_layers; i++)
+        m->layers[i].moe.node = NULL;
+    m->numa_route = 0;
+out:
+    threads_set_plan(2, cpus, one, 0);
+    free(base);
+    free(plain);
+    free(routed);
+    free(node);
+    kli_model_close(m);
+}
+
 int
 main(void)
 {
@@ -802,6 +908,7 @@ main(void)
     test_policy(KLI_NUMA_INTERLEAVE);
     test_policy(KLI_NUMA_REPLICATE);
     test_policy(KLI_NUMA_PARTITION);
+    test_routing();
     plan_done();
     return tap_exit();
 }
