@@ -252,6 +252,9 @@ static const struct kli_backend_ops cu_ops = {
     cu_mla_attend,
     cu_mla_layer_check,
     cu_mla_layer,
+    cu_kda_check,
+    cu_kda_layer,
+    cu_matmul,
     cu_moe_launch,
     cu_moe_wait,
 };

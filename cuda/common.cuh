@@ -147,6 +147,17 @@ int cu_mla_layer_check(struct kli_gpu *g, const struct kli_gpu_mla_w *w, int32_t
                        int32_t nope, int32_t rope, int32_t dv, struct kli_err *err);
 int cu_mla_layer(struct kli_gpu_queue *q, const struct kli_gpu_mla_layer_job *j,
                  struct kli_err *err);
+int cu_matmul(struct kli_gpu_queue *q, const struct kli_gpu_mat *w, const float *x, int64_t T,
+              float *y, struct kli_err *err);
+int cu_kda_check(struct kli_gpu *g, const struct kli_gpu_kda_w *w, int32_t D, int32_t H,
+                 int32_t K, int32_t W, struct kli_err *err);
+int cu_kda_layer(struct kli_gpu_queue *q, const struct kli_gpu_kda_job *j, struct kli_err *err);
+/* Shared by the blocks (mla.cu): y_b[t] = W_b x_b[t] for nb batches of a [R][K] matrix of
+ * dtype (see mla_mm), and whether a matrix suits it. */
+int cu_mm(struct kli_gpu_queue *q, const void *W, int dtype, long long wbs, int R, int K,
+          int nb, const float *x, int ldx, int xbs, int64_t T, float *y, int ldy, int ybs,
+          struct kli_err *err, const char *what);
+int cu_mat_ok(const struct kli_gpu_mat *m, int32_t rows, int32_t cols);
 int cu_moe_launch(struct kli_gpu_queue *q, const struct kli_gpu_moe_job *j,
                   struct kli_err *err);
 int cu_moe_wait(struct kli_gpu_queue *q, float *out, struct kli_err *err);

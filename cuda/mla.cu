@@ -384,8 +384,8 @@ mla_mm(const void *W, long long wbs, int R, int K, const float *x, int ldx, int 
     }
 }
 
-static int
-mm_launch(struct kli_gpu_queue *q, const void *W, int dtype, long long wbs, int R, int K,
+int
+cu_mm(struct kli_gpu_queue *q, const void *W, int dtype, long long wbs, int R, int K,
           int nb, const float *x, int ldx, int xbs, int64_t T, float *y, int ldy, int ybs,
           struct kli_err *err, const char *what)
 {
@@ -463,8 +463,8 @@ mla_qpe(const float *q, int H, int nope, int rope, int L, int C, float *qfull)
     }
 }
 
-static int
-mat_ok(const struct kli_gpu_mat *m, int32_t rows, int32_t cols)
+int
+cu_mat_ok(const struct kli_gpu_mat *m, int32_t rows, int32_t cols)
 {
     int blk = m->dtype == KLI_DT_Q8_0 || m->dtype == KLI_DT_Q4;
 
@@ -480,8 +480,8 @@ cu_mla_layer_check(struct kli_gpu *g, const struct kli_gpu_mla_w *w, int32_t D, 
     if (w == NULL)
         return cu_fail(err, KLI_E_INVALID, "mla layer: no weights");
     int32_t L = w->kv_a.rows - rope, dqk = nope + rope;
-    if (!mat_ok(&w->q_proj, H * dqk, D) || !mat_ok(&w->kv_a, L + rope, D) ||
-        !mat_ok(&w->o_proj, D, H * dv) || w->kv_norm == NULL || w->w_uk_t == NULL ||
+    if (!cu_mat_ok(&w->q_proj, H * dqk, D) || !cu_mat_ok(&w->kv_a, L + rope, D) ||
+        !cu_mat_ok(&w->o_proj, D, H * dv) || w->kv_norm == NULL || w->w_uk_t == NULL ||
         w->w_uv == NULL)
         return cu_fail(err, KLI_E_UNSUPPORTED, "GPU projections need matrices in F32, F16, "
                        "BF16, Q8_0 or Q4 with widths in multiples of 8 (32 for the block "
@@ -547,9 +547,9 @@ cu_mla_layer(struct kli_gpu_queue *q, const struct kli_gpu_mla_layer_job *j,
     if ((rc = cu_check(cudaMemcpyAsync(ws, pin, b_in, cudaMemcpyHostToDevice, q->st), err,
                        "cudaMemcpyAsync (mla inputs)")) != KLI_OK)
         return rc;
-    if ((rc = mm_launch(q, w->q_proj.w, w->q_proj.dtype, 0, H * dqk, D, 1, x_d, D, 0, T, qp_d,
+    if ((rc = cu_mm(q, w->q_proj.w, w->q_proj.dtype, 0, H * dqk, D, 1, x_d, D, 0, T, qp_d,
                         H * dqk, 0, err, "mla q_proj")) != KLI_OK ||
-        (rc = mm_launch(q, w->kv_a.w, w->kv_a.dtype, 0, C, D, 1, x_d, D, 0, T, ckv_d, C, 0,
+        (rc = cu_mm(q, w->kv_a.w, w->kv_a.dtype, 0, C, D, 1, x_d, D, 0, T, ckv_d, C, 0,
                         err, "mla kv_a")) != KLI_OK)
         return rc;
     mla_kv_store<<<(unsigned)T, 256, 0, q->st>>>(ckv_d, w->kv_norm, rows_d, L, C, j->eps,
@@ -557,7 +557,7 @@ cu_mla_layer(struct kli_gpu_queue *q, const struct kli_gpu_mla_layer_job *j,
     if ((rc = cu_launched(err, "mla_kv_store")) != KLI_OK)
         return rc;
     /* qfull[t][h][0:L] = W_UK[h]^T q_nope[t][h]: head h is batch h */
-    if ((rc = mm_launch(q, w->w_uk_t, KLI_DT_F32, (long long)L * j->nope * 4, L, j->nope, H,
+    if ((rc = cu_mm(q, w->w_uk_t, KLI_DT_F32, (long long)L * j->nope * 4, L, j->nope, H,
                         qp_d, H * dqk, dqk, T, qf_d, H * C, C, err, "mla absorb")) != KLI_OK)
         return rc;
     mla_qpe<<<(unsigned)T, 128, 0, q->st>>>(qp_d, H, j->nope, j->rope, L, C, qf_d);
@@ -567,9 +567,9 @@ cu_mla_layer(struct kli_gpu_queue *q, const struct kli_gpu_mla_layer_job *j,
         KLI_OK)
         return rc;
     /* o[t][h] = W_UV[h] lat[t][h], then out = o_proj o */
-    if ((rc = mm_launch(q, w->w_uv, KLI_DT_F32, (long long)dv * L * 4, dv, L, H, lat_d, H * L,
+    if ((rc = cu_mm(q, w->w_uv, KLI_DT_F32, (long long)dv * L * 4, dv, L, H, lat_d, H * L,
                         L, T, o_d, H * dv, dv, err, "mla expand")) != KLI_OK ||
-        (rc = mm_launch(q, w->o_proj.w, w->o_proj.dtype, 0, D, H * dv, 1, o_d, H * dv, 0, T,
+        (rc = cu_mm(q, w->o_proj.w, w->o_proj.dtype, 0, D, H * dv, 1, o_d, H * dv, 0, T,
                         out_d, D, 0, err, "mla o_proj")) != KLI_OK)
         return rc;
     if ((rc = cu_check(cudaMemcpyAsync(pin, out_d, b_res, cudaMemcpyDeviceToHost, q->st), err,
@@ -578,5 +578,36 @@ cu_mla_layer(struct kli_gpu_queue *q, const struct kli_gpu_mla_layer_job *j,
         return rc;
     memcpy(j->out, pin, (size_t)T * D * 4);
     memcpy(j->rows, pin + b_out, (size_t)T * C * 4);
+    return KLI_OK;
+}
+
+int
+cu_matmul(struct kli_gpu_queue *q, const struct kli_gpu_mat *w, const float *x, int64_t T,
+          float *y, struct kli_err *err)
+{
+    const int R = w->rows, K = w->cols;
+    int rc;
+
+    if (T < 1 || !cu_mat_ok(w, R, K))
+        return cu_fail(err, KLI_E_UNSUPPORTED, "GPU matmul: %d x %d of dtype %d", R, K,
+                       w->dtype);
+    if ((rc = cu_check(cudaSetDevice(q->g->info.device), err, "cudaSetDevice")) != KLI_OK)
+        return rc;
+    uint64_t b_x = cu_align((uint64_t)T * K * 4), b_y = cu_align((uint64_t)T * R * 4);
+    if ((rc = cu_queue_reserve(q, b_x + b_y, b_x > b_y ? b_x : b_y, err)) != KLI_OK)
+        return rc;
+    char *ws = (char *)q->ws;
+    memcpy(q->pin, x, (size_t)T * K * 4);
+    if ((rc = cu_check(cudaMemcpyAsync(ws, q->pin, (size_t)T * K * 4, cudaMemcpyHostToDevice,
+                                       q->st), err, "cudaMemcpyAsync (matmul input)")) !=
+        KLI_OK ||
+        (rc = cu_mm(q, w->w, w->dtype, 0, R, K, 1, (const float *)ws, K, 0, T,
+                    (float *)(ws + b_x), R, 0, err, "matmul")) != KLI_OK ||
+        (rc = cu_check(cudaMemcpyAsync(q->pin, ws + b_x, (size_t)T * R * 4,
+                                       cudaMemcpyDeviceToHost, q->st), err,
+                       "cudaMemcpyAsync (matmul result)")) != KLI_OK ||
+        (rc = cu_check(cudaStreamSynchronize(q->st), err, "matmul")) != KLI_OK)
+        return rc;
+    memcpy(y, q->pin, (size_t)T * R * 4);
     return KLI_OK;
 }

@@ -1,7 +1,8 @@
 /*
  * backend.c - what of the model runs on an accelerator, and the fallback when it cannot.
  *
- * The device takes the two parts of a decode step that the CPU does worst (docs/targets.md):
+ * The device takes the parts of a decode step that the CPU does worst (docs/targets.md), and
+ * everything when it can hold everything:
  *
  *   MLA layers      attention cost grows with the context (the whole latent cache is read
  *                   per token and layer). Each session keeps a mirror of every MLA layer's
@@ -11,6 +12,11 @@
  *                   Otherwise only the attention does: mla_forward sends the absorbed queries
  *                   and gets the weighted latents [T][H][L] back, and the host rows are
  *                   appended to the mirror.
+ *   whole model     when everything fits (every expert too), the KDA layers and lm_head as
+ *                   well (cuda/kda.cu). The sessions' KDA states then live on the device and
+ *                   lead the host's between passes: backend_sess_pull catches the host up
+ *                   before anything reads them, backend_sess_written marks the device's stale
+ *                   when the host's are overwritten.
  *   hot experts     per MoE layer the routed experts chosen most often stay resident in device
  *                   memory (the hot set), with the shared expert; the device computes them
  *                   while the CPU computes the cold ones (cuda/moe.cu, moe_forward).
@@ -60,6 +66,8 @@
 #define BK_WORKSPACE_RESERVE ((uint64_t)512 << 20)
 /* Context the MLA mirrors are budgeted for when sizing the hot set. */
 #define BK_MLA_RESERVE_CTX 131072
+/* Sequences one batched pass may hold (forward.h FORWARD_MAX_SEQ). */
+#define FORWARD_MAX_SEQ_BK 512
 
 const struct kli_backend_ops *
 backend_cuda(void)
@@ -81,6 +89,13 @@ struct bk_layer {
     uint64_t since;               /* slots routed since the last choice */
 };
 
+/* One KDA layer's resident weights (whole-model mode only). */
+struct bk_kda {
+    struct kli_gpu_kda_w w;
+    void *buf;
+    uint64_t bytes;
+};
+
 /* One MLA layer's resident weights (NULL buf: its projections run on the CPU). */
 struct bk_mla {
     struct kli_gpu_mla_w w;
@@ -99,6 +114,11 @@ struct backend_model {
     int mla;                      /* MLA attention on the device */
     int mla_proj;                 /* and the projections of every MLA layer (mla_w) */
     struct bk_mla *mla_w;         /* [n_layers], used for MLA layers */
+    int all;                      /* the whole model fits: KDA layers and lm_head too */
+    struct bk_kda *kda_w;         /* [n_layers], used for KDA layers when all */
+    struct kli_gpu_mat lm;        /* lm_head when all */
+    void *lm_buf;
+    uint64_t lm_bytes;
     int experts;                  /* shared and hot routed experts on the device */
     int32_t n_hot;                /* routed experts per MoE layer kept resident */
     uint64_t exp_bytes;           /* device bytes of one routed expert */
@@ -129,6 +149,12 @@ struct backend_sess {
     /* job scratch, sized for batch_max rows */
     const float **cptr;           /* [B] */
     float *newrows;               /* [B][L+rope]: cache rows made on the device */
+    /* whole-model mode: the KDA states of every layer on the device. While dirty they are
+     * ahead of the host's (which backend_sess_pull brings up to date); valid says they
+     * equal or lead the host's, so a pass may start from them. */
+    float **dS, **dconv;          /* [n_layers] */
+    int kda_dev, kda_valid, kda_dirty;
+    int kda_pass;                 /* this pass runs the KDA layers on the device */
     int64_t *nrow;                /* [B] */
     struct kli_gpu_ffn *items;    /* [E+1] */
     int32_t *start;               /* [E+2] */
@@ -157,6 +183,7 @@ kli_model_gpu_stats(const struct kli_model *m, struct kli_gpu_stats *st)
         return -1;
     struct backend_model *bm = m->gpu;
     st->mla_layers = bm->mla_proj;
+    st->whole_model = bm->all;
     st->n_hot = bm->experts ? bm->n_hot : 0;
     st->n_experts = m->cfg.moe.n_experts;
     st->bytes_used = bm->ops->used(bm->g, &st->budget);
@@ -455,6 +482,15 @@ backend_model_close(struct kli_model *m)
         }
         free(bm->layer);
     }
+    if (bm->kda_w != NULL) {
+        for (int i = 0; i < m->cfg.n_layers; i++) {
+            if (bm->kda_w[i].buf != NULL)
+                bm->ops->release(bm->g, bm->kda_w[i].buf, bm->kda_w[i].bytes);
+        }
+        free(bm->kda_w);
+    }
+    if (bm->lm_buf != NULL)
+        bm->ops->release(bm->g, bm->lm_buf, bm->lm_bytes);
     if (bm->mla_w != NULL) {
         for (int i = 0; i < m->cfg.n_layers; i++) {
             if (bm->mla_w[i].buf != NULL)
@@ -595,6 +631,161 @@ bk_open_mla_proj(struct kli_model *m, uint64_t *avail, char *note, size_t note_c
     }
     *avail -= need;
     bm->mla_proj = 1;
+    return KLI_OK;
+}
+
+/* The device layout of one KDA layer's weights: 9 matrices, conv, a_neg, dt_bias, o_norm. */
+static uint64_t
+bk_kda_layout(const struct kli_model *m, const struct kli_kda_w *w, uint64_t off[13],
+              uint64_t len[13], const void *src[13])
+{
+    const struct kli_config_kda *c = &m->cfg.kda;
+    uint64_t H = (uint64_t)c->n_heads, K = (uint64_t)c->head_dim, W = (uint64_t)c->conv_size;
+    const struct kli_tensor *t[9] = {&w->q_proj, &w->k_proj, &w->v_proj, &w->f_a, &w->b_proj,
+                                     &w->g_a, &w->f_b, &w->g_b, &w->o_proj};
+    uint64_t o = 0;
+
+    for (int k = 0; k < 9; k++) {
+        len[k] = bk_tensor_bytes(t[k]);
+        src[k] = t[k]->data;
+    }
+    len[9] = 3 * H * K * W * 4;   /* the three tap arrays, uploaded one after the other */
+    src[9] = NULL;
+    len[10] = H * 4;
+    src[10] = w->a_neg;
+    len[11] = H * K * 4;
+    src[11] = w->dt_bias;
+    len[12] = K * 4;
+    src[12] = w->o_norm;
+    for (int k = 0; k < 13; k++) {
+        off[k] = o;
+        o += (len[k] + 255) & ~(uint64_t)255;
+    }
+    return o;
+}
+
+static uint64_t
+bk_kda_state_floats(const struct kli_config *cfg)
+{
+    int64_t H = cfg->kda.n_heads, K = cfg->kda.head_dim;
+
+    return (uint64_t)(H * K * K + 3 * H * K * (cfg->kda.conv_size - 1));
+}
+
+/* Device bytes of every MoE layer's shared and routed experts; UINT64_MAX when some FFN
+ * does not suit cuda/moe.cu. */
+static uint64_t
+bk_experts_bytes(const struct kli_model *m)
+{
+    const struct kli_config *cfg = &m->cfg;
+    uint64_t total = 0;
+
+    for (int i = 0; i < cfg->n_layers; i++) {
+        if (cfg->layer_ffn[i] != KLI_FFN_MOE)
+            continue;
+        const struct kli_moe_w *w = &m->layers[i].moe;
+        for (int32_t e = 0; e < cfg->moe.n_experts; e++) {
+            if (!bk_ffn_ok(&w->experts[e]))
+                return UINT64_MAX;
+            total += bk_alloc_bytes(&w->experts[e]);
+        }
+        if (cfg->moe.n_shared > 0) {
+            if (!bk_ffn_ok(&w->shared))
+                return UINT64_MAX;
+            total += bk_alloc_bytes(&w->shared);
+        }
+    }
+    return total;
+}
+
+/* Whole-model mode: every KDA layer's weights and lm_head, when they fit `*avail` together
+ * with what the MoE layers need for all their experts (`experts`), and suit the kernels. */
+static int
+bk_open_all(struct kli_model *m, uint64_t *avail, uint64_t experts, char *note,
+            size_t note_cap, struct kli_err *err)
+{
+    struct backend_model *bm = m->gpu;
+    const struct kli_config *cfg = &m->cfg;
+    uint64_t off[13], len[13], need = 0;
+    const void *src[13];
+    int rc;
+
+    if (bm->ops->kda_layer == NULL || bm->ops->matmul == NULL || !bm->mla_proj)
+        return KLI_OK;
+    for (int i = 0; i < cfg->n_layers; i++) {
+        if (cfg->layer_mixer[i] != KLI_MIXER_KDA)
+            continue;
+        const struct kli_kda_w *w = &m->layers[i].kda;
+        struct kli_gpu_kda_w hw = {
+            bk_mat(&w->q_proj, w->q_proj.data), bk_mat(&w->k_proj, w->k_proj.data),
+            bk_mat(&w->v_proj, w->v_proj.data), bk_mat(&w->f_a, w->f_a.data),
+            bk_mat(&w->g_a, w->g_a.data), bk_mat(&w->b_proj, w->b_proj.data),
+            bk_mat(&w->f_b, w->f_b.data), bk_mat(&w->g_b, w->g_b.data),
+            bk_mat(&w->o_proj, w->o_proj.data), w->conv[0], w->a_neg, w->dt_bias, w->o_norm,
+        };
+        struct kli_err e = {0};
+        if (bm->ops->kda_check(bm->g, &hw, (int32_t)cfg->d_model, cfg->kda.n_heads,
+                               cfg->kda.head_dim, cfg->kda.conv_size, &e) != KLI_OK) {
+            snprintf(note, note_cap, "KDA layers on the CPU (%.120s)", e.msg);
+            return KLI_OK;
+        }
+        need += bk_kda_layout(m, w, off, len, src);
+    }
+    struct kli_gpu_mat lm = bk_mat(&m->lm_head, m->lm_head.data);
+    uint64_t lm_bytes = bk_tensor_bytes(&m->lm_head);
+    if (lm.cols % 8 != 0 || ((lm.dtype == KLI_DT_Q8_0 || lm.dtype == KLI_DT_Q4) &&
+                             lm.cols % 32 != 0) || lm.dtype < KLI_DT_F32 ||
+        lm.dtype > KLI_DT_Q4)
+        return KLI_OK;
+    need += lm_bytes;
+    if (need + experts > *avail) {
+        snprintf(note, note_cap, "KDA layers and lm_head on the CPU (the whole model needs "
+                 "%.0f MiB of GPU memory)", (double)(need + experts) / 1048576.0);
+        return KLI_OK;
+    }
+    if ((bm->kda_w = kli_calloc((size_t)cfg->n_layers, sizeof(*bm->kda_w))) == NULL)
+        return kli_err_set(err, KLI_E_NOMEM, "out of memory");
+    for (int i = 0; i < cfg->n_layers; i++) {
+        if (cfg->layer_mixer[i] != KLI_MIXER_KDA)
+            continue;
+        const struct kli_kda_w *w = &m->layers[i].kda;
+        struct bk_kda *d = &bm->kda_w[i];
+        uint64_t total = bk_kda_layout(m, w, off, len, src);
+        if ((rc = bm->ops->alloc(bm->g, &d->buf, total, err)) != KLI_OK)
+            return rc;
+        d->bytes = total;
+        char *b = d->buf;
+        for (int k = 0; k < 13; k++) {
+            if (k == 9) {
+                uint64_t one = len[9] / 3;
+                for (int p = 0; p < 3; p++) {
+                    if ((rc = bm->ops->upload(bm->g, b + off[9] + p * one, w->conv[p], one,
+                                              err)) != KLI_OK)
+                        return rc;
+                }
+            } else if ((rc = bm->ops->upload(bm->g, b + off[k], src[k], len[k], err)) !=
+                       KLI_OK) {
+                return rc;
+            }
+        }
+        const struct kli_tensor *t[9] = {&w->q_proj, &w->k_proj, &w->v_proj, &w->f_a,
+                                         &w->b_proj, &w->g_a, &w->f_b, &w->g_b, &w->o_proj};
+        struct kli_gpu_mat *dm[9] = {&d->w.q, &d->w.k, &d->w.v, &d->w.f_a, &d->w.b, &d->w.g_a,
+                                     &d->w.f_b, &d->w.g_b, &d->w.o};
+        for (int k = 0; k < 9; k++)
+            *dm[k] = bk_mat(t[k], b + off[k]);
+        d->w.conv = (const float *)(b + off[9]);
+        d->w.a_neg = (const float *)(b + off[10]);
+        d->w.dt_bias = (const float *)(b + off[11]);
+        d->w.o_norm = (const float *)(b + off[12]);
+    }
+    if ((rc = bm->ops->alloc(bm->g, &bm->lm_buf, lm_bytes, err)) != KLI_OK ||
+        (rc = bm->ops->upload(bm->g, bm->lm_buf, m->lm_head.data, lm_bytes, err)) != KLI_OK)
+        return rc;
+    bm->lm_bytes = lm_bytes;
+    bm->lm = bk_mat(&m->lm_head, bm->lm_buf);
+    *avail -= need;
+    bm->all = 1;
     return KLI_OK;
 }
 
@@ -761,11 +952,32 @@ backend_model_open(struct kli_model *m, const struct kli_model_options *opt,
         backend_model_close(m);
         return rc;
     }
+    /* The whole model, when it fits with every expert and room for two sessions' KDA
+     * states: KDA layers and lm_head first, then the experts take their share. */
+    char all_note[200] = "";
+    if (bm->mla_proj && (opt->gpu_experts < 0 || opt->gpu_experts >= cfg->moe.n_experts)) {
+        uint64_t ex = bk_experts_bytes(m);
+        int64_t n_kda = 0;
+        for (int i = 0; i < cfg->n_layers; i++)
+            n_kda += cfg->layer_mixer[i] == KLI_MIXER_KDA;
+        uint64_t states = 2 * (uint64_t)n_kda * bk_kda_state_floats(cfg) * 4;
+        if (ex != UINT64_MAX && ex + states <= avail) {
+            uint64_t a2 = avail - states;
+            if ((rc = bk_open_all(m, &a2, ex, all_note, sizeof(all_note), err)) != KLI_OK) {
+                backend_model_close(m);
+                return rc;
+            }
+            if (bm->all)
+                avail = a2 + states;
+        }
+    }
     if (cfg->moe.n_experts > 0 && opt->gpu_experts != 0 &&
         (rc = bk_open_experts(m, opt, avail, note, sizeof(note), err)) != KLI_OK) {
         backend_model_close(m);
         return rc;
     }
+    if (bm->all && bm->n_hot < cfg->moe.n_experts && cfg->moe.n_experts > 0)
+        bm->all = 0;   /* not every expert found room after all: KDA stays on the CPU */
     if (bm->experts && bm->n_hot > 0 && bm->n_hot < cfg->moe.n_experts) {
         /* without the mover the first hot set simply stays */
         pthread_mutex_init(&bm->mv_lock, NULL);
@@ -783,7 +995,11 @@ backend_model_open(struct kli_model *m, const struct kli_model_options *opt,
         return bk_cpu_only(m, opt, KLI_E_UNSUPPORTED, why, err);
     }
     char what[400];
-    if (bm->mla_proj)
+    if (bm->all)
+        snprintf(what, sizeof(what), "the whole model (KDA and MLA layers, lm_head)");
+    else if (bm->mla_proj && all_note[0])
+        snprintf(what, sizeof(what), "MLA layers; %s", all_note);
+    else if (bm->mla_proj)
         snprintf(what, sizeof(what), "MLA layers");
     else if (bm->mla)
         snprintf(what, sizeof(what), "MLA attention%s%s", mla_note[0] ? "; " : "", mla_note);
@@ -814,6 +1030,19 @@ backend_sess_free(struct kli_session *s)
                 bm->ops->release(bm->g, g->dc[i], (uint64_t)g->dcap[i] * C * 4);
         }
     }
+    if (g->dS != NULL) {
+        uint64_t bs = (uint64_t)s->m->cfg.kda.n_heads * s->m->cfg.kda.head_dim *
+                      s->m->cfg.kda.head_dim * 4;
+        uint64_t bc = bk_kda_state_floats(&s->m->cfg) * 4 - bs;
+        for (int i = 0; i < s->m->cfg.n_layers; i++) {
+            if (g->dS[i] != NULL)
+                bm->ops->release(bm->g, g->dS[i], bs);
+            if (g->dconv[i] != NULL)
+                bm->ops->release(bm->g, g->dconv[i], bc);
+        }
+    }
+    free(g->dS);
+    free(g->dconv);
     if (g->q != NULL)
         bm->ops->queue_free(g->q);
     free(g->dc);
@@ -870,6 +1099,22 @@ backend_sess_create(struct kli_session *s, struct kli_err *err)
         /* not fatal: this session computes on the CPU */
         bk_note_failure(bm, e2.msg);
         backend_sess_free(s);
+        return KLI_OK;
+    }
+    if (bm->all) {
+        /* the KDA states on the device; without room this session's KDA stays on the CPU */
+        uint64_t bs = (uint64_t)cfg->kda.n_heads * cfg->kda.head_dim * cfg->kda.head_dim * 4;
+        uint64_t bc = bk_kda_state_floats(cfg) * 4 - bs;
+        g->dS = kli_calloc(nl, sizeof(*g->dS));
+        g->dconv = kli_calloc(nl, sizeof(*g->dconv));
+        int okay = g->dS != NULL && g->dconv != NULL;
+        for (int i = 0; okay && i < cfg->n_layers; i++) {
+            if (cfg->layer_mixer[i] != KLI_MIXER_KDA)
+                continue;
+            okay = bm->ops->alloc(bm->g, (void **)&g->dS[i], bs, NULL) == KLI_OK &&
+                   bm->ops->alloc(bm->g, (void **)&g->dconv[i], bc, NULL) == KLI_OK;
+        }
+        g->kda_dev = okay;
     }
     return KLI_OK;
 }
@@ -914,23 +1159,176 @@ bk_sync_tokens(struct backend_sess *g, const struct kli_session *s, int64_t T_se
     return 0;
 }
 
+/* Brings the host's KDA states of g's session up to date with the device's. On failure the
+ * states are lost (the device led): the caller must not go on from them. */
+static int
+bk_pull(struct backend_sess *g, struct kli_err *err)
+{
+    const struct kli_config *cfg = &g->s->m->cfg;
+    uint64_t bs = (uint64_t)cfg->kda.n_heads * cfg->kda.head_dim * cfg->kda.head_dim * 4;
+    uint64_t bc = bk_kda_state_floats(cfg) * 4 - bs;
+    int rc;
+
+    if (!g->kda_dirty)
+        return KLI_OK;
+    for (int i = 0; i < cfg->n_layers; i++) {
+        if (cfg->layer_mixer[i] != KLI_MIXER_KDA)
+            continue;
+        if ((rc = g->bm->ops->download(g->bm->g, g->s->kda[i].S, g->dS[i], bs, err)) !=
+            KLI_OK ||
+            (rc = g->bm->ops->download(g->bm->g, g->s->kda[i].conv, g->dconv[i], bc, err)) !=
+            KLI_OK) {
+            bk_dead(g, err);
+            return rc;
+        }
+    }
+    g->kda_dirty = 0;
+    return KLI_OK;
+}
+
+int
+backend_sess_pull(struct kli_session *s, struct kli_err *err)
+{
+    if (s == NULL || s->gpu == NULL || !s->gpu->kda_dirty)
+        return KLI_OK;
+    int rc = bk_pull(s->gpu, err);
+    if (rc != KLI_OK)
+        s->broken = 1;
+    return rc;
+}
+
+void
+backend_sess_written(struct kli_session *s)
+{
+    if (s == NULL || s->gpu == NULL)
+        return;
+    s->gpu->kda_valid = 0;
+    s->gpu->kda_dirty = 0;
+}
+
+/* Uploads the host's KDA states of g's session through queue q. */
+static int
+bk_push(struct backend_sess *g, struct kli_gpu_queue *q, struct kli_err *err)
+{
+    const struct kli_config *cfg = &g->s->m->cfg;
+    uint64_t bs = (uint64_t)cfg->kda.n_heads * cfg->kda.head_dim * cfg->kda.head_dim * 4;
+    uint64_t bc = bk_kda_state_floats(cfg) * 4 - bs;
+    int rc;
+
+    for (int i = 0; i < cfg->n_layers; i++) {
+        if (cfg->layer_mixer[i] != KLI_MIXER_KDA)
+            continue;
+        if ((rc = g->bm->ops->queue_upload(q, g->dS[i], g->s->kda[i].S, bs, err)) != KLI_OK ||
+            (rc = g->bm->ops->queue_upload(q, g->dconv[i], g->s->kda[i].conv, bc, err)) !=
+            KLI_OK)
+            return rc;
+    }
+    g->kda_valid = 1;
+    return KLI_OK;
+}
+
+/* A pass on the CPU: every session's host KDA state must be the truth, and will advance. */
+static int
+bk_cpu_pass(struct kli_session *const *ss, int64_t n_seq, struct kli_err *err)
+{
+    for (int64_t q = 0; q < n_seq; q++) {
+        int rc = backend_sess_pull(ss[q], err);
+        if (rc != KLI_OK)
+            return rc;
+        backend_sess_written(ss[q]);
+    }
+    return 0;
+}
+
 int
 backend_forward_begin(struct kli_session *const *ss, int64_t n_seq, int64_t T_seq,
-                      struct backend_sess **gs)
+                      struct backend_sess **gs, struct kli_err *err)
 {
     for (int64_t q = 0; q < n_seq; q++) {
         if (ss[q]->gpu == NULL || ss[q]->gpu->dead)
-            return 0;
+            return bk_cpu_pass(ss, n_seq, err);
     }
     for (int64_t q = 0; q < n_seq; q++) {
         if (bk_sync_tokens(ss[q]->gpu, ss[q], T_seq) != 0) {
             struct kli_err e = {KLI_E_NOMEM, "out of memory for the mirrored token ids"};
             bk_dead(ss[q]->gpu, &e);
-            return 0;
+            return bk_cpu_pass(ss, n_seq, err);
         }
         gs[q] = ss[q]->gpu;
     }
+    /* the KDA layers too when every session has its states there */
+    int kda = gs[0]->bm->all;
+    for (int64_t q = 0; q < n_seq; q++)
+        kda &= gs[q]->kda_dev;
+    for (int64_t q = 0; kda && q < n_seq; q++) {
+        struct kli_err e = {0};
+        if (!gs[q]->kda_valid && bk_push(gs[q], gs[0]->q, &e) != KLI_OK) {
+            bk_dead(gs[q], &e);
+            return bk_cpu_pass(ss, n_seq, err);
+        }
+    }
+    if (!kda) {
+        int rc = bk_cpu_pass(ss, n_seq, err);
+        if (rc < 0)
+            return rc;
+    }
+    for (int64_t q = 0; q < n_seq; q++) {
+        gs[q]->kda_pass = kda;
+        if (kda)
+            gs[q]->kda_dirty = 1;   /* the device leads from this pass on */
+    }
     return 1;
+}
+
+int
+backend_kda_layer(struct backend_sess *const *gs, int layer, int64_t n_seq, int64_t T_seq,
+                  const float *x, float *out, struct kli_err *err)
+{
+    struct backend_sess *g0 = gs[0];
+    struct backend_model *bm = g0->bm;
+    const struct kli_config *cfg = &bm->m->cfg;
+    float *S[FORWARD_MAX_SEQ_BK], *C[FORWARD_MAX_SEQ_BK];
+
+    if (!g0->kda_pass)
+        return 1;
+    if (n_seq > FORWARD_MAX_SEQ_BK)
+        return kli_err_set(err, KLI_E_RANGE, "kda layer: %lld sequences", (long long)n_seq);
+    for (int64_t q = 0; q < n_seq; q++) {
+        S[q] = gs[q]->dS[layer];
+        C[q] = gs[q]->dconv[layer];
+    }
+    struct kli_gpu_kda_job j = {
+        (int32_t)n_seq, (int32_t)T_seq, (int32_t)cfg->d_model, cfg->kda.n_heads,
+        cfg->kda.head_dim, cfg->kda.conv_size, cfg->norm_eps, &bm->kda_w[layer].w, S, C, x,
+        out,
+    };
+    int rc = bm->ops->kda_layer(g0->q, &j, err);
+    if (rc != KLI_OK) {
+        /* the states on the device are part-way through this pass: they are lost */
+        for (int64_t q = 0; q < n_seq; q++) {
+            bk_dead(gs[q], err);
+            gs[q]->kda_dirty = 0;
+            gs[q]->kda_valid = 0;
+        }
+        return rc < 0 ? rc : KLI_E_CUDA;
+    }
+    return 0;
+}
+
+int
+backend_lm_head(struct backend_sess *const *gs, const float *x, int64_t T, float *y)
+{
+    struct backend_sess *g0 = gs[0];
+    struct backend_model *bm = g0->bm;
+    struct kli_err e = {0};
+
+    if (!bm->all || g0->dead)
+        return 1;
+    if (bm->ops->matmul(g0->q, &bm->lm, x, T, y, &e) != KLI_OK) {
+        bk_dead(g0, &e);
+        return 1;
+    }
+    return 0;
 }
 
 /* Makes layer i's mirror of session g hold room for `room` rows (grown keeping the rows

@@ -116,6 +116,33 @@ struct kli_gpu_mla_layer_job {
     float *rows;                 /* host [T][L+rope], written: the new cache rows */
 };
 
+/* A KDA layer's weights on the device (the shapes of struct kli_kda_w in src/model.h). */
+struct kli_gpu_kda_w {
+    struct kli_gpu_mat q, k, v;        /* [H*K][D] */
+    struct kli_gpu_mat f_a, g_a;       /* [r_f][D], [r_g][D] */
+    struct kli_gpu_mat b;              /* [H][D] */
+    struct kli_gpu_mat f_b, g_b;       /* [H*K][r_f], [H*K][r_g] */
+    struct kli_gpu_mat o;              /* [D][H*K] */
+    const float *conv;                 /* [3][H*K][W] q, k, v taps */
+    const float *a_neg;                /* [H] */
+    const float *dt_bias;              /* [H*K] */
+    const float *o_norm;               /* [K] */
+};
+
+/* A whole KDA layer (docs/model.md 4) over n_seq sequences of T_seq rows (row s*T_seq + t
+ * is token t of sequence s): projections, short convolution + SiLU with the conv state,
+ * gates, normalised q and k, the delta rule token by token (the recurrence, also in
+ * prefill), the gated RMSNorm and o_proj. The states are device memory and advance. */
+struct kli_gpu_kda_job {
+    int32_t n_seq, T_seq, D, H, K, W;
+    float eps;                         /* of the gated RMSNorm */
+    const struct kli_gpu_kda_w *w;
+    float *const *S;                   /* [n_seq] device states [H][K][K] (host array) */
+    float *const *conv;                /* [n_seq] device conv states [3][H*K][W-1] */
+    const float *x;                    /* host [T][D] */
+    float *out;                        /* host [T][D], written */
+};
+
 /* Every member returns KLI_OK or a negative status with a message in `err` (KLI_E_CUDA with
  * the runtime's own words for a device failure); none aborts. Members marked (optional)
  * may be NULL. */
@@ -161,6 +188,15 @@ struct kli_backend_ops {
     /* Runs the whole layer; out and rows are written when it returns. */
     int (*mla_layer)(struct kli_gpu_queue *q, const struct kli_gpu_mla_layer_job *j,
                      struct kli_err *err);
+    /* Checks a KDA layer's weights and shapes (KLI_E_UNSUPPORTED with the reason if not). */
+    int (*kda_check)(struct kli_gpu *g, const struct kli_gpu_kda_w *w, int32_t D, int32_t H,
+                     int32_t K, int32_t W, struct kli_err *err);
+    /* Runs the whole layer; out is written and the states advanced when it returns. */
+    int (*kda_layer)(struct kli_gpu_queue *q, const struct kli_gpu_kda_job *j,
+                     struct kli_err *err);
+    /* y [T][w->rows] = x [T][w->cols] W^T, host in and out (lm_head). */
+    int (*matmul)(struct kli_gpu_queue *q, const struct kli_gpu_mat *w, const float *x,
+                  int64_t T, float *y, struct kli_err *err);
     /* Starts the job and returns at once (the host arrays may be reused); moe_wait then adds
      * the result into out [T][D]. Every successful moe_launch is followed by one moe_wait. */
     int (*moe_launch)(struct kli_gpu_queue *q, const struct kli_gpu_moe_job *j,
@@ -192,9 +228,29 @@ void backend_sess_free(struct kli_session *s);
 
 /* Before a forward pass over ss[0..n_seq) with T_seq new tokens each (their ids already in
  * hist): drops mirrored cache rows whose token history changed (restore, copy, rewind) and
- * fills gs[q]. @return 1 when the device takes part in this pass, else 0 (gs untouched). */
+ * fills gs[q]; in whole-model mode uploads KDA states the device lacks, or, for a pass on
+ * the CPU, pulls those it leads with. @return 1 when the device takes part in this pass, 0
+ * when not (gs untouched), negative when a session's KDA states were lost (err says why). */
 int backend_forward_begin(struct kli_session *const *ss, int64_t n_seq, int64_t T_seq,
-                          struct backend_sess **gs);
+                          struct backend_sess **gs, struct kli_err *err);
+
+/* Whole-model mode (the model fits the GPU): the sessions' KDA states live on the device and
+ * lead the host's copies between passes. backend_sess_pull brings the host's up to date
+ * before anything reads them (snapshots, copies, forks, a pass on the CPU); on failure they
+ * are lost and the session is marked broken. backend_sess_written says the host's were
+ * overwritten (reset, restore, copy into), so the device's are stale. */
+int backend_sess_pull(struct kli_session *s, struct kli_err *err);
+void backend_sess_written(struct kli_session *s);
+
+/* KDA layer `layer` on the device when this pass runs KDA there (backend_forward_begin):
+ * @return 0 when out was written; 1: run it on the CPU; negative: a device failure part-way
+ * (the states are lost, err says why, the sessions must be marked broken). */
+int backend_kda_layer(struct backend_sess *const *gs, int layer, int64_t n_seq,
+                      int64_t T_seq, const float *x, float *out, struct kli_err *err);
+
+/* lm_head on the device in whole-model mode: y [T][n_vocab] from x [T][d_model].
+ * @return 0 when done; non-zero: compute it on the CPU. */
+int backend_lm_head(struct backend_sess *const *gs, const float *x, int64_t T, float *y);
 
 /* Attention of MLA layer `layer` on the device: mirrors the rows of caches[q] the device
  * lacks, then lat [T][H][L] from qfull [T][H][L+rope] (see mla_forward). @return 0 when lat

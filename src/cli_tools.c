@@ -606,9 +606,10 @@ bench_one(const struct bench_args *a)
                    dsum.prefetches ? (double)dsum.prefetch_used / (double)dsum.prefetches : 0.0,
                    tg > 0 ? dsum.wait_seconds * 1e3 / (double)(tg * reps) : 0.0);
         if (gpu)
-            printf(", \"gpu_mla_layers\": %d, \"gpu_hot_experts\": %d, \"gpu_experts\": %d, "
+            printf(", \"gpu_whole_model\": %d, \"gpu_mla_layers\": %d, \"gpu_hot_experts\": %d, "
+                   "\"gpu_experts\": %d, "
                    "\"gpu_bytes_used\": %llu, \"gpu_expert_hit_rate\": %.4f, "
-                   "\"gpu_swaps\": %llu", gs.mla_layers, gs.n_hot, gs.n_experts,
+                   "\"gpu_swaps\": %llu", gs.whole_model, gs.mla_layers, gs.n_hot, gs.n_experts,
                    (unsigned long long)gs.bytes_used,
                    g_routed ? (double)g_on / (double)g_routed : 0.0,
                    (unsigned long long)g_swaps);
@@ -640,7 +641,8 @@ bench_one(const struct bench_args *a)
         if (gpu)
             printf("gpu      %s, %d of %d routed experts per layer resident, %.0f MiB used: "
                    "decode expert hit rate %.1f%%, %llu experts swapped\n",
-                   gs.mla_layers ? "MLA layers" : "MLA attention", gs.n_hot, gs.n_experts,
+                   gs.whole_model ? "whole model" : gs.mla_layers ? "MLA layers" :
+                   "MLA attention", gs.n_hot, gs.n_experts,
                    (double)gs.bytes_used / 1048576.0,
                    g_routed ? 100.0 * (double)g_on / (double)g_routed : 0.0,
                    (unsigned long long)g_swaps);

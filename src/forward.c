@@ -66,7 +66,9 @@ forward_run(struct kli_session *const *ss, int64_t n_seq, const kli_token *tok, 
         pos[q] = ss[q]->pos;
     /* With a GPU, the MLA and MoE blocks hand it part of their work (backend.c). */
     struct backend_sess *gs[FORWARD_MAX_SEQ];
-    int gpu = backend_forward_begin(ss, n_seq, T_seq, gs);
+    int gpu = backend_forward_begin(ss, n_seq, T_seq, gs, err);
+    if (gpu < 0)
+        return gpu;   /* the sessions' KDA states were lost on the device (now broken) */
     s->mla_sc.gpu = gpu ? gs : NULL;
     s->moe_sc.gpu = gpu ? gs[0] : NULL;
     if (m->xc != NULL) {
@@ -82,9 +84,19 @@ forward_run(struct kli_session *const *ss, int64_t n_seq, const kli_token *tok, 
         t1 = fwd_now();
         s->phase[KLI_PHASE_OTHER] += t1 - t0;
         if (ly->mixer == KLI_MIXER_KDA) {
-            for (int64_t q = 0; q < n_seq; q++)
+            int rc = gpu ? backend_kda_layer(gs, i, n_seq, T_seq, s->x, s->y, err) : 1;
+            if (rc < 0) {
+                /* the device held the states and failed part-way: nothing to go on from */
+                for (int64_t q = 0; q < n_seq; q++)
+                    ss[q]->broken = 1;
+                if (m->xc != NULL)
+                    xcache_unlock(m->xc);
+                return rc;
+            }
+            for (int64_t q = 0; rc > 0 && q < n_seq; q++)
                 kst[q] = &ss[q]->kda[i];
-            kda_forward(m, &ly->kda, kst, n_seq, &s->kda_sc, s->x, T_seq, s->y);
+            if (rc > 0)
+                kda_forward(m, &ly->kda, kst, n_seq, &s->kda_sc, s->x, T_seq, s->y);
         } else {
             for (int64_t q = 0; q < n_seq; q++)
                 caches[q] = ss[q]->cache[i];
@@ -115,13 +127,15 @@ forward_run(struct kli_session *const *ss, int64_t n_seq, const kli_token *tok, 
     if (logits_all != NULL) {
         /* every row (prefill asked for all positions, or one row per sequence) */
         rmsnorm_rows(s->x, s->h, m->final_norm, T, D, cfg->norm_eps);
-        ops_matmul(&m->lm_head, s->x, D, logits_all, V, T);
+        if (!gpu || backend_lm_head(gs, s->x, T, logits_all) != 0)
+            ops_matmul(&m->lm_head, s->x, D, logits_all, V, T);
         for (int64_t q = 0; q < n_seq; q++)
             memcpy(ss[q]->logits, logits_all + ((q + 1) * T_seq - 1) * V,
                    (size_t)V * sizeof(float));
     } else {
         ops_rmsnorm(s->x, s->h + (T - 1) * D, m->final_norm, D, cfg->norm_eps);
-        ops_matmul(&m->lm_head, s->x, D, s->logits, V, 1);
+        if (!gpu || backend_lm_head(gs, s->x, 1, s->logits) != 0)
+            ops_matmul(&m->lm_head, s->x, D, s->logits, V, 1);
     }
     s->phase[KLI_PHASE_LM_HEAD] += fwd_now() - t0;
     for (int64_t q = 0; q < n_seq; q++) {

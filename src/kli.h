@@ -213,9 +213,11 @@ enum kli_numa {
 };
 
 /* GPU use of a model (a build with CUDA and a device with its driver). The GPU takes the MLA
- * attention over the latent cache, which it mirrors, and the routed experts chosen most
- * often (the hot set, re-chosen from the routing counts as kli runs), together with the
- * shared expert; the CPU computes the other experts at the same time. */
+ * layers (their weights, and attention over the latent cache, which it mirrors) and the
+ * routed experts chosen most often (the hot set, re-chosen from the routing counts as kli
+ * runs), together with the shared expert; the CPU computes the other experts at the same
+ * time. When the whole model fits, the KDA layers (with the sessions' states) and lm_head
+ * run there too. */
 enum kli_gpu_mode {
     KLI_GPU_AUTO = 0,   /* use a GPU when one is present; else the CPU, and
                            kli_model_gpu_status says why */
@@ -291,6 +293,8 @@ void kli_model_cache_reset(struct kli_model *model);
 /* What the GPU does for a model (kli_model_options.gpu): the hot sets and their use. */
 struct kli_gpu_stats {
     int32_t mla_layers;       /* 1: MLA layers run whole on the GPU; 0: attention only or none */
+    int32_t whole_model;      /* 1: the whole model fits: KDA layers, their states and lm_head
+                                 are on the GPU too */
     int32_t n_hot;            /* routed experts per MoE layer resident (fewest of any layer) */
     int32_t n_experts;        /* routed experts per MoE layer in the model */
     uint64_t bytes_used;      /* device memory kli holds now (weights, mirrors, workspaces) */

@@ -14,6 +14,7 @@
 
 #include <string.h>
 
+#include "backend.h"
 #include "internal.h"
 #include "kda.h"
 #include "mla.h"
@@ -40,6 +41,9 @@ kli_session_copy(struct kli_session *dst, const struct kli_session *src, struct 
     /* Grow first: on failure dst is untouched. */
     if ((rc = session_reserve(dst, src->pos > 0 ? src->pos : 1, err)) != KLI_OK)
         return rc;
+    if ((rc = backend_sess_pull((struct kli_session *)src, err)) != KLI_OK)
+        return rc;
+    backend_sess_written(dst);
 
     const struct kli_config *c = &src->m->cfg;
     int64_t H = c->kda.n_heads, K = c->kda.head_dim;

@@ -234,6 +234,7 @@ kli_session_reset(struct kli_session *s)
     s->pos = 0;
     s->has_logits = 0;
     s->broken = 0;
+    backend_sess_written(s);
 }
 
 int

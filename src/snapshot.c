@@ -60,6 +60,7 @@
 #include <zstd.h>
 #endif
 
+#include "backend.h"
 #include "internal.h"
 #include "sampler.h"
 #include "session.h"
@@ -485,6 +486,9 @@ kli_session_snapshot(const struct kli_session *s, const struct kli_sampler *smp,
 
     if (s == NULL || cap < 0 || (buf == NULL && cap > 0))
         return kli_err_set(err, KLI_E_INVALID, "kli_session_snapshot: invalid arguments");
+    /* the KDA states may lead on the GPU (logically const: the host copy catches up) */
+    if ((rc = backend_sess_pull((struct kli_session *)s, err)) != KLI_OK)
+        return rc;
     memset(&e, 0, sizeof(e));
     e.buf = buf;
     e.cap = (uint64_t)cap > SIZE_MAX ? SIZE_MAX : (size_t)cap;
@@ -508,6 +512,8 @@ kli_session_save(const struct kli_session *s, const struct kli_sampler *smp, con
 
     if (s == NULL || path == NULL)
         return kli_err_set(err, KLI_E_INVALID, "kli_session_save: NULL argument");
+    if ((rc = backend_sess_pull((struct kli_session *)s, err)) != KLI_OK)
+        return rc;
     size_t pl = strlen(path);
     if ((tmp = kli_malloc(pl + 5)) == NULL)
         return kli_err_set(err, KLI_E_NOMEM, "out of memory");
@@ -810,6 +816,7 @@ kli_session_restore(struct kli_session *s, struct kli_sampler *smp, const void *
     if ((rc = session_reserve(s, pos > 0 ? pos : 1, err)) != KLI_OK)
         goto out;
     snap_apply(s, smp, &v);
+    backend_sess_written(s);
 out:
     free(v.recent);
     free(dec);
@@ -872,6 +879,8 @@ kli_session_fork(struct kli_session **out, const struct kli_session *src, struct
         return kli_err_set(err, KLI_E_INVALID, "kli_session_fork: NULL argument");
     *out = NULL;
     c = &src->m->cfg;
+    if ((rc = backend_sess_pull((struct kli_session *)src, err)) != KLI_OK)
+        return rc;
     kli_session_options_init(&o);
     o.ctx_max = src->ctx_max;
     o.batch_max = src->batch_max;

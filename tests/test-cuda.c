@@ -36,6 +36,7 @@
 
 #include "backend.h"
 #include "ffn.h"
+#include "kda.h"
 #include "kli.h"
 #include "mla.h"
 #include "model.h"
@@ -510,6 +511,140 @@ test_mla_layer(const char *what, enum kli_dtype dt, int D, int H, int L, int nop
     free(sc.work);
 }
 
+/* ==== 3b. A whole KDA layer ================================================================= */
+
+/* n_seq sequences of T_seq rows from random states: GPU (the recurrence) against kda_forward
+ * (the recurrence for one row, the chunked form for more): output and advanced states. */
+static void
+test_kda_layer(const char *what, enum kli_dtype dt, int D, int H, int K, int rf, int rg,
+               int n_seq, int T_seq)
+{
+    const int HK = H * K, W = 4;
+    const int64_t T = (int64_t)n_seq * T_seq;
+    struct kli_model m;
+    struct kli_kda_w w;
+    void *buf[9];
+    struct kli_tensor *mt[9] = {&w.q_proj, &w.k_proj, &w.v_proj, &w.f_a, &w.b_proj, &w.g_a,
+                                &w.f_b, &w.g_b, &w.o_proj};
+    const int64_t rows[9] = {HK, HK, HK, rf, H, rg, HK, HK, D};
+    const int64_t cols[9] = {D, D, D, D, D, D, rf, rg, HK};
+
+    memset(&m, 0, sizeof(m));
+    m.cfg.d_model = D;
+    m.cfg.norm_eps = 1e-5f;
+    m.cfg.kda.n_heads = H;
+    m.cfg.kda.head_dim = K;
+    m.cfg.kda.conv_size = W;
+    memset(&w, 0, sizeof(w));
+    for (int k = 0; k < 9; k++)
+        make_mat(dt, rows[k], cols[k], mt[k], &buf[k]);
+    for (int p = 0; p < 3; p++)
+        w.conv[p] = rand_floats((int64_t)HK * W, 0.5f, 0.0f);
+    w.a_neg = rand_floats(H, 0.5f, -1.0f);
+    w.dt_bias = rand_floats(HK, 1.0f, 0.0f);
+    w.o_norm = rand_floats(K, 0.3f, 1.0f);
+
+    struct kli_gpu_kda_w dw;
+    struct kli_gpu_mat *dm[9] = {&dw.q, &dw.k, &dw.v, &dw.f_a, &dw.b, &dw.g_a, &dw.f_b, &dw.g_b,
+                                 &dw.o};
+    for (int k = 0; k < 9; k++) {
+        dm[k]->w = dev_copy(buf[k], kli_dtype_nbytes(dt, (uint64_t)rows[k] * cols[k]));
+        dm[k]->dtype = dt;
+        dm[k]->rows = (int32_t)rows[k];
+        dm[k]->cols = (int32_t)cols[k];
+    }
+    float *conv_all = xmalloc((size_t)3 * HK * W * 4);
+    for (int p = 0; p < 3; p++)
+        memcpy(conv_all + (size_t)p * HK * W, w.conv[p], (size_t)HK * W * 4);
+    dw.conv = dev_copy(conv_all, (uint64_t)3 * HK * W * 4);
+    dw.a_neg = dev_copy(w.a_neg, (uint64_t)H * 4);
+    dw.dt_bias = dev_copy(w.dt_bias, (uint64_t)HK * 4);
+    dw.o_norm = dev_copy(w.o_norm, (uint64_t)K * 4);
+    struct kli_err err = {0};
+    ok(ops->kda_check(gpu, &dw, D, H, K, W, &err) == KLI_OK, "%s: shape accepted %s", what,
+       err.msg);
+
+    /* states: random, on both sides */
+    struct kda_state st[4], *stp[4];
+    float *dS[4], *dC[4];
+    const int64_t ns = (int64_t)H * K * K, nc = 3 * (int64_t)HK * (W - 1);
+    for (int q = 0; q < n_seq; q++) {
+        st[q].S = rand_floats(ns, 0.2f, 0.0f);
+        st[q].conv = rand_floats(nc, 1.0f, 0.0f);
+        stp[q] = &st[q];
+        dS[q] = dev_copy(st[q].S, (uint64_t)ns * 4);
+        dC[q] = dev_copy(st[q].conv, (uint64_t)nc * 4);
+    }
+    float *x = rand_floats(T * D, 1.0f, 0.0f);
+    float *out_c = xmalloc((size_t)T * D * 4), *out_g = xmalloc((size_t)T * D * 4);
+    struct kda_scratch sc;
+    for (int p = 0; p < 3; p++) {
+        sc.raw[p] = xmalloc((size_t)T * HK * 4);
+        sc.qkv[p] = xmalloc((size_t)T * HK * 4);
+    }
+    sc.g = xmalloc((size_t)T * HK * 4);
+    sc.beta = xmalloc((size_t)T * H * 4);
+    sc.low = xmalloc((size_t)T * (rf + rg) * 4);
+    sc.gate = xmalloc((size_t)T * HK * 4);
+    sc.o = xmalloc((size_t)T * HK * 4);
+    sc.chunk = xmalloc((size_t)threads_count() * kda_chunk_floats(K, K) * 4);
+
+    kda_forward(&m, &w, stp, n_seq, &sc, x, T_seq, out_c);
+    struct kli_gpu_kda_job j = {n_seq, T_seq, D, H, K, W, 1e-5f, &dw, dS, dC, x, out_g};
+    int rc = ops->kda_layer(queue, &j, &err);
+    if (rc != KLI_OK)
+        diag("%s: %s", what, err.msg);
+    double es = 0.0, ec = 0.0;
+    float *bs = xmalloc((size_t)ns * 4), *bc = xmalloc((size_t)nc * 4);
+    for (int q = 0; rc == KLI_OK && q < n_seq; q++) {
+        if (dev_read(bs, dS[q], (uint64_t)ns * 4) != 0 ||
+            dev_read(bc, dC[q], (uint64_t)nc * 4) != 0) {
+            es = INFINITY;
+            break;
+        }
+        es = fmax(es, rel_l2(bs, st[q].S, ns));
+        ec = fmax(ec, rel_l2(bc, st[q].conv, nc));
+    }
+    double eo = rel_l2(out_g, out_c, T * D);
+    ok(rc == KLI_OK && eo < 1e-5 && es < 1e-5 && ec < 1e-6, "%s: GPU layer vs CPU twin %.2g, "
+       "states %.2g, conv states (raw projections) %.2g", what, eo, es, ec);
+
+    for (int k = 0; k < 9; k++) {
+        ops->release(gpu, (void *)dm[k]->w, kli_dtype_nbytes(dt, (uint64_t)rows[k] * cols[k]));
+        free(buf[k]);
+    }
+    ops->release(gpu, (void *)dw.conv, (uint64_t)3 * HK * W * 4);
+    ops->release(gpu, (void *)dw.a_neg, (uint64_t)H * 4);
+    ops->release(gpu, (void *)dw.dt_bias, (uint64_t)HK * 4);
+    ops->release(gpu, (void *)dw.o_norm, (uint64_t)K * 4);
+    for (int q = 0; q < n_seq; q++) {
+        ops->release(gpu, dS[q], (uint64_t)ns * 4);
+        ops->release(gpu, dC[q], (uint64_t)nc * 4);
+        free(st[q].S);
+        free(st[q].conv);
+    }
+    for (int p = 0; p < 3; p++) {
+        free(w.conv[p]);
+        free(sc.raw[p]);
+        free(sc.qkv[p]);
+    }
+    free(w.a_neg);
+    free(w.dt_bias);
+    free(w.o_norm);
+    free(conv_all);
+    free(x);
+    free(out_c);
+    free(out_g);
+    free(sc.g);
+    free(sc.beta);
+    free(sc.low);
+    free(sc.gate);
+    free(sc.o);
+    free(sc.chunk);
+    free(bs);
+    free(bc);
+}
+
 /* ==== 4. The golden fixture end to end ======================================================= */
 
 static char dir[4096];
@@ -716,6 +851,48 @@ test_golden(void)
         free(la);
         free(lb);
     }
+    /* The whole model fits: KDA states lead on the device between passes; a snapshot pulls
+     * them, a restore pushes them back. */
+    ok(strstr(st, "whole model") != NULL, "the tiny model fits: the whole model on the GPU");
+    {
+        struct kli_session *a = NULL, *b = NULL, *c = NULL;
+        struct kli_err err = {0};
+        kli_token more[3] = {tokens[1], tokens[2], tokens[5]};
+        float *la = xmalloc((size_t)V * sizeof(float)), *lb = xmalloc((size_t)V * sizeof(float));
+        float *lc = xmalloc((size_t)V * sizeof(float));
+        void *snap = NULL;
+        int64_t n = -1;
+        int good = kli_session_create(&a, m, NULL, &err) == KLI_OK &&
+                   kli_session_create(&b, m, NULL, &err) == KLI_OK &&
+                   kli_session_create(&c, mc, NULL, &err) == KLI_OK &&
+                   kli_session_eval(a, tokens, n_prompt, NULL, &err) == KLI_OK &&
+                   (n = kli_session_snapshot(a, NULL, NULL, 0, &err)) > 0;
+        if (good) {
+            snap = xmalloc((size_t)n);
+            good = kli_session_snapshot(a, NULL, snap, n, &err) == n;
+        }
+        for (int i = 0; good && i < 3; i++)
+            good = kli_session_eval(a, more + i, 1, la, &err) == KLI_OK;
+        good = good && kli_session_restore(b, NULL, snap, (size_t)n, &err) == KLI_OK &&
+               kli_session_restore(c, NULL, snap, (size_t)n, &err) == KLI_OK;
+        for (int i = 0; good && i < 3; i++)
+            good = kli_session_eval(b, more + i, 1, lb, &err) == KLI_OK &&
+                   kli_session_eval(c, more + i, 1, lc, &err) == KLI_OK;
+        if (!good)
+            diag("%s", err.msg);
+        ok(good && memcmp(la, lb, (size_t)V * sizeof(float)) == 0,
+           "whole model: a snapshot taken while the states are on the GPU, restored into "
+           "another GPU session, continues bit for bit");
+        double e = good ? rel_l2(lc, la, V) : INFINITY;
+        ok(good && e < 1e-5, "whole model: the same snapshot continued on the CPU: %.2g", e);
+        kli_session_free(a);
+        kli_session_free(b);
+        kli_session_free(c);
+        free(la);
+        free(lb);
+        free(lc);
+        free(snap);
+    }
     kli_model_close(m);
 
     m = open_tiny(KLI_GPU_ON, 3, 0);
@@ -903,6 +1080,15 @@ main(int argc, char **argv)
         ok(ops->mla_layer_check(gpu, &bad, 128, 2, 32, 16, 32, &e4) == KLI_E_UNSUPPORTED &&
            e4.msg[0] != '\0', "a projection of the wrong shape is refused: %s", e4.msg);
     }
+    /* 3b. a whole KDA layer */
+    test_kda_layer("KDA layer bf16, decode, 2 sequences", KLI_DT_BF16, 128, 2, 32, 32, 32, 2, 1);
+    test_kda_layer("KDA layer q8_0, decode", KLI_DT_Q8_0, 256, 4, 64, 64, 32, 1, 1);
+    test_kda_layer("KDA layer f32, prefill 3 rows (within the conv reach)", KLI_DT_F32, 128, 2,
+                   32, 32, 32, 1, 3);
+    test_kda_layer("KDA layer bf16, prefill 2 sequences x 70 rows", KLI_DT_BF16, 128, 2, 32, 32,
+                   32, 2, 70);
+    test_kda_layer("KDA layer q4, released head shape, prefill 9 rows", KLI_DT_Q4, 256, 4, 128,
+                   64, 64, 1, 9);
     /* the budget */
     {
         struct kli_gpu *g2 = NULL;

@@ -566,6 +566,7 @@ test_pinning(void)
     int n_allowed = threads_allowed_cpus(allowed, TOPO_MAX_CPUS);
 
     kli_model_options_init(&mo);
+    mo.gpu = KLI_GPU_OFF;   /* the CPU's mechanics: a GPU would take lm_head and experts */
     int rc = numa_open(&s, &mo, &err);
     if (!ok(rc == KLI_OK, "this machine: %s", rc == KLI_OK ? s->topo->source : err.msg))
         return;
@@ -683,6 +684,7 @@ test_node_data(void)
 
     snprintf(dir, sizeof(dir), "%s/tiny-kimi-linear", td ? td : "tests/data");
     kli_model_options_init(&mo);
+    mo.gpu = KLI_GPU_OFF;   /* the CPU's mechanics: a GPU would take lm_head and experts */
     mo.numa = KLI_NUMA_REPLICATE;
     if (!ok(kli_model_open(&m, dir, &mo, &err) == KLI_OK, "model opens with --numa replicate "
             "(%s)", err.msg))
@@ -739,6 +741,7 @@ test_policy(enum kli_numa numa)
 
     snprintf(dir, sizeof(dir), "%s/tiny-kimi-linear", td ? td : "tests/data");
     kli_model_options_init(&mo);
+    mo.gpu = KLI_GPU_OFF;   /* the CPU's mechanics: a GPU would take lm_head and experts */
     mo.numa = numa;
     if (!ok(kli_model_open(&m, dir, &mo, &err) == KLI_OK, "%s: model opens (%s)",
             topo_numa_name(numa), err.msg))
@@ -825,6 +828,7 @@ test_routing(void)
 
     snprintf(dir, sizeof(dir), "%s/tiny-kimi-linear", td ? td : "tests/data");
     kli_model_options_init(&mo);
+    mo.gpu = KLI_GPU_OFF;   /* the CPU's mechanics: a GPU would take lm_head and experts */
     mo.n_threads = 2;
     mo.numa = KLI_NUMA_PARTITION;
     if (!ok(kli_model_open(&m, dir, &mo, &err) == KLI_OK, "routing: model opens (%s)",
