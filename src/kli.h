@@ -208,8 +208,8 @@ enum kli_numa {
                                   layers, lm_head) copied to each node, each worker reading
                                   its node's copy; the rest interleaved */
     KLI_NUMA_PARTITION = 3     /* each routed expert bound to one node, experts balanced by
-                                  bytes, and computed in decode steps by that node's
-                                  workers; the rest interleaved */
+                                  bytes, and computed by that node's workers; the rest
+                                  interleaved */
 };
 
 /* GPU use of a model (a build with CUDA and a device with its driver). The GPU takes the MLA

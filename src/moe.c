@@ -291,7 +291,12 @@ moe_grouped(const struct kli_model *m, const struct kli_moe_w *w, struct moe_scr
     int64_t D = m->cfg.d_model, E = c->n_experts, K = c->top_k;
     struct moe_group g;
 
-    if (T > MOE_GROUP_MAX_T)
+    /* Under --numa partition every batch takes this path, so that each routed expert is
+     * computed on its node in prefill too (the pair rows then need T * top_k rows of
+     * scratch); otherwise only small batches. */
+    g.tn = threads_count();
+    g.route = w->node != NULL && m->numa_route && g.tn <= MOE_ROUTE_MAX;
+    if (T > MOE_GROUP_MAX_T && !g.route)
         return -1;
     g.D = D;
     g.n_items = 0;
@@ -355,9 +360,7 @@ moe_grouped(const struct kli_model *m, const struct kli_moe_w *w, struct moe_scr
             memcpy(g.xg + (g.row[i] + j) * D, x + t * D, (size_t)D * sizeof(float));
         }
     }
-    g.tn = threads_count();
     g.away = w->node != NULL ? (uint64_t *)&m->numa_away : NULL;
-    g.route = w->node != NULL && m->numa_route && g.tn <= MOE_ROUTE_MAX;
     if (g.route) {
         /* every item's node must have a worker, else the plain split */
         int16_t per[THREADS_NODES] = {0};

@@ -19,11 +19,9 @@
  * policy (hwloc_alloc_membind) before they are written.
  *
  * Partition also routes the work: numa_route gives each MoE layer the node of each routed
- * expert (kli_moe_w.node), and moe.c's grouped path (decode steps, up to 32 tokens a layer)
- * splits each expert's rows over the workers of its node only, the shared expert over all
- * workers, so a decode step reads every routed expert from local memory. Prefill runs each
- * expert on every worker, as before: there each weight serves many tokens and arithmetic,
- * not the link between the nodes, is the limit.
+ * expert (kli_moe_w.node), and moe.c's grouped path, which every batch then takes, splits
+ * each expert's rows over the workers of its node only and the shared expert over all
+ * workers, so every routed expert is read from local memory, in prefill and decode.
  */
 #define _GNU_SOURCE
 #include "config.h"

@@ -999,7 +999,7 @@ topo_describe_memory(struct topo_sb *sb, const struct topo *t, const struct topo
         case TOPO_NODE_NONE: what = "not bound (placed where first read)"; break;
         case TOPO_NODE_INTERLEAVE: what = "interleaved over the worker nodes"; break;
         case TOPO_NODE_REPLICATE: what = "copied to every worker node (trunk)"; break;
-        default: what = "each bound to one node, computed there in decode (partition)"; break;
+        default: what = "each bound to one node and computed there (partition)"; break;
         }
         topo_sb_printf(sb, "  %-15s %6lld matrices %10s: %s\n",
                        topo_role_name((enum topo_role)i), (long long)role_n[i],

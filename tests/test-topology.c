@@ -19,7 +19,7 @@
  * the matmul reading a tensor's node copy (kli_tensor.node_data).
  *
  * Routing under partition, on a described two-node worker plan: each routed expert of a
- * decode step is computed only by workers of its node (moe.c counts rows computed away from
+ * prefill and of a decode step is computed only by workers of its node (moe.c counts rows computed away from
  * an expert's node: none with routing, some without), and the logits stay those of the
  * plain split.
  */
@@ -796,20 +796,26 @@ test_policy(enum kli_numa numa)
     kli_model_close(m);
 }
 
-/* Logits of a 6-token prompt in one call and three decode steps (every MoE layer takes the
- * grouped path: at most 32 tokens). */
+/* Logits of a 40-token prompt in one call (a prefill: more than the 32 tokens of the
+ * grouped path without routing) and three decode steps. */
+#define ROUTE_PROMPT 40
+
 static int
 route_run(struct kli_model *m, float *out, int32_t V)
 {
     struct kli_session *s = NULL;
     struct kli_err err = {0};
-    kli_token p[6] = {5, 17, 99, 3, 250, 42};
+    kli_token p[ROUTE_PROMPT];
+
+    for (int i = 0; i < ROUTE_PROMPT; i++)
+        p[i] = (kli_token)((5 + 37 * i) % 256);
     int good = kli_session_create(&s, m, NULL, &err) == KLI_OK &&
-               kli_session_eval(s, p, 6, out, &err) == KLI_OK;
+               kli_session_eval(s, p, ROUTE_PROMPT, out, &err) == KLI_OK;
 
     for (int i = 0; good && i < 3; i++) {
         kli_token t = (kli_token)(7 + 31 * i);
-        good = kli_session_eval(s, &t, 1, out + (size_t)(6 + i) * V, &err) == KLI_OK;
+        good = kli_session_eval(s, &t, 1, out + (size_t)(ROUTE_PROMPT + i) * V, &err) ==
+               KLI_OK;
     }
     if (!good)
         diag("eval: %s", err.msg);
@@ -835,7 +841,7 @@ test_routing(void)
             err.msg))
         return;
     int32_t V = kli_model_n_vocab(m), E = m->cfg.moe.n_experts;
-    size_t n = (size_t)9 * V;
+    size_t n = (size_t)(ROUTE_PROMPT + 3) * V;
     float *base = calloc(n, sizeof(float)), *plain = calloc(n, sizeof(float));
     float *routed = calloc(n, sizeof(float));
     int8_t *node = malloc((size_t)E);
@@ -877,7 +883,8 @@ test_routing(void)
        "routing: the plain split computes %llu expert rows away from their node, logits "
        "unchanged", (unsigned long long)away_plain);
     ok(good && away_routed == 0 && d < 1e-6, "routing: with partition routing no expert row "
-       "is computed off its node; logits within %.2g of the plain split", d);
+       "is computed off its node, in prefill (%d tokens) and decode; logits within %.2g of the "
+       "plain split", ROUTE_PROMPT, d);
 
     /* a node without workers: the plain split, bit for bit */
     threads_set_plan(2, cpus, one, 0);
