@@ -572,8 +572,13 @@ cu_mla_layer(struct kli_gpu_queue *q, const struct kli_gpu_mla_layer_job *j,
         (rc = cu_mm(q, w->o_proj.w, w->o_proj.dtype, 0, D, H * dv, 1, o_d, H * dv, 0, T,
                         out_d, D, 0, err, "mla o_proj")) != KLI_OK)
         return rc;
-    if ((rc = cu_check(cudaMemcpyAsync(pin, out_d, b_res, cudaMemcpyDeviceToHost, q->st), err,
-                       "cudaMemcpyAsync (mla result)")) != KLI_OK ||
+    /* two exact copies: the alignment padding between the arrays is never written */
+    if ((rc = cu_check(cudaMemcpyAsync(pin, out_d, (size_t)T * D * 4, cudaMemcpyDeviceToHost,
+                                       q->st), err, "cudaMemcpyAsync (mla result)")) !=
+        KLI_OK ||
+        (rc = cu_check(cudaMemcpyAsync(pin + b_out, new_d, (size_t)T * C * 4,
+                                       cudaMemcpyDeviceToHost, q->st), err,
+                       "cudaMemcpyAsync (mla rows)")) != KLI_OK ||
         (rc = cu_check(cudaStreamSynchronize(q->st), err, "mla layer")) != KLI_OK)
         return rc;
     memcpy(j->out, pin, (size_t)T * D * 4);

@@ -91,6 +91,7 @@ static const struct option batch_opts[] = {
     {"max-prompt-bytes", required_argument, NULL, OPT_MAX_PROMPT},
     {"help", no_argument, NULL, 'h'},
     CLI_PLACEMENT_LONGOPTS,
+    CLI_GPU_LONGOPTS,
     {NULL, 0, NULL, 0},
 };
 
@@ -99,6 +100,7 @@ static const char batch_usage[] =
     "                 [--stop STR]... [-s SYSTEM] [--raw] [--ctx N] [-t N] [--shard K/N]\n"
     "                 [--resume | --overwrite] [--prefix-cache SIZE] [--prefix-dir DIR]\n"
     "                 [--min-prefix N] [--max-prompt-bytes SIZE] [--quiet]\n"
+    "                 [--gpu auto|on|off] [--gpu-mem SIZE] [--gpu-experts N|auto]\n"
     "Each input line is a JSON object: {\"id\": ..., \"prompt\": ... | \"messages\": [...],\n"
     "optional \"max_tokens\", \"temperature\", \"top_p\", \"top_k\", \"min_p\", \"seed\", "
     "\"stop\", ...}.\n"
@@ -226,7 +228,9 @@ batch_parse(int argc, char **argv, struct batch_args *a)
         default:
             if (cli_sampling_option(c, optarg, &a->so) == 1)
                 break;
-            return -1;
+            if (cli_gpu_option(c, optarg) != 1)
+                return -1;
+            break;
         }
     }
     if (optind < argc) {

@@ -256,6 +256,10 @@ t "--parallel 0 is a usage error" 2 "$kli" batch -m "$model" -i "$tmp/in.jsonl" 
     -P 0
 t "--prefix-cache 1X is a usage error" 2 "$kli" batch -i "$tmp/in.jsonl" -o "$tmp/x" \
     --prefix-cache 1X
+t "--gpu sometimes is a usage error" 2 "$kli" batch -m "$model" -i "$tmp/in.jsonl" -o "$tmp/x" \
+    --gpu sometimes
+t "--gpu off is accepted" 0 "$kli" batch -m "$model" -i "$tmp/in.jsonl" -o "$tmp/g.jsonl" \
+    --gpu off -P 2 -n 4 --temp 0 -t 1
 t "a missing input is an I/O error" 1 "$kli" batch -m "$model" -i "$tmp/none" -o "$tmp/x"
 t "an output that cannot be created is an I/O error" 1 "$kli" batch -m "$model" \
     -i "$tmp/in.jsonl" -o "$tmp/no/such/dir.jsonl"
