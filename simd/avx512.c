@@ -354,6 +354,43 @@ avx512_dot_tile(enum kli_dtype dt, const float *x, int64_t ldx, const uint8_t *w
     }
 }
 
+/* y[t][r] = dot(x[t], row r) for 8 tokens x 3 rows (batched decode): each widened weight
+ * vector serves eight tokens, 24 accumulators, so the rows are read and widened once. */
+AVX512_INLINE void
+avx512_dot_tile8(enum kli_dtype dt, const float *x, int64_t ldx, const uint8_t *w, size_t rb,
+                 size_t pf, int64_t k, float *y, int64_t ldy)
+{
+    int es = dt == KLI_DT_F32 ? 4 : 2;
+    __m512 acc[8][3];
+
+#pragma GCC unroll 8
+    for (int t = 0; t < 8; t++)
+        acc[t][0] = acc[t][1] = acc[t][2] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < k; j += 16) {
+        __mmask16 mk = avx512_mask(k - j < 16 ? k - j : 16);
+        __m512 wv[3];
+#pragma GCC unroll 3
+        for (int r = 0; r < 3; r++) {
+            _mm_prefetch((const char *)(w + pf + r * rb + j * es), _MM_HINT_T0);
+            wv[r] = k - j >= 16 ? avx512_load16(dt, w + r * rb, j)
+                                : avx512_load16_mask(dt, w + r * rb, j, mk);
+        }
+#pragma GCC unroll 8
+        for (int t = 0; t < 8; t++) {
+            __m512 xv = _mm512_maskz_loadu_ps(mk, x + t * ldx + j);
+#pragma GCC unroll 3
+            for (int r = 0; r < 3; r++)
+                acc[t][r] = _mm512_fmadd_ps(wv[r], xv, acc[t][r]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int t = 0; t < 8; t++) {
+#pragma GCC unroll 3
+        for (int r = 0; r < 3; r++)
+            y[t * ldy + r] = avx512_hsum(acc[t][r]);
+    }
+}
+
 AVX512_INLINE void
 avx512_stream_float(enum kli_dtype dt, float *y, int64_t ldy, const float *x, int64_t ldx,
                     const uint8_t *w, int64_t n, int64_t k, int64_t m)
@@ -372,6 +409,8 @@ avx512_stream_float(enum kli_dtype dt, float *y, int64_t ldy, const float *x, in
     for (; r + 3 <= n; r += 3) {
         size_t pf = avx512_ahead(r, 3, n, rb);
         int64_t t = 0;
+        for (; t + 8 <= m; t += 8)
+            avx512_dot_tile8(dt, x + t * ldx, ldx, w + r * rb, rb, pf, k, y + t * ldy + r, ldy);
         for (; t + 4 <= m; t += 4)
             avx512_dot_tile(dt, x + t * ldx, ldx, w + r * rb, rb, pf, k, y + t * ldy + r, ldy);
         for (; t < m; t++) {
@@ -517,29 +556,29 @@ avx512_q8_rows(int nr, const uint8_t *act, int64_t nb, const uint8_t *w, size_t 
 }
 
 /* out[t] = row p (Q8_0) . x of token t (regions `stride` bytes apart), t < nt (constant, at
- * most 4): each pair of weight blocks is loaded, made unsigned and sign-masked once for all
+ * most 8): each pair of weight blocks is loaded, made unsigned and sign-masked once for all
  * the tokens. */
 AVX512_INLINE void
 avx512_q8_tile(int nt, const uint8_t *act, size_t stride, int64_t nb, const uint8_t *p,
                size_t pf, float *out)
 {
     const __m512i ones = _mm512_set1_epi16(1);
-    __m512 acc[4];
-    __m256 acc8[4];
+    __m512 acc[8];
+    __m256 acc8[8];
     int64_t b = 0;
 
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int t = 0; t < nt; t++) {
         acc[t] = _mm512_setzero_ps();
         acc8[t] = _mm256_setzero_ps();
     }
     for (; b + 8 <= nb; b += 8) {
         const uint8_t *pg = p + 34 * b;
-        __m512 s[4];
+        __m512 s[8];
         for (int l = 0; l < 5; l++)
             _mm_prefetch((const char *)(pg + pf + 64 * l), _MM_HINT_T0);
         __m256 dw = avx512_scales8(pg, 34);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int t = 0; t < nt; t++) {
             const float *d = (const float *)(act + t * stride + 32 * nb);
             s[t] = _mm512_castps256_ps512(_mm256_mul_ps(dw, _mm256_loadu_ps(d + b)));
@@ -550,7 +589,7 @@ avx512_q8_tile(int nt, const uint8_t *act, size_t stride, int64_t nb, const uint
             __m512i wa = _mm512_abs_epi8(wq);
             __mmask64 neg = _mm512_movepi8_mask(wq);
             __m512i idx = avx512_q8_idx(i);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
             for (int t = 0; t < nt; t++) {
                 __m512i xq = _mm512_loadu_si512(act + t * stride + 32 * (b + 2 * i));
                 __m512i xs = _mm512_mask_sub_epi8(xq, neg, _mm512_setzero_si512(), xq);
@@ -561,7 +600,7 @@ avx512_q8_tile(int nt, const uint8_t *act, size_t stride, int64_t nb, const uint
         }
     }
     for (; b < nb; b++) {
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int t = 0; t < nt; t++) {
             const uint8_t *xt = act + t * stride;
             __m256i xq = _mm256_loadu_si256((const __m256i *)(xt + 32 * b));
@@ -569,7 +608,7 @@ avx512_q8_tile(int nt, const uint8_t *act, size_t stride, int64_t nb, const uint
             acc8[t] = avx512_q8_block(p + 34 * b, xq, dx, acc8[t]);
         }
     }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int t = 0; t < nt; t++)
         out[t] = avx512_hsum(acc[t]) + avx512_hsum256(acc8[t]);
 }
@@ -717,28 +756,28 @@ avx512_q4_rows(int nr, const uint8_t *act, int64_t nb, const uint8_t *w, size_t 
 }
 
 /* out[t] = row p (Q4) . x of token t (regions `stride` bytes apart), t < nt (constant, at most
- * 4): the nibbles and scales of each block are unpacked once for all the tokens. */
+ * 8): the nibbles and scales of each block are unpacked once for all the tokens. */
 AVX512_INLINE void
 avx512_q4_tile(int nt, const uint8_t *act, size_t stride, int64_t nb, const uint8_t *p,
                size_t pf, float *out)
 {
-    __m512 acc[4];
-    __m256 acc8[4];
+    __m512 acc[8];
+    __m256 acc8[8];
     int64_t b = 0;
 
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int t = 0; t < nt; t++) {
         acc[t] = _mm512_setzero_ps();
         acc8[t] = _mm256_setzero_ps();
     }
     for (; b + 8 <= nb; b += 8, act += AVX512_Q4GRP) {
         const uint8_t *pg = p + 18 * b;
-        __m512 s[4];
+        __m512 s[8];
         _mm_prefetch((const char *)(pg + pf), _MM_HINT_T0);
         _mm_prefetch((const char *)(pg + pf + 64), _MM_HINT_T0);
         _mm_prefetch((const char *)(pg + pf + 128), _MM_HINT_T0);
         __m256 dw = avx512_scales8(pg, 18);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int t = 0; t < nt; t++) {
             const uint8_t *xg = act + t * stride;
             __m256 dx = _mm256_load_ps((const float *)(xg + 256));
@@ -749,7 +788,7 @@ avx512_q4_tile(int nt, const uint8_t *act, size_t stride, int64_t nb, const uint
         for (int j = 0; j < 2; j++) {
             __m512i lo, hi, idx = avx512_q4_idx(j);
             avx512_q4_nibbles(pg + 72 * j + 2, &lo, &hi);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
             for (int t = 0; t < nt; t++) {
                 const uint8_t *xq = act + t * stride + 128 * j;
                 __m512 f = _mm512_cvtepi32_ps(avx512_q4_dot(lo, hi, xq));
@@ -758,11 +797,11 @@ avx512_q4_tile(int nt, const uint8_t *act, size_t stride, int64_t nb, const uint
         }
     }
     for (; b < nb; b++, act += AVX512_Q4REC) {
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int t = 0; t < nt; t++)
             acc8[t] = avx512_q4_block(p + 18 * b, act + t * stride, acc8[t]);
     }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int t = 0; t < nt; t++)
         out[t] = avx512_hsum(acc[t]) + avx512_hsum256(acc8[t]);
 }
@@ -783,7 +822,7 @@ avx512_stream_q8(float *y, int64_t ldy, const float *x, int64_t ldx, const uint8
 {
     uint8_t act[AVX512_QBUF] __attribute__((aligned(64)));
     size_t rb = (size_t)(k / 32) * 34;
-    float out[4];
+    float out[4], out8[8];
 
     for (int64_t k0 = 0, kq; k0 < k; k0 += kq) {
         kq = avx512_qslice(k - k0, m, avx512_q8_bytes);
@@ -808,6 +847,10 @@ avx512_stream_q8(float *y, int64_t ldy, const float *x, int64_t ldx, const uint8
             const uint8_t *p = wk + r * rb;
             size_t pf = avx512_ahead(r, 1, n, rb);
             int64_t t = 0;
+            for (; t + 8 <= m; t += 8) {
+                avx512_q8_tile(8, act + t * stride, stride, nb, p, pf, out8);
+                avx512_put_col(y + t * ldy + r, ldy, out8, 8, k0 > 0);
+            }
             for (; t + 4 <= m; t += 4) {
                 avx512_q8_tile(4, act + t * stride, stride, nb, p, pf, out);
                 avx512_put_col(y + t * ldy + r, ldy, out, 4, k0 > 0);
@@ -836,7 +879,7 @@ avx512_stream_q4(float *y, int64_t ldy, const float *x, int64_t ldx, const uint8
 {
     uint8_t act[AVX512_QBUF] __attribute__((aligned(64)));
     size_t rb = (size_t)(k / 32) * 18;
-    float out[4];
+    float out[4], out8[8];
 
     for (int64_t k0 = 0, kq; k0 < k; k0 += kq) {
         kq = avx512_qslice(k - k0, m, avx512_q4_bytes);
@@ -861,6 +904,10 @@ avx512_stream_q4(float *y, int64_t ldy, const float *x, int64_t ldx, const uint8
             const uint8_t *p = wk + r * rb;
             size_t pf = avx512_ahead(r, 1, n, rb);
             int64_t t = 0;
+            for (; t + 8 <= m; t += 8) {
+                avx512_q4_tile(8, act + t * stride, stride, nb, p, pf, out8);
+                avx512_put_col(y + t * ldy + r, ldy, out8, 8, k0 > 0);
+            }
             for (; t + 4 <= m; t += 4) {
                 avx512_q4_tile(4, act + t * stride, stride, nb, p, pf, out);
                 avx512_put_col(y + t * ldy + r, ldy, out, 4, k0 > 0);
