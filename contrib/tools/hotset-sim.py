@@ -8,9 +8,11 @@ The trace is JSON lines, one per decoded token: {"tok": i, "layers": [[ids], ...
 format --gpu-profile reads. Per MoE layer N routed experts are resident; a routed
 (token, expert) pair is a hit when its expert is. Three ways of choosing them:
 
-  live      what kli does with no profile: the lowest ids first, then every 32 x E routed
-            slots of a layer up to two experts whose count exceeds 2 x the coldest resident
-            one's + 16 replace it, and the counts halve (src/backend.c, bk_choose)
+  fixed     the lowest ids, never re-chosen
+  live      what kli does with no profile: the lowest ids first, then every E routed slots
+            of a layer up to eight experts whose count exceeds 2 x a resident one's + 4
+            replace the coldest resident ones, and the counts halve (src/backend.c,
+            bk_plan); swaps/token counts those replacements per scored token
   profile   --gpu-profile with the first half of the trace, scored on the second half
   oracle    the N most chosen experts of each layer over the scored half itself (the best
             any fixed set can do; an upper bound for profile)
@@ -66,11 +68,12 @@ def score(sets, toks):
 
 
 def live(toks, warm, n, E):
+    """@return (hit rate, swaps per scored token) of kli's re-choice (bk_plan)."""
     n_layers = len(toks[0])
     res = [set(range(n)) for _ in range(n_layers)]
     cnt = [[0] * E for _ in range(n_layers)]
     since = [0] * n_layers
-    hit = tot = 0
+    hit = tot = moved = 0
     for t, layers in enumerate(toks):
         for i, ids in enumerate(layers):
             if t >= warm:
@@ -79,21 +82,25 @@ def live(toks, warm, n, E):
             for e in ids:
                 cnt[i][e] += 1
             since[i] += len(ids)
-            if since[i] >= 32 * E:
+            if since[i] >= E:
                 order = sorted(range(E), key=lambda e: (-cnt[i][e], e))
+                cold = [v for v in reversed(order[n:]) if v in res[i]]
                 swaps = 0
                 for c in order[:n]:
                     if c in res[i]:
                         continue
-                    cold = [v for v in reversed(order[n:]) if v in res[i]]
-                    if not cold or cnt[i][c] <= 2 * cnt[i][cold[0]] + 16 or swaps == 2:
+                    if swaps == len(cold) or swaps == 8 or \
+                            cnt[i][c] <= 2 * cnt[i][cold[swaps]] + 4:
                         break
-                    res[i].discard(cold[0])
+                    res[i].discard(cold[swaps])
                     res[i].add(c)
                     swaps += 1
+                if t >= warm:
+                    moved += swaps
                 cnt[i] = [c // 2 for c in cnt[i]]
                 since[i] = 0
-    return hit / tot if tot else 0.0
+    scored = len(toks) - warm
+    return (hit / tot if tot else 0.0), (moved / scored if scored else 0.0)
 
 
 def main():
@@ -128,8 +135,10 @@ def main():
     c1, c2 = counts(first), counts(second)
     rows = []
     for n in sizes:
+        lv, sw = live(toks, half, n, E)
         rows.append({"experts": n, "share": n / E,
-                     "live": live(toks, half, n, E),
+                     "fixed": score([set(range(n))] * n_layers, second),
+                     "live": lv, "swaps_per_token": sw,
                      "profile": score([top(c, n) for c in c1], second),
                      "oracle": score([top(c, n) for c in c2], second)})
     if a.json:
@@ -138,9 +147,11 @@ def main():
         return
     print(f"{a.trace}: {len(toks)} tokens, {n_layers} MoE layers; scored on the last "
           f"{len(second)}")
-    print(f"{'experts':>8} {'share':>6} {'live':>7} {'profile':>8} {'oracle':>7}")
+    print(f"{'experts':>8} {'share':>6} {'fixed':>7} {'live':>7} {'swaps/tok':>10} "
+          f"{'profile':>8} {'oracle':>7}")
     for r in rows:
-        print(f"{r['experts']:>8} {100 * r['share']:>5.1f}% {100 * r['live']:>6.1f}% "
+        print(f"{r['experts']:>8} {100 * r['share']:>5.1f}% {100 * r['fixed']:>6.1f}% "
+              f"{100 * r['live']:>6.1f}% {r['swaps_per_token']:>10.2f} "
               f"{100 * r['profile']:>7.1f}% {100 * r['oracle']:>6.1f}%")
 
 
