@@ -658,19 +658,37 @@ avx512_quant_q4(const float *x, int64_t nb, uint8_t *buf)
     }
 }
 
-/* The nibbles of four Q4 blocks (pq: the first block's bytes, blocks 18 bytes apart): lo =
- * elements 0..15 of each block, hi = elements 16..31. */
-AVX512_INLINE void
-avx512_q4_nibbles(const uint8_t *pq, __m512i *lo, __m512i *hi)
+/* Word indices into the first 128 (and, for blocks 4..7, the next 128) bytes of a group of
+ * eight Q4 blocks (144 bytes, 72 words; block i starts at word 9i): the scales, then each
+ * block's 16 nibble bytes into its own 128-bit lane. */
+static const uint16_t avx512_q4_ix[3][32] __attribute__((aligned(64))) = {
+    {0, 9, 18, 27, 36, 45, 54, 63},
+    {1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17,
+     19, 20, 21, 22, 23, 24, 25, 26, 28, 29, 30, 31, 32, 33, 34, 35},
+    {5, 6, 7, 8, 9, 10, 11, 12, 14, 15, 16, 17, 18, 19, 20, 21,
+     23, 24, 25, 26, 27, 28, 29, 30, 32, 33, 34, 35, 36, 37, 38, 39},
+};
+
+/* One group of eight Q4 blocks of a row (p: its first block): the eight scales as floats, and
+ * the nibbles of blocks 0..3 and 4..7: lo = elements 0..15 of each block, hi = elements
+ * 16..31, block i of the four in 128-bit lane i. Three loads, the last masked to the group's final 16 bytes so that nothing past the
+ * row is read, and three word permutes: assembling the 18-byte blocks lane by lane took six
+ * inserts and the scales seven more, all on the one port that shuffles. */
+AVX512_INLINE __m256
+avx512_q4_group(const uint8_t *p, __m512i *lo03, __m512i *hi03, __m512i *lo47, __m512i *hi47)
 {
     const __m512i m4 = _mm512_set1_epi8(0x0f);
-    __m512i wq = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)pq));
+    __m512i g0 = _mm512_loadu_si512(p), g1 = _mm512_loadu_si512(p + 64);
+    __m512i g2 = _mm512_maskz_loadu_epi8(0xffff, p + 128);
+    __m512i sc = _mm512_permutex2var_epi16(g0, _mm512_load_si512(avx512_q4_ix[0]), g1);
+    __m512i q03 = _mm512_permutex2var_epi16(g0, _mm512_load_si512(avx512_q4_ix[1]), g1);
+    __m512i q47 = _mm512_permutex2var_epi16(g1, _mm512_load_si512(avx512_q4_ix[2]), g2);
 
-    wq = _mm512_inserti32x4(wq, _mm_loadu_si128((const __m128i *)(pq + 18)), 1);
-    wq = _mm512_inserti32x4(wq, _mm_loadu_si128((const __m128i *)(pq + 36)), 2);
-    wq = _mm512_inserti32x4(wq, _mm_loadu_si128((const __m128i *)(pq + 54)), 3);
-    *lo = _mm512_and_si512(wq, m4);
-    *hi = _mm512_and_si512(_mm512_srli_epi16(wq, 4), m4);
+    *lo03 = _mm512_and_si512(q03, m4);
+    *hi03 = _mm512_and_si512(_mm512_srli_epi16(q03, 4), m4);
+    *lo47 = _mm512_and_si512(q47, m4);
+    *hi47 = _mm512_and_si512(_mm512_srli_epi16(q47, 4), m4);
+    return _mm256_cvtph_ps(_mm512_castsi512_si128(sc));
 }
 
 /* Integer dot products of four blocks' nibbles with a 128-byte x quad; lanes 4i..4i+3 hold
@@ -731,16 +749,15 @@ avx512_q4_rows(int nr, const uint8_t *act, int64_t nb, const uint8_t *w, size_t 
             _mm_prefetch((const char *)(p + pf), _MM_HINT_T0);
             _mm_prefetch((const char *)(p + pf + 64), _MM_HINT_T0);
             _mm_prefetch((const char *)(p + pf + 128), _MM_HINT_T0);
-            __m256 dw = avx512_scales8(p, 18);
+            __m512i lo[2], hi[2];
+            __m256 dw = avx512_q4_group(p, &lo[0], &hi[0], &lo[1], &hi[1]);
             /* only lanes 0..7 of s are ever selected */
             __m512 s = _mm512_castps256_ps512(_mm256_mul_ps(dw, dx));
             /* the offsets: sum_b d_w(b) * (-8 sum(q_b) d_x(b)) */
             acc8[r] = _mm256_fmadd_ps(dw, cx, acc8[r]);
 #pragma GCC unroll 2
             for (int j = 0; j < 2; j++) {
-                __m512i lo, hi;
-                avx512_q4_nibbles(p + 72 * j + 2, &lo, &hi);
-                __m512 f = _mm512_cvtepi32_ps(avx512_q4_dot(lo, hi, act + 128 * j));
+                __m512 f = _mm512_cvtepi32_ps(avx512_q4_dot(lo[j], hi[j], act + 128 * j));
                 acc[r] = _mm512_fmadd_ps(f, _mm512_permutexvar_ps(avx512_q4_idx(j), s), acc[r]);
             }
         }
@@ -776,7 +793,8 @@ avx512_q4_tile(int nt, const uint8_t *act, size_t stride, int64_t nb, const uint
         _mm_prefetch((const char *)(pg + pf), _MM_HINT_T0);
         _mm_prefetch((const char *)(pg + pf + 64), _MM_HINT_T0);
         _mm_prefetch((const char *)(pg + pf + 128), _MM_HINT_T0);
-        __m256 dw = avx512_scales8(pg, 18);
+        __m512i lo[2], hi[2];
+        __m256 dw = avx512_q4_group(pg, &lo[0], &hi[0], &lo[1], &hi[1]);
 #pragma GCC unroll 8
         for (int t = 0; t < nt; t++) {
             const uint8_t *xg = act + t * stride;
@@ -786,12 +804,11 @@ avx512_q4_tile(int nt, const uint8_t *act, size_t stride, int64_t nb, const uint
         }
 #pragma GCC unroll 2
         for (int j = 0; j < 2; j++) {
-            __m512i lo, hi, idx = avx512_q4_idx(j);
-            avx512_q4_nibbles(pg + 72 * j + 2, &lo, &hi);
+            __m512i idx = avx512_q4_idx(j);
 #pragma GCC unroll 8
             for (int t = 0; t < nt; t++) {
                 const uint8_t *xq = act + t * stride + 128 * j;
-                __m512 f = _mm512_cvtepi32_ps(avx512_q4_dot(lo, hi, xq));
+                __m512 f = _mm512_cvtepi32_ps(avx512_q4_dot(lo[j], hi[j], xq));
                 acc[t] = _mm512_fmadd_ps(f, _mm512_permutexvar_ps(idx, s[t]), acc[t]);
             }
         }
