@@ -204,6 +204,22 @@ kli_sampler_sample(struct kli_sampler *smp, const float *logits)
     int32_t V = smp->n_vocab;
     float *l = smp->work;
 
+    /* Greedy without penalties: one pass over the logits, no copy (the same choice as the
+     * general path: a NaN is never chosen, ties go to the lower id, all NaN gives 0). In
+     * batched decode on a GPU this pass is a large part of each sequence's step. */
+    if (o->temperature == 0.0f &&
+        (smp->n_recent == 0 || (o->repeat_penalty == 1.0f && o->presence_penalty == 0.0f &&
+                                o->frequency_penalty == 0.0f))) {
+        int32_t best = 0;
+        float bv = logits[0] == logits[0] ? logits[0] : -INFINITY;
+        for (int32_t i = 1; i < V; i++) {
+            if (logits[i] > bv) {
+                bv = logits[i];
+                best = i;
+            }
+        }
+        return best;
+    }
     memcpy(l, logits, (size_t)V * sizeof(float));
     for (int32_t i = 0; i < V; i++) {
         if (!(l[i] == l[i]))

@@ -5,6 +5,8 @@
 #include "config.h"
 
 #include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "kli.h"
@@ -37,7 +39,42 @@ main(void)
     ok(kli_sampler_sample(s, tie) == 1, "greedy picks the argmax, ties to the lower id");
     float nan[5] = {NAN, 1, 0, -1, -2};
     ok(kli_sampler_sample(s, nan) == 1, "a NaN logit is never picked");
+    float allnan[5] = {NAN, NAN, NAN, NAN, NAN};
+    ok(kli_sampler_sample(s, allnan) == 0, "all NaN: id 0");
+    float ninf[5] = {NAN, -INFINITY, -INFINITY, -1e30f, -INFINITY};
+    ok(kli_sampler_sample(s, ninf) == 3, "the only finite logit among -inf and NaN");
     kli_sampler_free(s);
+
+    /* greedy over a large vocabulary with NaNs and repeated maxima, after accepted tokens
+     * with neutral penalties (the one-pass path), against an argmax written here */
+    {
+        enum { NV = 100003 };
+        float *big = malloc(NV * sizeof(float));
+        int32_t want = -1, bad = 0;
+        kli_sampler_options_init(&o);
+        o.temperature = 0;
+        s = mk(&o, NV);
+        uint32_t r = 12345;
+        for (int round = 0; round < 4; round++) {
+            for (int i = 0; i < NV; i++) {
+                r = r * 1664525u + 1013904223u;
+                big[i] = (r >> 8) % 97 == 0 ? NAN : (float)((r >> 8) % 100000) * 1e-3f;
+            }
+            big[777 + round] = 200.0f;     /* two equal maxima: the lower id wins */
+            big[90000 - round] = 200.0f;
+            want = -1;
+            for (int i = 0; i < NV; i++) {
+                if (big[i] == big[i] && (want < 0 || big[i] > big[want]))
+                    want = i;
+            }
+            kli_sampler_accept(s, (kli_token)(round * 10));
+            bad += kli_sampler_sample(s, big) != want;
+        }
+        ok(bad == 0 && want == 780, "greedy over %d logits with NaNs and ties: the reference "
+           "argmax in 4 of 4 rounds", NV);
+        kli_sampler_free(s);
+        free(big);
+    }
 
     /* frequencies follow the softmax */
     kli_sampler_options_init(&o);
