@@ -317,54 +317,18 @@ avx512_dot_rows(enum kli_dtype dt, int nr, const float *x, const uint8_t *w, siz
         out[r] = avx512_hsum(_mm512_add_ps(a0[r], a1[r]));
 }
 
-/* y[t][r] = dot(x[t], row r) for 4 tokens x 3 rows: each widened weight vector serves four
- * tokens (12 accumulators). */
+/* y[t][r] = dot(x[t], row r) for nt tokens (a constant 4 or 8 after inlining) x 3 rows: each
+ * widened weight vector serves every token (up to 24 accumulators), so in batched decode the
+ * rows are read and widened once for eight sequences. */
 AVX512_INLINE void
-avx512_dot_tile(enum kli_dtype dt, const float *x, int64_t ldx, const uint8_t *w, size_t rb,
-                size_t pf, int64_t k, float *y, int64_t ldy)
-{
-    int es = dt == KLI_DT_F32 ? 4 : 2;
-    __m512 acc[4][3];
-
-#pragma GCC unroll 4
-    for (int t = 0; t < 4; t++)
-        acc[t][0] = acc[t][1] = acc[t][2] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < k; j += 16) {
-        __mmask16 mk = avx512_mask(k - j < 16 ? k - j : 16);
-        __m512 wv[3];
-#pragma GCC unroll 3
-        for (int r = 0; r < 3; r++) {
-            _mm_prefetch((const char *)(w + pf + r * rb + j * es), _MM_HINT_T0);
-            wv[r] = k - j >= 16 ? avx512_load16(dt, w + r * rb, j)
-                                : avx512_load16_mask(dt, w + r * rb, j, mk);
-        }
-#pragma GCC unroll 4
-        for (int t = 0; t < 4; t++) {
-            __m512 xv = _mm512_maskz_loadu_ps(mk, x + t * ldx + j);
-#pragma GCC unroll 3
-            for (int r = 0; r < 3; r++)
-                acc[t][r] = _mm512_fmadd_ps(wv[r], xv, acc[t][r]);
-        }
-    }
-#pragma GCC unroll 4
-    for (int t = 0; t < 4; t++) {
-#pragma GCC unroll 3
-        for (int r = 0; r < 3; r++)
-            y[t * ldy + r] = avx512_hsum(acc[t][r]);
-    }
-}
-
-/* y[t][r] = dot(x[t], row r) for 8 tokens x 3 rows (batched decode): each widened weight
- * vector serves eight tokens, 24 accumulators, so the rows are read and widened once. */
-AVX512_INLINE void
-avx512_dot_tile8(enum kli_dtype dt, const float *x, int64_t ldx, const uint8_t *w, size_t rb,
-                 size_t pf, int64_t k, float *y, int64_t ldy)
+avx512_dot_tile(enum kli_dtype dt, int nt, const float *x, int64_t ldx, const uint8_t *w,
+                size_t rb, size_t pf, int64_t k, float *y, int64_t ldy)
 {
     int es = dt == KLI_DT_F32 ? 4 : 2;
     __m512 acc[8][3];
 
 #pragma GCC unroll 8
-    for (int t = 0; t < 8; t++)
+    for (int t = 0; t < nt; t++)
         acc[t][0] = acc[t][1] = acc[t][2] = _mm512_setzero_ps();
     for (int64_t j = 0; j < k; j += 16) {
         __mmask16 mk = avx512_mask(k - j < 16 ? k - j : 16);
@@ -376,7 +340,7 @@ avx512_dot_tile8(enum kli_dtype dt, const float *x, int64_t ldx, const uint8_t *
                                 : avx512_load16_mask(dt, w + r * rb, j, mk);
         }
 #pragma GCC unroll 8
-        for (int t = 0; t < 8; t++) {
+        for (int t = 0; t < nt; t++) {
             __m512 xv = _mm512_maskz_loadu_ps(mk, x + t * ldx + j);
 #pragma GCC unroll 3
             for (int r = 0; r < 3; r++)
@@ -384,7 +348,7 @@ avx512_dot_tile8(enum kli_dtype dt, const float *x, int64_t ldx, const uint8_t *
         }
     }
 #pragma GCC unroll 8
-    for (int t = 0; t < 8; t++) {
+    for (int t = 0; t < nt; t++) {
 #pragma GCC unroll 3
         for (int r = 0; r < 3; r++)
             y[t * ldy + r] = avx512_hsum(acc[t][r]);
@@ -410,9 +374,11 @@ avx512_stream_float(enum kli_dtype dt, float *y, int64_t ldy, const float *x, in
         size_t pf = avx512_ahead(r, 3, n, rb);
         int64_t t = 0;
         for (; t + 8 <= m; t += 8)
-            avx512_dot_tile8(dt, x + t * ldx, ldx, w + r * rb, rb, pf, k, y + t * ldy + r, ldy);
+            avx512_dot_tile(dt, 8, x + t * ldx, ldx, w + r * rb, rb, pf, k, y + t * ldy + r,
+                            ldy);
         for (; t + 4 <= m; t += 4)
-            avx512_dot_tile(dt, x + t * ldx, ldx, w + r * rb, rb, pf, k, y + t * ldy + r, ldy);
+            avx512_dot_tile(dt, 4, x + t * ldx, ldx, w + r * rb, rb, pf, k, y + t * ldy + r,
+                            ldy);
         for (; t < m; t++) {
             avx512_dot_rows(dt, 3, x + t * ldx, w + r * rb, rb, pf, k, out);
             memcpy(y + t * ldy + r, out, 3 * sizeof(float));
