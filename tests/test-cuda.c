@@ -22,7 +22,7 @@
  * Without CUDA or without a GPU it prints "1..0 # SKIP" with the reason.
  *
  * `test-cuda --bench` instead times the attention step, CPU against GPU, at the released
- * model's shape for contexts of 4K, 32K and 128K tokens (not part of make check).
+ * model's shape for contexts of 4K, 32K, 128K and 1M tokens (not part of make check).
  */
 #include "config.h"
 
@@ -955,7 +955,7 @@ static int
 bench(void)
 {
     const int H = 32, L = 512, C = 576;
-    const int64_t ns[] = {4096, 32768, 131072};
+    const int64_t ns[] = {4096, 32768, 131072, 1048576};
     float scale = 1.0f / sqrtf(192.0f);
 
     threads_set_count(0);
