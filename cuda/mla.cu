@@ -246,6 +246,16 @@ cu_mla_check(struct kli_gpu *g, int32_t H, int32_t L, int32_t C, struct kli_err 
     return KLI_OK;
 }
 
+/* The rows of a job as the kernels read them: row t's device cache and length. */
+static void
+att_fill_rows(struct att_row *rows, const float *const *cache, const int64_t *n, int64_t T)
+{
+    for (int64_t t = 0; t < T; t++) {
+        rows[t].cache = cache[t];
+        rows[t].n = n[t];
+    }
+}
+
 /* Attention of T query rows whose device inputs are staged: rows_d [T], q_d [T][H][C] ->
  * lat_d [T][H][L], with part_d for the chunks' partial results (att_part_floats). */
 static int64_t
@@ -303,11 +313,7 @@ cu_mla_attend(struct kli_gpu_queue *q, const struct kli_gpu_mla_job *j, struct k
                                b_rows + b_q > b_lat ? b_rows + b_q : b_lat, err)) != KLI_OK)
         return rc;
     char *ws = (char *)q->ws, *pin = (char *)q->pin;
-    struct att_row *rows_h = (struct att_row *)pin;
-    for (int64_t t = 0; t < T; t++) {
-        rows_h[t].cache = j->cache[t];
-        rows_h[t].n = j->n[t];
-    }
+    att_fill_rows((struct att_row *)pin, j->cache, j->n, T);
     memcpy(pin + b_rows, j->q, (size_t)T * H * C * sizeof(float));
     struct att_row *rows_d = (struct att_row *)ws;
     float *q_d = (float *)(ws + b_rows), *lat_d = (float *)(ws + b_rows + b_q);
@@ -530,11 +536,7 @@ cu_mla_layer(struct kli_gpu_queue *q, const struct kli_gpu_mla_layer_job *j,
     if ((rc = cu_queue_reserve(q, total, b_in > b_res ? b_in : b_res, err)) != KLI_OK)
         return rc;
     char *ws = (char *)q->ws, *pin = (char *)q->pin;
-    struct att_row *rows_h = (struct att_row *)pin;
-    for (int64_t t = 0; t < T; t++) {
-        rows_h[t].cache = j->cache[t];
-        rows_h[t].n = j->n[t];
-    }
+    att_fill_rows((struct att_row *)pin, j->cache, j->n, T);
     memcpy(pin + b_rows, j->x, (size_t)T * D * 4);
     char *p = ws;
     const struct att_row *rows_d = (const struct att_row *)p;

@@ -634,6 +634,21 @@ bk_open_mla_proj(struct kli_model *m, uint64_t *avail, char *note, size_t note_c
     return KLI_OK;
 }
 
+/* A KDA layer's nine matrices, in the order of struct kli_gpu_kda_w's members. */
+static void
+bk_kda_mats(const struct kli_kda_w *w, const struct kli_tensor *t[9])
+{
+    t[0] = &w->q_proj;
+    t[1] = &w->k_proj;
+    t[2] = &w->v_proj;
+    t[3] = &w->f_a;
+    t[4] = &w->g_a;
+    t[5] = &w->b_proj;
+    t[6] = &w->f_b;
+    t[7] = &w->g_b;
+    t[8] = &w->o_proj;
+}
+
 /* The device layout of one KDA layer's weights: 9 matrices, conv, a_neg, dt_bias, o_norm. */
 static uint64_t
 bk_kda_layout(const struct kli_model *m, const struct kli_kda_w *w, uint64_t off[13],
@@ -641,9 +656,10 @@ bk_kda_layout(const struct kli_model *m, const struct kli_kda_w *w, uint64_t off
 {
     const struct kli_config_kda *c = &m->cfg.kda;
     uint64_t H = (uint64_t)c->n_heads, K = (uint64_t)c->head_dim, W = (uint64_t)c->conv_size;
-    const struct kli_tensor *t[9] = {&w->q_proj, &w->k_proj, &w->v_proj, &w->f_a, &w->b_proj,
-                                     &w->g_a, &w->f_b, &w->g_b, &w->o_proj};
+    const struct kli_tensor *t[9];
     uint64_t o = 0;
+
+    bk_kda_mats(w, t);
 
     for (int k = 0; k < 9; k++) {
         len[k] = bk_tensor_bytes(t[k]);
@@ -664,12 +680,35 @@ bk_kda_layout(const struct kli_model *m, const struct kli_kda_w *w, uint64_t off
     return o;
 }
 
-static uint64_t
-bk_kda_state_floats(const struct kli_config *cfg)
+/* The layer as the kernels see it: with base NULL the host's own arrays (for kda_check's
+ * look at shapes and dtypes), else the pieces at `off` in the device allocation base. */
+static struct kli_gpu_kda_w
+bk_kda_view(const struct kli_kda_w *w, const char *base, const uint64_t off[13])
 {
-    int64_t H = cfg->kda.n_heads, K = cfg->kda.head_dim;
+    const struct kli_tensor *t[9];
+    struct kli_gpu_kda_w d;
+    struct kli_gpu_mat *dm[9] = {&d.q, &d.k, &d.v, &d.f_a, &d.g_a, &d.b, &d.f_b, &d.g_b, &d.o};
 
-    return (uint64_t)(H * K * K + 3 * H * K * (cfg->kda.conv_size - 1));
+    bk_kda_mats(w, t);
+    for (int k = 0; k < 9; k++)
+        *dm[k] = bk_mat(t[k], base != NULL ? base + off[k] : t[k]->data);
+    d.conv = base != NULL ? (const float *)(base + off[9]) : w->conv[0];
+    d.a_neg = base != NULL ? (const float *)(base + off[10]) : w->a_neg;
+    d.dt_bias = base != NULL ? (const float *)(base + off[11]) : w->dt_bias;
+    d.o_norm = base != NULL ? (const float *)(base + off[12]) : w->o_norm;
+    return d;
+}
+
+/* Device bytes of one sequence's states of one KDA layer: the recurrent state S (*bs) and
+ * the conv state (*bc). @return their sum. */
+static uint64_t
+bk_kda_state_bytes(const struct kli_config *cfg, uint64_t *bs, uint64_t *bc)
+{
+    uint64_t H = (uint64_t)cfg->kda.n_heads, K = (uint64_t)cfg->kda.head_dim;
+
+    *bs = H * K * K * 4;
+    *bc = 3 * H * K * (uint64_t)(cfg->kda.conv_size - 1) * 4;
+    return *bs + *bc;
 }
 
 /* Device bytes of every MoE layer's shared and routed experts; UINT64_MAX when some FFN
@@ -716,13 +755,7 @@ bk_open_all(struct kli_model *m, uint64_t *avail, uint64_t experts, char *note,
         if (cfg->layer_mixer[i] != KLI_MIXER_KDA)
             continue;
         const struct kli_kda_w *w = &m->layers[i].kda;
-        struct kli_gpu_kda_w hw = {
-            bk_mat(&w->q_proj, w->q_proj.data), bk_mat(&w->k_proj, w->k_proj.data),
-            bk_mat(&w->v_proj, w->v_proj.data), bk_mat(&w->f_a, w->f_a.data),
-            bk_mat(&w->g_a, w->g_a.data), bk_mat(&w->b_proj, w->b_proj.data),
-            bk_mat(&w->f_b, w->f_b.data), bk_mat(&w->g_b, w->g_b.data),
-            bk_mat(&w->o_proj, w->o_proj.data), w->conv[0], w->a_neg, w->dt_bias, w->o_norm,
-        };
+        struct kli_gpu_kda_w hw = bk_kda_view(w, NULL, NULL);
         struct kli_err e = {0};
         if (bm->ops->kda_check(bm->g, &hw, (int32_t)cfg->d_model, cfg->kda.n_heads,
                                cfg->kda.head_dim, cfg->kda.conv_size, &e) != KLI_OK) {
@@ -768,16 +801,7 @@ bk_open_all(struct kli_model *m, uint64_t *avail, uint64_t experts, char *note,
                 return rc;
             }
         }
-        const struct kli_tensor *t[9] = {&w->q_proj, &w->k_proj, &w->v_proj, &w->f_a,
-                                         &w->b_proj, &w->g_a, &w->f_b, &w->g_b, &w->o_proj};
-        struct kli_gpu_mat *dm[9] = {&d->w.q, &d->w.k, &d->w.v, &d->w.f_a, &d->w.b, &d->w.g_a,
-                                     &d->w.f_b, &d->w.g_b, &d->w.o};
-        for (int k = 0; k < 9; k++)
-            *dm[k] = bk_mat(t[k], b + off[k]);
-        d->w.conv = (const float *)(b + off[9]);
-        d->w.a_neg = (const float *)(b + off[10]);
-        d->w.dt_bias = (const float *)(b + off[11]);
-        d->w.o_norm = (const float *)(b + off[12]);
+        d->w = bk_kda_view(w, b, off);
     }
     if ((rc = bm->ops->alloc(bm->g, &bm->lm_buf, lm_bytes, err)) != KLI_OK ||
         (rc = bm->ops->upload(bm->g, bm->lm_buf, m->lm_head.data, lm_bytes, err)) != KLI_OK)
@@ -960,7 +984,8 @@ backend_model_open(struct kli_model *m, const struct kli_model_options *opt,
         int64_t n_kda = 0;
         for (int i = 0; i < cfg->n_layers; i++)
             n_kda += cfg->layer_mixer[i] == KLI_MIXER_KDA;
-        uint64_t states = 2 * (uint64_t)n_kda * bk_kda_state_floats(cfg) * 4;
+        uint64_t bs, bc;
+        uint64_t states = 2 * (uint64_t)n_kda * bk_kda_state_bytes(cfg, &bs, &bc);
         if (ex != UINT64_MAX && ex + states <= avail) {
             uint64_t a2 = avail - states;
             if ((rc = bk_open_all(m, &a2, ex, all_note, sizeof(all_note), err)) != KLI_OK) {
@@ -1031,9 +1056,8 @@ backend_sess_free(struct kli_session *s)
         }
     }
     if (g->dS != NULL) {
-        uint64_t bs = (uint64_t)s->m->cfg.kda.n_heads * s->m->cfg.kda.head_dim *
-                      s->m->cfg.kda.head_dim * 4;
-        uint64_t bc = bk_kda_state_floats(&s->m->cfg) * 4 - bs;
+        uint64_t bs, bc;
+        bk_kda_state_bytes(&s->m->cfg, &bs, &bc);
         for (int i = 0; i < s->m->cfg.n_layers; i++) {
             if (g->dS[i] != NULL)
                 bm->ops->release(bm->g, g->dS[i], bs);
@@ -1103,8 +1127,8 @@ backend_sess_create(struct kli_session *s, struct kli_err *err)
     }
     if (bm->all) {
         /* the KDA states on the device; without room this session's KDA stays on the CPU */
-        uint64_t bs = (uint64_t)cfg->kda.n_heads * cfg->kda.head_dim * cfg->kda.head_dim * 4;
-        uint64_t bc = bk_kda_state_floats(cfg) * 4 - bs;
+        uint64_t bs, bc;
+        bk_kda_state_bytes(cfg, &bs, &bc);
         g->dS = kli_calloc(nl, sizeof(*g->dS));
         g->dconv = kli_calloc(nl, sizeof(*g->dconv));
         int okay = g->dS != NULL && g->dconv != NULL;
@@ -1165,9 +1189,10 @@ static int
 bk_pull(struct backend_sess *g, struct kli_err *err)
 {
     const struct kli_config *cfg = &g->s->m->cfg;
-    uint64_t bs = (uint64_t)cfg->kda.n_heads * cfg->kda.head_dim * cfg->kda.head_dim * 4;
-    uint64_t bc = bk_kda_state_floats(cfg) * 4 - bs;
+    uint64_t bs, bc;
     int rc;
+
+    bk_kda_state_bytes(cfg, &bs, &bc);
 
     if (!g->kda_dirty)
         return KLI_OK;
@@ -1211,9 +1236,10 @@ static int
 bk_push(struct backend_sess *g, struct kli_gpu_queue *q, struct kli_err *err)
 {
     const struct kli_config *cfg = &g->s->m->cfg;
-    uint64_t bs = (uint64_t)cfg->kda.n_heads * cfg->kda.head_dim * cfg->kda.head_dim * 4;
-    uint64_t bc = bk_kda_state_floats(cfg) * 4 - bs;
+    uint64_t bs, bc;
     int rc;
+
+    bk_kda_state_bytes(cfg, &bs, &bc);
 
     for (int i = 0; i < cfg->n_layers; i++) {
         if (cfg->layer_mixer[i] != KLI_MIXER_KDA)
