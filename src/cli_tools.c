@@ -463,6 +463,15 @@ bench_rss_reset(void)
     }
 }
 
+/* @return the larger of `peak` and the peak resident size since the last reset. */
+static uint64_t
+bench_rss_mark(uint64_t peak)
+{
+    uint64_t p = bench_rss_peak();
+
+    return p > peak ? p : peak;
+}
+
 /* One model configuration: prefill, decode (and at depth), triad, phases; in edge mode the
  * expert cache's hit rate and bytes read per decode token, and the peak resident size. */
 static int
@@ -482,14 +491,19 @@ bench_one(const struct bench_args *a)
     int edge = 0, gpu = 0;
 
     memset(&dsum, 0, sizeof(dsum));
-    /* The bandwidth probe first: its buffers are gone before the peak resident size of the
-     * model's run is measured. */
-    double *tr = calloc((size_t)reps, sizeof(double));
-    if (tr == NULL) {
+    /* The bandwidth probe runs right before each repetition's decode, so that each roofline
+     * fraction compares numbers from the same minute of a noisy machine. Its buffers are
+     * freed before the peak resident size is read on (bench_rss_mark). Under a memory budget
+     * the probes all run first, before the model takes its share. */
+    double *tr = calloc((size_t)reps, sizeof(double)), *rf = calloc((size_t)reps, sizeof(double));
+    uint64_t peak = 0;
+    if (tr == NULL || rf == NULL) {
+        free(tr);
+        free(rf);
         cli_error("out of memory");
         return 1;
     }
-    for (long r = 0; r < reps; r++)
+    for (long r = 0; r < reps && a->budget != 0; r++)
         tr[r] = kli_bench_triad((size_t)64 << 20);
     bench_rss_reset();
     kli_model_options_init(&mo);
@@ -515,7 +529,8 @@ bench_one(const struct bench_args *a)
     double *pf = calloc((size_t)reps, sizeof(double)), *dc = calloc((size_t)reps, sizeof(double));
     double *dd = calloc((size_t)reps, sizeof(double));
     double ph[KLI_PHASE_COUNT] = {0};
-    kli_token *prompt = malloc(((size_t)(pp > depth ? pp : depth) + 1) * sizeof(kli_token));
+    size_t np = (size_t)(pp > depth ? pp : depth);
+    kli_token *prompt = malloc(((np > 32 ? np : 32) + 1) * sizeof(kli_token));
     if (!pf || !dc || !dd || !prompt) {
         cli_error("out of memory");
         goto bench_out;
@@ -528,7 +543,24 @@ bench_one(const struct bench_args *a)
                 "experts (%.1f MiB each)\n", (double)cs.budget / 1048576.0,
                 (double)cs.trunk_bytes / 1048576.0, cs.n_slots, cs.n_experts,
                 (double)cs.slot_bytes / 1048576.0);
+    /* Warm-up, untimed: a short prompt maps nearly every weight page and starts the workers,
+     * so the first repetition does not pay for page faults. */
+    if (tg > 0 || pp > 0) {
+        int32_t nw = 32;
+        for (int32_t i = 0; i < nw; i++)
+            prompt[i] = rand_token(V);
+        kli_session_reset(s);
+        if (nw > so.batch_max)
+            nw = so.batch_max;
+        if (kli_session_eval(s, prompt, nw, NULL, &err) != KLI_OK)
+            goto fail;
+    }
     for (long r = 0; r < reps; r++) {
+        if (a->budget == 0) {
+            peak = bench_rss_mark(peak);
+            tr[r] = kli_bench_triad((size_t)64 << 20);
+            bench_rss_reset();
+        }
         if (pp > 0) {
             for (long i = 0; i < pp; i++)
                 prompt[i] = rand_token(V);
@@ -545,6 +577,7 @@ bench_one(const struct bench_args *a)
             kli_model_gpu_reset(m);
             if ((dc[r] = bench_decode(s, (int)tg, V, &err)) < 0)
                 goto fail;
+            rf[r] = tr[r] > 0 ? (double)kli_model_decode_bytes(m) * dc[r] / (tr[r] * 1e9) : 0;
             if (gpu) {
                 kli_model_gpu_stats(m, &gs);
                 g_routed += gs.routed;
@@ -581,7 +614,9 @@ bench_one(const struct bench_args *a)
     struct stat3 spf = stats(pf, (int)reps), sdc = stats(dc, (int)reps);
     struct stat3 sdd = stats(dd, (int)reps), str = stats(tr, (int)reps);
     double bytes = (double)kli_model_decode_bytes(m);
-    double roof = str.med > 0 ? bytes * sdc.med / (str.med * 1e9) : 0;
+    /* the median of the repetitions' fractions, each against its own probe */
+    double roof = tg > 0 ? stats(rf, (int)reps).med : 0;
+    peak = bench_rss_mark(peak);
     if (json) {
         printf("{\"model\": \"%s\", \"simd\": \"%s\", \"threads\": %d, \"weight_type\": \"%s\", "
                "\"prompt_tokens\": %ld, \"gen_tokens\": %ld, \"depth\": %ld, \"reps\": %ld, "
@@ -613,7 +648,7 @@ bench_one(const struct bench_args *a)
                    (unsigned long long)gs.bytes_used,
                    g_routed ? (double)g_on / (double)g_routed : 0.0,
                    (unsigned long long)g_swaps);
-        printf(", \"peak_rss_bytes\": %llu}\n", (unsigned long long)bench_rss_peak());
+        printf(", \"peak_rss_bytes\": %llu}\n", (unsigned long long)peak);
     } else {
         printf("prefill  %6ld tokens: %8.2f tok/s (min %.2f, max %.2f)\n", pp, spf.med, spf.min,
                spf.max);
@@ -627,7 +662,8 @@ bench_one(const struct bench_args *a)
             printf(" %s %.2f", phase_names[k], ph[k] * 1e3);
         printf("\nmemory   triad %.1f GB/s (min %.1f, max %.1f); decode reads %.1f MB/token\n",
                str.med, str.min, str.max, bytes / 1e6);
-        printf("roofline %.3f of measured bandwidth (%.1f GB/s used in decode)\n", roof,
+        printf("roofline %.3f of measured bandwidth (median of the repetitions, each against "
+               "the probe run just before it; %.1f GB/s used in decode)\n", roof,
                bytes * sdc.med / 1e9);
         if (edge)
             printf("cache    budget %.0f MiB, %d of %d experts: decode hit rate %.1f%%, %.1f MB "
@@ -646,7 +682,7 @@ bench_one(const struct bench_args *a)
                    (double)gs.bytes_used / 1048576.0,
                    g_routed ? 100.0 * (double)g_on / (double)g_routed : 0.0,
                    (unsigned long long)g_swaps);
-        printf("memory   peak resident %.1f MiB\n", (double)bench_rss_peak() / 1048576.0);
+        printf("memory   peak resident %.1f MiB\n", (double)peak / 1048576.0);
     }
     rc = 0;
     goto bench_out;
@@ -659,6 +695,7 @@ bench_out:
     free(prompt);
 out:
     free(tr);
+    free(rf);
     kli_session_free(s);
     kli_model_close(m);
     return rc;

@@ -1,0 +1,113 @@
+#!/bin/sh
+# test-bench.sh - kli bench on the tiny fixture: the JSON object has every key the targets
+# name, with numbers that hang together; decode_bytes_per_token equals a count made here from
+# the checkpoint's own header by the rule kli(3) states for kli_model_decode_bytes; the
+# roofline fraction lies between the extremes its repetitions allow; the bandwidth probe's
+# buffers (3 x 64 MiB, run between repetitions) stay out of the reported peak resident size;
+# KLI_SIMD is honoured and named; bad arguments are refused. Speed itself is not tested.
+set -u
+: "${KLI_BIN:?}" "${KLI_TESTDATA:?}"
+M="$KLI_TESTDATA/tiny-kimi-linear"
+PY=""
+for p in ${KLI_PYTHON:-} python3 /usr/bin/python3; do
+    if "$p" -c 'import json' 2>/dev/null; then PY=$p; break; fi
+done
+if [ -z "$PY" ]; then
+    echo "1..0 # SKIP no python3"
+    exit 0
+fi
+tmp=$(mktemp -d) || exit 99
+trap 'rm -rf "$tmp"' EXIT
+n=0
+fail=0
+ok() { n=$((n + 1)); echo "ok $n - $1"; }
+notok() { n=$((n + 1)); fail=1; echo "not ok $n - $1"; }
+check() { if [ "$1" = 0 ]; then ok "$2"; else notok "$2"; fi; }
+
+"$KLI_BIN" bench --gpu off -m "$M" -p 16 -n 8 -r 3 --json >"$tmp/b.json" 2>"$tmp/b.err"
+check $? "kli bench --json"
+
+"$PY" - "$tmp/b.json" "$M" <<'EOF' >"$tmp/py.out" 2>&1
+import json, struct, sys
+
+r = json.loads(open(sys.argv[1]).read())
+for k in ("prefill_tok_s", "decode_tok_s", "triad_gb_s", "decode_bytes_per_token",
+          "roofline_fraction", "threads", "prefill_tok_s_min", "decode_tok_s_max",
+          "triad_gb_s_min", "triad_gb_s_max", "decode_tok_s_min", "peak_rss_bytes"):
+    assert isinstance(r[k], (int, float)) and r[k] > 0, (k, r.get(k))
+assert r["simd"] in ("generic", "avx2", "avx512", "neon"), r["simd"]
+assert r["weight_type"] == "stored" and r["reps"] == 3 and r["gen_tokens"] == 8, r
+assert r["prefill_tok_s_min"] <= r["prefill_tok_s"] <= r["prefill_tok_s_max"], r
+assert r["decode_tok_s_min"] <= r["decode_tok_s"] <= r["decode_tok_s_max"], r
+assert r["triad_gb_s_min"] <= r["triad_gb_s"] <= r["triad_gb_s_max"], r
+
+# The bytes one decode step reads, from the header: attention and shared matrices, the
+# router, top_k routed experts per MoE layer at their average size, one embedding row, lm_head;
+# MLA's kv_b as float32 (it is read through float copies). Norms, convolutions and gate
+# vectors are not counted.
+d = sys.argv[2]
+cfg = json.load(open(d + "/config.json"))
+f = open(d + "/model.safetensors", "rb")
+h = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+h.pop("__metadata__", None)
+size = {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in h.items()}
+numel = {k: eval("*".join(map(str, v["shape"])) or "1") for k, v in h.items()}
+E, K = cfg["num_experts"], cfg["num_experts_per_token"]
+mats = ("q_proj", "k_proj", "v_proj", "f_a_proj", "f_b_proj", "b_proj", "g_a_proj",
+        "g_b_proj", "o_proj", "kv_a_proj_with_mqa")
+want = size["lm_head.weight"] + size["model.embed_tokens.weight"] // cfg["vocab_size"]
+experts = {}
+for k, b in size.items():
+    p = k.split(".")
+    if p[0] != "model" or p[1] != "layers":
+        continue
+    L, rest = int(p[2]), ".".join(p[3:])
+    if rest.startswith("self_attn.") and p[4] in mats:
+        want += b
+    elif rest == "self_attn.kv_b_proj.weight":
+        want += 4 * numel[k]
+    elif rest.startswith("mlp.") or rest.startswith("block_sparse_moe.shared_experts."):
+        want += b
+    elif rest == "block_sparse_moe.gate.weight":
+        want += b
+    elif rest.startswith("block_sparse_moe.experts."):
+        experts[L] = experts.get(L, 0) + b
+for L, b in experts.items():
+    want += b // E * K
+assert r["decode_bytes_per_token"] == want, (r["decode_bytes_per_token"], want)
+
+# Each repetition's fraction is bytes x its decode rate / its own probe, so their median lies
+# between the extremes of those.
+B = want / 1e9
+lo = B * r["decode_tok_s_min"] / r["triad_gb_s_max"]
+hi = B * r["decode_tok_s_max"] / r["triad_gb_s_min"]
+assert lo * 0.999 <= r["roofline_fraction"] <= hi * 1.001, (lo, r["roofline_fraction"], hi)
+
+# The probe's three 64 MiB arrays are freed before the peak is read on; the tiny model and
+# kli itself take a few MiB.
+assert r["peak_rss_bytes"] < 150 << 20, r["peak_rss_bytes"]
+print("decode bytes", want)
+EOF
+rc=$?
+sed 's/^/# /' "$tmp/py.out"
+check $rc "the JSON has the targets' keys; decode bytes equal the header's count; the roofline and the peak resident size hang together"
+
+"$KLI_BIN" bench --gpu off -m "$M" -p 8 -n 4 -r 1 >"$tmp/t.out" 2>"$tmp/t.err"
+rc=$?
+grep -q "^roofline " "$tmp/t.out" && grep -q "^decode phases" "$tmp/t.out" &&
+    grep -q "kernels " "$tmp/t.err"
+check $((rc + $?)) "the text report has the roofline and phase lines and names the kernels"
+
+KLI_SIMD=generic "$KLI_BIN" bench --gpu off -m "$M" -p 4 -n 2 -r 1 --json 2>/dev/null |
+    grep -q '"simd": "generic"'
+check $? "KLI_SIMD=generic runs and is named"
+
+"$KLI_BIN" bench -m "$M" -r 0 >/dev/null 2>"$tmp/e"
+[ $? -eq 2 ] && grep -q -- "-r" "$tmp/e"
+check $? "-r 0 is a usage error that names the option"
+"$KLI_BIN" bench -m "$tmp/none" -p 4 -n 2 -r 1 >/dev/null 2>"$tmp/e"
+[ $? -eq 1 ] && grep -q "$tmp/none" "$tmp/e"
+check $? "a missing model fails with its path in the message"
+
+echo "1..$n"
+exit $fail
