@@ -22,8 +22,11 @@
  *  - m >= avx512_mpack[dt] (prefill): the blocked GEMM of avx2.c with panels of 48 rows and
  *    an 8-token x 48-row register tile (24 accumulators of the 32 registers).
  *
- * No VNNI (vpdpbusd) variant: it would replace vpmaddubsw + vpmaddwd in the integer tiles,
- * which bound batched decode, but single-token decode is memory-bound already.
+ * The file is compiled twice: as "avx512", and with KLI_VNNI and -mavx512vnni as "avx512vnni"
+ * (Ice Lake, Sapphire Rapids, Zen 4), where one vpdpbusd replaces each vpmaddubsw + vpmaddwd
+ * pair of the integer dot products (avx512_dot_u8). Both give the same integers (no int16
+ * pair can saturate, see there), so the two tables' results are bit-identical. AVX512_BF16's
+ * vdpbf16ps is not used: it needs the activations rounded to bf16, and kli keeps them float32.
  */
 #include "config.h"
 
@@ -34,6 +37,13 @@
 #include "simd.h"
 
 #define AVX512_INLINE static inline __attribute__((always_inline))
+
+#ifdef KLI_VNNI
+#define AVX512_NAME "avx512vnni"
+#define kli_kernels_avx512 kli_kernels_avx512vnni
+#else
+#define AVX512_NAME "avx512"
+#endif
 
 #define AVX512_KC 256       /* GEMM: columns of W per packed chunk */
 #define AVX512_NR 48        /* GEMM: rows per panel (three vectors) */
@@ -394,6 +404,32 @@ avx512_stream_float(enum kli_dtype dt, float *y, int64_t ldy, const float *x, in
 
 /* ---- decode path, quantized weights ---------------------------------------------------- */
 
+/* acc + the sums of four adjacent products u[i] * s[i] (u unsigned, s signed bytes) per
+ * 32-bit lane. Without VNNI through 16-bit pairs (vpmaddubsw), which saturate only past
+ * 32767: here u is |w| <= 128 of a Q8_0 weight or a nibble <= 15 against |s| <= 127, so a
+ * pair is at most 32512 and both forms give the same integers. */
+AVX512_INLINE __m512i
+avx512_dot_u8(__m512i acc, __m512i u, __m512i s)
+{
+#ifdef KLI_VNNI
+    return _mm512_dpbusd_epi32(acc, u, s);
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s),
+                                                   _mm512_set1_epi16(1)));
+#endif
+}
+
+AVX512_INLINE __m256i
+avx512_dot_u8_256(__m256i acc, __m256i u, __m256i s)
+{
+#ifdef KLI_VNNI
+    return _mm256_dpbusd_epi32(acc, u, s);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s),
+                                                   _mm256_set1_epi16(1)));
+#endif
+}
+
 /* Quantizes 32 floats to int8 with scale amax/127 (round to nearest); *d gets the scale. */
 AVX512_INLINE __m256i
 avx512_quant_block(const float *x, float *d)
@@ -449,8 +485,8 @@ AVX512_INLINE __m256
 avx512_q8_block(const uint8_t *p, __m256i xq, __m256 dx, __m256 acc)
 {
     __m256i wq = _mm256_loadu_si256((const __m256i *)(p + 2));
-    __m256i pr = _mm256_maddubs_epi16(_mm256_abs_epi8(wq), _mm256_sign_epi8(xq, wq));
-    __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(pr, _mm256_set1_epi16(1)));
+    __m256 f = _mm256_cvtepi32_ps(avx512_dot_u8_256(_mm256_setzero_si256(), _mm256_abs_epi8(wq),
+                                                    _mm256_sign_epi8(xq, wq)));
     __m256 dw = _mm256_set1_ps(avx512_f16(p));
 
     return _mm256_fmadd_ps(f, _mm256_mul_ps(dw, dx), acc);
@@ -477,7 +513,6 @@ AVX512_INLINE void
 avx512_q8_rows(int nr, const uint8_t *act, int64_t nb, const uint8_t *w, size_t rb, size_t pf,
                float *out)
 {
-    const __m512i ones = _mm512_set1_epi16(1);
     const float *d = (const float *)(act + 32 * nb);
     __m512 acc[4];
     __m256 acc8[4];
@@ -503,8 +538,8 @@ avx512_q8_rows(int nr, const uint8_t *act, int64_t nb, const uint8_t *w, size_t 
                 __m512i xq = _mm512_loadu_si512(act + 32 * (b + 2 * i));
                 __m512i xs = _mm512_mask_sub_epi8(xq, _mm512_movepi8_mask(wq),
                                                   _mm512_setzero_si512(), xq);
-                __m512i pr = _mm512_maddubs_epi16(_mm512_abs_epi8(wq), xs);
-                __m512 f = _mm512_cvtepi32_ps(_mm512_madd_epi16(pr, ones));
+                __m512 f = _mm512_cvtepi32_ps(avx512_dot_u8(_mm512_setzero_si512(),
+                                                            _mm512_abs_epi8(wq), xs));
                 acc[r] = _mm512_fmadd_ps(f, _mm512_permutexvar_ps(avx512_q8_idx(i), s), acc[r]);
             }
         }
@@ -528,7 +563,6 @@ AVX512_INLINE void
 avx512_q8_tile(int nt, const uint8_t *act, size_t stride, int64_t nb, const uint8_t *p,
                size_t pf, float *out)
 {
-    const __m512i ones = _mm512_set1_epi16(1);
     __m512 acc[8];
     __m256 acc8[8];
     int64_t b = 0;
@@ -559,8 +593,7 @@ avx512_q8_tile(int nt, const uint8_t *act, size_t stride, int64_t nb, const uint
             for (int t = 0; t < nt; t++) {
                 __m512i xq = _mm512_loadu_si512(act + t * stride + 32 * (b + 2 * i));
                 __m512i xs = _mm512_mask_sub_epi8(xq, neg, _mm512_setzero_si512(), xq);
-                __m512 f = _mm512_cvtepi32_ps(_mm512_madd_epi16(_mm512_maddubs_epi16(wa, xs),
-                                                                ones));
+                __m512 f = _mm512_cvtepi32_ps(avx512_dot_u8(_mm512_setzero_si512(), wa, xs));
                 acc[t] = _mm512_fmadd_ps(f, _mm512_permutexvar_ps(idx, s[t]), acc[t]);
             }
         }
@@ -663,9 +696,14 @@ AVX512_INLINE __m512i
 avx512_q4_dot(__m512i lo, __m512i hi, const uint8_t *xq)
 {
     __m512i x0 = _mm512_load_si512(xq), x1 = _mm512_load_si512(xq + 64);
+#ifdef KLI_VNNI
+    return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, x0), hi, x1);
+#else
+    /* the two 16-bit products add without saturating (15 * 127 * 4 < 32767) */
     __m512i pr = _mm512_add_epi16(_mm512_maddubs_epi16(lo, x0), _mm512_maddubs_epi16(hi, x1));
 
     return _mm512_madd_epi16(pr, _mm512_set1_epi16(1));
+#endif
 }
 
 /* vpermps indices that give lanes 4i..4i+3 scale 4j + i */
@@ -684,7 +722,7 @@ avx512_q4_block(const uint8_t *p, const uint8_t *xr, __m256 acc)
     __m256i wq = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(p + 2)));
     __m256i nib = _mm256_and_si256(_mm256_srlv_epi32(wq, sh), _mm256_set1_epi8(0x0f));
     __m256i xq = _mm256_load_si256((const __m256i *)xr);
-    __m256i di = _mm256_madd_epi16(_mm256_maddubs_epi16(nib, xq), _mm256_set1_epi16(1));
+    __m256i di = avx512_dot_u8_256(_mm256_setzero_si256(), nib, xq);
     __m256 f = _mm256_cvtepi32_ps(
         _mm256_add_epi32(di, _mm256_load_si256((const __m256i *)(xr + 32))));
     __m256 dw = _mm256_set1_ps(avx512_f16(p));
@@ -1328,7 +1366,7 @@ avx512_silu(float *y, const float *x, const float *mul, int64_t n)
 }
 
 static const struct kli_kernels avx512_table = {
-    .name = "avx512",
+    .name = AVX512_NAME,
     .matmul = {
         [KLI_DT_F32] = avx512_matmul_f32,
         [KLI_DT_F16] = avx512_matmul_f16,
@@ -1353,5 +1391,9 @@ kli_kernels_avx512(void)
 
     if (!f->avx512f || !f->avx512bw || !f->avx512vl || !f->avx512dq || !f->fma || !f->f16c)
         return NULL;
+#ifdef KLI_VNNI
+    if (!f->avx512vnni)
+        return NULL;
+#endif
     return &avx512_table;
 }

@@ -1,7 +1,8 @@
 /*
  * dispatch.c - picks the kernel table once per process.
  *
- * The best variant the CPU (and OS) supports wins; KLI_SIMD=generic|avx2|avx512|neon forces
+ * The best variant the CPU (and OS) supports wins; KLI_SIMD=generic|avx2|avx512|avx512vnni|neon
+ * forces
  * one, which is how tests and benchmarks compare variants. A forced variant that is not
  * compiled in or not supported falls back to the best available one.
  */
@@ -21,6 +22,7 @@ kli_kernels_all(const struct kli_kernels **out, int cap)
 {
     const struct kli_kernels *(*get[])(void) = {
         kli_kernels_generic, kli_kernels_neon, kli_kernels_avx2, kli_kernels_avx512,
+        kli_kernels_avx512vnni,
     };
     int n = 0;
 
@@ -86,6 +88,9 @@ const struct kli_kernels *kli_kernels_avx2(void) { return NULL; }
 #endif
 #ifndef KLI_BUILD_AVX512
 const struct kli_kernels *kli_kernels_avx512(void) { return NULL; }
+#endif
+#ifndef KLI_BUILD_AVX512VNNI
+const struct kli_kernels *kli_kernels_avx512vnni(void) { return NULL; }
 #endif
 #ifndef KLI_BUILD_NEON
 const struct kli_kernels *kli_kernels_neon(void) { return NULL; }

@@ -63,6 +63,7 @@ int kli_kernels_all(const struct kli_kernels **out, int cap);
 const struct kli_kernels *kli_kernels_generic(void);
 const struct kli_kernels *kli_kernels_avx2(void);
 const struct kli_kernels *kli_kernels_avx512(void);
+const struct kli_kernels *kli_kernels_avx512vnni(void);
 const struct kli_kernels *kli_kernels_neon(void);
 
 /* Flush-to-zero for the calling thread until kli_fp_flush_end: results and operands below

@@ -76,7 +76,8 @@ const char *kli_strerror(int code);
 /* @return the library version as "MAJOR.MINOR.PATCH"; static. */
 const char *kli_version(void);
 
-/* @return the name of the CPU kernel variant in use ("generic", "avx2", "avx512", "neon").
+/* @return the name of the CPU kernel variant in use ("generic", "avx2", "avx512", "avx512vnni",
+ * "neon").
  * The choice is made once per process, honouring the KLI_SIMD environment variable. */
 const char *kli_simd_variant(void);
 

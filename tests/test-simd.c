@@ -5,7 +5,8 @@
  * random shapes with odd tails and unaligned pointers: k from one block to a few thousand,
  * n = 1..70, m = 1..9 (and a few shapes with m = 10..130 and k > 16384, past the kernels'
  * internal thresholds), ldx > k and ldy > n. Variants compiled in but not usable on
- * this CPU (and variants not compiled in) are reported as SKIP.
+ * this CPU (and variants not compiled in) are reported as SKIP. avx512vnni, the same source
+ * as avx512 with vpdpbusd, must also match avx512 bit for bit.
  *
  * Tolerances, per kernel:
  *   to_f32        bit-exact against kli_dtype_to_f32 (NaN matches any NaN).
@@ -625,16 +626,49 @@ test_matmul(const struct kli_kernels *kt, const struct kli_kernels *gen)
     }
 }
 
+/* A twin built from the same source with other instructions (avx512vnni from avx512.c) must
+ * give bit-identical products: the integer dot products are the same integers. */
+static void
+test_twin(const struct kli_kernels *kt, const struct kli_kernels *base)
+{
+    int bad = 0, cases = 0;
+
+    for (int dt = 0; dt < KLI_DT_OTHER; dt++) {
+        int blk = kli_dtype_info(dt)->block;
+        for (int trial = 0; trial < 30; trial++) {
+            int64_t k = blk * (trial < 3 ? trial + 1 : rng_int(1, 3000 / blk));
+            int64_t n = rng_int(1, 40), m = trial < 20 ? rng_int(1, 9) : rng_int(10, 40);
+            size_t rb = (size_t)kli_dtype_nbytes(dt, (uint64_t)k);
+            uint8_t *w = xmalloc(rb * (size_t)n);
+            float *x = xmalloc((size_t)(m * k) * 4), *y = xmalloc((size_t)(m * n) * 4);
+            float *yb = xmalloc((size_t)(m * n) * 4);
+            fill_w(dt, w, n * k);
+            for (int64_t t = 0; t < m; t++)
+                fill_x(x + t * k, k);
+            kt->matmul[dt](y, n, x, k, w, n, k, m);
+            base->matmul[dt](yb, n, x, k, w, n, k, m);
+            bad += memcmp(y, yb, (size_t)(m * n) * 4) != 0;
+            cases++;
+            free(w);
+            free(x);
+            free(y);
+            free(yb);
+        }
+    }
+    ok(!bad, "%s matmul: bit-identical to %s in every dtype (%d shapes, %d differ)", kt->name,
+       base->name, cases, bad);
+}
+
 int
 main(void)
 {
-    const struct kli_kernels *all[8], *use[3];
+    const struct kli_kernels *all[8], *use[4];
     int n = kli_kernels_all(all, 8), count = 0;
-    const char *variants[3] = {"avx2", "avx512", "neon"};
+    const char *variants[4] = {"avx2", "avx512", "avx512vnni", "neon"};
 
     (void)skip_all;   /* each variant is skipped on its own line instead */
     (void)plan_done;
-    for (int v = 0; v < 3; v++) {
+    for (int v = 0; v < 4; v++) {
         use[v] = NULL;
         for (int i = 0; i < n; i++) {
             if (strcmp(all[i]->name, variants[v]) == 0)
@@ -644,8 +678,9 @@ main(void)
          * computable dtype */
         count += use[v] ? KLI_DT_COUNT + 7 + KLI_DT_OTHER : 1;
     }
+    count += use[1] != NULL && use[2] != NULL;
     plan(count);
-    for (int v = 0; v < 3; v++) {
+    for (int v = 0; v < 4; v++) {
         if (use[v] == NULL) {
             ok(1, "%s # SKIP not compiled in or not usable on this CPU", variants[v]);
             continue;
@@ -658,5 +693,7 @@ main(void)
         test_silu(use[v]);
         test_matmul(use[v], kli_kernels_generic());
     }
+    if (use[1] != NULL && use[2] != NULL)
+        test_twin(use[2], use[1]);
     return tap_exit();
 }
