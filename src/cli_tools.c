@@ -463,6 +463,21 @@ bench_rss_reset(void)
     }
 }
 
+/* Bytes per triad array: 64 MiB, or four times the last-level cache where that is larger (up
+ * to 1 GiB), so that the probe measures memory and not a large L3 (a server's can hold
+ * three 64 MiB arrays whole). */
+static size_t
+bench_triad_bytes(void)
+{
+    size_t b = (size_t)64 << 20;
+#ifdef _SC_LEVEL3_CACHE_SIZE
+    long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    if (l3 > 0 && (size_t)l3 * 4 > b)
+        b = (size_t)l3 * 4 < ((size_t)1 << 30) ? (size_t)l3 * 4 : (size_t)1 << 30;
+#endif
+    return b;
+}
+
 /* @return the larger of `peak` and the peak resident size since the last reset. */
 static uint64_t
 bench_rss_mark(uint64_t peak)
@@ -504,7 +519,7 @@ bench_one(const struct bench_args *a)
         return 1;
     }
     for (long r = 0; r < reps && a->budget != 0; r++)
-        tr[r] = kli_bench_triad((size_t)64 << 20);
+        tr[r] = kli_bench_triad(bench_triad_bytes());
     bench_rss_reset();
     kli_model_options_init(&mo);
     mo.n_threads = a->threads;
@@ -558,7 +573,7 @@ bench_one(const struct bench_args *a)
     for (long r = 0; r < reps; r++) {
         if (a->budget == 0) {
             peak = bench_rss_mark(peak);
-            tr[r] = kli_bench_triad((size_t)64 << 20);
+            tr[r] = kli_bench_triad(bench_triad_bytes());
             bench_rss_reset();
         }
         if (pp > 0) {
