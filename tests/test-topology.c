@@ -18,6 +18,9 @@
  * get_mempolicy/move_pages check (one node suffices for the mechanics), node copies, and
  * the matmul reading a tensor's node copy (kli_tensor.node_data).
  *
+ * Worker identity: regions with fewer items than workers leave the team as it is, so worker i
+ * is the same thread before and after (libgomp would otherwise end and recreate threads).
+ *
  * Routing under partition, on a described two-node worker plan: each routed expert of a
  * prefill and of a decode step is computed only by workers of its node (moe.c counts rows computed away from
  * an expert's node: none with routing, some without), and the logits stay those of the
@@ -33,6 +36,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include "internal.h"
@@ -904,9 +908,55 @@ out:
     kli_model_close(m);
 }
 
+/* ---- worker identity across regions of different sizes ---------------------------------- */
+
+struct tid_job {
+    long tid[8];
+    int64_t covered;
+};
+
+static void
+record_tid(void *ctx, int64_t i0, int64_t i1, int ith)
+{
+    struct tid_job *j = ctx;
+
+    if (ith >= 0 && ith < 8)
+        j->tid[ith] = (long)syscall(SYS_gettid);
+    __atomic_add_fetch(&j->covered, i1 - i0, __ATOMIC_RELAXED);
+}
+
+/* Regions with fewer items than workers (nth < team) must not cost threads: libgomp ends the
+ * threads a smaller team leaves out and creates new ones for the next larger team, which
+ * then lose their pinning and their caches. Worker i stays the same thread throughout, and
+ * every range is still covered once. */
+static void
+test_worker_identity(void)
+{
+    struct tid_job first, job;
+    int same = 1, covered = 1, saved = threads_count();
+
+    threads_set_count(4);
+    memset(&first, 0, sizeof(first));
+    threads_parallel_for(4, 1, record_tid, &first);
+    covered &= first.covered == 4;
+    for (int round = 0; round < 3; round++) {
+        memset(&job, 0, sizeof(job));
+        threads_parallel_for(2, 1, record_tid, &job);   /* two workers busy, two idle */
+        covered &= job.covered == 2;
+        memset(&job, 0, sizeof(job));
+        threads_parallel_for(40, 1, record_tid, &job);
+        covered &= job.covered == 40;
+        for (int i = 0; i < 4; i++)
+            same &= job.tid[i] == first.tid[i] && first.tid[i] != 0;
+    }
+    ok(same && covered, "workers: the same four threads after regions of two (every item once)");
+    threads_set_count(saved);
+}
+
 int
 main(void)
 {
+    test_worker_identity();
     test_machine_a();
     test_machine_b();
     test_machine_c();
