@@ -20,6 +20,12 @@ struct sampler_cand {
     kli_token id;
 };
 
+/* Up to this many candidates are sorted whole; past it they go into buckets of scaled logit
+ * (SAMPLER_BUCKETS over the 30 nats kept below the best) and only the bucket where a top-k
+ * or top-p cut falls is sorted. */
+#define SAMPLER_SORT_MAX 1024
+#define SAMPLER_BUCKETS 4096
+
 struct kli_sampler {
     struct kli_sampler_options o;
     int32_t n_vocab;
@@ -29,6 +35,8 @@ struct kli_sampler {
     int32_t *count;           /* [n_vocab] occurrences among `recent` */
     float *work;              /* [n_vocab] penalised logits */
     struct sampler_cand *cand;   /* [n_vocab] */
+    struct sampler_cand *tmp;    /* [n_vocab] candidates grouped by bucket */
+    int32_t *bstart;          /* [SAMPLER_BUCKETS + 1] */
 };
 
 void
@@ -53,6 +61,8 @@ kli_sampler_free(struct kli_sampler *smp)
     free(smp->count);
     free(smp->work);
     free(smp->cand);
+    free(smp->tmp);
+    free(smp->bstart);
     free(smp);
 }
 
@@ -106,7 +116,9 @@ kli_sampler_create(struct kli_sampler **out, const struct kli_sampler_options *o
     smp->count = kli_calloc((size_t)n_vocab, sizeof(int32_t));
     smp->work = kli_mallocarray((size_t)n_vocab, sizeof(float));
     smp->cand = kli_mallocarray((size_t)n_vocab, sizeof(struct sampler_cand));
-    if (!smp->recent || !smp->count || !smp->work || !smp->cand) {
+    smp->tmp = kli_mallocarray((size_t)n_vocab, sizeof(struct sampler_cand));
+    smp->bstart = kli_mallocarray(SAMPLER_BUCKETS + 1, sizeof(int32_t));
+    if (!smp->recent || !smp->count || !smp->work || !smp->cand || !smp->tmp || !smp->bstart) {
         kli_sampler_free(smp);
         return kli_err_set(err, KLI_E_NOMEM, "out of memory");
     }
@@ -197,29 +209,106 @@ cand_cmp(const void *a, const void *b)
     return x->id < y->id ? -1 : x->id > y->id;
 }
 
-kli_token
-kli_sampler_sample(struct kli_sampler *smp, const float *logits)
+/* The bucket of scaled logit z below the best, mx (buckets fall with z). */
+static inline int32_t
+sampler_bucket(float z, float mx)
+{
+    int32_t b = (int32_t)((mx - z) * ((float)SAMPLER_BUCKETS / 30.0f));
+
+    return b < SAMPLER_BUCKETS ? b : SAMPLER_BUCKETS - 1;
+}
+
+/* The candidates past SAMPLER_SORT_MAX: cand[0..n) holds (z, id) in id order with mx the
+ * largest z. Leaves in cand[0..k) the set that a full sort would keep (top-k, then min-p,
+ * then top-p) as unnormalised probabilities, in bucket order (buckets by falling logit; the
+ * bucket a cut falls in is sorted by probability, ties to the lower id), and *sum their
+ * total. @return k. The draw walks them in this order, so a seed picks other tokens than
+ * after a full sort would, with the same probabilities. */
+static int32_t
+sampler_bucketed(struct kli_sampler *smp, int32_t n, float mx, double *sum)
+{
+    const struct kli_sampler_options *o = &smp->o;
+    struct sampler_cand *c = smp->cand, *t = smp->tmp;
+    int32_t *bs = smp->bstart, B = SAMPLER_BUCKETS;
+
+    /* counting sort by bucket (stable: ids ascend within a bucket), each entry's z turned
+     * into its probability relative to the best (expf is monotonic, so the order within a
+     * bucket is the same); afterwards bs[b] is where bucket b starts, bs[B] = n */
+    memset(bs, 0, (size_t)(B + 1) * sizeof(int32_t));
+    for (int32_t i = 0; i < n; i++)
+        bs[sampler_bucket(c[i].logit, mx) + 1]++;
+    for (int32_t b = 0; b < B; b++)
+        bs[b + 1] += bs[b];
+    for (int32_t i = 0; i < n; i++) {
+        struct sampler_cand *d = &t[bs[sampler_bucket(c[i].logit, mx)]++];
+        d->id = c[i].id;
+        d->logit = expf(c[i].logit - mx);
+    }
+    for (int32_t b = B; b > 0; b--)
+        bs[b] = bs[b - 1];
+    bs[0] = 0;
+
+    /* top-k: the buckets before the one holding rank k, and that one's best. Every cut
+     * below keeps a prefix of t in which each bucket stays where bs says, the last one
+     * possibly shortened. */
+    if (o->top_k > 0 && o->top_k < n) {
+        int32_t b = 0;
+        while (bs[b + 1] < o->top_k)
+            b++;
+        qsort(t + bs[b], (size_t)(bs[b + 1] - bs[b]), sizeof(*t), cand_cmp);
+        n = o->top_k;
+    }
+    /* min-p keeps p >= min_p (the best has p = 1): whole buckets, then part of one */
+    if (o->min_p > 0.0f) {
+        int32_t k = 0;
+        while (k < n && (double)t[k].logit >= (double)o->min_p)
+            k++;
+        for (int32_t i = k; i < n; i++) {
+            if ((double)t[i].logit >= (double)o->min_p)
+                t[k++] = t[i];
+        }
+        n = k;
+    }
+    double total = 0.0;
+    for (int32_t i = 0; i < n; i++)
+        total += t[i].logit;
+    if (o->top_p < 1.0f) {
+        double target = o->top_p * total, acc = 0.0;
+        int32_t i = 0;
+        for (int32_t b = 0; b < B && i < n; b++) {
+            int32_t end = bs[b + 1] < n ? bs[b + 1] : n;
+            double m = 0.0;
+            for (int32_t j = i; j < end; j++)
+                m += t[j].logit;
+            if (acc + m < target && end < n) {
+                acc += m;
+                i = end;
+                continue;
+            }
+            /* the cut falls in this bucket: sort it, then add one by one */
+            qsort(t + i, (size_t)(end - i), sizeof(*t), cand_cmp);
+            while (i < end) {
+                acc += t[i++].logit;
+                if (acc >= target)
+                    break;
+            }
+            break;
+        }
+        n = i;
+        total = acc;
+    }
+    memcpy(c, t, (size_t)n * sizeof(*c));
+    *sum = total;
+    return n;
+}
+
+int32_t
+sampler_support(struct kli_sampler *smp, const float *logits, double *sum, kli_token *tok)
 {
     const struct kli_sampler_options *o = &smp->o;
     int32_t V = smp->n_vocab;
     float *l = smp->work;
 
-    /* Greedy without penalties: one pass over the logits, no copy (the same choice as the
-     * general path: a NaN is never chosen, ties go to the lower id, all NaN gives 0). In
-     * batched decode on a GPU this pass is a large part of each sequence's step. */
-    if (o->temperature == 0.0f &&
-        (smp->n_recent == 0 || (o->repeat_penalty == 1.0f && o->presence_penalty == 0.0f &&
-                                o->frequency_penalty == 0.0f))) {
-        int32_t best = 0;
-        float bv = logits[0] == logits[0] ? logits[0] : -INFINITY;
-        for (int32_t i = 1; i < V; i++) {
-            if (logits[i] > bv) {
-                bv = logits[i];
-                best = i;
-            }
-        }
-        return best;
-    }
     memcpy(l, logits, (size_t)V * sizeof(float));
     for (int32_t i = 0; i < V; i++) {
         if (!(l[i] == l[i]))
@@ -241,19 +330,19 @@ kli_sampler_sample(struct kli_sampler *smp, const float *logits)
             if (l[i] > l[best])
                 best = i;
         }
-        return best;
+        *tok = best;
+        return 0;
     }
 
-    /* Candidates sorted by logit (ties to the lower id: deterministic). Tokens more than
-     * e^30 times less likely than the best are left out before sorting: together they hold
-     * under n_vocab * 1e-13 of the probability, and sorting 163,840 logits per token would
-     * cost more than the rest of sampling. */
+    /* Candidates: tokens more than e^30 times less likely than the best are left out; together
+     * they hold under n_vocab * 1e-13 of the probability. */
     float mxl = -INFINITY;
     for (int32_t i = 0; i < V; i++)
         mxl = l[i] > mxl ? l[i] : mxl;
+    *tok = 0;
     if (mxl == -INFINITY)
         return 0;
-    float floor_l = mxl / o->temperature - 30.0f;
+    float mx = mxl / o->temperature, floor_l = mx - 30.0f;
     int32_t n = 0;
     for (int32_t i = 0; i < V; i++) {
         float z = l[i] / o->temperature;
@@ -263,25 +352,30 @@ kli_sampler_sample(struct kli_sampler *smp, const float *logits)
             n++;
         }
     }
+    if (n > SAMPLER_SORT_MAX)
+        return sampler_bucketed(smp, n, mx, sum);
+
+    /* Few candidates: sorted by logit (ties to the lower id), then the cuts in that order. */
     qsort(smp->cand, (size_t)n, sizeof(*smp->cand), cand_cmp);
     if (o->top_k > 0 && o->top_k < n)
         n = o->top_k;
     /* Softmax over the survivors, in double for stable sums. */
-    double mx = smp->cand[0].logit, sum = 0.0;
+    double top = smp->cand[0].logit, total = 0.0;
     for (int32_t i = 0; i < n; i++) {
-        double p = exp((double)smp->cand[i].logit - mx);
+        double p = exp((double)smp->cand[i].logit - top);
         smp->cand[i].logit = (float)p;
-        sum += p;
+        total += p;
     }
-    if (!(sum > 0.0))
-        return smp->cand[0].id;
+    *tok = smp->cand[0].id;
+    if (!(total > 0.0))
+        return 0;
     if (o->min_p > 0.0f) {
         double cut = o->min_p * smp->cand[0].logit;
         int32_t k = 1;
         while (k < n && smp->cand[k].logit >= cut)
             k++;
         for (int32_t i = k; i < n; i++)
-            sum -= smp->cand[i].logit;
+            total -= smp->cand[i].logit;
         n = k;
     }
     if (o->top_p < 1.0f) {
@@ -290,12 +384,50 @@ kli_sampler_sample(struct kli_sampler *smp, const float *logits)
         while (k < n) {
             acc += smp->cand[k].logit;
             k++;
-            if (acc >= o->top_p * sum)
+            if (acc >= o->top_p * total)
                 break;
         }
         n = k;
-        sum = acc;
+        total = acc;
     }
+    *sum = total;
+    return n;
+}
+
+void
+sampler_support_at(const struct kli_sampler *smp, int32_t i, kli_token *id, float *w)
+{
+    *id = smp->cand[i].id;
+    *w = smp->cand[i].logit;
+}
+
+kli_token
+kli_sampler_sample(struct kli_sampler *smp, const float *logits)
+{
+    const struct kli_sampler_options *o = &smp->o;
+    int32_t V = smp->n_vocab;
+    kli_token tok = 0;
+    double sum = 0.0;
+
+    /* Greedy without penalties: one pass over the logits, no copy (the same choice as the
+     * general path: a NaN is never chosen, ties go to the lower id, all NaN gives 0). In
+     * batched decode on a GPU this pass is a large part of each sequence's step. */
+    if (o->temperature == 0.0f &&
+        (smp->n_recent == 0 || (o->repeat_penalty == 1.0f && o->presence_penalty == 0.0f &&
+                                o->frequency_penalty == 0.0f))) {
+        int32_t best = 0;
+        float bv = logits[0] == logits[0] ? logits[0] : -INFINITY;
+        for (int32_t i = 1; i < V; i++) {
+            if (logits[i] > bv) {
+                bv = logits[i];
+                best = i;
+            }
+        }
+        return best;
+    }
+    int32_t n = sampler_support(smp, logits, &sum, &tok);
+    if (n == 0 || !(sum > 0.0))
+        return n == 0 ? tok : smp->cand[0].id;
     double r = sampler_uniform(smp) * sum, acc = 0.0;
     for (int32_t i = 0; i < n; i++) {
         acc += smp->cand[i].logit;

@@ -1,6 +1,10 @@
 /*
  * test-sampler.c - sampling: greedy, seeds, top-k/top-p/min-p, penalties, bad options,
  * and the sampled frequencies against the softmax they should follow.
+ *
+ * White-box part (sampler.h): the set a draw chooses from, through both of the sampler's
+ * paths (a full sort up to 1024 candidates, buckets of logit past that), against a
+ * reference made here that sorts every candidate: the same tokens, the same probabilities.
  */
 #include "config.h"
 
@@ -10,6 +14,7 @@
 #include <string.h>
 
 #include "kli.h"
+#include "sampler.h"
 #include "tap.h"
 
 static struct kli_sampler *
@@ -23,9 +28,189 @@ mk(struct kli_sampler_options *o, int32_t V)
     return s;
 }
 
+/* ---- the support against a full sort ------------------------------------------------------ */
+
+static uint64_t trng = 0x243f6a8885a308d3ull;
+
+static double
+tuni(void)
+{
+    trng ^= trng << 13;
+    trng ^= trng >> 7;
+    trng ^= trng << 17;
+    return (double)(trng >> 11) / 9007199254740992.0;
+}
+
+struct rc {
+    double z;
+    int id;
+};
+
+static int
+rc_cmp(const void *a, const void *b)
+{
+    const struct rc *x = a, *y = b;
+
+    if (x->z != y->z)
+        return x->z > y->z ? -1 : 1;
+    return x->id - y->id;
+}
+
+/* The reference: every finite logit within 30 nats (after temperature) of the best, sorted,
+ * then top-k, min-p and top-p in that order. Fills prob[id] (0 for tokens left out) with the
+ * normalised probabilities. @return the number kept. */
+static int
+ref_support(const float *l, int V, float temp, int top_k, float top_p, float min_p,
+            double *prob)
+{
+    struct rc *c = malloc((size_t)V * sizeof(*c));
+    double mx = -INFINITY;
+    int n = 0;
+
+    for (int i = 0; i < V; i++) {
+        prob[i] = 0;
+        if (l[i] == l[i] && (double)(l[i] / temp) > mx)
+            mx = (double)(l[i] / temp);
+    }
+    for (int i = 0; i < V; i++) {
+        double z = l[i] == l[i] ? (double)(l[i] / temp) : -INFINITY;
+        if (z >= mx - 30.0) {
+            c[n].z = z;
+            c[n].id = i;
+            n++;
+        }
+    }
+    qsort(c, (size_t)n, sizeof(*c), rc_cmp);
+    if (top_k > 0 && top_k < n)
+        n = top_k;
+    double total = 0;
+    int k = 0;
+    for (; k < n; k++) {
+        double p = exp(c[k].z - mx);
+        if (min_p > 0 && p < min_p)
+            break;
+        total += p;
+    }
+    n = k;
+    if (top_p < 1) {
+        double acc = 0;
+        for (k = 0; k < n;) {
+            acc += exp(c[k++].z - mx);
+            if (acc >= top_p * total)
+                break;
+        }
+        n = k;
+        total = acc;
+    }
+    for (int i = 0; i < n; i++)
+        prob[c[i].id] = exp(c[i].z - mx) / total;
+    free(c);
+    return n;
+}
+
+static void
+test_support(void)
+{
+    const int Vs[] = {300, 5000, 163840};
+    const float spreads[] = {2.0f, 12.0f, 60.0f};
+    const float temps[] = {0.6f, 1.0f, 1.7f};
+    const int topks[] = {0, 40, 2000};
+    const float topps[] = {1.0f, 0.9f, 0.4f};
+    const float minps[] = {0.0f, 0.02f};
+    int cases = 0, bad = 0, big = 0;
+    double worst = 0;
+
+    for (int vi = 0; vi < 3; vi++) {
+        int V = Vs[vi];
+        float *l = malloc((size_t)V * sizeof(float));
+        double *prob = malloc((size_t)V * sizeof(double));
+        char *seen = malloc((size_t)V);
+        for (int si = 0; si < 3; si++) {
+            for (int i = 0; i < V; i++)   /* the first spread quantised, so many logits tie */
+                l[i] = si == 0 ? (float)floor(tuni() * spreads[si] * 64.0) / 64.0f
+                               : (float)(tuni() * spreads[si]);
+            l[V / 3] = NAN;
+            l[V / 2] = -INFINITY;
+            for (int c = 0; c < 3 * 3 * 3 * 2; c++) {
+                if (V == 163840 && c % 5 != 0)
+                    continue;   /* a sample of the settings at full vocabulary size */
+                struct kli_sampler_options o;
+                kli_sampler_options_init(&o);
+                o.temperature = temps[c % 3];
+                o.top_k = topks[(c / 3) % 3];
+                o.top_p = topps[(c / 9) % 3];
+                o.min_p = minps[(c / 27) % 2];
+                struct kli_sampler *s = mk(&o, V);
+                double sum = 0;
+                kli_token tok = -1;
+                int32_t n = sampler_support(s, l, &sum, &tok);
+                int want = ref_support(l, V, o.temperature, o.top_k, o.top_p, o.min_p, prob);
+                int good = n == want;
+                memset(seen, 0, (size_t)V);
+                for (int32_t i = 0; i < n && good; i++) {
+                    kli_token id;
+                    float w;
+                    sampler_support_at(s, i, &id, &w);
+                    good &= id >= 0 && id < V && !seen[id] && prob[id] > 0;
+                    if (!good)
+                        break;
+                    seen[id] = 1;
+                    double e = fabs((double)w / sum - prob[id]) / prob[id];
+                    worst = e > worst ? e : worst;
+                    good &= e < 1e-5;
+                }
+                if (!good)
+                    diag("V %d spread %g T %g top-k %d top-p %g min-p %g: %d tokens, want %d",
+                         V, spreads[si], o.temperature, o.top_k, o.top_p, o.min_p, n, want);
+                bad += !good;
+                big += n > 1024 || want > 1024;
+                cases++;
+                kli_sampler_free(s);
+            }
+        }
+        free(l);
+        free(prob);
+        free(seen);
+    }
+    ok(bad == 0 && big > 10, "the set a draw chooses from equals a full sort's: %d settings (%d "
+       "with over 1024 candidates), probabilities within %.1e", cases, big, worst);
+
+    /* the bucketed path's draws follow those probabilities */
+    {
+        int V = 3000;
+        float *l = malloc((size_t)V * sizeof(float));
+        for (int i = 0; i < V; i++)
+            l[i] = (float)tuni();
+        l[7] = 6.0f;
+        l[2500] = 5.0f;
+        struct kli_sampler_options o;
+        kli_sampler_options_init(&o);
+        o.temperature = 1.0f;
+        o.top_p = 1.0f;
+        struct kli_sampler *s = mk(&o, V);
+        double z = 0;
+        for (int i = 0; i < V; i++)
+            z += exp(l[i] - 6.0);
+        int c7 = 0, c2500 = 0;
+        for (int i = 0; i < 20000; i++) {
+            kli_token t = kli_sampler_sample(s, l);
+            c7 += t == 7;
+            c2500 += t == 2500;
+        }
+        double f7 = c7 / 20000.0, f2500 = c2500 / 20000.0;
+        ok(fabs(f7 - 1.0 / z) < 0.02 && fabs(f2500 - exp(-1.0) / z) < 0.02,
+           "3000 candidates: sampled frequencies %.3f %.3f against %.3f %.3f", f7, f2500,
+           1.0 / z, exp(-1.0) / z);
+        kli_sampler_free(s);
+        free(l);
+    }
+}
+
 int
 main(void)
 {
+    test_support();
+
     struct kli_sampler_options o;
     struct kli_sampler *s;
     struct kli_err err;
