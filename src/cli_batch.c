@@ -704,10 +704,20 @@ batch_step(struct batch *b)
             batch_finish(b, &b->slot[idx[j]], "error", err.msg);
         return;
     }
+    /* every sequence's sampler at once, on the workers the step itself used */
+    struct kli_sampler *smp[BATCH_MAX_PARALLEL];
+    const float *lg[BATCH_MAX_PARALLEL];
     for (int j = 0; j < n; j++) {
-        struct batch_slot *sl = &b->slot[idx[j]];
-        batch_take(b, sl, kli_sampler_sample(sl->smp, kli_session_logits(sl->s)));
+        smp[j] = b->slot[idx[j]].smp;
+        lg[j] = kli_session_logits(b->slot[idx[j]].s);
     }
+    if (kli_sampler_sample_many(smp, lg, n, tk, &err) != KLI_OK) {
+        for (int j = 0; j < n; j++)
+            batch_finish(b, &b->slot[idx[j]], "error", err.msg);
+        return;
+    }
+    for (int j = 0; j < n; j++)
+        batch_take(b, &b->slot[idx[j]], tk[j]);
     b->step_s += batch_now() - t0;
     b->step_tokens += n;
 }

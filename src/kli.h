@@ -428,6 +428,13 @@ void kli_sampler_free(struct kli_sampler *smp);
 /* Picks the next token from logits [n_vocab] (not modified). */
 kli_token kli_sampler_sample(struct kli_sampler *smp, const float *logits);
 
+/* out[i] = kli_sampler_sample(smp[i], logits[i]) for i < n, the samplers spread over the
+ * worker threads (as after kli_session_eval_batch: one sampler per sequence). The samplers
+ * must be distinct. @return KLI_OK; KLI_E_INVALID for NULL arrays, a NULL or repeated sampler
+ * or n < 0 (then nothing is sampled). */
+int kli_sampler_sample_many(struct kli_sampler *const *smp, const float *const *logits,
+                            int32_t n, kli_token *out, struct kli_err *err);
+
 /* Records a token of the context for the penalties (prompt tokens too, if wanted). */
 void kli_sampler_accept(struct kli_sampler *smp, kli_token tok);
 

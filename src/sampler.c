@@ -14,6 +14,7 @@
 
 #include "internal.h"
 #include "sampler.h"
+#include "threads.h"
 
 struct sampler_cand {
     float logit;
@@ -435,4 +436,41 @@ kli_sampler_sample(struct kli_sampler *smp, const float *logits)
             return smp->cand[i].id;
     }
     return smp->cand[n - 1].id;
+}
+
+struct sample_many {
+    struct kli_sampler *const *smp;
+    const float *const *logits;
+    kli_token *out;
+};
+
+static void
+sample_many_range(void *ctx, int64_t i0, int64_t i1, int ith)
+{
+    struct sample_many *j = ctx;
+
+    (void)ith;
+    for (int64_t i = i0; i < i1; i++)
+        j->out[i] = kli_sampler_sample(j->smp[i], j->logits[i]);
+}
+
+int
+kli_sampler_sample_many(struct kli_sampler *const *smp, const float *const *logits, int32_t n,
+                        kli_token *out, struct kli_err *err)
+{
+    if (n < 0 || (n > 0 && (smp == NULL || logits == NULL || out == NULL)))
+        return kli_err_set(err, KLI_E_INVALID, "kli_sampler_sample_many: invalid arguments");
+    for (int32_t i = 0; i < n; i++) {
+        if (smp[i] == NULL || logits[i] == NULL)
+            return kli_err_set(err, KLI_E_INVALID, "kli_sampler_sample_many: sampler or "
+                               "logits %d is NULL", (int)i);
+        for (int32_t k = 0; k < i; k++) {
+            if (smp[k] == smp[i])
+                return kli_err_set(err, KLI_E_INVALID, "kli_sampler_sample_many: samplers "
+                                   "%d and %d are the same", (int)k, (int)i);
+        }
+    }
+    struct sample_many j = {smp, logits, out};
+    threads_parallel_for(n, 1, sample_many_range, &j);
+    return KLI_OK;
 }

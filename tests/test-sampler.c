@@ -5,6 +5,7 @@
  * White-box part (sampler.h): the set a draw chooses from, through both of the sampler's
  * paths (a full sort up to 1024 candidates, buckets of logit past that), against a
  * reference made here that sorts every candidate: the same tokens, the same probabilities.
+ * kli_sampler_sample_many against each sampler alone.
  */
 #include "config.h"
 
@@ -206,10 +207,63 @@ test_support(void)
     }
 }
 
+/* kli_sampler_sample_many gives each sampler the token it would give alone, step after step. */
+static void
+test_many(void)
+{
+    enum { N = 6, V = 4000, STEPS = 5 };
+    struct kli_sampler *a[N], *b[N];
+    float *l = malloc((size_t)N * V * sizeof(float));
+    const float *rows[N];
+    kli_token got[N];
+    struct kli_err err = {0};
+    int same = 1;
+
+    for (int i = 0; i < N; i++) {
+        struct kli_sampler_options o;
+        kli_sampler_options_init(&o);
+        o.seed = 1000 + (uint64_t)i;
+        o.temperature = i == 0 ? 0.0f : 0.5f + 0.3f * (float)i;   /* one greedy */
+        o.top_k = i == 2 ? 30 : 0;
+        o.repeat_penalty = i == 3 ? 1.3f : 1.0f;
+        a[i] = mk(&o, V);
+        b[i] = mk(&o, V);
+        rows[i] = l + (size_t)i * V;
+    }
+    for (int t = 0; t < STEPS; t++) {
+        for (int i = 0; i < N * V; i++)
+            l[i] = (float)(tuni() * (i % 7 == 0 ? 9.0 : 3.0));
+        if (kli_sampler_sample_many(a, rows, N, got, &err) != KLI_OK) {
+            same = 0;
+            diag("%s", err.msg);
+            break;
+        }
+        for (int i = 0; i < N; i++) {
+            kli_token alone = kli_sampler_sample(b[i], rows[i]);
+            same &= got[i] == alone;
+            kli_sampler_accept(a[i], got[i]);
+            kli_sampler_accept(b[i], alone);
+        }
+    }
+    ok(same, "sample_many: %d samplers over %d steps give the tokens each gives alone", N, STEPS);
+    struct kli_sampler *twice[2] = {a[0], a[0]};
+    ok(kli_sampler_sample_many(twice, rows, 2, got, &err) == KLI_E_INVALID &&
+           kli_sampler_sample_many(a, rows, -1, got, &err) == KLI_E_INVALID &&
+           kli_sampler_sample_many(NULL, rows, 2, got, &err) == KLI_E_INVALID &&
+           kli_sampler_sample_many(a, rows, 0, got, &err) == KLI_OK,
+       "sample_many refuses a repeated sampler, n < 0 and NULL arrays; n = 0 is a no-op");
+    for (int i = 0; i < N; i++) {
+        kli_sampler_free(a[i]);
+        kli_sampler_free(b[i]);
+    }
+    free(l);
+}
+
 int
 main(void)
 {
     test_support();
+    test_many();
 
     struct kli_sampler_options o;
     struct kli_sampler *s;
