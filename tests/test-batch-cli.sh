@@ -7,23 +7,12 @@
 #
 # The JSON checks need python3; without it the test is skipped.
 set -u
-: "${KLI_BIN:?}" "${KLI_TESTDATA:?}"
+: "${KLI_BIN:?}" "${KLI_TESTDATA:?}" "${KLI_SRCDIR:?}"
+. "$KLI_SRCDIR/tests/lib.sh"
+need_python json "python3 is needed to check the JSON output"
+py=$PY
 kli=$KLI_BIN
 model="$KLI_TESTDATA/tiny-kimi-linear"
-py=
-for p in python3 /usr/bin/python3; do
-    if "$p" -c 'import json' 2>/dev/null; then py=$p; break; fi
-done
-if [ -z "$py" ]; then
-    echo "1..0 # SKIP python3 is needed to check the JSON output"
-    exit 0
-fi
-tmp=$(mktemp -d) || exit 99
-trap 'rm -rf "$tmp"' EXIT
-n=0
-fail=0
-ok() { n=$((n + 1)); echo "ok $n - $1"; }
-not_ok() { n=$((n + 1)); fail=1; echo "not ok $n - $1"; }
 # t DESCRIPTION EXPECTED-STATUS COMMAND...: the command's status
 t() {
     desc=$1 want=$2
@@ -31,7 +20,7 @@ t() {
     "$@" >"$tmp/stdout" 2>"$tmp/stderr"
     got=$?
     if [ "$got" -eq "$want" ]; then ok "$desc"; else
-        not_ok "$desc (exit $got, want $want)"
+        notok "$desc (exit $got, want $want)"
         sed 's/^/# /' "$tmp/stderr" | head -5
     fi
 }
@@ -40,7 +29,7 @@ c() {
     desc=$1
     shift
     if "$py" "$tmp/check.py" "$@" >"$tmp/check.out" 2>&1; then ok "$desc"; else
-        not_ok "$desc"
+        notok "$desc"
         sed 's/^/# /' "$tmp/check.out" | head -5
     fi
 }
@@ -158,7 +147,7 @@ c "resume: the lines already there are kept as they were" prefix "$tmp/res.jsonl
     "$tmp/res8.jsonl"
 c "resume: the same texts" same "$tmp/res.jsonl" "$tmp/p4.jsonl"
 if grep -q "4 records to run, 8 already in" "$tmp/stderr"; then ok "resume: only 4 to run"
-else not_ok "resume: only 4 to run"; sed 's/^/# /' "$tmp/stderr" | head -3; fi
+else notok "resume: only 4 to run"; sed 's/^/# /' "$tmp/stderr" | head -3; fi
 printf '{"id":"r00","te' >>"$tmp/res.jsonl"
 t "a torn last line is dropped" 0 "$kli" batch -m "$model" -i "$tmp/in.jsonl" \
     -o "$tmp/res.jsonl" -n 16 --temp 0 -t 1
@@ -198,7 +187,7 @@ c "three shards cover every id exactly once" ids "$tmp/s.jsonl" $all
 if [ -s "$tmp/s1.jsonl" ] && [ -s "$tmp/s2.jsonl" ] && [ -s "$tmp/s3.jsonl" ]; then
     ok "every shard has records"
 else
-    not_ok "every shard has records"
+    notok "every shard has records"
 fi
 
 # ---- SIGINT --------------------------------------------------------------------------------
@@ -215,14 +204,14 @@ done
 kill -INT $pid 2>/dev/null
 wait $pid
 rc=$?
-if [ $rc -eq 130 ]; then ok "SIGINT: exit 130"; else not_ok "SIGINT: exit $rc, want 130"; fi
+if [ $rc -eq 130 ]; then ok "SIGINT: exit 130"; else notok "SIGINT: exit $rc, want 130"; fi
 lines=$(wc -l <"$tmp/int.jsonl")
 if [ "$lines" -lt 60 ]; then ok "SIGINT: stopped early ($lines of 60 lines)"; else
-    not_ok "SIGINT: did not stop early"; fi
+    notok "SIGINT: did not stop early"; fi
 if "$py" "$tmp/check.py" ok "$tmp/int.jsonl" >"$tmp/check.out" 2>&1; then
     ok "SIGINT: only whole lines"
 else
-    not_ok "SIGINT: only whole lines"; sed 's/^/# /' "$tmp/check.out" | head -3
+    notok "SIGINT: only whole lines"; sed 's/^/# /' "$tmp/check.out" | head -3
 fi
 t "a rerun after SIGINT" 0 "$kli" batch -m "$model" -i "$tmp/many.jsonl" -o "$tmp/int.jsonl" \
     -P 4 -n 300 --temp 0 -t 1 --quiet
@@ -242,7 +231,7 @@ c "without it: cached_tokens 0" cached "$tmp/d0.jsonl" 0 $docs
 t "--prefix-dir writes snapshots" 0 "$kli" batch -m "$model" -i "$tmp/doc.jsonl" \
     -o "$tmp/d2.jsonl" --prefix-dir "$tmp/pfx" -P 2 -n 12 --temp 0 -t 1 --quiet
 if ls "$tmp/pfx" | grep -q '\.klisnap$'; then ok "a snapshot is in the directory"; else
-    not_ok "a snapshot is in the directory"; fi
+    notok "a snapshot is in the directory"; fi
 t "a second run loads it" 0 "$kli" batch -m "$model" -i "$tmp/doc.jsonl" -o "$tmp/d2.jsonl" \
     --prefix-dir "$tmp/pfx" --prefix-cache 0 --overwrite -P 2 -n 12 --temp 0 -t 1
 c "... so even the first record starts from the prefix" cached "$tmp/d2.jsonl" 300 $docs

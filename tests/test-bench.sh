@@ -6,23 +6,10 @@
 # buffers (3 x 64 MiB, run between repetitions) stay out of the reported peak resident size;
 # KLI_SIMD is honoured and named; bad arguments are refused. Speed itself is not tested.
 set -u
-: "${KLI_BIN:?}" "${KLI_TESTDATA:?}"
+: "${KLI_BIN:?}" "${KLI_TESTDATA:?}" "${KLI_SRCDIR:?}"
+. "$KLI_SRCDIR/tests/lib.sh"
+need_python json "no python3"
 M="$KLI_TESTDATA/tiny-kimi-linear"
-PY=""
-for p in ${KLI_PYTHON:-} python3 /usr/bin/python3; do
-    if "$p" -c 'import json' 2>/dev/null; then PY=$p; break; fi
-done
-if [ -z "$PY" ]; then
-    echo "1..0 # SKIP no python3"
-    exit 0
-fi
-tmp=$(mktemp -d) || exit 99
-trap 'rm -rf "$tmp"' EXIT
-n=0
-fail=0
-ok() { n=$((n + 1)); echo "ok $n - $1"; }
-notok() { n=$((n + 1)); fail=1; echo "not ok $n - $1"; }
-check() { if [ "$1" = 0 ]; then ok "$2"; else notok "$2"; fi; }
 
 "$KLI_BIN" bench --gpu off -m "$M" -p 16 -n 8 -r 3 --json >"$tmp/b.json" 2>"$tmp/b.err"
 check $? "kli bench --json"

@@ -8,20 +8,8 @@
 set -u
 : "${KLI_BIN:?}" "${KLI_SRCDIR:?}" "${KLI_TESTDATA:?}"
 REF="$KLI_SRCDIR/contrib/reference/kimi_ref.py"
-PY=""
-for p in ${KLI_PYTHON:-} python3 /usr/bin/python3; do
-    if "$p" -c 'import numpy' 2>/dev/null; then PY=$p; break; fi
-done
-if [ -z "$PY" ]; then
-    echo "1..0 # SKIP no python3 with numpy (apt-get install python3-numpy)"
-    exit 0
-fi
-tmp=$(mktemp -d) || exit 99
-trap 'rm -rf "$tmp"' EXIT
-n=0
-fail=0
-ok() { n=$((n + 1)); echo "ok $n - $1"; }
-notok() { n=$((n + 1)); fail=1; echo "not ok $n - $1"; }
+. "$KLI_SRCDIR/tests/lib.sh"
+need_python numpy "no python3 with numpy (apt-get install python3-numpy)"
 
 fixture="$KLI_TESTDATA/tiny-kimi-linear"
 ids=$("$PY" -c "import json,sys; print(','.join(map(str, json.load(open(sys.argv[1]))['prompt'])))" \

@@ -11,21 +11,8 @@
 set -u
 : "${KLI_BIN:?}" "${KLI_SRCDIR:?}"
 REF="$KLI_SRCDIR/contrib/reference/kimi_ref.py"
-PY=""
-for p in ${KLI_PYTHON:-} python3 /usr/bin/python3; do
-    if "$p" -c 'import numpy, resource' 2>/dev/null; then PY=$p; break; fi
-done
-if [ -z "$PY" ]; then
-    echo "1..0 # SKIP no python3 with numpy (apt-get install python3-numpy)"
-    exit 0
-fi
-tmp=$(mktemp -d) || exit 99
-trap 'rm -rf "$tmp"' EXIT
-n=0
-fail=0
-ok() { n=$((n + 1)); echo "ok $n - $1"; }
-notok() { n=$((n + 1)); fail=1; echo "not ok $n - $1"; }
-check() { if [ "$1" = 0 ]; then ok "$2"; else notok "$2"; fi; }
+. "$KLI_SRCDIR/tests/lib.sh"
+need_python "numpy, resource" "no python3 with numpy (apt-get install python3-numpy)"
 
 # Peak RSS in bytes of one command, measured from outside it.
 cat >"$tmp/rss.py" <<'EOF'
