@@ -336,19 +336,29 @@ sampler_bucketed(struct kli_sampler *smp, int32_t n, float mx, double *sum)
     return n;
 }
 
+static int32_t sampler_candidates(struct kli_sampler *smp, const float *l, double *sum,
+                                  kli_token *tok);
+
 int32_t
 sampler_support(struct kli_sampler *smp, const float *logits, double *sum, kli_token *tok)
 {
     const struct kli_sampler_options *o = &smp->o;
     int32_t V = smp->n_vocab;
     float *l = smp->work;
+    int penalise = smp->n_recent > 0 && (o->repeat_penalty != 1.0f ||
+                                         o->presence_penalty != 0.0f ||
+                                         o->frequency_penalty != 0.0f);
 
+    /* Without penalties the logits are read in place: the comparisons below are false for
+     * NaN, so a NaN logit is never a candidate. */
+    if (!penalise && o->temperature > 0.0f)
+        return sampler_candidates(smp, logits, sum, tok);
     memcpy(l, logits, (size_t)V * sizeof(float));
     for (int32_t i = 0; i < V; i++) {
         if (!(l[i] == l[i]))
             l[i] = -INFINITY;   /* a NaN logit is never chosen */
     }
-    if (smp->n_recent > 0) {
+    if (penalise) {
         for (int32_t i = 0; i < V; i++) {
             int32_t c = smp->count[i];
             if (c == 0)
@@ -367,6 +377,15 @@ sampler_support(struct kli_sampler *smp, const float *logits, double *sum, kli_t
         *tok = best;
         return 0;
     }
+    return sampler_candidates(smp, l, sum, tok);
+}
+
+/* sampler_support past the penalties, for temperature > 0: l holds the logits to use. */
+static int32_t
+sampler_candidates(struct kli_sampler *smp, const float *l, double *sum, kli_token *tok)
+{
+    const struct kli_sampler_options *o = &smp->o;
+    int32_t V = smp->n_vocab;
 
     /* Candidates: tokens more than e^30 times less likely than the best are left out; together
      * they hold under n_vocab * 1e-13 of the probability. */
