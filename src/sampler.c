@@ -21,10 +21,9 @@ struct sampler_cand {
     kli_token id;
 };
 
-/* Up to this many candidates are sorted whole; past it they go into buckets of scaled logit
- * (SAMPLER_BUCKETS over the 30 nats kept below the best) and only the bucket where a top-k
- * or top-p cut falls is sorted. */
-#define SAMPLER_SORT_MAX 1024
+/* Candidates go into buckets of scaled logit (SAMPLER_BUCKETS over the 30 nats kept below the
+ * best), and only the bucket where a top-k or top-p cut falls is sorted: sorting 163,840
+ * candidates cost more than a decode step. */
 #define SAMPLER_BUCKETS 4096
 
 struct kli_sampler {
@@ -214,6 +213,16 @@ cand_cmp(const void *a, const void *b)
     return x->id < y->id ? -1 : x->id > y->id;
 }
 
+/* @return whether a penalty changes the logits: recent tokens and a penalty set. */
+static int
+sampler_penalises(const struct kli_sampler *smp)
+{
+    const struct kli_sampler_options *o = &smp->o;
+
+    return smp->n_recent > 0 && (o->repeat_penalty != 1.0f || o->presence_penalty != 0.0f ||
+                                 o->frequency_penalty != 0.0f);
+}
+
 /* e^x for x in [-87, 0] (the candidates have x >= -30), within about 2e-7 relative: x log2(e)
  * split into an integer n and f in [-0.5, 0.5], 2^f by its Taylor series to f^6, 2^n into the
  * exponent. Inline and branch-free, where expf is a call per candidate. */
@@ -242,14 +251,13 @@ sampler_bucket(float z, float mx)
     return b < SAMPLER_BUCKETS ? b : SAMPLER_BUCKETS - 1;
 }
 
-/* The candidates past SAMPLER_SORT_MAX: cand[0..n) holds (z, id) in id order with mx the
- * largest z. Leaves in cand[0..k) the set that a full sort would keep (top-k, then min-p,
+/* The cuts: cand[0..n) holds (z, id) in id order with mx the largest z. Leaves in cand[0..k) the set that a full sort would keep (top-k, then min-p,
  * then top-p) as unnormalised probabilities, in bucket order (buckets by falling logit; the
  * bucket a cut falls in is sorted by probability, ties to the lower id), and *sum their
  * total. @return k. The draw walks them in this order, so a seed picks other tokens than
  * after a full sort would, with the same probabilities. */
 static int32_t
-sampler_bucketed(struct kli_sampler *smp, int32_t n, float mx, double *sum)
+sampler_cut(struct kli_sampler *smp, int32_t n, float mx, double *sum)
 {
     const struct kli_sampler_options *o = &smp->o;
     struct sampler_cand *c = smp->cand, *t = smp->tmp;
@@ -345,9 +353,7 @@ sampler_support(struct kli_sampler *smp, const float *logits, double *sum, kli_t
     const struct kli_sampler_options *o = &smp->o;
     int32_t V = smp->n_vocab;
     float *l = smp->work;
-    int penalise = smp->n_recent > 0 && (o->repeat_penalty != 1.0f ||
-                                         o->presence_penalty != 0.0f ||
-                                         o->frequency_penalty != 0.0f);
+    int penalise = sampler_penalises(smp);
 
     /* Without penalties the logits are read in place: the comparisons below are false for
      * NaN, so a NaN logit is never a candidate. */
@@ -405,46 +411,7 @@ sampler_candidates(struct kli_sampler *smp, const float *l, double *sum, kli_tok
             n++;
         }
     }
-    if (n > SAMPLER_SORT_MAX)
-        return sampler_bucketed(smp, n, mx, sum);
-
-    /* Few candidates: sorted by logit (ties to the lower id), then the cuts in that order. */
-    qsort(smp->cand, (size_t)n, sizeof(*smp->cand), cand_cmp);
-    if (o->top_k > 0 && o->top_k < n)
-        n = o->top_k;
-    /* Softmax over the survivors, in double for stable sums. */
-    double top = smp->cand[0].logit, total = 0.0;
-    for (int32_t i = 0; i < n; i++) {
-        double p = exp((double)smp->cand[i].logit - top);
-        smp->cand[i].logit = (float)p;
-        total += p;
-    }
-    *tok = smp->cand[0].id;
-    if (!(total > 0.0))
-        return 0;
-    if (o->min_p > 0.0f) {
-        double cut = o->min_p * smp->cand[0].logit;
-        int32_t k = 1;
-        while (k < n && smp->cand[k].logit >= cut)
-            k++;
-        for (int32_t i = k; i < n; i++)
-            total -= smp->cand[i].logit;
-        n = k;
-    }
-    if (o->top_p < 1.0f) {
-        double acc = 0.0;
-        int32_t k = 0;
-        while (k < n) {
-            acc += smp->cand[k].logit;
-            k++;
-            if (acc >= o->top_p * total)
-                break;
-        }
-        n = k;
-        total = acc;
-    }
-    *sum = total;
-    return n;
+    return sampler_cut(smp, n, mx, sum);
 }
 
 void
@@ -465,9 +432,7 @@ kli_sampler_sample(struct kli_sampler *smp, const float *logits)
     /* Greedy without penalties: one pass over the logits, no copy (the same choice as the
      * general path: a NaN is never chosen, ties go to the lower id, all NaN gives 0). In
      * batched decode on a GPU this pass is a large part of each sequence's step. */
-    if (o->temperature == 0.0f &&
-        (smp->n_recent == 0 || (o->repeat_penalty == 1.0f && o->presence_penalty == 0.0f &&
-                                o->frequency_penalty == 0.0f))) {
+    if (o->temperature == 0.0f && !sampler_penalises(smp)) {
         int32_t best = 0;
         float bv = logits[0] == logits[0] ? logits[0] : -INFINITY;
         for (int32_t i = 1; i < V; i++) {

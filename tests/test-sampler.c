@@ -2,9 +2,10 @@
  * test-sampler.c - sampling: greedy, seeds, top-k/top-p/min-p, penalties, bad options,
  * and the sampled frequencies against the softmax they should follow.
  *
- * White-box part (sampler.h): the set a draw chooses from, through both of the sampler's
- * paths (a full sort up to 1024 candidates, buckets of logit past that), against a
- * reference made here that sorts every candidate: the same tokens, the same probabilities.
+ * White-box part (sampler.h): the set a draw chooses from (the sampler groups candidates
+ * into buckets of logit and sorts only where a cut falls), from 3 to 163,840 candidates,
+ * against a reference made here that sorts every candidate: the same tokens, the same
+ * probabilities.
  * kli_sampler_sample_many against each sampler alone.
  */
 #include "config.h"
