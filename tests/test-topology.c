@@ -675,20 +675,29 @@ test_binding(void)
 
 /* The matmul reads a tensor's node copy when it has one: zero lm_head's copy, and the
  * logits must all be zero; without the copy they are not. */
+/* The tiny fixture's directory into dir, and model options for the CPU's mechanics: with a
+ * GPU it would take lm_head and experts. */
+static void
+tiny_options(struct kli_model_options *mo, char *dir, size_t cap)
+{
+    const char *td = getenv("KLI_TESTDATA");
+
+    snprintf(dir, cap, "%s/tiny-kimi-linear", td ? td : "tests/data");
+    kli_model_options_init(mo);
+    mo->gpu = KLI_GPU_OFF;
+}
+
 static void
 test_node_data(void)
 {
     char dir[4096];
-    const char *td = getenv("KLI_TESTDATA");
     struct kli_model *m = NULL;
     struct kli_session *s = NULL;
     struct kli_err err = {0};
     struct kli_model_options mo;
     kli_token tok = 1;
 
-    snprintf(dir, sizeof(dir), "%s/tiny-kimi-linear", td ? td : "tests/data");
-    kli_model_options_init(&mo);
-    mo.gpu = KLI_GPU_OFF;   /* the CPU's mechanics: a GPU would take lm_head and experts */
+    tiny_options(&mo, dir, sizeof(dir));
     mo.numa = KLI_NUMA_REPLICATE;
     if (!ok(kli_model_open(&m, dir, &mo, &err) == KLI_OK, "model opens with --numa replicate "
             "(%s)", err.msg))
@@ -738,14 +747,11 @@ static void
 test_policy(enum kli_numa numa)
 {
     char dir[4096];
-    const char *td = getenv("KLI_TESTDATA");
     struct kli_model *m = NULL;
     struct kli_err err = {0};
     struct kli_model_options mo;
 
-    snprintf(dir, sizeof(dir), "%s/tiny-kimi-linear", td ? td : "tests/data");
-    kli_model_options_init(&mo);
-    mo.gpu = KLI_GPU_OFF;   /* the CPU's mechanics: a GPU would take lm_head and experts */
+    tiny_options(&mo, dir, sizeof(dir));
     mo.numa = numa;
     if (!ok(kli_model_open(&m, dir, &mo, &err) == KLI_OK, "%s: model opens (%s)",
             topo_numa_name(numa), err.msg))
@@ -831,14 +837,11 @@ static void
 test_routing(void)
 {
     char dir[4096];
-    const char *td = getenv("KLI_TESTDATA");
     struct kli_model *m = NULL;
     struct kli_err err = {0};
     struct kli_model_options mo;
 
-    snprintf(dir, sizeof(dir), "%s/tiny-kimi-linear", td ? td : "tests/data");
-    kli_model_options_init(&mo);
-    mo.gpu = KLI_GPU_OFF;   /* the CPU's mechanics: a GPU would take lm_head and experts */
+    tiny_options(&mo, dir, sizeof(dir));
     mo.n_threads = 2;
     mo.numa = KLI_NUMA_PARTITION;
     if (!ok(kli_model_open(&m, dir, &mo, &err) == KLI_OK, "routing: model opens (%s)",
