@@ -126,6 +126,25 @@ cu_warp_sum(float v)
     return v;
 }
 
+/* The sum over the block of v (blockDim.x a power of two <= 1024), in double, through sh
+ * (blockDim.x entries); every thread gets it. */
+static __device__ double
+cu_block_sum(double v, double *sh)
+{
+    const int tid = threadIdx.x;
+
+    sh[tid] = v;
+    __syncthreads();
+    for (int k = blockDim.x / 2; k > 0; k /= 2) {
+        if (tid < k)
+            sh[tid] += sh[tid + k];
+        __syncthreads();
+    }
+    const double s = sh[0];
+    __syncthreads();
+    return s;
+}
+
 /* Rounds n up to a multiple of 256 (the alignment cudaMalloc gives), for carving one
  * workspace into several arrays. */
 static inline uint64_t

@@ -61,24 +61,6 @@ kda_conv_state(const float *raw, float *const *state, int T_seq, int n_rows, int
     }
 }
 
-/* The sum over the block of v (blockDim.x a power of two <= 1024), in double. */
-static __device__ double
-kda_block_sum(double v, double *sh)
-{
-    const int tid = threadIdx.x;
-
-    sh[tid] = v;
-    __syncthreads();
-    for (int k = blockDim.x / 2; k > 0; k /= 2) {
-        if (tid < k)
-            sh[tid] += sh[tid + k];
-        __syncthreads();
-    }
-    const double s = sh[0];
-    __syncthreads();
-    return s;
-}
-
 /* Block (h, t), K threads (rounded up to a power of two): gates and normalisation. */
 __global__ void
 kda_prep(float *g, float *beta, float *q, float *k, const float *a_neg, const float *dt_bias,
@@ -96,8 +78,8 @@ kda_prep(float *g, float *beta, float *q, float *k, const float *a_neg, const fl
     if (d == 0)
         beta[(size_t)t * H + h] = 1.0f / (1.0f + expf(-beta[(size_t)t * H + h]));
     const float qv = in ? q[off] : 0.0f, kv = in ? k[off] : 0.0f;
-    const double sq = kda_block_sum((double)qv * qv, sh);
-    const double sk = kda_block_sum((double)kv * kv, sh);
+    const double sq = cu_block_sum((double)qv * qv, sh);
+    const double sk = cu_block_sum((double)kv * kv, sh);
     if (in) {
         q[off] = qv * ((float)(1.0 / sqrt(sq + 1e-6)) * qscale);
         k[off] = kv * ((float)(1.0 / sqrt(sk + 1e-6)) * 1.0f);
@@ -160,7 +142,7 @@ kda_outnorm(float *o, const float *gate, const float *w, int H, int K, float eps
     const int h = blockIdx.x, t = blockIdx.y, d = threadIdx.x;
     const size_t off = ((size_t)t * H + h) * K + d;
     const float x = d < K ? o[off] : 0.0f;
-    const double ss = kda_block_sum((double)x * x, sh);
+    const double ss = cu_block_sum((double)x * x, sh);
 
     if (d == 0)
         rs = (float)(1.0 / sqrt(ss / (double)K + (double)eps));

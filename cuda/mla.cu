@@ -431,7 +431,6 @@ mla_kv_store(const float *ckv, const float *norm, const struct att_row *rows, in
              float eps, float *out)
 {
     __shared__ double part[256];
-    __shared__ float rs;
     const int t = blockIdx.x, tid = threadIdx.x;
     const float *src = ckv + (size_t)t * C;
     float *dst = (float *)rows[t].cache + (size_t)(rows[t].n - 1) * C;
@@ -439,17 +438,7 @@ mla_kv_store(const float *ckv, const float *norm, const struct att_row *rows, in
 
     for (int i = tid; i < L; i += blockDim.x)
         ss += (double)src[i] * src[i];
-    part[tid] = ss;
-    __syncthreads();
-    for (int k = blockDim.x / 2; k > 0; k /= 2) {
-        if (tid < k)
-            part[tid] += part[tid + k];
-        __syncthreads();
-    }
-    if (tid == 0)
-        rs = (float)(1.0 / sqrt(part[0] / (double)L + (double)eps));
-    __syncthreads();
-    const float r = rs;
+    const float r = (float)(1.0 / sqrt(cu_block_sum(ss, part) / (double)L + (double)eps));
     for (int i = tid; i < C; i += blockDim.x) {
         const float v = i < L ? __fmul_rn(__fmul_rn(src[i], r), norm[i]) : src[i];
         dst[i] = v;
