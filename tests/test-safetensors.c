@@ -735,6 +735,75 @@ test_fixture(void)
     kli_wfile_close(w);
 }
 
+/* The streaming writer over a file larger than its 8 MiB buffer, fed in odd-sized pieces
+ * (one larger than the buffer) so that flushes fall inside tensors and inside calls: every
+ * byte reads back, and the reader's mapping starts on a 2 MiB boundary (weights/mmap.c: a
+ * huge page can map the file only from such an address). */
+static void
+test_writer_large(void)
+{
+    enum { NA = 777777, NB = 5000003 };      /* floats: 3.1 MB and 20 MB */
+    struct kli_st_entry e[2] = {
+        {"a", "F32", 1, {NA}, (uint64_t)NA * 4},
+        {"b", "F32", 2, {1, NB}, (uint64_t)NB * 4},
+    };
+    size_t total = ((size_t)NA + NB) * 4;
+    uint8_t *src = malloc(total);
+    const char *path = tpath("large.safetensors");
+    struct kli_st_writer *w = NULL;
+    struct kli_wfile *wf = NULL;
+    struct kli_err err = {0};
+    int rc;
+
+    if (src == NULL) {
+        ok(0, "writer, large file: out of memory");
+        return;
+    }
+    for (size_t i = 0; i < total; i++)
+        src[i] = (uint8_t)(i * 2654435761u >> 13);
+    remember(path);
+    rc = kli_st_writer_open(&w, path, e, 2, &err);
+    static const size_t piece[] = {1, 4093, 1000003, 9 << 20, 65536, 777};
+    for (size_t o = 0, i = 0; rc == KLI_OK && o < total; i++) {
+        size_t n = piece[i % 6] < total - o ? piece[i % 6] : total - o;
+
+        rc = kli_st_writer_write(w, src + o, n, &err);
+        o += n;
+    }
+    if (rc == KLI_OK)
+        rc = kli_st_writer_close(w, &err);
+    else
+        kli_st_writer_abort(w);
+    ok(rc == KLI_OK, "writer: %zu bytes in odd pieces: %s", total, err.msg);
+
+    rc = kli_wfile_open(&wf, path, &err);
+    const struct kli_tensor_desc *a = rc == KLI_OK ? kli_wfile_find(wf, "a") : NULL;
+    const struct kli_tensor_desc *b = rc == KLI_OK ? kli_wfile_find(wf, "b") : NULL;
+    ok(a != NULL && b != NULL && a->nbytes == e[0].nbytes && b->nbytes == e[1].nbytes &&
+       memcmp(a->data, src, a->nbytes) == 0 && memcmp(b->data, src + a->nbytes, b->nbytes) == 0,
+       "writer: the large file reads back byte for byte: %s", err.msg);
+#ifdef __linux__
+    if (a != NULL) {
+        /* the first tensor sits right after the 8-byte length and the header */
+        uint64_t hl = 0;
+        FILE *f = fopen(path, "rb");
+        uint8_t l8[8];
+
+        if (f != NULL && fread(l8, 1, 8, f) == 8)
+            for (int i = 7; i >= 0; i--)
+                hl = hl << 8 | l8[i];
+        if (f != NULL)
+            fclose(f);
+        uintptr_t base = (uintptr_t)a->data - 8 - (uintptr_t)hl;
+        ok(hl > 0 && base % ((uintptr_t)2 << 20) == 0,
+           "a mapping of a file over 2 MiB starts on a 2 MiB boundary (%#lx)",
+           (unsigned long)base);
+    }
+#endif
+    kli_wfile_close(wf);
+    free(src);
+}
+
 int
 main(void)
 {
@@ -751,6 +820,7 @@ main(void)
     test_bad_index();
     test_many();
     test_fixture();
+    test_writer_large();
 
     for (int i = n_created - 1; i >= 0; i--) {
         if (remove(created[i]) != 0)

@@ -857,9 +857,14 @@ kli_wfile_verify(const struct kli_wfile *w, kli_progress_fn progress, void *ud,
  * Everything before the data section (header, config, tokenizer, directory) is laid out in
  * memory at open and written as zeros-for-now; the tensors stream after it through a write
  * buffer, each hashed as it passes; close fills in the checksums and writes the prefix again.
- * Peak memory: the prefix (a few MB for the largest models) plus the 1 MiB buffer. */
+ * Peak memory: the prefix (a few MB for the largest models) plus the 8 MiB buffer. */
 
-enum { PW_BUF = 1 << 20 };
+/* The write buffer, 8 MiB, is flushed where the file offset is a multiple of its size, so
+ * that every write(2) covers whole aligned 2 MiB stretches of the file: Linux file systems
+ * with large folios then cache the new file in 2 MiB folios, which a mapping reads through
+ * huge-page TLB entries (see weights/mmap.c). Small writes would leave a freshly written
+ * model in 4 KiB pages until it is next read from disk. */
+enum { PW_BUF = 8 << 20 };
 
 struct pw_tensor {
     uint64_t offset, nbytes;
@@ -939,7 +944,8 @@ pw_emit(struct kli_pack_writer *w, const void *p, uint64_t n, struct kli_err *er
 
     w->pos += n;
     while (n > 0) {
-        size_t take = PW_BUF - w->n_buf;
+        /* w->pos - n is the file offset of the byte at b */
+        size_t take = PW_BUF - (size_t)((w->pos - n) % PW_BUF);
 
         if (take > n)
             take = (size_t)n;
@@ -947,7 +953,7 @@ pw_emit(struct kli_pack_writer *w, const void *p, uint64_t n, struct kli_err *er
         w->n_buf += take;
         b += take;
         n -= take;
-        if (w->n_buf == PW_BUF && (rc = pw_flush(w, err)) != KLI_OK)
+        if ((w->pos - n) % PW_BUF == 0 && (rc = pw_flush(w, err)) != KLI_OK)
             return rc;
     }
     return KLI_OK;

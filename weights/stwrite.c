@@ -15,8 +15,17 @@
 #include "internal.h"
 #include "weights.h"
 
+/* The tensor bytes go through a buffer of 8 MiB that is written out where the file offset
+ * is a multiple of its size (stdio itself is unbuffered): file systems with large folios
+ * then cache the new file in 2 MiB folios, which a mapping reads through huge-page TLB
+ * entries (weights/mmap.c). stdio's 4 KiB writes would leave it in 4 KiB pages. */
+#define ST_WBUF ((size_t)8 << 20)
+
 struct kli_st_writer {
     FILE *f;
+    uint8_t *buf;                 /* ST_WBUF bytes; NULL: every write goes straight out */
+    size_t n_buf;
+    uint64_t pos;                 /* file offset of the next byte */
     char *path, *tmp;
     uint64_t total, written;
 };
@@ -28,6 +37,7 @@ kli_st_writer_abort(struct kli_st_writer *w)
         return;
     if (w->f != NULL)
         fclose(w->f);
+    free(w->buf);
     if (w->tmp != NULL)
         unlink(w->tmp);
     free(w->path);
@@ -88,11 +98,15 @@ kli_st_writer_open(struct kli_st_writer **out, const char *path,
         rc = kli_err_set(err, KLI_E_IO, "%s: %s", w->tmp, strerror(errno));
         goto fail;
     }
+    w->buf = kli_malloc(ST_WBUF);
+    if (w->buf == NULL || setvbuf(w->f, NULL, _IONBF, 0) != 0)
+        goto nomem;
     if (fwrite(len8, 1, 8, w->f) != 8 || fwrite(text, 1, hl, w->f) != hl ||
         fwrite("        ", 1, pad, w->f) != pad) {
         rc = kli_err_set(err, KLI_E_IO, "%s: write error: %s", w->tmp, strerror(errno));
         goto fail;
     }
+    w->pos = 8 + nh;
     free(text);
     cJSON_Delete(hdr);
     *out = w;
@@ -106,15 +120,39 @@ fail:
     return rc;
 }
 
+static int
+st_flush(struct kli_st_writer *w, struct kli_err *err)
+{
+    size_t n = w->n_buf;
+
+    w->n_buf = 0;
+    if (n > 0 && fwrite(w->buf, 1, n, w->f) != n)
+        return kli_err_set(err, KLI_E_IO, "%s: write error: %s", w->tmp, strerror(errno));
+    return KLI_OK;
+}
+
 int
 kli_st_writer_write(struct kli_st_writer *w, const void *data, uint64_t nbytes,
                     struct kli_err *err)
 {
+    const uint8_t *b = data;
+
     if (w->written + nbytes > w->total)
         return kli_err_set(err, KLI_E_INVALID, "%s: more tensor bytes than declared", w->path);
-    if (nbytes > 0 && fwrite(data, 1, nbytes, w->f) != nbytes)
-        return kli_err_set(err, KLI_E_IO, "%s: write error: %s", w->tmp, strerror(errno));
     w->written += nbytes;
+    while (nbytes > 0) {
+        size_t take = ST_WBUF - (size_t)(w->pos % ST_WBUF);
+
+        if (take > nbytes)
+            take = (size_t)nbytes;
+        memcpy(w->buf + w->n_buf, b, take);
+        w->n_buf += take;
+        w->pos += take;
+        b += take;
+        nbytes -= take;
+        if (w->pos % ST_WBUF == 0 && st_flush(w, err) != KLI_OK)
+            return KLI_E_IO;
+    }
     return KLI_OK;
 }
 
@@ -126,6 +164,10 @@ kli_st_writer_close(struct kli_st_writer *w, struct kli_err *err)
     if (w->written != w->total) {
         rc = kli_err_set(err, KLI_E_INVALID, "%s: %llu of %llu tensor bytes written", w->path,
                          (unsigned long long)w->written, (unsigned long long)w->total);
+        kli_st_writer_abort(w);
+        return rc;
+    }
+    if ((rc = st_flush(w, err)) != KLI_OK) {
         kli_st_writer_abort(w);
         return rc;
     }
