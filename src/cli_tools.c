@@ -632,6 +632,8 @@ bench_one(const struct bench_args *a)
     /* the median of the repetitions' fractions, each against its own probe */
     double roof = tg > 0 ? stats(rf, (int)reps).med : 0;
     peak = bench_rss_mark(peak);
+    uint64_t w_res = 0, w_huge = 0;
+    int w_known = kli_model_weight_pages(m, &w_res, &w_huge) == 0;
     if (json) {
         printf("{\"model\": \"%s\", \"simd\": \"%s\", \"threads\": %d, \"weight_type\": \"%s\", "
                "\"prompt_tokens\": %ld, \"gen_tokens\": %ld, \"depth\": %ld, \"reps\": %ld, "
@@ -663,6 +665,9 @@ bench_one(const struct bench_args *a)
                    (unsigned long long)gs.bytes_used,
                    g_routed ? (double)g_on / (double)g_routed : 0.0,
                    (unsigned long long)g_swaps);
+        if (w_known)
+            printf(", \"weights_resident_bytes\": %llu, \"weights_huge_bytes\": %llu",
+                   (unsigned long long)w_res, (unsigned long long)w_huge);
         printf(", \"peak_rss_bytes\": %llu}\n", (unsigned long long)peak);
     } else {
         printf("prefill  %6ld tokens: %8.2f tok/s (min %.2f, max %.2f)\n", pp, spf.med, spf.min,
@@ -697,6 +702,10 @@ bench_one(const struct bench_args *a)
                    (double)gs.bytes_used / 1048576.0,
                    g_routed ? 100.0 * (double)g_on / (double)g_routed : 0.0,
                    (unsigned long long)g_swaps);
+        if (w_known)
+            printf("weights  %.1f MiB of the files resident, %.0f%% of it in 2 MiB pages\n",
+                   (double)w_res / 1048576.0,
+                   w_res ? 100.0 * (double)w_huge / (double)w_res : 0.0);
         printf("memory   peak resident %.1f MiB\n", (double)peak / 1048576.0);
     }
     rc = 0;

@@ -142,6 +142,19 @@ ffn_bytes(const struct kli_ffn_w *f)
     return tensor_bytes(&f->gate) + tensor_bytes(&f->up) + tensor_bytes(&f->down);
 }
 
+int
+kli_model_weight_pages(const struct kli_model *m, uint64_t *resident, uint64_t *huge)
+{
+    uint64_t r = 0, h = 0;
+    int rc = m != NULL ? kli_wfile_pages(m->wf, &r, &h) : -1;
+
+    if (resident != NULL)
+        *resident = r;
+    if (huge != NULL)
+        *huge = h;
+    return rc;
+}
+
 uint64_t
 kli_model_decode_bytes(const struct kli_model *m)
 {

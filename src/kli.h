@@ -264,6 +264,12 @@ const struct kli_tokenizer *kli_model_tokenizer(const struct kli_model *model);
  * and lm_head. The numerator of the decode roofline. */
 uint64_t kli_model_decode_bytes(const struct kli_model *model);
 
+/* Of the model's weight-file pages now resident in this process: *resident bytes in all, and
+ * *huge bytes of them mapped through 2 MiB pages (the rest through 4 KiB pages, one TLB
+ * entry each; see kli(3) on huge pages). Weights converted at open are not counted.
+ * @return 0, or -1 where the system does not say (not Linux, no /proc). */
+int kli_model_weight_pages(const struct kli_model *model, uint64_t *resident, uint64_t *huge);
+
 /* Edge mode's expert cache (kli_model_options.mem_budget): its sizes and what it did. */
 struct kli_cache_stats {
     uint64_t budget;          /* bytes: the whole budget */

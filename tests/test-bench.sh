@@ -73,17 +73,27 @@ assert lo * 0.999 <= r["roofline_fraction"] <= hi * 1.001, (lo, r["roofline_frac
 # The probe's three 64 MiB arrays are freed before the peak is read on; the tiny model and
 # kli itself take a few MiB.
 assert r["peak_rss_bytes"] < 150 << 20, r["peak_rss_bytes"]
+
+# Linux reports the weight file's resident pages: the run read every tensor but the
+# embedding table, of which it touched a few rows, and at most the whole file.
+if sys.platform.startswith("linux"):
+    import os
+    fs = os.path.getsize(d + "/model.safetensors")
+    least = sum(size.values()) - size["model.embed_tokens.weight"]
+    res, huge = r["weights_resident_bytes"], r["weights_huge_bytes"]
+    assert least <= res <= fs + 4096 and 0 <= huge <= res, (least, res, huge, fs)
 print("decode bytes", want)
 EOF
 rc=$?
 sed 's/^/# /' "$tmp/py.out"
-check $rc "the JSON has the targets' keys; decode bytes equal the header's count; the roofline and the peak resident size hang together"
+check $rc "the JSON has the targets' keys; decode bytes equal the header's count; the roofline, the peak resident size and the weights' resident pages hang together"
 
 "$KLI_BIN" bench --gpu off -m "$M" -p 8 -n 4 -r 1 >"$tmp/t.out" 2>"$tmp/t.err"
 rc=$?
 grep -q "^roofline " "$tmp/t.out" && grep -q "^decode phases" "$tmp/t.out" &&
+    { [ "$(uname -s)" != Linux ] || grep -q "^weights .* in 2 MiB pages" "$tmp/t.out"; } &&
     grep -q "kernels " "$tmp/t.err"
-check $((rc + $?)) "the text report has the roofline and phase lines and names the kernels"
+check $((rc + $?)) "the text report has the roofline, phase and weight-page lines and names the kernels"
 
 KLI_SIMD=generic "$KLI_BIN" bench --gpu off -m "$M" -p 4 -n 2 -r 1 --json 2>/dev/null |
     grep -q '"simd": "generic"'

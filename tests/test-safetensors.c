@@ -783,6 +783,17 @@ test_writer_large(void)
        memcmp(a->data, src, a->nbytes) == 0 && memcmp(b->data, src + a->nbytes, b->nbytes) == 0,
        "writer: the large file reads back byte for byte: %s", err.msg);
 #ifdef __linux__
+    {
+        /* everything was just read, so all of the file is resident in this process */
+        uint64_t res = 0, huge = 0;
+        int got = kli_wfile_pages(wf, &res, &huge);
+
+        ok(got == 0 && res >= total && res <= total + 8192 && huge <= res,
+           "its resident pages: %llu bytes (%llu in 2 MiB pages) of %zu",
+           (unsigned long long)res, (unsigned long long)huge, total);
+    }
+#endif
+#ifdef __linux__
     if (a != NULL) {
         /* the first tensor sits right after the 8-byte length and the header */
         uint64_t hl = 0;

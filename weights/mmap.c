@@ -9,6 +9,8 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -175,5 +177,52 @@ kli_mmap_advise(const struct kli_mmap *m, uint64_t off, uint64_t len,
     (void)len;
     (void)advice;
     return 0;
+#endif
+}
+
+int
+kli_mmap_pages(const struct kli_mmap *const *maps, int n, uint64_t *resident, uint64_t *huge)
+{
+    *resident = *huge = 0;
+#ifdef __linux__
+    /* /proc/self/smaps: a line "start-end perms ..." opens each mapping (one file mapping may
+     * be several, split by madvise), then "Key: N kB" lines; Rss counts the resident pages,
+     * FilePmdMapped those mapped by 2 MiB entries. */
+    FILE *f = fopen("/proc/self/smaps", "re");
+    long page = sysconf(_SC_PAGESIZE);
+    char line[512];
+    int in = 0, seen = 0;
+
+    if (page <= 0)
+        page = 4096;
+
+    if (f == NULL)
+        return -1;
+    while (fgets(line, sizeof(line), f) != NULL) {
+        unsigned long long a, b, kb;
+
+        if (sscanf(line, "%llx-%llx ", &a, &b) == 2) {
+            in = 0;
+            for (int i = 0; i < n; i++) {
+                uintptr_t lo = (uintptr_t)maps[i]->addr;
+                uintptr_t hi = lo + (maps[i]->len + (size_t)page - 1) / (size_t)page *
+                               (size_t)page;
+
+                if (maps[i]->addr != NULL && a >= lo && b <= hi)
+                    in = 1;
+            }
+        } else if (in && sscanf(line, "Rss: %llu kB", &kb) == 1) {
+            *resident += (uint64_t)kb << 10;
+            seen = 1;
+        } else if (in && sscanf(line, "FilePmdMapped: %llu kB", &kb) == 1) {
+            *huge += (uint64_t)kb << 10;
+        }
+    }
+    fclose(f);
+    return seen || n == 0 ? 0 : -1;
+#else
+    (void)maps;
+    (void)n;
+    return -1;
 #endif
 }

@@ -45,4 +45,10 @@ void kli_mmap_close(struct kli_mmap *m);
 int kli_mmap_advise(const struct kli_mmap *m, uint64_t off, uint64_t len,
                     enum kli_mmap_advice advice);
 
+/* Of the pages of mappings maps[0..n) now resident, *resident bytes in all and *huge bytes
+ * mapped through 2 MiB entries (Linux: /proc/self/smaps).
+ * @return 0, or -1 where the system does not say (then both are 0). */
+int kli_mmap_pages(const struct kli_mmap *const *maps, int n, uint64_t *resident,
+                   uint64_t *huge);
+
 #endif

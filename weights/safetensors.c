@@ -1030,6 +1030,25 @@ kli_wfile_dontneed(const struct kli_wfile *w, const struct kli_tensor_desc *d)
 }
 
 int
+kli_wfile_pages(const struct kli_wfile *w, uint64_t *resident, uint64_t *huge)
+{
+    const struct kli_mmap *one[16] = {NULL}, **maps = one;
+    int rc;
+
+    *resident = *huge = 0;
+    if (w == NULL)
+        return -1;
+    if (w->n_files > 16 && (maps = kli_mallocarray((size_t)w->n_files, sizeof(*maps))) == NULL)
+        return -1;
+    for (int32_t i = 0; i < w->n_files; i++)
+        maps[i] = &w->maps[i];
+    rc = kli_mmap_pages(maps, w->n_files, resident, huge);
+    if (maps != one)
+        free(maps);
+    return rc;
+}
+
+int
 kli_wfile_locate(const struct kli_wfile *w, const void *p, int32_t *file, uint64_t *off)
 {
     const uint8_t *b = p;

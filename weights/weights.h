@@ -160,6 +160,10 @@ int kli_wfile_verify(const struct kli_wfile *w, kli_progress_fn progress, void *
  * Streaming readers use it to keep their resident size small. @return 0 or an errno. */
 int kli_wfile_dontneed(const struct kli_wfile *w, const struct kli_tensor_desc *d);
 
+/* Of the weight files' pages now resident in this process, *resident bytes in all and
+ * *huge bytes mapped through 2 MiB entries. @return 0, or -1 where the system does not say. */
+int kli_wfile_pages(const struct kli_wfile *w, uint64_t *resident, uint64_t *huge);
+
 /* XXH64 (xxhash.com, spec in the xxHash repository's doc/xxhash_spec.md) of n bytes. */
 uint64_t kli_xxh64(const void *p, size_t n, uint64_t seed);
 
