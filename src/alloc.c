@@ -2,8 +2,11 @@
  * alloc.c - checked allocators. They return NULL on failure or overflow and never exit;
  * callers turn NULL into KLI_E_NOMEM with a message.
  */
+#include "config.h"
+
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #include "internal.h"
 
@@ -65,4 +68,79 @@ kli_strdup(const char *s)
     if (d != NULL)
         memcpy(d, s, n);
     return d;
+}
+
+#define ARENA_HUGE ((size_t)2 << 20)
+
+/* A chunk of at least n bytes starting on a 2 MiB boundary, advised MADV_HUGEPAGE. */
+static int
+arena_chunk(struct kli_arena_chunk *c, size_t n)
+{
+    size_t len = n > KLI_ARENA_CHUNK ? n : KLI_ARENA_CHUNK;
+
+    if (len > SIZE_MAX - 2 * ARENA_HUGE)
+        return -1;
+    len = (len + ARENA_HUGE - 1) / ARENA_HUGE * ARENA_HUGE;
+    memset(c, 0, sizeof(*c));
+#if defined(MAP_ANONYMOUS)
+    void *p = mmap(NULL, len + ARENA_HUGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                   -1, 0);
+
+    if (p == MAP_FAILED)
+        return -1;
+    c->map = p;
+    c->map_len = len + ARENA_HUGE;
+    c->base = c->map + (ARENA_HUGE - (uintptr_t)c->map % ARENA_HUGE) % ARENA_HUGE;
+#ifdef MADV_HUGEPAGE
+    madvise(c->base, len, MADV_HUGEPAGE);   /* a hint: refused, the pages are small */
+#endif
+#else
+    if ((c->map = malloc(len + ARENA_HUGE)) == NULL)
+        return -1;
+    c->base = c->map + (ARENA_HUGE - (uintptr_t)c->map % ARENA_HUGE) % ARENA_HUGE;
+#endif
+    c->len = len;
+    return 0;
+}
+
+void *
+kli_arena_alloc(struct kli_arena *a, size_t n)
+{
+    struct kli_arena_chunk *c = a->n > 0 ? &a->c[a->n - 1] : NULL;
+
+    if (n > SIZE_MAX - 64)
+        return NULL;
+    n = n == 0 ? 64 : (n + 63) & ~(size_t)63;
+    if (c == NULL || c->len - c->used < n) {
+        if (a->n == a->cap) {
+            int nc = a->cap ? a->cap * 2 : 16;
+            struct kli_arena_chunk *g = kli_reallocarray(a->c, (size_t)nc, sizeof(*g));
+
+            if (g == NULL)
+                return NULL;
+            a->c = g;
+            a->cap = nc;
+        }
+        c = &a->c[a->n];
+        if (arena_chunk(c, n) != 0)
+            return NULL;
+        a->n++;
+    }
+    void *p = c->base + c->used;
+    c->used += n;
+    return p;
+}
+
+void
+kli_arena_free(struct kli_arena *a)
+{
+    for (int i = 0; i < a->n; i++) {
+#if defined(MAP_ANONYMOUS)
+        munmap(a->c[i].map, a->c[i].map_len);
+#else
+        free(a->c[i].map);
+#endif
+    }
+    free(a->c);
+    memset(a, 0, sizeof(*a));
 }

@@ -39,4 +39,27 @@ void *kli_malloc_aligned(size_t n);
 void kli_free_aligned(void *p);
 char *kli_strdup(const char *s);
 
+/* Memory for many long-lived blocks freed together (the weights converted at open): carved
+ * 64-byte aligned from chunks of at least KLI_ARENA_CHUNK bytes that start on 2 MiB
+ * boundaries and are advised MADV_HUGEPAGE, so that what the decode streams is read
+ * through 2 MiB TLB entries (see weights/mmap.c). A zeroed struct is an empty arena. */
+#define KLI_ARENA_CHUNK ((size_t)64 << 20)
+
+struct kli_arena_chunk {
+    uint8_t *map;          /* what mmap returned (or malloc, without mmap) */
+    size_t map_len;
+    uint8_t *base;         /* first usable byte, on a 2 MiB boundary */
+    size_t len, used;
+};
+
+struct kli_arena {
+    struct kli_arena_chunk *c;
+    int n, cap;
+};
+
+/* @return n bytes (64-byte aligned, contents unspecified), or NULL when out of memory. */
+void *kli_arena_alloc(struct kli_arena *a, size_t n);
+/* Releases every block; leaves the arena empty. */
+void kli_arena_free(struct kli_arena *a);
+
 #endif /* KLI_INTERNAL_H */

@@ -113,19 +113,10 @@ bind_convert(struct bind *b, struct kli_tensor *t)
     if (t->dtype == to || t->shape[1] % blk != 0)
         return KLI_OK;
     uint64_t bytes = kli_dtype_nbytes(to, (uint64_t)t->shape[1]) * (uint64_t)t->shape[0];
-    if (m->n_owned == m->cap_owned) {
-        int64_t nc = m->cap_owned ? m->cap_owned * 2 : 64;
-        void **no = kli_reallocarray(m->owned, (size_t)nc, sizeof(*no));
-        if (no == NULL)
-            return kli_err_set(b->err, KLI_E_NOMEM, "out of memory converting %s", t->name);
-        m->owned = no;
-        m->cap_owned = nc;
-    }
-    uint8_t *dst = kli_malloc_aligned(bytes);
+    uint8_t *dst = bytes <= SIZE_MAX ? kli_arena_alloc(&m->owned, (size_t)bytes) : NULL;
     if (dst == NULL)
         return kli_err_set(b->err, KLI_E_NOMEM, "out of memory converting %s (%llu bytes)",
                            t->name, (unsigned long long)bytes);
-    m->owned[m->n_owned++] = dst;
     struct convert_job j = {t, to, dst};
     threads_parallel_for(t->shape[0], 64, convert_rows, &j);
     t->data = dst;
@@ -596,9 +587,7 @@ kli_model_close(struct kli_model *m)
     xcache_close(m->xc);
     model_free_layers(m);
     numa_close(m->numa);
-    for (int64_t i = 0; i < m->n_owned; i++)
-        kli_free_aligned(m->owned[i]);
-    free(m->owned);
+    kli_arena_free(&m->owned);
     free(m->final_norm);
     kli_tokenizer_close(m->tok);
     kli_wfile_close(m->wf);

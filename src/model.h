@@ -14,6 +14,7 @@
 
 #include "kli.h"
 #include "hparams.h"
+#include "internal.h"
 #include "weights.h"
 
 /* A matrix view: shape[0] rows of shape[1] elements (row-major), data borrowed. */
@@ -88,8 +89,7 @@ struct kli_model {
     char *path;
     int convert;                  /* weight matrices converted to convert_dt at open */
     enum kli_dtype convert_dt;
-    void **owned;                 /* converted matrices, freed at close */
-    int64_t n_owned, cap_owned;
+    struct kli_arena owned;       /* converted matrices, freed at close */
     struct kli_tokenizer *tok;    /* NULL when the directory has no tokenizer */
     int n_threads;
     uint64_t fingerprint;         /* identity for session snapshots (model_fingerprint) */

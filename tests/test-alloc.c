@@ -1,0 +1,90 @@
+/*
+ * test-alloc.c - the checked allocators and the arena that holds the weights converted at
+ * open (src/alloc.c): overflow gives NULL, not a short block; arena blocks are 64-byte
+ * aligned, disjoint and keep what was written in them, chunks start on 2 MiB boundaries,
+ * a block larger than a chunk gets a chunk of its own, and freeing empties the arena.
+ */
+#include "config.h"
+
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+#include "tap.h"
+
+#define HUGE_PAGE ((uintptr_t)2 << 20)
+
+static void
+test_checked(void)
+{
+    void *p = kli_mallocarray(SIZE_MAX / 2, 3);
+    void *q = kli_malloc_aligned(SIZE_MAX - 10);
+
+    ok(p == NULL && q == NULL, "n x size past SIZE_MAX and an aligned SIZE_MAX - 10 give NULL");
+    p = kli_malloc_aligned(100);
+    ok(p != NULL && (uintptr_t)p % 64 == 0, "kli_malloc_aligned is 64-byte aligned");
+    kli_free_aligned(p);
+}
+
+static void
+test_arena(void)
+{
+    /* sizes: odd, tiny, zero, one that fills most of a chunk, one over a chunk */
+    static const size_t want[] = {1, 100, 0, 4097, 3 << 20, KLI_ARENA_CHUNK - 4096,
+                                  KLI_ARENA_CHUNK + 12345, 65, 7 << 20};
+    enum { N = sizeof(want) / sizeof(want[0]) };
+    struct kli_arena a;
+    uint8_t *p[N];
+    int aligned = 1, disjoint = 1, kept = 1, all = 1;
+
+    memset(&a, 0, sizeof(a));
+    for (int i = 0; i < N; i++) {
+        p[i] = kli_arena_alloc(&a, want[i]);
+        all &= p[i] != NULL;
+        if (p[i] == NULL)
+            continue;
+        aligned &= (uintptr_t)p[i] % 64 == 0;
+        memset(p[i], i + 1, want[i]);
+    }
+    ok(all, "every block is given");
+    ok(aligned, "every block is 64-byte aligned");
+    for (int i = 0; i < N && all; i++) {
+        for (size_t j = 0; j < want[i]; j++)
+            kept &= p[i][j] == (uint8_t)(i + 1);
+        for (int k = 0; k < N; k++) {
+            uintptr_t a0 = (uintptr_t)p[i], a1 = a0 + want[i];
+            uintptr_t b0 = (uintptr_t)p[k], b1 = b0 + want[k];
+
+            if (k != i && want[i] && want[k] && a0 < b1 && b0 < a1)
+                disjoint = 0;
+        }
+    }
+    ok(disjoint && kept, "blocks are disjoint and keep their bytes");
+    int chunks_ok = a.n >= 2;
+    for (int i = 0; i < a.n; i++)
+        chunks_ok &= (uintptr_t)a.c[i].base % HUGE_PAGE == 0 && a.c[i].len % HUGE_PAGE == 0 &&
+                     a.c[i].used <= a.c[i].len && a.c[i].len >= KLI_ARENA_CHUNK;
+    ok(chunks_ok, "%d chunks, each on a 2 MiB boundary, a multiple of 2 MiB long, at least "
+       "KLI_ARENA_CHUNK", a.n);
+    int own = 0;
+    for (int i = 0; i < a.n; i++)
+        own |= a.c[i].len >= KLI_ARENA_CHUNK + 12345 && a.c[i].used >= KLI_ARENA_CHUNK + 12345;
+    ok(own, "the block over a chunk got a chunk that holds it");
+    ok(kli_arena_alloc(&a, SIZE_MAX - 8) == NULL, "a block of SIZE_MAX - 8 bytes is refused");
+    kli_arena_free(&a);
+    ok(a.n == 0 && a.c == NULL, "freeing empties the arena");
+    p[0] = kli_arena_alloc(&a, 10);
+    ok(p[0] != NULL && a.n == 1, "and it can be used again");
+    kli_arena_free(&a);
+}
+
+int
+main(void)
+{
+    test_checked();
+    test_arena();
+    plan_done();
+    return tap_exit();
+}
