@@ -702,10 +702,16 @@ bench_one(const struct bench_args *a)
                    (double)gs.bytes_used / 1048576.0,
                    g_routed ? 100.0 * (double)g_on / (double)g_routed : 0.0,
                    (unsigned long long)g_swaps);
-        if (w_known)
+        if (w_known) {
             printf("weights  %.1f MiB of the files resident, %.0f%% of it in 2 MiB pages\n",
                    (double)w_res / 1048576.0,
                    w_res ? 100.0 * (double)w_huge / (double)w_res : 0.0);
+            /* 64 MiB: below that the TLB hardly matters (the tiny test models) */
+            if (w_res >= (64u << 20) && w_huge < w_res / 2)
+                fprintf(stderr, "bench: most weight pages are 4 KiB pages, which can cost "
+                        "15-25%% of the speed; a file read back from disk may get 2 MiB "
+                        "pages (see kli(1), bench)\n");
+        }
         printf("memory   peak resident %.1f MiB\n", (double)peak / 1048576.0);
     }
     rc = 0;
