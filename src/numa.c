@@ -399,8 +399,14 @@ numa_copy_to_node(const struct topo *t, int32_t node, const void *src, uint64_t 
     p = hwloc_alloc_membind((hwloc_topology_t)t->hw, (size_t)bytes, set, HWLOC_MEMBIND_BIND,
                             HWLOC_MEMBIND_BYNODESET);
     hwloc_bitmap_free(set);
-    if (p != NULL)
-        memcpy(p, src, (size_t)bytes);
+    if (p == NULL)
+        return NULL;
+#ifdef MADV_HUGEPAGE
+    /* before the first touch, so that the copy's aligned 2 MiB stretches get huge pages
+     * (decode streams the copy; see weights/mmap.c). A hint: refused, nothing changes. */
+    madvise(p, (size_t)bytes, MADV_HUGEPAGE);
+#endif
+    memcpy(p, src, (size_t)bytes);
     return p;
 #else
     (void)t; (void)node; (void)src; (void)bytes;
