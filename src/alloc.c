@@ -9,6 +9,7 @@
 #include <sys/mman.h>
 
 #include "internal.h"
+#include "mmap.h"
 
 void *
 kli_malloc(size_t n)
@@ -72,34 +73,21 @@ kli_strdup(const char *s)
 
 #define ARENA_HUGE ((size_t)2 << 20)
 
-/* A chunk of at least n bytes starting on a 2 MiB boundary, advised MADV_HUGEPAGE. */
+/* A chunk of at least n bytes, a multiple of 2 MiB long, from kli_map_huge. */
 static int
 arena_chunk(struct kli_arena_chunk *c, size_t n)
 {
     size_t len = n > KLI_ARENA_CHUNK ? n : KLI_ARENA_CHUNK;
+    void *p;
 
-    if (len > SIZE_MAX - 2 * ARENA_HUGE)
+    if (len > SIZE_MAX - ARENA_HUGE)
         return -1;
     len = (len + ARENA_HUGE - 1) / ARENA_HUGE * ARENA_HUGE;
-    memset(c, 0, sizeof(*c));
-#if defined(MAP_ANONYMOUS)
-    void *p = mmap(NULL, len + ARENA_HUGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
-                   -1, 0);
-
-    if (p == MAP_FAILED)
+    if ((p = kli_map_huge(-1, len, PROT_READ | PROT_WRITE)) == MAP_FAILED)
         return -1;
-    c->map = p;
-    c->map_len = len + ARENA_HUGE;
-    c->base = c->map + (ARENA_HUGE - (uintptr_t)c->map % ARENA_HUGE) % ARENA_HUGE;
-#ifdef MADV_HUGEPAGE
-    madvise(c->base, len, MADV_HUGEPAGE);   /* a hint: refused, the pages are small */
-#endif
-#else
-    if ((c->map = malloc(len + ARENA_HUGE)) == NULL)
-        return -1;
-    c->base = c->map + (ARENA_HUGE - (uintptr_t)c->map % ARENA_HUGE) % ARENA_HUGE;
-#endif
+    c->base = p;
     c->len = len;
+    c->used = 0;
     return 0;
 }
 
@@ -134,13 +122,8 @@ kli_arena_alloc(struct kli_arena *a, size_t n)
 void
 kli_arena_free(struct kli_arena *a)
 {
-    for (int i = 0; i < a->n; i++) {
-#if defined(MAP_ANONYMOUS)
-        munmap(a->c[i].map, a->c[i].map_len);
-#else
-        free(a->c[i].map);
-#endif
-    }
+    for (int i = 0; i < a->n; i++)
+        munmap(a->c[i].base, a->c[i].len);
     free(a->c);
     memset(a, 0, sizeof(*a));
 }

@@ -46,9 +46,7 @@ char *kli_strdup(const char *s);
 #define KLI_ARENA_CHUNK ((size_t)64 << 20)
 
 struct kli_arena_chunk {
-    uint8_t *map;          /* what mmap returned (or malloc, without mmap) */
-    size_t map_len;
-    uint8_t *base;         /* first usable byte, on a 2 MiB boundary */
+    uint8_t *base;         /* from kli_map_huge: on a 2 MiB boundary */
     size_t len, used;
 };
 

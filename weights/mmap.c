@@ -27,54 +27,46 @@
 static const uint8_t mmap_empty[1];
 
 /*
- * Maps `len` bytes of fd read-only at an address that is a multiple of MMAP_HUGE, and asks
- * for huge pages there. A decode step streams every weight once, so with 4 KiB pages it
- * misses the TLB once per 4 KiB: measured on a 2-core Skylake-SP VM, a q8_0 GEMV over
- * 401 MB ran at 18.5-19.7 GB/s from 4 KiB pages and at 22 GB/s from 2 MiB pages. The kernel
- * can map a 2 MiB page-cache folio with one entry only where the address and the file
- * offset agree modulo 2 MiB, hence the alignment; MADV_HUGEPAGE makes page faults read
- * ahead in 2 MiB folios (Linux 6.x, on file systems with large folios). Pages already cached
- * in smaller folios stay as they are. Both are hints: where they fail the mapping is
- * still a plain one.
+ * Why 2 MiB. A decode step streams every weight once, so from 4 KiB pages it misses the TLB
+ * once per 4 KiB: on a 2-core Skylake-SP VM a q8_0 GEMV over 401 MB ran at 18.5-19.7 GB/s
+ * from 4 KiB pages and at 22 GB/s from 2 MiB pages. The kernel can map a 2 MiB page-cache
+ * folio with one entry only where the address and the file offset agree modulo 2 MiB, hence
+ * the alignment; MADV_HUGEPAGE makes page faults read ahead in 2 MiB folios (Linux 6.x, on
+ * file systems with large folios) and lets anonymous memory take huge pages. Pages already
+ * cached in smaller folios stay as they are. Both are hints: where they fail the mapping
+ * is still a plain one.
  */
 #define MMAP_HUGE ((size_t)2 << 20)
 
-static void *
-mmap_aligned(int fd, size_t len)
+void *
+kli_map_huge(int fd, size_t len, int prot)
 {
+    int flags = MAP_PRIVATE | (fd < 0 ? MAP_ANONYMOUS : 0);
+    uint8_t *r, *a;
     void *addr;
 
-#if defined(MAP_FIXED) && defined(MAP_ANONYMOUS)
-    if (len >= MMAP_HUGE && len <= SIZE_MAX - MMAP_HUGE) {
-        /* Reserve len + 2 MiB of address space, map the file over its aligned part and
-         * give the rest back. */
-        uint8_t *r = mmap(NULL, len + MMAP_HUGE, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1,
-                          0);
+    if (len < MMAP_HUGE || len > SIZE_MAX - MMAP_HUGE)
+        return mmap(NULL, len, prot, flags, fd, 0);
+    /* Reserve len + 2 MiB of address space, map over its aligned part, give the rest back. */
+    r = mmap(NULL, len + MMAP_HUGE, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (r == MAP_FAILED)
+        return mmap(NULL, len, prot, flags, fd, 0);
+    a = r + (MMAP_HUGE - (uintptr_t)r % MMAP_HUGE) % MMAP_HUGE;
+    addr = mmap(a, len, prot, flags | MAP_FIXED, fd, 0);
+    if (addr == MAP_FAILED) {
+        int e = errno;
 
-        if (r != MAP_FAILED) {
-            uint8_t *a = r + (MMAP_HUGE - (uintptr_t)r % MMAP_HUGE) % MMAP_HUGE;
-            size_t tail = (size_t)(r + len + MMAP_HUGE - (a + len));
-
-            addr = mmap(a, len, PROT_READ, MAP_PRIVATE | MAP_FIXED, fd, 0);
-            if (addr == MAP_FAILED) {
-                int e = errno;
-
-                munmap(r, len + MMAP_HUGE);
-                errno = e;
-                return MAP_FAILED;
-            }
-            if (a > r)
-                munmap(r, (size_t)(a - r));
-            if (tail > 0)
-                munmap(a + len, tail);
-#ifdef MADV_HUGEPAGE
-            madvise(addr, len, MADV_HUGEPAGE);
-#endif
-            return addr;
-        }
+        munmap(r, len + MMAP_HUGE);
+        errno = e;
+        return MAP_FAILED;
     }
+    if (a > r)
+        munmap(r, (size_t)(a - r));
+    if (r + MMAP_HUGE > a)
+        munmap(a + len, (size_t)(r + MMAP_HUGE - a));
+#ifdef MADV_HUGEPAGE
+    madvise(addr, len, MADV_HUGEPAGE);
 #endif
-    addr = mmap(NULL, len, PROT_READ, MAP_PRIVATE, fd, 0);
     return addr;
 }
 
@@ -113,7 +105,7 @@ kli_mmap_open(struct kli_mmap *m, const char *path, struct kli_err *err)
         m->base = mmap_empty;
         return KLI_OK;
     }
-    addr = mmap_aligned(fd, (size_t)st.st_size);
+    addr = kli_map_huge(fd, (size_t)st.st_size, PROT_READ);
     e = errno;
     close(fd);   /* the mapping keeps its own reference to the file */
     if (addr == MAP_FAILED) {
@@ -195,7 +187,6 @@ kli_mmap_pages(const struct kli_mmap *const *maps, int n, uint64_t *resident, ui
 
     if (page <= 0)
         page = 4096;
-
     if (f == NULL)
         return -1;
     while (fgets(line, sizeof(line), f) != NULL) {

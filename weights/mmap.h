@@ -35,6 +35,12 @@ enum kli_mmap_advice {
  *         the path and the system error. On failure *m is left closed (safe to close). */
 int kli_mmap_open(struct kli_mmap *m, const char *path, struct kli_err *err);
 
+/* Maps len bytes of file fd from offset 0 (or anonymous memory when fd < 0), MAP_PRIVATE
+ * with protection prot, at a 2 MiB boundary when len is at least 2 MiB, advised
+ * MADV_HUGEPAGE (mmap.c says why). Released with munmap(addr, len).
+ * @return the address, or MAP_FAILED with errno set. */
+void *kli_map_huge(int fd, size_t len, int prot);
+
 /* Unmaps. Safe on a zeroed or already-closed struct; leaves *m zeroed. */
 void kli_mmap_close(struct kli_mmap *m);
 
