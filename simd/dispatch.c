@@ -1,10 +1,9 @@
 /*
  * dispatch.c - picks the kernel table once per process.
  *
- * The best variant the CPU (and OS) supports wins; KLI_SIMD=generic|avx2|avx512|avx512vnni|neon
- * forces
- * one, which is how tests and benchmarks compare variants. A forced variant that is not
- * compiled in or not supported falls back to the best available one.
+ * The best variant the CPU (and OS) supports wins; KLI_SIMD=generic|avx2|avx512|avx512vnni|
+ * neon|neondot forces one, which is how tests and benchmarks compare variants. A forced
+ * variant that is not compiled in or not supported falls back to the best available one.
  */
 #include "config.h"
 
@@ -21,8 +20,8 @@ int
 kli_kernels_all(const struct kli_kernels **out, int cap)
 {
     const struct kli_kernels *(*get[])(void) = {
-        kli_kernels_generic, kli_kernels_neon, kli_kernels_avx2, kli_kernels_avx512,
-        kli_kernels_avx512vnni,
+        kli_kernels_generic, kli_kernels_neon, kli_kernels_neondot, kli_kernels_avx2,
+        kli_kernels_avx512, kli_kernels_avx512vnni,
     };
     int n = 0;
 
@@ -94,4 +93,5 @@ const struct kli_kernels *kli_kernels_avx512vnni(void) { return NULL; }
 #endif
 #ifndef KLI_BUILD_NEON
 const struct kli_kernels *kli_kernels_neon(void) { return NULL; }
+const struct kli_kernels *kli_kernels_neondot(void) { return NULL; }
 #endif

@@ -24,7 +24,7 @@ typedef void (*kli_matmul_fn)(float *y, int64_t ldy, const float *x, int64_t ldx
                               const void *w, int64_t n, int64_t k, int64_t m);
 
 struct kli_kernels {
-    const char *name;                        /* "generic", "avx2", "avx512", "neon" */
+    const char *name;                        /* "generic", "avx2", "avx512", "neon", ... */
     kli_matmul_fn matmul[KLI_DT_COUNT];      /* NULL for KLI_DT_OTHER */
     /* @return sum a[i]*b[i], i < n */
     float (*dot)(const float *a, const float *b, int64_t n);
@@ -51,7 +51,7 @@ struct kli_kernels {
     void (*to_f32)(enum kli_dtype dt, const void *src, float *dst, int64_t n);
 };
 
-/* The selected table (KLI_SIMD=generic|avx2|avx512|neon forces one; an unavailable forced
+/* The selected table (KLI_SIMD=generic|avx2|avx512|avx512vnni|neon|neondot forces one; an unavailable forced
  * variant falls back to the best available and kli_kernels_forced_ok() says so). */
 const struct kli_kernels *kli_kernels(void);
 
@@ -65,6 +65,7 @@ const struct kli_kernels *kli_kernels_avx2(void);
 const struct kli_kernels *kli_kernels_avx512(void);
 const struct kli_kernels *kli_kernels_avx512vnni(void);
 const struct kli_kernels *kli_kernels_neon(void);
+const struct kli_kernels *kli_kernels_neondot(void);   /* neon with SDOT (Armv8.2 dotprod) */
 
 /* Flush-to-zero for the calling thread until kli_fp_flush_end: results and operands below
  * float's normal range become zero instead of taking a slow microcode path (x86 MXCSR FTZ

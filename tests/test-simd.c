@@ -6,7 +6,7 @@
  * n = 1..70, m = 1..9 (and a few shapes with m = 10..130 and k > 16384, past the kernels'
  * internal thresholds), ldx > k and ldy > n. Variants compiled in but not usable on
  * this CPU (and variants not compiled in) are reported as SKIP. avx512vnni, the same source
- * as avx512 with vpdpbusd, must also match avx512 bit for bit.
+ * as avx512 with vpdpbusd, must also match avx512 bit for bit, and neondot (SDOT) neon.
  *
  * Tolerances, per kernel:
  *   to_f32        bit-exact against kli_dtype_to_f32 (NaN matches any NaN).
@@ -626,7 +626,7 @@ test_matmul(const struct kli_kernels *kt, const struct kli_kernels *gen)
     }
 }
 
-/* A twin built from the same source with other instructions (avx512vnni from avx512.c) must
+/* A twin built from the same source with other instructions (avx512vnni from avx512.c, neondot from neon.c) must
  * give bit-identical products: the integer dot products are the same integers. */
 static void
 test_twin(const struct kli_kernels *kt, const struct kli_kernels *base)
@@ -662,13 +662,14 @@ test_twin(const struct kli_kernels *kt, const struct kli_kernels *base)
 int
 main(void)
 {
-    const struct kli_kernels *all[8], *use[4];
+    enum { NV = 5 };
+    const struct kli_kernels *all[8], *use[NV];
     int n = kli_kernels_all(all, 8), count = 0;
-    const char *variants[4] = {"avx2", "avx512", "avx512vnni", "neon"};
+    const char *variants[NV] = {"avx2", "avx512", "avx512vnni", "neon", "neondot"};
 
     (void)skip_all;   /* each variant is skipped on its own line instead */
     (void)plan_done;
-    for (int v = 0; v < 4; v++) {
+    for (int v = 0; v < NV; v++) {
         use[v] = NULL;
         for (int i = 0; i < n; i++) {
             if (strcmp(all[i]->name, variants[v]) == 0)
@@ -679,8 +680,9 @@ main(void)
         count += use[v] ? KLI_DT_COUNT + 7 + KLI_DT_OTHER : 1;
     }
     count += use[1] != NULL && use[2] != NULL;
+    count += use[3] != NULL && use[4] != NULL;
     plan(count);
-    for (int v = 0; v < 4; v++) {
+    for (int v = 0; v < NV; v++) {
         if (use[v] == NULL) {
             ok(1, "%s # SKIP not compiled in or not usable on this CPU", variants[v]);
             continue;
@@ -695,5 +697,7 @@ main(void)
     }
     if (use[1] != NULL && use[2] != NULL)
         test_twin(use[2], use[1]);
+    if (use[3] != NULL && use[4] != NULL)
+        test_twin(use[4], use[3]);
     return tap_exit();
 }
