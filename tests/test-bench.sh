@@ -106,5 +106,62 @@ check $? "-r 0 is a usage error that names the option"
 [ $? -eq 1 ] && grep -q "$tmp/none" "$tmp/e"
 check $? "a missing model fails with its path in the message"
 
+# --quality against the same numbers worked out here from raw logits: the stored model's and
+# those of checkpoints quantized to q8_0 and q4 (kli quantize gives the logits of load-time
+# conversion bit for bit: test-packed, test-quantize).
+ids=$(seq 3 7 400 | head -48 | paste -sd, -)
+rc=0
+"$KLI_BIN" logits --gpu off -m "$M" --ids "$ids" -o "$tmp/ref.f32" >/dev/null 2>&1 || rc=1
+for t in q8_0 q4; do
+    "$KLI_BIN" quantize -m "$M" -o "$tmp/$t" --type "$t" >/dev/null 2>&1 &&
+        "$KLI_BIN" logits --gpu off -m "$tmp/$t" --ids "$ids" -o "$tmp/$t.f32" >/dev/null 2>&1 ||
+        rc=1
+done
+"$KLI_BIN" bench --quality -m "$M" --ids "$ids" --json >"$tmp/q.json" 2>"$tmp/q.err" || rc=1
+[ $rc = 0 ] && "$PY" - "$tmp" <<'EOF' >"$tmp/py.out" 2>&1
+import json, math, struct, sys
+
+d = sys.argv[1]
+rep = {q["type"]: q for q in json.load(open(d + "/q.json"))["quality"]}
+
+
+def rows(path):
+    b = open(path, "rb").read()
+    f = struct.unpack("<%df" % (len(b) // 4), b)
+    v = len(f) // 48
+    return [f[i * v:(i + 1) * v] for i in range(48)]
+
+
+ref = rows(d + "/ref.f32")
+for t in ("q8_0", "q4"):
+    q = rows(d + "/" + t + ".f32")
+    kls, agree, clear, clear_agree = [], 0, 0, 0
+    for p, r in zip(ref, q):
+        mp, mq = max(p), max(r)
+        lzp = mp + math.log(sum(math.exp(x - mp) for x in p))
+        lzq = mq + math.log(sum(math.exp(x - mq) for x in r))
+        kls.append(sum(math.exp(a - lzp) * ((a - lzp) - (b - lzq)) for a, b in zip(p, r)))
+        same = p.index(mp) == r.index(mq)
+        agree += same
+        s = sorted(p)
+        if s[-1] - s[-2] >= 1.0:
+            clear += 1
+            clear_agree += same
+    g = rep[t]
+    mean = sum(kls) / len(kls)
+    assert g["positions"] == 48, g
+    assert abs(g["kl_mean"] - mean) <= 1e-4 * mean + 1e-7, (t, g["kl_mean"], mean)
+    assert abs(g["kl_max"] - max(kls)) <= 1e-4 * max(kls) + 1e-7, (t, g["kl_max"], max(kls))
+    assert abs(g["top1_agreement"] - agree / 48) < 1e-3, (t, g, agree)
+    assert g["kl_above_0.1"] == sum(k > 0.1 for k in kls), (t, g)
+    assert g["clear_positions"] == clear, (t, g, clear)
+    if clear:
+        assert abs(g["clear_top1_agreement"] - clear_agree / clear) < 1e-3, (t, g, clear_agree)
+    print(t, "KL mean %.4g, top-1 %d/48, clear %d/%d" % (mean, agree, clear_agree, clear))
+EOF
+rc=$((rc + $?))
+sed 's/^/# /' "$tmp/py.out"
+check $rc "--quality: KL mean and max, top-1 agreement, KL > 0.1 and clear positions equal a count from raw logits of quantized checkpoints"
+
 echo "1..$n"
 exit $fail
