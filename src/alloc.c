@@ -71,8 +71,6 @@ kli_strdup(const char *s)
     return d;
 }
 
-#define ARENA_HUGE ((size_t)2 << 20)
-
 /* A chunk of at least n bytes, a multiple of 2 MiB long, from kli_map_huge. */
 static int
 arena_chunk(struct kli_arena_chunk *c, size_t n)
@@ -80,9 +78,9 @@ arena_chunk(struct kli_arena_chunk *c, size_t n)
     size_t len = n > KLI_ARENA_CHUNK ? n : KLI_ARENA_CHUNK;
     void *p;
 
-    if (len > SIZE_MAX - ARENA_HUGE)
+    if (len > SIZE_MAX - KLI_HUGE_PAGE)
         return -1;
-    len = (len + ARENA_HUGE - 1) / ARENA_HUGE * ARENA_HUGE;
+    len = (len + KLI_HUGE_PAGE - 1) / KLI_HUGE_PAGE * KLI_HUGE_PAGE;
     if ((p = kli_map_huge(-1, len, PROT_READ | PROT_WRITE)) == MAP_FAILED)
         return -1;
     c->base = p;

@@ -36,8 +36,6 @@ static const uint8_t mmap_empty[1];
  * cached in smaller folios stay as they are. Both are hints: where they fail the mapping
  * is still a plain one.
  */
-#define MMAP_HUGE ((size_t)2 << 20)
-
 void *
 kli_map_huge(int fd, size_t len, int prot)
 {
@@ -45,25 +43,25 @@ kli_map_huge(int fd, size_t len, int prot)
     uint8_t *r, *a;
     void *addr;
 
-    if (len < MMAP_HUGE || len > SIZE_MAX - MMAP_HUGE)
+    if (len < KLI_HUGE_PAGE || len > SIZE_MAX - KLI_HUGE_PAGE)
         return mmap(NULL, len, prot, flags, fd, 0);
     /* Reserve len + 2 MiB of address space, map over its aligned part, give the rest back. */
-    r = mmap(NULL, len + MMAP_HUGE, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    r = mmap(NULL, len + KLI_HUGE_PAGE, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (r == MAP_FAILED)
         return mmap(NULL, len, prot, flags, fd, 0);
-    a = r + (MMAP_HUGE - (uintptr_t)r % MMAP_HUGE) % MMAP_HUGE;
+    a = r + (KLI_HUGE_PAGE - (uintptr_t)r % KLI_HUGE_PAGE) % KLI_HUGE_PAGE;
     addr = mmap(a, len, prot, flags | MAP_FIXED, fd, 0);
     if (addr == MAP_FAILED) {
         int e = errno;
 
-        munmap(r, len + MMAP_HUGE);
+        munmap(r, len + KLI_HUGE_PAGE);
         errno = e;
         return MAP_FAILED;
     }
     if (a > r)
         munmap(r, (size_t)(a - r));
-    if (r + MMAP_HUGE > a)
-        munmap(a + len, (size_t)(r + MMAP_HUGE - a));
+    if (r + KLI_HUGE_PAGE > a)
+        munmap(a + len, (size_t)(r + KLI_HUGE_PAGE - a));
 #ifdef MADV_HUGEPAGE
     madvise(addr, len, MADV_HUGEPAGE);
 #endif

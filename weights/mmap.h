@@ -35,6 +35,8 @@ enum kli_mmap_advice {
  *         the path and the system error. On failure *m is left closed (safe to close). */
 int kli_mmap_open(struct kli_mmap *m, const char *path, struct kli_err *err);
 
+#define KLI_HUGE_PAGE ((size_t)2 << 20)   /* the huge pages kli_map_huge aligns for */
+
 /* Maps len bytes of file fd from offset 0 (or anonymous memory when fd < 0), MAP_PRIVATE
  * with protection prot, at a 2 MiB boundary when len is at least 2 MiB, advised
  * MADV_HUGEPAGE (mmap.c says why). Released with munmap(addr, len).

@@ -34,6 +34,7 @@
 #include <unistd.h>
 
 #include "internal.h"
+#include "wbuf.h"
 #include "weights.h"
 
 #ifndef O_CLOEXEC
@@ -857,14 +858,7 @@ kli_wfile_verify(const struct kli_wfile *w, kli_progress_fn progress, void *ud,
  * Everything before the data section (header, config, tokenizer, directory) is laid out in
  * memory at open and written as zeros-for-now; the tensors stream after it through a write
  * buffer, each hashed as it passes; close fills in the checksums and writes the prefix again.
- * Peak memory: the prefix (a few MB for the largest models) plus the 8 MiB buffer. */
-
-/* The write buffer, 8 MiB, is flushed where the file offset is a multiple of its size, so
- * that every write(2) covers whole aligned 2 MiB stretches of the file: Linux file systems
- * with large folios then cache the new file in 2 MiB folios, which a mapping reads through
- * huge-page TLB entries (see weights/mmap.c). Small writes would leave a freshly written
- * model in 4 KiB pages until it is next read from disk. */
-enum { PW_BUF = 8 << 20 };
+ * Peak memory: the prefix (a few MB for the largest models) plus the 8 MiB buffer (wbuf.h). */
 
 struct pw_tensor {
     uint64_t offset, nbytes;
@@ -879,11 +873,9 @@ struct kli_pack_writer {
     struct pw_tensor *t;         /* [n] */
     int64_t n, cur;              /* tensor being written */
     uint64_t cur_done;           /* of its bytes */
-    uint64_t pos;                /* file offset of the next byte appended */
     struct xxh64_state h;        /* of tensor cur */
     struct xxh64_state hdata;    /* of the per-tensor checksums */
-    uint8_t *buf;
-    size_t n_buf;
+    struct kli_wbuf wb;          /* the data section's appends */
 };
 
 static const uint8_t pw_zeros[4096];
@@ -901,62 +893,8 @@ kli_pack_writer_abort(struct kli_pack_writer *w)
     free(w->tmp);
     free(w->prefix);
     free(w->t);
-    free(w->buf);
+    free(w->wb.buf);
     free(w);
-}
-
-static int
-pw_write_all(struct kli_pack_writer *w, const void *p, size_t n, struct kli_err *err)
-{
-    const uint8_t *b = p;
-
-    while (n > 0) {
-        ssize_t k = write(w->fd, b, n);
-
-        if (k < 0 && errno == EINTR)
-            continue;
-        if (k <= 0) {
-            int e = k < 0 ? errno : ENOSPC;
-
-            return kli_err_set(err, KLI_E_IO, "%s: write error: %s", w->tmp, strerror(e));
-        }
-        b += k;
-        n -= (size_t)k;
-    }
-    return KLI_OK;
-}
-
-static int
-pw_flush(struct kli_pack_writer *w, struct kli_err *err)
-{
-    int rc = pw_write_all(w, w->buf, w->n_buf, err);
-
-    w->n_buf = 0;
-    return rc;
-}
-
-/* Appends bytes at w->pos through the buffer. */
-static int
-pw_emit(struct kli_pack_writer *w, const void *p, uint64_t n, struct kli_err *err)
-{
-    const uint8_t *b = p;
-    int rc;
-
-    w->pos += n;
-    while (n > 0) {
-        /* w->pos - n is the file offset of the byte at b */
-        size_t take = PW_BUF - (size_t)((w->pos - n) % PW_BUF);
-
-        if (take > n)
-            take = (size_t)n;
-        memcpy(w->buf + w->n_buf, b, take);
-        w->n_buf += take;
-        b += take;
-        n -= take;
-        if ((w->pos - n) % PW_BUF == 0 && (rc = pw_flush(w, err)) != KLI_OK)
-            return rc;
-    }
-    return KLI_OK;
 }
 
 static int
@@ -964,11 +902,11 @@ pw_pad_to(struct kli_pack_writer *w, uint64_t off, struct kli_err *err)
 {
     int rc;
 
-    KLI_ASSERT(off >= w->pos);
-    while (w->pos < off) {
-        uint64_t k = off - w->pos < sizeof(pw_zeros) ? off - w->pos : sizeof(pw_zeros);
+    KLI_ASSERT(off >= w->wb.pos);
+    while (w->wb.pos < off) {
+        uint64_t k = off - w->wb.pos < sizeof(pw_zeros) ? off - w->wb.pos : sizeof(pw_zeros);
 
-        if ((rc = pw_emit(w, pw_zeros, k, err)) != KLI_OK)
+        if ((rc = kli_wbuf_append(&w->wb, pw_zeros, k, err)) != KLI_OK)
             return rc;
     }
     return KLI_OK;
@@ -1093,8 +1031,8 @@ kli_pack_writer_open(struct kli_pack_writer **out, const char *path,
     w->path = kli_strdup(path);
     w->tmp = kli_malloc(pl + 5);
     w->t = kli_calloc((size_t)n + 1, sizeof(*w->t));
-    w->buf = kli_malloc(PW_BUF);
-    if (w->path == NULL || w->tmp == NULL || w->t == NULL || w->buf == NULL)
+    w->wb.buf = kli_malloc(KLI_WBUF_SIZE);
+    if (w->path == NULL || w->tmp == NULL || w->t == NULL || w->wb.buf == NULL)
         goto nomem;
     snprintf(w->tmp, pl + 5, "%s.tmp", path);
 
@@ -1217,9 +1155,11 @@ kli_pack_writer_open(struct kli_pack_writer **out, const char *path,
         rc = kli_err_set(err, KLI_E_IO, "%s: %s", w->tmp, strerror(errno));
         goto fail;
     }
-    if ((rc = pw_write_all(w, w->prefix, (size_t)w->data_off, err)) != KLI_OK)
+    if ((rc = kli_write_all(w->fd, w->prefix, (size_t)w->data_off, w->tmp, err)) != KLI_OK)
         goto fail;
-    w->pos = w->data_off;
+    w->wb.fd = w->fd;
+    w->wb.name = w->tmp;
+    w->wb.pos = w->data_off;
     xxh64_init(&w->h, 0);
     xxh64_init(&w->hdata, 0);
     if (n > 0 && (rc = pw_pad_to(w, w->t[0].offset, err)) != KLI_OK)
@@ -1251,7 +1191,7 @@ kli_pack_writer_write(struct kli_pack_writer *w, const void *data, uint64_t nbyt
         take = w->t[w->cur].nbytes - w->cur_done;
         take = take < nbytes ? take : nbytes;
         xxh64_update(&w->h, p, (size_t)take);
-        if ((rc = pw_emit(w, p, take, err)) != KLI_OK)
+        if ((rc = kli_wbuf_append(&w->wb, p, take, err)) != KLI_OK)
             return rc;
         w->cur_done += take;
         p += take;
@@ -1273,7 +1213,8 @@ kli_pack_writer_close(struct kli_pack_writer *w, struct kli_err *err)
                          (long long)w->cur, (long long)w->n);
         goto fail;
     }
-    if ((rc = pw_pad_to(w, w->file_size, err)) != KLI_OK || (rc = pw_flush(w, err)) != KLI_OK)
+    if ((rc = pw_pad_to(w, w->file_size, err)) != KLI_OK ||
+        (rc = kli_wbuf_flush(&w->wb, err)) != KLI_OK)
         goto fail;
     /* Section checksums, then the header's own. */
     for (int k = 0; k < 4; k++) {

@@ -1032,19 +1032,16 @@ kli_wfile_dontneed(const struct kli_wfile *w, const struct kli_tensor_desc *d)
 int
 kli_wfile_pages(const struct kli_wfile *w, uint64_t *resident, uint64_t *huge)
 {
-    const struct kli_mmap *one[16] = {NULL}, **maps = one;
+    const struct kli_mmap **maps;
     int rc;
 
     *resident = *huge = 0;
-    if (w == NULL)
-        return -1;
-    if (w->n_files > 16 && (maps = kli_mallocarray((size_t)w->n_files, sizeof(*maps))) == NULL)
+    if (w == NULL || (maps = kli_mallocarray((size_t)w->n_files, sizeof(*maps))) == NULL)
         return -1;
     for (int32_t i = 0; i < w->n_files; i++)
         maps[i] = &w->maps[i];
     rc = kli_mmap_pages(maps, w->n_files, resident, huge);
-    if (maps != one)
-        free(maps);
+    free(maps);
     return rc;
 }
 

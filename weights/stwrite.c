@@ -7,25 +7,23 @@
 
 #include <cjson/cJSON.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
 #include "internal.h"
+#include "wbuf.h"
 #include "weights.h"
 
-/* The tensor bytes go through a buffer of 8 MiB that is written out where the file offset
- * is a multiple of its size (stdio itself is unbuffered): file systems with large folios
- * then cache the new file in 2 MiB folios, which a mapping reads through huge-page TLB
- * entries (weights/mmap.c). stdio's 4 KiB writes would leave it in 4 KiB pages. */
-#define ST_WBUF ((size_t)8 << 20)
+#ifndef O_CLOEXEC
+#define O_CLOEXEC 0
+#endif
 
 struct kli_st_writer {
-    FILE *f;
-    uint8_t *buf;                 /* ST_WBUF bytes; NULL: every write goes straight out */
-    size_t n_buf;
-    uint64_t pos;                 /* file offset of the next byte */
+    int fd;
+    struct kli_wbuf wb;           /* the tensor bytes, in aligned pieces (wbuf.h) */
     char *path, *tmp;
     uint64_t total, written;
 };
@@ -35,9 +33,9 @@ kli_st_writer_abort(struct kli_st_writer *w)
 {
     if (w == NULL)
         return;
-    if (w->f != NULL)
-        fclose(w->f);
-    free(w->buf);
+    if (w->fd >= 0)
+        close(w->fd);
+    free(w->wb.buf);
     if (w->tmp != NULL)
         unlink(w->tmp);
     free(w->path);
@@ -57,6 +55,7 @@ kli_st_writer_open(struct kli_st_writer **out, const char *path,
     *out = NULL;
     if (w == NULL || hdr == NULL)
         goto nomem;
+    w->fd = -1;
     size_t pl = strlen(path);
     w->path = kli_strdup(path);
     w->tmp = kli_malloc(pl + 8);
@@ -93,20 +92,22 @@ kli_st_writer_open(struct kli_st_writer **out, const char *path,
     uint8_t len8[8];
     for (int i = 0; i < 8; i++)
         len8[i] = (uint8_t)(nh >> (8 * i));
-    w->f = fopen(w->tmp, "wb");
-    if (w->f == NULL) {
+    if ((w->wb.buf = kli_malloc(KLI_WBUF_SIZE)) == NULL)
+        goto nomem;
+    do {
+        w->fd = open(w->tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
+    } while (w->fd < 0 && errno == EINTR);
+    if (w->fd < 0) {
         rc = kli_err_set(err, KLI_E_IO, "%s: %s", w->tmp, strerror(errno));
         goto fail;
     }
-    w->buf = kli_malloc(ST_WBUF);
-    if (w->buf == NULL || setvbuf(w->f, NULL, _IONBF, 0) != 0)
-        goto nomem;
-    if (fwrite(len8, 1, 8, w->f) != 8 || fwrite(text, 1, hl, w->f) != hl ||
-        fwrite("        ", 1, pad, w->f) != pad) {
-        rc = kli_err_set(err, KLI_E_IO, "%s: write error: %s", w->tmp, strerror(errno));
+    if ((rc = kli_write_all(w->fd, len8, 8, w->tmp, err)) != KLI_OK ||
+        (rc = kli_write_all(w->fd, text, hl, w->tmp, err)) != KLI_OK ||
+        (rc = kli_write_all(w->fd, "        ", pad, w->tmp, err)) != KLI_OK)
         goto fail;
-    }
-    w->pos = 8 + nh;
+    w->wb.fd = w->fd;
+    w->wb.name = w->tmp;
+    w->wb.pos = 8 + nh;
     free(text);
     cJSON_Delete(hdr);
     *out = w;
@@ -120,40 +121,14 @@ fail:
     return rc;
 }
 
-static int
-st_flush(struct kli_st_writer *w, struct kli_err *err)
-{
-    size_t n = w->n_buf;
-
-    w->n_buf = 0;
-    if (n > 0 && fwrite(w->buf, 1, n, w->f) != n)
-        return kli_err_set(err, KLI_E_IO, "%s: write error: %s", w->tmp, strerror(errno));
-    return KLI_OK;
-}
-
 int
 kli_st_writer_write(struct kli_st_writer *w, const void *data, uint64_t nbytes,
                     struct kli_err *err)
 {
-    const uint8_t *b = data;
-
     if (w->written + nbytes > w->total)
         return kli_err_set(err, KLI_E_INVALID, "%s: more tensor bytes than declared", w->path);
     w->written += nbytes;
-    while (nbytes > 0) {
-        size_t take = ST_WBUF - (size_t)(w->pos % ST_WBUF);
-
-        if (take > nbytes)
-            take = (size_t)nbytes;
-        memcpy(w->buf + w->n_buf, b, take);
-        w->n_buf += take;
-        w->pos += take;
-        b += take;
-        nbytes -= take;
-        if (w->pos % ST_WBUF == 0 && st_flush(w, err) != KLI_OK)
-            return KLI_E_IO;
-    }
-    return KLI_OK;
+    return kli_wbuf_append(&w->wb, data, nbytes, err);
 }
 
 int
@@ -167,17 +142,17 @@ kli_st_writer_close(struct kli_st_writer *w, struct kli_err *err)
         kli_st_writer_abort(w);
         return rc;
     }
-    if ((rc = st_flush(w, err)) != KLI_OK) {
+    if ((rc = kli_wbuf_flush(&w->wb, err)) != KLI_OK) {
         kli_st_writer_abort(w);
         return rc;
     }
-    if (fflush(w->f) != 0 || fsync(fileno(w->f)) != 0 || fclose(w->f) != 0) {
-        w->f = NULL;
+    if (fsync(w->fd) != 0 || close(w->fd) != 0) {
+        w->fd = -1;
         rc = kli_err_set(err, KLI_E_IO, "%s: write error: %s", w->tmp, strerror(errno));
         kli_st_writer_abort(w);
         return rc;
     }
-    w->f = NULL;
+    w->fd = -1;
     if (rename(w->tmp, w->path) != 0) {
         rc = kli_err_set(err, KLI_E_IO, "%s: %s", w->path, strerror(errno));
         kli_st_writer_abort(w);
