@@ -1,5 +1,5 @@
 /*
- * kda.cu - a whole Kimi Delta Attention layer on the device (docs/model.md 4); the CPU twin
+ * kda.cu - a whole Kimi Delta Attention layer on the device (doc/model.md 4); the CPU twin
  * is kda_forward (src/kda.c). Used when the whole model fits the GPU (backend.c), so that
  * the recurrent states live there between tokens.
  *

@@ -6,7 +6,8 @@
  * finds nvcc (HAVE_CUDA); a build without CUDA never sees this file.
  *
  * Files: common.cuh (error mapping, launch checks), backend.cu (device, memory, queues),
- * mla.cu (latent attention), moe.cu (SwiGLU experts).
+ * mla.cu (latent attention and whole MLA layers), kda.cu (whole KDA layers), moe.cu
+ * (SwiGLU experts).
  */
 #ifndef KLI_CUDA_H
 #define KLI_CUDA_H

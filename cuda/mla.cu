@@ -1,5 +1,5 @@
 /*
- * mla.cu - latent attention in the absorbed form (docs/model.md 5.2) over the device mirror
+ * mla.cu - latent attention in the absorbed form (doc/model.md 5.2) over the device mirror
  * of an MLA layer's cache; the CPU twin is the attention loop of src/mla.c.
  *
  * For one query row, every head h attends to the same n cached rows c_s = (c^_s, k_pe_s) of
@@ -257,7 +257,8 @@ att_fill_rows(struct att_row *rows, const float *const *cache, const int64_t *n,
 }
 
 /* Attention of T query rows whose device inputs are staged: rows_d [T], q_d [T][H][C] ->
- * lat_d [T][H][L], with part_d for the chunks' partial results (att_part_floats). */
+ * lat_d [T][H][L], with part_d for the chunks' partial results ([T][S][H][L + 4] floats,
+ * sized by the callers). */
 static int64_t
 att_chunks(const struct kli_gpu *g, int64_t T, int64_t nmax, int64_t *chunk)
 {

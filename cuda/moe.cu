@@ -1,5 +1,5 @@
 /*
- * moe.cu - SwiGLU experts on the device (docs/model.md 6.1): the GPU share of a MoE layer;
+ * moe.cu - SwiGLU experts on the device (doc/model.md 6.1): the GPU share of a MoE layer;
  * the CPU twins are ffn_forward (src/ffn.c) and the expert loop of moe_forward (src/moe.c).
  *
  * One job holds several FFNs ("items": the shared expert over every row, and each resident

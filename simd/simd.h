@@ -51,8 +51,9 @@ struct kli_kernels {
     void (*to_f32)(enum kli_dtype dt, const void *src, float *dst, int64_t n);
 };
 
-/* The selected table (KLI_SIMD=generic|avx2|avx512|avx512vnni|neon|neondot forces one; an unavailable forced
- * variant falls back to the best available and kli_kernels_forced_ok() says so). */
+/* The selected table (KLI_SIMD=generic|avx2|avx512|avx512vnni|neon|neondot forces one; an
+ * unavailable forced variant falls back to the best available, see dispatch.c; the table's
+ * name is what kli_simd_variant() reports). */
 const struct kli_kernels *kli_kernels(void);
 
 /* Every compiled-in variant usable on this CPU, best last; for tests and benchmarks.

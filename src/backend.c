@@ -1,8 +1,8 @@
 /*
  * backend.c - what of the model runs on an accelerator, and the fallback when it cannot.
  *
- * The device takes the parts of a decode step that the CPU does worst (docs/targets.md), and
- * everything when it can hold everything:
+ * The device takes the parts of a decode step that the CPU does worst (doc/measuring.md
+ * section 1), and everything when it can hold everything:
  *
  *   MLA layers      attention cost grows with the context (the whole latent cache is read
  *                   per token and layer). Each session keeps a mirror of every MLA layer's
@@ -1481,7 +1481,7 @@ backend_mla_layer(struct backend_sess *const *gs, int layer, float *const *cache
     struct kli_gpu_mla_layer_job j = {
         T, (int32_t)cfg->d_model, c->n_heads, c->kv_lora_rank, c->qk_rope_dim, c->qk_nope_dim,
         c->v_head_dim, 1.0f / sqrtf((float)(c->qk_nope_dim + c->qk_rope_dim)),
-        1e-6f,   /* kv_a_layernorm's eps (docs/model.md decision 3), as mla_forward */
+        1e-6f,   /* kv_a_layernorm's eps (doc/model.md decision 3), as mla_forward */
         &bm->mla_w[layer].w, (float *const *)g0->cptr, g0->nrow, x, out, g0->newrows,
     };
     if (bm->ops->mla_layer(g0->q, &j, &e) != KLI_OK) {

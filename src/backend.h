@@ -4,17 +4,19 @@
  * Two layers live here:
  *
  *   struct kli_backend_ops  the device vtable. It knows buffers, streams and a few
- *                           model-neutral blocks (latent attention, SwiGLU experts); it knows
- *                           nothing of kli_model or kli_session. cuda/ implements it
- *                           (kli_cuda_backend() in cuda/kli_cuda.h) and includes this header
- *                           and nothing else of src/.
+ *                           model-neutral blocks (latent attention, whole MLA and KDA layers,
+ *                           SwiGLU experts); it knows nothing of kli_model or kli_session.
+ *                           cuda/ implements it (kli_cuda_backend() in cuda/kli_cuda.h) and
+ *                           includes this header and nothing else of src/.
  *   backend_*               the glue in backend.c that maps the model onto the vtable: which
  *                           MLA caches are mirrored on the device, which experts of which
  *                           layer are resident (the hot set), and the fallback to the CPU.
  *
  * The CPU path is always complete: the latent cache in host memory stays the truth and every
  * backend_* call that returns non-zero leaves its work to the caller's CPU code, so a device
- * failure costs speed, never a result.
+ * failure costs speed, never a result. The exception is whole-model mode, where the KDA
+ * states live on the device: a failure there loses them (backend_forward_begin and
+ * backend_kda_layer return negative) and the sessions are marked broken.
  */
 #ifndef KLI_BACKEND_H
 #define KLI_BACKEND_H
@@ -65,7 +67,7 @@ struct kli_gpu_moe_job {
     const float *wt;                   /* [start[n_items]] */
 };
 
-/* Absorbed-form latent attention (docs/model.md 5.2) for T query rows, all heads:
+/* Absorbed-form latent attention (doc/model.md 5.2) for T query rows, all heads:
  *     S[h][s]   = scale * q[t][h] . cache_t[s]          s < n[t]   (C = L + rope values)
  *     P         = softmax(S[h])
  *     lat[t][h] = sum_s P[h][s] cache_t[s][0:L]
@@ -98,7 +100,7 @@ struct kli_gpu_mla_w {
     const float *w_uv;           /* [H][v][L] */
 };
 
-/* A whole MLA layer (docs/model.md 5, the absorbed form) for T rows:
+/* A whole MLA layer (doc/model.md 5, the absorbed form) for T rows:
  *     q = q_proj x,  (c, k_pe) = kv_a x,  cache_t[n[t]-1] = (rmsnorm(c) * kv_norm, k_pe),
  *     qfull[h] = (W_UK[h]^T q_nope[h], q_pe[h]),  lat = attention (as kli_gpu_mla_job),
  *     o[h] = W_UV[h] lat[h],  out = o_proj o.
@@ -129,7 +131,7 @@ struct kli_gpu_kda_w {
     const float *o_norm;               /* [K] */
 };
 
-/* A whole KDA layer (docs/model.md 4) over n_seq sequences of T_seq rows (row s*T_seq + t
+/* A whole KDA layer (doc/model.md 4) over n_seq sequences of T_seq rows (row s*T_seq + t
  * is token t of sequence s): projections, short convolution + SiLU with the conv state,
  * gates, normalised q and k, the delta rule token by token (the recurrence, also in
  * prefill), the gated RMSNorm and o_proj. The states are device memory and advance. */

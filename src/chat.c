@@ -1,5 +1,5 @@
 /*
- * chat.c - Kimi's chat format (docs/formats.md 1.7), rendered natively to token ids.
+ * chat.c - Kimi's chat format (doc/formats.md 1.7), rendered natively to token ids.
  *
  *   <|im_system|>system<|im_middle|>You are a helpful assistant<|im_end|>
  *   <|im_user|>user<|im_middle|>Hello<|im_end|>

@@ -1,5 +1,5 @@
 /*
- * ffn.c - the SwiGLU MLP (docs/model.md 6.1): y = W_down(silu(W_gate x) * W_up x).
+ * ffn.c - the SwiGLU MLP (doc/model.md 6.1): y = W_down(silu(W_gate x) * W_up x).
  */
 #include "config.h"
 

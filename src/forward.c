@@ -1,5 +1,5 @@
 /*
- * forward.c - the forward pass of Kimi Linear for one batch of tokens (docs/model.md 3):
+ * forward.c - the forward pass of Kimi Linear for one batch of tokens (doc/model.md 3):
  *
  *     h = embed[t]
  *     for each layer:  h += mixer(rmsnorm(h))     (KDA or MLA)
@@ -7,7 +7,7 @@
  *     logits = lm_head(rmsnorm(h))
  *
  * There are no position ids anywhere: KDA carries order in its state and MLA uses no
- * rotary embedding. Activations are float32 throughout (decision 2 of docs/model.md).
+ * rotary embedding. Activations are float32 throughout (decision 2 of doc/model.md).
  */
 #include "config.h"
 

@@ -1,7 +1,7 @@
 /*
  * hparams.c - config.json of a Kimi Linear checkpoint into struct kli_config.
  *
- * Keys are the checkpoint's own names (docs/model.md section 1). The layer lists in
+ * Keys are the checkpoint's own names (doc/model.md section 1). The layer lists in
  * linear_attn_config are 1-based: layer i (0-based) is KDA iff i+1 is in kda_layers, and
  * MLA iff i+1 is in full_attn_layers; every layer must be in exactly one list.
  * Every value is range-checked here so that the model code can trust it.

@@ -1,5 +1,5 @@
 /*
- * kda.c - Kimi Delta Attention (docs/model.md section 4).
+ * kda.c - Kimi Delta Attention (doc/model.md section 4).
  *
  * Per token and head, with state S [K][V] (row = key channel):
  *
@@ -335,7 +335,7 @@ kda_heads_range(void *ctx, int64_t h0, int64_t h1, int ith)
     }
 }
 
-/* Gated RMSNorm per head: y = rmsnorm(o) * w * sigmoid(gate) (docs/model.md 4.8). */
+/* Gated RMSNorm per head: y = rmsnorm(o) * w * sigmoid(gate) (doc/model.md 4.8). */
 static void
 kda_outnorm_range(void *ctx, int64_t i0, int64_t i1, int ith)
 {

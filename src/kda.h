@@ -17,7 +17,8 @@ struct kda_state {
     float *conv;   /* [3][H*K][W-1] the last W-1 raw inputs of q, k, v, oldest first */
 };
 
-/* Scratch for T <= batch_max tokens, sized by kda_scratch_floats. */
+/* Scratch for T <= batch_max tokens, allocated by kli_session_create (session.c); `chunk`
+ * holds kda_chunk_floats per thread. */
 struct kda_scratch {
     float *raw[3];   /* [T][HK] projections before the convolution */
     float *qkv[3];   /* [T][HK] after conv + SiLU; q and k then L2-normalised */
@@ -42,7 +43,7 @@ void kda_forward(const struct kli_model *m, const struct kli_kda_w *w,
 
 /* ==== the two forms of the delta rule, one head (exposed for tests) ====================== */
 
-/* Exact recurrence (docs/model.md 4.6) over T tokens for one head.
+/* Exact recurrence (doc/model.md 4.6) over T tokens for one head.
  *   q, k, g: [T] rows of K values at stride ld_qk; q already scaled, q and k normalised
  *   v: [T] rows of V values at stride ld_v; beta: [T] at stride ld_b
  *   S: [K][V] state, updated in place; o: [T] rows of V at stride ld_o */
@@ -50,7 +51,7 @@ void kda_recurrent(int64_t T, int64_t K, int64_t V, const float *q, const float 
                    const float *v, const float *g, const float *beta, int64_t ld_qk,
                    int64_t ld_v, int64_t ld_b, float *S, float *o, int64_t ld_o);
 
-/* The chunked form (docs/model.md 4.7): same contract, `work` holds kda_chunk_floats(K, V). */
+/* The chunked form (doc/model.md 4.7): same contract, `work` holds kda_chunk_floats(K, V). */
 void kda_chunked(int64_t T, int64_t K, int64_t V, const float *q, const float *k,
                  const float *v, const float *g, const float *beta, int64_t ld_qk,
                  int64_t ld_v, int64_t ld_b, float *S, float *o, int64_t ld_o, float *work);

@@ -1,5 +1,5 @@
 /*
- * mla.c - NoPE multi-head latent attention (docs/model.md section 5).
+ * mla.c - NoPE multi-head latent attention (doc/model.md section 5).
  *
  * Per token: q = W_q x (per head a "nope" part and a "rope" part; no rotary is applied
  * anywhere in this model), and a compressed kv = W_kva x split into the latent c (L values,
@@ -192,7 +192,7 @@ mla_forward(const struct kli_model *m, const struct kli_mla_w *w, float *const *
         int64_t sq = t / T_seq;
         float *row = caches[sq] + (pos[sq] + t % T_seq) * stride;
         const float *src = sc->ckv + t * stride;
-        /* kv_a_layernorm uses eps 1e-6 (docs/model.md decision 3); k_pe is not normalised. */
+        /* kv_a_layernorm uses eps 1e-6 (doc/model.md decision 3); k_pe is not normalised. */
         ops_rmsnorm(row, src, w->kv_a_norm, Lr, 1e-6f);
         memcpy(row + Lr, src + Lr, (size_t)rope * sizeof(float));
     }

@@ -33,8 +33,8 @@ void mla_forward(const struct kli_model *m, const struct kli_mla_w *w, float *co
                  int64_t T_seq, float *out);
 
 /* Attention for one query row and head, two ways (exposed for tests).
- *   absorbed: scores against the latent cache directly (docs/model.md 5.2)
- *   expanded: K and V rebuilt per cached token through kv_b (docs/model.md 5.1), the
+ *   absorbed: scores against the latent cache directly (doc/model.md 5.2)
+ *   expanded: K and V rebuilt per cached token through kv_b (doc/model.md 5.1), the
  *             reference form; `work` needs mla_work_floats as well.
  * q: [nope+rope] this head's query; attends to cache rows [0, n); o: [v]. */
 void mla_attend_absorbed(const struct kli_model *m, const struct kli_mla_w *w,

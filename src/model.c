@@ -2,7 +2,7 @@
  * model.c - kli_model_open/close: reads config.json, maps the checkpoint, and binds every
  * tensor to a named field of its layer with its dtype and shape checked.
  *
- * Names are the Hugging Face checkpoint's own (docs/model.md section 2); this file is the
+ * Names are the Hugging Face checkpoint's own (doc/model.md section 2); this file is the
  * only place they live. A tensor the configuration does not use but that belongs to a layer
  * ("model.layers.*") means config.json and the checkpoint disagree, and is refused.
  */
@@ -269,7 +269,7 @@ bind_kda(struct bind *b, struct kli_kda_w *w, int i)
         free(a_log);
         return rc;
     }
-    /* The decay scale enters only as -exp(A_log) (docs/model.md 4.3). */
+    /* The decay scale enters only as -exp(A_log) (doc/model.md 4.3). */
     for (int64_t h = 0; h < H; h++)
         a_log[h] = -expf(a_log[h]);
     w->a_neg = a_log;

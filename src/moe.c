@@ -1,9 +1,9 @@
 /*
- * moe.c - router and expert dispatch (docs/model.md section 6).
+ * moe.c - router and expert dispatch (doc/model.md section 6).
  *
  * The router is DeepSeek-V3's "noaux_tc" selection: sigmoid scores plus a learned
  * correction bias pick the experts, but the bias never enters the weights (decision 1 of
- * docs/model.md: the official remote code adds it through an aliasing slip; vLLM,
+ * doc/model.md: the official remote code adds it through an aliasing slip; vLLM,
  * llama.cpp and DeepSeek-V3 do not).
  */
 #include "config.h"

@@ -24,7 +24,7 @@ struct moe_scratch {
     int layer;                  /* the layer being run, for gpu */
 };
 
-/* Chooses the experts of one token and their weights (docs/model.md 6.2, decision 1):
+/* Chooses the experts of one token and their weights (doc/model.md 6.2, decision 1):
  * scores s = sigmoid(logits) (or softmax); selection on s + bias, group-limited when
  * n_group > 1 (group score = sum of its two best biased scores; the topk_group best groups
  * stay); the weights are the unbiased s of the chosen experts, renormalised to sum 1 when

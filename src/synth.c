@@ -1,7 +1,8 @@
 /*
  * synth.c - kli_synth: a random-weight checkpoint with the real per-layer shapes of
  * Kimi-Linear-48B-A3B, for measuring speed on machines the real model does not fit
- * (docs/targets.md: 4 layers KDA, KDA, KDA, MLA, all MoE, 64 experts by default).
+ * (doc/measuring.md section 2: 4 layers KDA, KDA, KDA, MLA, all MoE, 64 experts by
+ * default).
  *
  * Weights are uniform with the standard deviation 1/sqrt(fan_in), so activations keep a
  * sane scale through the layers; norms are 1; the gate parameters are in their usual
@@ -20,7 +21,7 @@
 #include "internal.h"
 #include "weights.h"
 
-/* The shape of the released model (docs/model.md section 1). */
+/* The shape of the released model (doc/model.md section 1). */
 enum {
     SY_HIDDEN = 2304, SY_VOCAB = 163840, SY_KDA_HEADS = 32, SY_KDA_DIM = 128,
     SY_MLA_HEADS = 32, SY_LATENT = 512, SY_NOPE = 128, SY_ROPE = 64, SY_V = 128,

@@ -1,5 +1,5 @@
 /*
- * threads.c - kli_parallel_for over OpenMP (or serially when built without it).
+ * threads.c - threads_parallel_for over OpenMP (or serially when built without it).
  *
  * Work is split statically (ith/nth), so the same thread handles the same rows every call
  * and results do not depend on scheduling.

@@ -1,10 +1,10 @@
 /*
  * threads.h - the one place kli runs work on several cores.
  *
- * kli_parallel_for splits [0, n) into contiguous ranges, one per worker, and calls
- * fn(ctx, i0, i1) for each; the calling thread takes a share. A call from inside a parallel
- * region, or with n below `grain`, runs serially on the caller. Model and kernel files never
- * contain OpenMP pragmas: this file is the only one.
+ * threads_parallel_for splits [0, n) into contiguous ranges, one per worker, and calls
+ * fn(ctx, i0, i1, ith) for each; the calling thread takes a share. A call from inside a
+ * parallel region, or with n below `grain`, runs serially on the caller. Model and kernel
+ * files never contain OpenMP pragmas: threads.c is the only file that does.
  */
 #ifndef KLI_THREADS_H
 #define KLI_THREADS_H

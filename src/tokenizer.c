@@ -2,7 +2,7 @@
  * tokenizer.c - Kimi's tiktoken BPE: tiktoken.model + tokenizer_config.json in, token ids out.
  *
  * The reference is tokenization_kimi.py's TikTokenTokenizer.encode() on top of tiktoken's Rust
- * core (docs/formats.md section 1). Encoding goes through four stages, each one reproduced
+ * core (doc/formats.md section 1). Encoding goes through four stages, each one reproduced
  * exactly because any difference changes ids:
  *
  *   1. Chunking (tokenization_kimi.py): 400,000-character pieces, each cut wherever a run of
@@ -95,7 +95,7 @@ struct kli_tokenizer {
     int jit;                       /* re is JIT-compiled */
 };
 
-/* Kimi's split pattern (docs/formats.md 1.4), rewritten for PCRE2 with the same meaning:
+/* Kimi's split pattern (doc/formats.md 1.4), rewritten for PCRE2 with the same meaning:
  *  - [X&&[^\p{Han}]] (class intersection, which PCRE2 lacks) becomes (?:(?!Han)[X]);
  *  - \p{Han} is the Script property (Rust regex), spelled sc:Han because PCRE2 >= 10.40
  *    reads a bare script name as Script_Extensions, which would take in "。" and "、";

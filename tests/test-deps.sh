@@ -2,7 +2,9 @@
 # test-deps.sh - the dependency rules of HACKING, checked by grep:
 #   weights/ uses nothing of ours but kli.h and src/internal.h (errors and allocation, no
 #   model code); simd/ nothing but kli.h and weights/dtype.h; src/ includes no CUDA headers; the CLI, contrib/examples and
-#   the black-box tests include only kli.h; no exit()/abort() in library code.
+#   the black-box tests include only kli.h; no exit()/abort() in library code. Also the
+#   design notes: every doc/*.md a comment (or a manual page, or a note) cites exists, with
+#   the section ("doc/model.md 4.6", "section 2") or decision ("decision 1") it names.
 set -u
 : "${KLI_SRCDIR:?}"
 cd "$KLI_SRCDIR" || exit 99
@@ -37,5 +39,34 @@ check "no #pragma omp outside threads.c" \
     "$(grep -Hn '#pragma omp' src/*.c simd/*.c weights/*.c | grep -v '^src/threads\.c')"
 check "no ISA intrinsics headers outside simd/<isa>.c" \
     "$(grep -Hn 'immintrin\.h\|arm_neon\.h' src/*.c weights/*.c simd/generic.c simd/dispatch.c)"
+# Citations of the design notes: "doc/<name>.md", optionally followed by "section N",
+# "decision N" or a bare section number N or N.M. A section is a heading "## N." or
+# "### N.M"; a decision is item "N." of model.md's "## Decisions". (The xxHash
+# repository's doc/xxhash_spec.md is not ours.)
+doc_cites=$(grep -rnoIE \
+    'docs?/[A-Za-z0-9_-]+\.md(,? (section|decision) [0-9]+(\.[0-9]+)?| [0-9]+(\.[0-9]+)?)?' \
+    src simd weights cuda tests contrib man doc HACKING README.md Makefile.am configure.ac \
+    2>/dev/null | grep -v 'doc/xxhash_spec\.md')
+check "comments cite design notes that exist in doc/, and their sections" \
+    "$(echo "$doc_cites" | while IFS= read -r c; do
+        [ -n "$c" ] || continue
+        ref=${c#*:*:}
+        f=${ref%%.md*}.md
+        rest=${ref#"$f"}
+        if [ ! -f "$f" ]; then
+            echo "$c: no file $f"
+            continue
+        fi
+        num=$(echo "$rest" | grep -oE '[0-9]+(\.[0-9]+)?')
+        [ -n "$num" ] || continue
+        re=$(echo "$num" | sed 's/\./\\./g')
+        case $rest in
+        *decision*)
+            awk '/^## Decisions/ { d = 1; next } /^## / { d = 0 } d' "$f" |
+                grep -qE "^$re\. " || echo "$c: $f has no decision $num" ;;
+        *)
+            grep -qE "^#+ $re\.? " "$f" || echo "$c: $f has no section $num" ;;
+        esac
+    done)"
 echo "1..$n"
 exit $fail

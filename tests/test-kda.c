@@ -1,6 +1,6 @@
 /*
  * test-kda.c - the two forms of the KDA delta rule for one head (src/kda.c) against each
- * other and against a float64 recurrence written here (docs/model.md 4.6):
+ * other and against a float64 recurrence written here (doc/model.md 4.6):
  *
  *     S <- Diag(exp(g)) S;  u = beta (v - S^T k);  S <- S + k u^T;  o = S^T q
  *

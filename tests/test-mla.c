@@ -3,7 +3,7 @@
  * the query, W_UV applied once to the weighted latent sum) against the expanded form (K and
  * V rebuilt per cached token through kv_b), with the real MLA weights of the tiny model, and
  * both against a float64 reference built here straight from the checkpoint's kv_b_proj
- * (docs/model.md 5.1 / 5.2).
+ * (doc/model.md 5.1 / 5.2).
  */
 #include "config.h"
 

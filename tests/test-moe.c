@@ -1,5 +1,5 @@
 /*
- * test-moe.c - the router (moe_route, docs/model.md 6.2 and decision 1) on hand-made cases:
+ * test-moe.c - the router (moe_route, doc/model.md 6.2 and decision 1) on hand-made cases:
  * selection on the biased scores, weights from the unbiased ones, renormalisation (+1e-20,
  * only with top_k > 1), the scaling factor, ties to the lower index, the softmax router and
  * group-limited selection. Expected indices are written out by hand; expected weights are

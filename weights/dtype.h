@@ -16,7 +16,7 @@ enum kli_dtype {
     KLI_DT_F16 = 1,
     KLI_DT_BF16 = 2,
     KLI_DT_Q8_0 = 3,    /* blocks of 32: f16 scale + 32 x int8 (34 bytes) */
-    KLI_DT_Q4 = 4,      /* kli's 4-bit type; layout in simd/simd.h */
+    KLI_DT_Q4 = 4,      /* blocks of 32: f16 scale + 16 bytes of nibbles (18); dtype.c */
     KLI_DT_OTHER = 5,   /* a valid safetensors dtype kli cannot compute with (I8, F64, ...) */
     KLI_DT_COUNT
 };

@@ -5,7 +5,7 @@
  * with spaces), then the data buffer. Each header entry gives a tensor's dtype, shape and
  * [begin, end) byte range in the buffer. Everything here is about distrust: every length,
  * offset and size is checked before a pointer into the mapping is handed out, so that a
- * descriptor returned by this file can be read in full. See docs/formats.md section 2.
+ * descriptor returned by this file can be read in full. See doc/formats.md section 2.
  *
  * Checklist: a new safetensors dtype needs a row in st_dtypes; a new kli dtype needs its
  * mapping there too (and the dtype.h checklist).

@@ -1,5 +1,5 @@
 /*
- * stwrite.c - a streaming safetensors writer (the format of docs/formats.md 2.1): header
+ * stwrite.c - a streaming safetensors writer (the format of doc/formats.md 2.1): header
  * length, JSON header padded with spaces to a multiple of 8, then the tensors back to back
  * in the declared order. Written to PATH.tmp and renamed on success.
  */

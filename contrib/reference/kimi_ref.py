@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """kimi_ref.py - an independent float64 NumPy reference of the Kimi Linear forward pass.
 
-Written from docs/model.md (not from kli's C code): the exact KDA recurrence, the expanded
-MLA form, sigmoid/softmax routing with group limits and unbiased weights. It also writes
+Written from the model's description (now doc/model.md), not from kli's C code: the exact
+KDA recurrence, the expanded MLA form, sigmoid/softmax routing with group limits and
+unbiased weights. It also writes
 random checkpoints in the Hugging Face layout (single file or sharded, any dtype mix), so
 kli can be checked on configurations nobody has tuned it for.
 
@@ -84,7 +85,7 @@ def load_model(d):
     return cfg, w
 
 
-# ---- the model (docs/model.md) -----------------------------------------------------------
+# ---- the model (doc/model.md) -----------------------------------------------------------
 
 def rmsnorm(x, w, eps):
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
