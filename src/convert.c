@@ -212,6 +212,8 @@ kli_convert(const char *in, const char *out, const struct kli_convert_options *o
                            "f32)", opt->type);
     if ((rc = quantize_check_rules(opt->keep, opt->n_keep, err)) != KLI_OK)
         return rc;
+    if ((rc = kli_output_check(out, in, err)) != KLI_OK)
+        return rc;
     if (!opt->force && stat(out, &st) == 0)
         return kli_err_set(err, KLI_E_IO, "%s exists (use --force to overwrite)", out);
 
