@@ -212,8 +212,6 @@ kli_convert(const char *in, const char *out, const struct kli_convert_options *o
                            "f32)", opt->type);
     if ((rc = quantize_check_rules(opt->keep, opt->n_keep, err)) != KLI_OK)
         return rc;
-    if ((rc = kli_output_check(out, in, err)) != KLI_OK)
-        return rc;
     if (!opt->force && stat(out, &st) == 0)
         return kli_err_set(err, KLI_E_IO, "%s exists (use --force to overwrite)", out);
 
@@ -221,6 +219,9 @@ kli_convert(const char *in, const char *out, const struct kli_convert_options *o
     kli_model_options_init(&mo);
     if ((rc = kli_model_open(&m, in, &mo, err)) != KLI_OK)
         return rc;
+    /* and must not be what is written */
+    if ((rc = kli_output_check(out, in, err)) != KLI_OK)
+        goto out;
     const struct kli_wfile *wf = m->wf;
     const struct kli_pack_info *pk = kli_wfile_pack(wf);
     if (pk != NULL) {

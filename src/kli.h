@@ -669,9 +669,10 @@ int kli_convert(const char *in, const char *out, const struct kli_convert_option
  * directory is synced. A symbolic link target is followed: the file it names is replaced
  * and the link stays. A target that is not a regular file is refused (KLI_E_IO), except
  * that with KLI_OUTFILE_STREAM a character device or FIFO is written directly. While a
- * file is being written, kli holds an exclusive flock(2) on the target (created empty if
- * missing, and removed again if the write fails): a second writer of the same target
- * fails at once with KLI_E_IO ("being written by another process") instead of racing. */
+ * file is being written, kli holds an exclusive flock(2) on DIR/.NAME.lock (removed at the
+ * end): a second writer of the same target fails at once with KLI_E_IO ("being written by
+ * another process") instead of racing. Temporary files that killed writers of the target
+ * left behind are removed once the lock is held. */
 struct kli_outfile;
 
 #define KLI_OUTFILE_STREAM 1u   /* write a character device or FIFO target in place */
@@ -688,8 +689,7 @@ int kli_outfile_fd(const struct kli_outfile *f);
  * @return KLI_OK or KLI_E_IO. */
 int kli_outfile_commit(struct kli_outfile *f, struct kli_err *err);
 
-/* Removes the temporary file (and a target this writer created) and frees f. NULL is
- * allowed. */
+/* Removes the temporary file, releases the lock and frees f. NULL is allowed. */
 void kli_outfile_abort(struct kli_outfile *f);
 
 /* Refuses to write `out` over an input: `out` (following links) must be neither `in` nor,

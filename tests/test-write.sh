@@ -106,11 +106,12 @@ check "$([ -p "$tmp/fifo2" ]; echo $?)" "... and it stays a FIFO"
 # ---- one writer at a time --------------------------------------------------------------------
 cp "$tmp/out.kli" "$tmp/out.kli.orig"
 t "convert while another process holds the output's lock is refused" 1 \
-    flock "$tmp/out.kli" "$kli" convert -m "$m" -o "$tmp/out.kli" --type q8_0 --force
+    flock "$tmp/.out.kli.lock" "$kli" convert -m "$m" -o "$tmp/out.kli" --type q8_0 --force
 says "... saying so" "another process"
 check "$(cmp -s "$tmp/out.kli" "$tmp/out.kli.orig"; echo $?)" "... and the output is untouched"
 t "the lock is gone once the holder ends" 0 "$kli" convert -m "$m" -o "$tmp/out.kli" \
     --type q8_0 --force
+check "$([ ! -e "$tmp/.out.kli.lock" ]; echo $?)" "... and the writer removes its lock file"
 
 printf '{"id":"a","prompt":"Hi","max_tokens":2}\n{"id":"b","prompt":"Yo","max_tokens":2}\n' \
     >"$tmp/in.jsonl"

@@ -4,11 +4,13 @@
  * partial file under the target's name or races another writer of the same file.
  *
  * The target is resolved first (a symbolic link names the file to replace), then locked:
- * an open descriptor of the target itself (created empty with O_EXCL when missing) holds an
- * exclusive flock, and the lock counts only once the name still leads to that descriptor's
- * inode (a writer that finished meanwhile renamed a new file over it). The new contents go
- * to DIR/.NAME.XXXXXXXXXXXXXXXX.tmp, a random name opened with O_CREAT|O_EXCL|O_NOFOLLOW,
- * and the commit is fsync, rename and an fsync of the directory.
+ * DIR/.NAME.lock holds an exclusive flock while the writer works, and the lock counts only
+ * once that name still leads to the locked inode (a writer that finished meanwhile removed
+ * it). The lock file is removed at the end; one left by a killed writer is simply reused,
+ * since the kernel dropped its lock. The new contents go to DIR/.NAME.XXXXXXXXXXXXXXXX.tmp,
+ * a random name opened with O_CREAT|O_EXCL|O_NOFOLLOW (temporaries of killed writers are
+ * swept once the lock is held), and the commit is fsync, rename and an fsync of the
+ * directory.
  */
 #include "config.h"
 
@@ -40,12 +42,10 @@
 
 struct kli_outfile {
     int fd;          /* the temporary file, or the target itself when streaming */
-    int lock;        /* a descriptor of the target holding the flock; -1 when streaming */
-    int created;     /* the target did not exist: remove it again if the write fails */
+    int lock;        /* the lock file, holding the flock; -1 when streaming */
     char *path;      /* the resolved target */
     char *tmp;       /* the temporary file; NULL when streaming or once renamed */
-    dev_t dev;       /* the locked target */
-    ino_t ino;
+    char *lockpath;  /* DIR/.NAME.lock */
 };
 
 /* 64 bits nobody can guess in advance; the clock and the address are a fallback only. */
@@ -101,42 +101,22 @@ of_type_error(const char *path, mode_t m, struct kli_err *err)
                        what);
 }
 
-/* Opens and locks the target (creating it if missing). @return KLI_OK, or 1 when the name
- * moved to another file meanwhile (try again), or an error. */
+/* Opens and locks f->lockpath. @return KLI_OK, or 1 when the name moved to another file
+ * meanwhile (a writer that finished removed it: try again), or an error. */
 static int
-of_lock(struct kli_outfile *f, unsigned flags, struct kli_err *err)
+of_lock(struct kli_outfile *f, struct kli_err *err)
 {
     struct stat st, now;
     int fd;
 
-    f->created = 0;
     do {
-        fd = open(f->path, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+        fd = open(f->lockpath, O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0666);
     } while (fd < 0 && errno == EINTR);
-    if (fd < 0 && errno == ENOENT) {
-        fd = open(f->path, O_RDONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0666);
-        if (fd < 0 && errno == EEXIST)
-            return 1;
-        f->created = fd >= 0;
-    }
     if (fd < 0)
-        return kli_err_set(err, KLI_E_IO, "%s: %s", f->path, strerror(errno));
-    if (fstat(fd, &st) != 0) {
+        return kli_err_set(err, KLI_E_IO, "%s: %s", f->lockpath, strerror(errno));
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
         close(fd);
-        return kli_err_set(err, KLI_E_IO, "%s: %s", f->path, strerror(errno));
-    }
-    if (!S_ISREG(st.st_mode)) {
-        close(fd);
-        if ((flags & KLI_OUTFILE_STREAM) && (S_ISCHR(st.st_mode) || S_ISFIFO(st.st_mode))) {
-            /* written in place: a device is never replaced, a FIFO's reader gets the data */
-            do {
-                f->fd = open(f->path, O_WRONLY | O_NOFOLLOW | O_CLOEXEC);
-            } while (f->fd < 0 && errno == EINTR);
-            if (f->fd < 0)
-                return kli_err_set(err, KLI_E_IO, "%s: %s", f->path, strerror(errno));
-            return KLI_OK;
-        }
-        return of_type_error(f->path, st.st_mode, err);
+        return kli_err_set(err, KLI_E_IO, "%s: not a lock file", f->lockpath);
     }
     if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
         int e = errno;
@@ -144,37 +124,67 @@ of_lock(struct kli_outfile *f, unsigned flags, struct kli_err *err)
         if (e == EWOULDBLOCK)
             return kli_err_set(err, KLI_E_IO, "%s: being written by another process; try "
                                "again when it is done", f->path);
-        return kli_err_set(err, KLI_E_IO, "%s: cannot lock: %s", f->path, strerror(e));
+        return kli_err_set(err, KLI_E_IO, "%s: cannot lock: %s", f->lockpath, strerror(e));
     }
-    if (lstat(f->path, &now) != 0 || now.st_dev != st.st_dev || now.st_ino != st.st_ino) {
+    if (lstat(f->lockpath, &now) != 0 || now.st_dev != st.st_dev || now.st_ino != st.st_ino) {
         close(fd);
         return 1;
     }
     f->lock = fd;
-    f->dev = st.st_dev;
-    f->ino = st.st_ino;
     return KLI_OK;
+}
+
+/* Removes what writers of this target that were killed left behind: .NAME.<16 hex>.tmp
+ * files in its directory. Only called with the lock held, so none of them is being
+ * written; unlink removes a link itself, never what it names. */
+static void
+of_sweep(const struct kli_outfile *f, size_t dl)
+{
+    const char *name = f->path + dl;
+    size_t nl = strlen(name);
+    char dir[PATH_MAX], p[PATH_MAX];
+    struct dirent *de;
+    DIR *d;
+
+    if (dl == 0)
+        snprintf(dir, sizeof(dir), ".");
+    else if (dl >= sizeof(dir))
+        return;
+    else
+        snprintf(dir, sizeof(dir), "%.*s", (int)dl, f->path);
+    if ((d = opendir(dir)) == NULL)
+        return;
+    while ((de = readdir(d)) != NULL) {
+        const char *e = de->d_name;
+        size_t el = strlen(e), k;
+
+        if (el != nl + 22 || e[0] != '.' || strncmp(e + 1, name, nl) != 0 || e[nl + 1] != '.' ||
+            strcmp(e + nl + 18, ".tmp") != 0)
+            continue;
+        for (k = nl + 2; k < nl + 18 && strchr("0123456789abcdef", e[k]) != NULL; k++)
+            ;
+        if (k == nl + 18 && snprintf(p, sizeof(p), "%s/%s", dir, e) < (int)sizeof(p))
+            unlink(p);
+    }
+    closedir(d);
 }
 
 void
 kli_outfile_abort(struct kli_outfile *f)
 {
-    struct stat st;
-
     if (f == NULL)
         return;
     if (f->fd >= 0)
         close(f->fd);
     if (f->tmp != NULL)
         unlink(f->tmp);
-    /* an empty placeholder of ours goes again; anything else under the name stays */
-    if (f->created && f->lock >= 0 && lstat(f->path, &st) == 0 && st.st_dev == f->dev &&
-        st.st_ino == f->ino && st.st_size == 0)
-        unlink(f->path);
-    if (f->lock >= 0)
+    if (f->lock >= 0) {
+        unlink(f->lockpath);   /* still held: nobody else can be using this one */
         close(f->lock);
+    }
     free(f->path);
     free(f->tmp);
+    free(f->lockpath);
     free(f);
 }
 
@@ -184,7 +194,7 @@ kli_outfile_open(struct kli_outfile **out, const char *path, unsigned flags,
 {
     struct kli_outfile *f;
     struct stat st;
-    int rc = KLI_OK;
+    int rc = KLI_OK, exists;
 
     *out = NULL;
     if (path == NULL || path[0] == '\0')
@@ -195,7 +205,34 @@ kli_outfile_open(struct kli_outfile **out, const char *path, unsigned flags,
     f->lock = -1;
     if ((rc = of_resolve(path, &f->path, err)) != KLI_OK)
         goto fail;
-    for (int tries = 0; (rc = of_lock(f, flags, err)) == 1; tries++) {
+    exists = stat(f->path, &st) == 0;
+    if (exists && !S_ISREG(st.st_mode)) {
+        if ((flags & KLI_OUTFILE_STREAM) && (S_ISCHR(st.st_mode) || S_ISFIFO(st.st_mode))) {
+            /* written in place: a device is never replaced, a FIFO's reader gets the data */
+            do {
+                f->fd = open(f->path, O_WRONLY | O_NOFOLLOW | O_CLOEXEC);
+            } while (f->fd < 0 && errno == EINTR);
+            if (f->fd < 0) {
+                rc = kli_err_set(err, KLI_E_IO, "%s: %s", f->path, strerror(errno));
+                goto fail;
+            }
+            *out = f;
+            return KLI_OK;
+        }
+        rc = of_type_error(f->path, st.st_mode, err);
+        goto fail;
+    }
+
+    /* DIR/.NAME.lock, then DIR/.NAME.<16 hex digits>.tmp, next to the target */
+    const char *slash = strrchr(f->path, '/');
+    size_t dl = slash != NULL ? (size_t)(slash - f->path) + 1 : 0;
+    size_t cap = strlen(f->path) + 32;
+    if ((f->tmp = kli_malloc(cap)) == NULL || (f->lockpath = kli_malloc(cap)) == NULL) {
+        rc = kli_err_set(err, KLI_E_NOMEM, "out of memory");
+        goto fail;
+    }
+    snprintf(f->lockpath, cap, "%.*s.%s.lock", (int)dl, f->path, f->path + dl);
+    for (int tries = 0; (rc = of_lock(f, err)) == 1; tries++) {
         if (tries == 100) {
             rc = kli_err_set(err, KLI_E_IO, "%s: keeps changing under another writer", path);
             goto fail;
@@ -203,19 +240,7 @@ kli_outfile_open(struct kli_outfile **out, const char *path, unsigned flags,
     }
     if (rc != KLI_OK)
         goto fail;
-    if (f->fd >= 0) {   /* streaming */
-        *out = f;
-        return KLI_OK;
-    }
-
-    /* DIR/.NAME.<16 hex digits>.tmp next to the target */
-    const char *slash = strrchr(f->path, '/');
-    size_t dl = slash != NULL ? (size_t)(slash - f->path) + 1 : 0;
-    size_t cap = strlen(f->path) + 32;
-    if ((f->tmp = kli_malloc(cap)) == NULL) {
-        rc = kli_err_set(err, KLI_E_NOMEM, "out of memory");
-        goto fail;
-    }
+    of_sweep(f, dl);
     for (int tries = 0; f->fd < 0; tries++) {
         snprintf(f->tmp, cap, "%.*s.%s.%016llx.tmp", (int)dl, f->path, f->path + dl,
                  (unsigned long long)of_random());
@@ -228,7 +253,7 @@ kli_outfile_open(struct kli_outfile **out, const char *path, unsigned flags,
         }
     }
     /* a replaced file keeps its permissions */
-    if (!f->created && fstat(f->lock, &st) == 0)
+    if (exists)
         (void)fchmod(f->fd, st.st_mode & 0777);
     *out = f;
     return KLI_OK;
@@ -272,7 +297,6 @@ kli_outfile_commit(struct kli_outfile *f, struct kli_err *err)
     }
     free(f->tmp);
     f->tmp = NULL;
-    f->created = 0;
 
     /* the rename itself is durable once the directory is synced */
     const char *slash = strrchr(f->path, '/');
