@@ -809,7 +809,8 @@ batch_open_output(const struct batch_args *a, struct batch_idset *done)
     }
     if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode))
         return fd;   /* a terminal, pipe or device: nothing to lock, read or truncate */
-    if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    if (flock(fd, LOCK_EX | LOCK_NB) != 0 && errno != ENOLCK && errno != EOPNOTSUPP &&
+        errno != ENOSYS) {   /* a file system without locks: go on without one */
         if (errno == EWOULDBLOCK)
             cli_error("%s: another process (a kli batch?) is writing it; wait for it to end, "
                       "or split one job with --shard K/N and one output per shard", a->output);

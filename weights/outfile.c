@@ -120,6 +120,11 @@ of_lock(struct kli_outfile *f, struct kli_err *err)
     }
     if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
         int e = errno;
+        if (e == ENOLCK || e == EOPNOTSUPP || e == ENOSYS) {
+            /* a file system without locks: write without one rather than not at all */
+            f->lock = fd;
+            return KLI_OK;
+        }
         close(fd);
         if (e == EWOULDBLOCK)
             return kli_err_set(err, KLI_E_IO, "%s: being written by another process; try "
