@@ -482,7 +482,7 @@ cmd_logits(int argc, char **argv)
     int32_t n = 0;
     float *buf = NULL;
     FILE *out = NULL;
-    char tmp[4096] = "";
+    struct kli_outfile *of = NULL;
 
     while ((c = getopt_long(argc, argv, "m:o:t:h", opts, NULL)) != -1) {
         switch (c) {
@@ -520,6 +520,12 @@ cmd_logits(int argc, char **argv)
         cli_error("usage: kli logits -m DIR (--ids 1,2,3 | --ids-file FILE) [--chunk N] -o OUT");
         return 2;
     }
+    if (strcmp(outp, "-") != 0 && (kli_output_check(outp, model, &err) != KLI_OK ||
+                                    (ids_file != NULL &&
+                                     kli_output_check(outp, ids_file, &err) != KLI_OK))) {
+        cli_error("logits: %s", err.msg);
+        return 1;
+    }
     if (ids_file != NULL) {
         size_t len;
         char *text = cli_read_file(ids_file, &len);
@@ -556,17 +562,17 @@ cmd_logits(int argc, char **argv)
         cli_error("logits: cannot allocate %ld x %lld floats", chunk, (long long)V);
         goto out;
     }
-    /* Write to a temporary file and rename, so an interrupted run leaves no partial file. */
+    /* A new file renamed over OUT at the end (kli_outfile), so an interrupted run leaves no
+     * partial file; a device or FIFO is written in place. */
     if (strcmp(outp, "-") == 0) {
         out = stdout;
     } else {
-        if (snprintf(tmp, sizeof(tmp), "%s.tmp%ld", outp, (long)getpid()) >= (int)sizeof(tmp)) {
-            cli_error("%s: path too long", outp);
-            goto out;
-        }
-        if ((out = fopen(tmp, "wb")) == NULL) {
-            cli_error("%s: %s", tmp, strerror(errno));
-            tmp[0] = '\0';
+        int fd = -1;
+        if (kli_outfile_open(&of, outp, KLI_OUTFILE_STREAM, &err) != KLI_OK ||
+            (fd = dup(kli_outfile_fd(of))) < 0 || (out = fdopen(fd, "wb")) == NULL) {
+            cli_error("%s", err.code != 0 ? err.msg : strerror(errno));
+            if (fd >= 0)
+                close(fd);
             goto out;
         }
     }
@@ -588,11 +594,12 @@ cmd_logits(int argc, char **argv)
             goto out;
         }
         out = NULL;
-        if (rename(tmp, outp) != 0) {
-            cli_error("%s: %s", outp, strerror(errno));
+        int crc = kli_outfile_commit(of, &err);
+        of = NULL;
+        if (crc != KLI_OK) {
+            cli_error("%s", err.msg);
             goto out;
         }
-        tmp[0] = '\0';
     } else if (fflush(stdout) != 0) {
         cli_error("stdout: write error");
         goto out;
@@ -601,8 +608,7 @@ cmd_logits(int argc, char **argv)
 out:
     if (out != NULL && out != stdout)
         fclose(out);
-    if (tmp[0] != '\0')
-        unlink(tmp);
+    kli_outfile_abort(of);
     free(buf);
     free(ids);
     kli_session_free(s);

@@ -37,6 +37,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -56,11 +57,13 @@
 enum {
     OPT_STOP = 256, OPT_RAW, OPT_CTX, OPT_QUIET, OPT_PREFIX_CACHE,
     OPT_PREFIX_DIR, OPT_MIN_PREFIX, OPT_SHARD, OPT_RESUME, OPT_OVERWRITE, OPT_MAX_PROMPT,
+    OPT_MAX_ERRORS,
 };
 
 struct batch_args {
     const char *model, *input, *output, *system, *prefix_dir;
     long parallel, max_tokens, ctx, threads, min_prefix, shard_k, shard_n;
+    long max_errors;              /* failed records tolerated before exit status 3 */
     uint64_t prefix_bytes, max_prompt_bytes;
     int raw, overwrite, quiet;
     struct kli_sampler_options so;
@@ -89,6 +92,7 @@ static const struct option batch_opts[] = {
     {"resume", no_argument, NULL, OPT_RESUME},
     {"overwrite", no_argument, NULL, OPT_OVERWRITE},
     {"max-prompt-bytes", required_argument, NULL, OPT_MAX_PROMPT},
+    {"max-errors", required_argument, NULL, OPT_MAX_ERRORS},
     {"help", no_argument, NULL, 'h'},
     CLI_PLACEMENT_LONGOPTS,
     CLI_GPU_LONGOPTS,
@@ -99,13 +103,14 @@ static const char batch_usage[] =
     "usage: kli batch [-m MODEL] -i IN.jsonl -o OUT.jsonl [-P N] [-n MAX] [sampling options]\n"
     "                 [--stop STR]... [-s SYSTEM] [--raw] [--ctx N] [-t N] [--shard K/N]\n"
     "                 [--resume | --overwrite] [--prefix-cache SIZE] [--prefix-dir DIR]\n"
-    "                 [--min-prefix N] [--max-prompt-bytes SIZE] [--quiet]\n"
+    "                 [--min-prefix N] [--max-prompt-bytes SIZE] [--max-errors N] [--quiet]\n"
     "                 [--gpu auto|on|off] [--gpu-mem SIZE] [--gpu-experts N|auto]\n"
     "Each input line is a JSON object: {\"id\": ..., \"prompt\": ... | \"messages\": [...],\n"
     "optional \"max_tokens\", \"temperature\", \"top_p\", \"top_k\", \"min_p\", \"seed\", "
     "\"stop\", ...}.\n"
     "Each output line: id, text, prompt_tokens, completion_tokens, cached_tokens,\n"
-    "finish_reason, prefill_ms, decode_ms (and error). See kli(1).\n";
+    "finish_reason, prefill_ms, decode_ms (and error). Exit status 3: more than\n"
+    "--max-errors N (default 0) records failed. See kli(1).\n";
 
 /* A byte count: digits with an optional K, M, G or T (powers of 1024), optionally followed
  * by B or iB. */
@@ -220,6 +225,10 @@ batch_parse(int argc, char **argv, struct batch_args *a)
             a->shard_n = n;
             break;
         }
+        case OPT_MAX_ERRORS:
+            if (cli_parse_int(optarg, 0, INT32_MAX, "--max-errors", &a->max_errors))
+                return -1;
+            break;
         case OPT_RESUME: a->overwrite = 0; break;
         case OPT_OVERWRITE: a->overwrite = 1; break;
         case 'h':
@@ -776,22 +785,62 @@ batch_model_key(const char *dir, const struct kli_model *m)
     return h;
 }
 
-/* Opens the output: appending after the records already there, unless --overwrite. */
+/* Opens the output: appending after the records already there, unless --overwrite. A
+ * regular file stays locked (flock) while the batch runs, so that a second batch writing it
+ * refuses instead of running every record again beside this one; the lock is taken before
+ * the file is read or truncated. */
 static int
 batch_open_output(const struct batch_args *a, struct batch_idset *done)
 {
+    struct kli_err err = {0};
     struct stat st;
-    int flags = O_WRONLY | O_CREAT | O_APPEND, fd;
+    int fd;
 
     if (strcmp(a->output, "-") == 0)
         return STDOUT_FILENO;
-    if (a->overwrite)
-        flags |= O_TRUNC;
-    else if (stat(a->output, &st) == 0 && batch_output_scan(a->output, done, a->quiet) != 0)
+    if ((strcmp(a->input, "-") != 0 && kli_output_check(a->output, a->input, &err) != KLI_OK) ||
+        (a->model != NULL && kli_output_check(a->output, a->model, &err) != KLI_OK)) {
+        cli_error("batch: %s", err.msg);
         return -1;
-    if ((fd = open(a->output, flags, 0666)) < 0)
+    }
+    if ((fd = open(a->output, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0666)) < 0) {
         cli_error("%s: %s", a->output, strerror(errno));
+        return -1;
+    }
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode))
+        return fd;   /* a terminal, pipe or device: nothing to lock, read or truncate */
+    if (flock(fd, LOCK_EX | LOCK_NB) != 0 && errno != ENOLCK && errno != EOPNOTSUPP &&
+        errno != ENOSYS) {   /* a file system without locks: go on without one */
+        if (errno == EWOULDBLOCK)
+            cli_error("%s: another process (a kli batch?) is writing it; wait for it to end, "
+                      "or split one job with --shard K/N and one output per shard", a->output);
+        else
+            cli_error("%s: cannot lock: %s", a->output, strerror(errno));
+        close(fd);
+        return -1;
+    }
+    if (a->overwrite ? ftruncate(fd, 0) != 0 : batch_output_scan(a->output, done, a->quiet) != 0) {
+        if (a->overwrite)
+            cli_error("%s: %s", a->output, strerror(errno));
+        close(fd);
+        return -1;
+    }
     return fd;
+}
+
+/* The exit status for a batch that wrote every line: 3 when more records failed (in this
+ * run and in the earlier runs the output holds) than --max-errors allows. */
+static int
+batch_status(const struct batch *b)
+{
+    int64_t failed = b->errors + b->in.n_done_errors;
+
+    if (failed <= b->a->max_errors)
+        return 0;
+    fprintf(stderr, "kli: %s: %lld record%s failed (see their \"error\"); --max-errors %ld "
+            "tolerates more\n", b->a->output, (long long)failed, failed == 1 ? "" : "s",
+            b->a->max_errors);
+    return 3;
 }
 
 static int
@@ -859,7 +908,7 @@ cmd_batch(int argc, char **argv)
         fprintf(stderr, "\n");
     }
     if (b.in.n_items == 0) {
-        rc = 0;
+        rc = batch_status(&b);
         goto out;
     }
 
@@ -942,7 +991,7 @@ cmd_batch(int argc, char **argv)
                 "again to do the rest\n", (long long)b.done, (long long)b.in.n_items);
         rc = 128 + (int)batch_signal;
     } else {
-        rc = 0;
+        rc = batch_status(&b);
     }
 out:
     if (b.slot != NULL) {

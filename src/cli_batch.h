@@ -51,6 +51,7 @@ struct batch_input {
     struct batch_item *items;   /* the records this run does, in input order */
     int64_t n_items;
     int64_t n_lines, n_records, n_done, n_other_shards;
+    int64_t n_done_errors;   /* of n_done, those whose line in the output is an error */
 };
 
 /* Which records to keep while scanning. */
@@ -75,10 +76,13 @@ void batch_idset_free(struct batch_idset *set);
  * not NULL, *value receives the value stored with the id (the first add's). */
 int batch_idset_add(struct batch_idset *set, const char *id, int32_t v, int32_t *value);
 int batch_idset_has(const struct batch_idset *set, const char *id);
+/* @return 1 and *value (the value stored with id) if id is in the set, else 0. */
+int batch_idset_find(const struct batch_idset *set, const char *id, int32_t *value);
 int64_t batch_idset_count(const struct batch_idset *set);
 
-/* Reads the ids of an existing output file into `set`. An incomplete last line (no
- * newline: a crash mid-write) is cut off the file. @return 0, or -1 after a message. */
+/* Reads the ids of an existing output file into `set`, with the value 1 for error lines
+ * (finish_reason "error") and 0 for the others. An incomplete last line (no newline: a
+ * crash mid-write) is cut off the file. @return 0, or -1 after a message. */
 int batch_output_scan(const char *path, struct batch_idset *set, int quiet);
 
 /* ==== records ============================================================================== */

@@ -253,6 +253,17 @@ batch_idset_has(const struct batch_idset *s, const char *id)
     return s->key[idset_slot(s->key, s->cap, id)] != NULL;
 }
 
+int
+batch_idset_find(const struct batch_idset *s, const char *id, int32_t *value)
+{
+    uint64_t i = idset_slot(s->key, s->cap, id);
+
+    if (s->key[i] == NULL)
+        return 0;
+    *value = s->val[i];
+    return 1;
+}
+
 int64_t
 batch_idset_count(const struct batch_idset *s)
 {
@@ -336,7 +347,12 @@ io_line_id(const char *p, size_t len, int64_t max_line, char **error)
         *error = strdup("not a JSON object");
     } else {
         cJSON *j = cJSON_GetObjectItemCaseSensitive(root, "id");
-        if (cJSON_IsString(j) && j->valuestring[0] != '\0')
+        /* "line:" begins only the ids kli gives records without one, so that such an id
+         * names exactly one line and a resumed run never takes one record for another */
+        if (cJSON_IsString(j) && strncmp(j->valuestring, "line:", 5) == 0)
+            *error = io_strdupf("the id \"%.200s\" is reserved: ids beginning with "
+                                "\"line:\" name records by line number", j->valuestring);
+        else if (cJSON_IsString(j) && j->valuestring[0] != '\0')
             id = strdup(j->valuestring);
     }
     cJSON_Delete(root);
@@ -393,8 +409,10 @@ batch_input_open(struct batch_input *in, const char *path, const struct batch_se
             free(it.error);
             continue;
         }
-        if (sel->done != NULL && batch_idset_has(sel->done, it.id)) {
+        int32_t failed = 0;
+        if (sel->done != NULL && batch_idset_find(sel->done, it.id, &failed)) {
             in->n_done++;
+            in->n_done_errors += failed;
             free(it.id);
             free(it.error);
             continue;
@@ -468,8 +486,10 @@ batch_output_scan(const char *path, struct batch_idset *set, int quiet)
         pos += n + 1;
         cJSON *root = cJSON_ParseWithLength(p, n);
         cJSON *id = cJSON_GetObjectItemCaseSensitive(root, "id");
+        const cJSON *fr = cJSON_GetObjectItemCaseSensitive(root, "finish_reason");
+        int32_t failed = cJSON_IsString(fr) && strcmp(fr->valuestring, "error") == 0;
         if (cJSON_IsString(id)) {
-            if (batch_idset_add(set, id->valuestring, 0, NULL) < 0) {
+            if (batch_idset_add(set, id->valuestring, failed, NULL) < 0) {
                 cJSON_Delete(root);
                 free(text);
                 cli_error("%s: out of memory", path);

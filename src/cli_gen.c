@@ -347,7 +347,17 @@ cmd_run(int argc, char **argv)
     /* From here on Ctrl-C ends generation cleanly (and removes the demo directory). */
     signal(SIGINT, gen_on_sigint);
     const char *path = gen_model_path(&a);
-    if (path == NULL || cli_open_model(path, cli_threads(a.threads), &m) != 0)
+    if (path == NULL)
+        goto out;
+    /* the state file may be the one loaded (it is replaced at the end), never an input */
+    if (a.save_state != NULL &&
+        (kli_output_check(a.save_state, path, &err) != KLI_OK ||
+         (a.file != NULL && kli_output_check(a.save_state, a.file, &err) != KLI_OK) ||
+         (a.messages != NULL && kli_output_check(a.save_state, a.messages, &err) != KLI_OK))) {
+        cli_error("--save-state: %s", err.msg);
+        goto out;
+    }
+    if (cli_open_model(path, cli_threads(a.threads), &m) != 0)
         goto out;
     const struct kli_tokenizer *tok = kli_model_tokenizer(m);
     if (tok == NULL) {

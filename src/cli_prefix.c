@@ -151,10 +151,10 @@ prefix_disk_save(struct prefix_cache *c, const struct kli_session *s, uint64_t k
                  int32_t len)
 {
     struct kli_err err = {0};
-    char path[4096], tmp[4200];
+    char path[4096];
     int64_t cap = (int64_t)kli_session_nbytes(s) + 65536, need;
     void *buf = malloc((size_t)cap);
-    FILE *f = NULL;
+    struct kli_outfile *of;
     int rc = -1;
 
     if (buf == NULL)
@@ -171,18 +171,22 @@ prefix_disk_save(struct prefix_cache *c, const struct kli_session *s, uint64_t k
     if (need < 0 || need > cap)
         goto out;
     prefix_path(c, key, len, path, sizeof(path));
-    snprintf(tmp, sizeof(tmp), "%s.tmp%ld", path, (long)getpid());
-    if ((f = fopen(tmp, "wb")) == NULL)
+    /* a new file renamed into place (kli_outfile): a crashed or concurrent writer leaves no
+     * partial state under the name another run would load */
+    if (kli_outfile_open(&of, path, 0, &err) != KLI_OK)
         goto out;
-    if (fwrite(buf, 1, (size_t)need, f) != (size_t)need || fflush(f) != 0) {
-        fclose(f);
-        unlink(tmp);
-        goto out;
+    for (size_t done = 0; done < (size_t)need;) {
+        ssize_t k = write(kli_outfile_fd(of), (char *)buf + done, (size_t)need - done);
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k <= 0) {
+            kli_outfile_abort(of);
+            goto out;
+        }
+        done += (size_t)k;
     }
-    if (fclose(f) != 0 || rename(tmp, path) != 0) {
-        unlink(tmp);
+    if (kli_outfile_commit(of, &err) != KLI_OK)
         goto out;
-    }
     rc = 0;
 out:
     free(buf);

@@ -219,6 +219,9 @@ kli_convert(const char *in, const char *out, const struct kli_convert_options *o
     kli_model_options_init(&mo);
     if ((rc = kli_model_open(&m, in, &mo, err)) != KLI_OK)
         return rc;
+    /* and must not be what is written */
+    if ((rc = kli_output_check(out, in, err)) != KLI_OK)
+        goto out;
     const struct kli_wfile *wf = m->wf;
     const struct kli_pack_info *pk = kli_wfile_pack(wf);
     if (pk != NULL) {

@@ -486,8 +486,9 @@ int64_t kli_session_snapshot(const struct kli_session *s, const struct kli_sampl
 int kli_session_restore(struct kli_session *s, struct kli_sampler *smp, const void *buf,
                         size_t len, struct kli_err *err);
 
-/* kli_session_snapshot to a file: written to PATH.tmp, synced, and renamed over `path`, so
- * `path` holds either the old file or the complete new one.
+/* kli_session_snapshot to a file, written as kli_outfile_open describes (a temporary file,
+ * synced and renamed over `path`), so `path` holds either the old file or the complete new
+ * one; a `path` that is not a regular file is refused.
  * @return KLI_OK; KLI_E_IO naming the file; KLI_E_NOMEM; KLI_E_INVALID. */
 int kli_session_save(const struct kli_session *s, const struct kli_sampler *smp,
                      const char *path, struct kli_err *err);
@@ -606,8 +607,10 @@ void kli_quantize_options_init(struct kli_quantize_options *opt);
  * the weights go to one out/model.safetensors (kli's KLI_Q8_0 / KLI_Q4 dtypes for the
  * quantized types). By default the router, norms, convolution taps, gate parameters and
  * every tensor that is not a matrix with whole 32-element blocks per row keep their stored
- * dtype. Streams tensor by tensor; writes to a temporary file renamed at the end.
- * @return KLI_OK, KLI_E_IO, KLI_E_FORMAT, KLI_E_RANGE (bad type or rule). */
+ * dtype. Streams tensor by tensor; every file is written as kli_outfile_open describes
+ * (a temporary file renamed at the end).
+ * @return KLI_OK, KLI_E_IO, KLI_E_FORMAT, KLI_E_RANGE (bad type or rule), KLI_E_INVALID
+ *         (`out` is `in`, or one of its files is a file of `in`). */
 int kli_quantize(const char *in, const char *out, const struct kli_quantize_options *opt,
                  struct kli_err *err);
 
@@ -649,13 +652,51 @@ void kli_convert_options_init(struct kli_convert_options *opt);
  * dtype the kernels read, each routed expert's three matrices one page-aligned range. Which
  * tensors are converted follows kli_quantize. The input must open as a model (every tensor
  * is checked against config.json first). Streams tensor by tensor, so memory stays a few MB
- * plus the metadata whatever the model size; writes out.tmp, syncs it and renames it over
- * `out` at the end, so an interrupted conversion never leaves a partial `out` (a killed one
- * may leave out.tmp, which the next run replaces).
- * @return KLI_OK; KLI_E_IO (an existing `out` without force, read or write errors);
+ * plus the metadata whatever the model size; writes a temporary file, syncs it and renames
+ * it over `out` at the end (kli_outfile_open), so an interrupted conversion never leaves a
+ * partial `out` (a killed one may leave a .out.*.tmp file beside it).
+ * @return KLI_OK; KLI_E_IO (an existing `out` without force, read or write errors, an
+ *         `out` that another process is writing); KLI_E_INVALID (`out` is the input or one
+ *         of its files);
  *         KLI_E_FORMAT; KLI_E_RANGE (bad type or rule); KLI_E_INTERRUPTED; KLI_E_NOMEM. */
 int kli_convert(const char *in, const char *out, const struct kli_convert_options *opt,
                 struct kli_err *err);
+
+/* ---- output files ---------------------------------------------------------------------
+ * Every file kli writes goes through these: the new contents go to a fresh temporary file
+ * in the target's directory (a random name, created with O_EXCL|O_NOFOLLOW, so nothing
+ * planted there is followed), which is synced and renamed over the target, and the
+ * directory is synced. A symbolic link target is followed: the file it names is replaced
+ * and the link stays. A target that is not a regular file is refused (KLI_E_IO), except
+ * that with KLI_OUTFILE_STREAM a character device or FIFO is written directly. While a
+ * file is being written, kli holds an exclusive flock(2) on DIR/.NAME.lock (removed at the
+ * end): a second writer of the same target fails at once with KLI_E_IO ("being written by
+ * another process") instead of racing. Temporary files that killed writers of the target
+ * left behind are removed once the lock is held. */
+struct kli_outfile;
+
+#define KLI_OUTFILE_STREAM 1u   /* write a character device or FIFO target in place */
+
+/* @return KLI_OK and *out; KLI_E_IO naming the path (a directory, a device node, a dangling
+ *         link, a target locked by another writer, or the open error); KLI_E_NOMEM. */
+int kli_outfile_open(struct kli_outfile **out, const char *path, unsigned flags,
+                     struct kli_err *err);
+
+/* @return the descriptor to write the new contents to (seekable unless streaming). */
+int kli_outfile_fd(const struct kli_outfile *f);
+
+/* Syncs and renames the new file over the target, then frees f (even on failure).
+ * @return KLI_OK or KLI_E_IO. */
+int kli_outfile_commit(struct kli_outfile *f, struct kli_err *err);
+
+/* Removes the temporary file, releases the lock and frees f. NULL is allowed. */
+void kli_outfile_abort(struct kli_outfile *f);
+
+/* Refuses to write `out` over an input: `out` (following links) must be neither `in` nor,
+ * when `in` is a directory, a file directly inside it (compared by device and inode, so
+ * links and other names of the same file count). Paths that do not exist pass.
+ * @return KLI_OK, or KLI_E_INVALID naming both paths. */
+int kli_output_check(const char *out, const char *in, struct kli_err *err);
 
 /* Reads every weight of a model opened from a .kli file and checks it against the checksum
  * the file records for it (the sections opening needs are checked at open already). Slow:

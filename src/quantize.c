@@ -17,6 +17,7 @@
 
 #include "internal.h"
 #include "quantize.h"
+#include "wbuf.h"
 #include "weights.h"
 
 void
@@ -98,51 +99,75 @@ quant_write(const char *out, const char *name, const char *text, uint64_t len,
             struct kli_err *err)
 {
     char dst[4096];
-    FILE *g;
 
     if (text == NULL)
         return KLI_OK;
+    if (len > SIZE_MAX)
+        return kli_err_set(err, KLI_E_NOMEM, "%s/%s: too large", out, name);
     snprintf(dst, sizeof(dst), "%s/%s", out, name);
-    if ((g = fopen(dst, "wb")) == NULL)
-        return kli_err_set(err, KLI_E_IO, "%s: %s", dst, strerror(errno));
-    if (fwrite(text, 1, (size_t)len, g) != (size_t)len) {
-        fclose(g);
-        return kli_err_set(err, KLI_E_IO, "%s: write error", dst);
-    }
-    if (fclose(g) != 0)
-        return kli_err_set(err, KLI_E_IO, "%s: write error", dst);
-    return KLI_OK;
+    return kli_write_file(dst, text, (size_t)len, err);
 }
 
-/* Copies a small file if it exists. */
+/* Copies a small file if it exists: read whole, then written as a new file, so that even
+ * a destination that is the source would keep its contents. */
 static int
 quant_copy(const char *in, const char *out, const char *name, int required, struct kli_err *err)
 {
-    char src[4096], dst[4096], buf[65536];
-    FILE *f, *g;
-    size_t n;
+    char src[4096];
+    char *text = NULL;
+    size_t len = 0, cap = 0, n;
+    FILE *f;
+    int rc;
 
     snprintf(src, sizeof(src), "%s/%s", in, name);
-    snprintf(dst, sizeof(dst), "%s/%s", out, name);
     if ((f = fopen(src, "rb")) == NULL) {
         if (!required && errno == ENOENT)
             return KLI_OK;
         return kli_err_set(err, KLI_E_IO, "%s: %s", src, strerror(errno));
     }
-    if ((g = fopen(dst, "wb")) == NULL) {
-        fclose(f);
-        return kli_err_set(err, KLI_E_IO, "%s: %s", dst, strerror(errno));
-    }
-    while ((n = fread(buf, 1, sizeof(buf), f)) > 0) {
-        if (fwrite(buf, 1, n, g) != n) {
-            fclose(f);
-            fclose(g);
-            return kli_err_set(err, KLI_E_IO, "%s: write error", dst);
+    do {
+        if (len == cap) {
+            char *nt = cap < ((size_t)1 << 30) ? realloc(text, cap ? 2 * cap : 65536) : NULL;
+            if (nt == NULL) {
+                fclose(f);
+                free(text);
+                return kli_err_set(err, KLI_E_NOMEM, "%s: out of memory (or over 1 GiB)", src);
+            }
+            text = nt;
+            cap = cap ? 2 * cap : 65536;
         }
+        n = fread(text + len, 1, cap - len, f);
+        len += n;
+    } while (n > 0);
+    if (ferror(f)) {
+        fclose(f);
+        free(text);
+        return kli_err_set(err, KLI_E_IO, "%s: read error", src);
     }
     fclose(f);
-    if (fclose(g) != 0)
-        return kli_err_set(err, KLI_E_IO, "%s: write error", dst);
+    rc = quant_write(out, name, text, len, err);
+    free(text);
+    return rc;
+}
+
+/* Refuses an output directory that is the input or holds the input's files. */
+static int
+quant_check_output(const char *in, const char *out, struct kli_err *err)
+{
+    static const char *const names[] = {
+        "config.json", "tiktoken.model", "tokenizer_config.json", "model.safetensors",
+        "model.safetensors.index.json",
+    };
+    char path[4096];
+    int rc;
+
+    if ((rc = kli_output_check(out, in, err)) != KLI_OK)
+        return rc;
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
+        snprintf(path, sizeof(path), "%s/%s", out, names[i]);
+        if ((rc = kli_output_check(path, in, err)) != KLI_OK)
+            return rc;
+    }
     return KLI_OK;
 }
 
@@ -265,6 +290,8 @@ kli_quantize(const char *in, const char *out, const struct kli_quantize_options 
                            "f32)", opt->type);
     if ((rc = quantize_check_rules(opt->keep, opt->n_keep, err)) != KLI_OK)
         return rc;
+    if ((rc = quant_check_output(in, out, err)) != KLI_OK)
+        return rc;
     if (mkdir(out, 0777) != 0 && errno != EEXIST)
         return kli_err_set(err, KLI_E_IO, "%s: %s", out, strerror(errno));
     snprintf(path, sizeof(path), "%s/model.safetensors", out);
@@ -303,6 +330,9 @@ kli_quantize(const char *in, const char *out, const struct kli_quantize_options 
         total += d->nbytes;
         maxcols = cols > maxcols ? cols : maxcols;
     }
+    /* the weights' writer first: it locks model.safetensors against a second run */
+    if ((rc = kli_st_writer_open(&w, path, ent, n, err)) != KLI_OK)
+        goto out;
     const struct kli_pack_info *pk = kli_wfile_pack(wf);
     if (pk != NULL) {
         /* A .kli input carries the three files in its sections. */
@@ -317,8 +347,6 @@ kli_quantize(const char *in, const char *out, const struct kli_quantize_options 
                (rc = quant_copy(in, out, "tokenizer_config.json", 0, err)) != KLI_OK) {
         goto out;
     }
-    if ((rc = kli_st_writer_open(&w, path, ent, n, err)) != KLI_OK)
-        goto out;
 
     struct quant_ctx qc = {w, opt, 0, total};
     struct quantize_stream qs = {quant_write_st, quant_tick, &qc, NULL, NULL, 0};

@@ -506,7 +506,7 @@ kli_session_save(const struct kli_session *s, const struct kli_sampler *smp, con
 {
     struct snap_enc e;
     uint8_t hdr[SNAP_HEADER] = {0};
-    char *tmp = NULL;
+    struct kli_outfile *of = NULL;
     FILE *fp = NULL;
     int rc;
 
@@ -514,48 +514,44 @@ kli_session_save(const struct kli_session *s, const struct kli_sampler *smp, con
         return kli_err_set(err, KLI_E_INVALID, "kli_session_save: NULL argument");
     if ((rc = backend_sess_pull((struct kli_session *)s, err)) != KLI_OK)
         return rc;
-    size_t pl = strlen(path);
-    if ((tmp = kli_malloc(pl + 5)) == NULL)
-        return kli_err_set(err, KLI_E_NOMEM, "out of memory");
-    snprintf(tmp, pl + 5, "%s.tmp", path);
-    if ((fp = fopen(tmp, "wb")) == NULL) {
-        rc = kli_err_set(err, KLI_E_IO, "%s: %s", tmp, strerror(errno));
-        goto out;
+    if ((rc = kli_outfile_open(&of, path, 0, err)) != KLI_OK)
+        return rc;
+    int fd = dup(kli_outfile_fd(of));
+    if (fd < 0 || (fp = fdopen(fd, "wb")) == NULL) {
+        rc = kli_err_set(err, KLI_E_IO, "%s: %s", path, strerror(errno));
+        if (fd >= 0)
+            close(fd);
+        goto fail;
     }
     /* The header needs the checksum and sizes: a placeholder now, the real one at the end. */
     if (fwrite(hdr, 1, SNAP_HEADER, fp) != SNAP_HEADER) {
-        rc = kli_err_set(err, KLI_E_IO, "%s: write error: %s", tmp, strerror(errno));
+        rc = kli_err_set(err, KLI_E_IO, "%s: write error: %s", path, strerror(errno));
         goto fail;
     }
     memset(&e, 0, sizeof(e));
     e.fp = fp;
-    e.path = tmp;
+    e.path = path;
     e.err = err;
     if ((rc = snap_encode(&e, s, smp, hdr)) != KLI_OK)
         goto fail;
     if (fseek(fp, 0, SEEK_SET) != 0 || fwrite(hdr, 1, SNAP_HEADER, fp) != SNAP_HEADER ||
-        fflush(fp) != 0 || fsync(fileno(fp)) != 0) {
-        rc = kli_err_set(err, KLI_E_IO, "%s: write error: %s", tmp, strerror(errno));
+        fflush(fp) != 0) {
+        rc = kli_err_set(err, KLI_E_IO, "%s: write error: %s", path, strerror(errno));
         goto fail;
     }
     rc = fclose(fp);
     fp = NULL;
     if (rc != 0) {
-        rc = kli_err_set(err, KLI_E_IO, "%s: write error: %s", tmp, strerror(errno));
+        rc = kli_err_set(err, KLI_E_IO, "%s: write error: %s", path, strerror(errno));
         goto fail;
     }
-    if (rename(tmp, path) != 0) {
-        rc = kli_err_set(err, KLI_E_IO, "%s: %s", path, strerror(errno));
-        goto fail;
-    }
-    rc = KLI_OK;
-    goto out;
+    rc = kli_outfile_commit(of, err);
+    of = NULL;
+    return rc;
 fail:
     if (fp != NULL)
         fclose(fp);
-    unlink(tmp);
-out:
-    free(tmp);
+    kli_outfile_abort(of);
     return rc;
 }
 

@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "internal.h"
 #include "weights.h"
@@ -109,15 +110,48 @@ sy_fill(const struct sy_tensor *t, float *x, int64_t n, uint64_t *rng)
     }
 }
 
+/* A stdio stream over a new file that replaces `path` on sy_close (kli_outfile). */
+static FILE *
+sy_open(const char *path, struct kli_outfile **of, int *rc, struct kli_err *err)
+{
+    FILE *f = NULL;
+    int fd;
+
+    if ((*rc = kli_outfile_open(of, path, 0, err)) != KLI_OK)
+        return NULL;
+    if ((fd = dup(kli_outfile_fd(*of))) < 0 || (f = fdopen(fd, "w")) == NULL) {
+        *rc = kli_err_set(err, KLI_E_IO, "%s: %s", path, strerror(errno));
+        if (fd >= 0)
+            close(fd);
+        kli_outfile_abort(*of);
+        *of = NULL;
+    }
+    return f;
+}
+
+static int
+sy_close(struct kli_outfile *of, FILE *f, const char *path, struct kli_err *err)
+{
+    int bad = ferror(f), closed = fclose(f);
+
+    if (bad || closed != 0) {
+        kli_outfile_abort(of);
+        return kli_err_set(err, KLI_E_IO, "%s: write error", path);
+    }
+    return kli_outfile_commit(of, err);
+}
+
 static int
 sy_config(const char *out, const struct kli_synth_options *o, struct kli_err *err)
 {
     char path[4096];
+    struct kli_outfile *of;
     FILE *f;
+    int rc;
 
     snprintf(path, sizeof(path), "%s/config.json", out);
-    if ((f = fopen(path, "w")) == NULL)
-        return kli_err_set(err, KLI_E_IO, "%s: %s", path, strerror(errno));
+    if ((f = sy_open(path, &of, &rc, err)) == NULL)
+        return rc;
     fprintf(f, "{\n \"architectures\": [\"KimiLinearForCausalLM\"],\n"
                " \"model_type\": \"kimi_linear\",\n \"vocab_size\": %d,\n"
                " \"hidden_size\": %d,\n \"num_hidden_layers\": %d,\n"
@@ -152,8 +186,8 @@ sy_config(const char *out, const struct kli_synth_options *o, struct kli_err *er
     }
     fprintf(f, "],\n  \"head_dim\": %d,\n  \"num_heads\": %d,\n"
                "  \"short_conv_kernel_size\": 4\n }\n}\n", SY_KDA_DIM, SY_KDA_HEADS);
-    if (fclose(f) != 0)
-        return kli_err_set(err, KLI_E_IO, "%s: write error", path);
+    if ((rc = sy_close(of, f, path, err)) != KLI_OK)
+        return rc;
     return KLI_OK;
 }
 
@@ -188,12 +222,14 @@ sy_tokenizer(const char *out, struct kli_err *err)
         {"163838", "[UNK]"}, {"163839", "[PAD]"},
     };
     char path[4096], b64[8];
+    struct kli_outfile *of;
     FILE *f;
+    int rc;
     int rank = 0;
 
     snprintf(path, sizeof(path), "%s/tiktoken.model", out);
-    if ((f = fopen(path, "w")) == NULL)
-        return kli_err_set(err, KLI_E_IO, "%s: %s", path, strerror(errno));
+    if ((f = sy_open(path, &of, &rc, err)) == NULL)
+        return rc;
     for (int a = 0; a < 256; a++) {
         uint8_t b[1] = {(uint8_t)a};
         sy_b64(b, 1, b64);
@@ -215,18 +251,18 @@ sy_tokenizer(const char *out, struct kli_err *err)
             }
         }
     }
-    if (fclose(f) != 0)
-        return kli_err_set(err, KLI_E_IO, "%s: write error", path);
+    if ((rc = sy_close(of, f, path, err)) != KLI_OK)
+        return rc;
     snprintf(path, sizeof(path), "%s/tokenizer_config.json", out);
-    if ((f = fopen(path, "w")) == NULL)
-        return kli_err_set(err, KLI_E_IO, "%s: %s", path, strerror(errno));
+    if ((f = sy_open(path, &of, &rc, err)) == NULL)
+        return rc;
     fprintf(f, "{\n \"added_tokens_decoder\": {\n");
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
         fprintf(f, "  \"%s\": {\"content\": \"%s\", \"special\": true}%s\n", names[i][0],
                 names[i][1], i + 1 < sizeof(names) / sizeof(names[0]) ? "," : "");
     fprintf(f, " }\n}\n");
-    if (fclose(f) != 0)
-        return kli_err_set(err, KLI_E_IO, "%s: write error", path);
+    if ((rc = sy_close(of, f, path, err)) != KLI_OK)
+        return rc;
     return KLI_OK;
 }
 
@@ -347,8 +383,9 @@ kli_synth(const char *out, const struct kli_synth_options *opt, struct kli_err *
         ent[i].nbytes = kli_dtype_nbytes(t->dt, (uint64_t)(t->rows * t->cols));
         total += ent[i].nbytes;
     }
-    if ((rc = sy_config(out, opt, err)) != KLI_OK || (rc = sy_tokenizer(out, err)) != KLI_OK ||
-        (rc = kli_st_writer_open(&w, path, ent, l.n, err)) != KLI_OK)
+    /* the weights' writer first: it locks model.safetensors against a second run */
+    if ((rc = kli_st_writer_open(&w, path, ent, l.n, err)) != KLI_OK ||
+        (rc = sy_config(out, opt, err)) != KLI_OK || (rc = sy_tokenizer(out, err)) != KLI_OK)
         goto out;
     const int64_t slab = 1 << 20;   /* floats per slab; every row length divides into it */
     fbuf = kli_mallocarray((size_t)slab + 16384, sizeof(float));

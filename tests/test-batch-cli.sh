@@ -171,7 +171,7 @@ c "--overwrite: every id exactly once" ids "$tmp/res.jsonl" $all
     echo '{"id":"good2","messages":[{"role":"user","content":"Hey"}],"max_tokens":4,"stop":["e"]}'
 } >"$tmp/bad.jsonl"
 t "bad records do not stop the batch" 0 "$kli" batch -m "$model" -i "$tmp/bad.jsonl" \
-    -o "$tmp/bad.out" --max-prompt-bytes 32 -t 1 --temp 0
+    -o "$tmp/bad.out" --max-prompt-bytes 32 -t 1 --temp 0 --max-errors 7
 c "one line per record, ids or line numbers" ids "$tmp/bad.out" good1 line:2 noprompt both \
     badtemp huge line:8 line:9 line:10 good2
 c "error lines for the bad ones only" errors "$tmp/bad.out" line:2 noprompt both badtemp huge \

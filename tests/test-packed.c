@@ -8,6 +8,7 @@
  */
 #include "config.h"
 
+#include <dirent.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -77,6 +78,21 @@ convert(const char *in, const char *out, const char *type, int force, struct kli
     o.force = force;
     memset(err, 0, sizeof(*err));
     return kli_convert(in, out, &o, err);
+}
+
+/* The number of entries of directory d whose names begin with prefix. */
+static int
+count_prefixed(const char *d, const char *prefix)
+{
+    DIR *dp = opendir(d);
+    struct dirent *de;
+    int n = 0;
+
+    while (dp != NULL && (de = readdir(dp)) != NULL)
+        n += strncmp(de->d_name, prefix, strlen(prefix)) == 0;
+    if (dp != NULL)
+        closedir(dp);
+    return n;
 }
 
 static int
@@ -523,8 +539,11 @@ main(void)
     int status = 0;
     ok(pid > 0 && waitpid(pid, &status, 0) == pid && WIFSIGNALED(status) && !exists(p_x),
        "a conversion killed midway leaves no output file");
+    ok(count_prefixed(dir, ".x.kli.") > 0, "... only the files it left beside it (%d)",
+       count_prefixed(dir, ".x.kli."));
     ok(convert(fixture, p_x, NULL, 0, &err) == KLI_OK && same_logits(fixture, NULL, p_x, NULL),
        "the next conversion replaces the stale temporary: %s", err.msg);
+    ok(count_prefixed(dir, ".x.kli.") == 0, "... and removes it (and its lock file)");
 
     /* ---- bad arguments ---- */
     ok(convert(fixture, p_x, "q7", 1, &err) == KLI_E_RANGE, "an unknown type is refused");

@@ -8,9 +8,12 @@
  */
 #include "config.h"
 
+#include <dirent.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #ifdef HAVE_ZSTD
@@ -197,6 +200,108 @@ make_raw(const uint8_t *snap, size_t len, uint8_t **out)
 }
 #endif
 
+/* 1 when directory d holds exactly the entry `name` (and . and ..). */
+static int
+dir_only(const char *d, const char *name)
+{
+    DIR *dp = opendir(d);
+    struct dirent *de;
+    int good = dp != NULL, seen = 0;
+
+    while (dp != NULL && (de = readdir(dp)) != NULL) {
+        if (strcmp(de->d_name, ".") == 0 || strcmp(de->d_name, "..") == 0)
+            continue;
+        if (strcmp(de->d_name, name) == 0)
+            seen = 1;
+        else
+            good = 0;
+    }
+    if (dp != NULL)
+        closedir(dp);
+    return good && seen;
+}
+
+/* 1 when the file at p holds exactly the n bytes of want. */
+static int
+file_is(const char *p, const void *want, size_t n)
+{
+    size_t len = 0;
+    uint8_t *b = read_file(p, &len);
+    int same = b != NULL && len == n && memcmp(b, want, n) == 0;
+
+    free(b);
+    return same;
+}
+
+/* kli_session_save into a directory of traps: a link planted at the old fixed temporary
+ * name, a link as the target, a FIFO as the target. Each must leave other files alone. */
+static void
+save_targets(struct kli_session *s, struct kli_sampler *smp, const char *dir)
+{
+    char d[4200], victim[4300], target[4300], planted[4400], link[4300];
+    static const char precious[] = "precious bytes\n";
+    struct kli_err err = {0};
+    struct stat st;
+    FILE *f;
+
+    int64_t need = kli_session_snapshot(s, smp, NULL, 0, &err);
+    uint8_t *snap = need > 0 ? malloc((size_t)need) : NULL;
+
+    if (snap == NULL || kli_session_snapshot(s, smp, snap, need, &err) != need) {
+        ok(0, "snapshot to memory: %s", err.msg);
+        free(snap);
+        return;
+    }
+    snprintf(d, sizeof(d), "%s/traps", dir);
+    if (mkdir(d, 0777) != 0) {
+        ok(0, "mkdir %s", d);
+        free(snap);
+        return;
+    }
+    snprintf(victim, sizeof(victim), "%s/victim", d);
+    snprintf(target, sizeof(target), "%s/s.klisnap", d);
+    snprintf(planted, sizeof(planted), "%s.tmp", target);
+    f = fopen(victim, "wb");
+    if (f == NULL || fwrite(precious, 1, sizeof(precious) - 1, f) != sizeof(precious) - 1) {
+        ok(0, "writing %s", victim);
+        if (f != NULL)
+            fclose(f);
+        free(snap);
+        return;
+    }
+    fclose(f);
+
+    /* a symbolic link where the temporary file used to go */
+    ok(symlink(victim, planted) == 0, "a link planted at %s", planted);
+    ok(kli_session_save(s, smp, target, &err) == KLI_OK, "save beside it: %s", err.msg);
+    ok(file_is(victim, precious, sizeof(precious) - 1),
+       "the file the planted link names is untouched");
+    ok(lstat(target, &st) == 0 && S_ISREG(st.st_mode) && file_is(target, snap, (size_t)need),
+       "the snapshot is a regular file with the snapshot's bytes");
+    unlink(planted);
+    unlink(target);
+
+    /* the target is a link: the file it names gets the snapshot, the link stays */
+    snprintf(link, sizeof(link), "%s/link.klisnap", d);
+    ok(symlink("victim", link) == 0, "a link to the victim as the target");
+    memset(&err, 0, sizeof(err));
+    ok(kli_session_save(s, smp, link, &err) == KLI_OK, "save through it: %s", err.msg);
+    ok(lstat(link, &st) == 0 && S_ISLNK(st.st_mode), "the link is still a link");
+    ok(file_is(victim, snap, (size_t)need), "the file it names holds the snapshot");
+    unlink(link);
+
+    /* a FIFO is no place for a snapshot: refused, and it stays a FIFO */
+    ok(mkfifo(target, 0666) == 0, "a FIFO as the target");
+    memset(&err, 0, sizeof(err));
+    ok(kli_session_save(s, smp, target, &err) == KLI_E_IO, "refused: %s", err.msg);
+    ok(lstat(target, &st) == 0 && S_ISFIFO(st.st_mode), "the FIFO is still a FIFO");
+    unlink(target);
+    ok(dir_only(d, "victim"), "no temporary files are left behind");
+    unlink(victim);
+    rmdir(d);
+    free(snap);
+}
+
 int
 main(void)
 {
@@ -275,8 +380,7 @@ main(void)
     ok(fbytes != NULL && flen == (size_t)need && memcmp(fbytes, snap, flen) == 0,
        "the file holds the same bytes as the memory snapshot");
     free(fbytes);
-    snprintf(path2, sizeof(path2), "%s.tmp", path);
-    ok(access(path2, F_OK) != 0, "no temporary file is left behind");
+    ok(dir_only(tmpl, "state.klisnap"), "no temporary file is left behind");
     snprintf(path2, sizeof(path2), "%s/damaged.klisnap", tmpl);
     ok(kli_session_pos(s) == N_PROMPT, "snapshotting leaves the session alone");
 
@@ -506,6 +610,9 @@ main(void)
     memset(&err, 0, sizeof(err));
     ok(kli_session_save(s, smp, path2, &err) == KLI_E_IO, "save to a missing directory: %s",
        err.msg);
+
+    /* ---- saving where it must not harm anything else ---- */
+    save_targets(s, smp, tmpl);
 
     unlink(path);
     snprintf(path2, sizeof(path2), "%s/damaged.klisnap", tmpl);

@@ -865,8 +865,9 @@ struct pw_tensor {
 };
 
 struct kli_pack_writer {
-    int fd;
-    char *path, *tmp;
+    struct kli_outfile *of;      /* the replacement of path (outfile.c) */
+    int fd;                      /* its descriptor */
+    char *path;
     uint8_t *prefix;             /* [data_off] */
     uint64_t data_off, file_size;
     uint64_t dir_off;
@@ -885,12 +886,8 @@ kli_pack_writer_abort(struct kli_pack_writer *w)
 {
     if (w == NULL)
         return;
-    if (w->fd >= 0)
-        close(w->fd);
-    if (w->tmp != NULL)
-        unlink(w->tmp);
+    kli_outfile_abort(w->of);
     free(w->path);
-    free(w->tmp);
     free(w->prefix);
     free(w->t);
     free(w->wb.buf);
@@ -1013,7 +1010,6 @@ kli_pack_writer_open(struct kli_pack_writer **out, const char *path,
 {
     struct kli_pack_writer *w;
     uint64_t cfg_off, cfg_size, tok_off, tok_size, tcl, dir_size, ss = 0, pos, n_groups = 0;
-    size_t pl;
     int rc;
 
     *out = NULL;
@@ -1027,14 +1023,11 @@ kli_pack_writer_open(struct kli_pack_writer **out, const char *path,
         return kli_err_set(err, KLI_E_NOMEM, "out of memory writing %s", path);
     w->fd = -1;
     w->n = n;
-    pl = strlen(path);
     w->path = kli_strdup(path);
-    w->tmp = kli_malloc(pl + 5);
     w->t = kli_calloc((size_t)n + 1, sizeof(*w->t));
     w->wb.buf = kli_malloc(KLI_WBUF_SIZE);
-    if (w->path == NULL || w->tmp == NULL || w->t == NULL || w->wb.buf == NULL)
+    if (w->path == NULL || w->t == NULL || w->wb.buf == NULL)
         goto nomem;
-    snprintf(w->tmp, pl + 5, "%s.tmp", path);
 
     /* Layout: header, config, tokenizer and directory (64-byte aligned), then the data. */
     for (int64_t i = 0; i < n; i++) {
@@ -1148,17 +1141,13 @@ kli_pack_writer_open(struct kli_pack_writer **out, const char *path,
         }
     }
 
-    do {
-        w->fd = open(w->tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
-    } while (w->fd < 0 && errno == EINTR);
-    if (w->fd < 0) {
-        rc = kli_err_set(err, KLI_E_IO, "%s: %s", w->tmp, strerror(errno));
+    if ((rc = kli_outfile_open(&w->of, path, 0, err)) != KLI_OK)
         goto fail;
-    }
-    if ((rc = kli_write_all(w->fd, w->prefix, (size_t)w->data_off, w->tmp, err)) != KLI_OK)
+    w->fd = kli_outfile_fd(w->of);
+    if ((rc = kli_write_all(w->fd, w->prefix, (size_t)w->data_off, w->path, err)) != KLI_OK)
         goto fail;
     w->wb.fd = w->fd;
-    w->wb.name = w->tmp;
+    w->wb.name = w->path;
     w->wb.pos = w->data_off;
     xxh64_init(&w->h, 0);
     xxh64_init(&w->hdata, 0);
@@ -1231,26 +1220,16 @@ kli_pack_writer_close(struct kli_pack_writer *w, struct kli_err *err)
         if (k < 0 && errno == EINTR)
             continue;
         if (k <= 0) {
-            rc = kli_err_set(err, KLI_E_IO, "%s: write error: %s", w->tmp,
+            rc = kli_err_set(err, KLI_E_IO, "%s: write error: %s", w->path,
                              strerror(k < 0 ? errno : ENOSPC));
             goto fail;
         }
         o += (uint64_t)k;
     }
-    if (fsync(w->fd) != 0 || close(w->fd) != 0) {
-        w->fd = -1;
-        rc = kli_err_set(err, KLI_E_IO, "%s: write error: %s", w->tmp, strerror(errno));
-        goto fail;
-    }
-    w->fd = -1;
-    if (rename(w->tmp, w->path) != 0) {
-        rc = kli_err_set(err, KLI_E_IO, "%s: %s", w->path, strerror(errno));
-        goto fail;
-    }
-    free(w->tmp);
-    w->tmp = NULL;
+    rc = kli_outfile_commit(w->of, err);
+    w->of = NULL;
     kli_pack_writer_abort(w);
-    return KLI_OK;
+    return rc;
 fail:
     kli_pack_writer_abort(w);
     return rc;

@@ -1,30 +1,25 @@
 /*
  * stwrite.c - a streaming safetensors writer (the format of doc/formats.md 2.1): header
  * length, JSON header padded with spaces to a multiple of 8, then the tensors back to back
- * in the declared order. Written to PATH.tmp and renamed on success.
+ * in the declared order. Written through kli_outfile (outfile.c): a temporary file renamed
+ * over PATH on success.
  */
 #include "config.h"
 
 #include <cjson/cJSON.h>
-#include <errno.h>
-#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 #include "internal.h"
 #include "wbuf.h"
 #include "weights.h"
 
-#ifndef O_CLOEXEC
-#define O_CLOEXEC 0
-#endif
-
 struct kli_st_writer {
+    struct kli_outfile *of;
     int fd;
     struct kli_wbuf wb;           /* the tensor bytes, in aligned pieces (wbuf.h) */
-    char *path, *tmp;
+    char *path;
     uint64_t total, written;
 };
 
@@ -33,13 +28,9 @@ kli_st_writer_abort(struct kli_st_writer *w)
 {
     if (w == NULL)
         return;
-    if (w->fd >= 0)
-        close(w->fd);
+    kli_outfile_abort(w->of);
     free(w->wb.buf);
-    if (w->tmp != NULL)
-        unlink(w->tmp);
     free(w->path);
-    free(w->tmp);
     free(w);
 }
 
@@ -56,12 +47,9 @@ kli_st_writer_open(struct kli_st_writer **out, const char *path,
     if (w == NULL || hdr == NULL)
         goto nomem;
     w->fd = -1;
-    size_t pl = strlen(path);
     w->path = kli_strdup(path);
-    w->tmp = kli_malloc(pl + 8);
-    if (w->path == NULL || w->tmp == NULL)
+    if (w->path == NULL)
         goto nomem;
-    snprintf(w->tmp, pl + 8, "%s.tmp", path);
     for (int64_t i = 0; i < n; i++) {
         const struct kli_st_entry *e = &entries[i];
         cJSON *t = cJSON_CreateObject(), *shape = cJSON_CreateArray(), *off = cJSON_CreateArray();
@@ -94,19 +82,15 @@ kli_st_writer_open(struct kli_st_writer **out, const char *path,
         len8[i] = (uint8_t)(nh >> (8 * i));
     if ((w->wb.buf = kli_malloc(KLI_WBUF_SIZE)) == NULL)
         goto nomem;
-    do {
-        w->fd = open(w->tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
-    } while (w->fd < 0 && errno == EINTR);
-    if (w->fd < 0) {
-        rc = kli_err_set(err, KLI_E_IO, "%s: %s", w->tmp, strerror(errno));
+    if ((rc = kli_outfile_open(&w->of, path, 0, err)) != KLI_OK)
         goto fail;
-    }
-    if ((rc = kli_write_all(w->fd, len8, 8, w->tmp, err)) != KLI_OK ||
-        (rc = kli_write_all(w->fd, text, hl, w->tmp, err)) != KLI_OK ||
-        (rc = kli_write_all(w->fd, "        ", pad, w->tmp, err)) != KLI_OK)
+    w->fd = kli_outfile_fd(w->of);
+    if ((rc = kli_write_all(w->fd, len8, 8, w->path, err)) != KLI_OK ||
+        (rc = kli_write_all(w->fd, text, hl, w->path, err)) != KLI_OK ||
+        (rc = kli_write_all(w->fd, "        ", pad, w->path, err)) != KLI_OK)
         goto fail;
     w->wb.fd = w->fd;
-    w->wb.name = w->tmp;
+    w->wb.name = w->path;
     w->wb.pos = 8 + nh;
     free(text);
     cJSON_Delete(hdr);
@@ -146,20 +130,8 @@ kli_st_writer_close(struct kli_st_writer *w, struct kli_err *err)
         kli_st_writer_abort(w);
         return rc;
     }
-    if (fsync(w->fd) != 0 || close(w->fd) != 0) {
-        w->fd = -1;
-        rc = kli_err_set(err, KLI_E_IO, "%s: write error: %s", w->tmp, strerror(errno));
-        kli_st_writer_abort(w);
-        return rc;
-    }
-    w->fd = -1;
-    if (rename(w->tmp, w->path) != 0) {
-        rc = kli_err_set(err, KLI_E_IO, "%s: %s", w->path, strerror(errno));
-        kli_st_writer_abort(w);
-        return rc;
-    }
-    free(w->tmp);
-    w->tmp = NULL;
+    rc = kli_outfile_commit(w->of, err);
+    w->of = NULL;
     kli_st_writer_abort(w);
-    return KLI_OK;
+    return rc;
 }

@@ -36,4 +36,8 @@ int kli_wbuf_append(struct kli_wbuf *b, const void *p, uint64_t n, struct kli_er
 /* Writes out what is buffered. */
 int kli_wbuf_flush(struct kli_wbuf *b, struct kli_err *err);
 
+/* Replaces the file `path` with the n bytes of p, through kli_outfile (kli.h).
+ * @return KLI_OK or a negative status naming the file. */
+int kli_write_file(const char *path, const void *p, size_t n, struct kli_err *err);
+
 #endif

@@ -75,9 +75,10 @@ int kli_wfile_locate(const struct kli_wfile *w, const void *p, int32_t *file, ui
 
 /* ==== writing safetensors ==================================================================
  * A streaming writer: the tensor list is declared up front (so the header can be written
- * first), then each tensor's bytes are appended in that order. The file is written as
- * PATH.tmp and renamed over PATH only by a successful kli_st_writer_close, so an interrupted
- * run never leaves a half-written file under the final name. */
+ * first), then each tensor's bytes are appended in that order. The file is written through
+ * kli_outfile (kli.h): a temporary file renamed over PATH only by a successful
+ * kli_st_writer_close, so an interrupted run never leaves a half-written file under the
+ * final name, and a second writer of PATH fails while one is at work. */
 
 struct kli_st_entry {
     const char *name;
@@ -96,7 +97,7 @@ int kli_st_writer_write(struct kli_st_writer *w, const void *data, uint64_t nbyt
                         struct kli_err *err);
 /* Checks that every declared byte was written, flushes and renames into place. */
 int kli_st_writer_close(struct kli_st_writer *w, struct kli_err *err);
-/* Abandons the file (removes PATH.tmp). NULL is allowed. */
+/* Abandons the file (removes the temporary file). NULL is allowed. */
 void kli_st_writer_abort(struct kli_st_writer *w);
 
 /* ==== kli's packed format (.kli, packed.c; the byte layout is kli-pack(5)) ==================
@@ -169,8 +170,9 @@ uint64_t kli_xxh64(const void *p, size_t n, uint64_t seed);
 
 /* The streaming writer: declare the tensors in file order, then append their bytes in
  * that order (any split into calls), then close. Tensors with the same group >= 0 must be
- * consecutive; each such run becomes one page-aligned range in the group table. Written to
- * PATH.tmp, synced, and renamed over PATH by a successful close. */
+ * consecutive; each such run becomes one page-aligned range in the group table. Written
+ * through kli_outfile (kli.h): a temporary file, synced and renamed over PATH by a
+ * successful close. */
 struct kli_pack_entry {
     const char *name;
     enum kli_dtype dtype;
@@ -199,7 +201,7 @@ int kli_pack_writer_open(struct kli_pack_writer **out, const char *path,
 int kli_pack_writer_write(struct kli_pack_writer *w, const void *data, uint64_t nbytes,
                           struct kli_err *err);
 int kli_pack_writer_close(struct kli_pack_writer *w, struct kli_err *err);
-/* Abandons the file (removes PATH.tmp). NULL is allowed. */
+/* Abandons the file (removes the temporary file). NULL is allowed. */
 void kli_pack_writer_abort(struct kli_pack_writer *w);
 
 #endif
