@@ -21,6 +21,10 @@ struct mla_scratch {
     int layer;                         /* the layer being run, for gpu */
 };
 
+/* Floats of one token's row of the latent cache: the normalised latent c^ and k_pe. The one
+ * place this size is computed. */
+int64_t mla_row_floats(const struct kli_config *cfg);
+
 /* Floats of per-thread attention workspace for a context of n tokens. */
 int64_t mla_work_floats(const struct kli_config *cfg, int64_t n);
 
