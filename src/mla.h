@@ -15,8 +15,9 @@ struct mla_scratch {
     float *o;      /* [T][H*v] */
     float *qfull;  /* [T][H][L+rope]: absorbed query (W_UK^T q_nope) followed by q_pe */
     float *lat;    /* [T][H][L]: attention-weighted latent per head */
-    float *work;   /* [n_threads][mla_work_floats(ctx)]; the batched path uses it whole */
-    int64_t work_stride;
+    float *work;   /* [n_threads][work_stride]; the matrix form uses it whole for [H][n] */
+    int64_t work_stride;               /* mla_work_floats(work_n) */
+    int64_t work_n;                    /* the longest context `work` serves, in tokens */
     struct backend_sess *const *gpu;   /* [n_seq] device state for this pass, or NULL */
     int layer;                         /* the layer being run, for gpu */
 };
