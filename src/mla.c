@@ -175,7 +175,7 @@ mla_softmax_range(void *ctx, int64_t h0, int64_t h1, int ith)
     }
 }
 
-void
+int
 mla_forward(const struct kli_model *m, const struct kli_mla_w *w, float *const *caches,
             const int64_t *pos, int64_t n_seq, struct mla_scratch *sc, const float *x,
             int64_t T_seq, float *out)
@@ -188,10 +188,16 @@ mla_forward(const struct kli_model *m, const struct kli_mla_w *w, float *const *
     struct mla_job j = {m, w, sc, T};
     float scale = 1.0f / sqrtf((float)dqk);
 
+    /* The workspace holds the scores [H][n] of the longest sequence: every thread's share
+     * together, H * n <= n_threads * mla_work_floats(n) (one thread's is at least H * n). */
+    for (int64_t q = 0; q < n_seq; q++) {
+        if (pos[q] + T_seq > sc->work_n)
+            return -1;
+    }
     /* With a GPU that holds this layer's weights, the whole layer runs there. */
     if (sc->gpu != NULL && backend_mla_layer(sc->gpu, sc->layer, caches, pos, n_seq, T_seq, x,
                                              out) == 0)
-        return;
+        return 0;
     ops_matmul(&w->q_proj, x, D, sc->q, H * dqk, T);
     ops_matmul(&w->kv_a, x, D, sc->ckv, stride, T);
     for (int64_t t = 0; t < T; t++) {
@@ -216,7 +222,7 @@ mla_forward(const struct kli_model *m, const struct kli_mla_w *w, float *const *
     for (int64_t t = 0; !on_gpu && t < T; t++) {
         int64_t sq = t / T_seq, n = pos[sq] + t % T_seq + 1;
         const float *cache = caches[sq];
-        float *S = sc->work;   /* [H][n]: the whole per-thread workspace is at least H*n */
+        float *S = sc->work;   /* [H][n], n <= work_n: checked above */
         struct kli_tensor keys = ops_view_f32(cache, n, stride);
         ops_matmul(&keys, sc->qfull + t * H * stride, stride, S, n, H);
         struct mla_softmax_job sj = {S, n, n, scale};
@@ -225,4 +231,5 @@ mla_forward(const struct kli_model *m, const struct kli_mla_w *w, float *const *
     }
     threads_parallel_for(H, 1, mla_expand_range, &j);
     ops_matmul(&w->o_proj, sc->o, H * dv, out, D, T);
+    return 0;
 }

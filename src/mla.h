@@ -32,10 +32,13 @@ int64_t mla_work_floats(const struct kli_config *cfg, int64_t n);
 /* Runs one MLA layer over n_seq sequences of T_seq tokens (row s * T_seq + t of x is
  * token t of sequence s). caches[s] [pos[s]+T_seq][L+rope] holds, per token, the
  * normalised latent c^ (L values) and the raw k_pe (rope values); the new entries are
- * written at rows pos[s].. of each. x [n_seq*T_seq][d_model] -> out. */
-void mla_forward(const struct kli_model *m, const struct kli_mla_w *w, float *const *caches,
-                 const int64_t *pos, int64_t n_seq, struct mla_scratch *sc, const float *x,
-                 int64_t T_seq, float *out);
+ * written at rows pos[s].. of each. x [n_seq*T_seq][d_model] -> out. The workspace must
+ * serve the longest sequence: sc->work_n >= pos[s] + T_seq for every s (forward_run grows
+ * it through session_work_reserve before the step).
+ * @return 0, or -1 (nothing done) when it does not. */
+int mla_forward(const struct kli_model *m, const struct kli_mla_w *w, float *const *caches,
+                const int64_t *pos, int64_t n_seq, struct mla_scratch *sc, const float *x,
+                int64_t T_seq, float *out);
 
 /* Attention for one query row and head, two ways (exposed for tests).
  *   absorbed: scores against the latent cache directly (docs/model.md 5.2)
