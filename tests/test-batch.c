@@ -66,6 +66,7 @@ unequal_lengths(const char *dir)
             diag("prefill %d: %s", i, err.msg);
         }
     }
+    uint64_t lead_bytes = ok_all ? kli_session_nbytes(b[0]) : 0;
     for (int t = 0; ok_all && t < STEPS; t++) {
         kli_token toks[NS];
         for (int i = 0; i < NS; i++)
@@ -85,6 +86,11 @@ unequal_lengths(const char *dir)
     }
     ok(ok_all && worst < 1e-5, "lengths 3 (leading, ctx_max 32), 700, 1, 300 stepped together "
        "match stepping alone (worst rel L2 %.2e over %d steps)", worst, STEPS);
+    /* the leader's buffers grew: the batched logits [NS][V], its attention workspace (to
+     * serve 700 tokens) and the MoE rows; the memory it reports counts more than the first */
+    ok(ok_all && kli_session_nbytes(b[0]) > lead_bytes + (uint64_t)V * NS * 4,
+       "the leader's kli_session_nbytes counts what the step added: %llu -> %llu",
+       (unsigned long long)lead_bytes, (unsigned long long)kli_session_nbytes(b[0]));
     for (int i = 0; i < NS; i++) {
         kli_session_free(a[i]);
         kli_session_free(b[i]);
