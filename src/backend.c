@@ -704,10 +704,11 @@ bk_kda_view(const struct kli_kda_w *w, const char *base, const uint64_t off[13])
 static uint64_t
 bk_kda_state_bytes(const struct kli_config *cfg, uint64_t *bs, uint64_t *bc)
 {
-    uint64_t H = (uint64_t)cfg->kda.n_heads, K = (uint64_t)cfg->kda.head_dim;
+    int64_t ns, nc;
 
-    *bs = H * K * K * 4;
-    *bc = 3 * H * K * (uint64_t)(cfg->kda.conv_size - 1) * 4;
+    kda_state_floats(cfg, &ns, &nc);
+    *bs = (uint64_t)ns * 4;
+    *bc = (uint64_t)nc * 4;
     return *bs + *bc;
 }
 
@@ -953,7 +954,7 @@ backend_model_open(struct kli_model *m, const struct kli_model_options *opt,
     }
 
     /* MLA attention: the shape must suit the kernel; the mirrors grow as sessions do. */
-    int64_t n_mla = 0, C = (int64_t)cfg->mla.kv_lora_rank + cfg->mla.qk_rope_dim;
+    int64_t n_mla = 0, C = mla_row_floats(cfg);
     for (int i = 0; i < cfg->n_layers; i++)
         n_mla += cfg->layer_mixer[i] == KLI_MIXER_MLA;
     char mla_note[200] = "";
@@ -1046,7 +1047,7 @@ backend_sess_free(struct kli_session *s)
     if (g == NULL)
         return;
     struct backend_model *bm = g->bm;
-    int64_t C = (int64_t)s->m->cfg.mla.kv_lora_rank + s->m->cfg.mla.qk_rope_dim;
+    int64_t C = mla_row_floats(&s->m->cfg);
     if (g->q != NULL)
         bm->ops->queue_sync(g->q, NULL);
     if (g->dc != NULL) {
@@ -1106,8 +1107,7 @@ backend_sess_create(struct kli_session *s, struct kli_err *err)
     g->dcap = kli_calloc(nl, sizeof(*g->dcap));
     g->synced = kli_calloc(nl, sizeof(*g->synced));
     g->cptr = kli_calloc(B, sizeof(*g->cptr));
-    g->newrows = kli_calloc(B * (size_t)(cfg->mla.kv_lora_rank + cfg->mla.qk_rope_dim),
-                            sizeof(float));
+    g->newrows = kli_calloc(B * (size_t)mla_row_floats(cfg), sizeof(float));
     g->nrow = kli_calloc(B, sizeof(*g->nrow));
     g->items = kli_calloc(E + 1, sizeof(*g->items));
     g->start = kli_calloc(E + 2, sizeof(*g->start));
@@ -1366,7 +1366,7 @@ bk_mirror(struct backend_sess *g, struct kli_gpu_queue *q, int i, const float *c
 {
     struct backend_model *bm = g->bm;
     const struct kli_backend_ops *ops = bm->ops;
-    int64_t C = (int64_t)bm->m->cfg.mla.kv_lora_rank + bm->m->cfg.mla.qk_rope_dim;
+    int64_t C = mla_row_floats(&bm->m->cfg);
     int rc;
 
     if (room > g->dcap[i]) {
@@ -1435,7 +1435,7 @@ backend_mla_attend(struct backend_sess *const *gs, int layer, float *const *cach
         g0->nrow[t] = pos[q] + t % T_seq + 1;
     }
     struct kli_gpu_mla_job j = {
-        T, c->n_heads, c->kv_lora_rank, c->kv_lora_rank + c->qk_rope_dim,
+        T, c->n_heads, c->kv_lora_rank, (int32_t)mla_row_floats(&bm->m->cfg),
         1.0f / sqrtf((float)(c->qk_nope_dim + c->qk_rope_dim)),
         g0->cptr, g0->nrow, qfull, lat,
     };
@@ -1454,7 +1454,7 @@ backend_mla_layer(struct backend_sess *const *gs, int layer, float *const *cache
     struct backend_model *bm = g0->bm;
     const struct kli_config *cfg = &bm->m->cfg;
     const struct kli_config_mla *c = &cfg->mla;
-    int64_t C = (int64_t)c->kv_lora_rank + c->qk_rope_dim, T = n_seq * T_seq;
+    int64_t C = mla_row_floats(cfg), T = n_seq * T_seq;
     struct kli_err e = {0};
 
     if (!bm->mla_proj || bm->mla_w[layer].buf == NULL || g0->dead)

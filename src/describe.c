@@ -8,6 +8,8 @@
 #include <string.h>
 
 #include "internal.h"
+#include "kda.h"
+#include "mla.h"
 #include "model.h"
 #include "xcache.h"
 
@@ -98,10 +100,8 @@ kli_model_describe(const struct kli_model *m, int tensors, char *buf, size_t cap
             text_printf(&t, " %s %llu", kli_dtype_name(d), (unsigned long long)by_dtype[d]);
     }
     text_printf(&t, "\n");
-    int64_t HK = (int64_t)c->kda.n_heads * c->kda.head_dim;
-    int64_t kda_bytes = (int64_t)n_kda * 4 *
-                        (HK * c->kda.head_dim + 3 * HK * (c->kda.conv_size - 1));
-    int64_t mla_bytes = (int64_t)n_mla * 4 * (c->mla.kv_lora_rank + c->mla.qk_rope_dim);
+    int64_t kda_bytes = (int64_t)n_kda * 4 * kda_state_floats(c, NULL, NULL);
+    int64_t mla_bytes = (int64_t)n_mla * 4 * mla_row_floats(c);
     text_printf(&t, "state:        KDA %lld bytes per sequence (fp32 recurrent + conv), "
                 "MLA cache %lld bytes per token (fp32 latent + k_pe)\n",
                 (long long)kda_bytes, (long long)mla_bytes);

@@ -17,6 +17,7 @@
 #include "backend.h"
 #include "ffn.h"
 #include "forward.h"
+#include "internal.h"
 #include "kda.h"
 #include "mla.h"
 #include "moe.h"
@@ -60,10 +61,22 @@ forward_run(struct kli_session *const *ss, int64_t n_seq, const kli_token *tok, 
 
     double t0 = fwd_now(), t1;
 
+    /* s's scratch serves every sequence: its row count was checked by the callers
+     * (n_seq * T_seq <= batch_max), and the attention workspace must serve the longest
+     * context of the batch, which may be another session's. */
+    int64_t longest = 0;
+    if (n_seq > FORWARD_MAX_SEQ || T > s->batch_max)
+        return kli_err_set(err, KLI_E_RANGE, "a step of %lld rows exceeds the first "
+                           "session's batch_max %d", (long long)T, s->batch_max);
+    for (int64_t q = 0; q < n_seq; q++) {
+        pos[q] = ss[q]->pos;
+        longest = pos[q] + T_seq > longest ? pos[q] + T_seq : longest;
+    }
+    if (session_work_reserve(s, longest, err) != KLI_OK)
+        return KLI_E_NOMEM;
+
     for (int64_t t = 0; t < T; t++)
         ops_row_f32(&m->embed, tok[t], s->h + t * D);
-    for (int64_t q = 0; q < n_seq; q++)
-        pos[q] = ss[q]->pos;
     /* With a GPU, the MLA and MoE blocks hand it part of their work (backend.c). */
     struct backend_sess *gs[FORWARD_MAX_SEQ];
     int gpu = backend_forward_begin(ss, n_seq, T_seq, gs, err);
@@ -100,7 +113,17 @@ forward_run(struct kli_session *const *ss, int64_t n_seq, const kli_token *tok, 
         } else {
             for (int64_t q = 0; q < n_seq; q++)
                 caches[q] = ss[q]->cache[i];
-            mla_forward(m, &ly->mla, caches, pos, n_seq, &s->mla_sc, s->x, T_seq, s->y);
+            if (mla_forward(m, &ly->mla, caches, pos, n_seq, &s->mla_sc, s->x, T_seq,
+                            s->y) != 0) {
+                /* not after session_work_reserve above; but never past the workspace */
+                for (int64_t q = 0; q < n_seq; q++)
+                    ss[q]->broken = 1;
+                if (m->xc != NULL)
+                    xcache_unlock(m->xc);
+                return kli_err_set(err, KLI_E_INVALID, "MLA layer %d: the attention "
+                                   "workspace serves %lld tokens, the step needs %lld", i,
+                                   (long long)s->mla_sc.work_n, (long long)longest);
+            }
         }
         t0 = fwd_now();
         s->phase[ly->mixer == KLI_MIXER_KDA ? KLI_PHASE_KDA : KLI_PHASE_MLA] += t0 - t1;

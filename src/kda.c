@@ -83,6 +83,20 @@ kda_recurrent(int64_t T, int64_t K, int64_t V, const float *q, const float *k, c
 #define KDA_SUB 16
 
 int64_t
+kda_state_floats(const struct kli_config *cfg, int64_t *n_S, int64_t *n_conv)
+{
+    int64_t H = cfg->kda.n_heads, K = cfg->kda.head_dim;
+    /* S [H][K][K] (the value dimension equals the key dimension); conv [3][H*K][W-1] */
+    int64_t ns = H * K * K, nc = 3 * H * K * (int64_t)(cfg->kda.conv_size - 1);
+
+    if (n_S != NULL)
+        *n_S = ns;
+    if (n_conv != NULL)
+        *n_conv = nc;
+    return ns + nc;
+}
+
+int64_t
 kda_chunk_floats(int64_t K, int64_t V)
 {
     int64_t C = KDA_CHUNK;

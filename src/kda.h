@@ -17,8 +17,13 @@ struct kda_state {
     float *conv;   /* [3][H*K][W-1] the last W-1 raw inputs of q, k, v, oldest first */
 };
 
-/* Scratch for T <= batch_max tokens, allocated by kli_session_create (session.c); `chunk`
- * holds kda_chunk_floats per thread. */
+/* Floats of one sequence's state of one KDA layer: the recurrent state S (*n_S) and the conv
+ * state (*n_conv) that struct kda_state points to. @return their sum. The one place these
+ * sizes are computed: sessions, snapshots, the GPU mirrors and `kli describe` ask here. */
+int64_t kda_state_floats(const struct kli_config *cfg, int64_t *n_S, int64_t *n_conv);
+
+/* Scratch for T <= batch_max tokens, allocated with the session (session.c's buffer table);
+ * `chunk` holds kda_chunk_floats per thread. */
 struct kda_scratch {
     float *raw[3];   /* [T][HK] projections before the convolution */
     float *qkv[3];   /* [T][HK] after conv + SiLU; q and k then L2-normalised */

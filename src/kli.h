@@ -366,9 +366,12 @@ int kli_session_eval(struct kli_session *s, const kli_token *tokens, int32_t n,
  * one matrix product over their rows), which is what makes continuous batching pay off:
  * memory traffic per step barely grows with n. Each session's logits are then in
  * kli_session_logits(ss[i]). The sessions must be distinct and of one model; ss[0]'s scratch
- * serves the step, so n must not exceed its batch_max. The same thread rule applies to all
- * of them at once (no other thread may use any of these sessions meanwhile).
- * @return KLI_OK; KLI_E_RANGE (a bad id, a full sequence, n too large), KLI_E_INVALID. */
+ * serves the step, so n must not exceed its batch_max, and its attention workspace grows to
+ * the longest context among them (which may exceed ss[0]'s own ctx_max). The same thread
+ * rule applies to all of them at once (no other thread may use any of these sessions
+ * meanwhile).
+ * @return KLI_OK; KLI_E_RANGE (a bad id, a full sequence, n too large), KLI_E_INVALID,
+ *         KLI_E_NOMEM (the sessions are then unchanged). */
 int kli_session_eval_batch(struct kli_session *const *ss, const kli_token *tokens, int32_t n,
                            struct kli_err *err);
 

@@ -25,6 +25,12 @@
 #include "threads.h"
 
 int64_t
+mla_row_floats(const struct kli_config *cfg)
+{
+    return (int64_t)cfg->mla.kv_lora_rank + cfg->mla.qk_rope_dim;
+}
+
+int64_t
 mla_work_floats(const struct kli_config *cfg, int64_t n)
 {
     int64_t Lr = cfg->mla.kv_lora_rank, nope = cfg->mla.qk_nope_dim, dv = cfg->mla.v_head_dim;
@@ -44,7 +50,7 @@ mla_attend_absorbed(const struct kli_model *m, const struct kli_mla_w *w, const 
     const struct kli_kernels *kk = kli_kernels();
     const struct kli_config_mla *c = &m->cfg.mla;
     int64_t Lr = c->kv_lora_rank, nope = c->qk_nope_dim, rope = c->qk_rope_dim;
-    int64_t dv = c->v_head_dim, stride = Lr + rope;
+    int64_t dv = c->v_head_dim, stride = mla_row_floats(&m->cfg);
     float scale = 1.0f / sqrtf((float)(nope + rope));
     float *sc = work, *qlat = sc + n, *lat = qlat + Lr;
 
@@ -71,7 +77,7 @@ mla_attend_expanded(const struct kli_model *m, const struct kli_mla_w *w, const 
 {
     const struct kli_config_mla *c = &m->cfg.mla;
     int64_t Lr = c->kv_lora_rank, nope = c->qk_nope_dim, rope = c->qk_rope_dim;
-    int64_t dv = c->v_head_dim, stride = Lr + rope;
+    int64_t dv = c->v_head_dim, stride = mla_row_floats(&m->cfg);
     float scale = 1.0f / sqrtf((float)(nope + rope));
     float *sc = work, *kv = sc + n;   /* kv: [nope + v] for one cached token */
     const float *wuk = w->w_uk_t + h * Lr * nope, *wuv = w->w_uv + h * dv * Lr;
@@ -120,7 +126,7 @@ mla_absorb_range(void *ctx, int64_t h0, int64_t h1, int ith)
     struct mla_job *j = ctx;
     const struct kli_config_mla *c = &j->m->cfg.mla;
     int64_t H = c->n_heads, Lr = c->kv_lora_rank, nope = c->qk_nope_dim, rope = c->qk_rope_dim;
-    int64_t dqk = nope + rope, stride = Lr + rope;
+    int64_t dqk = nope + rope, stride = mla_row_floats(&j->m->cfg);
 
     (void)ith;
     for (int64_t h = h0; h < h1; h++) {
@@ -169,7 +175,7 @@ mla_softmax_range(void *ctx, int64_t h0, int64_t h1, int ith)
     }
 }
 
-void
+int
 mla_forward(const struct kli_model *m, const struct kli_mla_w *w, float *const *caches,
             const int64_t *pos, int64_t n_seq, struct mla_scratch *sc, const float *x,
             int64_t T_seq, float *out)
@@ -177,15 +183,21 @@ mla_forward(const struct kli_model *m, const struct kli_mla_w *w, float *const *
     const struct kli_config *cfg = &m->cfg;
     const struct kli_config_mla *c = &cfg->mla;
     int64_t D = cfg->d_model, H = c->n_heads, Lr = c->kv_lora_rank, rope = c->qk_rope_dim;
-    int64_t dqk = c->qk_nope_dim + rope, dv = c->v_head_dim, stride = Lr + rope;
+    int64_t dqk = c->qk_nope_dim + rope, dv = c->v_head_dim, stride = mla_row_floats(cfg);
     int64_t T = n_seq * T_seq;
     struct mla_job j = {m, w, sc, T};
     float scale = 1.0f / sqrtf((float)dqk);
 
+    /* The workspace holds the scores [H][n] of the longest sequence: every thread's share
+     * together, H * n <= n_threads * mla_work_floats(n) (one thread's is at least H * n). */
+    for (int64_t q = 0; q < n_seq; q++) {
+        if (pos[q] + T_seq > sc->work_n)
+            return -1;
+    }
     /* With a GPU that holds this layer's weights, the whole layer runs there. */
     if (sc->gpu != NULL && backend_mla_layer(sc->gpu, sc->layer, caches, pos, n_seq, T_seq, x,
                                              out) == 0)
-        return;
+        return 0;
     ops_matmul(&w->q_proj, x, D, sc->q, H * dqk, T);
     ops_matmul(&w->kv_a, x, D, sc->ckv, stride, T);
     for (int64_t t = 0; t < T; t++) {
@@ -210,7 +222,7 @@ mla_forward(const struct kli_model *m, const struct kli_mla_w *w, float *const *
     for (int64_t t = 0; !on_gpu && t < T; t++) {
         int64_t sq = t / T_seq, n = pos[sq] + t % T_seq + 1;
         const float *cache = caches[sq];
-        float *S = sc->work;   /* [H][n]: the whole per-thread workspace is at least H*n */
+        float *S = sc->work;   /* [H][n], n <= work_n: checked above */
         struct kli_tensor keys = ops_view_f32(cache, n, stride);
         ops_matmul(&keys, sc->qfull + t * H * stride, stride, S, n, H);
         struct mla_softmax_job sj = {S, n, n, scale};
@@ -219,4 +231,5 @@ mla_forward(const struct kli_model *m, const struct kli_mla_w *w, float *const *
     }
     threads_parallel_for(H, 1, mla_expand_range, &j);
     ops_matmul(&w->o_proj, sc->o, H * dv, out, D, T);
+    return 0;
 }

@@ -15,11 +15,16 @@ struct mla_scratch {
     float *o;      /* [T][H*v] */
     float *qfull;  /* [T][H][L+rope]: absorbed query (W_UK^T q_nope) followed by q_pe */
     float *lat;    /* [T][H][L]: attention-weighted latent per head */
-    float *work;   /* [n_threads][mla_work_floats(ctx)]; the batched path uses it whole */
-    int64_t work_stride;
+    float *work;   /* [n_threads][work_stride]; the matrix form uses it whole for [H][n] */
+    int64_t work_stride;               /* mla_work_floats(work_n) */
+    int64_t work_n;                    /* the longest context `work` serves, in tokens */
     struct backend_sess *const *gpu;   /* [n_seq] device state for this pass, or NULL */
     int layer;                         /* the layer being run, for gpu */
 };
+
+/* Floats of one token's row of the latent cache: the normalised latent c^ and k_pe. The one
+ * place this size is computed. */
+int64_t mla_row_floats(const struct kli_config *cfg);
 
 /* Floats of per-thread attention workspace for a context of n tokens. */
 int64_t mla_work_floats(const struct kli_config *cfg, int64_t n);
@@ -27,10 +32,13 @@ int64_t mla_work_floats(const struct kli_config *cfg, int64_t n);
 /* Runs one MLA layer over n_seq sequences of T_seq tokens (row s * T_seq + t of x is
  * token t of sequence s). caches[s] [pos[s]+T_seq][L+rope] holds, per token, the
  * normalised latent c^ (L values) and the raw k_pe (rope values); the new entries are
- * written at rows pos[s].. of each. x [n_seq*T_seq][d_model] -> out. */
-void mla_forward(const struct kli_model *m, const struct kli_mla_w *w, float *const *caches,
-                 const int64_t *pos, int64_t n_seq, struct mla_scratch *sc, const float *x,
-                 int64_t T_seq, float *out);
+ * written at rows pos[s].. of each. x [n_seq*T_seq][d_model] -> out. The workspace must
+ * serve the longest sequence: sc->work_n >= pos[s] + T_seq for every s (forward_run grows
+ * it through session_work_reserve before the step).
+ * @return 0, or -1 (nothing done) when it does not. */
+int mla_forward(const struct kli_model *m, const struct kli_mla_w *w, float *const *caches,
+                const int64_t *pos, int64_t n_seq, struct mla_scratch *sc, const float *x,
+                int64_t T_seq, float *out);
 
 /* Attention for one query row and head, two ways (exposed for tests).
  *   absorbed: scores against the latent cache directly (doc/model.md 5.2)

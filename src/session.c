@@ -1,7 +1,13 @@
 /*
  * session.c - kli_session: the state of one sequence (KDA recurrent and conv states, the MLA
  * latent cache) and the scratch memory its evaluation needs, allocated at creation so that
- * decoding allocates nothing. Only the MLA cache grows, geometrically, as the context does.
+ * decoding allocates nothing. Only what depends on the context grows, geometrically, as the
+ * context does: the MLA cache, the token history and the attention workspace (the last also
+ * when a batched step this session leads holds a longer sequence than its own).
+ *
+ * Every buffer is an entry of one table (session.h, struct sess_buf), built by sess_table;
+ * create, free, reset, reserve, copy (reuse.c), snapshot and restore (snapshot.c) and
+ * kli_session_nbytes walk it rather than naming the buffers.
  */
 #include "config.h"
 
@@ -11,6 +17,8 @@
 #include "backend.h"
 #include "forward.h"
 #include "internal.h"
+#include "kda.h"
+#include "mla.h"
 #include "session.h"
 #include "threads.h"
 
@@ -20,17 +28,172 @@ kli_session_options_init(struct kli_session_options *opt)
     memset(opt, 0, sizeof(*opt));
 }
 
-/* A zeroed, aligned float buffer of n elements, or NULL. */
-static float *
-sess_floats(int64_t n)
+/* ==== The table of buffers ================================================================ */
+
+void *
+session_buf_ptr(const struct sess_buf *e)
 {
-    if (n < 0 || (uint64_t)n > SIZE_MAX / sizeof(float) / 2)
+    return e->f != NULL ? (void *)*e->f : (void *)*e->i;
+}
+
+static void
+sess_buf_set(struct sess_buf *e, void *p)
+{
+    if (e->f != NULL)
+        *e->f = p;
+    else
+        *e->i = p;
+}
+
+int64_t
+session_state_words(const struct sess_buf *e, int64_t pos)
+{
+    return e->fixed + e->per_tok * pos;
+}
+
+/* A zeroed, aligned buffer of n 4-byte words (at least one), or NULL. */
+static void *
+sess_words(int64_t n)
+{
+    if (n < 0 || (uint64_t)n > SIZE_MAX / 4 / 2)
         return NULL;
-    float *p = kli_malloc_aligned((size_t)n * sizeof(float));
+    if (n == 0)
+        n = 1;
+    void *p = kli_malloc_aligned((size_t)n * 4);
     if (p != NULL)
-        memset(p, 0, (size_t)n * sizeof(float));
+        memset(p, 0, (size_t)n * 4);
     return p;
 }
+
+/* Gives entry e a new zeroed buffer of `words`, keeping the first `keep` words. On failure e
+ * is unchanged. */
+static int
+sess_buf_grow(struct sess_buf *e, int64_t words, int64_t keep)
+{
+    void *p = sess_words(words), *old = session_buf_ptr(e);
+
+    if (p == NULL)
+        return -1;
+    if (old != NULL && keep > 0)
+        memcpy(p, old, (size_t)keep * 4);
+    kli_free_aligned(old);
+    sess_buf_set(e, p);
+    e->words = words;
+    return 0;
+}
+
+/* The entry whose buffer the session keeps at `where`. */
+static struct sess_buf *
+sess_find(struct kli_session *s, const void *where)
+{
+    for (int k = 0; k < s->n_buf; k++) {
+        if ((const void *)s->buf[k].f == where || (const void *)s->buf[k].i == where)
+            return &s->buf[k];
+    }
+    kli_panic(__FILE__, __LINE__, "a session buffer outside its table");
+}
+
+/* Adds an entry to the table and allocates its `words`, unless it is SESS_LATER.
+ * @return 0, or -1 when out of memory (the entry is in the table, unallocated). */
+static int
+sess_add(struct kli_session *s, float **f, int32_t **i, int64_t words, int64_t fixed,
+         int64_t per_tok, unsigned flags)
+{
+    struct sess_buf *e = &s->buf[s->n_buf++];
+
+    e->f = f;
+    e->i = i;
+    e->fixed = fixed;
+    e->per_tok = per_tok;
+    e->flags = flags;
+    if (flags & SESS_STATE)
+        s->n_state = s->n_buf;
+    return (flags & SESS_LATER) ? 0 : sess_buf_grow(e, words, 0);
+}
+
+#define SESS_F(p, n) (bad |= sess_add(s, (p), NULL, (n), 0, 0, 0))
+#define SESS_I(p, n) (bad |= sess_add(s, NULL, (p), (n), 0, 0, 0))
+
+/* Fills s->buf and allocates what it can at creation: first the state, in snapshot order
+ * (the token history, each layer's state, the logits), then the scratch. Entries with
+ * SESS_LATER are allocated by session_reserve, session_work_reserve and
+ * kli_session_eval_batch. @return 0, or -1 when out of memory. */
+static int
+sess_table(struct kli_session *s)
+{
+    const struct kli_model *m = s->m;
+    const struct kli_config *cfg = &m->cfg;
+    int64_t B = s->batch_max, D = cfg->d_model, nl = cfg->n_layers;
+    int64_t H = cfg->kda.n_heads, K = cfg->kda.head_dim, HK = H * K;
+    /* the low-rank gate inputs: f and g side by side (kda.c fuses them for short batches) */
+    int64_t low = m->kda_rank_f + m->kda_rank_g;
+    int64_t Hm = cfg->mla.n_heads, dqk = cfg->mla.qk_nope_dim + cfg->mla.qk_rope_dim;
+    int64_t row = mla_row_floats(cfg);
+    int64_t E = cfg->moe.n_experts, top = cfg->moe.top_k;
+    int64_t dff = cfg->d_ff, mff = (int64_t)cfg->moe.d_ff;
+    int64_t n_S, n_conv;
+    int bad = 0;
+
+    if ((int64_t)cfg->moe.d_ff * cfg->moe.n_shared > mff)
+        mff = (int64_t)cfg->moe.d_ff * cfg->moe.n_shared;
+    kda_state_floats(cfg, &n_S, &n_conv);
+    s->buf = kli_calloc((size_t)(2 * nl + 48), sizeof(*s->buf));
+    if (s->buf == NULL)
+        return -1;
+
+    /* state */
+    bad |= sess_add(s, NULL, &s->hist, 0, 0, 1, SESS_STATE | SESS_LATER);
+    for (int i = 0; i < nl; i++) {
+        if (cfg->layer_mixer[i] == KLI_MIXER_KDA) {
+            bad |= sess_add(s, &s->kda[i].S, NULL, n_S, n_S, 0, SESS_STATE);
+            bad |= sess_add(s, &s->kda[i].conv, NULL, n_conv, n_conv, 0, SESS_STATE);
+        } else {
+            bad |= sess_add(s, &s->cache[i], NULL, 0, 0, row, SESS_STATE | SESS_LATER);
+        }
+    }
+    bad |= sess_add(s, &s->logits, NULL, cfg->n_vocab, cfg->n_vocab, 0,
+                    SESS_STATE | SESS_LOGITS);
+
+    /* scratch for batch_max tokens */
+    bad |= sess_add(s, &s->batch_logits, NULL, 0, 0, 0, SESS_LATER);   /* [B][n_vocab] */
+    bad |= sess_add(s, &s->mla_sc.work, NULL, 0, 0, 0, SESS_LATER);
+    SESS_F(&s->h, B * D);
+    SESS_F(&s->x, B * D);
+    SESS_F(&s->y, B * D);
+    SESS_F(&s->ffn_h1, B * (dff > 0 ? dff : 1));
+    SESS_F(&s->ffn_h3, B * (dff > 0 ? dff : 1));
+    for (int p = 0; p < 3; p++) {
+        SESS_F(&s->kda_sc.raw[p], B * HK);
+        SESS_F(&s->kda_sc.qkv[p], B * HK);
+    }
+    SESS_F(&s->kda_sc.g, B * HK);
+    SESS_F(&s->kda_sc.beta, B * H);
+    SESS_F(&s->kda_sc.low, B * (low > 0 ? low : 1));
+    SESS_F(&s->kda_sc.gate, B * HK);
+    SESS_F(&s->kda_sc.o, B * HK);
+    SESS_F(&s->kda_sc.chunk, s->n_threads * kda_chunk_floats(K, K));
+    SESS_F(&s->mla_sc.q, B * Hm * dqk);
+    SESS_F(&s->mla_sc.ckv, B * row);
+    SESS_F(&s->mla_sc.o, B * Hm * cfg->mla.v_head_dim);
+    SESS_F(&s->mla_sc.qfull, B * Hm * row);
+    SESS_F(&s->mla_sc.lat, B * Hm * cfg->mla.kv_lora_rank);
+    if (E > 0) {
+        SESS_F(&s->moe_sc.logits, B * E);
+        SESS_F(&s->moe_sc.wt, B * top);
+        SESS_F(&s->moe_sc.xe, B * D);
+        SESS_F(&s->moe_sc.ye, B * D);
+        SESS_F(&s->moe_sc.h1, B * mff);
+        SESS_F(&s->moe_sc.h3, B * mff);
+        SESS_I(&s->moe_sc.idx, B * top);
+        SESS_I(&s->moe_sc.order, B * top);
+        SESS_I(&s->moe_sc.count, E + 1);
+    }
+    KLI_ASSERT(s->n_buf <= 2 * nl + 48);
+    return bad ? -1 : 0;
+}
+
+#undef SESS_F
+#undef SESS_I
 
 void
 kli_session_free(struct kli_session *s)
@@ -38,41 +201,41 @@ kli_session_free(struct kli_session *s)
     if (s == NULL)
         return;
     backend_sess_free(s);
-    if (s->kda != NULL) {
-        for (int i = 0; i < s->m->cfg.n_layers; i++) {
-            kli_free_aligned(s->kda[i].S);
-            kli_free_aligned(s->kda[i].conv);
-        }
-    }
-    if (s->cache != NULL) {
-        for (int i = 0; i < s->m->cfg.n_layers; i++)
-            kli_free_aligned(s->cache[i]);
-    }
+    for (int k = 0; k < s->n_buf; k++)
+        kli_free_aligned(session_buf_ptr(&s->buf[k]));
+    kli_free_aligned(s->moe_sc.gbuf);   /* grown by moe.c */
+    free(s->buf);
     free(s->kda);
     free(s->cache);
-    free(s->hist);
-    float *bufs[] = {s->batch_logits, s->h, s->x, s->y, s->ffn_h1, s->ffn_h3, s->logits,
-                     s->kda_sc.raw[0], s->kda_sc.raw[1], s->kda_sc.raw[2],
-                     s->kda_sc.qkv[0], s->kda_sc.qkv[1], s->kda_sc.qkv[2],
-                     s->kda_sc.g, s->kda_sc.beta, s->kda_sc.low, s->kda_sc.gate, s->kda_sc.o,
-                     s->kda_sc.chunk, s->mla_sc.q, s->mla_sc.ckv, s->mla_sc.o, s->mla_sc.work,
-                     s->mla_sc.qfull, s->mla_sc.lat,
-                     s->moe_sc.logits, s->moe_sc.wt, s->moe_sc.xe, s->moe_sc.ye,
-                     s->moe_sc.h1, s->moe_sc.h3};
-    for (size_t i = 0; i < KLI_ARRAY_LEN(bufs); i++)
-        kli_free_aligned(bufs[i]);
-    kli_free_aligned(s->moe_sc.gbuf);
-    free(s->moe_sc.idx);
-    free(s->moe_sc.order);
-    free(s->moe_sc.count);
     free(s);
+}
+
+int
+session_work_reserve(struct kli_session *s, int64_t n, struct kli_err *err)
+{
+    int64_t have = s->mla_sc.work_n, want = n;
+
+    if (n <= have)
+        return KLI_OK;
+    /* geometric, so that a batch whose longest sequence grows a token a step seldom grows it,
+     * but no further than the session's own context where that is enough */
+    if (2 * have > want)
+        want = 2 * have;
+    if (n <= s->ctx_max && want > s->ctx_max)
+        want = s->ctx_max;
+    int64_t ws = mla_work_floats(&s->m->cfg, want);
+    if (ws > INT64_MAX / 4 / s->n_threads ||
+        sess_buf_grow(sess_find(s, &s->mla_sc.work), ws * s->n_threads, 0) != 0)
+        return kli_err_set(err, KLI_E_NOMEM, "out of memory for the attention workspace of "
+                           "%lld tokens", (long long)want);
+    s->mla_sc.work_stride = ws;
+    s->mla_sc.work_n = want;
+    return KLI_OK;
 }
 
 int
 session_reserve(struct kli_session *s, int64_t n, struct kli_err *err)
 {
-    const struct kli_config *cfg = &s->m->cfg;
-    int64_t stride = (int64_t)cfg->mla.kv_lora_rank + cfg->mla.qk_rope_dim;
     int64_t cap = s->cache_cap;
 
     if (n <= cap)
@@ -83,30 +246,19 @@ session_reserve(struct kli_session *s, int64_t n, struct kli_err *err)
         cap *= 2;
     if (cap > s->ctx_max)
         cap = s->ctx_max;
-    for (int i = 0; i < cfg->n_layers; i++) {
-        if (cfg->layer_mixer[i] != KLI_MIXER_MLA)
+    /* the MLA caches and the token history: rows [0,pos) move to the larger buffer */
+    for (int k = 0; k < s->n_state; k++) {
+        struct sess_buf *e = &s->buf[k];
+        if (e->per_tok == 0)
             continue;
-        float *p = sess_floats(cap * stride);
-        if (p == NULL)
-            return kli_err_set(err, KLI_E_NOMEM, "out of memory growing the MLA cache to %lld "
-                               "tokens", (long long)cap);
-        if (s->cache[i] != NULL)
-            memcpy(p, s->cache[i], (size_t)(s->pos * stride) * sizeof(float));
-        kli_free_aligned(s->cache[i]);
-        s->cache[i] = p;
+        if (sess_buf_grow(e, e->per_tok * cap, e->per_tok * s->pos) != 0)
+            return kli_err_set(err, KLI_E_NOMEM, "out of memory growing the %s to %lld "
+                               "tokens", e->i != NULL ? "token history" : "MLA cache",
+                               (long long)cap);
     }
-    kli_token *hist = kli_reallocarray(s->hist, (size_t)cap, sizeof(kli_token));
-    if (hist == NULL)
-        return kli_err_set(err, KLI_E_NOMEM, "out of memory growing the token history to %lld "
-                           "tokens", (long long)cap);
-    s->hist = hist;
-    int64_t ws = mla_work_floats(cfg, cap);
-    float *w = sess_floats(ws * s->n_threads);
-    if (w == NULL)
-        return kli_err_set(err, KLI_E_NOMEM, "out of memory for attention workspace");
-    kli_free_aligned(s->mla_sc.work);
-    s->mla_sc.work = w;
-    s->mla_sc.work_stride = ws;
+    int rc = session_work_reserve(s, cap, err);
+    if (rc != KLI_OK)
+        return rc;
     s->cache_cap = cap;
     return KLI_OK;
 }
@@ -140,73 +292,10 @@ kli_session_create(struct kli_session **out, const struct kli_model *m,
     s->batch_max = opt->batch_max > 0 ? opt->batch_max : 256;
     s->n_threads = threads_count();
 
-    int64_t B = s->batch_max, D = cfg->d_model, nl = cfg->n_layers;
-    int64_t H = cfg->kda.n_heads, K = cfg->kda.head_dim, HK = H * K;
-    /* the low-rank gate inputs: f and g side by side (kda.c fuses them for short batches) */
-    int64_t low = m->kda_rank_f + m->kda_rank_g;
-    int64_t Hm = cfg->mla.n_heads, dqk = cfg->mla.qk_nope_dim + cfg->mla.qk_rope_dim;
-    int64_t stride = (int64_t)cfg->mla.kv_lora_rank + cfg->mla.qk_rope_dim;
-    int64_t E = cfg->moe.n_experts, top = cfg->moe.top_k;
-    int64_t dff = cfg->d_ff, mff = (int64_t)cfg->moe.d_ff;
-    if ((int64_t)cfg->moe.d_ff * cfg->moe.n_shared > mff)
-        mff = (int64_t)cfg->moe.d_ff * cfg->moe.n_shared;
-
-    s->kda = kli_calloc((size_t)nl, sizeof(*s->kda));
-    s->cache = kli_calloc((size_t)nl, sizeof(*s->cache));
-    if (s->kda == NULL || s->cache == NULL)
+    s->kda = kli_calloc((size_t)cfg->n_layers, sizeof(*s->kda));
+    s->cache = kli_calloc((size_t)cfg->n_layers, sizeof(*s->cache));
+    if (s->kda == NULL || s->cache == NULL || sess_table(s) != 0)
         goto nomem;
-    for (int i = 0; i < nl; i++) {
-        if (cfg->layer_mixer[i] != KLI_MIXER_KDA)
-            continue;
-        s->kda[i].S = sess_floats(H * K * K);
-        s->kda[i].conv = sess_floats(3 * HK * (cfg->kda.conv_size - 1) + 1);
-        if (s->kda[i].S == NULL || s->kda[i].conv == NULL)
-            goto nomem;
-    }
-    s->h = sess_floats(B * D);
-    s->x = sess_floats(B * D);
-    s->y = sess_floats(B * D);
-    s->ffn_h1 = sess_floats(B * (dff > 0 ? dff : 1));
-    s->ffn_h3 = sess_floats(B * (dff > 0 ? dff : 1));
-    s->logits = sess_floats(cfg->n_vocab);
-    if (!s->h || !s->x || !s->y || !s->ffn_h1 || !s->ffn_h3 || !s->logits)
-        goto nomem;
-    for (int p = 0; p < 3; p++) {
-        s->kda_sc.raw[p] = sess_floats(B * HK);
-        s->kda_sc.qkv[p] = sess_floats(B * HK);
-        if (!s->kda_sc.raw[p] || !s->kda_sc.qkv[p])
-            goto nomem;
-    }
-    s->kda_sc.g = sess_floats(B * HK);
-    s->kda_sc.beta = sess_floats(B * H);
-    s->kda_sc.low = sess_floats(B * (low > 0 ? low : 1));
-    s->kda_sc.gate = sess_floats(B * HK);
-    s->kda_sc.o = sess_floats(B * HK);
-    s->kda_sc.chunk = sess_floats(s->n_threads * kda_chunk_floats(K, K));
-    s->mla_sc.q = sess_floats(B * Hm * dqk);
-    s->mla_sc.ckv = sess_floats(B * stride);
-    s->mla_sc.o = sess_floats(B * Hm * cfg->mla.v_head_dim);
-    s->mla_sc.qfull = sess_floats(B * Hm * stride);
-    s->mla_sc.lat = sess_floats(B * Hm * cfg->mla.kv_lora_rank);
-    if (!s->kda_sc.g || !s->kda_sc.beta || !s->kda_sc.low || !s->kda_sc.gate || !s->kda_sc.o ||
-        !s->kda_sc.chunk || !s->mla_sc.q || !s->mla_sc.ckv || !s->mla_sc.o ||
-        !s->mla_sc.qfull || !s->mla_sc.lat)
-        goto nomem;
-    if (E > 0) {
-        s->moe_sc.logits = sess_floats(B * E);
-        s->moe_sc.wt = sess_floats(B * top);
-        s->moe_sc.xe = sess_floats(B * D);
-        s->moe_sc.ye = sess_floats(B * D);
-        s->moe_sc.h1 = sess_floats(B * mff);
-        s->moe_sc.h3 = sess_floats(B * mff);
-        s->moe_sc.idx = kli_mallocarray((size_t)(B * top), sizeof(int32_t));
-        s->moe_sc.order = kli_mallocarray((size_t)(B * top), sizeof(int32_t));
-        s->moe_sc.count = kli_mallocarray((size_t)(E + 1), sizeof(int32_t));
-        if (!s->moe_sc.logits || !s->moe_sc.wt || !s->moe_sc.xe || !s->moe_sc.ye ||
-            !s->moe_sc.h1 || !s->moe_sc.h3 || !s->moe_sc.idx || !s->moe_sc.order ||
-            !s->moe_sc.count)
-            goto nomem;
-    }
     if (session_reserve(s, 1, err) != KLI_OK || backend_sess_create(s, err) != KLI_OK) {
         kli_session_free(s);
         return KLI_E_NOMEM;
@@ -221,15 +310,10 @@ nomem:
 void
 kli_session_reset(struct kli_session *s)
 {
-    const struct kli_config *cfg = &s->m->cfg;
-    int64_t H = cfg->kda.n_heads, K = cfg->kda.head_dim;
-
-    for (int i = 0; i < cfg->n_layers; i++) {
-        if (s->kda[i].S == NULL)
-            continue;
-        memset(s->kda[i].S, 0, (size_t)(H * K * K) * sizeof(float));
-        memset(s->kda[i].conv, 0,
-               (size_t)(3 * H * K * (cfg->kda.conv_size - 1)) * sizeof(float));
+    for (int k = 0; k < s->n_state; k++) {
+        const struct sess_buf *e = &s->buf[k];
+        if (e->fixed > 0)
+            memset(session_buf_ptr(e), 0, (size_t)e->fixed * 4);
     }
     s->pos = 0;
     s->has_logits = 0;
@@ -316,11 +400,10 @@ kli_session_eval_batch(struct kli_session *const *ss, const kli_token *tokens, i
         return kli_err_set(err, KLI_E_INVALID,
                            "the thread count grew to %d after this session was created for %d",
                            threads_count(), s0->n_threads);
-    if (s0->batch_logits == NULL) {
-        s0->batch_logits = sess_floats((int64_t)s0->batch_max * s0->m->cfg.n_vocab);
-        if (s0->batch_logits == NULL)
-            return kli_err_set(err, KLI_E_NOMEM, "out of memory for batched logits");
-    }
+    if (s0->batch_logits == NULL &&
+        sess_buf_grow(sess_find(s0, &s0->batch_logits),
+                      (int64_t)s0->batch_max * s0->m->cfg.n_vocab, 0) != 0)
+        return kli_err_set(err, KLI_E_NOMEM, "out of memory for batched logits");
     for (int32_t i = 0; i < n; i++) {
         if ((rc = session_reserve(ss[i], (int64_t)ss[i]->pos + 1, err)) != KLI_OK)
             return rc;

@@ -11,6 +11,29 @@
 #include "model.h"
 #include "moe.h"
 
+/* One buffer a session owns. Every buffer is in the session's table (kli_session.buf), which
+ * drives create, free, reset, copy, snapshot and kli_session_nbytes: a buffer added to the
+ * session is added to the table (session.c, sess_table), and every one of those follows.
+ * Buffers hold 4-byte words: floats (f) or int32 (i); exactly one of f and i is set. */
+struct sess_buf {
+    float **f;          /* where the session keeps the buffer */
+    int32_t **i;
+    int64_t words;      /* allocated; 0 while not (yet) allocated */
+    int64_t fixed;      /* state: words that do not depend on the context */
+    int64_t per_tok;    /* state: words per token; rows [0,pos) are valid (the capacity is
+                           cache_cap rows) */
+    unsigned flags;     /* SESS_STATE, SESS_LOGITS */
+};
+
+enum {
+    SESS_STATE = 1,     /* the sequence's state: saved, copied, restored; the fixed part is
+                           zeroed by reset. State entries come first, in snapshot order. */
+    SESS_LOGITS = 2,    /* state kept only while has_logits */
+    SESS_LATER = 4,     /* allocated when first needed, not at creation: what grows with the
+                           context (session_reserve, session_work_reserve) and the batched
+                           logits (kli_session_eval_batch) */
+};
+
 struct kli_session {
     const struct kli_model *m;
     int32_t ctx_max, batch_max;
@@ -39,9 +62,24 @@ struct kli_session {
                                      state is incomplete until reset or restored */
     double phase[KLI_PHASE_COUNT];   /* seconds per part of the forward pass */
     struct backend_sess *gpu;     /* device queue and cache mirrors; NULL: CPU only */
+
+    struct sess_buf *buf;         /* [n_buf] every buffer above, state entries first */
+    int n_buf, n_state;
+    int64_t work_ctx;             /* tokens of context the attention workspace serves */
 };
 
 /* Grows the MLA cache, the token history (and attention workspace) to hold `n` tokens. */
 int session_reserve(struct kli_session *s, int64_t n, struct kli_err *err);
+
+/* Grows s's attention workspace (mla_scratch.work) to serve a context of at least `n` tokens,
+ * geometrically; a batched step whose scratch is s's calls it for its longest sequence.
+ * @return KLI_OK or KLI_E_NOMEM (s unchanged). */
+int session_work_reserve(struct kli_session *s, int64_t n, struct kli_err *err);
+
+/* Words of state entry e with `pos` tokens in the session. */
+int64_t session_state_words(const struct sess_buf *e, int64_t pos);
+
+/* The address of e's buffer. */
+void *session_buf_ptr(const struct sess_buf *e);
 
 #endif

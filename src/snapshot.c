@@ -62,6 +62,7 @@
 
 #include "backend.h"
 #include "internal.h"
+#include "mla.h"
 #include "sampler.h"
 #include "session.h"
 
@@ -189,38 +190,28 @@ snap_copy32(void *dst, const uint8_t *src, int64_t n)
 
 /* ==== Sizes ================================================================================= */
 
-/* Floats of layer i's state with `pos` tokens in the session. */
-static int64_t
-snap_layer_floats(const struct kli_config *c, int i, int64_t pos)
-{
-    int64_t H = c->kda.n_heads, K = c->kda.head_dim;
-
-    if (c->layer_mixer[i] == KLI_MIXER_KDA)
-        return H * K * K + 3 * H * K * (c->kda.conv_size - 1);
-    return pos * ((int64_t)c->mla.kv_lora_rank + c->mla.qk_rope_dim);
-}
-
-/* Bytes of every layer's state. */
+/* Bytes of the state in a payload after its fixed fields, with `pos` tokens: every state
+ * entry of the session's table (session.h) in its order (the token history, each layer's
+ * state, then the logits when has_logits). */
 static uint64_t
-snap_layers_bytes(const struct kli_config *c, int64_t pos)
+snap_body_bytes(const struct kli_session *s, int64_t pos, int has_logits)
 {
     uint64_t n = 0;
 
-    for (int i = 0; i < c->n_layers; i++)
-        n += 4 * (uint64_t)snap_layer_floats(c, i, pos);
+    for (int k = 0; k < s->n_state; k++) {
+        const struct sess_buf *e = &s->buf[k];
+        if ((e->flags & SESS_LOGITS) && !has_logits)
+            continue;
+        n += 4 * (uint64_t)session_state_words(e, pos);
+    }
     return n;
 }
 
 /* Payload bytes without the sampler part. */
 static uint64_t
-snap_state_bytes(const struct kli_config *c, int64_t pos, int has_logits)
+snap_state_bytes(const struct kli_session *s, int64_t pos, int has_logits)
 {
-    uint64_t n = 4 * (10 + (uint64_t)c->n_layers) + 4 * (uint64_t)pos;
-
-    n += snap_layers_bytes(c, pos);
-    if (has_logits)
-        n += 4 * (uint64_t)c->n_vocab;
-    return n;
+    return 4 * (10 + (uint64_t)s->m->cfg.n_layers) + snap_body_bytes(s, pos, has_logits);
 }
 
 /* ==== Writing =============================================================================== */
@@ -358,7 +349,7 @@ snap_put_words(struct snap_enc *e, const void *p, int64_t n)
 static uint64_t
 snap_payload_bytes(const struct kli_session *s, const struct kli_sampler *smp)
 {
-    uint64_t n = snap_state_bytes(&s->m->cfg, s->pos, s->has_logits);
+    uint64_t n = snap_state_bytes(s, s->pos, s->has_logits);
 
     if (smp != NULL)
         n += SNAP_SAMPLER_FIXED + 4 * (uint64_t)sampler_n_recent(smp);
@@ -375,25 +366,20 @@ snap_put_payload(struct snap_enc *e, const struct kli_session *s, const struct k
     snap_put32(e, (uint32_t)c->kda.n_heads);
     snap_put32(e, (uint32_t)c->kda.head_dim);
     snap_put32(e, (uint32_t)c->kda.conv_size);
-    snap_put32(e, (uint32_t)(c->mla.kv_lora_rank + c->mla.qk_rope_dim));
+    snap_put32(e, (uint32_t)mla_row_floats(c));
     snap_put32(e, (uint32_t)s->pos);
     snap_put32(e, (uint32_t)s->ctx_max);
     snap_put32(e, (uint32_t)s->batch_max);
     snap_put32(e, s->has_logits ? 1 : 0);
     for (int i = 0; i < c->n_layers; i++)
         snap_put32(e, (uint32_t)c->layer_mixer[i]);
-    snap_put_words(e, s->hist, s->pos);
-    for (int i = 0; i < c->n_layers; i++) {
-        if (c->layer_mixer[i] == KLI_MIXER_KDA) {
-            int64_t H = c->kda.n_heads, K = c->kda.head_dim;
-            snap_put_words(e, s->kda[i].S, H * K * K);
-            snap_put_words(e, s->kda[i].conv, 3 * H * K * (c->kda.conv_size - 1));
-        } else {
-            snap_put_words(e, s->cache[i], snap_layer_floats(c, i, s->pos));
-        }
+    /* the history, every layer's state and the logits: the session's state entries */
+    for (int k = 0; k < s->n_state; k++) {
+        const struct sess_buf *b = &s->buf[k];
+        if ((b->flags & SESS_LOGITS) && !s->has_logits)
+            continue;
+        snap_put_words(e, session_buf_ptr(b), session_state_words(b, s->pos));
     }
-    if (s->has_logits)
-        snap_put_words(e, s->logits, c->n_vocab);
     if (smp != NULL) {
         const struct kli_sampler_options *o = sampler_options(smp);
         snap_put32(e, (uint32_t)sampler_n_vocab(smp));
@@ -595,9 +581,8 @@ snap_get64(struct snap_cur *c)
 /* What a validated payload holds: pointers into it, and the recent tokens decoded. */
 struct snap_view {
     int32_t pos, has_logits;
-    const uint8_t *tokens;    /* [pos] i32 */
-    const uint8_t *states;    /* every layer's state, in order */
-    const uint8_t *logits;    /* [n_vocab] f32, or NULL */
+    const uint8_t *tokens;    /* [pos] i32, then every layer's state and the logits: the
+                                 session's state entries in order (snap_body_bytes) */
     int has_sampler;
     uint64_t rng;
     int32_t n_recent;
@@ -617,7 +602,7 @@ snap_parse(const uint8_t *p, uint64_t n, uint32_t hdr_pos, int has_sampler,
     uint32_t dims[6], want[6] = {
         (uint32_t)c->n_layers, (uint32_t)c->n_vocab, (uint32_t)c->kda.n_heads,
         (uint32_t)c->kda.head_dim, (uint32_t)c->kda.conv_size,
-        (uint32_t)(c->mla.kv_lora_rank + c->mla.qk_rope_dim),
+        (uint32_t)mla_row_floats(c),
     };
     static const char *const dim_names[6] = {
         "layer count", "vocabulary size", "KDA head count", "KDA head size",
@@ -654,9 +639,7 @@ snap_parse(const uint8_t *p, uint64_t n, uint32_t hdr_pos, int has_sampler,
             return kli_err_set(err, KLI_E_FORMAT, "snapshot: token %u at position %d is outside "
                                "the vocabulary", t, i);
     }
-    v->states = snap_take(&cur, snap_layers_bytes(c, v->pos));
-    if (v->has_logits)
-        v->logits = snap_take(&cur, 4 * (uint64_t)c->n_vocab);
+    snap_take(&cur, snap_body_bytes(s, v->pos, v->has_logits) - 4 * (uint64_t)v->pos);
     if (cur.bad)
         return kli_err_set(err, KLI_E_FORMAT, "snapshot: payload too short for %d tokens",
                            v->pos);
@@ -700,25 +683,16 @@ snap_parse(const uint8_t *p, uint64_t n, uint32_t hdr_pos, int has_sampler,
 static void
 snap_apply(struct kli_session *s, struct kli_sampler *smp, const struct snap_view *v)
 {
-    const struct kli_config *c = &s->m->cfg;
-    const uint8_t *p = v->states;
+    const uint8_t *p = v->tokens;
 
-    snap_copy32(s->hist, v->tokens, v->pos);
-    for (int i = 0; i < c->n_layers; i++) {
-        if (c->layer_mixer[i] == KLI_MIXER_KDA) {
-            int64_t H = c->kda.n_heads, K = c->kda.head_dim;
-            int64_t ns = H * K * K, nc = 3 * H * K * (c->kda.conv_size - 1);
-            snap_copy32(s->kda[i].S, p, ns);
-            snap_copy32(s->kda[i].conv, p + 4 * ns, nc);
-            p += 4 * (ns + nc);
-        } else {
-            int64_t nf = snap_layer_floats(c, i, v->pos);
-            snap_copy32(s->cache[i], p, nf);
-            p += 4 * nf;
-        }
+    for (int k = 0; k < s->n_state; k++) {
+        const struct sess_buf *e = &s->buf[k];
+        if ((e->flags & SESS_LOGITS) && !v->has_logits)
+            continue;
+        int64_t words = session_state_words(e, v->pos);
+        snap_copy32(session_buf_ptr(e), p, words);
+        p += 4 * words;
     }
-    if (v->has_logits)
-        snap_copy32(s->logits, v->logits, c->n_vocab);
     s->has_logits = v->has_logits;
     s->pos = v->pos;
     s->broken = 0;
@@ -763,8 +737,8 @@ kli_session_restore(struct kli_session *s, struct kli_sampler *smp, const void *
         return kli_err_set(err, KLI_E_RANGE, "snapshot: %u tokens exceed the session's "
                            "ctx_max of %d", pos, s->ctx_max);
     /* The payload size is known up to the logits and the sampler's recent tokens. */
-    uint64_t lo = snap_state_bytes(&s->m->cfg, pos, 0);
-    uint64_t hi = snap_state_bytes(&s->m->cfg, pos, 1);
+    uint64_t lo = snap_state_bytes(s, pos, 0);
+    uint64_t hi = snap_state_bytes(s, pos, 1);
     if (flags & SNAP_F_SAMPLER) {
         lo += SNAP_SAMPLER_FIXED;
         hi += SNAP_SAMPLER_FIXED + 4 * (uint64_t)SNAP_MAX_RECENT;
@@ -868,40 +842,21 @@ kli_session_fork(struct kli_session **out, const struct kli_session *src, struct
 {
     struct kli_session_options o;
     struct kli_session *s = NULL;
-    const struct kli_config *c;
     int rc;
 
     if (out == NULL || src == NULL)
         return kli_err_set(err, KLI_E_INVALID, "kli_session_fork: NULL argument");
     *out = NULL;
-    c = &src->m->cfg;
-    if ((rc = backend_sess_pull((struct kli_session *)src, err)) != KLI_OK)
-        return rc;
+    /* a new session with the source's options, and a copy of its state */
     kli_session_options_init(&o);
     o.ctx_max = src->ctx_max;
     o.batch_max = src->batch_max;
     if ((rc = kli_session_create(&s, src->m, &o, err)) != KLI_OK)
         return rc;
-    if ((rc = session_reserve(s, src->pos > 0 ? src->pos : 1, err)) != KLI_OK) {
+    if ((rc = kli_session_copy(s, src, err)) != KLI_OK) {
         kli_session_free(s);
         return rc;
     }
-    for (int i = 0; i < c->n_layers; i++) {
-        int64_t nf = snap_layer_floats(c, i, src->pos);
-        if (c->layer_mixer[i] == KLI_MIXER_KDA) {
-            int64_t H = c->kda.n_heads, K = c->kda.head_dim;
-            memcpy(s->kda[i].S, src->kda[i].S, (size_t)(H * K * K) * sizeof(float));
-            memcpy(s->kda[i].conv, src->kda[i].conv,
-                   (size_t)(nf - H * K * K) * sizeof(float));
-        } else {
-            memcpy(s->cache[i], src->cache[i], (size_t)nf * sizeof(float));
-        }
-    }
-    memcpy(s->hist, src->hist, (size_t)src->pos * sizeof(kli_token));
-    memcpy(s->logits, src->logits, (size_t)c->n_vocab * sizeof(float));
-    s->has_logits = src->has_logits;
-    s->pos = src->pos;
-    s->broken = src->broken;
     *out = s;
     return KLI_OK;
 }

@@ -102,6 +102,10 @@ elif cmd == 'gen':      # KIND N: write an input of N records
                 r = {'id': 'r%02d' % i, 'prompt': 'Tell me about %d things' % i}
             if i % 4 == 1:
                 r['max_tokens'] = 5
+        elif kind == 'uneven':   # prompts of 1 to 150 words (about 600 tokens), long and
+            n = [1, 150, 2, 90, 3, 120, 1, 60][i % 8]   # short in turn
+            r = {'id': 'u%02d' % i, 'prompt': ' '.join('w%d' % (k % 97) for k in range(n)),
+                 'raw': True}
         elif kind == 'doc':
             r = {'id': 'q%02d' % i, 'prompt': doc + 'Question %d: what happened?' % i,
                  'raw': True}
@@ -136,6 +140,18 @@ done
 "$kli" run -m "$model" -p 'Tell me about 1 things' -n 5 --temp 0 -t 1 --quiet \
     >"$tmp/run1.txt" 2>/dev/null
 c "r01: the record's max_tokens wins over -n" text "$tmp/p4.jsonl" r01 "$tmp/run1.txt"
+
+# ---- very unequal lengths: a short sequence leads a step whose others are long (its scratch
+# serves the step; its attention workspace once served only its own context) ----------------
+"$py" "$tmp/check.py" gen uneven 8 >"$tmp/uneven.jsonl"
+uneven=$(ids "$tmp/uneven.jsonl")
+t "uneven lengths, --parallel 4" 0 "$kli" batch -m "$model" -i "$tmp/uneven.jsonl" \
+    -o "$tmp/u4.jsonl" -P 4 -n 6 --temp 0 -t 1 --quiet
+t "uneven lengths, --parallel 1" 0 "$kli" batch -m "$model" -i "$tmp/uneven.jsonl" \
+    -o "$tmp/u1.jsonl" -P 1 -n 6 --temp 0 -t 1 --quiet
+c "uneven lengths: every id exactly once" ids "$tmp/u4.jsonl" $uneven
+c "uneven lengths: no record failed" ok "$tmp/u4.jsonl"
+c "uneven lengths: the same text with --parallel 1 and 4" same "$tmp/u1.jsonl" "$tmp/u4.jsonl"
 
 # ---- resume --------------------------------------------------------------------------------
 head -n 8 "$tmp/p4.jsonl" >"$tmp/res.jsonl"

@@ -450,6 +450,7 @@ test_mla_layer(const char *what, enum kli_dtype dt, int D, int H, int L, int nop
     sc.qfull = xmalloc((size_t)T * H * C * 4);
     sc.lat = xmalloc((size_t)T * H * L * 4);
     sc.work_stride = mla_work_floats(&m.cfg, nmax);
+    sc.work_n = nmax;
     sc.work = xmalloc((size_t)(sc.work_stride * 2 + (int64_t)H * nmax) * 4);
     mla_forward(&m, &w, hc, pos, n_seq, &sc, x, T_seq, out_c);
 
