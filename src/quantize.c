@@ -120,14 +120,20 @@ quant_copy(const char *in, const char *out, const char *name, int required, stru
 {
     char src[4096], dst[4096], buf[65536];
     FILE *f, *g;
+    struct stat st;
     size_t n;
+    int fd;
 
     snprintf(src, sizeof(src), "%s/%s", in, name);
     snprintf(dst, sizeof(dst), "%s/%s", out, name);
-    if ((f = fopen(src, "rb")) == NULL) {
-        if (!required && errno == ENOENT)
-            return KLI_OK;
-        return kli_err_set(err, KLI_E_IO, "%s: %s", src, strerror(errno));
+    /* A regular file (src/file.c): a FIFO in the model directory would block open(). */
+    if (!required && stat(src, &st) != 0 && errno == ENOENT)
+        return KLI_OK;
+    if ((fd = kli_file_open(src, NULL, err)) < 0)
+        return fd;
+    if ((f = fdopen(fd, "rb")) == NULL) {
+        close(fd);
+        return kli_err_set(err, KLI_E_NOMEM, "%s: %s", src, strerror(errno));
     }
     if ((g = fopen(dst, "wb")) == NULL) {
         fclose(f);
