@@ -7,6 +7,7 @@
 #include "config.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <getopt.h>
 #include <limits.h>
 #include <stdio.h>
@@ -103,49 +104,68 @@ cli_sampling_option(int c, const char *arg, struct kli_sampler_options *so)
     }
 }
 
-/* Reads a whole file (or stdin for "-") into a NUL-terminated buffer. */
+/* Reads a whole file (or stdin for "-") into a NUL-terminated buffer. A FIFO or a pipe is a
+ * legitimate source of text (prompts, batch input) and is read until its writer closes it;
+ * what bounds the read is its size: more than `max` bytes, or a line (up to a newline)
+ * longer than `max_line` when that is not 0, is refused with a message ending in `limit`,
+ * so that /dev/zero or an endless pipe fails at once instead of filling the memory. */
 char *
-cli_read_file(const char *path, size_t *len)
+cli_read_file(const char *path, size_t max, size_t max_line, const char *limit, size_t *len)
 {
-    FILE *f = strcmp(path, "-") == 0 ? stdin : fopen(path, "rb");
+    int fd = strcmp(path, "-") == 0 ? STDIN_FILENO : open(path, O_RDONLY | O_CLOEXEC);
     char *buf = NULL;
-    size_t n = 0, cap = 0;
+    size_t n = 0, cap = 0, line = 0;   /* line: bytes since the last newline */
 
-    if (f == NULL) {
+    if (fd < 0) {
         cli_error("%s: %s", path, strerror(errno));
         return NULL;
     }
     for (;;) {
-        if (cap - n < 65536) {
+        if (cap - n < 65536 && cap <= max) {
             size_t nc = cap ? cap * 2 : 65536;
+            if (nc > max + 1 || nc < cap)
+                nc = max + 1;   /* one byte past the limit tells a file over it */
             char *nb = realloc(buf, nc + 1);
             if (nb == NULL) {
                 cli_error("%s: out of memory", path);
-                free(buf);
-                buf = NULL;
-                goto out;
+                goto fail;
             }
             buf = nb;
             cap = nc;
         }
-        size_t r = fread(buf + n, 1, cap - n, f);
-        n += r;
-        if (r == 0) {
-            if (ferror(f)) {
-                cli_error("%s: read error", path);
-                free(buf);
-                buf = NULL;
-                goto out;
+        ssize_t r = read(fd, buf + n, cap - n);
+        if (r < 0) {   /* EINTR too: only a signal the command catches (to stop) gets here */
+            cli_error("%s: %s", path, errno == EINTR ? "interrupted" : strerror(errno));
+            goto fail;
+        }
+        if (r == 0)
+            break;   /* the end (a terminal's Ctrl-D included) */
+        if (max_line > 0) {
+            size_t k = (size_t)r;
+            while (k > 0 && buf[n + k - 1] != '\n')
+                k--;
+            line = k > 0 ? (size_t)r - k : line + (size_t)r;
+            if (line > max_line) {
+                cli_error("%s: a line of more than %zu bytes (%s)", path, max_line, limit);
+                goto fail;
             }
-            break;
+        }
+        n += (size_t)r;
+        if (n > max) {
+            cli_error("%s: more than %zu bytes (%s)", path, max, limit);
+            goto fail;
         }
     }
     buf[n] = '\0';
     *len = n;
-out:
-    if (f != stdin)
-        fclose(f);
+    if (fd != STDIN_FILENO)
+        close(fd);
     return buf;
+fail:
+    free(buf);
+    if (fd != STDIN_FILENO)
+        close(fd);
+    return NULL;
 }
 
 /* Parses ids separated by whitespace and/or commas. */
@@ -522,7 +542,8 @@ cmd_logits(int argc, char **argv)
     }
     if (ids_file != NULL) {
         size_t len;
-        char *text = cli_read_file(ids_file, &len);
+        char *text = cli_read_file(ids_file, CLI_TEXT_MAX, 0, "the limit of --ids-file",
+                                   &len);
         if (text == NULL)
             return 1;
         if (strlen(text) != len) {

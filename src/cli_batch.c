@@ -758,8 +758,9 @@ batch_model_key(const char *dir, const struct kli_model *m)
         int fd;
         h = batch_fnv(h, names[i], strlen(names[i]));
         if (snprintf(path, sizeof(path), "%s/%s", dir, names[i]) < (int)sizeof(path) &&
-            (fd = open(path, O_RDONLY)) >= 0) {
-            if (fstat(fd, &st) == 0) {
+            (fd = open(path, O_RDONLY | O_NONBLOCK)) >= 0) {
+            /* O_NONBLOCK: a FIFO by that name must not block the open; only files count. */
+            if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode)) {
                 int64_t sz = (int64_t)st.st_size;
                 int64_t at[3] = {sz / 3, 2 * sz / 3, sz - (int64_t)sizeof(buf)};
                 h = batch_fnv(h, &sz, sizeof(sz));
