@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include "kli.h"
@@ -762,9 +763,41 @@ usage(FILE *f)
     fprintf(f, "\nSee kli(1) for the options of each command.\n");
 }
 
+#ifdef HAVE_OPENBLAS
+/*
+ * OpenBLAS's threads under a memory limit. The pthread build of OpenBLAS (Debian's default)
+ * starts a pool of threads from its library constructor, before main: one per core, or
+ * OPENBLAS_NUM_THREADS (else OMP_NUM_THREADS) of them, and each takes a 128 MiB work buffer
+ * as it starts. kli never uses that pool (src/threads.c sets OpenBLAS to one thread; every
+ * product runs on kli's own workers, guarded by src/ops.c). But under ulimit -v (or a
+ * RLIMIT_DATA) the buffer cannot be had, and OpenBLAS retries the allocation forever: a
+ * thread at 100% CPU for the whole run, and an exit that hangs joining it. Only the
+ * environment read by that constructor can stop the pool (a setenv before libc's own
+ * initialisation does not last), so under such a limit kli runs itself again with
+ * OPENBLAS_NUM_THREADS=1, unless the user has set it. Without /proc the exec fails and kli
+ * goes on as before.
+ */
+static void
+cli_blas_env(char **argv)
+{
+    struct rlimit as, data;
+
+    if (getenv("OPENBLAS_NUM_THREADS") != NULL || getrlimit(RLIMIT_AS, &as) != 0 ||
+        getrlimit(RLIMIT_DATA, &data) != 0)
+        return;
+    if (as.rlim_cur == RLIM_INFINITY && data.rlim_cur == RLIM_INFINITY)
+        return;
+    if (setenv("OPENBLAS_NUM_THREADS", "1", 1) == 0)
+        execv("/proc/self/exe", argv);
+}
+#endif
+
 int
 main(int argc, char **argv)
 {
+#ifdef HAVE_OPENBLAS
+    cli_blas_env(argv);
+#endif
     if (argc < 2) {
         usage(stderr);
         return 2;

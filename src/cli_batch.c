@@ -835,6 +835,9 @@ cmd_batch(int argc, char **argv)
     b.tty = isatty(STDERR_FILENO);
     memset(&sa, 0, sizeof(sa));
     sa.sa_handler = batch_on_signal;   /* no SA_RESTART: write() is retried on EINTR */
+    /* The first SIGINT or SIGTERM ends the batch after whole lines; should kli be stuck
+     * somewhere that does not look at the flag, a second one ends it at once. */
+    sa.sa_flags = SA_RESETHAND;
     sigaction(SIGINT, &sa, NULL);
     sigaction(SIGTERM, &sa, NULL);
 
@@ -848,8 +851,11 @@ cmd_batch(int argc, char **argv)
     sel.shard_k = (int32_t)a.shard_k;
     sel.shard_n = (int32_t)a.shard_n;
     sel.done = done;
-    if (batch_input_open(&b.in, a.input, &sel) != 0)
+    if (batch_input_open(&b.in, a.input, &sel) != 0) {
+        if (batch_signal)   /* stopped while reading the input */
+            rc = 128 + (int)batch_signal;
         goto out;
+    }
     if (!a.quiet) {
         fprintf(stderr, "batch: %lld records to run", (long long)b.in.n_items);
         if (b.in.n_done > 0)
