@@ -76,8 +76,8 @@ matmul_range(void *ctx, int64_t i0, int64_t i1, int ith)
 
 static atomic_int ops_blas_warm;   /* the most workers a BLAS product has run on */
 
-/* Whether `workers` threads may call cblas_sgemm at once without OpenBLAS allocating a
- * buffer that the system would refuse. */
+/* Whether the workers of threads_parallel_for(n, grain, ...) may all call cblas_sgemm at
+ * once without OpenBLAS allocating a buffer that the system would refuse. */
 static int
 ops_blas_ready(int64_t n, int64_t grain)
 {
