@@ -47,6 +47,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "backend.h"
 #include "internal.h"
@@ -289,15 +290,19 @@ static int
 bk_read_profile(struct backend_model *bm, const char *path, struct kli_err *err)
 {
     const struct kli_config *cfg = &bm->m->cfg;
-    FILE *f = fopen(path, "r");
+    int fd = kli_file_open(path, NULL, err);   /* a regular file: src/file.c */
+    FILE *f = fd >= 0 ? fdopen(fd, "r") : NULL;
     char *line = NULL;
     size_t cap = 0;
     ssize_t len;
     int64_t lineno = 0;
     int rc = KLI_OK;
 
-    if (f == NULL)
+    if (f == NULL) {
+        if (fd >= 0)
+            close(fd);
         return kli_err_set(err, KLI_E_IO, "%s: cannot open the routing profile", path);
+    }
     while (rc == KLI_OK && (len = getline(&line, &cap, f)) >= 0) {
         lineno++;
         if (strspn(line, " \t\r\n") == (size_t)len)

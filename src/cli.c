@@ -7,11 +7,13 @@
 #include "config.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <getopt.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include "kli.h"
@@ -103,49 +105,68 @@ cli_sampling_option(int c, const char *arg, struct kli_sampler_options *so)
     }
 }
 
-/* Reads a whole file (or stdin for "-") into a NUL-terminated buffer. */
+/* Reads a whole file (or stdin for "-") into a NUL-terminated buffer. A FIFO or a pipe is a
+ * legitimate source of text (prompts, batch input) and is read until its writer closes it;
+ * what bounds the read is its size: more than `max` bytes, or a line (up to a newline)
+ * longer than `max_line` when that is not 0, is refused with a message ending in `limit`,
+ * so that /dev/zero or an endless pipe fails at once instead of filling the memory. */
 char *
-cli_read_file(const char *path, size_t *len)
+cli_read_file(const char *path, size_t max, size_t max_line, const char *limit, size_t *len)
 {
-    FILE *f = strcmp(path, "-") == 0 ? stdin : fopen(path, "rb");
+    int fd = strcmp(path, "-") == 0 ? STDIN_FILENO : open(path, O_RDONLY | O_CLOEXEC);
     char *buf = NULL;
-    size_t n = 0, cap = 0;
+    size_t n = 0, cap = 0, line = 0;   /* line: bytes since the last newline */
 
-    if (f == NULL) {
+    if (fd < 0) {
         cli_error("%s: %s", path, strerror(errno));
         return NULL;
     }
     for (;;) {
-        if (cap - n < 65536) {
+        if (cap - n < 65536 && cap <= max) {
             size_t nc = cap ? cap * 2 : 65536;
+            if (nc > max + 1 || nc < cap)
+                nc = max + 1;   /* one byte past the limit tells a file over it */
             char *nb = realloc(buf, nc + 1);
             if (nb == NULL) {
                 cli_error("%s: out of memory", path);
-                free(buf);
-                buf = NULL;
-                goto out;
+                goto fail;
             }
             buf = nb;
             cap = nc;
         }
-        size_t r = fread(buf + n, 1, cap - n, f);
-        n += r;
-        if (r == 0) {
-            if (ferror(f)) {
-                cli_error("%s: read error", path);
-                free(buf);
-                buf = NULL;
-                goto out;
+        ssize_t r = read(fd, buf + n, cap - n);
+        if (r < 0) {   /* EINTR too: only a signal the command catches (to stop) gets here */
+            cli_error("%s: %s", path, errno == EINTR ? "interrupted" : strerror(errno));
+            goto fail;
+        }
+        if (r == 0)
+            break;   /* the end (a terminal's Ctrl-D included) */
+        if (max_line > 0) {
+            size_t k = (size_t)r;
+            while (k > 0 && buf[n + k - 1] != '\n')
+                k--;
+            line = k > 0 ? (size_t)r - k : line + (size_t)r;
+            if (line > max_line) {
+                cli_error("%s: a line of more than %zu bytes (%s)", path, max_line, limit);
+                goto fail;
             }
-            break;
+        }
+        n += (size_t)r;
+        if (n > max) {
+            cli_error("%s: more than %zu bytes (%s)", path, max, limit);
+            goto fail;
         }
     }
     buf[n] = '\0';
     *len = n;
-out:
-    if (f != stdin)
-        fclose(f);
+    if (fd != STDIN_FILENO)
+        close(fd);
     return buf;
+fail:
+    free(buf);
+    if (fd != STDIN_FILENO)
+        close(fd);
+    return NULL;
 }
 
 /* Parses ids separated by whitespace and/or commas. */
@@ -528,7 +549,8 @@ cmd_logits(int argc, char **argv)
     }
     if (ids_file != NULL) {
         size_t len;
-        char *text = cli_read_file(ids_file, &len);
+        char *text = cli_read_file(ids_file, CLI_TEXT_MAX, 0, "the limit of --ids-file",
+                                   &len);
         if (text == NULL)
             return 1;
         if (strlen(text) != len) {
@@ -747,9 +769,41 @@ usage(FILE *f)
     fprintf(f, "\nSee kli(1) for the options of each command.\n");
 }
 
+#ifdef HAVE_OPENBLAS
+/*
+ * OpenBLAS's threads under a memory limit. The pthread build of OpenBLAS (Debian's default)
+ * starts a pool of threads from its library constructor, before main: one per core, or
+ * OPENBLAS_NUM_THREADS (else OMP_NUM_THREADS) of them, and each takes a 128 MiB work buffer
+ * as it starts. kli never uses that pool (src/threads.c sets OpenBLAS to one thread; every
+ * product runs on kli's own workers, guarded by src/ops.c). But under ulimit -v (or a
+ * RLIMIT_DATA) the buffer cannot be had, and OpenBLAS retries the allocation forever: a
+ * thread at 100% CPU for the whole run, and an exit that hangs joining it. Only the
+ * environment read by that constructor can stop the pool (a setenv before libc's own
+ * initialisation does not last), so under such a limit kli runs itself again with
+ * OPENBLAS_NUM_THREADS=1, unless the user has set it. Without /proc the exec fails and kli
+ * goes on as before.
+ */
+static void
+cli_blas_env(char **argv)
+{
+    struct rlimit as, data;
+
+    if (getenv("OPENBLAS_NUM_THREADS") != NULL || getrlimit(RLIMIT_AS, &as) != 0 ||
+        getrlimit(RLIMIT_DATA, &data) != 0)
+        return;
+    if (as.rlim_cur == RLIM_INFINITY && data.rlim_cur == RLIM_INFINITY)
+        return;
+    if (setenv("OPENBLAS_NUM_THREADS", "1", 1) == 0)
+        execv("/proc/self/exe", argv);
+}
+#endif
+
 int
 main(int argc, char **argv)
 {
+#ifdef HAVE_OPENBLAS
+    cli_blas_env(argv);
+#endif
     if (argc < 2) {
         usage(stderr);
         return 2;

@@ -17,7 +17,13 @@ struct cli_command {
 
 void cli_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 int cli_parse_int(const char *s, long lo, long hi, const char *what, long *out);
-char *cli_read_file(const char *path, size_t *len);
+char *cli_read_file(const char *path, size_t max, size_t max_line, const char *limit,
+                    size_t *len);
+/* The most text read from a file or standard input where no --ctx bounds it (kli(1),
+ * LIMITS): tokenize, detokenize, logits --ids-file, and run's prompt without --ctx. With
+ * --ctx N a prompt may hold CLI_PROMPT_PER_TOKEN bytes per token, and at least 1 MiB. */
+#define CLI_TEXT_MAX ((size_t)64 << 20)
+#define CLI_PROMPT_PER_TOKEN 128
 int cli_parse_ids(const char *s, kli_token **out, int32_t *n_out);
 int cli_open_model(const char *path, int threads, struct kli_model **m);
 

@@ -767,8 +767,9 @@ batch_model_key(const char *dir, const struct kli_model *m)
         int fd;
         h = batch_fnv(h, names[i], strlen(names[i]));
         if (snprintf(path, sizeof(path), "%s/%s", dir, names[i]) < (int)sizeof(path) &&
-            (fd = open(path, O_RDONLY)) >= 0) {
-            if (fstat(fd, &st) == 0) {
+            (fd = open(path, O_RDONLY | O_NONBLOCK)) >= 0) {
+            /* O_NONBLOCK: a FIFO by that name must not block the open; only files count. */
+            if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode)) {
                 int64_t sz = (int64_t)st.st_size;
                 int64_t at[3] = {sz / 3, 2 * sz / 3, sz - (int64_t)sizeof(buf)};
                 h = batch_fnv(h, &sz, sizeof(sz));
@@ -883,6 +884,9 @@ cmd_batch(int argc, char **argv)
     b.tty = isatty(STDERR_FILENO);
     memset(&sa, 0, sizeof(sa));
     sa.sa_handler = batch_on_signal;   /* no SA_RESTART: write() is retried on EINTR */
+    /* The first SIGINT or SIGTERM ends the batch after whole lines; should kli be stuck
+     * somewhere that does not look at the flag, a second one ends it at once. */
+    sa.sa_flags = SA_RESETHAND;
     sigaction(SIGINT, &sa, NULL);
     sigaction(SIGTERM, &sa, NULL);
 
@@ -896,8 +900,11 @@ cmd_batch(int argc, char **argv)
     sel.shard_k = (int32_t)a.shard_k;
     sel.shard_n = (int32_t)a.shard_n;
     sel.done = done;
-    if (batch_input_open(&b.in, a.input, &sel) != 0)
+    if (batch_input_open(&b.in, a.input, &sel) != 0) {
+        if (batch_signal)   /* stopped while reading the input */
+            rc = 128 + (int)batch_signal;
         goto out;
+    }
     if (!a.quiet) {
         fprintf(stderr, "batch: %lld records to run", (long long)b.in.n_items);
         if (b.in.n_done > 0)

@@ -288,7 +288,7 @@ io_strdupf(const char *fmt, ...)
 }
 
 static int
-io_load(struct batch_input *in, const char *path)
+io_load(struct batch_input *in, const char *path, int64_t max_line)
 {
     struct stat st;
     int fd;
@@ -312,7 +312,10 @@ io_load(struct batch_input *in, const char *path)
         }
         close(fd);
     }
-    char *t = cli_read_file(path, &in->len);
+    /* A pipe, FIFO or device is read into memory, each line capped as the records are (a
+     * longer one could only be refused), so that /dev/zero ends at once with a message. */
+    char *t = cli_read_file(path, SIZE_MAX / 2, (size_t)max_line, "see --max-prompt-bytes",
+                            &in->len);
     if (t == NULL)
         return -1;
     in->text = t;
@@ -368,7 +371,7 @@ batch_input_open(struct batch_input *in, const char *path, const struct batch_se
     int32_t ln = 0;
 
     memset(in, 0, sizeof(*in));
-    if (seen == NULL || io_load(in, path) != 0)
+    if (seen == NULL || io_load(in, path, sel->max_line) != 0)
         goto fail;
     while (pos < in->len) {
         const char *p = in->text + pos, *nl = memchr(p, '\n', in->len - pos);
@@ -462,17 +465,35 @@ int
 batch_output_scan(const char *path, struct batch_idset *set, int quiet)
 {
     size_t len, pos = 0, bad = 0;
-    char *text = cli_read_file(path, &len);
+    struct stat st;
+    char *text;
+    int fd;
 
-    if (text == NULL)
+    /* Only a regular file holds records to resume: a FIFO or a device (/dev/null, /dev/zero)
+     * has none, and reading one would block or never end. O_NONBLOCK keeps a FIFO from
+     * blocking this open. A file is mapped, not read, so its size costs no memory. */
+    if ((fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC)) < 0) {
+        cli_error("%s: %s", path, strerror(errno));
         return -1;
-    if (len > 0 && text[len - 1] != '\n') {
+    }
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || st.st_size == 0) {
+        close(fd);
+        return 0;
+    }
+    len = (size_t)st.st_size;
+    text = mmap(NULL, len, PROT_READ, MAP_PRIVATE, fd, 0);
+    close(fd);
+    if (text == MAP_FAILED) {
+        cli_error("%s: %s", path, strerror(errno));
+        return -1;
+    }
+    if (text[len - 1] != '\n') {
         size_t keep = len;
         while (keep > 0 && text[keep - 1] != '\n')
             keep--;
         if (truncate(path, (off_t)keep) != 0) {
             cli_error("%s: cannot cut off its incomplete last line: %s", path, strerror(errno));
-            free(text);
+            munmap(text, (size_t)st.st_size);
             return -1;
         }
         if (!quiet)
@@ -491,7 +512,7 @@ batch_output_scan(const char *path, struct batch_idset *set, int quiet)
         if (cJSON_IsString(id)) {
             if (batch_idset_add(set, id->valuestring, failed, NULL) < 0) {
                 cJSON_Delete(root);
-                free(text);
+                munmap(text, (size_t)st.st_size);
                 cli_error("%s: out of memory", path);
                 return -1;
             }
@@ -502,7 +523,7 @@ batch_output_scan(const char *path, struct batch_idset *set, int quiet)
     }
     if (bad > 0 && !quiet)
         fprintf(stderr, "kli: %s: %zu lines without an id ignored\n", path, bad);
-    free(text);
+    munmap(text, (size_t)st.st_size);
     return 0;
 }
 

@@ -202,13 +202,29 @@ gen_oom(struct kli_err *err)
 
 /* ==== prompts ============================================================================= */
 
+/* The most bytes of a prompt file (-f, standard input, --messages): a prompt longer than the
+ * context could only be refused, and no token of a real vocabulary is near 128 bytes long, so
+ * --ctx bounds it; without --ctx the context is the model's, not known yet. */
+#define GEN_PROMPT_LIMIT "the limit is 128 bytes per token of --ctx, at least 1 MiB, or 64 MiB " \
+    "without --ctx"
+
+static size_t
+gen_prompt_max(long ctx)
+{
+    size_t most = (size_t)ctx * CLI_PROMPT_PER_TOKEN;
+
+    if (ctx <= 0)
+        return CLI_TEXT_MAX;
+    return most < ((size_t)1 << 20) ? (size_t)1 << 20 : most;
+}
+
 /* Tokens of a messages JSON file: [{"role": ..., "content": ...}, ...]. */
 static int64_t
-messages_tokens(const struct kli_tokenizer *tok, const char *path, kli_token **ids,
+messages_tokens(const struct kli_tokenizer *tok, const char *path, size_t max, kli_token **ids,
                 struct kli_err *err)
 {
     size_t len;
-    char *text = cli_read_file(path, &len);
+    char *text = cli_read_file(path, max, 0, GEN_PROMPT_LIMIT, &len);
     cJSON *root = NULL;
     struct kli_chat_message *msgs = NULL;
     int64_t n = -1;
@@ -340,7 +356,8 @@ cmd_run(int argc, char **argv)
     } else if (a.messages == NULL) {
         if (a.file == NULL && isatty(STDIN_FILENO))
             fprintf(stderr, "kli: reading the prompt from standard input (end with Ctrl-D)\n");
-        text = cli_read_file(a.file != NULL ? a.file : "-", &len);
+        text = cli_read_file(a.file != NULL ? a.file : "-", gen_prompt_max(a.ctx), 0,
+                             GEN_PROMPT_LIMIT, &len);
         if (text == NULL)
             return 1;
     }
@@ -373,7 +390,7 @@ cmd_run(int argc, char **argv)
         goto out;
     }
     if (a.messages != NULL)
-        n = messages_tokens(tok, a.messages, &ids, &err);
+        n = messages_tokens(tok, a.messages, gen_prompt_max(a.ctx), &ids, &err);
     else
         n = prompt_tokens(&a, tok, text, len, kli_session_pos(s) > 0, &ids, &err);
     if (n < 0) {
@@ -650,7 +667,7 @@ cmd_tokenize(int argc, char **argv)
         cli_error("tokenize: unexpected argument '%s'", argv[optind]);
         return 2;
     }
-    if ((text = cli_read_file(file, &len)) == NULL)
+    if ((text = cli_read_file(file, CLI_TEXT_MAX, 0, "the limit of tokenize", &len)) == NULL)
         return 1;
     if (tok_open(model, demo, sizeof(demo), &t) != 0)
         goto out;
@@ -711,7 +728,7 @@ cmd_detokenize(int argc, char **argv)
         cli_error("detokenize: unexpected argument '%s'", argv[optind]);
         return 2;
     }
-    if ((text = cli_read_file(file, &len)) == NULL)
+    if ((text = cli_read_file(file, CLI_TEXT_MAX, 0, "the limit of detokenize", &len)) == NULL)
         return 1;
     if (strlen(text) != len) {
         cli_error("%s: contains a NUL byte", file);

@@ -118,38 +118,19 @@ cv_read(const char *dir, const char *name, int optional, char **buf, uint64_t *l
         struct kli_err *err)
 {
     char path[4096];
-    FILE *f;
-    long n;
+    struct stat st;
+    size_t n;
+    int rc;
 
     *buf = NULL;
     *len = 0;
     if (snprintf(path, sizeof(path), "%s/%s", dir, name) >= (int)sizeof(path))
         return kli_err_set(err, KLI_E_RANGE, "%s: path too long", dir);
-    f = fopen(path, "rb");
-    if (f == NULL) {
-        if (optional && errno == ENOENT)
-            return 1;
-        return kli_err_set(err, KLI_E_IO, "%s: %s", path, strerror(errno));
-    }
-    if (fseek(f, 0, SEEK_END) != 0 || (n = ftell(f)) < 0 || fseek(f, 0, SEEK_SET) != 0 ||
-        n > CV_MAX_TEXT) {
-        fclose(f);
-        return kli_err_set(err, KLI_E_IO, "%s: cannot read (or larger than %d bytes)", path,
-                           CV_MAX_TEXT);
-    }
-    *buf = kli_malloc((size_t)n + 1);
-    if (*buf == NULL) {
-        fclose(f);
-        return kli_err_set(err, KLI_E_NOMEM, "out of memory reading %s", path);
-    }
-    if (fread(*buf, 1, (size_t)n, f) != (size_t)n) {
-        fclose(f);
-        free(*buf);
-        *buf = NULL;
-        return kli_err_set(err, KLI_E_IO, "%s: short read", path);
-    }
-    fclose(f);
-    (*buf)[n] = '\0';
+    if (optional && stat(path, &st) != 0 && errno == ENOENT)
+        return 1;
+    /* A regular file (src/file.c): a FIFO or device in the model directory is refused. */
+    if ((rc = kli_file_read(path, CV_MAX_TEXT, buf, &n, err)) != KLI_OK)
+        return rc;
     *len = (uint64_t)n;
     return KLI_OK;
 }

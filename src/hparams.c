@@ -285,38 +285,16 @@ int
 hparams_load(struct kli_config *cfg, const char *dir, struct kli_err *err)
 {
     char path[4096];
-    FILE *f;
     char *buf = NULL;
-    long n;
+    size_t n;
     int rc;
 
     if (snprintf(path, sizeof(path), "%s/config.json", dir) >= (int)sizeof(path))
         return kli_err_set(err, KLI_E_RANGE, "model path too long");
-    f = fopen(path, "rb");
-    if (f == NULL)
-        return kli_err_set(err, KLI_E_IO, "%s: %s", path, strerror(errno));
-    if (fseek(f, 0, SEEK_END) != 0 || (n = ftell(f)) < 0 || fseek(f, 0, SEEK_SET) != 0) {
-        fclose(f);
-        return kli_err_set(err, KLI_E_IO, "%s: cannot read", path);
-    }
-    if (n > (1 << 24)) {
-        fclose(f);
-        return kli_err_set(err, KLI_E_FORMAT, "%s: %ld bytes is too large for a config",
-                           path, n);
-    }
-    buf = kli_malloc((size_t)n + 1);
-    if (buf == NULL) {
-        fclose(f);
-        return kli_err_set(err, KLI_E_NOMEM, "out of memory reading %s", path);
-    }
-    if (fread(buf, 1, (size_t)n, f) != (size_t)n) {
-        fclose(f);
-        free(buf);
-        return kli_err_set(err, KLI_E_IO, "%s: short read", path);
-    }
-    fclose(f);
-    buf[n] = '\0';
-    rc = hparams_parse(cfg, buf, (size_t)n, path, err);
+    /* A regular file of at most 16 MiB (src/file.c): a FIFO or /dev/zero is refused. */
+    if ((rc = kli_file_read(path, (uint64_t)1 << 24, &buf, &n, err)) != KLI_OK)
+        return rc;
+    rc = hparams_parse(cfg, buf, n, path, err);
     free(buf);
     return rc;
 }

@@ -39,6 +39,20 @@ void *kli_malloc_aligned(size_t n);
 void kli_free_aligned(void *p);
 char *kli_strdup(const char *s);
 
+/* Opens `path` read-only (close-on-exec) and requires a regular file: a FIFO, device,
+ * socket or directory is refused without blocking (file.c says why). *size, when not NULL,
+ * gets the file's size.
+ * @return the descriptor (>= 0), or KLI_E_IO with a message naming the path; when open()
+ *         itself failed, errno is left as it set it (ENOENT for a missing file). */
+int kli_file_open(const char *path, uint64_t *size, struct kli_err *err);
+
+/* Reads the regular file `path` whole into a NUL-terminated buffer (*buf, freed with free;
+ * *len excludes the NUL). A file over `max` bytes is refused before anything is read.
+ * @return KLI_OK, KLI_E_IO (as kli_file_open, or a read error), KLI_E_RANGE (over max) or
+ *         KLI_E_NOMEM, with a message naming the path. */
+int kli_file_read(const char *path, uint64_t max, char **buf, size_t *len,
+                  struct kli_err *err);
+
 /* Memory for many long-lived blocks freed together (the weights converted at open): carved
  * 64-byte aligned from chunks of at least KLI_ARENA_CHUNK bytes that start on 2 MiB
  * boundaries and are advised MADV_HUGEPAGE, so that what the decode streams is read

@@ -496,8 +496,11 @@ int kli_session_restore(struct kli_session *s, struct kli_sampler *smp, const vo
 int kli_session_save(const struct kli_session *s, const struct kli_sampler *smp,
                      const char *path, struct kli_err *err);
 
-/* kli_session_restore from a file. Messages name the file.
- * @return as kli_session_restore, and KLI_E_IO when the file cannot be read. */
+/* kli_session_restore from a file, which must be a regular file (a FIFO or a device is
+ * refused without blocking) no larger than the largest snapshot `s` could hold. Messages
+ * name the file.
+ * @return as kli_session_restore, KLI_E_IO when the file cannot be read or is not a
+ *         regular file, KLI_E_RANGE when it is over that size. */
 int kli_session_load(struct kli_session *s, struct kli_sampler *smp, const char *path,
                      struct kli_err *err);
 

@@ -4,10 +4,12 @@
 #include "config.h"
 
 #include <math.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #ifdef HAVE_OPENBLAS
 #include <cblas.h>
+#include <sys/mman.h>
 #endif
 
 #include "ops.h"
@@ -57,6 +59,47 @@ matmul_range(void *ctx, int64_t i0, int64_t i1, int ith)
 }
 
 #ifdef HAVE_OPENBLAS
+/*
+ * OpenBLAS under a memory limit. A thread's first cblas_sgemm takes a work buffer from
+ * OpenBLAS's pool, allocating it when the pool has no free one: 128 MiB (BUFFER_SIZE of the
+ * x86-64 builds, Debian 12's 0.3.21 among them) by mmap, else by malloc. When both fail it
+ * tries them again, forever (blas_memory_alloc in driver/others/memory.c): under ulimit -v
+ * or strict overcommit the process spins at 100% CPU and never returns, and nothing kli
+ * does afterwards (a signal flag, an error) can run. The pool keeps every buffer for the
+ * life of the process, so only a product on more workers than any before can need a new
+ * one. Before such a product, ops_blas_ready reserves OPS_BLAS_RESERVE bytes of address
+ * space per new worker, as OpenBLAS would take them, and releases them at once: if that
+ * fails, the product runs on kli's own kernels instead (slower, allocating nothing), and
+ * the next one asks again.
+ */
+#define OPS_BLAS_RESERVE ((size_t)136 << 20)   /* a 128 MiB buffer, its page and slack */
+
+static atomic_int ops_blas_warm;   /* the most workers a BLAS product has run on */
+
+/* Whether the workers of threads_parallel_for(n, grain, ...) may all call cblas_sgemm at
+ * once without OpenBLAS allocating a buffer that the system would refuse. */
+static int
+ops_blas_ready(int64_t n, int64_t grain)
+{
+    int workers = threads_count(), warm = atomic_load(&ops_blas_warm);
+    size_t len;
+    void *p;
+
+    if (grain > 0 && n / grain < workers)
+        workers = n / grain > 1 ? (int)(n / grain) : 1;
+    if (workers <= warm)
+        return 1;
+    len = (size_t)(workers - warm) * OPS_BLAS_RESERVE;
+    p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED)
+        return 0;
+    munmap(p, len);
+    /* Counted before the product runs: its buffers stay in the pool once allocated. */
+    while (warm < workers && !atomic_compare_exchange_weak(&ops_blas_warm, &warm, workers))
+        ;
+    return 1;
+}
+
 /* Float32 weights with many rows of x (the KDA chunk products, the MLA up-projections kept
  * in float): each worker multiplies its range of W's rows with one single-threaded SGEMM.
  * BLAS never starts threads of its own here (threads.c sets it to one), so nothing
@@ -130,7 +173,7 @@ ops_matmul(const struct kli_tensor *w, const float *x, int64_t ldx, float *y, in
     struct matmul_job j = {w, x, ldx, y, ldy, m};
 
 #ifdef HAVE_OPENBLAS
-    if (w->dtype == KLI_DT_F32 && m >= OPS_GEMM_MIN_ROWS) {
+    if (w->dtype == KLI_DT_F32 && m >= OPS_GEMM_MIN_ROWS && ops_blas_ready(w->shape[0], 64)) {
         threads_parallel_for(w->shape[0], 64, matmul_sgemm_range, &j);
         return;
     }
@@ -163,22 +206,29 @@ static void
 gemm_nn_range(void *ctx, int64_t i0, int64_t i1, int ith)
 {
     struct gemm_nn_job *j = ctx;
+    const struct kli_kernels *kk = kli_kernels();
 
     (void)ith;
-#ifdef HAVE_OPENBLAS
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (blasint)(i1 - i0), (blasint)j->n,
-                (blasint)j->k, 1.0f, j->x + i0 * j->ldx, (blasint)j->ldx, j->B, (blasint)j->ldb,
-                0.0f, j->y + i0 * j->ldy, (blasint)j->ldy);
-#else
-    const struct kli_kernels *kk = kli_kernels();
     for (int64_t i = i0; i < i1; i++) {
         float *yi = j->y + i * j->ldy;
         memset(yi, 0, (size_t)j->n * sizeof(float));
         for (int64_t l = 0; l < j->k; l++)
             kk->axpy(yi, j->x[i * j->ldx + l], j->B + l * j->ldb, j->n);
     }
-#endif
 }
+
+#ifdef HAVE_OPENBLAS
+static void
+gemm_nn_sgemm_range(void *ctx, int64_t i0, int64_t i1, int ith)
+{
+    struct gemm_nn_job *j = ctx;
+
+    (void)ith;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (blasint)(i1 - i0), (blasint)j->n,
+                (blasint)j->k, 1.0f, j->x + i0 * j->ldx, (blasint)j->ldx, j->B, (blasint)j->ldb,
+                0.0f, j->y + i0 * j->ldy, (blasint)j->ldy);
+}
+#endif
 
 void
 ops_gemm_nn(const float *x, int64_t ldx, const float *B, int64_t ldb, float *y, int64_t ldy,
@@ -186,6 +236,12 @@ ops_gemm_nn(const float *x, int64_t ldx, const float *B, int64_t ldb, float *y, 
 {
     struct gemm_nn_job j = {x, B, y, ldx, ldb, ldy, n, k};
 
+#ifdef HAVE_OPENBLAS
+    if (ops_blas_ready(m, 1)) {
+        threads_parallel_for(m, 1, gemm_nn_sgemm_range, &j);
+        return;
+    }
+#endif
     threads_parallel_for(m, 1, gemm_nn_range, &j);
 }
 

@@ -115,36 +115,17 @@ quant_copy(const char *in, const char *out, const char *name, int required, stru
 {
     char src[4096];
     char *text = NULL;
-    size_t len = 0, cap = 0, n;
-    FILE *f;
+    size_t len = 0;
+    struct stat st;
     int rc;
 
     snprintf(src, sizeof(src), "%s/%s", in, name);
-    if ((f = fopen(src, "rb")) == NULL) {
-        if (!required && errno == ENOENT)
-            return KLI_OK;
-        return kli_err_set(err, KLI_E_IO, "%s: %s", src, strerror(errno));
-    }
-    do {
-        if (len == cap) {
-            char *nt = cap < ((size_t)1 << 30) ? realloc(text, cap ? 2 * cap : 65536) : NULL;
-            if (nt == NULL) {
-                fclose(f);
-                free(text);
-                return kli_err_set(err, KLI_E_NOMEM, "%s: out of memory (or over 1 GiB)", src);
-            }
-            text = nt;
-            cap = cap ? 2 * cap : 65536;
-        }
-        n = fread(text + len, 1, cap - len, f);
-        len += n;
-    } while (n > 0);
-    if (ferror(f)) {
-        fclose(f);
-        free(text);
-        return kli_err_set(err, KLI_E_IO, "%s: read error", src);
-    }
-    fclose(f);
+    if (!required && stat(src, &st) != 0 && errno == ENOENT)
+        return KLI_OK;
+    /* A regular file, read whole under a cap (src/file.c): a FIFO in the model directory
+     * would block open(), /dev/zero would never end. */
+    if ((rc = kli_file_read(src, (uint64_t)1 << 30, &text, &len, err)) != KLI_OK)
+        return rc;
     rc = quant_write(out, name, text, len, err);
     free(text);
     return rc;

@@ -797,31 +797,20 @@ int
 kli_session_load(struct kli_session *s, struct kli_sampler *smp, const char *path,
                  struct kli_err *err)
 {
-    struct stat st;
-    uint8_t *buf = NULL;
-    FILE *fp;
+    char *buf = NULL;
+    size_t n;
     int rc, fresh = err != NULL && err->code == 0;
 
     if (s == NULL || path == NULL)
         return kli_err_set(err, KLI_E_INVALID, "kli_session_load: NULL argument");
-    if ((fp = fopen(path, "rb")) == NULL)
-        return kli_err_set(err, KLI_E_IO, "%s: %s", path, strerror(errno));
-    if (fstat(fileno(fp), &st) != 0 || !S_ISREG(st.st_mode)) {
-        rc = kli_err_set(err, KLI_E_IO, "%s: not a regular file", path);
-        goto out;
-    }
-    if ((uint64_t)st.st_size > SIZE_MAX - 1 ||
-        (buf = kli_malloc((size_t)st.st_size + 1)) == NULL) {
-        rc = kli_err_set(err, KLI_E_NOMEM, "%s: out of memory for %lld bytes", path,
-                         (long long)st.st_size);
-        goto out;
-    }
-    size_t n = fread(buf, 1, (size_t)st.st_size, fp);
-    if (n != (size_t)st.st_size || ferror(fp)) {
-        rc = kli_err_set(err, KLI_E_IO, "%s: read error%s%s", path, ferror(fp) ? ": " : "",
-                         ferror(fp) ? strerror(errno) : " (the file shrank)");
-        goto out;
-    }
+    /* A regular file (src/file.c: a FIFO would block open()) no larger than the largest
+     * snapshot this session could take: a full context, logits, the most recent tokens a
+     * sampler keeps, and room for zstd's worst case (it stores what it cannot compress). */
+    uint64_t most = snap_state_bytes(&s->m->cfg, s->ctx_max, 1) + SNAP_SAMPLER_FIXED +
+                    4 * (uint64_t)SNAP_MAX_RECENT;
+    most += SNAP_HEADER + most / 128 + ((uint64_t)1 << 20);
+    if ((rc = kli_file_read(path, most, &buf, &n, err)) != KLI_OK)
+        return rc;
     rc = kli_session_restore(s, smp, buf, n, err);
     /* Name the file in the message of a refused snapshot. */
     if (rc != KLI_OK && fresh && strncmp(err->msg, "snapshot: ", 10) == 0) {
@@ -829,9 +818,7 @@ kli_session_load(struct kli_session *s, struct kli_sampler *smp, const char *pat
         snprintf(msg, sizeof(msg), "%s: %s", path, err->msg + 10);
         memcpy(err->msg, msg, sizeof(msg));
     }
-out:
     free(buf);
-    fclose(fp);
     return rc;
 }
 

@@ -29,6 +29,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "internal.h"
 #include "tokenizer.h"
@@ -41,6 +42,7 @@ enum {
     TOK_MAX_LINE = 4096,           /* longest tiktoken.model line accepted */
     TOK_MAX_RANKS = 1 << 26,
     TOK_MAX_SPECIAL = 1024,        /* longest special-token name accepted, in bytes */
+    TOK_MAX_FILE = 256 << 20,      /* largest tiktoken.model or tokenizer_config.json read */
     TOK_CHUNK_CHARS = 400000,      /* tokenization_kimi.py TIKTOKEN_MAX_ENCODE_CHARS */
     TOK_RUN_CHARS = 25000,         /* tokenization_kimi.py MAX_NO_WHITESPACES_CHARS */
 };
@@ -251,55 +253,19 @@ tok_map_insert(const struct kli_tokenizer *t, struct tok_map *m, kli_token id)
 
 /* ==== Loading =============================================================================== */
 
-/* Reads a whole file into a NUL-terminated buffer.
+/* Reads tiktoken.model or tokenizer_config.json whole (a regular file of at most
+ * TOK_MAX_FILE bytes: src/file.c) into a NUL-terminated buffer.
  * @return KLI_OK, 1 if the file does not exist and `optional` is set, or an error. */
 static int
 tok_read_file(const char *path, int optional, char **buf, size_t *len, struct kli_err *err)
 {
-    FILE *f;
-    char *b = NULL;
-    size_t cap = 0, n = 0;
+    struct stat st;
 
     *buf = NULL;
     *len = 0;
-    f = fopen(path, "rb");
-    if (f == NULL) {
-        if (optional && errno == ENOENT)
-            return 1;
-        return kli_err_set(err, KLI_E_IO, "tokenizer: cannot open %s: %s", path,
-                           strerror(errno));
-    }
-    for (;;) {
-        if (cap - n < 65536 + 1) {
-            char *nb;
-
-            if (cap > SIZE_MAX / 4)
-                goto nomem;
-            cap = cap == 0 ? 262144 : cap * 2;
-            nb = realloc(b, cap);
-            if (nb == NULL)
-                goto nomem;
-            b = nb;
-        }
-        size_t got = fread(b + n, 1, cap - n - 1, f);
-        n += got;
-        if (got == 0)
-            break;
-    }
-    if (ferror(f)) {
-        fclose(f);
-        free(b);
-        return kli_err_set(err, KLI_E_IO, "tokenizer: cannot read %s", path);
-    }
-    fclose(f);
-    b[n] = '\0';
-    *buf = b;
-    *len = n;
-    return KLI_OK;
-nomem:
-    fclose(f);
-    free(b);
-    return kli_err_set(err, KLI_E_NOMEM, "tokenizer: out of memory reading %s", path);
+    if (optional && stat(path, &st) != 0 && errno == ENOENT)
+        return 1;
+    return kli_file_read(path, TOK_MAX_FILE, buf, len, err);
 }
 
 static int

@@ -418,8 +418,9 @@ xcache_open(struct xcache **out, const struct kli_model *m, uint64_t budget,
         c->fds[i] = -1;
     for (int32_t i = 0; i < c->n_files; i++) {
         const char *p = kli_wfile_file_path(m->wf, i);
-        if ((c->fds[i] = open(p, O_RDONLY | O_CLOEXEC)) < 0) {
-            rc = kli_err_set(err, KLI_E_IO, "%s: %s", p, strerror(errno));
+        if ((c->fds[i] = kli_file_open(p, NULL, err)) < 0) {
+            rc = c->fds[i];
+            c->fds[i] = -1;
             goto fail;
         }
     }

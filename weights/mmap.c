@@ -71,50 +71,37 @@ kli_map_huge(int fd, size_t len, int prot)
 int
 kli_mmap_open(struct kli_mmap *m, const char *path, struct kli_err *err)
 {
-    struct stat st;
+    uint64_t size;
     void *addr;
     int fd, e;
 
     memset(m, 0, sizeof(*m));
-    do {
-        fd = open(path, O_RDONLY | O_CLOEXEC);
-    } while (fd < 0 && errno == EINTR);
-    if (fd < 0) {
-        e = errno;
-        return kli_err_set(err, KLI_E_IO, "%s: cannot open: %s", path, strerror(e));
-    }
-    if (fstat(fd, &st) != 0) {
-        e = errno;
+    /* A regular file, or a message: a FIFO here would block open() (src/file.c). */
+    if ((fd = kli_file_open(path, &size, err)) < 0)
+        return fd;
+    if (size > (uint64_t)SIZE_MAX) {
         close(fd);
-        return kli_err_set(err, KLI_E_IO, "%s: cannot stat: %s", path, strerror(e));
+        return kli_err_set(err, KLI_E_NOMEM, "%s: file of %llu bytes does not fit in memory",
+                           path, (unsigned long long)size);
     }
-    if (!S_ISREG(st.st_mode)) {
-        close(fd);
-        return kli_err_set(err, KLI_E_IO, "%s: not a regular file", path);
-    }
-    if (st.st_size < 0 || (uint64_t)st.st_size > (uint64_t)SIZE_MAX) {
-        close(fd);
-        return kli_err_set(err, KLI_E_NOMEM, "%s: file of %lld bytes does not fit in memory",
-                           path, (long long)st.st_size);
-    }
-    if (st.st_size == 0) {
+    if (size == 0) {
         /* mmap rejects length 0; an empty file is still a valid (if useless) input. */
         close(fd);
         m->base = mmap_empty;
         return KLI_OK;
     }
-    addr = kli_map_huge(fd, (size_t)st.st_size, PROT_READ);
+    addr = kli_map_huge(fd, (size_t)size, PROT_READ);
     e = errno;
     close(fd);   /* the mapping keeps its own reference to the file */
     if (addr == MAP_FAILED) {
         return kli_err_set(err, e == ENOMEM ? KLI_E_NOMEM : KLI_E_IO,
-                           "%s: cannot map %lld bytes: %s", path, (long long)st.st_size,
+                           "%s: cannot map %llu bytes: %s", path, (unsigned long long)size,
                            strerror(e));
     }
     m->addr = addr;
-    m->len = (size_t)st.st_size;
+    m->len = (size_t)size;
     m->base = addr;
-    m->size = (uint64_t)st.st_size;
+    m->size = size;
     return KLI_OK;
 }
 

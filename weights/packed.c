@@ -369,10 +369,8 @@ kli_pack_probe(const char *path)
     ssize_t got;
     int fd;
 
-    do {
-        fd = open(path, O_RDONLY | O_CLOEXEC);
-    } while (fd < 0 && errno == EINTR);
-    if (fd < 0)
+    /* Not a regular file (a directory, a FIFO that would block open()): not a .kli file. */
+    if ((fd = kli_file_open(path, NULL, NULL)) < 0)
         return 0;
     do {
         got = read(fd, magic, sizeof(magic));
