@@ -806,7 +806,7 @@ kli_session_load(struct kli_session *s, struct kli_sampler *smp, const char *pat
     /* A regular file (src/file.c: a FIFO would block open()) no larger than the largest
      * snapshot this session could take: a full context, logits, the most recent tokens a
      * sampler keeps, and room for zstd's worst case (it stores what it cannot compress). */
-    uint64_t most = snap_state_bytes(&s->m->cfg, s->ctx_max, 1) + SNAP_SAMPLER_FIXED +
+    uint64_t most = snap_state_bytes(s, s->ctx_max, 1) + SNAP_SAMPLER_FIXED +
                     4 * (uint64_t)SNAP_MAX_RECENT;
     most += SNAP_HEADER + most / 128 + ((uint64_t)1 << 20);
     if ((rc = kli_file_read(path, most, &buf, &n, err)) != KLI_OK)
