@@ -206,7 +206,7 @@ static struct {
 } cli_gpu = {0, KLI_GPU_AUTO, 0, -1, NULL};
 
 /* "8G", "512M", "1024K" or bytes; @return 0 or -1. */
-static int
+int
 cli_parse_size(const char *s, uint64_t *out)
 {
     char *end;

@@ -18,6 +18,9 @@ struct cli_command {
 void cli_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 int cli_parse_int(const char *s, long lo, long hi, const char *what, long *out);
 char *cli_read_file(const char *path, size_t *len);
+/* A size: bytes, or with a K, M, G or T suffix ("512M", "8GiB"). @return 0, or -1 (not
+ * reported). */
+int cli_parse_size(const char *s, uint64_t *out);
 int cli_parse_ids(const char *s, kli_token **out, int32_t *n_out);
 int cli_open_model(const char *path, int threads, struct kli_model **m);
 
