@@ -128,9 +128,11 @@ cli_read_file(const char *path, size_t *len)
             buf = nb;
             cap = nc;
         }
-        size_t r = fread(buf + n, 1, cap - n, f);
+        size_t want = cap - n, r = fread(buf + n, 1, want, f);
         n += r;
-        if (r == 0) {
+        /* A short count is the end (or an error): asking again would read a terminal once
+         * more and wait for a second Ctrl-D. */
+        if (r < want) {
             if (ferror(f)) {
                 cli_error("%s: read error", path);
                 free(buf);
@@ -146,6 +148,101 @@ out:
     if (f != stdin)
         fclose(f);
     return buf;
+}
+
+/* ==== text for people ====================================================================== */
+
+/* Writes the text of p[0, limit) by the rule of cli_text_write, reading on to n for a
+ * sequence that starts before limit. @return the bytes consumed, less than limit when the
+ * text ends inside a sequence (unless `final`, where that becomes U+FFFD), or (size_t)-1 on a
+ * write error. */
+static size_t
+text_scan(FILE *f, const unsigned char *p, size_t n, size_t limit, int final)
+{
+    static const char fffd[] = "\xef\xbf\xbd";
+    size_t i = 0, run = 0;   /* p[run, i) passes unchanged */
+
+    while (i < limit) {
+        int k = cli_utf8_seq(p + i, n - i);
+        if (k < 0 && (size_t)-k == n - i && p[i] >= 0xc2 && p[i] <= 0xf4 && !final)
+            break;   /* the rest may come with the next write */
+        unsigned cp = p[i];
+        if (k == 2)
+            cp = ((p[i] & 0x1fu) << 6) | (p[i + 1] & 0x3fu);
+        int ctl = k == 1 ? (cp < 0x20 && cp != '\n' && cp != '\t') || cp == 0x7f
+                         : k == 2 && cp >= 0x80 && cp < 0xa0;
+        if (k > 0 && !ctl) {
+            i += (size_t)k;
+            continue;
+        }
+        if (fwrite(p + run, 1, i - run, f) != i - run || fwrite(fffd, 1, 3, f) != 3)
+            return (size_t)-1;
+        i += (size_t)(k > 0 ? k : -k);
+        run = i;
+    }
+    if (fwrite(p + run, 1, i - run, f) != i - run)
+        return (size_t)-1;
+    return i;
+}
+
+int
+cli_text_write(struct cli_text *t, FILE *f, const char *s, size_t n)
+{
+    const unsigned char *u = (const unsigned char *)s;
+    size_t off = 0;
+
+    if (t->n_held > 0) {
+        /* The held start of a character and enough of the new text to finish it. */
+        unsigned char b[8];
+        size_t m = n < 4 ? n : 4, h = t->n_held;
+        memcpy(b, t->held, h);
+        memcpy(b + h, u, m);
+        size_t used = text_scan(f, b, h + m, h, 0);
+        if (used == (size_t)-1)
+            return -1;
+        if (used < h) {   /* still unfinished: hold it all */
+            memmove(t->held, b + used, h + m - used);
+            t->n_held = h + m - used;
+            return 0;
+        }
+        off = used - h;
+        t->n_held = 0;
+    }
+    size_t used = text_scan(f, u + off, n - off, n - off, 0);
+    if (used == (size_t)-1)
+        return -1;
+    memcpy(t->held, u + off + used, n - off - used);
+    t->n_held = n - off - used;
+    return 0;
+}
+
+int
+cli_text_end(struct cli_text *t, FILE *f)
+{
+    size_t h = t->n_held;
+
+    t->n_held = 0;
+    return h > 0 && text_scan(f, t->held, h, h, 1) == (size_t)-1 ? -1 : 0;
+}
+
+int64_t
+cli_find_nul(const char *s, size_t n, int json)
+{
+    const char *z = memchr(s, '\0', n);
+    int in_str = 0;
+
+    if (!json)
+        return z != NULL ? (int64_t)(z - s) : -1;
+    for (size_t i = 0; i < n; i++) {
+        if (s[i] == '"') {
+            in_str = !in_str;
+        } else if (in_str && s[i] == '\\' && i + 1 < n) {
+            if (s[i + 1] == 'u' && i + 5 < n && memcmp(s + i + 2, "0000", 4) == 0)
+                return (int64_t)i;
+            i++;   /* the escaped character */
+        }
+    }
+    return -1;
 }
 
 /* Parses ids separated by whitespace and/or commas. */

@@ -342,7 +342,7 @@ batch_emit(struct batch *b, struct batch_rec *r, const struct batch_slot *sl,
     bad |= bbuf_add(&l, "{\"id\":", 6);
     bad |= bbuf_json_str(&l, id, strlen(id));
     bad |= bbuf_add(&l, ",\"text\":", 8);
-    bad |= bbuf_json_str(&l, sl != NULL ? sl->text.p : "", sl != NULL ? sl->text.n : 0);
+    bad |= bbuf_json_text(&l, sl != NULL ? sl->text.p : "", sl != NULL ? sl->text.n : 0);
     bad |= bbuf_addf(&l, ",\"prompt_tokens\":%d,\"completion_tokens\":%d,\"cached_tokens\":%d,"
                      "\"finish_reason\":\"%s\",\"prefill_ms\":%.1f,\"decode_ms\":%.1f",
                      (int)r->n, sl != NULL ? (int)sl->n_gen : 0, sl != NULL ? (int)sl->cached : 0,

@@ -147,6 +147,7 @@ gen_model_path(struct gen_args *a)
 
 static volatile sig_atomic_t gen_interrupted;
 static int gen_write_failed;
+static struct cli_text gen_text;   /* what generation writes goes through cli_text_write */
 
 static void
 gen_on_sigint(int sig)
@@ -159,7 +160,7 @@ static int
 gen_print(void *ud, const char *text, size_t len)
 {
     (void)ud;
-    if (fwrite(text, 1, len, stdout) != len || fflush(stdout) != 0) {
+    if (cli_text_write(&gen_text, stdout, text, len) != 0 || fflush(stdout) != 0) {
         gen_write_failed = 1;
         return 1;
     }
@@ -218,6 +219,12 @@ messages_tokens(const struct kli_tokenizer *tok, const char *path, kli_token **i
     root = cJSON_ParseWithLength(text, len);
     if (root == NULL || !cJSON_IsArray(root)) {
         cli_error("%s: expected a JSON array of {\"role\", \"content\"} objects", path);
+        goto out;
+    }
+    int64_t nul = cli_find_nul(text, len, 1);
+    if (nul >= 0) {
+        cli_error("%s: a NUL (\\u0000) at byte %lld: prompts cannot hold NUL bytes", path,
+                  (long long)nul + 1);
         goto out;
     }
     int count = cJSON_GetArraySize(root);
@@ -343,6 +350,13 @@ cmd_run(int argc, char **argv)
         text = cli_read_file(a.file != NULL ? a.file : "-", &len);
         if (text == NULL)
             return 1;
+        int64_t nul = cli_find_nul(text, len, 0);
+        if (nul >= 0) {
+            cli_error("%s: a NUL byte at byte %lld: prompts cannot hold NUL bytes",
+                      a.file != NULL ? a.file : "standard input", (long long)nul + 1);
+            free(text);
+            return 1;
+        }
     }
     /* From here on Ctrl-C ends generation cleanly (and removes the demo directory). */
     signal(SIGINT, gen_on_sigint);
@@ -381,6 +395,8 @@ cmd_run(int argc, char **argv)
         goto out;
     }
     signal(SIGINT, SIG_DFL);
+    if (cli_text_end(&gen_text, stdout) != 0)
+        gen_write_failed = 1;
     fputc('\n', stdout);
     if (fflush(stdout) != 0 || gen_write_failed) {
         cli_error("stdout: write error");
@@ -479,6 +495,9 @@ cmd_chat(int argc, char **argv)
             fflush(stdout);
         }
         gen_interrupted = 0;
+        /* fgets ends what it read with a NUL, after any NUL the line held: with the buffer
+         * filled beforehand, the last NUL in it marks the end */
+        memset(line, 0xff, sizeof(line));
         if (fgets(line, sizeof(line), stdin) == NULL) {
             if (gen_interrupted && !feof(stdin)) {
                 clearerr(stdin);
@@ -487,7 +506,20 @@ cmd_chat(int argc, char **argv)
             }
             break;
         }
-        size_t len = strlen(line);
+        size_t len = sizeof(line) - 1;
+        while (len > 0 && line[len] != '\0')
+            len--;
+        int64_t nul = cli_find_nul(line, len, 0);
+        if (nul >= 0) {
+            cli_error("a NUL byte at byte %lld of the line: prompts cannot hold NUL bytes",
+                      (long long)nul + 1);
+            if (line[len - 1] != '\n') {
+                int ch;
+                while ((ch = getchar()) != EOF && ch != '\n')
+                    ;
+            }
+            continue;
+        }
         if (len == sizeof(line) - 1 && line[len - 1] != '\n') {
             cli_error("line too long (limit %zu bytes); use 'kli run -f' for long prompts",
                       sizeof(line) - 2);
@@ -564,6 +596,7 @@ cmd_chat(int argc, char **argv)
         kli_chat_render(tok, msgs, nm, 1, turns > 0, ids + off, n, &err);
         int r = kli_generate(s, tok, smp, ids, (int32_t)n + off, &go, &res, &err);
         free(ids);
+        cli_text_end(&gen_text, stdout);
         fputc('\n', stdout);
         if (r != KLI_OK) {
             cli_error("%s (/reset starts over)", err.msg);
