@@ -600,8 +600,9 @@ cmd_logits(int argc, char **argv)
                 return 2;
             break;
         case 'h':
-            printf("usage: kli logits -m DIR (--ids 1,2,3 | --ids-file FILE) [--chunk N] "
-                   "-o OUT [--gpu auto|on|off] [--gpu-mem SIZE] [--gpu-experts N|auto]\n");
+            printf("usage: kli logits -m|--model DIR (--ids 1,2,3 | --ids-file FILE) "
+                   "[--chunk N] -o|--output OUT\n                  [-h|--help]\n"
+                   CLI_PLACEMENT_HELP CLI_GPU_HELP);
             return 0;
         default:
             if (cli_gpu_option(c, optarg) != 1)
@@ -774,9 +775,10 @@ cmd_info(int argc, char **argv)
                 return 2;
             break;
         case 'h':
-            printf("usage: kli info -m MODEL [--tensors] [--verify]\n"
-                   "       kli info --topology [-m MODEL] [-t N] [--cpus LIST] "
-                   "[--numa POLICY]\n");
+            printf("usage: kli info -m|--model MODEL [--tensors] [--verify] [-h|--help]\n"
+                   "       kli info --topology [-m|--model MODEL] [-t|--threads N] "
+                   "[--cpus LIST]\n                       [--numa POLICY] "
+                   "[--mem-budget SIZE]\n");
             return 0;
         default:
             return 2;
@@ -835,12 +837,36 @@ usage(FILE *f)
         fprintf(f, "  %-12s %s\n", c->name, c->help);
     for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
         fprintf(f, "  %-12s %s\n", commands[i].name, commands[i].help);
-    fprintf(f, "\nSee kli(1) for the options of each command.\n");
+    fprintf(f, "\n'kli help COMMAND' or 'kli COMMAND --help' lists the options of a command; "
+            "kli(1)\ndescribes them.\n");
+}
+
+/* The command called `name`, or NULL. */
+static const struct cli_command *
+find_command(const char *name)
+{
+    const struct cli_command *tables[] = {cli_gen_commands, cli_tool_commands,
+                                          cli_batch_commands};
+
+    for (size_t t = 0; t < sizeof(tables) / sizeof(tables[0]); t++) {
+        for (const struct cli_command *c = tables[t]; c->name != NULL; c++) {
+            if (strcmp(name, c->name) == 0)
+                return c;
+        }
+    }
+    for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++) {
+        if (strcmp(name, commands[i].name) == 0)
+            return &commands[i];
+    }
+    return NULL;
 }
 
 int
 main(int argc, char **argv)
 {
+    const struct cli_command *cmd;
+    char prog[64], help[] = "--help";
+
     if (argc < 2) {
         usage(stderr);
         return 2;
@@ -850,35 +876,35 @@ main(int argc, char **argv)
         return 0;
     }
     if (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0 ||
-        strcmp(argv[1], "help") == 0) {
+        (strcmp(argv[1], "help") == 0 && argc == 2)) {
         usage(stdout);
         return 0;
     }
-    for (const struct cli_command *c = cli_gen_commands; c->name != NULL; c++) {
-        if (strcmp(argv[1], c->name) == 0) {
-            optind = 1;
-            return c->run(argc - 1, argv + 1);
+    if (strcmp(argv[1], "help") == 0) {     /* kli help COMMAND: that command's --help */
+        if (argc > 3 || (cmd = find_command(argv[2])) == NULL) {
+            if (argc > 3)
+                cli_error("help: one command at a time");
+            else
+                cli_error("help: no command '%s'", argv[2]);
+            usage(stderr);
+            return 2;
         }
+        snprintf(prog, sizeof(prog), "kli %s", cmd->name);
+        char *hv[] = {prog, help, NULL};
+        optind = 1;
+        return cmd->run(2, hv);
     }
-    for (const struct cli_command *c = cli_tool_commands; c->name != NULL; c++) {
-        if (strcmp(argv[1], c->name) == 0) {
-            optind = 1;
-            return c->run(argc - 1, argv + 1);
-        }
+    if ((cmd = find_command(argv[1])) == NULL) {
+        cli_error("unknown command '%s'", argv[1]);
+        usage(stderr);
+        return 2;
     }
-    for (const struct cli_command *c = cli_batch_commands; c->name != NULL; c++) {
-        if (strcmp(argv[1], c->name) == 0) {
-            optind = 1;
-            return c->run(argc - 1, argv + 1);
-        }
-    }
-    for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++) {
-        if (strcmp(argv[1], commands[i].name) == 0) {
-            optind = 1;
-            return commands[i].run(argc - 1, argv + 1);
-        }
-    }
-    cli_error("unknown command '%s'", argv[1]);
-    usage(stderr);
-    return 2;
+    /* getopt names the program in its messages: "kli run: unrecognized option ..." */
+    snprintf(prog, sizeof(prog), "kli %s", cmd->name);
+    argv[1] = prog;
+    optind = 1;
+    int rc = cmd->run(argc - 1, argv + 1);
+    if (rc == 2)
+        fprintf(stderr, "kli: try 'kli %s --help'\n", cmd->name);
+    return rc;
 }

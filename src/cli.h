@@ -108,6 +108,18 @@ int cli_text_end(struct cli_text *t, FILE *f);
  * escape inside a string of the (valid) JSON text s; -1 if none. */
 int64_t cli_find_nul(const char *s, size_t n, int json);
 
+/* The lines of --help texts for the shared option groups above (sampling, placement with
+ * -t, GPU): every option a command's table accepts appears in its --help (test-term.sh). */
+#define CLI_SAMPLING_HELP \
+    "  sampling:  [--temp|--temperature T] [--top-k K] [--top-p P] [--min-p P] [--seed S]\n" \
+    "             [--repeat-penalty R] [--presence-penalty P] [--frequency-penalty F]\n" \
+    "             [--repeat-last-n N]\n"
+#define CLI_PLACEMENT_HELP \
+    "  placement: [-t|--threads N] [--cpus LIST] [--numa POLICY] [--mem-budget SIZE]\n"
+#define CLI_GPU_HELP \
+    "  GPU:       [--gpu auto|on|off] [--gpu-mem SIZE] [--gpu-experts N|auto]\n" \
+    "             [--gpu-profile FILE]\n"
+
 /* The commands of cli_gen.c, NULL-terminated. */
 extern const struct cli_command cli_gen_commands[];
 /* The commands of cli_tools.c, NULL-terminated. */

@@ -96,11 +96,12 @@ static const struct option batch_opts[] = {
 };
 
 static const char batch_usage[] =
-    "usage: kli batch [-m MODEL] -i IN.jsonl -o OUT.jsonl [-P N] [-n MAX] [sampling options]\n"
-    "                 [--stop STR]... [-s SYSTEM] [--raw] [--ctx N] [-t N] [--shard K/N]\n"
+    "usage: kli batch [-m|--model MODEL] -i|--input IN.jsonl -o|--output OUT.jsonl\n"
+    "                 [-P|--parallel N] [-n|--max-tokens MAX] [--stop STR]...\n"
+    "                 [-s|--system SYSTEM] [--raw] [--ctx N] [--shard K/N]\n"
     "                 [--resume | --overwrite] [--prefix-cache SIZE] [--prefix-dir DIR]\n"
-    "                 [--min-prefix N] [--max-prompt-bytes SIZE] [--quiet]\n"
-    "                 [--gpu auto|on|off] [--gpu-mem SIZE] [--gpu-experts N|auto]\n"
+    "                 [--min-prefix N] [--max-prompt-bytes SIZE] [--quiet] [-h|--help]\n"
+    CLI_SAMPLING_HELP CLI_PLACEMENT_HELP CLI_GPU_HELP
     "Each input line is a JSON object: {\"id\": ..., \"prompt\": ... | \"messages\": [...],\n"
     "optional \"max_tokens\", \"temperature\", \"top_p\", \"top_k\", \"min_p\", \"seed\", "
     "\"stop\", ...}.\n"

@@ -36,7 +36,7 @@ struct gen_args {
     char demo[4096];
 };
 
-static const struct option gen_opts[] = {
+static const struct option run_opts[] = {
     {"model", required_argument, NULL, 'm'},
     {"prompt", required_argument, NULL, 'p'},
     {"file", required_argument, NULL, 'f'},
@@ -58,16 +58,34 @@ static const struct option gen_opts[] = {
     {NULL, 0, NULL, 0},
 };
 
+/* chat takes those of run but the prompt's (-p, -f, --messages, --raw, --special) and the
+ * state files' (it has /save and /load). */
+static const struct option chat_opts[] = {
+    {"model", required_argument, NULL, 'm'},
+    {"system", required_argument, NULL, 's'},
+    {"max-tokens", required_argument, NULL, 'n'},
+    {"threads", required_argument, NULL, 't'},
+    CLI_SAMPLING_LONGOPTS,
+    {"stop", required_argument, NULL, OPT_STOP},
+    {"ctx", required_argument, NULL, OPT_CTX},
+    {"quiet", no_argument, NULL, OPT_QUIET},
+    {"help", no_argument, NULL, 'h'},
+    CLI_GPU_LONGOPTS,
+    CLI_PLACEMENT_LONGOPTS,
+    {NULL, 0, NULL, 0},
+};
+
 /* @return 0 to go on, 1 for --help (already printed), -1 for a usage error. */
 static int
-gen_parse(int argc, char **argv, struct gen_args *a, const char *usage)
+gen_parse(int argc, char **argv, const struct option *opts, const char *shortopts,
+          struct gen_args *a, const char *usage)
 {
     int c;
 
     memset(a, 0, sizeof(*a));
     a->max_tokens = 256;
     kli_sampler_options_init(&a->so);
-    while ((c = getopt_long(argc, argv, "m:p:f:s:n:t:h", gen_opts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, shortopts, opts, NULL)) != -1) {
         switch (c) {
         case 'm': a->model = optarg; break;
         case 'p': a->prompt = optarg; break;
@@ -296,12 +314,11 @@ prompt_tokens(const struct gen_args *a, const struct kli_tokenizer *tok, const c
 /* ==== kli run ============================================================================= */
 
 static const char run_usage[] =
-    "usage: kli run [-m MODEL] (-p TEXT | -f FILE | --messages FILE.json) [--raw [--special]]\n"
-    "               [-s SYSTEM] [-n MAX] [--temp T] [--top-k K] [--top-p P] [--min-p P]\n"
-    "               [--repeat-penalty R] [--presence-penalty P] [--frequency-penalty F]\n"
-    "               [--repeat-last-n N] [--seed S] [--stop STR]... [--ctx N] [-t N] [--quiet]\n"
-    "               [--load-state FILE] [--save-state FILE]\n"
-    "               [--gpu auto|on|off] [--gpu-mem SIZE] [--gpu-experts N|auto]\n"
+    "usage: kli run [-m|--model MODEL] [-p|--prompt TEXT | -f|--file FILE | --messages JSON]\n"
+    "               [--raw [--special]] [-s|--system SYSTEM] [-n|--max-tokens MAX]\n"
+    "               [--stop STR]... [--ctx N] [--quiet] [--load-state FILE]\n"
+    "               [--save-state FILE] [-h|--help]\n"
+    CLI_SAMPLING_HELP CLI_PLACEMENT_HELP CLI_GPU_HELP
     "Without -m, the built-in demo model runs. Without -p/-f, the prompt is read from stdin.\n";
 
 static int
@@ -321,7 +338,7 @@ cmd_run(int argc, char **argv)
     int64_t n;
     int rc = 1, pr;
 
-    if ((pr = gen_parse(argc, argv, &a, run_usage)) != 0)
+    if ((pr = gen_parse(argc, argv, run_opts, "m:p:f:s:n:t:h", &a, run_usage)) != 0)
         return pr > 0 ? 0 : 2;
     if ((a.prompt != NULL) + (a.file != NULL) + (a.messages != NULL) > 1) {
         cli_error("run: give one of -p, -f and --messages");
@@ -432,8 +449,9 @@ chat_is_cmd(const char *line, const char *cmd)
 }
 
 static const char chat_usage[] =
-    "usage: kli chat [-m MODEL] [-s SYSTEM] [-n MAX] [sampling options as for run] [--ctx N]\n"
-    "                [--gpu auto|on|off] [--gpu-mem SIZE] [--gpu-experts N|auto]\n"
+    "usage: kli chat [-m|--model MODEL] [-s|--system SYSTEM] [-n|--max-tokens MAX]\n"
+    "                [--stop STR]... [--ctx N] [--quiet] [-h|--help]\n"
+    CLI_SAMPLING_HELP CLI_PLACEMENT_HELP CLI_GPU_HELP
     "Commands inside the chat: /reset, /save FILE, /load FILE, /help, /exit. Ctrl-C stops the\n"
     "current answer.\n";
 
@@ -452,17 +470,8 @@ cmd_chat(int argc, char **argv)
     char line[65536];
     int rc = 1, pr, tty = isatty(STDIN_FILENO), turns = 0;
 
-    if ((pr = gen_parse(argc, argv, &a, chat_usage)) != 0)
+    if ((pr = gen_parse(argc, argv, chat_opts, "m:s:n:t:h", &a, chat_usage)) != 0)
         return pr > 0 ? 0 : 2;
-    if (a.prompt != NULL || a.file != NULL || a.messages != NULL || a.raw) {
-        cli_error("chat: -p, -f, --messages and --raw belong to 'kli run'");
-        return 2;
-    }
-    if (a.save_state != NULL || a.load_state != NULL) {
-        cli_error("chat: --save-state and --load-state belong to 'kli run'; in the chat, use "
-                  "/save FILE and /load FILE");
-        return 2;
-    }
     const char *path = gen_model_path(&a);
     if (path == NULL || cli_open_model(path, cli_threads(a.threads), &m) != 0)
         goto out;
@@ -663,7 +672,8 @@ cmd_tokenize(int argc, char **argv)
         case 'S': special = 1; break;
         case 'f': file = optarg; break;
         case 'h':
-            printf("usage: kli tokenize [-m MODEL] [--special] [--file F]\n");
+            printf("usage: kli tokenize [-m|--model MODEL] [--special] [--file F] "
+                   "[-h|--help]\n");
             return 0;
         default:
             return 2;
@@ -724,7 +734,7 @@ cmd_detokenize(int argc, char **argv)
         case 'm': model = optarg; break;
         case 'f': file = optarg; break;
         case 'h':
-            printf("usage: kli detokenize [-m MODEL] [--file F]\n");
+            printf("usage: kli detokenize [-m|--model MODEL] [--file F] [-h|--help]\n");
             return 0;
         default:
             return 2;

@@ -103,8 +103,9 @@ cmd_synth(int argc, char **argv)
             break;
         case 'F': o.force = 1; break;
         case 'h':
-            printf("usage: kli synth -o DIR [--layers N] [--experts E] [--type bf16|q8_0|q4] "
-                   "[--seed S] [--force]\n");
+            printf("usage: kli synth -o|--output DIR [--layers N] [--experts E] "
+                   "[--type bf16|q8_0|q4]\n                 [--seed S] [--force] "
+                   "[-h|--help]\n");
             return 0;
         default:
             return 2;
@@ -192,8 +193,10 @@ cmd_quantize(int argc, char **argv)
     kli_quantize_options_init(&o);
     a.type = o.type;
     pr = convert_args_parse(argc, argv, &a,
-                            "usage: kli quantize -m DIR -o OUT_DIR --type q8_0|q4|bf16|f16|f32 "
-                            "[--keep GLOB=TYPE]... [--force]\n",
+                            "usage: kli quantize -m|--model DIR -o|--output OUT_DIR "
+                            "--type q8_0|q4|bf16|f16|f32\n"
+                            "                    [--keep GLOB=TYPE]... [--force] "
+                            "[-h|--help]\n",
                             "usage: kli quantize -m DIR -o OUT_DIR --type TYPE "
                             "[--keep GLOB=TYPE]...");
     if (pr != 0)
@@ -242,8 +245,10 @@ cmd_convert(int argc, char **argv)
     kli_convert_options_init(&o);
     a.type = o.type;
     pr = convert_args_parse(argc, argv, &a,
-                            "usage: kli convert -m MODEL -o OUT.kli [--type bf16|q8_0|q4|f16|f32] "
-                            "[--keep GLOB=TYPE]... [--force]\n",
+                            "usage: kli convert -m|--model MODEL -o|--output OUT.kli "
+                            "[--type bf16|q8_0|q4|f16|f32]\n"
+                            "                   [--keep GLOB=TYPE]... [--force] "
+                            "[-h|--help]\n",
                             "usage: kli convert -m MODEL -o OUT.kli [--type TYPE] "
                             "[--keep GLOB=TYPE]...");
     if (pr != 0)
@@ -804,10 +809,11 @@ cmd_bench(int argc, char **argv)
         case 'Q': quality = 1; break;
         case 'I': ids_arg = optarg; break;
         case 'h':
-            printf("usage: kli bench [-m MODEL] [-p 512] [-n 128] [--depth D] [-r 5] [-t N] "
-                   "[--type T] [--json]\n                 [--gpu auto|on|off] [--gpu-mem SIZE] "
-                   "[--gpu-experts N|auto]\n       kli bench --quality [-m MODEL] [-p N | --ids "
-                   "1,2,3] [--json]\n");
+            printf("usage: kli bench [-m|--model MODEL] [-p|--prompt 512] [-n|--gen 128] "
+                   "[--depth D]\n                 [-r|--reps 5] [--type T] [--json] "
+                   "[-h|--help]\n       kli bench --quality [-m|--model MODEL] "
+                   "[-p|--prompt N | --ids 1,2,3] [--json]\n"
+                   CLI_PLACEMENT_HELP CLI_GPU_HELP);
             return 0;
         default:
             if (cli_gpu_option(c, optarg) != 1)

@@ -1,8 +1,10 @@
 #!/bin/sh
 # test-term.sh - kli where a person meets it: generated text as shown by run and chat (valid
 # UTF-8 without control characters but newline and tab, by the rule of batch's JSON
-# strings), a prompt read from a terminal that ends at the first Ctrl-D, and prompts with a
-# NUL byte refused in every mode, with the byte named.
+# strings), a prompt read from a terminal that ends at the first Ctrl-D, prompts with a
+# NUL byte refused in every mode, with the byte named; every long option of every command
+# (found in the source) in its --help, in kli help CMD and in kli(1); usage errors exit 2
+# with a hint.
 set -u
 : "${KLI_BIN:?}" "${KLI_TESTDATA:?}" "${KLI_SRCDIR:?}"
 . "$KLI_SRCDIR/tests/lib.sh"
@@ -126,6 +128,94 @@ rc=$?
 [ $rc = 0 ] && grep -q "a NUL byte at byte 5 of the line" "$tmp/c.err" &&
     [ "$(grep -c . "$tmp/c.out")" -le 1 ]
 check $? "chat refuses a line with a NUL byte, naming it, and answers the next"
+
+# ---- --help, kli help, man/kli.1: every long option a command accepts ----------------------
+# The options come from the source: each command's function in the command tables of
+# src/cli*.c, the struct option tables it (or a parse helper it calls) uses, and the
+# CLI_*_LONGOPTS groups of src/cli.h.
+cat >"$tmp/opts.py" <<'PYEOF'
+import glob, re, sys
+
+src = sys.argv[1]
+text = {f: open(f).read() for f in sorted(glob.glob(src + "/src/cli*.[ch]"))}
+allc = "\n".join(text.values())
+groups = {m.group(1): re.findall(r'\{"([a-z0-9-]+)", *\w+_argument', m.group(2))
+          for m in re.finditer(r'#define (CLI_\w+_LONGOPTS)((?:.*\\\n)*.*)', allc)}
+
+
+def entries(body):
+    names = re.findall(r'\{"([a-z0-9-]+)", *\w+_argument', body)
+    for g in re.findall(r'\b(CLI_\w+_LONGOPTS)\b', body):
+        names += groups[g]
+    return names
+
+
+TABLE = r'struct option (\w+)\[\] = \{(.*?)\n\s*\};'
+# tables at file level, used by name; a table inside a function belongs to that function
+tables = {m.group(1): entries(m.group(2))
+          for m in re.finditer(r'^static const ' + TABLE, allc, re.S | re.M)}
+funcs = {m.group(1): m.group(2) for m in
+         re.finditer(r'^(\w+)\([^;{]*?\)\n\{\n(.*?)^\}', allc, re.S | re.M)}
+
+
+def uses(fn, depth=0):
+    body = funcs.get(fn, "")
+    got = set()
+    for m in re.finditer(TABLE, body, re.S):
+        got |= set(entries(m.group(2)))
+    for t, names in tables.items():
+        if re.search(r'\b%s\b' % t, body):
+            got |= set(names)
+    if depth < 1:
+        for callee in re.findall(r'\b(\w+)\(', body):
+            if callee != fn and callee in funcs:
+                got |= uses(callee, depth + 1)
+    return got
+
+
+for m in re.finditer(r'\{"([a-z]+)", (cmd_\w+), "', allc):
+    print(m.group(1), " ".join(sorted(uses(m.group(2)))))
+PYEOF
+"$PY" "$tmp/opts.py" "$KLI_SRCDIR" >"$tmp/opts.txt" 2>&1
+rc=$?
+[ "$(wc -l <"$tmp/opts.txt")" -ge 11 ] || rc=1
+while read -r cmd names; do
+    "$KLI_BIN" "$cmd" --help >"$tmp/h1" 2>&1 || rc=1
+    "$KLI_BIN" help "$cmd" >"$tmp/h2" 2>&1 || rc=1
+    cmp -s "$tmp/h1" "$tmp/h2" || { rc=1; echo "# kli help $cmd differs from kli $cmd --help"; }
+    [ -n "$names" ] || rc=1
+    for o in $names; do
+        grep -q -e "--$o[] |=]" -e "--$o\$" "$tmp/h1" ||
+            { rc=1; echo "# kli $cmd --help lacks --$o"; }
+        # in mdoc: Fl \-name, each - inside the name written - or \-
+        grep -q "Fl \\\\-$(echo "$o" | sed 's/-/\\\\\\?-/g')\\( \\|\$\\)" "$KLI_SRCDIR/man/kli.1" ||
+            { rc=1; echo "# man/kli.1 lacks --$o ($cmd)"; }
+    done
+done <"$tmp/opts.txt"
+sed 's/^/# /' "$tmp/opts.txt"
+check $rc "every long option of every command's table is in its --help (also kli help CMD) and in kli(1)"
+
+# ---- usage errors: exit 2 with the hint, as kli(1) says ---------------------------------------
+rc=0
+while read -r cmd names; do
+    "$KLI_BIN" "$cmd" --no-such-option >/dev/null 2>"$tmp/e"
+    e=$?
+    [ $e = 2 ] && grep -q "unrecognized option" "$tmp/e" &&
+        grep -q "try 'kli $cmd --help'" "$tmp/e" || { rc=1; echo "# $cmd: exit $e"; }
+done <"$tmp/opts.txt"
+for args in "run --temp -1 -p x" "chat --top-p 2" "batch --temp -1 -i x -o y" "run -n -1 -p x" \
+            "bench -r 0" "logits -t 0 --ids 1 -o x" "info --no-such" "run -p x extra" \
+            "help no-such-command" "no-such-command"; do
+    # shellcheck disable=SC2086
+    "$KLI_BIN" $args >/dev/null 2>"$tmp/e" </dev/null
+    e=$?
+    [ $e = 2 ] || { rc=1; echo "# kli $args: exit $e, not 2"; }
+done
+check $rc "unknown options and bad option values exit 2 with a 'try kli CMD --help' hint"
+tr '\n' ' ' <"$KLI_SRCDIR/man/kli.1" >"$tmp/man1"
+grep -q "It 2 A usage error: an unknown command or option, .*an option value out of range" \
+    "$tmp/man1" && ! grep -q "sampling option out of range" "$tmp/man1"
+check $? "kli(1)'s EXIT STATUS calls an option value out of range a usage error"
 
 echo "1..$n"
 exit $fail
