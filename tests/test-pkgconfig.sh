@@ -42,8 +42,8 @@ check $rc "pkg-config --libs --static kli resolves the libraries libkli.a needs"
 
 # A sanitized libkli.a needs its runtime, which no installed .pc would name.
 san=""
-grep -q -a AddressSanitizer "$KLI_BIN" && san="$san -fsanitize=address"
-grep -q -a UndefinedBehaviorSanitizer "$KLI_BIN" && san="$san -fsanitize=undefined"
+grep -q -a __asan_init "$KLI_BIN" && san="$san -fsanitize=address"
+grep -q -a __ubsan_handle "$KLI_BIN" && san="$san -fsanitize=undefined"
 # shellcheck disable=SC2046,SC2086
 cc -std=c11 $san -o "$tmp/minimal" "$KLI_SRCDIR/contrib/examples/minimal.c" \
     $(pkg-config --cflags --libs --static kli) >"$tmp/cc.log" 2>&1
