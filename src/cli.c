@@ -169,6 +169,101 @@ fail:
     return NULL;
 }
 
+/* ==== text for people ====================================================================== */
+
+/* Writes the text of p[0, limit) by the rule of cli_text_write, reading on to n for a
+ * sequence that starts before limit. @return the bytes consumed, less than limit when the
+ * text ends inside a sequence (unless `final`, where that becomes U+FFFD), or (size_t)-1 on a
+ * write error. */
+static size_t
+text_scan(FILE *f, const unsigned char *p, size_t n, size_t limit, int final)
+{
+    static const char fffd[] = "\xef\xbf\xbd";
+    size_t i = 0, run = 0;   /* p[run, i) passes unchanged */
+
+    while (i < limit) {
+        int k = cli_utf8_seq(p + i, n - i);
+        if (k < 0 && (size_t)-k == n - i && p[i] >= 0xc2 && p[i] <= 0xf4 && !final)
+            break;   /* the rest may come with the next write */
+        unsigned cp = p[i];
+        if (k == 2)
+            cp = ((p[i] & 0x1fu) << 6) | (p[i + 1] & 0x3fu);
+        int ctl = k == 1 ? (cp < 0x20 && cp != '\n' && cp != '\t') || cp == 0x7f
+                         : k == 2 && cp >= 0x80 && cp < 0xa0;
+        if (k > 0 && !ctl) {
+            i += (size_t)k;
+            continue;
+        }
+        if (fwrite(p + run, 1, i - run, f) != i - run || fwrite(fffd, 1, 3, f) != 3)
+            return (size_t)-1;
+        i += (size_t)(k > 0 ? k : -k);
+        run = i;
+    }
+    if (fwrite(p + run, 1, i - run, f) != i - run)
+        return (size_t)-1;
+    return i;
+}
+
+int
+cli_text_write(struct cli_text *t, FILE *f, const char *s, size_t n)
+{
+    const unsigned char *u = (const unsigned char *)s;
+    size_t off = 0;
+
+    if (t->n_held > 0) {
+        /* The held start of a character and enough of the new text to finish it. */
+        unsigned char b[8];
+        size_t m = n < 4 ? n : 4, h = t->n_held;
+        memcpy(b, t->held, h);
+        memcpy(b + h, u, m);
+        size_t used = text_scan(f, b, h + m, h, 0);
+        if (used == (size_t)-1)
+            return -1;
+        if (used < h) {   /* still unfinished: hold it all */
+            memmove(t->held, b + used, h + m - used);
+            t->n_held = h + m - used;
+            return 0;
+        }
+        off = used - h;
+        t->n_held = 0;
+    }
+    size_t used = text_scan(f, u + off, n - off, n - off, 0);
+    if (used == (size_t)-1)
+        return -1;
+    memcpy(t->held, u + off + used, n - off - used);
+    t->n_held = n - off - used;
+    return 0;
+}
+
+int
+cli_text_end(struct cli_text *t, FILE *f)
+{
+    size_t h = t->n_held;
+
+    t->n_held = 0;
+    return h > 0 && text_scan(f, t->held, h, h, 1) == (size_t)-1 ? -1 : 0;
+}
+
+int64_t
+cli_find_nul(const char *s, size_t n, int json)
+{
+    const char *z = memchr(s, '\0', n);
+    int in_str = 0;
+
+    if (!json)
+        return z != NULL ? (int64_t)(z - s) : -1;
+    for (size_t i = 0; i < n; i++) {
+        if (s[i] == '"') {
+            in_str = !in_str;
+        } else if (in_str && s[i] == '\\' && i + 1 < n) {
+            if (s[i + 1] == 'u' && i + 5 < n && memcmp(s + i + 2, "0000", 4) == 0)
+                return (int64_t)i;
+            i++;   /* the escaped character */
+        }
+    }
+    return -1;
+}
+
 /* Parses ids separated by whitespace and/or commas. */
 int
 cli_parse_ids(const char *s, kli_token **out, int32_t *n_out)
@@ -227,7 +322,7 @@ static struct {
 } cli_gpu = {0, KLI_GPU_AUTO, 0, -1, NULL};
 
 /* "8G", "512M", "1024K" or bytes; @return 0 or -1. */
-static int
+int
 cli_parse_size(const char *s, uint64_t *out)
 {
     char *end;
@@ -524,8 +619,9 @@ cmd_logits(int argc, char **argv)
                 return 2;
             break;
         case 'h':
-            printf("usage: kli logits -m DIR (--ids 1,2,3 | --ids-file FILE) [--chunk N] "
-                   "-o OUT [--gpu auto|on|off] [--gpu-mem SIZE] [--gpu-experts N|auto]\n");
+            printf("usage: kli logits -m|--model DIR (--ids 1,2,3 | --ids-file FILE) "
+                   "[--chunk N] -o|--output OUT\n                  [-h|--help]\n"
+                   CLI_PLACEMENT_HELP CLI_GPU_HELP);
             return 0;
         default:
             if (cli_gpu_option(c, optarg) != 1)
@@ -705,9 +801,10 @@ cmd_info(int argc, char **argv)
                 return 2;
             break;
         case 'h':
-            printf("usage: kli info -m MODEL [--tensors] [--verify]\n"
-                   "       kli info --topology [-m MODEL] [-t N] [--cpus LIST] "
-                   "[--numa POLICY]\n");
+            printf("usage: kli info -m|--model MODEL [--tensors] [--verify] [-h|--help]\n"
+                   "       kli info --topology [-m|--model MODEL] [-t|--threads N] "
+                   "[--cpus LIST]\n                       [--numa POLICY] "
+                   "[--mem-budget SIZE]\n");
             return 0;
         default:
             return 2;
@@ -766,7 +863,28 @@ usage(FILE *f)
         fprintf(f, "  %-12s %s\n", c->name, c->help);
     for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
         fprintf(f, "  %-12s %s\n", commands[i].name, commands[i].help);
-    fprintf(f, "\nSee kli(1) for the options of each command.\n");
+    fprintf(f, "\n'kli help COMMAND' or 'kli COMMAND --help' lists the options of a command; "
+            "kli(1)\ndescribes them.\n");
+}
+
+/* The command called `name`, or NULL. */
+static const struct cli_command *
+find_command(const char *name)
+{
+    const struct cli_command *tables[] = {cli_gen_commands, cli_tool_commands,
+                                          cli_batch_commands};
+
+    for (size_t t = 0; t < sizeof(tables) / sizeof(tables[0]); t++) {
+        for (const struct cli_command *c = tables[t]; c->name != NULL; c++) {
+            if (strcmp(name, c->name) == 0)
+                return c;
+        }
+    }
+    for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++) {
+        if (strcmp(name, commands[i].name) == 0)
+            return &commands[i];
+    }
+    return NULL;
 }
 
 #ifdef HAVE_OPENBLAS
@@ -801,6 +919,9 @@ cli_blas_env(char **argv)
 int
 main(int argc, char **argv)
 {
+    const struct cli_command *cmd;
+    char prog[64], help[] = "--help";
+
 #ifdef HAVE_OPENBLAS
     cli_blas_env(argv);
 #endif
@@ -813,35 +934,35 @@ main(int argc, char **argv)
         return 0;
     }
     if (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0 ||
-        strcmp(argv[1], "help") == 0) {
+        (strcmp(argv[1], "help") == 0 && argc == 2)) {
         usage(stdout);
         return 0;
     }
-    for (const struct cli_command *c = cli_gen_commands; c->name != NULL; c++) {
-        if (strcmp(argv[1], c->name) == 0) {
-            optind = 1;
-            return c->run(argc - 1, argv + 1);
+    if (strcmp(argv[1], "help") == 0) {     /* kli help COMMAND: that command's --help */
+        if (argc > 3 || (cmd = find_command(argv[2])) == NULL) {
+            if (argc > 3)
+                cli_error("help: one command at a time");
+            else
+                cli_error("help: no command '%s'", argv[2]);
+            usage(stderr);
+            return 2;
         }
+        snprintf(prog, sizeof(prog), "kli %s", cmd->name);
+        char *hv[] = {prog, help, NULL};
+        optind = 1;
+        return cmd->run(2, hv);
     }
-    for (const struct cli_command *c = cli_tool_commands; c->name != NULL; c++) {
-        if (strcmp(argv[1], c->name) == 0) {
-            optind = 1;
-            return c->run(argc - 1, argv + 1);
-        }
+    if ((cmd = find_command(argv[1])) == NULL) {
+        cli_error("unknown command '%s'", argv[1]);
+        usage(stderr);
+        return 2;
     }
-    for (const struct cli_command *c = cli_batch_commands; c->name != NULL; c++) {
-        if (strcmp(argv[1], c->name) == 0) {
-            optind = 1;
-            return c->run(argc - 1, argv + 1);
-        }
-    }
-    for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++) {
-        if (strcmp(argv[1], commands[i].name) == 0) {
-            optind = 1;
-            return commands[i].run(argc - 1, argv + 1);
-        }
-    }
-    cli_error("unknown command '%s'", argv[1]);
-    usage(stderr);
-    return 2;
+    /* getopt names the program in its messages: "kli run: unrecognized option ..." */
+    snprintf(prog, sizeof(prog), "kli %s", cmd->name);
+    argv[1] = prog;
+    optind = 1;
+    int rc = cmd->run(argc - 1, argv + 1);
+    if (rc == 2)
+        fprintf(stderr, "kli: try 'kli %s --help'\n", cmd->name);
+    return rc;
 }

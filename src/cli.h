@@ -6,6 +6,7 @@
 
 #include <stdarg.h>
 #include <stddef.h>
+#include <stdio.h>
 
 #include "kli.h"
 
@@ -24,6 +25,9 @@ char *cli_read_file(const char *path, size_t max, size_t max_line, const char *l
  * --ctx N a prompt may hold CLI_PROMPT_PER_TOKEN bytes per token, and at least 1 MiB. */
 #define CLI_TEXT_MAX ((size_t)64 << 20)
 #define CLI_PROMPT_PER_TOKEN 128
+/* A size: bytes, or with a K, M, G or T suffix ("512M", "8GiB"). @return 0, or -1 (not
+ * reported). */
+int cli_parse_size(const char *s, uint64_t *out);
 int cli_parse_ids(const char *s, kli_token **out, int32_t *n_out);
 int cli_open_model(const char *path, int threads, struct kli_model **m);
 
@@ -85,6 +89,42 @@ enum {
 int cli_sampling_option(int c, const char *arg, struct kli_sampler_options *so);
 /* A float option value: @return 0, or -1 after reporting. */
 int cli_parse_float(const char *s, const char *what, float *out);
+
+/* The length of the valid UTF-8 sequence at p (1 to 4), or minus the length of its maximal
+ * subpart: the bytes that started a sequence before it broke off (at least 1). */
+int cli_utf8_seq(const unsigned char *p, size_t n);
+
+/* Text for people (what run and chat generate), written by one rule wherever it goes, a
+ * terminal or not, the rule batch's JSON strings keep too: valid UTF-8 passes; each
+ * invalid sequence (maximal subpart) becomes U+FFFD, and so does each control character
+ * but newline and tab (C0, DEL and C1: ESC, CR, FF and the rest), so that generated text
+ * cannot move the cursor, clear the screen or send a terminal escape. A character split
+ * between two writes is held until the next; cli_text_end flushes what is held (an
+ * unfinished sequence becomes U+FFFD). @return 0, or -1 on a write error. */
+struct cli_text {
+    unsigned char held[4];
+    size_t n_held;
+};
+int cli_text_write(struct cli_text *t, FILE *f, const char *s, size_t n);
+int cli_text_end(struct cli_text *t, FILE *f);
+
+/* Prompts hold no NUL byte: the chat format (kli_chat_render) and JSON strings (cJSON) end
+ * text there, so kli refuses such a prompt in every mode rather than cut it silently.
+ * @return the offset of the first NUL byte of s[0, n), or with `json`, of the first \u0000
+ * escape inside a string of the (valid) JSON text s; -1 if none. */
+int64_t cli_find_nul(const char *s, size_t n, int json);
+
+/* The lines of --help texts for the shared option groups above (sampling, placement with
+ * -t, GPU): every option a command's table accepts appears in its --help (test-term.sh). */
+#define CLI_SAMPLING_HELP \
+    "  sampling:  [--temp|--temperature T] [--top-k K] [--top-p P] [--min-p P] [--seed S]\n" \
+    "             [--repeat-penalty R] [--presence-penalty P] [--frequency-penalty F]\n" \
+    "             [--repeat-last-n N]\n"
+#define CLI_PLACEMENT_HELP \
+    "  placement: [-t|--threads N] [--cpus LIST] [--numa POLICY] [--mem-budget SIZE]\n"
+#define CLI_GPU_HELP \
+    "  GPU:       [--gpu auto|on|off] [--gpu-mem SIZE] [--gpu-experts N|auto]\n" \
+    "             [--gpu-profile FILE]\n"
 
 /* The commands of cli_gen.c, NULL-terminated. */
 extern const struct cli_command cli_gen_commands[];

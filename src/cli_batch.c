@@ -100,11 +100,13 @@ static const struct option batch_opts[] = {
 };
 
 static const char batch_usage[] =
-    "usage: kli batch [-m MODEL] -i IN.jsonl -o OUT.jsonl [-P N] [-n MAX] [sampling options]\n"
-    "                 [--stop STR]... [-s SYSTEM] [--raw] [--ctx N] [-t N] [--shard K/N]\n"
+    "usage: kli batch [-m|--model MODEL] -i|--input IN.jsonl -o|--output OUT.jsonl\n"
+    "                 [-P|--parallel N] [-n|--max-tokens MAX] [--stop STR]...\n"
+    "                 [-s|--system SYSTEM] [--raw] [--ctx N] [--shard K/N]\n"
     "                 [--resume | --overwrite] [--prefix-cache SIZE] [--prefix-dir DIR]\n"
     "                 [--min-prefix N] [--max-prompt-bytes SIZE] [--max-errors N] [--quiet]\n"
-    "                 [--gpu auto|on|off] [--gpu-mem SIZE] [--gpu-experts N|auto]\n"
+    "                 [-h|--help]\n"
+    CLI_SAMPLING_HELP CLI_PLACEMENT_HELP CLI_GPU_HELP
     "Each input line is a JSON object: {\"id\": ..., \"prompt\": ... | \"messages\": [...],\n"
     "optional \"max_tokens\", \"temperature\", \"top_p\", \"top_k\", \"min_p\", \"seed\", "
     "\"stop\", ...}.\n"
@@ -351,7 +353,7 @@ batch_emit(struct batch *b, struct batch_rec *r, const struct batch_slot *sl,
     bad |= bbuf_add(&l, "{\"id\":", 6);
     bad |= bbuf_json_str(&l, id, strlen(id));
     bad |= bbuf_add(&l, ",\"text\":", 8);
-    bad |= bbuf_json_str(&l, sl != NULL ? sl->text.p : "", sl != NULL ? sl->text.n : 0);
+    bad |= bbuf_json_text(&l, sl != NULL ? sl->text.p : "", sl != NULL ? sl->text.n : 0);
     bad |= bbuf_addf(&l, ",\"prompt_tokens\":%d,\"completion_tokens\":%d,\"cached_tokens\":%d,"
                      "\"finish_reason\":\"%s\",\"prefill_ms\":%.1f,\"decode_ms\":%.1f",
                      (int)r->n, sl != NULL ? (int)sl->n_gen : 0, sl != NULL ? (int)sl->cached : 0,

@@ -26,6 +26,9 @@ int bbuf_addf(struct bbuf *b, const char *fmt, ...) __attribute__((format(printf
  * U+FFFD (one per maximal subpart, as Unicode recommends and Python's decoder does). */
 int bbuf_json_str(struct bbuf *b, const char *s, size_t n);
 
+/* The same for generated text: by the rule of cli_text_write, control characters but
+ * newline and tab become U+FFFD too, so a record's text is what kli run shows. */
+int bbuf_json_text(struct bbuf *b, const char *s, size_t n);
 /* @return the offset of the first byte that is not part of valid UTF-8, or n. */
 size_t batch_utf8_valid(const char *s, size_t n);
 

@@ -62,10 +62,8 @@ bbuf_addf(struct bbuf *b, const char *fmt, ...)
     return bbuf_add(b, tmp, (size_t)k);
 }
 
-/* The length of the valid UTF-8 sequence at p (1 to 4), or minus the length of its maximal
- * subpart: the bytes that started a sequence before it broke off (at least 1). */
-static int
-utf8_seq(const unsigned char *p, size_t n)
+int
+cli_utf8_seq(const unsigned char *p, size_t n)
 {
     unsigned c = p[0], lo = 0x80, hi = 0xbf;
     int need;
@@ -104,7 +102,7 @@ batch_utf8_valid(const char *s, size_t n)
     size_t i = 0;
 
     while (i < n) {
-        int k = utf8_seq((const unsigned char *)s + i, n - i);
+        int k = cli_utf8_seq((const unsigned char *)s + i, n - i);
         if (k < 0)
             return i;
         i += (size_t)k;
@@ -112,8 +110,10 @@ batch_utf8_valid(const char *s, size_t n)
     return n;
 }
 
-int
-bbuf_json_str(struct bbuf *b, const char *s, size_t n)
+/* With `shown`, the text rule of cli_text_write: control characters but \n and \t become
+ * U+FFFD too. */
+static int
+json_str(struct bbuf *b, const char *s, size_t n, int shown)
 {
     size_t i = 0;
 
@@ -122,7 +122,12 @@ bbuf_json_str(struct bbuf *b, const char *s, size_t n)
     while (i < n) {
         unsigned char c = (unsigned char)s[i];
         int k, rc;
-        if (c < 0x80) {
+        if (shown && ((c < 0x20 && c != '\n' && c != '\t') || c == 0x7f ||
+                      (c == 0xc2 && i + 1 < n && (unsigned char)s[i + 1] < 0xa0 &&
+                       (unsigned char)s[i + 1] >= 0x80))) {
+            rc = bbuf_add(b, "\xef\xbf\xbd", 3);
+            i += c == 0xc2 ? 2 : 1;
+        } else if (c < 0x80) {
             switch (c) {
             case '"': rc = bbuf_add(b, "\\\"", 2); break;
             case '\\': rc = bbuf_add(b, "\\\\", 2); break;
@@ -133,7 +138,7 @@ bbuf_json_str(struct bbuf *b, const char *s, size_t n)
                 rc = c < 0x20 ? bbuf_addf(b, "\\u%04x", c) : bbuf_add(b, s + i, 1);
             }
             i++;
-        } else if ((k = utf8_seq((const unsigned char *)s + i, n - i)) > 0) {
+        } else if ((k = cli_utf8_seq((const unsigned char *)s + i, n - i)) > 0) {
             rc = bbuf_add(b, s + i, (size_t)k);
             i += (size_t)k;
         } else {
@@ -144,6 +149,18 @@ bbuf_json_str(struct bbuf *b, const char *s, size_t n)
             return -1;
     }
     return bbuf_add(b, "\"", 1);
+}
+
+int
+bbuf_json_str(struct bbuf *b, const char *s, size_t n)
+{
+    return json_str(b, s, n, 0);
+}
+
+int
+bbuf_json_text(struct bbuf *b, const char *s, size_t n)
+{
+    return json_str(b, s, n, 1);
 }
 
 uint64_t
@@ -346,8 +363,12 @@ io_line_id(const char *p, size_t len, int64_t max_line, char **error)
         return NULL;
     }
     char *id = NULL;
+    int64_t nul;
     if (!cJSON_IsObject(root)) {
         *error = strdup("not a JSON object");
+    } else if ((nul = cli_find_nul(p, len, 1)) >= 0) {
+        *error = io_strdupf("a NUL (\\u0000) at byte %lld: prompts cannot hold NUL bytes",
+                            (long long)nul + 1);
     } else {
         cJSON *j = cJSON_GetObjectItemCaseSensitive(root, "id");
         /* "line:" begins only the ids kli gives records without one, so that such an id

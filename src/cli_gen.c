@@ -36,7 +36,7 @@ struct gen_args {
     char demo[4096];
 };
 
-static const struct option gen_opts[] = {
+static const struct option run_opts[] = {
     {"model", required_argument, NULL, 'm'},
     {"prompt", required_argument, NULL, 'p'},
     {"file", required_argument, NULL, 'f'},
@@ -58,16 +58,34 @@ static const struct option gen_opts[] = {
     {NULL, 0, NULL, 0},
 };
 
+/* chat takes those of run but the prompt's (-p, -f, --messages, --raw, --special) and the
+ * state files' (it has /save and /load). */
+static const struct option chat_opts[] = {
+    {"model", required_argument, NULL, 'm'},
+    {"system", required_argument, NULL, 's'},
+    {"max-tokens", required_argument, NULL, 'n'},
+    {"threads", required_argument, NULL, 't'},
+    CLI_SAMPLING_LONGOPTS,
+    {"stop", required_argument, NULL, OPT_STOP},
+    {"ctx", required_argument, NULL, OPT_CTX},
+    {"quiet", no_argument, NULL, OPT_QUIET},
+    {"help", no_argument, NULL, 'h'},
+    CLI_GPU_LONGOPTS,
+    CLI_PLACEMENT_LONGOPTS,
+    {NULL, 0, NULL, 0},
+};
+
 /* @return 0 to go on, 1 for --help (already printed), -1 for a usage error. */
 static int
-gen_parse(int argc, char **argv, struct gen_args *a, const char *usage)
+gen_parse(int argc, char **argv, const struct option *opts, const char *shortopts,
+          struct gen_args *a, const char *usage)
 {
     int c;
 
     memset(a, 0, sizeof(*a));
     a->max_tokens = 256;
     kli_sampler_options_init(&a->so);
-    while ((c = getopt_long(argc, argv, "m:p:f:s:n:t:h", gen_opts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, shortopts, opts, NULL)) != -1) {
         switch (c) {
         case 'm': a->model = optarg; break;
         case 'p': a->prompt = optarg; break;
@@ -147,6 +165,7 @@ gen_model_path(struct gen_args *a)
 
 static volatile sig_atomic_t gen_interrupted;
 static int gen_write_failed;
+static struct cli_text gen_text;   /* what generation writes goes through cli_text_write */
 
 static void
 gen_on_sigint(int sig)
@@ -159,7 +178,7 @@ static int
 gen_print(void *ud, const char *text, size_t len)
 {
     (void)ud;
-    if (fwrite(text, 1, len, stdout) != len || fflush(stdout) != 0) {
+    if (cli_text_write(&gen_text, stdout, text, len) != 0 || fflush(stdout) != 0) {
         gen_write_failed = 1;
         return 1;
     }
@@ -236,6 +255,12 @@ messages_tokens(const struct kli_tokenizer *tok, const char *path, size_t max, k
         cli_error("%s: expected a JSON array of {\"role\", \"content\"} objects", path);
         goto out;
     }
+    int64_t nul = cli_find_nul(text, len, 1);
+    if (nul >= 0) {
+        cli_error("%s: a NUL (\\u0000) at byte %lld: prompts cannot hold NUL bytes", path,
+                  (long long)nul + 1);
+        goto out;
+    }
     int count = cJSON_GetArraySize(root);
     msgs = calloc((size_t)count + 1, sizeof(*msgs));
     if (msgs == NULL)
@@ -305,12 +330,11 @@ prompt_tokens(const struct gen_args *a, const struct kli_tokenizer *tok, const c
 /* ==== kli run ============================================================================= */
 
 static const char run_usage[] =
-    "usage: kli run [-m MODEL] (-p TEXT | -f FILE | --messages FILE.json) [--raw [--special]]\n"
-    "               [-s SYSTEM] [-n MAX] [--temp T] [--top-k K] [--top-p P] [--min-p P]\n"
-    "               [--repeat-penalty R] [--presence-penalty P] [--frequency-penalty F]\n"
-    "               [--repeat-last-n N] [--seed S] [--stop STR]... [--ctx N] [-t N] [--quiet]\n"
-    "               [--load-state FILE] [--save-state FILE]\n"
-    "               [--gpu auto|on|off] [--gpu-mem SIZE] [--gpu-experts N|auto]\n"
+    "usage: kli run [-m|--model MODEL] [-p|--prompt TEXT | -f|--file FILE | --messages JSON]\n"
+    "               [--raw [--special]] [-s|--system SYSTEM] [-n|--max-tokens MAX]\n"
+    "               [--stop STR]... [--ctx N] [--quiet] [--load-state FILE]\n"
+    "               [--save-state FILE] [-h|--help]\n"
+    CLI_SAMPLING_HELP CLI_PLACEMENT_HELP CLI_GPU_HELP
     "Without -m, the built-in demo model runs. Without -p/-f, the prompt is read from stdin.\n";
 
 static int
@@ -330,7 +354,7 @@ cmd_run(int argc, char **argv)
     int64_t n;
     int rc = 1, pr;
 
-    if ((pr = gen_parse(argc, argv, &a, run_usage)) != 0)
+    if ((pr = gen_parse(argc, argv, run_opts, "m:p:f:s:n:t:h", &a, run_usage)) != 0)
         return pr > 0 ? 0 : 2;
     if ((a.prompt != NULL) + (a.file != NULL) + (a.messages != NULL) > 1) {
         cli_error("run: give one of -p, -f and --messages");
@@ -360,6 +384,13 @@ cmd_run(int argc, char **argv)
                              GEN_PROMPT_LIMIT, &len);
         if (text == NULL)
             return 1;
+        int64_t nul = cli_find_nul(text, len, 0);
+        if (nul >= 0) {
+            cli_error("%s: a NUL byte at byte %lld: prompts cannot hold NUL bytes",
+                      a.file != NULL ? a.file : "standard input", (long long)nul + 1);
+            free(text);
+            return 1;
+        }
     }
     /* From here on Ctrl-C ends generation cleanly (and removes the demo directory). */
     signal(SIGINT, gen_on_sigint);
@@ -408,6 +439,8 @@ cmd_run(int argc, char **argv)
         goto out;
     }
     signal(SIGINT, SIG_DFL);
+    if (cli_text_end(&gen_text, stdout) != 0)
+        gen_write_failed = 1;
     fputc('\n', stdout);
     if (fflush(stdout) != 0 || gen_write_failed) {
         cli_error("stdout: write error");
@@ -443,8 +476,9 @@ chat_is_cmd(const char *line, const char *cmd)
 }
 
 static const char chat_usage[] =
-    "usage: kli chat [-m MODEL] [-s SYSTEM] [-n MAX] [sampling options as for run] [--ctx N]\n"
-    "                [--gpu auto|on|off] [--gpu-mem SIZE] [--gpu-experts N|auto]\n"
+    "usage: kli chat [-m|--model MODEL] [-s|--system SYSTEM] [-n|--max-tokens MAX]\n"
+    "                [--stop STR]... [--ctx N] [--quiet] [-h|--help]\n"
+    CLI_SAMPLING_HELP CLI_PLACEMENT_HELP CLI_GPU_HELP
     "Commands inside the chat: /reset, /save FILE, /load FILE, /help, /exit. Ctrl-C stops the\n"
     "current answer.\n";
 
@@ -463,17 +497,8 @@ cmd_chat(int argc, char **argv)
     char line[65536];
     int rc = 1, pr, tty = isatty(STDIN_FILENO), turns = 0;
 
-    if ((pr = gen_parse(argc, argv, &a, chat_usage)) != 0)
+    if ((pr = gen_parse(argc, argv, chat_opts, "m:s:n:t:h", &a, chat_usage)) != 0)
         return pr > 0 ? 0 : 2;
-    if (a.prompt != NULL || a.file != NULL || a.messages != NULL || a.raw) {
-        cli_error("chat: -p, -f, --messages and --raw belong to 'kli run'");
-        return 2;
-    }
-    if (a.save_state != NULL || a.load_state != NULL) {
-        cli_error("chat: --save-state and --load-state belong to 'kli run'; in the chat, use "
-                  "/save FILE and /load FILE");
-        return 2;
-    }
     const char *path = gen_model_path(&a);
     if (path == NULL || cli_open_model(path, cli_threads(a.threads), &m) != 0)
         goto out;
@@ -506,6 +531,9 @@ cmd_chat(int argc, char **argv)
             fflush(stdout);
         }
         gen_interrupted = 0;
+        /* fgets ends what it read with a NUL, after any NUL the line held: with the buffer
+         * filled beforehand, the last NUL in it marks the end */
+        memset(line, 0xff, sizeof(line));
         if (fgets(line, sizeof(line), stdin) == NULL) {
             if (gen_interrupted && !feof(stdin)) {
                 clearerr(stdin);
@@ -514,7 +542,20 @@ cmd_chat(int argc, char **argv)
             }
             break;
         }
-        size_t len = strlen(line);
+        size_t len = sizeof(line) - 1;
+        while (len > 0 && line[len] != '\0')
+            len--;
+        int64_t nul = cli_find_nul(line, len, 0);
+        if (nul >= 0) {
+            cli_error("a NUL byte at byte %lld of the line: prompts cannot hold NUL bytes",
+                      (long long)nul + 1);
+            if (line[len - 1] != '\n') {
+                int ch;
+                while ((ch = getchar()) != EOF && ch != '\n')
+                    ;
+            }
+            continue;
+        }
         if (len == sizeof(line) - 1 && line[len - 1] != '\n') {
             cli_error("line too long (limit %zu bytes); use 'kli run -f' for long prompts",
                       sizeof(line) - 2);
@@ -591,6 +632,7 @@ cmd_chat(int argc, char **argv)
         kli_chat_render(tok, msgs, nm, 1, turns > 0, ids + off, n, &err);
         int r = kli_generate(s, tok, smp, ids, (int32_t)n + off, &go, &res, &err);
         free(ids);
+        cli_text_end(&gen_text, stdout);
         fputc('\n', stdout);
         if (r != KLI_OK) {
             cli_error("%s (/reset starts over)", err.msg);
@@ -657,7 +699,8 @@ cmd_tokenize(int argc, char **argv)
         case 'S': special = 1; break;
         case 'f': file = optarg; break;
         case 'h':
-            printf("usage: kli tokenize [-m MODEL] [--special] [--file F]\n");
+            printf("usage: kli tokenize [-m|--model MODEL] [--special] [--file F] "
+                   "[-h|--help]\n");
             return 0;
         default:
             return 2;
@@ -718,7 +761,7 @@ cmd_detokenize(int argc, char **argv)
         case 'm': model = optarg; break;
         case 'f': file = optarg; break;
         case 'h':
-            printf("usage: kli detokenize [-m MODEL] [--file F]\n");
+            printf("usage: kli detokenize [-m|--model MODEL] [--file F] [-h|--help]\n");
             return 0;
         default:
             return 2;

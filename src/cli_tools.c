@@ -103,8 +103,9 @@ cmd_synth(int argc, char **argv)
             break;
         case 'F': o.force = 1; break;
         case 'h':
-            printf("usage: kli synth -o DIR [--layers N] [--experts E] [--type bf16|q8_0|q4] "
-                   "[--seed S] [--force]\n");
+            printf("usage: kli synth -o|--output DIR [--layers N] [--experts E] "
+                   "[--type bf16|q8_0|q4]\n                 [--seed S] [--force] "
+                   "[-h|--help]\n");
             return 0;
         default:
             return 2;
@@ -192,8 +193,10 @@ cmd_quantize(int argc, char **argv)
     kli_quantize_options_init(&o);
     a.type = o.type;
     pr = convert_args_parse(argc, argv, &a,
-                            "usage: kli quantize -m DIR -o OUT_DIR --type q8_0|q4|bf16|f16|f32 "
-                            "[--keep GLOB=TYPE]... [--force]\n",
+                            "usage: kli quantize -m|--model DIR -o|--output OUT_DIR "
+                            "--type q8_0|q4|bf16|f16|f32\n"
+                            "                    [--keep GLOB=TYPE]... [--force] "
+                            "[-h|--help]\n",
                             "usage: kli quantize -m DIR -o OUT_DIR --type TYPE "
                             "[--keep GLOB=TYPE]...");
     if (pr != 0)
@@ -242,8 +245,10 @@ cmd_convert(int argc, char **argv)
     kli_convert_options_init(&o);
     a.type = o.type;
     pr = convert_args_parse(argc, argv, &a,
-                            "usage: kli convert -m MODEL -o OUT.kli [--type bf16|q8_0|q4|f16|f32] "
-                            "[--keep GLOB=TYPE]... [--force]\n",
+                            "usage: kli convert -m|--model MODEL -o|--output OUT.kli "
+                            "[--type bf16|q8_0|q4|f16|f32]\n"
+                            "                   [--keep GLOB=TYPE]... [--force] "
+                            "[-h|--help]\n",
                             "usage: kli convert -m MODEL -o OUT.kli [--type TYPE] "
                             "[--keep GLOB=TYPE]...");
     if (pr != 0)
@@ -476,19 +481,36 @@ bench_rss_reset(void)
     }
 }
 
-/* Bytes per triad array: 64 MiB, or four times the last-level cache where that is larger (up
- * to 1 GiB), so that the probe measures memory and not a large L3 (a server's can hold
- * three 64 MiB arrays whole). */
+/* Bytes per triad array: four times the last-level cache, so that the probe measures memory
+ * and not a large L3, but at least 64 MiB and at most 256 MiB. The cap keeps the probe's
+ * 768 MiB (and a sanitizer's shadow of it) from growing with a server's cache: sysconf
+ * reports the sum over an EPYC's CCDs (508 MiB on a Zen 5), while each thread sees only
+ * its own CCD's share. KLI_BENCH_LLC pretends another cache size (tests, and a machine whose
+ * cache sysconf misreports). */
+#define BENCH_TRIAD_MIN ((size_t)64 << 20)
+#define BENCH_TRIAD_MAX ((size_t)256 << 20)
+
 static size_t
 bench_triad_bytes(void)
 {
-    size_t b = (size_t)64 << 20;
+    const char *e = getenv("KLI_BENCH_LLC");
+    uint64_t llc = 0;
+
+    if (e != NULL && *e != '\0') {
+        if (cli_parse_size(e, &llc) != 0) {
+            cli_error("KLI_BENCH_LLC: '%s' is not a size (such as 32M); ignored", e);
+            llc = 0;
+        }
+    }
 #ifdef _SC_LEVEL3_CACHE_SIZE
-    long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
-    if (l3 > 0 && (size_t)l3 * 4 > b)
-        b = (size_t)l3 * 4 < ((size_t)1 << 30) ? (size_t)l3 * 4 : (size_t)1 << 30;
+    if (llc == 0) {
+        long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+        llc = l3 > 0 ? (uint64_t)l3 : 0;
+    }
 #endif
-    return b;
+    if (llc > BENCH_TRIAD_MAX / 4)
+        return BENCH_TRIAD_MAX;
+    return (size_t)llc * 4 > BENCH_TRIAD_MIN ? (size_t)llc * 4 : BENCH_TRIAD_MIN;
 }
 
 /* @return the larger of `peak` and the peak resident size since the last reset. */
@@ -525,6 +547,7 @@ bench_one(const struct bench_args *a)
      * the probes all run first, before the model takes its share. */
     double *tr = calloc((size_t)reps, sizeof(double)), *rf = calloc((size_t)reps, sizeof(double));
     uint64_t peak = 0;
+    size_t triad_bytes = bench_triad_bytes();
     if (tr == NULL || rf == NULL) {
         free(tr);
         free(rf);
@@ -532,7 +555,7 @@ bench_one(const struct bench_args *a)
         return 1;
     }
     for (long r = 0; r < reps && a->budget != 0; r++)
-        tr[r] = kli_bench_triad(bench_triad_bytes());
+        tr[r] = kli_bench_triad(triad_bytes);
     bench_rss_reset();
     kli_model_options_init(&mo);
     mo.n_threads = a->threads;
@@ -586,7 +609,7 @@ bench_one(const struct bench_args *a)
     for (long r = 0; r < reps; r++) {
         if (a->budget == 0) {
             peak = bench_rss_mark(peak);
-            tr[r] = kli_bench_triad(bench_triad_bytes());
+            tr[r] = kli_bench_triad(triad_bytes);
             bench_rss_reset();
         }
         if (pp > 0) {
@@ -654,10 +677,11 @@ bench_one(const struct bench_args *a)
                "\"prefill_tok_s_max\": %.3f, \"decode_tok_s\": %.3f, \"decode_tok_s_min\": %.3f, "
                "\"decode_tok_s_max\": %.3f, \"decode_depth_tok_s\": %.3f, "
                "\"triad_gb_s\": %.3f, \"triad_gb_s_min\": %.3f, \"triad_gb_s_max\": %.3f, "
-               "\"decode_bytes_per_token\": %.0f, \"roofline_fraction\": %.4f, \"phase_ms\": {",
+               "\"triad_bytes\": %zu, \"decode_bytes_per_token\": %.0f, "
+               "\"roofline_fraction\": %.4f, \"phase_ms\": {",
                model, kli_simd_variant(), kli_threads(), type ? type : "stored", pp, tg, depth,
                reps, spf.med, spf.min, spf.max, sdc.med, sdc.min, sdc.max, sdd.med, str.med,
-               str.min, str.max, bytes, roof);
+               str.min, str.max, triad_bytes, bytes, roof);
         for (int k = 0; k < KLI_PHASE_COUNT; k++)
             printf("%s\"%s\": %.4f", k ? ", " : "", phase_names[k], ph[k] * 1e3);
         printf("}");
@@ -785,10 +809,11 @@ cmd_bench(int argc, char **argv)
         case 'Q': quality = 1; break;
         case 'I': ids_arg = optarg; break;
         case 'h':
-            printf("usage: kli bench [-m MODEL] [-p 512] [-n 128] [--depth D] [-r 5] [-t N] "
-                   "[--type T] [--json]\n                 [--gpu auto|on|off] [--gpu-mem SIZE] "
-                   "[--gpu-experts N|auto]\n       kli bench --quality [-m MODEL] [-p N | --ids "
-                   "1,2,3] [--json]\n");
+            printf("usage: kli bench [-m|--model MODEL] [-p|--prompt 512] [-n|--gen 128] "
+                   "[--depth D]\n                 [-r|--reps 5] [--type T] [--json] "
+                   "[-h|--help]\n       kli bench --quality [-m|--model MODEL] "
+                   "[-p|--prompt N | --ids 1,2,3] [--json]\n"
+                   CLI_PLACEMENT_HELP CLI_GPU_HELP);
             return 0;
         default:
             if (cli_gpu_option(c, optarg) != 1)

@@ -306,7 +306,9 @@ int
 main(void)
 {
     const char *td = getenv("KLI_TESTDATA");
-    char dir[4096], tmpl[4096], path[4200], path2[4200];
+    /* path2 also holds path + ".tmp"; every name stays below the 4095 bytes C promises an
+     * snprintf result can reach (gcc's -Wformat-truncation=2) */
+    char dir[2048], tmpl[2048], path[2100], path2[2200];
     struct kli_model *m = NULL, *m8 = NULL;
     struct kli_model_options mo;
     struct kli_session_options so;
@@ -325,9 +327,9 @@ main(void)
     if (kli_model_open(&m, dir, NULL, &err) != KLI_OK)
         skip_all(err.msg);
     n_vocab = kli_model_n_vocab(m);
-    snprintf(tmpl, sizeof(tmpl), "%s/kli-snap-XXXXXX",
-             getenv("TMPDIR") != NULL ? getenv("TMPDIR") : "/tmp");
-    if (mkdtemp(tmpl) == NULL)
+    int tl = snprintf(tmpl, sizeof(tmpl), "%s/kli-snap-XXXXXX",
+                      getenv("TMPDIR") != NULL ? getenv("TMPDIR") : "/tmp");
+    if (tl < 0 || (size_t)tl >= sizeof(tmpl) || mkdtemp(tmpl) == NULL)
         return 99;
     snprintf(path, sizeof(path), "%s/state.klisnap", tmpl);
     snprintf(path2, sizeof(path2), "%s/damaged.klisnap", tmpl);

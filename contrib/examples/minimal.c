@@ -1,6 +1,6 @@
 /*
  * minimal.c - generating text with libkli: open a model, render a chat prompt, stream the
- * answer. Uses only kli.h. Build: cc minimal.c $(pkg-config --cflags --libs kli)
+ * answer. Uses only kli.h. Build: cc minimal.c $(pkg-config --cflags --libs --static kli)
  *
  *   usage: minimal MODEL_DIR [PROMPT]
  */

@@ -1,0 +1,58 @@
+#!/bin/sh
+# test-pkgconfig.sh - the installed library as a program outside the tree links it: `make
+# install DESTDIR=...` of this build, then kli.pc through pkg-config. kli.pc names the
+# libraries that have .pc files (Requires.private) instead of copying their flags, so it
+# holds no -L but its own libdir's (and CUDA's, which has no .pc); `pkg-config --libs
+# --static kli` gives what libkli.a needs; contrib/examples/minimal.c, compiled and linked
+# with those flags alone, generates text from the tiny fixture.
+set -u
+: "${KLI_BIN:?}" "${KLI_TESTDATA:?}" "${KLI_SRCDIR:?}"
+. "$KLI_SRCDIR/tests/lib.sh"
+command -v pkg-config >/dev/null 2>&1 || { echo "1..0 # SKIP no pkg-config"; exit 0; }
+command -v cc >/dev/null 2>&1 || { echo "1..0 # SKIP no cc"; exit 0; }
+build=$(dirname "$KLI_BIN")
+D="$tmp/inst"
+
+${MAKE:-make} -C "$build" install DESTDIR="$D" >"$tmp/install.log" 2>&1
+rc=$?
+pc=$(find "$D" -name kli.pc | head -1)
+[ $rc = 0 ] && [ -n "$pc" ]
+check $? "make install DESTDIR= installs kli.pc$([ $rc = 0 ] || tail -3 "$tmp/install.log" | tr '\n' ' ')"
+[ -n "$pc" ] || { echo "1..$n"; exit 1; }
+
+# The installed tree stands where DESTDIR put it: point the prefix there.
+prefix=$(sed -n 's/^prefix=//p' "$pc")
+mkdir "$tmp/pc" && sed "s|^prefix=.*|prefix=$D$prefix|" "$pc" >"$tmp/pc/kli.pc"
+export PKG_CONFIG_PATH="$tmp/pc${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}"
+
+grep -q "^Requires.private: .*libcjson" "$tmp/pc/kli.pc" &&
+    ! grep "^Libs" "$tmp/pc/kli.pc" | sed 's|-L/usr/local/cuda[^ ]*||g' | grep -q -- "-L/"
+check $? "kli.pc names its dependencies (Requires.private) and copies no library directory"
+
+libs=$(pkg-config --libs --static kli 2>"$tmp/pc.err")
+rc=$?
+echo "# pkg-config --libs --static kli: $libs"
+want="-lkli -lcjson -lpcre2-8"
+grep -q "HAVE_OPENBLAS 1" "$build/config.h" && want="$want -lopenblas"
+grep -q "HAVE_ZSTD 1" "$build/config.h" && want="$want -lzstd"
+for l in $want; do
+    case " $libs " in *" $l "*) ;; *) rc=1; echo "# missing $l" ;; esac
+done
+check $rc "pkg-config --libs --static kli resolves the libraries libkli.a needs"
+
+# A sanitized libkli.a needs its runtime, which no installed .pc would name.
+san=""
+grep -q -a __asan_init "$KLI_BIN" && san="$san -fsanitize=address"
+grep -q -a __ubsan_handle "$KLI_BIN" && san="$san -fsanitize=undefined"
+# shellcheck disable=SC2046,SC2086
+cc -std=c11 $san -o "$tmp/minimal" "$KLI_SRCDIR/contrib/examples/minimal.c" \
+    $(pkg-config --cflags --libs --static kli) >"$tmp/cc.log" 2>&1
+rc=$?
+sed 's/^/# /' "$tmp/cc.log" | tail -5
+check $rc "contrib/examples/minimal.c builds against the installed library with pkg-config's flags"
+"$tmp/minimal" "$KLI_TESTDATA/tiny-kimi-linear" "Hello" >"$tmp/m.out" 2>"$tmp/m.err" &&
+    [ -s "$tmp/m.out" ]
+check $? "and the program it builds generates text"
+
+echo "1..$n"
+exit $fail
