@@ -28,6 +28,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 static struct kli_model *fuzz_model;
 static struct kli_session *fuzz_sess;
 static struct kli_sampler *fuzz_smp;
+static uint8_t *fuzz_base;     /* a snapshot of 3 tokens: the state before every input */
+static int64_t fuzz_base_len;
 
 /* An invariant broken: crash on purpose so the fuzzer records the input. */
 static void
@@ -59,6 +61,12 @@ fuzz_load(void)
         fprintf(stderr, "fuzz-snapshot: cannot load %s: %s\n", dir, err.msg);
         abort();
     }
+    static const kli_token three[3] = {1, 2, 3};
+    fuzz_check(kli_session_eval(fuzz_sess, three, 3, NULL, &err) == KLI_OK, "eval");
+    fuzz_base_len = kli_session_snapshot(fuzz_sess, NULL, NULL, 0, &err);
+    fuzz_base = fuzz_base_len > 0 ? malloc((size_t)fuzz_base_len) : NULL;
+    fuzz_check(fuzz_base != NULL && kli_session_snapshot(fuzz_sess, NULL, fuzz_base,
+               fuzz_base_len, &err) == fuzz_base_len, "snapshot");
 }
 
 /* The reader's checksum: FNV-1a 64 over 32-bit little-endian words, a last partial word
@@ -106,22 +114,19 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             fuzz_put64(b + 40, fuzz_hash(b + 80, size - 80));
         fuzz_put64(b + 72, fuzz_hash(b, 72));
     }
-    /* a known state to compare with after a failure: 3 tokens evaluated */
-    static const kli_token three[3] = {1, 2, 3};
-    kli_session_reset(fuzz_sess);
-    fuzz_check(kli_session_eval(fuzz_sess, three, 3, NULL, &err) == KLI_OK, "eval");
-    int64_t before = kli_session_snapshot(fuzz_sess, NULL, NULL, 0, &err);
-    fuzz_check(before > 0, "snapshot size");
-    uint8_t *snap = malloc((size_t)before), *again = malloc((size_t)before);
-    fuzz_check(snap != NULL && again != NULL, "out of memory");
-    fuzz_check(kli_session_snapshot(fuzz_sess, NULL, snap, before, &err) == before, "snapshot");
+    /* a known state to compare with after a failure (restoring it costs less than
+     * evaluating it again) */
+    fuzz_check(kli_session_restore(fuzz_sess, NULL, fuzz_base, (size_t)fuzz_base_len,
+                                   &err) == KLI_OK, "restore of the base state");
+    uint8_t *again = malloc((size_t)fuzz_base_len);
+    fuzz_check(again != NULL, "out of memory");
 
     rc = kli_session_restore(fuzz_sess, fuzz_smp, b, size, &err);
     if (rc != KLI_OK) {
         fuzz_check(err.code == rc && err.msg[0] != '\0', "failure without a message");
-        fuzz_check(kli_session_snapshot(fuzz_sess, NULL, again, before, &err) == before &&
-                   memcmp(snap, again, (size_t)before) == 0, "a failed restore changed the "
-                   "session");
+        fuzz_check(kli_session_snapshot(fuzz_sess, NULL, again, fuzz_base_len, &err) ==
+                   fuzz_base_len && memcmp(fuzz_base, again, (size_t)fuzz_base_len) == 0,
+                   "a failed restore changed the session");
     } else {
         int32_t pos = kli_session_pos(fuzz_sess);
         fuzz_check(pos >= 0 && pos <= kli_session_ctx_max(fuzz_sess), "token count");
@@ -138,7 +143,6 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                    "a snapshot of a restored session does not restore");
         free(out);
     }
-    free(snap);
     free(again);
     free(b);
     return 0;
@@ -171,6 +175,7 @@ main(int argc, char **argv)
         LLVMFuzzerTestOneInput(buf, (size_t)n);
         free(buf);
     }
+    free(fuzz_base);
     kli_sampler_free(fuzz_smp);
     kli_session_free(fuzz_sess);
     kli_model_close(fuzz_model);
