@@ -254,8 +254,9 @@ sampler_bucket(float z, float mx)
 /* The cuts: cand[0..n) holds (z, id) in id order with mx the largest z. Leaves in cand[0..k)
  * the set that a full sort would keep (top-k, then min-p, then top-p) as unnormalised
  * probabilities, in bucket order (buckets by falling logit; the bucket a cut falls in is
- * sorted by probability, ties to the lower id), and *sum their total. @return k. The draw walks them in this order, so a seed picks other tokens than
- * after a full sort would, with the same probabilities. */
+ * sorted by probability, ties to the lower id), and *sum their total. @return k. The draw
+ * walks them in this order, so a seed picks other tokens than after a full sort would, with
+ * the same probabilities. mx is 0 here: the candidates are distances below the best. */
 static int32_t
 sampler_cut(struct kli_sampler *smp, int32_t n, float mx, double *sum)
 {
