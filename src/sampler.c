@@ -251,11 +251,12 @@ sampler_bucket(float z, float mx)
     return b < SAMPLER_BUCKETS ? b : SAMPLER_BUCKETS - 1;
 }
 
-/* The cuts: cand[0..n) holds (z, id) in id order with mx the largest z. Leaves in cand[0..k) the set that a full sort would keep (top-k, then min-p,
- * then top-p) as unnormalised probabilities, in bucket order (buckets by falling logit; the
- * bucket a cut falls in is sorted by probability, ties to the lower id), and *sum their
- * total. @return k. The draw walks them in this order, so a seed picks other tokens than
- * after a full sort would, with the same probabilities. */
+/* The cuts: cand[0..n) holds (z, id) in id order with mx the largest z. Leaves in cand[0..k)
+ * the set that a full sort would keep (top-k, then min-p, then top-p) as unnormalised
+ * probabilities, in bucket order (buckets by falling logit; the bucket a cut falls in is
+ * sorted by probability, ties to the lower id), and *sum their total. @return k. The draw
+ * walks them in this order, so a seed picks other tokens than after a full sort would, with
+ * the same probabilities. mx is 0 here: the candidates are distances below the best. */
 static int32_t
 sampler_cut(struct kli_sampler *smp, int32_t n, float mx, double *sum)
 {
@@ -360,10 +361,6 @@ sampler_support(struct kli_sampler *smp, const float *logits, double *sum, kli_t
     if (!penalise && o->temperature > 0.0f)
         return sampler_candidates(smp, logits, sum, tok);
     memcpy(l, logits, (size_t)V * sizeof(float));
-    for (int32_t i = 0; i < V; i++) {
-        if (!(l[i] == l[i]))
-            l[i] = -INFINITY;   /* a NaN logit is never chosen */
-    }
     if (penalise) {
         for (int32_t i = 0; i < V; i++) {
             int32_t c = smp->count[i];
@@ -373,6 +370,12 @@ sampler_support(struct kli_sampler *smp, const float *logits, double *sum, kli_t
                 l[i] = l[i] > 0 ? l[i] / o->repeat_penalty : l[i] * o->repeat_penalty;
             l[i] -= o->presence_penalty + o->frequency_penalty * (float)c;
         }
+    }
+    /* A NaN logit is never chosen, whether it came in or a penalty made it (-inf minus an
+     * overflowed -inf penalty): after the penalties, so the argmax below never starts at one. */
+    for (int32_t i = 0; i < V; i++) {
+        if (!(l[i] == l[i]))
+            l[i] = -INFINITY;
     }
     if (o->temperature == 0.0f) {
         int32_t best = 0;
@@ -401,17 +404,22 @@ sampler_candidates(struct kli_sampler *smp, const float *l, double *sum, kli_tok
     *tok = 0;
     if (mxl == -INFINITY)
         return 0;
-    float mx = mxl / o->temperature, floor_l = mx - 30.0f;
+    /* Each logit is scaled as its distance below the best, z = (l - best) / T <= 0, never
+     * as l / T: with a tiny temperature (1e-39) or a huge logit, l / T overflows, the best
+     * turns into inf and every later step into NaN. The distance only underflows to -inf,
+     * which drops out like any other token far below. A logit equal to the best, +inf ones
+     * included (inf - inf would be NaN), is at distance 0: as T goes to 0 the draw becomes
+     * uniform among the tied best. */
     int32_t n = 0;
     for (int32_t i = 0; i < V; i++) {
-        float z = l[i] / o->temperature;
-        if (z >= floor_l) {
+        float z = l[i] == mxl ? 0.0f : (l[i] - mxl) / o->temperature;
+        if (z >= -30.0f) {
             smp->cand[n].logit = z;
             smp->cand[n].id = i;
             n++;
         }
     }
-    return sampler_cut(smp, n, mx, sum);
+    return sampler_cut(smp, n, 0.0f, sum);
 }
 
 void

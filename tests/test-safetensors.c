@@ -634,6 +634,72 @@ test_bad_index(void)
     bad_index("empty weight_map", "ix12", "{\"weight_map\":{}}", KLI_E_FORMAT, "empty", NULL);
 }
 
+/* Hostile files of issue 14: a header of "{}" (the checks did arithmetic on a NULL
+ * descriptor array) and shards holding tensors the index does not list (the loader marked
+ * them in an array sized by the index, past its end). */
+static void
+test_hostile(void)
+{
+    struct kli_err err = {0};
+    struct kli_tensor_desc *descs = NULL;
+    int64_t n = 0, cap = 0;
+    size_t len;
+    uint8_t *b = build_st("{}", NULL, 0, &len);
+    struct kli_wfile *w = NULL;
+    int rc;
+
+    rc = kli_safetensors_parse(b, len, "empty.safetensors", 0, &descs, &n, &cap, &err);
+    ok(rc == KLI_OK && n == 0 && descs == NULL, "header {}: no tensors, nothing allocated");
+    if (rc != KLI_OK)
+        diag("%s", err.msg);
+    free(b);
+    ok(write_st("empty.safetensors", "{}", NULL, 0), "write a file whose header is {}");
+    rc = kli_wfile_open(&w, tpath("empty.safetensors"), &err);
+    ok(rc == KLI_OK && kli_wfile_n_tensors(w) == 0 && kli_wfile_find(w, "x") == NULL,
+       "a file whose header is {} opens with no tensors");
+    kli_wfile_close(w);
+
+    /* Shard s1 holds 1000 tensors u0000..u0999 and then x; shard s2 holds y and 1000 more;
+     * the index names only x and y. Both extra sets are kept and found. */
+    enum { EXTRA = 1000 };
+    size_t cap_h = (size_t)EXTRA * 80 + 256;
+    char *h1 = malloc(cap_h), *h2 = malloc(cap_h);
+    uint8_t *zeros = calloc((size_t)EXTRA + 8, 4);
+    size_t k1 = 0, k2 = 0;
+    k1 += (size_t)snprintf(h1 + k1, cap_h - k1, "{");
+    k2 += (size_t)snprintf(h2 + k2, cap_h - k2, "{\"y\":{\"dtype\":\"F32\",\"shape\":[1],"
+                           "\"data_offsets\":[0,4]}");
+    for (int i = 0; i < EXTRA; i++) {
+        k1 += (size_t)snprintf(h1 + k1, cap_h - k1, "\"u%04d\":{\"dtype\":\"F32\",\"shape\":"
+                               "[1],\"data_offsets\":[%d,%d]},", i, 4 * i, 4 * i + 4);
+        k2 += (size_t)snprintf(h2 + k2, cap_h - k2, ",\"v%04d\":{\"dtype\":\"U8\",\"shape\":"
+                               "[1],\"data_offsets\":[%d,%d]}", i, 4 + i, 5 + i);
+    }
+    snprintf(h1 + k1, cap_h - k1, "\"x\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":"
+             "[%d,%d]}}", 4 * EXTRA, 4 * EXTRA + 4);
+    snprintf(h2 + k2, cap_h - k2, "}");
+    static const char index[] =
+        "{\"weight_map\":{\"x\":\"s1.safetensors\",\"y\":\"s2.safetensors\"}}";
+    make_dir("extra");
+    ok(write_st("extra/s1.safetensors", h1, zeros, (size_t)EXTRA * 4 + 4) &&
+       write_st("extra/s2.safetensors", h2, zeros, (size_t)EXTRA + 4) &&
+       write_file("extra/model.safetensors.index.json", index, strlen(index)),
+       "write 2 shards holding 2002 tensors, an index naming 2 of them");
+    w = NULL;
+    memset(&err, 0, sizeof(err));
+    rc = kli_wfile_open(&w, tpath("extra"), &err);
+    ok(rc == KLI_OK && kli_wfile_n_tensors(w) == 2 * EXTRA + 2 &&
+       kli_wfile_find(w, "x") != NULL && kli_wfile_find(w, "y") != NULL &&
+       kli_wfile_find(w, "u0999") != NULL && kli_wfile_find(w, "v0000") != NULL,
+       "shards holding tensors the index does not list: open, every tensor found");
+    if (rc != KLI_OK)
+        diag("%s", err.msg);
+    kli_wfile_close(w);
+    free(h1);
+    free(h2);
+    free(zeros);
+}
+
 /* 20,000 tensors (the real model has 20,493): every one is found by name. */
 static void
 test_many(void)
@@ -829,6 +895,7 @@ main(void)
     test_bad_headers();
     test_bad_paths();
     test_bad_index();
+    test_hostile();
     test_many();
     test_fixture();
     test_writer_large();

@@ -6,7 +6,8 @@
  * into buckets of logit and sorts only where a cut falls), from 3 to 163,840 candidates,
  * against a reference made here that sorts every candidate: the same tokens, the same
  * probabilities.
- * kli_sampler_sample_many against each sampler alone.
+ * kli_sampler_sample_many against each sampler alone. Temperatures, logits, cuts and penalties
+ * at their extremes (1e-39 overflowed logit / T to inf and crashed the cut).
  */
 #include "config.h"
 
@@ -208,6 +209,171 @@ test_support(void)
     }
 }
 
+/* Temperatures, logits, cuts and penalties at their extremes: every draw is a finite-logit
+ * token the limit calls for, never a crash, and kli_sampler_sample_many (which runs with
+ * denormals flushed to zero) picks what a sampler alone picks. */
+static int
+draws(struct kli_sampler *s, const float *l, int times, const int *allowed, int n_allowed,
+      int *hits)
+{
+    int good = 1;
+
+    for (int i = 0; i < times; i++) {
+        kli_token t = kli_sampler_sample(s, l);
+        int in = 0;
+        for (int k = 0; k < n_allowed; k++) {
+            if (t == allowed[k]) {
+                in = 1;
+                if (hits)
+                    hits[k]++;
+            }
+        }
+        good &= in;
+    }
+    return good;
+}
+
+static void
+test_extremes(void)
+{
+    struct kli_sampler_options o;
+    struct kli_sampler *s;
+    const float temps[] = {1.4e-45f, 1e-39f, 1e-30f, 1.17549435e-38f, 1e-6f};
+    float l[6] = {-5.0f, 3.0f, 2.999f, -1e30f, NAN, -INFINITY};
+    float neg[4] = {-100.0f, -50.0f, -50.5f, -3e38f};
+    float big[4] = {3e38f, -3e38f, 1e38f, 0.0f};
+    int one = 1, zero = 0, bad = 0;
+
+    /* tiny temperatures (denormal ones included) overflowed l / T to inf: the argmax */
+    for (size_t i = 0; i < sizeof(temps) / sizeof(temps[0]); i++) {
+        kli_sampler_options_init(&o);
+        o.temperature = temps[i];
+        o.top_p = 1.0f;
+        s = mk(&o, 6);
+        int good = s != NULL && draws(s, l, 50, &one, 1, NULL);
+        kli_sampler_free(s);
+        s = mk(&o, 4);
+        good &= s != NULL && draws(s, neg, 50, &one, 1, NULL) &&
+                draws(s, big, 50, &zero, 1, NULL);
+        if (s != NULL) {
+            struct kli_sampler *many[1] = {s};
+            const float *rows[1] = {neg};
+            kli_token got = -1;
+            struct kli_err err = {0};
+            good &= kli_sampler_sample_many(many, rows, 1, &got, &err) == KLI_OK && got == 1;
+        }
+        kli_sampler_free(s);
+        if (!good)
+            diag("temperature %g: a draw other than the best", (double)temps[i]);
+        bad += !good;
+    }
+    ok(bad == 0, "temperatures from 1.4e-45 to 1e-6, logits from -3e38 to 3e38: the best");
+
+    /* tied best at a tiny temperature: both, about equally */
+    {
+        float tie[4] = {1.0f, 7.0f, 6.0f, 7.0f};
+        int allowed[2] = {1, 3}, hits[2] = {0, 0};
+        kli_sampler_options_init(&o);
+        o.temperature = 1e-39f;
+        s = mk(&o, 4);
+        int good = draws(s, tie, 2000, allowed, 2, hits);
+        ok(good && hits[0] > 800 && hits[1] > 800, "temperature 1e-39, two tied best: %d / %d",
+           hits[0], hits[1]);
+        kli_sampler_free(s);
+    }
+
+    /* +inf logits: only they are drawn, about equally, at any temperature */
+    {
+        float inf[5] = {1.0f, INFINITY, 2.0f, INFINITY, NAN};
+        int allowed[2] = {1, 3}, hits[2] = {0, 0}, good = 1;
+        const float ts[] = {0.0f, 1e-39f, 1.0f, 100.0f};
+        for (int i = 0; i < 4; i++) {
+            kli_sampler_options_init(&o);
+            o.temperature = ts[i];
+            s = mk(&o, 5);
+            good &= draws(s, inf, 500, allowed, 2, i == 2 ? hits : NULL);
+            kli_sampler_free(s);
+        }
+        ok(good && hits[0] > 150 && hits[1] > 150, "+inf logits: only they, at T 0 to 100 "
+           "(%d / %d at T 1)", hits[0], hits[1]);
+    }
+
+    /* temperature 100 (the largest allowed): p ~ p^(1/100), renormalised */
+    {
+        float l3[3] = {logf(0.5f), logf(0.3f), logf(0.2f)};
+        int allowed[3] = {0, 1, 2}, hits[3] = {0, 0, 0};
+        double w[3] = {pow(0.5, 0.01), pow(0.3, 0.01), pow(0.2, 0.01)};
+        double z = w[0] + w[1] + w[2];
+        kli_sampler_options_init(&o);
+        o.temperature = 100.0f;
+        o.top_p = 1.0f;
+        s = mk(&o, 3);
+        int good = draws(s, l3, 20000, allowed, 3, hits);
+        int close = 1;
+        for (int k = 0; k < 3; k++)
+            close &= fabs(hits[k] / 20000.0 - w[k] / z) < 0.02;
+        ok(good && close, "temperature 100: %d %d %d against %.3f %.3f %.3f", hits[0],
+           hits[1], hits[2], w[0] / z, w[1] / z, w[2] / z);
+        kli_sampler_free(s);
+    }
+
+    /* the cuts at their limits: top-p at its smallest, top-k at its largest, min-p 1 */
+    {
+        float l4[4] = {0.5f, 2.0f, 1.9f, -1.0f};
+        int allowed[4] = {0, 1, 2, 3}, hits[4] = {0, 0, 0, 0}, good = 1;
+        kli_sampler_options_init(&o);
+        o.temperature = 1.0f;
+        o.top_p = 1.4e-45f;
+        s = mk(&o, 4);
+        good &= draws(s, l4, 200, &one, 1, NULL);
+        kli_sampler_free(s);
+        o.top_p = 1.0f;
+        o.min_p = 1.0f;
+        s = mk(&o, 4);
+        good &= draws(s, l4, 200, &one, 1, NULL);
+        kli_sampler_free(s);
+        o.min_p = 0.0f;
+        o.top_k = 2147483647;
+        s = mk(&o, 4);
+        good &= draws(s, l4, 4000, allowed, 4, hits);
+        kli_sampler_free(s);
+        ok(good && hits[0] > 0 && hits[1] > 0 && hits[2] > 0 && hits[3] > 0,
+           "top-p 1.4e-45 and min-p 1 keep the best; top-k 2^31-1 keeps all four");
+    }
+
+    /* penalties at their extremes: a frequency penalty of -3e38 on a token seen twice makes
+     * its logit +inf (and the -inf one NaN): the +inf one wins, the NaN one never does */
+    {
+        const float ts[] = {0.0f, 0.7f, 1e-39f};
+        float lp[4] = {-INFINITY, 1.0f, 2.0f, 0.0f};
+        int three = 3, good = 1;
+        for (int i = 0; i < 3; i++) {
+            kli_sampler_options_init(&o);
+            o.temperature = ts[i];
+            o.frequency_penalty = -3e38f;
+            o.repeat_penalty = 100.0f;
+            s = mk(&o, 4);
+            kli_sampler_accept(s, 0);
+            kli_sampler_accept(s, 0);
+            kli_sampler_accept(s, 3);
+            kli_sampler_accept(s, 3);
+            good &= draws(s, lp, 200, &three, 1, NULL);
+            kli_sampler_free(s);
+        }
+        /* and +3e38 pushes the seen best to -inf: the next one wins */
+        kli_sampler_options_init(&o);
+        o.temperature = 1e-39f;
+        o.presence_penalty = 3e38f;
+        o.frequency_penalty = 3e38f;
+        s = mk(&o, 4);
+        kli_sampler_accept(s, 2);
+        kli_sampler_accept(s, 2);
+        good &= draws(s, lp, 200, &one, 1, NULL);
+        kli_sampler_free(s);
+        ok(good, "penalties of +-3e38 and repeat penalty 100: the right token, never a NaN one");
+    }
+}
+
 /* kli_sampler_sample_many gives each sampler the token it would give alone, step after step. */
 static void
 test_many(void)
@@ -265,6 +431,7 @@ main(void)
 {
     test_support();
     test_many();
+    test_extremes();
 
     struct kli_sampler_options o;
     struct kli_sampler *s;

@@ -536,6 +536,12 @@ kli_safetensors_parse(const uint8_t *base, uint64_t size, const char *fname, int
 
     cJSON_ArrayForEach(item, root)
         count++;
+    if (count == 0) {
+        /* "{}": a file without tensors. Nothing to add, and *descs may still be NULL, where
+         * the checks below would do arithmetic on it. */
+        cJSON_Delete(root);
+        return KLI_OK;
+    }
     if ((uint64_t)n0 + count > (uint64_t)*cap) {
         uint64_t want = (uint64_t)n0 + count;
         uint64_t grow = (uint64_t)*cap * 2;
@@ -766,8 +772,7 @@ st_open_index(struct kli_wfile *w, const char *dir, const char *ipath, struct kl
 
     /* The distinct shard names, sorted. */
     shards = kli_mallocarray((size_t)n_entries, sizeof(*shards));
-    claimed = kli_calloc((size_t)n_entries, 1);
-    if (shards == NULL || claimed == NULL) {
+    if (shards == NULL) {
         rc = kli_err_set(err, KLI_E_NOMEM, "%s: out of memory", ipath);
         goto fail;
     }
@@ -804,7 +809,14 @@ st_open_index(struct kli_wfile *w, const char *dir, const char *ipath, struct kl
     if (rc != KLI_OK)
         goto fail;
 
-    /* Every tensor the index names must be in the shard it names. */
+    /* Every tensor the index names must be in the shard it names. `claimed` is indexed by
+     * descriptor, so it has one entry per tensor the shards hold: that can be more than the
+     * index names (a shard may hold tensors the index does not list; they are kept). */
+    claimed = kli_calloc((size_t)w->n, 1);
+    if (claimed == NULL) {
+        rc = kli_err_set(err, KLI_E_NOMEM, "%s: out of memory", ipath);
+        goto fail;
+    }
     cJSON_ArrayForEach(e, map) {
         const char **s = bsearch(&e->valuestring, shards, (size_t)n_shards, sizeof(*shards),
                                  st_str_cmp);
