@@ -9,7 +9,7 @@
  * region publishes its job by bumping a generation word, and each worker with a share runs
  * it and counts down `pending`; the caller runs its own share, then waits for zero. Both
  * sides wait the same way: they spin on the word for a short, bounded time (KLI_SPIN_US,
- * 50 us by default: long enough to bridge the serial gaps of a decode step on an idle
+ * 200 us by default: long enough to bridge the serial gaps of a decode step on an idle
  * machine), then sleep on it (a futex on Linux). Why not OpenMP: libgomp's workers spin for
  * milliseconds by default, and its spin policy (OMP_WAIT_POLICY, GOMP_SPINCOUNT) is read
  * from the environment when the library loads, too early for kli to set. On a host where
@@ -209,7 +209,7 @@ threads_count(void)
 enum { POOL_NTH_BITS = 13, POOL_NTH_MASK = (1 << POOL_NTH_BITS) - 1 };
 _Static_assert((int)THREADS_MAX <= (int)POOL_NTH_MASK, "the worker count fits the generation word");
 
-enum { POOL_SPIN_US = 50, POOL_SPIN_MAX_US = 100000 };
+enum { POOL_SPIN_US = 200, POOL_SPIN_MAX_US = 100000 };
 
 static struct {
     pthread_mutex_t lock;       /* held by the thread whose region the pool runs */

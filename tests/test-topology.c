@@ -1274,9 +1274,9 @@ cpu_seconds(clockid_t c)
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
-/* The caller computes alone for 0.5 ms of its own CPU time between regions, 100 times: a
+/* The caller computes alone for 1 ms of its own CPU time between regions, 60 times: a
  * worker that spins only briefly before sleeping uses a small part of that (the spin is
- * bounded by 50 us of wall time by default). Worker CPU time is compared with the caller's
+ * bounded by 200 us of wall time by default). Worker CPU time is compared with the caller's
  * CPU time, not with a clock, so a slow or loaded machine or a sanitizer changes neither
  * side's share: the bound of one half leaves a wide margin. libgomp's default spin (300000
  * iterations, milliseconds) kept the worker busy through every gap, on a CPU that another
@@ -1293,8 +1293,8 @@ test_pool_idle_cpu(void)
     if (!ok(j.have, "pool: the worker's CPU clock"))
         goto out;
     double w0 = cpu_seconds(j.clock), c0 = cpu_seconds(CLOCK_THREAD_CPUTIME_ID);
-    for (int gap = 0; gap < 100; gap++) {
-        double until = cpu_seconds(CLOCK_THREAD_CPUTIME_ID) + 0.0005;
+    for (int gap = 0; gap < 60; gap++) {
+        double until = cpu_seconds(CLOCK_THREAD_CPUTIME_ID) + 0.001;
         while (cpu_seconds(CLOCK_THREAD_CPUTIME_ID) < until)
             for (int k = 0; k < 1000; k++)
                 sink += k * 1e-9;
