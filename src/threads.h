@@ -1,10 +1,12 @@
 /*
  * threads.h - the one place kli runs work on several cores.
  *
- * threads_parallel_for splits [0, n) into contiguous ranges, one per worker, and calls
- * fn(ctx, i0, i1, ith) for each; the calling thread takes a share. A call from inside a
- * parallel region, or with n below `grain`, runs serially on the caller. Model and kernel
- * files never contain OpenMP pragmas: threads.c is the only file that does.
+ * threads_parallel_for splits [0, n) into nth = min(workers, n / grain) contiguous ranges,
+ * share i being [n * i / nth, n * (i + 1) / nth), and calls fn(ctx, i0, i1, i) for each on
+ * worker thread i (the same thread every call; the caller is worker 0). A call from inside
+ * a share, from another thread while the pool runs a region, or with n below 2 * grain runs
+ * serially on its caller as fn(ctx, 0, n, 0). Every share runs with denormals flushed. Model
+ * and kernel files never start threads or contain OpenMP pragmas: threads.c is the one place.
  */
 #ifndef KLI_THREADS_H
 #define KLI_THREADS_H

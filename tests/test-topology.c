@@ -21,6 +21,13 @@
  * Worker identity: regions with fewer items than workers leave the team as it is, so worker i
  * is the same thread before and after (libgomp would otherwise end and recreate threads).
  *
+ * The pool of threads.c: every index covered once under many team and region sizes, with
+ * the static split (n * i / nth); nested calls and calls from a second thread run serially;
+ * regions after the workers fell asleep; more workers than CPUs; denormals flushed inside a
+ * share and the caller's mode restored; and a worker waiting for work gives its CPU back
+ * (the CPU time it burns while the caller computes alone is a small part of the caller's:
+ * libgomp's workers spun through the whole of it, against another process on a busy host).
+ *
  * Routing under partition, on a described two-node worker plan: each routed expert of a
  * prefill and of a decode step is computed only by workers of its node (moe.c counts rows computed away from
  * an expert's node: none with routing, some without), and the logits stay those of the
@@ -30,6 +37,7 @@
 #include "config.h"
 
 #include <math.h>
+#include <pthread.h>
 #include <sched.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -37,6 +45,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "internal.h"
@@ -956,10 +965,359 @@ test_worker_identity(void)
     threads_set_count(saved);
 }
 
+
+/* ---- the pool: coverage, static split, nesting, sleep, flush mode, idle workers -------- */
+
+enum { POOL_MAXN = 5000, POOL_MAXT = 16 };
+
+struct cover_job {
+    int64_t n;
+    int count[POOL_MAXN];             /* times index i was handed out */
+    int64_t lo[POOL_MAXT], hi[POOL_MAXT];
+    int calls[POOL_MAXT];             /* times share ith ran */
+    int bad_ith;
+};
+
+static void
+record_cover(void *ctx, int64_t i0, int64_t i1, int ith)
+{
+    struct cover_job *j = ctx;
+
+    if (ith < 0 || ith >= POOL_MAXT || i0 < 0 || i1 > j->n || i0 >= i1) {
+        __atomic_store_n(&j->bad_ith, 1, __ATOMIC_RELAXED);
+        return;
+    }
+    j->lo[ith] = i0;
+    j->hi[ith] = i1;
+    j->calls[ith]++;
+    for (int64_t i = i0; i < i1; i++)
+        __atomic_add_fetch(&j->count[i], 1, __ATOMIC_RELAXED);
+}
+
+/* Every team size against many region sizes and grains: each index once, and share i is
+ * [n * i / nth, n * (i + 1) / nth) with nth = min(team, n / grain), as the header says. */
+static void
+test_pool_cover(void)
+{
+    static const int teams[] = {1, 2, 3, 4, 7, 16};
+    static const int64_t sizes[] = {1, 2, 3, 4, 5, 7, 8, 15, 16, 17, 31, 64, 100, 999, 4097,
+                                    POOL_MAXN};
+    static const int64_t grains[] = {0, 1, 2, 3, 64, 1000};
+    static struct cover_job j;
+    int saved = threads_count(), good = 1, regions = 0;
+
+    for (size_t t = 0; t < KLI_ARRAY_LEN(teams); t++) {
+        threads_set_count(teams[t]);
+        for (size_t s = 0; s < KLI_ARRAY_LEN(sizes); s++) {
+            for (size_t g = 0; g < KLI_ARRAY_LEN(grains); g++) {
+                int64_t n = sizes[s], grain = grains[g] < 1 ? 1 : grains[g];
+                int64_t nth = teams[t] < n / grain ? teams[t] : n / grain;
+                if (nth < 1)
+                    nth = 1;
+                memset(&j, 0, sizeof(j));
+                j.n = n;
+                threads_parallel_for(n, grains[g], record_cover, &j);
+                regions++;
+                int once = !j.bad_ith;
+                for (int64_t i = 0; i < n; i++)
+                    once &= j.count[i] == 1;
+                for (int64_t i = 0; i < nth; i++) {
+                    int64_t lo = n * i / nth, hi = n * (i + 1) / nth;
+                    once &= hi > lo ? j.calls[i] == 1 && j.lo[i] == lo && j.hi[i] == hi
+                                    : j.calls[i] == 0;
+                }
+                for (int64_t i = nth; i < POOL_MAXT; i++)
+                    once &= j.calls[i] == 0;
+                if (!once && good)
+                    diag("team %d, n %lld, grain %lld: wrong split", teams[t], (long long)n,
+                         (long long)grains[g]);
+                good &= once;
+            }
+        }
+    }
+    ok(good, "pool: %d regions (teams 1 to 16 on %ld CPUs, sizes 1 to %d): every index once, "
+       "share i = [n*i/nth, n*(i+1)/nth)", regions, sysconf(_SC_NPROCESSORS_ONLN), POOL_MAXN);
+    threads_set_count(saved);
+}
+
+struct nest_job {
+    long outer_tid[POOL_MAXT];
+    int nested_ok[POOL_MAXT];
+};
+
+struct nest_inner {
+    long tid;
+    int calls;
+    int64_t i0, i1;
+    int ith;
+};
+
+static void
+nest_inner_fn(void *ctx, int64_t i0, int64_t i1, int ith)
+{
+    struct nest_inner *in = ctx;
+
+    in->tid = (long)syscall(SYS_gettid);
+    in->calls++;
+    in->i0 = i0;
+    in->i1 = i1;
+    in->ith = ith;
+}
+
+static void
+nest_outer_fn(void *ctx, int64_t i0, int64_t i1, int ith)
+{
+    struct nest_job *j = ctx;
+    struct nest_inner in = {0};
+
+    (void)i0;
+    (void)i1;
+    if (ith < 0 || ith >= POOL_MAXT)
+        return;
+    j->outer_tid[ith] = (long)syscall(SYS_gettid);
+    threads_parallel_for(1000, 1, nest_inner_fn, &in);
+    j->nested_ok[ith] = in.calls == 1 && in.i0 == 0 && in.i1 == 1000 && in.ith == 0 &&
+                        in.tid == j->outer_tid[ith];
+}
+
+/* A call from inside a share runs serially, whole, on the thread of that share (ith 0). */
+static void
+test_pool_nested(void)
+{
+    struct nest_job j;
+    int saved = threads_count(), good = 1;
+
+    threads_set_count(4);
+    memset(&j, 0, sizeof(j));
+    threads_parallel_for(4, 1, nest_outer_fn, &j);
+    for (int i = 0; i < 4; i++)
+        good &= j.nested_ok[i] && j.outer_tid[i] != 0;
+    ok(good, "pool: a nested call runs serially on the calling worker, [0, n) as ith 0");
+    threads_set_count(saved);
+}
+
+/* Two application threads calling at once: each call covers its range exactly once (one of
+ * them may get the pool, the other runs serially), and neither waits forever. */
+struct caller_arg {
+    int rounds, good;
+};
+
+static void *
+pool_caller_main(void *arg)
+{
+    struct caller_arg *a = arg;
+    static _Thread_local struct cover_job j;
+
+    a->good = 1;
+    for (int r = 0; r < a->rounds; r++) {
+        int64_t n = 1 + (r * 37) % 300;
+        memset(&j, 0, sizeof(j));
+        j.n = n;
+        threads_parallel_for(n, 1, record_cover, &j);
+        for (int64_t i = 0; i < n; i++)
+            a->good &= j.count[i] == 1 && !j.bad_ith;
+    }
+    return NULL;
+}
+
+static void
+test_pool_callers(void)
+{
+    struct caller_arg a[3] = {{300, 0}, {300, 0}, {300, 0}};
+    pthread_t th[3];
+    int saved = threads_count(), started = 0, good = 1;
+
+    threads_set_count(3);
+    for (int i = 0; i < 3; i++)
+        started += pthread_create(&th[i], NULL, pool_caller_main, &a[i]) == 0;
+    for (int i = 0; i < started; i++) {
+        pthread_join(th[i], NULL);
+        good &= a[i].good;
+    }
+    ok(started == 3 && good, "pool: three threads calling at once, 300 regions each: every "
+       "index once");
+    threads_set_count(saved);
+}
+
+static void
+sleep_ms(long ms)
+{
+    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+
+    while (nanosleep(&ts, &ts) != 0)
+        ;
+}
+
+/* After the workers have waited long past any spin (asleep), a region still wakes every one
+ * of them: the same threads, every index once. Then many more workers than CPUs. */
+static void
+test_pool_sleep(void)
+{
+    struct tid_job first, job;
+    static struct cover_job j;
+    int saved = threads_count(), good = 1;
+
+    threads_set_count(4);
+    memset(&first, 0, sizeof(first));
+    threads_parallel_for(4, 1, record_tid, &first);
+    for (int round = 0; round < 3; round++) {
+        sleep_ms(150);
+        memset(&job, 0, sizeof(job));
+        threads_parallel_for(4, 1, record_tid, &job);
+        good &= job.covered == 4;
+        for (int i = 0; i < 4; i++)
+            good &= job.tid[i] == first.tid[i] && first.tid[i] != 0;
+    }
+    ok(good, "pool: regions after 150 ms asleep run on the same four workers, every item once");
+
+    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    int team = cpus > 0 && cpus < 8 ? 4 * (int)cpus : 16;
+    threads_set_count(team > POOL_MAXT ? POOL_MAXT : team);
+    good = 1;
+    for (int r = 0; r < 2000; r++) {
+        int64_t n = 1 + r % 97;
+        memset(j.count, 0, (size_t)n * sizeof(j.count[0]));
+        j.n = n;
+        threads_parallel_for(n, 1, record_cover, &j);
+        for (int64_t i = 0; i < n; i++)
+            good &= j.count[i] == 1;
+    }
+    ok(good && !j.bad_ith, "pool: %d workers on %ld CPUs, 2000 regions: no deadlock, every "
+       "index once", threads_count(), cpus);
+    threads_set_count(saved);
+}
+
+/* ---- denormals: flushed inside every share, the caller's mode restored ------------------- */
+
+static volatile float denorm_a = 1e-30f, denorm_b = 1e-10f;
+
+static int
+denormal_survives(void)
+{
+    float p = denorm_a * denorm_b;     /* 1e-40: a denormal, or 0 when flushed */
+
+    return p != 0.0f;
+}
+
+struct flush_job {
+    int flushed[POOL_MAXT], ran[POOL_MAXT];
+};
+
+static void
+record_flush(void *ctx, int64_t i0, int64_t i1, int ith)
+{
+    struct flush_job *j = ctx;
+
+    (void)i0;
+    (void)i1;
+    if (ith >= 0 && ith < POOL_MAXT) {
+        j->flushed[ith] = !denormal_survives();
+        j->ran[ith] = 1;
+    }
+}
+
+static void
+test_pool_flush(void)
+{
+#if defined(__x86_64__) || defined(__i386__) || defined(__aarch64__)
+    struct flush_job j;
+    int saved = threads_count(), good = 1;
+
+    if (!denormal_survives()) {
+        ok(1, "# SKIP the caller already flushes denormals");
+        return;
+    }
+    threads_set_count(4);
+    for (int round = 0; round < 3; round++) {
+        memset(&j, 0, sizeof(j));
+        threads_parallel_for(4, 1, record_flush, &j);
+        for (int i = 0; i < 4; i++)
+            good &= j.ran[i] && j.flushed[i];
+        good &= denormal_survives();
+        memset(&j, 0, sizeof(j));
+        threads_parallel_for(1, 1, record_flush, &j);     /* the serial path */
+        good &= j.ran[0] && j.flushed[0] && denormal_survives();
+    }
+    ok(good, "pool: denormals flushed in every share (workers and caller, parallel and "
+       "serial), the caller's mode restored after each region");
+    threads_set_count(saved);
+#else
+    ok(1, "# SKIP no flush-to-zero control on this CPU");
+#endif
+}
+
+/* ---- idle workers give their CPU back ---------------------------------------------------- */
+
+struct clock_job {
+    clockid_t clock;
+    int have;
+};
+
+static void
+record_clock(void *ctx, int64_t i0, int64_t i1, int ith)
+{
+    struct clock_job *j = ctx;
+
+    (void)i0;
+    (void)i1;
+    if (ith == 1)
+        j->have = pthread_getcpuclockid(pthread_self(), &j->clock) == 0;
+}
+
+static double
+cpu_seconds(clockid_t c)
+{
+    struct timespec ts;
+
+    if (clock_gettime(c, &ts) != 0)
+        return -1.0;
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* The caller computes alone for 1 ms of its own CPU time between regions, 60 times: a
+ * worker that spins only briefly before sleeping uses a small part of that (the spin is
+ * bounded by 200 us of wall time by default). Worker CPU time is compared with the caller's
+ * CPU time, not with a clock, so a slow or loaded machine or a sanitizer changes neither
+ * side's share: the bound of one half leaves a wide margin. libgomp's default spin (300000
+ * iterations, milliseconds) kept the worker busy through every gap, on a CPU that another
+ * process needed. */
+static void
+test_pool_idle_cpu(void)
+{
+    struct clock_job j = {0};
+    int saved = threads_count();
+    volatile double sink = 0.0;
+
+    threads_set_count(2);
+    threads_parallel_for(2, 1, record_clock, &j);
+    if (!ok(j.have, "pool: the worker's CPU clock"))
+        goto out;
+    double w0 = cpu_seconds(j.clock), c0 = cpu_seconds(CLOCK_THREAD_CPUTIME_ID);
+    for (int gap = 0; gap < 60; gap++) {
+        double until = cpu_seconds(CLOCK_THREAD_CPUTIME_ID) + 0.001;
+        while (cpu_seconds(CLOCK_THREAD_CPUTIME_ID) < until)
+            for (int k = 0; k < 1000; k++)
+                sink += k * 1e-9;
+        threads_parallel_for(2, 1, record_clock, &j);
+    }
+    double w = cpu_seconds(j.clock) - w0, c = cpu_seconds(CLOCK_THREAD_CPUTIME_ID) - c0;
+    ok(w0 >= 0 && c > 0 && w < 0.5 * c, "pool: a waiting worker sleeps: it used %.1f ms of "
+       "CPU while the caller computed alone for %.1f ms", w * 1e3, c * 1e3);
+out:
+    threads_set_count(saved);
+}
+
 int
 main(void)
 {
+    unsetenv("KLI_SPIN_US");    /* the default spin, whatever the environment says */
     test_worker_identity();
+    test_pool_cover();
+    test_pool_nested();
+    test_pool_callers();
+    test_pool_sleep();
+    test_pool_flush();
+    test_pool_idle_cpu();
     test_machine_a();
     test_machine_b();
     test_machine_c();
