@@ -63,6 +63,63 @@ def l2norm(x):
     return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + 1e-6)
 
 
+def kda_recurrent(q, k, v, g, beta):
+    """The exact per-token delta rule (docs/model.md 4.6). q,k,v,g [B,T,H,K], beta [B,T,H]."""
+    B, T, H, K = q.shape
+    decay = torch.exp(g)
+    S = q.new_zeros(B, H, K, v.shape[-1])                            # [key][value]
+    outs = []
+    for t in range(T):
+        S = S * decay[:, t, :, :, None]
+        kt = k[:, t]
+        kS = torch.einsum("bhk,bhkv->bhv", kt, S)
+        u = beta[:, t, :, None] * (v[:, t] - kS)
+        S = S + kt[:, :, :, None] * u[:, :, None, :]
+        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t], S))
+    return torch.stack(outs, 1)                                      # [B,T,H,V]
+
+
+def kda_chunked(q, k, v, g, beta, C):
+    """The same recurrence, C tokens at a time (for training speed). Inside a chunk, with
+    G the running sum of g from the chunk start and S0 the state before it:
+      u = (I + diag(beta) A)^-1 diag(beta) (v - (k*e^G) S0),
+        A[t][s] = sum_c k_t[c] k_s[c] e^(G_t[c]-G_s[c]) for s < t
+      o_t = (q_t*e^G_t) S0 + sum_{s<=t} (sum_c q_t[c] k_s[c] e^(G_t[c]-G_s[c])) u_s
+      S_C = e^G_C * S0 + sum_s (k_s*e^(G_C-G_s)) u_s^T
+    Every exponent is <= 0 (g <= 0), so nothing overflows."""
+    B, T, H, K = q.shape
+    Vd = v.shape[-1]
+    pad = (-T) % C
+    if pad:
+        q, k, v, g = (F.pad(x, (0, 0, 0, 0, 0, pad)) for x in (q, k, v, g))
+        beta = F.pad(beta, (0, 0, 0, pad))
+    n = (T + pad) // C
+    # [B,H,n,C,*]
+    q, k, v, g = (x.view(B, n, C, H, -1).permute(0, 3, 1, 2, 4) for x in (q, k, v, g))
+    beta = beta.view(B, n, C, H).permute(0, 3, 1, 2)
+    G = g.cumsum(-2)
+    strict = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1)
+    incl = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    diff = G[..., :, None, :] - G[..., None, :, :]                  # [B,H,n,C(t),C(s),K]
+    E = torch.exp(diff.masked_fill(~incl[:, :, None], -math.inf))
+    A = torch.einsum("bhntc,bhnsc,bhntsc->bhnts", k, k, E).masked_fill(~strict, 0)
+    Bm = torch.einsum("bhntc,bhnsc,bhntsc->bhnts", q, k, E)
+    eye = torch.eye(C, dtype=q.dtype, device=q.device)
+    Tm = eye + beta[..., :, None] * A
+    kG = k * torch.exp(G)
+    qG = q * torch.exp(G)
+    kL = k * torch.exp(G[..., -1:, :] - G)
+    S = q.new_zeros(B, H, K, Vd)
+    outs = []
+    for i in range(n):
+        rhs = beta[:, :, i, :, None] * (v[:, :, i] - kG[:, :, i] @ S)
+        u = torch.linalg.solve_triangular(Tm[:, :, i], rhs, upper=False)
+        outs.append(qG[:, :, i] @ S + Bm[:, :, i] @ u)
+        S = torch.exp(G[:, :, i, -1])[..., None] * S + kL[:, :, i].transpose(-1, -2) @ u
+    o = torch.stack(outs, 2)                                         # [B,H,n,C,V]
+    return o.permute(0, 2, 3, 1, 4).reshape(B, n * C, H, Vd)[:, :T]
+
+
 class KDA(torch.nn.Module):
     def __init__(self, c):
         super().__init__()
@@ -70,6 +127,7 @@ class KDA(torch.nn.Module):
         D, H, K, W = c["hidden_size"], lac["num_heads"], lac["head_dim"], \
             lac["short_conv_kernel_size"]
         self.H, self.K, self.W, self.eps = H, K, W, c["rms_norm_eps"]
+        self.chunk = 0          # 0: the exact recurrence; C: kda_chunked (training)
         P = torch.nn.Parameter
         for n in "qkv":
             setattr(self, n + "_proj", P(torch.empty(H * K, D)))
@@ -100,17 +158,10 @@ class KDA(torch.nn.Module):
         beta = torch.sigmoid(x @ self.b_proj.t())                     # [B,T,H]
         q = l2norm(q) / math.sqrt(K)
         k = l2norm(k)
-        decay = torch.exp(g)
-        S = x.new_zeros(B, H, K, K)                                   # [key][value]
-        outs = []
-        for t in range(T):
-            S = S * decay[:, t, :, :, None]
-            kt = k[:, t]
-            kS = torch.einsum("bhk,bhkv->bhv", kt, S)
-            u = beta[:, t, :, None] * (v[:, t] - kS)
-            S = S + kt[:, :, :, None] * u[:, :, None, :]
-            outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t], S))
-        o = torch.stack(outs, 1)                                      # [B,T,H,V]
+        if self.chunk:
+            o = kda_chunked(q, k, v, g, beta, self.chunk)
+        else:
+            o = kda_recurrent(q, k, v, g, beta)
         gg = ((x @ self.g_a_proj.t()) @ self.g_b_proj.t()).view(B, T, H, K)
         y = rmsnorm(o, self.o_norm, self.eps) * torch.sigmoid(gg)
         return y.reshape(B, T, H * K) @ self.o_proj.t()
@@ -317,9 +368,22 @@ def bf16_round(t):
 
 
 def save_model(model, out):
-    from safetensors.torch import save_file
-    t = {k: v.detach().to(torch.bfloat16).contiguous().cpu() for k, v in model.hf_tensors().items()}
-    save_file(t, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    """Every tensor as BF16 (round to nearest even), in checkpoint order, one file."""
+    hdr, blobs, off = {}, [], 0
+    for name, v in model.hf_tensors().items():
+        b = v.detach().cpu().float().contiguous().to(torch.bfloat16).view(torch.int16)
+        b = b.numpy().tobytes()
+        hdr[name] = {"dtype": "BF16", "shape": list(v.shape), "data_offsets": [off, off + len(b)]}
+        blobs.append(b)
+        off += len(b)
+    hdr["__metadata__"] = {"format": "pt"}
+    h = json.dumps(hdr).encode()
+    h += b" " * ((8 - len(h) % 8) % 8)
+    with open(os.path.join(out, "model.safetensors"), "wb") as f:
+        f.write(struct.pack("<Q", len(h)))
+        f.write(h)
+        for b in blobs:
+            f.write(b)
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(model.c, f, indent=1)
         f.write("\n")
@@ -378,6 +442,19 @@ def cmd_check(_):
             worst = max(worst, rel)
             print("check %-12s rel_l2 %.3e argmax_equal %s" % (
                 variant, rel, bool((got.argmax(1) == ref.argmax(1)).all())))
+    # the chunked form used for training against the recurrence, float64, with a chunk
+    # length that does not divide T and strong decays
+    g = torch.Generator().manual_seed(5)
+    B, T, H, K = 2, 45, 3, 16
+    q, k, v = (l2norm(torch.randn(B, T, H, K, generator=g, dtype=torch.float64))
+               for _ in range(3))
+    gg = -torch.rand(B, T, H, K, generator=g, dtype=torch.float64) * 3
+    beta = torch.rand(B, T, H, generator=g, dtype=torch.float64)
+    a = kda_recurrent(q, k, v, gg, beta)
+    for C in (1, 8, 16, 64):
+        rel = float((kda_chunked(q, k, v, gg, beta, C) - a).norm() / a.norm())
+        print("check chunked C=%-2d  rel_l2 %.3e" % (C, rel))
+        worst = max(worst, rel)
     print("check worst rel_l2 %.3e %s" % (worst, "PASS" if worst < 1e-10 else "FAIL"))
     return 0 if worst < 1e-10 else 1
 
@@ -430,13 +507,19 @@ def cmd_train(a):
     torch.backends.cudnn.allow_tf32 = True
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     os.makedirs(a.out, exist_ok=True)
-    enc, n_base = tokenizer(NANO_DIR)
     t0 = time.time()
-    data = load_corpus(a.corpus, enc, n_base)
+    if a.ids:       # the corpus already tokenized (int32 ids, e.g. by kli tokenize --special)
+        enc, data = None, np.fromfile(a.ids, dtype="<i4")
+    else:
+        enc, n_base = tokenizer(NANO_DIR)
+        data = load_corpus(a.corpus, enc, n_base)
     print("corpus: %d tokens (%.1f s)" % (len(data), time.time() - t0), flush=True)
     c = dict(NANO)
     model = Model(c)
     init_weights(model, a.seed)
+    for L in model.layers:
+        if isinstance(L.self_attn, KDA):
+            L.self_attn.chunk = a.chunk
     model.to(dev)
     n_par = sum(v.numel() for v in model.hf_tensors().values())
     print("parameters: %d (%.2f MB as bf16)" % (n_par, n_par * 2 / 1e6), flush=True)
@@ -472,6 +555,9 @@ def cmd_train(a):
         with torch.no_grad():
             for m in moes:      # auxiliary-loss-free balancing of the selection bias
                 m.bias += a.bias_rate * torch.sign(m.load.mean() - m.load)
+        if a.minutes and time.time() - t0 > 60 * a.minutes:
+            print("stopping at step %d: --minutes %g reached" % (step, a.minutes), flush=True)
+            break
         lv = loss.item()
         ema = lv if ema is None else 0.95 * ema + 0.05 * lv
         if step % a.log_every == 0 or step == 1 or step == a.steps:
@@ -484,7 +570,7 @@ def cmd_train(a):
     save_model(model, a.out)
     print("trained %d steps in %.1f s" % (a.steps, time.time() - t0), flush=True)
     # held-out loss of the stored (bf16) weights, on the GPU in float32
-    if a.heldout:
+    if a.heldout and enc is not None:
         text = open(a.heldout).read()
         ids = torch.as_tensor(enc.encode_ordinary(text)[:a.eval_tokens], dtype=torch.long)
         m = load_dir(a.out).float().to(dev)
@@ -538,6 +624,9 @@ def main():
     t = sub.add_parser("train")
     t.add_argument("out")
     t.add_argument("--corpus", default=os.path.join(HERE, "data", "train.jsonl"))
+    t.add_argument("--ids", default="", help="pre-tokenized corpus (int32), instead")
+    t.add_argument("--minutes", type=float, default=0,
+                   help="stop early after this long (the schedule still assumes --steps)")
     t.add_argument("--heldout", default=os.path.join(HERE, "data", "heldout.txt"))
     t.add_argument("--eval-tokens", type=int, default=40000)
     t.add_argument("--seed", type=int, default=1611)
@@ -547,6 +636,7 @@ def main():
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--wd", type=float, default=0.1)
     t.add_argument("--warmup", type=int, default=100)
+    t.add_argument("--chunk", type=int, default=32, help="KDA chunk length (0: recurrence)")
     t.add_argument("--bias-rate", type=float, default=1e-3)
     t.add_argument("--log-every", type=int, default=25)
     g = sub.add_parser("golden")
