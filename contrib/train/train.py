@@ -570,9 +570,12 @@ def cmd_train(a):
     save_model(model, a.out)
     print("trained %d steps in %.1f s" % (a.steps, time.time() - t0), flush=True)
     # held-out loss of the stored (bf16) weights, on the GPU in float32
-    if a.heldout and enc is not None:
-        text = open(a.heldout).read()
-        ids = torch.as_tensor(enc.encode_ordinary(text)[:a.eval_tokens], dtype=torch.long)
+    if a.heldout_ids or (a.heldout and enc is not None):
+        if a.heldout_ids:
+            ids = np.fromfile(a.heldout_ids, dtype="<i4")[:a.eval_tokens]
+        else:
+            ids = enc.encode_ordinary(open(a.heldout).read())[:a.eval_tokens]
+        ids = torch.as_tensor(np.asarray(ids), dtype=torch.long)
         m = load_dir(a.out).float().to(dev)
         n = (len(ids) - 1) // T
         with torch.no_grad():
@@ -594,9 +597,13 @@ GOLDEN_PLAIN = "And the LORD spake unto Moses, saying, Speak unto the children o
 
 
 def cmd_golden(a):
-    enc, _ = tokenizer(a.model)
     m = load_dir(a.model)
-    prompt = enc.encode_ordinary(GOLDEN_PLAIN) + enc.encode(GOLDEN_TEXT, allowed_special="all")
+    if a.prompt_ids:        # GOLDEN_PLAIN + GOLDEN_TEXT as kli tokenize --special gives them
+        enc, prompt = None, [int(x) for x in open(a.prompt_ids).read().split()]
+    else:
+        enc, _ = tokenizer(a.model)
+        prompt = enc.encode_ordinary(GOLDEN_PLAIN) + \
+            enc.encode(GOLDEN_TEXT, allowed_special="all")
     ids = list(prompt)
     with torch.no_grad():
         for _ in range(a.decode):
@@ -612,9 +619,9 @@ def cmd_golden(a):
                "prefill_shape": [P, m.c["vocab_size"]],
                "decode_shape": [a.decode, m.c["vocab_size"]],
                "min_top2_gap_greedy": float((srt[:, -1] - srt[:, -2]).min()),
-               "decoded_text": enc.decode(dec)},
+               "decoded_text": enc.decode(dec) if enc else None},
               open(os.path.join(a.out, "golden.json"), "w"), indent=1)
-    print("golden: prompt %d tokens, continuation %r" % (P, enc.decode(dec)))
+    print("golden: prompt %d tokens, continuation %r" % (P, enc.decode(dec) if enc else dec))
 
 
 def main():
@@ -628,6 +635,7 @@ def main():
     t.add_argument("--minutes", type=float, default=0,
                    help="stop early after this long (the schedule still assumes --steps)")
     t.add_argument("--heldout", default=os.path.join(HERE, "data", "heldout.txt"))
+    t.add_argument("--heldout-ids", default="", help="held-out text already tokenized")
     t.add_argument("--eval-tokens", type=int, default=40000)
     t.add_argument("--seed", type=int, default=1611)
     t.add_argument("--steps", type=int, default=2000)
@@ -643,6 +651,7 @@ def main():
     g.add_argument("model")
     g.add_argument("out")
     g.add_argument("--decode", type=int, default=16)
+    g.add_argument("--prompt-ids", default="")
     a = ap.parse_args()
     torch.set_default_dtype(torch.float32)
     return {"check": cmd_check, "train": cmd_train, "golden": cmd_golden}[a.cmd](a)
