@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
 ROOT = os.path.dirname(os.path.dirname(HERE))
 NANO_DIR = os.path.join(ROOT, "contrib", "models", "kimi-linear-nano")
 
@@ -590,10 +591,7 @@ def cmd_train(a):
 
 # ---- golden logits ------------------------------------------------------------------------
 
-GOLDEN_TEXT = ("<|im_system|>system<|im_middle|>You are a helpful assistant<|im_end|>"
-               "<|im_user|>user<|im_middle|>Tell me about the town by the sea.<|im_end|>"
-               "<|im_assistant|>assistant<|im_middle|>")
-GOLDEN_PLAIN = "And the LORD spake unto Moses, saying, Speak unto the children of Israel, "
+from golden_prompt import GOLDEN_PLAIN, GOLDEN_TEXT  # noqa: E402
 
 
 def cmd_golden(a):
