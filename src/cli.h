@@ -130,6 +130,8 @@ int64_t cli_find_nul(const char *s, size_t n, int json);
 extern const struct cli_command cli_gen_commands[];
 /* The commands of cli_tools.c, NULL-terminated. */
 extern const struct cli_command cli_tool_commands[];
+/* kli perplexity (src/cli_perplexity.c), listed among the tool commands */
+int cli_perplexity(int argc, char **argv);
 /* The commands of cli_batch.c, NULL-terminated. */
 extern const struct cli_command cli_batch_commands[];
 

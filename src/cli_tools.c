@@ -874,5 +874,6 @@ const struct cli_command cli_tool_commands[] = {
     {"quantize", cmd_quantize, "convert a model's weight matrices to q8_0, q4, bf16, ..."},
     {"convert", cmd_convert, "write a model as one .kli file (weights, config, tokenizer)"},
     {"bench", cmd_bench, "measure prefill and decode speed, bandwidth, and quantization quality"},
+    {"perplexity", cli_perplexity, "score a text file: perplexity, KL divergence from a base run"},
     {NULL, NULL, NULL},
 };

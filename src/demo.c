@@ -1,8 +1,9 @@
 /*
- * demo.c - the demo model built into the kli binary: the tiny Kimi Linear checkpoint of
- * tests/data/tiny-kimi-linear (5 layers, byte-level vocabulary of 512 ids), so that `kli run`
- * works on a fresh machine with no model downloaded. It talks nonsense, but every stage
- * (tokenizer, chat format, KDA, MLA, MoE, sampling, streaming) runs for real.
+ * demo.c - the demo model built into the kli binary: kimi-linear-nano, the trained
+ * miniature of contrib/models/kimi-linear-nano (4 layers, 3.9M parameters, BPE vocabulary of
+ * 2048 ranks; see its README.md), so that `kli run` works on a fresh machine with no model
+ * downloaded and answers in English. Every stage (tokenizer, chat format, KDA, MLA, MoE,
+ * sampling, streaming) runs for real.
  *
  * The files are linked in with the assembler's .incbin and written to a private temporary
  * directory when used, which is then opened like any model directory.
