@@ -258,7 +258,7 @@ cli_perplexity(int argc, char **argv)
         fputs(ppl_usage, stderr);
         return 2;
     }
-    if ((text = cli_read_file(file, &len)) == NULL)
+    if ((text = cli_read_file(file, CLI_TEXT_MAX, 0, "the limit of perplexity", &len)) == NULL)
         return 1;
     if (model == NULL) {
         if (cli_demo_dir(demo, sizeof(demo)) != 0)
