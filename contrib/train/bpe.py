@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """bpe.py - a byte-level BPE vocabulary in Kimi's tiktoken format, trained on a corpus.
 
-The text is cut with Kimi's split pattern (docs/formats.md 1.4; the `regex` module has the
+The text is cut with Kimi's split pattern (doc/formats.md 1.4; the `regex` module has the
 class intersection it needs), special-token strings are taken out first, and merges are
 learned over the pieces' bytes: each merge joins the most frequent adjacent pair (ties:
 the pair whose joined bytes sort first). Rank = token id = merge priority, as tiktoken wants:
@@ -32,7 +32,7 @@ PATTERN = "|".join([
     r"\s+",
 ])
 
-# Kimi-Linear's named special slots, by offset from the first special id (docs/formats.md 1.3)
+# Kimi-Linear's named special slots, by offset from the first special id (doc/formats.md 1.3)
 SPECIALS = {0: ("[BOS]", True), 1: ("[EOS]", True), 2: ("<|im_end|>", True),
             3: ("<|im_user|>", True), 4: ("<|im_assistant|>", True),
             6: ("<|start_header_id|>", True), 7: ("<|end_header_id|>", True),

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """train.py - train kimi-linear-nano, a miniature of Kimi-Linear-48B-A3B, with PyTorch.
 
-Every part of the real architecture, written from docs/model.md (not from kli): KDA layers
+Every part of the real architecture, written from doc/model.md (not from kli): KDA layers
 (q/k/v short convolutions with SiLU, the low-rank forget gate with A_log and dt_bias, beta,
 L2-normalised q and k, the delta-rule state, the gated output RMSNorm) and NoPE MLA layers
 (latent KV with its RMSNorm, no rotary) in the 3:1 pattern; a dense first layer; MoE layers
@@ -65,7 +65,7 @@ def l2norm(x):
 
 
 def kda_recurrent(q, k, v, g, beta):
-    """The exact per-token delta rule (docs/model.md 4.6). q,k,v,g [B,T,H,K], beta [B,T,H]."""
+    """The exact per-token delta rule (doc/model.md 4.6). q,k,v,g [B,T,H,K], beta [B,T,H]."""
     B, T, H, K = q.shape
     decay = torch.exp(g)
     S = q.new_zeros(B, H, K, v.shape[-1])                            # [key][value]
