@@ -14,17 +14,8 @@
 #include <string.h>
 
 #include "hparams.h"
-
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
-
-static void
-fuzz_check(int cond, const char *what)
-{
-    if (!cond) {
-        fprintf(stderr, "fuzz-config: invariant broken: %s\n", what);
-        abort();
-    }
-}
+#define FUZZ_NAME "fuzz-config"
+#include "fuzz.h"
 
 int
 LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
@@ -55,19 +46,6 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 int
 main(int argc, char **argv)
 {
-    for (int i = 1; i < argc; i++) {
-        FILE *f = fopen(argv[i], "rb");
-        static uint8_t buf[1 << 20];
-        size_t n;
-
-        if (f == NULL) {
-            perror(argv[i]);
-            return 1;
-        }
-        n = fread(buf, 1, sizeof(buf), f);
-        fclose(f);
-        LLVMFuzzerTestOneInput(buf, n);
-    }
-    return 0;
+    return fuzz_replay(argc, argv);
 }
 #endif

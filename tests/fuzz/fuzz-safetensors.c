@@ -18,18 +18,8 @@
 
 #include "kli.h"
 #include "weights.h"
-
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
-
-/* An invariant broken: crash on purpose so the fuzzer records the input. */
-static void
-fuzz_check(int cond, const char *what)
-{
-    if (!cond) {
-        fprintf(stderr, "fuzz-safetensors: invariant broken: %s\n", what);
-        abort();
-    }
-}
+#define FUZZ_NAME "fuzz-safetensors"
+#include "fuzz.h"
 
 int
 LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
@@ -68,50 +58,6 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 int
 main(int argc, char **argv)
 {
-    for (int i = 1; i < argc; i++) {
-        FILE *f = fopen(argv[i], "rb");
-        uint8_t *buf = NULL;
-        size_t len = 0, cap = 0, got;
-
-        if (f == NULL) {
-            fprintf(stderr, "%s: cannot open\n", argv[i]);
-            return 1;
-        }
-        do {
-            if (len == cap) {
-                uint8_t *p;
-
-                cap = cap ? cap * 2 : 4096;
-                p = realloc(buf, cap);
-                if (p == NULL) {
-                    fprintf(stderr, "%s: out of memory\n", argv[i]);
-                    free(buf);
-                    fclose(f);
-                    return 1;
-                }
-                buf = p;
-            }
-            got = fread(buf + len, 1, cap - len, f);
-            len += got;
-        } while (got > 0);
-        fclose(f);
-        {
-            /* An exact-size copy, so that an over-read shows under ASan. */
-            uint8_t *exact = malloc(len > 0 ? len : 1);
-
-            if (exact == NULL) {
-                fprintf(stderr, "%s: out of memory\n", argv[i]);
-                free(buf);
-                return 1;
-            }
-            if (len > 0)
-                memcpy(exact, buf, len);
-            free(buf);
-            LLVMFuzzerTestOneInput(exact, len);
-            free(exact);
-        }
-        printf("%s: ok (%zu bytes)\n", argv[i], len);
-    }
-    return 0;
+    return fuzz_replay(argc, argv);
 }
 #endif

@@ -22,24 +22,14 @@
 #include <string.h>
 
 #include "kli.h"
-
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+#define FUZZ_NAME "fuzz-snapshot"
+#include "fuzz.h"
 
 static struct kli_model *fuzz_model;
 static struct kli_session *fuzz_sess;
 static struct kli_sampler *fuzz_smp;
 static uint8_t *fuzz_base;     /* a snapshot of 3 tokens: the state before every input */
 static int64_t fuzz_base_len;
-
-/* An invariant broken: crash on purpose so the fuzzer records the input. */
-static void
-fuzz_check(int cond, const char *what)
-{
-    if (!cond) {
-        fprintf(stderr, "fuzz-snapshot: invariant broken: %s\n", what);
-        abort();
-    }
-}
 
 static void
 fuzz_load(void)
@@ -152,34 +142,12 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 int
 main(int argc, char **argv)
 {
-    for (int i = 1; i < argc; i++) {
-        FILE *f = fopen(argv[i], "rb");
-        uint8_t *buf;
-        long n;
+    int rc = fuzz_replay(argc, argv);
 
-        if (f == NULL || fseek(f, 0, SEEK_END) != 0 || (n = ftell(f)) < 0 ||
-            fseek(f, 0, SEEK_SET) != 0) {
-            fprintf(stderr, "fuzz-snapshot: cannot read %s\n", argv[i]);
-            if (f != NULL)
-                fclose(f);
-            return 1;
-        }
-        buf = malloc((size_t)n + 1);
-        if (buf == NULL || fread(buf, 1, (size_t)n, f) != (size_t)n) {
-            fprintf(stderr, "fuzz-snapshot: cannot read %s\n", argv[i]);
-            fclose(f);
-            free(buf);
-            return 1;
-        }
-        fclose(f);
-        LLVMFuzzerTestOneInput(buf, (size_t)n);
-        free(buf);
-    }
     free(fuzz_base);
     kli_sampler_free(fuzz_smp);
     kli_session_free(fuzz_sess);
     kli_model_close(fuzz_model);
-    printf("fuzz-snapshot: %d input(s) ok\n", argc - 1);
-    return 0;
+    return rc;
 }
 #endif

@@ -23,20 +23,10 @@
 #include "kli.h"
 #include "tokenizer.h"
 #include "unicode.h"
-
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+#define FUZZ_NAME "fuzz-tokenizer"
+#include "fuzz.h"
 
 static struct kli_tokenizer *fuzz_tok;
-
-/* An invariant broken: crash on purpose so the fuzzer records the input. */
-static void
-fuzz_check(int cond, const char *what)
-{
-    if (!cond) {
-        fprintf(stderr, "fuzz-tokenizer: invariant broken: %s\n", what);
-        abort();
-    }
-}
 
 static void
 fuzz_load(void)
@@ -130,31 +120,9 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 int
 main(int argc, char **argv)
 {
-    for (int i = 1; i < argc; i++) {
-        FILE *f = fopen(argv[i], "rb");
-        uint8_t *buf;
-        long n;
+    int rc = fuzz_replay(argc, argv);
 
-        if (f == NULL || fseek(f, 0, SEEK_END) != 0 || (n = ftell(f)) < 0 ||
-            fseek(f, 0, SEEK_SET) != 0) {
-            fprintf(stderr, "fuzz-tokenizer: cannot read %s\n", argv[i]);
-            if (f != NULL)
-                fclose(f);
-            return 1;
-        }
-        buf = malloc((size_t)n + 1);
-        if (buf == NULL || fread(buf, 1, (size_t)n, f) != (size_t)n) {
-            fprintf(stderr, "fuzz-tokenizer: cannot read %s\n", argv[i]);
-            fclose(f);
-            free(buf);
-            return 1;
-        }
-        fclose(f);
-        LLVMFuzzerTestOneInput(buf, (size_t)n);
-        free(buf);
-    }
     kli_tokenizer_close(fuzz_tok);
-    printf("fuzz-tokenizer: %d input(s) ok\n", argc - 1);
-    return 0;
+    return rc;
 }
 #endif

@@ -21,18 +21,8 @@
 
 #include "kli.h"
 #include "tokenizer.h"
-
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
-
-/* An invariant broken: crash on purpose so the fuzzer records the input. */
-static void
-fuzz_check(int cond, const char *what)
-{
-    if (!cond) {
-        fprintf(stderr, "fuzz-tokfile: invariant broken: %s\n", what);
-        abort();
-    }
-}
+#define FUZZ_NAME "fuzz-tokfile"
+#include "fuzz.h"
 
 int
 LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
@@ -84,30 +74,6 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 int
 main(int argc, char **argv)
 {
-    for (int i = 1; i < argc; i++) {
-        FILE *f = fopen(argv[i], "rb");
-        uint8_t *buf;
-        long n;
-
-        if (f == NULL || fseek(f, 0, SEEK_END) != 0 || (n = ftell(f)) < 0 ||
-            fseek(f, 0, SEEK_SET) != 0) {
-            fprintf(stderr, "fuzz-tokfile: cannot read %s\n", argv[i]);
-            if (f != NULL)
-                fclose(f);
-            return 1;
-        }
-        buf = malloc((size_t)n + 1);
-        if (buf == NULL || fread(buf, 1, (size_t)n, f) != (size_t)n) {
-            fprintf(stderr, "fuzz-tokfile: cannot read %s\n", argv[i]);
-            fclose(f);
-            free(buf);
-            return 1;
-        }
-        fclose(f);
-        LLVMFuzzerTestOneInput(buf, (size_t)n);
-        free(buf);
-    }
-    printf("fuzz-tokfile: %d input(s) ok\n", argc - 1);
-    return 0;
+    return fuzz_replay(argc, argv);
 }
 #endif
