@@ -3,26 +3,9 @@
 # (tests/man-examples.sh runs the EXAMPLES of kli(1).)
 set -u
 : "${KLI_BIN:?}" "${KLI_TESTDATA:?}" "${KLI_SRCDIR:?}"
+. "$KLI_SRCDIR/tests/lib.sh"
 kli=$KLI_BIN
 model="$KLI_TESTDATA/tiny-kimi-linear"
-tmp=$(mktemp -d) || exit 99
-trap 'rm -rf "$tmp"' EXIT
-n=0
-fail=0
-t() {   # t DESCRIPTION EXPECTED-STATUS COMMAND...
-    desc=$1 want=$2
-    shift 2
-    "$@" >"$tmp/out" 2>"$tmp/err"
-    got=$?
-    n=$((n + 1))
-    if [ "$got" -eq "$want" ]; then
-        echo "ok $n - $desc"
-    else
-        fail=1
-        echo "not ok $n - $desc (exit $got, want $want)"
-        sed 's/^/# /' "$tmp/err" | head -5
-    fi
-}
 has() {   # has DESCRIPTION FILE PATTERN
     n=$((n + 1))
     if grep -q -- "$3" "$2"; then
@@ -35,17 +18,17 @@ has() {   # has DESCRIPTION FILE PATTERN
 }
 
 t "--version" 0 "$kli" --version
-has "--version names the kernels" "$tmp/out" "kernels:"
+has "--version names the kernels" "$tmp/stdout" "kernels:"
 t "no command is a usage error" 2 "$kli"
 t "unknown command is a usage error" 2 "$kli" frobnicate
-has "unknown command is named" "$tmp/err" "frobnicate"
+has "unknown command is named" "$tmp/stderr" "frobnicate"
 
 t "info" 0 "$kli" info -m "$model"
-has "info counts layers" "$tmp/out" "5 layers (4 KDA, 1 MLA; 1 dense, 4 MoE)"
+has "info counts layers" "$tmp/stdout" "5 layers (4 KDA, 1 MLA; 1 dense, 4 MoE)"
 t "info --tensors" 0 "$kli" info -m "$model" --tensors
-has "info lists tensors" "$tmp/out" "model.layers.3.self_attn.kv_b_proj.weight"
+has "info lists tensors" "$tmp/stdout" "model.layers.3.self_attn.kv_b_proj.weight"
 t "info on a missing directory" 1 "$kli" info -m "$tmp/nope"
-has "the message names the path" "$tmp/err" "$tmp/nope"
+has "the message names the path" "$tmp/stderr" "$tmp/nope"
 
 t "logits" 0 "$kli" logits -m "$model" --ids 1,2,3 -o "$tmp/l.f32"
 n=$((n + 1))
@@ -57,10 +40,10 @@ t "logits --ids-file with whitespace" 0 "$kli" logits -m "$model" --ids-file "$t
 t "logits to stdout" 0 "$kli" logits -m "$model" --ids 5 -o -
 t "logits without -o" 2 "$kli" logits -m "$model" --ids 1
 t "logits with a bad id" 2 "$kli" logits -m "$model" --ids 1,x,3 -o "$tmp/x.f32"
-has "bad id is pointed at" "$tmp/err" "character 3"
+has "bad id is pointed at" "$tmp/stderr" "character 3"
 t "logits with an id outside the vocabulary" 1 "$kli" logits -m "$model" --ids 1,512 \
     -o "$tmp/x.f32"
-has "out-of-range id message" "$tmp/err" "outside the vocabulary"
+has "out-of-range id message" "$tmp/stderr" "outside the vocabulary"
 n=$((n + 1))
 if [ ! -e "$tmp/x.f32" ] && [ -z "$(ls "$tmp" | grep 'x.f32.tmp')" ]; then
     echo "ok $n - a failed run leaves no output file"
@@ -72,13 +55,13 @@ t "logits with a missing ids file" 1 "$kli" logits -m "$model" --ids-file "$tmp/
 
 # ---- session state: --save-state / --load-state, /save and /load ----
 t "run uninterrupted" 0 "$kli" run -m "$model" --raw -p 'Once' -n 12 --temp 1 --seed 9 --quiet
-cp "$tmp/out" "$tmp/full.txt"
+cp "$tmp/stdout" "$tmp/full.txt"
 t "run --save-state after the prompt" 0 "$kli" run -m "$model" --raw -p 'Once' -n 0 --temp 1 \
     --seed 9 --quiet --save-state "$tmp/st"
 t "run --load-state continues" 0 "$kli" run -m "$model" --raw -p '' -n 12 --temp 1 --seed 9 \
     --quiet --load-state "$tmp/st"
 n=$((n + 1))
-if cmp -s "$tmp/out" "$tmp/full.txt"; then
+if cmp -s "$tmp/stdout" "$tmp/full.txt"; then
     echo "ok $n - a saved and loaded run continues as the uninterrupted one"
 else
     fail=1; echo "not ok $n - the continuation after --load-state differs"
@@ -86,30 +69,30 @@ fi
 t "chat format after --load-state" 0 "$kli" run -m "$model" -p 'More' -n 4 --quiet \
     --load-state "$tmp/st" --save-state "$tmp/st2"
 t "--load-state of a missing file" 1 "$kli" run -m "$model" -p x -n 1 --load-state "$tmp/none"
-has "the missing state file is named" "$tmp/err" "$tmp/none"
+has "the missing state file is named" "$tmp/stderr" "$tmp/none"
 cp "$tmp/st" "$tmp/bad"
 printf 'XXXX' | dd of="$tmp/bad" bs=1 seek=200 conv=notrunc 2>/dev/null
 t "--load-state of a damaged file" 1 "$kli" run -m "$model" -p x -n 1 --load-state "$tmp/bad"
-has "the damage is reported" "$tmp/err" "damaged"
+has "the damage is reported" "$tmp/stderr" "damaged"
 t "--load-state longer than --ctx" 1 "$kli" run -m "$model" -p x -n 1 --ctx 2 \
     --load-state "$tmp/st2"
-has "the context limit is named" "$tmp/err" "ctx_max"
+has "the context limit is named" "$tmp/stderr" "ctx_max"
 t "chat refuses --load-state" 2 "$kli" chat -m "$model" --load-state "$tmp/st"
 printf '%s\n' 'Hi' "/save $tmp/c.state" '/load' "/load $tmp/c.state" 'Again' "/load $tmp/none" \
     >"$tmp/chat.in"
 t "chat /save and /load" 0 sh -c '"$1" chat -m "$2" -n 4 <"$3"' sh "$kli" "$model" "$tmp/chat.in"
-has "/save reports" "$tmp/out" "(saved "
-has "/load reports" "$tmp/out" "(loaded "
-has "/load without a file shows the usage" "$tmp/out" "usage: /load FILE"
-has "a failed /load is reported" "$tmp/err" "$tmp/none"
+has "/save reports" "$tmp/stdout" "(saved "
+has "/load reports" "$tmp/stdout" "(loaded "
+has "/load without a file shows the usage" "$tmp/stdout" "usage: /load FILE"
+has "a failed /load is reported" "$tmp/stderr" "$tmp/none"
 
 # ---- tokenize / detokenize on a directory holding only the two tokenizer files ----
 tokdir="$KLI_TESTDATA/tokenizer"
 t "tokenize the corpus" 0 "$kli" tokenize -m "$tokdir" --file "$tokdir/corpus.txt"
-cp "$tmp/out" "$tmp/corpus.ids"
+cp "$tmp/stdout" "$tmp/corpus.ids"
 t "detokenize it back" 0 "$kli" detokenize -m "$tokdir" --file "$tmp/corpus.ids"
 n=$((n + 1))
-if cmp -s "$tmp/out" "$tokdir/corpus.txt"; then echo "ok $n - corpus round trip is byte-exact"
+if cmp -s "$tmp/stdout" "$tokdir/corpus.txt"; then echo "ok $n - corpus round trip is byte-exact"
 else fail=1; echo "not ok $n - corpus round trip differs"; fi
 for py in python3 /usr/bin/python3; do
     if "$py" -c 'import json' 2>/dev/null; then
@@ -138,14 +121,14 @@ PY
 done
 printf '\377\376bad' >"$tmp/bad.txt"
 t "invalid UTF-8 is refused" 1 "$kli" tokenize -m "$tokdir" --file "$tmp/bad.txt"
-has "the offset is named" "$tmp/err" "offset"
+has "the offset is named" "$tmp/stderr" "offset"
 t "an unknown id is refused by detokenize" 1 sh -c "echo 999999 | '$kli' detokenize -m '$tokdir'"
 
 # ---- kli convert: one .kli file that every -m accepts ----
 t "convert" 0 "$kli" convert -m "$model" -o "$tmp/m.kli"
 t "info on a .kli" 0 "$kli" info -m "$tmp/m.kli" --verify
-has "info on a .kli counts layers" "$tmp/out" "5 layers (4 KDA, 1 MLA; 1 dense, 4 MoE)"
-has "info --verify reports the checksums" "$tmp/out" "every checksum matches"
+has "info on a .kli counts layers" "$tmp/stdout" "5 layers (4 KDA, 1 MLA; 1 dense, 4 MoE)"
+has "info --verify reports the checksums" "$tmp/stdout" "every checksum matches"
 t "logits from the directory" 0 "$kli" logits -m "$model" --ids 1,2,3 -o "$tmp/ld.f32"
 t "logits from the .kli" 0 "$kli" logits -m "$tmp/m.kli" --ids 1,2,3 -o "$tmp/lk.f32"
 n=$((n + 1))
@@ -154,15 +137,15 @@ else fail=1; echo "not ok $n - the .kli logits differ"; fi
 t "run on a .kli" 0 "$kli" run -m "$tmp/m.kli" --raw -p 'Once' -n 4 --temp 0 --quiet
 printf 'Hello, <|im_end|> world' >"$tmp/tok.txt"
 t "tokenize with a .kli" 0 "$kli" tokenize -m "$tmp/m.kli" --special --file "$tmp/tok.txt"
-cp "$tmp/out" "$tmp/tk.ids"
+cp "$tmp/stdout" "$tmp/tk.ids"
 t "tokenize with the directory" 0 "$kli" tokenize -m "$model" --special --file "$tmp/tok.txt"
 n=$((n + 1))
-if cmp -s "$tmp/out" "$tmp/tk.ids"; then echo "ok $n - the .kli tokenizer gives the same ids"
+if cmp -s "$tmp/stdout" "$tmp/tk.ids"; then echo "ok $n - the .kli tokenizer gives the same ids"
 else fail=1; echo "not ok $n - the .kli tokenizer gives other ids"; fi
 t "quantize reads a .kli" 0 "$kli" quantize -m "$tmp/m.kli" -o "$tmp/mq" --type q8_0
 t "and its output opens" 0 "$kli" info -m "$tmp/mq"
 t "convert refuses to overwrite" 1 "$kli" convert -m "$model" -o "$tmp/m.kli" --type q8_0
-has "the refusal names --force" "$tmp/err" "use --force"
+has "the refusal names --force" "$tmp/stderr" "use --force"
 t "convert --force --type q8_0" 0 "$kli" convert -m "$model" -o "$tmp/m.kli" --type q8_0 --force
 t "convert with a bad type" 1 "$kli" convert -m "$model" -o "$tmp/x.kli" --type q7
 t "convert without -o" 2 "$kli" convert -m "$model"
@@ -172,14 +155,14 @@ if [ ! -e "$tmp/x.kli" ] && [ ! -e "$tmp/x.kli.tmp" ]; then
 else fail=1; echo "not ok $n - a failed convert left a file"; fi
 head -c 100000 "$tmp/m.kli" >"$tmp/cut.kli"
 t "a truncated .kli is refused" 1 "$kli" info -m "$tmp/cut.kli"
-has "truncation is named" "$tmp/err" "truncated"
+has "truncation is named" "$tmp/stderr" "truncated"
 
 # ---- placement: --cpus, --numa, info --topology --------------------------------------------
 t "info --topology" 0 "$kli" info --topology -m "$model" --numa partition
-has "it shows the workers" "$tmp/out" "workers:"
+has "it shows the workers" "$tmp/stdout" "workers:"
 t "--numa with a bad policy is a usage error" 2 "$kli" logits -m "$model" --ids 1 -o - --numa x
 t "--cpus naming a CPU the machine lacks" 1 "$kli" logits -m "$model" --ids 1 -o - --cpus 4095
-has "the CPU is named" "$tmp/err" "CPU 4095"
+has "the CPU is named" "$tmp/stderr" "CPU 4095"
 t "info --topology with a bad --cpus" 1 "$kli" info --topology --cpus 4095
 
 echo "1..$n"

@@ -13,17 +13,6 @@ need_python json "python3 is needed to check the JSON output"
 py=$PY
 kli=$KLI_BIN
 model="$KLI_TESTDATA/tiny-kimi-linear"
-# t DESCRIPTION EXPECTED-STATUS COMMAND...: the command's status
-t() {
-    desc=$1 want=$2
-    shift 2
-    "$@" >"$tmp/stdout" 2>"$tmp/stderr"
-    got=$?
-    if [ "$got" -eq "$want" ]; then ok "$desc"; else
-        notok "$desc (exit $got, want $want)"
-        sed 's/^/# /' "$tmp/stderr" | head -5
-    fi
-}
 # c DESCRIPTION CHECK ARGS...: a check of check.py
 c() {
     desc=$1

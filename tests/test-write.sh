@@ -18,17 +18,6 @@ mkdir "$m" && cp "$src/config.json" "$src/model.safetensors" "$src/tiktoken.mode
     "$src/tokenizer_config.json" "$m/" || exit 99
 precious="precious bytes"
 
-# t DESCRIPTION EXPECTED-STATUS COMMAND...: the command's status (its stderr in $tmp/stderr)
-t() {
-    desc=$1 want=$2
-    shift 2
-    "$@" >"$tmp/stdout" 2>"$tmp/stderr"
-    got=$?
-    if [ "$got" -eq "$want" ]; then ok "$desc"; else
-        notok "$desc (exit $got, want $want)"
-        sed 's/^/# /' "$tmp/stderr" | head -5
-    fi
-}
 # intact DESCRIPTION: the model's files are byte for byte the originals (put back if not,
 # so that the later checks do not fail for this one's reason)
 intact() {
