@@ -765,21 +765,19 @@ batch_model_key(const char *dir, const struct kli_model *m)
     closedir(d);
     qsort(names, (size_t)n, sizeof(names[0]), batch_cmp_str);
     for (int i = 0; i < n; i++) {
-        struct stat st;
+        uint64_t size;
         int fd;
         h = batch_fnv(h, names[i], strlen(names[i]));
+        /* Only regular files count: a FIFO by that name must not block (kli_file_open). */
         if (snprintf(path, sizeof(path), "%s/%s", dir, names[i]) < (int)sizeof(path) &&
-            (fd = open(path, O_RDONLY | O_NONBLOCK)) >= 0) {
-            /* O_NONBLOCK: a FIFO by that name must not block the open; only files count. */
-            if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode)) {
-                int64_t sz = (int64_t)st.st_size;
-                int64_t at[3] = {sz / 3, 2 * sz / 3, sz - (int64_t)sizeof(buf)};
-                h = batch_fnv(h, &sz, sizeof(sz));
-                for (int k = 0; k < 3; k++) {
-                    ssize_t r = pread(fd, buf, sizeof(buf), at[k] > 0 ? (off_t)at[k] : 0);
-                    if (r > 0)
-                        h = batch_fnv(h, buf, (size_t)r);
-                }
+            (fd = kli_file_open(path, &size, NULL)) >= 0) {
+            int64_t sz = (int64_t)size;
+            int64_t at[3] = {sz / 3, 2 * sz / 3, sz - (int64_t)sizeof(buf)};
+            h = batch_fnv(h, &sz, sizeof(sz));
+            for (int k = 0; k < 3; k++) {
+                ssize_t r = pread(fd, buf, sizeof(buf), at[k] > 0 ? (off_t)at[k] : 0);
+                if (r > 0)
+                    h = batch_fnv(h, buf, (size_t)r);
             }
             close(fd);
         }

@@ -486,22 +486,23 @@ int
 batch_output_scan(const char *path, struct batch_idset *set, int quiet)
 {
     size_t len, pos = 0, bad = 0;
-    struct stat st;
+    struct kli_err err = {0};
+    uint64_t size;
     char *text;
     int fd;
 
-    /* Only a regular file holds records to resume: a FIFO or a device (/dev/null, /dev/zero)
-     * has none, and reading one would block or never end. O_NONBLOCK keeps a FIFO from
-     * blocking this open. A file is mapped, not read, so its size costs no memory. */
-    if ((fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC)) < 0) {
-        cli_error("%s: %s", path, strerror(errno));
+    /* Only a regular file holds records to resume (the caller scans no other): a FIFO or a
+     * device has none, and reading one would block or never end. A file is mapped, not
+     * read, so its size costs no memory. */
+    if ((fd = kli_file_open(path, &size, &err)) < 0) {
+        cli_error("%s", err.msg);
         return -1;
     }
-    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || st.st_size == 0) {
+    if (size == 0) {
         close(fd);
         return 0;
     }
-    len = (size_t)st.st_size;
+    len = (size_t)size;
     text = mmap(NULL, len, PROT_READ, MAP_PRIVATE, fd, 0);
     close(fd);
     if (text == MAP_FAILED) {
@@ -514,7 +515,7 @@ batch_output_scan(const char *path, struct batch_idset *set, int quiet)
             keep--;
         if (truncate(path, (off_t)keep) != 0) {
             cli_error("%s: cannot cut off its incomplete last line: %s", path, strerror(errno));
-            munmap(text, (size_t)st.st_size);
+            munmap(text, (size_t)size);
             return -1;
         }
         if (!quiet)
@@ -533,7 +534,7 @@ batch_output_scan(const char *path, struct batch_idset *set, int quiet)
         if (cJSON_IsString(id)) {
             if (batch_idset_add(set, id->valuestring, failed, NULL) < 0) {
                 cJSON_Delete(root);
-                munmap(text, (size_t)st.st_size);
+                munmap(text, (size_t)size);
                 cli_error("%s: out of memory", path);
                 return -1;
             }
@@ -544,7 +545,7 @@ batch_output_scan(const char *path, struct batch_idset *set, int quiet)
     }
     if (bad > 0 && !quiet)
         fprintf(stderr, "kli: %s: %zu lines without an id ignored\n", path, bad);
-    munmap(text, (size_t)st.st_size);
+    munmap(text, (size_t)size);
     return 0;
 }
 

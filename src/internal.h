@@ -39,13 +39,6 @@ void *kli_malloc_aligned(size_t n);
 void kli_free_aligned(void *p);
 char *kli_strdup(const char *s);
 
-/* Opens `path` read-only (close-on-exec) and requires a regular file: a FIFO, device,
- * socket or directory is refused without blocking (file.c says why). *size, when not NULL,
- * gets the file's size.
- * @return the descriptor (>= 0), or KLI_E_IO with a message naming the path; when open()
- *         itself failed, errno is left as it set it (ENOENT for a missing file). */
-int kli_file_open(const char *path, uint64_t *size, struct kli_err *err);
-
 /* Reads the regular file `path` whole into a NUL-terminated buffer (*buf, freed with free;
  * *len excludes the NUL). A file over `max` bytes is refused before anything is read.
  * @return KLI_OK, KLI_E_IO (as kli_file_open, or a read error), KLI_E_RANGE (over max) or

@@ -698,6 +698,14 @@ int kli_outfile_commit(struct kli_outfile *f, struct kli_err *err);
 /* Removes the temporary file, releases the lock and frees f. NULL is allowed. */
 void kli_outfile_abort(struct kli_outfile *f);
 
+/* Opens `path` read-only (close-on-exec) and requires a regular file: a FIFO, device,
+ * socket or directory is refused at once, without blocking on a FIFO or reading a device
+ * without end. Every model, tokenizer and state file kli reads is opened this way. *size,
+ * when not NULL, gets the file's size.
+ * @return the descriptor (>= 0), or KLI_E_IO with a message naming the path; when open()
+ *         itself failed, errno is left as it set it (ENOENT for a missing file). */
+int kli_file_open(const char *path, uint64_t *size, struct kli_err *err);
+
 /* Refuses to write `out` over an input: `out` (following links) must be neither `in` nor,
  * when `in` is a directory, a file directly inside it (compared by device and inode, so
  * links and other names of the same file count). Paths that do not exist pass.
