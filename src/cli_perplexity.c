@@ -32,6 +32,7 @@ static const char kld_magic[8] = {'K', 'L', 'I', 'K', 'L', 'D', '1', '\0'};
 
 struct kld_file {
     FILE *f;
+    struct kli_outfile *of;     /* writing: the new file, renamed over the path at the end */
     int writing;
     uint32_t vocab;
     uint64_t n_scored;
@@ -86,11 +87,19 @@ static int
 kld_open(struct kld_file *k, const char *path, int32_t V, const kli_token *ids, int32_t n,
          int32_t ctx, int bos)
 {
+    struct kli_err err = {0};
     uint32_t hdr[4];
+    int fd;
 
     memset(k, 0, sizeof(*k));
     k->vocab = (uint32_t)V;
-    if ((k->f = fopen(path, "rb")) != NULL) {
+    /* An existing base must be a regular file: a FIFO would block the open (kli_file_open). */
+    if ((fd = kli_file_open(path, NULL, &err)) >= 0) {
+        if ((k->f = fdopen(fd, "rb")) == NULL) {
+            close(fd);
+            cli_error("%s: %s", path, strerror(errno));
+            return -1;
+        }
         char magic[8];
         if (fread(magic, 1, 8, k->f) != 8 || memcmp(magic, kld_magic, 8) != 0 ||
             fread(hdr, sizeof(uint32_t), 4, k->f) != 4) {
@@ -114,14 +123,24 @@ kld_open(struct kld_file *k, const char *path, int32_t V, const kli_token *ids, 
         return 0;
     }
     if (errno != ENOENT) {
-        cli_error("%s: %s", path, strerror(errno));
+        cli_error("%s", err.msg);
         return -1;
     }
-    if ((k->f = fopen(path, "wb")) == NULL) {
-        cli_error("%s: %s", path, strerror(errno));
-        return -1;
-    }
+    /* A new base is written as every kli output is (kli_outfile): into a new file renamed
+     * over the path once complete, so an interrupted run leaves no partial base behind, and
+     * under a lock, so two runs cannot write one base at once. */
+    err = (struct kli_err){0};
     k->writing = 1;
+    if (kli_outfile_open(&k->of, path, 0, &err) != KLI_OK) {
+        cli_error("%s", err.msg);
+        return -1;
+    }
+    if ((fd = dup(kli_outfile_fd(k->of))) < 0 || (k->f = fdopen(fd, "wb")) == NULL) {
+        if (fd >= 0)
+            close(fd);
+        cli_error("%s: %s", path, strerror(errno));
+        return -1;
+    }
     hdr[0] = (uint32_t)V;
     hdr[1] = (uint32_t)n;
     hdr[2] = (uint32_t)ctx;
@@ -186,8 +205,9 @@ sem(double sum, double sq, uint64_t n)
 }
 
 static const char ppl_usage[] =
-    "usage: kli perplexity [-m MODEL] -f FILE [--ctx N] [--bos] [--json] [--kld-base FILE]\n"
-    "                      [-t N] [--gpu auto|on|off] [--gpu-mem SIZE] [--gpu-experts N|auto]\n";
+    "usage: kli perplexity [-m|--model MODEL] -f|--file FILE [--ctx N] [--bos] [--json]\n"
+    "                      [--kld-base FILE] [-h|--help]\n"
+    CLI_PLACEMENT_HELP CLI_GPU_HELP;
 
 int
 cli_perplexity(int argc, char **argv)
@@ -359,6 +379,14 @@ cli_perplexity(int argc, char **argv)
             goto out;
         }
     }
+    if (k.of != NULL) {
+        int crc = kli_outfile_commit(k.of, &err);
+        k.of = NULL;
+        if (crc != KLI_OK) {
+            cli_error("%s", err.msg);
+            goto out;
+        }
+    }
     if (json) {
         printf("{\"perplexity\": %.6f, \"perplexity_err\": %.6f, \"tokens\": %llu, "
                "\"nll_mean\": %.6f, \"nll_err\": %.6f, \"file_tokens\": %lld, \"ctx\": %ld, "
@@ -390,11 +418,9 @@ cli_perplexity(int argc, char **argv)
     }
     rc = fflush(stdout) == 0 ? 0 : 1;
 out:
-    if (k.f != NULL) {
+    if (k.f != NULL)
         fclose(k.f);
-        if (k.writing && rc != 0)
-            unlink(kpath);
-    }
+    kli_outfile_abort(k.of);   /* a base not committed: its new file goes, the path is kept */
     free(st.kld);
     free(base);
     free(lp);

@@ -4,7 +4,8 @@
 # first, once, in the documented windows when the file is longer than --ctx, BOS only with
 # --bos), the mean NLL and its standard error, and with --kld-base the KL divergence
 # statistics, top-1 agreement and the change in the correct token's probability of a q8_0
-# copy against the stored weights. A base file written for another ctx is refused.
+# copy against the stored weights. A base file written for another ctx is refused, and so
+# are bases that are no files (a FIFO) or would be written through a dangling link.
 set -u
 : "${KLI_BIN:?}" "${KLI_TESTDATA:?}" "${KLI_SRCDIR:?}"
 . "$KLI_SRCDIR/tests/lib.sh"
@@ -125,6 +126,24 @@ print("all equal")
 EOF
 check $? "perplexity, windows, BOS and KLD statistics match the NumPy reference"
 if [ "$fail" != 0 ]; then cat "$tmp/ref.out" "$tmp/cmp.out" "$tmp/err" >&2; fi
+
+# --kld-base where a file is expected: a FIFO is refused at once, not waited on; a dangling
+# link is not written through; a base that is the text itself is not a base. None of them
+# is changed.
+mkfifo "$tmp/fifo" && ln -s "$tmp/nowhere" "$tmp/dangling" || exit 99
+cp "$tmp/t.txt" "$tmp/t.keep"
+timeout 60 "$K" perplexity -m "$M" -f "$tmp/t.txt" --kld-base "$tmp/fifo" >/dev/null \
+    2>"$tmp/e1"
+r1=$?
+timeout 60 "$K" perplexity -m "$M" -f "$tmp/t.txt" --kld-base "$tmp/dangling" >/dev/null \
+    2>"$tmp/e2"
+r2=$?
+timeout 60 "$K" perplexity -m "$M" -f "$tmp/t.txt" --kld-base "$tmp/t.txt" >/dev/null \
+    2>"$tmp/e3"
+r3=$?
+[ $r1 -eq 1 ] && grep -q "FIFO" "$tmp/e1" && [ -p "$tmp/fifo" ] &&
+    [ $r2 -eq 1 ] && ! [ -e "$tmp/nowhere" ] && [ $r3 -eq 1 ] && cmp -s "$tmp/t.txt" "$tmp/t.keep"
+check $? "--kld-base: a FIFO, a dangling link and the text file itself are refused, unchanged ($r1 $r2 $r3)"
 
 echo "1..$n"
 exit $fail
