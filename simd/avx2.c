@@ -22,11 +22,15 @@
  *            blocks, loaded side by side, need one shift and two masks. Eight blocks are
  *            reduced together by two rounds of vphaddd, so their scales are converted and
  *            applied once per eight blocks.
- *  - m >= avx2_mpack[dt] (prefill): a blocked GEMM. A chunk of AVX2_NC rows x
- *    AVX2_KC columns of W is converted to float once and packed into panels of 24 rows
+ *  - m >= avx2_mpack[dt] (prefill): a blocked GEMM. A chunk of X86_NC rows x
+ *    X86_KC columns of W is converted to float once and packed into panels of 24 rows
  *    (column-major within a panel, converted and transposed in registers), then a 4-token x
  *    24-row register tile (12 accumulators) runs over it with broadcast activations; W is read
  *    from memory once per call and the conversion cost is shared by all m tokens.
+ *
+ * The loops around the kernels (streaming, slicing k, packing, driving the tiles) are gemm.h's,
+ * shared with avx512.c; this file defines the primitives they call (see gemm.h for the list).
+ * The 256-bit helpers and the packer both files use are in avx2.h.
  */
 #include "config.h"
 
@@ -36,34 +40,28 @@
 
 #include "simd.h"
 
-#define AVX2_INLINE static inline __attribute__((always_inline))
+#define X86(name) avx2_##name
+#define X86_KC 256          /* GEMM: columns of W per packed chunk */
+#define X86_NR 24           /* GEMM: rows per panel (three vectors) */
+#define X86_NC 96           /* GEMM: rows per packed chunk */
+#define X86_TM 4            /* GEMM: tokens per tile */
+#define X86_DTM 4           /* decode: tokens per tile */
+#define X86_QBUF 65536      /* decode: bytes of quantized activations (see avx2_q8_bytes) */
+#define X86_ALIGN 32
 
-#define AVX2_KC 256         /* GEMM: columns of W per packed chunk */
-#define AVX2_NR 24          /* GEMM: rows per panel (three vectors) */
-#define AVX2_NC 96          /* GEMM: rows per packed chunk */
-#define AVX2_TM 4           /* GEMM: tokens per tile */
+#include "avx2.h"
 
 /* m from which matmul packs W and runs the GEMM tile instead of streaming W through the
  * multi-token decode tiles: crossovers measured on Skylake-SP and Sapphire Rapids cores (k = n
  * = 2304, one thread). The Q4 integer tiles stay ahead of the float GEMM up to m = 50..120;
  * Q8_0's need a sign step per token and fall behind early. The quantized limits must keep
- * m * 320 bytes <= AVX2_QBUF. */
+ * m * 320 bytes <= X86_QBUF. */
 static const int64_t avx2_mpack[KLI_DT_COUNT] = {
     [KLI_DT_F32] = 24, [KLI_DT_F16] = 32, [KLI_DT_BF16] = 32, [KLI_DT_Q8_0] = 12,
     [KLI_DT_Q4] = 64,
 };
 
 /* ---- small helpers -------------------------------------------------------------------- */
-
-AVX2_INLINE float
-avx2_hsum(__m256 v)
-{
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 
 /* A mask of the first r (0..8) int32 lanes, for maskload/maskstore tails. */
 AVX2_INLINE __m256i
@@ -72,46 +70,6 @@ avx2_tailmask(int64_t r)
     static const int32_t bits[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
 
     return _mm256_loadu_si256((const __m256i *)(bits + 8 - r));
-}
-
-AVX2_INLINE uint16_t
-avx2_u16(const uint8_t *p)
-{
-    uint16_t h;
-
-    memcpy(&h, p, 2);
-    return h;
-}
-
-AVX2_INLINE float
-avx2_f16(const uint8_t *p)
-{
-    return _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(avx2_u16(p))));
-}
-
-/* Eight weights from element j of a float-type row (F32, F16 or BF16), widened. */
-AVX2_INLINE __m256
-avx2_load8(enum kli_dtype dt, const uint8_t *row, int64_t j)
-{
-    if (dt == KLI_DT_F32)
-        return _mm256_loadu_ps((const float *)row + j);
-    __m128i h = _mm_loadu_si128((const __m128i *)(row + 2 * j));
-    if (dt == KLI_DT_F16)
-        return _mm256_cvtph_ps(h);
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
-AVX2_INLINE float
-avx2_load1(enum kli_dtype dt, const uint8_t *row, int64_t j)
-{
-    if (dt == KLI_DT_F32) {
-        float f;
-        memcpy(&f, row + 4 * j, 4);
-        return f;
-    }
-    if (dt == KLI_DT_F16)
-        return avx2_f16(row + 2 * j);
-    return kli_bf16_to_f32(avx2_u16(row + 2 * j));
 }
 
 /* ---- vector primitives ------------------------------------------------------------------ */
@@ -228,24 +186,7 @@ avx2_to_f32(enum kli_dtype dt, const void *src, float *dst, int64_t n)
     }
 }
 
-/* Writes zeros to y[i][r], i < m, r < n (the k == 0 product). */
-static void
-avx2_zero_y(float *y, int64_t ldy, int64_t n, int64_t m)
-{
-    for (int64_t i = 0; i < m; i++)
-        memset(y + i * ldy, 0, (size_t)n * sizeof(float));
-}
-
 /* ---- decode path, float weights ------------------------------------------------------- */
-
-/* Prefetch distance in bytes for a group of `g` rows at r: the next group while there is one
- * (prefetches past the rows the caller owns can cost page walks), else 0 (the data being
- * read: a no-op). */
-AVX2_INLINE size_t
-avx2_ahead(int64_t r, int64_t g, int64_t n, size_t rb)
-{
-    return r + 2 * g <= n ? (size_t)g * rb : 0;
-}
 
 /* out[r] = dot(x, row r), r < nr (a constant 1, 3 or 4 after inlining); rows rb bytes apart;
  * the rows pf bytes further are prefetched. */
@@ -285,17 +226,17 @@ avx2_dot_rows(enum kli_dtype dt, int nr, const float *x, const uint8_t *w, size_
     }
 }
 
-/* y[t][r] = dot(x[t], row r) for 4 tokens x 3 rows: each widened weight vector serves four
- * tokens (12 accumulators). */
+/* y[t][r] = dot(x[t], row r) for nt (4) tokens x 3 rows: each widened weight vector serves
+ * four tokens (12 accumulators). */
 AVX2_INLINE void
-avx2_dot_tile(enum kli_dtype dt, const float *x, int64_t ldx, const uint8_t *w, size_t rb,
-              size_t pf, int64_t k, float *y, int64_t ldy)
+avx2_dot_tile(enum kli_dtype dt, int nt, const float *x, int64_t ldx, const uint8_t *w,
+              size_t rb, size_t pf, int64_t k, float *y, int64_t ldy)
 {
     __m256 acc[4][3];
     int64_t j = 0;
 
 #pragma GCC unroll 4
-    for (int t = 0; t < 4; t++)
+    for (int t = 0; t < nt; t++)
         acc[t][0] = acc[t][1] = acc[t][2] = _mm256_setzero_ps();
     for (; j + 8 <= k; j += 8) {
         __m256 wv[3];
@@ -306,7 +247,7 @@ avx2_dot_tile(enum kli_dtype dt, const float *x, int64_t ldx, const uint8_t *w, 
             wv[r] = avx2_load8(dt, w + r * rb, j);
         }
 #pragma GCC unroll 4
-        for (int t = 0; t < 4; t++) {
+        for (int t = 0; t < nt; t++) {
             __m256 xv = _mm256_loadu_ps(x + t * ldx + j);
 #pragma GCC unroll 3
             for (int r = 0; r < 3; r++)
@@ -314,46 +255,13 @@ avx2_dot_tile(enum kli_dtype dt, const float *x, int64_t ldx, const uint8_t *w, 
         }
     }
 #pragma GCC unroll 4
-    for (int t = 0; t < 4; t++) {
+    for (int t = 0; t < nt; t++) {
 #pragma GCC unroll 3
         for (int r = 0; r < 3; r++) {
             float s = avx2_hsum(acc[t][r]);
             for (int64_t jj = j; jj < k; jj++)
                 s += x[t * ldx + jj] * avx2_load1(dt, w + r * rb, jj);
             y[t * ldy + r] = s;
-        }
-    }
-}
-
-AVX2_INLINE void
-avx2_stream_float(enum kli_dtype dt, float *y, int64_t ldy, const float *x, int64_t ldx,
-                  const uint8_t *w, int64_t n, int64_t k, int64_t m)
-{
-    size_t rb = (size_t)k * (dt == KLI_DT_F32 ? 4 : 2);
-    float out[4];
-    int64_t r = 0;
-
-    if (m == 1) {
-        for (; r + 4 <= n; r += 4) {
-            avx2_dot_rows(dt, 4, x, w + r * rb, rb, avx2_ahead(r, 4, n, rb), k, out);
-            memcpy(y + r, out, sizeof(out));
-        }
-    }
-    /* several tokens: rows three at a time, every token against them while they are in L1 */
-    for (; r + 3 <= n; r += 3) {
-        size_t pf = avx2_ahead(r, 3, n, rb);
-        int64_t t = 0;
-        for (; t + 4 <= m; t += 4)
-            avx2_dot_tile(dt, x + t * ldx, ldx, w + r * rb, rb, pf, k, y + t * ldy + r, ldy);
-        for (; t < m; t++) {
-            avx2_dot_rows(dt, 3, x + t * ldx, w + r * rb, rb, pf, k, out);
-            memcpy(y + t * ldy + r, out, 3 * sizeof(float));
-        }
-    }
-    for (; r < n; r++) {
-        for (int64_t t = 0; t < m; t++) {
-            avx2_dot_rows(dt, 1, x + t * ldx, w + r * rb, rb, 0, k, out);
-            y[t * ldy + r] = out[0];
         }
     }
 }
@@ -384,28 +292,13 @@ avx2_quant_block(const float *x, float *d)
     return _mm256_permutevar8x32_epi32(q, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
 }
 
-/* sum of the 32 int8 in q */
-AVX2_INLINE int32_t
-avx2_sum_i8(__m256i q)
-{
-    __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), q),
-                                  _mm256_set1_epi16(1));
-    __m128i h = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-
-    h = _mm_add_epi32(h, _mm_unpackhi_epi64(h, h));
-    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 1));
-    return _mm_cvtsi128_si32(h);
-}
-
 /*
- * The quantized activations of m tokens live in one stack buffer of AVX2_QBUF bytes, one
+ * The quantized activations of m tokens live in one stack buffer of X86_QBUF bytes, one
  * region per token. k is cut into slices when m tokens of it do not fit (k > 16384 for one
  * token); the first slice writes y, later ones add to it.
  *
  * Q8_0 region for nb blocks: int8 q[32 nb], then float d[nb].
  */
-#define AVX2_QBUF 65536
-
 AVX2_INLINE size_t
 avx2_q8_bytes(int64_t nb)
 {
@@ -726,276 +619,20 @@ avx2_q4_tile(int nt, const uint8_t *act, size_t stride, int64_t nb, const uint8_
         out[t] = avx2_hsum(acc[t]);
 }
 
-/* Stores a slice's partial products: the first slice writes, later ones add. */
-AVX2_INLINE void
-avx2_put(float *y, const float *v, int nr, int add)
-{
-    for (int i = 0; i < nr; i++)
-        y[i] = add ? y[i] + v[i] : v[i];
-}
-
-/* The same for one value per token, tokens ldy apart. */
-AVX2_INLINE void
-avx2_put_col(float *y, int64_t ldy, const float *v, int nt, int add)
-{
-    for (int t = 0; t < nt; t++)
-        y[t * ldy] = add ? y[t * ldy] + v[t] : v[t];
-}
-
-/* Elements of k (from `left`) per activation slice: all of it when m tokens fit the buffer,
- * else whole groups of 256. `bytes` gives a region's size for nb blocks; `grp` that of 256
- * elements. */
-AVX2_INLINE int64_t
-avx2_qslice(int64_t left, int64_t m, size_t (*bytes)(int64_t), size_t grp)
-{
-    if ((size_t)m * bytes(left / 32) <= AVX2_QBUF)
-        return left;
-    return (int64_t)(AVX2_QBUF / ((size_t)m * grp)) * 256;
-}
-
-static void
-avx2_stream_q8(float *y, int64_t ldy, const float *x, int64_t ldx, const uint8_t *w,
-               int64_t n, int64_t k, int64_t m)
-{
-    uint8_t act[AVX2_QBUF] __attribute__((aligned(32)));
-    size_t rb = (size_t)(k / 32) * 34;
-    float out[4];
-
-    for (int64_t k0 = 0, kq; k0 < k; k0 += kq) {
-        kq = avx2_qslice(k - k0, m, avx2_q8_bytes, 288);
-        int64_t nb = kq / 32;
-        size_t stride = avx2_q8_bytes(nb);
-        const uint8_t *wk = w + (k0 / 32) * 34;
-        int64_t r = 0;
-        for (int64_t t = 0; t < m; t++)
-            avx2_quant_q8(x + t * ldx + k0, nb, act + t * stride);
-        if (m == 1) {
-            for (; r + 4 <= n; r += 4) {
-                avx2_q8_rows(4, act, nb, wk + r * rb, rb, avx2_ahead(r, 4, n, rb), out);
-                avx2_put(y + r, out, 4, k0 > 0);
-            }
-            for (; r < n; r++) {
-                avx2_q8_rows(1, act, nb, wk + r * rb, rb, 0, out);
-                avx2_put(y + r, out, 1, k0 > 0);
-            }
-            continue;
-        }
-        for (; r < n; r++) {
-            const uint8_t *p = wk + r * rb;
-            size_t pf = avx2_ahead(r, 1, n, rb);
-            int64_t t = 0;
-            for (; t + 4 <= m; t += 4) {
-                avx2_q8_tile(4, act + t * stride, stride, nb, p, pf, out);
-                avx2_put_col(y + t * ldy + r, ldy, out, 4, k0 > 0);
-            }
-            switch (m - t) {
-            case 3:
-                avx2_q8_tile(3, act + t * stride, stride, nb, p, pf, out);
-                break;
-            case 2:
-                avx2_q8_tile(2, act + t * stride, stride, nb, p, pf, out);
-                break;
-            case 1:
-                avx2_q8_tile(1, act + t * stride, stride, nb, p, pf, out);
-                break;
-            default:
-                break;
-            }
-            avx2_put_col(y + t * ldy + r, ldy, out, (int)(m - t), k0 > 0);
-        }
-    }
-}
-
-static void
-avx2_stream_q4(float *y, int64_t ldy, const float *x, int64_t ldx, const uint8_t *w,
-               int64_t n, int64_t k, int64_t m)
-{
-    uint8_t act[AVX2_QBUF] __attribute__((aligned(32)));
-    size_t rb = (size_t)(k / 32) * 18;
-    float out[4];
-
-    for (int64_t k0 = 0, kq; k0 < k; k0 += kq) {
-        kq = avx2_qslice(k - k0, m, avx2_q4_bytes, AVX2_Q4GRP);
-        int64_t nb = kq / 32;
-        size_t stride = avx2_q4_bytes(nb);
-        const uint8_t *wk = w + (k0 / 32) * 18;
-        int64_t r = 0;
-        for (int64_t t = 0; t < m; t++)
-            avx2_quant_q4(x + t * ldx + k0, nb, act + t * stride);
-        if (m == 1) {
-            for (; r + 4 <= n; r += 4) {
-                avx2_q4_rows(4, act, nb, wk + r * rb, rb, avx2_ahead(r, 4, n, rb), out);
-                avx2_put(y + r, out, 4, k0 > 0);
-            }
-            for (; r < n; r++) {
-                avx2_q4_rows(1, act, nb, wk + r * rb, rb, 0, out);
-                avx2_put(y + r, out, 1, k0 > 0);
-            }
-            continue;
-        }
-        for (; r < n; r++) {
-            const uint8_t *p = wk + r * rb;
-            size_t pf = avx2_ahead(r, 1, n, rb);
-            int64_t t = 0;
-            for (; t + 4 <= m; t += 4) {
-                avx2_q4_tile(4, act + t * stride, stride, nb, p, pf, out);
-                avx2_put_col(y + t * ldy + r, ldy, out, 4, k0 > 0);
-            }
-            switch (m - t) {
-            case 3:
-                avx2_q4_tile(3, act + t * stride, stride, nb, p, pf, out);
-                break;
-            case 2:
-                avx2_q4_tile(2, act + t * stride, stride, nb, p, pf, out);
-                break;
-            case 1:
-                avx2_q4_tile(1, act + t * stride, stride, nb, p, pf, out);
-                break;
-            default:
-                break;
-            }
-            avx2_put_col(y + t * ldy + r, ldy, out, (int)(m - t), k0 > 0);
-        }
-    }
-}
-
-/* ---- prefill path: packed GEMM ----------------------------------------------------------- */
-
-/* Stores the transpose of the 8x8 block v[i][j]: dst[j * ds + i] (dst 32-byte aligned). */
-AVX2_INLINE void
-avx2_transpose8(const __m256 *v, float *dst, int64_t ds)
-{
-    __m256 t0 = _mm256_unpacklo_ps(v[0], v[1]), t1 = _mm256_unpackhi_ps(v[0], v[1]);
-    __m256 t2 = _mm256_unpacklo_ps(v[2], v[3]), t3 = _mm256_unpackhi_ps(v[2], v[3]);
-    __m256 t4 = _mm256_unpacklo_ps(v[4], v[5]), t5 = _mm256_unpackhi_ps(v[4], v[5]);
-    __m256 t6 = _mm256_unpacklo_ps(v[6], v[7]), t7 = _mm256_unpackhi_ps(v[6], v[7]);
-    __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xee);
-    __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xee);
-    __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xee);
-    __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xee);
-
-    _mm256_store_ps(dst, _mm256_permute2f128_ps(u0, u4, 0x20));
-    _mm256_store_ps(dst + ds, _mm256_permute2f128_ps(u1, u5, 0x20));
-    _mm256_store_ps(dst + 2 * ds, _mm256_permute2f128_ps(u2, u6, 0x20));
-    _mm256_store_ps(dst + 3 * ds, _mm256_permute2f128_ps(u3, u7, 0x20));
-    _mm256_store_ps(dst + 4 * ds, _mm256_permute2f128_ps(u0, u4, 0x31));
-    _mm256_store_ps(dst + 5 * ds, _mm256_permute2f128_ps(u1, u5, 0x31));
-    _mm256_store_ps(dst + 6 * ds, _mm256_permute2f128_ps(u2, u6, 0x31));
-    _mm256_store_ps(dst + 7 * ds, _mm256_permute2f128_ps(u3, u7, 0x31));
-}
-
-/* Zero bytes that stand in for the rows of a panel past n (zero in every dtype). */
-static const uint8_t avx2_zero_row[AVX2_KC * 4] __attribute__((aligned(32)));
-
-/* Packs eight rows x kc columns into dst[j * AVX2_NR + i]. */
-static void
-avx2_pack8(enum kli_dtype dt, const uint8_t *const *row, int64_t kc, float *dst)
-{
-    const __m128i m4 = _mm_set1_epi8(0x0f);
-    const __m256i e8 = _mm256_set1_epi32(8);
-    __m256 v[8];
-    float d[8];
-    int64_t j = 0;
-
-    switch (dt) {
-    case KLI_DT_F32:
-    case KLI_DT_F16:
-    case KLI_DT_BF16:
-        for (; j + 8 <= kc; j += 8) {
-#pragma GCC unroll 8
-            for (int i = 0; i < 8; i++)
-                v[i] = avx2_load8(dt, row[i], j);
-            avx2_transpose8(v, dst + j * AVX2_NR, AVX2_NR);
-        }
-        if (j < kc) {
-            float t[8][8] __attribute__((aligned(32)));
-            memset(t, 0, sizeof(t));
-            for (int i = 0; i < 8; i++) {
-                for (int64_t jj = j; jj < kc; jj++)
-                    t[i][jj - j] = avx2_load1(dt, row[i], jj);
-                v[i] = _mm256_load_ps(t[i]);
-            }
-            avx2_transpose8(v, dst + j * AVX2_NR, AVX2_NR);
-        }
-        return;
-    case KLI_DT_Q8_0:
-        for (int64_t b = 0; j < kc; b++) {
-            for (int i = 0; i < 8; i++)
-                d[i] = avx2_f16(row[i] + b * 34);
-            for (int s = 0; s < 4; s++, j += 8) {
-#pragma GCC unroll 8
-                for (int i = 0; i < 8; i++) {
-                    const uint8_t *p = row[i] + b * 34 + 2 + 8 * s;
-                    __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p));
-                    v[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(q), _mm256_broadcast_ss(d + i));
-                }
-                avx2_transpose8(v, dst + j * AVX2_NR, AVX2_NR);
-            }
-        }
-        return;
-    case KLI_DT_Q4:
-        for (int64_t b = 0; j < kc; b++, j += 32) {
-            for (int i = 0; i < 8; i++)
-                d[i] = avx2_f16(row[i] + b * 18);
-            for (int s = 0; s < 2; s++) {
-#pragma GCC unroll 8
-                for (int i = 0; i < 8; i++) {
-                    const uint8_t *p = row[i] + b * 18 + 2 + 8 * s;
-                    __m128i h = _mm_and_si128(_mm_loadl_epi64((const __m128i *)p), m4);
-                    __m256i q = _mm256_sub_epi32(_mm256_cvtepu8_epi32(h), e8);
-                    v[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(q), _mm256_broadcast_ss(d + i));
-                }
-                avx2_transpose8(v, dst + (j + 8 * s) * AVX2_NR, AVX2_NR);
-#pragma GCC unroll 8
-                for (int i = 0; i < 8; i++) {
-                    const uint8_t *p = row[i] + b * 18 + 2 + 8 * s;
-                    __m128i h = _mm_loadl_epi64((const __m128i *)p);
-                    h = _mm_and_si128(_mm_srli_epi16(h, 4), m4);
-                    __m256i q = _mm256_sub_epi32(_mm256_cvtepu8_epi32(h), e8);
-                    v[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(q), _mm256_broadcast_ss(d + i));
-                }
-                avx2_transpose8(v, dst + (j + 16 + 8 * s) * AVX2_NR, AVX2_NR);
-            }
-        }
-        return;
-    default:
-        return;
-    }
-}
-
-/*
- * Converts rows [0, nc) x columns [0, kc) of W (w points at row 0, column k0) into panels of
- * AVX2_NR rows: element (row p * NR + i, column j) at pk[p * NR * kcp + j * NR + i], with kcp
- * = kc rounded up to 8. Rows past nc, up to the panel's end, and columns past kc are zero.
- */
-static void
-avx2_pack(enum kli_dtype dt, float *pk, const uint8_t *w, size_t rb, int64_t nc, int64_t kc)
-{
-    int64_t kcp = (kc + 7) & ~(int64_t)7;
-    int64_t ncp = (nc + AVX2_NR - 1) / AVX2_NR * AVX2_NR;
-
-    for (int64_t g = 0; g < ncp; g += 8) {
-        const uint8_t *row[8];
-        for (int64_t i = 0; i < 8; i++)
-            row[i] = g + i < nc ? w + (size_t)(g + i) * rb : avx2_zero_row;
-        avx2_pack8(dt, row, kc, pk + (g / AVX2_NR) * AVX2_NR * kcp + g % AVX2_NR);
-    }
-}
-
 /*
  * The register tile: y[t][i] (+)= sum_j x[t][j] * panel[j][i] for t < 4, i < 24. Only t < nt
  * and i < nr are stored; rows of x past nt must still be readable (callers repeat the last).
  */
 static void
-avx2_tile(const float *pk, const float *x0, const float *x1, const float *x2, const float *x3,
-          int64_t kc, float *y, int64_t ldy, int nr, int nt, int add)
+avx2_tile4(const float *pk, const float *x0, const float *x1, const float *x2, const float *x3,
+           int64_t kc, float *y, int64_t ldy, int nr, int nt, int add)
 {
     __m256 c00 = _mm256_setzero_ps(), c01 = c00, c02 = c00, c10 = c00, c11 = c00, c12 = c00;
     __m256 c20 = c00, c21 = c00, c22 = c00, c30 = c00, c31 = c00, c32 = c00;
 
 #pragma GCC unroll 2
     for (int64_t j = 0; j < kc; j++) {
-        const float *p = pk + j * AVX2_NR;
+        const float *p = pk + j * X86_NR;
         __m256 w0 = _mm256_load_ps(p), w1 = _mm256_load_ps(p + 8), w2 = _mm256_load_ps(p + 16);
         __m256 b = _mm256_broadcast_ss(x0 + j);
         c00 = _mm256_fmadd_ps(w0, b, c00);
@@ -1015,10 +652,10 @@ avx2_tile(const float *pk, const float *x0, const float *x1, const float *x2, co
         c32 = _mm256_fmadd_ps(w2, b, c32);
     }
 
-    __m256 c[AVX2_TM][3] = {{c00, c01, c02}, {c10, c11, c12}, {c20, c21, c22}, {c30, c31, c32}};
+    __m256 c[X86_TM][3] = {{c00, c01, c02}, {c10, c11, c12}, {c20, c21, c22}, {c30, c31, c32}};
     for (int t = 0; t < nt; t++) {
         float *yt = y + t * ldy;
-        if (nr == AVX2_NR) {
+        if (nr == X86_NR) {
             for (int v = 0; v < 3; v++) {
                 __m256 s = c[t][v];
                 if (add)
@@ -1026,113 +663,23 @@ avx2_tile(const float *pk, const float *x0, const float *x1, const float *x2, co
                 _mm256_storeu_ps(yt + 8 * v, s);
             }
         } else {
-            float tmp[AVX2_NR];
+            float tmp[X86_NR];
             for (int v = 0; v < 3; v++)
                 _mm256_storeu_ps(tmp + 8 * v, c[t][v]);
-            avx2_put(yt, tmp, nr, add);
+            for (int i = 0; i < nr; i++)
+                yt[i] = add ? yt[i] + tmp[i] : tmp[i];
         }
     }
 }
 
-static void
-avx2_gemm(enum kli_dtype dt, float *y, int64_t ldy, const float *x, int64_t ldx,
-          const uint8_t *w, int64_t n, int64_t k, int64_t m)
+AVX2_INLINE void
+avx2_tile(const float *pk, const float *const *xt, int64_t kc, float *y, int64_t ldy, int nr,
+          int nt, int add)
 {
-    float pk[AVX2_NC * AVX2_KC] __attribute__((aligned(32)));
-    size_t rb = (size_t)kli_dtype_nbytes(dt, (uint64_t)k);
-
-    for (int64_t r0 = 0; r0 < n; r0 += AVX2_NC) {
-        int64_t nc = n - r0 < AVX2_NC ? n - r0 : AVX2_NC;
-        for (int64_t k0 = 0; k0 < k; k0 += AVX2_KC) {
-            int64_t kc = k - k0 < AVX2_KC ? k - k0 : AVX2_KC;
-            int64_t kcp = (kc + 7) & ~(int64_t)7;
-            avx2_pack(dt, pk, w + r0 * rb + kli_dtype_nbytes(dt, (uint64_t)k0), rb, nc, kc);
-            for (int64_t t0 = 0; t0 < m; t0 += AVX2_TM) {
-                int nt = m - t0 < AVX2_TM ? (int)(m - t0) : AVX2_TM;
-                const float *xt[AVX2_TM];
-                for (int t = 0; t < AVX2_TM; t++)
-                    xt[t] = x + (t0 + (t < nt ? t : nt - 1)) * ldx + k0;
-                for (int64_t p0 = 0; p0 < nc; p0 += AVX2_NR) {
-                    int nr = nc - p0 < AVX2_NR ? (int)(nc - p0) : AVX2_NR;
-                    avx2_tile(pk + p0 * kcp, xt[0], xt[1], xt[2], xt[3], kc,
-                              y + t0 * ldy + r0 + p0, ldy, nr, nt, k0 > 0);
-                }
-            }
-        }
-    }
+    avx2_tile4(pk, xt[0], xt[1], xt[2], xt[3], kc, y, ldy, nr, nt, add);
 }
 
-/* ---- the table ----------------------------------------------------------------------------- */
-
-static void
-avx2_matmul_f32(float *y, int64_t ldy, const float *x, int64_t ldx, const void *w, int64_t n,
-                int64_t k, int64_t m)
-{
-    if (n <= 0 || m <= 0)
-        return;
-    if (k == 0)
-        avx2_zero_y(y, ldy, n, m);
-    else if (m >= avx2_mpack[KLI_DT_F32])
-        avx2_gemm(KLI_DT_F32, y, ldy, x, ldx, w, n, k, m);
-    else
-        avx2_stream_float(KLI_DT_F32, y, ldy, x, ldx, w, n, k, m);
-}
-
-static void
-avx2_matmul_f16(float *y, int64_t ldy, const float *x, int64_t ldx, const void *w, int64_t n,
-                int64_t k, int64_t m)
-{
-    if (n <= 0 || m <= 0)
-        return;
-    if (k == 0)
-        avx2_zero_y(y, ldy, n, m);
-    else if (m >= avx2_mpack[KLI_DT_F16])
-        avx2_gemm(KLI_DT_F16, y, ldy, x, ldx, w, n, k, m);
-    else
-        avx2_stream_float(KLI_DT_F16, y, ldy, x, ldx, w, n, k, m);
-}
-
-static void
-avx2_matmul_bf16(float *y, int64_t ldy, const float *x, int64_t ldx, const void *w, int64_t n,
-                 int64_t k, int64_t m)
-{
-    if (n <= 0 || m <= 0)
-        return;
-    if (k == 0)
-        avx2_zero_y(y, ldy, n, m);
-    else if (m >= avx2_mpack[KLI_DT_BF16])
-        avx2_gemm(KLI_DT_BF16, y, ldy, x, ldx, w, n, k, m);
-    else
-        avx2_stream_float(KLI_DT_BF16, y, ldy, x, ldx, w, n, k, m);
-}
-
-static void
-avx2_matmul_q8_0(float *y, int64_t ldy, const float *x, int64_t ldx, const void *w, int64_t n,
-                 int64_t k, int64_t m)
-{
-    if (n <= 0 || m <= 0)
-        return;
-    if (k == 0)
-        avx2_zero_y(y, ldy, n, m);
-    else if (m >= avx2_mpack[KLI_DT_Q8_0])
-        avx2_gemm(KLI_DT_Q8_0, y, ldy, x, ldx, w, n, k, m);
-    else
-        avx2_stream_q8(y, ldy, x, ldx, w, n, k, m);
-}
-
-static void
-avx2_matmul_q4(float *y, int64_t ldy, const float *x, int64_t ldx, const void *w, int64_t n,
-               int64_t k, int64_t m)
-{
-    if (n <= 0 || m <= 0)
-        return;
-    if (k == 0)
-        avx2_zero_y(y, ldy, n, m);
-    else if (m >= avx2_mpack[KLI_DT_Q4])
-        avx2_gemm(KLI_DT_Q4, y, ldy, x, ldx, w, n, k, m);
-    else
-        avx2_stream_q4(y, ldy, x, ldx, w, n, k, m);
-}
+#include "gemm.h"
 
 /* ==== exp and the decay-weighted dot product ============================================= */
 
@@ -1293,13 +840,7 @@ avx2_silu(float *y, const float *x, const float *mul, int64_t n)
 
 static const struct kli_kernels avx2_table = {
     .name = "avx2",
-    .matmul = {
-        [KLI_DT_F32] = avx2_matmul_f32,
-        [KLI_DT_F16] = avx2_matmul_f16,
-        [KLI_DT_BF16] = avx2_matmul_bf16,
-        [KLI_DT_Q8_0] = avx2_matmul_q8_0,
-        [KLI_DT_Q4] = avx2_matmul_q4,
-    },
+    .matmul = X86_MATMULS,
     .dot = avx2_dot,
     .dot_decay = avx2_dot_decay,
     .mul_decay = avx2_mul_decay,

@@ -22,6 +22,9 @@
  *  - m >= avx512_mpack[dt] (prefill): the blocked GEMM of avx2.c with panels of 48 rows and
  *    an 8-token x 48-row register tile (24 accumulators of the 32 registers).
  *
+ * The loops around these kernels (streaming, slicing k, packing, driving the tiles) are
+ * gemm.h's, shared with avx2.c, as are avx2.h's 256-bit helpers and packer.
+ *
  * The file is compiled twice: as "avx512", and with KLI_VNNI and -mavx512vnni as "avx512vnni"
  * (Ice Lake, Sapphire Rapids, Zen 4), where one vpdpbusd replaces each vpmaddubsw + vpmaddwd
  * pair of the integer dot products (avx512_dot_u8). Both give the same integers (no int16
@@ -45,14 +48,20 @@
 #define AVX512_NAME "avx512"
 #endif
 
-#define AVX512_KC 256       /* GEMM: columns of W per packed chunk */
-#define AVX512_NR 48        /* GEMM: rows per panel (three vectors) */
-#define AVX512_NC 96        /* GEMM: rows per packed chunk */
-#define AVX512_TM 8         /* GEMM: tokens per tile */
+#define X86(name) avx512_##name
+#define X86_KC 256          /* GEMM: columns of W per packed chunk */
+#define X86_NR 48           /* GEMM: rows per panel (three vectors) */
+#define X86_NC 96           /* GEMM: rows per packed chunk */
+#define X86_TM 8            /* GEMM: tokens per tile */
+#define X86_DTM 8           /* decode: tokens per tile (then 4, then fewer) */
+#define X86_QBUF 65536      /* decode: bytes of quantized activations (see avx512_q8_bytes) */
+#define X86_ALIGN 64
+
+#include "avx2.h"
 
 /* m from which matmul packs W and runs the GEMM tile instead of streaming W through the
  * multi-token decode tiles: measured crossovers (k = n = 2304, one Sapphire Rapids core). The
- * quantized limits must keep m * 320 bytes <= AVX512_QBUF. */
+ * quantized limits must keep m * 320 bytes <= X86_QBUF. */
 static const int64_t avx512_mpack[KLI_DT_COUNT] = {
     [KLI_DT_F32] = 8, [KLI_DT_F16] = 16, [KLI_DT_BF16] = 16, [KLI_DT_Q8_0] = 16,
     [KLI_DT_Q4] = 32,
@@ -61,19 +70,9 @@ static const int64_t avx512_mpack[KLI_DT_COUNT] = {
 /* ---- small helpers -------------------------------------------------------------------- */
 
 AVX512_INLINE float
-avx512_hsum256(__m256 v)
-{
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-AVX512_INLINE float
 avx512_hsum(__m512 v)
 {
-    return avx512_hsum256(_mm256_add_ps(_mm512_castps512_ps256(v),
+    return avx2_hsum(_mm256_add_ps(_mm512_castps512_ps256(v),
                                         _mm512_extractf32x8_ps(v, 1)));
 }
 
@@ -82,21 +81,6 @@ AVX512_INLINE __mmask16
 avx512_mask(int64_t r)
 {
     return (__mmask16)((1u << r) - 1u);
-}
-
-AVX512_INLINE uint16_t
-avx512_u16(const uint8_t *p)
-{
-    uint16_t h;
-
-    memcpy(&h, p, 2);
-    return h;
-}
-
-AVX512_INLINE float
-avx512_f16(const uint8_t *p)
-{
-    return _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(avx512_u16(p))));
 }
 
 /* Sixteen weights from element j of a float-type row (F32, F16 or BF16), widened. */
@@ -123,31 +107,19 @@ avx512_load16_mask(enum kli_dtype dt, const uint8_t *row, int64_t j, __mmask16 m
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-/* Eight weights of a float-type row, widened (the packing uses 256-bit transposes). */
-AVX512_INLINE __m256
-avx512_load8(enum kli_dtype dt, const uint8_t *row, int64_t j)
-{
-    if (dt == KLI_DT_F32)
-        return _mm256_loadu_ps((const float *)row + j);
-    __m128i h = _mm_loadu_si128((const __m128i *)(row + 2 * j));
-    if (dt == KLI_DT_F16)
-        return _mm256_cvtph_ps(h);
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
 /* The eight f16 scales of eight consecutive blocks (stride bytes apart), as floats. */
 AVX512_INLINE __m256
 avx512_scales8(const uint8_t *p, int stride)
 {
-    __m128i h = _mm_cvtsi32_si128(avx512_u16(p));
+    __m128i h = _mm_cvtsi32_si128(avx2_u16(p));
 
-    h = _mm_insert_epi16(h, avx512_u16(p + stride), 1);
-    h = _mm_insert_epi16(h, avx512_u16(p + 2 * stride), 2);
-    h = _mm_insert_epi16(h, avx512_u16(p + 3 * stride), 3);
-    h = _mm_insert_epi16(h, avx512_u16(p + 4 * stride), 4);
-    h = _mm_insert_epi16(h, avx512_u16(p + 5 * stride), 5);
-    h = _mm_insert_epi16(h, avx512_u16(p + 6 * stride), 6);
-    h = _mm_insert_epi16(h, avx512_u16(p + 7 * stride), 7);
+    h = _mm_insert_epi16(h, avx2_u16(p + stride), 1);
+    h = _mm_insert_epi16(h, avx2_u16(p + 2 * stride), 2);
+    h = _mm_insert_epi16(h, avx2_u16(p + 3 * stride), 3);
+    h = _mm_insert_epi16(h, avx2_u16(p + 4 * stride), 4);
+    h = _mm_insert_epi16(h, avx2_u16(p + 5 * stride), 5);
+    h = _mm_insert_epi16(h, avx2_u16(p + 6 * stride), 6);
+    h = _mm_insert_epi16(h, avx2_u16(p + 7 * stride), 7);
     return _mm256_cvtph_ps(h);
 }
 
@@ -232,7 +204,7 @@ avx512_to_f32(enum kli_dtype dt, const void *src, float *dst, int64_t n)
         return;
     case KLI_DT_Q8_0:
         for (; i < n; i += 32, p += 34) {
-            __m512 d = _mm512_set1_ps(avx512_f16(p));
+            __m512 d = _mm512_set1_ps(avx2_f16(p));
             __m512i q0 = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 2)));
             __m512i q1 = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 18)));
             _mm512_storeu_ps(dst + i, _mm512_mul_ps(_mm512_cvtepi32_ps(q0), d));
@@ -243,7 +215,7 @@ avx512_to_f32(enum kli_dtype dt, const void *src, float *dst, int64_t n)
         const __m128i m4 = _mm_set1_epi8(0x0f);
         const __m512i e8 = _mm512_set1_epi32(8);
         for (; i < n; i += 32, p += 18) {
-            __m512 d = _mm512_set1_ps(avx512_f16(p));
+            __m512 d = _mm512_set1_ps(avx2_f16(p));
             __m128i q = _mm_loadu_si128((const __m128i *)(p + 2));
             __m512i lo = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_and_si128(q, m4)), e8);
             __m512i hi = _mm512_sub_epi32(
@@ -257,38 +229,6 @@ avx512_to_f32(enum kli_dtype dt, const void *src, float *dst, int64_t n)
         kli_dtype_to_f32(dt, src, dst, n);
         return;
     }
-}
-
-/* Writes zeros to y[i][r], i < m, r < n (the k == 0 product). */
-static void
-avx512_zero_y(float *y, int64_t ldy, int64_t n, int64_t m)
-{
-    for (int64_t i = 0; i < m; i++)
-        memset(y + i * ldy, 0, (size_t)n * sizeof(float));
-}
-
-/* Stores a slice's partial products: the first slice writes, later ones add. */
-AVX512_INLINE void
-avx512_put(float *y, const float *v, int nr, int add)
-{
-    for (int i = 0; i < nr; i++)
-        y[i] = add ? y[i] + v[i] : v[i];
-}
-
-/* The same for one value per token, tokens ldy apart. */
-AVX512_INLINE void
-avx512_put_col(float *y, int64_t ldy, const float *v, int nt, int add)
-{
-    for (int t = 0; t < nt; t++)
-        y[t * ldy] = add ? y[t * ldy] + v[t] : v[t];
-}
-
-/* Prefetch distance in bytes for a group of `g` rows at r: the next group while there is one
- * (prefetches past the caller's rows can cost page walks), else 0 (a no-op). */
-AVX512_INLINE size_t
-avx512_ahead(int64_t r, int64_t g, int64_t n, size_t rb)
-{
-    return r + 2 * g <= n ? (size_t)g * rb : 0;
 }
 
 /* ---- decode path, float weights ------------------------------------------------------- */
@@ -365,43 +305,6 @@ avx512_dot_tile(enum kli_dtype dt, int nt, const float *x, int64_t ldx, const ui
     }
 }
 
-AVX512_INLINE void
-avx512_stream_float(enum kli_dtype dt, float *y, int64_t ldy, const float *x, int64_t ldx,
-                    const uint8_t *w, int64_t n, int64_t k, int64_t m)
-{
-    size_t rb = (size_t)k * (dt == KLI_DT_F32 ? 4 : 2);
-    float out[4];
-    int64_t r = 0;
-
-    if (m == 1) {
-        for (; r + 4 <= n; r += 4) {
-            avx512_dot_rows(dt, 4, x, w + r * rb, rb, avx512_ahead(r, 4, n, rb), k, out);
-            memcpy(y + r, out, sizeof(out));
-        }
-    }
-    /* several tokens: rows three at a time, every token against them while they are in L1 */
-    for (; r + 3 <= n; r += 3) {
-        size_t pf = avx512_ahead(r, 3, n, rb);
-        int64_t t = 0;
-        for (; t + 8 <= m; t += 8)
-            avx512_dot_tile(dt, 8, x + t * ldx, ldx, w + r * rb, rb, pf, k, y + t * ldy + r,
-                            ldy);
-        for (; t + 4 <= m; t += 4)
-            avx512_dot_tile(dt, 4, x + t * ldx, ldx, w + r * rb, rb, pf, k, y + t * ldy + r,
-                            ldy);
-        for (; t < m; t++) {
-            avx512_dot_rows(dt, 3, x + t * ldx, w + r * rb, rb, pf, k, out);
-            memcpy(y + t * ldy + r, out, 3 * sizeof(float));
-        }
-    }
-    for (; r < n; r++) {
-        for (int64_t t = 0; t < m; t++) {
-            avx512_dot_rows(dt, 1, x + t * ldx, w + r * rb, rb, 0, k, out);
-            y[t * ldy + r] = out[0];
-        }
-    }
-}
-
 /* ---- decode path, quantized weights ---------------------------------------------------- */
 
 /* acc + the sums of four adjacent products u[i] * s[i] (u unsigned, s signed bytes) per
@@ -444,27 +347,13 @@ avx512_quant_block(const float *x, float *d)
     return _mm256_inserti128_si256(_mm256_castsi128_si256(q0), q1, 1);
 }
 
-AVX512_INLINE int32_t
-avx512_sum_i8(__m256i q)
-{
-    __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), q),
-                                  _mm256_set1_epi16(1));
-    __m128i h = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-
-    h = _mm_add_epi32(h, _mm_unpackhi_epi64(h, h));
-    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 1));
-    return _mm_cvtsi128_si32(h);
-}
-
 /*
- * The quantized activations of m tokens live in one stack buffer of AVX512_QBUF bytes, one
+ * The quantized activations of m tokens live in one stack buffer of X86_QBUF bytes, one
  * region per token (64-byte aligned). k is cut into slices when m tokens of it do not fit
  * (k > 16384 for one token); the first slice writes y, later ones add to it.
  *
  * Q8_0 region for nb blocks: int8 q[32 nb], then float d[nb].
  */
-#define AVX512_QBUF 65536
-
 AVX512_INLINE size_t
 avx512_q8_bytes(int64_t nb)
 {
@@ -487,7 +376,7 @@ avx512_q8_block(const uint8_t *p, __m256i xq, __m256 dx, __m256 acc)
     __m256i wq = _mm256_loadu_si256((const __m256i *)(p + 2));
     __m256 f = _mm256_cvtepi32_ps(avx512_dot_u8_256(_mm256_setzero_si256(), _mm256_abs_epi8(wq),
                                                     _mm256_sign_epi8(xq, wq)));
-    __m256 dw = _mm256_set1_ps(avx512_f16(p));
+    __m256 dw = _mm256_set1_ps(avx2_f16(p));
 
     return _mm256_fmadd_ps(f, _mm256_mul_ps(dw, dx), acc);
 }
@@ -553,7 +442,7 @@ avx512_q8_rows(int nr, const uint8_t *act, int64_t nb, const uint8_t *w, size_t 
     }
 #pragma GCC unroll 4
     for (int r = 0; r < nr; r++)
-        out[r] = avx512_hsum(acc[r]) + avx512_hsum256(acc8[r]);
+        out[r] = avx512_hsum(acc[r]) + avx2_hsum(acc8[r]);
 }
 
 /* out[t] = row p (Q8_0) . x of token t (regions `stride` bytes apart), t < nt (constant, at
@@ -609,7 +498,7 @@ avx512_q8_tile(int nt, const uint8_t *act, size_t stride, int64_t nb, const uint
     }
 #pragma GCC unroll 8
     for (int t = 0; t < nt; t++)
-        out[t] = avx512_hsum(acc[t]) + avx512_hsum256(acc8[t]);
+        out[t] = avx512_hsum(acc[t]) + avx2_hsum(acc8[t]);
 }
 
 /*
@@ -644,7 +533,7 @@ avx512_quant_q4(const float *x, int64_t nb, uint8_t *buf)
             uint8_t *xr = buf + 128 * (i / 4) + 16 * (i % 4);
             _mm_storeu_si128((__m128i *)xr, _mm256_castsi256_si128(q));
             _mm_storeu_si128((__m128i *)(xr + 64), _mm256_extracti128_si256(q, 1));
-            cv[i] = -8.0f * (float)avx512_sum_i8(q) * dv[i];
+            cv[i] = -8.0f * (float)avx2_sum_i8(q) * dv[i];
         }
     }
     for (; b < nb; b++, buf += AVX512_Q4REC) {
@@ -652,7 +541,7 @@ avx512_quant_q4(const float *x, int64_t nb, uint8_t *buf)
         __m256i q = avx512_quant_block(x + 32 * b, &d);
         _mm256_store_si256((__m256i *)buf, q);
         _mm256_store_si256((__m256i *)(buf + 32),
-                           _mm256_setr_epi32(-8 * avx512_sum_i8(q), 0, 0, 0, 0, 0, 0, 0));
+                           _mm256_setr_epi32(-8 * avx2_sum_i8(q), 0, 0, 0, 0, 0, 0, 0));
         _mm256_store_ps((float *)(buf + 64), _mm256_set1_ps(d));
     }
 }
@@ -725,7 +614,7 @@ avx512_q4_block(const uint8_t *p, const uint8_t *xr, __m256 acc)
     __m256i di = avx512_dot_u8_256(_mm256_setzero_si256(), nib, xq);
     __m256 f = _mm256_cvtepi32_ps(
         _mm256_add_epi32(di, _mm256_load_si256((const __m256i *)(xr + 32))));
-    __m256 dw = _mm256_set1_ps(avx512_f16(p));
+    __m256 dw = _mm256_set1_ps(avx2_f16(p));
 
     return _mm256_fmadd_ps(f, _mm256_mul_ps(dw, _mm256_load_ps((const float *)(xr + 64))), acc);
 }
@@ -773,7 +662,7 @@ avx512_q4_rows(int nr, const uint8_t *act, int64_t nb, const uint8_t *w, size_t 
     }
 #pragma GCC unroll 4
     for (int r = 0; r < nr; r++)
-        out[r] = avx512_hsum(acc[r]) + avx512_hsum256(acc8[r]);
+        out[r] = avx512_hsum(acc[r]) + avx2_hsum(acc8[r]);
 }
 
 /* out[t] = row p (Q4) . x of token t (regions `stride` bytes apart), t < nt (constant, at most
@@ -824,250 +713,7 @@ avx512_q4_tile(int nt, const uint8_t *act, size_t stride, int64_t nb, const uint
     }
 #pragma GCC unroll 8
     for (int t = 0; t < nt; t++)
-        out[t] = avx512_hsum(acc[t]) + avx512_hsum256(acc8[t]);
-}
-
-/* Elements of k (from `left`) per activation slice: all of it when m tokens fit the buffer,
- * else whole groups of 256. */
-AVX512_INLINE int64_t
-avx512_qslice(int64_t left, int64_t m, size_t (*bytes)(int64_t))
-{
-    if ((size_t)m * bytes(left / 32) <= AVX512_QBUF)
-        return left;
-    return (int64_t)(AVX512_QBUF / ((size_t)m * bytes(8))) * 256;
-}
-
-static void
-avx512_stream_q8(float *y, int64_t ldy, const float *x, int64_t ldx, const uint8_t *w,
-                 int64_t n, int64_t k, int64_t m)
-{
-    uint8_t act[AVX512_QBUF] __attribute__((aligned(64)));
-    size_t rb = (size_t)(k / 32) * 34;
-    float out[4], out8[8];
-
-    for (int64_t k0 = 0, kq; k0 < k; k0 += kq) {
-        kq = avx512_qslice(k - k0, m, avx512_q8_bytes);
-        int64_t nb = kq / 32;
-        size_t stride = avx512_q8_bytes(nb);
-        const uint8_t *wk = w + (k0 / 32) * 34;
-        int64_t r = 0;
-        for (int64_t t = 0; t < m; t++)
-            avx512_quant_q8(x + t * ldx + k0, nb, act + t * stride);
-        if (m == 1) {
-            for (; r + 4 <= n; r += 4) {
-                avx512_q8_rows(4, act, nb, wk + r * rb, rb, avx512_ahead(r, 4, n, rb), out);
-                avx512_put(y + r, out, 4, k0 > 0);
-            }
-            for (; r < n; r++) {
-                avx512_q8_rows(1, act, nb, wk + r * rb, rb, 0, out);
-                avx512_put(y + r, out, 1, k0 > 0);
-            }
-            continue;
-        }
-        for (; r < n; r++) {
-            const uint8_t *p = wk + r * rb;
-            size_t pf = avx512_ahead(r, 1, n, rb);
-            int64_t t = 0;
-            for (; t + 8 <= m; t += 8) {
-                avx512_q8_tile(8, act + t * stride, stride, nb, p, pf, out8);
-                avx512_put_col(y + t * ldy + r, ldy, out8, 8, k0 > 0);
-            }
-            for (; t + 4 <= m; t += 4) {
-                avx512_q8_tile(4, act + t * stride, stride, nb, p, pf, out);
-                avx512_put_col(y + t * ldy + r, ldy, out, 4, k0 > 0);
-            }
-            switch (m - t) {
-            case 3:
-                avx512_q8_tile(3, act + t * stride, stride, nb, p, pf, out);
-                break;
-            case 2:
-                avx512_q8_tile(2, act + t * stride, stride, nb, p, pf, out);
-                break;
-            case 1:
-                avx512_q8_tile(1, act + t * stride, stride, nb, p, pf, out);
-                break;
-            default:
-                break;
-            }
-            avx512_put_col(y + t * ldy + r, ldy, out, (int)(m - t), k0 > 0);
-        }
-    }
-}
-
-static void
-avx512_stream_q4(float *y, int64_t ldy, const float *x, int64_t ldx, const uint8_t *w,
-                 int64_t n, int64_t k, int64_t m)
-{
-    uint8_t act[AVX512_QBUF] __attribute__((aligned(64)));
-    size_t rb = (size_t)(k / 32) * 18;
-    float out[4], out8[8];
-
-    for (int64_t k0 = 0, kq; k0 < k; k0 += kq) {
-        kq = avx512_qslice(k - k0, m, avx512_q4_bytes);
-        int64_t nb = kq / 32;
-        size_t stride = avx512_q4_bytes(nb);
-        const uint8_t *wk = w + (k0 / 32) * 18;
-        int64_t r = 0;
-        for (int64_t t = 0; t < m; t++)
-            avx512_quant_q4(x + t * ldx + k0, nb, act + t * stride);
-        if (m == 1) {
-            for (; r + 4 <= n; r += 4) {
-                avx512_q4_rows(4, act, nb, wk + r * rb, rb, avx512_ahead(r, 4, n, rb), out);
-                avx512_put(y + r, out, 4, k0 > 0);
-            }
-            for (; r < n; r++) {
-                avx512_q4_rows(1, act, nb, wk + r * rb, rb, 0, out);
-                avx512_put(y + r, out, 1, k0 > 0);
-            }
-            continue;
-        }
-        for (; r < n; r++) {
-            const uint8_t *p = wk + r * rb;
-            size_t pf = avx512_ahead(r, 1, n, rb);
-            int64_t t = 0;
-            for (; t + 8 <= m; t += 8) {
-                avx512_q4_tile(8, act + t * stride, stride, nb, p, pf, out8);
-                avx512_put_col(y + t * ldy + r, ldy, out8, 8, k0 > 0);
-            }
-            for (; t + 4 <= m; t += 4) {
-                avx512_q4_tile(4, act + t * stride, stride, nb, p, pf, out);
-                avx512_put_col(y + t * ldy + r, ldy, out, 4, k0 > 0);
-            }
-            switch (m - t) {
-            case 3:
-                avx512_q4_tile(3, act + t * stride, stride, nb, p, pf, out);
-                break;
-            case 2:
-                avx512_q4_tile(2, act + t * stride, stride, nb, p, pf, out);
-                break;
-            case 1:
-                avx512_q4_tile(1, act + t * stride, stride, nb, p, pf, out);
-                break;
-            default:
-                break;
-            }
-            avx512_put_col(y + t * ldy + r, ldy, out, (int)(m - t), k0 > 0);
-        }
-    }
-}
-
-/* ---- prefill path: packed GEMM ----------------------------------------------------------- */
-
-/* Stores the transpose of the 8x8 block v[i][j]: dst[j * ds + i] (dst 32-byte aligned). */
-AVX512_INLINE void
-avx512_transpose8(const __m256 *v, float *dst, int64_t ds)
-{
-    __m256 t0 = _mm256_unpacklo_ps(v[0], v[1]), t1 = _mm256_unpackhi_ps(v[0], v[1]);
-    __m256 t2 = _mm256_unpacklo_ps(v[2], v[3]), t3 = _mm256_unpackhi_ps(v[2], v[3]);
-    __m256 t4 = _mm256_unpacklo_ps(v[4], v[5]), t5 = _mm256_unpackhi_ps(v[4], v[5]);
-    __m256 t6 = _mm256_unpacklo_ps(v[6], v[7]), t7 = _mm256_unpackhi_ps(v[6], v[7]);
-    __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xee);
-    __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xee);
-    __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xee);
-    __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xee);
-
-    _mm256_store_ps(dst, _mm256_permute2f128_ps(u0, u4, 0x20));
-    _mm256_store_ps(dst + ds, _mm256_permute2f128_ps(u1, u5, 0x20));
-    _mm256_store_ps(dst + 2 * ds, _mm256_permute2f128_ps(u2, u6, 0x20));
-    _mm256_store_ps(dst + 3 * ds, _mm256_permute2f128_ps(u3, u7, 0x20));
-    _mm256_store_ps(dst + 4 * ds, _mm256_permute2f128_ps(u0, u4, 0x31));
-    _mm256_store_ps(dst + 5 * ds, _mm256_permute2f128_ps(u1, u5, 0x31));
-    _mm256_store_ps(dst + 6 * ds, _mm256_permute2f128_ps(u2, u6, 0x31));
-    _mm256_store_ps(dst + 7 * ds, _mm256_permute2f128_ps(u3, u7, 0x31));
-}
-
-/* Zero bytes that stand in for the rows of a panel past n (zero in every dtype). */
-static const uint8_t avx512_zero_row[AVX512_KC * 4] __attribute__((aligned(64)));
-
-/* Packs eight rows x kc columns into dst[j * AVX512_NR + i]. */
-static void
-avx512_pack8(enum kli_dtype dt, const uint8_t *const *row, int64_t kc, float *dst)
-{
-    const __m128i m4 = _mm_set1_epi8(0x0f);
-    const __m256i e8 = _mm256_set1_epi32(8);
-    __m256 v[8];
-    float d[8];
-    int64_t j = 0;
-
-    switch (dt) {
-    case KLI_DT_F32:
-    case KLI_DT_F16:
-    case KLI_DT_BF16:
-        for (; j + 8 <= kc; j += 8) {
-#pragma GCC unroll 8
-            for (int i = 0; i < 8; i++)
-                v[i] = avx512_load8(dt, row[i], j);
-            avx512_transpose8(v, dst + j * AVX512_NR, AVX512_NR);
-        }
-        if (j < kc) {
-            __mmask16 mk = avx512_mask(kc - j);
-            for (int i = 0; i < 8; i++)
-                v[i] = _mm512_castps512_ps256(avx512_load16_mask(dt, row[i], j, mk));
-            avx512_transpose8(v, dst + j * AVX512_NR, AVX512_NR);
-        }
-        return;
-    case KLI_DT_Q8_0:
-        for (int64_t b = 0; j < kc; b++) {
-            for (int i = 0; i < 8; i++)
-                d[i] = avx512_f16(row[i] + b * 34);
-            for (int s = 0; s < 4; s++, j += 8) {
-#pragma GCC unroll 8
-                for (int i = 0; i < 8; i++) {
-                    const uint8_t *p = row[i] + b * 34 + 2 + 8 * s;
-                    __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p));
-                    v[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(q), _mm256_broadcast_ss(d + i));
-                }
-                avx512_transpose8(v, dst + j * AVX512_NR, AVX512_NR);
-            }
-        }
-        return;
-    case KLI_DT_Q4:
-        for (int64_t b = 0; j < kc; b++, j += 32) {
-            for (int i = 0; i < 8; i++)
-                d[i] = avx512_f16(row[i] + b * 18);
-            for (int s = 0; s < 2; s++) {
-#pragma GCC unroll 8
-                for (int i = 0; i < 8; i++) {
-                    const uint8_t *p = row[i] + b * 18 + 2 + 8 * s;
-                    __m128i h = _mm_and_si128(_mm_loadl_epi64((const __m128i *)p), m4);
-                    __m256i q = _mm256_sub_epi32(_mm256_cvtepu8_epi32(h), e8);
-                    v[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(q), _mm256_broadcast_ss(d + i));
-                }
-                avx512_transpose8(v, dst + (j + 8 * s) * AVX512_NR, AVX512_NR);
-#pragma GCC unroll 8
-                for (int i = 0; i < 8; i++) {
-                    const uint8_t *p = row[i] + b * 18 + 2 + 8 * s;
-                    __m128i h = _mm_loadl_epi64((const __m128i *)p);
-                    h = _mm_and_si128(_mm_srli_epi16(h, 4), m4);
-                    __m256i q = _mm256_sub_epi32(_mm256_cvtepu8_epi32(h), e8);
-                    v[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(q), _mm256_broadcast_ss(d + i));
-                }
-                avx512_transpose8(v, dst + (j + 16 + 8 * s) * AVX512_NR, AVX512_NR);
-            }
-        }
-        return;
-    default:
-        return;
-    }
-}
-
-/*
- * Converts rows [0, nc) x columns [0, kc) of W (w points at row 0, column k0) into panels of
- * AVX512_NR rows: element (row p * NR + i, column j) at pk[p * NR * kcp + j * NR + i], with
- * kcp = kc rounded up to 8. Rows past nc, up to the panel's end, and columns past kc are zero.
- */
-static void
-avx512_pack(enum kli_dtype dt, float *pk, const uint8_t *w, size_t rb, int64_t nc, int64_t kc)
-{
-    int64_t kcp = (kc + 7) & ~(int64_t)7;
-    int64_t ncp = (nc + AVX512_NR - 1) / AVX512_NR * AVX512_NR;
-
-    for (int64_t g = 0; g < ncp; g += 8) {
-        const uint8_t *row[8];
-        for (int64_t i = 0; i < 8; i++)
-            row[i] = g + i < nc ? w + (size_t)(g + i) * rb : avx512_zero_row;
-        avx512_pack8(dt, row, kc, pk + (g / AVX512_NR) * AVX512_NR * kcp + g % AVX512_NR);
-    }
+        out[t] = avx512_hsum(acc[t]) + avx2_hsum(acc8[t]);
 }
 
 /*
@@ -1076,16 +722,16 @@ avx512_pack(enum kli_dtype dt, float *pk, const uint8_t *w, size_t rb, int64_t n
  * readable (callers repeat the last row).
  */
 AVX512_INLINE void
-avx512_tile(int tm, const float *pk, const float *const *xt, int64_t kc, float *y, int64_t ldy,
-            int nr, int nt, int add)
+avx512_tile_tm(int tm, const float *pk, const float *const *xt, int64_t kc, float *y,
+               int64_t ldy, int nr, int nt, int add)
 {
-    __m512 c[AVX512_TM][3];
+    __m512 c[X86_TM][3];
 
 #pragma GCC unroll 8
     for (int t = 0; t < tm; t++)
         c[t][0] = c[t][1] = c[t][2] = _mm512_setzero_ps();
     for (int64_t j = 0; j < kc; j++) {
-        const float *p = pk + j * AVX512_NR;
+        const float *p = pk + j * X86_NR;
         __m512 w0 = _mm512_load_ps(p), w1 = _mm512_load_ps(p + 16), w2 = _mm512_load_ps(p + 32);
 #pragma GCC unroll 8
         for (int t = 0; t < tm; t++) {
@@ -1111,108 +757,21 @@ avx512_tile(int tm, const float *pk, const float *const *xt, int64_t kc, float *
     }
 }
 
-static void
-avx512_gemm(enum kli_dtype dt, float *y, int64_t ldy, const float *x, int64_t ldx,
-            const uint8_t *w, int64_t n, int64_t k, int64_t m)
+/* The packer is avx2.h's: panels are packed 8 rows x 8 columns at a time with 256-bit
+ * transposes, which 512-bit registers would not speed up. */
+#define avx512_pack8 avx2_pack8
+
+AVX512_INLINE void
+avx512_tile(const float *pk, const float *const *xt, int64_t kc, float *y, int64_t ldy, int nr,
+            int nt, int add)
 {
-    float pk[AVX512_NC * AVX512_KC] __attribute__((aligned(64)));
-    size_t rb = (size_t)kli_dtype_nbytes(dt, (uint64_t)k);
-
-    for (int64_t r0 = 0; r0 < n; r0 += AVX512_NC) {
-        int64_t nc = n - r0 < AVX512_NC ? n - r0 : AVX512_NC;
-        for (int64_t k0 = 0; k0 < k; k0 += AVX512_KC) {
-            int64_t kc = k - k0 < AVX512_KC ? k - k0 : AVX512_KC;
-            int64_t kcp = (kc + 7) & ~(int64_t)7;
-            avx512_pack(dt, pk, w + r0 * rb + kli_dtype_nbytes(dt, (uint64_t)k0), rb, nc, kc);
-            for (int64_t t0 = 0; t0 < m; t0 += AVX512_TM) {
-                int nt = m - t0 < AVX512_TM ? (int)(m - t0) : AVX512_TM;
-                const float *xt[AVX512_TM];
-                for (int t = 0; t < AVX512_TM; t++)
-                    xt[t] = x + (t0 + (t < nt ? t : nt - 1)) * ldx + k0;
-                for (int64_t p0 = 0; p0 < nc; p0 += AVX512_NR) {
-                    int nr = nc - p0 < AVX512_NR ? (int)(nc - p0) : AVX512_NR;
-                    float *yp = y + t0 * ldy + r0 + p0;
-                    if (nt > 4)
-                        avx512_tile(8, pk + p0 * kcp, xt, kc, yp, ldy, nr, nt, k0 > 0);
-                    else
-                        avx512_tile(4, pk + p0 * kcp, xt, kc, yp, ldy, nr, nt, k0 > 0);
-                }
-            }
-        }
-    }
-}
-
-/* ---- the table ----------------------------------------------------------------------------- */
-
-static void
-avx512_matmul_f32(float *y, int64_t ldy, const float *x, int64_t ldx, const void *w, int64_t n,
-                  int64_t k, int64_t m)
-{
-    if (n <= 0 || m <= 0)
-        return;
-    if (k == 0)
-        avx512_zero_y(y, ldy, n, m);
-    else if (m >= avx512_mpack[KLI_DT_F32])
-        avx512_gemm(KLI_DT_F32, y, ldy, x, ldx, w, n, k, m);
+    if (nt > 4)
+        avx512_tile_tm(8, pk, xt, kc, y, ldy, nr, nt, add);
     else
-        avx512_stream_float(KLI_DT_F32, y, ldy, x, ldx, w, n, k, m);
+        avx512_tile_tm(4, pk, xt, kc, y, ldy, nr, nt, add);
 }
 
-static void
-avx512_matmul_f16(float *y, int64_t ldy, const float *x, int64_t ldx, const void *w, int64_t n,
-                  int64_t k, int64_t m)
-{
-    if (n <= 0 || m <= 0)
-        return;
-    if (k == 0)
-        avx512_zero_y(y, ldy, n, m);
-    else if (m >= avx512_mpack[KLI_DT_F16])
-        avx512_gemm(KLI_DT_F16, y, ldy, x, ldx, w, n, k, m);
-    else
-        avx512_stream_float(KLI_DT_F16, y, ldy, x, ldx, w, n, k, m);
-}
-
-static void
-avx512_matmul_bf16(float *y, int64_t ldy, const float *x, int64_t ldx, const void *w, int64_t n,
-                   int64_t k, int64_t m)
-{
-    if (n <= 0 || m <= 0)
-        return;
-    if (k == 0)
-        avx512_zero_y(y, ldy, n, m);
-    else if (m >= avx512_mpack[KLI_DT_BF16])
-        avx512_gemm(KLI_DT_BF16, y, ldy, x, ldx, w, n, k, m);
-    else
-        avx512_stream_float(KLI_DT_BF16, y, ldy, x, ldx, w, n, k, m);
-}
-
-static void
-avx512_matmul_q8_0(float *y, int64_t ldy, const float *x, int64_t ldx, const void *w, int64_t n,
-                   int64_t k, int64_t m)
-{
-    if (n <= 0 || m <= 0)
-        return;
-    if (k == 0)
-        avx512_zero_y(y, ldy, n, m);
-    else if (m >= avx512_mpack[KLI_DT_Q8_0])
-        avx512_gemm(KLI_DT_Q8_0, y, ldy, x, ldx, w, n, k, m);
-    else
-        avx512_stream_q8(y, ldy, x, ldx, w, n, k, m);
-}
-
-static void
-avx512_matmul_q4(float *y, int64_t ldy, const float *x, int64_t ldx, const void *w, int64_t n,
-                 int64_t k, int64_t m)
-{
-    if (n <= 0 || m <= 0)
-        return;
-    if (k == 0)
-        avx512_zero_y(y, ldy, n, m);
-    else if (m >= avx512_mpack[KLI_DT_Q4])
-        avx512_gemm(KLI_DT_Q4, y, ldy, x, ldx, w, n, k, m);
-    else
-        avx512_stream_q4(y, ldy, x, ldx, w, n, k, m);
-}
+#include "gemm.h"
 
 /* ==== exp and the decay-weighted dot product ============================================= */
 
@@ -1367,13 +926,7 @@ avx512_silu(float *y, const float *x, const float *mul, int64_t n)
 
 static const struct kli_kernels avx512_table = {
     .name = AVX512_NAME,
-    .matmul = {
-        [KLI_DT_F32] = avx512_matmul_f32,
-        [KLI_DT_F16] = avx512_matmul_f16,
-        [KLI_DT_BF16] = avx512_matmul_bf16,
-        [KLI_DT_Q8_0] = avx512_matmul_q8_0,
-        [KLI_DT_Q4] = avx512_matmul_q4,
-    },
+    .matmul = X86_MATMULS,
     .dot = avx512_dot,
     .dot_decay = avx512_dot_decay,
     .mul_decay = avx512_mul_decay,

@@ -8,6 +8,13 @@
  *
  * Checklist: a new entry needs a generic version, a line in each ISA's table (NULL is not
  * allowed: copy the generic pointer), and a case in tests/test-simd.c.
+ *
+ * On x86 the matmul entries come from one driver, gemm.h (no intrinsics), that avx2.c and
+ * avx512.c include after defining its primitives: a decode dot product over rows and a
+ * multi-token tile per weight type, the activation quantizer for the integer types, an
+ * eight-row packer (avx2.h's, shared) and the GEMM register tile. A new weight type adds
+ * those primitives (and a branch in gemm.h's per-dtype helpers), not a driver; gemm.h lists
+ * them with their contracts.
  */
 #ifndef KLI_SIMD_H
 #define KLI_SIMD_H
