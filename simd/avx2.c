@@ -838,18 +838,7 @@ avx2_silu(float *y, const float *x, const float *mul, int64_t n)
     }
 }
 
-static const struct kli_kernels avx2_table = {
-    .name = "avx2",
-    .matmul = X86_MATMULS,
-    .dot = avx2_dot,
-    .dot_decay = avx2_dot_decay,
-    .mul_decay = avx2_mul_decay,
-    .gemm_nn = avx2_gemm_nn,
-    .silu = avx2_silu,
-    .axpy = avx2_axpy,
-    .scale = avx2_scale,
-    .to_f32 = avx2_to_f32,
-};
+static const struct kli_kernels avx2_table = X86_TABLE("avx2");
 
 const struct kli_kernels *
 kli_kernels_avx2(void)

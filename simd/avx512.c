@@ -924,18 +924,7 @@ avx512_silu(float *y, const float *x, const float *mul, int64_t n)
     }
 }
 
-static const struct kli_kernels avx512_table = {
-    .name = AVX512_NAME,
-    .matmul = X86_MATMULS,
-    .dot = avx512_dot,
-    .dot_decay = avx512_dot_decay,
-    .mul_decay = avx512_mul_decay,
-    .gemm_nn = avx512_gemm_nn,
-    .silu = avx512_silu,
-    .axpy = avx512_axpy,
-    .scale = avx512_scale,
-    .to_f32 = avx512_to_f32,
-};
+static const struct kli_kernels avx512_table = X86_TABLE(AVX512_NAME);
 
 const struct kli_kernels *
 kli_kernels_avx512(void)

@@ -52,26 +52,22 @@ dispatch_init(void)
         }
     }
     dispatch_merged = *pick;
-    for (int d = 0; d < KLI_DT_COUNT; d++) {
-        if (dispatch_merged.matmul[d] == NULL)
-            dispatch_merged.matmul[d] = gen->matmul[d];
-    }
-    if (dispatch_merged.dot == NULL)
-        dispatch_merged.dot = gen->dot;
-    if (dispatch_merged.dot_decay == NULL)
-        dispatch_merged.dot_decay = gen->dot_decay;
-    if (dispatch_merged.mul_decay == NULL)
-        dispatch_merged.mul_decay = gen->mul_decay;
-    if (dispatch_merged.gemm_nn == NULL)
-        dispatch_merged.gemm_nn = gen->gemm_nn;
-    if (dispatch_merged.silu == NULL)
-        dispatch_merged.silu = gen->silu;
-    if (dispatch_merged.axpy == NULL)
-        dispatch_merged.axpy = gen->axpy;
-    if (dispatch_merged.scale == NULL)
-        dispatch_merged.scale = gen->scale;
-    if (dispatch_merged.to_f32 == NULL)
-        dispatch_merged.to_f32 = gen->to_f32;
+#define DISPATCH_FILL(entry)                                                                  \
+    do {                                                                                      \
+        if (dispatch_merged.entry == NULL)                                                    \
+            dispatch_merged.entry = gen->entry;                                               \
+    } while (0)
+    for (int d = 0; d < KLI_DT_COUNT; d++)
+        DISPATCH_FILL(matmul[d]);
+    DISPATCH_FILL(dot);
+    DISPATCH_FILL(dot_decay);
+    DISPATCH_FILL(mul_decay);
+    DISPATCH_FILL(gemm_nn);
+    DISPATCH_FILL(silu);
+    DISPATCH_FILL(axpy);
+    DISPATCH_FILL(scale);
+    DISPATCH_FILL(to_f32);
+#undef DISPATCH_FILL
     dispatch_table = &dispatch_merged;
 }
 

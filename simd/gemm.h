@@ -27,6 +27,7 @@
  *   X86(q8|q4_tile)(nt, act, stride, nb, p, pf, out)    one row . nt tokens, nt <= X86_DTM
  *   X86(pack8)(dt, row, kc, dst)     eight rows of W into a panel (avx2.h has the 256-bit one)
  *   X86(tile)(pk, xt, kc, y, ldy, nr, nt, add)          the GEMM register tile
+ * and, for X86_TABLE, the table's other kernels: X86(dot), X86(axpy), ... (see simd.h).
  * A new weight type adds a dot product and a tile (and a case in pack8), not a driver.
  */
 #ifndef KLI_SIMD_GEMM_H
@@ -302,46 +303,24 @@ x86_matmul(enum kli_dtype dt, float *y, int64_t ldy, const float *x, int64_t ldx
         x86_stream_float(dt, y, ldy, x, ldx, w, n, k, m);
 }
 
-static void
-x86_matmul_f32(float *y, int64_t ldy, const float *x, int64_t ldx, const void *w, int64_t n,
-               int64_t k, int64_t m)
-{
-    x86_matmul(KLI_DT_F32, y, ldy, x, ldx, w, n, k, m);
-}
+KLI_MATMUL_ENTRY(x86_matmul_f32, x86_matmul, KLI_DT_F32)
+KLI_MATMUL_ENTRY(x86_matmul_f16, x86_matmul, KLI_DT_F16)
+KLI_MATMUL_ENTRY(x86_matmul_bf16, x86_matmul, KLI_DT_BF16)
+KLI_MATMUL_ENTRY(x86_matmul_q8_0, x86_matmul, KLI_DT_Q8_0)
+KLI_MATMUL_ENTRY(x86_matmul_q4, x86_matmul, KLI_DT_Q4)
 
-static void
-x86_matmul_f16(float *y, int64_t ldy, const float *x, int64_t ldx, const void *w, int64_t n,
-               int64_t k, int64_t m)
-{
-    x86_matmul(KLI_DT_F16, y, ldy, x, ldx, w, n, k, m);
-}
-
-static void
-x86_matmul_bf16(float *y, int64_t ldy, const float *x, int64_t ldx, const void *w, int64_t n,
-                int64_t k, int64_t m)
-{
-    x86_matmul(KLI_DT_BF16, y, ldy, x, ldx, w, n, k, m);
-}
-
-static void
-x86_matmul_q8_0(float *y, int64_t ldy, const float *x, int64_t ldx, const void *w, int64_t n,
-                int64_t k, int64_t m)
-{
-    x86_matmul(KLI_DT_Q8_0, y, ldy, x, ldx, w, n, k, m);
-}
-
-static void
-x86_matmul_q4(float *y, int64_t ldy, const float *x, int64_t ldx, const void *w, int64_t n,
-              int64_t k, int64_t m)
-{
-    x86_matmul(KLI_DT_Q4, y, ldy, x, ldx, w, n, k, m);
-}
-
-/* The matmul half of an ISA's table: .matmul = X86_MATMULS */
-#define X86_MATMULS { \
-        [KLI_DT_F32] = x86_matmul_f32, [KLI_DT_F16] = x86_matmul_f16, \
-        [KLI_DT_BF16] = x86_matmul_bf16, [KLI_DT_Q8_0] = x86_matmul_q8_0, \
-        [KLI_DT_Q4] = x86_matmul_q4, \
+/* An x86 ISA's table: the driver's matmuls and the including file's other kernels, X86(dot)
+ * and so on (the file defines every one). */
+#define X86_TABLE(variant) {                                                                  \
+        .name = variant,                                                                      \
+        .matmul = {                                                                           \
+            [KLI_DT_F32] = x86_matmul_f32, [KLI_DT_F16] = x86_matmul_f16,                     \
+            [KLI_DT_BF16] = x86_matmul_bf16, [KLI_DT_Q8_0] = x86_matmul_q8_0,                 \
+            [KLI_DT_Q4] = x86_matmul_q4,                                                      \
+        },                                                                                    \
+        .dot = X86(dot), .dot_decay = X86(dot_decay), .mul_decay = X86(mul_decay),            \
+        .gemm_nn = X86(gemm_nn), .silu = X86(silu), .axpy = X86(axpy), .scale = X86(scale),   \
+        .to_f32 = X86(to_f32),                                                                \
     }
 
 #endif

@@ -125,40 +125,11 @@ gen_matmul_any(enum kli_dtype dt, float *y, int64_t ldy, const float *x, int64_t
     }
 }
 
-static void
-gen_matmul_f32(float *y, int64_t ldy, const float *x, int64_t ldx, const void *w, int64_t n,
-               int64_t k, int64_t m)
-{
-    gen_matmul_any(KLI_DT_F32, y, ldy, x, ldx, w, n, k, m);
-}
-
-static void
-gen_matmul_f16(float *y, int64_t ldy, const float *x, int64_t ldx, const void *w, int64_t n,
-               int64_t k, int64_t m)
-{
-    gen_matmul_any(KLI_DT_F16, y, ldy, x, ldx, w, n, k, m);
-}
-
-static void
-gen_matmul_bf16(float *y, int64_t ldy, const float *x, int64_t ldx, const void *w, int64_t n,
-                int64_t k, int64_t m)
-{
-    gen_matmul_any(KLI_DT_BF16, y, ldy, x, ldx, w, n, k, m);
-}
-
-static void
-gen_matmul_q8_0(float *y, int64_t ldy, const float *x, int64_t ldx, const void *w, int64_t n,
-                int64_t k, int64_t m)
-{
-    gen_matmul_any(KLI_DT_Q8_0, y, ldy, x, ldx, w, n, k, m);
-}
-
-static void
-gen_matmul_q4(float *y, int64_t ldy, const float *x, int64_t ldx, const void *w, int64_t n,
-              int64_t k, int64_t m)
-{
-    gen_matmul_any(KLI_DT_Q4, y, ldy, x, ldx, w, n, k, m);
-}
+KLI_MATMUL_ENTRY(gen_matmul_f32, gen_matmul_any, KLI_DT_F32)
+KLI_MATMUL_ENTRY(gen_matmul_f16, gen_matmul_any, KLI_DT_F16)
+KLI_MATMUL_ENTRY(gen_matmul_bf16, gen_matmul_any, KLI_DT_BF16)
+KLI_MATMUL_ENTRY(gen_matmul_q8_0, gen_matmul_any, KLI_DT_Q8_0)
+KLI_MATMUL_ENTRY(gen_matmul_q4, gen_matmul_any, KLI_DT_Q4)
 
 static const struct kli_kernels gen_table = {
     .name = "generic",

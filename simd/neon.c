@@ -358,26 +358,9 @@ neon_matmul_float(enum kli_dtype dt, float *y, int64_t ldy, const float *x, int6
     }
 }
 
-static void
-neon_matmul_f32(float *y, int64_t ldy, const float *x, int64_t ldx, const void *w, int64_t n,
-                int64_t k, int64_t m)
-{
-    neon_matmul_float(KLI_DT_F32, y, ldy, x, ldx, w, n, k, m);
-}
-
-static void
-neon_matmul_f16(float *y, int64_t ldy, const float *x, int64_t ldx, const void *w, int64_t n,
-                int64_t k, int64_t m)
-{
-    neon_matmul_float(KLI_DT_F16, y, ldy, x, ldx, w, n, k, m);
-}
-
-static void
-neon_matmul_bf16(float *y, int64_t ldy, const float *x, int64_t ldx, const void *w, int64_t n,
-                 int64_t k, int64_t m)
-{
-    neon_matmul_float(KLI_DT_BF16, y, ldy, x, ldx, w, n, k, m);
-}
+KLI_MATMUL_ENTRY(neon_matmul_f32, neon_matmul_float, KLI_DT_F32)
+KLI_MATMUL_ENTRY(neon_matmul_f16, neon_matmul_float, KLI_DT_F16)
+KLI_MATMUL_ENTRY(neon_matmul_bf16, neon_matmul_float, KLI_DT_BF16)
 
 /* ==== matmul, quantized weights ========================================================== */
 
@@ -538,33 +521,10 @@ neon_matmul_quant(neon_qrows_fn rows, int bb, float *y, int64_t ldy, const float
     }
 }
 
-static void
-neon_matmul_q8_0(float *y, int64_t ldy, const float *x, int64_t ldx, const void *w, int64_t n,
-                 int64_t k, int64_t m)
-{
-    neon_matmul_quant(neon_q8_rows, 34, y, ldy, x, ldx, w, n, k, m);
-}
-
-static void
-neon_matmul_q4(float *y, int64_t ldy, const float *x, int64_t ldx, const void *w, int64_t n,
-               int64_t k, int64_t m)
-{
-    neon_matmul_quant(neon_q4_rows, 18, y, ldy, x, ldx, w, n, k, m);
-}
-
-static void
-neon_matmul_q8_0_dot(float *y, int64_t ldy, const float *x, int64_t ldx, const void *w,
-                     int64_t n, int64_t k, int64_t m)
-{
-    neon_matmul_quant(neon_q8_rows_dot, 34, y, ldy, x, ldx, w, n, k, m);
-}
-
-static void
-neon_matmul_q4_dot(float *y, int64_t ldy, const float *x, int64_t ldx, const void *w, int64_t n,
-                   int64_t k, int64_t m)
-{
-    neon_matmul_quant(neon_q4_rows_dot, 18, y, ldy, x, ldx, w, n, k, m);
-}
+KLI_MATMUL_ENTRY(neon_matmul_q8_0, neon_matmul_quant, neon_q8_rows, 34)
+KLI_MATMUL_ENTRY(neon_matmul_q4, neon_matmul_quant, neon_q4_rows, 18)
+KLI_MATMUL_ENTRY(neon_matmul_q8_0_dot, neon_matmul_quant, neon_q8_rows_dot, 34)
+KLI_MATMUL_ENTRY(neon_matmul_q4_dot, neon_matmul_quant, neon_q4_rows_dot, 18)
 
 /* ==== the tables ========================================================================= */
 

@@ -30,6 +30,18 @@
 typedef void (*kli_matmul_fn)(float *y, int64_t ldy, const float *x, int64_t ldx,
                               const void *w, int64_t n, int64_t k, int64_t m);
 
+/* Defines the kli_matmul_fn `name` as impl(args, y, ldy, x, ldx, w, n, k, m): a table entry of
+ * a matmul written once for several dtypes or variants, whose leading arguments (a dtype, a
+ * kernel) are constants there, so the inlined impl is specialised for them. No semicolon after
+ * it: it is a function definition. */
+#define KLI_MATMUL_ENTRY(name, impl, ...)                                                     \
+    static void                                                                               \
+    name(float *y, int64_t ldy, const float *x, int64_t ldx, const void *w, int64_t n,        \
+         int64_t k, int64_t m)                                                                \
+    {                                                                                         \
+        impl(__VA_ARGS__, y, ldy, x, ldx, w, n, k, m);                                        \
+    }
+
 struct kli_kernels {
     const char *name;                        /* "generic", "avx2", "avx512", "neon", ... */
     kli_matmul_fn matmul[KLI_DT_COUNT];      /* NULL for KLI_DT_OTHER */
