@@ -323,9 +323,7 @@ avx2_q8_rows(int nr, const uint8_t *act, int64_t nb, const uint8_t *w, size_t rb
     const float *d = (const float *)(act + 32 * nb);
     __m256 acc[4];
 
-#pragma GCC unroll 4
-    for (int r = 0; r < nr; r++)
-        acc[r] = _mm256_setzero_ps();
+    avx2_zeros(nr, acc);
     for (int64_t b = 0; b < nb; b++) {
         __m256i xq = _mm256_loadu_si256((const __m256i *)(act + 32 * b));
         __m256 dx = _mm256_broadcast_ss(d + b);
@@ -340,9 +338,7 @@ avx2_q8_rows(int nr, const uint8_t *act, int64_t nb, const uint8_t *w, size_t rb
             acc[r] = _mm256_fmadd_ps(f, _mm256_mul_ps(dw, dx), acc[r]);
         }
     }
-#pragma GCC unroll 4
-    for (int r = 0; r < nr; r++)
-        out[r] = avx2_hsum(acc[r]);
+    avx2_hsums(nr, acc, out);
 }
 
 /* out[t] = row p (Q8_0) . x of token t (regions `stride` bytes apart), t < nt (constant, at
@@ -354,9 +350,7 @@ avx2_q8_tile(int nt, const uint8_t *act, size_t stride, int64_t nb, const uint8_
     const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc[4];
 
-#pragma GCC unroll 4
-    for (int t = 0; t < nt; t++)
-        acc[t] = _mm256_setzero_ps();
+    avx2_zeros(nt, acc);
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *pb = p + 34 * b;
         _mm_prefetch((const char *)(pb + pf), _MM_HINT_T0);
@@ -373,9 +367,7 @@ avx2_q8_tile(int nt, const uint8_t *act, size_t stride, int64_t nb, const uint8_
             acc[t] = _mm256_fmadd_ps(f, _mm256_mul_ps(dw, dx), acc[t]);
         }
     }
-#pragma GCC unroll 4
-    for (int t = 0; t < nt; t++)
-        out[t] = avx2_hsum(acc[t]);
+    avx2_hsums(nt, acc, out);
 }
 
 /*
@@ -532,9 +524,7 @@ avx2_q4_rows(int nr, const uint8_t *act, int64_t nb, const uint8_t *w, size_t rb
     __m256 acc[4];
     int64_t b = 0;
 
-#pragma GCC unroll 4
-    for (int r = 0; r < nr; r++)
-        acc[r] = _mm256_setzero_ps();
+    avx2_zeros(nr, acc);
     for (; b + 8 <= nb; b += 8, act += AVX2_Q4GRP) {
 #pragma GCC unroll 4
         for (int r = 0; r < nr; r++) {
@@ -554,9 +544,7 @@ avx2_q4_rows(int nr, const uint8_t *act, int64_t nb, const uint8_t *w, size_t rb
                                 : avx2_q4_pairstep(0, p, act, acc[r]);
         }
     }
-#pragma GCC unroll 4
-    for (int r = 0; r < nr; r++)
-        out[r] = avx2_hsum(acc[r]);
+    avx2_hsums(nr, acc, out);
 }
 
 /* out[t] = row p (Q4) . x of token t (regions `stride` bytes apart), t < nt (constant, at most
@@ -568,9 +556,7 @@ avx2_q4_tile(int nt, const uint8_t *act, size_t stride, int64_t nb, const uint8_
     __m256 acc[4];
     int64_t b = 0;
 
-#pragma GCC unroll 4
-    for (int t = 0; t < nt; t++)
-        acc[t] = _mm256_setzero_ps();
+    avx2_zeros(nt, acc);
     for (; b + 8 <= nb; b += 8, act += AVX2_Q4GRP) {
         const uint8_t *pg = p + 18 * b;
         __m256i l0, h0, l1, h1, s01[4];
@@ -614,9 +600,7 @@ avx2_q4_tile(int nt, const uint8_t *act, size_t stride, int64_t nb, const uint8_
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(di), sc, acc[t]);
         }
     }
-#pragma GCC unroll 4
-    for (int t = 0; t < nt; t++)
-        out[t] = avx2_hsum(acc[t]);
+    avx2_hsums(nt, acc, out);
 }
 
 /*

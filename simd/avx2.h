@@ -26,6 +26,24 @@ avx2_hsum(__m256 v)
     return _mm_cvtss_f32(s);
 }
 
+/* acc[i] = 0 for i < n (a constant after inlining) */
+AVX2_INLINE void
+avx2_zeros(int n, __m256 *acc)
+{
+#pragma GCC unroll 8
+    for (int i = 0; i < n; i++)
+        acc[i] = _mm256_setzero_ps();
+}
+
+/* out[i] = the sum of acc[i]'s lanes, i < n (a constant after inlining) */
+AVX2_INLINE void
+avx2_hsums(int n, const __m256 *acc, float *out)
+{
+#pragma GCC unroll 8
+    for (int i = 0; i < n; i++)
+        out[i] = avx2_hsum(acc[i]);
+}
+
 AVX2_INLINE uint16_t
 avx2_u16(const uint8_t *p)
 {

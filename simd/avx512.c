@@ -123,6 +123,28 @@ avx512_scales8(const uint8_t *p, int stride)
     return _mm256_cvtph_ps(h);
 }
 
+/* The accumulators of the quantized kernels: a 512-bit and a 256-bit one (for the blocks
+ * past the last group of eight) per row or token. acc[i] = acc8[i] = 0 for i < n (a
+ * constant after inlining). */
+AVX512_INLINE void
+avx512_acc_zero(int n, __m512 *acc, __m256 *acc8)
+{
+#pragma GCC unroll 8
+    for (int i = 0; i < n; i++) {
+        acc[i] = _mm512_setzero_ps();
+        acc8[i] = _mm256_setzero_ps();
+    }
+}
+
+/* out[i] = the sum of acc[i]'s and acc8[i]'s lanes, i < n */
+AVX512_INLINE void
+avx512_acc_sum(int n, const __m512 *acc, const __m256 *acc8, float *out)
+{
+#pragma GCC unroll 8
+    for (int i = 0; i < n; i++)
+        out[i] = avx512_hsum(acc[i]) + avx2_hsum(acc8[i]);
+}
+
 /* ---- vector primitives ------------------------------------------------------------------ */
 
 static float
@@ -407,11 +429,7 @@ avx512_q8_rows(int nr, const uint8_t *act, int64_t nb, const uint8_t *w, size_t 
     __m256 acc8[4];
     int64_t b = 0;
 
-#pragma GCC unroll 4
-    for (int r = 0; r < nr; r++) {
-        acc[r] = _mm512_setzero_ps();
-        acc8[r] = _mm256_setzero_ps();
-    }
+    avx512_acc_zero(nr, acc, acc8);
     for (; b + 8 <= nb; b += 8) {
         __m256 dx = _mm256_loadu_ps(d + b);
 #pragma GCC unroll 4
@@ -440,9 +458,7 @@ avx512_q8_rows(int nr, const uint8_t *act, int64_t nb, const uint8_t *w, size_t 
         for (int r = 0; r < nr; r++)
             acc8[r] = avx512_q8_block(w + r * rb + 34 * b, xq, dx, acc8[r]);
     }
-#pragma GCC unroll 4
-    for (int r = 0; r < nr; r++)
-        out[r] = avx512_hsum(acc[r]) + avx2_hsum(acc8[r]);
+    avx512_acc_sum(nr, acc, acc8, out);
 }
 
 /* out[t] = row p (Q8_0) . x of token t (regions `stride` bytes apart), t < nt (constant, at
@@ -456,11 +472,7 @@ avx512_q8_tile(int nt, const uint8_t *act, size_t stride, int64_t nb, const uint
     __m256 acc8[8];
     int64_t b = 0;
 
-#pragma GCC unroll 8
-    for (int t = 0; t < nt; t++) {
-        acc[t] = _mm512_setzero_ps();
-        acc8[t] = _mm256_setzero_ps();
-    }
+    avx512_acc_zero(nt, acc, acc8);
     for (; b + 8 <= nb; b += 8) {
         const uint8_t *pg = p + 34 * b;
         __m512 s[8];
@@ -496,9 +508,7 @@ avx512_q8_tile(int nt, const uint8_t *act, size_t stride, int64_t nb, const uint
             acc8[t] = avx512_q8_block(p + 34 * b, xq, dx, acc8[t]);
         }
     }
-#pragma GCC unroll 8
-    for (int t = 0; t < nt; t++)
-        out[t] = avx512_hsum(acc[t]) + avx2_hsum(acc8[t]);
+    avx512_acc_sum(nt, acc, acc8, out);
 }
 
 /*
@@ -628,11 +638,7 @@ avx512_q4_rows(int nr, const uint8_t *act, int64_t nb, const uint8_t *w, size_t 
     __m256 acc8[4];
     int64_t b = 0;
 
-#pragma GCC unroll 4
-    for (int r = 0; r < nr; r++) {
-        acc[r] = _mm512_setzero_ps();
-        acc8[r] = _mm256_setzero_ps();
-    }
+    avx512_acc_zero(nr, acc, acc8);
     for (; b + 8 <= nb; b += 8, act += AVX512_Q4GRP) {
         __m256 dx = _mm256_load_ps((const float *)(act + 256));
         __m256 cx = _mm256_load_ps((const float *)(act + 288));
@@ -660,9 +666,7 @@ avx512_q4_rows(int nr, const uint8_t *act, int64_t nb, const uint8_t *w, size_t 
         for (int r = 0; r < nr; r++)
             acc8[r] = avx512_q4_block(w + r * rb + 18 * b, act, acc8[r]);
     }
-#pragma GCC unroll 4
-    for (int r = 0; r < nr; r++)
-        out[r] = avx512_hsum(acc[r]) + avx2_hsum(acc8[r]);
+    avx512_acc_sum(nr, acc, acc8, out);
 }
 
 /* out[t] = row p (Q4) . x of token t (regions `stride` bytes apart), t < nt (constant, at most
@@ -675,11 +679,7 @@ avx512_q4_tile(int nt, const uint8_t *act, size_t stride, int64_t nb, const uint
     __m256 acc8[8];
     int64_t b = 0;
 
-#pragma GCC unroll 8
-    for (int t = 0; t < nt; t++) {
-        acc[t] = _mm512_setzero_ps();
-        acc8[t] = _mm256_setzero_ps();
-    }
+    avx512_acc_zero(nt, acc, acc8);
     for (; b + 8 <= nb; b += 8, act += AVX512_Q4GRP) {
         const uint8_t *pg = p + 18 * b;
         __m512 s[8];
@@ -711,9 +711,7 @@ avx512_q4_tile(int nt, const uint8_t *act, size_t stride, int64_t nb, const uint
         for (int t = 0; t < nt; t++)
             acc8[t] = avx512_q4_block(p + 18 * b, act + t * stride, acc8[t]);
     }
-#pragma GCC unroll 8
-    for (int t = 0; t < nt; t++)
-        out[t] = avx512_hsum(acc[t]) + avx2_hsum(acc8[t]);
+    avx512_acc_sum(nt, acc, acc8, out);
 }
 
 /*
