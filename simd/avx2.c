@@ -606,6 +606,9 @@ avx2_q4_tile(int nt, const uint8_t *act, size_t stride, int64_t nb, const uint8_
 /*
  * The register tile: y[t][i] (+)= sum_j x[t][j] * panel[j][i] for t < 4, i < 24. Only t < nt
  * and i < nr are stored; rows of x past nt must still be readable (callers repeat the last).
+ * The twelve accumulators are named, not an array c[4][3] run by loops as in avx512.c: GCC
+ * keeps such an array on the stack here (it is indexed by the variable t when stored), and
+ * the hot loop then spills every accumulator.
  */
 static void
 avx2_tile4(const float *pk, const float *x0, const float *x1, const float *x2, const float *x3,
