@@ -74,14 +74,7 @@ avx2_load8(enum kli_dtype dt, const uint8_t *row, int64_t j)
 AVX2_INLINE float
 avx2_load1(enum kli_dtype dt, const uint8_t *row, int64_t j)
 {
-    if (dt == KLI_DT_F32) {
-        float f;
-        memcpy(&f, row + 4 * j, 4);
-        return f;
-    }
-    if (dt == KLI_DT_F16)
-        return avx2_f16(row + 2 * j);
-    return kli_bf16_to_f32(avx2_u16(row + 2 * j));
+    return simd_load1(dt, row, j, avx2_f16);
 }
 
 /* sum of the 32 int8 in q */

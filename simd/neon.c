@@ -271,16 +271,7 @@ neon_widen8(enum kli_dtype dt, const uint8_t *p, int64_t j, float32x4_t *lo, flo
 NEON_INLINE float
 neon_widen1(enum kli_dtype dt, const uint8_t *p, int64_t j)
 {
-    if (dt == KLI_DT_F32) {
-        float f;
-        memcpy(&f, p + 4 * j, 4);
-        return f;
-    }
-    if (dt == KLI_DT_F16)
-        return neon_f16(p + 2 * j);
-    uint16_t h;
-    memcpy(&h, p + 2 * j, 2);
-    return kli_bf16_to_f32(h);
+    return simd_load1(dt, p, j, neon_f16);
 }
 
 static void

@@ -20,6 +20,7 @@
 #define KLI_SIMD_H
 
 #include <stdint.h>
+#include <string.h>
 
 #include "dtype.h"
 
@@ -29,6 +30,25 @@
  * k is a multiple of the dtype's block size. */
 typedef void (*kli_matmul_fn)(float *y, int64_t ldy, const float *x, int64_t ldx,
                               const void *w, int64_t n, int64_t k, int64_t m);
+
+/* Element j of a row of float-type weights (F32, F16 or BF16) as a float, for the scalar
+ * tails of the SIMD kernels; f16 converts the half at p (with the ISA's own instruction: it is
+ * a constant, inlined). */
+static inline __attribute__((always_inline)) float
+simd_load1(enum kli_dtype dt, const uint8_t *row, int64_t j, float (*f16)(const uint8_t *))
+{
+    uint16_t h;
+
+    if (dt == KLI_DT_F32) {
+        float f;
+        memcpy(&f, row + 4 * j, 4);
+        return f;
+    }
+    if (dt == KLI_DT_F16)
+        return f16(row + 2 * j);
+    memcpy(&h, row + 2 * j, 2);
+    return kli_bf16_to_f32(h);
+}
 
 /* Defines the kli_matmul_fn `name` as impl(args, y, ldy, x, ldx, w, n, k, m): a table entry of
  * a matmul written once for several dtypes or variants, whose leading arguments (a dtype, a
