@@ -10,11 +10,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "kli.h"
 #include "cli.h"
+#include "util.h"
 
 /* ==== progress ============================================================================ */
 
@@ -24,21 +24,12 @@ struct progress {
     const char *what;
 };
 
-static double
-now_s(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
 /* A bar with ETA on a terminal; a plain line every 10 s otherwise. */
 static void
 on_progress(void *ud, uint64_t done, uint64_t total, const char *what)
 {
     struct progress *p = ud;
-    double t = now_s(), el = t - p->t0;
+    double t = util_now_s(), el = t - p->t0;
     double frac = total > 0 ? (double)done / (double)total : 1.0;
     double eta = frac > 0 ? el / frac - el : 0;
 
@@ -76,7 +67,7 @@ cmd_synth(int argc, char **argv)
     };
     struct kli_synth_options o;
     struct kli_err err = {0};
-    struct progress p = {now_s(), 0, isatty(STDERR_FILENO), "synth"};
+    struct progress p = {util_now_s(), 0, isatty(STDERR_FILENO), "synth"};
     const char *out = NULL;
     long v;
     int c;
@@ -121,7 +112,7 @@ cmd_synth(int argc, char **argv)
         cli_error("%s", err.msg);
         return 1;
     }
-    fprintf(stderr, "synth: wrote %s in %.1f s\n", out, now_s() - p.t0);
+    fprintf(stderr, "synth: wrote %s in %.1f s\n", out, util_now_s() - p.t0);
     return 0;
 }
 
@@ -186,7 +177,7 @@ cmd_quantize(int argc, char **argv)
 {
     struct kli_quantize_options o;
     struct kli_err err = {0};
-    struct progress p = {now_s(), 0, isatty(STDERR_FILENO), "quantize"};
+    struct progress p = {util_now_s(), 0, isatty(STDERR_FILENO), "quantize"};
     struct convert_args a = {0};
     int pr;
 
@@ -211,7 +202,7 @@ cmd_quantize(int argc, char **argv)
         cli_error("%s", err.msg);
         return 1;
     }
-    fprintf(stderr, "quantize: wrote %s in %.1f s\n", a.out, now_s() - p.t0);
+    fprintf(stderr, "quantize: wrote %s in %.1f s\n", a.out, util_now_s() - p.t0);
     return 0;
 }
 
@@ -237,7 +228,7 @@ cmd_convert(int argc, char **argv)
 {
     struct kli_convert_options o;
     struct kli_err err = {0};
-    struct progress p = {now_s(), 0, isatty(STDERR_FILENO), "convert"};
+    struct progress p = {util_now_s(), 0, isatty(STDERR_FILENO), "convert"};
     struct sigaction sa, old_int, old_term;
     struct convert_args a = {0};
     int rc, pr;
@@ -275,7 +266,7 @@ cmd_convert(int argc, char **argv)
         cli_error("%s", err.msg);
         return rc == KLI_E_INTERRUPTED ? 128 + (int)convert_signal : 1;
     }
-    fprintf(stderr, "convert: wrote %s in %.1f s\n", a.out, now_s() - p.t0);
+    fprintf(stderr, "convert: wrote %s in %.1f s\n", a.out, util_now_s() - p.t0);
     return 0;
 }
 
@@ -322,14 +313,14 @@ rand_token(int32_t V)
 static double
 bench_decode(struct kli_session *s, int n, int32_t V, struct kli_err *err)
 {
-    double t0 = now_s();
+    double t0 = util_now_s();
 
     for (int i = 0; i < n; i++) {
         kli_token t = rand_token(V);
         if (kli_session_eval(s, &t, 1, NULL, err) != KLI_OK)
             return -1;
     }
-    return n / (now_s() - t0);
+    return n / (util_now_s() - t0);
 }
 
 /* KL(p || q) of two logit rows, in nats, whether their argmaxes agree, and by how much p's
@@ -616,10 +607,10 @@ bench_one(const struct bench_args *a)
             for (long i = 0; i < pp; i++)
                 prompt[i] = rand_token(V);
             kli_session_reset(s);
-            double t0 = now_s();
+            double t0 = util_now_s();
             if (kli_session_eval(s, prompt, (int32_t)pp, NULL, &err) != KLI_OK)
                 goto fail;
-            pf[r] = pp / (now_s() - t0);
+            pf[r] = pp / (util_now_s() - t0);
         }
         if (tg > 0) {
             kli_session_reset(s);
