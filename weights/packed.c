@@ -404,221 +404,273 @@ pack_parse_tensor(const uint8_t *rec, const uint8_t *strings, uint64_t ss, const
     return KLI_OK;
 }
 
+/* What kli_pack_parse reads one file with: the mapping, where the data section lies, and
+ * the directory's counts; the per-section steps below share it. */
+struct pack_parse {
+    const uint8_t *base;
+    const char *fname;
+    uint64_t align, data_begin, data_end;
+    const uint8_t *dir;             /* the directory section */
+    uint64_t nt, ng, ss, trs, grs;  /* tensors, groups, name bytes, record sizes */
+    struct kli_tensor_desc **descs;
+    int64_t n0;                     /* the first descriptor this file adds */
+    int64_t *owner;                 /* [nt]: the group holding each tensor, or -1 */
+};
+
+/* The small sections' checksums, then CONFIG: the config.json text and a NUL. */
+static int
+pack_parse_config(const struct pack_parse *P, const struct pack_section sec[5],
+                  struct kli_pack_info *info, struct kli_err *err)
+{
+    for (int k = PACK_CONFIG; k <= PACK_DIRECTORY; k++) {
+        if (sec[k].present && kli_xxh64(P->base + sec[k].offset, (size_t)sec[k].size, 0) !=
+            sec[k].checksum) {
+            return pack_err(err, KLI_E_FORMAT, P->fname, "section \"%s\" is damaged (checksum "
+                            "mismatch)", pack_kind_names[k]);
+        }
+    }
+    if (sec[PACK_CONFIG].size == 0 ||
+        P->base[sec[PACK_CONFIG].offset + sec[PACK_CONFIG].size - 1]) {
+        return pack_err(err, KLI_E_FORMAT, P->fname,
+                        "section \"config\" is not NUL-terminated text");
+    }
+    info->config = (const char *)P->base + sec[PACK_CONFIG].offset;
+    info->config_len = sec[PACK_CONFIG].size - 1;
+    return KLI_OK;
+}
+
+/* DIRECTORY's head: counts and record sizes, which must fit the section. */
+static int
+pack_parse_dir_head(struct pack_parse *P, const struct pack_section *dsec, struct kli_err *err)
+{
+    const uint8_t *dir = P->base + dsec->offset;
+    uint64_t room;
+
+    P->dir = dir;
+    if (dsec->size < PACK_DIR_HEAD)
+        return pack_err(err, KLI_E_FORMAT, P->fname, "section \"directory\" is too short");
+    P->nt = util_rd64(dir);
+    P->ng = util_rd64(dir + 8);
+    P->ss = util_rd64(dir + 16);
+    P->trs = util_rd32(dir + 24);
+    P->grs = util_rd32(dir + 28);
+    room = dsec->size - PACK_DIR_HEAD;
+    if (P->trs < PACK_TENSOR_REC || P->grs < PACK_GROUP_REC || P->nt > room / P->trs ||
+        P->ng > (room - P->nt * P->trs) / P->grs ||
+        P->ss > room - P->nt * P->trs - P->ng * P->grs) {
+        return pack_err(err, KLI_E_FORMAT, P->fname, "section \"directory\": %llu tensors, "
+                        "%llu groups and %llu bytes of names do not fit its %llu bytes",
+                        (unsigned long long)P->nt, (unsigned long long)P->ng,
+                        (unsigned long long)P->ss, (unsigned long long)dsec->size);
+    }
+    return KLI_OK;
+}
+
+/* Room for the file's tensors in *descs (grown geometrically from *cap). */
+static int
+pack_grow_descs(const struct pack_parse *P, int64_t *cap, struct kli_err *err)
+{
+    uint64_t want = (uint64_t)P->n0 + P->nt, grow = (uint64_t)*cap * 2;
+    struct kli_tensor_desc *p;
+
+    if (want <= (uint64_t)*cap)
+        return KLI_OK;
+    want = want < grow ? grow : want;
+    want = want < 16 ? 16 : want;
+    p = want > SIZE_MAX / sizeof(*p) ? NULL :
+        kli_reallocarray(*P->descs, (size_t)want, sizeof(*p));
+    if (p == NULL) {
+        return pack_err(err, KLI_E_NOMEM, P->fname, "out of memory for %llu tensors",
+                        (unsigned long long)P->nt);
+    }
+    *P->descs = p;
+    *cap = (int64_t)want;
+    return KLI_OK;
+}
+
+/* The tensor records, appended to *descs (counted in *n as they are, so that a failure
+ * frees exactly the names copied). */
+static int
+pack_parse_tensors(const struct pack_parse *P, int32_t file, int64_t *n,
+                   struct kli_pack_info *info, struct kli_err *err)
+{
+    const uint8_t *strings = P->dir + PACK_DIR_HEAD + P->nt * P->trs + P->ng * P->grs;
+    int rc;
+
+    for (uint64_t i = 0; i < P->nt; i++) {
+        rc = pack_parse_tensor(P->dir + PACK_DIR_HEAD + i * P->trs, strings, P->ss, P->base,
+                               P->data_begin, P->data_end, (int64_t)i, P->fname,
+                               &(*P->descs)[*n], &info->checksums[i], err);
+        if (rc != KLI_OK)
+            return rc;
+        (*P->descs)[*n].file = file;
+        (*n)++;
+        P->owner[i] = -1;
+    }
+    return KLI_OK;
+}
+
+/* Groups: runs of consecutive tensors in one range that starts on an alignment unit; its
+ * units are its own (checked by pack_check_overlaps with the tensors' ranges). */
+static int
+pack_parse_groups(const struct pack_parse *P, struct kli_pack_info *info, struct kli_err *err)
+{
+    const struct kli_tensor_desc *descs = *P->descs;
+
+    info->n_groups = (int64_t)P->ng;
+    for (uint64_t g = 0; g < P->ng; g++) {
+        const uint8_t *r = P->dir + PACK_DIR_HEAD + P->nt * P->trs + g * P->grs;
+        struct kli_tensor_group *G = &info->groups[g];
+        uint64_t off = util_rd64(r), gs = util_rd64(r + 8), prev_end = off;
+        uint64_t first = util_rd32(r + 16), cnt = util_rd32(r + 20);
+
+        if (cnt == 0 || first >= P->nt || cnt > P->nt - first || off % P->align != 0 ||
+            off < P->data_begin || off > P->data_end || gs > P->data_end - off) {
+            return pack_err(err, KLI_E_FORMAT, P->fname, "section \"directory\": group %llu "
+                            "(tensors %llu+%llu at [%llu, +%llu)) is out of bounds or not "
+                            "aligned", (unsigned long long)g, (unsigned long long)first,
+                            (unsigned long long)cnt, (unsigned long long)off,
+                            (unsigned long long)gs);
+        }
+        for (uint64_t t = first; t < first + cnt; t++) {
+            const struct kli_tensor_desc *d = &descs[P->n0 + (int64_t)t];
+            uint64_t toff = (uint64_t)((const uint8_t *)d->data - P->base);
+
+            if (P->owner[t] >= 0 || toff < prev_end || (t == first && toff != off) ||
+                toff + d->nbytes > off + gs) {
+                return pack_err(err, KLI_E_FORMAT, P->fname, "section \"directory\": tensor "
+                                "\"%.64s\" is not in order inside group %llu, or in two "
+                                "groups", d->name, (unsigned long long)g);
+            }
+            P->owner[t] = (int64_t)g;
+            prev_end = toff + d->nbytes;
+        }
+        G->data = P->base + off;
+        G->offset = off;
+        G->size = gs;
+        G->first = P->n0 + (int64_t)first;
+        G->n = (int32_t)cnt;
+        G->layer = (int32_t)util_rd32(r + 24);
+        G->expert = (int32_t)util_rd32(r + 28);
+    }
+    return KLI_OK;
+}
+
+/* No byte of the data section belongs to two tensors, and no tensor outside a group
+ * touches the group's alignment units. `ranges` has room for nt + ng. */
+static int
+pack_check_overlaps(const struct pack_parse *P, const struct kli_pack_info *info,
+                    struct pack_range *ranges, struct kli_err *err)
+{
+    const struct kli_tensor_desc *descs = *P->descs + P->n0;
+    int64_t nr = 0, last = 0;   /* last: the range reaching furthest so far */
+
+    for (uint64_t t = 0; t < P->nt; t++) {
+        const struct kli_tensor_desc *d = &descs[t];
+        uint64_t toff = (uint64_t)((const uint8_t *)d->data - P->base);
+
+        if (P->owner[t] < 0 && d->nbytes > 0)
+            ranges[nr++] = (struct pack_range){toff, toff + d->nbytes, (int64_t)t};
+    }
+    for (uint64_t g = 0; g < P->ng; g++) {
+        uint64_t end = pack_align(info->groups[g].offset + info->groups[g].size, P->align);
+
+        ranges[nr++] = (struct pack_range){info->groups[g].offset,
+                                           end < P->data_end ? end : P->data_end,
+                                           -1 - (int64_t)g};
+    }
+    qsort(ranges, (size_t)nr, sizeof(*ranges), pack_range_cmp);
+    for (int64_t k = 1; k < nr; k++) {
+        if (ranges[k].end > ranges[k].begin && ranges[k].begin < ranges[last].end) {
+            int64_t a = ranges[last].idx, b = ranges[k].idx;
+            char wa[96], wb[96];
+
+            if (a >= 0)
+                snprintf(wa, sizeof(wa), "tensor \"%.64s\"", descs[a].name);
+            else
+                snprintf(wa, sizeof(wa), "group %lld", (long long)(-1 - a));
+            if (b >= 0)
+                snprintf(wb, sizeof(wb), "tensor \"%.64s\"", descs[b].name);
+            else
+                snprintf(wb, sizeof(wb), "group %lld", (long long)(-1 - b));
+            return pack_err(err, KLI_E_FORMAT, P->fname, "section \"directory\": %s overlaps %s",
+                            wa, wb);
+        }
+        if (ranges[k].end > ranges[last].end)
+            last = k;
+    }
+    return KLI_OK;
+}
+
+/* The DATA section's checksum commits to the per-tensor ones. */
+static int
+pack_check_data(const struct pack_parse *P, const struct kli_pack_info *info, uint64_t sum,
+                struct kli_err *err)
+{
+    struct xxh64_state h;
+    uint8_t b[8];
+
+    xxh64_init(&h, 0);
+    for (uint64_t t = 0; t < P->nt; t++) {
+        util_wr64(b, info->checksums[t]);
+        xxh64_update(&h, b, 8);
+    }
+    if (xxh64_digest(&h) != sum) {
+        return pack_err(err, KLI_E_FORMAT, P->fname, "section \"data\": its checksum does not "
+                        "match the tensor checksums in the directory");
+    }
+    return KLI_OK;
+}
+
 int
 kli_pack_parse(const uint8_t *base, uint64_t size, const char *fname, int32_t file,
                struct kli_tensor_desc **descs, int64_t *n, int64_t *cap,
                struct kli_pack_info *info, struct kli_err *err)
 {
-    const int64_t n0 = *n;
+    struct pack_parse P = {.base = base, .fname = fname != NULL ? fname : "(memory)",
+                           .align = PACK_ALIGN, .descs = descs, .n0 = *n};
     struct pack_section sec[5];
     struct pack_range *ranges = NULL;
-    int64_t *owner = NULL;
-    uint64_t align = PACK_ALIGN, nt, ng, ss, trs, grs, data_begin, data_end;
-    const uint8_t *dir;
     int rc;
 
     memset(info, 0, sizeof(*info));
-    if (fname == NULL)
-        fname = "(memory)";
-    if ((rc = pack_parse_header(base, size, fname, sec, &align, info, err)) != KLI_OK)
+    if ((rc = pack_parse_header(base, size, P.fname, sec, &P.align, info, err)) != KLI_OK ||
+        (rc = pack_parse_config(&P, sec, info, err)) != KLI_OK)
         return rc;
-    for (int k = PACK_CONFIG; k <= PACK_DIRECTORY; k++) {
-        if (sec[k].present && kli_xxh64(base + sec[k].offset, (size_t)sec[k].size, 0) !=
-            sec[k].checksum) {
-            return pack_err(err, KLI_E_FORMAT, fname, "section \"%s\" is damaged (checksum "
-                            "mismatch)", pack_kind_names[k]);
-        }
-    }
-
-    /* CONFIG: the config.json text and a NUL. */
-    if (sec[PACK_CONFIG].size == 0 || base[sec[PACK_CONFIG].offset + sec[PACK_CONFIG].size - 1])
-        return pack_err(err, KLI_E_FORMAT, fname, "section \"config\" is not NUL-terminated text");
-    info->config = (const char *)base + sec[PACK_CONFIG].offset;
-    info->config_len = sec[PACK_CONFIG].size - 1;
-    if (sec[PACK_TOKENIZER].present) {
-        rc = pack_parse_tokenizer(base + sec[PACK_TOKENIZER].offset, sec[PACK_TOKENIZER].size,
-                                  fname, info, err);
-        if (rc != KLI_OK)
-            goto fail;
-    }
-
-    /* DIRECTORY: counts and record sizes, then the records and the names. */
-    dir = base + sec[PACK_DIRECTORY].offset;
-    if (sec[PACK_DIRECTORY].size < PACK_DIR_HEAD) {
-        rc = pack_err(err, KLI_E_FORMAT, fname, "section \"directory\" is too short");
+    if (sec[PACK_TOKENIZER].present &&
+        (rc = pack_parse_tokenizer(base + sec[PACK_TOKENIZER].offset, sec[PACK_TOKENIZER].size,
+                                   P.fname, info, err)) != KLI_OK)
+        goto fail;
+    if ((rc = pack_parse_dir_head(&P, &sec[PACK_DIRECTORY], err)) != KLI_OK)
+        goto fail;
+    P.data_begin = sec[PACK_DATA].offset;
+    P.data_end = P.data_begin + sec[PACK_DATA].size;
+    if ((rc = pack_grow_descs(&P, cap, err)) != KLI_OK)
+        goto fail;
+    info->checksums = kli_mallocarray((size_t)P.nt + 1, sizeof(*info->checksums));
+    info->groups = kli_mallocarray((size_t)P.ng + 1, sizeof(*info->groups));
+    ranges = kli_mallocarray((size_t)(P.nt + P.ng) + 1, sizeof(*ranges));
+    P.owner = kli_mallocarray((size_t)P.nt + 1, sizeof(*P.owner));
+    if (info->checksums == NULL || info->groups == NULL || ranges == NULL || P.owner == NULL) {
+        rc = pack_err(err, KLI_E_NOMEM, P.fname, "out of memory for %llu tensors",
+                      (unsigned long long)P.nt);
         goto fail;
     }
-    nt = util_rd64(dir);
-    ng = util_rd64(dir + 8);
-    ss = util_rd64(dir + 16);
-    trs = util_rd32(dir + 24);
-    grs = util_rd32(dir + 28);
-    {
-        uint64_t room = sec[PACK_DIRECTORY].size - PACK_DIR_HEAD;
-
-        if (trs < PACK_TENSOR_REC || grs < PACK_GROUP_REC || nt > room / trs ||
-            ng > (room - nt * trs) / grs || ss > room - nt * trs - ng * grs) {
-            rc = pack_err(err, KLI_E_FORMAT, fname, "section \"directory\": %llu tensors, %llu "
-                          "groups and %llu bytes of names do not fit its %llu bytes",
-                          (unsigned long long)nt, (unsigned long long)ng,
-                          (unsigned long long)ss, (unsigned long long)sec[PACK_DIRECTORY].size);
-            goto fail;
-        }
-    }
-    data_begin = sec[PACK_DATA].offset;
-    data_end = data_begin + sec[PACK_DATA].size;
-
-    if ((uint64_t)n0 + nt > (uint64_t)*cap) {
-        uint64_t want = (uint64_t)n0 + nt, grow = (uint64_t)*cap * 2;
-        struct kli_tensor_desc *p;
-
-        want = want < grow ? grow : want;
-        want = want < 16 ? 16 : want;
-        p = want > SIZE_MAX / sizeof(*p) ? NULL :
-            kli_reallocarray(*descs, (size_t)want, sizeof(*p));
-        if (p == NULL) {
-            rc = pack_err(err, KLI_E_NOMEM, fname, "out of memory for %llu tensors",
-                          (unsigned long long)nt);
-            goto fail;
-        }
-        *descs = p;
-        *cap = (int64_t)want;
-    }
-    info->checksums = kli_mallocarray((size_t)nt + 1, sizeof(*info->checksums));
-    info->groups = kli_mallocarray((size_t)ng + 1, sizeof(*info->groups));
-    ranges = kli_mallocarray((size_t)(nt + ng) + 1, sizeof(*ranges));
-    owner = kli_mallocarray((size_t)nt + 1, sizeof(*owner));
-    if (info->checksums == NULL || info->groups == NULL || ranges == NULL || owner == NULL) {
-        rc = pack_err(err, KLI_E_NOMEM, fname, "out of memory for %llu tensors",
-                      (unsigned long long)nt);
+    if ((rc = pack_parse_tensors(&P, file, n, info, err)) != KLI_OK ||
+        (rc = pack_parse_groups(&P, info, err)) != KLI_OK ||
+        (rc = pack_check_overlaps(&P, info, ranges, err)) != KLI_OK ||
+        (rc = pack_check_data(&P, info, sec[PACK_DATA].checksum, err)) != KLI_OK)
         goto fail;
-    }
-    {
-        const uint8_t *strings = dir + PACK_DIR_HEAD + nt * trs + ng * grs;
-
-        for (uint64_t i = 0; i < nt; i++) {
-            rc = pack_parse_tensor(dir + PACK_DIR_HEAD + i * trs, strings, ss, base, data_begin,
-                                   data_end, (int64_t)i, fname, &(*descs)[*n],
-                                   &info->checksums[i], err);
-            if (rc != KLI_OK)
-                goto fail;
-            (*descs)[*n].file = file;
-            (*n)++;
-            owner[i] = -1;
-        }
-    }
-
-    /* Groups: runs of consecutive tensors in one range that starts on an alignment unit;
-     * its units are its own (checked below with the tensors' ranges). */
-    info->n_groups = (int64_t)ng;
-    for (uint64_t g = 0; g < ng; g++) {
-        const uint8_t *r = dir + PACK_DIR_HEAD + nt * trs + g * grs;
-        struct kli_tensor_group *G = &info->groups[g];
-        uint64_t off = util_rd64(r), gs = util_rd64(r + 8), prev_end = off;
-        uint64_t first = util_rd32(r + 16), cnt = util_rd32(r + 20);
-
-        if (cnt == 0 || first >= nt || cnt > nt - first || off % align != 0 ||
-            off < data_begin || off > data_end || gs > data_end - off) {
-            rc = pack_err(err, KLI_E_FORMAT, fname, "section \"directory\": group %llu "
-                          "(tensors %llu+%llu at [%llu, +%llu)) is out of bounds or not "
-                          "aligned", (unsigned long long)g, (unsigned long long)first,
-                          (unsigned long long)cnt, (unsigned long long)off,
-                          (unsigned long long)gs);
-            goto fail;
-        }
-        for (uint64_t t = first; t < first + cnt; t++) {
-            const struct kli_tensor_desc *d = &(*descs)[n0 + (int64_t)t];
-            uint64_t toff = (uint64_t)((const uint8_t *)d->data - base);
-
-            if (owner[t] >= 0 || toff < prev_end || (t == first && toff != off) ||
-                toff + d->nbytes > off + gs) {
-                rc = pack_err(err, KLI_E_FORMAT, fname, "section \"directory\": tensor "
-                              "\"%.64s\" is not in order inside group %llu, or in two groups",
-                              d->name, (unsigned long long)g);
-                goto fail;
-            }
-            owner[t] = (int64_t)g;
-            prev_end = toff + d->nbytes;
-        }
-        G->data = base + off;
-        G->offset = off;
-        G->size = gs;
-        G->first = n0 + (int64_t)first;
-        G->n = (int32_t)cnt;
-        G->layer = (int32_t)util_rd32(r + 24);
-        G->expert = (int32_t)util_rd32(r + 28);
-    }
-
-    /* No byte of the data section belongs to two tensors, and no tensor outside a group
-     * touches the group's alignment units. */
-    {
-        int64_t nr = 0;
-
-        for (uint64_t t = 0; t < nt; t++) {
-            const struct kli_tensor_desc *d = &(*descs)[n0 + (int64_t)t];
-            uint64_t toff = (uint64_t)((const uint8_t *)d->data - base);
-
-            if (owner[t] < 0 && d->nbytes > 0)
-                ranges[nr++] = (struct pack_range){toff, toff + d->nbytes, (int64_t)t};
-        }
-        for (uint64_t g = 0; g < ng; g++) {
-            uint64_t end = pack_align(info->groups[g].offset + info->groups[g].size, align);
-
-            ranges[nr++] = (struct pack_range){info->groups[g].offset,
-                                               end < data_end ? end : data_end,
-                                               -1 - (int64_t)g};
-        }
-        int64_t last = 0;   /* the range reaching furthest so far */
-
-        qsort(ranges, (size_t)nr, sizeof(*ranges), pack_range_cmp);
-        for (int64_t k = 1; k < nr; k++) {
-            if (ranges[k].end > ranges[k].begin && ranges[k].begin < ranges[last].end) {
-                int64_t a = ranges[last].idx, b = ranges[k].idx;
-                char wa[96], wb[96];
-
-                if (a >= 0)
-                    snprintf(wa, sizeof(wa), "tensor \"%.64s\"", (*descs)[n0 + a].name);
-                else
-                    snprintf(wa, sizeof(wa), "group %lld", (long long)(-1 - a));
-                if (b >= 0)
-                    snprintf(wb, sizeof(wb), "tensor \"%.64s\"", (*descs)[n0 + b].name);
-                else
-                    snprintf(wb, sizeof(wb), "group %lld", (long long)(-1 - b));
-                rc = pack_err(err, KLI_E_FORMAT, fname, "section \"directory\": %s overlaps %s",
-                              wa, wb);
-                goto fail;
-            }
-            if (ranges[k].end > ranges[last].end)
-                last = k;
-        }
-    }
-
-    /* The DATA section's checksum commits to the per-tensor ones. */
-    {
-        struct xxh64_state h;
-        uint8_t b[8];
-
-        xxh64_init(&h, 0);
-        for (uint64_t t = 0; t < nt; t++) {
-            util_wr64(b, info->checksums[t]);
-            xxh64_update(&h, b, 8);
-        }
-        if (xxh64_digest(&h) != sec[PACK_DATA].checksum) {
-            rc = pack_err(err, KLI_E_FORMAT, fname, "section \"data\": its checksum does not "
-                          "match the tensor checksums in the directory");
-            goto fail;
-        }
-    }
     free(ranges);
-    free(owner);
+    free(P.owner);
     return KLI_OK;
 
 fail:
-    for (int64_t i = n0; i < *n; i++)
+    for (int64_t i = P.n0; i < *n; i++)
         free((char *)(*descs)[i].name);
-    *n = n0;
+    *n = P.n0;
     free(ranges);
-    free(owner);
+    free(P.owner);
     kli_pack_info_free(info);
     return rc;
 }
