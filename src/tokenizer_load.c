@@ -239,12 +239,33 @@ tok_parse_rank_line(struct kli_tokenizer *t, const char *path, long lineno, cons
     return KLI_OK;
 }
 
+/* The line of buf[0, len) that starts at *i: *line, *ll bytes without the "\n" or "\r\n";
+ * *i moves past it. @return 0 at the end of the text. */
+static int
+tok_next_line(const char *buf, size_t len, size_t *i, const char **line, size_t *ll)
+{
+    const char *nl;
+    size_t e;
+
+    if (*i >= len)
+        return 0;
+    nl = memchr(buf + *i, '\n', len - *i);
+    e = nl != NULL ? (size_t)(nl - buf) : len;
+    *line = buf + *i;
+    *ll = e - *i;
+    if (*ll > 0 && buf[e - 1] == '\r')
+        (*ll)--;
+    *i = e + 1;
+    return 1;
+}
+
 /* tiktoken.model text (`len` bytes, NUL-terminated); `path` names it in messages. */
 static int
 tok_parse_ranks(struct kli_tokenizer *t, const char *path, const char *buf, size_t len,
                 struct kli_err *err)
 {
-    size_t i, n_lines = 0;
+    size_t i, ll, n_lines = 0;
+    const char *line;
     uint32_t *rank_line = NULL;
     unsigned char dec[TOK_MAX_LINE];
     long lineno;
@@ -256,14 +277,8 @@ tok_parse_ranks(struct kli_tokenizer *t, const char *path, const char *buf, size
     }
     /* Pass 1: count entries (tiktoken skips empty lines) and bound line lengths. */
     lineno = 0;
-    for (i = 0; i < len;) {
-        const char *nl = memchr(buf + i, '\n', len - i);
-        size_t e = nl != NULL ? (size_t)(nl - buf) : len;
-        size_t ll = e - i;
-
+    for (i = 0; tok_next_line(buf, len, &i, &line, &ll);) {
         lineno++;
-        if (ll > 0 && buf[e - 1] == '\r')
-            ll--;
         if (ll > TOK_MAX_LINE) {
             rc = kli_err_set(err, KLI_E_FORMAT, "tokenizer: %s line %ld: longer than %d bytes",
                              path, lineno, TOK_MAX_LINE);
@@ -271,7 +286,6 @@ tok_parse_ranks(struct kli_tokenizer *t, const char *path, const char *buf, size
         }
         if (ll > 0)
             n_lines++;
-        i = e + 1;
     }
     if (n_lines < 256 || n_lines > TOK_MAX_RANKS) {
         rc = kli_err_set(err, KLI_E_FORMAT, "tokenizer: %s has %zu ranks; expected 256..%d",
@@ -292,20 +306,13 @@ tok_parse_ranks(struct kli_tokenizer *t, const char *path, const char *buf, size
     }
     /* Pass 2: decode. */
     lineno = 0;
-    for (i = 0; i < len;) {
-        const char *nl = memchr(buf + i, '\n', len - i);
-        size_t e = nl != NULL ? (size_t)(nl - buf) : len;
-        size_t ll = e - i;
-
+    for (i = 0; tok_next_line(buf, len, &i, &line, &ll);) {
         lineno++;
-        if (ll > 0 && buf[e - 1] == '\r')
-            ll--;
         if (ll > 0) {
-            rc = tok_parse_rank_line(t, path, lineno, buf + i, ll, rank_line, dec, err);
+            rc = tok_parse_rank_line(t, path, lineno, line, ll, rank_line, dec, err);
             if (rc != KLI_OK)
                 goto out;
         }
-        i = e + 1;
     }
     t->pair_rank = kli_mallocarray(65536, sizeof(*t->pair_rank));
     if (t->pair_rank == NULL) {
