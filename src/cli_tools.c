@@ -121,16 +121,17 @@ cmd_synth(int argc, char **argv)
 #define TOOLS_MAX_KEEP 64
 
 struct convert_args {
-    const char *in, *out, *type;
+    const char *in, *out;
     const char *keep[TOOLS_MAX_KEEP];
-    int n_keep, force;
+    struct kli_convert_options o;   /* initialized by the caller: its defaults */
 };
 
-/* -m IN -o OUT [--type T] [--keep GLOB=TYPE]... [--force]. `help` is printed for -h and
- * `usage` with a usage error. @return 0 to go on, 1 after --help, -1 on a usage error. */
+/* -m IN -o OUT [--type T] [--keep GLOB=TYPE]... [--force], into a->o (whose progress goes
+ * to `p`). `help` is printed for -h and `usage` with a usage error.
+ * @return 0 to go on, 1 after --help, -1 on a usage error. */
 static int
-convert_args_parse(int argc, char **argv, struct convert_args *a, const char *help,
-                   const char *usage)
+convert_args_parse(int argc, char **argv, struct convert_args *a, struct progress *p,
+                   const char *help, const char *usage)
 {
     static const struct option opts[] = {
         {"model", required_argument, NULL, 'm'},
@@ -147,15 +148,15 @@ convert_args_parse(int argc, char **argv, struct convert_args *a, const char *he
         switch (c) {
         case 'm': a->in = optarg; break;
         case 'o': a->out = optarg; break;
-        case 'T': a->type = optarg; break;
+        case 'T': a->o.type = optarg; break;
         case 'K':
-            if (a->n_keep == TOOLS_MAX_KEEP) {
+            if (a->o.n_keep == TOOLS_MAX_KEEP) {
                 cli_error("--keep: at most %d rules", TOOLS_MAX_KEEP);
                 return -1;
             }
-            a->keep[a->n_keep++] = optarg;
+            a->keep[a->o.n_keep++] = optarg;
             break;
-        case 'F': a->force = 1; break;
+        case 'F': a->o.force = 1; break;
         case 'h':
             printf("%s", help);
             return 1;
@@ -167,6 +168,9 @@ convert_args_parse(int argc, char **argv, struct convert_args *a, const char *he
         cli_error("%s", usage);
         return -1;
     }
+    a->o.keep = a->keep;
+    a->o.progress = on_progress;
+    a->o.ud = p;
     return 0;
 }
 
@@ -175,15 +179,13 @@ convert_args_parse(int argc, char **argv, struct convert_args *a, const char *he
 static int
 cmd_quantize(int argc, char **argv)
 {
-    struct kli_quantize_options o;
     struct kli_err err = {0};
     struct progress p = {util_now_s(), 0, isatty(STDERR_FILENO), "quantize"};
     struct convert_args a = {0};
     int pr;
 
-    kli_quantize_options_init(&o);
-    a.type = o.type;
-    pr = convert_args_parse(argc, argv, &a,
+    kli_quantize_options_init(&a.o);
+    pr = convert_args_parse(argc, argv, &a, &p,
                             "usage: kli quantize -m|--model DIR -o|--output OUT_DIR "
                             "--type q8_0|q4|bf16|f16|f32\n"
                             "                    [--keep GLOB=TYPE]... [--force] "
@@ -192,13 +194,7 @@ cmd_quantize(int argc, char **argv)
                             "[--keep GLOB=TYPE]...");
     if (pr != 0)
         return pr > 0 ? 0 : 2;
-    o.type = a.type;
-    o.force = a.force;
-    o.keep = a.keep;
-    o.n_keep = a.n_keep;
-    o.progress = on_progress;
-    o.ud = &p;
-    if (kli_quantize(a.in, a.out, &o, &err) != KLI_OK) {
+    if (kli_quantize(a.in, a.out, &a.o, &err) != KLI_OK) {
         cli_error("%s", err.msg);
         return 1;
     }
@@ -226,16 +222,14 @@ convert_interrupt(void *ud)
 static int
 cmd_convert(int argc, char **argv)
 {
-    struct kli_convert_options o;
     struct kli_err err = {0};
     struct progress p = {util_now_s(), 0, isatty(STDERR_FILENO), "convert"};
     struct sigaction sa, old_int, old_term;
     struct convert_args a = {0};
     int rc, pr;
 
-    kli_convert_options_init(&o);
-    a.type = o.type;
-    pr = convert_args_parse(argc, argv, &a,
+    kli_convert_options_init(&a.o);
+    pr = convert_args_parse(argc, argv, &a, &p,
                             "usage: kli convert -m|--model MODEL -o|--output OUT.kli "
                             "[--type bf16|q8_0|q4|f16|f32]\n"
                             "                   [--keep GLOB=TYPE]... [--force] "
@@ -244,20 +238,14 @@ cmd_convert(int argc, char **argv)
                             "[--keep GLOB=TYPE]...");
     if (pr != 0)
         return pr > 0 ? 0 : 2;
-    o.type = a.type;
-    o.force = a.force;
-    o.keep = a.keep;
-    o.n_keep = a.n_keep;
-    o.progress = on_progress;
-    o.ud = &p;
-    o.interrupt = convert_interrupt;
+    a.o.interrupt = convert_interrupt;
     /* Ctrl-C stops between slabs and removes the temporary file. */
     memset(&sa, 0, sizeof(sa));
     sa.sa_handler = convert_on_signal;
     sigemptyset(&sa.sa_mask);
     sigaction(SIGINT, &sa, &old_int);
     sigaction(SIGTERM, &sa, &old_term);
-    rc = kli_convert(a.in, a.out, &o, &err);
+    rc = kli_convert(a.in, a.out, &a.o, &err);
     sigaction(SIGINT, &old_int, NULL);
     sigaction(SIGTERM, &old_term, NULL);
     if (rc != KLI_OK) {
