@@ -832,11 +832,6 @@ cmd_bench(int argc, char **argv)
         case 'n': if (cli_parse_int(optarg, 0, 1 << 20, "-n", &tg)) return 2; break;
         case 'd': if (cli_parse_int(optarg, 0, 1 << 24, "--depth", &depth)) return 2; break;
         case 'r': if (cli_parse_int(optarg, 1, 1000, "-r", &reps)) return 2; break;
-        case 't': if (cli_parse_int(optarg, 1, 4096, "-t", &threads)) return 2; break;
-        case CLI_OPT_CPUS: case CLI_OPT_NUMA: case CLI_OPT_MEM_BUDGET:
-            if (cli_placement_option(c, optarg) != 1)
-                return 2;
-            break;
         case 'T': type = optarg; break;
         case 'J': json = 1; break;
         case 'Q': quality = 1; break;
@@ -849,7 +844,7 @@ cmd_bench(int argc, char **argv)
                    CLI_PLACEMENT_HELP CLI_GPU_HELP);
             return 0;
         default:
-            if (cli_gpu_option(c, optarg) != 1)
+            if (cli_model_option(c, optarg, &threads) != 1)
                 return 2;
             break;
         }
