@@ -11,10 +11,10 @@
 #include <stdlib.h>
 #include <sys/mman.h>
 #include <string.h>
-#include <time.h>
 
 #include "internal.h"
 #include "threads.h"
+#include "util.h"
 
 struct triad_job {
     float *a;
@@ -48,15 +48,6 @@ triad_run(void *ctx, int64_t i0, int64_t i1, int ith)
         a[i] = b[i] + s * c[i];
 }
 
-static double
-triad_now(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
 double
 kli_bench_triad(size_t bytes_per_array)
 {
@@ -74,9 +65,9 @@ kli_bench_triad(size_t bytes_per_array)
         struct triad_job j = {a, b, c, 3.0f};
         threads_parallel_for(n, 1 << 16, triad_init, &j);   /* first touch by the workers */
         for (int rep = 0; rep < 5; rep++) {
-            double t0 = triad_now();
+            double t0 = util_now_s();
             threads_parallel_for(n, 1 << 16, triad_run, &j);
-            double dt = triad_now() - t0;
+            double dt = util_now_s() - t0;
             double gbs = 3.0 * (double)n * sizeof(float) / dt / 1e9;
             best = gbs > best ? gbs : best;
         }

@@ -498,6 +498,18 @@ cli_placement_option(int c, const char *arg)
     return -1;
 }
 
+int
+cli_model_option(int c, const char *arg, long *threads)
+{
+    int r;
+
+    if (c == 't')
+        return cli_parse_int(arg, 1, 4096, "-t", threads) == 0 ? 1 : -1;
+    if ((r = cli_placement_option(c, arg)) != 0)
+        return r;
+    return cli_gpu_option(c, arg);
+}
+
 void
 cli_placement_apply(struct kli_model_options *mo)
 {
@@ -610,21 +622,13 @@ cmd_logits(int argc, char **argv)
             if (cli_parse_int(optarg, 1, INT32_MAX, "--chunk", &chunk) != 0)
                 return 2;
             break;
-        case 't':
-            if (cli_parse_int(optarg, 1, 4096, "-t", &threads) != 0)
-                return 2;
-            break;
-        case CLI_OPT_CPUS: case CLI_OPT_NUMA: case CLI_OPT_MEM_BUDGET:
-            if (cli_placement_option(c, optarg) != 1)
-                return 2;
-            break;
         case 'h':
             printf("usage: kli logits -m|--model DIR (--ids 1,2,3 | --ids-file FILE) "
                    "[--chunk N] -o|--output OUT\n                  [-h|--help]\n"
                    CLI_PLACEMENT_HELP CLI_GPU_HELP);
             return 0;
         default:
-            if (cli_gpu_option(c, optarg) != 1)
+            if (cli_model_option(c, optarg, &threads) != 1)
                 return 2;
             break;
         }
@@ -792,14 +796,6 @@ cmd_info(int argc, char **argv)
         case 'T': tensors = 1; break;
         case 'V': verify = 1; break;
         case 'P': topology = 1; break;
-        case 't':
-            if (cli_parse_int(optarg, 1, 4096, "-t", &threads) != 0)
-                return 2;
-            break;
-        case CLI_OPT_CPUS: case CLI_OPT_NUMA: case CLI_OPT_MEM_BUDGET:
-            if (cli_placement_option(c, optarg) != 1)
-                return 2;
-            break;
         case 'h':
             printf("usage: kli info -m|--model MODEL [--tensors] [--verify] [-h|--help]\n"
                    "       kli info --topology [-m|--model MODEL] [-t|--threads N] "
@@ -807,7 +803,9 @@ cmd_info(int argc, char **argv)
                    "[--mem-budget SIZE]\n");
             return 0;
         default:
-            return 2;
+            if (cli_model_option(c, optarg, &threads) != 1)
+                return 2;
+            break;
         }
     }
     if (topology && optind == argc && !tensors && !verify)

@@ -60,6 +60,10 @@ enum { CLI_OPT_CPUS = 0x4100, CLI_OPT_NUMA, CLI_OPT_MEM_BUDGET };
 /* @return 1 if c was a placement option (parsed), 0 if not, -1 for a bad value (reported). */
 int cli_placement_option(int c, const char *arg);
 void cli_placement_apply(struct kli_model_options *mo);
+/* The options of every command that opens a model: -t/--threads N (1..4096, into *threads),
+ * the placement and the GPU options (those a command's table lists).
+ * @return 1 if c was one of them (parsed), 0 if not, -1 for a bad value (reported). */
+int cli_model_option(int c, const char *arg, long *threads);
 /* The sizes --mem-budget listed (kli bench takes several, other commands one).
  * @return their count (0: no budget); *out borrowed. */
 int cli_mem_budgets(const uint64_t **out);

@@ -475,6 +475,110 @@ chat_is_cmd(const char *line, const char *cmd)
     return strncmp(line, cmd, n) == 0 && (line[n] == '\0' || line[n] == ' ' || line[n] == '\t');
 }
 
+/* What the slash commands act on. */
+struct chat_state {
+    struct kli_session *s;
+    struct kli_sampler *smp;
+    int turns;                  /* answered turns since the start, /reset or /load */
+};
+
+/* Each command returns 1 to leave the chat, 0 to go on; `arg` is the rest of the line. */
+static int
+chat_exit(struct chat_state *c, const char *arg)
+{
+    (void)c;
+    (void)arg;
+    return 1;
+}
+
+static int
+chat_help(struct chat_state *c, const char *arg)
+{
+    (void)c;
+    (void)arg;
+    printf("/reset  forget the conversation\n/save F save the conversation (and the "
+           "sampler) to file F\n/load F go on from a conversation saved in F\n"
+           "/help   this text\n/exit   leave (also /quit and Ctrl-D)\n"
+           "Ctrl-C stops the current answer.\n");
+    return 0;
+}
+
+static int
+chat_file(struct chat_state *c, const char *f, int load)
+{
+    struct kli_err err = {0};
+
+    if (*f == '\0') {
+        printf("usage: %s FILE\n", load ? "/load" : "/save");
+        return 0;
+    }
+    if ((load ? kli_session_load(c->s, c->smp, f, &err)
+              : kli_session_save(c->s, c->smp, f, &err)) != KLI_OK) {
+        cli_error("%s", err.msg);
+        return 0;
+    }
+    /* After a load the next turn continues the loaded conversation. */
+    if (load)
+        c->turns = kli_session_pos(c->s) > 0;
+    printf("(%s %d tokens %s %s)\n", load ? "loaded" : "saved", kli_session_pos(c->s),
+           load ? "from" : "to", f);
+    return 0;
+}
+
+static int
+chat_save(struct chat_state *c, const char *arg)
+{
+    return chat_file(c, arg, 0);
+}
+
+static int
+chat_load(struct chat_state *c, const char *arg)
+{
+    return chat_file(c, arg, 1);
+}
+
+static int
+chat_reset(struct chat_state *c, const char *arg)
+{
+    (void)arg;
+    kli_session_reset(c->s);
+    kli_sampler_reset(c->smp);
+    c->turns = 0;
+    printf("(conversation forgotten)\n");
+    return 0;
+}
+
+static const struct chat_command {
+    const char *name;
+    int takes_arg;              /* 0: the line is the name alone */
+    int (*run)(struct chat_state *c, const char *arg);
+} chat_commands[] = {
+    {"/exit", 0, chat_exit},
+    {"/quit", 0, chat_exit},
+    {"/help", 0, chat_help},
+    {"/save", 1, chat_save},
+    {"/load", 1, chat_load},
+    {"/reset", 0, chat_reset},
+};
+
+/* Runs the slash command on `line`. @return 1 to leave the chat, 0 to go on. */
+static int
+chat_command(struct chat_state *c, const char *line)
+{
+    for (size_t i = 0; i < sizeof(chat_commands) / sizeof(chat_commands[0]); i++) {
+        const struct chat_command *k = &chat_commands[i];
+        const char *arg = line + strlen(k->name);
+
+        if (k->takes_arg ? !chat_is_cmd(line, k->name) : strcmp(line, k->name) != 0)
+            continue;
+        while (*arg == ' ' || *arg == '\t')
+            arg++;
+        return k->run(c, arg);
+    }
+    printf("unknown command %s (/help lists them)\n", line);
+    return 0;
+}
+
 static const char chat_usage[] =
     "usage: kli chat [-m|--model MODEL] [-s|--system SYSTEM] [-n|--max-tokens MAX]\n"
     "                [--stop STR]... [--ctx N] [--quiet] [-h|--help]\n"
@@ -495,7 +599,8 @@ cmd_chat(int argc, char **argv)
     struct kli_generate_result res;
     struct sigaction sa;
     char line[65536];
-    int rc = 1, pr, tty = isatty(STDIN_FILENO), turns = 0;
+    struct chat_state cs = {0};
+    int rc = 1, pr, tty = isatty(STDIN_FILENO);
 
     if ((pr = gen_parse(argc, argv, chat_opts, "m:s:n:t:h", &a, chat_usage)) != 0)
         return pr > 0 ? 0 : 2;
@@ -515,6 +620,8 @@ cmd_chat(int argc, char **argv)
         cli_error("%s", err.msg);
         goto out;
     }
+    cs.s = s;
+    cs.smp = smp;
     kli_generate_options_init(&go);
     go.max_tokens = (int32_t)a.max_tokens;
     go.stop = a.stop;
@@ -568,68 +675,31 @@ cmd_chat(int argc, char **argv)
             line[--len] = '\0';
         if (len == 0)
             continue;
-        if (strcmp(line, "/exit") == 0 || strcmp(line, "/quit") == 0)
-            break;
-        if (strcmp(line, "/help") == 0) {
-            printf("/reset  forget the conversation\n/save F save the conversation (and the "
-                   "sampler) to file F\n/load F go on from a conversation saved in F\n"
-                   "/help   this text\n/exit   leave (also /quit and Ctrl-D)\n"
-                   "Ctrl-C stops the current answer.\n");
-            continue;
-        }
-        if (chat_is_cmd(line, "/save") || chat_is_cmd(line, "/load")) {
-            const char *f = line + 5;
-            int load = line[1] == 'l';
-            while (*f == ' ' || *f == '\t')
-                f++;
-            if (*f == '\0') {
-                printf("usage: %s FILE\n", load ? "/load" : "/save");
-                continue;
-            }
-            memset(&err, 0, sizeof(err));
-            if ((load ? kli_session_load(s, smp, f, &err)
-                      : kli_session_save(s, smp, f, &err)) != KLI_OK) {
-                cli_error("%s", err.msg);
-                continue;
-            }
-            /* After a load the next turn continues the loaded conversation. */
-            if (load)
-                turns = kli_session_pos(s) > 0;
-            printf("(%s %d tokens %s %s)\n", load ? "loaded" : "saved", kli_session_pos(s),
-                   load ? "from" : "to", f);
-            continue;
-        }
-        if (strcmp(line, "/reset") == 0) {
-            kli_session_reset(s);
-            kli_sampler_reset(smp);
-            turns = 0;
-            printf("(conversation forgotten)\n");
-            continue;
-        }
         if (line[0] == '/') {
-            printf("unknown command %s (/help lists them)\n", line);
+            if (chat_command(&cs, line))
+                break;
             continue;
         }
         /* Only the new tokens of this turn are fed: the session carries the rest. */
         struct kli_chat_message msgs[2];
         int nm = 0;
-        if (turns == 0 && a.system != NULL) {
+        if (cs.turns == 0 && a.system != NULL) {
             msgs[nm].role = "system";
             msgs[nm++].content = a.system;
         }
         msgs[nm].role = "user";
         msgs[nm++].content = line;
         memset(&err, 0, sizeof(err));
-        int64_t n = kli_chat_render(tok, msgs, nm, 1, turns > 0, NULL, 0, &err);
+        int64_t n = kli_chat_render(tok, msgs, nm, 1, cs.turns > 0, NULL, 0, &err);
         kli_token *ids = n >= 0 ? malloc(((size_t)n + 1) * sizeof(kli_token)) : NULL;
         if (ids == NULL) {
             cli_error("%s", n < 0 ? err.msg : "out of memory");
             continue;
         }
         int off = 0;
-        if (turns > 0)
+        if (cs.turns > 0)
             ids[off++] = im_end;   /* closes the previous answer, which ended unfed */
-        kli_chat_render(tok, msgs, nm, 1, turns > 0, ids + off, n, &err);
+        kli_chat_render(tok, msgs, nm, 1, cs.turns > 0, ids + off, n, &err);
         int r = kli_generate(s, tok, smp, ids, (int32_t)n + off, &go, &res, &err);
         free(ids);
         cli_text_end(&gen_text, stdout);
@@ -641,7 +711,7 @@ cmd_chat(int argc, char **argv)
         if (res.finish == KLI_FINISH_INTERRUPT)
             fputs("(stopped)\n", stdout);
         fflush(stdout);
-        turns++;
+        cs.turns++;
         if (!a.quiet && tty)
             gen_report(&res);
     }

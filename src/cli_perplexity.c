@@ -252,19 +252,11 @@ cli_perplexity(int argc, char **argv)
             if (cli_parse_int(optarg, 2, INT32_MAX, "--ctx", &ctx) != 0)
                 return 2;
             break;
-        case 't':
-            if (cli_parse_int(optarg, 1, 4096, "-t", &threads) != 0)
-                return 2;
-            break;
-        case CLI_OPT_CPUS: case CLI_OPT_NUMA: case CLI_OPT_MEM_BUDGET:
-            if (cli_placement_option(c, optarg) != 1)
-                return 2;
-            break;
         case 'h':
             fputs(ppl_usage, stdout);
             return 0;
         default:
-            if (cli_gpu_option(c, optarg) != 1)
+            if (cli_model_option(c, optarg, &threads) != 1)
                 return 2;
             break;
         }

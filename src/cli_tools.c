@@ -10,11 +10,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "kli.h"
 #include "cli.h"
+#include "util.h"
 
 /* ==== progress ============================================================================ */
 
@@ -24,21 +24,12 @@ struct progress {
     const char *what;
 };
 
-static double
-now_s(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
 /* A bar with ETA on a terminal; a plain line every 10 s otherwise. */
 static void
 on_progress(void *ud, uint64_t done, uint64_t total, const char *what)
 {
     struct progress *p = ud;
-    double t = now_s(), el = t - p->t0;
+    double t = util_now_s(), el = t - p->t0;
     double frac = total > 0 ? (double)done / (double)total : 1.0;
     double eta = frac > 0 ? el / frac - el : 0;
 
@@ -76,7 +67,7 @@ cmd_synth(int argc, char **argv)
     };
     struct kli_synth_options o;
     struct kli_err err = {0};
-    struct progress p = {now_s(), 0, isatty(STDERR_FILENO), "synth"};
+    struct progress p = {util_now_s(), 0, isatty(STDERR_FILENO), "synth"};
     const char *out = NULL;
     long v;
     int c;
@@ -121,7 +112,7 @@ cmd_synth(int argc, char **argv)
         cli_error("%s", err.msg);
         return 1;
     }
-    fprintf(stderr, "synth: wrote %s in %.1f s\n", out, now_s() - p.t0);
+    fprintf(stderr, "synth: wrote %s in %.1f s\n", out, util_now_s() - p.t0);
     return 0;
 }
 
@@ -130,16 +121,17 @@ cmd_synth(int argc, char **argv)
 #define TOOLS_MAX_KEEP 64
 
 struct convert_args {
-    const char *in, *out, *type;
+    const char *in, *out;
     const char *keep[TOOLS_MAX_KEEP];
-    int n_keep, force;
+    struct kli_convert_options o;   /* initialized by the caller: its defaults */
 };
 
-/* -m IN -o OUT [--type T] [--keep GLOB=TYPE]... [--force]. `help` is printed for -h and
- * `usage` with a usage error. @return 0 to go on, 1 after --help, -1 on a usage error. */
+/* -m IN -o OUT [--type T] [--keep GLOB=TYPE]... [--force], into a->o (whose progress goes
+ * to `p`). `help` is printed for -h and `usage` with a usage error.
+ * @return 0 to go on, 1 after --help, -1 on a usage error. */
 static int
-convert_args_parse(int argc, char **argv, struct convert_args *a, const char *help,
-                   const char *usage)
+convert_args_parse(int argc, char **argv, struct convert_args *a, struct progress *p,
+                   const char *help, const char *usage)
 {
     static const struct option opts[] = {
         {"model", required_argument, NULL, 'm'},
@@ -156,15 +148,15 @@ convert_args_parse(int argc, char **argv, struct convert_args *a, const char *he
         switch (c) {
         case 'm': a->in = optarg; break;
         case 'o': a->out = optarg; break;
-        case 'T': a->type = optarg; break;
+        case 'T': a->o.type = optarg; break;
         case 'K':
-            if (a->n_keep == TOOLS_MAX_KEEP) {
+            if (a->o.n_keep == TOOLS_MAX_KEEP) {
                 cli_error("--keep: at most %d rules", TOOLS_MAX_KEEP);
                 return -1;
             }
-            a->keep[a->n_keep++] = optarg;
+            a->keep[a->o.n_keep++] = optarg;
             break;
-        case 'F': a->force = 1; break;
+        case 'F': a->o.force = 1; break;
         case 'h':
             printf("%s", help);
             return 1;
@@ -176,6 +168,9 @@ convert_args_parse(int argc, char **argv, struct convert_args *a, const char *he
         cli_error("%s", usage);
         return -1;
     }
+    a->o.keep = a->keep;
+    a->o.progress = on_progress;
+    a->o.ud = p;
     return 0;
 }
 
@@ -184,15 +179,13 @@ convert_args_parse(int argc, char **argv, struct convert_args *a, const char *he
 static int
 cmd_quantize(int argc, char **argv)
 {
-    struct kli_quantize_options o;
     struct kli_err err = {0};
-    struct progress p = {now_s(), 0, isatty(STDERR_FILENO), "quantize"};
+    struct progress p = {util_now_s(), 0, isatty(STDERR_FILENO), "quantize"};
     struct convert_args a = {0};
     int pr;
 
-    kli_quantize_options_init(&o);
-    a.type = o.type;
-    pr = convert_args_parse(argc, argv, &a,
+    kli_quantize_options_init(&a.o);
+    pr = convert_args_parse(argc, argv, &a, &p,
                             "usage: kli quantize -m|--model DIR -o|--output OUT_DIR "
                             "--type q8_0|q4|bf16|f16|f32\n"
                             "                    [--keep GLOB=TYPE]... [--force] "
@@ -201,17 +194,11 @@ cmd_quantize(int argc, char **argv)
                             "[--keep GLOB=TYPE]...");
     if (pr != 0)
         return pr > 0 ? 0 : 2;
-    o.type = a.type;
-    o.force = a.force;
-    o.keep = a.keep;
-    o.n_keep = a.n_keep;
-    o.progress = on_progress;
-    o.ud = &p;
-    if (kli_quantize(a.in, a.out, &o, &err) != KLI_OK) {
+    if (kli_quantize(a.in, a.out, &a.o, &err) != KLI_OK) {
         cli_error("%s", err.msg);
         return 1;
     }
-    fprintf(stderr, "quantize: wrote %s in %.1f s\n", a.out, now_s() - p.t0);
+    fprintf(stderr, "quantize: wrote %s in %.1f s\n", a.out, util_now_s() - p.t0);
     return 0;
 }
 
@@ -235,16 +222,14 @@ convert_interrupt(void *ud)
 static int
 cmd_convert(int argc, char **argv)
 {
-    struct kli_convert_options o;
     struct kli_err err = {0};
-    struct progress p = {now_s(), 0, isatty(STDERR_FILENO), "convert"};
+    struct progress p = {util_now_s(), 0, isatty(STDERR_FILENO), "convert"};
     struct sigaction sa, old_int, old_term;
     struct convert_args a = {0};
     int rc, pr;
 
-    kli_convert_options_init(&o);
-    a.type = o.type;
-    pr = convert_args_parse(argc, argv, &a,
+    kli_convert_options_init(&a.o);
+    pr = convert_args_parse(argc, argv, &a, &p,
                             "usage: kli convert -m|--model MODEL -o|--output OUT.kli "
                             "[--type bf16|q8_0|q4|f16|f32]\n"
                             "                   [--keep GLOB=TYPE]... [--force] "
@@ -253,20 +238,14 @@ cmd_convert(int argc, char **argv)
                             "[--keep GLOB=TYPE]...");
     if (pr != 0)
         return pr > 0 ? 0 : 2;
-    o.type = a.type;
-    o.force = a.force;
-    o.keep = a.keep;
-    o.n_keep = a.n_keep;
-    o.progress = on_progress;
-    o.ud = &p;
-    o.interrupt = convert_interrupt;
+    a.o.interrupt = convert_interrupt;
     /* Ctrl-C stops between slabs and removes the temporary file. */
     memset(&sa, 0, sizeof(sa));
     sa.sa_handler = convert_on_signal;
     sigemptyset(&sa.sa_mask);
     sigaction(SIGINT, &sa, &old_int);
     sigaction(SIGTERM, &sa, &old_term);
-    rc = kli_convert(a.in, a.out, &o, &err);
+    rc = kli_convert(a.in, a.out, &a.o, &err);
     sigaction(SIGINT, &old_int, NULL);
     sigaction(SIGTERM, &old_term, NULL);
     if (rc != KLI_OK) {
@@ -275,7 +254,7 @@ cmd_convert(int argc, char **argv)
         cli_error("%s", err.msg);
         return rc == KLI_E_INTERRUPTED ? 128 + (int)convert_signal : 1;
     }
-    fprintf(stderr, "convert: wrote %s in %.1f s\n", a.out, now_s() - p.t0);
+    fprintf(stderr, "convert: wrote %s in %.1f s\n", a.out, util_now_s() - p.t0);
     return 0;
 }
 
@@ -322,14 +301,14 @@ rand_token(int32_t V)
 static double
 bench_decode(struct kli_session *s, int n, int32_t V, struct kli_err *err)
 {
-    double t0 = now_s();
+    double t0 = util_now_s();
 
     for (int i = 0; i < n; i++) {
         kli_token t = rand_token(V);
         if (kli_session_eval(s, &t, 1, NULL, err) != KLI_OK)
             return -1;
     }
-    return n / (now_s() - t0);
+    return n / (util_now_s() - t0);
 }
 
 /* KL(p || q) of two logit rows, in nats, whether their argmaxes agree, and by how much p's
@@ -522,10 +501,29 @@ bench_rss_mark(uint64_t peak)
     return p > peak ? p : peak;
 }
 
-/* One model configuration: prefill, decode (and at depth), triad, phases; in edge mode the
- * expert cache's hit rate and bytes read per decode token, and the peak resident size. */
+/* What one configuration's measurement found, for bench_print_json and bench_print_text. */
+struct bench_result {
+    struct stat3 pf, dc, dd, tr;       /* prefill, decode, decode at depth, triad */
+    double bytes;                      /* weight bytes one decode token reads */
+    double roof;                       /* median fraction of the probe's bandwidth */
+    double ph[KLI_PHASE_COUNT];        /* seconds per decoded token in each phase */
+    size_t triad_bytes;
+    uint64_t peak;                     /* peak resident size */
+    uint64_t w_res, w_huge;            /* weight pages resident, of them in 2 MiB pages */
+    int w_known;
+    int edge, gpu;
+    struct kli_cache_stats cs, dsum;   /* edge mode: the cache, the decode totals */
+    struct kli_gpu_stats gs;
+    uint64_t g_routed, g_on, g_swaps;  /* decode totals on the GPU */
+};
+
+/* Measures one model configuration: prefill, decode (and at depth), triad, phases; in edge
+ * mode the expert cache's counts, on a GPU its own, and the peak resident size. The model
+ * and session are left in *mp and *sp for the caller to close.
+ * @return 0, or 1 after an error message. */
 static int
-bench_one(const struct bench_args *a)
+bench_measure(const struct bench_args *a, struct kli_model **mp, struct kli_session **sp,
+              struct bench_result *res)
 {
     const char *model = a->model, *type = a->type;
     long pp = a->pp, tg = a->tg, depth = a->depth, reps = a->reps;
@@ -535,19 +533,16 @@ bench_one(const struct bench_args *a)
     struct kli_err err = {0};
     struct kli_model_options mo;
     struct kli_session_options so;
-    struct kli_cache_stats cs, dsum;
-    struct kli_gpu_stats gs;
-    uint64_t g_routed = 0, g_on = 0, g_swaps = 0;
-    int edge = 0, gpu = 0;
+    double *pf = NULL, *dc = NULL, *dd = NULL;
+    kli_token *prompt = NULL;
 
-    memset(&dsum, 0, sizeof(dsum));
+    memset(res, 0, sizeof(*res));
     /* The bandwidth probe runs right before each repetition's decode, so that each roofline
      * fraction compares numbers from the same minute of a noisy machine. Its buffers are
      * freed before the peak resident size is read on (bench_rss_mark). Under a memory budget
      * the probes all run first, before the model takes its share. */
     double *tr = calloc((size_t)reps, sizeof(double)), *rf = calloc((size_t)reps, sizeof(double));
-    uint64_t peak = 0;
-    size_t triad_bytes = bench_triad_bytes();
+    res->triad_bytes = bench_triad_bytes();
     if (tr == NULL || rf == NULL) {
         free(tr);
         free(rf);
@@ -555,7 +550,7 @@ bench_one(const struct bench_args *a)
         return 1;
     }
     for (long r = 0; r < reps && a->budget != 0; r++)
-        tr[r] = kli_bench_triad(triad_bytes);
+        tr[r] = kli_bench_triad(res->triad_bytes);
     bench_rss_reset();
     kli_model_options_init(&mo);
     mo.n_threads = a->threads;
@@ -563,37 +558,39 @@ bench_one(const struct bench_args *a)
     cli_gpu_apply(&mo);
     cli_placement_apply(&mo);
     mo.mem_budget = a->budget;
-    if (kli_model_open(&m, model, &mo, &err) != KLI_OK) {
+    if (kli_model_open(mp, model, &mo, &err) != KLI_OK) {
         cli_error("%s", err.msg);
         goto out;
     }
+    m = *mp;
     cli_gpu_report(m);
-    edge = kli_model_cache_stats(m, &cs) == 0;
-    gpu = kli_model_gpu_stats(m, &gs) == 0;
+    res->edge = kli_model_cache_stats(m, &res->cs) == 0;
+    res->gpu = kli_model_gpu_stats(m, &res->gs) == 0;
     kli_session_options_init(&so);
     so.batch_max = pp > 0 && pp < 512 ? (int32_t)pp : 512;
-    if (kli_session_create(&s, m, &so, &err) != KLI_OK) {
+    if (kli_session_create(sp, m, &so, &err) != KLI_OK) {
         cli_error("%s", err.msg);
         goto out;
     }
+    s = *sp;
     int32_t V = kli_model_n_vocab(m);
-    double *pf = calloc((size_t)reps, sizeof(double)), *dc = calloc((size_t)reps, sizeof(double));
-    double *dd = calloc((size_t)reps, sizeof(double));
-    double ph[KLI_PHASE_COUNT] = {0};
+    pf = calloc((size_t)reps, sizeof(double));
+    dc = calloc((size_t)reps, sizeof(double));
+    dd = calloc((size_t)reps, sizeof(double));
     size_t np = (size_t)(pp > depth ? pp : depth);
-    kli_token *prompt = malloc(((np > 32 ? np : 32) + 1) * sizeof(kli_token));
+    prompt = malloc(((np > 32 ? np : 32) + 1) * sizeof(kli_token));
     if (!pf || !dc || !dd || !prompt) {
         cli_error("out of memory");
-        goto bench_out;
+        goto out;
     }
     if (!json)
         fprintf(stderr, "bench: %s, kernels %s, %d threads, weights %s; %ld repetitions\n",
                 model, kli_simd_variant(), kli_threads(), type ? type : "as stored", reps);
-    if (!json && edge)
+    if (!json && res->edge)
         fprintf(stderr, "bench: memory budget %.0f MiB: trunk %.0f MiB, expert cache %d of %d "
-                "experts (%.1f MiB each)\n", (double)cs.budget / 1048576.0,
-                (double)cs.trunk_bytes / 1048576.0, cs.n_slots, cs.n_experts,
-                (double)cs.slot_bytes / 1048576.0);
+                "experts (%.1f MiB each)\n", (double)res->cs.budget / 1048576.0,
+                (double)res->cs.trunk_bytes / 1048576.0, res->cs.n_slots, res->cs.n_experts,
+                (double)res->cs.slot_bytes / 1048576.0);
     /* Warm-up, untimed: a short prompt maps nearly every weight page and starts the workers,
      * so the first repetition does not pay for page faults. */
     if (tg > 0 || pp > 0) {
@@ -608,18 +605,18 @@ bench_one(const struct bench_args *a)
     }
     for (long r = 0; r < reps; r++) {
         if (a->budget == 0) {
-            peak = bench_rss_mark(peak);
-            tr[r] = kli_bench_triad(triad_bytes);
+            res->peak = bench_rss_mark(res->peak);
+            tr[r] = kli_bench_triad(res->triad_bytes);
             bench_rss_reset();
         }
         if (pp > 0) {
             for (long i = 0; i < pp; i++)
                 prompt[i] = rand_token(V);
             kli_session_reset(s);
-            double t0 = now_s();
+            double t0 = util_now_s();
             if (kli_session_eval(s, prompt, (int32_t)pp, NULL, &err) != KLI_OK)
                 goto fail;
-            pf[r] = pp / (now_s() - t0);
+            pf[r] = pp / (util_now_s() - t0);
         }
         if (tg > 0) {
             kli_session_reset(s);
@@ -629,25 +626,27 @@ bench_one(const struct bench_args *a)
             if ((dc[r] = bench_decode(s, (int)tg, V, &err)) < 0)
                 goto fail;
             rf[r] = tr[r] > 0 ? (double)kli_model_decode_bytes(m) * dc[r] / (tr[r] * 1e9) : 0;
-            if (gpu) {
-                kli_model_gpu_stats(m, &gs);
-                g_routed += gs.routed;
-                g_on += gs.on_gpu;
-                g_swaps += gs.swaps;
+            if (res->gpu) {
+                kli_model_gpu_stats(m, &res->gs);
+                res->g_routed += res->gs.routed;
+                res->g_on += res->gs.on_gpu;
+                res->g_swaps += res->gs.swaps;
             }
-            if (edge) {
-                kli_model_cache_stats(m, &cs);
-                dsum.requests += cs.requests;
-                dsum.hits += cs.hits;
-                dsum.bytes_read += cs.bytes_read;
-                dsum.prefetches += cs.prefetches;
-                dsum.prefetch_used += cs.prefetch_used;
-                dsum.wait_seconds += cs.wait_seconds;
+            if (res->edge) {
+                struct kli_cache_stats *cs = &res->cs, *dsum = &res->dsum;
+
+                kli_model_cache_stats(m, cs);
+                dsum->requests += cs->requests;
+                dsum->hits += cs->hits;
+                dsum->bytes_read += cs->bytes_read;
+                dsum->prefetches += cs->prefetches;
+                dsum->prefetch_used += cs->prefetch_used;
+                dsum->wait_seconds += cs->wait_seconds;
             }
             double p1[KLI_PHASE_COUNT];
             kli_session_phase_seconds(s, p1);
             for (int k = 0; k < KLI_PHASE_COUNT; k++)
-                ph[k] += p1[k] / (double)tg / (double)reps;
+                res->ph[k] += p1[k] / (double)tg / (double)reps;
             if (depth > 0) {
                 kli_session_reset(s);
                 for (long i = 0; i < depth; i++)
@@ -662,107 +661,141 @@ bench_one(const struct bench_args *a)
             fprintf(stderr, "  rep %ld: prefill %.1f tok/s, decode %.2f tok/s%s, triad %.1f "
                     "GB/s\n", r + 1, pf[r], dc[r], depth > 0 ? " (empty context)" : "", tr[r]);
     }
-    struct stat3 spf = stats(pf, (int)reps), sdc = stats(dc, (int)reps);
-    struct stat3 sdd = stats(dd, (int)reps), str = stats(tr, (int)reps);
-    double bytes = (double)kli_model_decode_bytes(m);
+    res->pf = stats(pf, (int)reps);
+    res->dc = stats(dc, (int)reps);
+    res->dd = stats(dd, (int)reps);
+    res->tr = stats(tr, (int)reps);
+    res->bytes = (double)kli_model_decode_bytes(m);
     /* the median of the repetitions' fractions, each against its own probe */
-    double roof = tg > 0 ? stats(rf, (int)reps).med : 0;
-    peak = bench_rss_mark(peak);
-    uint64_t w_res = 0, w_huge = 0;
-    int w_known = kli_model_weight_pages(m, &w_res, &w_huge) == 0;
-    if (json) {
-        printf("{\"model\": \"%s\", \"simd\": \"%s\", \"threads\": %d, \"weight_type\": \"%s\", "
-               "\"prompt_tokens\": %ld, \"gen_tokens\": %ld, \"depth\": %ld, \"reps\": %ld, "
-               "\"prefill_tok_s\": %.3f, \"prefill_tok_s_min\": %.3f, "
-               "\"prefill_tok_s_max\": %.3f, \"decode_tok_s\": %.3f, \"decode_tok_s_min\": %.3f, "
-               "\"decode_tok_s_max\": %.3f, \"decode_depth_tok_s\": %.3f, "
-               "\"triad_gb_s\": %.3f, \"triad_gb_s_min\": %.3f, \"triad_gb_s_max\": %.3f, "
-               "\"triad_bytes\": %zu, \"decode_bytes_per_token\": %.0f, "
-               "\"roofline_fraction\": %.4f, \"phase_ms\": {",
-               model, kli_simd_variant(), kli_threads(), type ? type : "stored", pp, tg, depth,
-               reps, spf.med, spf.min, spf.max, sdc.med, sdc.min, sdc.max, sdd.med, str.med,
-               str.min, str.max, triad_bytes, bytes, roof);
-        for (int k = 0; k < KLI_PHASE_COUNT; k++)
-            printf("%s\"%s\": %.4f", k ? ", " : "", phase_names[k], ph[k] * 1e3);
-        printf("}");
-        if (edge)
-            printf(", \"mem_budget\": %llu, \"cache_slots\": %d, \"cache_experts\": %d, "
-                   "\"cache_hit_rate\": %.4f, \"cache_bytes_read_per_token\": %.0f, "
-                   "\"cache_prefetch_used\": %.4f, \"cache_wait_ms_per_token\": %.3f",
-                   (unsigned long long)cs.budget, cs.n_slots, cs.n_experts,
-                   dsum.requests ? (double)dsum.hits / (double)dsum.requests : 0.0,
-                   tg > 0 ? (double)dsum.bytes_read / (double)(tg * reps) : 0.0,
-                   dsum.prefetches ? (double)dsum.prefetch_used / (double)dsum.prefetches : 0.0,
-                   tg > 0 ? dsum.wait_seconds * 1e3 / (double)(tg * reps) : 0.0);
-        if (gpu)
-            printf(", \"gpu_whole_model\": %d, \"gpu_mla_layers\": %d, \"gpu_hot_experts\": %d, "
-                   "\"gpu_experts\": %d, "
-                   "\"gpu_bytes_used\": %llu, \"gpu_expert_hit_rate\": %.4f, "
-                   "\"gpu_swaps\": %llu", gs.whole_model, gs.mla_layers, gs.n_hot, gs.n_experts,
-                   (unsigned long long)gs.bytes_used,
-                   g_routed ? (double)g_on / (double)g_routed : 0.0,
-                   (unsigned long long)g_swaps);
-        if (w_known)
-            printf(", \"weights_resident_bytes\": %llu, \"weights_huge_bytes\": %llu",
-                   (unsigned long long)w_res, (unsigned long long)w_huge);
-        printf(", \"peak_rss_bytes\": %llu}\n", (unsigned long long)peak);
-    } else {
-        printf("prefill  %6ld tokens: %8.2f tok/s (min %.2f, max %.2f)\n", pp, spf.med, spf.min,
-               spf.max);
-        printf("decode   %6ld tokens: %8.2f tok/s (min %.2f, max %.2f), empty context\n", tg,
-               sdc.med, sdc.min, sdc.max);
-        if (depth > 0)
-            printf("decode at depth %ld: %8.2f tok/s (min %.2f, max %.2f)\n", depth, sdd.med,
-                   sdd.min, sdd.max);
-        printf("decode phases (ms/token):");
-        for (int k = 0; k < KLI_PHASE_COUNT; k++)
-            printf(" %s %.2f", phase_names[k], ph[k] * 1e3);
-        printf("\nmemory   triad %.1f GB/s (min %.1f, max %.1f); decode reads %.1f MB/token\n",
-               str.med, str.min, str.max, bytes / 1e6);
-        printf("roofline %.3f of measured bandwidth (median of the repetitions, each against "
-               "the probe run just before it; %.1f GB/s used in decode)\n", roof,
-               bytes * sdc.med / 1e9);
-        if (edge)
-            printf("cache    budget %.0f MiB, %d of %d experts: decode hit rate %.1f%%, %.1f MB "
-                   "read/token, prefetches used %.0f%%, %.2f ms/token waiting\n",
-                   (double)cs.budget / 1048576.0, cs.n_slots, cs.n_experts,
-                   dsum.requests ? 100.0 * (double)dsum.hits / (double)dsum.requests : 0.0,
-                   tg > 0 ? (double)dsum.bytes_read / 1e6 / (double)(tg * reps) : 0.0,
-                   dsum.prefetches ? 100.0 * (double)dsum.prefetch_used /
-                                     (double)dsum.prefetches : 0.0,
-                   tg > 0 ? dsum.wait_seconds * 1e3 / (double)(tg * reps) : 0.0);
-        if (gpu)
-            printf("gpu      %s, %d of %d routed experts per layer resident, %.0f MiB used: "
-                   "decode expert hit rate %.1f%%, %llu experts swapped\n",
-                   gs.whole_model ? "whole model" : gs.mla_layers ? "MLA layers" :
-                   "MLA attention", gs.n_hot, gs.n_experts,
-                   (double)gs.bytes_used / 1048576.0,
-                   g_routed ? 100.0 * (double)g_on / (double)g_routed : 0.0,
-                   (unsigned long long)g_swaps);
-        if (w_known) {
-            printf("weights  %.1f MiB of the files resident, %.0f%% of it in 2 MiB pages\n",
-                   (double)w_res / 1048576.0,
-                   w_res ? 100.0 * (double)w_huge / (double)w_res : 0.0);
-            /* 64 MiB: below that the TLB hardly matters (the tiny test models) */
-            if (w_res >= (64u << 20) && w_huge < w_res / 2)
-                fprintf(stderr, "bench: most weight pages are 4 KiB pages, which can cost "
-                        "15-25%% of the speed; a file read back from disk may get 2 MiB "
-                        "pages (see kli(1), bench)\n");
-        }
-        printf("memory   peak resident %.1f MiB\n", (double)peak / 1048576.0);
-    }
+    res->roof = tg > 0 ? stats(rf, (int)reps).med : 0;
+    res->peak = bench_rss_mark(res->peak);
+    res->w_known = kli_model_weight_pages(m, &res->w_res, &res->w_huge) == 0;
     rc = 0;
-    goto bench_out;
+    goto out;
 fail:
     cli_error("%s", err.msg);
-bench_out:
+out:
     free(pf);
     free(dc);
     free(dd);
     free(prompt);
-out:
     free(tr);
     free(rf);
+    return rc;
+}
+
+static void
+bench_print_json(const struct bench_args *a, const struct bench_result *res)
+{
+    const struct kli_cache_stats *cs = &res->cs, *dsum = &res->dsum;
+    const struct kli_gpu_stats *gs = &res->gs;
+    long tg = a->tg, reps = a->reps;
+
+    printf("{\"model\": \"%s\", \"simd\": \"%s\", \"threads\": %d, \"weight_type\": \"%s\", "
+           "\"prompt_tokens\": %ld, \"gen_tokens\": %ld, \"depth\": %ld, \"reps\": %ld, "
+           "\"prefill_tok_s\": %.3f, \"prefill_tok_s_min\": %.3f, "
+           "\"prefill_tok_s_max\": %.3f, \"decode_tok_s\": %.3f, \"decode_tok_s_min\": %.3f, "
+           "\"decode_tok_s_max\": %.3f, \"decode_depth_tok_s\": %.3f, "
+           "\"triad_gb_s\": %.3f, \"triad_gb_s_min\": %.3f, \"triad_gb_s_max\": %.3f, "
+           "\"triad_bytes\": %zu, \"decode_bytes_per_token\": %.0f, "
+           "\"roofline_fraction\": %.4f, \"phase_ms\": {",
+           a->model, kli_simd_variant(), kli_threads(), a->type ? a->type : "stored", a->pp,
+           tg, a->depth, reps, res->pf.med, res->pf.min, res->pf.max, res->dc.med, res->dc.min,
+           res->dc.max, res->dd.med, res->tr.med, res->tr.min, res->tr.max, res->triad_bytes,
+           res->bytes, res->roof);
+    for (int k = 0; k < KLI_PHASE_COUNT; k++)
+        printf("%s\"%s\": %.4f", k ? ", " : "", phase_names[k], res->ph[k] * 1e3);
+    printf("}");
+    if (res->edge)
+        printf(", \"mem_budget\": %llu, \"cache_slots\": %d, \"cache_experts\": %d, "
+               "\"cache_hit_rate\": %.4f, \"cache_bytes_read_per_token\": %.0f, "
+               "\"cache_prefetch_used\": %.4f, \"cache_wait_ms_per_token\": %.3f",
+               (unsigned long long)cs->budget, cs->n_slots, cs->n_experts,
+               dsum->requests ? (double)dsum->hits / (double)dsum->requests : 0.0,
+               tg > 0 ? (double)dsum->bytes_read / (double)(tg * reps) : 0.0,
+               dsum->prefetches ? (double)dsum->prefetch_used / (double)dsum->prefetches : 0.0,
+               tg > 0 ? dsum->wait_seconds * 1e3 / (double)(tg * reps) : 0.0);
+    if (res->gpu)
+        printf(", \"gpu_whole_model\": %d, \"gpu_mla_layers\": %d, \"gpu_hot_experts\": %d, "
+               "\"gpu_experts\": %d, "
+               "\"gpu_bytes_used\": %llu, \"gpu_expert_hit_rate\": %.4f, "
+               "\"gpu_swaps\": %llu", gs->whole_model, gs->mla_layers, gs->n_hot, gs->n_experts,
+               (unsigned long long)gs->bytes_used,
+               res->g_routed ? (double)res->g_on / (double)res->g_routed : 0.0,
+               (unsigned long long)res->g_swaps);
+    if (res->w_known)
+        printf(", \"weights_resident_bytes\": %llu, \"weights_huge_bytes\": %llu",
+               (unsigned long long)res->w_res, (unsigned long long)res->w_huge);
+    printf(", \"peak_rss_bytes\": %llu}\n", (unsigned long long)res->peak);
+}
+
+static void
+bench_print_text(const struct bench_args *a, const struct bench_result *res)
+{
+    const struct kli_cache_stats *cs = &res->cs, *dsum = &res->dsum;
+    const struct kli_gpu_stats *gs = &res->gs;
+    long tg = a->tg, reps = a->reps;
+
+    printf("prefill  %6ld tokens: %8.2f tok/s (min %.2f, max %.2f)\n", a->pp, res->pf.med,
+           res->pf.min, res->pf.max);
+    printf("decode   %6ld tokens: %8.2f tok/s (min %.2f, max %.2f), empty context\n", tg,
+           res->dc.med, res->dc.min, res->dc.max);
+    if (a->depth > 0)
+        printf("decode at depth %ld: %8.2f tok/s (min %.2f, max %.2f)\n", a->depth, res->dd.med,
+               res->dd.min, res->dd.max);
+    printf("decode phases (ms/token):");
+    for (int k = 0; k < KLI_PHASE_COUNT; k++)
+        printf(" %s %.2f", phase_names[k], res->ph[k] * 1e3);
+    printf("\nmemory   triad %.1f GB/s (min %.1f, max %.1f); decode reads %.1f MB/token\n",
+           res->tr.med, res->tr.min, res->tr.max, res->bytes / 1e6);
+    printf("roofline %.3f of measured bandwidth (median of the repetitions, each against "
+           "the probe run just before it; %.1f GB/s used in decode)\n", res->roof,
+           res->bytes * res->dc.med / 1e9);
+    if (res->edge)
+        printf("cache    budget %.0f MiB, %d of %d experts: decode hit rate %.1f%%, %.1f MB "
+               "read/token, prefetches used %.0f%%, %.2f ms/token waiting\n",
+               (double)cs->budget / 1048576.0, cs->n_slots, cs->n_experts,
+               dsum->requests ? 100.0 * (double)dsum->hits / (double)dsum->requests : 0.0,
+               tg > 0 ? (double)dsum->bytes_read / 1e6 / (double)(tg * reps) : 0.0,
+               dsum->prefetches ? 100.0 * (double)dsum->prefetch_used /
+                                  (double)dsum->prefetches : 0.0,
+               tg > 0 ? dsum->wait_seconds * 1e3 / (double)(tg * reps) : 0.0);
+    if (res->gpu)
+        printf("gpu      %s, %d of %d routed experts per layer resident, %.0f MiB used: "
+               "decode expert hit rate %.1f%%, %llu experts swapped\n",
+               gs->whole_model ? "whole model" : gs->mla_layers ? "MLA layers" :
+               "MLA attention", gs->n_hot, gs->n_experts,
+               (double)gs->bytes_used / 1048576.0,
+               res->g_routed ? 100.0 * (double)res->g_on / (double)res->g_routed : 0.0,
+               (unsigned long long)res->g_swaps);
+    if (res->w_known) {
+        printf("weights  %.1f MiB of the files resident, %.0f%% of it in 2 MiB pages\n",
+               (double)res->w_res / 1048576.0,
+               res->w_res ? 100.0 * (double)res->w_huge / (double)res->w_res : 0.0);
+        /* 64 MiB: below that the TLB hardly matters (the tiny test models) */
+        if (res->w_res >= (64u << 20) && res->w_huge < res->w_res / 2)
+            fprintf(stderr, "bench: most weight pages are 4 KiB pages, which can cost "
+                    "15-25%% of the speed; a file read back from disk may get 2 MiB "
+                    "pages (see kli(1), bench)\n");
+    }
+    printf("memory   peak resident %.1f MiB\n", (double)res->peak / 1048576.0);
+}
+
+/* One model configuration: measured, then printed as JSON or text. */
+static int
+bench_one(const struct bench_args *a)
+{
+    struct kli_model *m = NULL;
+    struct kli_session *s = NULL;
+    struct bench_result res;
+    int rc = bench_measure(a, &m, &s, &res);
+
+    if (rc == 0) {
+        if (a->json)
+            bench_print_json(a, &res);
+        else
+            bench_print_text(a, &res);
+    }
     kli_session_free(s);
     kli_model_close(m);
     return rc;
@@ -799,11 +832,6 @@ cmd_bench(int argc, char **argv)
         case 'n': if (cli_parse_int(optarg, 0, 1 << 20, "-n", &tg)) return 2; break;
         case 'd': if (cli_parse_int(optarg, 0, 1 << 24, "--depth", &depth)) return 2; break;
         case 'r': if (cli_parse_int(optarg, 1, 1000, "-r", &reps)) return 2; break;
-        case 't': if (cli_parse_int(optarg, 1, 4096, "-t", &threads)) return 2; break;
-        case CLI_OPT_CPUS: case CLI_OPT_NUMA: case CLI_OPT_MEM_BUDGET:
-            if (cli_placement_option(c, optarg) != 1)
-                return 2;
-            break;
         case 'T': type = optarg; break;
         case 'J': json = 1; break;
         case 'Q': quality = 1; break;
@@ -816,7 +844,7 @@ cmd_bench(int argc, char **argv)
                    CLI_PLACEMENT_HELP CLI_GPU_HELP);
             return 0;
         default:
-            if (cli_gpu_option(c, optarg) != 1)
+            if (cli_model_option(c, optarg, &threads) != 1)
                 return 2;
             break;
         }

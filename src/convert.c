@@ -143,17 +143,6 @@ struct cv_stream {
 };
 
 static int
-cv_tick(struct cv_stream *s, uint64_t bytes, const char *name, struct kli_err *err)
-{
-    s->done += bytes;
-    if (s->opt->progress != NULL)
-        s->opt->progress(s->opt->ud, s->done, s->total, name);
-    if (s->opt->interrupt != NULL && s->opt->interrupt(s->opt->ud) != 0)
-        return kli_err_set(err, KLI_E_INTERRUPTED, "conversion interrupted");
-    return KLI_OK;
-}
-
-static int
 cv_write(void *ctx, const void *data, uint64_t n, struct kli_err *err)
 {
     return kli_pack_writer_write(((struct cv_stream *)ctx)->w, data, n, err);
@@ -162,7 +151,9 @@ cv_write(void *ctx, const void *data, uint64_t n, struct kli_err *err)
 static int
 cv_tick_fn(void *ctx, uint64_t in_bytes, const char *name, struct kli_err *err)
 {
-    return cv_tick(ctx, in_bytes, name, err);
+    struct cv_stream *s = ctx;
+
+    return quantize_progress(s->opt, &s->done, s->total, in_bytes, name, err);
 }
 
 int

@@ -11,27 +11,18 @@
 
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "internal.h"
 #include "session.h"
 #include "tokenizer.h"
 #include "unicode.h"
+#include "util.h"
 
 void
 kli_generate_options_init(struct kli_generate_options *opt)
 {
     memset(opt, 0, sizeof(*opt));
     opt->max_tokens = 256;
-}
-
-static double
-gen_now(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
 /* Longest k < strlen(stop) such that buf ends with the first k bytes of stop. */
@@ -114,17 +105,17 @@ kli_generate(struct kli_session *s, const struct kli_tokenizer *tok, struct kli_
     ends[n_ends++] = kli_tokenizer_find_special(tok, "[EOS]");
     int32_t n_base = kli_tokenizer_n_base(tok);
 
-    t0 = gen_now();
+    t0 = util_now_s();
     if (n_prompt > 0 && (rc = kli_session_eval(s, prompt, n_prompt, NULL, err)) != KLI_OK)
         goto out;
     r.n_prompt = n_prompt;
-    r.prefill_seconds = gen_now() - t0;
+    r.prefill_seconds = util_now_s() - t0;
     if (kli_session_logits(s) == NULL) {
         rc = kli_err_set(err, KLI_E_INVALID, "kli_generate: empty prompt and empty session");
         goto out;
     }
 
-    t0 = gen_now();
+    t0 = util_now_s();
     while (r.n_generated < opt->max_tokens) {
         kli_token t = kli_sampler_sample(smp, kli_session_logits(s));
         int is_end = 0;
@@ -180,7 +171,7 @@ kli_generate(struct kli_session *s, const struct kli_tokenizer *tok, struct kli_
         r.finish = KLI_FINISH_LENGTH;
     if (r.finish != KLI_FINISH_STOP && r.finish != KLI_FINISH_INTERRUPT)
         gen_emit(&text, text.n, opt);   /* whatever remains, even a partial character */
-    r.decode_seconds = gen_now() - t0;
+    r.decode_seconds = util_now_s() - t0;
 out:
     free(text.buf);
     if (res != NULL)

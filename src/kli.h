@@ -596,17 +596,25 @@ int kli_generate(struct kli_session *s, const struct kli_tokenizer *tok,
 /* Progress of a long operation: `done` of `total` bytes; `what` names the current item. */
 typedef void (*kli_progress_fn)(void *ud, uint64_t done, uint64_t total, const char *what);
 
-struct kli_quantize_options {
-    const char *type;           /* "q8_0" (default), "q4", "bf16", "f16" or "f32" */
+/* The options of kli_quantize and kli_convert: one struct for both, as their command lines
+ * are one. (kli_quantize_options is its former name.) */
+struct kli_convert_options {
+    const char *type;           /* weight matrices in "q8_0", "q4", "bf16", "f16" or "f32";
+                                   NULL: every tensor as stored (kli_convert only) */
     const char *const *keep;    /* n_keep rules "GLOB=TYPE" (fnmatch on tensor names; TYPE
                                    as above or "keep" for the stored type); first match wins */
     int32_t n_keep;
-    int force;                  /* overwrite an existing output model.safetensors */
+    int force;                  /* overwrite an existing output file */
     kli_progress_fn progress;
     void *ud;
+    int (*interrupt)(void *ud); /* polled as it goes (with ud): non-zero stops the conversion
+                                   with KLI_E_INTERRUPTED, the weights file not written (an
+                                   existing one kept); may be NULL */
 };
+#define kli_quantize_options kli_convert_options
 
-void kli_quantize_options_init(struct kli_quantize_options *opt);
+/* Defaults for kli_quantize: type "q8_0", the rest zero. */
+void kli_quantize_options_init(struct kli_convert_options *opt);
 
 /* Writes a copy of the model directory `in` to directory `out` (created if missing) with its
  * weight matrices converted to opt->type: config.json and the tokenizer files are copied,
@@ -616,8 +624,8 @@ void kli_quantize_options_init(struct kli_quantize_options *opt);
  * dtype. Streams tensor by tensor; every file is written as kli_outfile_open describes
  * (a temporary file renamed at the end).
  * @return KLI_OK, KLI_E_IO, KLI_E_FORMAT, KLI_E_RANGE (bad type or rule), KLI_E_INVALID
- *         (`out` is `in`, or one of its files is a file of `in`). */
-int kli_quantize(const char *in, const char *out, const struct kli_quantize_options *opt,
+ *         (`out` is `in`, or one of its files is a file of `in`), KLI_E_INTERRUPTED. */
+int kli_quantize(const char *in, const char *out, const struct kli_convert_options *opt,
                  struct kli_err *err);
 
 struct kli_synth_options {
@@ -639,18 +647,7 @@ void kli_synth_options_init(struct kli_synth_options *opt);
  * @return KLI_OK or a negative status. */
 int kli_synth(const char *out, const struct kli_synth_options *opt, struct kli_err *err);
 
-struct kli_convert_options {
-    const char *type;           /* weight matrices in "bf16", "q8_0", "q4", "f16" or "f32";
-                                   NULL (default): every tensor as stored */
-    const char *const *keep;    /* n_keep rules "GLOB=TYPE", as in kli_quantize_options */
-    int32_t n_keep;
-    int force;                  /* overwrite an existing output file */
-    kli_progress_fn progress;
-    void *ud;
-    int (*interrupt)(void *ud); /* polled as it goes (with ud): non-zero stops the conversion
-                                   with KLI_E_INTERRUPTED, leaving no output; may be NULL */
-};
-
+/* Defaults for kli_convert: every field zero (type NULL: as stored). */
 void kli_convert_options_init(struct kli_convert_options *opt);
 
 /* Writes the model `in` (a model directory, or a .kli file) as one self-contained .kli file

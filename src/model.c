@@ -23,6 +23,7 @@
 #include "threads.h"
 #include "simd.h"
 #include "tokenizer.h"
+#include "util.h"
 
 struct bind {
     struct kli_model *m;
@@ -426,27 +427,13 @@ bind_all(struct bind *b)
  * not hashed: that would read the whole checkpoint at open. If you add a config field that
  * changes the computation, add it to model_fp_config. */
 
-#define MODEL_FNV_BASIS 0xcbf29ce484222325ull
-#define MODEL_FNV_PRIME 0x100000001b3ull
-
-static uint64_t
-model_fnv(uint64_t h, const void *p, size_t n)
-{
-    const uint8_t *b = p;
-
-    for (size_t i = 0; i < n; i++)
-        h = (h ^ b[i]) * MODEL_FNV_PRIME;
-    return h;
-}
-
 static uint64_t
 model_fnv_i64(uint64_t h, int64_t v)
 {
     uint8_t b[8];
 
-    for (int i = 0; i < 8; i++)
-        b[i] = (uint8_t)((uint64_t)v >> (8 * i));
-    return model_fnv(h, b, 8);
+    util_wr64(b, (uint64_t)v);
+    return util_fnv1a(h, b, 8);
 }
 
 static uint64_t
@@ -486,7 +473,7 @@ static uint64_t
 model_fp_mat(uint64_t h, const struct kli_tensor *t)
 {
     if (t->name != NULL)
-        h = model_fnv(h, t->name, strlen(t->name) + 1);
+        h = util_fnv1a(h, t->name, strlen(t->name) + 1);
     h = model_fnv_i64(h, t->dtype);
     h = model_fnv_i64(h, t->shape[0]);
     return model_fnv_i64(h, t->shape[1]);
@@ -504,14 +491,14 @@ static uint64_t
 model_fingerprint(const struct kli_model *m)
 {
     const struct kli_config *c = &m->cfg;
-    uint64_t h = model_fnv(MODEL_FNV_BASIS, "kli-model-1", 12), dir = 0;
+    uint64_t h = util_fnv1a(UTIL_FNV_BASIS, "kli-model-1", 12), dir = 0;
     int64_t n = kli_wfile_n_tensors(m->wf);
 
     h = model_fp_config(h, c);
     for (int64_t i = 0; i < n; i++) {
         const struct kli_tensor_desc *d = kli_wfile_tensor(m->wf, i);
-        uint64_t t = model_fnv(MODEL_FNV_BASIS, d->name, strlen(d->name) + 1);
-        t = model_fnv(t, d->dtype_name, strlen(d->dtype_name) + 1);
+        uint64_t t = util_fnv1a(UTIL_FNV_BASIS, d->name, strlen(d->name) + 1);
+        t = util_fnv1a(t, d->dtype_name, strlen(d->dtype_name) + 1);
         t = model_fnv_i64(t, d->ndim);
         for (int k = 0; k < d->ndim && k < KLI_MAX_DIMS; k++)
             t = model_fnv_i64(t, d->shape[k]);

@@ -21,7 +21,7 @@
 #include "weights.h"
 
 void
-kli_quantize_options_init(struct kli_quantize_options *opt)
+kli_quantize_options_init(struct kli_convert_options *opt)
 {
     memset(opt, 0, sizeof(*opt));
     opt->type = "q8_0";
@@ -224,10 +224,22 @@ quantize_tensor(struct quantize_stream *qs, const struct kli_wfile *wf,
     return rc;
 }
 
+int
+quantize_progress(const struct kli_convert_options *opt, uint64_t *done, uint64_t total,
+                  uint64_t bytes, const char *name, struct kli_err *err)
+{
+    *done += bytes;
+    if (opt->progress != NULL)
+        opt->progress(opt->ud, *done, total, name);
+    if (opt->interrupt != NULL && opt->interrupt(opt->ud) != 0)
+        return kli_err_set(err, KLI_E_INTERRUPTED, "conversion interrupted");
+    return KLI_OK;
+}
+
 /* kli_quantize's side of the stream: a safetensors writer and the progress callback. */
 struct quant_ctx {
     struct kli_st_writer *w;
-    const struct kli_quantize_options *opt;
+    const struct kli_convert_options *opt;
     uint64_t done, total;
 };
 
@@ -242,18 +254,14 @@ quant_tick(void *ctx, uint64_t in_bytes, const char *name, struct kli_err *err)
 {
     struct quant_ctx *q = ctx;
 
-    (void)err;
-    q->done += in_bytes;
-    if (q->opt->progress != NULL)
-        q->opt->progress(q->opt->ud, q->done, q->total, name);
-    return KLI_OK;
+    return quantize_progress(q->opt, &q->done, q->total, in_bytes, name, err);
 }
 
 int
-kli_quantize(const char *in, const char *out, const struct kli_quantize_options *opt,
+kli_quantize(const char *in, const char *out, const struct kli_convert_options *opt,
              struct kli_err *err)
 {
-    struct kli_quantize_options dflt;
+    struct kli_convert_options dflt;
     struct kli_wfile *wf = NULL;
     struct kli_st_entry *ent = NULL;
     enum kli_dtype *to = NULL, want;
@@ -266,6 +274,9 @@ kli_quantize(const char *in, const char *out, const struct kli_quantize_options 
         kli_quantize_options_init(&dflt);
         opt = &dflt;
     }
+    if (opt->type == NULL)   /* as kli_convert_options_init leaves it: convert's "as stored" */
+        return kli_err_set(err, KLI_E_RANGE, "kli_quantize: no weight type (q8_0, q4, bf16, "
+                           "f16, f32)");
     if (kli_dtype_parse(opt->type, &want) != 0)
         return kli_err_set(err, KLI_E_RANGE, "unknown weight type \"%s\" (q8_0, q4, bf16, f16, "
                            "f32)", opt->type);

@@ -41,6 +41,12 @@ struct quantize_stream {
     int64_t rows;         /* rows per slab */
 };
 
+/* The progress of one kli_quantize or kli_convert run: `bytes` more of the input done
+ * (*done of total), reported through opt->progress; then opt->interrupt is polled.
+ * @return KLI_OK, or KLI_E_INTERRUPTED when it asks to stop. */
+int quantize_progress(const struct kli_convert_options *opt, uint64_t *done, uint64_t total,
+                      uint64_t bytes, const char *name, struct kli_err *err);
+
 /* Allocates the slab buffers for rows of up to max_cols elements (about 4 MB of floats per
  * slab). @return KLI_OK or KLI_E_NOMEM. */
 int quantize_stream_init(struct quantize_stream *qs, int64_t max_cols, struct kli_err *err);

@@ -65,6 +65,7 @@
 #include "mla.h"
 #include "sampler.h"
 #include "session.h"
+#include "util.h"
 
 enum {
     SNAP_VERSION = 1,
@@ -91,15 +92,12 @@ static const char snap_magic[8] = {'K', 'L', 'I', 'S', 'N', 'A', 'P', '\0'};
 static uint64_t
 snap_hash(uint64_t h, const uint8_t *p, size_t n)
 {
-    for (size_t i = 0; i + 4 <= n; i += 4) {
-        uint32_t w = (uint32_t)p[i] | (uint32_t)p[i + 1] << 8 | (uint32_t)p[i + 2] << 16 |
-                     (uint32_t)p[i + 3] << 24;
-        h = (h ^ w) * 0x100000001b3ull;
-    }
+    for (size_t i = 0; i + 4 <= n; i += 4)
+        h = (h ^ util_rd32(p + i)) * UTIL_FNV_PRIME;
     return h;
 }
 
-#define SNAP_HASH_BASIS 0xcbf29ce484222325ull
+#define SNAP_HASH_BASIS UTIL_FNV_BASIS
 
 /* snap_hash over bytes that arrive in pieces of any length: whole words are hashed as they
  * complete, and a final partial word is zero-padded. */
@@ -139,53 +137,17 @@ snap_hasher_end(struct snap_hasher *x)
     return x->h;
 }
 
-static int
-snap_host_le(void)
-{
-    const uint32_t one = 1;
-    uint8_t b;
-
-    memcpy(&b, &one, 1);
-    return b == 1;
-}
-
-static void
-snap_le32(uint8_t *p, uint32_t v)
-{
-    for (int i = 0; i < 4; i++)
-        p[i] = (uint8_t)(v >> (8 * i));
-}
-
-static void
-snap_le64(uint8_t *p, uint64_t v)
-{
-    for (int i = 0; i < 8; i++)
-        p[i] = (uint8_t)(v >> (8 * i));
-}
-
-static uint32_t
-snap_rd32(const uint8_t *p)
-{
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-
-static uint64_t
-snap_rd64(const uint8_t *p)
-{
-    return (uint64_t)snap_rd32(p) | (uint64_t)snap_rd32(p + 4) << 32;
-}
-
 /* Copies n 32-bit little-endian words (floats or ints) from the payload to memory. */
 static void
 snap_copy32(void *dst, const uint8_t *src, int64_t n)
 {
-    if (snap_host_le()) {
+    if (util_host_le()) {
         memcpy(dst, src, (size_t)n * 4);
         return;
     }
     uint32_t *d = dst;
     for (int64_t i = 0; i < n; i++)
-        d[i] = snap_rd32(src + 4 * i);
+        d[i] = util_rd32(src + 4 * i);
 }
 
 /* ==== Sizes ================================================================================= */
@@ -311,7 +273,7 @@ snap_put32(struct snap_enc *e, uint32_t v)
 {
     uint8_t b[4];
 
-    snap_le32(b, v);
+    util_wr32(b, v);
     snap_put(e, b, 4);
 }
 
@@ -320,7 +282,7 @@ snap_put64(struct snap_enc *e, uint64_t v)
 {
     uint8_t b[8];
 
-    snap_le64(b, v);
+    util_wr64(b, v);
     snap_put(e, b, 8);
 }
 
@@ -337,7 +299,7 @@ snap_putf(struct snap_enc *e, float f)
 static void
 snap_put_words(struct snap_enc *e, const void *p, int64_t n)
 {
-    if (snap_host_le()) {
+    if (util_host_le()) {
         snap_put(e, p, (size_t)n * 4);
         return;
     }
@@ -443,15 +405,15 @@ snap_encode(struct snap_enc *e, const struct kli_session *s, const struct kli_sa
         KLI_ASSERT(e->n == size);
         memset(hdr, 0, SNAP_HEADER);
         memcpy(hdr, snap_magic, 8);
-        snap_le32(hdr + 8, SNAP_VERSION);
-        snap_le32(hdr + 12, flags);
-        snap_le64(hdr + 16, s->m->fingerprint);
-        snap_le64(hdr + 24, size);
-        snap_le64(hdr + 32, e->stored);
-        snap_le64(hdr + 40, e->hash);
-        snap_le64(hdr + 48, snap_hasher_end(&e->sh));
-        snap_le32(hdr + 56, (uint32_t)s->pos);
-        snap_le64(hdr + SNAP_HEADER_SUM, snap_hash(SNAP_HASH_BASIS, hdr, SNAP_HEADER_SUM));
+        util_wr32(hdr + 8, SNAP_VERSION);
+        util_wr32(hdr + 12, flags);
+        util_wr64(hdr + 16, s->m->fingerprint);
+        util_wr64(hdr + 24, size);
+        util_wr64(hdr + 32, e->stored);
+        util_wr64(hdr + 40, e->hash);
+        util_wr64(hdr + 48, snap_hasher_end(&e->sh));
+        util_wr32(hdr + 56, (uint32_t)s->pos);
+        util_wr64(hdr + SNAP_HEADER_SUM, snap_hash(SNAP_HASH_BASIS, hdr, SNAP_HEADER_SUM));
     }
 #ifdef HAVE_ZSTD
 out:
@@ -567,7 +529,7 @@ snap_get32(struct snap_cur *c)
 {
     const uint8_t *p = snap_take(c, 4);
 
-    return p != NULL ? snap_rd32(p) : 0;
+    return p != NULL ? util_rd32(p) : 0;
 }
 
 static uint64_t
@@ -575,7 +537,7 @@ snap_get64(struct snap_cur *c)
 {
     const uint8_t *p = snap_take(c, 8);
 
-    return p != NULL ? snap_rd64(p) : 0;
+    return p != NULL ? util_rd64(p) : 0;
 }
 
 /* What a validated payload holds: pointers into it, and the recent tokens decoded. */
@@ -634,7 +596,7 @@ snap_parse(const uint8_t *p, uint64_t n, uint32_t hdr_pos, int has_sampler,
     }
     v->tokens = snap_take(&cur, 4 * (uint64_t)v->pos);
     for (int32_t i = 0; v->tokens != NULL && i < v->pos; i++) {
-        uint32_t t = snap_rd32(v->tokens + 4 * (uint64_t)i);
+        uint32_t t = util_rd32(v->tokens + 4 * (uint64_t)i);
         if (t >= (uint32_t)c->n_vocab)
             return kli_err_set(err, KLI_E_FORMAT, "snapshot: token %u at position %d is outside "
                                "the vocabulary", t, i);
@@ -715,11 +677,11 @@ kli_session_restore(struct kli_session *s, struct kli_sampler *smp, const void *
     if (len < SNAP_HEADER || memcmp(b, snap_magic, 8) != 0)
         return kli_err_set(err, KLI_E_FORMAT, "snapshot: not a kli session snapshot (%s)",
                            len < SNAP_HEADER ? "shorter than its header" : "bad magic");
-    if (snap_rd64(b + SNAP_HEADER_SUM) != snap_hash(SNAP_HASH_BASIS, b, SNAP_HEADER_SUM))
+    if (util_rd64(b + SNAP_HEADER_SUM) != snap_hash(SNAP_HASH_BASIS, b, SNAP_HEADER_SUM))
         return kli_err_set(err, KLI_E_FORMAT, "snapshot: the header is damaged (checksum "
                            "mismatch)");
-    uint32_t version = snap_rd32(b + 8), flags = snap_rd32(b + 12), pos = snap_rd32(b + 56);
-    uint64_t fp = snap_rd64(b + 16), size = snap_rd64(b + 24), stored = snap_rd64(b + 32);
+    uint32_t version = util_rd32(b + 8), flags = util_rd32(b + 12), pos = util_rd32(b + 56);
+    uint64_t fp = util_rd64(b + 16), size = util_rd64(b + 24), stored = util_rd64(b + 32);
     if (version != SNAP_VERSION)
         return kli_err_set(err, KLI_E_UNSUPPORTED, "snapshot: format version %u; this kli "
                            "reads version %d", version, SNAP_VERSION);
@@ -749,7 +711,7 @@ kli_session_restore(struct kli_session *s, struct kli_sampler *smp, const void *
     const uint8_t *payload = b + SNAP_HEADER;
     struct snap_hasher sh = {SNAP_HASH_BASIS, {0}, 0};
     snap_hasher_add(&sh, payload, (size_t)stored);
-    if (snap_hasher_end(&sh) != snap_rd64(b + 48))
+    if (snap_hasher_end(&sh) != util_rd64(b + 48))
         return kli_err_set(err, KLI_E_FORMAT, "snapshot: the payload is damaged (stored "
                            "checksum mismatch)");
     if (flags & SNAP_F_ZSTD) {
@@ -774,7 +736,7 @@ kli_session_restore(struct kli_session *s, struct kli_sampler *smp, const void *
                            "payload size %llu", (unsigned long long)stored,
                            (unsigned long long)size);
     }
-    if (snap_hash(SNAP_HASH_BASIS, payload, (size_t)size) != snap_rd64(b + 40)) {
+    if (snap_hash(SNAP_HASH_BASIS, payload, (size_t)size) != util_rd64(b + 40)) {
         rc = kli_err_set(err, KLI_E_FORMAT, "snapshot: the payload is damaged (checksum "
                          "mismatch)");
         goto out;

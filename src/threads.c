@@ -37,7 +37,6 @@
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
-#include <time.h>
 #ifdef __linux__
 #include <linux/futex.h>
 #include <sys/syscall.h>
@@ -48,6 +47,7 @@
 
 #include "simd.h"
 #include "threads.h"
+#include "util.h"
 
 static int threads_n;
 
@@ -269,15 +269,6 @@ pool_relax(void)
 #endif
 }
 
-static long
-pool_now_ns(void)
-{
-    struct timespec t;
-
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (long)t.tv_sec * 1000000000L + t.tv_nsec;
-}
-
 /* Waits until *word differs from `old` (until it is zero when `zero`): spins for at most
  * pool.spin_ns, then sleeps, counted in *asleep so that the writer knows to wake it. The
  * sequentially consistent pair (our increment of *asleep then load of *word; the writer's
@@ -291,7 +282,7 @@ pool_await(atomic_uint *word, unsigned old, int zero, atomic_int *asleep)
     if (zero ? w == 0 : w != old)
         return w;
     if (pool.spin_ns > 0) {
-        long t0 = pool_now_ns();
+        int64_t t0 = util_now_ns();
         do {
             for (int k = 0; k < 64; k++) {
                 pool_relax();
@@ -299,7 +290,7 @@ pool_await(atomic_uint *word, unsigned old, int zero, atomic_int *asleep)
                 if (zero ? w == 0 : w != old)
                     return w;
             }
-        } while (pool_now_ns() - t0 < pool.spin_ns);
+        } while (util_now_ns() - t0 < pool.spin_ns);
     }
     atomic_fetch_add(asleep, 1);
     for (;;) {

@@ -14,11 +14,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "internal.h"
 #include "xcache.h"
+#include "util.h"
 
 #define XC_IO_THREADS 2
 #define XC_MERGE_GAP (64u << 10)   /* ranges closer than this are read as one */
@@ -80,15 +80,6 @@ struct xcache {
     double accuracy;          /* running average of the guesses' hit ratio */
     struct kli_cache_stats st;
 };
-
-static double
-xc_now(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
 
 static uint64_t
 xc_tensor_bytes(const struct kli_tensor *t)
@@ -602,7 +593,7 @@ xcache_get(struct xcache *c, int32_t layer, int32_t e, struct kli_err *err)
             break;
         }
         if (t0 == 0.0)
-            t0 = xc_now();
+            t0 = util_now_s();
         pthread_cond_wait(&c->done, &c->mu);   /* every slot busy: wait for a read */
     }
     s = c->where[key];
@@ -619,12 +610,12 @@ xcache_get(struct xcache *c, int32_t layer, int32_t e, struct kli_err *err)
         sl->pins++;
     if (sl->state == XS_QUEUED || sl->state == XS_LOADING) {
         if (t0 == 0.0)
-            t0 = xc_now();
+            t0 = util_now_s();
         while (sl->state == XS_QUEUED || sl->state == XS_LOADING)
             pthread_cond_wait(&c->done, &c->mu);
     }
     if (t0 != 0.0)
-        c->st.wait_seconds += xc_now() - t0;
+        c->st.wait_seconds += util_now_s() - t0;
     if (sl->state == XS_FAILED) {
         kli_err_set(err, KLI_E_IO, "%s", sl->msg);
         sl->pins--;

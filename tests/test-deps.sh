@@ -1,7 +1,7 @@
 #!/bin/sh
 # test-deps.sh - the dependency rules of HACKING, checked by grep:
-#   weights/ uses nothing of ours but kli.h and src/internal.h (errors and allocation, no
-#   model code); simd/ nothing but kli.h and weights/dtype.h; src/ includes no CUDA headers; the CLI, contrib/examples and
+#   weights/ uses nothing of ours but kli.h, src/internal.h (errors and allocation, no
+#   model code) and the header-only src/util.h (which the CLI may use too); simd/ nothing but kli.h and weights/dtype.h; src/ includes no CUDA headers; the CLI, contrib/examples and
 #   the black-box tests include only kli.h; no exit()/abort() in library code. Also the
 #   design notes: every doc/*.md a comment (or a manual page, or a note) cites exists, with
 #   the section ("doc/model.md 4.6", "section 2") or decision ("decision 1") it names.
@@ -22,14 +22,15 @@ check() {   # check DESCRIPTION OFFENDING-LINES
 }
 inc() { grep -Hn '^#include "' "$@" 2>/dev/null; }
 
-check "weights/ includes only its own headers, kli.h and internal.h" \
-    "$(inc weights/*.c weights/*.h | grep -vE '"(config|kli|internal|weights|dtype|mmap|wbuf)\.h"')"
+check "weights/ includes only its own headers, kli.h, internal.h and util.h" \
+    "$(inc weights/*.c weights/*.h |
+       grep -vE '"(config|kli|internal|util|weights|dtype|mmap|wbuf|xxhash)\.h"')"
 check "simd/ includes only its own headers, dtype.h and kli.h" \
     "$(inc simd/*.c simd/*.h | grep -vE '"(config|kli|simd|dtype|avx2|gemm)\.h"')"
 check "src/ includes no CUDA headers" \
     "$(grep -Hn '#include' src/*.c src/*.h | grep -E 'cuda|\.cuh' | grep -v 'kli_cuda\.h')"
-check "the CLI includes only kli.h (and its own cli.h, cli_*.h)" \
-    "$(inc src/cli*.c src/cli*.h | grep -vE '"(config|kli|cli|cli_[a-z_]+)\.h"')"
+check "the CLI includes only kli.h (and its own cli.h, cli_*.h, and the header-only util.h)" \
+    "$(inc src/cli*.c src/cli*.h | grep -vE '"(config|kli|util|cli|cli_[a-z_]+)\.h"')"
 check "contrib/examples include only kli.h" \
     "$(inc contrib/examples/*.c 2>/dev/null | grep -vE '"kli\.h"')"
 check "no exit() or abort() in library code (kli_panic in error.c is the one assert path)" \

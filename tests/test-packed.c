@@ -19,6 +19,7 @@
 
 #include "kli.h"
 #include "tap.h"
+#include "util.h"
 #include "weights.h"
 
 static char fixture[4096];
@@ -137,16 +138,6 @@ spill(const char *path, const uint8_t *b, size_t len)
     return ok;
 }
 
-static uint64_t
-le64(const uint8_t *p)
-{
-    uint64_t v = 0;
-
-    for (int i = 7; i >= 0; i--)
-        v = (v << 8) | p[i];
-    return v;
-}
-
 /* Offset and size of section `kind` (kli-pack(5): the table at 64, 32-byte entries). */
 static int
 section(const uint8_t *b, uint32_t kind, uint64_t *off, uint64_t *size)
@@ -155,8 +146,8 @@ section(const uint8_t *b, uint32_t kind, uint64_t *off, uint64_t *size)
         const uint8_t *e = b + 64 + 32 * i;
 
         if (e[0] == kind) {
-            *off = le64(e + 8);
-            *size = le64(e + 16);
+            *off = util_rd64(e + 8);
+            *size = util_rd64(e + 16);
             return 1;
         }
     }
@@ -393,8 +384,7 @@ test_damage(const char *path, const char *dir)
 
     /* A newer major version (with a valid checksum) is not misread. */
     b[8] = 2;
-    for (int i = 0; i < 8; i++)
-        b[504 + i] = (uint8_t)(kli_xxh64(b, 504, 0) >> (8 * i));
+    util_wr64(b + 504, kli_xxh64(b, 504, 0));
     ok(spill(bad, b, len) && open_status(bad, 0, &err) == KLI_E_UNSUPPORTED &&
        strstr(err.msg, "version 2.0") != NULL, "a newer major version is refused: %s",
        err.msg);

@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "kli.h"
@@ -18,6 +19,14 @@
 #include "weights.h"
 
 static char fixture[4096];
+
+/* An interrupt callback that asks to stop at once. */
+static int
+stop_now(void *ud)
+{
+    (void)ud;
+    return 1;
+}
 
 static float *
 logits_of(const char *dir, const char *convert, const kli_token *ids, int n, int32_t *V)
@@ -235,6 +244,24 @@ main(void)
     qo.n_keep = 1;
     qo.force = 1;
     ok(kli_quantize(fixture, outk, &qo, &err) == KLI_E_RANGE, "bad keep rule: %s", err.msg);
+
+    /* ---- one options struct with kli_convert: its defaults (type NULL, "as stored") are
+     * refused by kli_quantize, and its interrupt stops a quantization too ---- */
+    struct kli_convert_options co;
+    kli_convert_options_init(&co);
+    memset(&err, 0, sizeof(err));
+    ok(kli_quantize(fixture, outk, &co, &err) == KLI_E_RANGE && strstr(err.msg, "no weight type"),
+       "kli_convert's defaults: no weight type for kli_quantize: %s", err.msg);
+    struct stat before, after;
+    snprintf(cmd, sizeof(cmd), "%s/model.safetensors", outk);
+    kli_quantize_options_init(&co);
+    co.force = 1;
+    co.interrupt = stop_now;
+    memset(&err, 0, sizeof(err));
+    ok(stat(cmd, &before) == 0 &&
+       kli_quantize(fixture, outk, &co, &err) == KLI_E_INTERRUPTED && stat(cmd, &after) == 0 &&
+       after.st_ino == before.st_ino && after.st_size == before.st_size,
+       "an interrupted quantization leaves the existing output as it was: %s", err.msg);
 
     free(ref);
     free(l8);

@@ -34,8 +34,10 @@
 #include <unistd.h>
 
 #include "internal.h"
+#include "util.h"
 #include "wbuf.h"
 #include "weights.h"
+#include "xxhash.h"
 
 #ifndef O_CLOEXEC
 #define O_CLOEXEC 0
@@ -65,211 +67,7 @@ enum pack_kind {
 
 static const char *const pack_kind_names[] = {"?", "config", "tokenizer", "directory", "data"};
 
-/* ==== XXH64 ================================================================================
- * Yann Collet's XXH64 (doc/xxhash_spec.md of the xxHash repository): four accumulators over
- * 32-byte stripes, then the tail and an avalanche. About as fast as memory on one core. */
-
-#define XXH_P1 11400714785074694791ull
-#define XXH_P2 14029467366897019727ull
-#define XXH_P3 1609587929392839161ull
-#define XXH_P4 9650029242287828579ull
-#define XXH_P5 2870177450012600261ull
-
-struct xxh64_state {
-    uint64_t v[4];
-    uint64_t total;
-    uint8_t mem[32];
-    uint32_t n_mem;
-};
-
-static uint64_t
-pack_le64(const uint8_t *p)
-{
-    uint64_t v = 0;
-
-    for (int i = 7; i >= 0; i--)
-        v = (v << 8) | p[i];
-    return v;
-}
-
-static uint32_t
-pack_le32(const uint8_t *p)
-{
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-
-static uint16_t
-pack_le16(const uint8_t *p)
-{
-    return (uint16_t)(p[0] | p[1] << 8);
-}
-
-static void
-pack_put64(uint8_t *p, uint64_t v)
-{
-    for (int i = 0; i < 8; i++)
-        p[i] = (uint8_t)(v >> (8 * i));
-}
-
-static void
-pack_put32(uint8_t *p, uint32_t v)
-{
-    for (int i = 0; i < 4; i++)
-        p[i] = (uint8_t)(v >> (8 * i));
-}
-
-static void
-pack_put16(uint8_t *p, uint16_t v)
-{
-    p[0] = (uint8_t)v;
-    p[1] = (uint8_t)(v >> 8);
-}
-
-static inline uint64_t
-xxh_rotl(uint64_t x, int r)
-{
-    return (x << r) | (x >> (64 - r));
-}
-
-static inline uint64_t
-xxh_round(uint64_t acc, uint64_t input)
-{
-    acc += input * XXH_P2;
-    acc = xxh_rotl(acc, 31);
-    return acc * XXH_P1;
-}
-
-static inline uint64_t
-xxh_merge(uint64_t acc, uint64_t v)
-{
-    acc ^= xxh_round(0, v);
-    return acc * XXH_P1 + XXH_P4;
-}
-
-/* Host-order 64-bit load; the format is little-endian and big-endian hosts are refused
- * before anything is hashed, so a plain memcpy is the LE load here. */
-static inline uint64_t
-xxh_load64(const uint8_t *p)
-{
-    uint64_t v;
-
-    memcpy(&v, p, 8);
-    return v;
-}
-
-static void
-xxh64_init(struct xxh64_state *s, uint64_t seed)
-{
-    memset(s, 0, sizeof(*s));
-    s->v[0] = seed + XXH_P1 + XXH_P2;
-    s->v[1] = seed + XXH_P2;
-    s->v[2] = seed;
-    s->v[3] = seed - XXH_P1;
-}
-
-static const uint8_t *
-xxh64_stripes(uint64_t v[4], const uint8_t *p, const uint8_t *end)
-{
-    uint64_t a = v[0], b = v[1], c = v[2], d = v[3];
-
-    while (end - p >= 32) {
-        a = xxh_round(a, xxh_load64(p));
-        b = xxh_round(b, xxh_load64(p + 8));
-        c = xxh_round(c, xxh_load64(p + 16));
-        d = xxh_round(d, xxh_load64(p + 24));
-        p += 32;
-    }
-    v[0] = a;
-    v[1] = b;
-    v[2] = c;
-    v[3] = d;
-    return p;
-}
-
-static void
-xxh64_update(struct xxh64_state *s, const void *data, size_t n)
-{
-    const uint8_t *p = data, *end = p + n;
-
-    s->total += n;
-    if (s->n_mem + n < 32) {
-        if (n > 0)
-            memcpy(s->mem + s->n_mem, p, n);
-        s->n_mem += (uint32_t)n;
-        return;
-    }
-    if (s->n_mem > 0) {
-        uint32_t take = 32 - s->n_mem;
-
-        memcpy(s->mem + s->n_mem, p, take);
-        xxh64_stripes(s->v, s->mem, s->mem + 32);
-        p += take;
-        s->n_mem = 0;
-    }
-    p = xxh64_stripes(s->v, p, end);
-    if (p < end) {
-        memcpy(s->mem, p, (size_t)(end - p));
-        s->n_mem = (uint32_t)(end - p);
-    }
-}
-
-static uint64_t
-xxh64_digest(const struct xxh64_state *s)
-{
-    const uint8_t *p = s->mem, *end = s->mem + s->n_mem;
-    uint64_t h;
-
-    if (s->total >= 32) {
-        h = xxh_rotl(s->v[0], 1) + xxh_rotl(s->v[1], 7) + xxh_rotl(s->v[2], 12) +
-            xxh_rotl(s->v[3], 18);
-        for (int i = 0; i < 4; i++)
-            h = xxh_merge(h, s->v[i]);
-    } else {
-        h = s->v[2] + XXH_P5;   /* v[2] is still the seed */
-    }
-    h += s->total;
-    for (; end - p >= 8; p += 8) {
-        h ^= xxh_round(0, xxh_load64(p));
-        h = xxh_rotl(h, 27) * XXH_P1 + XXH_P4;
-    }
-    if (end - p >= 4) {
-        h ^= (uint64_t)pack_le32(p) * XXH_P1;
-        h = xxh_rotl(h, 23) * XXH_P2 + XXH_P3;
-        p += 4;
-    }
-    for (; p < end; p++) {
-        h ^= *p * XXH_P5;
-        h = xxh_rotl(h, 11) * XXH_P1;
-    }
-    h ^= h >> 33;
-    h *= XXH_P2;
-    h ^= h >> 29;
-    h *= XXH_P3;
-    h ^= h >> 32;
-    return h;
-}
-
-uint64_t
-kli_xxh64(const void *p, size_t n, uint64_t seed)
-{
-    struct xxh64_state s;
-
-    xxh64_init(&s, seed);
-    xxh64_update(&s, p, n);
-    return xxh64_digest(&s);
-}
-
 /* ==== Small helpers ======================================================================== */
-
-static int
-pack_host_is_le(void)
-{
-    const uint32_t one = 1;
-    uint8_t b;
-
-    memcpy(&b, &one, 1);
-    return b == 1;
-}
 
 static uint64_t
 pack_align(uint64_t x, uint64_t a)
@@ -397,13 +195,13 @@ pack_parse_header(const uint8_t *base, uint64_t size, const char *fname,
     }
     if (memcmp(base, KLI_PACK_MAGIC, 8) != 0)
         return pack_err(err, KLI_E_FORMAT, fname, "not a .kli file (no KLIPACK magic)");
-    if (!pack_host_is_le()) {
+    if (!util_host_le()) {
         return pack_err(err, KLI_E_UNSUPPORTED, fname, "kli reads .kli tensor data in place, "
                         "which needs a little-endian host");
     }
-    major = pack_le16(base + 8);
-    minor = pack_le16(base + 10);
-    if (kli_xxh64(base, PACK_HEADER_SUM, 0) != pack_le64(base + PACK_HEADER_SUM)) {
+    major = util_rd16(base + 8);
+    minor = util_rd16(base + 10);
+    if (kli_xxh64(base, PACK_HEADER_SUM, 0) != util_rd64(base + PACK_HEADER_SUM)) {
         if (major != KLI_PACK_VERSION_MAJOR) {
             return pack_err(err, KLI_E_UNSUPPORTED, fname, "format version %u.%u is not "
                             "supported (this kli reads %d.x), or the header is damaged",
@@ -418,20 +216,20 @@ pack_parse_header(const uint8_t *base, uint64_t size, const char *fname,
     }
     info->version_major = major;
     info->version_minor = minor;
-    if (pack_le32(base + 12) != PACK_BOM) {
+    if (util_rd32(base + 12) != PACK_BOM) {
         return pack_err(err, KLI_E_FORMAT, fname, "section \"header\": byte-order mark "
-                        "0x%08x is not 0x%08x", pack_le32(base + 12), PACK_BOM);
+                        "0x%08x is not 0x%08x", util_rd32(base + 12), PACK_BOM);
     }
-    if (pack_le32(base + 16) != PACK_HEADER_SIZE) {
+    if (util_rd32(base + 16) != PACK_HEADER_SIZE) {
         return pack_err(err, KLI_E_FORMAT, fname, "section \"header\": header size %u is not "
-                        "%d", pack_le32(base + 16), PACK_HEADER_SIZE);
+                        "%d", util_rd32(base + 16), PACK_HEADER_SIZE);
     }
-    *align = pack_le32(base + 20);
+    *align = util_rd32(base + 20);
     if (*align < PACK_TENSOR_ALIGN || *align > (1u << 20) || (*align & (*align - 1)) != 0) {
         return pack_err(err, KLI_E_FORMAT, fname, "section \"header\": alignment %llu is not a "
                         "power of two in [64, 2^20]", (unsigned long long)*align);
     }
-    fsize = pack_le64(base + 24);
+    fsize = util_rd64(base + 24);
     if (size < fsize) {
         return pack_err(err, KLI_E_FORMAT, fname, "truncated: the header says %llu bytes, the "
                         "file has %llu", (unsigned long long)fsize, (unsigned long long)size);
@@ -441,7 +239,7 @@ pack_parse_header(const uint8_t *base, uint64_t size, const char *fname,
                         "(%llu bytes): the file was appended to or damaged",
                         (unsigned long long)(size - fsize), (unsigned long long)fsize);
     }
-    n_sec = pack_le32(base + 32);
+    n_sec = util_rd32(base + 32);
     if (n_sec > PACK_MAX_SECTIONS) {
         return pack_err(err, KLI_E_FORMAT, fname, "section \"header\": %u sections, at most %d",
                         n_sec, PACK_MAX_SECTIONS);
@@ -449,8 +247,8 @@ pack_parse_header(const uint8_t *base, uint64_t size, const char *fname,
     memset(sec, 0, 5 * sizeof(*sec));
     for (uint32_t i = 0; i < n_sec; i++) {
         const uint8_t *e = base + PACK_TABLE + i * PACK_SECTION_SIZE;
-        uint32_t kind = pack_le32(e);
-        struct pack_section s = {pack_le64(e + 8), pack_le64(e + 16), pack_le64(e + 24), 1};
+        uint32_t kind = util_rd32(e);
+        struct pack_section s = {util_rd64(e + 8), util_rd64(e + 16), util_rd64(e + 24), 1};
 
         if (kind < PACK_CONFIG || kind > PACK_DATA)
             continue;
@@ -507,9 +305,9 @@ pack_parse_tokenizer(const uint8_t *p, uint64_t size, const char *fname,
         return KLI_OK;
     if (size < 26)
         return pack_err(err, KLI_E_FORMAT, fname, "section \"tokenizer\" is too short");
-    rl = pack_le64(p);
-    cl = pack_le64(p + 8);
-    flags = pack_le32(p + 16);
+    rl = util_rd64(p);
+    cl = util_rd64(p + 8);
+    flags = util_rd32(p + 16);
     if (rl > size - 26 || cl != size - 26 - rl) {
         return pack_err(err, KLI_E_FORMAT, fname, "section \"tokenizer\": lengths %llu + %llu "
                         "do not fill its %llu bytes", (unsigned long long)rl,
@@ -537,9 +335,9 @@ pack_parse_tensor(const uint8_t *rec, const uint8_t *strings, uint64_t ss, const
                   uint64_t data_begin, uint64_t data_end, int64_t i, const char *fname,
                   struct kli_tensor_desc *d, uint64_t *sum, struct kli_err *err)
 {
-    uint64_t name_off = pack_le64(rec), off = pack_le64(rec + 88), nb = pack_le64(rec + 96);
-    uint32_t name_len = pack_le32(rec + 8), dt = pack_le32(rec + 12), layout = pack_le32(rec + 16);
-    uint32_t ndim = pack_le32(rec + 20);
+    uint64_t name_off = util_rd64(rec), off = util_rd64(rec + 88), nb = util_rd64(rec + 96);
+    uint32_t name_len = util_rd32(rec + 8), dt = util_rd32(rec + 12), layout = util_rd32(rec + 16);
+    uint32_t ndim = util_rd32(rec + 20);
     const char *name;
     int64_t numel;
 
@@ -564,7 +362,7 @@ pack_parse_tensor(const uint8_t *rec, const uint8_t *strings, uint64_t ss, const
                         "dimensions, at most %d", name, ndim, KLI_MAX_DIMS);
     }
     for (uint32_t k = 0; k < ndim; k++) {
-        uint64_t v = pack_le64(rec + 24 + 8 * k);
+        uint64_t v = util_rd64(rec + 24 + 8 * k);
 
         if (v > ((uint64_t)1 << 62)) {
             return pack_err(err, KLI_E_FORMAT, fname, "section \"directory\": tensor \"%.64s\": "
@@ -602,7 +400,225 @@ pack_parse_tensor(const uint8_t *rec, const uint8_t *strings, uint64_t ss, const
     d->numel = numel;
     d->data = base + off;
     d->nbytes = nb;
-    *sum = pack_le64(rec + 104);
+    *sum = util_rd64(rec + 104);
+    return KLI_OK;
+}
+
+/* What kli_pack_parse reads one file with: the mapping, where the data section lies, and
+ * the directory's counts; the per-section steps below share it. */
+struct pack_parse {
+    const uint8_t *base;
+    const char *fname;
+    uint64_t align, data_begin, data_end;
+    const uint8_t *dir;             /* the directory section */
+    uint64_t nt, ng, ss, trs, grs;  /* tensors, groups, name bytes, record sizes */
+    struct kli_tensor_desc **descs;
+    int64_t n0;                     /* the first descriptor this file adds */
+    int64_t *owner;                 /* [nt]: the group holding each tensor, or -1 */
+};
+
+/* The small sections' checksums, then CONFIG: the config.json text and a NUL. */
+static int
+pack_parse_config(const struct pack_parse *P, const struct pack_section sec[5],
+                  struct kli_pack_info *info, struct kli_err *err)
+{
+    for (int k = PACK_CONFIG; k <= PACK_DIRECTORY; k++) {
+        if (sec[k].present && kli_xxh64(P->base + sec[k].offset, (size_t)sec[k].size, 0) !=
+            sec[k].checksum) {
+            return pack_err(err, KLI_E_FORMAT, P->fname, "section \"%s\" is damaged (checksum "
+                            "mismatch)", pack_kind_names[k]);
+        }
+    }
+    if (sec[PACK_CONFIG].size == 0 ||
+        P->base[sec[PACK_CONFIG].offset + sec[PACK_CONFIG].size - 1]) {
+        return pack_err(err, KLI_E_FORMAT, P->fname,
+                        "section \"config\" is not NUL-terminated text");
+    }
+    info->config = (const char *)P->base + sec[PACK_CONFIG].offset;
+    info->config_len = sec[PACK_CONFIG].size - 1;
+    return KLI_OK;
+}
+
+/* DIRECTORY's head: counts and record sizes, which must fit the section. */
+static int
+pack_parse_dir_head(struct pack_parse *P, const struct pack_section *dsec, struct kli_err *err)
+{
+    const uint8_t *dir = P->base + dsec->offset;
+    uint64_t room;
+
+    P->dir = dir;
+    if (dsec->size < PACK_DIR_HEAD)
+        return pack_err(err, KLI_E_FORMAT, P->fname, "section \"directory\" is too short");
+    P->nt = util_rd64(dir);
+    P->ng = util_rd64(dir + 8);
+    P->ss = util_rd64(dir + 16);
+    P->trs = util_rd32(dir + 24);
+    P->grs = util_rd32(dir + 28);
+    room = dsec->size - PACK_DIR_HEAD;
+    if (P->trs < PACK_TENSOR_REC || P->grs < PACK_GROUP_REC || P->nt > room / P->trs ||
+        P->ng > (room - P->nt * P->trs) / P->grs ||
+        P->ss > room - P->nt * P->trs - P->ng * P->grs) {
+        return pack_err(err, KLI_E_FORMAT, P->fname, "section \"directory\": %llu tensors, "
+                        "%llu groups and %llu bytes of names do not fit its %llu bytes",
+                        (unsigned long long)P->nt, (unsigned long long)P->ng,
+                        (unsigned long long)P->ss, (unsigned long long)dsec->size);
+    }
+    return KLI_OK;
+}
+
+/* Room for the file's tensors in *descs (grown geometrically from *cap). */
+static int
+pack_grow_descs(const struct pack_parse *P, int64_t *cap, struct kli_err *err)
+{
+    uint64_t want = (uint64_t)P->n0 + P->nt, grow = (uint64_t)*cap * 2;
+    struct kli_tensor_desc *p;
+
+    if (want <= (uint64_t)*cap)
+        return KLI_OK;
+    want = want < grow ? grow : want;
+    want = want < 16 ? 16 : want;
+    p = want > SIZE_MAX / sizeof(*p) ? NULL :
+        kli_reallocarray(*P->descs, (size_t)want, sizeof(*p));
+    if (p == NULL) {
+        return pack_err(err, KLI_E_NOMEM, P->fname, "out of memory for %llu tensors",
+                        (unsigned long long)P->nt);
+    }
+    *P->descs = p;
+    *cap = (int64_t)want;
+    return KLI_OK;
+}
+
+/* The tensor records, appended to *descs (counted in *n as they are, so that a failure
+ * frees exactly the names copied). */
+static int
+pack_parse_tensors(const struct pack_parse *P, int32_t file, int64_t *n,
+                   struct kli_pack_info *info, struct kli_err *err)
+{
+    const uint8_t *strings = P->dir + PACK_DIR_HEAD + P->nt * P->trs + P->ng * P->grs;
+    int rc;
+
+    for (uint64_t i = 0; i < P->nt; i++) {
+        rc = pack_parse_tensor(P->dir + PACK_DIR_HEAD + i * P->trs, strings, P->ss, P->base,
+                               P->data_begin, P->data_end, (int64_t)i, P->fname,
+                               &(*P->descs)[*n], &info->checksums[i], err);
+        if (rc != KLI_OK)
+            return rc;
+        (*P->descs)[*n].file = file;
+        (*n)++;
+        P->owner[i] = -1;
+    }
+    return KLI_OK;
+}
+
+/* Groups: runs of consecutive tensors in one range that starts on an alignment unit; its
+ * units are its own (checked by pack_check_overlaps with the tensors' ranges). */
+static int
+pack_parse_groups(const struct pack_parse *P, struct kli_pack_info *info, struct kli_err *err)
+{
+    const struct kli_tensor_desc *descs = *P->descs;
+
+    info->n_groups = (int64_t)P->ng;
+    for (uint64_t g = 0; g < P->ng; g++) {
+        const uint8_t *r = P->dir + PACK_DIR_HEAD + P->nt * P->trs + g * P->grs;
+        struct kli_tensor_group *G = &info->groups[g];
+        uint64_t off = util_rd64(r), gs = util_rd64(r + 8), prev_end = off;
+        uint64_t first = util_rd32(r + 16), cnt = util_rd32(r + 20);
+
+        if (cnt == 0 || first >= P->nt || cnt > P->nt - first || off % P->align != 0 ||
+            off < P->data_begin || off > P->data_end || gs > P->data_end - off) {
+            return pack_err(err, KLI_E_FORMAT, P->fname, "section \"directory\": group %llu "
+                            "(tensors %llu+%llu at [%llu, +%llu)) is out of bounds or not "
+                            "aligned", (unsigned long long)g, (unsigned long long)first,
+                            (unsigned long long)cnt, (unsigned long long)off,
+                            (unsigned long long)gs);
+        }
+        for (uint64_t t = first; t < first + cnt; t++) {
+            const struct kli_tensor_desc *d = &descs[P->n0 + (int64_t)t];
+            uint64_t toff = (uint64_t)((const uint8_t *)d->data - P->base);
+
+            if (P->owner[t] >= 0 || toff < prev_end || (t == first && toff != off) ||
+                toff + d->nbytes > off + gs) {
+                return pack_err(err, KLI_E_FORMAT, P->fname, "section \"directory\": tensor "
+                                "\"%.64s\" is not in order inside group %llu, or in two "
+                                "groups", d->name, (unsigned long long)g);
+            }
+            P->owner[t] = (int64_t)g;
+            prev_end = toff + d->nbytes;
+        }
+        G->data = P->base + off;
+        G->offset = off;
+        G->size = gs;
+        G->first = P->n0 + (int64_t)first;
+        G->n = (int32_t)cnt;
+        G->layer = (int32_t)util_rd32(r + 24);
+        G->expert = (int32_t)util_rd32(r + 28);
+    }
+    return KLI_OK;
+}
+
+/* No byte of the data section belongs to two tensors, and no tensor outside a group
+ * touches the group's alignment units. `ranges` has room for nt + ng. */
+static int
+pack_check_overlaps(const struct pack_parse *P, const struct kli_pack_info *info,
+                    struct pack_range *ranges, struct kli_err *err)
+{
+    const struct kli_tensor_desc *descs = *P->descs + P->n0;
+    int64_t nr = 0, last = 0;   /* last: the range reaching furthest so far */
+
+    for (uint64_t t = 0; t < P->nt; t++) {
+        const struct kli_tensor_desc *d = &descs[t];
+        uint64_t toff = (uint64_t)((const uint8_t *)d->data - P->base);
+
+        if (P->owner[t] < 0 && d->nbytes > 0)
+            ranges[nr++] = (struct pack_range){toff, toff + d->nbytes, (int64_t)t};
+    }
+    for (uint64_t g = 0; g < P->ng; g++) {
+        uint64_t end = pack_align(info->groups[g].offset + info->groups[g].size, P->align);
+
+        ranges[nr++] = (struct pack_range){info->groups[g].offset,
+                                           end < P->data_end ? end : P->data_end,
+                                           -1 - (int64_t)g};
+    }
+    qsort(ranges, (size_t)nr, sizeof(*ranges), pack_range_cmp);
+    for (int64_t k = 1; k < nr; k++) {
+        if (ranges[k].end > ranges[k].begin && ranges[k].begin < ranges[last].end) {
+            int64_t a = ranges[last].idx, b = ranges[k].idx;
+            char wa[96], wb[96];
+
+            if (a >= 0)
+                snprintf(wa, sizeof(wa), "tensor \"%.64s\"", descs[a].name);
+            else
+                snprintf(wa, sizeof(wa), "group %lld", (long long)(-1 - a));
+            if (b >= 0)
+                snprintf(wb, sizeof(wb), "tensor \"%.64s\"", descs[b].name);
+            else
+                snprintf(wb, sizeof(wb), "group %lld", (long long)(-1 - b));
+            return pack_err(err, KLI_E_FORMAT, P->fname, "section \"directory\": %s overlaps %s",
+                            wa, wb);
+        }
+        if (ranges[k].end > ranges[last].end)
+            last = k;
+    }
+    return KLI_OK;
+}
+
+/* The DATA section's checksum commits to the per-tensor ones. */
+static int
+pack_check_data(const struct pack_parse *P, const struct kli_pack_info *info, uint64_t sum,
+                struct kli_err *err)
+{
+    struct xxh64_state h;
+    uint8_t b[8];
+
+    xxh64_init(&h, 0);
+    for (uint64_t t = 0; t < P->nt; t++) {
+        util_wr64(b, info->checksums[t]);
+        xxh64_update(&h, b, 8);
+    }
+    if (xxh64_digest(&h) != sum) {
+        return pack_err(err, KLI_E_FORMAT, P->fname, "section \"data\": its checksum does not "
+                        "match the tensor checksums in the directory");
+    }
     return KLI_OK;
 }
 
@@ -611,216 +627,50 @@ kli_pack_parse(const uint8_t *base, uint64_t size, const char *fname, int32_t fi
                struct kli_tensor_desc **descs, int64_t *n, int64_t *cap,
                struct kli_pack_info *info, struct kli_err *err)
 {
-    const int64_t n0 = *n;
+    struct pack_parse P = {.base = base, .fname = fname != NULL ? fname : "(memory)",
+                           .align = PACK_ALIGN, .descs = descs, .n0 = *n};
     struct pack_section sec[5];
     struct pack_range *ranges = NULL;
-    int64_t *owner = NULL;
-    uint64_t align = PACK_ALIGN, nt, ng, ss, trs, grs, data_begin, data_end;
-    const uint8_t *dir;
     int rc;
 
     memset(info, 0, sizeof(*info));
-    if (fname == NULL)
-        fname = "(memory)";
-    if ((rc = pack_parse_header(base, size, fname, sec, &align, info, err)) != KLI_OK)
+    if ((rc = pack_parse_header(base, size, P.fname, sec, &P.align, info, err)) != KLI_OK ||
+        (rc = pack_parse_config(&P, sec, info, err)) != KLI_OK)
         return rc;
-    for (int k = PACK_CONFIG; k <= PACK_DIRECTORY; k++) {
-        if (sec[k].present && kli_xxh64(base + sec[k].offset, (size_t)sec[k].size, 0) !=
-            sec[k].checksum) {
-            return pack_err(err, KLI_E_FORMAT, fname, "section \"%s\" is damaged (checksum "
-                            "mismatch)", pack_kind_names[k]);
-        }
-    }
-
-    /* CONFIG: the config.json text and a NUL. */
-    if (sec[PACK_CONFIG].size == 0 || base[sec[PACK_CONFIG].offset + sec[PACK_CONFIG].size - 1])
-        return pack_err(err, KLI_E_FORMAT, fname, "section \"config\" is not NUL-terminated text");
-    info->config = (const char *)base + sec[PACK_CONFIG].offset;
-    info->config_len = sec[PACK_CONFIG].size - 1;
-    if (sec[PACK_TOKENIZER].present) {
-        rc = pack_parse_tokenizer(base + sec[PACK_TOKENIZER].offset, sec[PACK_TOKENIZER].size,
-                                  fname, info, err);
-        if (rc != KLI_OK)
-            goto fail;
-    }
-
-    /* DIRECTORY: counts and record sizes, then the records and the names. */
-    dir = base + sec[PACK_DIRECTORY].offset;
-    if (sec[PACK_DIRECTORY].size < PACK_DIR_HEAD) {
-        rc = pack_err(err, KLI_E_FORMAT, fname, "section \"directory\" is too short");
+    if (sec[PACK_TOKENIZER].present &&
+        (rc = pack_parse_tokenizer(base + sec[PACK_TOKENIZER].offset, sec[PACK_TOKENIZER].size,
+                                   P.fname, info, err)) != KLI_OK)
+        goto fail;
+    if ((rc = pack_parse_dir_head(&P, &sec[PACK_DIRECTORY], err)) != KLI_OK)
+        goto fail;
+    P.data_begin = sec[PACK_DATA].offset;
+    P.data_end = P.data_begin + sec[PACK_DATA].size;
+    if ((rc = pack_grow_descs(&P, cap, err)) != KLI_OK)
+        goto fail;
+    info->checksums = kli_mallocarray((size_t)P.nt + 1, sizeof(*info->checksums));
+    info->groups = kli_mallocarray((size_t)P.ng + 1, sizeof(*info->groups));
+    ranges = kli_mallocarray((size_t)(P.nt + P.ng) + 1, sizeof(*ranges));
+    P.owner = kli_mallocarray((size_t)P.nt + 1, sizeof(*P.owner));
+    if (info->checksums == NULL || info->groups == NULL || ranges == NULL || P.owner == NULL) {
+        rc = pack_err(err, KLI_E_NOMEM, P.fname, "out of memory for %llu tensors",
+                      (unsigned long long)P.nt);
         goto fail;
     }
-    nt = pack_le64(dir);
-    ng = pack_le64(dir + 8);
-    ss = pack_le64(dir + 16);
-    trs = pack_le32(dir + 24);
-    grs = pack_le32(dir + 28);
-    {
-        uint64_t room = sec[PACK_DIRECTORY].size - PACK_DIR_HEAD;
-
-        if (trs < PACK_TENSOR_REC || grs < PACK_GROUP_REC || nt > room / trs ||
-            ng > (room - nt * trs) / grs || ss > room - nt * trs - ng * grs) {
-            rc = pack_err(err, KLI_E_FORMAT, fname, "section \"directory\": %llu tensors, %llu "
-                          "groups and %llu bytes of names do not fit its %llu bytes",
-                          (unsigned long long)nt, (unsigned long long)ng,
-                          (unsigned long long)ss, (unsigned long long)sec[PACK_DIRECTORY].size);
-            goto fail;
-        }
-    }
-    data_begin = sec[PACK_DATA].offset;
-    data_end = data_begin + sec[PACK_DATA].size;
-
-    if ((uint64_t)n0 + nt > (uint64_t)*cap) {
-        uint64_t want = (uint64_t)n0 + nt, grow = (uint64_t)*cap * 2;
-        struct kli_tensor_desc *p;
-
-        want = want < grow ? grow : want;
-        want = want < 16 ? 16 : want;
-        p = want > SIZE_MAX / sizeof(*p) ? NULL :
-            kli_reallocarray(*descs, (size_t)want, sizeof(*p));
-        if (p == NULL) {
-            rc = pack_err(err, KLI_E_NOMEM, fname, "out of memory for %llu tensors",
-                          (unsigned long long)nt);
-            goto fail;
-        }
-        *descs = p;
-        *cap = (int64_t)want;
-    }
-    info->checksums = kli_mallocarray((size_t)nt + 1, sizeof(*info->checksums));
-    info->groups = kli_mallocarray((size_t)ng + 1, sizeof(*info->groups));
-    ranges = kli_mallocarray((size_t)(nt + ng) + 1, sizeof(*ranges));
-    owner = kli_mallocarray((size_t)nt + 1, sizeof(*owner));
-    if (info->checksums == NULL || info->groups == NULL || ranges == NULL || owner == NULL) {
-        rc = pack_err(err, KLI_E_NOMEM, fname, "out of memory for %llu tensors",
-                      (unsigned long long)nt);
+    if ((rc = pack_parse_tensors(&P, file, n, info, err)) != KLI_OK ||
+        (rc = pack_parse_groups(&P, info, err)) != KLI_OK ||
+        (rc = pack_check_overlaps(&P, info, ranges, err)) != KLI_OK ||
+        (rc = pack_check_data(&P, info, sec[PACK_DATA].checksum, err)) != KLI_OK)
         goto fail;
-    }
-    {
-        const uint8_t *strings = dir + PACK_DIR_HEAD + nt * trs + ng * grs;
-
-        for (uint64_t i = 0; i < nt; i++) {
-            rc = pack_parse_tensor(dir + PACK_DIR_HEAD + i * trs, strings, ss, base, data_begin,
-                                   data_end, (int64_t)i, fname, &(*descs)[*n],
-                                   &info->checksums[i], err);
-            if (rc != KLI_OK)
-                goto fail;
-            (*descs)[*n].file = file;
-            (*n)++;
-            owner[i] = -1;
-        }
-    }
-
-    /* Groups: runs of consecutive tensors in one range that starts on an alignment unit;
-     * its units are its own (checked below with the tensors' ranges). */
-    info->n_groups = (int64_t)ng;
-    for (uint64_t g = 0; g < ng; g++) {
-        const uint8_t *r = dir + PACK_DIR_HEAD + nt * trs + g * grs;
-        struct kli_tensor_group *G = &info->groups[g];
-        uint64_t off = pack_le64(r), gs = pack_le64(r + 8), prev_end = off;
-        uint64_t first = pack_le32(r + 16), cnt = pack_le32(r + 20);
-
-        if (cnt == 0 || first >= nt || cnt > nt - first || off % align != 0 ||
-            off < data_begin || off > data_end || gs > data_end - off) {
-            rc = pack_err(err, KLI_E_FORMAT, fname, "section \"directory\": group %llu "
-                          "(tensors %llu+%llu at [%llu, +%llu)) is out of bounds or not "
-                          "aligned", (unsigned long long)g, (unsigned long long)first,
-                          (unsigned long long)cnt, (unsigned long long)off,
-                          (unsigned long long)gs);
-            goto fail;
-        }
-        for (uint64_t t = first; t < first + cnt; t++) {
-            const struct kli_tensor_desc *d = &(*descs)[n0 + (int64_t)t];
-            uint64_t toff = (uint64_t)((const uint8_t *)d->data - base);
-
-            if (owner[t] >= 0 || toff < prev_end || (t == first && toff != off) ||
-                toff + d->nbytes > off + gs) {
-                rc = pack_err(err, KLI_E_FORMAT, fname, "section \"directory\": tensor "
-                              "\"%.64s\" is not in order inside group %llu, or in two groups",
-                              d->name, (unsigned long long)g);
-                goto fail;
-            }
-            owner[t] = (int64_t)g;
-            prev_end = toff + d->nbytes;
-        }
-        G->data = base + off;
-        G->offset = off;
-        G->size = gs;
-        G->first = n0 + (int64_t)first;
-        G->n = (int32_t)cnt;
-        G->layer = (int32_t)pack_le32(r + 24);
-        G->expert = (int32_t)pack_le32(r + 28);
-    }
-
-    /* No byte of the data section belongs to two tensors, and no tensor outside a group
-     * touches the group's alignment units. */
-    {
-        int64_t nr = 0;
-
-        for (uint64_t t = 0; t < nt; t++) {
-            const struct kli_tensor_desc *d = &(*descs)[n0 + (int64_t)t];
-            uint64_t toff = (uint64_t)((const uint8_t *)d->data - base);
-
-            if (owner[t] < 0 && d->nbytes > 0)
-                ranges[nr++] = (struct pack_range){toff, toff + d->nbytes, (int64_t)t};
-        }
-        for (uint64_t g = 0; g < ng; g++) {
-            uint64_t end = pack_align(info->groups[g].offset + info->groups[g].size, align);
-
-            ranges[nr++] = (struct pack_range){info->groups[g].offset,
-                                               end < data_end ? end : data_end,
-                                               -1 - (int64_t)g};
-        }
-        int64_t last = 0;   /* the range reaching furthest so far */
-
-        qsort(ranges, (size_t)nr, sizeof(*ranges), pack_range_cmp);
-        for (int64_t k = 1; k < nr; k++) {
-            if (ranges[k].end > ranges[k].begin && ranges[k].begin < ranges[last].end) {
-                int64_t a = ranges[last].idx, b = ranges[k].idx;
-                char wa[96], wb[96];
-
-                if (a >= 0)
-                    snprintf(wa, sizeof(wa), "tensor \"%.64s\"", (*descs)[n0 + a].name);
-                else
-                    snprintf(wa, sizeof(wa), "group %lld", (long long)(-1 - a));
-                if (b >= 0)
-                    snprintf(wb, sizeof(wb), "tensor \"%.64s\"", (*descs)[n0 + b].name);
-                else
-                    snprintf(wb, sizeof(wb), "group %lld", (long long)(-1 - b));
-                rc = pack_err(err, KLI_E_FORMAT, fname, "section \"directory\": %s overlaps %s",
-                              wa, wb);
-                goto fail;
-            }
-            if (ranges[k].end > ranges[last].end)
-                last = k;
-        }
-    }
-
-    /* The DATA section's checksum commits to the per-tensor ones. */
-    {
-        struct xxh64_state h;
-        uint8_t b[8];
-
-        xxh64_init(&h, 0);
-        for (uint64_t t = 0; t < nt; t++) {
-            pack_put64(b, info->checksums[t]);
-            xxh64_update(&h, b, 8);
-        }
-        if (xxh64_digest(&h) != sec[PACK_DATA].checksum) {
-            rc = pack_err(err, KLI_E_FORMAT, fname, "section \"data\": its checksum does not "
-                          "match the tensor checksums in the directory");
-            goto fail;
-        }
-    }
     free(ranges);
-    free(owner);
+    free(P.owner);
     return KLI_OK;
 
 fail:
-    for (int64_t i = n0; i < *n; i++)
+    for (int64_t i = P.n0; i < *n; i++)
         free((char *)(*descs)[i].name);
-    *n = n0;
+    *n = P.n0;
     free(ranges);
-    free(owner);
+    free(P.owner);
     kli_pack_info_free(info);
     return rc;
 }
@@ -917,9 +767,9 @@ pw_advance(struct kli_pack_writer *w, struct kli_err *err)
         uint64_t sum = xxh64_digest(&w->h);
         uint8_t b[8];
 
-        pack_put64(w->prefix + w->dir_off + PACK_DIR_HEAD + (uint64_t)w->cur * PACK_TENSOR_REC +
+        util_wr64(w->prefix + w->dir_off + PACK_DIR_HEAD + (uint64_t)w->cur * PACK_TENSOR_REC +
                    104, sum);
-        pack_put64(b, sum);
+        util_wr64(b, sum);
         xxh64_update(&w->hdata, b, 8);
         w->cur++;
         w->cur_done = 0;
@@ -1011,7 +861,7 @@ kli_pack_writer_open(struct kli_pack_writer **out, const char *path,
     int rc;
 
     *out = NULL;
-    if (!pack_host_is_le())
+    if (!util_host_le())
         return kli_err_set(err, KLI_E_UNSUPPORTED, "%s: .kli files are written on "
                            "little-endian hosts only", path);
     if ((rc = pw_check_entries(path, entries, n, err)) != KLI_OK)
@@ -1068,13 +918,13 @@ kli_pack_writer_open(struct kli_pack_writer **out, const char *path,
         uint64_t so = 0;
 
         memcpy(h, KLI_PACK_MAGIC, 8);
-        pack_put16(h + 8, KLI_PACK_VERSION_MAJOR);
-        pack_put16(h + 10, KLI_PACK_VERSION_MINOR);
-        pack_put32(h + 12, PACK_BOM);
-        pack_put32(h + 16, PACK_HEADER_SIZE);
-        pack_put32(h + 20, PACK_ALIGN);
-        pack_put64(h + 24, w->file_size);
-        pack_put32(h + 32, 4);
+        util_wr16(h + 8, KLI_PACK_VERSION_MAJOR);
+        util_wr16(h + 10, KLI_PACK_VERSION_MINOR);
+        util_wr32(h + 12, PACK_BOM);
+        util_wr32(h + 16, PACK_HEADER_SIZE);
+        util_wr32(h + 20, PACK_ALIGN);
+        util_wr64(h + 24, w->file_size);
+        util_wr32(h + 32, 4);
         {
             const uint64_t so_[4][3] = {
                 {PACK_CONFIG, cfg_off, cfg_size}, {PACK_TOKENIZER, tok_off, tok_size},
@@ -1084,9 +934,9 @@ kli_pack_writer_open(struct kli_pack_writer **out, const char *path,
             for (int k = 0; k < 4; k++) {
                 uint8_t *e = h + PACK_TABLE + k * PACK_SECTION_SIZE;
 
-                pack_put32(e, (uint32_t)so_[k][0]);
-                pack_put64(e + 8, so_[k][1]);
-                pack_put64(e + 16, so_[k][2]);
+                util_wr32(e, (uint32_t)so_[k][0]);
+                util_wr64(e + 8, so_[k][1]);
+                util_wr64(e + 16, so_[k][2]);
             }
         }
         if (meta->config_len > 0)
@@ -1094,32 +944,32 @@ kli_pack_writer_open(struct kli_pack_writer **out, const char *path,
         if (tok_size > 0) {
             uint8_t *t = h + tok_off;
 
-            pack_put64(t, meta->tok_ranks_len);
-            pack_put64(t + 8, tcl);
-            pack_put32(t + 16, meta->tok_config != NULL);
+            util_wr64(t, meta->tok_ranks_len);
+            util_wr64(t + 8, tcl);
+            util_wr32(t + 16, meta->tok_config != NULL);
             memcpy(t + 24, meta->tok_ranks, (size_t)meta->tok_ranks_len);
             if (tcl > 0)
                 memcpy(t + 25 + meta->tok_ranks_len, meta->tok_config, (size_t)tcl);
         }
-        pack_put64(d, (uint64_t)n);
-        pack_put64(d + 8, n_groups);
-        pack_put64(d + 16, ss);
-        pack_put32(d + 24, PACK_TENSOR_REC);
-        pack_put32(d + 28, PACK_GROUP_REC);
+        util_wr64(d, (uint64_t)n);
+        util_wr64(d + 8, n_groups);
+        util_wr64(d + 16, ss);
+        util_wr32(d + 24, PACK_TENSOR_REC);
+        util_wr32(d + 28, PACK_GROUP_REC);
         for (int64_t i = 0; i < n; i++, rec += PACK_TENSOR_REC) {
             const struct kli_pack_entry *e = &entries[i];
             size_t nl = strlen(e->name);
             const char *dn = e->dtype_name != NULL ? e->dtype_name : kli_dtype_st_name(e->dtype);
 
-            pack_put64(rec, so);
-            pack_put32(rec + 8, (uint32_t)nl);
-            pack_put32(rec + 12, (uint32_t)e->dtype);
-            pack_put32(rec + 16, 0);   /* layout: row-major */
-            pack_put32(rec + 20, (uint32_t)e->ndim);
+            util_wr64(rec, so);
+            util_wr32(rec + 8, (uint32_t)nl);
+            util_wr32(rec + 12, (uint32_t)e->dtype);
+            util_wr32(rec + 16, 0);   /* layout: row-major */
+            util_wr32(rec + 20, (uint32_t)e->ndim);
             for (int k = 0; k < e->ndim; k++)
-                pack_put64(rec + 24 + 8 * k, (uint64_t)e->shape[k]);
-            pack_put64(rec + 88, w->t[i].offset);
-            pack_put64(rec + 96, e->nbytes);
+                util_wr64(rec + 24 + 8 * k, (uint64_t)e->shape[k]);
+            util_wr64(rec + 88, w->t[i].offset);
+            util_wr64(rec + 96, e->nbytes);
             snprintf((char *)rec + 112, 16, "%s", dn);
             memcpy(str + so, e->name, nl + 1);
             so += nl + 1;
@@ -1128,12 +978,12 @@ kli_pack_writer_open(struct kli_pack_writer **out, const char *path,
 
                 while (j + 1 < n && entries[j + 1].group == e->group)
                     j++;
-                pack_put64(grp, w->t[i].offset);
-                pack_put64(grp + 8, w->t[j].offset + w->t[j].nbytes - w->t[i].offset);
-                pack_put32(grp + 16, (uint32_t)i);
-                pack_put32(grp + 20, (uint32_t)(j - i + 1));
-                pack_put32(grp + 24, (uint32_t)e->layer);
-                pack_put32(grp + 28, (uint32_t)e->expert);
+                util_wr64(grp, w->t[i].offset);
+                util_wr64(grp + 8, w->t[j].offset + w->t[j].nbytes - w->t[i].offset);
+                util_wr32(grp + 16, (uint32_t)i);
+                util_wr32(grp + 20, (uint32_t)(j - i + 1));
+                util_wr32(grp + 24, (uint32_t)e->layer);
+                util_wr32(grp + 28, (uint32_t)e->expert);
                 grp += PACK_GROUP_REC;
             }
         }
@@ -1206,12 +1056,12 @@ kli_pack_writer_close(struct kli_pack_writer *w, struct kli_err *err)
     /* Section checksums, then the header's own. */
     for (int k = 0; k < 4; k++) {
         uint8_t *e = h + PACK_TABLE + k * PACK_SECTION_SIZE;
-        uint64_t sum = pack_le32(e) == PACK_DATA ? xxh64_digest(&w->hdata) :
-                       kli_xxh64(h + pack_le64(e + 8), (size_t)pack_le64(e + 16), 0);
+        uint64_t sum = util_rd32(e) == PACK_DATA ? xxh64_digest(&w->hdata) :
+                       kli_xxh64(h + util_rd64(e + 8), (size_t)util_rd64(e + 16), 0);
 
-        pack_put64(e + 24, sum);
+        util_wr64(e + 24, sum);
     }
-    pack_put64(h + PACK_HEADER_SUM, kli_xxh64(h, PACK_HEADER_SUM, 0));
+    util_wr64(h + PACK_HEADER_SUM, kli_xxh64(h, PACK_HEADER_SUM, 0));
     for (uint64_t o = 0; o < w->data_off;) {
         ssize_t k = pwrite(w->fd, h + o, (size_t)(w->data_off - o), (off_t)o);
 

@@ -23,6 +23,7 @@
 
 #include "internal.h"
 #include "mmap.h"
+#include "util.h"
 #include "weights.h"
 
 #define ST_MAX_HEADER 100000000u   /* the reference reader's limit on N */
@@ -91,16 +92,6 @@ struct kli_wfile {
 };
 
 /* ==== Small helpers ==== */
-
-static uint64_t
-st_le64(const uint8_t *p)
-{
-    uint64_t v = 0;
-
-    for (int i = 7; i >= 0; i--)
-        v = (v << 8) | p[i];
-    return v;
-}
 
 /* A long path pushes the problem out of the 256-byte message: keep its tail. */
 static const char *
@@ -499,7 +490,7 @@ kli_safetensors_parse(const uint8_t *base, uint64_t size, const char *fname, int
                            "%s: truncated: %llu bytes, too short for the 8-byte header length",
                            fname, (unsigned long long)size);
     }
-    hlen = st_le64(base);
+    hlen = util_rd64(base);
     if (hlen > ST_MAX_HEADER) {
         return kli_err_set(err, KLI_E_FORMAT,
                            "%s: header length %llu exceeds the limit of %u bytes", fname,

@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "internal.h"
+#include "util.h"
 #include "wbuf.h"
 #include "weights.h"
 
@@ -78,8 +79,7 @@ kli_st_writer_open(struct kli_st_writer **out, const char *path,
     size_t hl = strlen(text), pad = (8 - hl % 8) % 8;
     uint64_t nh = hl + pad;
     uint8_t len8[8];
-    for (int i = 0; i < 8; i++)
-        len8[i] = (uint8_t)(nh >> (8 * i));
+    util_wr64(len8, nh);
     if ((w->wb.buf = kli_malloc(KLI_WBUF_SIZE)) == NULL)
         goto nomem;
     if ((rc = kli_outfile_open(&w->of, path, 0, err)) != KLI_OK)

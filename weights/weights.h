@@ -16,6 +16,7 @@
 
 #include "kli.h"
 #include "dtype.h"
+#include "xxhash.h"
 
 #define KLI_MAX_DIMS 8
 
@@ -164,9 +165,6 @@ int kli_wfile_dontneed(const struct kli_wfile *w, const struct kli_tensor_desc *
 /* Of the weight files' pages now resident in this process, *resident bytes in all and
  * *huge bytes mapped through 2 MiB entries. @return 0, or -1 where the system does not say. */
 int kli_wfile_pages(const struct kli_wfile *w, uint64_t *resident, uint64_t *huge);
-
-/* XXH64 (xxhash.com, spec in the xxHash repository's doc/xxhash_spec.md) of n bytes. */
-uint64_t kli_xxh64(const void *p, size_t n, uint64_t seed);
 
 /* The streaming writer: declare the tensors in file order, then append their bytes in
  * that order (any split into calls), then close. Tensors with the same group >= 0 must be

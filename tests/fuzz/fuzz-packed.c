@@ -21,26 +21,10 @@
 #include <string.h>
 
 #include "kli.h"
+#include "util.h"
 #include "weights.h"
 #define FUZZ_NAME "fuzz-packed"
 #include "fuzz.h"
-
-static uint64_t
-rd64(const uint8_t *p)
-{
-    uint64_t v = 0;
-
-    for (int i = 7; i >= 0; i--)
-        v = (v << 8) | p[i];
-    return v;
-}
-
-static void
-wr64(uint8_t *p, uint64_t v)
-{
-    for (int i = 0; i < 8; i++)
-        p[i] = (uint8_t)(v >> (8 * i));
-}
 
 static int
 inside(const uint8_t *base, size_t size, const void *p, uint64_t n)
@@ -59,16 +43,16 @@ reseal(uint8_t *b, size_t size)
 
     if (size < 512)
         return;
-    wr64(b + 24, size);
+    util_wr64(b + 24, size);
     for (int i = 0; i < 8; i++) {
         uint8_t *e = b + 64 + 32 * i;
         uint32_t kind = (uint32_t)e[0] | (uint32_t)e[1] << 8 | (uint32_t)e[2] << 16 |
                         (uint32_t)e[3] << 24;
-        uint64_t off = rd64(e + 8), n = rd64(e + 16);
+        uint64_t off = util_rd64(e + 8), n = util_rd64(e + 16);
 
         if (kind < 1 || kind > 3 || off > size || n > size - off)
             continue;
-        wr64(e + 24, kli_xxh64(b + off, (size_t)n, 0));
+        util_wr64(e + 24, kli_xxh64(b + off, (size_t)n, 0));
         if (kind == 3) {
             dir_off = off;
             dir_size = n;
@@ -77,7 +61,7 @@ reseal(uint8_t *b, size_t size)
     }
     /* DATA: the XXH64 of the per-tensor checksums, when the directory lets us find them. */
     if (have_dir && dir_size >= 32) {
-        uint64_t nt = rd64(b + dir_off), trs = rd64(b + dir_off + 24) & 0xffffffffu;
+        uint64_t nt = util_rd64(b + dir_off), trs = util_rd64(b + dir_off + 24) & 0xffffffffu;
 
         if (trs >= 128 && nt <= (dir_size - 32) / trs && nt < (1u << 20)) {
             uint8_t *sums = malloc((size_t)nt * 8 + 1);
@@ -89,13 +73,13 @@ reseal(uint8_t *b, size_t size)
                     uint8_t *e = b + 64 + 32 * i;
 
                     if (e[0] == 4 && e[1] == 0 && e[2] == 0 && e[3] == 0)
-                        wr64(e + 24, kli_xxh64(sums, (size_t)nt * 8, 0));
+                        util_wr64(e + 24, kli_xxh64(sums, (size_t)nt * 8, 0));
                 }
                 free(sums);
             }
         }
     }
-    wr64(b + 504, kli_xxh64(b, 504, 0));
+    util_wr64(b + 504, kli_xxh64(b, 504, 0));
 }
 
 static void

@@ -1,5 +1,5 @@
 /*
- * fuzz-tokfile.c - libFuzzer target for the tokenizer's file parsers (src/tokenizer.c):
+ * fuzz-tokfile.c - libFuzzer target for the tokenizer's file parsers (src/tokenizer_load.c):
  * tiktoken.model (base64 token, rank per line) and tokenizer_config.json (the special
  * tokens), through tokenizer_open_mem, as a .kli file hands them over.
  *

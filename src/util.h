@@ -1,0 +1,109 @@
+/*
+ * util.h - the few helpers every part of kli needs once: little-endian loads and stores,
+ * the host's byte order, FNV-1a-64 and a monotonic clock.
+ *
+ * Header-only (static inline, nothing to link, no state), so the library, weights/ and the
+ * CLI may all include it without depending on each other (tests/test-deps.sh allows it).
+ * XXH64, which is more than a few lines, lives in weights/xxhash.c.
+ */
+#ifndef KLI_UTIL_H
+#define KLI_UTIL_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include <time.h>
+
+/* ==== little-endian I/O ==================================================================== */
+
+/* 1 on a little-endian host. The file formats are little-endian; a reader that maps words
+ * in place (packed.c, snapshot.c) uses this to refuse or convert on any other host. */
+static inline int
+util_host_le(void)
+{
+    const uint32_t one = 1;
+    uint8_t b;
+
+    memcpy(&b, &one, 1);
+    return b == 1;
+}
+
+static inline uint16_t
+util_rd16(const uint8_t *p)
+{
+    return (uint16_t)(p[0] | p[1] << 8);
+}
+
+static inline uint32_t
+util_rd32(const uint8_t *p)
+{
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static inline uint64_t
+util_rd64(const uint8_t *p)
+{
+    return (uint64_t)util_rd32(p) | (uint64_t)util_rd32(p + 4) << 32;
+}
+
+static inline void
+util_wr16(uint8_t *p, uint16_t v)
+{
+    p[0] = (uint8_t)v;
+    p[1] = (uint8_t)(v >> 8);
+}
+
+static inline void
+util_wr32(uint8_t *p, uint32_t v)
+{
+    for (int i = 0; i < 4; i++)
+        p[i] = (uint8_t)(v >> (8 * i));
+}
+
+static inline void
+util_wr64(uint8_t *p, uint64_t v)
+{
+    for (int i = 0; i < 8; i++)
+        p[i] = (uint8_t)(v >> (8 * i));
+}
+
+/* ==== FNV-1a-64 ============================================================================
+ * Continue a hash with util_fnv1a(h, ...), start one from UTIL_FNV_BASIS. Not a checksum
+ * against an adversary: a name for a model, a key for a table. */
+
+#define UTIL_FNV_BASIS 0xcbf29ce484222325ull
+#define UTIL_FNV_PRIME 0x100000001b3ull
+
+static inline uint64_t
+util_fnv1a(uint64_t h, const void *p, size_t n)
+{
+    const uint8_t *b = p;
+
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ b[i]) * UTIL_FNV_PRIME;
+    return h;
+}
+
+/* ==== monotonic clock ====================================================================== */
+
+/* Nanoseconds on CLOCK_MONOTONIC: for deadlines and spin limits. */
+static inline int64_t
+util_now_ns(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* Seconds on CLOCK_MONOTONIC: for timings that are printed. */
+static inline double
+util_now_s(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+#endif /* KLI_UTIL_H */
