@@ -9,7 +9,7 @@
  *                   cache on the device. When the layers' weights fit the budget (they are
  *                   taken before the experts), the whole layer runs there (cuda/mla.cu
  *                   cu_mla_layer): x goes in, the output and the new cache rows come back.
- *                   Otherwise only the attention does: mla_forward sends the absorbed queries
+ *                   Otherwise only the attention does: layer.c sends the absorbed queries
  *                   and gets the weighted latents [T][H][L] back, and the host rows are
  *                   appended to the mirror.
  *   whole model     when everything fits (every expert too), the KDA layers and lm_head as
@@ -19,7 +19,7 @@
  *                   when the host's are overwritten.
  *   hot experts     per MoE layer the routed experts chosen most often stay resident in device
  *                   memory (the hot set), with the shared expert; the device computes them
- *                   while the CPU computes the cold ones (cuda/moe.cu, moe_forward).
+ *                   while the CPU computes the cold ones (cuda/moe.cu, layer.c).
  *
  * The host cache stays the truth. A mirror row is trusted only while the token history that
  * produced it is unchanged: backend_forward_begin compares the session's history with the ids
@@ -1268,7 +1268,7 @@ bk_cpu_pass(struct kli_session *const *ss, int64_t n_seq, struct kli_err *err)
             return rc;
         backend_sess_written(ss[q]);
     }
-    return 0;
+    return BACKEND_CPU;
 }
 
 int
@@ -1308,7 +1308,7 @@ backend_forward_begin(struct kli_session *const *ss, int64_t n_seq, int64_t T_se
         if (kda)
             gs[q]->kda_dirty = 1;   /* the device leads from this pass on */
     }
-    return 1;
+    return KLI_OK;
 }
 
 int
@@ -1321,7 +1321,7 @@ backend_kda_layer(struct backend_sess *const *gs, int layer, int64_t n_seq, int6
     float *S[FORWARD_MAX_SEQ_BK], *C[FORWARD_MAX_SEQ_BK];
 
     if (!g0->kda_pass)
-        return 1;
+        return BACKEND_CPU;
     if (n_seq > FORWARD_MAX_SEQ_BK)
         return kli_err_set(err, KLI_E_RANGE, "kda layer: %lld sequences", (long long)n_seq);
     for (int64_t q = 0; q < n_seq; q++) {
@@ -1343,7 +1343,7 @@ backend_kda_layer(struct backend_sess *const *gs, int layer, int64_t n_seq, int6
         }
         return rc < 0 ? rc : KLI_E_CUDA;
     }
-    return 0;
+    return KLI_OK;
 }
 
 int
@@ -1354,12 +1354,12 @@ backend_lm_head(struct backend_sess *const *gs, const float *x, int64_t T, float
     struct kli_err e = {0};
 
     if (!bm->all || g0->dead)
-        return 1;
+        return BACKEND_CPU;
     if (bm->ops->matmul(g0->q, &bm->lm, x, T, y, &e) != KLI_OK) {
         bk_dead(g0, &e);
-        return 1;
+        return BACKEND_CPU;
     }
-    return 0;
+    return KLI_OK;
 }
 
 /* Makes layer i's mirror of session g hold room for `room` rows (grown keeping the rows
@@ -1418,19 +1418,19 @@ backend_mla_attend(struct backend_sess *const *gs, int layer, float *const *cach
     struct kli_err e = {0};
 
     if (!bm->mla || g0->dead)
-        return 1;
+        return BACKEND_CPU;
     for (int64_t q = 0; q < n_seq; q++) {
         if (gs[q]->mla_off)
-            return 1;
+            return BACKEND_CPU;
         int rc = bk_mirror(gs[q], g0->q, layer, caches[q], pos[q] + T_seq, pos[q] + T_seq,
                            &e);
         if (rc == KLI_E_NOMEM) {
             gs[q]->mla_off = 1;   /* over the budget: this session's attention stays here */
-            return 1;
+            return BACKEND_CPU;
         }
         if (rc != KLI_OK) {
             bk_dead(g0, &e);
-            return 1;
+            return BACKEND_CPU;
         }
     }
     int64_t T = n_seq * T_seq;
@@ -1446,9 +1446,9 @@ backend_mla_attend(struct backend_sess *const *gs, int layer, float *const *cach
     };
     if (bm->ops->mla_attend(g0->q, &j, &e) != KLI_OK) {
         bk_dead(g0, &e);
-        return 1;
+        return BACKEND_CPU;
     }
-    return 0;
+    return KLI_OK;
 }
 
 int
@@ -1463,19 +1463,19 @@ backend_mla_layer(struct backend_sess *const *gs, int layer, float *const *cache
     struct kli_err e = {0};
 
     if (!bm->mla_proj || bm->mla_w[layer].buf == NULL || g0->dead)
-        return 1;
+        return BACKEND_CPU;
     /* the device needs every earlier row, and room for this pass's */
     for (int64_t q = 0; q < n_seq; q++) {
         if (gs[q]->mla_off)
-            return 1;
+            return BACKEND_CPU;
         int rc = bk_mirror(gs[q], g0->q, layer, caches[q], pos[q], pos[q] + T_seq, &e);
         if (rc == KLI_E_NOMEM) {
             gs[q]->mla_off = 1;
-            return 1;
+            return BACKEND_CPU;
         }
         if (rc != KLI_OK) {
             bk_dead(g0, &e);
-            return 1;
+            return BACKEND_CPU;
         }
     }
     for (int64_t t = 0; t < T; t++) {
@@ -1491,7 +1491,7 @@ backend_mla_layer(struct backend_sess *const *gs, int layer, float *const *cache
     };
     if (bm->ops->mla_layer(g0->q, &j, &e) != KLI_OK) {
         bk_dead(g0, &e);
-        return 1;
+        return BACKEND_CPU;
     }
     /* the host cache stays the truth: the new rows go there too */
     for (int64_t t = 0; t < T; t++) {
@@ -1501,7 +1501,7 @@ backend_mla_layer(struct backend_sess *const *gs, int layer, float *const *cache
     }
     for (int64_t q = 0; q < n_seq; q++)
         gs[q]->synced[layer] = pos[q] + T_seq;
-    return 0;
+    return KLI_OK;
 }
 
 /* ==== MoE: counting, the hot set, and the device's share of a layer ========================= */
@@ -1517,7 +1517,7 @@ backend_moe_launch(struct backend_sess *g, int layer, const struct moe_scratch *
     struct kli_err e = {0};
 
     if (!bm->experts || g->dead)
-        return 1;
+        return BACKEND_CPU;
     if (bm->n_hot < E) {
         for (int64_t i = 0; i < T * K; i++)
             __atomic_fetch_add(&bl->count[sc->idx[i]], 1, __ATOMIC_RELAXED);
@@ -1568,15 +1568,15 @@ backend_moe_launch(struct backend_sess *g, int layer, const struct moe_scratch *
     if (n == 0) {
         pthread_rwlock_unlock(&bm->lock);
         g->moe_locked = 0;
-        return 1;
+        return BACKEND_CPU;
     }
     struct kli_gpu_moe_job j = {T, bm->m->cfg.d_model, x, n, g->items, g->start, g->row,
                                 g->wt};
     if (bm->ops->moe_launch(g->q, &j, &e) != KLI_OK) {
         bk_dead(g, &e);
-        return 1;
+        return BACKEND_CPU;
     }
-    return 0;
+    return KLI_OK;
 }
 
 int
@@ -1596,7 +1596,7 @@ backend_moe_wait(struct backend_sess *g, int layer, float *out)
     g->moe_locked = 0;
     if (rc != KLI_OK) {
         bk_dead(g, &e);
-        return 1;
+        return BACKEND_CPU;
     }
-    return 0;
+    return KLI_OK;
 }
