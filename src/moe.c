@@ -1,5 +1,6 @@
 /*
- * moe.c - router and expert dispatch (doc/model.md section 6).
+ * moe.c - the router, and the grouping of a batch's rows by expert (doc/model.md section 6).
+ * The schedules that compute the experts are moe_sched.c's; where a layer runs, layer.c's.
  *
  * The router is DeepSeek-V3's "noaux_tc" selection: sigmoid scores plus a learned
  * correction bias pick the experts, but the bias never enters the weights (decision 1 of
