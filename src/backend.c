@@ -206,6 +206,26 @@ bk_cpu_only(struct kli_model *m, const struct kli_model_options *opt, int code,
     return KLI_OK;
 }
 
+/* One device allocation of `total` bytes for a layer's weights (*buf, *bytes), with the
+ * pieces src[k] (len[k] bytes; NULL: the caller fills that piece) copied to off[k]. */
+static int
+bk_upload_layout(struct backend_model *bm, void **buf, uint64_t *bytes, uint64_t total, int n,
+                 const uint64_t *off, const uint64_t *len, const void *const *src,
+                 struct kli_err *err)
+{
+    int rc;
+
+    if ((rc = bm->ops->alloc(bm->g, buf, total, err)) != KLI_OK)
+        return rc;
+    *bytes = total;
+    for (int k = 0; k < n; k++) {
+        if (src[k] != NULL &&
+            (rc = bm->ops->upload(bm->g, (char *)*buf + off[k], src[k], len[k], err)) != KLI_OK)
+            return rc;
+    }
+    return KLI_OK;
+}
+
 /* The device layout of one MLA layer's weights: what cu_mla_layer reads. Pieces start on
  * 256-byte boundaries of one allocation; off[] are their offsets, the return the total. */
 static uint64_t
@@ -286,15 +306,10 @@ bk_open_mla_proj(struct kli_model *m, uint64_t *avail, char *note, size_t note_c
         struct bk_mla *d = &bm->mla_w[i];
         const void *src[6] = {w->q_proj.data, w->kv_a.data, w->o_proj.data, w->kv_a_norm,
                               w->w_uk_t, w->w_uv};
-        uint64_t total = bk_mla_layout(m, w, off, len);
-        if ((rc = bm->ops->alloc(bm->g, &d->buf, total, err)) != KLI_OK)
+        if ((rc = bk_upload_layout(bm, &d->buf, &d->bytes, bk_mla_layout(m, w, off, len), 6,
+                                   off, len, src, err)) != KLI_OK)
             return rc;
-        d->bytes = total;
         char *b = d->buf;
-        for (int k = 0; k < 6; k++) {
-            if ((rc = bm->ops->upload(bm->g, b + off[k], src[k], len[k], err)) != KLI_OK)
-                return rc;
-        }
         d->w.q_proj = bk_mat(&w->q_proj, b + off[0]);
         d->w.kv_a = bk_mat(&w->kv_a, b + off[1]);
         d->w.o_proj = bk_mat(&w->o_proj, b + off[2]);
@@ -457,23 +472,15 @@ bk_open_all(struct kli_model *m, uint64_t *avail, uint64_t experts, char *note,
             continue;
         const struct kli_kda_w *w = &m->layers[i].kda;
         struct bk_kda *d = &bm->kda_w[i];
-        uint64_t total = bk_kda_layout(m, w, off, len, src);
-        if ((rc = bm->ops->alloc(bm->g, &d->buf, total, err)) != KLI_OK)
+        if ((rc = bk_upload_layout(bm, &d->buf, &d->bytes, bk_kda_layout(m, w, off, len, src),
+                                   13, off, len, src, err)) != KLI_OK)
             return rc;
-        d->bytes = total;
         char *b = d->buf;
-        for (int k = 0; k < 13; k++) {
-            if (k == 9) {
-                uint64_t one = len[9] / 3;
-                for (int p = 0; p < 3; p++) {
-                    if ((rc = bm->ops->upload(bm->g, b + off[9] + p * one, w->conv[p], one,
-                                              err)) != KLI_OK)
-                        return rc;
-                }
-            } else if ((rc = bm->ops->upload(bm->g, b + off[k], src[k], len[k], err)) !=
-                       KLI_OK) {
+        uint64_t one = len[9] / 3;   /* piece 9: the q, k and v conv taps, three tensors */
+        for (int p = 0; p < 3; p++) {
+            if ((rc = bm->ops->upload(bm->g, b + off[9] + p * one, w->conv[p], one, err)) !=
+                KLI_OK)
                 return rc;
-            }
         }
         d->w = bk_kda_view(w, b, off);
     }

@@ -42,6 +42,30 @@ add_rows(float *h, const float *y, int64_t n)
         h[i] += y[i];
 }
 
+/* One residual block of layer i, timed: h += block(rmsnorm(h) * norm). The time of the norm
+ * and what came before since *t0 counts as KLI_PHASE_OTHER, the block's as `phase`; *t0
+ * becomes the block's end. */
+static int
+fwd_residual(struct layer_pass *p, int i, const float *norm,
+             int (*block)(struct layer_pass *, int, const float *, float *, struct kli_err *),
+             int phase, double *t0, struct kli_err *err)
+{
+    struct kli_session *s = p->s;
+    const struct kli_config *cfg = &s->m->cfg;
+    int64_t D = cfg->d_model, T = p->n_seq * p->T_seq;
+    int rc;
+
+    rmsnorm_rows(s->x, s->h, norm, T, D, cfg->norm_eps);
+    double t1 = fwd_now();
+    s->phase[KLI_PHASE_OTHER] += t1 - *t0;
+    if ((rc = block(p, i, s->x, s->y, err)) != KLI_OK)
+        return rc;
+    *t0 = fwd_now();
+    s->phase[phase] += *t0 - t1;
+    add_rows(s->h, s->y, T * D);
+    return KLI_OK;
+}
+
 int
 forward_run(struct kli_session *const *ss, int64_t n_seq, const kli_token *tok, int64_t T_seq,
             float *logits_all, struct kli_err *err)
@@ -53,7 +77,7 @@ forward_run(struct kli_session *const *ss, int64_t n_seq, const kli_token *tok, 
     struct layer_pass p;   /* where each layer runs: layer.c */
     int rc;
 
-    double t0 = fwd_now(), t1;
+    double t0 = fwd_now();
 
     if ((rc = layer_pass_begin(&p, ss, n_seq, T_seq, err)) != KLI_OK)
         return rc;
@@ -62,24 +86,12 @@ forward_run(struct kli_session *const *ss, int64_t n_seq, const kli_token *tok, 
 
     for (int i = 0; i < cfg->n_layers; i++) {
         const struct kli_layer *ly = &m->layers[i];
+        int mix = ly->mixer == KLI_MIXER_KDA ? KLI_PHASE_KDA : KLI_PHASE_MLA;
+        int ffn = ly->ffn_kind == KLI_FFN_DENSE ? KLI_PHASE_DENSE : KLI_PHASE_MOE;
 
-        rmsnorm_rows(s->x, s->h, ly->attn_norm, T, D, cfg->norm_eps);
-        t1 = fwd_now();
-        s->phase[KLI_PHASE_OTHER] += t1 - t0;
-        if ((rc = layer_mixer(&p, i, s->x, s->y, err)) != KLI_OK)
+        if ((rc = fwd_residual(&p, i, ly->attn_norm, layer_mixer, mix, &t0, err)) != KLI_OK ||
+            (rc = fwd_residual(&p, i, ly->ffn_norm, layer_ffn, ffn, &t0, err)) != KLI_OK)
             goto broken;
-        t0 = fwd_now();
-        s->phase[ly->mixer == KLI_MIXER_KDA ? KLI_PHASE_KDA : KLI_PHASE_MLA] += t0 - t1;
-        add_rows(s->h, s->y, T * D);
-
-        rmsnorm_rows(s->x, s->h, ly->ffn_norm, T, D, cfg->norm_eps);
-        t1 = fwd_now();
-        s->phase[KLI_PHASE_OTHER] += t1 - t0;
-        if ((rc = layer_ffn(&p, i, s->x, s->y, err)) != KLI_OK)
-            goto broken;
-        t0 = fwd_now();
-        s->phase[ly->ffn_kind == KLI_FFN_DENSE ? KLI_PHASE_DENSE : KLI_PHASE_MOE] += t0 - t1;
-        add_rows(s->h, s->y, T * D);
     }
 
     if (logits_all != NULL) {

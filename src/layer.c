@@ -34,6 +34,8 @@ layer_pass_begin(struct layer_pass *p, struct kli_session *const *ss, int64_t n_
     int64_t T = n_seq * T_seq;
 
     p->ss = ss;
+    p->s = s;
+    p->m = s->m;
     p->n_seq = n_seq;
     p->T_seq = T_seq;
     /* s's scratch serves every sequence: its row count was checked by the callers
@@ -64,14 +66,13 @@ layer_pass_begin(struct layer_pass *p, struct kli_session *const *ss, int64_t n_
 void
 layer_pass_end(struct layer_pass *p)
 {
-    if (p->ss[0]->m->xc != NULL)
-        xcache_unlock(p->ss[0]->m->xc);
+    if (p->m->xc != NULL)
+        xcache_unlock(p->m->xc);
 }
 
 static int
 layer_kda(struct layer_pass *p, int i, const float *x, float *y, struct kli_err *err)
 {
-    struct kli_session *s = p->ss[0];
     struct kda_state *kst[FORWARD_MAX_SEQ];
 
     if (p->gpu) {
@@ -81,17 +82,16 @@ layer_kda(struct layer_pass *p, int i, const float *x, float *y, struct kli_err 
     }
     for (int64_t q = 0; q < p->n_seq; q++)
         kst[q] = &p->ss[q]->kda[i];
-    kda_forward(s->m, &s->m->layers[i].kda, kst, p->n_seq, &s->kda_sc, x, p->T_seq, y);
+    kda_forward(p->m, &p->m->layers[i].kda, kst, p->n_seq, &p->s->kda_sc, x, p->T_seq, y);
     return KLI_OK;
 }
 
 static int
 layer_mla(struct layer_pass *p, int i, const float *x, float *y, struct kli_err *err)
 {
-    struct kli_session *s = p->ss[0];
-    const struct kli_model *m = s->m;
+    const struct kli_model *m = p->m;
     const struct kli_mla_w *w = &m->layers[i].mla;
-    struct mla_scratch *sc = &s->mla_sc;
+    struct mla_scratch *sc = &p->s->mla_sc;
     float *caches[FORWARD_MAX_SEQ];
     int64_t n_seq = p->n_seq, T_seq = p->T_seq;
 
@@ -119,7 +119,7 @@ layer_mla(struct layer_pass *p, int i, const float *x, float *y, struct kli_err 
 int
 layer_mixer(struct layer_pass *p, int i, const float *x, float *y, struct kli_err *err)
 {
-    if (p->ss[0]->m->layers[i].mixer == KLI_MIXER_KDA)
+    if (p->m->layers[i].mixer == KLI_MIXER_KDA)
         return layer_kda(p, i, x, y, err);
     return layer_mla(p, i, x, y, err);
 }
@@ -127,10 +127,9 @@ layer_mixer(struct layer_pass *p, int i, const float *x, float *y, struct kli_er
 static int
 layer_moe(struct layer_pass *p, int i, const float *x, float *y, struct kli_err *err)
 {
-    struct kli_session *s = p->ss[0];
-    const struct kli_model *m = s->m;
+    const struct kli_model *m = p->m;
     const struct kli_moe_w *w = &m->layers[i].moe;
-    struct moe_scratch *sc = &s->moe_sc;
+    struct moe_scratch *sc = &p->s->moe_sc;
     int64_t T = p->n_seq * p->T_seq;
     uint8_t hot[KLI_MAX_EXPERTS] = {0};
 
@@ -161,19 +160,18 @@ layer_moe(struct layer_pass *p, int i, const float *x, float *y, struct kli_err 
 int
 layer_ffn(struct layer_pass *p, int i, const float *x, float *y, struct kli_err *err)
 {
-    struct kli_session *s = p->ss[0];
-    const struct kli_layer *ly = &s->m->layers[i];
+    const struct kli_layer *ly = &p->m->layers[i];
 
     if (ly->ffn_kind != KLI_FFN_DENSE)
         return layer_moe(p, i, x, y, err);
-    ffn_forward(&ly->ffn, x, p->n_seq * p->T_seq, y, s->ffn_h1, s->ffn_h3);
+    ffn_forward(&ly->ffn, x, p->n_seq * p->T_seq, y, p->s->ffn_h1, p->s->ffn_h3);
     return KLI_OK;
 }
 
 void
 layer_lm_head(struct layer_pass *p, const float *x, int64_t T, float *y)
 {
-    const struct kli_model *m = p->ss[0]->m;
+    const struct kli_model *m = p->m;
 
     if (!p->gpu || backend_lm_head(p->gs, x, T, y) != KLI_OK)
         ops_matmul(&m->lm_head, x, m->cfg.d_model, y, m->cfg.n_vocab, T);

@@ -15,7 +15,9 @@ struct backend_sess;
 
 /* One forward pass over ss[0..n_seq) with T_seq new tokens each. */
 struct layer_pass {
-    struct kli_session *const *ss;   /* ss[0]'s scratch serves every row */
+    struct kli_session *const *ss;
+    struct kli_session *s;           /* ss[0]: its scratch serves every row */
+    const struct kli_model *m;
     int64_t n_seq, T_seq;
     int64_t pos[FORWARD_MAX_SEQ];    /* each sequence's position before the pass */
     int64_t longest;                 /* the longest context of the pass, in tokens */
