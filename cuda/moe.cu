@@ -1,6 +1,6 @@
 /*
  * moe.cu - SwiGLU experts on the device (doc/model.md 6.1): the GPU share of a MoE layer;
- * the CPU twins are ffn_forward (src/ffn.c) and the expert loop of moe_forward (src/moe.c).
+ * the CPU twins are ffn_forward (src/ffn.c) and the expert loops of src/moe_sched.c.
  *
  * One job holds several FFNs ("items": the shared expert over every row, and each resident
  * routed expert over the rows routed to it). Three launches do the whole job:

@@ -12,11 +12,17 @@
  *                           MLA caches are mirrored on the device, which experts of which
  *                           layer are resident (the hot set), and the fallback to the CPU.
  *
- * The CPU path is always complete: the latent cache in host memory stays the truth and every
- * backend_* call that returns non-zero leaves its work to the caller's CPU code, so a device
- * failure costs speed, never a result. The exception is whole-model mode, where the KDA
- * states live on the device: a failure there loses them (backend_forward_begin and
- * backend_kda_layer return negative) and the sessions are marked broken.
+ * The CPU path is always complete: the latent cache in host memory stays the truth, so a
+ * device failure costs speed, never a result. The exception is whole-model mode, where the
+ * KDA states live on the device: a failure there loses them and the sessions are marked
+ * broken.
+ *
+ * One return convention for every backend_* call that offers to do work (layer.c, the layer
+ * dispatcher, is the one caller during a pass):
+ *     KLI_OK        done on the device;
+ *     BACKEND_CPU   not done: the caller's CPU code does it, nothing was lost;
+ *     negative      a device failure that lost state only the device held (whole-model
+ *                   KDA states): err says why, the sessions must be marked broken.
  */
 #ifndef KLI_BACKEND_H
 #define KLI_BACKEND_H
@@ -29,6 +35,9 @@
 #ifdef __cplusplus
 extern "C" {
 #endif
+
+/* The backend_* answer "the CPU does it" (see above); the vtable's members never return it. */
+#define BACKEND_CPU 1
 
 /* ==== The device vtable ===================================================================== */
 
@@ -231,8 +240,9 @@ void backend_sess_free(struct kli_session *s);
 /* Before a forward pass over ss[0..n_seq) with T_seq new tokens each (their ids already in
  * hist): drops mirrored cache rows whose token history changed (restore, copy, rewind) and
  * fills gs[q]; in whole-model mode uploads KDA states the device lacks, or, for a pass on
- * the CPU, pulls those it leads with. @return 1 when the device takes part in this pass, 0
- * when not (gs untouched), negative when a session's KDA states were lost (err says why). */
+ * the CPU, pulls those it leads with. @return KLI_OK when the device takes part in this
+ * pass; BACKEND_CPU when not (gs untouched); negative when a session's KDA states were lost
+ * (err says why). */
 int backend_forward_begin(struct kli_session *const *ss, int64_t n_seq, int64_t T_seq,
                           struct backend_sess **gs, struct kli_err *err);
 
@@ -245,26 +255,27 @@ int backend_sess_pull(struct kli_session *s, struct kli_err *err);
 void backend_sess_written(struct kli_session *s);
 
 /* KDA layer `layer` on the device when this pass runs KDA there (backend_forward_begin):
- * @return 0 when out was written; 1: run it on the CPU; negative: a device failure part-way
- * (the states are lost, err says why, the sessions must be marked broken). */
+ * @return KLI_OK when out was written; BACKEND_CPU; negative: a device failure part-way (the
+ * states are lost). */
 int backend_kda_layer(struct backend_sess *const *gs, int layer, int64_t n_seq,
                       int64_t T_seq, const float *x, float *out, struct kli_err *err);
 
 /* lm_head on the device in whole-model mode: y [T][n_vocab] from x [T][d_model].
- * @return 0 when done; non-zero: compute it on the CPU. */
+ * @return KLI_OK when done, or BACKEND_CPU. */
 int backend_lm_head(struct backend_sess *const *gs, const float *x, int64_t T, float *y);
 
 /* Attention of MLA layer `layer` on the device: mirrors the rows of caches[q] the device
- * lacks, then lat [T][H][L] from qfull [T][H][L+rope] (see mla_forward). @return 0 when lat
- * was written; non-zero: compute it on the CPU (the session then stays on the CPU). */
+ * lacks, then lat [T][H][L] from qfull [T][H][L+rope] (see mla_attend). @return KLI_OK
+ * when lat was written, or BACKEND_CPU (after a device failure the session stays on the
+ * CPU). */
 int backend_mla_attend(struct backend_sess *const *gs, int layer, float *const *caches,
                        const int64_t *pos, int64_t n_seq, int64_t T_seq, const float *qfull,
                        float *lat);
 
 /* The whole of MLA layer `layer` on the device, when its weights are resident there: x
  * [T][d_model] -> out, and the new rows of caches[q] (rows pos[q].. pos[q]+T_seq) written on
- * both sides. @return 0 when done; non-zero: run the layer on the CPU (nothing was written
- * that the CPU path does not write again). */
+ * both sides. @return KLI_OK when done, or BACKEND_CPU (nothing was written that the CPU
+ * path does not write again). */
 int backend_mla_layer(struct backend_sess *const *gs, int layer, float *const *caches,
                       const int64_t *pos, int64_t n_seq, int64_t T_seq, const float *x,
                       float *out);
@@ -272,10 +283,13 @@ int backend_mla_layer(struct backend_sess *const *gs, int layer, float *const *c
 /* MoE layer `layer` with the routing in sc (idx, wt, order, count) for T rows of x: counts
  * the routing, launches the shared expert and the resident routed experts on the device and
  * returns; backend_moe_hot then tells the CPU which experts to skip, and backend_moe_wait
- * adds the device's share into out. @return 0 when launched; then backend_moe_wait must
- * follow. Non-zero from either: the CPU computes everything (wait's out is untouched). */
+ * adds the device's share into out. @return KLI_OK when launched; then backend_moe_wait must
+ * follow. BACKEND_CPU from either: the CPU computes everything (wait's out is untouched).
+ * The hot set holds still from a launch to its wait. */
 int backend_moe_launch(struct backend_sess *g, int layer, const struct moe_scratch *sc,
                        const float *x, int64_t T);
+/* @return 1 when expert e of `layer` is resident on the device, else 0 (a question, not a
+ * job: between a launch and its wait, the experts the device computes). */
 int backend_moe_hot(const struct backend_sess *g, int layer, int32_t e);
 int backend_moe_wait(struct backend_sess *g, int layer, float *out);
 

@@ -14,15 +14,10 @@
 #include <string.h>
 #include <time.h>
 
-#include "backend.h"
-#include "ffn.h"
 #include "forward.h"
 #include "internal.h"
-#include "kda.h"
-#include "mla.h"
-#include "moe.h"
+#include "layer.h"
 #include "ops.h"
-#include "xcache.h"
 
 static double
 fwd_now(void)
@@ -47,6 +42,30 @@ add_rows(float *h, const float *y, int64_t n)
         h[i] += y[i];
 }
 
+/* One residual block of layer i, timed: h += block(rmsnorm(h) * norm). The time of the norm
+ * and what came before since *t0 counts as KLI_PHASE_OTHER, the block's as `phase`; *t0
+ * becomes the block's end. */
+static int
+fwd_residual(struct layer_pass *p, int i, const float *norm,
+             int (*block)(struct layer_pass *, int, const float *, float *, struct kli_err *),
+             int phase, double *t0, struct kli_err *err)
+{
+    struct kli_session *s = p->s;
+    const struct kli_config *cfg = &s->m->cfg;
+    int64_t D = cfg->d_model, T = p->n_seq * p->T_seq;
+    int rc;
+
+    rmsnorm_rows(s->x, s->h, norm, T, D, cfg->norm_eps);
+    double t1 = fwd_now();
+    s->phase[KLI_PHASE_OTHER] += t1 - *t0;
+    if ((rc = block(p, i, s->x, s->y, err)) != KLI_OK)
+        return rc;
+    *t0 = fwd_now();
+    s->phase[phase] += *t0 - t1;
+    add_rows(s->h, s->y, T * D);
+    return KLI_OK;
+}
+
 int
 forward_run(struct kli_session *const *ss, int64_t n_seq, const kli_token *tok, int64_t T_seq,
             float *logits_all, struct kli_err *err)
@@ -55,119 +74,52 @@ forward_run(struct kli_session *const *ss, int64_t n_seq, const kli_token *tok, 
     const struct kli_model *m = s->m;
     const struct kli_config *cfg = &m->cfg;
     int64_t D = cfg->d_model, V = cfg->n_vocab, T = n_seq * T_seq;
-    struct kda_state *kst[FORWARD_MAX_SEQ];
-    float *caches[FORWARD_MAX_SEQ];
-    int64_t pos[FORWARD_MAX_SEQ];
+    struct layer_pass p;   /* where each layer runs: layer.c */
+    int rc;
 
-    double t0 = fwd_now(), t1;
+    double t0 = fwd_now();
 
-    /* s's scratch serves every sequence: its row count was checked by the callers
-     * (n_seq * T_seq <= batch_max), and the attention workspace must serve the longest
-     * context of the batch, which may be another session's. */
-    int64_t longest = 0;
-    if (n_seq > FORWARD_MAX_SEQ || T > s->batch_max)
-        return kli_err_set(err, KLI_E_RANGE, "a step of %lld rows exceeds the first "
-                           "session's batch_max %d", (long long)T, s->batch_max);
-    for (int64_t q = 0; q < n_seq; q++) {
-        pos[q] = ss[q]->pos;
-        longest = pos[q] + T_seq > longest ? pos[q] + T_seq : longest;
-    }
-    if (session_work_reserve(s, longest, err) != KLI_OK)
-        return KLI_E_NOMEM;
-
+    if ((rc = layer_pass_begin(&p, ss, n_seq, T_seq, err)) != KLI_OK)
+        return rc;
     for (int64_t t = 0; t < T; t++)
         ops_row_f32(&m->embed, tok[t], s->h + t * D);
-    /* With a GPU, the MLA and MoE blocks hand it part of their work (backend.c). */
-    struct backend_sess *gs[FORWARD_MAX_SEQ];
-    int gpu = backend_forward_begin(ss, n_seq, T_seq, gs, err);
-    if (gpu < 0)
-        return gpu;   /* the sessions' KDA states were lost on the device (now broken) */
-    s->mla_sc.gpu = gpu ? gs : NULL;
-    s->moe_sc.gpu = gpu ? gs[0] : NULL;
-    if (m->xc != NULL) {
-        xcache_lock(m->xc);   /* sessions of one model take turns with the expert cache */
-        xcache_step(m->xc);
-    }
 
     for (int i = 0; i < cfg->n_layers; i++) {
         const struct kli_layer *ly = &m->layers[i];
+        int mix = ly->mixer == KLI_MIXER_KDA ? KLI_PHASE_KDA : KLI_PHASE_MLA;
+        int ffn = ly->ffn_kind == KLI_FFN_DENSE ? KLI_PHASE_DENSE : KLI_PHASE_MOE;
 
-        rmsnorm_rows(s->x, s->h, ly->attn_norm, T, D, cfg->norm_eps);
-        s->mla_sc.layer = s->moe_sc.layer = i;
-        t1 = fwd_now();
-        s->phase[KLI_PHASE_OTHER] += t1 - t0;
-        if (ly->mixer == KLI_MIXER_KDA) {
-            int rc = gpu ? backend_kda_layer(gs, i, n_seq, T_seq, s->x, s->y, err) : 1;
-            if (rc < 0) {
-                /* the device held the states and failed part-way: nothing to go on from */
-                for (int64_t q = 0; q < n_seq; q++)
-                    ss[q]->broken = 1;
-                if (m->xc != NULL)
-                    xcache_unlock(m->xc);
-                return rc;
-            }
-            for (int64_t q = 0; rc > 0 && q < n_seq; q++)
-                kst[q] = &ss[q]->kda[i];
-            if (rc > 0)
-                kda_forward(m, &ly->kda, kst, n_seq, &s->kda_sc, s->x, T_seq, s->y);
-        } else {
-            for (int64_t q = 0; q < n_seq; q++)
-                caches[q] = ss[q]->cache[i];
-            if (mla_forward(m, &ly->mla, caches, pos, n_seq, &s->mla_sc, s->x, T_seq,
-                            s->y) != 0) {
-                /* not after session_work_reserve above; but never past the workspace */
-                for (int64_t q = 0; q < n_seq; q++)
-                    ss[q]->broken = 1;
-                if (m->xc != NULL)
-                    xcache_unlock(m->xc);
-                return kli_err_set(err, KLI_E_INVALID, "MLA layer %d: the attention "
-                                   "workspace serves %lld tokens, the step needs %lld", i,
-                                   (long long)s->mla_sc.work_n, (long long)longest);
-            }
-        }
-        t0 = fwd_now();
-        s->phase[ly->mixer == KLI_MIXER_KDA ? KLI_PHASE_KDA : KLI_PHASE_MLA] += t0 - t1;
-        add_rows(s->h, s->y, T * D);
-
-        rmsnorm_rows(s->x, s->h, ly->ffn_norm, T, D, cfg->norm_eps);
-        t1 = fwd_now();
-        s->phase[KLI_PHASE_OTHER] += t1 - t0;
-        if (ly->ffn_kind == KLI_FFN_DENSE)
-            ffn_forward(&ly->ffn, s->x, T, s->y, s->ffn_h1, s->ffn_h3);
-        else if (moe_forward(m, &ly->moe, &s->moe_sc, s->x, T, s->y, err) != KLI_OK) {
-            /* layers before this one have advanced: the state is no longer whole */
-            for (int64_t q = 0; q < n_seq; q++)
-                ss[q]->broken = 1;
-            if (m->xc != NULL)
-                xcache_unlock(m->xc);   /* only the cache's reads fail here */
-            return err != NULL && err->code != 0 ? err->code : KLI_E_IO;
-        }
-        t0 = fwd_now();
-        s->phase[ly->ffn_kind == KLI_FFN_DENSE ? KLI_PHASE_DENSE : KLI_PHASE_MOE] += t0 - t1;
-        add_rows(s->h, s->y, T * D);
+        if ((rc = fwd_residual(&p, i, ly->attn_norm, layer_mixer, mix, &t0, err)) != KLI_OK ||
+            (rc = fwd_residual(&p, i, ly->ffn_norm, layer_ffn, ffn, &t0, err)) != KLI_OK)
+            goto broken;
     }
 
     if (logits_all != NULL) {
         /* every row (prefill asked for all positions, or one row per sequence) */
         rmsnorm_rows(s->x, s->h, m->final_norm, T, D, cfg->norm_eps);
-        if (!gpu || backend_lm_head(gs, s->x, T, logits_all) != 0)
-            ops_matmul(&m->lm_head, s->x, D, logits_all, V, T);
+        layer_lm_head(&p, s->x, T, logits_all);
         for (int64_t q = 0; q < n_seq; q++)
             memcpy(ss[q]->logits, logits_all + ((q + 1) * T_seq - 1) * V,
                    (size_t)V * sizeof(float));
     } else {
         ops_rmsnorm(s->x, s->h + (T - 1) * D, m->final_norm, D, cfg->norm_eps);
-        if (!gpu || backend_lm_head(gs, s->x, 1, s->logits) != 0)
-            ops_matmul(&m->lm_head, s->x, D, s->logits, V, 1);
+        layer_lm_head(&p, s->x, 1, s->logits);
     }
     s->phase[KLI_PHASE_LM_HEAD] += fwd_now() - t0;
     for (int64_t q = 0; q < n_seq; q++) {
         ss[q]->has_logits = 1;
         ss[q]->pos += (int32_t)T_seq;
     }
-    if (m->xc != NULL)
-        xcache_unlock(m->xc);
+    layer_pass_end(&p);
     return KLI_OK;
+
+broken:
+    /* layers before this one have advanced (or the device lost the states it held): the
+     * sessions' state is no longer whole */
+    for (int64_t q = 0; q < n_seq; q++)
+        ss[q]->broken = 1;
+    layer_pass_end(&p);
+    return rc;
 }
 
 int

@@ -18,7 +18,6 @@
 #include <math.h>
 #include <string.h>
 
-#include "backend.h"
 #include "mla.h"
 #include "ops.h"
 #include "simd.h"
@@ -176,28 +175,29 @@ mla_softmax_range(void *ctx, int64_t h0, int64_t h1, int ith)
 }
 
 int
-mla_forward(const struct kli_model *m, const struct kli_mla_w *w, float *const *caches,
-            const int64_t *pos, int64_t n_seq, struct mla_scratch *sc, const float *x,
-            int64_t T_seq, float *out)
+mla_work_ok(const struct mla_scratch *sc, const int64_t *pos, int64_t n_seq, int64_t T_seq)
 {
-    const struct kli_config *cfg = &m->cfg;
-    const struct kli_config_mla *c = &cfg->mla;
-    int64_t D = cfg->d_model, H = c->n_heads, Lr = c->kv_lora_rank, rope = c->qk_rope_dim;
-    int64_t dqk = c->qk_nope_dim + rope, dv = c->v_head_dim, stride = mla_row_floats(cfg);
-    int64_t T = n_seq * T_seq;
-    struct mla_job j = {m, w, sc, T};
-    float scale = 1.0f / sqrtf((float)dqk);
-
     /* The workspace holds the scores [H][n] of the longest sequence: every thread's share
      * together, H * n <= n_threads * mla_work_floats(n) (one thread's is at least H * n). */
     for (int64_t q = 0; q < n_seq; q++) {
         if (pos[q] + T_seq > sc->work_n)
-            return -1;
+            return 0;
     }
-    /* With a GPU that holds this layer's weights, the whole layer runs there. */
-    if (sc->gpu != NULL && backend_mla_layer(sc->gpu, sc->layer, caches, pos, n_seq, T_seq, x,
-                                             out) == 0)
-        return 0;
+    return 1;
+}
+
+void
+mla_project(const struct kli_model *m, const struct kli_mla_w *w, float *const *caches,
+            const int64_t *pos, int64_t n_seq, struct mla_scratch *sc, const float *x,
+            int64_t T_seq)
+{
+    const struct kli_config *cfg = &m->cfg;
+    const struct kli_config_mla *c = &cfg->mla;
+    int64_t D = cfg->d_model, H = c->n_heads, Lr = c->kv_lora_rank, rope = c->qk_rope_dim;
+    int64_t dqk = c->qk_nope_dim + rope, stride = mla_row_floats(cfg);
+    int64_t T = n_seq * T_seq;
+    struct mla_job j = {m, w, sc, T};
+
     ops_matmul(&w->q_proj, x, D, sc->q, H * dqk, T);
     ops_matmul(&w->kv_a, x, D, sc->ckv, stride, T);
     for (int64_t t = 0; t < T; t++) {
@@ -208,28 +208,55 @@ mla_forward(const struct kli_model *m, const struct kli_mla_w *w, float *const *
         ops_rmsnorm(row, src, w->kv_a_norm, Lr, 1e-6f);
         memcpy(row + Lr, src + Lr, (size_t)rope * sizeof(float));
     }
+    threads_parallel_for(H, 1, mla_absorb_range, &j);
+}
+
+void
+mla_attend(const struct kli_model *m, float *const *caches, const int64_t *pos, int64_t n_seq,
+           struct mla_scratch *sc, int64_t T_seq)
+{
+    const struct kli_config_mla *c = &m->cfg.mla;
+    int64_t H = c->n_heads, Lr = c->kv_lora_rank, stride = mla_row_floats(&m->cfg);
+    float scale = 1.0f / sqrtf((float)(c->qk_nope_dim + c->qk_rope_dim));
 
     /* Attention in matrix form, token by token (each sees its own causal prefix):
      *   S [H][n]  = Q_full [H][L+rope] . cache[0:n]^T      every head against every latent
      *   P         = softmax(S * scale) per head
      *   lat [H][L] = P . cache[0:n][0:L]
-     * The cache is read once per token for all heads. With a GPU the same three steps run
-     * there over its mirror of the cache (backend.c); on any failure the CPU does them. */
-    threads_parallel_for(H, 1, mla_absorb_range, &j);
-    int on_gpu = sc->gpu != NULL &&
-                 backend_mla_attend(sc->gpu, sc->layer, caches, pos, n_seq, T_seq, sc->qfull,
-                                    sc->lat) == 0;
-    for (int64_t t = 0; !on_gpu && t < T; t++) {
+     * The cache is read once per token for all heads. */
+    for (int64_t t = 0; t < n_seq * T_seq; t++) {
         int64_t sq = t / T_seq, n = pos[sq] + t % T_seq + 1;
         const float *cache = caches[sq];
-        float *S = sc->work;   /* [H][n], n <= work_n: checked above */
+        float *S = sc->work;   /* [H][n], n <= work_n: mla_work_ok */
         struct kli_tensor keys = ops_view_f32(cache, n, stride);
         ops_matmul(&keys, sc->qfull + t * H * stride, stride, S, n, H);
         struct mla_softmax_job sj = {S, n, n, scale};
         threads_parallel_for(H, 1, mla_softmax_range, &sj);
         ops_gemm_nn(S, n, cache, stride, sc->lat + t * H * Lr, Lr, H, Lr, n);
     }
-    threads_parallel_for(H, 1, mla_expand_range, &j);
-    ops_matmul(&w->o_proj, sc->o, H * dv, out, D, T);
+}
+
+void
+mla_output(const struct kli_model *m, const struct kli_mla_w *w, struct mla_scratch *sc,
+           int64_t T, float *out)
+{
+    const struct kli_config_mla *c = &m->cfg.mla;
+    struct mla_job j = {m, w, sc, T};
+
+    threads_parallel_for(c->n_heads, 1, mla_expand_range, &j);
+    ops_matmul(&w->o_proj, sc->o, (int64_t)c->n_heads * c->v_head_dim, out, m->cfg.d_model,
+               T);
+}
+
+int
+mla_forward(const struct kli_model *m, const struct kli_mla_w *w, float *const *caches,
+            const int64_t *pos, int64_t n_seq, struct mla_scratch *sc, const float *x,
+            int64_t T_seq, float *out)
+{
+    if (!mla_work_ok(sc, pos, n_seq, T_seq))
+        return -1;
+    mla_project(m, w, caches, pos, n_seq, sc, x, T_seq);
+    mla_attend(m, caches, pos, n_seq, sc, T_seq);
+    mla_output(m, w, sc, n_seq * T_seq, out);
     return 0;
 }

@@ -18,8 +18,6 @@ struct mla_scratch {
     float *work;   /* [n_threads][work_stride]; the matrix form uses it whole for [H][n] */
     int64_t work_stride;               /* mla_work_floats(work_n) */
     int64_t work_n;                    /* the longest context `work` serves, in tokens */
-    struct backend_sess *const *gpu;   /* [n_seq] device state for this pass, or NULL */
-    int layer;                         /* the layer being run, for gpu */
 };
 
 /* Floats of one token's row of the latent cache: the normalised latent c^ and k_pe. The one
@@ -29,16 +27,35 @@ int64_t mla_row_floats(const struct kli_config *cfg);
 /* Floats of per-thread attention workspace for a context of n tokens. */
 int64_t mla_work_floats(const struct kli_config *cfg, int64_t n);
 
-/* Runs one MLA layer over n_seq sequences of T_seq tokens (row s * T_seq + t of x is
- * token t of sequence s). caches[s] [pos[s]+T_seq][L+rope] holds, per token, the
+/* Runs one MLA layer on the CPU over n_seq sequences of T_seq tokens (row s * T_seq + t of
+ * x is token t of sequence s). caches[s] [pos[s]+T_seq][L+rope] holds, per token, the
  * normalised latent c^ (L values) and the raw k_pe (rope values); the new entries are
  * written at rows pos[s].. of each. x [n_seq*T_seq][d_model] -> out. The workspace must
- * serve the longest sequence: sc->work_n >= pos[s] + T_seq for every s (forward_run grows
- * it through session_work_reserve before the step).
- * @return 0, or -1 (nothing done) when it does not. */
+ * serve the longest sequence (mla_work_ok; forward_run grows it through
+ * session_work_reserve before the step). It is the three steps below in order; the layer
+ * dispatcher (layer.c) runs the same steps and may hand the attention, or the whole layer,
+ * to a device instead.
+ * @return 0, or -1 (nothing done) when the workspace is too small. */
 int mla_forward(const struct kli_model *m, const struct kli_mla_w *w, float *const *caches,
                 const int64_t *pos, int64_t n_seq, struct mla_scratch *sc, const float *x,
                 int64_t T_seq, float *out);
+
+/* @return 1 when sc's workspace serves pos[s] + T_seq tokens for every s, else 0. */
+int mla_work_ok(const struct mla_scratch *sc, const int64_t *pos, int64_t n_seq,
+                int64_t T_seq);
+
+/* Step 1: q and the compressed kv of every row; the new cache rows written; the absorbed
+ * queries (W_UK^T q_nope, then q_pe) in sc->qfull [T][H][L+rope]. */
+void mla_project(const struct kli_model *m, const struct kli_mla_w *w, float *const *caches,
+                 const int64_t *pos, int64_t n_seq, struct mla_scratch *sc, const float *x,
+                 int64_t T_seq);
+/* Step 2: latent attention, sc->qfull -> sc->lat [T][H][L] (each row over its causal
+ * prefix of its sequence's cache). */
+void mla_attend(const struct kli_model *m, float *const *caches, const int64_t *pos,
+                int64_t n_seq, struct mla_scratch *sc, int64_t T_seq);
+/* Step 3: o[h] = W_UV[h] lat[h], then out [T][d_model] = o_proj o. */
+void mla_output(const struct kli_model *m, const struct kli_mla_w *w, struct mla_scratch *sc,
+                int64_t T, float *out);
 
 /* Attention for one query row and head, two ways (exposed for tests).
  *   absorbed: scores against the latent cache directly (doc/model.md 5.2)

@@ -1,5 +1,6 @@
 /*
- * moe.h - the mixture of experts: router, expert dispatch, shared experts.
+ * moe.h - the mixture of experts: the router and the grouping of rows by expert (the
+ * schedules that compute the experts are moe_sched.h's).
  */
 #ifndef KLI_MOE_H
 #define KLI_MOE_H
@@ -20,8 +21,6 @@ struct moe_scratch {
     float *gbuf;      /* grouped path (moe.c): x, hidden (2) and output rows of every
                          (expert, token) pair, allocated on first use; NULL: none yet */
     int64_t gcap;     /* pairs gbuf holds */
-    struct backend_sess *gpu;   /* device state for this pass, or NULL */
-    int layer;                  /* the layer being run, for gpu */
 };
 
 /* Chooses the experts of one token and their weights (doc/model.md 6.2, decision 1):
@@ -33,11 +32,22 @@ struct moe_scratch {
 void moe_route(const struct kli_config_moe *c, const float *logits, const float *bias,
                int32_t *idx, float *wt, float *tmp);
 
-/* Runs one MoE layer over T tokens: x [T][d_model] -> out [T][d_model]. Tokens are grouped
- * by expert so each chosen expert runs one matrix product over its tokens. In edge mode
- * (m->xc) the routed experts come from the expert cache, whose reads can fail.
- * @return KLI_OK, or the cache's error (KLI_E_IO, with `err` set). */
-int moe_forward(const struct kli_model *m, const struct kli_moe_w *w, struct moe_scratch *sc,
-                const float *x, int64_t T, float *out, struct kli_err *err);
+/* Routes T rows of x: router logits, then moe_route per row into sc->idx and sc->wt, then a
+ * counting sort of the (row, slot) pairs by expert into sc->order, with expert e's pairs at
+ * [sc->count[e], sc->count[e+1]). */
+void moe_route_rows(const struct kli_model *m, const struct kli_moe_w *w,
+                    struct moe_scratch *sc, const float *x, int64_t T);
+
+/* Edge mode: applies the router of the next MoE layer after `layer` to x (a guess at what it
+ * will choose) and starts the expert cache's reads of those experts (xcache_prefetch). Only
+ * for a few rows (T <= 8): a long prefill asks for most experts anyway. */
+void moe_prefetch(const struct kli_model *m, int layer, struct moe_scratch *sc, const float *x,
+                  int64_t T);
+
+/* One MoE layer over T rows on the CPU with resident weights: x [T][d_model] -> out.
+ * moe_route_rows, then moe_sched_cpu over every expert. (The layer dispatcher, layer.c, runs
+ * the same steps, or hands part of them to a device or the expert cache.) */
+void moe_forward(const struct kli_model *m, const struct kli_moe_w *w, struct moe_scratch *sc,
+                 const float *x, int64_t T, float *out);
 
 #endif

@@ -18,9 +18,9 @@
  * Eviction: slots split evenly over the MoE layers, least recently used first within a
  * layer (contrib/tools/xcache-sim.py measures the choice on a real router trace).
  *
- * One forward pass at a time uses a cache: forward_run holds xcache_lock for its whole pass,
- * so sessions of one model driven from several threads take turns. The I/O threads are
- * internal.
+ * One forward pass at a time uses a cache: forward_run holds xcache_lock for its whole pass
+ * (layer_pass_begin to layer_pass_end), so sessions of one model driven from several threads
+ * take turns. The I/O threads are internal.
  */
 #ifndef KLI_XCACHE_H
 #define KLI_XCACHE_H

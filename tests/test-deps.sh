@@ -1,8 +1,10 @@
 #!/bin/sh
 # test-deps.sh - the dependency rules of HACKING, checked by grep:
 #   weights/ uses nothing of ours but kli.h, src/internal.h (errors and allocation, no
-#   model code) and the header-only src/util.h (which the CLI may use too); simd/ nothing but kli.h and weights/dtype.h; src/ includes no CUDA headers; the CLI, contrib/examples and
-#   the black-box tests include only kli.h; no exit()/abort() in library code. Also the
+#   model code) and the header-only src/util.h (which the CLI may use too); simd/ nothing
+#   but kli.h and weights/dtype.h; src/ includes no CUDA headers; the CLI, contrib/examples
+#   and the black-box tests include only kli.h; no exit()/abort() in library code; only
+#   layer.c, of the forward pass, calls backend_*. Also the
 #   design notes: every doc/*.md a comment (or a manual page, or a note) cites exists, with
 #   the section ("doc/model.md 4.6", "section 2") or decision ("decision 1") it names.
 set -u
@@ -36,6 +38,9 @@ check "contrib/examples include only kli.h" \
 check "no exit() or abort() in library code (kli_panic in error.c is the one assert path)" \
     "$(grep -HnE '\b(exit|abort|_exit)\s*\(' src/*.c weights/*.c simd/*.c 2>/dev/null |
        grep -v '^src/cli' | grep -v '^src/error\.c' | grep -vE '^\S+:\s*[0-9]+:\s*(/\*|\*)')"
+check "only layer.c, of the forward pass, asks the device: no backend_* in the math files" \
+    "$(grep -Hn 'backend\.h\|backend_[a-z_]*(' src/forward.c src/kda.c src/mla.c src/moe.c \
+       src/moe_sched.c src/ffn.c 2>/dev/null)"
 check "no OpenMP: parallel work goes through threads.c's pool" \
     "$(grep -Hn '#pragma omp\|omp\.h' src/*.c src/*.h simd/*.c weights/*.c)"
 check "no ISA intrinsics outside simd/<isa>.c and simd/<isa>.h (gemm.h, the x86 driver, has none)" \
