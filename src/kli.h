@@ -624,6 +624,7 @@ struct kli_sched_token {
     const char *text;
     size_t len;
     int32_t n_generated;         /* tokens generated so far, this one included */
+    const float *logits;         /* the kli_model_n_vocab logits it was sampled from */
 };
 
 /* How a request ended. `text` (all its generated text, cut before a stop string) and

@@ -188,7 +188,7 @@ sched_find(const char *s, size_t n, size_t from, const char *pat)
 /* Takes the token sampled for place p: an end token or a stop string finishes the request,
  * so do max_tokens and a full context; otherwise the token is fed at the next step. */
 static void
-sched_take(struct kli_sched *s, struct sched_place *p, kli_token t)
+sched_take(struct kli_sched *s, struct sched_place *p, kli_token t, const float *logits)
 {
     struct sched_req *r = p->rq;
     size_t old = p->n_text, len = 0;
@@ -206,7 +206,7 @@ sched_take(struct kli_sched *s, struct sched_place *p, kli_token t)
         bytes = kli_token_bytes(s->tok, t, &len);
     if (s->o.on_token != NULL) {
         struct kli_sched_token ev = {r->id, r->user, t, bytes != NULL ? bytes : "",
-                                     bytes != NULL ? len : 0, p->n_gen};
+                                     bytes != NULL ? len : 0, p->n_gen, logits};
         s->o.on_token(s->o.ud, &ev);
     }
     if (bytes != NULL && sched_text_add(p, bytes, len) != 0) {
@@ -382,7 +382,8 @@ sched_join(struct kli_sched *s, struct sched_place *p, struct sched_req *r, int3
         sched_finish(s, p, KLI_FINISH_LENGTH, KLI_OK, NULL);
         return 0;
     }
-    sched_take(s, p, kli_sampler_sample(p->smp, kli_session_logits(p->s)));
+    const float *lg = kli_session_logits(p->s);
+    sched_take(s, p, kli_sampler_sample(p->smp, lg), lg);
     return 0;
 }
 
@@ -475,7 +476,7 @@ sched_decode(struct kli_sched *s)
         return n;
     }
     for (int j = 0; j < n; j++)
-        sched_take(s, &s->pl[idx[j]], tk[j]);
+        sched_take(s, &s->pl[idx[j]], tk[j], lg[j]);
     s->step_s += sched_now() - t0;
     s->step_tokens += n;
     s->steps++;
