@@ -38,36 +38,26 @@
 /* ==== options ============================================================================= */
 
 enum {
-    OPT_STOP = 256, OPT_RAW, OPT_CTX, OPT_QUIET, OPT_PREFIX_CACHE,
-    OPT_PREFIX_DIR, OPT_MIN_PREFIX, OPT_SHARD, OPT_RESUME, OPT_OVERWRITE, OPT_MAX_PROMPT,
+    OPT_PREFIX_CACHE = 256, OPT_PREFIX_DIR, OPT_MIN_PREFIX, OPT_SHARD, OPT_RESUME, OPT_OVERWRITE, OPT_MAX_PROMPT,
     OPT_MAX_ERRORS,
 };
 
 struct batch_args {
-    const char *model, *input, *output, *system, *prefix_dir;
-    long parallel, max_tokens, ctx, threads, min_prefix, shard_k, shard_n;
+    struct cli_gen_opts g;        /* the options batch shares with run */
+    const char *input, *output, *prefix_dir;
+    long parallel, min_prefix, shard_k, shard_n;
     long max_errors;              /* failed records tolerated before exit status 3 */
     uint64_t prefix_bytes, max_prompt_bytes;
-    int raw, overwrite, quiet;
-    struct kli_sampler_options so;
-    const char *stop[BATCH_MAX_STOP];
-    int n_stop;
+    int overwrite;
     char demo[4096];
 };
 
 static const struct option batch_opts[] = {
-    {"model", required_argument, NULL, 'm'},
+    CLI_GEN_LONGOPTS,
+    CLI_GEN_RAW_LONGOPT,
     {"input", required_argument, NULL, 'i'},
     {"output", required_argument, NULL, 'o'},
     {"parallel", required_argument, NULL, 'P'},
-    {"max-tokens", required_argument, NULL, 'n'},
-    {"threads", required_argument, NULL, 't'},
-    {"system", required_argument, NULL, 's'},
-    CLI_SAMPLING_LONGOPTS,
-    {"stop", required_argument, NULL, OPT_STOP},
-    {"raw", no_argument, NULL, OPT_RAW},
-    {"ctx", required_argument, NULL, OPT_CTX},
-    {"quiet", no_argument, NULL, OPT_QUIET},
     {"prefix-cache", required_argument, NULL, OPT_PREFIX_CACHE},
     {"prefix-dir", required_argument, NULL, OPT_PREFIX_DIR},
     {"min-prefix", required_argument, NULL, OPT_MIN_PREFIX},
@@ -77,8 +67,6 @@ static const struct option batch_opts[] = {
     {"max-prompt-bytes", required_argument, NULL, OPT_MAX_PROMPT},
     {"max-errors", required_argument, NULL, OPT_MAX_ERRORS},
     {"help", no_argument, NULL, 'h'},
-    CLI_PLACEMENT_LONGOPTS,
-    CLI_GPU_LONGOPTS,
     {NULL, 0, NULL, 0},
 };
 
@@ -137,48 +125,20 @@ batch_parse(int argc, char **argv, struct batch_args *a)
     int c;
 
     memset(a, 0, sizeof(*a));
+    cli_gen_init(&a->g);
     a->parallel = 8;
-    a->max_tokens = 256;
     a->min_prefix = 64;
     a->shard_k = a->shard_n = 1;
     a->prefix_bytes = 1ULL << 30;
     a->max_prompt_bytes = 4ULL << 20;
-    kli_sampler_options_init(&a->so);
     while ((c = getopt_long(argc, argv, "m:i:o:P:n:t:s:h", batch_opts, NULL)) != -1) {
         switch (c) {
-        case 'm': a->model = optarg; break;
         case 'i': a->input = optarg; break;
         case 'o': a->output = optarg; break;
-        case 's': a->system = optarg; break;
         case 'P':
             if (cli_parse_int(optarg, 1, BATCH_MAX_PARALLEL, "--parallel", &a->parallel))
                 return -1;
             break;
-        case 'n':
-            if (cli_parse_int(optarg, 0, 1 << 30, "--max-tokens", &a->max_tokens))
-                return -1;
-            break;
-        case 't':
-            if (cli_parse_int(optarg, 1, 4096, "--threads", &a->threads))
-                return -1;
-            break;
-        case CLI_OPT_CPUS: case CLI_OPT_NUMA: case CLI_OPT_MEM_BUDGET:
-            if (cli_placement_option(c, optarg) != 1)
-                return -1;
-            break;
-        case OPT_CTX:
-            if (cli_parse_int(optarg, 1, 1 << 30, "--ctx", &a->ctx))
-                return -1;
-            break;
-        case OPT_STOP:
-            if (a->n_stop == BATCH_MAX_STOP || optarg[0] == '\0') {
-                cli_error("--stop: at most %d stop strings, none empty", BATCH_MAX_STOP);
-                return -1;
-            }
-            a->stop[a->n_stop++] = optarg;
-            break;
-        case OPT_RAW: a->raw = 1; break;
-        case OPT_QUIET: a->quiet = 1; break;
         case OPT_PREFIX_CACHE:
             if (batch_size(optarg, "--prefix-cache", 1ULL << 50, &a->prefix_bytes))
                 return -1;
@@ -220,9 +180,7 @@ batch_parse(int argc, char **argv, struct batch_args *a)
             printf("%s", batch_usage);
             return 1;
         default:
-            if (cli_sampling_option(c, optarg, &a->so) == 1)
-                break;
-            if (cli_gpu_option(c, optarg) != 1)
+            if (cli_gen_option(c, optarg, &a->g) != 1)
                 return -1;
             break;
         }
@@ -239,14 +197,7 @@ batch_parse(int argc, char **argv, struct batch_args *a)
         cli_error("--max-prompt-bytes: must be at least 1");
         return -1;
     }
-    struct kli_sampler *probe = NULL;
-    struct kli_err err = {0};
-    if (kli_sampler_create(&probe, &a->so, 1, &err) != KLI_OK) {
-        cli_error("%s", err.msg);
-        return -1;
-    }
-    kli_sampler_free(probe);
-    return 0;
+    return cli_gen_check(&a->g);
 }
 
 /* ==== state =============================================================================== */
@@ -360,7 +311,7 @@ batch_on_token(void *ud, const struct kli_sched_token *t)
 static void
 batch_on_notice(void *ud, const char *msg)
 {
-    if (!((struct batch *)ud)->a->quiet)
+    if (!((struct batch *)ud)->a->g.quiet)
         cli_error("prefix cache: %s", msg);
 }
 
@@ -426,7 +377,7 @@ batch_progress(struct batch *b, int final)
     double rate = el > 0 ? (double)b->gen_tokens / el : 0;
     char eta[32];
 
-    if (b->a->quiet || (!final && t - b->last < (b->tty ? 0.2 : 10.0)))
+    if (b->a->g.quiet || (!final && t - b->last < (b->tty ? 0.2 : 10.0)))
         return;
     if (final && !b->tty)
         return;
@@ -451,7 +402,7 @@ batch_summary(struct batch *b)
     double el = batch_now() - b->t0;
     struct kli_sched_stats st;
 
-    if (b->a->quiet)
+    if (b->a->g.quiet)
         return;
     kli_sched_stats(b->sched, &st);
     fprintf(stderr, "batch: %lld records written (%lld errors) in %.1f s | prompt %lld tokens, "
@@ -539,7 +490,7 @@ batch_open_output(const struct batch_args *a, struct batch_idset *done)
     if (strcmp(a->output, "-") == 0)
         return STDOUT_FILENO;
     if ((strcmp(a->input, "-") != 0 && kli_output_check(a->output, a->input, &err) != KLI_OK) ||
-        (a->model != NULL && kli_output_check(a->output, a->model, &err) != KLI_OK)) {
+        (a->g.model != NULL && kli_output_check(a->output, a->g.model, &err) != KLI_OK)) {
         cli_error("batch: %s", err.msg);
         return -1;
     }
@@ -559,7 +510,8 @@ batch_open_output(const struct batch_args *a, struct batch_idset *done)
         close(fd);
         return -1;
     }
-    if (a->overwrite ? ftruncate(fd, 0) != 0 : batch_output_scan(a->output, done, a->quiet) != 0) {
+    if (a->overwrite ? ftruncate(fd, 0) != 0
+                     : batch_output_scan(a->output, done, a->g.quiet) != 0) {
         if (a->overwrite)
             cli_error("%s: %s", a->output, strerror(errno));
         close(fd);
@@ -627,7 +579,7 @@ cmd_batch(int argc, char **argv)
             rc = 128 + (int)batch_signal;
         goto out;
     }
-    if (!a.quiet) {
+    if (!a.g.quiet) {
         fprintf(stderr, "batch: %lld records to run", (long long)b.in.n_items);
         if (b.in.n_done > 0)
             fprintf(stderr, ", %lld already in %s", (long long)b.in.n_done, a.output);
@@ -641,29 +593,29 @@ cmd_batch(int argc, char **argv)
         goto out;
     }
 
-    const char *path = a.model;
+    const char *path = a.g.model;
     if (path == NULL) {
         if (cli_demo_dir(a.demo, sizeof(a.demo)) != 0)
             goto out;
         path = a.demo;
     }
-    if (cli_open_model(path, cli_threads(a.threads), &model) != 0)
+    if (cli_open_model(path, cli_threads(a.g.threads), &model) != 0)
         goto out;
     if ((b.tok = kli_model_tokenizer(model)) == NULL) {
         cli_error("%s: no tokenizer (tiktoken.model) in the model directory", path);
         goto out;
     }
-    b.dflt.so = a.so;
-    b.dflt.max_tokens = (int32_t)a.max_tokens;
-    b.dflt.stop = a.stop;
-    b.dflt.n_stop = a.n_stop;
-    b.dflt.system = a.system;
-    b.dflt.raw = a.raw;
+    b.dflt.so = a.g.so;
+    b.dflt.max_tokens = (int32_t)a.g.max_tokens;
+    b.dflt.stop = a.g.stop;
+    b.dflt.n_stop = a.g.n_stop;
+    b.dflt.system = a.g.system;
+    b.dflt.raw = a.g.raw;
     b.dflt.max_prompt_bytes = (int64_t)a.max_prompt_bytes;
     b.cap_ahead = a.parallel > 8 ? (int)a.parallel : 8;
     kli_sched_options_init(&so);
     so.parallel = (int32_t)a.parallel;
-    so.ctx_max = (int32_t)a.ctx;
+    so.ctx_max = (int32_t)a.g.ctx;
     so.min_prefix = (int32_t)a.min_prefix;
     so.prefix_bytes = a.prefix_bytes;
     so.prefix_dir = a.prefix_dir;
