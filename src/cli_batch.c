@@ -413,12 +413,12 @@ batch_summary(struct batch *b)
             st.step_seconds > 0 ? (double)st.step_tokens / st.step_seconds : 0.0);
     if (b->sched != NULL && (b->a->prefix_bytes > 0 || b->a->prefix_dir != NULL)) {
         fprintf(stderr, "batch: prefix cache: %lld prefixes stored, %lld in memory (%.1f MiB), "
-                "%lld evicted", (long long)st.prefix_stored, (long long)st.prefix_entries,
-                (double)st.prefix_bytes / 1048576.0, (long long)st.prefix_evicted);
+                "%lld evicted", (long long)st.prefix.stored, (long long)st.prefix.entries,
+                (double)st.prefix.bytes / 1048576.0, (long long)st.prefix.evicted);
         if (b->a->prefix_dir != NULL)
             fprintf(stderr, ", %lld loaded from and %lld saved to %s (%lld failures)",
-                    (long long)st.prefix_disk_loads, (long long)st.prefix_disk_saves,
-                    b->a->prefix_dir, (long long)st.prefix_disk_errors);
+                    (long long)st.prefix.disk_loads, (long long)st.prefix.disk_saves,
+                    b->a->prefix_dir, (long long)st.prefix.disk_errors);
         fputc('\n', stderr);
     }
 }

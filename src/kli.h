@@ -680,12 +680,17 @@ struct kli_sched_request {
     void *user;                  /* handed back in the callbacks */
 };
 
+struct kli_prefix_stats {
+    int64_t entries, bytes;      /* kept in memory now */
+    int64_t stored, evicted;     /* prefixes kept, prefixes dropped for room */
+    int64_t disk_loads, disk_saves, disk_errors;   /* files of prefix_dir */
+};
+
 struct kli_sched_stats {
     int64_t waiting, running;
     int64_t steps, step_tokens;  /* decode steps and the tokens they decoded */
     double step_seconds;         /* time in decode steps */
-    int64_t prefix_entries, prefix_bytes, prefix_stored, prefix_evicted;
-    int64_t prefix_disk_loads, prefix_disk_saves, prefix_disk_errors;
+    struct kli_prefix_stats prefix;   /* zero without prefix reuse */
 };
 
 void kli_sched_options_init(struct kli_sched_options *o);

@@ -51,7 +51,7 @@ struct prefix_cache {
     char *dir;                    /* NULL: memory only */
     struct prefix_disk *disk;     /* files known in dir */
     int32_t n_disk, cap_disk;
-    struct prefix_stats st;
+    struct kli_prefix_stats st;
 };
 
 /* ==== keys and the directory =============================================================== */
@@ -392,7 +392,7 @@ prefix_cache_put(struct prefix_cache *c, const struct kli_session *s, struct kli
 }
 
 void
-prefix_cache_stats(const struct prefix_cache *c, struct prefix_stats *st)
+prefix_cache_stats(const struct prefix_cache *c, struct kli_prefix_stats *st)
 {
     *st = c->st;
     st->entries = c->n;

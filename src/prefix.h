@@ -12,11 +12,6 @@
 
 struct prefix_cache;
 
-struct prefix_stats {
-    int64_t entries, bytes;       /* in memory now */
-    int64_t stored, evicted;      /* entries made, entries dropped for room */
-    int64_t disk_loads, disk_saves, disk_errors;
-};
 
 /* A cache of at most `max_bytes` (kli_session_nbytes of its sessions; 0 keeps only the entry
  * in use) for sessions of `m`. With `dir` (created if missing), every entry is also saved
@@ -40,6 +35,6 @@ const struct kli_session *prefix_cache_find(struct prefix_cache *c, const kli_to
 int prefix_cache_put(struct prefix_cache *c, const struct kli_session *s,
                      struct kli_err *err);
 
-void prefix_cache_stats(const struct prefix_cache *c, struct prefix_stats *st);
+void prefix_cache_stats(const struct prefix_cache *c, struct kli_prefix_stats *st);
 
 #endif

@@ -667,8 +667,6 @@ kli_sched_waiting(const struct kli_sched *s)
 void
 kli_sched_stats(const struct kli_sched *s, struct kli_sched_stats *st)
 {
-    struct prefix_stats ps;
-
     memset(st, 0, sizeof(*st));
     if (s == NULL)
         return;
@@ -677,14 +675,6 @@ kli_sched_stats(const struct kli_sched *s, struct kli_sched_stats *st)
     st->steps = s->steps;
     st->step_tokens = s->step_tokens;
     st->step_seconds = s->step_s;
-    if (s->cache != NULL) {
-        prefix_cache_stats(s->cache, &ps);
-        st->prefix_entries = ps.entries;
-        st->prefix_bytes = ps.bytes;
-        st->prefix_stored = ps.stored;
-        st->prefix_evicted = ps.evicted;
-        st->prefix_disk_loads = ps.disk_loads;
-        st->prefix_disk_saves = ps.disk_saves;
-        st->prefix_disk_errors = ps.disk_errors;
-    }
+    if (s->cache != NULL)
+        prefix_cache_stats(s->cache, &st->prefix);
 }

@@ -118,8 +118,8 @@ out:
 }
 
 static void
-req_init(struct req *r, const char *name, int32_t n_prompt, int32_t max_tokens, int seed,
-         float temp, int salt)
+req_init(struct req *r, const char *name, int32_t n_prompt, int32_t max_tokens, float temp,
+         int salt)
 {
     memset(r, 0, sizeof(*r));
     r->name = name;
@@ -129,7 +129,7 @@ req_init(struct req *r, const char *name, int32_t n_prompt, int32_t max_tokens, 
         r->prompt[i] = (kli_token)((i * 37 + salt * 11 + 5) % 256);
     kli_sampler_options_init(&r->so);
     r->so.temperature = temp;
-    r->so.seed = (uint64_t)seed;
+    r->so.seed = (uint64_t)salt;   /* the seed too */
     r->got_logits = calloc((size_t)MAXGEN * (size_t)g_V, sizeof(float));
     r->want_logits = calloc((size_t)MAXGEN * (size_t)g_V, sizeof(float));
 }
@@ -139,6 +139,29 @@ req_free(struct req *r)
 {
     free(r->got_logits);
     free(r->want_logits);
+}
+
+/* What a test's requests differ in. Request i gets salt salt0 + i (its prompt and seed). */
+struct spec {
+    const char *name;
+    int32_t n_prompt, max_tokens;
+    float temp;
+};
+
+static void
+req_init_all(struct req *r, const struct spec *sp, int n, int salt0)
+{
+    for (int i = 0; i < n; i++)
+        req_init(&r[i], sp[i].name, sp[i].n_prompt, sp[i].max_tokens, sp[i].temp, salt0 + i);
+}
+
+/* Frees the scheduler, then the n requests (which the scheduler may end as it goes). */
+static void
+release(struct kli_sched *s, struct req *r, int n)
+{
+    kli_sched_free(s);
+    for (int i = 0; i < n; i++)
+        req_free(&r[i]);
 }
 
 static int
@@ -210,13 +233,13 @@ make(int32_t parallel, int32_t ctx_max, uint64_t prefix_bytes, int32_t min_prefi
 static void
 join_and_leave(void)
 {
+    static const struct spec sp[4] = {
+        {"a", 40, 12, 0.9f}, {"b", 7, 3, 0.8f}, {"c", 100, 8, 1.0f}, {"d", 20, 5, 0.0f},
+    };
     struct req r[4];
     struct kli_sched *s = make(3, 0, 0, 64);
 
-    req_init(&r[0], "a", 40, 12, 1, 0.9f, 1);
-    req_init(&r[1], "b", 7, 3, 2, 0.8f, 2);
-    req_init(&r[2], "c", 100, 8, 3, 1.0f, 3);
-    req_init(&r[3], "d", 20, 5, 4, 0.0f, 4);
+    req_init_all(r, sp, 4, 1);
     r[3].so.top_k = 5;
     ok(s != NULL && submit(s, &r[0], NULL) == 0 && submit(s, &r[1], NULL) == 0,
        "join: two requests submitted");
@@ -230,21 +253,20 @@ join_and_leave(void)
     ok(st.waiting == 0 && st.running == 0 && st.steps > 0 && st.step_tokens > st.steps,
        "join: the stats count %lld steps, %lld tokens", (long long)st.steps,
        (long long)st.step_tokens);
-    kli_sched_free(s);
-    for (int i = 0; i < 4; i++)
-        req_free(&r[i]);
+    release(s, r, 4);
 }
 
 /* A running request and a waiting one are cancelled; the others go on as alone. */
 static void
 cancel(void)
 {
+    static const struct spec sp[3] = {
+        {"running", 30, 20, 0.9f}, {"kept", 25, 10, 0.9f}, {"waiting", 10, 10, 0.9f},
+    };
     struct req r[3];
     struct kli_sched *s = make(2, 0, 0, 64);
 
-    req_init(&r[0], "running", 30, 20, 5, 0.9f, 5);
-    req_init(&r[1], "kept", 25, 10, 6, 0.9f, 6);
-    req_init(&r[2], "waiting", 10, 10, 7, 0.9f, 7);
+    req_init_all(r, sp, 3, 5);
     ok(s != NULL && submit(s, &r[0], NULL) == 0 && submit(s, &r[1], NULL) == 0 &&
        submit(s, &r[2], NULL) == 0, "cancel: three requests for two places");
     kli_sched_step(s);
@@ -259,9 +281,7 @@ cancel(void)
     ok(r[2].finishes == 1 && r[2].finish == KLI_FINISH_INTERRUPT && !r[2].started &&
        r[2].n_got == 0, "cancel: the waiting one never started");
     same_as_alone(&r[1], 0, "cancel");
-    kli_sched_free(s);
-    for (int i = 0; i < 3; i++)
-        req_free(&r[i]);
+    release(s, r, 3);
 }
 
 /* A prompt longer than the context, bad sampler settings and a caller's own failure end
@@ -269,18 +289,18 @@ cancel(void)
 static void
 bad_requests(void)
 {
+    static const struct spec sp[5] = {
+        {"good", 20, 6, 0.9f}, {"too long", 100, 6, 0.9f}, {"bad sampler", 10, 6, 0.9f},
+        {"own failure", 10, 6, 0.9f}, {"good too", 30, 9, 0.7f},
+    };
     struct req r[5];
     struct kli_sched *s = make(2, 64, 0, 64);
     struct kli_sched_request q;
     struct kli_err err = {0};
     const char *stops[17];
 
-    req_init(&r[0], "good", 20, 6, 8, 0.9f, 8);
-    req_init(&r[1], "too long", 100, 6, 9, 0.9f, 9);
-    req_init(&r[2], "bad sampler", 10, 6, 10, 0.9f, 10);
+    req_init_all(r, sp, 5, 8);
     r[2].so.top_p = 2.0f;
-    req_init(&r[3], "own failure", 10, 6, 11, 0.9f, 11);
-    req_init(&r[4], "good too", 30, 9, 12, 0.7f, 12);
     ok(s != NULL && submit(s, &r[0], NULL) == 0 && submit(s, &r[1], NULL) == 0 &&
        submit(s, &r[2], NULL) == 0 && submit(s, &r[3], "the caller's reason") == 0 &&
        submit(s, &r[4], NULL) == 0, "bad: five requests");
@@ -309,14 +329,12 @@ bad_requests(void)
 
     /* held at free: ends as INTERRUPT, once */
     struct req h;
-    req_init(&h, "held", 10, 6, 13, 0.9f, 13);
+    req_init(&h, "held", 10, 6, 0.9f, 13);
     submit(s, &h, NULL);
     kli_sched_step(s);
-    kli_sched_free(s);
+    release(s, r, 5);
     ok(h.finishes == 1 && h.finish == KLI_FINISH_INTERRUPT, "bad: free ends a held request");
     req_free(&h);
-    for (int i = 0; i < 5; i++)
-        req_free(&r[i]);
 }
 
 /* Three prompts share 200 tokens. The first leaves the shared state behind (the second
@@ -332,7 +350,7 @@ prefix_reuse(void)
 
     for (int i = 0; i < 3; i++) {
         req_init(&r[i], i == 0 ? "first" : i == 1 ? "second" : "third", 230 + 10 * i, 6,
-                 20 + i, 0.9f, 20 + i);
+                 0.9f, 20 + i);
         for (int k = 0; k < 200; k++)
             r[i].prompt[k] = (kli_token)((k * 13 + 7) % 256);
         r[i].split = 200;
@@ -349,11 +367,9 @@ prefix_reuse(void)
        (int)r[2].n_cached);
     struct kli_sched_stats st;
     kli_sched_stats(s, &st);
-    ok(st.prefix_stored >= 1 && st.prefix_entries >= 1, "prefix: %lld stored",
-       (long long)st.prefix_stored);
-    kli_sched_free(s);
-    for (int i = 0; i < 3; i++)
-        req_free(&r[i]);
+    ok(st.prefix.stored >= 1 && st.prefix.entries >= 1, "prefix: %lld stored",
+       (long long)st.prefix.stored);
+    release(s, r, 3);
 }
 
 int
