@@ -1,12 +1,13 @@
 /*
  * test-sched.c - the scheduler (kli_sched_*) against its plain twin, one request run alone:
  * a session that evaluates the prompt and a sampler that samples token after token. Requests
- * that join and leave at different steps get the tokens, and the logits bit for bit, that
- * each gets alone with the same seed; a cancelled request ends alone; a bad request fails
- * alone; a request that starts from a kept prefix gets the logits it gets without one.
+ * that join and leave at different steps get the tokens (and the logits) that each gets
+ * alone with the same seed; a cancelled request ends alone; a bad request fails alone; a
+ * request that starts from a kept prefix gets, bit for bit, the logits it gets without one.
  */
 #include "config.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -184,19 +185,35 @@ submit(struct kli_sched *s, struct req *r, const char *fail)
     return 0;
 }
 
-/* Whether the scheduler gave r what r gets alone, logits bit for bit. */
+/* Whether the scheduler gave r what r gets alone: the same tokens; the logits of the first
+ * token (the prompt evaluated, then copied from the prefill session) bit for bit, those of
+ * the later ones (batched decode, which doc/model.md section 9 does not promise bit for bit
+ * against single decode) within the 1e-5 of test-batch.c. */
 static void
 same_as_alone(struct req *r, int32_t ctx_max, const char *what)
 {
+    double worst = 0;
+
     alone(r, ctx_max);
     int32_t n = r->n_want < MAXGEN ? r->n_want : MAXGEN;
     int same = r->finishes == 1 && r->n_got == r->n_want && r->finish == r->want_finish &&
                memcmp(r->got, r->want, (size_t)n * sizeof(kli_token)) == 0;
-    int same_logits = same && memcmp(r->got_logits, r->want_logits,
-                                     (size_t)n * (size_t)g_V * sizeof(float)) == 0;
+    int first = same && (n == 0 || memcmp(r->got_logits, r->want_logits,
+                                          (size_t)g_V * sizeof(float)) == 0);
+    for (int32_t k = 1; same && k < n; k++) {
+        const float *a = r->got_logits + (size_t)k * (size_t)g_V;
+        const float *b = r->want_logits + (size_t)k * (size_t)g_V;
+        double num = 0, den = 0;
+        for (int32_t v = 0; v < g_V; v++) {
+            num += ((double)a[v] - b[v]) * ((double)a[v] - b[v]);
+            den += (double)b[v] * b[v];
+        }
+        worst = den > 0 && sqrt(num / den) > worst ? sqrt(num / den) : worst;
+    }
     ok(same, "%s: %s: %d tokens as alone (%d), finish %d (%d)", what, r->name, (int)r->n_got,
        (int)r->n_want, (int)r->finish, (int)r->want_finish);
-    ok(same_logits, "%s: %s: the logits bit for bit", what, r->name);
+    ok(first && worst <= 1e-5, "%s: %s: the first logits bit for bit, the rest within 1e-5 "
+       "(worst rel L2 %.2e)", what, r->name, worst);
 }
 
 static int
@@ -338,9 +355,9 @@ bad_requests(void)
 }
 
 /* Three prompts share 200 tokens. The first leaves the shared state behind (the second
- * waits beside it), the second and a later third start from it: the logits are those of a
- * fresh session that evaluates the same two pieces (200 tokens, then the rest), bit for
- * bit: a kept prefix costs nothing in accuracy. (Evaluating the prompt in one piece instead
+ * waits beside it), the second and a later third start from it: their first logits are
+ * those of a fresh session that evaluates the same two pieces (200 tokens, then the rest),
+ * bit for bit: a kept prefix costs nothing in accuracy. (Evaluating the prompt in one piece instead
  * chunks the recurrence differently: equal to rounding, not bit for bit.) */
 static void
 prefix_reuse(void)
