@@ -105,6 +105,61 @@ cli_sampling_option(int c, const char *arg, struct kli_sampler_options *so)
     }
 }
 
+void
+cli_gen_init(struct cli_gen_opts *g)
+{
+    memset(g, 0, sizeof(*g));
+    g->max_tokens = 256;
+    kli_sampler_options_init(&g->so);
+}
+
+int
+cli_gen_option(int c, const char *arg, struct cli_gen_opts *g)
+{
+    int r;
+
+    switch (c) {
+    case 'm': g->model = arg; return 1;
+    case 's': g->system = arg; return 1;
+    case 'n': return cli_parse_int(arg, 0, 1 << 30, "--max-tokens", &g->max_tokens) ? -1 : 1;
+    case 't': return cli_parse_int(arg, 1, 4096, "--threads", &g->threads) ? -1 : 1;
+    case CLI_OPT_CTX: return cli_parse_int(arg, 1, 1 << 30, "--ctx", &g->ctx) ? -1 : 1;
+    case CLI_OPT_RAW: g->raw = 1; return 1;
+    case CLI_OPT_QUIET: g->quiet = 1; return 1;
+    case CLI_OPT_STOP:
+        if (g->n_stop == CLI_GEN_MAX_STOP) {
+            cli_error("--stop: at most %d stop strings", CLI_GEN_MAX_STOP);
+            return -1;
+        }
+        if (arg[0] == '\0') {
+            cli_error("--stop: empty stop string");
+            return -1;
+        }
+        g->stop[g->n_stop++] = arg;
+        return 1;
+    case CLI_OPT_CPUS: case CLI_OPT_NUMA: case CLI_OPT_MEM_BUDGET:
+        return cli_placement_option(c, arg) == 1 ? 1 : -1;
+    default:
+        if ((r = cli_sampling_option(c, arg, &g->so)) != 0)
+            return r;
+        return cli_gpu_option(c, arg);
+    }
+}
+
+int
+cli_gen_check(const struct cli_gen_opts *g)
+{
+    struct kli_sampler *probe = NULL;
+    struct kli_err err = {0};
+
+    if (kli_sampler_create(&probe, &g->so, 1, &err) != KLI_OK) {
+        cli_error("%s", err.msg);
+        return -1;
+    }
+    kli_sampler_free(probe);
+    return 0;
+}
+
 /* Reads a whole file (or stdin for "-") into a NUL-terminated buffer. A FIFO or a pipe is a
  * legitimate source of text (prompts, batch input) and is read until its writer closes it;
  * what bounds the read is its size: more than `max` bytes, or a line (up to a newline)

@@ -94,6 +94,41 @@ int cli_sampling_option(int c, const char *arg, struct kli_sampler_options *so);
 /* A float option value: @return 0, or -1 after reporting. */
 int cli_parse_float(const char *s, const char *what, float *out);
 
+/* The options of the text generating commands, run, chat and batch, in one table and one
+ * parser: -m, -s, -n, -t, --stop, --ctx, --quiet and the sampling, placement and GPU groups
+ * (CLI_GEN_LONGOPTS), and --raw (CLI_GEN_RAW_LONGOPT; run and batch). A command lists them,
+ * hands every code its own switch does not take to cli_gen_option, and checks the result
+ * with cli_gen_check once the command line is read. */
+enum { CLI_OPT_STOP = 0x4300, CLI_OPT_RAW, CLI_OPT_CTX, CLI_OPT_QUIET };
+#define CLI_GEN_MAX_STOP 16
+struct cli_gen_opts {
+    const char *model, *system;
+    long threads, max_tokens, ctx;
+    int raw, quiet;
+    struct kli_sampler_options so;
+    const char *stop[CLI_GEN_MAX_STOP];
+    int n_stop;
+};
+#define CLI_GEN_LONGOPTS \
+    {"model", required_argument, NULL, 'm'}, \
+    {"system", required_argument, NULL, 's'}, \
+    {"max-tokens", required_argument, NULL, 'n'}, \
+    {"threads", required_argument, NULL, 't'}, \
+    {"stop", required_argument, NULL, CLI_OPT_STOP}, \
+    {"ctx", required_argument, NULL, CLI_OPT_CTX}, \
+    {"quiet", no_argument, NULL, CLI_OPT_QUIET}, \
+    CLI_SAMPLING_LONGOPTS, \
+    CLI_PLACEMENT_LONGOPTS, \
+    CLI_GPU_LONGOPTS
+#define CLI_GEN_RAW_LONGOPT {"raw", no_argument, NULL, CLI_OPT_RAW}
+/* The defaults: 256 tokens, the sampler's defaults, the rest zero. */
+void cli_gen_init(struct cli_gen_opts *g);
+/* @return 1 if c was one of these options (parsed into g), 0 if not, -1 for a bad value
+ * (reported). */
+int cli_gen_option(int c, const char *arg, struct cli_gen_opts *g);
+/* Checks the sampling options before a model is loaded. @return 0, or -1 after reporting. */
+int cli_gen_check(const struct cli_gen_opts *g);
+
 /* The length of the valid UTF-8 sequence at p (1 to 4), or minus the length of its maximal
  * subpart: the bytes that started a sequence before it broke off (at least 1). */
 int cli_utf8_seq(const unsigned char *p, size_t n);

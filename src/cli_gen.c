@@ -18,12 +18,9 @@
 
 /* ==== options shared by run and chat ====================================================== */
 
-enum {
-    OPT_STOP = 256, OPT_RAW, OPT_SPECIAL, OPT_MESSAGES, OPT_CTX, OPT_QUIET,
-    OPT_SAVE_STATE, OPT_LOAD_STATE,
-};
+enum { OPT_SPECIAL = 256, OPT_MESSAGES, OPT_SAVE_STATE, OPT_LOAD_STATE };
 
-#define GEN_MAX_STOP 16
+#define GEN_MAX_STOP CLI_GEN_MAX_STOP
 
 struct gen_args {
     const char *model, *prompt, *file, *system, *messages;
@@ -37,41 +34,23 @@ struct gen_args {
 };
 
 static const struct option run_opts[] = {
-    {"model", required_argument, NULL, 'm'},
+    CLI_GEN_LONGOPTS,
+    CLI_GEN_RAW_LONGOPT,
     {"prompt", required_argument, NULL, 'p'},
     {"file", required_argument, NULL, 'f'},
-    {"system", required_argument, NULL, 's'},
     {"messages", required_argument, NULL, OPT_MESSAGES},
-    {"max-tokens", required_argument, NULL, 'n'},
-    {"threads", required_argument, NULL, 't'},
-    CLI_SAMPLING_LONGOPTS,
-    {"stop", required_argument, NULL, OPT_STOP},
-    {"raw", no_argument, NULL, OPT_RAW},
     {"special", no_argument, NULL, OPT_SPECIAL},
-    {"ctx", required_argument, NULL, OPT_CTX},
-    {"quiet", no_argument, NULL, OPT_QUIET},
     {"save-state", required_argument, NULL, OPT_SAVE_STATE},
     {"load-state", required_argument, NULL, OPT_LOAD_STATE},
     {"help", no_argument, NULL, 'h'},
-    CLI_GPU_LONGOPTS,
-    CLI_PLACEMENT_LONGOPTS,
     {NULL, 0, NULL, 0},
 };
 
 /* chat takes those of run but the prompt's (-p, -f, --messages, --raw, --special) and the
  * state files' (it has /save and /load). */
 static const struct option chat_opts[] = {
-    {"model", required_argument, NULL, 'm'},
-    {"system", required_argument, NULL, 's'},
-    {"max-tokens", required_argument, NULL, 'n'},
-    {"threads", required_argument, NULL, 't'},
-    CLI_SAMPLING_LONGOPTS,
-    {"stop", required_argument, NULL, OPT_STOP},
-    {"ctx", required_argument, NULL, OPT_CTX},
-    {"quiet", no_argument, NULL, OPT_QUIET},
+    CLI_GEN_LONGOPTS,
     {"help", no_argument, NULL, 'h'},
-    CLI_GPU_LONGOPTS,
-    CLI_PLACEMENT_LONGOPTS,
     {NULL, 0, NULL, 0},
 };
 
@@ -80,57 +59,24 @@ static int
 gen_parse(int argc, char **argv, const struct option *opts, const char *shortopts,
           struct gen_args *a, const char *usage)
 {
+    struct cli_gen_opts g;
     int c;
 
     memset(a, 0, sizeof(*a));
-    a->max_tokens = 256;
-    kli_sampler_options_init(&a->so);
+    cli_gen_init(&g);
     while ((c = getopt_long(argc, argv, shortopts, opts, NULL)) != -1) {
         switch (c) {
-        case 'm': a->model = optarg; break;
         case 'p': a->prompt = optarg; break;
         case 'f': a->file = optarg; break;
-        case 's': a->system = optarg; break;
         case OPT_MESSAGES: a->messages = optarg; break;
-        case 'n':
-            if (cli_parse_int(optarg, 0, 1 << 30, "--max-tokens", &a->max_tokens))
-                return -1;
-            break;
-        case 't':
-            if (cli_parse_int(optarg, 1, 4096, "--threads", &a->threads))
-                return -1;
-            break;
-        case CLI_OPT_CPUS: case CLI_OPT_NUMA: case CLI_OPT_MEM_BUDGET:
-            if (cli_placement_option(c, optarg) != 1)
-                return -1;
-            break;
-        case OPT_CTX:
-            if (cli_parse_int(optarg, 1, 1 << 30, "--ctx", &a->ctx))
-                return -1;
-            break;
-        case OPT_STOP:
-            if (a->n_stop == GEN_MAX_STOP) {
-                cli_error("--stop: at most %d stop strings", GEN_MAX_STOP);
-                return -1;
-            }
-            if (optarg[0] == '\0') {
-                cli_error("--stop: empty stop string");
-                return -1;
-            }
-            a->stop[a->n_stop++] = optarg;
-            break;
-        case OPT_RAW: a->raw = 1; break;
         case OPT_SPECIAL: a->special = 1; break;
-        case OPT_QUIET: a->quiet = 1; break;
         case OPT_SAVE_STATE: a->save_state = optarg; break;
         case OPT_LOAD_STATE: a->load_state = optarg; break;
         case 'h':
             printf("%s", usage);
             return 1;
         default:
-            if (cli_sampling_option(c, optarg, &a->so) == 1)
-                break;
-            if (cli_gpu_option(c, optarg) != 1)
+            if (cli_gen_option(c, optarg, &g) != 1)
                 return -1;
             break;
         }
@@ -139,15 +85,18 @@ gen_parse(int argc, char **argv, const struct option *opts, const char *shortopt
         cli_error("unexpected argument '%s'", argv[optind]);
         return -1;
     }
+    a->model = g.model;
+    a->system = g.system;
+    a->raw = g.raw;
+    a->quiet = g.quiet;
+    a->threads = g.threads;
+    a->max_tokens = g.max_tokens;
+    a->ctx = g.ctx;
+    a->so = g.so;
+    memcpy(a->stop, g.stop, sizeof(a->stop));
+    a->n_stop = g.n_stop;
     /* Check the sampling options now, before a model is loaded. */
-    struct kli_sampler *probe = NULL;
-    struct kli_err err = {0};
-    if (kli_sampler_create(&probe, &a->so, 1, &err) != KLI_OK) {
-        cli_error("%s", err.msg);
-        return -1;
-    }
-    kli_sampler_free(probe);
-    return 0;
+    return cli_gen_check(&g);
 }
 
 /* The model directory to open: -m, or the built-in demo model written to a temp dir. */

@@ -558,7 +558,8 @@ enum kli_finish {
     KLI_FINISH_EOS = 1,        /* the model produced an end token (<|im_end|>, [EOS]) */
     KLI_FINISH_STOP = 2,       /* a stop string appeared */
     KLI_FINISH_LENGTH = 3,     /* max_tokens reached, or the context is full */
-    KLI_FINISH_INTERRUPT = 4   /* the callback asked to stop */
+    KLI_FINISH_INTERRUPT = 4,  /* the callback asked to stop; a scheduler request cancelled */
+    KLI_FINISH_ERROR = 5       /* a scheduler request failed (see its status and message) */
 };
 
 /* Receives generated text as it is produced: `len` bytes that never contain (the start of) a
@@ -590,6 +591,133 @@ int kli_generate(struct kli_session *s, const struct kli_tokenizer *tok,
                  struct kli_sampler *smp, const kli_token *prompt, int32_t n_prompt,
                  const struct kli_generate_options *opt, struct kli_generate_result *res,
                  struct kli_err *err);
+
+/* ==== Scheduler: many requests through one model (continuous batching) ==================
+ *
+ * A scheduler runs requests (a prompt, sampler settings, a token limit, stop strings)
+ * through one model, up to `parallel` at a time. Each kli_sched_step admits waiting requests
+ * into free places (their prompts evaluated as matrix products in a prefill session, at most
+ * about `join_tokens` prompt tokens per step while others decode, so long prompts do not
+ * stall the running ones) and then decodes one token of every running request in one pass
+ * over the weights (kli_session_eval_batch). Requests join and leave at any step; a request
+ * decodes exactly what it would decode alone with the same settings and seed.
+ *
+ * Prefix reuse: when a joining prompt shares at least `min_prefix` leading tokens with a
+ * waiting request or one of the last few that ran, the state at the end of the shared part
+ * is kept (up to `prefix_bytes`, optionally saved in `prefix_dir`), and every later request
+ * starts from the longest kept prefix of its prompt. The result is bit-identical to
+ * evaluating the whole prompt.
+ *
+ * Results come through callbacks, called from kli_sched_step (and kli_sched_free), on the
+ * caller's thread: on_token for every generated token, on_finish exactly once for every
+ * submitted request. A request's failure (a prompt longer than the context, bad sampler
+ * settings) ends only that request. Not thread-safe: one thread drives a scheduler. */
+
+struct kli_sched;
+
+/* A generated token: its bytes (none for special tokens), borrowed for the call. End tokens
+ * and the tokens after a stop string are not reported. */
+struct kli_sched_token {
+    uint64_t id;                 /* from kli_sched_submit */
+    void *user;                  /* the request's */
+    kli_token token;
+    const char *text;
+    size_t len;
+    int32_t n_generated;         /* tokens generated so far, this one included */
+    const float *logits;         /* the kli_model_n_vocab logits it was sampled from */
+};
+
+/* How a request ended. `text` (all its generated text, cut before a stop string) and
+ * `error` are borrowed for the call. */
+struct kli_sched_result {
+    uint64_t id;
+    void *user;
+    enum kli_finish finish;      /* EOS, STOP, LENGTH, INTERRUPT (cancelled, or the
+                                    scheduler was stopped or freed first) or ERROR */
+    int status;                  /* KLI_OK, or the negative status of an error */
+    const char *error;           /* the message of an error, else NULL */
+    const char *text;
+    size_t len;
+    int started;                 /* 1 when its prompt was evaluated (the counts below hold) */
+    int32_t n_prompt, n_cached, n_generated;   /* n_cached: prompt tokens from a kept prefix */
+    double prefill_seconds, decode_seconds;
+};
+
+struct kli_sched_options {
+    int32_t parallel;            /* requests decoded together, 1..256; default 8 */
+    int32_t ctx_max;             /* context of each request; 0: the model's */
+    int32_t join_tokens;         /* prompt tokens admitted per step while others decode;
+                                    default 512 */
+    int32_t min_prefix;          /* shortest shared prefix kept; default 64 */
+    uint64_t prefix_bytes;       /* memory for kept prefixes; default 1 GiB; 0 (and no
+                                    prefix_dir): no prefix reuse */
+    const char *prefix_dir;      /* NULL, or a directory of kept prefixes (created if
+                                    missing), shared by processes of one model */
+    uint64_t prefix_key;         /* with prefix_dir: tells apart models whose states differ */
+    void *ud;                    /* passed to the callbacks */
+    void (*on_token)(void *ud, const struct kli_sched_token *t);     /* may be NULL */
+    void (*on_finish)(void *ud, const struct kli_sched_result *r);   /* may be NULL */
+    /* Called before a waiting request is taken, so that a caller with a known backlog can
+     * keep a few requests waiting (they are searched for shared prefixes). May be NULL. */
+    void (*on_need)(void *ud, struct kli_sched *s);
+    /* Polled before each admission and between prefill pieces of 256 tokens: non-zero ends
+     * the step at once (a request caught in its prefill ends as INTERRUPT). May be NULL. */
+    int (*should_stop)(void *ud);
+    /* Problems that fail no request (a prefix could not be kept). May be NULL. */
+    void (*on_notice)(void *ud, const char *msg);
+};
+
+struct kli_sched_request {
+    const kli_token *prompt;     /* n_prompt tokens, copied */
+    int32_t n_prompt;
+    struct kli_sampler_options so;
+    int32_t max_tokens;          /* default 256; 0 evaluates the prompt only */
+    const char *const *stop;     /* up to 16 stop strings, copied */
+    int32_t n_stop;
+    /* Not NULL: the request fails with this message (copied) when its turn comes, so a
+     * caller's own errors keep their place among the results. */
+    const char *fail;
+    void *user;                  /* handed back in the callbacks */
+};
+
+struct kli_prefix_stats {
+    int64_t entries, bytes;      /* kept in memory now */
+    int64_t stored, evicted;     /* prefixes kept, prefixes dropped for room */
+    int64_t disk_loads, disk_saves, disk_errors;   /* files of prefix_dir */
+};
+
+struct kli_sched_stats {
+    int64_t waiting, running;
+    int64_t steps, step_tokens;  /* decode steps and the tokens they decoded */
+    double step_seconds;         /* time in decode steps */
+    struct kli_prefix_stats prefix;   /* zero without prefix reuse */
+};
+
+void kli_sched_options_init(struct kli_sched_options *o);
+void kli_sched_request_init(struct kli_sched_request *r);
+
+/* Creates the sessions (one per place, one for prefill) and the prefix cache.
+ * @return KLI_OK, or a negative status (KLI_E_IO: prefix_dir could not be used). */
+int kli_sched_create(struct kli_sched **out, const struct kli_model *m,
+                     const struct kli_sched_options *o, struct kli_err *err);
+/* Ends every request still held (on_finish with KLI_FINISH_INTERRUPT) and frees. NULL-safe. */
+void kli_sched_free(struct kli_sched *s);
+
+/* Queues a request; *id (may be NULL) receives its id. Problems with its prompt or settings
+ * are reported through on_finish when its turn comes. @return KLI_OK, KLI_E_INVALID (NULL
+ * prompt, negative counts, more than 16 stop strings) or KLI_E_NOMEM. */
+int kli_sched_submit(struct kli_sched *s, const struct kli_sched_request *r, uint64_t *id,
+                     struct kli_err *err);
+/* Cancels a request: it ends (KLI_FINISH_INTERRUPT) at the start of the next step.
+ * @return KLI_OK, or KLI_E_RANGE when no request has that id. */
+int kli_sched_cancel(struct kli_sched *s, uint64_t id);
+/* One round: admits waiting requests, then decodes one token of every running request.
+ * @return the number of requests decoded (0: nothing runs or waits, or should_stop said
+ * stop), or KLI_E_INVALID for a NULL scheduler. */
+int kli_sched_step(struct kli_sched *s);
+/* @return the number of requests waiting to be admitted. */
+int32_t kli_sched_waiting(const struct kli_sched *s);
+void kli_sched_stats(const struct kli_sched *s, struct kli_sched_stats *st);
 
 /* ==== Tools: writing checkpoints ========================================================== */
 

@@ -1,9 +1,9 @@
 /*
- * cli_prefix.h - the prefix cache of kli batch: evaluated prompt prefixes kept as sessions,
- * bounded in bytes, optionally backed by a directory of snapshots (not part of the library).
+ * prefix.h - the prefix cache of the scheduler (sched.c): evaluated prompt prefixes kept as
+ * sessions, bounded in bytes, optionally backed by a directory of snapshots (internal).
  */
-#ifndef KLI_CLI_PREFIX_H
-#define KLI_CLI_PREFIX_H
+#ifndef KLI_PREFIX_H
+#define KLI_PREFIX_H
 
 #include <stddef.h>
 #include <stdint.h>
@@ -12,17 +12,12 @@
 
 struct prefix_cache;
 
-struct prefix_stats {
-    int64_t entries, bytes;       /* in memory now */
-    int64_t stored, evicted;      /* entries made, entries dropped for room */
-    int64_t disk_loads, disk_saves, disk_errors;
-};
 
 /* A cache of at most `max_bytes` (kli_session_nbytes of its sessions; 0 keeps only the entry
  * in use) for sessions of `m`. With `dir` (created if missing), every entry is also saved
  * there as a snapshot named by a hash of `model_key` and its tokens, and entries found
  * there are loaded on demand: `model_key` must tell apart every model whose states differ.
- * @return 0, or -1 with a message in `err`. */
+ * @return KLI_OK or a negative status with a message in `err`. */
 int prefix_cache_create(struct prefix_cache **out, const struct kli_model *m,
                         uint64_t max_bytes, const char *dir, uint64_t model_key,
                         struct kli_err *err);
@@ -35,11 +30,11 @@ const struct kli_session *prefix_cache_find(struct prefix_cache *c, const kli_to
                                             int32_t n, int32_t *len);
 
 /* Keeps a copy of the state of `s`, keyed by its token history (a no-op when that prefix is
- * already cached). @return 0, or -1 with a message in `err` (the cache is then unchanged;
- * a failure to save to the directory is only counted). */
+ * already cached). @return KLI_OK or a negative status with a message in `err` (the cache
+ * is then unchanged; a failure to save to the directory is only counted). */
 int prefix_cache_put(struct prefix_cache *c, const struct kli_session *s,
                      struct kli_err *err);
 
-void prefix_cache_stats(const struct prefix_cache *c, struct prefix_stats *st);
+void prefix_cache_stats(const struct prefix_cache *c, struct kli_prefix_stats *st);
 
 #endif

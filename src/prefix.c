@@ -1,5 +1,6 @@
 /*
- * cli_prefix.c - the prefix cache of kli batch.
+ * prefix.c - the prefix cache of the scheduler (sched.c): evaluated prompt prefixes kept as
+ * sessions.
  *
  * An entry is a session (created with batch_max 1, so it holds little besides its state)
  * whose state is that after a prompt prefix; its token history is the key. Finding the
@@ -28,7 +29,8 @@
 #include <unistd.h>
 
 #include "kli.h"
-#include "cli_prefix.h"
+#include "internal.h"
+#include "prefix.h"
 
 struct prefix_entry {
     struct kli_session *s;
@@ -49,7 +51,7 @@ struct prefix_cache {
     char *dir;                    /* NULL: memory only */
     struct prefix_disk *disk;     /* files known in dir */
     int32_t n_disk, cap_disk;
-    struct prefix_stats st;
+    struct kli_prefix_stats st;
 };
 
 /* ==== keys and the directory =============================================================== */
@@ -116,12 +118,10 @@ prefix_disk_scan(struct prefix_cache *c, struct kli_err *err)
     struct dirent *de;
 
     if (mkdir(c->dir, 0777) != 0 && errno != EEXIST) {
-        snprintf(err->msg, sizeof(err->msg), "%s: %s", c->dir, strerror(errno));
-        return -1;
+        return kli_err_set(err, KLI_E_IO, "%s: %s", c->dir, strerror(errno));
     }
     if ((d = opendir(c->dir)) == NULL) {
-        snprintf(err->msg, sizeof(err->msg), "%s: %s", c->dir, strerror(errno));
-        return -1;
+        return kli_err_set(err, KLI_E_IO, "%s: %s", c->dir, strerror(errno));
     }
     while ((de = readdir(d)) != NULL) {
         const char *nm = de->d_name;
@@ -137,8 +137,7 @@ prefix_disk_scan(struct prefix_cache *c, struct kli_err *err)
             continue;
         if (prefix_disk_add(c, key, (int32_t)len) != 0) {
             closedir(d);
-            snprintf(err->msg, sizeof(err->msg), "out of memory");
-            return -1;
+            return kli_err_set(err, KLI_E_NOMEM, "out of memory");
         }
     }
     closedir(d);
@@ -264,19 +263,17 @@ prefix_cache_create(struct prefix_cache **out, const struct kli_model *m, uint64
     struct prefix_cache *c = calloc(1, sizeof(*c));
 
     *out = NULL;
-    if (c == NULL) {
-        snprintf(err->msg, sizeof(err->msg), "out of memory");
-        return -1;
-    }
+    if (c == NULL)
+        return kli_err_set(err, KLI_E_NOMEM, "out of memory");
     c->m = m;
     c->max_bytes = max_bytes;
     c->model_key = model_key;
     if (dir != NULL) {
-        if ((c->dir = strdup(dir)) == NULL || prefix_disk_scan(c, err) != 0) {
-            if (c->dir == NULL)
-                snprintf(err->msg, sizeof(err->msg), "out of memory");
+        int rc = (c->dir = strdup(dir)) == NULL ? kli_err_set(err, KLI_E_NOMEM, "out of memory")
+                                                 : prefix_disk_scan(c, err);
+        if (rc != KLI_OK) {
             prefix_cache_free(c);
-            return -1;
+            return rc;
         }
     }
     *out = c;
@@ -372,10 +369,11 @@ prefix_cache_put(struct prefix_cache *c, const struct kli_session *s, struct kli
             return 0;
         }
     }
-    if (prefix_session(c, len, &copy, err) != KLI_OK ||
-        kli_session_copy(copy, s, err) != KLI_OK) {
+    int rc;
+    if ((rc = prefix_session(c, len, &copy, err)) != KLI_OK ||
+        (rc = kli_session_copy(copy, s, err)) != KLI_OK) {
         kli_session_free(copy);
-        return -1;
+        return rc;
     }
     if (c->dir != NULL) {
         uint64_t key = prefix_hash(c->model_key, toks, len);
@@ -388,14 +386,13 @@ prefix_cache_put(struct prefix_cache *c, const struct kli_session *s, struct kli
     }
     if (prefix_insert(c, copy) != 0) {
         kli_session_free(copy);
-        snprintf(err->msg, sizeof(err->msg), "out of memory");
-        return -1;
+        return kli_err_set(err, KLI_E_NOMEM, "out of memory");
     }
     return 0;
 }
 
 void
-prefix_cache_stats(const struct prefix_cache *c, struct prefix_stats *st)
+prefix_cache_stats(const struct prefix_cache *c, struct kli_prefix_stats *st)
 {
     *st = c->st;
     st->entries = c->n;
