@@ -32,6 +32,7 @@
 #include "kli.h"
 #include "cli.h"
 #include "cli_batch.h"
+#include "util.h"
 
 #define BATCH_MAX_PARALLEL 256
 
@@ -225,15 +226,6 @@ batch_on_signal(int sig)
     batch_signal = sig;
 }
 
-static double
-batch_now(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
 /* ==== output ============================================================================== */
 
 static void
@@ -373,7 +365,7 @@ static void
 batch_progress(struct batch *b, int final)
 {
     int64_t total = b->in.n_items, done = b->done;
-    double t = batch_now(), el = t - b->t0;
+    double t = util_now_s(), el = t - b->t0;
     double rate = el > 0 ? (double)b->gen_tokens / el : 0;
     char eta[32];
 
@@ -399,7 +391,7 @@ batch_progress(struct batch *b, int final)
 static void
 batch_summary(struct batch *b)
 {
-    double el = batch_now() - b->t0;
+    double el = util_now_s() - b->t0;
     struct kli_sched_stats st;
 
     if (b->a->g.quiet)
@@ -438,7 +430,7 @@ batch_cmp_str(const void *x, const void *y)
 static uint64_t
 batch_model_key(const char *dir, const struct kli_model *m)
 {
-    uint64_t fp = kli_model_fingerprint(m), h = batch_fnv(BATCH_FNV_BASIS, &fp, sizeof(fp));
+    uint64_t fp = kli_model_fingerprint(m), h = util_fnv1a(UTIL_FNV_BASIS, &fp, sizeof(fp));
     char *names[256], path[4096], buf[4096];
     int n = 0;
     DIR *d = opendir(dir);
@@ -457,17 +449,17 @@ batch_model_key(const char *dir, const struct kli_model *m)
     for (int i = 0; i < n; i++) {
         uint64_t size;
         int fd;
-        h = batch_fnv(h, names[i], strlen(names[i]));
+        h = util_fnv1a(h, names[i], strlen(names[i]));
         /* Only regular files count: a FIFO by that name must not block (kli_file_open). */
         if (snprintf(path, sizeof(path), "%s/%s", dir, names[i]) < (int)sizeof(path) &&
             (fd = kli_file_open(path, &size, NULL)) >= 0) {
             int64_t sz = (int64_t)size;
             int64_t at[3] = {sz / 3, 2 * sz / 3, sz - (int64_t)sizeof(buf)};
-            h = batch_fnv(h, &sz, sizeof(sz));
+            h = util_fnv1a(h, &sz, sizeof(sz));
             for (int k = 0; k < 3; k++) {
                 ssize_t r = pread(fd, buf, sizeof(buf), at[k] > 0 ? (off_t)at[k] : 0);
                 if (r > 0)
-                    h = batch_fnv(h, buf, (size_t)r);
+                    h = util_fnv1a(h, buf, (size_t)r);
             }
             close(fd);
         }
@@ -634,7 +626,7 @@ cmd_batch(int argc, char **argv)
 
     /* The loop: the scheduler admits records and decodes a token of each, until every
      * record has its line or a signal or a write error stops it. */
-    b.t0 = b.last = batch_now();
+    b.t0 = b.last = util_now_s();
     while (!batch_signal && !b.io_failed) {
         if (kli_sched_step(b.sched) <= 0)
             break;

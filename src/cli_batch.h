@@ -32,10 +32,6 @@ int bbuf_json_text(struct bbuf *b, const char *s, size_t n);
 /* @return the offset of the first byte that is not part of valid UTF-8, or n. */
 size_t batch_utf8_valid(const char *s, size_t n);
 
-/* FNV-1a, 64 bits. */
-uint64_t batch_fnv(uint64_t h, const void *p, size_t n);
-#define BATCH_FNV_BASIS 0xcbf29ce484222325ULL
-
 /* ==== the input ============================================================================ */
 
 /* One line of the input that holds a record (blank lines hold none). */

@@ -26,6 +26,7 @@
 #include "kli.h"
 #include "cli.h"
 #include "cli_batch.h"
+#include "util.h"
 
 /* ==== bytes, UTF-8 and JSON strings ======================================================== */
 
@@ -163,16 +164,6 @@ bbuf_json_text(struct bbuf *b, const char *s, size_t n)
     return json_str(b, s, n, 1);
 }
 
-uint64_t
-batch_fnv(uint64_t h, const void *p, size_t n)
-{
-    const unsigned char *b = p;
-
-    for (size_t i = 0; i < n; i++)
-        h = (h ^ b[i]) * 0x100000001b3ULL;
-    return h;
-}
-
 /* ==== a set of ids: open addressing over FNV hashes ======================================== */
 
 struct batch_idset {
@@ -215,7 +206,7 @@ batch_idset_free(struct batch_idset *s)
 static uint64_t
 idset_slot(char *const *key, uint64_t cap, const char *id)
 {
-    uint64_t i = batch_fnv(BATCH_FNV_BASIS, id, strlen(id)) & (cap - 1);
+    uint64_t i = util_fnv1a(UTIL_FNV_BASIS, id, strlen(id)) & (cap - 1);
 
     while (key[i] != NULL && strcmp(key[i], id) != 0)
         i = (i + 1) & (cap - 1);
@@ -426,7 +417,7 @@ batch_input_open(struct batch_input *in, const char *path, const struct batch_se
         }
         if (it.id == NULL && (it.id = strdup(lid)) == NULL)
             goto nomem;
-        if (batch_fnv(BATCH_FNV_BASIS, it.id, strlen(it.id)) % (uint64_t)sel->shard_n !=
+        if (util_fnv1a(UTIL_FNV_BASIS, it.id, strlen(it.id)) % (uint64_t)sel->shard_n !=
             (uint64_t)(sel->shard_k - 1)) {
             in->n_other_shards++;
             free(it.id);

@@ -18,15 +18,7 @@
 #include "internal.h"
 #include "layer.h"
 #include "ops.h"
-
-static double
-fwd_now(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
+#include "util.h"
 
 static void
 rmsnorm_rows(float *y, const float *x, const float *w, int64_t T, int64_t D, float eps)
@@ -56,11 +48,11 @@ fwd_residual(struct layer_pass *p, int i, const float *norm,
     int rc;
 
     rmsnorm_rows(s->x, s->h, norm, T, D, cfg->norm_eps);
-    double t1 = fwd_now();
+    double t1 = util_now_s();
     s->phase[KLI_PHASE_OTHER] += t1 - *t0;
     if ((rc = block(p, i, s->x, s->y, err)) != KLI_OK)
         return rc;
-    *t0 = fwd_now();
+    *t0 = util_now_s();
     s->phase[phase] += *t0 - t1;
     add_rows(s->h, s->y, T * D);
     return KLI_OK;
@@ -77,7 +69,7 @@ forward_run(struct kli_session *const *ss, int64_t n_seq, const kli_token *tok, 
     struct layer_pass p;   /* where each layer runs: layer.c */
     int rc;
 
-    double t0 = fwd_now();
+    double t0 = util_now_s();
 
     if ((rc = layer_pass_begin(&p, ss, n_seq, T_seq, err)) != KLI_OK)
         return rc;
@@ -105,7 +97,7 @@ forward_run(struct kli_session *const *ss, int64_t n_seq, const kli_token *tok, 
         ops_rmsnorm(s->x, s->h + (T - 1) * D, m->final_norm, D, cfg->norm_eps);
         layer_lm_head(&p, s->x, 1, s->logits);
     }
-    s->phase[KLI_PHASE_LM_HEAD] += fwd_now() - t0;
+    s->phase[KLI_PHASE_LM_HEAD] += util_now_s() - t0;
     for (int64_t q = 0; q < n_seq; q++) {
         ss[q]->has_logits = 1;
         ss[q]->pos += (int32_t)T_seq;

@@ -31,6 +31,7 @@
 #include "kli.h"
 #include "internal.h"
 #include "prefix.h"
+#include "util.h"
 
 struct prefix_entry {
     struct kli_session *s;
@@ -59,17 +60,14 @@ struct prefix_cache {
 static uint64_t
 prefix_hash(uint64_t model_key, const kli_token *toks, int32_t n)
 {
-    uint64_t h = 0xcbf29ce484222325ULL;
-    unsigned char b[8];
+    uint8_t b[8];
+    uint64_t h;
 
-    for (int i = 0; i < 8; i++)
-        b[i] = (unsigned char)(model_key >> (8 * i));
-    for (int i = 0; i < 8; i++)
-        h = (h ^ b[i]) * 0x100000001b3ULL;
+    util_wr64(b, model_key);
+    h = util_fnv1a(UTIL_FNV_BASIS, b, 8);
     for (int32_t k = 0; k < n; k++) {
-        uint32_t t = (uint32_t)toks[k];
-        for (int i = 0; i < 4; i++)
-            h = (h ^ ((t >> (8 * i)) & 0xff)) * 0x100000001b3ULL;
+        util_wr32(b, (uint32_t)toks[k]);
+        h = util_fnv1a(h, b, 4);
     }
     return h;
 }

@@ -35,6 +35,7 @@
 #include "kli.h"
 #include "internal.h"
 #include "prefix.h"
+#include "util.h"
 
 #define SCHED_MAX_PARALLEL 256
 #define SCHED_MAX_STOP 16
@@ -84,15 +85,6 @@ struct kli_sched {
     double step_s;
 };
 
-static double
-sched_now(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
 static int
 sched_stopped(const struct kli_sched *s)
 {
@@ -135,7 +127,7 @@ sched_end(struct kli_sched *s, struct sched_req *r, const struct sched_place *p,
         res.n_cached = p->cached;
         res.n_generated = p->n_gen;
         res.prefill_seconds = p->prefill_s;
-        res.decode_seconds = sched_now() - p->t_decode;
+        res.decode_seconds = util_now_s() - p->t_decode;
     }
     if (s->o.on_finish != NULL)
         s->o.on_finish(s->o.ud, &res);
@@ -314,7 +306,7 @@ sched_join(struct kli_sched *s, struct sched_place *p, struct sched_req *r, int3
 {
     struct kli_err err = {0};
     const struct kli_session *hit = NULL;
-    double t0 = sched_now();
+    double t0 = util_now_s();
     int32_t have = 0, shared = 0, ctx = kli_session_ctx_max(p->s);
     int rc;
 
@@ -370,8 +362,8 @@ sched_join(struct kli_sched *s, struct sched_place *p, struct sched_req *r, int3
     }
     *evaluated = r->n - have;
     p->cached = have;
-    p->prefill_s = sched_now() - t0;
-    p->t_decode = sched_now();
+    p->prefill_s = util_now_s() - t0;
+    p->t_decode = util_now_s();
     if (rc != KLI_OK) {
         p->cached = 0;
         sched_finish(s, p, KLI_FINISH_ERROR, rc, err.msg);
@@ -451,7 +443,7 @@ sched_decode(struct kli_sched *s)
     const float *lg[SCHED_MAX_PARALLEL];
     int idx[SCHED_MAX_PARALLEL], n = 0, rc;
     struct kli_err err = {0};
-    double t0 = sched_now();
+    double t0 = util_now_s();
 
     for (int32_t i = 0; i < s->o.parallel; i++) {
         if (s->pl[i].rq != NULL) {
@@ -477,7 +469,7 @@ sched_decode(struct kli_sched *s)
     }
     for (int j = 0; j < n; j++)
         sched_take(s, &s->pl[idx[j]], tk[j], lg[j]);
-    s->step_s += sched_now() - t0;
+    s->step_s += util_now_s() - t0;
     s->step_tokens += n;
     s->steps++;
     return n;
