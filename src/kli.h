@@ -44,6 +44,14 @@
 extern "C" {
 #endif
 
+/* Marks what libkli exports: every function of this header, nothing else (the library is
+ * built with -fvisibility=hidden; tests/test-exports.sh checks libkli.so and libkli.a). */
+#if defined(__GNUC__) || defined(__clang__)
+#define KLI_API __attribute__((visibility("default")))
+#else
+#define KLI_API
+#endif
+
 #define KLI_VERSION_MAJOR 0
 #define KLI_VERSION_MINOR 1
 #define KLI_VERSION_PATCH 0
@@ -71,14 +79,17 @@ struct kli_err {
 };
 
 /* @return a static description of a status code; never NULL. */
+KLI_API
 const char *kli_strerror(int code);
 
 /* @return the library version as "MAJOR.MINOR.PATCH"; static. */
+KLI_API
 const char *kli_version(void);
 
 /* @return the name of the CPU kernel variant in use ("generic", "avx2", "avx512", "avx512vnni",
  * "neon").
  * The choice is made once per process, honouring the KLI_SIMD environment variable. */
+KLI_API
 const char *kli_simd_variant(void);
 
 
@@ -114,9 +125,11 @@ enum kli_tokenize_flags {
  * @return KLI_OK; KLI_E_IO if a file cannot be read; KLI_E_FORMAT with the file and line at
  *         fault; KLI_E_NOMEM; KLI_E_INVALID for NULL arguments. On failure *out is NULL.
  *         On success the caller owns *out and releases it with kli_tokenizer_close(). */
+KLI_API
 int kli_tokenizer_open(struct kli_tokenizer **out, const char *dir, struct kli_err *err);
 
 /* Releases a tokenizer. NULL is allowed. */
+KLI_API
 void kli_tokenizer_close(struct kli_tokenizer *t);
 
 /* Encodes `len` bytes of UTF-8 text (not NUL-terminated; `text` may be NULL when len is 0).
@@ -129,6 +142,7 @@ void kli_tokenizer_close(struct kli_tokenizer *t);
  *         Negative on error: KLI_E_FORMAT when the text is not valid UTF-8 (the message gives
  *         the byte offset), KLI_E_INVALID for bad arguments, KLI_E_NOMEM, KLI_E_RANGE when the
  *         regex engine hits its match limit. */
+KLI_API
 int64_t kli_tokenize(const struct kli_tokenizer *t, const char *text, size_t len, int flags,
                      kli_token *out, int64_t cap, struct kli_err *err);
 
@@ -139,6 +153,7 @@ int64_t kli_tokenize(const struct kli_tokenizer *t, const char *text, size_t len
  * @return the number of bytes the whole decoding needs (retry with that much room when it
  *         exceeds `cap`); KLI_E_RANGE if an id is outside [0, n_vocab), naming its index;
  *         KLI_E_INVALID for bad arguments. */
+KLI_API
 int64_t kli_detokenize(const struct kli_tokenizer *t, const kli_token *ids, int64_t n,
                        char *out, int64_t cap, struct kli_err *err);
 
@@ -146,16 +161,20 @@ int64_t kli_detokenize(const struct kli_tokenizer *t, const kli_token *ids, int6
  *         *len (when len is not NULL); NULL (and *len 0) if id is outside [0, n_vocab).
  *         Borrowed: valid while the tokenizer is open. The bytes are followed by a NUL for
  *         convenience, but may themselves contain NUL (the token of byte 0x00). */
+KLI_API
 const char *kli_token_bytes(const struct kli_tokenizer *t, kli_token id, size_t *len);
 
 /* @return the number of token ids: n_base + the special slots (256 or 258). */
+KLI_API
 int32_t kli_tokenizer_n_vocab(const struct kli_tokenizer *t);
 
 /* @return the number of BPE ranks in tiktoken.model; the first special id. */
+KLI_API
 int32_t kli_tokenizer_n_base(const struct kli_tokenizer *t);
 
 /* @return the id of the special token called `name` (e.g. "<|im_end|>", or a reserved name
  *         such as "<|reserved_token_163600|>"), or -1 if no special slot has that name. */
+KLI_API
 kli_token kli_tokenizer_find_special(const struct kli_tokenizer *t, const char *name);
 
 /* For streaming decoded text without splitting a character between two writes.
@@ -164,6 +183,7 @@ kli_token kli_tokenizer_find_special(const struct kli_tokenizer *t, const char *
  *         complete (a lead byte followed by fewer continuation bytes than it announces) are
  *         left out, at most 3 of them. Bytes that can never become valid are kept, so that
  *         invalid input is passed on rather than held back forever. Never more than n. */
+KLI_API
 size_t kli_utf8_complete_prefix(const char *s, size_t n);
 
 /* ==== Model ================================================================================ */
@@ -227,6 +247,7 @@ enum kli_gpu_mode {
 };
 
 /* Fills `opt` with the defaults. */
+KLI_API
 void kli_model_options_init(struct kli_model_options *opt);
 
 /* Opens a model: a directory holding config.json and model.safetensors (or a sharded
@@ -238,36 +259,47 @@ void kli_model_options_init(struct kli_model_options *opt);
  * @return KLI_OK, or KLI_E_IO / KLI_E_FORMAT / KLI_E_UNSUPPORTED / KLI_E_RANGE / KLI_E_NOMEM
  *         with a message that names the file, key or tensor at fault. On failure *out is
  *         NULL. */
+KLI_API
 int kli_model_open(struct kli_model **out, const char *path,
                    const struct kli_model_options *opt, struct kli_err *err);
 
 /* Releases the model. Every session made from it must be freed first. NULL is allowed. */
+KLI_API
 void kli_model_close(struct kli_model *model);
 
 /* @return one line on the model's GPU use: the device, its memory budget and what runs on
  *         it, or "CPU only: " and the reason (no GPU, no driver, not enough memory, a build
  *         without CUDA, GPU use off). Borrowed, valid until kli_model_close. */
+KLI_API
 const char *kli_model_gpu_status(const struct kli_model *model);
 
+KLI_API
 int32_t kli_model_n_vocab(const struct kli_model *model);
+KLI_API
 int32_t kli_model_n_layers(const struct kli_model *model);
+KLI_API
 int32_t kli_model_d_model(const struct kli_model *model);
 /* @return the token ids from config.json, or -1 when absent. */
+KLI_API
 kli_token kli_model_bos(const struct kli_model *model);
+KLI_API
 kli_token kli_model_eos(const struct kli_model *model);
 
 /* @return the model's tokenizer (borrowed), or NULL when its directory has none. */
+KLI_API
 const struct kli_tokenizer *kli_model_tokenizer(const struct kli_model *model);
 
 /* @return the bytes of weights one decode step reads: every attention and shared matrix,
  * the router, top_k routed experts per MoE layer (average expert size), one embedding row
  * and lm_head. The numerator of the decode roofline. */
+KLI_API
 uint64_t kli_model_decode_bytes(const struct kli_model *model);
 
 /* Of the model's weight-file pages now resident in this process: *resident bytes in all, and
  * *huge bytes of them mapped through 2 MiB pages (the rest through 4 KiB pages, one TLB
  * entry each; see kli(3) on huge pages). Weights converted at open are not counted.
  * @return 0, or -1 where the system does not say (not Linux, no /proc). */
+KLI_API
 int kli_model_weight_pages(const struct kli_model *model, uint64_t *resident, uint64_t *huge);
 
 /* Edge mode's expert cache (kli_model_options.mem_budget): its sizes and what it did. */
@@ -292,9 +324,11 @@ struct kli_cache_stats {
 };
 
 /* @return 0 with *st filled in edge mode; -1 (and *st zeroed) for a model without a budget. */
+KLI_API
 int kli_model_cache_stats(const struct kli_model *model, struct kli_cache_stats *st);
 
 /* Zeroes the counters (requests to wait_seconds) of kli_model_cache_stats. */
+KLI_API
 void kli_model_cache_reset(struct kli_model *model);
 
 /* What the GPU does for a model (kli_model_options.gpu): the hot sets and their use. */
@@ -313,20 +347,24 @@ struct kli_gpu_stats {
 
 /* @return 0 with *st filled when the model uses a GPU; -1 (and *st zeroed) otherwise. The
  * counters count from the open or from kli_model_gpu_reset. */
+KLI_API
 int kli_model_gpu_stats(const struct kli_model *model, struct kli_gpu_stats *st);
 
 /* Zeroes the counters (routed, on_gpu, swaps) of kli_model_gpu_stats. */
+KLI_API
 void kli_model_gpu_reset(struct kli_model *model);
 
 /* @return the model's identity as recorded in snapshots: a hash of the configuration, every
  * tensor's name, dtype and shape and the dtypes computed in (weight_type). It does not cover
  * the weight values: two checkpoints of one architecture share it. */
+KLI_API
 uint64_t kli_model_fingerprint(const struct kli_model *model);
 
 /* Writes a human-readable architecture summary (layer kinds, dimensions, parameter count,
  * bytes by dtype, state sizes) into `buf`, NUL-terminated and truncated to `cap`.
  * With `tensors` non-zero, the tensor list follows.
  * @return the length the full text needs (excluding the NUL), like snprintf. */
+KLI_API
 size_t kli_model_describe(const struct kli_model *model, int tensors, char *buf, size_t cap);
 
 /* ==== Session: per-sequence state ========================================================== */
@@ -338,18 +376,22 @@ struct kli_session_options {
     int32_t batch_max;   /* tokens computed together in one step of an eval; 0 = 256 */
 };
 
+KLI_API
 void kli_session_options_init(struct kli_session_options *opt);
 
 /* Creates an empty session (no tokens seen) for `model`.
  * @param opt  NULL for the defaults.
  * @return KLI_OK or KLI_E_NOMEM / KLI_E_RANGE. */
+KLI_API
 int kli_session_create(struct kli_session **out, const struct kli_model *model,
                        const struct kli_session_options *opt, struct kli_err *err);
 
 /* Releases the session. NULL is allowed. */
+KLI_API
 void kli_session_free(struct kli_session *s);
 
 /* Forgets every token: the session is as new. */
+KLI_API
 void kli_session_reset(struct kli_session *s);
 
 /* Runs `n` tokens through the model after those already seen. Feeding a prompt in one call,
@@ -358,6 +400,7 @@ void kli_session_reset(struct kli_session *s);
  *                position of this call.
  * @return KLI_OK; KLI_E_RANGE if a token id is outside the vocabulary or the session would
  *         exceed ctx_max (the session is then unchanged). */
+KLI_API
 int kli_session_eval(struct kli_session *s, const kli_token *tokens, int32_t n,
                      float *logits, struct kli_err *err);
 
@@ -372,23 +415,28 @@ int kli_session_eval(struct kli_session *s, const kli_token *tokens, int32_t n,
  * meanwhile).
  * @return KLI_OK; KLI_E_RANGE (a bad id, a full sequence, n too large), KLI_E_INVALID,
  *         KLI_E_NOMEM (the sessions are then unchanged). */
+KLI_API
 int kli_session_eval_batch(struct kli_session *const *ss, const kli_token *tokens, int32_t n,
                            struct kli_err *err);
 
 /* @return the logits of the last evaluated position, [n_vocab]; NULL before any eval.
  *         Borrowed: valid until the next eval/reset/free of the session. */
+KLI_API
 const float *kli_session_logits(const struct kli_session *s);
 
 /* @return the number of tokens the session has seen. */
+KLI_API
 int32_t kli_session_pos(const struct kli_session *s);
 
 /* @return the most tokens the session may hold (its ctx_max, or the model's maximum). */
+KLI_API
 int32_t kli_session_ctx_max(const struct kli_session *s);
 
 /* The token ids the session has seen, in order (prompt and generated tokens alike).
  * @param out  receives a pointer to kli_session_pos(s) ids (borrowed: valid until the next
  *             eval/reset/restore/free of the session); may be NULL.
  * @return the number of ids, kli_session_pos(s). */
+KLI_API
 int32_t kli_session_tokens(const struct kli_session *s, const kli_token **out);
 
 /* Time spent per part of the forward pass, accumulated over evals since the session was
@@ -402,10 +450,13 @@ enum kli_phase {
     KLI_PHASE_OTHER = 5,    /* embedding, norms, residual adds */
     KLI_PHASE_COUNT = 6
 };
+KLI_API
 void kli_session_phase_seconds(const struct kli_session *s, double out[KLI_PHASE_COUNT]);
+KLI_API
 void kli_session_reset_timers(struct kli_session *s);
 
 /* @return the model a session belongs to (borrowed). */
+KLI_API
 const struct kli_model *kli_session_model(const struct kli_session *s);
 
 /* ==== Sampling ============================================================================= */
@@ -425,29 +476,36 @@ struct kli_sampler_options {
     uint64_t seed;            /* the random stream; the same seed gives the same tokens */
 };
 
+KLI_API
 void kli_sampler_options_init(struct kli_sampler_options *opt);
 
 /* Creates a sampler for a vocabulary of n_vocab ids.
  * @return KLI_OK; KLI_E_RANGE naming an option outside its range (temperature < 0,
  *         top_p outside (0,1], min_p outside [0,1], repeat_penalty <= 0, ...). */
+KLI_API
 int kli_sampler_create(struct kli_sampler **out, const struct kli_sampler_options *opt,
                        int32_t n_vocab, struct kli_err *err);
+KLI_API
 void kli_sampler_free(struct kli_sampler *smp);
 
 /* Picks the next token from logits [n_vocab] (not modified). */
+KLI_API
 kli_token kli_sampler_sample(struct kli_sampler *smp, const float *logits);
 
 /* out[i] = kli_sampler_sample(smp[i], logits[i]) for i < n, the samplers spread over the
  * worker threads (as after kli_session_eval_batch: one sampler per sequence). The samplers
  * must be distinct. @return KLI_OK; KLI_E_INVALID for NULL arrays, a NULL or repeated sampler
  * or n < 0 (then nothing is sampled). */
+KLI_API
 int kli_sampler_sample_many(struct kli_sampler *const *smp, const float *const *logits,
                             int32_t n, kli_token *out, struct kli_err *err);
 
 /* Records a token of the context for the penalties (prompt tokens too, if wanted). */
+KLI_API
 void kli_sampler_accept(struct kli_sampler *smp, kli_token tok);
 
 /* Forgets the recorded tokens and restarts the random stream from the seed. */
+KLI_API
 void kli_sampler_reset(struct kli_sampler *smp);
 
 /* ==== Snapshots: saving, restoring and forking a session ==================================
@@ -471,6 +529,7 @@ void kli_sampler_reset(struct kli_sampler *smp);
  *         protocol; note that a call compresses the whole state, so size the buffer
  *         generously rather than asking first); KLI_E_INVALID for bad arguments;
  *         KLI_E_NOMEM. The session and sampler are not modified. */
+KLI_API
 int64_t kli_session_snapshot(const struct kli_session *s, const struct kli_sampler *smp,
                              void *buf, int64_t cap, struct kli_err *err);
 
@@ -486,6 +545,7 @@ int64_t kli_session_snapshot(const struct kli_session *s, const struct kli_sampl
  *         version, or a compressed snapshot in a build without zstd; KLI_E_RANGE when it
  *         holds more tokens than the session's ctx_max; KLI_E_NOMEM. The session's options
  *         (ctx_max, batch_max) stay its own. */
+KLI_API
 int kli_session_restore(struct kli_session *s, struct kli_sampler *smp, const void *buf,
                         size_t len, struct kli_err *err);
 
@@ -493,6 +553,7 @@ int kli_session_restore(struct kli_session *s, struct kli_sampler *smp, const vo
  * synced and renamed over `path`), so `path` holds either the old file or the complete new
  * one; a `path` that is not a regular file is refused.
  * @return KLI_OK; KLI_E_IO naming the file; KLI_E_NOMEM; KLI_E_INVALID. */
+KLI_API
 int kli_session_save(const struct kli_session *s, const struct kli_sampler *smp,
                      const char *path, struct kli_err *err);
 
@@ -501,6 +562,7 @@ int kli_session_save(const struct kli_session *s, const struct kli_sampler *smp,
  * name the file.
  * @return as kli_session_restore, KLI_E_IO when the file cannot be read or is not a
  *         regular file, KLI_E_RANGE when it is over that size. */
+KLI_API
 int kli_session_load(struct kli_session *s, struct kli_sampler *smp, const char *path,
                      struct kli_err *err);
 
@@ -510,6 +572,7 @@ int kli_session_load(struct kli_session *s, struct kli_sampler *smp, const char 
  * creating another (see kli_session_snapshot to carry its random stream over).
  * @return KLI_OK; KLI_E_NOMEM; KLI_E_INVALID. On failure *out is NULL; on success the
  *         caller owns *out and releases it with kli_session_free(). */
+KLI_API
 int kli_session_fork(struct kli_session **out, const struct kli_session *src,
                      struct kli_err *err);
 
@@ -521,12 +584,14 @@ int kli_session_fork(struct kli_session **out, const struct kli_session *src,
  * @return KLI_OK; KLI_E_INVALID (NULL, the same session twice, two models); KLI_E_RANGE when
  *         src holds more tokens than dst's ctx_max; KLI_E_NOMEM. On failure dst is as it
  *         was. */
+KLI_API
 int kli_session_copy(struct kli_session *dst, const struct kli_session *src,
                      struct kli_err *err);
 
 /* @return the bytes of memory the session holds now: its state (KDA states, the MLA cache as
  *         allocated, the token history, logits) and its scratch, which grows with batch_max.
  *         For caches of sessions bounded in bytes. */
+KLI_API
 uint64_t kli_session_nbytes(const struct kli_session *s);
 
 /* ==== Chat format ========================================================================== */
@@ -547,6 +612,7 @@ struct kli_chat_message {
  * @return the number of ids (see kli_tokenize for the `cap` protocol), or a negative status:
  *         KLI_E_INVALID for an unknown role, KLI_E_UNSUPPORTED when the tokenizer lacks the
  *         chat special tokens, KLI_E_FORMAT for invalid UTF-8. */
+KLI_API
 int64_t kli_chat_render(const struct kli_tokenizer *tok, const struct kli_chat_message *msgs,
                         int32_t n, int add_generation_prompt, int continuation,
                         kli_token *out, int64_t cap, struct kli_err *err);
@@ -581,11 +647,13 @@ struct kli_generate_result {
     kli_token last;              /* the last sampled token (the end token on KLI_FINISH_EOS) */
 };
 
+KLI_API
 void kli_generate_options_init(struct kli_generate_options *opt);
 
 /* Feeds `prompt` to the session and samples up to max_tokens tokens, feeding each one
  * back (the end token is not fed: the session ends just before it). Text goes to on_text.
  * @return KLI_OK (see res->finish for why it stopped) or a negative status. */
+KLI_API
 int kli_generate(struct kli_session *s, const struct kli_tokenizer *tok,
                  struct kli_sampler *smp, const kli_token *prompt, int32_t n_prompt,
                  const struct kli_generate_options *opt, struct kli_generate_result *res,
@@ -606,6 +674,7 @@ struct kli_quantize_options {
     void *ud;
 };
 
+KLI_API
 void kli_quantize_options_init(struct kli_quantize_options *opt);
 
 /* Writes a copy of the model directory `in` to directory `out` (created if missing) with its
@@ -617,6 +686,7 @@ void kli_quantize_options_init(struct kli_quantize_options *opt);
  * (a temporary file renamed at the end).
  * @return KLI_OK, KLI_E_IO, KLI_E_FORMAT, KLI_E_RANGE (bad type or rule), KLI_E_INVALID
  *         (`out` is `in`, or one of its files is a file of `in`). */
+KLI_API
 int kli_quantize(const char *in, const char *out, const struct kli_quantize_options *opt,
                  struct kli_err *err);
 
@@ -630,6 +700,7 @@ struct kli_synth_options {
     void *ud;
 };
 
+KLI_API
 void kli_synth_options_init(struct kli_synth_options *opt);
 
 /* Writes a random-weight checkpoint with the real per-layer sizes of Kimi-Linear-48B-A3B
@@ -637,6 +708,7 @@ void kli_synth_options_init(struct kli_synth_options *opt);
  * head dims, experts 1024 wide, top-8, one shared expert) but fewer layers and experts, all
  * MoE: per-token cost is real while the model fits a small machine. For benchmarks.
  * @return KLI_OK or a negative status. */
+KLI_API
 int kli_synth(const char *out, const struct kli_synth_options *opt, struct kli_err *err);
 
 struct kli_convert_options {
@@ -651,6 +723,7 @@ struct kli_convert_options {
                                    with KLI_E_INTERRUPTED, leaving no output; may be NULL */
 };
 
+KLI_API
 void kli_convert_options_init(struct kli_convert_options *opt);
 
 /* Writes the model `in` (a model directory, or a .kli file) as one self-contained .kli file
@@ -665,6 +738,7 @@ void kli_convert_options_init(struct kli_convert_options *opt);
  *         `out` that another process is writing); KLI_E_INVALID (`out` is the input or one
  *         of its files);
  *         KLI_E_FORMAT; KLI_E_RANGE (bad type or rule); KLI_E_INTERRUPTED; KLI_E_NOMEM. */
+KLI_API
 int kli_convert(const char *in, const char *out, const struct kli_convert_options *opt,
                 struct kli_err *err);
 
@@ -685,17 +759,21 @@ struct kli_outfile;
 
 /* @return KLI_OK and *out; KLI_E_IO naming the path (a directory, a device node, a dangling
  *         link, a target locked by another writer, or the open error); KLI_E_NOMEM. */
+KLI_API
 int kli_outfile_open(struct kli_outfile **out, const char *path, unsigned flags,
                      struct kli_err *err);
 
 /* @return the descriptor to write the new contents to (seekable unless streaming). */
+KLI_API
 int kli_outfile_fd(const struct kli_outfile *f);
 
 /* Syncs and renames the new file over the target, then frees f (even on failure).
  * @return KLI_OK or KLI_E_IO. */
+KLI_API
 int kli_outfile_commit(struct kli_outfile *f, struct kli_err *err);
 
 /* Removes the temporary file, releases the lock and frees f. NULL is allowed. */
+KLI_API
 void kli_outfile_abort(struct kli_outfile *f);
 
 /* Opens `path` read-only (close-on-exec) and requires a regular file: a FIFO, device,
@@ -704,18 +782,21 @@ void kli_outfile_abort(struct kli_outfile *f);
  * when not NULL, gets the file's size.
  * @return the descriptor (>= 0), or KLI_E_IO with a message naming the path; when open()
  *         itself failed, errno is left as it set it (ENOENT for a missing file). */
+KLI_API
 int kli_file_open(const char *path, uint64_t *size, struct kli_err *err);
 
 /* Refuses to write `out` over an input: `out` (following links) must be neither `in` nor,
  * when `in` is a directory, a file directly inside it (compared by device and inode, so
  * links and other names of the same file count). Paths that do not exist pass.
  * @return KLI_OK, or KLI_E_INVALID naming both paths. */
+KLI_API
 int kli_output_check(const char *out, const char *in, struct kli_err *err);
 
 /* Reads every weight of a model opened from a .kli file and checks it against the checksum
  * the file records for it (the sections opening needs are checked at open already). Slow:
  * it reads the whole file. A model directory has no checksums: KLI_OK at once.
  * @return KLI_OK; KLI_E_FORMAT naming the damaged tensor. */
+KLI_API
 int kli_model_verify(const struct kli_model *model, kli_progress_fn progress, void *ud,
                      struct kli_err *err);
 
@@ -723,9 +804,11 @@ int kli_model_verify(const struct kli_model *model, kli_progress_fn progress, vo
  * of `bytes_per_array` bytes, on the same worker threads the model uses; counts 3 x 4 bytes
  * per element (two reads, one write) like STREAM. @return GB/s (1e9 bytes), or -1 when the
  * arrays cannot be allocated. */
+KLI_API
 double kli_bench_triad(size_t bytes_per_array);
 
 /* @return the number of worker threads in use. */
+KLI_API
 int kli_threads(void);
 
 /* Writes what kli sees of the machine and what it does with it: packages, NUMA nodes, cores
@@ -738,6 +821,7 @@ int kli_threads(void);
  * @return the length the full text needs (excluding the NUL), like snprintf; buf receives
  *         at most cap bytes, NUL-terminated. A bad opt->cpus list is described, not
  *         returned as an error. */
+KLI_API
 size_t kli_topology_describe(const struct kli_model *model,
                              const struct kli_model_options *opt, char *buf, size_t cap);
 

@@ -14,7 +14,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 dpkg --print-foreign-architectures | grep -qx arm64 || dpkg --add-architecture arm64
 need="gcc-aarch64-linux-gnu qemu-user-static libc6-dev-arm64-cross libcjson-dev:arm64
-      libpcre2-dev:arm64 libgomp1:arm64 autoconf automake pkg-config"
+      libpcre2-dev:arm64 libgomp1:arm64 autoconf automake libtool pkg-config"
 missing=""
 for p in $need; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"

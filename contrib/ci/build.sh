@@ -3,7 +3,7 @@
 # missing (Debian 12) and builds kli in ./build.
 set -eu
 cd "$(dirname "$0")/../.."
-pkgs="build-essential autoconf automake pkg-config libcjson-dev libpcre2-dev libopenblas-dev
+pkgs="build-essential autoconf automake libtool pkg-config libcjson-dev libpcre2-dev libopenblas-dev
       libhwloc-dev libzstd-dev"
 missing=""
 for p in $pkgs; do

@@ -4,7 +4,7 @@
 # again under AddressSanitizer and UBSan (`make check-sanitize`).
 set -eu
 cd "$(dirname "$0")/../.."
-pkgs="build-essential autoconf automake pkg-config libcjson-dev libpcre2-dev libopenblas-dev
+pkgs="build-essential autoconf automake libtool pkg-config libcjson-dev libpcre2-dev libopenblas-dev
       libhwloc-dev libzstd-dev mandoc python3 python3-numpy"
 missing=""
 for p in $pkgs; do
