@@ -33,6 +33,16 @@
  *    borrowed and live as long as the object they came from.
  *  - Threads. A kli_model is immutable once open and may be shared by any number of sessions
  *    and threads. A kli_session (and a kli_sampler) is used by one thread at a time.
+ *  - ABI. libkli exports the functions marked KLI_API below and nothing else. Within one
+ *    soname (libkli.so.N) this header grows by additions alone: new functions, new enum
+ *    values, new members at the end of a struct kli_*_options; nothing is removed, renamed,
+ *    reordered or given another meaning (a new behaviour is a new function, or an option
+ *    whose default is the old one). Every options struct starts with `size`, which its
+ *    _init sets to sizeof the struct as the program was compiled: fill options with their
+ *    _init, always; the library reads the members `size` covers and gives later ones their
+ *    defaults. Structs the library fills (kli_err, kli_*_stats, kli_generate_result) and
+ *    arrays of kli_chat_message never grow: new results come through new functions.
+ *    configure.ac holds the soname's version rules, man/kli.3 (ABI) the whole policy.
  */
 #ifndef KLI_H
 #define KLI_H
@@ -79,18 +89,15 @@ struct kli_err {
 };
 
 /* @return a static description of a status code; never NULL. */
-KLI_API
-const char *kli_strerror(int code);
+KLI_API const char *kli_strerror(int code);
 
 /* @return the library version as "MAJOR.MINOR.PATCH"; static. */
-KLI_API
-const char *kli_version(void);
+KLI_API const char *kli_version(void);
 
 /* @return the name of the CPU kernel variant in use ("generic", "avx2", "avx512", "avx512vnni",
  * "neon").
  * The choice is made once per process, honouring the KLI_SIMD environment variable. */
-KLI_API
-const char *kli_simd_variant(void);
+KLI_API const char *kli_simd_variant(void);
 
 
 /* ==== Tokenizer ============================================================================
@@ -125,12 +132,10 @@ enum kli_tokenize_flags {
  * @return KLI_OK; KLI_E_IO if a file cannot be read; KLI_E_FORMAT with the file and line at
  *         fault; KLI_E_NOMEM; KLI_E_INVALID for NULL arguments. On failure *out is NULL.
  *         On success the caller owns *out and releases it with kli_tokenizer_close(). */
-KLI_API
-int kli_tokenizer_open(struct kli_tokenizer **out, const char *dir, struct kli_err *err);
+KLI_API int kli_tokenizer_open(struct kli_tokenizer **out, const char *dir, struct kli_err *err);
 
 /* Releases a tokenizer. NULL is allowed. */
-KLI_API
-void kli_tokenizer_close(struct kli_tokenizer *t);
+KLI_API void kli_tokenizer_close(struct kli_tokenizer *t);
 
 /* Encodes `len` bytes of UTF-8 text (not NUL-terminated; `text` may be NULL when len is 0).
  * @param flags  0 (special-token strings are plain text) or KLI_TOKENIZE_SPECIAL.
@@ -142,9 +147,8 @@ void kli_tokenizer_close(struct kli_tokenizer *t);
  *         Negative on error: KLI_E_FORMAT when the text is not valid UTF-8 (the message gives
  *         the byte offset), KLI_E_INVALID for bad arguments, KLI_E_NOMEM, KLI_E_RANGE when the
  *         regex engine hits its match limit. */
-KLI_API
-int64_t kli_tokenize(const struct kli_tokenizer *t, const char *text, size_t len, int flags,
-                     kli_token *out, int64_t cap, struct kli_err *err);
+KLI_API int64_t kli_tokenize(const struct kli_tokenizer *t, const char *text, size_t len, int flags,
+                             kli_token *out, int64_t cap, struct kli_err *err);
 
 /* Decodes `n` token ids to the concatenation of their bytes (a special id gives its name).
  * The result is raw bytes: it is not NUL-terminated, and it may end inside a UTF-8 character
@@ -153,29 +157,24 @@ int64_t kli_tokenize(const struct kli_tokenizer *t, const char *text, size_t len
  * @return the number of bytes the whole decoding needs (retry with that much room when it
  *         exceeds `cap`); KLI_E_RANGE if an id is outside [0, n_vocab), naming its index;
  *         KLI_E_INVALID for bad arguments. */
-KLI_API
-int64_t kli_detokenize(const struct kli_tokenizer *t, const kli_token *ids, int64_t n,
-                       char *out, int64_t cap, struct kli_err *err);
+KLI_API int64_t kli_detokenize(const struct kli_tokenizer *t, const kli_token *ids, int64_t n,
+                               char *out, int64_t cap, struct kli_err *err);
 
 /* @return the bytes of token `id` (a special token's name for special ids) and their count in
  *         *len (when len is not NULL); NULL (and *len 0) if id is outside [0, n_vocab).
  *         Borrowed: valid while the tokenizer is open. The bytes are followed by a NUL for
  *         convenience, but may themselves contain NUL (the token of byte 0x00). */
-KLI_API
-const char *kli_token_bytes(const struct kli_tokenizer *t, kli_token id, size_t *len);
+KLI_API const char *kli_token_bytes(const struct kli_tokenizer *t, kli_token id, size_t *len);
 
 /* @return the number of token ids: n_base + the special slots (256 or 258). */
-KLI_API
-int32_t kli_tokenizer_n_vocab(const struct kli_tokenizer *t);
+KLI_API int32_t kli_tokenizer_n_vocab(const struct kli_tokenizer *t);
 
 /* @return the number of BPE ranks in tiktoken.model; the first special id. */
-KLI_API
-int32_t kli_tokenizer_n_base(const struct kli_tokenizer *t);
+KLI_API int32_t kli_tokenizer_n_base(const struct kli_tokenizer *t);
 
 /* @return the id of the special token called `name` (e.g. "<|im_end|>", or a reserved name
  *         such as "<|reserved_token_163600|>"), or -1 if no special slot has that name. */
-KLI_API
-kli_token kli_tokenizer_find_special(const struct kli_tokenizer *t, const char *name);
+KLI_API kli_token kli_tokenizer_find_special(const struct kli_tokenizer *t, const char *name);
 
 /* For streaming decoded text without splitting a character between two writes.
  * @return the length of the longest prefix of s[0..n) that does not end inside an incomplete
@@ -183,14 +182,14 @@ kli_token kli_tokenizer_find_special(const struct kli_tokenizer *t, const char *
  *         complete (a lead byte followed by fewer continuation bytes than it announces) are
  *         left out, at most 3 of them. Bytes that can never become valid are kept, so that
  *         invalid input is passed on rather than held back forever. Never more than n. */
-KLI_API
-size_t kli_utf8_complete_prefix(const char *s, size_t n);
+KLI_API size_t kli_utf8_complete_prefix(const char *s, size_t n);
 
 /* ==== Model ================================================================================ */
 
 struct kli_model;
 
 struct kli_model_options {
+    size_t size;     /* sizeof the struct, set by kli_model_options_init (ABI, above) */
     int n_threads;   /* worker threads for this process; 0 = one per physical core (default).
                         The count is process-wide: the last kli_model_open sets it, and a
                         session refuses to run with more threads than it was created for */
@@ -247,8 +246,7 @@ enum kli_gpu_mode {
 };
 
 /* Fills `opt` with the defaults. */
-KLI_API
-void kli_model_options_init(struct kli_model_options *opt);
+KLI_API void kli_model_options_init(struct kli_model_options *opt);
 
 /* Opens a model: a directory holding config.json and model.safetensors (or a sharded
  * model.safetensors.index.json with its shards), the Hugging Face layout, or a .kli file
@@ -259,48 +257,38 @@ void kli_model_options_init(struct kli_model_options *opt);
  * @return KLI_OK, or KLI_E_IO / KLI_E_FORMAT / KLI_E_UNSUPPORTED / KLI_E_RANGE / KLI_E_NOMEM
  *         with a message that names the file, key or tensor at fault. On failure *out is
  *         NULL. */
-KLI_API
-int kli_model_open(struct kli_model **out, const char *path,
-                   const struct kli_model_options *opt, struct kli_err *err);
+KLI_API int kli_model_open(struct kli_model **out, const char *path,
+                           const struct kli_model_options *opt, struct kli_err *err);
 
 /* Releases the model. Every session made from it must be freed first. NULL is allowed. */
-KLI_API
-void kli_model_close(struct kli_model *model);
+KLI_API void kli_model_close(struct kli_model *model);
 
 /* @return one line on the model's GPU use: the device, its memory budget and what runs on
  *         it, or "CPU only: " and the reason (no GPU, no driver, not enough memory, a build
  *         without CUDA, GPU use off). Borrowed, valid until kli_model_close. */
-KLI_API
-const char *kli_model_gpu_status(const struct kli_model *model);
+KLI_API const char *kli_model_gpu_status(const struct kli_model *model);
 
-KLI_API
-int32_t kli_model_n_vocab(const struct kli_model *model);
-KLI_API
-int32_t kli_model_n_layers(const struct kli_model *model);
-KLI_API
-int32_t kli_model_d_model(const struct kli_model *model);
+KLI_API int32_t kli_model_n_vocab(const struct kli_model *model);
+KLI_API int32_t kli_model_n_layers(const struct kli_model *model);
+KLI_API int32_t kli_model_d_model(const struct kli_model *model);
 /* @return the token ids from config.json, or -1 when absent. */
-KLI_API
-kli_token kli_model_bos(const struct kli_model *model);
-KLI_API
-kli_token kli_model_eos(const struct kli_model *model);
+KLI_API kli_token kli_model_bos(const struct kli_model *model);
+KLI_API kli_token kli_model_eos(const struct kli_model *model);
 
 /* @return the model's tokenizer (borrowed), or NULL when its directory has none. */
-KLI_API
-const struct kli_tokenizer *kli_model_tokenizer(const struct kli_model *model);
+KLI_API const struct kli_tokenizer *kli_model_tokenizer(const struct kli_model *model);
 
 /* @return the bytes of weights one decode step reads: every attention and shared matrix,
  * the router, top_k routed experts per MoE layer (average expert size), one embedding row
  * and lm_head. The numerator of the decode roofline. */
-KLI_API
-uint64_t kli_model_decode_bytes(const struct kli_model *model);
+KLI_API uint64_t kli_model_decode_bytes(const struct kli_model *model);
 
 /* Of the model's weight-file pages now resident in this process: *resident bytes in all, and
  * *huge bytes of them mapped through 2 MiB pages (the rest through 4 KiB pages, one TLB
  * entry each; see kli(3) on huge pages). Weights converted at open are not counted.
  * @return 0, or -1 where the system does not say (not Linux, no /proc). */
-KLI_API
-int kli_model_weight_pages(const struct kli_model *model, uint64_t *resident, uint64_t *huge);
+KLI_API int kli_model_weight_pages(const struct kli_model *model, uint64_t *resident,
+                                   uint64_t *huge);
 
 /* Edge mode's expert cache (kli_model_options.mem_budget): its sizes and what it did. */
 struct kli_cache_stats {
@@ -324,12 +312,10 @@ struct kli_cache_stats {
 };
 
 /* @return 0 with *st filled in edge mode; -1 (and *st zeroed) for a model without a budget. */
-KLI_API
-int kli_model_cache_stats(const struct kli_model *model, struct kli_cache_stats *st);
+KLI_API int kli_model_cache_stats(const struct kli_model *model, struct kli_cache_stats *st);
 
 /* Zeroes the counters (requests to wait_seconds) of kli_model_cache_stats. */
-KLI_API
-void kli_model_cache_reset(struct kli_model *model);
+KLI_API void kli_model_cache_reset(struct kli_model *model);
 
 /* What the GPU does for a model (kli_model_options.gpu): the hot sets and their use. */
 struct kli_gpu_stats {
@@ -347,52 +333,46 @@ struct kli_gpu_stats {
 
 /* @return 0 with *st filled when the model uses a GPU; -1 (and *st zeroed) otherwise. The
  * counters count from the open or from kli_model_gpu_reset. */
-KLI_API
-int kli_model_gpu_stats(const struct kli_model *model, struct kli_gpu_stats *st);
+KLI_API int kli_model_gpu_stats(const struct kli_model *model, struct kli_gpu_stats *st);
 
 /* Zeroes the counters (routed, on_gpu, swaps) of kli_model_gpu_stats. */
-KLI_API
-void kli_model_gpu_reset(struct kli_model *model);
+KLI_API void kli_model_gpu_reset(struct kli_model *model);
 
 /* @return the model's identity as recorded in snapshots: a hash of the configuration, every
  * tensor's name, dtype and shape and the dtypes computed in (weight_type). It does not cover
  * the weight values: two checkpoints of one architecture share it. */
-KLI_API
-uint64_t kli_model_fingerprint(const struct kli_model *model);
+KLI_API uint64_t kli_model_fingerprint(const struct kli_model *model);
 
 /* Writes a human-readable architecture summary (layer kinds, dimensions, parameter count,
  * bytes by dtype, state sizes) into `buf`, NUL-terminated and truncated to `cap`.
  * With `tensors` non-zero, the tensor list follows.
  * @return the length the full text needs (excluding the NUL), like snprintf. */
-KLI_API
-size_t kli_model_describe(const struct kli_model *model, int tensors, char *buf, size_t cap);
+KLI_API size_t kli_model_describe(const struct kli_model *model, int tensors, char *buf,
+                                  size_t cap);
 
 /* ==== Session: per-sequence state ========================================================== */
 
 struct kli_session;
 
 struct kli_session_options {
+    size_t size;     /* sizeof the struct, set by kli_session_options_init (ABI, above) */
     int32_t ctx_max;     /* tokens the session may hold; 0 = the model's maximum */
     int32_t batch_max;   /* tokens computed together in one step of an eval; 0 = 256 */
 };
 
-KLI_API
-void kli_session_options_init(struct kli_session_options *opt);
+KLI_API void kli_session_options_init(struct kli_session_options *opt);
 
 /* Creates an empty session (no tokens seen) for `model`.
  * @param opt  NULL for the defaults.
  * @return KLI_OK or KLI_E_NOMEM / KLI_E_RANGE. */
-KLI_API
-int kli_session_create(struct kli_session **out, const struct kli_model *model,
-                       const struct kli_session_options *opt, struct kli_err *err);
+KLI_API int kli_session_create(struct kli_session **out, const struct kli_model *model,
+                               const struct kli_session_options *opt, struct kli_err *err);
 
 /* Releases the session. NULL is allowed. */
-KLI_API
-void kli_session_free(struct kli_session *s);
+KLI_API void kli_session_free(struct kli_session *s);
 
 /* Forgets every token: the session is as new. */
-KLI_API
-void kli_session_reset(struct kli_session *s);
+KLI_API void kli_session_reset(struct kli_session *s);
 
 /* Runs `n` tokens through the model after those already seen. Feeding a prompt in one call,
  * in pieces, or one token at a time gives the same result (up to float rounding).
@@ -400,9 +380,8 @@ void kli_session_reset(struct kli_session *s);
  *                position of this call.
  * @return KLI_OK; KLI_E_RANGE if a token id is outside the vocabulary or the session would
  *         exceed ctx_max (the session is then unchanged). */
-KLI_API
-int kli_session_eval(struct kli_session *s, const kli_token *tokens, int32_t n,
-                     float *logits, struct kli_err *err);
+KLI_API int kli_session_eval(struct kli_session *s, const kli_token *tokens, int32_t n,
+                             float *logits, struct kli_err *err);
 
 /* One decode step for n sequences at once: session ss[i] takes token tokens[i]. Every row
  * goes through the same pass over the weights (the experts chosen by several sequences run
@@ -415,29 +394,24 @@ int kli_session_eval(struct kli_session *s, const kli_token *tokens, int32_t n,
  * meanwhile).
  * @return KLI_OK; KLI_E_RANGE (a bad id, a full sequence, n too large), KLI_E_INVALID,
  *         KLI_E_NOMEM (the sessions are then unchanged). */
-KLI_API
-int kli_session_eval_batch(struct kli_session *const *ss, const kli_token *tokens, int32_t n,
-                           struct kli_err *err);
+KLI_API int kli_session_eval_batch(struct kli_session *const *ss, const kli_token *tokens,
+                                   int32_t n, struct kli_err *err);
 
 /* @return the logits of the last evaluated position, [n_vocab]; NULL before any eval.
  *         Borrowed: valid until the next eval/reset/free of the session. */
-KLI_API
-const float *kli_session_logits(const struct kli_session *s);
+KLI_API const float *kli_session_logits(const struct kli_session *s);
 
 /* @return the number of tokens the session has seen. */
-KLI_API
-int32_t kli_session_pos(const struct kli_session *s);
+KLI_API int32_t kli_session_pos(const struct kli_session *s);
 
 /* @return the most tokens the session may hold (its ctx_max, or the model's maximum). */
-KLI_API
-int32_t kli_session_ctx_max(const struct kli_session *s);
+KLI_API int32_t kli_session_ctx_max(const struct kli_session *s);
 
 /* The token ids the session has seen, in order (prompt and generated tokens alike).
  * @param out  receives a pointer to kli_session_pos(s) ids (borrowed: valid until the next
  *             eval/reset/restore/free of the session); may be NULL.
  * @return the number of ids, kli_session_pos(s). */
-KLI_API
-int32_t kli_session_tokens(const struct kli_session *s, const kli_token **out);
+KLI_API int32_t kli_session_tokens(const struct kli_session *s, const kli_token **out);
 
 /* Time spent per part of the forward pass, accumulated over evals since the session was
  * created or kli_session_reset_timers was called. */
@@ -450,20 +424,18 @@ enum kli_phase {
     KLI_PHASE_OTHER = 5,    /* embedding, norms, residual adds */
     KLI_PHASE_COUNT = 6
 };
-KLI_API
-void kli_session_phase_seconds(const struct kli_session *s, double out[KLI_PHASE_COUNT]);
-KLI_API
-void kli_session_reset_timers(struct kli_session *s);
+KLI_API void kli_session_phase_seconds(const struct kli_session *s, double out[KLI_PHASE_COUNT]);
+KLI_API void kli_session_reset_timers(struct kli_session *s);
 
 /* @return the model a session belongs to (borrowed). */
-KLI_API
-const struct kli_model *kli_session_model(const struct kli_session *s);
+KLI_API const struct kli_model *kli_session_model(const struct kli_session *s);
 
 /* ==== Sampling ============================================================================= */
 
 struct kli_sampler;
 
 struct kli_sampler_options {
+    size_t size;     /* sizeof the struct, set by kli_sampler_options_init (ABI, above) */
     float temperature;        /* 0 = greedy (argmax, ties to the lowest id); default 0.7 */
     int32_t top_k;            /* keep the k most likely tokens; 0 = off (default) */
     float top_p;              /* nucleus: smallest set with probability >= p; 1 = off; 0.9 */
@@ -476,37 +448,30 @@ struct kli_sampler_options {
     uint64_t seed;            /* the random stream; the same seed gives the same tokens */
 };
 
-KLI_API
-void kli_sampler_options_init(struct kli_sampler_options *opt);
+KLI_API void kli_sampler_options_init(struct kli_sampler_options *opt);
 
 /* Creates a sampler for a vocabulary of n_vocab ids.
  * @return KLI_OK; KLI_E_RANGE naming an option outside its range (temperature < 0,
  *         top_p outside (0,1], min_p outside [0,1], repeat_penalty <= 0, ...). */
-KLI_API
-int kli_sampler_create(struct kli_sampler **out, const struct kli_sampler_options *opt,
-                       int32_t n_vocab, struct kli_err *err);
-KLI_API
-void kli_sampler_free(struct kli_sampler *smp);
+KLI_API int kli_sampler_create(struct kli_sampler **out, const struct kli_sampler_options *opt,
+                               int32_t n_vocab, struct kli_err *err);
+KLI_API void kli_sampler_free(struct kli_sampler *smp);
 
 /* Picks the next token from logits [n_vocab] (not modified). */
-KLI_API
-kli_token kli_sampler_sample(struct kli_sampler *smp, const float *logits);
+KLI_API kli_token kli_sampler_sample(struct kli_sampler *smp, const float *logits);
 
 /* out[i] = kli_sampler_sample(smp[i], logits[i]) for i < n, the samplers spread over the
  * worker threads (as after kli_session_eval_batch: one sampler per sequence). The samplers
  * must be distinct. @return KLI_OK; KLI_E_INVALID for NULL arrays, a NULL or repeated sampler
  * or n < 0 (then nothing is sampled). */
-KLI_API
-int kli_sampler_sample_many(struct kli_sampler *const *smp, const float *const *logits,
-                            int32_t n, kli_token *out, struct kli_err *err);
+KLI_API int kli_sampler_sample_many(struct kli_sampler *const *smp, const float *const *logits,
+                                    int32_t n, kli_token *out, struct kli_err *err);
 
 /* Records a token of the context for the penalties (prompt tokens too, if wanted). */
-KLI_API
-void kli_sampler_accept(struct kli_sampler *smp, kli_token tok);
+KLI_API void kli_sampler_accept(struct kli_sampler *smp, kli_token tok);
 
 /* Forgets the recorded tokens and restarts the random stream from the seed. */
-KLI_API
-void kli_sampler_reset(struct kli_sampler *smp);
+KLI_API void kli_sampler_reset(struct kli_sampler *smp);
 
 /* ==== Snapshots: saving, restoring and forking a session ==================================
  * A snapshot is a session's complete state: the KDA recurrent and convolution states, the MLA
@@ -529,9 +494,8 @@ void kli_sampler_reset(struct kli_sampler *smp);
  *         protocol; note that a call compresses the whole state, so size the buffer
  *         generously rather than asking first); KLI_E_INVALID for bad arguments;
  *         KLI_E_NOMEM. The session and sampler are not modified. */
-KLI_API
-int64_t kli_session_snapshot(const struct kli_session *s, const struct kli_sampler *smp,
-                             void *buf, int64_t cap, struct kli_err *err);
+KLI_API int64_t kli_session_snapshot(const struct kli_session *s, const struct kli_sampler *smp,
+                                     void *buf, int64_t cap, struct kli_err *err);
 
 /* Replaces the state of `s` (and of `smp`) by the snapshot in buf[0..len). Everything is
  * checked and decoded into temporary memory before the session is touched: when this fails,
@@ -545,26 +509,23 @@ int64_t kli_session_snapshot(const struct kli_session *s, const struct kli_sampl
  *         version, or a compressed snapshot in a build without zstd; KLI_E_RANGE when it
  *         holds more tokens than the session's ctx_max; KLI_E_NOMEM. The session's options
  *         (ctx_max, batch_max) stay its own. */
-KLI_API
-int kli_session_restore(struct kli_session *s, struct kli_sampler *smp, const void *buf,
-                        size_t len, struct kli_err *err);
+KLI_API int kli_session_restore(struct kli_session *s, struct kli_sampler *smp, const void *buf,
+                                size_t len, struct kli_err *err);
 
 /* kli_session_snapshot to a file, written as kli_outfile_open describes (a temporary file,
  * synced and renamed over `path`), so `path` holds either the old file or the complete new
  * one; a `path` that is not a regular file is refused.
  * @return KLI_OK; KLI_E_IO naming the file; KLI_E_NOMEM; KLI_E_INVALID. */
-KLI_API
-int kli_session_save(const struct kli_session *s, const struct kli_sampler *smp,
-                     const char *path, struct kli_err *err);
+KLI_API int kli_session_save(const struct kli_session *s, const struct kli_sampler *smp,
+                             const char *path, struct kli_err *err);
 
 /* kli_session_restore from a file, which must be a regular file (a FIFO or a device is
  * refused without blocking) no larger than the largest snapshot `s` could hold. Messages
  * name the file.
  * @return as kli_session_restore, KLI_E_IO when the file cannot be read or is not a
  *         regular file, KLI_E_RANGE when it is over that size. */
-KLI_API
-int kli_session_load(struct kli_session *s, struct kli_sampler *smp, const char *path,
-                     struct kli_err *err);
+KLI_API int kli_session_load(struct kli_session *s, struct kli_sampler *smp, const char *path,
+                             struct kli_err *err);
 
 /* Creates a new, independent session with the model and options of `src` and a copy of its
  * state (no serialisation): many continuations can share one evaluated prefix. Evaluating
@@ -572,9 +533,8 @@ int kli_session_load(struct kli_session *s, struct kli_sampler *smp, const char 
  * creating another (see kli_session_snapshot to carry its random stream over).
  * @return KLI_OK; KLI_E_NOMEM; KLI_E_INVALID. On failure *out is NULL; on success the
  *         caller owns *out and releases it with kli_session_free(). */
-KLI_API
-int kli_session_fork(struct kli_session **out, const struct kli_session *src,
-                     struct kli_err *err);
+KLI_API int kli_session_fork(struct kli_session **out, const struct kli_session *src,
+                             struct kli_err *err);
 
 /* Replaces the state of `dst` by a copy of the state of `src` (a session of the same model),
  * as kli_session_fork does, but into a session that already exists and keeps its own
@@ -584,15 +544,13 @@ int kli_session_fork(struct kli_session **out, const struct kli_session *src,
  * @return KLI_OK; KLI_E_INVALID (NULL, the same session twice, two models); KLI_E_RANGE when
  *         src holds more tokens than dst's ctx_max; KLI_E_NOMEM. On failure dst is as it
  *         was. */
-KLI_API
-int kli_session_copy(struct kli_session *dst, const struct kli_session *src,
-                     struct kli_err *err);
+KLI_API int kli_session_copy(struct kli_session *dst, const struct kli_session *src,
+                             struct kli_err *err);
 
 /* @return the bytes of memory the session holds now: its state (KDA states, the MLA cache as
  *         allocated, the token history, logits) and its scratch, which grows with batch_max.
  *         For caches of sessions bounded in bytes. */
-KLI_API
-uint64_t kli_session_nbytes(const struct kli_session *s);
+KLI_API uint64_t kli_session_nbytes(const struct kli_session *s);
 
 /* ==== Chat format ========================================================================== */
 
@@ -612,10 +570,10 @@ struct kli_chat_message {
  * @return the number of ids (see kli_tokenize for the `cap` protocol), or a negative status:
  *         KLI_E_INVALID for an unknown role, KLI_E_UNSUPPORTED when the tokenizer lacks the
  *         chat special tokens, KLI_E_FORMAT for invalid UTF-8. */
-KLI_API
-int64_t kli_chat_render(const struct kli_tokenizer *tok, const struct kli_chat_message *msgs,
-                        int32_t n, int add_generation_prompt, int continuation,
-                        kli_token *out, int64_t cap, struct kli_err *err);
+KLI_API int64_t kli_chat_render(const struct kli_tokenizer *tok,
+                                const struct kli_chat_message *msgs, int32_t n,
+                                int add_generation_prompt, int continuation,
+                                kli_token *out, int64_t cap, struct kli_err *err);
 
 /* ==== Generation =========================================================================== */
 
@@ -633,6 +591,7 @@ enum kli_finish {
 typedef int (*kli_text_fn)(void *ud, const char *text, size_t len);
 
 struct kli_generate_options {
+    size_t size;     /* sizeof the struct, set by kli_generate_options_init (ABI, above) */
     int32_t max_tokens;          /* default 256 */
     const char *const *stop;     /* stop strings (not emitted), n_stop of them */
     int32_t n_stop;
@@ -647,17 +606,15 @@ struct kli_generate_result {
     kli_token last;              /* the last sampled token (the end token on KLI_FINISH_EOS) */
 };
 
-KLI_API
-void kli_generate_options_init(struct kli_generate_options *opt);
+KLI_API void kli_generate_options_init(struct kli_generate_options *opt);
 
 /* Feeds `prompt` to the session and samples up to max_tokens tokens, feeding each one
  * back (the end token is not fed: the session ends just before it). Text goes to on_text.
  * @return KLI_OK (see res->finish for why it stopped) or a negative status. */
-KLI_API
-int kli_generate(struct kli_session *s, const struct kli_tokenizer *tok,
-                 struct kli_sampler *smp, const kli_token *prompt, int32_t n_prompt,
-                 const struct kli_generate_options *opt, struct kli_generate_result *res,
-                 struct kli_err *err);
+KLI_API int kli_generate(struct kli_session *s, const struct kli_tokenizer *tok,
+                         struct kli_sampler *smp, const kli_token *prompt, int32_t n_prompt,
+                         const struct kli_generate_options *opt, struct kli_generate_result *res,
+                         struct kli_err *err);
 
 /* ==== Tools: writing checkpoints ========================================================== */
 
@@ -665,6 +622,7 @@ int kli_generate(struct kli_session *s, const struct kli_tokenizer *tok,
 typedef void (*kli_progress_fn)(void *ud, uint64_t done, uint64_t total, const char *what);
 
 struct kli_quantize_options {
+    size_t size;     /* sizeof the struct, set by kli_quantize_options_init (ABI, above) */
     const char *type;           /* "q8_0" (default), "q4", "bf16", "f16" or "f32" */
     const char *const *keep;    /* n_keep rules "GLOB=TYPE" (fnmatch on tensor names; TYPE
                                    as above or "keep" for the stored type); first match wins */
@@ -674,8 +632,7 @@ struct kli_quantize_options {
     void *ud;
 };
 
-KLI_API
-void kli_quantize_options_init(struct kli_quantize_options *opt);
+KLI_API void kli_quantize_options_init(struct kli_quantize_options *opt);
 
 /* Writes a copy of the model directory `in` to directory `out` (created if missing) with its
  * weight matrices converted to opt->type: config.json and the tokenizer files are copied,
@@ -686,11 +643,11 @@ void kli_quantize_options_init(struct kli_quantize_options *opt);
  * (a temporary file renamed at the end).
  * @return KLI_OK, KLI_E_IO, KLI_E_FORMAT, KLI_E_RANGE (bad type or rule), KLI_E_INVALID
  *         (`out` is `in`, or one of its files is a file of `in`). */
-KLI_API
-int kli_quantize(const char *in, const char *out, const struct kli_quantize_options *opt,
-                 struct kli_err *err);
+KLI_API int kli_quantize(const char *in, const char *out, const struct kli_quantize_options *opt,
+                         struct kli_err *err);
 
 struct kli_synth_options {
+    size_t size;     /* sizeof the struct, set by kli_synth_options_init (ABI, above) */
     int32_t n_layers;           /* default 4: KDA, KDA, KDA, MLA, repeating */
     int32_t n_experts;          /* default 64 */
     const char *type;           /* weight type of the matrices: "bf16" (default), "q8_0", "q4" */
@@ -700,18 +657,17 @@ struct kli_synth_options {
     void *ud;
 };
 
-KLI_API
-void kli_synth_options_init(struct kli_synth_options *opt);
+KLI_API void kli_synth_options_init(struct kli_synth_options *opt);
 
 /* Writes a random-weight checkpoint with the real per-layer sizes of Kimi-Linear-48B-A3B
  * (hidden 2304, vocab 163840, KDA 32x128, MLA 32 heads with latent 512 and 128/64/128
  * head dims, experts 1024 wide, top-8, one shared expert) but fewer layers and experts, all
  * MoE: per-token cost is real while the model fits a small machine. For benchmarks.
  * @return KLI_OK or a negative status. */
-KLI_API
-int kli_synth(const char *out, const struct kli_synth_options *opt, struct kli_err *err);
+KLI_API int kli_synth(const char *out, const struct kli_synth_options *opt, struct kli_err *err);
 
 struct kli_convert_options {
+    size_t size;     /* sizeof the struct, set by kli_convert_options_init (ABI, above) */
     const char *type;           /* weight matrices in "bf16", "q8_0", "q4", "f16" or "f32";
                                    NULL (default): every tensor as stored */
     const char *const *keep;    /* n_keep rules "GLOB=TYPE", as in kli_quantize_options */
@@ -723,8 +679,7 @@ struct kli_convert_options {
                                    with KLI_E_INTERRUPTED, leaving no output; may be NULL */
 };
 
-KLI_API
-void kli_convert_options_init(struct kli_convert_options *opt);
+KLI_API void kli_convert_options_init(struct kli_convert_options *opt);
 
 /* Writes the model `in` (a model directory, or a .kli file) as one self-contained .kli file
  * `out` (kli-pack(5)): config.json, the tokenizer files and every tensor, row-major in the
@@ -738,9 +693,8 @@ void kli_convert_options_init(struct kli_convert_options *opt);
  *         `out` that another process is writing); KLI_E_INVALID (`out` is the input or one
  *         of its files);
  *         KLI_E_FORMAT; KLI_E_RANGE (bad type or rule); KLI_E_INTERRUPTED; KLI_E_NOMEM. */
-KLI_API
-int kli_convert(const char *in, const char *out, const struct kli_convert_options *opt,
-                struct kli_err *err);
+KLI_API int kli_convert(const char *in, const char *out, const struct kli_convert_options *opt,
+                        struct kli_err *err);
 
 /* ---- output files ---------------------------------------------------------------------
  * Every file kli writes goes through these: the new contents go to a fresh temporary file
@@ -759,22 +713,18 @@ struct kli_outfile;
 
 /* @return KLI_OK and *out; KLI_E_IO naming the path (a directory, a device node, a dangling
  *         link, a target locked by another writer, or the open error); KLI_E_NOMEM. */
-KLI_API
-int kli_outfile_open(struct kli_outfile **out, const char *path, unsigned flags,
-                     struct kli_err *err);
+KLI_API int kli_outfile_open(struct kli_outfile **out, const char *path, unsigned flags,
+                             struct kli_err *err);
 
 /* @return the descriptor to write the new contents to (seekable unless streaming). */
-KLI_API
-int kli_outfile_fd(const struct kli_outfile *f);
+KLI_API int kli_outfile_fd(const struct kli_outfile *f);
 
 /* Syncs and renames the new file over the target, then frees f (even on failure).
  * @return KLI_OK or KLI_E_IO. */
-KLI_API
-int kli_outfile_commit(struct kli_outfile *f, struct kli_err *err);
+KLI_API int kli_outfile_commit(struct kli_outfile *f, struct kli_err *err);
 
 /* Removes the temporary file, releases the lock and frees f. NULL is allowed. */
-KLI_API
-void kli_outfile_abort(struct kli_outfile *f);
+KLI_API void kli_outfile_abort(struct kli_outfile *f);
 
 /* Opens `path` read-only (close-on-exec) and requires a regular file: a FIFO, device,
  * socket or directory is refused at once, without blocking on a FIFO or reading a device
@@ -782,34 +732,29 @@ void kli_outfile_abort(struct kli_outfile *f);
  * when not NULL, gets the file's size.
  * @return the descriptor (>= 0), or KLI_E_IO with a message naming the path; when open()
  *         itself failed, errno is left as it set it (ENOENT for a missing file). */
-KLI_API
-int kli_file_open(const char *path, uint64_t *size, struct kli_err *err);
+KLI_API int kli_file_open(const char *path, uint64_t *size, struct kli_err *err);
 
 /* Refuses to write `out` over an input: `out` (following links) must be neither `in` nor,
  * when `in` is a directory, a file directly inside it (compared by device and inode, so
  * links and other names of the same file count). Paths that do not exist pass.
  * @return KLI_OK, or KLI_E_INVALID naming both paths. */
-KLI_API
-int kli_output_check(const char *out, const char *in, struct kli_err *err);
+KLI_API int kli_output_check(const char *out, const char *in, struct kli_err *err);
 
 /* Reads every weight of a model opened from a .kli file and checks it against the checksum
  * the file records for it (the sections opening needs are checked at open already). Slow:
  * it reads the whole file. A model directory has no checksums: KLI_OK at once.
  * @return KLI_OK; KLI_E_FORMAT naming the damaged tensor. */
-KLI_API
-int kli_model_verify(const struct kli_model *model, kli_progress_fn progress, void *ud,
-                     struct kli_err *err);
+KLI_API int kli_model_verify(const struct kli_model *model, kli_progress_fn progress, void *ud,
+                             struct kli_err *err);
 
 /* Measures memory bandwidth with a STREAM triad (a[i] = b[i] + s * c[i]) over three arrays
  * of `bytes_per_array` bytes, on the same worker threads the model uses; counts 3 x 4 bytes
  * per element (two reads, one write) like STREAM. @return GB/s (1e9 bytes), or -1 when the
  * arrays cannot be allocated. */
-KLI_API
-double kli_bench_triad(size_t bytes_per_array);
+KLI_API double kli_bench_triad(size_t bytes_per_array);
 
 /* @return the number of worker threads in use. */
-KLI_API
-int kli_threads(void);
+KLI_API int kli_threads(void);
 
 /* Writes what kli sees of the machine and what it does with it: packages, NUMA nodes, cores
  * and SMT siblings (from hwloc, else sysfs; $KLI_TOPOLOGY="synthetic:pack:2 numa:2 core:8
@@ -821,9 +766,8 @@ int kli_threads(void);
  * @return the length the full text needs (excluding the NUL), like snprintf; buf receives
  *         at most cap bytes, NUL-terminated. A bad opt->cpus list is described, not
  *         returned as an error. */
-KLI_API
-size_t kli_topology_describe(const struct kli_model *model,
-                             const struct kli_model_options *opt, char *buf, size_t cap);
+KLI_API size_t kli_topology_describe(const struct kli_model *model,
+                                     const struct kli_model_options *opt, char *buf, size_t cap);
 
 #ifdef __cplusplus
 }

@@ -12,14 +12,12 @@ command -v nm >/dev/null 2>&1 || { echo "1..0 # SKIP no nm"; exit 0; }
 build=$(dirname "$KLI_BIN")
 hdr="$KLI_SRCDIR/src/kli.h"
 
-# The functions kli.h declares: a declaration starts in column 0 with its return type (and
-# no typedef); the marked ones are those whose previous line is KLI_API alone.
-awk '/^[a-z]/ && !/^typedef/ && match($0, /kli_[a-z0-9_]+\(/) {
+# The functions kli.h declares: a declaration starts in column 0 with its return type, after
+# KLI_API when marked (a typedef is no declaration of a function).
+awk '/^(KLI_API )?[a-z]/ && !/^(KLI_API )?typedef/ && match($0, /kli_[a-z0-9_]+\(/) {
          print substr($0, RSTART, RLENGTH - 1) }' "$hdr" | sort -u >"$tmp/declared"
-awk 'prev == "KLI_API" { if (match($0, /kli_[a-z0-9_]+\(/))
-                             print substr($0, RSTART, RLENGTH - 1)
-                         else print "(not a function: " $0 ")" }
-     { prev = $0 }' "$hdr" | sort -u >"$tmp/marked"
+awk '/^KLI_API / { if (match($0, /kli_[a-z0-9_]+\(/)) print substr($0, RSTART, RLENGTH - 1)
+                   else print "(not a function: " $0 ")" }' "$hdr" | sort -u >"$tmp/marked"
 [ -s "$tmp/declared" ] && cmp -s "$tmp/declared" "$tmp/marked"
 rc=$?
 diff "$tmp/declared" "$tmp/marked" | sed -n 's/^[<>] /# /p' | head -20
