@@ -32,6 +32,7 @@ void
 kli_convert_options_init(struct kli_convert_options *opt)
 {
     memset(opt, 0, sizeof(*opt));
+    opt->size = sizeof(*opt);
 }
 
 /* One tensor in file order. */

@@ -22,6 +22,7 @@ void
 kli_generate_options_init(struct kli_generate_options *opt)
 {
     memset(opt, 0, sizeof(*opt));
+    opt->size = sizeof(*opt);
     opt->max_tokens = 256;
 }
 

@@ -33,6 +33,16 @@
  *    borrowed and live as long as the object they came from.
  *  - Threads. A kli_model is immutable once open and may be shared by any number of sessions
  *    and threads. A kli_session (and a kli_sampler) is used by one thread at a time.
+ *  - ABI. libkli exports the functions marked KLI_API below and nothing else. Within one
+ *    soname (libkli.so.N) this header grows by additions alone: new functions, new enum
+ *    values, new members at the end of a struct kli_*_options; nothing is removed, renamed,
+ *    reordered or given another meaning (a new behaviour is a new function, or an option
+ *    whose default is the old one). Every options struct starts with `size`, which its
+ *    _init sets to sizeof the struct as the program was compiled: fill options with their
+ *    _init, always; the library reads the members `size` covers and gives later ones their
+ *    defaults. Structs the library fills (kli_err, kli_*_stats, kli_generate_result) and
+ *    arrays of kli_chat_message never grow: new results come through new functions.
+ *    configure.ac holds the soname's version rules, man/kli.3 (ABI) the whole policy.
  */
 #ifndef KLI_H
 #define KLI_H
@@ -42,6 +52,14 @@
 
 #ifdef __cplusplus
 extern "C" {
+#endif
+
+/* Marks what libkli exports: every function of this header, nothing else (the library is
+ * built with -fvisibility=hidden; tests/test-exports.sh checks libkli.so and libkli.a). */
+#if defined(__GNUC__) || defined(__clang__)
+#define KLI_API __attribute__((visibility("default")))
+#else
+#define KLI_API
 #endif
 
 #define KLI_VERSION_MAJOR 0
@@ -71,15 +89,15 @@ struct kli_err {
 };
 
 /* @return a static description of a status code; never NULL. */
-const char *kli_strerror(int code);
+KLI_API const char *kli_strerror(int code);
 
 /* @return the library version as "MAJOR.MINOR.PATCH"; static. */
-const char *kli_version(void);
+KLI_API const char *kli_version(void);
 
 /* @return the name of the CPU kernel variant in use ("generic", "avx2", "avx512", "avx512vnni",
  * "neon").
  * The choice is made once per process, honouring the KLI_SIMD environment variable. */
-const char *kli_simd_variant(void);
+KLI_API const char *kli_simd_variant(void);
 
 
 /* ==== Tokenizer ============================================================================
@@ -114,10 +132,10 @@ enum kli_tokenize_flags {
  * @return KLI_OK; KLI_E_IO if a file cannot be read; KLI_E_FORMAT with the file and line at
  *         fault; KLI_E_NOMEM; KLI_E_INVALID for NULL arguments. On failure *out is NULL.
  *         On success the caller owns *out and releases it with kli_tokenizer_close(). */
-int kli_tokenizer_open(struct kli_tokenizer **out, const char *dir, struct kli_err *err);
+KLI_API int kli_tokenizer_open(struct kli_tokenizer **out, const char *dir, struct kli_err *err);
 
 /* Releases a tokenizer. NULL is allowed. */
-void kli_tokenizer_close(struct kli_tokenizer *t);
+KLI_API void kli_tokenizer_close(struct kli_tokenizer *t);
 
 /* Encodes `len` bytes of UTF-8 text (not NUL-terminated; `text` may be NULL when len is 0).
  * @param flags  0 (special-token strings are plain text) or KLI_TOKENIZE_SPECIAL.
@@ -129,8 +147,8 @@ void kli_tokenizer_close(struct kli_tokenizer *t);
  *         Negative on error: KLI_E_FORMAT when the text is not valid UTF-8 (the message gives
  *         the byte offset), KLI_E_INVALID for bad arguments, KLI_E_NOMEM, KLI_E_RANGE when the
  *         regex engine hits its match limit. */
-int64_t kli_tokenize(const struct kli_tokenizer *t, const char *text, size_t len, int flags,
-                     kli_token *out, int64_t cap, struct kli_err *err);
+KLI_API int64_t kli_tokenize(const struct kli_tokenizer *t, const char *text, size_t len, int flags,
+                             kli_token *out, int64_t cap, struct kli_err *err);
 
 /* Decodes `n` token ids to the concatenation of their bytes (a special id gives its name).
  * The result is raw bytes: it is not NUL-terminated, and it may end inside a UTF-8 character
@@ -139,24 +157,24 @@ int64_t kli_tokenize(const struct kli_tokenizer *t, const char *text, size_t len
  * @return the number of bytes the whole decoding needs (retry with that much room when it
  *         exceeds `cap`); KLI_E_RANGE if an id is outside [0, n_vocab), naming its index;
  *         KLI_E_INVALID for bad arguments. */
-int64_t kli_detokenize(const struct kli_tokenizer *t, const kli_token *ids, int64_t n,
-                       char *out, int64_t cap, struct kli_err *err);
+KLI_API int64_t kli_detokenize(const struct kli_tokenizer *t, const kli_token *ids, int64_t n,
+                               char *out, int64_t cap, struct kli_err *err);
 
 /* @return the bytes of token `id` (a special token's name for special ids) and their count in
  *         *len (when len is not NULL); NULL (and *len 0) if id is outside [0, n_vocab).
  *         Borrowed: valid while the tokenizer is open. The bytes are followed by a NUL for
  *         convenience, but may themselves contain NUL (the token of byte 0x00). */
-const char *kli_token_bytes(const struct kli_tokenizer *t, kli_token id, size_t *len);
+KLI_API const char *kli_token_bytes(const struct kli_tokenizer *t, kli_token id, size_t *len);
 
 /* @return the number of token ids: n_base + the special slots (256 or 258). */
-int32_t kli_tokenizer_n_vocab(const struct kli_tokenizer *t);
+KLI_API int32_t kli_tokenizer_n_vocab(const struct kli_tokenizer *t);
 
 /* @return the number of BPE ranks in tiktoken.model; the first special id. */
-int32_t kli_tokenizer_n_base(const struct kli_tokenizer *t);
+KLI_API int32_t kli_tokenizer_n_base(const struct kli_tokenizer *t);
 
 /* @return the id of the special token called `name` (e.g. "<|im_end|>", or a reserved name
  *         such as "<|reserved_token_163600|>"), or -1 if no special slot has that name. */
-kli_token kli_tokenizer_find_special(const struct kli_tokenizer *t, const char *name);
+KLI_API kli_token kli_tokenizer_find_special(const struct kli_tokenizer *t, const char *name);
 
 /* For streaming decoded text without splitting a character between two writes.
  * @return the length of the longest prefix of s[0..n) that does not end inside an incomplete
@@ -164,13 +182,14 @@ kli_token kli_tokenizer_find_special(const struct kli_tokenizer *t, const char *
  *         complete (a lead byte followed by fewer continuation bytes than it announces) are
  *         left out, at most 3 of them. Bytes that can never become valid are kept, so that
  *         invalid input is passed on rather than held back forever. Never more than n. */
-size_t kli_utf8_complete_prefix(const char *s, size_t n);
+KLI_API size_t kli_utf8_complete_prefix(const char *s, size_t n);
 
 /* ==== Model ================================================================================ */
 
 struct kli_model;
 
 struct kli_model_options {
+    size_t size;     /* sizeof the struct, set by kli_model_options_init (ABI, above) */
     int n_threads;   /* worker threads for this process; 0 = one per physical core (default).
                         The count is process-wide: the last kli_model_open sets it, and a
                         session refuses to run with more threads than it was created for */
@@ -227,7 +246,7 @@ enum kli_gpu_mode {
 };
 
 /* Fills `opt` with the defaults. */
-void kli_model_options_init(struct kli_model_options *opt);
+KLI_API void kli_model_options_init(struct kli_model_options *opt);
 
 /* Opens a model: a directory holding config.json and model.safetensors (or a sharded
  * model.safetensors.index.json with its shards), the Hugging Face layout, or a .kli file
@@ -238,37 +257,38 @@ void kli_model_options_init(struct kli_model_options *opt);
  * @return KLI_OK, or KLI_E_IO / KLI_E_FORMAT / KLI_E_UNSUPPORTED / KLI_E_RANGE / KLI_E_NOMEM
  *         with a message that names the file, key or tensor at fault. On failure *out is
  *         NULL. */
-int kli_model_open(struct kli_model **out, const char *path,
-                   const struct kli_model_options *opt, struct kli_err *err);
+KLI_API int kli_model_open(struct kli_model **out, const char *path,
+                           const struct kli_model_options *opt, struct kli_err *err);
 
 /* Releases the model. Every session made from it must be freed first. NULL is allowed. */
-void kli_model_close(struct kli_model *model);
+KLI_API void kli_model_close(struct kli_model *model);
 
 /* @return one line on the model's GPU use: the device, its memory budget and what runs on
  *         it, or "CPU only: " and the reason (no GPU, no driver, not enough memory, a build
  *         without CUDA, GPU use off). Borrowed, valid until kli_model_close. */
-const char *kli_model_gpu_status(const struct kli_model *model);
+KLI_API const char *kli_model_gpu_status(const struct kli_model *model);
 
-int32_t kli_model_n_vocab(const struct kli_model *model);
-int32_t kli_model_n_layers(const struct kli_model *model);
-int32_t kli_model_d_model(const struct kli_model *model);
+KLI_API int32_t kli_model_n_vocab(const struct kli_model *model);
+KLI_API int32_t kli_model_n_layers(const struct kli_model *model);
+KLI_API int32_t kli_model_d_model(const struct kli_model *model);
 /* @return the token ids from config.json, or -1 when absent. */
-kli_token kli_model_bos(const struct kli_model *model);
-kli_token kli_model_eos(const struct kli_model *model);
+KLI_API kli_token kli_model_bos(const struct kli_model *model);
+KLI_API kli_token kli_model_eos(const struct kli_model *model);
 
 /* @return the model's tokenizer (borrowed), or NULL when its directory has none. */
-const struct kli_tokenizer *kli_model_tokenizer(const struct kli_model *model);
+KLI_API const struct kli_tokenizer *kli_model_tokenizer(const struct kli_model *model);
 
 /* @return the bytes of weights one decode step reads: every attention and shared matrix,
  * the router, top_k routed experts per MoE layer (average expert size), one embedding row
  * and lm_head. The numerator of the decode roofline. */
-uint64_t kli_model_decode_bytes(const struct kli_model *model);
+KLI_API uint64_t kli_model_decode_bytes(const struct kli_model *model);
 
 /* Of the model's weight-file pages now resident in this process: *resident bytes in all, and
  * *huge bytes of them mapped through 2 MiB pages (the rest through 4 KiB pages, one TLB
  * entry each; see kli(3) on huge pages). Weights converted at open are not counted.
  * @return 0, or -1 where the system does not say (not Linux, no /proc). */
-int kli_model_weight_pages(const struct kli_model *model, uint64_t *resident, uint64_t *huge);
+KLI_API int kli_model_weight_pages(const struct kli_model *model, uint64_t *resident,
+                                   uint64_t *huge);
 
 /* Edge mode's expert cache (kli_model_options.mem_budget): its sizes and what it did. */
 struct kli_cache_stats {
@@ -292,10 +312,10 @@ struct kli_cache_stats {
 };
 
 /* @return 0 with *st filled in edge mode; -1 (and *st zeroed) for a model without a budget. */
-int kli_model_cache_stats(const struct kli_model *model, struct kli_cache_stats *st);
+KLI_API int kli_model_cache_stats(const struct kli_model *model, struct kli_cache_stats *st);
 
 /* Zeroes the counters (requests to wait_seconds) of kli_model_cache_stats. */
-void kli_model_cache_reset(struct kli_model *model);
+KLI_API void kli_model_cache_reset(struct kli_model *model);
 
 /* What the GPU does for a model (kli_model_options.gpu): the hot sets and their use. */
 struct kli_gpu_stats {
@@ -313,44 +333,46 @@ struct kli_gpu_stats {
 
 /* @return 0 with *st filled when the model uses a GPU; -1 (and *st zeroed) otherwise. The
  * counters count from the open or from kli_model_gpu_reset. */
-int kli_model_gpu_stats(const struct kli_model *model, struct kli_gpu_stats *st);
+KLI_API int kli_model_gpu_stats(const struct kli_model *model, struct kli_gpu_stats *st);
 
 /* Zeroes the counters (routed, on_gpu, swaps) of kli_model_gpu_stats. */
-void kli_model_gpu_reset(struct kli_model *model);
+KLI_API void kli_model_gpu_reset(struct kli_model *model);
 
 /* @return the model's identity as recorded in snapshots: a hash of the configuration, every
  * tensor's name, dtype and shape and the dtypes computed in (weight_type). It does not cover
  * the weight values: two checkpoints of one architecture share it. */
-uint64_t kli_model_fingerprint(const struct kli_model *model);
+KLI_API uint64_t kli_model_fingerprint(const struct kli_model *model);
 
 /* Writes a human-readable architecture summary (layer kinds, dimensions, parameter count,
  * bytes by dtype, state sizes) into `buf`, NUL-terminated and truncated to `cap`.
  * With `tensors` non-zero, the tensor list follows.
  * @return the length the full text needs (excluding the NUL), like snprintf. */
-size_t kli_model_describe(const struct kli_model *model, int tensors, char *buf, size_t cap);
+KLI_API size_t kli_model_describe(const struct kli_model *model, int tensors, char *buf,
+                                  size_t cap);
 
 /* ==== Session: per-sequence state ========================================================== */
 
 struct kli_session;
 
 struct kli_session_options {
+    size_t size;     /* sizeof the struct, set by kli_session_options_init (ABI, above) */
     int32_t ctx_max;     /* tokens the session may hold; 0 = the model's maximum */
     int32_t batch_max;   /* tokens computed together in one step of an eval; 0 = 256 */
 };
 
-void kli_session_options_init(struct kli_session_options *opt);
+KLI_API void kli_session_options_init(struct kli_session_options *opt);
 
 /* Creates an empty session (no tokens seen) for `model`.
  * @param opt  NULL for the defaults.
  * @return KLI_OK or KLI_E_NOMEM / KLI_E_RANGE. */
-int kli_session_create(struct kli_session **out, const struct kli_model *model,
-                       const struct kli_session_options *opt, struct kli_err *err);
+KLI_API int kli_session_create(struct kli_session **out, const struct kli_model *model,
+                               const struct kli_session_options *opt, struct kli_err *err);
 
 /* Releases the session. NULL is allowed. */
-void kli_session_free(struct kli_session *s);
+KLI_API void kli_session_free(struct kli_session *s);
 
 /* Forgets every token: the session is as new. */
-void kli_session_reset(struct kli_session *s);
+KLI_API void kli_session_reset(struct kli_session *s);
 
 /* Runs `n` tokens through the model after those already seen. Feeding a prompt in one call,
  * in pieces, or one token at a time gives the same result (up to float rounding).
@@ -358,8 +380,8 @@ void kli_session_reset(struct kli_session *s);
  *                position of this call.
  * @return KLI_OK; KLI_E_RANGE if a token id is outside the vocabulary or the session would
  *         exceed ctx_max (the session is then unchanged). */
-int kli_session_eval(struct kli_session *s, const kli_token *tokens, int32_t n,
-                     float *logits, struct kli_err *err);
+KLI_API int kli_session_eval(struct kli_session *s, const kli_token *tokens, int32_t n,
+                             float *logits, struct kli_err *err);
 
 /* One decode step for n sequences at once: session ss[i] takes token tokens[i]. Every row
  * goes through the same pass over the weights (the experts chosen by several sequences run
@@ -372,24 +394,24 @@ int kli_session_eval(struct kli_session *s, const kli_token *tokens, int32_t n,
  * meanwhile).
  * @return KLI_OK; KLI_E_RANGE (a bad id, a full sequence, n too large), KLI_E_INVALID,
  *         KLI_E_NOMEM (the sessions are then unchanged). */
-int kli_session_eval_batch(struct kli_session *const *ss, const kli_token *tokens, int32_t n,
-                           struct kli_err *err);
+KLI_API int kli_session_eval_batch(struct kli_session *const *ss, const kli_token *tokens,
+                                   int32_t n, struct kli_err *err);
 
 /* @return the logits of the last evaluated position, [n_vocab]; NULL before any eval.
  *         Borrowed: valid until the next eval/reset/free of the session. */
-const float *kli_session_logits(const struct kli_session *s);
+KLI_API const float *kli_session_logits(const struct kli_session *s);
 
 /* @return the number of tokens the session has seen. */
-int32_t kli_session_pos(const struct kli_session *s);
+KLI_API int32_t kli_session_pos(const struct kli_session *s);
 
 /* @return the most tokens the session may hold (its ctx_max, or the model's maximum). */
-int32_t kli_session_ctx_max(const struct kli_session *s);
+KLI_API int32_t kli_session_ctx_max(const struct kli_session *s);
 
 /* The token ids the session has seen, in order (prompt and generated tokens alike).
  * @param out  receives a pointer to kli_session_pos(s) ids (borrowed: valid until the next
  *             eval/reset/restore/free of the session); may be NULL.
  * @return the number of ids, kli_session_pos(s). */
-int32_t kli_session_tokens(const struct kli_session *s, const kli_token **out);
+KLI_API int32_t kli_session_tokens(const struct kli_session *s, const kli_token **out);
 
 /* Time spent per part of the forward pass, accumulated over evals since the session was
  * created or kli_session_reset_timers was called. */
@@ -402,17 +424,18 @@ enum kli_phase {
     KLI_PHASE_OTHER = 5,    /* embedding, norms, residual adds */
     KLI_PHASE_COUNT = 6
 };
-void kli_session_phase_seconds(const struct kli_session *s, double out[KLI_PHASE_COUNT]);
-void kli_session_reset_timers(struct kli_session *s);
+KLI_API void kli_session_phase_seconds(const struct kli_session *s, double out[KLI_PHASE_COUNT]);
+KLI_API void kli_session_reset_timers(struct kli_session *s);
 
 /* @return the model a session belongs to (borrowed). */
-const struct kli_model *kli_session_model(const struct kli_session *s);
+KLI_API const struct kli_model *kli_session_model(const struct kli_session *s);
 
 /* ==== Sampling ============================================================================= */
 
 struct kli_sampler;
 
 struct kli_sampler_options {
+    size_t size;     /* sizeof the struct, set by kli_sampler_options_init (ABI, above) */
     float temperature;        /* 0 = greedy (argmax, ties to the lowest id); default 0.7 */
     int32_t top_k;            /* keep the k most likely tokens; 0 = off (default) */
     float top_p;              /* nucleus: smallest set with probability >= p; 1 = off; 0.9 */
@@ -425,30 +448,30 @@ struct kli_sampler_options {
     uint64_t seed;            /* the random stream; the same seed gives the same tokens */
 };
 
-void kli_sampler_options_init(struct kli_sampler_options *opt);
+KLI_API void kli_sampler_options_init(struct kli_sampler_options *opt);
 
 /* Creates a sampler for a vocabulary of n_vocab ids.
  * @return KLI_OK; KLI_E_RANGE naming an option outside its range (temperature < 0,
  *         top_p outside (0,1], min_p outside [0,1], repeat_penalty <= 0, ...). */
-int kli_sampler_create(struct kli_sampler **out, const struct kli_sampler_options *opt,
-                       int32_t n_vocab, struct kli_err *err);
-void kli_sampler_free(struct kli_sampler *smp);
+KLI_API int kli_sampler_create(struct kli_sampler **out, const struct kli_sampler_options *opt,
+                               int32_t n_vocab, struct kli_err *err);
+KLI_API void kli_sampler_free(struct kli_sampler *smp);
 
 /* Picks the next token from logits [n_vocab] (not modified). */
-kli_token kli_sampler_sample(struct kli_sampler *smp, const float *logits);
+KLI_API kli_token kli_sampler_sample(struct kli_sampler *smp, const float *logits);
 
 /* out[i] = kli_sampler_sample(smp[i], logits[i]) for i < n, the samplers spread over the
  * worker threads (as after kli_session_eval_batch: one sampler per sequence). The samplers
  * must be distinct. @return KLI_OK; KLI_E_INVALID for NULL arrays, a NULL or repeated sampler
  * or n < 0 (then nothing is sampled). */
-int kli_sampler_sample_many(struct kli_sampler *const *smp, const float *const *logits,
-                            int32_t n, kli_token *out, struct kli_err *err);
+KLI_API int kli_sampler_sample_many(struct kli_sampler *const *smp, const float *const *logits,
+                                    int32_t n, kli_token *out, struct kli_err *err);
 
 /* Records a token of the context for the penalties (prompt tokens too, if wanted). */
-void kli_sampler_accept(struct kli_sampler *smp, kli_token tok);
+KLI_API void kli_sampler_accept(struct kli_sampler *smp, kli_token tok);
 
 /* Forgets the recorded tokens and restarts the random stream from the seed. */
-void kli_sampler_reset(struct kli_sampler *smp);
+KLI_API void kli_sampler_reset(struct kli_sampler *smp);
 
 /* ==== Snapshots: saving, restoring and forking a session ==================================
  * A snapshot is a session's complete state: the KDA recurrent and convolution states, the MLA
@@ -471,8 +494,8 @@ void kli_sampler_reset(struct kli_sampler *smp);
  *         protocol; note that a call compresses the whole state, so size the buffer
  *         generously rather than asking first); KLI_E_INVALID for bad arguments;
  *         KLI_E_NOMEM. The session and sampler are not modified. */
-int64_t kli_session_snapshot(const struct kli_session *s, const struct kli_sampler *smp,
-                             void *buf, int64_t cap, struct kli_err *err);
+KLI_API int64_t kli_session_snapshot(const struct kli_session *s, const struct kli_sampler *smp,
+                                     void *buf, int64_t cap, struct kli_err *err);
 
 /* Replaces the state of `s` (and of `smp`) by the snapshot in buf[0..len). Everything is
  * checked and decoded into temporary memory before the session is touched: when this fails,
@@ -486,23 +509,23 @@ int64_t kli_session_snapshot(const struct kli_session *s, const struct kli_sampl
  *         version, or a compressed snapshot in a build without zstd; KLI_E_RANGE when it
  *         holds more tokens than the session's ctx_max; KLI_E_NOMEM. The session's options
  *         (ctx_max, batch_max) stay its own. */
-int kli_session_restore(struct kli_session *s, struct kli_sampler *smp, const void *buf,
-                        size_t len, struct kli_err *err);
+KLI_API int kli_session_restore(struct kli_session *s, struct kli_sampler *smp, const void *buf,
+                                size_t len, struct kli_err *err);
 
 /* kli_session_snapshot to a file, written as kli_outfile_open describes (a temporary file,
  * synced and renamed over `path`), so `path` holds either the old file or the complete new
  * one; a `path` that is not a regular file is refused.
  * @return KLI_OK; KLI_E_IO naming the file; KLI_E_NOMEM; KLI_E_INVALID. */
-int kli_session_save(const struct kli_session *s, const struct kli_sampler *smp,
-                     const char *path, struct kli_err *err);
+KLI_API int kli_session_save(const struct kli_session *s, const struct kli_sampler *smp,
+                             const char *path, struct kli_err *err);
 
 /* kli_session_restore from a file, which must be a regular file (a FIFO or a device is
  * refused without blocking) no larger than the largest snapshot `s` could hold. Messages
  * name the file.
  * @return as kli_session_restore, KLI_E_IO when the file cannot be read or is not a
  *         regular file, KLI_E_RANGE when it is over that size. */
-int kli_session_load(struct kli_session *s, struct kli_sampler *smp, const char *path,
-                     struct kli_err *err);
+KLI_API int kli_session_load(struct kli_session *s, struct kli_sampler *smp, const char *path,
+                             struct kli_err *err);
 
 /* Creates a new, independent session with the model and options of `src` and a copy of its
  * state (no serialisation): many continuations can share one evaluated prefix. Evaluating
@@ -510,8 +533,8 @@ int kli_session_load(struct kli_session *s, struct kli_sampler *smp, const char 
  * creating another (see kli_session_snapshot to carry its random stream over).
  * @return KLI_OK; KLI_E_NOMEM; KLI_E_INVALID. On failure *out is NULL; on success the
  *         caller owns *out and releases it with kli_session_free(). */
-int kli_session_fork(struct kli_session **out, const struct kli_session *src,
-                     struct kli_err *err);
+KLI_API int kli_session_fork(struct kli_session **out, const struct kli_session *src,
+                             struct kli_err *err);
 
 /* Replaces the state of `dst` by a copy of the state of `src` (a session of the same model),
  * as kli_session_fork does, but into a session that already exists and keeps its own
@@ -521,13 +544,13 @@ int kli_session_fork(struct kli_session **out, const struct kli_session *src,
  * @return KLI_OK; KLI_E_INVALID (NULL, the same session twice, two models); KLI_E_RANGE when
  *         src holds more tokens than dst's ctx_max; KLI_E_NOMEM. On failure dst is as it
  *         was. */
-int kli_session_copy(struct kli_session *dst, const struct kli_session *src,
-                     struct kli_err *err);
+KLI_API int kli_session_copy(struct kli_session *dst, const struct kli_session *src,
+                             struct kli_err *err);
 
 /* @return the bytes of memory the session holds now: its state (KDA states, the MLA cache as
  *         allocated, the token history, logits) and its scratch, which grows with batch_max.
  *         For caches of sessions bounded in bytes. */
-uint64_t kli_session_nbytes(const struct kli_session *s);
+KLI_API uint64_t kli_session_nbytes(const struct kli_session *s);
 
 /* ==== Chat format ========================================================================== */
 
@@ -547,9 +570,10 @@ struct kli_chat_message {
  * @return the number of ids (see kli_tokenize for the `cap` protocol), or a negative status:
  *         KLI_E_INVALID for an unknown role, KLI_E_UNSUPPORTED when the tokenizer lacks the
  *         chat special tokens, KLI_E_FORMAT for invalid UTF-8. */
-int64_t kli_chat_render(const struct kli_tokenizer *tok, const struct kli_chat_message *msgs,
-                        int32_t n, int add_generation_prompt, int continuation,
-                        kli_token *out, int64_t cap, struct kli_err *err);
+KLI_API int64_t kli_chat_render(const struct kli_tokenizer *tok,
+                                const struct kli_chat_message *msgs, int32_t n,
+                                int add_generation_prompt, int continuation,
+                                kli_token *out, int64_t cap, struct kli_err *err);
 
 /* ==== Generation =========================================================================== */
 
@@ -568,6 +592,7 @@ enum kli_finish {
 typedef int (*kli_text_fn)(void *ud, const char *text, size_t len);
 
 struct kli_generate_options {
+    size_t size;     /* sizeof the struct, set by kli_generate_options_init (ABI, above) */
     int32_t max_tokens;          /* default 256 */
     const char *const *stop;     /* stop strings (not emitted), n_stop of them */
     int32_t n_stop;
@@ -582,15 +607,15 @@ struct kli_generate_result {
     kli_token last;              /* the last sampled token (the end token on KLI_FINISH_EOS) */
 };
 
-void kli_generate_options_init(struct kli_generate_options *opt);
+KLI_API void kli_generate_options_init(struct kli_generate_options *opt);
 
 /* Feeds `prompt` to the session and samples up to max_tokens tokens, feeding each one
  * back (the end token is not fed: the session ends just before it). Text goes to on_text.
  * @return KLI_OK (see res->finish for why it stopped) or a negative status. */
-int kli_generate(struct kli_session *s, const struct kli_tokenizer *tok,
-                 struct kli_sampler *smp, const kli_token *prompt, int32_t n_prompt,
-                 const struct kli_generate_options *opt, struct kli_generate_result *res,
-                 struct kli_err *err);
+KLI_API int kli_generate(struct kli_session *s, const struct kli_tokenizer *tok,
+                         struct kli_sampler *smp, const kli_token *prompt, int32_t n_prompt,
+                         const struct kli_generate_options *opt, struct kli_generate_result *res,
+                         struct kli_err *err);
 
 /* ==== Scheduler: many requests through one model (continuous batching) ==================
  *
@@ -644,6 +669,7 @@ struct kli_sched_result {
 };
 
 struct kli_sched_options {
+    size_t size;                 /* sizeof the struct, set by kli_sched_options_init (ABI) */
     int32_t parallel;            /* requests decoded together, 1..256; default 8 */
     int32_t ctx_max;             /* context of each request; 0: the model's */
     int32_t join_tokens;         /* prompt tokens admitted per step while others decode;
@@ -668,6 +694,7 @@ struct kli_sched_options {
 };
 
 struct kli_sched_request {
+    size_t size;                 /* sizeof the struct, set by kli_sched_request_init (ABI) */
     const kli_token *prompt;     /* n_prompt tokens, copied */
     int32_t n_prompt;
     struct kli_sampler_options so;
@@ -693,31 +720,31 @@ struct kli_sched_stats {
     struct kli_prefix_stats prefix;   /* zero without prefix reuse */
 };
 
-void kli_sched_options_init(struct kli_sched_options *o);
-void kli_sched_request_init(struct kli_sched_request *r);
+KLI_API void kli_sched_options_init(struct kli_sched_options *o);
+KLI_API void kli_sched_request_init(struct kli_sched_request *r);
 
 /* Creates the sessions (one per place, one for prefill) and the prefix cache.
  * @return KLI_OK, or a negative status (KLI_E_IO: prefix_dir could not be used). */
-int kli_sched_create(struct kli_sched **out, const struct kli_model *m,
-                     const struct kli_sched_options *o, struct kli_err *err);
+KLI_API int kli_sched_create(struct kli_sched **out, const struct kli_model *m,
+                             const struct kli_sched_options *o, struct kli_err *err);
 /* Ends every request still held (on_finish with KLI_FINISH_INTERRUPT) and frees. NULL-safe. */
-void kli_sched_free(struct kli_sched *s);
+KLI_API void kli_sched_free(struct kli_sched *s);
 
 /* Queues a request; *id (may be NULL) receives its id. Problems with its prompt or settings
  * are reported through on_finish when its turn comes. @return KLI_OK, KLI_E_INVALID (NULL
  * prompt, negative counts, more than 16 stop strings) or KLI_E_NOMEM. */
-int kli_sched_submit(struct kli_sched *s, const struct kli_sched_request *r, uint64_t *id,
-                     struct kli_err *err);
+KLI_API int kli_sched_submit(struct kli_sched *s, const struct kli_sched_request *r,
+                             uint64_t *id, struct kli_err *err);
 /* Cancels a request: it ends (KLI_FINISH_INTERRUPT) at the start of the next step.
  * @return KLI_OK, or KLI_E_RANGE when no request has that id. */
-int kli_sched_cancel(struct kli_sched *s, uint64_t id);
+KLI_API int kli_sched_cancel(struct kli_sched *s, uint64_t id);
 /* One round: admits waiting requests, then decodes one token of every running request.
  * @return the number of requests decoded (0: nothing runs or waits, or should_stop said
  * stop), or KLI_E_INVALID for a NULL scheduler. */
-int kli_sched_step(struct kli_sched *s);
+KLI_API int kli_sched_step(struct kli_sched *s);
 /* @return the number of requests waiting to be admitted. */
-int32_t kli_sched_waiting(const struct kli_sched *s);
-void kli_sched_stats(const struct kli_sched *s, struct kli_sched_stats *st);
+KLI_API int32_t kli_sched_waiting(const struct kli_sched *s);
+KLI_API void kli_sched_stats(const struct kli_sched *s, struct kli_sched_stats *st);
 
 /* ==== Tools: writing checkpoints ========================================================== */
 
@@ -727,6 +754,7 @@ typedef void (*kli_progress_fn)(void *ud, uint64_t done, uint64_t total, const c
 /* The options of kli_quantize and kli_convert: one struct for both, as their command lines
  * are one. (kli_quantize_options is its former name.) */
 struct kli_convert_options {
+    size_t size;     /* sizeof the struct, set by its _init function (ABI, above) */
     const char *type;           /* weight matrices in "q8_0", "q4", "bf16", "f16" or "f32";
                                    NULL: every tensor as stored (kli_convert only) */
     const char *const *keep;    /* n_keep rules "GLOB=TYPE" (fnmatch on tensor names; TYPE
@@ -742,7 +770,7 @@ struct kli_convert_options {
 #define kli_quantize_options kli_convert_options
 
 /* Defaults for kli_quantize: type "q8_0", the rest zero. */
-void kli_quantize_options_init(struct kli_convert_options *opt);
+KLI_API void kli_quantize_options_init(struct kli_convert_options *opt);
 
 /* Writes a copy of the model directory `in` to directory `out` (created if missing) with its
  * weight matrices converted to opt->type: config.json and the tokenizer files are copied,
@@ -753,10 +781,11 @@ void kli_quantize_options_init(struct kli_convert_options *opt);
  * (a temporary file renamed at the end).
  * @return KLI_OK, KLI_E_IO, KLI_E_FORMAT, KLI_E_RANGE (bad type or rule), KLI_E_INVALID
  *         (`out` is `in`, or one of its files is a file of `in`), KLI_E_INTERRUPTED. */
-int kli_quantize(const char *in, const char *out, const struct kli_convert_options *opt,
-                 struct kli_err *err);
+KLI_API int kli_quantize(const char *in, const char *out, const struct kli_convert_options *opt,
+                         struct kli_err *err);
 
 struct kli_synth_options {
+    size_t size;     /* sizeof the struct, set by kli_synth_options_init (ABI, above) */
     int32_t n_layers;           /* default 4: KDA, KDA, KDA, MLA, repeating */
     int32_t n_experts;          /* default 64 */
     const char *type;           /* weight type of the matrices: "bf16" (default), "q8_0", "q4" */
@@ -766,17 +795,17 @@ struct kli_synth_options {
     void *ud;
 };
 
-void kli_synth_options_init(struct kli_synth_options *opt);
+KLI_API void kli_synth_options_init(struct kli_synth_options *opt);
 
 /* Writes a random-weight checkpoint with the real per-layer sizes of Kimi-Linear-48B-A3B
  * (hidden 2304, vocab 163840, KDA 32x128, MLA 32 heads with latent 512 and 128/64/128
  * head dims, experts 1024 wide, top-8, one shared expert) but fewer layers and experts, all
  * MoE: per-token cost is real while the model fits a small machine. For benchmarks.
  * @return KLI_OK or a negative status. */
-int kli_synth(const char *out, const struct kli_synth_options *opt, struct kli_err *err);
+KLI_API int kli_synth(const char *out, const struct kli_synth_options *opt, struct kli_err *err);
 
 /* Defaults for kli_convert: every field zero (type NULL: as stored). */
-void kli_convert_options_init(struct kli_convert_options *opt);
+KLI_API void kli_convert_options_init(struct kli_convert_options *opt);
 
 /* Writes the model `in` (a model directory, or a .kli file) as one self-contained .kli file
  * `out` (kli-pack(5)): config.json, the tokenizer files and every tensor, row-major in the
@@ -790,8 +819,8 @@ void kli_convert_options_init(struct kli_convert_options *opt);
  *         `out` that another process is writing); KLI_E_INVALID (`out` is the input or one
  *         of its files);
  *         KLI_E_FORMAT; KLI_E_RANGE (bad type or rule); KLI_E_INTERRUPTED; KLI_E_NOMEM. */
-int kli_convert(const char *in, const char *out, const struct kli_convert_options *opt,
-                struct kli_err *err);
+KLI_API int kli_convert(const char *in, const char *out, const struct kli_convert_options *opt,
+                        struct kli_err *err);
 
 /* ---- output files ---------------------------------------------------------------------
  * Every file kli writes goes through these: the new contents go to a fresh temporary file
@@ -810,18 +839,18 @@ struct kli_outfile;
 
 /* @return KLI_OK and *out; KLI_E_IO naming the path (a directory, a device node, a dangling
  *         link, a target locked by another writer, or the open error); KLI_E_NOMEM. */
-int kli_outfile_open(struct kli_outfile **out, const char *path, unsigned flags,
-                     struct kli_err *err);
+KLI_API int kli_outfile_open(struct kli_outfile **out, const char *path, unsigned flags,
+                             struct kli_err *err);
 
 /* @return the descriptor to write the new contents to (seekable unless streaming). */
-int kli_outfile_fd(const struct kli_outfile *f);
+KLI_API int kli_outfile_fd(const struct kli_outfile *f);
 
 /* Syncs and renames the new file over the target, then frees f (even on failure).
  * @return KLI_OK or KLI_E_IO. */
-int kli_outfile_commit(struct kli_outfile *f, struct kli_err *err);
+KLI_API int kli_outfile_commit(struct kli_outfile *f, struct kli_err *err);
 
 /* Removes the temporary file, releases the lock and frees f. NULL is allowed. */
-void kli_outfile_abort(struct kli_outfile *f);
+KLI_API void kli_outfile_abort(struct kli_outfile *f);
 
 /* Opens `path` read-only (close-on-exec) and requires a regular file: a FIFO, device,
  * socket or directory is refused at once, without blocking on a FIFO or reading a device
@@ -829,29 +858,29 @@ void kli_outfile_abort(struct kli_outfile *f);
  * when not NULL, gets the file's size.
  * @return the descriptor (>= 0), or KLI_E_IO with a message naming the path; when open()
  *         itself failed, errno is left as it set it (ENOENT for a missing file). */
-int kli_file_open(const char *path, uint64_t *size, struct kli_err *err);
+KLI_API int kli_file_open(const char *path, uint64_t *size, struct kli_err *err);
 
 /* Refuses to write `out` over an input: `out` (following links) must be neither `in` nor,
  * when `in` is a directory, a file directly inside it (compared by device and inode, so
  * links and other names of the same file count). Paths that do not exist pass.
  * @return KLI_OK, or KLI_E_INVALID naming both paths. */
-int kli_output_check(const char *out, const char *in, struct kli_err *err);
+KLI_API int kli_output_check(const char *out, const char *in, struct kli_err *err);
 
 /* Reads every weight of a model opened from a .kli file and checks it against the checksum
  * the file records for it (the sections opening needs are checked at open already). Slow:
  * it reads the whole file. A model directory has no checksums: KLI_OK at once.
  * @return KLI_OK; KLI_E_FORMAT naming the damaged tensor. */
-int kli_model_verify(const struct kli_model *model, kli_progress_fn progress, void *ud,
-                     struct kli_err *err);
+KLI_API int kli_model_verify(const struct kli_model *model, kli_progress_fn progress, void *ud,
+                             struct kli_err *err);
 
 /* Measures memory bandwidth with a STREAM triad (a[i] = b[i] + s * c[i]) over three arrays
  * of `bytes_per_array` bytes, on the same worker threads the model uses; counts 3 x 4 bytes
  * per element (two reads, one write) like STREAM. @return GB/s (1e9 bytes), or -1 when the
  * arrays cannot be allocated. */
-double kli_bench_triad(size_t bytes_per_array);
+KLI_API double kli_bench_triad(size_t bytes_per_array);
 
 /* @return the number of worker threads in use. */
-int kli_threads(void);
+KLI_API int kli_threads(void);
 
 /* Writes what kli sees of the machine and what it does with it: packages, NUMA nodes, cores
  * and SMT siblings (from hwloc, else sysfs; $KLI_TOPOLOGY="synthetic:pack:2 numa:2 core:8
@@ -863,8 +892,8 @@ int kli_threads(void);
  * @return the length the full text needs (excluding the NUL), like snprintf; buf receives
  *         at most cap bytes, NUL-terminated. A bad opt->cpus list is described, not
  *         returned as an error. */
-size_t kli_topology_describe(const struct kli_model *model,
-                             const struct kli_model_options *opt, char *buf, size_t cap);
+KLI_API size_t kli_topology_describe(const struct kli_model *model,
+                                     const struct kli_model_options *opt, char *buf, size_t cap);
 
 #ifdef __cplusplus
 }

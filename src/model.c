@@ -539,6 +539,7 @@ void
 kli_model_options_init(struct kli_model_options *opt)
 {
     memset(opt, 0, sizeof(*opt));
+    opt->size = sizeof(*opt);
     opt->gpu_experts = -1;
 }
 

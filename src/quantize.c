@@ -24,6 +24,7 @@ void
 kli_quantize_options_init(struct kli_convert_options *opt)
 {
     memset(opt, 0, sizeof(*opt));
+    opt->size = sizeof(*opt);
     opt->type = "q8_0";
 }
 

@@ -44,6 +44,7 @@ void
 kli_sampler_options_init(struct kli_sampler_options *o)
 {
     memset(o, 0, sizeof(*o));
+    o->size = sizeof(*o);
     o->temperature = 0.7f;
     o->top_k = 0;
     o->top_p = 0.9f;

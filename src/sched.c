@@ -481,6 +481,7 @@ void
 kli_sched_options_init(struct kli_sched_options *o)
 {
     memset(o, 0, sizeof(*o));
+    o->size = sizeof(*o);
     o->parallel = 8;
     o->join_tokens = 512;
     o->min_prefix = 64;
@@ -491,6 +492,7 @@ void
 kli_sched_request_init(struct kli_sched_request *r)
 {
     memset(r, 0, sizeof(*r));
+    r->size = sizeof(*r);
     kli_sampler_options_init(&r->so);
     r->max_tokens = 256;
 }

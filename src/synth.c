@@ -33,6 +33,7 @@ void
 kli_synth_options_init(struct kli_synth_options *opt)
 {
     memset(opt, 0, sizeof(*opt));
+    opt->size = sizeof(*opt);
     opt->n_layers = 4;
     opt->n_experts = 64;
     opt->type = "bf16";

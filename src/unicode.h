@@ -25,12 +25,8 @@ size_t unicode_valid_prefix(const char *s, size_t n);
  *         White_Space property it includes U+001C..U+001F). */
 int unicode_isspace(uint32_t cp);
 
-/* For streaming decoded text without splitting a character between two writes.
- * @return the length of the longest prefix of s[0..n) that does not end inside an incomplete
- *         UTF-8 sequence: trailing bytes that start a sequence which more bytes could still
- *         complete (a lead byte followed by fewer continuation bytes than it announces) are
- *         left out, at most 3 of them. Bytes that can never become valid are kept, so that
- *         invalid input is passed on rather than held back forever. Never more than n. */
-size_t kli_utf8_complete_prefix(const char *s, size_t n);
+/* kli_utf8_complete_prefix, the streaming helper, is part of the API: kli.h declares it
+ * (KLI_API), so that its definition here is exported. */
+#include "kli.h"
 
 #endif /* KLI_UNICODE_H */

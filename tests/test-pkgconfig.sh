@@ -50,9 +50,25 @@ cc -std=c11 $san -o "$tmp/minimal" "$KLI_SRCDIR/contrib/examples/minimal.c" \
 rc=$?
 sed 's/^/# /' "$tmp/cc.log" | tail -5
 check $rc "contrib/examples/minimal.c builds against the installed library with pkg-config's flags"
-"$tmp/minimal" "$KLI_TESTDATA/tiny-kimi-linear" "Hello" >"$tmp/m.out" 2>"$tmp/m.err" &&
+# -lkli finds libkli.so when it was built: the installed tree is not on the loader's path
+libdir=$(pkg-config --variable=libdir kli)
+LD_LIBRARY_PATH="$libdir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+    "$tmp/minimal" "$KLI_TESTDATA/tiny-kimi-linear" "Hello" >"$tmp/m.out" 2>"$tmp/m.err" &&
     [ -s "$tmp/m.out" ]
 check $? "and the program it builds generates text"
+
+# the same program with the installed libkli.a named instead of -lkli: the static library
+# (its internals made local) holds all the API needs
+a="$libdir/libkli.a"
+# shellcheck disable=SC2046,SC2086
+cc -std=c11 $san -o "$tmp/minimal-static" "$KLI_SRCDIR/contrib/examples/minimal.c" \
+    $(pkg-config --cflags --libs --static kli | sed "s#\(^\| \)-lkli\( \|\$\)# $a #") \
+    >"$tmp/cc2.log" 2>&1 &&
+    "$tmp/minimal-static" "$KLI_TESTDATA/tiny-kimi-linear" "Hello" >"$tmp/m2.out" 2>&1 &&
+    [ -s "$tmp/m2.out" ]
+rc=$?
+sed 's/^/# /' "$tmp/cc2.log" | tail -5
+check $rc "it links and runs with the installed libkli.a too"
 
 echo "1..$n"
 exit $fail

@@ -14,16 +14,10 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 dpkg --print-foreign-architectures | grep -qx arm64 || dpkg --add-architecture arm64
 need="gcc-aarch64-linux-gnu qemu-user-static libc6-dev-arm64-cross libcjson-dev:arm64
-      libpcre2-dev:arm64 libgomp1:arm64 autoconf automake pkg-config"
-missing=""
-for p in $need; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"
-done
-if [ -n "$missing" ]; then
-    apt-get update
-    # shellcheck disable=SC2086
-    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $missing
-fi
+      libpcre2-dev:arm64 libgomp1:arm64 autoconf automake libtool pkg-config"
+. contrib/ci/deps.sh
+# shellcheck disable=SC2086
+ci_install $need
 b=/proc/sys/fs/binfmt_misc
 [ -e "$b/register" ] || mount -t binfmt_misc binfmt_misc "$b"
 [ -e "$b/qemu-aarch64" ] || cat /usr/lib/binfmt.d/qemu-aarch64.conf >"$b/register"

@@ -3,19 +3,11 @@
 # missing (Debian 12) and builds kli in ./build.
 set -eu
 cd "$(dirname "$0")/../.."
-pkgs="build-essential autoconf automake pkg-config libcjson-dev libpcre2-dev libopenblas-dev
+pkgs="build-essential autoconf automake libtool pkg-config libcjson-dev libpcre2-dev libopenblas-dev
       libhwloc-dev libzstd-dev"
-missing=""
-for p in $pkgs; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"
-done
-if [ -n "$missing" ]; then
-    SUDO=""
-    [ "$(id -u)" -ne 0 ] && SUDO=sudo
-    $SUDO apt-get update
-    # shellcheck disable=SC2086
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends $missing
-fi
+. contrib/ci/deps.sh
+# shellcheck disable=SC2086
+ci_install $pkgs
 [ -x configure ] || ./autogen.sh
 mkdir -p build
 cd build

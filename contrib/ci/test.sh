@@ -4,19 +4,11 @@
 # again under AddressSanitizer and UBSan (`make check-sanitize`).
 set -eu
 cd "$(dirname "$0")/../.."
-pkgs="build-essential autoconf automake pkg-config libcjson-dev libpcre2-dev libopenblas-dev
+pkgs="build-essential autoconf automake libtool pkg-config libcjson-dev libpcre2-dev libopenblas-dev
       libhwloc-dev libzstd-dev mandoc python3 python3-numpy"
-missing=""
-for p in $pkgs; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"
-done
-if [ -n "$missing" ]; then
-    SUDO=""
-    [ "$(id -u)" -ne 0 ] && SUDO=sudo
-    $SUDO apt-get update
-    # shellcheck disable=SC2086
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends $missing
-fi
+. contrib/ci/deps.sh
+# shellcheck disable=SC2086
+ci_install $pkgs
 ./autogen.sh
 mkdir -p build
 cd build

@@ -1,0 +1,17 @@
+# shellcheck shell=sh
+# contrib/ci/deps.sh - sourced by the CI scripts (build.sh, test.sh, aarch64.sh), from the top
+# of the tree. ci_install PKG...: installs with apt-get those Debian packages of the list that
+# are not installed yet, through sudo when not root; nothing when all are there.
+ci_install() {
+    missing=""
+    for p in "$@"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" ||
+            missing="$missing $p"
+    done
+    [ -n "$missing" ] || return 0
+    SUDO=""
+    [ "$(id -u)" -ne 0 ] && SUDO=sudo
+    $SUDO apt-get update
+    # shellcheck disable=SC2086
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends $missing
+}
