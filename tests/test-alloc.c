@@ -13,6 +13,7 @@
 
 #include "internal.h"
 #include "tap.h"
+#include "testlib.h"
 
 #define HUGE_PAGE ((uintptr_t)2 << 20)
 
@@ -81,10 +82,13 @@ test_arena(void)
 }
 
 int
-main(void)
+main(int argc, char **argv)
 {
-    test_checked();
-    test_arena();
+    tap_init(argc, argv);
+    if (tap_case("checked"))
+        test_checked();
+    if (tap_case("arena"))
+        test_arena();
     plan_done();
     return tap_exit();
 }

@@ -12,18 +12,7 @@
 
 #include "kli.h"
 #include "tap.h"
-
-static double
-rel_l2(const float *a, const float *b, int64_t n)
-{
-    double num = 0, den = 0;
-
-    for (int64_t i = 0; i < n; i++) {
-        num += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
-        den += (double)b[i] * b[i];
-    }
-    return sqrt(num / den);
-}
+#include "testlib.h"
 
 /* Sequences of very unequal lengths in one step, the shortest leading (its scratch serves
  * the step; its own context is small): every sequence gets the logits it gets alone. The
@@ -79,7 +68,7 @@ unequal_lengths(const char *dir)
         for (int i = 0; i < NS; i++) {
             kli_session_eval(a[i], &toks[i], 1, NULL, &err);
             memcpy(alone, kli_session_logits(a[i]), (size_t)V * sizeof(float));
-            double e = rel_l2(kli_session_logits(b[i]), alone, V);
+            double e = tl_rel_l2(kli_session_logits(b[i]), alone, V);
             worst = e > worst ? e : worst;
             ok_all &= kli_session_pos(b[i]) == len[i] + t + 1;
         }
@@ -103,17 +92,12 @@ unequal_lengths(const char *dir)
 int
 main(void)
 {
-    const char *td = getenv("KLI_TESTDATA");
     char dir[4096];
-    struct kli_model *m = NULL;
+    struct kli_model *m = tl_open_model("tiny-kimi-linear", 0);
     struct kli_err err = {0};
     enum { N = 12, STEPS = 6 };
 
-    if (td == NULL)
-        skip_all("KLI_TESTDATA not set");
-    snprintf(dir, sizeof(dir), "%s/tiny-kimi-linear", td);
-    if (kli_model_open(&m, dir, NULL, &err) != KLI_OK)
-        skip_all(err.msg);
+    tl_path(dir, sizeof(dir), "tiny-kimi-linear");
     int32_t V = kli_model_n_vocab(m);
 
     int sizes[] = {1, 3, N};
@@ -148,7 +132,7 @@ main(void)
                 break;
             }
             for (int i = 0; i < n; i++) {
-                double e = rel_l2(kli_session_logits(b[i]), alone + ((size_t)i * STEPS + t) * V,
+                double e = tl_rel_l2(kli_session_logits(b[i]), alone + ((size_t)i * STEPS + t) * V,
                                   V);
                 worst = e > worst ? e : worst;
                 ok_all &= kli_session_pos(b[i]) == kli_session_pos(a[i]);
@@ -162,7 +146,7 @@ main(void)
         for (int i = 0; i < n; i++) {
             kli_session_eval(a[i], &extra, 1, NULL, &err);
             kli_session_eval(b[i], &extra, 1, NULL, &err);
-            double e = rel_l2(kli_session_logits(b[i]), kli_session_logits(a[i]), V);
+            double e = tl_rel_l2(kli_session_logits(b[i]), kli_session_logits(a[i]), V);
             e2 = e > e2 ? e : e2;
         }
         ok(e2 < 1e-5, "%d sequences: the state after the batch carries on (%.2e)", n, e2);

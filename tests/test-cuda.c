@@ -624,15 +624,6 @@ static int32_t V, n_prompt, n_decode;
 static kli_token tokens[512];
 static float *ref_prefill, *ref_decode;
 
-static float *
-load_ref(const char *name, int32_t rows)
-{
-    char path[4200];
-
-    snprintf(path, sizeof(path), "%s/%s", dir, name);
-    return tl_load_f32(path, (size_t)rows * (size_t)V);
-}
-
 static void
 load_golden(void)
 {
@@ -730,8 +721,8 @@ test_golden(void)
 
     V = kli_model_n_vocab(mc);
     load_golden();
-    ref_prefill = load_ref("ref64_prefill.f32", n_prompt);
-    ref_decode = load_ref("ref64_decode.f32", n_decode);
+    ref_prefill = tl_load_f32(dir, "ref64_prefill.f32", (size_t)n_prompt * (size_t)V);
+    ref_decode = tl_load_f32(dir, "ref64_decode.f32", (size_t)n_decode * (size_t)V);
     N = n_prompt + n_decode;
     float *cpu = tl_malloc((size_t)N * V * sizeof(float));
     ok(run_all(mc, 0, cpu), "the CPU path runs");
@@ -748,7 +739,8 @@ test_golden(void)
     {
         struct kli_session *a = NULL, *b = NULL, *c = NULL;
         struct kli_err err = {0};
-        float *la = tl_malloc((size_t)V * sizeof(float)), *lb = tl_malloc((size_t)V * sizeof(float));
+        float *la = tl_malloc((size_t)V * sizeof(float));
+        float *lb = tl_malloc((size_t)V * sizeof(float));
         int good = kli_session_create(&a, m, NULL, &err) == KLI_OK &&
                    kli_session_create(&b, m, NULL, &err) == KLI_OK &&
                    kli_session_create(&c, mc, NULL, &err) == KLI_OK &&
@@ -801,7 +793,8 @@ test_golden(void)
         struct kli_session *a = NULL, *b = NULL, *c = NULL;
         struct kli_err err = {0};
         kli_token more[3] = {tokens[1], tokens[2], tokens[5]};
-        float *la = tl_malloc((size_t)V * sizeof(float)), *lb = tl_malloc((size_t)V * sizeof(float));
+        float *la = tl_malloc((size_t)V * sizeof(float));
+        float *lb = tl_malloc((size_t)V * sizeof(float));
         float *lc = tl_malloc((size_t)V * sizeof(float));
         void *snap = NULL;
         int64_t n = -1;

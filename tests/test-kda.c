@@ -398,17 +398,6 @@ check_pieces(int64_t K, int64_t V)
     case_free(&c);
 }
 
-/* Whether the case `name` runs; each case draws its inputs from the seed afresh, so that a
- * case run alone sees what it sees in the whole run. */
-static int
-kda_case(const char *name)
-{
-    if (!tap_case(name))
-        return 0;
-    rng_state = SEED;
-    return 1;
-}
-
 int
 main(int argc, char **argv)
 {
@@ -419,24 +408,24 @@ main(int argc, char **argv)
     (void)skip_all;   /* no test data needed */
     tap_init(argc, argv);
     diag("kernels: %s", kli_simd_variant());
-    if (kda_case("chunked_vs_recurrent")) {
+    if (tap_case_seeded("chunked_vs_recurrent", &rng_state, SEED)) {
         for (size_t i = 0; i < sizeof(dims) / sizeof(dims[0]); i++) {
             for (size_t j = 0; j < sizeof(lens) / sizeof(lens[0]); j++)
                 check_single(dims[i][0], dims[i][1], lens[j]);
         }
     }
-    if (kda_case("strided")) {
+    if (tap_case_seeded("strided", &rng_state, SEED)) {
         check_strided(32, 32, 130, 3);
         check_strided(16, 48, 65, 4);
         check_strided(128, 128, 70, 2);
         check_strided(48, 16, 1, 3);
     }
-    if (kda_case("strong_decay")) {
+    if (tap_case_seeded("strong_decay", &rng_state, SEED)) {
         check_strong_decay(32, 32, 64);
         check_strong_decay(128, 128, 64);
         check_strong_decay(16, 48, 130);
     }
-    if (kda_case("pieces")) {
+    if (tap_case_seeded("pieces", &rng_state, SEED)) {
         check_pieces(32, 32);
         check_pieces(16, 48);
     }

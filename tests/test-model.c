@@ -31,17 +31,6 @@ static int32_t V;
 static int32_t n_prompt, n_decode, n_split;
 static kli_token tokens[MAXTOK];   /* prompt, then decode_tokens */
 static float *ref_prefill, *ref_decode, *ref_split;
-
-/* The reference logits `name` of the fixture: rows x V float32. */
-static float *
-load_ref(const char *name, int32_t rows)
-{
-    char path[4200];
-
-    snprintf(path, sizeof(path), "%s/%s", dir, name);
-    return tl_load_f32(path, (size_t)rows * (size_t)V);
-}
-
 /* Reads an integer array of golden.json into `out` (at most cap values). */
 static int32_t
 json_ids(const cJSON *root, const char *key, kli_token *out, int32_t cap)
@@ -177,9 +166,9 @@ main(int argc, char **argv)
     V = kli_model_n_vocab(model);
     diag("kernels: %s", kli_simd_variant());
     load_golden();
-    ref_prefill = load_ref("ref64_prefill.f32", n_prompt);
-    ref_decode = load_ref("ref64_decode.f32", n_decode);
-    ref_split = load_ref("ref64_split.f32", n_prompt);
+    ref_prefill = tl_load_f32(dir, "ref64_prefill.f32", (size_t)n_prompt * (size_t)V);
+    ref_decode = tl_load_f32(dir, "ref64_decode.f32", (size_t)n_decode * (size_t)V);
+    ref_split = tl_load_f32(dir, "ref64_split.f32", (size_t)n_prompt * (size_t)V);
 
     int32_t N = n_prompt + n_decode;
     size_t all_bytes = (size_t)N * (size_t)V * sizeof(float);

@@ -14,6 +14,7 @@
 
 #include "moe.h"
 #include "tap.h"
+#include "testlib.h"
 
 #define MAXE 64
 

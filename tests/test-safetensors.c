@@ -15,6 +15,7 @@
 
 #include "kli.h"
 #include "tap.h"
+#include "testlib.h"
 #include "weights.h"
 
 #define MAX_PATHS 128
@@ -749,7 +750,7 @@ test_many(void)
 static void
 test_fixture(void)
 {
-    const char *td = getenv("KLI_TESTDATA");
+    const char *td = tl_data();
     char path[1100], dir[1024];
     struct kli_err err = {0};
     struct kli_wfile *w = NULL;
@@ -760,10 +761,6 @@ test_fixture(void)
     FILE *f;
     int rc;
 
-    if (td == NULL) {
-        ok(1, "fixture # SKIP KLI_TESTDATA is not set");
-        return;
-    }
     snprintf(dir, sizeof(dir), "%s/tiny-kimi-linear", td);
     snprintf(path, sizeof(path), "%s/model.safetensors", dir);
     f = fopen(path, "rb");
@@ -882,23 +879,34 @@ test_writer_large(void)
 }
 
 int
-main(void)
+main(int argc, char **argv)
 {
     const char *t = getenv("TMPDIR");
 
+    tap_init(argc, argv);
     snprintf(tmpdir, sizeof(tmpdir), "%s/kli-st-XXXXXX", t != NULL && *t ? t : "/tmp");
     if (mkdtemp(tmpdir) == NULL)
         skip_all("cannot make a temporary directory");
-    test_single();
-    test_sharded();
-    test_truncation();
-    test_bad_headers();
-    test_bad_paths();
-    test_bad_index();
-    test_hostile();
-    test_many();
-    test_fixture();
-    test_writer_large();
+    if (tap_case("single"))
+        test_single();
+    if (tap_case("sharded"))
+        test_sharded();
+    if (tap_case("truncation"))
+        test_truncation();
+    if (tap_case("bad_headers"))
+        test_bad_headers();
+    if (tap_case("bad_paths"))
+        test_bad_paths();
+    if (tap_case("bad_index"))
+        test_bad_index();
+    if (tap_case("hostile"))
+        test_hostile();
+    if (tap_case("many"))
+        test_many();
+    if (tap_case("fixture"))
+        test_fixture();
+    if (tap_case("writer_large"))
+        test_writer_large();
 
     for (int i = n_created - 1; i >= 0; i--) {
         if (remove(created[i]) != 0)

@@ -664,18 +664,14 @@ run_kernel(size_t k, const struct kli_kernels *kt)
     }
 }
 
-/* Whether the case "<table>/<what>" runs; each case draws its data from the seed afresh, so
- * that a case run alone sees what it sees in the whole run. */
+/* Whether the case "<table>/<what>" runs (from the seed afresh: tap_case_seeded). */
 static int
 simd_case(const char *table, const char *what)
 {
     char name[64];
 
     snprintf(name, sizeof(name), "%s/%s", table, what);
-    if (!tap_case(name))
-        return 0;
-    rng_state = SEED;
-    return 1;
+    return tap_case_seeded(name, &rng_state, SEED);
 }
 
 int

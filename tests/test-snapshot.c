@@ -22,6 +22,7 @@
 
 #include "kli.h"
 #include "tap.h"
+#include "testlib.h"
 
 enum { N_GEN = 24, N_PROMPT = 37, HDR = 80 };
 
@@ -305,7 +306,7 @@ save_targets(struct kli_session *s, struct kli_sampler *smp, const char *dir)
 int
 main(void)
 {
-    const char *td = getenv("KLI_TESTDATA");
+    const char *td = tl_data();
     /* path2 also holds path + ".tmp"; every name stays below the 4095 bytes C promises an
      * snprintf result can reach (gcc's -Wformat-truncation=2) */
     char dir[2048], tmpl[2048], path[2100], path2[2200];
@@ -321,8 +322,6 @@ main(void)
     kli_token prompt[N_PROMPT];
     const kli_token *hist;
 
-    if (td == NULL)
-        skip_all("KLI_TESTDATA not set");
     snprintf(dir, sizeof(dir), "%s/tiny-kimi-linear", td);
     if (kli_model_open(&m, dir, NULL, &err) != KLI_OK)
         skip_all(err.msg);

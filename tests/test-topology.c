@@ -54,6 +54,7 @@
 #include "threads.h"
 #include "topology.h"
 #include "tap.h"
+#include "testlib.h"
 
 static struct topo_plan wp;      /* the plan under test (big: not on the stack) */
 
@@ -689,9 +690,7 @@ test_binding(void)
 static void
 tiny_options(struct kli_model_options *mo, char *dir, size_t cap)
 {
-    const char *td = getenv("KLI_TESTDATA");
-
-    snprintf(dir, cap, "%s/tiny-kimi-linear", td ? td : "tests/data");
+    tl_path(dir, cap, "tiny-kimi-linear");
     kli_model_options_init(mo);
     mo->gpu = KLI_GPU_OFF;
 }
@@ -1308,29 +1307,50 @@ out:
 }
 
 int
-main(void)
+main(int argc, char **argv)
 {
+    tap_init(argc, argv);
     unsetenv("KLI_SPIN_US");    /* the default spin, whatever the environment says */
-    test_worker_identity();
-    test_pool_cover();
-    test_pool_nested();
-    test_pool_callers();
-    test_pool_sleep();
-    test_pool_flush();
-    test_pool_idle_cpu();
-    test_machine_a();
-    test_machine_b();
-    test_machine_c();
-    test_fallback();
-    test_roles();
-    test_memory();
-    test_pinning();
-    test_binding();
-    test_node_data();
-    test_policy(KLI_NUMA_INTERLEAVE);
-    test_policy(KLI_NUMA_REPLICATE);
-    test_policy(KLI_NUMA_PARTITION);
-    test_routing();
+    if (tap_case("worker_identity"))
+        test_worker_identity();
+    if (tap_case("pool_cover"))
+        test_pool_cover();
+    if (tap_case("pool_nested"))
+        test_pool_nested();
+    if (tap_case("pool_callers"))
+        test_pool_callers();
+    if (tap_case("pool_sleep"))
+        test_pool_sleep();
+    if (tap_case("pool_flush"))
+        test_pool_flush();
+    if (tap_case("pool_idle_cpu"))
+        test_pool_idle_cpu();
+    if (tap_case("machine_a"))
+        test_machine_a();
+    if (tap_case("machine_b"))
+        test_machine_b();
+    if (tap_case("machine_c"))
+        test_machine_c();
+    if (tap_case("fallback"))
+        test_fallback();
+    if (tap_case("roles"))
+        test_roles();
+    if (tap_case("memory"))
+        test_memory();
+    if (tap_case("pinning"))
+        test_pinning();
+    if (tap_case("binding"))
+        test_binding();
+    if (tap_case("node_data"))
+        test_node_data();
+    if (tap_case("policy_interleave"))
+        test_policy(KLI_NUMA_INTERLEAVE);
+    if (tap_case("policy_replicate"))
+        test_policy(KLI_NUMA_REPLICATE);
+    if (tap_case("policy_partition"))
+        test_policy(KLI_NUMA_PARTITION);
+    if (tap_case("routing"))
+        test_routing();
     plan_done();
     return tap_exit();
 }

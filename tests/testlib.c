@@ -77,17 +77,19 @@ tl_normal(uint64_t *state)
     return sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2);
 }
 
-double
-tl_rel_l2(const float *a, const float *b, int64_t n)
+/* The reference is bf (float) or, when bf is NULL, bd (double). */
+static double
+rel_l2_of(const float *a, const float *bf, const double *bd, int64_t n)
 {
     double num = 0.0, den = 0.0;
 
     for (int64_t i = 0; i < n; i++) {
-        if (!isfinite(a[i]) || !isfinite(b[i]))
+        double b = bf != NULL ? (double)bf[i] : bd[i];
+        if (!isfinite(a[i]) || !isfinite(b))
             return INFINITY;
-        double d = (double)a[i] - (double)b[i];
+        double d = (double)a[i] - b;
         num += d * d;
-        den += (double)b[i] * b[i];
+        den += b * b;
     }
     if (den == 0.0)
         return num == 0.0 ? 0.0 : INFINITY;
@@ -95,20 +97,15 @@ tl_rel_l2(const float *a, const float *b, int64_t n)
 }
 
 double
+tl_rel_l2(const float *a, const float *b, int64_t n)
+{
+    return rel_l2_of(a, b, NULL, n);
+}
+
+double
 tl_rel_l2_d(const float *a, const double *b, int64_t n)
 {
-    double num = 0.0, den = 0.0;
-
-    for (int64_t i = 0; i < n; i++) {
-        if (!isfinite(a[i]) || !isfinite(b[i]))
-            return INFINITY;
-        double d = (double)a[i] - b[i];
-        num += d * d;
-        den += b[i] * b[i];
-    }
-    if (den == 0.0)
-        return num == 0.0 ? 0.0 : INFINITY;
-    return sqrt(num / den);
+    return rel_l2_of(a, NULL, b, n);
 }
 
 void *
@@ -159,11 +156,13 @@ tl_slurp(const char *path, size_t *len)
 }
 
 float *
-tl_load_f32(const char *path, size_t count)
+tl_load_f32(const char *dir, const char *name, size_t count)
 {
+    char path[4200];
     size_t len = 0;
-    char *b = tl_slurp(path, &len);
 
+    snprintf(path, sizeof(path), "%s/%s", dir, name);
+    char *b = tl_slurp(path, &len);
     if (b == NULL || len != count * sizeof(float)) {
         printf("Bail out! %s: missing or not %zu float32 values (%zu bytes)\n", path, count,
                len);
@@ -188,4 +187,48 @@ tl_open_model(const char *name, int n_threads)
         exit(1);
     }
     return m;
+}
+
+float *
+tl_logits(struct kli_model *m, const kli_token *ids, int n, int chunk, struct kli_err *err)
+{
+    struct kli_session *s = NULL;
+    float *out = NULL;
+
+    if (kli_session_create(&s, m, NULL, err) != KLI_OK)
+        return NULL;
+    int32_t V = kli_model_n_vocab(m);
+    int step = chunk > 0 ? chunk : n;
+    out = tl_malloc((size_t)n * (size_t)V * sizeof(float));
+    for (int i = 0; i < n; i += step) {
+        int k = n - i < step ? n - i : step;
+        if (kli_session_eval(s, ids + i, k, out + (size_t)i * (size_t)V, err) != KLI_OK) {
+            free(out);
+            out = NULL;
+            break;
+        }
+    }
+    kli_session_free(s);
+    return out;
+}
+
+float *
+tl_logits_of(const char *path, const char *weight_type, const kli_token *ids, int n,
+             int32_t *V)
+{
+    struct kli_model_options mo;
+    struct kli_model *m = NULL;
+    struct kli_err err = {0};
+    float *out = NULL;
+
+    kli_model_options_init(&mo);
+    mo.weight_type = weight_type;
+    if (kli_model_open(&m, path, &mo, &err) == KLI_OK) {
+        *V = kli_model_n_vocab(m);
+        out = tl_logits(m, ids, n, 0, &err);
+    }
+    if (out == NULL)
+        printf("# logits of %s: %s\n", path, err.msg);
+    kli_model_close(m);
+    return out;
 }

@@ -46,11 +46,21 @@ void *tl_calloc(size_t n, size_t size);
 /* The whole file, NUL-terminated (len excludes the NUL); NULL when it cannot be read. */
 char *tl_slurp(const char *path, size_t *len);
 
-/* Exactly `count` float32 values (the host is assumed little-endian) of the file `path`;
+/* Exactly `count` float32 values (the host is assumed little-endian) of the file dir/name;
  * bails out when the file is missing or of another size. */
-float *tl_load_f32(const char *path, size_t count);
+float *tl_load_f32(const char *dir, const char *name, size_t count);
 
 /* Opens the fixture model tl_data()/name with n_threads threads; bails out on failure. */
 struct kli_model *tl_open_model(const char *name, int n_threads);
+
+/* The logits [n][V] of ids fed to a fresh session of m in calls of `chunk` tokens (0: all in
+ * one call). NULL on failure, err filled. */
+float *tl_logits(struct kli_model *m, const kli_token *ids, int n, int chunk,
+                 struct kli_err *err);
+
+/* tl_logits in one call of the model at path, opened with weight_type (NULL: as stored);
+ * *V receives its vocabulary size. NULL on failure (with a TAP diagnostic). */
+float *tl_logits_of(const char *path, const char *weight_type, const kli_token *ids, int n,
+                    int32_t *V);
 
 #endif
