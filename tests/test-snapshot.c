@@ -115,27 +115,6 @@ write_file(const char *path, const void *p, size_t n)
     return ok_ ? 0 : -1;
 }
 
-static uint8_t *
-read_file(const char *path, size_t *n)
-{
-    FILE *f = fopen(path, "rb");
-    uint8_t *b = NULL;
-    long sz;
-
-    if (f == NULL)
-        return NULL;
-    if (fseek(f, 0, SEEK_END) == 0 && (sz = ftell(f)) >= 0 && fseek(f, 0, SEEK_SET) == 0 &&
-        (b = malloc((size_t)sz + 1)) != NULL) {
-        *n = fread(b, 1, (size_t)sz, f);
-        if (*n != (size_t)sz) {
-            free(b);
-            b = NULL;
-        }
-    }
-    fclose(f);
-    return b;
-}
-
 #ifdef HAVE_ZSTD
 /* The checksum of kli(3): FNV-1a 64 over little-endian 32-bit words, a partial last word
  * zero-padded. Written from the description, not copied from snapshot.c. */
@@ -227,7 +206,7 @@ static int
 file_is(const char *p, const void *want, size_t n)
 {
     size_t len = 0;
-    uint8_t *b = read_file(p, &len);
+    uint8_t *b = (uint8_t *)tl_slurp(p, &len);
     int same = b != NULL && len == n && memcmp(b, want, n) == 0;
 
     free(b);
@@ -377,7 +356,7 @@ main(void)
     free(part);
     ok(kli_session_save(s, smp, path, &err) == KLI_OK, "snapshot saved to a file %s", err.msg);
     size_t flen = 0;
-    uint8_t *fbytes = read_file(path, &flen);
+    uint8_t *fbytes = (uint8_t *)tl_slurp(path, &flen);
     ok(fbytes != NULL && flen == (size_t)need && memcmp(fbytes, snap, flen) == 0,
        "the file holds the same bytes as the memory snapshot");
     free(fbytes);
