@@ -1,7 +1,8 @@
 #!/bin/sh
 # contrib/ci/test.sh - the README's test command: installs the build and test dependencies
-# that are missing (Debian 12), builds in ./build, runs `make check`, then the whole suite
-# again under AddressSanitizer and UBSan (`make check-sanitize`).
+# that are missing (Debian 12), builds in ./build, runs every test, the slow end-to-end ones
+# too (`make check-all`), then all of them again under AddressSanitizer and UBSan
+# (`make check-sanitize`).
 set -eu
 cd "$(dirname "$0")/../.."
 pkgs="build-essential autoconf automake pkg-config libcjson-dev libpcre2-dev libopenblas-dev
@@ -23,7 +24,7 @@ cd build
 ../configure
 make -j"$(nproc)"
 rc=0
-make -j"$(nproc)" check || rc=1
+make -j"$(nproc)" check-all || rc=1
 make -j"$(nproc)" check-sanitize || rc=1
 echo $rc >../ci-status
 exit $rc
