@@ -64,7 +64,7 @@ tokid(const struct kli_tokenizer *t, const char *name)
 }
 
 int
-main(void)
+main(int argc, char **argv)
 {
     const char *td = tl_data();
     char dir[4096];
@@ -77,6 +77,7 @@ main(void)
     struct kli_err err = {0};
     kli_token ids[4096];
 
+    tap_init_whole(argc, argv);
     snprintf(dir, sizeof(dir), "%s/tiny-kimi-linear", td);
     if (kli_model_open(&m, dir, NULL, &err) != KLI_OK)
         skip_all(err.msg);

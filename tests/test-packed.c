@@ -429,7 +429,7 @@ out:
 }
 
 int
-main(void)
+main(int argc, char **argv)
 {
     const char *td = tl_data();
     char dir[] = "/tmp/kli-packed-XXXXXX";
@@ -438,6 +438,7 @@ main(void)
     struct kli_convert_options o;
     int rc;
 
+    tap_init_whole(argc, argv);
     snprintf(fixture, sizeof(fixture), "%s/tiny-kimi-linear", td);
     if (mkdtemp(dir) == NULL)
         skip_all("mkdtemp failed");

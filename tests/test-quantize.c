@@ -62,7 +62,7 @@ argmax_agree(const float *a, const float *b, int n, int32_t V)
 }
 
 int
-main(void)
+main(int argc, char **argv)
 {
     const char *td = tl_data();
     struct kli_err err;
@@ -71,6 +71,7 @@ main(void)
     kli_token ids[96];
     int32_t V = 0;
 
+    tap_init_whole(argc, argv);
     snprintf(fixture, sizeof(fixture), "%s/tiny-kimi-linear", td);
     if (mkdtemp(dir) == NULL)
         skip_all("mkdtemp failed");

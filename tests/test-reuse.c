@@ -32,16 +32,18 @@ same_future(struct kli_session *a, struct kli_session *b, int32_t V)
 }
 
 int
-main(void)
+main(int argc, char **argv)
 {
     char dir[4096];
-    struct kli_model *m = tl_open_model("tiny-kimi-linear", 0);
+    struct kli_model *m;
     struct kli_err err = {0};
     struct kli_session_options o;
     struct kli_session *big = NULL, *forked = NULL, *small = NULL, *tiny = NULL, *src2 = NULL;
     kli_token prompt[300];
 
+    tap_init_whole(argc, argv);
     tl_path(dir, sizeof(dir), "tiny-kimi-linear");
+    m = tl_open_model("tiny-kimi-linear", 0);
     int32_t V = kli_model_n_vocab(m);
     for (int i = 0; i < 300; i++)
         prompt[i] = (kli_token)((i * 37 + 11) % 256);

@@ -283,7 +283,7 @@ save_targets(struct kli_session *s, struct kli_sampler *smp, const char *dir)
 }
 
 int
-main(void)
+main(int argc, char **argv)
 {
     const char *td = tl_data();
     /* path2 also holds path + ".tmp"; every name stays below the 4095 bytes C promises an
@@ -301,6 +301,7 @@ main(void)
     kli_token prompt[N_PROMPT];
     const kli_token *hist;
 
+    tap_init_whole(argc, argv);
     snprintf(dir, sizeof(dir), "%s/tiny-kimi-linear", td);
     if (kli_model_open(&m, dir, NULL, &err) != KLI_OK)
         skip_all(err.msg);
