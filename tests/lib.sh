@@ -1,7 +1,10 @@
 # tests/lib.sh - sourced by the shell tests (". "$KLI_SRCDIR/tests/lib.sh""): a scratch
-# directory removed on exit, the TAP counters and lines, the Python the checks need, and
-# named cases for the scripts that have them (tcase, tdone).
+# directory removed on exit, $kli and $model, the TAP counters and lines, the Python the
+# checks need, and named cases for the scripts that have them (tcase, tdone).
 
+# kli: the binary under test; model: the tiny fixture (tests/data/tiny-kimi-linear).
+kli=${KLI_BIN:-}
+model="${KLI_TESTDATA:-}/tiny-kimi-linear"
 tmp=$(mktemp -d) || exit 99
 trap 'rm -rf "$tmp"' EXIT
 n=0

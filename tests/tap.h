@@ -67,6 +67,22 @@ tap_case(const char *name)
     return run;
 }
 
+/* A case that is one function: a table of them runs through tap_run. */
+struct tap_fn {
+    const char *name;
+    void (*run)(void);
+};
+
+/* Runs (or under -l lists) the n cases of the table in order. */
+__attribute__((unused)) static void
+tap_run(const struct tap_fn *cases, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        if (tap_case(cases[i].name))
+            cases[i].run();
+    }
+}
+
 /* tap_case, and when the case runs, *state = seed: a case that draws random inputs starts
  * from its seed, so that run alone it sees what it sees in the whole run. */
 __attribute__((unused)) static int

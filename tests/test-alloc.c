@@ -81,14 +81,16 @@ test_arena(void)
     kli_arena_free(&a);
 }
 
+static const struct tap_fn cases[] = {
+    {"checked", test_checked},
+    {"arena", test_arena},
+};
+
 int
 main(int argc, char **argv)
 {
     tap_init(argc, argv);
-    if (tap_case("checked"))
-        test_checked();
-    if (tap_case("arena"))
-        test_arena();
+    tap_run(cases, sizeof(cases) / sizeof(cases[0]));
     plan_done();
     return tap_exit();
 }

@@ -627,17 +627,9 @@ static float *ref_prefill, *ref_decode;
 static void
 load_golden(void)
 {
-    char path[4200];
-    size_t len = 0;
-
-    snprintf(path, sizeof(path), "%s/golden.json", dir);
-    char *text = tl_slurp(path, &len);
-    cJSON *root = text ? cJSON_ParseWithLength(text, len) : NULL;
+    cJSON *root = tl_load_json(dir, "golden.json");
     const cJSON *a, *it;
-    if (root == NULL) {
-        printf("Bail out! cannot read %s\n", path);
-        exit(1);
-    }
+
     n_prompt = n_decode = 0;
     a = cJSON_GetObjectItemCaseSensitive(root, "prompt");
     cJSON_ArrayForEach(it, a) {
@@ -650,9 +642,8 @@ load_golden(void)
             tokens[n_prompt + n_decode++] = (kli_token)it->valueint;
     }
     cJSON_Delete(root);
-    free(text);
     if (n_prompt == 0 || n_decode == 0) {
-        printf("Bail out! %s: no prompt or decode tokens\n", path);
+        printf("Bail out! %s/golden.json: no prompt or decode tokens\n", dir);
         exit(1);
     }
 }

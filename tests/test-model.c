@@ -51,16 +51,8 @@ json_ids(const cJSON *root, const char *key, kli_token *out, int32_t cap)
 static void
 load_golden(void)
 {
-    char path[4200];
-    size_t len = 0;
+    cJSON *root = tl_load_json(dir, "golden.json");
 
-    snprintf(path, sizeof(path), "%s/golden.json", dir);
-    char *text = tl_slurp(path, &len);
-    cJSON *root = text ? cJSON_ParseWithLength(text, len) : NULL;
-    if (root == NULL) {
-        printf("Bail out! cannot read or parse %s\n", path);
-        exit(1);
-    }
     n_prompt = json_ids(root, "prompt", tokens, MAXTOK);
     n_decode = n_prompt > 0 ? json_ids(root, "decode_tokens", tokens + n_prompt,
                                        MAXTOK - n_prompt) : -1;
@@ -69,14 +61,13 @@ load_golden(void)
     n_split = cJSON_IsNumber(sp) ? sp->valueint : -1;
     if (n_prompt <= 0 || n_decode <= 0 || n_split <= 0 || n_split >= n_prompt ||
         !cJSON_IsNumber(vo) || vo->valueint != V) {
-        printf("Bail out! %s: unexpected content (prompt %d, decode %d, split %d)\n", path,
-               n_prompt, n_decode, n_split);
+        printf("Bail out! %s/golden.json: unexpected content (prompt %d, decode %d, "
+               "split %d)\n", dir, n_prompt, n_decode, n_split);
         exit(1);
     }
     diag("golden: %d prompt tokens, %d decode tokens, split at %d, vocab %d", n_prompt,
          n_decode, n_split, V);
     cJSON_Delete(root);
-    free(text);
 }
 
 static int32_t

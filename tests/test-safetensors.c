@@ -878,6 +878,19 @@ test_writer_large(void)
     free(src);
 }
 
+static const struct tap_fn cases[] = {
+    {"single", test_single},
+    {"sharded", test_sharded},
+    {"truncation", test_truncation},
+    {"bad_headers", test_bad_headers},
+    {"bad_paths", test_bad_paths},
+    {"bad_index", test_bad_index},
+    {"hostile", test_hostile},
+    {"many", test_many},
+    {"fixture", test_fixture},
+    {"writer_large", test_writer_large},
+};
+
 int
 main(int argc, char **argv)
 {
@@ -887,26 +900,7 @@ main(int argc, char **argv)
     snprintf(tmpdir, sizeof(tmpdir), "%s/kli-st-XXXXXX", t != NULL && *t ? t : "/tmp");
     if (mkdtemp(tmpdir) == NULL)
         skip_all("cannot make a temporary directory");
-    if (tap_case("single"))
-        test_single();
-    if (tap_case("sharded"))
-        test_sharded();
-    if (tap_case("truncation"))
-        test_truncation();
-    if (tap_case("bad_headers"))
-        test_bad_headers();
-    if (tap_case("bad_paths"))
-        test_bad_paths();
-    if (tap_case("bad_index"))
-        test_bad_index();
-    if (tap_case("hostile"))
-        test_hostile();
-    if (tap_case("many"))
-        test_many();
-    if (tap_case("fixture"))
-        test_fixture();
-    if (tap_case("writer_large"))
-        test_writer_large();
+    tap_run(cases, sizeof(cases) / sizeof(cases[0]));
 
     for (int i = n_created - 1; i >= 0; i--) {
         if (remove(created[i]) != 0)

@@ -1306,51 +1306,53 @@ out:
     threads_set_count(saved);
 }
 
+static void
+test_policy_interleave(void)
+{
+    test_policy(KLI_NUMA_INTERLEAVE);
+}
+
+static void
+test_policy_replicate(void)
+{
+    test_policy(KLI_NUMA_REPLICATE);
+}
+
+static void
+test_policy_partition(void)
+{
+    test_policy(KLI_NUMA_PARTITION);
+}
+
+static const struct tap_fn cases[] = {
+    {"worker_identity", test_worker_identity},
+    {"pool_cover", test_pool_cover},
+    {"pool_nested", test_pool_nested},
+    {"pool_callers", test_pool_callers},
+    {"pool_sleep", test_pool_sleep},
+    {"pool_flush", test_pool_flush},
+    {"pool_idle_cpu", test_pool_idle_cpu},
+    {"machine_a", test_machine_a},
+    {"machine_b", test_machine_b},
+    {"machine_c", test_machine_c},
+    {"fallback", test_fallback},
+    {"roles", test_roles},
+    {"memory", test_memory},
+    {"pinning", test_pinning},
+    {"binding", test_binding},
+    {"node_data", test_node_data},
+    {"policy_interleave", test_policy_interleave},
+    {"policy_replicate", test_policy_replicate},
+    {"policy_partition", test_policy_partition},
+    {"routing", test_routing},
+};
+
 int
 main(int argc, char **argv)
 {
     tap_init(argc, argv);
     unsetenv("KLI_SPIN_US");    /* the default spin, whatever the environment says */
-    if (tap_case("worker_identity"))
-        test_worker_identity();
-    if (tap_case("pool_cover"))
-        test_pool_cover();
-    if (tap_case("pool_nested"))
-        test_pool_nested();
-    if (tap_case("pool_callers"))
-        test_pool_callers();
-    if (tap_case("pool_sleep"))
-        test_pool_sleep();
-    if (tap_case("pool_flush"))
-        test_pool_flush();
-    if (tap_case("pool_idle_cpu"))
-        test_pool_idle_cpu();
-    if (tap_case("machine_a"))
-        test_machine_a();
-    if (tap_case("machine_b"))
-        test_machine_b();
-    if (tap_case("machine_c"))
-        test_machine_c();
-    if (tap_case("fallback"))
-        test_fallback();
-    if (tap_case("roles"))
-        test_roles();
-    if (tap_case("memory"))
-        test_memory();
-    if (tap_case("pinning"))
-        test_pinning();
-    if (tap_case("binding"))
-        test_binding();
-    if (tap_case("node_data"))
-        test_node_data();
-    if (tap_case("policy_interleave"))
-        test_policy(KLI_NUMA_INTERLEAVE);
-    if (tap_case("policy_replicate"))
-        test_policy(KLI_NUMA_REPLICATE);
-    if (tap_case("policy_partition"))
-        test_policy(KLI_NUMA_PARTITION);
-    if (tap_case("routing"))
-        test_routing();
+    tap_run(cases, sizeof(cases) / sizeof(cases[0]));
     plan_done();
     return tap_exit();
 }

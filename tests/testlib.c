@@ -3,6 +3,7 @@
  */
 #include "config.h"
 
+#include <cjson/cJSON.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -169,6 +170,23 @@ tl_load_f32(const char *dir, const char *name, size_t count)
         exit(1);
     }
     return (float *)(void *)b;
+}
+
+struct cJSON *
+tl_load_json(const char *dir, const char *name)
+{
+    char path[4200];
+    size_t len = 0;
+
+    snprintf(path, sizeof(path), "%s/%s", dir, name);
+    char *text = tl_slurp(path, &len);
+    cJSON *root = text != NULL ? cJSON_ParseWithLength(text, len) : NULL;
+    free(text);
+    if (root == NULL) {
+        printf("Bail out! cannot read or parse %s\n", path);
+        exit(1);
+    }
+    return root;
 }
 
 struct kli_model *

@@ -50,6 +50,10 @@ char *tl_slurp(const char *path, size_t *len);
  * bails out when the file is missing or of another size. */
 float *tl_load_f32(const char *dir, const char *name, size_t count);
 
+/* The JSON file dir/name parsed (cJSON_Delete it); bails out when it cannot be read or
+ * parsed. */
+struct cJSON *tl_load_json(const char *dir, const char *name);
+
 /* Opens the fixture model tl_data()/name with n_threads threads; bails out on failure. */
 struct kli_model *tl_open_model(const char *name, int n_threads);
 
