@@ -160,28 +160,55 @@ ref_recurrent(const struct kda_case *c, int64_t h, double *S, double *o)
     free(u);
 }
 
+/* One head of a case through both forms and the float64 reference, each from S0. */
+struct one_head {
+    float *S_r, *o_r;    /* kda_recurrent */
+    float *S_c, *o_c;    /* kda_chunked */
+    double *S_d, *o_d;   /* ref_recurrent */
+};
+
+static void
+one_head_run(const struct kda_case *c, struct one_head *r)
+{
+    int64_t T = c->T, K = c->K, V = c->V;
+    float *work = tl_calloc((size_t)kda_chunk_floats(K, V), sizeof(float));
+
+    r->S_r = tl_calloc((size_t)(K * V), sizeof(float));
+    r->S_c = tl_calloc((size_t)(K * V), sizeof(float));
+    r->o_r = tl_calloc((size_t)(T * V), sizeof(float));
+    r->o_c = tl_calloc((size_t)(T * V), sizeof(float));
+    r->S_d = tl_calloc((size_t)(K * V), sizeof(double));
+    r->o_d = tl_calloc((size_t)(T * V), sizeof(double));
+    memcpy(r->S_r, c->S0, (size_t)(K * V) * sizeof(float));
+    memcpy(r->S_c, c->S0, (size_t)(K * V) * sizeof(float));
+    kda_recurrent(T, K, V, c->q, c->k, c->v, c->g, c->beta, K, V, 1, r->S_r, r->o_r, V);
+    kda_chunked(T, K, V, c->q, c->k, c->v, c->g, c->beta, K, V, 1, r->S_c, r->o_c, V, work);
+    ref_recurrent(c, 0, r->S_d, r->o_d);
+    free(work);
+}
+
+static void
+one_head_free(struct one_head *r)
+{
+    free(r->S_r);
+    free(r->S_c);
+    free(r->o_r);
+    free(r->o_c);
+    free(r->S_d);
+    free(r->o_d);
+}
+
 /* One head, contiguous (H = 1): recurrent vs float64, chunked vs recurrent. */
 static void
 check_single(int64_t K, int64_t V, int64_t T)
 {
     struct kda_case c;
-    float *S_r, *S_c, *o_r, *o_c, *work;
-    double *S_d, *o_d;
+    struct one_head r;
 
     case_init(&c, T, K, V, 1);
-    S_r = tl_calloc((size_t)(K * V), sizeof(float));
-    S_c = tl_calloc((size_t)(K * V), sizeof(float));
-    o_r = tl_calloc((size_t)(T * V), sizeof(float));
-    o_c = tl_calloc((size_t)(T * V), sizeof(float));
-    work = tl_calloc((size_t)kda_chunk_floats(K, V), sizeof(float));
-    S_d = tl_calloc((size_t)(K * V), sizeof(double));
-    o_d = tl_calloc((size_t)(T * V), sizeof(double));
-    memcpy(S_r, c.S0, (size_t)(K * V) * sizeof(float));
-    memcpy(S_c, c.S0, (size_t)(K * V) * sizeof(float));
-
-    kda_recurrent(T, K, V, c.q, c.k, c.v, c.g, c.beta, K, V, 1, S_r, o_r, V);
-    kda_chunked(T, K, V, c.q, c.k, c.v, c.g, c.beta, K, V, 1, S_c, o_c, V, work);
-    ref_recurrent(&c, 0, S_d, o_d);
+    one_head_run(&c, &r);
+    float *S_r = r.S_r, *S_c = r.S_c, *o_r = r.o_r, *o_c = r.o_c;
+    double *S_d = r.S_d, *o_d = r.o_d;
 
     double e_ro = tl_rel_l2_d(o_r, o_d, T * V), e_rs = tl_rel_l2_d(S_r, S_d, K * V);
     double e_co = tl_rel_l2(o_c, o_r, T * V), e_cs = tl_rel_l2(S_c, S_r, K * V);
@@ -198,13 +225,7 @@ check_single(int64_t K, int64_t V, int64_t T)
        "K=%lld V=%lld T=%lld: chunked vs float64 reference: o %.3g, state %.3g",
        (long long)K, (long long)V, (long long)T, e_cdo, e_cds);
 
-    free(S_r);
-    free(S_c);
-    free(o_r);
-    free(o_c);
-    free(work);
-    free(S_d);
-    free(o_d);
+    one_head_free(&r);
     case_free(&c);
 }
 
@@ -318,25 +339,14 @@ static void
 check_strong_decay(int64_t K, int64_t V, int64_t T)
 {
     struct kda_case c;
-    float *S_r, *S_c, *o_r, *o_c, *work;
-    double *S_d, *o_d;
+    struct one_head r;
 
     case_init(&c, T, K, V, 1);
     for (int64_t i = 0; i < T * K; i++)
         c.g[i] = -80.0f;
-    S_r = tl_calloc((size_t)(K * V), sizeof(float));
-    S_c = tl_calloc((size_t)(K * V), sizeof(float));
-    o_r = tl_calloc((size_t)(T * V), sizeof(float));
-    o_c = tl_calloc((size_t)(T * V), sizeof(float));
-    work = tl_calloc((size_t)kda_chunk_floats(K, V), sizeof(float));
-    S_d = tl_calloc((size_t)(K * V), sizeof(double));
-    o_d = tl_calloc((size_t)(T * V), sizeof(double));
-    memcpy(S_r, c.S0, (size_t)(K * V) * sizeof(float));
-    memcpy(S_c, c.S0, (size_t)(K * V) * sizeof(float));
-
-    kda_chunked(T, K, V, c.q, c.k, c.v, c.g, c.beta, K, V, 1, S_c, o_c, V, work);
-    kda_recurrent(T, K, V, c.q, c.k, c.v, c.g, c.beta, K, V, 1, S_r, o_r, V);
-    ref_recurrent(&c, 0, S_d, o_d);
+    one_head_run(&c, &r);
+    float *S_r = r.S_r, *S_c = r.S_c, *o_r = r.o_r, *o_c = r.o_c;
+    double *S_d = r.S_d, *o_d = r.o_d;
 
     ok(all_finite(o_c, T * V) && all_finite(S_c, K * V),
        "g = -80 everywhere, K=%lld V=%lld T=%lld: chunked output and state finite",
@@ -350,13 +360,7 @@ check_strong_decay(int64_t K, int64_t V, int64_t T)
        "g = -80 everywhere, K=%lld V=%lld T=%lld: recurrent vs float64: o %.3g, state %.3g",
        (long long)K, (long long)V, (long long)T, r_o, r_s);
 
-    free(S_r);
-    free(S_c);
-    free(o_r);
-    free(o_c);
-    free(work);
-    free(S_d);
-    free(o_d);
+    one_head_free(&r);
     case_free(&c);
 }
 
