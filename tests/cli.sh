@@ -4,8 +4,6 @@
 set -u
 : "${KLI_BIN:?}" "${KLI_TESTDATA:?}" "${KLI_SRCDIR:?}"
 . "$KLI_SRCDIR/tests/lib.sh"
-kli=$KLI_BIN
-model="$KLI_TESTDATA/tiny-kimi-linear"
 has() {   # has DESCRIPTION FILE PATTERN
     n=$((n + 1))
     if grep -q -- "$3" "$2"; then

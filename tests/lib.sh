@@ -1,6 +1,10 @@
 # tests/lib.sh - sourced by the shell tests (". "$KLI_SRCDIR/tests/lib.sh""): a scratch
-# directory removed on exit, the TAP counters and lines, and the Python the checks need.
+# directory removed on exit, $kli and $model, the TAP counters and lines, the Python the
+# checks need, and named cases for the scripts that have them (tcase, tdone).
 
+# kli: the binary under test; model: the tiny fixture (tests/data/tiny-kimi-linear).
+kli=${KLI_BIN:-}
+model="${KLI_TESTDATA:-}/tiny-kimi-linear"
 tmp=$(mktemp -d) || exit 99
 trap 'rm -rf "$tmp"' EXIT
 n=0
@@ -33,4 +37,43 @@ need_python() {
     done
     echo "1..0 # SKIP $2"
     exit 0
+}
+
+# Named cases, as in the C tests (tests/tap.h): `sh tests/test-configs.sh [-l] [case...]`.
+# tcase NAME: whether the case NAME runs (every case when none was named on the command line;
+# names are shell patterns); under -l it prints NAME instead and the case does not run.
+# tdone ends the script: the plan, or a "Bail out!" when a name given matched no case.
+tcase_list=0
+tcase_names=""
+tcase_seen=" "
+for tcase_a in "$@"; do
+    case $tcase_a in
+    -l) tcase_list=1 ;;
+    -*) echo "usage: $0 [-l] [case...]" >&2; exit 2 ;;
+    *) tcase_names="$tcase_names $tcase_a" ;;
+    esac
+done
+tcase() {
+    if [ "$tcase_list" = 1 ]; then echo "$1"; return 1; fi
+    [ -z "$tcase_names" ] && return 0
+    tcase_r=1
+    set -f
+    for tcase_p in $tcase_names; do
+        # shellcheck disable=SC2254
+        case $1 in $tcase_p) tcase_seen="$tcase_seen$tcase_p "; tcase_r=0 ;; esac
+    done
+    set +f
+    return $tcase_r
+}
+tdone() {
+    [ "$tcase_list" = 1 ] && exit 0
+    set -f
+    for tcase_p in $tcase_names; do
+        case $tcase_seen in *" $tcase_p "*) ;; *)
+            echo "Bail out! no case matches \"$tcase_p\" (-l lists them)"; exit 1 ;;
+        esac
+    done
+    set +f
+    echo "1..$n"
+    exit $fail
 }

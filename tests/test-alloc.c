@@ -13,6 +13,7 @@
 
 #include "internal.h"
 #include "tap.h"
+#include "testlib.h"
 
 #define HUGE_PAGE ((uintptr_t)2 << 20)
 
@@ -80,11 +81,16 @@ test_arena(void)
     kli_arena_free(&a);
 }
 
+static const struct tap_fn cases[] = {
+    {"checked", test_checked},
+    {"arena", test_arena},
+};
+
 int
-main(void)
+main(int argc, char **argv)
 {
-    test_checked();
-    test_arena();
+    tap_init(argc, argv);
+    tap_run(cases, sizeof(cases) / sizeof(cases[0]));
     plan_done();
     return tap_exit();
 }

@@ -11,8 +11,6 @@ set -u
 . "$KLI_SRCDIR/tests/lib.sh"
 need_python json "python3 is needed to check the JSON output"
 py=$PY
-kli=$KLI_BIN
-model="$KLI_TESTDATA/tiny-kimi-linear"
 # c DESCRIPTION CHECK ARGS...: a check of check.py
 c() {
     desc=$1

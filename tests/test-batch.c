@@ -12,18 +12,7 @@
 
 #include "kli.h"
 #include "tap.h"
-
-static double
-rel_l2(const float *a, const float *b, int64_t n)
-{
-    double num = 0, den = 0;
-
-    for (int64_t i = 0; i < n; i++) {
-        num += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
-        den += (double)b[i] * b[i];
-    }
-    return sqrt(num / den);
-}
+#include "testlib.h"
 
 /* Sequences of very unequal lengths in one step, the shortest leading (its scratch serves
  * the step; its own context is small): every sequence gets the logits it gets alone. The
@@ -79,7 +68,7 @@ unequal_lengths(const char *dir)
         for (int i = 0; i < NS; i++) {
             kli_session_eval(a[i], &toks[i], 1, NULL, &err);
             memcpy(alone, kli_session_logits(a[i]), (size_t)V * sizeof(float));
-            double e = rel_l2(kli_session_logits(b[i]), alone, V);
+            double e = tl_rel_l2(kli_session_logits(b[i]), alone, V);
             worst = e > worst ? e : worst;
             ok_all &= kli_session_pos(b[i]) == len[i] + t + 1;
         }
@@ -101,23 +90,22 @@ unequal_lengths(const char *dir)
 }
 
 int
-main(void)
+main(int argc, char **argv)
 {
-    const char *td = getenv("KLI_TESTDATA");
+    static const char *size_names[] = {"n1", "n3", "n12"};
     char dir[4096];
-    struct kli_model *m = NULL;
+    struct kli_model *m = tl_open_model("tiny-kimi-linear", 0);
     struct kli_err err = {0};
     enum { N = 12, STEPS = 6 };
 
-    if (td == NULL)
-        skip_all("KLI_TESTDATA not set");
-    snprintf(dir, sizeof(dir), "%s/tiny-kimi-linear", td);
-    if (kli_model_open(&m, dir, NULL, &err) != KLI_OK)
-        skip_all(err.msg);
+    tap_init(argc, argv);
+    tl_path(dir, sizeof(dir), "tiny-kimi-linear");
     int32_t V = kli_model_n_vocab(m);
 
     int sizes[] = {1, 3, N};
     for (size_t si = 0; si < sizeof(sizes) / sizeof(sizes[0]); si++) {
+        if (!tap_case(size_names[si]))
+            continue;
         int n = sizes[si];
         struct kli_session *a[N] = {0}, *b[N] = {0};
         float *alone = malloc((size_t)N * STEPS * V * sizeof(float));
@@ -148,8 +136,8 @@ main(void)
                 break;
             }
             for (int i = 0; i < n; i++) {
-                double e = rel_l2(kli_session_logits(b[i]), alone + ((size_t)i * STEPS + t) * V,
-                                  V);
+                double e = tl_rel_l2(kli_session_logits(b[i]),
+                                     alone + ((size_t)i * STEPS + t) * V, V);
                 worst = e > worst ? e : worst;
                 ok_all &= kli_session_pos(b[i]) == kli_session_pos(a[i]);
             }
@@ -162,7 +150,7 @@ main(void)
         for (int i = 0; i < n; i++) {
             kli_session_eval(a[i], &extra, 1, NULL, &err);
             kli_session_eval(b[i], &extra, 1, NULL, &err);
-            double e = rel_l2(kli_session_logits(b[i]), kli_session_logits(a[i]), V);
+            double e = tl_rel_l2(kli_session_logits(b[i]), kli_session_logits(a[i]), V);
             e2 = e > e2 ? e : e2;
         }
         ok(e2 < 1e-5, "%d sequences: the state after the batch carries on (%.2e)", n, e2);
@@ -174,28 +162,31 @@ main(void)
     }
 
     /* refusals */
-    struct kli_session *s1 = NULL, *s2 = NULL;
-    struct kli_session_options so;
-    kli_session_options_init(&so);
-    so.batch_max = 2;
-    kli_session_create(&s1, m, &so, &err);
-    kli_session_create(&s2, m, NULL, &err);
-    struct kli_session *dup[2] = {s1, s1}, *three[3] = {s1, s2, s2};
-    kli_token tk[3] = {1, 2, 3}, bad[2] = {1, 9999};
-    struct kli_session *pair[2] = {s1, s2};
-    memset(&err, 0, sizeof(err));
-    ok(kli_session_eval_batch(dup, tk, 2, &err) == KLI_E_INVALID, "a session twice: %s",
-       err.msg);
-    memset(&err, 0, sizeof(err));
-    ok(kli_session_eval_batch(three, tk, 3, &err) == KLI_E_RANGE, "more than batch_max: %s",
-       err.msg);
-    memset(&err, 0, sizeof(err));
-    ok(kli_session_eval_batch(pair, bad, 2, &err) == KLI_E_RANGE &&
-       kli_session_pos(s1) == 0 && kli_session_pos(s2) == 0,
-       "a bad id refuses the whole step: %s", err.msg);
-    kli_session_free(s1);
-    kli_session_free(s2);
-    unequal_lengths(dir);
+    if (tap_case("refusals")) {
+        struct kli_session *s1 = NULL, *s2 = NULL;
+        struct kli_session_options so;
+        kli_session_options_init(&so);
+        so.batch_max = 2;
+        kli_session_create(&s1, m, &so, &err);
+        kli_session_create(&s2, m, NULL, &err);
+        struct kli_session *dup[2] = {s1, s1}, *three[3] = {s1, s2, s2};
+        kli_token tk[3] = {1, 2, 3}, bad[2] = {1, 9999};
+        struct kli_session *pair[2] = {s1, s2};
+        memset(&err, 0, sizeof(err));
+        ok(kli_session_eval_batch(dup, tk, 2, &err) == KLI_E_INVALID, "a session twice: %s",
+           err.msg);
+        memset(&err, 0, sizeof(err));
+        ok(kli_session_eval_batch(three, tk, 3, &err) == KLI_E_RANGE, "more than batch_max: %s",
+           err.msg);
+        memset(&err, 0, sizeof(err));
+        ok(kli_session_eval_batch(pair, bad, 2, &err) == KLI_E_RANGE &&
+           kli_session_pos(s1) == 0 && kli_session_pos(s2) == 0,
+           "a bad id refuses the whole step: %s", err.msg);
+        kli_session_free(s1);
+        kli_session_free(s2);
+    }
+    if (tap_case("unequal_lengths"))
+        unequal_lengths(dir);
     kli_model_close(m);
     plan_done();
     return tap_exit();

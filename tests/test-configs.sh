@@ -14,13 +14,16 @@ need_python numpy "no python3 with numpy (apt-get install python3-numpy)"
 fixture="$KLI_TESTDATA/tiny-kimi-linear"
 ids=$("$PY" -c "import json,sys; print(','.join(map(str, json.load(open(sys.argv[1]))['prompt'])))" \
       "$fixture/golden.json")
-"$PY" "$REF" logits "$fixture" "$ids" "$tmp/fix.ref" &&
-    out=$("$PY" "$REF" compare "$tmp/fix.ref" "$fixture/ref64_prefill.f32" 512 1e-5) &&
-    ok "numpy reference matches the official golden logits ($out)" ||
-    notok "numpy reference vs official golden: $out"
+if tcase reference; then
+    "$PY" "$REF" logits "$fixture" "$ids" "$tmp/fix.ref" &&
+        out=$("$PY" "$REF" compare "$tmp/fix.ref" "$fixture/ref64_prefill.f32" 512 1e-5) &&
+        ok "numpy reference matches the official golden logits ($out)" ||
+        notok "numpy reference vs official golden: $out"
+fi
 
 ids=$("$PY" -c "import random; r=random.Random(3); print(','.join(str(r.randrange(300)) for _ in range(90)))")
 for v in realheads sharded_f32 grouped softmax_tied; do
+    tcase "$v" || continue
     if ! "$PY" "$REF" make "$tmp/$v" "$v" 7 || ! "$PY" "$REF" logits "$tmp/$v" "$ids" "$tmp/$v.ref"
     then
         notok "$v: reference failed"
@@ -38,5 +41,4 @@ for v in realheads sharded_f32 grouped softmax_tied; do
         fi
     done
 done
-echo "1..$n"
-exit $fail
+tdone

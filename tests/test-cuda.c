@@ -42,24 +42,13 @@
 #include "model.h"
 #include "ops.h"
 #include "tap.h"
+#include "testlib.h"
 #include "threads.h"
 
 static const struct kli_backend_ops *ops;
 static struct kli_gpu *gpu;
 static struct kli_gpu_queue *queue;
 static uint64_t rng = 0x9e3779b97f4a7c15ull;
-
-static void *
-xmalloc(size_t n)
-{
-    void *p = malloc(n ? n : 1);
-
-    if (p == NULL) {
-        printf("Bail out! out of memory\n");
-        exit(1);
-    }
-    return p;
-}
 
 /* Device -> host. @return 0 on success. */
 static int
@@ -77,25 +66,7 @@ dev_read(void *dst, const void *src, uint64_t bytes)
 static float
 frand(void)
 {
-    rng ^= rng << 13;
-    rng ^= rng >> 7;
-    rng ^= rng << 17;
-    return (float)((rng >> 11) * (1.0 / 9007199254740992.0)) * 2.0f - 1.0f;
-}
-
-static double
-rel_l2(const float *a, const float *b, int64_t n)
-{
-    double num = 0.0, den = 0.0;
-
-    for (int64_t i = 0; i < n; i++) {
-        if (!isfinite(a[i]))
-            return INFINITY;
-        double d = (double)a[i] - (double)b[i];
-        num += d * d;
-        den += (double)b[i] * b[i];
-    }
-    return den > 0.0 ? sqrt(num / den) : INFINITY;
+    return (float)tl_unit(tl_xorshift(&rng)) * 2.0f - 1.0f;
 }
 
 static double
@@ -162,7 +133,7 @@ static void
 ref_attend(const float *cache, int64_t n, const float *q, int H, int L, int C, float scale,
            float *lat)
 {
-    double *s = xmalloc((size_t)n * sizeof(double)), *acc = xmalloc((size_t)L * sizeof(double));
+    double *s = tl_malloc((size_t)n * sizeof(double)), *acc = tl_malloc((size_t)L * sizeof(double));
 
     for (int h = 0; h < H; h++) {
         double mx = -INFINITY, den = 0.0;
@@ -201,17 +172,17 @@ test_attention(const char *what, int H, int L, int C, int n_seq, const int64_t *
     int64_t nrow[64];
 
     for (int q = 0; q < n_seq; q++) {
-        caches[q] = xmalloc((size_t)len[q] * C * sizeof(float));
+        caches[q] = tl_malloc((size_t)len[q] * C * sizeof(float));
         for (int64_t i = 0; i < len[q] * C; i++)
             caches[q][i] = frand() * 2.0f;
         dcache[q] = dev_copy(caches[q], (uint64_t)len[q] * C * sizeof(float));
         nmax = len[q] > nmax ? len[q] : nmax;
     }
-    float *qv = xmalloc((size_t)T * H * C * sizeof(float));
-    float *lat = xmalloc((size_t)T * H * L * sizeof(float));
-    float *cpu = xmalloc((size_t)T * H * L * sizeof(float));
-    float *ref = xmalloc((size_t)T * H * L * sizeof(float));
-    float *S = xmalloc((size_t)H * nmax * sizeof(float));
+    float *qv = tl_malloc((size_t)T * H * C * sizeof(float));
+    float *lat = tl_malloc((size_t)T * H * L * sizeof(float));
+    float *cpu = tl_malloc((size_t)T * H * L * sizeof(float));
+    float *ref = tl_malloc((size_t)T * H * L * sizeof(float));
+    float *S = tl_malloc((size_t)H * nmax * sizeof(float));
     for (int64_t i = 0; i < T * H * C; i++)
         qv[i] = frand();
     for (int64_t i = 0; i < T * H * L; i++)
@@ -228,8 +199,8 @@ test_attention(const char *what, int H, int L, int C, int n_seq, const int64_t *
     int rc = ops->mla_attend(queue, &j, &err);
     if (rc != KLI_OK)
         diag("%s: %s", what, err.msg);
-    double eg = rel_l2(lat, ref, T * H * L), ec = rel_l2(cpu, ref, T * H * L);
-    double egc = rel_l2(lat, cpu, T * H * L);
+    double eg = tl_rel_l2(lat, ref, T * H * L), ec = tl_rel_l2(cpu, ref, T * H * L);
+    double egc = tl_rel_l2(lat, cpu, T * H * L);
     ok(rc == KLI_OK && eg < 1e-5 && egc < 1e-5, "attention %s: GPU vs float64 %.2g, vs CPU "
        "twin %.2g (CPU vs float64 %.2g)", what, eg, egc, ec);
     for (int q = 0; q < n_seq; q++) {
@@ -256,11 +227,11 @@ make_ffn(enum kli_dtype dt, int64_t D, int64_t F, struct kli_ffn_w *w, void **bu
 
     for (int k = 0; k < 3; k++) {
         int64_t n = rows[k] * cols[k];
-        float *f = xmalloc((size_t)n * sizeof(float));
+        float *f = tl_malloc((size_t)n * sizeof(float));
         for (int64_t i = 0; i < n; i++)
             f[i] = frand() / sqrtf((float)cols[k]);
         uint64_t bytes = kli_dtype_nbytes(dt, (uint64_t)n);
-        bufs[k] = xmalloc(bytes);
+        bufs[k] = tl_malloc(bytes);
         kli_dtype_from_f32(dt, f, bufs[k], n);
         free(f);
         memset(t[k], 0, sizeof(*t[k]));
@@ -286,10 +257,10 @@ test_experts(enum kli_dtype dt)
     struct kli_ffn_w w[NE + 1];
     struct kli_gpu_ffn d[NE + 1];
     void *bufs[NE + 1][3];
-    float *x = xmalloc(T * D * sizeof(float)), *out = xmalloc(T * D * sizeof(float));
-    float *ref = xmalloc(T * D * sizeof(float)), *y = xmalloc(T * D * sizeof(float));
-    float *h1 = xmalloc(T * F * 2 * sizeof(float)), *h3 = xmalloc(T * F * 2 * sizeof(float));
-    float *xe = xmalloc(T * D * sizeof(float));
+    float *x = tl_malloc(T * D * sizeof(float)), *out = tl_malloc(T * D * sizeof(float));
+    float *ref = tl_malloc(T * D * sizeof(float)), *y = tl_malloc(T * D * sizeof(float));
+    float *h1 = tl_malloc(T * F * 2 * sizeof(float)), *h3 = tl_malloc(T * F * 2 * sizeof(float));
+    float *xe = tl_malloc(T * D * sizeof(float));
     int32_t start[NE + 2], row[T * (NE + 1)];
     float wt[T * (NE + 1)];
 
@@ -332,7 +303,7 @@ test_experts(enum kli_dtype dt)
         diag("experts %s: %s", kli_dtype_name(dt), err.msg);
     for (int i = 0; i < T * D; i++)
         out[i] -= 0.5f;
-    double e = rel_l2(out, ref, T * D);
+    double e = tl_rel_l2(out, ref, T * D);
     ok(rc == KLI_OK && e < 1e-5, "experts %s (shared + %d routed, one idle): GPU vs CPU twin "
        "%.2g", kli_dtype_name(dt), NE - 1, e);
     for (int e2 = 0; e2 <= NE; e2++) {
@@ -361,11 +332,11 @@ static void
 make_mat(enum kli_dtype dt, int64_t rows, int64_t cols, struct kli_tensor *t, void **buf)
 {
     int64_t n = rows * cols;
-    float *f = xmalloc((size_t)n * sizeof(float));
+    float *f = tl_malloc((size_t)n * sizeof(float));
 
     for (int64_t i = 0; i < n; i++)
         f[i] = frand() / sqrtf((float)cols) * 2.0f;
-    *buf = xmalloc(kli_dtype_nbytes(dt, (uint64_t)n));
+    *buf = tl_malloc(kli_dtype_nbytes(dt, (uint64_t)n));
     kli_dtype_from_f32(dt, f, *buf, n);
     free(f);
     memset(t, 0, sizeof(*t));
@@ -380,7 +351,7 @@ make_mat(enum kli_dtype dt, int64_t rows, int64_t cols, struct kli_tensor *t, vo
 static float *
 rand_floats(int64_t n, float scale, float bias)
 {
-    float *f = xmalloc((size_t)n * sizeof(float));
+    float *f = tl_malloc((size_t)n * sizeof(float));
 
     for (int64_t i = 0; i < n; i++)
         f[i] = bias + scale * frand();
@@ -438,20 +409,20 @@ test_mla_layer(const char *what, enum kli_dtype dt, int D, int H, int L, int nop
         nmax = len[q] > nmax ? len[q] : nmax;
     }
     float *x = rand_floats(T * D, 1.0f, 0.0f);
-    float *out_c = xmalloc((size_t)T * D * 4), *out_g = xmalloc((size_t)T * D * 4);
-    float *rows = xmalloc((size_t)T * C * 4);
+    float *out_c = tl_malloc((size_t)T * D * 4), *out_g = tl_malloc((size_t)T * D * 4);
+    float *rows = tl_malloc((size_t)T * C * 4);
 
     /* the CPU twin */
     struct mla_scratch sc;
     memset(&sc, 0, sizeof(sc));
-    sc.q = xmalloc((size_t)T * H * dqk * 4);
-    sc.ckv = xmalloc((size_t)T * C * 4);
-    sc.o = xmalloc((size_t)T * H * dv * 4);
-    sc.qfull = xmalloc((size_t)T * H * C * 4);
-    sc.lat = xmalloc((size_t)T * H * L * 4);
+    sc.q = tl_malloc((size_t)T * H * dqk * 4);
+    sc.ckv = tl_malloc((size_t)T * C * 4);
+    sc.o = tl_malloc((size_t)T * H * dv * 4);
+    sc.qfull = tl_malloc((size_t)T * H * C * 4);
+    sc.lat = tl_malloc((size_t)T * H * L * 4);
     sc.work_stride = mla_work_floats(&m.cfg, nmax);
     sc.work_n = nmax;
-    sc.work = xmalloc((size_t)(sc.work_stride * 2 + (int64_t)H * nmax) * 4);
+    sc.work = tl_malloc((size_t)(sc.work_stride * 2 + (int64_t)H * nmax) * 4);
     mla_forward(&m, &w, hc, pos, n_seq, &sc, x, T_seq, out_c);
 
     const float *cptr[64];
@@ -472,15 +443,15 @@ test_mla_layer(const char *what, enum kli_dtype dt, int D, int H, int L, int nop
     for (int64_t t = 0; rc == KLI_OK && t < T; t++) {
         int q = (int)(t / T_seq);
         const float *ref = hc[q] + (pos[q] + t % T_seq) * C;
-        float *back = xmalloc((size_t)C * 4);
-        er = fmax(er, rel_l2(rows + t * C, ref, C));
+        float *back = tl_malloc((size_t)C * 4);
+        er = fmax(er, tl_rel_l2(rows + t * C, ref, C));
         if (dev_read(back, dc[q] + (pos[q] + t % T_seq) * C, (uint64_t)C * 4) == 0)
-            ed = fmax(ed, rel_l2(back, rows + t * C, C));
+            ed = fmax(ed, tl_rel_l2(back, rows + t * C, C));
         else
             ed = INFINITY;
         free(back);
     }
-    double eo = rel_l2(out_g, out_c, T * D);
+    double eo = tl_rel_l2(out_g, out_c, T * D);
     ok(rc == KLI_OK && eo < 1e-5 && er < 1e-6 && ed == 0.0, "%s: GPU layer vs CPU twin %.2g, "
        "new rows %.2g, device rows = returned rows (%.2g)", what, eo, er, ed);
 
@@ -554,7 +525,7 @@ test_kda_layer(const char *what, enum kli_dtype dt, int D, int H, int K, int rf,
         dm[k]->rows = (int32_t)rows[k];
         dm[k]->cols = (int32_t)cols[k];
     }
-    float *conv_all = xmalloc((size_t)3 * HK * W * 4);
+    float *conv_all = tl_malloc((size_t)3 * HK * W * 4);
     for (int p = 0; p < 3; p++)
         memcpy(conv_all + (size_t)p * HK * W, w.conv[p], (size_t)HK * W * 4);
     dw.conv = dev_copy(conv_all, (uint64_t)3 * HK * W * 4);
@@ -577,18 +548,18 @@ test_kda_layer(const char *what, enum kli_dtype dt, int D, int H, int K, int rf,
         dC[q] = dev_copy(st[q].conv, (uint64_t)nc * 4);
     }
     float *x = rand_floats(T * D, 1.0f, 0.0f);
-    float *out_c = xmalloc((size_t)T * D * 4), *out_g = xmalloc((size_t)T * D * 4);
+    float *out_c = tl_malloc((size_t)T * D * 4), *out_g = tl_malloc((size_t)T * D * 4);
     struct kda_scratch sc;
     for (int p = 0; p < 3; p++) {
-        sc.raw[p] = xmalloc((size_t)T * HK * 4);
-        sc.qkv[p] = xmalloc((size_t)T * HK * 4);
+        sc.raw[p] = tl_malloc((size_t)T * HK * 4);
+        sc.qkv[p] = tl_malloc((size_t)T * HK * 4);
     }
-    sc.g = xmalloc((size_t)T * HK * 4);
-    sc.beta = xmalloc((size_t)T * H * 4);
-    sc.low = xmalloc((size_t)T * (rf + rg) * 4);
-    sc.gate = xmalloc((size_t)T * HK * 4);
-    sc.o = xmalloc((size_t)T * HK * 4);
-    sc.chunk = xmalloc((size_t)threads_count() * kda_chunk_floats(K, K) * 4);
+    sc.g = tl_malloc((size_t)T * HK * 4);
+    sc.beta = tl_malloc((size_t)T * H * 4);
+    sc.low = tl_malloc((size_t)T * (rf + rg) * 4);
+    sc.gate = tl_malloc((size_t)T * HK * 4);
+    sc.o = tl_malloc((size_t)T * HK * 4);
+    sc.chunk = tl_malloc((size_t)threads_count() * kda_chunk_floats(K, K) * 4);
 
     kda_forward(&m, &w, stp, n_seq, &sc, x, T_seq, out_c);
     struct kli_gpu_kda_job j = {n_seq, T_seq, D, H, K, W, 1e-5f, &dw, dS, dC, x, out_g};
@@ -596,17 +567,17 @@ test_kda_layer(const char *what, enum kli_dtype dt, int D, int H, int K, int rf,
     if (rc != KLI_OK)
         diag("%s: %s", what, err.msg);
     double es = 0.0, ec = 0.0;
-    float *bs = xmalloc((size_t)ns * 4), *bc = xmalloc((size_t)nc * 4);
+    float *bs = tl_malloc((size_t)ns * 4), *bc = tl_malloc((size_t)nc * 4);
     for (int q = 0; rc == KLI_OK && q < n_seq; q++) {
         if (dev_read(bs, dS[q], (uint64_t)ns * 4) != 0 ||
             dev_read(bc, dC[q], (uint64_t)nc * 4) != 0) {
             es = INFINITY;
             break;
         }
-        es = fmax(es, rel_l2(bs, st[q].S, ns));
-        ec = fmax(ec, rel_l2(bc, st[q].conv, nc));
+        es = fmax(es, tl_rel_l2(bs, st[q].S, ns));
+        ec = fmax(ec, tl_rel_l2(bc, st[q].conv, nc));
     }
-    double eo = rel_l2(out_g, out_c, T * D);
+    double eo = tl_rel_l2(out_g, out_c, T * D);
     ok(rc == KLI_OK && eo < 1e-5 && es < 1e-5 && ec < 1e-6, "%s: GPU layer vs CPU twin %.2g, "
        "states %.2g, conv states (raw projections) %.2g", what, eo, es, ec);
 
@@ -653,58 +624,12 @@ static int32_t V, n_prompt, n_decode;
 static kli_token tokens[512];
 static float *ref_prefill, *ref_decode;
 
-static char *
-slurp(const char *path, size_t *len)
-{
-    FILE *f = fopen(path, "rb");
-    char *b = NULL;
-    long n;
-
-    if (f == NULL)
-        return NULL;
-    if (fseek(f, 0, SEEK_END) == 0 && (n = ftell(f)) >= 0 && fseek(f, 0, SEEK_SET) == 0) {
-        b = xmalloc((size_t)n + 1);
-        if (fread(b, 1, (size_t)n, f) != (size_t)n) {
-            free(b);
-            b = NULL;
-        } else {
-            b[n] = '\0';
-            *len = (size_t)n;
-        }
-    }
-    fclose(f);
-    return b;
-}
-
-static float *
-load_ref(const char *name, int32_t rows)
-{
-    char path[4200];
-    size_t len = 0;
-
-    snprintf(path, sizeof(path), "%s/%s", dir, name);
-    char *b = slurp(path, &len);
-    if (b == NULL || len != (size_t)rows * (size_t)V * sizeof(float)) {
-        printf("Bail out! %s: missing or not [%d][%d] float32\n", path, rows, V);
-        exit(1);
-    }
-    return (float *)b;
-}
-
 static void
 load_golden(void)
 {
-    char path[4200];
-    size_t len = 0;
-
-    snprintf(path, sizeof(path), "%s/golden.json", dir);
-    char *text = slurp(path, &len);
-    cJSON *root = text ? cJSON_ParseWithLength(text, len) : NULL;
+    cJSON *root = tl_load_json(dir, "golden.json");
     const cJSON *a, *it;
-    if (root == NULL) {
-        printf("Bail out! cannot read %s\n", path);
-        exit(1);
-    }
+
     n_prompt = n_decode = 0;
     a = cJSON_GetObjectItemCaseSensitive(root, "prompt");
     cJSON_ArrayForEach(it, a) {
@@ -717,9 +642,8 @@ load_golden(void)
             tokens[n_prompt + n_decode++] = (kli_token)it->valueint;
     }
     cJSON_Delete(root);
-    free(text);
     if (n_prompt == 0 || n_decode == 0) {
-        printf("Bail out! %s: no prompt or decode tokens\n", path);
+        printf("Bail out! %s/golden.json: no prompt or decode tokens\n", dir);
         exit(1);
     }
 }
@@ -769,11 +693,11 @@ static void
 check_golden(const char *what, struct kli_model *m, int32_t batch_max, const float *cpu)
 {
     int64_t N = n_prompt + n_decode;
-    float *all = xmalloc((size_t)N * V * sizeof(float));
+    float *all = tl_malloc((size_t)N * V * sizeof(float));
     int good = run_all(m, batch_max, all);
-    double ep = rel_l2(all, ref_prefill, (int64_t)n_prompt * V);
-    double ed = rel_l2(all + (int64_t)n_prompt * V, ref_decode, (int64_t)n_decode * V);
-    double ec = cpu != NULL ? rel_l2(all, cpu, N * V) : 0.0;
+    double ep = tl_rel_l2(all, ref_prefill, (int64_t)n_prompt * V);
+    double ed = tl_rel_l2(all + (int64_t)n_prompt * V, ref_decode, (int64_t)n_decode * V);
+    double ec = cpu != NULL ? tl_rel_l2(all, cpu, N * V) : 0.0;
 
     ok(good && ep < 1e-4 && ed < 1e-4 && ec < 1e-5, "%s: prefill %.2g, decode %.2g from the "
        "golden logits; %.2g from the CPU path", what, ep, ed, ec);
@@ -788,10 +712,10 @@ test_golden(void)
 
     V = kli_model_n_vocab(mc);
     load_golden();
-    ref_prefill = load_ref("ref64_prefill.f32", n_prompt);
-    ref_decode = load_ref("ref64_decode.f32", n_decode);
+    ref_prefill = tl_load_f32(dir, "ref64_prefill.f32", (size_t)n_prompt * (size_t)V);
+    ref_decode = tl_load_f32(dir, "ref64_decode.f32", (size_t)n_decode * (size_t)V);
     N = n_prompt + n_decode;
-    float *cpu = xmalloc((size_t)N * V * sizeof(float));
+    float *cpu = tl_malloc((size_t)N * V * sizeof(float));
     ok(run_all(mc, 0, cpu), "the CPU path runs");
 
     struct kli_model *m = open_tiny(KLI_GPU_ON, -1, 0);
@@ -806,7 +730,8 @@ test_golden(void)
     {
         struct kli_session *a = NULL, *b = NULL, *c = NULL;
         struct kli_err err = {0};
-        float *la = xmalloc((size_t)V * sizeof(float)), *lb = xmalloc((size_t)V * sizeof(float));
+        float *la = tl_malloc((size_t)V * sizeof(float));
+        float *lb = tl_malloc((size_t)V * sizeof(float));
         int good = kli_session_create(&a, m, NULL, &err) == KLI_OK &&
                    kli_session_create(&b, m, NULL, &err) == KLI_OK &&
                    kli_session_create(&c, mc, NULL, &err) == KLI_OK &&
@@ -830,7 +755,7 @@ test_golden(void)
             memcpy(lb, kli_session_logits(b), (size_t)V * sizeof(float));
             memcpy(la, kli_session_logits(c), (size_t)V * sizeof(float));
         }
-        double e = good ? rel_l2(lb, la, V) : INFINITY;
+        double e = good ? tl_rel_l2(lb, la, V) : INFINITY;
         ok(good && e < 1e-5, "batched step over two GPU sessions: %.2g from the CPU", e);
 
         /* a's history replaced by c's (CPU session of the other model: copy through b) */
@@ -841,7 +766,7 @@ test_golden(void)
         kli_token t1 = tokens[3];
         good = good && kli_session_eval(a, &t1, 1, NULL, &err) == KLI_OK &&
                kli_session_eval(b, &t1, 1, NULL, &err) == KLI_OK;
-        e = good ? rel_l2(kli_session_logits(a), kli_session_logits(b), V) : INFINITY;
+        e = good ? tl_rel_l2(kli_session_logits(a), kli_session_logits(b), V) : INFINITY;
         ok(good && e < 1e-5, "after kli_session_copy the device rows follow the new history: "
            "%.2g", e);
         if (!good)
@@ -859,8 +784,9 @@ test_golden(void)
         struct kli_session *a = NULL, *b = NULL, *c = NULL;
         struct kli_err err = {0};
         kli_token more[3] = {tokens[1], tokens[2], tokens[5]};
-        float *la = xmalloc((size_t)V * sizeof(float)), *lb = xmalloc((size_t)V * sizeof(float));
-        float *lc = xmalloc((size_t)V * sizeof(float));
+        float *la = tl_malloc((size_t)V * sizeof(float));
+        float *lb = tl_malloc((size_t)V * sizeof(float));
+        float *lc = tl_malloc((size_t)V * sizeof(float));
         void *snap = NULL;
         int64_t n = -1;
         int good = kli_session_create(&a, m, NULL, &err) == KLI_OK &&
@@ -869,7 +795,7 @@ test_golden(void)
                    kli_session_eval(a, tokens, n_prompt, NULL, &err) == KLI_OK &&
                    (n = kli_session_snapshot(a, NULL, NULL, 0, &err)) > 0;
         if (good) {
-            snap = xmalloc((size_t)n);
+            snap = tl_malloc((size_t)n);
             good = kli_session_snapshot(a, NULL, snap, n, &err) == n;
         }
         for (int i = 0; good && i < 3; i++)
@@ -884,7 +810,7 @@ test_golden(void)
         ok(good && memcmp(la, lb, (size_t)V * sizeof(float)) == 0,
            "whole model: a snapshot taken while the states are on the GPU, restored into "
            "another GPU session, continues bit for bit");
-        double e = good ? rel_l2(lc, la, V) : INFINITY;
+        double e = good ? tl_rel_l2(lc, la, V) : INFINITY;
         ok(good && e < 1e-5, "whole model: the same snapshot continued on the CPU: %.2g", e);
         kli_session_free(a);
         kli_session_free(b);
@@ -965,9 +891,9 @@ bench(void)
     printf("%8s %12s %12s %9s %12s\n", "context", "CPU ms", "GPU ms", "speedup", "GPU GB/s");
     for (size_t k = 0; k < sizeof(ns) / sizeof(ns[0]); k++) {
         int64_t n = ns[k];
-        float *cache = xmalloc((size_t)n * C * sizeof(float));
-        float *q = xmalloc((size_t)H * C * sizeof(float)), *S = xmalloc((size_t)H * n * 4);
-        float *lc = xmalloc((size_t)H * L * 4), *lg = xmalloc((size_t)H * L * 4);
+        float *cache = tl_malloc((size_t)n * C * sizeof(float));
+        float *q = tl_malloc((size_t)H * C * sizeof(float)), *S = tl_malloc((size_t)H * n * 4);
+        float *lc = tl_malloc((size_t)H * L * 4), *lg = tl_malloc((size_t)H * L * 4);
         for (int64_t i = 0; i < n * C; i++)
             cache[i] = frand();
         for (int64_t i = 0; i < H * C; i++)
@@ -995,7 +921,7 @@ bench(void)
         }
         printf("%8lld %12.3f %12.3f %8.1fx %12.0f   (rel L2 GPU vs CPU %.2g)\n", (long long)n,
                tc * 1e3, tg * 1e3, tc / tg, (double)n * C * 4 / tg / 1e9,
-               rel_l2(lg, lc, H * L));
+               tl_rel_l2(lg, lc, H * L));
         ops->release(gpu, dc, (uint64_t)n * C * 4);
         free(cache);
         free(q);
@@ -1011,22 +937,24 @@ main(int argc, char **argv)
 {
     struct kli_gpu_info info;
     struct kli_err err = {0};
-    const char *td = getenv("KLI_TESTDATA");
     int do_bench = argc > 1 && strcmp(argv[1], "--bench") == 0;
 
     /* The CPU twins in plain C: the SIMD kernels quantize the activations of Q8_0 and Q4
      * products to int8, an approximation of their own (about 1e-2 relative). */
-    if (!do_bench)
+    if (!do_bench) {
+        tap_init(argc, argv);
         setenv("KLI_SIMD", "generic", 1);
-    if ((ops = backend_cuda()) == NULL)
+    }
+    /* (-l lists the cases without a GPU: no case runs) */
+    if (!tap_listing && (ops = backend_cuda()) == NULL)
         skip_all("built without CUDA");
-    if (ops->open(&gpu, 0, 0, &info, &err) != KLI_OK)
+    if (!tap_listing && ops->open(&gpu, 0, 0, &info, &err) != KLI_OK)
         skip_all(err.msg);
-    if (ops->queue_create(gpu, &queue, &err) != KLI_OK) {
+    if (!tap_listing && ops->queue_create(gpu, &queue, &err) != KLI_OK) {
         printf("Bail out! queue: %s\n", err.msg);
         return 1;
     }
-    if (!do_bench)
+    if (!do_bench && !tap_listing)
         diag("%s, %d SMs, compute %d.%d, %.1f GiB free", info.name, info.n_sm, info.cc_major,
              info.cc_minor, (double)info.mem_free / 1073741824.0);
     if (do_bench) {
@@ -1038,28 +966,32 @@ main(int argc, char **argv)
     threads_set_count(2);
 
     /* 1. attention: tiny shape, decode and prefill rows, several sequences, real shape */
-    int64_t l1[] = {1}, l2[] = {37}, l3[] = {1000}, l4[] = {5, 300, 77};
-    int64_t l5[] = {4097}, l6[] = {513};
-    ok(ops->mla_check(gpu, 2, 64, 80, &err) == KLI_OK, "tiny shape supported");
-    test_attention("one cached row", 2, 64, 80, 1, l1, 1);
-    test_attention("decode, 37 rows", 2, 64, 80, 1, l2, 1);
-    test_attention("decode, 1000 rows", 2, 64, 80, 1, l3, 1);
-    test_attention("prefill, 3 sequences x 5 rows", 2, 64, 80, 3, l4, 5);
-    test_attention("odd heads (3)", 3, 64, 80, 1, l2, 1);
-    ok(ops->mla_check(gpu, 32, 512, 576, &err) == KLI_OK, "released shape supported");
-    test_attention("released shape, decode, 4097 rows", 32, 512, 576, 1, l5, 1);
-    test_attention("released shape, prefill 9 rows at 513", 32, 512, 576, 1, l6, 9);
-    struct kli_err e2 = {0};
-    ok(ops->mla_check(gpu, 64, 1024, 1088, &e2) != KLI_OK && e2.msg[0] != '\0',
-       "an unsupported shape is refused with a reason: %s", e2.msg);
+    if (tap_case("attention")) {
+        int64_t l1[] = {1}, l2[] = {37}, l3[] = {1000}, l4[] = {5, 300, 77};
+        int64_t l5[] = {4097}, l6[] = {513};
+        ok(ops->mla_check(gpu, 2, 64, 80, &err) == KLI_OK, "tiny shape supported");
+        test_attention("one cached row", 2, 64, 80, 1, l1, 1);
+        test_attention("decode, 37 rows", 2, 64, 80, 1, l2, 1);
+        test_attention("decode, 1000 rows", 2, 64, 80, 1, l3, 1);
+        test_attention("prefill, 3 sequences x 5 rows", 2, 64, 80, 3, l4, 5);
+        test_attention("odd heads (3)", 3, 64, 80, 1, l2, 1);
+        ok(ops->mla_check(gpu, 32, 512, 576, &err) == KLI_OK, "released shape supported");
+        test_attention("released shape, decode, 4097 rows", 32, 512, 576, 1, l5, 1);
+        test_attention("released shape, prefill 9 rows at 513", 32, 512, 576, 1, l6, 9);
+        struct kli_err e2 = {0};
+        ok(ops->mla_check(gpu, 64, 1024, 1088, &e2) != KLI_OK && e2.msg[0] != '\0',
+           "an unsupported shape is refused with a reason: %s", e2.msg);
+    }
 
     /* 2. experts in every dtype */
     const enum kli_dtype dts[] = {KLI_DT_F32, KLI_DT_F16, KLI_DT_BF16, KLI_DT_Q8_0, KLI_DT_Q4};
-    for (size_t i = 0; i < sizeof(dts) / sizeof(dts[0]); i++)
-        test_experts(dts[i]);
+    if (tap_case("experts")) {
+        for (size_t i = 0; i < sizeof(dts) / sizeof(dts[0]); i++)
+            test_experts(dts[i]);
+    }
 
     /* 3. a whole MLA layer, then the budget */
-    {
+    if (tap_case("mla_layer")) {
         int64_t one[] = {1}, dec[] = {300}, pre[] = {7, 40}, big[] = {1000};
         for (size_t i = 0; i < sizeof(dts) / sizeof(dts[0]); i++) {
             char what[96];
@@ -1082,16 +1014,19 @@ main(int argc, char **argv)
            e4.msg[0] != '\0', "a projection of the wrong shape is refused: %s", e4.msg);
     }
     /* 3b. a whole KDA layer */
-    test_kda_layer("KDA layer bf16, decode, 2 sequences", KLI_DT_BF16, 128, 2, 32, 32, 32, 2, 1);
-    test_kda_layer("KDA layer q8_0, decode", KLI_DT_Q8_0, 256, 4, 64, 64, 32, 1, 1);
-    test_kda_layer("KDA layer f32, prefill 3 rows (within the conv reach)", KLI_DT_F32, 128, 2,
-                   32, 32, 32, 1, 3);
-    test_kda_layer("KDA layer bf16, prefill 2 sequences x 70 rows", KLI_DT_BF16, 128, 2, 32, 32,
-                   32, 2, 70);
-    test_kda_layer("KDA layer q4, released head shape, prefill 9 rows", KLI_DT_Q4, 256, 4, 128,
-                   64, 64, 1, 9);
+    if (tap_case("kda_layer")) {
+        test_kda_layer("KDA layer bf16, decode, 2 sequences", KLI_DT_BF16, 128, 2, 32, 32, 32,
+                       2, 1);
+        test_kda_layer("KDA layer q8_0, decode", KLI_DT_Q8_0, 256, 4, 64, 64, 32, 1, 1);
+        test_kda_layer("KDA layer f32, prefill 3 rows (within the conv reach)", KLI_DT_F32,
+                       128, 2, 32, 32, 32, 1, 3);
+        test_kda_layer("KDA layer bf16, prefill 2 sequences x 70 rows", KLI_DT_BF16, 128, 2,
+                       32, 32, 32, 2, 70);
+        test_kda_layer("KDA layer q4, released head shape, prefill 9 rows", KLI_DT_Q4, 256, 4,
+                       128, 64, 64, 1, 9);
+    }
     /* the budget */
-    {
+    if (tap_case("budget")) {
         struct kli_gpu *g2 = NULL;
         struct kli_gpu_info i2;
         struct kli_err e3 = {0};
@@ -1104,14 +1039,14 @@ main(int argc, char **argv)
     }
 
     /* 4. the golden fixture */
-    if (td == NULL) {
-        diag("KLI_TESTDATA is not set: no end-to-end checks");
-    } else {
-        snprintf(dir, sizeof(dir), "%s/tiny-kimi-linear", td);
+    if (tap_case("golden")) {
+        tl_path(dir, sizeof(dir), "tiny-kimi-linear");
         test_golden();
     }
-    ops->queue_free(queue);
-    ops->close(gpu);
+    if (gpu != NULL) {
+        ops->queue_free(queue);
+        ops->close(gpu);
+    }
     plan_done();
     return tap_exit();
 }

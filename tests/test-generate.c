@@ -10,6 +10,7 @@
 
 #include "kli.h"
 #include "tap.h"
+#include "testlib.h"
 
 struct sink {
     char buf[8192];
@@ -63,9 +64,9 @@ tokid(const struct kli_tokenizer *t, const char *name)
 }
 
 int
-main(void)
+main(int argc, char **argv)
 {
-    const char *td = getenv("KLI_TESTDATA");
+    const char *td = tl_data();
     char dir[4096];
     struct kli_model *m = NULL;
     struct kli_session *s = NULL;
@@ -76,8 +77,7 @@ main(void)
     struct kli_err err = {0};
     kli_token ids[4096];
 
-    if (td == NULL)
-        skip_all("KLI_TESTDATA not set");
+    tap_init_whole(argc, argv);
     snprintf(dir, sizeof(dir), "%s/tiny-kimi-linear", td);
     if (kli_model_open(&m, dir, NULL, &err) != KLI_OK)
         skip_all(err.msg);

@@ -18,77 +18,18 @@
 #include "kda.h"
 #include "kli.h"
 #include "tap.h"
+#include "testlib.h"
 
 #define TOL 1e-5
 
-static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
+#define SEED 0x9e3779b97f4a7c15ull
 
-static uint64_t
-rng_next(void)
-{
-    uint64_t x = rng_state;
-
-    x ^= x << 13;
-    x ^= x >> 7;
-    x ^= x << 17;
-    rng_state = x;
-    return x;
-}
-
-/* Uniform in (0, 1). */
-static double
-rng_unif(void)
-{
-    return ((double)(rng_next() >> 11) + 0.5) / 9007199254740992.0;
-}
-
-static double
-rng_normal(void)
-{
-    double u1 = rng_unif(), u2 = rng_unif();
-
-    return sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2);
-}
+static uint64_t rng_state = SEED;
 
 static double
 softplus(double z)
 {
     return z > 20.0 ? z : log1p(exp(z));
-}
-
-/* ||a - b|| / ||b|| in double; 0 when both are zero. NaN anywhere gives +inf. */
-static double
-rel_l2(const float *a, const float *b, int64_t n)
-{
-    double num = 0.0, den = 0.0;
-
-    for (int64_t i = 0; i < n; i++) {
-        double d = (double)a[i] - (double)b[i];
-        if (!isfinite(a[i]) || !isfinite(b[i]))
-            return INFINITY;
-        num += d * d;
-        den += (double)b[i] * b[i];
-    }
-    if (den == 0.0)
-        return num == 0.0 ? 0.0 : INFINITY;
-    return sqrt(num / den);
-}
-
-static double
-rel_l2_d(const float *a, const double *b, int64_t n)
-{
-    double num = 0.0, den = 0.0;
-
-    for (int64_t i = 0; i < n; i++) {
-        double d = (double)a[i] - b[i];
-        if (!isfinite(a[i]))
-            return INFINITY;
-        num += d * d;
-        den += b[i] * b[i];
-    }
-    if (den == 0.0)
-        return num == 0.0 ? 0.0 : INFINITY;
-    return sqrt(num / den);
 }
 
 static int
@@ -99,18 +40,6 @@ all_finite(const float *x, int64_t n)
             return 0;
     }
     return 1;
-}
-
-static void *
-xcalloc(size_t n, size_t size)
-{
-    void *p = calloc(n ? n : 1, size);
-
-    if (p == NULL) {
-        printf("Bail out! out of memory\n");
-        exit(1);
-    }
-    return p;
 }
 
 /* x / sqrt(sum x^2 + 1e-6) * scale over n values. */
@@ -141,10 +70,10 @@ draw_g(int64_t d)
     if (d % 17 == 3)
         return -30.0f;
     if (d % 13 == 5)
-        return (float)(-1e-4 * rng_unif());
+        return (float)(-1e-4 * tl_unif(&rng_state));
     if (d % 11 == 7)
         return 0.0f;
-    return (float)(-exp(rng_normal()) * softplus(rng_normal()));
+    return (float)(-exp(tl_normal(&rng_state)) * softplus(tl_normal(&rng_state)));
 }
 
 static void
@@ -156,30 +85,30 @@ case_init(struct kda_case *c, int64_t T, int64_t K, int64_t V, int64_t H)
     c->K = K;
     c->V = V;
     c->H = H;
-    c->q = xcalloc((size_t)(T * HK), sizeof(float));
-    c->k = xcalloc((size_t)(T * HK), sizeof(float));
-    c->g = xcalloc((size_t)(T * HK), sizeof(float));
-    c->v = xcalloc((size_t)(T * HV), sizeof(float));
-    c->beta = xcalloc((size_t)(T * H), sizeof(float));
-    c->S0 = xcalloc((size_t)(H * K * V), sizeof(float));
+    c->q = tl_calloc((size_t)(T * HK), sizeof(float));
+    c->k = tl_calloc((size_t)(T * HK), sizeof(float));
+    c->g = tl_calloc((size_t)(T * HK), sizeof(float));
+    c->v = tl_calloc((size_t)(T * HV), sizeof(float));
+    c->beta = tl_calloc((size_t)(T * H), sizeof(float));
+    c->S0 = tl_calloc((size_t)(H * K * V), sizeof(float));
     for (int64_t t = 0; t < T; t++) {
         for (int64_t h = 0; h < H; h++) {
             float *q = c->q + t * HK + h * K, *k = c->k + t * HK + h * K;
             float *g = c->g + t * HK + h * K, *v = c->v + t * HV + h * V;
             for (int64_t d = 0; d < K; d++) {
-                q[d] = (float)rng_normal();
-                k[d] = (float)rng_normal();
+                q[d] = (float)tl_normal(&rng_state);
+                k[d] = (float)tl_normal(&rng_state);
                 g[d] = draw_g(d);
             }
             l2norm(q, K, 1.0 / sqrt((double)K));
             l2norm(k, K, 1.0);
             for (int64_t j = 0; j < V; j++)
-                v[j] = (float)rng_normal();
-            c->beta[t * H + h] = (float)(1.0 / (1.0 + exp(-1.5 * rng_normal())));
+                v[j] = (float)tl_normal(&rng_state);
+            c->beta[t * H + h] = (float)(1.0 / (1.0 + exp(-1.5 * tl_normal(&rng_state))));
         }
     }
     for (int64_t i = 0; i < H * K * V; i++)
-        c->S0[i] = (float)(0.5 * rng_normal());
+        c->S0[i] = (float)(0.5 * tl_normal(&rng_state));
 }
 
 static void
@@ -198,7 +127,7 @@ static void
 ref_recurrent(const struct kda_case *c, int64_t h, double *S, double *o)
 {
     int64_t K = c->K, V = c->V, HK = c->H * K, HV = c->H * V;
-    double *u = xcalloc((size_t)V, sizeof(double));
+    double *u = tl_calloc((size_t)V, sizeof(double));
 
     for (int64_t i = 0; i < K * V; i++)
         S[i] = c->S0[h * K * V + i];
@@ -231,32 +160,59 @@ ref_recurrent(const struct kda_case *c, int64_t h, double *S, double *o)
     free(u);
 }
 
+/* One head of a case through both forms and the float64 reference, each from S0. */
+struct one_head {
+    float *S_r, *o_r;    /* kda_recurrent */
+    float *S_c, *o_c;    /* kda_chunked */
+    double *S_d, *o_d;   /* ref_recurrent */
+};
+
+static void
+one_head_run(const struct kda_case *c, struct one_head *r)
+{
+    int64_t T = c->T, K = c->K, V = c->V;
+    float *work = tl_calloc((size_t)kda_chunk_floats(K, V), sizeof(float));
+
+    r->S_r = tl_calloc((size_t)(K * V), sizeof(float));
+    r->S_c = tl_calloc((size_t)(K * V), sizeof(float));
+    r->o_r = tl_calloc((size_t)(T * V), sizeof(float));
+    r->o_c = tl_calloc((size_t)(T * V), sizeof(float));
+    r->S_d = tl_calloc((size_t)(K * V), sizeof(double));
+    r->o_d = tl_calloc((size_t)(T * V), sizeof(double));
+    memcpy(r->S_r, c->S0, (size_t)(K * V) * sizeof(float));
+    memcpy(r->S_c, c->S0, (size_t)(K * V) * sizeof(float));
+    kda_recurrent(T, K, V, c->q, c->k, c->v, c->g, c->beta, K, V, 1, r->S_r, r->o_r, V);
+    kda_chunked(T, K, V, c->q, c->k, c->v, c->g, c->beta, K, V, 1, r->S_c, r->o_c, V, work);
+    ref_recurrent(c, 0, r->S_d, r->o_d);
+    free(work);
+}
+
+static void
+one_head_free(struct one_head *r)
+{
+    free(r->S_r);
+    free(r->S_c);
+    free(r->o_r);
+    free(r->o_c);
+    free(r->S_d);
+    free(r->o_d);
+}
+
 /* One head, contiguous (H = 1): recurrent vs float64, chunked vs recurrent. */
 static void
 check_single(int64_t K, int64_t V, int64_t T)
 {
     struct kda_case c;
-    float *S_r, *S_c, *o_r, *o_c, *work;
-    double *S_d, *o_d;
+    struct one_head r;
 
     case_init(&c, T, K, V, 1);
-    S_r = xcalloc((size_t)(K * V), sizeof(float));
-    S_c = xcalloc((size_t)(K * V), sizeof(float));
-    o_r = xcalloc((size_t)(T * V), sizeof(float));
-    o_c = xcalloc((size_t)(T * V), sizeof(float));
-    work = xcalloc((size_t)kda_chunk_floats(K, V), sizeof(float));
-    S_d = xcalloc((size_t)(K * V), sizeof(double));
-    o_d = xcalloc((size_t)(T * V), sizeof(double));
-    memcpy(S_r, c.S0, (size_t)(K * V) * sizeof(float));
-    memcpy(S_c, c.S0, (size_t)(K * V) * sizeof(float));
+    one_head_run(&c, &r);
+    float *S_r = r.S_r, *S_c = r.S_c, *o_r = r.o_r, *o_c = r.o_c;
+    double *S_d = r.S_d, *o_d = r.o_d;
 
-    kda_recurrent(T, K, V, c.q, c.k, c.v, c.g, c.beta, K, V, 1, S_r, o_r, V);
-    kda_chunked(T, K, V, c.q, c.k, c.v, c.g, c.beta, K, V, 1, S_c, o_c, V, work);
-    ref_recurrent(&c, 0, S_d, o_d);
-
-    double e_ro = rel_l2_d(o_r, o_d, T * V), e_rs = rel_l2_d(S_r, S_d, K * V);
-    double e_co = rel_l2(o_c, o_r, T * V), e_cs = rel_l2(S_c, S_r, K * V);
-    double e_cdo = rel_l2_d(o_c, o_d, T * V), e_cds = rel_l2_d(S_c, S_d, K * V);
+    double e_ro = tl_rel_l2_d(o_r, o_d, T * V), e_rs = tl_rel_l2_d(S_r, S_d, K * V);
+    double e_co = tl_rel_l2(o_c, o_r, T * V), e_cs = tl_rel_l2(S_c, S_r, K * V);
+    double e_cdo = tl_rel_l2_d(o_c, o_d, T * V), e_cds = tl_rel_l2_d(S_c, S_d, K * V);
     ok(e_ro < TOL, "K=%lld V=%lld T=%lld: recurrent o vs float64 reference: %.3g",
        (long long)K, (long long)V, (long long)T, e_ro);
     ok(e_rs < TOL, "K=%lld V=%lld T=%lld: recurrent final state vs float64 reference: %.3g",
@@ -269,13 +225,7 @@ check_single(int64_t K, int64_t V, int64_t T)
        "K=%lld V=%lld T=%lld: chunked vs float64 reference: o %.3g, state %.3g",
        (long long)K, (long long)V, (long long)T, e_cdo, e_cds);
 
-    free(S_r);
-    free(S_c);
-    free(o_r);
-    free(o_c);
-    free(work);
-    free(S_d);
-    free(o_d);
+    one_head_free(&r);
     case_free(&c);
 }
 
@@ -292,13 +242,13 @@ check_strided(int64_t K, int64_t V, int64_t T, int64_t H)
     double worst_ro = 0.0, worst_rs = 0.0;
 
     case_init(&c, T, K, V, H);
-    S_r = xcalloc((size_t)(H * KV), sizeof(float));
-    S_c = xcalloc((size_t)(H * KV), sizeof(float));
-    o_r = xcalloc((size_t)(T * HV), sizeof(float));
-    o_c = xcalloc((size_t)(T * HV), sizeof(float));
-    work = xcalloc((size_t)kda_chunk_floats(K, V), sizeof(float));
-    S_d = xcalloc((size_t)KV, sizeof(double));
-    o_d = xcalloc((size_t)(T * V), sizeof(double));
+    S_r = tl_calloc((size_t)(H * KV), sizeof(float));
+    S_c = tl_calloc((size_t)(H * KV), sizeof(float));
+    o_r = tl_calloc((size_t)(T * HV), sizeof(float));
+    o_c = tl_calloc((size_t)(T * HV), sizeof(float));
+    work = tl_calloc((size_t)kda_chunk_floats(K, V), sizeof(float));
+    S_d = tl_calloc((size_t)KV, sizeof(double));
+    o_d = tl_calloc((size_t)(T * V), sizeof(double));
     memcpy(S_r, c.S0, (size_t)(H * KV) * sizeof(float));
     memcpy(S_c, c.S0, (size_t)(H * KV) * sizeof(float));
 
@@ -324,11 +274,11 @@ check_strided(int64_t K, int64_t V, int64_t T, int64_t H)
         double e_o = den > 0.0 ? sqrt(num / den) : sqrt(num);
         if (!all_finite(o_r, T * HV))
             e_o = INFINITY;
-        double e_s = rel_l2_d(S_r + h * KV, S_d, KV);
+        double e_s = tl_rel_l2_d(S_r + h * KV, S_d, KV);
         worst_ro = e_o > worst_ro ? e_o : worst_ro;
         worst_rs = e_s > worst_rs ? e_s : worst_rs;
     }
-    double e_co = rel_l2(o_c, o_r, T * HV), e_cs = rel_l2(S_c, S_r, H * KV);
+    double e_co = tl_rel_l2(o_c, o_r, T * HV), e_cs = tl_rel_l2(S_c, S_r, H * KV);
     ok(worst_ro < TOL && worst_rs < TOL,
        "%lld interleaved heads K=%lld V=%lld T=%lld: recurrent vs float64: o %.3g, state %.3g",
        (long long)H, (long long)K, (long long)V, (long long)T, worst_ro, worst_rs);
@@ -338,13 +288,13 @@ check_strided(int64_t K, int64_t V, int64_t T, int64_t H)
 
     /* The same heads run contiguously must give the same numbers as the strided calls. */
     {
-        float *q1 = xcalloc((size_t)(T * K), sizeof(float));
-        float *k1 = xcalloc((size_t)(T * K), sizeof(float));
-        float *g1 = xcalloc((size_t)(T * K), sizeof(float));
-        float *v1 = xcalloc((size_t)(T * V), sizeof(float));
-        float *b1 = xcalloc((size_t)T, sizeof(float));
-        float *S1 = xcalloc((size_t)KV, sizeof(float));
-        float *o1 = xcalloc((size_t)(T * V), sizeof(float));
+        float *q1 = tl_calloc((size_t)(T * K), sizeof(float));
+        float *k1 = tl_calloc((size_t)(T * K), sizeof(float));
+        float *g1 = tl_calloc((size_t)(T * K), sizeof(float));
+        float *v1 = tl_calloc((size_t)(T * V), sizeof(float));
+        float *b1 = tl_calloc((size_t)T, sizeof(float));
+        float *S1 = tl_calloc((size_t)KV, sizeof(float));
+        float *o1 = tl_calloc((size_t)(T * V), sizeof(float));
         double worst = 0.0;
         int64_t h = H - 1;
         for (int64_t t = 0; t < T; t++) {
@@ -357,10 +307,10 @@ check_strided(int64_t K, int64_t V, int64_t T, int64_t H)
         memcpy(S1, c.S0 + h * KV, (size_t)KV * sizeof(float));
         kda_chunked(T, K, V, q1, k1, v1, g1, b1, K, V, 1, S1, o1, V, work);
         for (int64_t t = 0; t < T; t++) {
-            double e = rel_l2(o1 + t * V, o_c + t * HV + h * V, V);
+            double e = tl_rel_l2(o1 + t * V, o_c + t * HV + h * V, V);
             worst = e > worst ? e : worst;
         }
-        double es = rel_l2(S1, S_c + h * KV, KV);
+        double es = tl_rel_l2(S1, S_c + h * KV, KV);
         ok(worst < 1e-6 && es < 1e-6,
            "K=%lld V=%lld T=%lld: chunked contiguous == strided (head %lld): o %.3g, "
            "state %.3g", (long long)K, (long long)V, (long long)T, (long long)h, worst, es);
@@ -389,45 +339,28 @@ static void
 check_strong_decay(int64_t K, int64_t V, int64_t T)
 {
     struct kda_case c;
-    float *S_r, *S_c, *o_r, *o_c, *work;
-    double *S_d, *o_d;
+    struct one_head r;
 
     case_init(&c, T, K, V, 1);
     for (int64_t i = 0; i < T * K; i++)
         c.g[i] = -80.0f;
-    S_r = xcalloc((size_t)(K * V), sizeof(float));
-    S_c = xcalloc((size_t)(K * V), sizeof(float));
-    o_r = xcalloc((size_t)(T * V), sizeof(float));
-    o_c = xcalloc((size_t)(T * V), sizeof(float));
-    work = xcalloc((size_t)kda_chunk_floats(K, V), sizeof(float));
-    S_d = xcalloc((size_t)(K * V), sizeof(double));
-    o_d = xcalloc((size_t)(T * V), sizeof(double));
-    memcpy(S_r, c.S0, (size_t)(K * V) * sizeof(float));
-    memcpy(S_c, c.S0, (size_t)(K * V) * sizeof(float));
-
-    kda_chunked(T, K, V, c.q, c.k, c.v, c.g, c.beta, K, V, 1, S_c, o_c, V, work);
-    kda_recurrent(T, K, V, c.q, c.k, c.v, c.g, c.beta, K, V, 1, S_r, o_r, V);
-    ref_recurrent(&c, 0, S_d, o_d);
+    one_head_run(&c, &r);
+    float *S_r = r.S_r, *S_c = r.S_c, *o_r = r.o_r, *o_c = r.o_c;
+    double *S_d = r.S_d, *o_d = r.o_d;
 
     ok(all_finite(o_c, T * V) && all_finite(S_c, K * V),
        "g = -80 everywhere, K=%lld V=%lld T=%lld: chunked output and state finite",
        (long long)K, (long long)V, (long long)T);
-    double e_o = rel_l2_d(o_c, o_d, T * V), e_s = rel_l2_d(S_c, S_d, K * V);
+    double e_o = tl_rel_l2_d(o_c, o_d, T * V), e_s = tl_rel_l2_d(S_c, S_d, K * V);
     ok(e_o < TOL && e_s < TOL,
        "g = -80 everywhere, K=%lld V=%lld T=%lld: chunked vs float64: o %.3g, state %.3g",
        (long long)K, (long long)V, (long long)T, e_o, e_s);
-    double r_o = rel_l2_d(o_r, o_d, T * V), r_s = rel_l2_d(S_r, S_d, K * V);
+    double r_o = tl_rel_l2_d(o_r, o_d, T * V), r_s = tl_rel_l2_d(S_r, S_d, K * V);
     ok(r_o < TOL && r_s < TOL,
        "g = -80 everywhere, K=%lld V=%lld T=%lld: recurrent vs float64: o %.3g, state %.3g",
        (long long)K, (long long)V, (long long)T, r_o, r_s);
 
-    free(S_r);
-    free(S_c);
-    free(o_r);
-    free(o_c);
-    free(work);
-    free(S_d);
-    free(o_d);
+    one_head_free(&r);
     case_free(&c);
 }
 
@@ -440,11 +373,11 @@ check_pieces(int64_t K, int64_t V)
     float *S1, *S2, *o1, *o2, *work;
 
     case_init(&c, T, K, V, 1);
-    S1 = xcalloc((size_t)(K * V), sizeof(float));
-    S2 = xcalloc((size_t)(K * V), sizeof(float));
-    o1 = xcalloc((size_t)(T * V), sizeof(float));
-    o2 = xcalloc((size_t)(T * V), sizeof(float));
-    work = xcalloc((size_t)kda_chunk_floats(K, V), sizeof(float));
+    S1 = tl_calloc((size_t)(K * V), sizeof(float));
+    S2 = tl_calloc((size_t)(K * V), sizeof(float));
+    o1 = tl_calloc((size_t)(T * V), sizeof(float));
+    o2 = tl_calloc((size_t)(T * V), sizeof(float));
+    work = tl_calloc((size_t)kda_chunk_floats(K, V), sizeof(float));
     memcpy(S1, c.S0, (size_t)(K * V) * sizeof(float));
     memcpy(S2, c.S0, (size_t)(K * V) * sizeof(float));
     kda_chunked(T, K, V, c.q, c.k, c.v, c.g, c.beta, K, V, 1, S1, o1, V, work);
@@ -457,7 +390,7 @@ check_pieces(int64_t K, int64_t V)
             kda_chunked(n, K, V, c.q + t0 * K, c.k + t0 * K, c.v + t0 * V, c.g + t0 * K,
                         c.beta + t0, K, V, 1, S2, o2 + t0 * V, V, work);
     }
-    double e_o = rel_l2(o2, o1, T * V), e_s = rel_l2(S2, S1, K * V);
+    double e_o = tl_rel_l2(o2, o1, T * V), e_s = tl_rel_l2(S2, S1, K * V);
     ok(e_o < TOL && e_s < TOL,
        "K=%lld V=%lld: pieces 1+63+36+65+35 with carried state vs one call: o %.3g, "
        "state %.3g", (long long)K, (long long)V, e_o, e_s);
@@ -470,27 +403,36 @@ check_pieces(int64_t K, int64_t V)
 }
 
 int
-main(void)
+main(int argc, char **argv)
 {
     static const int64_t dims[][2] = {{32, 32}, {128, 128}, {16, 48}};
     static const int64_t lens[] = {1, 63, 64, 65, 130, 300};
 
     (void)plan;       /* tap.h: the plan is printed at the end instead */
     (void)skip_all;   /* no test data needed */
+    tap_init(argc, argv);
     diag("kernels: %s", kli_simd_variant());
-    for (size_t i = 0; i < sizeof(dims) / sizeof(dims[0]); i++) {
-        for (size_t j = 0; j < sizeof(lens) / sizeof(lens[0]); j++)
-            check_single(dims[i][0], dims[i][1], lens[j]);
+    if (tap_case_seeded("chunked_vs_recurrent", &rng_state, SEED)) {
+        for (size_t i = 0; i < sizeof(dims) / sizeof(dims[0]); i++) {
+            for (size_t j = 0; j < sizeof(lens) / sizeof(lens[0]); j++)
+                check_single(dims[i][0], dims[i][1], lens[j]);
+        }
     }
-    check_strided(32, 32, 130, 3);
-    check_strided(16, 48, 65, 4);
-    check_strided(128, 128, 70, 2);
-    check_strided(48, 16, 1, 3);
-    check_strong_decay(32, 32, 64);
-    check_strong_decay(128, 128, 64);
-    check_strong_decay(16, 48, 130);
-    check_pieces(32, 32);
-    check_pieces(16, 48);
+    if (tap_case_seeded("strided", &rng_state, SEED)) {
+        check_strided(32, 32, 130, 3);
+        check_strided(16, 48, 65, 4);
+        check_strided(128, 128, 70, 2);
+        check_strided(48, 16, 1, 3);
+    }
+    if (tap_case_seeded("strong_decay", &rng_state, SEED)) {
+        check_strong_decay(32, 32, 64);
+        check_strong_decay(128, 128, 64);
+        check_strong_decay(16, 48, 130);
+    }
+    if (tap_case_seeded("pieces", &rng_state, SEED)) {
+        check_pieces(32, 32);
+        check_pieces(16, 48);
+    }
     plan_done();
     return tap_exit();
 }

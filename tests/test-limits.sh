@@ -18,8 +18,6 @@ set -u
 : "${KLI_BIN:?}" "${KLI_TESTDATA:?}" "${KLI_SRCDIR:?}"
 . "$KLI_SRCDIR/tests/lib.sh"
 need_python json "python3 is needed to check the JSON output"
-kli=$KLI_BIN
-model="$KLI_TESTDATA/tiny-kimi-linear"
 T=${KLI_TEST_HANG_S:-60}   # seconds before a command counts as hung; each takes well under 1
 
 # refused DESCRIPTION PATTERN COMMAND...: exits 1 within T seconds, stderr matching PATTERN

@@ -18,6 +18,7 @@
 
 #include "kli.h"
 #include "tap.h"
+#include "testlib.h"
 
 static char fixture[4096];
 static char *orig_config;
@@ -216,14 +217,13 @@ ed_offsets_past_end(cJSON *h)
 }
 
 int
-main(void)
+main(int argc, char **argv)
 {
-    const char *td = getenv("KLI_TESTDATA");
+    const char *td = tl_data();
     char path[4200];
     size_t len = 0;
 
-    if (td == NULL)
-        skip_all("KLI_TESTDATA not set");
+    tap_init_whole(argc, argv);
     snprintf(fixture, sizeof(fixture), "%s/tiny-kimi-linear", td);
     snprintf(path, sizeof(path), "%s/config.json", fixture);
     orig_config = (char *)slurp(path, &orig_config_len);

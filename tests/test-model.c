@@ -5,7 +5,7 @@
  * batch_max, reset, and the error paths of kli_session_eval (bad token id, full context)
  * that must leave the session unchanged.
  *
- * Data: $KLI_TESTDATA/tiny-kimi-linear.
+ * Data: tests/data/tiny-kimi-linear (testlib.h).
  */
 #include "config.h"
 
@@ -18,6 +18,7 @@
 
 #include "kli.h"
 #include "tap.h"
+#include "testlib.h"
 
 #define TOL 1e-4
 #define MAXTOK 512
@@ -30,62 +31,6 @@ static int32_t V;
 static int32_t n_prompt, n_decode, n_split;
 static kli_token tokens[MAXTOK];   /* prompt, then decode_tokens */
 static float *ref_prefill, *ref_decode, *ref_split;
-
-static void *
-xmalloc(size_t n)
-{
-    void *p = malloc(n ? n : 1);
-
-    if (p == NULL) {
-        printf("Bail out! out of memory\n");
-        exit(1);
-    }
-    return p;
-}
-
-static char *
-slurp(const char *path, size_t *len)
-{
-    FILE *f = fopen(path, "rb");
-    char *b = NULL;
-    long n;
-
-    if (f == NULL)
-        return NULL;
-    if (fseek(f, 0, SEEK_END) == 0 && (n = ftell(f)) >= 0 && fseek(f, 0, SEEK_SET) == 0) {
-        b = xmalloc((size_t)n + 1);
-        if (fread(b, 1, (size_t)n, f) != (size_t)n) {
-            free(b);
-            b = NULL;
-        } else {
-            b[n] = '\0';
-            *len = (size_t)n;
-        }
-    }
-    fclose(f);
-    return b;
-}
-
-/* Reads `rows` x V little-endian float32 values (the host is assumed little-endian). */
-static float *
-load_ref(const char *name, int32_t rows)
-{
-    char path[4200];
-    size_t len = 0;
-
-    snprintf(path, sizeof(path), "%s/%s", dir, name);
-    char *b = slurp(path, &len);
-    if (b == NULL || len != (size_t)rows * (size_t)V * sizeof(float)) {
-        printf("Bail out! %s: missing or not [%d][%d] float32 (%zu bytes)\n", path, rows, V,
-               len);
-        exit(1);
-    }
-    float *out = xmalloc(len);
-    memcpy(out, b, len);
-    free(b);
-    return out;
-}
-
 /* Reads an integer array of golden.json into `out` (at most cap values). */
 static int32_t
 json_ids(const cJSON *root, const char *key, kli_token *out, int32_t cap)
@@ -106,16 +51,8 @@ json_ids(const cJSON *root, const char *key, kli_token *out, int32_t cap)
 static void
 load_golden(void)
 {
-    char path[4200];
-    size_t len = 0;
+    cJSON *root = tl_load_json(dir, "golden.json");
 
-    snprintf(path, sizeof(path), "%s/golden.json", dir);
-    char *text = slurp(path, &len);
-    cJSON *root = text ? cJSON_ParseWithLength(text, len) : NULL;
-    if (root == NULL) {
-        printf("Bail out! cannot read or parse %s\n", path);
-        exit(1);
-    }
     n_prompt = json_ids(root, "prompt", tokens, MAXTOK);
     n_decode = n_prompt > 0 ? json_ids(root, "decode_tokens", tokens + n_prompt,
                                        MAXTOK - n_prompt) : -1;
@@ -124,30 +61,13 @@ load_golden(void)
     n_split = cJSON_IsNumber(sp) ? sp->valueint : -1;
     if (n_prompt <= 0 || n_decode <= 0 || n_split <= 0 || n_split >= n_prompt ||
         !cJSON_IsNumber(vo) || vo->valueint != V) {
-        printf("Bail out! %s: unexpected content (prompt %d, decode %d, split %d)\n", path,
-               n_prompt, n_decode, n_split);
+        printf("Bail out! %s/golden.json: unexpected content (prompt %d, decode %d, "
+               "split %d)\n", dir, n_prompt, n_decode, n_split);
         exit(1);
     }
     diag("golden: %d prompt tokens, %d decode tokens, split at %d, vocab %d", n_prompt,
          n_decode, n_split, V);
     cJSON_Delete(root);
-    free(text);
-}
-
-/* ||a - b|| / ||b|| over n values; +inf if a has a non-finite value. */
-static double
-rel_l2(const float *a, const float *b, int64_t n)
-{
-    double num = 0.0, den = 0.0;
-
-    for (int64_t i = 0; i < n; i++) {
-        if (!isfinite(a[i]))
-            return INFINITY;
-        double d = (double)a[i] - (double)b[i];
-        num += d * d;
-        den += (double)b[i] * b[i];
-    }
-    return den > 0.0 ? sqrt(num / den) : INFINITY;
 }
 
 static int32_t
@@ -197,8 +117,8 @@ eval_rows(struct kli_session *s, int32_t t0, int32_t n, float *all)
 static void
 check_run(const char *what, const float *all, const float *ref_p)
 {
-    double ep = rel_l2(all, ref_p, (int64_t)n_prompt * V);
-    double ed = rel_l2(all + (int64_t)n_prompt * V, ref_decode, (int64_t)n_decode * V);
+    double ep = tl_rel_l2(all, ref_p, (int64_t)n_prompt * V);
+    double ed = tl_rel_l2(all + (int64_t)n_prompt * V, ref_decode, (int64_t)n_decode * V);
     int am_ref = 1, am_tok = 1;
 
     diag("%s: prompt rows rel L2 %.3g, decode rows rel L2 %.3g", what, ep, ed);
@@ -225,38 +145,31 @@ check_run(const char *what, const float *all, const float *ref_p)
 }
 
 int
-main(void)
+main(int argc, char **argv)
 {
-    const char *td = getenv("KLI_TESTDATA");
-    struct kli_model_options mopt;
-    struct kli_err err = {0};
-
     (void)plan;   /* tap.h: the plan is printed at the end instead */
-    if (td == NULL)
-        skip_all("KLI_TESTDATA is not set");
-    snprintf(dir, sizeof(dir), "%s/tiny-kimi-linear", td);
-    kli_model_options_init(&mopt);
-    mopt.n_threads = 2;
-    if (kli_model_open(&model_mt, dir, &mopt, &err) != KLI_OK) {
-        printf("Bail out! cannot open %s: %s\n", dir, err.msg);
-        return 1;
-    }
+    (void)skip_all;
+    tap_init(argc, argv);
+    tl_path(dir, sizeof(dir), "tiny-kimi-linear");
+    model_mt = tl_open_model("tiny-kimi-linear", 2);
     model = model_mt;
     diag("first on 2 threads");
     V = kli_model_n_vocab(model);
     diag("kernels: %s", kli_simd_variant());
     load_golden();
-    ref_prefill = load_ref("ref64_prefill.f32", n_prompt);
-    ref_decode = load_ref("ref64_decode.f32", n_decode);
-    ref_split = load_ref("ref64_split.f32", n_prompt);
+    ref_prefill = tl_load_f32(dir, "ref64_prefill.f32", (size_t)n_prompt * (size_t)V);
+    ref_decode = tl_load_f32(dir, "ref64_decode.f32", (size_t)n_decode * (size_t)V);
+    ref_split = tl_load_f32(dir, "ref64_split.f32", (size_t)n_prompt * (size_t)V);
 
     int32_t N = n_prompt + n_decode;
     size_t all_bytes = (size_t)N * (size_t)V * sizeof(float);
-    float *first = xmalloc(all_bytes), *all = xmalloc(all_bytes);
+    float *first = tl_malloc(all_bytes), *all = tl_malloc(all_bytes);
+
+    int two_threads = tap_case("two_threads");
 
     /* 1. The prompt in one call, logits for every position; then greedy decoding one
      *    token at a time (the generation path). */
-    {
+    if (two_threads) {
         struct kli_session *s = new_session(0, 0);
         int good = eval_rows(s, 0, n_prompt, first);
         ok(good && kli_session_pos(s) == n_prompt, "one-call prefill: pos %d",
@@ -285,13 +198,13 @@ main(void)
     }
 
     /* 2. batch_max 7: every call is computed 7 tokens at a time. */
-    {
+    if (two_threads) {
         struct kli_session *s = new_session(0, 7);
         int good = eval_rows(s, 0, N, all);
         ok(good && kli_session_pos(s) == N, "batch_max 7, one call of %d: pos %d", N,
            kli_session_pos(s));
         check_run("batch_max 7", all, ref_prefill);
-        double e = rel_l2(all, first, (int64_t)N * V);
+        double e = tl_rel_l2(all, first, (int64_t)N * V);
         ok(e < 1e-5, "batch_max 7 vs batch_max 256 run: %.3g", e);
         kli_session_free(s);
     }
@@ -299,15 +212,11 @@ main(void)
     /* The checks above ran on 2 threads. The rest makes hundreds of small evals, where
      * OpenMP's spinning barriers cost a scheduler slice each on a loaded machine, so they
      * run on one thread: the thread count is set by the last kli_model_open. */
-    mopt.n_threads = 1;
-    if (kli_model_open(&model, dir, &mopt, &err) != KLI_OK) {
-        printf("Bail out! cannot open %s again: %s\n", dir, err.msg);
-        return 1;
-    }
+    model = tl_open_model("tiny-kimi-linear", 1);
     diag("now on 1 thread");
 
     /* 3. One token at a time from the start, reading kli_session_logits (logits NULL). */
-    {
+    if (tap_case("token_at_a_time")) {
         struct kli_session *s = new_session(0, 0);
         int good = 1;
         for (int32_t i = 0; i < N && good; i++) {
@@ -328,12 +237,12 @@ main(void)
     }
 
     /* 4. The prompt as two calls, 100 then 50 tokens, against ref64_split. */
-    {
+    if (tap_case("split")) {
         struct kli_session *s = new_session(0, 0);
         int good = eval_rows(s, 0, n_split, all) &&
                    eval_rows(s, n_split, n_prompt - n_split, all);
-        double es = rel_l2(all, ref_split, (int64_t)n_prompt * V);
-        double ep = rel_l2(all, ref_prefill, (int64_t)n_prompt * V);
+        double es = tl_rel_l2(all, ref_split, (int64_t)n_prompt * V);
+        double ep = tl_rel_l2(all, ref_prefill, (int64_t)n_prompt * V);
         diag("split %d + %d: vs ref64_split %.3g, vs ref64_prefill %.3g", n_split,
              n_prompt - n_split, es, ep);
         ok(good && es < TOL, "split %d + %d: logits vs ref64_split: %.3g", n_split,
@@ -344,7 +253,7 @@ main(void)
     }
 
     /* 5. The whole token list in calls of at most 100 (kli logits --chunk 100). */
-    {
+    if (tap_case("chunks")) {
         struct kli_session *s = new_session(0, 0);
         int good = 1;
         for (int32_t i = 0; i < N && good; i += 100)
@@ -356,16 +265,16 @@ main(void)
 
     /* 6. A token id out of range fails with KLI_E_RANGE and changes nothing: the valid
      *    tokens before it in the same call are not consumed either. */
-    {
+    if (tap_case("bad_token")) {
         struct kli_session *s = new_session(0, 0);
-        float *saved = xmalloc((size_t)V * sizeof(float));
+        float *saved = tl_malloc((size_t)V * sizeof(float));
         int good = eval_rows(s, 0, n_split, all);
         memcpy(saved, kli_session_logits(s), (size_t)V * sizeof(float));
         static const kli_token bad_ids[] = {-1, 512, INT32_MAX, INT32_MIN};
         for (size_t b = 0; b < sizeof(bad_ids) / sizeof(bad_ids[0]); b++) {
             kli_token bad[3] = {tokens[n_split], tokens[n_split + 1], bad_ids[b]};
             struct kli_err e = {0};
-            float *junk = xmalloc(3 * (size_t)V * sizeof(float));
+            float *junk = tl_malloc(3 * (size_t)V * sizeof(float));
             int rc = kli_session_eval(s, bad, 3, junk, &e);
             ok(rc == KLI_E_RANGE && e.code == KLI_E_RANGE && e.msg[0] != '\0' &&
                kli_session_pos(s) == n_split,
@@ -377,7 +286,7 @@ main(void)
            memcmp(kli_session_logits(s), saved, (size_t)V * sizeof(float)) == 0,
            "bad token ids: last logits unchanged");
         good = good && eval_rows(s, n_split, n_prompt - n_split, all);
-        double es = rel_l2(all, ref_split, (int64_t)n_prompt * V);
+        double es = tl_rel_l2(all, ref_split, (int64_t)n_prompt * V);
         ok(good && es < TOL, "after the failed calls the prompt continues as if none "
            "happened: vs ref64_split %.3g", es);
         free(saved);
@@ -385,7 +294,7 @@ main(void)
     }
 
     /* 7. ctx_max: a call that would exceed it fails with KLI_E_RANGE and changes nothing. */
-    {
+    if (tap_case("ctx_max")) {
         struct kli_session *s = new_session(10, 0);
         struct kli_err e = {0};
         int rc = kli_session_eval(s, tokens, 11, NULL, &e);
@@ -393,7 +302,7 @@ main(void)
            "ctx_max 10: 11 tokens at once: rc %d, pos %d (\"%s\")", rc, kli_session_pos(s),
            e.msg);
         int good = eval_rows(s, 0, 8, all);
-        float *saved = xmalloc((size_t)V * sizeof(float));
+        float *saved = tl_malloc((size_t)V * sizeof(float));
         memcpy(saved, kli_session_logits(s), (size_t)V * sizeof(float));
         memset(&e, 0, sizeof(e));
         rc = kli_session_eval(s, tokens + 8, 3, NULL, &e);
@@ -409,7 +318,7 @@ main(void)
         ok(rc == KLI_E_RANGE && kli_session_pos(s) == 10,
            "ctx_max 10: an 11th token: rc %d, pos %d (\"%s\")", rc, kli_session_pos(s),
            e.msg);
-        double ep = rel_l2(all, ref_prefill, 10 * (int64_t)V);
+        double ep = tl_rel_l2(all, ref_prefill, 10 * (int64_t)V);
         ok(ep < TOL, "ctx_max 10: the 10 rows computed vs ref64_prefill: %.3g", ep);
         free(saved);
         kli_session_free(s);

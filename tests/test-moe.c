@@ -14,6 +14,7 @@
 
 #include "moe.h"
 #include "tap.h"
+#include "testlib.h"
 
 #define MAXE 64
 
@@ -82,7 +83,7 @@ expect(const char *what, const struct kli_config_moe *c, const float *logits,
 }
 
 int
-main(void)
+main(int argc, char **argv)
 {
     static const float zero[MAXE];
     /* eight router logits used by several cases */
@@ -90,9 +91,10 @@ main(void)
 
     (void)plan;       /* tap.h: the plan is printed at the end instead */
     (void)skip_all;   /* no test data needed */
+    tap_init(argc, argv);
 
     /* 1. Sigmoid scores, no bias, top-2 renormalised, scaling 1: experts 2 and 4. */
-    {
+    if (tap_case("sigmoid_top2")) {
         struct kli_config_moe c = cfg_make(8, 2, 1, 1, 1.0f);
         double s2 = sigm(2.0), s4 = sigm(1.5), sum = s2 + s4 + 1e-20;
         int32_t wi[] = {2, 4};
@@ -100,7 +102,7 @@ main(void)
         expect("sigmoid top-2, renormalised", &c, lg, zero, wi, ww);
     }
     /* 2. The scaling factor multiplies the renormalised weights. */
-    {
+    if (tap_case("scaling")) {
         struct kli_config_moe c = cfg_make(8, 2, 1, 1, 2.446f);
         double s2 = sigm(2.0), s4 = sigm(1.5), sum = s2 + s4 + 1e-20;
         int32_t wi[] = {2, 4};
@@ -110,7 +112,7 @@ main(void)
     /* 3. The bias changes the selection but not the weights: bias[7] = 0.3 lifts expert 7
      *    (sigmoid(0.7) + 0.3 = 0.968) above expert 2 (0.881) and expert 4 (0.818); the
      *    weights stay the unbiased sigmoid of experts 7 and 2, in biased-score order. */
-    {
+    if (tap_case("bias_select")) {
         struct kli_config_moe c = cfg_make(8, 2, 1, 1, 2.446f);
         float bias[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.3f};
         double s7 = sigm(0.7), s2 = sigm(2.0), sum = s7 + s2 + 1e-20;
@@ -120,7 +122,7 @@ main(void)
     }
     /* 4. A negative bias drops the best raw expert: bias[2] = -0.5 leaves 0.381 for it, so
      *    experts 4 (0.818) and 7 (0.668) are chosen. */
-    {
+    if (tap_case("negative_bias")) {
         struct kli_config_moe c = cfg_make(8, 2, 1, 1, 1.0f);
         float bias[8] = {0.0f, 0.0f, -0.5f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
         double s4 = sigm(1.5), s7 = sigm(0.7), sum = s4 + s7 + 1e-20;
@@ -129,7 +131,7 @@ main(void)
         expect("negative bias drops the best raw expert", &c, lg, bias, wi, ww);
     }
     /* 5. Renormalisation off: the weights are the plain sigmoid times the scaling. */
-    {
+    if (tap_case("no_renorm")) {
         struct kli_config_moe c = cfg_make(8, 3, 1, 0, 2.446f);
         int32_t wi[] = {2, 4, 7};
         double ww[] = {sigm(2.0) * 2.446f, sigm(1.5) * 2.446f, sigm(0.7) * 2.446f};
@@ -137,14 +139,14 @@ main(void)
     }
     /* 6. top_k = 1 with renormalize on: no renormalisation (it applies only for top_k > 1),
      *    so the weight is sigmoid(2) * scaling, not 1 * scaling. */
-    {
+    if (tap_case("top1")) {
         struct kli_config_moe c = cfg_make(8, 1, 1, 1, 2.446f);
         int32_t wi[] = {2};
         double ww[] = {sigm(2.0) * 2.446f};
         expect("top_k 1, renormalize on: not renormalised", &c, lg, zero, wi, ww);
     }
     /* 7. Ties go to the lower index: all logits equal. */
-    {
+    if (tap_case("ties_all")) {
         struct kli_config_moe c = cfg_make(8, 3, 1, 1, 1.0f);
         float eq[8] = {0.25f, 0.25f, 0.25f, 0.25f, 0.25f, 0.25f, 0.25f, 0.25f};
         double s = sigm(0.25), sum = 3.0 * s + 1e-20;
@@ -153,7 +155,7 @@ main(void)
         expect("all equal: lowest indices", &c, eq, zero, wi, ww);
     }
     /* 8. Ties among the best: experts 5 and 3 tie above the rest, then 1 and 6 tie. */
-    {
+    if (tap_case("ties_best")) {
         struct kli_config_moe c = cfg_make(8, 3, 1, 1, 1.0f);
         float t[8] = {-1.0f, 0.5f, -2.0f, 1.0f, -1.0f, 1.0f, 0.5f, -3.0f};
         double a = sigm(1.0), b = sigm(0.5), sum = a + a + b + 1e-20;
@@ -164,7 +166,7 @@ main(void)
     /* 9. A tie made by the bias: expert 1 has sigmoid(0) + 0.5 = 1.0 and expert 6 has
      *    sigmoid(40) = 1.0 in float, no bias. They tie on the biased score, so expert 1
      *    comes first; the weights are the unbiased 0.5 and 1.0. */
-    {
+    if (tap_case("bias_tie")) {
         struct kli_config_moe c = cfg_make(8, 2, 1, 1, 1.0f);
         float t[8] = {-4.0f, 0.0f, -4.0f, -4.0f, -4.0f, -4.0f, 40.0f, -4.0f};
         float bias[8] = {0.0f, 0.5f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
@@ -176,7 +178,7 @@ main(void)
     }
     /* 10. Softmax router: scores are softmax(logits), selection on score + bias, weights the
      *     unbiased softmax probabilities renormalised over the chosen experts. */
-    {
+    if (tap_case("softmax")) {
         struct kli_config_moe c = cfg_make(8, 2, 0, 1, 2.446f);
         double p[8], z = 0.0;
         for (int i = 0; i < 8; i++)
@@ -210,7 +212,7 @@ main(void)
      *       group 3 (12..15): two medium (1.5, 1.4)              -> 0.818 + 0.802 = 1.620
      *     Groups 1 and 3 stay: expert 0, the single best, is never chosen. Top-3 gives
      *     4, 5, 12 in that order. */
-    {
+    if (tap_case("grouped")) {
         struct kli_config_moe c = cfg_make(16, 3, 1, 1, 2.446f);
         float l[16] = {6.0f, -4.0f, -4.0f, -5.0f,  2.0f, 1.8f, -1.0f, -1.0f,
                        1.2f, 1.2f, 1.2f, 1.2f,     1.5f, 1.4f, -2.0f, -2.0f};
@@ -242,7 +244,7 @@ main(void)
     /* 12. The group score uses the biased scores: a bias of +0.5 on expert 9 lifts group 2
      *     to 1.269 + 0.769 = 2.038, above group 1 (1.739) and group 3 (1.620); groups 2 and
      *     1 stay. Selection: 9 (1.269), 4 (0.881), 5 (0.858); weights unbiased. */
-    {
+    if (tap_case("group_bias")) {
         struct kli_config_moe c = cfg_make(16, 3, 1, 1, 1.0f);
         float l[16] = {6.0f, -4.0f, -4.0f, -5.0f,  2.0f, 1.8f, -1.0f, -1.0f,
                        1.2f, 1.2f, 1.2f, 1.2f,     1.5f, 1.4f, -2.0f, -2.0f};
@@ -256,7 +258,7 @@ main(void)
         expect("groups: bias lifts a group, weights unbiased", &c, l, bias, wi, ww);
     }
     /* 13. Group ties go to the lower group: groups 1 and 2 identical, keep 1 group. */
-    {
+    if (tap_case("group_ties")) {
         struct kli_config_moe c = cfg_make(12, 2, 1, 1, 1.0f);
         float l[12] = {-3.0f, -3.0f, -3.0f, -3.0f,  1.0f, 0.5f, 0.0f, 0.0f,
                        0.0f, 0.5f, 1.0f, 0.0f};
@@ -269,7 +271,7 @@ main(void)
     }
     /* 14. One expert per group (n_group = E): the group score is the expert's own score, so
      *     grouping changes nothing. */
-    {
+    if (tap_case("group_per_expert")) {
         struct kli_config_moe c = cfg_make(8, 2, 1, 1, 1.0f);
         c.n_group = 8;
         c.topk_group = 3;
@@ -280,7 +282,7 @@ main(void)
     }
     /* 15. Renormalisation with tiny scores: the +1e-20 keeps the sum non-zero; with
      *     logits -40 the sigmoid is 4.25e-18 each, so each weight is s / (2s + 1e-20). */
-    {
+    if (tap_case("tiny_scores")) {
         struct kli_config_moe c = cfg_make(4, 2, 1, 1, 1.0f);
         float l[4] = {-40.0f, -40.0f, -41.0f, -42.0f};
         double s = 1.0 / (1.0 + (double)expf(40.0f));

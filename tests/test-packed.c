@@ -19,50 +19,22 @@
 
 #include "kli.h"
 #include "tap.h"
+#include "testlib.h"
 #include "util.h"
 #include "weights.h"
 
 static char fixture[4096];
 static kli_token ids[40];
 
-static float *
-logits_of(const char *path, const char *convert, int32_t *V)
-{
-    struct kli_model *m = NULL;
-    struct kli_session *s = NULL;
-    struct kli_model_options mo;
-    struct kli_err err = {0};
-    float *out = NULL;
-    int n = (int)(sizeof(ids) / sizeof(ids[0]));
-
-    kli_model_options_init(&mo);
-    mo.weight_type = convert;
-    if (kli_model_open(&m, path, &mo, &err) != KLI_OK ||
-        kli_session_create(&s, m, NULL, &err) != KLI_OK) {
-        diag("open %s: %s", path, err.msg);
-        goto out;
-    }
-    *V = kli_model_n_vocab(m);
-    out = malloc((size_t)n * (size_t)*V * sizeof(float));
-    if (out == NULL || kli_session_eval(s, ids, n, out, &err) != KLI_OK) {
-        diag("eval: %s", err.msg);
-        free(out);
-        out = NULL;
-    }
-out:
-    kli_session_free(s);
-    kli_model_close(m);
-    return out;
-}
-
 /* Both models' logits exist and are equal bit for bit. */
 static int
 same_logits(const char *a, const char *wa, const char *b, const char *wb)
 {
     int32_t va = 0, vb = 0;
-    float *la = logits_of(a, wa, &va), *lb = logits_of(b, wb, &vb);
+    int n = (int)(sizeof(ids) / sizeof(ids[0]));
+    float *la = tl_logits_of(a, wa, ids, n, &va), *lb = tl_logits_of(b, wb, ids, n, &vb);
     int same = la != NULL && lb != NULL && va == vb &&
-               memcmp(la, lb, sizeof(ids) / sizeof(ids[0]) * (size_t)va * sizeof(float)) == 0;
+               memcmp(la, lb, (size_t)n * (size_t)va * sizeof(float)) == 0;
 
     free(la);
     free(lb);
@@ -447,17 +419,16 @@ out:
 }
 
 int
-main(void)
+main(int argc, char **argv)
 {
-    const char *td = getenv("KLI_TESTDATA");
+    const char *td = tl_data();
     char dir[] = "/tmp/kli-packed-XXXXXX";
     char p_as[4200], p_bf[4200], p_q8[4200], p_q4[4200], p_q8b[4200], p_x[4200], tmp[4300];
     struct kli_err err;
     struct kli_convert_options o;
     int rc;
 
-    if (td == NULL)
-        skip_all("KLI_TESTDATA not set");
+    tap_init_whole(argc, argv);
     snprintf(fixture, sizeof(fixture), "%s/tiny-kimi-linear", td);
     if (mkdtemp(dir) == NULL)
         skip_all("mkdtemp failed");

@@ -16,6 +16,7 @@
 #include "kli.h"
 #include "dtype.h"
 #include "tap.h"
+#include "testlib.h"
 #include "weights.h"
 
 static char fixture[4096];
@@ -26,47 +27,6 @@ stop_now(void *ud)
 {
     (void)ud;
     return 1;
-}
-
-static float *
-logits_of(const char *dir, const char *convert, const kli_token *ids, int n, int32_t *V)
-{
-    struct kli_model *m = NULL;
-    struct kli_session *s = NULL;
-    struct kli_model_options mo;
-    struct kli_err err = {0};
-    float *out = NULL;
-
-    kli_model_options_init(&mo);
-    mo.weight_type = convert;
-    if (kli_model_open(&m, dir, &mo, &err) != KLI_OK ||
-        kli_session_create(&s, m, NULL, &err) != KLI_OK) {
-        diag("open %s: %s", dir, err.msg);
-        goto out;
-    }
-    *V = kli_model_n_vocab(m);
-    out = malloc((size_t)n * (size_t)*V * sizeof(float));
-    if (kli_session_eval(s, ids, n, out, &err) != KLI_OK) {
-        diag("eval: %s", err.msg);
-        free(out);
-        out = NULL;
-    }
-out:
-    kli_session_free(s);
-    kli_model_close(m);
-    return out;
-}
-
-static double
-rel_l2(const float *a, const float *b, size_t n)
-{
-    double num = 0, den = 0;
-
-    for (size_t i = 0; i < n; i++) {
-        num += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
-        den += (double)b[i] * b[i];
-    }
-    return sqrt(num / den);
 }
 
 static int
@@ -87,7 +47,7 @@ median_row_err(const float *a, const float *b, int n, int32_t V, int *big)
 
     *big = 0;
     for (int i = 0; i < n && i < 256; i++) {
-        e[i] = rel_l2(a + (size_t)i * V, b + (size_t)i * V, (size_t)V);
+        e[i] = tl_rel_l2(a + (size_t)i * V, b + (size_t)i * V, (size_t)V);
         *big += e[i] > 0.1;
     }
     qsort(e, (size_t)n, sizeof(double), dcmp);
@@ -111,17 +71,16 @@ argmax_agree(const float *a, const float *b, int n, int32_t V)
 }
 
 int
-main(void)
+main(int argc, char **argv)
 {
-    const char *td = getenv("KLI_TESTDATA");
+    const char *td = tl_data();
     struct kli_err err;
     char dir[] = "/tmp/kli-quant-XXXXXX";
     char out8[4200], out4[4200], outk[4200], cmd[4300];
     kli_token ids[96];
     int32_t V = 0;
 
-    if (td == NULL)
-        skip_all("KLI_TESTDATA not set");
+    tap_init_whole(argc, argv);
     snprintf(fixture, sizeof(fixture), "%s/tiny-kimi-linear", td);
     if (mkdtemp(dir) == NULL)
         skip_all("mkdtemp failed");
@@ -167,7 +126,7 @@ main(void)
 
     for (int i = 0; i < 96; i++)
         ids[i] = (kli_token)((i * 37 + 11) % 256);
-    float *ref = logits_of(fixture, NULL, ids, 96, &V);
+    float *ref = tl_logits_of(fixture, NULL, ids, 96, &V);
     ok(ref != NULL, "stored-weight logits");
 
     /* ---- q8_0 and q4 checkpoints ---- */
@@ -193,8 +152,8 @@ main(void)
         ok(0, "open q8 checkpoint: %s", err.msg);
     }
 
-    float *l8 = logits_of(out8, NULL, ids, 96, &V);
-    float *l4 = logits_of(out4, NULL, ids, 96, &V);
+    float *l8 = tl_logits_of(out8, NULL, ids, 96, &V);
+    float *l4 = tl_logits_of(out4, NULL, ids, 96, &V);
     if (ref && l8 && l4) {
         int b8, b4;
         double e8 = median_row_err(l8, ref, 96, V, &b8), e4 = median_row_err(l4, ref, 96, V, &b4);
@@ -207,10 +166,10 @@ main(void)
         ok(0, "q8_0 logits");
         ok(0, "q4 logits");
     }
-    float *c8 = logits_of(fixture, "q8_0", ids, 96, &V);
+    float *c8 = tl_logits_of(fixture, "q8_0", ids, 96, &V);
     ok(c8 && l8 && memcmp(c8, l8, (size_t)96 * V * sizeof(float)) == 0,
        "load-time q8_0 conversion gives the written checkpoint's logits bit for bit");
-    float *cb = logits_of(fixture, "bf16", ids, 96, &V);
+    float *cb = tl_logits_of(fixture, "bf16", ids, 96, &V);
     ok(cb && ref && memcmp(cb, ref, (size_t)96 * V * sizeof(float)) == 0,
        "bf16 to bf16 changes nothing");
 

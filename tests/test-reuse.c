@@ -12,6 +12,7 @@
 
 #include "kli.h"
 #include "tap.h"
+#include "testlib.h"
 
 /* Feeds the same 5 tokens to both sessions and compares their logits bit for bit. */
 static int
@@ -31,21 +32,18 @@ same_future(struct kli_session *a, struct kli_session *b, int32_t V)
 }
 
 int
-main(void)
+main(int argc, char **argv)
 {
-    const char *td = getenv("KLI_TESTDATA");
     char dir[4096];
-    struct kli_model *m = NULL;
+    struct kli_model *m;
     struct kli_err err = {0};
     struct kli_session_options o;
     struct kli_session *big = NULL, *forked = NULL, *small = NULL, *tiny = NULL, *src2 = NULL;
     kli_token prompt[300];
 
-    if (td == NULL)
-        skip_all("KLI_TESTDATA not set");
-    snprintf(dir, sizeof(dir), "%s/tiny-kimi-linear", td);
-    if (kli_model_open(&m, dir, NULL, &err) != KLI_OK)
-        skip_all(err.msg);
+    tap_init_whole(argc, argv);
+    tl_path(dir, sizeof(dir), "tiny-kimi-linear");
+    m = tl_open_model("tiny-kimi-linear", 0);
     int32_t V = kli_model_n_vocab(m);
     for (int i = 0; i < 300; i++)
         prompt[i] = (kli_token)((i * 37 + 11) % 256);

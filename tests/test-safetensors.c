@@ -15,6 +15,7 @@
 
 #include "kli.h"
 #include "tap.h"
+#include "testlib.h"
 #include "weights.h"
 
 #define MAX_PATHS 128
@@ -749,7 +750,7 @@ test_many(void)
 static void
 test_fixture(void)
 {
-    const char *td = getenv("KLI_TESTDATA");
+    const char *td = tl_data();
     char path[1100], dir[1024];
     struct kli_err err = {0};
     struct kli_wfile *w = NULL;
@@ -760,10 +761,6 @@ test_fixture(void)
     FILE *f;
     int rc;
 
-    if (td == NULL) {
-        ok(1, "fixture # SKIP KLI_TESTDATA is not set");
-        return;
-    }
     snprintf(dir, sizeof(dir), "%s/tiny-kimi-linear", td);
     snprintf(path, sizeof(path), "%s/model.safetensors", dir);
     f = fopen(path, "rb");
@@ -881,24 +878,29 @@ test_writer_large(void)
     free(src);
 }
 
+static const struct tap_fn cases[] = {
+    {"single", test_single},
+    {"sharded", test_sharded},
+    {"truncation", test_truncation},
+    {"bad_headers", test_bad_headers},
+    {"bad_paths", test_bad_paths},
+    {"bad_index", test_bad_index},
+    {"hostile", test_hostile},
+    {"many", test_many},
+    {"fixture", test_fixture},
+    {"writer_large", test_writer_large},
+};
+
 int
-main(void)
+main(int argc, char **argv)
 {
     const char *t = getenv("TMPDIR");
 
+    tap_init(argc, argv);
     snprintf(tmpdir, sizeof(tmpdir), "%s/kli-st-XXXXXX", t != NULL && *t ? t : "/tmp");
     if (mkdtemp(tmpdir) == NULL)
         skip_all("cannot make a temporary directory");
-    test_single();
-    test_sharded();
-    test_truncation();
-    test_bad_headers();
-    test_bad_paths();
-    test_bad_index();
-    test_hostile();
-    test_many();
-    test_fixture();
-    test_writer_large();
+    tap_run(cases, sizeof(cases) / sizeof(cases[0]));
 
     for (int i = n_created - 1; i >= 0; i--) {
         if (remove(created[i]) != 0)

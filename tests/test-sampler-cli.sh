@@ -11,8 +11,6 @@ set -u
 . "$KLI_SRCDIR/tests/lib.sh"
 need_python json "python3 is needed to check the JSON output"
 py=$PY
-kli=$KLI_BIN
-model="$KLI_TESTDATA/tiny-kimi-linear"
 
 # ---- kli run: --temp 1e-39 and --temp 100 ------------------------------------------------
 "$kli" run -m "$model" -p "Tell me a story" -n 12 --temp 0 -t 1 --quiet >"$tmp/greedy.txt" \

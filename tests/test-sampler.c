@@ -19,6 +19,7 @@
 #include "kli.h"
 #include "sampler.h"
 #include "tap.h"
+#include "testlib.h"
 
 static struct kli_sampler *
 mk(struct kli_sampler_options *o, int32_t V)
@@ -33,15 +34,15 @@ mk(struct kli_sampler_options *o, int32_t V)
 
 /* ---- the support against a full sort ------------------------------------------------------ */
 
-static uint64_t trng = 0x243f6a8885a308d3ull;
+#define TSEED 0x243f6a8885a308d3ull
 
+static uint64_t trng = TSEED;
+
+/* Uniform in [0, 1). */
 static double
 tuni(void)
 {
-    trng ^= trng << 13;
-    trng ^= trng >> 7;
-    trng ^= trng << 17;
-    return (double)(trng >> 11) / 9007199254740992.0;
+    return tl_unit(tl_xorshift(&trng));
 }
 
 struct rc {
@@ -426,13 +427,10 @@ test_many(void)
     free(l);
 }
 
-int
-main(void)
+/* Greedy, seeds, penalties and the other fixed cases. */
+static void
+test_basics(void)
 {
-    test_support();
-    test_many();
-    test_extremes();
-
     struct kli_sampler_options o;
     struct kli_sampler *s;
     struct kli_err err;
@@ -619,6 +617,20 @@ main(void)
         ok(rc == KLI_E_RANGE && s == NULL && err.msg[0], "%s refused: %s", bad[i].what, err.msg);
     }
     kli_sampler_free(NULL);
+}
+
+int
+main(int argc, char **argv)
+{
+    tap_init(argc, argv);
+    if (tap_case_seeded("support", &trng, TSEED))
+        test_support();
+    if (tap_case_seeded("many", &trng, TSEED))
+        test_many();
+    if (tap_case_seeded("extremes", &trng, TSEED))
+        test_extremes();
+    if (tap_case("basics"))
+        test_basics();
     plan_done();
     return tap_exit();
 }

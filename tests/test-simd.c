@@ -38,17 +38,16 @@
 
 #include "simd.h"
 #include "tap.h"
+#include "testlib.h"
 
-static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
+#define SEED 0x9e3779b97f4a7c15ull
+
+static uint64_t rng_state = SEED;
 
 static uint64_t
 rng_next(void)
 {
-    uint64_t z = (rng_state += 0x9e3779b97f4a7c15ull);
-
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
+    return tl_splitmix(&rng_state);
 }
 
 /* Uniform in [lo, hi]. */
@@ -62,19 +61,7 @@ rng_int(int64_t lo, int64_t hi)
 static float
 rng_float(void)
 {
-    return (float)((double)(rng_next() >> 11) * (2.0 / 9007199254740992.0) - 1.0);
-}
-
-static void *
-xmalloc(size_t n)
-{
-    void *p = malloc(n ? n : 1);
-
-    if (p == NULL) {
-        printf("Bail out! out of memory\n");
-        exit(1);
-    }
-    return p;
+    return (float)(tl_unit(rng_next()) * 2.0 - 1.0);
 }
 
 /* Random x: mostly uniform, with some blocks scaled up or zeroed to exercise the scales. */
@@ -150,8 +137,8 @@ test_to_f32(const struct kli_kernels *kt)
             int64_t n = blk * rng_int(0, 3000 / blk + 3);
             size_t nbytes = (size_t)kli_dtype_nbytes(dt, (uint64_t)n);
             int off = (int)rng_int(0, 7);
-            uint8_t *src = xmalloc(nbytes + 8);
-            float *want = xmalloc((size_t)n * 4 + 4), *got = xmalloc((size_t)n * 4 + 8);
+            uint8_t *src = tl_malloc(nbytes + 8);
+            float *want = tl_malloc((size_t)n * 4 + 4), *got = tl_malloc((size_t)n * 4 + 8);
             /* Raw random bits: every F16/BF16 pattern (subnormals, Inf, NaN) shows up. */
             for (size_t i = 0; i < nbytes + 8; i++)
                 src[i] = (uint8_t)rng_next();
@@ -187,8 +174,8 @@ test_vector(const struct kli_kernels *kt)
     for (int trial = 0; trial < 200; trial++) {
         int64_t n = trial < 40 ? trial : rng_int(0, 3000);
         int oa = (int)rng_int(0, 7), ob = (int)rng_int(0, 7);
-        float *a = xmalloc((size_t)(n + 16) * 4), *b = xmalloc((size_t)(n + 16) * 4);
-        float *y = xmalloc((size_t)(n + 16) * 4), *y0 = xmalloc((size_t)(n + 16) * 4);
+        float *a = tl_malloc((size_t)(n + 16) * 4), *b = tl_malloc((size_t)(n + 16) * 4);
+        float *y = tl_malloc((size_t)(n + 16) * 4), *y0 = tl_malloc((size_t)(n + 16) * 4);
         float s = rng_float() * 3.0f;
 
         for (int64_t i = 0; i < n + 16; i++) {
@@ -252,8 +239,8 @@ test_dot_decay(const struct kli_kernels *kt)
 
     for (int trial = 0; trial < 300; trial++) {
         int64_t n = trial < 40 ? trial : rng_int(0, 600);
-        float *a = xmalloc((size_t)(n + 1) * 4), *b = xmalloc((size_t)(n + 1) * 4);
-        float *ga = xmalloc((size_t)(n + 1) * 4), *gb = xmalloc((size_t)(n + 1) * 4);
+        float *a = tl_malloc((size_t)(n + 1) * 4), *b = tl_malloc((size_t)(n + 1) * 4);
+        float *ga = tl_malloc((size_t)(n + 1) * 4), *gb = tl_malloc((size_t)(n + 1) * 4);
         double ref = 0.0, mag = 0.0;
 
         for (int64_t i = 0; i < n; i++) {
@@ -297,8 +284,8 @@ test_mul_decay(const struct kli_kernels *kt)
 
     for (int trial = 0; trial < 300; trial++) {
         int64_t n = trial < 40 ? trial : rng_int(0, 600);
-        float *a = xmalloc((size_t)(n + 1) * 4), *y = xmalloc((size_t)(n + 1) * 4);
-        float *ga = xmalloc((size_t)(n + 1) * 4), *gb = xmalloc((size_t)(n + 1) * 4);
+        float *a = tl_malloc((size_t)(n + 1) * 4), *y = tl_malloc((size_t)(n + 1) * 4);
+        float *ga = tl_malloc((size_t)(n + 1) * 4), *gb = tl_malloc((size_t)(n + 1) * 4);
 
         for (int64_t i = 0; i <= n; i++) {
             a[i] = rng_float();
@@ -354,8 +341,8 @@ test_gemm_nn(const struct kli_kernels *kt)
         int64_t ldx = k + rng_int(0, 5), ldb = n + rng_int(0, 5), ldy = n + rng_int(0, 5);
         float alpha = trial % 3 == 0 ? -1.0f : rng_float() * 2.0f;
         int acc = trial % 2;
-        float *x = xmalloc((size_t)(m * ldx + 1) * 4), *B = xmalloc((size_t)(k * ldb + 1) * 4);
-        float *y = xmalloc((size_t)(m * ldy + 1) * 4), *y0 = xmalloc((size_t)(m * ldy + 1) * 4);
+        float *x = tl_malloc((size_t)(m * ldx + 1) * 4), *B = tl_malloc((size_t)(k * ldb + 1) * 4);
+        float *y = tl_malloc((size_t)(m * ldy + 1) * 4), *y0 = tl_malloc((size_t)(m * ldy + 1) * 4);
 
         for (int64_t i = 0; i < m * ldx; i++)
             x[i] = rng_float();
@@ -418,8 +405,8 @@ test_silu(const struct kli_kernels *kt)
 
     for (int trial = 0; trial < 300; trial++) {
         int64_t n = trial < 40 ? trial : rng_int(0, 600);
-        float *x = xmalloc((size_t)(n + 1) * 4), *m = xmalloc((size_t)(n + 1) * 4);
-        float *y = xmalloc((size_t)(n + 1) * 4);
+        float *x = tl_malloc((size_t)(n + 1) * 4), *m = tl_malloc((size_t)(n + 1) * 4);
+        float *y = tl_malloc((size_t)(n + 1) * 4);
         /* from tiny to past exp's range both ways */
         float scale = trial % 4 == 0 ? 200.0f : trial % 4 == 1 ? 1e-3f : 8.0f;
 
@@ -500,14 +487,14 @@ mm_run(const struct kli_kernels *kt, const struct kli_kernels *gen, enum kli_dty
     size_t rb = (size_t)kli_dtype_nbytes(dt, (uint64_t)k);
     int woff = (int)rng_int(0, 3) * (dt == KLI_DT_F32 ? 4 : dt <= KLI_DT_BF16 ? 2 : 1);
     /* exact sizes, so that a memory checker sees any read past the end */
-    uint8_t *wbuf = xmalloc(rb * (size_t)n + (size_t)woff);
+    uint8_t *wbuf = tl_malloc(rb * (size_t)n + (size_t)woff);
     uint8_t *w = wbuf + woff;
-    float *wf = xmalloc((size_t)(n * k) * 4 + 4);
+    float *wf = tl_malloc((size_t)(n * k) * 4 + 4);
     int xoff = (int)rng_int(0, 7);
-    float *xbuf = xmalloc((size_t)(m * c->ldx + xoff) * 4), *x = xbuf + xoff;
+    float *xbuf = tl_malloc((size_t)(m * c->ldx + xoff) * 4), *x = xbuf + xoff;
     size_t ysz = (size_t)(m * c->ldy + 8);
-    float *y = xmalloc(ysz * 4), *yg = xmalloc(ysz * 4);
-    double *ref = xmalloc((size_t)(m * n) * 8 + 8), *bound = xmalloc((size_t)(m * n) * 8 + 8);
+    float *y = tl_malloc(ysz * 4), *yg = tl_malloc(ysz * 4);
+    double *ref = tl_malloc((size_t)(m * n) * 8 + 8), *bound = tl_malloc((size_t)(m * n) * 8 + 8);
     int yoff = (int)rng_int(0, 7);
     int quant = dt == KLI_DT_Q8_0 || dt == KLI_DT_Q4;
     int intact = 1;
@@ -639,9 +626,9 @@ test_twin(const struct kli_kernels *kt, const struct kli_kernels *base)
             int64_t k = blk * (trial < 3 ? trial + 1 : rng_int(1, 3000 / blk));
             int64_t n = rng_int(1, 40), m = trial < 20 ? rng_int(1, 9) : rng_int(10, 40);
             size_t rb = (size_t)kli_dtype_nbytes(dt, (uint64_t)k);
-            uint8_t *w = xmalloc(rb * (size_t)n);
-            float *x = xmalloc((size_t)(m * k) * 4), *y = xmalloc((size_t)(m * n) * 4);
-            float *yb = xmalloc((size_t)(m * n) * 4);
+            uint8_t *w = tl_malloc(rb * (size_t)n);
+            float *x = tl_malloc((size_t)(m * k) * 4), *y = tl_malloc((size_t)(m * n) * 4);
+            float *yb = tl_malloc((size_t)(m * n) * 4);
             fill_w(dt, w, n * k);
             for (int64_t t = 0; t < m; t++)
                 fill_x(x + t * k, k);
@@ -659,8 +646,36 @@ test_twin(const struct kli_kernels *kt, const struct kli_kernels *base)
        base->name, cases, bad);
 }
 
+/* The kernels of a table, each a case "<table>/<kernel>" (e.g. avx2/matmul). */
+static const char *const kernel_names[] = {"to_f32", "vector", "dot_decay", "mul_decay",
+                                           "gemm_nn", "silu", "matmul"};
+
+static void
+run_kernel(size_t k, const struct kli_kernels *kt)
+{
+    switch (k) {
+    case 0: test_to_f32(kt); break;
+    case 1: test_vector(kt); break;
+    case 2: test_dot_decay(kt); break;
+    case 3: test_mul_decay(kt); break;
+    case 4: test_gemm_nn(kt); break;
+    case 5: test_silu(kt); break;
+    default: test_matmul(kt, kli_kernels_generic()); break;
+    }
+}
+
+/* Whether the case "<table>/<what>" runs (from the seed afresh: tap_case_seeded). */
+static int
+simd_case(const char *table, const char *what)
+{
+    char name[64];
+
+    snprintf(name, sizeof(name), "%s/%s", table, what);
+    return tap_case_seeded(name, &rng_state, SEED);
+}
+
 int
-main(void)
+main(int argc, char **argv)
 {
     enum { NV = 5 };
     const struct kli_kernels *all[8], *use[NV];
@@ -668,7 +683,7 @@ main(void)
     const char *variants[NV] = {"avx2", "avx512", "avx512vnni", "neon", "neondot"};
 
     (void)skip_all;   /* each variant is skipped on its own line instead */
-    (void)plan_done;
+    tap_init(argc, argv);
     for (int v = 0; v < NV; v++) {
         use[v] = NULL;
         for (int i = 0; i < n; i++) {
@@ -681,23 +696,25 @@ main(void)
     }
     count += use[1] != NULL && use[2] != NULL;
     count += use[3] != NULL && use[4] != NULL;
-    plan(count);
+    plan(count);   /* (a selection of cases prints its plan at the end instead) */
     for (int v = 0; v < NV; v++) {
-        if (use[v] == NULL) {
-            ok(1, "%s # SKIP not compiled in or not usable on this CPU", variants[v]);
-            continue;
+        int skipped = 0;
+
+        for (size_t k = 0; k < sizeof(kernel_names) / sizeof(kernel_names[0]); k++) {
+            if (!simd_case(variants[v], kernel_names[k]))
+                continue;
+            if (use[v] != NULL)
+                run_kernel(k, use[v]);
+            else if (!skipped++)
+                ok(1, "%s # SKIP not compiled in or not usable on this CPU", variants[v]);
         }
-        test_to_f32(use[v]);
-        test_vector(use[v]);
-        test_dot_decay(use[v]);
-        test_mul_decay(use[v]);
-        test_gemm_nn(use[v]);
-        test_silu(use[v]);
-        test_matmul(use[v], kli_kernels_generic());
     }
-    if (use[1] != NULL && use[2] != NULL)
+    /* avx512vnni against avx512, neondot against neon: bit for bit */
+    if (simd_case("avx512vnni", "twin") && use[1] != NULL && use[2] != NULL)
         test_twin(use[2], use[1]);
-    if (use[3] != NULL && use[4] != NULL)
+    if (simd_case("neondot", "twin") && use[3] != NULL && use[4] != NULL)
         test_twin(use[4], use[3]);
+    if (tap_listing || tap_n_names > 0)
+        plan_done();
     return tap_exit();
 }

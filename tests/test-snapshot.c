@@ -22,6 +22,7 @@
 
 #include "kli.h"
 #include "tap.h"
+#include "testlib.h"
 
 enum { N_GEN = 24, N_PROMPT = 37, HDR = 80 };
 
@@ -112,27 +113,6 @@ write_file(const char *path, const void *p, size_t n)
     if (f != NULL && fclose(f) != 0)
         ok_ = 0;
     return ok_ ? 0 : -1;
-}
-
-static uint8_t *
-read_file(const char *path, size_t *n)
-{
-    FILE *f = fopen(path, "rb");
-    uint8_t *b = NULL;
-    long sz;
-
-    if (f == NULL)
-        return NULL;
-    if (fseek(f, 0, SEEK_END) == 0 && (sz = ftell(f)) >= 0 && fseek(f, 0, SEEK_SET) == 0 &&
-        (b = malloc((size_t)sz + 1)) != NULL) {
-        *n = fread(b, 1, (size_t)sz, f);
-        if (*n != (size_t)sz) {
-            free(b);
-            b = NULL;
-        }
-    }
-    fclose(f);
-    return b;
 }
 
 #ifdef HAVE_ZSTD
@@ -226,7 +206,7 @@ static int
 file_is(const char *p, const void *want, size_t n)
 {
     size_t len = 0;
-    uint8_t *b = read_file(p, &len);
+    uint8_t *b = (uint8_t *)tl_slurp(p, &len);
     int same = b != NULL && len == n && memcmp(b, want, n) == 0;
 
     free(b);
@@ -303,9 +283,9 @@ save_targets(struct kli_session *s, struct kli_sampler *smp, const char *dir)
 }
 
 int
-main(void)
+main(int argc, char **argv)
 {
-    const char *td = getenv("KLI_TESTDATA");
+    const char *td = tl_data();
     /* path2 also holds path + ".tmp"; every name stays below the 4095 bytes C promises an
      * snprintf result can reach (gcc's -Wformat-truncation=2) */
     char dir[2048], tmpl[2048], path[2100], path2[2200];
@@ -321,8 +301,7 @@ main(void)
     kli_token prompt[N_PROMPT];
     const kli_token *hist;
 
-    if (td == NULL)
-        skip_all("KLI_TESTDATA not set");
+    tap_init_whole(argc, argv);
     snprintf(dir, sizeof(dir), "%s/tiny-kimi-linear", td);
     if (kli_model_open(&m, dir, NULL, &err) != KLI_OK)
         skip_all(err.msg);
@@ -378,7 +357,7 @@ main(void)
     free(part);
     ok(kli_session_save(s, smp, path, &err) == KLI_OK, "snapshot saved to a file %s", err.msg);
     size_t flen = 0;
-    uint8_t *fbytes = read_file(path, &flen);
+    uint8_t *fbytes = (uint8_t *)tl_slurp(path, &flen);
     ok(fbytes != NULL && flen == (size_t)need && memcmp(fbytes, snap, flen) == 0,
        "the file holds the same bytes as the memory snapshot");
     free(fbytes);

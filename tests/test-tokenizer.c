@@ -2,7 +2,7 @@
  * test-tokenizer.c - the tiktoken BPE tokenizer against ids made by the tiktoken library
  * (tests/data/tokenizer/golden.json), plus chunking, error and loading cases.
  *
- * Data: $KLI_TESTDATA/tokenizer and $KLI_TESTDATA/tiny-kimi-linear.
+ * Data: tests/data/tokenizer and tests/data/tiny-kimi-linear (testlib.h).
  */
 #include "config.h"
 
@@ -16,34 +16,11 @@
 #include <unistd.h>
 
 #include "tap.h"
+#include "testlib.h"
 #include "tokenizer.h"
 #include "unicode.h"
 
 static const char *testdata;
-
-static char *
-slurp(const char *path, size_t *len)
-{
-    FILE *f = fopen(path, "rb");
-    char *b = NULL;
-    long n;
-
-    if (f == NULL)
-        return NULL;
-    if (fseek(f, 0, SEEK_END) == 0 && (n = ftell(f)) >= 0 && fseek(f, 0, SEEK_SET) == 0) {
-        b = malloc((size_t)n + 1);
-        if (b != NULL && fread(b, 1, (size_t)n, f) != (size_t)n) {
-            free(b);
-            b = NULL;
-        }
-        if (b != NULL) {
-            b[n] = '\0';
-            *len = (size_t)n;
-        }
-    }
-    fclose(f);
-    return b;
-}
 
 /* Encodes into a fresh array; *n receives the count (or the negative status). */
 static kli_token *
@@ -770,7 +747,7 @@ test_threads(const struct kli_tokenizer *t, const char *corpus, size_t len)
 }
 
 int
-main(void)
+main(int argc, char **argv)
 {
     char path[1024];
     struct kli_tokenizer *t = NULL;
@@ -780,13 +757,12 @@ main(void)
     cJSON *golden;
 
     (void)plan;     /* tap.h: the plan is printed at the end instead */
-    testdata = getenv("KLI_TESTDATA");
-    if (testdata == NULL)
-        skip_all("KLI_TESTDATA is not set");
+    tap_init(argc, argv);
+    testdata = tl_data();
     snprintf(path, sizeof(path), "%s/tokenizer/golden.json", testdata);
-    json = slurp(path, &len);
+    json = tl_slurp(path, &len);
     snprintf(path, sizeof(path), "%s/tokenizer/corpus.txt", testdata);
-    corpus = slurp(path, &clen);
+    corpus = tl_slurp(path, &clen);
     golden = json != NULL ? cJSON_ParseWithLength(json, len) : NULL;
     if (golden == NULL || corpus == NULL) {
         printf("Bail out! cannot read %s/tokenizer\n", testdata);
@@ -797,19 +773,30 @@ main(void)
         printf("Bail out! no tokenizer\n");
         return 1;
     }
-    test_golden(t, golden);
-    test_short_buffer(t);
-    test_fast_path(t, "fixture");
-    test_chunking(t);
-    test_invalid_utf8(t);
-    test_decode(t);
-    test_complete_prefix();
-    test_threads(t, corpus, clen);
+    if (tap_case("golden"))
+        test_golden(t, golden);
+    if (tap_case("short_buffer"))
+        test_short_buffer(t);
+    if (tap_case("fast_path"))
+        test_fast_path(t, "fixture");
+    if (tap_case("chunking"))
+        test_chunking(t);
+    if (tap_case("invalid_utf8"))
+        test_invalid_utf8(t);
+    if (tap_case("decode"))
+        test_decode(t);
+    if (tap_case("complete_prefix"))
+        test_complete_prefix();
+    if (tap_case("threads"))
+        test_threads(t, corpus, clen);
     kli_tokenizer_close(t);
     kli_tokenizer_close(NULL);
-    test_loading();
-    test_fast_path_pairs();
-    test_tiny();
+    if (tap_case("loading"))
+        test_loading();
+    if (tap_case("fast_path_pairs"))
+        test_fast_path_pairs();
+    if (tap_case("tiny"))
+        test_tiny();
     cJSON_Delete(golden);
     free(json);
     free(corpus);

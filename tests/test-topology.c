@@ -54,6 +54,7 @@
 #include "threads.h"
 #include "topology.h"
 #include "tap.h"
+#include "testlib.h"
 
 static struct topo_plan wp;      /* the plan under test (big: not on the stack) */
 
@@ -689,9 +690,7 @@ test_binding(void)
 static void
 tiny_options(struct kli_model_options *mo, char *dir, size_t cap)
 {
-    const char *td = getenv("KLI_TESTDATA");
-
-    snprintf(dir, cap, "%s/tiny-kimi-linear", td ? td : "tests/data");
+    tl_path(dir, cap, "tiny-kimi-linear");
     kli_model_options_init(mo);
     mo->gpu = KLI_GPU_OFF;
 }
@@ -1307,30 +1306,53 @@ out:
     threads_set_count(saved);
 }
 
-int
-main(void)
+static void
+test_policy_interleave(void)
 {
-    unsetenv("KLI_SPIN_US");    /* the default spin, whatever the environment says */
-    test_worker_identity();
-    test_pool_cover();
-    test_pool_nested();
-    test_pool_callers();
-    test_pool_sleep();
-    test_pool_flush();
-    test_pool_idle_cpu();
-    test_machine_a();
-    test_machine_b();
-    test_machine_c();
-    test_fallback();
-    test_roles();
-    test_memory();
-    test_pinning();
-    test_binding();
-    test_node_data();
     test_policy(KLI_NUMA_INTERLEAVE);
+}
+
+static void
+test_policy_replicate(void)
+{
     test_policy(KLI_NUMA_REPLICATE);
+}
+
+static void
+test_policy_partition(void)
+{
     test_policy(KLI_NUMA_PARTITION);
-    test_routing();
+}
+
+static const struct tap_fn cases[] = {
+    {"worker_identity", test_worker_identity},
+    {"pool_cover", test_pool_cover},
+    {"pool_nested", test_pool_nested},
+    {"pool_callers", test_pool_callers},
+    {"pool_sleep", test_pool_sleep},
+    {"pool_flush", test_pool_flush},
+    {"pool_idle_cpu", test_pool_idle_cpu},
+    {"machine_a", test_machine_a},
+    {"machine_b", test_machine_b},
+    {"machine_c", test_machine_c},
+    {"fallback", test_fallback},
+    {"roles", test_roles},
+    {"memory", test_memory},
+    {"pinning", test_pinning},
+    {"binding", test_binding},
+    {"node_data", test_node_data},
+    {"policy_interleave", test_policy_interleave},
+    {"policy_replicate", test_policy_replicate},
+    {"policy_partition", test_policy_partition},
+    {"routing", test_routing},
+};
+
+int
+main(int argc, char **argv)
+{
+    tap_init(argc, argv);
+    unsetenv("KLI_SPIN_US");    /* the default spin, whatever the environment says */
+    tap_run(cases, sizeof(cases) / sizeof(cases[0]));
     plan_done();
     return tap_exit();
 }

@@ -11,7 +11,6 @@ set -u
 : "${KLI_BIN:?}" "${KLI_TESTDATA:?}" "${KLI_SRCDIR:?}"
 . "$KLI_SRCDIR/tests/lib.sh"
 need_python json "python3 is needed to check the JSON output"
-kli=$KLI_BIN
 src="$KLI_TESTDATA/tiny-kimi-linear"
 m="$tmp/model"
 mkdir "$m" && cp "$src/config.json" "$src/model.safetensors" "$src/tiktoken.model" \

@@ -41,11 +41,3 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                    cfg.moe.n_experts % cfg.moe.n_group == 0, "routing shape");
     return 0;
 }
-
-#ifndef KLI_LIBFUZZER
-int
-main(int argc, char **argv)
-{
-    return fuzz_replay(argc, argv);
-}
-#endif

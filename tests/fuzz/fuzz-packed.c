@@ -151,11 +151,3 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     free(copy);
     return 0;
 }
-
-#ifndef KLI_LIBFUZZER
-int
-main(int argc, char **argv)
-{
-    return fuzz_replay(argc, argv);
-}
-#endif

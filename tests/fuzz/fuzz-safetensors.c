@@ -53,11 +53,3 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     kli_safetensors_free_descs(descs, n);
     return 0;
 }
-
-#ifndef KLI_LIBFUZZER
-int
-main(int argc, char **argv)
-{
-    return fuzz_replay(argc, argv);
-}
-#endif

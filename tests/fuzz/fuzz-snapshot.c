@@ -23,6 +23,7 @@
 
 #include "kli.h"
 #define FUZZ_NAME "fuzz-snapshot"
+#define FUZZ_CLEANUP
 #include "fuzz.h"
 
 static struct kli_model *fuzz_model;
@@ -139,15 +140,12 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 }
 
 #ifndef KLI_LIBFUZZER
-int
-main(int argc, char **argv)
+static void
+fuzz_cleanup(void)
 {
-    int rc = fuzz_replay(argc, argv);
-
     free(fuzz_base);
     kli_sampler_free(fuzz_smp);
     kli_session_free(fuzz_sess);
     kli_model_close(fuzz_model);
-    return rc;
 }
 #endif

@@ -24,6 +24,7 @@
 #include "tokenizer.h"
 #include "unicode.h"
 #define FUZZ_NAME "fuzz-tokenizer"
+#define FUZZ_CLEANUP
 #include "fuzz.h"
 
 static struct kli_tokenizer *fuzz_tok;
@@ -117,12 +118,9 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 }
 
 #ifndef KLI_LIBFUZZER
-int
-main(int argc, char **argv)
+static void
+fuzz_cleanup(void)
 {
-    int rc = fuzz_replay(argc, argv);
-
     kli_tokenizer_close(fuzz_tok);
-    return rc;
 }
 #endif

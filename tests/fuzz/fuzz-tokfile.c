@@ -69,11 +69,3 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     kli_tokenizer_close(t);
     return 0;
 }
-
-#ifndef KLI_LIBFUZZER
-int
-main(int argc, char **argv)
-{
-    return fuzz_replay(argc, argv);
-}
-#endif

@@ -3,7 +3,9 @@
  * invariant check, and (without KLI_LIBFUZZER) the replay of files named on the command
  * line, which `make check` runs over tests/fuzz/corpus (tests/test-fuzz-corpus.sh).
  *
- * A harness defines FUZZ_NAME (its program name, for messages) before including this.
+ * A harness defines FUZZ_NAME (its program name, for messages) before including this, and
+ * FUZZ_CLEANUP too when it keeps state between inputs: then it defines fuzz_cleanup(), which
+ * the replay's main() calls at the end (so that LeakSanitizer sees a clean exit).
  */
 #ifndef KLI_FUZZ_H
 #define KLI_FUZZ_H
@@ -70,6 +72,21 @@ fuzz_replay(int argc, char **argv)
     }
     printf(FUZZ_NAME ": %d input(s) ok\n", argc - 1);
     return 0;
+}
+
+#ifdef FUZZ_CLEANUP
+static void fuzz_cleanup(void);
+#endif
+
+int
+main(int argc, char **argv)
+{
+    int rc = fuzz_replay(argc, argv);
+
+#ifdef FUZZ_CLEANUP
+    fuzz_cleanup();
+#endif
+    return rc;
 }
 #endif
 

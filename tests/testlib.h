@@ -1,0 +1,70 @@
+/*
+ * testlib.h - what the C tests share: where the fixtures are, a seeded random source,
+ * the relative error every numeric test states its tolerance in, and a few allocation and
+ * file helpers that bail out (TAP "Bail out!") instead of returning failure.
+ *
+ * The fixtures: $KLI_TESTDATA when set, else tests/data of the source tree the test was
+ * built from (compiled in), so a test binary runs by hand from anywhere.
+ */
+#ifndef KLI_TESTLIB_H
+#define KLI_TESTLIB_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kli.h"
+
+/* The fixture directory: $KLI_TESTDATA, else the source tree's tests/data. Never NULL. */
+const char *tl_data(void);
+
+/* Writes "<tl_data()>/<rel>" into buf (cap bytes); bails out when it does not fit. */
+char *tl_path(char *buf, size_t cap, const char *rel);
+
+/* xorshift64 (13, 7, 17): the next value of *state (which must not be 0). */
+uint64_t tl_xorshift(uint64_t *state);
+
+/* SplitMix64: the next value of the counter *state. */
+uint64_t tl_splitmix(uint64_t *state);
+
+/* The top 53 bits of a 64-bit draw as a double in [0, 1). */
+double tl_unit(uint64_t bits);
+
+/* From xorshift64: uniform in (0, 1) (never 0, so log() is safe), and standard normal
+ * (Box-Muller, one value per two uniforms). */
+double tl_unif(uint64_t *state);
+double tl_normal(uint64_t *state);
+
+/* ||a - b|| / ||b|| in double. +inf when a value of a or b is not finite; when b is all
+ * zeros, 0 if a is too and +inf otherwise. tl_rel_l2_d takes a double reference. */
+double tl_rel_l2(const float *a, const float *b, int64_t n);
+double tl_rel_l2_d(const float *a, const double *b, int64_t n);
+
+/* malloc / calloc that bail out when memory runs out (a zero size still gives a pointer). */
+void *tl_malloc(size_t n);
+void *tl_calloc(size_t n, size_t size);
+
+/* The whole file, NUL-terminated (len excludes the NUL); NULL when it cannot be read. */
+char *tl_slurp(const char *path, size_t *len);
+
+/* Exactly `count` float32 values (the host is assumed little-endian) of the file dir/name;
+ * bails out when the file is missing or of another size. */
+float *tl_load_f32(const char *dir, const char *name, size_t count);
+
+/* The JSON file dir/name parsed (cJSON_Delete it); bails out when it cannot be read or
+ * parsed. */
+struct cJSON *tl_load_json(const char *dir, const char *name);
+
+/* Opens the fixture model tl_data()/name with n_threads threads; bails out on failure. */
+struct kli_model *tl_open_model(const char *name, int n_threads);
+
+/* The logits [n][V] of ids fed to a fresh session of m in calls of `chunk` tokens (0: all in
+ * one call). NULL on failure, err filled. */
+float *tl_logits(struct kli_model *m, const kli_token *ids, int n, int chunk,
+                 struct kli_err *err);
+
+/* tl_logits in one call of the model at path, opened with weight_type (NULL: as stored);
+ * *V receives its vocabulary size. NULL on failure (with a TAP diagnostic). */
+float *tl_logits_of(const char *path, const char *weight_type, const kli_token *ids, int n,
+                    int32_t *V);
+
+#endif
