@@ -26,6 +26,7 @@
 #include "ops.h"
 #include "session.h"
 #include "tap.h"
+#include "testlib.h"
 
 static double
 rel_l2(const float *a, const double *b, int64_t n)
@@ -123,9 +124,8 @@ one_layer(const struct kli_model *m, struct moe_scratch *sc, int layer, int64_t 
 }
 
 int
-main(void)
+main(int argc, char **argv)
 {
-    const char *td = getenv("KLI_TESTDATA");
     struct kli_model_options mo;
     struct kli_session_options so;
     struct kli_model *m = NULL;
@@ -133,10 +133,8 @@ main(void)
     struct kli_err err = {0};
     char dir[4096];
 
-    (void)plan;   /* tap.h: the plan is printed at the end instead */
-    if (td == NULL)
-        skip_all("KLI_TESTDATA is not set");
-    snprintf(dir, sizeof(dir), "%s/tiny-kimi-linear", td);
+    tap_init_whole(argc, argv);
+    tl_path(dir, sizeof(dir), "tiny-kimi-linear");
     kli_model_options_init(&mo);
     mo.gpu = KLI_GPU_OFF;
     mo.n_threads = 2;

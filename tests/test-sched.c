@@ -13,6 +13,7 @@
 
 #include "kli.h"
 #include "tap.h"
+#include "testlib.h"
 
 #define MAXGEN 32
 
@@ -390,28 +391,22 @@ prefix_reuse(void)
 }
 
 int
-main(void)
+main(int argc, char **argv)
 {
-    const char *td = getenv("KLI_TESTDATA");
-    char dir[4096];
-    struct kli_model *m = NULL;
-    struct kli_model_options mo;
-    struct kli_err err = {0};
+    static const struct tap_fn cases[] = {
+        {"join_and_leave", join_and_leave},
+        {"cancel", cancel},
+        {"bad_requests", bad_requests},
+        {"prefix_reuse", prefix_reuse},
+    };
 
-    if (td == NULL)
-        skip_all("KLI_TESTDATA not set");
-    snprintf(dir, sizeof(dir), "%s/tiny-kimi-linear", td);
-    kli_model_options_init(&mo);
-    mo.n_threads = 2;
-    if (kli_model_open(&m, dir, &mo, &err) != KLI_OK)
-        skip_all(err.msg);
-    g_m = m;
-    g_V = kli_model_n_vocab(m);
-    join_and_leave();
-    cancel();
-    bad_requests();
-    prefix_reuse();
-    kli_model_close(m);
+    tap_init(argc, argv);
+    if (!tap_listing) {
+        g_m = tl_open_model("tiny-kimi-linear", 2);
+        g_V = kli_model_n_vocab(g_m);
+    }
+    tap_run(cases, sizeof(cases) / sizeof(cases[0]));
+    kli_model_close((struct kli_model *)g_m);
     plan_done();
     return tap_exit();
 }
