@@ -12,7 +12,7 @@
 #include "common.cuh"
 
 static int
-cu_open(struct kli_gpu **out, int device, uint64_t budget, struct kli_gpu_info *info,
+cu_open(struct k_gpu **out, int device, uint64_t budget, struct gpu_info *info,
         struct kli_err *err)
 {
     struct cudaDeviceProp p;
@@ -36,7 +36,7 @@ cu_open(struct kli_gpu **out, int device, uint64_t budget, struct kli_gpu_info *
                                         device), err, "cudaDeviceGetAttribute") != KLI_OK ||
         cu_check(cudaMemGetInfo(&fr, &tot), err, "cudaMemGetInfo") != KLI_OK)
         return KLI_E_CUDA;
-    struct kli_gpu *g = (struct kli_gpu *)calloc(1, sizeof(*g));
+    struct k_gpu *g = (struct k_gpu *)calloc(1, sizeof(*g));
     if (g == NULL)
         return cu_fail(err, KLI_E_NOMEM, "out of memory");
     snprintf(g->info.name, sizeof(g->info.name), "%.127s", p.name);
@@ -55,7 +55,7 @@ cu_open(struct kli_gpu **out, int device, uint64_t budget, struct kli_gpu_info *
 }
 
 static void
-cu_close(struct kli_gpu *g)
+cu_close(struct k_gpu *g)
 {
     if (g == NULL)
         return;
@@ -64,7 +64,7 @@ cu_close(struct kli_gpu *g)
 }
 
 static int
-cu_alloc(struct kli_gpu *g, void **out, uint64_t bytes, struct kli_err *err)
+cu_alloc(struct k_gpu *g, void **out, uint64_t bytes, struct kli_err *err)
 {
     int over;
 
@@ -95,7 +95,7 @@ cu_alloc(struct kli_gpu *g, void **out, uint64_t bytes, struct kli_err *err)
 }
 
 static void
-cu_release(struct kli_gpu *g, void *p, uint64_t bytes)
+cu_release(struct k_gpu *g, void *p, uint64_t bytes)
 {
     if (p == NULL)
         return;
@@ -107,7 +107,7 @@ cu_release(struct kli_gpu *g, void *p, uint64_t bytes)
 }
 
 static uint64_t
-cu_used(struct kli_gpu *g, uint64_t *budget)
+cu_used(struct k_gpu *g, uint64_t *budget)
 {
     pthread_mutex_lock(&g->lock);
     uint64_t u = g->used;
@@ -118,7 +118,7 @@ cu_used(struct kli_gpu *g, uint64_t *budget)
 }
 
 static int
-cu_upload(struct kli_gpu *g, void *dst, const void *src, uint64_t bytes, struct kli_err *err)
+cu_upload(struct k_gpu *g, void *dst, const void *src, uint64_t bytes, struct kli_err *err)
 {
     int rc;
 
@@ -130,7 +130,7 @@ cu_upload(struct kli_gpu *g, void *dst, const void *src, uint64_t bytes, struct 
 }
 
 static int
-cu_download(struct kli_gpu *g, void *dst, const void *src, uint64_t bytes, struct kli_err *err)
+cu_download(struct k_gpu *g, void *dst, const void *src, uint64_t bytes, struct kli_err *err)
 {
     int rc;
 
@@ -141,7 +141,7 @@ cu_download(struct kli_gpu *g, void *dst, const void *src, uint64_t bytes, struc
 }
 
 static void
-cu_queue_free(struct kli_gpu_queue *q)
+cu_queue_free(struct gpu_queue *q)
 {
     if (q == NULL)
         return;
@@ -154,9 +154,9 @@ cu_queue_free(struct kli_gpu_queue *q)
 }
 
 static int
-cu_queue_create(struct kli_gpu *g, struct kli_gpu_queue **out, struct kli_err *err)
+cu_queue_create(struct k_gpu *g, struct gpu_queue **out, struct kli_err *err)
 {
-    struct kli_gpu_queue *q = (struct kli_gpu_queue *)calloc(1, sizeof(*q));
+    struct gpu_queue *q = (struct gpu_queue *)calloc(1, sizeof(*q));
 
     *out = NULL;
     if (q == NULL)
@@ -173,7 +173,7 @@ cu_queue_create(struct kli_gpu *g, struct kli_gpu_queue **out, struct kli_err *e
 }
 
 int
-cu_queue_reserve(struct kli_gpu_queue *q, uint64_t bytes, uint64_t pin_bytes,
+cu_queue_reserve(struct gpu_queue *q, uint64_t bytes, uint64_t pin_bytes,
                  struct kli_err *err)
 {
     if (bytes > q->ws_bytes) {
@@ -212,7 +212,7 @@ cu_queue_reserve(struct kli_gpu_queue *q, uint64_t bytes, uint64_t pin_bytes,
 }
 
 static int
-cu_queue_upload(struct kli_gpu_queue *q, void *dst, const void *src, uint64_t bytes,
+cu_queue_upload(struct gpu_queue *q, void *dst, const void *src, uint64_t bytes,
                 struct kli_err *err)
 {
     /* From pageable memory the copy is staged before the call returns, so src is free. */
@@ -221,7 +221,7 @@ cu_queue_upload(struct kli_gpu_queue *q, void *dst, const void *src, uint64_t by
 }
 
 static int
-cu_queue_copy(struct kli_gpu_queue *q, void *dst, const void *src, uint64_t bytes,
+cu_queue_copy(struct gpu_queue *q, void *dst, const void *src, uint64_t bytes,
               struct kli_err *err)
 {
     return cu_check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, q->st), err,
@@ -229,12 +229,12 @@ cu_queue_copy(struct kli_gpu_queue *q, void *dst, const void *src, uint64_t byte
 }
 
 static int
-cu_queue_sync(struct kli_gpu_queue *q, struct kli_err *err)
+cu_queue_sync(struct gpu_queue *q, struct kli_err *err)
 {
     return cu_check(cudaStreamSynchronize(q->st), err, "cudaStreamSynchronize");
 }
 
-static const struct kli_backend_ops cu_ops = {
+static const struct backend_ops cu_ops = {
     "cuda",
     cu_open,
     cu_close,
@@ -259,8 +259,8 @@ static const struct kli_backend_ops cu_ops = {
     cu_moe_wait,
 };
 
-extern "C" const struct kli_backend_ops *
-kli_cuda_backend(void)
+extern "C" const struct backend_ops *
+cuda_backend(void)
 {
     return &cu_ops;
 }

@@ -17,8 +17,8 @@
 #include "kli_cuda.h"
 #include "weights.h"
 
-struct kli_gpu {
-    struct kli_gpu_info info;
+struct k_gpu {
+    struct gpu_info info;
     uint64_t budget;          /* bytes alloc may hand out in all */
     uint64_t used;            /* bytes handed out now (weights, mirrors, workspaces) */
     pthread_mutex_t lock;     /* guards used: sessions of one model run on many threads */
@@ -27,8 +27,8 @@ struct kli_gpu {
 /* One stream and the memory its operations stage through. Operations on one queue run in
  * order; each synchronous one (mla_attend, moe_wait) ends with the stream idle, so the
  * workspace and the pinned buffer are free again between calls. */
-struct kli_gpu_queue {
-    struct kli_gpu *g;
+struct gpu_queue {
+    struct k_gpu *g;
     cudaStream_t st;
     void *ws;                 /* device workspace, grown on demand */
     uint64_t ws_bytes;
@@ -39,7 +39,7 @@ struct kli_gpu_queue {
     const float *moe_res;     /* its result in pin */
 };
 
-/* Sets err as kli_err_set does (the first error wins). @return code. */
+/* Sets err as err_set does (the first error wins). @return code. */
 static inline int
 cu_fail(struct kli_err *err, int code, const char *fmt, ...)
 {
@@ -155,30 +155,30 @@ cu_align(uint64_t n)
 
 /* Makes q->ws hold at least `bytes` (and q->pin at least `pin_bytes`): both grow
  * geometrically, counted against the budget. */
-int cu_queue_reserve(struct kli_gpu_queue *q, uint64_t bytes, uint64_t pin_bytes,
+int cu_queue_reserve(struct gpu_queue *q, uint64_t bytes, uint64_t pin_bytes,
                      struct kli_err *err);
 
 /* The blocks (mla.cu, moe.cu), behind the vtable entries of the same names. */
-int cu_mla_check(struct kli_gpu *g, int32_t H, int32_t L, int32_t C, struct kli_err *err);
-int cu_mla_attend(struct kli_gpu_queue *q, const struct kli_gpu_mla_job *j,
+int cu_mla_check(struct k_gpu *g, int32_t H, int32_t L, int32_t C, struct kli_err *err);
+int cu_mla_attend(struct gpu_queue *q, const struct gpu_mla_job *j,
                   struct kli_err *err);
-int cu_mla_layer_check(struct kli_gpu *g, const struct kli_gpu_mla_w *w, int32_t D, int32_t H,
+int cu_mla_layer_check(struct k_gpu *g, const struct gpu_mla_w *w, int32_t D, int32_t H,
                        int32_t nope, int32_t rope, int32_t dv, struct kli_err *err);
-int cu_mla_layer(struct kli_gpu_queue *q, const struct kli_gpu_mla_layer_job *j,
+int cu_mla_layer(struct gpu_queue *q, const struct gpu_mla_layer_job *j,
                  struct kli_err *err);
-int cu_matmul(struct kli_gpu_queue *q, const struct kli_gpu_mat *w, const float *x, int64_t T,
+int cu_matmul(struct gpu_queue *q, const struct gpu_mat *w, const float *x, int64_t T,
               float *y, struct kli_err *err);
-int cu_kda_check(struct kli_gpu *g, const struct kli_gpu_kda_w *w, int32_t D, int32_t H,
+int cu_kda_check(struct k_gpu *g, const struct gpu_kda_w *w, int32_t D, int32_t H,
                  int32_t K, int32_t W, struct kli_err *err);
-int cu_kda_layer(struct kli_gpu_queue *q, const struct kli_gpu_kda_job *j, struct kli_err *err);
+int cu_kda_layer(struct gpu_queue *q, const struct gpu_kda_job *j, struct kli_err *err);
 /* Shared by the blocks (mla.cu): y_b[t] = W_b x_b[t] for nb batches of a [R][K] matrix of
  * dtype (see mla_mm), and whether a matrix suits it. */
-int cu_mm(struct kli_gpu_queue *q, const void *W, int dtype, long long wbs, int R, int K,
+int cu_mm(struct gpu_queue *q, const void *W, int dtype, long long wbs, int R, int K,
           int nb, const float *x, int ldx, int xbs, int64_t T, float *y, int ldy, int ybs,
           struct kli_err *err, const char *what);
-int cu_mat_ok(const struct kli_gpu_mat *m, int32_t rows, int32_t cols);
-int cu_moe_launch(struct kli_gpu_queue *q, const struct kli_gpu_moe_job *j,
+int cu_mat_ok(const struct gpu_mat *m, int32_t rows, int32_t cols);
+int cu_moe_launch(struct gpu_queue *q, const struct gpu_moe_job *j,
                   struct kli_err *err);
-int cu_moe_wait(struct kli_gpu_queue *q, float *out, struct kli_err *err);
+int cu_moe_wait(struct gpu_queue *q, float *out, struct kli_err *err);
 
 #endif

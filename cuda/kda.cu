@@ -162,7 +162,7 @@ kda_pow2(int n)
 }
 
 int
-cu_kda_check(struct kli_gpu *g, const struct kli_gpu_kda_w *w, int32_t D, int32_t H,
+cu_kda_check(struct k_gpu *g, const struct gpu_kda_w *w, int32_t D, int32_t H,
              int32_t K, int32_t W, struct kli_err *err)
 {
     const int32_t HK = H * K, rf = w->f_a.rows, rg = w->g_a.rows;
@@ -185,9 +185,9 @@ cu_kda_check(struct kli_gpu *g, const struct kli_gpu_kda_w *w, int32_t D, int32_
 }
 
 int
-cu_kda_layer(struct kli_gpu_queue *q, const struct kli_gpu_kda_job *j, struct kli_err *err)
+cu_kda_layer(struct gpu_queue *q, const struct gpu_kda_job *j, struct kli_err *err)
 {
-    const struct kli_gpu_kda_w *w = j->w;
+    const struct gpu_kda_w *w = j->w;
     const int H = j->H, K = j->K, HK = H * K, D = j->D, W = j->W;
     const int rf = w->f_a.rows, rg = w->g_a.rows;
     const int64_t T = (int64_t)j->n_seq * j->T_seq;
@@ -230,7 +230,7 @@ cu_kda_layer(struct kli_gpu_queue *q, const struct kli_gpu_kda_job *j, struct kl
     if ((rc = cu_check(cudaMemcpyAsync(ws, pin, b_in, cudaMemcpyHostToDevice, q->st), err,
                        "cudaMemcpyAsync (kda inputs)")) != KLI_OK)
         return rc;
-    const struct kli_gpu_mat *first[6] = {&w->q, &w->k, &w->v, &w->f_a, &w->b, &w->g_a};
+    const struct gpu_mat *first[6] = {&w->q, &w->k, &w->v, &w->f_a, &w->b, &w->g_a};
     float *dst[6] = {raw_p[0], raw_p[1], raw_p[2], lf, beta, lg};
     const int ld[6] = {HK, HK, HK, rf, H, rg};
     for (int i = 0; i < 6; i++) {

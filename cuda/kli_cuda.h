@@ -2,7 +2,7 @@
  * kli_cuda.h - the CUDA backend's C ABI: the one header of cuda/ that src/ includes.
  *
  * Plain C, no CUDA types: the backend is reached only through the vtable of src/backend.h
- * (struct kli_backend_ops), whose contracts hold here. Built and linked only when configure
+ * (struct backend_ops), whose contracts hold here. Built and linked only when configure
  * finds nvcc (HAVE_CUDA); a build without CUDA never sees this file.
  *
  * Files: common.cuh (error mapping, launch checks), backend.cu (device, memory, queues),
@@ -20,7 +20,7 @@ extern "C" {
 
 /* @return the CUDA implementation of the backend vtable (never NULL; whether a device is
  * there is decided by its open member, which says why not). */
-const struct kli_backend_ops *kli_cuda_backend(void);
+const struct backend_ops *cuda_backend(void);
 
 #ifdef __cplusplus
 }

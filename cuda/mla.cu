@@ -230,7 +230,7 @@ mla_att_merge(const float *part, int S, int H, int L, float *lat)
 }
 
 int
-cu_mla_check(struct kli_gpu *g, int32_t H, int32_t L, int32_t C, struct kli_err *err)
+cu_mla_check(struct k_gpu *g, int32_t H, int32_t L, int32_t C, struct kli_err *err)
 {
     if (H < 1 || L < 4 || L % 4 != 0 || C % 4 != 0 || C < L)
         return cu_fail(err, KLI_E_UNSUPPORTED, "GPU attention needs the latent width (%d) "
@@ -260,7 +260,7 @@ att_fill_rows(struct att_row *rows, const float *const *cache, const int64_t *n,
  * lat_d [T][H][L], with part_d for the chunks' partial results ([T][S][H][L + 4] floats,
  * sized by the callers). */
 static int64_t
-att_chunks(const struct kli_gpu *g, int64_t T, int64_t nmax, int64_t *chunk)
+att_chunks(const struct k_gpu *g, int64_t T, int64_t nmax, int64_t *chunk)
 {
     /* Enough blocks to fill the device twice over, in chunks of whole tiles. */
     int64_t tiles = (nmax + ATT_PT - 1) / ATT_PT;
@@ -271,7 +271,7 @@ att_chunks(const struct kli_gpu *g, int64_t T, int64_t nmax, int64_t *chunk)
 }
 
 static int
-att_run(struct kli_gpu_queue *q, const struct att_row *rows_d, const float *q_d, int64_t T,
+att_run(struct gpu_queue *q, const struct att_row *rows_d, const float *q_d, int64_t T,
         int H, int L, int C, float scale, int64_t S, int64_t chunk, float *part_d,
         float *lat_d, struct kli_err *err)
 {
@@ -293,7 +293,7 @@ att_run(struct kli_gpu_queue *q, const struct att_row *rows_d, const float *q_d,
 }
 
 int
-cu_mla_attend(struct kli_gpu_queue *q, const struct kli_gpu_mla_job *j, struct kli_err *err)
+cu_mla_attend(struct gpu_queue *q, const struct gpu_mla_job *j, struct kli_err *err)
 {
     const int H = j->H, L = j->L, C = j->C;
     const int64_t T = j->T;
@@ -392,7 +392,7 @@ mla_mm(const void *W, long long wbs, int R, int K, const float *x, int ldx, int 
 }
 
 int
-cu_mm(struct kli_gpu_queue *q, const void *W, int dtype, long long wbs, int R, int K,
+cu_mm(struct gpu_queue *q, const void *W, int dtype, long long wbs, int R, int K,
           int nb, const float *x, int ldx, int xbs, int64_t T, float *y, int ldy, int ybs,
           struct kli_err *err, const char *what)
 {
@@ -460,7 +460,7 @@ mla_qpe(const float *q, int H, int nope, int rope, int L, int C, float *qfull)
 }
 
 int
-cu_mat_ok(const struct kli_gpu_mat *m, int32_t rows, int32_t cols)
+cu_mat_ok(const struct gpu_mat *m, int32_t rows, int32_t cols)
 {
     int blk = m->dtype == KLI_DT_Q8_0 || m->dtype == KLI_DT_Q4;
 
@@ -469,7 +469,7 @@ cu_mat_ok(const struct kli_gpu_mat *m, int32_t rows, int32_t cols)
 }
 
 int
-cu_mla_layer_check(struct kli_gpu *g, const struct kli_gpu_mla_w *w, int32_t D, int32_t H,
+cu_mla_layer_check(struct k_gpu *g, const struct gpu_mla_w *w, int32_t D, int32_t H,
                    int32_t nope, int32_t rope, int32_t dv, struct kli_err *err)
 {
     (void)g;
@@ -492,10 +492,10 @@ cu_mla_layer_check(struct kli_gpu *g, const struct kli_gpu_mla_w *w, int32_t D, 
 }
 
 int
-cu_mla_layer(struct kli_gpu_queue *q, const struct kli_gpu_mla_layer_job *j,
+cu_mla_layer(struct gpu_queue *q, const struct gpu_mla_layer_job *j,
              struct kli_err *err)
 {
-    const struct kli_gpu_mla_w *w = j->w;
+    const struct gpu_mla_w *w = j->w;
     const int H = j->H, L = j->L, C = j->L + j->rope, D = j->D;
     const int dqk = j->nope + j->rope, dv = j->dv;
     const int64_t T = j->T;
@@ -579,7 +579,7 @@ cu_mla_layer(struct kli_gpu_queue *q, const struct kli_gpu_mla_layer_job *j,
 }
 
 int
-cu_matmul(struct kli_gpu_queue *q, const struct kli_gpu_mat *w, const float *x, int64_t T,
+cu_matmul(struct gpu_queue *q, const struct gpu_mat *w, const float *x, int64_t T,
           float *y, struct kli_err *err)
 {
     const int R = w->rows, K = w->cols;

@@ -156,7 +156,7 @@ ffn_combine(const float *y, const float *wt, const int *tokptr, const int *tpair
 }
 
 int
-cu_moe_launch(struct kli_gpu_queue *q, const struct kli_gpu_moe_job *j, struct kli_err *err)
+cu_moe_launch(struct gpu_queue *q, const struct gpu_moe_job *j, struct kli_err *err)
 {
     const int64_t T = j->T, D = j->D, P = j->start[j->n_items];
     int32_t fmax = 8;
@@ -251,7 +251,7 @@ cu_moe_launch(struct kli_gpu_queue *q, const struct kli_gpu_moe_job *j, struct k
 }
 
 int
-cu_moe_wait(struct kli_gpu_queue *q, float *out, struct kli_err *err)
+cu_moe_wait(struct gpu_queue *q, float *out, struct kli_err *err)
 {
     int64_t n = q->moe_n;
     int rc;

@@ -1,7 +1,7 @@
 /*
  * avx2.c - kernels for x86-64 CPUs with AVX2, FMA and F16C (Haswell, Zen and later).
  *
- * Compiled with -mavx2 -mfma -mf16c only; kli_kernels_avx2() hands the table out only when the
+ * Compiled with -mavx2 -mfma -mf16c only; kernels_avx2() hands the table out only when the
  * CPU and OS support all three.
  *
  * matmul takes one of two paths, chosen by the number of token rows m:
@@ -137,7 +137,7 @@ avx2_scale(float *y, float a, int64_t n)
 }
 
 static void
-avx2_to_f32(enum kli_dtype dt, const void *src, float *dst, int64_t n)
+avx2_to_f32(enum k_dtype dt, const void *src, float *dst, int64_t n)
 {
     const uint8_t *p = src;
     int64_t i = 0;
@@ -181,7 +181,7 @@ avx2_to_f32(enum kli_dtype dt, const void *src, float *dst, int64_t n)
         return;
     }
     default:
-        kli_dtype_to_f32(dt, src, dst, n);
+        dtype_to_f32(dt, src, dst, n);
         return;
     }
 }
@@ -191,7 +191,7 @@ avx2_to_f32(enum kli_dtype dt, const void *src, float *dst, int64_t n)
 /* out[r] = dot(x, row r), r < nr (a constant 1, 3 or 4 after inlining); rows rb bytes apart;
  * the rows pf bytes further are prefetched. */
 AVX2_INLINE void
-avx2_dot_rows(enum kli_dtype dt, int nr, const float *x, const uint8_t *w, size_t rb,
+avx2_dot_rows(enum k_dtype dt, int nr, const float *x, const uint8_t *w, size_t rb,
               size_t pf, int64_t k, float *out)
 {
     __m256 a0[4], a1[4];
@@ -229,7 +229,7 @@ avx2_dot_rows(enum kli_dtype dt, int nr, const float *x, const uint8_t *w, size_
 /* y[t][r] = dot(x[t], row r) for nt (4) tokens x 3 rows: each widened weight vector serves
  * four tokens (12 accumulators). */
 AVX2_INLINE void
-avx2_dot_tile(enum kli_dtype dt, int nt, const float *x, int64_t ldx, const uint8_t *w,
+avx2_dot_tile(enum k_dtype dt, int nt, const float *x, int64_t ldx, const uint8_t *w,
               size_t rb, size_t pf, int64_t k, float *y, int64_t ldy)
 {
     __m256 acc[4][3];
@@ -825,12 +825,12 @@ avx2_silu(float *y, const float *x, const float *mul, int64_t n)
     }
 }
 
-static const struct kli_kernels avx2_table = X86_TABLE("avx2");
+static const struct k_kernels avx2_table = X86_TABLE("avx2");
 
-const struct kli_kernels *
-kli_kernels_avx2(void)
+const struct k_kernels *
+kernels_avx2(void)
 {
-    const struct kli_cpu_features *f = kli_cpu_features();
+    const struct k_cpu_features *f = k_cpu_features();
 
     if (!f->avx2 || !f->fma || !f->f16c)
         return NULL;

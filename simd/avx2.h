@@ -61,7 +61,7 @@ avx2_f16(const uint8_t *p)
 
 /* Eight weights from element j of a float-type row (F32, F16 or BF16), widened. */
 AVX2_INLINE __m256
-avx2_load8(enum kli_dtype dt, const uint8_t *row, int64_t j)
+avx2_load8(enum k_dtype dt, const uint8_t *row, int64_t j)
 {
     if (dt == KLI_DT_F32)
         return _mm256_loadu_ps((const float *)row + j);
@@ -72,7 +72,7 @@ avx2_load8(enum kli_dtype dt, const uint8_t *row, int64_t j)
 }
 
 AVX2_INLINE float
-avx2_load1(enum kli_dtype dt, const uint8_t *row, int64_t j)
+avx2_load1(enum k_dtype dt, const uint8_t *row, int64_t j)
 {
     return simd_load1(dt, row, j, avx2_f16);
 }
@@ -119,7 +119,7 @@ avx2_transpose8(const __m256 *v, float *dst, int64_t ds)
  * x86_pack in gemm.h, picks the rows and the panel.)
  */
 static void
-avx2_pack8(enum kli_dtype dt, const uint8_t *const *row, int64_t kc, float *dst)
+avx2_pack8(enum k_dtype dt, const uint8_t *const *row, int64_t kc, float *dst)
 {
     const __m128i m4 = _mm_set1_epi8(0x0f);
     const __m256i e8 = _mm256_set1_epi32(8);

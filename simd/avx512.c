@@ -2,7 +2,7 @@
  * avx512.c - kernels for x86-64 CPUs with AVX-512 F, BW, VL and DQ (Skylake-SP, Ice Lake,
  * Sapphire Rapids, Zen 4 and later).
  *
- * Compiled with -mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma -mf16c; kli_kernels_avx512()
+ * Compiled with -mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma -mf16c; kernels_avx512()
  * hands the table out only when the CPU and OS support F, BW, VL and DQ.
  *
  * The structure follows avx2.c, with 512-bit registers where they pay:
@@ -43,7 +43,7 @@
 
 #ifdef KLI_VNNI
 #define AVX512_NAME "avx512vnni"
-#define kli_kernels_avx512 kli_kernels_avx512vnni
+#define kernels_avx512 kernels_avx512vnni
 #else
 #define AVX512_NAME "avx512"
 #endif
@@ -85,7 +85,7 @@ avx512_mask(int64_t r)
 
 /* Sixteen weights from element j of a float-type row (F32, F16 or BF16), widened. */
 AVX512_INLINE __m512
-avx512_load16(enum kli_dtype dt, const uint8_t *row, int64_t j)
+avx512_load16(enum k_dtype dt, const uint8_t *row, int64_t j)
 {
     if (dt == KLI_DT_F32)
         return _mm512_loadu_ps((const float *)row + j);
@@ -97,7 +97,7 @@ avx512_load16(enum kli_dtype dt, const uint8_t *row, int64_t j)
 
 /* The same for the first lanes of mk only; the others are zero and their memory untouched. */
 AVX512_INLINE __m512
-avx512_load16_mask(enum kli_dtype dt, const uint8_t *row, int64_t j, __mmask16 mk)
+avx512_load16_mask(enum k_dtype dt, const uint8_t *row, int64_t j, __mmask16 mk)
 {
     if (dt == KLI_DT_F32)
         return _mm512_maskz_loadu_ps(mk, (const float *)row + j);
@@ -206,7 +206,7 @@ avx512_scale(float *y, float a, int64_t n)
 }
 
 static void
-avx512_to_f32(enum kli_dtype dt, const void *src, float *dst, int64_t n)
+avx512_to_f32(enum k_dtype dt, const void *src, float *dst, int64_t n)
 {
     const uint8_t *p = src;
     int64_t i = 0;
@@ -248,7 +248,7 @@ avx512_to_f32(enum kli_dtype dt, const void *src, float *dst, int64_t n)
         return;
     }
     default:
-        kli_dtype_to_f32(dt, src, dst, n);
+        dtype_to_f32(dt, src, dst, n);
         return;
     }
 }
@@ -258,7 +258,7 @@ avx512_to_f32(enum kli_dtype dt, const void *src, float *dst, int64_t n)
 /* out[r] = dot(x, row r), r < nr (a constant 1, 3 or 4 after inlining); rows rb bytes apart;
  * the rows pf bytes further are prefetched. */
 AVX512_INLINE void
-avx512_dot_rows(enum kli_dtype dt, int nr, const float *x, const uint8_t *w, size_t rb,
+avx512_dot_rows(enum k_dtype dt, int nr, const float *x, const uint8_t *w, size_t rb,
                 size_t pf, int64_t k, float *out)
 {
     int es = dt == KLI_DT_F32 ? 4 : 2;
@@ -293,7 +293,7 @@ avx512_dot_rows(enum kli_dtype dt, int nr, const float *x, const uint8_t *w, siz
  * widened weight vector serves every token (up to 24 accumulators), so in batched decode the
  * rows are read and widened once for eight sequences. */
 AVX512_INLINE void
-avx512_dot_tile(enum kli_dtype dt, int nt, const float *x, int64_t ldx, const uint8_t *w,
+avx512_dot_tile(enum k_dtype dt, int nt, const float *x, int64_t ldx, const uint8_t *w,
                 size_t rb, size_t pf, int64_t k, float *y, int64_t ldy)
 {
     int es = dt == KLI_DT_F32 ? 4 : 2;
@@ -922,12 +922,12 @@ avx512_silu(float *y, const float *x, const float *mul, int64_t n)
     }
 }
 
-static const struct kli_kernels avx512_table = X86_TABLE(AVX512_NAME);
+static const struct k_kernels avx512_table = X86_TABLE(AVX512_NAME);
 
-const struct kli_kernels *
-kli_kernels_avx512(void)
+const struct k_kernels *
+kernels_avx512(void)
 {
-    const struct kli_cpu_features *f = kli_cpu_features();
+    const struct k_cpu_features *f = k_cpu_features();
 
     if (!f->avx512f || !f->avx512bw || !f->avx512vl || !f->avx512dq || !f->fma || !f->f16c)
         return NULL;

@@ -23,7 +23,7 @@ cpu_xgetbv(void)
 }
 
 static void
-cpu_detect(struct kli_cpu_features *f)
+cpu_detect(struct k_cpu_features *f)
 {
     unsigned a, b, c, d;
     int os_avx = 0, os_avx512 = 0;
@@ -62,7 +62,7 @@ cpu_detect(struct kli_cpu_features *f)
 #endif
 
 static void
-cpu_detect(struct kli_cpu_features *f)
+cpu_detect(struct k_cpu_features *f)
 {
     unsigned long hw = getauxval(AT_HWCAP);
 
@@ -71,13 +71,13 @@ cpu_detect(struct kli_cpu_features *f)
 }
 #else
 static void
-cpu_detect(struct kli_cpu_features *f)
+cpu_detect(struct k_cpu_features *f)
 {
     (void)f;
 }
 #endif
 
-static struct kli_cpu_features cpu_features;
+static struct k_cpu_features cpu_features;
 static pthread_once_t cpu_once = PTHREAD_ONCE_INIT;
 
 static void
@@ -87,15 +87,15 @@ cpu_init(void)
     cpu_detect(&cpu_features);
 }
 
-const struct kli_cpu_features *
-kli_cpu_features(void)
+const struct k_cpu_features *
+k_cpu_features(void)
 {
     pthread_once(&cpu_once, cpu_init);
     return &cpu_features;
 }
 
 unsigned long
-kli_fp_flush_begin(void)
+fp_flush_begin(void)
 {
 #if defined(__x86_64__) || defined(__i386__)
     unsigned long m = __builtin_ia32_stmxcsr();
@@ -111,7 +111,7 @@ kli_fp_flush_begin(void)
 }
 
 void
-kli_fp_flush_end(unsigned long mode)
+fp_flush_end(unsigned long mode)
 {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_ia32_ldmxcsr((unsigned)mode);

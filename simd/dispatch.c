@@ -13,20 +13,20 @@
 
 #include "simd.h"
 
-static const struct kli_kernels *dispatch_table;
+static const struct k_kernels *dispatch_table;
 static pthread_once_t dispatch_once = PTHREAD_ONCE_INIT;
 
 int
-kli_kernels_all(const struct kli_kernels **out, int cap)
+kernels_all(const struct k_kernels **out, int cap)
 {
-    const struct kli_kernels *(*get[])(void) = {
-        kli_kernels_generic, kli_kernels_neon, kli_kernels_neondot, kli_kernels_avx2,
-        kli_kernels_avx512, kli_kernels_avx512vnni,
+    const struct k_kernels *(*get[])(void) = {
+        kernels_generic, kernels_neon, kernels_neondot, kernels_avx2,
+        kernels_avx512, kernels_avx512vnni,
     };
     int n = 0;
 
     for (size_t i = 0; i < sizeof(get) / sizeof(get[0]) && n < cap; i++) {
-        const struct kli_kernels *k = get[i]();
+        const struct k_kernels *k = get[i]();
         if (k != NULL)
             out[n++] = k;
     }
@@ -35,15 +35,15 @@ kli_kernels_all(const struct kli_kernels **out, int cap)
 
 /* The chosen table with any entry a variant leaves NULL taken from generic.c, so a new
  * kernel can land in generic.c first and in the ISA files later. */
-static struct kli_kernels dispatch_merged;
+static struct k_kernels dispatch_merged;
 
 static void
 dispatch_init(void)
 {
-    const struct kli_kernels *all[8], *gen = kli_kernels_generic();
-    int n = kli_kernels_all(all, 8);
+    const struct k_kernels *all[8], *gen = kernels_generic();
+    int n = kernels_all(all, 8);
     const char *want = getenv("KLI_SIMD");
-    const struct kli_kernels *pick = all[n - 1];
+    const struct k_kernels *pick = all[n - 1];
 
     if (want != NULL && *want != '\0') {
         for (int i = 0; i < n; i++) {
@@ -71,23 +71,23 @@ dispatch_init(void)
     dispatch_table = &dispatch_merged;
 }
 
-const struct kli_kernels *
-kli_kernels(void)
+const struct k_kernels *
+k_kernels(void)
 {
     pthread_once(&dispatch_once, dispatch_init);
     return dispatch_table;
 }
 
 #ifndef KLI_BUILD_AVX2
-const struct kli_kernels *kli_kernels_avx2(void) { return NULL; }
+const struct k_kernels *kernels_avx2(void) { return NULL; }
 #endif
 #ifndef KLI_BUILD_AVX512
-const struct kli_kernels *kli_kernels_avx512(void) { return NULL; }
+const struct k_kernels *kernels_avx512(void) { return NULL; }
 #endif
 #ifndef KLI_BUILD_AVX512VNNI
-const struct kli_kernels *kli_kernels_avx512vnni(void) { return NULL; }
+const struct k_kernels *kernels_avx512vnni(void) { return NULL; }
 #endif
 #ifndef KLI_BUILD_NEON
-const struct kli_kernels *kli_kernels_neon(void) { return NULL; }
-const struct kli_kernels *kli_kernels_neondot(void) { return NULL; }
+const struct k_kernels *kernels_neon(void) { return NULL; }
+const struct k_kernels *kernels_neondot(void) { return NULL; }
 #endif

@@ -76,7 +76,7 @@ x86_ahead(int64_t r, int64_t g, int64_t n, size_t rb)
 /* ---- decode path, float weights ------------------------------------------------------- */
 
 X86_INLINE void
-x86_stream_float(enum kli_dtype dt, float *y, int64_t ldy, const float *x, int64_t ldx,
+x86_stream_float(enum k_dtype dt, float *y, int64_t ldy, const float *x, int64_t ldx,
                  const uint8_t *w, int64_t n, int64_t k, int64_t m)
 {
     size_t rb = (size_t)k * (dt == KLI_DT_F32 ? 4 : 2);
@@ -117,13 +117,13 @@ x86_stream_float(enum kli_dtype dt, float *y, int64_t ldy, const float *x, int64
 
 /* The per-dtype primitives of x86_stream_q; dt is a constant after inlining. */
 X86_INLINE size_t
-x86_qbytes(enum kli_dtype dt, int64_t nb)
+x86_qbytes(enum k_dtype dt, int64_t nb)
 {
     return dt == KLI_DT_Q8_0 ? X86(q8_bytes)(nb) : X86(q4_bytes)(nb);
 }
 
 X86_INLINE void
-x86_qrows(enum kli_dtype dt, int nr, const uint8_t *act, int64_t nb, const uint8_t *w,
+x86_qrows(enum k_dtype dt, int nr, const uint8_t *act, int64_t nb, const uint8_t *w,
           size_t rb, size_t pf, float *out)
 {
     if (dt == KLI_DT_Q8_0)
@@ -133,7 +133,7 @@ x86_qrows(enum kli_dtype dt, int nr, const uint8_t *act, int64_t nb, const uint8
 }
 
 X86_INLINE void
-x86_qtile(enum kli_dtype dt, int nt, const uint8_t *act, size_t stride, int64_t nb,
+x86_qtile(enum k_dtype dt, int nt, const uint8_t *act, size_t stride, int64_t nb,
           const uint8_t *p, size_t pf, float *out)
 {
     if (dt == KLI_DT_Q8_0)
@@ -145,7 +145,7 @@ x86_qtile(enum kli_dtype dt, int nt, const uint8_t *act, size_t stride, int64_t 
 /* Elements of k (from `left`) per activation slice: all of it when m tokens fit the buffer,
  * else whole groups of 256. */
 X86_INLINE int64_t
-x86_qslice(enum kli_dtype dt, int64_t left, int64_t m)
+x86_qslice(enum k_dtype dt, int64_t left, int64_t m)
 {
     if ((size_t)m * x86_qbytes(dt, left / 32) <= X86_QBUF)
         return left;
@@ -154,7 +154,7 @@ x86_qslice(enum kli_dtype dt, int64_t left, int64_t m)
 
 /* Q8_0 (34-byte blocks) or Q4 (18-byte blocks) weights against m tokens. */
 X86_INLINE void
-x86_stream_q(enum kli_dtype dt, float *y, int64_t ldy, const float *x, int64_t ldx,
+x86_stream_q(enum k_dtype dt, float *y, int64_t ldy, const float *x, int64_t ldx,
              const uint8_t *w, int64_t n, int64_t k, int64_t m)
 {
     uint8_t act[X86_QBUF] __attribute__((aligned(X86_ALIGN)));
@@ -242,7 +242,7 @@ static const uint8_t x86_zero_row[X86_KC * 4] __attribute__((aligned(X86_ALIGN))
  * = kc rounded up to 8. Rows past nc, up to the panel's end, and columns past kc are zero.
  */
 static void
-x86_pack(enum kli_dtype dt, float *pk, const uint8_t *w, size_t rb, int64_t nc, int64_t kc)
+x86_pack(enum k_dtype dt, float *pk, const uint8_t *w, size_t rb, int64_t nc, int64_t kc)
 {
     int64_t kcp = (kc + 7) & ~(int64_t)7;
     int64_t ncp = (nc + X86_NR - 1) / X86_NR * X86_NR;
@@ -256,18 +256,18 @@ x86_pack(enum kli_dtype dt, float *pk, const uint8_t *w, size_t rb, int64_t nc, 
 }
 
 static void
-x86_gemm(enum kli_dtype dt, float *y, int64_t ldy, const float *x, int64_t ldx,
+x86_gemm(enum k_dtype dt, float *y, int64_t ldy, const float *x, int64_t ldx,
          const uint8_t *w, int64_t n, int64_t k, int64_t m)
 {
     float pk[X86_NC * X86_KC] __attribute__((aligned(X86_ALIGN)));
-    size_t rb = (size_t)kli_dtype_nbytes(dt, (uint64_t)k);
+    size_t rb = (size_t)dtype_nbytes(dt, (uint64_t)k);
 
     for (int64_t r0 = 0; r0 < n; r0 += X86_NC) {
         int64_t nc = n - r0 < X86_NC ? n - r0 : X86_NC;
         for (int64_t k0 = 0; k0 < k; k0 += X86_KC) {
             int64_t kc = k - k0 < X86_KC ? k - k0 : X86_KC;
             int64_t kcp = (kc + 7) & ~(int64_t)7;
-            x86_pack(dt, pk, w + r0 * rb + kli_dtype_nbytes(dt, (uint64_t)k0), rb, nc, kc);
+            x86_pack(dt, pk, w + r0 * rb + dtype_nbytes(dt, (uint64_t)k0), rb, nc, kc);
             for (int64_t t0 = 0; t0 < m; t0 += X86_TM) {
                 int nt = m - t0 < X86_TM ? (int)(m - t0) : X86_TM;
                 const float *xt[X86_TM];
@@ -286,7 +286,7 @@ x86_gemm(enum kli_dtype dt, float *y, int64_t ldy, const float *x, int64_t ldx,
 /* ---- the entry points ------------------------------------------------------------------- */
 
 X86_INLINE void
-x86_matmul(enum kli_dtype dt, float *y, int64_t ldy, const float *x, int64_t ldx,
+x86_matmul(enum k_dtype dt, float *y, int64_t ldy, const float *x, int64_t ldx,
            const void *w, int64_t n, int64_t k, int64_t m)
 {
     if (n <= 0 || m <= 0)

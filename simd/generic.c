@@ -96,7 +96,7 @@ gen_dot4(const float *a, const float *b, int64_t n)
 #define GEN_ROWBUF 16384
 
 static void
-gen_matmul_any(enum kli_dtype dt, float *y, int64_t ldy, const float *x, int64_t ldx,
+gen_matmul_any(enum k_dtype dt, float *y, int64_t ldy, const float *x, int64_t ldx,
                const void *w, int64_t n, int64_t k, int64_t m)
 {
     float buf[GEN_ROWBUF];
@@ -111,14 +111,14 @@ gen_matmul_any(enum kli_dtype dt, float *y, int64_t ldy, const float *x, int64_t
         /* Dequantize in slices so any k fits the stack buffer. */
         for (int64_t i = 0; i < m; i++)
             y[i * ldy + r] = 0.0f;
-        int32_t blk = kli_dtype_info(dt)->block;
+        int32_t blk = dtype_info(dt)->block;
         int64_t step = (GEN_ROWBUF / blk) * blk;
-        uint64_t rb = kli_dtype_nbytes(dt, (uint64_t)k);
+        uint64_t rb = dtype_nbytes(dt, (uint64_t)k);
         for (int64_t j0 = 0; j0 < k; j0 += step) {
             int64_t len = k - j0 < step ? k - j0 : step;
             const uint8_t *src = (const uint8_t *)w + (uint64_t)r * rb +
-                                 kli_dtype_nbytes(dt, (uint64_t)j0);
-            kli_dtype_to_f32(dt, src, buf, len);
+                                 dtype_nbytes(dt, (uint64_t)j0);
+            dtype_to_f32(dt, src, buf, len);
             for (int64_t i = 0; i < m; i++)
                 y[i * ldy + r] += gen_dot4(x + i * ldx + j0, buf, len);
         }
@@ -131,7 +131,7 @@ KLI_MATMUL_ENTRY(gen_matmul_bf16, gen_matmul_any, KLI_DT_BF16)
 KLI_MATMUL_ENTRY(gen_matmul_q8_0, gen_matmul_any, KLI_DT_Q8_0)
 KLI_MATMUL_ENTRY(gen_matmul_q4, gen_matmul_any, KLI_DT_Q4)
 
-static const struct kli_kernels gen_table = {
+static const struct k_kernels gen_table = {
     .name = "generic",
     .matmul = {
         [KLI_DT_F32] = gen_matmul_f32,
@@ -147,11 +147,11 @@ static const struct kli_kernels gen_table = {
     .silu = gen_silu,
     .axpy = gen_axpy,
     .scale = gen_scale,
-    .to_f32 = kli_dtype_to_f32,
+    .to_f32 = dtype_to_f32,
 };
 
-const struct kli_kernels *
-kli_kernels_generic(void)
+const struct k_kernels *
+kernels_generic(void)
 {
     return &gen_table;
 }

@@ -1,7 +1,7 @@
 /*
  * neon.c - kernels for AArch64 (Advanced SIMD is part of the base architecture).
  *
- * Compiled only for aarch64 hosts; kli_kernels_neon() hands the table out there. The dot
+ * Compiled only for aarch64 hosts; kernels_neon() hands the table out there. The dot
  * product instructions (SDOT, Armv8.2 "dotprod": Neoverse N1 and later, Cortex-A55/A76 and
  * later, Apple M1) are used where the CPU has them: the quantized matmuls come in two
  * versions, and the CPU's HWCAP bits (cpu.c) say whether the second is usable. Both give the
@@ -252,7 +252,7 @@ neon_f16(const uint8_t *p)
 
 /* Eight weights of row p (dtype dt: F32, F16 or BF16) from element j as two vectors. */
 NEON_INLINE void
-neon_widen8(enum kli_dtype dt, const uint8_t *p, int64_t j, float32x4_t *lo, float32x4_t *hi)
+neon_widen8(enum k_dtype dt, const uint8_t *p, int64_t j, float32x4_t *lo, float32x4_t *hi)
 {
     if (dt == KLI_DT_F32) {
         *lo = vld1q_f32((const float *)(const void *)p + j);
@@ -269,19 +269,19 @@ neon_widen8(enum kli_dtype dt, const uint8_t *p, int64_t j, float32x4_t *lo, flo
 }
 
 NEON_INLINE float
-neon_widen1(enum kli_dtype dt, const uint8_t *p, int64_t j)
+neon_widen1(enum k_dtype dt, const uint8_t *p, int64_t j)
 {
     return simd_load1(dt, p, j, neon_f16);
 }
 
 static void
-neon_to_f32(enum kli_dtype dt, const void *src, float *dst, int64_t n)
+neon_to_f32(enum k_dtype dt, const void *src, float *dst, int64_t n)
 {
     const uint8_t *p = src;
     int64_t i = 0;
 
     if (dt != KLI_DT_F16 && dt != KLI_DT_BF16) {
-        kli_dtype_to_f32(dt, src, dst, n);
+        dtype_to_f32(dt, src, dst, n);
         return;
     }
     for (; i + 8 <= n; i += 8) {
@@ -298,7 +298,7 @@ neon_to_f32(enum kli_dtype dt, const void *src, float *dst, int64_t n)
 
 /* out[r] = row r . x for nr (<= 4) rows rb bytes apart. */
 NEON_INLINE void
-neon_dot_rows(enum kli_dtype dt, int nr, const float *x, const uint8_t *w, size_t rb, int64_t k,
+neon_dot_rows(enum k_dtype dt, int nr, const float *x, const uint8_t *w, size_t rb, int64_t k,
               float *out)
 {
     float32x4_t a0[4], a1[4];
@@ -327,10 +327,10 @@ neon_dot_rows(enum kli_dtype dt, int nr, const float *x, const uint8_t *w, size_
 }
 
 static void
-neon_matmul_float(enum kli_dtype dt, float *y, int64_t ldy, const float *x, int64_t ldx,
+neon_matmul_float(enum k_dtype dt, float *y, int64_t ldy, const float *x, int64_t ldx,
                   const void *w, int64_t n, int64_t k, int64_t m)
 {
-    size_t rb = (size_t)kli_dtype_nbytes(dt, (uint64_t)k);
+    size_t rb = (size_t)dtype_nbytes(dt, (uint64_t)k);
     const uint8_t *wb = w;
     float out[4];
     int64_t r = 0;
@@ -539,22 +539,22 @@ KLI_MATMUL_ENTRY(neon_matmul_q4_dot, neon_matmul_quant, neon_q4_rows_dot, 18)
         .to_f32 = neon_to_f32,                                                                 \
     }
 
-static const struct kli_kernels neon_table =
+static const struct k_kernels neon_table =
     NEON_TABLE("neon", neon_matmul_q8_0, neon_matmul_q4);
-static const struct kli_kernels neondot_table =
+static const struct k_kernels neondot_table =
     NEON_TABLE("neondot", neon_matmul_q8_0_dot, neon_matmul_q4_dot);
 
-const struct kli_kernels *
-kli_kernels_neon(void)
+const struct k_kernels *
+kernels_neon(void)
 {
-    return kli_cpu_features()->neon ? &neon_table : NULL;
+    return k_cpu_features()->neon ? &neon_table : NULL;
 }
 
 /* The same kernels with SDOT for the quantized matmuls, on CPUs that have it. */
-const struct kli_kernels *
-kli_kernels_neondot(void)
+const struct k_kernels *
+kernels_neondot(void)
 {
-    const struct kli_cpu_features *f = kli_cpu_features();
+    const struct k_cpu_features *f = k_cpu_features();
 
     return f->neon && f->dotprod ? &neondot_table : NULL;
 }

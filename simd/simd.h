@@ -28,14 +28,14 @@
  *   y  [m][ldy] floats, x [m][ldx] floats,
  *   w  [n][k] in the kernel's dtype, rows contiguous (row r at byte r * row_bytes(k)).
  * k is a multiple of the dtype's block size. */
-typedef void (*kli_matmul_fn)(float *y, int64_t ldy, const float *x, int64_t ldx,
+typedef void (*matmul_fn)(float *y, int64_t ldy, const float *x, int64_t ldx,
                               const void *w, int64_t n, int64_t k, int64_t m);
 
 /* Element j of a row of float-type weights (F32, F16 or BF16) as a float, for the scalar
  * tails of the SIMD kernels; f16 converts the half at p (with the ISA's own instruction: it is
  * a constant, inlined). */
 static inline __attribute__((always_inline)) float
-simd_load1(enum kli_dtype dt, const uint8_t *row, int64_t j, float (*f16)(const uint8_t *))
+simd_load1(enum k_dtype dt, const uint8_t *row, int64_t j, float (*f16)(const uint8_t *))
 {
     uint16_t h;
 
@@ -47,10 +47,10 @@ simd_load1(enum kli_dtype dt, const uint8_t *row, int64_t j, float (*f16)(const 
     if (dt == KLI_DT_F16)
         return f16(row + 2 * j);
     memcpy(&h, row + 2 * j, 2);
-    return kli_bf16_to_f32(h);
+    return bf16_to_f32(h);
 }
 
-/* Defines the kli_matmul_fn `name` as impl(args, y, ldy, x, ldx, w, n, k, m): a table entry of
+/* Defines the matmul_fn `name` as impl(args, y, ldy, x, ldx, w, n, k, m): a table entry of
  * a matmul written once for several dtypes or variants, whose leading arguments (a dtype, a
  * kernel) are constants there, so the inlined impl is specialised for them. No semicolon after
  * it: it is a function definition. */
@@ -62,9 +62,9 @@ simd_load1(enum kli_dtype dt, const uint8_t *row, int64_t j, float (*f16)(const 
         impl(__VA_ARGS__, y, ldy, x, ldx, w, n, k, m);                                        \
     }
 
-struct kli_kernels {
+struct k_kernels {
     const char *name;                        /* "generic", "avx2", "avx512", "neon", ... */
-    kli_matmul_fn matmul[KLI_DT_COUNT];      /* NULL for KLI_DT_OTHER */
+    matmul_fn matmul[KLI_DT_COUNT];      /* NULL for KLI_DT_OTHER */
     /* @return sum a[i]*b[i], i < n */
     float (*dot)(const float *a, const float *b, int64_t n);
     /* y[i] += a * x[i] */
@@ -87,39 +87,39 @@ struct kli_kernels {
      * (|silu| < 1e-33) the result may be zero. */
     void (*silu)(float *y, const float *x, const float *mul, int64_t n);
     /* dst[i] = float(src[i]) for n elements of dtype dt (whole blocks) */
-    void (*to_f32)(enum kli_dtype dt, const void *src, float *dst, int64_t n);
+    void (*to_f32)(enum k_dtype dt, const void *src, float *dst, int64_t n);
 };
 
 /* The selected table (KLI_SIMD=generic|avx2|avx512|avx512vnni|neon|neondot forces one; an
  * unavailable forced variant falls back to the best available, see dispatch.c; the table's
  * name is what kli_simd_variant() reports). */
-const struct kli_kernels *kli_kernels(void);
+const struct k_kernels *k_kernels(void);
 
 /* Every compiled-in variant usable on this CPU, best last; for tests and benchmarks.
  * @return the count written into `out` (at most `cap`). */
-int kli_kernels_all(const struct kli_kernels **out, int cap);
+int kernels_all(const struct k_kernels **out, int cap);
 
 /* Per-ISA tables; NULL-returning when not compiled in or not supported by this CPU. */
-const struct kli_kernels *kli_kernels_generic(void);
-const struct kli_kernels *kli_kernels_avx2(void);
-const struct kli_kernels *kli_kernels_avx512(void);
-const struct kli_kernels *kli_kernels_avx512vnni(void);
-const struct kli_kernels *kli_kernels_neon(void);
-const struct kli_kernels *kli_kernels_neondot(void);   /* neon with SDOT (Armv8.2 dotprod) */
+const struct k_kernels *kernels_generic(void);
+const struct k_kernels *kernels_avx2(void);
+const struct k_kernels *kernels_avx512(void);
+const struct k_kernels *kernels_avx512vnni(void);
+const struct k_kernels *kernels_neon(void);
+const struct k_kernels *kernels_neondot(void);   /* neon with SDOT (Armv8.2 dotprod) */
 
-/* Flush-to-zero for the calling thread until kli_fp_flush_end: results and operands below
+/* Flush-to-zero for the calling thread until fp_flush_end: results and operands below
  * float's normal range become zero instead of taking a slow microcode path (x86 MXCSR FTZ
  * and DAZ, AArch64 FPCR.FZ; elsewhere nothing changes). src/threads.c wraps every parallel
  * range in it. @return the mode to restore. */
-unsigned long kli_fp_flush_begin(void);
-void kli_fp_flush_end(unsigned long mode);
+unsigned long fp_flush_begin(void);
+void fp_flush_end(unsigned long mode);
 
 /* CPU features (cpu.c), with the OS support check for the vector state. */
-struct kli_cpu_features {
+struct k_cpu_features {
     int avx2, fma, f16c;
     int avx512f, avx512bw, avx512vl, avx512dq, avx512bf16, avx512vnni;
     int neon, dotprod;
 };
-const struct kli_cpu_features *kli_cpu_features(void);
+const struct k_cpu_features *k_cpu_features(void);
 
 #endif

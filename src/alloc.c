@@ -12,13 +12,13 @@
 #include "mmap.h"
 
 void *
-kli_malloc(size_t n)
+k_malloc(size_t n)
 {
     return malloc(n == 0 ? 1 : n);
 }
 
 void *
-kli_calloc(size_t n, size_t size)
+k_calloc(size_t n, size_t size)
 {
     if (n == 0 || size == 0)
         return calloc(1, 1);
@@ -26,15 +26,15 @@ kli_calloc(size_t n, size_t size)
 }
 
 void *
-kli_mallocarray(size_t n, size_t size)
+k_mallocarray(size_t n, size_t size)
 {
     if (size != 0 && n > SIZE_MAX / size)
         return NULL;
-    return kli_malloc(n * size);
+    return k_malloc(n * size);
 }
 
 void *
-kli_reallocarray(void *p, size_t n, size_t size)
+k_reallocarray(void *p, size_t n, size_t size)
 {
     if (size != 0 && n > SIZE_MAX / size)
         return NULL;
@@ -42,7 +42,7 @@ kli_reallocarray(void *p, size_t n, size_t size)
 }
 
 void *
-kli_malloc_aligned(size_t n)
+k_malloc_aligned(size_t n)
 {
     void *p = NULL;
 
@@ -55,25 +55,25 @@ kli_malloc_aligned(size_t n)
 }
 
 void
-kli_free_aligned(void *p)
+k_free_aligned(void *p)
 {
     free(p);
 }
 
 char *
-kli_strdup(const char *s)
+k_strdup(const char *s)
 {
     size_t n = strlen(s) + 1;
-    char *d = kli_malloc(n);
+    char *d = k_malloc(n);
 
     if (d != NULL)
         memcpy(d, s, n);
     return d;
 }
 
-/* A chunk of at least n bytes, a multiple of 2 MiB long, from kli_map_huge. */
+/* A chunk of at least n bytes, a multiple of 2 MiB long, from map_huge. */
 static int
-arena_chunk(struct kli_arena_chunk *c, size_t n)
+arena_chunk(struct k_arena_chunk *c, size_t n)
 {
     size_t len = n > KLI_ARENA_CHUNK ? n : KLI_ARENA_CHUNK;
     void *p;
@@ -81,7 +81,7 @@ arena_chunk(struct kli_arena_chunk *c, size_t n)
     if (len > SIZE_MAX - KLI_HUGE_PAGE)
         return -1;
     len = (len + KLI_HUGE_PAGE - 1) / KLI_HUGE_PAGE * KLI_HUGE_PAGE;
-    if ((p = kli_map_huge(-1, len, PROT_READ | PROT_WRITE)) == MAP_FAILED)
+    if ((p = map_huge(-1, len, PROT_READ | PROT_WRITE)) == MAP_FAILED)
         return -1;
     c->base = p;
     c->len = len;
@@ -90,9 +90,9 @@ arena_chunk(struct kli_arena_chunk *c, size_t n)
 }
 
 void *
-kli_arena_alloc(struct kli_arena *a, size_t n)
+arena_alloc(struct arena *a, size_t n)
 {
-    struct kli_arena_chunk *c = a->n > 0 ? &a->c[a->n - 1] : NULL;
+    struct k_arena_chunk *c = a->n > 0 ? &a->c[a->n - 1] : NULL;
 
     if (n > SIZE_MAX - 64)
         return NULL;
@@ -100,7 +100,7 @@ kli_arena_alloc(struct kli_arena *a, size_t n)
     if (c == NULL || c->len - c->used < n) {
         if (a->n == a->cap) {
             int nc = a->cap ? a->cap * 2 : 16;
-            struct kli_arena_chunk *g = kli_reallocarray(a->c, (size_t)nc, sizeof(*g));
+            struct k_arena_chunk *g = k_reallocarray(a->c, (size_t)nc, sizeof(*g));
 
             if (g == NULL)
                 return NULL;
@@ -118,7 +118,7 @@ kli_arena_alloc(struct kli_arena *a, size_t n)
 }
 
 void
-kli_arena_free(struct kli_arena *a)
+arena_free(struct arena *a)
 {
     for (int i = 0; i < a->n; i++)
         munmap(a->c[i].base, a->c[i].len);

@@ -52,11 +52,11 @@
 /* Context the MLA mirrors are budgeted for when sizing the hot set. */
 #define BK_MLA_RESERVE_CTX 131072
 
-const struct kli_backend_ops *
+const struct backend_ops *
 backend_cuda(void)
 {
 #ifdef HAVE_CUDA
-    return kli_cuda_backend();
+    return cuda_backend();
 #else
     return NULL;
 #endif
@@ -117,7 +117,7 @@ bk_note_failure(struct backend_model *bm, const char *msg)
 }
 
 uint64_t
-bk_tensor_bytes(const struct kli_tensor *t)
+bk_tensor_bytes(const struct tensor *t)
 {
     return model_row_bytes(t) * (uint64_t)t->shape[0];
 }
@@ -189,7 +189,7 @@ bk_cpu_only(struct kli_model *m, const struct kli_model_options *opt, int code,
     struct backend_model *bm = m->gpu;
 
     if (opt->gpu == KLI_GPU_ON)
-        return kli_err_set(err, code == KLI_E_NOMEM ? KLI_E_NOMEM : KLI_E_CUDA,
+        return err_set(err, code == KLI_E_NOMEM ? KLI_E_NOMEM : KLI_E_CUDA,
                            "a GPU was required: %s", why);
     snprintf(bm->status, sizeof(bm->status), "CPU only: %s", why);
     if (bm->layer != NULL || bm->g != NULL) {
@@ -197,9 +197,9 @@ bk_cpu_only(struct kli_model *m, const struct kli_model_options *opt, int code,
         char keep[sizeof(bm->status)];
         memcpy(keep, bm->status, sizeof(keep));
         backend_model_close(m);
-        bm = kli_calloc(1, sizeof(*bm));
+        bm = k_calloc(1, sizeof(*bm));
         if (bm == NULL)
-            return kli_err_set(err, KLI_E_NOMEM, "out of memory");
+            return err_set(err, KLI_E_NOMEM, "out of memory");
         memcpy(bm->status, keep, sizeof(keep));
         m->gpu = bm;
     }
@@ -229,10 +229,10 @@ bk_upload_layout(struct backend_model *bm, void **buf, uint64_t *bytes, uint64_t
 /* The device layout of one MLA layer's weights: what cu_mla_layer reads. Pieces start on
  * 256-byte boundaries of one allocation; off[] are their offsets, the return the total. */
 static uint64_t
-bk_mla_layout(const struct kli_model *m, const struct kli_mla_w *w, uint64_t off[7],
+bk_mla_layout(const struct kli_model *m, const struct k_mla_w *w, uint64_t off[7],
               uint64_t len[7])
 {
-    const struct kli_config_mla *c = &m->cfg.mla;
+    const struct config_mla *c = &m->cfg.mla;
     uint64_t H = (uint64_t)c->n_heads, L = (uint64_t)c->kv_lora_rank;
     uint64_t o = 0;
 
@@ -250,10 +250,10 @@ bk_mla_layout(const struct kli_model *m, const struct kli_mla_w *w, uint64_t off
     return o;
 }
 
-static struct kli_gpu_mat
-bk_mat(const struct kli_tensor *t, const void *dev)
+static struct gpu_mat
+bk_mat(const struct tensor *t, const void *dev)
 {
-    struct kli_gpu_mat g = {dev, (int32_t)t->dtype, (int32_t)t->shape[0],
+    struct gpu_mat g = {dev, (int32_t)t->dtype, (int32_t)t->shape[0],
                             (int32_t)t->shape[1]};
 
     return g;
@@ -266,8 +266,8 @@ bk_open_mla_proj(struct kli_model *m, uint64_t *avail, char *note, size_t note_c
                  struct kli_err *err)
 {
     struct backend_model *bm = m->gpu;
-    const struct kli_config *cfg = &m->cfg;
-    const struct kli_config_mla *c = &cfg->mla;
+    const struct k_config *cfg = &m->cfg;
+    const struct config_mla *c = &cfg->mla;
     uint64_t off[7], len[7], need = 0;
     int rc;
 
@@ -276,8 +276,8 @@ bk_open_mla_proj(struct kli_model *m, uint64_t *avail, char *note, size_t note_c
     for (int i = 0; i < cfg->n_layers; i++) {
         if (cfg->layer_mixer[i] != KLI_MIXER_MLA)
             continue;
-        const struct kli_mla_w *w = &m->layers[i].mla;
-        struct kli_gpu_mla_w hw = {bk_mat(&w->q_proj, w->q_proj.data),
+        const struct k_mla_w *w = &m->layers[i].mla;
+        struct gpu_mla_w hw = {bk_mat(&w->q_proj, w->q_proj.data),
                                    bk_mat(&w->kv_a, w->kv_a.data),
                                    bk_mat(&w->o_proj, w->o_proj.data), w->kv_a_norm,
                                    w->w_uk_t, w->w_uv};
@@ -297,12 +297,12 @@ bk_open_mla_proj(struct kli_model *m, uint64_t *avail, char *note, size_t note_c
                  (double)need / 1048576.0);
         return KLI_OK;
     }
-    if ((bm->mla_w = kli_calloc((size_t)cfg->n_layers, sizeof(*bm->mla_w))) == NULL)
-        return kli_err_set(err, KLI_E_NOMEM, "out of memory");
+    if ((bm->mla_w = k_calloc((size_t)cfg->n_layers, sizeof(*bm->mla_w))) == NULL)
+        return err_set(err, KLI_E_NOMEM, "out of memory");
     for (int i = 0; i < cfg->n_layers; i++) {
         if (cfg->layer_mixer[i] != KLI_MIXER_MLA)
             continue;
-        const struct kli_mla_w *w = &m->layers[i].mla;
+        const struct k_mla_w *w = &m->layers[i].mla;
         struct bk_mla *d = &bm->mla_w[i];
         const void *src[6] = {w->q_proj.data, w->kv_a.data, w->o_proj.data, w->kv_a_norm,
                               w->w_uk_t, w->w_uv};
@@ -322,9 +322,9 @@ bk_open_mla_proj(struct kli_model *m, uint64_t *avail, char *note, size_t note_c
     return KLI_OK;
 }
 
-/* A KDA layer's nine matrices, in the order of struct kli_gpu_kda_w's members. */
+/* A KDA layer's nine matrices, in the order of struct gpu_kda_w's members. */
 static void
-bk_kda_mats(const struct kli_kda_w *w, const struct kli_tensor *t[9])
+bk_kda_mats(const struct k_kda_w *w, const struct tensor *t[9])
 {
     t[0] = &w->q_proj;
     t[1] = &w->k_proj;
@@ -339,12 +339,12 @@ bk_kda_mats(const struct kli_kda_w *w, const struct kli_tensor *t[9])
 
 /* The device layout of one KDA layer's weights: 9 matrices, conv, a_neg, dt_bias, o_norm. */
 static uint64_t
-bk_kda_layout(const struct kli_model *m, const struct kli_kda_w *w, uint64_t off[13],
+bk_kda_layout(const struct kli_model *m, const struct k_kda_w *w, uint64_t off[13],
               uint64_t len[13], const void *src[13])
 {
-    const struct kli_config_kda *c = &m->cfg.kda;
+    const struct config_kda *c = &m->cfg.kda;
     uint64_t H = (uint64_t)c->n_heads, K = (uint64_t)c->head_dim, W = (uint64_t)c->conv_size;
-    const struct kli_tensor *t[9];
+    const struct tensor *t[9];
     uint64_t o = 0;
 
     bk_kda_mats(w, t);
@@ -370,12 +370,12 @@ bk_kda_layout(const struct kli_model *m, const struct kli_kda_w *w, uint64_t off
 
 /* The layer as the kernels see it: with base NULL the host's own arrays (for kda_check's
  * look at shapes and dtypes), else the pieces at `off` in the device allocation base. */
-static struct kli_gpu_kda_w
-bk_kda_view(const struct kli_kda_w *w, const char *base, const uint64_t off[13])
+static struct gpu_kda_w
+bk_kda_view(const struct k_kda_w *w, const char *base, const uint64_t off[13])
 {
-    const struct kli_tensor *t[9];
-    struct kli_gpu_kda_w d;
-    struct kli_gpu_mat *dm[9] = {&d.q, &d.k, &d.v, &d.f_a, &d.g_a, &d.b, &d.f_b, &d.g_b, &d.o};
+    const struct tensor *t[9];
+    struct gpu_kda_w d;
+    struct gpu_mat *dm[9] = {&d.q, &d.k, &d.v, &d.f_a, &d.g_a, &d.b, &d.f_b, &d.g_b, &d.o};
 
     bk_kda_mats(w, t);
     for (int k = 0; k < 9; k++)
@@ -390,7 +390,7 @@ bk_kda_view(const struct kli_kda_w *w, const char *base, const uint64_t off[13])
 /* Device bytes of one sequence's states of one KDA layer: the recurrent state S (*bs) and
  * the conv state (*bc). @return their sum. */
 uint64_t
-bk_kda_state_bytes(const struct kli_config *cfg, uint64_t *bs, uint64_t *bc)
+bk_kda_state_bytes(const struct k_config *cfg, uint64_t *bs, uint64_t *bc)
 {
     int64_t ns, nc;
 
@@ -405,13 +405,13 @@ bk_kda_state_bytes(const struct kli_config *cfg, uint64_t *bs, uint64_t *bc)
 static uint64_t
 bk_experts_bytes(const struct kli_model *m)
 {
-    const struct kli_config *cfg = &m->cfg;
+    const struct k_config *cfg = &m->cfg;
     uint64_t total = 0;
 
     for (int i = 0; i < cfg->n_layers; i++) {
         if (cfg->layer_ffn[i] != KLI_FFN_MOE)
             continue;
-        const struct kli_moe_w *w = &m->layers[i].moe;
+        const struct moe_w *w = &m->layers[i].moe;
         for (int32_t e = 0; e < cfg->moe.n_experts; e++) {
             if (!bk_ffn_ok(&w->experts[e]))
                 return UINT64_MAX;
@@ -433,7 +433,7 @@ bk_open_all(struct kli_model *m, uint64_t *avail, uint64_t experts, char *note,
             size_t note_cap, struct kli_err *err)
 {
     struct backend_model *bm = m->gpu;
-    const struct kli_config *cfg = &m->cfg;
+    const struct k_config *cfg = &m->cfg;
     uint64_t off[13], len[13], need = 0;
     const void *src[13];
     int rc;
@@ -443,8 +443,8 @@ bk_open_all(struct kli_model *m, uint64_t *avail, uint64_t experts, char *note,
     for (int i = 0; i < cfg->n_layers; i++) {
         if (cfg->layer_mixer[i] != KLI_MIXER_KDA)
             continue;
-        const struct kli_kda_w *w = &m->layers[i].kda;
-        struct kli_gpu_kda_w hw = bk_kda_view(w, NULL, NULL);
+        const struct k_kda_w *w = &m->layers[i].kda;
+        struct gpu_kda_w hw = bk_kda_view(w, NULL, NULL);
         struct kli_err e = {0};
         if (bm->ops->kda_check(bm->g, &hw, (int32_t)cfg->d_model, cfg->kda.n_heads,
                                cfg->kda.head_dim, cfg->kda.conv_size, &e) != KLI_OK) {
@@ -453,7 +453,7 @@ bk_open_all(struct kli_model *m, uint64_t *avail, uint64_t experts, char *note,
         }
         need += bk_kda_layout(m, w, off, len, src);
     }
-    struct kli_gpu_mat lm = bk_mat(&m->lm_head, m->lm_head.data);
+    struct gpu_mat lm = bk_mat(&m->lm_head, m->lm_head.data);
     uint64_t lm_bytes = bk_tensor_bytes(&m->lm_head);
     if (lm.cols % 8 != 0 || ((lm.dtype == KLI_DT_Q8_0 || lm.dtype == KLI_DT_Q4) &&
                              lm.cols % 32 != 0) || lm.dtype < KLI_DT_F32 ||
@@ -465,12 +465,12 @@ bk_open_all(struct kli_model *m, uint64_t *avail, uint64_t experts, char *note,
                  "%.0f MiB of GPU memory)", (double)(need + experts) / 1048576.0);
         return KLI_OK;
     }
-    if ((bm->kda_w = kli_calloc((size_t)cfg->n_layers, sizeof(*bm->kda_w))) == NULL)
-        return kli_err_set(err, KLI_E_NOMEM, "out of memory");
+    if ((bm->kda_w = k_calloc((size_t)cfg->n_layers, sizeof(*bm->kda_w))) == NULL)
+        return err_set(err, KLI_E_NOMEM, "out of memory");
     for (int i = 0; i < cfg->n_layers; i++) {
         if (cfg->layer_mixer[i] != KLI_MIXER_KDA)
             continue;
-        const struct kli_kda_w *w = &m->layers[i].kda;
+        const struct k_kda_w *w = &m->layers[i].kda;
         struct bk_kda *d = &bm->kda_w[i];
         if ((rc = bk_upload_layout(bm, &d->buf, &d->bytes, bk_kda_layout(m, w, off, len, src),
                                    13, off, len, src, err)) != KLI_OK)
@@ -500,7 +500,7 @@ bk_open_experts(struct kli_model *m, const struct kli_model_options *opt, uint64
                 char *note, size_t note_cap, struct kli_err *err)
 {
     struct backend_model *bm = m->gpu;
-    const struct kli_config *cfg = &m->cfg;
+    const struct k_config *cfg = &m->cfg;
     int32_t E = cfg->moe.n_experts, n_moe = 0;
     uint64_t shared = 0;
     int rc;
@@ -508,18 +508,18 @@ bk_open_experts(struct kli_model *m, const struct kli_model_options *opt, uint64
     for (int i = 0; i < cfg->n_layers; i++) {
         if (cfg->layer_ffn[i] != KLI_FFN_MOE)
             continue;
-        const struct kli_moe_w *w = &m->layers[i].moe;
+        const struct moe_w *w = &m->layers[i].moe;
         for (int32_t e = 0; e < E; e++) {
             if (!bk_ffn_ok(&w->experts[e])) {
                 snprintf(note, note_cap, "experts on the CPU (%s weights, or widths not "
-                         "multiples of 32)", kli_dtype_name(w->experts[e].gate.dtype));
+                         "multiples of 32)", k_dtype_name(w->experts[e].gate.dtype));
                 return KLI_OK;
             }
         }
         if (cfg->moe.n_shared > 0) {
             if (!bk_ffn_ok(&w->shared)) {
                 snprintf(note, note_cap, "experts on the CPU (shared expert in %s)",
-                         kli_dtype_name(w->shared.gate.dtype));
+                         k_dtype_name(w->shared.gate.dtype));
                 return KLI_OK;
             }
             shared += bk_alloc_bytes(&w->shared);
@@ -544,11 +544,11 @@ bk_open_experts(struct kli_model *m, const struct kli_model_options *opt, uint64
         if (cfg->layer_ffn[i] != KLI_FFN_MOE)
             continue;
         struct bk_layer *bl = &bm->layer[i];
-        bl->exp = kli_calloc((size_t)E, sizeof(*bl->exp));
-        bl->buf = kli_calloc((size_t)E, sizeof(*bl->buf));
-        bl->count = kli_calloc((size_t)E, sizeof(*bl->count));
+        bl->exp = k_calloc((size_t)E, sizeof(*bl->exp));
+        bl->buf = k_calloc((size_t)E, sizeof(*bl->buf));
+        bl->count = k_calloc((size_t)E, sizeof(*bl->count));
         if (bl->exp == NULL || bl->buf == NULL || bl->count == NULL)
-            return kli_err_set(err, KLI_E_NOMEM, "out of memory");
+            return err_set(err, KLI_E_NOMEM, "out of memory");
         if (cfg->moe.n_shared > 0 &&
             (rc = bk_ffn_upload(bm, &m->layers[i].moe.shared, &bl->shared, &bl->shared_buf,
                                 err)) != KLI_OK)
@@ -585,7 +585,7 @@ int
 backend_model_open(struct kli_model *m, const struct kli_model_options *opt,
                    struct kli_err *err)
 {
-    const struct kli_config *cfg = &m->cfg;
+    const struct k_config *cfg = &m->cfg;
     struct backend_model *bm;
     struct kli_err e2 = {0};
     char why[300], note[160] = "";
@@ -595,13 +595,13 @@ backend_model_open(struct kli_model *m, const struct kli_model_options *opt,
     if (opt->gpu == KLI_GPU_OFF)
         return KLI_OK;
     if (opt->gpu != KLI_GPU_AUTO && opt->gpu != KLI_GPU_ON)
-        return kli_err_set(err, KLI_E_RANGE, "gpu mode %d is not KLI_GPU_AUTO, _OFF or _ON",
+        return err_set(err, KLI_E_RANGE, "gpu mode %d is not KLI_GPU_AUTO, _OFF or _ON",
                            opt->gpu);
     if (opt->gpu_experts < -1)
-        return kli_err_set(err, KLI_E_RANGE, "gpu_experts %d: -1 (as many as fit) or a count",
+        return err_set(err, KLI_E_RANGE, "gpu_experts %d: -1 (as many as fit) or a count",
                            opt->gpu_experts);
-    if ((bm = kli_calloc(1, sizeof(*bm))) == NULL)
-        return kli_err_set(err, KLI_E_NOMEM, "out of memory");
+    if ((bm = k_calloc(1, sizeof(*bm))) == NULL)
+        return err_set(err, KLI_E_NOMEM, "out of memory");
     m->gpu = bm;
     bm->m = m;
     if ((bm->ops = backend_cuda()) == NULL)
@@ -611,7 +611,7 @@ backend_model_open(struct kli_model *m, const struct kli_model_options *opt,
         char *end;
         long v = strtol(env, &end, 10);
         if (*end != '\0' || v < 0 || v > 1024)
-            return kli_err_set(err, KLI_E_RANGE, "KLI_CUDA_DEVICE=%s is not a device index",
+            return err_set(err, KLI_E_RANGE, "KLI_CUDA_DEVICE=%s is not a device index",
                                env);
         dev = (int)v;
     }
@@ -620,9 +620,9 @@ backend_model_open(struct kli_model *m, const struct kli_model_options *opt,
     pthread_rwlock_init(&bm->lock, NULL);
     pthread_mutex_init(&bm->status_lock, NULL);
     bm->have_locks = 1;
-    bm->layer = kli_calloc((size_t)cfg->n_layers, sizeof(*bm->layer));
+    bm->layer = k_calloc((size_t)cfg->n_layers, sizeof(*bm->layer));
     if (bm->layer == NULL)
-        return kli_err_set(err, KLI_E_NOMEM, "out of memory");
+        return err_set(err, KLI_E_NOMEM, "out of memory");
 
     uint64_t budget = 0;
     bm->ops->used(bm->g, &budget);

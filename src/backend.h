@@ -3,10 +3,10 @@
  *
  * Two layers live here:
  *
- *   struct kli_backend_ops  the device vtable. It knows buffers, streams and a few
+ *   struct backend_ops  the device vtable. It knows buffers, streams and a few
  *                           model-neutral blocks (latent attention, whole MLA and KDA layers,
  *                           SwiGLU experts); it knows nothing of kli_model or kli_session.
- *                           cuda/ implements it (kli_cuda_backend() in cuda/kli_cuda.h) and
+ *                           cuda/ implements it (cuda_backend() in cuda/kli_cuda.h) and
  *                           includes this header and nothing else of src/.
  *   backend_*               the glue in backend.c that maps the model onto the vtable: which
  *                           MLA caches are mirrored on the device, which experts of which
@@ -41,10 +41,10 @@ extern "C" {
 
 /* ==== The device vtable ===================================================================== */
 
-struct kli_gpu;         /* one device: its context and the memory budget kli may use */
-struct kli_gpu_queue;   /* one stream with its workspace and pinned staging: one per session */
+struct k_gpu;         /* one device: its context and the memory budget kli may use */
+struct gpu_queue;   /* one stream with its workspace and pinned staging: one per session */
 
-struct kli_gpu_info {
+struct gpu_info {
     char name[128];         /* "NVIDIA H100 80GB HBM3" */
     int device;             /* index among the visible devices */
     int n_sm;               /* multiprocessors */
@@ -55,9 +55,9 @@ struct kli_gpu_info {
 };
 
 /* One SwiGLU FFN whose three matrices are on the device, rows contiguous:
- * gate, up [d_ff][d_model] and down [d_model][d_ff], all of one dtype (enum kli_dtype:
+ * gate, up [d_ff][d_model] and down [d_model][d_ff], all of one dtype (enum k_dtype:
  * F32, F16, BF16 or Q8_0; both widths multiples of 32). */
-struct kli_gpu_ffn {
+struct gpu_ffn {
     const void *gate, *up, *down;
     int32_t dtype;
     int32_t d_ff;
@@ -66,11 +66,11 @@ struct kli_gpu_ffn {
 /* The device share of one MoE layer over T rows: item j (an expert, or the shared expert
  * over all rows) computes y_p = FFN_j(x[row[p]]) for its pairs p in [start[j], start[j+1]),
  * and the result is out[t] = sum over the pairs p with row[p] = t of wt[p] * y_p. */
-struct kli_gpu_moe_job {
+struct gpu_moe_job {
     int64_t T, D;                      /* rows, d_model */
     const float *x;                    /* host [T][D] */
     int32_t n_items;
-    const struct kli_gpu_ffn *item;    /* [n_items] */
+    const struct gpu_ffn *item;    /* [n_items] */
     const int32_t *start;              /* [n_items+1] */
     const int32_t *row;                /* [start[n_items]] */
     const float *wt;                   /* [start[n_items]] */
@@ -81,7 +81,7 @@ struct kli_gpu_moe_job {
  *     P         = softmax(S[h])
  *     lat[t][h] = sum_s P[h][s] cache_t[s][0:L]
  * cache_t is the device cache (rows of C floats) of the sequence row t belongs to. */
-struct kli_gpu_mla_job {
+struct gpu_mla_job {
     int64_t T;
     int32_t H, L, C;
     float scale;
@@ -93,17 +93,17 @@ struct kli_gpu_mla_job {
 
 /* One weight matrix on the device: [rows][cols] of dtype (F32, F16, BF16, Q8_0 or Q4; cols a
  * multiple of 8, of 32 for the block types), rows contiguous. */
-struct kli_gpu_mat {
+struct gpu_mat {
     const void *w;
     int32_t dtype;
     int32_t rows, cols;
 };
 
-/* An MLA layer's weights on the device (the shapes of struct kli_mla_w in src/model.h). */
-struct kli_gpu_mla_w {
-    struct kli_gpu_mat q_proj;   /* [H*(nope+rope)][D] */
-    struct kli_gpu_mat kv_a;     /* [L+rope][D] */
-    struct kli_gpu_mat o_proj;   /* [D][H*v] */
+/* An MLA layer's weights on the device (the shapes of struct k_mla_w in src/model.h). */
+struct gpu_mla_w {
+    struct gpu_mat q_proj;   /* [H*(nope+rope)][D] */
+    struct gpu_mat kv_a;     /* [L+rope][D] */
+    struct gpu_mat o_proj;   /* [D][H*v] */
     const float *kv_norm;        /* [L] */
     const float *w_uk_t;         /* [H][L][nope] */
     const float *w_uv;           /* [H][v][L] */
@@ -111,15 +111,15 @@ struct kli_gpu_mla_w {
 
 /* A whole MLA layer (doc/model.md 5, the absorbed form) for T rows:
  *     q = q_proj x,  (c, k_pe) = kv_a x,  cache_t[n[t]-1] = (rmsnorm(c) * kv_norm, k_pe),
- *     qfull[h] = (W_UK[h]^T q_nope[h], q_pe[h]),  lat = attention (as kli_gpu_mla_job),
+ *     qfull[h] = (W_UK[h]^T q_nope[h], q_pe[h]),  lat = attention (as gpu_mla_job),
  *     o[h] = W_UV[h] lat[h],  out = o_proj o.
  * Row t's new cache row is written into its device cache before any row attends, so rows of
  * one sequence in one job see each other causally; the new rows also come back in rows. */
-struct kli_gpu_mla_layer_job {
+struct gpu_mla_layer_job {
     int64_t T;
     int32_t D, H, L, rope, nope, dv;
     float scale, eps;
-    const struct kli_gpu_mla_w *w;
+    const struct gpu_mla_w *w;
     float *const *cache;         /* [T] device caches (host array) */
     const int64_t *n;            /* [T] rows attended, the last one new, >= 1 */
     const float *x;              /* host [T][D] */
@@ -127,13 +127,13 @@ struct kli_gpu_mla_layer_job {
     float *rows;                 /* host [T][L+rope], written: the new cache rows */
 };
 
-/* A KDA layer's weights on the device (the shapes of struct kli_kda_w in src/model.h). */
-struct kli_gpu_kda_w {
-    struct kli_gpu_mat q, k, v;        /* [H*K][D] */
-    struct kli_gpu_mat f_a, g_a;       /* [r_f][D], [r_g][D] */
-    struct kli_gpu_mat b;              /* [H][D] */
-    struct kli_gpu_mat f_b, g_b;       /* [H*K][r_f], [H*K][r_g] */
-    struct kli_gpu_mat o;              /* [D][H*K] */
+/* A KDA layer's weights on the device (the shapes of struct k_kda_w in src/model.h). */
+struct gpu_kda_w {
+    struct gpu_mat q, k, v;        /* [H*K][D] */
+    struct gpu_mat f_a, g_a;       /* [r_f][D], [r_g][D] */
+    struct gpu_mat b;              /* [H][D] */
+    struct gpu_mat f_b, g_b;       /* [H*K][r_f], [H*K][r_g] */
+    struct gpu_mat o;              /* [D][H*K] */
     const float *conv;                 /* [3][H*K][W] q, k, v taps */
     const float *a_neg;                /* [H] */
     const float *dt_bias;              /* [H*K] */
@@ -144,10 +144,10 @@ struct kli_gpu_kda_w {
  * is token t of sequence s): projections, short convolution + SiLU with the conv state,
  * gates, normalised q and k, the delta rule token by token (the recurrence, also in
  * prefill), the gated RMSNorm and o_proj. The states are device memory and advance. */
-struct kli_gpu_kda_job {
+struct gpu_kda_job {
     int32_t n_seq, T_seq, D, H, K, W;
     float eps;                         /* of the gated RMSNorm */
-    const struct kli_gpu_kda_w *w;
+    const struct gpu_kda_w *w;
     float *const *S;                   /* [n_seq] device states [H][K][K] (host array) */
     float *const *conv;                /* [n_seq] device conv states [3][H*K][W-1] */
     const float *x;                    /* host [T][D] */
@@ -157,66 +157,66 @@ struct kli_gpu_kda_job {
 /* Every member returns KLI_OK or a negative status with a message in `err` (KLI_E_CUDA with
  * the runtime's own words for a device failure); none aborts. Members marked (optional)
  * may be NULL. */
-struct kli_backend_ops {
+struct backend_ops {
     const char *name;
     /* Opens device `device` (KLI_E_CUDA "no GPU: ..." when there is none or no driver) and
      * fills `info`. `budget` bytes (0 = the free memory less 1 GiB) bound what alloc hands
      * out. */
-    int (*open)(struct kli_gpu **out, int device, uint64_t budget, struct kli_gpu_info *info,
+    int (*open)(struct k_gpu **out, int device, uint64_t budget, struct gpu_info *info,
                 struct kli_err *err);
-    void (*close)(struct kli_gpu *g);
+    void (*close)(struct k_gpu *g);
     /* Device memory counted against the budget (KLI_E_NOMEM beyond it). */
-    int (*alloc)(struct kli_gpu *g, void **out, uint64_t bytes, struct kli_err *err);
-    void (*release)(struct kli_gpu *g, void *p, uint64_t bytes);
+    int (*alloc)(struct k_gpu *g, void **out, uint64_t bytes, struct kli_err *err);
+    void (*release)(struct k_gpu *g, void *p, uint64_t bytes);
     /* @return bytes allocated now, and the budget */
-    uint64_t (*used)(struct kli_gpu *g, uint64_t *budget);
+    uint64_t (*used)(struct k_gpu *g, uint64_t *budget);
     /* Synchronous copy host -> device (weights at load). */
-    int (*upload)(struct kli_gpu *g, void *dst, const void *src, uint64_t bytes,
+    int (*upload)(struct k_gpu *g, void *dst, const void *src, uint64_t bytes,
                   struct kli_err *err);
     /* Synchronous copy device -> host (tests, diagnostics). */
-    int (*download)(struct kli_gpu *g, void *dst, const void *src, uint64_t bytes,
+    int (*download)(struct k_gpu *g, void *dst, const void *src, uint64_t bytes,
                     struct kli_err *err);
-    int (*queue_create)(struct kli_gpu *g, struct kli_gpu_queue **out, struct kli_err *err);
-    void (*queue_free)(struct kli_gpu_queue *q);
+    int (*queue_create)(struct k_gpu *g, struct gpu_queue **out, struct kli_err *err);
+    void (*queue_free)(struct gpu_queue *q);
     /* Host -> device in the queue's order; `src` may be reused when it returns. */
-    int (*queue_upload)(struct kli_gpu_queue *q, void *dst, const void *src, uint64_t bytes,
+    int (*queue_upload)(struct gpu_queue *q, void *dst, const void *src, uint64_t bytes,
                         struct kli_err *err);
     /* Device -> device in the queue's order. */
-    int (*queue_copy)(struct kli_gpu_queue *q, void *dst, const void *src, uint64_t bytes,
+    int (*queue_copy)(struct gpu_queue *q, void *dst, const void *src, uint64_t bytes,
                       struct kli_err *err);
     /* Waits until everything queued has run. */
-    int (*queue_sync)(struct kli_gpu_queue *q, struct kli_err *err);
+    int (*queue_sync)(struct gpu_queue *q, struct kli_err *err);
     /* Checks that a job's shape is supported (KLI_E_UNSUPPORTED with the reason if not). */
-    int (*mla_check)(struct kli_gpu *g, int32_t H, int32_t L, int32_t C, struct kli_err *err);
+    int (*mla_check)(struct k_gpu *g, int32_t H, int32_t L, int32_t C, struct kli_err *err);
     /* Runs the job; j->lat is written when it returns. */
-    int (*mla_attend)(struct kli_gpu_queue *q, const struct kli_gpu_mla_job *j,
+    int (*mla_attend)(struct gpu_queue *q, const struct gpu_mla_job *j,
                       struct kli_err *err);
     /* Checks that the layer's weight shapes and dtypes suit mla_layer (KLI_E_UNSUPPORTED
      * with the reason if not); mla_check must accept H, L, L+rope as well. */
-    int (*mla_layer_check)(struct kli_gpu *g, const struct kli_gpu_mla_w *w, int32_t D,
+    int (*mla_layer_check)(struct k_gpu *g, const struct gpu_mla_w *w, int32_t D,
                            int32_t H, int32_t nope, int32_t rope, int32_t dv,
                            struct kli_err *err);
     /* Runs the whole layer; out and rows are written when it returns. */
-    int (*mla_layer)(struct kli_gpu_queue *q, const struct kli_gpu_mla_layer_job *j,
+    int (*mla_layer)(struct gpu_queue *q, const struct gpu_mla_layer_job *j,
                      struct kli_err *err);
     /* Checks a KDA layer's weights and shapes (KLI_E_UNSUPPORTED with the reason if not). */
-    int (*kda_check)(struct kli_gpu *g, const struct kli_gpu_kda_w *w, int32_t D, int32_t H,
+    int (*kda_check)(struct k_gpu *g, const struct gpu_kda_w *w, int32_t D, int32_t H,
                      int32_t K, int32_t W, struct kli_err *err);
     /* Runs the whole layer; out is written and the states advanced when it returns. */
-    int (*kda_layer)(struct kli_gpu_queue *q, const struct kli_gpu_kda_job *j,
+    int (*kda_layer)(struct gpu_queue *q, const struct gpu_kda_job *j,
                      struct kli_err *err);
     /* y [T][w->rows] = x [T][w->cols] W^T, host in and out (lm_head). */
-    int (*matmul)(struct kli_gpu_queue *q, const struct kli_gpu_mat *w, const float *x,
+    int (*matmul)(struct gpu_queue *q, const struct gpu_mat *w, const float *x,
                   int64_t T, float *y, struct kli_err *err);
     /* Starts the job and returns at once (the host arrays may be reused); moe_wait then adds
      * the result into out [T][D]. Every successful moe_launch is followed by one moe_wait. */
-    int (*moe_launch)(struct kli_gpu_queue *q, const struct kli_gpu_moe_job *j,
+    int (*moe_launch)(struct gpu_queue *q, const struct gpu_moe_job *j,
                       struct kli_err *err);
-    int (*moe_wait)(struct kli_gpu_queue *q, float *out, struct kli_err *err);
+    int (*moe_wait)(struct gpu_queue *q, float *out, struct kli_err *err);
 };
 
 /* The CUDA table when built with it (HAVE_CUDA), else NULL. */
-const struct kli_backend_ops *backend_cuda(void);
+const struct backend_ops *backend_cuda(void);
 
 /* ==== The glue: the model's and the session's device state ================================== */
 

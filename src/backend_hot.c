@@ -37,9 +37,9 @@
 
 /* Whether cuda/moe.cu computes this FFN: one dtype it knows, widths multiples of 32. */
 int
-bk_ffn_ok(const struct kli_ffn_w *f)
+bk_ffn_ok(const struct ffn_w *f)
 {
-    enum kli_dtype dt = f->gate.dtype;
+    enum k_dtype dt = f->gate.dtype;
 
     return (dt == KLI_DT_F32 || dt == KLI_DT_F16 || dt == KLI_DT_BF16 || dt == KLI_DT_Q8_0 ||
             dt == KLI_DT_Q4) && f->up.dtype == dt && f->down.dtype == dt &&
@@ -47,7 +47,7 @@ bk_ffn_ok(const struct kli_ffn_w *f)
 }
 
 void
-bk_ffn_release(struct backend_model *bm, struct kli_gpu_ffn *d, void **buf, uint64_t bytes)
+bk_ffn_release(struct backend_model *bm, struct gpu_ffn *d, void **buf, uint64_t bytes)
 {
     if (*buf != NULL)
         bm->ops->release(bm->g, *buf, bytes);
@@ -57,7 +57,7 @@ bk_ffn_release(struct backend_model *bm, struct kli_gpu_ffn *d, void **buf, uint
 
 /* Copies one FFN's three matrices into one device allocation. */
 int
-bk_ffn_upload(struct backend_model *bm, const struct kli_ffn_w *f, struct kli_gpu_ffn *d,
+bk_ffn_upload(struct backend_model *bm, const struct ffn_w *f, struct gpu_ffn *d,
               void **buf, struct kli_err *err)
 {
     uint64_t bg = bk_tensor_bytes(&f->gate), bu = bk_tensor_bytes(&f->up);
@@ -87,7 +87,7 @@ bk_ffn_upload(struct backend_model *bm, const struct kli_ffn_w *f, struct kli_gp
 
 /* Upload size of one routed expert: the same allocation bk_ffn_upload makes. */
 uint64_t
-bk_alloc_bytes(const struct kli_ffn_w *f)
+bk_alloc_bytes(const struct ffn_w *f)
 {
     uint64_t bg = bk_tensor_bytes(&f->gate), bu = bk_tensor_bytes(&f->up);
 
@@ -100,7 +100,7 @@ bk_alloc_bytes(const struct kli_ffn_w *f)
 int
 bk_read_profile(struct backend_model *bm, const char *path, struct kli_err *err)
 {
-    const struct kli_config *cfg = &bm->m->cfg;
+    const struct k_config *cfg = &bm->m->cfg;
     int fd = kli_file_open(path, NULL, err);   /* a regular file: src/file.c */
     FILE *f = fd >= 0 ? fdopen(fd, "r") : NULL;
     char *line = NULL;
@@ -112,7 +112,7 @@ bk_read_profile(struct backend_model *bm, const char *path, struct kli_err *err)
     if (f == NULL) {
         if (fd >= 0)
             close(fd);
-        return kli_err_set(err, KLI_E_IO, "%s: cannot open the routing profile", path);
+        return err_set(err, KLI_E_IO, "%s: cannot open the routing profile", path);
     }
     while (rc == KLI_OK && (len = getline(&line, &cap, f)) >= 0) {
         lineno++;
@@ -121,7 +121,7 @@ bk_read_profile(struct backend_model *bm, const char *path, struct kli_err *err)
         cJSON *o = cJSON_ParseWithLength(line, (size_t)len);
         const cJSON *ls = o ? cJSON_GetObjectItemCaseSensitive(o, "layers") : NULL, *l;
         if (!cJSON_IsArray(ls)) {
-            rc = kli_err_set(err, KLI_E_FORMAT, "%s:%lld: not an object with \"layers\"",
+            rc = err_set(err, KLI_E_FORMAT, "%s:%lld: not an object with \"layers\"",
                              path, (long long)lineno);
             cJSON_Delete(o);
             break;
@@ -133,14 +133,14 @@ bk_read_profile(struct backend_model *bm, const char *path, struct kli_err *err)
             l = cJSON_GetArrayItem(ls, k++);
             const cJSON *id;
             if (!cJSON_IsArray(l)) {
-                rc = kli_err_set(err, KLI_E_FORMAT, "%s:%lld: %d MoE layers, the model has "
+                rc = err_set(err, KLI_E_FORMAT, "%s:%lld: %d MoE layers, the model has "
                                  "more", path, (long long)lineno, cJSON_GetArraySize(ls));
                 break;
             }
             cJSON_ArrayForEach(id, l) {
                 if (!cJSON_IsNumber(id) || id->valueint < 0 ||
                     id->valueint >= cfg->moe.n_experts) {
-                    rc = kli_err_set(err, KLI_E_FORMAT, "%s:%lld: an expert id outside [0, "
+                    rc = err_set(err, KLI_E_FORMAT, "%s:%lld: an expert id outside [0, "
                                      "%d)", path, (long long)lineno, cfg->moe.n_experts);
                     break;
                 }
@@ -176,7 +176,7 @@ bk_sort_by_count(int32_t *order, const uint32_t *count, int32_t E)
 void
 bk_fill(struct backend_model *bm, int i)
 {
-    const struct kli_moe_w *w = &bm->m->layers[i].moe;
+    const struct moe_w *w = &bm->m->layers[i].moe;
     struct bk_layer *bl = &bm->layer[i];
     int32_t E = bm->m->cfg.moe.n_experts, order[KLI_MAX_EXPERTS];
 
@@ -241,10 +241,10 @@ bk_mover(void *arg)
         int layer = bm->mv_layer, n = bm->mv_n;
         pthread_mutex_unlock(&bm->mv_lock);
         struct bk_layer *bl = &bm->layer[layer];
-        const struct kli_moe_w *w = &bm->m->layers[layer].moe;
+        const struct moe_w *w = &bm->m->layers[layer].moe;
         for (int k = 0; k < n; k++) {
             int32_t in = bm->mv_in[k], out = bm->mv_out[k];
-            struct kli_gpu_ffn d;
+            struct gpu_ffn d;
             void *buf = NULL;
             int early = bk_ffn_upload(bm, &w->experts[in], &d, &buf, NULL) == KLI_OK;
             pthread_rwlock_wrlock(&bm->lock);
@@ -272,7 +272,7 @@ backend_moe_launch(struct backend_sess *g, int layer, const struct moe_scratch *
                    const float *x, int64_t T)
 {
     struct backend_model *bm = g->bm;
-    const struct kli_config_moe *c = &bm->m->cfg.moe;
+    const struct config_moe *c = &bm->m->cfg.moe;
     struct bk_layer *bl = &bm->layer[layer];
     int32_t E = c->n_experts, K = c->top_k;
     struct kli_err e = {0};
@@ -331,7 +331,7 @@ backend_moe_launch(struct backend_sess *g, int layer, const struct moe_scratch *
         g->moe_locked = 0;
         return BACKEND_CPU;
     }
-    struct kli_gpu_moe_job j = {T, bm->m->cfg.d_model, x, n, g->items, g->start, g->row,
+    struct gpu_moe_job j = {T, bm->m->cfg.d_model, x, n, g->items, g->start, g->row,
                                 g->wt};
     if (bm->ops->moe_launch(g->q, &j, &e) != KLI_OK) {
         bk_dead(g, &e);

@@ -18,9 +18,9 @@
 
 /* One MoE layer's device experts. */
 struct bk_layer {
-    struct kli_gpu_ffn shared;    /* gate NULL: none */
+    struct gpu_ffn shared;    /* gate NULL: none */
     void *shared_buf;
-    struct kli_gpu_ffn *exp;      /* [E]; gate NULL: not resident */
+    struct gpu_ffn *exp;      /* [E]; gate NULL: not resident */
     void **buf;                   /* [E] the allocation holding gate, up, down */
     uint32_t *count;              /* [E] routing counts (halved at each choice) */
     uint64_t since;               /* slots routed since the last choice */
@@ -28,23 +28,23 @@ struct bk_layer {
 
 /* One KDA layer's resident weights (whole-model mode only). */
 struct bk_kda {
-    struct kli_gpu_kda_w w;
+    struct gpu_kda_w w;
     void *buf;
     uint64_t bytes;
 };
 
 /* One MLA layer's resident weights (NULL buf: its projections run on the CPU). */
 struct bk_mla {
-    struct kli_gpu_mla_w w;
+    struct gpu_mla_w w;
     void *buf;
     uint64_t bytes;
 };
 
 struct backend_model {
     const struct kli_model *m;
-    const struct kli_backend_ops *ops;
-    struct kli_gpu *g;            /* NULL: CPU only, status says why */
-    struct kli_gpu_info info;
+    const struct backend_ops *ops;
+    struct k_gpu *g;            /* NULL: CPU only, status says why */
+    struct gpu_info info;
     char status[512];
     pthread_mutex_t status_lock;
     int failed;                   /* a session's step failed (status says so) */
@@ -53,7 +53,7 @@ struct backend_model {
     struct bk_mla *mla_w;         /* [n_layers], used for MLA layers */
     int all;                      /* the whole model fits: KDA layers and lm_head too */
     struct bk_kda *kda_w;         /* [n_layers], used for KDA layers when all */
-    struct kli_gpu_mat lm;        /* lm_head when all */
+    struct gpu_mat lm;        /* lm_head when all */
     void *lm_buf;
     uint64_t lm_bytes;
     int experts;                  /* shared and hot routed experts on the device */
@@ -76,7 +76,7 @@ struct backend_model {
 struct backend_sess {
     struct backend_model *bm;
     struct kli_session *s;
-    struct kli_gpu_queue *q;
+    struct gpu_queue *q;
     int dead;                     /* a step failed: the CPU from now on */
     int mla_off;                  /* the mirrors no longer fit the budget */
     float **dc;                   /* [n_layers] device mirrors [dcap][L+rope] */
@@ -93,7 +93,7 @@ struct backend_sess {
     int kda_dev, kda_valid, kda_dirty;
     int kda_pass;                 /* this pass runs the KDA layers on the device */
     int64_t *nrow;                /* [B] */
-    struct kli_gpu_ffn *items;    /* [E+1] */
+    struct gpu_ffn *items;    /* [E+1] */
     int32_t *start;               /* [E+2] */
     int32_t *row;                 /* [B*(top_k+1)] */
     float *wt;                    /* [B*(top_k+1)] */
@@ -105,23 +105,23 @@ struct backend_sess {
 /* Records a step's failure once in the model's status line. */
 void bk_note_failure(struct backend_model *bm, const char *msg);
 /* Bytes of a tensor's data. */
-uint64_t bk_tensor_bytes(const struct kli_tensor *t);
+uint64_t bk_tensor_bytes(const struct tensor *t);
 /* Device bytes of one sequence's states of one KDA layer (*bs the recurrent state, *bc the
  * conv state); returns their sum. */
-uint64_t bk_kda_state_bytes(const struct kli_config *cfg, uint64_t *bs, uint64_t *bc);
+uint64_t bk_kda_state_bytes(const struct k_config *cfg, uint64_t *bs, uint64_t *bc);
 
 /* ---- backend_hot.c ---- */
 
 /* Whether cuda/moe.cu computes this FFN. */
-int bk_ffn_ok(const struct kli_ffn_w *f);
+int bk_ffn_ok(const struct ffn_w *f);
 /* Copies one FFN's three matrices into one device allocation (*buf), described by d. */
-int bk_ffn_upload(struct backend_model *bm, const struct kli_ffn_w *f, struct kli_gpu_ffn *d,
+int bk_ffn_upload(struct backend_model *bm, const struct ffn_w *f, struct gpu_ffn *d,
                   void **buf, struct kli_err *err);
 /* Frees what bk_ffn_upload made (bytes: bk_alloc_bytes of the FFN); d becomes empty. */
-void bk_ffn_release(struct backend_model *bm, struct kli_gpu_ffn *d, void **buf,
+void bk_ffn_release(struct backend_model *bm, struct gpu_ffn *d, void **buf,
                     uint64_t bytes);
 /* The size of bk_ffn_upload's allocation for f. */
-uint64_t bk_alloc_bytes(const struct kli_ffn_w *f);
+uint64_t bk_alloc_bytes(const struct ffn_w *f);
 /* Adds a routing trace's choices (--gpu-profile) to the layers' counts. */
 int bk_read_profile(struct backend_model *bm, const char *path, struct kli_err *err);
 /* Uploads MoE layer i's first hot set. */

@@ -75,34 +75,34 @@ int
 backend_sess_create(struct kli_session *s, struct kli_err *err)
 {
     struct backend_model *bm = s->m->gpu;
-    const struct kli_config *cfg = &s->m->cfg;
+    const struct k_config *cfg = &s->m->cfg;
     struct backend_sess *g;
 
     s->gpu = NULL;
     if (bm == NULL || bm->g == NULL)
         return KLI_OK;
-    if ((g = kli_calloc(1, sizeof(*g))) == NULL)
-        return kli_err_set(err, KLI_E_NOMEM, "out of memory");
+    if ((g = k_calloc(1, sizeof(*g))) == NULL)
+        return err_set(err, KLI_E_NOMEM, "out of memory");
     s->gpu = g;
     g->bm = bm;
     g->s = s;
     size_t nl = (size_t)cfg->n_layers, B = (size_t)s->batch_max;
     size_t E = (size_t)(cfg->moe.n_experts > 0 ? cfg->moe.n_experts : 1);
     size_t P = B * (size_t)(cfg->moe.top_k + 1);
-    g->dc = kli_calloc(nl, sizeof(*g->dc));
-    g->dcap = kli_calloc(nl, sizeof(*g->dcap));
-    g->synced = kli_calloc(nl, sizeof(*g->synced));
-    g->cptr = kli_calloc(B, sizeof(*g->cptr));
-    g->newrows = kli_calloc(B * (size_t)mla_row_floats(cfg), sizeof(float));
-    g->nrow = kli_calloc(B, sizeof(*g->nrow));
-    g->items = kli_calloc(E + 1, sizeof(*g->items));
-    g->start = kli_calloc(E + 2, sizeof(*g->start));
-    g->row = kli_calloc(P, sizeof(*g->row));
-    g->wt = kli_calloc(P, sizeof(*g->wt));
+    g->dc = k_calloc(nl, sizeof(*g->dc));
+    g->dcap = k_calloc(nl, sizeof(*g->dcap));
+    g->synced = k_calloc(nl, sizeof(*g->synced));
+    g->cptr = k_calloc(B, sizeof(*g->cptr));
+    g->newrows = k_calloc(B * (size_t)mla_row_floats(cfg), sizeof(float));
+    g->nrow = k_calloc(B, sizeof(*g->nrow));
+    g->items = k_calloc(E + 1, sizeof(*g->items));
+    g->start = k_calloc(E + 2, sizeof(*g->start));
+    g->row = k_calloc(P, sizeof(*g->row));
+    g->wt = k_calloc(P, sizeof(*g->wt));
     if (!g->dc || !g->dcap || !g->synced || !g->cptr || !g->newrows || !g->nrow ||
         !g->items || !g->start || !g->row || !g->wt) {
         backend_sess_free(s);
-        return kli_err_set(err, KLI_E_NOMEM, "out of memory");
+        return err_set(err, KLI_E_NOMEM, "out of memory");
     }
     struct kli_err e2 = {0};
     if (bm->ops->queue_create(bm->g, &g->q, &e2) != KLI_OK) {
@@ -115,8 +115,8 @@ backend_sess_create(struct kli_session *s, struct kli_err *err)
         /* the KDA states on the device; without room this session's KDA stays on the CPU */
         uint64_t bs, bc;
         bk_kda_state_bytes(cfg, &bs, &bc);
-        g->dS = kli_calloc(nl, sizeof(*g->dS));
-        g->dconv = kli_calloc(nl, sizeof(*g->dconv));
+        g->dS = k_calloc(nl, sizeof(*g->dS));
+        g->dconv = k_calloc(nl, sizeof(*g->dconv));
         int okay = g->dS != NULL && g->dconv != NULL;
         for (int i = 0; okay && i < cfg->n_layers; i++) {
             if (cfg->layer_mixer[i] != KLI_MIXER_KDA)
@@ -158,7 +158,7 @@ bk_sync_tokens(struct backend_sess *g, const struct kli_session *s, int64_t T_se
         int64_t cap = g->toks_cap > 0 ? g->toks_cap : 1024;
         while (cap < need)
             cap *= 2;
-        kli_token *t = kli_reallocarray(g->toks, (size_t)cap, sizeof(*t));
+        kli_token *t = k_reallocarray(g->toks, (size_t)cap, sizeof(*t));
         if (t == NULL)
             return -1;
         g->toks = t;
@@ -174,7 +174,7 @@ bk_sync_tokens(struct backend_sess *g, const struct kli_session *s, int64_t T_se
 static int
 bk_pull(struct backend_sess *g, struct kli_err *err)
 {
-    const struct kli_config *cfg = &g->s->m->cfg;
+    const struct k_config *cfg = &g->s->m->cfg;
     uint64_t bs, bc;
     int rc;
 
@@ -219,9 +219,9 @@ backend_sess_written(struct kli_session *s)
 
 /* Uploads the host's KDA states of g's session through queue q. */
 static int
-bk_push(struct backend_sess *g, struct kli_gpu_queue *q, struct kli_err *err)
+bk_push(struct backend_sess *g, struct gpu_queue *q, struct kli_err *err)
 {
-    const struct kli_config *cfg = &g->s->m->cfg;
+    const struct k_config *cfg = &g->s->m->cfg;
     uint64_t bs, bc;
     int rc;
 
@@ -298,18 +298,18 @@ backend_kda_layer(struct backend_sess *const *gs, int layer, int64_t n_seq, int6
 {
     struct backend_sess *g0 = gs[0];
     struct backend_model *bm = g0->bm;
-    const struct kli_config *cfg = &bm->m->cfg;
+    const struct k_config *cfg = &bm->m->cfg;
     float *S[FORWARD_MAX_SEQ], *C[FORWARD_MAX_SEQ];
 
     if (!g0->kda_pass)
         return BACKEND_CPU;
     if (n_seq > FORWARD_MAX_SEQ)
-        return kli_err_set(err, KLI_E_RANGE, "kda layer: %lld sequences", (long long)n_seq);
+        return err_set(err, KLI_E_RANGE, "kda layer: %lld sequences", (long long)n_seq);
     for (int64_t q = 0; q < n_seq; q++) {
         S[q] = gs[q]->dS[layer];
         C[q] = gs[q]->dconv[layer];
     }
-    struct kli_gpu_kda_job j = {
+    struct gpu_kda_job j = {
         (int32_t)n_seq, (int32_t)T_seq, (int32_t)cfg->d_model, cfg->kda.n_heads,
         cfg->kda.head_dim, cfg->kda.conv_size, cfg->norm_eps, &bm->kda_w[layer].w, S, C, x,
         out,
@@ -347,11 +347,11 @@ backend_lm_head(struct backend_sess *const *gs, const float *x, int64_t T, float
  * already there, copied through queue q) and uploads the rows [synced, need) from the host
  * cache. */
 static int
-bk_mirror(struct backend_sess *g, struct kli_gpu_queue *q, int i, const float *cache,
+bk_mirror(struct backend_sess *g, struct gpu_queue *q, int i, const float *cache,
           int64_t need, int64_t room, struct kli_err *err)
 {
     struct backend_model *bm = g->bm;
-    const struct kli_backend_ops *ops = bm->ops;
+    const struct backend_ops *ops = bm->ops;
     int64_t C = mla_row_floats(&bm->m->cfg);
     int rc;
 
@@ -427,14 +427,14 @@ backend_mla_attend(struct backend_sess *const *gs, int layer, float *const *cach
 {
     struct backend_sess *g0 = gs[0];
     struct backend_model *bm = g0->bm;
-    const struct kli_config_mla *c = &bm->m->cfg.mla;
+    const struct config_mla *c = &bm->m->cfg.mla;
     struct kli_err e = {0};
     int64_t T = n_seq * T_seq;
 
     /* the device needs every row, this pass's too (the CPU wrote them) */
     if (!bm->mla || g0->dead || bk_mirrors(gs, layer, caches, pos, n_seq, T_seq, T_seq) != KLI_OK)
         return BACKEND_CPU;
-    struct kli_gpu_mla_job j = {
+    struct gpu_mla_job j = {
         T, c->n_heads, c->kv_lora_rank, (int32_t)mla_row_floats(&bm->m->cfg),
         1.0f / sqrtf((float)(c->qk_nope_dim + c->qk_rope_dim)),
         g0->cptr, g0->nrow, qfull, lat,
@@ -452,8 +452,8 @@ backend_mla_layer(struct backend_sess *const *gs, int layer, float *const *cache
 {
     struct backend_sess *g0 = gs[0];
     struct backend_model *bm = g0->bm;
-    const struct kli_config *cfg = &bm->m->cfg;
-    const struct kli_config_mla *c = &cfg->mla;
+    const struct k_config *cfg = &bm->m->cfg;
+    const struct config_mla *c = &cfg->mla;
     int64_t C = mla_row_floats(cfg), T = n_seq * T_seq;
     struct kli_err e = {0};
 
@@ -461,7 +461,7 @@ backend_mla_layer(struct backend_sess *const *gs, int layer, float *const *cache
     if (!bm->mla_proj || bm->mla_w[layer].buf == NULL || g0->dead ||
         bk_mirrors(gs, layer, caches, pos, n_seq, T_seq, 0) != KLI_OK)
         return BACKEND_CPU;
-    struct kli_gpu_mla_layer_job j = {
+    struct gpu_mla_layer_job j = {
         T, (int32_t)cfg->d_model, c->n_heads, c->kv_lora_rank, c->qk_rope_dim, c->qk_nope_dim,
         c->v_head_dim, 1.0f / sqrtf((float)(c->qk_nope_dim + c->qk_rope_dim)),
         1e-6f,   /* kv_a_layernorm's eps (doc/model.md decision 3), as mla_project */

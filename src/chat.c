@@ -81,9 +81,9 @@ kli_chat_render(const struct kli_tokenizer *tok, const struct kli_chat_message *
     int rc;
 
     if (tok == NULL || (msgs == NULL && n > 0) || n < 0)
-        return kli_err_set(err, KLI_E_INVALID, "kli_chat_render: invalid arguments");
+        return err_set(err, KLI_E_INVALID, "kli_chat_render: invalid arguments");
     if (sys < 0 || usr < 0 || ast < 0 || mid < 0 || end < 0)
-        return kli_err_set(err, KLI_E_UNSUPPORTED,
+        return err_set(err, KLI_E_UNSUPPORTED,
                            "the tokenizer lacks the chat tokens (<|im_system|>, <|im_user|>, "
                            "<|im_assistant|>, <|im_middle|>, <|im_end|>)");
     if (!continuation && (n == 0 || strcmp(msgs[0].role, "system") != 0)) {
@@ -95,7 +95,7 @@ kli_chat_render(const struct kli_tokenizer *tok, const struct kli_chat_message *
         const char *role = msgs[i].role;
         kli_token head;
         if (role == NULL || msgs[i].content == NULL)
-            return kli_err_set(err, KLI_E_INVALID, "chat message %d has no role or content", i);
+            return err_set(err, KLI_E_INVALID, "chat message %d has no role or content", i);
         if (strcmp(role, "system") == 0 || strcmp(role, "tool") == 0)
             head = sys;
         else if (strcmp(role, "user") == 0)
@@ -103,7 +103,7 @@ kli_chat_render(const struct kli_tokenizer *tok, const struct kli_chat_message *
         else if (strcmp(role, "assistant") == 0)
             head = ast;
         else
-            return kli_err_set(err, KLI_E_INVALID,
+            return err_set(err, KLI_E_INVALID,
                                "chat message %d: unknown role \"%.40s\" (system, user, "
                                "assistant or tool)", i, role);
         rc = chat_turn(&o, tok, head, role, msgs[i].content, mid, end, err);

@@ -88,16 +88,16 @@ cv_item_cmp(const void *a, const void *b)
 
 /* Puts the tensors in file order and numbers the complete experts' groups. */
 static struct cv_item *
-cv_order(const struct kli_wfile *wf, int64_t n)
+cv_order(const struct wfile *wf, int64_t n)
 {
-    struct cv_item *it = kli_calloc((size_t)n + 1, sizeof(*it));
+    struct cv_item *it = k_calloc((size_t)n + 1, sizeof(*it));
     int64_t g = 0;
 
     if (it == NULL)
         return NULL;
     for (int64_t i = 0; i < n; i++) {
         it[i].src = i;
-        it[i].role = cv_expert_role(kli_wfile_tensor(wf, i)->name, &it[i].layer,
+        it[i].role = cv_expert_role(wfile_tensor(wf, i)->name, &it[i].layer,
                                     &it[i].expert);
         it[i].group = -1;
     }
@@ -126,11 +126,11 @@ cv_read(const char *dir, const char *name, int optional, char **buf, uint64_t *l
     *buf = NULL;
     *len = 0;
     if (snprintf(path, sizeof(path), "%s/%s", dir, name) >= (int)sizeof(path))
-        return kli_err_set(err, KLI_E_RANGE, "%s: path too long", dir);
+        return err_set(err, KLI_E_RANGE, "%s: path too long", dir);
     if (optional && stat(path, &st) != 0 && errno == ENOENT)
         return 1;
     /* A regular file (src/file.c): a FIFO or device in the model directory is refused. */
-    if ((rc = kli_file_read(path, CV_MAX_TEXT, buf, &n, err)) != KLI_OK)
+    if ((rc = file_read(path, CV_MAX_TEXT, buf, &n, err)) != KLI_OK)
         return rc;
     *len = (uint64_t)n;
     return KLI_OK;
@@ -139,14 +139,14 @@ cv_read(const char *dir, const char *name, int optional, char **buf, uint64_t *l
 /* The state of one conversion's streaming loop. */
 struct cv_stream {
     const struct kli_convert_options *opt;
-    struct kli_pack_writer *w;
+    struct pack_writer *w;
     uint64_t done, total;
 };
 
 static int
 cv_write(void *ctx, const void *data, uint64_t n, struct kli_err *err)
 {
-    return kli_pack_writer_write(((struct cv_stream *)ctx)->w, data, n, err);
+    return pack_writer_write(((struct cv_stream *)ctx)->w, data, n, err);
 }
 
 static int
@@ -164,29 +164,29 @@ kli_convert(const char *in, const char *out, const struct kli_convert_options *o
     struct kli_convert_options dflt;
     struct kli_model_options mo;
     struct kli_model *m = NULL;
-    struct kli_pack_meta meta = {0};
-    struct kli_pack_entry *ent = NULL;
+    struct pack_meta meta = {0};
+    struct pack_entry *ent = NULL;
     struct cv_item *order = NULL;
     struct cv_stream s = {0};
     struct quantize_stream qs = {0};
     char *cfg = NULL, *ranks = NULL, *tcfg = NULL;
-    enum kli_dtype want = KLI_DT_COUNT;
+    enum k_dtype want = KLI_DT_COUNT;
     struct stat st;
     int rc;
 
     if (in == NULL || out == NULL)
-        return kli_err_set(err, KLI_E_INVALID, "kli_convert: NULL argument");
+        return err_set(err, KLI_E_INVALID, "kli_convert: NULL argument");
     if (opt == NULL) {
         kli_convert_options_init(&dflt);
         opt = &dflt;
     }
-    if (opt->type != NULL && kli_dtype_parse(opt->type, &want) != 0)
-        return kli_err_set(err, KLI_E_RANGE, "unknown weight type \"%s\" (bf16, q8_0, q4, f16, "
+    if (opt->type != NULL && dtype_parse(opt->type, &want) != 0)
+        return err_set(err, KLI_E_RANGE, "unknown weight type \"%s\" (bf16, q8_0, q4, f16, "
                            "f32)", opt->type);
     if ((rc = quantize_check_rules(opt->keep, opt->n_keep, err)) != KLI_OK)
         return rc;
     if (!opt->force && stat(out, &st) == 0)
-        return kli_err_set(err, KLI_E_IO, "%s exists (use --force to overwrite)", out);
+        return err_set(err, KLI_E_IO, "%s exists (use --force to overwrite)", out);
 
     /* The input must run: every tensor checked against its configuration. */
     kli_model_options_init(&mo);
@@ -195,8 +195,8 @@ kli_convert(const char *in, const char *out, const struct kli_convert_options *o
     /* and must not be what is written */
     if ((rc = kli_output_check(out, in, err)) != KLI_OK)
         goto out;
-    const struct kli_wfile *wf = m->wf;
-    const struct kli_pack_info *pk = kli_wfile_pack(wf);
+    const struct wfile *wf = m->wf;
+    const struct pack_info *pk = wfile_pack(wf);
     if (pk != NULL) {
         meta.config = pk->config;
         meta.config_len = pk->config_len;
@@ -220,24 +220,24 @@ kli_convert(const char *in, const char *out, const struct kli_convert_options *o
         }
     }
 
-    int64_t n = kli_wfile_n_tensors(wf), maxcols = 1;
-    ent = kli_calloc((size_t)n + 1, sizeof(*ent));
+    int64_t n = wfile_n_tensors(wf), maxcols = 1;
+    ent = k_calloc((size_t)n + 1, sizeof(*ent));
     order = cv_order(wf, n);
     if (ent == NULL || order == NULL) {
-        rc = kli_err_set(err, KLI_E_NOMEM, "out of memory");
+        rc = err_set(err, KLI_E_NOMEM, "out of memory");
         goto out;
     }
     for (int64_t i = 0; i < n; i++) {
-        const struct kli_tensor_desc *d = kli_wfile_tensor(wf, order[i].src);
-        enum kli_dtype to = quantize_target(d, want, opt->keep, opt->n_keep);
-        struct kli_pack_entry *e = &ent[i];
+        const struct tensor_desc *d = wfile_tensor(wf, order[i].src);
+        enum k_dtype to = quantize_target(d, want, opt->keep, opt->n_keep);
+        struct pack_entry *e = &ent[i];
 
         e->name = d->name;
         e->dtype = to;
         e->dtype_name = to == d->dtype ? d->dtype_name : NULL;
         e->ndim = d->ndim;
         memcpy(e->shape, d->shape, sizeof(e->shape));
-        e->nbytes = to == d->dtype ? d->nbytes : kli_dtype_nbytes(to, (uint64_t)d->numel);
+        e->nbytes = to == d->dtype ? d->nbytes : dtype_nbytes(to, (uint64_t)d->numel);
         e->group = order[i].group;
         e->layer = order[i].layer;
         e->expert = order[i].expert;
@@ -252,18 +252,18 @@ kli_convert(const char *in, const char *out, const struct kli_convert_options *o
     qs.ctx = &s;
     if ((rc = quantize_stream_init(&qs, maxcols, err)) != KLI_OK)
         goto out;
-    if ((rc = kli_pack_writer_open(&s.w, out, &meta, ent, n, err)) != KLI_OK)
+    if ((rc = pack_writer_open(&s.w, out, &meta, ent, n, err)) != KLI_OK)
         goto out;
     for (int64_t i = 0; i < n; i++) {
-        const struct kli_tensor_desc *d = kli_wfile_tensor(wf, order[i].src);
+        const struct tensor_desc *d = wfile_tensor(wf, order[i].src);
 
         if ((rc = quantize_tensor(&qs, wf, d, ent[i].dtype, err)) != KLI_OK)
             goto out;
     }
-    rc = kli_pack_writer_close(s.w, err);
+    rc = pack_writer_close(s.w, err);
     s.w = NULL;
 out:
-    kli_pack_writer_abort(s.w);
+    pack_writer_abort(s.w);
     quantize_stream_free(&qs);
     free(order);
     free(ent);
@@ -279,6 +279,6 @@ kli_model_verify(const struct kli_model *model, kli_progress_fn progress, void *
                  struct kli_err *err)
 {
     if (model == NULL)
-        return kli_err_set(err, KLI_E_INVALID, "kli_model_verify: NULL model");
-    return kli_wfile_verify(model->wf, progress, ud, err);
+        return err_set(err, KLI_E_INVALID, "kli_model_verify: NULL model");
+    return wfile_verify(model->wf, progress, ud, err);
 }

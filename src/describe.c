@@ -35,7 +35,7 @@ text_printf(struct text *t, const char *fmt, ...)
 }
 
 static int64_t
-numel(const struct kli_tensor_desc *d)
+numel(const struct tensor_desc *d)
 {
     return d->numel;
 }
@@ -43,7 +43,7 @@ numel(const struct kli_tensor_desc *d)
 size_t
 kli_model_describe(const struct kli_model *m, int tensors, char *buf, size_t cap)
 {
-    const struct kli_config *c = &m->cfg;
+    const struct k_config *c = &m->cfg;
     struct text t = {buf, cap, 0};
     int n_kda = 0, n_mla = 0, n_dense = 0, n_moe = 0;
     uint64_t by_dtype[KLI_DT_COUNT] = {0};
@@ -57,9 +57,9 @@ kli_model_describe(const struct kli_model *m, int tensors, char *buf, size_t cap
         n_dense += c->layer_ffn[i] == KLI_FFN_DENSE;
         n_moe += c->layer_ffn[i] == KLI_FFN_MOE;
     }
-    int64_t nt = kli_wfile_n_tensors(m->wf);
+    int64_t nt = wfile_n_tensors(m->wf);
     for (int64_t i = 0; i < nt; i++) {
-        const struct kli_tensor_desc *d = kli_wfile_tensor(m->wf, i);
+        const struct tensor_desc *d = wfile_tensor(m->wf, i);
         params += numel(d);
         by_dtype[d->dtype] += d->nbytes;
         if (strstr(d->name, ".experts.") != NULL)
@@ -97,7 +97,7 @@ kli_model_describe(const struct kli_model *m, int tensors, char *buf, size_t cap
     text_printf(&t, "bytes:       ");
     for (int d = 0; d < KLI_DT_COUNT; d++) {
         if (by_dtype[d] > 0)
-            text_printf(&t, " %s %llu", kli_dtype_name(d), (unsigned long long)by_dtype[d]);
+            text_printf(&t, " %s %llu", k_dtype_name(d), (unsigned long long)by_dtype[d]);
     }
     text_printf(&t, "\n");
     int64_t kda_bytes = (int64_t)n_kda * 4 * kda_state_floats(c, NULL, NULL);
@@ -120,7 +120,7 @@ kli_model_describe(const struct kli_model *m, int tensors, char *buf, size_t cap
     if (tensors) {
         text_printf(&t, "tensors:      %lld\n", (long long)nt);
         for (int64_t i = 0; i < nt; i++) {
-            const struct kli_tensor_desc *d = kli_wfile_tensor(m->wf, i);
+            const struct tensor_desc *d = wfile_tensor(m->wf, i);
             text_printf(&t, "  %-64s %-5s [", d->name, d->dtype_name);
             for (int k = 0; k < d->ndim; k++)
                 text_printf(&t, "%s%lld", k ? ", " : "", (long long)d->shape[k]);
@@ -131,13 +131,13 @@ kli_model_describe(const struct kli_model *m, int tensors, char *buf, size_t cap
 }
 
 static uint64_t
-tensor_bytes(const struct kli_tensor *t)
+tensor_bytes(const struct tensor *t)
 {
     return t->data != NULL ? model_row_bytes(t) * (uint64_t)t->shape[0] : 0;
 }
 
 static uint64_t
-ffn_bytes(const struct kli_ffn_w *f)
+ffn_bytes(const struct ffn_w *f)
 {
     return tensor_bytes(&f->gate) + tensor_bytes(&f->up) + tensor_bytes(&f->down);
 }
@@ -146,7 +146,7 @@ int
 kli_model_weight_pages(const struct kli_model *m, uint64_t *resident, uint64_t *huge)
 {
     uint64_t r = 0, h = 0;
-    int rc = m != NULL ? kli_wfile_pages(m->wf, &r, &h) : -1;
+    int rc = m != NULL ? wfile_pages(m->wf, &r, &h) : -1;
 
     if (resident != NULL)
         *resident = r;
@@ -158,18 +158,18 @@ kli_model_weight_pages(const struct kli_model *m, uint64_t *resident, uint64_t *
 uint64_t
 kli_model_decode_bytes(const struct kli_model *m)
 {
-    const struct kli_config *c = &m->cfg;
+    const struct k_config *c = &m->cfg;
     uint64_t b = model_row_bytes(&m->embed) + tensor_bytes(&m->lm_head);
 
     for (int i = 0; i < c->n_layers; i++) {
-        const struct kli_layer *ly = &m->layers[i];
+        const struct k_layer *ly = &m->layers[i];
         if (ly->mixer == KLI_MIXER_KDA) {
-            const struct kli_kda_w *w = &ly->kda;
+            const struct k_kda_w *w = &ly->kda;
             b += tensor_bytes(&w->q_proj) + tensor_bytes(&w->k_proj) + tensor_bytes(&w->v_proj) +
                  tensor_bytes(&w->f_a) + tensor_bytes(&w->f_b) + tensor_bytes(&w->b_proj) +
                  tensor_bytes(&w->g_a) + tensor_bytes(&w->g_b) + tensor_bytes(&w->o_proj);
         } else {
-            const struct kli_mla_w *w = &ly->mla;
+            const struct k_mla_w *w = &ly->mla;
             /* kv_b is read through its float copies (W_UK^T and W_UV) */
             b += tensor_bytes(&w->q_proj) + tensor_bytes(&w->kv_a) + tensor_bytes(&w->o_proj) +
                  (uint64_t)w->kv_b.shape[0] * (uint64_t)w->kv_b.shape[1] * sizeof(float);

@@ -31,7 +31,7 @@ kli_version(void)
 }
 
 int
-kli_err_set(struct kli_err *err, int code, const char *fmt, ...)
+err_set(struct kli_err *err, int code, const char *fmt, ...)
 {
     va_list ap;
 
@@ -45,7 +45,7 @@ kli_err_set(struct kli_err *err, int code, const char *fmt, ...)
 }
 
 void
-kli_panic(const char *file, int line, const char *what)
+panic(const char *file, int line, const char *what)
 {
     fprintf(stderr, "kli: internal error at %s:%d: %s\n", file, line, what);
     abort();

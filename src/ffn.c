@@ -19,7 +19,7 @@ swiglu_range(void *ctx, int64_t i0, int64_t i1, int ith)
     struct swiglu_job *j = ctx;
 
     (void)ith;
-    kli_kernels()->silu(j->h1 + i0, j->h1 + i0, j->h3 + i0, i1 - i0);
+    k_kernels()->silu(j->h1 + i0, j->h1 + i0, j->h3 + i0, i1 - i0);
 }
 
 void
@@ -35,7 +35,7 @@ ffn_swiglu(float *h1, const float *h3, int64_t n)
  * expert less twice (on a shared VM, spinning at short barriers cost a 16-core prefill half
  * its speed once the product itself became fast). */
 struct ffn_job {
-    const struct kli_ffn_w *w;
+    const struct ffn_w *w;
     const float *x;
     float *h1, *h3;
     int64_t m, D, F;
@@ -45,7 +45,7 @@ static void
 ffn_gateup_range(void *ctx, int64_t r0, int64_t r1, int ith)
 {
     struct ffn_job *j = ctx;
-    const struct kli_kernels *kk = kli_kernels();
+    const struct k_kernels *kk = k_kernels();
 
     (void)ith;
     ops_matmul_rows(&j->w->gate, r0, r1, j->x, j->D, j->h1, j->F, j->m);
@@ -57,7 +57,7 @@ ffn_gateup_range(void *ctx, int64_t r0, int64_t r1, int ith)
 }
 
 void
-ffn_forward(const struct kli_ffn_w *w, const float *x, int64_t m, float *y, float *h1, float *h3)
+ffn_forward(const struct ffn_w *w, const float *x, int64_t m, float *y, float *h1, float *h3)
 {
     int64_t D = w->gate.shape[1], F = w->gate.shape[0];
     struct ffn_job j = {w, x, h1, h3, m, D, F};

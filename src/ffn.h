@@ -10,7 +10,7 @@
 
 /* y = W_down (silu(W_gate x) * (W_up x)) for m rows: x [m][d_model] -> y [m][d_model].
  * h1, h3: scratch [m][d_ff] each. */
-void ffn_forward(const struct kli_ffn_w *w, const float *x, int64_t m, float *y, float *h1,
+void ffn_forward(const struct ffn_w *w, const float *x, int64_t m, float *y, float *h1,
                  float *h3);
 
 /* h1[i] = silu(h1[i]) * h3[i] over n values, split across threads. */

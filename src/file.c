@@ -58,25 +58,25 @@ kli_file_open(const char *path, uint64_t *size, struct kli_err *err)
     } while (fd < 0 && errno == EINTR);
     if (fd < 0) {
         e = errno;
-        kli_err_set(err, KLI_E_IO, "%s: cannot open: %s", path, strerror(e));
+        err_set(err, KLI_E_IO, "%s: cannot open: %s", path, strerror(e));
         errno = e;
         return KLI_E_IO;
     }
     if (fstat(fd, &st) != 0) {
         e = errno;
         close(fd);
-        return kli_err_set(err, KLI_E_IO, "%s: cannot stat: %s", path, strerror(e));
+        return err_set(err, KLI_E_IO, "%s: cannot stat: %s", path, strerror(e));
     }
     if (!S_ISREG(st.st_mode)) {
         close(fd);
         errno = EINVAL;
-        return kli_err_set(err, KLI_E_IO, "%s: not a regular file (%s)", path,
+        return err_set(err, KLI_E_IO, "%s: not a regular file (%s)", path,
                            file_kind(st.st_mode));
     }
     if ((fl = fcntl(fd, F_GETFL)) == -1 || fcntl(fd, F_SETFL, fl & ~O_NONBLOCK) == -1) {
         e = errno;
         close(fd);
-        return kli_err_set(err, KLI_E_IO, "%s: %s", path, strerror(e));
+        return err_set(err, KLI_E_IO, "%s: %s", path, strerror(e));
     }
     if (size != NULL)
         *size = st.st_size > 0 ? (uint64_t)st.st_size : 0;
@@ -84,7 +84,7 @@ kli_file_open(const char *path, uint64_t *size, struct kli_err *err)
 }
 
 int
-kli_file_read(const char *path, uint64_t max, char **buf, size_t *len, struct kli_err *err)
+file_read(const char *path, uint64_t max, char **buf, size_t *len, struct kli_err *err)
 {
     uint64_t size;
     size_t n = 0;
@@ -97,13 +97,13 @@ kli_file_read(const char *path, uint64_t max, char **buf, size_t *len, struct kl
         return fd;
     if (size > max || size > (uint64_t)SIZE_MAX - 1) {
         close(fd);
-        return kli_err_set(err, KLI_E_RANGE, "%s: %llu bytes is over the limit of %llu for "
+        return err_set(err, KLI_E_RANGE, "%s: %llu bytes is over the limit of %llu for "
                            "this file", path, (unsigned long long)size,
                            (unsigned long long)max);
     }
-    if ((b = kli_malloc((size_t)size + 1)) == NULL) {
+    if ((b = k_malloc((size_t)size + 1)) == NULL) {
         close(fd);
-        return kli_err_set(err, KLI_E_NOMEM, "%s: out of memory for %llu bytes", path,
+        return err_set(err, KLI_E_NOMEM, "%s: out of memory for %llu bytes", path,
                            (unsigned long long)size);
     }
     while (n < (size_t)size) {
@@ -114,7 +114,7 @@ kli_file_read(const char *path, uint64_t max, char **buf, size_t *len, struct kl
             int e = errno;
             close(fd);
             free(b);
-            return kli_err_set(err, KLI_E_IO, "%s: %s", path,
+            return err_set(err, KLI_E_IO, "%s: %s", path,
                                r < 0 ? strerror(e) : "the file shrank while read");
         }
         n += (size_t)r;

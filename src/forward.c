@@ -43,7 +43,7 @@ fwd_residual(struct layer_pass *p, int i, const float *norm,
              int phase, double *t0, struct kli_err *err)
 {
     struct kli_session *s = p->s;
-    const struct kli_config *cfg = &s->m->cfg;
+    const struct k_config *cfg = &s->m->cfg;
     int64_t D = cfg->d_model, T = p->n_seq * p->T_seq;
     int rc;
 
@@ -64,7 +64,7 @@ forward_run(struct kli_session *const *ss, int64_t n_seq, const kli_token *tok, 
 {
     struct kli_session *s = ss[0];   /* its scratch serves every row */
     const struct kli_model *m = s->m;
-    const struct kli_config *cfg = &m->cfg;
+    const struct k_config *cfg = &m->cfg;
     int64_t D = cfg->d_model, V = cfg->n_vocab, T = n_seq * T_seq;
     struct layer_pass p;   /* where each layer runs: layer.c */
     int rc;
@@ -77,7 +77,7 @@ forward_run(struct kli_session *const *ss, int64_t n_seq, const kli_token *tok, 
         ops_row_f32(&m->embed, tok[t], s->h + t * D);
 
     for (int i = 0; i < cfg->n_layers; i++) {
-        const struct kli_layer *ly = &m->layers[i];
+        const struct k_layer *ly = &m->layers[i];
         int mix = ly->mixer == KLI_MIXER_KDA ? KLI_PHASE_KDA : KLI_PHASE_MLA;
         int ffn = ly->ffn_kind == KLI_FFN_DENSE ? KLI_PHASE_DENSE : KLI_PHASE_MOE;
 

@@ -90,16 +90,16 @@ kli_generate(struct kli_session *s, const struct kli_tokenizer *tok, struct kli_
     r.last = -1;
     if (s == NULL || tok == NULL || smp == NULL || (prompt == NULL && n_prompt > 0) ||
         n_prompt < 0)
-        return kli_err_set(err, KLI_E_INVALID, "kli_generate: invalid arguments");
+        return err_set(err, KLI_E_INVALID, "kli_generate: invalid arguments");
     if (opt == NULL) {
         kli_generate_options_init(&dflt);
         opt = &dflt;
     }
     if (opt->max_tokens < 0 || opt->n_stop < 0 || (opt->n_stop > 0 && opt->stop == NULL))
-        return kli_err_set(err, KLI_E_INVALID, "kli_generate: invalid options");
+        return err_set(err, KLI_E_INVALID, "kli_generate: invalid options");
     for (int32_t i = 0; i < opt->n_stop; i++) {
         if (opt->stop[i] == NULL || opt->stop[i][0] == '\0')
-            return kli_err_set(err, KLI_E_INVALID, "stop string %d is empty", i);
+            return err_set(err, KLI_E_INVALID, "stop string %d is empty", i);
     }
     ends[n_ends++] = s->m->cfg.eos;
     ends[n_ends++] = kli_tokenizer_find_special(tok, "<|im_end|>");
@@ -112,7 +112,7 @@ kli_generate(struct kli_session *s, const struct kli_tokenizer *tok, struct kli_
     r.n_prompt = n_prompt;
     r.prefill_seconds = util_now_s() - t0;
     if (kli_session_logits(s) == NULL) {
-        rc = kli_err_set(err, KLI_E_INVALID, "kli_generate: empty prompt and empty session");
+        rc = err_set(err, KLI_E_INVALID, "kli_generate: empty prompt and empty session");
         goto out;
     }
 
@@ -133,7 +133,7 @@ kli_generate(struct kli_session *s, const struct kli_tokenizer *tok, struct kli_
             size_t len;
             const char *p = kli_token_bytes(tok, t, &len);
             if (p != NULL && gen_append(&text, p, len) != 0) {
-                rc = kli_err_set(err, KLI_E_NOMEM, "out of memory");
+                rc = err_set(err, KLI_E_NOMEM, "out of memory");
                 goto out;
             }
         }

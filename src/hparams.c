@@ -1,5 +1,5 @@
 /*
- * hparams.c - config.json of a Kimi Linear checkpoint into struct kli_config.
+ * hparams.c - config.json of a Kimi Linear checkpoint into struct k_config.
  *
  * Keys are the checkpoint's own names (doc/model.md section 1). The layer lists in
  * linear_attn_config are 1-based: layer i (0-based) is KDA iff i+1 is in kda_layers, and
@@ -36,15 +36,15 @@ cfg_int(struct cfg_ctx *c, const cJSON *obj, const char *key, int required, int6
 
     if (v == NULL || cJSON_IsNull(v)) {
         if (required)
-            return kli_err_set(c->err, KLI_E_FORMAT, "%s: missing key \"%s\"", c->fname, key);
+            return err_set(c->err, KLI_E_FORMAT, "%s: missing key \"%s\"", c->fname, key);
         *out = (int32_t)dflt;
         return KLI_OK;
     }
     if (!cJSON_IsNumber(v) || v->valuedouble != floor(v->valuedouble))
-        return kli_err_set(c->err, KLI_E_FORMAT, "%s: \"%s\" must be an integer", c->fname,
+        return err_set(c->err, KLI_E_FORMAT, "%s: \"%s\" must be an integer", c->fname,
                            key);
     if (v->valuedouble < (double)lo || v->valuedouble > (double)hi)
-        return kli_err_set(c->err, KLI_E_RANGE, "%s: \"%s\" is %.0f, outside [%lld, %lld]",
+        return err_set(c->err, KLI_E_RANGE, "%s: \"%s\" is %.0f, outside [%lld, %lld]",
                            c->fname, key, v->valuedouble, (long long)lo, (long long)hi);
     *out = (int32_t)v->valuedouble;
     return KLI_OK;
@@ -58,14 +58,14 @@ cfg_float(struct cfg_ctx *c, const cJSON *obj, const char *key, int required, do
 
     if (v == NULL || cJSON_IsNull(v)) {
         if (required)
-            return kli_err_set(c->err, KLI_E_FORMAT, "%s: missing key \"%s\"", c->fname, key);
+            return err_set(c->err, KLI_E_FORMAT, "%s: missing key \"%s\"", c->fname, key);
         *out = (float)dflt;
         return KLI_OK;
     }
     if (!cJSON_IsNumber(v))
-        return kli_err_set(c->err, KLI_E_FORMAT, "%s: \"%s\" must be a number", c->fname, key);
+        return err_set(c->err, KLI_E_FORMAT, "%s: \"%s\" must be a number", c->fname, key);
     if (!(v->valuedouble >= lo && v->valuedouble <= hi))
-        return kli_err_set(c->err, KLI_E_RANGE, "%s: \"%s\" is %g, outside [%g, %g]",
+        return err_set(c->err, KLI_E_RANGE, "%s: \"%s\" is %g, outside [%g, %g]",
                            c->fname, key, v->valuedouble, lo, hi);
     *out = (float)v->valuedouble;
     return KLI_OK;
@@ -81,7 +81,7 @@ cfg_bool(struct cfg_ctx *c, const cJSON *obj, const char *key, int dflt, int32_t
         return KLI_OK;
     }
     if (!cJSON_IsBool(v))
-        return kli_err_set(c->err, KLI_E_FORMAT, "%s: \"%s\" must be true or false",
+        return err_set(c->err, KLI_E_FORMAT, "%s: \"%s\" must be true or false",
                            c->fname, key);
     *out = cJSON_IsTrue(v);
     return KLI_OK;
@@ -90,7 +90,7 @@ cfg_bool(struct cfg_ctx *c, const cJSON *obj, const char *key, int dflt, int32_t
 /* Marks the layers named by a 1-based list. */
 static int
 cfg_layer_list(struct cfg_ctx *c, const cJSON *lac, const char *key, int n_layers,
-               uint8_t *seen, enum kli_mixer kind, struct kli_config *cfg)
+               uint8_t *seen, enum k_mixer kind, struct k_config *cfg)
 {
     const cJSON *arr = cJSON_GetObjectItemCaseSensitive(lac, key);
     const cJSON *it;
@@ -98,20 +98,20 @@ cfg_layer_list(struct cfg_ctx *c, const cJSON *lac, const char *key, int n_layer
     if (arr == NULL || cJSON_IsNull(arr))
         return KLI_OK;
     if (!cJSON_IsArray(arr))
-        return kli_err_set(c->err, KLI_E_FORMAT, "%s: linear_attn_config.%s must be a list",
+        return err_set(c->err, KLI_E_FORMAT, "%s: linear_attn_config.%s must be a list",
                            c->fname, key);
     cJSON_ArrayForEach(it, arr) {
         if (!cJSON_IsNumber(it) || it->valuedouble != floor(it->valuedouble))
-            return kli_err_set(c->err, KLI_E_FORMAT,
+            return err_set(c->err, KLI_E_FORMAT,
                                "%s: linear_attn_config.%s holds a non-integer", c->fname, key);
         double l = it->valuedouble;
         if (l < 1 || l > n_layers)
-            return kli_err_set(c->err, KLI_E_RANGE,
+            return err_set(c->err, KLI_E_RANGE,
                                "%s: linear_attn_config.%s names layer %.0f; layers are 1..%d "
                                "(the lists are 1-based)", c->fname, key, l, n_layers);
         int i = (int)l - 1;
         if (seen[i])
-            return kli_err_set(c->err, KLI_E_FORMAT,
+            return err_set(c->err, KLI_E_FORMAT,
                                "%s: layer %d (1-based) is listed twice in linear_attn_config",
                                c->fname, i + 1);
         seen[i] = 1;
@@ -121,7 +121,7 @@ cfg_layer_list(struct cfg_ctx *c, const cJSON *lac, const char *key, int n_layer
 }
 
 static int
-cfg_parse_root(struct kli_config *cfg, struct cfg_ctx *c)
+cfg_parse_root(struct k_config *cfg, struct cfg_ctx *c)
 {
     const cJSON *r = c->root;
     const cJSON *lac, *v;
@@ -130,11 +130,11 @@ cfg_parse_root(struct kli_config *cfg, struct cfg_ctx *c)
 
     memset(cfg, 0, sizeof(*cfg));
     if (!cJSON_IsObject(r))
-        return kli_err_set(c->err, KLI_E_FORMAT, "%s: not a JSON object", c->fname);
+        return err_set(c->err, KLI_E_FORMAT, "%s: not a JSON object", c->fname);
 
     v = cJSON_GetObjectItemCaseSensitive(r, "model_type");
     if (v != NULL && cJSON_IsString(v) && strcmp(v->valuestring, "kimi_linear") != 0)
-        return kli_err_set(c->err, KLI_E_UNSUPPORTED,
+        return err_set(c->err, KLI_E_UNSUPPORTED,
                            "%s: model_type is \"%s\"; kli runs \"kimi_linear\"", c->fname,
                            v->valuestring);
 
@@ -154,12 +154,12 @@ cfg_parse_root(struct kli_config *cfg, struct cfg_ctx *c)
     /* MLA */
     v = cJSON_GetObjectItemCaseSensitive(r, "q_lora_rank");
     if (v != NULL && !cJSON_IsNull(v))
-        return kli_err_set(c->err, KLI_E_UNSUPPORTED,
+        return err_set(c->err, KLI_E_UNSUPPORTED,
                            "%s: q_lora_rank must be null (Kimi Linear has no q compression)",
                            c->fname);
     v = cJSON_GetObjectItemCaseSensitive(r, "mla_use_nope");
     if (v != NULL && cJSON_IsFalse(v))
-        return kli_err_set(c->err, KLI_E_UNSUPPORTED,
+        return err_set(c->err, KLI_E_UNSUPPORTED,
                            "%s: mla_use_nope is false; kli implements NoPE MLA only", c->fname);
     if ((rc = cfg_int(c, r, "num_attention_heads", 1, 0, 1, 4096, &cfg->mla.n_heads)) ||
         (rc = cfg_int(c, r, "kv_lora_rank", 0, 0, 1, CFG_MAX_DIM, &cfg->mla.kv_lora_rank)) ||
@@ -171,7 +171,7 @@ cfg_parse_root(struct kli_config *cfg, struct cfg_ctx *c)
     /* KDA */
     lac = cJSON_GetObjectItemCaseSensitive(r, "linear_attn_config");
     if (lac == NULL || !cJSON_IsObject(lac))
-        return kli_err_set(c->err, KLI_E_FORMAT, "%s: missing object \"linear_attn_config\"",
+        return err_set(c->err, KLI_E_FORMAT, "%s: missing object \"linear_attn_config\"",
                            c->fname);
     if ((rc = cfg_int(c, lac, "num_heads", 1, 0, 1, 4096, &cfg->kda.n_heads)) ||
         (rc = cfg_int(c, lac, "head_dim", 1, 0, 1, 4096, &cfg->kda.head_dim)) ||
@@ -184,7 +184,7 @@ cfg_parse_root(struct kli_config *cfg, struct cfg_ctx *c)
         return rc;
     for (int i = 0; i < cfg->n_layers; i++) {
         if (!seen[i])
-            return kli_err_set(c->err, KLI_E_FORMAT,
+            return err_set(c->err, KLI_E_FORMAT,
                                "%s: layer %d (1-based) is in neither kda_layers nor "
                                "full_attn_layers", c->fname, i + 1);
     }
@@ -210,20 +210,20 @@ cfg_parse_root(struct kli_config *cfg, struct cfg_ctx *c)
                             &cfg->moe.scaling)))
             return rc;
         if (cfg->moe.top_k > cfg->moe.n_experts)
-            return kli_err_set(c->err, KLI_E_RANGE,
+            return err_set(c->err, KLI_E_RANGE,
                                "%s: num_experts_per_token (%d) exceeds num_experts (%d)",
                                c->fname, cfg->moe.top_k, cfg->moe.n_experts);
         if (cfg->moe.n_experts % cfg->moe.n_group != 0)
-            return kli_err_set(c->err, KLI_E_RANGE,
+            return err_set(c->err, KLI_E_RANGE,
                                "%s: num_experts (%d) is not a multiple of num_expert_group "
                                "(%d)", c->fname, cfg->moe.n_experts, cfg->moe.n_group);
         if (cfg->moe.topk_group > cfg->moe.n_group)
-            return kli_err_set(c->err, KLI_E_RANGE,
+            return err_set(c->err, KLI_E_RANGE,
                                "%s: topk_group (%d) exceeds num_expert_group (%d)", c->fname,
                                cfg->moe.topk_group, cfg->moe.n_group);
         if ((int64_t)cfg->moe.topk_group * (cfg->moe.n_experts / cfg->moe.n_group) <
             cfg->moe.top_k)
-            return kli_err_set(c->err, KLI_E_RANGE,
+            return err_set(c->err, KLI_E_RANGE,
                                "%s: topk_group groups of %d experts cannot supply %d experts",
                                c->fname, cfg->moe.n_experts / cfg->moe.n_group,
                                cfg->moe.top_k);
@@ -231,13 +231,13 @@ cfg_parse_root(struct kli_config *cfg, struct cfg_ctx *c)
         cfg->moe.sigmoid = 1;
         if (v != NULL && !cJSON_IsNull(v)) {
             if (!cJSON_IsString(v))
-                return kli_err_set(c->err, KLI_E_FORMAT,
+                return err_set(c->err, KLI_E_FORMAT,
                                    "%s: moe_router_activation_func must be a string",
                                    c->fname);
             if (strcmp(v->valuestring, "softmax") == 0)
                 cfg->moe.sigmoid = 0;
             else if (strcmp(v->valuestring, "sigmoid") != 0)
-                return kli_err_set(c->err, KLI_E_UNSUPPORTED,
+                return err_set(c->err, KLI_E_UNSUPPORTED,
                                    "%s: moe_router_activation_func \"%s\" (kli knows sigmoid "
                                    "and softmax)", c->fname, v->valuestring);
         }
@@ -247,7 +247,7 @@ cfg_parse_root(struct kli_config *cfg, struct cfg_ctx *c)
                   i % cfg->moe.layer_freq == 0;
         cfg->layer_ffn[i] = moe ? KLI_FFN_MOE : KLI_FFN_DENSE;
         if (!moe && cfg->d_ff <= 0)
-            return kli_err_set(c->err, KLI_E_FORMAT,
+            return err_set(c->err, KLI_E_FORMAT,
                                "%s: layer %d (1-based) has a dense MLP but intermediate_size is "
                                "missing", c->fname, i + 1);
     }
@@ -257,14 +257,14 @@ cfg_parse_root(struct kli_config *cfg, struct cfg_ctx *c)
         has_mla |= cfg->layer_mixer[i] == KLI_MIXER_MLA;
     if (has_mla && (cfg->mla.kv_lora_rank <= 0 || cfg->mla.qk_nope_dim <= 0 ||
                     cfg->mla.v_head_dim <= 0))
-        return kli_err_set(c->err, KLI_E_FORMAT,
+        return err_set(c->err, KLI_E_FORMAT,
                            "%s: MLA layers need kv_lora_rank, qk_nope_head_dim and v_head_dim",
                            c->fname);
     return KLI_OK;
 }
 
 int
-hparams_parse(struct kli_config *cfg, const char *text, size_t len, const char *fname,
+hparams_parse(struct k_config *cfg, const char *text, size_t len, const char *fname,
              struct kli_err *err)
 {
     struct cfg_ctx c = {NULL, fname, err};
@@ -274,7 +274,7 @@ hparams_parse(struct kli_config *cfg, const char *text, size_t len, const char *
     c.root = cJSON_ParseWithLengthOpts(text, len, &end, 0);
     if (c.root == NULL) {
         size_t off = end != NULL && end >= text ? (size_t)(end - text) : 0;
-        return kli_err_set(err, KLI_E_FORMAT, "%s: malformed JSON near byte %zu", fname, off);
+        return err_set(err, KLI_E_FORMAT, "%s: malformed JSON near byte %zu", fname, off);
     }
     rc = cfg_parse_root(cfg, &c);
     cJSON_Delete((cJSON *)c.root);
@@ -282,7 +282,7 @@ hparams_parse(struct kli_config *cfg, const char *text, size_t len, const char *
 }
 
 int
-hparams_load(struct kli_config *cfg, const char *dir, struct kli_err *err)
+hparams_load(struct k_config *cfg, const char *dir, struct kli_err *err)
 {
     char path[4096];
     char *buf = NULL;
@@ -290,9 +290,9 @@ hparams_load(struct kli_config *cfg, const char *dir, struct kli_err *err)
     int rc;
 
     if (snprintf(path, sizeof(path), "%s/config.json", dir) >= (int)sizeof(path))
-        return kli_err_set(err, KLI_E_RANGE, "model path too long");
+        return err_set(err, KLI_E_RANGE, "model path too long");
     /* A regular file of at most 16 MiB (src/file.c): a FIFO or /dev/zero is refused. */
-    if ((rc = kli_file_read(path, (uint64_t)1 << 24, &buf, &n, err)) != KLI_OK)
+    if ((rc = file_read(path, (uint64_t)1 << 24, &buf, &n, err)) != KLI_OK)
         return rc;
     rc = hparams_parse(cfg, buf, n, path, err);
     free(buf);

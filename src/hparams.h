@@ -18,16 +18,16 @@ enum {
     KLI_MAX_TOPK = 64,
 };
 
-enum kli_mixer { KLI_MIXER_KDA = 1, KLI_MIXER_MLA = 2 };
-enum kli_ffn { KLI_FFN_DENSE = 1, KLI_FFN_MOE = 2 };
+enum k_mixer { KLI_MIXER_KDA = 1, KLI_MIXER_MLA = 2 };
+enum k_ffn { KLI_FFN_DENSE = 1, KLI_FFN_MOE = 2 };
 
-struct kli_config_kda {
+struct config_kda {
     int32_t n_heads;      /* linear_attn_config.num_heads */
     int32_t head_dim;     /* linear_attn_config.head_dim: key and value width per head */
     int32_t conv_size;    /* linear_attn_config.short_conv_kernel_size */
 };
 
-struct kli_config_mla {
+struct config_mla {
     int32_t n_heads;      /* num_attention_heads */
     int32_t kv_lora_rank; /* latent width cached per token */
     int32_t qk_nope_dim;  /* per-head q/k dims that go through kv_b_proj */
@@ -35,7 +35,7 @@ struct kli_config_mla {
     int32_t v_head_dim;
 };
 
-struct kli_config_moe {
+struct config_moe {
     int32_t n_experts;         /* num_experts; 0 = no MoE layers */
     int32_t top_k;             /* num_experts_per_token */
     int32_t n_shared;          /* num_shared_experts */
@@ -49,7 +49,7 @@ struct kli_config_moe {
     float scaling;             /* routed_scaling_factor */
 };
 
-struct kli_config {
+struct k_config {
     int32_t d_model;      /* hidden_size */
     int32_t n_layers;     /* num_hidden_layers */
     int32_t n_vocab;      /* vocab_size */
@@ -58,20 +58,20 @@ struct kli_config {
     float norm_eps;       /* rms_norm_eps */
     int32_t tie_embeddings;
     int32_t bos, eos, pad;   /* -1 when absent */
-    struct kli_config_kda kda;
-    struct kli_config_mla mla;
-    struct kli_config_moe moe;
-    enum kli_mixer layer_mixer[KLI_MAX_LAYERS];
-    enum kli_ffn layer_ffn[KLI_MAX_LAYERS];
+    struct config_kda kda;
+    struct config_mla mla;
+    struct config_moe moe;
+    enum k_mixer layer_mixer[KLI_MAX_LAYERS];
+    enum k_ffn layer_ffn[KLI_MAX_LAYERS];
 };
 
 /* Parses config.json text (`len` bytes). `fname` names it in messages.
  * @return KLI_OK or KLI_E_FORMAT / KLI_E_UNSUPPORTED / KLI_E_RANGE with a message naming
  *         the key at fault. */
-int hparams_parse(struct kli_config *cfg, const char *text, size_t len, const char *fname,
+int hparams_parse(struct k_config *cfg, const char *text, size_t len, const char *fname,
                  struct kli_err *err);
 
 /* Reads and parses `dir`/config.json. */
-int hparams_load(struct kli_config *cfg, const char *dir, struct kli_err *err);
+int hparams_load(struct k_config *cfg, const char *dir, struct kli_err *err);
 
 #endif

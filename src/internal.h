@@ -21,29 +21,29 @@
 #endif
 
 /* Sets `err` (if not NULL and not already set: the first error wins) and returns `code`,
- * so that `return kli_err_set(err, KLI_E_FORMAT, "...")` reads naturally. */
-int kli_err_set(struct kli_err *err, int code, const char *fmt, ...) KLI_PRINTF(3, 4);
+ * so that `return err_set(err, KLI_E_FORMAT, "...")` reads naturally. */
+int err_set(struct kli_err *err, int code, const char *fmt, ...) KLI_PRINTF(3, 4);
 
 /* For our own bugs only, never for input validation. On in every build. */
-KLI_NORETURN void kli_panic(const char *file, int line, const char *what);
+KLI_NORETURN void panic(const char *file, int line, const char *what);
 #define KLI_ASSERT(cond) \
-    do { if (!(cond)) kli_panic(__FILE__, __LINE__, #cond); } while (0)
+    do { if (!(cond)) panic(__FILE__, __LINE__, #cond); } while (0)
 
 /* Overflow-checked allocation; NULL on failure (never exits). */
-void *kli_malloc(size_t n);
-void *kli_calloc(size_t n, size_t size);
-void *kli_mallocarray(size_t n, size_t size);
-void *kli_reallocarray(void *p, size_t n, size_t size);
-/* 64-byte aligned allocation, released with kli_free_aligned. */
-void *kli_malloc_aligned(size_t n);
-void kli_free_aligned(void *p);
-char *kli_strdup(const char *s);
+void *k_malloc(size_t n);
+void *k_calloc(size_t n, size_t size);
+void *k_mallocarray(size_t n, size_t size);
+void *k_reallocarray(void *p, size_t n, size_t size);
+/* 64-byte aligned allocation, released with k_free_aligned. */
+void *k_malloc_aligned(size_t n);
+void k_free_aligned(void *p);
+char *k_strdup(const char *s);
 
 /* Reads the regular file `path` whole into a NUL-terminated buffer (*buf, freed with free;
  * *len excludes the NUL). A file over `max` bytes is refused before anything is read.
  * @return KLI_OK, KLI_E_IO (as kli_file_open, or a read error), KLI_E_RANGE (over max) or
  *         KLI_E_NOMEM, with a message naming the path. */
-int kli_file_read(const char *path, uint64_t max, char **buf, size_t *len,
+int file_read(const char *path, uint64_t max, char **buf, size_t *len,
                   struct kli_err *err);
 
 /* Memory for many long-lived blocks freed together (the weights converted at open): carved
@@ -52,19 +52,19 @@ int kli_file_read(const char *path, uint64_t max, char **buf, size_t *len,
  * through 2 MiB TLB entries (see weights/mmap.c). A zeroed struct is an empty arena. */
 #define KLI_ARENA_CHUNK ((size_t)64 << 20)
 
-struct kli_arena_chunk {
-    uint8_t *base;         /* from kli_map_huge: on a 2 MiB boundary */
+struct k_arena_chunk {
+    uint8_t *base;         /* from map_huge: on a 2 MiB boundary */
     size_t len, used;
 };
 
-struct kli_arena {
-    struct kli_arena_chunk *c;
+struct arena {
+    struct k_arena_chunk *c;
     int n, cap;
 };
 
 /* @return n bytes (64-byte aligned, contents unspecified), or NULL when out of memory. */
-void *kli_arena_alloc(struct kli_arena *a, size_t n);
+void *arena_alloc(struct arena *a, size_t n);
 /* Releases every block; leaves the arena empty. */
-void kli_arena_free(struct kli_arena *a);
+void arena_free(struct arena *a);
 
 #endif /* KLI_INTERNAL_H */

@@ -30,7 +30,7 @@ kda_recurrent(int64_t T, int64_t K, int64_t V, const float *q, const float *k, c
               const float *g, const float *beta, int64_t ld_qk, int64_t ld_v, int64_t ld_b,
               float *S, float *o, int64_t ld_o)
 {
-    const struct kli_kernels *kk = kli_kernels();
+    const struct k_kernels *kk = k_kernels();
     float u[1024];   /* V <= 1024 is checked at session creation */
 
     for (int64_t t = 0; t < T; t++) {
@@ -83,7 +83,7 @@ kda_recurrent(int64_t T, int64_t K, int64_t V, const float *q, const float *k, c
 #define KDA_SUB 16
 
 int64_t
-kda_state_floats(const struct kli_config *cfg, int64_t *n_S, int64_t *n_conv)
+kda_state_floats(const struct k_config *cfg, int64_t *n_S, int64_t *n_conv)
 {
     int64_t H = cfg->kda.n_heads, K = cfg->kda.head_dim;
     /* S [H][K][K] (the value dimension equals the key dimension); conv [3][H*K][W-1] */
@@ -120,7 +120,7 @@ kda_chunked(int64_t T, int64_t K, int64_t V, const float *q, const float *k, con
             const float *g, const float *beta, int64_t ld_qk, int64_t ld_v, int64_t ld_b,
             float *S, float *o, int64_t ld_o, float *work)
 {
-    const struct kli_kernels *kk = kli_kernels();
+    const struct k_kernels *kk = k_kernels();
     const int64_t CM = KDA_CHUNK;
     float *G = work;              /* [C][K] cumulative log-decay */
     float *W = G + CM * K;        /* [C][K] */
@@ -225,7 +225,7 @@ kda_chunked(int64_t T, int64_t K, int64_t V, const float *q, const float *k, con
  * sequences of one token. */
 struct kda_job {
     const struct kli_model *m;
-    const struct kli_kda_w *w;
+    const struct k_kda_w *w;
     struct kda_state *const *st;
     int64_t n_seq;
     struct kda_scratch *sc;
@@ -238,8 +238,8 @@ static void
 kda_conv_range(void *ctx, int64_t c0, int64_t c1, int ith)
 {
     struct kda_job *j = ctx;
-    const struct kli_kernels *kk = kli_kernels();
-    const struct kli_config *cfg = &j->m->cfg;
+    const struct k_kernels *kk = k_kernels();
+    const struct k_config *cfg = &j->m->cfg;
     int64_t HK = (int64_t)cfg->kda.n_heads * cfg->kda.head_dim, Wn = cfg->kda.conv_size;
     int64_t T = j->T;
 
@@ -306,7 +306,7 @@ static void
 kda_prep_range(void *ctx, int64_t i0, int64_t i1, int ith)
 {
     struct kda_job *j = ctx;
-    const struct kli_config *cfg = &j->m->cfg;
+    const struct k_config *cfg = &j->m->cfg;
     int64_t H = cfg->kda.n_heads, K = cfg->kda.head_dim, HK = H * K;
     float qscale = 1.0f / sqrtf((float)K);
 
@@ -328,7 +328,7 @@ static void
 kda_heads_range(void *ctx, int64_t h0, int64_t h1, int ith)
 {
     struct kda_job *j = ctx;
-    const struct kli_config *cfg = &j->m->cfg;
+    const struct k_config *cfg = &j->m->cfg;
     int64_t H = cfg->kda.n_heads, K = cfg->kda.head_dim, HK = H * K;
     struct kda_scratch *sc = j->sc;
 
@@ -354,7 +354,7 @@ static void
 kda_outnorm_range(void *ctx, int64_t i0, int64_t i1, int ith)
 {
     struct kda_job *j = ctx;
-    const struct kli_config *cfg = &j->m->cfg;
+    const struct k_config *cfg = &j->m->cfg;
     int64_t H = cfg->kda.n_heads, K = cfg->kda.head_dim;
 
     (void)ith;
@@ -380,7 +380,7 @@ static void
 kda_fused_range(void *ctx, int64_t t0, int64_t t1, int ith)
 {
     struct kda_fused *f = ctx;
-    const struct kli_config *cfg = &f->j->m->cfg;
+    const struct k_config *cfg = &f->j->m->cfg;
     int64_t HK = (int64_t)cfg->kda.n_heads * cfg->kda.head_dim, c0, c1;
 
     for (int64_t wk = t0; wk < t1; wk++) {
@@ -398,10 +398,10 @@ kda_fused_range(void *ctx, int64_t t0, int64_t t1, int ith)
 }
 
 void
-kda_forward(const struct kli_model *m, const struct kli_kda_w *w, struct kda_state *const *st,
+kda_forward(const struct kli_model *m, const struct k_kda_w *w, struct kda_state *const *st,
             int64_t n_seq, struct kda_scratch *sc, const float *x, int64_t T_seq, float *out)
 {
-    const struct kli_config *cfg = &m->cfg;
+    const struct k_config *cfg = &m->cfg;
     int64_t D = cfg->d_model, H = cfg->kda.n_heads, K = cfg->kda.head_dim, HK = H * K;
     int64_t rf = w->f_a.shape[0], rg = w->g_a.shape[0], T = n_seq * T_seq;
     struct kda_job j = {m, w, st, n_seq, sc, T_seq};

@@ -20,7 +20,7 @@ struct kda_state {
 /* Floats of one sequence's state of one KDA layer: the recurrent state S (*n_S) and the conv
  * state (*n_conv) that struct kda_state points to. @return their sum. The one place these
  * sizes are computed: sessions, snapshots, the GPU mirrors and `kli describe` ask here. */
-int64_t kda_state_floats(const struct kli_config *cfg, int64_t *n_S, int64_t *n_conv);
+int64_t kda_state_floats(const struct k_config *cfg, int64_t *n_S, int64_t *n_conv);
 
 /* Scratch for T <= batch_max tokens, allocated with the session (session.c's buffer table);
  * `chunk` holds kda_chunk_floats per thread. */
@@ -42,7 +42,7 @@ int64_t kda_chunk_floats(int64_t K, int64_t V);
  * out is token t of sequence s, whose state is st[s]): x [n_seq*T_seq][d_model] (normed
  * input) -> out, advancing every st[s]. Uses the recurrence for T_seq == 1 and the chunked
  * form otherwise. */
-void kda_forward(const struct kli_model *m, const struct kli_kda_w *w,
+void kda_forward(const struct kli_model *m, const struct k_kda_w *w,
                  struct kda_state *const *st, int64_t n_seq, struct kda_scratch *sc,
                  const float *x, int64_t T_seq, float *out);
 

@@ -43,7 +43,7 @@ layer_pass_begin(struct layer_pass *p, struct kli_session *const *ss, int64_t n_
      * context of the batch, which may be another session's. */
     p->longest = 0;
     if (n_seq > FORWARD_MAX_SEQ || T > s->batch_max)
-        return kli_err_set(err, KLI_E_RANGE, "a step of %lld rows exceeds the first "
+        return err_set(err, KLI_E_RANGE, "a step of %lld rows exceeds the first "
                            "session's batch_max %d", (long long)T, s->batch_max);
     for (int64_t q = 0; q < n_seq; q++) {
         p->pos[q] = ss[q]->pos;
@@ -90,7 +90,7 @@ static int
 layer_mla(struct layer_pass *p, int i, const float *x, float *y, struct kli_err *err)
 {
     const struct kli_model *m = p->m;
-    const struct kli_mla_w *w = &m->layers[i].mla;
+    const struct k_mla_w *w = &m->layers[i].mla;
     struct mla_scratch *sc = &p->s->mla_sc;
     float *caches[FORWARD_MAX_SEQ];
     int64_t n_seq = p->n_seq, T_seq = p->T_seq;
@@ -99,7 +99,7 @@ layer_mla(struct layer_pass *p, int i, const float *x, float *y, struct kli_err 
         caches[q] = p->ss[q]->cache[i];
     if (!mla_work_ok(sc, p->pos, n_seq, T_seq)) {
         /* not after session_work_reserve in layer_pass_begin; but never past the workspace */
-        return kli_err_set(err, KLI_E_INVALID, "MLA layer %d: the attention workspace serves "
+        return err_set(err, KLI_E_INVALID, "MLA layer %d: the attention workspace serves "
                            "%lld tokens, the step needs %lld", i, (long long)sc->work_n,
                            (long long)p->longest);
     }
@@ -128,7 +128,7 @@ static int
 layer_moe(struct layer_pass *p, int i, const float *x, float *y, struct kli_err *err)
 {
     const struct kli_model *m = p->m;
-    const struct kli_moe_w *w = &m->layers[i].moe;
+    const struct moe_w *w = &m->layers[i].moe;
     struct moe_scratch *sc = &p->s->moe_sc;
     int64_t T = p->n_seq * p->T_seq;
     uint8_t hot[KLI_MAX_EXPERTS] = {0};
@@ -160,7 +160,7 @@ layer_moe(struct layer_pass *p, int i, const float *x, float *y, struct kli_err 
 int
 layer_ffn(struct layer_pass *p, int i, const float *x, float *y, struct kli_err *err)
 {
-    const struct kli_layer *ly = &p->m->layers[i];
+    const struct k_layer *ly = &p->m->layers[i];
 
     if (ly->ffn_kind != KLI_FFN_DENSE)
         return layer_moe(p, i, x, y, err);

@@ -24,13 +24,13 @@
 #include "threads.h"
 
 int64_t
-mla_row_floats(const struct kli_config *cfg)
+mla_row_floats(const struct k_config *cfg)
 {
     return (int64_t)cfg->mla.kv_lora_rank + cfg->mla.qk_rope_dim;
 }
 
 int64_t
-mla_work_floats(const struct kli_config *cfg, int64_t n)
+mla_work_floats(const struct k_config *cfg, int64_t n)
 {
     int64_t Lr = cfg->mla.kv_lora_rank, nope = cfg->mla.qk_nope_dim, dv = cfg->mla.v_head_dim;
 
@@ -43,11 +43,11 @@ mla_work_floats(const struct kli_config *cfg, int64_t n)
 }
 
 void
-mla_attend_absorbed(const struct kli_model *m, const struct kli_mla_w *w, const float *cache,
+mla_attend_absorbed(const struct kli_model *m, const struct k_mla_w *w, const float *cache,
                     int64_t n, int64_t h, const float *q, float *o, float *work)
 {
-    const struct kli_kernels *kk = kli_kernels();
-    const struct kli_config_mla *c = &m->cfg.mla;
+    const struct k_kernels *kk = k_kernels();
+    const struct config_mla *c = &m->cfg.mla;
     int64_t Lr = c->kv_lora_rank, nope = c->qk_nope_dim, rope = c->qk_rope_dim;
     int64_t dv = c->v_head_dim, stride = mla_row_floats(&m->cfg);
     float scale = 1.0f / sqrtf((float)(nope + rope));
@@ -71,10 +71,10 @@ mla_attend_absorbed(const struct kli_model *m, const struct kli_mla_w *w, const 
 }
 
 void
-mla_attend_expanded(const struct kli_model *m, const struct kli_mla_w *w, const float *cache,
+mla_attend_expanded(const struct kli_model *m, const struct k_mla_w *w, const float *cache,
                     int64_t n, int64_t h, const float *q, float *o, float *work)
 {
-    const struct kli_config_mla *c = &m->cfg.mla;
+    const struct config_mla *c = &m->cfg.mla;
     int64_t Lr = c->kv_lora_rank, nope = c->qk_nope_dim, rope = c->qk_rope_dim;
     int64_t dv = c->v_head_dim, stride = mla_row_floats(&m->cfg);
     float scale = 1.0f / sqrtf((float)(nope + rope));
@@ -112,7 +112,7 @@ mla_attend_expanded(const struct kli_model *m, const struct kli_mla_w *w, const 
 
 struct mla_job {
     const struct kli_model *m;
-    const struct kli_mla_w *w;
+    const struct k_mla_w *w;
     struct mla_scratch *sc;
     int64_t T;
 };
@@ -123,13 +123,13 @@ static void
 mla_absorb_range(void *ctx, int64_t h0, int64_t h1, int ith)
 {
     struct mla_job *j = ctx;
-    const struct kli_config_mla *c = &j->m->cfg.mla;
+    const struct config_mla *c = &j->m->cfg.mla;
     int64_t H = c->n_heads, Lr = c->kv_lora_rank, nope = c->qk_nope_dim, rope = c->qk_rope_dim;
     int64_t dqk = nope + rope, stride = mla_row_floats(&j->m->cfg);
 
     (void)ith;
     for (int64_t h = h0; h < h1; h++) {
-        struct kli_tensor wuk = ops_view_f32(j->w->w_uk_t + h * Lr * nope, Lr, nope);
+        struct tensor wuk = ops_view_f32(j->w->w_uk_t + h * Lr * nope, Lr, nope);
         ops_matmul_rows(&wuk, 0, Lr, j->sc->q + h * dqk, H * dqk, j->sc->qfull + h * stride,
                         H * stride, j->T);
         for (int64_t t = 0; t < j->T; t++)
@@ -143,12 +143,12 @@ static void
 mla_expand_range(void *ctx, int64_t h0, int64_t h1, int ith)
 {
     struct mla_job *j = ctx;
-    const struct kli_config_mla *c = &j->m->cfg.mla;
+    const struct config_mla *c = &j->m->cfg.mla;
     int64_t H = c->n_heads, Lr = c->kv_lora_rank, dv = c->v_head_dim;
 
     (void)ith;
     for (int64_t h = h0; h < h1; h++) {
-        struct kli_tensor wuv = ops_view_f32(j->w->w_uv + h * dv * Lr, dv, Lr);
+        struct tensor wuv = ops_view_f32(j->w->w_uv + h * dv * Lr, dv, Lr);
         ops_matmul_rows(&wuv, 0, dv, j->sc->lat + h * Lr, H * Lr, j->sc->o + h * dv, H * dv,
                         j->T);
     }
@@ -187,12 +187,12 @@ mla_work_ok(const struct mla_scratch *sc, const int64_t *pos, int64_t n_seq, int
 }
 
 void
-mla_project(const struct kli_model *m, const struct kli_mla_w *w, float *const *caches,
+mla_project(const struct kli_model *m, const struct k_mla_w *w, float *const *caches,
             const int64_t *pos, int64_t n_seq, struct mla_scratch *sc, const float *x,
             int64_t T_seq)
 {
-    const struct kli_config *cfg = &m->cfg;
-    const struct kli_config_mla *c = &cfg->mla;
+    const struct k_config *cfg = &m->cfg;
+    const struct config_mla *c = &cfg->mla;
     int64_t D = cfg->d_model, H = c->n_heads, Lr = c->kv_lora_rank, rope = c->qk_rope_dim;
     int64_t dqk = c->qk_nope_dim + rope, stride = mla_row_floats(cfg);
     int64_t T = n_seq * T_seq;
@@ -215,7 +215,7 @@ void
 mla_attend(const struct kli_model *m, float *const *caches, const int64_t *pos, int64_t n_seq,
            struct mla_scratch *sc, int64_t T_seq)
 {
-    const struct kli_config_mla *c = &m->cfg.mla;
+    const struct config_mla *c = &m->cfg.mla;
     int64_t H = c->n_heads, Lr = c->kv_lora_rank, stride = mla_row_floats(&m->cfg);
     float scale = 1.0f / sqrtf((float)(c->qk_nope_dim + c->qk_rope_dim));
 
@@ -228,7 +228,7 @@ mla_attend(const struct kli_model *m, float *const *caches, const int64_t *pos, 
         int64_t sq = t / T_seq, n = pos[sq] + t % T_seq + 1;
         const float *cache = caches[sq];
         float *S = sc->work;   /* [H][n], n <= work_n: mla_work_ok */
-        struct kli_tensor keys = ops_view_f32(cache, n, stride);
+        struct tensor keys = ops_view_f32(cache, n, stride);
         ops_matmul(&keys, sc->qfull + t * H * stride, stride, S, n, H);
         struct mla_softmax_job sj = {S, n, n, scale};
         threads_parallel_for(H, 1, mla_softmax_range, &sj);
@@ -237,10 +237,10 @@ mla_attend(const struct kli_model *m, float *const *caches, const int64_t *pos, 
 }
 
 void
-mla_output(const struct kli_model *m, const struct kli_mla_w *w, struct mla_scratch *sc,
+mla_output(const struct kli_model *m, const struct k_mla_w *w, struct mla_scratch *sc,
            int64_t T, float *out)
 {
-    const struct kli_config_mla *c = &m->cfg.mla;
+    const struct config_mla *c = &m->cfg.mla;
     struct mla_job j = {m, w, sc, T};
 
     threads_parallel_for(c->n_heads, 1, mla_expand_range, &j);
@@ -249,7 +249,7 @@ mla_output(const struct kli_model *m, const struct kli_mla_w *w, struct mla_scra
 }
 
 int
-mla_forward(const struct kli_model *m, const struct kli_mla_w *w, float *const *caches,
+mla_forward(const struct kli_model *m, const struct k_mla_w *w, float *const *caches,
             const int64_t *pos, int64_t n_seq, struct mla_scratch *sc, const float *x,
             int64_t T_seq, float *out)
 {

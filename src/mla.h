@@ -22,10 +22,10 @@ struct mla_scratch {
 
 /* Floats of one token's row of the latent cache: the normalised latent c^ and k_pe. The one
  * place this size is computed. */
-int64_t mla_row_floats(const struct kli_config *cfg);
+int64_t mla_row_floats(const struct k_config *cfg);
 
 /* Floats of per-thread attention workspace for a context of n tokens. */
-int64_t mla_work_floats(const struct kli_config *cfg, int64_t n);
+int64_t mla_work_floats(const struct k_config *cfg, int64_t n);
 
 /* Runs one MLA layer on the CPU over n_seq sequences of T_seq tokens (row s * T_seq + t of
  * x is token t of sequence s). caches[s] [pos[s]+T_seq][L+rope] holds, per token, the
@@ -36,7 +36,7 @@ int64_t mla_work_floats(const struct kli_config *cfg, int64_t n);
  * dispatcher (layer.c) runs the same steps and may hand the attention, or the whole layer,
  * to a device instead.
  * @return 0, or -1 (nothing done) when the workspace is too small. */
-int mla_forward(const struct kli_model *m, const struct kli_mla_w *w, float *const *caches,
+int mla_forward(const struct kli_model *m, const struct k_mla_w *w, float *const *caches,
                 const int64_t *pos, int64_t n_seq, struct mla_scratch *sc, const float *x,
                 int64_t T_seq, float *out);
 
@@ -46,7 +46,7 @@ int mla_work_ok(const struct mla_scratch *sc, const int64_t *pos, int64_t n_seq,
 
 /* Step 1: q and the compressed kv of every row; the new cache rows written; the absorbed
  * queries (W_UK^T q_nope, then q_pe) in sc->qfull [T][H][L+rope]. */
-void mla_project(const struct kli_model *m, const struct kli_mla_w *w, float *const *caches,
+void mla_project(const struct kli_model *m, const struct k_mla_w *w, float *const *caches,
                  const int64_t *pos, int64_t n_seq, struct mla_scratch *sc, const float *x,
                  int64_t T_seq);
 /* Step 2: latent attention, sc->qfull -> sc->lat [T][H][L] (each row over its causal
@@ -54,7 +54,7 @@ void mla_project(const struct kli_model *m, const struct kli_mla_w *w, float *co
 void mla_attend(const struct kli_model *m, float *const *caches, const int64_t *pos,
                 int64_t n_seq, struct mla_scratch *sc, int64_t T_seq);
 /* Step 3: o[h] = W_UV[h] lat[h], then out [T][d_model] = o_proj o. */
-void mla_output(const struct kli_model *m, const struct kli_mla_w *w, struct mla_scratch *sc,
+void mla_output(const struct kli_model *m, const struct k_mla_w *w, struct mla_scratch *sc,
                 int64_t T, float *out);
 
 /* Attention for one query row and head, two ways (exposed for tests).
@@ -62,10 +62,10 @@ void mla_output(const struct kli_model *m, const struct kli_mla_w *w, struct mla
  *   expanded: K and V rebuilt per cached token through kv_b (doc/model.md 5.1), the
  *             reference form; `work` needs mla_work_floats as well.
  * q: [nope+rope] this head's query; attends to cache rows [0, n); o: [v]. */
-void mla_attend_absorbed(const struct kli_model *m, const struct kli_mla_w *w,
+void mla_attend_absorbed(const struct kli_model *m, const struct k_mla_w *w,
                          const float *cache, int64_t n, int64_t h, const float *q, float *o,
                          float *work);
-void mla_attend_expanded(const struct kli_model *m, const struct kli_mla_w *w,
+void mla_attend_expanded(const struct kli_model *m, const struct k_mla_w *w,
                          const float *cache, int64_t n, int64_t h, const float *q, float *o,
                          float *work);
 

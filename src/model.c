@@ -31,13 +31,13 @@ struct bind {
     uint8_t *used;    /* [n_tensors] */
 };
 
-static const struct kli_tensor_desc *
+static const struct tensor_desc *
 bind_find(struct bind *b, const char *name)
 {
-    const struct kli_tensor_desc *d = kli_wfile_find(b->m->wf, name);
+    const struct tensor_desc *d = wfile_find(b->m->wf, name);
 
     if (d != NULL)
-        b->used[kli_wfile_index(b->m->wf, d)] = 1;
+        b->used[wfile_index(b->m->wf, d)] = 1;
     return d;
 }
 
@@ -54,31 +54,31 @@ fmt_shape(char *buf, size_t cap, const int64_t *shape, int ndim)
 }
 
 static int
-shape_error(struct bind *b, const struct kli_tensor_desc *d, const int64_t *want, int nwant)
+shape_error(struct bind *b, const struct tensor_desc *d, const int64_t *want, int nwant)
 {
     char has[96], exp[96];
 
     fmt_shape(has, sizeof(has), d->shape, d->ndim);
     fmt_shape(exp, sizeof(exp), want, nwant);
-    return kli_err_set(b->err, KLI_E_FORMAT, "weights: tensor %s has shape %s, expected %s",
+    return err_set(b->err, KLI_E_FORMAT, "weights: tensor %s has shape %s, expected %s",
                        d->name, has, exp);
 }
 
-static const struct kli_tensor_desc *
+static const struct tensor_desc *
 bind_lookup(struct bind *b, const char *fmt, va_list ap, char *name, size_t cap)
 {
-    const struct kli_tensor_desc *d;
+    const struct tensor_desc *d;
 
     vsnprintf(name, cap, fmt, ap);
     d = bind_find(b, name);
     if (d == NULL)
-        kli_err_set(b->err, KLI_E_FORMAT, "weights: missing tensor %s", name);
+        err_set(b->err, KLI_E_FORMAT, "weights: missing tensor %s", name);
     return d;
 }
 
 struct convert_job {
-    const struct kli_tensor *src;
-    enum kli_dtype to;
+    const struct tensor *src;
+    enum k_dtype to;
     uint8_t *dst;
 };
 
@@ -87,17 +87,17 @@ convert_rows(void *ctx, int64_t r0, int64_t r1, int ith)
 {
     struct convert_job *j = ctx;
     int64_t cols = j->src->shape[1];
-    uint64_t rb_in = model_row_bytes(j->src), rb_out = kli_dtype_nbytes(j->to, (uint64_t)cols);
+    uint64_t rb_in = model_row_bytes(j->src), rb_out = dtype_nbytes(j->to, (uint64_t)cols);
     float row[16384];
 
     (void)ith;
     for (int64_t r = r0; r < r1; r++) {
         for (int64_t c = 0; c < cols; c += 16384) {
             int64_t n = cols - c < 16384 ? cols - c : 16384;
-            kli_dtype_to_f32(j->src->dtype, (const uint8_t *)j->src->data + (uint64_t)r * rb_in +
-                             kli_dtype_nbytes(j->src->dtype, (uint64_t)c), row, n);
-            kli_dtype_from_f32(j->to, row, j->dst + (uint64_t)r * rb_out +
-                               kli_dtype_nbytes(j->to, (uint64_t)c), n);
+            dtype_to_f32(j->src->dtype, (const uint8_t *)j->src->data + (uint64_t)r * rb_in +
+                             dtype_nbytes(j->src->dtype, (uint64_t)c), row, n);
+            dtype_from_f32(j->to, row, j->dst + (uint64_t)r * rb_out +
+                               dtype_nbytes(j->to, (uint64_t)c), n);
         }
     }
 }
@@ -105,18 +105,18 @@ convert_rows(void *ctx, int64_t r0, int64_t r1, int ith)
 /* Converts a bound matrix to the model's load-time weight type (kli_model_options
  * .weight_type), into memory the model owns. Rows that are not whole blocks stay. */
 static int
-bind_convert(struct bind *b, struct kli_tensor *t)
+bind_convert(struct bind *b, struct tensor *t)
 {
     struct kli_model *m = b->m;
-    enum kli_dtype to = m->convert_dt;
-    int32_t blk = kli_dtype_info(to)->block;
+    enum k_dtype to = m->convert_dt;
+    int32_t blk = dtype_info(to)->block;
 
     if (t->dtype == to || t->shape[1] % blk != 0)
         return KLI_OK;
-    uint64_t bytes = kli_dtype_nbytes(to, (uint64_t)t->shape[1]) * (uint64_t)t->shape[0];
-    uint8_t *dst = bytes <= SIZE_MAX ? kli_arena_alloc(&m->owned, (size_t)bytes) : NULL;
+    uint64_t bytes = dtype_nbytes(to, (uint64_t)t->shape[1]) * (uint64_t)t->shape[0];
+    uint8_t *dst = bytes <= SIZE_MAX ? arena_alloc(&m->owned, (size_t)bytes) : NULL;
     if (dst == NULL)
-        return kli_err_set(b->err, KLI_E_NOMEM, "out of memory converting %s (%llu bytes)",
+        return err_set(b->err, KLI_E_NOMEM, "out of memory converting %s (%llu bytes)",
                            t->name, (unsigned long long)bytes);
     struct convert_job j = {t, to, dst};
     threads_parallel_for(t->shape[0], 64, convert_rows, &j);
@@ -128,15 +128,15 @@ bind_convert(struct bind *b, struct kli_tensor *t)
 /* A matrix [rows][cols] in a dtype the kernels multiply with. rows or cols of -1 accept any
  * positive size (the caller reads it back from out->shape). */
 static int
-bind_mat(struct bind *b, struct kli_tensor *out, int64_t rows, int64_t cols,
+bind_mat(struct bind *b, struct tensor *out, int64_t rows, int64_t cols,
          const char *fmt, ...) KLI_PRINTF(5, 6);
 
 static int
-bind_mat(struct bind *b, struct kli_tensor *out, int64_t rows, int64_t cols, const char *fmt,
+bind_mat(struct bind *b, struct tensor *out, int64_t rows, int64_t cols, const char *fmt,
          ...)
 {
     char name[256];
-    const struct kli_tensor_desc *d;
+    const struct tensor_desc *d;
     va_list ap;
 
     va_start(ap, fmt);
@@ -150,11 +150,11 @@ bind_mat(struct bind *b, struct kli_tensor *out, int64_t rows, int64_t cols, con
         return shape_error(b, d, want, 2);
     if (d->dtype != KLI_DT_F32 && d->dtype != KLI_DT_F16 && d->dtype != KLI_DT_BF16 &&
         d->dtype != KLI_DT_Q8_0 && d->dtype != KLI_DT_Q4)
-        return kli_err_set(b->err, KLI_E_UNSUPPORTED,
+        return err_set(b->err, KLI_E_UNSUPPORTED,
                            "weights: tensor %s has dtype %s; kli reads F32, F16, BF16, KLI_Q8_0 "
                            "and KLI_Q4", d->name, d->dtype_name);
-    if (kli_dtype_nbytes(d->dtype, (uint64_t)d->shape[1]) == UINT64_MAX)
-        return kli_err_set(b->err, KLI_E_FORMAT,
+    if (dtype_nbytes(d->dtype, (uint64_t)d->shape[1]) == UINT64_MAX)
+        return err_set(b->err, KLI_E_FORMAT,
                            "weights: tensor %s: rows of %lld are not whole %s blocks",
                            d->name, (long long)d->shape[1], d->dtype_name);
     memset(out, 0, sizeof(*out));
@@ -180,7 +180,7 @@ static int
 bind_vec(struct bind *b, float **out, const int64_t *shape, int nshape, const char *fmt, ...)
 {
     char name[256];
-    const struct kli_tensor_desc *d;
+    const struct tensor_desc *d;
     va_list ap;
     int64_t got[KLI_MAX_DIMS], n = 1;
     int ng = 0, ok;
@@ -209,16 +209,16 @@ bind_vec(struct bind *b, float **out, const int64_t *shape, int nshape, const ch
     if (!ok)
         return shape_error(b, d, shape, nshape);
     if (d->dtype != KLI_DT_F32 && d->dtype != KLI_DT_F16 && d->dtype != KLI_DT_BF16)
-        return kli_err_set(b->err, KLI_E_UNSUPPORTED,
+        return err_set(b->err, KLI_E_UNSUPPORTED,
                            "weights: tensor %s has dtype %s; kli reads F32, F16 and BF16",
                            d->name, d->dtype_name);
-    *out = kli_mallocarray((size_t)n, sizeof(float));
+    *out = k_mallocarray((size_t)n, sizeof(float));
     if (*out == NULL)
-        return kli_err_set(b->err, KLI_E_NOMEM, "out of memory for %s", d->name);
-    kli_dtype_to_f32(d->dtype, d->data, *out, n);
+        return err_set(b->err, KLI_E_NOMEM, "out of memory for %s", d->name);
+    dtype_to_f32(d->dtype, d->data, *out, n);
     for (int64_t i = 0; i < n; i++) {
         if (!isfinite((*out)[i]))
-            return kli_err_set(b->err, KLI_E_FORMAT,
+            return err_set(b->err, KLI_E_FORMAT,
                                "weights: tensor %s holds a non-finite value at index %lld",
                                d->name, (long long)i);
     }
@@ -229,7 +229,7 @@ bind_vec(struct bind *b, float **out, const int64_t *shape, int nshape, const ch
 
 /* A SwiGLU MLP whose tensors are `prefix` + the three suffixes. */
 static int
-bind_ffn(struct bind *b, struct kli_ffn_w *f, int64_t d_ff, const char *prefix,
+bind_ffn(struct bind *b, struct ffn_w *f, int64_t d_ff, const char *prefix,
          const char *gate, const char *up, const char *down)
 {
     int64_t d = b->m->cfg.d_model;
@@ -243,9 +243,9 @@ bind_ffn(struct bind *b, struct kli_ffn_w *f, int64_t d_ff, const char *prefix,
 }
 
 static int
-bind_kda(struct bind *b, struct kli_kda_w *w, int i)
+bind_kda(struct bind *b, struct k_kda_w *w, int i)
 {
-    const struct kli_config *c = &b->m->cfg;
+    const struct k_config *c = &b->m->cfg;
     int64_t d = c->d_model, H = c->kda.n_heads, K = c->kda.head_dim, HK = H * K;
     int64_t conv_shape[3] = {HK, 1, c->kda.conv_size};
     int64_t sh_h[1] = {H}, sh_hk[1] = {HK}, sh_k[1] = {K};
@@ -278,9 +278,9 @@ bind_kda(struct bind *b, struct kli_kda_w *w, int i)
 }
 
 static int
-bind_mla(struct bind *b, struct kli_mla_w *w, int i)
+bind_mla(struct bind *b, struct k_mla_w *w, int i)
 {
-    const struct kli_config *c = &b->m->cfg;
+    const struct k_config *c = &b->m->cfg;
     int64_t d = c->d_model, H = c->mla.n_heads, Lr = c->mla.kv_lora_rank;
     int64_t nope = c->mla.qk_nope_dim, rope = c->mla.qk_rope_dim, dv = c->mla.v_head_dim;
     int64_t sh_l[1] = {Lr};
@@ -295,18 +295,18 @@ bind_mla(struct bind *b, struct kli_mla_w *w, int i)
         return rc;
 
     /* The absorbed form needs W_UK transposed and W_UV per head, in float. */
-    float *row = kli_mallocarray((size_t)Lr, sizeof(float));
-    w->w_uk_t = kli_mallocarray((size_t)(H * Lr * nope), sizeof(float));
-    w->w_uv = kli_mallocarray((size_t)(H * dv * Lr), sizeof(float));
+    float *row = k_mallocarray((size_t)Lr, sizeof(float));
+    w->w_uk_t = k_mallocarray((size_t)(H * Lr * nope), sizeof(float));
+    w->w_uv = k_mallocarray((size_t)(H * dv * Lr), sizeof(float));
     if (row == NULL || w->w_uk_t == NULL || w->w_uv == NULL) {
         free(row);
-        return kli_err_set(b->err, KLI_E_NOMEM, "out of memory for MLA layer %d", i);
+        return err_set(b->err, KLI_E_NOMEM, "out of memory for MLA layer %d", i);
     }
     const uint8_t *base = w->kv_b.data;
     uint64_t rb = model_row_bytes(&w->kv_b);
     for (int64_t h = 0; h < H; h++) {
         for (int64_t r = 0; r < nope + dv; r++) {
-            kli_dtype_to_f32(w->kv_b.dtype, base + (uint64_t)(h * (nope + dv) + r) * rb, row,
+            dtype_to_f32(w->kv_b.dtype, base + (uint64_t)(h * (nope + dv) + r) * rb, row,
                              Lr);
             if (r < nope) {
                 for (int64_t l = 0; l < Lr; l++)
@@ -321,9 +321,9 @@ bind_mla(struct bind *b, struct kli_mla_w *w, int i)
 }
 
 static int
-bind_moe(struct bind *b, struct kli_moe_w *w, int i)
+bind_moe(struct bind *b, struct moe_w *w, int i)
 {
-    const struct kli_config *c = &b->m->cfg;
+    const struct k_config *c = &b->m->cfg;
     int64_t E = c->moe.n_experts, sh_e[1] = {E};
     int rc;
 
@@ -331,9 +331,9 @@ bind_moe(struct bind *b, struct kli_moe_w *w, int i)
         (rc = bind_vec(b, &w->bias, sh_e, 1, L "block_sparse_moe.gate.e_score_correction_bias",
                        i)))
         return rc;
-    w->experts = kli_calloc((size_t)E, sizeof(*w->experts));
+    w->experts = k_calloc((size_t)E, sizeof(*w->experts));
     if (w->experts == NULL)
-        return kli_err_set(b->err, KLI_E_NOMEM, "out of memory for layer %d experts", i);
+        return err_set(b->err, KLI_E_NOMEM, "out of memory for layer %d experts", i);
     char prefix[128];
     for (int e = 0; e < E; e++) {
         snprintf(prefix, sizeof(prefix), L "block_sparse_moe.experts.%d.", i, e);
@@ -356,24 +356,24 @@ static int
 bind_all(struct bind *b)
 {
     struct kli_model *m = b->m;
-    const struct kli_config *c = &m->cfg;
+    const struct k_config *c = &m->cfg;
     int64_t d = c->d_model, sh_d[1] = {d};
     int rc;
 
     if ((rc = bind_mat(b, &m->embed, c->n_vocab, d, "model.embed_tokens.weight")) ||
         (rc = bind_vec(b, &m->final_norm, sh_d, 1, "model.norm.weight")))
         return rc;
-    if (kli_wfile_find(m->wf, "lm_head.weight") != NULL || !c->tie_embeddings) {
+    if (wfile_find(m->wf, "lm_head.weight") != NULL || !c->tie_embeddings) {
         if ((rc = bind_mat(b, &m->lm_head, c->n_vocab, d, "lm_head.weight")))
             return rc;
     } else {
         m->lm_head = m->embed;
     }
-    m->layers = kli_calloc((size_t)c->n_layers, sizeof(*m->layers));
+    m->layers = k_calloc((size_t)c->n_layers, sizeof(*m->layers));
     if (m->layers == NULL)
-        return kli_err_set(b->err, KLI_E_NOMEM, "out of memory for layers");
+        return err_set(b->err, KLI_E_NOMEM, "out of memory for layers");
     for (int i = 0; i < c->n_layers; i++) {
-        struct kli_layer *ly = &m->layers[i];
+        struct k_layer *ly = &m->layers[i];
         ly->mixer = c->layer_mixer[i];
         ly->ffn_kind = c->layer_ffn[i];
         if ((rc = bind_vec(b, &ly->attn_norm, sh_d, 1, L "input_layernorm.weight", i)) ||
@@ -386,7 +386,7 @@ bind_all(struct bind *b)
             /* One low rank per model for the gate projections keeps scratch sizing simple. */
             if (i > 0 && m->kda_rank_f != 0 &&
                 (ly->kda.f_a.shape[0] != m->kda_rank_f || ly->kda.g_a.shape[0] != m->kda_rank_g))
-                return kli_err_set(b->err, KLI_E_FORMAT,
+                return err_set(b->err, KLI_E_FORMAT,
                                    "weights: layer %d (0-based) gate ranks differ from earlier "
                                    "layers", i);
             m->kda_rank_f = (int32_t)ly->kda.f_a.shape[0];
@@ -404,11 +404,11 @@ bind_all(struct bind *b)
             return rc;
     }
     /* A layer tensor nothing bound: config.json and the checkpoint disagree. */
-    int64_t n = kli_wfile_n_tensors(m->wf);
+    int64_t n = wfile_n_tensors(m->wf);
     for (int64_t t = 0; t < n; t++) {
-        const struct kli_tensor_desc *d2 = kli_wfile_tensor(m->wf, t);
+        const struct tensor_desc *d2 = wfile_tensor(m->wf, t);
         if (!b->used[t] && strncmp(d2->name, "model.layers.", 13) == 0)
-            return kli_err_set(b->err, KLI_E_FORMAT,
+            return err_set(b->err, KLI_E_FORMAT,
                                "weights: tensor %s is not used by the configuration in "
                                "config.json (layer count, layer kinds or expert count disagree "
                                "with the checkpoint)", d2->name);
@@ -446,7 +446,7 @@ model_fnv_f32(uint64_t h, float f)
 }
 
 static uint64_t
-model_fp_config(uint64_t h, const struct kli_config *c)
+model_fp_config(uint64_t h, const struct k_config *c)
 {
     const int32_t ints[] = {
         c->d_model, c->n_layers, c->n_vocab, c->d_ff, c->ctx_max, c->tie_embeddings,
@@ -470,7 +470,7 @@ model_fp_config(uint64_t h, const struct kli_config *c)
 
 /* A bound matrix as the kernels see it: name, effective dtype, shape. */
 static uint64_t
-model_fp_mat(uint64_t h, const struct kli_tensor *t)
+model_fp_mat(uint64_t h, const struct tensor *t)
 {
     if (t->name != NULL)
         h = util_fnv1a(h, t->name, strlen(t->name) + 1);
@@ -480,7 +480,7 @@ model_fp_mat(uint64_t h, const struct kli_tensor *t)
 }
 
 static uint64_t
-model_fp_ffn(uint64_t h, const struct kli_ffn_w *f)
+model_fp_ffn(uint64_t h, const struct ffn_w *f)
 {
     h = model_fp_mat(h, &f->gate);
     h = model_fp_mat(h, &f->up);
@@ -490,13 +490,13 @@ model_fp_ffn(uint64_t h, const struct kli_ffn_w *f)
 static uint64_t
 model_fingerprint(const struct kli_model *m)
 {
-    const struct kli_config *c = &m->cfg;
+    const struct k_config *c = &m->cfg;
     uint64_t h = util_fnv1a(UTIL_FNV_BASIS, "kli-model-1", 12), dir = 0;
-    int64_t n = kli_wfile_n_tensors(m->wf);
+    int64_t n = wfile_n_tensors(m->wf);
 
     h = model_fp_config(h, c);
     for (int64_t i = 0; i < n; i++) {
-        const struct kli_tensor_desc *d = kli_wfile_tensor(m->wf, i);
+        const struct tensor_desc *d = wfile_tensor(m->wf, i);
         uint64_t t = util_fnv1a(UTIL_FNV_BASIS, d->name, strlen(d->name) + 1);
         t = util_fnv1a(t, d->dtype_name, strlen(d->dtype_name) + 1);
         t = model_fnv_i64(t, d->ndim);
@@ -508,9 +508,9 @@ model_fingerprint(const struct kli_model *m)
     h = model_fp_mat(h, &m->embed);
     h = model_fp_mat(h, &m->lm_head);
     for (int i = 0; i < c->n_layers; i++) {
-        const struct kli_layer *ly = &m->layers[i];
+        const struct k_layer *ly = &m->layers[i];
         if (ly->mixer == KLI_MIXER_KDA) {
-            const struct kli_tensor *kt[] = {
+            const struct tensor *kt[] = {
                 &ly->kda.q_proj, &ly->kda.k_proj, &ly->kda.v_proj, &ly->kda.f_a, &ly->kda.f_b,
                 &ly->kda.b_proj, &ly->kda.g_a, &ly->kda.g_b, &ly->kda.o_proj,
             };
@@ -549,7 +549,7 @@ model_free_layers(struct kli_model *m)
     if (m->layers == NULL)
         return;
     for (int i = 0; i < m->cfg.n_layers; i++) {
-        struct kli_layer *ly = &m->layers[i];
+        struct k_layer *ly = &m->layers[i];
         free(ly->attn_norm);
         free(ly->ffn_norm);
         for (int j = 0; j < 3; j++)
@@ -575,10 +575,10 @@ kli_model_close(struct kli_model *m)
     xcache_close(m->xc);
     model_free_layers(m);
     numa_close(m->numa);
-    kli_arena_free(&m->owned);
+    arena_free(&m->owned);
     free(m->final_norm);
     kli_tokenizer_close(m->tok);
-    kli_wfile_close(m->wf);
+    wfile_close(m->wf);
     free(m->path);
     free(m);
 }
@@ -594,31 +594,31 @@ kli_model_open(struct kli_model **out, const char *path, const struct kli_model_
     int rc;
 
     if (out == NULL || path == NULL)
-        return kli_err_set(err, KLI_E_INVALID, "kli_model_open: NULL argument");
+        return err_set(err, KLI_E_INVALID, "kli_model_open: NULL argument");
     *out = NULL;
     if (opt == NULL) {
         kli_model_options_init(&dflt);
         opt = &dflt;
     }
-    if (stat(path, &st) != 0 || (!S_ISDIR(st.st_mode) && !kli_pack_probe(path)))
-        return kli_err_set(err, KLI_E_IO, "%s: not a model directory (config.json and "
+    if (stat(path, &st) != 0 || (!S_ISDIR(st.st_mode) && !pack_probe(path)))
+        return err_set(err, KLI_E_IO, "%s: not a model directory (config.json and "
                            "safetensors expected) or .kli file", path);
     int is_dir = S_ISDIR(st.st_mode);
-    m = kli_calloc(1, sizeof(*m));
-    if (m == NULL || (m->path = kli_strdup(path)) == NULL) {
+    m = k_calloc(1, sizeof(*m));
+    if (m == NULL || (m->path = k_strdup(path)) == NULL) {
         free(m);
-        return kli_err_set(err, KLI_E_NOMEM, "out of memory");
+        return err_set(err, KLI_E_NOMEM, "out of memory");
     }
     if (opt->weight_type != NULL) {
-        if (kli_dtype_parse(opt->weight_type, &m->convert_dt) != 0) {
-            rc = kli_err_set(err, KLI_E_RANGE, "unknown weight type \"%s\" (q8_0, q4, bf16, "
+        if (dtype_parse(opt->weight_type, &m->convert_dt) != 0) {
+            rc = err_set(err, KLI_E_RANGE, "unknown weight type \"%s\" (q8_0, q4, bf16, "
                              "f16, f32)", opt->weight_type);
             goto fail;
         }
         m->convert = 1;
     }
     if (opt->mem_budget > 0 && opt->numa != KLI_NUMA_NONE) {
-        rc = kli_err_set(err, KLI_E_UNSUPPORTED, "a memory budget does not combine with "
+        rc = err_set(err, KLI_E_UNSUPPORTED, "a memory budget does not combine with "
                          "--numa placement (binding reads every page in): use --numa none");
         goto fail;
     }
@@ -627,12 +627,12 @@ kli_model_open(struct kli_model **out, const char *path, const struct kli_model_
         goto fail;
     if (is_dir && (rc = hparams_load(&m->cfg, path, err)) != KLI_OK)
         goto fail;
-    if ((rc = kli_wfile_open(&m->wf, path, err)) != KLI_OK)
+    if ((rc = wfile_open(&m->wf, path, err)) != KLI_OK)
         goto fail;
     /* A .kli file carries config.json and the tokenizer (packed.c). */
-    const struct kli_pack_info *pk = kli_wfile_pack(m->wf);
+    const struct pack_info *pk = wfile_pack(m->wf);
     if (!is_dir && pk == NULL) {
-        rc = kli_err_set(err, KLI_E_FORMAT, "%s: not a .kli file", path);
+        rc = err_set(err, KLI_E_FORMAT, "%s: not a .kli file", path);
         goto fail;
     }
     if (!is_dir && (rc = hparams_parse(&m->cfg, pk->config, (size_t)pk->config_len, path,
@@ -640,9 +640,9 @@ kli_model_open(struct kli_model **out, const char *path, const struct kli_model_
         goto fail;
     b.m = m;
     b.err = err;
-    b.used = kli_calloc((size_t)kli_wfile_n_tensors(m->wf) + 1, 1);
+    b.used = k_calloc((size_t)wfile_n_tensors(m->wf) + 1, 1);
     if (b.used == NULL) {
-        rc = kli_err_set(err, KLI_E_NOMEM, "out of memory");
+        rc = err_set(err, KLI_E_NOMEM, "out of memory");
         goto fail;
     }
     rc = bind_all(&b);
@@ -663,7 +663,7 @@ kli_model_open(struct kli_model **out, const char *path, const struct kli_model_
             goto fail;
         if (kli_tokenizer_n_vocab(m->tok) > m->cfg.n_vocab &&
             kli_tokenizer_n_vocab(m->tok) - 2 > m->cfg.n_vocab) {
-            rc = kli_err_set(err, KLI_E_FORMAT,
+            rc = err_set(err, KLI_E_FORMAT,
                              "%s: the tokenizer has %d ids but vocab_size is %d", path,
                              kli_tokenizer_n_vocab(m->tok), m->cfg.n_vocab);
             goto fail;
@@ -674,7 +674,7 @@ kli_model_open(struct kli_model **out, const char *path, const struct kli_model_
     struct kli_model_options eopt = *opt;
     if (opt->mem_budget > 0) {
         if (m->convert) {
-            rc = kli_err_set(err, KLI_E_UNSUPPORTED, "a memory budget reads the experts from "
+            rc = err_set(err, KLI_E_UNSUPPORTED, "a memory budget reads the experts from "
                              "the file as stored: convert the model first (kli convert -m %s "
                              "-o MODEL.kli --type %s) instead of converting at open", path,
                              opt->weight_type);
@@ -725,5 +725,5 @@ kli_model_cache_reset(struct kli_model *m)
 const char *
 kli_simd_variant(void)
 {
-    return kli_kernels()->name;
+    return k_kernels()->name;
 }

@@ -32,7 +32,7 @@ moe_argmax(const float *v, const uint8_t *keep, int32_t n)
 }
 
 void
-moe_route(const struct kli_config_moe *c, const float *logits, const float *bias, int32_t *idx,
+moe_route(const struct config_moe *c, const float *logits, const float *bias, int32_t *idx,
           float *wt, float *tmp)
 {
     int32_t E = c->n_experts, K = c->top_k, G = c->n_group, per = E / G;
@@ -102,8 +102,8 @@ void
 moe_prefetch(const struct kli_model *m, int layer, struct moe_scratch *sc, const float *x,
              int64_t T)
 {
-    const struct kli_config *cfg = &m->cfg;
-    const struct kli_config_moe *c = &cfg->moe;
+    const struct k_config *cfg = &m->cfg;
+    const struct config_moe *c = &cfg->moe;
     int32_t E = c->n_experts, K = c->top_k, l2 = layer + 1;
     float tmp[2 * KLI_MAX_EXPERTS], wt[KLI_MAX_EXPERTS];
     int32_t idx[KLI_MAX_EXPERTS], ids[KLI_MAX_EXPERTS], n = 0;
@@ -113,7 +113,7 @@ moe_prefetch(const struct kli_model *m, int layer, struct moe_scratch *sc, const
         l2++;
     if (l2 >= cfg->n_layers || T > 8)
         return;
-    const struct kli_moe_w *w2 = &m->layers[l2].moe;
+    const struct moe_w *w2 = &m->layers[l2].moe;
     ops_matmul(&w2->router, x, cfg->d_model, sc->logits, E, T);
     for (int64_t t = 0; t < T; t++) {
         moe_route(c, sc->logits + t * E, w2->bias, idx, wt, tmp);
@@ -128,10 +128,10 @@ moe_prefetch(const struct kli_model *m, int layer, struct moe_scratch *sc, const
 }
 
 void
-moe_route_rows(const struct kli_model *m, const struct kli_moe_w *w, struct moe_scratch *sc,
+moe_route_rows(const struct kli_model *m, const struct moe_w *w, struct moe_scratch *sc,
                const float *x, int64_t T)
 {
-    const struct kli_config_moe *c = &m->cfg.moe;
+    const struct config_moe *c = &m->cfg.moe;
     int64_t D = m->cfg.d_model, E = c->n_experts, K = c->top_k;
     float tmp[2 * KLI_MAX_EXPERTS];
 
@@ -152,7 +152,7 @@ moe_route_rows(const struct kli_model *m, const struct kli_moe_w *w, struct moe_
 }
 
 void
-moe_forward(const struct kli_model *m, const struct kli_moe_w *w, struct moe_scratch *sc,
+moe_forward(const struct kli_model *m, const struct moe_w *w, struct moe_scratch *sc,
             const float *x, int64_t T, float *out)
 {
     moe_route_rows(m, w, sc, x, T);

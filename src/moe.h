@@ -29,13 +29,13 @@ struct moe_scratch {
  * stay); the weights are the unbiased s of the chosen experts, renormalised to sum 1 when
  * `renormalize` (with +1e-20), times routed_scaling_factor. Ties go to the lower index.
  * idx, wt: [top_k], in descending order of biased score. `tmp` holds 2*E floats. */
-void moe_route(const struct kli_config_moe *c, const float *logits, const float *bias,
+void moe_route(const struct config_moe *c, const float *logits, const float *bias,
                int32_t *idx, float *wt, float *tmp);
 
 /* Routes T rows of x: router logits, then moe_route per row into sc->idx and sc->wt, then a
  * counting sort of the (row, slot) pairs by expert into sc->order, with expert e's pairs at
  * [sc->count[e], sc->count[e+1]). */
-void moe_route_rows(const struct kli_model *m, const struct kli_moe_w *w,
+void moe_route_rows(const struct kli_model *m, const struct moe_w *w,
                     struct moe_scratch *sc, const float *x, int64_t T);
 
 /* Edge mode: applies the router of the next MoE layer after `layer` to x (a guess at what it
@@ -47,7 +47,7 @@ void moe_prefetch(const struct kli_model *m, int layer, struct moe_scratch *sc, 
 /* One MoE layer over T rows on the CPU with resident weights: x [T][d_model] -> out.
  * moe_route_rows, then moe_sched_cpu over every expert. (The layer dispatcher, layer.c, runs
  * the same steps, or hands part of them to a device or the expert cache.) */
-void moe_forward(const struct kli_model *m, const struct kli_moe_w *w, struct moe_scratch *sc,
+void moe_forward(const struct kli_model *m, const struct moe_w *w, struct moe_scratch *sc,
                  const float *x, int64_t T, float *out);
 
 #endif

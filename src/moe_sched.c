@@ -21,10 +21,10 @@
 /* One routed expert on the CPU over its n (token, slot) pairs `ord`: gathers the tokens,
  * runs the FFN and adds each output, weighted, to its token's row of out. */
 static void
-moe_expert_cpu(const struct kli_ffn_w *ew, struct moe_scratch *sc, const float *x,
+moe_expert_cpu(const struct ffn_w *ew, struct moe_scratch *sc, const float *x,
                const int32_t *ord, int32_t n, int64_t D, int64_t K, float *out)
 {
-    const struct kli_kernels *kk = kli_kernels();
+    const struct k_kernels *kk = k_kernels();
 
     for (int32_t j = 0; j < n; j++)
         memcpy(sc->xe + j * D, x + (ord[j] / K) * D, (size_t)D * sizeof(float));
@@ -35,11 +35,11 @@ moe_expert_cpu(const struct kli_ffn_w *ew, struct moe_scratch *sc, const float *
 
 /* Edge mode: the routed experts come from the bounded cache, in moe_sched_cpu's order. */
 int
-moe_sched_cached(const struct kli_model *m, int layer, const struct kli_moe_w *w,
+moe_sched_cached(const struct kli_model *m, int layer, const struct moe_w *w,
                  struct moe_scratch *sc, const float *x, int64_t T, float *out,
                  struct kli_err *err)
 {
-    const struct kli_config_moe *c = &m->cfg.moe;
+    const struct config_moe *c = &m->cfg.moe;
     int64_t D = m->cfg.d_model, E = c->n_experts, K = c->top_k;
     int32_t ids[KLI_MAX_EXPERTS], n = 0;
 
@@ -57,7 +57,7 @@ moe_sched_cached(const struct kli_model *m, int layer, const struct kli_moe_w *w
         int32_t e = ids[i];
         int32_t ne = sc->count[e + 1] - sc->count[e];
         const int32_t *ord = sc->order + sc->count[e];
-        const struct kli_ffn_w *ew = xcache_get(m->xc, layer, e, err);
+        const struct ffn_w *ew = xcache_get(m->xc, layer, e, err);
         if (ew == NULL)
             return err != NULL && err->code != 0 ? err->code : KLI_E_IO;
         moe_expert_cpu(ew, sc, x, ord, ne, D, K, out);
@@ -80,7 +80,7 @@ moe_sched_cached(const struct kli_model *m, int layer, const struct kli_moe_w *w
 #define MOE_ROUTE_MAX 256        /* workers up to which --numa partition routes experts */
 
 struct moe_group {
-    const struct kli_ffn_w *w[KLI_MAX_EXPERTS + 1];
+    const struct ffn_w *w[KLI_MAX_EXPERTS + 1];
     int64_t n[KLI_MAX_EXPERTS + 1];     /* tokens of item i */
     int64_t row[KLI_MAX_EXPERTS + 1];   /* first pair row of item i */
     const int32_t *ord[KLI_MAX_EXPERTS + 1];   /* its (token, slot) pairs; NULL: every token
@@ -89,7 +89,7 @@ struct moe_group {
     int64_t n_items, D, P, Fmax;
     int tn;                             /* workers: one range each */
     float *xg, *h1, *h3, *yg;           /* [P][D], [P][Fmax] x2, [P][D] */
-    /* --numa partition (kli_moe_w.node): item i's node, -1 for any worker; and per worker
+    /* --numa partition (moe_w.node): item i's node, -1 for any worker; and per worker
      * its node, its index among that node's workers and their number */
     int route;
     int8_t node[KLI_MAX_EXPERTS + 1];
@@ -130,7 +130,7 @@ static void
 moe_group_up_range(void *ctx, int64_t t0, int64_t t1, int ith)
 {
     const struct moe_group *g = ctx;
-    const struct kli_kernels *kk = kli_kernels();
+    const struct k_kernels *kk = k_kernels();
 
     (void)ith;
     for (int64_t wk = t0; wk < t1; wk++) {   /* one worker each, or all when run serially */
@@ -173,11 +173,11 @@ moe_group_down_range(void *ctx, int64_t t0, int64_t t1, int ith)
 /* @return 0 when the layer was computed here, -1 to take the per-expert path (too many
  * tokens, or no memory for the pair rows). */
 static int
-moe_grouped(const struct kli_model *m, const struct kli_moe_w *w, struct moe_scratch *sc,
+moe_grouped(const struct kli_model *m, const struct moe_w *w, struct moe_scratch *sc,
             const float *x, int64_t T, float *out, const uint8_t *skip)
 {
-    const struct kli_config_moe *c = &m->cfg.moe;
-    const struct kli_kernels *kk = kli_kernels();
+    const struct config_moe *c = &m->cfg.moe;
+    const struct k_kernels *kk = k_kernels();
     int64_t D = m->cfg.d_model, E = c->n_experts, K = c->top_k;
     struct moe_group g;
 
@@ -233,10 +233,10 @@ moe_grouped(const struct kli_model *m, const struct kli_moe_w *w, struct moe_scr
     int64_t need = g.P * (2 * D + 2 * g.Fmax);
     if (sc->gcap < need) {
         int64_t cap = MOE_GROUP_MAX_T * (K + c->n_shared + 1) * (2 * D + 2 * g.Fmax);
-        float *p = kli_malloc_aligned((size_t)(cap > need ? cap : need) * sizeof(float));
+        float *p = k_malloc_aligned((size_t)(cap > need ? cap : need) * sizeof(float));
         if (p == NULL)
             return -1;
-        kli_free_aligned(sc->gbuf);
+        k_free_aligned(sc->gbuf);
         sc->gbuf = p;
         sc->gcap = cap > need ? cap : need;
     }
@@ -283,10 +283,10 @@ moe_grouped(const struct kli_model *m, const struct kli_moe_w *w, struct moe_scr
 }
 
 void
-moe_sched_cpu(const struct kli_model *m, const struct kli_moe_w *w, struct moe_scratch *sc,
+moe_sched_cpu(const struct kli_model *m, const struct moe_w *w, struct moe_scratch *sc,
               const float *x, int64_t T, float *out, const uint8_t *skip)
 {
-    const struct kli_config_moe *c = &m->cfg.moe;
+    const struct config_moe *c = &m->cfg.moe;
     int64_t D = m->cfg.d_model, E = c->n_experts, K = c->top_k;
 
     if (moe_grouped(m, w, sc, x, T, out, skip) == 0)
@@ -305,11 +305,11 @@ moe_sched_cpu(const struct kli_model *m, const struct kli_moe_w *w, struct moe_s
 }
 
 void
-moe_sched_add(const struct kli_model *m, const struct kli_moe_w *w, struct moe_scratch *sc,
+moe_sched_add(const struct kli_model *m, const struct moe_w *w, struct moe_scratch *sc,
               const float *x, int64_t T, float *out, const uint8_t *only)
 {
-    const struct kli_config_moe *c = &m->cfg.moe;
-    const struct kli_kernels *kk = kli_kernels();
+    const struct config_moe *c = &m->cfg.moe;
+    const struct k_kernels *kk = k_kernels();
     int64_t D = m->cfg.d_model, E = c->n_experts, K = c->top_k;
 
     if (c->n_shared > 0) {

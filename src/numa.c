@@ -19,7 +19,7 @@
  * policy (hwloc_alloc_membind) before they are written.
  *
  * Partition also routes the work: numa_route gives each MoE layer the node of each routed
- * expert (kli_moe_w.node), and moe.c's grouped path, which every batch then takes, splits
+ * expert (moe_w.node), and moe.c's grouped path, which every batch then takes, splits
  * each expert's rows over the workers of its node only and the shared expert over all
  * workers, so every routed expert is read from local memory, in prefill and decode.
  */
@@ -305,10 +305,10 @@ numa_bind(const struct topo *t, const struct topo_plan *p, const struct topo_reg
     int rc = KLI_OK;
 
     if (hw == NULL)
-        return kli_err_set(err, KLI_E_UNSUPPORTED, "numa: no hwloc topology of this machine");
-    if ((sp = kli_mallocarray((size_t)n + 1, sizeof(*sp))) == NULL ||
+        return err_set(err, KLI_E_UNSUPPORTED, "numa: no hwloc topology of this machine");
+    if ((sp = k_mallocarray((size_t)n + 1, sizeof(*sp))) == NULL ||
         (set = hwloc_bitmap_alloc()) == NULL) {
-        rc = kli_err_set(err, KLI_E_NOMEM, "out of memory placing the weights");
+        rc = err_set(err, KLI_E_NOMEM, "out of memory placing the weights");
         goto out;
     }
     for (int64_t i = 0; i < n; i++) {
@@ -352,8 +352,8 @@ numa_bind(const struct topo *t, const struct topo_plan *p, const struct topo_reg
     /* (2, 3) Stripe by stripe, in parallel: read in on the target node, move strays. */
     for (int64_t i = 0; i < ns; i++)
         np += (int64_t)((sp[i].b - 1) / NUMA_STRIPE - sp[i].a / NUMA_STRIPE) + 1;
-    if ((pieces = kli_mallocarray((size_t)np + 1, sizeof(*pieces))) == NULL) {
-        rc = kli_err_set(err, KLI_E_NOMEM, "out of memory placing the weights");
+    if ((pieces = k_mallocarray((size_t)np + 1, sizeof(*pieces))) == NULL) {
+        rc = err_set(err, KLI_E_NOMEM, "out of memory placing the weights");
         goto out;
     }
     np = 0;
@@ -382,7 +382,7 @@ out:
     return rc;
 #else
     (void)t; (void)p; (void)r; (void)n; (void)rep;
-    return kli_err_set(err, KLI_E_UNSUPPORTED, "numa: memory binding needs hwloc on Linux");
+    return err_set(err, KLI_E_UNSUPPORTED, "numa: memory binding needs hwloc on Linux");
 #endif
 }
 
@@ -428,7 +428,7 @@ numa_free_copy(const struct topo *t, void *p, uint64_t bytes)
 /* ==== The model =========================================================================== */
 
 static void
-numa_add(struct numa_state *s, struct kli_tensor *t, enum topo_role force)
+numa_add(struct numa_state *s, struct tensor *t, enum topo_role force)
 {
     struct topo_region *r;
 
@@ -446,7 +446,7 @@ numa_add(struct numa_state *s, struct kli_tensor *t, enum topo_role force)
 }
 
 static void
-numa_add_ffn(struct numa_state *s, struct kli_ffn_w *f)
+numa_add_ffn(struct numa_state *s, struct ffn_w *f)
 {
     numa_add(s, &f->gate, TOPO_ROLE_OTHER);
     numa_add(s, &f->up, TOPO_ROLE_OTHER);
@@ -457,19 +457,19 @@ numa_add_ffn(struct numa_state *s, struct kli_ffn_w *f)
 static int
 numa_collect(struct numa_state *s, struct kli_model *m, struct kli_err *err)
 {
-    const struct kli_config *c = &m->cfg;
+    const struct k_config *c = &m->cfg;
     int64_t cap = 2 + (int64_t)c->n_layers * (16 + 3 * (int64_t)c->moe.n_experts);
 
-    s->regions = kli_calloc((size_t)cap, sizeof(*s->regions));
-    s->tensors = kli_calloc((size_t)cap, sizeof(*s->tensors));
+    s->regions = k_calloc((size_t)cap, sizeof(*s->regions));
+    s->tensors = k_calloc((size_t)cap, sizeof(*s->tensors));
     if (s->regions == NULL || s->tensors == NULL)
-        return kli_err_set(err, KLI_E_NOMEM, "out of memory for the placement plan");
+        return err_set(err, KLI_E_NOMEM, "out of memory for the placement plan");
     numa_add(s, &m->embed, TOPO_ROLE_EMBED);
     numa_add(s, &m->lm_head, TOPO_ROLE_LM_HEAD);    /* also when tied to the embedding */
     for (int i = 0; i < c->n_layers; i++) {
-        struct kli_layer *ly = &m->layers[i];
+        struct k_layer *ly = &m->layers[i];
         if (ly->mixer == KLI_MIXER_KDA) {
-            struct kli_tensor *kt[] = {
+            struct tensor *kt[] = {
                 &ly->kda.q_proj, &ly->kda.k_proj, &ly->kda.v_proj, &ly->kda.f_a, &ly->kda.f_b,
                 &ly->kda.b_proj, &ly->kda.g_a, &ly->kda.g_b, &ly->kda.o_proj,
             };
@@ -496,7 +496,7 @@ numa_collect(struct numa_state *s, struct kli_model *m, struct kli_err *err)
 }
 
 /* Replicate: a copy of every trunk matrix on every worker node; the matmul picks the copy
- * of the worker's node through kli_tensor.node_data (ops.c). */
+ * of the worker's node through tensor.node_data (ops.c). */
 static int
 numa_replicate(struct numa_state *s, struct kli_err *err)
 {
@@ -505,12 +505,12 @@ numa_replicate(struct numa_state *s, struct kli_err *err)
 
     for (int64_t i = 0; i < s->n_regions; i++)
         n_trunk += s->regions[i].node == TOPO_NODE_REPLICATE;
-    s->node_ptrs = kli_calloc((size_t)n_trunk * THREADS_NODES + 1, sizeof(*s->node_ptrs));
-    s->copies = kli_calloc((size_t)(n_trunk * p->n_worker_nodes) + 1, sizeof(*s->copies));
-    s->copy_bytes = kli_calloc((size_t)(n_trunk * p->n_worker_nodes) + 1,
+    s->node_ptrs = k_calloc((size_t)n_trunk * THREADS_NODES + 1, sizeof(*s->node_ptrs));
+    s->copies = k_calloc((size_t)(n_trunk * p->n_worker_nodes) + 1, sizeof(*s->copies));
+    s->copy_bytes = k_calloc((size_t)(n_trunk * p->n_worker_nodes) + 1,
                                sizeof(*s->copy_bytes));
     if (s->node_ptrs == NULL || s->copies == NULL || s->copy_bytes == NULL)
-        return kli_err_set(err, KLI_E_NOMEM, "out of memory for the node copies");
+        return err_set(err, KLI_E_NOMEM, "out of memory for the node copies");
     for (int64_t i = 0; i < s->n_regions; i++) {
         const struct topo_region *r = &s->regions[i];
         if (r->node != TOPO_NODE_REPLICATE)
@@ -523,7 +523,7 @@ numa_replicate(struct numa_state *s, struct kli_err *err)
                 continue;
             void *c = numa_copy_to_node(s->topo, nd, r->data, r->bytes);
             if (c == NULL)
-                return kli_err_set(err, KLI_E_NOMEM, "numa replicate: cannot allocate a copy "
+                return err_set(err, KLI_E_NOMEM, "numa replicate: cannot allocate a copy "
                                    "of %s (%llu bytes) on node %d", r->name,
                                    (unsigned long long)r->bytes, nd);
             s->copies[s->n_copies] = c;
@@ -547,10 +547,10 @@ numa_open(struct numa_state **out, const struct kli_model_options *opt, struct k
 
     *out = NULL;
     if (opt->numa < KLI_NUMA_NONE || opt->numa > KLI_NUMA_PARTITION)
-        return kli_err_set(err, KLI_E_RANGE, "numa: policy %d is not one of none (0), "
+        return err_set(err, KLI_E_RANGE, "numa: policy %d is not one of none (0), "
                            "interleave (1), replicate (2), partition (3)", opt->numa);
-    if ((s = kli_calloc(1, sizeof(*s))) == NULL)
-        return kli_err_set(err, KLI_E_NOMEM, "out of memory for the placement plan");
+    if ((s = k_calloc(1, sizeof(*s))) == NULL)
+        return err_set(err, KLI_E_NOMEM, "out of memory for the placement plan");
     s->plan_only = opt->plan_only;
     if ((rc = topo_discover(&s->topo, NULL, err)) != KLI_OK)
         goto fail;
@@ -589,7 +589,7 @@ numa_place(struct numa_state *s, struct kli_model *m, struct kli_err *err)
     if ((rc = numa_collect(s, m, err)) != KLI_OK)
         return rc;
     if (topo_plan_memory(&s->plan, s->regions, s->n_regions, NULL) != KLI_OK)
-        return kli_err_set(err, KLI_E_NOMEM, "out of memory for the placement plan");
+        return err_set(err, KLI_E_NOMEM, "out of memory for the placement plan");
     if (!s->plan_only && (rc = numa_route(s, m, err)) != KLI_OK)
         return rc;
     if (s->plan.numa == KLI_NUMA_NONE)
@@ -638,15 +638,15 @@ numa_apply(struct numa_state *s, struct kli_err *err)
 static int
 numa_route(struct numa_state *s, struct kli_model *m, struct kli_err *err)
 {
-    const struct kli_config *c = &m->cfg;
+    const struct k_config *c = &m->cfg;
     int64_t E = c->moe.n_experts, nodes = 0;
 
     nodes = s->plan.n_worker_nodes;
     if (s->plan.numa != KLI_NUMA_PARTITION || s->topo->synthetic || nodes < 2 || E == 0)
         return KLI_OK;
-    s->expert_node = kli_calloc((size_t)(c->n_layers * E), 1);
+    s->expert_node = k_calloc((size_t)(c->n_layers * E), 1);
     if (s->expert_node == NULL)
-        return kli_err_set(err, KLI_E_NOMEM, "out of memory for the placement plan");
+        return err_set(err, KLI_E_NOMEM, "out of memory for the placement plan");
     memset(s->expert_node, -1, (size_t)(c->n_layers * E));
     for (int64_t i = 0; i < s->n_regions; i++) {
         const struct topo_region *r = &s->regions[i];
@@ -713,7 +713,7 @@ kli_topology_describe(const struct kli_model *model, const struct kli_model_opti
     to.n_threads = opt->n_threads;
     to.cpus = opt->cpus;
     to.numa = (enum kli_numa)opt->numa;
-    if ((p = kli_malloc(sizeof(*p))) == NULL) {
+    if ((p = k_malloc(sizeof(*p))) == NULL) {
         err.code = KLI_E_NOMEM;
         snprintf(err.msg, sizeof(err.msg), "out of memory");
     } else if (topo_plan_workers(t, &to, p, &err) == KLI_OK) {

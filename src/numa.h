@@ -12,21 +12,21 @@
 #include "topology.h"
 
 struct kli_model;
-struct kli_tensor;
+struct tensor;
 
 struct numa_state {
     struct topo *topo;
     struct topo_plan plan;
     struct topo_region *regions;        /* [n_regions]: every weight matrix of the model */
-    struct kli_tensor **tensors;        /* [n_regions]: the bound tensor of each region */
+    struct tensor **tensors;        /* [n_regions]: the bound tensor of each region */
     int64_t n_regions;
     void **copies;                      /* [n_copies] node-local copies (hwloc memory) */
     uint64_t *copy_bytes;               /* [n_copies] */
     int64_t n_copies;
-    const void **node_ptrs;             /* backing store of kli_tensor.node_data */
+    const void **node_ptrs;             /* backing store of tensor.node_data */
     int plan_only;
     struct topo_report report;
-    int8_t *expert_node;                /* [n_layers][E] backing store of kli_moe_w.node */
+    int8_t *expert_node;                /* [n_layers][E] backing store of moe_w.node */
 };
 
 /* Discovers the machine, plans the workers for `opt` and hands the plan to threads.c (which

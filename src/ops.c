@@ -17,23 +17,23 @@
 #include "threads.h"
 
 uint64_t
-model_row_bytes(const struct kli_tensor *t)
+model_row_bytes(const struct tensor *t)
 {
-    return kli_dtype_nbytes(t->dtype, (uint64_t)t->shape[1]);
+    return dtype_nbytes(t->dtype, (uint64_t)t->shape[1]);
 }
 
 /* The copy of W the calling worker reads: its NUMA node's under --numa replicate. */
 static inline const uint8_t *
-ops_wdata(const struct kli_tensor *w)
+ops_wdata(const struct tensor *w)
 {
     return w->node_data != NULL ? w->node_data[threads_node()] : w->data;
 }
 
 void
-ops_matmul_rows(const struct kli_tensor *w, int64_t r0, int64_t r1, const float *x,
+ops_matmul_rows(const struct tensor *w, int64_t r0, int64_t r1, const float *x,
                 int64_t ldx, float *y, int64_t ldy, int64_t m)
 {
-    const struct kli_kernels *kk = kli_kernels();
+    const struct k_kernels *kk = k_kernels();
     const uint8_t *base = ops_wdata(w) + (uint64_t)r0 * model_row_bytes(w);
 
     if (r1 > r0)
@@ -41,7 +41,7 @@ ops_matmul_rows(const struct kli_tensor *w, int64_t r0, int64_t r1, const float 
 }
 
 struct matmul_job {
-    const struct kli_tensor *w;
+    const struct tensor *w;
     const float *x;
     int64_t ldx;
     float *y;
@@ -167,7 +167,7 @@ ops_matmul_multi(const struct ops_mm *mm, int n, int64_t m)
 }
 
 void
-ops_matmul(const struct kli_tensor *w, const float *x, int64_t ldx, float *y, int64_t ldy,
+ops_matmul(const struct tensor *w, const float *x, int64_t ldx, float *y, int64_t ldy,
            int64_t m)
 {
     struct matmul_job j = {w, x, ldx, y, ldy, m};
@@ -181,10 +181,10 @@ ops_matmul(const struct kli_tensor *w, const float *x, int64_t ldx, float *y, in
     threads_parallel_for(w->shape[0], 16, matmul_range, &j);
 }
 
-struct kli_tensor
+struct tensor
 ops_view_f32(const float *data, int64_t rows, int64_t cols)
 {
-    struct kli_tensor t;
+    struct tensor t;
 
     memset(&t, 0, sizeof(t));
     t.dtype = KLI_DT_F32;
@@ -206,7 +206,7 @@ static void
 gemm_nn_range(void *ctx, int64_t i0, int64_t i1, int ith)
 {
     struct gemm_nn_job *j = ctx;
-    const struct kli_kernels *kk = kli_kernels();
+    const struct k_kernels *kk = k_kernels();
 
     (void)ith;
     for (int64_t i = i0; i < i1; i++) {
@@ -275,9 +275,9 @@ ops_softmax(float *x, int64_t n)
 }
 
 void
-ops_row_f32(const struct kli_tensor *t, int64_t id, float *out)
+ops_row_f32(const struct tensor *t, int64_t id, float *out)
 {
     const uint8_t *p = (const uint8_t *)t->data + (uint64_t)id * model_row_bytes(t);
 
-    kli_kernels()->to_f32(t->dtype, p, out, t->shape[1]);
+    k_kernels()->to_f32(t->dtype, p, out, t->shape[1]);
 }

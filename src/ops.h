@@ -15,7 +15,7 @@
 
 /* y[i][r] = sum_j x[i][j] * W[r][j] for the m rows of x and every row r of W, with the rows
  * of W split across the worker threads. x [m][ldx], y [m][ldy]. */
-void ops_matmul(const struct kli_tensor *w, const float *x, int64_t ldx, float *y, int64_t ldy,
+void ops_matmul(const struct tensor *w, const float *x, int64_t ldx, float *y, int64_t ldy,
                 int64_t m);
 
 /* Several products in one parallel region (one barrier instead of n): y[i] = x[i] W[i]^T
@@ -25,7 +25,7 @@ void ops_matmul(const struct kli_tensor *w, const float *x, int64_t ldx, float *
  * (no SGEMM). */
 #define OPS_MULTI_MAX 8
 struct ops_mm {
-    const struct kli_tensor *w;
+    const struct tensor *w;
     const float *x;
     int64_t ldx;
     float *y;
@@ -38,7 +38,7 @@ void ops_matmul_multi(const struct ops_mm *mm, int n, int64_t m);
 void ops_share(int64_t rows, int64_t grain, int ith, int tn, int64_t *r0, int64_t *r1);
 
 /* The same for rows [r0, r1) of W only, on the calling thread. */
-void ops_matmul_rows(const struct kli_tensor *w, int64_t r0, int64_t r1, const float *x,
+void ops_matmul_rows(const struct tensor *w, int64_t r0, int64_t r1, const float *x,
                      int64_t ldx, float *y, int64_t ldy, int64_t m);
 
 /* y[i][j] = sum_l x[i][l] * B[l][j] for i < m, j < n, l < k: the product with a row-major
@@ -47,7 +47,7 @@ void ops_gemm_nn(const float *x, int64_t ldx, const float *B, int64_t ldb, float
                  int64_t ldy, int64_t m, int64_t n, int64_t k);
 
 /* A float tensor view over memory the caller owns: rows [rows][cols], row stride = cols. */
-struct kli_tensor ops_view_f32(const float *data, int64_t rows, int64_t cols);
+struct tensor ops_view_f32(const float *data, int64_t rows, int64_t cols);
 
 /* y = x / sqrt(mean(x^2) + eps) * w over n values (y may alias x). */
 void ops_rmsnorm(float *y, const float *x, const float *w, int64_t n, float eps);
@@ -56,7 +56,7 @@ void ops_rmsnorm(float *y, const float *x, const float *w, int64_t n, float eps)
 void ops_softmax(float *x, int64_t n);
 
 /* Reads row `id` of an embedding-like tensor into float. */
-void ops_row_f32(const struct kli_tensor *t, int64_t id, float *out);
+void ops_row_f32(const struct tensor *t, int64_t id, float *out);
 
 static inline float
 ops_sigmoid(float x)

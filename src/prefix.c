@@ -116,10 +116,10 @@ prefix_disk_scan(struct prefix_cache *c, struct kli_err *err)
     struct dirent *de;
 
     if (mkdir(c->dir, 0777) != 0 && errno != EEXIST) {
-        return kli_err_set(err, KLI_E_IO, "%s: %s", c->dir, strerror(errno));
+        return err_set(err, KLI_E_IO, "%s: %s", c->dir, strerror(errno));
     }
     if ((d = opendir(c->dir)) == NULL) {
-        return kli_err_set(err, KLI_E_IO, "%s: %s", c->dir, strerror(errno));
+        return err_set(err, KLI_E_IO, "%s: %s", c->dir, strerror(errno));
     }
     while ((de = readdir(d)) != NULL) {
         const char *nm = de->d_name;
@@ -135,7 +135,7 @@ prefix_disk_scan(struct prefix_cache *c, struct kli_err *err)
             continue;
         if (prefix_disk_add(c, key, (int32_t)len) != 0) {
             closedir(d);
-            return kli_err_set(err, KLI_E_NOMEM, "out of memory");
+            return err_set(err, KLI_E_NOMEM, "out of memory");
         }
     }
     closedir(d);
@@ -262,12 +262,12 @@ prefix_cache_create(struct prefix_cache **out, const struct kli_model *m, uint64
 
     *out = NULL;
     if (c == NULL)
-        return kli_err_set(err, KLI_E_NOMEM, "out of memory");
+        return err_set(err, KLI_E_NOMEM, "out of memory");
     c->m = m;
     c->max_bytes = max_bytes;
     c->model_key = model_key;
     if (dir != NULL) {
-        int rc = (c->dir = strdup(dir)) == NULL ? kli_err_set(err, KLI_E_NOMEM, "out of memory")
+        int rc = (c->dir = strdup(dir)) == NULL ? err_set(err, KLI_E_NOMEM, "out of memory")
                                                  : prefix_disk_scan(c, err);
         if (rc != KLI_OK) {
             prefix_cache_free(c);
@@ -384,7 +384,7 @@ prefix_cache_put(struct prefix_cache *c, const struct kli_session *s, struct kli
     }
     if (prefix_insert(c, copy) != 0) {
         kli_session_free(copy);
-        return kli_err_set(err, KLI_E_NOMEM, "out of memory");
+        return err_set(err, KLI_E_NOMEM, "out of memory");
     }
     return 0;
 }

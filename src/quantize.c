@@ -31,7 +31,7 @@ kli_quantize_options_init(struct kli_convert_options *opt)
 /* Tensors that stay as stored by default: what the math reads element by element or
  * needs at full precision (the router decides which experts run). */
 static int
-quant_keep_default(const struct kli_tensor_desc *d)
+quant_keep_default(const struct tensor_desc *d)
 {
     static const char *const keep[] = {
         "norm.weight", "layernorm.weight", "conv1d.weight", "A_log", "dt_bias",
@@ -54,20 +54,20 @@ quantize_check_rules(const char *const *keep, int32_t n_keep, struct kli_err *er
 {
     for (int32_t i = 0; i < n_keep; i++) {
         const char *eq = strrchr(keep[i], '=');
-        enum kli_dtype dt;
+        enum k_dtype dt;
         if (eq == NULL || eq == keep[i] ||
-            (strcmp(eq + 1, "keep") != 0 && kli_dtype_parse(eq + 1, &dt) != 0))
-            return kli_err_set(err, KLI_E_RANGE, "--keep \"%s\": expected GLOB=TYPE with TYPE "
+            (strcmp(eq + 1, "keep") != 0 && dtype_parse(eq + 1, &dt) != 0))
+            return err_set(err, KLI_E_RANGE, "--keep \"%s\": expected GLOB=TYPE with TYPE "
                                "one of keep, q8_0, q4, bf16, f16, f32", keep[i]);
     }
     return KLI_OK;
 }
 
-enum kli_dtype
-quantize_target(const struct kli_tensor_desc *d, enum kli_dtype want, const char *const *keep,
+enum k_dtype
+quantize_target(const struct tensor_desc *d, enum k_dtype want, const char *const *keep,
                 int32_t n_keep)
 {
-    enum kli_dtype dt = want == KLI_DT_COUNT || quant_keep_default(d) ? d->dtype : want;
+    enum k_dtype dt = want == KLI_DT_COUNT || quant_keep_default(d) ? d->dtype : want;
 
     for (int32_t k = 0; k < n_keep; k++) {
         const char *eq = strrchr(keep[k], '=');
@@ -81,7 +81,7 @@ quantize_target(const struct kli_tensor_desc *d, enum kli_dtype want, const char
             if (strcmp(eq + 1, "keep") == 0)
                 dt = d->dtype;
             else
-                kli_dtype_parse(eq + 1, &dt);
+                dtype_parse(eq + 1, &dt);
             break;
         }
     }
@@ -89,7 +89,7 @@ quantize_target(const struct kli_tensor_desc *d, enum kli_dtype want, const char
     int64_t cols = d->ndim > 0 ? d->shape[d->ndim - 1] : 1;
     if (d->dtype == KLI_DT_OTHER)
         dt = KLI_DT_OTHER;
-    else if (kli_dtype_info(dt)->block > 1 && (cols % kli_dtype_info(dt)->block != 0))
+    else if (dtype_info(dt)->block > 1 && (cols % dtype_info(dt)->block != 0))
         dt = d->dtype;
     return dt;
 }
@@ -104,9 +104,9 @@ quant_write(const char *out, const char *name, const char *text, uint64_t len,
     if (text == NULL)
         return KLI_OK;
     if (len > SIZE_MAX)
-        return kli_err_set(err, KLI_E_NOMEM, "%s/%s: too large", out, name);
+        return err_set(err, KLI_E_NOMEM, "%s/%s: too large", out, name);
     snprintf(dst, sizeof(dst), "%s/%s", out, name);
-    return kli_write_file(dst, text, (size_t)len, err);
+    return k_write_file(dst, text, (size_t)len, err);
 }
 
 /* Copies a small file if it exists: read whole, then written as a new file, so that even
@@ -125,7 +125,7 @@ quant_copy(const char *in, const char *out, const char *name, int required, stru
         return KLI_OK;
     /* A regular file, read whole under a cap (src/file.c): a FIFO in the model directory
      * would block open(), /dev/zero would never end. */
-    if ((rc = kli_file_read(src, (uint64_t)1 << 30, &text, &len, err)) != KLI_OK)
+    if ((rc = file_read(src, (uint64_t)1 << 30, &text, &len, err)) != KLI_OK)
         return rc;
     rc = quant_write(out, name, text, len, err);
     free(text);
@@ -163,11 +163,11 @@ quantize_stream_init(struct quantize_stream *qs, int64_t max_cols, struct kli_er
     if (max_cols < 1)
         max_cols = 1;
     qs->rows = (1 << 20) / max_cols > 0 ? (1 << 20) / max_cols : 1;
-    qs->fbuf = kli_mallocarray((size_t)(qs->rows * max_cols), sizeof(float));
-    qs->qbuf = kli_mallocarray((size_t)(qs->rows * max_cols), 4);
+    qs->fbuf = k_mallocarray((size_t)(qs->rows * max_cols), sizeof(float));
+    qs->qbuf = k_mallocarray((size_t)(qs->rows * max_cols), 4);
     if (qs->fbuf == NULL || qs->qbuf == NULL) {
         quantize_stream_free(qs);
-        return kli_err_set(err, KLI_E_NOMEM, "out of memory for conversion buffers");
+        return err_set(err, KLI_E_NOMEM, "out of memory for conversion buffers");
     }
     return KLI_OK;
 }
@@ -182,18 +182,18 @@ quantize_stream_free(struct quantize_stream *qs)
 }
 
 static void
-quant_drop(const struct kli_wfile *wf, const struct kli_tensor_desc *d, uint64_t off, uint64_t n)
+quant_drop(const struct wfile *wf, const struct tensor_desc *d, uint64_t off, uint64_t n)
 {
-    struct kli_tensor_desc part = *d;
+    struct tensor_desc part = *d;
 
     part.data = (const uint8_t *)d->data + off;
     part.nbytes = n;
-    kli_wfile_dontneed(wf, &part);
+    wfile_dontneed(wf, &part);
 }
 
 int
-quantize_tensor(struct quantize_stream *qs, const struct kli_wfile *wf,
-                const struct kli_tensor_desc *d, enum kli_dtype to, struct kli_err *err)
+quantize_tensor(struct quantize_stream *qs, const struct wfile *wf,
+                const struct tensor_desc *d, enum k_dtype to, struct kli_err *err)
 {
     const uint8_t *src = d->data;
     int rc = KLI_OK;
@@ -210,13 +210,13 @@ quantize_tensor(struct quantize_stream *qs, const struct kli_wfile *wf,
     }
     int64_t cols = d->ndim > 0 ? d->shape[d->ndim - 1] : 1;
     int64_t rows = cols > 0 ? d->numel / cols : 0;
-    uint64_t in_rb = kli_dtype_nbytes(d->dtype, (uint64_t)cols);
-    uint64_t out_rb = kli_dtype_nbytes(to, (uint64_t)cols);
+    uint64_t in_rb = dtype_nbytes(d->dtype, (uint64_t)cols);
+    uint64_t out_rb = dtype_nbytes(to, (uint64_t)cols);
 
     for (int64_t r = 0; r < rows && rc == KLI_OK; r += qs->rows) {
         int64_t k = rows - r < qs->rows ? rows - r : qs->rows;
-        kli_dtype_to_f32(d->dtype, src + (uint64_t)r * in_rb, qs->fbuf, k * cols);
-        kli_dtype_from_f32(to, qs->fbuf, qs->qbuf, k * cols);
+        dtype_to_f32(d->dtype, src + (uint64_t)r * in_rb, qs->fbuf, k * cols);
+        dtype_from_f32(to, qs->fbuf, qs->qbuf, k * cols);
         rc = qs->write(qs->ctx, qs->qbuf, (uint64_t)k * out_rb, err);
         quant_drop(wf, d, (uint64_t)r * in_rb, (uint64_t)k * in_rb);
         if (rc == KLI_OK)
@@ -233,13 +233,13 @@ quantize_progress(const struct kli_convert_options *opt, uint64_t *done, uint64_
     if (opt->progress != NULL)
         opt->progress(opt->ud, *done, total, name);
     if (opt->interrupt != NULL && opt->interrupt(opt->ud) != 0)
-        return kli_err_set(err, KLI_E_INTERRUPTED, "conversion interrupted");
+        return err_set(err, KLI_E_INTERRUPTED, "conversion interrupted");
     return KLI_OK;
 }
 
 /* kli_quantize's side of the stream: a safetensors writer and the progress callback. */
 struct quant_ctx {
-    struct kli_st_writer *w;
+    struct st_writer *w;
     const struct kli_convert_options *opt;
     uint64_t done, total;
 };
@@ -247,7 +247,7 @@ struct quant_ctx {
 static int
 quant_write_st(void *ctx, const void *data, uint64_t n, struct kli_err *err)
 {
-    return kli_st_writer_write(((struct quant_ctx *)ctx)->w, data, n, err);
+    return st_writer_write(((struct quant_ctx *)ctx)->w, data, n, err);
 }
 
 static int
@@ -263,10 +263,10 @@ kli_quantize(const char *in, const char *out, const struct kli_convert_options *
              struct kli_err *err)
 {
     struct kli_convert_options dflt;
-    struct kli_wfile *wf = NULL;
-    struct kli_st_entry *ent = NULL;
-    enum kli_dtype *to = NULL, want;
-    struct kli_st_writer *w = NULL;
+    struct wfile *wf = NULL;
+    struct st_entry *ent = NULL;
+    enum k_dtype *to = NULL, want;
+    struct st_writer *w = NULL;
     char path[4096];
     struct stat st;
     int rc;
@@ -276,57 +276,57 @@ kli_quantize(const char *in, const char *out, const struct kli_convert_options *
         opt = &dflt;
     }
     if (opt->type == NULL)   /* as kli_convert_options_init leaves it: convert's "as stored" */
-        return kli_err_set(err, KLI_E_RANGE, "kli_quantize: no weight type (q8_0, q4, bf16, "
+        return err_set(err, KLI_E_RANGE, "kli_quantize: no weight type (q8_0, q4, bf16, "
                            "f16, f32)");
-    if (kli_dtype_parse(opt->type, &want) != 0)
-        return kli_err_set(err, KLI_E_RANGE, "unknown weight type \"%s\" (q8_0, q4, bf16, f16, "
+    if (dtype_parse(opt->type, &want) != 0)
+        return err_set(err, KLI_E_RANGE, "unknown weight type \"%s\" (q8_0, q4, bf16, f16, "
                            "f32)", opt->type);
     if ((rc = quantize_check_rules(opt->keep, opt->n_keep, err)) != KLI_OK)
         return rc;
     if ((rc = quant_check_output(in, out, err)) != KLI_OK)
         return rc;
     if (mkdir(out, 0777) != 0 && errno != EEXIST)
-        return kli_err_set(err, KLI_E_IO, "%s: %s", out, strerror(errno));
+        return err_set(err, KLI_E_IO, "%s: %s", out, strerror(errno));
     snprintf(path, sizeof(path), "%s/model.safetensors", out);
     if (!opt->force && stat(path, &st) == 0)
-        return kli_err_set(err, KLI_E_IO, "%s exists (use --force to overwrite)", path);
+        return err_set(err, KLI_E_IO, "%s exists (use --force to overwrite)", path);
     /* A stale shard index in the output would win over the new file. */
     snprintf(path, sizeof(path), "%s/model.safetensors.index.json", out);
     if (stat(path, &st) == 0) {
         if (!opt->force)
-            return kli_err_set(err, KLI_E_IO, "%s exists (use --force to replace)", path);
+            return err_set(err, KLI_E_IO, "%s exists (use --force to replace)", path);
         unlink(path);
     }
     snprintf(path, sizeof(path), "%s/model.safetensors", out);
-    if ((rc = kli_wfile_open(&wf, in, err)) != KLI_OK)
+    if ((rc = wfile_open(&wf, in, err)) != KLI_OK)
         return rc;
 
-    int64_t n = kli_wfile_n_tensors(wf);
-    ent = kli_calloc((size_t)n, sizeof(*ent));
-    to = kli_calloc((size_t)n, sizeof(*to));
+    int64_t n = wfile_n_tensors(wf);
+    ent = k_calloc((size_t)n, sizeof(*ent));
+    to = k_calloc((size_t)n, sizeof(*to));
     if (ent == NULL || to == NULL) {
-        rc = kli_err_set(err, KLI_E_NOMEM, "out of memory");
+        rc = err_set(err, KLI_E_NOMEM, "out of memory");
         goto out;
     }
     uint64_t total = 0;
     int64_t maxcols = 1;
     for (int64_t i = 0; i < n; i++) {
-        const struct kli_tensor_desc *d = kli_wfile_tensor(wf, i);
-        enum kli_dtype dt = quantize_target(d, want, opt->keep, opt->n_keep);
+        const struct tensor_desc *d = wfile_tensor(wf, i);
+        enum k_dtype dt = quantize_target(d, want, opt->keep, opt->n_keep);
         int64_t cols = d->ndim > 0 ? d->shape[d->ndim - 1] : 1;
         to[i] = dt;
         ent[i].name = d->name;
-        ent[i].dtype = dt == KLI_DT_OTHER ? d->dtype_name : kli_dtype_st_name(dt);
+        ent[i].dtype = dt == KLI_DT_OTHER ? d->dtype_name : dtype_st_name(dt);
         ent[i].ndim = d->ndim;
         memcpy(ent[i].shape, d->shape, sizeof(d->shape));
-        ent[i].nbytes = dt == d->dtype ? d->nbytes : kli_dtype_nbytes(dt, (uint64_t)d->numel);
+        ent[i].nbytes = dt == d->dtype ? d->nbytes : dtype_nbytes(dt, (uint64_t)d->numel);
         total += d->nbytes;
         maxcols = cols > maxcols ? cols : maxcols;
     }
     /* the weights' writer first: it locks model.safetensors against a second run */
-    if ((rc = kli_st_writer_open(&w, path, ent, n, err)) != KLI_OK)
+    if ((rc = st_writer_open(&w, path, ent, n, err)) != KLI_OK)
         goto out;
-    const struct kli_pack_info *pk = kli_wfile_pack(wf);
+    const struct pack_info *pk = wfile_pack(wf);
     if (pk != NULL) {
         /* A .kli input carries the three files in its sections. */
         if ((rc = quant_write(out, "config.json", pk->config, pk->config_len, err)) != KLI_OK ||
@@ -346,16 +346,16 @@ kli_quantize(const char *in, const char *out, const struct kli_convert_options *
     if ((rc = quantize_stream_init(&qs, maxcols, err)) != KLI_OK)
         goto out;
     for (int64_t i = 0; i < n && rc == KLI_OK; i++)
-        rc = quantize_tensor(&qs, wf, kli_wfile_tensor(wf, i), to[i], err);
+        rc = quantize_tensor(&qs, wf, wfile_tensor(wf, i), to[i], err);
     quantize_stream_free(&qs);
     if (rc != KLI_OK)
         goto out;
-    rc = kli_st_writer_close(w, err);
+    rc = st_writer_close(w, err);
     w = NULL;
 out:
-    kli_st_writer_abort(w);
+    st_writer_abort(w);
     free(ent);
     free(to);
-    kli_wfile_close(wf);
+    wfile_close(wf);
     return rc;
 }

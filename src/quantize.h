@@ -20,7 +20,7 @@ int quantize_check_rules(const char *const *keep, int32_t n_keep, struct kli_err
  * a matrix of whole 32-element blocks per row), then the first matching rule wins. A block
  * type falls back to the stored dtype when rows are not whole blocks; KLI_DT_OTHER stays.
  * The rules must have passed quantize_check_rules. */
-enum kli_dtype quantize_target(const struct kli_tensor_desc *d, enum kli_dtype want,
+enum k_dtype quantize_target(const struct tensor_desc *d, enum k_dtype want,
                                const char *const *keep, int32_t n_keep);
 
 /* Streaming one tensor into a writer, converted to dtype `to` in slabs of whole rows (or
@@ -52,7 +52,7 @@ int quantize_progress(const struct kli_convert_options *opt, uint64_t *done, uin
 int quantize_stream_init(struct quantize_stream *qs, int64_t max_cols, struct kli_err *err);
 void quantize_stream_free(struct quantize_stream *qs);
 
-int quantize_tensor(struct quantize_stream *qs, const struct kli_wfile *wf,
-                    const struct kli_tensor_desc *d, enum kli_dtype to, struct kli_err *err);
+int quantize_tensor(struct quantize_stream *qs, const struct wfile *wf,
+                    const struct tensor_desc *d, enum k_dtype to, struct kli_err *err);
 
 #endif

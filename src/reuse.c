@@ -30,11 +30,11 @@ kli_session_copy(struct kli_session *dst, const struct kli_session *src, struct 
     int rc;
 
     if (dst == NULL || src == NULL || dst == src)
-        return kli_err_set(err, KLI_E_INVALID, "kli_session_copy: NULL or identical sessions");
+        return err_set(err, KLI_E_INVALID, "kli_session_copy: NULL or identical sessions");
     if (dst->m != src->m)
-        return kli_err_set(err, KLI_E_INVALID, "kli_session_copy: sessions of two models");
+        return err_set(err, KLI_E_INVALID, "kli_session_copy: sessions of two models");
     if (src->pos > dst->ctx_max)
-        return kli_err_set(err, KLI_E_RANGE, "kli_session_copy: %d tokens exceed the "
+        return err_set(err, KLI_E_RANGE, "kli_session_copy: %d tokens exceed the "
                            "destination's ctx_max %d", src->pos, dst->ctx_max);
     /* Grow first: on failure dst is untouched. */
     if ((rc = session_reserve(dst, src->pos > 0 ? src->pos : 1, err)) != KLI_OK)
@@ -61,7 +61,7 @@ kli_session_copy(struct kli_session *dst, const struct kli_session *src, struct 
 uint64_t
 kli_session_nbytes(const struct kli_session *s)
 {
-    const struct kli_config *cfg = &s->m->cfg;
+    const struct k_config *cfg = &s->m->cfg;
     uint64_t words = 0;
 
     /* every buffer the session holds is in its table (session.h), with its size as

@@ -87,45 +87,45 @@ kli_sampler_create(struct kli_sampler **out, const struct kli_sampler_options *o
     struct kli_sampler *smp;
 
     if (out == NULL || n_vocab <= 0)
-        return kli_err_set(err, KLI_E_INVALID, "kli_sampler_create: invalid arguments");
+        return err_set(err, KLI_E_INVALID, "kli_sampler_create: invalid arguments");
     *out = NULL;
     if (opt == NULL) {
         kli_sampler_options_init(&dflt);
         opt = &dflt;
     }
     if (!(opt->temperature >= 0.0f && opt->temperature <= 100.0f))
-        return kli_err_set(err, KLI_E_RANGE, "temperature %g is outside [0, 100]",
+        return err_set(err, KLI_E_RANGE, "temperature %g is outside [0, 100]",
                            (double)opt->temperature);
     if (opt->top_k < 0)
-        return kli_err_set(err, KLI_E_RANGE, "top-k %d is negative", opt->top_k);
+        return err_set(err, KLI_E_RANGE, "top-k %d is negative", opt->top_k);
     if (!(opt->top_p > 0.0f && opt->top_p <= 1.0f))
-        return kli_err_set(err, KLI_E_RANGE, "top-p %g is outside (0, 1]", (double)opt->top_p);
+        return err_set(err, KLI_E_RANGE, "top-p %g is outside (0, 1]", (double)opt->top_p);
     if (!(opt->min_p >= 0.0f && opt->min_p <= 1.0f))
-        return kli_err_set(err, KLI_E_RANGE, "min-p %g is outside [0, 1]", (double)opt->min_p);
+        return err_set(err, KLI_E_RANGE, "min-p %g is outside [0, 1]", (double)opt->min_p);
     if (!(opt->repeat_penalty > 0.0f && opt->repeat_penalty <= 100.0f))
-        return kli_err_set(err, KLI_E_RANGE, "repeat penalty %g is outside (0, 100]",
+        return err_set(err, KLI_E_RANGE, "repeat penalty %g is outside (0, 100]",
                            (double)opt->repeat_penalty);
     if (!isfinite(opt->presence_penalty) || !isfinite(opt->frequency_penalty))
-        return kli_err_set(err, KLI_E_RANGE, "presence/frequency penalties must be finite");
+        return err_set(err, KLI_E_RANGE, "presence/frequency penalties must be finite");
     if (opt->penalty_last_n < 0 || opt->penalty_last_n > (1 << 24))
-        return kli_err_set(err, KLI_E_RANGE, "penalty window %d is outside [0, 2^24]",
+        return err_set(err, KLI_E_RANGE, "penalty window %d is outside [0, 2^24]",
                            opt->penalty_last_n);
-    smp = kli_calloc(1, sizeof(*smp));
+    smp = k_calloc(1, sizeof(*smp));
     if (smp == NULL)
-        return kli_err_set(err, KLI_E_NOMEM, "out of memory");
+        return err_set(err, KLI_E_NOMEM, "out of memory");
     smp->o = *opt;
     smp->n_vocab = n_vocab;
-    smp->recent = kli_mallocarray((size_t)opt->penalty_last_n + 1, sizeof(kli_token));
-    smp->count = kli_calloc((size_t)n_vocab, sizeof(int32_t));
-    smp->work = kli_mallocarray((size_t)n_vocab, sizeof(float));
-    smp->cand = kli_mallocarray((size_t)n_vocab, sizeof(struct sampler_cand));
-    smp->tmp = kli_mallocarray((size_t)n_vocab, sizeof(struct sampler_cand));
-    smp->bstart = kli_mallocarray(SAMPLER_BUCKETS + 1, sizeof(int32_t));
-    smp->bk = kli_mallocarray((size_t)n_vocab, sizeof(uint16_t));
+    smp->recent = k_mallocarray((size_t)opt->penalty_last_n + 1, sizeof(kli_token));
+    smp->count = k_calloc((size_t)n_vocab, sizeof(int32_t));
+    smp->work = k_mallocarray((size_t)n_vocab, sizeof(float));
+    smp->cand = k_mallocarray((size_t)n_vocab, sizeof(struct sampler_cand));
+    smp->tmp = k_mallocarray((size_t)n_vocab, sizeof(struct sampler_cand));
+    smp->bstart = k_mallocarray(SAMPLER_BUCKETS + 1, sizeof(int32_t));
+    smp->bk = k_mallocarray((size_t)n_vocab, sizeof(uint16_t));
     if (!smp->recent || !smp->count || !smp->work || !smp->cand || !smp->tmp || !smp->bstart ||
         !smp->bk) {
         kli_sampler_free(smp);
-        return kli_err_set(err, KLI_E_NOMEM, "out of memory");
+        return err_set(err, KLI_E_NOMEM, "out of memory");
     }
     kli_sampler_reset(smp);
     *out = smp;
@@ -485,14 +485,14 @@ kli_sampler_sample_many(struct kli_sampler *const *smp, const float *const *logi
                         kli_token *out, struct kli_err *err)
 {
     if (n < 0 || (n > 0 && (smp == NULL || logits == NULL || out == NULL)))
-        return kli_err_set(err, KLI_E_INVALID, "kli_sampler_sample_many: invalid arguments");
+        return err_set(err, KLI_E_INVALID, "kli_sampler_sample_many: invalid arguments");
     for (int32_t i = 0; i < n; i++) {
         if (smp[i] == NULL || logits[i] == NULL)
-            return kli_err_set(err, KLI_E_INVALID, "kli_sampler_sample_many: sampler or "
+            return err_set(err, KLI_E_INVALID, "kli_sampler_sample_many: sampler or "
                                "logits %d is NULL", (int)i);
         for (int32_t k = 0; k < i; k++) {
             if (smp[k] == smp[i])
-                return kli_err_set(err, KLI_E_INVALID, "kli_sampler_sample_many: samplers "
+                return err_set(err, KLI_E_INVALID, "kli_sampler_sample_many: samplers "
                                    "%d and %d are the same", (int)k, (int)i);
         }
     }

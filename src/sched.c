@@ -315,7 +315,7 @@ sched_join(struct kli_sched *s, struct sched_place *p, struct sched_req *r, int3
         return 0;
     }
     if (r->n > ctx) {
-        kli_err_set(&err, KLI_E_RANGE, "the prompt of %d tokens does not fit the context of %d "
+        err_set(&err, KLI_E_RANGE, "the prompt of %d tokens does not fit the context of %d "
                     "tokens (--ctx)", (int)r->n, (int)ctx);
         sched_end(s, r, NULL, KLI_FINISH_ERROR, err.code, err.msg);
         return 0;
@@ -506,22 +506,22 @@ kli_sched_create(struct kli_sched **out, const struct kli_model *m,
     int rc;
 
     if (out == NULL || m == NULL || o == NULL)
-        return kli_err_set(err, KLI_E_INVALID, "kli_sched_create: NULL argument");
+        return err_set(err, KLI_E_INVALID, "kli_sched_create: NULL argument");
     *out = NULL;
     if (o->parallel < 1 || o->parallel > SCHED_MAX_PARALLEL || o->ctx_max < 0 ||
         o->join_tokens < 0 || o->min_prefix < 1)
-        return kli_err_set(err, KLI_E_RANGE, "scheduler: parallel must be 1..%d, ctx_max and "
+        return err_set(err, KLI_E_RANGE, "scheduler: parallel must be 1..%d, ctx_max and "
                            "join_tokens at least 0, min_prefix at least 1", SCHED_MAX_PARALLEL);
     if ((s = calloc(1, sizeof(*s))) == NULL ||
         (s->pl = calloc((size_t)o->parallel, sizeof(*s->pl))) == NULL) {
-        rc = kli_err_set(err, KLI_E_NOMEM, "out of memory");
+        rc = err_set(err, KLI_E_NOMEM, "out of memory");
         goto fail;
     }
     s->o = *o;
     s->m = m;
     s->next_id = 1;
     if ((s->tok = kli_model_tokenizer(m)) == NULL) {
-        rc = kli_err_set(err, KLI_E_INVALID, "scheduler: the model has no tokenizer");
+        rc = err_set(err, KLI_E_INVALID, "scheduler: the model has no tokenizer");
         goto fail;
     }
     s->ends[0] = kli_model_eos(m);
@@ -582,18 +582,18 @@ kli_sched_submit(struct kli_sched *s, const struct kli_sched_request *r, uint64_
     if (s == NULL || r == NULL || (r->prompt == NULL && r->n_prompt > 0) || r->n_prompt < 0 ||
         r->max_tokens < 0 || r->n_stop < 0 || r->n_stop > SCHED_MAX_STOP ||
         (r->stop == NULL && r->n_stop > 0))
-        return kli_err_set(err, KLI_E_INVALID, "kli_sched_submit: a NULL or negative "
+        return err_set(err, KLI_E_INVALID, "kli_sched_submit: a NULL or negative "
                            "argument, or more than %d stop strings", SCHED_MAX_STOP);
     for (int32_t i = 0; i < r->n_stop; i++) {
         if (r->stop[i] == NULL || r->stop[i][0] == '\0')
-            return kli_err_set(err, KLI_E_INVALID, "kli_sched_submit: a NULL or empty stop "
+            return err_set(err, KLI_E_INVALID, "kli_sched_submit: a NULL or empty stop "
                                "string");
     }
     if (s->n_wait == s->cap_wait) {
         int32_t cap = s->cap_wait > 0 ? 2 * s->cap_wait : 16;
         struct sched_req **w = realloc(s->wait, (size_t)cap * sizeof(*w));
         if (w == NULL)
-            return kli_err_set(err, KLI_E_NOMEM, "out of memory");
+            return err_set(err, KLI_E_NOMEM, "out of memory");
         s->wait = w;
         s->cap_wait = cap;
     }
@@ -618,7 +618,7 @@ kli_sched_submit(struct kli_sched *s, const struct kli_sched_request *r, uint64_
     return KLI_OK;
 nomem:
     sched_req_free(q);
-    return kli_err_set(err, KLI_E_NOMEM, "out of memory");
+    return err_set(err, KLI_E_NOMEM, "out of memory");
 }
 
 int

@@ -60,7 +60,7 @@ sess_words(int64_t n)
         return NULL;
     if (n == 0)
         n = 1;
-    void *p = kli_malloc_aligned((size_t)n * 4);
+    void *p = k_malloc_aligned((size_t)n * 4);
     if (p != NULL)
         memset(p, 0, (size_t)n * 4);
     return p;
@@ -77,7 +77,7 @@ sess_buf_grow(struct sess_buf *e, int64_t words, int64_t keep)
         return -1;
     if (old != NULL && keep > 0)
         memcpy(p, old, (size_t)keep * 4);
-    kli_free_aligned(old);
+    k_free_aligned(old);
     sess_buf_set(e, p);
     e->words = words;
     return 0;
@@ -91,7 +91,7 @@ sess_find(struct kli_session *s, const void *where)
         if ((const void *)s->buf[k].f == where || (const void *)s->buf[k].i == where)
             return &s->buf[k];
     }
-    kli_panic(__FILE__, __LINE__, "a session buffer outside its table");
+    panic(__FILE__, __LINE__, "a session buffer outside its table");
 }
 
 /* Adds an entry to the table and allocates its `words`, unless it is SESS_LATER.
@@ -123,7 +123,7 @@ static int
 sess_table(struct kli_session *s)
 {
     const struct kli_model *m = s->m;
-    const struct kli_config *cfg = &m->cfg;
+    const struct k_config *cfg = &m->cfg;
     int64_t B = s->batch_max, D = cfg->d_model, nl = cfg->n_layers;
     int64_t H = cfg->kda.n_heads, K = cfg->kda.head_dim, HK = H * K;
     /* the low-rank gate inputs: f and g side by side (kda.c fuses them for short batches) */
@@ -138,7 +138,7 @@ sess_table(struct kli_session *s)
     if ((int64_t)cfg->moe.d_ff * cfg->moe.n_shared > mff)
         mff = (int64_t)cfg->moe.d_ff * cfg->moe.n_shared;
     kda_state_floats(cfg, &n_S, &n_conv);
-    s->buf = kli_calloc((size_t)(2 * nl + 48), sizeof(*s->buf));
+    s->buf = k_calloc((size_t)(2 * nl + 48), sizeof(*s->buf));
     if (s->buf == NULL)
         return -1;
 
@@ -203,8 +203,8 @@ kli_session_free(struct kli_session *s)
         return;
     backend_sess_free(s);
     for (int k = 0; k < s->n_buf; k++)
-        kli_free_aligned(session_buf_ptr(&s->buf[k]));
-    kli_free_aligned(s->moe_sc.gbuf);   /* grown by moe.c */
+        k_free_aligned(session_buf_ptr(&s->buf[k]));
+    k_free_aligned(s->moe_sc.gbuf);   /* grown by moe.c */
     free(s->buf);
     free(s->kda);
     free(s->cache);
@@ -227,7 +227,7 @@ session_work_reserve(struct kli_session *s, int64_t n, struct kli_err *err)
     int64_t ws = mla_work_floats(&s->m->cfg, want);
     if (ws > INT64_MAX / 4 / s->n_threads ||
         sess_buf_grow(sess_find(s, &s->mla_sc.work), ws * s->n_threads, 0) != 0)
-        return kli_err_set(err, KLI_E_NOMEM, "out of memory for the attention workspace of "
+        return err_set(err, KLI_E_NOMEM, "out of memory for the attention workspace of "
                            "%lld tokens", (long long)want);
     s->mla_sc.work_stride = ws;
     s->mla_sc.work_n = want;
@@ -253,7 +253,7 @@ session_reserve(struct kli_session *s, int64_t n, struct kli_err *err)
         if (e->per_tok == 0)
             continue;
         if (sess_buf_grow(e, e->per_tok * cap, e->per_tok * s->pos) != 0)
-            return kli_err_set(err, KLI_E_NOMEM, "out of memory growing the %s to %lld "
+            return err_set(err, KLI_E_NOMEM, "out of memory growing the %s to %lld "
                                "tokens", e->i != NULL ? "token history" : "MLA cache",
                                (long long)cap);
     }
@@ -269,11 +269,11 @@ kli_session_create(struct kli_session **out, const struct kli_model *m,
                    const struct kli_session_options *opt, struct kli_err *err)
 {
     struct kli_session_options dflt;
-    const struct kli_config *cfg;
+    const struct k_config *cfg;
     struct kli_session *s;
 
     if (out == NULL || m == NULL)
-        return kli_err_set(err, KLI_E_INVALID, "kli_session_create: NULL argument");
+        return err_set(err, KLI_E_INVALID, "kli_session_create: NULL argument");
     *out = NULL;
     if (opt == NULL) {
         kli_session_options_init(&dflt);
@@ -281,20 +281,20 @@ kli_session_create(struct kli_session **out, const struct kli_model *m,
     }
     cfg = &m->cfg;
     if (opt->ctx_max < 0 || opt->batch_max < 0)
-        return kli_err_set(err, KLI_E_RANGE, "session: negative ctx_max or batch_max");
+        return err_set(err, KLI_E_RANGE, "session: negative ctx_max or batch_max");
     if (cfg->kda.head_dim > 1024)
-        return kli_err_set(err, KLI_E_UNSUPPORTED, "session: KDA head_dim %d exceeds 1024",
+        return err_set(err, KLI_E_UNSUPPORTED, "session: KDA head_dim %d exceeds 1024",
                            cfg->kda.head_dim);
-    s = kli_calloc(1, sizeof(*s));
+    s = k_calloc(1, sizeof(*s));
     if (s == NULL)
-        return kli_err_set(err, KLI_E_NOMEM, "out of memory");
+        return err_set(err, KLI_E_NOMEM, "out of memory");
     s->m = m;
     s->ctx_max = opt->ctx_max > 0 ? opt->ctx_max : cfg->ctx_max;
     s->batch_max = opt->batch_max > 0 ? opt->batch_max : 256;
     s->n_threads = threads_count();
 
-    s->kda = kli_calloc((size_t)cfg->n_layers, sizeof(*s->kda));
-    s->cache = kli_calloc((size_t)cfg->n_layers, sizeof(*s->cache));
+    s->kda = k_calloc((size_t)cfg->n_layers, sizeof(*s->kda));
+    s->cache = k_calloc((size_t)cfg->n_layers, sizeof(*s->cache));
     if (s->kda == NULL || s->cache == NULL || sess_table(s) != 0)
         goto nomem;
     if (session_reserve(s, 1, err) != KLI_OK || backend_sess_create(s, err) != KLI_OK) {
@@ -305,7 +305,7 @@ kli_session_create(struct kli_session **out, const struct kli_model *m,
     return KLI_OK;
 nomem:
     kli_session_free(s);
-    return kli_err_set(err, KLI_E_NOMEM, "out of memory creating a session");
+    return err_set(err, KLI_E_NOMEM, "out of memory creating a session");
 }
 
 void
@@ -329,24 +329,24 @@ kli_session_eval(struct kli_session *s, const kli_token *tokens, int32_t n, floa
     int rc;
 
     if (s == NULL || (tokens == NULL && n > 0) || n < 0)
-        return kli_err_set(err, KLI_E_INVALID, "kli_session_eval: invalid arguments");
+        return err_set(err, KLI_E_INVALID, "kli_session_eval: invalid arguments");
     if (n == 0)
         return KLI_OK;
     for (int32_t i = 0; i < n; i++) {
         if (tokens[i] < 0 || tokens[i] >= s->m->cfg.n_vocab)
-            return kli_err_set(err, KLI_E_RANGE,
+            return err_set(err, KLI_E_RANGE,
                                "token id %d at position %d is outside the vocabulary [0, %d)",
                                tokens[i], i, s->m->cfg.n_vocab);
     }
     if (s->broken)
-        return kli_err_set(err, KLI_E_INVALID, "the session's state is incomplete after a "
+        return err_set(err, KLI_E_INVALID, "the session's state is incomplete after a "
                            "failed step: reset it or restore a snapshot");
     if ((int64_t)s->pos + n > s->ctx_max)
-        return kli_err_set(err, KLI_E_RANGE,
+        return err_set(err, KLI_E_RANGE,
                            "context full: %d tokens seen + %d new exceed the limit of %d",
                            s->pos, n, s->ctx_max);
     if (threads_count() > s->n_threads)
-        return kli_err_set(err, KLI_E_INVALID,
+        return err_set(err, KLI_E_INVALID,
                            "the thread count grew to %d after this session was created for %d",
                            threads_count(), s->n_threads);
     if ((rc = session_reserve(s, (int64_t)s->pos + n, err)) != KLI_OK)
@@ -369,42 +369,42 @@ kli_session_eval_batch(struct kli_session *const *ss, const kli_token *tokens, i
     int rc;
 
     if (ss == NULL || tokens == NULL || n < 1)
-        return kli_err_set(err, KLI_E_INVALID, "kli_session_eval_batch: invalid arguments");
+        return err_set(err, KLI_E_INVALID, "kli_session_eval_batch: invalid arguments");
     struct kli_session *s0 = ss[0];
     if (n > s0->batch_max || n > FORWARD_MAX_SEQ)
-        return kli_err_set(err, KLI_E_RANGE, "a batched step of %d sequences exceeds the "
+        return err_set(err, KLI_E_RANGE, "a batched step of %d sequences exceeds the "
                            "first session's batch_max %d (or %d)", n, s0->batch_max,
                            FORWARD_MAX_SEQ);
     for (int32_t i = 0; i < n; i++) {
         const struct kli_session *s = ss[i];
         if (s == NULL || s->m != s0->m)
-            return kli_err_set(err, KLI_E_INVALID, "batched step: session %d is NULL or of "
+            return err_set(err, KLI_E_INVALID, "batched step: session %d is NULL or of "
                                "another model", i);
         for (int32_t k = 0; k < i; k++) {
             if (ss[k] == s)
-                return kli_err_set(err, KLI_E_INVALID, "batched step: session %d appears "
+                return err_set(err, KLI_E_INVALID, "batched step: session %d appears "
                                    "twice", i);
         }
         if (tokens[i] < 0 || tokens[i] >= s->m->cfg.n_vocab)
-            return kli_err_set(err, KLI_E_RANGE, "batched step: token id %d of sequence %d is "
+            return err_set(err, KLI_E_RANGE, "batched step: token id %d of sequence %d is "
                                "outside the vocabulary [0, %d)", tokens[i], i,
                                s->m->cfg.n_vocab);
         if (s->pos + 1 > s->ctx_max)
-            return kli_err_set(err, KLI_E_RANGE, "batched step: sequence %d is full (%d "
+            return err_set(err, KLI_E_RANGE, "batched step: sequence %d is full (%d "
                                "tokens)", i, s->pos);
         if (s->broken)
-            return kli_err_set(err, KLI_E_INVALID, "batched step: sequence %d's state is "
+            return err_set(err, KLI_E_INVALID, "batched step: sequence %d's state is "
                                "incomplete after a failed step: reset it or restore a "
                                "snapshot", i);
     }
     if (threads_count() > s0->n_threads)
-        return kli_err_set(err, KLI_E_INVALID,
+        return err_set(err, KLI_E_INVALID,
                            "the thread count grew to %d after this session was created for %d",
                            threads_count(), s0->n_threads);
     if (s0->batch_logits == NULL &&
         sess_buf_grow(sess_find(s0, &s0->batch_logits),
                       (int64_t)s0->batch_max * s0->m->cfg.n_vocab, 0) != 0)
-        return kli_err_set(err, KLI_E_NOMEM, "out of memory for batched logits");
+        return err_set(err, KLI_E_NOMEM, "out of memory for batched logits");
     for (int32_t i = 0; i < n; i++) {
         if ((rc = session_reserve(ss[i], (int64_t)ss[i]->pos + 1, err)) != KLI_OK)
             return rc;

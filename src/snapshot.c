@@ -206,7 +206,7 @@ snap_emit(struct snap_enc *e, const void *p, size_t n)
         return;
     if (e->fp != NULL) {
         if (fwrite(p, 1, n, e->fp) != n)
-            e->rc = kli_err_set(e->err, KLI_E_IO, "%s: write error: %s", e->path,
+            e->rc = err_set(e->err, KLI_E_IO, "%s: write error: %s", e->path,
                                 strerror(errno));
     } else if (e->buf != NULL && SNAP_HEADER + e->stored < e->cap) {
         size_t room = e->cap - SNAP_HEADER - (size_t)e->stored;
@@ -230,7 +230,7 @@ snap_feed(struct snap_enc *e, const void *p, size_t n, int end)
             ZSTD_outBuffer out = {e->zout, e->zcap, 0};
             size_t r = ZSTD_compressStream2(e->cctx, &out, &in, mode);
             if (ZSTD_isError(r)) {
-                e->rc = kli_err_set(e->err, KLI_E_NOMEM, "snapshot: zstd compression failed: "
+                e->rc = err_set(e->err, KLI_E_NOMEM, "snapshot: zstd compression failed: "
                                     "%s", ZSTD_getErrorName(r));
                 return;
             }
@@ -321,7 +321,7 @@ snap_payload_bytes(const struct kli_session *s, const struct kli_sampler *smp)
 static void
 snap_put_payload(struct snap_enc *e, const struct kli_session *s, const struct kli_sampler *smp)
 {
-    const struct kli_config *c = &s->m->cfg;
+    const struct k_config *c = &s->m->cfg;
 
     snap_put32(e, (uint32_t)c->n_layers);
     snap_put32(e, (uint32_t)c->n_vocab);
@@ -371,20 +371,20 @@ snap_encode(struct snap_enc *e, const struct kli_session *s, const struct kli_sa
     uint32_t flags = smp != NULL ? SNAP_F_SAMPLER : 0;
 
     if (s->broken)
-        return kli_err_set(e->err, KLI_E_INVALID, "the session's state is incomplete after a "
+        return err_set(e->err, KLI_E_INVALID, "the session's state is incomplete after a "
                            "failed step: nothing to save");
 
     e->hash = SNAP_HASH_BASIS;
     e->sh.h = SNAP_HASH_BASIS;
-    e->stage = kli_malloc(SNAP_STAGE);
+    e->stage = k_malloc(SNAP_STAGE);
     if (e->stage == NULL)
-        return kli_err_set(e->err, KLI_E_NOMEM, "out of memory writing a snapshot");
+        return err_set(e->err, KLI_E_NOMEM, "out of memory writing a snapshot");
 #ifdef HAVE_ZSTD
     e->zcap = ZSTD_CStreamOutSize();
     e->cctx = ZSTD_createCCtx();
-    e->zout = kli_malloc(e->zcap);
+    e->zout = k_malloc(e->zcap);
     if (e->cctx == NULL || e->zout == NULL) {
-        e->rc = kli_err_set(e->err, KLI_E_NOMEM, "out of memory writing a snapshot");
+        e->rc = err_set(e->err, KLI_E_NOMEM, "out of memory writing a snapshot");
         goto out;
     }
     /* The frame records the content size and its own checksum (XXH64, 32 bits kept). */
@@ -392,7 +392,7 @@ snap_encode(struct snap_enc *e, const struct kli_session *s, const struct kli_sa
                                             SNAP_ZSTD_LEVEL)) ||
         ZSTD_isError(ZSTD_CCtx_setParameter(e->cctx, ZSTD_c_checksumFlag, 1)) ||
         ZSTD_isError(ZSTD_CCtx_setPledgedSrcSize(e->cctx, size))) {
-        e->rc = kli_err_set(e->err, KLI_E_UNSUPPORTED, "snapshot: zstd refused the frame "
+        e->rc = err_set(e->err, KLI_E_UNSUPPORTED, "snapshot: zstd refused the frame "
                             "parameters");
         goto out;
     }
@@ -433,7 +433,7 @@ kli_session_snapshot(const struct kli_session *s, const struct kli_sampler *smp,
     int rc;
 
     if (s == NULL || cap < 0 || (buf == NULL && cap > 0))
-        return kli_err_set(err, KLI_E_INVALID, "kli_session_snapshot: invalid arguments");
+        return err_set(err, KLI_E_INVALID, "kli_session_snapshot: invalid arguments");
     /* the KDA states may lead on the GPU (logically const: the host copy catches up) */
     if ((rc = backend_sess_pull((struct kli_session *)s, err)) != KLI_OK)
         return rc;
@@ -459,21 +459,21 @@ kli_session_save(const struct kli_session *s, const struct kli_sampler *smp, con
     int rc;
 
     if (s == NULL || path == NULL)
-        return kli_err_set(err, KLI_E_INVALID, "kli_session_save: NULL argument");
+        return err_set(err, KLI_E_INVALID, "kli_session_save: NULL argument");
     if ((rc = backend_sess_pull((struct kli_session *)s, err)) != KLI_OK)
         return rc;
     if ((rc = kli_outfile_open(&of, path, 0, err)) != KLI_OK)
         return rc;
     int fd = dup(kli_outfile_fd(of));
     if (fd < 0 || (fp = fdopen(fd, "wb")) == NULL) {
-        rc = kli_err_set(err, KLI_E_IO, "%s: %s", path, strerror(errno));
+        rc = err_set(err, KLI_E_IO, "%s: %s", path, strerror(errno));
         if (fd >= 0)
             close(fd);
         goto fail;
     }
     /* The header needs the checksum and sizes: a placeholder now, the real one at the end. */
     if (fwrite(hdr, 1, SNAP_HEADER, fp) != SNAP_HEADER) {
-        rc = kli_err_set(err, KLI_E_IO, "%s: write error: %s", path, strerror(errno));
+        rc = err_set(err, KLI_E_IO, "%s: write error: %s", path, strerror(errno));
         goto fail;
     }
     memset(&e, 0, sizeof(e));
@@ -484,13 +484,13 @@ kli_session_save(const struct kli_session *s, const struct kli_sampler *smp, con
         goto fail;
     if (fseek(fp, 0, SEEK_SET) != 0 || fwrite(hdr, 1, SNAP_HEADER, fp) != SNAP_HEADER ||
         fflush(fp) != 0) {
-        rc = kli_err_set(err, KLI_E_IO, "%s: write error: %s", path, strerror(errno));
+        rc = err_set(err, KLI_E_IO, "%s: write error: %s", path, strerror(errno));
         goto fail;
     }
     rc = fclose(fp);
     fp = NULL;
     if (rc != 0) {
-        rc = kli_err_set(err, KLI_E_IO, "%s: write error: %s", path, strerror(errno));
+        rc = err_set(err, KLI_E_IO, "%s: write error: %s", path, strerror(errno));
         goto fail;
     }
     rc = kli_outfile_commit(of, err);
@@ -559,7 +559,7 @@ snap_parse(const uint8_t *p, uint64_t n, uint32_t hdr_pos, int has_sampler,
            const struct kli_session *s, const struct kli_sampler *smp, struct snap_view *v,
            struct kli_err *err)
 {
-    const struct kli_config *c = &s->m->cfg;
+    const struct k_config *c = &s->m->cfg;
     struct snap_cur cur = {p, n, 0, 0};
     uint32_t dims[6], want[6] = {
         (uint32_t)c->n_layers, (uint32_t)c->n_vocab, (uint32_t)c->kda.n_heads,
@@ -575,7 +575,7 @@ snap_parse(const uint8_t *p, uint64_t n, uint32_t hdr_pos, int has_sampler,
     for (int i = 0; i < 6; i++) {
         dims[i] = snap_get32(&cur);
         if (!cur.bad && dims[i] != want[i])
-            return kli_err_set(err, KLI_E_FORMAT, "snapshot: %s %u, but the model's is %u",
+            return err_set(err, KLI_E_FORMAT, "snapshot: %s %u, but the model's is %u",
                                dim_names[i], dims[i], want[i]);
     }
     v->pos = (int32_t)snap_get32(&cur);
@@ -583,27 +583,27 @@ snap_parse(const uint8_t *p, uint64_t n, uint32_t hdr_pos, int has_sampler,
     snap_get32(&cur);
     uint32_t hl = snap_get32(&cur);
     if (cur.bad)
-        return kli_err_set(err, KLI_E_FORMAT, "snapshot: payload too short");
+        return err_set(err, KLI_E_FORMAT, "snapshot: payload too short");
     if ((uint32_t)v->pos != hdr_pos || hl > 1)
-        return kli_err_set(err, KLI_E_FORMAT, "snapshot: payload disagrees with its header "
+        return err_set(err, KLI_E_FORMAT, "snapshot: payload disagrees with its header "
                            "(pos %u vs %u, has_logits %u)", (uint32_t)v->pos, hdr_pos, hl);
     v->has_logits = (int32_t)hl;
     for (int i = 0; i < c->n_layers; i++) {
         uint32_t mixer = snap_get32(&cur);
         if (!cur.bad && mixer != (uint32_t)c->layer_mixer[i])
-            return kli_err_set(err, KLI_E_FORMAT, "snapshot: layer %d has mixer kind %u, but "
+            return err_set(err, KLI_E_FORMAT, "snapshot: layer %d has mixer kind %u, but "
                                "the model's is %d", i, mixer, (int)c->layer_mixer[i]);
     }
     v->tokens = snap_take(&cur, 4 * (uint64_t)v->pos);
     for (int32_t i = 0; v->tokens != NULL && i < v->pos; i++) {
         uint32_t t = util_rd32(v->tokens + 4 * (uint64_t)i);
         if (t >= (uint32_t)c->n_vocab)
-            return kli_err_set(err, KLI_E_FORMAT, "snapshot: token %u at position %d is outside "
+            return err_set(err, KLI_E_FORMAT, "snapshot: token %u at position %d is outside "
                                "the vocabulary", t, i);
     }
     snap_take(&cur, snap_body_bytes(s, v->pos, v->has_logits) - 4 * (uint64_t)v->pos);
     if (cur.bad)
-        return kli_err_set(err, KLI_E_FORMAT, "snapshot: payload too short for %d tokens",
+        return err_set(err, KLI_E_FORMAT, "snapshot: payload too short for %d tokens",
                            v->pos);
     if (has_sampler) {
         uint32_t sv = snap_get32(&cur);
@@ -611,32 +611,32 @@ snap_parse(const uint8_t *p, uint64_t n, uint32_t hdr_pos, int has_sampler,
         v->rng = snap_get64(&cur);
         uint32_t nr = snap_get32(&cur);
         if (cur.bad)
-            return kli_err_set(err, KLI_E_FORMAT, "snapshot: payload too short for the sampler "
+            return err_set(err, KLI_E_FORMAT, "snapshot: payload too short for the sampler "
                                "state");
         if (sv == 0 || v->rng == 0 || nr > SNAP_MAX_RECENT)
-            return kli_err_set(err, KLI_E_FORMAT, "snapshot: invalid sampler state");
+            return err_set(err, KLI_E_FORMAT, "snapshot: invalid sampler state");
         const uint8_t *rp = snap_take(&cur, 4 * (uint64_t)nr);
         if (rp == NULL)
-            return kli_err_set(err, KLI_E_FORMAT, "snapshot: payload too short for %u recent "
+            return err_set(err, KLI_E_FORMAT, "snapshot: payload too short for %u recent "
                                "tokens", nr);
-        v->recent = kli_mallocarray((size_t)nr + 1, sizeof(kli_token));
+        v->recent = k_mallocarray((size_t)nr + 1, sizeof(kli_token));
         if (v->recent == NULL)
-            return kli_err_set(err, KLI_E_NOMEM, "out of memory reading a snapshot");
+            return err_set(err, KLI_E_NOMEM, "out of memory reading a snapshot");
         v->n_recent = (int32_t)nr;
         v->has_sampler = 1;
         snap_copy32(v->recent, rp, nr);
         for (uint32_t i = 0; i < nr; i++) {
             if ((uint32_t)v->recent[i] >= sv)
-                return kli_err_set(err, KLI_E_FORMAT, "snapshot: recent token %d is outside the "
+                return err_set(err, KLI_E_FORMAT, "snapshot: recent token %d is outside the "
                                    "saved sampler's vocabulary", v->recent[i]);
             if (smp != NULL && v->recent[i] >= sampler_n_vocab(smp))
-                return kli_err_set(err, KLI_E_RANGE, "snapshot: recent token %d is outside "
+                return err_set(err, KLI_E_RANGE, "snapshot: recent token %d is outside "
                                    "the vocabulary of %d of the sampler restored into",
                                    v->recent[i], sampler_n_vocab(smp));
         }
     }
     if (cur.off != n)
-        return kli_err_set(err, KLI_E_FORMAT, "snapshot: %llu unexpected bytes at the end of "
+        return err_set(err, KLI_E_FORMAT, "snapshot: %llu unexpected bytes at the end of "
                            "the payload", (unsigned long long)(n - cur.off));
     return KLI_OK;
 }
@@ -673,30 +673,30 @@ kli_session_restore(struct kli_session *s, struct kli_sampler *smp, const void *
 
     memset(&v, 0, sizeof(v));
     if (s == NULL || (buf == NULL && len > 0))
-        return kli_err_set(err, KLI_E_INVALID, "kli_session_restore: invalid arguments");
+        return err_set(err, KLI_E_INVALID, "kli_session_restore: invalid arguments");
     if (len < SNAP_HEADER || memcmp(b, snap_magic, 8) != 0)
-        return kli_err_set(err, KLI_E_FORMAT, "snapshot: not a kli session snapshot (%s)",
+        return err_set(err, KLI_E_FORMAT, "snapshot: not a kli session snapshot (%s)",
                            len < SNAP_HEADER ? "shorter than its header" : "bad magic");
     if (util_rd64(b + SNAP_HEADER_SUM) != snap_hash(SNAP_HASH_BASIS, b, SNAP_HEADER_SUM))
-        return kli_err_set(err, KLI_E_FORMAT, "snapshot: the header is damaged (checksum "
+        return err_set(err, KLI_E_FORMAT, "snapshot: the header is damaged (checksum "
                            "mismatch)");
     uint32_t version = util_rd32(b + 8), flags = util_rd32(b + 12), pos = util_rd32(b + 56);
     uint64_t fp = util_rd64(b + 16), size = util_rd64(b + 24), stored = util_rd64(b + 32);
     if (version != SNAP_VERSION)
-        return kli_err_set(err, KLI_E_UNSUPPORTED, "snapshot: format version %u; this kli "
+        return err_set(err, KLI_E_UNSUPPORTED, "snapshot: format version %u; this kli "
                            "reads version %d", version, SNAP_VERSION);
     if (flags & ~(uint32_t)(SNAP_F_ZSTD | SNAP_F_SAMPLER))
-        return kli_err_set(err, KLI_E_UNSUPPORTED, "snapshot: unknown flags 0x%x", flags);
+        return err_set(err, KLI_E_UNSUPPORTED, "snapshot: unknown flags 0x%x", flags);
     if (fp != s->m->fingerprint)
-        return kli_err_set(err, KLI_E_INVALID, "snapshot: made with another model (fingerprint "
+        return err_set(err, KLI_E_INVALID, "snapshot: made with another model (fingerprint "
                            "%016llx; this model's is %016llx)", (unsigned long long)fp,
                            (unsigned long long)s->m->fingerprint);
     if (stored != len - SNAP_HEADER)
-        return kli_err_set(err, KLI_E_FORMAT, "snapshot: truncated or extended: the header "
+        return err_set(err, KLI_E_FORMAT, "snapshot: truncated or extended: the header "
                            "announces %llu bytes after it, %llu present",
                            (unsigned long long)stored, (unsigned long long)(len - SNAP_HEADER));
     if (pos > (uint32_t)s->ctx_max)
-        return kli_err_set(err, KLI_E_RANGE, "snapshot: %u tokens exceed the session's "
+        return err_set(err, KLI_E_RANGE, "snapshot: %u tokens exceed the session's "
                            "ctx_max of %d", pos, s->ctx_max);
     /* The payload size is known up to the logits and the sampler's recent tokens. */
     uint64_t lo = snap_state_bytes(s, pos, 0);
@@ -706,38 +706,38 @@ kli_session_restore(struct kli_session *s, struct kli_sampler *smp, const void *
         hi += SNAP_SAMPLER_FIXED + 4 * (uint64_t)SNAP_MAX_RECENT;
     }
     if (size < lo || size > hi || size % 4 != 0 || size > SIZE_MAX)
-        return kli_err_set(err, KLI_E_FORMAT, "snapshot: payload size %llu is impossible for "
+        return err_set(err, KLI_E_FORMAT, "snapshot: payload size %llu is impossible for "
                            "%u tokens of this model", (unsigned long long)size, pos);
     const uint8_t *payload = b + SNAP_HEADER;
     struct snap_hasher sh = {SNAP_HASH_BASIS, {0}, 0};
     snap_hasher_add(&sh, payload, (size_t)stored);
     if (snap_hasher_end(&sh) != util_rd64(b + 48))
-        return kli_err_set(err, KLI_E_FORMAT, "snapshot: the payload is damaged (stored "
+        return err_set(err, KLI_E_FORMAT, "snapshot: the payload is damaged (stored "
                            "checksum mismatch)");
     if (flags & SNAP_F_ZSTD) {
 #ifdef HAVE_ZSTD
-        dec = kli_malloc((size_t)size + 1);
+        dec = k_malloc((size_t)size + 1);
         if (dec == NULL)
-            return kli_err_set(err, KLI_E_NOMEM, "out of memory decompressing a snapshot of "
+            return err_set(err, KLI_E_NOMEM, "out of memory decompressing a snapshot of "
                                "%llu bytes", (unsigned long long)size);
         size_t r = ZSTD_decompress(dec, (size_t)size, payload, (size_t)stored);
         if (ZSTD_isError(r) || r != size) {
-            rc = kli_err_set(err, KLI_E_FORMAT, "snapshot: the payload is damaged (zstd: %s)",
+            rc = err_set(err, KLI_E_FORMAT, "snapshot: the payload is damaged (zstd: %s)",
                              ZSTD_isError(r) ? ZSTD_getErrorName(r) : "wrong size");
             goto out;
         }
         payload = dec;
 #else
-        return kli_err_set(err, KLI_E_UNSUPPORTED, "snapshot: the payload is zstd-compressed "
+        return err_set(err, KLI_E_UNSUPPORTED, "snapshot: the payload is zstd-compressed "
                            "and this kli was built without zstd");
 #endif
     } else if (stored != size) {
-        return kli_err_set(err, KLI_E_FORMAT, "snapshot: stored size %llu differs from the "
+        return err_set(err, KLI_E_FORMAT, "snapshot: stored size %llu differs from the "
                            "payload size %llu", (unsigned long long)stored,
                            (unsigned long long)size);
     }
     if (snap_hash(SNAP_HASH_BASIS, payload, (size_t)size) != util_rd64(b + 40)) {
-        rc = kli_err_set(err, KLI_E_FORMAT, "snapshot: the payload is damaged (checksum "
+        rc = err_set(err, KLI_E_FORMAT, "snapshot: the payload is damaged (checksum "
                          "mismatch)");
         goto out;
     }
@@ -764,14 +764,14 @@ kli_session_load(struct kli_session *s, struct kli_sampler *smp, const char *pat
     int rc, fresh = err != NULL && err->code == 0;
 
     if (s == NULL || path == NULL)
-        return kli_err_set(err, KLI_E_INVALID, "kli_session_load: NULL argument");
+        return err_set(err, KLI_E_INVALID, "kli_session_load: NULL argument");
     /* A regular file (src/file.c: a FIFO would block open()) no larger than the largest
      * snapshot this session could take: a full context, logits, the most recent tokens a
      * sampler keeps, and room for zstd's worst case (it stores what it cannot compress). */
     uint64_t most = snap_state_bytes(s, s->ctx_max, 1) + SNAP_SAMPLER_FIXED +
                     4 * (uint64_t)SNAP_MAX_RECENT;
     most += SNAP_HEADER + most / 128 + ((uint64_t)1 << 20);
-    if ((rc = kli_file_read(path, most, &buf, &n, err)) != KLI_OK)
+    if ((rc = file_read(path, most, &buf, &n, err)) != KLI_OK)
         return rc;
     rc = kli_session_restore(s, smp, buf, n, err);
     /* Name the file in the message of a refused snapshot. */
@@ -794,7 +794,7 @@ kli_session_fork(struct kli_session **out, const struct kli_session *src, struct
     int rc;
 
     if (out == NULL || src == NULL)
-        return kli_err_set(err, KLI_E_INVALID, "kli_session_fork: NULL argument");
+        return err_set(err, KLI_E_INVALID, "kli_session_fork: NULL argument");
     *out = NULL;
     /* a new session with the source's options, and a copy of its state */
     kli_session_options_init(&o);

@@ -46,7 +46,7 @@ struct sy_tensor {
     char name[128];
     int64_t rows, cols;   /* cols = 1 with ndim 1 */
     int ndim;
-    enum kli_dtype dt;
+    enum k_dtype dt;
     enum sy_init init;
 };
 
@@ -55,18 +55,18 @@ struct sy_list {
     int64_t n, cap;
 };
 
-static int sy_add(struct sy_list *l, enum kli_dtype dt, enum sy_init init, int64_t rows,
+static int sy_add(struct sy_list *l, enum k_dtype dt, enum sy_init init, int64_t rows,
                   int64_t cols, int ndim, const char *fmt, ...) KLI_PRINTF(7, 8);
 
 static int
-sy_add(struct sy_list *l, enum kli_dtype dt, enum sy_init init, int64_t rows, int64_t cols,
+sy_add(struct sy_list *l, enum k_dtype dt, enum sy_init init, int64_t rows, int64_t cols,
        int ndim, const char *fmt, ...)
 {
     va_list ap;
 
     if (l->n == l->cap) {
         int64_t nc = l->cap ? l->cap * 2 : 256;
-        struct sy_tensor *nt = kli_reallocarray(l->t, (size_t)nc, sizeof(*nt));
+        struct sy_tensor *nt = k_reallocarray(l->t, (size_t)nc, sizeof(*nt));
         if (nt == NULL)
             return -1;
         l->t = nt;
@@ -121,7 +121,7 @@ sy_open(const char *path, struct kli_outfile **of, int *rc, struct kli_err *err)
     if ((*rc = kli_outfile_open(of, path, 0, err)) != KLI_OK)
         return NULL;
     if ((fd = dup(kli_outfile_fd(*of))) < 0 || (f = fdopen(fd, "w")) == NULL) {
-        *rc = kli_err_set(err, KLI_E_IO, "%s: %s", path, strerror(errno));
+        *rc = err_set(err, KLI_E_IO, "%s: %s", path, strerror(errno));
         if (fd >= 0)
             close(fd);
         kli_outfile_abort(*of);
@@ -137,7 +137,7 @@ sy_close(struct kli_outfile *of, FILE *f, const char *path, struct kli_err *err)
 
     if (bad || closed != 0) {
         kli_outfile_abort(of);
-        return kli_err_set(err, KLI_E_IO, "%s: write error", path);
+        return err_set(err, KLI_E_IO, "%s: write error", path);
     }
     return kli_outfile_commit(of, err);
 }
@@ -272,11 +272,11 @@ kli_synth(const char *out, const struct kli_synth_options *opt, struct kli_err *
 {
     struct kli_synth_options dflt;
     struct sy_list l = {0};
-    struct kli_st_entry *ent = NULL;
-    struct kli_st_writer *w = NULL;
+    struct st_entry *ent = NULL;
+    struct st_writer *w = NULL;
     float *fbuf = NULL;
     uint8_t *qbuf = NULL;
-    enum kli_dtype mt;
+    enum k_dtype mt;
     char path[4096];
     struct stat st;
     int rc = KLI_OK;
@@ -287,18 +287,18 @@ kli_synth(const char *out, const struct kli_synth_options *opt, struct kli_err *
     }
     if (opt->n_layers < 1 || opt->n_layers > 1024 || opt->n_experts < 1 ||
         opt->n_experts > 4096)
-        return kli_err_set(err, KLI_E_RANGE, "synth: layers must be 1..1024 and experts "
+        return err_set(err, KLI_E_RANGE, "synth: layers must be 1..1024 and experts "
                            "1..4096");
-    if (kli_dtype_parse(opt->type, &mt) != 0)
-        return kli_err_set(err, KLI_E_RANGE, "synth: unknown weight type \"%s\"", opt->type);
+    if (dtype_parse(opt->type, &mt) != 0)
+        return err_set(err, KLI_E_RANGE, "synth: unknown weight type \"%s\"", opt->type);
     if (mkdir(out, 0777) != 0 && errno != EEXIST)
-        return kli_err_set(err, KLI_E_IO, "%s: %s", out, strerror(errno));
+        return err_set(err, KLI_E_IO, "%s: %s", out, strerror(errno));
     snprintf(path, sizeof(path), "%s/model.safetensors", out);
     if (!opt->force && stat(path, &st) == 0)
-        return kli_err_set(err, KLI_E_IO, "%s exists (use --force to overwrite)", path);
+        return err_set(err, KLI_E_IO, "%s exists (use --force to overwrite)", path);
 
     const int D = SY_HIDDEN, HK = SY_KDA_HEADS * SY_KDA_DIM, K = SY_KDA_DIM;
-    const enum kli_dtype F = KLI_DT_F32, B = KLI_DT_BF16;
+    const enum k_dtype F = KLI_DT_F32, B = KLI_DT_BF16;
     int bad = 0;
 #define L "model.layers.%d."
     bad |= sy_add(&l, mt, SY_MAT, SY_VOCAB, D, 2, "model.embed_tokens.weight");
@@ -355,16 +355,16 @@ kli_synth(const char *out, const struct kli_synth_options *opt, struct kli_err *
 #undef L
     bad |= sy_add(&l, B, SY_ONES, D, 1, 1, "model.norm.weight");
     bad |= sy_add(&l, mt, SY_MAT, SY_VOCAB, D, 2, "lm_head.weight");
-    ent = kli_calloc((size_t)l.n, sizeof(*ent));
+    ent = k_calloc((size_t)l.n, sizeof(*ent));
     if (bad || ent == NULL) {
-        rc = kli_err_set(err, KLI_E_NOMEM, "out of memory");
+        rc = err_set(err, KLI_E_NOMEM, "out of memory");
         goto out;
     }
     uint64_t total = 0;
     for (int64_t i = 0; i < l.n; i++) {
         struct sy_tensor *t = &l.t[i];
         ent[i].name = t->name;
-        ent[i].dtype = kli_dtype_st_name(t->dt);
+        ent[i].dtype = dtype_st_name(t->dt);
         ent[i].ndim = t->ndim;
         if (t->ndim == 1) {
             ent[i].shape[0] = t->rows;
@@ -381,18 +381,18 @@ kli_synth(const char *out, const struct kli_synth_options *opt, struct kli_err *
             ent[i].shape[2] = t->rows;
             ent[i].shape[3] = 1;
         }
-        ent[i].nbytes = kli_dtype_nbytes(t->dt, (uint64_t)(t->rows * t->cols));
+        ent[i].nbytes = dtype_nbytes(t->dt, (uint64_t)(t->rows * t->cols));
         total += ent[i].nbytes;
     }
     /* the weights' writer first: it locks model.safetensors against a second run */
-    if ((rc = kli_st_writer_open(&w, path, ent, l.n, err)) != KLI_OK ||
+    if ((rc = st_writer_open(&w, path, ent, l.n, err)) != KLI_OK ||
         (rc = sy_config(out, opt, err)) != KLI_OK || (rc = sy_tokenizer(out, err)) != KLI_OK)
         goto out;
     const int64_t slab = 1 << 20;   /* floats per slab; every row length divides into it */
-    fbuf = kli_mallocarray((size_t)slab + 16384, sizeof(float));
-    qbuf = kli_mallocarray((size_t)slab + 16384, 4);
+    fbuf = k_mallocarray((size_t)slab + 16384, sizeof(float));
+    qbuf = k_mallocarray((size_t)slab + 16384, 4);
     if (fbuf == NULL || qbuf == NULL) {
-        rc = kli_err_set(err, KLI_E_NOMEM, "out of memory");
+        rc = err_set(err, KLI_E_NOMEM, "out of memory");
         goto out;
     }
     uint64_t done = 0, rng = opt->seed * 0x9e3779b97f4a7c15ull + 0x1234567ull;
@@ -405,19 +405,19 @@ kli_synth(const char *out, const struct kli_synth_options *opt, struct kli_err *
         for (int64_t j = 0; j < total_el && rc == KLI_OK; j += step) {
             int64_t k = total_el - j < step ? total_el - j : step;
             sy_fill(t, fbuf, k, &rng);
-            kli_dtype_from_f32(t->dt, fbuf, qbuf, k);
-            rc = kli_st_writer_write(w, qbuf, kli_dtype_nbytes(t->dt, (uint64_t)k), err);
+            dtype_from_f32(t->dt, fbuf, qbuf, k);
+            rc = st_writer_write(w, qbuf, dtype_nbytes(t->dt, (uint64_t)k), err);
         }
         done += ent[i].nbytes;
         if (opt->progress != NULL)
             opt->progress(opt->ud, done, total, t->name);
     }
     if (rc == KLI_OK) {
-        rc = kli_st_writer_close(w, err);
+        rc = st_writer_close(w, err);
         w = NULL;
     }
 out:
-    kli_st_writer_abort(w);
+    st_writer_abort(w);
     free(fbuf);
     free(qbuf);
     free(ent);

@@ -217,7 +217,7 @@ static struct {
     atomic_uint pending;        /* workers still running their share (a futex) */
     atomic_int sleepers;        /* workers asleep on `word` */
     atomic_int caller_asleep;   /* the caller asleep on `pending` */
-    kli_range_fn fn;            /* the job: written by the caller before it bumps `word`, */
+    range_fn fn;            /* the job: written by the caller before it bumps `word`, */
     void *ctx;                  /* read by the workers with a share */
     int64_t n;
     int n_workers;              /* threads started: slots 1..n_workers */
@@ -305,16 +305,16 @@ pool_await(atomic_uint *word, unsigned old, int zero, atomic_int *asleep)
 
 /* Runs share ith of nth of [0, n) on the calling thread, denormals flushed. */
 static void
-pool_share(kli_range_fn fn, void *ctx, int64_t n, int ith, int nth)
+pool_share(range_fn fn, void *ctx, int64_t n, int ith, int nth)
 {
     int64_t i0 = n * ith / nth, i1 = n * (ith + 1) / nth;
 
     if (threads_tls_gen != threads_gen || threads_tls_slot != ith)
         threads_place(ith);
-    unsigned long fpm = kli_fp_flush_begin();
+    unsigned long fpm = fp_flush_begin();
     if (i1 > i0)
         fn(ctx, i0, i1, ith);
-    kli_fp_flush_end(fpm);
+    fp_flush_end(fpm);
 }
 
 static void *
@@ -393,7 +393,7 @@ pool_grow(int want)
 }
 
 void
-threads_parallel_for(int64_t n, int64_t grain, kli_range_fn fn, void *ctx)
+threads_parallel_for(int64_t n, int64_t grain, range_fn fn, void *ctx)
 {
     int team = threads_count(), nth = team;
 
@@ -432,7 +432,7 @@ threads_parallel_for(int64_t n, int64_t grain, kli_range_fn fn, void *ctx)
     }
     if (!threads_tls_busy && (threads_tls_gen != threads_gen || threads_tls_slot != 0))
         threads_place(0);
-    unsigned long fpm = kli_fp_flush_begin();
+    unsigned long fpm = fp_flush_begin();
     fn(ctx, 0, n, 0);
-    kli_fp_flush_end(fpm);
+    fp_flush_end(fpm);
 }

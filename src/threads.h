@@ -13,9 +13,9 @@
 
 #include <stdint.h>
 
-typedef void (*kli_range_fn)(void *ctx, int64_t i0, int64_t i1, int ith);
+typedef void (*range_fn)(void *ctx, int64_t i0, int64_t i1, int ith);
 
-void threads_parallel_for(int64_t n, int64_t grain, kli_range_fn fn, void *ctx);
+void threads_parallel_for(int64_t n, int64_t grain, range_fn fn, void *ctx);
 
 /* Sets the worker count for this process (0 = one per physical core). */
 void threads_set_count(int n);

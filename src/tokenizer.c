@@ -174,27 +174,27 @@ tok_scratch(struct tok_enc *e, size_t n)
     if (n <= e->scratch_n)
         return KLI_OK;
     if (n > UINT32_MAX / 4)
-        return kli_err_set(e->err, KLI_E_RANGE, "tokenize: a piece of %zu bytes is too long",
+        return err_set(e->err, KLI_E_RANGE, "tokenize: a piece of %zu bytes is too long",
                            n);
-    if ((p = kli_reallocarray(e->nx, n + 1, sizeof(*e->nx))) == NULL)
+    if ((p = k_reallocarray(e->nx, n + 1, sizeof(*e->nx))) == NULL)
         goto nomem;
     e->nx = p;
-    if ((p = kli_reallocarray(e->pv, n + 1, sizeof(*e->pv))) == NULL)
+    if ((p = k_reallocarray(e->pv, n + 1, sizeof(*e->pv))) == NULL)
         goto nomem;
     e->pv = p;
-    if ((p = kli_reallocarray(e->rk, n + 1, sizeof(*e->rk))) == NULL)
+    if ((p = k_reallocarray(e->rk, n + 1, sizeof(*e->rk))) == NULL)
         goto nomem;
     e->rk = p;
-    if ((p = kli_reallocarray(e->id, n + 1, sizeof(*e->id))) == NULL)
+    if ((p = k_reallocarray(e->id, n + 1, sizeof(*e->id))) == NULL)
         goto nomem;
     e->id = p;
-    if ((p = kli_reallocarray(e->heap, 3 * n + 1, sizeof(*e->heap))) == NULL)
+    if ((p = k_reallocarray(e->heap, 3 * n + 1, sizeof(*e->heap))) == NULL)
         goto nomem;
     e->heap = p;
     e->scratch_n = n;
     return KLI_OK;
 nomem:
-    return kli_err_set(e->err, KLI_E_NOMEM, "tokenize: out of memory");
+    return err_set(e->err, KLI_E_NOMEM, "tokenize: out of memory");
 }
 
 /*
@@ -436,7 +436,7 @@ tok_encode_ordinary(struct tok_enc *e, const unsigned char *s, size_t n)
             PCRE2_UCHAR msg[120];
 
             pcre2_get_error_message(rc, msg, sizeof(msg));
-            return kli_err_set(e->err, rc == PCRE2_ERROR_NOMEMORY ? KLI_E_NOMEM : KLI_E_RANGE,
+            return err_set(e->err, rc == PCRE2_ERROR_NOMEMORY ? KLI_E_NOMEM : KLI_E_RANGE,
                                "tokenize: the split pattern failed near byte %zu: %s",
                                (size_t)(s - e->text) + off, (const char *)msg);
         }
@@ -568,12 +568,12 @@ kli_tokenize(const struct kli_tokenizer *t, const char *text, size_t len, int fl
 
     if (t == NULL || (text == NULL && len > 0) || cap < 0 || (out == NULL && cap > 0) ||
         (flags & ~(KLI_TOKENIZE_SPECIAL | TOKENIZER_PCRE2_ONLY)) != 0)
-        return kli_err_set(err, KLI_E_INVALID, "kli_tokenize: invalid argument");
+        return err_set(err, KLI_E_INVALID, "kli_tokenize: invalid argument");
     if (len > (size_t)INT64_MAX)
-        return kli_err_set(err, KLI_E_RANGE, "kli_tokenize: text too long");
+        return err_set(err, KLI_E_RANGE, "kli_tokenize: text too long");
     bad = unicode_valid_prefix(text, len);
     if (bad != len)
-        return kli_err_set(err, KLI_E_FORMAT,
+        return err_set(err, KLI_E_FORMAT,
                            "tokenize: invalid UTF-8 at byte offset %zu (byte 0x%02x)", bad,
                            (unsigned)(unsigned char)text[bad]);
     if (len == 0)
@@ -587,7 +587,7 @@ kli_tokenize(const struct kli_tokenizer *t, const char *text, size_t len, int fl
     e.fast = !(flags & TOKENIZER_PCRE2_ONLY);
     e.md = pcre2_match_data_create_from_pattern(t->re, NULL);
     if (e.md == NULL) {
-        rc = kli_err_set(err, KLI_E_NOMEM, "tokenize: out of memory");
+        rc = err_set(err, KLI_E_NOMEM, "tokenize: out of memory");
         goto out;
     }
     rc = tok_encode_text(&e, len, flags & KLI_TOKENIZE_SPECIAL);
@@ -612,13 +612,13 @@ kli_detokenize(const struct kli_tokenizer *t, const kli_token *ids, int64_t n, c
     int64_t need = 0;
 
     if (t == NULL || n < 0 || (ids == NULL && n > 0) || cap < 0 || (out == NULL && cap > 0))
-        return kli_err_set(err, KLI_E_INVALID, "kli_detokenize: invalid argument");
+        return err_set(err, KLI_E_INVALID, "kli_detokenize: invalid argument");
     for (int64_t i = 0; i < n; i++) {
         kli_token id = ids[i];
         size_t l;
 
         if (id < 0 || id >= t->n_vocab)
-            return kli_err_set(err, KLI_E_RANGE,
+            return err_set(err, KLI_E_RANGE,
                                "detokenize: token %d at index %lld is outside [0, %d)",
                                (int)id, (long long)i, (int)t->n_vocab);
         l = t->tok_len[id];

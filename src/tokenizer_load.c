@@ -58,7 +58,7 @@ tok_map_init(struct tok_map *m, size_t count)
 
     while (cap < count + count / 2 + 1)
         cap *= 2;
-    m->slot = kli_calloc(cap, sizeof(*m->slot));
+    m->slot = k_calloc(cap, sizeof(*m->slot));
     if (m->slot == NULL)
         return KLI_E_NOMEM;
     m->mask = cap - 1;
@@ -100,7 +100,7 @@ tok_read_file(const char *path, int optional, char **buf, size_t *len, struct kl
     *len = 0;
     if (optional && stat(path, &st) != 0 && errno == ENOENT)
         return 1;
-    return kli_file_read(path, TOK_MAX_FILE, buf, len, err);
+    return file_read(path, TOK_MAX_FILE, buf, len, err);
 }
 
 static int
@@ -203,34 +203,34 @@ tok_parse_rank_line(struct kli_tokenizer *t, const char *path, long lineno, cons
         i++;
     }
     if (i == d || (i < n && !tok_is_blank(s[i])))
-        return kli_err_set(err, KLI_E_FORMAT,
+        return err_set(err, KLI_E_FORMAT,
                            "tokenizer: %s line %ld: expected \"<base64> <rank>\"", path, lineno);
     while (i < n && tok_is_blank(s[i]))
         i++;
     if (i != n)
-        return kli_err_set(err, KLI_E_FORMAT,
+        return err_set(err, KLI_E_FORMAT,
                            "tokenizer: %s line %ld: extra text after the rank", path, lineno);
     len = tok_b64_decode(s + b64, b64_len, dec);
     if (len <= 0)
-        return kli_err_set(err, KLI_E_FORMAT, "tokenizer: %s line %ld: invalid base64 \"%.*s\"",
+        return err_set(err, KLI_E_FORMAT, "tokenizer: %s line %ld: invalid base64 \"%.*s\"",
                            path, lineno, (int)(b64_len > 40 ? 40 : b64_len), s + b64);
     if (rank >= (uint64_t)t->n_base)
-        return kli_err_set(err, KLI_E_FORMAT,
+        return err_set(err, KLI_E_FORMAT,
                            "tokenizer: %s line %ld: rank %llu out of range: %d entries need "
                            "ranks 0..%d with no gaps", path, lineno, (unsigned long long)rank,
                            t->n_base, t->n_base - 1);
     if (rank_line[rank] != 0)
-        return kli_err_set(err, KLI_E_FORMAT,
+        return err_set(err, KLI_E_FORMAT,
                            "tokenizer: %s line %ld: rank %llu repeated (first on line %lu)",
                            path, lineno, (unsigned long long)rank,
                            (unsigned long)rank_line[rank]);
     rank_line[rank] = (uint32_t)lineno;
     rc = tok_pool_add(t, (kli_token)rank, dec, (size_t)len);
     if (rc != KLI_OK)
-        return kli_err_set(err, rc, "tokenizer: %s: out of memory", path);
+        return err_set(err, rc, "tokenizer: %s: out of memory", path);
     old = tok_map_insert(t, &t->ranks, (kli_token)rank);
     if (old >= 0)
-        return kli_err_set(err, KLI_E_FORMAT,
+        return err_set(err, KLI_E_FORMAT,
                            "tokenizer: %s line %ld: the bytes of rank %llu repeat those of "
                            "rank %d (line %lu)", path, lineno, (unsigned long long)rank, old,
                            (unsigned long)rank_line[old]);
@@ -272,7 +272,7 @@ tok_parse_ranks(struct kli_tokenizer *t, const char *path, const char *buf, size
     int rc;
 
     if (len > UINT32_MAX / 2) {
-        rc = kli_err_set(err, KLI_E_FORMAT, "tokenizer: %s is larger than 2 GiB", path);
+        rc = err_set(err, KLI_E_FORMAT, "tokenizer: %s is larger than 2 GiB", path);
         goto out;
     }
     /* Pass 1: count entries (tiktoken skips empty lines) and bound line lengths. */
@@ -280,7 +280,7 @@ tok_parse_ranks(struct kli_tokenizer *t, const char *path, const char *buf, size
     for (i = 0; tok_next_line(buf, len, &i, &line, &ll);) {
         lineno++;
         if (ll > TOK_MAX_LINE) {
-            rc = kli_err_set(err, KLI_E_FORMAT, "tokenizer: %s line %ld: longer than %d bytes",
+            rc = err_set(err, KLI_E_FORMAT, "tokenizer: %s line %ld: longer than %d bytes",
                              path, lineno, TOK_MAX_LINE);
             goto out;
         }
@@ -288,20 +288,20 @@ tok_parse_ranks(struct kli_tokenizer *t, const char *path, const char *buf, size
             n_lines++;
     }
     if (n_lines < 256 || n_lines > TOK_MAX_RANKS) {
-        rc = kli_err_set(err, KLI_E_FORMAT, "tokenizer: %s has %zu ranks; expected 256..%d",
+        rc = err_set(err, KLI_E_FORMAT, "tokenizer: %s has %zu ranks; expected 256..%d",
                          path, n_lines, TOK_MAX_RANKS);
         goto out;
     }
     t->n_base = (int32_t)n_lines;
     t->n_vocab = t->n_base;     /* the specials come later */
-    t->tok_off = kli_calloc((size_t)t->n_base + TOK_SLOTS_OLD, sizeof(*t->tok_off));
-    t->tok_len = kli_calloc((size_t)t->n_base + TOK_SLOTS_OLD, sizeof(*t->tok_len));
-    rank_line = kli_calloc((size_t)t->n_base, sizeof(*rank_line));
+    t->tok_off = k_calloc((size_t)t->n_base + TOK_SLOTS_OLD, sizeof(*t->tok_off));
+    t->tok_len = k_calloc((size_t)t->n_base + TOK_SLOTS_OLD, sizeof(*t->tok_len));
+    rank_line = k_calloc((size_t)t->n_base, sizeof(*rank_line));
     t->pool_cap = len + 1 + TOK_SLOTS_OLD * 32;
-    t->pool = kli_malloc(t->pool_cap);
+    t->pool = k_malloc(t->pool_cap);
     if (t->tok_off == NULL || t->tok_len == NULL || rank_line == NULL || t->pool == NULL ||
         tok_map_init(&t->ranks, (size_t)t->n_base) != KLI_OK) {
-        rc = kli_err_set(err, KLI_E_NOMEM, "tokenizer: out of memory loading %s", path);
+        rc = err_set(err, KLI_E_NOMEM, "tokenizer: out of memory loading %s", path);
         goto out;
     }
     /* Pass 2: decode. */
@@ -314,9 +314,9 @@ tok_parse_ranks(struct kli_tokenizer *t, const char *path, const char *buf, size
                 goto out;
         }
     }
-    t->pair_rank = kli_mallocarray(65536, sizeof(*t->pair_rank));
+    t->pair_rank = k_mallocarray(65536, sizeof(*t->pair_rank));
     if (t->pair_rank == NULL) {
-        rc = kli_err_set(err, KLI_E_NOMEM, "tokenizer: out of memory loading %s", path);
+        rc = err_set(err, KLI_E_NOMEM, "tokenizer: out of memory loading %s", path);
         goto out;
     }
     for (i = 0; i < 65536; i++)
@@ -333,7 +333,7 @@ tok_parse_ranks(struct kli_tokenizer *t, const char *path, const char *buf, size
 
         t->byte_id[i] = tok_map_find(t, &t->ranks, &b, 1);
         if (t->byte_id[i] < 0) {
-            rc = kli_err_set(err, KLI_E_FORMAT,
+            rc = err_set(err, KLI_E_FORMAT,
                              "tokenizer: %s: byte 0x%02zx has no rank (every single byte "
                              "needs one)", path, i);
             goto out;
@@ -376,7 +376,7 @@ tok_parse_config(struct kli_tokenizer *t, const char *path, const char *buf, siz
         return KLI_OK;
     root = cJSON_ParseWithLength(buf, len);
     if (root == NULL || !cJSON_IsObject(root)) {
-        rc = kli_err_set(err, KLI_E_FORMAT, "tokenizer: %s is not a JSON object", path);
+        rc = err_set(err, KLI_E_FORMAT, "tokenizer: %s is not a JSON object", path);
         goto out;
     }
     dec = cJSON_GetObjectItemCaseSensitive(root, "added_tokens_decoder");
@@ -385,7 +385,7 @@ tok_parse_config(struct kli_tokenizer *t, const char *path, const char *buf, siz
         goto out;
     }
     if (!cJSON_IsObject(dec)) {
-        rc = kli_err_set(err, KLI_E_FORMAT,
+        rc = err_set(err, KLI_E_FORMAT,
                          "tokenizer: %s: \"added_tokens_decoder\" is not an object", path);
         goto out;
     }
@@ -399,20 +399,20 @@ tok_parse_config(struct kli_tokenizer *t, const char *path, const char *buf, siz
         errno = 0;
         id = key != NULL && key[0] >= '0' && key[0] <= '9' ? strtol(key, &end, 10) : -1;
         if (id < 0 || errno != 0 || *end != '\0') {
-            rc = kli_err_set(err, KLI_E_FORMAT,
+            rc = err_set(err, KLI_E_FORMAT,
                              "tokenizer: %s: added_tokens_decoder key \"%s\" is not a token id",
                              path, key != NULL ? key : "");
             goto out;
         }
         if (id < t->n_base || id >= (long)t->n_base + TOK_SLOTS_OLD) {
-            rc = kli_err_set(err, KLI_E_FORMAT,
+            rc = err_set(err, KLI_E_FORMAT,
                              "tokenizer: %s: added token id %ld is outside the special slots "
                              "%d..%d", path, id, t->n_base, t->n_base + TOK_SLOTS_OLD - 1);
             goto out;
         }
         if (!cJSON_IsString(content) || content->valuestring == NULL ||
             content->valuestring[0] == '\0') {
-            rc = kli_err_set(err, KLI_E_FORMAT,
+            rc = err_set(err, KLI_E_FORMAT,
                              "tokenizer: %s: added token %ld has no \"content\" string", path,
                              id);
             goto out;
@@ -420,19 +420,19 @@ tok_parse_config(struct kli_tokenizer *t, const char *path, const char *buf, siz
         nlen = strlen(content->valuestring);
         if (nlen > TOK_MAX_SPECIAL ||
             unicode_valid_prefix(content->valuestring, nlen) != nlen) {
-            rc = kli_err_set(err, KLI_E_FORMAT,
+            rc = err_set(err, KLI_E_FORMAT,
                              "tokenizer: %s: added token %ld is longer than %d bytes or not "
                              "UTF-8", path, id, TOK_MAX_SPECIAL);
             goto out;
         }
         if (names[id - t->n_base] != NULL) {
-            rc = kli_err_set(err, KLI_E_FORMAT, "tokenizer: %s: added token %ld named twice",
+            rc = err_set(err, KLI_E_FORMAT, "tokenizer: %s: added token %ld named twice",
                              path, id);
             goto out;
         }
-        names[id - t->n_base] = kli_strdup(content->valuestring);
+        names[id - t->n_base] = k_strdup(content->valuestring);
         if (names[id - t->n_base] == NULL) {
-            rc = kli_err_set(err, KLI_E_NOMEM, "tokenizer: out of memory reading %s", path);
+            rc = err_set(err, KLI_E_NOMEM, "tokenizer: out of memory reading %s", path);
             goto out;
         }
         if (id - t->n_base >= TOK_SLOTS)
@@ -479,7 +479,7 @@ tok_add_specials(struct kli_tokenizer *t, char **names, int n_slots, struct kli_
     int k, rc;
 
     if (tok_map_init(&t->specials, (size_t)n_slots) != KLI_OK)
-        return kli_err_set(err, KLI_E_NOMEM, "tokenizer: out of memory");
+        return err_set(err, KLI_E_NOMEM, "tokenizer: out of memory");
     for (k = 0; k < n_slots; k++) {
         kli_token id = t->n_base + k, old;
         char tmp[64];
@@ -491,10 +491,10 @@ tok_add_specials(struct kli_tokenizer *t, char **names, int n_slots, struct kli_
         }
         rc = tok_pool_add(t, id, name, strlen(name));
         if (rc != KLI_OK)
-            return kli_err_set(err, rc, "tokenizer: out of memory");
+            return err_set(err, rc, "tokenizer: out of memory");
         old = tok_map_insert(t, &t->specials, id);
         if (old >= 0)
-            return kli_err_set(err, KLI_E_FORMAT,
+            return err_set(err, KLI_E_FORMAT,
                                "tokenizer: special token \"%s\" names both id %d and id %d",
                                name, (int)old, (int)id);
         if (t->tok_len[id] == 1) {
@@ -548,7 +548,7 @@ tok_compile(struct kli_tokenizer *t, struct kli_err *err)
         PCRE2_UCHAR msg[160];
 
         pcre2_get_error_message(ecode, msg, sizeof(msg));
-        return kli_err_set(err, KLI_E_UNSUPPORTED,
+        return err_set(err, KLI_E_UNSUPPORTED,
                            "tokenizer: PCRE2 cannot compile the split pattern at offset %zu: "
                            "%s (is it built with Unicode support?)", (size_t)eoff,
                            (const char *)msg);
@@ -564,19 +564,19 @@ tok_compile(struct kli_tokenizer *t, struct kli_err *err)
 static int
 tok_open_packed(struct kli_tokenizer **out, const char *path, struct kli_err *err)
 {
-    struct kli_wfile *wf = NULL;
-    const struct kli_pack_info *pk;
-    int rc = kli_wfile_open(&wf, path, err);
+    struct wfile *wf = NULL;
+    const struct pack_info *pk;
+    int rc = wfile_open(&wf, path, err);
 
     if (rc != KLI_OK)
         return rc;
-    pk = kli_wfile_pack(wf);
+    pk = wfile_pack(wf);
     if (pk == NULL || pk->tok_ranks == NULL)
-        rc = kli_err_set(err, KLI_E_FORMAT, "tokenizer: %s holds no tokenizer", path);
+        rc = err_set(err, KLI_E_FORMAT, "tokenizer: %s holds no tokenizer", path);
     else
         rc = tokenizer_open_mem(out, pk->tok_ranks, (size_t)pk->tok_ranks_len, pk->tok_config,
                                 (size_t)pk->tok_config_len, path, err);
-    kli_wfile_close(wf);
+    wfile_close(wf);
     return rc;
 }
 
@@ -590,15 +590,15 @@ kli_tokenizer_open(struct kli_tokenizer **out, const char *dir, struct kli_err *
     int n_slots, k, rc;
 
     if (out == NULL || dir == NULL)
-        return kli_err_set(err, KLI_E_INVALID, "kli_tokenizer_open: NULL argument");
+        return err_set(err, KLI_E_INVALID, "kli_tokenizer_open: NULL argument");
     *out = NULL;
-    if (kli_pack_probe(dir))
+    if (pack_probe(dir))
         return tok_open_packed(out, dir, err);
     plen = strlen(dir) + sizeof("/tokenizer_config.json");
-    path = kli_malloc(plen);
-    t = kli_calloc(1, sizeof(*t));
+    path = k_malloc(plen);
+    t = k_calloc(1, sizeof(*t));
     if (path == NULL || t == NULL) {
-        rc = kli_err_set(err, KLI_E_NOMEM, "tokenizer: out of memory");
+        rc = err_set(err, KLI_E_NOMEM, "tokenizer: out of memory");
         goto fail;
     }
     snprintf(path, plen, "%s/tiktoken.model", dir);
@@ -639,11 +639,11 @@ tokenizer_open_mem(struct kli_tokenizer **out, const char *ranks, size_t ranks_l
 
     *out = NULL;
     /* The parsers want NUL-terminated text, as tok_read_file gives them. */
-    rb = kli_malloc(ranks_len + 1);
-    cb = config != NULL ? kli_malloc(config_len + 1) : NULL;
-    t = kli_calloc(1, sizeof(*t));
+    rb = k_malloc(ranks_len + 1);
+    cb = config != NULL ? k_malloc(config_len + 1) : NULL;
+    t = k_calloc(1, sizeof(*t));
     if (rb == NULL || (config != NULL && cb == NULL) || t == NULL) {
-        rc = kli_err_set(err, KLI_E_NOMEM, "tokenizer: out of memory");
+        rc = err_set(err, KLI_E_NOMEM, "tokenizer: out of memory");
         goto out;
     }
     memcpy(rb, ranks, ranks_len);

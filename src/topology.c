@@ -28,14 +28,14 @@ static int
 topo_alloc(struct topo *t, int64_t n_cores, int64_t n_pus, struct kli_err *err)
 {
     if (n_cores < 1 || n_pus < n_cores || n_pus > TOPO_MAX_CPUS)
-        return kli_err_set(err, KLI_E_RANGE, "topology: %lld CPUs in %lld cores (kli handles "
+        return err_set(err, KLI_E_RANGE, "topology: %lld CPUs in %lld cores (kli handles "
                            "1 to %d CPUs, TOPO_MAX_CPUS)", (long long)n_pus,
                            (long long)n_cores, TOPO_MAX_CPUS);
-    t->cores = kli_calloc((size_t)n_cores, sizeof(*t->cores));
-    t->pu_os = kli_calloc((size_t)n_pus, sizeof(*t->pu_os));
-    t->pu_allowed = kli_calloc((size_t)n_pus, 1);
+    t->cores = k_calloc((size_t)n_cores, sizeof(*t->cores));
+    t->pu_os = k_calloc((size_t)n_pus, sizeof(*t->pu_os));
+    t->pu_allowed = k_calloc((size_t)n_pus, 1);
     if (t->cores == NULL || t->pu_os == NULL || t->pu_allowed == NULL)
-        return kli_err_set(err, KLI_E_NOMEM, "out of memory for the topology");
+        return err_set(err, KLI_E_NOMEM, "out of memory for the topology");
     t->n_cores = (int32_t)n_cores;
     t->n_pus = (int32_t)n_pus;
     memset(t->pu_allowed, 1, (size_t)n_pus);
@@ -94,7 +94,7 @@ topo_synthetic_basic(struct topo *t, const char *desc, struct kli_err *err)
         size_t len = (size_t)(colon - p);
         mult *= v;
         if (mult > TOPO_MAX_CPUS)
-            return kli_err_set(err, KLI_E_RANGE, "topology: \"%s\" has more than %d CPUs",
+            return err_set(err, KLI_E_RANGE, "topology: \"%s\" has more than %d CPUs",
                                desc, TOPO_MAX_CPUS);
 #define IS(s) (len == strlen(s) && strncmp(p, s, len) == 0)
         if (IS("pack") || IS("package") || IS("socket"))
@@ -135,7 +135,7 @@ topo_synthetic_basic(struct topo *t, const char *desc, struct kli_err *err)
         t->node_os[n] = (int32_t)n;
     return KLI_OK;
 bad:
-    return kli_err_set(err, KLI_E_RANGE, "topology: cannot read the synthetic description "
+    return err_set(err, KLI_E_RANGE, "topology: cannot read the synthetic description "
                        "\"%s\" (expected levels such as \"pack:2 numa:2 core:8 pu:2\")", desc);
 }
 
@@ -148,21 +148,21 @@ topo_from_hwloc(struct topo *t, const char *synth, const char *xml, struct kli_e
     int rc;
 
     if (hwloc_topology_init(&hw) != 0)
-        return kli_err_set(err, KLI_E_NOMEM, "topology: hwloc_topology_init failed");
+        return err_set(err, KLI_E_NOMEM, "topology: hwloc_topology_init failed");
     if (synth != NULL && hwloc_topology_set_synthetic(hw, synth) != 0) {
         hwloc_topology_destroy(hw);
-        return kli_err_set(err, KLI_E_RANGE, "topology: hwloc rejects the synthetic "
+        return err_set(err, KLI_E_RANGE, "topology: hwloc rejects the synthetic "
                            "description \"%s\"", synth);
     }
     if (xml != NULL && hwloc_topology_set_xml(hw, xml) != 0) {
         rc = errno;
         hwloc_topology_destroy(hw);
-        return kli_err_set(err, KLI_E_RANGE, "topology: %s: cannot read as hwloc XML (%s)",
+        return err_set(err, KLI_E_RANGE, "topology: %s: cannot read as hwloc XML (%s)",
                            xml, strerror(rc));
     }
     if (hwloc_topology_load(hw) != 0) {
         hwloc_topology_destroy(hw);
-        return kli_err_set(err, KLI_E_RANGE, "topology: hwloc cannot load %s",
+        return err_set(err, KLI_E_RANGE, "topology: hwloc cannot load %s",
                            synth ? synth : xml ? xml : "this machine");
     }
     int n_pu = hwloc_get_nbobjs_by_type(hw, HWLOC_OBJ_PU);
@@ -182,7 +182,7 @@ topo_from_hwloc(struct topo *t, const char *synth, const char *xml, struct kli_e
     }
     if (n_node > TOPO_MAX_NODES) {
         hwloc_topology_destroy(hw);
-        return kli_err_set(err, KLI_E_RANGE, "topology: %d NUMA nodes (kli handles up to %d, "
+        return err_set(err, KLI_E_RANGE, "topology: %d NUMA nodes (kli handles up to %d, "
                            "TOPO_MAX_NODES)", n_node, TOPO_MAX_NODES);
     }
     if ((rc = topo_alloc(t, n_core, n_pu, err)) != KLI_OK) {
@@ -203,7 +203,7 @@ topo_from_hwloc(struct topo *t, const char *synth, const char *xml, struct kli_e
         hwloc_obj_t core = hwloc_get_ancestor_obj_by_type(hw, HWLOC_OBJ_CORE, pu);
         if (pu->os_index >= TOPO_MAX_CPUS) {
             hwloc_topology_destroy(hw);
-            return kli_err_set(err, KLI_E_RANGE, "topology: CPU %u (kli handles CPU numbers "
+            return err_set(err, KLI_E_RANGE, "topology: CPU %u (kli handles CPU numbers "
                                "below %d, TOPO_MAX_CPUS)", pu->os_index, TOPO_MAX_CPUS);
         }
         if (core == NULL || core != prev) {
@@ -273,13 +273,13 @@ struct topo_sysfs {
 static int
 topo_from_sysfs(struct topo *t, struct kli_err *err)
 {
-    struct topo_sysfs *S = kli_calloc(1, sizeof(*S));
+    struct topo_sysfs *S = k_calloc(1, sizeof(*S));
     int32_t n_pu = 0, n_core = 0, n_node = 0, n_pkg = 0;
     char path[128];
     int rc;
 
     if (S == NULL)
-        return kli_err_set(err, KLI_E_NOMEM, "out of memory for the topology");
+        return err_set(err, KLI_E_NOMEM, "out of memory for the topology");
     uint8_t *online = S->online, *nodecpus = S->nodecpus;
     int32_t *pkg = S->pkg, *cid = S->cid, *node = S->node, *core_of = S->core_of;
     int32_t *first_cpu = S->first_cpu, *pkg_os = S->pkg_os;
@@ -409,19 +409,19 @@ topo_discover(struct topo **out, const char *spec, struct kli_err *err)
         if (spec != NULL && *spec == '\0')
             spec = NULL;
     }
-    if ((t = kli_calloc(1, sizeof(*t))) == NULL)
-        return kli_err_set(err, KLI_E_NOMEM, "out of memory for the topology");
+    if ((t = k_calloc(1, sizeof(*t))) == NULL)
+        return err_set(err, KLI_E_NOMEM, "out of memory for the topology");
     if (spec != NULL) {
         int synth = strncmp(spec, "synthetic:", 10) == 0, xml = strncmp(spec, "xml:", 4) == 0;
         const char *arg = spec + (synth ? 10 : 4);
         size_t len = strlen(arg);
         if (!synth && !xml) {
-            rc = kli_err_set(err, KLI_E_RANGE, "KLI_TOPOLOGY: \"%s\" is neither "
+            rc = err_set(err, KLI_E_RANGE, "KLI_TOPOLOGY: \"%s\" is neither "
                              "synthetic:DESCRIPTION nor xml:PATH", spec);
             goto fail;
         }
         if (len >= sizeof(desc)) {
-            rc = kli_err_set(err, KLI_E_RANGE, "KLI_TOPOLOGY: description too long");
+            rc = err_set(err, KLI_E_RANGE, "KLI_TOPOLOGY: description too long");
             goto fail;
         }
         /* Quotes kept by a shell-less caller: synthetic:"pack:2 core:4". */
@@ -437,7 +437,7 @@ topo_discover(struct topo **out, const char *spec, struct kli_err *err)
         rc = topo_from_hwloc(t, synth ? desc : NULL, xml ? desc : NULL, err);
 #else
         if (xml)
-            rc = kli_err_set(err, KLI_E_UNSUPPORTED, "KLI_TOPOLOGY: xml: needs kli built "
+            rc = err_set(err, KLI_E_UNSUPPORTED, "KLI_TOPOLOGY: xml: needs kli built "
                              "with hwloc");
         else
             rc = topo_synthetic_basic(t, desc, err);
@@ -467,12 +467,12 @@ fail:
 int
 topo_discover_fallback(struct topo **out, const char *synthetic, struct kli_err *err)
 {
-    struct topo *t = kli_calloc(1, sizeof(*t));
+    struct topo *t = k_calloc(1, sizeof(*t));
     int rc;
 
     *out = NULL;
     if (t == NULL)
-        return kli_err_set(err, KLI_E_NOMEM, "out of memory for the topology");
+        return err_set(err, KLI_E_NOMEM, "out of memory for the topology");
     if (synthetic != NULL) {
         t->synthetic = 1;
         snprintf(t->source, sizeof(t->source), "synthetic: %s", synthetic);
@@ -515,7 +515,7 @@ topo_parse_cpus(const char *list, uint8_t *set, const char *what, struct kli_err
             p = end;
         }
         if (a > b || b >= TOPO_MAX_CPUS)
-            return kli_err_set(err, KLI_E_RANGE, "%s: \"%s\": CPU numbers go from 0 to %d, "
+            return err_set(err, KLI_E_RANGE, "%s: \"%s\": CPU numbers go from 0 to %d, "
                                "ranges low-high", what, list, TOPO_MAX_CPUS - 1);
         for (long c = a; c <= b; c++)
             set[c] = 1;
@@ -529,7 +529,7 @@ topo_parse_cpus(const char *list, uint8_t *set, const char *what, struct kli_err
     if (any)
         return KLI_OK;
 bad:
-    return kli_err_set(err, KLI_E_RANGE, "%s: \"%s\" is not a CPU list such as 0-7,16-23",
+    return err_set(err, KLI_E_RANGE, "%s: \"%s\" is not a CPU list such as 0-7,16-23",
                        what, list);
 }
 
@@ -592,7 +592,7 @@ topo_plan_workers(const struct topo *t, const struct topo_options *o, struct top
             exists[t->pu_os[i]] = 1;
         for (int c = 0; c < TOPO_MAX_CPUS; c++) {
             if (want[c] && !exists[c])
-                return kli_err_set(err, KLI_E_RANGE, "cpus: \"%s\" names CPU %d, which this "
+                return err_set(err, KLI_E_RANGE, "cpus: \"%s\" names CPU %d, which this "
                                    "machine does not have (%d CPUs)", o->cpus, c, t->n_pus);
         }
     }
@@ -613,7 +613,7 @@ topo_plan_workers(const struct topo *t, const struct topo_options *o, struct top
             p->n_cores_allowed++;
     }
     if (p->n_cores_allowed == 0)
-        return kli_err_set(err, KLI_E_RANGE, "cpus: \"%s\" leaves no CPU this process may use",
+        return err_set(err, KLI_E_RANGE, "cpus: \"%s\" leaves no CPU this process may use",
                            o->cpus != NULL ? o->cpus : "(all)");
     int32_t n = p->n_cores_allowed;
     if (o->n_threads > 0 && o->n_threads < n)
@@ -772,8 +772,8 @@ topo_partition(const struct topo_plan *p, struct topo_region *r, int64_t n)
         n_ex += r[i].role == TOPO_ROLE_EXPERT;
     if (n_ex == 0)
         return KLI_OK;
-    keys = kli_mallocarray((size_t)n_ex, sizeof(*keys));
-    u = kli_mallocarray((size_t)n_ex, sizeof(*u));
+    keys = k_mallocarray((size_t)n_ex, sizeof(*keys));
+    u = k_mallocarray((size_t)n_ex, sizeof(*u));
     if (keys == NULL || u == NULL) {
         free(keys);
         free(u);

@@ -49,7 +49,7 @@ struct xslot {
     uint64_t last_use, last_step;
     int32_t next;             /* queue link */
     uint8_t *buf;
-    struct kli_ffn_w w;
+    struct ffn_w w;
     char msg[320];
 };
 
@@ -82,7 +82,7 @@ struct xcache {
 };
 
 static uint64_t
-xc_tensor_bytes(const struct kli_tensor *t)
+xc_tensor_bytes(const struct tensor *t)
 {
     return model_row_bytes(t) * (uint64_t)t->shape[0];
 }
@@ -90,7 +90,7 @@ xc_tensor_bytes(const struct kli_tensor *t)
 /* ---- sizes ------------------------------------------------------------------------------- */
 
 static uint64_t
-xc_expert_bytes(const struct kli_ffn_w *w)
+xc_expert_bytes(const struct ffn_w *w)
 {
     return xc_tensor_bytes(&w->gate) + xc_tensor_bytes(&w->up) + xc_tensor_bytes(&w->down);
 }
@@ -100,12 +100,12 @@ xc_expert_bytes(const struct kli_ffn_w *w)
 static void
 xc_sizes(const struct kli_model *m, uint64_t *trunk, uint64_t *slot, int32_t *n_experts)
 {
-    const struct kli_config *c = &m->cfg;
+    const struct k_config *c = &m->cfg;
     uint64_t experts = 0, owned = 0, big = 0;
     int32_t n = 0;
 
     for (int32_t l = 0; l < c->n_layers; l++) {
-        const struct kli_layer *ly = &m->layers[l];
+        const struct k_layer *ly = &m->layers[l];
         if (ly->mixer == KLI_MIXER_MLA)
             owned += (uint64_t)c->mla.n_heads * (uint64_t)c->mla.kv_lora_rank *
                      (uint64_t)(c->mla.qk_nope_dim + c->mla.v_head_dim) * sizeof(float);
@@ -118,7 +118,7 @@ xc_sizes(const struct kli_model *m, uint64_t *trunk, uint64_t *slot, int32_t *n_
             n++;
         }
     }
-    uint64_t all = kli_wfile_data_bytes(m->wf);
+    uint64_t all = wfile_data_bytes(m->wf);
     *trunk = (all > experts ? all - experts : 0) + owned;
     *slot = (big + 4095) & ~(uint64_t)4095;
     *n_experts = n;
@@ -147,26 +147,26 @@ xcache_min_budget(const struct kli_model *m, int32_t min_slots)
 static int
 xc_locate(struct xcache *c, int32_t l, int32_t e, struct kli_err *err)
 {
-    const struct kli_ffn_w *w = &c->m->layers[l].moe.experts[e];
-    const struct kli_tensor *t[3] = {&w->gate, &w->up, &w->down};
-    const struct kli_pack_info *pk = kli_wfile_pack(c->m->wf);
+    const struct ffn_w *w = &c->m->layers[l].moe.experts[e];
+    const struct tensor *t[3] = {&w->gate, &w->up, &w->down};
+    const struct pack_info *pk = wfile_pack(c->m->wf);
     struct xsrc *s = &c->src[(int64_t)l * c->E + e];
     int32_t file[3], ord[3] = {0, 1, 2};
     uint64_t off[3];
 
     s->has_sum = pk != NULL;
     for (int j = 0; j < 3; j++) {
-        if (kli_wfile_locate(c->m->wf, t[j]->data, &file[j], &off[j]) != 0)
-            return kli_err_set(err, KLI_E_UNSUPPORTED, "tensor %s is not in the weight "
+        if (wfile_locate(c->m->wf, t[j]->data, &file[j], &off[j]) != 0)
+            return err_set(err, KLI_E_UNSUPPORTED, "tensor %s is not in the weight "
                                "files (converted at open?): --mem-budget reads experts from "
                                "the files as stored", t[j]->name);
         s->tlen[j] = xc_tensor_bytes(t[j]);
         if (pk != NULL) {
-            const struct kli_tensor_desc *d = kli_wfile_find(c->m->wf, t[j]->name);
+            const struct tensor_desc *d = wfile_find(c->m->wf, t[j]->name);
             if (d == NULL)
-                return kli_err_set(err, KLI_E_FORMAT, "tensor %s: no directory entry",
+                return err_set(err, KLI_E_FORMAT, "tensor %s: no directory entry",
                                    t[j]->name);
-            s->sum[j] = pk->checksums[kli_wfile_index(c->m->wf, d)];
+            s->sum[j] = pk->checksums[wfile_index(c->m->wf, d)];
         }
     }
     /* file order, then merge neighbours into one read */
@@ -254,11 +254,11 @@ xc_load(struct xcache *c, struct xslot *sl, int32_t key)
 {
     const struct xsrc *s = &c->src[key];
     int32_t l = key / c->E, e = key % c->E;
-    const struct kli_ffn_w *w = &c->m->layers[l].moe.experts[e];
-    const struct kli_tensor *t[3] = {&w->gate, &w->up, &w->down};
+    const struct ffn_w *w = &c->m->layers[l].moe.experts[e];
+    const struct tensor *t[3] = {&w->gate, &w->up, &w->down};
 
     sl->msg[0] = '\0';
-    if (sl->buf == NULL && (sl->buf = kli_malloc_aligned(c->slot_bytes)) == NULL) {
+    if (sl->buf == NULL && (sl->buf = k_malloc_aligned(c->slot_bytes)) == NULL) {
         snprintf(sl->msg, sizeof(sl->msg), "out of memory for an expert cache slot "
                  "(%llu bytes)", (unsigned long long)c->slot_bytes);
         return;
@@ -267,15 +267,15 @@ xc_load(struct xcache *c, struct xslot *sl, int32_t key)
         int rc = xc_pread(c->fds[s->file[r]], sl->buf + s->at[r], s->len[r], s->off[r]);
         if (rc != 0) {
             snprintf(sl->msg, sizeof(sl->msg), "reading expert %d of layer %d from %.80s: %s",
-                     e, l, kli_wfile_file_path(c->m->wf, s->file[r]), strerror(rc));
+                     e, l, wfile_file_path(c->m->wf, s->file[r]), strerror(rc));
             return;
         }
     }
     for (int j = 0; j < 3; j++) {
-        if (s->has_sum && kli_xxh64(sl->buf + s->toff[j], (size_t)s->tlen[j], 0) != s->sum[j]) {
+        if (s->has_sum && xxh64(sl->buf + s->toff[j], (size_t)s->tlen[j], 0) != s->sum[j]) {
             snprintf(sl->msg, sizeof(sl->msg), "%.80s: section \"data\" is damaged: tensor "
                      "\"%.64s\" does not match its checksum",
-                     kli_wfile_file_path(c->m->wf, s->file[0]), t[j]->name);
+                     wfile_file_path(c->m->wf, s->file[0]), t[j]->name);
             return;
         }
     }
@@ -327,7 +327,7 @@ int
 xcache_open(struct xcache **out, const struct kli_model *m, uint64_t budget,
             struct kli_err *err)
 {
-    const struct kli_config *cfg = &m->cfg;
+    const struct k_config *cfg = &m->cfg;
     struct xcache *c;
     uint64_t trunk, slot;
     int32_t n_exp;
@@ -336,23 +336,23 @@ xcache_open(struct xcache **out, const struct kli_model *m, uint64_t budget,
     *out = NULL;
     xc_sizes(m, &trunk, &slot, &n_exp);
     if (n_exp == 0)
-        return kli_err_set(err, KLI_E_UNSUPPORTED, "--mem-budget: the model has no routed "
+        return err_set(err, KLI_E_UNSUPPORTED, "--mem-budget: the model has no routed "
                            "experts to load on demand");
     uint64_t reserve = xc_reserve(budget);
     int32_t min_slots = cfg->moe.top_k;
     uint64_t room = budget > trunk + reserve ? budget - trunk - reserve : 0;
     if (room / slot < (uint64_t)min_slots) {
         uint64_t need = xcache_min_budget(m, min_slots);
-        return kli_err_set(err, KLI_E_RANGE, "memory budget %.1f MiB is too small: the trunk "
+        return err_set(err, KLI_E_RANGE, "memory budget %.1f MiB is too small: the trunk "
                            "takes %.1f MiB and %d experts of %.2f MiB must fit besides a "
                            "reserve of %.1f MiB; the least budget is %.1f MiB",
                            (double)budget / 1048576.0, (double)trunk / 1048576.0, min_slots,
                            (double)slot / 1048576.0, (double)reserve / 1048576.0,
                            (double)need / 1048576.0);
     }
-    c = kli_calloc(1, sizeof(*c));
+    c = k_calloc(1, sizeof(*c));
     if (c == NULL)
-        return kli_err_set(err, KLI_E_NOMEM, "out of memory");
+        return err_set(err, KLI_E_NOMEM, "out of memory");
     c->m = m;
     c->n_layers = cfg->n_layers;
     c->E = cfg->moe.n_experts;
@@ -370,19 +370,19 @@ xcache_open(struct xcache **out, const struct kli_model *m, uint64_t budget,
     pthread_cond_init(&c->work, NULL);
     pthread_cond_init(&c->done, NULL);
     size_t nk = (size_t)c->n_layers * (size_t)c->E;
-    c->src = kli_calloc(nk, sizeof(*c->src));
-    c->where = kli_mallocarray(nk, sizeof(*c->where));
-    c->slots = kli_calloc((size_t)c->n_slots, sizeof(*c->slots));
-    c->n_files = kli_wfile_n_files(m->wf);
-    c->fds = kli_mallocarray((size_t)c->n_files, sizeof(*c->fds));
-    c->guess = kli_calloc(nk, 1);
-    c->guessed = kli_calloc((size_t)c->n_layers, 1);
+    c->src = k_calloc(nk, sizeof(*c->src));
+    c->where = k_mallocarray(nk, sizeof(*c->where));
+    c->slots = k_calloc((size_t)c->n_slots, sizeof(*c->slots));
+    c->n_files = wfile_n_files(m->wf);
+    c->fds = k_mallocarray((size_t)c->n_files, sizeof(*c->fds));
+    c->guess = k_calloc(nk, 1);
+    c->guessed = k_calloc((size_t)c->n_layers, 1);
     c->accuracy = 1.0;
-    c->lo = kli_calloc((size_t)c->n_layers, sizeof(*c->lo));
-    c->hi = kli_calloc((size_t)c->n_layers, sizeof(*c->hi));
+    c->lo = k_calloc((size_t)c->n_layers, sizeof(*c->lo));
+    c->hi = k_calloc((size_t)c->n_layers, sizeof(*c->hi));
     if (c->guess == NULL || c->guessed == NULL || c->lo == NULL || c->hi == NULL ||
         c->src == NULL || c->where == NULL || c->slots == NULL || c->fds == NULL) {
-        rc = kli_err_set(err, KLI_E_NOMEM, "out of memory");
+        rc = err_set(err, KLI_E_NOMEM, "out of memory");
         goto fail;
     }
     for (size_t i = 0; i < nk; i++)
@@ -408,7 +408,7 @@ xcache_open(struct xcache **out, const struct kli_model *m, uint64_t budget,
     for (int32_t i = 0; i < c->n_files; i++)
         c->fds[i] = -1;
     for (int32_t i = 0; i < c->n_files; i++) {
-        const char *p = kli_wfile_file_path(m->wf, i);
+        const char *p = wfile_file_path(m->wf, i);
         if ((c->fds[i] = kli_file_open(p, NULL, err)) < 0) {
             rc = c->fds[i];
             c->fds[i] = -1;
@@ -429,7 +429,7 @@ xcache_open(struct xcache **out, const struct kli_model *m, uint64_t budget,
         c->n_io++;
     }
     if (c->n_io == 0) {
-        rc = kli_err_set(err, KLI_E_NOMEM, "cannot start the expert cache's I/O threads");
+        rc = err_set(err, KLI_E_NOMEM, "cannot start the expert cache's I/O threads");
         goto fail;
     }
     *out = c;
@@ -451,7 +451,7 @@ xcache_close(struct xcache *c)
     for (int i = 0; i < c->n_io; i++)
         pthread_join(c->io[i], NULL);
     for (int32_t s = 0; c->slots != NULL && s < c->n_slots; s++)
-        kli_free_aligned(c->slots[s].buf);
+        k_free_aligned(c->slots[s].buf);
     for (int32_t i = 0; c->fds != NULL && i < c->n_files; i++) {
         if (c->fds[i] >= 0)
             close(c->fds[i]);
@@ -572,7 +572,7 @@ xcache_begin(struct xcache *c, int32_t layer, const int32_t *ids, int32_t n)
     pthread_mutex_unlock(&c->mu);
 }
 
-const struct kli_ffn_w *
+const struct ffn_w *
 xcache_get(struct xcache *c, int32_t layer, int32_t e, struct kli_err *err)
 {
     int32_t key = layer * c->E + e;
@@ -617,7 +617,7 @@ xcache_get(struct xcache *c, int32_t layer, int32_t e, struct kli_err *err)
     if (t0 != 0.0)
         c->st.wait_seconds += util_now_s() - t0;
     if (sl->state == XS_FAILED) {
-        kli_err_set(err, KLI_E_IO, "%s", sl->msg);
+        err_set(err, KLI_E_IO, "%s", sl->msg);
         sl->pins--;
         sl->state = XS_EMPTY;
         c->where[key] = -1;

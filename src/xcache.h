@@ -53,7 +53,7 @@ void xcache_begin(struct xcache *c, int32_t layer, const int32_t *ids, int32_t n
 /* Waits until expert e of `layer` is in the cache and pins it.
  * @return its matrices (valid until xcache_put), or NULL with `err` set when its read failed
  *         or its bytes do not match the file's checksum. */
-const struct kli_ffn_w *xcache_get(struct xcache *c, int32_t layer, int32_t e,
+const struct ffn_w *xcache_get(struct xcache *c, int32_t layer, int32_t e,
                                    struct kli_err *err);
 void xcache_put(struct xcache *c, int32_t layer, int32_t e);
 

@@ -20,13 +20,13 @@
 static void
 test_checked(void)
 {
-    void *p = kli_mallocarray(SIZE_MAX / 2, 3);
-    void *q = kli_malloc_aligned(SIZE_MAX - 10);
+    void *p = k_mallocarray(SIZE_MAX / 2, 3);
+    void *q = k_malloc_aligned(SIZE_MAX - 10);
 
     ok(p == NULL && q == NULL, "n x size past SIZE_MAX and an aligned SIZE_MAX - 10 give NULL");
-    p = kli_malloc_aligned(100);
-    ok(p != NULL && (uintptr_t)p % 64 == 0, "kli_malloc_aligned is 64-byte aligned");
-    kli_free_aligned(p);
+    p = k_malloc_aligned(100);
+    ok(p != NULL && (uintptr_t)p % 64 == 0, "k_malloc_aligned is 64-byte aligned");
+    k_free_aligned(p);
 }
 
 static void
@@ -36,13 +36,13 @@ test_arena(void)
     static const size_t want[] = {1, 100, 0, 4097, 3 << 20, KLI_ARENA_CHUNK - 4096,
                                   KLI_ARENA_CHUNK + 12345, 65, 7 << 20};
     enum { N = sizeof(want) / sizeof(want[0]) };
-    struct kli_arena a;
+    struct arena a;
     uint8_t *p[N];
     int aligned = 1, disjoint = 1, kept = 1, all = 1;
 
     memset(&a, 0, sizeof(a));
     for (int i = 0; i < N; i++) {
-        p[i] = kli_arena_alloc(&a, want[i]);
+        p[i] = arena_alloc(&a, want[i]);
         all &= p[i] != NULL;
         if (p[i] == NULL)
             continue;
@@ -73,12 +73,12 @@ test_arena(void)
     for (int i = 0; i < a.n; i++)
         own |= a.c[i].len >= KLI_ARENA_CHUNK + 12345 && a.c[i].used >= KLI_ARENA_CHUNK + 12345;
     ok(own, "the block over a chunk got a chunk that holds it");
-    ok(kli_arena_alloc(&a, SIZE_MAX - 8) == NULL, "a block of SIZE_MAX - 8 bytes is refused");
-    kli_arena_free(&a);
+    ok(arena_alloc(&a, SIZE_MAX - 8) == NULL, "a block of SIZE_MAX - 8 bytes is refused");
+    arena_free(&a);
     ok(a.n == 0 && a.c == NULL, "freeing empties the arena");
-    p[0] = kli_arena_alloc(&a, 10);
+    p[0] = arena_alloc(&a, 10);
     ok(p[0] != NULL && a.n == 1, "and it can be used again");
-    kli_arena_free(&a);
+    arena_free(&a);
 }
 
 static const struct tap_fn cases[] = {

@@ -45,9 +45,9 @@
 #include "testlib.h"
 #include "threads.h"
 
-static const struct kli_backend_ops *ops;
-static struct kli_gpu *gpu;
-static struct kli_gpu_queue *queue;
+static const struct backend_ops *ops;
+static struct k_gpu *gpu;
+static struct gpu_queue *queue;
 static uint64_t rng = 0x9e3779b97f4a7c15ull;
 
 /* Device -> host. @return 0 on success. */
@@ -120,7 +120,7 @@ static void
 cpu_attend(const float *cache, int64_t n, const float *q, int H, int L, int C, float scale,
            float *lat, float *S)
 {
-    struct kli_tensor keys = ops_view_f32(cache, n, C);
+    struct tensor keys = ops_view_f32(cache, n, C);
     struct softmax_job sj = {S, n, scale};
 
     ops_matmul(&keys, q, C, S, n, H);
@@ -194,7 +194,7 @@ test_attention(const char *what, int H, int L, int C, int n_seq, const int64_t *
         cpu_attend(caches[q], nrow[t], qv + t * H * C, H, L, C, scale, cpu + t * H * L, S);
         ref_attend(caches[q], nrow[t], qv + t * H * C, H, L, C, scale, ref + t * H * L);
     }
-    struct kli_gpu_mla_job j = {T, H, L, C, scale, cptr, nrow, qv, lat};
+    struct gpu_mla_job j = {T, H, L, C, scale, cptr, nrow, qv, lat};
     struct kli_err err = {0};
     int rc = ops->mla_attend(queue, &j, &err);
     if (rc != KLI_OK)
@@ -218,10 +218,10 @@ test_attention(const char *what, int H, int L, int C, int n_seq, const int64_t *
 
 /* A random FFN of dtype dt: host views in w (data in bufs) and a device copy in d. */
 static void
-make_ffn(enum kli_dtype dt, int64_t D, int64_t F, struct kli_ffn_w *w, void **bufs,
-         struct kli_gpu_ffn *d)
+make_ffn(enum k_dtype dt, int64_t D, int64_t F, struct ffn_w *w, void **bufs,
+         struct gpu_ffn *d)
 {
-    struct kli_tensor *t[3] = {&w->gate, &w->up, &w->down};
+    struct tensor *t[3] = {&w->gate, &w->up, &w->down};
     int64_t rows[3] = {F, F, D}, cols[3] = {D, D, F};
     const void *dp[3];
 
@@ -230,9 +230,9 @@ make_ffn(enum kli_dtype dt, int64_t D, int64_t F, struct kli_ffn_w *w, void **bu
         float *f = tl_malloc((size_t)n * sizeof(float));
         for (int64_t i = 0; i < n; i++)
             f[i] = frand() / sqrtf((float)cols[k]);
-        uint64_t bytes = kli_dtype_nbytes(dt, (uint64_t)n);
+        uint64_t bytes = dtype_nbytes(dt, (uint64_t)n);
         bufs[k] = tl_malloc(bytes);
-        kli_dtype_from_f32(dt, f, bufs[k], n);
+        dtype_from_f32(dt, f, bufs[k], n);
         free(f);
         memset(t[k], 0, sizeof(*t[k]));
         t[k]->dtype = dt;
@@ -251,11 +251,11 @@ make_ffn(enum kli_dtype dt, int64_t D, int64_t F, struct kli_ffn_w *w, void **bu
 }
 
 static void
-test_experts(enum kli_dtype dt)
+test_experts(enum k_dtype dt)
 {
     enum { D = 256, F = 96, NE = 3, T = 6 };
-    struct kli_ffn_w w[NE + 1];
-    struct kli_gpu_ffn d[NE + 1];
+    struct ffn_w w[NE + 1];
+    struct gpu_ffn d[NE + 1];
     void *bufs[NE + 1][3];
     float *x = tl_malloc(T * D * sizeof(float)), *out = tl_malloc(T * D * sizeof(float));
     float *ref = tl_malloc(T * D * sizeof(float)), *y = tl_malloc(T * D * sizeof(float));
@@ -294,22 +294,22 @@ test_experts(enum kli_dtype dt)
     }
     for (int i = 0; i < T * D; i++)
         out[i] = 0.5f;   /* moe_wait adds into out */
-    struct kli_gpu_moe_job j = {T, D, x, NE + 1, d, start, row, wt};
+    struct gpu_moe_job j = {T, D, x, NE + 1, d, start, row, wt};
     struct kli_err err = {0};
     int rc = ops->moe_launch(queue, &j, &err);
     if (rc == KLI_OK)
         rc = ops->moe_wait(queue, out, &err);
     if (rc != KLI_OK)
-        diag("experts %s: %s", kli_dtype_name(dt), err.msg);
+        diag("experts %s: %s", k_dtype_name(dt), err.msg);
     for (int i = 0; i < T * D; i++)
         out[i] -= 0.5f;
     double e = tl_rel_l2(out, ref, T * D);
     ok(rc == KLI_OK && e < 1e-5, "experts %s (shared + %d routed, one idle): GPU vs CPU twin "
-       "%.2g", kli_dtype_name(dt), NE - 1, e);
+       "%.2g", k_dtype_name(dt), NE - 1, e);
     for (int e2 = 0; e2 <= NE; e2++) {
-        uint64_t b[3] = {kli_dtype_nbytes(dt, (uint64_t)d[e2].d_ff * D),
-                         kli_dtype_nbytes(dt, (uint64_t)d[e2].d_ff * D),
-                         kli_dtype_nbytes(dt, (uint64_t)d[e2].d_ff * D)};
+        uint64_t b[3] = {dtype_nbytes(dt, (uint64_t)d[e2].d_ff * D),
+                         dtype_nbytes(dt, (uint64_t)d[e2].d_ff * D),
+                         dtype_nbytes(dt, (uint64_t)d[e2].d_ff * D)};
         ops->release(gpu, (void *)d[e2].gate, b[0]);
         ops->release(gpu, (void *)d[e2].up, b[1]);
         ops->release(gpu, (void *)d[e2].down, b[2]);
@@ -329,15 +329,15 @@ test_experts(enum kli_dtype dt)
 
 /* A random [rows][cols] matrix of dtype dt: host view in t (data in *buf). */
 static void
-make_mat(enum kli_dtype dt, int64_t rows, int64_t cols, struct kli_tensor *t, void **buf)
+make_mat(enum k_dtype dt, int64_t rows, int64_t cols, struct tensor *t, void **buf)
 {
     int64_t n = rows * cols;
     float *f = tl_malloc((size_t)n * sizeof(float));
 
     for (int64_t i = 0; i < n; i++)
         f[i] = frand() / sqrtf((float)cols) * 2.0f;
-    *buf = tl_malloc(kli_dtype_nbytes(dt, (uint64_t)n));
-    kli_dtype_from_f32(dt, f, *buf, n);
+    *buf = tl_malloc(dtype_nbytes(dt, (uint64_t)n));
+    dtype_from_f32(dt, f, *buf, n);
     free(f);
     memset(t, 0, sizeof(*t));
     t->dtype = dt;
@@ -360,13 +360,13 @@ rand_floats(int64_t n, float scale, float bias)
 
 /* n_seq sequences of len[q] rows after this pass, T_seq new rows each. */
 static void
-test_mla_layer(const char *what, enum kli_dtype dt, int D, int H, int L, int nope, int rope,
+test_mla_layer(const char *what, enum k_dtype dt, int D, int H, int L, int nope, int rope,
                int dv, int n_seq, const int64_t *len, int T_seq)
 {
     const int C = L + rope, dqk = nope + rope;
     const int64_t T = (int64_t)n_seq * T_seq;
     struct kli_model m;
-    struct kli_mla_w w;
+    struct k_mla_w w;
     void *bq, *bkv, *bo;
     int64_t nmax = 1, pos[8];
 
@@ -386,10 +386,10 @@ test_mla_layer(const char *what, enum kli_dtype dt, int D, int H, int L, int nop
     w.w_uv = rand_floats((int64_t)H * dv * L, 1.0f / sqrtf((float)L), 0.0f);
 
     /* the device copy of the weights */
-    struct kli_gpu_mla_w dw = {
-        {dev_copy(bq, kli_dtype_nbytes(dt, (uint64_t)H * dqk * D)), dt, H * dqk, D},
-        {dev_copy(bkv, kli_dtype_nbytes(dt, (uint64_t)C * D)), dt, C, D},
-        {dev_copy(bo, kli_dtype_nbytes(dt, (uint64_t)D * H * dv)), dt, D, H * dv},
+    struct gpu_mla_w dw = {
+        {dev_copy(bq, dtype_nbytes(dt, (uint64_t)H * dqk * D)), dt, H * dqk, D},
+        {dev_copy(bkv, dtype_nbytes(dt, (uint64_t)C * D)), dt, C, D},
+        {dev_copy(bo, dtype_nbytes(dt, (uint64_t)D * H * dv)), dt, D, H * dv},
         dev_copy(w.kv_a_norm, (uint64_t)L * 4),
         dev_copy(w.w_uk_t, (uint64_t)H * L * nope * 4),
         dev_copy(w.w_uv, (uint64_t)H * dv * L * 4),
@@ -431,7 +431,7 @@ test_mla_layer(const char *what, enum kli_dtype dt, int D, int H, int L, int nop
         cptr[t] = dc[t / T_seq];
         nrow[t] = pos[t / T_seq] + t % T_seq + 1;
     }
-    struct kli_gpu_mla_layer_job j = {
+    struct gpu_mla_layer_job j = {
         T, D, H, L, rope, nope, dv, 1.0f / sqrtf((float)dqk), 1e-6f, &dw,
         (float *const *)cptr, nrow, x, out_g, rows,
     };
@@ -459,9 +459,9 @@ test_mla_layer(const char *what, enum kli_dtype dt, int D, int H, int L, int nop
         ops->release(gpu, dc[q], (uint64_t)len[q] * C * 4);
         free(hc[q]);
     }
-    ops->release(gpu, (void *)dw.q_proj.w, kli_dtype_nbytes(dt, (uint64_t)H * dqk * D));
-    ops->release(gpu, (void *)dw.kv_a.w, kli_dtype_nbytes(dt, (uint64_t)C * D));
-    ops->release(gpu, (void *)dw.o_proj.w, kli_dtype_nbytes(dt, (uint64_t)D * H * dv));
+    ops->release(gpu, (void *)dw.q_proj.w, dtype_nbytes(dt, (uint64_t)H * dqk * D));
+    ops->release(gpu, (void *)dw.kv_a.w, dtype_nbytes(dt, (uint64_t)C * D));
+    ops->release(gpu, (void *)dw.o_proj.w, dtype_nbytes(dt, (uint64_t)D * H * dv));
     ops->release(gpu, (void *)dw.kv_norm, (uint64_t)L * 4);
     ops->release(gpu, (void *)dw.w_uk_t, (uint64_t)H * L * nope * 4);
     ops->release(gpu, (void *)dw.w_uv, (uint64_t)H * dv * L * 4);
@@ -488,15 +488,15 @@ test_mla_layer(const char *what, enum kli_dtype dt, int D, int H, int L, int nop
 /* n_seq sequences of T_seq rows from random states: GPU (the recurrence) against kda_forward
  * (the recurrence for one row, the chunked form for more): output and advanced states. */
 static void
-test_kda_layer(const char *what, enum kli_dtype dt, int D, int H, int K, int rf, int rg,
+test_kda_layer(const char *what, enum k_dtype dt, int D, int H, int K, int rf, int rg,
                int n_seq, int T_seq)
 {
     const int HK = H * K, W = 4;
     const int64_t T = (int64_t)n_seq * T_seq;
     struct kli_model m;
-    struct kli_kda_w w;
+    struct k_kda_w w;
     void *buf[9];
-    struct kli_tensor *mt[9] = {&w.q_proj, &w.k_proj, &w.v_proj, &w.f_a, &w.b_proj, &w.g_a,
+    struct tensor *mt[9] = {&w.q_proj, &w.k_proj, &w.v_proj, &w.f_a, &w.b_proj, &w.g_a,
                                 &w.f_b, &w.g_b, &w.o_proj};
     const int64_t rows[9] = {HK, HK, HK, rf, H, rg, HK, HK, D};
     const int64_t cols[9] = {D, D, D, D, D, D, rf, rg, HK};
@@ -516,11 +516,11 @@ test_kda_layer(const char *what, enum kli_dtype dt, int D, int H, int K, int rf,
     w.dt_bias = rand_floats(HK, 1.0f, 0.0f);
     w.o_norm = rand_floats(K, 0.3f, 1.0f);
 
-    struct kli_gpu_kda_w dw;
-    struct kli_gpu_mat *dm[9] = {&dw.q, &dw.k, &dw.v, &dw.f_a, &dw.b, &dw.g_a, &dw.f_b, &dw.g_b,
+    struct gpu_kda_w dw;
+    struct gpu_mat *dm[9] = {&dw.q, &dw.k, &dw.v, &dw.f_a, &dw.b, &dw.g_a, &dw.f_b, &dw.g_b,
                                  &dw.o};
     for (int k = 0; k < 9; k++) {
-        dm[k]->w = dev_copy(buf[k], kli_dtype_nbytes(dt, (uint64_t)rows[k] * cols[k]));
+        dm[k]->w = dev_copy(buf[k], dtype_nbytes(dt, (uint64_t)rows[k] * cols[k]));
         dm[k]->dtype = dt;
         dm[k]->rows = (int32_t)rows[k];
         dm[k]->cols = (int32_t)cols[k];
@@ -562,7 +562,7 @@ test_kda_layer(const char *what, enum kli_dtype dt, int D, int H, int K, int rf,
     sc.chunk = tl_malloc((size_t)threads_count() * kda_chunk_floats(K, K) * 4);
 
     kda_forward(&m, &w, stp, n_seq, &sc, x, T_seq, out_c);
-    struct kli_gpu_kda_job j = {n_seq, T_seq, D, H, K, W, 1e-5f, &dw, dS, dC, x, out_g};
+    struct gpu_kda_job j = {n_seq, T_seq, D, H, K, W, 1e-5f, &dw, dS, dC, x, out_g};
     int rc = ops->kda_layer(queue, &j, &err);
     if (rc != KLI_OK)
         diag("%s: %s", what, err.msg);
@@ -582,7 +582,7 @@ test_kda_layer(const char *what, enum kli_dtype dt, int D, int H, int K, int rf,
        "states %.2g, conv states (raw projections) %.2g", what, eo, es, ec);
 
     for (int k = 0; k < 9; k++) {
-        ops->release(gpu, (void *)dm[k]->w, kli_dtype_nbytes(dt, (uint64_t)rows[k] * cols[k]));
+        ops->release(gpu, (void *)dm[k]->w, dtype_nbytes(dt, (uint64_t)rows[k] * cols[k]));
         free(buf[k]);
     }
     ops->release(gpu, (void *)dw.conv, (uint64_t)3 * HK * W * 4);
@@ -901,7 +901,7 @@ bench(void)
         float *dc = dev_copy(cache, (uint64_t)n * C * 4);
         const float *cp[1] = {dc};
         int64_t nr[1] = {n};
-        struct kli_gpu_mla_job j = {1, H, L, C, scale, cp, nr, q, lg};
+        struct gpu_mla_job j = {1, H, L, C, scale, cp, nr, q, lg};
         struct kli_err err = {0};
         double tc = 1e30, tg = 1e30;
         for (int r = 0; r < 5; r++) {
@@ -935,7 +935,7 @@ bench(void)
 int
 main(int argc, char **argv)
 {
-    struct kli_gpu_info info;
+    struct gpu_info info;
     struct kli_err err = {0};
     int do_bench = argc > 1 && strcmp(argv[1], "--bench") == 0;
 
@@ -984,7 +984,7 @@ main(int argc, char **argv)
     }
 
     /* 2. experts in every dtype */
-    const enum kli_dtype dts[] = {KLI_DT_F32, KLI_DT_F16, KLI_DT_BF16, KLI_DT_Q8_0, KLI_DT_Q4};
+    const enum k_dtype dts[] = {KLI_DT_F32, KLI_DT_F16, KLI_DT_BF16, KLI_DT_Q8_0, KLI_DT_Q4};
     if (tap_case("experts")) {
         for (size_t i = 0; i < sizeof(dts) / sizeof(dts[0]); i++)
             test_experts(dts[i]);
@@ -995,7 +995,7 @@ main(int argc, char **argv)
         int64_t one[] = {1}, dec[] = {300}, pre[] = {7, 40}, big[] = {1000};
         for (size_t i = 0; i < sizeof(dts) / sizeof(dts[0]); i++) {
             char what[96];
-            snprintf(what, sizeof(what), "MLA layer %s, decode at 300", kli_dtype_name(dts[i]));
+            snprintf(what, sizeof(what), "MLA layer %s, decode at 300", k_dtype_name(dts[i]));
             test_mla_layer(what, dts[i], 256, 4, 64, 32, 16, 32, 1, dec, 1);
         }
         test_mla_layer("MLA layer bf16, first token", KLI_DT_BF16, 128, 2, 64, 32, 16, 32, 1, one,
@@ -1006,7 +1006,7 @@ main(int argc, char **argv)
                        512, 128, 64, 128, 1, big, 1);
         test_mla_layer("MLA layer q8_0, released shape, prefill 40 rows", KLI_DT_Q8_0, 2304, 32,
                        512, 128, 64, 128, 1, big, 40);
-        struct kli_gpu_mla_w bad = {{(void *)1, KLI_DT_Q8_0, 96, 100}, {(void *)1, KLI_DT_Q8_0,
+        struct gpu_mla_w bad = {{(void *)1, KLI_DT_Q8_0, 96, 100}, {(void *)1, KLI_DT_Q8_0,
                                     80, 128}, {(void *)1, KLI_DT_Q8_0, 128, 64}, (float *)1,
                                     (float *)1, (float *)1};
         struct kli_err e4 = {0};
@@ -1027,8 +1027,8 @@ main(int argc, char **argv)
     }
     /* the budget */
     if (tap_case("budget")) {
-        struct kli_gpu *g2 = NULL;
-        struct kli_gpu_info i2;
+        struct k_gpu *g2 = NULL;
+        struct gpu_info i2;
         struct kli_err e3 = {0};
         void *p = NULL;
         int rc = ops->open(&g2, 0, 1 << 20, &i2, &e3);

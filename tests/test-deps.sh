@@ -35,7 +35,7 @@ check "the CLI includes only kli.h (and its own cli.h, cli_*.h, and the header-o
     "$(inc src/cli*.c src/cli*.h | grep -vE '"(config|kli|util|cli|cli_[a-z_]+)\.h"')"
 check "contrib/examples include only kli.h" \
     "$(inc contrib/examples/*.c 2>/dev/null | grep -vE '"kli\.h"')"
-check "no exit() or abort() in library code (kli_panic in error.c is the one assert path)" \
+check "no exit() or abort() in library code (panic in error.c is the one assert path)" \
     "$(grep -HnE '\b(exit|abort|_exit)\s*\(' src/*.c weights/*.c simd/*.c 2>/dev/null |
        grep -v '^src/cli' | grep -v '^src/error\.c' | grep -vE '^\S+:\s*[0-9]+:\s*(/\*|\*)')"
 check "only layer.c, of the forward pass, asks the device: no backend_* in the math files" \

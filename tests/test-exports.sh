@@ -62,5 +62,18 @@ else
     notok "libkli.a was not built"
 fi
 
+# kli_ means public: no internal global symbol of the whole library (libkli_all, which the
+# kli binary and the tests link) carries the prefix unless kli.h declares it.
+all="$build/.libs/libkli_all.a"
+if [ -f "$all" ]; then
+    nm --defined-only -g "$all" 2>/dev/null | globals | grep '^kli_' | sort -u >"$tmp/allk"
+    comm -23 "$tmp/allk" "$tmp/declared" >"$tmp/stray"
+    sed 's/^/# internal but named kli_: /' "$tmp/stray" | head -20
+    [ ! -s "$tmp/stray" ]
+    check $? "no internal symbol is named kli_ ($(wc -l <"$tmp/allk") kli_ symbols, all in kli.h)"
+else
+    notok "libkli_all.a was not built"
+fi
+
 echo "1..$n"
 exit $fail

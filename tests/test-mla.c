@@ -28,7 +28,7 @@ static uint64_t rng_state = SEED;
 
 /* kv_b_proj of the layer in double: [H*(nope+v)][L], decoded from the checkpoint bytes. */
 static double *
-load_kv_b(const struct kli_mla_w *w)
+load_kv_b(const struct k_mla_w *w)
 {
     int64_t rows = w->kv_b.shape[0], cols = w->kv_b.shape[1];
     uint64_t rb = model_row_bytes(&w->kv_b);
@@ -36,7 +36,7 @@ load_kv_b(const struct kli_mla_w *w)
     float *row = tl_calloc((size_t)cols, sizeof(float));
 
     for (int64_t r = 0; r < rows; r++) {
-        kli_dtype_to_f32(w->kv_b.dtype, (const uint8_t *)w->kv_b.data + (uint64_t)r * rb, row,
+        dtype_to_f32(w->kv_b.dtype, (const uint8_t *)w->kv_b.data + (uint64_t)r * rb, row,
                          cols);
         for (int64_t l = 0; l < cols; l++)
             out[r * cols + l] = row[l];
@@ -48,7 +48,7 @@ load_kv_b(const struct kli_mla_w *w)
 /* The float64 score of a query against one cached row cs: (W_UK c) . q_nope + k_rope . q_rope,
  * over sqrt(nope + rope); wuk is the head's W_UK [nope][L]. */
 static double
-ref_score(const struct kli_config_mla *c, const double *wuk, const float *cs, const float *q)
+ref_score(const struct config_mla *c, const double *wuk, const float *cs, const float *q)
 {
     int64_t Lr = c->kv_lora_rank, nope = c->qk_nope_dim, rope = c->qk_rope_dim;
     double dot = 0.0;
@@ -66,7 +66,7 @@ ref_score(const struct kli_config_mla *c, const double *wuk, const float *cs, co
 
 /* The expanded form in float64 for head h: k_nope = W_UK c, v = W_UV c per cached row. */
 static void
-ref_attend(const struct kli_config_mla *c, const double *kvb, const float *cache, int64_t n,
+ref_attend(const struct config_mla *c, const double *kvb, const float *cache, int64_t n,
            int64_t h, const float *q, double *o)
 {
     int64_t Lr = c->kv_lora_rank, nope = c->qk_nope_dim, rope = c->qk_rope_dim;
@@ -98,7 +98,7 @@ ref_attend(const struct kli_config_mla *c, const double *kvb, const float *cache
 
 /* Spread (max - min) of the float64 scores, to show how peaked the softmax is. */
 static double
-score_spread(const struct kli_config_mla *c, const double *kvb, const float *cache, int64_t n,
+score_spread(const struct config_mla *c, const double *kvb, const float *cache, int64_t n,
              int64_t h, const float *q)
 {
     int64_t Lr = c->kv_lora_rank, nope = c->qk_nope_dim, rope = c->qk_rope_dim;
@@ -115,10 +115,10 @@ score_spread(const struct kli_config_mla *c, const double *kvb, const float *cac
 }
 
 static void
-check(const struct kli_model *m, const struct kli_mla_w *w, const double *kvb, int64_t n,
+check(const struct kli_model *m, const struct k_mla_w *w, const double *kvb, int64_t n,
       double qscale)
 {
-    const struct kli_config_mla *c = &m->cfg.mla;
+    const struct config_mla *c = &m->cfg.mla;
     int64_t Lr = c->kv_lora_rank, rope = c->qk_rope_dim, stride = Lr + rope;
     int64_t dqk = c->qk_nope_dim + rope, dv = c->v_head_dim, H = c->n_heads;
     int64_t nw = mla_work_floats(&m->cfg, n);
@@ -185,8 +185,8 @@ main(int argc, char **argv)
         plan_done();
         return tap_exit();
     }
-    const struct kli_mla_w *w = &m->layers[mla].mla;
-    const struct kli_config_mla *c = &m->cfg.mla;
+    const struct k_mla_w *w = &m->layers[mla].mla;
+    const struct config_mla *c = &m->cfg.mla;
     diag("MLA: %d heads, latent %d, nope %d, rope %d, v %d", c->n_heads, c->kv_lora_rank,
          c->qk_nope_dim, c->qk_rope_dim, c->v_head_dim);
     double *kvb = load_kv_b(w);

@@ -42,7 +42,7 @@ rel_l2(const float *a, const double *b, int64_t n)
 
 /* y += s * FFN(x) in float64. */
 static void
-ref_ffn(const struct kli_ffn_w *f, const float *x, int64_t D, double s, double *y)
+ref_ffn(const struct ffn_w *f, const float *x, int64_t D, double s, double *y)
 {
     int64_t F = f->gate.shape[0];
     float *row = malloc((size_t)(D > F ? D : F) * sizeof(float));
@@ -72,8 +72,8 @@ ref_ffn(const struct kli_ffn_w *f, const float *x, int64_t D, double s, double *
 static void
 one_layer(const struct kli_model *m, struct moe_scratch *sc, int layer, int64_t T)
 {
-    const struct kli_config_moe *c = &m->cfg.moe;
-    const struct kli_moe_w *w = &m->layers[layer].moe;
+    const struct config_moe *c = &m->cfg.moe;
+    const struct moe_w *w = &m->layers[layer].moe;
     int64_t D = m->cfg.d_model, K = c->top_k;
     int32_t E = c->n_experts;
     float *x = calloc((size_t)(T * D), sizeof(float));

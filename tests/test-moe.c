@@ -24,10 +24,10 @@ sigm(double x)
     return 1.0 / (1.0 + exp(-x));
 }
 
-static struct kli_config_moe
+static struct config_moe
 cfg_make(int32_t E, int32_t top_k, int32_t sigmoid, int32_t renormalize, float scaling)
 {
-    struct kli_config_moe c;
+    struct config_moe c;
 
     memset(&c, 0, sizeof(c));
     c.n_experts = E;
@@ -47,7 +47,7 @@ cfg_make(int32_t E, int32_t top_k, int32_t sigmoid, int32_t renormalize, float s
 /* Runs moe_route and checks idx exactly and the weights to 1e-6 relative. `want_w` are the
  * expected weights in double. */
 static void
-expect(const char *what, const struct kli_config_moe *c, const float *logits,
+expect(const char *what, const struct config_moe *c, const float *logits,
        const float *bias, const int32_t *want_idx, const double *want_w)
 {
     int32_t idx[MAXE];
@@ -95,7 +95,7 @@ main(int argc, char **argv)
 
     /* 1. Sigmoid scores, no bias, top-2 renormalised, scaling 1: experts 2 and 4. */
     if (tap_case("sigmoid_top2")) {
-        struct kli_config_moe c = cfg_make(8, 2, 1, 1, 1.0f);
+        struct config_moe c = cfg_make(8, 2, 1, 1, 1.0f);
         double s2 = sigm(2.0), s4 = sigm(1.5), sum = s2 + s4 + 1e-20;
         int32_t wi[] = {2, 4};
         double ww[] = {s2 / sum, s4 / sum};
@@ -103,7 +103,7 @@ main(int argc, char **argv)
     }
     /* 2. The scaling factor multiplies the renormalised weights. */
     if (tap_case("scaling")) {
-        struct kli_config_moe c = cfg_make(8, 2, 1, 1, 2.446f);
+        struct config_moe c = cfg_make(8, 2, 1, 1, 2.446f);
         double s2 = sigm(2.0), s4 = sigm(1.5), sum = s2 + s4 + 1e-20;
         int32_t wi[] = {2, 4};
         double ww[] = {s2 / sum * 2.446f, s4 / sum * 2.446f};
@@ -113,7 +113,7 @@ main(int argc, char **argv)
      *    (sigmoid(0.7) + 0.3 = 0.968) above expert 2 (0.881) and expert 4 (0.818); the
      *    weights stay the unbiased sigmoid of experts 7 and 2, in biased-score order. */
     if (tap_case("bias_select")) {
-        struct kli_config_moe c = cfg_make(8, 2, 1, 1, 2.446f);
+        struct config_moe c = cfg_make(8, 2, 1, 1, 2.446f);
         float bias[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.3f};
         double s7 = sigm(0.7), s2 = sigm(2.0), sum = s7 + s2 + 1e-20;
         int32_t wi[] = {7, 2};
@@ -123,7 +123,7 @@ main(int argc, char **argv)
     /* 4. A negative bias drops the best raw expert: bias[2] = -0.5 leaves 0.381 for it, so
      *    experts 4 (0.818) and 7 (0.668) are chosen. */
     if (tap_case("negative_bias")) {
-        struct kli_config_moe c = cfg_make(8, 2, 1, 1, 1.0f);
+        struct config_moe c = cfg_make(8, 2, 1, 1, 1.0f);
         float bias[8] = {0.0f, 0.0f, -0.5f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
         double s4 = sigm(1.5), s7 = sigm(0.7), sum = s4 + s7 + 1e-20;
         int32_t wi[] = {4, 7};
@@ -132,7 +132,7 @@ main(int argc, char **argv)
     }
     /* 5. Renormalisation off: the weights are the plain sigmoid times the scaling. */
     if (tap_case("no_renorm")) {
-        struct kli_config_moe c = cfg_make(8, 3, 1, 0, 2.446f);
+        struct config_moe c = cfg_make(8, 3, 1, 0, 2.446f);
         int32_t wi[] = {2, 4, 7};
         double ww[] = {sigm(2.0) * 2.446f, sigm(1.5) * 2.446f, sigm(0.7) * 2.446f};
         expect("renormalize off, top-3", &c, lg, zero, wi, ww);
@@ -140,14 +140,14 @@ main(int argc, char **argv)
     /* 6. top_k = 1 with renormalize on: no renormalisation (it applies only for top_k > 1),
      *    so the weight is sigmoid(2) * scaling, not 1 * scaling. */
     if (tap_case("top1")) {
-        struct kli_config_moe c = cfg_make(8, 1, 1, 1, 2.446f);
+        struct config_moe c = cfg_make(8, 1, 1, 1, 2.446f);
         int32_t wi[] = {2};
         double ww[] = {sigm(2.0) * 2.446f};
         expect("top_k 1, renormalize on: not renormalised", &c, lg, zero, wi, ww);
     }
     /* 7. Ties go to the lower index: all logits equal. */
     if (tap_case("ties_all")) {
-        struct kli_config_moe c = cfg_make(8, 3, 1, 1, 1.0f);
+        struct config_moe c = cfg_make(8, 3, 1, 1, 1.0f);
         float eq[8] = {0.25f, 0.25f, 0.25f, 0.25f, 0.25f, 0.25f, 0.25f, 0.25f};
         double s = sigm(0.25), sum = 3.0 * s + 1e-20;
         int32_t wi[] = {0, 1, 2};
@@ -156,7 +156,7 @@ main(int argc, char **argv)
     }
     /* 8. Ties among the best: experts 5 and 3 tie above the rest, then 1 and 6 tie. */
     if (tap_case("ties_best")) {
-        struct kli_config_moe c = cfg_make(8, 3, 1, 1, 1.0f);
+        struct config_moe c = cfg_make(8, 3, 1, 1, 1.0f);
         float t[8] = {-1.0f, 0.5f, -2.0f, 1.0f, -1.0f, 1.0f, 0.5f, -3.0f};
         double a = sigm(1.0), b = sigm(0.5), sum = a + a + b + 1e-20;
         int32_t wi[] = {3, 5, 1};
@@ -167,7 +167,7 @@ main(int argc, char **argv)
      *    sigmoid(40) = 1.0 in float, no bias. They tie on the biased score, so expert 1
      *    comes first; the weights are the unbiased 0.5 and 1.0. */
     if (tap_case("bias_tie")) {
-        struct kli_config_moe c = cfg_make(8, 2, 1, 1, 1.0f);
+        struct config_moe c = cfg_make(8, 2, 1, 1, 1.0f);
         float t[8] = {-4.0f, 0.0f, -4.0f, -4.0f, -4.0f, -4.0f, 40.0f, -4.0f};
         float bias[8] = {0.0f, 0.5f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
         double s1 = sigm(0.0), s6 = sigm(40.0), sum = s1 + s6 + 1e-20;
@@ -179,7 +179,7 @@ main(int argc, char **argv)
     /* 10. Softmax router: scores are softmax(logits), selection on score + bias, weights the
      *     unbiased softmax probabilities renormalised over the chosen experts. */
     if (tap_case("softmax")) {
-        struct kli_config_moe c = cfg_make(8, 2, 0, 1, 2.446f);
+        struct config_moe c = cfg_make(8, 2, 0, 1, 2.446f);
         double p[8], z = 0.0;
         for (int i = 0; i < 8; i++)
             z += exp((double)lg[i]);
@@ -190,7 +190,7 @@ main(int argc, char **argv)
         double ww[] = {p[2] / sum * 2.446f, p[4] / sum * 2.446f};
         expect("softmax router, renormalised", &c, lg, zero, wi, ww);
 
-        struct kli_config_moe c2 = cfg_make(8, 2, 0, 0, 1.0f);
+        struct config_moe c2 = cfg_make(8, 2, 0, 0, 1.0f);
         double ww2[] = {p[2], p[4]};
         expect("softmax router, renormalize off", &c2, lg, zero, wi, ww2);
 
@@ -199,7 +199,7 @@ main(int argc, char **argv)
         double sum3 = p[0] + p[2] + 1e-20;
         int32_t wi3[] = {0, 2};
         double ww3[] = {p[0] / sum3, p[2] / sum3};
-        struct kli_config_moe c3 = cfg_make(8, 2, 0, 1, 1.0f);
+        struct config_moe c3 = cfg_make(8, 2, 0, 1, 1.0f);
         expect("softmax router, bias selects, weights unbiased", &c3, lg, bias, wi3, ww3);
     }
     /* 11. Grouped routing: 16 experts in 4 groups of 4, keep the 2 best groups, where a
@@ -213,7 +213,7 @@ main(int argc, char **argv)
      *     Groups 1 and 3 stay: expert 0, the single best, is never chosen. Top-3 gives
      *     4, 5, 12 in that order. */
     if (tap_case("grouped")) {
-        struct kli_config_moe c = cfg_make(16, 3, 1, 1, 2.446f);
+        struct config_moe c = cfg_make(16, 3, 1, 1, 2.446f);
         float l[16] = {6.0f, -4.0f, -4.0f, -5.0f,  2.0f, 1.8f, -1.0f, -1.0f,
                        1.2f, 1.2f, 1.2f, 1.2f,     1.5f, 1.4f, -2.0f, -2.0f};
         c.n_group = 4;
@@ -224,7 +224,7 @@ main(int argc, char **argv)
         expect("groups 4x4 keep 2: best single expert's group dropped", &c, l, zero, wi, ww);
 
         /* Ungrouped, the same logits pick 0, 4, 5. */
-        struct kli_config_moe u = cfg_make(16, 3, 1, 1, 2.446f);
+        struct config_moe u = cfg_make(16, 3, 1, 1, 2.446f);
         double t0 = sigm(6.0), tsum = t0 + s4 + s5 + 1e-20;
         int32_t ui[] = {0, 4, 5};
         double uw[] = {t0 / tsum * 2.446f, s4 / tsum * 2.446f, s5 / tsum * 2.446f};
@@ -232,7 +232,7 @@ main(int argc, char **argv)
 
         /* top_k 6 > the 4 useful experts of groups 1 and 3: the rest of those groups fill
          * up before anything from groups 0 and 2 (better individually) is taken. */
-        struct kli_config_moe c6 = c;
+        struct config_moe c6 = c;
         c6.top_k = 6;
         double s6 = sigm(-1.0);
         double sum6 = s4 + s5 + s12 + sigm(1.4) + s6 + s6 + 1e-20;
@@ -245,7 +245,7 @@ main(int argc, char **argv)
      *     to 1.269 + 0.769 = 2.038, above group 1 (1.739) and group 3 (1.620); groups 2 and
      *     1 stay. Selection: 9 (1.269), 4 (0.881), 5 (0.858); weights unbiased. */
     if (tap_case("group_bias")) {
-        struct kli_config_moe c = cfg_make(16, 3, 1, 1, 1.0f);
+        struct config_moe c = cfg_make(16, 3, 1, 1, 1.0f);
         float l[16] = {6.0f, -4.0f, -4.0f, -5.0f,  2.0f, 1.8f, -1.0f, -1.0f,
                        1.2f, 1.2f, 1.2f, 1.2f,     1.5f, 1.4f, -2.0f, -2.0f};
         float bias[16] = {0};
@@ -259,7 +259,7 @@ main(int argc, char **argv)
     }
     /* 13. Group ties go to the lower group: groups 1 and 2 identical, keep 1 group. */
     if (tap_case("group_ties")) {
-        struct kli_config_moe c = cfg_make(12, 2, 1, 1, 1.0f);
+        struct config_moe c = cfg_make(12, 2, 1, 1, 1.0f);
         float l[12] = {-3.0f, -3.0f, -3.0f, -3.0f,  1.0f, 0.5f, 0.0f, 0.0f,
                        0.0f, 0.5f, 1.0f, 0.0f};
         c.n_group = 3;
@@ -272,7 +272,7 @@ main(int argc, char **argv)
     /* 14. One expert per group (n_group = E): the group score is the expert's own score, so
      *     grouping changes nothing. */
     if (tap_case("group_per_expert")) {
-        struct kli_config_moe c = cfg_make(8, 2, 1, 1, 1.0f);
+        struct config_moe c = cfg_make(8, 2, 1, 1, 1.0f);
         c.n_group = 8;
         c.topk_group = 3;
         double s2 = sigm(2.0), s4 = sigm(1.5), sum = s2 + s4 + 1e-20;
@@ -283,7 +283,7 @@ main(int argc, char **argv)
     /* 15. Renormalisation with tiny scores: the +1e-20 keeps the sum non-zero; with
      *     logits -40 the sigmoid is 4.25e-18 each, so each weight is s / (2s + 1e-20). */
     if (tap_case("tiny_scores")) {
-        struct kli_config_moe c = cfg_make(4, 2, 1, 1, 1.0f);
+        struct config_moe c = cfg_make(4, 2, 1, 1, 1.0f);
         float l[4] = {-40.0f, -40.0f, -41.0f, -42.0f};
         double s = 1.0 / (1.0 + (double)expf(40.0f));
         int32_t wi[] = {0, 1};

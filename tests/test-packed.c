@@ -167,20 +167,20 @@ static void
 test_large(const char *dir)
 {
     enum { NA = 777777, NB = 5000003 };      /* floats: 3.1 MB and 20 MB */
-    struct kli_pack_entry e[2] = {
+    struct pack_entry e[2] = {
         {.name = "a", .dtype = KLI_DT_F32, .ndim = 1, .shape = {NA},
          .nbytes = (uint64_t)NA * 4, .group = -1},
         {.name = "b", .dtype = KLI_DT_F32, .ndim = 2, .shape = {1, NB},
          .nbytes = (uint64_t)NB * 4, .group = -1},
     };
     static const char cfg[] = "{}";
-    struct kli_pack_meta meta = {.config = cfg, .config_len = sizeof(cfg) - 1};
+    struct pack_meta meta = {.config = cfg, .config_len = sizeof(cfg) - 1};
     static const size_t piece[] = {1, 4093, 1000003, 9 << 20, 65536, 777};
     size_t total = ((size_t)NA + NB) * 4;
     uint8_t *src = malloc(total);
     char path[4200];
-    struct kli_pack_writer *w = NULL;
-    struct kli_wfile *wf = NULL;
+    struct pack_writer *w = NULL;
+    struct wfile *wf = NULL;
     struct kli_err err = {0};
     int rc;
 
@@ -191,28 +191,28 @@ test_large(const char *dir)
     for (size_t i = 0; i < total; i++)
         src[i] = (uint8_t)(i * 2654435761u >> 13);
     snprintf(path, sizeof(path), "%s/large.kli", dir);
-    rc = kli_pack_writer_open(&w, path, &meta, e, 2, &err);
+    rc = pack_writer_open(&w, path, &meta, e, 2, &err);
     for (size_t o = 0, i = 0; rc == KLI_OK && o < total; i++) {
         size_t n = piece[i % 6] < total - o ? piece[i % 6] : total - o;
 
-        rc = kli_pack_writer_write(w, src + o, n, &err);
+        rc = pack_writer_write(w, src + o, n, &err);
         o += n;
     }
     if (rc == KLI_OK)
-        rc = kli_pack_writer_close(w, &err);
+        rc = pack_writer_close(w, &err);
     else
-        kli_pack_writer_abort(w);
+        pack_writer_abort(w);
     ok(rc == KLI_OK, "writer: %zu bytes in odd pieces: %s", total, err.msg);
-    rc = kli_wfile_open(&wf, path, &err);
+    rc = wfile_open(&wf, path, &err);
     if (rc == KLI_OK)
-        rc = kli_wfile_verify(wf, NULL, NULL, &err);
-    const struct kli_tensor_desc *a = rc == KLI_OK ? kli_wfile_find(wf, "a") : NULL;
-    const struct kli_tensor_desc *b = rc == KLI_OK ? kli_wfile_find(wf, "b") : NULL;
+        rc = wfile_verify(wf, NULL, NULL, &err);
+    const struct tensor_desc *a = rc == KLI_OK ? wfile_find(wf, "a") : NULL;
+    const struct tensor_desc *b = rc == KLI_OK ? wfile_find(wf, "b") : NULL;
     ok(a != NULL && b != NULL && a->nbytes == e[0].nbytes && b->nbytes == e[1].nbytes &&
        memcmp(a->data, src, a->nbytes) == 0 &&
        memcmp(b->data, src + a->nbytes, b->nbytes) == 0,
        "the large file verifies and reads back byte for byte: %s", err.msg);
-    kli_wfile_close(wf);
+    wfile_close(wf);
     remove(path);
     free(src);
 }
@@ -222,10 +222,10 @@ test_xxh64(void)
 {
     const char *s = "Nobody inspects the spammish repetition";
 
-    ok(kli_xxh64("", 0, 0) == 0xef46db3751d8e999ull &&
-       kli_xxh64("a", 1, 0) == 0xd24ec4f1a98c6e5bull &&
-       kli_xxh64("abc", 3, 0) == 0x44bc2cf5ad770999ull &&
-       kli_xxh64(s, strlen(s), 0) == 0xfbcea83c8a378bf1ull,
+    ok(xxh64("", 0, 0) == 0xef46db3751d8e999ull &&
+       xxh64("a", 1, 0) == 0xd24ec4f1a98c6e5bull &&
+       xxh64("abc", 3, 0) == 0x44bc2cf5ad770999ull &&
+       xxh64(s, strlen(s), 0) == 0xfbcea83c8a378bf1ull,
        "XXH64 gives the reference values (empty, short, and past one 32-byte stripe)");
 }
 
@@ -234,39 +234,39 @@ test_xxh64(void)
 static void
 test_groups(const char *path)
 {
-    struct kli_wfile *wf = NULL;
+    struct wfile *wf = NULL;
     struct kli_err err = {0};
-    const struct kli_pack_info *pk;
+    const struct pack_info *pk;
     int good = 1, contiguous = 1, alone = 1;
 
-    if (kli_wfile_open(&wf, path, &err) != KLI_OK || (pk = kli_wfile_pack(wf)) == NULL) {
+    if (wfile_open(&wf, path, &err) != KLI_OK || (pk = wfile_pack(wf)) == NULL) {
         ok(0, "open %s as a wfile: %s", path, err.msg);
-        kli_wfile_close(wf);
+        wfile_close(wf);
         return;
     }
     ok(pk->n_groups == 4 * 8, "32 expert groups (4 MoE layers x 8 experts): %lld",
        (long long)pk->n_groups);
     for (int64_t g = 0; g < pk->n_groups; g++) {
-        const struct kli_tensor_group *G = &pk->groups[g];
+        const struct tensor_group *G = &pk->groups[g];
         static const char *const role[3] = {"w1", "w3", "w2"};
         uint64_t end = (G->offset + G->size + 4095) / 4096 * 4096;
 
         good &= G->offset % 4096 == 0 && G->n == 3 && (uintptr_t)G->data % 4096 == 0;
         for (int k = 0; k < G->n && k < 3; k++) {
-            const struct kli_tensor_desc *d = kli_wfile_tensor(wf, G->first + k);
+            const struct tensor_desc *d = wfile_tensor(wf, G->first + k);
             char want[128];
 
             snprintf(want, sizeof(want), "model.layers.%d.block_sparse_moe.experts.%d.%s.weight",
                      G->layer, G->expert, role[k]);
             good &= strcmp(d->name, want) == 0;
             if (k > 0) {
-                const struct kli_tensor_desc *p = kli_wfile_tensor(wf, G->first + k - 1);
+                const struct tensor_desc *p = wfile_tensor(wf, G->first + k - 1);
                 contiguous &= (const uint8_t *)d->data ==
                               (const uint8_t *)p->data + (p->nbytes + 63) / 64 * 64;
             }
         }
-        for (int64_t t = 0; t < kli_wfile_n_tensors(wf); t++) {
-            const struct kli_tensor_desc *d = kli_wfile_tensor(wf, t);
+        for (int64_t t = 0; t < wfile_n_tensors(wf); t++) {
+            const struct tensor_desc *d = wfile_tensor(wf, t);
             uint64_t o = (uint64_t)((const uint8_t *)d->data - (const uint8_t *)G->data) +
                          G->offset;
 
@@ -278,7 +278,7 @@ test_groups(const char *path)
     ok(good, "each group starts on a page and holds w1, w3, w2 of its layer and expert");
     ok(contiguous, "an expert's three matrices are contiguous (64-byte steps)");
     ok(alone, "no other tensor shares a page with an expert's range");
-    kli_wfile_close(wf);
+    wfile_close(wf);
 }
 
 /* A byte changed in each section is reported naming that section. */
@@ -342,21 +342,21 @@ test_damage(const char *path, const char *dir)
         size_t cuts[] = {0, 7, 8, 63, 64, 511, 512, 4096, len / 2, len - 4096};
 
         for (size_t i = 0; i < sizeof(cuts) / sizeof(cuts[0]); i++) {
-            struct kli_tensor_desc *descs = NULL;
+            struct tensor_desc *descs = NULL;
             int64_t n = 0, cap = 0;
-            struct kli_pack_info info;
+            struct pack_info info;
 
             memset(&err, 0, sizeof(err));
-            all &= kli_pack_parse(b, cuts[i], "cut", 0, &descs, &n, &cap, &info, &err) ==
+            all &= k_pack_parse(b, cuts[i], "cut", 0, &descs, &n, &cap, &info, &err) ==
                    KLI_E_FORMAT && n == 0 && err.msg[0] != '\0';
-            kli_safetensors_free_descs(descs, n);
+            safetensors_free_descs(descs, n);
         }
         ok(all, "every truncation point fails cleanly in the parser");
     }
 
     /* A newer major version (with a valid checksum) is not misread. */
     b[8] = 2;
-    util_wr64(b + 504, kli_xxh64(b, 504, 0));
+    util_wr64(b + 504, xxh64(b, 504, 0));
     ok(spill(bad, b, len) && open_status(bad, 0, &err) == KLI_E_UNSUPPORTED &&
        strstr(err.msg, "version 2.0") != NULL, "a newer major version is refused: %s",
        err.msg);

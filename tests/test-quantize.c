@@ -95,8 +95,8 @@ main(int argc, char **argv)
             x[i] = (float)((int64_t)(r % 20001) - 10000) / 1000.0f * (i < 32 ? 0.01f : 1.0f);
         }
         int ok8 = 1, ok4 = 1;
-        kli_dtype_from_f32(KLI_DT_Q8_0, x, q, 256);
-        kli_dtype_to_f32(KLI_DT_Q8_0, q, y, 256);
+        dtype_from_f32(KLI_DT_Q8_0, x, q, 256);
+        dtype_to_f32(KLI_DT_Q8_0, q, y, 256);
         for (int b = 0; b < 8; b++) {
             float amax = 0;
             for (int j = 0; j < 32; j++)
@@ -104,8 +104,8 @@ main(int argc, char **argv)
             for (int j = 0; j < 32; j++)
                 ok8 &= fabsf(x[b * 32 + j] - y[b * 32 + j]) <= amax / 127.0f * 0.5f * 1.01f + 1e-7f;
         }
-        kli_dtype_from_f32(KLI_DT_Q4, x, q, 256);
-        kli_dtype_to_f32(KLI_DT_Q4, q, y, 256);
+        dtype_from_f32(KLI_DT_Q4, x, q, 256);
+        dtype_to_f32(KLI_DT_Q4, q, y, 256);
         for (int b = 0; b < 8; b++) {
             float amax = 0;
             for (int j = 0; j < 32; j++)
@@ -116,8 +116,8 @@ main(int argc, char **argv)
         ok(ok8, "q8_0 round trip within half a step of max|x|/127");
         ok(ok4, "q4 round trip within one step of max|x|/8 (the level opposite the extreme clips)");
         float z[32] = {0};
-        kli_dtype_from_f32(KLI_DT_Q4, z, q, 32);
-        kli_dtype_to_f32(KLI_DT_Q4, q, y, 32);
+        dtype_from_f32(KLI_DT_Q4, z, q, 32);
+        dtype_to_f32(KLI_DT_Q4, q, y, 32);
         int zeros = 1;
         for (int j = 0; j < 32; j++)
             zeros &= y[j] == 0.0f;
@@ -140,14 +140,14 @@ main(int argc, char **argv)
     qo.type = "q4";
     ok(kli_quantize(fixture, out4, &qo, &err) == KLI_OK, "quantize q4: %s", err.msg);
 
-    struct kli_wfile *wf = NULL;
-    if (kli_wfile_open(&wf, out8, &err) == KLI_OK) {
-        const struct kli_tensor_desc *a = kli_wfile_find(wf, "model.layers.1.self_attn.q_proj.weight");
-        const struct kli_tensor_desc *r = kli_wfile_find(wf, "model.layers.1.block_sparse_moe.gate.weight");
-        const struct kli_tensor_desc *n = kli_wfile_find(wf, "model.layers.1.input_layernorm.weight");
+    struct wfile *wf = NULL;
+    if (wfile_open(&wf, out8, &err) == KLI_OK) {
+        const struct tensor_desc *a = wfile_find(wf, "model.layers.1.self_attn.q_proj.weight");
+        const struct tensor_desc *r = wfile_find(wf, "model.layers.1.block_sparse_moe.gate.weight");
+        const struct tensor_desc *n = wfile_find(wf, "model.layers.1.input_layernorm.weight");
         ok(a && a->dtype == KLI_DT_Q8_0 && r && r->dtype == KLI_DT_BF16 && n &&
            n->dtype == KLI_DT_BF16, "matrices are q8_0; router and norms stay bf16");
-        kli_wfile_close(wf);
+        wfile_close(wf);
     } else {
         ok(0, "open q8 checkpoint: %s", err.msg);
     }
@@ -179,13 +179,13 @@ main(int argc, char **argv)
     qo.keep = keep;
     qo.n_keep = 2;
     ok(kli_quantize(fixture, outk, &qo, &err) == KLI_OK, "quantize with keep rules");
-    if (kli_wfile_open(&wf, outk, &err) == KLI_OK) {
-        const struct kli_tensor_desc *e = kli_wfile_find(wf, "model.layers.2.block_sparse_moe.experts.3.w2.weight");
-        const struct kli_tensor_desc *h = kli_wfile_find(wf, "lm_head.weight");
-        const struct kli_tensor_desc *q = kli_wfile_find(wf, "model.layers.2.self_attn.v_proj.weight");
+    if (wfile_open(&wf, outk, &err) == KLI_OK) {
+        const struct tensor_desc *e = wfile_find(wf, "model.layers.2.block_sparse_moe.experts.3.w2.weight");
+        const struct tensor_desc *h = wfile_find(wf, "lm_head.weight");
+        const struct tensor_desc *q = wfile_find(wf, "model.layers.2.self_attn.v_proj.weight");
         ok(e && e->dtype == KLI_DT_BF16 && h && h->dtype == KLI_DT_F32 && q &&
            q->dtype == KLI_DT_Q8_0, "experts kept bf16, lm_head f32, the rest q8_0");
-        kli_wfile_close(wf);
+        wfile_close(wf);
     } else {
         ok(0, "open keep checkpoint");
     }

@@ -132,8 +132,8 @@ expect_fail(const char *what, const char *rel, int code, const char *needle,
             const char *needle2)
 {
     struct kli_err err = {0};
-    struct kli_wfile *w = (struct kli_wfile *)&err;   /* must be reset to NULL */
-    int rc = kli_wfile_open(&w, tpath(rel), &err);
+    struct wfile *w = (struct wfile *)&err;   /* must be reset to NULL */
+    int rc = wfile_open(&w, tpath(rel), &err);
     int good = rc == code && err.code == code && w == NULL && strstr(err.msg, needle) != NULL &&
                (needle2 == NULL || strstr(err.msg, needle2) != NULL);
 
@@ -141,7 +141,7 @@ expect_fail(const char *what, const char *rel, int code, const char *needle,
     if (!good)
         diag("rc %d, message: %s (wanted \"%s\"%s%s)", rc, err.msg, needle,
              needle2 != NULL ? " and " : "", needle2 != NULL ? needle2 : "");
-    kli_wfile_close(rc == KLI_OK ? w : NULL);
+    wfile_close(rc == KLI_OK ? w : NULL);
 }
 
 /* Writes the header into bad.safetensors and expects a KLI_E_FORMAT naming the file. */
@@ -177,7 +177,7 @@ fill_single_data(void)
     uint16_t s = 0x3c00;   /* 1.0 in f16 */
 
     for (int i = 0; i < 4; i++)
-        b[i] = kli_f32_to_bf16((float)i - 1.5f);
+        b[i] = f32_to_bf16((float)i - 1.5f);
     memcpy(single_data, a, 24);
     memcpy(single_data + 24, b, 8);
     memcpy(single_data + 32, c, 3);
@@ -185,7 +185,7 @@ fill_single_data(void)
 }
 
 static int
-shape_is(const struct kli_tensor_desc *d, int ndim, const int64_t *shape)
+shape_is(const struct tensor_desc *d, int ndim, const int64_t *shape)
 {
     if (d == NULL || d->ndim != ndim)
         return 0;
@@ -200,32 +200,32 @@ static void
 check_single(const char *what, const char *path)
 {
     struct kli_err err = {0};
-    struct kli_wfile *w = NULL;
-    const struct kli_tensor_desc *a, *b, *c, *s, *z;
+    struct wfile *w = NULL;
+    const struct tensor_desc *a, *b, *c, *s, *z;
     float fa[6];
-    int rc = kli_wfile_open(&w, path, &err);
+    int rc = wfile_open(&w, path, &err);
 
     if (!ok(rc == KLI_OK && w != NULL, "%s: opens", what)) {
         diag("%s", err.msg);
         return;
     }
-    ok(kli_wfile_n_tensors(w) == 5, "%s: 5 tensors (__metadata__ is not one)", what);
-    ok(kli_wfile_n_files(w) == 1 && strcmp(kli_wfile_file_path(w, 0), tpath("one.safetensors"))
+    ok(wfile_n_tensors(w) == 5, "%s: 5 tensors (__metadata__ is not one)", what);
+    ok(wfile_n_files(w) == 1 && strcmp(wfile_file_path(w, 0), tpath("one.safetensors"))
        == 0, "%s: one file, path kept", what);
-    a = kli_wfile_find(w, "a");
-    b = kli_wfile_find(w, "b");
-    c = kli_wfile_find(w, "c");
-    s = kli_wfile_find(w, "s");
-    z = kli_wfile_find(w, "z");
+    a = wfile_find(w, "a");
+    b = wfile_find(w, "b");
+    c = wfile_find(w, "c");
+    s = wfile_find(w, "s");
+    z = wfile_find(w, "z");
     ok(a != NULL && b != NULL && c != NULL && s != NULL && z != NULL, "%s: finds all", what);
     if (a == NULL || b == NULL || c == NULL || s == NULL || z == NULL) {
-        kli_wfile_close(w);
+        wfile_close(w);
         return;
     }
-    ok(kli_wfile_find(w, "nope") == NULL && kli_wfile_find(w, "__metadata__") == NULL &&
-       kli_wfile_find(w, "") == NULL, "%s: absent names are not found", what);
-    ok(kli_wfile_tensor(w, 0) == a && kli_wfile_tensor(w, 4) == z &&
-       kli_wfile_tensor(w, 5) == NULL && kli_wfile_tensor(w, -1) == NULL,
+    ok(wfile_find(w, "nope") == NULL && wfile_find(w, "__metadata__") == NULL &&
+       wfile_find(w, "") == NULL, "%s: absent names are not found", what);
+    ok(wfile_tensor(w, 0) == a && wfile_tensor(w, 4) == z &&
+       wfile_tensor(w, 5) == NULL && wfile_tensor(w, -1) == NULL,
        "%s: tensors in header order, bounds checked", what);
     ok(a->dtype == KLI_DT_F32 && strcmp(a->dtype_name, "F32") == 0 &&
        shape_is(a, 2, (const int64_t[]){2, 3}) && a->numel == 6 && a->nbytes == 24 &&
@@ -240,7 +240,7 @@ check_single(const char *what, const char *path)
         uint16_t h;
 
         memcpy(&h, (const uint8_t *)b->data + 2, 2);
-        ok(kli_bf16_to_f32(h) == -0.5f, "%s: BF16 element 1 is -0.5", what);
+        ok(bf16_to_f32(h) == -0.5f, "%s: BF16 element 1 is -0.5", what);
     }
     ok(c->dtype == KLI_DT_OTHER && strcmp(c->dtype_name, "I8") == 0 && c->numel == 3 &&
        c->nbytes == 3 && ((const int8_t *)c->data)[2] == 127, "%s: I8 kept as OTHER", what);
@@ -248,11 +248,11 @@ check_single(const char *what, const char *path)
        memcmp(s->data, single_data + 35, 2) == 0, "%s: F16 scalar", what);
     ok(z->dtype == KLI_DT_F32 && shape_is(z, 2, (const int64_t[]){0, 5}) && z->numel == 0 &&
        z->nbytes == 0, "%s: zero-size tensor", what);
-    ok(kli_wfile_data_bytes(w) == 37, "%s: data bytes 37", what);
+    ok(wfile_data_bytes(w) == 37, "%s: data bytes 37", what);
     ok((const uint8_t *)b->data - (const uint8_t *)a->data == 24 &&
        (const uint8_t *)s->data - (const uint8_t *)a->data == 35, "%s: data points into file",
        what);
-    kli_wfile_close(w);
+    wfile_close(w);
 }
 
 static void
@@ -269,14 +269,14 @@ test_single(void)
        "write dir1/model.safetensors");
     {
         struct kli_err err = {0};
-        struct kli_wfile *w = NULL;
-        int rc = kli_wfile_open(&w, tpath("dir1"), &err);
+        struct wfile *w = NULL;
+        int rc = wfile_open(&w, tpath("dir1"), &err);
 
-        ok(rc == KLI_OK && kli_wfile_n_tensors(w) == 5 && kli_wfile_find(w, "c") != NULL,
+        ok(rc == KLI_OK && wfile_n_tensors(w) == 5 && wfile_find(w, "c") != NULL,
            "directory with model.safetensors opens");
         if (rc != KLI_OK)
             diag("%s", err.msg);
-        kli_wfile_close(w);
+        wfile_close(w);
     }
 
     /* Unpadded header (MLX writes these), whitespace padding of other kinds, every
@@ -291,7 +291,7 @@ test_single(void)
         uint8_t data[32] = {0};
         size_t h = strlen(hdr);
         uint8_t *b = malloc(8 + h + sizeof(data));
-        struct kli_tensor_desc *descs = NULL;
+        struct tensor_desc *descs = NULL;
         int64_t n = 0, cap = 0;
         struct kli_err err = {0};
         int rc;
@@ -300,7 +300,7 @@ test_single(void)
             b[i] = (uint8_t)((uint64_t)h >> (8 * i));
         memcpy(b + 8, hdr, h);
         memcpy(b + 8 + h, data, sizeof(data));
-        rc = kli_safetensors_parse(b, 8 + h + sizeof(data), "mem", 3, &descs, &n, &cap, &err);
+        rc = safetensors_parse(b, 8 + h + sizeof(data), "mem", 3, &descs, &n, &cap, &err);
         ok(rc == KLI_OK && n == 5, "unpadded header, other dtypes, holes: parse");
         if (rc != KLI_OK)
             diag("%s", err.msg);
@@ -309,7 +309,7 @@ test_single(void)
                descs[2].nbytes == 2 && descs[3].nbytes == 1 && descs[4].nbytes == 8 &&
                descs[4].file == 3 && descs[4].data == b + 8 + h + 24,
                "F64/F4/F8/BOOL/U64 sizes and pointers");
-        kli_safetensors_free_descs(descs, n);
+        safetensors_free_descs(descs, n);
         free(b);
     }
 }
@@ -330,8 +330,8 @@ test_sharded(void)
         "\"y\":\"model-00001-of-00002.safetensors\"}}\n";
     uint8_t d1[16], d2[6];
     struct kli_err err = {0};
-    struct kli_wfile *w = NULL;
-    const struct kli_tensor_desc *x, *y, *z;
+    struct wfile *w = NULL;
+    const struct tensor_desc *x, *y, *z;
     int rc;
 
     for (int i = 0; i < 16; i++)
@@ -347,16 +347,16 @@ test_sharded(void)
     ok(write_st("sharded/model.safetensors", single_hdr, single_data, sizeof(single_data)),
        "write a decoy model.safetensors");
 
-    rc = kli_wfile_open(&w, tpath("sharded"), &err);
+    rc = wfile_open(&w, tpath("sharded"), &err);
     if (!ok(rc == KLI_OK && w != NULL, "sharded: opens")) {
         diag("%s", err.msg);
         return;
     }
-    ok(kli_wfile_n_tensors(w) == 3 && kli_wfile_n_files(w) == 2 &&
-       kli_wfile_find(w, "a") == NULL, "sharded: 3 tensors in 2 files, decoy ignored");
-    x = kli_wfile_find(w, "x");
-    y = kli_wfile_find(w, "y");
-    z = kli_wfile_find(w, "z");
+    ok(wfile_n_tensors(w) == 3 && wfile_n_files(w) == 2 &&
+       wfile_find(w, "a") == NULL, "sharded: 3 tensors in 2 files, decoy ignored");
+    x = wfile_find(w, "x");
+    y = wfile_find(w, "y");
+    z = wfile_find(w, "z");
     ok(x != NULL && y != NULL && z != NULL, "sharded: finds x, y, z");
     if (x != NULL && y != NULL && z != NULL) {
         ok(x->file == 0 && y->file == 0 && z->file == 1, "sharded: shard numbers");
@@ -365,20 +365,20 @@ test_sharded(void)
            memcmp(y->data, d1 + 8, 8) == 0, "sharded: shard 1 data reads back");
         ok(z->dtype == KLI_DT_F16 && z->numel == 3 && memcmp(z->data, d2, 6) == 0,
            "sharded: shard 2 data reads back");
-        ok(strstr(kli_wfile_file_path(w, z->file), "model-00002-of-00002.safetensors") != NULL,
+        ok(strstr(wfile_file_path(w, z->file), "model-00002-of-00002.safetensors") != NULL,
            "sharded: file path of shard 2");
     }
-    ok(kli_wfile_data_bytes(w) == 22, "sharded: data bytes 22");
-    kli_wfile_close(w);
+    ok(wfile_data_bytes(w) == 22, "sharded: data bytes 22");
+    wfile_close(w);
 
     /* The index path itself works too. */
     w = NULL;
     memset(&err, 0, sizeof(err));
-    rc = kli_wfile_open(&w, tpath("sharded/model.safetensors.index.json"), &err);
-    ok(rc == KLI_OK && kli_wfile_n_tensors(w) == 3, "sharded: opens through the index path");
+    rc = wfile_open(&w, tpath("sharded/model.safetensors.index.json"), &err);
+    ok(rc == KLI_OK && wfile_n_tensors(w) == 3, "sharded: opens through the index path");
     if (rc != KLI_OK)
         diag("%s", err.msg);
-    kli_wfile_close(w);
+    wfile_close(w);
 }
 
 /* ==== Malformed files ==== */
@@ -394,32 +394,32 @@ test_truncation(void)
 
     for (size_t k = 0; k < len; k++) {
         uint8_t *b = malloc(k == 0 ? 1 : k);
-        struct kli_tensor_desc *descs = NULL;
+        struct tensor_desc *descs = NULL;
         int64_t n = 0, cap = 0;
         struct kli_err err = {0};
         int rc;
 
         memcpy(b, full, k);
-        rc = kli_safetensors_parse(b, k, "trunc.safetensors", 0, &descs, &n, &cap, &err);
+        rc = safetensors_parse(b, k, "trunc.safetensors", 0, &descs, &n, &cap, &err);
         if (rc == KLI_OK || n != 0) {
             if (bad++ == 0)
                 diag("prefix of %zu bytes was accepted", k);
         } else if (err.code != rc || strstr(err.msg, "trunc.safetensors") == NULL) {
             no_msg++;
         }
-        kli_safetensors_free_descs(descs, n);
+        safetensors_free_descs(descs, n);
         free(b);
     }
     ok(bad == 0, "all %zu truncations of a valid file are rejected", len);
     ok(no_msg == 0, "each with a message naming the file");
     {
-        struct kli_tensor_desc *descs = NULL;
+        struct tensor_desc *descs = NULL;
         int64_t n = 0, cap = 0;
         struct kli_err err = {0};
 
-        ok(kli_safetensors_parse(full, len, "full", 0, &descs, &n, &cap, &err) == KLI_OK &&
+        ok(safetensors_parse(full, len, "full", 0, &descs, &n, &cap, &err) == KLI_OK &&
            n == 5, "the untruncated image parses");
-        kli_safetensors_free_descs(descs, n);
+        safetensors_free_descs(descs, n);
     }
 
     /* The same through files: empty, 5 bytes, and header cut in the middle. */
@@ -551,11 +551,11 @@ test_bad_headers(void)
     ok(write_st("bad.safetensors", big, zeros, 1), "write a 512-byte name");
     {
         struct kli_err err = {0};
-        struct kli_wfile *w = NULL;
+        struct wfile *w = NULL;
 
-        ok(kli_wfile_open(&w, tpath("bad.safetensors"), &err) == KLI_OK &&
-           strlen(kli_wfile_tensor(w, 0)->name) == 512, "a 512-byte name is fine");
-        kli_wfile_close(w);
+        ok(wfile_open(&w, tpath("bad.safetensors"), &err) == KLI_OK &&
+           strlen(wfile_tensor(w, 0)->name) == 512, "a 512-byte name is fine");
+        wfile_close(w);
     }
 }
 
@@ -570,10 +570,10 @@ test_bad_paths(void)
     {
         struct kli_err err = {0};
 
-        ok(kli_wfile_open(NULL, "x", &err) == KLI_E_INVALID, "NULL out is KLI_E_INVALID");
-        kli_wfile_close(NULL);
-        ok(kli_wfile_find(NULL, "x") == NULL && kli_wfile_n_tensors(NULL) == 0 &&
-           kli_wfile_data_bytes(NULL) == 0, "NULL wfile is tolerated");
+        ok(wfile_open(NULL, "x", &err) == KLI_E_INVALID, "NULL out is KLI_E_INVALID");
+        wfile_close(NULL);
+        ok(wfile_find(NULL, "x") == NULL && wfile_n_tensors(NULL) == 0 &&
+           wfile_data_bytes(NULL) == 0, "NULL wfile is tolerated");
     }
 }
 
@@ -642,23 +642,23 @@ static void
 test_hostile(void)
 {
     struct kli_err err = {0};
-    struct kli_tensor_desc *descs = NULL;
+    struct tensor_desc *descs = NULL;
     int64_t n = 0, cap = 0;
     size_t len;
     uint8_t *b = build_st("{}", NULL, 0, &len);
-    struct kli_wfile *w = NULL;
+    struct wfile *w = NULL;
     int rc;
 
-    rc = kli_safetensors_parse(b, len, "empty.safetensors", 0, &descs, &n, &cap, &err);
+    rc = safetensors_parse(b, len, "empty.safetensors", 0, &descs, &n, &cap, &err);
     ok(rc == KLI_OK && n == 0 && descs == NULL, "header {}: no tensors, nothing allocated");
     if (rc != KLI_OK)
         diag("%s", err.msg);
     free(b);
     ok(write_st("empty.safetensors", "{}", NULL, 0), "write a file whose header is {}");
-    rc = kli_wfile_open(&w, tpath("empty.safetensors"), &err);
-    ok(rc == KLI_OK && kli_wfile_n_tensors(w) == 0 && kli_wfile_find(w, "x") == NULL,
+    rc = wfile_open(&w, tpath("empty.safetensors"), &err);
+    ok(rc == KLI_OK && wfile_n_tensors(w) == 0 && wfile_find(w, "x") == NULL,
        "a file whose header is {} opens with no tensors");
-    kli_wfile_close(w);
+    wfile_close(w);
 
     /* Shard s1 holds 1000 tensors u0000..u0999 and then x; shard s2 holds y and 1000 more;
      * the index names only x and y. Both extra sets are kept and found. */
@@ -688,14 +688,14 @@ test_hostile(void)
        "write 2 shards holding 2002 tensors, an index naming 2 of them");
     w = NULL;
     memset(&err, 0, sizeof(err));
-    rc = kli_wfile_open(&w, tpath("extra"), &err);
-    ok(rc == KLI_OK && kli_wfile_n_tensors(w) == 2 * EXTRA + 2 &&
-       kli_wfile_find(w, "x") != NULL && kli_wfile_find(w, "y") != NULL &&
-       kli_wfile_find(w, "u0999") != NULL && kli_wfile_find(w, "v0000") != NULL,
+    rc = wfile_open(&w, tpath("extra"), &err);
+    ok(rc == KLI_OK && wfile_n_tensors(w) == 2 * EXTRA + 2 &&
+       wfile_find(w, "x") != NULL && wfile_find(w, "y") != NULL &&
+       wfile_find(w, "u0999") != NULL && wfile_find(w, "v0000") != NULL,
        "shards holding tensors the index does not list: open, every tensor found");
     if (rc != KLI_OK)
         diag("%s", err.msg);
-    kli_wfile_close(w);
+    wfile_close(w);
     free(h1);
     free(h2);
     free(zeros);
@@ -710,7 +710,7 @@ test_many(void)
     char *hdr = malloc(cap);
     uint8_t *data = malloc(N);
     struct kli_err err = {0};
-    struct kli_wfile *w = NULL;
+    struct wfile *w = NULL;
     int rc, found = 0;
     char name[64];
 
@@ -724,23 +724,23 @@ test_many(void)
     }
     snprintf(hdr + len, cap - len, "}");
     ok(write_st("many.safetensors", hdr, data, N), "write 20000 tensors");
-    rc = kli_wfile_open(&w, tpath("many.safetensors"), &err);
-    ok(rc == KLI_OK && kli_wfile_n_tensors(w) == N, "20000 tensors open");
+    rc = wfile_open(&w, tpath("many.safetensors"), &err);
+    ok(rc == KLI_OK && wfile_n_tensors(w) == N, "20000 tensors open");
     if (rc == KLI_OK) {
         for (int i = 0; i < N; i++) {
-            const struct kli_tensor_desc *d;
+            const struct tensor_desc *d;
 
             snprintf(name, sizeof(name), "model.layers.%d.w", i);
-            d = kli_wfile_find(w, name);
-            found += d != NULL && d == kli_wfile_tensor(w, i) &&
+            d = wfile_find(w, name);
+            found += d != NULL && d == wfile_tensor(w, i) &&
                      *(const uint8_t *)d->data == (uint8_t)(N - 1 - i);
         }
-        ok(found == N && kli_wfile_find(w, "model.layers.20000.w") == NULL &&
-           kli_wfile_data_bytes(w) == N, "each of 20000 found by name");
+        ok(found == N && wfile_find(w, "model.layers.20000.w") == NULL &&
+           wfile_data_bytes(w) == N, "each of 20000 found by name");
     } else {
         diag("%s", err.msg);
     }
-    kli_wfile_close(w);
+    wfile_close(w);
     free(hdr);
     free(data);
 }
@@ -753,8 +753,8 @@ test_fixture(void)
     const char *td = tl_data();
     char path[1100], dir[1024];
     struct kli_err err = {0};
-    struct kli_wfile *w = NULL;
-    const struct kli_tensor_desc *q;
+    struct wfile *w = NULL;
+    const struct tensor_desc *q;
     uint8_t head[8];
     uint64_t hlen = 0;
     struct stat st;
@@ -774,28 +774,28 @@ test_fixture(void)
     for (int i = 7; i >= 0; i--)
         hlen = (hlen << 8) | head[i];
 
-    rc = kli_wfile_open(&w, path, &err);
+    rc = wfile_open(&w, path, &err);
     if (!ok(rc == KLI_OK, "fixture opens")) {
         diag("%s", err.msg);
         return;
     }
     /* From the file's own header: 198 keys, one of them __metadata__. */
-    ok(kli_wfile_n_tensors(w) == 197, "fixture has 197 tensors");
-    q = kli_wfile_find(w, "model.layers.0.self_attn.q_proj.weight");
+    ok(wfile_n_tensors(w) == 197, "fixture has 197 tensors");
+    q = wfile_find(w, "model.layers.0.self_attn.q_proj.weight");
     ok(q != NULL && q->dtype == KLI_DT_BF16 && shape_is(q, 2, (const int64_t[]){64, 128}) &&
        q->numel == 8192 && q->nbytes == 16384, "q_proj of layer 0 is BF16 [64,128]");
-    q = kli_wfile_find(w, "model.layers.0.self_attn.A_log");
+    q = wfile_find(w, "model.layers.0.self_attn.A_log");
     ok(q != NULL && shape_is(q, 4, (const int64_t[]){1, 1, 2, 1}),
        "A_log of layer 0 is [1,1,2,1]");
-    ok(kli_wfile_data_bytes(w) == (uint64_t)st.st_size - 8 - hlen,
+    ok(wfile_data_bytes(w) == (uint64_t)st.st_size - 8 - hlen,
        "tensors cover the whole data buffer");
-    kli_wfile_close(w);
+    wfile_close(w);
 
     w = NULL;
-    rc = kli_wfile_open(&w, dir, &err);
-    ok(rc == KLI_OK && kli_wfile_find(w, "lm_head.weight") != NULL,
+    rc = wfile_open(&w, dir, &err);
+    ok(rc == KLI_OK && wfile_find(w, "lm_head.weight") != NULL,
        "fixture directory opens");
-    kli_wfile_close(w);
+    wfile_close(w);
 }
 
 /* The streaming writer over a file larger than its 8 MiB buffer, fed in odd-sized pieces
@@ -806,15 +806,15 @@ static void
 test_writer_large(void)
 {
     enum { NA = 777777, NB = 5000003 };      /* floats: 3.1 MB and 20 MB */
-    struct kli_st_entry e[2] = {
+    struct st_entry e[2] = {
         {"a", "F32", 1, {NA}, (uint64_t)NA * 4},
         {"b", "F32", 2, {1, NB}, (uint64_t)NB * 4},
     };
     size_t total = ((size_t)NA + NB) * 4;
     uint8_t *src = malloc(total);
     const char *path = tpath("large.safetensors");
-    struct kli_st_writer *w = NULL;
-    struct kli_wfile *wf = NULL;
+    struct st_writer *w = NULL;
+    struct wfile *wf = NULL;
     struct kli_err err = {0};
     int rc;
 
@@ -825,23 +825,23 @@ test_writer_large(void)
     for (size_t i = 0; i < total; i++)
         src[i] = (uint8_t)(i * 2654435761u >> 13);
     remember(path);
-    rc = kli_st_writer_open(&w, path, e, 2, &err);
+    rc = st_writer_open(&w, path, e, 2, &err);
     static const size_t piece[] = {1, 4093, 1000003, 9 << 20, 65536, 777};
     for (size_t o = 0, i = 0; rc == KLI_OK && o < total; i++) {
         size_t n = piece[i % 6] < total - o ? piece[i % 6] : total - o;
 
-        rc = kli_st_writer_write(w, src + o, n, &err);
+        rc = st_writer_write(w, src + o, n, &err);
         o += n;
     }
     if (rc == KLI_OK)
-        rc = kli_st_writer_close(w, &err);
+        rc = st_writer_close(w, &err);
     else
-        kli_st_writer_abort(w);
+        st_writer_abort(w);
     ok(rc == KLI_OK, "writer: %zu bytes in odd pieces: %s", total, err.msg);
 
-    rc = kli_wfile_open(&wf, path, &err);
-    const struct kli_tensor_desc *a = rc == KLI_OK ? kli_wfile_find(wf, "a") : NULL;
-    const struct kli_tensor_desc *b = rc == KLI_OK ? kli_wfile_find(wf, "b") : NULL;
+    rc = wfile_open(&wf, path, &err);
+    const struct tensor_desc *a = rc == KLI_OK ? wfile_find(wf, "a") : NULL;
+    const struct tensor_desc *b = rc == KLI_OK ? wfile_find(wf, "b") : NULL;
     ok(a != NULL && b != NULL && a->nbytes == e[0].nbytes && b->nbytes == e[1].nbytes &&
        memcmp(a->data, src, a->nbytes) == 0 && memcmp(b->data, src + a->nbytes, b->nbytes) == 0,
        "writer: the large file reads back byte for byte: %s", err.msg);
@@ -849,7 +849,7 @@ test_writer_large(void)
     {
         /* everything was just read, so all of the file is resident in this process */
         uint64_t res = 0, huge = 0;
-        int got = kli_wfile_pages(wf, &res, &huge);
+        int got = wfile_pages(wf, &res, &huge);
 
         ok(got == 0 && res >= total && res <= total + 8192 && huge <= res,
            "its resident pages: %llu bytes (%llu in 2 MiB pages) of %zu",
@@ -874,7 +874,7 @@ test_writer_large(void)
            (unsigned long)base);
     }
 #endif
-    kli_wfile_close(wf);
+    wfile_close(wf);
     free(src);
 }
 

@@ -1,7 +1,7 @@
 /*
  * test-simd.c - every SIMD kernel table against a float64 reference (and generic beside it).
  *
- * For each table from kli_kernels_all() other than generic, each entry runs on random data and
+ * For each table from kernels_all() other than generic, each entry runs on random data and
  * random shapes with odd tails and unaligned pointers: k from one block to a few thousand,
  * n = 1..70, m = 1..9 (and a few shapes with m = 10..130 and k > 16384, past the kernels'
  * internal thresholds), ldx > k and ldy > n. Variants compiled in but not usable on
@@ -9,7 +9,7 @@
  * as avx512 with vpdpbusd, must also match avx512 bit for bit, and neondot (SDOT) neon.
  *
  * Tolerances, per kernel:
- *   to_f32        bit-exact against kli_dtype_to_f32 (NaN matches any NaN).
+ *   to_f32        bit-exact against dtype_to_f32 (NaN matches any NaN).
  *   scale         bit-exact (one rounding either way).
  *   axpy          |y - ref| <= 2^-23 (|y0| + |a x|) per element (FMA or not: one rounding
  *                 more or less).
@@ -77,9 +77,9 @@ fill_x(float *x, int64_t n)
 }
 
 static void
-fill_w(enum kli_dtype dt, uint8_t *w, int64_t nelem)
+fill_w(enum k_dtype dt, uint8_t *w, int64_t nelem)
 {
-    int64_t nb = nelem / kli_dtype_info(dt)->block;
+    int64_t nb = nelem / dtype_info(dt)->block;
 
     switch (dt) {
     case KLI_DT_F32:
@@ -92,16 +92,16 @@ fill_w(enum kli_dtype dt, uint8_t *w, int64_t nelem)
     case KLI_DT_BF16:
         for (int64_t i = 0; i < nelem; i++) {
             float f = rng_float();
-            uint16_t h = dt == KLI_DT_F16 ? kli_f32_to_f16(f) : kli_f32_to_bf16(f);
+            uint16_t h = dt == KLI_DT_F16 ? f32_to_f16(f) : f32_to_bf16(f);
             memcpy(w + 2 * i, &h, 2);
         }
         break;
     case KLI_DT_Q8_0:
     case KLI_DT_Q4: {
-        int bb = kli_dtype_info(dt)->block_bytes;
+        int bb = dtype_info(dt)->block_bytes;
         for (int64_t b = 0; b < nb; b++) {
             uint8_t *p = w + b * bb;
-            uint16_t h = kli_f32_to_f16(rng_float() * 0.05f);
+            uint16_t h = f32_to_f16(rng_float() * 0.05f);
             memcpy(p, &h, 2);
             for (int i = 2; i < bb; i++)
                 p[i] = (uint8_t)rng_next();
@@ -128,21 +128,21 @@ static const char *const dt_names[KLI_DT_COUNT] = {"F32", "F16", "BF16", "Q8_0",
 /* ---- to_f32 ------------------------------------------------------------------------------ */
 
 static void
-test_to_f32(const struct kli_kernels *kt)
+test_to_f32(const struct k_kernels *kt)
 {
     for (int dt = 0; dt < KLI_DT_COUNT; dt++) {
-        int blk = kli_dtype_info(dt)->block;
+        int blk = dtype_info(dt)->block;
         int bad = 0;
         for (int trial = 0; trial < 20 && !bad; trial++) {
             int64_t n = blk * rng_int(0, 3000 / blk + 3);
-            size_t nbytes = (size_t)kli_dtype_nbytes(dt, (uint64_t)n);
+            size_t nbytes = (size_t)dtype_nbytes(dt, (uint64_t)n);
             int off = (int)rng_int(0, 7);
             uint8_t *src = tl_malloc(nbytes + 8);
             float *want = tl_malloc((size_t)n * 4 + 4), *got = tl_malloc((size_t)n * 4 + 8);
             /* Raw random bits: every F16/BF16 pattern (subnormals, Inf, NaN) shows up. */
             for (size_t i = 0; i < nbytes + 8; i++)
                 src[i] = (uint8_t)rng_next();
-            kli_dtype_to_f32(dt, src + off, want, n);
+            dtype_to_f32(dt, src + off, want, n);
             float guard = 1234.5f;
             memcpy(got + n + 1, &guard, 4);
             kt->to_f32(dt, src + off, got + 1, n);
@@ -159,14 +159,14 @@ test_to_f32(const struct kli_kernels *kt)
             free(want);
             free(got);
         }
-        ok(!bad, "%s to_f32 %s: bit-exact vs kli_dtype_to_f32", kt->name, dt_names[dt]);
+        ok(!bad, "%s to_f32 %s: bit-exact vs dtype_to_f32", kt->name, dt_names[dt]);
     }
 }
 
 /* ---- dot, axpy, scale ---------------------------------------------------------------------- */
 
 static void
-test_vector(const struct kli_kernels *kt)
+test_vector(const struct k_kernels *kt)
 {
     int bad_dot = 0, bad_axpy = 0, bad_scale = 0;
     double worst_dot = 0.0;
@@ -232,7 +232,7 @@ test_vector(const struct kli_kernels *kt)
 /* ---- dot_decay: sum a b exp(ga - gb) with ga - gb <= 0 -------------------------------------- */
 
 static void
-test_dot_decay(const struct kli_kernels *kt)
+test_dot_decay(const struct k_kernels *kt)
 {
     int bad = 0;
     double worst = 0.0;
@@ -277,7 +277,7 @@ test_dot_decay(const struct kli_kernels *kt)
 /* ---- mul_decay: a exp(ga - gb) with ga - gb <= 0, in place or not --------------------------- */
 
 static void
-test_mul_decay(const struct kli_kernels *kt)
+test_mul_decay(const struct k_kernels *kt)
 {
     int bad = 0;
     double worst = 0.0;
@@ -331,7 +331,7 @@ test_mul_decay(const struct kli_kernels *kt)
 /* ---- gemm_nn: small row-major products, odd shapes, strides, alpha, accumulate --------------- */
 
 static void
-test_gemm_nn(const struct kli_kernels *kt)
+test_gemm_nn(const struct k_kernels *kt)
 {
     int bad = 0;
     double worst = 0.0;
@@ -398,7 +398,7 @@ test_gemm_nn(const struct kli_kernels *kt)
 /* ---- silu: x / (1 + e^-x), times mul or not, in place or not -------------------------------- */
 
 static void
-test_silu(const struct kli_kernels *kt)
+test_silu(const struct k_kernels *kt)
 {
     int bad = 0;
     double worst = 0.0;
@@ -480,11 +480,11 @@ mm_rel(const struct mm_err *e)
 
 /* Runs one shape on kt and generic; accumulates both errors. @return 0 if y's padding changed */
 static int
-mm_run(const struct kli_kernels *kt, const struct kli_kernels *gen, enum kli_dtype dt,
+mm_run(const struct k_kernels *kt, const struct k_kernels *gen, enum k_dtype dt,
        const struct mm_case *c, struct mm_err *e, struct mm_err *eg)
 {
     int64_t n = c->n, k = c->k, m = c->m;
-    size_t rb = (size_t)kli_dtype_nbytes(dt, (uint64_t)k);
+    size_t rb = (size_t)dtype_nbytes(dt, (uint64_t)k);
     int woff = (int)rng_int(0, 3) * (dt == KLI_DT_F32 ? 4 : dt <= KLI_DT_BF16 ? 2 : 1);
     /* exact sizes, so that a memory checker sees any read past the end */
     uint8_t *wbuf = tl_malloc(rb * (size_t)n + (size_t)woff);
@@ -506,7 +506,7 @@ mm_run(const struct kli_kernels *kt, const struct kli_kernels *gen, enum kli_dty
             x[t * c->ldx + j] = NAN;   /* padding must never be read */
     }
     for (int64_t r = 0; r < n; r++)
-        kli_dtype_to_f32(dt, w + (size_t)r * rb, wf + r * k, k);
+        dtype_to_f32(dt, w + (size_t)r * rb, wf + r * k, k);
     for (int64_t t = 0; t < m; t++) {
         const float *xt = x + t * c->ldx;
         for (int64_t r = 0; r < n; r++) {
@@ -555,10 +555,10 @@ mm_run(const struct kli_kernels *kt, const struct kli_kernels *gen, enum kli_dty
 }
 
 static void
-test_matmul(const struct kli_kernels *kt, const struct kli_kernels *gen)
+test_matmul(const struct k_kernels *kt, const struct k_kernels *gen)
 {
     for (int dt = 0; dt < KLI_DT_OTHER; dt++) {
-        int blk = kli_dtype_info(dt)->block;
+        int blk = dtype_info(dt)->block;
         int quant = dt == KLI_DT_Q8_0 || dt == KLI_DT_Q4;
         double l2tol = quant ? 2e-2 : 1e-5;
         struct mm_err e = {0, 0, 0}, eg = {0, 0, 0};
@@ -616,16 +616,16 @@ test_matmul(const struct kli_kernels *kt, const struct kli_kernels *gen)
 /* A twin built from the same source with other instructions (avx512vnni from avx512.c, neondot from neon.c) must
  * give bit-identical products: the integer dot products are the same integers. */
 static void
-test_twin(const struct kli_kernels *kt, const struct kli_kernels *base)
+test_twin(const struct k_kernels *kt, const struct k_kernels *base)
 {
     int bad = 0, cases = 0;
 
     for (int dt = 0; dt < KLI_DT_OTHER; dt++) {
-        int blk = kli_dtype_info(dt)->block;
+        int blk = dtype_info(dt)->block;
         for (int trial = 0; trial < 30; trial++) {
             int64_t k = blk * (trial < 3 ? trial + 1 : rng_int(1, 3000 / blk));
             int64_t n = rng_int(1, 40), m = trial < 20 ? rng_int(1, 9) : rng_int(10, 40);
-            size_t rb = (size_t)kli_dtype_nbytes(dt, (uint64_t)k);
+            size_t rb = (size_t)dtype_nbytes(dt, (uint64_t)k);
             uint8_t *w = tl_malloc(rb * (size_t)n);
             float *x = tl_malloc((size_t)(m * k) * 4), *y = tl_malloc((size_t)(m * n) * 4);
             float *yb = tl_malloc((size_t)(m * n) * 4);
@@ -651,7 +651,7 @@ static const char *const kernel_names[] = {"to_f32", "vector", "dot_decay", "mul
                                            "gemm_nn", "silu", "matmul"};
 
 static void
-run_kernel(size_t k, const struct kli_kernels *kt)
+run_kernel(size_t k, const struct k_kernels *kt)
 {
     switch (k) {
     case 0: test_to_f32(kt); break;
@@ -660,7 +660,7 @@ run_kernel(size_t k, const struct kli_kernels *kt)
     case 3: test_mul_decay(kt); break;
     case 4: test_gemm_nn(kt); break;
     case 5: test_silu(kt); break;
-    default: test_matmul(kt, kli_kernels_generic()); break;
+    default: test_matmul(kt, kernels_generic()); break;
     }
 }
 
@@ -678,8 +678,8 @@ int
 main(int argc, char **argv)
 {
     enum { NV = 5 };
-    const struct kli_kernels *all[8], *use[NV];
-    int n = kli_kernels_all(all, 8), count = 0;
+    const struct k_kernels *all[8], *use[NV];
+    int n = kernels_all(all, 8), count = 0;
     const char *variants[NV] = {"avx2", "avx512", "avx512vnni", "neon", "neondot"};
 
     (void)skip_all;   /* each variant is skipped on its own line instead */

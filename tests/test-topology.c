@@ -16,7 +16,7 @@
  * On this machine: pinning through threads.c (each worker's affinity is its plan CPU, and a
  * plan without pinning restores the original), memory binding of a file mapping with its
  * get_mempolicy/move_pages check (one node suffices for the mechanics), node copies, and
- * the matmul reading a tensor's node copy (kli_tensor.node_data).
+ * the matmul reading a tensor's node copy (tensor.node_data).
  *
  * Worker identity: regions with fewer items than workers leave the team as it is, so worker i
  * is the same thread before and after (libgomp would otherwise end and recreate threads).
@@ -719,7 +719,7 @@ test_node_data(void)
         ok(strstr(text, "one NUMA node") != NULL, "one node: nothing bound, and it says why");
     free(text);
 
-    struct kli_tensor *lm = &m->lm_head;
+    struct tensor *lm = &m->lm_head;
     const void *saved = lm->node_data;
     uint64_t bytes = model_row_bytes(lm) * (uint64_t)lm->shape[0];
     void *zero = calloc(1, bytes);
@@ -742,7 +742,7 @@ test_node_data(void)
         }
         lm->node_data = saved;
     }
-    ok(nonzero && zeros, "matmul reads the node copy of a tensor (kli_tensor.node_data)");
+    ok(nonzero && zeros, "matmul reads the node copy of a tensor (tensor.node_data)");
     free(zero);
     kli_session_free(s);
     kli_model_close(m);

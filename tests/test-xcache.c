@@ -168,20 +168,20 @@ static void
 check_damage(const char *kli, const char *dir)
 {
     char bad[4200];
-    struct kli_wfile *w = NULL;
+    struct wfile *w = NULL;
     struct kli_err err = {0};
     FILE *f;
 
     snprintf(bad, sizeof(bad), "%s/damaged.kli", dir);
-    if (kli_wfile_open(&w, kli, &err) != KLI_OK) {
+    if (wfile_open(&w, kli, &err) != KLI_OK) {
         ok(0, "open %s: %s", kli, err.msg);
         return;
     }
-    const struct kli_pack_info *pk = kli_wfile_pack(w);
+    const struct pack_info *pk = wfile_pack(w);
     /* the first group is expert 0 of the first MoE layer */
     uint64_t off = pk->groups[0].offset + pk->groups[0].size / 2;
     int32_t layer = pk->groups[0].layer, expert = pk->groups[0].expert;
-    kli_wfile_close(w);
+    wfile_close(w);
     char cmd[9000];
     snprintf(cmd, sizeof(cmd), "cp '%s' '%s'", kli, bad);
     if (system(cmd) != 0 || (f = fopen(bad, "r+b")) == NULL) {

@@ -8,7 +8,7 @@
 
 #include "dtype.h"
 
-static const struct kli_dtype_info dtype_table[KLI_DT_COUNT] = {
+static const struct dtype_info dtype_table[KLI_DT_COUNT] = {
     [KLI_DT_F32] = {"F32", 1, 4},
     [KLI_DT_F16] = {"F16", 1, 2},
     [KLI_DT_BF16] = {"BF16", 1, 2},
@@ -17,8 +17,8 @@ static const struct kli_dtype_info dtype_table[KLI_DT_COUNT] = {
     [KLI_DT_OTHER] = {"OTHER", 1, 1},
 };
 
-const struct kli_dtype_info *
-kli_dtype_info(enum kli_dtype dt)
+const struct dtype_info *
+dtype_info(enum k_dtype dt)
 {
     if ((int)dt < 0 || dt >= KLI_DT_COUNT)
         return &dtype_table[KLI_DT_OTHER];
@@ -26,15 +26,15 @@ kli_dtype_info(enum kli_dtype dt)
 }
 
 const char *
-kli_dtype_name(enum kli_dtype dt)
+k_dtype_name(enum k_dtype dt)
 {
-    return kli_dtype_info(dt)->name;
+    return dtype_info(dt)->name;
 }
 
 uint64_t
-kli_dtype_nbytes(enum kli_dtype dt, uint64_t n)
+dtype_nbytes(enum k_dtype dt, uint64_t n)
 {
-    const struct kli_dtype_info *in = kli_dtype_info(dt);
+    const struct dtype_info *in = dtype_info(dt);
 
     if (n % (uint64_t)in->block != 0)
         return UINT64_MAX;
@@ -43,7 +43,7 @@ kli_dtype_nbytes(enum kli_dtype dt, uint64_t n)
 
 /* IEEE binary16 to binary32, subnormals included. */
 float
-kli_f16_to_f32(uint16_t h)
+f16_to_f32(uint16_t h)
 {
     uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
     uint32_t exp = (h >> 10) & 0x1f;
@@ -65,7 +65,7 @@ kli_f16_to_f32(uint16_t h)
 
 /* Round to nearest even, with overflow to infinity and gradual underflow. */
 uint16_t
-kli_f32_to_f16(float f)
+f32_to_f16(float f)
 {
     uint32_t u;
     memcpy(&u, &f, 4);
@@ -93,7 +93,7 @@ kli_f32_to_f16(float f)
 }
 
 void
-kli_dtype_to_f32(enum kli_dtype dt, const void *src, float *dst, int64_t n)
+dtype_to_f32(enum k_dtype dt, const void *src, float *dst, int64_t n)
 {
     const uint8_t *p = src;
 
@@ -105,14 +105,14 @@ kli_dtype_to_f32(enum kli_dtype dt, const void *src, float *dst, int64_t n)
         for (int64_t i = 0; i < n; i++) {
             uint16_t h;
             memcpy(&h, p + 2 * i, 2);
-            dst[i] = kli_f16_to_f32(h);
+            dst[i] = f16_to_f32(h);
         }
         break;
     case KLI_DT_BF16:
         for (int64_t i = 0; i < n; i++) {
             uint16_t h;
             memcpy(&h, p + 2 * i, 2);
-            dst[i] = kli_bf16_to_f32(h);
+            dst[i] = bf16_to_f32(h);
         }
         break;
     case KLI_DT_Q8_0:
@@ -120,7 +120,7 @@ kli_dtype_to_f32(enum kli_dtype dt, const void *src, float *dst, int64_t n)
         for (int64_t b = 0; b < n / 32; b++, p += 34) {
             uint16_t h;
             memcpy(&h, p, 2);
-            float d = kli_f16_to_f32(h);
+            float d = f16_to_f32(h);
             for (int j = 0; j < 32; j++)
                 dst[b * 32 + j] = (float)(int8_t)p[2 + j] * d;
         }
@@ -131,7 +131,7 @@ kli_dtype_to_f32(enum kli_dtype dt, const void *src, float *dst, int64_t n)
         for (int64_t b = 0; b < n / 32; b++, p += 18) {
             uint16_t h;
             memcpy(&h, p, 2);
-            float d = kli_f16_to_f32(h);
+            float d = f16_to_f32(h);
             for (int j = 0; j < 16; j++) {
                 dst[b * 32 + j] = (float)((int)(p[2 + j] & 0xf) - 8) * d;
                 dst[b * 32 + j + 16] = (float)((int)(p[2 + j] >> 4) - 8) * d;
@@ -154,8 +154,8 @@ dtype_quant_q8_0(const float *x, uint8_t *out)
     for (int j = 0; j < 32; j++)
         amax = fabsf(x[j]) > amax ? fabsf(x[j]) : amax;
     /* The inverse comes from the scale as stored (f16), so rounding is against it. */
-    uint16_t h = kli_f32_to_f16(amax / 127.0f);
-    float d = kli_f16_to_f32(h), id = d > 0.0f ? 1.0f / d : 0.0f;
+    uint16_t h = f32_to_f16(amax / 127.0f);
+    float d = f16_to_f32(h), id = d > 0.0f ? 1.0f / d : 0.0f;
     memcpy(out, &h, 2);
     for (int j = 0; j < 32; j++) {
         float v = nearbyintf(x[j] * id);
@@ -172,8 +172,8 @@ dtype_quant_q4(const float *x, uint8_t *out)
 
     for (int j = 0; j < 32; j++)
         m = fabsf(x[j]) > fabsf(m) ? x[j] : m;
-    uint16_t h = kli_f32_to_f16(m / -8.0f);
-    float d = kli_f16_to_f32(h), id = d != 0.0f ? 1.0f / d : 0.0f;
+    uint16_t h = f32_to_f16(m / -8.0f);
+    float d = f16_to_f32(h), id = d != 0.0f ? 1.0f / d : 0.0f;
     memcpy(out, &h, 2);
     for (int j = 0; j < 16; j++) {
         int lo = (int)floorf(x[j] * id + 8.5f), hi = (int)floorf(x[j + 16] * id + 8.5f);
@@ -184,7 +184,7 @@ dtype_quant_q4(const float *x, uint8_t *out)
 }
 
 void
-kli_dtype_from_f32(enum kli_dtype dt, const float *src, void *dst, int64_t n)
+dtype_from_f32(enum k_dtype dt, const float *src, void *dst, int64_t n)
 {
     uint8_t *p = dst;
 
@@ -194,13 +194,13 @@ kli_dtype_from_f32(enum kli_dtype dt, const float *src, void *dst, int64_t n)
         break;
     case KLI_DT_F16:
         for (int64_t i = 0; i < n; i++) {
-            uint16_t h = kli_f32_to_f16(src[i]);
+            uint16_t h = f32_to_f16(src[i]);
             memcpy(p + 2 * i, &h, 2);
         }
         break;
     case KLI_DT_BF16:
         for (int64_t i = 0; i < n; i++) {
-            uint16_t h = kli_f32_to_bf16(src[i]);
+            uint16_t h = f32_to_bf16(src[i]);
             memcpy(p + 2 * i, &h, 2);
         }
         break;
@@ -218,11 +218,11 @@ kli_dtype_from_f32(enum kli_dtype dt, const float *src, void *dst, int64_t n)
 }
 
 int
-kli_dtype_parse(const char *s, enum kli_dtype *out)
+dtype_parse(const char *s, enum k_dtype *out)
 {
     static const struct {
         const char *name;
-        enum kli_dtype dt;
+        enum k_dtype dt;
     } names[] = {
         {"f32", KLI_DT_F32}, {"f16", KLI_DT_F16}, {"bf16", KLI_DT_BF16},
         {"q8_0", KLI_DT_Q8_0}, {"q4", KLI_DT_Q4},
@@ -238,11 +238,11 @@ kli_dtype_parse(const char *s, enum kli_dtype *out)
 }
 
 const char *
-kli_dtype_st_name(enum kli_dtype dt)
+dtype_st_name(enum k_dtype dt)
 {
     switch (dt) {
     case KLI_DT_Q8_0: return "KLI_Q8_0";
     case KLI_DT_Q4: return "KLI_Q4";
-    default: return kli_dtype_name(dt);
+    default: return k_dtype_name(dt);
     }
 }

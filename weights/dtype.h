@@ -11,7 +11,7 @@
 #include <stdint.h>
 #include <string.h>
 
-enum kli_dtype {
+enum k_dtype {
     KLI_DT_F32 = 0,
     KLI_DT_F16 = 1,
     KLI_DT_BF16 = 2,
@@ -21,20 +21,20 @@ enum kli_dtype {
     KLI_DT_COUNT
 };
 
-struct kli_dtype_info {
+struct dtype_info {
     const char *name;     /* "F32", "BF16", ... */
     int32_t block;        /* elements per block (1 for plain types) */
     int32_t block_bytes;  /* bytes per block */
 };
 
-const struct kli_dtype_info *kli_dtype_info(enum kli_dtype dt);
-const char *kli_dtype_name(enum kli_dtype dt);
+const struct dtype_info *dtype_info(enum k_dtype dt);
+const char *k_dtype_name(enum k_dtype dt);
 
 /* Bytes for `n` elements, or UINT64_MAX if n is not a multiple of the block size. */
-uint64_t kli_dtype_nbytes(enum kli_dtype dt, uint64_t n);
+uint64_t dtype_nbytes(enum k_dtype dt, uint64_t n);
 
 static inline float
-kli_bf16_to_f32(uint16_t h)
+bf16_to_f32(uint16_t h)
 {
     uint32_t u = (uint32_t)h << 16;
     float f;
@@ -45,7 +45,7 @@ kli_bf16_to_f32(uint16_t h)
 
 /* Round to nearest even; NaN stays NaN. */
 static inline uint16_t
-kli_f32_to_bf16(float f)
+f32_to_bf16(float f)
 {
     uint32_t u;
 
@@ -56,20 +56,20 @@ kli_f32_to_bf16(float f)
     return (uint16_t)(u >> 16);
 }
 
-float kli_f16_to_f32(uint16_t h);
-uint16_t kli_f32_to_f16(float f);
+float f16_to_f32(uint16_t h);
+uint16_t f32_to_f16(float f);
 
 /* Converts `n` float elements (whole blocks) to dtype dt (round to nearest; blocks scaled by
  * their largest magnitude). The reference quantizers. */
-void kli_dtype_from_f32(enum kli_dtype dt, const float *src, void *dst, int64_t n);
+void dtype_from_f32(enum k_dtype dt, const float *src, void *dst, int64_t n);
 
 /* "f32", "f16", "bf16", "q8_0", "q4" (any case) to a dtype. @return 0 or -1. */
-int kli_dtype_parse(const char *s, enum kli_dtype *out);
+int dtype_parse(const char *s, enum k_dtype *out);
 
 /* The dtype's name in a safetensors header ("BF16", "KLI_Q8_0", ...). */
-const char *kli_dtype_st_name(enum kli_dtype dt);
+const char *dtype_st_name(enum k_dtype dt);
 
 /* Converts `n` elements of `src` (dtype dt, whole blocks) to float. */
-void kli_dtype_to_f32(enum kli_dtype dt, const void *src, float *dst, int64_t n);
+void dtype_to_f32(enum k_dtype dt, const void *src, float *dst, int64_t n);
 
 #endif

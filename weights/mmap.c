@@ -37,7 +37,7 @@ static const uint8_t mmap_empty[1];
  * is still a plain one.
  */
 void *
-kli_map_huge(int fd, size_t len, int prot)
+map_huge(int fd, size_t len, int prot)
 {
     int flags = MAP_PRIVATE | (fd < 0 ? MAP_ANONYMOUS : 0);
     uint8_t *r, *a;
@@ -69,7 +69,7 @@ kli_map_huge(int fd, size_t len, int prot)
 }
 
 int
-kli_mmap_open(struct kli_mmap *m, const char *path, struct kli_err *err)
+mmap_open(struct k_mmap *m, const char *path, struct kli_err *err)
 {
     uint64_t size;
     void *addr;
@@ -81,7 +81,7 @@ kli_mmap_open(struct kli_mmap *m, const char *path, struct kli_err *err)
         return fd;
     if (size > (uint64_t)SIZE_MAX) {
         close(fd);
-        return kli_err_set(err, KLI_E_NOMEM, "%s: file of %llu bytes does not fit in memory",
+        return err_set(err, KLI_E_NOMEM, "%s: file of %llu bytes does not fit in memory",
                            path, (unsigned long long)size);
     }
     if (size == 0) {
@@ -90,11 +90,11 @@ kli_mmap_open(struct kli_mmap *m, const char *path, struct kli_err *err)
         m->base = mmap_empty;
         return KLI_OK;
     }
-    addr = kli_map_huge(fd, (size_t)size, PROT_READ);
+    addr = map_huge(fd, (size_t)size, PROT_READ);
     e = errno;
     close(fd);   /* the mapping keeps its own reference to the file */
     if (addr == MAP_FAILED) {
-        return kli_err_set(err, e == ENOMEM ? KLI_E_NOMEM : KLI_E_IO,
+        return err_set(err, e == ENOMEM ? KLI_E_NOMEM : KLI_E_IO,
                            "%s: cannot map %llu bytes: %s", path, (unsigned long long)size,
                            strerror(e));
     }
@@ -106,7 +106,7 @@ kli_mmap_open(struct kli_mmap *m, const char *path, struct kli_err *err)
 }
 
 void
-kli_mmap_close(struct kli_mmap *m)
+mmap_close(struct k_mmap *m)
 {
     if (m == NULL)
         return;
@@ -116,8 +116,8 @@ kli_mmap_close(struct kli_mmap *m)
 }
 
 int
-kli_mmap_advise(const struct kli_mmap *m, uint64_t off, uint64_t len,
-                enum kli_mmap_advice advice)
+mmap_advise(const struct k_mmap *m, uint64_t off, uint64_t len,
+                enum mmap_advice advice)
 {
 #if defined(POSIX_MADV_NORMAL)
     long page = sysconf(_SC_PAGESIZE);
@@ -158,7 +158,7 @@ kli_mmap_advise(const struct kli_mmap *m, uint64_t off, uint64_t len,
 }
 
 int
-kli_mmap_pages(const struct kli_mmap *const *maps, int n, uint64_t *resident, uint64_t *huge)
+mmap_pages(const struct k_mmap *const *maps, int n, uint64_t *resident, uint64_t *huge)
 {
     *resident = *huge = 0;
 #ifdef __linux__

@@ -1,8 +1,8 @@
 /*
  * mmap.h - read-only mappings of whole files.
  *
- * A kli_mmap maps a regular file PROT_READ / MAP_PRIVATE. The bytes stay valid until
- * kli_mmap_close. An empty file maps fine: size is 0 and base points at a static empty byte
+ * A k_mmap maps a regular file PROT_READ / MAP_PRIVATE. The bytes stay valid until
+ * mmap_close. An empty file maps fine: size is 0 and base points at a static empty byte
  * (never NULL), so `base + 0` and a loop over zero bytes are always safe.
  */
 #ifndef KLI_MMAP_H
@@ -13,7 +13,7 @@
 
 #include "kli.h"
 
-struct kli_mmap {
+struct k_mmap {
     const uint8_t *base;   /* first byte of the file; never NULL once opened */
     uint64_t size;         /* file size in bytes */
     void *addr;            /* what mmap returned, or NULL for an empty file */
@@ -21,7 +21,7 @@ struct kli_mmap {
 };
 
 /* Access-pattern hints, passed on to posix_madvise where the system has it. */
-enum kli_mmap_advice {
+enum mmap_advice {
     KLI_MMAP_NORMAL = 0,
     KLI_MMAP_SEQUENTIAL = 1,   /* read once front to back (headers, conversion) */
     KLI_MMAP_RANDOM = 2,       /* scattered reads (routed experts): no read-ahead */
@@ -33,30 +33,30 @@ enum kli_mmap_advice {
  * @return KLI_OK, or KLI_E_IO (missing file, not a regular file, mmap failure) /
  *         KLI_E_NOMEM (the file does not fit in the address space) with a message naming
  *         the path and the system error. On failure *m is left closed (safe to close). */
-int kli_mmap_open(struct kli_mmap *m, const char *path, struct kli_err *err);
+int mmap_open(struct k_mmap *m, const char *path, struct kli_err *err);
 
-#define KLI_HUGE_PAGE ((size_t)2 << 20)   /* the huge pages kli_map_huge aligns for */
+#define KLI_HUGE_PAGE ((size_t)2 << 20)   /* the huge pages map_huge aligns for */
 
 /* Maps len bytes of file fd from offset 0 (or anonymous memory when fd < 0), MAP_PRIVATE
  * with protection prot, at a 2 MiB boundary when len is at least 2 MiB, advised
  * MADV_HUGEPAGE (mmap.c says why). Released with munmap(addr, len).
  * @return the address, or MAP_FAILED with errno set. */
-void *kli_map_huge(int fd, size_t len, int prot);
+void *map_huge(int fd, size_t len, int prot);
 
 /* Unmaps. Safe on a zeroed or already-closed struct; leaves *m zeroed. */
-void kli_mmap_close(struct kli_mmap *m);
+void mmap_close(struct k_mmap *m);
 
 /* Hints the access pattern for bytes [off, off + len) (clamped to the file; len 0 means "to
  * the end"). A hint is only a hint: a system without posix_madvise, or one that refuses, is
  * not an error.
  * @return 0 if the hint was given, or a positive errno value (informational only). */
-int kli_mmap_advise(const struct kli_mmap *m, uint64_t off, uint64_t len,
-                    enum kli_mmap_advice advice);
+int mmap_advise(const struct k_mmap *m, uint64_t off, uint64_t len,
+                    enum mmap_advice advice);
 
 /* Of the pages of mappings maps[0..n) now resident, *resident bytes in all and *huge bytes
  * mapped through 2 MiB entries (Linux: /proc/self/smaps).
  * @return 0, or -1 where the system does not say (then both are 0). */
-int kli_mmap_pages(const struct kli_mmap *const *maps, int n, uint64_t *resident,
+int mmap_pages(const struct k_mmap *const *maps, int n, uint64_t *resident,
                    uint64_t *huge);
 
 #endif

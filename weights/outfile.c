@@ -77,17 +77,17 @@ of_resolve(const char *path, char **out, struct kli_err *err)
     char *r;
 
     if (lstat(path, &st) != 0 || !S_ISLNK(st.st_mode)) {
-        if ((*out = kli_strdup(path)) == NULL)
-            return kli_err_set(err, KLI_E_NOMEM, "out of memory");
+        if ((*out = k_strdup(path)) == NULL)
+            return err_set(err, KLI_E_NOMEM, "out of memory");
         return KLI_OK;
     }
     if ((r = realpath(path, NULL)) == NULL)
-        return kli_err_set(err, KLI_E_IO, "%s: a symbolic link to a missing file (%s)", path,
+        return err_set(err, KLI_E_IO, "%s: a symbolic link to a missing file (%s)", path,
                            strerror(errno));
-    *out = kli_strdup(r);
+    *out = k_strdup(r);
     free(r);
     if (*out == NULL)
-        return kli_err_set(err, KLI_E_NOMEM, "out of memory");
+        return err_set(err, KLI_E_NOMEM, "out of memory");
     return KLI_OK;
 }
 
@@ -97,7 +97,7 @@ of_type_error(const char *path, mode_t m, struct kli_err *err)
     const char *what = S_ISDIR(m) ? "a directory" : S_ISCHR(m) || S_ISBLK(m) ? "a device" :
                        S_ISFIFO(m) ? "a FIFO" : "not a regular file";
 
-    return kli_err_set(err, KLI_E_IO, "%s: is %s; kli replaces only regular files here", path,
+    return err_set(err, KLI_E_IO, "%s: is %s; kli replaces only regular files here", path,
                        what);
 }
 
@@ -113,10 +113,10 @@ of_lock(struct kli_outfile *f, struct kli_err *err)
         fd = open(f->lockpath, O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0666);
     } while (fd < 0 && errno == EINTR);
     if (fd < 0)
-        return kli_err_set(err, KLI_E_IO, "%s: %s", f->lockpath, strerror(errno));
+        return err_set(err, KLI_E_IO, "%s: %s", f->lockpath, strerror(errno));
     if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
         close(fd);
-        return kli_err_set(err, KLI_E_IO, "%s: not a lock file", f->lockpath);
+        return err_set(err, KLI_E_IO, "%s: not a lock file", f->lockpath);
     }
     if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
         int e = errno;
@@ -127,9 +127,9 @@ of_lock(struct kli_outfile *f, struct kli_err *err)
         }
         close(fd);
         if (e == EWOULDBLOCK)
-            return kli_err_set(err, KLI_E_IO, "%s: being written by another process; try "
+            return err_set(err, KLI_E_IO, "%s: being written by another process; try "
                                "again when it is done", f->path);
-        return kli_err_set(err, KLI_E_IO, "%s: cannot lock: %s", f->lockpath, strerror(e));
+        return err_set(err, KLI_E_IO, "%s: cannot lock: %s", f->lockpath, strerror(e));
     }
     if (lstat(f->lockpath, &now) != 0 || now.st_dev != st.st_dev || now.st_ino != st.st_ino) {
         close(fd);
@@ -203,9 +203,9 @@ kli_outfile_open(struct kli_outfile **out, const char *path, unsigned flags,
 
     *out = NULL;
     if (path == NULL || path[0] == '\0')
-        return kli_err_set(err, KLI_E_INVALID, "kli_outfile_open: no path");
-    if ((f = kli_calloc(1, sizeof(*f))) == NULL)
-        return kli_err_set(err, KLI_E_NOMEM, "out of memory");
+        return err_set(err, KLI_E_INVALID, "kli_outfile_open: no path");
+    if ((f = k_calloc(1, sizeof(*f))) == NULL)
+        return err_set(err, KLI_E_NOMEM, "out of memory");
     f->fd = -1;
     f->lock = -1;
     if ((rc = of_resolve(path, &f->path, err)) != KLI_OK)
@@ -218,7 +218,7 @@ kli_outfile_open(struct kli_outfile **out, const char *path, unsigned flags,
                 f->fd = open(f->path, O_WRONLY | O_NOFOLLOW | O_CLOEXEC);
             } while (f->fd < 0 && errno == EINTR);
             if (f->fd < 0) {
-                rc = kli_err_set(err, KLI_E_IO, "%s: %s", f->path, strerror(errno));
+                rc = err_set(err, KLI_E_IO, "%s: %s", f->path, strerror(errno));
                 goto fail;
             }
             *out = f;
@@ -232,14 +232,14 @@ kli_outfile_open(struct kli_outfile **out, const char *path, unsigned flags,
     const char *slash = strrchr(f->path, '/');
     size_t dl = slash != NULL ? (size_t)(slash - f->path) + 1 : 0;
     size_t cap = strlen(f->path) + 32;
-    if ((f->tmp = kli_malloc(cap)) == NULL || (f->lockpath = kli_malloc(cap)) == NULL) {
-        rc = kli_err_set(err, KLI_E_NOMEM, "out of memory");
+    if ((f->tmp = k_malloc(cap)) == NULL || (f->lockpath = k_malloc(cap)) == NULL) {
+        rc = err_set(err, KLI_E_NOMEM, "out of memory");
         goto fail;
     }
     snprintf(f->lockpath, cap, "%.*s.%s.lock", (int)dl, f->path, f->path + dl);
     for (int tries = 0; (rc = of_lock(f, err)) == 1; tries++) {
         if (tries == 100) {
-            rc = kli_err_set(err, KLI_E_IO, "%s: keeps changing under another writer", path);
+            rc = err_set(err, KLI_E_IO, "%s: keeps changing under another writer", path);
             goto fail;
         }
     }
@@ -251,7 +251,7 @@ kli_outfile_open(struct kli_outfile **out, const char *path, unsigned flags,
                  (unsigned long long)of_random());
         f->fd = open(f->tmp, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0666);
         if (f->fd < 0 && (errno != EEXIST || tries == 100)) {
-            rc = kli_err_set(err, KLI_E_IO, "%s: %s", f->tmp, strerror(errno));
+            rc = err_set(err, KLI_E_IO, "%s: %s", f->tmp, strerror(errno));
             free(f->tmp);
             f->tmp = NULL;
             goto fail;
@@ -279,24 +279,24 @@ kli_outfile_commit(struct kli_outfile *f, struct kli_err *err)
     int rc = KLI_OK;
 
     if (f == NULL)
-        return kli_err_set(err, KLI_E_INVALID, "kli_outfile_commit: NULL file");
+        return err_set(err, KLI_E_INVALID, "kli_outfile_commit: NULL file");
     if (f->tmp == NULL) {   /* streaming: nothing to rename */
         int r = close(f->fd);
         f->fd = -1;
         if (r != 0)
-            rc = kli_err_set(err, KLI_E_IO, "%s: write error: %s", f->path, strerror(errno));
+            rc = err_set(err, KLI_E_IO, "%s: write error: %s", f->path, strerror(errno));
         kli_outfile_abort(f);
         return rc;
     }
     if (fsync(f->fd) != 0 || close(f->fd) != 0) {
         f->fd = -1;
-        rc = kli_err_set(err, KLI_E_IO, "%s: write error: %s", f->tmp, strerror(errno));
+        rc = err_set(err, KLI_E_IO, "%s: write error: %s", f->tmp, strerror(errno));
         kli_outfile_abort(f);
         return rc;
     }
     f->fd = -1;
     if (rename(f->tmp, f->path) != 0) {
-        rc = kli_err_set(err, KLI_E_IO, "%s: %s", f->path, strerror(errno));
+        rc = err_set(err, KLI_E_IO, "%s: %s", f->path, strerror(errno));
         kli_outfile_abort(f);
         return rc;
     }
@@ -317,7 +317,7 @@ kli_outfile_commit(struct kli_outfile *f, struct kli_err *err)
     }
     if (dfd >= 0) {
         if (fsync(dfd) != 0 && errno != EINVAL && errno != EROFS)
-            rc = kli_err_set(err, KLI_E_IO, "%s: syncing its directory: %s", f->path,
+            rc = err_set(err, KLI_E_IO, "%s: syncing its directory: %s", f->path,
                              strerror(errno));
         close(dfd);
     }
@@ -326,14 +326,14 @@ kli_outfile_commit(struct kli_outfile *f, struct kli_err *err)
 }
 
 int
-kli_write_file(const char *path, const void *p, size_t n, struct kli_err *err)
+k_write_file(const char *path, const void *p, size_t n, struct kli_err *err)
 {
     struct kli_outfile *f;
     int rc;
 
     if ((rc = kli_outfile_open(&f, path, 0, err)) != KLI_OK)
         return rc;
-    if ((rc = kli_write_all(f->fd, p, n, path, err)) != KLI_OK) {
+    if ((rc = write_all(f->fd, p, n, path, err)) != KLI_OK) {
         kli_outfile_abort(f);
         return rc;
     }
@@ -354,7 +354,7 @@ kli_output_check(const char *out, const char *in, struct kli_err *err)
     if (out == NULL || in == NULL || stat(out, &so) != 0 || stat(in, &si) != 0)
         return KLI_OK;
     if (so.st_dev == si.st_dev && so.st_ino == si.st_ino)
-        return kli_err_set(err, KLI_E_INVALID, "%s is the input %s: writing it would destroy "
+        return err_set(err, KLI_E_INVALID, "%s is the input %s: writing it would destroy "
                            "what is being read; choose another output", out, in);
     if (!S_ISDIR(si.st_mode) || (d = opendir(in)) == NULL)
         return KLI_OK;
@@ -364,7 +364,7 @@ kli_output_check(const char *out, const char *in, struct kli_err *err)
         if (snprintf(path, sizeof(path), "%s/%s", in, de->d_name) >= (int)sizeof(path))
             continue;
         if (stat(path, &se) == 0 && se.st_dev == so.st_dev && se.st_ino == so.st_ino)
-            rc = kli_err_set(err, KLI_E_INVALID, "%s is the input file %s: writing it would "
+            rc = err_set(err, KLI_E_INVALID, "%s is the input file %s: writing it would "
                              "destroy what is being read; choose another output", out, path);
     }
     closedir(d);

@@ -15,7 +15,7 @@
  *                      that starts on a page and whose last page no other tensor shares
  *
  * Every integer is little-endian. Every section carries an XXH64 in the section table; the
- * small ones are verified at open, the DATA section per tensor on request (kli_wfile_verify)
+ * small ones are verified at open, the DATA section per tensor on request (wfile_verify)
  * because reading it all would make opening as slow as the model is large.
  *
  * Checklist: a change of the layout needs kli-pack(5) updated, KLI_PACK_VERSION_MINOR bumped
@@ -93,22 +93,22 @@ pack_err(struct kli_err *err, int code, const char *fname, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(what, sizeof(what), fmt, ap);
     va_end(ap);
-    return kli_err_set(err, code, "%s%s: %s", pack_tail(fname) == fname ? "" : "...",
+    return err_set(err, code, "%s%s: %s", pack_tail(fname) == fname ? "" : "...",
                        pack_tail(fname), what);
 }
 
 /* Bytes of `numel` elements of dt, or UINT64_MAX when not whole blocks or too large. */
 static uint64_t
-pack_nbytes(enum kli_dtype dt, const int64_t *shape, int32_t ndim, uint64_t numel)
+pack_nbytes(enum k_dtype dt, const int64_t *shape, int32_t ndim, uint64_t numel)
 {
-    int32_t blk = kli_dtype_info(dt)->block;
-    uint64_t bb = (uint64_t)kli_dtype_info(dt)->block_bytes;
+    int32_t blk = dtype_info(dt)->block;
+    uint64_t bb = (uint64_t)dtype_info(dt)->block_bytes;
 
     if (blk > 1 && (ndim == 0 || shape[ndim - 1] % blk != 0))
         return UINT64_MAX;
     if (numel / (uint64_t)blk > UINT64_MAX / bb)
         return UINT64_MAX;
-    return kli_dtype_nbytes(dt, numel);
+    return dtype_nbytes(dt, numel);
 }
 
 /* Element count of a shape, or -1 when a dimension is negative or the count exceeds 2^62. */
@@ -151,7 +151,7 @@ pack_range_cmp(const void *a, const void *b)
 }
 
 void
-kli_pack_info_free(struct kli_pack_info *info)
+pack_info_free(struct pack_info *info)
 {
     if (info == NULL)
         return;
@@ -161,7 +161,7 @@ kli_pack_info_free(struct kli_pack_info *info)
 }
 
 int
-kli_pack_probe(const char *path)
+pack_probe(const char *path)
 {
     char magic[8];
     ssize_t got;
@@ -182,7 +182,7 @@ kli_pack_probe(const char *path)
  * one); each known kind may appear once. */
 static int
 pack_parse_header(const uint8_t *base, uint64_t size, const char *fname,
-                  struct pack_section sec[5], uint64_t *align, struct kli_pack_info *info,
+                  struct pack_section sec[5], uint64_t *align, struct pack_info *info,
                   struct kli_err *err)
 {
     uint64_t fsize;
@@ -201,7 +201,7 @@ pack_parse_header(const uint8_t *base, uint64_t size, const char *fname,
     }
     major = util_rd16(base + 8);
     minor = util_rd16(base + 10);
-    if (kli_xxh64(base, PACK_HEADER_SUM, 0) != util_rd64(base + PACK_HEADER_SUM)) {
+    if (xxh64(base, PACK_HEADER_SUM, 0) != util_rd64(base + PACK_HEADER_SUM)) {
         if (major != KLI_PACK_VERSION_MAJOR) {
             return pack_err(err, KLI_E_UNSUPPORTED, fname, "format version %u.%u is not "
                             "supported (this kli reads %d.x), or the header is damaged",
@@ -296,7 +296,7 @@ pack_parse_header(const uint8_t *base, uint64_t size, const char *fname,
  * NUL. An empty section means no tokenizer. */
 static int
 pack_parse_tokenizer(const uint8_t *p, uint64_t size, const char *fname,
-                     struct kli_pack_info *info, struct kli_err *err)
+                     struct pack_info *info, struct kli_err *err)
 {
     uint64_t rl, cl;
     uint32_t flags;
@@ -333,7 +333,7 @@ pack_parse_tokenizer(const uint8_t *p, uint64_t size, const char *fname,
 static int
 pack_parse_tensor(const uint8_t *rec, const uint8_t *strings, uint64_t ss, const uint8_t *base,
                   uint64_t data_begin, uint64_t data_end, int64_t i, const char *fname,
-                  struct kli_tensor_desc *d, uint64_t *sum, struct kli_err *err)
+                  struct tensor_desc *d, uint64_t *sum, struct kli_err *err)
 {
     uint64_t name_off = util_rd64(rec), off = util_rd64(rec + 88), nb = util_rd64(rec + 96);
     uint32_t name_len = util_rd32(rec + 8), dt = util_rd32(rec + 12), layout = util_rd32(rec + 16);
@@ -378,7 +378,7 @@ pack_parse_tensor(const uint8_t *rec, const uint8_t *strings, uint64_t ss, const
     if (dt != KLI_DT_OTHER && pack_nbytes(dt, d->shape, (int32_t)ndim, (uint64_t)numel) != nb) {
         return pack_err(err, KLI_E_FORMAT, fname, "section \"directory\": tensor \"%.64s\": %llu "
                         "bytes do not match its %u-d shape of %s", name,
-                        (unsigned long long)nb, ndim, kli_dtype_name(dt));
+                        (unsigned long long)nb, ndim, k_dtype_name(dt));
     }
     if (off < data_begin || off > data_end || nb > data_end - off ||
         off % PACK_TENSOR_ALIGN != 0) {
@@ -391,10 +391,10 @@ pack_parse_tensor(const uint8_t *rec, const uint8_t *strings, uint64_t ss, const
         return pack_err(err, KLI_E_FORMAT, fname, "section \"directory\": tensor \"%.64s\": "
                         "dtype name is empty or not NUL-terminated", name);
     }
-    d->name = kli_strdup(name);
+    d->name = k_strdup(name);
     if (d->name == NULL)
         return pack_err(err, KLI_E_NOMEM, fname, "out of memory");
-    d->dtype = (enum kli_dtype)dt;
+    d->dtype = (enum k_dtype)dt;
     snprintf(d->dtype_name, sizeof(d->dtype_name), "%s", (const char *)rec + 112);
     d->ndim = (int32_t)ndim;
     d->numel = numel;
@@ -404,7 +404,7 @@ pack_parse_tensor(const uint8_t *rec, const uint8_t *strings, uint64_t ss, const
     return KLI_OK;
 }
 
-/* What kli_pack_parse reads one file with: the mapping, where the data section lies, and
+/* What k_pack_parse reads one file with: the mapping, where the data section lies, and
  * the directory's counts; the per-section steps below share it. */
 struct pack_parse {
     const uint8_t *base;
@@ -412,7 +412,7 @@ struct pack_parse {
     uint64_t align, data_begin, data_end;
     const uint8_t *dir;             /* the directory section */
     uint64_t nt, ng, ss, trs, grs;  /* tensors, groups, name bytes, record sizes */
-    struct kli_tensor_desc **descs;
+    struct tensor_desc **descs;
     int64_t n0;                     /* the first descriptor this file adds */
     int64_t *owner;                 /* [nt]: the group holding each tensor, or -1 */
 };
@@ -420,10 +420,10 @@ struct pack_parse {
 /* The small sections' checksums, then CONFIG: the config.json text and a NUL. */
 static int
 pack_parse_config(const struct pack_parse *P, const struct pack_section sec[5],
-                  struct kli_pack_info *info, struct kli_err *err)
+                  struct pack_info *info, struct kli_err *err)
 {
     for (int k = PACK_CONFIG; k <= PACK_DIRECTORY; k++) {
-        if (sec[k].present && kli_xxh64(P->base + sec[k].offset, (size_t)sec[k].size, 0) !=
+        if (sec[k].present && xxh64(P->base + sec[k].offset, (size_t)sec[k].size, 0) !=
             sec[k].checksum) {
             return pack_err(err, KLI_E_FORMAT, P->fname, "section \"%s\" is damaged (checksum "
                             "mismatch)", pack_kind_names[k]);
@@ -471,14 +471,14 @@ static int
 pack_grow_descs(const struct pack_parse *P, int64_t *cap, struct kli_err *err)
 {
     uint64_t want = (uint64_t)P->n0 + P->nt, grow = (uint64_t)*cap * 2;
-    struct kli_tensor_desc *p;
+    struct tensor_desc *p;
 
     if (want <= (uint64_t)*cap)
         return KLI_OK;
     want = want < grow ? grow : want;
     want = want < 16 ? 16 : want;
     p = want > SIZE_MAX / sizeof(*p) ? NULL :
-        kli_reallocarray(*P->descs, (size_t)want, sizeof(*p));
+        k_reallocarray(*P->descs, (size_t)want, sizeof(*p));
     if (p == NULL) {
         return pack_err(err, KLI_E_NOMEM, P->fname, "out of memory for %llu tensors",
                         (unsigned long long)P->nt);
@@ -492,7 +492,7 @@ pack_grow_descs(const struct pack_parse *P, int64_t *cap, struct kli_err *err)
  * frees exactly the names copied). */
 static int
 pack_parse_tensors(const struct pack_parse *P, int32_t file, int64_t *n,
-                   struct kli_pack_info *info, struct kli_err *err)
+                   struct pack_info *info, struct kli_err *err)
 {
     const uint8_t *strings = P->dir + PACK_DIR_HEAD + P->nt * P->trs + P->ng * P->grs;
     int rc;
@@ -513,14 +513,14 @@ pack_parse_tensors(const struct pack_parse *P, int32_t file, int64_t *n,
 /* Groups: runs of consecutive tensors in one range that starts on an alignment unit; its
  * units are its own (checked by pack_check_overlaps with the tensors' ranges). */
 static int
-pack_parse_groups(const struct pack_parse *P, struct kli_pack_info *info, struct kli_err *err)
+pack_parse_groups(const struct pack_parse *P, struct pack_info *info, struct kli_err *err)
 {
-    const struct kli_tensor_desc *descs = *P->descs;
+    const struct tensor_desc *descs = *P->descs;
 
     info->n_groups = (int64_t)P->ng;
     for (uint64_t g = 0; g < P->ng; g++) {
         const uint8_t *r = P->dir + PACK_DIR_HEAD + P->nt * P->trs + g * P->grs;
-        struct kli_tensor_group *G = &info->groups[g];
+        struct tensor_group *G = &info->groups[g];
         uint64_t off = util_rd64(r), gs = util_rd64(r + 8), prev_end = off;
         uint64_t first = util_rd32(r + 16), cnt = util_rd32(r + 20);
 
@@ -533,7 +533,7 @@ pack_parse_groups(const struct pack_parse *P, struct kli_pack_info *info, struct
                             (unsigned long long)gs);
         }
         for (uint64_t t = first; t < first + cnt; t++) {
-            const struct kli_tensor_desc *d = &descs[P->n0 + (int64_t)t];
+            const struct tensor_desc *d = &descs[P->n0 + (int64_t)t];
             uint64_t toff = (uint64_t)((const uint8_t *)d->data - P->base);
 
             if (P->owner[t] >= 0 || toff < prev_end || (t == first && toff != off) ||
@@ -559,14 +559,14 @@ pack_parse_groups(const struct pack_parse *P, struct kli_pack_info *info, struct
 /* No byte of the data section belongs to two tensors, and no tensor outside a group
  * touches the group's alignment units. `ranges` has room for nt + ng. */
 static int
-pack_check_overlaps(const struct pack_parse *P, const struct kli_pack_info *info,
+pack_check_overlaps(const struct pack_parse *P, const struct pack_info *info,
                     struct pack_range *ranges, struct kli_err *err)
 {
-    const struct kli_tensor_desc *descs = *P->descs + P->n0;
+    const struct tensor_desc *descs = *P->descs + P->n0;
     int64_t nr = 0, last = 0;   /* last: the range reaching furthest so far */
 
     for (uint64_t t = 0; t < P->nt; t++) {
-        const struct kli_tensor_desc *d = &descs[t];
+        const struct tensor_desc *d = &descs[t];
         uint64_t toff = (uint64_t)((const uint8_t *)d->data - P->base);
 
         if (P->owner[t] < 0 && d->nbytes > 0)
@@ -604,7 +604,7 @@ pack_check_overlaps(const struct pack_parse *P, const struct kli_pack_info *info
 
 /* The DATA section's checksum commits to the per-tensor ones. */
 static int
-pack_check_data(const struct pack_parse *P, const struct kli_pack_info *info, uint64_t sum,
+pack_check_data(const struct pack_parse *P, const struct pack_info *info, uint64_t sum,
                 struct kli_err *err)
 {
     struct xxh64_state h;
@@ -623,9 +623,9 @@ pack_check_data(const struct pack_parse *P, const struct kli_pack_info *info, ui
 }
 
 int
-kli_pack_parse(const uint8_t *base, uint64_t size, const char *fname, int32_t file,
-               struct kli_tensor_desc **descs, int64_t *n, int64_t *cap,
-               struct kli_pack_info *info, struct kli_err *err)
+k_pack_parse(const uint8_t *base, uint64_t size, const char *fname, int32_t file,
+               struct tensor_desc **descs, int64_t *n, int64_t *cap,
+               struct pack_info *info, struct kli_err *err)
 {
     struct pack_parse P = {.base = base, .fname = fname != NULL ? fname : "(memory)",
                            .align = PACK_ALIGN, .descs = descs, .n0 = *n};
@@ -647,10 +647,10 @@ kli_pack_parse(const uint8_t *base, uint64_t size, const char *fname, int32_t fi
     P.data_end = P.data_begin + sec[PACK_DATA].size;
     if ((rc = pack_grow_descs(&P, cap, err)) != KLI_OK)
         goto fail;
-    info->checksums = kli_mallocarray((size_t)P.nt + 1, sizeof(*info->checksums));
-    info->groups = kli_mallocarray((size_t)P.ng + 1, sizeof(*info->groups));
-    ranges = kli_mallocarray((size_t)(P.nt + P.ng) + 1, sizeof(*ranges));
-    P.owner = kli_mallocarray((size_t)P.nt + 1, sizeof(*P.owner));
+    info->checksums = k_mallocarray((size_t)P.nt + 1, sizeof(*info->checksums));
+    info->groups = k_mallocarray((size_t)P.ng + 1, sizeof(*info->groups));
+    ranges = k_mallocarray((size_t)(P.nt + P.ng) + 1, sizeof(*ranges));
+    P.owner = k_mallocarray((size_t)P.nt + 1, sizeof(*P.owner));
     if (info->checksums == NULL || info->groups == NULL || ranges == NULL || P.owner == NULL) {
         rc = pack_err(err, KLI_E_NOMEM, P.fname, "out of memory for %llu tensors",
                       (unsigned long long)P.nt);
@@ -671,27 +671,27 @@ fail:
     *n = P.n0;
     free(ranges);
     free(P.owner);
-    kli_pack_info_free(info);
+    pack_info_free(info);
     return rc;
 }
 
 int
-kli_wfile_verify(const struct kli_wfile *w, kli_progress_fn progress, void *ud,
+wfile_verify(const struct wfile *w, kli_progress_fn progress, void *ud,
                  struct kli_err *err)
 {
-    const struct kli_pack_info *info = kli_wfile_pack(w);
-    int64_t n = kli_wfile_n_tensors(w);
-    uint64_t done = 0, total = kli_wfile_data_bytes(w);
+    const struct pack_info *info = wfile_pack(w);
+    int64_t n = wfile_n_tensors(w);
+    uint64_t done = 0, total = wfile_data_bytes(w);
 
     if (info == NULL)
         return KLI_OK;
     for (int64_t i = 0; i < n; i++) {
-        const struct kli_tensor_desc *d = kli_wfile_tensor(w, i);
-        uint64_t h = kli_xxh64(d->data, (size_t)d->nbytes, 0);
+        const struct tensor_desc *d = wfile_tensor(w, i);
+        uint64_t h = xxh64(d->data, (size_t)d->nbytes, 0);
 
-        kli_wfile_dontneed(w, d);
+        wfile_dontneed(w, d);
         if (h != info->checksums[i]) {
-            return pack_err(err, KLI_E_FORMAT, kli_wfile_file_path(w, d->file),
+            return pack_err(err, KLI_E_FORMAT, wfile_file_path(w, d->file),
                             "section \"data\" is damaged: tensor \"%.64s\" does not match its "
                             "checksum", d->name);
         }
@@ -712,7 +712,7 @@ struct pw_tensor {
     uint64_t offset, nbytes;
 };
 
-struct kli_pack_writer {
+struct pack_writer {
     struct kli_outfile *of;      /* the replacement of path (outfile.c) */
     int fd;                      /* its descriptor */
     char *path;
@@ -724,13 +724,13 @@ struct kli_pack_writer {
     uint64_t cur_done;           /* of its bytes */
     struct xxh64_state h;        /* of tensor cur */
     struct xxh64_state hdata;    /* of the per-tensor checksums */
-    struct kli_wbuf wb;          /* the data section's appends */
+    struct k_wbuf wb;          /* the data section's appends */
 };
 
 static const uint8_t pw_zeros[4096];
 
 void
-kli_pack_writer_abort(struct kli_pack_writer *w)
+pack_writer_abort(struct pack_writer *w)
 {
     if (w == NULL)
         return;
@@ -743,7 +743,7 @@ kli_pack_writer_abort(struct kli_pack_writer *w)
 }
 
 static int
-pw_pad_to(struct kli_pack_writer *w, uint64_t off, struct kli_err *err)
+pw_pad_to(struct pack_writer *w, uint64_t off, struct kli_err *err)
 {
     int rc;
 
@@ -751,7 +751,7 @@ pw_pad_to(struct kli_pack_writer *w, uint64_t off, struct kli_err *err)
     while (w->wb.pos < off) {
         uint64_t k = off - w->wb.pos < sizeof(pw_zeros) ? off - w->wb.pos : sizeof(pw_zeros);
 
-        if ((rc = kli_wbuf_append(&w->wb, pw_zeros, k, err)) != KLI_OK)
+        if ((rc = wbuf_append(&w->wb, pw_zeros, k, err)) != KLI_OK)
             return rc;
     }
     return KLI_OK;
@@ -759,7 +759,7 @@ pw_pad_to(struct kli_pack_writer *w, uint64_t off, struct kli_err *err)
 
 /* Finishes every complete tensor from cur on: records its checksum, pads to the next. */
 static int
-pw_advance(struct kli_pack_writer *w, struct kli_err *err)
+pw_advance(struct pack_writer *w, struct kli_err *err)
 {
     int rc;
 
@@ -783,7 +783,7 @@ pw_advance(struct kli_pack_writer *w, struct kli_err *err)
 static int
 pw_name_cmp(const void *a, const void *b)
 {
-    const struct kli_pack_entry *const *x = a, *const *y = b;
+    const struct pack_entry *const *x = a, *const *y = b;
 
     return strcmp((*x)->name, (*y)->name);
 }
@@ -791,10 +791,10 @@ pw_name_cmp(const void *a, const void *b)
 /* The entries must describe a valid file: names unique and sane, sizes matching shapes,
  * each group one run. */
 static int
-pw_check_entries(const char *path, const struct kli_pack_entry *e, int64_t n,
+pw_check_entries(const char *path, const struct pack_entry *e, int64_t n,
                  struct kli_err *err)
 {
-    const struct kli_pack_entry **v = NULL;
+    const struct pack_entry **v = NULL;
     int64_t *runs = NULL, n_runs = 0;
     int rc = KLI_OK;
 
@@ -804,23 +804,23 @@ pw_check_entries(const char *path, const struct kli_pack_entry *e, int64_t n,
                         pack_numel(e[i].shape, e[i].ndim) : -1;
 
         if (nl == 0 || nl > PACK_MAX_NAME)
-            return kli_err_set(err, KLI_E_INVALID, "%s: tensor %lld: empty or long name", path,
+            return err_set(err, KLI_E_INVALID, "%s: tensor %lld: empty or long name", path,
                                (long long)i);
         if ((unsigned)e[i].dtype >= KLI_DT_COUNT || numel < 0 ||
             (e[i].dtype != KLI_DT_OTHER &&
              pack_nbytes(e[i].dtype, e[i].shape, e[i].ndim, (uint64_t)numel) != e[i].nbytes) ||
             (e[i].dtype_name != NULL && (e[i].dtype_name[0] == '\0' ||
                                          strlen(e[i].dtype_name) > 15)))
-            return kli_err_set(err, KLI_E_INVALID, "%s: tensor %s: dtype, shape and size "
+            return err_set(err, KLI_E_INVALID, "%s: tensor %s: dtype, shape and size "
                                "disagree", path, e[i].name);
         if (e[i].nbytes > ((uint64_t)1 << 56))
-            return kli_err_set(err, KLI_E_INVALID, "%s: tensor %s is too large", path,
+            return err_set(err, KLI_E_INVALID, "%s: tensor %s is too large", path,
                                e[i].name);
     }
-    v = kli_mallocarray((size_t)n + 1, sizeof(*v));
-    runs = kli_mallocarray((size_t)n + 1, sizeof(*runs));
+    v = k_mallocarray((size_t)n + 1, sizeof(*v));
+    runs = k_mallocarray((size_t)n + 1, sizeof(*runs));
     if (v == NULL || runs == NULL) {
-        rc = kli_err_set(err, KLI_E_NOMEM, "%s: out of memory", path);
+        rc = err_set(err, KLI_E_NOMEM, "%s: out of memory", path);
         goto out;
     }
     for (int64_t i = 0; i < n; i++) {
@@ -831,7 +831,7 @@ pw_check_entries(const char *path, const struct kli_pack_entry *e, int64_t n,
     qsort(v, (size_t)n, sizeof(*v), pw_name_cmp);
     for (int64_t i = 1; i < n; i++) {
         if (strcmp(v[i - 1]->name, v[i]->name) == 0) {
-            rc = kli_err_set(err, KLI_E_INVALID, "%s: tensor %s declared twice", path,
+            rc = err_set(err, KLI_E_INVALID, "%s: tensor %s declared twice", path,
                              v[i]->name);
             goto out;
         }
@@ -839,7 +839,7 @@ pw_check_entries(const char *path, const struct kli_pack_entry *e, int64_t n,
     for (int64_t i = 0; i < n_runs; i++) {
         for (int64_t j = i + 1; j < n_runs; j++) {
             if (runs[i] == runs[j]) {
-                rc = kli_err_set(err, KLI_E_INVALID, "%s: the tensors of group %lld are not "
+                rc = err_set(err, KLI_E_INVALID, "%s: the tensors of group %lld are not "
                                  "consecutive", path, (long long)runs[i]);
                 goto out;
             }
@@ -852,28 +852,28 @@ out:
 }
 
 int
-kli_pack_writer_open(struct kli_pack_writer **out, const char *path,
-                     const struct kli_pack_meta *meta, const struct kli_pack_entry *entries,
+pack_writer_open(struct pack_writer **out, const char *path,
+                     const struct pack_meta *meta, const struct pack_entry *entries,
                      int64_t n, struct kli_err *err)
 {
-    struct kli_pack_writer *w;
+    struct pack_writer *w;
     uint64_t cfg_off, cfg_size, tok_off, tok_size, tcl, dir_size, ss = 0, pos, n_groups = 0;
     int rc;
 
     *out = NULL;
     if (!util_host_le())
-        return kli_err_set(err, KLI_E_UNSUPPORTED, "%s: .kli files are written on "
+        return err_set(err, KLI_E_UNSUPPORTED, "%s: .kli files are written on "
                            "little-endian hosts only", path);
     if ((rc = pw_check_entries(path, entries, n, err)) != KLI_OK)
         return rc;
-    w = kli_calloc(1, sizeof(*w));
+    w = k_calloc(1, sizeof(*w));
     if (w == NULL)
-        return kli_err_set(err, KLI_E_NOMEM, "out of memory writing %s", path);
+        return err_set(err, KLI_E_NOMEM, "out of memory writing %s", path);
     w->fd = -1;
     w->n = n;
-    w->path = kli_strdup(path);
-    w->t = kli_calloc((size_t)n + 1, sizeof(*w->t));
-    w->wb.buf = kli_malloc(KLI_WBUF_SIZE);
+    w->path = k_strdup(path);
+    w->t = k_calloc((size_t)n + 1, sizeof(*w->t));
+    w->wb.buf = k_malloc(KLI_WBUF_SIZE);
     if (w->path == NULL || w->t == NULL || w->wb.buf == NULL)
         goto nomem;
 
@@ -891,7 +891,7 @@ kli_pack_writer_open(struct kli_pack_writer **out, const char *path,
     dir_size = PACK_DIR_HEAD + (uint64_t)n * PACK_TENSOR_REC + n_groups * PACK_GROUP_REC + ss;
     w->data_off = pack_align(w->dir_off + dir_size, PACK_ALIGN);
     if (w->data_off > SIZE_MAX) {
-        rc = kli_err_set(err, KLI_E_NOMEM, "%s: metadata too large", path);
+        rc = err_set(err, KLI_E_NOMEM, "%s: metadata too large", path);
         goto fail;
     }
     /* A group starts on a page, and so does whatever follows it. */
@@ -908,7 +908,7 @@ kli_pack_writer_open(struct kli_pack_writer **out, const char *path,
     w->file_size = pack_align(pos, PACK_ALIGN);
 
     /* The prefix, complete but for the checksums. */
-    w->prefix = kli_calloc(1, (size_t)w->data_off);
+    w->prefix = k_calloc(1, (size_t)w->data_off);
     if (w->prefix == NULL)
         goto nomem;
     {
@@ -957,9 +957,9 @@ kli_pack_writer_open(struct kli_pack_writer **out, const char *path,
         util_wr32(d + 24, PACK_TENSOR_REC);
         util_wr32(d + 28, PACK_GROUP_REC);
         for (int64_t i = 0; i < n; i++, rec += PACK_TENSOR_REC) {
-            const struct kli_pack_entry *e = &entries[i];
+            const struct pack_entry *e = &entries[i];
             size_t nl = strlen(e->name);
-            const char *dn = e->dtype_name != NULL ? e->dtype_name : kli_dtype_st_name(e->dtype);
+            const char *dn = e->dtype_name != NULL ? e->dtype_name : dtype_st_name(e->dtype);
 
             util_wr64(rec, so);
             util_wr32(rec + 8, (uint32_t)nl);
@@ -992,7 +992,7 @@ kli_pack_writer_open(struct kli_pack_writer **out, const char *path,
     if ((rc = kli_outfile_open(&w->of, path, 0, err)) != KLI_OK)
         goto fail;
     w->fd = kli_outfile_fd(w->of);
-    if ((rc = kli_write_all(w->fd, w->prefix, (size_t)w->data_off, w->path, err)) != KLI_OK)
+    if ((rc = write_all(w->fd, w->prefix, (size_t)w->data_off, w->path, err)) != KLI_OK)
         goto fail;
     w->wb.fd = w->fd;
     w->wb.name = w->path;
@@ -1006,14 +1006,14 @@ kli_pack_writer_open(struct kli_pack_writer **out, const char *path,
     *out = w;
     return KLI_OK;
 nomem:
-    rc = kli_err_set(err, KLI_E_NOMEM, "out of memory writing %s", path);
+    rc = err_set(err, KLI_E_NOMEM, "out of memory writing %s", path);
 fail:
-    kli_pack_writer_abort(w);
+    pack_writer_abort(w);
     return rc;
 }
 
 int
-kli_pack_writer_write(struct kli_pack_writer *w, const void *data, uint64_t nbytes,
+pack_writer_write(struct pack_writer *w, const void *data, uint64_t nbytes,
                       struct kli_err *err)
 {
     const uint8_t *p = data;
@@ -1023,12 +1023,12 @@ kli_pack_writer_write(struct kli_pack_writer *w, const void *data, uint64_t nbyt
         uint64_t take;
 
         if (w->cur >= w->n)
-            return kli_err_set(err, KLI_E_INVALID, "%s: more tensor bytes than declared",
+            return err_set(err, KLI_E_INVALID, "%s: more tensor bytes than declared",
                                w->path);
         take = w->t[w->cur].nbytes - w->cur_done;
         take = take < nbytes ? take : nbytes;
         xxh64_update(&w->h, p, (size_t)take);
-        if ((rc = kli_wbuf_append(&w->wb, p, take, err)) != KLI_OK)
+        if ((rc = wbuf_append(&w->wb, p, take, err)) != KLI_OK)
             return rc;
         w->cur_done += take;
         p += take;
@@ -1040,35 +1040,35 @@ kli_pack_writer_write(struct kli_pack_writer *w, const void *data, uint64_t nbyt
 }
 
 int
-kli_pack_writer_close(struct kli_pack_writer *w, struct kli_err *err)
+pack_writer_close(struct pack_writer *w, struct kli_err *err)
 {
     uint8_t *h = w->prefix;
     int rc;
 
     if (w->cur < w->n) {
-        rc = kli_err_set(err, KLI_E_INVALID, "%s: tensor %lld of %lld is incomplete", w->path,
+        rc = err_set(err, KLI_E_INVALID, "%s: tensor %lld of %lld is incomplete", w->path,
                          (long long)w->cur, (long long)w->n);
         goto fail;
     }
     if ((rc = pw_pad_to(w, w->file_size, err)) != KLI_OK ||
-        (rc = kli_wbuf_flush(&w->wb, err)) != KLI_OK)
+        (rc = wbuf_flush(&w->wb, err)) != KLI_OK)
         goto fail;
     /* Section checksums, then the header's own. */
     for (int k = 0; k < 4; k++) {
         uint8_t *e = h + PACK_TABLE + k * PACK_SECTION_SIZE;
         uint64_t sum = util_rd32(e) == PACK_DATA ? xxh64_digest(&w->hdata) :
-                       kli_xxh64(h + util_rd64(e + 8), (size_t)util_rd64(e + 16), 0);
+                       xxh64(h + util_rd64(e + 8), (size_t)util_rd64(e + 16), 0);
 
         util_wr64(e + 24, sum);
     }
-    util_wr64(h + PACK_HEADER_SUM, kli_xxh64(h, PACK_HEADER_SUM, 0));
+    util_wr64(h + PACK_HEADER_SUM, xxh64(h, PACK_HEADER_SUM, 0));
     for (uint64_t o = 0; o < w->data_off;) {
         ssize_t k = pwrite(w->fd, h + o, (size_t)(w->data_off - o), (off_t)o);
 
         if (k < 0 && errno == EINTR)
             continue;
         if (k <= 0) {
-            rc = kli_err_set(err, KLI_E_IO, "%s: write error: %s", w->path,
+            rc = err_set(err, KLI_E_IO, "%s: write error: %s", w->path,
                              strerror(k < 0 ? errno : ENOSPC));
             goto fail;
         }
@@ -1076,9 +1076,9 @@ kli_pack_writer_close(struct kli_pack_writer *w, struct kli_err *err)
     }
     rc = kli_outfile_commit(w->of, err);
     w->of = NULL;
-    kli_pack_writer_abort(w);
+    pack_writer_abort(w);
     return rc;
 fail:
-    kli_pack_writer_abort(w);
+    pack_writer_abort(w);
     return rc;
 }

@@ -38,7 +38,7 @@
  * bounds are checked like any other tensor's. Sizes are in bits for the sub-byte floats. */
 struct st_dtype {
     const char *name;
-    enum kli_dtype dt;
+    enum k_dtype dt;
     int bits;
 };
 
@@ -66,7 +66,7 @@ static const struct st_dtype st_dtypes[] = {
     {"F6_E3M2", KLI_DT_OTHER, 6},
     {"F4", KLI_DT_OTHER, 4},
     /* kli's own block-quantized types (written by `kli quantize`; bits = 0 marks them):
-     * rows of whole 32-element blocks, sized by kli_dtype_nbytes. */
+     * rows of whole 32-element blocks, sized by dtype_nbytes. */
     {"KLI_Q8_0", KLI_DT_Q8_0, 0},
     {"KLI_Q4", KLI_DT_Q4, 0},
 };
@@ -78,17 +78,17 @@ struct st_range {
     int64_t idx;   /* into the descriptor array */
 };
 
-struct kli_wfile {
-    struct kli_mmap *maps;           /* [n_files] */
+struct wfile {
+    struct k_mmap *maps;           /* [n_files] */
     char **paths;                    /* [n_files], as opened */
     int32_t n_files;
-    struct kli_tensor_desc *descs;   /* [n] file after file, each in header order */
+    struct tensor_desc *descs;   /* [n] file after file, each in header order */
     int64_t n;
     int64_t cap;
     int64_t *slots;                  /* [mask + 1] hash table: descriptor index + 1, 0 empty */
     uint64_t mask;
     uint64_t data_bytes;
-    struct kli_pack_info *pack;      /* a .kli file (packed.c); NULL for safetensors */
+    struct pack_info *pack;      /* a .kli file (packed.c); NULL for safetensors */
 };
 
 /* ==== Small helpers ==== */
@@ -113,7 +113,7 @@ st_terr(struct kli_err *err, int code, const char *fname, const char *name,
     va_start(ap, fmt);
     vsnprintf(what, sizeof(what), fmt, ap);
     va_end(ap);
-    return kli_err_set(err, code, "%s%s: tensor \"%.64s%s\": %s",
+    return err_set(err, code, "%s%s: tensor \"%.64s%s\": %s",
                        st_tail(fname) == fname ? "" : "...", st_tail(fname), name,
                        strlen(name) > 64 ? "..." : "", what);
 }
@@ -174,7 +174,7 @@ st_range_cmp(const void *a, const void *b)
 static int
 st_desc_name_cmp(const void *a, const void *b)
 {
-    const struct kli_tensor_desc *const *x = a, *const *y = b;
+    const struct tensor_desc *const *x = a, *const *y = b;
 
     return strcmp((*x)->name, (*y)->name);
 }
@@ -191,7 +191,7 @@ static char *
 st_join(const char *dir, const char *name)
 {
     size_t a = strlen(dir), b = strlen(name);
-    char *p = kli_malloc(a + b + 2);
+    char *p = k_malloc(a + b + 2);
 
     if (p == NULL)
         return NULL;
@@ -216,7 +216,7 @@ st_json_parse(const char *text, uint64_t len, cJSON **out, long long *where, int
     *out = NULL;
     *where = -1;
     *trailing = 0;
-    copy = len < SIZE_MAX ? kli_malloc((size_t)len + 1) : NULL;
+    copy = len < SIZE_MAX ? k_malloc((size_t)len + 1) : NULL;
     if (copy == NULL)
         return KLI_E_NOMEM;
     memcpy(copy, text, (size_t)len);
@@ -247,7 +247,7 @@ st_json_parse(const char *text, uint64_t len, cJSON **out, long long *where, int
 /* Parses one header entry into *d (name copied) and its byte range into *r. */
 static int
 st_parse_tensor(const cJSON *item, const char *fname, const uint8_t *data, uint64_t dsize,
-                int32_t file, struct kli_tensor_desc *d, struct st_range *r,
+                int32_t file, struct tensor_desc *d, struct st_range *r,
                 struct kli_err *err)
 {
     const char *name = item->string;
@@ -315,13 +315,13 @@ st_parse_tensor(const cJSON *item, const char *fname, const uint8_t *data, uint6
         d->shape[ndim++] = (int64_t)dim;
     }
     if (dt->bits == 0) {
-        int32_t blk = kli_dtype_info(dt->dt)->block;
+        int32_t blk = dtype_info(dt->dt)->block;
 
         if (ndim == 0 || d->shape[ndim - 1] % blk != 0) {
             return st_terr(err, KLI_E_FORMAT, fname, name,
                            "%s rows must be whole blocks of %d elements", dt->name, blk);
         }
-        nbytes = kli_dtype_nbytes(dt->dt, numel);
+        nbytes = dtype_nbytes(dt->dt, numel);
     } else if (dt->bits % 8 == 0) {
         uint64_t size = (uint64_t)dt->bits / 8;
 
@@ -380,7 +380,7 @@ st_parse_tensor(const cJSON *item, const char *fname, const uint8_t *data, uint6
                        (unsigned long long)nbytes);
     }
 
-    d->name = kli_strdup(name);
+    d->name = k_strdup(name);
     if (d->name == NULL)
         return st_terr(err, KLI_E_NOMEM, fname, name, "out of memory");
     d->dtype = dt->dt;
@@ -402,10 +402,10 @@ st_check_metadata(const cJSON *meta, const char *fname, struct kli_err *err)
     const cJSON *v;
 
     if (!cJSON_IsObject(meta))
-        return kli_err_set(err, KLI_E_FORMAT, "%s: __metadata__ is not an object", fname);
+        return err_set(err, KLI_E_FORMAT, "%s: __metadata__ is not an object", fname);
     cJSON_ArrayForEach(v, meta) {
         if (!cJSON_IsString(v)) {
-            return kli_err_set(err, KLI_E_FORMAT,
+            return err_set(err, KLI_E_FORMAT,
                                "%s: __metadata__ value \"%.64s\" is not a string", fname,
                                v->string);
         }
@@ -415,17 +415,17 @@ st_check_metadata(const cJSON *meta, const char *fname, struct kli_err *err)
 
 /* Two tensors of one file with the same name (cJSON keeps both keys). */
 static int
-st_check_duplicates(const struct kli_tensor_desc *descs, int64_t n, const char *fname,
+st_check_duplicates(const struct tensor_desc *descs, int64_t n, const char *fname,
                     struct kli_err *err)
 {
-    const struct kli_tensor_desc **v;
+    const struct tensor_desc **v;
     int rc = KLI_OK;
 
     if (n < 2)
         return KLI_OK;
-    v = kli_mallocarray((size_t)n, sizeof(*v));
+    v = k_mallocarray((size_t)n, sizeof(*v));
     if (v == NULL)
-        return kli_err_set(err, KLI_E_NOMEM, "%s: out of memory", fname);
+        return err_set(err, KLI_E_NOMEM, "%s: out of memory", fname);
     for (int64_t i = 0; i < n; i++)
         v[i] = &descs[i];
     qsort(v, (size_t)n, sizeof(*v), st_desc_name_cmp);
@@ -443,7 +443,7 @@ st_check_duplicates(const struct kli_tensor_desc *descs, int64_t n, const char *
 /* No byte may belong to two tensors. Empty tensors occupy nothing and may sit anywhere.
  * Holes are allowed: they cost nothing to a reader. */
 static int
-st_check_overlaps(struct st_range *r, int64_t n, const struct kli_tensor_desc *descs,
+st_check_overlaps(struct st_range *r, int64_t n, const struct tensor_desc *descs,
                   const char *fname, struct kli_err *err)
 {
     uint64_t max_end = 0;
@@ -468,8 +468,8 @@ st_check_overlaps(struct st_range *r, int64_t n, const struct kli_tensor_desc *d
 }
 
 int
-kli_safetensors_parse(const uint8_t *base, uint64_t size, const char *fname, int32_t file,
-                      struct kli_tensor_desc **descs, int64_t *n, int64_t *cap,
+safetensors_parse(const uint8_t *base, uint64_t size, const char *fname, int32_t file,
+                      struct tensor_desc **descs, int64_t *n, int64_t *cap,
                       struct kli_err *err)
 {
     const int64_t n0 = *n;
@@ -486,41 +486,41 @@ kli_safetensors_parse(const uint8_t *base, uint64_t size, const char *fname, int
     if (fname == NULL)
         fname = "(memory)";
     if (size < 8) {
-        return kli_err_set(err, KLI_E_FORMAT,
+        return err_set(err, KLI_E_FORMAT,
                            "%s: truncated: %llu bytes, too short for the 8-byte header length",
                            fname, (unsigned long long)size);
     }
     hlen = util_rd64(base);
     if (hlen > ST_MAX_HEADER) {
-        return kli_err_set(err, KLI_E_FORMAT,
+        return err_set(err, KLI_E_FORMAT,
                            "%s: header length %llu exceeds the limit of %u bytes", fname,
                            (unsigned long long)hlen, ST_MAX_HEADER);
     }
     if (hlen > size - 8) {
-        return kli_err_set(err, KLI_E_FORMAT,
+        return err_set(err, KLI_E_FORMAT,
                            "%s: truncated: header length %llu runs past the end of the file "
                            "(%llu bytes)", fname, (unsigned long long)hlen,
                            (unsigned long long)size);
     }
     hdr = (const char *)base + 8;
     if (hlen == 0 || hdr[0] != '{') {
-        return kli_err_set(err, KLI_E_FORMAT,
+        return err_set(err, KLI_E_FORMAT,
                            "%s: header is not a JSON object (it does not start with '{')",
                            fname);
     }
     /* The writer pads the header with spaces; anything else after the object is garbage. */
     rc = st_json_parse(hdr, hlen, &root, &where, &trailing);
     if (rc == KLI_E_NOMEM) {
-        return kli_err_set(err, rc, "%s: out of memory for a %llu-byte header", fname,
+        return err_set(err, rc, "%s: out of memory for a %llu-byte header", fname,
                            (unsigned long long)hlen);
     }
     if (rc != KLI_OK) {
-        return kli_err_set(err, rc, "%s: header is not valid JSON (%s at byte %lld of %llu)",
+        return err_set(err, rc, "%s: header is not valid JSON (%s at byte %lld of %llu)",
                            fname, trailing ? "garbage after the object" : "error", where,
                            (unsigned long long)hlen);
     }
     if (!cJSON_IsObject(root)) {
-        rc = kli_err_set(err, KLI_E_FORMAT, "%s: header is not a JSON object", fname);
+        rc = err_set(err, KLI_E_FORMAT, "%s: header is not a JSON object", fname);
         goto fail;
     }
     dsize = size - 8 - hlen;
@@ -536,31 +536,31 @@ kli_safetensors_parse(const uint8_t *base, uint64_t size, const char *fname, int
     if ((uint64_t)n0 + count > (uint64_t)*cap) {
         uint64_t want = (uint64_t)n0 + count;
         uint64_t grow = (uint64_t)*cap * 2;
-        struct kli_tensor_desc *p;
+        struct tensor_desc *p;
 
         if (grow > want)
             want = grow;
         if (want < 16)
             want = 16;
-        p = want > SIZE_MAX ? NULL : kli_reallocarray(*descs, (size_t)want, sizeof(*p));
+        p = want > SIZE_MAX ? NULL : k_reallocarray(*descs, (size_t)want, sizeof(*p));
         if (p == NULL) {
-            rc = kli_err_set(err, KLI_E_NOMEM, "%s: out of memory for %llu tensors", fname,
+            rc = err_set(err, KLI_E_NOMEM, "%s: out of memory for %llu tensors", fname,
                              (unsigned long long)count);
             goto fail;
         }
         *descs = p;
         *cap = (int64_t)want;
     }
-    ranges = kli_mallocarray((size_t)count, sizeof(*ranges));
+    ranges = k_mallocarray((size_t)count, sizeof(*ranges));
     if (ranges == NULL) {
-        rc = kli_err_set(err, KLI_E_NOMEM, "%s: out of memory", fname);
+        rc = err_set(err, KLI_E_NOMEM, "%s: out of memory", fname);
         goto fail;
     }
 
     cJSON_ArrayForEach(item, root) {
         if (strcmp(item->string, "__metadata__") == 0) {
             if (meta != NULL) {
-                rc = kli_err_set(err, KLI_E_FORMAT, "%s: duplicate __metadata__", fname);
+                rc = err_set(err, KLI_E_FORMAT, "%s: duplicate __metadata__", fname);
                 goto fail;
             }
             meta = item;
@@ -598,7 +598,7 @@ fail:
 }
 
 void
-kli_safetensors_free_descs(struct kli_tensor_desc *descs, int64_t n)
+safetensors_free_descs(struct tensor_desc *descs, int64_t n)
 {
     if (descs == NULL)
         return;
@@ -611,35 +611,35 @@ kli_safetensors_free_descs(struct kli_tensor_desc *descs, int64_t n)
 
 /* Maps `path` as file number w->n_files and appends its tensors. */
 static int
-st_add_file(struct kli_wfile *w, const char *path, struct kli_err *err)
+st_add_file(struct wfile *w, const char *path, struct kli_err *err)
 {
-    struct kli_mmap *maps;
+    struct k_mmap *maps;
     char **paths;
     int32_t i = w->n_files;
     int rc;
 
-    maps = kli_reallocarray(w->maps, (size_t)i + 1, sizeof(*maps));
+    maps = k_reallocarray(w->maps, (size_t)i + 1, sizeof(*maps));
     if (maps == NULL)
-        return kli_err_set(err, KLI_E_NOMEM, "%s: out of memory", path);
+        return err_set(err, KLI_E_NOMEM, "%s: out of memory", path);
     w->maps = maps;
-    paths = kli_reallocarray(w->paths, (size_t)i + 1, sizeof(*paths));
+    paths = k_reallocarray(w->paths, (size_t)i + 1, sizeof(*paths));
     if (paths == NULL)
-        return kli_err_set(err, KLI_E_NOMEM, "%s: out of memory", path);
+        return err_set(err, KLI_E_NOMEM, "%s: out of memory", path);
     w->paths = paths;
-    w->paths[i] = kli_strdup(path);
+    w->paths[i] = k_strdup(path);
     if (w->paths[i] == NULL)
-        return kli_err_set(err, KLI_E_NOMEM, "%s: out of memory", path);
-    rc = kli_mmap_open(&w->maps[i], path, err);
+        return err_set(err, KLI_E_NOMEM, "%s: out of memory", path);
+    rc = mmap_open(&w->maps[i], path, err);
     if (rc != KLI_OK) {
         free(w->paths[i]);
         return rc;
     }
     w->n_files++;
     if (w->pack != NULL) {
-        return kli_pack_parse(w->maps[i].base, w->maps[i].size, path, i, &w->descs, &w->n,
+        return k_pack_parse(w->maps[i].base, w->maps[i].size, path, i, &w->descs, &w->n,
                               &w->cap, w->pack, err);
     }
-    return kli_safetensors_parse(w->maps[i].base, w->maps[i].size, path, i, &w->descs,
+    return safetensors_parse(w->maps[i].base, w->maps[i].size, path, i, &w->descs,
                                  &w->n, &w->cap, err);
 }
 
@@ -658,24 +658,24 @@ st_hash(const char *s)
 
 /* Builds the name table; a name in two files (shards) is an error. */
 static int
-st_build_table(struct kli_wfile *w, struct kli_err *err)
+st_build_table(struct wfile *w, struct kli_err *err)
 {
     uint64_t size = 16;
 
     while (size < (uint64_t)w->n * 2)
         size *= 2;
-    w->slots = kli_calloc((size_t)size, sizeof(*w->slots));
+    w->slots = k_calloc((size_t)size, sizeof(*w->slots));
     if (w->slots == NULL)
-        return kli_err_set(err, KLI_E_NOMEM, "out of memory for %lld tensor names",
+        return err_set(err, KLI_E_NOMEM, "out of memory for %lld tensor names",
                            (long long)w->n);
     w->mask = size - 1;
     w->data_bytes = 0;
     for (int64_t i = 0; i < w->n; i++) {
-        const struct kli_tensor_desc *d = &w->descs[i];
+        const struct tensor_desc *d = &w->descs[i];
         uint64_t h = st_hash(d->name) & w->mask;
 
         while (w->slots[h] != 0) {
-            const struct kli_tensor_desc *o = &w->descs[w->slots[h] - 1];
+            const struct tensor_desc *o = &w->descs[w->slots[h] - 1];
 
             if (strcmp(o->name, d->name) == 0) {
                 return st_terr(err, KLI_E_FORMAT, w->paths[d->file], d->name,
@@ -698,12 +698,12 @@ st_shard_name_ok(const char *s)
 }
 
 /* model.safetensors.index.json: {"metadata": {...}, "weight_map": {tensor: shard}}. Opens
- * every shard once (in sorted name order, which is the file order of kli_tensor_desc.file)
+ * every shard once (in sorted name order, which is the file order of tensor_desc.file)
  * and checks that each tensor is where the index says. */
 static int
-st_open_index(struct kli_wfile *w, const char *dir, const char *ipath, struct kli_err *err)
+st_open_index(struct wfile *w, const char *dir, const char *ipath, struct kli_err *err)
 {
-    struct kli_mmap im = {0};
+    struct k_mmap im = {0};
     cJSON *root = NULL;
     const cJSON *map, *e;
     const char **shards = NULL;
@@ -714,42 +714,42 @@ st_open_index(struct kli_wfile *w, const char *dir, const char *ipath, struct kl
     int trailing;
     int rc;
 
-    rc = kli_mmap_open(&im, ipath, err);
+    rc = mmap_open(&im, ipath, err);
     if (rc != KLI_OK)
         return rc;
     if (im.size > ST_MAX_INDEX) {
-        rc = kli_err_set(err, KLI_E_FORMAT, "%s: %llu bytes is too large for an index", ipath,
+        rc = err_set(err, KLI_E_FORMAT, "%s: %llu bytes is too large for an index", ipath,
                          (unsigned long long)im.size);
         goto fail;
     }
     rc = st_json_parse((const char *)im.base, im.size, &root, &where, &trailing);
     if (rc == KLI_E_NOMEM) {
-        rc = kli_err_set(err, rc, "%s: out of memory", ipath);
+        rc = err_set(err, rc, "%s: out of memory", ipath);
         goto fail;
     }
     if (rc != KLI_OK) {
-        rc = kli_err_set(err, rc, "%s: index is not valid JSON (%s at byte %lld)", ipath,
+        rc = err_set(err, rc, "%s: index is not valid JSON (%s at byte %lld)", ipath,
                          trailing ? "garbage after the object" : "error", where);
         goto fail;
     }
     if (!cJSON_IsObject(root)) {
-        rc = kli_err_set(err, KLI_E_FORMAT, "%s: index is not a JSON object", ipath);
+        rc = err_set(err, KLI_E_FORMAT, "%s: index is not a JSON object", ipath);
         goto fail;
     }
     map = cJSON_GetObjectItemCaseSensitive(root, "weight_map");
     if (!cJSON_IsObject(map)) {
-        rc = kli_err_set(err, KLI_E_FORMAT, "%s: index has no \"weight_map\" object", ipath);
+        rc = err_set(err, KLI_E_FORMAT, "%s: index has no \"weight_map\" object", ipath);
         goto fail;
     }
     cJSON_ArrayForEach(e, map) {
         if (!cJSON_IsString(e)) {
-            rc = kli_err_set(err, KLI_E_FORMAT,
+            rc = err_set(err, KLI_E_FORMAT,
                              "%s: weight_map entry \"%.64s\" is not a string", ipath,
                              e->string);
             goto fail;
         }
         if (!st_shard_name_ok(e->valuestring)) {
-            rc = kli_err_set(err, KLI_E_FORMAT,
+            rc = err_set(err, KLI_E_FORMAT,
                              "%s: weight_map entry \"%.64s\": shard \"%.64s\" is not a plain "
                              "file name", ipath, e->string, e->valuestring);
             goto fail;
@@ -757,14 +757,14 @@ st_open_index(struct kli_wfile *w, const char *dir, const char *ipath, struct kl
         n_entries++;
     }
     if (n_entries == 0) {
-        rc = kli_err_set(err, KLI_E_FORMAT, "%s: weight_map is empty", ipath);
+        rc = err_set(err, KLI_E_FORMAT, "%s: weight_map is empty", ipath);
         goto fail;
     }
 
     /* The distinct shard names, sorted. */
-    shards = kli_mallocarray((size_t)n_entries, sizeof(*shards));
+    shards = k_mallocarray((size_t)n_entries, sizeof(*shards));
     if (shards == NULL) {
-        rc = kli_err_set(err, KLI_E_NOMEM, "%s: out of memory", ipath);
+        rc = err_set(err, KLI_E_NOMEM, "%s: out of memory", ipath);
         goto fail;
     }
     cJSON_ArrayForEach(e, map)
@@ -780,14 +780,14 @@ st_open_index(struct kli_wfile *w, const char *dir, const char *ipath, struct kl
         n_shards = u;
     }
     if (n_shards > INT32_MAX) {
-        rc = kli_err_set(err, KLI_E_FORMAT, "%s: too many shards", ipath);
+        rc = err_set(err, KLI_E_FORMAT, "%s: too many shards", ipath);
         goto fail;
     }
 
     for (int64_t i = 0; i < n_shards; i++) {
         spath = st_join(dir, shards[i]);
         if (spath == NULL) {
-            rc = kli_err_set(err, KLI_E_NOMEM, "%s: out of memory", ipath);
+            rc = err_set(err, KLI_E_NOMEM, "%s: out of memory", ipath);
             goto fail;
         }
         rc = st_add_file(w, spath, err);
@@ -803,31 +803,31 @@ st_open_index(struct kli_wfile *w, const char *dir, const char *ipath, struct kl
     /* Every tensor the index names must be in the shard it names. `claimed` is indexed by
      * descriptor, so it has one entry per tensor the shards hold: that can be more than the
      * index names (a shard may hold tensors the index does not list; they are kept). */
-    claimed = kli_calloc((size_t)w->n, 1);
+    claimed = k_calloc((size_t)w->n, 1);
     if (claimed == NULL) {
-        rc = kli_err_set(err, KLI_E_NOMEM, "%s: out of memory", ipath);
+        rc = err_set(err, KLI_E_NOMEM, "%s: out of memory", ipath);
         goto fail;
     }
     cJSON_ArrayForEach(e, map) {
         const char **s = bsearch(&e->valuestring, shards, (size_t)n_shards, sizeof(*shards),
                                  st_str_cmp);
-        const struct kli_tensor_desc *d = kli_wfile_find(w, e->string);
+        const struct tensor_desc *d = wfile_find(w, e->string);
 
         KLI_ASSERT(s != NULL);
         if (d == NULL) {
-            rc = kli_err_set(err, KLI_E_FORMAT,
+            rc = err_set(err, KLI_E_FORMAT,
                              "%s: weight_map names tensor \"%.64s\" in shard %.64s, but that "
                              "shard does not have it", ipath, e->string, *s);
             goto fail;
         }
         if (d->file != (int32_t)(s - shards)) {
-            rc = kli_err_set(err, KLI_E_FORMAT,
+            rc = err_set(err, KLI_E_FORMAT,
                              "%s: weight_map names tensor \"%.64s\" in shard %.64s, but it is in "
                              "shard %.64s", ipath, e->string, *s, shards[d->file]);
             goto fail;
         }
         if (claimed[d - w->descs] != 0) {
-            rc = kli_err_set(err, KLI_E_FORMAT,
+            rc = err_set(err, KLI_E_FORMAT,
                              "%s: weight_map lists tensor \"%.64s\" twice", ipath, e->string);
             goto fail;
         }
@@ -840,7 +840,7 @@ fail:
     free(claimed);
     free(shards);
     cJSON_Delete(root);
-    kli_mmap_close(&im);
+    mmap_close(&im);
     return rc;
 }
 
@@ -853,29 +853,29 @@ st_ends_with(const char *s, const char *suffix)
 }
 
 int
-kli_wfile_open(struct kli_wfile **out, const char *path, struct kli_err *err)
+wfile_open(struct wfile **out, const char *path, struct kli_err *err)
 {
-    struct kli_wfile *w;
+    struct wfile *w;
     struct stat st;
     char *p = NULL, *dir = NULL;
     int rc;
 
     if (out == NULL || path == NULL)
-        return kli_err_set(err, KLI_E_INVALID, "kli_wfile_open: NULL argument");
+        return err_set(err, KLI_E_INVALID, "wfile_open: NULL argument");
     *out = NULL;
     if (stat(path, &st) != 0) {
         int e = errno;
 
-        return kli_err_set(err, KLI_E_IO, "%s: %s", path, strerror(e));
+        return err_set(err, KLI_E_IO, "%s: %s", path, strerror(e));
     }
-    w = kli_calloc(1, sizeof(*w));
+    w = k_calloc(1, sizeof(*w));
     if (w == NULL)
-        return kli_err_set(err, KLI_E_NOMEM, "%s: out of memory", path);
+        return err_set(err, KLI_E_NOMEM, "%s: out of memory", path);
 
     if (S_ISDIR(st.st_mode)) {
         p = st_join(path, ST_INDEX_NAME);
         if (p == NULL) {
-            rc = kli_err_set(err, KLI_E_NOMEM, "%s: out of memory", path);
+            rc = err_set(err, KLI_E_NOMEM, "%s: out of memory", path);
             goto fail;
         }
         if (stat(p, &st) == 0 || errno != ENOENT) {
@@ -885,11 +885,11 @@ kli_wfile_open(struct kli_wfile **out, const char *path, struct kli_err *err)
             free(p);
             p = st_join(path, ST_SINGLE_NAME);
             if (p == NULL) {
-                rc = kli_err_set(err, KLI_E_NOMEM, "%s: out of memory", path);
+                rc = err_set(err, KLI_E_NOMEM, "%s: out of memory", path);
                 goto fail;
             }
             if (stat(p, &st) != 0) {
-                rc = kli_err_set(err, KLI_E_IO, "%s: no %s or %s in this directory", path,
+                rc = err_set(err, KLI_E_IO, "%s: no %s or %s in this directory", path,
                                  ST_INDEX_NAME, ST_SINGLE_NAME);
                 goto fail;
             }
@@ -901,9 +901,9 @@ kli_wfile_open(struct kli_wfile **out, const char *path, struct kli_err *err)
         /* The index itself: its shards sit next to it. */
         const char *slash = strrchr(path, '/');
 
-        dir = slash == NULL ? kli_strdup(".") : kli_malloc((size_t)(slash - path) + 1);
+        dir = slash == NULL ? k_strdup(".") : k_malloc((size_t)(slash - path) + 1);
         if (dir == NULL) {
-            rc = kli_err_set(err, KLI_E_NOMEM, "%s: out of memory", path);
+            rc = err_set(err, KLI_E_NOMEM, "%s: out of memory", path);
             goto fail;
         }
         if (slash != NULL) {
@@ -915,8 +915,8 @@ kli_wfile_open(struct kli_wfile **out, const char *path, struct kli_err *err)
         rc = st_open_index(w, dir, path, err);
     } else {
         /* A .kli file (packed.c) is recognised by its magic. */
-        if (kli_pack_probe(path) && (w->pack = kli_calloc(1, sizeof(*w->pack))) == NULL) {
-            rc = kli_err_set(err, KLI_E_NOMEM, "%s: out of memory", path);
+        if (pack_probe(path) && (w->pack = k_calloc(1, sizeof(*w->pack))) == NULL) {
+            rc = err_set(err, KLI_E_NOMEM, "%s: out of memory", path);
             goto fail;
         }
         rc = st_add_file(w, path, err);
@@ -933,30 +933,30 @@ kli_wfile_open(struct kli_wfile **out, const char *path, struct kli_err *err)
 fail:
     free(p);
     free(dir);
-    kli_wfile_close(w);
+    wfile_close(w);
     return rc;
 }
 
 void
-kli_wfile_close(struct kli_wfile *w)
+wfile_close(struct wfile *w)
 {
     if (w == NULL)
         return;
-    kli_safetensors_free_descs(w->descs, w->n);
+    safetensors_free_descs(w->descs, w->n);
     for (int32_t i = 0; i < w->n_files; i++) {
-        kli_mmap_close(&w->maps[i]);
+        mmap_close(&w->maps[i]);
         free(w->paths[i]);
     }
     free(w->maps);
     free(w->paths);
     free(w->slots);
-    kli_pack_info_free(w->pack);
+    pack_info_free(w->pack);
     free(w->pack);
     free(w);
 }
 
-const struct kli_tensor_desc *
-kli_wfile_find(const struct kli_wfile *w, const char *name)
+const struct tensor_desc *
+wfile_find(const struct wfile *w, const char *name)
 {
     uint64_t h;
 
@@ -964,7 +964,7 @@ kli_wfile_find(const struct kli_wfile *w, const char *name)
         return NULL;
     h = st_hash(name) & w->mask;
     while (w->slots[h] != 0) {
-        const struct kli_tensor_desc *d = &w->descs[w->slots[h] - 1];
+        const struct tensor_desc *d = &w->descs[w->slots[h] - 1];
 
         if (strcmp(d->name, name) == 0)
             return d;
@@ -974,20 +974,20 @@ kli_wfile_find(const struct kli_wfile *w, const char *name)
 }
 
 int64_t
-kli_wfile_n_tensors(const struct kli_wfile *w)
+wfile_n_tensors(const struct wfile *w)
 {
     return w == NULL ? 0 : w->n;
 }
 
 int64_t
-kli_wfile_index(const struct kli_wfile *w, const struct kli_tensor_desc *d)
+wfile_index(const struct wfile *w, const struct tensor_desc *d)
 {
     KLI_ASSERT(w != NULL && d >= w->descs && d < w->descs + w->n);
     return d - w->descs;
 }
 
-const struct kli_tensor_desc *
-kli_wfile_tensor(const struct kli_wfile *w, int64_t i)
+const struct tensor_desc *
+wfile_tensor(const struct wfile *w, int64_t i)
 {
     if (w == NULL || i < 0 || i >= w->n)
         return NULL;
@@ -995,68 +995,68 @@ kli_wfile_tensor(const struct kli_wfile *w, int64_t i)
 }
 
 uint64_t
-kli_wfile_data_bytes(const struct kli_wfile *w)
+wfile_data_bytes(const struct wfile *w)
 {
     return w == NULL ? 0 : w->data_bytes;
 }
 
 int32_t
-kli_wfile_n_files(const struct kli_wfile *w)
+wfile_n_files(const struct wfile *w)
 {
     return w == NULL ? 0 : w->n_files;
 }
 
 const char *
-kli_wfile_file_path(const struct kli_wfile *w, int32_t i)
+wfile_file_path(const struct wfile *w, int32_t i)
 {
     if (w == NULL || i < 0 || i >= w->n_files)
         return NULL;
     return w->paths[i];
 }
 
-const struct kli_pack_info *
-kli_wfile_pack(const struct kli_wfile *w)
+const struct pack_info *
+wfile_pack(const struct wfile *w)
 {
     return w == NULL ? NULL : w->pack;
 }
 
 int
-kli_wfile_dontneed(const struct kli_wfile *w, const struct kli_tensor_desc *d)
+wfile_dontneed(const struct wfile *w, const struct tensor_desc *d)
 {
-    const struct kli_mmap *m;
+    const struct k_mmap *m;
 
     if (w == NULL || d == NULL || d->file < 0 || d->file >= w->n_files || d->nbytes == 0)
         return 0;
     m = &w->maps[d->file];
-    return kli_mmap_advise(m, (uint64_t)((const uint8_t *)d->data - m->base), d->nbytes,
+    return mmap_advise(m, (uint64_t)((const uint8_t *)d->data - m->base), d->nbytes,
                            KLI_MMAP_DONTNEED);
 }
 
 int
-kli_wfile_pages(const struct kli_wfile *w, uint64_t *resident, uint64_t *huge)
+wfile_pages(const struct wfile *w, uint64_t *resident, uint64_t *huge)
 {
-    const struct kli_mmap **maps;
+    const struct k_mmap **maps;
     int rc;
 
     *resident = *huge = 0;
-    if (w == NULL || (maps = kli_mallocarray((size_t)w->n_files, sizeof(*maps))) == NULL)
+    if (w == NULL || (maps = k_mallocarray((size_t)w->n_files, sizeof(*maps))) == NULL)
         return -1;
     for (int32_t i = 0; i < w->n_files; i++)
         maps[i] = &w->maps[i];
-    rc = kli_mmap_pages(maps, w->n_files, resident, huge);
+    rc = mmap_pages(maps, w->n_files, resident, huge);
     free(maps);
     return rc;
 }
 
 int
-kli_wfile_locate(const struct kli_wfile *w, const void *p, int32_t *file, uint64_t *off)
+wfile_locate(const struct wfile *w, const void *p, int32_t *file, uint64_t *off)
 {
     const uint8_t *b = p;
 
     if (w == NULL || p == NULL)
         return -1;
     for (int32_t i = 0; i < w->n_files; i++) {
-        const struct kli_mmap *m = &w->maps[i];
+        const struct k_mmap *m = &w->maps[i];
         if (m->size > 0 && b >= m->base && b < m->base + m->size) {
             *file = i;
             *off = (uint64_t)(b - m->base);

@@ -16,16 +16,16 @@
 #include "wbuf.h"
 #include "weights.h"
 
-struct kli_st_writer {
+struct st_writer {
     struct kli_outfile *of;
     int fd;
-    struct kli_wbuf wb;           /* the tensor bytes, in aligned pieces (wbuf.h) */
+    struct k_wbuf wb;           /* the tensor bytes, in aligned pieces (wbuf.h) */
     char *path;
     uint64_t total, written;
 };
 
 void
-kli_st_writer_abort(struct kli_st_writer *w)
+st_writer_abort(struct st_writer *w)
 {
     if (w == NULL)
         return;
@@ -36,10 +36,10 @@ kli_st_writer_abort(struct kli_st_writer *w)
 }
 
 int
-kli_st_writer_open(struct kli_st_writer **out, const char *path,
-                   const struct kli_st_entry *entries, int64_t n, struct kli_err *err)
+st_writer_open(struct st_writer **out, const char *path,
+                   const struct st_entry *entries, int64_t n, struct kli_err *err)
 {
-    struct kli_st_writer *w = kli_calloc(1, sizeof(*w));
+    struct st_writer *w = k_calloc(1, sizeof(*w));
     cJSON *hdr = cJSON_CreateObject(), *meta;
     char *text = NULL;
     int rc = KLI_OK;
@@ -48,11 +48,11 @@ kli_st_writer_open(struct kli_st_writer **out, const char *path,
     if (w == NULL || hdr == NULL)
         goto nomem;
     w->fd = -1;
-    w->path = kli_strdup(path);
+    w->path = k_strdup(path);
     if (w->path == NULL)
         goto nomem;
     for (int64_t i = 0; i < n; i++) {
-        const struct kli_st_entry *e = &entries[i];
+        const struct st_entry *e = &entries[i];
         cJSON *t = cJSON_CreateObject(), *shape = cJSON_CreateArray(), *off = cJSON_CreateArray();
         if (t == NULL || shape == NULL || off == NULL) {
             cJSON_Delete(t);
@@ -80,14 +80,14 @@ kli_st_writer_open(struct kli_st_writer **out, const char *path,
     uint64_t nh = hl + pad;
     uint8_t len8[8];
     util_wr64(len8, nh);
-    if ((w->wb.buf = kli_malloc(KLI_WBUF_SIZE)) == NULL)
+    if ((w->wb.buf = k_malloc(KLI_WBUF_SIZE)) == NULL)
         goto nomem;
     if ((rc = kli_outfile_open(&w->of, path, 0, err)) != KLI_OK)
         goto fail;
     w->fd = kli_outfile_fd(w->of);
-    if ((rc = kli_write_all(w->fd, len8, 8, w->path, err)) != KLI_OK ||
-        (rc = kli_write_all(w->fd, text, hl, w->path, err)) != KLI_OK ||
-        (rc = kli_write_all(w->fd, "        ", pad, w->path, err)) != KLI_OK)
+    if ((rc = write_all(w->fd, len8, 8, w->path, err)) != KLI_OK ||
+        (rc = write_all(w->fd, text, hl, w->path, err)) != KLI_OK ||
+        (rc = write_all(w->fd, "        ", pad, w->path, err)) != KLI_OK)
         goto fail;
     w->wb.fd = w->fd;
     w->wb.name = w->path;
@@ -97,41 +97,41 @@ kli_st_writer_open(struct kli_st_writer **out, const char *path,
     *out = w;
     return KLI_OK;
 nomem:
-    rc = kli_err_set(err, KLI_E_NOMEM, "out of memory writing %s", path);
+    rc = err_set(err, KLI_E_NOMEM, "out of memory writing %s", path);
 fail:
     free(text);
     cJSON_Delete(hdr);
-    kli_st_writer_abort(w);
+    st_writer_abort(w);
     return rc;
 }
 
 int
-kli_st_writer_write(struct kli_st_writer *w, const void *data, uint64_t nbytes,
+st_writer_write(struct st_writer *w, const void *data, uint64_t nbytes,
                     struct kli_err *err)
 {
     if (w->written + nbytes > w->total)
-        return kli_err_set(err, KLI_E_INVALID, "%s: more tensor bytes than declared", w->path);
+        return err_set(err, KLI_E_INVALID, "%s: more tensor bytes than declared", w->path);
     w->written += nbytes;
-    return kli_wbuf_append(&w->wb, data, nbytes, err);
+    return wbuf_append(&w->wb, data, nbytes, err);
 }
 
 int
-kli_st_writer_close(struct kli_st_writer *w, struct kli_err *err)
+st_writer_close(struct st_writer *w, struct kli_err *err)
 {
     int rc;
 
     if (w->written != w->total) {
-        rc = kli_err_set(err, KLI_E_INVALID, "%s: %llu of %llu tensor bytes written", w->path,
+        rc = err_set(err, KLI_E_INVALID, "%s: %llu of %llu tensor bytes written", w->path,
                          (unsigned long long)w->written, (unsigned long long)w->total);
-        kli_st_writer_abort(w);
+        st_writer_abort(w);
         return rc;
     }
-    if ((rc = kli_wbuf_flush(&w->wb, err)) != KLI_OK) {
-        kli_st_writer_abort(w);
+    if ((rc = wbuf_flush(&w->wb, err)) != KLI_OK) {
+        st_writer_abort(w);
         return rc;
     }
     rc = kli_outfile_commit(w->of, err);
     w->of = NULL;
-    kli_st_writer_abort(w);
+    st_writer_abort(w);
     return rc;
 }

@@ -11,7 +11,7 @@
 #include "wbuf.h"
 
 int
-kli_write_all(int fd, const void *p, size_t n, const char *name, struct kli_err *err)
+write_all(int fd, const void *p, size_t n, const char *name, struct kli_err *err)
 {
     const uint8_t *b = p;
 
@@ -23,7 +23,7 @@ kli_write_all(int fd, const void *p, size_t n, const char *name, struct kli_err 
         if (k <= 0) {
             int e = k < 0 ? errno : ENOSPC;
 
-            return kli_err_set(err, KLI_E_IO, "%s: write error: %s", name, strerror(e));
+            return err_set(err, KLI_E_IO, "%s: write error: %s", name, strerror(e));
         }
         b += k;
         n -= (size_t)k;
@@ -32,16 +32,16 @@ kli_write_all(int fd, const void *p, size_t n, const char *name, struct kli_err 
 }
 
 int
-kli_wbuf_flush(struct kli_wbuf *b, struct kli_err *err)
+wbuf_flush(struct k_wbuf *b, struct kli_err *err)
 {
     size_t n = b->n;
 
     b->n = 0;
-    return kli_write_all(b->fd, b->buf, n, b->name, err);
+    return write_all(b->fd, b->buf, n, b->name, err);
 }
 
 int
-kli_wbuf_append(struct kli_wbuf *b, const void *p, uint64_t n, struct kli_err *err)
+wbuf_append(struct k_wbuf *b, const void *p, uint64_t n, struct kli_err *err)
 {
     const uint8_t *s = p;
     int rc;
@@ -57,7 +57,7 @@ kli_wbuf_append(struct kli_wbuf *b, const void *p, uint64_t n, struct kli_err *e
         b->pos += take;
         s += take;
         n -= take;
-        if (b->pos % KLI_WBUF_SIZE == 0 && (rc = kli_wbuf_flush(b, err)) != KLI_OK)
+        if (b->pos % KLI_WBUF_SIZE == 0 && (rc = wbuf_flush(b, err)) != KLI_OK)
             return rc;
     }
     return KLI_OK;

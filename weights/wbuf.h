@@ -18,7 +18,7 @@
 
 #define KLI_WBUF_SIZE ((size_t)8 << 20)
 
-struct kli_wbuf {
+struct k_wbuf {
     int fd;
     const char *name;      /* the file, for messages */
     uint8_t *buf;          /* KLI_WBUF_SIZE bytes, owned by the caller */
@@ -28,16 +28,16 @@ struct kli_wbuf {
 
 /* Writes all n bytes of p to fd (retrying short writes and EINTR).
  * @return KLI_OK or KLI_E_IO naming `name`. */
-int kli_write_all(int fd, const void *p, size_t n, const char *name, struct kli_err *err);
+int write_all(int fd, const void *p, size_t n, const char *name, struct kli_err *err);
 
 /* Appends n bytes at b->pos, writing the buffer out at each multiple of KLI_WBUF_SIZE. */
-int kli_wbuf_append(struct kli_wbuf *b, const void *p, uint64_t n, struct kli_err *err);
+int wbuf_append(struct k_wbuf *b, const void *p, uint64_t n, struct kli_err *err);
 
 /* Writes out what is buffered. */
-int kli_wbuf_flush(struct kli_wbuf *b, struct kli_err *err);
+int wbuf_flush(struct k_wbuf *b, struct kli_err *err);
 
 /* Replaces the file `path` with the n bytes of p, through kli_outfile (kli.h).
  * @return KLI_OK or a negative status naming the file. */
-int kli_write_file(const char *path, const void *p, size_t n, struct kli_err *err);
+int k_write_file(const char *path, const void *p, size_t n, struct kli_err *err);
 
 #endif

@@ -1,10 +1,10 @@
 /*
  * weights.h - a format-neutral directory of stored tensors.
  *
- * A kli_wfile is one checkpoint: a single safetensors file, or a sharded Hugging Face
+ * A wfile is one checkpoint: a single safetensors file, or a sharded Hugging Face
  * checkpoint (model.safetensors.index.json + its shards). Every file is memory-mapped
  * read-only; tensor data pointers point into the mappings (no copy) and stay valid until
- * kli_wfile_close. Opening checks every header offset and size against its file, so a
+ * wfile_close. Opening checks every header offset and size against its file, so a
  * tensor returned here can be read in full without going out of bounds.
  *
  * This directory knows nothing about models: names are the checkpoint's own.
@@ -20,9 +20,9 @@
 
 #define KLI_MAX_DIMS 8
 
-struct kli_tensor_desc {
+struct tensor_desc {
     const char *name;              /* the checkpoint's name, NUL-terminated */
-    enum kli_dtype dtype;
+    enum k_dtype dtype;
     char dtype_name[16];           /* as written in the file ("BF16", "I8", ...) */
     int32_t ndim;                  /* 0 for a scalar */
     int64_t shape[KLI_MAX_DIMS];   /* outermost first (PyTorch order) */
@@ -32,56 +32,56 @@ struct kli_tensor_desc {
     int32_t file;                  /* index of the shard that holds it */
 };
 
-struct kli_wfile;
+struct wfile;
 
 /* Opens `path`: a directory (model.safetensors.index.json if present, else
  * model.safetensors) or a single .safetensors file.
  * @return KLI_OK, or KLI_E_IO / KLI_E_FORMAT / KLI_E_NOMEM with a message naming the file
  *         (and tensor) at fault. */
-int kli_wfile_open(struct kli_wfile **out, const char *path, struct kli_err *err);
-void kli_wfile_close(struct kli_wfile *w);
+int wfile_open(struct wfile **out, const char *path, struct kli_err *err);
+void wfile_close(struct wfile *w);
 
 /* @return the tensor called `name`, or NULL. */
-const struct kli_tensor_desc *kli_wfile_find(const struct kli_wfile *w, const char *name);
-int64_t kli_wfile_n_tensors(const struct kli_wfile *w);
-const struct kli_tensor_desc *kli_wfile_tensor(const struct kli_wfile *w, int64_t i);
-/* @return i such that kli_wfile_tensor(w, i) == d, for d from this wfile (constant time). */
-int64_t kli_wfile_index(const struct kli_wfile *w, const struct kli_tensor_desc *d);
+const struct tensor_desc *wfile_find(const struct wfile *w, const char *name);
+int64_t wfile_n_tensors(const struct wfile *w);
+const struct tensor_desc *wfile_tensor(const struct wfile *w, int64_t i);
+/* @return i such that wfile_tensor(w, i) == d, for d from this wfile (constant time). */
+int64_t wfile_index(const struct wfile *w, const struct tensor_desc *d);
 /* Total bytes of tensor data. */
-uint64_t kli_wfile_data_bytes(const struct kli_wfile *w);
+uint64_t wfile_data_bytes(const struct wfile *w);
 
 /* Parses one safetensors image held in memory (`base`, `size` bytes): the header length,
- * the JSON header and every tensor's bounds. Used by kli_wfile_open and by the fuzzer.
+ * the JSON header and every tensor's bounds. Used by wfile_open and by the fuzzer.
  * On success the descriptors (appended to *descs, *n growing) point into `base`. */
-int kli_safetensors_parse(const uint8_t *base, uint64_t size, const char *fname, int32_t file,
-                          struct kli_tensor_desc **descs, int64_t *n, int64_t *cap,
+int safetensors_parse(const uint8_t *base, uint64_t size, const char *fname, int32_t file,
+                          struct tensor_desc **descs, int64_t *n, int64_t *cap,
                           struct kli_err *err);
 
-/* Descriptor names are heap copies owned by whoever owns the array: kli_safetensors_parse
+/* Descriptor names are heap copies owned by whoever owns the array: safetensors_parse
  * allocates them, and on failure it frees the ones it added and restores *n (*descs may
  * have grown). This frees `n` names and the array itself. NULL is allowed. */
-void kli_safetensors_free_descs(struct kli_tensor_desc *descs, int64_t n);
+void safetensors_free_descs(struct tensor_desc *descs, int64_t n);
 
 /* The files behind a wfile: one for a single file, one per shard (in the order of
- * kli_tensor_desc.file) for a sharded checkpoint. For messages that name the file.
+ * tensor_desc.file) for a sharded checkpoint. For messages that name the file.
  * @return the path as opened, or NULL if i is out of range. */
-int32_t kli_wfile_n_files(const struct kli_wfile *w);
-const char *kli_wfile_file_path(const struct kli_wfile *w, int32_t i);
+int32_t wfile_n_files(const struct wfile *w);
+const char *wfile_file_path(const struct wfile *w, int32_t i);
 
 /* Where the byte at `p` (a pointer into one of w's mappings, such as a tensor's data) lies:
- * the file index (kli_wfile_file_path) and the offset in that file. For readers that pread
+ * the file index (wfile_file_path) and the offset in that file. For readers that pread
  * tensor bytes instead of touching the mapping (edge mode, xcache.c).
  * @return 0, or -1 if p is not inside any mapping. */
-int kli_wfile_locate(const struct kli_wfile *w, const void *p, int32_t *file, uint64_t *off);
+int wfile_locate(const struct wfile *w, const void *p, int32_t *file, uint64_t *off);
 
 /* ==== writing safetensors ==================================================================
  * A streaming writer: the tensor list is declared up front (so the header can be written
  * first), then each tensor's bytes are appended in that order. The file is written through
  * kli_outfile (kli.h): a temporary file renamed over PATH only by a successful
- * kli_st_writer_close, so an interrupted run never leaves a half-written file under the
+ * st_writer_close, so an interrupted run never leaves a half-written file under the
  * final name, and a second writer of PATH fails while one is at work. */
 
-struct kli_st_entry {
+struct st_entry {
     const char *name;
     const char *dtype;            /* safetensors dtype string: "BF16", "F32", "KLI_Q8_0", ... */
     int32_t ndim;
@@ -89,23 +89,23 @@ struct kli_st_entry {
     uint64_t nbytes;
 };
 
-struct kli_st_writer;
+struct st_writer;
 
-int kli_st_writer_open(struct kli_st_writer **out, const char *path,
-                       const struct kli_st_entry *entries, int64_t n, struct kli_err *err);
+int st_writer_open(struct st_writer **out, const char *path,
+                       const struct st_entry *entries, int64_t n, struct kli_err *err);
 /* Appends bytes of the current tensor(s); any split of the data into calls is fine. */
-int kli_st_writer_write(struct kli_st_writer *w, const void *data, uint64_t nbytes,
+int st_writer_write(struct st_writer *w, const void *data, uint64_t nbytes,
                         struct kli_err *err);
 /* Checks that every declared byte was written, flushes and renames into place. */
-int kli_st_writer_close(struct kli_st_writer *w, struct kli_err *err);
+int st_writer_close(struct st_writer *w, struct kli_err *err);
 /* Abandons the file (removes the temporary file). NULL is allowed. */
-void kli_st_writer_abort(struct kli_st_writer *w);
+void st_writer_abort(struct st_writer *w);
 
 /* ==== kli's packed format (.kli, packed.c; the byte layout is kli-pack(5)) ==================
  * One file: a versioned header with a section table, the config.json text, the tokenizer
  * files, a tensor directory and the tensor data (row-major in the dtype the kernels read,
- * each routed expert's matrices one page-aligned range). kli_wfile_open recognises a .kli
- * by its magic; what a .kli holds besides tensors is reached through kli_wfile_pack. */
+ * each routed expert's matrices one page-aligned range). wfile_open recognises a .kli
+ * by its magic; what a .kli holds besides tensors is reached through wfile_pack. */
 
 #define KLI_PACK_MAGIC "KLIPACK"   /* 8 bytes with the NUL */
 #define KLI_PACK_VERSION_MAJOR 1
@@ -114,15 +114,15 @@ void kli_st_writer_abort(struct kli_st_writer *w);
 /* A run of tensors stored together: one routed expert's w1, w3 and w2. `offset` (into the
  * file) is a multiple of the page size and nothing else shares the pages of
  * [offset, offset + size rounded up to a page), so one madvise covers the expert. */
-struct kli_tensor_group {
+struct tensor_group {
     const void *data;      /* first byte, in the mapping */
     uint64_t offset, size;
-    int64_t first;         /* index of its first tensor (kli_wfile_tensor) */
+    int64_t first;         /* index of its first tensor (wfile_tensor) */
     int32_t n;             /* tensors first .. first + n - 1 */
     int32_t layer, expert;
 };
 
-struct kli_pack_info {
+struct pack_info {
     uint16_t version_major, version_minor;
     const char *config;         /* config.json text, NUL-terminated, in the mapping */
     uint64_t config_len;
@@ -130,7 +130,7 @@ struct kli_pack_info {
     uint64_t tok_ranks_len;
     const char *tok_config;     /* tokenizer_config.json text; NULL when absent */
     uint64_t tok_config_len;
-    struct kli_tensor_group *groups;   /* [n_groups], heap */
+    struct tensor_group *groups;   /* [n_groups], heap */
     int64_t n_groups;
     uint64_t *checksums;        /* [tensors]: XXH64 of each tensor's bytes, heap */
     uint64_t data_checksum;     /* the DATA section's: XXH64 of the per-tensor checksums */
@@ -138,42 +138,42 @@ struct kli_pack_info {
 
 /* Parses a .kli image held in memory (`base`, `size` bytes): header, section table, the
  * checksums of the header, config, tokenizer and directory sections, and every tensor's
- * bounds (tensor bytes are not read). Descriptors are appended like kli_safetensors_parse;
- * *info is filled (release with kli_pack_info_free). Messages name the damaged section.
+ * bounds (tensor bytes are not read). Descriptors are appended like safetensors_parse;
+ * *info is filled (release with pack_info_free). Messages name the damaged section.
  * @return KLI_OK; KLI_E_FORMAT (truncated, damaged, malformed); KLI_E_UNSUPPORTED (another
  *         major version, big-endian host, unknown tensor layout); KLI_E_NOMEM. */
-int kli_pack_parse(const uint8_t *base, uint64_t size, const char *fname, int32_t file,
-                   struct kli_tensor_desc **descs, int64_t *n, int64_t *cap,
-                   struct kli_pack_info *info, struct kli_err *err);
-void kli_pack_info_free(struct kli_pack_info *info);
+int k_pack_parse(const uint8_t *base, uint64_t size, const char *fname, int32_t file,
+                   struct tensor_desc **descs, int64_t *n, int64_t *cap,
+                   struct pack_info *info, struct kli_err *err);
+void pack_info_free(struct pack_info *info);
 
 /* @return 1 if the file at `path` starts with the .kli magic, else 0. */
-int kli_pack_probe(const char *path);
+int pack_probe(const char *path);
 
 /* @return the .kli contents of a wfile opened from a .kli file, NULL for safetensors. */
-const struct kli_pack_info *kli_wfile_pack(const struct kli_wfile *w);
+const struct pack_info *wfile_pack(const struct wfile *w);
 
 /* Reads every tensor of a .kli and checks it against its checksum (a safetensors wfile has
  * none: KLI_OK). Progress in bytes. @return KLI_OK or KLI_E_FORMAT naming the tensor. */
-int kli_wfile_verify(const struct kli_wfile *w, kli_progress_fn progress, void *ud,
+int wfile_verify(const struct wfile *w, kli_progress_fn progress, void *ud,
                      struct kli_err *err);
 
 /* Drops the pages of tensor `d` from this process (they are read again on the next touch).
  * Streaming readers use it to keep their resident size small. @return 0 or an errno. */
-int kli_wfile_dontneed(const struct kli_wfile *w, const struct kli_tensor_desc *d);
+int wfile_dontneed(const struct wfile *w, const struct tensor_desc *d);
 
 /* Of the weight files' pages now resident in this process, *resident bytes in all and
  * *huge bytes mapped through 2 MiB entries. @return 0, or -1 where the system does not say. */
-int kli_wfile_pages(const struct kli_wfile *w, uint64_t *resident, uint64_t *huge);
+int wfile_pages(const struct wfile *w, uint64_t *resident, uint64_t *huge);
 
 /* The streaming writer: declare the tensors in file order, then append their bytes in
  * that order (any split into calls), then close. Tensors with the same group >= 0 must be
  * consecutive; each such run becomes one page-aligned range in the group table. Written
  * through kli_outfile (kli.h): a temporary file, synced and renamed over PATH by a
  * successful close. */
-struct kli_pack_entry {
+struct pack_entry {
     const char *name;
-    enum kli_dtype dtype;
+    enum k_dtype dtype;
     const char *dtype_name;     /* the source's dtype name ("BF16", "I64"); NULL: kli's */
     int32_t ndim;
     int64_t shape[KLI_MAX_DIMS];
@@ -182,7 +182,7 @@ struct kli_pack_entry {
     int32_t layer, expert;      /* the group's labels */
 };
 
-struct kli_pack_meta {
+struct pack_meta {
     const char *config;         /* config.json text */
     uint64_t config_len;
     const char *tok_ranks;      /* tiktoken.model text, or NULL (no tokenizer) */
@@ -191,15 +191,15 @@ struct kli_pack_meta {
     uint64_t tok_config_len;
 };
 
-struct kli_pack_writer;
+struct pack_writer;
 
-int kli_pack_writer_open(struct kli_pack_writer **out, const char *path,
-                         const struct kli_pack_meta *meta, const struct kli_pack_entry *entries,
+int pack_writer_open(struct pack_writer **out, const char *path,
+                         const struct pack_meta *meta, const struct pack_entry *entries,
                          int64_t n, struct kli_err *err);
-int kli_pack_writer_write(struct kli_pack_writer *w, const void *data, uint64_t nbytes,
+int pack_writer_write(struct pack_writer *w, const void *data, uint64_t nbytes,
                           struct kli_err *err);
-int kli_pack_writer_close(struct kli_pack_writer *w, struct kli_err *err);
+int pack_writer_close(struct pack_writer *w, struct kli_err *err);
 /* Abandons the file (removes the temporary file). NULL is allowed. */
-void kli_pack_writer_abort(struct kli_pack_writer *w);
+void pack_writer_abort(struct pack_writer *w);
 
 #endif

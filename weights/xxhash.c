@@ -142,7 +142,7 @@ xxh64_digest(const struct xxh64_state *s)
 }
 
 uint64_t
-kli_xxh64(const void *p, size_t n, uint64_t seed)
+xxh64(const void *p, size_t n, uint64_t seed)
 {
     struct xxh64_state s;
 

@@ -9,7 +9,7 @@
 #include <stdint.h>
 
 /* XXH64 (xxhash.com, spec in the xxHash repository's doc/xxhash_spec.md) of n bytes. */
-uint64_t kli_xxh64(const void *p, size_t n, uint64_t seed);
+uint64_t xxh64(const void *p, size_t n, uint64_t seed);
 
 /* The streaming form: init, update with the bytes in order (any split), digest (which
  * leaves the state as it was, so a digest may be taken midway). */

@@ -109,9 +109,9 @@ bench_alloc(size_t n)
 
 /* Random but valid weights. */
 static void
-bench_fill(enum kli_dtype dt, uint8_t *w, int64_t nelem)
+bench_fill(enum k_dtype dt, uint8_t *w, int64_t nelem)
 {
-    int bb = kli_dtype_info(dt)->block_bytes, blk = kli_dtype_info(dt)->block;
+    int bb = dtype_info(dt)->block_bytes, blk = dtype_info(dt)->block;
     int64_t nb = nelem / blk;
 
     for (int64_t b = 0; b < nb; b++) {
@@ -121,10 +121,10 @@ bench_fill(enum kli_dtype dt, uint8_t *w, int64_t nelem)
             memcpy(p, &f, 4);
         } else if (dt == KLI_DT_F16 || dt == KLI_DT_BF16) {
             float f = bench_randf();
-            uint16_t h = dt == KLI_DT_F16 ? kli_f32_to_f16(f) : kli_f32_to_bf16(f);
+            uint16_t h = dt == KLI_DT_F16 ? f32_to_f16(f) : f32_to_bf16(f);
             memcpy(p, &h, 2);
         } else {
-            uint16_t h = kli_f32_to_f16(0.01f * bench_randf());
+            uint16_t h = f32_to_f16(0.01f * bench_randf());
             memcpy(p, &h, 2);
             for (int i = 2; i < bb; i++)
                 p[i] = (uint8_t)bench_rand();
@@ -168,7 +168,7 @@ bench_bandwidth(int nt, int footprint_mib)
     }
     /* read-only: the best table's dot product over a and b viewed as floats, 256 MiB (the
      * doubles hold small integers, so the floats are zeros and normal numbers) */
-    const struct kli_kernels *kt = kli_kernels();
+    const struct k_kernels *kt = k_kernels();
     for (int rep = -1; rep < BENCH_REPS; rep++) {
         double t0 = bench_now(), s = 0.0, cmax = 0.0;
 #pragma omp parallel num_threads(nt) reduction(+ : s) reduction(max : cmax)
@@ -202,10 +202,10 @@ bench_bandwidth(int nt, int footprint_mib)
 /* One timed pass: every copy of W, rows split over nt threads, barrier after each copy.
  * @return wall seconds; *cpu gets the largest per-thread CPU seconds (barrier waits excluded) */
 static double
-bench_pass(const struct kli_kernels *kt, enum kli_dtype dt, int nt, uint8_t **w, int ncopy,
+bench_pass(const struct k_kernels *kt, enum k_dtype dt, int nt, uint8_t **w, int ncopy,
            float *y, const float *x, int64_t n, int64_t k, int64_t m, double *cpu)
 {
-    size_t rb = (size_t)kli_dtype_nbytes(dt, (uint64_t)k);
+    size_t rb = (size_t)dtype_nbytes(dt, (uint64_t)k);
     double t0 = bench_now(), cmax = 0.0;
 
 #pragma omp parallel num_threads(nt) reduction(max : cmax)
@@ -231,7 +231,7 @@ bench_pass(const struct kli_kernels *kt, enum kli_dtype dt, int nt, uint8_t **w,
 }
 
 static void
-bench_matmul(const struct kli_kernels **tabs, int ntab, const int *threads, int nthreads,
+bench_matmul(const struct k_kernels **tabs, int ntab, const int *threads, int nthreads,
              int only_dt, int prefill, int with_generic, int batch, int footprint_mib,
              const int64_t *pm, int npm)
 {
@@ -247,7 +247,7 @@ bench_matmul(const struct kli_kernels **tabs, int ntab, const int *threads, int 
     for (int dt = 0; dt < KLI_DT_OTHER; dt++) {
         if (only_dt >= 0 && dt != only_dt)
             continue;
-        size_t wbytes = (size_t)kli_dtype_nbytes(dt, (uint64_t)(n * k));
+        size_t wbytes = (size_t)dtype_nbytes(dt, (uint64_t)(n * k));
         int ncopy = prefill ? 1 : (int)(((size_t)footprint_mib << 20) / wbytes + 1);
         uint8_t **w = malloc(sizeof(*w) * (size_t)ncopy);
         int64_t mmax = 1;
@@ -264,7 +264,7 @@ bench_matmul(const struct kli_kernels **tabs, int ntab, const int *threads, int 
         for (int im = 0; im < nm; im++) {
             int64_t m = ms[im];
             for (int v = 0; v < ntab; v++) {
-                const struct kli_kernels *kt = tabs[v];
+                const struct k_kernels *kt = tabs[v];
                 if (prefill && !with_generic && strcmp(kt->name, "generic") == 0)
                     continue;
                 for (int it = 0; it < nthreads; it++) {
@@ -282,12 +282,12 @@ bench_matmul(const struct kli_kernels **tabs, int ntab, const int *threads, int 
                     if (prefill)
                         printf("prefill m=%-3lld k=%lld n=%lld  %-8s %-5s %dT  %6.1f GFLOP/s"
                                "  (%.1f-%.1f)  cpu-time %6.1f\n", (long long)m, (long long)k,
-                               (long long)n, kt->name, kli_dtype_name(dt), threads[it], med,
+                               (long long)n, kt->name, k_dtype_name(dt), threads[it], med,
                                r[0], r[BENCH_REPS - 1], medc);
                     else
                         printf("decode  m=%lld k=%lld n=%lld  %-8s %-5s %dT  %6.1f GB/s"
                                "  (%.1f-%.1f)  cpu-time %6.1f\n", (long long)m, (long long)k,
-                               (long long)n, kt->name, kli_dtype_name(dt), threads[it], med, r[0],
+                               (long long)n, kt->name, k_dtype_name(dt), threads[it], med, r[0],
                                r[BENCH_REPS - 1], medc);
                     fflush(stdout);
                 }
@@ -304,8 +304,8 @@ bench_matmul(const struct kli_kernels **tabs, int ntab, const int *threads, int 
 int
 main(int argc, char **argv)
 {
-    const struct kli_kernels *all[8], *tabs[8];
-    int nall = kli_kernels_all(all, 8), ntab = 0;
+    const struct k_kernels *all[8], *tabs[8];
+    int nall = kernels_all(all, 8), ntab = 0;
     const char *only_v = NULL;
     int only_dt = -1, with_generic = 0, do_prefill = 1, do_decode = 1, batch = 0;
     int footprint = 256, npm = 2;
@@ -318,7 +318,7 @@ main(int argc, char **argv)
         } else if (strcmp(argv[i], "-d") == 0 && i + 1 < argc) {
             const char *d = argv[++i];
             for (int dt = 0; dt < KLI_DT_OTHER; dt++) {
-                if (strcmp(kli_dtype_name(dt), d) == 0)
+                if (strcmp(k_dtype_name(dt), d) == 0)
                     only_dt = dt;
             }
         } else if (strcmp(argv[i], "-t") == 0 && i + 1 < argc) {

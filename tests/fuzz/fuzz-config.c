@@ -20,7 +20,7 @@
 int
 LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-    struct kli_config cfg;
+    struct k_config cfg;
     struct kli_err err = {0};
     int rc = hparams_parse(&cfg, (const char *)data, size, "fuzz", &err);
 

@@ -52,7 +52,7 @@ reseal(uint8_t *b, size_t size)
 
         if (kind < 1 || kind > 3 || off > size || n > size - off)
             continue;
-        util_wr64(e + 24, kli_xxh64(b + off, (size_t)n, 0));
+        util_wr64(e + 24, xxh64(b + off, (size_t)n, 0));
         if (kind == 3) {
             dir_off = off;
             dir_size = n;
@@ -73,29 +73,29 @@ reseal(uint8_t *b, size_t size)
                     uint8_t *e = b + 64 + 32 * i;
 
                     if (e[0] == 4 && e[1] == 0 && e[2] == 0 && e[3] == 0)
-                        util_wr64(e + 24, kli_xxh64(sums, (size_t)nt * 8, 0));
+                        util_wr64(e + 24, xxh64(sums, (size_t)nt * 8, 0));
                 }
                 free(sums);
             }
         }
     }
-    util_wr64(b + 504, kli_xxh64(b, 504, 0));
+    util_wr64(b + 504, xxh64(b, 504, 0));
 }
 
 static void
 fuzz_one(const uint8_t *data, size_t size)
 {
-    struct kli_tensor_desc *descs = NULL;
-    struct kli_pack_info info;
+    struct tensor_desc *descs = NULL;
+    struct pack_info info;
     int64_t n = 0, cap = 0;
     struct kli_err err = {0};
     int rc;
 
-    rc = kli_pack_parse(data, size, "fuzz", 0, &descs, &n, &cap, &info, &err);
+    rc = k_pack_parse(data, size, "fuzz", 0, &descs, &n, &cap, &info, &err);
     if (rc != KLI_OK) {
         fuzz_check(n == 0 && err.code == rc && err.msg[0] != '\0', "failure without message");
         fuzz_check(info.groups == NULL && info.checksums == NULL, "failure left allocations");
-        kli_safetensors_free_descs(descs, n);
+        safetensors_free_descs(descs, n);
         return;
     }
     fuzz_check(err.code == 0, "success with an error set");
@@ -110,7 +110,7 @@ fuzz_one(const uint8_t *data, size_t size)
                    info.tok_config[info.tok_config_len] == '\0', "tokenizer config outside");
     }
     for (int64_t i = 0; i < n; i++) {
-        const struct kli_tensor_desc *d = &descs[i];
+        const struct tensor_desc *d = &descs[i];
         volatile uint8_t sink = 0;
 
         fuzz_check(d->name != NULL && d->name[0] != '\0', "empty name");
@@ -118,7 +118,7 @@ fuzz_one(const uint8_t *data, size_t size)
         fuzz_check(d->ndim >= 0 && d->ndim <= KLI_MAX_DIMS && d->numel >= 0, "bad shape");
         fuzz_check((int)d->dtype >= 0 && (int)d->dtype < KLI_DT_COUNT, "bad dtype");
         if (d->dtype != KLI_DT_OTHER)
-            fuzz_check(kli_dtype_nbytes(d->dtype, (uint64_t)d->numel) == d->nbytes,
+            fuzz_check(dtype_nbytes(d->dtype, (uint64_t)d->numel) == d->nbytes,
                        "size does not match the shape");
         /* Touch the first and last byte: ASan checks the bounds for real. */
         if (d->nbytes > 0)
@@ -126,13 +126,13 @@ fuzz_one(const uint8_t *data, size_t size)
         (void)sink;
     }
     for (int64_t g = 0; g < info.n_groups; g++) {
-        const struct kli_tensor_group *G = &info.groups[g];
+        const struct tensor_group *G = &info.groups[g];
 
         fuzz_check(inside(data, size, G->data, G->size) && G->n > 0 && G->first >= 0 &&
                    G->first + G->n <= n, "group outside the input or the directory");
     }
-    kli_pack_info_free(&info);
-    kli_safetensors_free_descs(descs, n);
+    pack_info_free(&info);
+    safetensors_free_descs(descs, n);
 }
 
 int

@@ -24,18 +24,18 @@
 int
 LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-    struct kli_tensor_desc *descs = NULL;
+    struct tensor_desc *descs = NULL;
     int64_t n = 0, cap = 0;
     struct kli_err err = {0};
     int rc;
 
-    rc = kli_safetensors_parse(data, size, "fuzz", 0, &descs, &n, &cap, &err);
+    rc = safetensors_parse(data, size, "fuzz", 0, &descs, &n, &cap, &err);
     if (rc != KLI_OK) {
         fuzz_check(n == 0 && err.code == rc && err.msg[0] != '\0', "failure without message");
     } else {
         fuzz_check(err.code == 0, "success with an error set");
         for (int64_t i = 0; i < n; i++) {
-            const struct kli_tensor_desc *d = &descs[i];
+            const struct tensor_desc *d = &descs[i];
             const uint8_t *p = d->data;
             volatile uint8_t sink = 0;
 
@@ -50,6 +50,6 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             (void)sink;
         }
     }
-    kli_safetensors_free_descs(descs, n);
+    safetensors_free_descs(descs, n);
     return 0;
 }
