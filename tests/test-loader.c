@@ -53,15 +53,12 @@ static void
 spill(const char *dir, const char *name, const void *data, size_t len)
 {
     char path[4200];
-    FILE *f;
 
     snprintf(path, sizeof(path), "%s/%s", dir, name);
-    f = fopen(path, "wb");
-    if (f == NULL || fwrite(data, 1, len, f) != len) {
+    if (!tl_spill(path, data, len)) {
         perror(path);
         exit(99);
     }
-    fclose(f);
 }
 
 /* A config with `from` replaced by `to` (first occurrence), or the original. */

@@ -76,40 +76,6 @@ exists(const char *path)
     return stat(path, &st) == 0;
 }
 
-static uint8_t *
-slurp(const char *path, size_t *len)
-{
-    FILE *f = fopen(path, "rb");
-    uint8_t *b;
-    long n;
-
-    if (f == NULL || fseek(f, 0, SEEK_END) != 0 || (n = ftell(f)) < 0 ||
-        fseek(f, 0, SEEK_SET) != 0) {
-        if (f != NULL)
-            fclose(f);
-        return NULL;
-    }
-    b = malloc((size_t)n + 1);
-    if (b != NULL && fread(b, 1, (size_t)n, f) != (size_t)n) {
-        free(b);
-        b = NULL;
-    }
-    fclose(f);
-    *len = (size_t)n;
-    return b;
-}
-
-static int
-spill(const char *path, const uint8_t *b, size_t len)
-{
-    FILE *f = fopen(path, "wb");
-    int ok = f != NULL && fwrite(b, 1, len, f) == len;
-
-    if (f != NULL && fclose(f) != 0)
-        ok = 0;
-    return ok;
-}
-
 /* Offset and size of section `kind` (kli-pack(5): the table at 64, 32-byte entries). */
 static int
 section(const uint8_t *b, uint32_t kind, uint64_t *off, uint64_t *size)
@@ -292,7 +258,7 @@ test_damage(const char *path, const char *dir)
     struct kli_err err;
     char bad[4200];
     size_t len;
-    uint8_t *b = slurp(path, &len);
+    uint8_t *b = (uint8_t *)tl_slurp(path, &len);
     uint64_t off, size;
 
     if (b == NULL) {
@@ -302,7 +268,7 @@ test_damage(const char *path, const char *dir)
     snprintf(bad, sizeof(bad), "%s/bad.kli", dir);
 
     b[40] ^= 0x10;   /* a reserved byte: only the checksum notices */
-    ok(spill(bad, b, len) && open_status(bad, 0, &err) == KLI_E_FORMAT &&
+    ok(tl_spill(bad, b, len) && open_status(bad, 0, &err) == KLI_E_FORMAT &&
        strstr(err.msg, "section \"header\" is damaged") != NULL,
        "a damaged header is named: %s", err.msg);
     b[40] ^= 0x10;
@@ -315,27 +281,27 @@ test_damage(const char *path, const char *dir)
         }
         snprintf(want, sizeof(want), "section \"%s\" is damaged", secs[i].name);
         b[off + size / 2] ^= 0x01;
-        ok(spill(bad, b, len) && open_status(bad, 0, &err) == KLI_E_FORMAT &&
+        ok(tl_spill(bad, b, len) && open_status(bad, 0, &err) == KLI_E_FORMAT &&
            strstr(err.msg, want) != NULL, "a damaged %s is named: %s", secs[i].name, err.msg);
         b[off + size / 2] ^= 0x01;
     }
     /* Tensor data: opening does not read it; verification finds it. */
     if (section(b, 4, &off, &size)) {
         b[off + 5] ^= 0x40;
-        ok(spill(bad, b, len) && open_status(bad, 0, &err) == KLI_OK,
+        ok(tl_spill(bad, b, len) && open_status(bad, 0, &err) == KLI_OK,
            "a damaged tensor does not slow or fail opening");
         ok(open_status(bad, 1, &err) == KLI_E_FORMAT &&
            strstr(err.msg, "section \"data\" is damaged: tensor \"") != NULL,
            "verification names the damaged tensor: %s", err.msg);
         b[off + 5] ^= 0x40;
     }
-    ok(spill(bad, b, len) && open_status(bad, 1, &err) == KLI_OK,
+    ok(tl_spill(bad, b, len) && open_status(bad, 1, &err) == KLI_OK,
        "the undamaged copy verifies: %s", err.msg);
 
     /* Truncation, at the end and inside the header. */
-    ok(spill(bad, b, len - 1) && open_status(bad, 0, &err) == KLI_E_FORMAT &&
+    ok(tl_spill(bad, b, len - 1) && open_status(bad, 0, &err) == KLI_E_FORMAT &&
        strstr(err.msg, "truncated") != NULL, "one byte short is refused: %s", err.msg);
-    ok(spill(bad, b, 300) && open_status(bad, 0, &err) == KLI_E_FORMAT &&
+    ok(tl_spill(bad, b, 300) && open_status(bad, 0, &err) == KLI_E_FORMAT &&
        strstr(err.msg, "truncated") != NULL, "a cut header is refused: %s", err.msg);
     {
         int all = 1;
@@ -357,7 +323,7 @@ test_damage(const char *path, const char *dir)
     /* A newer major version (with a valid checksum) is not misread. */
     b[8] = 2;
     util_wr64(b + 504, xxh64(b, 504, 0));
-    ok(spill(bad, b, len) && open_status(bad, 0, &err) == KLI_E_UNSUPPORTED &&
+    ok(tl_spill(bad, b, len) && open_status(bad, 0, &err) == KLI_E_UNSUPPORTED &&
        strstr(err.msg, "version 2.0") != NULL, "a newer major version is refused: %s",
        err.msg);
     free(b);

@@ -104,17 +104,6 @@ victim_same(const struct kli_session *s, const struct victim *v)
            memcmp(t, v->toks, (size_t)(n < 64 ? n : 64) * sizeof(kli_token)) == 0;
 }
 
-static int
-write_file(const char *path, const void *p, size_t n)
-{
-    FILE *f = fopen(path, "wb");
-    int ok_ = f != NULL && fwrite(p, 1, n, f) == n;
-
-    if (f != NULL && fclose(f) != 0)
-        ok_ = 0;
-    return ok_ ? 0 : -1;
-}
-
 #ifdef HAVE_ZSTD
 /* The checksum of kli(3): FNV-1a 64 over little-endian 32-bit words, a partial last word
  * zero-padded. Written from the description, not copied from snapshot.c. */
@@ -486,7 +475,7 @@ main(int argc, char **argv)
        "unchanged (%d, %d)", n_try, n_refused, n_untouched);
     memcpy(bad, snap, (size_t)need);
     bad[need / 2] ^= 0x40;
-    write_file(path2, bad, (size_t)need);
+    tl_spill(path2, bad, (size_t)need);
     memset(&err, 0, sizeof(err));
     ok(kli_session_load(v, smp2, path2, &err) == KLI_E_FORMAT && victim_same(v, &vic) &&
        strstr(err.msg, path2) != NULL, "a damaged file is refused: %s", err.msg);
@@ -502,7 +491,7 @@ main(int argc, char **argv)
     }
     ok(n_refused == n_try && n_untouched == n_try,
        "%d truncated snapshots refused with KLI_E_FORMAT, session unchanged", n_try);
-    write_file(path2, snap, (size_t)need - 1);
+    tl_spill(path2, snap, (size_t)need - 1);
     memset(&err, 0, sizeof(err));
     ok(kli_session_load(v, smp2, path2, &err) == KLI_E_FORMAT && victim_same(v, &vic),
        "a truncated file is refused: %s", err.msg);

@@ -156,6 +156,17 @@ tl_slurp(const char *path, size_t *len)
     return b;
 }
 
+int
+tl_spill(const char *path, const void *p, size_t n)
+{
+    FILE *f = fopen(path, "wb");
+    int ok_ = f != NULL && fwrite(p, 1, n, f) == n;
+
+    if (f != NULL && fclose(f) != 0)
+        ok_ = 0;
+    return ok_;
+}
+
 float *
 tl_load_f32(const char *dir, const char *name, size_t count)
 {

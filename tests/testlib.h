@@ -46,6 +46,10 @@ void *tl_calloc(size_t n, size_t size);
 /* The whole file, NUL-terminated (len excludes the NUL); NULL when it cannot be read. */
 char *tl_slurp(const char *path, size_t *len);
 
+/* Writes the n bytes at p to path (created or truncated); 1 when all of them were written and
+ * the file closed, else 0. */
+int tl_spill(const char *path, const void *p, size_t n);
+
 /* Exactly `count` float32 values (the host is assumed little-endian) of the file dir/name;
  * bails out when the file is missing or of another size. */
 float *tl_load_f32(const char *dir, const char *name, size_t count);
