@@ -104,6 +104,25 @@ victim_same(const struct kli_session *s, const struct victim *v)
            memcmp(t, v->toks, (size_t)(n < 64 ? n : 64) * sizeof(kli_token)) == 0;
 }
 
+/* Restores that must all be refused: how many were tried, refused with KLI_E_FORMAT, and
+ * left the session as victim_note saw it. */
+struct refusals {
+    int n_try, n_refused, n_untouched;
+};
+
+/* Restores the n bytes at b into s (err cleared first) and counts the outcome in c. */
+static int
+refuse(struct refusals *c, struct kli_session *s, struct kli_sampler *smp, const uint8_t *b,
+       size_t n, const struct victim *v, struct kli_err *err)
+{
+    memset(err, 0, sizeof(*err));
+    int rc = kli_session_restore(s, smp, b, n, err);
+    c->n_try++;
+    c->n_refused += rc == KLI_E_FORMAT;
+    c->n_untouched += victim_same(s, v);
+    return rc;
+}
+
 #ifdef HAVE_ZSTD
 /* The checksum of kli(3): FNV-1a 64 over little-endian 32-bit words, a partial last word
  * zero-padded. Written from the description, not copied from snapshot.c. */
@@ -458,21 +477,17 @@ main(int argc, char **argv)
 
     /* one flipped byte, at every header byte and at positions across the payload */
     uint8_t *bad = malloc((size_t)need);
-    int n_try = 0, n_refused = 0, n_untouched = 0;
+    struct refusals c = {0};
     for (int64_t at = 0; at < need; at += at < HDR ? 1 : 1 + need / 300) {
         memcpy(bad, snap, (size_t)need);
         bad[at] ^= (uint8_t)(1u << (at % 8));
-        memset(&err, 0, sizeof(err));
-        rc = kli_session_restore(v, smp2, bad, (size_t)need, &err);
-        n_try++;
-        n_refused += rc == KLI_E_FORMAT;
-        n_untouched += victim_same(v, &vic);
+        rc = refuse(&c, v, smp2, bad, (size_t)need, &vic, &err);
         if (rc != KLI_E_FORMAT)
             diag("flip at %lld: rc %d %s", (long long)at, rc, err.msg);
     }
-    ok(n_refused == n_try && n_untouched == n_try,
+    ok(c.n_refused == c.n_try && c.n_untouched == c.n_try,
        "%d damaged snapshots (one flipped bit each) refused with KLI_E_FORMAT, session "
-       "unchanged (%d, %d)", n_try, n_refused, n_untouched);
+       "unchanged (%d, %d)", c.n_try, c.n_refused, c.n_untouched);
     memcpy(bad, snap, (size_t)need);
     bad[need / 2] ^= 0x40;
     tl_spill(path2, bad, (size_t)need);
@@ -481,16 +496,11 @@ main(int argc, char **argv)
        strstr(err.msg, path2) != NULL, "a damaged file is refused: %s", err.msg);
 
     /* truncations */
-    n_try = n_refused = n_untouched = 0;
-    for (int64_t len = 0; len < need; len += 97) {
-        memset(&err, 0, sizeof(err));
-        rc = kli_session_restore(v, smp2, snap, (size_t)len, &err);
-        n_try++;
-        n_refused += rc == KLI_E_FORMAT;
-        n_untouched += victim_same(v, &vic);
-    }
-    ok(n_refused == n_try && n_untouched == n_try,
-       "%d truncated snapshots refused with KLI_E_FORMAT, session unchanged", n_try);
+    c = (struct refusals){0};
+    for (int64_t len = 0; len < need; len += 97)
+        refuse(&c, v, smp2, snap, (size_t)len, &vic, &err);
+    ok(c.n_refused == c.n_try && c.n_untouched == c.n_try,
+       "%d truncated snapshots refused with KLI_E_FORMAT, session unchanged", c.n_try);
     tl_spill(path2, snap, (size_t)need - 1);
     memset(&err, 0, sizeof(err));
     ok(kli_session_load(v, smp2, path2, &err) == KLI_E_FORMAT && victim_same(v, &vic),
@@ -511,7 +521,7 @@ main(int argc, char **argv)
     uint8_t *rawsnap = NULL;
     int64_t rn = make_raw(snap, (size_t)need, &rawsnap);
     uint8_t *rbad = malloc((size_t)(rn > need ? rn : need));
-    n_try = n_refused = n_untouched = 0;
+    c = (struct refusals){0};
     for (int pass = 0; pass < 2 && rn > 0; pass++) {
         const uint8_t *src = pass == 0 ? snap : rawsnap;
         int64_t len = pass == 0 ? need : rn;
@@ -519,18 +529,14 @@ main(int argc, char **argv)
             memcpy(rbad, src, (size_t)len);
             rbad[at] ^= (uint8_t)(1u << (at % 8));
             reseal(rbad, (size_t)len);
-            memset(&err, 0, sizeof(err));
-            rc = kli_session_restore(v, smp2, rbad, (size_t)len, &err);
-            n_try++;
-            n_refused += rc == KLI_E_FORMAT;
-            n_untouched += victim_same(v, &vic);
+            rc = refuse(&c, v, smp2, rbad, (size_t)len, &vic, &err);
             if (rc != KLI_E_FORMAT)
                 diag("pass %d, flip at %lld: rc %d %s", pass, (long long)at, rc, err.msg);
         }
     }
-    ok(rn > 0 && n_refused == n_try && n_untouched == n_try,
+    ok(rn > 0 && c.n_refused == c.n_try && c.n_untouched == c.n_try,
        "%d payloads damaged behind a valid stored checksum refused, session unchanged (%s)",
-       n_try, err.msg);
+       c.n_try, err.msg);
     free(rbad);
     free(rawsnap);
 #else
