@@ -520,6 +520,17 @@ expect_refused(const char *what, const char *want)
        what, err.msg);
 }
 
+/* Closes *t, writes `config` as tokenizer_config.json and opens tmpdir's tokenizer into *t. */
+static int
+reopen_with_config(struct kli_tokenizer **t, const char *config, struct kli_err *err)
+{
+    kli_tokenizer_close(*t);
+    *t = NULL;
+    write_file("tokenizer_config.json", config);
+    memset(err, 0, sizeof(*err));
+    return kli_tokenizer_open(t, tmpdir, err);
+}
+
 static void
 test_loading(void)
 {
@@ -546,27 +557,18 @@ test_loading(void)
 
         ok(n == 3 && ids[1] == 256 && ids[2] == 300, "merges and reserved names work");
     }
-    kli_tokenizer_close(t);
-    t = NULL;
 
-    write_file("tokenizer_config.json",
-               "{\"added_tokens_decoder\": {\"257\": {\"content\": \"[BOS]\"},"
-               " \"514\": {\"content\": \"<|extra|>\"}}}");
-    memset(&err, 0, sizeof(err));
-    rc = kli_tokenizer_open(&t, tmpdir, &err);
+    rc = reopen_with_config(&t, "{\"added_tokens_decoder\": {\"257\": {\"content\": \"[BOS]\"},"
+                            " \"514\": {\"content\": \"<|extra|>\"}}}", &err);
     ok(rc == KLI_OK && kli_tokenizer_n_vocab(t) == 257 + 258 &&
        kli_tokenizer_find_special(t, "<|extra|>") == 514 &&
        kli_tokenizer_find_special(t, "<|reserved_token_513|>") == 513 &&
        kli_tokenizer_find_special(t, "[BOS]") == 257,
        "a name at n_base+257 gives 258 slots (%s)", err.msg);
-    kli_tokenizer_close(t);
-    t = NULL;
 
-    write_file("tokenizer_config.json",
-               "{\"added_tokens_decoder\": {\"257\": {\"content\": \"@\"},"
-               " \"258\": {\"content\": \"[X]\"}, \"259\": {\"content\": \"[X]Y\"}}}");
-    memset(&err, 0, sizeof(err));
-    rc = kli_tokenizer_open(&t, tmpdir, &err);
+    rc = reopen_with_config(&t, "{\"added_tokens_decoder\": {\"257\": {\"content\": \"@\"},"
+                            " \"258\": {\"content\": \"[X]\"}, \"259\": {\"content\": \"[X]Y\"}}}",
+                            &err);
     ok(rc == KLI_OK, "one-byte and nested special names load (%s)", err.msg);
     if (t != NULL) {
         kli_token ids[16];
