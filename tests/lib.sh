@@ -25,6 +25,18 @@ t() {
     fi
 }
 
+# poll TICKS COMMAND...: runs COMMAND every 0.05 s until it succeeds, at most TICKS times.
+poll() {
+    _ticks=$1 _i=0
+    shift
+    while [ $_i -lt "$_ticks" ] && ! "$@"; do
+        sleep 0.05
+        _i=$((_i + 1))
+    done
+}
+# gone PID: the process has ended (for poll).
+gone() { ! kill -0 "$1" 2>/dev/null; }
+
 # need_python MODULES REASON: PY becomes a Python ($KLI_PYTHON first) that imports MODULES
 # (comma-separated); without one the whole script is skipped with REASON.
 need_python() {

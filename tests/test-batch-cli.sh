@@ -199,11 +199,7 @@ many=$(ids "$tmp/many.jsonl")
 "$kli" batch -m "$model" -i "$tmp/many.jsonl" -o "$tmp/int.jsonl" -P 2 -n 300 --temp 0 \
     -t 1 --quiet 2>"$tmp/int.err" &
 pid=$!
-i=0
-while [ $i -lt 400 ] && ! [ -s "$tmp/int.jsonl" ]; do
-    sleep 0.05
-    i=$((i + 1))
-done
+poll 400 test -s "$tmp/int.jsonl"
 kill -INT $pid 2>/dev/null
 wait $pid
 rc=$?

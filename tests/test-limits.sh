@@ -168,17 +168,9 @@ sigterm() {
             --gpu off --quiet
     ) 2>"$tmp/$1.err" &
     pid=$!
-    i=0
-    while [ $i -lt 1200 ] && ! [ -s "$out" ]; do
-        sleep 0.05
-        i=$((i + 1))
-    done
+    poll 1200 test -s "$out"
     kill -TERM $pid 2>/dev/null
-    i=0
-    while [ $i -lt 1200 ] && kill -0 $pid 2>/dev/null; do
-        sleep 0.05
-        i=$((i + 1))
-    done
+    poll 1200 gone $pid
     if kill -0 $pid 2>/dev/null; then
         kill -KILL $pid 2>/dev/null
         wait $pid
