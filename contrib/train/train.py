@@ -32,6 +32,9 @@ import torch.nn.functional as F
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 ROOT = os.path.dirname(os.path.dirname(HERE))
+# The NumPy reference's safetensors reader (the reference itself stays standalone).
+sys.path.insert(0, os.path.join(ROOT, "contrib", "reference"))
+import kimi_ref  # noqa: E402
 NANO_DIR = os.path.join(ROOT, "contrib", "models", "kimi-linear-nano")
 
 # The nano configuration: real key names and layout, rows of 256 where the layout allows.
@@ -390,33 +393,8 @@ def save_model(model, out):
         f.write("\n")
 
 
-def read_safetensors(path):
-    with open(path, "rb") as f:
-        data = f.read()
-    n = struct.unpack("<Q", data[:8])[0]
-    hdr = json.loads(data[8:8 + n])
-    out = {}
-    for name, e in hdr.items():
-        if name == "__metadata__":
-            continue
-        b, en = e["data_offsets"]
-        raw = np.frombuffer(data[8 + n + b: 8 + n + en], dtype={
-            "BF16": np.uint16, "F16": np.float16, "F32": np.float32}[e["dtype"]])
-        if e["dtype"] == "BF16":
-            raw = (raw.astype(np.uint32) << 16).view(np.float32)
-        out[name] = raw.astype(np.float64).reshape(e["shape"])
-    return out
-
-
 def load_dir(d):
-    cfg = json.load(open(os.path.join(d, "config.json")))
-    idx = os.path.join(d, "model.safetensors.index.json")
-    w = {}
-    if os.path.exists(idx):
-        for shard in sorted(set(json.load(open(idx))["weight_map"].values())):
-            w.update(read_safetensors(os.path.join(d, shard)))
-    else:
-        w = read_safetensors(os.path.join(d, "model.safetensors"))
+    cfg, w = kimi_ref.load_model(d)
     m = Model(cfg).double()
     m.load_hf(w)
     return m
@@ -425,9 +403,7 @@ def load_dir(d):
 # ---- check against the NumPy reference ----------------------------------------------------
 
 def cmd_check(_):
-    sys.path.insert(0, os.path.join(ROOT, "contrib", "reference"))
     import tempfile
-    import kimi_ref
     worst = 0.0
     for variant in ("realheads", "grouped", "softmax_tied", "sharded_f32"):
         with tempfile.TemporaryDirectory() as d:
