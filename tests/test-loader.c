@@ -25,30 +25,6 @@ static char *orig_config;
 static uint8_t *orig_st;
 static size_t orig_st_len, orig_config_len;
 
-static uint8_t *
-slurp(const char *path, size_t *len)
-{
-    FILE *f = fopen(path, "rb");
-    uint8_t *buf;
-    long n;
-
-    if (f == NULL)
-        return NULL;
-    fseek(f, 0, SEEK_END);
-    n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    buf = malloc((size_t)n + 1);
-    if (buf == NULL || fread(buf, 1, (size_t)n, f) != (size_t)n) {
-        fclose(f);
-        free(buf);
-        return NULL;
-    }
-    buf[n] = 0;
-    fclose(f);
-    *len = (size_t)n;
-    return buf;
-}
-
 static void
 spill(const char *dir, const char *name, const void *data, size_t len)
 {
@@ -223,9 +199,9 @@ main(int argc, char **argv)
     tap_init_whole(argc, argv);
     snprintf(fixture, sizeof(fixture), "%s/tiny-kimi-linear", td);
     snprintf(path, sizeof(path), "%s/config.json", fixture);
-    orig_config = (char *)slurp(path, &orig_config_len);
+    orig_config = tl_slurp(path, &orig_config_len);
     snprintf(path, sizeof(path), "%s/model.safetensors", fixture);
-    orig_st = slurp(path, &orig_st_len);
+    orig_st = (uint8_t *)tl_slurp(path, &orig_st_len);
     if (orig_config == NULL || orig_st == NULL)
         skip_all("fixture missing");
 
