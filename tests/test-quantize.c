@@ -54,6 +54,32 @@ median_row_err(const float *a, const float *b, int n, int32_t V, int *big)
     return e[n / 2];
 }
 
+struct want_dtype {
+    const char *name;
+    enum k_dtype dtype;
+};
+
+/* ok(what) when the `label` checkpoint at path opens and each of the n tensors has its dtype. */
+static void
+expect_dtypes(const char *path, const char *label, const struct want_dtype *want, int n,
+              const char *what)
+{
+    struct wfile *wf = NULL;
+    struct kli_err err = {0};
+    int good = 1;
+
+    if (wfile_open(&wf, path, &err) != KLI_OK) {
+        ok(0, "open %s checkpoint: %s", label, err.msg);
+        return;
+    }
+    for (int i = 0; i < n; i++) {
+        const struct tensor_desc *t = wfile_find(wf, want[i].name);
+        good = good && t != NULL && t->dtype == want[i].dtype;
+    }
+    ok(good, "%s", what);
+    wfile_close(wf);
+}
+
 static int
 argmax_agree(const float *a, const float *b, int n, int32_t V)
 {
@@ -140,17 +166,12 @@ main(int argc, char **argv)
     qo.type = "q4";
     ok(kli_quantize(fixture, out4, &qo, &err) == KLI_OK, "quantize q4: %s", err.msg);
 
-    struct wfile *wf = NULL;
-    if (wfile_open(&wf, out8, &err) == KLI_OK) {
-        const struct tensor_desc *a = wfile_find(wf, "model.layers.1.self_attn.q_proj.weight");
-        const struct tensor_desc *r = wfile_find(wf, "model.layers.1.block_sparse_moe.gate.weight");
-        const struct tensor_desc *n = wfile_find(wf, "model.layers.1.input_layernorm.weight");
-        ok(a && a->dtype == KLI_DT_Q8_0 && r && r->dtype == KLI_DT_BF16 && n &&
-           n->dtype == KLI_DT_BF16, "matrices are q8_0; router and norms stay bf16");
-        wfile_close(wf);
-    } else {
-        ok(0, "open q8 checkpoint: %s", err.msg);
-    }
+    static const struct want_dtype q8[] = {
+        {"model.layers.1.self_attn.q_proj.weight", KLI_DT_Q8_0},
+        {"model.layers.1.block_sparse_moe.gate.weight", KLI_DT_BF16},
+        {"model.layers.1.input_layernorm.weight", KLI_DT_BF16},
+    };
+    expect_dtypes(out8, "q8", q8, 3, "matrices are q8_0; router and norms stay bf16");
 
     float *l8 = tl_logits_of(out8, NULL, ids, 96, &V);
     float *l4 = tl_logits_of(out4, NULL, ids, 96, &V);
@@ -179,16 +200,12 @@ main(int argc, char **argv)
     qo.keep = keep;
     qo.n_keep = 2;
     ok(kli_quantize(fixture, outk, &qo, &err) == KLI_OK, "quantize with keep rules");
-    if (wfile_open(&wf, outk, &err) == KLI_OK) {
-        const struct tensor_desc *e = wfile_find(wf, "model.layers.2.block_sparse_moe.experts.3.w2.weight");
-        const struct tensor_desc *h = wfile_find(wf, "lm_head.weight");
-        const struct tensor_desc *q = wfile_find(wf, "model.layers.2.self_attn.v_proj.weight");
-        ok(e && e->dtype == KLI_DT_BF16 && h && h->dtype == KLI_DT_F32 && q &&
-           q->dtype == KLI_DT_Q8_0, "experts kept bf16, lm_head f32, the rest q8_0");
-        wfile_close(wf);
-    } else {
-        ok(0, "open keep checkpoint");
-    }
+    static const struct want_dtype kept[] = {
+        {"model.layers.2.block_sparse_moe.experts.3.w2.weight", KLI_DT_BF16},
+        {"lm_head.weight", KLI_DT_F32},
+        {"model.layers.2.self_attn.v_proj.weight", KLI_DT_Q8_0},
+    };
+    expect_dtypes(outk, "keep", kept, 3, "experts kept bf16, lm_head f32, the rest q8_0");
     memset(&err, 0, sizeof(err));
     kli_quantize_options_init(&qo);
     ok(kli_quantize(fixture, out8, &qo, &err) == KLI_E_IO && strstr(err.msg, "--force"),
