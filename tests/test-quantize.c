@@ -54,6 +54,25 @@ median_row_err(const float *a, const float *b, int n, int32_t V, int *big)
     return e[n / 2];
 }
 
+/* 1 when the 256 values x come back from a round trip through dt within amax / div * frac
+ * (+1%) of each 32-block's largest |x|; q and y are scratch for 256 values. */
+static int
+round_trip_ok(enum k_dtype dt, const float *x, uint8_t *q, float *y, float div, float frac)
+{
+    int good = 1;
+
+    dtype_from_f32(dt, x, q, 256);
+    dtype_to_f32(dt, q, y, 256);
+    for (int b = 0; b < 8; b++) {
+        float amax = 0;
+        for (int j = 0; j < 32; j++)
+            amax = fmaxf(amax, fabsf(x[b * 32 + j]));
+        for (int j = 0; j < 32; j++)
+            good &= fabsf(x[b * 32 + j] - y[b * 32 + j]) <= amax / div * frac * 1.01f + 1e-7f;
+    }
+    return good;
+}
+
 struct want_dtype {
     const char *name;
     enum k_dtype dtype;
@@ -120,25 +139,8 @@ main(int argc, char **argv)
             r ^= r << 13, r ^= r >> 7, r ^= r << 17;
             x[i] = (float)((int64_t)(r % 20001) - 10000) / 1000.0f * (i < 32 ? 0.01f : 1.0f);
         }
-        int ok8 = 1, ok4 = 1;
-        dtype_from_f32(KLI_DT_Q8_0, x, q, 256);
-        dtype_to_f32(KLI_DT_Q8_0, q, y, 256);
-        for (int b = 0; b < 8; b++) {
-            float amax = 0;
-            for (int j = 0; j < 32; j++)
-                amax = fmaxf(amax, fabsf(x[b * 32 + j]));
-            for (int j = 0; j < 32; j++)
-                ok8 &= fabsf(x[b * 32 + j] - y[b * 32 + j]) <= amax / 127.0f * 0.5f * 1.01f + 1e-7f;
-        }
-        dtype_from_f32(KLI_DT_Q4, x, q, 256);
-        dtype_to_f32(KLI_DT_Q4, q, y, 256);
-        for (int b = 0; b < 8; b++) {
-            float amax = 0;
-            for (int j = 0; j < 32; j++)
-                amax = fmaxf(amax, fabsf(x[b * 32 + j]));
-            for (int j = 0; j < 32; j++)
-                ok4 &= fabsf(x[b * 32 + j] - y[b * 32 + j]) <= amax / 8.0f * 1.01f + 1e-7f;
-        }
+        int ok8 = round_trip_ok(KLI_DT_Q8_0, x, q, y, 127.0f, 0.5f);
+        int ok4 = round_trip_ok(KLI_DT_Q4, x, q, y, 8.0f, 1.0f);
         ok(ok8, "q8_0 round trip within half a step of max|x|/127");
         ok(ok4, "q4 round trip within one step of max|x|/8 (the level opposite the extreme clips)");
         float z[32] = {0};
