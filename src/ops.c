@@ -40,12 +40,9 @@ ops_matmul_rows(const struct tensor *w, int64_t r0, int64_t r1, const float *x,
         kk->matmul[w->dtype](y + r0, ldy, x, ldx, base, r1 - r0, w->shape[1], m);
 }
 
+/* One product of ops_matmul: y = x W^T with m rows of x. */
 struct matmul_job {
-    const struct tensor *w;
-    const float *x;
-    int64_t ldx;
-    float *y;
-    int64_t ldy;
+    struct ops_mm p;
     int64_t m;
 };
 
@@ -55,7 +52,7 @@ matmul_range(void *ctx, int64_t i0, int64_t i1, int ith)
     struct matmul_job *j = ctx;
 
     (void)ith;
-    ops_matmul_rows(j->w, i0, i1, j->x, j->ldx, j->y, j->ldy, j->m);
+    ops_matmul_rows(j->p.w, i0, i1, j->p.x, j->p.ldx, j->p.y, j->p.ldy, j->m);
 }
 
 #ifdef HAVE_OPENBLAS
@@ -111,13 +108,13 @@ static void
 matmul_sgemm_range(void *ctx, int64_t r0, int64_t r1, int ith)
 {
     struct matmul_job *j = ctx;
-    int64_t k = j->w->shape[1];
+    int64_t k = j->p.w->shape[1];
 
     (void)ith;
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (blasint)j->m, (blasint)(r1 - r0),
-                (blasint)k, 1.0f, j->x, (blasint)j->ldx,
-                (const float *)(const void *)ops_wdata(j->w) + r0 * k, (blasint)k, 0.0f,
-                j->y + r0, (blasint)j->ldy);
+                (blasint)k, 1.0f, j->p.x, (blasint)j->p.ldx,
+                (const float *)(const void *)ops_wdata(j->p.w) + r0 * k, (blasint)k, 0.0f,
+                j->p.y + r0, (blasint)j->p.ldy);
 }
 #endif
 
@@ -170,7 +167,7 @@ void
 ops_matmul(const struct tensor *w, const float *x, int64_t ldx, float *y, int64_t ldy,
            int64_t m)
 {
-    struct matmul_job j = {w, x, ldx, y, ldy, m};
+    struct matmul_job j = {{w, x, ldx, y, ldy}, m};
 
 #ifdef HAVE_OPENBLAS
     if (w->dtype == KLI_DT_F32 && m >= OPS_GEMM_MIN_ROWS && ops_blas_ready(w->shape[0], 64)) {
