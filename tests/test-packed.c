@@ -141,7 +141,6 @@ test_large(const char *dir)
     };
     static const char cfg[] = "{}";
     struct pack_meta meta = {.config = cfg, .config_len = sizeof(cfg) - 1};
-    static const size_t piece[] = {1, 4093, 1000003, 9 << 20, 65536, 777};
     size_t total = ((size_t)NA + NB) * 4;
     uint8_t *src = malloc(total);
     char path[4200];
@@ -154,12 +153,11 @@ test_large(const char *dir)
         ok(0, "large file: out of memory");
         return;
     }
-    for (size_t i = 0; i < total; i++)
-        src[i] = (uint8_t)(i * 2654435761u >> 13);
+    tl_pattern(src, total);
     snprintf(path, sizeof(path), "%s/large.kli", dir);
     rc = pack_writer_open(&w, path, &meta, e, 2, &err);
     for (size_t o = 0, i = 0; rc == KLI_OK && o < total; i++) {
-        size_t n = piece[i % 6] < total - o ? piece[i % 6] : total - o;
+        size_t n = tl_piece(i, total - o);
 
         rc = pack_writer_write(w, src + o, n, &err);
         o += n;

@@ -822,13 +822,11 @@ test_writer_large(void)
         ok(0, "writer, large file: out of memory");
         return;
     }
-    for (size_t i = 0; i < total; i++)
-        src[i] = (uint8_t)(i * 2654435761u >> 13);
+    tl_pattern(src, total);
     remember(path);
     rc = st_writer_open(&w, path, e, 2, &err);
-    static const size_t piece[] = {1, 4093, 1000003, 9 << 20, 65536, 777};
     for (size_t o = 0, i = 0; rc == KLI_OK && o < total; i++) {
-        size_t n = piece[i % 6] < total - o ? piece[i % 6] : total - o;
+        size_t n = tl_piece(i, total - o);
 
         rc = st_writer_write(w, src + o, n, &err);
         o += n;

@@ -167,6 +167,21 @@ tl_spill(const char *path, const void *p, size_t n)
     return ok_;
 }
 
+void
+tl_pattern(uint8_t *p, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        p[i] = (uint8_t)(i * 2654435761u >> 13);
+}
+
+size_t
+tl_piece(size_t i, size_t left)
+{
+    static const size_t piece[] = {1, 4093, 1000003, 9 << 20, 65536, 777};
+
+    return piece[i % 6] < left ? piece[i % 6] : left;
+}
+
 float *
 tl_load_f32(const char *dir, const char *name, size_t count)
 {

@@ -50,6 +50,12 @@ char *tl_slurp(const char *path, size_t *len);
  * the file closed, else 0. */
 int tl_spill(const char *path, const void *p, size_t n);
 
+/* For the large-file writer tests: n bytes of a fixed pattern, and the size of piece i
+ * (at most `left`) in the odd sizes they are fed to a writer in (1 byte to 9 MiB, cycled),
+ * so that the writer's buffer flushes fall inside calls. */
+void tl_pattern(uint8_t *p, size_t n);
+size_t tl_piece(size_t i, size_t left);
+
 /* Exactly `count` float32 values (the host is assumed little-endian) of the file dir/name;
  * bails out when the file is missing or of another size. */
 float *tl_load_f32(const char *dir, const char *name, size_t count);
