@@ -619,6 +619,28 @@ cli_open_model(const char *path, int threads, struct kli_model **m)
     return 0;
 }
 
+const char *
+cli_model_path(const char *model, char *demo, size_t cap)
+{
+    if (model != NULL)
+        return model;
+    if (cli_demo_dir(demo, cap) != 0)
+        return NULL;
+    return demo;
+}
+
+int
+cli_no_operands(int argc, char **argv, const char *cmd)
+{
+    if (optind >= argc)
+        return 0;
+    if (cmd != NULL)
+        cli_error("%s: unexpected argument '%s'", cmd, argv[optind]);
+    else
+        cli_error("unexpected argument '%s'", argv[optind]);
+    return -1;
+}
+
 /* Threads from -t, else KLI_NUM_THREADS, else 0 (one per physical core). */
 int
 cli_threads(long opt_t)
@@ -688,10 +710,8 @@ cmd_logits(int argc, char **argv)
             break;
         }
     }
-    if (optind < argc) {
-        cli_error("logits: unexpected argument '%s'", argv[optind]);
+    if (cli_no_operands(argc, argv, "logits") != 0)
         return 2;
-    }
     if (model == NULL || outp == NULL || (ids_arg == NULL) == (ids_file == NULL)) {
         cli_error("usage: kli logits -m DIR (--ids 1,2,3 | --ids-file FILE) [--chunk N] -o OUT");
         return 2;

@@ -30,6 +30,14 @@ char *cli_read_file(const char *path, size_t max, size_t max_line, const char *l
 int cli_parse_size(const char *s, uint64_t *out);
 int cli_parse_ids(const char *s, kli_token **out, int32_t *n_out);
 int cli_open_model(const char *path, int threads, struct kli_model **m);
+/* The model directory to open: `model` (-m), or else the built-in demo model, written to a
+ * new temporary directory whose path goes to demo[cap] (cli_demo_remove deletes it).
+ * @return the path, or NULL after reporting. */
+const char *cli_model_path(const char *model, char *demo, size_t cap);
+/* After getopt_long: an operand left on the command line is an error, reported as
+ * "CMD: unexpected argument 'X'" (without "CMD: " for a NULL cmd). @return 0 if none is
+ * left, -1 after reporting. */
+int cli_no_operands(int argc, char **argv, const char *cmd);
 
 /* The GPU options of run, chat, logits and bench: --gpu auto|on|off, --gpu-mem SIZE,
  * --gpu-experts N|auto, --gpu-profile FILE. A command lists CLI_GPU_LONGOPTS in its option

@@ -849,15 +849,10 @@ cmd_bench(int argc, char **argv)
             break;
         }
     }
-    if (optind < argc) {
-        cli_error("bench: unexpected argument '%s'", argv[optind]);
+    if (cli_no_operands(argc, argv, "bench") != 0)
         return 2;
-    }
-    if (model == NULL) {
-        if (cli_demo_dir(demo, sizeof(demo)) != 0)
-            return 1;
-        model = demo;
-    }
+    if ((model = cli_model_path(model, demo, sizeof(demo))) == NULL)
+        return 1;
     int th = cli_threads(threads);
 
     if (quality) {
