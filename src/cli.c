@@ -137,12 +137,10 @@ cli_gen_option(int c, const char *arg, struct cli_gen_opts *g)
         }
         g->stop[g->n_stop++] = arg;
         return 1;
-    case CLI_OPT_CPUS: case CLI_OPT_NUMA: case CLI_OPT_MEM_BUDGET:
-        return cli_placement_option(c, arg) == 1 ? 1 : -1;
     default:
         if ((r = cli_sampling_option(c, arg, &g->so)) != 0)
             return r;
-        return cli_gpu_option(c, arg);
+        return cli_model_option(c, arg, &g->threads);   /* placement and GPU ('t' is above) */
     }
 }
 
@@ -671,11 +669,7 @@ cmd_logits(int argc, char **argv)
         {"ids-file", required_argument, NULL, 'f'},
         {"chunk", required_argument, NULL, 'c'},
         {"output", required_argument, NULL, 'o'},
-        {"threads", required_argument, NULL, 't'},
-        {"help", no_argument, NULL, 'h'},
-        CLI_GPU_LONGOPTS,
-        CLI_PLACEMENT_LONGOPTS,
-        {NULL, 0, NULL, 0},
+        CLI_MODEL_LONGOPTS_END,
     };
     const char *model = NULL, *ids_arg = NULL, *ids_file = NULL, *outp = NULL;
     long chunk = 0, threads = 0;

@@ -72,6 +72,15 @@ void cli_placement_apply(struct kli_model_options *mo);
  * the placement and the GPU options (those a command's table lists).
  * @return 1 if c was one of them (parsed), 0 if not, -1 for a bad value (reported). */
 int cli_model_option(int c, const char *arg, long *threads);
+/* The end of the option tables of logits and perplexity, which open one model with the
+ * options of every such command and no others of run's: -t, --help, the GPU and the
+ * placement groups (-h aside, the codes of cli_model_option) and the terminator. */
+#define CLI_MODEL_LONGOPTS_END \
+    {"threads", required_argument, NULL, 't'}, \
+    {"help", no_argument, NULL, 'h'}, \
+    CLI_GPU_LONGOPTS, \
+    CLI_PLACEMENT_LONGOPTS, \
+    {NULL, 0, NULL, 0}
 /* The sizes --mem-budget listed (kli bench takes several, other commands one).
  * @return their count (0: no budget); *out borrowed. */
 int cli_mem_budgets(const uint64_t **out);

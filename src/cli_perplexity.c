@@ -219,11 +219,7 @@ cli_perplexity(int argc, char **argv)
         {"bos", no_argument, NULL, 'B'},
         {"json", no_argument, NULL, 'J'},
         {"kld-base", required_argument, NULL, 'K'},
-        {"threads", required_argument, NULL, 't'},
-        {"help", no_argument, NULL, 'h'},
-        CLI_GPU_LONGOPTS,
-        CLI_PLACEMENT_LONGOPTS,
-        {NULL, 0, NULL, 0},
+        CLI_MODEL_LONGOPTS_END,
     };
     const char *model = NULL, *file = NULL, *kpath = NULL;
     long ctx = 4096, threads = 0;
