@@ -39,8 +39,8 @@
 /* ==== options ============================================================================= */
 
 enum {
-    OPT_PREFIX_CACHE = 256, OPT_PREFIX_DIR, OPT_MIN_PREFIX, OPT_SHARD, OPT_RESUME, OPT_OVERWRITE, OPT_MAX_PROMPT,
-    OPT_MAX_ERRORS,
+    OPT_PREFIX_CACHE = 256, OPT_PREFIX_DIR, OPT_MIN_PREFIX, OPT_SHARD, OPT_RESUME,
+    OPT_OVERWRITE, OPT_MAX_PROMPT, OPT_MAX_ERRORS,
 };
 
 struct batch_args {
