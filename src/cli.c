@@ -137,12 +137,10 @@ cli_gen_option(int c, const char *arg, struct cli_gen_opts *g)
         }
         g->stop[g->n_stop++] = arg;
         return 1;
-    case CLI_OPT_CPUS: case CLI_OPT_NUMA: case CLI_OPT_MEM_BUDGET:
-        return cli_placement_option(c, arg) == 1 ? 1 : -1;
     default:
         if ((r = cli_sampling_option(c, arg, &g->so)) != 0)
             return r;
-        return cli_gpu_option(c, arg);
+        return cli_model_option(c, arg, &g->threads);   /* placement and GPU ('t' is above) */
     }
 }
 
@@ -619,6 +617,28 @@ cli_open_model(const char *path, int threads, struct kli_model **m)
     return 0;
 }
 
+const char *
+cli_model_path(const char *model, char *demo, size_t cap)
+{
+    if (model != NULL)
+        return model;
+    if (cli_demo_dir(demo, cap) != 0)
+        return NULL;
+    return demo;
+}
+
+int
+cli_no_operands(int argc, char **argv, const char *cmd)
+{
+    if (optind >= argc)
+        return 0;
+    if (cmd != NULL)
+        cli_error("%s: unexpected argument '%s'", cmd, argv[optind]);
+    else
+        cli_error("unexpected argument '%s'", argv[optind]);
+    return -1;
+}
+
 /* Threads from -t, else KLI_NUM_THREADS, else 0 (one per physical core). */
 int
 cli_threads(long opt_t)
@@ -649,11 +669,7 @@ cmd_logits(int argc, char **argv)
         {"ids-file", required_argument, NULL, 'f'},
         {"chunk", required_argument, NULL, 'c'},
         {"output", required_argument, NULL, 'o'},
-        {"threads", required_argument, NULL, 't'},
-        {"help", no_argument, NULL, 'h'},
-        CLI_GPU_LONGOPTS,
-        CLI_PLACEMENT_LONGOPTS,
-        {NULL, 0, NULL, 0},
+        CLI_MODEL_LONGOPTS_END,
     };
     const char *model = NULL, *ids_arg = NULL, *ids_file = NULL, *outp = NULL;
     long chunk = 0, threads = 0;
@@ -688,10 +704,8 @@ cmd_logits(int argc, char **argv)
             break;
         }
     }
-    if (optind < argc) {
-        cli_error("logits: unexpected argument '%s'", argv[optind]);
+    if (cli_no_operands(argc, argv, "logits") != 0)
         return 2;
-    }
     if (model == NULL || outp == NULL || (ids_arg == NULL) == (ids_file == NULL)) {
         cli_error("usage: kli logits -m DIR (--ids 1,2,3 | --ids-file FILE) [--chunk N] -o OUT");
         return 2;

@@ -30,6 +30,14 @@ char *cli_read_file(const char *path, size_t max, size_t max_line, const char *l
 int cli_parse_size(const char *s, uint64_t *out);
 int cli_parse_ids(const char *s, kli_token **out, int32_t *n_out);
 int cli_open_model(const char *path, int threads, struct kli_model **m);
+/* The model directory to open: `model` (-m), or else the built-in demo model, written to a
+ * new temporary directory whose path goes to demo[cap] (cli_demo_remove deletes it).
+ * @return the path, or NULL after reporting. */
+const char *cli_model_path(const char *model, char *demo, size_t cap);
+/* After getopt_long: an operand left on the command line is an error, reported as
+ * "CMD: unexpected argument 'X'" (without "CMD: " for a NULL cmd). @return 0 if none is
+ * left, -1 after reporting. */
+int cli_no_operands(int argc, char **argv, const char *cmd);
 
 /* The GPU options of run, chat, logits and bench: --gpu auto|on|off, --gpu-mem SIZE,
  * --gpu-experts N|auto, --gpu-profile FILE. A command lists CLI_GPU_LONGOPTS in its option
@@ -64,6 +72,15 @@ void cli_placement_apply(struct kli_model_options *mo);
  * the placement and the GPU options (those a command's table lists).
  * @return 1 if c was one of them (parsed), 0 if not, -1 for a bad value (reported). */
 int cli_model_option(int c, const char *arg, long *threads);
+/* The end of the option tables of logits and perplexity, which open one model with the
+ * options of every such command and no others of run's: -t, --help, the GPU and the
+ * placement groups (-h aside, the codes of cli_model_option) and the terminator. */
+#define CLI_MODEL_LONGOPTS_END \
+    {"threads", required_argument, NULL, 't'}, \
+    {"help", no_argument, NULL, 'h'}, \
+    CLI_GPU_LONGOPTS, \
+    CLI_PLACEMENT_LONGOPTS, \
+    {NULL, 0, NULL, 0}
 /* The sizes --mem-budget listed (kli bench takes several, other commands one).
  * @return their count (0: no budget); *out borrowed. */
 int cli_mem_budgets(const uint64_t **out);

@@ -39,8 +39,8 @@
 /* ==== options ============================================================================= */
 
 enum {
-    OPT_PREFIX_CACHE = 256, OPT_PREFIX_DIR, OPT_MIN_PREFIX, OPT_SHARD, OPT_RESUME, OPT_OVERWRITE, OPT_MAX_PROMPT,
-    OPT_MAX_ERRORS,
+    OPT_PREFIX_CACHE = 256, OPT_PREFIX_DIR, OPT_MIN_PREFIX, OPT_SHARD, OPT_RESUME,
+    OPT_OVERWRITE, OPT_MAX_PROMPT, OPT_MAX_ERRORS,
 };
 
 struct batch_args {
@@ -186,10 +186,8 @@ batch_parse(int argc, char **argv, struct batch_args *a)
             break;
         }
     }
-    if (optind < argc) {
-        cli_error("batch: unexpected argument '%s'", argv[optind]);
+    if (cli_no_operands(argc, argv, "batch") != 0)
         return -1;
-    }
     if (a->input == NULL || a->output == NULL) {
         cli_error("batch: -i IN.jsonl and -o OUT.jsonl are required");
         return -1;
@@ -585,12 +583,9 @@ cmd_batch(int argc, char **argv)
         goto out;
     }
 
-    const char *path = a.g.model;
-    if (path == NULL) {
-        if (cli_demo_dir(a.demo, sizeof(a.demo)) != 0)
-            goto out;
-        path = a.demo;
-    }
+    const char *path = cli_model_path(a.g.model, a.demo, sizeof(a.demo));
+    if (path == NULL)
+        goto out;
     if (cli_open_model(path, cli_threads(a.g.threads), &model) != 0)
         goto out;
     if ((b.tok = kli_model_tokenizer(model)) == NULL) {

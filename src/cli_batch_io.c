@@ -63,31 +63,34 @@ bbuf_addf(struct bbuf *b, const char *fmt, ...)
     return bbuf_add(b, tmp, (size_t)k);
 }
 
+/* The well-formed UTF-8 sequences (Unicode, Table 3-7): by lead byte, how many
+ * continuation bytes follow and the range of the first of them (the others: 80..BF). */
+static const struct {
+    unsigned char first, last, lo, hi;
+    int need;
+} utf8_leads[] = {
+    {0xc2, 0xdf, 0x80, 0xbf, 1}, {0xe0, 0xe0, 0xa0, 0xbf, 2}, {0xe1, 0xec, 0x80, 0xbf, 2},
+    {0xed, 0xed, 0x80, 0x9f, 2}, {0xee, 0xef, 0x80, 0xbf, 2}, {0xf0, 0xf0, 0x90, 0xbf, 3},
+    {0xf1, 0xf3, 0x80, 0xbf, 3}, {0xf4, 0xf4, 0x80, 0x8f, 3},
+};
+
 int
 cli_utf8_seq(const unsigned char *p, size_t n)
 {
-    unsigned c = p[0], lo = 0x80, hi = 0xbf;
+    unsigned c = p[0], lo, hi;
+    size_t i = 0;
     int need;
 
     if (c < 0x80)
         return 1;
-    if (c >= 0xc2 && c <= 0xdf) {
-        need = 1;
-    } else if (c >= 0xe0 && c <= 0xef) {
-        need = 2;
-        if (c == 0xe0)
-            lo = 0xa0;
-        else if (c == 0xed)
-            hi = 0x9f;
-    } else if (c >= 0xf0 && c <= 0xf4) {
-        need = 3;
-        if (c == 0xf0)
-            lo = 0x90;
-        else if (c == 0xf4)
-            hi = 0x8f;
-    } else {
+    while (i < sizeof(utf8_leads) / sizeof(utf8_leads[0]) &&
+           (c < utf8_leads[i].first || c > utf8_leads[i].last))
+        i++;
+    if (i == sizeof(utf8_leads) / sizeof(utf8_leads[0]))
         return -1;
-    }
+    need = utf8_leads[i].need;
+    lo = utf8_leads[i].lo;
+    hi = utf8_leads[i].hi;
     for (int k = 1; k <= need; k++) {
         if ((size_t)k >= n || p[k] < lo || p[k] > hi)
             return -k;

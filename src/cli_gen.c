@@ -20,16 +20,12 @@
 
 enum { OPT_SPECIAL = 256, OPT_MESSAGES, OPT_SAVE_STATE, OPT_LOAD_STATE };
 
-#define GEN_MAX_STOP CLI_GEN_MAX_STOP
 
 struct gen_args {
-    const char *model, *prompt, *file, *system, *messages;
+    struct cli_gen_opts g;                 /* the options run and chat share with batch */
+    const char *prompt, *file, *messages;
     const char *save_state, *load_state;   /* kli run --save-state / --load-state */
-    int raw, special, quiet;
-    long threads, max_tokens, ctx;
-    struct kli_sampler_options so;
-    const char *stop[GEN_MAX_STOP];
-    int n_stop;
+    int special;
     char demo[4096];
 };
 
@@ -59,11 +55,10 @@ static int
 gen_parse(int argc, char **argv, const struct option *opts, const char *shortopts,
           struct gen_args *a, const char *usage)
 {
-    struct cli_gen_opts g;
     int c;
 
     memset(a, 0, sizeof(*a));
-    cli_gen_init(&g);
+    cli_gen_init(&a->g);
     while ((c = getopt_long(argc, argv, shortopts, opts, NULL)) != -1) {
         switch (c) {
         case 'p': a->prompt = optarg; break;
@@ -76,38 +71,15 @@ gen_parse(int argc, char **argv, const struct option *opts, const char *shortopt
             printf("%s", usage);
             return 1;
         default:
-            if (cli_gen_option(c, optarg, &g) != 1)
+            if (cli_gen_option(c, optarg, &a->g) != 1)
                 return -1;
             break;
         }
     }
-    if (optind < argc) {
-        cli_error("unexpected argument '%s'", argv[optind]);
+    if (cli_no_operands(argc, argv, NULL) != 0)
         return -1;
-    }
-    a->model = g.model;
-    a->system = g.system;
-    a->raw = g.raw;
-    a->quiet = g.quiet;
-    a->threads = g.threads;
-    a->max_tokens = g.max_tokens;
-    a->ctx = g.ctx;
-    a->so = g.so;
-    memcpy(a->stop, g.stop, sizeof(a->stop));
-    a->n_stop = g.n_stop;
     /* Check the sampling options now, before a model is loaded. */
-    return cli_gen_check(&g);
-}
-
-/* The model directory to open: -m, or the built-in demo model written to a temp dir. */
-static const char *
-gen_model_path(struct gen_args *a)
-{
-    if (a->model != NULL)
-        return a->model;
-    if (cli_demo_dir(a->demo, sizeof(a->demo)) != 0)
-        return NULL;
-    return a->demo;
+    return cli_gen_check(&a->g);
 }
 
 /* ==== streaming output and interruption =================================================== */
@@ -248,7 +220,7 @@ prompt_tokens(const struct gen_args *a, const struct kli_tokenizer *tok, const c
     int64_t n;
     int off = cont ? 1 : 0;
 
-    if (a->raw) {
+    if (a->g.raw) {
         *ids = malloc((len + 1) * sizeof(kli_token));
         if (*ids == NULL)
             return gen_oom(err);
@@ -258,9 +230,9 @@ prompt_tokens(const struct gen_args *a, const struct kli_tokenizer *tok, const c
     }
     struct kli_chat_message msgs[2];
     int nm = 0;
-    if (a->system != NULL) {
+    if (a->g.system != NULL) {
         msgs[nm].role = "system";
-        msgs[nm++].content = a->system;
+        msgs[nm++].content = a->g.system;
     }
     msgs[nm].role = "user";
     msgs[nm++].content = text;
@@ -278,6 +250,57 @@ prompt_tokens(const struct gen_args *a, const struct kli_tokenizer *tok, const c
 
 /* ==== kli run ============================================================================= */
 
+/* What run and chat open alike: the model with its tokenizer, a session of --ctx positions,
+ * the sampler and the generation options (printing through gen_print). */
+struct gen_session {
+    struct kli_model *m;
+    const struct kli_tokenizer *tok;
+    struct kli_session *s;
+    struct kli_sampler *smp;
+    struct kli_generate_options go;
+};
+
+/* Opens gs (zeroed) from the model at `path`; gen_close frees it also on failure.
+ * @return 0, or -1 after reporting. */
+static int
+gen_open(const struct gen_args *a, const char *path, struct gen_session *gs)
+{
+    struct kli_session_options sopt;
+    struct kli_err err = {0};
+
+    if (cli_open_model(path, cli_threads(a->g.threads), &gs->m) != 0)
+        return -1;
+    gs->tok = kli_model_tokenizer(gs->m);
+    if (gs->tok == NULL) {
+        cli_error("%s: no tokenizer (tiktoken.model) in the model directory", path);
+        return -1;
+    }
+    kli_session_options_init(&sopt);
+    sopt.ctx_max = (int32_t)a->g.ctx;
+    if (kli_session_create(&gs->s, gs->m, &sopt, &err) != KLI_OK ||
+        kli_sampler_create(&gs->smp, &a->g.so, kli_model_n_vocab(gs->m), &err) != KLI_OK) {
+        cli_error("%s", err.msg);
+        return -1;
+    }
+    kli_generate_options_init(&gs->go);
+    gs->go.max_tokens = (int32_t)a->g.max_tokens;
+    gs->go.stop = a->g.stop;
+    gs->go.n_stop = a->g.n_stop;
+    gs->go.on_text = gen_print;
+    return 0;
+}
+
+/* Frees what gen_open opened (after the edge-mode report) and the demo model directory. */
+static void
+gen_close(struct gen_session *gs, const struct gen_args *a)
+{
+    kli_sampler_free(gs->smp);
+    kli_session_free(gs->s);
+    cli_cache_report(gs->m);
+    kli_model_close(gs->m);
+    cli_demo_remove(a->demo);
+}
+
 static const char run_usage[] =
     "usage: kli run [-m|--model MODEL] [-p|--prompt TEXT | -f|--file FILE | --messages JSON]\n"
     "               [--raw [--special]] [-s|--system SYSTEM] [-n|--max-tokens MAX]\n"
@@ -290,12 +313,8 @@ static int
 cmd_run(int argc, char **argv)
 {
     struct gen_args a;
-    struct kli_model *m = NULL;
-    struct kli_session *s = NULL;
-    struct kli_sampler *smp = NULL;
+    struct gen_session gs = {0};
     struct kli_err err = {0};
-    struct kli_session_options sopt;
-    struct kli_generate_options go;
     struct kli_generate_result res;
     kli_token *ids = NULL;
     char *text = NULL;
@@ -309,16 +328,16 @@ cmd_run(int argc, char **argv)
         cli_error("run: give one of -p, -f and --messages");
         return 2;
     }
-    if (a.messages != NULL && a.raw) {
+    if (a.messages != NULL && a.g.raw) {
         cli_error("run: --messages and --raw do not go together");
         return 2;
     }
-    if (a.system != NULL && (a.raw || a.messages != NULL)) {
+    if (a.g.system != NULL && (a.g.raw || a.messages != NULL)) {
         cli_error("run: -s applies to the chat format; with --messages put the system turn in "
                   "the file, with --raw in the text");
         return 2;
     }
-    if (a.special && !a.raw) {
+    if (a.special && !a.g.raw) {
         cli_error("run: --special only applies with --raw (the chat format keeps typed "
                   "special tokens as text)");
         return 2;
@@ -329,7 +348,7 @@ cmd_run(int argc, char **argv)
     } else if (a.messages == NULL) {
         if (a.file == NULL && isatty(STDIN_FILENO))
             fprintf(stderr, "kli: reading the prompt from standard input (end with Ctrl-D)\n");
-        text = cli_read_file(a.file != NULL ? a.file : "-", gen_prompt_max(a.ctx), 0,
+        text = cli_read_file(a.file != NULL ? a.file : "-", gen_prompt_max(a.g.ctx), 0,
                              GEN_PROMPT_LIMIT, &len);
         if (text == NULL)
             return 1;
@@ -343,7 +362,7 @@ cmd_run(int argc, char **argv)
     }
     /* From here on Ctrl-C ends generation cleanly (and removes the demo directory). */
     signal(SIGINT, gen_on_sigint);
-    const char *path = gen_model_path(&a);
+    const char *path = cli_model_path(a.g.model, a.demo, sizeof(a.demo));
     if (path == NULL)
         goto out;
     /* the state file may be the one loaded (it is replaced at the end), never an input */
@@ -354,36 +373,22 @@ cmd_run(int argc, char **argv)
         cli_error("--save-state: %s", err.msg);
         goto out;
     }
-    if (cli_open_model(path, cli_threads(a.threads), &m) != 0)
+    if (gen_open(&a, path, &gs) != 0)
         goto out;
-    const struct kli_tokenizer *tok = kli_model_tokenizer(m);
-    if (tok == NULL) {
-        cli_error("%s: no tokenizer (tiktoken.model) in the model directory", path);
-        goto out;
-    }
-    kli_session_options_init(&sopt);
-    sopt.ctx_max = (int32_t)a.ctx;
-    if (kli_session_create(&s, m, &sopt, &err) != KLI_OK ||
-        kli_sampler_create(&smp, &a.so, kli_model_n_vocab(m), &err) != KLI_OK ||
-        (a.load_state != NULL && kli_session_load(s, smp, a.load_state, &err) != KLI_OK)) {
+    if (a.load_state != NULL && kli_session_load(gs.s, gs.smp, a.load_state, &err) != KLI_OK) {
         cli_error("%s", err.msg);
         goto out;
     }
     if (a.messages != NULL)
-        n = messages_tokens(tok, a.messages, gen_prompt_max(a.ctx), &ids, &err);
+        n = messages_tokens(gs.tok, a.messages, gen_prompt_max(a.g.ctx), &ids, &err);
     else
-        n = prompt_tokens(&a, tok, text, len, kli_session_pos(s) > 0, &ids, &err);
+        n = prompt_tokens(&a, gs.tok, text, len, kli_session_pos(gs.s) > 0, &ids, &err);
     if (n < 0) {
         if (err.msg[0] != '\0')
             cli_error("prompt: %s", err.msg);
         goto out;
     }
-    kli_generate_options_init(&go);
-    go.max_tokens = (int32_t)a.max_tokens;
-    go.stop = a.stop;
-    go.n_stop = a.n_stop;
-    go.on_text = gen_print;
-    if (kli_generate(s, tok, smp, ids, (int32_t)n, &go, &res, &err) != KLI_OK) {
+    if (kli_generate(gs.s, gs.tok, gs.smp, ids, (int32_t)n, &gs.go, &res, &err) != KLI_OK) {
         cli_error("%s", err.msg);
         goto out;
     }
@@ -395,9 +400,9 @@ cmd_run(int argc, char **argv)
         cli_error("stdout: write error");
         goto out;
     }
-    if (!a.quiet)
+    if (!a.g.quiet)
         gen_report(&res);
-    if (a.save_state != NULL && kli_session_save(s, smp, a.save_state, &err) != KLI_OK) {
+    if (a.save_state != NULL && kli_session_save(gs.s, gs.smp, a.save_state, &err) != KLI_OK) {
         cli_error("%s", err.msg);
         goto out;
     }
@@ -405,11 +410,7 @@ cmd_run(int argc, char **argv)
 out:
     free(ids);
     free(text);
-    kli_sampler_free(smp);
-    kli_session_free(s);
-    cli_cache_report(m);
-    kli_model_close(m);
-    cli_demo_remove(a.demo);
+    gen_close(&gs, &a);
     return rc;
 }
 
@@ -539,12 +540,8 @@ static int
 cmd_chat(int argc, char **argv)
 {
     struct gen_args a;
-    struct kli_model *m = NULL;
-    struct kli_session *s = NULL;
-    struct kli_sampler *smp = NULL;
+    struct gen_session gs = {0};
     struct kli_err err = {0};
-    struct kli_session_options sopt;
-    struct kli_generate_options go;
     struct kli_generate_result res;
     struct sigaction sa;
     char line[65536];
@@ -553,29 +550,12 @@ cmd_chat(int argc, char **argv)
 
     if ((pr = gen_parse(argc, argv, chat_opts, "m:s:n:t:h", &a, chat_usage)) != 0)
         return pr > 0 ? 0 : 2;
-    const char *path = gen_model_path(&a);
-    if (path == NULL || cli_open_model(path, cli_threads(a.threads), &m) != 0)
+    const char *path = cli_model_path(a.g.model, a.demo, sizeof(a.demo));
+    if (path == NULL || gen_open(&a, path, &gs) != 0)
         goto out;
-    const struct kli_tokenizer *tok = kli_model_tokenizer(m);
-    if (tok == NULL) {
-        cli_error("%s: no tokenizer (tiktoken.model) in the model directory", path);
-        goto out;
-    }
-    kli_token im_end = kli_tokenizer_find_special(tok, "<|im_end|>");
-    kli_session_options_init(&sopt);
-    sopt.ctx_max = (int32_t)a.ctx;
-    if (kli_session_create(&s, m, &sopt, &err) != KLI_OK ||
-        kli_sampler_create(&smp, &a.so, kli_model_n_vocab(m), &err) != KLI_OK) {
-        cli_error("%s", err.msg);
-        goto out;
-    }
-    cs.s = s;
-    cs.smp = smp;
-    kli_generate_options_init(&go);
-    go.max_tokens = (int32_t)a.max_tokens;
-    go.stop = a.stop;
-    go.n_stop = a.n_stop;
-    go.on_text = gen_print;
+    kli_token im_end = kli_tokenizer_find_special(gs.tok, "<|im_end|>");
+    cs.s = gs.s;
+    cs.smp = gs.smp;
     memset(&sa, 0, sizeof(sa));
     sa.sa_handler = gen_on_sigint;   /* no SA_RESTART: Ctrl-C at the prompt interrupts fgets */
     sigaction(SIGINT, &sa, NULL);
@@ -632,14 +612,14 @@ cmd_chat(int argc, char **argv)
         /* Only the new tokens of this turn are fed: the session carries the rest. */
         struct kli_chat_message msgs[2];
         int nm = 0;
-        if (cs.turns == 0 && a.system != NULL) {
+        if (cs.turns == 0 && a.g.system != NULL) {
             msgs[nm].role = "system";
-            msgs[nm++].content = a.system;
+            msgs[nm++].content = a.g.system;
         }
         msgs[nm].role = "user";
         msgs[nm++].content = line;
         memset(&err, 0, sizeof(err));
-        int64_t n = kli_chat_render(tok, msgs, nm, 1, cs.turns > 0, NULL, 0, &err);
+        int64_t n = kli_chat_render(gs.tok, msgs, nm, 1, cs.turns > 0, NULL, 0, &err);
         kli_token *ids = n >= 0 ? malloc(((size_t)n + 1) * sizeof(kli_token)) : NULL;
         if (ids == NULL) {
             cli_error("%s", n < 0 ? err.msg : "out of memory");
@@ -648,8 +628,8 @@ cmd_chat(int argc, char **argv)
         int off = 0;
         if (cs.turns > 0)
             ids[off++] = im_end;   /* closes the previous answer, which ended unfed */
-        kli_chat_render(tok, msgs, nm, 1, cs.turns > 0, ids + off, n, &err);
-        int r = kli_generate(s, tok, smp, ids, (int32_t)n + off, &go, &res, &err);
+        kli_chat_render(gs.tok, msgs, nm, 1, cs.turns > 0, ids + off, n, &err);
+        int r = kli_generate(gs.s, gs.tok, gs.smp, ids, (int32_t)n + off, &gs.go, &res, &err);
         free(ids);
         cli_text_end(&gen_text, stdout);
         fputc('\n', stdout);
@@ -661,16 +641,12 @@ cmd_chat(int argc, char **argv)
             fputs("(stopped)\n", stdout);
         fflush(stdout);
         cs.turns++;
-        if (!a.quiet && tty)
+        if (!a.g.quiet && tty)
             gen_report(&res);
     }
     rc = 0;
 out:
-    kli_sampler_free(smp);
-    kli_session_free(s);
-    cli_cache_report(m);
-    kli_model_close(m);
-    cli_demo_remove(a.demo);
+    gen_close(&gs, &a);
     return rc;
 }
 
@@ -681,11 +657,8 @@ tok_open(const char *model, char *demo, size_t cap, struct kli_tokenizer **t)
 {
     struct kli_err err = {0};
 
-    if (model == NULL) {
-        if (cli_demo_dir(demo, cap) != 0)
-            return -1;
-        model = demo;
-    }
+    if ((model = cli_model_path(model, demo, cap)) == NULL)
+        return -1;
     if (kli_tokenizer_open(t, model, &err) != KLI_OK) {
         cli_error("%s", err.msg);
         return -1;
@@ -725,10 +698,8 @@ cmd_tokenize(int argc, char **argv)
             return 2;
         }
     }
-    if (optind < argc) {
-        cli_error("tokenize: unexpected argument '%s'", argv[optind]);
+    if (cli_no_operands(argc, argv, "tokenize") != 0)
         return 2;
-    }
     if ((text = cli_read_file(file, CLI_TEXT_MAX, 0, "the limit of tokenize", &len)) == NULL)
         return 1;
     if (tok_open(model, demo, sizeof(demo), &t) != 0)
@@ -786,10 +757,8 @@ cmd_detokenize(int argc, char **argv)
             return 2;
         }
     }
-    if (optind < argc) {
-        cli_error("detokenize: unexpected argument '%s'", argv[optind]);
+    if (cli_no_operands(argc, argv, "detokenize") != 0)
         return 2;
-    }
     if ((text = cli_read_file(file, CLI_TEXT_MAX, 0, "the limit of detokenize", &len)) == NULL)
         return 1;
     if (strlen(text) != len) {

@@ -219,11 +219,7 @@ cli_perplexity(int argc, char **argv)
         {"bos", no_argument, NULL, 'B'},
         {"json", no_argument, NULL, 'J'},
         {"kld-base", required_argument, NULL, 'K'},
-        {"threads", required_argument, NULL, 't'},
-        {"help", no_argument, NULL, 'h'},
-        CLI_GPU_LONGOPTS,
-        CLI_PLACEMENT_LONGOPTS,
-        {NULL, 0, NULL, 0},
+        CLI_MODEL_LONGOPTS_END,
     };
     const char *model = NULL, *file = NULL, *kpath = NULL;
     long ctx = 4096, threads = 0;
@@ -261,10 +257,8 @@ cli_perplexity(int argc, char **argv)
             break;
         }
     }
-    if (optind < argc) {
-        cli_error("perplexity: unexpected argument '%s'", argv[optind]);
+    if (cli_no_operands(argc, argv, "perplexity") != 0)
         return 2;
-    }
     if (file == NULL) {
         cli_error("perplexity: -f FILE is required");
         fputs(ppl_usage, stderr);
@@ -272,11 +266,8 @@ cli_perplexity(int argc, char **argv)
     }
     if ((text = cli_read_file(file, CLI_TEXT_MAX, 0, "the limit of perplexity", &len)) == NULL)
         return 1;
-    if (model == NULL) {
-        if (cli_demo_dir(demo, sizeof(demo)) != 0)
-            goto out;
-        model = demo;
-    }
+    if ((model = cli_model_path(model, demo, sizeof(demo))) == NULL)
+        goto out;
     if (cli_open_model(model, cli_threads(threads), &m) != 0)
         goto out;
     const struct kli_tokenizer *tok = kli_model_tokenizer(m);

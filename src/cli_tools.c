@@ -533,7 +533,6 @@ bench_measure(const struct bench_args *a, struct kli_model **mp, struct kli_sess
     struct kli_err err = {0};
     struct kli_model_options mo;
     struct kli_session_options so;
-    double *pf = NULL, *dc = NULL, *dd = NULL;
     kli_token *prompt = NULL;
 
     memset(res, 0, sizeof(*res));
@@ -541,14 +540,14 @@ bench_measure(const struct bench_args *a, struct kli_model **mp, struct kli_sess
      * fraction compares numbers from the same minute of a noisy machine. Its buffers are
      * freed before the peak resident size is read on (bench_rss_mark). Under a memory budget
      * the probes all run first, before the model takes its share. */
-    double *tr = calloc((size_t)reps, sizeof(double)), *rf = calloc((size_t)reps, sizeof(double));
+    /* One value a repetition: triad GB/s, roofline fraction, prefill, decode, decode at depth */
+    double *tr = calloc((size_t)reps * 5, sizeof(double));
     res->triad_bytes = bench_triad_bytes();
-    if (tr == NULL || rf == NULL) {
-        free(tr);
-        free(rf);
+    if (tr == NULL) {
         cli_error("out of memory");
         return 1;
     }
+    double *rf = tr + reps, *pf = rf + reps, *dc = pf + reps, *dd = dc + reps;
     for (long r = 0; r < reps && a->budget != 0; r++)
         tr[r] = kli_bench_triad(res->triad_bytes);
     bench_rss_reset();
@@ -574,12 +573,9 @@ bench_measure(const struct bench_args *a, struct kli_model **mp, struct kli_sess
     }
     s = *sp;
     int32_t V = kli_model_n_vocab(m);
-    pf = calloc((size_t)reps, sizeof(double));
-    dc = calloc((size_t)reps, sizeof(double));
-    dd = calloc((size_t)reps, sizeof(double));
     size_t np = (size_t)(pp > depth ? pp : depth);
     prompt = malloc(((np > 32 ? np : 32) + 1) * sizeof(kli_token));
-    if (!pf || !dc || !dd || !prompt) {
+    if (!prompt) {
         cli_error("out of memory");
         goto out;
     }
@@ -675,12 +671,8 @@ bench_measure(const struct bench_args *a, struct kli_model **mp, struct kli_sess
 fail:
     cli_error("%s", err.msg);
 out:
-    free(pf);
-    free(dc);
-    free(dd);
     free(prompt);
     free(tr);
-    free(rf);
     return rc;
 }
 
@@ -849,15 +841,10 @@ cmd_bench(int argc, char **argv)
             break;
         }
     }
-    if (optind < argc) {
-        cli_error("bench: unexpected argument '%s'", argv[optind]);
+    if (cli_no_operands(argc, argv, "bench") != 0)
         return 2;
-    }
-    if (model == NULL) {
-        if (cli_demo_dir(demo, sizeof(demo)) != 0)
-            return 1;
-        model = demo;
-    }
+    if ((model = cli_model_path(model, demo, sizeof(demo))) == NULL)
+        return 1;
     int th = cli_threads(threads);
 
     if (quality) {
