@@ -54,6 +54,16 @@ struct k_carve {
 void *k_carve(struct k_carve *c, size_t n, size_t size);
 void *k_carve_block(struct k_carve *c);
 
+/* The caller's buffer of a describe function (kli_model_describe, kli_topology_describe):
+ * text_printf appends as snprintf would, and len counts every byte asked for, also past
+ * cap, so that the caller learns the size it needs. In describe.c. */
+struct text_buf {
+    char *buf;
+    size_t cap, len;
+};
+
+void text_printf(struct text_buf *t, const char *fmt, ...) KLI_PRINTF(2, 3);
+
 /* Reads the regular file `path` whole into a NUL-terminated buffer (*buf, freed with free;
  * *len excludes the NUL). A file over `max` bytes is refused before anything is read.
  * @return KLI_OK, KLI_E_IO (as kli_file_open, or a read error), KLI_E_RANGE (over max) or
