@@ -96,6 +96,18 @@ k_carve_block(struct k_carve *c)
     return c->base;
 }
 
+void *
+k_grow(void *p, int32_t n, int32_t *cap, int32_t first, size_t size)
+{
+    if (n < *cap)
+        return p;
+    int32_t nc = *cap > 0 ? 2 * *cap : first;
+    void *np = k_reallocarray(p, (size_t)nc, size);
+    if (np != NULL)
+        *cap = nc;
+    return np;
+}
+
 /* A chunk of at least n bytes, a multiple of 2 MiB long, from map_huge. */
 static int
 arena_chunk(struct k_arena_chunk *c, size_t n)

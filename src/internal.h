@@ -54,6 +54,11 @@ struct k_carve {
 void *k_carve(struct k_carve *c, size_t n, size_t size);
 void *k_carve_block(struct k_carve *c);
 
+/* Room for one more element in the array p of n elements of `size` bytes, *cap allocated:
+ * full, it grows to `first` elements, then by doubling. @return the array, moved or not, or
+ * NULL when out of memory (p and *cap as they were). */
+void *k_grow(void *p, int32_t n, int32_t *cap, int32_t first, size_t size);
+
 /* The caller's buffer of a describe function (kli_model_describe, kli_topology_describe):
  * text_printf appends as snprintf would, and len counts every byte asked for, also past
  * cap, so that the caller learns the size it needs. In describe.c. */

@@ -572,14 +572,10 @@ kli_sched_submit(struct kli_sched *s, const struct kli_sched_request *r, uint64_
             return err_set(err, KLI_E_INVALID, "kli_sched_submit: a NULL or empty stop "
                                "string");
     }
-    if (s->n_wait == s->cap_wait) {
-        int32_t cap = s->cap_wait > 0 ? 2 * s->cap_wait : 16;
-        struct sched_req **w = realloc(s->wait, (size_t)cap * sizeof(*w));
-        if (w == NULL)
-            return err_set(err, KLI_E_NOMEM, "out of memory");
-        s->wait = w;
-        s->cap_wait = cap;
-    }
+    struct sched_req **w = k_grow(s->wait, s->n_wait, &s->cap_wait, 16, sizeof(*w));
+    if (w == NULL)
+        return err_set(err, KLI_E_NOMEM, "out of memory");
+    s->wait = w;
     if ((q = calloc(1, sizeof(*q))) == NULL ||
         (q->toks = malloc((size_t)r->n_prompt * sizeof(kli_token) + 1)) == NULL ||
         (r->fail != NULL && (q->fail = strdup(r->fail)) == NULL))
