@@ -4,6 +4,7 @@
  */
 #include "config.h"
 
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -69,6 +70,42 @@ k_strdup(const char *s)
     if (d != NULL)
         memcpy(d, s, n);
     return d;
+}
+
+void *
+k_carve(struct k_carve *c, size_t n, size_t size)
+{
+    const size_t align = _Alignof(max_align_t);
+    size_t at = (c->off + align - 1) & ~(align - 1);
+
+    if (at < c->off || (size != 0 && n > SIZE_MAX / size) || n * size > SIZE_MAX - at) {
+        c->over = 1;
+        return NULL;
+    }
+    c->off = at + n * size;
+    return c->base == NULL ? NULL : c->base + at;
+}
+
+void *
+k_carve_block(struct k_carve *c)
+{
+    if (c->over)
+        return NULL;
+    c->base = k_calloc(1, c->off);
+    c->off = 0;
+    return c->base;
+}
+
+void *
+k_grow(void *p, int32_t n, int32_t *cap, int32_t first, size_t size)
+{
+    if (n < *cap)
+        return p;
+    int32_t nc = *cap > 0 ? 2 * *cap : first;
+    void *np = k_reallocarray(p, (size_t)nc, size);
+    if (np != NULL)
+        *cap = nc;
+    return np;
 }
 
 /* A chunk of at least n bytes, a multiple of 2 MiB long, from map_huge. */

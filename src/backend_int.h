@@ -98,6 +98,7 @@ struct backend_sess {
     int32_t *row;                 /* [B*(top_k+1)] */
     float *wt;                    /* [B*(top_k+1)] */
     int moe_locked;               /* holds bm->lock for reading (launch..wait) */
+    void *mem;                    /* the block dc .. wt are carved from */
 };
 
 /* ---- backend.c ---- */

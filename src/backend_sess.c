@@ -56,19 +56,32 @@ backend_sess_free(struct kli_session *s)
     free(g->dconv);
     if (g->q != NULL)
         bm->ops->queue_free(g->q);
-    free(g->dc);
-    free(g->dcap);
-    free(g->synced);
     free(g->toks);
-    free(g->cptr);
-    free(g->newrows);
-    free(g->nrow);
-    free(g->items);
-    free(g->start);
-    free(g->row);
-    free(g->wt);
+    free(g->mem);
     free(g);
     s->gpu = NULL;
+}
+
+/* The per-layer and job-scratch arrays, all sized at create (k_carve's two passes); zeroed.
+ * toks grows later and dS, dconv come only in whole-model mode: they are not carved. */
+static void
+bk_sess_carve(struct backend_sess *g, struct k_carve *cv)
+{
+    const struct k_config *cfg = &g->s->m->cfg;
+    size_t nl = (size_t)cfg->n_layers, B = (size_t)g->s->batch_max;
+    size_t E = (size_t)(cfg->moe.n_experts > 0 ? cfg->moe.n_experts : 1);
+    size_t P = B * (size_t)(cfg->moe.top_k + 1);
+
+    g->dc = k_carve(cv, nl, sizeof(*g->dc));
+    g->dcap = k_carve(cv, nl, sizeof(*g->dcap));
+    g->synced = k_carve(cv, nl, sizeof(*g->synced));
+    g->cptr = k_carve(cv, B, sizeof(*g->cptr));
+    g->newrows = k_carve(cv, B * (size_t)mla_row_floats(cfg), sizeof(float));
+    g->nrow = k_carve(cv, B, sizeof(*g->nrow));
+    g->items = k_carve(cv, E + 1, sizeof(*g->items));
+    g->start = k_carve(cv, E + 2, sizeof(*g->start));
+    g->row = k_carve(cv, P, sizeof(*g->row));
+    g->wt = k_carve(cv, P, sizeof(*g->wt));
 }
 
 int
@@ -86,24 +99,14 @@ backend_sess_create(struct kli_session *s, struct kli_err *err)
     s->gpu = g;
     g->bm = bm;
     g->s = s;
-    size_t nl = (size_t)cfg->n_layers, B = (size_t)s->batch_max;
-    size_t E = (size_t)(cfg->moe.n_experts > 0 ? cfg->moe.n_experts : 1);
-    size_t P = B * (size_t)(cfg->moe.top_k + 1);
-    g->dc = k_calloc(nl, sizeof(*g->dc));
-    g->dcap = k_calloc(nl, sizeof(*g->dcap));
-    g->synced = k_calloc(nl, sizeof(*g->synced));
-    g->cptr = k_calloc(B, sizeof(*g->cptr));
-    g->newrows = k_calloc(B * (size_t)mla_row_floats(cfg), sizeof(float));
-    g->nrow = k_calloc(B, sizeof(*g->nrow));
-    g->items = k_calloc(E + 1, sizeof(*g->items));
-    g->start = k_calloc(E + 2, sizeof(*g->start));
-    g->row = k_calloc(P, sizeof(*g->row));
-    g->wt = k_calloc(P, sizeof(*g->wt));
-    if (!g->dc || !g->dcap || !g->synced || !g->cptr || !g->newrows || !g->nrow ||
-        !g->items || !g->start || !g->row || !g->wt) {
+    size_t nl = (size_t)cfg->n_layers;
+    struct k_carve cv = {0};
+    bk_sess_carve(g, &cv);
+    if ((g->mem = k_carve_block(&cv)) == NULL) {
         backend_sess_free(s);
         return err_set(err, KLI_E_NOMEM, "out of memory");
     }
+    bk_sess_carve(g, &cv);
     struct kli_err e2 = {0};
     if (bm->ops->queue_create(bm->g, &g->q, &e2) != KLI_OK) {
         /* not fatal: this session computes on the CPU */

@@ -33,19 +33,7 @@
 int
 bbuf_add(struct bbuf *b, const void *p, size_t n)
 {
-    if (b->n + n + 1 > b->cap) {
-        size_t nc = (b->n + n + 1) * 2;
-        char *np = realloc(b->p, nc);
-        if (np == NULL)
-            return -1;
-        b->p = np;
-        b->cap = nc;
-    }
-    if (n > 0)
-        memcpy(b->p + b->n, p, n);
-    b->n += n;
-    b->p[b->n] = '\0';
-    return 0;
+    return util_text_add(&b->p, &b->n, &b->cap, p, n);
 }
 
 int

@@ -136,25 +136,11 @@ cv_read(const char *dir, const char *name, int optional, char **buf, uint64_t *l
     return KLI_OK;
 }
 
-/* The state of one conversion's streaming loop. */
-struct cv_stream {
-    const struct kli_convert_options *opt;
-    struct pack_writer *w;
-    uint64_t done, total;
-};
-
+/* kli_convert's side of the stream: a .kli writer. */
 static int
 cv_write(void *ctx, const void *data, uint64_t n, struct kli_err *err)
 {
-    return pack_writer_write(((struct cv_stream *)ctx)->w, data, n, err);
-}
-
-static int
-cv_tick_fn(void *ctx, uint64_t in_bytes, const char *name, struct kli_err *err)
-{
-    struct cv_stream *s = ctx;
-
-    return quantize_progress(s->opt, &s->done, s->total, in_bytes, name, err);
+    return pack_writer_write(ctx, data, n, err);
 }
 
 int
@@ -167,7 +153,7 @@ kli_convert(const char *in, const char *out, const struct kli_convert_options *o
     struct pack_meta meta = {0};
     struct pack_entry *ent = NULL;
     struct cv_item *order = NULL;
-    struct cv_stream s = {0};
+    struct pack_writer *w = NULL;
     struct quantize_stream qs = {0};
     char *cfg = NULL, *ranks = NULL, *tcfg = NULL;
     enum k_dtype want = KLI_DT_COUNT;
@@ -241,29 +227,28 @@ kli_convert(const char *in, const char *out, const struct kli_convert_options *o
         e->group = order[i].group;
         e->layer = order[i].layer;
         e->expert = order[i].expert;
-        s.total += d->nbytes;
+        qs.total += d->nbytes;
         int64_t cols = d->ndim > 0 ? d->shape[d->ndim - 1] : 1;
         if (to != d->dtype && cols > maxcols)
             maxcols = cols;
     }
-    s.opt = opt;
+    qs.opt = opt;
     qs.write = cv_write;
-    qs.tick = cv_tick_fn;
-    qs.ctx = &s;
     if ((rc = quantize_stream_init(&qs, maxcols, err)) != KLI_OK)
         goto out;
-    if ((rc = pack_writer_open(&s.w, out, &meta, ent, n, err)) != KLI_OK)
+    if ((rc = pack_writer_open(&w, out, &meta, ent, n, err)) != KLI_OK)
         goto out;
+    qs.ctx = w;
     for (int64_t i = 0; i < n; i++) {
         const struct tensor_desc *d = wfile_tensor(wf, order[i].src);
 
         if ((rc = quantize_tensor(&qs, wf, d, ent[i].dtype, err)) != KLI_OK)
             goto out;
     }
-    rc = pack_writer_close(s.w, err);
-    s.w = NULL;
+    rc = pack_writer_close(w, err);
+    w = NULL;
 out:
-    pack_writer_abort(s.w);
+    pack_writer_abort(w);
     quantize_stream_free(&qs);
     free(order);
     free(ent);

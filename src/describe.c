@@ -13,15 +13,8 @@
 #include "model.h"
 #include "xcache.h"
 
-struct text {
-    char *buf;
-    size_t cap, len;
-};
-
-static void text_printf(struct text *t, const char *fmt, ...) KLI_PRINTF(2, 3);
-
-static void
-text_printf(struct text *t, const char *fmt, ...)
+void
+text_printf(struct text_buf *t, const char *fmt, ...)
 {
     va_list ap;
     char *dst = t->len < t->cap ? t->buf + t->len : NULL;
@@ -44,7 +37,7 @@ size_t
 kli_model_describe(const struct kli_model *m, int tensors, char *buf, size_t cap)
 {
     const struct k_config *c = &m->cfg;
-    struct text t = {buf, cap, 0};
+    struct text_buf t = {buf, cap, 0};
     int n_kda = 0, n_mla = 0, n_dense = 0, n_moe = 0;
     uint64_t by_dtype[KLI_DT_COUNT] = {0};
     int64_t params = 0, routed = 0;

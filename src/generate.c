@@ -45,23 +45,6 @@ struct gen_text {
 };
 
 static int
-gen_append(struct gen_text *t, const char *p, size_t len)
-{
-    if (t->n + len + 1 > t->cap) {
-        size_t nc = (t->n + len + 1) * 2;
-        char *nb = realloc(t->buf, nc);
-        if (nb == NULL)
-            return -1;
-        t->buf = nb;
-        t->cap = nc;
-    }
-    memcpy(t->buf + t->n, p, len);
-    t->n += len;
-    t->buf[t->n] = '\0';
-    return 0;
-}
-
-static int
 gen_emit(struct gen_text *t, size_t k, const struct kli_generate_options *o)
 {
     int stop = 0;
@@ -132,7 +115,7 @@ kli_generate(struct kli_session *s, const struct kli_tokenizer *tok, struct kli_
         if (t < n_base) {   /* special tokens other than the ends produce no text */
             size_t len;
             const char *p = kli_token_bytes(tok, t, &len);
-            if (p != NULL && gen_append(&text, p, len) != 0) {
+            if (p != NULL && util_text_add(&text.buf, &text.n, &text.cap, p, len) != 0) {
                 rc = err_set(err, KLI_E_NOMEM, "out of memory");
                 goto out;
             }

@@ -39,6 +39,36 @@ void *k_malloc_aligned(size_t n);
 void k_free_aligned(void *p);
 char *k_strdup(const char *s);
 
+/* Several arrays of an object, all sized at create, from one zeroed block: one failure path
+ * at create and one free() in the destructor. The code that carves every array in turn runs
+ * twice (a function called twice, or a loop of two passes): first over a zeroed struct
+ * k_carve, where k_carve returns NULL and only measures; then k_carve_block allocates the
+ * block (NULL when out of memory or a size overflowed) and rewinds, and the second run hands
+ * the arrays out, each aligned as malloc's. The block is the object's to free(). */
+struct k_carve {
+    unsigned char *base;   /* NULL while measuring */
+    size_t off;
+    int over;              /* a size overflowed */
+};
+
+void *k_carve(struct k_carve *c, size_t n, size_t size);
+void *k_carve_block(struct k_carve *c);
+
+/* Room for one more element in the array p of n elements of `size` bytes, *cap allocated:
+ * full, it grows to `first` elements, then by doubling. @return the array, moved or not, or
+ * NULL when out of memory (p and *cap as they were). */
+void *k_grow(void *p, int32_t n, int32_t *cap, int32_t first, size_t size);
+
+/* The caller's buffer of a describe function (kli_model_describe, kli_topology_describe):
+ * text_printf appends as snprintf would, and len counts every byte asked for, also past
+ * cap, so that the caller learns the size it needs. In describe.c. */
+struct text_buf {
+    char *buf;
+    size_t cap, len;
+};
+
+void text_printf(struct text_buf *t, const char *fmt, ...) KLI_PRINTF(2, 3);
+
 /* Reads the regular file `path` whole into a NUL-terminated buffer (*buf, freed with free;
  * *len excludes the NUL). A file over `max` bytes is refused before anything is read.
  * @return KLI_OK, KLI_E_IO (as kli_file_open, or a read error), KLI_E_RANGE (over max) or

@@ -459,11 +459,14 @@ numa_collect(struct numa_state *s, struct kli_model *m, struct kli_err *err)
 {
     const struct k_config *c = &m->cfg;
     int64_t cap = 2 + (int64_t)c->n_layers * (16 + 3 * (int64_t)c->moe.n_experts);
+    struct k_carve cv = {0};
 
-    s->regions = k_calloc((size_t)cap, sizeof(*s->regions));
-    s->tensors = k_calloc((size_t)cap, sizeof(*s->tensors));
-    if (s->regions == NULL || s->tensors == NULL)
-        return err_set(err, KLI_E_NOMEM, "out of memory for the placement plan");
+    for (int pass = 0; pass < 2; pass++) {   /* k_carve: measure, then hand out */
+        s->regions = k_carve(&cv, (size_t)cap, sizeof(*s->regions));
+        s->tensors = k_carve(&cv, (size_t)cap, sizeof(*s->tensors));
+        if (pass == 0 && (s->region_mem = k_carve_block(&cv)) == NULL)
+            return err_set(err, KLI_E_NOMEM, "out of memory for the placement plan");
+    }
     numa_add(s, &m->embed, TOPO_ROLE_EMBED);
     numa_add(s, &m->lm_head, TOPO_ROLE_LM_HEAD);    /* also when tied to the embedding */
     for (int i = 0; i < c->n_layers; i++) {
@@ -505,12 +508,15 @@ numa_replicate(struct numa_state *s, struct kli_err *err)
 
     for (int64_t i = 0; i < s->n_regions; i++)
         n_trunk += s->regions[i].node == TOPO_NODE_REPLICATE;
-    s->node_ptrs = k_calloc((size_t)n_trunk * THREADS_NODES + 1, sizeof(*s->node_ptrs));
-    s->copies = k_calloc((size_t)(n_trunk * p->n_worker_nodes) + 1, sizeof(*s->copies));
-    s->copy_bytes = k_calloc((size_t)(n_trunk * p->n_worker_nodes) + 1,
-                               sizeof(*s->copy_bytes));
-    if (s->node_ptrs == NULL || s->copies == NULL || s->copy_bytes == NULL)
-        return err_set(err, KLI_E_NOMEM, "out of memory for the node copies");
+    size_t n_copy = (size_t)(n_trunk * p->n_worker_nodes) + 1;
+    struct k_carve cv = {0};
+    for (int pass = 0; pass < 2; pass++) {   /* k_carve: measure, then hand out */
+        s->node_ptrs = k_carve(&cv, (size_t)n_trunk * THREADS_NODES + 1, sizeof(*s->node_ptrs));
+        s->copies = k_carve(&cv, n_copy, sizeof(*s->copies));
+        s->copy_bytes = k_carve(&cv, n_copy, sizeof(*s->copy_bytes));
+        if (pass == 0 && (s->copy_mem = k_carve_block(&cv)) == NULL)
+            return err_set(err, KLI_E_NOMEM, "out of memory for the node copies");
+    }
     for (int64_t i = 0; i < s->n_regions; i++) {
         const struct topo_region *r = &s->regions[i];
         if (r->node != TOPO_NODE_REPLICATE)
@@ -675,11 +681,8 @@ numa_close(struct numa_state *s)
     free(s->expert_node);
     for (int64_t i = 0; i < s->n_copies; i++)
         numa_free_copy(s->topo, s->copies[i], s->copy_bytes[i]);
-    free(s->copies);
-    free(s->copy_bytes);
-    free(s->node_ptrs);
-    free(s->regions);
-    free(s->tensors);
+    free(s->copy_mem);
+    free(s->region_mem);
     topo_free(s->topo);
     free(s);
 }

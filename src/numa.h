@@ -27,6 +27,8 @@ struct numa_state {
     int plan_only;
     struct topo_report report;
     int8_t *expert_node;                /* [n_layers][E] backing store of moe_w.node */
+    void *region_mem, *copy_mem;        /* the blocks regions, tensors and node_ptrs,
+                                         * copies, copy_bytes are carved from */
 };
 
 /* Discovers the machine, plans the workers for `opt` and hands the plan to threads.c (which

@@ -79,14 +79,10 @@ prefix_disk_add(struct prefix_cache *c, uint64_t key, int32_t len)
         if (c->disk[i].key == key && c->disk[i].len == len)
             return 0;
     }
-    if (c->n_disk == c->cap_disk) {
-        int32_t nc = c->cap_disk ? 2 * c->cap_disk : 64;
-        struct prefix_disk *nd = realloc(c->disk, (size_t)nc * sizeof(*nd));
-        if (nd == NULL)
-            return -1;
-        c->disk = nd;
-        c->cap_disk = nc;
-    }
+    struct prefix_disk *nd = k_grow(c->disk, c->n_disk, &c->cap_disk, 64, sizeof(*nd));
+    if (nd == NULL)
+        return -1;
+    c->disk = nd;
     c->disk[c->n_disk].key = key;
     c->disk[c->n_disk++].len = len;
     return 0;
@@ -221,14 +217,10 @@ prefix_trim(struct prefix_cache *c, const struct kli_session *keep)
 static int
 prefix_insert(struct prefix_cache *c, struct kli_session *s)
 {
-    if (c->n == c->cap) {
-        int32_t nc = c->cap ? 2 * c->cap : 16;
-        struct prefix_entry *ne = realloc(c->e, (size_t)nc * sizeof(*ne));
-        if (ne == NULL)
-            return -1;
-        c->e = ne;
-        c->cap = nc;
-    }
+    struct prefix_entry *ne = k_grow(c->e, c->n, &c->cap, 16, sizeof(*ne));
+    if (ne == NULL)
+        return -1;
+    c->e = ne;
     c->e[c->n].s = s;
     c->e[c->n].bytes = kli_session_nbytes(s);
     c->e[c->n].used = ++c->clock;

@@ -191,6 +191,21 @@ quant_drop(const struct wfile *wf, const struct tensor_desc *d, uint64_t off, ui
     wfile_dontneed(wf, &part);
 }
 
+/* The progress of the run: `bytes` more of the input done (quantize.h). */
+static int
+quant_progress(struct quantize_stream *qs, uint64_t bytes, const char *name,
+               struct kli_err *err)
+{
+    const struct kli_convert_options *opt = qs->opt;
+
+    qs->done += bytes;
+    if (opt->progress != NULL)
+        opt->progress(opt->ud, qs->done, qs->total, name);
+    if (opt->interrupt != NULL && opt->interrupt(opt->ud) != 0)
+        return err_set(err, KLI_E_INTERRUPTED, "conversion interrupted");
+    return KLI_OK;
+}
+
 int
 quantize_tensor(struct quantize_stream *qs, const struct wfile *wf,
                 const struct tensor_desc *d, enum k_dtype to, struct kli_err *err)
@@ -204,9 +219,9 @@ quantize_tensor(struct quantize_stream *qs, const struct wfile *wf,
             rc = qs->write(qs->ctx, src + o, k, err);
             quant_drop(wf, d, o, k);
             if (rc == KLI_OK)
-                rc = qs->tick(qs->ctx, k, d->name, err);
+                rc = quant_progress(qs, k, d->name, err);
         }
-        return d->nbytes == 0 ? qs->tick(qs->ctx, 0, d->name, err) : rc;
+        return d->nbytes == 0 ? quant_progress(qs, 0, d->name, err) : rc;
     }
     int64_t cols = d->ndim > 0 ? d->shape[d->ndim - 1] : 1;
     int64_t rows = cols > 0 ? d->numel / cols : 0;
@@ -220,42 +235,16 @@ quantize_tensor(struct quantize_stream *qs, const struct wfile *wf,
         rc = qs->write(qs->ctx, qs->qbuf, (uint64_t)k * out_rb, err);
         quant_drop(wf, d, (uint64_t)r * in_rb, (uint64_t)k * in_rb);
         if (rc == KLI_OK)
-            rc = qs->tick(qs->ctx, (uint64_t)k * in_rb, d->name, err);
+            rc = quant_progress(qs, (uint64_t)k * in_rb, d->name, err);
     }
     return rc;
 }
 
-int
-quantize_progress(const struct kli_convert_options *opt, uint64_t *done, uint64_t total,
-                  uint64_t bytes, const char *name, struct kli_err *err)
-{
-    *done += bytes;
-    if (opt->progress != NULL)
-        opt->progress(opt->ud, *done, total, name);
-    if (opt->interrupt != NULL && opt->interrupt(opt->ud) != 0)
-        return err_set(err, KLI_E_INTERRUPTED, "conversion interrupted");
-    return KLI_OK;
-}
-
-/* kli_quantize's side of the stream: a safetensors writer and the progress callback. */
-struct quant_ctx {
-    struct st_writer *w;
-    const struct kli_convert_options *opt;
-    uint64_t done, total;
-};
-
+/* kli_quantize's side of the stream: a safetensors writer. */
 static int
 quant_write_st(void *ctx, const void *data, uint64_t n, struct kli_err *err)
 {
-    return st_writer_write(((struct quant_ctx *)ctx)->w, data, n, err);
-}
-
-static int
-quant_tick(void *ctx, uint64_t in_bytes, const char *name, struct kli_err *err)
-{
-    struct quant_ctx *q = ctx;
-
-    return quantize_progress(q->opt, &q->done, q->total, in_bytes, name, err);
+    return st_writer_write(ctx, data, n, err);
 }
 
 int
@@ -341,8 +330,7 @@ kli_quantize(const char *in, const char *out, const struct kli_convert_options *
         goto out;
     }
 
-    struct quant_ctx qc = {w, opt, 0, total};
-    struct quantize_stream qs = {quant_write_st, quant_tick, &qc, NULL, NULL, 0};
+    struct quantize_stream qs = {.write = quant_write_st, .ctx = w, .opt = opt, .total = total};
     if ((rc = quantize_stream_init(&qs, maxcols, err)) != KLI_OK)
         goto out;
     for (int64_t i = 0; i < n && rc == KLI_OK; i++)

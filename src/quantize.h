@@ -26,26 +26,20 @@ enum k_dtype quantize_target(const struct tensor_desc *d, enum k_dtype want,
 /* Streaming one tensor into a writer, converted to dtype `to` in slabs of whole rows (or
  * copied in chunks when `to` is its stored dtype or KLI_DT_OTHER). The source pages are
  * dropped behind the conversion, so a 1 GB tensor costs no more resident memory than a
- * small one. `write` receives the output bytes in order; `tick`, after each slab or chunk,
- * the input bytes consumed (it may stop the stream by returning an error). */
+ * small one. `write` receives the output bytes in order; after each slab or chunk the input
+ * bytes consumed count towards `done` of `total`, reported through opt->progress; then
+ * opt->interrupt is polled (KLI_E_INTERRUPTED when it asks to stop). */
 typedef int (*quantize_write_fn)(void *ctx, const void *data, uint64_t n, struct kli_err *err);
-typedef int (*quantize_tick_fn)(void *ctx, uint64_t in_bytes, const char *name,
-                                struct kli_err *err);
 
 struct quantize_stream {
     quantize_write_fn write;
-    quantize_tick_fn tick;
     void *ctx;
+    const struct kli_convert_options *opt;
+    uint64_t done, total;     /* input bytes */
     float *fbuf;          /* [rows * max_cols] */
     uint8_t *qbuf;        /* [rows * max_cols * 4]: the widest output dtype */
     int64_t rows;         /* rows per slab */
 };
-
-/* The progress of one kli_quantize or kli_convert run: `bytes` more of the input done
- * (*done of total), reported through opt->progress; then opt->interrupt is polled.
- * @return KLI_OK, or KLI_E_INTERRUPTED when it asks to stop. */
-int quantize_progress(const struct kli_convert_options *opt, uint64_t *done, uint64_t total,
-                      uint64_t bytes, const char *name, struct kli_err *err);
 
 /* Allocates the slab buffers for rows of up to max_cols elements (about 4 MB of floats per
  * slab). @return KLI_OK or KLI_E_NOMEM. */

@@ -38,6 +38,7 @@ struct kli_sampler {
     struct sampler_cand *tmp;    /* [n_vocab] candidates grouped by bucket */
     uint16_t *bk;             /* [n_vocab] each candidate's bucket */
     int32_t *bstart;          /* [SAMPLER_BUCKETS + 1] */
+    void *mem;                /* the block the arrays above are carved from */
 };
 
 void
@@ -59,13 +60,7 @@ kli_sampler_free(struct kli_sampler *smp)
 {
     if (smp == NULL)
         return;
-    free(smp->recent);
-    free(smp->count);
-    free(smp->work);
-    free(smp->cand);
-    free(smp->tmp);
-    free(smp->bk);
-    free(smp->bstart);
+    free(smp->mem);
     free(smp);
 }
 
@@ -79,12 +74,28 @@ kli_sampler_reset(struct kli_sampler *smp)
     memset(smp->count, 0, (size_t)smp->n_vocab * sizeof(int32_t));
 }
 
+/* The arrays, all sized by the options and n_vocab (k_carve's two passes). */
+static void
+sampler_carve(struct kli_sampler *smp, struct k_carve *cv)
+{
+    size_t nv = (size_t)smp->n_vocab;
+
+    smp->recent = k_carve(cv, (size_t)smp->o.penalty_last_n + 1, sizeof(kli_token));
+    smp->count = k_carve(cv, nv, sizeof(int32_t));
+    smp->work = k_carve(cv, nv, sizeof(float));
+    smp->cand = k_carve(cv, nv, sizeof(struct sampler_cand));
+    smp->tmp = k_carve(cv, nv, sizeof(struct sampler_cand));
+    smp->bstart = k_carve(cv, SAMPLER_BUCKETS + 1, sizeof(int32_t));
+    smp->bk = k_carve(cv, nv, sizeof(uint16_t));
+}
+
 int
 kli_sampler_create(struct kli_sampler **out, const struct kli_sampler_options *opt,
                    int32_t n_vocab, struct kli_err *err)
 {
     struct kli_sampler_options dflt;
     struct kli_sampler *smp;
+    struct k_carve cv = {0};
 
     if (out == NULL || n_vocab <= 0)
         return err_set(err, KLI_E_INVALID, "kli_sampler_create: invalid arguments");
@@ -115,18 +126,12 @@ kli_sampler_create(struct kli_sampler **out, const struct kli_sampler_options *o
         return err_set(err, KLI_E_NOMEM, "out of memory");
     smp->o = *opt;
     smp->n_vocab = n_vocab;
-    smp->recent = k_mallocarray((size_t)opt->penalty_last_n + 1, sizeof(kli_token));
-    smp->count = k_calloc((size_t)n_vocab, sizeof(int32_t));
-    smp->work = k_mallocarray((size_t)n_vocab, sizeof(float));
-    smp->cand = k_mallocarray((size_t)n_vocab, sizeof(struct sampler_cand));
-    smp->tmp = k_mallocarray((size_t)n_vocab, sizeof(struct sampler_cand));
-    smp->bstart = k_mallocarray(SAMPLER_BUCKETS + 1, sizeof(int32_t));
-    smp->bk = k_mallocarray((size_t)n_vocab, sizeof(uint16_t));
-    if (!smp->recent || !smp->count || !smp->work || !smp->cand || !smp->tmp || !smp->bstart ||
-        !smp->bk) {
+    sampler_carve(smp, &cv);
+    if ((smp->mem = k_carve_block(&cv)) == NULL) {
         kli_sampler_free(smp);
         return err_set(err, KLI_E_NOMEM, "out of memory");
     }
+    sampler_carve(smp, &cv);
     kli_sampler_reset(smp);
     *out = smp;
     return KLI_OK;

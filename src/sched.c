@@ -147,23 +147,6 @@ sched_finish(struct kli_sched *s, struct sched_place *p, enum kli_finish finish,
     p->smp = NULL;
 }
 
-static int
-sched_text_add(struct sched_place *p, const char *t, size_t n)
-{
-    if (p->n_text + n + 1 > p->cap_text) {
-        size_t cap = (p->n_text + n + 1) * 2;
-        char *q = realloc(p->text, cap);
-        if (q == NULL)
-            return -1;
-        p->text = q;
-        p->cap_text = cap;
-    }
-    memcpy(p->text + p->n_text, t, n);
-    p->n_text += n;
-    p->text[p->n_text] = '\0';
-    return 0;
-}
-
 /* Searches for `pat` in s[from, n). */
 static const char *
 sched_find(const char *s, size_t n, size_t from, const char *pat)
@@ -201,7 +184,7 @@ sched_take(struct kli_sched *s, struct sched_place *p, kli_token t, const float 
                                      bytes != NULL ? len : 0, p->n_gen, logits};
         s->o.on_token(s->o.ud, &ev);
     }
-    if (bytes != NULL && sched_text_add(p, bytes, len) != 0) {
+    if (bytes != NULL && util_text_add(&p->text, &p->n_text, &p->cap_text, bytes, len) != 0) {
         sched_finish(s, p, KLI_FINISH_ERROR, KLI_E_NOMEM, "out of memory");
         return;
     }
@@ -589,14 +572,10 @@ kli_sched_submit(struct kli_sched *s, const struct kli_sched_request *r, uint64_
             return err_set(err, KLI_E_INVALID, "kli_sched_submit: a NULL or empty stop "
                                "string");
     }
-    if (s->n_wait == s->cap_wait) {
-        int32_t cap = s->cap_wait > 0 ? 2 * s->cap_wait : 16;
-        struct sched_req **w = realloc(s->wait, (size_t)cap * sizeof(*w));
-        if (w == NULL)
-            return err_set(err, KLI_E_NOMEM, "out of memory");
-        s->wait = w;
-        s->cap_wait = cap;
-    }
+    struct sched_req **w = k_grow(s->wait, s->n_wait, &s->cap_wait, 16, sizeof(*w));
+    if (w == NULL)
+        return err_set(err, KLI_E_NOMEM, "out of memory");
+    s->wait = w;
     if ((q = calloc(1, sizeof(*q))) == NULL ||
         (q->toks = malloc((size_t)r->n_prompt * sizeof(kli_token) + 1)) == NULL ||
         (r->fail != NULL && (q->fail = strdup(r->fail)) == NULL))

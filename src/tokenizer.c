@@ -56,6 +56,7 @@ struct tok_enc {
     kli_token *id;                 /* [scratch_n + 1] */
     uint64_t *heap;                /* [3 * scratch_n + 1] */
     size_t scratch_n;
+    void *scratch;                 /* the block the five are carved from */
     struct kli_err *err;
 };
 
@@ -169,32 +170,27 @@ tok_heap_pop(uint64_t *h, size_t *n)
 static int
 tok_scratch(struct tok_enc *e, size_t n)
 {
-    void *p;
+    struct k_carve cv = {0};
 
     if (n <= e->scratch_n)
         return KLI_OK;
     if (n > UINT32_MAX / 4)
         return err_set(e->err, KLI_E_RANGE, "tokenize: a piece of %zu bytes is too long",
                            n);
-    if ((p = k_reallocarray(e->nx, n + 1, sizeof(*e->nx))) == NULL)
-        goto nomem;
-    e->nx = p;
-    if ((p = k_reallocarray(e->pv, n + 1, sizeof(*e->pv))) == NULL)
-        goto nomem;
-    e->pv = p;
-    if ((p = k_reallocarray(e->rk, n + 1, sizeof(*e->rk))) == NULL)
-        goto nomem;
-    e->rk = p;
-    if ((p = k_reallocarray(e->id, n + 1, sizeof(*e->id))) == NULL)
-        goto nomem;
-    e->id = p;
-    if ((p = k_reallocarray(e->heap, 3 * n + 1, sizeof(*e->heap))) == NULL)
-        goto nomem;
-    e->heap = p;
+    /* tok_bpe_heap fills the scratch anew for every piece: nothing to keep when it grows */
+    free(e->scratch);
+    e->scratch_n = 0;
+    for (int pass = 0; pass < 2; pass++) {   /* k_carve: measure, then hand out */
+        e->nx = k_carve(&cv, n + 1, sizeof(*e->nx));
+        e->pv = k_carve(&cv, n + 1, sizeof(*e->pv));
+        e->rk = k_carve(&cv, n + 1, sizeof(*e->rk));
+        e->id = k_carve(&cv, n + 1, sizeof(*e->id));
+        e->heap = k_carve(&cv, 3 * n + 1, sizeof(*e->heap));
+        if (pass == 0 && (e->scratch = k_carve_block(&cv)) == NULL)
+            return err_set(e->err, KLI_E_NOMEM, "tokenize: out of memory");
+    }
     e->scratch_n = n;
     return KLI_OK;
-nomem:
-    return err_set(e->err, KLI_E_NOMEM, "tokenize: out of memory");
 }
 
 /*
@@ -592,11 +588,7 @@ kli_tokenize(const struct kli_tokenizer *t, const char *text, size_t len, int fl
     }
     rc = tok_encode_text(&e, len, flags & KLI_TOKENIZE_SPECIAL);
 out:
-    free(e.heap);
-    free(e.id);
-    free(e.rk);
-    free(e.pv);
-    free(e.nx);
+    free(e.scratch);
     pcre2_match_data_free(e.md);
     pcre2_match_context_free(e.mctx);
     pcre2_jit_stack_free(e.jstack);

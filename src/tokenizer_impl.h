@@ -64,6 +64,7 @@ struct kli_tokenizer {
     uint32_t max_rank_len;         /* longest ranked byte string: longer ones need no lookup */
     kli_token byte_id[256];        /* the rank of each single byte */
     uint32_t *pair_rank;           /* [65536]: rank of the two bytes (b0 << 8 | b1), or none */
+    void *mem;                     /* the block tok_off, tok_len and pair_rank are carved from */
     unsigned char special_one[256];    /* bytes that are a whole special name */
     uint8_t special_start[65536 / 8];  /* bit (b0 << 8 | b1): some special name starts so */
     uint32_t special_lens[TOK_SLOTS_OLD];  /* distinct special name lengths, longest first */

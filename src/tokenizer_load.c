@@ -294,12 +294,18 @@ tok_parse_ranks(struct kli_tokenizer *t, const char *path, const char *buf, size
     }
     t->n_base = (int32_t)n_lines;
     t->n_vocab = t->n_base;     /* the specials come later */
-    t->tok_off = k_calloc((size_t)t->n_base + TOK_SLOTS_OLD, sizeof(*t->tok_off));
-    t->tok_len = k_calloc((size_t)t->n_base + TOK_SLOTS_OLD, sizeof(*t->tok_len));
+    struct k_carve cv = {0};
+    for (int pass = 0; pass < 2; pass++) {   /* k_carve: measure, then hand out */
+        t->tok_off = k_carve(&cv, (size_t)t->n_base + TOK_SLOTS_OLD, sizeof(*t->tok_off));
+        t->tok_len = k_carve(&cv, (size_t)t->n_base + TOK_SLOTS_OLD, sizeof(*t->tok_len));
+        t->pair_rank = k_carve(&cv, 65536, sizeof(*t->pair_rank));
+        if (pass == 0)
+            t->mem = k_carve_block(&cv);
+    }
     rank_line = k_calloc((size_t)t->n_base, sizeof(*rank_line));
     t->pool_cap = len + 1 + TOK_SLOTS_OLD * 32;
     t->pool = k_malloc(t->pool_cap);
-    if (t->tok_off == NULL || t->tok_len == NULL || rank_line == NULL || t->pool == NULL ||
+    if (t->mem == NULL || rank_line == NULL || t->pool == NULL ||
         tok_map_init(&t->ranks, (size_t)t->n_base) != KLI_OK) {
         rc = err_set(err, KLI_E_NOMEM, "tokenizer: out of memory loading %s", path);
         goto out;
@@ -313,11 +319,6 @@ tok_parse_ranks(struct kli_tokenizer *t, const char *path, const char *buf, size
             if (rc != KLI_OK)
                 goto out;
         }
-    }
-    t->pair_rank = k_mallocarray(65536, sizeof(*t->pair_rank));
-    if (t->pair_rank == NULL) {
-        rc = err_set(err, KLI_E_NOMEM, "tokenizer: out of memory loading %s", path);
-        goto out;
     }
     for (i = 0; i < 65536; i++)
         t->pair_rank[i] = TOK_NO_RANK;
@@ -679,10 +680,8 @@ kli_tokenizer_close(struct kli_tokenizer *t)
     pcre2_code_free(t->re);
     free(t->specials.slot);
     free(t->ranks.slot);
-    free(t->pair_rank);
     free(t->pool);
-    free(t->tok_len);
-    free(t->tok_off);
+    free(t->mem);
     free(t);
 }
 

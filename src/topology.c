@@ -865,26 +865,6 @@ topo_plan_memory(const struct topo_plan *p, struct topo_region *r, int64_t n,
 
 /* ==== Describing ========================================================================== */
 
-struct topo_sb {
-    char *buf;
-    size_t cap, len;
-};
-
-static void topo_sb_printf(struct topo_sb *sb, const char *fmt, ...) KLI_PRINTF(2, 3);
-
-static void
-topo_sb_printf(struct topo_sb *sb, const char *fmt, ...)
-{
-    va_list ap;
-    size_t room = sb->len < sb->cap ? sb->cap - sb->len : 0;
-
-    va_start(ap, fmt);
-    int w = vsnprintf(room ? sb->buf + sb->len : NULL, room, fmt, ap);
-    va_end(ap);
-    if (w > 0)
-        sb->len += (size_t)w;
-}
-
 static const char *
 topo_size(char *buf, size_t cap, uint64_t b)
 {
@@ -898,7 +878,7 @@ topo_size(char *buf, size_t cap, uint64_t b)
 }
 
 static void
-topo_describe_machine(struct topo_sb *sb, const struct topo *t)
+topo_describe_machine(struct text_buf *sb, const struct topo *t)
 {
     int32_t list[TOPO_MAX_CPUS];
     char cpus[256], sz[32];
@@ -906,11 +886,11 @@ topo_describe_machine(struct topo_sb *sb, const struct topo *t)
 
     for (int32_t c = 0; c < t->n_cores; c++)
         max_smt = t->cores[c].n_pu > max_smt ? t->cores[c].n_pu : max_smt;
-    topo_sb_printf(sb, "topology:     %s%s\n", t->source,
-                   t->synthetic ? " (a description: nothing is pinned or bound)" : "");
-    topo_sb_printf(sb, "machine:      %d package%s, %d NUMA node%s, %d cores, %d CPUs "
-                   "(up to %d per core)\n", t->n_packages, t->n_packages == 1 ? "" : "s",
-                   t->n_nodes, t->n_nodes == 1 ? "" : "s", t->n_cores, t->n_pus, max_smt);
+    text_printf(sb, "topology:     %s%s\n", t->source,
+                t->synthetic ? " (a description: nothing is pinned or bound)" : "");
+    text_printf(sb, "machine:      %d package%s, %d NUMA node%s, %d cores, %d CPUs "
+                "(up to %d per core)\n", t->n_packages, t->n_packages == 1 ? "" : "s",
+                t->n_nodes, t->n_nodes == 1 ? "" : "s", t->n_cores, t->n_pus, max_smt);
     for (int32_t nd = 0; nd < t->n_nodes; nd++) {
         int32_t n = 0, cores = 0, pkg = -1;
         for (int32_t c = 0; c < t->n_cores; c++) {
@@ -923,30 +903,30 @@ topo_describe_machine(struct topo_sb *sb, const struct topo *t)
         }
         qsort(list, (size_t)n, sizeof(*list), topo_int_cmp);
         topo_fmt_list(cpus, sizeof(cpus), list, n);
-        topo_sb_printf(sb, "  node %d:     os %d, package %d, %d cores, CPUs %s", nd,
-                       t->node_os[nd], pkg, cores, n ? cpus : "none");
+        text_printf(sb, "  node %d:     os %d, package %d, %d cores, CPUs %s", nd,
+                    t->node_os[nd], pkg, cores, n ? cpus : "none");
         if (t->node_mem[nd] > 0)
-            topo_sb_printf(sb, ", %s", topo_size(sz, sizeof(sz), t->node_mem[nd]));
-        topo_sb_printf(sb, "\n");
+            text_printf(sb, ", %s", topo_size(sz, sizeof(sz), t->node_mem[nd]));
+        text_printf(sb, "\n");
     }
 }
 
 static void
-topo_describe_workers(struct topo_sb *sb, const struct topo *t, const struct topo_plan *p)
+topo_describe_workers(struct text_buf *sb, const struct topo *t, const struct topo_plan *p)
 {
     int32_t list[TOPO_MAX_CPUS];
     char cpus[256];
 
-    topo_sb_printf(sb, "allowed:      %d CPUs on %d cores\n", p->n_cpus_allowed,
-                   p->n_cores_allowed);
-    topo_sb_printf(sb, "workers:      %d, one per physical core", p->n_workers);
+    text_printf(sb, "allowed:      %d CPUs on %d cores\n", p->n_cpus_allowed,
+                p->n_cores_allowed);
+    text_printf(sb, "workers:      %d, one per physical core", p->n_workers);
     if (p->requested > p->n_cores_allowed)
-        topo_sb_printf(sb, " (-t %d capped: never more workers than cores)", p->requested);
+        text_printf(sb, " (-t %d capped: never more workers than cores)", p->requested);
     if (p->pin)
-        topo_sb_printf(sb, ", pinned%s\n", t->synthetic ? " (on a real machine)" : "");
+        text_printf(sb, ", pinned%s\n", t->synthetic ? " (on a real machine)" : "");
     else
-        topo_sb_printf(sb, ", not pinned (%d of %d cores: give --cpus to pin)\n",
-                       p->n_workers, p->n_cores_allowed);
+        text_printf(sb, ", not pinned (%d of %d cores: give --cpus to pin)\n",
+                    p->n_workers, p->n_cores_allowed);
     for (int32_t nd = 0; nd < t->n_nodes; nd++) {
         int32_t n = 0;
         if (p->node_workers[nd] == 0)
@@ -956,13 +936,13 @@ topo_describe_workers(struct topo_sb *sb, const struct topo *t, const struct top
                 list[n++] = p->workers[i].cpu;
         }
         topo_fmt_list(cpus, sizeof(cpus), list, n);
-        topo_sb_printf(sb, "  node %d:     %d worker%s on CPUs %s\n", nd, n, n == 1 ? "" : "s",
-                       cpus);
+        text_printf(sb, "  node %d:     %d worker%s on CPUs %s\n", nd, n, n == 1 ? "" : "s",
+                    cpus);
     }
 }
 
 static void
-topo_describe_memory(struct topo_sb *sb, const struct topo *t, const struct topo_plan *p,
+topo_describe_memory(struct text_buf *sb, const struct topo *t, const struct topo_plan *p,
                      const struct topo_region *r, int64_t n)
 {
     uint64_t role_bytes[TOPO_ROLE_EXPERT + 1] = {0}, per_node[TOPO_MAX_NODES] = {0};
@@ -990,7 +970,7 @@ topo_describe_memory(struct topo_sb *sb, const struct topo *t, const struct topo
                                : r[i].bytes / (uint64_t)p->n_worker_nodes;
         }
     }
-    topo_sb_printf(sb, "numa:         %s\n", topo_numa_name(p->numa));
+    text_printf(sb, "numa:         %s\n", topo_numa_name(p->numa));
     for (int i = 0; i <= TOPO_ROLE_EXPERT; i++) {
         const char *what;
         if (role_n[i] == 0)
@@ -1001,59 +981,59 @@ topo_describe_memory(struct topo_sb *sb, const struct topo *t, const struct topo
         case TOPO_NODE_REPLICATE: what = "copied to every worker node (trunk)"; break;
         default: what = "each bound to one node and computed there (partition)"; break;
         }
-        topo_sb_printf(sb, "  %-15s %6lld matrices %10s: %s\n",
-                       topo_role_name((enum topo_role)i), (long long)role_n[i],
-                       topo_size(sz, sizeof(sz), role_bytes[i]), what);
+        text_printf(sb, "  %-15s %6lld matrices %10s: %s\n",
+                    topo_role_name((enum topo_role)i), (long long)role_n[i],
+                    topo_size(sz, sizeof(sz), role_bytes[i]), what);
     }
     if (p->numa == KLI_NUMA_NONE)
         return;
     for (int32_t nd = 0; nd < t->n_nodes && nd < TOPO_MAX_NODES; nd++) {
         if (!(p->worker_nodes >> nd & 1))
             continue;
-        topo_sb_printf(sb, "  node %d holds %s", nd, topo_size(sz, sizeof(sz), per_node[nd]));
+        text_printf(sb, "  node %d holds %s", nd, topo_size(sz, sizeof(sz), per_node[nd]));
         if (p->numa == KLI_NUMA_PARTITION)
-            topo_sb_printf(sb, ", of which routed experts %s (%lld matrices)",
-                           topo_size(sz, sizeof(sz), ex_bytes[nd]), (long long)ex_n[nd]);
-        topo_sb_printf(sb, "\n");
+            text_printf(sb, ", of which routed experts %s (%lld matrices)",
+                        topo_size(sz, sizeof(sz), ex_bytes[nd]), (long long)ex_n[nd]);
+        text_printf(sb, "\n");
     }
 }
 
 static void
-topo_describe_report(struct topo_sb *sb, const struct topo *t, const struct topo_report *rep)
+topo_describe_report(struct text_buf *sb, const struct topo *t, const struct topo_report *rep)
 {
     char sz[32];
 
     if (!rep->bound) {
-        topo_sb_printf(sb, "placement:    nothing bound: %s\n", rep->why);
+        text_printf(sb, "placement:    nothing bound: %s\n", rep->why);
         return;
     }
-    topo_sb_printf(sb, "placement:    %lld ranges bound (%lld refused by the kernel)",
-                   (long long)rep->ranges, (long long)rep->ranges_failed);
+    text_printf(sb, "placement:    %lld ranges bound (%lld refused by the kernel)",
+                (long long)rep->ranges, (long long)rep->ranges_failed);
     if (rep->replicas > 0)
-        topo_sb_printf(sb, ", %lld node-local copies (%s)", (long long)rep->replicas,
-                       topo_size(sz, sizeof(sz), rep->replica_bytes));
-    topo_sb_printf(sb, "\n");
+        text_printf(sb, ", %lld node-local copies (%s)", (long long)rep->replicas,
+                    topo_size(sz, sizeof(sz), rep->replica_bytes));
+    text_printf(sb, "\n");
     if (!rep->verified) {
-        topo_sb_printf(sb, "verified:     no: %s\n", rep->why[0] ? rep->why : "not run");
+        text_printf(sb, "verified:     no: %s\n", rep->why[0] ? rep->why : "not run");
         return;
     }
     double pc = rep->pages_checked ? 100.0 / (double)rep->pages_checked : 0.0;
-    topo_sb_printf(sb, "verified:     policy as planned on %lld of %lld ranges "
-                   "(get_mempolicy); %llu pages checked (move_pages): %.1f%% on the planned "
-                   "node, %.1f%% not yet resident\n", (long long)rep->policy_ok,
-                   (long long)rep->policy_checked, (unsigned long long)rep->pages_checked,
-                   (double)rep->pages_on_target * pc, (double)rep->pages_absent * pc);
-    topo_sb_printf(sb, "  pages by node:");
+    text_printf(sb, "verified:     policy as planned on %lld of %lld ranges "
+                "(get_mempolicy); %llu pages checked (move_pages): %.1f%% on the planned "
+                "node, %.1f%% not yet resident\n", (long long)rep->policy_ok,
+                (long long)rep->policy_checked, (unsigned long long)rep->pages_checked,
+                (double)rep->pages_on_target * pc, (double)rep->pages_absent * pc);
+    text_printf(sb, "  pages by node:");
     for (int32_t nd = 0; nd < t->n_nodes; nd++)
-        topo_sb_printf(sb, " %d: %.1f%%", nd, (double)rep->pages_on_node[nd] * pc);
-    topo_sb_printf(sb, "\n");
+        text_printf(sb, " %d: %.1f%%", nd, (double)rep->pages_on_node[nd] * pc);
+    text_printf(sb, "\n");
 }
 
 size_t
 topo_describe(const struct topo *t, const struct topo_plan *p, const struct topo_region *r,
               int64_t n, const struct topo_report *rep, char *buf, size_t cap)
 {
-    struct topo_sb sb = {buf, cap, 0};
+    struct text_buf sb = {buf, cap, 0};
 
     if (cap > 0)
         buf[0] = '\0';

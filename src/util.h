@@ -1,6 +1,6 @@
 /*
  * util.h - the few helpers every part of kli needs once: little-endian loads and stores,
- * the host's byte order, FNV-1a-64 and a monotonic clock.
+ * the host's byte order, FNV-1a-64, a monotonic clock and a growing text buffer.
  *
  * Header-only (static inline, nothing to link, no state), so the library, weights/ and the
  * CLI may all include it without depending on each other (tests/test-deps.sh allows it).
@@ -11,6 +11,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
@@ -104,6 +105,27 @@ util_now_s(void)
 
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* Appends len bytes to the NUL-terminated text *buf (*n bytes long, *cap allocated, NULL and
+ * 0 at first), growing it to twice what it needs when full.
+ * @return 0, or -1 when out of memory (the text is left as it was). */
+static inline int
+util_text_add(char **buf, size_t *n, size_t *cap, const void *p, size_t len)
+{
+    if (*n + len + 1 > *cap) {
+        size_t nc = (*n + len + 1) * 2;
+        char *nb = realloc(*buf, nc);
+        if (nb == NULL)
+            return -1;
+        *buf = nb;
+        *cap = nc;
+    }
+    if (len > 0)
+        memcpy(*buf + *n, p, len);
+    *n += len;
+    (*buf)[*n] = '\0';
+    return 0;
 }
 
 #endif /* KLI_UTIL_H */

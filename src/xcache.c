@@ -64,6 +64,7 @@ struct xcache {
     uint64_t slot_bytes;
     int *fds;
     int32_t n_files;
+    void *mem;                /* the block the arrays of this struct are carved from */
 
     pthread_mutex_t mu;
     pthread_mutex_t pass;     /* held by the forward pass using the cache */
@@ -323,12 +324,29 @@ xc_io_main(void *arg)
 
 /* ---- open / close ------------------------------------------------------------------------ */
 
+/* The arrays, all sized at open (k_carve's two passes); zeroed. */
+static void
+xc_carve(struct xcache *c, struct k_carve *cv)
+{
+    size_t nk = (size_t)c->n_layers * (size_t)c->E;
+
+    c->src = k_carve(cv, nk, sizeof(*c->src));
+    c->where = k_carve(cv, nk, sizeof(*c->where));
+    c->slots = k_carve(cv, (size_t)c->n_slots, sizeof(*c->slots));
+    c->fds = k_carve(cv, (size_t)c->n_files, sizeof(*c->fds));
+    c->guess = k_carve(cv, nk, 1);
+    c->guessed = k_carve(cv, (size_t)c->n_layers, 1);
+    c->lo = k_carve(cv, (size_t)c->n_layers, sizeof(*c->lo));
+    c->hi = k_carve(cv, (size_t)c->n_layers, sizeof(*c->hi));
+}
+
 int
 xcache_open(struct xcache **out, const struct kli_model *m, uint64_t budget,
             struct kli_err *err)
 {
     const struct k_config *cfg = &m->cfg;
     struct xcache *c;
+    struct k_carve cv = {0};
     uint64_t trunk, slot;
     int32_t n_exp;
     int rc;
@@ -370,21 +388,14 @@ xcache_open(struct xcache **out, const struct kli_model *m, uint64_t budget,
     pthread_cond_init(&c->work, NULL);
     pthread_cond_init(&c->done, NULL);
     size_t nk = (size_t)c->n_layers * (size_t)c->E;
-    c->src = k_calloc(nk, sizeof(*c->src));
-    c->where = k_mallocarray(nk, sizeof(*c->where));
-    c->slots = k_calloc((size_t)c->n_slots, sizeof(*c->slots));
     c->n_files = wfile_n_files(m->wf);
-    c->fds = k_mallocarray((size_t)c->n_files, sizeof(*c->fds));
-    c->guess = k_calloc(nk, 1);
-    c->guessed = k_calloc((size_t)c->n_layers, 1);
     c->accuracy = 1.0;
-    c->lo = k_calloc((size_t)c->n_layers, sizeof(*c->lo));
-    c->hi = k_calloc((size_t)c->n_layers, sizeof(*c->hi));
-    if (c->guess == NULL || c->guessed == NULL || c->lo == NULL || c->hi == NULL ||
-        c->src == NULL || c->where == NULL || c->slots == NULL || c->fds == NULL) {
+    xc_carve(c, &cv);
+    if ((c->mem = k_carve_block(&cv)) == NULL) {
         rc = err_set(err, KLI_E_NOMEM, "out of memory");
         goto fail;
     }
+    xc_carve(c, &cv);
     for (size_t i = 0; i < nk; i++)
         c->where[i] = -1;
     for (int32_t s = 0; s < c->n_slots; s++)
@@ -460,14 +471,7 @@ xcache_close(struct xcache *c)
     pthread_cond_destroy(&c->done);
     pthread_mutex_destroy(&c->mu);
     pthread_mutex_destroy(&c->pass);
-    free(c->fds);
-    free(c->guess);
-    free(c->guessed);
-    free(c->lo);
-    free(c->hi);
-    free(c->slots);
-    free(c->where);
-    free(c->src);
+    free(c->mem);
     free(c);
 }
 

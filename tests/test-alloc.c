@@ -2,10 +2,12 @@
  * test-alloc.c - the checked allocators and the arena that holds the weights converted at
  * open (src/alloc.c): overflow gives NULL, not a short block; arena blocks are 64-byte
  * aligned, disjoint and keep what was written in them, chunks start on 2 MiB boundaries,
- * a block larger than a chunk gets a chunk of its own, and freeing empties the arena.
+ * a block larger than a chunk gets a chunk of its own, and freeing empties the arena. k_carve
+ * hands out zeroed, aligned, disjoint arrays of one block; k_grow doubles.
  */
 #include "config.h"
 
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -81,9 +83,70 @@ test_arena(void)
     arena_free(&a);
 }
 
+/* Three arrays of odd sizes from one block, as a constructor takes them. */
+static void
+carve3(struct k_carve *cv, size_t n, char **a, double **b, int32_t **c)
+{
+    *a = k_carve(cv, 3, 1);
+    *b = k_carve(cv, n, sizeof(**b));
+    *c = k_carve(cv, 5, sizeof(**c));
+}
+
+static void
+test_carve(void)
+{
+    struct k_carve cv = {0}, over = {0};
+    char *a;
+    double *b;
+    int32_t *c;
+    int zero = 1;
+
+    carve3(&cv, 7, &a, &b, &c);
+    ok(a == NULL && b == NULL && c == NULL, "the measuring pass hands out nothing");
+    void *mem = k_carve_block(&cv);
+    carve3(&cv, 7, &a, &b, &c);
+    for (int i = 0; i < 3; i++)
+        zero &= a[i] == 0;
+    for (int i = 0; i < 7; i++)
+        zero &= b[i] == 0.0;
+    for (int i = 0; i < 5; i++)
+        zero &= c[i] == 0;
+    ok(mem != NULL && (void *)a == mem && zero, "the arrays are zeroed, the first at the block");
+    ok((uintptr_t)b % _Alignof(max_align_t) == 0 && (uintptr_t)c % _Alignof(max_align_t) == 0 &&
+       (char *)b >= a + 3 && (char *)c >= (char *)(b + 7), "aligned as malloc's and disjoint");
+    free(mem);
+    k_carve(&over, 8, 1);
+    k_carve(&over, SIZE_MAX / 2, 4);
+    ok(k_carve_block(&over) == NULL, "a size past SIZE_MAX gives no block");
+}
+
+static void
+test_grow(void)
+{
+    int32_t *p = NULL, cap = 0, caps[40];
+    int good = 1;
+
+    for (int32_t n = 0; n < 40; n++) {
+        int32_t *np = k_grow(p, n, &cap, 4, sizeof(*p));
+        good &= np != NULL;
+        if (np == NULL)
+            break;
+        p = np;
+        p[n] = n;
+        caps[n] = cap;
+    }
+    for (int32_t n = 0; good && n < 40; n++)
+        good &= p[n] == n;
+    ok(good && caps[0] == 4 && caps[4] == 8 && caps[8] == 16 && caps[39] == 64,
+       "k_grow: 4, then doubling, the contents kept");
+    free(p);
+}
+
 static const struct tap_fn cases[] = {
     {"checked", test_checked},
     {"arena", test_arena},
+    {"carve", test_carve},
+    {"grow", test_grow},
 };
 
 int

@@ -92,6 +92,26 @@ f32_to_f16(float f)
     return (uint16_t)(sign | h);
 }
 
+/* F16 and BF16 rows differ only in the element conversion. */
+static void
+dtype_u16_to_f32(const uint8_t *p, float *dst, int64_t n, float (*to_f32)(uint16_t))
+{
+    for (int64_t i = 0; i < n; i++) {
+        uint16_t h;
+        memcpy(&h, p + 2 * i, 2);
+        dst[i] = to_f32(h);
+    }
+}
+
+static void
+dtype_f32_to_u16(const float *src, uint8_t *p, int64_t n, uint16_t (*from_f32)(float))
+{
+    for (int64_t i = 0; i < n; i++) {
+        uint16_t h = from_f32(src[i]);
+        memcpy(p + 2 * i, &h, 2);
+    }
+}
+
 void
 dtype_to_f32(enum k_dtype dt, const void *src, float *dst, int64_t n)
 {
@@ -102,18 +122,10 @@ dtype_to_f32(enum k_dtype dt, const void *src, float *dst, int64_t n)
         memcpy(dst, src, (size_t)n * 4);
         break;
     case KLI_DT_F16:
-        for (int64_t i = 0; i < n; i++) {
-            uint16_t h;
-            memcpy(&h, p + 2 * i, 2);
-            dst[i] = f16_to_f32(h);
-        }
+        dtype_u16_to_f32(p, dst, n, f16_to_f32);
         break;
     case KLI_DT_BF16:
-        for (int64_t i = 0; i < n; i++) {
-            uint16_t h;
-            memcpy(&h, p + 2 * i, 2);
-            dst[i] = bf16_to_f32(h);
-        }
+        dtype_u16_to_f32(p, dst, n, bf16_to_f32);
         break;
     case KLI_DT_Q8_0:
         /* block: f16 d; int8 q[32]; value = q * d */
@@ -193,16 +205,10 @@ dtype_from_f32(enum k_dtype dt, const float *src, void *dst, int64_t n)
         memcpy(dst, src, (size_t)n * 4);
         break;
     case KLI_DT_F16:
-        for (int64_t i = 0; i < n; i++) {
-            uint16_t h = f32_to_f16(src[i]);
-            memcpy(p + 2 * i, &h, 2);
-        }
+        dtype_f32_to_u16(src, p, n, f32_to_f16);
         break;
     case KLI_DT_BF16:
-        for (int64_t i = 0; i < n; i++) {
-            uint16_t h = f32_to_bf16(src[i]);
-            memcpy(p + 2 * i, &h, 2);
-        }
+        dtype_f32_to_u16(src, p, n, f32_to_bf16);
         break;
     case KLI_DT_Q8_0:
         for (int64_t b = 0; b < n / 32; b++)

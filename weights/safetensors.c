@@ -923,13 +923,10 @@ wfile_open(struct wfile **out, const char *path, struct kli_err *err)
         if (rc == KLI_OK)
             rc = st_build_table(w, err);
     }
-    if (rc != KLI_OK)
-        goto fail;
-    free(p);
-    free(dir);
-    *out = w;
-    return KLI_OK;
-
+    if (rc == KLI_OK) {
+        *out = w;
+        w = NULL;
+    }
 fail:
     free(p);
     free(dir);
