@@ -4,7 +4,8 @@
 # libraries that have .pc files (Requires.private) instead of copying their flags, so it
 # holds no -L but its own libdir's (and CUDA's, which has no .pc); `pkg-config --libs
 # --static kli` gives what libkli.a needs; contrib/examples/minimal.c, compiled and linked
-# with those flags alone, generates text from the tiny fixture.
+# with those flags alone, generates text from the tiny fixture; libkli.a links into a shared
+# object as well as into a program.
 set -u
 : "${KLI_BIN:?}" "${KLI_TESTDATA:?}" "${KLI_SRCDIR:?}"
 . "$KLI_SRCDIR/tests/lib.sh"
@@ -69,6 +70,30 @@ cc -std=c11 $san -o "$tmp/minimal-static" "$KLI_SRCDIR/contrib/examples/minimal.
 rc=$?
 sed 's/^/# /' "$tmp/cc2.log" | tail -5
 check $rc "it links and runs with the installed libkli.a too"
+
+# libkli.a linked into a shared object (a plugin, a language binding) that a program then
+# loads: its objects must be position-independent in every build, --disable-shared too.
+static_deps=$(pkg-config --libs --static kli | sed "s#\(^\| \)-lkli\( \|\$\)# #")
+cat >"$tmp/plug.c" <<'EOF2'
+#include <kli.h>
+const char *plug_version(void);
+const char *plug_version(void) { return kli_version(); }
+EOF2
+cat >"$tmp/plugmain.c" <<'EOF2'
+#include <stdio.h>
+const char *plug_version(void);
+int main(void) { return puts(plug_version()) < 0; }
+EOF2
+# shellcheck disable=SC2046,SC2086
+cc -std=c11 $san -shared -fPIC -o "$tmp/libplug.so" "$tmp/plug.c" \
+    $(pkg-config --cflags kli) "$a" $static_deps >"$tmp/cc3.log" 2>&1 &&
+    cc -std=c11 $san -o "$tmp/plugmain" "$tmp/plugmain.c" -L"$tmp" -lplug >>"$tmp/cc3.log" 2>&1 &&
+    LD_LIBRARY_PATH="$tmp${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+        "$tmp/plugmain" >"$tmp/m3.out" 2>&1 &&
+    grep -q "^$(sed -n 's/^Version: //p' "$tmp/pc/kli.pc")" "$tmp/m3.out"
+rc=$?
+sed 's/^/# /' "$tmp/cc3.log" | tail -5
+check $rc "the installed libkli.a links into a shared object that a program loads"
 
 echo "1..$n"
 exit $fail
