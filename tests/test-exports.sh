@@ -50,8 +50,14 @@ if [ -n "$so" ] && [ -f "$so" ]; then
     soname=$(objdump -p "$so" 2>/dev/null | awk '$1 == "SONAME" { print $2 }')
     [ "$soname" = "$dl" ]
     check $? "libkli.so's soname is its file name ($soname)"
+    # libtool's own static libkli.a (--enable-static) would hold every internal symbol and
+    # take the place of the one below on `make install`: libkli.la has none (-shared).
+    old=$(sed -n "s/^old_library='\(.*\)'$/\1/p" "$build/libkli.la")
+    [ -z "$old" ]
+    check $? "libtool makes no static libkli.a of its own${old:+ (libkli.la has $old)}"
 else
     ok "# SKIP libkli.so: a build without shared libraries"
+    ok "# SKIP libkli.la"
     ok "# SKIP libkli.so's soname"
 fi
 
