@@ -83,6 +83,7 @@ struct kli_sched {
     uint64_t next_id;
     int64_t steps, step_tokens;
     double step_s;
+    int in_step;                  /* kli_sched_step is running: its callbacks may not step */
 };
 
 static int
@@ -297,6 +298,10 @@ sched_join(struct kli_sched *s, struct sched_place *p, struct sched_req *r, int3
         sched_end(s, r, NULL, KLI_FINISH_ERROR, KLI_E_FORMAT, r->fail);
         return 0;
     }
+    if (r->n == 0) {   /* no logits to sample the first token from */
+        sched_end(s, r, NULL, KLI_FINISH_ERROR, KLI_E_INVALID, "an empty prompt");
+        return 0;
+    }
     if (r->n > ctx) {
         err_set(&err, KLI_E_RANGE, "the prompt of %d tokens does not fit the context of %d "
                     "tokens (--ctx)", (int)r->n, (int)ctx);
@@ -389,7 +394,13 @@ sched_fill(struct kli_sched *s)
                (spent < s->o.join_tokens || sched_running(s) == 0)) {
             struct sched_req *r = sched_pop(s);
             int32_t ev = 0;
-            if (r == NULL || sched_join(s, &s->pl[i], r, &ev) != 0)
+            if (r == NULL)
+                break;
+            if (r->cancelled) {   /* cancelled by a callback of this step: never starts */
+                sched_end(s, r, NULL, KLI_FINISH_INTERRUPT, KLI_OK, NULL);
+                continue;
+            }
+            if (sched_join(s, &s->pl[i], r, &ev) != 0)
                 break;
             spent += ev;
         }
@@ -406,14 +417,17 @@ sched_sweep(struct kli_sched *s)
         if (s->pl[i].rq != NULL && s->pl[i].rq->cancelled)
             sched_finish(s, &s->pl[i], KLI_FINISH_INTERRUPT, KLI_OK, NULL);
     }
-    int32_t k = 0;
-    for (int32_t i = 0; i < s->n_wait; i++) {
-        if (s->wait[i]->cancelled)
-            sched_end(s, s->wait[i], NULL, KLI_FINISH_INTERRUPT, KLI_OK, NULL);
-        else
-            s->wait[k++] = s->wait[i];
+    /* Each request leaves the list before its on_finish, which may submit or cancel (and
+     * so read the list). */
+    for (int32_t i = 0; i < s->n_wait;) {
+        struct sched_req *r = s->wait[i];
+        if (!r->cancelled) {
+            i++;
+            continue;
+        }
+        memmove(s->wait + i, s->wait + i + 1, (size_t)(--s->n_wait - i) * sizeof(*s->wait));
+        sched_end(s, r, NULL, KLI_FINISH_INTERRUPT, KLI_OK, NULL);
     }
-    s->n_wait = k;
 }
 
 /* One decode step of every running request. @return how many. */
@@ -537,6 +551,7 @@ kli_sched_free(struct kli_sched *s)
 {
     if (s == NULL)
         return;
+    s->in_step = 1;   /* the on_finish calls below may not step a half-freed scheduler */
     if (s->pl != NULL) {
         for (int32_t i = 0; i < s->o.parallel; i++) {
             if (s->pl[i].rq != NULL)
@@ -545,8 +560,12 @@ kli_sched_free(struct kli_sched *s)
             free(s->pl[i].text);
         }
     }
-    for (int32_t i = 0; i < s->n_wait; i++)
-        sched_end(s, s->wait[i], NULL, KLI_FINISH_INTERRUPT, KLI_OK, NULL);
+    /* Each leaves the list before its on_finish (which may submit or cancel). */
+    while (s->n_wait > 0) {
+        struct sched_req *r = s->wait[0];
+        memmove(s->wait, s->wait + 1, (size_t)(--s->n_wait) * sizeof(*s->wait));
+        sched_end(s, r, NULL, KLI_FINISH_INTERRUPT, KLI_OK, NULL);
+    }
     for (int i = 0; i < SCHED_RECENT; i++)
         free(s->recent[i]);
     free(s->wait);
@@ -623,12 +642,16 @@ kli_sched_cancel(struct kli_sched *s, uint64_t id)
 int
 kli_sched_step(struct kli_sched *s)
 {
-    if (s == NULL)
+    int n = 0;
+
+    if (s == NULL || s->in_step)   /* from one of its own callbacks */
         return KLI_E_INVALID;
+    s->in_step = 1;
     sched_sweep(s);
-    if (sched_fill(s) <= 0)
-        return 0;
-    return sched_decode(s);
+    if (sched_fill(s) > 0)
+        n = sched_decode(s);
+    s->in_step = 0;
+    return n;
 }
 
 int32_t

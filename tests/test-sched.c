@@ -390,6 +390,113 @@ prefix_reuse(void)
     release(s, r, 3);
 }
 
+/* A prompt of no tokens has no logits to sample from: it fails alone, as kli_generate
+ * fails on one; the request beside it goes on as alone. */
+static void
+empty_prompt(void)
+{
+    static const struct spec sp[2] = {{"empty", 0, 5, 0.9f}, {"beside", 12, 5, 0.9f}};
+    struct req r[2];
+    struct kli_sched *s = make(2, 0, 0, 64);
+
+    req_init_all(r, sp, 2, 30);
+    ok(s != NULL && submit(s, &r[0], NULL) == 0 && submit(s, &r[1], NULL) == 0,
+       "empty: two requests");
+    run_all(s);
+    ok(r[0].finishes == 1 && r[0].finish == KLI_FINISH_ERROR && r[0].status == KLI_E_INVALID &&
+       !r[0].started && r[0].n_got == 0, "empty: fails: %s", r[0].error);
+    same_as_alone(&r[1], 0, "empty");
+    release(s, r, 2);
+}
+
+/* What the callbacks of from_callbacks do, as a server's would. */
+static struct {
+    struct kli_sched *s;
+    struct req *late;             /* submitted from the first on_finish */
+    struct req *victim;           /* cancelled from on_need */
+    int late_done, victim_done;
+    int bad;                      /* callbacks that got an answer they should not have */
+    int steps_refused;
+} g_cb;
+
+static void
+cb_finish(void *ud, const struct kli_sched_result *res)
+{
+    on_finish(ud, res);
+    /* the request has ended: its id is unknown now, at any point (freeing included) */
+    g_cb.bad += kli_sched_cancel(g_cb.s, res->id) != KLI_E_RANGE;
+    /* a step from inside a step is refused */
+    g_cb.steps_refused += kli_sched_step(g_cb.s) == KLI_E_INVALID;
+    if (g_cb.late != NULL && !g_cb.late_done) {
+        g_cb.late_done = 1;
+        g_cb.bad += submit(g_cb.s, g_cb.late, NULL) != 0;
+    }
+}
+
+static void
+cb_need(void *ud, struct kli_sched *s)
+{
+    (void)ud;
+    if (g_cb.victim != NULL && !g_cb.victim_done && kli_sched_waiting(s) > 0) {
+        g_cb.victim_done = 1;
+        g_cb.bad += kli_sched_cancel(s, g_cb.victim->id) != KLI_OK;
+    }
+}
+
+/* Submit, cancel and step from inside the callbacks: an ended request's id is unknown; a
+ * step from a callback is refused; a request submitted from on_finish runs as alone; one
+ * cancelled from on_need never starts; freeing with running and waiting requests ends each
+ * once. */
+static void
+from_callbacks(void)
+{
+    static const struct spec sp[7] = {
+        {"first", 15, 3, 0.9f}, {"cancelled 1", 10, 4, 0.9f}, {"cancelled 2", 11, 4, 0.9f},
+        {"victim", 12, 4, 0.9f}, {"late", 14, 5, 0.8f}, {"held running", 9, 20, 0.9f},
+        {"held waiting", 9, 20, 0.9f},
+    };
+    struct req r[7];
+    struct kli_sched_options o;
+    struct kli_err err = {0};
+    struct kli_sched *s = NULL;
+
+    memset(&g_cb, 0, sizeof(g_cb));
+    req_init_all(r, sp, 7, 40);
+    kli_sched_options_init(&o);
+    o.parallel = 1;
+    o.prefix_bytes = 0;
+    o.on_token = on_token;
+    o.on_finish = cb_finish;
+    o.on_need = cb_need;
+    ok(kli_sched_create(&s, g_m, &o, &err) == KLI_OK, "callbacks: created %s", err.msg);
+    g_cb.s = s;
+    ok(submit(s, &r[0], NULL) == 0 && kli_sched_step(s) == 1, "callbacks: the first runs");
+    ok(submit(s, &r[1], NULL) == 0 && submit(s, &r[2], NULL) == 0 && submit(s, &r[3], NULL) == 0,
+       "callbacks: three wait");
+    ok(kli_sched_cancel(s, r[1].id) == KLI_OK && kli_sched_cancel(s, r[2].id) == KLI_OK,
+       "callbacks: two cancelled");
+    g_cb.late = &r[4];
+    g_cb.victim = &r[3];
+    run_all(s);
+    for (int i = 1; i <= 3; i++)
+        ok(r[i].finishes == 1 && r[i].finish == KLI_FINISH_INTERRUPT && !r[i].started &&
+           r[i].n_got == 0, "callbacks: %s ended once, never started", r[i].name);
+    ok(g_cb.victim_done, "callbacks: on_need cancelled a waiting request");
+    same_as_alone(&r[0], 0, "callbacks");
+    same_as_alone(&r[4], 0, "callbacks");
+    ok(submit(s, &r[5], NULL) == 0 && kli_sched_step(s) == 1 && submit(s, &r[6], NULL) == 0,
+       "callbacks: one runs, one waits");
+    g_cb.steps_refused = 0;
+    kli_sched_free(s);
+    ok(r[5].finishes == 1 && r[5].finish == KLI_FINISH_INTERRUPT && r[5].started &&
+       r[6].finishes == 1 && r[6].finish == KLI_FINISH_INTERRUPT && !r[6].started,
+       "callbacks: freeing ended the running and the waiting one once");
+    ok(g_cb.bad == 0, "callbacks: %d wrong answers to calls from callbacks", g_cb.bad);
+    ok(g_cb.steps_refused == 2, "callbacks: a step from on_finish refused while freeing too");
+    for (int i = 0; i < 7; i++)
+        req_free(&r[i]);
+}
+
 int
 main(int argc, char **argv)
 {
@@ -398,6 +505,8 @@ main(int argc, char **argv)
         {"cancel", cancel},
         {"bad_requests", bad_requests},
         {"prefix_reuse", prefix_reuse},
+        {"empty_prompt", empty_prompt},
+        {"from_callbacks", from_callbacks},
     };
 
     tap_init(argc, argv);
