@@ -443,6 +443,9 @@ sched_decode(struct kli_sched *s)
     double t0 = util_now_s();
 
     for (int32_t i = 0; i < s->o.parallel; i++) {
+        /* cancelled by a callback of this step (on_token of its first token): no more */
+        if (s->pl[i].rq != NULL && s->pl[i].rq->cancelled)
+            sched_finish(s, &s->pl[i], KLI_FINISH_INTERRUPT, KLI_OK, NULL);
         if (s->pl[i].rq != NULL) {
             ss[n] = s->pl[i].s;
             tk[n] = s->pl[i].next;

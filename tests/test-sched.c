@@ -497,6 +497,49 @@ from_callbacks(void)
         req_free(&r[i]);
 }
 
+static struct kli_sched *g_cancel_s;
+
+/* on_token that cancels its request at its first token, as a server does when the client
+ * has gone. */
+static void
+cb_token_cancel(void *ud, const struct kli_sched_token *t)
+{
+    struct req *r = t->user;
+
+    on_token(ud, t);
+    if (r->name[0] == 'g' && t->n_generated == 1)
+        kli_sched_cancel(g_cancel_s, t->id);
+}
+
+/* A request cancelled from on_token of its first token (sampled as it joins) gets no second
+ * token; the one beside it goes on as alone. */
+static void
+cancel_from_token(void)
+{
+    static const struct spec sp[2] = {{"gone", 20, 10, 0.9f}, {"stays", 16, 6, 0.9f}};
+    struct req r[2];
+    struct kli_sched_options o;
+    struct kli_err err = {0};
+    struct kli_sched *s = NULL;
+
+    req_init_all(r, sp, 2, 50);
+    kli_sched_options_init(&o);
+    o.parallel = 2;
+    o.prefix_bytes = 0;
+    o.on_token = cb_token_cancel;
+    o.on_finish = on_finish;
+    ok(kli_sched_create(&s, g_m, &o, &err) == KLI_OK, "cancel from token: created %s",
+       err.msg);
+    g_cancel_s = s;
+    ok(submit(s, &r[0], NULL) == 0 && submit(s, &r[1], NULL) == 0,
+       "cancel from token: two requests");
+    run_all(s);
+    ok(r[0].finishes == 1 && r[0].finish == KLI_FINISH_INTERRUPT && r[0].n_got == 1,
+       "cancel from token: ended after its first token (%d)", (int)r[0].n_got);
+    same_as_alone(&r[1], 0, "cancel from token");
+    release(s, r, 2);
+}
+
 int
 main(int argc, char **argv)
 {
@@ -507,6 +550,7 @@ main(int argc, char **argv)
         {"prefix_reuse", prefix_reuse},
         {"empty_prompt", empty_prompt},
         {"from_callbacks", from_callbacks},
+        {"cancel_from_token", cancel_from_token},
     };
 
     tap_init(argc, argv);
