@@ -540,6 +540,139 @@ cancel_from_token(void)
     release(s, r, 2);
 }
 
+/* What kli_generate gives, or the scheduler gave, for one request. */
+struct gen_out {
+    char text[1024];
+    size_t len;
+    int32_t n_generated;
+    enum kli_finish finish;
+    int finishes;
+};
+
+static int
+gen_text(void *ud, const char *text, size_t len)
+{
+    struct gen_out *g = ud;
+
+    if (g->len + len < sizeof(g->text)) {
+        memcpy(g->text + g->len, text, len);
+        g->len += len;
+    }
+    return 0;
+}
+
+static void
+gen_finish(void *ud, const struct kli_sched_result *res)
+{
+    struct gen_out *g = res->user;
+
+    (void)ud;
+    g->finishes++;
+    g->finish = res->finish;
+    g->n_generated = res->n_generated;
+    g->len = res->len < sizeof(g->text) ? res->len : 0;
+    memcpy(g->text, res->text, g->len);
+}
+
+/* kli_generate in a fresh session of ctx_max tokens. */
+static void
+generate(struct gen_out *g, const kli_token *prompt, int32_t n, int32_t ctx_max,
+         const struct kli_sampler_options *so, int32_t max_tokens, const char *stop)
+{
+    struct kli_session_options o;
+    struct kli_generate_options go;
+    struct kli_generate_result res;
+    struct kli_session *s = NULL;
+    struct kli_sampler *smp = NULL;
+    struct kli_err err = {0};
+
+    memset(g, 0, sizeof(*g));
+    kli_session_options_init(&o);
+    o.ctx_max = ctx_max;
+    kli_generate_options_init(&go);
+    go.max_tokens = max_tokens;
+    go.stop = &stop;
+    go.n_stop = stop != NULL;
+    go.on_text = gen_text;
+    go.ud = g;
+    if (kli_session_create(&s, g_m, &o, &err) != KLI_OK ||
+        kli_sampler_create(&smp, so, g_V, &err) != KLI_OK ||
+        kli_generate(s, kli_model_tokenizer(g_m), smp, prompt, n, &go, &res, &err) != KLI_OK) {
+        diag("generate: %s", err.msg);
+        g->finish = KLI_FINISH_ERROR;
+    } else {
+        g->finish = res.finish;
+        g->n_generated = res.n_generated;
+    }
+    kli_sampler_free(smp);
+    kli_session_free(s);
+}
+
+/* The scheduler gives what kli_generate gives with the same sampler settings and seed:
+ * the text, the count and the reason, for a prompt that fills the context exactly and
+ * for a stop string taken from the middle of the text (it may span tokens). */
+static void
+like_generate(void)
+{
+    enum { CTX = 64, N = 3 };
+    struct kli_sched_options o;
+    struct kli_sched *s = NULL;
+    struct kli_err err = {0};
+    struct gen_out want[N], got[N];
+    kli_token prompt[CTX];
+    int32_t n[N] = {CTX, 20, 20}, max[N] = {5, 24, 24};
+    char stop[8] = "";
+    struct kli_sampler_options so;
+
+    kli_sampler_options_init(&so);
+    so.temperature = 0.9f;
+    so.seed = 77;
+    for (int32_t i = 0; i < CTX; i++)
+        prompt[i] = (kli_token)((i * 29 + 3) % 256);
+    generate(&want[0], prompt, n[0], CTX, &so, max[0], NULL);
+    generate(&want[1], prompt, n[1], CTX, &so, max[1], NULL);
+    /* three bytes from the middle of that text, without a NUL */
+    for (size_t at = want[1].len / 2; at + 3 <= want[1].len && stop[0] == '\0'; at++) {
+        if (memchr(want[1].text + at, '\0', 3) == NULL)
+            memcpy(stop, want[1].text + at, 3);
+    }
+    generate(&want[2], prompt, n[2], CTX, &so, max[2], stop[0] != '\0' ? stop : NULL);
+    ok(want[0].finish == KLI_FINISH_LENGTH && want[0].n_generated == 1,
+       "like generate: a full context gives one token (%d)", (int)want[0].n_generated);
+    ok(stop[0] != '\0' && want[2].finish == KLI_FINISH_STOP, "like generate: a stop string");
+
+    kli_sched_options_init(&o);
+    o.parallel = 2;
+    o.ctx_max = CTX;
+    o.prefix_bytes = 0;
+    o.on_finish = gen_finish;
+    ok(kli_sched_create(&s, g_m, &o, &err) == KLI_OK, "like generate: created %s", err.msg);
+    for (int i = 0; i < N && s != NULL; i++) {
+        struct kli_sched_request q;
+        const char *stops[1] = {stop};
+        memset(&got[i], 0, sizeof(got[i]));
+        kli_sched_request_init(&q);
+        q.prompt = prompt;
+        q.n_prompt = n[i];
+        q.so = so;
+        q.max_tokens = max[i];
+        q.stop = stops;
+        q.n_stop = i == 2 && stop[0] != '\0';
+        q.user = &got[i];
+        ok(kli_sched_submit(s, &q, NULL, &err) == KLI_OK, "like generate: submitted");
+    }
+    if (s != NULL)
+        run_all(s);
+    for (int i = 0; i < N; i++)
+        ok(got[i].finishes == 1 && got[i].finish == want[i].finish &&
+           got[i].n_generated == want[i].n_generated && got[i].len == want[i].len &&
+           memcmp(got[i].text, want[i].text, want[i].len) == 0,
+           "like generate: request %d: finish %d (%d), %d tokens (%d), %zu bytes (%zu)", i,
+           (int)got[i].finish, (int)want[i].finish, (int)got[i].n_generated,
+           (int)want[i].n_generated, got[i].len, want[i].len);
+    kli_sched_free(s);
+}
+
 int
 main(int argc, char **argv)
 {
@@ -551,6 +684,7 @@ main(int argc, char **argv)
         {"empty_prompt", empty_prompt},
         {"from_callbacks", from_callbacks},
         {"cancel_from_token", cancel_from_token},
+        {"like_generate", like_generate},
     };
 
     tap_init(argc, argv);
