@@ -7,9 +7,12 @@
  */
 #include "config.h"
 
+#include <dirent.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "kli.h"
 #include "tap.h"
@@ -673,6 +676,87 @@ like_generate(void)
     kli_sched_free(s);
 }
 
+static struct kli_sched *
+make_dir(uint64_t prefix_bytes, const char *dir, struct kli_err *err)
+{
+    struct kli_sched_options o;
+    struct kli_sched *s = NULL;
+
+    kli_sched_options_init(&o);
+    o.parallel = 1;
+    o.prefix_bytes = prefix_bytes;
+    o.prefix_dir = dir;
+    o.min_prefix = 16;
+    o.on_token = on_token;
+    o.on_finish = on_finish;
+    kli_sched_create(&s, g_m, &o, err);
+    return s;
+}
+
+/* Two schedulers share a prefix_dir, as two processes would: the second, with no memory
+ * for prefixes, starts from the file the first left and gets what it gets alone. A file
+ * where the directory should be is refused. */
+static void
+prefix_dir(void)
+{
+    char dir[] = "/tmp/kli-test-sched-XXXXXX", path[4200];
+    struct req r[3];
+    struct kli_err err = {0};
+    struct kli_sched_stats st;
+    struct kli_sched *a, *b;
+
+    if (mkdtemp(dir) == NULL) {
+        ok(0, "prefix dir: mkdtemp");
+        return;
+    }
+    for (int i = 0; i < 3; i++) {
+        req_init(&r[i], i == 0 ? "first" : i == 1 ? "second" : "other process", 220 + 10 * i,
+                 5, 0.9f, 60 + i);
+        for (int k = 0; k < 200; k++)
+            r[i].prompt[k] = (kli_token)((k * 17 + 3) % 256);
+        r[i].split = 200;
+    }
+    a = make_dir(64ULL << 20, dir, &err);
+    ok(a != NULL && submit(a, &r[0], NULL) == 0 && submit(a, &r[1], NULL) == 0,
+       "prefix dir: two requests %s", err.msg);
+    run_all(a);
+    kli_sched_stats(a, &st);
+    ok(st.prefix.disk_saves >= 1, "prefix dir: %lld saved", (long long)st.prefix.disk_saves);
+    b = make_dir(0, dir, &err);
+    ok(b != NULL && submit(b, &r[2], NULL) == 0, "prefix dir: a second scheduler %s",
+       err.msg);
+    run_all(b);
+    kli_sched_stats(b, &st);
+    ok(r[2].n_cached >= 200 && st.prefix.disk_loads >= 1, "prefix dir: %d tokens from a file",
+       (int)r[2].n_cached);
+    for (int i = 0; i < 3; i++)
+        same_as_alone(&r[i], 0, "prefix dir");
+    kli_sched_free(a);
+    kli_sched_free(b);
+
+    /* a file is no directory */
+    snprintf(path, sizeof(path), "%s/file", dir);
+    FILE *f = fopen(path, "w");
+    if (f != NULL)
+        fclose(f);
+    struct kli_sched *c = make_dir(0, path, &err);
+    ok(c == NULL && err.code == KLI_E_IO, "prefix dir: a file refused: %s", err.msg);
+
+    DIR *d = opendir(dir);
+    struct dirent *de;
+    while (d != NULL && (de = readdir(d)) != NULL) {
+        if (de->d_name[0] != '.') {
+            snprintf(path, sizeof(path), "%s/%s", dir, de->d_name);
+            unlink(path);
+        }
+    }
+    if (d != NULL)
+        closedir(d);
+    rmdir(dir);
+    for (int i = 0; i < 3; i++)
+        req_free(&r[i]);
+}
+
 int
 main(int argc, char **argv)
 {
@@ -685,6 +769,7 @@ main(int argc, char **argv)
         {"from_callbacks", from_callbacks},
         {"cancel_from_token", cancel_from_token},
         {"like_generate", like_generate},
+        {"prefix_dir", prefix_dir},
     };
 
     tap_init(argc, argv);
