@@ -735,8 +735,8 @@ KLI_API void kli_sched_free(struct kli_sched *s);
 
 /* Queues a request; *id (may be NULL) receives its id. Problems with its prompt (empty:
  * KLI_E_INVALID) or settings are reported through on_finish when its turn comes.
- * @return KLI_OK, KLI_E_INVALID (NULL prompt, negative counts, more than 16 stop strings)
- * or KLI_E_NOMEM. */
+ * @return KLI_OK, KLI_E_INVALID (NULL prompt, negative counts, more than 16 stop strings,
+ * a call from on_finish while kli_sched_free runs) or KLI_E_NOMEM. */
 KLI_API int kli_sched_submit(struct kli_sched *s, const struct kli_sched_request *r,
                              uint64_t *id, struct kli_err *err);
 /* Cancels a request: it ends (KLI_FINISH_INTERRUPT) before its next token, at the latest

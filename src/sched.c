@@ -84,6 +84,7 @@ struct kli_sched {
     int64_t steps, step_tokens;
     double step_s;
     int in_step;                  /* kli_sched_step is running: its callbacks may not step */
+    int freeing;                  /* kli_sched_free is running: nothing may be submitted */
 };
 
 static int
@@ -554,7 +555,8 @@ kli_sched_free(struct kli_sched *s)
 {
     if (s == NULL)
         return;
-    s->in_step = 1;   /* the on_finish calls below may not step a half-freed scheduler */
+    s->in_step = 1;   /* the on_finish calls below may not step a half-freed scheduler, */
+    s->freeing = 1;   /* nor submit (a resubmit on every end would never let it finish) */
     if (s->pl != NULL) {
         for (int32_t i = 0; i < s->o.parallel; i++) {
             if (s->pl[i].rq != NULL)
@@ -589,6 +591,8 @@ kli_sched_submit(struct kli_sched *s, const struct kli_sched_request *r, uint64_
         (r->stop == NULL && r->n_stop > 0))
         return err_set(err, KLI_E_INVALID, "kli_sched_submit: a NULL or negative "
                            "argument, or more than %d stop strings", SCHED_MAX_STOP);
+    if (s->freeing)
+        return err_set(err, KLI_E_INVALID, "kli_sched_submit: the scheduler is being freed");
     for (int32_t i = 0; i < r->n_stop; i++) {
         if (r->stop[i] == NULL || r->stop[i][0] == '\0')
             return err_set(err, KLI_E_INVALID, "kli_sched_submit: a NULL or empty stop "

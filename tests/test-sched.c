@@ -420,6 +420,7 @@ static struct {
     int late_done, victim_done;
     int bad;                      /* callbacks that got an answer they should not have */
     int steps_refused;
+    int freeing, submits_freeing;  /* submits during kli_sched_free that were accepted */
 } g_cb;
 
 static void
@@ -430,6 +431,10 @@ cb_finish(void *ud, const struct kli_sched_result *res)
     g_cb.bad += kli_sched_cancel(g_cb.s, res->id) != KLI_E_RANGE;
     /* a step from inside a step is refused */
     g_cb.steps_refused += kli_sched_step(g_cb.s) == KLI_E_INVALID;
+    /* a server that resubmits what was interrupted: refused while freeing, or the free
+     * would never end */
+    if (g_cb.freeing && g_cb.submits_freeing < 50 && res->finish == KLI_FINISH_INTERRUPT)
+        g_cb.submits_freeing += submit(g_cb.s, res->user, NULL) == 0;
     if (g_cb.late != NULL && !g_cb.late_done) {
         g_cb.late_done = 1;
         g_cb.bad += submit(g_cb.s, g_cb.late, NULL) != 0;
@@ -490,12 +495,15 @@ from_callbacks(void)
     ok(submit(s, &r[5], NULL) == 0 && kli_sched_step(s) == 1 && submit(s, &r[6], NULL) == 0,
        "callbacks: one runs, one waits");
     g_cb.steps_refused = 0;
+    g_cb.freeing = 1;
     kli_sched_free(s);
     ok(r[5].finishes == 1 && r[5].finish == KLI_FINISH_INTERRUPT && r[5].started &&
        r[6].finishes == 1 && r[6].finish == KLI_FINISH_INTERRUPT && !r[6].started,
        "callbacks: freeing ended the running and the waiting one once");
     ok(g_cb.bad == 0, "callbacks: %d wrong answers to calls from callbacks", g_cb.bad);
     ok(g_cb.steps_refused == 2, "callbacks: a step from on_finish refused while freeing too");
+    ok(g_cb.submits_freeing == 0, "callbacks: %d submits accepted while freeing",
+       g_cb.submits_freeing);
     for (int i = 0; i < 7; i++)
         req_free(&r[i]);
 }
