@@ -727,7 +727,8 @@ KLI_API void kli_sched_options_init(struct kli_sched_options *o);
 KLI_API void kli_sched_request_init(struct kli_sched_request *r);
 
 /* Creates the sessions (one per place, one for prefill) and the prefix cache.
- * @return KLI_OK, or a negative status (KLI_E_IO: prefix_dir could not be used). */
+ * @return KLI_OK, or a negative status (KLI_E_IO: prefix_dir could not be used;
+ * KLI_E_INVALID: options of size 0, not filled by kli_sched_options_init). */
 KLI_API int kli_sched_create(struct kli_sched **out, const struct kli_model *m,
                              const struct kli_sched_options *o, struct kli_err *err);
 /* Ends every request still held (on_finish with KLI_FINISH_INTERRUPT) and frees. NULL-safe. */
@@ -736,7 +737,7 @@ KLI_API void kli_sched_free(struct kli_sched *s);
 /* Queues a request; *id (may be NULL) receives its id. Problems with its prompt (empty:
  * KLI_E_INVALID) or settings are reported through on_finish when its turn comes.
  * @return KLI_OK, KLI_E_INVALID (NULL prompt, negative counts, more than 16 stop strings,
- * a call from on_finish while kli_sched_free runs) or KLI_E_NOMEM. */
+ * a request of size 0, a call from on_finish while kli_sched_free runs) or KLI_E_NOMEM. */
 KLI_API int kli_sched_submit(struct kli_sched *s, const struct kli_sched_request *r,
                              uint64_t *id, struct kli_err *err);
 /* Cancels a request: it ends (KLI_FINISH_INTERRUPT) before its next token, at the latest

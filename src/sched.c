@@ -503,12 +503,21 @@ kli_sched_create(struct kli_sched **out, const struct kli_model *m,
                  const struct kli_sched_options *o, struct kli_err *err)
 {
     struct kli_sched *s = NULL;
+    struct kli_sched_options opt;
     struct kli_session_options so;
     int rc;
 
     if (out == NULL || m == NULL || o == NULL)
         return err_set(err, KLI_E_INVALID, "kli_sched_create: NULL argument");
     *out = NULL;
+    if (o->size == 0)
+        return err_set(err, KLI_E_INVALID, "kli_sched_create: options not filled by "
+                           "kli_sched_options_init");
+    /* the members the caller's size covers; later ones keep their defaults (kli.h, ABI) */
+    kli_sched_options_init(&opt);
+    memcpy(&opt, o, o->size < sizeof(opt) ? o->size : sizeof(opt));
+    opt.size = sizeof(opt);
+    o = &opt;
     if (o->parallel < 1 || o->parallel > SCHED_MAX_PARALLEL || o->ctx_max < 0 ||
         o->join_tokens < 0 || o->min_prefix < 1)
         return err_set(err, KLI_E_RANGE, "scheduler: parallel must be 1..%d, ctx_max and "
@@ -585,7 +594,17 @@ kli_sched_submit(struct kli_sched *s, const struct kli_sched_request *r, uint64_
                  struct kli_err *err)
 {
     struct sched_req *q;
+    struct kli_sched_request req;
 
+    if (r != NULL && r->size == 0)
+        return err_set(err, KLI_E_INVALID, "kli_sched_submit: a request not filled by "
+                           "kli_sched_request_init");
+    if (r != NULL) {   /* the members the caller's size covers (kli.h, ABI) */
+        kli_sched_request_init(&req);
+        memcpy(&req, r, r->size < sizeof(req) ? r->size : sizeof(req));
+        req.size = sizeof(req);
+        r = &req;
+    }
     if (s == NULL || r == NULL || (r->prompt == NULL && r->n_prompt > 0) || r->n_prompt < 0 ||
         r->max_tokens < 0 || r->n_stop < 0 || r->n_stop > SCHED_MAX_STOP ||
         (r->stop == NULL && r->n_stop > 0))

@@ -9,6 +9,7 @@
 
 #include <dirent.h>
 #include <math.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -765,6 +766,57 @@ prefix_dir(void)
         req_free(&r[i]);
 }
 
+static int g_late_member_called;
+
+static void
+cb_late_member(void *ud, const struct kli_sched_result *res)
+{
+    (void)ud;
+    (void)res;
+    g_late_member_called++;
+}
+
+/* The size of kli_sched_options and kli_sched_request (kli.h, ABI): 0 (not filled by the
+ * _init) is refused; the members past a smaller size are not read but take defaults. */
+static void
+options_size(void)
+{
+    struct kli_sched_options o;
+    struct kli_sched_request q;
+    struct kli_sched *s = NULL;
+    struct kli_err err = {0};
+    kli_token prompt[8] = {1, 2, 3, 4, 5, 6, 7, 8};
+
+    memset(&o, 0, sizeof(o));
+    o.parallel = 2;
+    o.min_prefix = 64;
+    ok(kli_sched_create(&s, g_m, &o, &err) == KLI_E_INVALID && s == NULL,
+       "size: options without their _init refused: %s", err.msg);
+    kli_sched_options_init(&o);
+    o.prefix_bytes = 0;
+    o.size = offsetof(struct kli_sched_options, ud);
+    o.on_finish = cb_late_member;   /* past size: not read, NULL */
+    g_late_member_called = 0;
+    ok(kli_sched_create(&s, g_m, &o, &err) == KLI_OK, "size: an older, smaller struct %s",
+       err.msg);
+    memset(&q, 0, sizeof(q));
+    q.prompt = prompt;
+    q.n_prompt = 8;
+    q.max_tokens = 2;
+    q.so.seed = 1;
+    ok(kli_sched_submit(s, &q, NULL, &err) == KLI_E_INVALID,
+       "size: a request without its _init refused: %s", err.msg);
+    kli_sched_request_init(&q);
+    q.prompt = prompt;
+    q.n_prompt = 8;
+    q.max_tokens = 2;
+    ok(kli_sched_submit(s, &q, NULL, &err) == KLI_OK, "size: a request");
+    run_all(s);
+    kli_sched_free(s);
+    ok(g_late_member_called == 0, "size: a callback past size never called (%d)",
+       g_late_member_called);
+}
+
 int
 main(int argc, char **argv)
 {
@@ -778,6 +830,7 @@ main(int argc, char **argv)
         {"cancel_from_token", cancel_from_token},
         {"like_generate", like_generate},
         {"prefix_dir", prefix_dir},
+        {"options_size", options_size},
     };
 
     tap_init(argc, argv);
