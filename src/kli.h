@@ -630,8 +630,10 @@ KLI_API int kli_generate(struct kli_session *s, const struct kli_tokenizer *tok,
  * Prefix reuse: when a joining prompt shares at least `min_prefix` leading tokens with a
  * waiting request or one of the last few that ran, the state at the end of the shared part
  * is kept (up to `prefix_bytes`, optionally saved in `prefix_dir`), and every later request
- * starts from the longest kept prefix of its prompt. The result is bit-identical to
- * evaluating the whole prompt.
+ * starts from the longest kept prefix of its prompt. Its logits are bit-identical to
+ * evaluating the shared part and then the rest (not to one piece: the recurrence is
+ * chunked otherwise, equal to rounding); a prompt that shares a prefix is split there even
+ * when the kept state is evicted before its use.
  *
  * Results come through callbacks, called from kli_sched_step (and kli_sched_free), on the
  * caller's thread: on_token for every generated token, on_finish exactly once for every

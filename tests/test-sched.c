@@ -817,6 +817,44 @@ options_size(void)
        g_late_member_called);
 }
 
+/* The edges of the options: parallel 256 (and 257 refused), a prefix budget of one byte
+ * (every kept prefix evicted before its use; the shared part is still evaluated first),
+ * max_tokens 0 (the prompt only). */
+static void
+limits(void)
+{
+    static const struct spec sp[3] = {
+        {"wide", 30, 4, 0.9f}, {"prompt only", 25, 0, 0.9f}, {"wide too", 35, 6, 0.9f},
+    };
+    struct req r[3];
+    struct kli_sched_options o;
+    struct kli_sched *s = NULL;
+    struct kli_err err = {0};
+
+    kli_sched_options_init(&o);
+    o.parallel = 257;
+    ok(kli_sched_create(&s, g_m, &o, &err) == KLI_E_RANGE && s == NULL,
+       "limits: parallel 257 refused");
+    for (int pass = 0; pass < 2; pass++) {
+        const char *what = pass == 0 ? "parallel 256" : "prefix_bytes 1";
+        req_init_all(r, sp, 3, 70);
+        for (int i = 0; i < 3; i++) {
+            for (int k = 0; k < 20; k++)
+                r[i].prompt[k] = (kli_token)(k + 1);
+            r[i].split = pass == 1 ? 20 : 0;   /* the shared 20 are evaluated first */
+        }
+        s = pass == 0 ? make(256, 0, 0, 64) : make(1, 0, 1, 8);
+        ok(s != NULL && submit(s, &r[0], NULL) == 0 && submit(s, &r[1], NULL) == 0 &&
+           submit(s, &r[2], NULL) == 0, "limits: %s: three requests", what);
+        run_all(s);
+        same_as_alone(&r[0], 0, what);
+        same_as_alone(&r[2], 0, what);
+        ok(r[1].finishes == 1 && r[1].finish == KLI_FINISH_LENGTH && r[1].started &&
+           r[1].n_got == 0, "limits: %s: max_tokens 0 evaluates the prompt only", what);
+        release(s, r, 3);
+    }
+}
+
 int
 main(int argc, char **argv)
 {
@@ -831,6 +869,7 @@ main(int argc, char **argv)
         {"like_generate", like_generate},
         {"prefix_dir", prefix_dir},
         {"options_size", options_size},
+        {"limits", limits},
     };
 
     tap_init(argc, argv);
