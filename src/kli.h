@@ -743,7 +743,8 @@ KLI_API void kli_sched_free(struct kli_sched *s);
 KLI_API int kli_sched_submit(struct kli_sched *s, const struct kli_sched_request *r,
                              uint64_t *id, struct kli_err *err);
 /* Cancels a request: it ends (KLI_FINISH_INTERRUPT) before its next token, at the latest
- * at the start of the next step; one still waiting never starts. An ended request's id is unknown, in its own on_finish too.
+ * at the start of the next step; one still waiting never starts. An ended request's id is
+ * unknown, in its own on_finish too.
  * @return KLI_OK, or KLI_E_RANGE when no request has that id. */
 KLI_API int kli_sched_cancel(struct kli_sched *s, uint64_t id);
 /* One round: admits waiting requests, then decodes one token of every running request.
