@@ -855,6 +855,41 @@ limits(void)
     }
 }
 
+/* Identical prompts: the second starts from the whole prompt kept (nothing left to
+ * evaluate). A token id outside the vocabulary in a prompt that shares the prefix fails
+ * that request alone; the others get what they get alone. */
+static void
+identical_and_bad(void)
+{
+    static const struct spec sp[4] = {
+        {"same 1", 40, 5, 0.9f}, {"same 2", 40, 5, 0.9f}, {"bad id", 40, 5, 0.9f},
+        {"after", 45, 5, 0.9f},
+    };
+    struct req r[4];
+    struct kli_sched *s = make(1, 0, 64ULL << 20, 16);
+
+    req_init_all(r, sp, 4, 80);
+    for (int i = 0; i < 4; i++) {
+        for (int k = 0; k < 40; k++)
+            r[i].prompt[k] = (kli_token)((k * 7 + 1) % 256);
+        r[i].split = 40;
+        r[i].so.seed = 5;   /* the identical ones sample alike too */
+    }
+    r[2].prompt[39] = g_V + 3;
+    ok(s != NULL && submit(s, &r[0], NULL) == 0 && submit(s, &r[1], NULL) == 0 &&
+       submit(s, &r[2], NULL) == 0 && submit(s, &r[3], NULL) == 0,
+       "identical: four requests");
+    run_all(s);
+    same_as_alone(&r[0], 0, "identical");
+    same_as_alone(&r[1], 0, "identical");
+    same_as_alone(&r[3], 0, "identical");
+    ok(r[1].n_cached == 40 && memcmp(r[0].got, r[1].got, sizeof(r[0].got)) == 0,
+       "identical: the second started from all %d tokens kept", (int)r[1].n_cached);
+    ok(r[2].finishes == 1 && r[2].finish == KLI_FINISH_ERROR && r[2].status == KLI_E_RANGE,
+       "identical: a bad id fails alone: %s", r[2].error);
+    release(s, r, 4);
+}
+
 int
 main(int argc, char **argv)
 {
@@ -870,6 +905,7 @@ main(int argc, char **argv)
         {"prefix_dir", prefix_dir},
         {"options_size", options_size},
         {"limits", limits},
+        {"identical_and_bad", identical_and_bad},
     };
 
     tap_init(argc, argv);
