@@ -468,8 +468,13 @@ sched_decode(struct kli_sched *s)
             sched_finish(s, &s->pl[idx[j]], KLI_FINISH_ERROR, rc, err.msg);
         return n;
     }
-    for (int j = 0; j < n; j++)
-        sched_take(s, &s->pl[idx[j]], tk[j], lg[j]);
+    for (int j = 0; j < n; j++) {
+        struct sched_place *p = &s->pl[idx[j]];
+        if (p->rq->cancelled)   /* by a callback of an earlier row: no more tokens */
+            sched_finish(s, p, KLI_FINISH_INTERRUPT, KLI_OK, NULL);
+        else
+            sched_take(s, p, tk[j], lg[j]);
+    }
     s->step_s += util_now_s() - t0;
     s->step_tokens += n;
     s->steps++;

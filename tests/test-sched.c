@@ -523,6 +523,17 @@ cb_token_cancel(void *ud, const struct kli_sched_token *t)
         kli_sched_cancel(g_cancel_s, t->id);
 }
 
+static uint64_t g_cancel_other;
+
+/* on_finish that cancels another request, which decodes in the same step. */
+static void
+cb_finish_cancel(void *ud, const struct kli_sched_result *res)
+{
+    on_finish(ud, res);
+    if (g_cancel_other != 0)
+        kli_sched_cancel(g_cancel_s, g_cancel_other);
+}
+
 /* A request cancelled from on_token of its first token (sampled as it joins) gets no second
  * token; the one beside it goes on as alone. */
 static void
@@ -549,6 +560,26 @@ cancel_from_token(void)
     ok(r[0].finishes == 1 && r[0].finish == KLI_FINISH_INTERRUPT && r[0].n_got == 1,
        "cancel from token: ended after its first token (%d)", (int)r[0].n_got);
     same_as_alone(&r[1], 0, "cancel from token");
+    release(s, r, 2);
+
+    /* the first ends after 2 tokens and its on_finish cancels the second, decoded in the
+     * same step after it: the second gets no token after the cancel */
+    static const struct spec sq[2] = {{"short", 20, 2, 0.9f}, {"other", 16, 10, 0.9f}};
+    req_init_all(r, sq, 2, 55);
+    o.on_token = on_token;
+    o.on_finish = cb_finish_cancel;
+    s = NULL;
+    ok(kli_sched_create(&s, g_m, &o, &err) == KLI_OK, "cancel from finish: created");
+    g_cancel_s = s;
+    ok(submit(s, &r[0], NULL) == 0 && submit(s, &r[1], NULL) == 0,
+       "cancel from finish: two requests");
+    g_cancel_other = r[1].id;
+    run_all(s);
+    g_cancel_other = 0;
+    ok(r[0].finishes == 1 && r[0].n_got == 2 && r[1].finishes == 1 &&
+       r[1].finish == KLI_FINISH_INTERRUPT && r[1].n_got == 1,
+       "cancel from finish: the other ended with the first's step (%d tokens)",
+       (int)r[1].n_got);
     release(s, r, 2);
 }
 
