@@ -716,6 +716,16 @@ like_generate(void)
     kli_sched_free(s);
 }
 
+static int g_notices;
+
+static void
+on_notice(void *ud, const char *msg)
+{
+    (void)ud;
+    diag("notice: %s", msg);
+    g_notices++;
+}
+
 static struct kli_sched *
 make_dir(uint64_t prefix_bytes, const char *dir, struct kli_err *err)
 {
@@ -729,6 +739,7 @@ make_dir(uint64_t prefix_bytes, const char *dir, struct kli_err *err)
     o.min_prefix = 16;
     o.on_token = on_token;
     o.on_finish = on_finish;
+    o.on_notice = on_notice;
     kli_sched_create(&s, g_m, &o, err);
     return s;
 }
@@ -773,6 +784,31 @@ prefix_dir(void)
         same_as_alone(&r[i], 0, "prefix dir");
     kli_sched_free(a);
     kli_sched_free(b);
+
+    /* a prefix_dir gone after the start: every save fails, each with a notice; the
+     * requests go on as alone */
+    char gone[4300];
+    struct req g[2];
+    snprintf(gone, sizeof(gone), "%s/gone", dir);
+    struct kli_sched *e = make_dir(64ULL << 20, gone, &err);
+    rmdir(gone);
+    g_notices = 0;
+    for (int i = 0; i < 2; i++) {
+        req_init(&g[i], i == 0 ? "unsaved 1" : "unsaved 2", 40 + i, 4, 0.9f, 65 + i);
+        for (int k = 0; k < 30; k++)
+            g[i].prompt[k] = (kli_token)(k + 2);
+        g[i].split = 30;
+    }
+    ok(e != NULL && submit(e, &g[0], NULL) == 0 && submit(e, &g[1], NULL) == 0,
+       "prefix dir: a directory that went away");
+    run_all(e);
+    kli_sched_stats(e, &st);
+    ok(st.prefix.disk_errors >= 1 && g_notices == st.prefix.disk_errors,
+       "prefix dir: %d notices for %lld failed saves", g_notices,
+       (long long)st.prefix.disk_errors);
+    for (int i = 0; i < 2; i++)
+        same_as_alone(&g[i], 0, "prefix dir gone");
+    release(e, g, 2);
 
     /* a file is no directory */
     snprintf(path, sizeof(path), "%s/file", dir);
