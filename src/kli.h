@@ -694,7 +694,8 @@ struct kli_sched_options {
     /* Polled before each admission and between prefill pieces of 256 tokens: non-zero ends
      * the step at once (a request caught in its prefill ends as INTERRUPT). May be NULL. */
     int (*should_stop)(void *ud);
-    /* Problems that fail no request (a prefix could not be kept, or saved in prefix_dir). May be NULL. */
+    /* Problems that fail no request (a prefix could not be kept, or saved in prefix_dir).
+     * May be NULL. */
     void (*on_notice)(void *ud, const char *msg);
 };
 
