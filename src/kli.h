@@ -630,13 +630,18 @@ KLI_API int kli_generate(struct kli_session *s, const struct kli_tokenizer *tok,
  * Prefix reuse: when a joining prompt shares at least `min_prefix` leading tokens with a
  * waiting request or one of the last few that ran, the state at the end of the shared part
  * is kept (up to `prefix_bytes`, optionally saved in `prefix_dir`), and every later request
- * starts from the longest kept prefix of its prompt. The result is bit-identical to
- * evaluating the whole prompt.
+ * starts from the longest kept prefix of its prompt. Its logits are bit-identical to
+ * evaluating the shared part and then the rest (not to one piece: the recurrence is
+ * chunked otherwise, equal to rounding); a prompt that shares a prefix is split there even
+ * when the kept state is evicted before its use.
  *
  * Results come through callbacks, called from kli_sched_step (and kli_sched_free), on the
  * caller's thread: on_token for every generated token, on_finish exactly once for every
  * submitted request. A request's failure (a prompt longer than the context, bad sampler
- * settings) ends only that request. Not thread-safe: one thread drives a scheduler. */
+ * settings, an empty prompt) ends only that request. Not thread-safe: one thread drives a
+ * scheduler. The callbacks may call kli_sched_submit, kli_sched_cancel, kli_sched_waiting
+ * and kli_sched_stats; kli_sched_step from a callback is refused (KLI_E_INVALID), and
+ * kli_sched_free must never be called from one. */
 
 struct kli_sched;
 
@@ -689,7 +694,8 @@ struct kli_sched_options {
     /* Polled before each admission and between prefill pieces of 256 tokens: non-zero ends
      * the step at once (a request caught in its prefill ends as INTERRUPT). May be NULL. */
     int (*should_stop)(void *ud);
-    /* Problems that fail no request (a prefix could not be kept). May be NULL. */
+    /* Problems that fail no request (a prefix could not be kept, or saved in prefix_dir).
+     * May be NULL. */
     void (*on_notice)(void *ud, const char *msg);
 };
 
@@ -724,23 +730,27 @@ KLI_API void kli_sched_options_init(struct kli_sched_options *o);
 KLI_API void kli_sched_request_init(struct kli_sched_request *r);
 
 /* Creates the sessions (one per place, one for prefill) and the prefix cache.
- * @return KLI_OK, or a negative status (KLI_E_IO: prefix_dir could not be used). */
+ * @return KLI_OK, or a negative status (KLI_E_IO: prefix_dir could not be used;
+ * KLI_E_INVALID: options of size 0, not filled by kli_sched_options_init). */
 KLI_API int kli_sched_create(struct kli_sched **out, const struct kli_model *m,
                              const struct kli_sched_options *o, struct kli_err *err);
 /* Ends every request still held (on_finish with KLI_FINISH_INTERRUPT) and frees. NULL-safe. */
 KLI_API void kli_sched_free(struct kli_sched *s);
 
-/* Queues a request; *id (may be NULL) receives its id. Problems with its prompt or settings
- * are reported through on_finish when its turn comes. @return KLI_OK, KLI_E_INVALID (NULL
- * prompt, negative counts, more than 16 stop strings) or KLI_E_NOMEM. */
+/* Queues a request; *id (may be NULL) receives its id. Problems with its prompt (empty:
+ * KLI_E_INVALID) or settings are reported through on_finish when its turn comes.
+ * @return KLI_OK, KLI_E_INVALID (NULL prompt, negative counts, more than 16 stop strings,
+ * a request of size 0, a call from on_finish while kli_sched_free runs) or KLI_E_NOMEM. */
 KLI_API int kli_sched_submit(struct kli_sched *s, const struct kli_sched_request *r,
                              uint64_t *id, struct kli_err *err);
-/* Cancels a request: it ends (KLI_FINISH_INTERRUPT) at the start of the next step.
+/* Cancels a request: it ends (KLI_FINISH_INTERRUPT) before its next token, at the latest
+ * at the start of the next step; one still waiting never starts. An ended request's id is
+ * unknown, in its own on_finish too.
  * @return KLI_OK, or KLI_E_RANGE when no request has that id. */
 KLI_API int kli_sched_cancel(struct kli_sched *s, uint64_t id);
 /* One round: admits waiting requests, then decodes one token of every running request.
  * @return the number of requests decoded (0: nothing runs or waits, or should_stop said
- * stop), or KLI_E_INVALID for a NULL scheduler. */
+ * stop), or KLI_E_INVALID for a NULL scheduler or a call from one of its callbacks. */
 KLI_API int kli_sched_step(struct kli_sched *s);
 /* @return the number of requests waiting to be admitted. */
 KLI_API int32_t kli_sched_waiting(const struct kli_sched *s);

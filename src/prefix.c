@@ -359,7 +359,7 @@ prefix_cache_put(struct prefix_cache *c, const struct kli_session *s, struct kli
             return 0;
         }
     }
-    int rc;
+    int rc, saved = 1;
     if ((rc = prefix_session(c, len, &copy, err)) != KLI_OK ||
         (rc = kli_session_copy(copy, s, err)) != KLI_OK) {
         kli_session_free(copy);
@@ -368,16 +368,22 @@ prefix_cache_put(struct prefix_cache *c, const struct kli_session *s, struct kli
     if (c->dir != NULL) {
         uint64_t key = prefix_hash(c->model_key, toks, len);
         if (!prefix_disk_has(c, key, len)) {
-            if (prefix_disk_save(c, copy, key, len) == 0 && prefix_disk_add(c, key, len) == 0)
+            if (prefix_disk_save(c, copy, key, len) == 0 && prefix_disk_add(c, key, len) == 0) {
                 c->st.disk_saves++;
-            else
+            } else {
                 c->st.disk_errors++;
+                saved = 0;
+            }
         }
     }
     if (prefix_insert(c, copy) != 0) {
         kli_session_free(copy);
         return err_set(err, KLI_E_NOMEM, "out of memory");
     }
+    /* kept in memory all the same; the caller passes this on as a notice */
+    if (!saved)
+        return err_set(err, KLI_E_IO, "%s: a prefix of %d tokens could not be saved",
+                       c->dir, (int)len);
     return 0;
 }
 

@@ -83,6 +83,8 @@ struct kli_sched {
     uint64_t next_id;
     int64_t steps, step_tokens;
     double step_s;
+    int in_step;                  /* kli_sched_step is running: its callbacks may not step */
+    int freeing;                  /* kli_sched_free is running: nothing may be submitted */
 };
 
 static int
@@ -297,6 +299,10 @@ sched_join(struct kli_sched *s, struct sched_place *p, struct sched_req *r, int3
         sched_end(s, r, NULL, KLI_FINISH_ERROR, KLI_E_FORMAT, r->fail);
         return 0;
     }
+    if (r->n == 0) {   /* no logits to sample the first token from */
+        sched_end(s, r, NULL, KLI_FINISH_ERROR, KLI_E_INVALID, "an empty prompt");
+        return 0;
+    }
     if (r->n > ctx) {
         err_set(&err, KLI_E_RANGE, "the prompt of %d tokens does not fit the context of %d "
                     "tokens (--ctx)", (int)r->n, (int)ctx);
@@ -389,7 +395,13 @@ sched_fill(struct kli_sched *s)
                (spent < s->o.join_tokens || sched_running(s) == 0)) {
             struct sched_req *r = sched_pop(s);
             int32_t ev = 0;
-            if (r == NULL || sched_join(s, &s->pl[i], r, &ev) != 0)
+            if (r == NULL)
+                break;
+            if (r->cancelled) {   /* cancelled by a callback of this step: never starts */
+                sched_end(s, r, NULL, KLI_FINISH_INTERRUPT, KLI_OK, NULL);
+                continue;
+            }
+            if (sched_join(s, &s->pl[i], r, &ev) != 0)
                 break;
             spent += ev;
         }
@@ -406,14 +418,17 @@ sched_sweep(struct kli_sched *s)
         if (s->pl[i].rq != NULL && s->pl[i].rq->cancelled)
             sched_finish(s, &s->pl[i], KLI_FINISH_INTERRUPT, KLI_OK, NULL);
     }
-    int32_t k = 0;
-    for (int32_t i = 0; i < s->n_wait; i++) {
-        if (s->wait[i]->cancelled)
-            sched_end(s, s->wait[i], NULL, KLI_FINISH_INTERRUPT, KLI_OK, NULL);
-        else
-            s->wait[k++] = s->wait[i];
+    /* Each request leaves the list before its on_finish, which may submit or cancel (and
+     * so read the list). */
+    for (int32_t i = 0; i < s->n_wait;) {
+        struct sched_req *r = s->wait[i];
+        if (!r->cancelled) {
+            i++;
+            continue;
+        }
+        memmove(s->wait + i, s->wait + i + 1, (size_t)(--s->n_wait - i) * sizeof(*s->wait));
+        sched_end(s, r, NULL, KLI_FINISH_INTERRUPT, KLI_OK, NULL);
     }
-    s->n_wait = k;
 }
 
 /* One decode step of every running request. @return how many. */
@@ -429,6 +444,9 @@ sched_decode(struct kli_sched *s)
     double t0 = util_now_s();
 
     for (int32_t i = 0; i < s->o.parallel; i++) {
+        /* cancelled by a callback of this step (on_token of its first token): no more */
+        if (s->pl[i].rq != NULL && s->pl[i].rq->cancelled)
+            sched_finish(s, &s->pl[i], KLI_FINISH_INTERRUPT, KLI_OK, NULL);
         if (s->pl[i].rq != NULL) {
             ss[n] = s->pl[i].s;
             tk[n] = s->pl[i].next;
@@ -450,8 +468,13 @@ sched_decode(struct kli_sched *s)
             sched_finish(s, &s->pl[idx[j]], KLI_FINISH_ERROR, rc, err.msg);
         return n;
     }
-    for (int j = 0; j < n; j++)
-        sched_take(s, &s->pl[idx[j]], tk[j], lg[j]);
+    for (int j = 0; j < n; j++) {
+        struct sched_place *p = &s->pl[idx[j]];
+        if (p->rq->cancelled)   /* by a callback of an earlier row: no more tokens */
+            sched_finish(s, p, KLI_FINISH_INTERRUPT, KLI_OK, NULL);
+        else
+            sched_take(s, p, tk[j], lg[j]);
+    }
     s->step_s += util_now_s() - t0;
     s->step_tokens += n;
     s->steps++;
@@ -485,12 +508,21 @@ kli_sched_create(struct kli_sched **out, const struct kli_model *m,
                  const struct kli_sched_options *o, struct kli_err *err)
 {
     struct kli_sched *s = NULL;
+    struct kli_sched_options opt;
     struct kli_session_options so;
     int rc;
 
     if (out == NULL || m == NULL || o == NULL)
         return err_set(err, KLI_E_INVALID, "kli_sched_create: NULL argument");
     *out = NULL;
+    if (o->size == 0)
+        return err_set(err, KLI_E_INVALID, "kli_sched_create: options not filled by "
+                           "kli_sched_options_init");
+    /* the members the caller's size covers; later ones keep their defaults (kli.h, ABI) */
+    kli_sched_options_init(&opt);
+    memcpy(&opt, o, o->size < sizeof(opt) ? o->size : sizeof(opt));
+    opt.size = sizeof(opt);
+    o = &opt;
     if (o->parallel < 1 || o->parallel > SCHED_MAX_PARALLEL || o->ctx_max < 0 ||
         o->join_tokens < 0 || o->min_prefix < 1)
         return err_set(err, KLI_E_RANGE, "scheduler: parallel must be 1..%d, ctx_max and "
@@ -537,6 +569,8 @@ kli_sched_free(struct kli_sched *s)
 {
     if (s == NULL)
         return;
+    s->in_step = 1;   /* the on_finish calls below may not step a half-freed scheduler, */
+    s->freeing = 1;   /* nor submit (a resubmit on every end would never let it finish) */
     if (s->pl != NULL) {
         for (int32_t i = 0; i < s->o.parallel; i++) {
             if (s->pl[i].rq != NULL)
@@ -545,8 +579,12 @@ kli_sched_free(struct kli_sched *s)
             free(s->pl[i].text);
         }
     }
-    for (int32_t i = 0; i < s->n_wait; i++)
-        sched_end(s, s->wait[i], NULL, KLI_FINISH_INTERRUPT, KLI_OK, NULL);
+    /* Each leaves the list before its on_finish (which may submit or cancel). */
+    while (s->n_wait > 0) {
+        struct sched_req *r = s->wait[0];
+        memmove(s->wait, s->wait + 1, (size_t)(--s->n_wait) * sizeof(*s->wait));
+        sched_end(s, r, NULL, KLI_FINISH_INTERRUPT, KLI_OK, NULL);
+    }
     for (int i = 0; i < SCHED_RECENT; i++)
         free(s->recent[i]);
     free(s->wait);
@@ -561,12 +599,24 @@ kli_sched_submit(struct kli_sched *s, const struct kli_sched_request *r, uint64_
                  struct kli_err *err)
 {
     struct sched_req *q;
+    struct kli_sched_request req;
 
+    if (r != NULL && r->size == 0)
+        return err_set(err, KLI_E_INVALID, "kli_sched_submit: a request not filled by "
+                           "kli_sched_request_init");
+    if (r != NULL) {   /* the members the caller's size covers (kli.h, ABI) */
+        kli_sched_request_init(&req);
+        memcpy(&req, r, r->size < sizeof(req) ? r->size : sizeof(req));
+        req.size = sizeof(req);
+        r = &req;
+    }
     if (s == NULL || r == NULL || (r->prompt == NULL && r->n_prompt > 0) || r->n_prompt < 0 ||
         r->max_tokens < 0 || r->n_stop < 0 || r->n_stop > SCHED_MAX_STOP ||
         (r->stop == NULL && r->n_stop > 0))
         return err_set(err, KLI_E_INVALID, "kli_sched_submit: a NULL or negative "
                            "argument, or more than %d stop strings", SCHED_MAX_STOP);
+    if (s->freeing)
+        return err_set(err, KLI_E_INVALID, "kli_sched_submit: the scheduler is being freed");
     for (int32_t i = 0; i < r->n_stop; i++) {
         if (r->stop[i] == NULL || r->stop[i][0] == '\0')
             return err_set(err, KLI_E_INVALID, "kli_sched_submit: a NULL or empty stop "
@@ -623,12 +673,16 @@ kli_sched_cancel(struct kli_sched *s, uint64_t id)
 int
 kli_sched_step(struct kli_sched *s)
 {
-    if (s == NULL)
+    int n = 0;
+
+    if (s == NULL || s->in_step)   /* from one of its own callbacks */
         return KLI_E_INVALID;
+    s->in_step = 1;
     sched_sweep(s);
-    if (sched_fill(s) <= 0)
-        return 0;
-    return sched_decode(s);
+    if (sched_fill(s) > 0)
+        n = sched_decode(s);
+    s->in_step = 0;
+    return n;
 }
 
 int32_t
