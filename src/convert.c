@@ -162,10 +162,10 @@ kli_convert(const char *in, const char *out, const struct kli_convert_options *o
 
     if (in == NULL || out == NULL)
         return err_set(err, KLI_E_INVALID, "kli_convert: NULL argument");
-    if (opt == NULL) {
-        kli_convert_options_init(&dflt);
-        opt = &dflt;
-    }
+    kli_convert_options_init(&dflt);
+    if (opts_take(&dflt, sizeof(dflt), opt, "kli_convert", err) != KLI_OK)
+        return KLI_E_INVALID;
+    opt = &dflt;
     if (opt->type != NULL && dtype_parse(opt->type, &want) != 0)
         return err_set(err, KLI_E_RANGE, "unknown weight type \"%s\" (bf16, q8_0, q4, f16, "
                            "f32)", opt->type);

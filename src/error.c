@@ -4,6 +4,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "internal.h"
 
@@ -49,4 +50,20 @@ panic(const char *file, int line, const char *what)
 {
     fprintf(stderr, "kli: internal error at %s:%d: %s\n", file, line, what);
     abort();
+}
+
+int
+opts_take(void *dflt, size_t cap, const void *opt, const char *fn, struct kli_err *err)
+{
+    size_t n;
+
+    if (opt == NULL)
+        return KLI_OK;
+    memcpy(&n, opt, sizeof(n));
+    if (n == 0)
+        return err_set(err, KLI_E_INVALID, "%s: options not filled by their _init function",
+                       fn);
+    memcpy(dflt, opt, n < cap ? n : cap);
+    memcpy(dflt, &cap, sizeof(cap));
+    return KLI_OK;
 }

@@ -24,6 +24,12 @@
  * so that `return err_set(err, KLI_E_FORMAT, "...")` reads naturally. */
 int err_set(struct kli_err *err, int code, const char *fmt, ...) KLI_PRINTF(3, 4);
 
+/* The options a public function works with, by kli.h's ABI rule: *dflt holds the defaults
+ * (from the struct's _init, `size` first) and gets the members the caller's opt->size
+ * covers; the later members keep their defaults. opt NULL: the defaults alone.
+ * @return KLI_OK, or KLI_E_INVALID when opt->size is 0 (opt not filled by its _init). */
+int opts_take(void *dflt, size_t cap, const void *opt, const char *fn, struct kli_err *err);
+
 /* For our own bugs only, never for input validation. On in every build. */
 KLI_NORETURN void panic(const char *file, int line, const char *what);
 #define KLI_ASSERT(cond) \

@@ -260,10 +260,10 @@ kli_quantize(const char *in, const char *out, const struct kli_convert_options *
     struct stat st;
     int rc;
 
-    if (opt == NULL) {
-        kli_quantize_options_init(&dflt);
-        opt = &dflt;
-    }
+    kli_quantize_options_init(&dflt);
+    if (opts_take(&dflt, sizeof(dflt), opt, "kli_quantize", err) != KLI_OK)
+        return KLI_E_INVALID;
+    opt = &dflt;
     if (opt->type == NULL)   /* as kli_convert_options_init leaves it: convert's "as stored" */
         return err_set(err, KLI_E_RANGE, "kli_quantize: no weight type (q8_0, q4, bf16, "
                            "f16, f32)");

@@ -515,13 +515,9 @@ kli_sched_create(struct kli_sched **out, const struct kli_model *m,
     if (out == NULL || m == NULL || o == NULL)
         return err_set(err, KLI_E_INVALID, "kli_sched_create: NULL argument");
     *out = NULL;
-    if (o->size == 0)
-        return err_set(err, KLI_E_INVALID, "kli_sched_create: options not filled by "
-                           "kli_sched_options_init");
-    /* the members the caller's size covers; later ones keep their defaults (kli.h, ABI) */
     kli_sched_options_init(&opt);
-    memcpy(&opt, o, o->size < sizeof(opt) ? o->size : sizeof(opt));
-    opt.size = sizeof(opt);
+    if (opts_take(&opt, sizeof(opt), o, "kli_sched_create", err) != KLI_OK)
+        return KLI_E_INVALID;
     o = &opt;
     if (o->parallel < 1 || o->parallel > SCHED_MAX_PARALLEL || o->ctx_max < 0 ||
         o->join_tokens < 0 || o->min_prefix < 1)
@@ -601,15 +597,11 @@ kli_sched_submit(struct kli_sched *s, const struct kli_sched_request *r, uint64_
     struct sched_req *q;
     struct kli_sched_request req;
 
-    if (r != NULL && r->size == 0)
-        return err_set(err, KLI_E_INVALID, "kli_sched_submit: a request not filled by "
-                           "kli_sched_request_init");
-    if (r != NULL) {   /* the members the caller's size covers (kli.h, ABI) */
-        kli_sched_request_init(&req);
-        memcpy(&req, r, r->size < sizeof(req) ? r->size : sizeof(req));
-        req.size = sizeof(req);
+    kli_sched_request_init(&req);
+    if (opts_take(&req, sizeof(req), r, "kli_sched_submit", err) != KLI_OK)
+        return KLI_E_INVALID;
+    if (r != NULL)
         r = &req;
-    }
     if (s == NULL || r == NULL || (r->prompt == NULL && r->n_prompt > 0) || r->n_prompt < 0 ||
         r->max_tokens < 0 || r->n_stop < 0 || r->n_stop > SCHED_MAX_STOP ||
         (r->stop == NULL && r->n_stop > 0))

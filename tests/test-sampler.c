@@ -12,6 +12,7 @@
 #include "config.h"
 
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -619,6 +620,29 @@ test_basics(void)
     kli_sampler_free(NULL);
 }
 
+/* kli.h's ABI rule, through the one helper every options-taking function uses: options
+ * not filled by their _init are refused, and members past the caller's size are the
+ * defaults, whatever the caller's memory holds there. */
+static void
+test_abi_size(void)
+{
+    struct kli_sampler_options o;
+    struct kli_sampler *s = NULL;
+    struct kli_err err = {0};
+
+    memset(&o, 0, sizeof(o));
+    ok(kli_sampler_create(&s, &o, 3, &err) == KLI_E_INVALID && s == NULL,
+       "options with size 0 refused: %s", err.msg);
+    kli_sampler_options_init(&o);
+    o.size = offsetof(struct kli_sampler_options, top_k);   /* an older, shorter struct */
+    o.temperature = 0.0f;
+    o.top_p = 5.0f;                                            /* not the caller's: ignored */
+    err.msg[0] = '\0';
+    ok(kli_sampler_create(&s, &o, 3, &err) == KLI_OK && s != NULL,
+       "members past size take their defaults %s", err.msg);
+    kli_sampler_free(s);
+}
+
 int
 main(int argc, char **argv)
 {
@@ -631,6 +655,8 @@ main(int argc, char **argv)
         test_extremes();
     if (tap_case("basics"))
         test_basics();
+    if (tap_case("abi_size"))
+        test_abi_size();
     plan_done();
     return tap_exit();
 }
