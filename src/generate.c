@@ -65,8 +65,8 @@ kli_generate(struct kli_session *s, const struct kli_tokenizer *tok, struct kli_
     struct kli_generate_options dflt;
     struct kli_generate_result r;
     struct gen_text text = {NULL, 0, 0};
-    kli_token ends[3];
-    int rc = KLI_OK, n_ends = 0;
+    kli_token ends[TOKENIZER_N_ENDS];
+    int rc = KLI_OK;
     double t0;
 
     memset(&r, 0, sizeof(r));
@@ -84,9 +84,7 @@ kli_generate(struct kli_session *s, const struct kli_tokenizer *tok, struct kli_
         if (opt->stop[i] == NULL || opt->stop[i][0] == '\0')
             return err_set(err, KLI_E_INVALID, "stop string %d is empty", i);
     }
-    ends[n_ends++] = s->m->cfg.eos;
-    ends[n_ends++] = kli_tokenizer_find_special(tok, "<|im_end|>");
-    ends[n_ends++] = kli_tokenizer_find_special(tok, "[EOS]");
+    tokenizer_end_tokens(tok, s->m->cfg.eos, ends);
     int32_t n_base = kli_tokenizer_n_base(tok);
 
     t0 = util_now_s();
@@ -104,7 +102,7 @@ kli_generate(struct kli_session *s, const struct kli_tokenizer *tok, struct kli_
         kli_token t = kli_sampler_sample(smp, kli_session_logits(s));
         int is_end = 0;
         r.last = t;
-        for (int i = 0; i < n_ends; i++)
+        for (int i = 0; i < TOKENIZER_N_ENDS; i++)
             is_end |= ends[i] >= 0 && t == ends[i];
         if (is_end) {
             r.finish = KLI_FINISH_EOS;

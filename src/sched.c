@@ -35,6 +35,7 @@
 #include "kli.h"
 #include "internal.h"
 #include "prefix.h"
+#include "tokenizer.h"
 #include "util.h"
 
 #define SCHED_MAX_PARALLEL 256
@@ -78,7 +79,7 @@ struct kli_sched {
     kli_token *recent[SCHED_RECENT];
     int32_t n_recent[SCHED_RECENT];
     int at_recent;
-    kli_token ends[3];
+    kli_token ends[TOKENIZER_N_ENDS];
     int32_t n_base;
     uint64_t next_id;
     int64_t steps, step_tokens;
@@ -171,7 +172,7 @@ sched_take(struct kli_sched *s, struct sched_place *p, kli_token t, const float 
     size_t old = p->n_text, len = 0;
     const char *bytes = NULL;
 
-    for (int i = 0; i < 3; i++) {
+    for (int i = 0; i < TOKENIZER_N_ENDS; i++) {
         if (s->ends[i] >= 0 && t == s->ends[i]) {
             sched_finish(s, p, KLI_FINISH_EOS, KLI_OK, NULL);
             return;
@@ -535,9 +536,7 @@ kli_sched_create(struct kli_sched **out, const struct kli_model *m,
         rc = err_set(err, KLI_E_INVALID, "scheduler: the model has no tokenizer");
         goto fail;
     }
-    s->ends[0] = kli_model_eos(m);
-    s->ends[1] = kli_tokenizer_find_special(s->tok, "<|im_end|>");
-    s->ends[2] = kli_tokenizer_find_special(s->tok, "[EOS]");
+    tokenizer_end_tokens(s->tok, kli_model_eos(m), s->ends);
     s->n_base = kli_tokenizer_n_base(s->tok);
     kli_session_options_init(&so);
     so.ctx_max = o->ctx_max;

@@ -28,6 +28,12 @@ int tokenizer_open_mem(struct kli_tokenizer **out, const char *ranks, size_t ran
                        const char *config, size_t config_len, const char *name,
                        struct kli_err *err);
 
+/* The tokens that end generation, for kli_generate and the scheduler: the model's `eos`,
+ * <|im_end|> and [EOS]; one that is absent is -1. In tokenizer_load.c. */
+#define TOKENIZER_N_ENDS 3
+void tokenizer_end_tokens(const struct kli_tokenizer *t, kli_token eos,
+                          kli_token ends[TOKENIZER_N_ENDS]);
+
 /* Internal, for tests only (not part of the public API): a kli_tokenize() flag that makes
  * PCRE2 split every piece, bypassing the ASCII fast path, so that tests can compare the two. */
 #define TOKENIZER_PCRE2_ONLY (1 << 30)

@@ -717,3 +717,12 @@ kli_tokenizer_find_special(const struct kli_tokenizer *t, const char *name)
         return -1;
     return tok_map_find(t, &t->specials, (const unsigned char *)name, strlen(name));
 }
+
+void
+tokenizer_end_tokens(const struct kli_tokenizer *t, kli_token eos,
+                     kli_token ends[TOKENIZER_N_ENDS])
+{
+    ends[0] = eos;
+    ends[1] = kli_tokenizer_find_special(t, "<|im_end|>");
+    ends[2] = kli_tokenizer_find_special(t, "[EOS]");
+}
