@@ -89,7 +89,7 @@ struct k_arena_chunk {
 
 struct arena {
     struct k_arena_chunk *c;
-    int n, cap;
+    int32_t n, cap;
 };
 
 /* @return n bytes (64-byte aligned, contents unspecified), or NULL when out of memory. */
