@@ -73,7 +73,7 @@ AVX512_INLINE float
 avx512_hsum(__m512 v)
 {
     return avx2_hsum(_mm256_add_ps(_mm512_castps512_ps256(v),
-                                        _mm512_extractf32x8_ps(v, 1)));
+                                 _mm512_extractf32x8_ps(v, 1)));
 }
 
 /* The first r (0..16) lanes. */

@@ -29,7 +29,7 @@
  *   w  [n][k] in the kernel's dtype, rows contiguous (row r at byte r * row_bytes(k)).
  * k is a multiple of the dtype's block size. */
 typedef void (*matmul_fn)(float *y, int64_t ldy, const float *x, int64_t ldx,
-                              const void *w, int64_t n, int64_t k, int64_t m);
+                          const void *w, int64_t n, int64_t k, int64_t m);
 
 /* Element j of a row of float-type weights (F32, F16 or BF16) as a float, for the scalar
  * tails of the SIMD kernels; f16 converts the half at p (with the ISA's own instruction: it is
@@ -64,7 +64,7 @@ simd_load1(enum k_dtype dt, const uint8_t *row, int64_t j, float (*f16)(const ui
 
 struct k_kernels {
     const char *name;                        /* "generic", "avx2", "avx512", "neon", ... */
-    matmul_fn matmul[KLI_DT_COUNT];      /* NULL for KLI_DT_OTHER */
+    matmul_fn matmul[KLI_DT_COUNT];          /* NULL for KLI_DT_OTHER */
     /* @return sum a[i]*b[i], i < n */
     float (*dot)(const float *a, const float *b, int64_t n);
     /* y[i] += a * x[i] */

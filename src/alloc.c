@@ -135,15 +135,11 @@ arena_alloc(struct arena *a, size_t n)
         return NULL;
     n = n == 0 ? 64 : (n + 63) & ~(size_t)63;
     if (c == NULL || c->len - c->used < n) {
-        if (a->n == a->cap) {
-            int nc = a->cap ? a->cap * 2 : 16;
-            struct k_arena_chunk *g = k_reallocarray(a->c, (size_t)nc, sizeof(*g));
+        struct k_arena_chunk *g = k_grow(a->c, a->n, &a->cap, 16, sizeof(*g));
 
-            if (g == NULL)
-                return NULL;
-            a->c = g;
-            a->cap = nc;
-        }
+        if (g == NULL)
+            return NULL;
+        a->c = g;
         c = &a->c[a->n];
         if (arena_chunk(c, n) != 0)
             return NULL;

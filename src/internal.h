@@ -79,8 +79,7 @@ void text_printf(struct text_buf *t, const char *fmt, ...) KLI_PRINTF(2, 3);
  * *len excludes the NUL). A file over `max` bytes is refused before anything is read.
  * @return KLI_OK, KLI_E_IO (as kli_file_open, or a read error), KLI_E_RANGE (over max) or
  *         KLI_E_NOMEM, with a message naming the path. */
-int file_read(const char *path, uint64_t max, char **buf, size_t *len,
-                  struct kli_err *err);
+int file_read(const char *path, uint64_t max, char **buf, size_t *len, struct kli_err *err);
 
 /* Memory for many long-lived blocks freed together (the weights converted at open): carved
  * 64-byte aligned from chunks of at least KLI_ARENA_CHUNK bytes that start on 2 MiB
@@ -95,7 +94,7 @@ struct k_arena_chunk {
 
 struct arena {
     struct k_arena_chunk *c;
-    int n, cap;
+    int32_t n, cap;
 };
 
 /* @return n bytes (64-byte aligned, contents unspecified), or NULL when out of memory. */
