@@ -28,47 +28,51 @@ struct cfg_ctx {
     struct kli_err *err;
 };
 
+/* A number under KEY into *iout (an integer) or else *fout: DFLT where it is absent or null
+ * (an error where REQUIRED), an error where it is not a number (not an integer, for *iout)
+ * or outside [lo, hi]. */
 static int
-cfg_int(struct cfg_ctx *c, const cJSON *obj, const char *key, int required, int64_t dflt,
-        int64_t lo, int64_t hi, int32_t *out)
+cfg_number(struct cfg_ctx *c, const cJSON *obj, const char *key, int required, double dflt,
+           double lo, double hi, int32_t *iout, float *fout)
 {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(obj, key);
+    double x = dflt;
 
     if (v == NULL || cJSON_IsNull(v)) {
         if (required)
             return err_set(c->err, KLI_E_FORMAT, "%s: missing key \"%s\"", c->fname, key);
-        *out = (int32_t)dflt;
-        return KLI_OK;
+    } else {
+        x = v->valuedouble;
+        if (!cJSON_IsNumber(v) || (iout != NULL && x != floor(x)))
+            return err_set(c->err, KLI_E_FORMAT, "%s: \"%s\" must be %s", c->fname, key,
+                               iout != NULL ? "an integer" : "a number");
+        if (!(x >= lo && x <= hi) && iout != NULL)
+            return err_set(c->err, KLI_E_RANGE, "%s: \"%s\" is %.0f, outside [%lld, %lld]",
+                               c->fname, key, x, (long long)lo, (long long)hi);
+        if (!(x >= lo && x <= hi))
+            return err_set(c->err, KLI_E_RANGE, "%s: \"%s\" is %g, outside [%g, %g]",
+                               c->fname, key, x, lo, hi);
     }
-    if (!cJSON_IsNumber(v) || v->valuedouble != floor(v->valuedouble))
-        return err_set(c->err, KLI_E_FORMAT, "%s: \"%s\" must be an integer", c->fname,
-                           key);
-    if (v->valuedouble < (double)lo || v->valuedouble > (double)hi)
-        return err_set(c->err, KLI_E_RANGE, "%s: \"%s\" is %.0f, outside [%lld, %lld]",
-                           c->fname, key, v->valuedouble, (long long)lo, (long long)hi);
-    *out = (int32_t)v->valuedouble;
+    if (iout != NULL)
+        *iout = (int32_t)x;
+    else
+        *fout = (float)x;
     return KLI_OK;
+}
+
+/* Its bounds and defaults are small: exact in a double. */
+static int
+cfg_int(struct cfg_ctx *c, const cJSON *obj, const char *key, int required, int64_t dflt,
+        int64_t lo, int64_t hi, int32_t *out)
+{
+    return cfg_number(c, obj, key, required, (double)dflt, (double)lo, (double)hi, out, NULL);
 }
 
 static int
 cfg_float(struct cfg_ctx *c, const cJSON *obj, const char *key, int required, double dflt,
           double lo, double hi, float *out)
 {
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(obj, key);
-
-    if (v == NULL || cJSON_IsNull(v)) {
-        if (required)
-            return err_set(c->err, KLI_E_FORMAT, "%s: missing key \"%s\"", c->fname, key);
-        *out = (float)dflt;
-        return KLI_OK;
-    }
-    if (!cJSON_IsNumber(v))
-        return err_set(c->err, KLI_E_FORMAT, "%s: \"%s\" must be a number", c->fname, key);
-    if (!(v->valuedouble >= lo && v->valuedouble <= hi))
-        return err_set(c->err, KLI_E_RANGE, "%s: \"%s\" is %g, outside [%g, %g]",
-                           c->fname, key, v->valuedouble, lo, hi);
-    *out = (float)v->valuedouble;
-    return KLI_OK;
+    return cfg_number(c, obj, key, required, dflt, lo, hi, NULL, out);
 }
 
 static int
