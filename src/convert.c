@@ -31,8 +31,7 @@ enum {
 void
 kli_convert_options_init(struct kli_convert_options *opt)
 {
-    memset(opt, 0, sizeof(*opt));
-    opt->size = sizeof(*opt);
+    *opt = (struct kli_convert_options){.size = sizeof(*opt)};
 }
 
 /* One tensor in file order. */

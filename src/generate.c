@@ -21,9 +21,7 @@
 void
 kli_generate_options_init(struct kli_generate_options *opt)
 {
-    memset(opt, 0, sizeof(*opt));
-    opt->size = sizeof(*opt);
-    opt->max_tokens = 256;
+    *opt = (struct kli_generate_options){.size = sizeof(*opt), .max_tokens = 256};
 }
 
 /* Longest k < strlen(stop) such that buf ends with the first k bytes of stop. */

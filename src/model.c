@@ -538,9 +538,7 @@ model_fingerprint(const struct kli_model *m)
 void
 kli_model_options_init(struct kli_model_options *opt)
 {
-    memset(opt, 0, sizeof(*opt));
-    opt->size = sizeof(*opt);
-    opt->gpu_experts = -1;
+    *opt = (struct kli_model_options){.size = sizeof(*opt), .gpu_experts = -1};
 }
 
 static void

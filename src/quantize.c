@@ -23,9 +23,7 @@
 void
 kli_quantize_options_init(struct kli_convert_options *opt)
 {
-    memset(opt, 0, sizeof(*opt));
-    opt->size = sizeof(*opt);
-    opt->type = "q8_0";
+    *opt = (struct kli_convert_options){.size = sizeof(*opt), .type = "q8_0"};
 }
 
 /* Tensors that stay as stored by default: what the math reads element by element or

@@ -44,15 +44,9 @@ struct kli_sampler {
 void
 kli_sampler_options_init(struct kli_sampler_options *o)
 {
-    memset(o, 0, sizeof(*o));
-    o->size = sizeof(*o);
-    o->temperature = 0.7f;
-    o->top_k = 0;
-    o->top_p = 0.9f;
-    o->min_p = 0.0f;
-    o->repeat_penalty = 1.0f;
-    o->penalty_last_n = 64;
-    o->seed = 0x5eed;
+    *o = (struct kli_sampler_options){.size = sizeof(*o), .temperature = 0.7f, .top_k = 0,
+                                      .top_p = 0.9f, .min_p = 0.0f, .repeat_penalty = 1.0f,
+                                      .penalty_last_n = 64, .seed = 0x5eed};
 }
 
 void

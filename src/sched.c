@@ -487,21 +487,15 @@ sched_decode(struct kli_sched *s)
 void
 kli_sched_options_init(struct kli_sched_options *o)
 {
-    memset(o, 0, sizeof(*o));
-    o->size = sizeof(*o);
-    o->parallel = 8;
-    o->join_tokens = 512;
-    o->min_prefix = 64;
-    o->prefix_bytes = 1ULL << 30;
+    *o = (struct kli_sched_options){.size = sizeof(*o), .parallel = 8, .join_tokens = 512,
+                                    .min_prefix = 64, .prefix_bytes = 1ULL << 30};
 }
 
 void
 kli_sched_request_init(struct kli_sched_request *r)
 {
-    memset(r, 0, sizeof(*r));
-    r->size = sizeof(*r);
+    *r = (struct kli_sched_request){.size = sizeof(*r), .max_tokens = 256};
     kli_sampler_options_init(&r->so);
-    r->max_tokens = 256;
 }
 
 int

@@ -25,8 +25,7 @@
 void
 kli_session_options_init(struct kli_session_options *opt)
 {
-    memset(opt, 0, sizeof(*opt));
-    opt->size = sizeof(*opt);
+    *opt = (struct kli_session_options){.size = sizeof(*opt)};
 }
 
 /* ==== The table of buffers ================================================================ */

@@ -32,12 +32,8 @@ enum {
 void
 kli_synth_options_init(struct kli_synth_options *opt)
 {
-    memset(opt, 0, sizeof(*opt));
-    opt->size = sizeof(*opt);
-    opt->n_layers = 4;
-    opt->n_experts = 64;
-    opt->type = "bf16";
-    opt->seed = 1;
+    *opt = (struct kli_synth_options){.size = sizeof(*opt), .n_layers = 4, .n_experts = 64,
+                                      .type = "bf16", .seed = 1};
 }
 
 enum sy_init { SY_MAT, SY_ONES, SY_CONV, SY_ALOG, SY_DTBIAS, SY_SMALL };
