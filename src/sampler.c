@@ -151,28 +151,12 @@ kli_sampler_accept(struct kli_sampler *smp, kli_token tok)
 
 /* ==== state for snapshots (sampler.h) ==================================================== */
 
-const struct kli_sampler_options *
-sampler_options(const struct kli_sampler *smp)
+struct sampler_state
+sampler_state(const struct kli_sampler *smp)
 {
-    return &smp->o;
-}
+    struct sampler_state st = {&smp->o, smp->n_vocab, smp->rng, smp->n_recent};
 
-int32_t
-sampler_n_vocab(const struct kli_sampler *smp)
-{
-    return smp->n_vocab;
-}
-
-uint64_t
-sampler_rng(const struct kli_sampler *smp)
-{
-    return smp->rng;
-}
-
-int32_t
-sampler_n_recent(const struct kli_sampler *smp)
-{
-    return smp->n_recent;
+    return st;
 }
 
 kli_token

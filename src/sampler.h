@@ -10,17 +10,16 @@
 
 #include "kli.h"
 
-/* @return the options the sampler was created with (borrowed). */
-const struct kli_sampler_options *sampler_options(const struct kli_sampler *smp);
+/* What a snapshot keeps of a sampler, besides its recent tokens (sampler_recent). */
+struct sampler_state {
+    const struct kli_sampler_options *o;   /* the options it was created with (borrowed) */
+    int32_t n_vocab;    /* the vocabulary size it was created for */
+    uint64_t rng;       /* the random stream; never 0 (xorshift64* would stay at 0) */
+    int32_t n_recent;   /* recent tokens held (at most the options' penalty_last_n) */
+};
 
-/* @return the vocabulary size the sampler was created for. */
-int32_t sampler_n_vocab(const struct kli_sampler *smp);
-
-/* @return the state of the random stream; never 0 (xorshift64* would stay at 0). */
-uint64_t sampler_rng(const struct kli_sampler *smp);
-
-/* @return the number of recent tokens held (at most the options' penalty_last_n). */
-int32_t sampler_n_recent(const struct kli_sampler *smp);
+/* @return the sampler's state. */
+struct sampler_state sampler_state(const struct kli_sampler *smp);
 
 /* @return recent token i, oldest first: i in [0, sampler_n_recent). */
 kli_token sampler_recent(const struct kli_sampler *smp, int32_t i);

@@ -314,7 +314,7 @@ snap_payload_bytes(const struct kli_session *s, const struct kli_sampler *smp)
     uint64_t n = snap_state_bytes(s, s->pos, s->has_logits);
 
     if (smp != NULL)
-        n += SNAP_SAMPLER_FIXED + 4 * (uint64_t)sampler_n_recent(smp);
+        n += SNAP_SAMPLER_FIXED + 4 * (uint64_t)sampler_state(smp).n_recent;
     return n;
 }
 
@@ -343,8 +343,9 @@ snap_put_payload(struct snap_enc *e, const struct kli_session *s, const struct k
         snap_put_words(e, session_buf_ptr(b), session_state_words(b, s->pos));
     }
     if (smp != NULL) {
-        const struct kli_sampler_options *o = sampler_options(smp);
-        snap_put32(e, (uint32_t)sampler_n_vocab(smp));
+        struct sampler_state st = sampler_state(smp);
+        const struct kli_sampler_options *o = st.o;
+        snap_put32(e, (uint32_t)st.n_vocab);
         snap_putf(e, o->temperature);
         snap_put32(e, (uint32_t)o->top_k);
         snap_putf(e, o->top_p);
@@ -354,9 +355,9 @@ snap_put_payload(struct snap_enc *e, const struct kli_session *s, const struct k
         snap_putf(e, o->frequency_penalty);
         snap_put32(e, (uint32_t)o->penalty_last_n);
         snap_put64(e, o->seed);
-        snap_put64(e, sampler_rng(smp));
-        snap_put32(e, (uint32_t)sampler_n_recent(smp));
-        for (int32_t i = 0; i < sampler_n_recent(smp); i++)
+        snap_put64(e, st.rng);
+        snap_put32(e, (uint32_t)st.n_recent);
+        for (int32_t i = 0; i < st.n_recent; i++)
             snap_put32(e, (uint32_t)sampler_recent(smp, i));
     }
 }
@@ -629,10 +630,10 @@ snap_parse(const uint8_t *p, uint64_t n, uint32_t hdr_pos, int has_sampler,
             if ((uint32_t)v->recent[i] >= sv)
                 return err_set(err, KLI_E_FORMAT, "snapshot: recent token %d is outside the "
                                    "saved sampler's vocabulary", v->recent[i]);
-            if (smp != NULL && v->recent[i] >= sampler_n_vocab(smp))
+            if (smp != NULL && v->recent[i] >= sampler_state(smp).n_vocab)
                 return err_set(err, KLI_E_RANGE, "snapshot: recent token %d is outside "
                                    "the vocabulary of %d of the sampler restored into",
-                                   v->recent[i], sampler_n_vocab(smp));
+                                   v->recent[i], sampler_state(smp).n_vocab);
         }
     }
     if (cur.off != n)
