@@ -72,7 +72,6 @@ struct kli_sched {
     const struct kli_model *m;
     const struct kli_tokenizer *tok;
     struct kli_session *pre;      /* the prefill session */
-    struct sched_place *pl;       /* [o.parallel] */
     struct prefix_cache *cache;   /* NULL: no prefix reuse */
     struct sched_req **wait;      /* waiting requests, in submission order */
     int32_t n_wait, cap_wait;
@@ -86,6 +85,7 @@ struct kli_sched {
     double step_s;
     int in_step;                  /* kli_sched_step is running: its callbacks may not step */
     int freeing;                  /* kli_sched_free is running: nothing may be submitted */
+    struct sched_place pl[];      /* [o.parallel], allocated with the scheduler */
 };
 
 static int
@@ -518,11 +518,8 @@ kli_sched_create(struct kli_sched **out, const struct kli_model *m,
         o->join_tokens < 0 || o->min_prefix < 1)
         return err_set(err, KLI_E_RANGE, "scheduler: parallel must be 1..%d, ctx_max and "
                            "join_tokens at least 0, min_prefix at least 1", SCHED_MAX_PARALLEL);
-    if ((s = calloc(1, sizeof(*s))) == NULL ||
-        (s->pl = calloc((size_t)o->parallel, sizeof(*s->pl))) == NULL) {
-        rc = err_set(err, KLI_E_NOMEM, "out of memory");
-        goto fail;
-    }
+    if ((s = calloc(1, sizeof(*s) + (size_t)o->parallel * sizeof(s->pl[0]))) == NULL)
+        return err_set(err, KLI_E_NOMEM, "out of memory");
     s->o = *o;
     s->m = m;
     s->next_id = 1;
@@ -560,13 +557,11 @@ kli_sched_free(struct kli_sched *s)
         return;
     s->in_step = 1;   /* the on_finish calls below may not step a half-freed scheduler, */
     s->freeing = 1;   /* nor submit (a resubmit on every end would never let it finish) */
-    if (s->pl != NULL) {
-        for (int32_t i = 0; i < s->o.parallel; i++) {
-            if (s->pl[i].rq != NULL)
-                sched_finish(s, &s->pl[i], KLI_FINISH_INTERRUPT, KLI_OK, NULL);
-            kli_session_free(s->pl[i].s);
-            free(s->pl[i].text);
-        }
+    for (int32_t i = 0; i < s->o.parallel; i++) {
+        if (s->pl[i].rq != NULL)
+            sched_finish(s, &s->pl[i], KLI_FINISH_INTERRUPT, KLI_OK, NULL);
+        kli_session_free(s->pl[i].s);
+        free(s->pl[i].text);
     }
     /* Each leaves the list before its on_finish (which may submit or cancel). */
     while (s->n_wait > 0) {
@@ -577,7 +572,6 @@ kli_sched_free(struct kli_sched *s)
     for (int i = 0; i < SCHED_RECENT; i++)
         free(s->recent[i]);
     free(s->wait);
-    free(s->pl);
     prefix_cache_free(s->cache);
     kli_session_free(s->pre);
     free(s);
