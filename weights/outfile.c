@@ -44,8 +44,9 @@ struct kli_outfile {
     int fd;          /* the temporary file, or the target itself when streaming */
     int lock;        /* the lock file, holding the flock; -1 when streaming */
     char *path;      /* the resolved target */
-    char *tmp;       /* the temporary file; NULL when streaming or once renamed */
-    char *lockpath;  /* DIR/.NAME.lock */
+    char *tmp;       /* the temporary file, in lockpath's block; NULL when streaming, before
+                        it is created and once renamed */
+    char *lockpath;  /* DIR/.NAME.lock, then room for tmp */
 };
 
 /* 64 bits nobody can guess in advance; the clock and the address are a fallback only. */
@@ -188,7 +189,6 @@ kli_outfile_abort(struct kli_outfile *f)
         close(f->lock);
     }
     free(f->path);
-    free(f->tmp);
     free(f->lockpath);
     free(f);
 }
@@ -232,7 +232,7 @@ kli_outfile_open(struct kli_outfile **out, const char *path, unsigned flags,
     const char *slash = strrchr(f->path, '/');
     size_t dl = slash != NULL ? (size_t)(slash - f->path) + 1 : 0;
     size_t cap = strlen(f->path) + 32;
-    if ((f->tmp = k_malloc(cap)) == NULL || (f->lockpath = k_malloc(cap)) == NULL) {
+    if ((f->lockpath = k_malloc(2 * cap)) == NULL) {
         rc = err_set(err, KLI_E_NOMEM, "out of memory");
         goto fail;
     }
@@ -247,12 +247,12 @@ kli_outfile_open(struct kli_outfile **out, const char *path, unsigned flags,
         goto fail;
     of_sweep(f, dl);
     for (int tries = 0; f->fd < 0; tries++) {
+        f->tmp = f->lockpath + cap;
         snprintf(f->tmp, cap, "%.*s.%s.%016llx.tmp", (int)dl, f->path, f->path + dl,
                  (unsigned long long)of_random());
         f->fd = open(f->tmp, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0666);
         if (f->fd < 0 && (errno != EEXIST || tries == 100)) {
             rc = err_set(err, KLI_E_IO, "%s: %s", f->tmp, strerror(errno));
-            free(f->tmp);
             f->tmp = NULL;
             goto fail;
         }
@@ -300,7 +300,6 @@ kli_outfile_commit(struct kli_outfile *f, struct kli_err *err)
         kli_outfile_abort(f);
         return rc;
     }
-    free(f->tmp);
     f->tmp = NULL;
 
     /* the rename itself is durable once the directory is synced */
