@@ -46,12 +46,13 @@ cfg_number(struct cfg_ctx *c, const cJSON *obj, const char *key, int required, d
         if (!cJSON_IsNumber(v) || (iout != NULL && x != floor(x)))
             return err_set(c->err, KLI_E_FORMAT, "%s: \"%s\" must be %s", c->fname, key,
                                iout != NULL ? "an integer" : "a number");
-        if (!(x >= lo && x <= hi) && iout != NULL)
-            return err_set(c->err, KLI_E_RANGE, "%s: \"%s\" is %.0f, outside [%lld, %lld]",
-                               c->fname, key, x, (long long)lo, (long long)hi);
-        if (!(x >= lo && x <= hi))
+        if (!(x >= lo && x <= hi)) {
+            if (iout != NULL)
+                return err_set(c->err, KLI_E_RANGE, "%s: \"%s\" is %.0f, outside [%lld, %lld]",
+                                   c->fname, key, x, (long long)lo, (long long)hi);
             return err_set(c->err, KLI_E_RANGE, "%s: \"%s\" is %g, outside [%g, %g]",
                                c->fname, key, x, lo, hi);
+        }
     }
     if (iout != NULL)
         *iout = (int32_t)x;
