@@ -3,8 +3,8 @@
  * fixture end to end with the GPU forced on (white-box: it drives the backend vtable of
  * src/backend.h directly).
  *
- *   1. latent attention (cuda/mla.cu) vs the attention steps of mla_forward (ops_matmul,
- *      softmax, ops_gemm_nn) and a float64 reference: decode rows, prefill rows with causal
+ *   1. latent attention (cuda/mla.cu) vs the attention step of mla_forward (mla_attend)
+ *      and a float64 reference: decode rows, prefill rows with causal
  *      lengths, several sequences in one job, the released model's shape; 1e-5 relative L2;
  *   2. SwiGLU experts (cuda/moe.cu) vs ffn_forward and moe_forward's weighted sum, for each
  *      weight dtype; 1e-5 (the CPU twins run the generic C kernels: KLI_SIMD=generic);
@@ -95,37 +95,22 @@ dev_copy(const void *src, uint64_t bytes)
 
 /* ==== 1. Latent attention ==================================================================== */
 
-struct softmax_job {
-    float *s;
-    int64_t n;
-    float scale;
-};
-
+/* The CPU twin: mla_forward's attention step (mla_attend) for one query row, on a model that
+ * is only the shape: H heads, latent L, cache rows of C = L + rope, q.k over dqk = nope + rope
+ * dimensions (the scale 1/sqrt(dqk)). It reads cache and q only. S: [H][n] scratch. */
 static void
-softmax_rows(void *ctx, int64_t h0, int64_t h1, int ith)
+cpu_attend(float *cache, int64_t n, float *q, int H, int L, int C, int dqk, float *lat,
+           float *S)
 {
-    struct softmax_job *j = ctx;
+    static struct kli_model m;
+    struct mla_scratch sc = {.qfull = q, .lat = lat, .work = S};
+    int64_t pos = n - 1;
 
-    (void)ith;
-    for (int64_t h = h0; h < h1; h++) {
-        float *row = j->s + h * j->n;
-        for (int64_t i = 0; i < j->n; i++)
-            row[i] *= j->scale;
-        ops_softmax(row, j->n);
-    }
-}
-
-/* The CPU twin: the attention steps of mla_forward for one query row. S: [H][n] scratch. */
-static void
-cpu_attend(const float *cache, int64_t n, const float *q, int H, int L, int C, float scale,
-           float *lat, float *S)
-{
-    struct tensor keys = ops_view_f32(cache, n, C);
-    struct softmax_job sj = {S, n, scale};
-
-    ops_matmul(&keys, q, C, S, n, H);
-    threads_parallel_for(H, 1, softmax_rows, &sj);
-    ops_gemm_nn(S, n, cache, C, lat, L, H, L, n);
+    m.cfg.mla.n_heads = H;
+    m.cfg.mla.kv_lora_rank = L;
+    m.cfg.mla.qk_rope_dim = C - L;
+    m.cfg.mla.qk_nope_dim = dqk - (C - L);
+    mla_attend(&m, &cache, &pos, 1, &sc, 1);
 }
 
 /* float64 reference for one query row. */
@@ -165,7 +150,8 @@ static void
 test_attention(const char *what, int H, int L, int C, int n_seq, const int64_t *len,
                int T_seq)
 {
-    float scale = 1.0f / sqrtf((float)C / 2);
+    int dqk = C / 2;
+    float scale = 1.0f / sqrtf((float)dqk);
     int64_t T = (int64_t)n_seq * T_seq, nmax = 0;
     float *caches[8], *dcache[8];
     const float *cptr[64];
@@ -191,7 +177,7 @@ test_attention(const char *what, int H, int L, int C, int n_seq, const int64_t *
         int q = (int)(t / T_seq);
         cptr[t] = dcache[q];
         nrow[t] = len[q] - T_seq + t % T_seq + 1;
-        cpu_attend(caches[q], nrow[t], qv + t * H * C, H, L, C, scale, cpu + t * H * L, S);
+        cpu_attend(caches[q], nrow[t], qv + t * H * C, H, L, C, dqk, cpu + t * H * L, S);
         ref_attend(caches[q], nrow[t], qv + t * H * C, H, L, C, scale, ref + t * H * L);
     }
     struct gpu_mla_job j = {T, H, L, C, scale, cptr, nrow, qv, lat};
@@ -881,9 +867,9 @@ test_golden(void)
 static int
 bench(void)
 {
-    const int H = 32, L = 512, C = 576;
+    const int H = 32, L = 512, C = 576, dqk = 192;
     const int64_t ns[] = {4096, 32768, 131072, 1048576};
-    float scale = 1.0f / sqrtf(192.0f);
+    float scale = 1.0f / sqrtf((float)dqk);
 
     threads_set_count(0);
     printf("attention step, %d heads, latent %d + rope %d, %d CPU threads, %s\n", H, L,
@@ -906,7 +892,7 @@ bench(void)
         double tc = 1e30, tg = 1e30;
         for (int r = 0; r < 5; r++) {
             double t0 = now_s();
-            cpu_attend(cache, n, q, H, L, C, scale, lc, S);
+            cpu_attend(cache, n, q, H, L, C, dqk, lc, S);
             double t1 = now_s();
             tc = t1 - t0 < tc ? t1 - t0 : tc;
         }

@@ -24,11 +24,8 @@ on_text(void *ud, const char *t, size_t len)
 {
     struct sink *s = ud;
 
-    if (s->n + len < sizeof(s->buf)) {
-        memcpy(s->buf + s->n, t, len);
-        s->n += len;
+    if (tl_append(s->buf, sizeof(s->buf), &s->n, t, len))
         s->buf[s->n] = 0;
-    }
     if (s->chunks < 512)
         s->cuts[s->chunks] = s->n;
     s->chunks++;

@@ -37,26 +37,28 @@ spill(const char *dir, const char *name, const void *data, size_t len)
     }
 }
 
-/* A config with `from` replaced by `to` (first occurrence), or the original. */
+/* cfg (freed) with its first `from` replaced by `to`; from NULL: `to` is the whole config. */
 static char *
-config_with(const char *from, const char *to)
+config_edit(char *cfg, const char *from, const char *to)
 {
-    const char *p = from ? strstr(orig_config, from) : NULL;
-    size_t n = orig_config_len + (to ? strlen(to) : 0) + 1;
+    const char *p = from ? strstr(cfg, from) : NULL;
+    size_t n = strlen(cfg) + strlen(to) + 1;
     char *s = malloc(n);
 
     if (p == NULL) {
         if (from != NULL) {
-            fprintf(stderr, "config_with: '%s' not in config\n", from);
+            fprintf(stderr, "config_edit: '%s' not in config\n", from);
             exit(99);
         }
-        memcpy(s, orig_config, orig_config_len + 1);
+        strcpy(s, to);
+        free(cfg);
         return s;
     }
-    size_t pre = (size_t)(p - orig_config);
-    memcpy(s, orig_config, pre);
+    size_t pre = (size_t)(p - cfg);
+    memcpy(s, cfg, pre);
     strcpy(s + pre, to);
     strcat(s, p + strlen(from));
+    free(cfg);
     return s;
 }
 
@@ -138,6 +140,28 @@ expect(const char *what, char *cfg, uint8_t *st, size_t st_len, int code, const 
     free(st);
 }
 
+/* A config.json with up to two text edits, applied in order, and the failure it must give. */
+struct config_case {
+    const char *what;
+    const char *edit[2][2];   /* {from, to}; a NULL `to` ends the list */
+    int code;
+    const char *want;
+};
+
+static void
+expect_configs(const struct config_case *cases, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        const struct config_case *c = &cases[i];
+        char *cfg = malloc(orig_config_len + 1);
+
+        memcpy(cfg, orig_config, orig_config_len + 1);
+        for (int e = 0; e < 2 && c->edit[e][1] != NULL; e++)
+            cfg = config_edit(cfg, c->edit[e][0], c->edit[e][1]);
+        expect(c->what, cfg, NULL, 0, c->code, c->want);
+    }
+}
+
 /* ---- header edits -------------------------------------------------------------------- */
 
 static void
@@ -211,81 +235,68 @@ main(int argc, char **argv)
        "missing directory: %s", err.msg);
 
     /* config.json */
-    expect("malformed JSON", config_with("\"hidden_size\": 128,", "\"hidden_size\": 128,,"),
-           NULL, 0, KLI_E_FORMAT, "malformed JSON");
-    expect("not an object", strdup("[1, 2, 3]"), NULL, 0, KLI_E_FORMAT, "not a JSON object");
-    expect("missing hidden_size", config_with("\"hidden_size\": 128,", ""), NULL, 0,
-           KLI_E_FORMAT, "\"hidden_size\"");
-    expect("string where a number goes", config_with("\"vocab_size\": 512", "\"vocab_size\": \"x\""),
-           NULL, 0, KLI_E_FORMAT, "vocab_size");
-    expect("negative head count", config_with("\"num_attention_heads\": 2",
-                                              "\"num_attention_heads\": -2"),
-           NULL, 0, KLI_E_RANGE, "num_attention_heads");
-    expect("0-based layer list", config_with("\"kda_layers\": [\n   1,", "\"kda_layers\": [\n   0,"),
-           NULL, 0, KLI_E_RANGE, "1-based");
-    expect("layer in no list", config_with("\"full_attn_layers\": [\n   4\n  ]",
-                                           "\"full_attn_layers\": []"),
-           NULL, 0, KLI_E_FORMAT, "neither");
-    expect("top-k above expert count", config_with("\"num_experts_per_token\": 2",
-                                                   "\"num_experts_per_token\": 9"),
-           NULL, 0, KLI_E_RANGE, "num_experts_per_token");
-    expect("q_lora_rank set", config_with("\"q_lora_rank\": null", "\"q_lora_rank\": 64"), NULL,
-           0, KLI_E_UNSUPPORTED, "q_lora_rank");
-    expect("unknown router function", config_with("\"sigmoid\"", "\"relu\""), NULL, 0,
-           KLI_E_UNSUPPORTED, "relu");
+    static const struct config_case bad_config[] = {
+        {"malformed JSON", {{"\"hidden_size\": 128,", "\"hidden_size\": 128,,"}}, KLI_E_FORMAT,
+         "malformed JSON"},
+        {"not an object", {{NULL, "[1, 2, 3]"}}, KLI_E_FORMAT, "not a JSON object"},
+        {"missing hidden_size", {{"\"hidden_size\": 128,", ""}}, KLI_E_FORMAT,
+         "\"hidden_size\""},
+        {"string where a number goes", {{"\"vocab_size\": 512", "\"vocab_size\": \"x\""}},
+         KLI_E_FORMAT, "vocab_size"},
+        {"negative head count", {{"\"num_attention_heads\": 2", "\"num_attention_heads\": -2"}},
+         KLI_E_RANGE, "num_attention_heads"},
+        {"0-based layer list", {{"\"kda_layers\": [\n   1,", "\"kda_layers\": [\n   0,"}},
+         KLI_E_RANGE, "1-based"},
+        {"layer in no list", {{"\"full_attn_layers\": [\n   4\n  ]", "\"full_attn_layers\": []"}},
+         KLI_E_FORMAT, "neither"},
+        {"top-k above expert count",
+         {{"\"num_experts_per_token\": 2", "\"num_experts_per_token\": 9"}}, KLI_E_RANGE,
+         "num_experts_per_token"},
+        {"q_lora_rank set", {{"\"q_lora_rank\": null", "\"q_lora_rank\": 64"}},
+         KLI_E_UNSUPPORTED, "q_lora_rank"},
+        {"unknown router function", {{"\"sigmoid\"", "\"relu\""}}, KLI_E_UNSUPPORTED, "relu"},
 
-    /* config that contradicts the tensors */
-    expect("hidden_size contradicts tensors", config_with("\"hidden_size\": 128",
-                                                          "\"hidden_size\": 96"),
-           NULL, 0, KLI_E_FORMAT, "expected [512,96]");
-    {
-        char *c6 = config_with("\"num_hidden_layers\": 5", "\"num_hidden_layers\": 6");
-        char *c = config_with(NULL, NULL);
-        free(c);
+        /* config that contradicts the tensors */
+        {"hidden_size contradicts tensors", {{"\"hidden_size\": 128", "\"hidden_size\": 96"}},
+         KLI_E_FORMAT, "expected [512,96]"},
         /* six layers, the sixth declared KDA: its tensors are missing */
-        char *p6 = strstr(c6, "   5\n  ]");
-        char *c6b = malloc(strlen(c6) + 16);
-        size_t pre = (size_t)(p6 - c6);
-        memcpy(c6b, c6, pre);
-        strcpy(c6b + pre, "   5, 6\n  ]");
-        strcat(c6b, p6 + strlen("   5\n  ]"));
-        free(c6);
-        expect("more layers than the checkpoint", c6b, NULL, 0, KLI_E_FORMAT,
-               "missing tensor model.layers.5.");
-    }
-    {
-        char *c4 = config_with("\"num_hidden_layers\": 5", "\"num_hidden_layers\": 4");
-        char *p5 = strstr(c4, ",\n   5\n  ]");
-        memmove(p5, p5 + 6, strlen(p5 + 6) + 1);
-        expect("fewer layers than the checkpoint", c4, NULL, 0, KLI_E_FORMAT,
-               "model.layers.4.");
-    }
-    expect("more experts than the checkpoint", config_with("\"num_experts\": 8",
-                                                           "\"num_experts\": 16"),
-           NULL, 0, KLI_E_FORMAT, "gate.weight has shape [8,128], expected [16,128]");
-    expect("fewer experts than the checkpoint", config_with("\"num_experts\": 8",
-                                                            "\"num_experts\": 4"),
-           NULL, 0, KLI_E_FORMAT, "gate.weight has shape [8,128], expected [4,128]");
-    expect("KDA head count contradicts tensors", config_with("\"num_heads\": 2",
-                                                             "\"num_heads\": 4"),
-           NULL, 0, KLI_E_FORMAT, "expected");
+        {"more layers than the checkpoint",
+         {{"\"num_hidden_layers\": 5", "\"num_hidden_layers\": 6"}, {"   5\n  ]", "   5, 6\n  ]"}},
+         KLI_E_FORMAT, "missing tensor model.layers.5."},
+        {"fewer layers than the checkpoint",
+         {{"\"num_hidden_layers\": 5", "\"num_hidden_layers\": 4"}, {",\n   5\n  ]", "\n  ]"}},
+         KLI_E_FORMAT, "model.layers.4."},
+        {"more experts than the checkpoint", {{"\"num_experts\": 8", "\"num_experts\": 16"}},
+         KLI_E_FORMAT, "gate.weight has shape [8,128], expected [16,128]"},
+        {"fewer experts than the checkpoint", {{"\"num_experts\": 8", "\"num_experts\": 4"}},
+         KLI_E_FORMAT, "gate.weight has shape [8,128], expected [4,128]"},
+        {"KDA head count contradicts tensors", {{"\"num_heads\": 2", "\"num_heads\": 4"}},
+         KLI_E_FORMAT, "expected"},
+    };
+    expect_configs(bad_config, sizeof(bad_config) / sizeof(bad_config[0]));
 
     /* tensors */
-    uint8_t *st = st_with(ed_rename, &len);
-    expect("missing tensor", NULL, st, len, KLI_E_FORMAT,
-           "missing tensor model.layers.2.self_attn.b_proj.weight");
-    st = st_with(ed_transpose, &len);
-    expect("transposed shape", NULL, st, len, KLI_E_FORMAT,
-           "model.layers.1.self_attn.o_proj.weight has shape [64,128], expected [128,64]");
-    st = st_with(ed_dtype_i16, &len);
-    expect("integer dtype", NULL, st, len, KLI_E_UNSUPPORTED, "I16");
-    st = st_with(ed_dtype_bogus, &len);
-    expect("unknown dtype", NULL, st, len, KLI_E_FORMAT, "BF17");
-    st = st_with(ed_extra_layer_tensor, &len);
-    expect("tensor of a layer the config lacks", NULL, st, len, KLI_E_FORMAT,
-           "model.layers.5.input_layernorm.weight");
-    st = st_with(ed_offsets_past_end, &len);
-    expect("offsets past the end", NULL, st, len, KLI_E_FORMAT, "lm_head.weight");
+    static const struct {
+        const char *what;
+        header_edit edit;
+        int code;
+        const char *want;
+    } bad_header[] = {
+        {"missing tensor", ed_rename, KLI_E_FORMAT,
+         "missing tensor model.layers.2.self_attn.b_proj.weight"},
+        {"transposed shape", ed_transpose, KLI_E_FORMAT,
+         "model.layers.1.self_attn.o_proj.weight has shape [64,128], expected [128,64]"},
+        {"integer dtype", ed_dtype_i16, KLI_E_UNSUPPORTED, "I16"},
+        {"unknown dtype", ed_dtype_bogus, KLI_E_FORMAT, "BF17"},
+        {"tensor of a layer the config lacks", ed_extra_layer_tensor, KLI_E_FORMAT,
+         "model.layers.5.input_layernorm.weight"},
+        {"offsets past the end", ed_offsets_past_end, KLI_E_FORMAT, "lm_head.weight"},
+    };
+    uint8_t *st;
+    for (size_t i = 0; i < sizeof(bad_header) / sizeof(bad_header[0]); i++) {
+        st = st_with(bad_header[i].edit, &len);
+        expect(bad_header[i].what, NULL, st, len, bad_header[i].code, bad_header[i].want);
+    }
     st = malloc(orig_st_len);
     memcpy(st, orig_st, orig_st_len);
     expect("truncated file", NULL, st, orig_st_len / 2, KLI_E_FORMAT, "");

@@ -82,101 +82,135 @@ expect(const char *what, const struct config_moe *c, const float *logits,
     ok(idx[c->top_k] == -7, "%s: nothing written past top_k", what);
 }
 
+static const float zero[MAXE];
+/* eight router logits used by several cases */
+static const float lg[8] = {0.5f, -1.0f, 2.0f, 0.1f, 1.5f, -3.0f, 0.0f, 0.7f};
+static const float all_eq[8] = {0.25f, 0.25f, 0.25f, 0.25f, 0.25f, 0.25f, 0.25f, 0.25f};
+static const float ties[8] = {-1.0f, 0.5f, -2.0f, 1.0f, -1.0f, 1.0f, 0.5f, -3.0f};
+static const float tie40[8] = {-4.0f, 0.0f, -4.0f, -4.0f, -4.0f, -4.0f, 40.0f, -4.0f};
+/* four groups of four experts (cases 10 and 11) */
+static const float grouped[16] = {6.0f, -4.0f, -4.0f, -5.0f,  2.0f, 1.8f, -1.0f, -1.0f,
+                                  1.2f, 1.2f, 1.2f, 1.2f,     1.5f, 1.4f, -2.0f, -2.0f};
+static const float tied_groups[12] = {-3.0f, -3.0f, -3.0f, -3.0f,  1.0f, 0.5f, 0.0f, 0.0f,
+                                      0.0f, 0.5f, 1.0f, 0.0f};
+static const float bias7[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.3f};
+static const float bias2_neg[8] = {0.0f, 0.0f, -0.5f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+static const float bias1[8] = {0.0f, 0.5f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+static const float bias9[16] = {[9] = 0.5f};
+
+/* A sigmoid-router case: the config, the logits and bias, the experts expected in order and
+ * the raw logit x of each (its unbiased score is sigm(x)). The expected weights are those
+ * scores, renormalised (over their sum + 1e-20) when `renorm`, times the scaling. */
+struct sigmoid_case {
+    const char *name;   /* the TAP case; NULL: a further check of the case above */
+    const char *what;
+    int32_t E, top_k, renormalize, n_group, topk_group;
+    float scaling;
+    const float *logits, *bias;
+    int32_t idx[6];
+    double x[6];
+    int renorm;
+};
+
+static const struct sigmoid_case sigmoid_cases[] = {
+    /* 1. Sigmoid scores, no bias, top-2 renormalised, scaling 1: experts 2 and 4. */
+    {"sigmoid_top2", "sigmoid top-2, renormalised", 8, 2, 1, 1, 1, 1.0f, lg, zero,
+     {2, 4}, {2.0, 1.5}, 1},
+    /* 2. The scaling factor multiplies the renormalised weights. */
+    {"scaling", "sigmoid top-2, scaling 2.446", 8, 2, 1, 1, 1, 2.446f, lg, zero,
+     {2, 4}, {2.0, 1.5}, 1},
+    /* 3. The bias changes the selection but not the weights: bias[7] = 0.3 lifts expert 7
+     *    (sigmoid(0.7) + 0.3 = 0.968) above expert 2 (0.881) and expert 4 (0.818); the
+     *    weights stay the unbiased sigmoid of experts 7 and 2, in biased-score order. */
+    {"bias_select", "bias selects expert 7, weights unbiased", 8, 2, 1, 1, 1, 2.446f, lg, bias7,
+     {7, 2}, {0.7, 2.0}, 1},
+    /* 4. A negative bias drops the best raw expert: bias[2] = -0.5 leaves 0.381 for it, so
+     *    experts 4 (0.818) and 7 (0.668) are chosen. */
+    {"negative_bias", "negative bias drops the best raw expert", 8, 2, 1, 1, 1, 1.0f, lg,
+     bias2_neg, {4, 7}, {1.5, 0.7}, 1},
+    /* 5. Renormalisation off: the weights are the plain sigmoid times the scaling. */
+    {"no_renorm", "renormalize off, top-3", 8, 3, 0, 1, 1, 2.446f, lg, zero,
+     {2, 4, 7}, {2.0, 1.5, 0.7}, 0},
+    /* 6. top_k = 1 with renormalize on: no renormalisation (it applies only for top_k > 1),
+     *    so the weight is sigmoid(2) * scaling, not 1 * scaling. */
+    {"top1", "top_k 1, renormalize on: not renormalised", 8, 1, 1, 1, 1, 2.446f, lg, zero,
+     {2}, {2.0}, 0},
+    /* 7. Ties go to the lower index: all logits equal. */
+    {"ties_all", "all equal: lowest indices", 8, 3, 1, 1, 1, 1.0f, all_eq, zero,
+     {0, 1, 2}, {0.25, 0.25, 0.25}, 1},
+    /* 8. Ties among the best: experts 5 and 3 tie above the rest, then 1 and 6 tie. */
+    {"ties_best", "ties 3/5 and 1/6: lower index first", 8, 3, 1, 1, 1, 1.0f, ties, zero,
+     {3, 5, 1}, {1.0, 1.0, 0.5}, 1},
+    /* 9. A tie made by the bias: expert 1 has sigmoid(0) + 0.5 = 1.0 and expert 6 has
+     *    sigmoid(40) = 1.0 in float, no bias. They tie on the biased score, so expert 1
+     *    comes first; the weights are the unbiased 0.5 and 1.0. */
+    {"bias_tie", "tie on biased scores: lower index first, weights unbiased", 8, 2, 1, 1, 1,
+     1.0f, tie40, bias1, {1, 6}, {0.0, 40.0}, 1},
+    /* 10. Grouped routing: 16 experts in 4 groups of 4, keep the 2 best groups, where a
+     *     group's score is the sum of its two best biased scores.
+     *       group 0 (0..3):   one very good expert (logit 6) and three poor ones -> the
+     *                         sum of its top 2 is low (0.998 + 0.018)
+     *       group 1 (4..7):   two good experts (2, 1.8)          -> 0.881 + 0.858 = 1.739
+     *       group 2 (8..11):  four fair experts (1.2 each)       -> 0.769 * 2 = 1.537
+     *                         (the sum of all four would be the largest: 3.07)
+     *       group 3 (12..15): two medium (1.5, 1.4)              -> 0.818 + 0.802 = 1.620
+     *     Groups 1 and 3 stay: expert 0, the single best, is never chosen. Top-3 gives
+     *     4, 5, 12 in that order. */
+    {"grouped", "groups 4x4 keep 2: best single expert's group dropped", 16, 3, 1, 4, 2,
+     2.446f, grouped, zero, {4, 5, 12}, {2.0, 1.8, 1.5}, 1},
+    /*     Ungrouped, the same logits pick 0, 4, 5. */
+    {NULL, "same logits ungrouped: expert 0 chosen", 16, 3, 1, 1, 1, 2.446f, grouped, zero,
+     {0, 4, 5}, {6.0, 2.0, 1.8}, 1},
+    /*     top_k 6 > the 4 useful experts of groups 1 and 3: the rest of those groups fill
+     *     up before anything from groups 0 and 2 (better individually) is taken. */
+    {NULL, "groups: top-6 only from the two kept groups", 16, 6, 1, 4, 2, 2.446f, grouped,
+     zero, {4, 5, 12, 13, 6, 7}, {2.0, 1.8, 1.5, 1.4, -1.0, -1.0}, 1},
+    /* 11. The group score uses the biased scores: a bias of +0.5 on expert 9 lifts group 2
+     *     to 1.269 + 0.769 = 2.038, above group 1 (1.739) and group 3 (1.620); groups 2 and
+     *     1 stay. Selection: 9 (1.269), 4 (0.881), 5 (0.858); weights unbiased. */
+    {"group_bias", "groups: bias lifts a group, weights unbiased", 16, 3, 1, 4, 2, 1.0f,
+     grouped, bias9, {9, 4, 5}, {1.2, 2.0, 1.8}, 1},
+    /* 12. Group ties go to the lower group: groups 1 and 2 identical, keep 1 group. */
+    {"group_ties", "groups: tied groups, the lower one stays", 12, 2, 1, 3, 1, 1.0f,
+     tied_groups, zero, {4, 5}, {1.0, 0.5}, 1},
+    /* 13. One expert per group (n_group = E): the group score is the expert's own score, so
+     *     grouping changes nothing. */
+    {"group_per_expert", "groups of one expert", 8, 2, 1, 8, 3, 1.0f, lg, zero,
+     {2, 4}, {2.0, 1.5}, 1},
+};
+
+static void
+expect_sigmoid(const struct sigmoid_case *t)
+{
+    struct config_moe c = cfg_make(t->E, t->top_k, 1, t->renormalize, t->scaling);
+    double w[6], sum = 0.0;
+
+    c.n_group = t->n_group;
+    c.topk_group = t->topk_group;
+    for (int32_t k = 0; k < t->top_k; k++)
+        sum += sigm(t->x[k]);
+    sum += 1e-20;
+    for (int32_t k = 0; k < t->top_k; k++)
+        w[k] = (t->renorm ? sigm(t->x[k]) / sum : sigm(t->x[k])) * c.scaling;
+    expect(t->what, &c, t->logits, t->bias, t->idx, w);
+}
+
 int
 main(int argc, char **argv)
 {
-    static const float zero[MAXE];
-    /* eight router logits used by several cases */
-    static const float lg[8] = {0.5f, -1.0f, 2.0f, 0.1f, 1.5f, -3.0f, 0.0f, 0.7f};
+    int run = 0;
 
     (void)plan;       /* tap.h: the plan is printed at the end instead */
     (void)skip_all;   /* no test data needed */
     tap_init(argc, argv);
 
-    /* 1. Sigmoid scores, no bias, top-2 renormalised, scaling 1: experts 2 and 4. */
-    if (tap_case("sigmoid_top2")) {
-        struct config_moe c = cfg_make(8, 2, 1, 1, 1.0f);
-        double s2 = sigm(2.0), s4 = sigm(1.5), sum = s2 + s4 + 1e-20;
-        int32_t wi[] = {2, 4};
-        double ww[] = {s2 / sum, s4 / sum};
-        expect("sigmoid top-2, renormalised", &c, lg, zero, wi, ww);
+    for (size_t i = 0; i < sizeof(sigmoid_cases) / sizeof(sigmoid_cases[0]); i++) {
+        if (sigmoid_cases[i].name != NULL)
+            run = tap_case(sigmoid_cases[i].name);
+        if (run)
+            expect_sigmoid(&sigmoid_cases[i]);
     }
-    /* 2. The scaling factor multiplies the renormalised weights. */
-    if (tap_case("scaling")) {
-        struct config_moe c = cfg_make(8, 2, 1, 1, 2.446f);
-        double s2 = sigm(2.0), s4 = sigm(1.5), sum = s2 + s4 + 1e-20;
-        int32_t wi[] = {2, 4};
-        double ww[] = {s2 / sum * 2.446f, s4 / sum * 2.446f};
-        expect("sigmoid top-2, scaling 2.446", &c, lg, zero, wi, ww);
-    }
-    /* 3. The bias changes the selection but not the weights: bias[7] = 0.3 lifts expert 7
-     *    (sigmoid(0.7) + 0.3 = 0.968) above expert 2 (0.881) and expert 4 (0.818); the
-     *    weights stay the unbiased sigmoid of experts 7 and 2, in biased-score order. */
-    if (tap_case("bias_select")) {
-        struct config_moe c = cfg_make(8, 2, 1, 1, 2.446f);
-        float bias[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.3f};
-        double s7 = sigm(0.7), s2 = sigm(2.0), sum = s7 + s2 + 1e-20;
-        int32_t wi[] = {7, 2};
-        double ww[] = {s7 / sum * 2.446f, s2 / sum * 2.446f};
-        expect("bias selects expert 7, weights unbiased", &c, lg, bias, wi, ww);
-    }
-    /* 4. A negative bias drops the best raw expert: bias[2] = -0.5 leaves 0.381 for it, so
-     *    experts 4 (0.818) and 7 (0.668) are chosen. */
-    if (tap_case("negative_bias")) {
-        struct config_moe c = cfg_make(8, 2, 1, 1, 1.0f);
-        float bias[8] = {0.0f, 0.0f, -0.5f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-        double s4 = sigm(1.5), s7 = sigm(0.7), sum = s4 + s7 + 1e-20;
-        int32_t wi[] = {4, 7};
-        double ww[] = {s4 / sum, s7 / sum};
-        expect("negative bias drops the best raw expert", &c, lg, bias, wi, ww);
-    }
-    /* 5. Renormalisation off: the weights are the plain sigmoid times the scaling. */
-    if (tap_case("no_renorm")) {
-        struct config_moe c = cfg_make(8, 3, 1, 0, 2.446f);
-        int32_t wi[] = {2, 4, 7};
-        double ww[] = {sigm(2.0) * 2.446f, sigm(1.5) * 2.446f, sigm(0.7) * 2.446f};
-        expect("renormalize off, top-3", &c, lg, zero, wi, ww);
-    }
-    /* 6. top_k = 1 with renormalize on: no renormalisation (it applies only for top_k > 1),
-     *    so the weight is sigmoid(2) * scaling, not 1 * scaling. */
-    if (tap_case("top1")) {
-        struct config_moe c = cfg_make(8, 1, 1, 1, 2.446f);
-        int32_t wi[] = {2};
-        double ww[] = {sigm(2.0) * 2.446f};
-        expect("top_k 1, renormalize on: not renormalised", &c, lg, zero, wi, ww);
-    }
-    /* 7. Ties go to the lower index: all logits equal. */
-    if (tap_case("ties_all")) {
-        struct config_moe c = cfg_make(8, 3, 1, 1, 1.0f);
-        float eq[8] = {0.25f, 0.25f, 0.25f, 0.25f, 0.25f, 0.25f, 0.25f, 0.25f};
-        double s = sigm(0.25), sum = 3.0 * s + 1e-20;
-        int32_t wi[] = {0, 1, 2};
-        double ww[] = {s / sum, s / sum, s / sum};
-        expect("all equal: lowest indices", &c, eq, zero, wi, ww);
-    }
-    /* 8. Ties among the best: experts 5 and 3 tie above the rest, then 1 and 6 tie. */
-    if (tap_case("ties_best")) {
-        struct config_moe c = cfg_make(8, 3, 1, 1, 1.0f);
-        float t[8] = {-1.0f, 0.5f, -2.0f, 1.0f, -1.0f, 1.0f, 0.5f, -3.0f};
-        double a = sigm(1.0), b = sigm(0.5), sum = a + a + b + 1e-20;
-        int32_t wi[] = {3, 5, 1};
-        double ww[] = {a / sum, a / sum, b / sum};
-        expect("ties 3/5 and 1/6: lower index first", &c, t, zero, wi, ww);
-    }
-    /* 9. A tie made by the bias: expert 1 has sigmoid(0) + 0.5 = 1.0 and expert 6 has
-     *    sigmoid(40) = 1.0 in float, no bias. They tie on the biased score, so expert 1
-     *    comes first; the weights are the unbiased 0.5 and 1.0. */
-    if (tap_case("bias_tie")) {
-        struct config_moe c = cfg_make(8, 2, 1, 1, 1.0f);
-        float t[8] = {-4.0f, 0.0f, -4.0f, -4.0f, -4.0f, -4.0f, 40.0f, -4.0f};
-        float bias[8] = {0.0f, 0.5f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-        double s1 = sigm(0.0), s6 = sigm(40.0), sum = s1 + s6 + 1e-20;
-        int32_t wi[] = {1, 6};
-        double ww[] = {s1 / sum, s6 / sum};
-        expect("tie on biased scores: lower index first, weights unbiased", &c, t, bias, wi,
-               ww);
-    }
-    /* 10. Softmax router: scores are softmax(logits), selection on score + bias, weights the
+    /* 14. Softmax router: scores are softmax(logits), selection on score + bias, weights the
      *     unbiased softmax probabilities renormalised over the chosen experts. */
     if (tap_case("softmax")) {
         struct config_moe c = cfg_make(8, 2, 0, 1, 2.446f);
@@ -201,84 +235,6 @@ main(int argc, char **argv)
         double ww3[] = {p[0] / sum3, p[2] / sum3};
         struct config_moe c3 = cfg_make(8, 2, 0, 1, 1.0f);
         expect("softmax router, bias selects, weights unbiased", &c3, lg, bias, wi3, ww3);
-    }
-    /* 11. Grouped routing: 16 experts in 4 groups of 4, keep the 2 best groups, where a
-     *     group's score is the sum of its two best biased scores.
-     *       group 0 (0..3):   one very good expert (logit 6) and three poor ones -> the
-     *                         sum of its top 2 is low (0.998 + 0.018)
-     *       group 1 (4..7):   two good experts (2, 1.8)          -> 0.881 + 0.858 = 1.739
-     *       group 2 (8..11):  four fair experts (1.2 each)       -> 0.769 * 2 = 1.537
-     *                         (the sum of all four would be the largest: 3.07)
-     *       group 3 (12..15): two medium (1.5, 1.4)              -> 0.818 + 0.802 = 1.620
-     *     Groups 1 and 3 stay: expert 0, the single best, is never chosen. Top-3 gives
-     *     4, 5, 12 in that order. */
-    if (tap_case("grouped")) {
-        struct config_moe c = cfg_make(16, 3, 1, 1, 2.446f);
-        float l[16] = {6.0f, -4.0f, -4.0f, -5.0f,  2.0f, 1.8f, -1.0f, -1.0f,
-                       1.2f, 1.2f, 1.2f, 1.2f,     1.5f, 1.4f, -2.0f, -2.0f};
-        c.n_group = 4;
-        c.topk_group = 2;
-        double s4 = sigm(2.0), s5 = sigm(1.8), s12 = sigm(1.5), sum = s4 + s5 + s12 + 1e-20;
-        int32_t wi[] = {4, 5, 12};
-        double ww[] = {s4 / sum * 2.446f, s5 / sum * 2.446f, s12 / sum * 2.446f};
-        expect("groups 4x4 keep 2: best single expert's group dropped", &c, l, zero, wi, ww);
-
-        /* Ungrouped, the same logits pick 0, 4, 5. */
-        struct config_moe u = cfg_make(16, 3, 1, 1, 2.446f);
-        double t0 = sigm(6.0), tsum = t0 + s4 + s5 + 1e-20;
-        int32_t ui[] = {0, 4, 5};
-        double uw[] = {t0 / tsum * 2.446f, s4 / tsum * 2.446f, s5 / tsum * 2.446f};
-        expect("same logits ungrouped: expert 0 chosen", &u, l, zero, ui, uw);
-
-        /* top_k 6 > the 4 useful experts of groups 1 and 3: the rest of those groups fill
-         * up before anything from groups 0 and 2 (better individually) is taken. */
-        struct config_moe c6 = c;
-        c6.top_k = 6;
-        double s6 = sigm(-1.0);
-        double sum6 = s4 + s5 + s12 + sigm(1.4) + s6 + s6 + 1e-20;
-        int32_t wi6[] = {4, 5, 12, 13, 6, 7};
-        double ww6[] = {s4 / sum6 * 2.446f, s5 / sum6 * 2.446f, s12 / sum6 * 2.446f,
-                        sigm(1.4) / sum6 * 2.446f, s6 / sum6 * 2.446f, s6 / sum6 * 2.446f};
-        expect("groups: top-6 only from the two kept groups", &c6, l, zero, wi6, ww6);
-    }
-    /* 12. The group score uses the biased scores: a bias of +0.5 on expert 9 lifts group 2
-     *     to 1.269 + 0.769 = 2.038, above group 1 (1.739) and group 3 (1.620); groups 2 and
-     *     1 stay. Selection: 9 (1.269), 4 (0.881), 5 (0.858); weights unbiased. */
-    if (tap_case("group_bias")) {
-        struct config_moe c = cfg_make(16, 3, 1, 1, 1.0f);
-        float l[16] = {6.0f, -4.0f, -4.0f, -5.0f,  2.0f, 1.8f, -1.0f, -1.0f,
-                       1.2f, 1.2f, 1.2f, 1.2f,     1.5f, 1.4f, -2.0f, -2.0f};
-        float bias[16] = {0};
-        bias[9] = 0.5f;
-        c.n_group = 4;
-        c.topk_group = 2;
-        double s9 = sigm(1.2), s4 = sigm(2.0), s5 = sigm(1.8), sum = s9 + s4 + s5 + 1e-20;
-        int32_t wi[] = {9, 4, 5};
-        double ww[] = {s9 / sum, s4 / sum, s5 / sum};
-        expect("groups: bias lifts a group, weights unbiased", &c, l, bias, wi, ww);
-    }
-    /* 13. Group ties go to the lower group: groups 1 and 2 identical, keep 1 group. */
-    if (tap_case("group_ties")) {
-        struct config_moe c = cfg_make(12, 2, 1, 1, 1.0f);
-        float l[12] = {-3.0f, -3.0f, -3.0f, -3.0f,  1.0f, 0.5f, 0.0f, 0.0f,
-                       0.0f, 0.5f, 1.0f, 0.0f};
-        c.n_group = 3;
-        c.topk_group = 1;
-        double a = sigm(1.0), b = sigm(0.5), sum = a + b + 1e-20;
-        int32_t wi[] = {4, 5};
-        double ww[] = {a / sum, b / sum};
-        expect("groups: tied groups, the lower one stays", &c, l, zero, wi, ww);
-    }
-    /* 14. One expert per group (n_group = E): the group score is the expert's own score, so
-     *     grouping changes nothing. */
-    if (tap_case("group_per_expert")) {
-        struct config_moe c = cfg_make(8, 2, 1, 1, 1.0f);
-        c.n_group = 8;
-        c.topk_group = 3;
-        double s2 = sigm(2.0), s4 = sigm(1.5), sum = s2 + s4 + 1e-20;
-        int32_t wi[] = {2, 4};
-        double ww[] = {s2 / sum, s4 / sum};
-        expect("groups of one expert", &c, lg, zero, wi, ww);
     }
     /* 15. Renormalisation with tiny scores: the +1e-20 keeps the sum non-zero; with
      *     logits -40 the sigmoid is 4.25e-18 each, so each weight is s / (2s + 1e-20). */

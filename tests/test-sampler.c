@@ -33,6 +33,18 @@ mk(struct kli_sampler_options *o, int32_t V)
     return s;
 }
 
+/* How often a fresh sampler with options o picks each token of the 3 logits l in n draws. */
+static void
+counts3(struct kli_sampler_options *o, const float *l, int n, int cnt[3])
+{
+    struct kli_sampler *s = mk(o, 3);
+
+    cnt[0] = cnt[1] = cnt[2] = 0;
+    for (int i = 0; i < n; i++)
+        cnt[kli_sampler_sample(s, l)]++;
+    kli_sampler_free(s);
+}
+
 /* ---- the support against a full sort ------------------------------------------------------ */
 
 #define TSEED 0x243f6a8885a308d3ull
@@ -486,55 +498,36 @@ test_basics(void)
     kli_sampler_options_init(&o);
     o.temperature = 1;
     o.top_p = 1;
-    s = mk(&o, 3);
-    int cnt[3] = {0};
-    for (int i = 0; i < 20000; i++)
-        cnt[kli_sampler_sample(s, l3)]++;
+    int cnt[3];
+    counts3(&o, l3, 20000, cnt);
     ok(fabs(cnt[0] / 20000.0 - 0.5) < 0.02 && fabs(cnt[1] / 20000.0 - 0.3) < 0.02 &&
        fabs(cnt[2] / 20000.0 - 0.2) < 0.02, "frequencies %d %d %d follow 0.5/0.3/0.2", cnt[0],
        cnt[1], cnt[2]);
-    kli_sampler_free(s);
 
     /* temperature 2 flattens: p ~ sqrt(p) renormalised */
     o.temperature = 2;
-    s = mk(&o, 3);
-    memset(cnt, 0, sizeof(cnt));
-    for (int i = 0; i < 20000; i++)
-        cnt[kli_sampler_sample(s, l3)]++;
+    counts3(&o, l3, 20000, cnt);
     double z = sqrt(0.5) + sqrt(0.3) + sqrt(0.2);
     ok(fabs(cnt[0] / 20000.0 - sqrt(0.5) / z) < 0.02 && fabs(cnt[2] / 20000.0 - sqrt(0.2) / z) <
        0.02, "temperature 2: %d %d %d", cnt[0], cnt[1], cnt[2]);
-    kli_sampler_free(s);
 
     /* top-p 0.75 keeps {0.5, 0.3}: 0.625 / 0.375 */
     o.temperature = 1;
     o.top_p = 0.75f;
-    s = mk(&o, 3);
-    memset(cnt, 0, sizeof(cnt));
-    for (int i = 0; i < 20000; i++)
-        cnt[kli_sampler_sample(s, l3)]++;
+    counts3(&o, l3, 20000, cnt);
     ok(cnt[2] == 0 && fabs(cnt[0] / 20000.0 - 0.625) < 0.02, "top-p 0.75: %d %d %d", cnt[0],
        cnt[1], cnt[2]);
-    kli_sampler_free(s);
 
     /* top-k 1 and min-p 1 are greedy */
     o.top_p = 1;
     o.top_k = 1;
-    s = mk(&o, 3);
-    int only0 = 1;
-    for (int i = 0; i < 2000; i++)
-        only0 &= kli_sampler_sample(s, l3) == 0;
-    ok(only0, "top-k 1 always picks the best");
-    kli_sampler_free(s);
+    counts3(&o, l3, 2000, cnt);
+    ok(cnt[0] == 2000, "top-k 1 always picks the best");
     o.top_k = 0;
     o.min_p = 0.5f;   /* keeps p >= 0.25: {0.5, 0.3} */
-    s = mk(&o, 3);
-    memset(cnt, 0, sizeof(cnt));
-    for (int i = 0; i < 5000; i++)
-        cnt[kli_sampler_sample(s, l3)]++;
+    counts3(&o, l3, 5000, cnt);
     ok(cnt[2] == 0 && cnt[1] > 0, "min-p 0.5 drops the 0.2 token (%d %d %d)", cnt[0], cnt[1],
        cnt[2]);
-    kli_sampler_free(s);
 
     /* the same seed gives the same stream; reset restarts it */
     kli_sampler_options_init(&o);
@@ -563,33 +556,39 @@ test_basics(void)
     kli_sampler_free(a);
     kli_sampler_free(b);
 
-    /* penalties: repeat penalty 2 halves a positive logit of a seen token */
-    kli_sampler_options_init(&o);
-    o.temperature = 0;
-    o.repeat_penalty = 2;
-    s = mk(&o, 3);
+    /* penalties, greedy over lp: the tokens accepted before each pick, and the pick */
+    static const struct {
+        float repeat, frequency, presence;
+        int32_t last_n;
+        struct {
+            int n_accept;
+            kli_token accept[2], want;
+            const char *what;   /* NULL: no more steps */
+        } step[2];
+    } pen[] = {
+        /* repeat penalty 2 halves a positive logit of a seen token */
+        {2, 0, 0, 64, {{1, {0}, 1, "repeat penalty moves the pick (3/2 < 2)"}}},
+        {1, 0.6f, 0, 64, {{1, {0}, 0, "one occurrence: 3 - 0.6 still best"},
+                          {1, {0}, 1, "two occurrences: 3 - 1.2 < 2"}}},
+        {1, 0, 1.5f, 2, {{1, {0}, 1, "presence penalty 1.5 on the seen token"},
+                         {2, {2, 2}, 0, "the window of 2 forgot the token"}}},
+    };
     float lp[3] = {3, 2, -1};
-    kli_sampler_accept(s, 0);
-    ok(kli_sampler_sample(s, lp) == 1, "repeat penalty moves the pick (3/2 < 2)");
-    kli_sampler_free(s);
-    o.repeat_penalty = 1;
-    o.frequency_penalty = 0.6f;
-    s = mk(&o, 3);
-    kli_sampler_accept(s, 0);
-    ok(kli_sampler_sample(s, lp) == 0, "one occurrence: 3 - 0.6 still best");
-    kli_sampler_accept(s, 0);
-    ok(kli_sampler_sample(s, lp) == 1, "two occurrences: 3 - 1.2 < 2");
-    kli_sampler_free(s);
-    o.frequency_penalty = 0;
-    o.presence_penalty = 1.5f;
-    o.penalty_last_n = 2;
-    s = mk(&o, 3);
-    kli_sampler_accept(s, 0);
-    ok(kli_sampler_sample(s, lp) == 1, "presence penalty 1.5 on the seen token");
-    kli_sampler_accept(s, 2);
-    kli_sampler_accept(s, 2);
-    ok(kli_sampler_sample(s, lp) == 0, "the window of 2 forgot the token");
-    kli_sampler_free(s);
+    for (size_t i = 0; i < sizeof(pen) / sizeof(pen[0]); i++) {
+        kli_sampler_options_init(&o);
+        o.temperature = 0;
+        o.repeat_penalty = pen[i].repeat;
+        o.frequency_penalty = pen[i].frequency;
+        o.presence_penalty = pen[i].presence;
+        o.penalty_last_n = pen[i].last_n;
+        s = mk(&o, 3);
+        for (int k = 0; k < 2 && pen[i].step[k].what != NULL; k++) {
+            for (int j = 0; j < pen[i].step[k].n_accept; j++)
+                kli_sampler_accept(s, pen[i].step[k].accept[j]);
+            ok(kli_sampler_sample(s, lp) == pen[i].step[k].want, "%s", pen[i].step[k].what);
+        }
+        kli_sampler_free(s);
+    }
 
     /* bad options */
     struct {

@@ -597,10 +597,7 @@ gen_text(void *ud, const char *text, size_t len)
 {
     struct gen_out *g = ud;
 
-    if (g->len + len < sizeof(g->text)) {
-        memcpy(g->text + g->len, text, len);
-        g->len += len;
-    }
+    tl_append(g->text, sizeof(g->text), &g->len, text, len);
     return 0;
 }
 

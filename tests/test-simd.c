@@ -229,103 +229,158 @@ test_vector(const struct k_kernels *kt)
     ok(!bad_scale, "%s scale: bit-exact, tail untouched", kt->name);
 }
 
-/* ---- dot_decay: sum a b exp(ga - gb) with ga - gb <= 0 -------------------------------------- */
+/* ---- the elementwise kernels: dot_decay, mul_decay, silu ---------------------------------- */
 
+/* What the trials of an elementwise kernel found: whether one failed (the first failure is
+ * told) and the worst relative error where the value means much. */
+struct verdict {
+    int bad;
+    double worst;
+};
+
+#define FAIL(v, ...)               \
+    do {                           \
+        if (!(v)->bad)             \
+            diag(__VA_ARGS__);     \
+        (v)->bad = 1;              \
+    } while (0)
+
+/* err / mag into v->worst where mag > 1e-30 (relative where it means much). */
 static void
-test_dot_decay(const struct k_kernels *kt)
+note_rel(struct verdict *v, double err, double mag)
 {
-    int bad = 0;
-    double worst = 0.0;
-
-    for (int trial = 0; trial < 300; trial++) {
-        int64_t n = trial < 40 ? trial : rng_int(0, 600);
-        float *a = tl_malloc((size_t)(n + 1) * 4), *b = tl_malloc((size_t)(n + 1) * 4);
-        float *ga = tl_malloc((size_t)(n + 1) * 4), *gb = tl_malloc((size_t)(n + 1) * 4);
-        double ref = 0.0, mag = 0.0;
-
-        for (int64_t i = 0; i < n; i++) {
-            a[i] = rng_float();
-            b[i] = rng_float();
-            gb[i] = rng_float() * 20.0f;
-            /* decays from none to far below float range, as a 64-token chunk produces */
-            float d = trial % 3 == 0 ? -fabsf(rng_float()) * 120.0f : -fabsf(rng_float()) * 8.0f;
-            ga[i] = gb[i] + d;
-        }
-        for (int64_t i = 0; i < n; i++) {
-            double t = (double)a[i] * b[i] * exp((double)ga[i] - (double)gb[i]);
-            ref += t;
-            mag += fabs(t);
-        }
-        double got = kt->dot_decay(a, b, ga, gb, n);
-        /* the float product, the exp (a few ulp) and the float sum */
-        double tol = ((double)n / 4 + 24) * ldexp(1.0, -22) * mag + 1e-37;
-        if (fabs(got - ref) > tol) {
-            if (!bad)
-                diag("%s dot_decay n=%lld: got %.9g want %.9g", kt->name, (long long)n, got, ref);
-            bad = 1;
-        }
-        if (mag > 1e-30 && fabs(got - ref) / mag > worst)   /* relative where it means much */
-            worst = fabs(got - ref) / mag;
-        free(a);
-        free(b);
-        free(ga);
-        free(gb);
-    }
-    ok(!bad, "%s dot_decay: within (n/4+24) 2^-22 sum|ab e^g| (worst %.2g)", kt->name, worst);
+    if (mag > 1e-30 && err / mag > v->worst)
+        v->worst = err / mag;
 }
 
-/* ---- mul_decay: a exp(ga - gb) with ga - gb <= 0, in place or not --------------------------- */
-
+/* y[n] was 12345 before the kernel ran and must still be: nothing past n is written. */
 static void
-test_mul_decay(const struct k_kernels *kt)
+check_end(struct verdict *v, const struct k_kernels *kt, const char *kernel, const float *y,
+          int64_t n)
 {
-    int bad = 0;
-    double worst = 0.0;
+    if (y[n] != 12345.0f)
+        FAIL(v, "%s %s n=%lld wrote past the end", kt->name, kernel, (long long)n);
+}
 
-    for (int trial = 0; trial < 300; trial++) {
-        int64_t n = trial < 40 ? trial : rng_int(0, 600);
-        float *a = tl_malloc((size_t)(n + 1) * 4), *y = tl_malloc((size_t)(n + 1) * 4);
-        float *ga = tl_malloc((size_t)(n + 1) * 4), *gb = tl_malloc((size_t)(n + 1) * 4);
+/* The gates of one position: gb up to 20 in size, ga = gb + d with a decay d <= 0 from none
+ * to far below float range, as a 64-token chunk produces (every third trial the far ones). */
+static void
+gate_pair(int trial, float *ga, float *gb)
+{
+    *gb = rng_float() * 20.0f;
+    float d = trial % 3 == 0 ? -fabsf(rng_float()) * 120.0f : -fabsf(rng_float()) * 8.0f;
+    *ga = *gb + d;
+}
 
-        for (int64_t i = 0; i <= n; i++) {
-            a[i] = rng_float();
-            gb[i] = rng_float() * 20.0f;
-            float d = trial % 3 == 0 ? -fabsf(rng_float()) * 120.0f : -fabsf(rng_float()) * 8.0f;
-            ga[i] = gb[i] + d;
-            y[i] = 12345.0f;   /* y[n] must stay: nothing past n is written */
-        }
-        int inplace = trial % 2;
-        if (inplace)
-            memcpy(y, a, (size_t)n * 4);
-        kt->mul_decay(y, inplace ? y : a, ga, gb, n);
-        for (int64_t i = 0; i < n; i++) {
-            double want = (double)a[i] * exp((double)ga[i] - (double)gb[i]);
-            double err = fabs((double)y[i] - want);
-            /* a few ulp of the exp and of the product, and the rounding of ga - gb in float
-             * (half an ulp of the operands, which the exp turns into that much relative error) */
-            double tol = fabs(want) * (8 * ldexp(1.0, -23) +
-                                       (fabs(ga[i]) + fabs(gb[i])) * ldexp(1.0, -24)) + 1e-37;
-            if (err > tol) {
-                if (!bad)
-                    diag("%s mul_decay n=%lld i=%lld: got %.9g want %.9g", kt->name,
-                         (long long)n, (long long)i, y[i], want);
-                bad = 1;
-            }
-            if (fabs(want) > 1e-30 && err / fabs(want) > worst)
-                worst = err / fabs(want);
-        }
-        if (y[n] != 12345.0f) {
-            if (!bad)
-                diag("%s mul_decay n=%lld wrote past the end", kt->name, (long long)n);
-            bad = 1;
-        }
-        free(a);
-        free(y);
-        free(ga);
-        free(gb);
+/* One trial of an elementwise kernel: length n, four arrays of n + 1 floats. */
+typedef void (*ew_trial)(const struct k_kernels *kt, int trial, int64_t n, float *const *p,
+                         struct verdict *v);
+
+/* 300 trials of an elementwise kernel: every length below 40, then random ones up to 600; each
+ * trial's arrays are n + 1 floats (room for the guard past the end), each its own allocation
+ * so that ASan sees an overrun. `summary` follows the table's name on the ok line. */
+static void
+run_elementwise(const struct k_kernels *kt, ew_trial trial, const char *summary)
+{
+    struct verdict v = {0, 0.0};
+
+    for (int t = 0; t < 300; t++) {
+        int64_t n = t < 40 ? t : rng_int(0, 600);
+        float *p[4];
+
+        for (int i = 0; i < 4; i++)
+            p[i] = tl_malloc((size_t)(n + 1) * 4);
+        trial(kt, t, n, p, &v);
+        for (int i = 0; i < 4; i++)
+            free(p[i]);
     }
-    ok(!bad, "%s mul_decay: within 8 ulp of a e^g (+ the rounding of g), in place and not, "
-       "odd tails (worst %.2g)", kt->name, worst);
+    ok(!v.bad, "%s %s (worst %.2g)", kt->name, summary, v.worst);
+}
+
+/* dot_decay: sum a b exp(ga - gb) with ga - gb <= 0. */
+static void
+dot_decay_trial(const struct k_kernels *kt, int trial, int64_t n, float *const *p,
+                struct verdict *v)
+{
+    float *a = p[0], *b = p[1], *ga = p[2], *gb = p[3];
+    double ref = 0.0, mag = 0.0;
+
+    for (int64_t i = 0; i < n; i++) {
+        a[i] = rng_float();
+        b[i] = rng_float();
+        gate_pair(trial, &ga[i], &gb[i]);
+    }
+    for (int64_t i = 0; i < n; i++) {
+        double t = (double)a[i] * b[i] * exp((double)ga[i] - (double)gb[i]);
+        ref += t;
+        mag += fabs(t);
+    }
+    double got = kt->dot_decay(a, b, ga, gb, n);
+    /* the float product, the exp (a few ulp) and the float sum */
+    double tol = ((double)n / 4 + 24) * ldexp(1.0, -22) * mag + 1e-37;
+    if (fabs(got - ref) > tol)
+        FAIL(v, "%s dot_decay n=%lld: got %.9g want %.9g", kt->name, (long long)n, got, ref);
+    note_rel(v, fabs(got - ref), mag);
+}
+
+/* mul_decay: a exp(ga - gb) with ga - gb <= 0, in place or not. */
+static void
+mul_decay_trial(const struct k_kernels *kt, int trial, int64_t n, float *const *p,
+                struct verdict *v)
+{
+    float *a = p[0], *y = p[1], *ga = p[2], *gb = p[3];
+
+    for (int64_t i = 0; i <= n; i++) {
+        a[i] = rng_float();
+        gate_pair(trial, &ga[i], &gb[i]);
+        y[i] = 12345.0f;   /* y[n] must stay: nothing past n is written */
+    }
+    int inplace = trial % 2;
+    if (inplace)
+        memcpy(y, a, (size_t)n * 4);
+    kt->mul_decay(y, inplace ? y : a, ga, gb, n);
+    for (int64_t i = 0; i < n; i++) {
+        double want = (double)a[i] * exp((double)ga[i] - (double)gb[i]);
+        double err = fabs((double)y[i] - want);
+        /* a few ulp of the exp and of the product, and the rounding of ga - gb in float
+         * (half an ulp of the operands, which the exp turns into that much relative error) */
+        double tol = fabs(want) * (8 * ldexp(1.0, -23) +
+                                   (fabs(ga[i]) + fabs(gb[i])) * ldexp(1.0, -24)) + 1e-37;
+        if (err > tol)
+            FAIL(v, "%s mul_decay n=%lld i=%lld: got %.9g want %.9g", kt->name, (long long)n,
+                 (long long)i, y[i], want);
+        note_rel(v, err, fabs(want));
+    }
+    check_end(v, kt, "mul_decay", y, n);
+}
+
+/* silu: x / (1 + e^-x), times mul or not, in place or not. */
+static void
+silu_trial(const struct k_kernels *kt, int trial, int64_t n, float *const *p,
+           struct verdict *v)
+{
+    float *x = p[0], *m = p[1], *y = p[2];
+    /* from tiny to past exp's range both ways */
+    float scale = trial % 4 == 0 ? 200.0f : trial % 4 == 1 ? 1e-3f : 8.0f;
+
+    for (int64_t i = 0; i <= n; i++) {
+        x[i] = rng_float() * scale;
+        m[i] = rng_float();
+        y[i] = 12345.0f;
+    }
+    int withmul = trial % 2, inplace = trial % 3 == 0;
+    if (inplace)
+        memcpy(y, x, (size_t)n * 4);
+    kt->silu(y, inplace ? y : x, withmul ? m : NULL, n);
+    for (int64_t i = 0; i < n; i++) {
+        double xv = x[i], want = xv / (1.0 + exp(-xv)) * (withmul ? m[i] : 1.0);
+        double err = fabs(y[i] - want);
+        /* below x = -80 (|silu| < 1e-33) a kernel may return zero */
+        if (err > 8 * ldexp(1.0, -23) * fabs(want) + (xv < -80.0 ? fabs(want) : 0.0) + 1e-38)
+            FAIL(v, "%s silu x=%.9g: got %.9g want %.9g", kt->name, x[i], y[i], want);
+        note_rel(v, err, fabs(want));
+    }
+    check_end(v, kt, "silu", y, n);
 }
 
 /* ---- gemm_nn: small row-major products, odd shapes, strides, alpha, accumulate --------------- */
@@ -393,56 +448,6 @@ test_gemm_nn(const struct k_kernels *kt)
     }
     ok(!bad, "%s gemm_nn: 200 shapes up to 70x150x140 with strides, alpha, accumulate: within "
        "(k/8+4) 2^-22 sum|xB| (worst %.2g)", kt->name, worst);
-}
-
-/* ---- silu: x / (1 + e^-x), times mul or not, in place or not -------------------------------- */
-
-static void
-test_silu(const struct k_kernels *kt)
-{
-    int bad = 0;
-    double worst = 0.0;
-
-    for (int trial = 0; trial < 300; trial++) {
-        int64_t n = trial < 40 ? trial : rng_int(0, 600);
-        float *x = tl_malloc((size_t)(n + 1) * 4), *m = tl_malloc((size_t)(n + 1) * 4);
-        float *y = tl_malloc((size_t)(n + 1) * 4);
-        /* from tiny to past exp's range both ways */
-        float scale = trial % 4 == 0 ? 200.0f : trial % 4 == 1 ? 1e-3f : 8.0f;
-
-        for (int64_t i = 0; i <= n; i++) {
-            x[i] = rng_float() * scale;
-            m[i] = rng_float();
-            y[i] = 12345.0f;
-        }
-        int withmul = trial % 2, inplace = trial % 3 == 0;
-        if (inplace)
-            memcpy(y, x, (size_t)n * 4);
-        kt->silu(y, inplace ? y : x, withmul ? m : NULL, n);
-        for (int64_t i = 0; i < n; i++) {
-            double xv = x[i], want = xv / (1.0 + exp(-xv)) * (withmul ? m[i] : 1.0);
-            double err = fabs(y[i] - want);
-            /* below x = -80 (|silu| < 1e-33) a kernel may return zero */
-            if (err > 8 * ldexp(1.0, -23) * fabs(want) + (xv < -80.0 ? fabs(want) : 0.0) +
-                      1e-38) {
-                if (!bad)
-                    diag("%s silu x=%.9g: got %.9g want %.9g", kt->name, x[i], y[i], want);
-                bad = 1;
-            }
-            if (fabs(want) > 1e-30 && err / fabs(want) > worst)
-                worst = err / fabs(want);
-        }
-        if (y[n] != 12345.0f) {
-            if (!bad)
-                diag("%s silu n=%lld wrote past the end", kt->name, (long long)n);
-            bad = 1;
-        }
-        free(x);
-        free(m);
-        free(y);
-    }
-    ok(!bad, "%s silu: within 8 ulp for |x| up to 200, with and without mul, in place "
-       "(worst %.2g)", kt->name, worst);
 }
 
 /* ---- matmul --------------------------------------------------------------------------------- */
@@ -656,10 +661,18 @@ run_kernel(size_t k, const struct k_kernels *kt)
     switch (k) {
     case 0: test_to_f32(kt); break;
     case 1: test_vector(kt); break;
-    case 2: test_dot_decay(kt); break;
-    case 3: test_mul_decay(kt); break;
+    case 2:
+        run_elementwise(kt, dot_decay_trial, "dot_decay: within (n/4+24) 2^-22 sum|ab e^g|");
+        break;
+    case 3:
+        run_elementwise(kt, mul_decay_trial, "mul_decay: within 8 ulp of a e^g (+ the rounding "
+                        "of g), in place and not, odd tails");
+        break;
     case 4: test_gemm_nn(kt); break;
-    case 5: test_silu(kt); break;
+    case 5:
+        run_elementwise(kt, silu_trial, "silu: within 8 ulp for |x| up to 200, with and without "
+                        "mul, in place");
+        break;
     default: test_matmul(kt, kernels_generic()); break;
     }
 }

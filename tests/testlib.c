@@ -182,6 +182,16 @@ tl_piece(size_t i, size_t left)
     return piece[i % 6] < left ? piece[i % 6] : left;
 }
 
+int
+tl_append(char *buf, size_t cap, size_t *len, const char *t, size_t n)
+{
+    if (*len + n >= cap)
+        return 0;
+    memcpy(buf + *len, t, n);
+    *len += n;
+    return 1;
+}
+
 float *
 tl_load_f32(const char *dir, const char *name, size_t count)
 {

@@ -56,6 +56,11 @@ int tl_spill(const char *path, const void *p, size_t n);
 void tl_pattern(uint8_t *p, size_t n);
 size_t tl_piece(size_t i, size_t left);
 
+/* For the on_text callbacks that collect generated text: appends the n bytes at t to buf (cap
+ * bytes, *len of them used) when they fit with a byte to spare (for a terminating NUL, which
+ * the caller writes if it wants one); else leaves buf alone. 1 when appended. */
+int tl_append(char *buf, size_t cap, size_t *len, const char *t, size_t n);
+
 /* Exactly `count` float32 values (the host is assumed little-endian) of the file dir/name;
  * bails out when the file is missing or of another size. */
 float *tl_load_f32(const char *dir, const char *name, size_t count);
