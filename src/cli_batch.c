@@ -250,15 +250,13 @@ static void
 batch_on_finish(void *ud, const struct kli_sched_result *res)
 {
     struct batch *b = ud;
-    struct batch_rec *r = res->user;
+    const struct batch_item *it = res->user;
     struct bbuf l = {NULL, 0, 0};
-    const char *id = r->it->id, *reason;
+    const char *id = it->id, *reason;
     int bad = 0;
 
-    if (res->finish == KLI_FINISH_INTERRUPT) {   /* stopped: no line, a rerun redoes it */
-        batch_rec_free(r);
+    if (res->finish == KLI_FINISH_INTERRUPT)   /* stopped: no line, a rerun redoes it */
         return;
-    }
     reason = res->finish == KLI_FINISH_LENGTH ? "length"
              : res->finish == KLI_FINISH_ERROR ? "error" : "stop";
     bad |= bbuf_add(&l, "{\"id\":", 6);
@@ -287,7 +285,6 @@ batch_on_finish(void *ud, const struct kli_sched_result *res)
         b->prompt_tokens += res->n_prompt;
         b->cached_tokens += res->n_cached;
     }
-    batch_rec_free(r);
     batch_progress(b, 0);
 }
 
@@ -321,22 +318,24 @@ batch_on_need(void *ud, struct kli_sched *sched)
 
     while (!b->io_failed && kli_sched_waiting(sched) < b->cap_ahead &&
            b->next_item < b->in.n_items) {
-        struct batch_rec *r = batch_rec_prepare(&b->in, &b->in.items[b->next_item], b->tok,
-                                                &b->dflt);
+        struct batch_item *it = &b->in.items[b->next_item];
+        struct batch_rec r;
         struct kli_sched_request q;
+        int rc = batch_rec_prepare(&r, &b->in, it, b->tok, &b->dflt);
         kli_sched_request_init(&q);
-        if (r != NULL) {
-            q.prompt = r->toks;
-            q.n_prompt = r->n;
-            q.so = r->so;
-            q.max_tokens = r->max_tokens;
-            q.stop = (const char *const *)r->stop;
-            q.n_stop = r->n_stop;
-            q.fail = r->error;
-            q.user = r;
+        if (rc == 0) {
+            q.prompt = r.toks;
+            q.n_prompt = r.n;
+            q.so = r.so;
+            q.max_tokens = r.max_tokens;
+            q.stop = r.stop;
+            q.n_stop = r.n_stop;
+            q.fail = r.error;
+            q.user = it;
+            rc = kli_sched_submit(sched, &q, NULL, &err) == KLI_OK ? 0 : -1;
+            batch_rec_clear(&r);
         }
-        if (r == NULL || kli_sched_submit(sched, &q, NULL, &err) != KLI_OK) {
-            batch_rec_free(r);
+        if (rc != 0) {
             cli_error("out of memory");
             b->io_failed = 1;
             return;
