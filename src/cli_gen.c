@@ -653,11 +653,12 @@ out:
 /* ==== kli tokenize / detokenize =========================================================== */
 
 static int
-tok_open(const char *model, char *demo, size_t cap, struct kli_tokenizer **t)
+tok_open(struct cli_args *ca, struct kli_tokenizer **t)
 {
     struct kli_err err = {0};
+    const char *model = cli_model_path(ca->model, ca->demo, sizeof(ca->demo));
 
-    if ((model = cli_model_path(model, demo, cap)) == NULL)
+    if (model == NULL)
         return -1;
     if (kli_tokenizer_open(t, model, &err) != KLI_OK) {
         cli_error("%s", err.msg);
@@ -666,43 +667,41 @@ tok_open(const char *model, char *demo, size_t cap, struct kli_tokenizer **t)
     return 0;
 }
 
+static const char tokenize_usage[] =
+    "usage: kli tokenize [-m|--model MODEL] [--special] [--file F] [-h|--help]\n";
+static const char detokenize_usage[] =
+    "usage: kli detokenize [-m|--model MODEL] [--file F] [-h|--help]\n";
+
 static int
 cmd_tokenize(int argc, char **argv)
 {
     static const struct option opts[] = {
-        {"model", required_argument, NULL, 'm'},
+        CLI_MODEL_LONGOPT,
         {"special", no_argument, NULL, 'S'},
         {"file", required_argument, NULL, 'f'},
-        {"help", no_argument, NULL, 'h'},
-        {NULL, 0, NULL, 0},
+        CLI_HELP_LONGOPT,
+        CLI_LONGOPTS_END,
     };
-    const char *model = NULL, *file = "-";
+    struct cli_args ca = {.usage = tokenize_usage};
+    const char *file = "-";
     int special = 0, c, rc = 1;
     struct kli_tokenizer *t = NULL;
     struct kli_err err = {0};
-    char demo[4096] = "";
     kli_token *ids = NULL;
     char *text = NULL;
     size_t len;
 
-    while ((c = getopt_long(argc, argv, "m:f:h", opts, NULL)) != -1) {
+    while ((c = cli_getopt(argc, argv, "m:f:h", opts, &ca)) > 0) {
         switch (c) {
-        case 'm': model = optarg; break;
         case 'S': special = 1; break;
         case 'f': file = optarg; break;
-        case 'h':
-            printf("usage: kli tokenize [-m|--model MODEL] [--special] [--file F] "
-                   "[-h|--help]\n");
-            return 0;
-        default:
-            return 2;
         }
     }
-    if (cli_no_operands(argc, argv, "tokenize") != 0)
-        return 2;
+    if (c != CLI_ARGS_END || cli_no_operands(argc, argv, "tokenize") != 0)
+        return cli_args_exit(c);
     if ((text = cli_read_file(file, CLI_TEXT_MAX, 0, "the limit of tokenize", &len)) == NULL)
         return 1;
-    if (tok_open(model, demo, sizeof(demo), &t) != 0)
+    if (tok_open(&ca, &t) != 0)
         goto out;
     ids = malloc((len + 1) * sizeof(kli_token));
     if (ids == NULL) {
@@ -723,7 +722,7 @@ out:
     free(ids);
     free(text);
     kli_tokenizer_close(t);
-    cli_demo_remove(demo);
+    cli_demo_remove(ca.demo);
     return rc;
 }
 
@@ -731,34 +730,27 @@ static int
 cmd_detokenize(int argc, char **argv)
 {
     static const struct option opts[] = {
-        {"model", required_argument, NULL, 'm'},
+        CLI_MODEL_LONGOPT,
         {"file", required_argument, NULL, 'f'},
-        {"help", no_argument, NULL, 'h'},
-        {NULL, 0, NULL, 0},
+        CLI_HELP_LONGOPT,
+        CLI_LONGOPTS_END,
     };
-    const char *model = NULL, *file = "-";
+    struct cli_args ca = {.usage = detokenize_usage};
+    const char *file = "-";
     int c, rc = 1;
     struct kli_tokenizer *t = NULL;
     struct kli_err err = {0};
-    char demo[4096] = "";
     kli_token *ids = NULL;
     int32_t n = 0;
     char *text = NULL, *out = NULL;
     size_t len;
 
-    while ((c = getopt_long(argc, argv, "m:f:h", opts, NULL)) != -1) {
-        switch (c) {
-        case 'm': model = optarg; break;
-        case 'f': file = optarg; break;
-        case 'h':
-            printf("usage: kli detokenize [-m|--model MODEL] [--file F] [-h|--help]\n");
-            return 0;
-        default:
-            return 2;
-        }
+    while ((c = cli_getopt(argc, argv, "m:f:h", opts, &ca)) > 0) {
+        if (c == 'f')
+            file = optarg;
     }
-    if (cli_no_operands(argc, argv, "detokenize") != 0)
-        return 2;
+    if (c != CLI_ARGS_END || cli_no_operands(argc, argv, "detokenize") != 0)
+        return cli_args_exit(c);
     if ((text = cli_read_file(file, CLI_TEXT_MAX, 0, "the limit of detokenize", &len)) == NULL)
         return 1;
     if (strlen(text) != len) {
@@ -767,7 +759,7 @@ cmd_detokenize(int argc, char **argv)
     }
     if (cli_parse_ids(text, &ids, &n) != 0)
         goto out;
-    if (tok_open(model, demo, sizeof(demo), &t) != 0)
+    if (tok_open(&ca, &t) != 0)
         goto out;
     int64_t need = kli_detokenize(t, ids, n, NULL, 0, &err);
     if (need < 0 || (out = malloc((size_t)need + 1)) == NULL) {
@@ -785,7 +777,7 @@ out:
     free(ids);
     free(text);
     kli_tokenizer_close(t);
-    cli_demo_remove(demo);
+    cli_demo_remove(ca.demo);
     return rc;
 }
 
