@@ -118,7 +118,7 @@ struct batch_rec {
 int batch_rec_prepare(struct batch_rec *r, const struct batch_input *in,
                       const struct batch_item *it, const struct kli_tokenizer *tok,
                       const struct batch_defaults *d);
-/* Frees what batch_rec_prepare allocated. */
+/* Frees what batch_rec_prepare allocated (once; r is done with then). */
 void batch_rec_clear(struct batch_rec *r);
 
 #endif

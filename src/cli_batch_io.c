@@ -766,6 +766,4 @@ batch_rec_clear(struct batch_rec *r)
 {
     free(r->toks);
     cJSON_Delete(r->json);
-    r->toks = NULL;
-    r->json = NULL;
 }
