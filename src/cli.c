@@ -119,7 +119,6 @@ cli_gen_option(int c, const char *arg, struct cli_gen_opts *g)
     int r;
 
     switch (c) {
-    case 'm': g->model = arg; return 1;
     case 's': g->system = arg; return 1;
     case 'n': return cli_parse_int(arg, 0, 1 << 30, "--max-tokens", &g->max_tokens) ? -1 : 1;
     case 't': return cli_parse_int(arg, 1, 4096, "--threads", &g->threads) ? -1 : 1;
@@ -579,7 +578,9 @@ cli_getopt(int argc, char **argv, const char *shortopts, const struct option *op
         case '?':                   /* reported by getopt_long */
             return CLI_ARGS_BAD;
         default:
-            if ((r = cli_model_option(c, optarg, &a->threads)) <= 0)
+            r = a->gen != NULL ? cli_gen_option(c, optarg, a->gen)
+                               : cli_model_option(c, optarg, &a->threads);
+            if (r <= 0)
                 return r < 0 ? CLI_ARGS_BAD : c;
             break;
         }

@@ -22,11 +22,11 @@ enum { OPT_SPECIAL = 256, OPT_MESSAGES, OPT_SAVE_STATE, OPT_LOAD_STATE };
 
 
 struct gen_args {
+    struct cli_args ca;                    /* -m, --help, the demo model */
     struct cli_gen_opts g;                 /* the options run and chat share with batch */
     const char *prompt, *file, *messages;
     const char *save_state, *load_state;   /* kli run --save-state / --load-state */
     int special;
-    char demo[4096];
 };
 
 static const struct option run_opts[] = {
@@ -38,16 +38,16 @@ static const struct option run_opts[] = {
     {"special", no_argument, NULL, OPT_SPECIAL},
     {"save-state", required_argument, NULL, OPT_SAVE_STATE},
     {"load-state", required_argument, NULL, OPT_LOAD_STATE},
-    {"help", no_argument, NULL, 'h'},
-    {NULL, 0, NULL, 0},
+    CLI_HELP_LONGOPT,
+    CLI_LONGOPTS_END,
 };
 
 /* chat takes those of run but the prompt's (-p, -f, --messages, --raw, --special) and the
  * state files' (it has /save and /load). */
 static const struct option chat_opts[] = {
     CLI_GEN_LONGOPTS,
-    {"help", no_argument, NULL, 'h'},
-    {NULL, 0, NULL, 0},
+    CLI_HELP_LONGOPT,
+    CLI_LONGOPTS_END,
 };
 
 /* @return 0 to go on, 1 for --help (already printed), -1 for a usage error. */
@@ -59,7 +59,9 @@ gen_parse(int argc, char **argv, const struct option *opts, const char *shortopt
 
     memset(a, 0, sizeof(*a));
     cli_gen_init(&a->g);
-    while ((c = getopt_long(argc, argv, shortopts, opts, NULL)) != -1) {
+    a->ca.usage = usage;
+    a->ca.gen = &a->g;
+    while ((c = cli_getopt(argc, argv, shortopts, opts, &a->ca)) > 0) {
         switch (c) {
         case 'p': a->prompt = optarg; break;
         case 'f': a->file = optarg; break;
@@ -67,15 +69,10 @@ gen_parse(int argc, char **argv, const struct option *opts, const char *shortopt
         case OPT_SPECIAL: a->special = 1; break;
         case OPT_SAVE_STATE: a->save_state = optarg; break;
         case OPT_LOAD_STATE: a->load_state = optarg; break;
-        case 'h':
-            printf("%s", usage);
-            return 1;
-        default:
-            if (cli_gen_option(c, optarg, &a->g) != 1)
-                return -1;
-            break;
         }
     }
+    if (c != CLI_ARGS_END)
+        return c == CLI_ARGS_HELP ? 1 : -1;
     if (cli_no_operands(argc, argv, NULL) != 0)
         return -1;
     /* Check the sampling options now, before a model is loaded. */
@@ -298,7 +295,7 @@ gen_close(struct gen_session *gs, const struct gen_args *a)
     kli_session_free(gs->s);
     cli_cache_report(gs->m);
     kli_model_close(gs->m);
-    cli_demo_remove(a->demo);
+    cli_demo_remove(a->ca.demo);
 }
 
 static const char run_usage[] =
@@ -362,7 +359,7 @@ cmd_run(int argc, char **argv)
     }
     /* From here on Ctrl-C ends generation cleanly (and removes the demo directory). */
     signal(SIGINT, gen_on_sigint);
-    const char *path = cli_model_path(a.g.model, a.demo, sizeof(a.demo));
+    const char *path = cli_model_path(a.ca.model, a.ca.demo, sizeof(a.ca.demo));
     if (path == NULL)
         goto out;
     /* the state file may be the one loaded (it is replaced at the end), never an input */
@@ -550,7 +547,7 @@ cmd_chat(int argc, char **argv)
 
     if ((pr = gen_parse(argc, argv, chat_opts, "m:s:n:t:h", &a, chat_usage)) != 0)
         return pr > 0 ? 0 : 2;
-    const char *path = cli_model_path(a.g.model, a.demo, sizeof(a.demo));
+    const char *path = cli_model_path(a.ca.model, a.ca.demo, sizeof(a.ca.demo));
     if (path == NULL || gen_open(&a, path, &gs) != 0)
         goto out;
     kli_token im_end = kli_tokenizer_find_special(gs.tok, "<|im_end|>");
