@@ -603,20 +603,30 @@ cli_placement_apply(struct kli_model_options *mo)
     mo->mem_budget = cli_place.n_budgets > 0 ? cli_place.budgets[0] : 0;
 }
 
+/* What kli_topology_describe writes for m (or none) and mo, in a new buffer.
+ * @return it (to free), or NULL when out of memory. */
+static char *
+topology_text(const struct kli_model *m, const struct kli_model_options *mo)
+{
+    size_t need = kli_topology_describe(m, mo, NULL, 0);
+    char *buf = malloc(need + 1);
+
+    if (buf != NULL)
+        kli_topology_describe(m, mo, buf, need + 1);
+    return buf;
+}
+
 /* With a --numa policy, the placement lines of kli_topology_describe go to stderr: what was
  * bound and where the pages were found. */
 static void
 cli_placement_report(const struct kli_model *m)
 {
     char *buf, *line, *save = NULL;
-    size_t need;
 
     if (cli_place.numa == KLI_NUMA_NONE || cli_place.plan_only)
         return;
-    need = kli_topology_describe(m, NULL, NULL, 0);
-    if ((buf = malloc(need + 1)) == NULL)
+    if ((buf = topology_text(m, NULL)) == NULL)
         return;
-    kli_topology_describe(m, NULL, buf, need + 1);
     for (line = strtok_r(buf, "\n", &save); line != NULL; line = strtok_r(NULL, "\n", &save)) {
         if (strncmp(line, "placement:", 10) == 0 || strncmp(line, "verified:", 9) == 0 ||
             strncmp(line, "  pages by node:", 16) == 0)
@@ -851,14 +861,12 @@ info_topology(const char *model, long threads)
     kli_model_options_init(&mo);
     mo.n_threads = cli_threads(threads);
     cli_placement_apply(&mo);
-    size_t need = kli_topology_describe(m, &mo, NULL, 0);
-    char *buf = malloc(need + 1);
+    char *buf = topology_text(m, &mo);
     if (buf == NULL) {
         cli_error("out of memory");
         kli_model_close(m);
         return 1;
     }
-    kli_topology_describe(m, &mo, buf, need + 1);
     fputs(buf, stdout);
     /* Without a model a bad --cpus is described in place of the workers (no "allowed:"). */
     int bad = m == NULL && strstr(buf, "\nallowed:") == NULL;
