@@ -119,7 +119,6 @@ cli_gen_option(int c, const char *arg, struct cli_gen_opts *g)
     int r;
 
     switch (c) {
-    case 'm': g->model = arg; return 1;
     case 's': g->system = arg; return 1;
     case 'n': return cli_parse_int(arg, 0, 1 << 30, "--max-tokens", &g->max_tokens) ? -1 : 1;
     case 't': return cli_parse_int(arg, 1, 4096, "--threads", &g->threads) ? -1 : 1;
@@ -563,6 +562,38 @@ cli_model_option(int c, const char *arg, long *threads)
     return cli_gpu_option(c, arg);
 }
 
+int
+cli_getopt(int argc, char **argv, const char *shortopts, const struct option *opts,
+           struct cli_args *a)
+{
+    int c, r;
+
+    while ((c = getopt_long(argc, argv, shortopts, opts, NULL)) != -1) {
+        switch (c) {
+        case 'm': a->model = optarg; break;
+        case CLI_OPT_JSON: a->json = 1; break;
+        case 'h':
+            fputs(a->usage, stdout);
+            return CLI_ARGS_HELP;
+        case '?':                   /* reported by getopt_long */
+            return CLI_ARGS_BAD;
+        default:
+            r = a->gen != NULL ? cli_gen_option(c, optarg, a->gen)
+                               : cli_model_option(c, optarg, &a->threads);
+            if (r <= 0)
+                return r < 0 ? CLI_ARGS_BAD : c;
+            break;
+        }
+    }
+    return CLI_ARGS_END;
+}
+
+int
+cli_args_exit(int c)
+{
+    return c == CLI_ARGS_HELP ? 0 : 2;
+}
+
 void
 cli_placement_apply(struct kli_model_options *mo)
 {
@@ -572,20 +603,30 @@ cli_placement_apply(struct kli_model_options *mo)
     mo->mem_budget = cli_place.n_budgets > 0 ? cli_place.budgets[0] : 0;
 }
 
+/* What kli_topology_describe writes for m (or none) and mo, in a new buffer.
+ * @return it (to free), or NULL when out of memory. */
+static char *
+topology_text(const struct kli_model *m, const struct kli_model_options *mo)
+{
+    size_t need = kli_topology_describe(m, mo, NULL, 0);
+    char *buf = malloc(need + 1);
+
+    if (buf != NULL)
+        kli_topology_describe(m, mo, buf, need + 1);
+    return buf;
+}
+
 /* With a --numa policy, the placement lines of kli_topology_describe go to stderr: what was
  * bound and where the pages were found. */
 static void
 cli_placement_report(const struct kli_model *m)
 {
     char *buf, *line, *save = NULL;
-    size_t need;
 
     if (cli_place.numa == KLI_NUMA_NONE || cli_place.plan_only)
         return;
-    need = kli_topology_describe(m, NULL, NULL, 0);
-    if ((buf = malloc(need + 1)) == NULL)
+    if ((buf = topology_text(m, NULL)) == NULL)
         return;
-    kli_topology_describe(m, NULL, buf, need + 1);
     for (line = strtok_r(buf, "\n", &save); line != NULL; line = strtok_r(NULL, "\n", &save)) {
         if (strncmp(line, "placement:", 10) == 0 || strncmp(line, "verified:", 9) == 0 ||
             strncmp(line, "  pages by node:", 16) == 0)
@@ -660,19 +701,25 @@ cli_threads(long opt_t)
 
 /* ==== kli logits ========================================================================== */
 
+static const char logits_usage[] =
+    "usage: kli logits -m|--model DIR (--ids 1,2,3 | --ids-file FILE) [--chunk N] "
+    "-o|--output OUT\n                  [-h|--help]\n"
+    CLI_PLACEMENT_HELP CLI_GPU_HELP;
+
 static int
 cmd_logits(int argc, char **argv)
 {
     static const struct option opts[] = {
-        {"model", required_argument, NULL, 'm'},
+        CLI_MODEL_LONGOPT,
         {"ids", required_argument, NULL, 'i'},
         {"ids-file", required_argument, NULL, 'f'},
         {"chunk", required_argument, NULL, 'c'},
         {"output", required_argument, NULL, 'o'},
         CLI_MODEL_LONGOPTS_END,
     };
-    const char *model = NULL, *ids_arg = NULL, *ids_file = NULL, *outp = NULL;
-    long chunk = 0, threads = 0;
+    struct cli_args ca = {.usage = logits_usage};
+    const char *model, *ids_arg = NULL, *ids_file = NULL, *outp = NULL;
+    long chunk = 0;
     int c, rc = 1;
     struct kli_model *m = NULL;
     struct kli_session *s = NULL;
@@ -683,9 +730,8 @@ cmd_logits(int argc, char **argv)
     FILE *out = NULL;
     struct kli_outfile *of = NULL;
 
-    while ((c = getopt_long(argc, argv, "m:o:t:h", opts, NULL)) != -1) {
+    while ((c = cli_getopt(argc, argv, "m:o:t:h", opts, &ca)) > 0) {
         switch (c) {
-        case 'm': model = optarg; break;
         case 'i': ids_arg = optarg; break;
         case 'f': ids_file = optarg; break;
         case 'o': outp = optarg; break;
@@ -693,20 +739,11 @@ cmd_logits(int argc, char **argv)
             if (cli_parse_int(optarg, 1, INT32_MAX, "--chunk", &chunk) != 0)
                 return 2;
             break;
-        case 'h':
-            printf("usage: kli logits -m|--model DIR (--ids 1,2,3 | --ids-file FILE) "
-                   "[--chunk N] -o|--output OUT\n                  [-h|--help]\n"
-                   CLI_PLACEMENT_HELP CLI_GPU_HELP);
-            return 0;
-        default:
-            if (cli_model_option(c, optarg, &threads) != 1)
-                return 2;
-            break;
         }
     }
-    if (cli_no_operands(argc, argv, "logits") != 0)
-        return 2;
-    if (model == NULL || outp == NULL || (ids_arg == NULL) == (ids_file == NULL)) {
+    if (c != CLI_ARGS_END || cli_no_operands(argc, argv, "logits") != 0)
+        return cli_args_exit(c);
+    if ((model = ca.model) == NULL || outp == NULL || (ids_arg == NULL) == (ids_file == NULL)) {
         cli_error("usage: kli logits -m DIR (--ids 1,2,3 | --ids-file FILE) [--chunk N] -o OUT");
         return 2;
     }
@@ -739,7 +776,7 @@ cmd_logits(int argc, char **argv)
         free(ids);
         return 2;
     }
-    if (cli_open_model(model, cli_threads(threads), &m) != 0)
+    if (cli_open_model(model, cli_threads(ca.threads), &m) != 0)
         goto out;
     if (kli_session_create(&s, m, NULL, &err) != KLI_OK) {
         cli_error("%s", err.msg);
@@ -824,14 +861,12 @@ info_topology(const char *model, long threads)
     kli_model_options_init(&mo);
     mo.n_threads = cli_threads(threads);
     cli_placement_apply(&mo);
-    size_t need = kli_topology_describe(m, &mo, NULL, 0);
-    char *buf = malloc(need + 1);
+    char *buf = topology_text(m, &mo);
     if (buf == NULL) {
         cli_error("out of memory");
         kli_model_close(m);
         return 1;
     }
-    kli_topology_describe(m, &mo, buf, need + 1);
     fputs(buf, stdout);
     /* Without a model a bad --cpus is described in place of the workers (no "allowed:"). */
     int bad = m == NULL && strstr(buf, "\nallowed:") == NULL;
@@ -840,45 +875,42 @@ info_topology(const char *model, long threads)
     return bad;
 }
 
+static const char info_usage[] =
+    "usage: kli info -m|--model MODEL [--tensors] [--verify] [-h|--help]\n"
+    "       kli info --topology [-m|--model MODEL] [-t|--threads N] [--cpus LIST]\n"
+    "                       [--numa POLICY] [--mem-budget SIZE]\n";
+
 static int
 cmd_info(int argc, char **argv)
 {
     static const struct option opts[] = {
-        {"model", required_argument, NULL, 'm'},
+        CLI_MODEL_LONGOPT,
         {"tensors", no_argument, NULL, 'T'},
         {"verify", no_argument, NULL, 'V'},
         {"topology", no_argument, NULL, 'P'},
-        {"threads", required_argument, NULL, 't'},
-        {"help", no_argument, NULL, 'h'},
+        CLI_THREADS_LONGOPT,
+        CLI_HELP_LONGOPT,
         CLI_PLACEMENT_LONGOPTS,
-        {NULL, 0, NULL, 0},
+        CLI_LONGOPTS_END,
     };
-    const char *model = NULL;
+    struct cli_args ca = {.usage = info_usage};
+    const char *model;
     int tensors = 0, verify = 0, topology = 0, c;
-    long threads = 0;
     struct kli_model *m = NULL;
 
     cli_place.plan_only = 1;    /* info never pins or binds */
-    while ((c = getopt_long(argc, argv, "m:t:h", opts, NULL)) != -1) {
+    while ((c = cli_getopt(argc, argv, "m:t:h", opts, &ca)) > 0) {
         switch (c) {
-        case 'm': model = optarg; break;
         case 'T': tensors = 1; break;
         case 'V': verify = 1; break;
         case 'P': topology = 1; break;
-        case 'h':
-            printf("usage: kli info -m|--model MODEL [--tensors] [--verify] [-h|--help]\n"
-                   "       kli info --topology [-m|--model MODEL] [-t|--threads N] "
-                   "[--cpus LIST]\n                       [--numa POLICY] "
-                   "[--mem-budget SIZE]\n");
-            return 0;
-        default:
-            if (cli_model_option(c, optarg, &threads) != 1)
-                return 2;
-            break;
         }
     }
+    if (c != CLI_ARGS_END)
+        return cli_args_exit(c);
+    model = ca.model;
     if (topology && optind == argc && !tensors && !verify)
-        return info_topology(model, threads);
+        return info_topology(model, ca.threads);
     if (model == NULL || optind < argc || topology) {
         cli_error("usage: kli info -m MODEL [--tensors] [--verify] | kli info --topology "
                   "[-m MODEL] [-t N] [--cpus LIST] [--numa POLICY]");

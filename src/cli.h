@@ -72,15 +72,45 @@ void cli_placement_apply(struct kli_model_options *mo);
  * the placement and the GPU options (those a command's table lists).
  * @return 1 if c was one of them (parsed), 0 if not, -1 for a bad value (reported). */
 int cli_model_option(int c, const char *arg, long *threads);
+
+/* The options that many commands share, each declared once: -m/--model, -t/--threads,
+ * --json and -h/--help. A command lists those it takes in its option table and reads the
+ * command line with cli_getopt, which handles them and the codes of cli_model_option (or,
+ * for run, chat and batch, those of cli_gen_option) into a struct cli_args and hands the
+ * command only its own options. */
+enum { CLI_OPT_JSON = 0x4400 };
+#define CLI_MODEL_LONGOPT {"model", required_argument, NULL, 'm'}
+#define CLI_THREADS_LONGOPT {"threads", required_argument, NULL, 't'}
+#define CLI_JSON_LONGOPT {"json", no_argument, NULL, CLI_OPT_JSON}
+#define CLI_HELP_LONGOPT {"help", no_argument, NULL, 'h'}
+#define CLI_LONGOPTS_END {NULL, 0, NULL, 0}
+struct cli_args {
+    const char *usage;          /* what --help prints */
+    const char *model;          /* -m, or NULL */
+    long threads;               /* -t, or 0 */
+    int json;                   /* --json */
+    char demo[4096];            /* the demo model's directory (cli_model_path), or "" */
+    struct cli_gen_opts *gen;   /* run, chat, batch: what cli_gen_option reads (-t too) */
+};
+/* What cli_getopt returns besides the code of an option. */
+enum { CLI_ARGS_END = 0, CLI_ARGS_HELP = -1, CLI_ARGS_BAD = -2 };
+struct option;
+/* getopt_long over `opts` until an option that is the command's own. @return its code;
+ * CLI_ARGS_END when no option is left; CLI_ARGS_HELP after printing a->usage to stdout;
+ * CLI_ARGS_BAD after a usage error (reported). */
+int cli_getopt(int argc, char **argv, const char *shortopts, const struct option *opts,
+               struct cli_args *a);
+/* The exit status for a cli_getopt result that ends the command: 0 after --help, else 2. */
+int cli_args_exit(int c);
 /* The end of the option tables of logits and perplexity, which open one model with the
  * options of every such command and no others of run's: -t, --help, the GPU and the
  * placement groups (-h aside, the codes of cli_model_option) and the terminator. */
 #define CLI_MODEL_LONGOPTS_END \
-    {"threads", required_argument, NULL, 't'}, \
-    {"help", no_argument, NULL, 'h'}, \
+    CLI_THREADS_LONGOPT, \
+    CLI_HELP_LONGOPT, \
     CLI_GPU_LONGOPTS, \
     CLI_PLACEMENT_LONGOPTS, \
-    {NULL, 0, NULL, 0}
+    CLI_LONGOPTS_END
 /* The sizes --mem-budget listed (kli bench takes several, other commands one).
  * @return their count (0: no budget); *out borrowed. */
 int cli_mem_budgets(const uint64_t **out);
@@ -114,12 +144,13 @@ int cli_parse_float(const char *s, const char *what, float *out);
 /* The options of the text generating commands, run, chat and batch, in one table and one
  * parser: -m, -s, -n, -t, --stop, --ctx, --quiet and the sampling, placement and GPU groups
  * (CLI_GEN_LONGOPTS), and --raw (CLI_GEN_RAW_LONGOPT; run and batch). A command lists them,
- * hands every code its own switch does not take to cli_gen_option, and checks the result
- * with cli_gen_check once the command line is read. */
+ * reads the command line with cli_getopt (-m goes to its struct cli_args, the rest to
+ * cli_gen_option through args->gen), and checks the result with cli_gen_check once the
+ * command line is read. */
 enum { CLI_OPT_STOP = 0x4300, CLI_OPT_RAW, CLI_OPT_CTX, CLI_OPT_QUIET };
 #define CLI_GEN_MAX_STOP 16
 struct cli_gen_opts {
-    const char *model, *system;
+    const char *system;
     long threads, max_tokens, ctx;
     int raw, quiet;
     struct kli_sampler_options so;
@@ -127,10 +158,10 @@ struct cli_gen_opts {
     int n_stop;
 };
 #define CLI_GEN_LONGOPTS \
-    {"model", required_argument, NULL, 'm'}, \
+    CLI_MODEL_LONGOPT, \
     {"system", required_argument, NULL, 's'}, \
     {"max-tokens", required_argument, NULL, 'n'}, \
-    {"threads", required_argument, NULL, 't'}, \
+    CLI_THREADS_LONGOPT, \
     {"stop", required_argument, NULL, CLI_OPT_STOP}, \
     {"ctx", required_argument, NULL, CLI_OPT_CTX}, \
     {"quiet", no_argument, NULL, CLI_OPT_QUIET}, \

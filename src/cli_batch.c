@@ -44,13 +44,13 @@ enum {
 };
 
 struct batch_args {
+    struct cli_args ca;           /* -m, --help, the demo model */
     struct cli_gen_opts g;        /* the options batch shares with run */
     const char *input, *output, *prefix_dir;
     long parallel, min_prefix, shard_k, shard_n;
     long max_errors;              /* failed records tolerated before exit status 3 */
     uint64_t prefix_bytes, max_prompt_bytes;
     int overwrite;
-    char demo[4096];
 };
 
 static const struct option batch_opts[] = {
@@ -67,8 +67,8 @@ static const struct option batch_opts[] = {
     {"overwrite", no_argument, NULL, OPT_OVERWRITE},
     {"max-prompt-bytes", required_argument, NULL, OPT_MAX_PROMPT},
     {"max-errors", required_argument, NULL, OPT_MAX_ERRORS},
-    {"help", no_argument, NULL, 'h'},
-    {NULL, 0, NULL, 0},
+    CLI_HELP_LONGOPT,
+    CLI_LONGOPTS_END,
 };
 
 static const char batch_usage[] =
@@ -132,7 +132,9 @@ batch_parse(int argc, char **argv, struct batch_args *a)
     a->shard_k = a->shard_n = 1;
     a->prefix_bytes = 1ULL << 30;
     a->max_prompt_bytes = 4ULL << 20;
-    while ((c = getopt_long(argc, argv, "m:i:o:P:n:t:s:h", batch_opts, NULL)) != -1) {
+    a->ca.usage = batch_usage;
+    a->ca.gen = &a->g;
+    while ((c = cli_getopt(argc, argv, "m:i:o:P:n:t:s:h", batch_opts, &a->ca)) > 0) {
         switch (c) {
         case 'i': a->input = optarg; break;
         case 'o': a->output = optarg; break;
@@ -177,15 +179,10 @@ batch_parse(int argc, char **argv, struct batch_args *a)
             break;
         case OPT_RESUME: a->overwrite = 0; break;
         case OPT_OVERWRITE: a->overwrite = 1; break;
-        case 'h':
-            printf("%s", batch_usage);
-            return 1;
-        default:
-            if (cli_gen_option(c, optarg, &a->g) != 1)
-                return -1;
-            break;
         }
     }
+    if (c != CLI_ARGS_END)
+        return c == CLI_ARGS_HELP ? 1 : -1;
     if (cli_no_operands(argc, argv, "batch") != 0)
         return -1;
     if (a->input == NULL || a->output == NULL) {
@@ -250,15 +247,13 @@ static void
 batch_on_finish(void *ud, const struct kli_sched_result *res)
 {
     struct batch *b = ud;
-    struct batch_rec *r = res->user;
+    const struct batch_item *it = res->user;
     struct bbuf l = {NULL, 0, 0};
-    const char *id = r->it->id, *reason;
+    const char *id = it->id, *reason;
     int bad = 0;
 
-    if (res->finish == KLI_FINISH_INTERRUPT) {   /* stopped: no line, a rerun redoes it */
-        batch_rec_free(r);
+    if (res->finish == KLI_FINISH_INTERRUPT)   /* stopped: no line, a rerun redoes it */
         return;
-    }
     reason = res->finish == KLI_FINISH_LENGTH ? "length"
              : res->finish == KLI_FINISH_ERROR ? "error" : "stop";
     bad |= bbuf_add(&l, "{\"id\":", 6);
@@ -287,7 +282,6 @@ batch_on_finish(void *ud, const struct kli_sched_result *res)
         b->prompt_tokens += res->n_prompt;
         b->cached_tokens += res->n_cached;
     }
-    batch_rec_free(r);
     batch_progress(b, 0);
 }
 
@@ -321,22 +315,24 @@ batch_on_need(void *ud, struct kli_sched *sched)
 
     while (!b->io_failed && kli_sched_waiting(sched) < b->cap_ahead &&
            b->next_item < b->in.n_items) {
-        struct batch_rec *r = batch_rec_prepare(&b->in, &b->in.items[b->next_item], b->tok,
-                                                &b->dflt);
+        struct batch_item *it = &b->in.items[b->next_item];
+        struct batch_rec r;
         struct kli_sched_request q;
+        int rc = batch_rec_prepare(&r, &b->in, it, b->tok, &b->dflt);
         kli_sched_request_init(&q);
-        if (r != NULL) {
-            q.prompt = r->toks;
-            q.n_prompt = r->n;
-            q.so = r->so;
-            q.max_tokens = r->max_tokens;
-            q.stop = (const char *const *)r->stop;
-            q.n_stop = r->n_stop;
-            q.fail = r->error;
-            q.user = r;
+        if (rc == 0) {
+            q.prompt = r.toks;
+            q.n_prompt = r.n;
+            q.so = r.so;
+            q.max_tokens = r.max_tokens;
+            q.stop = r.stop;
+            q.n_stop = r.n_stop;
+            q.fail = r.error;
+            q.user = it;
+            rc = kli_sched_submit(sched, &q, NULL, &err) == KLI_OK ? 0 : -1;
+            batch_rec_clear(&r);
         }
-        if (r == NULL || kli_sched_submit(sched, &q, NULL, &err) != KLI_OK) {
-            batch_rec_free(r);
+        if (rc != 0) {
             cli_error("out of memory");
             b->io_failed = 1;
             return;
@@ -480,7 +476,7 @@ batch_open_output(const struct batch_args *a, struct batch_idset *done)
     if (strcmp(a->output, "-") == 0)
         return STDOUT_FILENO;
     if ((strcmp(a->input, "-") != 0 && kli_output_check(a->output, a->input, &err) != KLI_OK) ||
-        (a->g.model != NULL && kli_output_check(a->output, a->g.model, &err) != KLI_OK)) {
+        (a->ca.model != NULL && kli_output_check(a->output, a->ca.model, &err) != KLI_OK)) {
         cli_error("batch: %s", err.msg);
         return -1;
     }
@@ -583,7 +579,7 @@ cmd_batch(int argc, char **argv)
         goto out;
     }
 
-    const char *path = cli_model_path(a.g.model, a.demo, sizeof(a.demo));
+    const char *path = cli_model_path(a.ca.model, a.ca.demo, sizeof(a.ca.demo));
     if (path == NULL)
         goto out;
     if (cli_open_model(path, cli_threads(a.g.threads), &model) != 0)
@@ -652,7 +648,7 @@ out:
         cli_error("%s: %s", a.output, strerror(errno));
         rc = 1;
     }
-    cli_demo_remove(a.demo);
+    cli_demo_remove(a.ca.demo);
     return rc;
 }
 

@@ -97,23 +97,28 @@ struct batch_defaults {
     int64_t max_prompt_bytes;
 };
 
-/* A record ready to run: its prompt tokens and settings. */
+/* A record ready to submit: its prompt tokens and settings. kli_sched_submit copies what
+ * the scheduler keeps (tokens, stop strings, error), so a record lives only until its
+ * request is submitted; the request's `user` is the record's item. */
 struct batch_rec {
-    struct batch_item *it;
     kli_token *toks;
     int32_t n;
     struct kli_sampler_options so;
     int32_t max_tokens;
-    char *stop[BATCH_MAX_STOP];
+    const char *stop[BATCH_MAX_STOP];  /* the defaults' or those of `json` (borrowed) */
     int n_stop;
-    char *error;               /* set: the record fails with this message */
+    const char *error;         /* set: the record fails with this message (the item's or
+                                  `msg`) */
+    char msg[512];
+    struct cJSON *json;        /* the parsed record */
 };
 
-/* Parses and tokenizes the record of item `it`. Problems with the record end up in
- * rec->error. @return NULL only when out of memory. */
-struct batch_rec *batch_rec_prepare(const struct batch_input *in, struct batch_item *it,
-                                    const struct kli_tokenizer *tok,
-                                    const struct batch_defaults *d);
-void batch_rec_free(struct batch_rec *r);
+/* Parses and tokenizes the record of item `it` into r. Problems with the record end up in
+ * r->error. @return 0, or -1 only when out of memory (r holds nothing then). */
+int batch_rec_prepare(struct batch_rec *r, const struct batch_input *in,
+                      const struct batch_item *it, const struct kli_tokenizer *tok,
+                      const struct batch_defaults *d);
+/* Frees what batch_rec_prepare allocated (once; r is done with then). */
+void batch_rec_clear(struct batch_rec *r);
 
 #endif

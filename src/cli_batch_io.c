@@ -539,14 +539,14 @@ rec_fail(struct batch_rec *r, const char *fmt, ...) __attribute__((format(printf
 static int
 rec_fail(struct batch_rec *r, const char *fmt, ...)
 {
-    char tmp[512];
     va_list ap;
 
-    va_start(ap, fmt);
-    vsnprintf(tmp, sizeof(tmp), fmt, ap);
-    va_end(ap);
-    if (r->error == NULL)
-        r->error = strdup(tmp);
+    if (r->error == NULL) {     /* the first reason stays */
+        va_start(ap, fmt);
+        vsnprintf(r->msg, sizeof(r->msg), fmt, ap);
+        va_end(ap);
+        r->error = r->msg;
+    }
     return -1;
 }
 
@@ -613,14 +613,11 @@ rec_settings(struct batch_rec *r, const cJSON *o)
 
     stop = cJSON_GetObjectItemCaseSensitive(o, "stop");
     if (stop != NULL && !cJSON_IsNull(stop)) {
-        for (int i = 0; i < r->n_stop; i++)
-            free(r->stop[i]);
-        r->n_stop = 0;
+        r->n_stop = 0;          /* in place of the defaults */
         if (cJSON_IsString(stop)) {
             if (stop->valuestring[0] == '\0')
                 return rec_fail(r, "\"stop\" may not be empty");
-            if ((r->stop[r->n_stop++] = strdup(stop->valuestring)) == NULL)
-                return rec_fail(r, "out of memory");
+            r->stop[r->n_stop++] = stop->valuestring;
         } else if (cJSON_IsArray(stop)) {
             const cJSON *s;
             cJSON_ArrayForEach(s, stop) {
@@ -628,8 +625,7 @@ rec_settings(struct batch_rec *r, const cJSON *o)
                     return rec_fail(r, "\"stop\" must hold non-empty strings");
                 if (r->n_stop == BATCH_MAX_STOP)
                     return rec_fail(r, "\"stop\": at most %d strings", BATCH_MAX_STOP);
-                if ((r->stop[r->n_stop++] = strdup(s->valuestring)) == NULL)
-                    return rec_fail(r, "out of memory");
+                r->stop[r->n_stop++] = s->valuestring;
             }
         } else {
             return rec_fail(r, "\"stop\" must be a string or an array of strings");
@@ -740,52 +736,34 @@ rec_prompt(struct batch_rec *r, const cJSON *o, const struct kli_tokenizer *tok,
     return rc;
 }
 
-struct batch_rec *
-batch_rec_prepare(const struct batch_input *in, struct batch_item *it,
-                  const struct kli_tokenizer *tok, const struct batch_defaults *d)
+int
+batch_rec_prepare(struct batch_rec *r, const struct batch_input *in,
+                  const struct batch_item *it, const struct kli_tokenizer *tok,
+                  const struct batch_defaults *d)
 {
-    struct batch_rec *r = calloc(1, sizeof(*r));
-    cJSON *root = NULL;
-
-    if (r == NULL)
-        return NULL;
-    r->it = it;
+    memset(r, 0, sizeof(*r));
     r->so = d->so;
     r->max_tokens = d->max_tokens;
-    for (int i = 0; i < d->n_stop; i++) {
-        if ((r->stop[r->n_stop++] = strdup(d->stop[i])) == NULL)
-            goto nomem;
-    }
-    if (it->error != NULL) {
-        if ((r->error = strdup(it->error)) == NULL)
-            goto nomem;
-        return r;
-    }
-    root = cJSON_ParseWithLength(in->text + it->off, (size_t)it->len);
-    if (root == NULL)
-        goto nomem;   /* it parsed during the scan */
-    if (rec_settings(r, root) == 0 && rec_prompt(r, root, tok, d) == 0 && r->n == 0)
+    for (; r->n_stop < d->n_stop; r->n_stop++)
+        r->stop[r->n_stop] = d->stop[r->n_stop];   /* the command line's: they outlive r */
+    if ((r->error = it->error) != NULL)
+        return 0;
+    r->json = cJSON_ParseWithLength(in->text + it->off, (size_t)it->len);
+    if (r->json == NULL)
+        return -1;      /* it parsed during the scan: out of memory */
+    if (rec_settings(r, r->json) == 0 && rec_prompt(r, r->json, tok, d) == 0 && r->n == 0)
         rec_fail(r, "the prompt is empty");
-    cJSON_Delete(root);
     if (r->error != NULL) {
         free(r->toks);
         r->toks = NULL;
         r->n = 0;
     }
-    return r;
-nomem:
-    batch_rec_free(r);
-    return NULL;
+    return 0;
 }
 
 void
-batch_rec_free(struct batch_rec *r)
+batch_rec_clear(struct batch_rec *r)
 {
-    if (r == NULL)
-        return;
-    for (int i = 0; i < r->n_stop; i++)
-        free(r->stop[i]);
     free(r->toks);
-    free(r->error);
-    free(r);
+    cJSON_Delete(r->json);
 }

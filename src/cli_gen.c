@@ -22,11 +22,11 @@ enum { OPT_SPECIAL = 256, OPT_MESSAGES, OPT_SAVE_STATE, OPT_LOAD_STATE };
 
 
 struct gen_args {
+    struct cli_args ca;                    /* -m, --help, the demo model */
     struct cli_gen_opts g;                 /* the options run and chat share with batch */
     const char *prompt, *file, *messages;
     const char *save_state, *load_state;   /* kli run --save-state / --load-state */
     int special;
-    char demo[4096];
 };
 
 static const struct option run_opts[] = {
@@ -38,16 +38,16 @@ static const struct option run_opts[] = {
     {"special", no_argument, NULL, OPT_SPECIAL},
     {"save-state", required_argument, NULL, OPT_SAVE_STATE},
     {"load-state", required_argument, NULL, OPT_LOAD_STATE},
-    {"help", no_argument, NULL, 'h'},
-    {NULL, 0, NULL, 0},
+    CLI_HELP_LONGOPT,
+    CLI_LONGOPTS_END,
 };
 
 /* chat takes those of run but the prompt's (-p, -f, --messages, --raw, --special) and the
  * state files' (it has /save and /load). */
 static const struct option chat_opts[] = {
     CLI_GEN_LONGOPTS,
-    {"help", no_argument, NULL, 'h'},
-    {NULL, 0, NULL, 0},
+    CLI_HELP_LONGOPT,
+    CLI_LONGOPTS_END,
 };
 
 /* @return 0 to go on, 1 for --help (already printed), -1 for a usage error. */
@@ -59,7 +59,9 @@ gen_parse(int argc, char **argv, const struct option *opts, const char *shortopt
 
     memset(a, 0, sizeof(*a));
     cli_gen_init(&a->g);
-    while ((c = getopt_long(argc, argv, shortopts, opts, NULL)) != -1) {
+    a->ca.usage = usage;
+    a->ca.gen = &a->g;
+    while ((c = cli_getopt(argc, argv, shortopts, opts, &a->ca)) > 0) {
         switch (c) {
         case 'p': a->prompt = optarg; break;
         case 'f': a->file = optarg; break;
@@ -67,15 +69,10 @@ gen_parse(int argc, char **argv, const struct option *opts, const char *shortopt
         case OPT_SPECIAL: a->special = 1; break;
         case OPT_SAVE_STATE: a->save_state = optarg; break;
         case OPT_LOAD_STATE: a->load_state = optarg; break;
-        case 'h':
-            printf("%s", usage);
-            return 1;
-        default:
-            if (cli_gen_option(c, optarg, &a->g) != 1)
-                return -1;
-            break;
         }
     }
+    if (c != CLI_ARGS_END)
+        return c == CLI_ARGS_HELP ? 1 : -1;
     if (cli_no_operands(argc, argv, NULL) != 0)
         return -1;
     /* Check the sampling options now, before a model is loaded. */
@@ -298,7 +295,7 @@ gen_close(struct gen_session *gs, const struct gen_args *a)
     kli_session_free(gs->s);
     cli_cache_report(gs->m);
     kli_model_close(gs->m);
-    cli_demo_remove(a->demo);
+    cli_demo_remove(a->ca.demo);
 }
 
 static const char run_usage[] =
@@ -362,7 +359,7 @@ cmd_run(int argc, char **argv)
     }
     /* From here on Ctrl-C ends generation cleanly (and removes the demo directory). */
     signal(SIGINT, gen_on_sigint);
-    const char *path = cli_model_path(a.g.model, a.demo, sizeof(a.demo));
+    const char *path = cli_model_path(a.ca.model, a.ca.demo, sizeof(a.ca.demo));
     if (path == NULL)
         goto out;
     /* the state file may be the one loaded (it is replaced at the end), never an input */
@@ -550,7 +547,7 @@ cmd_chat(int argc, char **argv)
 
     if ((pr = gen_parse(argc, argv, chat_opts, "m:s:n:t:h", &a, chat_usage)) != 0)
         return pr > 0 ? 0 : 2;
-    const char *path = cli_model_path(a.g.model, a.demo, sizeof(a.demo));
+    const char *path = cli_model_path(a.ca.model, a.ca.demo, sizeof(a.ca.demo));
     if (path == NULL || gen_open(&a, path, &gs) != 0)
         goto out;
     kli_token im_end = kli_tokenizer_find_special(gs.tok, "<|im_end|>");
@@ -653,11 +650,12 @@ out:
 /* ==== kli tokenize / detokenize =========================================================== */
 
 static int
-tok_open(const char *model, char *demo, size_t cap, struct kli_tokenizer **t)
+tok_open(struct cli_args *ca, struct kli_tokenizer **t)
 {
     struct kli_err err = {0};
+    const char *model = cli_model_path(ca->model, ca->demo, sizeof(ca->demo));
 
-    if ((model = cli_model_path(model, demo, cap)) == NULL)
+    if (model == NULL)
         return -1;
     if (kli_tokenizer_open(t, model, &err) != KLI_OK) {
         cli_error("%s", err.msg);
@@ -666,43 +664,41 @@ tok_open(const char *model, char *demo, size_t cap, struct kli_tokenizer **t)
     return 0;
 }
 
+static const char tokenize_usage[] =
+    "usage: kli tokenize [-m|--model MODEL] [--special] [--file F] [-h|--help]\n";
+static const char detokenize_usage[] =
+    "usage: kli detokenize [-m|--model MODEL] [--file F] [-h|--help]\n";
+
 static int
 cmd_tokenize(int argc, char **argv)
 {
     static const struct option opts[] = {
-        {"model", required_argument, NULL, 'm'},
+        CLI_MODEL_LONGOPT,
         {"special", no_argument, NULL, 'S'},
         {"file", required_argument, NULL, 'f'},
-        {"help", no_argument, NULL, 'h'},
-        {NULL, 0, NULL, 0},
+        CLI_HELP_LONGOPT,
+        CLI_LONGOPTS_END,
     };
-    const char *model = NULL, *file = "-";
+    struct cli_args ca = {.usage = tokenize_usage};
+    const char *file = "-";
     int special = 0, c, rc = 1;
     struct kli_tokenizer *t = NULL;
     struct kli_err err = {0};
-    char demo[4096] = "";
     kli_token *ids = NULL;
     char *text = NULL;
     size_t len;
 
-    while ((c = getopt_long(argc, argv, "m:f:h", opts, NULL)) != -1) {
+    while ((c = cli_getopt(argc, argv, "m:f:h", opts, &ca)) > 0) {
         switch (c) {
-        case 'm': model = optarg; break;
         case 'S': special = 1; break;
         case 'f': file = optarg; break;
-        case 'h':
-            printf("usage: kli tokenize [-m|--model MODEL] [--special] [--file F] "
-                   "[-h|--help]\n");
-            return 0;
-        default:
-            return 2;
         }
     }
-    if (cli_no_operands(argc, argv, "tokenize") != 0)
-        return 2;
+    if (c != CLI_ARGS_END || cli_no_operands(argc, argv, "tokenize") != 0)
+        return cli_args_exit(c);
     if ((text = cli_read_file(file, CLI_TEXT_MAX, 0, "the limit of tokenize", &len)) == NULL)
         return 1;
-    if (tok_open(model, demo, sizeof(demo), &t) != 0)
+    if (tok_open(&ca, &t) != 0)
         goto out;
     ids = malloc((len + 1) * sizeof(kli_token));
     if (ids == NULL) {
@@ -723,7 +719,7 @@ out:
     free(ids);
     free(text);
     kli_tokenizer_close(t);
-    cli_demo_remove(demo);
+    cli_demo_remove(ca.demo);
     return rc;
 }
 
@@ -731,34 +727,27 @@ static int
 cmd_detokenize(int argc, char **argv)
 {
     static const struct option opts[] = {
-        {"model", required_argument, NULL, 'm'},
+        CLI_MODEL_LONGOPT,
         {"file", required_argument, NULL, 'f'},
-        {"help", no_argument, NULL, 'h'},
-        {NULL, 0, NULL, 0},
+        CLI_HELP_LONGOPT,
+        CLI_LONGOPTS_END,
     };
-    const char *model = NULL, *file = "-";
+    struct cli_args ca = {.usage = detokenize_usage};
+    const char *file = "-";
     int c, rc = 1;
     struct kli_tokenizer *t = NULL;
     struct kli_err err = {0};
-    char demo[4096] = "";
     kli_token *ids = NULL;
     int32_t n = 0;
     char *text = NULL, *out = NULL;
     size_t len;
 
-    while ((c = getopt_long(argc, argv, "m:f:h", opts, NULL)) != -1) {
-        switch (c) {
-        case 'm': model = optarg; break;
-        case 'f': file = optarg; break;
-        case 'h':
-            printf("usage: kli detokenize [-m|--model MODEL] [--file F] [-h|--help]\n");
-            return 0;
-        default:
-            return 2;
-        }
+    while ((c = cli_getopt(argc, argv, "m:f:h", opts, &ca)) > 0) {
+        if (c == 'f')
+            file = optarg;
     }
-    if (cli_no_operands(argc, argv, "detokenize") != 0)
-        return 2;
+    if (c != CLI_ARGS_END || cli_no_operands(argc, argv, "detokenize") != 0)
+        return cli_args_exit(c);
     if ((text = cli_read_file(file, CLI_TEXT_MAX, 0, "the limit of detokenize", &len)) == NULL)
         return 1;
     if (strlen(text) != len) {
@@ -767,7 +756,7 @@ cmd_detokenize(int argc, char **argv)
     }
     if (cli_parse_ids(text, &ids, &n) != 0)
         goto out;
-    if (tok_open(model, demo, sizeof(demo), &t) != 0)
+    if (tok_open(&ca, &t) != 0)
         goto out;
     int64_t need = kli_detokenize(t, ids, n, NULL, 0, &err);
     if (need < 0 || (out = malloc((size_t)need + 1)) == NULL) {
@@ -785,7 +774,7 @@ out:
     free(ids);
     free(text);
     kli_tokenizer_close(t);
-    cli_demo_remove(demo);
+    cli_demo_remove(ca.demo);
     return rc;
 }
 

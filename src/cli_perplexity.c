@@ -213,18 +213,18 @@ int
 cli_perplexity(int argc, char **argv)
 {
     static const struct option opts[] = {
-        {"model", required_argument, NULL, 'm'},
+        CLI_MODEL_LONGOPT,
         {"file", required_argument, NULL, 'f'},
         {"ctx", required_argument, NULL, 'c'},
         {"bos", no_argument, NULL, 'B'},
-        {"json", no_argument, NULL, 'J'},
+        CLI_JSON_LONGOPT,
         {"kld-base", required_argument, NULL, 'K'},
         CLI_MODEL_LONGOPTS_END,
     };
-    const char *model = NULL, *file = NULL, *kpath = NULL;
-    long ctx = 4096, threads = 0;
-    int c, rc = 1, bos = 0, json = 0;
-    char demo[4096] = "";
+    struct cli_args ca = {.usage = ppl_usage};
+    const char *model, *file = NULL, *kpath = NULL;
+    long ctx = 4096;
+    int c, rc = 1, bos = 0;
     struct kli_model *m = NULL;
     struct kli_session *s = NULL;
     struct kli_err err = {0};
@@ -237,28 +237,19 @@ cli_perplexity(int argc, char **argv)
     size_t len;
     int64_t n = 0;
 
-    while ((c = getopt_long(argc, argv, "m:f:t:h", opts, NULL)) != -1) {
+    while ((c = cli_getopt(argc, argv, "m:f:t:h", opts, &ca)) > 0) {
         switch (c) {
-        case 'm': model = optarg; break;
         case 'f': file = optarg; break;
         case 'B': bos = 1; break;
-        case 'J': json = 1; break;
         case 'K': kpath = optarg; break;
         case 'c':
             if (cli_parse_int(optarg, 2, INT32_MAX, "--ctx", &ctx) != 0)
                 return 2;
             break;
-        case 'h':
-            fputs(ppl_usage, stdout);
-            return 0;
-        default:
-            if (cli_model_option(c, optarg, &threads) != 1)
-                return 2;
-            break;
         }
     }
-    if (cli_no_operands(argc, argv, "perplexity") != 0)
-        return 2;
+    if (c != CLI_ARGS_END || cli_no_operands(argc, argv, "perplexity") != 0)
+        return cli_args_exit(c);
     if (file == NULL) {
         cli_error("perplexity: -f FILE is required");
         fputs(ppl_usage, stderr);
@@ -266,9 +257,9 @@ cli_perplexity(int argc, char **argv)
     }
     if ((text = cli_read_file(file, CLI_TEXT_MAX, 0, "the limit of perplexity", &len)) == NULL)
         return 1;
-    if ((model = cli_model_path(model, demo, sizeof(demo))) == NULL)
+    if ((model = cli_model_path(ca.model, ca.demo, sizeof(ca.demo))) == NULL)
         goto out;
-    if (cli_open_model(model, cli_threads(threads), &m) != 0)
+    if (cli_open_model(model, cli_threads(ca.threads), &m) != 0)
         goto out;
     const struct kli_tokenizer *tok = kli_model_tokenizer(m);
     if (tok == NULL) {
@@ -370,7 +361,7 @@ cli_perplexity(int argc, char **argv)
             goto out;
         }
     }
-    if (json) {
+    if (ca.json) {
         printf("{\"perplexity\": %.6f, \"perplexity_err\": %.6f, \"tokens\": %llu, "
                "\"nll_mean\": %.6f, \"nll_err\": %.6f, \"file_tokens\": %lld, \"ctx\": %ld, "
                "\"windows\": %lld, \"bos\": %s",
@@ -413,6 +404,6 @@ out:
     free(text);
     kli_session_free(s);
     kli_model_close(m);
-    cli_demo_remove(demo);
+    cli_demo_remove(ca.demo);
     return rc;
 }

@@ -52,6 +52,10 @@ on_progress(void *ud, uint64_t done, uint64_t total, const char *what)
 
 /* ==== kli synth =========================================================================== */
 
+static const char synth_usage[] =
+    "usage: kli synth -o|--output DIR [--layers N] [--experts E] [--type bf16|q8_0|q4]\n"
+    "                 [--seed S] [--force] [-h|--help]\n";
+
 static int
 cmd_synth(int argc, char **argv)
 {
@@ -62,9 +66,10 @@ cmd_synth(int argc, char **argv)
         {"type", required_argument, NULL, 'T'},
         {"seed", required_argument, NULL, 'S'},
         {"force", no_argument, NULL, 'F'},
-        {"help", no_argument, NULL, 'h'},
-        {NULL, 0, NULL, 0},
+        CLI_HELP_LONGOPT,
+        CLI_LONGOPTS_END,
     };
+    struct cli_args ca = {.usage = synth_usage};
     struct kli_synth_options o;
     struct kli_err err = {0};
     struct progress p = {util_now_s(), 0, isatty(STDERR_FILENO), "synth"};
@@ -73,7 +78,7 @@ cmd_synth(int argc, char **argv)
     int c;
 
     kli_synth_options_init(&o);
-    while ((c = getopt_long(argc, argv, "o:h", opts, NULL)) != -1) {
+    while ((c = cli_getopt(argc, argv, "o:h", opts, &ca)) > 0) {
         switch (c) {
         case 'o': out = optarg; break;
         case 'L':
@@ -93,15 +98,10 @@ cmd_synth(int argc, char **argv)
             o.seed = (uint64_t)v;
             break;
         case 'F': o.force = 1; break;
-        case 'h':
-            printf("usage: kli synth -o|--output DIR [--layers N] [--experts E] "
-                   "[--type bf16|q8_0|q4]\n                 [--seed S] [--force] "
-                   "[-h|--help]\n");
-            return 0;
-        default:
-            return 2;
         }
     }
+    if (c != CLI_ARGS_END)
+        return cli_args_exit(c);
     if (out == NULL || optind < argc) {
         cli_error("usage: kli synth -o DIR [--layers N] [--experts E] [--type T] [--seed S]");
         return 2;
@@ -121,7 +121,8 @@ cmd_synth(int argc, char **argv)
 #define TOOLS_MAX_KEEP 64
 
 struct convert_args {
-    const char *in, *out;
+    struct cli_args ca;             /* -m IN and --help */
+    const char *out;
     const char *keep[TOOLS_MAX_KEEP];
     struct kli_convert_options o;   /* initialized by the caller: its defaults */
 };
@@ -134,19 +135,19 @@ convert_args_parse(int argc, char **argv, struct convert_args *a, struct progres
                    const char *help, const char *usage)
 {
     static const struct option opts[] = {
-        {"model", required_argument, NULL, 'm'},
+        CLI_MODEL_LONGOPT,
         {"output", required_argument, NULL, 'o'},
         {"type", required_argument, NULL, 'T'},
         {"keep", required_argument, NULL, 'K'},
         {"force", no_argument, NULL, 'F'},
-        {"help", no_argument, NULL, 'h'},
-        {NULL, 0, NULL, 0},
+        CLI_HELP_LONGOPT,
+        CLI_LONGOPTS_END,
     };
     int c;
 
-    while ((c = getopt_long(argc, argv, "m:o:h", opts, NULL)) != -1) {
+    a->ca.usage = help;
+    while ((c = cli_getopt(argc, argv, "m:o:h", opts, &a->ca)) > 0) {
         switch (c) {
-        case 'm': a->in = optarg; break;
         case 'o': a->out = optarg; break;
         case 'T': a->o.type = optarg; break;
         case 'K':
@@ -157,14 +158,11 @@ convert_args_parse(int argc, char **argv, struct convert_args *a, struct progres
             a->keep[a->o.n_keep++] = optarg;
             break;
         case 'F': a->o.force = 1; break;
-        case 'h':
-            printf("%s", help);
-            return 1;
-        default:
-            return -1;
         }
     }
-    if (a->in == NULL || a->out == NULL || optind < argc) {
+    if (c != CLI_ARGS_END)
+        return c == CLI_ARGS_HELP ? 1 : -1;
+    if (a->ca.model == NULL || a->out == NULL || optind < argc) {
         cli_error("%s", usage);
         return -1;
     }
@@ -194,7 +192,7 @@ cmd_quantize(int argc, char **argv)
                             "[--keep GLOB=TYPE]...");
     if (pr != 0)
         return pr > 0 ? 0 : 2;
-    if (kli_quantize(a.in, a.out, &a.o, &err) != KLI_OK) {
+    if (kli_quantize(a.ca.model, a.out, &a.o, &err) != KLI_OK) {
         cli_error("%s", err.msg);
         return 1;
     }
@@ -245,7 +243,7 @@ cmd_convert(int argc, char **argv)
     sigemptyset(&sa.sa_mask);
     sigaction(SIGINT, &sa, &old_int);
     sigaction(SIGTERM, &sa, &old_term);
-    rc = kli_convert(a.in, a.out, &a.o, &err);
+    rc = kli_convert(a.ca.model, a.out, &a.o, &err);
     sigaction(SIGINT, &old_int, NULL);
     sigaction(SIGTERM, &old_term, NULL);
     if (rc != KLI_OK) {
@@ -793,59 +791,53 @@ bench_one(const struct bench_args *a)
     return rc;
 }
 
+static const char bench_usage[] =
+    "usage: kli bench [-m|--model MODEL] [-p|--prompt 512] [-n|--gen 128] [--depth D]\n"
+    "                 [-r|--reps 5] [--type T] [--json] [-h|--help]\n"
+    "       kli bench --quality [-m|--model MODEL] [-p|--prompt N | --ids 1,2,3] [--json]\n"
+    CLI_PLACEMENT_HELP CLI_GPU_HELP;
+
 static int
 cmd_bench(int argc, char **argv)
 {
     static const struct option opts[] = {
-        {"model", required_argument, NULL, 'm'},
+        CLI_MODEL_LONGOPT,
         {"prompt", required_argument, NULL, 'p'},
         {"gen", required_argument, NULL, 'n'},
         {"depth", required_argument, NULL, 'd'},
         {"reps", required_argument, NULL, 'r'},
-        {"threads", required_argument, NULL, 't'},
+        CLI_THREADS_LONGOPT,
         {"type", required_argument, NULL, 'T'},
-        {"json", no_argument, NULL, 'J'},
+        CLI_JSON_LONGOPT,
         {"quality", no_argument, NULL, 'Q'},
         {"ids", required_argument, NULL, 'I'},
-        {"help", no_argument, NULL, 'h'},
+        CLI_HELP_LONGOPT,
         CLI_GPU_LONGOPTS,
         CLI_PLACEMENT_LONGOPTS,
-        {NULL, 0, NULL, 0},
+        CLI_LONGOPTS_END,
     };
-    const char *model = NULL, *type = NULL, *ids_arg = NULL;
-    long pp = 512, tg = 128, depth = 0, reps = 5, threads = 0;
-    int json = 0, quality = 0, c, rc = 1;
-    char demo[4096] = "";
+    struct cli_args ca = {.usage = bench_usage};
+    const char *model, *type = NULL, *ids_arg = NULL;
+    long pp = 512, tg = 128, depth = 0, reps = 5;
+    int json, quality = 0, c, rc = 1;
 
-    while ((c = getopt_long(argc, argv, "m:p:n:d:r:t:h", opts, NULL)) != -1) {
+    while ((c = cli_getopt(argc, argv, "m:p:n:d:r:t:h", opts, &ca)) > 0) {
         switch (c) {
-        case 'm': model = optarg; break;
         case 'p': if (cli_parse_int(optarg, 0, 1 << 20, "-p", &pp)) return 2; break;
         case 'n': if (cli_parse_int(optarg, 0, 1 << 20, "-n", &tg)) return 2; break;
         case 'd': if (cli_parse_int(optarg, 0, 1 << 24, "--depth", &depth)) return 2; break;
         case 'r': if (cli_parse_int(optarg, 1, 1000, "-r", &reps)) return 2; break;
         case 'T': type = optarg; break;
-        case 'J': json = 1; break;
         case 'Q': quality = 1; break;
         case 'I': ids_arg = optarg; break;
-        case 'h':
-            printf("usage: kli bench [-m|--model MODEL] [-p|--prompt 512] [-n|--gen 128] "
-                   "[--depth D]\n                 [-r|--reps 5] [--type T] [--json] "
-                   "[-h|--help]\n       kli bench --quality [-m|--model MODEL] "
-                   "[-p|--prompt N | --ids 1,2,3] [--json]\n"
-                   CLI_PLACEMENT_HELP CLI_GPU_HELP);
-            return 0;
-        default:
-            if (cli_model_option(c, optarg, &threads) != 1)
-                return 2;
-            break;
         }
     }
-    if (cli_no_operands(argc, argv, "bench") != 0)
-        return 2;
-    if ((model = cli_model_path(model, demo, sizeof(demo))) == NULL)
+    if (c != CLI_ARGS_END || cli_no_operands(argc, argv, "bench") != 0)
+        return cli_args_exit(c);
+    if ((model = cli_model_path(ca.model, ca.demo, sizeof(ca.demo))) == NULL)
         return 1;
-    int th = cli_threads(threads);
+    int th = cli_threads(ca.threads);
+    json = ca.json;
 
     if (quality) {
         kli_token *ids = NULL;
@@ -880,7 +872,7 @@ cmd_bench(int argc, char **argv)
         rc = bench_one(&ba);
     }
 out:
-    cli_demo_remove(demo);
+    cli_demo_remove(ca.demo);
     return rc;
 }
 
