@@ -10,12 +10,16 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <pthread.h>
-#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 
 #include "kli_cuda.h"
 #include "weights.h"
+
+/* err_set: the library's one way of setting a struct kli_err (the first error wins) */
+extern "C" {
+#include "internal.h"
+}
 
 struct k_gpu {
     struct gpu_info info;
@@ -39,28 +43,13 @@ struct gpu_queue {
     const float *moe_res;     /* its result in pin */
 };
 
-/* Sets err as err_set does (the first error wins). @return code. */
-static inline int
-cu_fail(struct kli_err *err, int code, const char *fmt, ...)
-{
-    va_list ap;
-
-    if (err == NULL || err->code != 0)
-        return code;
-    err->code = code;
-    va_start(ap, fmt);
-    vsnprintf(err->msg, sizeof(err->msg), fmt, ap);
-    va_end(ap);
-    return code;
-}
-
 /* @return KLI_OK, or KLI_E_CUDA naming `what` and the runtime's message. */
 static inline int
 cu_check(cudaError_t e, struct kli_err *err, const char *what)
 {
     if (e == cudaSuccess)
         return KLI_OK;
-    return cu_fail(err, KLI_E_CUDA, "CUDA: %s: %s", what, cudaGetErrorString(e));
+    return err_set(err, KLI_E_CUDA, "CUDA: %s: %s", what, cudaGetErrorString(e));
 }
 
 /* The status of the kernel launch just made (bad configuration, no image for this GPU). */

@@ -163,12 +163,12 @@ cu_moe_launch(struct gpu_queue *q, const struct gpu_moe_job *j, struct kli_err *
     int rc;
 
     if (j->n_items < 1 || P < 1 || D % 32 != 0)
-        return cu_fail(err, KLI_E_INVALID, "moe job: no work, or d_model %lld is not a "
+        return err_set(err, KLI_E_INVALID, "moe job: no work, or d_model %lld is not a "
                        "multiple of 32", (long long)D);
     for (int32_t i = 0; i < j->n_items; i++) {
         if (j->item[i].d_ff % 32 != 0 || j->item[i].dtype < KLI_DT_F32 ||
             j->item[i].dtype > KLI_DT_Q4)
-            return cu_fail(err, KLI_E_UNSUPPORTED, "moe job: d_ff %d or dtype %d",
+            return err_set(err, KLI_E_UNSUPPORTED, "moe job: d_ff %d or dtype %d",
                            j->item[i].d_ff, j->item[i].dtype);
         fmax = j->item[i].d_ff > fmax ? j->item[i].d_ff : fmax;
     }
@@ -203,7 +203,7 @@ cu_moe_launch(struct gpu_queue *q, const struct gpu_moe_job *j, struct kli_err *
     memset(tokptr, 0, (size_t)(T + 1) * 4);
     for (int64_t p = 0; p < P; p++) {
         if (row[p] < 0 || row[p] >= T)
-            return cu_fail(err, KLI_E_INVALID, "moe job: pair %lld names row %d of %lld",
+            return err_set(err, KLI_E_INVALID, "moe job: pair %lld names row %d of %lld",
                            (long long)p, row[p], (long long)T);
         tokptr[row[p] + 1]++;
     }
@@ -258,7 +258,7 @@ cu_moe_wait(struct gpu_queue *q, float *out, struct kli_err *err)
 
     q->moe_n = 0;
     if (n == 0)
-        return cu_fail(err, KLI_E_INVALID, "moe_wait without a launched job");
+        return err_set(err, KLI_E_INVALID, "moe_wait without a launched job");
     if ((rc = cu_check(cudaStreamSynchronize(q->st), err, "moe experts")) != KLI_OK)
         return rc;
     for (int64_t i = 0; i < n; i++)
