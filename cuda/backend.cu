@@ -117,27 +117,29 @@ cu_used(struct k_gpu *g, uint64_t *budget)
     return u;
 }
 
+/* A synchronous copy between host and device; any thread may call this (the hot-set mover
+ * has its own): the device first. */
 static int
-cu_upload(struct k_gpu *g, void *dst, const void *src, uint64_t bytes, struct kli_err *err)
+cu_copy(struct k_gpu *g, void *dst, const void *src, uint64_t bytes, cudaMemcpyKind kind,
+        const char *what, struct kli_err *err)
 {
     int rc;
 
-    /* any thread may call this (the hot-set mover has its own): the device first */
     if ((rc = cu_check(cudaSetDevice(g->info.device), err, "cudaSetDevice")) != KLI_OK)
         return rc;
-    return cu_check(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice), err, "cudaMemcpy "
-                    "(upload)");
+    return cu_check(cudaMemcpy(dst, src, bytes, kind), err, what);
+}
+
+static int
+cu_upload(struct k_gpu *g, void *dst, const void *src, uint64_t bytes, struct kli_err *err)
+{
+    return cu_copy(g, dst, src, bytes, cudaMemcpyHostToDevice, "cudaMemcpy (upload)", err);
 }
 
 static int
 cu_download(struct k_gpu *g, void *dst, const void *src, uint64_t bytes, struct kli_err *err)
 {
-    int rc;
-
-    if ((rc = cu_check(cudaSetDevice(g->info.device), err, "cudaSetDevice")) != KLI_OK)
-        return rc;
-    return cu_check(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost), err, "cudaMemcpy "
-                    "(download)");
+    return cu_copy(g, dst, src, bytes, cudaMemcpyDeviceToHost, "cudaMemcpy (download)", err);
 }
 
 static void
