@@ -365,30 +365,9 @@ mla_mm(const void *W, long long wbs, int R, int K, const float *x, int ldx, int 
     const void *w = (const char *)W + b * wbs;
     x += (size_t)b * xbs;
     y += (size_t)b * ybs;
-    for (int p0 = t0; p0 < t1; p0 += MM_TOK) {
-        const int np = t1 - p0 < MM_TOK ? t1 - p0 : MM_TOK;
-        float a[MM_TOK];
-#pragma unroll
-        for (int i = 0; i < MM_TOK; i++)
-            a[i] = 0.0f;
-        for (int c = lane; c < K / 8; c += 32) {
-            float wv[8];
-            cu_w8<DT>(w, r, K, c, wv);
-#pragma unroll
-            for (int i = 0; i < MM_TOK; i++) {
-                const float *xr = x + (size_t)(p0 + (i < np ? i : np - 1)) * ldx + 8 * c;
-                const float4 p = *(const float4 *)xr, u = *(const float4 *)(xr + 4);
-                a[i] += wv[0] * p.x + wv[1] * p.y + wv[2] * p.z + wv[3] * p.w +
-                        wv[4] * u.x + wv[5] * u.y + wv[6] * u.z + wv[7] * u.w;
-            }
-        }
-#pragma unroll
-        for (int i = 0; i < MM_TOK; i++) {
-            const float s = cu_warp_sum(a[i]);
-            if (lane == 0 && i < np)
-                y[(size_t)(p0 + i) * ldy + r] = s;
-        }
-    }
+    cu_rows<DT, 1, MM_TOK>(&w, r, K, t1 - t0, lane,
+                           [&](int p) { return x + (size_t)(t0 + p) * ldx; },
+                           [&](int p, const float *s) { y[(size_t)(t0 + p) * ldy + r] = s[0]; });
 }
 
 int
