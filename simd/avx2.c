@@ -603,6 +603,18 @@ avx2_q4_tile(int nt, const uint8_t *act, size_t stride, int64_t nb, const uint8_
     avx2_hsums(nt, acc, out);
 }
 
+/* One token's step of the tile: c0..c2 += w0..w2 * x[0] (inlined, the accumulators stay in
+ * registers). */
+AVX2_INLINE void
+avx2_fma3(const float *x, __m256 w0, __m256 w1, __m256 w2, __m256 *c0, __m256 *c1, __m256 *c2)
+{
+    __m256 b = _mm256_broadcast_ss(x);
+
+    *c0 = _mm256_fmadd_ps(w0, b, *c0);
+    *c1 = _mm256_fmadd_ps(w1, b, *c1);
+    *c2 = _mm256_fmadd_ps(w2, b, *c2);
+}
+
 /*
  * The register tile: y[t][i] (+)= sum_j x[t][j] * panel[j][i] for t < 4, i < 24. Only t < nt
  * and i < nr are stored; rows of x past nt must still be readable (callers repeat the last).
@@ -621,22 +633,10 @@ avx2_tile4(const float *pk, const float *x0, const float *x1, const float *x2, c
     for (int64_t j = 0; j < kc; j++) {
         const float *p = pk + j * X86_NR;
         __m256 w0 = _mm256_load_ps(p), w1 = _mm256_load_ps(p + 8), w2 = _mm256_load_ps(p + 16);
-        __m256 b = _mm256_broadcast_ss(x0 + j);
-        c00 = _mm256_fmadd_ps(w0, b, c00);
-        c01 = _mm256_fmadd_ps(w1, b, c01);
-        c02 = _mm256_fmadd_ps(w2, b, c02);
-        b = _mm256_broadcast_ss(x1 + j);
-        c10 = _mm256_fmadd_ps(w0, b, c10);
-        c11 = _mm256_fmadd_ps(w1, b, c11);
-        c12 = _mm256_fmadd_ps(w2, b, c12);
-        b = _mm256_broadcast_ss(x2 + j);
-        c20 = _mm256_fmadd_ps(w0, b, c20);
-        c21 = _mm256_fmadd_ps(w1, b, c21);
-        c22 = _mm256_fmadd_ps(w2, b, c22);
-        b = _mm256_broadcast_ss(x3 + j);
-        c30 = _mm256_fmadd_ps(w0, b, c30);
-        c31 = _mm256_fmadd_ps(w1, b, c31);
-        c32 = _mm256_fmadd_ps(w2, b, c32);
+        avx2_fma3(x0 + j, w0, w1, w2, &c00, &c01, &c02);
+        avx2_fma3(x1 + j, w0, w1, w2, &c10, &c11, &c12);
+        avx2_fma3(x2 + j, w0, w1, w2, &c20, &c21, &c22);
+        avx2_fma3(x3 + j, w0, w1, w2, &c30, &c31, &c32);
     }
 
     __m256 c[X86_TM][3] = {{c00, c01, c02}, {c10, c11, c12}, {c20, c21, c22}, {c30, c31, c32}};

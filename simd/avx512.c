@@ -90,9 +90,7 @@ avx512_load16(enum k_dtype dt, const uint8_t *row, int64_t j)
     if (dt == KLI_DT_F32)
         return _mm512_loadu_ps((const float *)row + j);
     __m256i h = _mm256_loadu_si256((const __m256i *)(row + 2 * j));
-    if (dt == KLI_DT_F16)
-        return _mm512_cvtph_ps(h);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    return X86_WIDEN_U16(512, dt, h);
 }
 
 /* The same for the first lanes of mk only; the others are zero and their memory untouched. */
@@ -102,9 +100,7 @@ avx512_load16_mask(enum k_dtype dt, const uint8_t *row, int64_t j, __mmask16 mk)
     if (dt == KLI_DT_F32)
         return _mm512_maskz_loadu_ps(mk, (const float *)row + j);
     __m256i h = _mm256_maskz_loadu_epi16(mk, row + 2 * j);
-    if (dt == KLI_DT_F16)
-        return _mm512_cvtph_ps(h);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    return X86_WIDEN_U16(512, dt, h);
 }
 
 /* The eight f16 scales of eight consecutive blocks (stride bytes apart), as floats. */
@@ -332,27 +328,26 @@ avx512_dot_tile(enum k_dtype dt, int nt, const float *x, int64_t ldx, const uint
 /* acc + the sums of four adjacent products u[i] * s[i] (u unsigned, s signed bytes) per
  * 32-bit lane. Without VNNI through 16-bit pairs (vpmaddubsw), which saturate only past
  * 32767: here u is |w| <= 128 of a Q8_0 weight or a nibble <= 15 against |s| <= 127, so a
- * pair is at most 32512 and both forms give the same integers. */
+ * pair is at most 32512 and both forms give the same integers. One macro for both widths W
+ * (512, and 256 for the blocks past the last group of eight). */
+#ifdef KLI_VNNI
+#define AVX512_DOT_U8(W, acc, u, s) _mm##W##_dpbusd_epi32(acc, u, s)
+#else
+#define AVX512_DOT_U8(W, acc, u, s)                                                           \
+    _mm##W##_add_epi32(acc, _mm##W##_madd_epi16(_mm##W##_maddubs_epi16(u, s),                 \
+                                                _mm##W##_set1_epi16(1)))
+#endif
+
 AVX512_INLINE __m512i
 avx512_dot_u8(__m512i acc, __m512i u, __m512i s)
 {
-#ifdef KLI_VNNI
-    return _mm512_dpbusd_epi32(acc, u, s);
-#else
-    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s),
-                                                   _mm512_set1_epi16(1)));
-#endif
+    return AVX512_DOT_U8(512, acc, u, s);
 }
 
 AVX512_INLINE __m256i
 avx512_dot_u8_256(__m256i acc, __m256i u, __m256i s)
 {
-#ifdef KLI_VNNI
-    return _mm256_dpbusd_epi32(acc, u, s);
-#else
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s),
-                                                   _mm256_set1_epi16(1)));
-#endif
+    return AVX512_DOT_U8(256, acc, u, s);
 }
 
 /* Quantizes 32 floats to int8 with scale amax/127 (round to nearest); *d gets the scale. */
