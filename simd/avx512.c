@@ -103,6 +103,20 @@ avx512_load16_mask(enum k_dtype dt, const uint8_t *row, int64_t j, __mmask16 mk)
     return X86_WIDEN_U16(512, dt, h);
 }
 
+/* The first r (< 16) floats of p into a vector, the other lanes zero, and back (masked: the
+ * memory past them is not touched). */
+AVX512_INLINE __m512
+avx512_load_tail(const float *p, int64_t r)
+{
+    return _mm512_maskz_loadu_ps(avx512_mask(r), p);
+}
+
+AVX512_INLINE void
+avx512_store_tail(float *p, __m512 v, int64_t r)
+{
+    _mm512_mask_storeu_ps(p, avx512_mask(r), v);
+}
+
 /* The eight f16 scales of eight consecutive blocks (stride bytes apart), as floats. */
 AVX512_INLINE __m256
 avx512_scales8(const uint8_t *p, int stride)
@@ -810,23 +824,8 @@ avx512_dot_decay(const float *a, const float *b, const float *ga, const float *g
     return _mm512_reduce_add_ps(acc);
 }
 
-static void
-avx512_mul_decay(float *y, const float *a, const float *ga, const float *gb, int64_t n)
-{
-    int64_t i = 0;
-
-    for (; i + 16 <= n; i += 16) {
-        __m512 e = avx512_exp_neg(_mm512_sub_ps(_mm512_loadu_ps(ga + i),
-                                                _mm512_loadu_ps(gb + i)));
-        _mm512_storeu_ps(y + i, _mm512_mul_ps(_mm512_loadu_ps(a + i), e));
-    }
-    if (i < n) {
-        __mmask16 k = (__mmask16)((1u << (n - i)) - 1u);
-        __m512 e = avx512_exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, ga + i),
-                                                _mm512_maskz_loadu_ps(k, gb + i)));
-        _mm512_mask_storeu_ps(y + i, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, a + i), e));
-    }
-}
+SIMD_MUL_DECAY(avx512_mul_decay, __m512, 16, avx512_exp_neg, _mm512_loadu_ps, _mm512_storeu_ps,
+               _mm512_mul_ps, _mm512_sub_ps, avx512_load_tail, avx512_store_tail)
 
 /* gemm_nn: register tiles of 4 rows x 64 columns (16 accumulators); rows past m repeat the
  * last row and are not stored, columns past n are masked. */
@@ -897,25 +896,8 @@ avx512_silu16(__m512 x)
     return _mm512_mul_ps(x, r);
 }
 
-static void
-avx512_silu(float *y, const float *x, const float *mul, int64_t n)
-{
-    int64_t i = 0;
-
-    for (; i + 16 <= n; i += 16) {
-        __m512 s = avx512_silu16(_mm512_loadu_ps(x + i));
-        if (mul != NULL)
-            s = _mm512_mul_ps(s, _mm512_loadu_ps(mul + i));
-        _mm512_storeu_ps(y + i, s);
-    }
-    if (i < n) {
-        __mmask16 k = (__mmask16)((1u << (n - i)) - 1u);
-        __m512 s = avx512_silu16(_mm512_maskz_loadu_ps(k, x + i));
-        if (mul != NULL)
-            s = _mm512_mul_ps(s, _mm512_maskz_loadu_ps(k, mul + i));
-        _mm512_mask_storeu_ps(y + i, k, s);
-    }
-}
+SIMD_SILU(avx512_silu, __m512, 16, avx512_silu16, _mm512_loadu_ps, _mm512_storeu_ps,
+          _mm512_mul_ps, avx512_load_tail, avx512_store_tail)
 
 static const struct k_kernels avx512_table = X86_TABLE(AVX512_NAME);
 
