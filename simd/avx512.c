@@ -90,9 +90,7 @@ avx512_load16(enum k_dtype dt, const uint8_t *row, int64_t j)
     if (dt == KLI_DT_F32)
         return _mm512_loadu_ps((const float *)row + j);
     __m256i h = _mm256_loadu_si256((const __m256i *)(row + 2 * j));
-    if (dt == KLI_DT_F16)
-        return _mm512_cvtph_ps(h);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    return X86_WIDEN_U16(512, dt, h);
 }
 
 /* The same for the first lanes of mk only; the others are zero and their memory untouched. */
@@ -102,25 +100,21 @@ avx512_load16_mask(enum k_dtype dt, const uint8_t *row, int64_t j, __mmask16 mk)
     if (dt == KLI_DT_F32)
         return _mm512_maskz_loadu_ps(mk, (const float *)row + j);
     __m256i h = _mm256_maskz_loadu_epi16(mk, row + 2 * j);
-    if (dt == KLI_DT_F16)
-        return _mm512_cvtph_ps(h);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    return X86_WIDEN_U16(512, dt, h);
 }
 
-/* The eight f16 scales of eight consecutive blocks (stride bytes apart), as floats. */
-AVX512_INLINE __m256
-avx512_scales8(const uint8_t *p, int stride)
+/* The first r (< 16) floats of p into a vector, the other lanes zero, and back (masked: the
+ * memory past them is not touched). */
+AVX512_INLINE __m512
+avx512_load_tail(const float *p, int64_t r)
 {
-    __m128i h = _mm_cvtsi32_si128(avx2_u16(p));
+    return _mm512_maskz_loadu_ps(avx512_mask(r), p);
+}
 
-    h = _mm_insert_epi16(h, avx2_u16(p + stride), 1);
-    h = _mm_insert_epi16(h, avx2_u16(p + 2 * stride), 2);
-    h = _mm_insert_epi16(h, avx2_u16(p + 3 * stride), 3);
-    h = _mm_insert_epi16(h, avx2_u16(p + 4 * stride), 4);
-    h = _mm_insert_epi16(h, avx2_u16(p + 5 * stride), 5);
-    h = _mm_insert_epi16(h, avx2_u16(p + 6 * stride), 6);
-    h = _mm_insert_epi16(h, avx2_u16(p + 7 * stride), 7);
-    return _mm256_cvtph_ps(h);
+AVX512_INLINE void
+avx512_store_tail(float *p, __m512 v, int64_t r)
+{
+    _mm512_mask_storeu_ps(p, avx512_mask(r), v);
 }
 
 /* The accumulators of the quantized kernels: a 512-bit and a 256-bit one (for the blocks
@@ -332,27 +326,26 @@ avx512_dot_tile(enum k_dtype dt, int nt, const float *x, int64_t ldx, const uint
 /* acc + the sums of four adjacent products u[i] * s[i] (u unsigned, s signed bytes) per
  * 32-bit lane. Without VNNI through 16-bit pairs (vpmaddubsw), which saturate only past
  * 32767: here u is |w| <= 128 of a Q8_0 weight or a nibble <= 15 against |s| <= 127, so a
- * pair is at most 32512 and both forms give the same integers. */
+ * pair is at most 32512 and both forms give the same integers. One macro for both widths W
+ * (512, and 256 for the blocks past the last group of eight). */
+#ifdef KLI_VNNI
+#define AVX512_DOT_U8(W, acc, u, s) _mm##W##_dpbusd_epi32(acc, u, s)
+#else
+#define AVX512_DOT_U8(W, acc, u, s)                                                           \
+    _mm##W##_add_epi32(acc, _mm##W##_madd_epi16(_mm##W##_maddubs_epi16(u, s),                 \
+                                                _mm##W##_set1_epi16(1)))
+#endif
+
 AVX512_INLINE __m512i
 avx512_dot_u8(__m512i acc, __m512i u, __m512i s)
 {
-#ifdef KLI_VNNI
-    return _mm512_dpbusd_epi32(acc, u, s);
-#else
-    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s),
-                                                   _mm512_set1_epi16(1)));
-#endif
+    return AVX512_DOT_U8(512, acc, u, s);
 }
 
 AVX512_INLINE __m256i
 avx512_dot_u8_256(__m256i acc, __m256i u, __m256i s)
 {
-#ifdef KLI_VNNI
-    return _mm256_dpbusd_epi32(acc, u, s);
-#else
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s),
-                                                   _mm256_set1_epi16(1)));
-#endif
+    return AVX512_DOT_U8(256, acc, u, s);
 }
 
 /* Quantizes 32 floats to int8 with scale amax/127 (round to nearest); *d gets the scale. */
@@ -438,7 +431,7 @@ avx512_q8_rows(int nr, const uint8_t *act, int64_t nb, const uint8_t *w, size_t 
             for (int l = 0; l < 5; l++)
                 _mm_prefetch((const char *)(p + pf + 64 * l), _MM_HINT_T0);
             /* only lanes 0..7 of s are ever selected */
-            __m512 s = _mm512_castps256_ps512(_mm256_mul_ps(avx512_scales8(p, 34), dx));
+            __m512 s = _mm512_castps256_ps512(_mm256_mul_ps(avx2_scales8(p, 34, 136), dx));
 #pragma GCC unroll 4
             for (int i = 0; i < 4; i++) {
                 __m512i wq = avx512_q8_pair(p + 68 * i);
@@ -478,7 +471,7 @@ avx512_q8_tile(int nt, const uint8_t *act, size_t stride, int64_t nb, const uint
         __m512 s[8];
         for (int l = 0; l < 5; l++)
             _mm_prefetch((const char *)(pg + pf + 64 * l), _MM_HINT_T0);
-        __m256 dw = avx512_scales8(pg, 34);
+        __m256 dw = avx2_scales8(pg, 34, 136);
 #pragma GCC unroll 8
         for (int t = 0; t < nt; t++) {
             const float *d = (const float *)(act + t * stride + 32 * nb);
@@ -815,23 +808,8 @@ avx512_dot_decay(const float *a, const float *b, const float *ga, const float *g
     return _mm512_reduce_add_ps(acc);
 }
 
-static void
-avx512_mul_decay(float *y, const float *a, const float *ga, const float *gb, int64_t n)
-{
-    int64_t i = 0;
-
-    for (; i + 16 <= n; i += 16) {
-        __m512 e = avx512_exp_neg(_mm512_sub_ps(_mm512_loadu_ps(ga + i),
-                                                _mm512_loadu_ps(gb + i)));
-        _mm512_storeu_ps(y + i, _mm512_mul_ps(_mm512_loadu_ps(a + i), e));
-    }
-    if (i < n) {
-        __mmask16 k = (__mmask16)((1u << (n - i)) - 1u);
-        __m512 e = avx512_exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, ga + i),
-                                                _mm512_maskz_loadu_ps(k, gb + i)));
-        _mm512_mask_storeu_ps(y + i, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, a + i), e));
-    }
-}
+SIMD_MUL_DECAY(avx512_mul_decay, __m512, 16, avx512_exp_neg, _mm512_loadu_ps, _mm512_storeu_ps,
+               _mm512_mul_ps, _mm512_sub_ps, avx512_load_tail, avx512_store_tail)
 
 /* gemm_nn: register tiles of 4 rows x 64 columns (16 accumulators); rows past m repeat the
  * last row and are not stored, columns past n are masked. */
@@ -902,25 +880,8 @@ avx512_silu16(__m512 x)
     return _mm512_mul_ps(x, r);
 }
 
-static void
-avx512_silu(float *y, const float *x, const float *mul, int64_t n)
-{
-    int64_t i = 0;
-
-    for (; i + 16 <= n; i += 16) {
-        __m512 s = avx512_silu16(_mm512_loadu_ps(x + i));
-        if (mul != NULL)
-            s = _mm512_mul_ps(s, _mm512_loadu_ps(mul + i));
-        _mm512_storeu_ps(y + i, s);
-    }
-    if (i < n) {
-        __mmask16 k = (__mmask16)((1u << (n - i)) - 1u);
-        __m512 s = avx512_silu16(_mm512_maskz_loadu_ps(k, x + i));
-        if (mul != NULL)
-            s = _mm512_mul_ps(s, _mm512_maskz_loadu_ps(k, mul + i));
-        _mm512_mask_storeu_ps(y + i, k, s);
-    }
-}
+SIMD_SILU(avx512_silu, __m512, 16, avx512_silu16, _mm512_loadu_ps, _mm512_storeu_ps,
+          _mm512_mul_ps, avx512_load_tail, avx512_store_tail)
 
 static const struct k_kernels avx512_table = X86_TABLE(AVX512_NAME);
 
