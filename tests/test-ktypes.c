@@ -499,6 +499,7 @@ nano_logits(void)
         ok(0, "nano: held-out text tokenized (%d tokens)", n);
         return;
     }
+    diag("kernels: %s", kli_simd_variant());
     float *ref = tl_logits_of(nano_dir, "f32", nano_ids, n, &V);
     int agree[5] = {0};
     for (int t = 0; t < 5 && ref != NULL; t++) {
@@ -606,6 +607,20 @@ files(void)
     float *l3 = tl_logits_of(nano_dir, "q3_k", nano_ids, n, &V);
     ok(lk != NULL && l3 != NULL && memcmp(lk, l3, (size_t)n * V * sizeof(float)) == 0,
        "the q3_k .kli gives load-time q3_k conversion's logits bit for bit");
+    /* edge mode: the routed experts read from the file into a bounded cache */
+    struct kli_model_options mo;
+    struct kli_model *me = NULL;
+    float *le = NULL;
+    kli_model_options_init(&mo);
+    mo.mem_budget = (uint64_t)48 << 20;
+    memset(&err, 0, sizeof(err));
+    if (kli_model_open(&me, kl, &mo, &err) == KLI_OK)
+        le = tl_logits(me, nano_ids, n, 0, &err);
+    ok(le != NULL && lk != NULL && memcmp(le, lk, (size_t)n * V * sizeof(float)) == 0,
+       "edge mode (--mem-budget 48M) on the q3_k .kli: the resident logits bit for bit %s",
+       err.msg);
+    kli_model_close(me);
+    free(le);
     struct kli_model *m = NULL;
     memset(&err, 0, sizeof(err));
     ok(kli_model_open(&m, kl, NULL, &err) == KLI_OK &&
