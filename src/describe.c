@@ -41,20 +41,23 @@ enum describe_class {
 static enum describe_class
 describe_class(const char *name)
 {
-    if (strstr(name, "embed_tokens") != NULL)
-        return DC_EMBED;
-    if (strstr(name, "lm_head") != NULL)
-        return DC_LM_HEAD;
-    if (strstr(name, ".shared_experts.") != NULL)
-        return DC_SHARED;
-    if (strstr(name, ".experts.") != NULL)
-        return DC_EXPERTS;
-    if (strstr(name, "block_sparse_moe.gate.") != NULL)
-        return DC_ROUTER;
-    if (strstr(name, ".self_attn.") != NULL)
-        return DC_ATTN;
-    if (strstr(name, ".mlp.") != NULL)
-        return DC_DENSE;
+    static const struct {
+        const char *part;   /* a piece of the tensor's name */
+        enum describe_class dc;
+    } by_name[] = {
+        {"embed_tokens", DC_EMBED},
+        {"lm_head", DC_LM_HEAD},
+        {".shared_experts.", DC_SHARED},
+        {".experts.", DC_EXPERTS},
+        {"block_sparse_moe.gate.", DC_ROUTER},
+        {".self_attn.", DC_ATTN},
+        {".mlp.", DC_DENSE},
+    };
+
+    for (size_t i = 0; i < KLI_ARRAY_LEN(by_name); i++) {
+        if (strstr(name, by_name[i].part) != NULL)
+            return by_name[i].dc;
+    }
     return DC_OTHER;
 }
 

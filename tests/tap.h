@@ -185,4 +185,15 @@ tap_exit(void)
     return tap_failed ? 1 : 0;
 }
 
+/* The whole main() of a test that is just a table of cases: tap_init, tap_run, plan_done,
+ * and the exit status. */
+__attribute__((unused)) static int
+tap_main(int argc, char **argv, const struct tap_fn *cases, size_t n)
+{
+    tap_init(argc, argv);
+    tap_run(cases, n);
+    plan_done();
+    return tap_exit();
+}
+
 #endif

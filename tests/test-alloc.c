@@ -152,8 +152,5 @@ static const struct tap_fn cases[] = {
 int
 main(int argc, char **argv)
 {
-    tap_init(argc, argv);
-    tap_run(cases, sizeof(cases) / sizeof(cases[0]));
-    plan_done();
-    return tap_exit();
+    return tap_main(argc, argv, cases, sizeof(cases) / sizeof(cases[0]));
 }

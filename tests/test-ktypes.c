@@ -234,6 +234,20 @@ gauss_rows(uint64_t *st, int rows, int k)
     return x;
 }
 
+/* e[t] = the relative RMS error of ktypes[t] (unweighted) on the rows.
+ * @return whether it falls strictly from Q2_K to Q6_K */
+static int
+ktype_errors(const float *x, int rows, int k, double e[5])
+{
+    int order = 1;
+
+    for (int t = 0; t < 5; t++) {
+        e[t] = rel_err(ktypes[t], x, rows, k, NULL, NULL);
+        order &= t == 0 || e[t] < e[t - 1];
+    }
+    return order;
+}
+
 static void
 error_gauss(void)
 {
@@ -246,13 +260,11 @@ error_gauss(void)
     static const double bound[5] = {0.40, 0.20, 0.10, 0.05, 0.025};
     double e[5], e4 = rel_err(KLI_DT_Q4, x, rows, k, NULL, NULL);
     double e8 = rel_err(KLI_DT_Q8_0, x, rows, k, NULL, NULL);
-    int order = 1, within = 1;
+    int order = ktype_errors(x, rows, k, e), within = 1;
     for (int t = 0; t < 5; t++) {
-        e[t] = rel_err(ktypes[t], x, rows, k, NULL, NULL);
         diag("%s relative RMS error %.5f (%.4f bits per weight)", k_dtype_name(ktypes[t]), e[t],
              8.0 * dtype_info(ktypes[t])->block_bytes / 256.0);
         within &= e[t] < bound[t];
-        order &= t == 0 || e[t] < e[t - 1];
     }
     diag("Q4 %.5f (4.5 bits), Q8_0 %.5f (8.5 bits)", e4, e8);
     ok(within, "K types: relative RMS error on Gaussian rows within bounds");
@@ -273,14 +285,9 @@ error_outliers(void)
     float *x = gauss_rows(&st, rows, k);
     for (int i = 0; i < rows * k; i += 97)
         x[i] *= 12.0f;
-    int order = 1;
-    double prev = INFINITY;
-    for (int t = 0; t < 5; t++) {
-        double e = rel_err(ktypes[t], x, rows, k, NULL, NULL);
-        order &= e < prev;
-        prev = e;
-    }
-    ok(order, "rows with outliers: the error still falls strictly Q2_K .. Q6_K");
+    double e[5];
+    ok(ktype_errors(x, rows, k, e),
+       "rows with outliers: the error still falls strictly Q2_K .. Q6_K");
     free(x);
 }
 
@@ -712,8 +719,5 @@ static const struct tap_fn cases[] = {
 int
 main(int argc, char **argv)
 {
-    tap_init(argc, argv);
-    tap_run(cases, sizeof(cases) / sizeof(cases[0]));
-    plan_done();
-    return tap_exit();
+    return tap_main(argc, argv, cases, sizeof(cases) / sizeof(cases[0]));
 }
