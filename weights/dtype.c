@@ -223,6 +223,13 @@ dtype_from_f32(enum k_dtype dt, const float *src, void *dst, int64_t n)
     }
 }
 
+void
+dtype_from_f32_w(enum k_dtype dt, const float *src, void *dst, int64_t n, const float *imp)
+{
+    (void)imp;
+    dtype_from_f32(dt, src, dst, n);
+}
+
 int
 dtype_parse(const char *s, enum k_dtype *out)
 {

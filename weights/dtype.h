@@ -63,6 +63,13 @@ uint16_t f32_to_f16(float f);
  * their largest magnitude). The reference quantizers. */
 void dtype_from_f32(enum k_dtype dt, const float *src, void *dst, int64_t n);
 
+/* The same, minimising the error weighted by imp[j] >= 0 for element j (the mean squared
+ * activation of input column j): one row at a time, n the row length (whole blocks) and imp
+ * its n weights. imp == NULL gives exactly dtype_from_f32's bytes. (Until the weighted
+ * quantizers land this ignores imp.) */
+void dtype_from_f32_w(enum k_dtype dt, const float *src, void *dst, int64_t n,
+                      const float *imp);
+
 /* "f32", "f16", "bf16", "q8_0", "q4" (any case) to a dtype. @return 0 or -1. */
 int dtype_parse(const char *s, enum k_dtype *out);
 
