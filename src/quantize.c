@@ -15,6 +15,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "imatrix.h"
 #include "internal.h"
 #include "quantize.h"
 #include "wbuf.h"
@@ -231,7 +232,11 @@ quantize_tensor(struct quantize_stream *qs, const struct wfile *wf,
     for (int64_t r = 0; r < rows && rc == KLI_OK; r += qs->rows) {
         int64_t k = rows - r < qs->rows ? rows - r : qs->rows;
         dtype_to_f32(d->dtype, src + (uint64_t)r * in_rb, qs->fbuf, k * cols);
-        dtype_from_f32(to, qs->fbuf, qs->qbuf, k * cols);
+        if (qs->imp == NULL)
+            dtype_from_f32(to, qs->fbuf, qs->qbuf, k * cols);
+        for (int64_t i = 0; qs->imp != NULL && i < k; i++)
+            dtype_from_f32_w(to, qs->fbuf + i * cols, qs->qbuf + (uint64_t)i * out_rb, cols,
+                             qs->imp);
         rc = qs->write(qs->ctx, qs->qbuf, (uint64_t)k * out_rb, err);
         quant_drop(wf, d, (uint64_t)r * in_rb, (uint64_t)k * in_rb);
         if (rc == KLI_OK)
@@ -255,6 +260,7 @@ kli_quantize(const char *in, const char *out, const struct kli_convert_options *
     struct wfile *wf = NULL;
     struct st_entry *ent = NULL;
     enum k_dtype *to = NULL, want;
+    float **imp = NULL;
     struct st_writer *w = NULL;
     char path[4096];
     struct stat st;
@@ -290,7 +296,9 @@ kli_quantize(const char *in, const char *out, const struct kli_convert_options *
     if ((rc = wfile_open(&wf, in, err)) != KLI_OK)
         return rc;
 
-    int64_t n = wfile_n_tensors(wf);
+    int64_t n = wfile_n_tensors(wf), used[2] = {0, 0};
+    if (opt->imatrix != NULL && (rc = imat_load(opt->imatrix, wf, &imp, err)) != KLI_OK)
+        goto out;
     ent = k_calloc((size_t)n, sizeof(*ent));
     to = k_calloc((size_t)n, sizeof(*to));
     if (ent == NULL || to == NULL) {
@@ -333,8 +341,17 @@ kli_quantize(const char *in, const char *out, const struct kli_convert_options *
     struct quantize_stream qs = {.write = quant_write_st, .ctx = w, .opt = opt, .total = total};
     if ((rc = quantize_stream_init(&qs, maxcols, err)) != KLI_OK)
         goto out;
-    for (int64_t i = 0; i < n && rc == KLI_OK; i++)
-        rc = quantize_tensor(&qs, wf, wfile_tensor(wf, i), to[i], err);
+    for (int64_t i = 0; i < n && rc == KLI_OK; i++) {
+        const struct tensor_desc *d = wfile_tensor(wf, i);
+        qs.imp = NULL;
+        if (imp != NULL && to[i] != d->dtype && dtype_info(to[i])->block > 1) {
+            qs.imp = imp[i];
+            used[imp[i] == NULL]++;
+        }
+        rc = quantize_tensor(&qs, wf, d, to[i], err);
+    }
+    if (opt->imatrix_used != NULL)
+        memcpy(opt->imatrix_used, used, sizeof(used));
     quantize_stream_free(&qs);
     if (rc != KLI_OK)
         goto out;
@@ -344,6 +361,7 @@ out:
     st_writer_abort(w);
     free(ent);
     free(to);
+    imat_imp_free(imp, n);
     wfile_close(wf);
     return rc;
 }

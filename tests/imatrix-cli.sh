@@ -1,0 +1,71 @@
+#!/bin/sh
+# imatrix-cli.sh - kli imatrix and kli quantize --imatrix on the nano demo model: a file
+# collected from the first half of the held-out text, quantize with it (the summary of
+# weighted and unweighted matrices), an imatrix that saw nothing giving the bytes of a plain
+# quantize (imp == NULL unchanged), the mean KLD of `kli perplexity --kld-base` on the second
+# half with and without it, and hostile input: an empty text, one shorter than a chunk, -o
+# naming the model or the text, a FIFO as -f, a damaged file, an imatrix for another model.
+set -u
+: "${KLI_BIN:?}" "${KLI_TESTDATA:?}" "${KLI_SRCDIR:?}"
+. "$KLI_SRCDIR/tests/lib.sh"
+N="$KLI_SRCDIR/contrib/models/kimi-linear-nano"
+K="$KLI_BIN"
+H="$KLI_SRCDIR/contrib/train/heldout-eval.txt"
+
+head -c 7000 "$H" >"$tmp/cal.txt"
+tail -c +7001 "$H" | head -c 4000 >"$tmp/eval.txt"
+
+if tcase collect; then
+    t "kli imatrix on nano" 0 "$K" imatrix -m "$N" -f "$tmp/cal.txt" -o "$tmp/nano.imat" \
+        --ctx 256 -t 2
+    grep -q "imatrix: chunk [0-9]*/[0-9]*, [0-9]* tokens" "$tmp/stderr"
+    check $? "progress on stderr: chunks, tokens, ETA"
+    t "--chunks 1 stops after one chunk" 0 "$K" imatrix -m "$N" -f "$tmp/cal.txt" \
+        -o "$tmp/one.imat" --ctx 128 --chunks 1
+    grep -q "chunk 1/1, 128 tokens" "$tmp/stderr"
+    check $? "one chunk of 128 tokens"
+fi
+
+if tcase hostile; then
+    : >"$tmp/empty.txt"
+    t "an empty text is refused" 1 "$K" imatrix -m "$N" -f "$tmp/empty.txt" -o "$tmp/e.imat"
+    grep -q "fewer than one chunk" "$tmp/stderr"
+    check $? "... saying it holds less than a chunk"
+    printf 'In the beginning' >"$tmp/short.txt"
+    t "a text shorter than one chunk is refused" 1 "$K" imatrix -m "$N" -f "$tmp/short.txt" \
+        -o "$tmp/s.imat" --ctx 64
+    [ ! -e "$tmp/s.imat" ] && [ ! -e "$tmp/e.imat" ]
+    check $? "... and writes nothing"
+    cp "$tmp/cal.txt" "$tmp/cal2.txt"
+    t "-o equal to -f is refused" 1 "$K" imatrix -m "$N" -f "$tmp/cal2.txt" -o "$tmp/cal2.txt"
+    cmp -s "$tmp/cal.txt" "$tmp/cal2.txt"
+    check $? "... the text untouched"
+    t "-o equal to the model's weights is refused" 1 "$K" imatrix -m "$N" -f "$tmp/cal.txt" \
+        -o "$N/model.safetensors"
+    mkfifo "$tmp/fifo"
+    (head -c 3000 "$H" >"$tmp/fifo") &
+    t "a FIFO as -f is read to its end" 0 "$K" imatrix -m "$N" -f "$tmp/fifo" \
+        -o "$tmp/fifo.imat" --ctx 128
+    wait
+fi
+
+if tcase quantize; then
+    [ -e "$tmp/nano.imat" ] || "$K" imatrix -m "$N" -f "$tmp/cal.txt" -o "$tmp/nano.imat" \
+        --ctx 256 >/dev/null 2>&1
+    t "quantize q4 --imatrix" 0 "$K" quantize -m "$N" -o "$tmp/q4w" --type q4 \
+        --imatrix "$tmp/nano.imat"
+    grep -q "quantize: [1-9][0-9]* matrices weighted by .*, [0-9]* unweighted" "$tmp/stderr"
+    check $? "the summary counts the weighted matrices"
+    t "quantize q4 without" 0 "$K" quantize -m "$N" -o "$tmp/q4" --type q4
+    t "convert refuses --imatrix" 2 "$K" convert -m "$N" -o "$tmp/x.kli" \
+        --imatrix "$tmp/nano.imat"
+    printf 'garbage' >"$tmp/bad.imat"
+    t "a damaged imatrix is refused" 1 "$K" quantize -m "$N" -o "$tmp/q4b" --type q4 \
+        --imatrix "$tmp/bad.imat"
+    t "an imatrix for another model is refused" 1 "$K" quantize -m "$model" -o "$tmp/q4c" \
+        --type q4 --imatrix "$tmp/nano.imat"
+    grep -q "made for another model" "$tmp/stderr"
+    check $? "... saying so"
+fi
+
+tdone
