@@ -1,10 +1,11 @@
 #!/bin/sh
 # imatrix-cli.sh - kli imatrix and kli quantize --imatrix on the nano demo model: a file
 # collected from the first half of the held-out text, quantize with it (the summary of
-# weighted and unweighted matrices), an imatrix that saw nothing giving the bytes of a plain
-# quantize (imp == NULL unchanged), the mean KLD of `kli perplexity --kld-base` on the second
-# half with and without it, and hostile input: an empty text, one shorter than a chunk, -o
-# naming the model or the text, a FIFO as -f, a damaged file, an imatrix for another model.
+# weighted and unweighted matrices), the mean KLD of `kli perplexity --kld-base` on the
+# second half with and without it (lower with it, at q4 and at each K type kli can run), and
+# hostile input: an empty text, one shorter than a chunk, -o naming the model or the text, a
+# FIFO as -f, a damaged file, an imatrix for another model. (test-imatrix checks that an
+# imatrix covering nothing gives the plain bytes.)
 set -u
 : "${KLI_BIN:?}" "${KLI_TESTDATA:?}" "${KLI_SRCDIR:?}"
 . "$KLI_SRCDIR/tests/lib.sh"
@@ -66,6 +67,43 @@ if tcase quantize; then
         --type q4 --imatrix "$tmp/nano.imat"
     grep -q "made for another model" "$tmp/stderr"
     check $? "... saying so"
+fi
+
+# kld TYPE: the mean KLD on the evaluation half of TYPE without and with the imatrix, in
+# $plain and $weighted; status 77 when kli cannot run that type yet.
+kld() {
+    ty=$1
+    for w in plain weighted; do
+        im=""
+        [ $w = weighted ] && im="$tmp/nano.imat"
+        "$K" quantize -m "$N" -o "$tmp/$ty-$w" --type "$ty" --force ${im:+--imatrix "$im"} \
+            >/dev/null 2>&1 || return 1
+        "$K" perplexity -m "$tmp/$ty-$w" -f "$tmp/eval.txt" --ctx 256 --kld-base "$tmp/base" \
+            --json >"$tmp/$w.json" 2>"$tmp/$w.err" || {
+            grep -q "kli reads" "$tmp/$w.err" && return 77
+            return 1
+        }
+    done
+    plain=$(sed 's/.*"kld_mean": \([^,]*\),.*/\1/' "$tmp/plain.json")
+    weighted=$(sed 's/.*"kld_mean": \([^,]*\),.*/\1/' "$tmp/weighted.json")
+}
+
+if tcase kld; then
+    [ -e "$tmp/nano.imat" ] || "$K" imatrix -m "$N" -f "$tmp/cal.txt" -o "$tmp/nano.imat" \
+        --ctx 256 >/dev/null 2>&1
+    t "the base: stored weights" 0 "$K" perplexity -m "$N" -f "$tmp/eval.txt" --ctx 256 \
+        --kld-base "$tmp/base"
+    for ty in q4 q3_k q2_k; do
+        kld $ty
+        rc=$?
+        if [ $rc = 77 ]; then
+            ok "$ty: # SKIP kli cannot run $ty weights yet"
+            continue
+        fi
+        echo "# $ty: mean KLD $plain without the imatrix, $weighted with it"
+        [ $rc = 0 ] && awk -v a="$plain" -v b="$weighted" 'BEGIN { exit !(b < a) }'
+        check $? "$ty: the imatrix lowers the mean KLD ($plain -> $weighted)"
+    done
 fi
 
 tdone

@@ -275,12 +275,61 @@ case_refuse(void)
     kli_model_close(tiny);
 }
 
+/* out/model.safetensors of kli_quantize(nano, out, q4, imatrix); NULL on failure. */
+static char *
+quantized(const char *name, const char *imatrix, int64_t used[2], size_t *len)
+{
+    char in[4096], out[4200], file[4300];
+    struct kli_convert_options o;
+    struct kli_err err = {0};
+
+    tl_path(in, sizeof(in), "../../contrib/models/kimi-linear-nano");
+    snprintf(out, sizeof(out), "%s/%s", tmpdir, name);
+    kli_quantize_options_init(&o);
+    o.type = "q4";
+    o.imatrix = imatrix;
+    o.imatrix_used = used;
+    if (kli_quantize(in, out, &o, &err) != KLI_OK) {
+        diag("quantize %s: %s", name, err.msg);
+        return NULL;
+    }
+    snprintf(file, sizeof(file), "%s/model.safetensors", out);
+    return tl_slurp(file, len);
+}
+
+/* An imatrix that covers nothing seen leaves every byte as without one; the collected one
+ * changes them (the weighted quantizer runs). */
+static void
+case_unweighted(void)
+{
+    char zero[4200], full[4200];
+    int64_t u0[2] = {-1, -1}, u1[2] = {-1, -1}, u2[2] = {-1, -1};
+    size_t n0 = 0, n1 = 0, n2 = 0;
+
+    snprintf(zero, sizeof(zero), "%s/zero.imat", tmpdir);
+    snprintf(full, sizeof(full), "%s/nano.imat", tmpdir);
+    write_one(zero, 1.0f, 0, nano->cfg.d_model);
+    char *plain = quantized("plain", NULL, u0, &n0);
+    char *none = quantized("none", zero, u1, &n1);
+    char *w = quantized("weighted", full, u2, &n2);
+    ok(plain != NULL && none != NULL && n0 == n1 && memcmp(plain, none, n0) == 0 &&
+       u0[0] == 0 && u0[1] == 0 && u1[0] == 0 && u1[1] > 50,
+       "an imatrix that saw nothing: %lld matrices unweighted, the plain q4 bytes",
+       (long long)u1[1]);
+    ok(w != NULL && n2 == n0 && memcmp(plain, w, n0) != 0 && u2[0] > 50,
+       "the collected one weights %lld matrices (%lld not) and changes the bytes",
+       (long long)u2[0], (long long)u2[1]);
+    free(plain);
+    free(none);
+    free(w);
+}
+
 int
 main(int argc, char **argv)
 {
     static const struct tap_fn cases[] = {
         {"layer0", case_layer0}, {"counts", case_counts}, {"roundtrip", case_roundtrip},
-        {"refuse", case_refuse},
+        {"refuse", case_refuse}, {"unweighted", case_unweighted},
     };
     char cmd[4300];
 
