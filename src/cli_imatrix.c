@@ -79,14 +79,14 @@ imat_collect(struct imat_run *r, struct kli_session *s, float *logits, long ever
                 cli_error("%s", err.msg);
                 return -1;
             }
+            r->tokens += k;   /* the sums hold every piece run, a chunk's first ones too */
             if (imat_stop) {
-                fprintf(stderr, "%skli: interrupted in chunk %lld: saving the %lld done\n",
-                        tty ? "\n" : "", (long long)c + 1, (long long)r->done);
+                fprintf(stderr, "%skli: interrupted in chunk %lld: saving what %lld tokens "
+                        "gave\n", tty ? "\n" : "", (long long)c + 1, (long long)r->tokens);
                 return imat_save(r) == 0 ? 1 : -1;
             }
         }
         r->done++;
-        r->tokens += r->ctx;
         double el = util_now_s() - t0, eta = el / (double)r->done * (double)(r->chunks - r->done);
         fprintf(stderr, "%simatrix: chunk %lld/%lld, %lld tokens, %.1f s, ETA %.0f s%s",
                 tty ? "\r" : "", (long long)r->done, (long long)r->chunks,
