@@ -101,8 +101,7 @@ imat_collect(struct imat_run *r, struct kli_session *s, float *logits, long ever
 
 static const char imat_usage[] =
     "usage: kli imatrix [-m|--model MODEL] -f|--file TEXT -o|--output FILE [--ctx N]\n"
-    "                   [--chunks N] [--save-every N] [--bos] [-t|--threads N] "
-    "[-h|--help]\n"
+    "                   [--chunks N] [--save-every N] [--bos] [-h|--help]\n"
     CLI_PLACEMENT_HELP;
 
 int

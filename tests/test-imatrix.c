@@ -91,10 +91,19 @@ case_collect(void)
     const char *kv[] = {"test", "yes"};
     rc = rc == KLI_OK ? kli_imatrix_save(im, path, kv, 1, &err) : rc;
     ok(rc == KLI_OK, "collect over %d tokens and save (%s)", N_TOK, err.msg);
-    /* detached, the session adds nothing more */
+    /* detached, the session adds nothing more: a second save is the same file */
+    char again[4200];
+    size_t n1 = 0, n2 = 0;
+    snprintf(again, sizeof(again), "%s/again.imat", tmpdir);
     kli_session_set_imatrix(s, NULL, &err);
     kli_session_reset(s);
     kli_session_eval(s, ids, 8, NULL, &err);
+    kli_imatrix_save(im, again, kv, 1, &err);
+    char *f1 = tl_slurp(path, &n1), *f2 = tl_slurp(again, &n2);
+    ok(f1 != NULL && f2 != NULL && n1 == n2 && memcmp(f1, f2, n1) == 0,
+       "a detached session adds nothing");
+    free(f1);
+    free(f2);
     kli_session_free(s);
     kli_imatrix_free(im);
     rc = wfile_open(&saved, path, &err);
