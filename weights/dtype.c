@@ -318,6 +318,18 @@ dtype_from_f32_w(enum k_dtype dt, const float *src, void *dst, int64_t n, const 
     }
 }
 
+enum k_dtype
+dtype_fit(enum k_dtype dt, int64_t cols)
+{
+    int32_t blk = dtype_info(dt)->block;
+
+    if (cols > 0 && cols % blk == 0)
+        return dt;
+    if (dtype_is_k(dt) && cols > 0 && cols % dtype_info(KLI_DT_K_FALLBACK)->block == 0)
+        return KLI_DT_K_FALLBACK;
+    return KLI_DT_COUNT;
+}
+
 int
 dtype_parse(const char *s, enum k_dtype *out)
 {

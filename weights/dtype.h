@@ -96,6 +96,20 @@ void kq_to_f32(enum k_dtype dt, const uint8_t *src, float *dst, int64_t nb);
 void kq_from_f32(enum k_dtype dt, const float *src, uint8_t *dst, int64_t nb,
                  const float *imp);
 
+/* The dtype a matrix with rows of `cols` elements is written in when dt is asked for: dt
+ * when the rows are whole blocks of it; for a K type whose rows are not whole super-blocks
+ * but whole 32-blocks, KLI_DT_K_FALLBACK; else KLI_DT_COUNT (no block type fits: the caller
+ * keeps the stored dtype). */
+enum k_dtype dtype_fit(enum k_dtype dt, int64_t cols);
+
+/* What a K type falls back to on rows it cannot hold (kli(1), QUANTIZATION): Q8_0, which on
+ * the nano model's 64-column expert matrices kept the logits closer to f32 than Q4 did
+ * (doc/formats.md 2.4). */
+#define KLI_DT_K_FALLBACK KLI_DT_Q8_0
+
+/* Short names for messages: every type dtype_parse accepts. */
+#define KLI_DTYPE_NAMES "f32, f16, bf16, q8_0, q4, q2_k, q3_k, q4_k, q5_k, q6_k"
+
 /* "f32", "f16", "bf16", "q8_0", "q4", "q2_k" .. "q6_k" (any case) to a dtype.
  * @return 0 or -1. */
 int dtype_parse(const char *s, enum k_dtype *out);

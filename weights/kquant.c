@@ -354,36 +354,47 @@ kq_err(const float *x, const float *w, int n, float s, float m, int lo, int hi, 
     return e;
 }
 
-/* Least squares s, m for x ~ s * q - m over fixed levels q (m = 0 without a minimum; with one,
- * m >= 0 as the layouts store it). @return 0 when the system is singular. */
+/* Least squares s, m for x ~ s * q - m over the levels nearest (x + m0) / s0 (m = 0 without
+ * a minimum; with one, m >= 0 as the layouts store it); *e receives the error of the fit on
+ * those levels. One pass over x. @return 0 when the system is singular. */
 static int
-kq_refit(const float *x, const float *w, int n, const int *q, int has_min, float *s, float *m)
+kq_round_fit(const float *x, const float *w, int n, float s0, float m0, int lo, int hi,
+             int has_min, float *s, float *m, double *e)
 {
-    double a = 0, bq = 0, c = 0, xq = 0, xs = 0;
+    double a = 0, bq = 0, c = 0, xq = 0, xs = 0, xx = 0;
+    float inv = 1.0f / s0;
 
     for (int i = 0; i < n; i++) {
-        a += (double)w[i] * q[i] * q[i];
-        bq += (double)w[i] * q[i];
-        c += w[i];
-        xq += (double)w[i] * q[i] * x[i];
-        xs += (double)w[i] * x[i];
+        float v = nearbyintf((x[i] + m0) * inv);
+        int q = !(v >= (float)lo) ? lo : v > (float)hi ? hi : (int)v;
+        double wi = w[i];
+        a += wi * q * q;
+        bq += wi * q;
+        c += wi;
+        xq += wi * q * x[i];
+        xs += wi * x[i];
+        xx += wi * x[i] * x[i];
     }
     if (a <= 0.0)
         return 0;
+    double ss = xq / a, off = 0.0;
     if (has_min) {
         double det = a * c - bq * bq;
         if (det > 1e-12 * a * c) {
-            double ss = (c * xq - bq * xs) / det, off = (a * xs - bq * xq) / det;
-            if (off <= 0.0 && ss >= 0.0) {
-                *s = (float)ss;
-                *m = (float)-off;
-                return 1;
+            double s2 = (c * xq - bq * xs) / det, o2 = (a * xs - bq * xq) / det;
+            if (o2 <= 0.0 && s2 >= 0.0) {
+                ss = s2;
+                off = o2;
             }
         }
+        if (ss < 0.0)
+            return 0;
     }
-    *s = (float)(xq / a);
-    *m = 0.0f;
-    return has_min ? *s >= 0.0f : 1;
+    /* sum w (ss q + off - x)^2, expanded */
+    *e = ss * ss * a + 2.0 * ss * off * bq + off * off * c - 2.0 * ss * xq - 2.0 * off * xs + xx;
+    *s = (float)ss;
+    *m = (float)-off;
+    return 1;
 }
 
 /*
@@ -428,27 +439,24 @@ kq_fit_sub(const float *x, const float *w, int n, const struct kq_type *ty, floa
     }
     for (int k = 0; k < nbase; k++) {
         for (int t = 0; t <= 20; t++) {
-            float s = base[k] * (0.7f + 0.025f * (float)t), ms = m0;
-            if (!isfinite(s) || s == 0.0f)
+            float s0 = base[k] * (0.7f + 0.025f * (float)t), s, ms;
+            double e;
+            if (!isfinite(s0) || s0 == 0.0f ||
+                !kq_round_fit(x, w, n, s0, m0, ty->qlo, ty->qhi, has_min, &s, &ms, &e))
                 continue;
-            kq_err(x, w, n, s, m0, ty->qlo, ty->qhi, q);
-            if (!kq_refit(x, w, n, q, has_min, &s, &ms))
-                continue;
-            double e = kq_err(x, w, n, s, ms, ty->qlo, ty->qhi, q);
-            if (e < be) {
+            if (e < be && s != 0.0f) {
                 be = e;
                 bs = s;
                 bm = ms;
             }
         }
     }
+    /* Re-round against the best fit and refit while the error falls. */
     for (int it = 0; it < 4 && bs != 0.0f; it++) {
-        float s = bs, m = bm;
-        kq_err(x, w, n, s, m, ty->qlo, ty->qhi, q);
-        if (!kq_refit(x, w, n, q, has_min, &s, &m))
-            break;
-        double e = kq_err(x, w, n, s, m, ty->qlo, ty->qhi, q);
-        if (!(e < be))
+        float s, m;
+        double e;
+        if (!kq_round_fit(x, w, n, bs, bm, ty->qlo, ty->qhi, has_min, &s, &m, &e) ||
+            !(e < be) || s == 0.0f)
             break;
         be = e;
         bs = s;
