@@ -16,6 +16,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "imatrix.h"
 #include "internal.h"
 #include "quantize.h"
 #include "threads.h"
@@ -232,6 +233,7 @@ struct quant_job {
     enum k_dtype to;
     int64_t cols;
     uint64_t out_rb;
+    const float *imp;     /* NULL, or the column weights each row is quantized with */
 };
 
 static void
@@ -240,8 +242,12 @@ quant_rows(void *ctx, int64_t r0, int64_t r1, int ith)
     const struct quant_job *j = ctx;
 
     (void)ith;
-    dtype_from_f32(j->to, j->src + r0 * j->cols, j->dst + (uint64_t)r0 * j->out_rb,
-                   (r1 - r0) * j->cols);
+    if (j->imp == NULL)
+        dtype_from_f32(j->to, j->src + r0 * j->cols, j->dst + (uint64_t)r0 * j->out_rb,
+                       (r1 - r0) * j->cols);
+    for (int64_t r = r0; j->imp != NULL && r < r1; r++)
+        dtype_from_f32_w(j->to, j->src + r * j->cols, j->dst + (uint64_t)r * j->out_rb, j->cols,
+                         j->imp);
 }
 
 int
@@ -272,7 +278,7 @@ quantize_tensor(struct quantize_stream *qs, const struct wfile *wf,
         if (dtype_info(to)->block > 1 && (rc = quant_finite(qs->fbuf, k * cols, r, cols, d->name,
                                                             err)) != KLI_OK)
             break;
-        struct quant_job job = {qs->fbuf, qs->qbuf, to, cols, out_rb};
+        struct quant_job job = {qs->fbuf, qs->qbuf, to, cols, out_rb, qs->imp};
         threads_parallel_for(k, 1, quant_rows, &job);
         rc = qs->write(qs->ctx, qs->qbuf, (uint64_t)k * out_rb, err);
         quant_drop(wf, d, (uint64_t)r * in_rb, (uint64_t)k * in_rb);
@@ -297,6 +303,7 @@ kli_quantize(const char *in, const char *out, const struct kli_convert_options *
     struct wfile *wf = NULL;
     struct st_entry *ent = NULL;
     enum k_dtype *to = NULL, want;
+    float **imp = NULL;
     struct st_writer *w = NULL;
     char path[4096];
     struct stat st;
@@ -332,7 +339,9 @@ kli_quantize(const char *in, const char *out, const struct kli_convert_options *
     if ((rc = wfile_open(&wf, in, err)) != KLI_OK)
         return rc;
 
-    int64_t n = wfile_n_tensors(wf);
+    int64_t n = wfile_n_tensors(wf), used[2] = {0, 0};
+    if (opt->imatrix != NULL && (rc = imat_load(opt->imatrix, wf, &imp, err)) != KLI_OK)
+        goto out;
     ent = k_calloc((size_t)n, sizeof(*ent));
     to = k_calloc((size_t)n, sizeof(*to));
     if (ent == NULL || to == NULL) {
@@ -375,8 +384,17 @@ kli_quantize(const char *in, const char *out, const struct kli_convert_options *
     struct quantize_stream qs = {.write = quant_write_st, .ctx = w, .opt = opt, .total = total};
     if ((rc = quantize_stream_init(&qs, maxcols, err)) != KLI_OK)
         goto out;
-    for (int64_t i = 0; i < n && rc == KLI_OK; i++)
-        rc = quantize_tensor(&qs, wf, wfile_tensor(wf, i), to[i], err);
+    for (int64_t i = 0; i < n && rc == KLI_OK; i++) {
+        const struct tensor_desc *d = wfile_tensor(wf, i);
+        qs.imp = NULL;
+        if (imp != NULL && to[i] != d->dtype && dtype_info(to[i])->block > 1) {
+            qs.imp = imp[i];
+            used[imp[i] == NULL]++;
+        }
+        rc = quantize_tensor(&qs, wf, d, to[i], err);
+    }
+    if (opt->imatrix_used != NULL)
+        memcpy(opt->imatrix_used, used, sizeof(used));
     quantize_stream_free(&qs);
     if (rc != KLI_OK)
         goto out;
@@ -386,6 +404,7 @@ out:
     st_writer_abort(w);
     free(ent);
     free(to);
+    imat_imp_free(imp, n);
     wfile_close(wf);
     return rc;
 }
