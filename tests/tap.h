@@ -185,15 +185,16 @@ tap_exit(void)
     return tap_failed ? 1 : 0;
 }
 
-/* The whole main() of a test that is just a table of cases: tap_init, tap_run, plan_done,
- * and the exit status. */
-__attribute__((unused)) static int
-tap_main(int argc, char **argv, const struct tap_fn *cases, size_t n)
-{
-    tap_init(argc, argv);
-    tap_run(cases, n);
-    plan_done();
-    return tap_exit();
-}
+/* TAP_MAIN(cases) defines the whole main() of a test that is just the table `cases` (an
+ * array of struct tap_fn): tap_init, tap_run, plan_done, and the exit status. */
+#define TAP_MAIN(cases) \
+    int \
+    main(int argc, char **argv) \
+    { \
+        tap_init(argc, argv); \
+        tap_run(cases, sizeof(cases) / sizeof((cases)[0])); \
+        plan_done(); \
+        return tap_exit(); \
+    }
 
 #endif

@@ -716,8 +716,4 @@ static const struct tap_fn cases[] = {
     {"files", files},
 };
 
-int
-main(int argc, char **argv)
-{
-    return tap_main(argc, argv, cases, sizeof(cases) / sizeof(cases[0]));
-}
+TAP_MAIN(cases)
