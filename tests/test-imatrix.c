@@ -30,23 +30,16 @@ static struct wfile *saved;        /* the collector's file, read back */
 static kli_token ids[N_TOK];
 static int n_evals;                /* lm_head runs on the last row of each */
 
+/* The model at tl_data()/rel on 2 threads of the CPU. */
 static struct kli_model *
 open_cpu(const char *rel)
 {
-    char dir[4096];
     struct kli_model_options opt;
-    struct kli_model *m = NULL;
-    struct kli_err err = {0};
 
-    tl_path(dir, sizeof(dir), rel);
     kli_model_options_init(&opt);
     opt.n_threads = 2;
     opt.gpu = KLI_GPU_OFF;
-    if (kli_model_open(&m, dir, &opt, &err) != KLI_OK) {
-        printf("Bail out! cannot open %s: %s\n", dir, err.msg);
-        exit(1);
-    }
-    return m;
+    return tl_open_model_opts(rel, &opt);
 }
 
 /* The mean squares and the count the file holds for matrix t. */
@@ -340,8 +333,6 @@ main(int argc, char **argv)
         {"layer0", case_layer0}, {"counts", case_counts}, {"roundtrip", case_roundtrip},
         {"refuse", case_refuse}, {"unweighted", case_unweighted},
     };
-    char cmd[4300];
-
     tap_init(argc, argv);
     if (mkdtemp(tmpdir) == NULL)
         skip_all("mkdtemp failed");
@@ -354,8 +345,7 @@ main(int argc, char **argv)
     tap_run(cases, sizeof(cases) / sizeof(cases[0]));
     wfile_close(saved);
     kli_model_close(nano);
-    snprintf(cmd, sizeof(cmd), "rm -rf %s", tmpdir);
-    if (system(cmd) != 0)
+    if (tl_rmtree(tmpdir) != 0)
         diag("could not remove %s", tmpdir);
     plan_done();
     return tap_failed != 0;

@@ -694,9 +694,7 @@ files(void)
     ok(kli_model_open(&m, bad, NULL, &err) != KLI_OK && strstr(err.msg, "\"t\"") != NULL,
        "a KLI_Q6_K tensor one byte short is refused, naming it: %s", err.msg);
     kli_model_close(m);
-    char cmd[4300];
-    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", dir);
-    ok(system(cmd) == 0, "clean up");
+    ok(tl_rmtree(dir) == 0, "clean up");
 }
 
 static const struct tap_fn cases[] = {

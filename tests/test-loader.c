@@ -118,7 +118,6 @@ expect(const char *what, char *cfg, uint8_t *st, size_t st_len, int code, const 
 {
     char dir[] = "/tmp/kli-loader-XXXXXX";
     struct kli_err err;
-    char cmd[128];
 
     if (mkdtemp(dir) == NULL) {
         perror("mkdtemp");
@@ -133,8 +132,7 @@ expect(const char *what, char *cfg, uint8_t *st, size_t st_len, int code, const 
         ok(rc == code && strstr(err.msg, want) != NULL, "%s: code %d (want %d), message: %s",
            what, rc, code, err.msg);
     }
-    snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
-    if (system(cmd) != 0)
+    if (tl_rmtree(dir) != 0)
         diag("could not remove %s", dir);
     free(cfg);
     free(st);

@@ -246,8 +246,7 @@ main(int argc, char **argv)
     free(l4);
     free(c8);
     free(cb);
-    snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
-    if (system(cmd) != 0)
+    if (tl_rmtree(dir) != 0)
         diag("could not remove %s", dir);
     plan_done();
     return tap_exit();

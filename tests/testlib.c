@@ -228,19 +228,35 @@ tl_load_json(const char *dir, const char *name)
 struct kli_model *
 tl_open_model(const char *name, int n_threads)
 {
-    char dir[4096];
     struct kli_model_options opt;
+
+    kli_model_options_init(&opt);
+    opt.n_threads = n_threads;
+    return tl_open_model_opts(name, &opt);
+}
+
+struct kli_model *
+tl_open_model_opts(const char *name, const struct kli_model_options *opt)
+{
+    char dir[4096];
     struct kli_model *m = NULL;
     struct kli_err err = {0};
 
     tl_path(dir, sizeof(dir), name);
-    kli_model_options_init(&opt);
-    opt.n_threads = n_threads;
-    if (kli_model_open(&m, dir, &opt, &err) != KLI_OK) {
+    if (kli_model_open(&m, dir, opt, &err) != KLI_OK) {
         printf("Bail out! cannot open %s: %s\n", dir, err.msg);
         exit(1);
     }
     return m;
+}
+
+int
+tl_rmtree(const char *dir)
+{
+    char cmd[4200];
+
+    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", dir);
+    return system(cmd) == 0 ? 0 : -1;
 }
 
 float *

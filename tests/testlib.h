@@ -71,6 +71,12 @@ struct cJSON *tl_load_json(const char *dir, const char *name);
 
 /* Opens the fixture model tl_data()/name with n_threads threads; bails out on failure. */
 struct kli_model *tl_open_model(const char *name, int n_threads);
+/* The same with the options `opt` (NULL: the defaults). */
+struct kli_model *tl_open_model_opts(const char *name, const struct kli_model_options *opt);
+
+/* Removes the directory dir and everything in it (rm -rf). @return 0, or -1 when that
+ * failed. */
+int tl_rmtree(const char *dir);
 
 /* The logits [n][V] of ids fed to a fresh session of m in calls of `chunk` tokens (0: all in
  * one call). NULL on failure, err filled. */
