@@ -240,15 +240,11 @@ kli_imatrix_save(const struct kli_imatrix *im, const char *path, const char *con
         if ((rc = st_writer_write(w, buf, 4 * (uint64_t)e->width, err)) == KLI_OK)
             rc = st_writer_write(w, c8, 8, err);
     }
-    if (rc == KLI_OK) {
-        rc = st_writer_close(w, err);
-        w = NULL;
-    }
     goto out;
 nomem:
     rc = err_set(err, KLI_E_NOMEM, "out of memory writing %s", path);
 out:
-    st_writer_abort(w);
+    rc = st_writer_finish(w, rc, err);
     for (int64_t i = 0; names != NULL && i < im->n; i++)
         free(names[i]);
     free(names);

@@ -396,12 +396,8 @@ kli_quantize(const char *in, const char *out, const struct kli_convert_options *
     if (opt->imatrix_used != NULL)
         memcpy(opt->imatrix_used, used, sizeof(used));
     quantize_stream_free(&qs);
-    if (rc != KLI_OK)
-        goto out;
-    rc = st_writer_close(w, err);
-    w = NULL;
 out:
-    st_writer_abort(w);
+    rc = st_writer_finish(w, rc, err);
     free(ent);
     free(to);
     imat_imp_free(imp, n);

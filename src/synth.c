@@ -408,12 +408,8 @@ kli_synth(const char *out, const struct kli_synth_options *opt, struct kli_err *
         if (opt->progress != NULL)
             opt->progress(opt->ud, done, total, t->name);
     }
-    if (rc == KLI_OK) {
-        rc = st_writer_close(w, err);
-        w = NULL;
-    }
 out:
-    st_writer_abort(w);
+    rc = st_writer_finish(w, rc, err);
     free(fbuf);
     free(qbuf);
     free(ent);

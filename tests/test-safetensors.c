@@ -831,10 +831,7 @@ test_writer_large(void)
         rc = st_writer_write(w, src + o, n, &err);
         o += n;
     }
-    if (rc == KLI_OK)
-        rc = st_writer_close(w, &err);
-    else
-        st_writer_abort(w);
+    rc = st_writer_finish(w, rc, &err);
     ok(rc == KLI_OK, "writer: %zu bytes in odd pieces: %s", total, err.msg);
 
     rc = wfile_open(&wf, path, &err);

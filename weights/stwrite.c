@@ -146,3 +146,12 @@ st_writer_close(struct st_writer *w, struct kli_err *err)
     st_writer_abort(w);
     return rc;
 }
+
+int
+st_writer_finish(struct st_writer *w, int rc, struct kli_err *err)
+{
+    if (rc == KLI_OK && w != NULL)
+        return st_writer_close(w, err);
+    st_writer_abort(w);
+    return rc;
+}

@@ -104,6 +104,9 @@ int st_writer_write(struct st_writer *w, const void *data, uint64_t nbytes,
 int st_writer_close(struct st_writer *w, struct kli_err *err);
 /* Abandons the file (removes the temporary file). NULL is allowed. */
 void st_writer_abort(struct st_writer *w);
+/* The end of a writer whatever happened: with rc KLI_OK, st_writer_close (@return its
+ * result), else st_writer_abort (@return rc). NULL is allowed (rc is returned). */
+int st_writer_finish(struct st_writer *w, int rc, struct kli_err *err);
 
 /* ==== kli's packed format (.kli, packed.c; the byte layout is kli-pack(5)) ==================
  * One file: a versioned header with a section table, the config.json text, the tokenizer
