@@ -108,23 +108,23 @@ int
 cli_imatrix(int argc, char **argv)
 {
     static const struct option opts[] = {
-        {"model", required_argument, NULL, 'm'},
+        CLI_MODEL_LONGOPT,
         {"file", required_argument, NULL, 'f'},
         {"output", required_argument, NULL, 'o'},
         {"ctx", required_argument, NULL, 'c'},
         {"chunks", required_argument, NULL, 'C'},
         {"save-every", required_argument, NULL, 'S'},
         {"bos", no_argument, NULL, 'B'},
-        {"threads", required_argument, NULL, 't'},
-        {"help", no_argument, NULL, 'h'},
+        CLI_THREADS_LONGOPT,
+        CLI_HELP_LONGOPT,
         CLI_PLACEMENT_LONGOPTS,
-        {NULL, 0, NULL, 0},
+        CLI_LONGOPTS_END,
     };
+    struct cli_args ca = {.usage = imat_usage};
     struct imat_run r = {0};
-    const char *model = NULL;
-    long ctx = 512, chunks = 0, every = 10, threads = 0;
+    const char *model;
+    long ctx = 512, chunks = 0, every = 10;
     int c, rc = 1, bos = 0;
-    char demo[4096] = "";
     struct kli_model *m = NULL;
     struct kli_session *s = NULL;
     struct kli_err err = {0};
@@ -134,9 +134,8 @@ cli_imatrix(int argc, char **argv)
     float *logits = NULL;
     size_t len;
 
-    while ((c = getopt_long(argc, argv, "m:f:o:t:h", opts, NULL)) != -1) {
+    while ((c = cli_getopt(argc, argv, "m:f:o:t:h", opts, &ca)) > 0) {
         switch (c) {
-        case 'm': model = optarg; break;
         case 'f': r.file = optarg; break;
         case 'o': r.out = optarg; break;
         case 'B': bos = 1; break;
@@ -152,15 +151,10 @@ cli_imatrix(int argc, char **argv)
             if (cli_parse_int(optarg, 0, INT32_MAX, "--save-every", &every) != 0)
                 return 2;
             break;
-        case 'h':
-            fputs(imat_usage, stdout);
-            return 0;
-        default:
-            if (cli_model_option(c, optarg, &threads) != 1)
-                return 2;
-            break;
         }
     }
+    if (c != CLI_ARGS_END)
+        return cli_args_exit(c);
     if (cli_no_operands(argc, argv, "imatrix") != 0)
         return 2;
     if (r.file == NULL || r.out == NULL) {
@@ -168,7 +162,7 @@ cli_imatrix(int argc, char **argv)
         fputs(imat_usage, stderr);
         return 2;
     }
-    if ((model = cli_model_path(model, demo, sizeof(demo))) == NULL)
+    if ((model = cli_model_path(ca.model, ca.demo, sizeof(ca.demo))) == NULL)
         goto out;
     if (kli_output_check(r.out, model, &err) != KLI_OK ||
         (strcmp(r.file, "-") != 0 && kli_output_check(r.out, r.file, &err) != KLI_OK)) {
@@ -179,7 +173,7 @@ cli_imatrix(int argc, char **argv)
         goto out;
     /* collection runs on the CPU: no GPU whatever the environment asks */
     if (cli_gpu_option(CLI_OPT_GPU, "off") != 1 ||
-        cli_open_model(model, cli_threads(threads), &m) != 0)
+        cli_open_model(model, cli_threads(ca.threads), &m) != 0)
         goto out;
     if ((r.n = cli_text_tokens(m, text, len, bos, "imatrix", &ids)) < 0)
         goto out;
@@ -228,6 +222,6 @@ out:
     free(ids);
     free(text);
     kli_model_close(m);
-    cli_demo_remove(demo);
+    cli_demo_remove(ca.demo);
     return rc;
 }
