@@ -562,6 +562,18 @@ cli_model_option(int c, const char *arg, long *threads)
     return cli_gpu_option(c, arg);
 }
 
+/* @return 1 if c is one of the n integer options `t` (parsed), 0 if not, -1 for a bad value
+ * (reported). */
+static int
+cli_int_option(int c, const char *arg, const struct cli_int_opt *t, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        if (t[i].code == c)
+            return cli_parse_int(arg, t[i].lo, t[i].hi, t[i].name, t[i].out) == 0 ? 1 : -1;
+    }
+    return 0;
+}
+
 int
 cli_getopt(int argc, char **argv, const char *shortopts, const struct option *opts,
            struct cli_args *a)
@@ -578,8 +590,10 @@ cli_getopt(int argc, char **argv, const char *shortopts, const struct option *op
         case '?':                   /* reported by getopt_long */
             return CLI_ARGS_BAD;
         default:
-            r = a->gen != NULL ? cli_gen_option(c, optarg, a->gen)
-                               : cli_model_option(c, optarg, &a->threads);
+            r = cli_int_option(c, optarg, a->ints, a->n_ints);
+            if (r == 0)
+                r = a->gen != NULL ? cli_gen_option(c, optarg, a->gen)
+                                   : cli_model_option(c, optarg, &a->threads);
             if (r <= 0)
                 return r < 0 ? CLI_ARGS_BAD : c;
             break;
@@ -717,9 +731,10 @@ cmd_logits(int argc, char **argv)
         {"output", required_argument, NULL, 'o'},
         CLI_MODEL_LONGOPTS_END,
     };
-    struct cli_args ca = {.usage = logits_usage};
     const char *model, *ids_arg = NULL, *ids_file = NULL, *outp = NULL;
     long chunk = 0;
+    const struct cli_int_opt ints[] = {{'c', "--chunk", 1, INT32_MAX, &chunk}};
+    struct cli_args ca = {.usage = logits_usage, .ints = ints, .n_ints = 1};
     int c, rc = 1;
     struct kli_model *m = NULL;
     struct kli_session *s = NULL;
@@ -735,10 +750,6 @@ cmd_logits(int argc, char **argv)
         case 'i': ids_arg = optarg; break;
         case 'f': ids_file = optarg; break;
         case 'o': outp = optarg; break;
-        case 'c':
-            if (cli_parse_int(optarg, 1, INT32_MAX, "--chunk", &chunk) != 0)
-                return 2;
-            break;
         }
     }
     if (c != CLI_ARGS_END || cli_no_operands(argc, argv, "logits") != 0)

@@ -84,6 +84,15 @@ enum { CLI_OPT_JSON = 0x4400 };
 #define CLI_JSON_LONGOPT {"json", no_argument, NULL, CLI_OPT_JSON}
 #define CLI_HELP_LONGOPT {"help", no_argument, NULL, 'h'}
 #define CLI_LONGOPTS_END {NULL, 0, NULL, 0}
+/* An integer option of a command's own: its code in the option table, its name in messages,
+ * its range and the variable it sets. A command lists them in its struct cli_args, and
+ * cli_getopt parses them (cli_parse_int). */
+struct cli_int_opt {
+    int code;
+    const char *name;
+    long lo, hi;
+    long *out;
+};
 struct cli_args {
     const char *usage;          /* what --help prints */
     const char *model;          /* -m, or NULL */
@@ -91,6 +100,8 @@ struct cli_args {
     int json;                   /* --json */
     char demo[4096];            /* the demo model's directory (cli_model_path), or "" */
     struct cli_gen_opts *gen;   /* run, chat, batch: what cli_gen_option reads (-t too) */
+    const struct cli_int_opt *ints;   /* the command's integer options, n_ints of them */
+    size_t n_ints;
 };
 /* What cli_getopt returns besides the code of an option. */
 enum { CLI_ARGS_END = 0, CLI_ARGS_HELP = -1, CLI_ARGS_BAD = -2 };

@@ -132,25 +132,24 @@ batch_parse(int argc, char **argv, struct batch_args *a)
     a->shard_k = a->shard_n = 1;
     a->prefix_bytes = 1ULL << 30;
     a->max_prompt_bytes = 4ULL << 20;
+    const struct cli_int_opt ints[] = {
+        {'P', "--parallel", 1, BATCH_MAX_PARALLEL, &a->parallel},
+        {OPT_MIN_PREFIX, "--min-prefix", 1, 1 << 30, &a->min_prefix},
+        {OPT_MAX_ERRORS, "--max-errors", 0, INT32_MAX, &a->max_errors},
+    };
     a->ca.usage = batch_usage;
     a->ca.gen = &a->g;
+    a->ca.ints = ints;
+    a->ca.n_ints = 3;
     while ((c = cli_getopt(argc, argv, "m:i:o:P:n:t:s:h", batch_opts, &a->ca)) > 0) {
         switch (c) {
         case 'i': a->input = optarg; break;
         case 'o': a->output = optarg; break;
-        case 'P':
-            if (cli_parse_int(optarg, 1, BATCH_MAX_PARALLEL, "--parallel", &a->parallel))
-                return -1;
-            break;
         case OPT_PREFIX_CACHE:
             if (batch_size(optarg, "--prefix-cache", 1ULL << 50, &a->prefix_bytes))
                 return -1;
             break;
         case OPT_PREFIX_DIR: a->prefix_dir = optarg; break;
-        case OPT_MIN_PREFIX:
-            if (cli_parse_int(optarg, 1, 1 << 30, "--min-prefix", &a->min_prefix))
-                return -1;
-            break;
         case OPT_MAX_PROMPT:
             if (batch_size(optarg, "--max-prompt-bytes", 1ULL << 31, &a->max_prompt_bytes))
                 return -1;
@@ -173,14 +172,11 @@ batch_parse(int argc, char **argv, struct batch_args *a)
             a->shard_n = n;
             break;
         }
-        case OPT_MAX_ERRORS:
-            if (cli_parse_int(optarg, 0, INT32_MAX, "--max-errors", &a->max_errors))
-                return -1;
-            break;
         case OPT_RESUME: a->overwrite = 0; break;
         case OPT_OVERWRITE: a->overwrite = 1; break;
         }
     }
+    a->ca.ints = NULL;   /* the table above ends with this function */
     if (c != CLI_ARGS_END)
         return c == CLI_ARGS_HELP ? 1 : -1;
     if (cli_no_operands(argc, argv, "batch") != 0)

@@ -120,10 +120,15 @@ cli_imatrix(int argc, char **argv)
         CLI_PLACEMENT_LONGOPTS,
         CLI_LONGOPTS_END,
     };
-    struct cli_args ca = {.usage = imat_usage};
     struct imat_run r = {0};
     const char *model;
     long ctx = 512, chunks = 0, every = 10;
+    const struct cli_int_opt ints[] = {
+        {'c', "--ctx", 2, INT32_MAX, &ctx},
+        {'C', "--chunks", 1, INT32_MAX, &chunks},
+        {'S', "--save-every", 0, INT32_MAX, &every},
+    };
+    struct cli_args ca = {.usage = imat_usage, .ints = ints, .n_ints = 3};
     int c, rc = 1, bos = 0;
     struct kli_model *m = NULL;
     struct kli_session *s = NULL;
@@ -139,18 +144,6 @@ cli_imatrix(int argc, char **argv)
         case 'f': r.file = optarg; break;
         case 'o': r.out = optarg; break;
         case 'B': bos = 1; break;
-        case 'c':
-            if (cli_parse_int(optarg, 2, INT32_MAX, "--ctx", &ctx) != 0)
-                return 2;
-            break;
-        case 'C':
-            if (cli_parse_int(optarg, 1, INT32_MAX, "--chunks", &chunks) != 0)
-                return 2;
-            break;
-        case 'S':
-            if (cli_parse_int(optarg, 0, INT32_MAX, "--save-every", &every) != 0)
-                return 2;
-            break;
         }
     }
     if (c != CLI_ARGS_END)

@@ -251,9 +251,10 @@ cli_perplexity(int argc, char **argv)
         {"kld-base", required_argument, NULL, 'K'},
         CLI_MODEL_LONGOPTS_END,
     };
-    struct cli_args ca = {.usage = ppl_usage};
     const char *model, *file = NULL, *kpath = NULL;
     long ctx = 4096;
+    const struct cli_int_opt ints[] = {{'c', "--ctx", 2, INT32_MAX, &ctx}};
+    struct cli_args ca = {.usage = ppl_usage, .ints = ints, .n_ints = 1};
     int c, rc = 1, bos = 0;
     struct kli_model *m = NULL;
     struct kli_session *s = NULL;
@@ -272,10 +273,6 @@ cli_perplexity(int argc, char **argv)
         case 'f': file = optarg; break;
         case 'B': bos = 1; break;
         case 'K': kpath = optarg; break;
-        case 'c':
-            if (cli_parse_int(optarg, 2, INT32_MAX, "--ctx", &ctx) != 0)
-                return 2;
-            break;
         }
     }
     if (c != CLI_ARGS_END || cli_no_operands(argc, argv, "perplexity") != 0)

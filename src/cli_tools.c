@@ -69,39 +69,35 @@ cmd_synth(int argc, char **argv)
         CLI_HELP_LONGOPT,
         CLI_LONGOPTS_END,
     };
-    struct cli_args ca = {.usage = synth_usage};
     struct kli_synth_options o;
     struct kli_err err = {0};
     struct progress p = {util_now_s(), 0, isatty(STDERR_FILENO), "synth"};
     const char *out = NULL;
-    long v;
+    long layers, experts, seed = -1;   /* -1: the default seed */
+    const struct cli_int_opt ints[] = {
+        {'L', "--layers", 1, 1024, &layers},
+        {'E', "--experts", 1, 4096, &experts},
+        {'S', "--seed", 0, 2147483647L, &seed},
+    };
+    struct cli_args ca = {.usage = synth_usage, .ints = ints, .n_ints = 3};
     int c;
 
     kli_synth_options_init(&o);
+    layers = o.n_layers;
+    experts = o.n_experts;
     while ((c = cli_getopt(argc, argv, "o:h", opts, &ca)) > 0) {
         switch (c) {
         case 'o': out = optarg; break;
-        case 'L':
-            if (cli_parse_int(optarg, 1, 1024, "--layers", &v))
-                return 2;
-            o.n_layers = (int32_t)v;
-            break;
-        case 'E':
-            if (cli_parse_int(optarg, 1, 4096, "--experts", &v))
-                return 2;
-            o.n_experts = (int32_t)v;
-            break;
         case 'T': o.type = optarg; break;
-        case 'S':
-            if (cli_parse_int(optarg, 0, 2147483647L, "--seed", &v))
-                return 2;
-            o.seed = (uint64_t)v;
-            break;
         case 'F': o.force = 1; break;
         }
     }
     if (c != CLI_ARGS_END)
         return cli_args_exit(c);
+    o.n_layers = (int32_t)layers;
+    o.n_experts = (int32_t)experts;
+    if (seed >= 0)
+        o.seed = (uint64_t)seed;
     if (out == NULL || optind < argc) {
         cli_error("usage: kli synth -o DIR [--layers N] [--experts E] [--type T] [--seed S]");
         return 2;
@@ -830,17 +826,19 @@ cmd_bench(int argc, char **argv)
         CLI_PLACEMENT_LONGOPTS,
         CLI_LONGOPTS_END,
     };
-    struct cli_args ca = {.usage = bench_usage};
     const char *model, *type = NULL, *ids_arg = NULL;
     long pp = 512, tg = 128, depth = 0, reps = 5;
+    const struct cli_int_opt ints[] = {
+        {'p', "-p", 0, 1 << 20, &pp},
+        {'n', "-n", 0, 1 << 20, &tg},
+        {'d', "--depth", 0, 1 << 24, &depth},
+        {'r', "-r", 1, 1000, &reps},
+    };
+    struct cli_args ca = {.usage = bench_usage, .ints = ints, .n_ints = 4};
     int json, quality = 0, c, rc = 1;
 
     while ((c = cli_getopt(argc, argv, "m:p:n:d:r:t:h", opts, &ca)) > 0) {
         switch (c) {
-        case 'p': if (cli_parse_int(optarg, 0, 1 << 20, "-p", &pp)) return 2; break;
-        case 'n': if (cli_parse_int(optarg, 0, 1 << 20, "-n", &tg)) return 2; break;
-        case 'd': if (cli_parse_int(optarg, 0, 1 << 24, "--depth", &depth)) return 2; break;
-        case 'r': if (cli_parse_int(optarg, 1, 1000, "-r", &reps)) return 2; break;
         case 'T': type = optarg; break;
         case 'Q': quality = 1; break;
         case 'I': ids_arg = optarg; break;
