@@ -132,21 +132,24 @@ check $? "chat refuses a line with a NUL byte, naming it, and answers the next"
 # ---- --help, kli help, man/kli.1: every long option a command accepts ----------------------
 # The options come from the source: each command's function in the command tables of
 # src/cli*.c, the struct option tables it (or a parse helper it calls) uses, and the
-# CLI_*_LONGOPTS groups of src/cli.h.
+# CLI_*_LONGOPT entries and CLI_*_LONGOPTS groups of src/cli.h they list.
 cat >"$tmp/opts.py" <<'PYEOF'
 import glob, re, sys
 
 src = sys.argv[1]
 text = {f: open(f).read() for f in sorted(glob.glob(src + "/src/cli*.[ch]"))}
 allc = "\n".join(text.values())
-groups = {m.group(1): re.findall(r'\{"([a-z0-9-]+)", *\w+_argument', m.group(2))
-          for m in re.finditer(r'#define (CLI_\w+_LONGOPTS)((?:.*\\\n)*.*)', allc)}
+# the CLI_*_LONGOPT entries and CLI_*_LONGOPTS groups of cli.h (groups hold entries and groups)
+MACRO = r'CLI_\w+_LONGOPTS?(?:_END)?'
+macros = {m.group(1): m.group(2)
+          for m in re.finditer(r'#define (%s)\b((?:.*\\\n)*.*)' % MACRO, allc)}
 
 
 def entries(body):
     names = re.findall(r'\{"([a-z0-9-]+)", *\w+_argument', body)
-    for g in re.findall(r'\b(CLI_\w+_LONGOPTS)\b', body):
-        names += groups[g]
+    for g in re.findall(r'\b(%s)\b' % MACRO, body):
+        if g in macros:
+            names += entries(macros[g])
     return names
 
 
