@@ -120,11 +120,23 @@ struct convert_args {
     struct cli_args ca;             /* -m IN and --help */
     const char *out;
     const char *keep[TOOLS_MAX_KEEP];
+    int64_t used[2];                /* --imatrix: matrices weighted, and not in the file */
     struct kli_convert_options o;   /* initialized by the caller: its defaults */
 };
 
-/* -m IN -o OUT [--type T] [--keep GLOB=TYPE]... [--force], into a->o (whose progress goes
- * to `p`). `help` is printed for -h and `usage` with a usage error.
+/* The closing lines of quantize and convert: where the output went, and what --imatrix
+ * weighted. */
+static void
+convert_done(const struct convert_args *a, const struct progress *p)
+{
+    fprintf(stderr, "%s: wrote %s in %.1f s\n", p->what, a->out, util_now_s() - p->t0);
+    if (a->o.imatrix != NULL)
+        fprintf(stderr, "%s: %lld matrices weighted by %s, %lld unweighted (not in it or never "
+                "seen)\n", p->what, (long long)a->used[0], a->o.imatrix, (long long)a->used[1]);
+}
+
+/* -m IN -o OUT [--type T] [--keep GLOB=TYPE]... [--imatrix FILE] [--force], into a->o (whose
+ * progress goes to `p`). `help` is printed for -h and `usage` with a usage error.
  * @return 0 to go on, 1 after --help, -1 on a usage error. */
 static int
 convert_args_parse(int argc, char **argv, struct convert_args *a, struct progress *p,
@@ -165,6 +177,7 @@ convert_args_parse(int argc, char **argv, struct convert_args *a, struct progres
         return -1;
     }
     a->o.keep = a->keep;
+    a->o.imatrix_used = a->used;
     a->o.progress = on_progress;
     a->o.ud = p;
     return 0;
@@ -191,16 +204,11 @@ cmd_quantize(int argc, char **argv)
                             "[--keep GLOB=TYPE]...");
     if (pr != 0)
         return pr > 0 ? 0 : 2;
-    int64_t used[2] = {0, 0};
-    a.o.imatrix_used = used;
     if (kli_quantize(a.ca.model, a.out, &a.o, &err) != KLI_OK) {
         cli_error("%s", err.msg);
         return 1;
     }
-    fprintf(stderr, "quantize: wrote %s in %.1f s\n", a.out, util_now_s() - p.t0);
-    if (a.o.imatrix != NULL)
-        fprintf(stderr, "quantize: %lld matrices weighted by %s, %lld unweighted (not in it "
-                "or never seen)\n", (long long)used[0], a.o.imatrix, (long long)used[1]);
+    convert_done(&a, &p);
     return 0;
 }
 
@@ -234,18 +242,14 @@ cmd_convert(int argc, char **argv)
     pr = convert_args_parse(argc, argv, &a, &p,
                             "usage: kli convert -m|--model MODEL -o|--output OUT.kli "
                             "[--type TYPE]\n"
-                            "                   [--keep GLOB=TYPE]... [--force] "
-                            "[-h|--help]\n"
+                            "                   [--keep GLOB=TYPE]... [--imatrix FILE] "
+                            "[--force] [-h|--help]\n"
                             "  TYPE: bf16, q8_0, q6_k, q5_k, q4_k, q4, q3_k, q2_k, f16, "
                             "f32\n",
                             "usage: kli convert -m MODEL -o OUT.kli [--type TYPE] "
                             "[--keep GLOB=TYPE]...");
     if (pr != 0)
         return pr > 0 ? 0 : 2;
-    if (a.o.imatrix != NULL) {
-        cli_error("convert: --imatrix is kli quantize's (quantize first, then convert)");
-        return 2;
-    }
     a.o.interrupt = convert_interrupt;
     /* Ctrl-C stops between slabs and removes the temporary file. */
     memset(&sa, 0, sizeof(sa));
@@ -262,7 +266,7 @@ cmd_convert(int argc, char **argv)
         cli_error("%s", err.msg);
         return rc == KLI_E_INTERRUPTED ? 128 + (int)convert_signal : 1;
     }
-    fprintf(stderr, "convert: wrote %s in %.1f s\n", a.out, util_now_s() - p.t0);
+    convert_done(&a, &p);
     return 0;
 }
 

@@ -19,6 +19,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "imatrix.h"
 #include "internal.h"
 #include "model.h"
 #include "quantize.h"
@@ -154,6 +155,8 @@ kli_convert(const char *in, const char *out, const struct kli_convert_options *o
     struct cv_item *order = NULL;
     struct pack_writer *w = NULL;
     struct quantize_stream qs = {0};
+    float **imp = NULL;
+    int64_t used[2] = {0, 0};
     char *cfg = NULL, *ranks = NULL, *tcfg = NULL;
     enum k_dtype want = KLI_DT_COUNT;
     struct stat st;
@@ -231,6 +234,8 @@ kli_convert(const char *in, const char *out, const struct kli_convert_options *o
         if (to != d->dtype && cols > maxcols)
             maxcols = cols;
     }
+    if (opt->imatrix != NULL && (rc = imat_load(opt->imatrix, wf, &imp, err)) != KLI_OK)
+        goto out;
     qs.opt = opt;
     qs.write = cv_write;
     if ((rc = quantize_stream_init(&qs, maxcols, err)) != KLI_OK)
@@ -241,14 +246,19 @@ kli_convert(const char *in, const char *out, const struct kli_convert_options *o
     for (int64_t i = 0; i < n; i++) {
         const struct tensor_desc *d = wfile_tensor(wf, order[i].src);
 
+        qs.imp = quantize_imp(imp, order[i].src, d->dtype, ent[i].dtype, used);
         if ((rc = quantize_tensor(&qs, wf, d, ent[i].dtype, err)) != KLI_OK)
             goto out;
     }
+    if (opt->imatrix_used != NULL)
+        memcpy(opt->imatrix_used, used, sizeof(used));
     rc = pack_writer_close(w, err);
     w = NULL;
 out:
     pack_writer_abort(w);
     quantize_stream_free(&qs);
+    if (imp != NULL)
+        imat_imp_free(imp, wfile_n_tensors(m->wf));
     free(order);
     free(ent);
     free(cfg);

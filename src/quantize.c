@@ -288,6 +288,15 @@ quantize_tensor(struct quantize_stream *qs, const struct wfile *wf,
     return rc;
 }
 
+const float *
+quantize_imp(float *const *imp, int64_t i, enum k_dtype from, enum k_dtype to, int64_t used[2])
+{
+    if (imp == NULL || to == from || dtype_info(to)->block == 1)
+        return NULL;
+    used[imp[i] == NULL]++;
+    return imp[i];
+}
+
 /* kli_quantize's side of the stream: a safetensors writer. */
 static int
 quant_write_st(void *ctx, const void *data, uint64_t n, struct kli_err *err)
@@ -386,11 +395,7 @@ kli_quantize(const char *in, const char *out, const struct kli_convert_options *
         goto out;
     for (int64_t i = 0; i < n && rc == KLI_OK; i++) {
         const struct tensor_desc *d = wfile_tensor(wf, i);
-        qs.imp = NULL;
-        if (imp != NULL && to[i] != d->dtype && dtype_info(to[i])->block > 1) {
-            qs.imp = imp[i];
-            used[imp[i] == NULL]++;
-        }
+        qs.imp = quantize_imp(imp, i, d->dtype, to[i], used);
         rc = quantize_tensor(&qs, wf, d, to[i], err);
     }
     if (opt->imatrix_used != NULL)

@@ -48,6 +48,13 @@ struct quantize_stream {
 int quantize_stream_init(struct quantize_stream *qs, int64_t max_cols, struct kli_err *err);
 void quantize_stream_free(struct quantize_stream *qs);
 
+/* The column weights (kli_convert_options.imatrix, loaded by imat_load into imp[], indexed
+ * like the input's tensors) that tensor i is quantized with when it goes from dtype `from` to
+ * `to`: imp[i] when it becomes a block type, counted in used[0] (weighted) or used[1] (the
+ * file has nothing for it); NULL otherwise, and always when imp is NULL. */
+const float *quantize_imp(float *const *imp, int64_t i, enum k_dtype from, enum k_dtype to,
+                          int64_t used[2]);
+
 int quantize_tensor(struct quantize_stream *qs, const struct wfile *wf,
                     const struct tensor_desc *d, enum k_dtype to, struct kli_err *err);
 

@@ -81,8 +81,18 @@ if tcase quantize; then
     grep -q "quantize: [1-9][0-9]* matrices weighted by .*, [0-9]* unweighted" "$tmp/stderr"
     check $? "the summary counts the weighted matrices"
     t "quantize q4 without" 0 "$K" quantize -m "$N" -o "$tmp/q4" --type q4
-    t "convert refuses --imatrix" 2 "$K" convert -m "$N" -o "$tmp/x.kli" \
+    t "convert q4 --imatrix" 0 "$K" convert -m "$N" -o "$tmp/w.kli" --type q4 \
         --imatrix "$tmp/nano.imat"
+    grep -q "convert: [1-9][0-9]* matrices weighted by .*, [0-9]* unweighted" "$tmp/stderr"
+    check $? "... the summary counts the weighted matrices"
+    t "convert q4 without" 0 "$K" convert -m "$N" -o "$tmp/p.kli" --type q4
+    ! cmp -s "$tmp/w.kli" "$tmp/p.kli"
+    check $? "... the weighted .kli differs from the plain one"
+    "$K" convert -m "$tmp/q4w" -o "$tmp/q.kli" >/dev/null 2>&1 &&
+        "$K" logits -m "$tmp/w.kli" --ids 1,2,3 -o "$tmp/lw.f32" >/dev/null 2>&1 &&
+        "$K" logits -m "$tmp/q.kli" --ids 1,2,3 -o "$tmp/lq.f32" >/dev/null 2>&1 &&
+        cmp -s "$tmp/lw.f32" "$tmp/lq.f32"
+    check $? "... and gives the logits of quantize --imatrix's output"
     printf 'garbage' >"$tmp/bad.imat"
     t "a damaged imatrix is refused" 1 "$K" quantize -m "$N" -o "$tmp/q4b" --type q4 \
         --imatrix "$tmp/bad.imat"
