@@ -114,6 +114,13 @@ int cli_args_exit(int c);
 /* The sizes --mem-budget listed (kli bench takes several, other commands one).
  * @return their count (0: no budget); *out borrowed. */
 int cli_mem_budgets(const uint64_t **out);
+/* The tokens of a text as kli perplexity scores them (special-token strings as plain text;
+ * a BOS first when `bos`), in *out (malloc'd). @return their count, or -1 after reporting
+ * (messages start with `cmd`). */
+int64_t cli_text_tokens(const struct kli_model *m, const char *text, size_t len, int bos,
+                        const char *cmd, kli_token **out);
+/* kli imatrix (cli_imatrix.c). */
+int cli_imatrix(int argc, char **argv);
 /* The edge-mode line for stderr after a run: cache size, hit rate, bytes read. */
 void cli_cache_report(const struct kli_model *m);
 

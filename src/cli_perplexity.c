@@ -204,6 +204,36 @@ sem(double sum, double sq, uint64_t n)
     return var > 0 ? sqrt(var / (double)n) : 0;
 }
 
+int64_t
+cli_text_tokens(const struct kli_model *m, const char *text, size_t len, int bos,
+                const char *cmd, kli_token **out)
+{
+    const struct kli_tokenizer *tok = kli_model_tokenizer(m);
+    struct kli_err err = {0};
+    kli_token *ids;
+    int64_t n;
+
+    *out = NULL;
+    if (tok == NULL) {
+        cli_error("%s: the model has no tokenizer", cmd);
+        return -1;
+    }
+    if (len > INT32_MAX - 2 || (ids = malloc((len + 2) * sizeof(kli_token))) == NULL) {
+        cli_error("%s: the file is too large", cmd);
+        return -1;
+    }
+    if (bos)
+        ids[0] = kli_model_bos(m);
+    n = kli_tokenize(tok, text, len, 0, ids + bos, (int64_t)len + 1, &err);
+    if (n < 0) {
+        cli_error("%s", err.msg);
+        free(ids);
+        return -1;
+    }
+    *out = ids;
+    return n + bos;
+}
+
 static const char ppl_usage[] =
     "usage: kli perplexity [-m|--model MODEL] -f|--file FILE [--ctx N] [--bos] [--json]\n"
     "                      [--kld-base FILE] [-h|--help]\n"
@@ -261,23 +291,8 @@ cli_perplexity(int argc, char **argv)
         goto out;
     if (cli_open_model(model, cli_threads(ca.threads), &m) != 0)
         goto out;
-    const struct kli_tokenizer *tok = kli_model_tokenizer(m);
-    if (tok == NULL) {
-        cli_error("perplexity: the model has no tokenizer");
+    if ((n = cli_text_tokens(m, text, len, bos, "perplexity", &ids)) < 0)
         goto out;
-    }
-    if (len > INT32_MAX - 2 || (ids = malloc((len + 2) * sizeof(kli_token))) == NULL) {
-        cli_error("perplexity: the file is too large");
-        goto out;
-    }
-    if (bos)
-        ids[0] = kli_model_bos(m);
-    n = kli_tokenize(tok, text, len, 0, ids + bos, (int64_t)len + 1, &err);
-    if (n < 0) {
-        cli_error("%s", err.msg);
-        goto out;
-    }
-    n += bos;
     if (n < 2) {
         cli_error("perplexity: %s has %lld token(s); at least 2 are needed", file, (long long)n);
         goto out;

@@ -140,6 +140,7 @@ convert_args_parse(int argc, char **argv, struct convert_args *a, struct progres
         {"type", required_argument, NULL, 'T'},
         {"keep", required_argument, NULL, 'K'},
         {"force", no_argument, NULL, 'F'},
+        {"imatrix", required_argument, NULL, 'I'},
         CLI_HELP_LONGOPT,
         CLI_LONGOPTS_END,
     };
@@ -158,6 +159,7 @@ convert_args_parse(int argc, char **argv, struct convert_args *a, struct progres
             a->keep[a->o.n_keep++] = optarg;
             break;
         case 'F': a->o.force = 1; break;
+        case 'I': a->o.imatrix = optarg; break;
         }
     }
     if (c != CLI_ARGS_END)
@@ -185,18 +187,24 @@ cmd_quantize(int argc, char **argv)
     kli_quantize_options_init(&a.o);
     pr = convert_args_parse(argc, argv, &a, &p,
                             "usage: kli quantize -m|--model DIR -o|--output OUT_DIR "
-                            "--type q8_0|q4|bf16|f16|f32\n"
-                            "                    [--keep GLOB=TYPE]... [--force] "
-                            "[-h|--help]\n",
+                            "--type TYPE\n"
+                            "                    [--keep GLOB=TYPE]... [--imatrix FILE] "
+                            "[--force] [-h|--help]\n"
+                            "  TYPE: q8_0, q6_k, q5_k, q4_k, q4, q3_k, q2_k, bf16, f16, f32\n",
                             "usage: kli quantize -m DIR -o OUT_DIR --type TYPE "
                             "[--keep GLOB=TYPE]...");
     if (pr != 0)
         return pr > 0 ? 0 : 2;
+    int64_t used[2] = {0, 0};
+    a.o.imatrix_used = used;
     if (kli_quantize(a.ca.model, a.out, &a.o, &err) != KLI_OK) {
         cli_error("%s", err.msg);
         return 1;
     }
     fprintf(stderr, "quantize: wrote %s in %.1f s\n", a.out, util_now_s() - p.t0);
+    if (a.o.imatrix != NULL)
+        fprintf(stderr, "quantize: %lld matrices weighted by %s, %lld unweighted (not in it "
+                "or never seen)\n", (long long)used[0], a.o.imatrix, (long long)used[1]);
     return 0;
 }
 
@@ -229,13 +237,19 @@ cmd_convert(int argc, char **argv)
     kli_convert_options_init(&a.o);
     pr = convert_args_parse(argc, argv, &a, &p,
                             "usage: kli convert -m|--model MODEL -o|--output OUT.kli "
-                            "[--type bf16|q8_0|q4|f16|f32]\n"
+                            "[--type TYPE]\n"
                             "                   [--keep GLOB=TYPE]... [--force] "
-                            "[-h|--help]\n",
+                            "[-h|--help]\n"
+                            "  TYPE: bf16, q8_0, q6_k, q5_k, q4_k, q4, q3_k, q2_k, f16, "
+                            "f32\n",
                             "usage: kli convert -m MODEL -o OUT.kli [--type TYPE] "
                             "[--keep GLOB=TYPE]...");
     if (pr != 0)
         return pr > 0 ? 0 : 2;
+    if (a.o.imatrix != NULL) {
+        cli_error("convert: --imatrix is kli quantize's (quantize first, then convert)");
+        return 2;
+    }
     a.o.interrupt = convert_interrupt;
     /* Ctrl-C stops between slabs and removes the temporary file. */
     memset(&sa, 0, sizeof(sa));
@@ -882,5 +896,7 @@ const struct cli_command cli_tool_commands[] = {
     {"convert", cmd_convert, "write a model as one .kli file (weights, config, tokenizer)"},
     {"bench", cmd_bench, "measure prefill and decode speed, bandwidth, and quantization quality"},
     {"perplexity", cli_perplexity, "score a text file: perplexity, KL divergence from a base run"},
+    {"imatrix", cli_imatrix, "collect the mean squared activations that quantize --imatrix "
+                             "weights by"},
     {NULL, NULL, NULL},
 };

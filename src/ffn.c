@@ -4,6 +4,7 @@
 #include "config.h"
 
 #include "ffn.h"
+#include "imatrix.h"
 #include "simd.h"
 #include "ops.h"
 #include "threads.h"
@@ -62,6 +63,8 @@ ffn_forward(const struct ffn_w *w, const float *x, int64_t m, float *y, float *h
     int64_t D = w->gate.shape[1], F = w->gate.shape[0];
     struct ffn_job j = {w, x, h1, h3, m, D, F};
 
+    imat_hook(&w->gate, x, D, m);
+    imat_hook(&w->up, x, D, m);
     threads_parallel_for(F, 16, ffn_gateup_range, &j);
     ops_matmul(&w->down, h1, F, y, D, m);
 }

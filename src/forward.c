@@ -15,6 +15,7 @@
 #include <time.h>
 
 #include "forward.h"
+#include "imatrix.h"
 #include "internal.h"
 #include "layer.h"
 #include "ops.h"
@@ -73,6 +74,7 @@ forward_run(struct kli_session *const *ss, int64_t n_seq, const kli_token *tok, 
 
     if ((rc = layer_pass_begin(&p, ss, n_seq, T_seq, err)) != KLI_OK)
         return rc;
+    imat_enter(s->imat);
     for (int64_t t = 0; t < T; t++)
         ops_row_f32(&m->embed, tok[t], s->h + t * D);
 
@@ -102,6 +104,7 @@ forward_run(struct kli_session *const *ss, int64_t n_seq, const kli_token *tok, 
         ss[q]->has_logits = 1;
         ss[q]->pos += (int32_t)T_seq;
     }
+    imat_enter(NULL);
     layer_pass_end(&p);
     return KLI_OK;
 
@@ -110,6 +113,7 @@ broken:
      * sessions' state is no longer whole */
     for (int64_t q = 0; q < n_seq; q++)
         ss[q]->broken = 1;
+    imat_enter(NULL);
     layer_pass_end(&p);
     return rc;
 }

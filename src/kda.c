@@ -18,6 +18,7 @@
 #include <math.h>
 #include <string.h>
 
+#include "imatrix.h"
 #include "kda.h"
 #include "ops.h"
 #include "simd.h"
@@ -418,6 +419,8 @@ kda_forward(const struct kli_model *m, const struct k_kda_w *w, struct kda_state
     ops_matmul_multi(first, 6, T);
     struct kda_fused f = {&j, {{&w->f_b, low_f, rf, sc->g, HK},
                                {&w->g_b, low_g, rg, sc->gate, HK}}, threads_count()};
+    imat_hook(&w->f_b, low_f, rf, T);
+    imat_hook(&w->g_b, low_g, rg, T);
     threads_parallel_for(f.tn, 1, kda_fused_range, &f);
     threads_parallel_for(T * H, 4, kda_prep_range, &j);
     threads_parallel_for(n_seq * H, 1, kda_heads_range, &j);

@@ -193,9 +193,10 @@ struct kli_model_options {
     int n_threads;   /* worker threads for this process; 0 = one per physical core (default).
                         The count is process-wide: the last kli_model_open sets it, and a
                         session refuses to run with more threads than it was created for */
-    const char *weight_type;   /* NULL: weights as stored. "q8_0", "q4", "bf16", "f16", "f32":
-                                  convert the weight matrices at open (as kli_quantize would;
-                                  the router and small parameters stay), held in memory */
+    const char *weight_type;   /* NULL: weights as stored. "q8_0", "q4", "bf16", "f16", "f32",
+                                  "q2_k" .. "q6_k": convert the weight matrices at open (as
+                                  kli_quantize would; the router and small parameters stay),
+                                  held in memory */
     int gpu;         /* enum kli_gpu_mode: where the work runs (default KLI_GPU_AUTO) */
     uint64_t gpu_mem;          /* bytes of GPU memory kli may use; 0 = the free memory less
                                   1 GiB */
@@ -765,8 +766,10 @@ typedef void (*kli_progress_fn)(void *ud, uint64_t done, uint64_t total, const c
  * are one. (kli_quantize_options is its former name.) */
 struct kli_convert_options {
     size_t size;     /* sizeof the struct, set by its _init function (ABI, above) */
-    const char *type;           /* weight matrices in "q8_0", "q4", "bf16", "f16" or "f32";
-                                   NULL: every tensor as stored (kli_convert only) */
+    const char *type;           /* weight matrices in "q8_0", "q4", "bf16", "f16", "f32" or
+                                   "q2_k" .. "q6_k" (rows that are not whole 256-element
+                                   super-blocks take q8_0); NULL: every tensor as stored
+                                   (kli_convert only) */
     const char *const *keep;    /* n_keep rules "GLOB=TYPE" (fnmatch on tensor names; TYPE
                                    as above or "keep" for the stored type); first match wins */
     int32_t n_keep;
@@ -776,6 +779,13 @@ struct kli_convert_options {
     int (*interrupt)(void *ud); /* polled as it goes (with ud): non-zero stops the conversion
                                    with KLI_E_INTERRUPTED, the weights file not written (an
                                    existing one kept); may be NULL */
+    const char *imatrix;        /* NULL, or an importance matrix written by kli_imatrix_save
+                                   (kli-imatrix(5)): each row of a quantized matrix it covers
+                                   is quantized weighting the error of input column j by its
+                                   mean square; kli_quantize only */
+    int64_t *imatrix_used;      /* NULL, or [2] where kli_quantize stores how many matrices it
+                                   quantized to a block type with the imatrix's weights and
+                                   how many without (absent from it, or never seen) */
 };
 #define kli_quantize_options kli_convert_options
 
@@ -793,6 +803,32 @@ KLI_API void kli_quantize_options_init(struct kli_convert_options *opt);
  *         (`out` is `in`, or one of its files is a file of `in`), KLI_E_INTERRUPTED. */
 KLI_API int kli_quantize(const char *in, const char *out, const struct kli_convert_options *opt,
                          struct kli_err *err);
+
+/* ---- importance matrices (kli imatrix; the file is kli-imatrix(5)) ----------------------
+ * A collector holds, for every weight matrix of a model (each routed expert's own), the sum
+ * over the rows multiplied by it of each input value squared, and the number of rows. A
+ * session carrying one adds to it in every forward step, on the CPU only; the sums are
+ * added on the thread that runs the step, under the collector's lock. */
+struct kli_imatrix;
+
+/* A collector for `model`'s matrices, all sums zero. @return KLI_OK or KLI_E_NOMEM. */
+KLI_API int kli_imatrix_create(struct kli_imatrix **out, const struct kli_model *model,
+                               struct kli_err *err);
+KLI_API void kli_imatrix_free(struct kli_imatrix *im);
+
+/* Attaches `im` (of s's model) to s: each later kli_session_eval (and batched step s leads)
+ * adds to it; NULL detaches. The collector must outlive its use by s.
+ * @return KLI_OK; KLI_E_INVALID when the session or model uses a GPU. */
+KLI_API int kli_session_set_imatrix(struct kli_session *s, struct kli_imatrix *im,
+                                    struct kli_err *err);
+
+/* Writes the means so far to `path` (through kli_outfile) as a safetensors file: per matrix
+ * an F32 tensor of its name (the mean squares, one per input column; zeros for a matrix
+ * never used) and an I64 "<name>.count" (rows seen), and in __metadata__ kli.imatrix "1",
+ * kli.model_fingerprint, kli.matrices and the n_meta pairs meta_kv[2i] = meta_kv[2i + 1].
+ * @return KLI_OK, KLI_E_IO, KLI_E_NOMEM. */
+KLI_API int kli_imatrix_save(const struct kli_imatrix *im, const char *path,
+                             const char *const *meta_kv, int32_t n_meta, struct kli_err *err);
 
 struct kli_synth_options {
     size_t size;     /* sizeof the struct, set by kli_synth_options_init (ABI, above) */

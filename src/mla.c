@@ -18,6 +18,7 @@
 #include <math.h>
 #include <string.h>
 
+#include "imatrix.h"
 #include "mla.h"
 #include "ops.h"
 #include "simd.h"
@@ -207,6 +208,7 @@ mla_project(const struct kli_model *m, const struct k_mla_w *w, float *const *ca
         /* kv_a_layernorm uses eps 1e-6 (doc/model.md decision 3); k_pe is not normalised. */
         ops_rmsnorm(row, src, w->kv_a_norm, Lr, 1e-6f);
         memcpy(row + Lr, src + Lr, (size_t)rope * sizeof(float));
+        imat_hook(&w->kv_b, row, Lr, 1);   /* the latent W_UK and W_UV multiply, absorbed */
     }
     threads_parallel_for(H, 1, mla_absorb_range, &j);
 }

@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "ffn.h"
+#include "imatrix.h"
 #include "internal.h"
 #include "moe.h"
 #include "moe_sched.h"
@@ -264,7 +265,13 @@ moe_grouped(const struct kli_model *m, const struct moe_w *w, struct moe_scratch
         for (int64_t i = 0; i < g.n_items; i++)
             g.route &= g.node[i] < 0 || per[g.node[i]] > 0;
     }
+    for (int64_t i = 0; imat_current != NULL && i < g.n_items; i++) {
+        imat_add(imat_current, &g.w[i]->gate, g.xg + g.row[i] * D, D, g.n[i]);
+        imat_add(imat_current, &g.w[i]->up, g.xg + g.row[i] * D, D, g.n[i]);
+    }
     threads_parallel_for(g.tn, 1, moe_group_up_range, &g);
+    for (int64_t i = 0; imat_current != NULL && i < g.n_items; i++)
+        imat_add(imat_current, &g.w[i]->down, g.h1 + g.row[i] * g.Fmax, g.Fmax, g.n[i]);
     threads_parallel_for(g.tn, 1, moe_group_down_range, &g);
 
     /* the shared expert's rows are the first T (or zeros), then each routed expert adds its

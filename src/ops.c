@@ -13,6 +13,7 @@
 #endif
 
 #include "ops.h"
+#include "imatrix.h"
 #include "simd.h"
 #include "threads.h"
 
@@ -160,6 +161,8 @@ ops_matmul_multi(const struct ops_mm *mm, int n, int64_t m)
 {
     struct multi_job j = {mm, n, threads_count(), m};
 
+    for (int i = 0; imat_current != NULL && i < n; i++)
+        imat_add(imat_current, mm[i].w, mm[i].x, mm[i].ldx, m);
     threads_parallel_for(j.tn, 1, matmul_multi_range, &j);
 }
 
@@ -169,6 +172,7 @@ ops_matmul(const struct tensor *w, const float *x, int64_t ldx, float *y, int64_
 {
     struct matmul_job j = {{w, x, ldx, y, ldy}, m};
 
+    imat_hook(w, x, ldx, m);
 #ifdef HAVE_OPENBLAS
     if (w->dtype == KLI_DT_F32 && m >= OPS_GEMM_MIN_ROWS && ops_blas_ready(w->shape[0], 64)) {
         threads_parallel_for(w->shape[0], 64, matmul_sgemm_range, &j);

@@ -39,6 +39,8 @@ struct quantize_stream {
     float *fbuf;          /* [rows * max_cols] */
     uint8_t *qbuf;        /* [rows * max_cols * 4]: the widest output dtype */
     int64_t rows;         /* rows per slab */
+    const float *imp;     /* NULL, or the next tensor's per-column weights (kli_quantize's
+                             --imatrix): each row is quantized with dtype_from_f32_w */
 };
 
 /* Allocates the slab buffers for rows of up to max_cols elements (about 4 MB of floats per

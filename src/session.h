@@ -66,6 +66,7 @@ struct kli_session {
     struct sess_buf *buf;         /* [n_buf] every buffer above, state entries first */
     int n_buf, n_state;
     int64_t work_ctx;             /* tokens of context the attention workspace serves */
+    struct kli_imatrix *imat;     /* NULL, or the collector each step adds to (imatrix.h) */
 };
 
 /* Grows the MLA cache, the token history (and attention workspace) to hold `n` tokens. */

@@ -39,6 +39,13 @@ int
 st_writer_open(struct st_writer **out, const char *path,
                    const struct st_entry *entries, int64_t n, struct kli_err *err)
 {
+    return st_writer_open_meta(out, path, entries, n, NULL, 0, err);
+}
+
+int
+st_writer_open_meta(struct st_writer **out, const char *path, const struct st_entry *entries,
+                    int64_t n, const char *const *meta_kv, int32_t n_meta, struct kli_err *err)
+{
     struct st_writer *w = k_calloc(1, sizeof(*w));
     cJSON *hdr = cJSON_CreateObject(), *meta;
     char *text = NULL;
@@ -73,6 +80,10 @@ st_writer_open(struct st_writer **out, const char *path,
     meta = cJSON_AddObjectToObject(hdr, "__metadata__");
     if (meta == NULL || cJSON_AddStringToObject(meta, "format", "pt") == NULL)
         goto nomem;
+    for (int32_t i = 0; i < n_meta; i++) {
+        if (cJSON_AddStringToObject(meta, meta_kv[2 * i], meta_kv[2 * i + 1]) == NULL)
+            goto nomem;
+    }
     text = cJSON_PrintUnformatted(hdr);
     if (text == NULL)
         goto nomem;

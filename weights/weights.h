@@ -93,6 +93,10 @@ struct st_writer;
 
 int st_writer_open(struct st_writer **out, const char *path,
                        const struct st_entry *entries, int64_t n, struct kli_err *err);
+/* The same with n_meta more "__metadata__" entries: meta_kv[2i] = meta_kv[2i + 1]. */
+int st_writer_open_meta(struct st_writer **out, const char *path,
+                        const struct st_entry *entries, int64_t n, const char *const *meta_kv,
+                        int32_t n_meta, struct kli_err *err);
 /* Appends bytes of the current tensor(s); any split of the data into calls is fine. */
 int st_writer_write(struct st_writer *w, const void *data, uint64_t nbytes,
                         struct kli_err *err);
