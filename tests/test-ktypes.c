@@ -28,8 +28,9 @@
 #include "tap.h"
 #include "testlib.h"
 
-static const enum k_dtype ktypes[5] = {
-    KLI_DT_Q2_K, KLI_DT_Q3_K, KLI_DT_Q4_K, KLI_DT_Q5_K, KLI_DT_Q6_K,
+/* The K types, then the two 32-element block types (for the weighted quantizer). */
+static const enum k_dtype ktypes[7] = {
+    KLI_DT_Q2_K, KLI_DT_Q3_K, KLI_DT_Q4_K, KLI_DT_Q5_K, KLI_DT_Q6_K, KLI_DT_Q4, KLI_DT_Q8_0,
 };
 
 /* Decodes one block of dt and checks element idx[i] == want[i] exactly. */
@@ -236,9 +237,8 @@ gauss_rows(uint64_t *st, int rows, int k)
 static void
 error_gauss(void)
 {
-    uint64_t st;
+    uint64_t st = 17;   /* each case starts from its seed */
 
-    st = 17;   /* each case starts from its seed */
     int rows = 32, k = 1024;
     float *x = gauss_rows(&st, rows, k);
     /* bounds: a little above what the types reach on Gaussian rows (measured, see the
@@ -267,9 +267,8 @@ error_gauss(void)
 static void
 error_outliers(void)
 {
-    uint64_t st;
+    uint64_t st = 23;   /* each case starts from its seed */
 
-    st = 23;   /* each case starts from its seed */
     int rows = 16, k = 512;
     float *x = gauss_rows(&st, rows, k);
     for (int i = 0; i < rows * k; i += 97)
@@ -288,16 +287,14 @@ error_outliers(void)
 static void
 weighted_lower(void)
 {
-    uint64_t st;
+    uint64_t st = 31;   /* each case starts from its seed */
 
-    st = 31;   /* each case starts from its seed */
     int rows = 16, k = 1024;
     float *x = gauss_rows(&st, rows, k);
     float *imp = tl_malloc((size_t)k * sizeof(float));
     for (int j = 0; j < k; j++)
         imp[j] = (float)exp(2.0 * tl_normal(&st));
-    const enum k_dtype all[7] = {KLI_DT_Q2_K, KLI_DT_Q3_K, KLI_DT_Q4_K, KLI_DT_Q5_K,
-                                 KLI_DT_Q6_K, KLI_DT_Q4, KLI_DT_Q8_0};
+    const enum k_dtype *all = ktypes;
     int lower = 1;
     for (int t = 0; t < 7; t++) {
         double eu = rel_err(all[t], x, rows, k, NULL, imp);
@@ -315,17 +312,15 @@ weighted_lower(void)
 static void
 weighted_null(void)
 {
-    uint64_t st;
+    uint64_t st = 37;   /* each case starts from its seed */
 
-    st = 37;   /* each case starts from its seed */
     int k = 512;
     float *x = gauss_rows(&st, 1, k);
     float *ones = tl_malloc((size_t)k * sizeof(float));
     int same = 1, ones_same = 1;
     for (int j = 0; j < k; j++)
         ones[j] = 1.0f;
-    const enum k_dtype all[7] = {KLI_DT_Q2_K, KLI_DT_Q3_K, KLI_DT_Q4_K, KLI_DT_Q5_K,
-                                 KLI_DT_Q6_K, KLI_DT_Q4, KLI_DT_Q8_0};
+    const enum k_dtype *all = ktypes;
     for (int t = 0; t < 7; t++) {
         size_t nb = (size_t)dtype_nbytes(all[t], (uint64_t)k);
         uint8_t *p = tl_malloc(nb), *q = tl_malloc(nb);
@@ -499,6 +494,7 @@ nano_logits(void)
         ok(0, "nano: held-out text tokenized (%d tokens)", n);
         return;
     }
+    diag("kernels: %s", kli_simd_variant());
     float *ref = tl_logits_of(nano_dir, "f32", nano_ids, n, &V);
     int agree[5] = {0};
     for (int t = 0; t < 5 && ref != NULL; t++) {
@@ -606,6 +602,20 @@ files(void)
     float *l3 = tl_logits_of(nano_dir, "q3_k", nano_ids, n, &V);
     ok(lk != NULL && l3 != NULL && memcmp(lk, l3, (size_t)n * V * sizeof(float)) == 0,
        "the q3_k .kli gives load-time q3_k conversion's logits bit for bit");
+    /* edge mode: the routed experts read from the file into a bounded cache */
+    struct kli_model_options mo;
+    struct kli_model *me = NULL;
+    float *le = NULL;
+    kli_model_options_init(&mo);
+    mo.mem_budget = (uint64_t)48 << 20;
+    memset(&err, 0, sizeof(err));
+    if (kli_model_open(&me, kl, &mo, &err) == KLI_OK)
+        le = tl_logits(me, nano_ids, n, 0, &err);
+    ok(le != NULL && lk != NULL && memcmp(le, lk, (size_t)n * V * sizeof(float)) == 0,
+       "edge mode (--mem-budget 48M) on the q3_k .kli: the resident logits bit for bit %s",
+       err.msg);
+    kli_model_close(me);
+    free(le);
     struct kli_model *m = NULL;
     memset(&err, 0, sizeof(err));
     ok(kli_model_open(&m, kl, NULL, &err) == KLI_OK &&
