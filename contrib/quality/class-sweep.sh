@@ -26,8 +26,8 @@ while read -r cls glob label; do
 done <<'CLASSES'
 experts *.block_sparse_moe.experts.* experts
 shared *.shared_experts.* expert
-attn_kda model.layers.[012].self_attn.*proj*.weight attention
-attn_mla model.layers.3.self_attn.*proj*.weight attention
+attn_kda model.layers.[012].self_attn.*proj*.weight KDA attention
+attn_mla model.layers.3.self_attn.*proj*.weight MLA attention
 dense model.layers.0.mlp.* ffn
 router *.block_sparse_moe.gate.weight router
 embed model.embed_tokens.weight embeddings
