@@ -9,12 +9,12 @@
 set -u
 : "${KLI_BIN:?}" "${KLI_TESTDATA:?}" "${KLI_SRCDIR:?}"
 . "$KLI_SRCDIR/tests/lib.sh"
-N="$KLI_SRCDIR/contrib/models/kimi-linear-nano"
-K="$KLI_BIN"
-H="$KLI_SRCDIR/contrib/train/heldout-eval.txt"
+K="$KLI_BIN" N="$KLI_SRCDIR/contrib/models/kimi-linear-nano"
 
-head -c 7000 "$H" >"$tmp/cal.txt"
-tail -c +7001 "$H" | head -c 4000 >"$tmp/eval.txt"
+# the held-out text, split as imatrix-cli.sh splits it: 7000 bytes to calibrate, 4000 to
+# score
+tail -c +7001 "$KLI_SRCDIR/contrib/train/heldout-eval.txt" | head -c 4000 >"$tmp/eval.txt"
+head -c 7000 "$KLI_SRCDIR/contrib/train/heldout-eval.txt" >"$tmp/cal.txt"
 
 if tcase refuse; then
     t "an unknown recipe is refused" 1 "$K" quantize -m "$N" -o "$tmp/x" --type q4_k_s
