@@ -336,7 +336,7 @@ struct quant_job {
     enum k_dtype to;
     int64_t cols;
     uint64_t out_rb;
-    const float *imp;   /* NULL or the columns' weights (quantize_stream.imp) */
+    const float *imp;     /* NULL, or the column weights each row is quantized with */
 };
 
 static void
@@ -345,9 +345,12 @@ quant_rows(void *ctx, int64_t r0, int64_t r1, int ith)
     const struct quant_job *j = ctx;
 
     (void)ith;
-    for (int64_t i = r0; i < r1; i++)   /* a row at a time: its weights are the columns' */
-        dtype_from_f32_w(j->to, j->src + i * j->cols, j->dst + (uint64_t)i * j->out_rb,
-                         j->cols, j->imp);
+    if (j->imp == NULL)
+        dtype_from_f32(j->to, j->src + r0 * j->cols, j->dst + (uint64_t)r0 * j->out_rb,
+                       (r1 - r0) * j->cols);
+    for (int64_t r = r0; j->imp != NULL && r < r1; r++)
+        dtype_from_f32_w(j->to, j->src + r * j->cols, j->dst + (uint64_t)r * j->out_rb, j->cols,
+                         j->imp);
 }
 
 int
