@@ -199,7 +199,10 @@ cmd_quantize(int argc, char **argv)
                             "--type TYPE\n"
                             "                    [--keep GLOB=TYPE]... [--imatrix FILE] "
                             "[--force] [-h|--help]\n"
-                            "  TYPE: q8_0, q6_k, q5_k, q4_k, q4, q3_k, q2_k, bf16, f16, f32\n",
+                            "  TYPE: a recipe, q2_k, q3_k_m, q4_k_m, q5_k_m, q6_k, q8_0 "
+                            "(default),\n"
+                            "        or one type for every matrix, q5_k, q4_k, q4, q3_k, bf16, "
+                            "f16, f32\n",
                             "usage: kli quantize -m DIR -o OUT_DIR --type TYPE "
                             "[--keep GLOB=TYPE]...");
     if (pr != 0)
@@ -244,8 +247,10 @@ cmd_convert(int argc, char **argv)
                             "[--type TYPE]\n"
                             "                   [--keep GLOB=TYPE]... [--imatrix FILE] "
                             "[--force] [-h|--help]\n"
-                            "  TYPE: bf16, q8_0, q6_k, q5_k, q4_k, q4, q3_k, q2_k, f16, "
-                            "f32\n",
+                            "  TYPE: a recipe, q2_k, q3_k_m, q4_k_m, q5_k_m, q6_k, q8_0, "
+                            "or one type\n"
+                            "        for every matrix, q5_k, q4_k, q4, q3_k, bf16, f16, f32 "
+                            "(default: as stored)\n",
                             "usage: kli convert -m MODEL -o OUT.kli [--type TYPE] "
                             "[--keep GLOB=TYPE]...");
     if (pr != 0)

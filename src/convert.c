@@ -158,7 +158,7 @@ kli_convert(const char *in, const char *out, const struct kli_convert_options *o
     float **imp = NULL;
     int64_t used[2] = {0, 0};
     char *cfg = NULL, *ranks = NULL, *tcfg = NULL;
-    enum k_dtype want = KLI_DT_COUNT;
+    struct quant_plan plan;
     struct stat st;
     int rc;
 
@@ -168,9 +168,8 @@ kli_convert(const char *in, const char *out, const struct kli_convert_options *o
     if (opts_take(&dflt, sizeof(dflt), opt, "kli_convert", err) != KLI_OK)
         return KLI_E_INVALID;
     opt = &dflt;
-    if (opt->type != NULL && dtype_parse(opt->type, &want) != 0)
-        return err_set(err, KLI_E_RANGE, "unknown weight type \"%s\" (%s)", opt->type,
-                           KLI_DTYPE_NAMES);
+    if ((rc = quantize_plan(opt->type, &plan, err)) != KLI_OK)
+        return rc;
     if ((rc = quantize_check_rules(opt->keep, opt->n_keep, err)) != KLI_OK)
         return rc;
     if (!opt->force && stat(out, &st) == 0)
@@ -217,7 +216,7 @@ kli_convert(const char *in, const char *out, const struct kli_convert_options *o
     }
     for (int64_t i = 0; i < n; i++) {
         const struct tensor_desc *d = wfile_tensor(wf, order[i].src);
-        enum k_dtype to = quantize_target(d, want, opt->keep, opt->n_keep);
+        enum k_dtype to = quantize_target(wf, d, &plan, opt->keep, opt->n_keep);
         struct pack_entry *e = &ent[i];
 
         e->name = d->name;

@@ -11,6 +11,7 @@
 #include "kda.h"
 #include "mla.h"
 #include "model.h"
+#include "quantize.h"
 #include "xcache.h"
 
 void
@@ -33,34 +34,6 @@ numel(const struct tensor_desc *d)
     return d->numel;
 }
 
-/* The classes of `kli info`'s bits per weight, by name (the first match wins). */
-enum describe_class {
-    DC_EMBED, DC_ATTN, DC_ROUTER, DC_SHARED, DC_EXPERTS, DC_DENSE, DC_LM_HEAD, DC_OTHER, DC_N
-};
-
-static enum describe_class
-describe_class(const char *name)
-{
-    static const struct {
-        const char *part;   /* a piece of the tensor's name */
-        enum describe_class dc;
-    } by_name[] = {
-        {"embed_tokens", DC_EMBED},
-        {"lm_head", DC_LM_HEAD},
-        {".shared_experts.", DC_SHARED},
-        {".experts.", DC_EXPERTS},
-        {"block_sparse_moe.gate.", DC_ROUTER},
-        {".self_attn.", DC_ATTN},
-        {".mlp.", DC_DENSE},
-    };
-
-    for (size_t i = 0; i < KLI_ARRAY_LEN(by_name); i++) {
-        if (strstr(name, by_name[i].part) != NULL)
-            return by_name[i].dc;
-    }
-    return DC_OTHER;
-}
-
 /*
  * "bits/weight:" stored bits per weight of each tensor class and of the whole file, each
  * with the dtypes it holds: a K type's class also lists KLI_DT_K_FALLBACK where some of its
@@ -69,18 +42,14 @@ describe_class(const char *name)
 static void
 describe_bpw(struct text_buf *t, const struct kli_model *m)
 {
-    static const char *const cname[DC_N] = {
-        "embeddings", "attention", "router", "shared expert", "experts", "dense ffn",
-        "lm_head", "norms etc.",
-    };
-    uint64_t bytes[DC_N] = {0}, total_b = 0;
-    int64_t n[DC_N] = {0}, total_n = 0;
-    unsigned has[DC_N] = {0};
+    uint64_t bytes[QC_N] = {0}, total_b = 0;
+    int64_t n[QC_N] = {0}, total_n = 0;
+    unsigned has[QC_N] = {0};
     int64_t nt = wfile_n_tensors(m->wf);
 
     for (int64_t i = 0; i < nt; i++) {
         const struct tensor_desc *d = wfile_tensor(m->wf, i);
-        enum describe_class k = describe_class(d->name);
+        enum quant_class k = quantize_class(m->wf, d);
         bytes[k] += d->nbytes;
         n[k] += d->numel;
         has[k] |= 1u << d->dtype;
@@ -88,10 +57,11 @@ describe_bpw(struct text_buf *t, const struct kli_model *m)
         total_n += d->numel;
     }
     text_printf(t, "bits/weight: ");
-    for (int k = 0; k < DC_N; k++) {
+    for (int k = 0; k < QC_N; k++) {
         if (n[k] == 0)
             continue;
-        text_printf(t, " %s %.2f (", cname[k], 8.0 * (double)bytes[k] / (double)n[k]);
+        text_printf(t, " %s %.2f (", quantize_class_name((enum quant_class)k),
+                    8.0 * (double)bytes[k] / (double)n[k]);
         for (int d = 0, first = 1; d < KLI_DT_COUNT; d++) {
             if (has[k] & (1u << d)) {
                 text_printf(t, "%s%s", first ? "" : "+", k_dtype_name(d));

@@ -766,10 +766,11 @@ typedef void (*kli_progress_fn)(void *ud, uint64_t done, uint64_t total, const c
  * are one. (kli_quantize_options is its former name.) */
 struct kli_convert_options {
     size_t size;     /* sizeof the struct, set by its _init function (ABI, above) */
-    const char *type;           /* weight matrices in "q8_0", "q4", "bf16", "f16", "f32" or
-                                   "q2_k" .. "q6_k" (rows that are not whole 256-element
-                                   super-blocks take q8_0); NULL: every tensor as stored
-                                   (kli_convert only) */
+    const char *type;           /* a recipe, "q2_k", "q3_k_m", "q4_k_m", "q5_k_m", "q6_k" or
+                                   "q8_0" (kli(1)), or every weight matrix in "q4", "bf16",
+                                   "f16", "f32", "q3_k", "q4_k" or "q5_k" (rows that are not
+                                   whole 256-element super-blocks take q8_0); NULL: every
+                                   tensor as stored (kli_convert only) */
     const char *const *keep;    /* n_keep rules "GLOB=TYPE" (fnmatch on tensor names; TYPE
                                    as above or "keep" for the stored type); first match wins */
     int32_t n_keep;

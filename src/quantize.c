@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -29,14 +30,115 @@ kli_quantize_options_init(struct kli_convert_options *opt)
     *opt = (struct kli_convert_options){.size = sizeof(*opt), .type = "q8_0"};
 }
 
-/* Tensors that stay as stored by default: what the math reads element by element or
- * needs at full precision (the router decides which experts run). */
+/* ==== classes and recipes ================================================================= */
+
+enum quant_class
+quantize_class(const struct wfile *wf, const struct tensor_desc *d)
+{
+    const char *name = d->name, *sa;
+
+    if (strstr(name, "embed_tokens") != NULL)
+        return QC_EMBED;
+    if (strstr(name, "lm_head") != NULL)
+        return QC_LM_HEAD;
+    if (strstr(name, ".shared_experts.") != NULL)
+        return QC_SHARED;
+    if (strstr(name, ".experts.") != NULL)
+        return QC_EXPERTS;
+    if (strstr(name, "block_sparse_moe.gate.weight") != NULL)
+        return QC_ROUTER;
+    if (strstr(name, ".mlp.") != NULL)
+        return QC_DENSE;
+    if ((sa = strstr(name, ".self_attn.")) == NULL || strstr(sa, "proj") == NULL)
+        return QC_OTHER;
+    /* An MLA layer is the one with a kv_a_proj_with_mqa (doc/model.md 2). */
+    char mla[512];
+    int pl = (int)(sa - name);
+    if (pl > 400)
+        return QC_KDA;
+    snprintf(mla, sizeof(mla), "%.*s.self_attn.kv_a_proj_with_mqa.weight", pl, name);
+    return wfile_find(wf, mla) != NULL ? QC_MLA : QC_KDA;
+}
+
+const char *
+quantize_class_name(enum quant_class c)
+{
+    static const char *const names[QC_N] = {
+        "experts", "shared expert", "KDA attention", "MLA attention", "dense ffn", "router",
+        "embeddings", "lm_head", "norms etc.",
+    };
+    return c < QC_N ? names[c] : "?";
+}
+
+/*
+ * The recipes of --type: the routed experts at the named width, each other class at the
+ * narrowest type that the measurement of doc/quality.md ("Recipes") warrants. On the nano
+ * model each class alone was quantized to each candidate type (the rest f32) for its mean
+ * KLD; a recipe is the assignment with the fewest bits per weight on Kimi-Linear-48B-A3B
+ * whose summed KLDs stay within twice the experts' own (the rest adds no more than the
+ * experts do). q6_k cannot meet that (the rest at q8_0 adds 1.5 times what q6_k experts
+ * do): the rest is q8_0, the widest candidate; q8_0 is q8_0 throughout. The router stays as
+ * stored: it picks the experts, and it is 0.03% of the 48B model. Rows that are not whole
+ * super-blocks take KLI_DT_K_FALLBACK (dtype_fit): on the 48B model only KDA's f_b_proj and
+ * g_b_proj (128 columns); on the nano model also the experts' and the shared expert's down
+ * projections (64) and MLA's kv_b_proj (128).
+ */
+#define S_ KLI_DT_COUNT     /* as stored */
+#define Q2 KLI_DT_Q2_K
+#define Q3 KLI_DT_Q3_K
+#define Q4 KLI_DT_Q4_K
+#define Q5 KLI_DT_Q5_K
+#define Q6 KLI_DT_Q6_K
+#define Q8 KLI_DT_Q8_0
+static const struct {
+    const char *name;
+    enum k_dtype type[QC_N];
+} quant_recipes[] = {
+    /*           experts shared KDA  MLA  dense router embed lm_head other */
+    {"q2_k",   {Q2,     Q3,    Q4,  Q2,  Q4,   S_,    Q4,   Q3,     S_}},
+    {"q3_k_m", {Q3,     Q4,    Q5,  Q3,  Q5,   S_,    Q5,   Q4,     S_}},
+    {"q4_k_m", {Q4,     Q5,    Q6,  Q4,  Q8,   S_,    Q6,   Q5,     S_}},
+    {"q5_k_m", {Q5,     Q6,    Q8,  Q6,  Q8,   S_,    Q8,   Q6,     S_}},
+    {"q6_k",   {Q6,     Q8,    Q8,  Q8,  Q8,   S_,    Q8,   Q8,     S_}},
+    {"q8_0",   {Q8,     Q8,    Q8,  Q8,  Q8,   S_,    Q8,   Q8,     S_}},
+};
+#undef S_
+#undef Q2
+#undef Q3
+#undef Q4
+#undef Q5
+#undef Q6
+#undef Q8
+
+int
+quantize_plan(const char *type, struct quant_plan *p, struct kli_err *err)
+{
+    enum k_dtype dt = KLI_DT_COUNT;
+
+    p->recipe = 0;
+    for (size_t r = 0; type != NULL && r < KLI_ARRAY_LEN(quant_recipes); r++) {
+        if (strcasecmp(type, quant_recipes[r].name) == 0) {
+            memcpy(p->type, quant_recipes[r].type, sizeof(p->type));
+            p->recipe = 1;
+            return KLI_OK;
+        }
+    }
+    if (type != NULL && dtype_parse(type, &dt) != 0)
+        return err_set(err, KLI_E_RANGE, "unknown weight type \"%s\": a recipe (%s) or a "
+                           "type (%s)", type, KLI_RECIPE_NAMES, KLI_DTYPE_NAMES);
+    for (int c = 0; c < QC_N; c++)
+        p->type[c] = c == QC_ROUTER || c == QC_OTHER ? KLI_DT_COUNT : dt;
+    return KLI_OK;
+}
+
+/* Tensors that stay as stored whatever the plan: what the math reads element by element
+ * (the router's staying is the plan's: quant_recipes). */
 static int
 quant_keep_default(const struct tensor_desc *d)
 {
     static const char *const keep[] = {
         "norm.weight", "layernorm.weight", "conv1d.weight", "A_log", "dt_bias",
-        "e_score_correction_bias", "block_sparse_moe.gate.weight",
+        "e_score_correction_bias",
     };
     size_t nl = strlen(d->name);
 
@@ -65,9 +167,10 @@ quantize_check_rules(const char *const *keep, int32_t n_keep, struct kli_err *er
 }
 
 enum k_dtype
-quantize_target(const struct tensor_desc *d, enum k_dtype want, const char *const *keep,
-                int32_t n_keep)
+quantize_target(const struct wfile *wf, const struct tensor_desc *d,
+                const struct quant_plan *p, const char *const *keep, int32_t n_keep)
 {
+    enum k_dtype want = p->type[quantize_class(wf, d)];
     enum k_dtype dt = want == KLI_DT_COUNT || quant_keep_default(d) ? d->dtype : want;
 
     for (int32_t k = 0; k < n_keep; k++) {
@@ -311,7 +414,8 @@ kli_quantize(const char *in, const char *out, const struct kli_convert_options *
     struct kli_convert_options dflt;
     struct wfile *wf = NULL;
     struct st_entry *ent = NULL;
-    enum k_dtype *to = NULL, want;
+    enum k_dtype *to = NULL;
+    struct quant_plan plan;
     float **imp = NULL;
     struct st_writer *w = NULL;
     char path[4096];
@@ -325,9 +429,8 @@ kli_quantize(const char *in, const char *out, const struct kli_convert_options *
     if (opt->type == NULL)   /* as kli_convert_options_init leaves it: convert's "as stored" */
         return err_set(err, KLI_E_RANGE, "kli_quantize: no weight type (%s)",
                            KLI_DTYPE_NAMES);
-    if (dtype_parse(opt->type, &want) != 0)
-        return err_set(err, KLI_E_RANGE, "unknown weight type \"%s\" (%s)", opt->type,
-                           KLI_DTYPE_NAMES);
+    if ((rc = quantize_plan(opt->type, &plan, err)) != KLI_OK)
+        return rc;
     if ((rc = quantize_check_rules(opt->keep, opt->n_keep, err)) != KLI_OK)
         return rc;
     if ((rc = quant_check_output(in, out, err)) != KLI_OK)
@@ -361,7 +464,7 @@ kli_quantize(const char *in, const char *out, const struct kli_convert_options *
     int64_t maxcols = 1;
     for (int64_t i = 0; i < n; i++) {
         const struct tensor_desc *d = wfile_tensor(wf, i);
-        enum k_dtype dt = quantize_target(d, want, opt->keep, opt->n_keep);
+        enum k_dtype dt = quantize_target(wf, d, &plan, opt->keep, opt->n_keep);
         int64_t cols = d->ndim > 0 ? d->shape[d->ndim - 1] : 1;
         to[i] = dt;
         ent[i].name = d->name;
