@@ -316,7 +316,7 @@ KLI_MATMUL_ENTRY(x86_matmul_q4, x86_matmul, KLI_DT_Q4)
         .matmul = {                                                                           \
             [KLI_DT_F32] = x86_matmul_f32, [KLI_DT_F16] = x86_matmul_f16,                     \
             [KLI_DT_BF16] = x86_matmul_bf16, [KLI_DT_Q8_0] = x86_matmul_q8_0,                 \
-            [KLI_DT_Q4] = x86_matmul_q4,                                                      \
+            [KLI_DT_Q4] = x86_matmul_q4, KLI_MATMUL_K_GENERIC,                                \
         },                                                                                    \
         .dot = X86(dot), .dot_decay = X86(dot_decay), .mul_decay = X86(mul_decay),            \
         .gemm_nn = X86(gemm_nn), .silu = X86(silu), .axpy = X86(axpy), .scale = X86(scale),   \

@@ -131,6 +131,22 @@ KLI_MATMUL_ENTRY(gen_matmul_bf16, gen_matmul_any, KLI_DT_BF16)
 KLI_MATMUL_ENTRY(gen_matmul_q8_0, gen_matmul_any, KLI_DT_Q8_0)
 KLI_MATMUL_ENTRY(gen_matmul_q4, gen_matmul_any, KLI_DT_Q4)
 
+/* The K types: dequantize and dot, the oracle; external, so that a table without its own
+ * kernel for a K type can hold these (simd.h). */
+#define GEN_MATMUL_K(name, dt)                                                                \
+    void                                                                                      \
+    name(float *y, int64_t ldy, const float *x, int64_t ldx, const void *w, int64_t n,        \
+         int64_t k, int64_t m)                                                                \
+    {                                                                                         \
+        gen_matmul_any(dt, y, ldy, x, ldx, w, n, k, m);                                       \
+    }
+
+GEN_MATMUL_K(gen_matmul_q2_k, KLI_DT_Q2_K)
+GEN_MATMUL_K(gen_matmul_q3_k, KLI_DT_Q3_K)
+GEN_MATMUL_K(gen_matmul_q4_k, KLI_DT_Q4_K)
+GEN_MATMUL_K(gen_matmul_q5_k, KLI_DT_Q5_K)
+GEN_MATMUL_K(gen_matmul_q6_k, KLI_DT_Q6_K)
+
 static const struct k_kernels gen_table = {
     .name = "generic",
     .matmul = {
@@ -139,6 +155,7 @@ static const struct k_kernels gen_table = {
         [KLI_DT_BF16] = gen_matmul_bf16,
         [KLI_DT_Q8_0] = gen_matmul_q8_0,
         [KLI_DT_Q4] = gen_matmul_q4,
+        KLI_MATMUL_K_GENERIC,
     },
     .dot = gen_dot,
     .dot_decay = gen_dot_decay,

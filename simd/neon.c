@@ -528,6 +528,7 @@ KLI_MATMUL_ENTRY(neon_matmul_q4_dot, neon_matmul_quant, neon_q4_rows_dot, 18)
             [KLI_DT_BF16] = neon_matmul_bf16,                                                  \
             [KLI_DT_Q8_0] = Q8,                                                                \
             [KLI_DT_Q4] = Q4,                                                                  \
+            KLI_MATMUL_K_GENERIC,                                                              \
         },                                                                                     \
         .dot = neon_dot,                                                                       \
         .dot_decay = neon_dot_decay,                                                           \

@@ -62,6 +62,25 @@ simd_load1(enum k_dtype dt, const uint8_t *row, int64_t j, float (*f16)(const ui
         impl(__VA_ARGS__, y, ldy, x, ldx, w, n, k, m);                                        \
     }
 
+/* generic.c's matmuls of the K types (dequantize and dot). An ISA table without a kernel of
+ * its own for a K type holds these: KLI_MATMUL_K_GENERIC is the five entries; a table that
+ * gains a kernel lists the others by hand. */
+void gen_matmul_q2_k(float *y, int64_t ldy, const float *x, int64_t ldx, const void *w,
+                     int64_t n, int64_t k, int64_t m);
+void gen_matmul_q3_k(float *y, int64_t ldy, const float *x, int64_t ldx, const void *w,
+                     int64_t n, int64_t k, int64_t m);
+void gen_matmul_q4_k(float *y, int64_t ldy, const float *x, int64_t ldx, const void *w,
+                     int64_t n, int64_t k, int64_t m);
+void gen_matmul_q5_k(float *y, int64_t ldy, const float *x, int64_t ldx, const void *w,
+                     int64_t n, int64_t k, int64_t m);
+void gen_matmul_q6_k(float *y, int64_t ldy, const float *x, int64_t ldx, const void *w,
+                     int64_t n, int64_t k, int64_t m);
+
+#define KLI_MATMUL_K_GENERIC                                                                  \
+    [KLI_DT_Q2_K] = gen_matmul_q2_k, [KLI_DT_Q3_K] = gen_matmul_q3_k,                         \
+    [KLI_DT_Q4_K] = gen_matmul_q4_k, [KLI_DT_Q5_K] = gen_matmul_q5_k,                         \
+    [KLI_DT_Q6_K] = gen_matmul_q6_k
+
 struct k_kernels {
     const char *name;                        /* "generic", "avx2", "avx512", "neon", ... */
     matmul_fn matmul[KLI_DT_COUNT];          /* NULL for KLI_DT_OTHER */

@@ -187,9 +187,10 @@ cmd_quantize(int argc, char **argv)
     kli_quantize_options_init(&a.o);
     pr = convert_args_parse(argc, argv, &a, &p,
                             "usage: kli quantize -m|--model DIR -o|--output OUT_DIR "
-                            "--type q8_0|q4|bf16|f16|f32\n"
+                            "--type TYPE\n"
                             "                    [--keep GLOB=TYPE]... [--force] "
-                            "[-h|--help]\n",
+                            "[-h|--help]\n"
+                            "  TYPE: q8_0, q6_k, q5_k, q4_k, q4, q3_k, q2_k, bf16, f16, f32\n",
                             "usage: kli quantize -m DIR -o OUT_DIR --type TYPE "
                             "[--keep GLOB=TYPE]...");
     if (pr != 0)
@@ -231,9 +232,11 @@ cmd_convert(int argc, char **argv)
     kli_convert_options_init(&a.o);
     pr = convert_args_parse(argc, argv, &a, &p,
                             "usage: kli convert -m|--model MODEL -o|--output OUT.kli "
-                            "[--type bf16|q8_0|q4|f16|f32]\n"
+                            "[--type TYPE]\n"
                             "                   [--keep GLOB=TYPE]... [--force] "
-                            "[-h|--help]\n",
+                            "[-h|--help]\n"
+                            "  TYPE: bf16, q8_0, q6_k, q5_k, q4_k, q4, q3_k, q2_k, f16, "
+                            "f32\n",
                             "usage: kli convert -m MODEL -o OUT.kli [--type TYPE] "
                             "[--keep GLOB=TYPE]...");
     if (pr != 0)

@@ -166,8 +166,8 @@ kli_convert(const char *in, const char *out, const struct kli_convert_options *o
         return KLI_E_INVALID;
     opt = &dflt;
     if (opt->type != NULL && dtype_parse(opt->type, &want) != 0)
-        return err_set(err, KLI_E_RANGE, "unknown weight type \"%s\" (bf16, q8_0, q4, f16, "
-                           "f32)", opt->type);
+        return err_set(err, KLI_E_RANGE, "unknown weight type \"%s\" (%s)", opt->type,
+                           KLI_DTYPE_NAMES);
     if ((rc = quantize_check_rules(opt->keep, opt->n_keep, err)) != KLI_OK)
         return rc;
     if (!opt->force && stat(out, &st) == 0)

@@ -33,6 +33,73 @@ numel(const struct tensor_desc *d)
     return d->numel;
 }
 
+/* The classes of `kli info`'s bits per weight, by name (the first match wins). */
+enum describe_class {
+    DC_EMBED, DC_ATTN, DC_ROUTER, DC_SHARED, DC_EXPERTS, DC_DENSE, DC_LM_HEAD, DC_OTHER, DC_N
+};
+
+static enum describe_class
+describe_class(const char *name)
+{
+    if (strstr(name, "embed_tokens") != NULL)
+        return DC_EMBED;
+    if (strstr(name, "lm_head") != NULL)
+        return DC_LM_HEAD;
+    if (strstr(name, ".shared_experts.") != NULL)
+        return DC_SHARED;
+    if (strstr(name, ".experts.") != NULL)
+        return DC_EXPERTS;
+    if (strstr(name, "block_sparse_moe.gate.") != NULL)
+        return DC_ROUTER;
+    if (strstr(name, ".self_attn.") != NULL)
+        return DC_ATTN;
+    if (strstr(name, ".mlp.") != NULL)
+        return DC_DENSE;
+    return DC_OTHER;
+}
+
+/*
+ * "bits/weight:" stored bits per weight of each tensor class and of the whole file, each
+ * with the dtypes it holds: a K type's class also lists KLI_DT_K_FALLBACK where some of its
+ * rows were not whole super-blocks (kli(1), QUANTIZATION).
+ */
+static void
+describe_bpw(struct text_buf *t, const struct kli_model *m)
+{
+    static const char *const cname[DC_N] = {
+        "embeddings", "attention", "router", "shared expert", "experts", "dense ffn",
+        "lm_head", "norms etc.",
+    };
+    uint64_t bytes[DC_N] = {0}, total_b = 0;
+    int64_t n[DC_N] = {0}, total_n = 0;
+    unsigned has[DC_N] = {0};
+    int64_t nt = wfile_n_tensors(m->wf);
+
+    for (int64_t i = 0; i < nt; i++) {
+        const struct tensor_desc *d = wfile_tensor(m->wf, i);
+        enum describe_class k = describe_class(d->name);
+        bytes[k] += d->nbytes;
+        n[k] += d->numel;
+        has[k] |= 1u << d->dtype;
+        total_b += d->nbytes;
+        total_n += d->numel;
+    }
+    text_printf(t, "bits/weight: ");
+    for (int k = 0; k < DC_N; k++) {
+        if (n[k] == 0)
+            continue;
+        text_printf(t, " %s %.2f (", cname[k], 8.0 * (double)bytes[k] / (double)n[k]);
+        for (int d = 0, first = 1; d < KLI_DT_COUNT; d++) {
+            if (has[k] & (1u << d)) {
+                text_printf(t, "%s%s", first ? "" : "+", k_dtype_name(d));
+                first = 0;
+            }
+        }
+        text_printf(t, "),");
+    }
+    text_printf(t, " total %.2f\n", total_n > 0 ? 8.0 * (double)total_b / (double)total_n : 0.0);
+}
+
 size_t
 kli_model_describe(const struct kli_model *m, int tensors, char *buf, size_t cap)
 {
@@ -93,6 +160,7 @@ kli_model_describe(const struct kli_model *m, int tensors, char *buf, size_t cap
             text_printf(&t, " %s %llu", k_dtype_name(d), (unsigned long long)by_dtype[d]);
     }
     text_printf(&t, "\n");
+    describe_bpw(&t, m);
     int64_t kda_bytes = (int64_t)n_kda * 4 * kda_state_floats(c, NULL, NULL);
     int64_t mla_bytes = (int64_t)n_mla * 4 * mla_row_floats(c);
     text_printf(&t, "state:        KDA %lld bytes per sequence (fp32 recurrent + conv), "

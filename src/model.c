@@ -103,15 +103,16 @@ convert_rows(void *ctx, int64_t r0, int64_t r1, int ith)
 }
 
 /* Converts a bound matrix to the model's load-time weight type (kli_model_options
- * .weight_type), into memory the model owns. Rows that are not whole blocks stay. */
+ * .weight_type), into memory the model owns. Rows that are not whole blocks stay, or take
+ * KLI_DT_K_FALLBACK when a K type was asked for (dtype_fit). */
 static int
 bind_convert(struct bind *b, struct tensor *t)
 {
     struct kli_model *m = b->m;
     enum k_dtype to = m->convert_dt;
-    int32_t blk = dtype_info(to)->block;
-
-    if (t->dtype == to || t->shape[1] % blk != 0)
+    /* A K type on rows that are not whole super-blocks falls back (dtype_fit). */
+    to = dtype_fit(to, t->shape[1]);
+    if (to == KLI_DT_COUNT || t->dtype == to)
         return KLI_OK;
     uint64_t bytes = dtype_nbytes(to, (uint64_t)t->shape[1]) * (uint64_t)t->shape[0];
     uint8_t *dst = bytes <= SIZE_MAX ? arena_alloc(&m->owned, (size_t)bytes) : NULL;
@@ -149,10 +150,10 @@ bind_mat(struct bind *b, struct tensor *out, int64_t rows, int64_t cols, const c
         || d->shape[0] <= 0 || d->shape[1] <= 0)
         return shape_error(b, d, want, 2);
     if (d->dtype != KLI_DT_F32 && d->dtype != KLI_DT_F16 && d->dtype != KLI_DT_BF16 &&
-        d->dtype != KLI_DT_Q8_0 && d->dtype != KLI_DT_Q4)
+        d->dtype != KLI_DT_Q8_0 && d->dtype != KLI_DT_Q4 && !dtype_is_k(d->dtype))
         return err_set(b->err, KLI_E_UNSUPPORTED,
-                           "weights: tensor %s has dtype %s; kli reads F32, F16, BF16, KLI_Q8_0 "
-                           "and KLI_Q4", d->name, d->dtype_name);
+                           "weights: tensor %s has dtype %s; kli reads F32, F16, BF16, KLI_Q8_0, "
+                           "KLI_Q4 and KLI_Q2_K .. KLI_Q6_K", d->name, d->dtype_name);
     if (dtype_nbytes(d->dtype, (uint64_t)d->shape[1]) == UINT64_MAX)
         return err_set(b->err, KLI_E_FORMAT,
                            "weights: tensor %s: rows of %lld are not whole %s blocks",
@@ -609,8 +610,8 @@ kli_model_open(struct kli_model **out, const char *path, const struct kli_model_
     }
     if (opt->weight_type != NULL) {
         if (dtype_parse(opt->weight_type, &m->convert_dt) != 0) {
-            rc = err_set(err, KLI_E_RANGE, "unknown weight type \"%s\" (q8_0, q4, bf16, "
-                             "f16, f32)", opt->weight_type);
+            rc = err_set(err, KLI_E_RANGE, "unknown weight type \"%s\" (%s)",
+                             opt->weight_type, KLI_DTYPE_NAMES);
             goto fail;
         }
         m->convert = 1;

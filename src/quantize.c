@@ -9,6 +9,7 @@
 
 #include <errno.h>
 #include <fnmatch.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -56,7 +57,7 @@ quantize_check_rules(const char *const *keep, int32_t n_keep, struct kli_err *er
         if (eq == NULL || eq == keep[i] ||
             (strcmp(eq + 1, "keep") != 0 && dtype_parse(eq + 1, &dt) != 0))
             return err_set(err, KLI_E_RANGE, "--keep \"%s\": expected GLOB=TYPE with TYPE "
-                               "one of keep, q8_0, q4, bf16, f16, f32", keep[i]);
+                               "keep or one of %s", keep[i], KLI_DTYPE_NAMES);
     }
     return KLI_OK;
 }
@@ -83,13 +84,15 @@ quantize_target(const struct tensor_desc *d, enum k_dtype want, const char *cons
             break;
         }
     }
-    /* A block type needs whole blocks per row; a float source type needs a float input. */
+    /* A block type needs whole blocks per row (a K type falls back to KLI_DT_K_FALLBACK
+     * where that fits, dtype_fit); a float source type needs a float input. */
     int64_t cols = d->ndim > 0 ? d->shape[d->ndim - 1] : 1;
     if (d->dtype == KLI_DT_OTHER)
-        dt = KLI_DT_OTHER;
-    else if (dtype_info(dt)->block > 1 && (cols % dtype_info(dt)->block != 0))
-        dt = d->dtype;
-    return dt;
+        return KLI_DT_OTHER;
+    if (dt == d->dtype)
+        return dt;
+    dt = dtype_fit(dt, cols);
+    return dt == KLI_DT_COUNT ? d->dtype : dt;
 }
 
 /* Writes `len` bytes of `text` to out/name; nothing when text is NULL. */
@@ -204,6 +207,21 @@ quant_progress(struct quantize_stream *qs, uint64_t bytes, const char *name,
     return KLI_OK;
 }
 
+/* A block type's scales come from the values of the block: a NaN or an infinity would
+ * spoil (or, in the K types, be dropped from) a whole block, so it is refused, naming where. */
+static int
+quant_finite(const float *x, int64_t n, int64_t row0, int64_t cols, const char *name,
+             struct kli_err *err)
+{
+    for (int64_t i = 0; i < n; i++) {
+        if (!isfinite(x[i]))
+            return err_set(err, KLI_E_FORMAT, "tensor %s: a non-finite value (%g) at row %lld, "
+                               "column %lld cannot be quantized", name, (double)x[i],
+                               (long long)(row0 + i / cols), (long long)(i % cols));
+    }
+    return KLI_OK;
+}
+
 int
 quantize_tensor(struct quantize_stream *qs, const struct wfile *wf,
                 const struct tensor_desc *d, enum k_dtype to, struct kli_err *err)
@@ -229,6 +247,9 @@ quantize_tensor(struct quantize_stream *qs, const struct wfile *wf,
     for (int64_t r = 0; r < rows && rc == KLI_OK; r += qs->rows) {
         int64_t k = rows - r < qs->rows ? rows - r : qs->rows;
         dtype_to_f32(d->dtype, src + (uint64_t)r * in_rb, qs->fbuf, k * cols);
+        if (dtype_info(to)->block > 1 && (rc = quant_finite(qs->fbuf, k * cols, r, cols, d->name,
+                                                            err)) != KLI_OK)
+            break;
         dtype_from_f32(to, qs->fbuf, qs->qbuf, k * cols);
         rc = qs->write(qs->ctx, qs->qbuf, (uint64_t)k * out_rb, err);
         quant_drop(wf, d, (uint64_t)r * in_rb, (uint64_t)k * in_rb);
@@ -263,11 +284,11 @@ kli_quantize(const char *in, const char *out, const struct kli_convert_options *
         return KLI_E_INVALID;
     opt = &dflt;
     if (opt->type == NULL)   /* as kli_convert_options_init leaves it: convert's "as stored" */
-        return err_set(err, KLI_E_RANGE, "kli_quantize: no weight type (q8_0, q4, bf16, "
-                           "f16, f32)");
+        return err_set(err, KLI_E_RANGE, "kli_quantize: no weight type (%s)",
+                           KLI_DTYPE_NAMES);
     if (dtype_parse(opt->type, &want) != 0)
-        return err_set(err, KLI_E_RANGE, "unknown weight type \"%s\" (q8_0, q4, bf16, f16, "
-                           "f32)", opt->type);
+        return err_set(err, KLI_E_RANGE, "unknown weight type \"%s\" (%s)", opt->type,
+                           KLI_DTYPE_NAMES);
     if ((rc = quantize_check_rules(opt->keep, opt->n_keep, err)) != KLI_OK)
         return rc;
     if ((rc = quant_check_output(in, out, err)) != KLI_OK)

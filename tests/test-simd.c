@@ -109,6 +109,16 @@ fill_w(enum k_dtype dt, uint8_t *w, int64_t nelem)
         break;
     }
     default:
+        if (dtype_is_k(dt)) {
+            /* The K types through their quantizer: random bytes would make random f16
+             * scales, infinities among them. */
+            float *f = tl_malloc((size_t)nelem * 4 + 4);
+            for (int64_t i = 0; i < nelem; i++)
+                f[i] = rng_float() * 0.05f;
+            dtype_from_f32(dt, f, w, nelem);
+            free(f);
+            break;
+        }
         for (int64_t i = 0; i < nelem; i++)
             w[i] = (uint8_t)rng_next();
         break;
@@ -123,7 +133,8 @@ same_float(float a, float b)
     return memcmp(&a, &b, 4) == 0;
 }
 
-static const char *const dt_names[KLI_DT_COUNT] = {"F32", "F16", "BF16", "Q8_0", "Q4", "OTHER"};
+static const char *const dt_names[KLI_DT_COUNT] = {"F32", "F16", "BF16", "Q8_0", "Q4", "OTHER",
+                                                   "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"};
 
 /* ---- to_f32 ------------------------------------------------------------------------------ */
 
@@ -501,7 +512,7 @@ mm_run(const struct k_kernels *kt, const struct k_kernels *gen, enum k_dtype dt,
     float *y = tl_malloc(ysz * 4), *yg = tl_malloc(ysz * 4);
     double *ref = tl_malloc((size_t)(m * n) * 8 + 8), *bound = tl_malloc((size_t)(m * n) * 8 + 8);
     int yoff = (int)rng_int(0, 7);
-    int quant = dt == KLI_DT_Q8_0 || dt == KLI_DT_Q4;
+    int quant = dt == KLI_DT_Q8_0 || dt == KLI_DT_Q4 || dtype_is_k(dt);
     int intact = 1;
 
     fill_w(dt, w, n * k);
@@ -562,9 +573,11 @@ mm_run(const struct k_kernels *kt, const struct k_kernels *gen, enum k_dtype dt,
 static void
 test_matmul(const struct k_kernels *kt, const struct k_kernels *gen)
 {
-    for (int dt = 0; dt < KLI_DT_OTHER; dt++) {
+    for (int dt = 0; dt < KLI_DT_COUNT; dt++) {
+        if (dt == KLI_DT_OTHER)
+            continue;
         int blk = dtype_info(dt)->block;
-        int quant = dt == KLI_DT_Q8_0 || dt == KLI_DT_Q4;
+        int quant = dt == KLI_DT_Q8_0 || dt == KLI_DT_Q4 || dtype_is_k(dt);
         double l2tol = quant ? 2e-2 : 1e-5;
         struct mm_err e = {0, 0, 0}, eg = {0, 0, 0};
         int intact = 1, ncases = 0;
@@ -603,10 +616,11 @@ test_matmul(const struct k_kernels *kt, const struct k_kernels *gen)
         }
         /* Degenerate sizes must not write anything. */
         {
-            float y[4] = {5, 5, 5, 5}, x[128] = {0};
-            uint8_t w[256] = {0};
-            kt->matmul[dt](y, 1, x, 32, w, 0, 32, 3);
-            kt->matmul[dt](y, 4, x, 32, w, 4, 32, 0);
+            float y[4] = {5, 5, 5, 5}, x[3 * 256] = {0};
+            uint8_t w[4 * 256] = {0};
+            int64_t kk = blk > 32 ? blk : 32;
+            kt->matmul[dt](y, 1, x, kk, w, 0, kk, 3);
+            kt->matmul[dt](y, 4, x, kk, w, 4, kk, 0);
             intact &= y[0] == 5 && y[1] == 5 && y[2] == 5 && y[3] == 5;
         }
         double rel = mm_rel(&e), relg = mm_rel(&eg);
@@ -625,7 +639,9 @@ test_twin(const struct k_kernels *kt, const struct k_kernels *base)
 {
     int bad = 0, cases = 0;
 
-    for (int dt = 0; dt < KLI_DT_OTHER; dt++) {
+    for (int dt = 0; dt < KLI_DT_COUNT; dt++) {
+        if (dt == KLI_DT_OTHER)
+            continue;
         int blk = dtype_info(dt)->block;
         for (int trial = 0; trial < 30; trial++) {
             int64_t k = blk * (trial < 3 ? trial + 1 : rng_int(1, 3000 / blk));
@@ -705,7 +721,7 @@ main(int argc, char **argv)
         }
         /* to_f32 per dtype, dot/axpy/scale, dot_decay, mul_decay, gemm_nn, silu, matmul per
          * computable dtype */
-        count += use[v] ? KLI_DT_COUNT + 7 + KLI_DT_OTHER : 1;
+        count += use[v] ? KLI_DT_COUNT + 7 + KLI_DT_COUNT - 1 : 1;
     }
     count += use[1] != NULL && use[2] != NULL;
     count += use[3] != NULL && use[4] != NULL;

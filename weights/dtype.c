@@ -15,6 +15,11 @@ static const struct dtype_info dtype_table[KLI_DT_COUNT] = {
     [KLI_DT_Q8_0] = {"Q8_0", 32, 34},
     [KLI_DT_Q4] = {"Q4", 32, 18},
     [KLI_DT_OTHER] = {"OTHER", 1, 1},
+    [KLI_DT_Q2_K] = {"Q2_K", KLI_QK_K, 84},
+    [KLI_DT_Q3_K] = {"Q3_K", KLI_QK_K, 110},
+    [KLI_DT_Q4_K] = {"Q4_K", KLI_QK_K, 144},
+    [KLI_DT_Q5_K] = {"Q5_K", KLI_QK_K, 176},
+    [KLI_DT_Q6_K] = {"Q6_K", KLI_QK_K, 210},
 };
 
 const struct dtype_info *
@@ -150,6 +155,9 @@ dtype_to_f32(enum k_dtype dt, const void *src, float *dst, int64_t n)
             }
         }
         break;
+    case KLI_DT_Q2_K: case KLI_DT_Q3_K: case KLI_DT_Q4_K: case KLI_DT_Q5_K: case KLI_DT_Q6_K:
+        kq_to_f32(dt, p, dst, n / KLI_QK_K);
+        break;
     default:
         for (int64_t i = 0; i < n; i++)
             dst[i] = NAN;
@@ -195,10 +203,94 @@ dtype_quant_q4(const float *x, uint8_t *out)
     }
 }
 
+/* Weighted squared error of a 32-element block decoded as level(x / d) * d, where level
+ * rounds and clamps to [lo, hi] (Q8_0: -127..127; Q4: -8..7). */
+static double
+dtype_block_err(const float *x, const float *w, float d, int lo, int hi)
+{
+    double e = 0.0;
+
+    for (int j = 0; j < 32; j++) {
+        float v = d != 0.0f ? nearbyintf(x[j] / d) : 0.0f;
+        v = v < (float)lo ? (float)lo : v > (float)hi ? (float)hi : v;
+        double r = (double)(v * d) - (double)x[j];
+        e += (double)w[j] * r * r;
+    }
+    return e;
+}
+
+/* The weighted Q8_0 and Q4 blocks: the scale of the plain quantizer and smaller ones (a
+ * clipped extreme buys finer steps for the rest) compete on the weighted error; the plain
+ * block is kept on ties, so uniform weights change nothing unless the error drops. */
+static void
+dtype_quant_w(enum k_dtype dt, const float *x, const float *imp, uint8_t *out)
+{
+    float w[32], xs[32];
+    int lo = dt == KLI_DT_Q8_0 ? -127 : -8, hi = dt == KLI_DT_Q8_0 ? 127 : 7;
+    size_t bb = dt == KLI_DT_Q8_0 ? 34 : 18;
+    uint8_t best[34];
+    double sw = 0.0;
+
+    for (int j = 0; j < 32; j++) {
+        w[j] = imp[j] >= 0.0f && isfinite(imp[j]) ? imp[j] : 0.0f;
+        xs[j] = isfinite(x[j]) ? x[j] : 0.0f;
+        sw += w[j];
+    }
+    if (dt == KLI_DT_Q8_0)
+        dtype_quant_q8_0(x, best);
+    else
+        dtype_quant_q4(x, best);
+    if (sw <= 0.0) {
+        memcpy(out, best, bb);
+        return;
+    }
+    uint16_t h;
+    memcpy(&h, best, 2);
+    float d0 = f16_to_f32(h), dbest = d0;
+    double ebest = dtype_block_err(xs, w, d0, lo, hi);
+    for (int t = 1; t <= 16; t++) {
+        float d = f16_to_f32(f32_to_f16(d0 * (1.0f - 0.02f * (float)t)));
+        double e = dtype_block_err(xs, w, d, lo, hi);
+        if (e < ebest) {
+            ebest = e;
+            dbest = d;
+        }
+    }
+    if (dbest == d0) {
+        memcpy(out, best, bb);
+        return;
+    }
+    h = f32_to_f16(dbest);
+    memcpy(out, &h, 2);
+    for (int j = 0; j < 32; j++) {
+        float v = nearbyintf(xs[j] / dbest);
+        int q = (int)(v < (float)lo ? (float)lo : v > (float)hi ? (float)hi : v);
+        if (dt == KLI_DT_Q8_0)
+            out[2 + j] = (uint8_t)(int8_t)q;
+        else if (j < 16)
+            out[2 + j] = (uint8_t)(q + 8);
+        else
+            out[2 + j - 16] |= (uint8_t)((q + 8) << 4);
+    }
+}
+
 void
 dtype_from_f32(enum k_dtype dt, const float *src, void *dst, int64_t n)
 {
+    dtype_from_f32_w(dt, src, dst, n, NULL);
+}
+
+void
+dtype_from_f32_w(enum k_dtype dt, const float *src, void *dst, int64_t n, const float *imp)
+{
     uint8_t *p = dst;
+
+    if (imp != NULL && (dt == KLI_DT_Q8_0 || dt == KLI_DT_Q4)) {
+        size_t bb = dt == KLI_DT_Q8_0 ? 34 : 18;
+        for (int64_t b = 0; b < n / 32; b++)
+            dtype_quant_w(dt, src + 32 * b, imp + 32 * b, p + bb * (size_t)b);
+        return;
+    }
 
     switch (dt) {
     case KLI_DT_F32:
@@ -218,9 +310,24 @@ dtype_from_f32(enum k_dtype dt, const float *src, void *dst, int64_t n)
         for (int64_t b = 0; b < n / 32; b++)
             dtype_quant_q4(src + 32 * b, p + 18 * b);
         break;
+    case KLI_DT_Q2_K: case KLI_DT_Q3_K: case KLI_DT_Q4_K: case KLI_DT_Q5_K: case KLI_DT_Q6_K:
+        kq_from_f32(dt, src, p, n / KLI_QK_K, imp);
+        break;
     default:
         break;
     }
+}
+
+enum k_dtype
+dtype_fit(enum k_dtype dt, int64_t cols)
+{
+    int32_t blk = dtype_info(dt)->block;
+
+    if (cols > 0 && cols % blk == 0)
+        return dt;
+    if (dtype_is_k(dt) && cols > 0 && cols % dtype_info(KLI_DT_K_FALLBACK)->block == 0)
+        return KLI_DT_K_FALLBACK;
+    return KLI_DT_COUNT;
 }
 
 int
@@ -231,7 +338,9 @@ dtype_parse(const char *s, enum k_dtype *out)
         enum k_dtype dt;
     } names[] = {
         {"f32", KLI_DT_F32}, {"f16", KLI_DT_F16}, {"bf16", KLI_DT_BF16},
-        {"q8_0", KLI_DT_Q8_0}, {"q4", KLI_DT_Q4},
+        {"q8_0", KLI_DT_Q8_0}, {"q4", KLI_DT_Q4}, {"q2_k", KLI_DT_Q2_K},
+        {"q3_k", KLI_DT_Q3_K}, {"q4_k", KLI_DT_Q4_K}, {"q5_k", KLI_DT_Q5_K},
+        {"q6_k", KLI_DT_Q6_K},
     };
 
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
@@ -249,6 +358,11 @@ dtype_st_name(enum k_dtype dt)
     switch (dt) {
     case KLI_DT_Q8_0: return "KLI_Q8_0";
     case KLI_DT_Q4: return "KLI_Q4";
+    case KLI_DT_Q2_K: return "KLI_Q2_K";
+    case KLI_DT_Q3_K: return "KLI_Q3_K";
+    case KLI_DT_Q4_K: return "KLI_Q4_K";
+    case KLI_DT_Q5_K: return "KLI_Q5_K";
+    case KLI_DT_Q6_K: return "KLI_Q6_K";
     default: return k_dtype_name(dt);
     }
 }

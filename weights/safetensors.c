@@ -66,9 +66,14 @@ static const struct st_dtype st_dtypes[] = {
     {"F6_E3M2", KLI_DT_OTHER, 6},
     {"F4", KLI_DT_OTHER, 4},
     /* kli's own block-quantized types (written by `kli quantize`; bits = 0 marks them):
-     * rows of whole 32-element blocks, sized by dtype_nbytes. */
+     * rows of whole blocks (32 elements, 256 for the K types), sized by dtype_nbytes. */
     {"KLI_Q8_0", KLI_DT_Q8_0, 0},
     {"KLI_Q4", KLI_DT_Q4, 0},
+    {"KLI_Q2_K", KLI_DT_Q2_K, 0},
+    {"KLI_Q3_K", KLI_DT_Q3_K, 0},
+    {"KLI_Q4_K", KLI_DT_Q4_K, 0},
+    {"KLI_Q5_K", KLI_DT_Q5_K, 0},
+    {"KLI_Q6_K", KLI_DT_Q6_K, 0},
 };
 
 /* One tensor's byte range in the data buffer, for the overlap check. */

@@ -1,0 +1,459 @@
+/*
+ * test-ktypes.c - the super-block types Q2_K .. Q6_K (weights/kquant.c).
+ *
+ * layout_*: hand-built blocks whose values are worked out here from the layouts of
+ * kli-weights(5) (GGUF's), every field of every type set and chosen elements checked;
+ * error_*: the quantizer's relative RMS error on Gaussian rows, within bounds and strictly
+ * falling from Q2_K to Q6_K, Q4_K well below Q4; weighted_*: importance weights lower the
+ * weighted error, and NULL weights give dtype_from_f32's bytes; edge_*: zeros, tiny, huge
+ * and non-finite inputs give finite, deterministic blocks; matmul: every table's matmul of
+ * every K type against the dequantized weights in double.
+ */
+#include "config.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "dtype.h"
+#include "simd.h"
+#include "tap.h"
+#include "testlib.h"
+
+static const enum k_dtype ktypes[5] = {
+    KLI_DT_Q2_K, KLI_DT_Q3_K, KLI_DT_Q4_K, KLI_DT_Q5_K, KLI_DT_Q6_K,
+};
+
+/* Decodes one block of dt and checks element idx[i] == want[i] exactly. */
+static int
+check_elems(enum k_dtype dt, const uint8_t *blk, const int *idx, const float *want, int n)
+{
+    float y[256];
+    int good = 1;
+
+    dtype_to_f32(dt, blk, y, 256);
+    for (int i = 0; i < n; i++) {
+        if (y[idx[i]] != want[i]) {
+            diag("%s element %d: %g, want %g", k_dtype_name(dt), idx[i], y[idx[i]], want[i]);
+            good = 0;
+        }
+    }
+    return good;
+}
+
+/* f16 1.0 = 0x3c00, 0.5 = 0x3800, 0.25 = 0x3400 (little-endian bytes). */
+static void
+put_half(uint8_t *p, uint16_t h)
+{
+    p[0] = (uint8_t)(h & 0xff);
+    p[1] = (uint8_t)(h >> 8);
+}
+
+static void
+layout_table(void)
+{
+    const struct dtype_info *in[5];
+    enum k_dtype dt;
+
+    for (int t = 0; t < 5; t++)
+        in[t] = dtype_info(ktypes[t]);
+    ok(in[0]->block == 256 && in[0]->block_bytes == 84 && in[1]->block_bytes == 110 &&
+       in[2]->block_bytes == 144 && in[3]->block_bytes == 176 && in[4]->block_bytes == 210 &&
+       in[4]->block == 256, "K types: blocks of 256 in 84, 110, 144, 176, 210 bytes");
+    ok(KLI_DT_Q2_K == 6 && KLI_DT_Q6_K == 10 && KLI_DT_OTHER == 5,
+       "dtype codes: Q2_K..Q6_K are 6..10 after OTHER (5), as .kli files store them");
+    ok(dtype_parse("q2_k", &dt) == 0 && dt == KLI_DT_Q2_K && dtype_parse("Q6_K", &dt) == 0 &&
+       dt == KLI_DT_Q6_K && dtype_parse("q4_K", &dt) == 0 && dt == KLI_DT_Q4_K &&
+       dtype_parse("q4k", &dt) != 0, "dtype_parse names q2_k .. q6_k (any case)");
+    ok(strcmp(dtype_st_name(KLI_DT_Q3_K), "KLI_Q3_K") == 0 &&
+       strcmp(dtype_st_name(KLI_DT_Q5_K), "KLI_Q5_K") == 0 &&
+       strcmp(k_dtype_name(KLI_DT_Q4_K), "Q4_K") == 0, "safetensors names KLI_Q*_K");
+    ok(dtype_nbytes(KLI_DT_Q4_K, 2304) == 9 * 144 && dtype_nbytes(KLI_DT_Q4_K, 64) ==
+       UINT64_MAX, "dtype_nbytes: whole super-blocks only");
+}
+
+static void
+layout_q2_k(void)
+{
+    uint8_t b[84] = {0};
+
+    put_half(b + 80, 0x3c00);   /* d = 1 */
+    put_half(b + 82, 0x3800);   /* dmin = 0.5 */
+    b[5] = 0x32;                /* sub-block 5: scale 2, min 3 */
+    b[13] = 0x1f;               /* sub-block 13: scale 15, min 1 */
+    b[16 + 16] = 0x30;          /* qs[16] bits 4-5 = 3: element 64 + 16 = 80 */
+    b[16 + 48] = 0x20;          /* qs[48] bits 4-5 = 2: element 128 + 64 + 16 = 208 */
+    b[16 + 63] = 0x40;          /* qs[63] bits 6-7 = 1: element 128 + 96 + 31 = 255 (sub 15) */
+    int idx[] = {80, 81, 208, 0, 79, 255};
+    float want[] = {2 * 3 - 0.5f * 3, -0.5f * 3, 15 * 2 - 0.5f * 1, 0, 0, 0};
+    ok(check_elems(KLI_DT_Q2_K, b, idx, want, 6), "Q2_K: scales/mins nibbles, 2-bit order, "
+       "d and dmin");
+}
+
+static void
+layout_q3_k(void)
+{
+    uint8_t b[110] = {0};
+
+    put_half(b + 108, 0x3800);  /* d = 0.5 */
+    /* sub-block 9 (u[8 + 1]): u = 37: low 4 bits 5 in the high nibble of scales[1], high 2
+     * bits (2) in bits 4-5 of scales[9] */
+    b[96 + 1] = 0x50;
+    b[96 + 9] = 0x20;
+    /* sub-block 6 (u[4 + 2]): u = 29: low nibble of scales[6] = 13, bits 2-3 of scales[10]
+     * = 1 */
+    b[96 + 6] = 0x0d;
+    b[96 + 10] = 0x04;
+    /* sub-block 12 (u[12 + 0]): u = 63: high nibble of scales[4] = 15, bits 6-7 of
+     * scales[8] = 3 */
+    b[96 + 4] = 0xf0;
+    b[96 + 8] = 0xc0;
+    /* element 144 = 128 + 16: qs[48] bits 0-1 = 3, hmask[16] bit 4 set: q = 3 */
+    b[32 + 48] = 0x03;
+    b[16] = 0x10;
+    /* element 145: qs[49] bits 0-1 = 1, high bit clear: q = 1 - 4 */
+    b[32 + 49] = 0x01;
+    /* element 96 = 3 * 32: qs[0] bits 6-7 = 3, hmask[0] bit 3: q = 3 (sub-block 6) */
+    b[32 + 0] = 0xc0;
+    b[0] |= 0x08;
+    /* element 192 = 128 + 64: qs[32] bits 4-5 = 1, hmask[0] bit 6: q = 1 (sub-block 12) */
+    b[32 + 32] = 0x10;
+    b[0] |= 0x40;
+    /* element 17 (sub-block 1, u = 0): qs[17] bits 0-1 = 2, high bit clear: q = -2 */
+    b[32 + 17] = 0x02;
+    int idx[] = {144, 145, 96, 192, 0, 17};
+    float want[] = {0.5f * 5 * 3, 0.5f * 5 * -3, 0.5f * -3 * 3, 0.5f * 31 * 1, 0.5f * -32 * -4,
+                    0.5f * -32 * -2};
+    ok(check_elems(KLI_DT_Q3_K, b, idx, want, 6), "Q3_K: 6-bit scale packing, hmask bits, "
+       "2-bit order, d");
+}
+
+static void
+layout_q45(int five)
+{
+    uint8_t b[176] = {0};
+    uint8_t *qh = b + 16, *qs = b + (five ? 48 : 16);
+    enum k_dtype dt = five ? KLI_DT_Q5_K : KLI_DT_Q4_K;
+
+    put_half(b, 0x3c00);        /* d = 1 */
+    put_half(b + 2, 0x3400);    /* dmin = 0.25 */
+    b[4 + 1] = 7;               /* scale 1 */
+    b[4 + 5] = 9;               /* min 1 */
+    /* scale 6 = 5 | 2 << 4 = 37 (low nibble of byte 10, top bits of byte 2); min 6 = 3 |
+     * 1 << 4 = 19 (high nibble of byte 10, top bits of byte 6) */
+    b[4 + 10] = 0x35;
+    b[4 + 2] = 0x80;
+    b[4 + 6] = 0x40;
+    qs[1] = 0xa0;               /* element 32 + 1: high nibble of qs[1] */
+    qs[96 + 8] = 0x04;          /* element 192 + 8: low nibble of qs[104] */
+    if (five) {
+        qh[1] = 0x02;           /* element 33: bit 2 * 0 + 1 of qh[1] */
+        qh[8] = 0x40;           /* element 200: bit 2 * 3 + 0 of qh[8] */
+    }
+    int idx[] = {33, 200, 0, 232};
+    float want[] = {7.0f * (10 + 16 * five) - 0.25f * 9, 37.0f * (4 + 16 * five) - 0.25f * 19,
+                    0, 0};
+    ok(check_elems(dt, b, idx, want, 4), "%s: d, dmin, 6-bit scale/min packing, nibble "
+       "order%s", k_dtype_name(dt), five ? ", fifth bits" : "");
+}
+
+static void
+layout_q4_k(void)
+{
+    layout_q45(0);
+}
+
+static void
+layout_q5_k(void)
+{
+    layout_q45(1);
+}
+
+static void
+layout_q6_k(void)
+{
+    uint8_t b[210] = {0};
+
+    put_half(b + 208, 0x3800);  /* d = 0.5 */
+    b[192 + 0] = 3;
+    b[192 + 6] = 4;
+    b[192 + 9] = 0xfe;          /* -2 */
+    b[192 + 13] = 0x7f;
+    b[0] = 0x05;                /* element 0: low nibble of ql[0] */
+    b[128] = 0xc2;              /* qh[0]: bits 0-1 = 2 (element 0), bits 6-7 = 3 (element 96) */
+    b[32] = 0x90;               /* element 96: high nibble of ql[32] */
+    b[80] = 0x3f;               /* ql[64 + 16]: element 144 (low 15), element 208 (high 3) */
+    b[128 + 48] = 0x30;         /* qh[32 + 16]: bits 4-5 = 3 for element 208 */
+    int idx[] = {0, 96, 144, 208, 1};
+    float want[] = {0.5f * 3 * 5, 0.5f * 4 * 25, 0.5f * -2 * -17, 0.5f * 127 * 19,
+                    0.5f * 3 * -32};
+    ok(check_elems(KLI_DT_Q6_K, b, idx, want, 5), "Q6_K: ql nibbles, qh pairs, int8 scales, "
+       "d");
+}
+
+/* Relative RMS error of rows x[rows][k] through dt (imp: per-column weights or NULL; the
+ * error is weighted by wgt, or plain when wgt is NULL). */
+static double
+rel_err(enum k_dtype dt, const float *x, int rows, int k, const float *imp, const float *wgt)
+{
+    uint8_t *q = tl_malloc((size_t)dtype_nbytes(dt, (uint64_t)k));
+    float *y = tl_malloc((size_t)k * sizeof(float));
+    double num = 0.0, den = 0.0;
+
+    for (int r = 0; r < rows; r++) {
+        const float *xr = x + (size_t)r * k;
+        dtype_from_f32_w(dt, xr, q, k, imp);
+        dtype_to_f32(dt, q, y, k);
+        for (int j = 0; j < k; j++) {
+            double w = wgt != NULL ? wgt[j] : 1.0;
+            num += w * ((double)y[j] - xr[j]) * ((double)y[j] - xr[j]);
+            den += w * (double)xr[j] * xr[j];
+        }
+    }
+    free(q);
+    free(y);
+    return sqrt(num / den);
+}
+
+static float *
+gauss_rows(uint64_t *st, int rows, int k)
+{
+    float *x = tl_malloc((size_t)rows * k * sizeof(float));
+
+    for (int i = 0; i < rows * k; i++)
+        x[i] = (float)tl_normal(st) * 0.02f;
+    return x;
+}
+
+static void
+error_gauss(void)
+{
+    uint64_t st;
+
+    st = 17;   /* each case starts from its seed */
+    int rows = 32, k = 1024;
+    float *x = gauss_rows(&st, rows, k);
+    /* bounds: a little above what the types reach on Gaussian rows (measured, see the
+     * diagnostics); a layout or fit broken anywhere misses them by far */
+    static const double bound[5] = {0.40, 0.20, 0.10, 0.05, 0.025};
+    double e[5], e4 = rel_err(KLI_DT_Q4, x, rows, k, NULL, NULL);
+    double e8 = rel_err(KLI_DT_Q8_0, x, rows, k, NULL, NULL);
+    int order = 1, within = 1;
+    for (int t = 0; t < 5; t++) {
+        e[t] = rel_err(ktypes[t], x, rows, k, NULL, NULL);
+        diag("%s relative RMS error %.5f (%.4f bits per weight)", k_dtype_name(ktypes[t]), e[t],
+             8.0 * dtype_info(ktypes[t])->block_bytes / 256.0);
+        within &= e[t] < bound[t];
+        order &= t == 0 || e[t] < e[t - 1];
+    }
+    diag("Q4 %.5f (4.5 bits), Q8_0 %.5f (8.5 bits)", e4, e8);
+    ok(within, "K types: relative RMS error on Gaussian rows within bounds");
+    ok(order, "relative RMS error falls strictly Q2_K > Q3_K > Q4_K > Q5_K > Q6_K");
+    ok(e[2] < 0.85 * e4, "Q4_K's error (%.4f) is clearly below Q4's (%.4f)", e[2], e4);
+    ok(e[4] < e8 * 4.0 && e[4] > e8, "Q6_K between Q8_0 and 4 x its error");
+    free(x);
+}
+
+/* Heavy-tailed rows (a few outliers per block, as trained weights have) stay within the
+ * same ordering. */
+static void
+error_outliers(void)
+{
+    uint64_t st;
+
+    st = 23;   /* each case starts from its seed */
+    int rows = 16, k = 512;
+    float *x = gauss_rows(&st, rows, k);
+    for (int i = 0; i < rows * k; i += 97)
+        x[i] *= 12.0f;
+    int order = 1;
+    double prev = INFINITY;
+    for (int t = 0; t < 5; t++) {
+        double e = rel_err(ktypes[t], x, rows, k, NULL, NULL);
+        order &= e < prev;
+        prev = e;
+    }
+    ok(order, "rows with outliers: the error still falls strictly Q2_K .. Q6_K");
+    free(x);
+}
+
+static void
+weighted_lower(void)
+{
+    uint64_t st;
+
+    st = 31;   /* each case starts from its seed */
+    int rows = 16, k = 1024;
+    float *x = gauss_rows(&st, rows, k);
+    float *imp = tl_malloc((size_t)k * sizeof(float));
+    for (int j = 0; j < k; j++)
+        imp[j] = (float)exp(2.0 * tl_normal(&st));
+    const enum k_dtype all[7] = {KLI_DT_Q2_K, KLI_DT_Q3_K, KLI_DT_Q4_K, KLI_DT_Q5_K,
+                                 KLI_DT_Q6_K, KLI_DT_Q4, KLI_DT_Q8_0};
+    int lower = 1;
+    for (int t = 0; t < 7; t++) {
+        double eu = rel_err(all[t], x, rows, k, NULL, imp);
+        double ew = rel_err(all[t], x, rows, k, imp, imp);
+        diag("%s weighted error: %.5f unweighted quantizer, %.5f weighted (%.1f%% lower)",
+             k_dtype_name(all[t]), eu, ew, 100.0 * (1.0 - ew / eu));
+        lower &= t < 5 ? ew < 0.97 * eu : ew <= eu;
+    }
+    ok(lower, "importance weights lower the weighted error (K types by > 3%%, Q4 and Q8_0 "
+       "never raise it)");
+    free(x);
+    free(imp);
+}
+
+static void
+weighted_null(void)
+{
+    uint64_t st;
+
+    st = 37;   /* each case starts from its seed */
+    int k = 512;
+    float *x = gauss_rows(&st, 1, k);
+    float *ones = tl_malloc((size_t)k * sizeof(float));
+    int same = 1, ones_same = 1;
+    for (int j = 0; j < k; j++)
+        ones[j] = 1.0f;
+    const enum k_dtype all[7] = {KLI_DT_Q2_K, KLI_DT_Q3_K, KLI_DT_Q4_K, KLI_DT_Q5_K,
+                                 KLI_DT_Q6_K, KLI_DT_Q4, KLI_DT_Q8_0};
+    for (int t = 0; t < 7; t++) {
+        size_t nb = (size_t)dtype_nbytes(all[t], (uint64_t)k);
+        uint8_t *p = tl_malloc(nb), *q = tl_malloc(nb);
+        dtype_from_f32(all[t], x, p, k);
+        dtype_from_f32_w(all[t], x, q, k, NULL);
+        same &= memcmp(p, q, nb) == 0;
+        if (t < 5) {
+            dtype_from_f32_w(all[t], x, q, k, ones);
+            ones_same &= memcmp(p, q, nb) == 0;
+        }
+        free(p);
+        free(q);
+    }
+    ok(same, "dtype_from_f32_w with NULL weights gives dtype_from_f32's bytes");
+    ok(ones_same, "K types: uniform weights give the unweighted bytes");
+    free(x);
+    free(ones);
+}
+
+static void
+edge_values(void)
+{
+    float x[512], y[512];
+    uint8_t q[2][210 * 2];
+    int zero = 1, finite = 1, det = 1, tiny_ok = 1, huge_ok = 1;
+
+    for (int t = 0; t < 5; t++) {
+        enum k_dtype dt = ktypes[t];
+        size_t nb = (size_t)dtype_nbytes(dt, 512);
+        memset(x, 0, sizeof(x));
+        dtype_from_f32(dt, x, q[0], 512);
+        dtype_to_f32(dt, q[0], y, 512);
+        for (int i = 0; i < 512; i++)
+            zero &= y[i] == 0.0f;
+        /* tiny, huge, non-finite */
+        for (int i = 0; i < 512; i++)
+            x[i] = (float)((i * 37) % 19 - 9) * 1e-30f;
+        dtype_from_f32(dt, x, q[0], 512);
+        dtype_to_f32(dt, q[0], y, 512);
+        for (int i = 0; i < 512; i++)
+            tiny_ok &= isfinite(y[i]) && fabsf(y[i]) <= 1e-28f;
+        for (int i = 0; i < 512; i++)
+            x[i] = (float)((i * 37) % 19 - 9) * 1e4f;
+        dtype_from_f32(dt, x, q[0], 512);
+        dtype_to_f32(dt, q[0], y, 512);
+        double num = 0, den = 0;
+        for (int i = 0; i < 512; i++) {
+            finite &= isfinite(y[i]);
+            num += ((double)y[i] - x[i]) * ((double)y[i] - x[i]);
+            den += (double)x[i] * x[i];
+        }
+        huge_ok &= sqrt(num / den) < 0.5;
+        x[3] = NAN;
+        x[300] = INFINITY;
+        x[301] = -INFINITY;
+        x[500] = 3e38f;
+        dtype_from_f32(dt, x, q[0], 512);
+        dtype_from_f32(dt, x, q[1], 512);
+        det &= memcmp(q[0], q[1], nb) == 0;
+        dtype_to_f32(dt, q[0], y, 512);
+        for (int i = 0; i < 512; i++)
+            finite &= isfinite(y[i]);
+    }
+    ok(zero, "all-zero blocks decode to zeros");
+    ok(tiny_ok, "values of 1e-30 give finite, tiny weights");
+    ok(huge_ok, "values of 1e5 stay within reach of f16 scales");
+    ok(finite, "NaN, infinities and 3e38 give finite blocks (non-finite counts as zero)");
+    ok(det, "the quantizer is deterministic");
+}
+
+static void
+matmul_tables(void)
+{
+    const struct k_kernels *all[8];
+    int nk = kernels_all(all, 8);
+    uint64_t st = 41;   /* each case starts from its seed */
+   /* each case starts from its seed */
+    int n = 5, k = 768, mmax = 17;
+    float *w = gauss_rows(&st, n, k), *x = gauss_rows(&st, mmax, k);
+    float *wd = tl_malloc((size_t)n * k * sizeof(float));
+    float *y = tl_malloc((size_t)mmax * n * sizeof(float));
+    for (int v = 0; v < nk; v++) {
+        for (int t = 0; t < 5; t++) {
+            enum k_dtype dt = ktypes[t];
+            size_t rb = (size_t)dtype_nbytes(dt, (uint64_t)k);
+            uint8_t *q = tl_malloc(rb * (size_t)n);
+            dtype_from_f32(dt, w, q, (int64_t)n * k);
+            dtype_to_f32(dt, q, wd, (int64_t)n * k);
+            double worst = 0.0;
+            int have = all[v]->matmul[dt] != NULL;
+            for (int m = 1; have && m <= mmax; m += 8) {
+                all[v]->matmul[dt](y, n, x, k, q, n, k, m);
+                for (int i = 0; i < m; i++) {
+                    for (int r = 0; r < n; r++) {
+                        double s = 0.0, a = 0.0;
+                        for (int j = 0; j < k; j++) {
+                            s += (double)x[i * k + j] * wd[r * k + j];
+                            a += fabs((double)x[i * k + j] * wd[r * k + j]);
+                        }
+                        double e = fabs(y[i * n + r] - s) / (a > 0 ? a : 1);
+                        worst = e > worst ? e : worst;
+                    }
+                }
+            }
+            ok(have && worst < 1e-5, "%s matmul %s (m = 1, 9, 17) = the dequantized weights "
+               "(worst %.2g of sum |x w|)", all[v]->name, k_dtype_name(dt), worst);
+            free(q);
+        }
+    }
+    free(w);
+    free(x);
+    free(wd);
+    free(y);
+}
+
+static const struct tap_fn cases[] = {
+    {"layout_table", layout_table},
+    {"layout_q2_k", layout_q2_k},
+    {"layout_q3_k", layout_q3_k},
+    {"layout_q4_k", layout_q4_k},
+    {"layout_q5_k", layout_q5_k},
+    {"layout_q6_k", layout_q6_k},
+    {"error_gauss", error_gauss},
+    {"error_outliers", error_outliers},
+    {"weighted_lower", weighted_lower},
+    {"weighted_null", weighted_null},
+    {"edge_values", edge_values},
+    {"matmul", matmul_tables},
+};
+
+int
+main(int argc, char **argv)
+{
+    tap_init(argc, argv);
+    tap_run(cases, sizeof(cases) / sizeof(cases[0]));
+    plan_done();
+    return tap_exit();
+}
