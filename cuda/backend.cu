@@ -24,12 +24,12 @@ cu_open(struct k_gpu **out, int device, uint64_t budget, struct gpu_info *info,
     /* No driver, no device, a driver older than the runtime: all land here. */
     if ((e = cudaGetDeviceCount(&n)) != cudaSuccess) {
         (void)cudaGetLastError();
-        return cu_fail(err, KLI_E_CUDA, "no GPU: %s", cudaGetErrorString(e));
+        return err_set(err, KLI_E_CUDA, "no GPU: %s", cudaGetErrorString(e));
     }
     if (n == 0)
-        return cu_fail(err, KLI_E_CUDA, "no GPU: no CUDA device is visible");
+        return err_set(err, KLI_E_CUDA, "no GPU: no CUDA device is visible");
     if (device < 0 || device >= n)
-        return cu_fail(err, KLI_E_CUDA, "no GPU: device %d requested, %d visible", device, n);
+        return err_set(err, KLI_E_CUDA, "no GPU: device %d requested, %d visible", device, n);
     if (cu_check(cudaSetDevice(device), err, "cudaSetDevice") != KLI_OK ||
         cu_check(cudaGetDeviceProperties(&p, device), err, "cudaGetDeviceProperties") != KLI_OK ||
         cu_check(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
@@ -38,7 +38,7 @@ cu_open(struct k_gpu **out, int device, uint64_t budget, struct gpu_info *info,
         return KLI_E_CUDA;
     struct k_gpu *g = (struct k_gpu *)calloc(1, sizeof(*g));
     if (g == NULL)
-        return cu_fail(err, KLI_E_NOMEM, "out of memory");
+        return err_set(err, KLI_E_NOMEM, "out of memory");
     snprintf(g->info.name, sizeof(g->info.name), "%.127s", p.name);
     g->info.device = device;
     g->info.n_sm = p.multiProcessorCount;
@@ -75,7 +75,7 @@ cu_alloc(struct k_gpu *g, void **out, uint64_t bytes, struct kli_err *err)
         g->used += bytes;
     pthread_mutex_unlock(&g->lock);
     if (over)
-        return cu_fail(err, KLI_E_NOMEM, "GPU: %.1f MiB more would exceed the budget of "
+        return err_set(err, KLI_E_NOMEM, "GPU: %.1f MiB more would exceed the budget of "
                        "%.1f MiB", (double)bytes / 1048576.0, (double)g->budget / 1048576.0);
     cudaError_t e = cudaSetDevice(g->info.device);
     if (e == cudaSuccess)
@@ -87,7 +87,7 @@ cu_alloc(struct k_gpu *g, void **out, uint64_t bytes, struct kli_err *err)
         g->used -= bytes;
         pthread_mutex_unlock(&g->lock);
         /* out of device memory is a budget matter (the caller falls back), not a fault */
-        return cu_fail(err, e == cudaErrorMemoryAllocation ? KLI_E_NOMEM : KLI_E_CUDA,
+        return err_set(err, e == cudaErrorMemoryAllocation ? KLI_E_NOMEM : KLI_E_CUDA,
                        "CUDA: cudaMalloc of %.1f MiB: %s", (double)bytes / 1048576.0,
                        cudaGetErrorString(e));
     }
@@ -117,27 +117,29 @@ cu_used(struct k_gpu *g, uint64_t *budget)
     return u;
 }
 
+/* A synchronous copy between host and device; any thread may call this (the hot-set mover
+ * has its own): the device first. */
 static int
-cu_upload(struct k_gpu *g, void *dst, const void *src, uint64_t bytes, struct kli_err *err)
+cu_copy(struct k_gpu *g, void *dst, const void *src, uint64_t bytes, cudaMemcpyKind kind,
+        const char *what, struct kli_err *err)
 {
     int rc;
 
-    /* any thread may call this (the hot-set mover has its own): the device first */
     if ((rc = cu_check(cudaSetDevice(g->info.device), err, "cudaSetDevice")) != KLI_OK)
         return rc;
-    return cu_check(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice), err, "cudaMemcpy "
-                    "(upload)");
+    return cu_check(cudaMemcpy(dst, src, bytes, kind), err, what);
+}
+
+static int
+cu_upload(struct k_gpu *g, void *dst, const void *src, uint64_t bytes, struct kli_err *err)
+{
+    return cu_copy(g, dst, src, bytes, cudaMemcpyHostToDevice, "cudaMemcpy (upload)", err);
 }
 
 static int
 cu_download(struct k_gpu *g, void *dst, const void *src, uint64_t bytes, struct kli_err *err)
 {
-    int rc;
-
-    if ((rc = cu_check(cudaSetDevice(g->info.device), err, "cudaSetDevice")) != KLI_OK)
-        return rc;
-    return cu_check(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost), err, "cudaMemcpy "
-                    "(download)");
+    return cu_copy(g, dst, src, bytes, cudaMemcpyDeviceToHost, "cudaMemcpy (download)", err);
 }
 
 static void
@@ -160,7 +162,7 @@ cu_queue_create(struct k_gpu *g, struct gpu_queue **out, struct kli_err *err)
 
     *out = NULL;
     if (q == NULL)
-        return cu_fail(err, KLI_E_NOMEM, "out of memory");
+        return err_set(err, KLI_E_NOMEM, "out of memory");
     q->g = g;
     if (cu_check(cudaSetDevice(g->info.device), err, "cudaSetDevice") != KLI_OK ||
         cu_check(cudaStreamCreateWithFlags(&q->st, cudaStreamNonBlocking), err,

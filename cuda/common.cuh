@@ -10,12 +10,16 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <pthread.h>
-#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 
 #include "kli_cuda.h"
 #include "weights.h"
+
+/* err_set: the library's one way of setting a struct kli_err (the first error wins) */
+extern "C" {
+#include "internal.h"
+}
 
 struct k_gpu {
     struct gpu_info info;
@@ -39,28 +43,13 @@ struct gpu_queue {
     const float *moe_res;     /* its result in pin */
 };
 
-/* Sets err as err_set does (the first error wins). @return code. */
-static inline int
-cu_fail(struct kli_err *err, int code, const char *fmt, ...)
-{
-    va_list ap;
-
-    if (err == NULL || err->code != 0)
-        return code;
-    err->code = code;
-    va_start(ap, fmt);
-    vsnprintf(err->msg, sizeof(err->msg), fmt, ap);
-    va_end(ap);
-    return code;
-}
-
 /* @return KLI_OK, or KLI_E_CUDA naming `what` and the runtime's message. */
 static inline int
 cu_check(cudaError_t e, struct kli_err *err, const char *what)
 {
     if (e == cudaSuccess)
         return KLI_OK;
-    return cu_fail(err, KLI_E_CUDA, "CUDA: %s: %s", what, cudaGetErrorString(e));
+    return err_set(err, KLI_E_CUDA, "CUDA: %s: %s", what, cudaGetErrorString(e));
 }
 
 /* The status of the kernel launch just made (bad configuration, no image for this GPU). */
@@ -124,6 +113,56 @@ cu_warp_sum(float v)
     for (int o = 16; o > 0; o /= 2)
         v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
+}
+
+/*
+ * Row r of each w[m] (a [.][K] matrix of dtype DT), m < NW, against the n input rows
+ * xrow(p) (K floats, 16-byte aligned), p < n: put(p, s) gets s[m] = row r of w[m] . xrow(p),
+ * in lane 0. One warp per weight row, NT input rows at a time, so that each weight is read
+ * once per NT rows (the expert kernels of moe.cu, mla_mm): each lane sums the chunks
+ * c = lane, lane + 32, ... of 8 elements, each chunk in one fixed order, and cu_warp_sum adds
+ * the lanes.
+ */
+template <int DT, int NW, int NT, class Xrow, class Put>
+static __device__ __forceinline__ void
+cu_rows(const void *const *w, long long r, int K, int n, int lane, Xrow xrow, Put put)
+{
+    for (int p0 = 0; p0 < n; p0 += NT) {
+        const int np = n - p0 < NT ? n - p0 : NT;
+        const float *xr[NT];
+        float a[NT][NW];
+#pragma unroll
+        for (int i = 0; i < NT; i++) {
+            xr[i] = xrow(p0 + (i < np ? i : np - 1));
+#pragma unroll
+            for (int m = 0; m < NW; m++)
+                a[i][m] = 0.0f;
+        }
+        for (int c = lane; c < K / 8; c += 32) {
+            float wv[NW][8];
+#pragma unroll
+            for (int m = 0; m < NW; m++)
+                cu_w8<DT>(w[m], r, K, c, wv[m]);
+#pragma unroll
+            for (int i = 0; i < NT; i++) {
+                const float4 p = *(const float4 *)(xr[i] + 8 * c);
+                const float4 u = *(const float4 *)(xr[i] + 8 * c + 4);
+#pragma unroll
+                for (int m = 0; m < NW; m++)
+                    a[i][m] += wv[m][0] * p.x + wv[m][1] * p.y + wv[m][2] * p.z +
+                               wv[m][3] * p.w + wv[m][4] * u.x + wv[m][5] * u.y +
+                               wv[m][6] * u.z + wv[m][7] * u.w;
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < NT; i++) {
+#pragma unroll
+            for (int m = 0; m < NW; m++)
+                a[i][m] = cu_warp_sum(a[i][m]);
+            if (lane == 0 && i < np)
+                put(p0 + i, a[i]);
+        }
+    }
 }
 
 /* The sum over the block of v (blockDim.x a power of two <= 1024), in double, through sh

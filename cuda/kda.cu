@@ -168,9 +168,9 @@ cu_kda_check(struct k_gpu *g, const struct gpu_kda_w *w, int32_t D, int32_t H,
     const int32_t HK = H * K, rf = w->f_a.rows, rg = w->g_a.rows;
 
     if (K < 1 || K > 1024 || W < 2 || W > 16)
-        return cu_fail(err, KLI_E_UNSUPPORTED, "GPU KDA: head_dim %d, conv size %d", K, W);
+        return err_set(err, KLI_E_UNSUPPORTED, "GPU KDA: head_dim %d, conv size %d", K, W);
     if ((uint64_t)(K * K + 3 * K) * 4 > g->info.smem_block)
-        return cu_fail(err, KLI_E_UNSUPPORTED, "GPU KDA: a %d x %d state needs more shared "
+        return err_set(err, KLI_E_UNSUPPORTED, "GPU KDA: a %d x %d state needs more shared "
                        "memory than the device allows (%llu bytes)", K, K,
                        (unsigned long long)g->info.smem_block);
     if (!cu_mat_ok(&w->q, HK, D) || !cu_mat_ok(&w->k, HK, D) || !cu_mat_ok(&w->v, HK, D) ||
@@ -178,7 +178,7 @@ cu_kda_check(struct k_gpu *g, const struct gpu_kda_w *w, int32_t D, int32_t H,
         !cu_mat_ok(&w->f_b, HK, rf) || !cu_mat_ok(&w->g_b, HK, rg) ||
         !cu_mat_ok(&w->o, D, HK) || w->conv == NULL || w->a_neg == NULL ||
         w->dt_bias == NULL || w->o_norm == NULL)
-        return cu_fail(err, KLI_E_UNSUPPORTED, "GPU KDA needs matrices in F32, F16, BF16, "
+        return err_set(err, KLI_E_UNSUPPORTED, "GPU KDA needs matrices in F32, F16, BF16, "
                        "Q8_0 or Q4 with widths in multiples of 8 (32 for the block types): "
                        "ranks %d and %d, head width %d", rf, rg, HK);
     return KLI_OK;
@@ -194,7 +194,7 @@ cu_kda_layer(struct gpu_queue *q, const struct gpu_kda_job *j, struct kli_err *e
     int rc;
 
     if (T < 1 || j->n_seq < 1)
-        return cu_fail(err, KLI_E_INVALID, "kda layer: no rows");
+        return err_set(err, KLI_E_INVALID, "kda layer: no rows");
     if ((rc = cu_check(cudaSetDevice(q->g->info.device), err, "cudaSetDevice")) != KLI_OK)
         return rc;
     /* workspace: state pointers, x | raw[3], qkv[3], low_f, low_g, beta, g, gate, o, out */

@@ -233,13 +233,13 @@ int
 cu_mla_check(struct k_gpu *g, int32_t H, int32_t L, int32_t C, struct kli_err *err)
 {
     if (H < 1 || L < 4 || L % 4 != 0 || C % 4 != 0 || C < L)
-        return cu_fail(err, KLI_E_UNSUPPORTED, "GPU attention needs the latent width (%d) "
+        return err_set(err, KLI_E_UNSUPPORTED, "GPU attention needs the latent width (%d) "
                        "and the cache row (%d) in multiples of 4", L, C);
     if (L / 4 > ATT_NT || (H + ATT_NT / (L / 4) - 1) / (ATT_NT / (L / 4)) > ATT_MAXJ)
-        return cu_fail(err, KLI_E_UNSUPPORTED, "GPU attention holds at most %d heads x "
+        return err_set(err, KLI_E_UNSUPPORTED, "GPU attention holds at most %d heads x "
                        "latent values per block, not %d x %d", ATT_MAXJ * ATT_NT * 4, H, L);
     if (att_smem(H, C) > g->info.smem_block)
-        return cu_fail(err, KLI_E_UNSUPPORTED, "GPU attention needs %llu bytes of shared "
+        return err_set(err, KLI_E_UNSUPPORTED, "GPU attention needs %llu bytes of shared "
                        "memory per block; the device allows %llu",
                        (unsigned long long)att_smem(H, C),
                        (unsigned long long)g->info.smem_block);
@@ -365,30 +365,9 @@ mla_mm(const void *W, long long wbs, int R, int K, const float *x, int ldx, int 
     const void *w = (const char *)W + b * wbs;
     x += (size_t)b * xbs;
     y += (size_t)b * ybs;
-    for (int p0 = t0; p0 < t1; p0 += MM_TOK) {
-        const int np = t1 - p0 < MM_TOK ? t1 - p0 : MM_TOK;
-        float a[MM_TOK];
-#pragma unroll
-        for (int i = 0; i < MM_TOK; i++)
-            a[i] = 0.0f;
-        for (int c = lane; c < K / 8; c += 32) {
-            float wv[8];
-            cu_w8<DT>(w, r, K, c, wv);
-#pragma unroll
-            for (int i = 0; i < MM_TOK; i++) {
-                const float *xr = x + (size_t)(p0 + (i < np ? i : np - 1)) * ldx + 8 * c;
-                const float4 p = *(const float4 *)xr, u = *(const float4 *)(xr + 4);
-                a[i] += wv[0] * p.x + wv[1] * p.y + wv[2] * p.z + wv[3] * p.w +
-                        wv[4] * u.x + wv[5] * u.y + wv[6] * u.z + wv[7] * u.w;
-            }
-        }
-#pragma unroll
-        for (int i = 0; i < MM_TOK; i++) {
-            const float s = cu_warp_sum(a[i]);
-            if (lane == 0 && i < np)
-                y[(size_t)(p0 + i) * ldy + r] = s;
-        }
-    }
+    cu_rows<DT, 1, MM_TOK>(&w, r, K, t1 - t0, lane,
+                           [&](int p) { return x + (size_t)(t0 + p) * ldx; },
+                           [&](int p, const float *s) { y[(size_t)(t0 + p) * ldy + r] = s[0]; });
 }
 
 int
@@ -474,18 +453,18 @@ cu_mla_layer_check(struct k_gpu *g, const struct gpu_mla_w *w, int32_t D, int32_
 {
     (void)g;
     if (w == NULL)
-        return cu_fail(err, KLI_E_INVALID, "mla layer: no weights");
+        return err_set(err, KLI_E_INVALID, "mla layer: no weights");
     int32_t L = w->kv_a.rows - rope, dqk = nope + rope;
     if (!cu_mat_ok(&w->q_proj, H * dqk, D) || !cu_mat_ok(&w->kv_a, L + rope, D) ||
         !cu_mat_ok(&w->o_proj, D, H * dv) || w->kv_norm == NULL || w->w_uk_t == NULL ||
         w->w_uv == NULL)
-        return cu_fail(err, KLI_E_UNSUPPORTED, "GPU projections need matrices in F32, F16, "
+        return err_set(err, KLI_E_UNSUPPORTED, "GPU projections need matrices in F32, F16, "
                        "BF16, Q8_0 or Q4 with widths in multiples of 8 (32 for the block "
                        "types): q_proj %d x %d, kv_a %d x %d, o_proj %d x %d",
                        w->q_proj.rows, w->q_proj.cols, w->kv_a.rows, w->kv_a.cols,
                        w->o_proj.rows, w->o_proj.cols);
     if (L < 8 || nope % 8 != 0 || L % 8 != 0 || dqk % 4 != 0)
-        return cu_fail(err, KLI_E_UNSUPPORTED, "GPU projections need the latent (%d) and nope "
+        return err_set(err, KLI_E_UNSUPPORTED, "GPU projections need the latent (%d) and nope "
                        "(%d) widths in multiples of 8 and nope + rope in multiples of 4", L,
                        nope);
     return KLI_OK;
@@ -503,12 +482,12 @@ cu_mla_layer(struct gpu_queue *q, const struct gpu_mla_layer_job *j,
     int rc;
 
     if (T < 1)
-        return cu_fail(err, KLI_E_INVALID, "mla layer: no rows");
+        return err_set(err, KLI_E_INVALID, "mla layer: no rows");
     if ((rc = cu_check(cudaSetDevice(q->g->info.device), err, "cudaSetDevice")) != KLI_OK)
         return rc;
     for (int64_t t = 0; t < T; t++) {
         if (j->n[t] < 1)
-            return cu_fail(err, KLI_E_INVALID, "mla layer: row %lld attends to %lld rows",
+            return err_set(err, KLI_E_INVALID, "mla layer: row %lld attends to %lld rows",
                            (long long)t, (long long)j->n[t]);
         nmax = j->n[t] > nmax ? j->n[t] : nmax;
     }
@@ -586,7 +565,7 @@ cu_matmul(struct gpu_queue *q, const struct gpu_mat *w, const float *x, int64_t 
     int rc;
 
     if (T < 1 || !cu_mat_ok(w, R, K))
-        return cu_fail(err, KLI_E_UNSUPPORTED, "GPU matmul: %d x %d of dtype %d", R, K,
+        return err_set(err, KLI_E_UNSUPPORTED, "GPU matmul: %d x %d of dtype %d", R, K,
                        w->dtype);
     if ((rc = cu_check(cudaSetDevice(q->g->info.device), err, "cudaSetDevice")) != KLI_OK)
         return rc;

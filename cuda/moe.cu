@@ -35,37 +35,14 @@ __device__ void
 ffn_gate_up_row(const struct ffn_item &it, int f, const float *x, const int *row, int D,
                 float *hb, int ldh, int lane)
 {
-    for (int p0 = 0; p0 < it.n; p0 += FFN_TOK) {
-        const int np = it.n - p0 < FFN_TOK ? it.n - p0 : FFN_TOK;
-        const float *xr[FFN_TOK];
-        float g[FFN_TOK], u[FFN_TOK];
-#pragma unroll
-        for (int i = 0; i < FFN_TOK; i++) {
-            xr[i] = x + (size_t)row[it.start + p0 + (i < np ? i : np - 1)] * D;
-            g[i] = 0.0f;
-            u[i] = 0.0f;
-        }
-        for (int c = lane; c < D / 8; c += 32) {
-            float wg[8], wu[8];
-            cu_w8<DT>(it.gate, f, D, c, wg);
-            cu_w8<DT>(it.up, f, D, c, wu);
-#pragma unroll
-            for (int i = 0; i < FFN_TOK; i++) {
-                const float4 a = *(const float4 *)(xr[i] + 8 * c);
-                const float4 b = *(const float4 *)(xr[i] + 8 * c + 4);
-                g[i] += wg[0] * a.x + wg[1] * a.y + wg[2] * a.z + wg[3] * a.w +
-                        wg[4] * b.x + wg[5] * b.y + wg[6] * b.z + wg[7] * b.w;
-                u[i] += wu[0] * a.x + wu[1] * a.y + wu[2] * a.z + wu[3] * a.w +
-                        wu[4] * b.x + wu[5] * b.y + wu[6] * b.z + wu[7] * b.w;
-            }
-        }
-#pragma unroll
-        for (int i = 0; i < FFN_TOK; i++) {
-            const float gs = cu_warp_sum(g[i]), us = cu_warp_sum(u[i]);
-            if (lane == 0 && i < np)
-                hb[(size_t)(it.start + p0 + i) * ldh + f] = gs / (1.0f + expf(-gs)) * us;
-        }
-    }
+    const void *gu[2] = {it.gate, it.up};
+
+    cu_rows<DT, 2, FFN_TOK>(gu, f, D, it.n, lane,
+                            [&](int p) { return x + (size_t)row[it.start + p] * D; },
+                            [&](int p, const float *s) {
+                                hb[(size_t)(it.start + p) * ldh + f] = s[0] / (1.0f + expf(-s[0]))
+                                                                       * s[1];
+                            });
 }
 
 /* Row d of down against the item's hidden rows: y[p][d]. */
@@ -74,33 +51,11 @@ __device__ void
 ffn_down_row(const struct ffn_item &it, int d, const float *hb, int ldh, int D, float *y,
              int lane)
 {
-    for (int p0 = 0; p0 < it.n; p0 += FFN_TOK) {
-        const int np = it.n - p0 < FFN_TOK ? it.n - p0 : FFN_TOK;
-        const float *hr[FFN_TOK];
-        float a[FFN_TOK];
-#pragma unroll
-        for (int i = 0; i < FFN_TOK; i++) {
-            hr[i] = hb + (size_t)(it.start + p0 + (i < np ? i : np - 1)) * ldh;
-            a[i] = 0.0f;
-        }
-        for (int c = lane; c < it.F / 8; c += 32) {
-            float w[8];
-            cu_w8<DT>(it.down, d, it.F, c, w);
-#pragma unroll
-            for (int i = 0; i < FFN_TOK; i++) {
-                const float4 p = *(const float4 *)(hr[i] + 8 * c);
-                const float4 q = *(const float4 *)(hr[i] + 8 * c + 4);
-                a[i] += w[0] * p.x + w[1] * p.y + w[2] * p.z + w[3] * p.w +
-                        w[4] * q.x + w[5] * q.y + w[6] * q.z + w[7] * q.w;
-            }
-        }
-#pragma unroll
-        for (int i = 0; i < FFN_TOK; i++) {
-            const float s = cu_warp_sum(a[i]);
-            if (lane == 0 && i < np)
-                y[(size_t)(it.start + p0 + i) * D + d] = s;
-        }
-    }
+    cu_rows<DT, 1, FFN_TOK>(&it.down, d, it.F, it.n, lane,
+                            [&](int p) { return hb + (size_t)(it.start + p) * ldh; },
+                            [&](int p, const float *s) {
+                                y[(size_t)(it.start + p) * D + d] = s[0];
+                            });
 }
 
 __global__ void __launch_bounds__(32 * FFN_ROWS)
@@ -163,12 +118,12 @@ cu_moe_launch(struct gpu_queue *q, const struct gpu_moe_job *j, struct kli_err *
     int rc;
 
     if (j->n_items < 1 || P < 1 || D % 32 != 0)
-        return cu_fail(err, KLI_E_INVALID, "moe job: no work, or d_model %lld is not a "
+        return err_set(err, KLI_E_INVALID, "moe job: no work, or d_model %lld is not a "
                        "multiple of 32", (long long)D);
     for (int32_t i = 0; i < j->n_items; i++) {
         if (j->item[i].d_ff % 32 != 0 || j->item[i].dtype < KLI_DT_F32 ||
             j->item[i].dtype > KLI_DT_Q4)
-            return cu_fail(err, KLI_E_UNSUPPORTED, "moe job: d_ff %d or dtype %d",
+            return err_set(err, KLI_E_UNSUPPORTED, "moe job: d_ff %d or dtype %d",
                            j->item[i].d_ff, j->item[i].dtype);
         fmax = j->item[i].d_ff > fmax ? j->item[i].d_ff : fmax;
     }
@@ -203,7 +158,7 @@ cu_moe_launch(struct gpu_queue *q, const struct gpu_moe_job *j, struct kli_err *
     memset(tokptr, 0, (size_t)(T + 1) * 4);
     for (int64_t p = 0; p < P; p++) {
         if (row[p] < 0 || row[p] >= T)
-            return cu_fail(err, KLI_E_INVALID, "moe job: pair %lld names row %d of %lld",
+            return err_set(err, KLI_E_INVALID, "moe job: pair %lld names row %d of %lld",
                            (long long)p, row[p], (long long)T);
         tokptr[row[p] + 1]++;
     }
@@ -258,7 +213,7 @@ cu_moe_wait(struct gpu_queue *q, float *out, struct kli_err *err)
 
     q->moe_n = 0;
     if (n == 0)
-        return cu_fail(err, KLI_E_INVALID, "moe_wait without a launched job");
+        return err_set(err, KLI_E_INVALID, "moe_wait without a launched job");
     if ((rc = cu_check(cudaStreamSynchronize(q->st), err, "moe experts")) != KLI_OK)
         return rc;
     for (int64_t i = 0; i < n; i++)

@@ -72,6 +72,20 @@ avx2_tailmask(int64_t r)
     return _mm256_loadu_si256((const __m256i *)(bits + 8 - r));
 }
 
+/* The first r (< 8) floats of p into a vector, the other lanes zero, and back (masked: the
+ * memory past them is not touched). */
+AVX2_INLINE __m256
+avx2_load_tail(const float *p, int64_t r)
+{
+    return _mm256_maskload_ps(p, avx2_tailmask(r));
+}
+
+AVX2_INLINE void
+avx2_store_tail(float *p, __m256 v, int64_t r)
+{
+    _mm256_maskstore_ps(p, avx2_tailmask(r), v);
+}
+
 /* ---- vector primitives ------------------------------------------------------------------ */
 
 static float
@@ -218,12 +232,9 @@ avx2_dot_rows(enum k_dtype dt, int nr, const float *x, const uint8_t *w, size_t 
         j += 8;
     }
 #pragma GCC unroll 4
-    for (int r = 0; r < nr; r++) {
-        float s = avx2_hsum(_mm256_add_ps(a0[r], a1[r]));
-        for (int64_t jj = j; jj < k; jj++)
-            s += x[jj] * avx2_load1(dt, w + r * rb, jj);
-        out[r] = s;
-    }
+    for (int r = 0; r < nr; r++)
+        out[r] = simd_dot_tail(avx2_hsum(_mm256_add_ps(a0[r], a1[r])), dt, x, w + r * rb, j, k,
+                               avx2_f16);
 }
 
 /* y[t][r] = dot(x[t], row r) for nt (4) tokens x 3 rows: each widened weight vector serves
@@ -603,6 +614,18 @@ avx2_q4_tile(int nt, const uint8_t *act, size_t stride, int64_t nb, const uint8_
     avx2_hsums(nt, acc, out);
 }
 
+/* One token's step of the tile: c0..c2 += w0..w2 * x[0] (inlined, the accumulators stay in
+ * registers). */
+AVX2_INLINE void
+avx2_fma3(const float *x, __m256 w0, __m256 w1, __m256 w2, __m256 *c0, __m256 *c1, __m256 *c2)
+{
+    __m256 b = _mm256_broadcast_ss(x);
+
+    *c0 = _mm256_fmadd_ps(w0, b, *c0);
+    *c1 = _mm256_fmadd_ps(w1, b, *c1);
+    *c2 = _mm256_fmadd_ps(w2, b, *c2);
+}
+
 /*
  * The register tile: y[t][i] (+)= sum_j x[t][j] * panel[j][i] for t < 4, i < 24. Only t < nt
  * and i < nr are stored; rows of x past nt must still be readable (callers repeat the last).
@@ -621,22 +644,10 @@ avx2_tile4(const float *pk, const float *x0, const float *x1, const float *x2, c
     for (int64_t j = 0; j < kc; j++) {
         const float *p = pk + j * X86_NR;
         __m256 w0 = _mm256_load_ps(p), w1 = _mm256_load_ps(p + 8), w2 = _mm256_load_ps(p + 16);
-        __m256 b = _mm256_broadcast_ss(x0 + j);
-        c00 = _mm256_fmadd_ps(w0, b, c00);
-        c01 = _mm256_fmadd_ps(w1, b, c01);
-        c02 = _mm256_fmadd_ps(w2, b, c02);
-        b = _mm256_broadcast_ss(x1 + j);
-        c10 = _mm256_fmadd_ps(w0, b, c10);
-        c11 = _mm256_fmadd_ps(w1, b, c11);
-        c12 = _mm256_fmadd_ps(w2, b, c12);
-        b = _mm256_broadcast_ss(x2 + j);
-        c20 = _mm256_fmadd_ps(w0, b, c20);
-        c21 = _mm256_fmadd_ps(w1, b, c21);
-        c22 = _mm256_fmadd_ps(w2, b, c22);
-        b = _mm256_broadcast_ss(x3 + j);
-        c30 = _mm256_fmadd_ps(w0, b, c30);
-        c31 = _mm256_fmadd_ps(w1, b, c31);
-        c32 = _mm256_fmadd_ps(w2, b, c32);
+        avx2_fma3(x0 + j, w0, w1, w2, &c00, &c01, &c02);
+        avx2_fma3(x1 + j, w0, w1, w2, &c10, &c11, &c12);
+        avx2_fma3(x2 + j, w0, w1, w2, &c20, &c21, &c22);
+        avx2_fma3(x3 + j, w0, w1, w2, &c30, &c31, &c32);
     }
 
     __m256 c[X86_TM][3] = {{c00, c01, c02}, {c10, c11, c12}, {c20, c21, c22}, {c30, c31, c32}};
@@ -709,36 +720,16 @@ avx2_dot_decay(const float *a, const float *b, const float *ga, const float *gb,
     }
     s = avx2_hsum(acc);
     if (i < n) {
-        float ta[8] = {0}, tb[8] = {0}, tga[8] = {0}, tgb[8] = {0};
-        memcpy(ta, a + i, (size_t)(n - i) * sizeof(float));
-        memcpy(tb, b + i, (size_t)(n - i) * sizeof(float));
-        memcpy(tga, ga + i, (size_t)(n - i) * sizeof(float));
-        memcpy(tgb, gb + i, (size_t)(n - i) * sizeof(float));
-        __m256 e = avx2_exp_neg(_mm256_sub_ps(_mm256_loadu_ps(tga), _mm256_loadu_ps(tgb)));
-        s += avx2_hsum(_mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(ta), _mm256_loadu_ps(tb)), e));
+        __m256 e = avx2_exp_neg(_mm256_sub_ps(avx2_load_tail(ga + i, n - i),
+                                              avx2_load_tail(gb + i, n - i)));
+        s += avx2_hsum(_mm256_mul_ps(_mm256_mul_ps(avx2_load_tail(a + i, n - i),
+                                                   avx2_load_tail(b + i, n - i)), e));
     }
     return s;
 }
 
-static void
-avx2_mul_decay(float *y, const float *a, const float *ga, const float *gb, int64_t n)
-{
-    int64_t i = 0;
-
-    for (; i + 8 <= n; i += 8) {
-        __m256 e = avx2_exp_neg(_mm256_sub_ps(_mm256_loadu_ps(ga + i), _mm256_loadu_ps(gb + i)));
-        _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_loadu_ps(a + i), e));
-    }
-    if (i < n) {
-        float ta[8] = {0}, tga[8] = {0}, tgb[8] = {0}, ty[8];
-        memcpy(ta, a + i, (size_t)(n - i) * sizeof(float));
-        memcpy(tga, ga + i, (size_t)(n - i) * sizeof(float));
-        memcpy(tgb, gb + i, (size_t)(n - i) * sizeof(float));
-        __m256 e = avx2_exp_neg(_mm256_sub_ps(_mm256_loadu_ps(tga), _mm256_loadu_ps(tgb)));
-        _mm256_storeu_ps(ty, _mm256_mul_ps(_mm256_loadu_ps(ta), e));
-        memcpy(y + i, ty, (size_t)(n - i) * sizeof(float));
-    }
-}
+SIMD_MUL_DECAY(avx2_mul_decay, __m256, 8, avx2_exp_neg, _mm256_loadu_ps, _mm256_storeu_ps,
+               _mm256_mul_ps, _mm256_sub_ps, avx2_load_tail, avx2_store_tail)
 
 /* gemm_nn: register tiles of 4 rows x 16 columns (8 accumulators); rows past m repeat the last
  * row and are not stored, columns past n are masked. */
@@ -801,29 +792,8 @@ avx2_silu8(__m256 x)
     return _mm256_mul_ps(x, r);
 }
 
-static void
-avx2_silu(float *y, const float *x, const float *mul, int64_t n)
-{
-    int64_t i = 0;
-
-    for (; i + 8 <= n; i += 8) {
-        __m256 s = avx2_silu8(_mm256_loadu_ps(x + i));
-        if (mul != NULL)
-            s = _mm256_mul_ps(s, _mm256_loadu_ps(mul + i));
-        _mm256_storeu_ps(y + i, s);
-    }
-    if (i < n) {
-        float tx[8] = {0}, tm[8] = {0}, ty[8];
-        memcpy(tx, x + i, (size_t)(n - i) * sizeof(float));
-        if (mul != NULL)
-            memcpy(tm, mul + i, (size_t)(n - i) * sizeof(float));
-        __m256 s = avx2_silu8(_mm256_loadu_ps(tx));
-        if (mul != NULL)
-            s = _mm256_mul_ps(s, _mm256_loadu_ps(tm));
-        _mm256_storeu_ps(ty, s);
-        memcpy(y + i, ty, (size_t)(n - i) * sizeof(float));
-    }
-}
+SIMD_SILU(avx2_silu, __m256, 8, avx2_silu8, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_mul_ps,
+          avx2_load_tail, avx2_store_tail)
 
 static const struct k_kernels avx2_table = X86_TABLE("avx2");
 

@@ -59,6 +59,13 @@ avx2_f16(const uint8_t *p)
     return _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(avx2_u16(p))));
 }
 
+/* The F16 or BF16 elements of h widened to floats, for both widths W (256, and 512 in
+ * avx512.c): vcvtph2ps, or the 16-bit shift that makes a BF16 a float. */
+#define X86_WIDEN_U16(W, dt, h)                                                               \
+    ((dt) == KLI_DT_F16                                                                       \
+         ? _mm##W##_cvtph_ps(h)                                                               \
+         : _mm##W##_castsi##W##_ps(_mm##W##_slli_epi32(_mm##W##_cvtepu16_epi32(h), 16)))
+
 /* Eight weights from element j of a float-type row (F32, F16 or BF16), widened. */
 AVX2_INLINE __m256
 avx2_load8(enum k_dtype dt, const uint8_t *row, int64_t j)
@@ -66,9 +73,7 @@ avx2_load8(enum k_dtype dt, const uint8_t *row, int64_t j)
     if (dt == KLI_DT_F32)
         return _mm256_loadu_ps((const float *)row + j);
     __m128i h = _mm_loadu_si128((const __m128i *)(row + 2 * j));
-    if (dt == KLI_DT_F16)
-        return _mm256_cvtph_ps(h);
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    return X86_WIDEN_U16(256, dt, h);
 }
 
 AVX2_INLINE float

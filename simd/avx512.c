@@ -90,9 +90,7 @@ avx512_load16(enum k_dtype dt, const uint8_t *row, int64_t j)
     if (dt == KLI_DT_F32)
         return _mm512_loadu_ps((const float *)row + j);
     __m256i h = _mm256_loadu_si256((const __m256i *)(row + 2 * j));
-    if (dt == KLI_DT_F16)
-        return _mm512_cvtph_ps(h);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    return X86_WIDEN_U16(512, dt, h);
 }
 
 /* The same for the first lanes of mk only; the others are zero and their memory untouched. */
@@ -102,9 +100,21 @@ avx512_load16_mask(enum k_dtype dt, const uint8_t *row, int64_t j, __mmask16 mk)
     if (dt == KLI_DT_F32)
         return _mm512_maskz_loadu_ps(mk, (const float *)row + j);
     __m256i h = _mm256_maskz_loadu_epi16(mk, row + 2 * j);
-    if (dt == KLI_DT_F16)
-        return _mm512_cvtph_ps(h);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    return X86_WIDEN_U16(512, dt, h);
+}
+
+/* The first r (< 16) floats of p into a vector, the other lanes zero, and back (masked: the
+ * memory past them is not touched). */
+AVX512_INLINE __m512
+avx512_load_tail(const float *p, int64_t r)
+{
+    return _mm512_maskz_loadu_ps(avx512_mask(r), p);
+}
+
+AVX512_INLINE void
+avx512_store_tail(float *p, __m512 v, int64_t r)
+{
+    _mm512_mask_storeu_ps(p, avx512_mask(r), v);
 }
 
 /* The eight f16 scales of eight consecutive blocks (stride bytes apart), as floats. */
@@ -332,27 +342,26 @@ avx512_dot_tile(enum k_dtype dt, int nt, const float *x, int64_t ldx, const uint
 /* acc + the sums of four adjacent products u[i] * s[i] (u unsigned, s signed bytes) per
  * 32-bit lane. Without VNNI through 16-bit pairs (vpmaddubsw), which saturate only past
  * 32767: here u is |w| <= 128 of a Q8_0 weight or a nibble <= 15 against |s| <= 127, so a
- * pair is at most 32512 and both forms give the same integers. */
+ * pair is at most 32512 and both forms give the same integers. One macro for both widths W
+ * (512, and 256 for the blocks past the last group of eight). */
+#ifdef KLI_VNNI
+#define AVX512_DOT_U8(W, acc, u, s) _mm##W##_dpbusd_epi32(acc, u, s)
+#else
+#define AVX512_DOT_U8(W, acc, u, s)                                                           \
+    _mm##W##_add_epi32(acc, _mm##W##_madd_epi16(_mm##W##_maddubs_epi16(u, s),                 \
+                                                _mm##W##_set1_epi16(1)))
+#endif
+
 AVX512_INLINE __m512i
 avx512_dot_u8(__m512i acc, __m512i u, __m512i s)
 {
-#ifdef KLI_VNNI
-    return _mm512_dpbusd_epi32(acc, u, s);
-#else
-    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s),
-                                                   _mm512_set1_epi16(1)));
-#endif
+    return AVX512_DOT_U8(512, acc, u, s);
 }
 
 AVX512_INLINE __m256i
 avx512_dot_u8_256(__m256i acc, __m256i u, __m256i s)
 {
-#ifdef KLI_VNNI
-    return _mm256_dpbusd_epi32(acc, u, s);
-#else
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s),
-                                                   _mm256_set1_epi16(1)));
-#endif
+    return AVX512_DOT_U8(256, acc, u, s);
 }
 
 /* Quantizes 32 floats to int8 with scale amax/127 (round to nearest); *d gets the scale. */
@@ -815,23 +824,8 @@ avx512_dot_decay(const float *a, const float *b, const float *ga, const float *g
     return _mm512_reduce_add_ps(acc);
 }
 
-static void
-avx512_mul_decay(float *y, const float *a, const float *ga, const float *gb, int64_t n)
-{
-    int64_t i = 0;
-
-    for (; i + 16 <= n; i += 16) {
-        __m512 e = avx512_exp_neg(_mm512_sub_ps(_mm512_loadu_ps(ga + i),
-                                                _mm512_loadu_ps(gb + i)));
-        _mm512_storeu_ps(y + i, _mm512_mul_ps(_mm512_loadu_ps(a + i), e));
-    }
-    if (i < n) {
-        __mmask16 k = (__mmask16)((1u << (n - i)) - 1u);
-        __m512 e = avx512_exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, ga + i),
-                                                _mm512_maskz_loadu_ps(k, gb + i)));
-        _mm512_mask_storeu_ps(y + i, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, a + i), e));
-    }
-}
+SIMD_MUL_DECAY(avx512_mul_decay, __m512, 16, avx512_exp_neg, _mm512_loadu_ps, _mm512_storeu_ps,
+               _mm512_mul_ps, _mm512_sub_ps, avx512_load_tail, avx512_store_tail)
 
 /* gemm_nn: register tiles of 4 rows x 64 columns (16 accumulators); rows past m repeat the
  * last row and are not stored, columns past n are masked. */
@@ -902,25 +896,8 @@ avx512_silu16(__m512 x)
     return _mm512_mul_ps(x, r);
 }
 
-static void
-avx512_silu(float *y, const float *x, const float *mul, int64_t n)
-{
-    int64_t i = 0;
-
-    for (; i + 16 <= n; i += 16) {
-        __m512 s = avx512_silu16(_mm512_loadu_ps(x + i));
-        if (mul != NULL)
-            s = _mm512_mul_ps(s, _mm512_loadu_ps(mul + i));
-        _mm512_storeu_ps(y + i, s);
-    }
-    if (i < n) {
-        __mmask16 k = (__mmask16)((1u << (n - i)) - 1u);
-        __m512 s = avx512_silu16(_mm512_maskz_loadu_ps(k, x + i));
-        if (mul != NULL)
-            s = _mm512_mul_ps(s, _mm512_maskz_loadu_ps(k, mul + i));
-        _mm512_mask_storeu_ps(y + i, k, s);
-    }
-}
+SIMD_SILU(avx512_silu, __m512, 16, avx512_silu16, _mm512_loadu_ps, _mm512_storeu_ps,
+          _mm512_mul_ps, avx512_load_tail, avx512_store_tail)
 
 static const struct k_kernels avx512_table = X86_TABLE(AVX512_NAME);
 

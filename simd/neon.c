@@ -143,21 +143,8 @@ neon_dot_decay(const float *a, const float *b, const float *ga, const float *gb,
     return vaddvq_f32(acc);
 }
 
-static void
-neon_mul_decay(float *y, const float *a, const float *ga, const float *gb, int64_t n)
-{
-    int64_t i = 0;
-
-    for (; i + 4 <= n; i += 4) {
-        float32x4_t e = neon_exp_neg(vsubq_f32(vld1q_f32(ga + i), vld1q_f32(gb + i)));
-        vst1q_f32(y + i, vmulq_f32(vld1q_f32(a + i), e));
-    }
-    if (i < n) {
-        float32x4_t e = neon_exp_neg(vsubq_f32(neon_load_tail(ga + i, n - i),
-                                               neon_load_tail(gb + i, n - i)));
-        neon_store_tail(y + i, vmulq_f32(neon_load_tail(a + i, n - i), e), n - i);
-    }
-}
+SIMD_MUL_DECAY(neon_mul_decay, float32x4_t, 4, neon_exp_neg, vld1q_f32, vst1q_f32, vmulq_f32,
+               vsubq_f32, neon_load_tail, neon_store_tail)
 
 /* silu(x) = x sigmoid(x), sigmoid from e = exp(-|x|): 1 / (1 + e) for x >= 0, e / (1 + e)
  * below; zero below x = -80 (|silu| < 1e-33), so no denormal enters the arithmetic. */
@@ -173,24 +160,8 @@ neon_silu4(float32x4_t x)
     return vmulq_f32(x, r);
 }
 
-static void
-neon_silu(float *y, const float *x, const float *mul, int64_t n)
-{
-    int64_t i = 0;
-
-    for (; i + 4 <= n; i += 4) {
-        float32x4_t s = neon_silu4(vld1q_f32(x + i));
-        if (mul != NULL)
-            s = vmulq_f32(s, vld1q_f32(mul + i));
-        vst1q_f32(y + i, s);
-    }
-    if (i < n) {
-        float32x4_t s = neon_silu4(neon_load_tail(x + i, n - i));
-        if (mul != NULL)
-            s = vmulq_f32(s, neon_load_tail(mul + i, n - i));
-        neon_store_tail(y + i, s, n - i);
-    }
-}
+SIMD_SILU(neon_silu, float32x4_t, 4, neon_silu4, vld1q_f32, vst1q_f32, vmulq_f32, neon_load_tail,
+          neon_store_tail)
 
 /* gemm_nn: register tiles of 4 rows x 8 columns; rows past m repeat the last row and are not
  * stored; the columns past the last multiple of 8 take the scalar loop. */
@@ -318,12 +289,9 @@ neon_dot_rows(enum k_dtype dt, int nr, const float *x, const uint8_t *w, size_t 
         }
     }
 #pragma GCC unroll 4
-    for (int r = 0; r < nr; r++) {
-        float s = vaddvq_f32(vaddq_f32(a0[r], a1[r]));
-        for (int64_t t = j; t < k; t++)
-            s += x[t] * neon_widen1(dt, w + r * rb, t);
-        out[r] = s;
-    }
+    for (int r = 0; r < nr; r++)
+        out[r] = simd_dot_tail(vaddvq_f32(vaddq_f32(a0[r], a1[r])), dt, x, w + r * rb, j, k,
+                               neon_f16);
 }
 
 static void

@@ -50,6 +50,61 @@ simd_load1(enum k_dtype dt, const uint8_t *row, int64_t j, float (*f16)(const ui
     return bf16_to_f32(h);
 }
 
+/* s + sum x[i] * row[i] for j <= i < k: the scalar tail of a SIMD kernel's dot product with a
+ * float-type row (s its vector part), f16 as simd_load1's. */
+static inline __attribute__((always_inline)) float
+simd_dot_tail(float s, enum k_dtype dt, const float *x, const uint8_t *row, int64_t j,
+              int64_t k, float (*f16)(const uint8_t *))
+{
+    for (; j < k; j++)
+        s += x[j] * simd_load1(dt, row, j, f16);
+    return s;
+}
+
+/*
+ * The element loops of an ISA's silu and mul_decay (see struct k_kernels), written once over
+ * its vectors: V, a vector of W floats; silu_v and exp_neg, its vector silu and exp of a
+ * non-positive argument; load, store, mul and sub, its unaligned loads and stores and lane
+ * arithmetic; load_tail(p, r) and store_tail(p, v, r) for the first r < W floats (the load
+ * zeroes the other lanes, the store leaves the memory past them alone). Function
+ * definitions: no semicolon after them.
+ */
+#define SIMD_SILU(name, V, W, silu_v, load, store, mul, load_tail, store_tail)                 \
+    static void                                                                               \
+    name(float *y, const float *x, const float *m, int64_t n)                                 \
+    {                                                                                         \
+        int64_t i = 0;                                                                        \
+                                                                                              \
+        for (; i + (W) <= n; i += (W)) {                                                      \
+            V s = silu_v(load(x + i));                                                        \
+            if (m != NULL)                                                                    \
+                s = mul(s, load(m + i));                                                      \
+            store(y + i, s);                                                                  \
+        }                                                                                     \
+        if (i < n) {                                                                          \
+            V s = silu_v(load_tail(x + i, n - i));                                            \
+            if (m != NULL)                                                                    \
+                s = mul(s, load_tail(m + i, n - i));                                          \
+            store_tail(y + i, s, n - i);                                                      \
+        }                                                                                     \
+    }
+
+#define SIMD_MUL_DECAY(name, V, W, exp_neg, load, store, mul, sub, load_tail, store_tail)      \
+    static void                                                                               \
+    name(float *y, const float *a, const float *ga, const float *gb, int64_t n)               \
+    {                                                                                         \
+        int64_t i = 0;                                                                        \
+                                                                                              \
+        for (; i + (W) <= n; i += (W)) {                                                      \
+            V e = exp_neg(sub(load(ga + i), load(gb + i)));                                   \
+            store(y + i, mul(load(a + i), e));                                                \
+        }                                                                                     \
+        if (i < n) {                                                                          \
+            V e = exp_neg(sub(load_tail(ga + i, n - i), load_tail(gb + i, n - i)));           \
+            store_tail(y + i, mul(load_tail(a + i, n - i), e), n - i);                        \
+        }                                                                                     \
+    }
+
 /* Defines the matmul_fn `name` as impl(args, y, ldy, x, ldx, w, n, k, m): a table entry of
  * a matmul written once for several dtypes or variants, whose leading arguments (a dtype, a
  * kernel) are constants there, so the inlined impl is specialised for them. No semicolon after

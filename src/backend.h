@@ -7,7 +7,8 @@
  *                           model-neutral blocks (latent attention, whole MLA and KDA layers,
  *                           SwiGLU experts); it knows nothing of kli_model or kli_session.
  *                           cuda/ implements it (cuda_backend() in cuda/kli_cuda.h) and
- *                           includes this header and nothing else of src/.
+ *                           includes this header and internal.h (for err_set) and nothing
+ *                           else of src/.
  *   backend_*               the glue in backend.c that maps the model onto the vtable: which
  *                           MLA caches are mirrored on the device, which experts of which
  *                           layer are resident (the hot set), and the fallback to the CPU.
