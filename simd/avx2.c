@@ -465,22 +465,6 @@ avx2_q4_dot(__m256i lo, __m256i hi, const uint8_t *xr)
     return _mm256_madd_epi16(pr, _mm256_set1_epi16(1));
 }
 
-/* The f16 scales of the eight blocks at p, in the group order b0 b2 b4 b6 b1 b3 b5 b7. */
-AVX2_INLINE __m256
-avx2_q4_scales8(const uint8_t *p)
-{
-    __m128i h = _mm_cvtsi32_si128(avx2_u16(p));
-
-    h = _mm_insert_epi16(h, avx2_u16(p + 36), 1);
-    h = _mm_insert_epi16(h, avx2_u16(p + 72), 2);
-    h = _mm_insert_epi16(h, avx2_u16(p + 108), 3);
-    h = _mm_insert_epi16(h, avx2_u16(p + 18), 4);
-    h = _mm_insert_epi16(h, avx2_u16(p + 54), 5);
-    h = _mm_insert_epi16(h, avx2_u16(p + 90), 6);
-    h = _mm_insert_epi16(h, avx2_u16(p + 126), 7);
-    return _mm256_cvtph_ps(h);
-}
-
 /* The scales of the pair at p as [d_b x4, d_c x4] (d_c = 0 when `pair` is 0). */
 AVX2_INLINE __m256
 avx2_q4_scales2(int pair, const uint8_t *p)
@@ -508,7 +492,7 @@ avx2_q4_group(const uint8_t *p, const uint8_t *xg, __m256 acc)
                                     avx2_q4_dot(l3, h3, xg + 192));
     __m256i s = _mm256_add_epi32(_mm256_hadd_epi32(s01, s23),
                                  _mm256_load_si256((const __m256i *)(xg + 288)));
-    __m256 sc = _mm256_mul_ps(avx2_q4_scales8(p), _mm256_load_ps((const float *)(xg + 256)));
+    __m256 sc = _mm256_mul_ps(avx2_scales8(p, 36, 18), _mm256_load_ps((const float *)(xg + 256)));
 
     return _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), sc, acc);
 }
@@ -574,7 +558,7 @@ avx2_q4_tile(int nt, const uint8_t *act, size_t stride, int64_t nb, const uint8_
         _mm_prefetch((const char *)(pg + pf), _MM_HINT_T0);
         _mm_prefetch((const char *)(pg + pf + 64), _MM_HINT_T0);
         _mm_prefetch((const char *)(pg + pf + 128), _MM_HINT_T0);
-        __m256 dw = avx2_q4_scales8(pg);
+        __m256 dw = avx2_scales8(pg, 36, 18);
         avx2_q4_nibbles(1, pg, &l0, &h0);
         avx2_q4_nibbles(1, pg + 36, &l1, &h1);
 #pragma GCC unroll 4

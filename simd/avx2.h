@@ -82,6 +82,24 @@ avx2_load1(enum k_dtype dt, const uint8_t *row, int64_t j)
     return simd_load1(dt, row, j, avx2_f16);
 }
 
+/* Eight f16 block scales as floats: lane i < 4 from p + i * a, lane 4 + i from p + b + i * a
+ * (a, b constants after inlining: avx512.c's eight consecutive blocks, a stride s and
+ * b = 4 s; avx2.c's Q4 group order b0 b2 b4 b6 b1 b3 b5 b7, a = 36 and b = 18). */
+AVX2_INLINE __m256
+avx2_scales8(const uint8_t *p, int a, int b)
+{
+    __m128i h = _mm_cvtsi32_si128(avx2_u16(p));
+
+    h = _mm_insert_epi16(h, avx2_u16(p + a), 1);
+    h = _mm_insert_epi16(h, avx2_u16(p + 2 * a), 2);
+    h = _mm_insert_epi16(h, avx2_u16(p + 3 * a), 3);
+    h = _mm_insert_epi16(h, avx2_u16(p + b), 4);
+    h = _mm_insert_epi16(h, avx2_u16(p + b + a), 5);
+    h = _mm_insert_epi16(h, avx2_u16(p + b + 2 * a), 6);
+    h = _mm_insert_epi16(h, avx2_u16(p + b + 3 * a), 7);
+    return _mm256_cvtph_ps(h);
+}
+
 /* sum of the 32 int8 in q */
 AVX2_INLINE int32_t
 avx2_sum_i8(__m256i q)

@@ -117,22 +117,6 @@ avx512_store_tail(float *p, __m512 v, int64_t r)
     _mm512_mask_storeu_ps(p, avx512_mask(r), v);
 }
 
-/* The eight f16 scales of eight consecutive blocks (stride bytes apart), as floats. */
-AVX512_INLINE __m256
-avx512_scales8(const uint8_t *p, int stride)
-{
-    __m128i h = _mm_cvtsi32_si128(avx2_u16(p));
-
-    h = _mm_insert_epi16(h, avx2_u16(p + stride), 1);
-    h = _mm_insert_epi16(h, avx2_u16(p + 2 * stride), 2);
-    h = _mm_insert_epi16(h, avx2_u16(p + 3 * stride), 3);
-    h = _mm_insert_epi16(h, avx2_u16(p + 4 * stride), 4);
-    h = _mm_insert_epi16(h, avx2_u16(p + 5 * stride), 5);
-    h = _mm_insert_epi16(h, avx2_u16(p + 6 * stride), 6);
-    h = _mm_insert_epi16(h, avx2_u16(p + 7 * stride), 7);
-    return _mm256_cvtph_ps(h);
-}
-
 /* The accumulators of the quantized kernels: a 512-bit and a 256-bit one (for the blocks
  * past the last group of eight) per row or token. acc[i] = acc8[i] = 0 for i < n (a
  * constant after inlining). */
@@ -447,7 +431,7 @@ avx512_q8_rows(int nr, const uint8_t *act, int64_t nb, const uint8_t *w, size_t 
             for (int l = 0; l < 5; l++)
                 _mm_prefetch((const char *)(p + pf + 64 * l), _MM_HINT_T0);
             /* only lanes 0..7 of s are ever selected */
-            __m512 s = _mm512_castps256_ps512(_mm256_mul_ps(avx512_scales8(p, 34), dx));
+            __m512 s = _mm512_castps256_ps512(_mm256_mul_ps(avx2_scales8(p, 34, 136), dx));
 #pragma GCC unroll 4
             for (int i = 0; i < 4; i++) {
                 __m512i wq = avx512_q8_pair(p + 68 * i);
@@ -487,7 +471,7 @@ avx512_q8_tile(int nt, const uint8_t *act, size_t stride, int64_t nb, const uint
         __m512 s[8];
         for (int l = 0; l < 5; l++)
             _mm_prefetch((const char *)(pg + pf + 64 * l), _MM_HINT_T0);
-        __m256 dw = avx512_scales8(pg, 34);
+        __m256 dw = avx2_scales8(pg, 34, 136);
 #pragma GCC unroll 8
         for (int t = 0; t < nt; t++) {
             const float *d = (const float *)(act + t * stride + 32 * nb);
