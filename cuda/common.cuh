@@ -1,7 +1,8 @@
 /*
  * common.cuh - what the CUDA files share: the device and queue structures behind the opaque
- * handles of src/backend.h, and the mapping of CUDA errors onto kli's (struct kli_err,
- * KLI_E_CUDA with cudaGetErrorString's text). Nothing here aborts: every runtime call's status
+ * handles of src/backend.h, the mapping of CUDA errors onto kli's (struct kli_err set by
+ * err_set, KLI_E_CUDA with cudaGetErrorString's text), and the weight-row loops of the
+ * warp-per-row kernels (cu_w8, cu_rows). Nothing here aborts: every runtime call's status
  * goes through cu_check, and every launch through cu_launched.
  */
 #ifndef KLI_CUDA_COMMON_CUH

@@ -395,10 +395,14 @@ cu_mm(struct gpu_queue *q, const void *W, int dtype, long long wbs, int R, int K
         mla_mm<KLI_DT_Q8_0><<<grid, 32 * MM_ROWS, 0, q->st>>>(W, wbs, R, K, x, ldx, xbs,
                                                               (int)T, y, ldy, ybs);
         break;
-    default:
+    case KLI_DT_Q4:
         mla_mm<KLI_DT_Q4><<<grid, 32 * MM_ROWS, 0, q->st>>>(W, wbs, R, K, x, ldx, xbs, (int)T,
                                                             y, ldy, ybs);
         break;
+    default:
+        /* the K types (and anything newer) have no kernel here: callers check cu_mat_ok
+         * first, and a block must never be read as another type's */
+        return cu_fail(err, KLI_E_UNSUPPORTED, "%s: no GPU matmul for dtype %d", what, dtype);
     }
     return cu_launched(err, what);
 }

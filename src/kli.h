@@ -193,9 +193,10 @@ struct kli_model_options {
     int n_threads;   /* worker threads for this process; 0 = one per physical core (default).
                         The count is process-wide: the last kli_model_open sets it, and a
                         session refuses to run with more threads than it was created for */
-    const char *weight_type;   /* NULL: weights as stored. "q8_0", "q4", "bf16", "f16", "f32":
-                                  convert the weight matrices at open (as kli_quantize would;
-                                  the router and small parameters stay), held in memory */
+    const char *weight_type;   /* NULL: weights as stored. "q8_0", "q4", "bf16", "f16", "f32",
+                                  "q2_k" .. "q6_k": convert the weight matrices at open (as
+                                  kli_quantize would; the router and small parameters stay),
+                                  held in memory */
     int gpu;         /* enum kli_gpu_mode: where the work runs (default KLI_GPU_AUTO) */
     uint64_t gpu_mem;          /* bytes of GPU memory kli may use; 0 = the free memory less
                                   1 GiB */
@@ -765,8 +766,10 @@ typedef void (*kli_progress_fn)(void *ud, uint64_t done, uint64_t total, const c
  * are one. (kli_quantize_options is its former name.) */
 struct kli_convert_options {
     size_t size;     /* sizeof the struct, set by its _init function (ABI, above) */
-    const char *type;           /* weight matrices in "q8_0", "q4", "bf16", "f16" or "f32";
-                                   NULL: every tensor as stored (kli_convert only) */
+    const char *type;           /* weight matrices in "q8_0", "q4", "bf16", "f16", "f32" or
+                                   "q2_k" .. "q6_k" (rows that are not whole 256-element
+                                   super-blocks take q8_0); NULL: every tensor as stored
+                                   (kli_convert only) */
     const char *const *keep;    /* n_keep rules "GLOB=TYPE" (fnmatch on tensor names; TYPE
                                    as above or "keep" for the stored type); first match wins */
     int32_t n_keep;

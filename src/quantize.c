@@ -18,6 +18,7 @@
 
 #include "internal.h"
 #include "quantize.h"
+#include "threads.h"
 #include "wbuf.h"
 #include "weights.h"
 
@@ -222,6 +223,27 @@ quant_finite(const float *x, int64_t n, int64_t row0, int64_t cols, const char *
     return KLI_OK;
 }
 
+/* One slab's rows quantized on the worker pool: rows are independent, so the bytes do not
+ * depend on the split, and each share runs with denormals flushed as load-time conversion's
+ * does (model.c), which keeps the two bit-identical. */
+struct quant_job {
+    const float *src;
+    uint8_t *dst;
+    enum k_dtype to;
+    int64_t cols;
+    uint64_t out_rb;
+};
+
+static void
+quant_rows(void *ctx, int64_t r0, int64_t r1, int ith)
+{
+    const struct quant_job *j = ctx;
+
+    (void)ith;
+    dtype_from_f32(j->to, j->src + r0 * j->cols, j->dst + (uint64_t)r0 * j->out_rb,
+                   (r1 - r0) * j->cols);
+}
+
 int
 quantize_tensor(struct quantize_stream *qs, const struct wfile *wf,
                 const struct tensor_desc *d, enum k_dtype to, struct kli_err *err)
@@ -250,7 +272,8 @@ quantize_tensor(struct quantize_stream *qs, const struct wfile *wf,
         if (dtype_info(to)->block > 1 && (rc = quant_finite(qs->fbuf, k * cols, r, cols, d->name,
                                                             err)) != KLI_OK)
             break;
-        dtype_from_f32(to, qs->fbuf, qs->qbuf, k * cols);
+        struct quant_job job = {qs->fbuf, qs->qbuf, to, cols, out_rb};
+        threads_parallel_for(k, 1, quant_rows, &job);
         rc = qs->write(qs->ctx, qs->qbuf, (uint64_t)k * out_rb, err);
         quant_drop(wf, d, (uint64_t)r * in_rb, (uint64_t)k * in_rb);
         if (rc == KLI_OK)

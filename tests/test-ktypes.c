@@ -7,7 +7,11 @@
  * falling from Q2_K to Q6_K, Q4_K well below Q4; weighted_*: importance weights lower the
  * weighted error, and NULL weights give dtype_from_f32's bytes; edge_*: zeros, tiny, huge
  * and non-finite inputs give finite, deterministic blocks; matmul: every table's matmul of
- * every K type against the dequantized weights in double.
+ * every K type against the dequantized weights in double; nano: the trained demo model
+ * converted to each K type at load time runs, its logits close to f32 and its top-1
+ * agreement ordered Q6_K >= Q4_K >= Q2_K; files: kli quantize and kli convert to a K type
+ * give the load-time conversion's logits bit for bit, short rows take the fallback, and
+ * K-type tensors of the wrong size or shape are refused with messages that say why.
  */
 #include "config.h"
 
@@ -15,14 +19,18 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
+#include "kli.h"
 #include "dtype.h"
 #include "simd.h"
 #include "tap.h"
 #include "testlib.h"
 
-static const enum k_dtype ktypes[5] = {
-    KLI_DT_Q2_K, KLI_DT_Q3_K, KLI_DT_Q4_K, KLI_DT_Q5_K, KLI_DT_Q6_K,
+/* The K types, then the two 32-element block types (for the weighted quantizer). */
+static const enum k_dtype ktypes[7] = {
+    KLI_DT_Q2_K, KLI_DT_Q3_K, KLI_DT_Q4_K, KLI_DT_Q5_K, KLI_DT_Q6_K, KLI_DT_Q4, KLI_DT_Q8_0,
 };
 
 /* Decodes one block of dt and checks element idx[i] == want[i] exactly. */
@@ -229,9 +237,8 @@ gauss_rows(uint64_t *st, int rows, int k)
 static void
 error_gauss(void)
 {
-    uint64_t st;
+    uint64_t st = 17;   /* each case starts from its seed */
 
-    st = 17;   /* each case starts from its seed */
     int rows = 32, k = 1024;
     float *x = gauss_rows(&st, rows, k);
     /* bounds: a little above what the types reach on Gaussian rows (measured, see the
@@ -260,9 +267,8 @@ error_gauss(void)
 static void
 error_outliers(void)
 {
-    uint64_t st;
+    uint64_t st = 23;   /* each case starts from its seed */
 
-    st = 23;   /* each case starts from its seed */
     int rows = 16, k = 512;
     float *x = gauss_rows(&st, rows, k);
     for (int i = 0; i < rows * k; i += 97)
@@ -281,16 +287,14 @@ error_outliers(void)
 static void
 weighted_lower(void)
 {
-    uint64_t st;
+    uint64_t st = 31;   /* each case starts from its seed */
 
-    st = 31;   /* each case starts from its seed */
     int rows = 16, k = 1024;
     float *x = gauss_rows(&st, rows, k);
     float *imp = tl_malloc((size_t)k * sizeof(float));
     for (int j = 0; j < k; j++)
         imp[j] = (float)exp(2.0 * tl_normal(&st));
-    const enum k_dtype all[7] = {KLI_DT_Q2_K, KLI_DT_Q3_K, KLI_DT_Q4_K, KLI_DT_Q5_K,
-                                 KLI_DT_Q6_K, KLI_DT_Q4, KLI_DT_Q8_0};
+    const enum k_dtype *all = ktypes;
     int lower = 1;
     for (int t = 0; t < 7; t++) {
         double eu = rel_err(all[t], x, rows, k, NULL, imp);
@@ -308,17 +312,15 @@ weighted_lower(void)
 static void
 weighted_null(void)
 {
-    uint64_t st;
+    uint64_t st = 37;   /* each case starts from its seed */
 
-    st = 37;   /* each case starts from its seed */
     int k = 512;
     float *x = gauss_rows(&st, 1, k);
     float *ones = tl_malloc((size_t)k * sizeof(float));
     int same = 1, ones_same = 1;
     for (int j = 0; j < k; j++)
         ones[j] = 1.0f;
-    const enum k_dtype all[7] = {KLI_DT_Q2_K, KLI_DT_Q3_K, KLI_DT_Q4_K, KLI_DT_Q5_K,
-                                 KLI_DT_Q6_K, KLI_DT_Q4, KLI_DT_Q8_0};
+    const enum k_dtype *all = ktypes;
     for (int t = 0; t < 7; t++) {
         size_t nb = (size_t)dtype_nbytes(all[t], (uint64_t)k);
         uint8_t *p = tl_malloc(nb), *q = tl_malloc(nb);
@@ -434,6 +436,237 @@ matmul_tables(void)
     free(y);
 }
 
+/* The demo model and up to NANO_MAX tokens of held-out text (tokenized by its tokenizer). */
+#define NANO_MAX 256
+static char nano_dir[4096];
+static kli_token nano_ids[NANO_MAX];
+static int nano_n;
+
+static int
+nano_tokens(void)
+{
+    struct kli_tokenizer *tok = NULL;
+    struct kli_err err = {0};
+    char path[4200];
+    size_t len = 0;
+
+    if (nano_n > 0)
+        return nano_n;
+    snprintf(nano_dir, sizeof(nano_dir), "%s/../../contrib/models/kimi-linear-nano", tl_data());
+    snprintf(path, sizeof(path), "%s/../../contrib/train/heldout-eval.txt", tl_data());
+    char *text = tl_slurp(path, &len);
+    if (text == NULL || kli_tokenizer_open(&tok, nano_dir, &err) != KLI_OK) {
+        diag("nano tokens: %s", err.msg);
+        free(text);
+        return 0;
+    }
+    len = len > 1500 ? 1500 : len;
+    while (len > 0 && ((unsigned char)text[len] & 0xc0) == 0x80)
+        len--;   /* cut on a character boundary */
+    int64_t n = kli_tokenize(tok, text, len, 0, nano_ids, NANO_MAX, &err);
+    nano_n = n < 0 ? 0 : n > NANO_MAX ? NANO_MAX : (int)n;
+    kli_tokenizer_close(tok);
+    free(text);
+    return nano_n;
+}
+
+static int
+argmax(const float *x, int32_t n)
+{
+    int best = 0;
+
+    for (int32_t i = 1; i < n; i++)
+        best = x[i] > x[best] ? i : best;
+    return best;
+}
+
+static void
+nano_logits(void)
+{
+    /* rel L2 bounds, a few times what the types give (see the diagnostics); a broken layout
+     * or matmul lands near 1 */
+    static const char *const type[5] = {"q2_k", "q3_k", "q4_k", "q5_k", "q6_k"};
+    static const double bound[5] = {0.6, 0.35, 0.2, 0.1, 0.05};
+    int32_t V = 0;
+    int n = nano_tokens();
+
+    if (n < 150) {
+        ok(0, "nano: held-out text tokenized (%d tokens)", n);
+        return;
+    }
+    diag("kernels: %s", kli_simd_variant());
+    float *ref = tl_logits_of(nano_dir, "f32", nano_ids, n, &V);
+    int agree[5] = {0};
+    for (int t = 0; t < 5 && ref != NULL; t++) {
+        float *l = tl_logits_of(nano_dir, type[t], nano_ids, n, &V);
+        if (l == NULL) {
+            ok(0, "nano %s: logits", type[t]);
+            continue;
+        }
+        for (int i = 0; i < n; i++)
+            agree[t] += argmax(l + (size_t)i * V, V) == argmax(ref + (size_t)i * V, V);
+        double e = tl_rel_l2(l, ref, (int64_t)n * V);
+        ok(e < bound[t], "nano %s: logits within %.2f of f32 (rel L2 %.4f), top-1 %d/%d", type[t],
+           bound[t], e, agree[t], n);
+        free(l);
+    }
+    ok(ref != NULL && agree[4] >= agree[2] && agree[2] >= agree[0] && agree[4] > agree[0],
+       "nano top-1 agreement with f32: q6_k %d >= q4_k %d >= q2_k %d", agree[4], agree[2],
+       agree[0]);
+    free(ref);
+}
+
+/* The dtype name of tensor `name` in dir/model.safetensors, or NULL. */
+static char *
+st_dtype(const char *dir, const char *name, char *buf, size_t cap)
+{
+    char path[4200];
+    size_t len = 0;
+
+    snprintf(path, sizeof(path), "%s/model.safetensors", dir);
+    char *all = tl_slurp(path, &len);
+    if (all == NULL || len < 8)
+        return NULL;
+    uint64_t hl = 0;
+    for (int i = 7; i >= 0; i--)
+        hl = hl << 8 | (uint8_t)all[i];
+    char *p = hl + 8 <= len ? strstr(all + 8, name) : NULL;
+    char *q = p != NULL ? strstr(p, "\"dtype\"") : NULL;
+    char *r = q != NULL ? strchr(q + 7, '"') : NULL;
+    char *e = r != NULL ? strchr(r + 1, '"') : NULL;
+    if (e == NULL || (size_t)(e - r - 1) >= cap || (uint64_t)(e - all) > hl + 8) {
+        free(all);
+        return NULL;
+    }
+    memcpy(buf, r + 1, (size_t)(e - r - 1));
+    buf[e - r - 1] = '\0';
+    free(all);
+    return buf;
+}
+
+/* Writes dir/model.safetensors with the nano config and one tensor (the rest missing is
+ * fine: the tensor is checked as the header is read). */
+static int
+write_one_tensor(const char *dir, const char *dtype, int rows, int cols, size_t nbytes)
+{
+    char path[4200], hdr[512];
+    int hl = snprintf(hdr, sizeof(hdr), "{\"t\":{\"dtype\":\"%s\",\"shape\":[%d,%d],"
+                      "\"data_offsets\":[0,%zu]}}", dtype, rows, cols, nbytes);
+    while (hl % 8 != 0)
+        hdr[hl++] = ' ';
+    size_t total = 8 + (size_t)hl + nbytes;
+    uint8_t *buf = tl_calloc(total, 1);
+    for (int i = 0; i < 8; i++)
+        buf[i] = (uint8_t)((uint64_t)hl >> (8 * i));
+    memcpy(buf + 8, hdr, (size_t)hl);
+    snprintf(path, sizeof(path), "%s/model.safetensors", dir);
+    int rc = tl_spill(path, buf, total);
+    free(buf);
+    return rc;
+}
+
+static void
+files(void)
+{
+    char dir[] = "/tmp/kli-ktypes-XXXXXX", q[4200], kl[4200], buf[64];
+    struct kli_convert_options o;
+    struct kli_err err = {0};
+    int32_t V = 0;
+    int n = nano_tokens();
+
+    if (mkdtemp(dir) == NULL || n < 150) {
+        ok(0, "files: a temporary directory and the nano tokens");
+        return;
+    }
+    snprintf(q, sizeof(q), "%s/q4k", dir);
+    snprintf(kl, sizeof(kl), "%s/q3k.kli", dir);
+    kli_quantize_options_init(&o);
+    o.type = "q4_k";
+    ok(kli_quantize(nano_dir, q, &o, &err) == KLI_OK, "kli_quantize --type q4_k: %s", err.msg);
+    ok(st_dtype(q, "model.layers.1.self_attn.q_proj.weight", buf, sizeof(buf)) &&
+       strcmp(buf, "KLI_Q4_K") == 0 &&
+       st_dtype(q, "model.layers.1.block_sparse_moe.experts.0.w2.weight", buf, sizeof(buf)) &&
+       strcmp(buf, "KLI_Q8_0") == 0 &&
+       st_dtype(q, "model.layers.1.block_sparse_moe.gate.weight", buf, sizeof(buf)) &&
+       strcmp(buf, "BF16") == 0, "256-column matrices are KLI_Q4_K, 64-column ones take the "
+       "Q8_0 fallback, the router stays BF16");
+    float *lq = tl_logits_of(q, NULL, nano_ids, n, &V);
+    float *lc = tl_logits_of(nano_dir, "q4_k", nano_ids, n, &V);
+    ok(lq != NULL && lc != NULL && memcmp(lq, lc, (size_t)n * V * sizeof(float)) == 0,
+       "the q4_k checkpoint gives load-time q4_k conversion's logits bit for bit");
+    kli_convert_options_init(&o);
+    o.type = "q3_k";
+    memset(&err, 0, sizeof(err));
+    ok(kli_convert(nano_dir, kl, &o, &err) == KLI_OK, "kli_convert --type q3_k: %s", err.msg);
+    float *lk = tl_logits_of(kl, NULL, nano_ids, n, &V);
+    float *l3 = tl_logits_of(nano_dir, "q3_k", nano_ids, n, &V);
+    ok(lk != NULL && l3 != NULL && memcmp(lk, l3, (size_t)n * V * sizeof(float)) == 0,
+       "the q3_k .kli gives load-time q3_k conversion's logits bit for bit");
+    /* edge mode: the routed experts read from the file into a bounded cache */
+    struct kli_model_options mo;
+    struct kli_model *me = NULL;
+    float *le = NULL;
+    kli_model_options_init(&mo);
+    mo.mem_budget = (uint64_t)48 << 20;
+    memset(&err, 0, sizeof(err));
+    if (kli_model_open(&me, kl, &mo, &err) == KLI_OK)
+        le = tl_logits(me, nano_ids, n, 0, &err);
+    ok(le != NULL && lk != NULL && memcmp(le, lk, (size_t)n * V * sizeof(float)) == 0,
+       "edge mode (--mem-budget 48M) on the q3_k .kli: the resident logits bit for bit %s",
+       err.msg);
+    kli_model_close(me);
+    free(le);
+    struct kli_model *m = NULL;
+    memset(&err, 0, sizeof(err));
+    ok(kli_model_open(&m, kl, NULL, &err) == KLI_OK &&
+       kli_model_verify(m, NULL, NULL, &err) == KLI_OK, "the q3_k .kli verifies: %s", err.msg);
+    kli_model_close(m);
+    m = NULL;
+    /* one bit flipped in the middle of the file: inside a Q3_K tensor's bytes */
+    size_t klen = 0;
+    uint8_t *img = (uint8_t *)tl_slurp(kl, &klen);
+    if (img != NULL) {
+        img[klen / 2] ^= 0x10;
+        tl_spill(kl, img, klen);
+        free(img);
+    }
+    memset(&err, 0, sizeof(err));
+    ok(img != NULL && kli_model_open(&m, kl, NULL, &err) == KLI_OK &&
+       kli_model_verify(m, NULL, NULL, &err) == KLI_E_FORMAT && strstr(err.msg, "checksum"),
+       "a damaged Q3_K tensor is named by verification: %s", err.msg);
+    kli_model_close(m);
+    m = NULL;
+    free(lq);
+    free(lc);
+    free(lk);
+    free(l3);
+
+    /* damaged K tensors in a safetensors header */
+    char bad[4200];
+    snprintf(bad, sizeof(bad), "%s/bad", dir);
+    mkdir(bad, 0777);
+    char cfg[4300], cfg2[4300];
+    size_t clen = 0;
+    snprintf(cfg, sizeof(cfg), "%s/config.json", nano_dir);
+    snprintf(cfg2, sizeof(cfg2), "%s/config.json", bad);
+    char *ctext = tl_slurp(cfg, &clen);
+    if (ctext != NULL)
+        tl_spill(cfg2, ctext, clen);
+    free(ctext);
+    write_one_tensor(bad, "KLI_Q4_K", 2, 64, 144);
+    memset(&err, 0, sizeof(err));
+    ok(kli_model_open(&m, bad, NULL, &err) != KLI_OK && strstr(err.msg, "whole blocks of 256"),
+       "a KLI_Q4_K tensor with 64-column rows is refused: %s", err.msg);
+    write_one_tensor(bad, "KLI_Q6_K", 2, 256, 2 * 210 - 1);
+    memset(&err, 0, sizeof(err));
+    ok(kli_model_open(&m, bad, NULL, &err) != KLI_OK && strstr(err.msg, "\"t\"") != NULL,
+       "a KLI_Q6_K tensor one byte short is refused, naming it: %s", err.msg);
+    kli_model_close(m);
+    char cmd[4300];
+    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", dir);
+    ok(system(cmd) == 0, "clean up");
+}
+
 static const struct tap_fn cases[] = {
     {"layout_table", layout_table},
     {"layout_q2_k", layout_q2_k},
@@ -447,6 +680,8 @@ static const struct tap_fn cases[] = {
     {"weighted_null", weighted_null},
     {"edge_values", edge_values},
     {"matmul", matmul_tables},
+    {"nano", nano_logits},
+    {"files", files},
 };
 
 int

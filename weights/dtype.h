@@ -104,7 +104,7 @@ enum k_dtype dtype_fit(enum k_dtype dt, int64_t cols);
 
 /* What a K type falls back to on rows it cannot hold (kli(1), QUANTIZATION): Q8_0, which on
  * the nano model's 64-column expert matrices kept the logits closer to f32 than Q4 did
- * (doc/formats.md, Super-block types). */
+ * (doc/formats.md 2.4). */
 #define KLI_DT_K_FALLBACK KLI_DT_Q8_0
 
 /* Short names for messages: every type dtype_parse accepts. */
