@@ -351,10 +351,10 @@ avx2_quant_qk(const float *x, int64_t nb, uint8_t *buf)
 }
 
 /*
- * acc[r nt + t] += row r . token t over nsb super-blocks, r < nr, t < nt (constants, one of
+ * out[r nt + t] = row r . token t over nsb super-blocks, r < nr, t < nt (constants, one of
  * them 1, nr nt <= 8): rows rb bytes apart, token regions `stride` bytes apart; the rows pf
  * bytes further are prefetched. Each super-block's levels and scales are unpacked once for
- * all the tokens.
+ * all the tokens; rows go one after the other (all four at once would not fit the registers).
  */
 AVX2_INLINE void
 avx2_qk_dot(enum k_dtype dt, int nr, int nt, const uint8_t *act, size_t stride, int64_t nsb,
@@ -365,50 +365,40 @@ avx2_qk_dot(enum k_dtype dt, int nr, int nt, const uint8_t *act, size_t stride, 
 
     avx2_zeros(nr * nt, acc);
     for (int64_t s = 0; s < nsb; s++, w += bb, act += AVX2_KSB) {
-        __m256i sc[4][2], mn[4], isum[8];
-        float d[4], dm[4];
 #pragma GCC unroll 4
         for (int r = 0; r < nr; r++) {
             const uint8_t *p = w + r * rb;
-            __m256i s16;
+            __m256i s16, mn, sc[2], isum[8];
+            float d, dm;
             for (size_t l = 0; l < bb; l += 64)
                 _mm_prefetch((const char *)(p + pf + l), _MM_HINT_T0);
             _mm_prefetch((const char *)(p + pf + bb - 1), _MM_HINT_T0);
-            avx2_k_head(dt, p, &s16, &mn[r], &d[r], &dm[r]);
-            sc[r][0] = _mm256_permute2x128_si256(s16, s16, 0x00);
-            sc[r][1] = _mm256_permute2x128_si256(s16, s16, 0x11);
-        }
+            avx2_k_head(dt, p, &s16, &mn, &d, &dm);
+            sc[0] = _mm256_permute2x128_si256(s16, s16, 0x00);
+            sc[1] = _mm256_permute2x128_si256(s16, s16, 0x11);
 #pragma GCC unroll 8
-        for (int i = 0; i < nr * nt; i++)
-            isum[i] = _mm256_setzero_si256();
+            for (int t = 0; t < nt; t++)
+                isum[t] = _mm256_setzero_si256();
 #pragma GCC unroll 8
-        for (int c = 0; c < 8; c++) {
-#pragma GCC unroll 4
-            for (int r = 0; r < nr; r++) {
-                __m256i u = avx2_k_levels(dt, w + r * rb, c);
-                __m256i sv = avx2_k_scale(sc[r][c / 4], c);
+            for (int c = 0; c < 8; c++) {
+                __m256i u = avx2_k_levels(dt, p, c), sv = avx2_k_scale(sc[c / 4], c);
 #pragma GCC unroll 8
                 for (int t = 0; t < nt; t++) {
                     __m256i xq = _mm256_load_si256((const __m256i *)(act + t * stride + 32 * c));
-                    isum[r * nt + t] = _mm256_add_epi32(
-                        isum[r * nt + t], _mm256_madd_epi16(_mm256_maddubs_epi16(u, xq), sv));
+                    isum[t] = _mm256_add_epi32(isum[t],
+                                               _mm256_madd_epi16(_mm256_maddubs_epi16(u, xq), sv));
                 }
             }
-        }
-#pragma GCC unroll 4
-        for (int r = 0; r < nr; r++) {
 #pragma GCC unroll 8
             for (int t = 0; t < nt; t++) {
                 const uint8_t *xs = act + t * stride;
+                __m256i sums = _mm256_load_si256((const __m256i *)(xs + 256));
+                __m256 ms = _mm256_cvtepi32_ps(_mm256_madd_epi16(mn, sums));
+                __m256 *a = &acc[r * nt + t];
                 float dx;
                 memcpy(&dx, xs + 288, 4);
-                __m256i sums = _mm256_load_si256((const __m256i *)(xs + 256));
-                __m256i ms = _mm256_madd_epi16(mn[r], sums);
-                int i = r * nt + t;
-                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[i]), _mm256_set1_ps(d[r] * dx),
-                                         acc[i]);
-                acc[i] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(ms), _mm256_set1_ps(dm[r] * dx),
-                                          acc[i]);
+                *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), _mm256_set1_ps(d * dx), *a);
+                *a = _mm256_fnmadd_ps(ms, _mm256_set1_ps(dm * dx), *a);
             }
         }
     }
