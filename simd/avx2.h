@@ -421,34 +421,36 @@ avx2_qk_tile(enum k_dtype dt, int nt, const uint8_t *act, size_t stride, int64_t
     avx2_qk_dot(dt, 1, nt, act, stride, nb / 8, p, 0, pf, out);
 }
 
-/* The 256 weights of the super-block at p as floats. */
+/* The 256 weights of the super-block at p as floats (out 32-byte aligned). */
 AVX2_INLINE void
 avx2_k_dequant(enum k_dtype dt, const uint8_t *p, float *out)
 {
-    float a[16] __attribute__((aligned(32))), b[16] __attribute__((aligned(32)));
+    __m256 a[2], b[2];
     __m256i sc, mn;
     float d, dm;
 
     avx2_k_head(dt, p, &sc, &mn, &d, &dm);
+    /* d sc[j] and dm mn[j], runs 0..7 and 8..15 */
     for (int h = 0; h < 2; h++) {
         __m128i s = h ? _mm256_extracti128_si256(sc, 1) : _mm256_castsi256_si128(sc);
         __m128i m = h ? _mm256_extracti128_si256(mn, 1) : _mm256_castsi256_si128(mn);
-        _mm256_store_ps(a + 8 * h, _mm256_mul_ps(_mm256_set1_ps(d),
-                                                 _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(s))));
-        _mm256_store_ps(b + 8 * h, _mm256_mul_ps(_mm256_set1_ps(dm),
-                                                 _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(m))));
+        a[h] = _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(s)));
+        b[h] = _mm256_mul_ps(_mm256_set1_ps(dm), _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(m)));
     }
 #pragma GCC unroll 8
     for (int c = 0; c < 8; c++) {
         __m256i u = avx2_k_levels(dt, p, c);
-        __m128i half[2] = {_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1)};
-        for (int e = 0; e < 4; e++) {
-            int j = 2 * c + e / 2;
-            __m128i q8 = e % 2 ? _mm_srli_si128(half[e / 2], 8) : half[e / 2];
-            __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q8));
-            _mm256_storeu_ps(out + 32 * c + 8 * e,
-                             _mm256_fmsub_ps(f, _mm256_broadcast_ss(a + j),
-                                             _mm256_broadcast_ss(b + j)));
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; h++) {
+            int j = 2 * c + h;
+            __m256i ix = _mm256_set1_epi32(j % 8);
+            __m256 sa = _mm256_permutevar8x32_ps(a[j / 8], ix);
+            __m256 sb = _mm256_permutevar8x32_ps(b[j / 8], ix);
+            __m128i q16 = h ? _mm256_extracti128_si256(u, 1) : _mm256_castsi256_si128(u);
+            __m256 f0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q16));
+            __m256 f1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(q16, 8)));
+            _mm256_store_ps(out + 16 * j, _mm256_fmsub_ps(f0, sa, sb));
+            _mm256_store_ps(out + 16 * j + 8, _mm256_fmsub_ps(f1, sa, sb));
         }
     }
 }

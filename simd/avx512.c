@@ -61,12 +61,12 @@
 
 /* m from which matmul packs W and runs the GEMM tile instead of streaming W through the
  * multi-token decode tiles: measured crossovers (k = n = 2304, one Sapphire Rapids core). The
- * quantized limits must keep m * 320 bytes <= X86_QBUF. The K types' are first guesses, not
- * yet measured. */
+ * quantized limits must keep m * 320 bytes <= X86_QBUF. The K types' are Q4's, not measured
+ * on AVX-512 yet. */
 static const int64_t avx512_mpack[KLI_DT_COUNT] = {
     [KLI_DT_F32] = 8, [KLI_DT_F16] = 16, [KLI_DT_BF16] = 16, [KLI_DT_Q8_0] = 16,
-    [KLI_DT_Q4] = 32, [KLI_DT_Q2_K] = 16, [KLI_DT_Q3_K] = 16, [KLI_DT_Q4_K] = 16,
-    [KLI_DT_Q5_K] = 16, [KLI_DT_Q6_K] = 16,
+    [KLI_DT_Q4] = 32, [KLI_DT_Q2_K] = 32, [KLI_DT_Q3_K] = 32, [KLI_DT_Q4_K] = 32,
+    [KLI_DT_Q5_K] = 32, [KLI_DT_Q6_K] = 32,
 };
 
 /* ---- small helpers -------------------------------------------------------------------- */
