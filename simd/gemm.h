@@ -229,23 +229,6 @@ x86_stream_q(enum k_dtype dt, float *y, int64_t ldy, const float *x, int64_t ldx
     }
 }
 
-/* One copy of x86_stream_q per quantized dtype (dt a constant in it). */
-#define X86_STREAM_Q(name, dt)                                                                \
-    static void                                                                               \
-    name(float *y, int64_t ldy, const float *x, int64_t ldx, const uint8_t *w, int64_t n,     \
-         int64_t k, int64_t m)                                                                \
-    {                                                                                         \
-        x86_stream_q(dt, y, ldy, x, ldx, w, n, k, m);                                         \
-    }
-
-X86_STREAM_Q(x86_stream_q8, KLI_DT_Q8_0)
-X86_STREAM_Q(x86_stream_q4, KLI_DT_Q4)
-X86_STREAM_Q(x86_stream_q2_k, KLI_DT_Q2_K)
-X86_STREAM_Q(x86_stream_q3_k, KLI_DT_Q3_K)
-X86_STREAM_Q(x86_stream_q4_k, KLI_DT_Q4_K)
-X86_STREAM_Q(x86_stream_q5_k, KLI_DT_Q5_K)
-X86_STREAM_Q(x86_stream_q6_k, KLI_DT_Q6_K)
-
 /* ---- prefill path: packed GEMM ----------------------------------------------------------- */
 
 /* The K types are packed by whole super-blocks. */
@@ -313,20 +296,8 @@ x86_matmul(enum k_dtype dt, float *y, int64_t ldy, const float *x, int64_t ldx,
         x86_zero_y(y, ldy, n, m);
     else if (m >= X86(mpack)[dt])
         x86_gemm(dt, y, ldy, x, ldx, w, n, k, m);
-    else if (dt == KLI_DT_Q8_0)
-        x86_stream_q8(y, ldy, x, ldx, w, n, k, m);
-    else if (dt == KLI_DT_Q4)
-        x86_stream_q4(y, ldy, x, ldx, w, n, k, m);
-    else if (dt == KLI_DT_Q2_K)
-        x86_stream_q2_k(y, ldy, x, ldx, w, n, k, m);
-    else if (dt == KLI_DT_Q3_K)
-        x86_stream_q3_k(y, ldy, x, ldx, w, n, k, m);
-    else if (dt == KLI_DT_Q4_K)
-        x86_stream_q4_k(y, ldy, x, ldx, w, n, k, m);
-    else if (dt == KLI_DT_Q5_K)
-        x86_stream_q5_k(y, ldy, x, ldx, w, n, k, m);
-    else if (dt == KLI_DT_Q6_K)
-        x86_stream_q6_k(y, ldy, x, ldx, w, n, k, m);
+    else if (dt == KLI_DT_Q8_0 || dt == KLI_DT_Q4 || dtype_is_k(dt))
+        x86_stream_q(dt, y, ldy, x, ldx, w, n, k, m);
     else
         x86_stream_float(dt, y, ldy, x, ldx, w, n, k, m);
 }
