@@ -998,6 +998,14 @@ main(int argc, char **argv)
         struct kli_err e4 = {0};
         ok(ops->mla_layer_check(gpu, &bad, 128, 2, 32, 16, 32, &e4) == KLI_E_UNSUPPORTED &&
            e4.msg[0] != '\0', "a projection of the wrong shape is refused: %s", e4.msg);
+        /* the super-block types have no GPU kernels yet: declined, so the layer stays on the
+         * CPU (shapes right, 256-wide rows) */
+        struct gpu_mla_w kq = {{(void *)1, KLI_DT_Q4_K, 96, 256}, {(void *)1, KLI_DT_Q4_K,
+                                   80, 256}, {(void *)1, KLI_DT_Q4_K, 256, 64}, (float *)1,
+                                   (float *)1, (float *)1};
+        struct kli_err e5 = {0};
+        ok(ops->mla_layer_check(gpu, &kq, 256, 2, 32, 16, 32, &e5) == KLI_E_UNSUPPORTED,
+           "Q4_K projections are declined: %s", e5.msg);
     }
     /* 3b. a whole KDA layer */
     if (tap_case("kda_layer")) {

@@ -590,6 +590,31 @@ files(void)
        st_dtype(q, "model.layers.1.block_sparse_moe.gate.weight", buf, sizeof(buf)) &&
        strcmp(buf, "BF16") == 0, "256-column matrices are KLI_Q4_K, 64-column ones take the "
        "Q8_0 fallback, the router stays BF16");
+    /* kli info's bits per weight: the experts hold Q4_K and the Q8_0 fallback */
+    struct kli_model *mi = NULL;
+    char info[8192] = "";
+    if (kli_model_open(&mi, q, NULL, &err) == KLI_OK)
+        kli_model_describe(mi, 0, info, sizeof(info));
+    kli_model_close(mi);
+    char *bpw = strstr(info, "bits/weight:");
+    ok(bpw != NULL && strstr(bpw, "experts 5.83 (Q8_0+Q4_K)") != NULL &&
+       strstr(bpw, "embeddings 4.50 (Q4_K)") != NULL && strstr(bpw, "router 16.00 (BF16)"),
+       "kli info: bits per weight per class, the fallback shown (%.60s...)",
+       bpw != NULL ? bpw : "no bits/weight line");
+    /* a keep rule naming a K type */
+    const char *keep[] = {"*.mlp.*=q2_k"};
+    char qk[4200];
+    snprintf(qk, sizeof(qk), "%s/keep", dir);
+    kli_quantize_options_init(&o);
+    o.keep = keep;
+    o.n_keep = 1;
+    memset(&err, 0, sizeof(err));
+    ok(kli_quantize(nano_dir, qk, &o, &err) == KLI_OK &&
+       st_dtype(qk, "model.layers.0.mlp.up_proj.weight", buf, sizeof(buf)) &&
+       strcmp(buf, "KLI_Q2_K") == 0 &&
+       st_dtype(qk, "model.layers.0.self_attn.o_proj.weight", buf, sizeof(buf)) &&
+       strcmp(buf, "KLI_Q8_0") == 0, "--keep '*.mlp.*=q2_k' under q8_0: the dense MLP in Q2_K %s",
+       err.msg);
     float *lq = tl_logits_of(q, NULL, nano_ids, n, &V);
     float *lc = tl_logits_of(nano_dir, "q4_k", nano_ids, n, &V);
     ok(lq != NULL && lc != NULL && memcmp(lq, lc, (size_t)n * V * sizeof(float)) == 0,

@@ -466,12 +466,14 @@ kq_fit_sub(const float *x, const float *w, int n, const struct kq_type *ty, floa
     *pm = bm;
 }
 
-/* Rounds to an f16 that is finite (larger magnitudes saturate). */
+/* Rounds to an f16 that is finite (larger magnitudes saturate); a zero is +0 (no -0 in a
+ * block's d or dmin). */
 static float
 kq_half(float f)
 {
     f = f > KQ_F16_MAX ? KQ_F16_MAX : f < -KQ_F16_MAX ? -KQ_F16_MAX : f;
-    return f16_to_f32(f32_to_f16(f));
+    f = f16_to_f32(f32_to_f16(f));
+    return f == 0.0f ? 0.0f : f;
 }
 
 /* Error of sub-block j of b with its integers sc, mn and the nearest levels (written). */

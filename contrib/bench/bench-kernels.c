@@ -116,7 +116,13 @@ bench_fill(enum k_dtype dt, uint8_t *w, int64_t nelem)
 
     for (int64_t b = 0; b < nb; b++) {
         uint8_t *p = w + b * bb;
-        if (dt == KLI_DT_F32) {
+        if (dtype_is_k(dt)) {
+            /* super-blocks through the quantizer: random bytes would be random f16 scales */
+            float f[KLI_QK_K];
+            for (int i = 0; i < KLI_QK_K; i++)
+                f[i] = 0.05f * bench_randf();
+            dtype_from_f32(dt, f, p, KLI_QK_K);
+        } else if (dt == KLI_DT_F32) {
             float f = bench_randf();
             memcpy(p, &f, 4);
         } else if (dt == KLI_DT_F16 || dt == KLI_DT_BF16) {
@@ -244,8 +250,8 @@ bench_matmul(const struct k_kernels **tabs, int ntab, const int *threads, int nt
         nm = npm;
     }
 
-    for (int dt = 0; dt < KLI_DT_OTHER; dt++) {
-        if (only_dt >= 0 && dt != only_dt)
+    for (int dt = 0; dt < KLI_DT_COUNT; dt++) {
+        if (dt == KLI_DT_OTHER || (only_dt >= 0 && dt != only_dt))
             continue;
         size_t wbytes = (size_t)dtype_nbytes(dt, (uint64_t)(n * k));
         int ncopy = prefill ? 1 : (int)(((size_t)footprint_mib << 20) / wbytes + 1);
@@ -317,8 +323,8 @@ main(int argc, char **argv)
             only_v = argv[++i];
         } else if (strcmp(argv[i], "-d") == 0 && i + 1 < argc) {
             const char *d = argv[++i];
-            for (int dt = 0; dt < KLI_DT_OTHER; dt++) {
-                if (strcmp(k_dtype_name(dt), d) == 0)
+            for (int dt = 0; dt < KLI_DT_COUNT; dt++) {
+                if (dt != KLI_DT_OTHER && strcmp(k_dtype_name(dt), d) == 0)
                     only_dt = dt;
             }
         } else if (strcmp(argv[i], "-t") == 0 && i + 1 < argc) {
