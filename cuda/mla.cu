@@ -402,7 +402,7 @@ cu_mm(struct gpu_queue *q, const void *W, int dtype, long long wbs, int R, int K
     default:
         /* the K types (and anything newer) have no kernel here: callers check cu_mat_ok
          * first, and a block must never be read as another type's */
-        return cu_fail(err, KLI_E_UNSUPPORTED, "%s: no GPU matmul for dtype %d", what, dtype);
+        return err_set(err, KLI_E_UNSUPPORTED, "%s: no GPU matmul for dtype %d", what, dtype);
     }
     return cu_launched(err, what);
 }
