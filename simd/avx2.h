@@ -26,6 +26,16 @@ avx2_hsum(__m256 v)
     return _mm_cvtss_f32(s);
 }
 
+/* the largest of v's lanes */
+AVX2_INLINE float
+avx2_hmax(__m256 v)
+{
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
 /* acc[i] = 0 for i < n (a constant after inlining) */
 AVX2_INLINE void
 avx2_zeros(int n, __m256 *acc)
@@ -136,6 +146,335 @@ avx2_transpose8(const __m256 *v, float *dst, int64_t ds)
     _mm256_store_ps(dst + 7 * ds, _mm256_permute2f128_ps(u3, u7, 0x31));
 }
 
+/* ==== the K types (Q2_K .. Q6_K), for avx2.c and avx512.c alike ========================= */
+
+/*
+ * One form for the weights of all five: a super-block (p) is eight vectors u_c of 32 unsigned
+ * levels (elements 32c..32c+31, c < 8), sixteen int16 sub-block scales sc (one per 16 weights:
+ * the types with sub-blocks of 32 repeat theirs), sixteen int16 mn and two floats d, dm:
+ *     w_i = d sc[i/16] u_i - dm mn[i/16].
+ * Q2_K, Q4_K, Q5_K: u = q, mn their minimums, dm = dmin. Q3_K and Q6_K have signed levels
+ * and no minimum: u = q + o (o = 4, 32), mn = sc and dm = o d.
+ *
+ * The activations of one token, per super-block of 256, are AVX2_KSB bytes (kept a multiple
+ * of 64 for avx512.c's regions):
+ *   bytes 0..255    int8 x, element order, one scale d_x = amax / 127 for the 256
+ *   bytes 256..287  int16 sums of x over the sixteen runs of 16
+ *   bytes 288..291  float d_x
+ * so that a super-block's dot product is
+ *     d_x (d sum_c madd(maddubs(u_c, x_c), sc_c) - dm madd(mn, sums))
+ * with integer sums throughout (sc_c: sc[2c] for the first 16 lanes of x_c's pair sums,
+ * sc[2c + 1] for the others). vpmaddubsw cannot saturate: u <= 63 and |x| <= 127 make a pair
+ * at most 16002. (VNNI's vpdpbusd would add groups of four before the scales are applied, so
+ * the vpmaddwd that applies them would stay: avx512vnni runs this code unchanged.)
+ */
+#define AVX2_KSB 320
+
+/* Bytes per super-block of a K type (a constant after inlining). */
+AVX2_INLINE size_t
+avx2_k_bytes(enum k_dtype dt)
+{
+    switch (dt) {
+    case KLI_DT_Q2_K: return 84;
+    case KLI_DT_Q3_K: return 110;
+    case KLI_DT_Q4_K: return 144;
+    case KLI_DT_Q5_K: return 176;
+    default: return 210;
+    }
+}
+
+/* The bits of v's bytes at mask << from, moved to mask << to (per byte; from, to and mask
+ * constants after inlining). The 16-bit shifts carry bits across bytes, which the mask drops. */
+AVX2_INLINE __m256i
+avx2_k_field(__m256i v, int from, int to, int mask)
+{
+    if (from > to)
+        v = _mm256_srli_epi16(v, from - to);
+    else if (to > from)
+        v = _mm256_slli_epi16(v, to - from);
+    return _mm256_and_si256(v, _mm256_set1_epi8((char)(mask << to)));
+}
+
+/* The little-endian 32-bit word at p. */
+AVX2_INLINE uint32_t
+avx2_k_u32(const uint8_t *p)
+{
+    uint32_t v;
+
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* The scales, minimums and d, dm of the super-block at p (see above). */
+AVX2_INLINE void
+avx2_k_head(enum k_dtype dt, const uint8_t *p, __m256i *sc, __m256i *mn, float *d, float *dm)
+{
+    const uint32_t m2 = 0x03030303u, m4 = 0x0f0f0f0fu;
+
+    switch (dt) {
+    case KLI_DT_Q2_K: {
+        /* a byte per sub-block: scale in the low nibble, minimum in the high one */
+        __m128i s = _mm_loadu_si128((const __m128i *)p), k4 = _mm_set1_epi8(0x0f);
+        *sc = _mm256_cvtepu8_epi16(_mm_and_si128(s, k4));
+        *mn = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(s, 4), k4));
+        *d = avx2_f16(p + 80);
+        *dm = avx2_f16(p + 82);
+        return;
+    }
+    case KLI_DT_Q3_K: {
+        /* sixteen 6-bit values u, scale u - 32: kli-weights(5) */
+        uint32_t a0 = avx2_k_u32(p + 96), a1 = avx2_k_u32(p + 100), a2 = avx2_k_u32(p + 104);
+        __m128i u = _mm_setr_epi32((int)((a0 & m4) | (a2 & m2) << 4),
+                                   (int)((a1 & m4) | (a2 >> 2 & m2) << 4),
+                                   (int)((a0 >> 4 & m4) | (a2 >> 4 & m2) << 4),
+                                   (int)((a1 >> 4 & m4) | (a2 >> 6 & m2) << 4));
+        *sc = *mn = _mm256_sub_epi16(_mm256_cvtepu8_epi16(u), _mm256_set1_epi16(32));
+        *d = avx2_f16(p + 108);
+        *dm = 4.0f * *d;
+        return;
+    }
+    case KLI_DT_Q4_K:
+    case KLI_DT_Q5_K: {
+        /* eight 6-bit scales and minimums, each repeated for the two halves of its 32 */
+        uint32_t a0 = avx2_k_u32(p + 4), a1 = avx2_k_u32(p + 8), a2 = avx2_k_u32(p + 12);
+        __m128i v = _mm_setr_epi32((int)(a0 & 0x3f3f3f3fu), (int)((a2 & m4) | (a0 >> 6 & m2) << 4),
+                                   (int)(a1 & 0x3f3f3f3fu),
+                                   (int)((a2 >> 4 & m4) | (a1 >> 6 & m2) << 4));
+        *sc = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(v, v));
+        *mn = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(v, v));
+        *d = avx2_f16(p);
+        *dm = avx2_f16(p + 2);
+        return;
+    }
+    default:
+        *sc = *mn = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p + 192)));
+        *d = avx2_f16(p + 208);
+        *dm = 32.0f * *d;
+        return;
+    }
+}
+
+/* The levels u of elements 32c..32c+31 of the super-block at p (c a constant after
+ * inlining; loads of the same bytes for several c are one load). */
+AVX2_INLINE __m256i
+avx2_k_levels(enum k_dtype dt, const uint8_t *p, int c)
+{
+    switch (dt) {
+    case KLI_DT_Q2_K:
+        return avx2_k_field(_mm256_loadu_si256((const __m256i *)(p + 16 + 32 * (c / 4))),
+                            2 * (c % 4), 0, 3);
+    case KLI_DT_Q3_K:
+        return _mm256_or_si256(
+            avx2_k_field(_mm256_loadu_si256((const __m256i *)(p + 32 + 32 * (c / 4))),
+                         2 * (c % 4), 0, 3),
+            avx2_k_field(_mm256_loadu_si256((const __m256i *)p), c, 2, 1));
+    case KLI_DT_Q4_K:
+        return avx2_k_field(_mm256_loadu_si256((const __m256i *)(p + 16 + 32 * (c / 2))),
+                            4 * (c % 2), 0, 15);
+    case KLI_DT_Q5_K:
+        return _mm256_or_si256(
+            avx2_k_field(_mm256_loadu_si256((const __m256i *)(p + 48 + 32 * (c / 2))),
+                         4 * (c % 2), 0, 15),
+            avx2_k_field(_mm256_loadu_si256((const __m256i *)(p + 16)), c, 4, 1));
+    default: {
+        const uint8_t *ql = p + 64 * (c / 4) + 32 * (c % 2), *qh = p + 128 + 32 * (c / 4);
+        return _mm256_or_si256(
+            avx2_k_field(_mm256_loadu_si256((const __m256i *)ql), 4 * (c % 4 / 2), 0, 15),
+            avx2_k_field(_mm256_loadu_si256((const __m256i *)qh), 2 * (c % 4), 4, 3));
+    }
+    }
+}
+
+/* The int16 scales of chunk c for its 16 pair sums, from sc4: the eight scales of chunks
+ * 4 (c / 4) .. 4 (c / 4) + 3 in both 128-bit lanes. */
+AVX2_INLINE __m256i
+avx2_k_scale(__m256i sc4, int c)
+{
+    const __m256i ctl = _mm256_add_epi8(_mm256_set1_epi16((short)(0x0100 + 0x0404 * (c % 4))),
+                                        _mm256_setr_epi64x(0, 0, 0x0202020202020202ll,
+                                                           0x0202020202020202ll));
+
+    return _mm256_shuffle_epi8(sc4, ctl);
+}
+
+AVX2_INLINE size_t
+avx2_qk_bytes(int64_t nb)
+{
+    return (size_t)(nb / 8) * AVX2_KSB;
+}
+
+/* 32 floats times id, rounded to int8 (|x id| <= 127), in element order. */
+AVX2_INLINE __m256i
+avx2_quant32(const float *x, __m256 id)
+{
+    __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x), id));
+    __m256i i1 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + 8), id));
+    __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + 16), id));
+    __m256i i3 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + 24), id));
+    __m256i q = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+
+    return _mm256_permutevar8x32_epi32(q, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+/* One token's K region for nb 32-blocks (whole super-blocks) of x. */
+static void
+avx2_quant_qk(const float *x, int64_t nb, uint8_t *buf)
+{
+    const __m256 sgn = _mm256_set1_ps(-0.0f);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+
+    for (int64_t s = 0; s < nb / 8; s++, x += KLI_QK_K, buf += AVX2_KSB) {
+        __m256 mx = _mm256_setzero_ps();
+        __m256i sum[8], h[2];
+        for (int j = 0; j < KLI_QK_K; j += 8)
+            mx = _mm256_max_ps(mx, _mm256_andnot_ps(sgn, _mm256_loadu_ps(x + j)));
+        float amax = avx2_hmax(mx);
+        __m256 id = _mm256_set1_ps(amax >= 1e-30f ? 127.0f / amax : 0.0f);
+        float d = amax / 127.0f;
+        for (int c = 0; c < 8; c++) {
+            __m256i q = avx2_quant32(x + 32 * c, id);
+            _mm256_store_si256((__m256i *)(buf + 32 * c), q);
+            /* sums of four: elements 0..15 in lanes 0..3, 16..31 in lanes 4..7 */
+            sum[c] = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), q),
+                                       _mm256_set1_epi16(1));
+        }
+        /* two rounds of vphaddd leave [c0 c1 c2 c3 | c0' c1' c2' c3'] (c: elements 0..15 of
+         * chunk c, c': 16..31); the permute puts them in run order */
+        for (int i = 0; i < 2; i++)
+            h[i] = _mm256_permutevar8x32_epi32(
+                _mm256_hadd_epi32(_mm256_hadd_epi32(sum[4 * i], sum[4 * i + 1]),
+                                  _mm256_hadd_epi32(sum[4 * i + 2], sum[4 * i + 3])), order);
+        _mm256_store_si256((__m256i *)(buf + 256),
+                           _mm256_permute4x64_epi64(_mm256_packs_epi32(h[0], h[1]), 0xd8));
+        memcpy(buf + 288, &d, 4);
+    }
+}
+
+/*
+ * out[r nt + t] = row r . token t over nsb super-blocks, r < nr, t < nt (constants, one of
+ * them 1, nr nt <= 8): rows rb bytes apart, token regions `stride` bytes apart; the rows pf
+ * bytes further are prefetched. Each super-block's levels and scales are unpacked once for
+ * all the tokens; rows go one after the other (all four at once would not fit the registers).
+ */
+AVX2_INLINE void
+avx2_qk_dot(enum k_dtype dt, int nr, int nt, const uint8_t *act, size_t stride, int64_t nsb,
+            const uint8_t *w, size_t rb, size_t pf, float *out)
+{
+    const size_t bb = avx2_k_bytes(dt);
+    __m256 acc[8];
+
+    avx2_zeros(nr * nt, acc);
+    for (int64_t s = 0; s < nsb; s++, w += bb, act += AVX2_KSB) {
+#pragma GCC unroll 4
+        for (int r = 0; r < nr; r++) {
+            const uint8_t *p = w + r * rb;
+            __m256i s16, mn, sc[2], isum[8];
+            float d, dm;
+            for (size_t l = 0; l < bb; l += 64)
+                _mm_prefetch((const char *)(p + pf + l), _MM_HINT_T0);
+            _mm_prefetch((const char *)(p + pf + bb - 1), _MM_HINT_T0);
+            avx2_k_head(dt, p, &s16, &mn, &d, &dm);
+            sc[0] = _mm256_permute2x128_si256(s16, s16, 0x00);
+            sc[1] = _mm256_permute2x128_si256(s16, s16, 0x11);
+#pragma GCC unroll 8
+            for (int t = 0; t < nt; t++)
+                isum[t] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+            for (int c = 0; c < 8; c++) {
+                __m256i u = avx2_k_levels(dt, p, c), sv = avx2_k_scale(sc[c / 4], c);
+#pragma GCC unroll 8
+                for (int t = 0; t < nt; t++) {
+                    __m256i xq = _mm256_load_si256((const __m256i *)(act + t * stride + 32 * c));
+                    isum[t] = _mm256_add_epi32(isum[t],
+                                               _mm256_madd_epi16(_mm256_maddubs_epi16(u, xq), sv));
+                }
+            }
+#pragma GCC unroll 8
+            for (int t = 0; t < nt; t++) {
+                const uint8_t *xs = act + t * stride;
+                __m256i sums = _mm256_load_si256((const __m256i *)(xs + 256));
+                __m256 ms = _mm256_cvtepi32_ps(_mm256_madd_epi16(mn, sums));
+                __m256 *a = &acc[r * nt + t];
+                float dx;
+                memcpy(&dx, xs + 288, 4);
+                *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), _mm256_set1_ps(d * dx), *a);
+                *a = _mm256_fnmadd_ps(ms, _mm256_set1_ps(dm * dx), *a);
+            }
+        }
+    }
+    avx2_hsums(nr * nt, acc, out);
+}
+
+/* gemm.h's K primitives: out[r] = row r . one token (nb 32-blocks), r < nr <= 4; and
+ * out[t] = row p . token t, t < nt <= 8. */
+AVX2_INLINE void
+avx2_qk_rows(enum k_dtype dt, int nr, const uint8_t *act, int64_t nb, const uint8_t *w,
+             size_t rb, size_t pf, float *out)
+{
+    avx2_qk_dot(dt, nr, 1, act, 0, nb / 8, w, rb, pf, out);
+}
+
+AVX2_INLINE void
+avx2_qk_tile(enum k_dtype dt, int nt, const uint8_t *act, size_t stride, int64_t nb,
+             const uint8_t *p, size_t pf, float *out)
+{
+    avx2_qk_dot(dt, 1, nt, act, stride, nb / 8, p, 0, pf, out);
+}
+
+/* The 256 weights of the super-block at p as floats (out 32-byte aligned). */
+AVX2_INLINE void
+avx2_k_dequant(enum k_dtype dt, const uint8_t *p, float *out)
+{
+    __m256 a[2], b[2];
+    __m256i sc, mn;
+    float d, dm;
+
+    avx2_k_head(dt, p, &sc, &mn, &d, &dm);
+    /* d sc[j] and dm mn[j], runs 0..7 and 8..15 */
+    for (int h = 0; h < 2; h++) {
+        __m128i s = h ? _mm256_extracti128_si256(sc, 1) : _mm256_castsi256_si128(sc);
+        __m128i m = h ? _mm256_extracti128_si256(mn, 1) : _mm256_castsi256_si128(mn);
+        a[h] = _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(s)));
+        b[h] = _mm256_mul_ps(_mm256_set1_ps(dm), _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(m)));
+    }
+#pragma GCC unroll 8
+    for (int c = 0; c < 8; c++) {
+        __m256i u = avx2_k_levels(dt, p, c);
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; h++) {
+            int j = 2 * c + h;
+            __m256i ix = _mm256_set1_epi32(j % 8);
+            __m256 sa = _mm256_permutevar8x32_ps(a[j / 8], ix);
+            __m256 sb = _mm256_permutevar8x32_ps(b[j / 8], ix);
+            __m128i q16 = h ? _mm256_extracti128_si256(u, 1) : _mm256_castsi256_si128(u);
+            __m256 f0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q16));
+            __m256 f1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(q16, 8)));
+            _mm256_store_ps(out + 16 * j, _mm256_fmsub_ps(f0, sa, sb));
+            _mm256_store_ps(out + 16 * j + 8, _mm256_fmsub_ps(f1, sa, sb));
+        }
+    }
+}
+
+/* The packer's K case: eight rows of whole super-blocks (kc a multiple of 256). */
+AVX2_INLINE void
+avx2_pack8_k(enum k_dtype dt, const uint8_t *const *row, int64_t kc, float *dst)
+{
+    float t[8][KLI_QK_K] __attribute__((aligned(32)));
+    const size_t bb = avx2_k_bytes(dt);
+    __m256 v[8];
+
+    for (int64_t s = 0; s * KLI_QK_K < kc; s++) {
+        for (int i = 0; i < 8; i++)
+            avx2_k_dequant(dt, row[i] + s * bb, t[i]);
+        for (int j = 0; j < KLI_QK_K; j += 8) {
+#pragma GCC unroll 8
+            for (int i = 0; i < 8; i++)
+                v[i] = _mm256_load_ps(t[i] + j);
+            avx2_transpose8(v, dst + (s * KLI_QK_K + j) * X86_NR, X86_NR);
+        }
+    }
+}
+
 /*
  * The packer's primitive: eight rows x kc columns of W, converted to float, into
  * dst[j * X86_NR + i]. Columns past kc, up to the next multiple of 8, are zero. (The driver,
@@ -211,6 +550,11 @@ avx2_pack8(enum k_dtype dt, const uint8_t *const *row, int64_t kc, float *dst)
             }
         }
         return;
+    case KLI_DT_Q2_K: avx2_pack8_k(KLI_DT_Q2_K, row, kc, dst); return;
+    case KLI_DT_Q3_K: avx2_pack8_k(KLI_DT_Q3_K, row, kc, dst); return;
+    case KLI_DT_Q4_K: avx2_pack8_k(KLI_DT_Q4_K, row, kc, dst); return;
+    case KLI_DT_Q5_K: avx2_pack8_k(KLI_DT_Q5_K, row, kc, dst); return;
+    case KLI_DT_Q6_K: avx2_pack8_k(KLI_DT_Q6_K, row, kc, dst); return;
     default:
         return;
     }

@@ -61,10 +61,12 @@
 
 /* m from which matmul packs W and runs the GEMM tile instead of streaming W through the
  * multi-token decode tiles: measured crossovers (k = n = 2304, one Sapphire Rapids core). The
- * quantized limits must keep m * 320 bytes <= X86_QBUF. */
+ * quantized limits must keep m * 320 bytes <= X86_QBUF. The K types' are Q4's, not measured
+ * on AVX-512 yet. */
 static const int64_t avx512_mpack[KLI_DT_COUNT] = {
     [KLI_DT_F32] = 8, [KLI_DT_F16] = 16, [KLI_DT_BF16] = 16, [KLI_DT_Q8_0] = 16,
-    [KLI_DT_Q4] = 32,
+    [KLI_DT_Q4] = 32, [KLI_DT_Q2_K] = 32, [KLI_DT_Q3_K] = 32, [KLI_DT_Q4_K] = 32,
+    [KLI_DT_Q5_K] = 32, [KLI_DT_Q6_K] = 32,
 };
 
 /* ---- small helpers -------------------------------------------------------------------- */
@@ -751,6 +753,12 @@ avx512_tile_tm(int tm, const float *pk, const float *const *xt, int64_t kc, floa
 /* The packer is avx2.h's: panels are packed 8 rows x 8 columns at a time with 256-bit
  * transposes, which 512-bit registers would not speed up. */
 #define avx512_pack8 avx2_pack8
+
+/* The K types' decode primitives are avx2.h's 256-bit ones (see there). */
+#define avx512_quant_qk avx2_quant_qk
+#define avx512_qk_bytes avx2_qk_bytes
+#define avx512_qk_rows avx2_qk_rows
+#define avx512_qk_tile avx2_qk_tile
 
 AVX512_INLINE void
 avx512_tile(const float *pk, const float *const *xt, int64_t kc, float *y, int64_t ldy, int nr,

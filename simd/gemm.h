@@ -8,7 +8,8 @@
  *
  *  - m < X86(mpack)[dt], decode: W is streamed once, a few rows at a time, with the next rows
  *    prefetched, and each group of rows is dotted with every token while it is in L1.
- *    Float weights go through x86_stream_float; Q8_0 and Q4 through x86_stream_q, which
+ *    Float weights go through x86_stream_float; Q8_0, Q4 and the K types through x86_stream_q,
+ *    which
  *    quantizes the activations into a stack buffer first, in slices of k when m tokens of
  *    it do not fit (the first slice writes y, later ones add to it).
  *  - m >= X86(mpack)[dt], prefill: x86_gemm, a blocked GEMM. Chunks of X86_NC rows x X86_KC
@@ -25,6 +26,9 @@
  *   X86(quant_q8|q4)(x, nb, buf), X86(q8|q4_bytes)(nb)  one token's activation region
  *   X86(q8|q4_rows)(nr, act, nb, w, rb, pf, out)        nr rows . one token
  *   X86(q8|q4_tile)(nt, act, stride, nb, p, pf, out)    one row . nt tokens, nt <= X86_DTM
+ *   X86(quant_qk)(x, nb, buf), X86(qk_bytes)(nb), X86(qk_rows)(dt, ...), X86(qk_tile)(dt, ...)
+ *                                    the same for the K types (Q2_K .. Q6_K), whose regions
+ *                                    and rows go by super-blocks of 256 (avx2.h has them)
  *   X86(pack8)(dt, row, kc, dst)     eight rows of W into a panel (avx2.h has the 256-bit one)
  *   X86(tile)(pk, xt, kc, y, ldy, nr, nt, add)          the GEMM register tile
  * and, for X86_TABLE, the table's other kernels: X86(dot), X86(axpy), ... (see simd.h).
@@ -119,6 +123,8 @@ x86_stream_float(enum k_dtype dt, float *y, int64_t ldy, const float *x, int64_t
 X86_INLINE size_t
 x86_qbytes(enum k_dtype dt, int64_t nb)
 {
+    if (dtype_is_k(dt))
+        return X86(qk_bytes)(nb);
     return dt == KLI_DT_Q8_0 ? X86(q8_bytes)(nb) : X86(q4_bytes)(nb);
 }
 
@@ -126,7 +132,9 @@ X86_INLINE void
 x86_qrows(enum k_dtype dt, int nr, const uint8_t *act, int64_t nb, const uint8_t *w,
           size_t rb, size_t pf, float *out)
 {
-    if (dt == KLI_DT_Q8_0)
+    if (dtype_is_k(dt))
+        X86(qk_rows)(dt, nr, act, nb, w, rb, pf, out);
+    else if (dt == KLI_DT_Q8_0)
         X86(q8_rows)(nr, act, nb, w, rb, pf, out);
     else
         X86(q4_rows)(nr, act, nb, w, rb, pf, out);
@@ -136,7 +144,9 @@ X86_INLINE void
 x86_qtile(enum k_dtype dt, int nt, const uint8_t *act, size_t stride, int64_t nb,
           const uint8_t *p, size_t pf, float *out)
 {
-    if (dt == KLI_DT_Q8_0)
+    if (dtype_is_k(dt))
+        X86(qk_tile)(dt, nt, act, stride, nb, p, pf, out);
+    else if (dt == KLI_DT_Q8_0)
         X86(q8_tile)(nt, act, stride, nb, p, pf, out);
     else
         X86(q4_tile)(nt, act, stride, nb, p, pf, out);
@@ -152,24 +162,26 @@ x86_qslice(enum k_dtype dt, int64_t left, int64_t m)
     return (int64_t)(X86_QBUF / ((size_t)m * x86_qbytes(dt, 8))) * 256;
 }
 
-/* Q8_0 (34-byte blocks) or Q4 (18-byte blocks) weights against m tokens. */
+/* Q8_0 (34-byte blocks of 32), Q4 (18-byte blocks of 32) or K-type (super-blocks of 256)
+ * weights against m tokens. */
 X86_INLINE void
 x86_stream_q(enum k_dtype dt, float *y, int64_t ldy, const float *x, int64_t ldx,
              const uint8_t *w, int64_t n, int64_t k, int64_t m)
 {
     uint8_t act[X86_QBUF] __attribute__((aligned(X86_ALIGN)));
-    size_t bb = dt == KLI_DT_Q8_0 ? 34 : 18;
-    size_t rb = (size_t)(k / 32) * bb;
+    size_t rb = (size_t)dtype_nbytes(dt, (uint64_t)k);
     float out[X86_DTM];
 
     for (int64_t k0 = 0, kq; k0 < k; k0 += kq) {
         kq = x86_qslice(dt, k - k0, m);
         int64_t nb = kq / 32;
         size_t stride = x86_qbytes(dt, nb);
-        const uint8_t *wk = w + (k0 / 32) * bb;
+        const uint8_t *wk = w + dtype_nbytes(dt, (uint64_t)k0);
         int64_t r = 0;
         for (int64_t t = 0; t < m; t++) {
-            if (dt == KLI_DT_Q8_0)
+            if (dtype_is_k(dt))
+                X86(quant_qk)(x + t * ldx + k0, nb, act + t * stride);
+            else if (dt == KLI_DT_Q8_0)
                 X86(quant_q8)(x + t * ldx + k0, nb, act + t * stride);
             else
                 X86(quant_q4)(x + t * ldx + k0, nb, act + t * stride);
@@ -217,21 +229,10 @@ x86_stream_q(enum k_dtype dt, float *y, int64_t ldy, const float *x, int64_t ldx
     }
 }
 
-static void
-x86_stream_q8(float *y, int64_t ldy, const float *x, int64_t ldx, const uint8_t *w,
-              int64_t n, int64_t k, int64_t m)
-{
-    x86_stream_q(KLI_DT_Q8_0, y, ldy, x, ldx, w, n, k, m);
-}
-
-static void
-x86_stream_q4(float *y, int64_t ldy, const float *x, int64_t ldx, const uint8_t *w,
-              int64_t n, int64_t k, int64_t m)
-{
-    x86_stream_q(KLI_DT_Q4, y, ldy, x, ldx, w, n, k, m);
-}
-
 /* ---- prefill path: packed GEMM ----------------------------------------------------------- */
+
+/* The K types are packed by whole super-blocks. */
+_Static_assert(X86_KC % KLI_QK_K == 0, "X86_KC must be a multiple of 256");
 
 /* Zero bytes that stand in for the rows of a panel past n (zero in every dtype). */
 static const uint8_t x86_zero_row[X86_KC * 4] __attribute__((aligned(X86_ALIGN)));
@@ -295,10 +296,8 @@ x86_matmul(enum k_dtype dt, float *y, int64_t ldy, const float *x, int64_t ldx,
         x86_zero_y(y, ldy, n, m);
     else if (m >= X86(mpack)[dt])
         x86_gemm(dt, y, ldy, x, ldx, w, n, k, m);
-    else if (dt == KLI_DT_Q8_0)
-        x86_stream_q8(y, ldy, x, ldx, w, n, k, m);
-    else if (dt == KLI_DT_Q4)
-        x86_stream_q4(y, ldy, x, ldx, w, n, k, m);
+    else if (dt == KLI_DT_Q8_0 || dt == KLI_DT_Q4 || dtype_is_k(dt))
+        x86_stream_q(dt, y, ldy, x, ldx, w, n, k, m);
     else
         x86_stream_float(dt, y, ldy, x, ldx, w, n, k, m);
 }
@@ -308,6 +307,11 @@ KLI_MATMUL_ENTRY(x86_matmul_f16, x86_matmul, KLI_DT_F16)
 KLI_MATMUL_ENTRY(x86_matmul_bf16, x86_matmul, KLI_DT_BF16)
 KLI_MATMUL_ENTRY(x86_matmul_q8_0, x86_matmul, KLI_DT_Q8_0)
 KLI_MATMUL_ENTRY(x86_matmul_q4, x86_matmul, KLI_DT_Q4)
+KLI_MATMUL_ENTRY(x86_matmul_q2_k, x86_matmul, KLI_DT_Q2_K)
+KLI_MATMUL_ENTRY(x86_matmul_q3_k, x86_matmul, KLI_DT_Q3_K)
+KLI_MATMUL_ENTRY(x86_matmul_q4_k, x86_matmul, KLI_DT_Q4_K)
+KLI_MATMUL_ENTRY(x86_matmul_q5_k, x86_matmul, KLI_DT_Q5_K)
+KLI_MATMUL_ENTRY(x86_matmul_q6_k, x86_matmul, KLI_DT_Q6_K)
 
 /* An x86 ISA's table: the driver's matmuls and the including file's other kernels, X86(dot)
  * and so on (the file defines every one). */
@@ -316,7 +320,9 @@ KLI_MATMUL_ENTRY(x86_matmul_q4, x86_matmul, KLI_DT_Q4)
         .matmul = {                                                                           \
             [KLI_DT_F32] = x86_matmul_f32, [KLI_DT_F16] = x86_matmul_f16,                     \
             [KLI_DT_BF16] = x86_matmul_bf16, [KLI_DT_Q8_0] = x86_matmul_q8_0,                 \
-            [KLI_DT_Q4] = x86_matmul_q4, KLI_MATMUL_K_GENERIC,                                \
+            [KLI_DT_Q4] = x86_matmul_q4, [KLI_DT_Q2_K] = x86_matmul_q2_k,                    \
+            [KLI_DT_Q3_K] = x86_matmul_q3_k, [KLI_DT_Q4_K] = x86_matmul_q4_k,                 \
+            [KLI_DT_Q5_K] = x86_matmul_q5_k, [KLI_DT_Q6_K] = x86_matmul_q6_k,                 \
         },                                                                                    \
         .dot = X86(dot), .dot_decay = X86(dot_decay), .mul_decay = X86(mul_decay),            \
         .gemm_nn = X86(gemm_nn), .silu = X86(silu), .axpy = X86(axpy), .scale = X86(scale),   \

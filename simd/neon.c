@@ -15,6 +15,9 @@
  *    of k at a time; each block's integer sum (SDOT, or SMULL/SMLAL pairs summed with SADALP)
  *    is scaled by the two block scales in float. A pair of int8 products is at most
  *    128 * 127 * 2 = 32512, so the 16-bit pairs of the SMULL path cannot overflow.
+ *  - Q2_K .. Q6_K: the same by super-blocks of 256 (one activation scale per super-block,
+ *    with the sums of its runs of 16 for the minimums), sixteen-weight integer sums each
+ *    multiplied by its run's integer scale (NEON_KROWS).
  *  - exp (for silu and the decay kernels): the Cephes polynomial of avx2.c, four lanes.
  */
 #include "config.h"
@@ -330,41 +333,77 @@ KLI_MATMUL_ENTRY(neon_matmul_bf16, neon_matmul_float, KLI_DT_BF16)
 #define NEON_QBUF 65536
 #define NEON_QT 8
 
-NEON_INLINE size_t
-neon_qregion(int64_t nb)
+/* The largest |x[i]|, i < n (a multiple of 32). */
+NEON_INLINE float
+neon_amax(const float *x, int64_t n)
 {
-    return ((size_t)nb * 36 + 15) & ~(size_t)15;
+    float32x4_t m = vdupq_n_f32(0.0f);
+
+    for (int64_t i = 0; i < n; i += 4)
+        m = vmaxq_f32(m, vabsq_f32(vld1q_f32(x + i)));
+    return vmaxvq_f32(m);
 }
 
-/* Quantizes 32 floats to int8 with scale amax/127 (round to nearest even); @return the
- * scale. */
-static float
-neon_quant_block(const float *x, int8_t *q)
+/* q[i] = x[i] id rounded to nearest even (|x id| <= 127), i < 32. */
+NEON_INLINE void
+neon_quant32(const float *x, float id, int8_t *q)
 {
-    float32x4_t v[8], m = vdupq_n_f32(0.0f);
-
-    for (int i = 0; i < 8; i++) {
-        v[i] = vld1q_f32(x + 4 * i);
-        m = vmaxq_f32(m, vabsq_f32(v[i]));
-    }
-    float amax = vmaxvq_f32(m), id = amax >= 1e-30f ? 127.0f / amax : 0.0f;
     int16x8_t h[4];
 
     for (int i = 0; i < 4; i++)
-        h[i] = vcombine_s16(vqmovn_s32(vcvtnq_s32_f32(vmulq_n_f32(v[2 * i], id))),
-                            vqmovn_s32(vcvtnq_s32_f32(vmulq_n_f32(v[2 * i + 1], id))));
+        h[i] = vcombine_s16(vqmovn_s32(vcvtnq_s32_f32(vmulq_n_f32(vld1q_f32(x + 8 * i), id))),
+                            vqmovn_s32(vcvtnq_s32_f32(vmulq_n_f32(vld1q_f32(x + 8 * i + 4),
+                                                                  id))));
     vst1q_s8(q, vcombine_s8(vqmovn_s16(h[0]), vqmovn_s16(h[1])));
     vst1q_s8(q + 16, vcombine_s8(vqmovn_s16(h[2]), vqmovn_s16(h[3])));
+}
+
+/* Quantizes n floats (32 or 256) to int8 with one scale amax/127 (round to nearest even);
+ * @return the scale. */
+NEON_INLINE float
+neon_quant_run(const float *x, int64_t n, int8_t *q)
+{
+    float amax = neon_amax(x, n), id = amax >= 1e-30f ? 127.0f / amax : 0.0f;
+
+    for (int64_t i = 0; i < n; i += 32)
+        neon_quant32(x + i, id, q + i);
     return amax / 127.0f;
 }
 
-static void
-neon_quant_slice(const float *x, int64_t nb, uint8_t *region)
+/*
+ * The K types (Q2_K .. Q6_K) go by super-blocks of 256: a token's region holds, per
+ * super-block, its 256 int8 x under one scale (amax/127 of the 256), the sixteen int16 sums of
+ * its runs of 16 and that scale as a float (NEON_KSB bytes).
+ */
+#define NEON_KSB 304
+
+/* The bytes of a region of nb units: blocks of 32, or super-blocks for the K types. */
+NEON_INLINE size_t
+neon_qregion(enum k_dtype dt, int64_t nb)
 {
+    if (dtype_is_k(dt))
+        return (size_t)nb * NEON_KSB;
+    return ((size_t)nb * 36 + 15) & ~(size_t)15;
+}
+
+static void
+neon_quant_slice(enum k_dtype dt, const float *x, int64_t nb, uint8_t *region)
+{
+    if (dtype_is_k(dt)) {
+        for (int64_t s = 0; s < nb; s++, x += KLI_QK_K, region += NEON_KSB) {
+            int8_t *q = (int8_t *)region;
+            int16_t *sums = (int16_t *)(void *)(region + KLI_QK_K);
+            float d = neon_quant_run(x, KLI_QK_K, q);
+            for (int g = 0; g < 16; g++)
+                sums[g] = vaddlvq_s8(vld1q_s8(q + 16 * g));
+            memcpy(region + KLI_QK_K + 32, &d, 4);
+        }
+        return;
+    }
     float *d = (float *)(void *)(region + 32 * nb);
 
     for (int64_t b = 0; b < nb; b++)
-        d[b] = neon_quant_block(x + 32 * b, (int8_t *)region + 32 * b);
+        d[b] = neon_quant_run(x + 32 * b, 32, (int8_t *)region + 32 * b);
 }
 
 /* The 32 int8 weights of a block, as elements 0..15 and 16..31. */
@@ -382,6 +421,19 @@ neon_q4_w(const uint8_t *p, int8x16_t *w0, int8x16_t *w1)
 
     *w0 = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(0x0f))), vdupq_n_s8(8));
     *w1 = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(v, 4)), vdupq_n_s8(8));
+}
+
+/* Integer sums of 16 products, four lanes: without and with SDOT (the same totals). */
+NEON_INLINE int32x4_t
+neon_isum16(int8x16_t w, int8x16_t x)
+{
+    return vpaddlq_s16(vmlal_high_s8(vmull_s8(vget_low_s8(w), vget_low_s8(x)), w, x));
+}
+
+NEON_DOTPROD NEON_INLINE int32x4_t
+neon_isum16_dot(int8x16_t w, int8x16_t x)
+{
+    return vdotq_s32(vdupq_n_s32(0), w, x);
 }
 
 /* Integer block sums, four lanes: without and with SDOT. */
@@ -451,52 +503,206 @@ NEON_QROWS(neon_q4_rows, , neon_q4_w, neon_isum, 18)
 NEON_QROWS(neon_q8_rows_dot, NEON_DOTPROD, neon_q8_w, neon_isum_dot, 34)
 NEON_QROWS(neon_q4_rows_dot, NEON_DOTPROD, neon_q4_w, neon_isum_dot, 18)
 
+/* The sixteen integer scales sc[g] and minimums mn[g] of the runs of 16 (g < 16) and d, dmin
+ * of the K super-block at p (kli-weights(5)); Q3_K and Q6_K have no minimums (dmin 0). */
+NEON_INLINE void
+neon_k_head(enum k_dtype dt, const uint8_t *p, int32_t *sc, int32_t *mn, float *d, float *dm)
+{
+    const uint8_t *s;
+
+    memset(mn, 0, 16 * sizeof(*mn));
+    *dm = 0.0f;
+    switch (dt) {
+    case KLI_DT_Q2_K:
+        for (int g = 0; g < 16; g++) {
+            sc[g] = p[g] & 15;
+            mn[g] = p[g] >> 4;
+        }
+        *d = neon_f16(p + 80);
+        *dm = neon_f16(p + 82);
+        return;
+    case KLI_DT_Q3_K:
+        s = p + 96;
+        for (int k = 0; k < 4; k++) {
+            int hb = s[8 + k];
+            sc[k] = ((s[k] & 15) | (hb & 3) << 4) - 32;
+            sc[4 + k] = ((s[4 + k] & 15) | (hb >> 2 & 3) << 4) - 32;
+            sc[8 + k] = ((s[k] >> 4) | (hb >> 4 & 3) << 4) - 32;
+            sc[12 + k] = ((s[4 + k] >> 4) | (hb >> 6) << 4) - 32;
+        }
+        *d = neon_f16(p + 108);
+        return;
+    case KLI_DT_Q4_K:
+    case KLI_DT_Q5_K:
+        /* eight 6-bit scales and minimums of 32 weights, each for two runs */
+        s = p + 4;
+        for (int j = 0; j < 4; j++) {
+            sc[2 * j] = sc[2 * j + 1] = s[j] & 63;
+            mn[2 * j] = mn[2 * j + 1] = s[j + 4] & 63;
+            sc[2 * j + 8] = sc[2 * j + 9] = (s[j + 8] & 15) | (s[j] >> 6) << 4;
+            mn[2 * j + 8] = mn[2 * j + 9] = (s[j + 8] >> 4) | (s[j + 4] >> 6) << 4;
+        }
+        *d = neon_f16(p);
+        *dm = neon_f16(p + 2);
+        return;
+    default:
+        for (int g = 0; g < 16; g++)
+            sc[g] = (int8_t)p[192 + g];
+        *d = neon_f16(p + 208);
+        return;
+    }
+}
+
+/* (v >> shift) & mask per byte (shift a variable: vshlq by its negation). */
+NEON_INLINE uint8x16_t
+neon_bits(uint8x16_t v, int shift, int mask)
+{
+    return vandq_u8(vshlq_u8(v, vdupq_n_s8((int8_t)-shift)), vdupq_n_u8((uint8_t)mask));
+}
+
+/* The signed levels of weights 16g..16g+15 of the K super-block at p (g a constant after
+ * unrolling). */
+NEON_INLINE int8x16_t
+neon_k_levels(enum k_dtype dt, const uint8_t *p, int g)
+{
+    int l0 = 16 * (g % 2), h = g / 8, c = g % 8 / 2;
+    uint8x16_t u;
+
+    switch (dt) {
+    case KLI_DT_Q2_K:
+        return vreinterpretq_s8_u8(neon_bits(vld1q_u8(p + 16 + 32 * h + l0), 2 * c, 3));
+    case KLI_DT_Q3_K:
+        u = vorrq_u8(neon_bits(vld1q_u8(p + 32 + 32 * h + l0), 2 * c, 3),
+                     vshlq_n_u8(neon_bits(vld1q_u8(p + l0), 4 * h + c, 1), 2));
+        return vsubq_s8(vreinterpretq_s8_u8(u), vdupq_n_s8(4));
+    case KLI_DT_Q4_K:
+        return vreinterpretq_s8_u8(neon_bits(vld1q_u8(p + 16 + 32 * (g / 4) + l0),
+                                             4 * (g % 4 / 2), 15));
+    case KLI_DT_Q5_K:
+        u = vorrq_u8(neon_bits(vld1q_u8(p + 48 + 32 * (g / 4) + l0), 4 * (g % 4 / 2), 15),
+                     vshlq_n_u8(neon_bits(vld1q_u8(p + 16 + l0), g / 2, 1), 4));
+        return vreinterpretq_s8_u8(u);
+    default:
+        u = vorrq_u8(neon_bits(vld1q_u8(p + 64 * h + 32 * (c % 2) + l0), 4 * (c / 2), 15),
+                     vshlq_n_u8(neon_bits(vld1q_u8(p + 128 + 32 * h + l0), 2 * c, 3), 4));
+        return vsubq_s8(vreinterpretq_s8_u8(u), vdupq_n_s8(32));
+    }
+}
+
+/*
+ * The K types' rows (the same contract as NEON_QROWS, nb super-blocks): per row, token and
+ * super-block the levels and scales are unpacked once (no per-element scalar work) and
+ *     row . x = d_x (d sum_g sc[g] (q_g . x_g) - dmin sum_g mn[g] sums[g]),
+ * integer up to the two float scales. |q| <= 32 and |x| <= 127 keep SMULL's pairs in 16 bits.
+ */
+#define NEON_KROWS(NAME, ATTR, ISUM16, DT)                                                     \
+    ATTR static void                                                                           \
+    NAME(float *y, int64_t ldy, const uint8_t *w, size_t rb, int64_t n, int64_t nb,            \
+         const uint8_t *q, size_t stride, int64_t mt, int add)                                \
+    {                                                                                          \
+        const size_t bb = (size_t)dtype_info(DT)->block_bytes;                                 \
+        for (int64_t r = 0; r < n; r++) {                                                      \
+            for (int64_t t = 0; t < mt; t++) {                                                 \
+                const uint8_t *p = w + (size_t)r * rb, *xs = q + (size_t)t * stride;           \
+                float v = 0.0f;                                                                \
+                for (int64_t s = 0; s < nb; s++, p += bb, xs += NEON_KSB) {                    \
+                    int32_t sc[16], mn[16];                                                    \
+                    float d, dm, dx;                                                           \
+                    int32x4_t is = vdupq_n_s32(0), ms = vdupq_n_s32(0);                        \
+                    neon_k_head(DT, p, sc, mn, &d, &dm);                                       \
+                    _Pragma("GCC unroll 16")                                                   \
+                    for (int g = 0; g < 16; g++)                                               \
+                        is = vmlaq_n_s32(is, ISUM16(neon_k_levels(DT, p, g),                   \
+                                                    vld1q_s8((const int8_t *)xs + 16 * g)),    \
+                                         sc[g]);                                               \
+                    for (int i = 0; i < 4; i++)                                                \
+                        ms = vmlaq_s32(ms, vld1q_s32(mn + 4 * i),                              \
+                                       vmovl_s16(vld1_s16((const int16_t *)(const void *)     \
+                                                          (xs + KLI_QK_K) + 4 * i)));          \
+                    memcpy(&dx, xs + KLI_QK_K + 32, 4);                                        \
+                    v += dx * (d * (float)vaddvq_s32(is) - dm * (float)vaddvq_s32(ms));        \
+                }                                                                              \
+                y[t * ldy + r] = add ? y[t * ldy + r] + v : v;                                 \
+            }                                                                                  \
+        }                                                                                      \
+    }
+
+/* The five K types' rows, with and without SDOT. */
+#define NEON_KROWS5(SUF, ATTR, ISUM16)                                                         \
+    NEON_KROWS(neon_q2_k_rows##SUF, ATTR, ISUM16, KLI_DT_Q2_K)                                 \
+    NEON_KROWS(neon_q3_k_rows##SUF, ATTR, ISUM16, KLI_DT_Q3_K)                                 \
+    NEON_KROWS(neon_q4_k_rows##SUF, ATTR, ISUM16, KLI_DT_Q4_K)                                 \
+    NEON_KROWS(neon_q5_k_rows##SUF, ATTR, ISUM16, KLI_DT_Q5_K)                                 \
+    NEON_KROWS(neon_q6_k_rows##SUF, ATTR, ISUM16, KLI_DT_Q6_K)
+
+NEON_KROWS5(, , neon_isum16)
+NEON_KROWS5(_dot, NEON_DOTPROD, neon_isum16_dot)
+
 typedef void (*neon_qrows_fn)(float *y, int64_t ldy, const uint8_t *w, size_t rb, int64_t n,
                               int64_t nb, const uint8_t *q, size_t stride, int64_t mt, int add);
 
 /* Tokens in groups of up to NEON_QT, k in slices whose quantized activations fit the buffer:
  * each slice of W is read once per group of tokens. */
 static void
-neon_matmul_quant(neon_qrows_fn rows, int bb, float *y, int64_t ldy, const float *x,
+neon_matmul_quant(enum k_dtype dt, neon_qrows_fn rows, float *y, int64_t ldy, const float *x,
                   int64_t ldx, const void *w, int64_t n, int64_t k, int64_t m)
 {
     _Alignas(16) uint8_t buf[NEON_QBUF];
-    int64_t nbt = k / 32;
-    size_t rb = (size_t)nbt * (size_t)bb;
+    /* units of blocks of 32, or of super-blocks for the K types */
+    int64_t unit = dtype_is_k(dt) ? KLI_QK_K : 32, nbt = k / unit;
+    size_t bb = (size_t)dtype_info(dt)->block_bytes, rb = (size_t)nbt * bb;
 
     for (int64_t t0 = 0; t0 < m; t0 += NEON_QT) {
         int64_t mt = m - t0 < NEON_QT ? m - t0 : NEON_QT;
-        int64_t kq = NEON_QBUF / ((int64_t)neon_qregion(1) * mt);
+        int64_t kq = NEON_QBUF / ((int64_t)neon_qregion(dt, 1) * mt);
 
         for (int64_t b0 = 0; b0 < nbt; b0 += kq) {
             int64_t nb = nbt - b0 < kq ? nbt - b0 : kq;
-            size_t stride = neon_qregion(nb);
+            size_t stride = neon_qregion(dt, nb);
 
             for (int64_t t = 0; t < mt; t++)
-                neon_quant_slice(x + (t0 + t) * ldx + 32 * b0, nb, buf + (size_t)t * stride);
-            rows(y + t0 * ldy, ldy, (const uint8_t *)w + (size_t)b0 * (size_t)bb, rb, n, nb,
-                 buf, stride, mt, b0 > 0);
+                neon_quant_slice(dt, x + (t0 + t) * ldx + unit * b0, nb,
+                                 buf + (size_t)t * stride);
+            rows(y + t0 * ldy, ldy, (const uint8_t *)w + (size_t)b0 * bb, rb, n, nb, buf,
+                 stride, mt, b0 > 0);
         }
     }
 }
 
-KLI_MATMUL_ENTRY(neon_matmul_q8_0, neon_matmul_quant, neon_q8_rows, 34)
-KLI_MATMUL_ENTRY(neon_matmul_q4, neon_matmul_quant, neon_q4_rows, 18)
-KLI_MATMUL_ENTRY(neon_matmul_q8_0_dot, neon_matmul_quant, neon_q8_rows_dot, 34)
-KLI_MATMUL_ENTRY(neon_matmul_q4_dot, neon_matmul_quant, neon_q4_rows_dot, 18)
+/* The quantized entries of one table (SUF: "" for neon, _dot for neondot). */
+#define NEON_QENTRIES(SUF)                                                                     \
+    KLI_MATMUL_ENTRY(neon_matmul_q8_0##SUF, neon_matmul_quant, KLI_DT_Q8_0, neon_q8_rows##SUF) \
+    KLI_MATMUL_ENTRY(neon_matmul_q4##SUF, neon_matmul_quant, KLI_DT_Q4, neon_q4_rows##SUF)     \
+    KLI_MATMUL_ENTRY(neon_matmul_q2_k##SUF, neon_matmul_quant, KLI_DT_Q2_K,                    \
+                     neon_q2_k_rows##SUF)                                                      \
+    KLI_MATMUL_ENTRY(neon_matmul_q3_k##SUF, neon_matmul_quant, KLI_DT_Q3_K,                    \
+                     neon_q3_k_rows##SUF)                                                      \
+    KLI_MATMUL_ENTRY(neon_matmul_q4_k##SUF, neon_matmul_quant, KLI_DT_Q4_K,                    \
+                     neon_q4_k_rows##SUF)                                                      \
+    KLI_MATMUL_ENTRY(neon_matmul_q5_k##SUF, neon_matmul_quant, KLI_DT_Q5_K,                    \
+                     neon_q5_k_rows##SUF)                                                      \
+    KLI_MATMUL_ENTRY(neon_matmul_q6_k##SUF, neon_matmul_quant, KLI_DT_Q6_K,                    \
+                     neon_q6_k_rows##SUF)
+
+NEON_QENTRIES()
+NEON_QENTRIES(_dot)
 
 /* ==== the tables ========================================================================= */
 
-#define NEON_TABLE(NAME, Q8, Q4)                                                               \
+#define NEON_TABLE(NAME, SUF)                                                                  \
     {                                                                                          \
         .name = NAME,                                                                          \
         .matmul = {                                                                            \
             [KLI_DT_F32] = neon_matmul_f32,                                                    \
             [KLI_DT_F16] = neon_matmul_f16,                                                    \
             [KLI_DT_BF16] = neon_matmul_bf16,                                                  \
-            [KLI_DT_Q8_0] = Q8,                                                                \
-            [KLI_DT_Q4] = Q4,                                                                  \
-            KLI_MATMUL_K_GENERIC,                                                              \
+            [KLI_DT_Q8_0] = neon_matmul_q8_0##SUF,                                             \
+            [KLI_DT_Q4] = neon_matmul_q4##SUF,                                                 \
+            [KLI_DT_Q2_K] = neon_matmul_q2_k##SUF,                                             \
+            [KLI_DT_Q3_K] = neon_matmul_q3_k##SUF,                                             \
+            [KLI_DT_Q4_K] = neon_matmul_q4_k##SUF,                                             \
+            [KLI_DT_Q5_K] = neon_matmul_q5_k##SUF,                                             \
+            [KLI_DT_Q6_K] = neon_matmul_q6_k##SUF,                                             \
         },                                                                                     \
         .dot = neon_dot,                                                                       \
         .dot_decay = neon_dot_decay,                                                           \
@@ -508,10 +714,8 @@ KLI_MATMUL_ENTRY(neon_matmul_q4_dot, neon_matmul_quant, neon_q4_rows_dot, 18)
         .to_f32 = neon_to_f32,                                                                 \
     }
 
-static const struct k_kernels neon_table =
-    NEON_TABLE("neon", neon_matmul_q8_0, neon_matmul_q4);
-static const struct k_kernels neondot_table =
-    NEON_TABLE("neondot", neon_matmul_q8_0_dot, neon_matmul_q4_dot);
+static const struct k_kernels neon_table = NEON_TABLE("neon", );
+static const struct k_kernels neondot_table = NEON_TABLE("neondot", _dot);
 
 const struct k_kernels *
 kernels_neon(void)

@@ -7,7 +7,8 @@
  * falling from Q2_K to Q6_K, Q4_K well below Q4; weighted_*: importance weights lower the
  * weighted error, and NULL weights give dtype_from_f32's bytes; edge_*: zeros, tiny, huge
  * and non-finite inputs give finite, deterministic blocks; matmul: every table's matmul of
- * every K type against the dequantized weights in double; nano: the trained demo model
+ * every K type against the dequantized weights in double (generic to 1e-5 of sum |x w|, the
+ * SIMD tables within the rounding of x to int8 per super-block); nano: the trained demo model
  * converted to each K type at load time runs, its logits close to f32 and its top-1
  * agreement ordered Q6_K >= Q4_K >= Q2_K; files: kli quantize and kli convert to a K type
  * give the load-time conversion's logits bit for bit, short rows take the fallback, and
@@ -416,24 +417,40 @@ matmul_tables(void)
             uint8_t *q = tl_malloc(rb * (size_t)n);
             dtype_from_f32(dt, w, q, (int64_t)n * k);
             dtype_to_f32(dt, q, wd, (int64_t)n * k);
-            double worst = 0.0;
+            double worst = 0.0, worstq = 0.0;
             int have = all[v]->matmul[dt] != NULL;
             for (int m = 1; have && m <= mmax; m += 8) {
                 all[v]->matmul[dt](y, n, x, k, q, n, k, m);
                 for (int i = 0; i < m; i++) {
                     for (int r = 0; r < n; r++) {
-                        double s = 0.0, a = 0.0;
+                        double s = 0.0, a = 0.0, qb = 0.0;
                         for (int j = 0; j < k; j++) {
                             s += (double)x[i * k + j] * wd[r * k + j];
                             a += fabs((double)x[i * k + j] * wd[r * k + j]);
                         }
-                        double e = fabs(y[i * n + r] - s) / (a > 0 ? a : 1);
-                        worst = e > worst ? e : worst;
+                        /* the SIMD kernels round x to int8 per super-block (scale amax/127):
+                         * each x_j moves by at most amax/254 (test-simd.c) */
+                        for (int b = 0; b < k; b += KLI_QK_K) {
+                            double amax = 0.0, wsum = 0.0;
+                            for (int j = b; j < b + KLI_QK_K; j++) {
+                                amax = fmax(amax, fabs(x[i * k + j]));
+                                wsum += fabs(wd[r * k + j]);
+                            }
+                            qb += amax / 254.0 * wsum;
+                        }
+                        double e = fabs(y[i * n + r] - s);
+                        worst = fmax(worst, e / (a > 0 ? a : 1));
+                        worstq = fmax(worstq, e / (1.01 * qb + 1e-5 * a + 1e-30));
                     }
                 }
             }
-            ok(have && worst < 1e-5, "%s matmul %s (m = 1, 9, 17) = the dequantized weights "
-               "(worst %.2g of sum |x w|)", all[v]->name, k_dtype_name(dt), worst);
+            if (strcmp(all[v]->name, "generic") == 0)
+                ok(have && worst < 1e-5, "%s matmul %s (m = 1, 9, 17) = the dequantized "
+                   "weights (worst %.2g of sum |x w|)", all[v]->name, k_dtype_name(dt), worst);
+            else
+                ok(have && worstq <= 1.0, "%s matmul %s (m = 1, 9, 17) = the dequantized "
+                   "weights within the int8 rounding of x (worst %.2g of the bound)",
+                   all[v]->name, k_dtype_name(dt), worstq);
             free(q);
         }
     }

@@ -18,15 +18,17 @@
  *   matmul F32/F16/BF16: the reference uses the dequantized weights, so only summation error
  *                 is left: per element |y - ref| <= (k/4 + 64) 2^-24 sum_j |x_j w_j|, and over
  *                 the whole output the relative L2 error must stay below 1e-5.
- *   matmul Q8_0/Q4: a kernel may quantize x per 32-block to int8 with scale d = amax/127
- *                 (round to nearest), which moves each x_j by at most d/2 = amax_b/254. So
- *                 per element |y - ref| <= 1.01 sum_b (amax_b / 254) sum_{j in b} |w_j|
+ *   matmul Q8_0/Q4/K types: a kernel may quantize x per 32-block (per super-block of 256
+ *                 for the K types) to int8 with scale d = amax/127 (round to nearest), which
+ *                 moves each x_j by at most d/2 = amax_b/254. So per element
+ *                 |y - ref| <= 1.01 sum_b (amax_b / 254) sum_{j in b} |w_j|
  *                 + (k/4 + 64) 2^-24 sum_j |x_j w_j| (the 1% covers the rounding of d and
  *                 1/d), and the relative L2 error of the output must stay below 2e-2
  *                 (for random x the expected value is about amax / (127 sqrt(12) rms(x)), a
  *                 few 1e-3; the blocks of x mix scales 0, 1e-3, 1 and 30, so over 40 random
  *                 shapes it has been seen from 0.3% to 1.2% depending on the draws; the
- *                 per-element bound is the strict check).
+ *                 per-element bound is the strict check). The K types' weights include
+ *                 super-blocks at the edges of their ranges (k_extreme).
  * Entries of y outside [m][n] (the ldy padding) must be left untouched.
  */
 #include "config.h"
@@ -76,6 +78,34 @@ fill_x(float *x, int64_t n)
     }
 }
 
+/* About one K-type super-block in three made extreme: all zero; every byte 0xff (the
+ * largest levels, scales and minimums; Q6_K's scales -128) under d = 0.05; or random bytes
+ * under a huge (6e4) or a tiny (subnormal) d and dmin. */
+static void
+k_extreme(enum k_dtype dt, uint8_t *p)
+{
+    /* where d and dmin are (-1: none) */
+    static const int dpos[5][2] = {{80, 82}, {108, -1}, {0, 2}, {0, 2}, {208, -1}};
+    int bb = dtype_info(dt)->block_bytes, kind = (int)rng_int(0, 11);
+    const int *dp = dpos[dt - KLI_DT_Q2_K];
+
+    if (kind > 3)
+        return;
+    if (kind == 0) {
+        memset(p, 0, (size_t)bb);
+        return;
+    }
+    for (int i = 0; i < bb; i++)
+        p[i] = kind == 1 ? 0xff : (uint8_t)rng_next();
+    if (kind == 1 && dt == KLI_DT_Q6_K)
+        memset(p + 192, 0x80, 16);
+    for (int i = 0; i < 2 && dp[i] >= 0; i++) {
+        float d = kind == 1 ? 0.05f : kind == 2 ? 6e4f : 1e-7f;
+        uint16_t h = f32_to_f16(rng_int(0, 1) ? d : -d);
+        memcpy(p + dp[i], &h, 2);
+    }
+}
+
 static void
 fill_w(enum k_dtype dt, uint8_t *w, int64_t nelem)
 {
@@ -116,6 +146,8 @@ fill_w(enum k_dtype dt, uint8_t *w, int64_t nelem)
             for (int64_t i = 0; i < nelem; i++)
                 f[i] = rng_float() * 0.05f;
             dtype_from_f32(dt, f, w, nelem);
+            for (int64_t b = 0; b < nb; b++)
+                k_extreme(dt, w + b * dtype_info(dt)->block_bytes);
             free(f);
             break;
         }
@@ -533,9 +565,10 @@ mm_run(const struct k_kernels *kt, const struct k_kernels *gen, enum k_dtype dt,
                 mag += fabs((double)xt[j] * wr[j]);
             }
             if (quant) {
-                for (int64_t b = 0; b < k; b += 32) {
+                int64_t qb = dtype_is_k(dt) ? KLI_QK_K : 32;
+                for (int64_t b = 0; b < k; b += qb) {
                     double amax = 0.0, wsum = 0.0;
-                    for (int64_t j = b; j < b + 32; j++) {
+                    for (int64_t j = b; j < b + qb; j++) {
                         amax = fmax(amax, fabs(xt[j]));
                         wsum += fabs(wr[j]);
                     }
