@@ -25,6 +25,7 @@
 #include <math.h>
 
 #include "dtype.h"
+#include "util.h"
 
 #define KQ_F16_MAX 65504.0f
 
@@ -57,19 +58,17 @@ kq_type(enum k_dtype dt)
     return &kq_types[dt - KLI_DT_Q2_K];
 }
 
+/* The f16 at p (d, dmin), and its store: util.h's little-endian I/O. */
 static float
 kq_rd16(const uint8_t *p)
 {
-    return f16_to_f32((uint16_t)(p[0] | (p[1] << 8)));
+    return f16_to_f32(util_rd16(p));
 }
 
 static void
 kq_wr16(uint8_t *p, float f)
 {
-    uint16_t h = f32_to_f16(f);
-
-    p[0] = (uint8_t)(h & 0xff);
-    p[1] = (uint8_t)(h >> 8);
+    util_wr16(p, f32_to_f16(f));
 }
 
 /* ==== the layouts ======================================================================== */
