@@ -405,7 +405,6 @@ matmul_tables(void)
     const struct k_kernels *all[8];
     int nk = kernels_all(all, 8);
     uint64_t st = 41;   /* each case starts from its seed */
-   /* each case starts from its seed */
     int n = 5, k = 768, mmax = 17;
     float *w = gauss_rows(&st, n, k), *x = gauss_rows(&st, mmax, k);
     float *wd = tl_malloc((size_t)n * k * sizeof(float));
