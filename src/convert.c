@@ -164,10 +164,8 @@ kli_convert(const char *in, const char *out, const struct kli_convert_options *o
 
     if (in == NULL || out == NULL)
         return err_set(err, KLI_E_INVALID, "kli_convert: NULL argument");
-    kli_convert_options_init(&dflt);
-    if (opts_take(&dflt, sizeof(dflt), opt, "kli_convert", err) != KLI_OK)
+    if ((opt = OPTS_TAKE(kli_convert_options_init, dflt, opt, "kli_convert", err)) == NULL)
         return KLI_E_INVALID;
-    opt = &dflt;
     if ((rc = quantize_plan(opt->type, &plan, err)) != KLI_OK)
         return rc;
     if ((rc = quantize_check_rules(opt->keep, opt->n_keep, err)) != KLI_OK)

@@ -72,10 +72,8 @@ kli_generate(struct kli_session *s, const struct kli_tokenizer *tok, struct kli_
     if (s == NULL || tok == NULL || smp == NULL || (prompt == NULL && n_prompt > 0) ||
         n_prompt < 0)
         return err_set(err, KLI_E_INVALID, "kli_generate: invalid arguments");
-    kli_generate_options_init(&dflt);
-    if (opts_take(&dflt, sizeof(dflt), opt, "kli_generate", err) != KLI_OK)
+    if ((opt = OPTS_TAKE(kli_generate_options_init, dflt, opt, "kli_generate", err)) == NULL)
         return KLI_E_INVALID;
-    opt = &dflt;
     if (opt->max_tokens < 0 || opt->n_stop < 0 || (opt->n_stop > 0 && opt->stop == NULL))
         return err_set(err, KLI_E_INVALID, "kli_generate: invalid options");
     for (int32_t i = 0; i < opt->n_stop; i++) {

@@ -29,6 +29,11 @@ int err_set(struct kli_err *err, int code, const char *fmt, ...) KLI_PRINTF(3, 4
  * covers; the later members keep their defaults. opt NULL: the defaults alone.
  * @return KLI_OK, or KLI_E_INVALID when opt->size is 0 (opt not filled by its _init). */
 int opts_take(void *dflt, size_t cap, const void *opt, const char *fn, struct kli_err *err);
+/* The options struct `dflt` filled by its _init function `init` and then by opts_take from
+ * the caller's `opt`: the options to use (&dflt), or NULL when opt is unusable (err set).
+ * `if ((opt = OPTS_TAKE(kli_x_options_init, dflt, opt, "kli_x", err)) == NULL)`. */
+#define OPTS_TAKE(init, dflt, opt, fn, err) \
+    (init(&(dflt)), opts_take(&(dflt), sizeof(dflt), (opt), (fn), (err)) == KLI_OK ? &(dflt) : NULL)
 
 /* For our own bugs only, never for input validation. On in every build. */
 KLI_NORETURN void panic(const char *file, int line, const char *what);

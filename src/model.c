@@ -595,10 +595,8 @@ kli_model_open(struct kli_model **out, const char *path, const struct kli_model_
     if (out == NULL || path == NULL)
         return err_set(err, KLI_E_INVALID, "kli_model_open: NULL argument");
     *out = NULL;
-    kli_model_options_init(&dflt);
-    if (opts_take(&dflt, sizeof(dflt), opt, "kli_model_open", err) != KLI_OK)
+    if ((opt = OPTS_TAKE(kli_model_options_init, dflt, opt, "kli_model_open", err)) == NULL)
         return KLI_E_INVALID;
-    opt = &dflt;
     if (stat(path, &st) != 0 || (!S_ISDIR(st.st_mode) && !pack_probe(path)))
         return err_set(err, KLI_E_IO, "%s: not a model directory (config.json and "
                            "safetensors expected) or .kli file", path);

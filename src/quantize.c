@@ -422,10 +422,8 @@ kli_quantize(const char *in, const char *out, const struct kli_convert_options *
     struct stat st;
     int rc;
 
-    kli_quantize_options_init(&dflt);
-    if (opts_take(&dflt, sizeof(dflt), opt, "kli_quantize", err) != KLI_OK)
+    if ((opt = OPTS_TAKE(kli_quantize_options_init, dflt, opt, "kli_quantize", err)) == NULL)
         return KLI_E_INVALID;
-    opt = &dflt;
     if (opt->type == NULL)   /* as kli_convert_options_init leaves it: convert's "as stored" */
         return err_set(err, KLI_E_RANGE, "kli_quantize: no weight type (%s)",
                            KLI_DTYPE_NAMES);

@@ -94,10 +94,8 @@ kli_sampler_create(struct kli_sampler **out, const struct kli_sampler_options *o
     if (out == NULL || n_vocab <= 0)
         return err_set(err, KLI_E_INVALID, "kli_sampler_create: invalid arguments");
     *out = NULL;
-    kli_sampler_options_init(&dflt);
-    if (opts_take(&dflt, sizeof(dflt), opt, "kli_sampler_create", err) != KLI_OK)
+    if ((opt = OPTS_TAKE(kli_sampler_options_init, dflt, opt, "kli_sampler_create", err)) == NULL)
         return KLI_E_INVALID;
-    opt = &dflt;
     if (!(opt->temperature >= 0.0f && opt->temperature <= 100.0f))
         return err_set(err, KLI_E_RANGE, "temperature %g is outside [0, 100]",
                            (double)opt->temperature);

@@ -510,10 +510,8 @@ kli_sched_create(struct kli_sched **out, const struct kli_model *m,
     if (out == NULL || m == NULL || o == NULL)
         return err_set(err, KLI_E_INVALID, "kli_sched_create: NULL argument");
     *out = NULL;
-    kli_sched_options_init(&opt);
-    if (opts_take(&opt, sizeof(opt), o, "kli_sched_create", err) != KLI_OK)
+    if ((o = OPTS_TAKE(kli_sched_options_init, opt, o, "kli_sched_create", err)) == NULL)
         return KLI_E_INVALID;
-    o = &opt;
     if (o->parallel < 1 || o->parallel > SCHED_MAX_PARALLEL || o->ctx_max < 0 ||
         o->join_tokens < 0 || o->min_prefix < 1)
         return err_set(err, KLI_E_RANGE, "scheduler: parallel must be 1..%d, ctx_max and "

@@ -274,10 +274,8 @@ kli_session_create(struct kli_session **out, const struct kli_model *m,
     if (out == NULL || m == NULL)
         return err_set(err, KLI_E_INVALID, "kli_session_create: NULL argument");
     *out = NULL;
-    kli_session_options_init(&dflt);
-    if (opts_take(&dflt, sizeof(dflt), opt, "kli_session_create", err) != KLI_OK)
+    if ((opt = OPTS_TAKE(kli_session_options_init, dflt, opt, "kli_session_create", err)) == NULL)
         return KLI_E_INVALID;
-    opt = &dflt;
     cfg = &m->cfg;
     if (opt->ctx_max < 0 || opt->batch_max < 0)
         return err_set(err, KLI_E_RANGE, "session: negative ctx_max or batch_max");

@@ -277,10 +277,8 @@ kli_synth(const char *out, const struct kli_synth_options *opt, struct kli_err *
     struct stat st;
     int rc = KLI_OK;
 
-    kli_synth_options_init(&dflt);
-    if (opts_take(&dflt, sizeof(dflt), opt, "kli_synth", err) != KLI_OK)
+    if ((opt = OPTS_TAKE(kli_synth_options_init, dflt, opt, "kli_synth", err)) == NULL)
         return KLI_E_INVALID;
-    opt = &dflt;
     if (opt->n_layers < 1 || opt->n_layers > 1024 || opt->n_experts < 1 ||
         opt->n_experts > 4096)
         return err_set(err, KLI_E_RANGE, "synth: layers must be 1..1024 and experts "
