@@ -76,15 +76,21 @@ avx2_f16(const uint8_t *p)
          ? _mm##W##_cvtph_ps(h)                                                               \
          : _mm##W##_castsi##W##_ps(_mm##W##_slli_epi32(_mm##W##_cvtepu16_epi32(h), 16)))
 
+/* Defines `name`, which loads W / 32 weights from element j of a float-type row (F32, F16 or
+ * BF16), widened, for both widths W: F32 as it is, F16 and BF16 as W / 2 bits (HLOAD, an
+ * unaligned load of the integer vector HT) then widened. */
+#define X86_DEFINE_LOAD_ROW(name, W, HT, HLOAD)                                               \
+    AVX2_INLINE __m##W                                                                        \
+    name(enum k_dtype dt, const uint8_t *row, int64_t j)                                      \
+    {                                                                                         \
+        if (dt == KLI_DT_F32)                                                                 \
+            return _mm##W##_loadu_ps((const float *)row + j);                                 \
+        HT h = HLOAD((const HT *)(row + 2 * j));                                              \
+        return X86_WIDEN_U16(W, dt, h);                                                       \
+    }
+
 /* Eight weights from element j of a float-type row (F32, F16 or BF16), widened. */
-AVX2_INLINE __m256
-avx2_load8(enum k_dtype dt, const uint8_t *row, int64_t j)
-{
-    if (dt == KLI_DT_F32)
-        return _mm256_loadu_ps((const float *)row + j);
-    __m128i h = _mm_loadu_si128((const __m128i *)(row + 2 * j));
-    return X86_WIDEN_U16(256, dt, h);
-}
+X86_DEFINE_LOAD_ROW(avx2_load8, 256, __m128i, _mm_loadu_si128)
 
 AVX2_INLINE float
 avx2_load1(enum k_dtype dt, const uint8_t *row, int64_t j)

@@ -86,14 +86,7 @@ avx512_mask(int64_t r)
 }
 
 /* Sixteen weights from element j of a float-type row (F32, F16 or BF16), widened. */
-AVX512_INLINE __m512
-avx512_load16(enum k_dtype dt, const uint8_t *row, int64_t j)
-{
-    if (dt == KLI_DT_F32)
-        return _mm512_loadu_ps((const float *)row + j);
-    __m256i h = _mm256_loadu_si256((const __m256i *)(row + 2 * j));
-    return X86_WIDEN_U16(512, dt, h);
-}
+X86_DEFINE_LOAD_ROW(avx512_load16, 512, __m256i, _mm256_loadu_si256)
 
 /* The same for the first lanes of mk only; the others are zero and their memory untouched. */
 AVX512_INLINE __m512
