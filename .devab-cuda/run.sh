@@ -5,10 +5,12 @@
 #
 #   test   builds kli and tests/test-cuda with CUDA (-O2, in build-devab/) and runs
 #          test-cuda: every CUDA block against its CPU twin, the K types included
-#   bench  times `kli bench --gpu on` (prefill 512, decode 64, 3 reps each) on a synthetic
-#          model of the released shapes (kli synth: 4 layers, 64 experts, seed 7, q8_0)
-#          quantized to q4 and to q4_k (4.5 bits per weight both), the two alternating for
-#          `rounds` rounds, and prints the medians over the rounds
+#   bench  runs `test-cuda --bench-mm` (one decode product per block type at the released
+#          lm_head's shape: the kernels' GB/s), then times `kli bench --gpu on` (prefill
+#          512, decode 64, 3 reps each) on a synthetic model of the released shapes (kli
+#          synth: 4 layers, 64 experts, seed 7, q8_0) quantized to q4 and to q4_k (4.5 bits
+#          per weight both), the two alternating for `rounds` rounds, and prints the
+#          medians over the rounds
 #
 # Scratch (models, logs) in $KLI_DEVAB_DIR, default /tmp/kli-devab-cuda; the models are
 # kept between runs. Needs nvcc, and python3 for the medians.
@@ -41,6 +43,8 @@ if [ "$what" = test ] || [ "$what" = all ]; then
     [ "$what" = test ] && exit $rc
 fi
 
+echo "== test-cuda --bench-mm"
+"$build/tests/test-cuda" --bench-mm || true
 echo "== bench: kli bench --gpu on -p 512 -n 64 -r 3, q4 against q4_k, $rounds rounds"
 base=$scratch/synth-q8_0
 [ -f "$base/model.safetensors" ] ||

@@ -27,7 +27,9 @@
  * Without CUDA or without a GPU it prints "1..0 # SKIP" with the reason.
  *
  * `test-cuda --bench` instead times the attention step, CPU against GPU, at the released
- * model's shape for contexts of 4K, 32K, 128K and 1M tokens (not part of make check).
+ * model's shape for contexts of 4K, 32K, 128K and 1M tokens; `test-cuda --bench-mm` the
+ * decode product of each block type at the shape of the released lm_head (neither is part
+ * of make check).
  */
 #include "config.h"
 
@@ -363,29 +365,42 @@ rand_floats(int64_t n, float scale, float bias)
  * offsets). The decoded weights are the CPU's bit for bit (cu_k8 rounds as kq_to_f32 does);
  * only the order of the float32 sums differs: 1e-5, as for Q8_0 and Q4.
  */
-static void
-test_kmatmul(enum k_dtype dt, int R, int K, int T)
+/* nb random blocks of the block type dt (Q8_0, Q4 or a K type) in a new buffer: random bytes
+ * but for the f16 scales d (and dmin), finite of either sign, at the offsets kli-weights(5)
+ * gives. */
+static uint8_t *
+rand_blocks(enum k_dtype dt, int64_t nb)
 {
-    /* the f16 fields of each type's super-block: d, and dmin (-1: none) */
-    static const int off[5][2] = {{80, 82}, {108, -1}, {0, 2}, {0, 2}, {208, -1}};
-    const int bb = dtype_info(dt)->block_bytes, nb = R * K / KLI_QK_K;
-    const int *o = off[dt - KLI_DT_Q2_K];
-    uint8_t *w = tl_malloc((size_t)nb * bb);
-    float *x = rand_floats((int64_t)T * K, 1.0f, 0.0f), *wf = tl_malloc((size_t)K * 4);
-    float *yc = tl_malloc((size_t)T * R * 4), *yg = tl_malloc((size_t)T * R * 4);
-    double *yd = tl_malloc((size_t)T * R * sizeof(double));
+    /* d and dmin (-1: none) of Q2_K .. Q6_K, then Q8_0 and Q4 */
+    static const int off[7][2] = {{80, 82}, {108, -1}, {0, 2}, {0, 2}, {208, -1}, {0, -1},
+                                  {0, -1}};
+    const int bb = dtype_info(dt)->block_bytes;
+    const int *o = off[dt == KLI_DT_Q8_0 ? 5 : dt == KLI_DT_Q4 ? 6 : dt - KLI_DT_Q2_K];
+    uint8_t *w = tl_malloc((size_t)(nb * bb));
 
-    for (int64_t i = 0; i < (int64_t)nb * bb; i++)
+    for (int64_t i = 0; i < nb * bb; i++)
         w[i] = (uint8_t)tl_xorshift(&rng);
-    for (int b = 0; b < nb; b++) {
+    for (int64_t b = 0; b < nb; b++) {
         for (int k = 0; k < 2 && o[k] >= 0; k++) {
             /* exponent 5..12 (magnitudes 2^-10 .. 2^-3), random mantissa and sign */
             uint64_t r = tl_xorshift(&rng);
             unsigned h = (unsigned)((r & 0x83ffu) | ((5 + (r >> 16) % 8) << 10));
-            w[(size_t)b * bb + o[k]] = (uint8_t)(h & 0xff);
-            w[(size_t)b * bb + o[k] + 1] = (uint8_t)(h >> 8);
+            w[b * bb + o[k]] = (uint8_t)(h & 0xff);
+            w[b * bb + o[k] + 1] = (uint8_t)(h >> 8);
         }
     }
+    return w;
+}
+
+static void
+test_kmatmul(enum k_dtype dt, int R, int K, int T)
+{
+    const int bb = dtype_info(dt)->block_bytes, nb = R * K / KLI_QK_K;
+    uint8_t *w = rand_blocks(dt, nb);
+    float *x = rand_floats((int64_t)T * K, 1.0f, 0.0f), *wf = tl_malloc((size_t)K * 4);
+    float *yc = tl_malloc((size_t)T * R * 4), *yg = tl_malloc((size_t)T * R * 4);
+    double *yd = tl_malloc((size_t)T * R * sizeof(double));
+
     for (int r = 0; r < R; r++) {
         dtype_to_f32(dt, w + (size_t)r * (K / KLI_QK_K) * bb, wf, K);
         for (int t = 0; t < T; t++) {
@@ -999,6 +1014,48 @@ test_kmodel(const char *type)
     kli_model_close(mc);
 }
 
+/* ==== --bench-mm: the products at the released model's lm_head ============================== */
+
+/* One decode row through the device's matmul, per block type, on random blocks of the
+ * released model's lm_head shape (163840 x 2304): the best of 7 calls, each including the
+ * copy of x in and of y (640 KiB) out, and the weight bytes over that time. */
+static int
+bench_mm(void)
+{
+    const int R = 163840, K = 2304;
+    const enum k_dtype dts[] = {KLI_DT_Q8_0, KLI_DT_Q4, KLI_DT_Q2_K, KLI_DT_Q3_K, KLI_DT_Q4_K,
+                                KLI_DT_Q5_K, KLI_DT_Q6_K};
+    float *x = rand_floats(K, 1.0f, 0.0f), *y = tl_malloc((size_t)R * 4);
+
+    printf("decode product y = W x, W %d x %d, through the backend's matmul (x in, y out)\n",
+           R, K);
+    printf("%-6s %10s %10s %10s\n", "type", "MiB", "best us", "GB/s");
+    for (size_t i = 0; i < sizeof(dts) / sizeof(dts[0]); i++) {
+        const int64_t nb = (int64_t)R * K / dtype_info(dts[i])->block;
+        const uint64_t bytes = (uint64_t)nb * (uint64_t)dtype_info(dts[i])->block_bytes;
+        uint8_t *w = rand_blocks(dts[i], nb);
+        struct gpu_mat m = {dev_copy(w, bytes), (int32_t)dts[i], R, K};
+        struct kli_err err = {0};
+        double best = INFINITY;
+        free(w);
+        for (int r = 0; r < 8; r++) {   /* the first call warms up */
+            double t0 = now_s();
+            if (ops->matmul(queue, &m, x, 1, y, &err) != KLI_OK) {
+                printf("%s: %s\n", k_dtype_name(dts[i]), err.msg);
+                return 1;
+            }
+            double t = now_s() - t0;
+            best = r > 0 && t < best ? t : best;
+        }
+        printf("%-6s %10.1f %10.1f %10.0f\n", k_dtype_name(dts[i]), (double)bytes / 1048576.0,
+               best * 1e6, (double)bytes / best / 1e9);
+        ops->release(gpu, (void *)m.w, bytes);
+    }
+    free(x);
+    free(y);
+    return 0;
+}
+
 /* ==== --bench: the attention step at the released model's shape ============================= */
 
 static int
@@ -1061,10 +1118,11 @@ main(int argc, char **argv)
     struct gpu_info info;
     struct kli_err err = {0};
     int do_bench = argc > 1 && strcmp(argv[1], "--bench") == 0;
+    int do_bench_mm = argc > 1 && strcmp(argv[1], "--bench-mm") == 0;
 
     /* The CPU twins in plain C: the SIMD kernels quantize the activations of Q8_0 and Q4
      * products to int8, an approximation of their own (about 1e-2 relative). */
-    if (!do_bench) {
+    if (!do_bench && !do_bench_mm) {
         tap_init(argc, argv);
         setenv("KLI_SIMD", "generic", 1);
     }
@@ -1077,11 +1135,11 @@ main(int argc, char **argv)
         printf("Bail out! queue: %s\n", err.msg);
         return 1;
     }
-    if (!do_bench && !tap_listing)
+    if (!do_bench && !do_bench_mm && !tap_listing)
         diag("%s, %d SMs, compute %d.%d, %.1f GiB free", info.name, info.n_sm, info.cc_major,
              info.cc_minor, (double)info.mem_free / 1073741824.0);
-    if (do_bench) {
-        int rc = bench();
+    if (do_bench || do_bench_mm) {
+        int rc = do_bench ? bench() : bench_mm();
         ops->queue_free(queue);
         ops->close(gpu);
         return rc;
