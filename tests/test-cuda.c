@@ -1000,11 +1000,19 @@ test_kmodel(const char *type)
             diag("nano at %s: %s", type, err.msg);
         double ep = gp && cp ? tl_rel_l2(gp, cp, (int64_t)N * nv) : INFINITY;
         double ed = gd && cd ? tl_rel_l2(gd, cd, (int64_t)N * nv) : INFINITY;
+        /* the K-type experts ran on the device: all of them, or some of them */
+        struct kli_gpu_stats gs;
+        memset(&gs, 0, sizeof(gs));
         int placed = strstr(st, want[h]) != NULL && strstr(st, "MLA layers") != NULL &&
-                     (h == 1 || strstr(st, "whole model") != NULL);
+                     (h == 1 || strstr(st, "whole model") != NULL) &&
+                     kli_model_gpu_stats(m, &gs) == 0 && gs.on_gpu > 0 &&
+                     (h == 0 ? gs.on_gpu == gs.routed : gs.on_gpu < gs.routed);
         ok(placed && ep < 1e-4 && ed < 1e-4, "nano at %s, %s: prefill %.2g, decode %.2g from "
            "the CPU path", type, h == 0 ? "the whole model on the GPU" : "2 of 6 experts hot",
            ep, ed);
+        if (!placed)
+            diag("routed %llu, on the GPU %llu", (unsigned long long)gs.routed,
+                 (unsigned long long)gs.on_gpu);
         free(gp);
         free(gd);
         kli_model_close(m);
