@@ -178,9 +178,8 @@ cu_kda_check(struct k_gpu *g, const struct gpu_kda_w *w, int32_t D, int32_t H,
         !cu_mat_ok(&w->f_b, HK, rf) || !cu_mat_ok(&w->g_b, HK, rg) ||
         !cu_mat_ok(&w->o, D, HK) || w->conv == NULL || w->a_neg == NULL ||
         w->dt_bias == NULL || w->o_norm == NULL)
-        return err_set(err, KLI_E_UNSUPPORTED, "GPU KDA needs matrices in F32, F16, BF16, "
-                       "Q8_0 or Q4 with widths in multiples of 8 (32 for the block types): "
-                       "ranks %d and %d, head width %d", rf, rg, HK);
+        return err_set(err, KLI_E_UNSUPPORTED, "GPU KDA needs matrices in " CU_MAT_NEED
+                       ": ranks %d and %d, head width %d", rf, rg, HK);
     return KLI_OK;
 }
 

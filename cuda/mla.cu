@@ -378,32 +378,12 @@ cu_mm(struct gpu_queue *q, const void *W, int dtype, long long wbs, int R, int K
     dim3 grid((unsigned)((R + MM_ROWS - 1) / MM_ROWS), (unsigned)nb,
               (unsigned)((T + MM_TG - 1) / MM_TG));
 
-    switch (dtype) {
-    case KLI_DT_F32:
-        mla_mm<KLI_DT_F32><<<grid, 32 * MM_ROWS, 0, q->st>>>(W, wbs, R, K, x, ldx, xbs, (int)T,
-                                                             y, ldy, ybs);
-        break;
-    case KLI_DT_F16:
-        mla_mm<KLI_DT_F16><<<grid, 32 * MM_ROWS, 0, q->st>>>(W, wbs, R, K, x, ldx, xbs, (int)T,
-                                                             y, ldy, ybs);
-        break;
-    case KLI_DT_BF16:
-        mla_mm<KLI_DT_BF16><<<grid, 32 * MM_ROWS, 0, q->st>>>(W, wbs, R, K, x, ldx, xbs,
-                                                              (int)T, y, ldy, ybs);
-        break;
-    case KLI_DT_Q8_0:
-        mla_mm<KLI_DT_Q8_0><<<grid, 32 * MM_ROWS, 0, q->st>>>(W, wbs, R, K, x, ldx, xbs,
-                                                              (int)T, y, ldy, ybs);
-        break;
-    case KLI_DT_Q4:
-        mla_mm<KLI_DT_Q4><<<grid, 32 * MM_ROWS, 0, q->st>>>(W, wbs, R, K, x, ldx, xbs, (int)T,
-                                                            y, ldy, ybs);
-        break;
-    default:
-        /* the K types (and anything newer) have no kernel here: callers check cu_mat_ok
-         * first, and a block must never be read as another type's */
+    if (cu_dtype_switch(dtype, [&](auto dt) {
+            mla_mm<decltype(dt)::value><<<grid, 32 * MM_ROWS, 0, q->st>>>(
+                W, wbs, R, K, x, ldx, xbs, (int)T, y, ldy, ybs);
+        }) != 0)
+        /* callers check cu_mat_ok first: a block must never be read as another type's */
         return err_set(err, KLI_E_UNSUPPORTED, "%s: no GPU matmul for dtype %d", what, dtype);
-    }
     return cu_launched(err, what);
 }
 
@@ -445,10 +425,7 @@ mla_qpe(const float *q, int H, int nope, int rope, int L, int C, float *qfull)
 int
 cu_mat_ok(const struct gpu_mat *m, int32_t rows, int32_t cols)
 {
-    int blk = m->dtype == KLI_DT_Q8_0 || m->dtype == KLI_DT_Q4;
-
-    return m->w != NULL && m->dtype >= KLI_DT_F32 && m->dtype <= KLI_DT_Q4 && m->rows == rows &&
-           m->cols == cols && cols % (blk ? 32 : 8) == 0;
+    return m->w != NULL && m->rows == rows && m->cols == cols && gpu_dtype_ok(m->dtype, cols);
 }
 
 int
@@ -462,11 +439,11 @@ cu_mla_layer_check(struct k_gpu *g, const struct gpu_mla_w *w, int32_t D, int32_
     if (!cu_mat_ok(&w->q_proj, H * dqk, D) || !cu_mat_ok(&w->kv_a, L + rope, D) ||
         !cu_mat_ok(&w->o_proj, D, H * dv) || w->kv_norm == NULL || w->w_uk_t == NULL ||
         w->w_uv == NULL)
-        return err_set(err, KLI_E_UNSUPPORTED, "GPU projections need matrices in F32, F16, "
-                       "BF16, Q8_0 or Q4 with widths in multiples of 8 (32 for the block "
-                       "types): q_proj %d x %d, kv_a %d x %d, o_proj %d x %d",
-                       w->q_proj.rows, w->q_proj.cols, w->kv_a.rows, w->kv_a.cols,
-                       w->o_proj.rows, w->o_proj.cols);
+        return err_set(err, KLI_E_UNSUPPORTED, "GPU projections need matrices in "
+                       CU_MAT_NEED ": q_proj %d x %d of dtype %d, kv_a %d x %d of dtype %d, "
+                       "o_proj %d x %d of dtype %d", w->q_proj.rows, w->q_proj.cols,
+                       w->q_proj.dtype, w->kv_a.rows, w->kv_a.cols, w->kv_a.dtype,
+                       w->o_proj.rows, w->o_proj.cols, w->o_proj.dtype);
     if (L < 8 || nope % 8 != 0 || L % 8 != 0 || dqk % 4 != 0)
         return err_set(err, KLI_E_UNSUPPORTED, "GPU projections need the latent (%d) and nope "
                        "(%d) widths in multiples of 8 and nope + rope in multiples of 4", L,

@@ -9,8 +9,10 @@
  *   ffn_combine  out[t] = sum_{p: row p = t} wt_p y_p   grid (T)
  * A warp computes one weight row against up to 4 input rows at once: decode is a matrix-vector
  * product bound by reading the weights, and each weight is read once per 4 rows. The weights
- * stay in their stored dtype (F32, F16, BF16, Q8_0, Q4) and are expanded 8 at a time in
- * registers, as the CPU kernels expand them (simd/generic.c); the products are float32.
+ * stay in their stored dtype (F32, F16, BF16, Q8_0, Q4, the K types Q2_K .. Q6_K; down may
+ * differ from gate and up, as GGUF's mixes and kli's q8_0 fallback for short rows make it)
+ * and are expanded 8 at a time in registers, as the CPU's generic kernels expand them
+ * (simd/generic.c, weights/kquant.c); the products are float32.
  * Summing in ffn_combine in a fixed order keeps the result deterministic (no atomics).
  */
 #include <math.h>
@@ -26,7 +28,7 @@ enum {
 /* One item as the kernels see it: its pairs are [start, start + n). */
 struct ffn_item {
     const void *gate, *up, *down;
-    int dtype, F, start, n;
+    int dtype, ddown, F, start, n;     /* dtype: gate's and up's; ddown: down's */
 };
 
 /* Row f of gate and up against the item's input rows: hb[p][f] = silu(g) * u. */
@@ -67,13 +69,9 @@ ffn_gate_up(const struct ffn_item *items, const float *x, const int *row, int D,
 
     if (f >= it.F || it.n == 0)
         return;
-    switch (it.dtype) {
-    case KLI_DT_F32: ffn_gate_up_row<KLI_DT_F32>(it, f, x, row, D, hb, ldh, lane); break;
-    case KLI_DT_F16: ffn_gate_up_row<KLI_DT_F16>(it, f, x, row, D, hb, ldh, lane); break;
-    case KLI_DT_BF16: ffn_gate_up_row<KLI_DT_BF16>(it, f, x, row, D, hb, ldh, lane); break;
-    case KLI_DT_Q8_0: ffn_gate_up_row<KLI_DT_Q8_0>(it, f, x, row, D, hb, ldh, lane); break;
-    default: ffn_gate_up_row<KLI_DT_Q4>(it, f, x, row, D, hb, ldh, lane); break;
-    }
+    cu_dtype_switch(it.dtype, [&](auto dt) {
+        ffn_gate_up_row<decltype(dt)::value>(it, f, x, row, D, hb, ldh, lane);
+    });
 }
 
 __global__ void __launch_bounds__(32 * FFN_ROWS)
@@ -84,13 +82,9 @@ ffn_down(const struct ffn_item *items, const float *hb, int ldh, int D, float *y
 
     if (d >= D || it.n == 0)
         return;
-    switch (it.dtype) {
-    case KLI_DT_F32: ffn_down_row<KLI_DT_F32>(it, d, hb, ldh, D, y, lane); break;
-    case KLI_DT_F16: ffn_down_row<KLI_DT_F16>(it, d, hb, ldh, D, y, lane); break;
-    case KLI_DT_BF16: ffn_down_row<KLI_DT_BF16>(it, d, hb, ldh, D, y, lane); break;
-    case KLI_DT_Q8_0: ffn_down_row<KLI_DT_Q8_0>(it, d, hb, ldh, D, y, lane); break;
-    default: ffn_down_row<KLI_DT_Q4>(it, d, hb, ldh, D, y, lane); break;
-    }
+    cu_dtype_switch(it.ddown, [&](auto dt) {
+        ffn_down_row<decltype(dt)::value>(it, d, hb, ldh, D, y, lane);
+    });
 }
 
 /* out[t] = sum of wt[p] * y[p] over the pairs of row t, in pair order. */
@@ -121,11 +115,13 @@ cu_moe_launch(struct gpu_queue *q, const struct gpu_moe_job *j, struct kli_err *
         return err_set(err, KLI_E_INVALID, "moe job: no work, or d_model %lld is not a "
                        "multiple of 32", (long long)D);
     for (int32_t i = 0; i < j->n_items; i++) {
-        if (j->item[i].d_ff % 32 != 0 || j->item[i].dtype < KLI_DT_F32 ||
-            j->item[i].dtype > KLI_DT_Q4)
-            return err_set(err, KLI_E_UNSUPPORTED, "moe job: d_ff %d or dtype %d",
-                           j->item[i].d_ff, j->item[i].dtype);
-        fmax = j->item[i].d_ff > fmax ? j->item[i].d_ff : fmax;
+        const struct gpu_ffn *f = &j->item[i];
+        if (!gpu_dtype_ok(f->dtype, D) || !gpu_dtype_ok(f->dtype_down, f->d_ff) ||
+            f->d_ff % 32 != 0)
+            return err_set(err, KLI_E_UNSUPPORTED, "moe job: d_model %lld, d_ff %d, dtypes "
+                           "%d (gate, up) and %d (down)", (long long)D, f->d_ff, f->dtype,
+                           f->dtype_down);
+        fmax = f->d_ff > fmax ? f->d_ff : fmax;
     }
 
     if ((rc = cu_check(cudaSetDevice(q->g->info.device), err, "cudaSetDevice")) != KLI_OK)
@@ -148,6 +144,7 @@ cu_moe_launch(struct gpu_queue *q, const struct gpu_moe_job *j, struct kli_err *
         it[i].up = j->item[i].up;
         it[i].down = j->item[i].down;
         it[i].dtype = j->item[i].dtype;
+        it[i].ddown = j->item[i].dtype_down;
         it[i].F = j->item[i].d_ff;
         it[i].start = j->start[i];
         it[i].n = j->start[i + 1] - j->start[i];

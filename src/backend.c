@@ -144,7 +144,8 @@ backend_model_close(struct kli_model *m)
             struct bk_layer *bl = &bm->layer[i];
             if (bl->exp != NULL) {
                 for (int32_t e = 0; e < m->cfg.moe.n_experts; e++)
-                    bk_ffn_release(bm, &bl->exp[e], &bl->buf[e], bm->exp_bytes);
+                    bk_ffn_release(bm, &bl->exp[e], &bl->buf[e],
+                                   bk_alloc_bytes(&m->layers[i].moe.experts[e]));
             }
             if (bl->shared_buf != NULL)
                 bk_ffn_release(bm, &bl->shared, &bl->shared_buf,
@@ -455,9 +456,7 @@ bk_open_all(struct kli_model *m, uint64_t *avail, uint64_t experts, char *note,
     }
     struct gpu_mat lm = bk_mat(&m->lm_head, m->lm_head.data);
     uint64_t lm_bytes = bk_tensor_bytes(&m->lm_head);
-    if (lm.cols % 8 != 0 || ((lm.dtype == KLI_DT_Q8_0 || lm.dtype == KLI_DT_Q4) &&
-                             lm.cols % 32 != 0) || lm.dtype < KLI_DT_F32 ||
-        lm.dtype > KLI_DT_Q4)
+    if (!gpu_dtype_ok(lm.dtype, lm.cols))
         return KLI_OK;
     need += lm_bytes;
     if (need + experts > *avail) {
@@ -511,8 +510,11 @@ bk_open_experts(struct kli_model *m, const struct kli_model_options *opt, uint64
         const struct moe_w *w = &m->layers[i].moe;
         for (int32_t e = 0; e < E; e++) {
             if (!bk_ffn_ok(&w->experts[e])) {
-                snprintf(note, note_cap, "experts on the CPU (%s weights, or widths not "
-                         "multiples of 32)", k_dtype_name(w->experts[e].gate.dtype));
+                snprintf(note, note_cap, "experts on the CPU (%s and %s weights, widths %lld "
+                         "and %lld)", k_dtype_name(w->experts[e].gate.dtype),
+                         k_dtype_name(w->experts[e].down.dtype),
+                         (long long)w->experts[e].gate.shape[1],
+                         (long long)w->experts[e].gate.shape[0]);
                 return KLI_OK;
             }
         }
@@ -524,7 +526,9 @@ bk_open_experts(struct kli_model *m, const struct kli_model_options *opt, uint64
             }
             shared += bk_alloc_bytes(&w->shared);
         }
-        bm->exp_bytes = bk_alloc_bytes(&w->experts[0]);
+        /* the widest layer's (a GGUF mix may give layers different types) */
+        uint64_t eb = bk_alloc_bytes(&w->experts[0]);
+        bm->exp_bytes = eb > bm->exp_bytes ? eb : bm->exp_bytes;
         n_moe++;
     }
     if (n_moe == 0)

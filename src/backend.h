@@ -31,6 +31,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "dtype.h"
 #include "kli.h"
 
 #ifdef __cplusplus
@@ -56,12 +57,14 @@ struct gpu_info {
 };
 
 /* One SwiGLU FFN whose three matrices are on the device, rows contiguous:
- * gate, up [d_ff][d_model] and down [d_model][d_ff], all of one dtype (enum k_dtype:
- * F32, F16, BF16 or Q8_0; both widths multiples of 32). */
+ * gate, up [d_ff][d_model] of dtype and down [d_model][d_ff] of dtype_down (enum k_dtype:
+ * F32, F16, BF16, Q8_0, Q4 or a K type; both widths multiples of 32, and a matrix of a K
+ * type has rows of whole super-blocks). */
 struct gpu_ffn {
     const void *gate, *up, *down;
     int32_t dtype;
     int32_t d_ff;
+    int32_t dtype_down;
 };
 
 /* The device share of one MoE layer over T rows: item j (an expert, or the shared expert
@@ -92,8 +95,21 @@ struct gpu_mla_job {
     float *lat;                  /* host [T][H][L], written */
 };
 
-/* One weight matrix on the device: [rows][cols] of dtype (F32, F16, BF16, Q8_0 or Q4; cols a
- * multiple of 8, of 32 for the block types), rows contiguous. */
+/* Whether the device kernels compute a [.][cols] matrix of dtype dt (struct gpu_mat, struct
+ * gpu_ffn): F32, F16, BF16, Q8_0, Q4 or a K type, and cols a multiple of 8 (the plain types),
+ * 32 (Q8_0, Q4) or 256 (the K types: whole super-blocks). */
+static inline int
+gpu_dtype_ok(int32_t dt, int64_t cols)
+{
+    if (dt < KLI_DT_F32 || dt > KLI_DT_Q6_K || dt == KLI_DT_OTHER)
+        return 0;
+    return cols > 0 && cols % (dt == KLI_DT_Q8_0 || dt == KLI_DT_Q4 ? 32 :
+                               dtype_is_k((enum k_dtype)dt) ? KLI_QK_K : 8) == 0;
+}
+
+/* One weight matrix on the device: [rows][cols] of dtype (F32, F16, BF16, Q8_0, Q4 or a K
+ * type; cols a multiple of 8, of 32 for Q8_0 and Q4, of 256 for the K types), rows
+ * contiguous. */
 struct gpu_mat {
     const void *w;
     int32_t dtype;

@@ -35,15 +35,14 @@
  * clear evidence. */
 #define BK_REBALANCE_PER_EXPERT 1
 
-/* Whether cuda/moe.cu computes this FFN: one dtype it knows, widths multiples of 32. */
+/* Whether cuda/moe.cu computes this FFN: gate and up of one dtype, down of one (each
+ * gpu_dtype_ok for its rows), widths multiples of 32. */
 int
 bk_ffn_ok(const struct ffn_w *f)
 {
-    enum k_dtype dt = f->gate.dtype;
-
-    return (dt == KLI_DT_F32 || dt == KLI_DT_F16 || dt == KLI_DT_BF16 || dt == KLI_DT_Q8_0 ||
-            dt == KLI_DT_Q4) && f->up.dtype == dt && f->down.dtype == dt &&
-           f->gate.shape[0] % 32 == 0 && f->gate.shape[1] % 32 == 0;
+    return f->up.dtype == f->gate.dtype && gpu_dtype_ok(f->gate.dtype, f->gate.shape[1]) &&
+           gpu_dtype_ok(f->down.dtype, f->down.shape[1]) && f->gate.shape[0] % 32 == 0 &&
+           f->gate.shape[1] % 32 == 0;
 }
 
 void
@@ -82,6 +81,7 @@ bk_ffn_upload(struct backend_model *bm, const struct ffn_w *f, struct gpu_ffn *d
     d->down = c + od;
     d->dtype = (int32_t)f->gate.dtype;
     d->d_ff = (int32_t)f->gate.shape[0];
+    d->dtype_down = (int32_t)f->down.dtype;
     return KLI_OK;
 }
 
@@ -248,7 +248,8 @@ bk_mover(void *arg)
             void *buf = NULL;
             int early = bk_ffn_upload(bm, &w->experts[in], &d, &buf, NULL) == KLI_OK;
             pthread_rwlock_wrlock(&bm->lock);
-            bk_ffn_release(bm, &bl->exp[out], &bl->buf[out], bm->exp_bytes);
+            bk_ffn_release(bm, &bl->exp[out], &bl->buf[out],
+                           bk_alloc_bytes(&w->experts[out]));
             if (early) {
                 bl->exp[in] = d;
                 bl->buf[in] = buf;

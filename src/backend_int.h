@@ -58,7 +58,7 @@ struct backend_model {
     uint64_t lm_bytes;
     int experts;                  /* shared and hot routed experts on the device */
     int32_t n_hot;                /* routed experts per MoE layer kept resident */
-    uint64_t exp_bytes;           /* device bytes of one routed expert */
+    uint64_t exp_bytes;           /* device bytes of one routed expert (the most of a layer) */
     struct bk_layer *layer;       /* [n_layers], used for MoE layers */
     pthread_rwlock_t lock;        /* read: a job in flight; write: changing a hot set */
     uint64_t st_routed, st_on_gpu, st_swaps;   /* kli_model_gpu_stats (atomic) */

@@ -7,22 +7,29 @@
  *      and a float64 reference: decode rows, prefill rows with causal
  *      lengths, several sequences in one job, the released model's shape; 1e-5 relative L2;
  *   2. SwiGLU experts (cuda/moe.cu) vs ffn_forward and moe_forward's weighted sum, for each
- *      weight dtype; 1e-5 (the CPU twins run the generic C kernels: KLI_SIMD=generic);
+ *      weight dtype, the K types included, and down of another dtype than gate and up; 1e-5
+ *      (the CPU twins run the generic C kernels: KLI_SIMD=generic);
+ *  2b. the K types' products (cu_mm) on random blocks vs the generic kernel and float64;
  *   3. a whole MLA layer (cuda/mla.cu: projections, new cache rows, attention) vs
  *      mla_forward, for each dtype of the projections, decode and prefill rows of several
  *      sequences, and the released shape; 1e-5 on the output, the new rows on both sides;
- *      then the memory budget refuses with a message;
+ *      the K types accepted in rows of whole super-blocks, declined otherwise; then a whole
+ *      KDA layer likewise; then the memory budget refuses with a message;
  *   4. the tiny model with --gpu on: prefill + decode within 1e-4 of the golden logits, all
  *      experts resident, 3 per layer (the CPU computing the rest at the same time, with the
  *      hot set re-chosen as it runs, the copies made by the mover thread; kli_model_gpu_stats
  *      counts them), MLA only; the same against the CPU path; a batched step
  *      over two sessions; a session whose history is replaced (copy) must not reuse stale
- *      device rows.
+ *      device rows;
+ *  4b. the nano model converted to K types with --gpu on, the whole model and 2 hot experts
+ *      of 6, against the CPU path; 1e-4.
  *
  * Without CUDA or without a GPU it prints "1..0 # SKIP" with the reason.
  *
  * `test-cuda --bench` instead times the attention step, CPU against GPU, at the released
- * model's shape for contexts of 4K, 32K, 128K and 1M tokens (not part of make check).
+ * model's shape for contexts of 4K, 32K, 128K and 1M tokens; `test-cuda --bench-mm` the
+ * decode product of each block type at the shape of the released lm_head (neither is part
+ * of make check).
  */
 #include "config.h"
 
@@ -41,6 +48,7 @@
 #include "mla.h"
 #include "model.h"
 #include "ops.h"
+#include "simd.h"
 #include "tap.h"
 #include "testlib.h"
 #include "threads.h"
@@ -202,13 +210,15 @@ test_attention(const char *what, int H, int L, int C, int n_seq, const int64_t *
 
 /* ==== 2. Experts ============================================================================= */
 
-/* A random FFN of dtype dt: host views in w (data in bufs) and a device copy in d. */
+/* A random FFN, gate and up of dtype dt, down of ddown: host views in w (data in bufs) and a
+ * device copy in d. */
 static void
-make_ffn(enum k_dtype dt, int64_t D, int64_t F, struct ffn_w *w, void **bufs,
-         struct gpu_ffn *d)
+make_ffn(enum k_dtype dt, enum k_dtype ddown, int64_t D, int64_t F, struct ffn_w *w,
+         void **bufs, struct gpu_ffn *d)
 {
     struct tensor *t[3] = {&w->gate, &w->up, &w->down};
     int64_t rows[3] = {F, F, D}, cols[3] = {D, D, F};
+    enum k_dtype kt[3] = {dt, dt, ddown};
     const void *dp[3];
 
     for (int k = 0; k < 3; k++) {
@@ -216,12 +226,12 @@ make_ffn(enum k_dtype dt, int64_t D, int64_t F, struct ffn_w *w, void **bufs,
         float *f = tl_malloc((size_t)n * sizeof(float));
         for (int64_t i = 0; i < n; i++)
             f[i] = frand() / sqrtf((float)cols[k]);
-        uint64_t bytes = dtype_nbytes(dt, (uint64_t)n);
+        uint64_t bytes = dtype_nbytes(kt[k], (uint64_t)n);
         bufs[k] = tl_malloc(bytes);
-        dtype_from_f32(dt, f, bufs[k], n);
+        dtype_from_f32(kt[k], f, bufs[k], n);
         free(f);
         memset(t[k], 0, sizeof(*t[k]));
-        t[k]->dtype = dt;
+        t[k]->dtype = kt[k];
         t[k]->ndim = 2;
         t[k]->shape[0] = rows[k];
         t[k]->shape[1] = cols[k];
@@ -234,12 +244,14 @@ make_ffn(enum k_dtype dt, int64_t D, int64_t F, struct ffn_w *w, void **bufs,
     d->down = dp[2];
     d->dtype = (int32_t)dt;
     d->d_ff = (int32_t)F;
+    d->dtype_down = (int32_t)ddown;
 }
 
+/* Experts with gate and up of dtype dt, down of ddown, F wide (the shared one 2F). */
 static void
-test_experts(enum k_dtype dt)
+test_experts(enum k_dtype dt, enum k_dtype ddown, int F)
 {
-    enum { D = 256, F = 96, NE = 3, T = 6 };
+    enum { D = 256, NE = 3, T = 6 };
     struct ffn_w w[NE + 1];
     struct gpu_ffn d[NE + 1];
     void *bufs[NE + 1][3];
@@ -251,7 +263,7 @@ test_experts(enum k_dtype dt)
     float wt[T * (NE + 1)];
 
     for (int e = 0; e <= NE; e++)   /* item 0: a shared expert twice as wide */
-        make_ffn(dt, D, e == 0 ? 2 * F : F, &w[e], bufs[e], &d[e]);
+        make_ffn(dt, ddown, D, e == 0 ? 2 * F : F, &w[e], bufs[e], &d[e]);
     for (int i = 0; i < T * D; i++)
         x[i] = frand();
     /* item 0 over every row; expert e over rows t with (t + e) % 2 == 0, e = 3 over none */
@@ -286,16 +298,16 @@ test_experts(enum k_dtype dt)
     if (rc == KLI_OK)
         rc = ops->moe_wait(queue, out, &err);
     if (rc != KLI_OK)
-        diag("experts %s: %s", k_dtype_name(dt), err.msg);
+        diag("experts %s/%s: %s", k_dtype_name(dt), k_dtype_name(ddown), err.msg);
     for (int i = 0; i < T * D; i++)
         out[i] -= 0.5f;
     double e = tl_rel_l2(out, ref, T * D);
-    ok(rc == KLI_OK && e < 1e-5, "experts %s (shared + %d routed, one idle): GPU vs CPU twin "
-       "%.2g", k_dtype_name(dt), NE - 1, e);
+    ok(rc == KLI_OK && e < 1e-5, "experts %s, down %s, %d wide (shared + %d routed, one "
+       "idle): GPU vs CPU twin %.2g", k_dtype_name(dt), k_dtype_name(ddown), F, NE - 1, e);
     for (int e2 = 0; e2 <= NE; e2++) {
         uint64_t b[3] = {dtype_nbytes(dt, (uint64_t)d[e2].d_ff * D),
                          dtype_nbytes(dt, (uint64_t)d[e2].d_ff * D),
-                         dtype_nbytes(dt, (uint64_t)d[e2].d_ff * D)};
+                         dtype_nbytes(ddown, (uint64_t)d[e2].d_ff * D)};
         ops->release(gpu, (void *)d[e2].gate, b[0]);
         ops->release(gpu, (void *)d[e2].up, b[1]);
         ops->release(gpu, (void *)d[e2].down, b[2]);
@@ -310,8 +322,6 @@ test_experts(enum k_dtype dt)
     free(h3);
     free(xe);
 }
-
-/* ==== 3. A whole MLA layer =================================================================== */
 
 /* A random [rows][cols] matrix of dtype dt: host view in t (data in *buf). */
 static void
@@ -343,6 +353,82 @@ rand_floats(int64_t n, float scale, float bias)
         f[i] = bias + scale * frand();
     return f;
 }
+
+/* ==== 2b. The K types' products ============================================================== */
+
+/*
+ * y [T][R] = x W^T for a [R][K] matrix of the K type dt, through the device's matmul (cu_mm:
+ * the kernels every block uses), against the CPU's generic kernel (dequantize, float dot) and
+ * a float64 sum over dtype_to_f32's weights. The blocks are random bytes, so that every bit
+ * of every field is exercised (the quantizer leaves some patterns out), but for the f16
+ * scales d (and dmin), set to finite values of either sign (kli-weights(5) gives their
+ * offsets). The decoded weights are the CPU's bit for bit (cu_k8 rounds as kq_to_f32 does);
+ * only the order of the float32 sums differs: 1e-5, as for Q8_0 and Q4.
+ */
+/* nb random blocks of the block type dt (Q8_0, Q4 or a K type) in a new buffer: random bytes
+ * but for the f16 scales d (and dmin), finite of either sign, at the offsets kli-weights(5)
+ * gives. */
+static uint8_t *
+rand_blocks(enum k_dtype dt, int64_t nb)
+{
+    /* d and dmin (-1: none) of Q2_K .. Q6_K, then Q8_0 and Q4 */
+    static const int off[7][2] = {{80, 82}, {108, -1}, {0, 2}, {0, 2}, {208, -1}, {0, -1},
+                                  {0, -1}};
+    const int bb = dtype_info(dt)->block_bytes;
+    const int *o = off[dt == KLI_DT_Q8_0 ? 5 : dt == KLI_DT_Q4 ? 6 : dt - KLI_DT_Q2_K];
+    uint8_t *w = tl_malloc((size_t)(nb * bb));
+
+    for (int64_t i = 0; i < nb * bb; i++)
+        w[i] = (uint8_t)tl_xorshift(&rng);
+    for (int64_t b = 0; b < nb; b++) {
+        for (int k = 0; k < 2 && o[k] >= 0; k++) {
+            /* exponent 5..12 (magnitudes 2^-10 .. 2^-3), random mantissa and sign */
+            uint64_t r = tl_xorshift(&rng);
+            unsigned h = (unsigned)((r & 0x83ffu) | ((5 + (r >> 16) % 8) << 10));
+            w[b * bb + o[k]] = (uint8_t)(h & 0xff);
+            w[b * bb + o[k] + 1] = (uint8_t)(h >> 8);
+        }
+    }
+    return w;
+}
+
+static void
+test_kmatmul(enum k_dtype dt, int R, int K, int T)
+{
+    const int bb = dtype_info(dt)->block_bytes, nb = R * K / KLI_QK_K;
+    uint8_t *w = rand_blocks(dt, nb);
+    float *x = rand_floats((int64_t)T * K, 1.0f, 0.0f), *wf = tl_malloc((size_t)K * 4);
+    float *yc = tl_malloc((size_t)T * R * 4), *yg = tl_malloc((size_t)T * R * 4);
+    double *yd = tl_malloc((size_t)T * R * sizeof(double));
+
+    for (int r = 0; r < R; r++) {
+        dtype_to_f32(dt, w + (size_t)r * (K / KLI_QK_K) * bb, wf, K);
+        for (int t = 0; t < T; t++) {
+            double a = 0.0;
+            for (int k = 0; k < K; k++)
+                a += (double)wf[k] * x[(size_t)t * K + k];
+            yd[(size_t)t * R + r] = a;
+        }
+    }
+    kernels_generic()->matmul[dt](yc, R, x, K, w, R, K, T);
+    struct gpu_mat m = {dev_copy(w, (uint64_t)nb * bb), (int32_t)dt, R, K};
+    struct kli_err err = {0};
+    int rc = ops->matmul(queue, &m, x, T, yg, &err);
+    if (rc != KLI_OK)
+        diag("%s matmul: %s", k_dtype_name(dt), err.msg);
+    double eg = tl_rel_l2(yg, yc, (int64_t)T * R), ed = tl_rel_l2_d(yg, yd, (int64_t)T * R);
+    ok(rc == KLI_OK && eg < 1e-5 && ed < 1e-5, "%s, %d x %d, %d rows, random blocks: GPU vs "
+       "the generic kernel %.2g, vs float64 %.2g", k_dtype_name(dt), R, K, T, eg, ed);
+    ops->release(gpu, (void *)m.w, (uint64_t)nb * bb);
+    free(w);
+    free(x);
+    free(wf);
+    free(yc);
+    free(yg);
+    free(yd);
+}
+
+/* ==== 3. A whole MLA layer =================================================================== */
 
 /* n_seq sequences of len[q] rows after this pass, T_seq new rows each. */
 static void
@@ -862,6 +948,122 @@ test_golden(void)
     free(ref_decode);
 }
 
+/* ==== 4b. The nano model at the K types ====================================================== */
+
+/*
+ * The trained nano model (hidden size 256: whole super-blocks) converted at open to the K
+ * type `type`; rows that are not whole super-blocks take q8_0 (dtype_fit), so the experts'
+ * down projections and KDA's f_b/g_b are q8_0 beside K-type gate, up and projections: mixed
+ * dtypes in one FFN and one layer. Logits with --gpu on, first every expert resident (the
+ * whole model on the device), then 2 of 6 hot (the CPU computing the rest at the same time,
+ * the mover moving them), against the CPU path: prefill in one call, then decode a token at a
+ * time. The weights decode bit for bit as on the CPU; the float32 sums differ in order only,
+ * compounded over four layers: 1e-4 (a wrong decode is off by O(1)).
+ */
+static void
+test_kmodel(const char *type)
+{
+    enum { N = 40 };
+    char nano[4096];
+    struct kli_model_options o;
+    struct kli_model *mc = NULL;
+    struct kli_err err = {0};
+    kli_token ids[N];
+
+    snprintf(nano, sizeof(nano), "%s/../../contrib/models/kimi-linear-nano", tl_data());
+    kli_model_options_init(&o);
+    o.n_threads = 2;
+    o.weight_type = type;
+    o.gpu = KLI_GPU_OFF;
+    if (kli_model_open(&mc, nano, &o, &err) != KLI_OK) {
+        ok(0, "nano at %s opens: %s", type, err.msg);
+        return;
+    }
+    int32_t nv = kli_model_n_vocab(mc);
+    for (int i = 0; i < N; i++)
+        ids[i] = (kli_token)((i * 97 + 13) % nv);
+    float *cp = tl_logits(mc, ids, N, 0, &err), *cd = tl_logits(mc, ids, N, 1, &err);
+    const int32_t hot[2] = {-1, 2};
+    const char *want[2] = {"6 of 6", "2 of 6"};
+    for (int h = 0; h < 2; h++) {
+        struct kli_model *m = NULL;
+        o.gpu = KLI_GPU_ON;
+        o.gpu_experts = hot[h];
+        if (kli_model_open(&m, nano, &o, &err) != KLI_OK) {
+            ok(0, "nano at %s, --gpu on: %s", type, err.msg);
+            continue;
+        }
+        const char *st = kli_model_gpu_status(m);
+        diag("%s", st);
+        float *gp = tl_logits(m, ids, N, 0, &err), *gd = tl_logits(m, ids, N, 1, &err);
+        if (gp == NULL || gd == NULL)
+            diag("nano at %s: %s", type, err.msg);
+        double ep = gp && cp ? tl_rel_l2(gp, cp, (int64_t)N * nv) : INFINITY;
+        double ed = gd && cd ? tl_rel_l2(gd, cd, (int64_t)N * nv) : INFINITY;
+        /* the K-type experts ran on the device: all of them, or some of them */
+        struct kli_gpu_stats gs;
+        memset(&gs, 0, sizeof(gs));
+        int placed = strstr(st, want[h]) != NULL && strstr(st, "MLA layers") != NULL &&
+                     (h == 1 || strstr(st, "whole model") != NULL) &&
+                     kli_model_gpu_stats(m, &gs) == 0 && gs.on_gpu > 0 &&
+                     (h == 0 ? gs.on_gpu == gs.routed : gs.on_gpu < gs.routed);
+        ok(placed && ep < 1e-4 && ed < 1e-4, "nano at %s, %s: prefill %.2g, decode %.2g from "
+           "the CPU path", type, h == 0 ? "the whole model on the GPU" : "2 of 6 experts hot",
+           ep, ed);
+        if (!placed)
+            diag("routed %llu, on the GPU %llu", (unsigned long long)gs.routed,
+                 (unsigned long long)gs.on_gpu);
+        free(gp);
+        free(gd);
+        kli_model_close(m);
+    }
+    free(cp);
+    free(cd);
+    kli_model_close(mc);
+}
+
+/* ==== --bench-mm: the products at the released model's lm_head ============================== */
+
+/* One decode row through the device's matmul, per block type, on random blocks of the
+ * released model's lm_head shape (163840 x 2304): the best of 7 calls, each including the
+ * copy of x in and of y (640 KiB) out, and the weight bytes over that time. */
+static int
+bench_mm(void)
+{
+    const int R = 163840, K = 2304;
+    const enum k_dtype dts[] = {KLI_DT_Q8_0, KLI_DT_Q4, KLI_DT_Q2_K, KLI_DT_Q3_K, KLI_DT_Q4_K,
+                                KLI_DT_Q5_K, KLI_DT_Q6_K};
+    float *x = rand_floats(K, 1.0f, 0.0f), *y = tl_malloc((size_t)R * 4);
+
+    printf("decode product y = W x, W %d x %d, through the backend's matmul (x in, y out)\n",
+           R, K);
+    printf("%-6s %10s %10s %10s\n", "type", "MiB", "best us", "GB/s");
+    for (size_t i = 0; i < sizeof(dts) / sizeof(dts[0]); i++) {
+        const int64_t nb = (int64_t)R * K / dtype_info(dts[i])->block;
+        const uint64_t bytes = (uint64_t)nb * (uint64_t)dtype_info(dts[i])->block_bytes;
+        uint8_t *w = rand_blocks(dts[i], nb);
+        struct gpu_mat m = {dev_copy(w, bytes), (int32_t)dts[i], R, K};
+        struct kli_err err = {0};
+        double best = INFINITY;
+        free(w);
+        for (int r = 0; r < 8; r++) {   /* the first call warms up */
+            double t0 = now_s();
+            if (ops->matmul(queue, &m, x, 1, y, &err) != KLI_OK) {
+                printf("%s: %s\n", k_dtype_name(dts[i]), err.msg);
+                return 1;
+            }
+            double t = now_s() - t0;
+            best = r > 0 && t < best ? t : best;
+        }
+        printf("%-6s %10.1f %10.1f %10.0f\n", k_dtype_name(dts[i]), (double)bytes / 1048576.0,
+               best * 1e6, (double)bytes / best / 1e9);
+        ops->release(gpu, (void *)m.w, bytes);
+    }
+    free(x);
+    free(y);
+    return 0;
+}
+
 /* ==== --bench: the attention step at the released model's shape ============================= */
 
 static int
@@ -924,10 +1126,11 @@ main(int argc, char **argv)
     struct gpu_info info;
     struct kli_err err = {0};
     int do_bench = argc > 1 && strcmp(argv[1], "--bench") == 0;
+    int do_bench_mm = argc > 1 && strcmp(argv[1], "--bench-mm") == 0;
 
     /* The CPU twins in plain C: the SIMD kernels quantize the activations of Q8_0 and Q4
      * products to int8, an approximation of their own (about 1e-2 relative). */
-    if (!do_bench) {
+    if (!do_bench && !do_bench_mm) {
         tap_init(argc, argv);
         setenv("KLI_SIMD", "generic", 1);
     }
@@ -940,11 +1143,11 @@ main(int argc, char **argv)
         printf("Bail out! queue: %s\n", err.msg);
         return 1;
     }
-    if (!do_bench && !tap_listing)
+    if (!do_bench && !do_bench_mm && !tap_listing)
         diag("%s, %d SMs, compute %d.%d, %.1f GiB free", info.name, info.n_sm, info.cc_major,
              info.cc_minor, (double)info.mem_free / 1073741824.0);
-    if (do_bench) {
-        int rc = bench();
+    if (do_bench || do_bench_mm) {
+        int rc = do_bench ? bench() : bench_mm();
         ops->queue_free(queue);
         ops->close(gpu);
         return rc;
@@ -969,11 +1172,26 @@ main(int argc, char **argv)
            "an unsupported shape is refused with a reason: %s", e2.msg);
     }
 
-    /* 2. experts in every dtype */
+    /* 2. experts in every dtype (the K types' rows whole super-blocks; down may differ) */
     const enum k_dtype dts[] = {KLI_DT_F32, KLI_DT_F16, KLI_DT_BF16, KLI_DT_Q8_0, KLI_DT_Q4};
+    const enum k_dtype kts[] = {KLI_DT_Q2_K, KLI_DT_Q3_K, KLI_DT_Q4_K, KLI_DT_Q5_K,
+                                KLI_DT_Q6_K};
     if (tap_case("experts")) {
         for (size_t i = 0; i < sizeof(dts) / sizeof(dts[0]); i++)
-            test_experts(dts[i]);
+            test_experts(dts[i], dts[i], 96);
+        for (size_t i = 0; i < sizeof(kts) / sizeof(kts[0]); i++)
+            test_experts(kts[i], kts[i], 256);
+        test_experts(KLI_DT_Q4_K, KLI_DT_Q8_0, 96);
+        test_experts(KLI_DT_Q4_K, KLI_DT_Q6_K, 512);
+    }
+    /* 2b. the K types' products: decode, a partial pass of 4 rows, more than one block of
+     * 32 rows; the released model's width (9 super-blocks) */
+    if (tap_case("kmatmul")) {
+        for (size_t i = 0; i < sizeof(kts) / sizeof(kts[0]); i++) {
+            test_kmatmul(kts[i], 37, 2304, 1);
+            test_kmatmul(kts[i], 37, 2304, 6);
+            test_kmatmul(kts[i], 19, 512, 40);
+        }
     }
 
     /* 3. a whole MLA layer, then the budget */
@@ -984,6 +1202,13 @@ main(int argc, char **argv)
             snprintf(what, sizeof(what), "MLA layer %s, decode at 300", k_dtype_name(dts[i]));
             test_mla_layer(what, dts[i], 256, 4, 64, 32, 16, 32, 1, dec, 1);
         }
+        for (size_t i = 0; i < sizeof(kts) / sizeof(kts[0]); i++) {   /* o_proj 256 wide */
+            char what[96];
+            snprintf(what, sizeof(what), "MLA layer %s, decode at 300", k_dtype_name(kts[i]));
+            test_mla_layer(what, kts[i], 256, 8, 64, 32, 16, 32, 1, dec, 1);
+        }
+        test_mla_layer("MLA layer q4_k, prefill 2 sequences x 7 rows", KLI_DT_Q4_K, 256, 8, 64,
+                       32, 16, 32, 2, pre, 7);
         test_mla_layer("MLA layer bf16, first token", KLI_DT_BF16, 128, 2, 64, 32, 16, 32, 1, one,
                        1);
         test_mla_layer("MLA layer q8_0, prefill 2 sequences x 7 rows", KLI_DT_Q8_0, 256, 3, 64,
@@ -998,14 +1223,18 @@ main(int argc, char **argv)
         struct kli_err e4 = {0};
         ok(ops->mla_layer_check(gpu, &bad, 128, 2, 32, 16, 32, &e4) == KLI_E_UNSUPPORTED &&
            e4.msg[0] != '\0', "a projection of the wrong shape is refused: %s", e4.msg);
-        /* the super-block types have no GPU kernels yet: declined, so the layer stays on the
-         * CPU (shapes right, 256-wide rows) */
+        /* the super-block types: accepted in rows of whole super-blocks, declined with a
+         * reason in rows of 64 (o_proj), so that such a layer stays on the CPU */
         struct gpu_mla_w kq = {{(void *)1, KLI_DT_Q4_K, 96, 256}, {(void *)1, KLI_DT_Q4_K,
-                                   80, 256}, {(void *)1, KLI_DT_Q4_K, 256, 64}, (float *)1,
+                                   80, 256}, {(void *)1, KLI_DT_Q6_K, 256, 256}, (float *)1,
                                    (float *)1, (float *)1};
         struct kli_err e5 = {0};
-        ok(ops->mla_layer_check(gpu, &kq, 256, 2, 32, 16, 32, &e5) == KLI_E_UNSUPPORTED,
-           "Q4_K projections are declined: %s", e5.msg);
+        ok(ops->mla_layer_check(gpu, &kq, 256, 2, 32, 16, 128, &e5) == KLI_OK,
+           "Q4_K and Q6_K projections of 256-wide rows are accepted %s", e5.msg);
+        kq.o_proj.cols = 64;
+        ok(ops->mla_layer_check(gpu, &kq, 256, 2, 32, 16, 32, &e5) == KLI_E_UNSUPPORTED &&
+           strstr(e5.msg, "256 for the K types") != NULL,
+           "a Q6_K o_proj of 64-wide rows is declined: %s", e5.msg);
     }
     /* 3b. a whole KDA layer */
     if (tap_case("kda_layer")) {
@@ -1018,6 +1247,13 @@ main(int argc, char **argv)
                        32, 32, 32, 2, 70);
         test_kda_layer("KDA layer q4, released head shape, prefill 9 rows", KLI_DT_Q4, 256, 4,
                        128, 64, 64, 1, 9);
+        for (size_t i = 0; i < sizeof(kts) / sizeof(kts[0]); i++) {   /* ranks 256 */
+            char what[96];
+            snprintf(what, sizeof(what), "KDA layer %s, decode", k_dtype_name(kts[i]));
+            test_kda_layer(what, kts[i], 256, 4, 64, 256, 256, 1, 1);
+        }
+        test_kda_layer("KDA layer q3_k, prefill 2 sequences x 9 rows", KLI_DT_Q3_K, 256, 2, 128,
+                       256, 256, 2, 9);
     }
     /* the budget */
     if (tap_case("budget")) {
@@ -1036,6 +1272,12 @@ main(int argc, char **argv)
     if (tap_case("golden")) {
         tl_path(dir, sizeof(dir), "tiny-kimi-linear");
         test_golden();
+    }
+    /* 4b. the nano model at K types, whole and with hot experts */
+    if (tap_case("kmodel")) {
+        test_kmodel("q4_k");
+        test_kmodel("q2_k");
+        test_kmodel("q6_k");
     }
     if (gpu != NULL) {
         ops->queue_free(queue);

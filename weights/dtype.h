@@ -2,8 +2,10 @@
  * dtype.h - element types of stored tensors and the reference conversions between them.
  *
  * Checklist: a new dtype needs an entry here, a row in dtype.c's table, a reader mapping in
- * safetensors.c, and matmul kernels in simd/ (generic first). The codes are stored in .kli
- * files (kli-pack(5)): a new type takes the next code, existing codes never change.
+ * safetensors.c, and matmul kernels in simd/ (generic first); on the GPU, a decoder in
+ * cuda/common.cuh (cu_w8, cu_dtype_switch) and gpu_dtype_ok in src/backend.h, without which
+ * the device declines it and the CPU computes it. The codes are stored in .kli files
+ * (kli-pack(5)): a new type takes the next code, existing codes never change.
  */
 #ifndef KLI_DTYPE_H
 #define KLI_DTYPE_H
