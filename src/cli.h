@@ -240,6 +240,9 @@ int cli_perplexity(int argc, char **argv);
 /* The commands of cli_batch.c, NULL-terminated. */
 extern const struct cli_command cli_batch_commands[];
 
+/* kli serve (src/serve.c). */
+int cli_serve(int argc, char **argv);
+
 /* The built-in demo model (demo.c): writes it to a new temporary directory, whose path
  * goes to `dir`; cli_demo_remove deletes it again. */
 int cli_demo_dir(char *dir, size_t cap);
