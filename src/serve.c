@@ -173,7 +173,9 @@ serve_parse(int argc, char **argv, struct serve_args *a)
         case OPT_STATE_CACHE:
         case OPT_MAX_BODY: {
             uint64_t v;
-            if (cli_parse_size(optarg, &v) != 0 || (c == OPT_MAX_BODY && v == 0)) {
+            v = 0;   /* "0": no state cache */
+            if ((strcmp(optarg, "0") != 0 && cli_parse_size(optarg, &v) != 0) ||
+                (c == OPT_MAX_BODY && v == 0)) {
                 cli_error("%s: '%s' is not a size (such as 512M or 2G)",
                           c == OPT_MAX_BODY ? "--max-body" : "--state-cache", optarg);
                 return -1;
@@ -422,9 +424,11 @@ job_stream_end(struct job *j)
     int bad = 0;
 
     if (j->error != NULL || j->finish == KLI_FINISH_INTERRUPT) {
+        const char *msg = j->error != NULL ? j->error
+                          : j->timed_out ? "the request took longer than --timeout allows"
+                          : "the request was cancelled";
         bad |= BB_ADD(b, "data: {\"error\":{\"message\":");
-        bad |= bbuf_json_str(b, j->error != NULL ? j->error : "the request was cancelled",
-                             j->error != NULL ? strlen(j->error) : 25);
+        bad |= bbuf_json_str(b, msg, strlen(msg));
         bad |= BB_ADD(b, ",\"type\":\"server_error\",\"param\":null,\"code\":null}}\n\n");
     } else {
         if (j->len > j->sent)
@@ -755,7 +759,7 @@ serve_read(void *cls, uint64_t pos, char *buf, size_t max)
             n = MHD_CONTENT_READER_END_OF_STREAM;
             break;
         }
-        if (j->cancel) {
+        if (j->cancel && !j->timed_out) {   /* gone; a timeout ends with an error event */
             n = MHD_CONTENT_READER_END_WITH_ERROR;
             break;
         }
@@ -1244,7 +1248,6 @@ cli_serve(int argc, char **argv)
     struct MHD_Daemon *d = NULL;
     pthread_t loop;
     int loop_started = 0, rc = 1, pr, v6 = 0, sig;
-    MHD_socket lfd = MHD_INVALID_SOCKET;
     char namebuf[256];
     sigset_t set;
 
@@ -1369,7 +1372,10 @@ cli_serve(int argc, char **argv)
     /* Stop accepting, let the running requests finish within --grace, cancel the rest. */
     fprintf(stderr, "kli serve: %s: finishing the requests running (--grace %ld s)\n",
             strsignal(sig), a.grace);
-    lfd = MHD_quiesce_daemon(d);
+    /* new connections are refused from now on (a load balancer moves on) */
+    MHD_socket lfd = MHD_quiesce_daemon(d);
+    if (lfd != MHD_INVALID_SOCKET)
+        close(lfd);
     pthread_mutex_lock(&s.mu);
     s.draining = 1;
     pthread_mutex_unlock(&s.mu);
@@ -1407,11 +1413,8 @@ out:
     }
     s.inbox = NULL;
     pthread_mutex_unlock(&s.mu);
-    if (d != NULL) {
+    if (d != NULL)
         MHD_stop_daemon(d);
-        if (lfd != MHD_INVALID_SOCKET)
-            close(lfd);
-    }
     kli_model_close(s.model);
     cli_demo_remove(a.ca.demo);
     if (s.log_fd > STDERR_FILENO)

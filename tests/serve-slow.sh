@@ -38,7 +38,7 @@ if tcase openai; then
         "$kli" serve --port 0 --api-key sesame 2>"$tmp/serve.err" &
         pid=$!
         pids="$pids $pid"
-        poll 1200 grep -q 'http://' "$tmp/serve.err"
+        poll 1200 grep -qs 'http://' "$tmp/serve.err"
         port=$(sed -n 's|.*http://[^ ]*:\([0-9]*\)/ .*|\1|p' "$tmp/serve.err")
         cat >"$tmp/client.mjs" <<'JS'
 import OpenAI from 'openai';

@@ -132,7 +132,7 @@ start() {
     "$kli" serve --port 0 "$@" 2>"$tmp/$_name.err" &
     pid=$!
     pids="$pids $pid"
-    poll 1200 grep -q 'http://' "$tmp/$_name.err"
+    poll 1200 grep -qs 'http://' "$tmp/$_name.err"
     port=$(sed -n 's|.*http://[^ ]*:\([0-9]*\)/ .*|\1|p' "$tmp/$_name.err")
     if [ -z "$port" ]; then
         notok "$_name: the server did not start"
