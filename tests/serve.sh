@@ -98,10 +98,10 @@ elif cmd == 'cut':        # WHOLE-NOSTOP WHOLE-STOP STOP: the answer cut before 
     want = full[:full.index(a[2])]
     if cut['text'] != want or cut['finish'] != 'stop':
         sys.exit('%r (%s), want %r' % (cut['text'], cut['finish'], want))
-elif cmd == 'hangup':     # PORT BODY: reads the first event of a stream, then hangs up
+elif cmd == 'hangup':     # PORT BODY: reads the first events of a stream, then hangs up
     s = socket.create_connection(('127.0.0.1', int(a[0])))
     body = a[1].encode()
-    s.sendall(b'POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: '
+    s.sendall(b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: '
               b'application/json\r\nContent-Length: %d\r\n\r\n' % len(body) + body)
     got = b''
     while got.count(b'data: ') < 3:
@@ -154,6 +154,11 @@ chat() {   # chat CONTENT [MORE-FIELDS]: a greedy chat body
     printf '{"model":"m","messages":[{"role":"user","content":"%s"}],"temperature":0%s}' \
         "$1" "${2:-}"
 }
+
+# a request that runs for seconds: greedy, the demo model repeats this to max_tokens
+long='{"prompt":"the the the the the the the the","temperature":0,"max_tokens":8000}'
+long_stream='{"prompt":"the the the the the the the the","temperature":0,"max_tokens":8000,
+"stream":true}'
 
 start main --log "$tmp/serve.log" -P 8 --max-body 64K --min-prefix 8
 main=$pid
@@ -254,12 +259,18 @@ fi
 
 if tcase disconnect; then
     post /v1/chat/completions "$(chat 'Hello there' ',"max_tokens":12')" "$tmp/before" >/dev/null
-    b=$(chat 'Write a very long essay' ',"max_tokens":4000,"stream":true')
-    c "disconnect: a client hangs up after its first events" hangup "$port" "$b"
+    c "disconnect: a client hangs up after its first events" hangup "$port" "$long_stream"
     poll 400 grep -q 'finish=cancelled' "$tmp/serve.log"
     if grep -q 'finish=cancelled' "$tmp/serve.log"; then ok "disconnect: the request is cancelled"
     else notok "disconnect: the request is not cancelled"; tail -3 "$tmp/serve.log" | sed 's/^/# /'
     fi
+    # a client of a whole answer that gives up waiting
+    printf '%s' "$long" >"$tmp/long.json"
+    curl -s -m 1 -o /dev/null --data-binary @"$tmp/long.json" \
+        "http://127.0.0.1:$port/v1/completions"
+    poll 400 test "$(grep -c ' 499 .*finish=cancelled' "$tmp/serve.log")" -ge 2
+    is "$(grep -c ' 499 .*finish=cancelled' "$tmp/serve.log")" 2 \
+        "disconnect: a client of a whole answer that gives up, cancelled too (499)"
     is "$(post /v1/chat/completions "$(chat 'Hello there' ',"max_tokens":12')" "$tmp/after")" \
         200 "disconnect: the server goes on"
     "$py" "$tmp/check.py" text "$tmp/before" >"$tmp/t1"
@@ -363,7 +374,7 @@ is $? 0 "SIGTERM: exit status 0"
 
 if tcase key; then
     echo 'sesame' >"$tmp/key"
-    start key --api-key-file "$tmp/key" --queue 1
+    start key --api-key-file "$tmp/key" --queue 1 --grace 1
     is "$(curl -s -o "$tmp/e" -w '%{http_code}' "http://127.0.0.1:$port/v1/models")" 401 \
         "API key: none, 401"
     is "$(curl -s -o "$tmp/e" -w '%{http_code}' -H 'Authorization: Bearer wrong' \
@@ -373,21 +384,26 @@ if tcase key; then
     is "$(curl -s -o "$tmp/e" -w '%{http_code}' "http://127.0.0.1:$port/health")" 200 \
         "API key: /health needs none"
     # --queue 1: while one request streams, another gets 429 and Retry-After
-    printf '%s' "$(chat 'Write a very long essay' ',"max_tokens":4000,"stream":true')" \
-        >"$tmp/long.json"
+    printf '%s' "$long_stream" >"$tmp/long.json"
     curl -s -N -H 'Authorization: Bearer sesame' --data-binary @"$tmp/long.json" \
-        "http://127.0.0.1:$port/v1/chat/completions" >"$tmp/long.out" &
+        "http://127.0.0.1:$port/v1/completions" >"$tmp/long.out" &
     lpid=$!
-    poll 400 grep -q '"content":"[^"]' "$tmp/long.out"
+    poll 400 grep -q '"text":"[^"]' "$tmp/long.out"
     is "$(post /v1/chat/completions "$(chat hi)" "$tmp/e" -H 'Authorization: Bearer sesame' \
         -D "$tmp/hdr")" 429 "--queue 1: a second request, 429"
     if grep -qi '^Retry-After: [0-9]' "$tmp/hdr"; then ok "429: Retry-After"
     else notok "429: no Retry-After"; fi
-    kill "$lpid" 2>/dev/null
-    wait "$lpid" 2>/dev/null
+    # SIGTERM while it streams: --grace 1, then it is cancelled, and its stream ends
     kill -TERM "$pid"
     wait "$pid"
-    is $? 0 "SIGTERM with a client gone: exit status 0"
+    is $? 0 "SIGTERM with a request running: exit status 0"
+    wait "$lpid"
+    if tail -c 200 "$tmp/long.out" | grep -q 'cancelled' &&
+        [ "$(tail -n 2 "$tmp/long.out" | head -n 1)" = 'data: [DONE]' ]; then
+        ok "SIGTERM: the running stream ends with an error event and [DONE]"
+    else
+        notok "SIGTERM: the stream ends with $(tail -c 100 "$tmp/long.out")"
+    fi
     t "a non-loopback address without a key is refused" 2 "$kli" serve --host 0.0.0.0 --port 0
     if grep -q 'api-key' "$tmp/stderr"; then ok "the message says to give --api-key"
     else notok "the message: $(cat "$tmp/stderr")"; fi
