@@ -1309,7 +1309,7 @@ cli_serve(int argc, char **argv)
     so.prefix_bytes = a.state_bytes;
     so.prefix_dir = a.state_dir;
     if (a.state_dir != NULL)
-        so.prefix_key = kli_model_fingerprint(s.model);
+        so.prefix_key = cli_model_key(path, s.model);
     so.ud = &s;
     so.on_token = serve_on_token;
     so.on_finish = serve_on_finish;

@@ -325,24 +325,31 @@ if tcase tokenize; then
     is "$(post /detokenize '{"tokens":[99999999]}' "$tmp/e")" 400 "/detokenize: a bad id, 400"
 fi
 
-if tcase reuse; then
-    # turn 1, then turn 2 = turn 1 + its answer + a new question: the state is reused
-    sys='You are a careful assistant who answers questions about numbers and words.'
-    t1="{\"model\":\"m\",\"temperature\":0,\"max_tokens\":12,\"messages\":[{\"role\":\"system\",
-        \"content\":\"$sys\"},{\"role\":\"user\",\"content\":\"What is seven?\"}]"
-    post /v1/chat/completions "$t1}" "$tmp/turn1" >/dev/null
-    a1=$("$py" -c "import json,sys; print(json.dumps(json.load(open(sys.argv[1]))['choices'][0]\
+# turns WHAT: a first turn, then the second (the first, its answer, a new question);
+# cached_tokens of the second must cover at least the first turn's prompt
+turns() {
+    _sys='You are a careful assistant who answers questions about numbers and words.'
+    _t1="{\"model\":\"m\",\"temperature\":0,\"max_tokens\":12,\"messages\":[{\"role\":
+        \"system\",\"content\":\"$_sys\"},{\"role\":\"user\",\"content\":\"What is seven?\"}]"
+    post /v1/chat/completions "$_t1}" "$tmp/turn1" >/dev/null
+    _a1=$("$py" -c "import json,sys; print(json.dumps(json.load(open(sys.argv[1]))['choices'][0]\
 ['message']['content']))" "$tmp/turn1")
-    t2="${t1%]},{\"role\":\"assistant\",\"content\":$a1},{\"role\":\"user\",\"content\":\"And eight?\"}]}"
-    post /v1/chat/completions "$t2" "$tmp/turn2" >/dev/null
-    c "reuse: the second turn" field "$tmp/turn2" usage prompt_tokens_details cached_tokens
-    cached=$(cat "$tmp/check.out")
+    [ "${2:-}" = restart ] && restart
+    _t2="${_t1%]},{\"role\":\"assistant\",\"content\":$_a1},{\"role\":\"user\",
+        \"content\":\"And eight?\"}]}"
+    post /v1/chat/completions "$_t2" "$tmp/turn2" >/dev/null
+    c "$1: the second turn" field "$tmp/turn2" usage prompt_tokens_details cached_tokens
+    _cached=$(cat "$tmp/check.out")
     "$py" "$tmp/check.py" field "$tmp/turn1" usage prompt_tokens >"$tmp/p1"
-    if [ "$cached" -ge "$(cat "$tmp/p1")" ] 2>/dev/null; then
-        ok "reuse: the second turn starts from the first turn's state ($cached cached)"
+    if [ "$_cached" -ge "$(cat "$tmp/p1")" ] 2>/dev/null; then
+        ok "$1: the second turn starts from the first turn's state ($_cached cached)"
     else
-        notok "reuse: $cached tokens cached, want at least the first prompt's $(cat "$tmp/p1")"
+        notok "$1: $_cached tokens cached, want at least the first prompt's $(cat "$tmp/p1")"
     fi
+}
+
+if tcase reuse; then
+    turns reuse
 fi
 
 if tcase metrics; then
@@ -407,5 +414,19 @@ if tcase key; then
     t "a non-loopback address without a key is refused" 2 "$kli" serve --host 0.0.0.0 --port 0
     if grep -q 'api-key' "$tmp/stderr"; then ok "the message says to give --api-key"
     else notok "the message: $(cat "$tmp/stderr")"; fi
+fi
+if tcase state_dir; then
+    # the states in a directory outlive the server: a new one, with no memory for states,
+    # starts the second turn from the first turn's file
+    restart() {
+        kill -TERM "$pid"
+        wait "$pid"
+        start dir2 --state-dir "$tmp/states" --state-cache 0 --min-prefix 8
+    }
+    start dir1 --state-dir "$tmp/states" --min-prefix 8
+    turns "--state-dir" restart
+    kill -TERM "$pid"
+    wait "$pid"
+    is $? 0 "--state-dir: exit status 0"
 fi
 tdone
