@@ -223,14 +223,10 @@ serve_parse(int argc, char **argv, struct serve_args *a)
             return -1;
         }
     }
-    struct kli_sampler *probe = NULL;
-    struct kli_err err = {0};
-    if (kli_sampler_create(&probe, &a->so, 1, &err) != KLI_OK) {
-        cli_error("serve: %s", err.msg);
-        return -1;
-    }
-    kli_sampler_free(probe);
-    return 0;
+    struct cli_gen_opts g;   /* the sampling options, checked as run checks them */
+    cli_gen_init(&g);
+    g.so = a->so;
+    return cli_gen_check(&g);
 }
 
 /* ==== state =============================================================================== */
