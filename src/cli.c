@@ -959,6 +959,7 @@ cmd_info(int argc, char **argv)
 static const struct cli_command commands[] = {
     {"logits", cmd_logits, "run token ids through a model and write every position's logits"},
     {"info", cmd_info, "describe a model's architecture (and its tensors), or the machine"},
+    {"serve", cli_serve, "an OpenAI-compatible HTTP server (continuous batching, state reuse)"},
 };
 
 static void

@@ -240,6 +240,13 @@ int cli_perplexity(int argc, char **argv);
 /* The commands of cli_batch.c, NULL-terminated. */
 extern const struct cli_command cli_batch_commands[];
 
+/* The key of saved prefix states (kli batch --prefix-dir, kli serve --state-dir; in
+ * cli_batch.c): the model's fingerprint and samples of its weight files, so that another
+ * checkpoint of the same shape never reuses a state. */
+uint64_t cli_model_key(const char *dir, const struct kli_model *m);
+/* kli serve (src/serve.c). */
+int cli_serve(int argc, char **argv);
+
 /* The built-in demo model (demo.c): writes it to a new temporary directory, whose path
  * goes to `dir`; cli_demo_remove deletes it again. */
 int cli_demo_dir(char *dir, size_t cap);

@@ -417,8 +417,8 @@ batch_cmp_str(const void *x, const void *y)
  * dtypes) and, since that does not cover the weight values, the sizes of the weight files
  * and three 4 KiB samples of each, so that another checkpoint of the same shape never
  * reuses a state. */
-static uint64_t
-batch_model_key(const char *dir, const struct kli_model *m)
+uint64_t
+cli_model_key(const char *dir, const struct kli_model *m)
 {
     uint64_t fp = kli_model_fingerprint(m), h = util_fnv1a(UTIL_FNV_BASIS, &fp, sizeof(fp));
     char *names[256], path[4096], buf[4096];
@@ -599,7 +599,7 @@ cmd_batch(int argc, char **argv)
     so.prefix_bytes = a.prefix_bytes;
     so.prefix_dir = a.prefix_dir;
     if (a.prefix_dir != NULL)
-        so.prefix_key = batch_model_key(path, model);
+        so.prefix_key = cli_model_key(path, model);
     so.ud = &b;
     so.on_token = batch_on_token;
     so.on_finish = batch_on_finish;

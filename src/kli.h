@@ -698,6 +698,11 @@ struct kli_sched_options {
     /* Problems that fail no request (a prefix could not be kept, or saved in prefix_dir).
      * May be NULL. */
     void (*on_notice)(void *ud, const char *msg);
+    /* Non-zero, with prefix reuse: the state at the end of every request that ends with
+     * EOS, STOP or LENGTH (its prompt and the generated tokens that were fed) is kept too,
+     * so that the next turn of a conversation, whose prompt repeats the request and its
+     * answer, starts from it. Default 0. */
+    int keep_finished;
 };
 
 struct kli_sched_request {

@@ -144,6 +144,14 @@ sched_finish(struct kli_sched *s, struct sched_place *p, enum kli_finish finish,
 {
     struct sched_req *r = p->rq;
 
+    /* keep_finished: the conversation so far, for its next turn */
+    if (s->cache != NULL && s->o.keep_finished && status == KLI_OK &&
+        (finish == KLI_FINISH_EOS || finish == KLI_FINISH_STOP ||
+         finish == KLI_FINISH_LENGTH) && kli_session_pos(p->s) >= s->o.min_prefix) {
+        struct kli_err perr = {0};
+        if (prefix_cache_put(s->cache, p->s, &perr) != KLI_OK && s->o.on_notice != NULL)
+            s->o.on_notice(s->o.ud, perr.msg);
+    }
     p->rq = NULL;
     sched_end(s, r, p, finish, status, error);
     kli_sampler_free(p->smp);

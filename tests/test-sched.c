@@ -954,6 +954,61 @@ identical_and_bad(void)
     release(s, r, 4);
 }
 
+/* keep_finished: a conversation's next turn (its prompt, what it generated, new tokens)
+ * starts from the state the first turn ended with; without the option it starts from
+ * nothing kept. Either way it decodes what it decodes alone, the first logits within
+ * rounding (the kept part was evaluated a token at a time). */
+static void
+keep_finished(void)
+{
+    struct req a, b[2];
+    struct kli_sched_options o;
+    struct kli_err err = {0};
+
+    req_init(&a, "turn 1", 30, 6, 0.0f, 71);
+    for (int k = 0; k < 2; k++) {
+        struct kli_sched *s = NULL;
+        kli_sched_options_init(&o);
+        o.parallel = 2;
+        o.min_prefix = 8;
+        o.keep_finished = k == 0;
+        o.on_token = on_token;
+        o.on_finish = on_finish;
+        ok(kli_sched_create(&s, g_m, &o, &err) == KLI_OK, "keep_finished %d: created %s", k,
+           err.msg);
+        a.n_got = a.finishes = 0;
+        if (s == NULL || submit(s, &a, NULL) != 0)
+            return;
+        run_all(s);
+        /* fed back: every token but an end token, or the last one at max_tokens */
+        int32_t fed = a.finish == KLI_FINISH_LENGTH ? a.n_got - 1 : a.n_got;
+        req_init(&b[k], "turn 2", 0, 5, 0.0f, 72);
+        memcpy(b[k].prompt, a.prompt, 30 * sizeof(kli_token));
+        memcpy(b[k].prompt + 30, a.got, (size_t)fed * sizeof(kli_token));
+        for (int i = 0; i < 7; i++)
+            b[k].prompt[30 + fed + i] = (kli_token)(100 + i);
+        b[k].n_prompt = 30 + fed + 7;
+        submit(s, &b[k], NULL);
+        run_all(s);
+        ok(b[k].n_cached == (k == 0 ? 30 + fed : 0), "keep_finished %d: %d tokens cached, "
+           "want %d", k, (int)b[k].n_cached, k == 0 ? 30 + fed : 0);
+        alone(&b[k], 0);
+        double num = 0, den = 0;
+        for (int32_t v = 0; v < g_V; v++) {
+            double d = (double)b[k].got_logits[v] - b[k].want_logits[v];
+            num += d * d;
+            den += (double)b[k].want_logits[v] * b[k].want_logits[v];
+        }
+        ok(b[k].n_got == b[k].n_want && b[k].finishes == 1 &&
+           memcmp(b[k].got, b[k].want, (size_t)b[k].n_want * sizeof(kli_token)) == 0 &&
+           den > 0 && sqrt(num / den) <= 1e-5, "keep_finished %d: the second turn as alone "
+           "(first logits rel L2 %.2e)", k, den > 0 ? sqrt(num / den) : -1.0);
+        kli_sched_free(s);
+        req_free(&b[k]);
+    }
+    req_free(&a);
+}
+
 int
 main(int argc, char **argv)
 {
@@ -970,6 +1025,7 @@ main(int argc, char **argv)
         {"options_size", options_size},
         {"limits", limits},
         {"identical_and_bad", identical_and_bad},
+        {"keep_finished", keep_finished},
     };
 
     tap_init(argc, argv);

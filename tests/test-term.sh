@@ -131,13 +131,14 @@ check $? "chat refuses a line with a NUL byte, naming it, and answers the next"
 
 # ---- --help, kli help, man/kli.1: every long option a command accepts ----------------------
 # The options come from the source: each command's function in the command tables of
-# src/cli*.c, the struct option tables it (or a parse helper it calls) uses, and the
+# src/cli*.c (kli serve's in src/serve*.c), the struct option tables it (or a parse helper it calls) uses, and the
 # CLI_*_LONGOPT entries and CLI_*_LONGOPTS groups of src/cli.h they list.
 cat >"$tmp/opts.py" <<'PYEOF'
 import glob, re, sys
 
 src = sys.argv[1]
-text = {f: open(f).read() for f in sorted(glob.glob(src + "/src/cli*.[ch]"))}
+text = {f: open(f).read() for f in sorted(glob.glob(src + "/src/cli*.[ch]") +
+                                          glob.glob(src + "/src/serve*.[ch]"))}
 allc = "\n".join(text.values())
 # the CLI_*_LONGOPT entries and CLI_*_LONGOPTS groups of cli.h (groups hold entries and groups)
 MACRO = r'CLI_\w+_LONGOPTS?(?:_END)?'

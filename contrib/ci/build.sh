@@ -5,7 +5,7 @@
 set -eu
 cd "$(dirname "$0")/../.."
 pkgs="build-essential autoconf automake libtool pkg-config libcjson-dev libpcre2-dev libopenblas-dev
-      libhwloc-dev libzstd-dev ${KLI_CI_MORE_PKGS:-}"
+      libhwloc-dev libzstd-dev libmicrohttpd-dev ${KLI_CI_MORE_PKGS:-}"
 . contrib/ci/deps.sh
 # shellcheck disable=SC2086
 ci_install $pkgs

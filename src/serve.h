@@ -1,0 +1,62 @@
+/*
+ * serve.h - the parts of kli serve shared by its files (not part of the library): serve.c
+ * (HTTP, the scheduler thread, responses) and serve_req.c (an OpenAI request body to a
+ * scheduler request), which the fuzz target tests/fuzz/fuzz-serve-req.c drives alone.
+ */
+#ifndef KLI_SERVE_H
+#define KLI_SERVE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kli.h"
+
+#define SERVE_MAX_STOP 16
+
+enum serve_kind { SERVE_CHAT, SERVE_COMPLETION };
+
+/* What a request may leave out or may not exceed: the command line's. */
+struct serve_limits {
+    struct kli_sampler_options so;   /* the sampling defaults */
+    int seeded;                      /* --seed was given: requests without "seed" use it */
+    int32_t max_tokens;              /* for a request without max_tokens */
+    int32_t max_tokens_limit;        /* the most a request may ask for */
+    int32_t max_prompt_tokens;       /* the longest prompt admitted */
+};
+
+/* A request, parsed and tokenized. Owns its tokens and stop strings. */
+struct serve_req {
+    enum serve_kind kind;
+    kli_token *toks;
+    int32_t n;
+    struct kli_sampler_options so;
+    int seeded;                      /* "seed" was given (or --seed) */
+    int32_t max_tokens;
+    char *stop[SERVE_MAX_STOP];
+    int32_t n_stop;
+    int stream, include_usage;
+};
+
+/* Why a request was refused: an HTTP status and the fields of an OpenAI error object. */
+struct serve_err {
+    int status;                      /* 400, 413, 500 */
+    const char *type;                /* "invalid_request_error", "server_error" */
+    const char *code;                /* NULL, or e.g. "context_length_exceeded" */
+    char param[96];                  /* the field at fault, or "" */
+    char msg[512];
+};
+
+/* Parses a body of /v1/chat/completions or /v1/completions (JSON, `len` bytes, no NUL in
+ * it) into r: every field is checked, and one kli cannot honour (unknown, or known but not
+ * supported, such as tools or n > 1) is refused naming it rather than ignored.
+ * @return 0, or -1 with e filled in (r then holds nothing). */
+int serve_req_parse(struct serve_req *r, enum serve_kind kind, const char *body, size_t len,
+                    const struct kli_tokenizer *tok, const struct serve_limits *lim,
+                    struct serve_err *e);
+void serve_req_clear(struct serve_req *r);
+
+/* Fills e (status 400 unless changed). @return -1. */
+int serve_fail(struct serve_err *e, const char *param, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+#endif

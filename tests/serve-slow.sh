@@ -1,0 +1,106 @@
+#!/bin/sh
+# serve-slow.sh - kli serve with more and real clients (TAP): serve.sh's concurrent and
+# disconnect cases with 64 streaming clients at once; then the official OpenAI client for
+# Node (the `openai` package from npm, installed into a cache directory outside the tree,
+# $KLI_NPM_DIR or else ~/.cache/kli/npm): models.list, a chat answer whole and streamed (the
+# two agreeing), and a completion. The npm part is skipped, with a message, where node or
+# npm is missing or the registry cannot be reached.
+set -u
+: "${KLI_BIN:?}" "${KLI_TESTDATA:?}" "${KLI_SRCDIR:?}"
+. "$KLI_SRCDIR/tests/lib.sh"
+if "$kli" serve --help 2>&1 | grep -q "built without"; then
+    echo "1..0 # SKIP kli was built without the HTTP server (libmicrohttpd)"
+    exit 0
+fi
+pids=""
+trap 'for p in $pids; do kill -9 "$p" 2>/dev/null; done; rm -rf "$tmp"' EXIT
+
+if tcase many; then
+    if KLI_SERVE_CLIENTS=64 sh "$KLI_SRCDIR/tests/serve.sh" concurrent disconnect \
+        >"$tmp/many" 2>&1; then
+        ok "64 concurrent streaming clients, and a disconnect (serve.sh)"
+    else
+        notok "64 concurrent streaming clients, and a disconnect (serve.sh)"
+    fi
+    sed 's/^/# /' "$tmp/many"
+fi
+
+if tcase openai; then
+    dir=${KLI_NPM_DIR:-${HOME:-/tmp}/.cache/kli/npm}
+    if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+        echo "# SKIP openai: node and npm are needed"
+    elif ! { [ -d "$dir/node_modules/openai" ] || { mkdir -p "$dir" &&
+        (cd "$dir" && npm install --no-audit --no-fund --silent openai@4) \
+            >"$tmp/npm.log" 2>&1; }; }; then
+        echo "# SKIP openai: npm could not install the openai package (no registry?)"
+        sed 's/^/#   /' "$tmp/npm.log" | tail -3
+    else
+        "$kli" serve --port 0 --api-key sesame 2>"$tmp/serve.err" &
+        pid=$!
+        pids="$pids $pid"
+        poll 1200 grep -qs 'http://' "$tmp/serve.err"
+        port=$(sed -n 's|.*http://[^ ]*:\([0-9]*\)/ .*|\1|p' "$tmp/serve.err")
+        cat >"$tmp/client.mjs" <<'JS'
+import OpenAI from 'openai';
+const [port] = process.argv.slice(2);
+const c = new OpenAI({ baseURL: `http://127.0.0.1:${port}/v1`, apiKey: 'sesame' });
+const out = (ok, what) => console.log(`${ok ? 'ok' : 'not ok'} ${what}`);
+try {
+    const models = await c.models.list();
+    out(models.data.length === 1 && models.data[0].id === 'kli-demo', 'openai: models.list');
+    const req = { model: 'kli-demo', temperature: 0, max_tokens: 16,
+                  messages: [{ role: 'user', content: 'Hello there' }] };
+    const whole = await c.chat.completions.create(req);
+    const text = whole.choices[0].message.content;
+    out(text.length > 0 && whole.usage.completion_tokens > 0, 'openai: a chat answer');
+    const stream = await c.chat.completions.create({ ...req, stream: true,
+                                                     stream_options: { include_usage: true } });
+    let s = '', usage = null, finish = null;
+    for await (const ch of stream) {
+        if (ch.usage) usage = ch.usage;
+        for (const x of ch.choices) {
+            s += x.delta.content ?? '';
+            finish = x.finish_reason ?? finish;
+        }
+    }
+    out(s === text && finish === whole.choices[0].finish_reason &&
+        usage.total_tokens === whole.usage.total_tokens, 'openai: streamed as whole');
+    const cmpl = await c.completions.create({ model: 'kli-demo', prompt: 'Once upon a time',
+                                              max_tokens: 8, temperature: 0 });
+    out(cmpl.choices[0].text.length > 0 && cmpl.choices[0].finish_reason === 'length',
+        'openai: a completion');
+    try {
+        await c.chat.completions.create({ ...req, tools: [{ type: 'function',
+            function: { name: 'f', parameters: {} } }] });
+        out(false, 'openai: tools refused');
+    } catch (e) {
+        out(e.status === 400 && e.param === 'tools', 'openai: tools refused with 400, param tools');
+    }
+} catch (e) {
+    out(false, `openai: ${e}`);
+}
+JS
+        if NODE_PATH="$dir/node_modules" node "$tmp/client.mjs" "$port" >"$tmp/node.out" \
+            2>&1; then :; fi
+        # ES modules do not read NODE_PATH: run from a link in the package directory
+        if grep -q "Cannot find package" "$tmp/node.out"; then
+            cp "$tmp/client.mjs" "$dir/kli-client-$$.mjs"
+            node "$dir/kli-client-$$.mjs" "$port" >"$tmp/node.out" 2>&1
+            rm -f "$dir/kli-client-$$.mjs"
+        fi
+        while IFS= read -r l; do
+            case $l in
+            "ok "*) ok "${l#ok }" ;;
+            "not ok "*) notok "${l#not ok }" ;;
+            *) echo "# $l" ;;
+            esac
+        done <"$tmp/node.out"
+        grep -q '^ok openai: a completion' "$tmp/node.out" || notok "openai: the client ran"
+        kill -TERM "$pid"
+        wait "$pid"
+        is_rc=$?
+        if [ "$is_rc" = 0 ]; then ok "openai: the server exits 0"; else
+            notok "openai: the server exits $is_rc"; fi
+    fi
+fi
+tdone
