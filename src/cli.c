@@ -123,6 +123,7 @@ cli_gen_option(int c, const char *arg, struct cli_gen_opts *g)
     case 'n': return cli_parse_int(arg, 0, 1 << 30, "--max-tokens", &g->max_tokens) ? -1 : 1;
     case 't': return cli_parse_int(arg, 1, 4096, "--threads", &g->threads) ? -1 : 1;
     case CLI_OPT_CTX: return cli_parse_int(arg, 1, 1 << 30, "--ctx", &g->ctx) ? -1 : 1;
+    case CLI_OPT_CACHE_TYPE: return cli_parse_cache_type(arg, &g->cache_type) ? -1 : 1;
     case CLI_OPT_RAW: g->raw = 1; return 1;
     case CLI_OPT_QUIET: g->quiet = 1; return 1;
     case CLI_OPT_STOP:
@@ -141,6 +142,91 @@ cli_gen_option(int c, const char *arg, struct cli_gen_opts *g)
             return r;
         return cli_model_option(c, arg, &g->threads);   /* placement and GPU ('t' is above) */
     }
+}
+
+int
+cli_parse_cache_type(const char *s, int32_t *out)
+{
+    for (int32_t t = KLI_CACHE_F32; t <= KLI_CACHE_Q8_0; t++) {
+        if (strcmp(s, kli_cache_type_name(t)) == 0) {
+            *out = t;
+            return 0;
+        }
+    }
+    cli_error("--cache-type: '%s' is none of f32, bf16, q8_0", s);
+    return -1;
+}
+
+/* The first number after `key` in the text file at path (a line "key value"), or -1. */
+static int64_t
+cli_file_num(const char *path, const char *key)
+{
+    char line[256];
+    FILE *f = fopen(path, "r");
+    int64_t v = -1;
+    size_t kl = strlen(key);
+
+    if (f == NULL)
+        return -1;
+    while (fgets(line, sizeof(line), f) != NULL) {
+        if (strncmp(line, key, kl) == 0) {
+            char *end;
+            long long x = strtoll(line + kl, &end, 10);
+            if (end != line + kl && x >= 0)
+                v = x;
+            break;
+        }
+    }
+    fclose(f);
+    return v;
+}
+
+/* Lowers *most to `room` bytes (when known, >= 0), naming the limit. */
+static void
+cli_room(int64_t room, const char *what, int64_t *most, const char **why)
+{
+    if (room >= 0 && (*most < 0 || room < *most)) {
+        *most = room;
+        *why = what;
+    }
+}
+
+int
+cli_ctx_fits(const struct kli_model *m, int32_t type, int64_t ctx)
+{
+    uint64_t need = kli_model_cache_bytes(m, type, ctx);
+    int64_t most = -1, max, cur;
+    const char *why = NULL;
+    struct rlimit rl;
+
+    if (need == 0)
+        return 0;   /* a type the model cannot hold: the session says so */
+    int64_t kb = cli_file_num("/proc/meminfo", "MemAvailable:");
+    cli_room(kb >= 0 ? kb * 1024 : -1, "available memory (MemAvailable)", &most, &why);
+    /* cgroup v2, then v1: the limit less what the group uses now ("max": none) */
+    max = cli_file_num("/sys/fs/cgroup/memory.max", "");
+    cur = cli_file_num("/sys/fs/cgroup/memory.current", "");
+    if (max < 0) {
+        max = cli_file_num("/sys/fs/cgroup/memory/memory.limit_in_bytes", "");
+        cur = cli_file_num("/sys/fs/cgroup/memory/memory.usage_in_bytes", "");
+    }
+    if (max >= 0 && cur >= 0 && max < ((int64_t)1 << 60))
+        cli_room(max > cur ? max - cur : 0, "the cgroup's memory limit", &most, &why);
+    /* RLIMIT_AS less the address space mapped now (the model's mapping among it) */
+    int64_t vm = cli_file_num("/proc/self/status", "VmSize:");
+    if (getrlimit(RLIMIT_AS, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY && vm >= 0) {
+        int64_t lim = rl.rlim_cur > (rlim_t)INT64_MAX ? INT64_MAX : (int64_t)rl.rlim_cur;
+        cli_room(lim > vm * 1024 ? lim - vm * 1024 : 0, "the address space limit (RLIMIT_AS)",
+                 &most, &why);
+    }
+    if (most < 0 || need <= (uint64_t)most)
+        return 0;
+    cli_error("a context of %lld tokens needs %.2f GiB for its %s latent cache and attention "
+              "scores, but %s leaves %.2f GiB: lower --ctx%s", (long long)ctx,
+              (double)need / (1 << 30), kli_cache_type_name(type), why,
+              (double)most / (1 << 30), type == KLI_CACHE_Q8_0 ? "" :
+              " or take a smaller --cache-type (bf16, q8_0)");
+    return -1;
 }
 
 int

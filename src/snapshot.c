@@ -801,6 +801,7 @@ kli_session_fork(struct kli_session **out, const struct kli_session *src, struct
     kli_session_options_init(&o);
     o.ctx_max = src->ctx_max;
     o.batch_max = src->batch_max;
+    o.cache_type = src->cache_type;
     if ((rc = kli_session_create(&s, src->m, &o, err)) != KLI_OK)
         return rc;
     if ((rc = kli_session_copy(s, src, err)) != KLI_OK) {
