@@ -973,7 +973,7 @@ info_topology(const char *model, long threads)
 }
 
 static const char info_usage[] =
-    "usage: kli info -m|--model MODEL [--tensors] [--verify] [-h|--help]\n"
+    "usage: kli info -m|--model MODEL [--ctx N] [--tensors] [--verify] [-h|--help]\n"
     "       kli info --topology [-m|--model MODEL] [-t|--threads N] [--cpus LIST]\n"
     "                       [--numa POLICY] [--mem-budget SIZE]\n";
 
@@ -985,12 +985,15 @@ cmd_info(int argc, char **argv)
         {"tensors", no_argument, NULL, 'T'},
         {"verify", no_argument, NULL, 'V'},
         {"topology", no_argument, NULL, 'P'},
+        {"ctx", required_argument, NULL, 'C'},
         CLI_THREADS_LONGOPT,
         CLI_HELP_LONGOPT,
         CLI_PLACEMENT_LONGOPTS,
         CLI_LONGOPTS_END,
     };
-    struct cli_args ca = {.usage = info_usage};
+    long ctx = 0;
+    const struct cli_int_opt ints[] = {{'C', "--ctx", 1, 1 << 30, &ctx}};
+    struct cli_args ca = {.usage = info_usage, .ints = ints, .n_ints = 1};
     const char *model;
     int tensors = 0, verify = 0, topology = 0, c;
     struct kli_model *m = NULL;
@@ -1025,6 +1028,16 @@ cmd_info(int argc, char **argv)
     kli_model_describe(m, tensors, buf, need + 1);
     fputs(buf, stdout);
     free(buf);
+    if (ctx > 0) {   /* what --ctx N takes at each cache type (0: the model cannot) */
+        printf("at --ctx %ld: ", ctx);
+        for (int32_t ty = KLI_CACHE_F32; ty <= KLI_CACHE_Q8_0; ty++) {
+            uint64_t b = kli_model_cache_bytes(m, ty, ctx);
+            if (b > 0)
+                printf("%s%s %.3f GiB", ty > 0 ? ", " : "", kli_cache_type_name(ty),
+                       (double)b / 1073741824.0);
+        }
+        printf(" (MLA cache, history, attention scores)\n");
+    }
     if (verify) {
         /* Every tensor of a .kli against its checksum (a directory has none). */
         struct kli_err err = {0};
