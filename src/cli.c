@@ -145,6 +145,21 @@ cli_gen_option(int c, const char *arg, struct cli_gen_opts *g)
 }
 
 int
+cli_session_create(const struct kli_model *m, int32_t type, struct kli_session **s)
+{
+    struct kli_session_options so;
+    struct kli_err err = {0};
+
+    kli_session_options_init(&so);
+    so.cache_type = type;
+    if (kli_session_create(s, m, &so, &err) != KLI_OK) {
+        cli_error("%s", err.msg);
+        return -1;
+    }
+    return 0;
+}
+
+int
 cli_parse_cache_type(const char *s, int32_t *out)
 {
     for (int32_t t = KLI_CACHE_F32; t <= KLI_CACHE_Q8_0; t++) {
@@ -224,8 +239,8 @@ cli_ctx_fits(const struct kli_model *m, int32_t type, int64_t ctx)
     cli_error("a context of %lld tokens needs %.2f GiB for its %s latent cache and attention "
               "scores, but %s leaves %.2f GiB: lower --ctx%s", (long long)ctx,
               (double)need / (1 << 30), kli_cache_type_name(type), why,
-              (double)most / (1 << 30), type == KLI_CACHE_Q8_0 ? "" :
-              " or take a smaller --cache-type (bf16, q8_0)");
+              (double)most / (1 << 30), type == KLI_CACHE_F32 ? " or take --cache-type bf16 "
+              "or q8_0" : type == KLI_CACHE_BF16 ? " or take --cache-type q8_0" : "");
     return -1;
 }
 
@@ -803,7 +818,7 @@ cli_threads(long opt_t)
 
 static const char logits_usage[] =
     "usage: kli logits -m|--model DIR (--ids 1,2,3 | --ids-file FILE) [--chunk N] "
-    "-o|--output OUT\n                  [-h|--help]\n"
+    "-o|--output OUT\n                  [--cache-type T] [-h|--help]\n"
     CLI_PLACEMENT_HELP CLI_GPU_HELP;
 
 static int
@@ -815,9 +830,11 @@ cmd_logits(int argc, char **argv)
         {"ids-file", required_argument, NULL, 'f'},
         {"chunk", required_argument, NULL, 'c'},
         {"output", required_argument, NULL, 'o'},
+        CLI_CACHE_TYPE_LONGOPT,
         CLI_MODEL_LONGOPTS_END,
     };
     const char *model, *ids_arg = NULL, *ids_file = NULL, *outp = NULL;
+    int32_t ctype = KLI_CACHE_F32;
     long chunk = 0;
     const struct cli_int_opt ints[] = {{'c', "--chunk", 1, INT32_MAX, &chunk}};
     struct cli_args ca = {.usage = logits_usage, .ints = ints, .n_ints = 1};
@@ -836,6 +853,10 @@ cmd_logits(int argc, char **argv)
         case 'i': ids_arg = optarg; break;
         case 'f': ids_file = optarg; break;
         case 'o': outp = optarg; break;
+        case CLI_OPT_CACHE_TYPE:
+            if (cli_parse_cache_type(optarg, &ctype) != 0)
+                return 2;
+            break;
         }
     }
     if (c != CLI_ARGS_END || cli_no_operands(argc, argv, "logits") != 0)
@@ -875,10 +896,8 @@ cmd_logits(int argc, char **argv)
     }
     if (cli_open_model(model, cli_threads(ca.threads), &m) != 0)
         goto out;
-    if (kli_session_create(&s, m, NULL, &err) != KLI_OK) {
-        cli_error("%s", err.msg);
+    if (cli_session_create(m, ctype, &s) != 0)
         goto out;
-    }
     int64_t V = kli_model_n_vocab(m);
     if (chunk == 0 || chunk > n)
         chunk = n;

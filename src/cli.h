@@ -191,6 +191,9 @@ struct cli_gen_opts {
 #define CLI_CACHE_TYPE_LONGOPT {"cache-type", required_argument, NULL, CLI_OPT_CACHE_TYPE}
 /* --cache-type f32|bf16|q8_0 to an enum kli_cache_type. @return 0, or -1 after reporting. */
 int cli_parse_cache_type(const char *s, int32_t *out);
+/* A session of the model's context with cache type `type`. @return 0, or -1 after
+ * reporting. */
+int cli_session_create(const struct kli_model *m, int32_t type, struct kli_session **s);
 /* Whether a context of ctx tokens at cache type `type` fits the memory this process may still
  * take (available memory, the cgroup's limit, RLIMIT_AS), with the model loaded: the MLA
  * cache grows as the context does, so without this check a long context would fail late,

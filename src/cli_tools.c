@@ -739,8 +739,8 @@ bench_print_json(const struct bench_args *a, const struct bench_result *res)
            a->model, kli_simd_variant(), kli_threads(), a->type ? a->type : "stored", a->pp,
            tg, a->depth, reps, res->pf.med, res->pf.min, res->pf.max, res->dc.med, res->dc.min,
            res->dc.max, res->dd.med, kli_cache_type_name(a->cache_type),
-           (unsigned long long)res->cache_bytes, res->tr.med, res->tr.min, res->tr.max, res->triad_bytes,
-           res->bytes, res->roof);
+           (unsigned long long)res->cache_bytes, res->tr.med, res->tr.min, res->tr.max,
+           res->triad_bytes, res->bytes, res->roof);
     for (int k = 0; k < KLI_PHASE_COUNT; k++)
         printf("%s\"%s\": %.4f", k ? ", " : "", phase_names[k], res->ph[k] * 1e3);
     printf("}");

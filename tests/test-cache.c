@@ -36,16 +36,7 @@ static kli_token prompt[NP];
 static struct kli_session *
 sess(int32_t type, int32_t ctx)
 {
-    struct kli_session_options o;
-    struct kli_session *s = NULL;
-    struct kli_err err = {0};
-
-    kli_session_options_init(&o);
-    o.ctx_max = ctx;
-    o.cache_type = type;
-    if (kli_session_create(&s, nano, &o, &err) != KLI_OK)
-        diag("session of cache type %d: %s", type, err.msg);
-    return s;
+    return tl_session(nano, ctx, 0, type);
 }
 
 /* Feeds the same 4 tokens to both sessions; 1 when their logits agree bit for bit. */
