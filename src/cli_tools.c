@@ -331,8 +331,9 @@ bench_decode(struct kli_session *s, int n, int32_t V, struct kli_err *err)
 /* Fills s to `depth` tokens for decoding at depth: a prefill of up to BENCH_DEPTH_PREFILL
  * random tokens, then its rows repeated up to the depth (kli_session_pad): the attention
  * reads a cache of the full depth, and the fill costs a copy rather than a prefill whose
- * attention grows with the square of the depth. */
-enum { BENCH_DEPTH_PREFILL = 512 };
+ * attention grows with the square of the depth. The decode's speed depends on the cache's
+ * size, not on how often its rows repeat. */
+enum { BENCH_DEPTH_PREFILL = 128 };
 
 static int
 bench_fill(struct kli_session *s, kli_token *prompt, long depth, int32_t V,
@@ -573,6 +574,7 @@ bench_measure(const struct bench_args *a, struct kli_model **mp, struct kli_sess
     struct kli_err err = {0};
     struct kli_model_options mo;
     struct kli_session_options so;
+    struct kli_session *sd = NULL;   /* at depth */
     kli_token *prompt = NULL;
 
     memset(res, 0, sizeof(*res));
@@ -608,17 +610,19 @@ bench_measure(const struct bench_args *a, struct kli_model **mp, struct kli_sess
     kli_session_options_init(&so);
     so.batch_max = pp > 0 && pp < 512 ? (int32_t)pp : 512;
     so.cache_type = a->cache_type;
-    if (depth > 0) {   /* room for the depth and the tokens decoded after it */
-        int64_t ctx = depth + tg > pp ? depth + tg : pp;
-        so.ctx_max = (int32_t)(ctx > 32 ? ctx : 32);
-        if (cli_ctx_fits(m, a->cache_type, so.ctx_max) != 0)
-            goto out;
-    }
     if (kli_session_create(sp, m, &so, &err) != KLI_OK) {
         cli_error("%s", err.msg);
         goto out;
     }
     s = *sp;
+    if (depth > 0) {   /* its own session: room for the depth and every repetition's decode */
+        so.ctx_max = (int32_t)(depth + tg * reps + 1);
+        so.batch_max = BENCH_DEPTH_PREFILL;
+        if (cli_ctx_fits(m, a->cache_type, so.ctx_max) != 0)
+            goto out;
+        if (kli_session_create(&sd, m, &so, &err) != KLI_OK)
+            goto fail;
+    }
     int32_t V = kli_model_n_vocab(m);
     size_t np = (size_t)(pp > BENCH_DEPTH_PREFILL ? pp : BENCH_DEPTH_PREFILL);
     prompt = malloc(((np > 32 ? np : 32) + 1) * sizeof(kli_token));
@@ -647,6 +651,9 @@ bench_measure(const struct bench_args *a, struct kli_model **mp, struct kli_sess
         if (kli_session_eval(s, prompt, nw, NULL, &err) != KLI_OK)
             goto fail;
     }
+    /* the context at depth, filled once: each repetition decodes tg tokens further on */
+    if (depth > 0 && tg > 0 && bench_fill(sd, prompt, depth, V, &err) != KLI_OK)
+        goto fail;
     for (long r = 0; r < reps; r++) {
         if (a->budget == 0) {
             res->peak = bench_rss_mark(res->peak);
@@ -691,9 +698,7 @@ bench_measure(const struct bench_args *a, struct kli_model **mp, struct kli_sess
             kli_session_phase_seconds(s, p1);
             for (int k = 0; k < KLI_PHASE_COUNT; k++)
                 res->ph[k] += p1[k] / (double)tg / (double)reps;
-            if (depth > 0 && bench_fill(s, prompt, depth, V, &err) != KLI_OK)
-                goto fail;
-            if (depth > 0 && (dd[r] = bench_decode(s, (int)tg, V, &err)) < 0)
+            if (depth > 0 && (dd[r] = bench_decode(sd, (int)tg, V, &err)) < 0)
                 goto fail;
         }
         if (!json)
@@ -715,6 +720,7 @@ bench_measure(const struct bench_args *a, struct kli_model **mp, struct kli_sess
 fail:
     cli_error("%s", err.msg);
 out:
+    kli_session_free(sd);
     free(prompt);
     free(tr);
     return rc;

@@ -16,7 +16,7 @@
 #       -d 32768,131072,1048576 -- --gpu off
 #
 # (f32 at 1M needs 15.8 GiB of cache, bf16 7.9, q8_0 4.2 on Kimi Linear's 7 MLA layers; kli
-# refuses a depth that does not fit the memory up front.) The depth is filled by a 512-token
+# refuses a depth that does not fit the memory up front.) The depth is filled by a 128-token
 # prefill repeated up to D (kli_session_pad, kli(1) bench), so each run costs seconds plus
 # the decode, not a prefill of D tokens.
 set -eu
