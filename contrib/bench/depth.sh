@@ -62,7 +62,7 @@ for t in $(echo "$types" | tr , ' '); do
         at=$(field decode_depth_tok_s "$line")
         b=$(field context_bytes "$line")
         printf '%-5s %9s %12s %12s %6s %10s\n' "$t" "$d" "$e" "$at" \
-            "$(echo "$at $e" | awk '{ printf "%.2f", $2 > 0 ? $1 / $2 : 0 }')" \
+            "$(echo "$at $e" | awk '{ printf "%.2f", ($2 > 0 ? $1 / $2 : 0) }')" \
             "$(echo "$b" | awk '{ printf "%.2f", $1 / 1073741824 }')"
     done
 done
