@@ -116,6 +116,21 @@ bk_note_failure(struct backend_model *bm, const char *msg)
     pthread_mutex_unlock(&bm->status_lock);
 }
 
+void
+bk_note_cpu(struct backend_model *bm, const char *type)
+{
+    unsigned bit = type[0] == 'b' ? 1u : 2u;
+
+    pthread_mutex_lock(&bm->status_lock);
+    if (!(bm->cpu_caches & bit)) {
+        size_t n = strlen(bm->status);
+        bm->cpu_caches |= bit;
+        snprintf(bm->status + n, sizeof(bm->status) - n, "; sessions with a %s latent cache "
+                 "compute on the CPU (the GPU mirrors f32 caches only)", type);
+    }
+    pthread_mutex_unlock(&bm->status_lock);
+}
+
 uint64_t
 bk_tensor_bytes(const struct tensor *t)
 {

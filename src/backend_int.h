@@ -48,6 +48,7 @@ struct backend_model {
     char status[512];
     pthread_mutex_t status_lock;
     int failed;                   /* a session's step failed (status says so) */
+    unsigned cpu_caches;          /* bit t: a session of cache type t ran on the CPU (said) */
     int mla;                      /* MLA attention on the device */
     int mla_proj;                 /* and the projections of every MLA layer (mla_w) */
     struct bk_mla *mla_w;         /* [n_layers], used for MLA layers */
@@ -105,6 +106,8 @@ struct backend_sess {
 
 /* Records a step's failure once in the model's status line. */
 void bk_note_failure(struct backend_model *bm, const char *msg);
+/* Records once per type that sessions of a cache type other than f32 compute on the CPU. */
+void bk_note_cpu(struct backend_model *bm, const char *type);
 /* Bytes of a tensor's data. */
 uint64_t bk_tensor_bytes(const struct tensor *t);
 /* Device bytes of one sequence's states of one KDA layer (*bs the recurrent state, *bc the

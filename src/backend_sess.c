@@ -94,6 +94,11 @@ backend_sess_create(struct kli_session *s, struct kli_err *err)
     s->gpu = NULL;
     if (bm == NULL || bm->g == NULL)
         return KLI_OK;
+    if (s->cache_type != KLI_CACHE_F32) {
+        /* the device mirrors and reads f32 caches only: this session computes on the CPU */
+        bk_note_cpu(bm, kli_cache_type_name(s->cache_type));
+        return KLI_OK;
+    }
     if ((g = k_calloc(1, sizeof(*g))) == NULL)
         return err_set(err, KLI_E_NOMEM, "out of memory");
     s->gpu = g;

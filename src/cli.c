@@ -123,6 +123,7 @@ cli_gen_option(int c, const char *arg, struct cli_gen_opts *g)
     case 'n': return cli_parse_int(arg, 0, 1 << 30, "--max-tokens", &g->max_tokens) ? -1 : 1;
     case 't': return cli_parse_int(arg, 1, 4096, "--threads", &g->threads) ? -1 : 1;
     case CLI_OPT_CTX: return cli_parse_int(arg, 1, 1 << 30, "--ctx", &g->ctx) ? -1 : 1;
+    case CLI_OPT_CACHE_TYPE: return cli_parse_cache_type(arg, &g->cache_type) ? -1 : 1;
     case CLI_OPT_RAW: g->raw = 1; return 1;
     case CLI_OPT_QUIET: g->quiet = 1; return 1;
     case CLI_OPT_STOP:
@@ -141,6 +142,106 @@ cli_gen_option(int c, const char *arg, struct cli_gen_opts *g)
             return r;
         return cli_model_option(c, arg, &g->threads);   /* placement and GPU ('t' is above) */
     }
+}
+
+int
+cli_session_create(const struct kli_model *m, int32_t type, struct kli_session **s)
+{
+    struct kli_session_options so;
+    struct kli_err err = {0};
+
+    kli_session_options_init(&so);
+    so.cache_type = type;
+    if (kli_session_create(s, m, &so, &err) != KLI_OK) {
+        cli_error("%s", err.msg);
+        return -1;
+    }
+    return 0;
+}
+
+int
+cli_parse_cache_type(const char *s, int32_t *out)
+{
+    for (int32_t t = KLI_CACHE_F32; t <= KLI_CACHE_Q8_0; t++) {
+        if (strcmp(s, kli_cache_type_name(t)) == 0) {
+            *out = t;
+            return 0;
+        }
+    }
+    cli_error("--cache-type: '%s' is none of f32, bf16, q8_0", s);
+    return -1;
+}
+
+/* The first number after `key` in the text file at path (a line "key value"), or -1. */
+static int64_t
+cli_file_num(const char *path, const char *key)
+{
+    char line[256];
+    FILE *f = fopen(path, "r");
+    int64_t v = -1;
+    size_t kl = strlen(key);
+
+    if (f == NULL)
+        return -1;
+    while (fgets(line, sizeof(line), f) != NULL) {
+        if (strncmp(line, key, kl) == 0) {
+            char *end;
+            long long x = strtoll(line + kl, &end, 10);
+            if (end != line + kl && x >= 0)
+                v = x;
+            break;
+        }
+    }
+    fclose(f);
+    return v;
+}
+
+/* Lowers *most to `room` bytes (when known, >= 0), naming the limit. */
+static void
+cli_room(int64_t room, const char *what, int64_t *most, const char **why)
+{
+    if (room >= 0 && (*most < 0 || room < *most)) {
+        *most = room;
+        *why = what;
+    }
+}
+
+int
+cli_ctx_fits(const struct kli_model *m, int32_t type, int64_t ctx)
+{
+    uint64_t need = kli_model_cache_bytes(m, type, ctx);
+    int64_t most = -1, max, cur;
+    const char *why = NULL;
+    struct rlimit rl;
+
+    if (need == 0)
+        return 0;   /* a type the model cannot hold: the session says so */
+    int64_t kb = cli_file_num("/proc/meminfo", "MemAvailable:");
+    cli_room(kb >= 0 ? kb * 1024 : -1, "available memory (MemAvailable)", &most, &why);
+    /* cgroup v2, then v1: the limit less what the group uses now ("max": none) */
+    max = cli_file_num("/sys/fs/cgroup/memory.max", "");
+    cur = cli_file_num("/sys/fs/cgroup/memory.current", "");
+    if (max < 0) {
+        max = cli_file_num("/sys/fs/cgroup/memory/memory.limit_in_bytes", "");
+        cur = cli_file_num("/sys/fs/cgroup/memory/memory.usage_in_bytes", "");
+    }
+    if (max >= 0 && cur >= 0 && max < ((int64_t)1 << 60))
+        cli_room(max > cur ? max - cur : 0, "the cgroup's memory limit", &most, &why);
+    /* RLIMIT_AS less the address space mapped now (the model's mapping among it) */
+    int64_t vm = cli_file_num("/proc/self/status", "VmSize:");
+    if (getrlimit(RLIMIT_AS, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY && vm >= 0) {
+        int64_t lim = rl.rlim_cur > (rlim_t)INT64_MAX ? INT64_MAX : (int64_t)rl.rlim_cur;
+        cli_room(lim > vm * 1024 ? lim - vm * 1024 : 0, "the address space limit (RLIMIT_AS)",
+                 &most, &why);
+    }
+    if (most < 0 || need <= (uint64_t)most)
+        return 0;
+    cli_error("a context of %lld tokens needs %.2f GiB for its %s latent cache and attention "
+              "scores, but %s leaves %.2f GiB: lower --ctx%s", (long long)ctx,
+              (double)need / (1 << 30), kli_cache_type_name(type), why,
+              (double)most / (1 << 30), type == KLI_CACHE_F32 ? " or take --cache-type bf16 "
+              "or q8_0" : type == KLI_CACHE_BF16 ? " or take --cache-type q8_0" : "");
+    return -1;
 }
 
 int
@@ -717,7 +818,7 @@ cli_threads(long opt_t)
 
 static const char logits_usage[] =
     "usage: kli logits -m|--model DIR (--ids 1,2,3 | --ids-file FILE) [--chunk N] "
-    "-o|--output OUT\n                  [-h|--help]\n"
+    "-o|--output OUT\n                  [--cache-type T] [-h|--help]\n"
     CLI_PLACEMENT_HELP CLI_GPU_HELP;
 
 static int
@@ -729,9 +830,11 @@ cmd_logits(int argc, char **argv)
         {"ids-file", required_argument, NULL, 'f'},
         {"chunk", required_argument, NULL, 'c'},
         {"output", required_argument, NULL, 'o'},
+        CLI_CACHE_TYPE_LONGOPT,
         CLI_MODEL_LONGOPTS_END,
     };
     const char *model, *ids_arg = NULL, *ids_file = NULL, *outp = NULL;
+    int32_t ctype = KLI_CACHE_F32;
     long chunk = 0;
     const struct cli_int_opt ints[] = {{'c', "--chunk", 1, INT32_MAX, &chunk}};
     struct cli_args ca = {.usage = logits_usage, .ints = ints, .n_ints = 1};
@@ -750,6 +853,10 @@ cmd_logits(int argc, char **argv)
         case 'i': ids_arg = optarg; break;
         case 'f': ids_file = optarg; break;
         case 'o': outp = optarg; break;
+        case CLI_OPT_CACHE_TYPE:
+            if (cli_parse_cache_type(optarg, &ctype) != 0)
+                return 2;
+            break;
         }
     }
     if (c != CLI_ARGS_END || cli_no_operands(argc, argv, "logits") != 0)
@@ -789,10 +896,8 @@ cmd_logits(int argc, char **argv)
     }
     if (cli_open_model(model, cli_threads(ca.threads), &m) != 0)
         goto out;
-    if (kli_session_create(&s, m, NULL, &err) != KLI_OK) {
-        cli_error("%s", err.msg);
+    if (cli_session_create(m, ctype, &s) != 0)
         goto out;
-    }
     int64_t V = kli_model_n_vocab(m);
     if (chunk == 0 || chunk > n)
         chunk = n;
@@ -887,7 +992,7 @@ info_topology(const char *model, long threads)
 }
 
 static const char info_usage[] =
-    "usage: kli info -m|--model MODEL [--tensors] [--verify] [-h|--help]\n"
+    "usage: kli info -m|--model MODEL [--ctx N] [--tensors] [--verify] [-h|--help]\n"
     "       kli info --topology [-m|--model MODEL] [-t|--threads N] [--cpus LIST]\n"
     "                       [--numa POLICY] [--mem-budget SIZE]\n";
 
@@ -899,12 +1004,15 @@ cmd_info(int argc, char **argv)
         {"tensors", no_argument, NULL, 'T'},
         {"verify", no_argument, NULL, 'V'},
         {"topology", no_argument, NULL, 'P'},
+        {"ctx", required_argument, NULL, 'C'},
         CLI_THREADS_LONGOPT,
         CLI_HELP_LONGOPT,
         CLI_PLACEMENT_LONGOPTS,
         CLI_LONGOPTS_END,
     };
-    struct cli_args ca = {.usage = info_usage};
+    long ctx = 0;
+    const struct cli_int_opt ints[] = {{'C', "--ctx", 1, 1 << 30, &ctx}};
+    struct cli_args ca = {.usage = info_usage, .ints = ints, .n_ints = 1};
     const char *model;
     int tensors = 0, verify = 0, topology = 0, c;
     struct kli_model *m = NULL;
@@ -939,6 +1047,16 @@ cmd_info(int argc, char **argv)
     kli_model_describe(m, tensors, buf, need + 1);
     fputs(buf, stdout);
     free(buf);
+    if (ctx > 0) {   /* what --ctx N takes at each cache type (0: the model cannot) */
+        printf("at --ctx %ld: ", ctx);
+        for (int32_t ty = KLI_CACHE_F32; ty <= KLI_CACHE_Q8_0; ty++) {
+            uint64_t b = kli_model_cache_bytes(m, ty, ctx);
+            if (b > 0)
+                printf("%s%s %.3f GiB", ty > 0 ? ", " : "", kli_cache_type_name(ty),
+                       (double)b / 1073741824.0);
+        }
+        printf(" (MLA cache, history, attention scores)\n");
+    }
     if (verify) {
         /* Every tensor of a .kli against its checksum (a directory has none). */
         struct kli_err err = {0};

@@ -165,12 +165,13 @@ int cli_parse_float(const char *s, const char *what, float *out);
  * reads the command line with cli_getopt (-m goes to its struct cli_args, the rest to
  * cli_gen_option through args->gen), and checks the result with cli_gen_check once the
  * command line is read. */
-enum { CLI_OPT_STOP = 0x4300, CLI_OPT_RAW, CLI_OPT_CTX, CLI_OPT_QUIET };
+enum { CLI_OPT_STOP = 0x4300, CLI_OPT_RAW, CLI_OPT_CTX, CLI_OPT_QUIET, CLI_OPT_CACHE_TYPE };
 #define CLI_GEN_MAX_STOP 16
 struct cli_gen_opts {
     const char *system;
     long threads, max_tokens, ctx;
     int raw, quiet;
+    int32_t cache_type;          /* --cache-type: enum kli_cache_type */
     struct kli_sampler_options so;
     const char *stop[CLI_GEN_MAX_STOP];
     int n_stop;
@@ -182,10 +183,22 @@ struct cli_gen_opts {
     CLI_THREADS_LONGOPT, \
     {"stop", required_argument, NULL, CLI_OPT_STOP}, \
     {"ctx", required_argument, NULL, CLI_OPT_CTX}, \
+    CLI_CACHE_TYPE_LONGOPT, \
     {"quiet", no_argument, NULL, CLI_OPT_QUIET}, \
     CLI_SAMPLING_LONGOPTS, \
     CLI_PLACEMENT_LONGOPTS, \
     CLI_GPU_LONGOPTS
+#define CLI_CACHE_TYPE_LONGOPT {"cache-type", required_argument, NULL, CLI_OPT_CACHE_TYPE}
+/* --cache-type f32|bf16|q8_0 to an enum kli_cache_type. @return 0, or -1 after reporting. */
+int cli_parse_cache_type(const char *s, int32_t *out);
+/* A session of the model's context with cache type `type`. @return 0, or -1 after
+ * reporting. */
+int cli_session_create(const struct kli_model *m, int32_t type, struct kli_session **s);
+/* Whether a context of ctx tokens at cache type `type` fits the memory this process may still
+ * take (available memory, the cgroup's limit, RLIMIT_AS), with the model loaded: the MLA
+ * cache grows as the context does, so without this check a long context would fail late,
+ * by OOM. @return 0, or -1 after reporting what it needs and what there is. */
+int cli_ctx_fits(const struct kli_model *m, int32_t type, int64_t ctx);
 #define CLI_GEN_RAW_LONGOPT {"raw", no_argument, NULL, CLI_OPT_RAW}
 /* The defaults: 256 tokens, the sampler's defaults, the rest zero. */
 void cli_gen_init(struct cli_gen_opts *g);

@@ -74,7 +74,8 @@ static const struct option batch_opts[] = {
 static const char batch_usage[] =
     "usage: kli batch [-m|--model MODEL] -i|--input IN.jsonl -o|--output OUT.jsonl\n"
     "                 [-P|--parallel N] [-n|--max-tokens MAX] [--stop STR]...\n"
-    "                 [-s|--system SYSTEM] [--raw] [--ctx N] [--shard K/N]\n"
+    "                 [-s|--system SYSTEM] [--raw] [--ctx N] [--cache-type T]\n"
+    "                 [--shard K/N]\n"
     "                 [--resume | --overwrite] [--prefix-cache SIZE] [--prefix-dir DIR]\n"
     "                 [--min-prefix N] [--max-prompt-bytes SIZE] [--max-errors N] [--quiet]\n"
     "                 [-h|--help]\n"
@@ -584,6 +585,9 @@ cmd_batch(int argc, char **argv)
         cli_error("%s: no tokenizer (tiktoken.model) in the model directory", path);
         goto out;
     }
+    /* every place and the prefill session may fill its context */
+    if (a.g.ctx > 0 && cli_ctx_fits(model, a.g.cache_type, a.g.ctx * (a.parallel + 1)) != 0)
+        goto out;
     b.dflt.so = a.g.so;
     b.dflt.max_tokens = (int32_t)a.g.max_tokens;
     b.dflt.stop = a.g.stop;
@@ -595,6 +599,7 @@ cmd_batch(int argc, char **argv)
     kli_sched_options_init(&so);
     so.parallel = (int32_t)a.parallel;
     so.ctx_max = (int32_t)a.g.ctx;
+    so.cache_type = a.g.cache_type;
     so.min_prefix = (int32_t)a.min_prefix;
     so.prefix_bytes = a.prefix_bytes;
     so.prefix_dir = a.prefix_dir;

@@ -274,6 +274,9 @@ gen_open(const struct gen_args *a, const char *path, struct gen_session *gs)
     }
     kli_session_options_init(&sopt);
     sopt.ctx_max = (int32_t)a->g.ctx;
+    sopt.cache_type = a->g.cache_type;
+    if (a->g.ctx > 0 && cli_ctx_fits(gs->m, a->g.cache_type, a->g.ctx) != 0)
+        return -1;
     if (kli_session_create(&gs->s, gs->m, &sopt, &err) != KLI_OK ||
         kli_sampler_create(&gs->smp, &a->g.so, kli_model_n_vocab(gs->m), &err) != KLI_OK) {
         cli_error("%s", err.msg);
@@ -301,8 +304,8 @@ gen_close(struct gen_session *gs, const struct gen_args *a)
 static const char run_usage[] =
     "usage: kli run [-m|--model MODEL] [-p|--prompt TEXT | -f|--file FILE | --messages JSON]\n"
     "               [--raw [--special]] [-s|--system SYSTEM] [-n|--max-tokens MAX]\n"
-    "               [--stop STR]... [--ctx N] [--quiet] [--load-state FILE]\n"
-    "               [--save-state FILE] [-h|--help]\n"
+    "               [--stop STR]... [--ctx N] [--cache-type T] [--quiet]\n"
+    "               [--load-state FILE] [--save-state FILE] [-h|--help]\n"
     CLI_SAMPLING_HELP CLI_PLACEMENT_HELP CLI_GPU_HELP
     "Without -m, the built-in demo model runs. Without -p/-f, the prompt is read from stdin.\n";
 
@@ -528,7 +531,7 @@ chat_command(struct chat_state *c, const char *line)
 
 static const char chat_usage[] =
     "usage: kli chat [-m|--model MODEL] [-s|--system SYSTEM] [-n|--max-tokens MAX]\n"
-    "                [--stop STR]... [--ctx N] [--quiet] [-h|--help]\n"
+    "                [--stop STR]... [--ctx N] [--cache-type T] [--quiet] [-h|--help]\n"
     CLI_SAMPLING_HELP CLI_PLACEMENT_HELP CLI_GPU_HELP
     "Commands inside the chat: /reset, /save FILE, /load FILE, /help, /exit. Ctrl-C stops the\n"
     "current answer.\n";

@@ -236,7 +236,7 @@ cli_text_tokens(const struct kli_model *m, const char *text, size_t len, int bos
 
 static const char ppl_usage[] =
     "usage: kli perplexity [-m|--model MODEL] -f|--file FILE [--ctx N] [--bos] [--json]\n"
-    "                      [--kld-base FILE] [-h|--help]\n"
+    "                      [--kld-base FILE] [--cache-type T] [-h|--help]\n"
     CLI_PLACEMENT_HELP CLI_GPU_HELP;
 
 int
@@ -249,8 +249,10 @@ cli_perplexity(int argc, char **argv)
         {"bos", no_argument, NULL, 'B'},
         CLI_JSON_LONGOPT,
         {"kld-base", required_argument, NULL, 'K'},
+        CLI_CACHE_TYPE_LONGOPT,
         CLI_MODEL_LONGOPTS_END,
     };
+    int32_t ctype = KLI_CACHE_F32;
     const char *model, *file = NULL, *kpath = NULL;
     long ctx = 4096;
     const struct cli_int_opt ints[] = {{'c', "--ctx", 2, INT32_MAX, &ctx}};
@@ -273,6 +275,10 @@ cli_perplexity(int argc, char **argv)
         case 'f': file = optarg; break;
         case 'B': bos = 1; break;
         case 'K': kpath = optarg; break;
+        case CLI_OPT_CACHE_TYPE:
+            if (cli_parse_cache_type(optarg, &ctype) != 0)
+                return 2;
+            break;
         }
     }
     if (c != CLI_ARGS_END || cli_no_operands(argc, argv, "perplexity") != 0)
@@ -311,10 +317,8 @@ cli_perplexity(int argc, char **argv)
             goto out;
         }
     }
-    if (kli_session_create(&s, m, NULL, &err) != KLI_OK) {
-        cli_error("%s", err.msg);
+    if (cli_session_create(m, ctype, &s) != 0)
         goto out;
-    }
 
     int64_t keep = ctx / 2, stride = ctx - keep, windows = 0;
     for (int64_t start = 0;; start += stride) {

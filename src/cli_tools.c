@@ -328,6 +328,28 @@ bench_decode(struct kli_session *s, int n, int32_t V, struct kli_err *err)
     return n / (util_now_s() - t0);
 }
 
+/* Fills s to `depth` tokens for decoding at depth: a prefill of up to BENCH_DEPTH_PREFILL
+ * random tokens, then its rows repeated up to the depth (kli_session_pad): the attention
+ * reads a cache of the full depth, and the fill costs a copy rather than a prefill whose
+ * attention grows with the square of the depth. The decode's speed depends on the cache's
+ * size, not on how often its rows repeat. */
+enum { BENCH_DEPTH_PREFILL = 128 };
+
+static int
+bench_fill(struct kli_session *s, kli_token *prompt, long depth, int32_t V,
+           struct kli_err *err)
+{
+    int32_t n = depth < BENCH_DEPTH_PREFILL ? (int32_t)depth : BENCH_DEPTH_PREFILL;
+    int rc;
+
+    kli_session_reset(s);
+    for (int32_t i = 0; i < n; i++)
+        prompt[i] = rand_token(V);
+    if ((rc = kli_session_eval(s, prompt, n, NULL, err)) != KLI_OK)
+        return rc;
+    return kli_session_pad(s, (int32_t)(depth - n), err);
+}
+
 /* KL(p || q) of two logit rows, in nats, whether their argmaxes agree, and by how much p's
  * largest logit exceeds its second (*gap). */
 static double
@@ -445,6 +467,7 @@ struct bench_args {
     int threads;
     long pp, tg, depth, reps;
     int json;
+    int32_t cache_type;         /* --cache-type */
     uint64_t budget;            /* 0: resident weights */
 };
 
@@ -532,6 +555,7 @@ struct bench_result {
     struct kli_cache_stats cs, dsum;   /* edge mode: the cache, the decode totals */
     struct kli_gpu_stats gs;
     uint64_t g_routed, g_on, g_swaps;  /* decode totals on the GPU */
+    uint64_t cache_bytes;              /* what the context at depth takes (MLA cache, ...) */
 };
 
 /* Measures one model configuration: prefill, decode (and at depth), triad, phases; in edge
@@ -550,6 +574,7 @@ bench_measure(const struct bench_args *a, struct kli_model **mp, struct kli_sess
     struct kli_err err = {0};
     struct kli_model_options mo;
     struct kli_session_options so;
+    struct kli_session *sd = NULL;   /* at depth */
     kli_token *prompt = NULL;
 
     memset(res, 0, sizeof(*res));
@@ -584,21 +609,31 @@ bench_measure(const struct bench_args *a, struct kli_model **mp, struct kli_sess
     res->gpu = kli_model_gpu_stats(m, &res->gs) == 0;
     kli_session_options_init(&so);
     so.batch_max = pp > 0 && pp < 512 ? (int32_t)pp : 512;
+    so.cache_type = a->cache_type;
     if (kli_session_create(sp, m, &so, &err) != KLI_OK) {
         cli_error("%s", err.msg);
         goto out;
     }
     s = *sp;
+    if (depth > 0) {   /* its own session: room for the depth and every repetition's decode */
+        so.ctx_max = (int32_t)(depth + tg * reps + 1);
+        so.batch_max = BENCH_DEPTH_PREFILL;
+        if (cli_ctx_fits(m, a->cache_type, so.ctx_max) != 0)
+            goto out;
+        if (kli_session_create(&sd, m, &so, &err) != KLI_OK)
+            goto fail;
+    }
     int32_t V = kli_model_n_vocab(m);
-    size_t np = (size_t)(pp > depth ? pp : depth);
+    size_t np = (size_t)(pp > BENCH_DEPTH_PREFILL ? pp : BENCH_DEPTH_PREFILL);
     prompt = malloc(((np > 32 ? np : 32) + 1) * sizeof(kli_token));
     if (!prompt) {
         cli_error("out of memory");
         goto out;
     }
     if (!json)
-        fprintf(stderr, "bench: %s, kernels %s, %d threads, weights %s; %ld repetitions\n",
-                model, kli_simd_variant(), kli_threads(), type ? type : "as stored", reps);
+        fprintf(stderr, "bench: %s, kernels %s, %d threads, weights %s, %s cache; %ld "
+                "repetitions\n", model, kli_simd_variant(), kli_threads(),
+                type ? type : "as stored", kli_cache_type_name(a->cache_type), reps);
     if (!json && res->edge)
         fprintf(stderr, "bench: memory budget %.0f MiB: trunk %.0f MiB, expert cache %d of %d "
                 "experts (%.1f MiB each)\n", (double)res->cs.budget / 1048576.0,
@@ -616,6 +651,9 @@ bench_measure(const struct bench_args *a, struct kli_model **mp, struct kli_sess
         if (kli_session_eval(s, prompt, nw, NULL, &err) != KLI_OK)
             goto fail;
     }
+    /* the context at depth, filled once: each repetition decodes tg tokens further on */
+    if (depth > 0 && tg > 0 && bench_fill(sd, prompt, depth, V, &err) != KLI_OK)
+        goto fail;
     for (long r = 0; r < reps; r++) {
         if (a->budget == 0) {
             res->peak = bench_rss_mark(res->peak);
@@ -660,15 +698,8 @@ bench_measure(const struct bench_args *a, struct kli_model **mp, struct kli_sess
             kli_session_phase_seconds(s, p1);
             for (int k = 0; k < KLI_PHASE_COUNT; k++)
                 res->ph[k] += p1[k] / (double)tg / (double)reps;
-            if (depth > 0) {
-                kli_session_reset(s);
-                for (long i = 0; i < depth; i++)
-                    prompt[i] = rand_token(V);
-                if (kli_session_eval(s, prompt, (int32_t)depth, NULL, &err) != KLI_OK)
-                    goto fail;
-                if ((dd[r] = bench_decode(s, (int)tg, V, &err)) < 0)
-                    goto fail;
-            }
+            if (depth > 0 && (dd[r] = bench_decode(sd, (int)tg, V, &err)) < 0)
+                goto fail;
         }
         if (!json)
             fprintf(stderr, "  rep %ld: prefill %.1f tok/s, decode %.2f tok/s%s, triad %.1f "
@@ -679,6 +710,7 @@ bench_measure(const struct bench_args *a, struct kli_model **mp, struct kli_sess
     res->dd = stats(dd, (int)reps);
     res->tr = stats(tr, (int)reps);
     res->bytes = (double)kli_model_decode_bytes(m);
+    res->cache_bytes = kli_model_cache_bytes(m, a->cache_type, depth);
     /* the median of the repetitions' fractions, each against its own probe */
     res->roof = tg > 0 ? stats(rf, (int)reps).med : 0;
     res->peak = bench_rss_mark(res->peak);
@@ -688,6 +720,7 @@ bench_measure(const struct bench_args *a, struct kli_model **mp, struct kli_sess
 fail:
     cli_error("%s", err.msg);
 out:
+    kli_session_free(sd);
     free(prompt);
     free(tr);
     return rc;
@@ -705,13 +738,15 @@ bench_print_json(const struct bench_args *a, const struct bench_result *res)
            "\"prefill_tok_s\": %.3f, \"prefill_tok_s_min\": %.3f, "
            "\"prefill_tok_s_max\": %.3f, \"decode_tok_s\": %.3f, \"decode_tok_s_min\": %.3f, "
            "\"decode_tok_s_max\": %.3f, \"decode_depth_tok_s\": %.3f, "
+           "\"cache_type\": \"%s\", \"context_bytes\": %llu, "
            "\"triad_gb_s\": %.3f, \"triad_gb_s_min\": %.3f, \"triad_gb_s_max\": %.3f, "
            "\"triad_bytes\": %zu, \"decode_bytes_per_token\": %.0f, "
            "\"roofline_fraction\": %.4f, \"phase_ms\": {",
            a->model, kli_simd_variant(), kli_threads(), a->type ? a->type : "stored", a->pp,
            tg, a->depth, reps, res->pf.med, res->pf.min, res->pf.max, res->dc.med, res->dc.min,
-           res->dc.max, res->dd.med, res->tr.med, res->tr.min, res->tr.max, res->triad_bytes,
-           res->bytes, res->roof);
+           res->dc.max, res->dd.med, kli_cache_type_name(a->cache_type),
+           (unsigned long long)res->cache_bytes, res->tr.med, res->tr.min, res->tr.max,
+           res->triad_bytes, res->bytes, res->roof);
     for (int k = 0; k < KLI_PHASE_COUNT; k++)
         printf("%s\"%s\": %.4f", k ? ", " : "", phase_names[k], res->ph[k] * 1e3);
     printf("}");
@@ -750,8 +785,10 @@ bench_print_text(const struct bench_args *a, const struct bench_result *res)
     printf("decode   %6ld tokens: %8.2f tok/s (min %.2f, max %.2f), empty context\n", tg,
            res->dc.med, res->dc.min, res->dc.max);
     if (a->depth > 0)
-        printf("decode at depth %ld: %8.2f tok/s (min %.2f, max %.2f)\n", a->depth, res->dd.med,
-               res->dd.min, res->dd.max);
+        printf("decode at depth %ld: %8.2f tok/s (min %.2f, max %.2f), %.2f of empty, %s "
+               "cache of %.1f MiB\n", a->depth, res->dd.med, res->dd.min, res->dd.max,
+               res->dc.med > 0 ? res->dd.med / res->dc.med : 0.0,
+               kli_cache_type_name(a->cache_type), (double)res->cache_bytes / 1048576.0);
     printf("decode phases (ms/token):");
     for (int k = 0; k < KLI_PHASE_COUNT; k++)
         printf(" %s %.2f", phase_names[k], res->ph[k] * 1e3);
@@ -812,7 +849,7 @@ bench_one(const struct bench_args *a)
 
 static const char bench_usage[] =
     "usage: kli bench [-m|--model MODEL] [-p|--prompt 512] [-n|--gen 128] [--depth D]\n"
-    "                 [-r|--reps 5] [--type T] [--json] [-h|--help]\n"
+    "                 [--cache-type T] [-r|--reps 5] [--type T] [--json] [-h|--help]\n"
     "       kli bench --quality [-m|--model MODEL] [-p|--prompt N | --ids 1,2,3] [--json]\n"
     CLI_PLACEMENT_HELP CLI_GPU_HELP;
 
@@ -827,6 +864,7 @@ cmd_bench(int argc, char **argv)
         {"reps", required_argument, NULL, 'r'},
         CLI_THREADS_LONGOPT,
         {"type", required_argument, NULL, 'T'},
+        CLI_CACHE_TYPE_LONGOPT,
         CLI_JSON_LONGOPT,
         {"quality", no_argument, NULL, 'Q'},
         {"ids", required_argument, NULL, 'I'},
@@ -840,15 +878,20 @@ cmd_bench(int argc, char **argv)
     const struct cli_int_opt ints[] = {
         {'p', "-p", 0, 1 << 20, &pp},
         {'n', "-n", 0, 1 << 20, &tg},
-        {'d', "--depth", 0, 1 << 24, &depth},
+        {'d', "--depth", 0, 1 << 30, &depth},
         {'r', "-r", 1, 1000, &reps},
     };
     struct cli_args ca = {.usage = bench_usage, .ints = ints, .n_ints = 4};
     int json, quality = 0, c, rc = 1;
+    int32_t cache_type = KLI_CACHE_F32;
 
     while ((c = cli_getopt(argc, argv, "m:p:n:d:r:t:h", opts, &ca)) > 0) {
         switch (c) {
         case 'T': type = optarg; break;
+        case CLI_OPT_CACHE_TYPE:
+            if (cli_parse_cache_type(optarg, &cache_type) != 0)
+                return 2;
+            break;
         case 'Q': quality = 1; break;
         case 'I': ids_arg = optarg; break;
         }
@@ -888,7 +931,7 @@ cmd_bench(int argc, char **argv)
     int nb = cli_mem_budgets(&budgets);
     rc = 0;
     for (int i = 0; i < (nb > 0 ? nb : 1) && rc == 0; i++) {
-        struct bench_args ba = {model, type, th, pp, tg, depth, reps, json,
+        struct bench_args ba = {model, type, th, pp, tg, depth, reps, json, cache_type,
                                 nb > 0 ? budgets[i] : 0};
         rc = bench_one(&ba);
     }

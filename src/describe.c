@@ -12,6 +12,7 @@
 #include "mla.h"
 #include "model.h"
 #include "quantize.h"
+#include "session.h"
 #include "xcache.h"
 
 void
@@ -39,6 +40,26 @@ numel(const struct tensor_desc *d)
  * with the dtypes it holds: a K type's class also lists KLI_DT_K_FALLBACK where some of its
  * rows were not whole super-blocks (kli(1), QUANTIZATION).
  */
+/* " f32 X, bf16 Y, q8_0 Z" bytes per token of MLA cache (tokens 0), or the GiB a context
+ * of `tokens` takes at each cache type (kli_model_cache_bytes); a type the model's rows
+ * cannot take is left out. */
+static void
+describe_cache(struct text_buf *t, const struct kli_model *m, int n_mla, int64_t tokens)
+{
+    for (int32_t ty = KLI_CACHE_F32, first = 1; ty <= KLI_CACHE_Q8_0; ty++) {
+        int64_t row = mla_row_bytes(&m->cfg, session_cache_dt(ty));
+        if (row == 0)
+            continue;
+        if (tokens == 0)
+            text_printf(t, "%s %s %lld bytes", first ? "" : ",", kli_cache_type_name(ty),
+                        (long long)(n_mla * row));
+        else
+            text_printf(t, "%s %s %.2f GiB", first ? "" : ",", kli_cache_type_name(ty),
+                        (double)kli_model_cache_bytes(m, ty, tokens) / 1073741824.0);
+        first = 0;
+    }
+}
+
 static void
 describe_bpw(struct text_buf *t, const struct kli_model *m)
 {
@@ -135,11 +156,16 @@ kli_model_describe(const struct kli_model *m, int tensors, char *buf, size_t cap
     text_printf(&t, "\n");
     describe_bpw(&t, m);
     int64_t kda_bytes = (int64_t)n_kda * 4 * kda_state_floats(c, NULL, NULL);
-    int64_t mla_bytes = (int64_t)n_mla * 4 * mla_row_floats(c);
     text_printf(&t, "state:        KDA %lld bytes per sequence (fp32 recurrent + conv), "
-                "MLA cache %lld bytes per token (fp32 latent + k_pe)\n",
-                (long long)kda_bytes, (long long)mla_bytes);
-    text_printf(&t, "context:      up to %d tokens\n", c->ctx_max);
+                "MLA cache per token (latent + k_pe):", (long long)kda_bytes);
+    describe_cache(&t, m, n_mla, 0);
+    uint64_t wbytes = 0;
+    for (int d = 0; d < KLI_DT_COUNT; d++)
+        wbytes += by_dtype[d];
+    text_printf(&t, "\ncontext:      up to %d tokens; a full context takes", c->ctx_max);
+    describe_cache(&t, m, n_mla, c->ctx_max);
+    text_printf(&t, " (cache, history, scores), next to %.2f GiB of weights as stored\n",
+                (double)wbytes / 1073741824.0);
     if (c->moe.n_experts > 0) {
         struct kli_cache_stats cs;
         uint64_t least = xcache_min_budget(m, c->moe.top_k);

@@ -359,7 +359,30 @@ struct kli_session_options {
     size_t size;     /* sizeof the struct, set by kli_session_options_init (ABI, above) */
     int32_t ctx_max;     /* tokens the session may hold; 0 = the model's maximum */
     int32_t batch_max;   /* tokens computed together in one step of an eval; 0 = 256 */
+    int32_t cache_type;  /* enum kli_cache_type of the MLA latent cache; 0 = KLI_CACHE_F32 */
 };
+
+/* How the MLA latent cache stores its rows (576 values per token and MLA layer on Kimi
+ * Linear): converted once when written, read by the attention as they are. F32 is exact;
+ * BF16 halves the cache, Q8_0 (blocks of 32 int8 with an f16 scale) takes 17/64 of it; what
+ * each costs in accuracy is in kli(1), CACHE TYPES. The GPU mirrors only F32 caches: a session
+ * of another type computes its attention on the CPU. */
+enum kli_cache_type {
+    KLI_CACHE_F32 = 0,
+    KLI_CACHE_BF16 = 1,
+    KLI_CACHE_Q8_0 = 2,
+};
+
+/* "f32", "bf16", "q8_0" for a cache type; NULL for another value. */
+KLI_API const char *kli_cache_type_name(int32_t type);
+
+/* @return the bytes a session of `model` needs for a context of `tokens` tokens at cache type
+ *         `type` beyond its fixed state: the MLA latent cache of all MLA layers (most of it),
+ *         the token history and the attention scores (the KDA layers' state does not grow
+ *         with the context); 0 when the model's rows cannot be stored as that type (Q8_0
+ *         needs whole 32-blocks, kli(3)). */
+KLI_API uint64_t kli_model_cache_bytes(const struct kli_model *model, int32_t type,
+                                       int64_t tokens);
 
 KLI_API void kli_session_options_init(struct kli_session_options *opt);
 
@@ -407,6 +430,17 @@ KLI_API int32_t kli_session_pos(const struct kli_session *s);
 
 /* @return the most tokens the session may hold (its ctx_max, or the model's maximum). */
 KLI_API int32_t kli_session_ctx_max(const struct kli_session *s);
+
+/* @return the session's enum kli_cache_type. */
+KLI_API int32_t kli_session_cache_type(const struct kli_session *s);
+
+/* For measuring decode speed at depth (kli bench --depth): appends n positions to a session
+ * that has seen at least one token, repeating its token history and MLA cache rows from the
+ * start, and leaves the KDA states and the logits as they are. The attention then reads a
+ * cache of pos + n rows of realistic values, as after a long prompt, without the prompt's
+ * cost; the text it continues is meaningless. @return KLI_OK; KLI_E_INVALID (no tokens yet,
+ * n < 0); KLI_E_RANGE past ctx_max; KLI_E_NOMEM. */
+KLI_API int kli_session_pad(struct kli_session *s, int32_t n, struct kli_err *err);
 
 /* The token ids the session has seen, in order (prompt and generated tokens alike).
  * @param out  receives a pointer to kli_session_pos(s) ids (borrowed: valid until the next
@@ -703,6 +737,7 @@ struct kli_sched_options {
      * so that the next turn of a conversation, whose prompt repeats the request and its
      * answer, starts from it. Default 0. */
     int keep_finished;
+    int32_t cache_type;          /* enum kli_cache_type of every session; 0 = KLI_CACHE_F32 */
 };
 
 struct kli_sched_request {

@@ -31,13 +31,31 @@ mla_row_floats(const struct k_config *cfg)
 }
 
 int64_t
+mla_row_bytes(const struct k_config *cfg, enum k_dtype dt)
+{
+    int64_t row = mla_row_floats(cfg);
+
+    switch (dt) {
+    case KLI_DT_F32:
+        return 4 * row;
+    case KLI_DT_BF16:   /* rows of whole words: an odd row takes a padding half */
+        return row % 2 == 0 ? 2 * row : 0;
+    case KLI_DT_Q8_0:
+        if (cfg->mla.kv_lora_rank % 32 != 0 || row % 64 != 0)
+            return 0;
+        return (int64_t)dtype_nbytes(dt, (uint64_t)row);
+    default:
+        return 0;
+    }
+}
+
+int64_t
 mla_work_floats(const struct k_config *cfg, int64_t n)
 {
     int64_t Lr = cfg->mla.kv_lora_rank, nope = cfg->mla.qk_nope_dim, dv = cfg->mla.v_head_dim;
 
     /* One head's attention (the reference forms): scores [n], q_lat [L], lat [L], expanded
-     * k/v rows [nope + v]. The batched forward uses the workspace of all threads together
-     * for [H][n] scores, so each thread's share also covers H*n / 1. */
+     * k/v rows [nope + v]; the batched forward's scores [H][n] of all heads. */
     int64_t one = n + 2 * Lr + nope + dv + 16;
     int64_t all = (int64_t)cfg->mla.n_heads * n;
     return one > all ? one : all;
@@ -178,8 +196,8 @@ mla_softmax_range(void *ctx, int64_t h0, int64_t h1, int ith)
 int
 mla_work_ok(const struct mla_scratch *sc, const int64_t *pos, int64_t n_seq, int64_t T_seq)
 {
-    /* The workspace holds the scores [H][n] of the longest sequence: every thread's share
-     * together, H * n <= n_threads * mla_work_floats(n) (one thread's is at least H * n). */
+    /* The workspace holds the scores [H][n] of the longest sequence: H * n <=
+     * mla_work_floats(n). */
     for (int64_t q = 0; q < n_seq; q++) {
         if (pos[q] + T_seq > sc->work_n)
             return 0;
@@ -201,16 +219,87 @@ mla_project(const struct kli_model *m, const struct k_mla_w *w, float *const *ca
 
     ops_matmul(&w->q_proj, x, D, sc->q, H * dqk, T);
     ops_matmul(&w->kv_a, x, D, sc->ckv, stride, T);
+    int64_t rb = mla_row_bytes(cfg, sc->cache_dt);
     for (int64_t t = 0; t < T; t++) {
         int64_t sq = t / T_seq;
-        float *row = caches[sq] + (pos[sq] + t % T_seq) * stride;
-        const float *src = sc->ckv + t * stride;
+        uint8_t *dst = (uint8_t *)caches[sq] + (pos[sq] + t % T_seq) * rb;
+        float *src = sc->ckv + t * stride;
+        int narrow = sc->cache_dt != KLI_DT_F32;
+        float *row = narrow ? src : (float *)dst;
         /* kv_a_layernorm uses eps 1e-6 (doc/model.md decision 3); k_pe is not normalised. */
         ops_rmsnorm(row, src, w->kv_a_norm, Lr, 1e-6f);
-        memcpy(row + Lr, src + Lr, (size_t)rope * sizeof(float));
+        if (narrow)   /* the row converted once, here */
+            dtype_from_f32(sc->cache_dt, row, dst, stride);
+        else
+            memcpy(row + Lr, src + Lr, (size_t)rope * sizeof(float));
         imat_hook(&w->kv_b, row, Lr, 1);   /* the latent W_UK and W_UV multiply, absorbed */
     }
     threads_parallel_for(H, 1, mla_absorb_range, &j);
+}
+
+/* The weighted latent sum over a narrow cache, lat [H][L] = P [H][n] . cache[0:n][0:L]:
+ * each worker widens its range of rows, MLA_PV_TILE at a time, into a float tile (the ISA's
+ * to_f32) and adds the tile's product into its own part [H][L] (the ISA's gemm_nn); the rows
+ * are read once, by one worker, and the parts are added after. */
+struct mla_pv_job {
+    const float *P;
+    const uint8_t *cache;
+    float *part;
+    int64_t H, Lr, n, rb;
+    enum k_dtype dt;
+};
+
+enum { MLA_PV_TILE = 32 };   /* rows widened at a time: the float tile stays in L2 */
+
+int64_t
+mla_part_floats(const struct k_config *cfg)
+{
+    return ((int64_t)cfg->mla.n_heads + MLA_PV_TILE) * cfg->mla.kv_lora_rank;
+}
+
+static void
+mla_pv_range(void *ctx, int64_t s0, int64_t s1, int ith)
+{
+    struct mla_pv_job *j = ctx;
+    const struct k_kernels *kk = k_kernels();
+    float *y = j->part + (int64_t)ith * (j->H + MLA_PV_TILE) * j->Lr, *tile = y + j->H * j->Lr;
+
+    for (int64_t s = s0; s < s1; s += MLA_PV_TILE) {
+        int64_t k = s1 - s < MLA_PV_TILE ? s1 - s : MLA_PV_TILE;
+        for (int64_t r = 0; r < k; r++)
+            kk->to_f32(j->dt, j->cache + (s + r) * j->rb, tile + r * j->Lr, j->Lr);
+        kk->gemm_nn(y, j->Lr, j->P + s, j->n, tile, j->Lr, j->H, j->Lr, k, 1.0f, 1);
+    }
+}
+
+static void
+mla_attend_narrow(const struct kli_model *m, float *const *caches, const int64_t *pos,
+                  int64_t n_seq, struct mla_scratch *sc, int64_t T_seq, float scale)
+{
+    const struct config_mla *c = &m->cfg.mla;
+    int64_t H = c->n_heads, Lr = c->kv_lora_rank, stride = mla_row_floats(&m->cfg);
+    int64_t rb = mla_row_bytes(&m->cfg, sc->cache_dt), HL = H * Lr;
+    int nt = threads_count();
+
+    for (int64_t t = 0; t < n_seq * T_seq; t++) {
+        int64_t sq = t / T_seq, n = pos[sq] + t % T_seq + 1;
+        float *S = sc->work, *lat = sc->lat + t * HL;
+        /* the scores through the weight kernels of the cache's type */
+        struct tensor keys = ops_view_f32(caches[sq], n, stride);
+        keys.dtype = sc->cache_dt;
+        ops_matmul(&keys, sc->qfull + t * H * stride, stride, S, n, H);
+        struct mla_softmax_job sj = {S, n, n, scale};
+        threads_parallel_for(H, 1, mla_softmax_range, &sj);
+        struct mla_pv_job pj = {S, (const uint8_t *)caches[sq], sc->part, H, Lr, n, rb,
+                                sc->cache_dt};
+        int64_t pf = HL + MLA_PV_TILE * Lr;
+        for (int i = 0; i < nt; i++)
+            memset(sc->part + i * pf, 0, (size_t)HL * sizeof(float));
+        threads_parallel_for(n, MLA_PV_TILE, mla_pv_range, &pj);
+        memcpy(lat, sc->part, (size_t)HL * sizeof(float));
+        for (int i = 1; i < nt; i++)
+            k_kernels()->axpy(lat, 1.0f, sc->part + i * pf, HL);
+    }
 }
 
 void
@@ -220,6 +309,11 @@ mla_attend(const struct kli_model *m, float *const *caches, const int64_t *pos, 
     const struct config_mla *c = &m->cfg.mla;
     int64_t H = c->n_heads, Lr = c->kv_lora_rank, stride = mla_row_floats(&m->cfg);
     float scale = 1.0f / sqrtf((float)(c->qk_nope_dim + c->qk_rope_dim));
+
+    if (sc->cache_dt != KLI_DT_F32) {
+        mla_attend_narrow(m, caches, pos, n_seq, sc, T_seq, scale);
+        return;
+    }
 
     /* Attention in matrix form, token by token (each sees its own causal prefix):
      *   S [H][n]  = Q_full [H][L+rope] . cache[0:n]^T      every head against every latent

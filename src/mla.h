@@ -15,22 +15,33 @@ struct mla_scratch {
     float *o;      /* [T][H*v] */
     float *qfull;  /* [T][H][L+rope]: absorbed query (W_UK^T q_nope) followed by q_pe */
     float *lat;    /* [T][H][L]: attention-weighted latent per head */
-    float *work;   /* [n_threads][work_stride]; the matrix form uses it whole for [H][n] */
+    float *work;   /* [work_stride]: the scores [H][n] of the matrix form */
     int64_t work_stride;               /* mla_work_floats(work_n) */
     int64_t work_n;                    /* the longest context `work` serves, in tokens */
+    enum k_dtype cache_dt;             /* how the caches store rows: F32, BF16 or Q8_0 */
+    float *part;                       /* [n_threads][mla_part_floats]: narrow caches' sums */
 };
 
 /* Floats of one token's row of the latent cache: the normalised latent c^ and k_pe. The one
  * place this size is computed. */
 int64_t mla_row_floats(const struct k_config *cfg);
 
-/* Floats of per-thread attention workspace for a context of n tokens. */
+/* Bytes of one token's row of the latent cache stored as dt (F32, BF16 or Q8_0), or 0 when
+ * the model's rows cannot be: Q8_0 needs the latent and k_pe in whole blocks of 32 and rows
+ * of whole 4-byte words (an even number of blocks), as the session's buffers are words. */
+int64_t mla_row_bytes(const struct k_config *cfg, enum k_dtype dt);
+
+/* Floats of sc->part per thread (a narrow cache's partial sums and widened tile). */
+int64_t mla_part_floats(const struct k_config *cfg);
+
+/* Floats of attention workspace for a context of n tokens. */
 int64_t mla_work_floats(const struct k_config *cfg, int64_t n);
 
 /* Runs one MLA layer on the CPU over n_seq sequences of T_seq tokens (row s * T_seq + t of
  * x is token t of sequence s). caches[s] [pos[s]+T_seq][L+rope] holds, per token, the
- * normalised latent c^ (L values) and the raw k_pe (rope values); the new entries are
- * written at rows pos[s].. of each. x [n_seq*T_seq][d_model] -> out. The workspace must
+ * normalised latent c^ (L values) and the raw k_pe (rope values), each row stored as
+ * sc->cache_dt (mla_row_bytes); the new entries are written at rows pos[s].. of each,
+ * converted once there. x [n_seq*T_seq][d_model] -> out. The workspace must
  * serve the longest sequence (mla_work_ok; forward_run grows it through
  * session_work_reserve before the step). It is the three steps below in order; the layer
  * dispatcher (layer.c) runs the same steps and may hand the attention, or the whole layer,

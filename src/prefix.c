@@ -47,6 +47,7 @@ struct prefix_disk {
 struct prefix_cache {
     const struct kli_model *m;
     uint64_t max_bytes, bytes, clock, model_key;
+    int32_t cache_type;                /* of every session kept (enum kli_cache_type) */
     struct prefix_entry *e;
     int32_t n, cap;
     char *dir;                    /* NULL: memory only */
@@ -241,6 +242,7 @@ prefix_session(struct prefix_cache *c, int32_t len, struct kli_session **out,
     kli_session_options_init(&o);
     o.ctx_max = len;
     o.batch_max = 1;
+    o.cache_type = c->cache_type;
     return kli_session_create(out, c->m, &o, err);
 }
 
@@ -248,7 +250,8 @@ prefix_session(struct prefix_cache *c, int32_t len, struct kli_session **out,
 
 int
 prefix_cache_create(struct prefix_cache **out, const struct kli_model *m, uint64_t max_bytes,
-                    const char *dir, uint64_t model_key, struct kli_err *err)
+                    const char *dir, uint64_t model_key, int32_t cache_type,
+                    struct kli_err *err)
 {
     struct prefix_cache *c = calloc(1, sizeof(*c));
 
@@ -257,7 +260,9 @@ prefix_cache_create(struct prefix_cache **out, const struct kli_model *m, uint64
         return err_set(err, KLI_E_NOMEM, "out of memory");
     c->m = m;
     c->max_bytes = max_bytes;
-    c->model_key = model_key;
+    /* states of another cache type are other states: f32 keeps the keys it always had */
+    c->model_key = model_key ^ (0x9e3779b97f4a7c15ULL * (uint64_t)cache_type);
+    c->cache_type = cache_type;
     if (dir != NULL) {
         int rc = (c->dir = strdup(dir)) == NULL ? err_set(err, KLI_E_NOMEM, "out of memory")
                                                  : prefix_disk_scan(c, err);

@@ -20,7 +20,7 @@ struct prefix_cache;
  * @return KLI_OK or a negative status with a message in `err`. */
 int prefix_cache_create(struct prefix_cache **out, const struct kli_model *m,
                         uint64_t max_bytes, const char *dir, uint64_t model_key,
-                        struct kli_err *err);
+                        int32_t cache_type, struct kli_err *err);
 void prefix_cache_free(struct prefix_cache *c);
 
 /* The longest entry whose tokens are a prefix of toks[0..n) (in memory, else in the

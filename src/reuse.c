@@ -33,6 +33,10 @@ kli_session_copy(struct kli_session *dst, const struct kli_session *src, struct 
         return err_set(err, KLI_E_INVALID, "kli_session_copy: NULL or identical sessions");
     if (dst->m != src->m)
         return err_set(err, KLI_E_INVALID, "kli_session_copy: sessions of two models");
+    if (dst->cache_type != src->cache_type)
+        return err_set(err, KLI_E_INVALID, "kli_session_copy: a %s cache into a %s one",
+                           kli_cache_type_name(src->cache_type),
+                           kli_cache_type_name(dst->cache_type));
     if (src->pos > dst->ctx_max)
         return err_set(err, KLI_E_RANGE, "kli_session_copy: %d tokens exceed the "
                            "destination's ctx_max %d", src->pos, dst->ctx_max);

@@ -538,6 +538,7 @@ kli_sched_create(struct kli_sched **out, const struct kli_model *m,
     kli_session_options_init(&so);
     so.ctx_max = o->ctx_max;
     so.batch_max = SCHED_PREFILL;
+    so.cache_type = o->cache_type;
     if ((rc = kli_session_create(&s->pre, m, &so, err)) != KLI_OK)
         goto fail;
     so.batch_max = o->parallel;
@@ -547,7 +548,7 @@ kli_sched_create(struct kli_sched **out, const struct kli_model *m,
     }
     if ((o->prefix_bytes > 0 || o->prefix_dir != NULL) &&
         (rc = prefix_cache_create(&s->cache, m, o->prefix_bytes, o->prefix_dir, o->prefix_key,
-                                  err)) != KLI_OK)
+                                  o->cache_type, err)) != KLI_OK)
         goto fail;
     *out = s;
     return KLI_OK;

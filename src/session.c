@@ -28,6 +28,52 @@ kli_session_options_init(struct kli_session_options *opt)
     *opt = (struct kli_session_options){.size = sizeof(*opt)};
 }
 
+enum k_dtype
+session_cache_dt(int32_t type)
+{
+    switch (type) {
+    case KLI_CACHE_F32:
+        return KLI_DT_F32;
+    case KLI_CACHE_BF16:
+        return KLI_DT_BF16;
+    case KLI_CACHE_Q8_0:
+        return KLI_DT_Q8_0;
+    default:
+        return KLI_DT_COUNT;
+    }
+}
+
+const char *
+kli_cache_type_name(int32_t type)
+{
+    static const char *const names[] = {"f32", "bf16", "q8_0"};
+
+    return type >= 0 && type < 3 ? names[type] : NULL;
+}
+
+uint64_t
+kli_model_cache_bytes(const struct kli_model *m, int32_t type, int64_t tokens)
+{
+    enum k_dtype dt = session_cache_dt(type);
+    uint64_t n_mla = 0;
+
+    if (m == NULL || dt == KLI_DT_COUNT || tokens < 0)
+        return 0;
+    for (int i = 0; i < m->cfg.n_layers; i++)
+        n_mla += m->cfg.layer_mixer[i] == KLI_MIXER_MLA;
+    if (mla_row_bytes(&m->cfg, dt) == 0)
+        return 0;
+    /* the caches, the token history and the attention workspace (session_work_reserve) */
+    return n_mla * (uint64_t)mla_row_bytes(&m->cfg, dt) * (uint64_t)tokens +
+           4 * (uint64_t)tokens + 4 * (uint64_t)mla_work_floats(&m->cfg, tokens);
+}
+
+int32_t
+kli_session_cache_type(const struct kli_session *s)
+{
+    return s->cache_type;
+}
+
 /* ==== The table of buffers ================================================================ */
 
 void *
@@ -128,7 +174,7 @@ sess_table(struct kli_session *s)
     /* the low-rank gate inputs: f and g side by side (kda.c fuses them for short batches) */
     int64_t low = m->kda_rank_f + m->kda_rank_g;
     int64_t Hm = cfg->mla.n_heads, dqk = cfg->mla.qk_nope_dim + cfg->mla.qk_rope_dim;
-    int64_t row = mla_row_floats(cfg);
+    int64_t row = mla_row_floats(cfg), row_words = mla_row_bytes(cfg, s->mla_sc.cache_dt) / 4;
     int64_t E = cfg->moe.n_experts, top = cfg->moe.top_k;
     int64_t dff = cfg->d_ff, mff = (int64_t)cfg->moe.d_ff;
     int64_t n_S, n_conv;
@@ -148,7 +194,8 @@ sess_table(struct kli_session *s)
             bad |= sess_add(s, &s->kda[i].S, NULL, n_S, n_S, 0, SESS_STATE);
             bad |= sess_add(s, &s->kda[i].conv, NULL, n_conv, n_conv, 0, SESS_STATE);
         } else {
-            bad |= sess_add(s, &s->cache[i], NULL, 0, 0, row, SESS_STATE | SESS_LATER);
+            bad |= sess_add(s, &s->cache[i], NULL, 0, 0, row_words,
+                            SESS_STATE | SESS_LATER);
         }
     }
     bad |= sess_add(s, &s->logits, NULL, cfg->n_vocab, cfg->n_vocab, 0,
@@ -177,6 +224,8 @@ sess_table(struct kli_session *s)
     SESS_F(&s->mla_sc.o, B * Hm * cfg->mla.v_head_dim);
     SESS_F(&s->mla_sc.qfull, B * Hm * row);
     SESS_F(&s->mla_sc.lat, B * Hm * cfg->mla.kv_lora_rank);
+    if (s->mla_sc.cache_dt != KLI_DT_F32)
+        SESS_F(&s->mla_sc.part, s->n_threads * mla_part_floats(cfg));
     if (E > 0) {
         SESS_F(&s->moe_sc.logits, B * E);
         SESS_F(&s->moe_sc.wt, B * top);
@@ -224,8 +273,7 @@ session_work_reserve(struct kli_session *s, int64_t n, struct kli_err *err)
     if (n <= s->ctx_max && want > s->ctx_max)
         want = s->ctx_max;
     int64_t ws = mla_work_floats(&s->m->cfg, want);
-    if (ws > INT64_MAX / 4 / s->n_threads ||
-        sess_buf_grow(sess_find(s, &s->mla_sc.work), ws * s->n_threads, 0) != 0)
+    if (ws > INT64_MAX / 8 || sess_buf_grow(sess_find(s, &s->mla_sc.work), ws, 0) != 0)
         return err_set(err, KLI_E_NOMEM, "out of memory for the attention workspace of "
                            "%lld tokens", (long long)want);
     s->mla_sc.work_stride = ws;
@@ -282,6 +330,17 @@ kli_session_create(struct kli_session **out, const struct kli_model *m,
     if (cfg->kda.head_dim > 1024)
         return err_set(err, KLI_E_UNSUPPORTED, "session: KDA head_dim %d exceeds 1024",
                            cfg->kda.head_dim);
+    enum k_dtype cdt = session_cache_dt(opt->cache_type);
+    if (cdt == KLI_DT_COUNT)
+        return err_set(err, KLI_E_INVALID, "session: cache type %d is none of f32 (%d), bf16 "
+                           "(%d), q8_0 (%d)", opt->cache_type, KLI_CACHE_F32, KLI_CACHE_BF16,
+                           KLI_CACHE_Q8_0);
+    if (mla_row_bytes(cfg, cdt) == 0)
+        return err_set(err, KLI_E_UNSUPPORTED, "session: a %s latent cache cannot hold this "
+                           "model's rows of %d latent + %d rope values (bf16 needs an even "
+                           "row; q8_0 both parts in blocks of 32, an even number of them)",
+                           kli_cache_type_name(opt->cache_type), cfg->mla.kv_lora_rank,
+                           cfg->mla.qk_rope_dim);
     s = k_calloc(1, sizeof(*s));
     if (s == NULL)
         return err_set(err, KLI_E_NOMEM, "out of memory");
@@ -289,6 +348,8 @@ kli_session_create(struct kli_session **out, const struct kli_model *m,
     s->ctx_max = opt->ctx_max > 0 ? opt->ctx_max : cfg->ctx_max;
     s->batch_max = opt->batch_max > 0 ? opt->batch_max : 256;
     s->n_threads = threads_count();
+    s->cache_type = opt->cache_type;
+    s->mla_sc.cache_dt = session_cache_dt(opt->cache_type);
 
     s->kda = k_calloc((size_t)cfg->n_layers, sizeof(*s->kda));
     s->cache = k_calloc((size_t)cfg->n_layers, sizeof(*s->cache));
@@ -389,6 +450,10 @@ kli_session_eval_batch(struct kli_session *const *ss, const kli_token *tokens, i
         if (s->pos + 1 > s->ctx_max)
             return err_set(err, KLI_E_RANGE, "batched step: sequence %d is full (%d "
                                "tokens)", i, s->pos);
+        if (s->cache_type != s0->cache_type)
+            return err_set(err, KLI_E_INVALID, "batched step: sequence %d has a %s cache, "
+                               "sequence 0 a %s one", i, kli_cache_type_name(s->cache_type),
+                               kli_cache_type_name(s0->cache_type));
         if (s->broken)
             return err_set(err, KLI_E_INVALID, "batched step: sequence %d's state is "
                                "incomplete after a failed step: reset it or restore a "
@@ -447,4 +512,32 @@ const struct kli_model *
 kli_session_model(const struct kli_session *s)
 {
     return s->m;
+}
+
+int
+kli_session_pad(struct kli_session *s, int32_t n, struct kli_err *err)
+{
+    int rc;
+
+    if (s == NULL || n < 0 || s->pos < 1 || s->broken)
+        return err_set(err, KLI_E_INVALID, "kli_session_pad: a session with tokens and "
+                           "n >= 0 needed");
+    if ((int64_t)s->pos + n > s->ctx_max)
+        return err_set(err, KLI_E_RANGE, "kli_session_pad: %d tokens + %d exceed the "
+                           "context of %d", s->pos, n, s->ctx_max);
+    if ((rc = session_reserve(s, (int64_t)s->pos + n, err)) != KLI_OK)
+        return rc;
+    if ((rc = backend_sess_pull(s, err)) != KLI_OK)
+        return rc;
+    /* the rows per token of every growing entry (history, MLA caches), repeated from 0 */
+    for (int k = 0; k < s->n_state; k++) {
+        const struct sess_buf *e = &s->buf[k];
+        uint8_t *p = session_buf_ptr(e);
+        size_t row = (size_t)e->per_tok * 4;
+        for (int64_t t = s->pos; row > 0 && t < (int64_t)s->pos + n; t++)
+            memcpy(p + (size_t)t * row, p + (size_t)(t % s->pos) * row, row);
+    }
+    s->pos += n;
+    backend_sess_written(s);
+    return KLI_OK;
 }

@@ -39,10 +39,12 @@ struct kli_session {
     int32_t ctx_max, batch_max;
     int32_t pos;                  /* tokens seen */
     int n_threads;                /* per-thread scratch is sized for this many */
+    int32_t cache_type;           /* enum kli_cache_type; mla_sc.cache_dt its dtype */
 
     /* state */
     struct kda_state *kda;        /* [n_layers]; empty for MLA layers */
-    float **cache;                /* [n_layers] MLA latent cache [cache_cap][L+rope] */
+    float **cache;                /* [n_layers] MLA latent cache [cache_cap][L+rope], rows of
+                                     mla_row_bytes as mla_sc.cache_dt */
     int64_t cache_cap;
     kli_token *hist;              /* [cache_cap] the ids seen, rows [0,pos) valid */
     float *batch_logits;          /* [batch_max][n_vocab], allocated by the first batched
@@ -68,6 +70,9 @@ struct kli_session {
     int64_t work_ctx;             /* tokens of context the attention workspace serves */
     struct kli_imatrix *imat;     /* NULL, or the collector each step adds to (imatrix.h) */
 };
+
+/* The dtype of a cache type (enum kli_cache_type), KLI_DT_COUNT for another value. */
+enum k_dtype session_cache_dt(int32_t type);
 
 /* Grows the MLA cache, the token history (and attention workspace) to hold `n` tokens. */
 int session_reserve(struct kli_session *s, int64_t n, struct kli_err *err);

@@ -24,7 +24,8 @@
  *     48  u64 stored checksum: snap_hash of the stored bytes (the last word zero-padded), so
  *         that any damage is caught before decompression
  *     56  u32 tokens in the session (pos)
- *     60  u32 reserved, 0
+ *     60  u32 MLA cache type: enum kli_cache_type (0 f32, 1 bf16, 2 q8_0); 0 in the
+ *         snapshots of kli before cache types, which held the field reserved
  *     64  u64 reserved, 0
  *     72  u64 header checksum: snap_hash of bytes [0,72)
  *
@@ -35,7 +36,8 @@
  *     i32 tokens[pos]                          the history
  *     per layer, in order:
  *       KDA: f32 S[H][K][K], f32 conv[3][H*K][W-1]
- *       MLA: f32 cache[pos][latent+rope]
+ *       MLA: cache[pos] rows of latent+rope values as the cache type stores them
+ *            (mla_row_bytes: f32, bf16, or q8_0 blocks of an f16 scale and 32 int8)
  *     f32 logits[n_vocab]                      when has_logits
  *     sampler (flag bit 1):
  *       u32 n_vocab
@@ -46,6 +48,8 @@
  * Restore checks the header, the model, the sizes and both checksums (zstd's own frame
  * checksum too) and decodes the whole payload into temporary memory before it touches the
  * session, so a damaged or foreign snapshot is refused and the session stays as it was.
+ * A cache saved as another type than the session's is converted row by row, through float
+ * (exact when widening; narrowing rounds as writing the rows would have).
  */
 #include "config.h"
 
@@ -155,8 +159,15 @@ snap_copy32(void *dst, const uint8_t *src, int64_t n)
 /* Bytes of the state in a payload after its fixed fields, with `pos` tokens: every state
  * entry of the session's table (session.h) in its order (the token history, each layer's
  * state, then the logits when has_logits). */
+/* Whether state entry e is an MLA cache (floats growing with the context). */
+static int
+snap_is_cache(const struct sess_buf *e)
+{
+    return e->f != NULL && e->per_tok > 0;
+}
+
 static uint64_t
-snap_body_bytes(const struct kli_session *s, int64_t pos, int has_logits)
+snap_body_bytes(const struct kli_session *s, int64_t pos, int has_logits, enum k_dtype cdt)
 {
     uint64_t n = 0;
 
@@ -164,16 +175,19 @@ snap_body_bytes(const struct kli_session *s, int64_t pos, int has_logits)
         const struct sess_buf *e = &s->buf[k];
         if ((e->flags & SESS_LOGITS) && !has_logits)
             continue;
-        n += 4 * (uint64_t)session_state_words(e, pos);
+        if (snap_is_cache(e))
+            n += (uint64_t)mla_row_bytes(&s->m->cfg, cdt) * (uint64_t)pos;
+        else
+            n += 4 * (uint64_t)session_state_words(e, pos);
     }
     return n;
 }
 
-/* Payload bytes without the sampler part. */
+/* Payload bytes without the sampler part, the MLA caches stored as cdt. */
 static uint64_t
-snap_state_bytes(const struct kli_session *s, int64_t pos, int has_logits)
+snap_state_bytes(const struct kli_session *s, int64_t pos, int has_logits, enum k_dtype cdt)
 {
-    return 4 * (10 + (uint64_t)s->m->cfg.n_layers) + snap_body_bytes(s, pos, has_logits);
+    return 4 * (10 + (uint64_t)s->m->cfg.n_layers) + snap_body_bytes(s, pos, has_logits, cdt);
 }
 
 /* ==== Writing =============================================================================== */
@@ -311,7 +325,7 @@ snap_put_words(struct snap_enc *e, const void *p, int64_t n)
 static uint64_t
 snap_payload_bytes(const struct kli_session *s, const struct kli_sampler *smp)
 {
-    uint64_t n = snap_state_bytes(s, s->pos, s->has_logits);
+    uint64_t n = snap_state_bytes(s, s->pos, s->has_logits, s->mla_sc.cache_dt);
 
     if (smp != NULL)
         n += SNAP_SAMPLER_FIXED + 4 * (uint64_t)sampler_state(smp).n_recent;
@@ -414,6 +428,7 @@ snap_encode(struct snap_enc *e, const struct kli_session *s, const struct kli_sa
         util_wr64(hdr + 40, e->hash);
         util_wr64(hdr + 48, snap_hasher_end(&e->sh));
         util_wr32(hdr + 56, (uint32_t)s->pos);
+        util_wr32(hdr + 60, (uint32_t)s->cache_type);
         util_wr64(hdr + SNAP_HEADER_SUM, snap_hash(SNAP_HASH_BASIS, hdr, SNAP_HEADER_SUM));
     }
 #ifdef HAVE_ZSTD
@@ -544,6 +559,7 @@ snap_get64(struct snap_cur *c)
 /* What a validated payload holds: pointers into it, and the recent tokens decoded. */
 struct snap_view {
     int32_t pos, has_logits;
+    enum k_dtype cache_dt;    /* of the MLA caches in the snapshot */
     const uint8_t *tokens;    /* [pos] i32, then every layer's state and the logits: the
                                  session's state entries in order (snap_body_bytes) */
     int has_sampler;
@@ -572,7 +588,10 @@ snap_parse(const uint8_t *p, uint64_t n, uint32_t hdr_pos, int has_sampler,
         "KDA convolution size", "MLA cache row size",
     };
 
+    enum k_dtype cdt = v->cache_dt;
+
     memset(v, 0, sizeof(*v));
+    v->cache_dt = cdt;
     for (int i = 0; i < 6; i++) {
         dims[i] = snap_get32(&cur);
         if (!cur.bad && dims[i] != want[i])
@@ -602,7 +621,7 @@ snap_parse(const uint8_t *p, uint64_t n, uint32_t hdr_pos, int has_sampler,
             return err_set(err, KLI_E_FORMAT, "snapshot: token %u at position %d is outside "
                                "the vocabulary", t, i);
     }
-    snap_take(&cur, snap_body_bytes(s, v->pos, v->has_logits) - 4 * (uint64_t)v->pos);
+    snap_take(&cur, snap_body_bytes(s, v->pos, v->has_logits, cdt) - 4 * (uint64_t)v->pos);
     if (cur.bad)
         return err_set(err, KLI_E_FORMAT, "snapshot: payload too short for %d tokens",
                            v->pos);
@@ -642,16 +661,32 @@ snap_parse(const uint8_t *p, uint64_t n, uint32_t hdr_pos, int has_sampler,
     return KLI_OK;
 }
 
-/* Copies a validated view into the session and sampler. Cannot fail. */
+/* Copies a validated view into the session and sampler. Cannot fail. A cache saved as
+ * another type is converted row by row through float (`row`: room for a saved row and a
+ * float one, when the types differ). */
 static void
-snap_apply(struct kli_session *s, struct kli_sampler *smp, const struct snap_view *v)
+snap_apply(struct kli_session *s, struct kli_sampler *smp, const struct snap_view *v,
+           uint8_t *row)
 {
+    const struct k_config *c = &s->m->cfg;
+    enum k_dtype to = s->mla_sc.cache_dt;
+    int64_t rb = mla_row_bytes(c, v->cache_dt), rt = mla_row_bytes(c, to);
     const uint8_t *p = v->tokens;
 
     for (int k = 0; k < s->n_state; k++) {
         const struct sess_buf *e = &s->buf[k];
         if ((e->flags & SESS_LOGITS) && !v->has_logits)
             continue;
+        if (snap_is_cache(e) && v->cache_dt != to) {
+            float *f = (float *)(void *)(row + rb);
+            uint8_t *dst = session_buf_ptr(e);
+            for (int32_t t = 0; t < v->pos; t++, p += rb, dst += rt) {
+                snap_copy32(row, p, rb / 4);
+                dtype_to_f32(v->cache_dt, row, f, mla_row_floats(c));
+                dtype_from_f32(to, f, dst, mla_row_floats(c));
+            }
+            continue;
+        }
         int64_t words = session_state_words(e, v->pos);
         snap_copy32(session_buf_ptr(e), p, words);
         p += 4 * words;
@@ -668,7 +703,7 @@ kli_session_restore(struct kli_session *s, struct kli_sampler *smp, const void *
                     size_t len, struct kli_err *err)
 {
     const uint8_t *b = buf;
-    uint8_t *dec = NULL;
+    uint8_t *dec = NULL, *conv = NULL;
     struct snap_view v;
     int rc;
 
@@ -700,8 +735,13 @@ kli_session_restore(struct kli_session *s, struct kli_sampler *smp, const void *
         return err_set(err, KLI_E_RANGE, "snapshot: %u tokens exceed the session's "
                            "ctx_max of %d", pos, s->ctx_max);
     /* The payload size is known up to the logits and the sampler's recent tokens. */
-    uint64_t lo = snap_state_bytes(s, pos, 0);
-    uint64_t hi = snap_state_bytes(s, pos, 1);
+    uint32_t ctype = util_rd32(b + 60);
+    v.cache_dt = session_cache_dt((int32_t)ctype);
+    if (v.cache_dt == KLI_DT_COUNT || mla_row_bytes(&s->m->cfg, v.cache_dt) == 0)
+        return err_set(err, KLI_E_FORMAT, "snapshot: MLA cache type %u is unknown or "
+                           "impossible for this model", ctype);
+    uint64_t lo = snap_state_bytes(s, pos, 0, v.cache_dt);
+    uint64_t hi = snap_state_bytes(s, pos, 1, v.cache_dt);
     if (flags & SNAP_F_SAMPLER) {
         lo += SNAP_SAMPLER_FIXED;
         hi += SNAP_SAMPLER_FIXED + 4 * (uint64_t)SNAP_MAX_RECENT;
@@ -748,11 +788,19 @@ kli_session_restore(struct kli_session *s, struct kli_sampler *smp, const void *
     /* Room for the tokens: the only step that may fail, and it changes no state. */
     if ((rc = session_reserve(s, pos > 0 ? pos : 1, err)) != KLI_OK)
         goto out;
-    snap_apply(s, smp, &v);
+    /* a cache of another type is converted: room for one row each way */
+    if (v.cache_dt != s->mla_sc.cache_dt &&
+        (conv = k_malloc((size_t)mla_row_bytes(&s->m->cfg, v.cache_dt) +
+                         4 * (size_t)mla_row_floats(&s->m->cfg))) == NULL) {
+        rc = err_set(err, KLI_E_NOMEM, "out of memory restoring a snapshot");
+        goto out;
+    }
+    snap_apply(s, smp, &v, conv);
     backend_sess_written(s);
 out:
     free(v.recent);
     free(dec);
+    free(conv);
     return rc;
 }
 
@@ -769,7 +817,7 @@ kli_session_load(struct kli_session *s, struct kli_sampler *smp, const char *pat
     /* A regular file (src/file.c: a FIFO would block open()) no larger than the largest
      * snapshot this session could take: a full context, logits, the most recent tokens a
      * sampler keeps, and room for zstd's worst case (it stores what it cannot compress). */
-    uint64_t most = snap_state_bytes(s, s->ctx_max, 1) + SNAP_SAMPLER_FIXED +
+    uint64_t most = snap_state_bytes(s, s->ctx_max, 1, KLI_DT_F32) + SNAP_SAMPLER_FIXED +
                     4 * (uint64_t)SNAP_MAX_RECENT;
     most += SNAP_HEADER + most / 128 + ((uint64_t)1 << 20);
     if ((rc = file_read(path, most, &buf, &n, err)) != KLI_OK)
@@ -801,6 +849,7 @@ kli_session_fork(struct kli_session **out, const struct kli_session *src, struct
     kli_session_options_init(&o);
     o.ctx_max = src->ctx_max;
     o.batch_max = src->batch_max;
+    o.cache_type = src->cache_type;
     if ((rc = kli_session_create(&s, src->m, &o, err)) != KLI_OK)
         return rc;
     if ((rc = kli_session_copy(s, src, err)) != KLI_OK) {

@@ -84,6 +84,40 @@ has "/load reports" "$tmp/stdout" "(loaded "
 has "/load without a file shows the usage" "$tmp/stdout" "usage: /load FILE"
 has "a failed /load is reported" "$tmp/stderr" "$tmp/none"
 
+# ---- latent cache types: --cache-type, info, --ctx against the memory there is ----
+t "info" 0 "$kli" info -m "$model" --ctx 1000
+has "info gives the cache row of each type" "$tmp/stdout" "f32 320 bytes, bf16 160 bytes"
+has "info --ctx gives the context's memory" "$tmp/stdout" "at --ctx 1000: f32 0.000 GiB"
+t "run --cache-type bf16" 0 "$kli" run -m "$model" --raw -p 'Once' -n 12 --temp 1 --seed 9 \
+    --quiet --cache-type bf16
+cp "$tmp/stdout" "$tmp/bf16.txt"
+t "bf16: --save-state after the prompt" 0 "$kli" run -m "$model" --raw -p 'Once' -n 0 \
+    --temp 1 --seed 9 --quiet --cache-type bf16 --save-state "$tmp/stb"
+t "bf16: --load-state continues" 0 "$kli" run -m "$model" --raw -p '' -n 12 --temp 1 \
+    --seed 9 --quiet --cache-type bf16 --load-state "$tmp/stb"
+n=$((n + 1))
+if cmp -s "$tmp/stdout" "$tmp/bf16.txt"; then
+    echo "ok $n - a bf16 state saved and loaded continues as the uninterrupted run"
+else
+    fail=1; echo "not ok $n - the bf16 continuation after --load-state differs"
+fi
+t "a bf16 state loads into an f32 run (converted)" 0 "$kli" run -m "$model" --raw -p '' \
+    -n 4 --quiet --load-state "$tmp/stb"
+t "--cache-type with an unknown type" 2 "$kli" run -m "$model" -p x -n 1 --cache-type f16
+has "the types are listed" "$tmp/stderr" "none of f32, bf16, q8_0"
+t "q8_0 on rows of 64 + 16 values" 1 "$kli" run -m "$model" -p x -n 1 --cache-type q8_0
+has "the rows are named" "$tmp/stderr" "64 latent + 16 rope"
+# (AddressSanitizer reserves terabytes of shadow address space: it cannot start under
+# ulimit -v, as tests/test-limits.sh says too.)
+if grep -q -a -e __asan_init "$kli"; then
+    ok "--ctx past the memory allowed # SKIP AddressSanitizer cannot run under ulimit -v"
+else
+    t "--ctx past the memory allowed, up front" 1 sh -c 'ulimit -v 4000000; exec "$@"' sh \
+        "$kli" run -m "$model" -p x -n 1 --ctx 1000000000
+    has "what the context needs and the limit are named" "$tmp/stderr" \
+        "needs 309.[0-9]* GiB for its f32 latent cache.*RLIMIT_AS"
+fi
+
 # ---- tokenize / detokenize on a directory holding only the two tokenizer files ----
 tokdir="$KLI_TESTDATA/tokenizer"
 t "tokenize the corpus" 0 "$kli" tokenize -m "$tokdir" --file "$tokdir/corpus.txt"

@@ -849,6 +849,21 @@ test_golden(void)
         free(la);
         free(lb);
     }
+    /* A bf16 latent cache: the device mirrors f32 caches only, so the session computes on
+     * the CPU, bit for bit as a bf16 session of the CPU-only model, and the status says so. */
+    {
+        struct kli_session *g = tl_session(m, 0, 0, KLI_CACHE_BF16);
+        struct kli_session *c = tl_session(mc, 0, 0, KLI_CACHE_BF16);
+        struct kli_err err = {0};
+        int good = kli_session_eval(g, tokens, n_prompt, NULL, &err) == KLI_OK &&
+                   kli_session_eval(c, tokens, n_prompt, NULL, &err) == KLI_OK;
+        ok(good && memcmp(kli_session_logits(g), kli_session_logits(c),
+                          (size_t)V * sizeof(float)) == 0 &&
+           strstr(kli_model_gpu_status(m), "bf16 latent cache compute on the CPU") != NULL,
+           "a bf16 cache runs on the CPU, as without a GPU: %s", kli_model_gpu_status(m));
+        kli_session_free(g);
+        kli_session_free(c);
+    }
     /* The whole model fits: KDA states lead on the device between passes; a snapshot pulls
      * them, a restore pushes them back. */
     ok(strstr(st, "whole model") != NULL, "the tiny model fits: the whole model on the GPU");

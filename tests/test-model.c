@@ -85,18 +85,7 @@ argmax(const float *x, int32_t n)
 static struct kli_session *
 new_session(int32_t ctx_max, int32_t batch_max)
 {
-    struct kli_session_options opt;
-    struct kli_session *s = NULL;
-    struct kli_err err = {0};
-
-    kli_session_options_init(&opt);
-    opt.ctx_max = ctx_max;
-    opt.batch_max = batch_max;
-    if (kli_session_create(&s, model, &opt, &err) != KLI_OK) {
-        printf("Bail out! kli_session_create: %s\n", err.msg);
-        exit(1);
-    }
-    return s;
+    return tl_session(model, ctx_max, batch_max, KLI_CACHE_F32);
 }
 
 /* Evaluates tokens [t0, t0+n) in one call, writing their logits at rows t0.. of `all`. */

@@ -3,7 +3,7 @@
 # token-at-a-time, split prompts, chunked feeding) under every CPU kernel variant this
 # machine can run, each forced with KLI_SIMD. A variant that is not compiled in or that the
 # CPU lacks is skipped: test-model names the kernels it ran with. Then the same for the K
-# types on the demo model (test-ktypes nano).
+# types on the demo model (test-ktypes nano) and the narrow latent caches (test-cache).
 set -u
 : "${KLI_BIN:?}" "${KLI_TESTDATA:?}" "${KLI_SRCDIR:?}"
 . "$KLI_SRCDIR/tests/lib.sh"
@@ -32,5 +32,7 @@ variants test-model "the golden logits"
 # The super-block types: the demo model converted to each K type at load time, its logits
 # against f32.
 variants test-ktypes "the nano model in every K type" nano
+# The bf16 and q8_0 latent caches: their attention against f32's, the nano model's logits.
+variants test-cache "the narrow latent caches" twin logits
 echo "1..$n"
 exit $fail

@@ -225,6 +225,24 @@ tl_load_json(const char *dir, const char *name)
     return root;
 }
 
+struct kli_session *
+tl_session(struct kli_model *m, int32_t ctx_max, int32_t batch_max, int32_t cache_type)
+{
+    struct kli_session_options opt;
+    struct kli_session *s = NULL;
+    struct kli_err err = {0};
+
+    kli_session_options_init(&opt);
+    opt.ctx_max = ctx_max;
+    opt.batch_max = batch_max;
+    opt.cache_type = cache_type;
+    if (kli_session_create(&s, m, &opt, &err) != KLI_OK) {
+        printf("Bail out! kli_session_create: %s\n", err.msg);
+        exit(1);
+    }
+    return s;
+}
+
 struct kli_model *
 tl_open_model(const char *name, int n_threads)
 {

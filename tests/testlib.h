@@ -69,6 +69,9 @@ float *tl_load_f32(const char *dir, const char *name, size_t count);
  * parsed. */
 struct cJSON *tl_load_json(const char *dir, const char *name);
 
+/* A session of m with these options (0: the default); bails out on failure. */
+struct kli_session *tl_session(struct kli_model *m, int32_t ctx_max, int32_t batch_max,
+                               int32_t cache_type);
 /* Opens the fixture model tl_data()/name with n_threads threads; bails out on failure. */
 struct kli_model *tl_open_model(const char *name, int n_threads);
 /* The same with the options `opt` (NULL: the defaults). */
