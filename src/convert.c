@@ -183,14 +183,9 @@ kli_convert(const char *in, const char *out, const struct kli_convert_options *o
     if ((rc = kli_output_check(out, in, err)) != KLI_OK)
         goto out;
     const struct wfile *wf = m->wf;
-    const struct pack_info *pk = wfile_pack(wf);
+    const struct pack_meta *pk = wfile_meta(wf);
     if (pk != NULL) {
-        meta.config = pk->config;
-        meta.config_len = pk->config_len;
-        meta.tok_ranks = pk->tok_ranks;
-        meta.tok_ranks_len = pk->tok_ranks_len;
-        meta.tok_config = pk->tok_config;
-        meta.tok_config_len = pk->tok_config_len;
+        meta = *pk;
     } else {
         if ((rc = cv_read(in, "config.json", 0, &cfg, &meta.config_len, err)) != KLI_OK)
             goto out;

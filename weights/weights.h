@@ -209,4 +209,30 @@ int pack_writer_close(struct pack_writer *w, struct kli_err *err);
 /* Abandons the file (removes the temporary file). NULL is allowed. */
 void pack_writer_abort(struct pack_writer *w);
 
+/* ==== GGUF (gguf.c reads the container, gguf_kimi.c the Kimi Linear model in it) ==========
+ * wfile_open recognises a GGUF by its magic and presents it as the checkpoint it was made
+ * from: descriptors under the Hugging Face names (data in the mapping where the layouts
+ * agree), config.json and the tokenizer files rebuilt from the metadata (wfile_meta). */
+
+struct gguf_view;
+
+/* Parses a GGUF image and appends its descriptors (as safetensors_parse does); *out holds
+ * what they point to that is not in the image, and the rebuilt texts.
+ * @return KLI_OK; KLI_E_FORMAT (damaged, or not a Kimi Linear model); KLI_E_UNSUPPORTED
+ *         (a tensor type kli does not read: the message names it and the tensor; another
+ *         architecture or GGUF version); KLI_E_NOMEM. */
+int gguf_kimi_open(const uint8_t *base, uint64_t size, const char *fname, int32_t file,
+                   struct tensor_desc **descs, int64_t *n, int64_t *cap,
+                   struct gguf_view **out, struct kli_err *err);
+void gguf_view_free(struct gguf_view *v);
+const struct pack_meta *gguf_view_meta(const struct gguf_view *v);
+
+/* The texts a model needs besides its tensors (config.json, tiktoken.model,
+ * tokenizer_config.json): a .kli's sections or a GGUF's rebuilt ones; NULL for safetensors
+ * (the files beside it hold them). tok_ranks is NULL where there is no tokenizer. */
+const struct pack_meta *wfile_meta(const struct wfile *w);
+
+/* @return 1 if `path` is a file wfile_open reads as one model (.kli or GGUF), else 0. */
+int wfile_probe(const char *path);
+
 #endif
