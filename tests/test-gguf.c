@@ -641,7 +641,7 @@ test_in_place(void)
        (ptrdiff_t)(7 * e0->nbytes) && wfile_locate(w, e7->data, &file, &off) == 0,
        "stacked experts become one in-place matrix per expert");
     ok(kv != NULL && kv->dtype == KLI_DT_F32 && kv->shape[0] == 2 * 64 && kv->shape[1] == 64,
-       "kv_b_proj rebuilt from k_b and v_b");
+       "kv_b_proj rebuilt from k_b and v_b (F32 from Q8_0 halves)");
     ok(al != NULL && al->numel == 2, "A_log rebuilt from ssm_a");
     /* every tensor the safetensors model has, the GGUF view has, with its shape */
     struct wfile *s = NULL;
@@ -704,6 +704,274 @@ out:
     kli_tokenizer_close(b);
 }
 
+
+/* Two GGUFs' metadata entry `key`: the same type and value bytes. */
+static int
+same_kv(const struct gguf *a, const struct gguf *b, const char *key)
+{
+    const struct gguf_kv *x = gguf_find(a, key), *y = gguf_find(b, key);
+
+    if (x == NULL || y == NULL || x->type != y->type || x->elem != y->elem || x->n != y->n)
+        return 0;
+    if (x->type == GGUF_T_ARRAY && x->elem == GGUF_T_STRING) {
+        for (uint64_t i = 0; i < x->n; i++) {
+            const char *s, *t;
+            uint64_t ls, lt;
+            if (gguf_arr_str(x, i, &s, &ls) || gguf_arr_str(y, i, &t, &lt) || ls != lt ||
+                memcmp(s, t, ls) != 0)
+                return 0;
+        }
+        return 1;
+    }
+    int64_t u, v;
+    double f, g;
+    if (x->type == GGUF_T_ARRAY) {
+        for (uint64_t i = 0; i < x->n; i++) {
+            if (gguf_arr_int(x, i, &u) || gguf_arr_int(y, i, &v) || u != v)
+                return 0;
+        }
+        return 1;
+    }
+    if (x->type == GGUF_T_STRING) {
+        const char *s, *t;
+        uint64_t ls, lt;
+        return gguf_get_str(a, key, &s, &ls) == 0 && gguf_get_str(b, key, &t, &lt) == 0 &&
+               ls == lt && memcmp(s, t, ls) == 0;
+    }
+    return gguf_get_num(a, key, &f) == 0 && gguf_get_num(b, key, &g) == 0 && f == g;
+}
+
+/* kli convert --to gguf of the safetensors model against make_gguf.py's file of it (two
+ * writers written apart), then read back. */
+static void
+test_write(void)
+{
+    char src[4200], fixture[4200], out[4300], q8[4300], q8dir[4300];
+    char dir[] = "/tmp/kli-gguf-w-XXXXXX";
+    struct kli_convert_options o;
+    struct kli_err err = {0};
+    size_t la = 0, lb = 0;
+    uint8_t *ia = NULL, *ib = NULL;
+    struct gguf *a = NULL, *b = NULL;
+    struct wfile *ws = NULL, *wg = NULL, *wq = NULL, *wk = NULL;
+
+    if (mkdtemp(dir) == NULL) {
+        ok(0, "mkdtemp");
+        return;
+    }
+    fx(src, sizeof(src), "tiny-kimi-linear");
+    fx(fixture, sizeof(fixture), "gguf/tiny-bf16.gguf");
+    snprintf(out, sizeof(out), "%s/t.gguf", dir);
+    snprintf(q8, sizeof(q8), "%s/q8.gguf", dir);
+    snprintf(q8dir, sizeof(q8dir), "%s/q8", dir);
+    kli_convert_options_init(&o);
+    o.format = "gguf";
+    int rc = kli_convert(src, out, &o, &err);
+    ok(rc == KLI_OK, "kli convert --to gguf: %s", err.msg);
+    ok(kli_convert(src, out, &o, &err) == KLI_E_IO && strstr(err.msg, "exists"),
+       "an existing output is kept without --force: %s", err.msg);
+    if (rc != KLI_OK)
+        goto out;
+    ia = (uint8_t *)tl_slurp(out, &la);
+    ib = (uint8_t *)tl_slurp(fixture, &lb);
+    if (ia == NULL || ib == NULL || gguf_parse(ia, la, out, &a, &err) != KLI_OK ||
+        gguf_parse(ib, lb, fixture, &b, &err) != KLI_OK) {
+        ok(0, "both GGUFs parse: %s", err.msg);
+        goto out;
+    }
+    /* the tensors: names, types, shapes and bytes; ssm_a (-exp of A_log) to an ulp or two */
+    int same = 0, near = 0;
+    for (int64_t i = 0; i < b->n_t; i++) {
+        const struct gguf_tensor *y = &b->t[i], *x = NULL;
+        for (int64_t j = 0; j < a->n_t && x == NULL; j++)
+            x = strcmp(a->t[j].name, y->name) == 0 ? &a->t[j] : NULL;
+        if (x == NULL || x->type != y->type || x->ndim != y->ndim ||
+            memcmp(x->ne, y->ne, sizeof(x->ne)) != 0 || x->nbytes != y->nbytes) {
+            diag("%s differs in type or shape", y->name);
+            continue;
+        }
+        if (memcmp(x->data, y->data, x->nbytes) == 0) {
+            same++;
+        } else if (strstr(y->name, "ssm_a") != NULL && y->type == GGML_F32) {
+            float fa[64], fb[64];
+            int64_t n = y->numel < 64 ? y->numel : 64;
+            memcpy(fa, x->data, (size_t)n * 4);
+            memcpy(fb, y->data, (size_t)n * 4);
+            near += tl_rel_l2(fa, fb, n) <= 1e-6;
+        } else {
+            diag("%s: other bytes", y->name);
+        }
+    }
+    ok(a->n_t == b->n_t && same + near == b->n_t && near <= 5,
+       "the same %lld tensors as make_gguf.py writes: %d bit for bit, %d ssm_a within 1e-6",
+       (long long)b->n_t, same, near);
+    static const char *const keys[] = {
+        "general.architecture", "tokenizer.ggml.model", "tokenizer.ggml.pre",
+        "tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges",
+        "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+        "tokenizer.ggml.padding_token_id",
+    };
+    int kv_ok = 1;
+    for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++) {
+        if (!same_kv(a, b, keys[i])) {
+            diag("metadata %s differs", keys[i]);
+            kv_ok = 0;
+        }
+    }
+    for (int64_t i = 0; i < b->n_kv; i++) {
+        const char *k = b->kv[i].key;
+        if (strncmp(k, "kimi-linear.", 12) == 0 && strcmp(k, "kimi-linear.rope.freq_base") &&
+            !same_kv(a, b, k)) {
+            diag("metadata %s differs", k);
+            kv_ok = 0;
+        }
+    }
+    ok(kv_ok, "the same kimi-linear.* hyper-parameters (rope.freq_base aside: kli has no use "
+       "for it), vocabulary, token types, merges and special ids");
+
+    /* read back: every tensor of the source, the same values */
+    if (wfile_open(&ws, src, &err) != KLI_OK || wfile_open(&wg, out, &err) != KLI_OK) {
+        ok(0, "open source and written GGUF: %s", err.msg);
+        goto out;
+    }
+    int eq = 0, n = (int)wfile_n_tensors(ws);
+    for (int i = 0; i < n; i++) {
+        const struct tensor_desc *d = wfile_tensor(ws, i), *e = wfile_find(wg, d->name);
+        if (e == NULL || e->numel != d->numel)
+            continue;
+        float *u = tl_malloc((size_t)d->numel * 4), *v = tl_malloc((size_t)d->numel * 4);
+        dtype_to_f32(d->dtype, d->data, u, d->numel);
+        dtype_to_f32(e->dtype, e->data, v, e->numel);
+        eq += memcmp(u, v, (size_t)d->numel * 4) == 0 ||
+              (strstr(d->name, "A_log") != NULL && tl_rel_l2(v, u, d->numel) <= 1e-6);
+        free(u);
+        free(v);
+    }
+    ok(n > 0 && eq == n && wfile_n_tensors(wg) == n, "read back, all %d tensors hold the "
+       "source's values (%d; A_log within 1e-6)", n, eq);
+    int32_t va = 0, vb = 0;
+    float *l1 = tl_logits_of(src, NULL, ids, 40, &va), *l2 = tl_logits_of(out, NULL, ids, 40, &vb);
+    double e2 = l1 != NULL && l2 != NULL && va == vb ? tl_rel_l2(l2, l1, (int64_t)va * 40) : 1;
+    ok(e2 <= 1e-6, "its logits = the safetensors model's (rel L2 %.3g <= 1e-6)", e2);
+    free(l1);
+    free(l2);
+    /* and written again from itself: the same file, byte for byte */
+    {
+        char again[4400];
+        size_t l3 = 0;
+        snprintf(again, sizeof(again), "%s/again.gguf", dir);
+        memset(&err, 0, sizeof(err));
+        char *i3 = kli_convert(out, again, &o, &err) == KLI_OK ? tl_slurp(again, &l3) : NULL;
+        ok(i3 != NULL && l3 == la && memcmp(i3, ia, la) == 0,
+           "a GGUF written by kli, converted to GGUF again, is the same file: %s", err.msg);
+        free(i3);
+    }
+
+    /* --type q8_0: the matrices are kli's own q8_0 bytes */
+    o.type = "q8_0";
+    struct kli_convert_options qo;
+    kli_quantize_options_init(&qo);
+    qo.type = "q8_0";
+    rc = kli_convert(src, q8, &o, &err);
+    rc = rc == KLI_OK ? kli_quantize(src, q8dir, &qo, &err) : rc;
+    if (rc != KLI_OK || wfile_open(&wq, q8, &err) != KLI_OK ||
+        wfile_open(&wk, q8dir, &err) != KLI_OK) {
+        ok(0, "q8_0 GGUF and kli quantize: %s", err.msg);
+        goto out;
+    }
+    int q = 0, qs = 0;
+    for (int64_t i = 0; i < wfile_n_tensors(wk); i++) {
+        const struct tensor_desc *d = wfile_tensor(wk, i), *e = wfile_find(wq, d->name);
+        if (d->dtype != KLI_DT_Q8_0 || strstr(d->name, "kv_b_proj") != NULL)
+            continue;
+        q++;
+        qs += e != NULL && e->dtype == KLI_DT_Q8_0 && e->nbytes == d->nbytes &&
+              memcmp(e->data, d->data, d->nbytes) == 0;
+    }
+    ok(q > 100 && qs == q, "--type q8_0: the %d Q8_0 matrices are kli quantize's bytes (%d)",
+       q, qs);
+out:
+    wfile_close(ws);
+    wfile_close(wg);
+    wfile_close(wq);
+    wfile_close(wk);
+    gguf_free(a);
+    gguf_free(b);
+    free(ia);
+    free(ib);
+    tl_rmtree(dir);
+}
+
+/* The nano model (a real BPE vocabulary of 2048 ranks): kli's GGUF of it carries the
+ * vocabulary, types and merges make_gguf.py derives (llama.cpp's way: the last split of
+ * each token's BPE up to its own rank), tokenizes like the directory and gives its logits. */
+static void
+test_write_nano(void)
+{
+    char src[4200], fixture[4200], out[4300], corpus[4200];
+    char dir[] = "/tmp/kli-gguf-n-XXXXXX";
+    struct kli_convert_options o;
+    struct kli_err err = {0};
+    size_t la = 0, lb = 0;
+    uint8_t *ia = NULL, *ib = NULL;
+    struct gguf *a = NULL, *b = NULL;
+
+    if (mkdtemp(dir) == NULL) {
+        ok(0, "mkdtemp");
+        return;
+    }
+    snprintf(src, sizeof(src), "%s/../../contrib/models/kimi-linear-nano", tl_data());
+    fx(fixture, sizeof(fixture), "gguf/nano-vocab.gguf");
+    snprintf(out, sizeof(out), "%s/nano.gguf", dir);
+    kli_convert_options_init(&o);
+    o.format = "gguf";
+    int rc = kli_convert(src, out, &o, &err);
+    ok(rc == KLI_OK, "kli convert --to gguf of the nano model: %s", err.msg);
+    ia = rc == KLI_OK ? (uint8_t *)tl_slurp(out, &la) : NULL;
+    ib = (uint8_t *)tl_slurp(fixture, &lb);
+    if (ia == NULL || ib == NULL || gguf_parse(ia, la, out, &a, &err) != KLI_OK ||
+        gguf_parse(ib, lb, fixture, &b, &err) != KLI_OK) {
+        ok(0, "both GGUFs parse: %s", err.msg);
+        goto out;
+    }
+    const struct gguf_kv *mg = gguf_find(a, "tokenizer.ggml.merges");
+    ok(mg != NULL && mg->n > 1000 && same_kv(a, b, "tokenizer.ggml.merges") &&
+       same_kv(a, b, "tokenizer.ggml.tokens") && same_kv(a, b, "tokenizer.ggml.token_type"),
+       "the same %llu merges, tokens and token types as make_gguf.py's",
+       mg != NULL ? (unsigned long long)mg->n : 0ull);
+    /* tokenizes like the directory */
+    struct kli_tokenizer *ta = NULL, *tb = NULL;
+    size_t len = 0;
+    char *text = tl_slurp(fx(corpus, sizeof(corpus), "tokenizer/corpus.txt"), &len);
+    if (kli_tokenizer_open(&ta, src, &err) == KLI_OK &&
+        kli_tokenizer_open(&tb, out, &err) == KLI_OK && text != NULL) {
+        kli_token *x = tl_calloc(len + 1, sizeof(*x)), *y = tl_calloc(len + 1, sizeof(*y));
+        int64_t nx = kli_tokenize(ta, text, len, KLI_TOKENIZE_SPECIAL, x, (int64_t)len + 1, &err);
+        int64_t ny = kli_tokenize(tb, text, len, KLI_TOKENIZE_SPECIAL, y, (int64_t)len + 1, &err);
+        ok(nx > 0 && nx == ny && memcmp(x, y, (size_t)nx * sizeof(*x)) == 0,
+           "its tokenizer encodes the corpus as the directory's (%lld ids)", (long long)nx);
+        free(x);
+        free(y);
+    } else {
+        ok(0, "tokenizers: %s", err.msg);
+    }
+    kli_tokenizer_close(ta);
+    kli_tokenizer_close(tb);
+    free(text);
+    int32_t va = 0, vb = 0;
+    float *l1 = tl_logits_of(src, NULL, ids, 40, &va), *l2 = tl_logits_of(out, NULL, ids, 40, &vb);
+    double e = l1 != NULL && l2 != NULL && va == vb ? tl_rel_l2(l2, l1, (int64_t)va * 40) : 1;
+    ok(e <= 1e-6, "its logits = the directory's (rel L2 %.3g <= 1e-6)", e);
+    free(l1);
+    free(l2);
+out:
+    gguf_free(a);
+    gguf_free(b);
+    free(ia);
+    free(ib);
+    tl_rmtree(dir);
+}
+
 int
 main(int argc, char **argv)
 {
@@ -717,6 +985,8 @@ main(int argc, char **argv)
         {"logits_bf16", test_logits_bf16},
         {"logits_quant", test_logits_quant},
         {"tokenizer", test_tokenizer},
+        {"write", test_write},
+        {"write_nano", test_write_nano},
     };
 
     tap_init(argc, argv);

@@ -9,7 +9,8 @@
  *    (gk_names); shapes are ggml's ne reversed, which is the PyTorch shape;
  *  - routed experts are stacked, one 3-D tensor per matrix with the expert outermost:
  *    each expert's slice is contiguous and becomes its own descriptor, in place;
- *  - kv_b_proj is split per head into k_b (transposed) and v_b: rebuilt as one F32 matrix;
+ *  - kv_b_proj is split per head into k_b (transposed) and v_b: rebuilt as one matrix, in
+ *    their type when both are F16 or both BF16, else in F32;
  *  - A_log is stored as -exp(A_log): its log(-a) is given back, in F32 (the model takes
  *    -exp of it again; the round trip is within an ulp or two);
  *  - dt_bias is "ssm_dt.bias", the router bias "exp_probs_b.bias";
@@ -82,6 +83,39 @@ static const char *const gk_exp_names[][2] = {
     {"ffn_up_exps.weight", "w3.weight"},
     {"ffn_down_exps.weight", "w2.weight"},
 };
+
+static int gk_dtype(uint32_t type, enum k_dtype *dt);
+
+int
+gguf_kimi_name(const char *hf, char *out, size_t cap)
+{
+    int layer, n = -1;
+
+    for (size_t i = 0; i < KLI_ARRAY_LEN(gk_global); i++) {
+        if (strcmp(hf, gk_global[i][1]) == 0)
+            return snprintf(out, cap, "%s", gk_global[i][0]) < (int)cap ? 0 : -1;
+    }
+    if (sscanf(hf, "model.layers.%d.%n", &layer, &n) != 1 || n < 0 || layer < 0)
+        return -1;
+    for (size_t i = 0; i < KLI_ARRAY_LEN(gk_names); i++) {
+        if (strcmp(hf + n, gk_names[i][1]) == 0)
+            return snprintf(out, cap, "blk.%d.%s", layer, gk_names[i][0]) < (int)cap ? 0 : -1;
+    }
+    return -1;
+}
+
+int
+gguf_type_of(enum k_dtype dt, uint32_t *type)
+{
+    for (uint32_t t = 0; t <= GGML_BF16; t++) {
+        enum k_dtype k;
+        if (gk_dtype(t, &k) == 0 && k == dt) {
+            *type = t;
+            return 0;
+        }
+    }
+    return -1;
+}
 
 /* ==== descriptors ==== */
 
@@ -286,8 +320,17 @@ gk_kv_b(struct gk_ctx *c, const struct gguf_tensor *kb, int layer)
         }
         memcpy(head + nope * lr, v + hh * dv * lr, (size_t)(dv * lr) * sizeof(float));
     }
-    int64_t shape[2] = {h * (nope + dv), lr};
-    return gk_add(c, KLI_DT_F32, kv, (uint64_t)(h * (nope + dv) * lr) * 4, 2, shape,
+    int64_t shape[2] = {h * (nope + dv), lr}, n = h * (nope + dv) * lr;
+    /* F16 and BF16 halves stay so (their values were only moved); the rest is F32 */
+    enum k_dtype dt = KLI_DT_F32;
+    void *data = kv;
+    if (kb->type == vb->type && (kb->type == GGML_F16 || kb->type == GGML_BF16)) {
+        dt = kb->type == GGML_F16 ? KLI_DT_F16 : KLI_DT_BF16;
+        if ((data = gk_own(c, (uint64_t)(n + 1) / 2)) == NULL)
+            return KLI_E_NOMEM;
+        dtype_from_f32(dt, kv, data, n);
+    }
+    return gk_add(c, dt, data, dtype_nbytes(dt, (uint64_t)n), 2, shape,
                   "model.layers.%d.self_attn.kv_b_proj.weight", layer);
 }
 

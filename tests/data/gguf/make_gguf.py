@@ -197,7 +197,8 @@ def add_hparams(w, c):
     w.add(a + "attention.head_count_kv", T_ARR,
           [1 if i + 1 in lac["full_attn_layers"] else 0
            for i in range(c["num_hidden_layers"])], T_U32)
-    w.add(a + "rope.freq_base", T_F32, c["rope_theta"])
+    if "rope_theta" in c:
+        w.add(a + "rope.freq_base", T_F32, c["rope_theta"])
     w.add(a + "attention.layer_norm_rms_epsilon", T_F32, c["rms_norm_eps"])
     w.add(a + "expert_count", T_U32, c["num_experts"])
     w.add(a + "expert_used_count", T_U32, c["num_experts_per_token"])
@@ -307,6 +308,14 @@ def main():
     add_hparams(w, c)
     add_vocab(w, tok, len(ranks) + 256)
     w.write(out + "/vocab.gguf")
+
+    # the nano model's vocabulary (2048 ranks with their merges), with its hyper-parameters
+    nano = data + "/../../contrib/models/kimi-linear-nano"
+    cn = json.load(open(nano + "/config.json"))
+    w = Writer()
+    add_hparams(w, cn)
+    add_vocab(w, nano, cn["vocab_size"])
+    w.write(out + "/nano-vocab.gguf")
 
 
 if __name__ == "__main__":
