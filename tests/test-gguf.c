@@ -972,6 +972,32 @@ out:
     tl_rmtree(dir);
 }
 
+/* Edge mode (--mem-budget: experts read from the file into a cache, src/xcache.c) on a GGUF,
+ * whose stacked experts lie far apart: the same logits as resident weights, bit for bit. */
+static void
+test_edge(void)
+{
+    static const char *const files[] = {"gguf/tiny-bf16.gguf", "gguf/tiny-q.gguf"};
+
+    for (size_t f = 0; f < sizeof(files) / sizeof(files[0]); f++) {
+        struct kli_model_options mo;
+        struct kli_err err = {0};
+        struct kli_model *a = tl_open_model(files[f], 1), *b;
+        kli_model_options_init(&mo);
+        mo.n_threads = 1;
+        mo.mem_budget = 40ull << 20;
+        b = tl_open_model_opts(files[f], &mo);
+        float *la = tl_logits(a, ids, 40, 0, &err), *lb = tl_logits(b, ids, 40, 0, &err);
+        int32_t V = kli_model_n_vocab(a);
+        ok(la != NULL && lb != NULL && memcmp(la, lb, (size_t)V * 40 * sizeof(float)) == 0,
+           "%s: edge mode's logits = resident logits, bit for bit: %s", files[f], err.msg);
+        free(la);
+        free(lb);
+        kli_model_close(a);
+        kli_model_close(b);
+    }
+}
+
 int
 main(int argc, char **argv)
 {
@@ -985,6 +1011,7 @@ main(int argc, char **argv)
         {"logits_bf16", test_logits_bf16},
         {"logits_quant", test_logits_quant},
         {"tokenizer", test_tokenizer},
+        {"edge", test_edge},
         {"write", test_write},
         {"write_nano", test_write_nano},
     };
