@@ -741,44 +741,80 @@ same_kv(const struct gguf *a, const struct gguf *b, const char *key)
     return gguf_get_num(a, key, &f) == 0 && gguf_get_num(b, key, &g) == 0 && f == g;
 }
 
+
+/* A GGUF kli writes of model `src` (kli convert --to gguf, into a temporary directory) and
+ * the fixture it is compared with, both read and parsed. */
+struct written {
+    char dir[32];
+    char out[4300];
+    struct kli_convert_options o;
+    struct kli_err err;
+    uint8_t *ia, *ib;
+    size_t la, lb;
+    struct gguf *a, *b;
+};
+
+/* @return 1 when the conversion and both parses went (each reported), else 0. */
+static int
+write_gguf(struct written *w, const char *src, const char *fixture, const char *what)
+{
+    char fpath[4200];
+
+    memset(w, 0, sizeof(*w));
+    snprintf(w->dir, sizeof(w->dir), "/tmp/kli-gguf-w-XXXXXX");
+    if (mkdtemp(w->dir) == NULL) {
+        ok(0, "mkdtemp");
+        return 0;
+    }
+    snprintf(w->out, sizeof(w->out), "%s/out.gguf", w->dir);
+    kli_convert_options_init(&w->o);
+    w->o.format = "gguf";
+    int rc = kli_convert(src, w->out, &w->o, &w->err);
+    ok(rc == KLI_OK, "kli convert --to gguf of %s: %s", what, w->err.msg);
+    w->ia = rc == KLI_OK ? (uint8_t *)tl_slurp(w->out, &w->la) : NULL;
+    w->ib = (uint8_t *)tl_slurp(fx(fpath, sizeof(fpath), fixture), &w->lb);
+    if (w->ia == NULL || w->ib == NULL ||
+        gguf_parse(w->ia, w->la, w->out, &w->a, &w->err) != KLI_OK ||
+        gguf_parse(w->ib, w->lb, fpath, &w->b, &w->err) != KLI_OK) {
+        ok(0, "both GGUFs parse: %s", w->err.msg);
+        return 0;
+    }
+    return 1;
+}
+
+static void
+written_free(struct written *w)
+{
+    gguf_free(w->a);
+    gguf_free(w->b);
+    free(w->ia);
+    free(w->ib);
+    if (w->dir[0] != '\0')
+        tl_rmtree(w->dir);
+}
+
 /* kli convert --to gguf of the safetensors model against make_gguf.py's file of it (two
  * writers written apart), then read back. */
 static void
 test_write(void)
 {
-    char src[4200], fixture[4200], out[4300], q8[4300], q8dir[4300];
-    char dir[] = "/tmp/kli-gguf-w-XXXXXX";
-    struct kli_convert_options o;
-    struct kli_err err = {0};
-    size_t la = 0, lb = 0;
-    uint8_t *ia = NULL, *ib = NULL;
-    struct gguf *a = NULL, *b = NULL;
+    char src[4200], q8[4300], q8dir[4300];
+    struct written wr;
     struct wfile *ws = NULL, *wg = NULL, *wq = NULL, *wk = NULL;
+    int rc;
 
-    if (mkdtemp(dir) == NULL) {
-        ok(0, "mkdtemp");
-        return;
-    }
     fx(src, sizeof(src), "tiny-kimi-linear");
-    fx(fixture, sizeof(fixture), "gguf/tiny-bf16.gguf");
-    snprintf(out, sizeof(out), "%s/t.gguf", dir);
+    if (!write_gguf(&wr, src, "gguf/tiny-bf16.gguf", "the tiny model"))
+        goto out;
+    struct kli_convert_options o = wr.o;
+    struct kli_err err = {0};
+    const char *dir = wr.dir, *out = wr.out;
+    const struct gguf *a = wr.a, *b = wr.b;
     snprintf(q8, sizeof(q8), "%s/q8.gguf", dir);
     snprintf(q8dir, sizeof(q8dir), "%s/q8", dir);
-    kli_convert_options_init(&o);
-    o.format = "gguf";
-    int rc = kli_convert(src, out, &o, &err);
-    ok(rc == KLI_OK, "kli convert --to gguf: %s", err.msg);
     ok(kli_convert(src, out, &o, &err) == KLI_E_IO && strstr(err.msg, "exists"),
        "an existing output is kept without --force: %s", err.msg);
-    if (rc != KLI_OK)
-        goto out;
-    ia = (uint8_t *)tl_slurp(out, &la);
-    ib = (uint8_t *)tl_slurp(fixture, &lb);
-    if (ia == NULL || ib == NULL || gguf_parse(ia, la, out, &a, &err) != KLI_OK ||
-        gguf_parse(ib, lb, fixture, &b, &err) != KLI_OK) {
-        ok(0, "both GGUFs parse: %s", err.msg);
-        goto out;
-    }
+    memset(&err, 0, sizeof(err));
     /* the tensors: names, types, shapes and bytes; ssm_a (-exp of A_log) to an ulp or two */
     int same = 0, near = 0;
     for (int64_t i = 0; i < b->n_t; i++) {
@@ -862,7 +898,7 @@ test_write(void)
         snprintf(again, sizeof(again), "%s/again.gguf", dir);
         memset(&err, 0, sizeof(err));
         char *i3 = kli_convert(out, again, &o, &err) == KLI_OK ? tl_slurp(again, &l3) : NULL;
-        ok(i3 != NULL && l3 == la && memcmp(i3, ia, la) == 0,
+        ok(i3 != NULL && l3 == wr.la && memcmp(i3, wr.ia, wr.la) == 0,
            "a GGUF written by kli, converted to GGUF again, is the same file: %s", err.msg);
         free(i3);
     }
@@ -895,11 +931,7 @@ out:
     wfile_close(wg);
     wfile_close(wq);
     wfile_close(wk);
-    gguf_free(a);
-    gguf_free(b);
-    free(ia);
-    free(ib);
-    tl_rmtree(dir);
+    written_free(&wr);
 }
 
 /* The nano model (a real BPE vocabulary of 2048 ranks): kli's GGUF of it carries the
@@ -908,32 +940,15 @@ out:
 static void
 test_write_nano(void)
 {
-    char src[4200], fixture[4200], out[4300], corpus[4200];
-    char dir[] = "/tmp/kli-gguf-n-XXXXXX";
-    struct kli_convert_options o;
-    struct kli_err err = {0};
-    size_t la = 0, lb = 0;
-    uint8_t *ia = NULL, *ib = NULL;
-    struct gguf *a = NULL, *b = NULL;
+    char src[4200], corpus[4200];
+    struct written wr;
 
-    if (mkdtemp(dir) == NULL) {
-        ok(0, "mkdtemp");
-        return;
-    }
     snprintf(src, sizeof(src), "%s/../../contrib/models/kimi-linear-nano", tl_data());
-    fx(fixture, sizeof(fixture), "gguf/nano-vocab.gguf");
-    snprintf(out, sizeof(out), "%s/nano.gguf", dir);
-    kli_convert_options_init(&o);
-    o.format = "gguf";
-    int rc = kli_convert(src, out, &o, &err);
-    ok(rc == KLI_OK, "kli convert --to gguf of the nano model: %s", err.msg);
-    ia = rc == KLI_OK ? (uint8_t *)tl_slurp(out, &la) : NULL;
-    ib = (uint8_t *)tl_slurp(fixture, &lb);
-    if (ia == NULL || ib == NULL || gguf_parse(ia, la, out, &a, &err) != KLI_OK ||
-        gguf_parse(ib, lb, fixture, &b, &err) != KLI_OK) {
-        ok(0, "both GGUFs parse: %s", err.msg);
+    if (!write_gguf(&wr, src, "gguf/nano-vocab.gguf", "the nano model"))
         goto out;
-    }
+    struct kli_err err = {0};
+    const char *out = wr.out;
+    const struct gguf *a = wr.a, *b = wr.b;
     const struct gguf_kv *mg = gguf_find(a, "tokenizer.ggml.merges");
     ok(mg != NULL && mg->n > 1000 && same_kv(a, b, "tokenizer.ggml.merges") &&
        same_kv(a, b, "tokenizer.ggml.tokens") && same_kv(a, b, "tokenizer.ggml.token_type"),
@@ -965,11 +980,7 @@ test_write_nano(void)
     free(l1);
     free(l2);
 out:
-    gguf_free(a);
-    gguf_free(b);
-    free(ia);
-    free(ib);
-    tl_rmtree(dir);
+    written_free(&wr);
 }
 
 /* Edge mode (--mem-budget: experts read from the file into a cache, src/xcache.c) on a GGUF,

@@ -27,6 +27,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <cjson/cJSON.h>
+
 #include "gguf.h"
 #include "internal.h"
 #include "util.h"
@@ -126,6 +128,7 @@ struct gk_ctx {
     struct gguf_view *v;
     struct tensor_desc *d;        /* the view's descriptors */
     int64_t n, cap;
+    int oom;                      /* building the JSON texts ran out of memory */
     struct kli_err *err;
 };
 
@@ -397,39 +400,24 @@ unknown:
 
 /* ==== config.json from the metadata ==== */
 
-struct gk_text {
-    char *buf;
-    size_t n, cap;
-    int oom;
-};
-
+/* A number into the JSON object; a failed allocation marks the context. */
 static void
-gk_printf(struct gk_text *t, const char *fmt, ...) KLI_PRINTF(2, 3);
-
-static void
-gk_printf(struct gk_text *t, const char *fmt, ...)
+gk_put(struct gk_ctx *c, cJSON *obj, const char *json, double v)
 {
-    char tmp[512];
-    va_list ap;
-    int len;
-
-    va_start(ap, fmt);
-    len = vsnprintf(tmp, sizeof(tmp), fmt, ap);
-    va_end(ap);
-    if (len < 0 || (size_t)len >= sizeof(tmp) ||
-        util_text_add(&t->buf, &t->n, &t->cap, tmp, (size_t)len) != 0)
-        t->oom = 1;
+    if (cJSON_AddNumberToObject(obj, json, v) == NULL)
+        c->oom = 1;
 }
 
-/* An integer hyper-parameter ARCH.key into `json` (omitted when absent and not required). */
+/* An integer hyper-parameter kimi-linear.KEY into `json` of obj (omitted when absent and not
+ * required; NULL json: only read into *out). */
 static int
-gk_int(struct gk_ctx *c, struct gk_text *t, const char *arch, const char *key,
-       const char *json, int required, int64_t *out)
+gk_int(struct gk_ctx *c, cJSON *obj, const char *key, const char *json, int required,
+       int64_t *out)
 {
     char full[160];
     int64_t v;
 
-    snprintf(full, sizeof(full), "%s.%s", arch, key);
+    snprintf(full, sizeof(full), "kimi-linear.%s", key);
     if (gguf_get_int(c->g, full, &v) != 0) {
         if (gguf_find(c->g, full) != NULL)
             return err_set(c->err, KLI_E_FORMAT, "%s: metadata %s is not an integer",
@@ -443,65 +431,61 @@ gk_int(struct gk_ctx *c, struct gk_text *t, const char *arch, const char *key,
         return err_set(c->err, KLI_E_RANGE, "%s: metadata %s is %lld", c->fname, full,
                        (long long)v);
     if (json != NULL)
-        gk_printf(t, ",\"%s\":%lld", json, (long long)v);
+        gk_put(c, obj, json, (double)v);
     if (out != NULL)
         *out = v;
     return KLI_OK;
 }
 
 static int
-gk_float(struct gk_ctx *c, struct gk_text *t, const char *arch, const char *key,
-         const char *json)
+gk_float(struct gk_ctx *c, cJSON *obj, const char *key, const char *json)
 {
     char full[160];
     double v;
 
-    snprintf(full, sizeof(full), "%s.%s", arch, key);
+    snprintf(full, sizeof(full), "kimi-linear.%s", key);
     if (gguf_get_num(c->g, full, &v) != 0)
         return gguf_find(c->g, full) == NULL ? KLI_OK :
             err_set(c->err, KLI_E_FORMAT, "%s: metadata %s is not a number", c->fname, full);
     if (!isfinite(v))
         return err_set(c->err, KLI_E_RANGE, "%s: metadata %s is %g", c->fname, full, v);
-    gk_printf(t, ",\"%s\":%.9g", json, v);
+    gk_put(c, obj, json, v);
     return KLI_OK;
 }
 
 /* Layer kinds from the per-layer head_count_kv: 0 marks KDA, more MLA. */
 static int
-gk_layers(struct gk_ctx *c, struct gk_text *t, const char *arch, int64_t n_layers)
+gk_layers(struct gk_ctx *c, cJSON *lac, int64_t n_layers)
 {
-    char full[160];
-    const struct gguf_kv *kv;
+    const char *key = "kimi-linear.attention.head_count_kv";
+    const struct gguf_kv *kv = gguf_find(c->g, key);
+    cJSON *kda = cJSON_AddArrayToObject(lac, "kda_layers");
+    cJSON *mla = cJSON_AddArrayToObject(lac, "full_attn_layers");
     int64_t h;
 
-    snprintf(full, sizeof(full), "%s.attention.head_count_kv", arch);
-    kv = gguf_find(c->g, full);
     if (kv == NULL || kv->type != GGUF_T_ARRAY || kv->n != (uint64_t)n_layers)
         return err_set(c->err, KLI_E_FORMAT, "%s: metadata %s must be an array of %lld "
-                       "integers (0 for a KDA layer)", c->fname, full, (long long)n_layers);
-    for (int pass = 0; pass < 2; pass++) {
-        int first = 1;
-        gk_printf(t, ",\"%s\":[", pass == 0 ? "kda_layers" : "full_attn_layers");
-        for (int64_t i = 0; i < n_layers; i++) {
-            if (gguf_arr_int(kv, (uint64_t)i, &h) != 0 || h < 0)
-                return err_set(c->err, KLI_E_FORMAT, "%s: metadata %s[%lld] is not a count",
-                               c->fname, full, (long long)i);
-            if ((h == 0) == (pass == 0)) {
-                gk_printf(t, "%s%lld", first ? "" : ",", (long long)i + 1);
-                first = 0;
-            }
+                       "integers (0 for a KDA layer)", c->fname, key, (long long)n_layers);
+    if (kda == NULL || mla == NULL)
+        return err_set(c->err, KLI_E_NOMEM, "%s: out of memory", c->fname);
+    for (int64_t i = 0; i < n_layers; i++) {
+        if (gguf_arr_int(kv, (uint64_t)i, &h) != 0 || h < 0)
+            return err_set(c->err, KLI_E_FORMAT, "%s: metadata %s[%lld] is not a count",
+                           c->fname, key, (long long)i);
+        cJSON *n = cJSON_CreateNumber((double)(i + 1));
+        if (n == NULL || !cJSON_AddItemToArray(h == 0 ? kda : mla, n)) {
+            cJSON_Delete(n);
+            return err_set(c->err, KLI_E_NOMEM, "%s: out of memory", c->fname);
         }
-        gk_printf(t, "]");
     }
     return KLI_OK;
 }
 
 static int
-gk_config(struct gk_ctx *c, struct gk_text *t)
+gk_config_obj(struct gk_ctx *c, cJSON *r)
 {
     const char *arch;
     uint64_t alen;
-    char a[64];
     int64_t n_layers = 0, heads = 0, klen = 0, rope = 0, v = 0;
     double x;
     int rc;
@@ -512,58 +496,60 @@ gk_config(struct gk_ctx *c, struct gk_text *t)
     if (alen != 11 || memcmp(arch, "kimi-linear", 11) != 0)
         return err_set(c->err, KLI_E_UNSUPPORTED, "%s: architecture \"%.*s\"; kli runs "
                        "\"kimi-linear\"", c->fname, (int)(alen > 40 ? 40 : alen), arch);
-    snprintf(a, sizeof(a), "kimi-linear");
-    gk_printf(t, "{\"model_type\":\"kimi_linear\",\"mla_use_nope\":true");
-    if ((rc = gk_int(c, t, a, "block_count", "num_hidden_layers", 1, &n_layers)) ||
-        (rc = gk_int(c, t, a, "embedding_length", "hidden_size", 1, NULL)) ||
-        (rc = gk_int(c, t, a, "feed_forward_length", "intermediate_size", 0, NULL)) ||
-        (rc = gk_int(c, t, a, "context_length", "model_max_length", 0, NULL)) ||
-        (rc = gk_int(c, t, a, "attention.head_count", "num_attention_heads", 1, &heads)) ||
-        (rc = gk_int(c, t, a, "attention.kv_lora_rank", "kv_lora_rank", 0, NULL)) ||
-        (rc = gk_int(c, t, a, "attention.key_length_mla", NULL, 0, &klen)) ||
-        (rc = gk_int(c, t, a, "rope.dimension_count", "qk_rope_head_dim", 0, &rope)) ||
-        (rc = gk_int(c, t, a, "attention.value_length_mla", "v_head_dim", 0, NULL)) ||
-        (rc = gk_int(c, t, a, "expert_count", "num_experts", 0, NULL)) ||
-        (rc = gk_int(c, t, a, "expert_used_count", "num_experts_per_token", 0, NULL)) ||
-        (rc = gk_int(c, t, a, "expert_feed_forward_length", "moe_intermediate_size", 0,
-                     NULL)) ||
-        (rc = gk_int(c, t, a, "expert_shared_count", "num_shared_experts", 0, NULL)) ||
-        (rc = gk_int(c, t, a, "leading_dense_block_count", "first_k_dense_replace", 0,
-                     NULL)) ||
-        (rc = gk_int(c, t, a, "expert_group_count", "num_expert_group", 0, NULL)) ||
-        (rc = gk_int(c, t, a, "expert_group_used_count", "topk_group", 0, NULL)) ||
-        (rc = gk_float(c, t, a, "attention.layer_norm_rms_epsilon", "rms_norm_eps")) ||
-        (rc = gk_float(c, t, a, "expert_weights_scale", "routed_scaling_factor")))
+    if (cJSON_AddStringToObject(r, "model_type", "kimi_linear") == NULL ||
+        cJSON_AddTrueToObject(r, "mla_use_nope") == NULL)
+        c->oom = 1;
+    if ((rc = gk_int(c, r, "block_count", "num_hidden_layers", 1, &n_layers)) ||
+        (rc = gk_int(c, r, "embedding_length", "hidden_size", 1, NULL)) ||
+        (rc = gk_int(c, r, "feed_forward_length", "intermediate_size", 0, NULL)) ||
+        (rc = gk_int(c, r, "context_length", "model_max_length", 0, NULL)) ||
+        (rc = gk_int(c, r, "attention.head_count", "num_attention_heads", 1, &heads)) ||
+        (rc = gk_int(c, r, "attention.kv_lora_rank", "kv_lora_rank", 0, NULL)) ||
+        (rc = gk_int(c, r, "attention.key_length_mla", NULL, 0, &klen)) ||
+        (rc = gk_int(c, r, "rope.dimension_count", "qk_rope_head_dim", 0, &rope)) ||
+        (rc = gk_int(c, r, "attention.value_length_mla", "v_head_dim", 0, NULL)) ||
+        (rc = gk_int(c, r, "expert_count", "num_experts", 0, NULL)) ||
+        (rc = gk_int(c, r, "expert_used_count", "num_experts_per_token", 0, NULL)) ||
+        (rc = gk_int(c, r, "expert_feed_forward_length", "moe_intermediate_size", 0, NULL)) ||
+        (rc = gk_int(c, r, "expert_shared_count", "num_shared_experts", 0, NULL)) ||
+        (rc = gk_int(c, r, "leading_dense_block_count", "first_k_dense_replace", 0, NULL)) ||
+        (rc = gk_int(c, r, "expert_group_count", "num_expert_group", 0, NULL)) ||
+        (rc = gk_int(c, r, "expert_group_used_count", "topk_group", 0, NULL)) ||
+        (rc = gk_float(c, r, "attention.layer_norm_rms_epsilon", "rms_norm_eps")) ||
+        (rc = gk_float(c, r, "expert_weights_scale", "routed_scaling_factor")))
         return rc;
     if (klen > 0)
-        gk_printf(t, ",\"qk_nope_head_dim\":%lld", (long long)(klen - rope));
-    if ((rc = gk_int(c, t, a, "attention.q_lora_rank", NULL, 0, &v)) != KLI_OK)
+        gk_put(c, r, "qk_nope_head_dim", (double)(klen - rope));
+    if ((rc = gk_int(c, r, "attention.q_lora_rank", NULL, 0, &v)) != KLI_OK)
         return rc;
     if (v > 0)
-        gk_printf(t, ",\"q_lora_rank\":%lld", (long long)v);
+        gk_put(c, r, "q_lora_rank", (double)v);   /* refused by hparams.c, with its reason */
     /* llama.cpp: 1 softmax, 2 sigmoid */
     v = 2;
-    if ((rc = gk_int(c, t, a, "expert_gating_func", NULL, 0, &v)) != KLI_OK)
+    if ((rc = gk_int(c, r, "expert_gating_func", NULL, 0, &v)) != KLI_OK)
         return rc;
-    gk_printf(t, ",\"moe_router_activation_func\":\"%s\"", v == 1 ? "softmax" : "sigmoid");
     if (v != 1 && v != 2)
-        return err_set(c->err, KLI_E_UNSUPPORTED, "%s: %s.expert_gating_func is %lld (kli "
-                       "knows 1, softmax, and 2, sigmoid)", c->fname, a, (long long)v);
-    v = 1;
-    if (gguf_get_int(c->g, "kimi-linear.expert_weights_norm", &v) == 0)
-        gk_printf(t, ",\"moe_renormalize\":%s", v ? "true" : "false");
+        return err_set(c->err, KLI_E_UNSUPPORTED, "%s: kimi-linear.expert_gating_func is "
+                       "%lld (kli knows 1, softmax, and 2, sigmoid)", c->fname, (long long)v);
+    if (cJSON_AddStringToObject(r, "moe_router_activation_func",
+                                v == 1 ? "softmax" : "sigmoid") == NULL)
+        c->oom = 1;
+    if (gguf_get_int(c->g, "kimi-linear.expert_weights_norm", &v) == 0 &&
+        cJSON_AddBoolToObject(r, "moe_renormalize", v != 0) == NULL)
+        c->oom = 1;
     /* the vocabulary: its own key, else the embedding's rows */
-    if ((rc = gk_int(c, t, a, "vocab_size", "vocab_size", 0, &v)) != KLI_OK)
+    if ((rc = gk_int(c, r, "vocab_size", "vocab_size", 0, NULL)) != KLI_OK)
         return rc;
     if (gguf_find(c->g, "kimi-linear.vocab_size") == NULL) {
         const struct gguf_tensor *e = gk_tensor(c->g, "token_embd.weight");
         if (e == NULL || e->ndim != 2)
             return err_set(c->err, KLI_E_FORMAT, "%s: no vocab_size and no 2-D "
                            "token_embd.weight", c->fname);
-        gk_printf(t, ",\"vocab_size\":%lld", (long long)e->ne[1]);
+        gk_put(c, r, "vocab_size", (double)e->ne[1]);
     }
-    gk_printf(t, ",\"tie_word_embeddings\":%s",
-              gk_tensor(c->g, "output.weight") == NULL ? "true" : "false");
+    if (cJSON_AddBoolToObject(r, "tie_word_embeddings",
+                              gk_tensor(c->g, "output.weight") == NULL) == NULL)
+        c->oom = 1;
     static const char *const ids[][2] = {
         {"tokenizer.ggml.bos_token_id", "bos_token_id"},
         {"tokenizer.ggml.eos_token_id", "eos_token_id"},
@@ -571,15 +557,37 @@ gk_config(struct gk_ctx *c, struct gk_text *t)
     };
     for (size_t i = 0; i < KLI_ARRAY_LEN(ids); i++) {
         if (gguf_get_num(c->g, ids[i][0], &x) == 0 && x >= 0 && x < 1e9)
-            gk_printf(t, ",\"%s\":%lld", ids[i][1], (long long)x);
+            gk_put(c, r, ids[i][1], floor(x));
     }
-    gk_printf(t, ",\"linear_attn_config\":{\"num_heads\":%lld", (long long)heads);
-    if ((rc = gk_int(c, t, a, "kda.head_dim", "head_dim", 1, NULL)) ||
-        (rc = gk_int(c, t, a, "ssm.conv_kernel", "short_conv_kernel_size", 0, NULL)) ||
-        (rc = gk_layers(c, t, a, n_layers)))
+    cJSON *lac = cJSON_AddObjectToObject(r, "linear_attn_config");
+    if (lac == NULL)
+        return err_set(c->err, KLI_E_NOMEM, "%s: out of memory", c->fname);
+    gk_put(c, lac, "num_heads", (double)heads);
+    if ((rc = gk_int(c, lac, "kda.head_dim", "head_dim", 1, NULL)) ||
+        (rc = gk_int(c, lac, "ssm.conv_kernel", "short_conv_kernel_size", 0, NULL)) ||
+        (rc = gk_layers(c, lac, n_layers)))
         return rc;
-    gk_printf(t, "}}\n");
-    return t->oom ? err_set(c->err, KLI_E_NOMEM, "%s: out of memory", c->fname) : KLI_OK;
+    return c->oom ? err_set(c->err, KLI_E_NOMEM, "%s: out of memory", c->fname) : KLI_OK;
+}
+
+/* The object, printed: *out is the view's (freed with it). */
+static int
+gk_print(struct gk_ctx *c, cJSON *obj, int rc, char **out)
+{
+    if (rc == KLI_OK && (*out = cJSON_PrintUnformatted(obj)) == NULL)
+        rc = err_set(c->err, KLI_E_NOMEM, "%s: out of memory", c->fname);
+    cJSON_Delete(obj);
+    return rc;
+}
+
+static int
+gk_config(struct gk_ctx *c, char **out)
+{
+    cJSON *r = cJSON_CreateObject();
+
+    if (r == NULL)
+        return err_set(c->err, KLI_E_NOMEM, "%s: out of memory", c->fname);
+    return gk_print(c, r, gk_config_obj(c, r), out);
 }
 
 /* ==== the tokenizer from the vocabulary ==== */
@@ -587,8 +595,22 @@ gk_config(struct gk_ctx *c, struct gk_text *t)
 static const char gk_b64[] =
     "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 
+/* tiktoken.model's text as it is built */
+struct gk_ranks {
+    char *buf;
+    size_t n, cap;
+    int oom;
+};
+
 static void
-gk_base64(struct gk_text *t, const uint8_t *p, size_t n)
+gk_add_text(struct gk_ranks *t, const char *p, size_t n)
+{
+    if (!t->oom && util_text_add(&t->buf, &t->n, &t->cap, p, n) != 0)
+        t->oom = 1;
+}
+
+static void
+gk_base64(struct gk_ranks *t, const uint8_t *p, size_t n)
 {
     char out[4];
 
@@ -601,8 +623,7 @@ gk_base64(struct gk_text *t, const uint8_t *p, size_t n)
             w |= p[i + 2];
         for (int j = 0; j < 4; j++)
             out[j] = (size_t)j <= k ? gk_b64[(w >> (18 - 6 * j)) & 63] : '=';
-        if (util_text_add(&t->buf, &t->n, &t->cap, out, 4) != 0)
-            t->oom = 1;
+        gk_add_text(t, out, 4);
     }
 }
 
@@ -651,8 +672,35 @@ gk_token_bytes(const char *s, uint64_t len, uint8_t *out, uint64_t cap)
     return (int64_t)o;
 }
 
+/* The special slots' names as tokenizer_config.json's added_tokens_decoder. */
 static int
-gk_tokenizer(struct gk_ctx *c, struct gk_text *ranks, struct gk_text *tcfg)
+gk_specials(struct gk_ctx *c, const struct gguf_kv *tok, int64_t n_base, cJSON *root)
+{
+    cJSON *dec = cJSON_AddObjectToObject(root, "added_tokens_decoder");
+    char id_s[24], name[256];
+
+    if (dec == NULL)
+        return err_set(c->err, KLI_E_NOMEM, "%s: out of memory", c->fname);
+    for (uint64_t id = (uint64_t)n_base; id < tok->n; id++) {
+        const char *s;
+        uint64_t len;
+        gguf_arr_str(tok, id, &s, &len);
+        if (len == 0 || len >= sizeof(name))
+            return err_set(c->err, KLI_E_FORMAT, "%s: special token %llu is %llu bytes long",
+                           c->fname, (unsigned long long)id, (unsigned long long)len);
+        memcpy(name, s, (size_t)len);
+        name[len] = '\0';
+        snprintf(id_s, sizeof(id_s), "%llu", (unsigned long long)id);
+        cJSON *e = cJSON_AddObjectToObject(dec, id_s);
+        if (e == NULL || cJSON_AddStringToObject(e, "content", name) == NULL ||
+            cJSON_AddTrueToObject(e, "special") == NULL)
+            return err_set(c->err, KLI_E_NOMEM, "%s: out of memory", c->fname);
+    }
+    return KLI_OK;
+}
+
+static int
+gk_tokenizer(struct gk_ctx *c, struct gk_ranks *ranks, char **tcfg)
 {
     const struct gguf_kv *tok = gguf_find(c->g, "tokenizer.ggml.tokens");
     const struct gguf_kv *typ = gguf_find(c->g, "tokenizer.ggml.token_type");
@@ -676,43 +724,21 @@ gk_tokenizer(struct gk_ctx *c, struct gk_text *ranks, struct gk_text *tcfg)
     for (int64_t id = 0; id < n_base; id++) {
         const char *s;
         uint64_t len;
-        int64_t nb;
         char num[32];
         gguf_arr_str(tok, (uint64_t)id, &s, &len);
-        nb = gk_token_bytes(s, len, bytes, sizeof(bytes));
+        int64_t nb = gk_token_bytes(s, len, bytes, sizeof(bytes));
         if (nb <= 0)
             return err_set(c->err, KLI_E_FORMAT, "%s: tokenizer.ggml.tokens[%lld] is not a "
                            "byte-level BPE token", c->fname, (long long)id);
         gk_base64(ranks, bytes, (size_t)nb);
-        int len2 = snprintf(num, sizeof(num), " %lld\n", (long long)id);
-        if (util_text_add(&ranks->buf, &ranks->n, &ranks->cap, num, (size_t)len2) != 0)
-            ranks->oom = 1;
+        gk_add_text(ranks, num, (size_t)snprintf(num, sizeof(num), " %lld\n", (long long)id));
     }
-    gk_printf(tcfg, "{\"added_tokens_decoder\":{");
-    for (uint64_t id = (uint64_t)n_base; id < tok->n; id++) {
-        const char *s;
-        uint64_t len;
-        gguf_arr_str(tok, id, &s, &len);
-        if (len == 0 || len > 200)
-            return err_set(c->err, KLI_E_FORMAT, "%s: special token %llu is %llu bytes long",
-                           c->fname, (unsigned long long)id, (unsigned long long)len);
-        gk_printf(tcfg, "%s\"%llu\":{\"content\":\"", id > (uint64_t)n_base ? "," : "",
-                  (unsigned long long)id);
-        for (uint64_t i = 0; i < len; i++) {
-            uint8_t ch = (uint8_t)s[i];
-            if (ch == '"' || ch == '\\')
-                gk_printf(tcfg, "\\%c", ch);
-            else if (ch < 0x20)
-                gk_printf(tcfg, "\\u%04x", ch);
-            else
-                gk_printf(tcfg, "%c", ch);
-        }
-        gk_printf(tcfg, "\",\"special\":true}");
-    }
-    gk_printf(tcfg, "}}\n");
-    if (ranks->oom || tcfg->oom)
+    if (ranks->oom)
         return err_set(c->err, KLI_E_NOMEM, "%s: out of memory", c->fname);
-    return KLI_OK;
+    cJSON *root = cJSON_CreateObject();
+    if (root == NULL)
+        return err_set(c->err, KLI_E_NOMEM, "%s: out of memory", c->fname);
+    return gk_print(c, root, gk_specials(c, tok, n_base, root), tcfg);
 }
 
 /* ==== the view ==== */
@@ -725,9 +751,9 @@ gguf_view_free(struct gguf_view *v)
     for (int64_t i = 0; i < v->n_owned; i++)
         free(v->owned[i]);
     free(v->owned);
-    free(v->config);
+    cJSON_free(v->config);
     free(v->ranks);
-    free(v->tcfg);
+    cJSON_free(v->tcfg);
     gguf_free(v->g);
     free(v);
 }
@@ -744,7 +770,8 @@ gguf_kimi_open(const uint8_t *base, uint64_t size, const char *fname, int32_t fi
                struct kli_err *err)
 {
     struct gk_ctx c = {.fname = fname, .file = file, .err = err};
-    struct gk_text cfg = {0}, ranks = {0}, tcfg = {0};
+    struct gk_ranks ranks = {0};
+    char *cfg = NULL, *tcfg = NULL;
     int rc;
 
     *out = NULL;
@@ -771,16 +798,16 @@ gguf_kimi_open(const uint8_t *base, uint64_t size, const char *fname, int32_t fi
     *n += c.n;
     *cap = *n + 1;
     free(c.d);
-    c.v->config = cfg.buf;
-    c.v->meta.config = cfg.buf;
-    c.v->meta.config_len = cfg.n;
+    c.v->config = cfg;
+    c.v->meta.config = cfg;
+    c.v->meta.config_len = strlen(cfg);
     c.v->ranks = ranks.buf;
-    c.v->tcfg = tcfg.buf;
+    c.v->tcfg = tcfg;
     if (ranks.buf != NULL) {
         c.v->meta.tok_ranks = ranks.buf;
         c.v->meta.tok_ranks_len = ranks.n;
-        c.v->meta.tok_config = tcfg.buf;
-        c.v->meta.tok_config_len = tcfg.n;
+        c.v->meta.tok_config = tcfg;
+        c.v->meta.tok_config_len = strlen(tcfg);
     }
     *out = c.v;
     return KLI_OK;
@@ -788,9 +815,9 @@ fail:
     for (int64_t i = 0; i < c.n; i++)
         free((char *)c.d[i].name);
     free(c.d);
-    free(cfg.buf);
+    cJSON_free(cfg);
     free(ranks.buf);
-    free(tcfg.buf);
+    cJSON_free(tcfg);
     gguf_view_free(c.v);
     return rc;
 }
