@@ -794,7 +794,8 @@ gguf_kimi_open(const uint8_t *base, uint64_t size, const char *fname, int32_t fi
         goto fail;
     }
     *descs = nd;
-    memcpy(nd + *n, c.d, (size_t)c.n * sizeof(*nd));
+    if (c.n > 0)
+        memcpy(nd + *n, c.d, (size_t)c.n * sizeof(*nd));
     *n += c.n;
     *cap = *n + 1;
     free(c.d);
