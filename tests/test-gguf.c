@@ -1009,6 +1009,76 @@ test_edge(void)
     }
 }
 
+/* K types in place: the nano model (rows of 256) written as a Q4_K GGUF. Every K-type matrix
+ * of the file is used from the mapping with kli quantize's q4_k bytes; its logits against
+ * the same weights dequantized to F32 at open (the int8 rounding of the activations, as in
+ * test_logits_quant) and against the .kli of the same --type (which differs only in kv_b:
+ * the GGUF splits it into F32 halves, the .kli keeps it Q8_0). */
+static void
+test_ktypes(void)
+{
+    char src[4200], kdir[4300], kli[4300];
+    struct written wr;
+    struct wfile *wg = NULL, *wk = NULL;
+    struct kli_convert_options qo;
+    struct kli_err err = {0};
+    int32_t v1 = 0, v2 = 0, v3 = 0;
+
+    snprintf(src, sizeof(src), "%s/../../contrib/models/kimi-linear-nano", tl_data());
+    memset(&wr, 0, sizeof(wr));
+    snprintf(wr.dir, sizeof(wr.dir), "/tmp/kli-gguf-k-XXXXXX");
+    if (mkdtemp(wr.dir) == NULL) {
+        ok(0, "mkdtemp");
+        return;
+    }
+    snprintf(wr.out, sizeof(wr.out), "%s/q4k.gguf", wr.dir);
+    snprintf(kdir, sizeof(kdir), "%s/q4k", wr.dir);
+    snprintf(kli, sizeof(kli), "%s/q4k.kli", wr.dir);
+    kli_convert_options_init(&wr.o);
+    wr.o.format = "gguf";
+    wr.o.type = "q4_k";
+    kli_quantize_options_init(&qo);
+    qo.type = "q4_k";
+    int rc = kli_convert(src, wr.out, &wr.o, &err);
+    wr.o.format = NULL;
+    rc = rc ? rc : kli_convert(src, kli, &wr.o, &err);
+    rc = rc ? rc : kli_quantize(src, kdir, &qo, &err);
+    if (rc != KLI_OK || wfile_open(&wg, wr.out, &err) != KLI_OK ||
+        wfile_open(&wk, kdir, &err) != KLI_OK) {
+        ok(0, "q4_k GGUF, .kli and kli quantize of the nano model: %s", err.msg);
+        goto out;
+    }
+    int n = 0, same = 0;
+    for (int64_t i = 0; i < wfile_n_tensors(wk); i++) {
+        const struct tensor_desc *d = wfile_tensor(wk, i), *e = wfile_find(wg, d->name);
+        int32_t file;
+        uint64_t off;
+        if (!dtype_is_k(d->dtype))
+            continue;
+        n++;
+        same += e != NULL && e->dtype == d->dtype && e->nbytes == d->nbytes &&
+                memcmp(e->data, d->data, d->nbytes) == 0 &&
+                wfile_locate(wg, e->data, &file, &off) == 0;
+    }
+    ok(n > 20 && same == n, "the %d Q4_K matrices are in place, kli quantize's bytes (%d)", n,
+       same);
+    float *lq = tl_logits_of(wr.out, NULL, ids, 1, &v1);
+    float *lf = tl_logits_of(wr.out, "f32", ids, 1, &v2);
+    float *lk = tl_logits_of(kli, NULL, ids, 1, &v3);
+    int have = lq != NULL && lf != NULL && lk != NULL && v1 == v2 && v1 == v3;
+    double e1 = have ? tl_rel_l2(lq, lf, v1) : 1, e2 = have ? tl_rel_l2(lq, lk, v1) : 1;
+    ok(e1 <= 0.05, "Q4_K GGUF logits = logits on its weights dequantized (rel L2 %.3g <= 0.05, "
+       "one token)", e1);
+    ok(e2 <= 0.05, "and = the q4_k .kli's (rel L2 %.3g <= 0.05)", e2);
+    free(lq);
+    free(lf);
+    free(lk);
+out:
+    wfile_close(wg);
+    wfile_close(wk);
+    written_free(&wr);
+}
+
 int
 main(int argc, char **argv)
 {
@@ -1025,6 +1095,7 @@ main(int argc, char **argv)
         {"edge", test_edge},
         {"write", test_write},
         {"write_nano", test_write_nano},
+        {"ktypes", test_ktypes},
     };
 
     tap_init(argc, argv);
