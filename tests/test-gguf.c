@@ -147,6 +147,9 @@ parse(const struct gb *b, struct gguf **g, struct kli_err *err)
     return gguf_parse(b->p, b->n, "t.gguf", g, err);
 }
 
+/* The token ids the model cases feed (set in main). */
+static kli_token ids[40];
+
 /* ==== the container ==== */
 
 static void
@@ -544,13 +547,154 @@ out:
     free(img);
 }
 
+/* GGUF's fallback blocks, decoded here from ggml's layouts: Q4_1 and Q5_1 (d, m, then 4-bit
+ * values and a 32-bit mask of fifth bits), Q5_0 (d, mask, nibbles; minus 16), IQ4_NL (d,
+ * nibbles indexing ggml's 16 levels). Low nibbles are elements 0..15, high ones 16..31. */
+static void
+fallback_block(uint32_t type, const uint8_t *p, float *y)
+{
+    static const int lv[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
+                               1, 13, 25, 38, 53, 69, 89, 113};
+    float d = f16((uint16_t)(p[0] | p[1] << 8));
+    int has_m = type == GGML_Q4_1 || type == GGML_Q5_1, five = type == GGML_Q5_0 ||
+        type == GGML_Q5_1;
+    float m = has_m ? f16((uint16_t)(p[2] | p[3] << 8)) : 0;
+    const uint8_t *q = p + (has_m ? 4 : 2);
+    uint32_t qh = five ? (uint32_t)q[0] | (uint32_t)q[1] << 8 | (uint32_t)q[2] << 16 |
+                         (uint32_t)q[3] << 24 : 0;
+
+    q += five ? 4 : 0;
+    for (int j = 0; j < 32; j++) {
+        int nib = j < 16 ? q[j] & 15 : q[j - 16] >> 4;
+        int v = nib | (int)((qh >> j) & 1) << 4;
+        if (type == GGML_IQ4_NL)
+            y[j] = (float)lv[nib] * d;
+        else if (type == GGML_Q5_0)
+            y[j] = (float)(v - 16) * d;
+        else
+            y[j] = (float)v * d + m;
+    }
+}
+
+/* The fallback types llama-quantize writes for rows that are not whole super-blocks
+ * (Q5_0, Q5_1, Q4_1, IQ4_NL), repacked at load: every element as GGUF decodes it, and the
+ * model's weights within a step. */
+static void
+test_fallback(void)
+{
+    char p[4200];
+    size_t len = 0;
+    struct kli_err err = {0};
+    struct gguf *g = NULL;
+    struct wfile *w = NULL, *s = NULL;
+    uint8_t *img = (uint8_t *)tl_slurp(fx(p, sizeof(p), "gguf/tiny-fallback.gguf"), &len);
+    int64_t blocks[4] = {0}, same = 0, near = 0, all = 0;
+    static const uint32_t types[4] = {GGML_Q5_0, GGML_Q5_1, GGML_Q4_1, GGML_IQ4_NL};
+
+    if (img == NULL || gguf_parse(img, len, p, &g, &err) != KLI_OK ||
+        wfile_open(&w, p, &err) != KLI_OK ||
+        wfile_open(&s, fx(p, sizeof(p), "tiny-kimi-linear"), &err) != KLI_OK) {
+        ok(0, "open the fixtures: %s", err.msg);
+        goto out;
+    }
+    for (int64_t i = 0; i < g->n_t; i++) {
+        const struct gguf_tensor *t = &g->t[i];
+        int k = 0;
+        while (k < 4 && types[k] != t->type)
+            k++;
+        if (k == 4 || strncmp(t->name, "blk.", 4) != 0)
+            continue;
+        /* the descriptor over the same elements: the matrix, or expert 0's of a stack */
+        char name[160];
+        int layer = atoi(t->name + 4);
+        const char *rest = strchr(t->name + 4, '.') + 1;
+        if (strcmp(rest, "ssm_f_b.weight") == 0 || strcmp(rest, "ssm_g_b.weight") == 0)
+            snprintf(name, sizeof(name), "model.layers.%d.self_attn.%c_b_proj.weight", layer,
+                     rest[4]);
+        else if (strcmp(rest, "ffn_gate_exps.weight") == 0 || strcmp(rest, "ffn_up_exps.weight") == 0)
+            snprintf(name, sizeof(name), "model.layers.%d.block_sparse_moe.experts.0.%s.weight",
+                     layer, rest[4] == 'g' ? "w1" : "w3");
+        else
+            continue;   /* k_b, v_b: checked through kv_b_proj by the logits */
+        const struct tensor_desc *d = wfile_find(w, name), *o = wfile_find(s, name);
+        if (d == NULL || o == NULL) {
+            diag("no %s", name);
+            continue;
+        }
+        uint32_t bl, by;
+        gguf_type_block(t->type, &bl, &by);
+        int64_t n = d->numel;
+        float *a = tl_malloc((size_t)n * 4), *b = tl_malloc((size_t)n * 4);
+        float *ref = tl_malloc((size_t)n * 4);
+        dtype_to_f32(d->dtype, d->data, a, n);
+        dtype_to_f32(o->dtype, o->data, ref, n);
+        for (int64_t q = 0; q < n / 32; q++) {
+            fallback_block(t->type, t->data + q * by, b + 32 * q);
+            blocks[k]++;
+        }
+        for (int64_t j = 0; j < n; j++) {
+            all++;
+            same += a[j] == b[j];
+            /* a step of the block, and IQ4_NL's widest gap between levels (24) */
+            const uint8_t *blk = t->data + (j / 32) * by;
+            float step = fabsf(f16((uint16_t)(blk[0] | blk[1] << 8))) *
+                         (t->type == GGML_IQ4_NL ? 24.0f : 1.0f);
+            near += fabsf(b[j] - ref[j]) <= step * 1.01f + 1e-6f;
+        }
+        free(a);
+        free(b);
+        free(ref);
+    }
+    ok(blocks[0] > 0 && blocks[1] > 0 && blocks[2] > 0 && same == all,
+       "Q5_0, Q5_1 and Q4_1 repacked at load read as GGUF decodes them (%lld of %lld "
+       "elements; %lld, %lld, %lld blocks)", (long long)same, (long long)all,
+       (long long)blocks[0], (long long)blocks[1], (long long)blocks[2]);
+    ok(near == all, "within a step of the model's weights (%lld of %lld)", (long long)near,
+       (long long)all);
+    const struct tensor_desc *kv = wfile_find(w, "model.layers.3.self_attn.kv_b_proj.weight");
+    const struct tensor_desc *fb = wfile_find(w, "model.layers.0.self_attn.f_b_proj.weight");
+    ok(kv != NULL && kv->dtype == KLI_DT_F32 && fb != NULL && fb->dtype == KLI_DT_Q8_0,
+       "IQ4_NL k_b/v_b rebuild kv_b_proj; a Q5_0 matrix becomes Q8_0 (exactly: 5-bit values "
+       "and one f16 scale)");
+    /* IQ4_NL through kv_b: against k_b decoded here */
+    const struct gguf_tensor *kb = NULL;
+    for (int64_t i = 0; i < g->n_t && kb == NULL; i++)
+        kb = strcmp(g->t[i].name, "blk.3.attn_k_b.weight") == 0 ? &g->t[i] : NULL;
+    int kb_ok = kb != NULL && kb->type == GGML_IQ4_NL && kv != NULL;
+    if (kb_ok) {
+        /* k_b ne [nope 32, latent 64, heads 2]: element (h, l, r) is kv_b row h*64 + r,
+         * column l */
+        float y[32];
+        const float *kvf = kv->data;
+        for (int64_t q = 0; q < kb->numel / 32 && kb_ok; q++) {
+            fallback_block(GGML_IQ4_NL, kb->data + q * 18, y);
+            for (int j = 0; j < 32; j++) {
+                int64_t e = q * 32 + j, r = e % 32, l = (e / 32) % 64, h = e / (32 * 64);
+                kb_ok &= kvf[(h * 64 + r) * 64 + l] == y[j];
+            }
+        }
+    }
+    ok(kb_ok, "IQ4_NL: kv_b_proj holds k_b as GGUF decodes it, transposed per head");
+    int32_t va = 0;
+    float *lg = tl_logits_of(fx(p, sizeof(p), "gguf/tiny-fallback.gguf"), NULL, ids, 4, &va);
+    int fin = lg != NULL;
+    for (int64_t i = 0; fin && i < (int64_t)va * 4; i++)
+        fin = isfinite(lg[i]);
+    ok(fin, "the model runs on them (finite logits)");
+    free(lg);
+out:
+    wfile_close(s);
+    wfile_close(w);
+    gguf_free(g);
+    free(img);
+}
+
 static const char *
 fx(char *buf, size_t cap, const char *rel)
 {
     return tl_path(buf, cap, rel);
 }
 
-static kli_token ids[40];
 
 static void
 test_logits_bf16(void)
@@ -1089,6 +1233,7 @@ main(int argc, char **argv)
         {"view_refusals", test_view_refusals},
         {"in_place", test_in_place},
         {"blocks", test_blocks},
+        {"fallback", test_fallback},
         {"logits_bf16", test_logits_bf16},
         {"logits_quant", test_logits_quant},
         {"tokenizer", test_tokenizer},

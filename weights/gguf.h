@@ -29,10 +29,12 @@ enum gguf_vtype {
     GGUF_T_U64 = 10, GGUF_T_I64 = 11, GGUF_T_F64 = 12, GGUF_T_COUNT
 };
 
-/* ggml tensor type ids that kli reads in place (the others are known by name only). */
+/* ggml tensor type ids that kli reads, in place or repacked (gguf_kimi.c); the others are
+ * known by name only. */
 enum {
-    GGML_F32 = 0, GGML_F16 = 1, GGML_Q4_0 = 2, GGML_Q8_0 = 8, GGML_Q2_K = 10,
-    GGML_Q3_K = 11, GGML_Q4_K = 12, GGML_Q5_K = 13, GGML_Q6_K = 14, GGML_BF16 = 30
+    GGML_F32 = 0, GGML_F16 = 1, GGML_Q4_0 = 2, GGML_Q4_1 = 3, GGML_Q5_0 = 6, GGML_Q5_1 = 7,
+    GGML_Q8_0 = 8, GGML_Q2_K = 10, GGML_Q3_K = 11, GGML_Q4_K = 12, GGML_Q5_K = 13,
+    GGML_Q6_K = 14, GGML_IQ4_NL = 20, GGML_BF16 = 30
 };
 
 struct gguf_kv {

@@ -157,8 +157,9 @@ gk_type_ok(struct gk_ctx *c, const struct gguf_tensor *t, enum k_dtype *dt)
     if (gk_dtype(t->type, dt) == 0)
         return KLI_OK;
     return err_set(c->err, KLI_E_UNSUPPORTED, "%s: tensor %s is %s, which is not supported; "
-                   "requantize with kli quantize or use Q2_K .. Q6_K, Q8_0, Q4_0 or a float "
-                   "type", c->fname, t->name, gguf_type_name(t->type));
+                   "requantize with kli quantize or use Q2_K .. Q6_K, Q8_0, Q4_0 (or Q4_1, "
+                   "Q5_0, Q5_1, IQ4_NL, repacked at load) or a float type", c->fname, t->name,
+                   gguf_type_name(t->type));
 }
 
 /* Appends a descriptor named by fmt; its shape is `shape` (outermost first). */
@@ -229,16 +230,95 @@ gk_own(struct gk_ctx *c, uint64_t n)
     return p;
 }
 
+/* IQ4_NL's 16 levels (ggml's table): whole numbers, so a block is a Q8_0 block exactly. */
+static const int8_t gk_iq4nl[16] = {
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+};
+
+/* One block of 32 of the fallback types llama-quantize writes where rows are not whole
+ * super-blocks (Q5_0, IQ4_NL: into a Q8_0 block, exactly; Q4_1, Q5_1: into 32 floats, as
+ * ggml dequantizes them). */
+static void
+gk_repack_block(uint32_t type, const uint8_t *p, uint8_t *q8, float *y)
+{
+    uint16_t h = util_rd16(p);
+    int v[32];
+
+    if (type == GGML_IQ4_NL) {
+        for (int j = 0; j < 16; j++) {
+            v[j] = gk_iq4nl[p[2 + j] & 15];
+            v[j + 16] = gk_iq4nl[p[2 + j] >> 4];
+        }
+    } else {
+        int q5 = type == GGML_Q5_0 || type == GGML_Q5_1;
+        int off = type == GGML_Q5_1 || type == GGML_Q4_1 ? 4 : 2;   /* past d (and m) */
+        uint32_t qh = q5 ? util_rd32(p + off) : 0;
+        const uint8_t *qs = p + off + (q5 ? 4 : 0);
+        for (int j = 0; j < 16; j++) {
+            v[j] = (qs[j] & 15) | (int)(((qh >> j) << 4) & 0x10);
+            v[j + 16] = (qs[j] >> 4) | (int)((qh >> (j + 12)) & 0x10);
+        }
+        if (type == GGML_Q5_0) {
+            for (int j = 0; j < 32; j++)
+                v[j] -= 16;
+        }
+    }
+    if (q8 != NULL) {
+        util_wr16(q8, h);
+        for (int j = 0; j < 32; j++)
+            q8[2 + j] = (uint8_t)(int8_t)v[j];
+        return;
+    }
+    float d = f16_to_f32(h), m = f16_to_f32(util_rd16(p + 2));
+    for (int j = 0; j < 32; j++)
+        y[j] = (float)v[j] * d + m;
+}
+
+/* Where tensor t's data is read from, as dtype *dt: in place where kli has the block
+ * layout, else repacked once into memory the view owns (Q5_0 and IQ4_NL into Q8_0, Q4_1
+ * and Q5_1 into F32); any other type is refused, named with the tensor. */
+static int
+gk_source(struct gk_ctx *c, const struct gguf_tensor *t, enum k_dtype *dt,
+          const uint8_t **data, uint64_t *nbytes)
+{
+    uint32_t block, bytes;
+
+    if (gk_dtype(t->type, dt) == 0) {
+        *data = t->data;
+        *nbytes = t->nbytes;
+        return KLI_OK;
+    }
+    if (t->type != GGML_Q5_0 && t->type != GGML_IQ4_NL && t->type != GGML_Q4_1 &&
+        t->type != GGML_Q5_1)
+        return gk_type_ok(c, t, dt);
+    gguf_type_block(t->type, &block, &bytes);
+    int to_q8 = t->type == GGML_Q5_0 || t->type == GGML_IQ4_NL;
+    uint64_t nb = (uint64_t)t->numel / 32;
+    *dt = to_q8 ? KLI_DT_Q8_0 : KLI_DT_F32;
+    *nbytes = to_q8 ? nb * 34 : nb * 32 * 4;
+    uint8_t *out = (uint8_t *)gk_own(c, (*nbytes + 3) / 4);
+    if (out == NULL)
+        return KLI_E_NOMEM;
+    for (uint64_t b = 0; b < nb; b++)
+        gk_repack_block(t->type, t->data + b * bytes, to_q8 ? out + b * 34 : NULL,
+                        (float *)(void *)out + b * 32);
+    *data = out;
+    return KLI_OK;
+}
+
 /* A whole tensor in float, into memory the view owns. */
 static float *
 gk_floats(struct gk_ctx *c, const struct gguf_tensor *t)
 {
     enum k_dtype dt;
+    const uint8_t *data;
+    uint64_t nbytes;
     float *p;
 
-    if (gk_type_ok(c, t, &dt) != KLI_OK || (p = gk_own(c, (uint64_t)t->numel)) == NULL)
+    if (gk_source(c, t, &dt, &data, &nbytes) != KLI_OK ||
+        (p = gk_own(c, (uint64_t)t->numel)) == NULL)
         return NULL;
-    dtype_to_f32(dt, t->data, p, t->numel);
+    dtype_to_f32(dt, data, p, t->numel);
     return p;
 }
 
@@ -274,17 +354,19 @@ static int
 gk_experts(struct gk_ctx *c, const struct gguf_tensor *t, int layer, const char *w)
 {
     enum k_dtype dt;
+    const uint8_t *data;
+    uint64_t nbytes;
     int rc;
 
-    if ((rc = gk_type_ok(c, t, &dt)) != KLI_OK)
+    if ((rc = gk_source(c, t, &dt, &data, &nbytes)) != KLI_OK)
         return rc;
     if (t->ndim != 3 || t->ne[2] <= 0)
         return err_set(c->err, KLI_E_FORMAT, "%s: tensor %s has %d dimensions; stacked "
                        "experts have 3", c->fname, t->name, t->ndim);
     int64_t shape[2] = {t->ne[1], t->ne[0]};
-    uint64_t slice = t->nbytes / (uint64_t)t->ne[2];
+    uint64_t slice = nbytes / (uint64_t)t->ne[2];
     for (int64_t e = 0; e < t->ne[2]; e++) {
-        rc = gk_add(c, dt, t->data + (uint64_t)e * slice, slice, 2, shape,
+        rc = gk_add(c, dt, data + (uint64_t)e * slice, slice, 2, shape,
                     "model.layers.%d.block_sparse_moe.experts.%lld.%s", layer, (long long)e, w);
         if (rc != KLI_OK)
             return rc;
@@ -362,24 +444,26 @@ gk_tensor_view(struct gk_ctx *c, const struct gguf_tensor *t)
 {
     int64_t shape[GGUF_MAX_DIMS];
     enum k_dtype dt;
+    const uint8_t *data;
+    uint64_t nbytes;
     const char *rest;
     int layer, rc;
 
     gk_shape(t, shape);
     for (size_t i = 0; i < KLI_ARRAY_LEN(gk_global); i++) {
         if (strcmp(t->name, gk_global[i][0]) == 0) {
-            if ((rc = gk_type_ok(c, t, &dt)) != KLI_OK)
+            if ((rc = gk_source(c, t, &dt, &data, &nbytes)) != KLI_OK)
                 return rc;
-            return gk_add(c, dt, t->data, t->nbytes, t->ndim, shape, "%s", gk_global[i][1]);
+            return gk_add(c, dt, data, nbytes, t->ndim, shape, "%s", gk_global[i][1]);
         }
     }
     if (gk_split(t->name, &layer, &rest) != 0)
         goto unknown;
     for (size_t i = 0; i < KLI_ARRAY_LEN(gk_names); i++) {
         if (strcmp(rest, gk_names[i][0]) == 0) {
-            if ((rc = gk_type_ok(c, t, &dt)) != KLI_OK)
+            if ((rc = gk_source(c, t, &dt, &data, &nbytes)) != KLI_OK)
                 return rc;
-            return gk_add(c, dt, t->data, t->nbytes, t->ndim, shape, "model.layers.%d.%s",
+            return gk_add(c, dt, data, nbytes, t->ndim, shape, "model.layers.%d.%s",
                           layer, gk_names[i][1]);
         }
     }

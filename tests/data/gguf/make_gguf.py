@@ -14,7 +14,9 @@ import sys
 
 import numpy as np
 
-F32, F16, Q4_0, Q8_0, BF16 = 0, 1, 2, 8, 30
+F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, BF16 = 0, 1, 2, 3, 6, 7, 8, 20, 30
+IQ4NL_LEVELS = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89,
+                         113], dtype=np.float32)
 T_U32, T_I32, T_F32, T_BOOL, T_STR, T_ARR = 4, 5, 6, 7, 8, 9
 
 
@@ -69,6 +71,57 @@ def q4_0_bytes(a):
     return bytes(out)
 
 
+def _pack5(q):
+    """32 5-bit values of one block: low nibbles (j, j + 16 in one byte) and the high bits."""
+    qs = (q[:16] & 15) | ((q[16:] & 15) << 4)
+    qh = 0
+    for j in range(16):
+        qh |= int((q[j] >> 4) & 1) << j
+        qh |= int((q[j + 16] >> 4) & 1) << (j + 16)
+    return struct.pack("<I", qh) + qs.astype(np.uint8).tobytes()
+
+
+def q5_0_bytes(a):
+    """ggml's quantize_row_q5_0_ref: d = max / -16, q = min(31, trunc(x/d + 16.5))."""
+    out = bytearray()
+    for x in np.ascontiguousarray(a, dtype=np.float32).reshape(-1, 32):
+        mx = x[np.abs(x).argmax()]
+        d = np.float32(mx / -16.0)
+        inv = np.float32(1.0 / d) if d != 0 else np.float32(0)
+        q = np.minimum(31, np.trunc(x * inv + np.float32(16.5))).astype(np.int64)
+        out += np.float16(d).tobytes() + _pack5(q)
+    return bytes(out)
+
+
+def q_1_bytes(a, bits):
+    """ggml's quantize_row_q4_1_ref / q5_1_ref: d = (max - min) / levels, m = min."""
+    out = bytearray()
+    top = (1 << bits) - 1
+    for x in np.ascontiguousarray(a, dtype=np.float32).reshape(-1, 32):
+        lo, hi = x.min(), x.max()
+        d = np.float32((hi - lo) / top)
+        inv = np.float32(1.0 / d) if d != 0 else np.float32(0)
+        q = np.minimum(top, np.trunc((x - lo) * inv + np.float32(0.5))).astype(np.int64)
+        head = np.float16(d).tobytes() + np.float16(lo).tobytes()
+        if bits == 4:
+            out += head + ((q[:16] & 15) | ((q[16:] & 15) << 4)).astype(np.uint8).tobytes()
+        else:
+            out += head + _pack5(q)
+    return bytes(out)
+
+
+def iq4_nl_bytes(a):
+    """A valid IQ4_NL block (not ggml's search for the best scale): d = amax / 127, each value
+    the nearest of the 16 levels times d."""
+    out = bytearray()
+    for x in np.ascontiguousarray(a, dtype=np.float32).reshape(-1, 32):
+        d = np.float32(np.abs(x).max() / 127.0)
+        lv = IQ4NL_LEVELS * np.float32(np.float16(d))
+        q = np.abs(x[:, None] - lv[None, :]).argmin(axis=1)
+        out += np.float16(d).tobytes() + (q[:16] | (q[16:] << 4)).astype(np.uint8).tobytes()
+    return bytes(out)
+
+
 class Writer:
     def __init__(self, alignment=32):
         self.kv = []
@@ -82,7 +135,9 @@ class Writer:
         arr = np.asarray(arr, dtype=np.float32)
         ne = list(reversed(arr.shape))
         data = {F32: lambda a: np.ascontiguousarray(a, dtype="<f4").tobytes(),
-                BF16: bf16_bytes, Q8_0: q8_0_bytes, Q4_0: q4_0_bytes}[ttype](arr)
+                BF16: bf16_bytes, Q8_0: q8_0_bytes, Q4_0: q4_0_bytes, Q5_0: q5_0_bytes,
+                Q4_1: lambda a: q_1_bytes(a, 4), Q5_1: lambda a: q_1_bytes(a, 5),
+                IQ4_NL: iq4_nl_bytes}[ttype](arr)
         self.tensors.append((name, ne, ttype, data))
 
     @staticmethod
@@ -300,6 +355,25 @@ def main():
     add_vocab(w, tiny, c["vocab_size"])
     add_tensors(w, st, c, lambda n, a: Q4_0 if "exps" in n or "shexp" in n else Q8_0)
     w.write(out + "/tiny-q.gguf")
+
+    # the types llama-quantize falls back to on rows that are not whole super-blocks, which
+    # kli repacks at load: Q5_0 (the gate up-projections), IQ4_NL (MLA k_b and v_b), Q5_1
+    # and Q4_1 (the routed experts' gate and up); the rest Q8_0
+    def fallback(n, a):
+        if "ssm_f_b" in n or "ssm_g_b" in n:
+            return Q5_0
+        if "attn_k_b" in n or "attn_v_b" in n:
+            return IQ4_NL
+        if "ffn_gate_exps" in n:
+            return Q5_1
+        if "ffn_up_exps" in n:
+            return Q4_1
+        return Q8_0
+    w = Writer()
+    add_hparams(w, c)
+    add_vocab(w, tiny, c["vocab_size"])
+    add_tensors(w, st, c, fallback)
+    w.write(out + "/tiny-fallback.gguf")
 
     # the tokenizer fixture's vocabulary (2756 ranks and its specials), no tensors
     tok = data + "/tokenizer"
