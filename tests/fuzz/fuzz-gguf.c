@@ -29,8 +29,9 @@ check_parsed(const struct gguf *g, const uint8_t *data, size_t size)
 {
     volatile uint8_t sink = 0;
 
+    /* a file without tensors may end before its (empty) data section's aligned start */
     fuzz_check(g->alignment > 0 && (g->alignment & (g->alignment - 1)) == 0 &&
-               g->data_offset <= size && g->data_offset % g->alignment == 0,
+               g->data_offset <= size && (g->n_t == 0 || g->data_offset % g->alignment == 0),
                "bad alignment or data offset");
     for (int64_t i = 0; i < g->n_kv; i++) {
         const struct gguf_kv *kv = &g->kv[i];
