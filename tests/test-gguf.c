@@ -339,6 +339,16 @@ test_damaged(void)
     gb_data(&b, 32, 128);
     refused(&b, KLI_E_FORMAT, "1 to 63 allowed", "a tensor name of 67 bytes");
 
+    /* 200,000 keys, the last a repeat of the first: found (by sorting, not in n^2 steps) */
+    {
+        char key[32];
+        gb_head(&b, 3, 0, 200000);
+        for (int i = 0; i < 200000; i++) {
+            snprintf(key, sizeof(key), "k.%d", i == 199999 ? 0 : i);
+            gb_kv_u32(&b, key, (uint32_t)i);
+        }
+        refused(&b, KLI_E_FORMAT, "metadata key k.0 appears twice", "a repeat among 200,000 keys");
+    }
     /* a zero-sized tensor is fine anywhere; version 2 reads as 3 */
     struct gguf *g = NULL;
     struct kli_err err;

@@ -129,6 +129,7 @@ struct gk_ctx {
     struct tensor_desc *d;        /* the view's descriptors */
     int64_t n, cap;
     int oom;                      /* building the JSON texts ran out of memory */
+    const struct gguf_tensor **by_name;   /* [g->n_t], sorted for gk_tensor */
     struct kli_err *err;
 };
 
@@ -339,14 +340,26 @@ gk_split(const char *name, int *layer, const char **rest)
     return 0;
 }
 
-static const struct gguf_tensor *
-gk_tensor(const struct gguf *g, const char *name)
+static int
+gk_name_cmp(const void *a, const void *b)
 {
-    for (int64_t i = 0; i < g->n_t; i++) {
-        if (strcmp(g->t[i].name, name) == 0)
-            return &g->t[i];
-    }
-    return NULL;
+    const struct gguf_tensor *x = *(const struct gguf_tensor *const *)a;
+    const struct gguf_tensor *y = *(const struct gguf_tensor *const *)b;
+
+    return strcmp(x->name, y->name);
+}
+
+/* The tensor called `name`, by binary search (a forged file may hold millions). */
+static const struct gguf_tensor *
+gk_tensor(const struct gk_ctx *c, const char *name)
+{
+    struct gguf_tensor key = {.name = (char *)name};
+    const struct gguf_tensor *kp = &key, **hit;
+
+    if (c->g->n_t == 0)
+        return NULL;
+    hit = bsearch(&kp, c->by_name, (size_t)c->g->n_t, sizeof(*c->by_name), gk_name_cmp);
+    return hit != NULL ? *hit : NULL;
 }
 
 /* One routed-expert matrix per expert from the stacked tensor, in place. */
@@ -360,9 +373,10 @@ gk_experts(struct gk_ctx *c, const struct gguf_tensor *t, int layer, const char 
 
     if ((rc = gk_source(c, t, &dt, &data, &nbytes)) != KLI_OK)
         return rc;
-    if (t->ndim != 3 || t->ne[2] <= 0)
-        return err_set(c->err, KLI_E_FORMAT, "%s: tensor %s has %d dimensions; stacked "
-                       "experts have 3", c->fname, t->name, t->ndim);
+    if (t->ndim != 3 || t->ne[2] <= 0 || t->ne[2] > 65536 || t->numel == 0)
+        return err_set(c->err, KLI_E_FORMAT, "%s: tensor %s (%d dimensions, %lld elements) "
+                       "is not a stack of 1 to 65536 experts' matrices", c->fname, t->name,
+                       t->ndim, (long long)t->numel);
     int64_t shape[2] = {t->ne[1], t->ne[0]};
     uint64_t slice = nbytes / (uint64_t)t->ne[2];
     for (int64_t e = 0; e < t->ne[2]; e++) {
@@ -381,7 +395,7 @@ gk_kv_b(struct gk_ctx *c, const struct gguf_tensor *kb, int layer)
 {
     char vname[64];
     snprintf(vname, sizeof(vname), "blk.%d.attn_v_b.weight", layer);
-    const struct gguf_tensor *vb = gk_tensor(c->g, vname);
+    const struct gguf_tensor *vb = gk_tensor(c, vname);
 
     if (vb == NULL)
         return err_set(c->err, KLI_E_FORMAT, "%s: tensor %s has no blk.%d.attn_v_b.weight",
@@ -625,14 +639,14 @@ gk_config_obj(struct gk_ctx *c, cJSON *r)
     if ((rc = gk_int(c, r, "vocab_size", "vocab_size", 0, NULL)) != KLI_OK)
         return rc;
     if (gguf_find(c->g, "kimi-linear.vocab_size") == NULL) {
-        const struct gguf_tensor *e = gk_tensor(c->g, "token_embd.weight");
+        const struct gguf_tensor *e = gk_tensor(c, "token_embd.weight");
         if (e == NULL || e->ndim != 2)
             return err_set(c->err, KLI_E_FORMAT, "%s: no vocab_size and no 2-D "
                            "token_embd.weight", c->fname);
         gk_put(c, r, "vocab_size", (double)e->ne[1]);
     }
     if (cJSON_AddBoolToObject(r, "tie_word_embeddings",
-                              gk_tensor(c->g, "output.weight") == NULL) == NULL)
+                              gk_tensor(c, "output.weight") == NULL) == NULL)
         c->oom = 1;
     static const char *const ids[][2] = {
         {"tokenizer.ggml.bos_token_id", "bos_token_id"},
@@ -865,6 +879,14 @@ gguf_kimi_open(const uint8_t *base, uint64_t size, const char *fname, int32_t fi
     if ((rc = gguf_parse(base, size, fname, &c.v->g, err)) != KLI_OK)
         goto fail;
     c.g = c.v->g;
+    c.by_name = k_mallocarray((size_t)c.g->n_t + 1, sizeof(*c.by_name));
+    if (c.by_name == NULL) {
+        rc = err_set(err, KLI_E_NOMEM, "%s: out of memory", fname);
+        goto fail;
+    }
+    for (int64_t i = 0; i < c.g->n_t; i++)
+        c.by_name[i] = &c.g->t[i];
+    qsort(c.by_name, (size_t)c.g->n_t, sizeof(*c.by_name), gk_name_cmp);
     if ((rc = gk_config(&c, &cfg)) != KLI_OK || (rc = gk_tokenizer(&c, &ranks, &tcfg)) != KLI_OK)
         goto fail;
     for (int64_t i = 0; i < c.g->n_t; i++) {
@@ -883,6 +905,7 @@ gguf_kimi_open(const uint8_t *base, uint64_t size, const char *fname, int32_t fi
     *n += c.n;
     *cap = *n + 1;
     free(c.d);
+    free(c.by_name);
     c.v->config = cfg;
     c.v->meta.config = cfg;
     c.v->meta.config_len = strlen(cfg);
@@ -900,6 +923,7 @@ fail:
     for (int64_t i = 0; i < c.n; i++)
         free((char *)c.d[i].name);
     free(c.d);
+    free(c.by_name);
     cJSON_free(cfg);
     free(ranks.buf);
     cJSON_free(tcfg);
