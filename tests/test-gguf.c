@@ -452,7 +452,6 @@ test_view_refusals(void)
     free(b.p);
 }
 
-/* GGUF's Q8_0 and Q4_0 blocks, decoded here from the format's description. */
 static float
 f16(uint16_t h)
 {
@@ -462,106 +461,12 @@ f16(uint16_t h)
     return h & 0x8000 ? -v : v;
 }
 
+/* GGUF's 32-element blocks, decoded here from ggml's layouts: Q8_0 (d, 32 int8), and the
+ * 4/5-bit ones: Q4_0 (minus 8), Q4_1 and Q5_1 (d, m: q d + m), Q5_0 (minus 16), IQ4_NL
+ * (ggml's 16 levels); the 5-bit ones add a 32-bit mask of fifth bits after d (and m). Low
+ * nibbles are elements 0..15, high ones 16..31. */
 static void
-gguf_block(uint32_t type, const uint8_t *p, float *y)
-{
-    float d = f16((uint16_t)(p[0] | p[1] << 8));
-
-    for (int j = 0; j < 32; j++) {
-        if (type == GGML_Q8_0)
-            y[j] = (float)(int8_t)p[2 + j] * d;
-        else
-            y[j] = (float)((j < 16 ? p[2 + j] & 15 : p[2 + j - 16] >> 4) - 8) * d;
-    }
-}
-
-static const char *
-fx(char *buf, size_t cap, const char *rel);
-
-/* The Q8_0 and Q4_0 blocks of the fixture's q_proj, experts-0 and lm_head matrices: kli's
- * dtype_to_f32 on the bytes as mapped equals GGUF's decoding, and both are within a
- * rounding step of the model's own weights. */
-static void
-test_blocks(void)
-{
-    char p[4200];
-    size_t len = 0;
-    struct kli_err err = {0};
-    struct gguf *g = NULL;
-    struct wfile *w = NULL, *s = NULL;
-    uint8_t *img = (uint8_t *)tl_slurp(fx(p, sizeof(p), "gguf/tiny-q.gguf"), &len);
-    int64_t blocks = 0, same = 0, near = 0;
-
-    if (img == NULL || gguf_parse(img, len, p, &g, &err) != KLI_OK ||
-        wfile_open(&w, p, &err) != KLI_OK ||
-        wfile_open(&s, fx(p, sizeof(p), "tiny-kimi-linear"), &err) != KLI_OK) {
-        ok(0, "open the fixtures: %s", err.msg);
-        goto out;
-    }
-    for (int64_t i = 0; i < g->n_t; i++) {
-        const struct gguf_tensor *t = &g->t[i];
-        if (t->type != GGML_Q8_0 && t->type != GGML_Q4_0)
-            continue;
-        /* the view's descriptor of the same bytes (a matrix, or expert 0 of a stack) */
-        const struct tensor_desc *d = NULL, *o = NULL;
-        char name[160];
-        int layer = atoi(t->name + 4);
-        if (strstr(t->name, "_exps") != NULL) {
-            const char *m = strstr(t->name, "gate") ? "w1" : strstr(t->name, "up") ? "w3" : "w2";
-            snprintf(name, sizeof(name), "model.layers.%d.block_sparse_moe.experts.0.%s.weight",
-                     layer, m);
-        } else if (strncmp(t->name, "blk.", 4) == 0 && strstr(t->name, "attn_q.")) {
-            snprintf(name, sizeof(name), "model.layers.%d.self_attn.q_proj.weight", layer);
-        } else if (strcmp(t->name, "output.weight") == 0) {
-            snprintf(name, sizeof(name), "lm_head.weight");
-        } else {
-            continue;
-        }
-        d = wfile_find(w, name);
-        o = wfile_find(s, name);
-        if (d == NULL || o == NULL)
-            continue;
-        int64_t n = d->numel;
-        float *a = tl_malloc((size_t)n * sizeof(float)), *b = tl_malloc((size_t)n * 4);
-        float *ref = tl_malloc((size_t)n * sizeof(float));
-        dtype_to_f32(d->dtype, d->data, a, n);
-        dtype_to_f32(o->dtype, o->data, ref, n);
-        for (int64_t k = 0; k < n / 32; k++) {
-            const uint8_t *blk = t->data + k * (t->type == GGML_Q8_0 ? 34 : 18);
-            /* half a step, plus the scale's f16 rounding times q (127 * 2^-11 steps);
-             * Q4_0: one step, where +max clamps to 7 */
-            float dd = fabsf(f16((uint16_t)(blk[0] | blk[1] << 8))) *
-                       (t->type == GGML_Q8_0 ? 0.5f + 127.0f / 2048 : 1.0f + 8.0f / 2048);
-            int eq = 1, nr = 1;
-            gguf_block(t->type, blk, b + 32 * k);
-            for (int j = 0; j < 32; j++) {
-                eq &= a[32 * k + j] == b[32 * k + j];
-                nr &= fabsf(b[32 * k + j] - ref[32 * k + j]) <= dd * 1.001f + 1e-12f;
-            }
-            blocks++;
-            same += eq;
-            near += nr;
-        }
-        free(a);
-        free(b);
-        free(ref);
-    }
-    ok(blocks > 1000 && same == blocks, "kli reads GGUF's Q8_0 and Q4_0 blocks bit for bit "
-       "(%lld of %lld)", (long long)same, (long long)blocks);
-    ok(near == blocks, "and they hold the model's weights to a rounding step (%lld of %lld)",
-       (long long)near, (long long)blocks);
-out:
-    wfile_close(s);
-    wfile_close(w);
-    gguf_free(g);
-    free(img);
-}
-
-/* GGUF's fallback blocks, decoded here from ggml's layouts: Q4_1 and Q5_1 (d, m, then 4-bit
- * values and a 32-bit mask of fifth bits), Q5_0 (d, mask, nibbles; minus 16), IQ4_NL (d,
- * nibbles indexing ggml's 16 levels). Low nibbles are elements 0..15, high ones 16..31. */
-static void
-fallback_block(uint32_t type, const uint8_t *p, float *y)
+block_ref(uint32_t type, const uint8_t *p, float *y)
 {
     static const int lv[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
                                1, 13, 25, 38, 53, 69, 89, 113};
@@ -577,29 +482,78 @@ fallback_block(uint32_t type, const uint8_t *p, float *y)
     for (int j = 0; j < 32; j++) {
         int nib = j < 16 ? q[j] & 15 : q[j - 16] >> 4;
         int v = nib | (int)((qh >> j) & 1) << 4;
-        if (type == GGML_IQ4_NL)
-            y[j] = (float)lv[nib] * d;
-        else if (type == GGML_Q5_0)
-            y[j] = (float)(v - 16) * d;
-        else
-            y[j] = (float)v * d + m;
+        switch (type) {
+        case GGML_Q8_0: y[j] = (float)(int8_t)p[2 + j] * d; break;
+        case GGML_Q4_0: y[j] = (float)(nib - 8) * d; break;
+        case GGML_IQ4_NL: y[j] = (float)lv[nib] * d; break;
+        case GGML_Q5_0: y[j] = (float)(v - 16) * d; break;
+        default: y[j] = (float)v * d + m; break;
+        }
     }
 }
 
-/* The fallback types llama-quantize writes for rows that are not whole super-blocks
- * (Q5_0, Q5_1, Q4_1, IQ4_NL), repacked at load: every element as GGUF decodes it, and the
- * model's weights within a step. */
-static void
-test_fallback(void)
+/* How far a block's values may lie from the weights it was quantized from, in units of
+ * |d|: half a step plus the f16 rounding of d times q (Q8_0: 127 * 2^-11); a step where the
+ * quantizer clamps the extreme (Q4_0, Q5_0) or rounds the offset; IQ4_NL its widest gap
+ * between levels (24). */
+static float
+block_slack(uint32_t type)
 {
-    char p[4200];
+    switch (type) {
+    case GGML_Q8_0: return 0.5f + 127.0f / 2048;
+    case GGML_IQ4_NL: return 24.0f;
+    default: return 1.0f + 32.0f / 2048;
+    }
+}
+
+static const char *
+fx(char *buf, size_t cap, const char *rel);
+
+/* The checkpoint name of the elements GGUF tensor `t` starts with: the matrix, or expert
+ * 0's of a stack. @return 0, or -1 for a tensor these checks pass over. */
+static int
+block_name(const struct wfile *w, const char *gg, char *name, size_t cap)
+{
+    static const char *const exps[][2] = {
+        {"ffn_gate_exps.weight", "w1"}, {"ffn_up_exps.weight", "w3"},
+        {"ffn_down_exps.weight", "w2"},
+    };
+    int layer;
+    const char *rest;
+
+    /* a one-to-one name: the view's descriptor whose GGUF name it is */
+    for (int64_t i = 0; i < wfile_n_tensors(w); i++) {
+        char back[96];
+        const char *hf = wfile_tensor(w, i)->name;
+        if (gguf_kimi_name(hf, back, sizeof(back)) == 0 && strcmp(back, gg) == 0)
+            return snprintf(name, cap, "%s", hf) < (int)cap ? 0 : -1;
+    }
+    if (strncmp(gg, "blk.", 4) != 0 || (rest = strchr(gg + 4, '.')) == NULL)
+        return -1;
+    layer = atoi(gg + 4);
+    for (size_t i = 0; i < sizeof(exps) / sizeof(exps[0]); i++) {
+        if (strcmp(rest + 1, exps[i][0]) == 0) {
+            snprintf(name, cap, "model.layers.%d.block_sparse_moe.experts.0.%s.weight", layer,
+                     exps[i][1]);
+            return 0;
+        }
+    }
+    return -1;
+}
+
+/* Every block of `types` in the fixture GGUF (the elements a descriptor of the view covers):
+ * kli's values (dtype_to_f32 on the view, in place or repacked) equal GGUF's decoding, and
+ * that is within block_slack steps of the safetensors model's weights. */
+static void
+check_blocks(const char *fixture, const uint32_t *types, int n_types, const char *what)
+{
+    char p[4200], name[160];
     size_t len = 0;
     struct kli_err err = {0};
     struct gguf *g = NULL;
     struct wfile *w = NULL, *s = NULL;
-    uint8_t *img = (uint8_t *)tl_slurp(fx(p, sizeof(p), "gguf/tiny-fallback.gguf"), &len);
-    int64_t blocks[4] = {0}, same = 0, near = 0, all = 0;
-    static const uint32_t types[4] = {GGML_Q5_0, GGML_Q5_1, GGML_Q4_1, GGML_IQ4_NL};
+    uint8_t *img = (uint8_t *)tl_slurp(fx(p, sizeof(p), fixture), &len);
+    int64_t blocks = 0, elems = 0, same = 0, near = 0, seen[8] = {0};
 
     if (img == NULL || gguf_parse(img, len, p, &g, &err) != KLI_OK ||
         wfile_open(&w, p, &err) != KLI_OK ||
@@ -610,63 +564,83 @@ test_fallback(void)
     for (int64_t i = 0; i < g->n_t; i++) {
         const struct gguf_tensor *t = &g->t[i];
         int k = 0;
-        while (k < 4 && types[k] != t->type)
+        while (k < n_types && types[k] != t->type)
             k++;
-        if (k == 4 || strncmp(t->name, "blk.", 4) != 0)
+        if (k == n_types || block_name(w, t->name, name, sizeof(name)) != 0)
             continue;
-        /* the descriptor over the same elements: the matrix, or expert 0's of a stack */
-        char name[160];
-        int layer = atoi(t->name + 4);
-        const char *rest = strchr(t->name + 4, '.') + 1;
-        if (strcmp(rest, "ssm_f_b.weight") == 0 || strcmp(rest, "ssm_g_b.weight") == 0)
-            snprintf(name, sizeof(name), "model.layers.%d.self_attn.%c_b_proj.weight", layer,
-                     rest[4]);
-        else if (strcmp(rest, "ffn_gate_exps.weight") == 0 || strcmp(rest, "ffn_up_exps.weight") == 0)
-            snprintf(name, sizeof(name), "model.layers.%d.block_sparse_moe.experts.0.%s.weight",
-                     layer, rest[4] == 'g' ? "w1" : "w3");
-        else
-            continue;   /* k_b, v_b: checked through kv_b_proj by the logits */
         const struct tensor_desc *d = wfile_find(w, name), *o = wfile_find(s, name);
-        if (d == NULL || o == NULL) {
-            diag("no %s", name);
+        if (d == NULL || o == NULL || d->numel % 32 != 0)
             continue;
-        }
         uint32_t bl, by;
         gguf_type_block(t->type, &bl, &by);
         int64_t n = d->numel;
-        float *a = tl_malloc((size_t)n * 4), *b = tl_malloc((size_t)n * 4);
-        float *ref = tl_malloc((size_t)n * 4);
+        float *a = tl_malloc((size_t)n * 4), *ref = tl_malloc((size_t)n * 4), y[32];
         dtype_to_f32(d->dtype, d->data, a, n);
         dtype_to_f32(o->dtype, o->data, ref, n);
         for (int64_t q = 0; q < n / 32; q++) {
-            fallback_block(t->type, t->data + q * by, b + 32 * q);
-            blocks[k]++;
-        }
-        for (int64_t j = 0; j < n; j++) {
-            all++;
-            same += a[j] == b[j];
-            /* a step of the block, and IQ4_NL's widest gap between levels (24) */
-            const uint8_t *blk = t->data + (j / 32) * by;
-            float step = fabsf(f16((uint16_t)(blk[0] | blk[1] << 8))) *
-                         (t->type == GGML_IQ4_NL ? 24.0f : 1.0f);
-            near += fabsf(b[j] - ref[j]) <= step * 1.01f + 1e-6f;
+            const uint8_t *blk = t->data + q * by;
+            float slack = fabsf(f16((uint16_t)(blk[0] | blk[1] << 8))) * block_slack(t->type);
+            block_ref(t->type, blk, y);
+            for (int j = 0; j < 32; j++) {
+                same += a[32 * q + j] == y[j];
+                near += fabsf(y[j] - ref[32 * q + j]) <= slack * 1.001f + 1e-12f;
+            }
+            blocks++;
+            elems += 32;
+            seen[k]++;
         }
         free(a);
-        free(b);
         free(ref);
     }
-    ok(blocks[0] > 0 && blocks[1] > 0 && blocks[2] > 0 && same == all,
-       "Q5_0, Q5_1 and Q4_1 repacked at load read as GGUF decodes them (%lld of %lld "
-       "elements; %lld, %lld, %lld blocks)", (long long)same, (long long)all,
-       (long long)blocks[0], (long long)blocks[1], (long long)blocks[2]);
-    ok(near == all, "within a step of the model's weights (%lld of %lld)", (long long)near,
-       (long long)all);
+    int all_types = 1;
+    for (int k = 0; k < n_types; k++)
+        all_types &= seen[k] > 0;
+    ok(all_types && blocks > 100 && same == elems, "%s: kli reads them as GGUF decodes them "
+       "(%lld of %lld elements, %lld blocks)", what, (long long)same, (long long)elems,
+       (long long)blocks);
+    ok(near == elems, "%s: within their rounding of the model's weights (%lld of %lld)", what,
+       (long long)near, (long long)elems);
+out:
+    wfile_close(s);
+    wfile_close(w);
+    gguf_free(g);
+    free(img);
+}
+
+/* Q8_0 and Q4_0, in place. */
+static void
+test_blocks(void)
+{
+    static const uint32_t types[] = {GGML_Q8_0, GGML_Q4_0};
+
+    check_blocks("gguf/tiny-q.gguf", types, 2, "Q8_0 and Q4_0 blocks");
+}
+
+/* The fallback types llama-quantize writes for rows that are not whole super-blocks,
+ * repacked at load; k_b in IQ4_NL through the kv_b_proj it rebuilds. */
+static void
+test_fallback(void)
+{
+    static const uint32_t types[] = {GGML_Q5_0, GGML_Q5_1, GGML_Q4_1};
+    char p[4200];
+    size_t len = 0;
+    struct kli_err err = {0};
+    struct gguf *g = NULL;
+    struct wfile *w = NULL;
+    uint8_t *img;
+
+    check_blocks("gguf/tiny-fallback.gguf", types, 3, "Q5_0, Q5_1 and Q4_1 repacked at load");
+    img = (uint8_t *)tl_slurp(fx(p, sizeof(p), "gguf/tiny-fallback.gguf"), &len);
+    if (img == NULL || gguf_parse(img, len, p, &g, &err) != KLI_OK ||
+        wfile_open(&w, p, &err) != KLI_OK) {
+        ok(0, "open the fixture: %s", err.msg);
+        goto out;
+    }
     const struct tensor_desc *kv = wfile_find(w, "model.layers.3.self_attn.kv_b_proj.weight");
     const struct tensor_desc *fb = wfile_find(w, "model.layers.0.self_attn.f_b_proj.weight");
     ok(kv != NULL && kv->dtype == KLI_DT_F32 && fb != NULL && fb->dtype == KLI_DT_Q8_0,
        "IQ4_NL k_b/v_b rebuild kv_b_proj; a Q5_0 matrix becomes Q8_0 (exactly: 5-bit values "
        "and one f16 scale)");
-    /* IQ4_NL through kv_b: against k_b decoded here */
     const struct gguf_tensor *kb = NULL;
     for (int64_t i = 0; i < g->n_t && kb == NULL; i++)
         kb = strcmp(g->t[i].name, "blk.3.attn_k_b.weight") == 0 ? &g->t[i] : NULL;
@@ -677,7 +651,7 @@ test_fallback(void)
         float y[32];
         const float *kvf = kv->data;
         for (int64_t q = 0; q < kb->numel / 32 && kb_ok; q++) {
-            fallback_block(GGML_IQ4_NL, kb->data + q * 18, y);
+            block_ref(GGML_IQ4_NL, kb->data + q * 18, y);
             for (int j = 0; j < 32; j++) {
                 int64_t e = q * 32 + j, r = e % 32, l = (e / 32) % 64, h = e / (32 * 64);
                 kb_ok &= kvf[(h * 64 + r) * 64 + l] == y[j];
@@ -686,14 +660,13 @@ test_fallback(void)
     }
     ok(kb_ok, "IQ4_NL: kv_b_proj holds k_b as GGUF decodes it, transposed per head");
     int32_t va = 0;
-    float *lg = tl_logits_of(fx(p, sizeof(p), "gguf/tiny-fallback.gguf"), NULL, ids, 4, &va);
+    float *lg = tl_logits_of(p, NULL, ids, 4, &va);
     int fin = lg != NULL;
     for (int64_t i = 0; fin && i < (int64_t)va * 4; i++)
         fin = isfinite(lg[i]);
     ok(fin, "the model runs on them (finite logits)");
     free(lg);
 out:
-    wfile_close(s);
     wfile_close(w);
     gguf_free(g);
     free(img);
