@@ -244,7 +244,7 @@ static void
 test_damaged(void)
 {
     struct gb b = {0};
-    uint64_t ne[4] = {32, 1, 1, 1}, ne0[1] = {0};
+    uint64_t ne[5] = {32, 1, 1, 1, 1}, ne0[1] = {0};   /* five: the too-many-dims case */
 
     gb_raw(&b, "GGUX", 4);
     gb_le(&b, 3, 4);
