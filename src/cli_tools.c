@@ -149,6 +149,7 @@ convert_args_parse(int argc, char **argv, struct convert_args *a, struct progres
         {"keep", required_argument, NULL, 'K'},
         {"force", no_argument, NULL, 'F'},
         {"imatrix", required_argument, NULL, 'I'},
+        {"to", required_argument, NULL, 'G'},
         CLI_HELP_LONGOPT,
         CLI_LONGOPTS_END,
     };
@@ -168,6 +169,7 @@ convert_args_parse(int argc, char **argv, struct convert_args *a, struct progres
             break;
         case 'F': a->o.force = 1; break;
         case 'I': a->o.imatrix = optarg; break;
+        case 'G': a->o.format = optarg; break;
         }
     }
     if (c != CLI_ARGS_END)
@@ -207,6 +209,10 @@ cmd_quantize(int argc, char **argv)
                             "[--keep GLOB=TYPE]...");
     if (pr != 0)
         return pr > 0 ? 0 : 2;
+    if (a.o.format != NULL) {
+        cli_error("--to is an option of kli convert; quantize writes a model directory");
+        return 2;
+    }
     if (kli_quantize(a.ca.model, a.out, &a.o, &err) != KLI_OK) {
         cli_error("%s", err.msg);
         return 1;
@@ -243,18 +249,24 @@ cmd_convert(int argc, char **argv)
 
     kli_convert_options_init(&a.o);
     pr = convert_args_parse(argc, argv, &a, &p,
-                            "usage: kli convert -m|--model MODEL -o|--output OUT.kli "
-                            "[--type TYPE]\n"
+                            "usage: kli convert -m|--model MODEL -o|--output OUT "
+                            "[--to kli|gguf] [--type TYPE]\n"
                             "                   [--keep GLOB=TYPE]... [--imatrix FILE] "
                             "[--force] [-h|--help]\n"
+                            "  OUT: a .kli file, or with --to gguf a GGUF file for "
+                            "llama.cpp-family tools\n"
                             "  TYPE: a recipe, q2_k, q3_k_m, q4_k_m, q5_k_m, q6_k, q8_0, "
                             "or one type\n"
                             "        for every matrix, q5_k, q4_k, q4, q3_k, bf16, f16, f32 "
                             "(default: as stored)\n",
-                            "usage: kli convert -m MODEL -o OUT.kli [--type TYPE] "
-                            "[--keep GLOB=TYPE]...");
+                            "usage: kli convert -m MODEL -o OUT [--to kli|gguf] "
+                            "[--type TYPE] [--keep GLOB=TYPE]...");
     if (pr != 0)
         return pr > 0 ? 0 : 2;
+    if (a.o.format != NULL && strcmp(a.o.format, "kli") != 0 && strcmp(a.o.format, "gguf") != 0) {
+        cli_error("--to %s: the formats are kli and gguf", a.o.format);
+        return 2;
+    }
     a.o.interrupt = convert_interrupt;
     /* Ctrl-C stops between slabs and removes the temporary file. */
     memset(&sa, 0, sizeof(sa));
@@ -943,7 +955,7 @@ out:
 const struct cli_command cli_tool_commands[] = {
     {"synth", cmd_synth, "write a random model with the real per-layer shapes, for benchmarks"},
     {"quantize", cmd_quantize, "convert a model's weight matrices to q8_0, q4, bf16, ..."},
-    {"convert", cmd_convert, "write a model as one .kli file (weights, config, tokenizer)"},
+    {"convert", cmd_convert, "write a model as one .kli file, or as GGUF (--to gguf)"},
     {"bench", cmd_bench, "measure prefill and decode speed, bandwidth, and quantization quality"},
     {"perplexity", cli_perplexity, "score a text file: perplexity, KL divergence from a base run"},
     {"imatrix", cli_imatrix, "collect the mean squared activations that quantize --imatrix "

@@ -19,6 +19,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "gguf_export.h"
 #include "imatrix.h"
 #include "internal.h"
 #include "model.h"
@@ -180,15 +181,18 @@ kli_convert(const char *in, const char *out, const struct kli_convert_options *o
     /* and must not be what is written */
     if ((rc = kli_output_check(out, in, err)) != KLI_OK)
         goto out;
+    if (opt->format != NULL && strcmp(opt->format, "kli") != 0) {
+        if (strcmp(opt->format, "gguf") != 0)
+            rc = err_set(err, KLI_E_RANGE, "kli_convert: format \"%s\" (kli or gguf)",
+                         opt->format);
+        else
+            rc = gguf_export(m, out, opt, err);
+        goto out;
+    }
     const struct wfile *wf = m->wf;
-    const struct pack_info *pk = wfile_pack(wf);
+    const struct pack_meta *pk = wfile_meta(wf);
     if (pk != NULL) {
-        meta.config = pk->config;
-        meta.config_len = pk->config_len;
-        meta.tok_ranks = pk->tok_ranks;
-        meta.tok_ranks_len = pk->tok_ranks_len;
-        meta.tok_config = pk->tok_config;
-        meta.tok_config_len = pk->tok_config_len;
+        meta = *pk;
     } else {
         if ((rc = cv_read(in, "config.json", 0, &cfg, &meta.config_len, err)) != KLI_OK)
             goto out;

@@ -827,6 +827,9 @@ struct kli_convert_options {
     int64_t *imatrix_used;      /* NULL, or [2] where kli_quantize stores how many matrices it
                                    quantized to a block type with the imatrix's weights and
                                    how many without (absent from it, or never seen) */
+    const char *format;         /* kli_convert's output: NULL or "kli" a .kli file; "gguf" a
+                                   GGUF file as llama.cpp's converter writes Kimi Linear
+                                   (kli-weights(5), GGUF FILES) */
 };
 #define kli_quantize_options kli_convert_options
 

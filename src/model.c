@@ -597,9 +597,9 @@ kli_model_open(struct kli_model **out, const char *path, const struct kli_model_
     *out = NULL;
     if ((opt = OPTS_TAKE(kli_model_options_init, dflt, opt, "kli_model_open", err)) == NULL)
         return KLI_E_INVALID;
-    if (stat(path, &st) != 0 || (!S_ISDIR(st.st_mode) && !pack_probe(path)))
+    if (stat(path, &st) != 0 || (!S_ISDIR(st.st_mode) && !wfile_probe(path)))
         return err_set(err, KLI_E_IO, "%s: not a model directory (config.json and "
-                           "safetensors expected) or .kli file", path);
+                           "safetensors expected), .kli file or GGUF file", path);
     int is_dir = S_ISDIR(st.st_mode);
     m = k_calloc(1, sizeof(*m));
     if (m == NULL || (m->path = k_strdup(path)) == NULL) {
@@ -626,10 +626,11 @@ kli_model_open(struct kli_model **out, const char *path, const struct kli_model_
         goto fail;
     if ((rc = wfile_open(&m->wf, path, err)) != KLI_OK)
         goto fail;
-    /* A .kli file carries config.json and the tokenizer (packed.c). */
-    const struct pack_info *pk = wfile_pack(m->wf);
+    /* A .kli file carries config.json and the tokenizer (packed.c); a GGUF file its
+     * metadata, from which gguf_kimi.c rebuilds them. */
+    const struct pack_meta *pk = wfile_meta(m->wf);
     if (!is_dir && pk == NULL) {
-        rc = err_set(err, KLI_E_FORMAT, "%s: not a .kli file", path);
+        rc = err_set(err, KLI_E_FORMAT, "%s: not a .kli or GGUF file", path);
         goto fail;
     }
     if (!is_dir && (rc = hparams_parse(&m->cfg, pk->config, (size_t)pk->config_len, path,

@@ -476,9 +476,9 @@ kli_quantize(const char *in, const char *out, const struct kli_convert_options *
     /* the weights' writer first: it locks model.safetensors against a second run */
     if ((rc = st_writer_open(&w, path, ent, n, err)) != KLI_OK)
         goto out;
-    const struct pack_info *pk = wfile_pack(wf);
+    const struct pack_meta *pk = wfile_meta(wf);
     if (pk != NULL) {
-        /* A .kli input carries the three files in its sections. */
+        /* A .kli input carries the three files in its sections, a GGUF in its metadata. */
         if ((rc = quant_write(out, "config.json", pk->config, pk->config_len, err)) != KLI_OK ||
             (rc = quant_write(out, "tiktoken.model", pk->tok_ranks, pk->tok_ranks_len,
                               err)) != KLI_OK ||

@@ -561,17 +561,17 @@ tok_compile(struct kli_tokenizer *t, struct kli_err *err)
     return KLI_OK;
 }
 
-/* The tokenizer section of a .kli file (weights/packed.c). */
+/* The tokenizer of a .kli file (its section) or a GGUF file (rebuilt from its metadata). */
 static int
 tok_open_packed(struct kli_tokenizer **out, const char *path, struct kli_err *err)
 {
     struct wfile *wf = NULL;
-    const struct pack_info *pk;
+    const struct pack_meta *pk;
     int rc = wfile_open(&wf, path, err);
 
     if (rc != KLI_OK)
         return rc;
-    pk = wfile_pack(wf);
+    pk = wfile_meta(wf);
     if (pk == NULL || pk->tok_ranks == NULL)
         rc = err_set(err, KLI_E_FORMAT, "tokenizer: %s holds no tokenizer", path);
     else
@@ -593,7 +593,7 @@ kli_tokenizer_open(struct kli_tokenizer **out, const char *dir, struct kli_err *
     if (out == NULL || dir == NULL)
         return err_set(err, KLI_E_INVALID, "kli_tokenizer_open: NULL argument");
     *out = NULL;
-    if (pack_probe(dir))
+    if (wfile_probe(dir))
         return tok_open_packed(out, dir, err);
     plen = strlen(dir) + sizeof("/tokenizer_config.json");
     path = k_malloc(plen);

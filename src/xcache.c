@@ -185,8 +185,10 @@ xc_locate(struct xcache *c, int32_t l, int32_t e, struct kli_err *err)
     for (int i = 0; i < 3; i++) {
         int j = ord[i];
         int r = s->n_ranges - 1;
+        /* a gap read along must still fit the slot (a GGUF's stacked experts lie apart) */
         if (r >= 0 && s->file[r] == file[j] && off[j] >= s->off[r] + s->len[r] &&
-            off[j] - (s->off[r] + s->len[r]) <= XC_MERGE_GAP) {
+            off[j] - (s->off[r] + s->len[r]) <= XC_MERGE_GAP &&
+            at + (off[j] - (s->off[r] + s->len[r])) + s->tlen[j] <= c->slot_bytes) {
             uint64_t gap = off[j] - (s->off[r] + s->len[r]);
             at += gap;
             s->len[r] += gap + s->tlen[j];

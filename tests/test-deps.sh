@@ -26,7 +26,7 @@ inc() { grep -Hn '^#include "' "$@" 2>/dev/null; }
 
 check "weights/ includes only its own headers, kli.h, internal.h and util.h" \
     "$(inc weights/*.c weights/*.h |
-       grep -vE '"(config|kli|internal|util|weights|dtype|mmap|wbuf|xxhash)\.h"')"
+       grep -vE '"(config|kli|internal|util|weights|dtype|mmap|wbuf|xxhash|gguf)\.h"')"
 check "simd/ includes only its own headers, dtype.h and kli.h" \
     "$(inc simd/*.c simd/*.h | grep -vE '"(config|kli|simd|dtype|avx2|gemm)\.h"')"
 check "src/ includes no CUDA headers" \

@@ -24,6 +24,7 @@
 #include "internal.h"
 #include "mmap.h"
 #include "util.h"
+#include "gguf.h"
 #include "weights.h"
 
 #define ST_MAX_HEADER 100000000u   /* the reference reader's limit on N */
@@ -94,6 +95,8 @@ struct wfile {
     uint64_t mask;
     uint64_t data_bytes;
     struct pack_info *pack;      /* a .kli file (packed.c); NULL for safetensors */
+    struct gguf_view *gguf;      /* a GGUF file (gguf_kimi.c) */
+    struct pack_meta meta;       /* wfile_meta of a .kli */
 };
 
 /* ==== Small helpers ==== */
@@ -640,6 +643,10 @@ st_add_file(struct wfile *w, const char *path, struct kli_err *err)
         return rc;
     }
     w->n_files++;
+    if (gguf_probe(path)) {
+        return gguf_kimi_open(w->maps[i].base, w->maps[i].size, path, i, &w->descs, &w->n,
+                              &w->cap, &w->gguf, err);
+    }
     if (w->pack != NULL) {
         return k_pack_parse(w->maps[i].base, w->maps[i].size, path, i, &w->descs, &w->n,
                               &w->cap, w->pack, err);
@@ -927,6 +934,14 @@ wfile_open(struct wfile **out, const char *path, struct kli_err *err)
         rc = st_add_file(w, path, err);
         if (rc == KLI_OK)
             rc = st_build_table(w, err);
+        if (rc == KLI_OK && w->pack != NULL) {
+            w->meta.config = w->pack->config;
+            w->meta.config_len = w->pack->config_len;
+            w->meta.tok_ranks = w->pack->tok_ranks;
+            w->meta.tok_ranks_len = w->pack->tok_ranks_len;
+            w->meta.tok_config = w->pack->tok_config;
+            w->meta.tok_config_len = w->pack->tok_config_len;
+        }
     }
     if (rc == KLI_OK) {
         *out = w;
@@ -954,6 +969,7 @@ wfile_close(struct wfile *w)
     free(w->slots);
     pack_info_free(w->pack);
     free(w->pack);
+    gguf_view_free(w->gguf);
     free(w);
 }
 
@@ -1014,6 +1030,22 @@ wfile_file_path(const struct wfile *w, int32_t i)
     if (w == NULL || i < 0 || i >= w->n_files)
         return NULL;
     return w->paths[i];
+}
+
+const struct pack_meta *
+wfile_meta(const struct wfile *w)
+{
+    if (w == NULL)
+        return NULL;
+    if (w->gguf != NULL)
+        return gguf_view_meta(w->gguf);
+    return w->pack == NULL ? NULL : &w->meta;
+}
+
+int
+wfile_probe(const char *path)
+{
+    return pack_probe(path) || gguf_probe(path);
 }
 
 const struct pack_info *

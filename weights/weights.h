@@ -12,6 +12,7 @@
 #ifndef KLI_WEIGHTS_H
 #define KLI_WEIGHTS_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "kli.h"
@@ -208,5 +209,78 @@ int pack_writer_write(struct pack_writer *w, const void *data, uint64_t nbytes,
 int pack_writer_close(struct pack_writer *w, struct kli_err *err);
 /* Abandons the file (removes the temporary file). NULL is allowed. */
 void pack_writer_abort(struct pack_writer *w);
+
+/* ==== GGUF (gguf.c reads the container, gguf_kimi.c the Kimi Linear model in it) ==========
+ * wfile_open recognises a GGUF by its magic and presents it as the checkpoint it was made
+ * from: descriptors under the Hugging Face names (data in the mapping where the layouts
+ * agree), config.json and the tokenizer files rebuilt from the metadata (wfile_meta). */
+
+struct gguf_view;
+
+/* Parses a GGUF image and appends its descriptors (as safetensors_parse does); *out holds
+ * what they point to that is not in the image, and the rebuilt texts.
+ * @return KLI_OK; KLI_E_FORMAT (damaged, or not a Kimi Linear model); KLI_E_UNSUPPORTED
+ *         (a tensor type kli does not read: the message names it and the tensor; another
+ *         architecture or GGUF version); KLI_E_NOMEM. */
+int gguf_kimi_open(const uint8_t *base, uint64_t size, const char *fname, int32_t file,
+                   struct tensor_desc **descs, int64_t *n, int64_t *cap,
+                   struct gguf_view **out, struct kli_err *err);
+void gguf_view_free(struct gguf_view *v);
+const struct pack_meta *gguf_view_meta(const struct gguf_view *v);
+
+/* The GGUF name of a checkpoint tensor that maps one to one (gguf_kimi.c's table):
+ * "model.layers.3.self_attn.q_proj.weight" -> "blk.3.attn_q.weight". The routed experts,
+ * kv_b_proj and A_log, which change shape or value, are not in it.
+ * @return 0 (out filled), or -1. */
+int gguf_kimi_name(const char *hf, char *out, size_t cap);
+
+/* Writing a GGUF v3 file (gguf_write.c): metadata entries appended to a gguf_kvbuf, tensors
+ * declared (their names must live until close), then each tensor's bytes in order, any
+ * split into calls. Through kli_outfile: a temporary file renamed by a successful close. */
+struct gguf_kvbuf {
+    char *p;
+    size_t n, cap;
+    uint64_t count;     /* entries */
+    int oom;
+};
+
+void gguf_kv_key(struct gguf_kvbuf *b, const char *key, uint32_t type);
+void gguf_kv_string(struct gguf_kvbuf *b, const char *s, size_t len);
+void gguf_kv_u32(struct gguf_kvbuf *b, const char *key, uint32_t v);
+void gguf_kv_f32(struct gguf_kvbuf *b, const char *key, float v);
+void gguf_kv_bool(struct gguf_kvbuf *b, const char *key, int v);
+void gguf_kv_str(struct gguf_kvbuf *b, const char *key, const char *v);
+/* An array's header; its n elements follow (gguf_kv_elem, or gguf_kv_string each). */
+void gguf_kv_array(struct gguf_kvbuf *b, const char *key, uint32_t elem, uint64_t n);
+void gguf_kv_elem(struct gguf_kvbuf *b, uint64_t v, int bytes);
+
+struct gguf_wtensor {
+    const char *name;
+    uint32_t type;             /* ggml type */
+    int32_t ndim;
+    int64_t ne[4];             /* the fastest first */
+    uint64_t nbytes;
+    uint64_t offset;           /* set by the writer */
+};
+
+struct gguf_writer;
+
+int gguf_writer_open(struct gguf_writer **out, const char *path, const struct gguf_kvbuf *kv,
+                     const struct gguf_wtensor *t, int64_t n, struct kli_err *err);
+int gguf_writer_write(struct gguf_writer *w, const void *data, uint64_t nbytes,
+                      struct kli_err *err);
+int gguf_writer_close(struct gguf_writer *w, struct kli_err *err);
+void gguf_writer_abort(struct gguf_writer *w);
+
+/* The ggml type of a kli dtype. @return 0, or -1 (KLI_DT_OTHER). */
+int gguf_type_of(enum k_dtype dt, uint32_t *type);
+
+/* The texts a model needs besides its tensors (config.json, tiktoken.model,
+ * tokenizer_config.json): a .kli's sections or a GGUF's rebuilt ones; NULL for safetensors
+ * (the files beside it hold them). tok_ranks is NULL where there is no tokenizer. */
+const struct pack_meta *wfile_meta(const struct wfile *w);
+
+/* @return 1 if `path` is a file wfile_open reads as one model (.kli or GGUF), else 0. */
+int wfile_probe(const char *path);
 
 #endif
