@@ -12,6 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "grammar.h"
 #include "internal.h"
 #include "sampler.h"
 #include "threads.h"
@@ -39,6 +40,9 @@ struct kli_sampler {
     uint16_t *bk;             /* [n_vocab] each candidate's bucket */
     int32_t *bstart;          /* [SAMPLER_BUCKETS + 1] */
     void *mem;                /* the block the arrays above are carved from */
+    struct gr_matcher *gm;    /* kli_sampler_set_grammar's, or NULL */
+    int32_t g_budget;         /* its max_tokens */
+    float *glog;              /* [n_vocab] the logits the grammar allows, -inf elsewhere */
 };
 
 void
@@ -54,6 +58,8 @@ kli_sampler_free(struct kli_sampler *smp)
 {
     if (smp == NULL)
         return;
+    gr_matcher_free(smp->gm);
+    free(smp->glog);
     free(smp->mem);
     free(smp);
 }
@@ -66,6 +72,8 @@ kli_sampler_reset(struct kli_sampler *smp)
         smp->rng = 1;
     smp->n_recent = smp->head = 0;
     memset(smp->count, 0, (size_t)smp->n_vocab * sizeof(int32_t));
+    if (smp->gm != NULL)
+        gr_matcher_reset(smp->gm, smp->g_budget);
 }
 
 /* The arrays, all sized by the options and n_vocab (k_carve's two passes). */
@@ -413,8 +421,79 @@ sampler_support_at(const struct kli_sampler *smp, int32_t i, kli_token *id, floa
     *w = smp->cand[i].logit;
 }
 
+static kli_token sampler_draw(struct kli_sampler *smp, const float *logits);
+
+int
+kli_sampler_set_grammar(struct kli_sampler *smp, const struct kli_grammar *g,
+                        int32_t max_tokens, struct kli_err *err)
+{
+    struct gr_matcher *gm = NULL;
+    float *glog = NULL;
+
+    if (smp == NULL || (g != NULL && max_tokens <= 0))
+        return err_set(err, KLI_E_INVALID, "kli_sampler_set_grammar: invalid arguments");
+    if (g != NULL) {
+        int rc = gr_matcher_create(&gm, g, smp->n_vocab, err);
+        if (rc != KLI_OK)
+            return rc;
+        if ((glog = k_mallocarray((size_t)smp->n_vocab, sizeof(float))) == NULL) {
+            gr_matcher_free(gm);
+            return err_set(err, KLI_E_NOMEM, "out of memory");
+        }
+        gr_matcher_reset(gm, max_tokens);
+    }
+    gr_matcher_free(smp->gm);
+    free(smp->glog);
+    smp->gm = gm;
+    smp->glog = glog;
+    smp->g_budget = max_tokens;
+    return KLI_OK;
+}
+
+int
+kli_sampler_grammar_status(const struct kli_sampler *smp)
+{
+    return smp == NULL || smp->gm == NULL ? 0 : gr_matcher_status(smp->gm);
+}
+
+/* A draw under the grammar: the logits of the tokens it does not allow become -inf; once the
+ * value is complete, or nothing can follow, the end token. */
+static kli_token
+sampler_grammar_draw(struct kli_sampler *smp, const float *logits)
+{
+    struct gr_matcher *gm = smp->gm;
+    const uint64_t *mask;
+    int32_t V = smp->n_vocab;
+    kli_token tok;
+
+    if (gr_matcher_status(gm) != 0)
+        return gr_matcher_end(gm);
+    if ((mask = gr_matcher_mask(gm)) == NULL) {
+        gr_matcher_accept(gm, -1);   /* stuck: kli_sampler_grammar_status tells */
+        return gr_matcher_end(gm);
+    }
+    for (int32_t i = 0; i < V; i++)
+        smp->glog[i] = (mask[i / 64] >> (i % 64)) & 1 ? logits[i] : -INFINITY;
+    tok = sampler_draw(smp, smp->glog);
+    if (tok < 0 || tok >= V || !((mask[tok / 64] >> (tok % 64)) & 1)) {
+        /* every allowed logit NaN or -inf: the first allowed token */
+        for (tok = 0; !((mask[tok / 64] >> (tok % 64)) & 1); tok++)
+            ;
+    }
+    gr_matcher_accept(gm, tok);
+    return tok;
+}
+
 kli_token
 kli_sampler_sample(struct kli_sampler *smp, const float *logits)
+{
+    if (smp->gm != NULL)
+        return sampler_grammar_draw(smp, logits);
+    return sampler_draw(smp, logits);
+}
+
+static kli_token
+sampler_draw(struct kli_sampler *smp, const float *logits)
 {
     const struct kli_sampler_options *o = &smp->o;
     int32_t V = smp->n_vocab;
