@@ -22,6 +22,7 @@
 #include "grammar.h"
 #include "internal.h"
 #include "tokenizer.h"
+#include "tokenizer_impl.h"
 #include "util.h"
 
 #define GR_MAX_DEPTH 24     /* frames of a configuration: how deep a value nests */
@@ -734,27 +735,30 @@ gr_sorted_cmp(const void *x, const void *y)
     return a->id < b->id ? -1 : a->id > b->id;
 }
 
-static void
+void
 gr_trie_free(struct gr_trie *t)
 {
+    if (t == NULL)
+        return;
     free(t->byte);
     free(t->depth);
     free(t->tok);
     free(t->skip);
     free(t->dup);
-    memset(t, 0, sizeof(*t));
+    free(t);
 }
 
-/* The vocabulary's ordinary tokens (ids below n_base, 1 to 255 bytes) in preorder. */
-static int
-gr_trie_build(struct gr_trie *t, const struct kli_tokenizer *tok, int32_t nv, int32_t n_base)
+/* The vocabulary's ordinary tokens (ids below n_base, 1 to 255 bytes) in preorder.
+ * @return the trie, or NULL when out of memory. */
+static struct gr_trie *
+gr_trie_build(const struct kli_tokenizer *tok, int32_t nv, int32_t n_base)
 {
     struct gr_sorted *v = k_mallocarray((size_t)nv, sizeof(*v));
+    struct gr_trie *t = k_calloc(1, sizeof(*t));
     int32_t nt = 0, nodes = 0, *stack = NULL;
-    int rc = -1;
 
-    if (v == NULL || (t->dup = k_mallocarray((size_t)nv, sizeof(int32_t))) == NULL)
-        goto out;
+    if (v == NULL || t == NULL || (t->dup = k_mallocarray((size_t)nv, sizeof(int32_t))) == NULL)
+        goto fail;
     for (int32_t i = 0; i < nv; i++) {
         size_t len;
         const char *p = i < n_base ? kli_token_bytes(tok, i, &len) : NULL;
@@ -781,7 +785,7 @@ gr_trie_build(struct gr_trie *t, const struct kli_tokenizer *tok, int32_t nv, in
     stack = k_mallocarray(256, sizeof(int32_t));   /* open node at each depth */
     if (t->byte == NULL || t->depth == NULL || t->tok == NULL || t->skip == NULL ||
         stack == NULL)
-        goto out;
+        goto fail;
     int32_t k = 0, open = 0;
     for (int32_t i = 0; i < nt; i++) {
         int32_t l = 0;
@@ -808,11 +812,32 @@ gr_trie_build(struct gr_trie *t, const struct kli_tokenizer *tok, int32_t nv, in
     while (open > 0)
         t->skip[stack[--open]] = k;
     t->n = k;
-    rc = 0;
-out:
     free(v);
     free(stack);
-    return rc;
+    return t;
+fail:
+    free(v);
+    free(stack);
+    gr_trie_free(t);
+    return NULL;
+}
+
+/* The tokenizer's trie, built on first use. A tokenizer is immutable to its users; the trie
+ * is a cache of it, set once under this lock and freed with the tokenizer. */
+static pthread_mutex_t gr_trie_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static const struct gr_trie *
+gr_trie_get(const struct kli_tokenizer *tok)
+{
+    struct kli_tokenizer *t = (struct kli_tokenizer *)tok;
+    const struct gr_trie *r;
+
+    pthread_mutex_lock(&gr_trie_lock);
+    if (t->trie == NULL)
+        t->trie = gr_trie_build(tok, kli_tokenizer_n_vocab(tok), kli_tokenizer_n_base(tok));
+    r = t->trie;
+    pthread_mutex_unlock(&gr_trie_lock);
+    return r;
 }
 
 /* ==== the mask cache ==================================================================== */
@@ -954,7 +979,7 @@ gr_matcher_create(struct gr_matcher **out, const struct kli_grammar *g, int32_t 
     m->g = g;
     m->n_vocab = n_vocab;
     m->n_words = (n_vocab + 63) / 64;
-    m->walk = k_mallocarray((size_t)g->trie.max_len + 1, sizeof(struct gr_state));
+    m->walk = k_mallocarray((size_t)g->trie->max_len + 1, sizeof(struct gr_state));
     m->mask = k_calloc((size_t)m->n_words, sizeof(uint64_t));
     if (m->walk == NULL || m->mask == NULL)
         goto fail;
@@ -1003,7 +1028,7 @@ static int64_t
 gr_walk(struct gr_matcher *m, int64_t limit)
 {
     const struct kli_grammar *g = m->g;
-    const struct gr_trie *t = &g->trie;
+    const struct gr_trie *t = g->trie;
     int64_t max_dist = -1;
 
     memset(m->mask, 0, (size_t)m->n_words * sizeof(uint64_t));
@@ -1154,7 +1179,6 @@ kli_grammar_free(struct kli_grammar *g)
     free(g->props);
     free(g->alts);
     free(g->lits);
-    gr_trie_free(&g->trie);
     if (g->cache != NULL) {
         gr_cache_clear(g->cache);
         free(g->cache);
@@ -1188,8 +1212,7 @@ kli_grammar_create(struct kli_grammar **out, const struct kli_tokenizer *tok,
         goto fail;
     if ((g->cache = k_calloc(1, sizeof(*g->cache))) != NULL)
         g->cache->n_words = (g->n_vocab + 63) / 64;
-    if (g->cache == NULL ||
-        gr_trie_build(&g->trie, tok, g->n_vocab, kli_tokenizer_n_base(tok)) != 0) {
+    if (g->cache == NULL || (g->trie = gr_trie_get(tok)) == NULL) {
         free(g->cache);
         g->cache = NULL;
         rc = err_set(err, KLI_E_NOMEM, "out of memory");

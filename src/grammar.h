@@ -84,7 +84,7 @@ struct kli_grammar {
     int32_t n_vocab;            /* the tokenizer's */
     kli_token end;              /* the token that ends a complete value */
     kli_token ends[3];          /* tokens that count as an end */
-    struct gr_trie trie;
+    const struct gr_trie *trie; /* the tokenizer's */
     pthread_mutex_t lock;       /* guards the cache */
     struct gr_cache *cache;
 };
@@ -106,6 +106,9 @@ void gr_minlen(struct kli_grammar *g);
 
 /* The shortest number node n allows, in bytes (grammar.c's rule for numbers). */
 int64_t gr_num_shortest(const struct gr_node *n);
+
+/* Frees a tokenizer's trie (kli_tokenizer_close). NULL is allowed. */
+void gr_trie_free(struct gr_trie *t);
 
 /* ---- grammar.c: the matcher --------------------------------------------------------------- */
 

@@ -744,6 +744,9 @@ struct kli_sched_request {
      * caller's own errors keep their place among the results. */
     const char *fail;
     void *user;                  /* handed back in the callbacks */
+    /* Not NULL: the output is a value of this grammar, complete within max_tokens
+     * (kli_sampler_set_grammar); borrowed, it must outlive the request. */
+    const struct kli_grammar *grammar;
 };
 
 struct kli_prefix_stats {

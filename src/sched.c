@@ -50,6 +50,7 @@ struct sched_req {
     int32_t n;
     struct kli_sampler_options so;
     int32_t max_tokens;
+    const struct kli_grammar *grammar;
     char *stop[SCHED_MAX_STOP];
     int32_t n_stop;
     char *fail;
@@ -174,7 +175,11 @@ sched_take(struct kli_sched *s, struct sched_place *p, kli_token t, const float 
 
     for (int i = 0; i < TOKENIZER_N_ENDS; i++) {
         if (s->ends[i] >= 0 && t == s->ends[i]) {
-            sched_finish(s, p, KLI_FINISH_EOS, KLI_OK, NULL);
+            if (kli_sampler_grammar_status(p->smp) < 0)
+                sched_finish(s, p, KLI_FINISH_ERROR, KLI_E_INVALID, "no token could continue "
+                             "the JSON value (the grammar is stuck)");
+            else
+                sched_finish(s, p, KLI_FINISH_EOS, KLI_OK, NULL);
             return;
         }
     }
@@ -310,7 +315,11 @@ sched_join(struct kli_sched *s, struct sched_place *p, struct sched_req *r, int3
         sched_end(s, r, NULL, KLI_FINISH_ERROR, err.code, err.msg);
         return 0;
     }
-    if ((rc = kli_sampler_create(&p->smp, &r->so, kli_model_n_vocab(s->m), &err)) != KLI_OK) {
+    if ((rc = kli_sampler_create(&p->smp, &r->so, kli_model_n_vocab(s->m), &err)) != KLI_OK ||
+        (r->grammar != NULL && r->max_tokens > 0 &&
+         (rc = kli_sampler_set_grammar(p->smp, r->grammar, r->max_tokens, &err)) != KLI_OK)) {
+        kli_sampler_free(p->smp);
+        p->smp = NULL;
         sched_end(s, r, NULL, KLI_FINISH_ERROR, rc, err.msg);
         return 0;
     }
@@ -618,6 +627,7 @@ kli_sched_submit(struct kli_sched *s, const struct kli_sched_request *r, uint64_
     }
     q->so = r->so;
     q->max_tokens = r->max_tokens;
+    q->grammar = r->grammar;
     q->user = r->user;
     q->id = s->next_id++;
     s->wait[s->n_wait++] = q;
