@@ -125,6 +125,7 @@ cli_gen_option(int c, const char *arg, struct cli_gen_opts *g)
     case CLI_OPT_CTX: return cli_parse_int(arg, 1, 1 << 30, "--ctx", &g->ctx) ? -1 : 1;
     case CLI_OPT_RAW: g->raw = 1; return 1;
     case CLI_OPT_QUIET: g->quiet = 1; return 1;
+    case CLI_OPT_JSON_SCHEMA: g->json_schema = arg; return 1;
     case CLI_OPT_STOP:
         if (g->n_stop == CLI_GEN_MAX_STOP) {
             cli_error("--stop: at most %d stop strings", CLI_GEN_MAX_STOP);
@@ -154,6 +155,39 @@ cli_gen_check(const struct cli_gen_opts *g)
         return -1;
     }
     kli_sampler_free(probe);
+    if (g->json && g->json_schema != NULL) {
+        cli_error("give --json or --json-schema, not both");
+        return -1;
+    }
+    if ((g->json || g->json_schema != NULL) && g->max_tokens == 0) {
+        cli_error("%s needs --max-tokens above 0", g->json ? "--json" : "--json-schema");
+        return -1;
+    }
+    return 0;
+}
+
+int
+cli_gen_grammar(const struct cli_gen_opts *g, const struct kli_tokenizer *tok,
+                struct kli_grammar **out)
+{
+    struct kli_err err = {0};
+    char *text = NULL;
+    size_t len = 0;
+    int rc;
+
+    *out = NULL;
+    if (!g->json && g->json_schema == NULL)
+        return 0;
+    if (g->json_schema != NULL &&
+        (text = cli_read_file(g->json_schema, CLI_SCHEMA_MAX, 0, "(the limit is 1 MiB)",
+                              &len)) == NULL)
+        return -1;
+    rc = kli_grammar_create(out, tok, text, len, &err);
+    free(text);
+    if (rc != KLI_OK) {
+        cli_error("%s: %s", g->json_schema != NULL ? g->json_schema : "--json", err.msg);
+        return -1;
+    }
     return 0;
 }
 
@@ -583,7 +617,11 @@ cli_getopt(int argc, char **argv, const char *shortopts, const struct option *op
     while ((c = getopt_long(argc, argv, shortopts, opts, NULL)) != -1) {
         switch (c) {
         case 'm': a->model = optarg; break;
-        case CLI_OPT_JSON: a->json = 1; break;
+        case CLI_OPT_JSON:
+            a->json = 1;
+            if (a->gen != NULL)
+                a->gen->json = 1;
+            break;
         case 'h':
             fputs(a->usage, stdout);
             return CLI_ARGS_HELP;

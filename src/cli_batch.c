@@ -35,6 +35,7 @@
 #include "util.h"
 
 #define BATCH_MAX_PARALLEL 256
+#define BATCH_MAX_SCHEMAS 64     /* distinct response_format schemas in one run */
 
 /* ==== options ============================================================================= */
 
@@ -78,10 +79,10 @@ static const char batch_usage[] =
     "                 [--resume | --overwrite] [--prefix-cache SIZE] [--prefix-dir DIR]\n"
     "                 [--min-prefix N] [--max-prompt-bytes SIZE] [--max-errors N] [--quiet]\n"
     "                 [-h|--help]\n"
-    CLI_SAMPLING_HELP CLI_PLACEMENT_HELP CLI_GPU_HELP
+    CLI_JSON_HELP CLI_SAMPLING_HELP CLI_PLACEMENT_HELP CLI_GPU_HELP
     "Each input line is a JSON object: {\"id\": ..., \"prompt\": ... | \"messages\": [...],\n"
     "optional \"max_tokens\", \"temperature\", \"top_p\", \"top_k\", \"min_p\", \"seed\", "
-    "\"stop\", ...}.\n"
+    "\"stop\",\n\"response_format\", ...}.\n"
     "Each output line: id, text, prompt_tokens, completion_tokens, cached_tokens,\n"
     "finish_reason, prefill_ms, decode_ms (and error). Exit status 3: more than\n"
     "--max-errors N (default 0) records failed. See kli(1).\n";
@@ -207,9 +208,71 @@ struct batch {
     int64_t done, errors, prompt_tokens, cached_tokens, gen_tokens;
     double t0, last;
     int tty;
+    struct kli_grammar *gram;     /* --json / --json-schema, or NULL */
+    struct kli_grammar *gram_object;   /* response_format json_object, made when asked */
+    /* response_format json_schema: the grammars of the distinct schemas met, kept for the
+     * whole run (the scheduler's requests borrow them) */
+    char *schema_key[BATCH_MAX_SCHEMAS];
+    struct kli_grammar *schema_gram[BATCH_MAX_SCHEMAS];
+    int n_schemas;
 };
 
 static volatile sig_atomic_t batch_signal;
+
+/* The grammar of record r (NULL: none). A schema that does not compile, or one too many,
+ * fails the record: its message goes to msg (cap bytes) and *fail. @return 0, or -1 when
+ * out of memory. */
+static int
+batch_grammar(struct batch *b, const struct batch_rec *r, const struct kli_grammar **out,
+              char *msg, size_t cap, const char **fail)
+{
+    struct kli_err err = {0};
+    struct kli_grammar *g = NULL;
+
+    *out = NULL;
+    switch (r->format) {
+    case BATCH_FMT_DEFAULT:
+        *out = b->gram;
+        return 0;
+    case BATCH_FMT_TEXT:
+        return 0;
+    case BATCH_FMT_OBJECT:
+        if (b->gram_object == NULL &&
+            kli_grammar_create(&b->gram_object, b->tok, NULL, 0, &err) != KLI_OK)
+            return -1;
+        *out = b->gram_object;
+        return 0;
+    default:
+        break;
+    }
+    for (int i = 0; i < b->n_schemas; i++) {
+        if (strcmp(b->schema_key[i], r->schema) == 0) {
+            *out = b->schema_gram[i];
+            return 0;
+        }
+    }
+    if (b->n_schemas == BATCH_MAX_SCHEMAS) {
+        snprintf(msg, cap, "\"response_format\": more than %d distinct schemas in one run",
+                 BATCH_MAX_SCHEMAS);
+        *fail = msg;
+        return 0;
+    }
+    int rc = kli_grammar_create(&g, b->tok, r->schema, strlen(r->schema), &err);
+    if (rc == KLI_E_NOMEM)
+        return -1;
+    if (rc != KLI_OK) {
+        snprintf(msg, cap, "\"response_format\": %s", err.msg);
+        *fail = msg;
+        return 0;
+    }
+    if ((b->schema_key[b->n_schemas] = strdup(r->schema)) == NULL) {
+        kli_grammar_free(g);
+        return -1;
+    }
+    b->schema_gram[b->n_schemas++] = g;
+    *out = g;
+    return 0;
+}
 
 static void
 batch_on_signal(int sig)
@@ -314,6 +377,7 @@ batch_on_need(void *ud, struct kli_sched *sched)
         struct batch_item *it = &b->in.items[b->next_item];
         struct batch_rec r;
         struct kli_sched_request q;
+        char msg[600];
         int rc = batch_rec_prepare(&r, &b->in, it, b->tok, &b->dflt);
         kli_sched_request_init(&q);
         if (rc == 0) {
@@ -325,7 +389,10 @@ batch_on_need(void *ud, struct kli_sched *sched)
             q.n_stop = r.n_stop;
             q.fail = r.error;
             q.user = it;
-            rc = kli_sched_submit(sched, &q, NULL, &err) == KLI_OK ? 0 : -1;
+            if (r.error == NULL)
+                rc = batch_grammar(b, &r, &q.grammar, msg, sizeof(msg), &q.fail);
+            if (rc == 0)
+                rc = kli_sched_submit(sched, &q, NULL, &err) == KLI_OK ? 0 : -1;
             batch_rec_clear(&r);
         }
         if (rc != 0) {
@@ -591,6 +658,8 @@ cmd_batch(int argc, char **argv)
     b.dflt.system = a.g.system;
     b.dflt.raw = a.g.raw;
     b.dflt.max_prompt_bytes = (int64_t)a.max_prompt_bytes;
+    if (cli_gen_grammar(&a.g, b.tok, &b.gram) != 0)
+        goto out;
     b.cap_ahead = a.parallel > 8 ? (int)a.parallel : 8;
     kli_sched_options_init(&so);
     so.parallel = (int32_t)a.parallel;
@@ -636,6 +705,12 @@ cmd_batch(int argc, char **argv)
     }
 out:
     kli_sched_free(b.sched);   /* the records still held end without a line */
+    kli_grammar_free(b.gram);
+    kli_grammar_free(b.gram_object);
+    for (int i = 0; i < b.n_schemas; i++) {
+        kli_grammar_free(b.schema_gram[i]);
+        free(b.schema_key[i]);
+    }
     cli_cache_report(model);
     kli_model_close(model);
     batch_input_close(&b.in);

@@ -111,6 +111,16 @@ struct batch_rec {
                                   `msg`) */
     char msg[512];
     struct cJSON *json;        /* the parsed record */
+    int format;                /* its response_format: enum batch_format */
+    char *schema;              /* BATCH_FMT_SCHEMA: the schema as compact JSON (malloc'd) */
+};
+
+/* What a record's "response_format" asks for. */
+enum batch_format {
+    BATCH_FMT_DEFAULT,         /* none given: --json / --json-schema, if any */
+    BATCH_FMT_TEXT,            /* {"type": "text"}: free text */
+    BATCH_FMT_OBJECT,          /* {"type": "json_object"}: any JSON object */
+    BATCH_FMT_SCHEMA           /* {"type": "json_schema", "json_schema": {"schema": ...}} */
 };
 
 /* Parses and tokenizes the record of item `it` into r. Problems with the record end up in

@@ -639,6 +639,41 @@ rec_settings(struct batch_rec *r, const cJSON *o)
     return 0;
 }
 
+/* "response_format": OpenAI's text, json_object or json_schema. */
+static int
+rec_format(struct batch_rec *r, const cJSON *o)
+{
+    const cJSON *f = cJSON_GetObjectItemCaseSensitive(o, "response_format");
+    const cJSON *type = cJSON_GetObjectItemCaseSensitive(f, "type");
+
+    if (f == NULL || cJSON_IsNull(f))
+        return 0;
+    if (!cJSON_IsObject(f) || !cJSON_IsString(type))
+        return rec_fail(r, "\"response_format\" must be an object with a string \"type\"");
+    if (strcmp(type->valuestring, "text") == 0) {
+        r->format = BATCH_FMT_TEXT;
+        return 0;
+    }
+    if (strcmp(type->valuestring, "json_object") == 0) {
+        r->format = BATCH_FMT_OBJECT;
+    } else if (strcmp(type->valuestring, "json_schema") == 0) {
+        const cJSON *js = cJSON_GetObjectItemCaseSensitive(f, "json_schema");
+        const cJSON *sc = cJSON_GetObjectItemCaseSensitive(js, "schema");
+        if (!cJSON_IsObject(js) || !(cJSON_IsObject(sc) || cJSON_IsBool(sc)))
+            return rec_fail(r, "\"response_format\": json_schema needs \"json_schema\": "
+                            "{\"schema\": {...}}");
+        if ((r->schema = cJSON_PrintUnformatted(sc)) == NULL)
+            return rec_fail(r, "out of memory");
+        r->format = BATCH_FMT_SCHEMA;
+    } else {
+        return rec_fail(r, "\"response_format\": type \"%.64s\" is not supported (text, "
+                        "json_object, json_schema)", type->valuestring);
+    }
+    if (r->max_tokens == 0)
+        return rec_fail(r, "\"response_format\" needs \"max_tokens\" above 0");
+    return 0;
+}
+
 /* Renders chat messages to r->toks. */
 static int
 rec_render(struct batch_rec *r, const struct kli_tokenizer *tok,
@@ -751,7 +786,8 @@ batch_rec_prepare(struct batch_rec *r, const struct batch_input *in,
     r->json = cJSON_ParseWithLength(in->text + it->off, (size_t)it->len);
     if (r->json == NULL)
         return -1;      /* it parsed during the scan: out of memory */
-    if (rec_settings(r, r->json) == 0 && rec_prompt(r, r->json, tok, d) == 0 && r->n == 0)
+    if (rec_settings(r, r->json) == 0 && rec_format(r, r->json) == 0 &&
+        rec_prompt(r, r->json, tok, d) == 0 && r->n == 0)
         rec_fail(r, "the prompt is empty");
     if (r->error != NULL) {
         free(r->toks);
@@ -765,5 +801,6 @@ void
 batch_rec_clear(struct batch_rec *r)
 {
     free(r->toks);
+    free(r->schema);
     cJSON_Delete(r->json);
 }

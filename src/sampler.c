@@ -432,6 +432,10 @@ kli_sampler_set_grammar(struct kli_sampler *smp, const struct kli_grammar *g,
 
     if (smp == NULL || (g != NULL && max_tokens <= 0))
         return err_set(err, KLI_E_INVALID, "kli_sampler_set_grammar: invalid arguments");
+    if (g != NULL && g->nodes[g->root].minlen > max_tokens)
+        return err_set(err, KLI_E_RANGE, "max_tokens %d is below the %d tokens that the "
+                       "shortest value of the schema may take", (int)max_tokens,
+                       (int)g->nodes[g->root].minlen);
     if (g != NULL) {
         int rc = gr_matcher_create(&gm, g, smp->n_vocab, err);
         if (rc != KLI_OK)

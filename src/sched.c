@@ -207,6 +207,10 @@ sched_take(struct kli_sched *s, struct sched_place *p, kli_token t, const float 
             return;
         }
     }
+    if (kli_sampler_grammar_status(p->smp) == 1) {   /* the JSON value is whole */
+        sched_finish(s, p, KLI_FINISH_EOS, KLI_OK, NULL);
+        return;
+    }
     if (p->n_gen >= r->max_tokens || kli_session_pos(p->s) >= kli_session_ctx_max(p->s)) {
         sched_finish(s, p, KLI_FINISH_LENGTH, KLI_OK, NULL);
         return;
