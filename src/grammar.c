@@ -243,12 +243,32 @@ gr_cands(const struct kli_grammar *g, const struct gr_node *n, int32_t i)
     return s;
 }
 
+/* A string frame of a pattern takes byte c: printable ASCII but " and \, the pattern's
+ * positions in bits. */
+static int
+gr_pat_step(const struct gr_regex *r, struct gr_frame *f, int c)
+{
+    if (f->phase == P_OPEN) {
+        if (c != '"')
+            return R_DEAD;
+        f->phase = S_IN;
+        f->bits = 1;
+        return R_TAKE;
+    }
+    if (c == '"')
+        return (f->bits & r->accept) != 0 ? R_POP : R_DEAD;
+    f->bits = rx_step(r, f->bits, c);
+    return f->bits != 0 && rx_dist(r, f->bits) < GR_INF ? R_TAKE : R_DEAD;
+}
+
 /* A string frame takes byte c. */
 static int
-gr_str_step(const struct gr_node *n, struct gr_frame *f, int c)
+gr_str_step(const struct kli_grammar *g, const struct gr_node *n, struct gr_frame *f, int c)
 {
     int full = n->max_len >= 0 && f->a >= n->max_len;
 
+    if (n->pattern)
+        return gr_pat_step(&g->res[n->pattern - 1], f, c);
     switch (f->phase) {
     case P_OPEN:
         if (c != '"')
@@ -342,7 +362,7 @@ gr_step(const struct kli_grammar *g, struct gr_frame *f, int c, int32_t *child)
     case GR_UNION:
         return R_FORK;
     case GR_STRING:
-        return gr_str_step(n, f, c);
+        return gr_str_step(g, n, f, c);
     case GR_NUMBER:
         return gr_num_step(n, f, c);
     case GR_LITERAL:
@@ -456,6 +476,12 @@ gr_step(const struct kli_grammar *g, struct gr_frame *f, int c, int32_t *child)
 
 /* ==== distances ========================================================================= */
 
+static int64_t
+gr_add64(int64_t a, int64_t b)
+{
+    return a >= GR_INF || b >= GR_INF ? GR_INF : a + b;
+}
+
 /* The bytes of object n from a key start at property i (its key, value, what must follow). */
 static int64_t
 gr_obj_from(const struct kli_grammar *g, const struct gr_node *n, uint64_t cands, int32_t off)
@@ -488,6 +514,8 @@ gr_frame_dist(const struct kli_grammar *g, const struct gr_frame *f)
     case GR_NUMBER:
         return gr_num_dist(n, f);
     case GR_STRING:
+        if (n->pattern)
+            return gr_add64(rx_dist(&g->res[n->pattern - 1], f->bits), 1);
         d = f->a < n->min_len ? n->min_len - f->a : 0;
         return d + 1 + (f->phase == S_ESC ? 1 : f->phase == S_UTF ? f->k : 0);
     case GR_LITERAL:
@@ -1179,6 +1207,7 @@ kli_grammar_free(struct kli_grammar *g)
     free(g->props);
     free(g->alts);
     free(g->lits);
+    free(g->res);
     if (g->cache != NULL) {
         gr_cache_clear(g->cache);
         free(g->cache);

@@ -50,8 +50,27 @@ struct gr_node {
     int32_t first, n;           /* object: props[first..); union: alts[first..);
                                    literal: lits[first..) */
     int free_keys;              /* an object of any keys (no properties declared) */
+    int32_t pattern;            /* string: 1 + its index in res, 0: none */
     int32_t minlen;             /* bytes of the shortest value; GR_INF: none */
 };
+
+/* A pattern's position automaton (regex.c): position 0 is the start; a set of positions is
+ * a bit set. */
+#define GR_RX_MAX 64
+struct gr_regex {
+    int n;                      /* positions */
+    uint64_t follow[GR_RX_MAX]; /* the positions that may come after each */
+    uint64_t on[128];           /* the positions each byte may take */
+    uint64_t accept;            /* the positions a match may end at */
+    int32_t dist[GR_RX_MAX];    /* the fewest bytes from each to a match */
+};
+
+/* Compiles pattern pat (len bytes). @return 0, or -1 with the reason in msg. */
+int rx_compile(struct gr_regex *r, const char *pat, size_t len, char *msg, size_t cap);
+/* The positions after byte c from the set. */
+uint64_t rx_step(const struct gr_regex *r, uint64_t set, int c);
+/* The fewest bytes from the set to a match (GR_INF: none). */
+int32_t rx_dist(const struct gr_regex *r, uint64_t set);
 
 struct gr_lit {
     char *s;                    /* compact JSON */
@@ -80,6 +99,8 @@ struct kli_grammar {
     int32_t n_alts, cap_alts;
     struct gr_lit *lits;
     int32_t n_lits, cap_lits;
+    struct gr_regex *res;
+    int32_t n_res, cap_res;
     const struct kli_tokenizer *tok;   /* borrowed: outlives the grammar */
     int32_t n_vocab;            /* the tokenizer's */
     kli_token end;              /* the token that ends a complete value */

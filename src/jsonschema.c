@@ -124,7 +124,7 @@ static const char *const sc_ignored[] = {
  * are handled apart. */
 static const char *const sc_kw_object[] = {"properties", "required", "additionalProperties"};
 static const char *const sc_kw_array[] = {"items", "minItems", "maxItems"};
-static const char *const sc_kw_string[] = {"minLength", "maxLength"};
+static const char *const sc_kw_string[] = {"minLength", "maxLength", "pattern"};
 static const char *const sc_kw_number[] = {
     "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
 };
@@ -258,10 +258,37 @@ sc_string(struct sc *c, const cJSON *s)
                 (long long)lo, (long long)hi, sc_where(c));
         return -1;
     }
+    const cJSON *pat = cJSON_GetObjectItemCaseSensitive(s, "pattern");
+    int32_t rx = 0;
+    if (pat != NULL) {
+        struct kli_grammar *g = c->g;
+        char msg[200];
+        if (!cJSON_IsString(pat)) {
+            err_set(c->err, KLI_E_FORMAT, "schema: pattern at %s must be a string",
+                    sc_where(c));
+            return -1;
+        }
+        if (lo >= 0 || hi >= 0) {
+            err_set(c->err, KLI_E_UNSUPPORTED, "schema: pattern beside minLength or maxLength "
+                    "at %s is not supported", sc_where(c));
+            return -1;
+        }
+        struct gr_regex *r = k_grow(g->res, g->n_res, &g->cap_res, 4, sizeof(*r));
+        if (r == NULL)
+            return sc_nomem(c), -1;
+        g->res = r;
+        if (rx_compile(&r[g->n_res], pat->valuestring, strlen(pat->valuestring), msg,
+                       sizeof(msg)) != 0) {
+            err_set(c->err, KLI_E_UNSUPPORTED, "schema: %s (at %s)", msg, sc_where(c));
+            return -1;
+        }
+        rx = ++g->n_res;
+    }
     if ((i = gr_node_add(c->g, GR_STRING)) < 0)
         return sc_nomem(c), -1;
     c->g->nodes[i].min_len = lo > 0 ? (int32_t)lo : 0;
     c->g->nodes[i].max_len = (int32_t)hi;
+    c->g->nodes[i].pattern = rx;
     return i;
 }
 
@@ -771,7 +798,7 @@ gr_node_minlen(const struct kli_grammar *g, const struct gr_node *n)
     case GR_ANY:
         return 1;
     case GR_STRING:
-        return 2 + n->min_len;
+        return n->pattern ? 2 + (int64_t)g->res[n->pattern - 1].dist[0] : 2 + n->min_len;
     case GR_NUMBER:
         return gr_num_shortest(n);
     case GR_LITERAL:

@@ -12,7 +12,7 @@ need_python json "python3 is needed to check the JSON output"
 py=$PY
 
 cat >"$tmp/validate.py" <<'EOF2'
-import json, sys
+import json, re, sys
 
 def chars(s):
     return len(s)
@@ -46,6 +46,8 @@ def ok(root, s, v):
     if 'const' in s and v != s['const']:
         return False
     if 'enum' in s and v not in s['enum']:
+        return False
+    if isinstance(v, str) and 'pattern' in s and not re.search(s['pattern'], v):
         return False
     if isinstance(v, str):
         if chars(v) < s.get('minLength', 0) or chars(v) > s.get('maxLength', 1 << 30):
@@ -87,7 +89,8 @@ cat >"$tmp/person.json" <<'EOF2'
                 "age": {"type": "integer", "minimum": 18, "maximum": 99},
                 "score": {"type": "number", "exclusiveMinimum": -1, "maximum": 1},
                 "tags": {"type": "array", "items": {"$ref": "#/$defs/tag"}, "maxItems": 3},
-                "kind": {"anyOf": [{"const": "a"}, {"type": "boolean"}]}},
+                "kind": {"anyOf": [{"const": "a"}, {"type": "boolean"}]},
+                "code": {"type": "string", "pattern": "^[a-z]{2}(-[0-9]{1,3})?$"}},
  "required": ["name", "age", "kind"], "additionalProperties": false}
 EOF2
 

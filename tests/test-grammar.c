@@ -10,6 +10,7 @@
 #include "config.h"
 
 #include <math.h>
+#include <regex.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -122,6 +123,15 @@ validate(const cJSON *root, const cJSON *s, const cJSON *v)
         if (!any)
             return 0;
     }
+    if (cJSON_IsString(v) && (x = cJSON_GetObjectItemCaseSensitive(s, "pattern")) != NULL) {
+        regex_t re;   /* POSIX extended syntax: the test's patterns keep to it */
+        if (regcomp(&re, x->valuestring, REG_EXTENDED | REG_NOSUB) != 0)
+            return 0;
+        int m = regexec(&re, v->valuestring, 0, NULL, 0) == 0;
+        regfree(&re);
+        if (!m)
+            return 0;
+    }
     if (cJSON_IsString(v)) {
         d = num(s, "minLength", &has);
         if (has && utf8_chars(v->valuestring) < (long)d)
@@ -203,6 +213,9 @@ static const char *const schemas[] = {
     "{\"type\":\"number\",\"minimum\":0.125,\"maximum\":0.5}",
     "{}",
     NULL,   /* kli_grammar_create's NULL: any object */
+    "{\"type\":\"object\",\"properties\":{\"code\":{\"type\":\"string\",\"pattern\":"
+    "\"^[A-Z]{2,3}-[0-9]+$\"},\"pet\":{\"pattern\":\"^(cat|dog)s?$\"},\"any\":{\"type\":"
+    "\"string\",\"pattern\":\"x\\\\.y\"}},\"required\":[\"code\",\"pet\",\"any\"]}",
 };
 
 static struct kli_grammar *
@@ -227,7 +240,16 @@ test_refuse(void)
         int code;
         const char *msg;
     } t[] = {
-        {"{\"type\":\"string\",\"pattern\":\"^a+$\"}", KLI_E_UNSUPPORTED, "\"pattern\""},
+        {"{\"type\":\"string\",\"pattern\":\"(?=a)b\"}", KLI_E_UNSUPPORTED, "lookarounds"},
+        {"{\"type\":\"string\",\"pattern\":\"(a)\\\\1\"}", KLI_E_UNSUPPORTED, "backreferences"},
+        {"{\"type\":\"string\",\"pattern\":\"^a|b$\"}", KLI_E_UNSUPPORTED, "top-level |"},
+        {"{\"type\":\"string\",\"pattern\":\"^\\\"$\"}", KLI_E_UNSUPPORTED, "no string"},
+        {"{\"type\":\"string\",\"pattern\":\"a\",\"maxLength\":3}", KLI_E_UNSUPPORTED,
+         "pattern beside"},
+        {"{\"pattern\":\"(ab\"}", KLI_E_UNSUPPORTED, "without its )"},
+        {"{\"pattern\":\"a{3,2}\"}", KLI_E_UNSUPPORTED, "out of order"},
+        {"{\"pattern\":\"\\u00e9\"}", KLI_E_UNSUPPORTED, "only ASCII"},
+        {"{\"pattern\":\"a\\\\q\"}", KLI_E_UNSUPPORTED, "escape"},
         {"{\"properties\":{\"x\":{\"format\":\"date\"}}}", KLI_E_UNSUPPORTED,
          "\"format\" at /properties/x"},
         {"{\"allOf\":[{}]}", KLI_E_UNSUPPORTED, "\"allOf\""},
@@ -314,6 +336,13 @@ test_bytes(void)
         {9, "tru", 0},
         {10, "{\"a\":{\"b\":[1,2,{}]}}", 1},
         {10, "[1]", 0},
+        {11, "{\"code\":\"AB-12\",\"pet\":\"dogs\",\"any\":\"_x.y_\"}", 1},
+        {11, "{\"code\":\"ABC-0\",\"pet\":\"cat\",\"any\":\"x.y\"}", 1},
+        {11, "{\"code\":\"A-12\",\"pet\":\"cat\",\"any\":\"x.y\"}", 0},
+        {11, "{\"code\":\"ABCD-1\",\"pet\":\"cat\",\"any\":\"x.y\"}", 0},
+        {11, "{\"code\":\"AB-\",\"pet\":\"cat\",\"any\":\"x.y\"}", 0},
+        {11, "{\"code\":\"AB-1\",\"pet\":\"cow\",\"any\":\"x.y\"}", 0},
+        {11, "{\"code\":\"AB-1\",\"pet\":\"cat\",\"any\":\"xzy\"}", 0},
     };
     struct gr_matcher *m = NULL;
     struct kli_grammar *g[sizeof(schemas) / sizeof(schemas[0])];
