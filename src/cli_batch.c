@@ -83,6 +83,7 @@ static const char batch_usage[] =
     "Each input line is a JSON object: {\"id\": ..., \"prompt\": ... | \"messages\": [...],\n"
     "optional \"max_tokens\", \"temperature\", \"top_p\", \"top_k\", \"min_p\", \"seed\", "
     "\"stop\",\n\"response_format\", ...}.\n"
+    "OpenAI Batch lines ({\"custom_id\", \"method\", \"url\", \"body\"}) get OpenAI's output.\n"
     "Each output line: id, text, prompt_tokens, completion_tokens, cached_tokens,\n"
     "finish_reason, prefill_ms, decode_ms (and error). Exit status 3: more than\n"
     "--max-errors N (default 0) records failed. See kli(1).\n";
@@ -208,6 +209,7 @@ struct batch {
     int64_t done, errors, prompt_tokens, cached_tokens, gen_tokens;
     double t0, last;
     int tty;
+    const char *model_name;       /* "model" of OpenAI output lines: the model's file name */
     struct kli_grammar *gram;     /* --json / --json-schema, or NULL */
     struct kli_grammar *gram_object;   /* response_format json_object, made when asked */
     /* response_format json_schema: the grammars of the distinct schemas met, kept for the
@@ -301,6 +303,44 @@ batch_write(struct batch *b, const char *p, size_t n)
 
 static void batch_progress(struct batch *b, int final);
 
+/* The output line of an OpenAI Batch record: OpenAI's Batch output format, the body a
+ * chat.completion or a text_completion object with its usage, or an error (a status of 400
+ * for a record that is refused, 500 for one that failed while it ran). @return 0, or
+ * non-zero when out of memory. */
+static int
+batch_openai_line(const struct batch *b, const struct batch_item *it,
+                  const struct kli_sched_result *res, const char *reason, struct bbuf *l)
+{
+    int chat = it->api == BATCH_API_CHAT, bad = 0;
+
+    bad |= bbuf_addf(l, "{\"id\":\"batch_req_%d\",\"custom_id\":", (int)it->line);
+    bad |= bbuf_json_str(l, it->id, strlen(it->id));
+    if (res->error != NULL) {
+        bad |= bbuf_addf(l, ",\"response\":{\"status_code\":%d,\"request_id\":\"req_%d\","
+                         "\"body\":null},\"error\":{\"code\":\"%s\",\"message\":",
+                         res->started ? 500 : 400, (int)it->line,
+                         res->started ? "server_error" : "invalid_request");
+        bad |= bbuf_json_str(l, res->error, strlen(res->error));
+        return bad | bbuf_add(l, "}}\n", 3);
+    }
+    bad |= bbuf_addf(l, ",\"response\":{\"status_code\":200,\"request_id\":\"req_%d\","
+                     "\"body\":{\"id\":\"%s-%d\",\"object\":\"%s\",\"created\":%lld,"
+                     "\"model\":", (int)it->line, chat ? "chatcmpl" : "cmpl", (int)it->line,
+                     chat ? "chat.completion" : "text_completion", (long long)time(NULL));
+    bad |= bbuf_json_str(l, b->model_name, strlen(b->model_name));
+    const char *choice = chat ? ",\"choices\":[{\"index\":0,\"message\":{\"role\":"
+                                "\"assistant\",\"content\":"
+                              : ",\"choices\":[{\"index\":0,\"text\":";
+    bad |= bbuf_add(l, choice, strlen(choice));
+    bad |= bbuf_json_text(l, res->text, res->len);
+    bad |= bbuf_addf(l, "%s,\"logprobs\":null,\"finish_reason\":\"%s\"}],\"usage\":{"
+                     "\"prompt_tokens\":%d,\"completion_tokens\":%d,\"total_tokens\":%d,"
+                     "\"prompt_tokens_details\":{\"cached_tokens\":%d}}}},\"error\":null}\n",
+                     chat ? "}" : "", reason, (int)res->n_prompt, (int)res->n_generated,
+                     (int)(res->n_prompt + res->n_generated), (int)res->n_cached);
+    return bad;
+}
+
 /* Writes the line of the record a request was made for, when the scheduler ends it. */
 static void
 batch_on_finish(void *ud, const struct kli_sched_result *res)
@@ -315,6 +355,10 @@ batch_on_finish(void *ud, const struct kli_sched_result *res)
         return;
     reason = res->finish == KLI_FINISH_LENGTH ? "length"
              : res->finish == KLI_FINISH_ERROR ? "error" : "stop";
+    if (it->api != BATCH_API_KLI) {
+        bad = batch_openai_line(b, it, res, reason, &l);
+        goto write;
+    }
     bad |= bbuf_add(&l, "{\"id\":", 6);
     bad |= bbuf_json_str(&l, id, strlen(id));
     bad |= bbuf_add(&l, ",\"text\":", 8);
@@ -328,6 +372,7 @@ batch_on_finish(void *ud, const struct kli_sched_result *res)
         bad |= bbuf_json_str(&l, res->error, strlen(res->error));
     }
     bad |= bbuf_add(&l, "}\n", 2);
+write:
     if (bad) {
         cli_error("out of memory writing the line of %s", id);
         b->io_failed = 1;
@@ -658,6 +703,8 @@ cmd_batch(int argc, char **argv)
     b.dflt.system = a.g.system;
     b.dflt.raw = a.g.raw;
     b.dflt.max_prompt_bytes = (int64_t)a.max_prompt_bytes;
+    b.model_name = strrchr(path, '/') != NULL && strrchr(path, '/')[1] != '\0'
+                   ? strrchr(path, '/') + 1 : path;
     if (cli_gen_grammar(&a.g, b.tok, &b.gram) != 0)
         goto out;
     b.cap_ahead = a.parallel > 8 ? (int)a.parallel : 8;

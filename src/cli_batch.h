@@ -41,6 +41,16 @@ struct batch_item {
     char *id;                /* the record's id, or "line:N" */
     char *error;             /* a reason found while scanning (malformed, duplicate,
                                 oversized), or NULL */
+    int api;                 /* enum batch_api: the record's format, and its line's */
+};
+
+/* A record's format: kli's own, or an OpenAI Batch API line (custom_id, method, url, body)
+ * for one of the two endpoints kli serves. */
+enum batch_api {
+    BATCH_API_KLI,
+    BATCH_API_CHAT,          /* "url": "/v1/chat/completions" */
+    BATCH_API_COMPLETIONS,   /* "url": "/v1/completions" */
+    BATCH_API_OTHER          /* custom_id with another url: the record fails */
 };
 
 struct batch_input {
