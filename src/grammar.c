@@ -243,17 +243,24 @@ gr_cands(const struct kli_grammar *g, const struct gr_node *n, int32_t i)
     return s;
 }
 
+/* A frame that has written nothing takes its opening byte `open`, going to `phase`. */
+static int
+gr_open(struct gr_frame *f, int c, int open, int phase)
+{
+    if (c != open)
+        return R_DEAD;
+    f->phase = (uint8_t)phase;
+    return R_TAKE;
+}
+
 /* A string frame of a pattern takes byte c: printable ASCII but " and \, the pattern's
  * positions in bits. */
 static int
 gr_pat_step(const struct gr_regex *r, struct gr_frame *f, int c)
 {
     if (f->phase == P_OPEN) {
-        if (c != '"')
-            return R_DEAD;
-        f->phase = S_IN;
-        f->bits = 1;
-        return R_TAKE;
+        f->bits = 1;   /* the start position */
+        return gr_open(f, c, '"', S_IN);
     }
     if (c == '"')
         return (f->bits & r->accept) != 0 ? R_POP : R_DEAD;
@@ -271,10 +278,7 @@ gr_str_step(const struct kli_grammar *g, const struct gr_node *n, struct gr_fram
         return gr_pat_step(&g->res[n->pattern - 1], f, c);
     switch (f->phase) {
     case P_OPEN:
-        if (c != '"')
-            return R_DEAD;
-        f->phase = S_IN;
-        return R_TAKE;
+        return gr_open(f, c, '"', S_IN);
     case S_IN:
         if (c == '"')
             return f->a >= n->min_len ? R_POP : R_DEAD;
@@ -370,10 +374,7 @@ gr_step(const struct kli_grammar *g, struct gr_frame *f, int c, int32_t *child)
     case GR_ARRAY:
         switch (f->phase) {
         case P_OPEN:
-            if (c != '[')
-                return R_DEAD;
-            f->phase = A_FIRST;
-            return R_TAKE;
+            return gr_open(f, c, '[', A_FIRST);
         case A_FIRST:
             if (c == ']')
                 return n->min_len == 0 ? R_POP : R_DEAD;
@@ -402,10 +403,7 @@ gr_step(const struct kli_grammar *g, struct gr_frame *f, int c, int32_t *child)
     /* objects */
     switch (f->phase) {
     case P_OPEN:
-        if (c != '{')
-            return R_DEAD;
-        f->phase = n->free_keys ? F_FIRST : O_FIRST;
-        return R_TAKE;
+        return gr_open(f, c, '{', n->free_keys ? F_FIRST : O_FIRST);
     case O_FIRST:
         if (c == '}')
             return n->n == 0 || g->props[n->first].rest == 0 ? R_POP : R_DEAD;

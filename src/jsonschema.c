@@ -166,6 +166,17 @@ sc_pop(struct sc *c, size_t n)
     c->path[n] = '\0';
 }
 
+/* The node of sub-schema s, found at `key` (a path piece, "a/b" allowed) of the current one. */
+static int32_t
+sc_sub(struct sc *c, const char *key, const cJSON *s, int depth)
+{
+    size_t o = sc_push(c, key);
+    int32_t n = sc_node(c, s, depth + 1);
+
+    sc_pop(c, o);
+    return n;
+}
+
 static const char *
 sc_where(const struct sc *c)
 {
@@ -312,10 +323,7 @@ sc_array(struct sc *c, const cJSON *s, int depth)
                     "not supported", sc_where(c));
             return -1;
         }
-        size_t o = sc_push(c, "items");
-        child = sc_node(c, items, depth + 1);
-        sc_pop(c, o);
-        if (child < 0)
+        if ((child = sc_sub(c, "items", items, depth)) < 0)
             return -1;
     }
     if ((i = gr_node_add(c->g, GR_ARRAY)) < 0)
@@ -413,12 +421,9 @@ sc_object(struct sc *c, const cJSON *s, int depth)
                     GR_MAX_SET, sc_where(c));
             return -1;
         }
-        size_t o = sc_push(c, "properties");
-        size_t o2 = sc_push(c, p->string);
-        nodes[n] = sc_node(c, p, depth + 1);
-        sc_pop(c, o2);
-        sc_pop(c, o);
-        if (nodes[n++] < 0)
+        char key[300];
+        snprintf(key, sizeof(key), "properties/%s", p->string);
+        if ((nodes[n++] = sc_sub(c, key, p, depth)) < 0)
             return -1;
     }
     /* a required name that is not a property: any value, unless none may be added */
@@ -433,10 +438,7 @@ sc_object(struct sc *c, const cJSON *s, int depth)
         }
     }
     if (n == 0 && cJSON_IsObject(add)) {
-        size_t o = sc_push(c, "additionalProperties");
-        child = sc_node(c, add, depth + 1);
-        sc_pop(c, o);
-        if (child < 0)
+        if ((child = sc_sub(c, "additionalProperties", add, depth)) < 0)
             return -1;
     }
     if ((i = gr_node_add(c->g, GR_OBJECT)) < 0)
@@ -659,10 +661,7 @@ sc_any_of(struct sc *c, const cJSON *list, const char *k, int depth)
             return -1;
         }
         snprintf(ix, sizeof(ix), "%s/%d", k, n);
-        size_t o = sc_push(c, ix);
-        alt[n] = sc_node(c, b, depth + 1);
-        sc_pop(c, o);
-        if (alt[n++] < 0)
+        if ((alt[n++] = sc_sub(c, ix, b, depth)) < 0)
             return -1;
     }
     return sc_union(c, alt, n);

@@ -23,23 +23,8 @@
 #include "kli.h"
 #define FUZZ_NAME "fuzz-schema"
 #define FUZZ_CLEANUP
+#define FUZZ_TOKENIZER
 #include "fuzz.h"
-
-static struct kli_tokenizer *fuzz_tok;
-
-static void
-fuzz_load(void)
-{
-    const char *dir = getenv("KLI_FUZZ_TOKENIZER_DIR");
-    struct kli_err err = {0};
-
-    if (dir == NULL)
-        dir = "tests/data/tokenizer";
-    if (kli_tokenizer_open(&fuzz_tok, dir, &err) != KLI_OK) {
-        fprintf(stderr, "fuzz-schema: cannot load %s: %s\n", dir, err.msg);
-        abort();
-    }
-}
 
 #ifndef KLI_LIBFUZZER
 static void
