@@ -967,6 +967,8 @@ struct gr_matcher {
     int stuck;
     struct gr_state st;
     struct gr_state *walk;      /* [trie.max_len + 1] */
+    struct gr_frame *top;       /* [trie.max_len + 1] the light walk's top frames */
+    uint8_t *light;             /* [trie.max_len + 1] whether depth d is light */
     uint64_t *mask;
 };
 
@@ -976,6 +978,8 @@ gr_matcher_free(struct gr_matcher *m)
     if (m == NULL)
         return;
     free(m->walk);
+    free(m->top);
+    free(m->light);
     free(m->mask);
     free(m);
 }
@@ -1006,8 +1010,10 @@ gr_matcher_create(struct gr_matcher **out, const struct kli_grammar *g, int32_t 
     m->n_vocab = n_vocab;
     m->n_words = (n_vocab + 63) / 64;
     m->walk = k_mallocarray((size_t)g->trie->max_len + 1, sizeof(struct gr_state));
+    m->top = k_mallocarray((size_t)g->trie->max_len + 1, sizeof(struct gr_frame));
+    m->light = k_calloc((size_t)g->trie->max_len + 1, 1);
     m->mask = k_calloc((size_t)m->n_words, sizeof(uint64_t));
-    if (m->walk == NULL || m->mask == NULL)
+    if (m->walk == NULL || m->top == NULL || m->light == NULL || m->mask == NULL)
         goto fail;
     gr_matcher_reset(m, INT32_MAX);
     *out = m;
@@ -1049,24 +1055,69 @@ gr_hash(const struct gr_state *s)
 }
 
 /* The walk over the trie from state st: allowed tokens into mask (cleared first) whose
- * distance left is at most limit. @return the largest such distance, or -1 for none. */
+ * distance left is at most limit. @return the largest such distance, or -1 for none.
+ *
+ * A state of one configuration walks light: while the bytes only change its top frame (a
+ * string's characters, a number's digits, a key's letters), depth d keeps that frame alone
+ * (top[d]) instead of a whole state; the first byte that pops, pushes or forks makes the
+ * parent's state whole again and its subtree walks as usual. */
 static int64_t
 gr_walk(struct gr_matcher *m, int64_t limit)
 {
     const struct kli_grammar *g = m->g;
     const struct gr_trie *t = g->trie;
-    int64_t max_dist = -1;
+    int64_t max_dist = -1, below = 0;
+    struct gr_cfg base;
+    int32_t n_cfg;
 
     memset(m->mask, 0, (size_t)m->n_words * sizeof(uint64_t));
     m->walk[0] = m->st;
+    memcpy(&n_cfg, m->st.b, 4);
+    m->light[0] = 0;
+    if (n_cfg == 1) {
+        gr_cfg_load(&base, m->st.b + 4);
+        if (base.depth > 0) {
+            base.depth--;
+            below = gr_cfg_dist(g, &base);   /* the frames under the top */
+            m->top[0] = base.fr[base.depth];
+            m->light[0] = below < GR_INF;
+        }
+    }
     for (int32_t i = 0; i < t->n;) {
-        int d = t->depth[i];
-        if (gr_feed(g, &m->walk[d - 1], t->byte[i], &m->walk[d]) == 0) {
-            i = t->skip[i];
-            continue;
+        int d = t->depth[i], took = 0;
+        int64_t e = -1;
+        if (m->light[d - 1]) {
+            struct gr_frame f = m->top[d - 1];
+            int32_t child;
+            int r = gr_step(g, &f, t->byte[i], &child);
+            if (r == R_DEAD) {
+                i = t->skip[i];
+                continue;
+            }
+            if (r == R_TAKE) {
+                m->top[d] = f;
+                m->light[d] = 1;
+                took = 1;
+                if (t->tok[i] >= 0)
+                    e = gr_add64(below, gr_frame_dist(g, &f));
+            } else {   /* the parent's state whole, then as below */
+                base.fr[base.depth] = m->top[d - 1];
+                base.depth++;
+                gr_state_init(&m->walk[d - 1]);
+                gr_state_add(&m->walk[d - 1], &base);
+                base.depth--;
+            }
+        }
+        if (!took) {
+            m->light[d] = 0;
+            if (gr_feed(g, &m->walk[d - 1], t->byte[i], &m->walk[d]) == 0) {
+                i = t->skip[i];
+                continue;
+            }
+            if (t->tok[i] >= 0)
+                e = gr_state_dist(g, &m->walk[d]);
         }
         if (t->tok[i] >= 0) {
-            int64_t e = gr_state_dist(g, &m->walk[d]);
             if (e <= limit) {
                 for (int32_t id = t->tok[i]; id >= 0; id = t->dup[id]) {
                     if (id < m->n_vocab)
