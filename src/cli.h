@@ -165,7 +165,11 @@ int cli_parse_float(const char *s, const char *what, float *out);
  * reads the command line with cli_getopt (-m goes to its struct cli_args, the rest to
  * cli_gen_option through args->gen), and checks the result with cli_gen_check once the
  * command line is read. */
-enum { CLI_OPT_STOP = 0x4300, CLI_OPT_RAW, CLI_OPT_CTX, CLI_OPT_QUIET, CLI_OPT_JSON_SCHEMA };
+enum {
+    CLI_OPT_STOP = 0x4300, CLI_OPT_RAW, CLI_OPT_CTX, CLI_OPT_QUIET, CLI_OPT_JSON_SCHEMA,
+    CLI_OPT_LOGIT_BIAS
+};
+#define CLI_GEN_MAX_BIAS 64
 #define CLI_GEN_MAX_STOP 16
 struct cli_gen_opts {
     const char *system;
@@ -176,6 +180,8 @@ struct cli_gen_opts {
     int n_stop;
     const char *json_schema;    /* --json-schema FILE */
     int json;                   /* --json: any JSON object */
+    kli_token bias_ids[CLI_GEN_MAX_BIAS];   /* --logit-bias ID:BIAS, so.bias_ids points here */
+    float bias[CLI_GEN_MAX_BIAS];
 };
 #define CLI_GEN_LONGOPTS \
     CLI_MODEL_LONGOPT, \
@@ -186,6 +192,7 @@ struct cli_gen_opts {
     {"ctx", required_argument, NULL, CLI_OPT_CTX}, \
     {"quiet", no_argument, NULL, CLI_OPT_QUIET}, \
     {"json-schema", required_argument, NULL, CLI_OPT_JSON_SCHEMA}, \
+    {"logit-bias", required_argument, NULL, CLI_OPT_LOGIT_BIAS}, \
     CLI_JSON_LONGOPT, \
     CLI_SAMPLING_LONGOPTS, \
     CLI_PLACEMENT_LONGOPTS, \
@@ -236,7 +243,7 @@ int64_t cli_find_nul(const char *s, size_t n, int json);
     "             [--repeat-penalty R] [--presence-penalty P] [--frequency-penalty F]\n" \
     "             [--repeat-last-n N]\n"
 #define CLI_JSON_HELP \
-    "  JSON:      [--json | --json-schema FILE]\n"
+    "  JSON:      [--json | --json-schema FILE]   [--logit-bias ID:BIAS[,ID:BIAS]...]\n"
 #define CLI_PLACEMENT_HELP \
     "  placement: [-t|--threads N] [--cpus LIST] [--numa POLICY] [--mem-budget SIZE]\n"
 #define CLI_GPU_HELP \

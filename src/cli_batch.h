@@ -121,6 +121,8 @@ struct batch_rec {
                                   `msg`) */
     char msg[512];
     struct cJSON *json;        /* the parsed record */
+    kli_token *bias_ids;       /* its "logit_bias" (malloc'd), so.bias_ids points here */
+    float *bias;
     int format;                /* its response_format: enum batch_format */
     char *schema;              /* BATCH_FMT_SCHEMA: the schema as compact JSON (malloc'd) */
 };

@@ -582,6 +582,39 @@ rec_num(struct batch_rec *r, const cJSON *o, const char *name, double lo, double
     return 0;
 }
 
+/* "logit_bias": {"TOKEN_ID": BIAS, ...}, as OpenAI's API has it. */
+static int
+rec_bias(struct batch_rec *r, const cJSON *o)
+{
+    const cJSON *lb = cJSON_GetObjectItemCaseSensitive(o, "logit_bias"), *k;
+    int n = 0;
+
+    if (lb == NULL || cJSON_IsNull(lb))
+        return 0;
+    if (!cJSON_IsObject(lb) || cJSON_GetArraySize(lb) > 1024)
+        return rec_fail(r, "\"logit_bias\" must be an object of at most 1024 "
+                        "\"token id\": bias members");
+    r->bias_ids = malloc(((size_t)cJSON_GetArraySize(lb) + 1) * sizeof(kli_token));
+    r->bias = malloc(((size_t)cJSON_GetArraySize(lb) + 1) * sizeof(float));
+    if (r->bias_ids == NULL || r->bias == NULL)
+        return rec_fail(r, "out of memory");
+    cJSON_ArrayForEach(k, lb) {
+        char *end;
+        long id = strtol(k->string, &end, 10);
+        if (end == k->string || *end != '\0' || id < 0 || id > INT32_MAX)
+            return rec_fail(r, "\"logit_bias\": \"%.32s\" is not a token id", k->string);
+        if (!cJSON_IsNumber(k) || !(k->valuedouble >= -100 && k->valuedouble <= 100))
+            return rec_fail(r, "\"logit_bias\": the bias of %ld must be a number in "
+                            "[-100, 100]", id);
+        r->bias_ids[n] = (kli_token)id;
+        r->bias[n++] = (float)k->valuedouble;
+    }
+    r->so.bias_ids = r->bias_ids;
+    r->so.bias = r->bias;
+    r->so.n_bias = n;
+    return 0;
+}
+
 static int
 rec_settings(struct batch_rec *r, const cJSON *o)
 {
@@ -646,9 +679,13 @@ rec_settings(struct batch_rec *r, const cJSON *o)
             return rec_fail(r, "\"stop\" must be a string or an array of strings");
         }
     }
+    if (rec_bias(r, o) != 0)
+        return -1;
     struct kli_sampler *probe = NULL;
+    struct kli_sampler_options so = r->so;
     struct kli_err err = {0};
-    if (kli_sampler_create(&probe, &r->so, 1, &err) != KLI_OK)
+    so.n_bias = 0;   /* the ids are checked against the model's vocabulary when it runs */
+    if (kli_sampler_create(&probe, &so, 1, &err) != KLI_OK)
         return rec_fail(r, "%s", err.msg);
     kli_sampler_free(probe);
     return 0;
@@ -791,8 +828,8 @@ rec_prompt(struct batch_rec *r, const cJSON *o, const struct kli_tokenizer *tok,
 static const char *const rec_body_fields[] = {
     "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p",
     "top_k", "min_p", "seed", "stop", "presence_penalty", "frequency_penalty",
-    "repetition_penalty", "response_format", "model", "user", "metadata", "store", "n",
-    "stream",
+    "repetition_penalty", "response_format", "logit_bias", "model", "user", "metadata",
+    "store", "n", "stream",
 };
 
 /* An OpenAI Batch line: *o becomes its body, checked member by member (one kli cannot
@@ -886,5 +923,7 @@ batch_rec_clear(struct batch_rec *r)
 {
     free(r->toks);
     free(r->schema);
+    free(r->bias_ids);
+    free(r->bias);
     cJSON_Delete(r->json);
 }

@@ -447,6 +447,12 @@ struct kli_sampler_options {
     float frequency_penalty;  /* subtract per occurrence of a recent token; 0 = off */
     int32_t penalty_last_n;   /* recent tokens the penalties look at; default 64 */
     uint64_t seed;            /* the random stream; the same seed gives the same tokens */
+    /* logit_bias: bias[i] (in [-100, 100]) is added to the logit of token bias_ids[i], for
+     * i < n_bias (up to 1024), before the penalties; -100 all but bans a token. The arrays
+     * are copied by kli_sampler_create (and kli_sched_submit). Default: none. */
+    const kli_token *bias_ids;
+    const float *bias;
+    int32_t n_bias;
 };
 
 KLI_API void kli_sampler_options_init(struct kli_sampler_options *opt);

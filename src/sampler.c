@@ -40,6 +40,9 @@ struct kli_sampler {
     uint16_t *bk;             /* [n_vocab] each candidate's bucket */
     int32_t *bstart;          /* [SAMPLER_BUCKETS + 1] */
     void *mem;                /* the block the arrays above are carved from */
+    kli_token *bias_ids;      /* [o.n_bias] the options' logit_bias, copied */
+    float *bias;
+    float *blog;              /* [n_vocab] the logits with the bias added */
     struct gr_matcher *gm;    /* kli_sampler_set_grammar's, or NULL */
     int32_t g_budget;         /* its max_tokens */
     float *glog;              /* [n_vocab] the logits the grammar allows, -inf elsewhere */
@@ -89,6 +92,9 @@ sampler_carve(struct kli_sampler *smp, struct k_carve *cv)
     smp->tmp = k_carve(cv, nv, sizeof(struct sampler_cand));
     smp->bstart = k_carve(cv, SAMPLER_BUCKETS + 1, sizeof(int32_t));
     smp->bk = k_carve(cv, nv, sizeof(uint16_t));
+    smp->bias_ids = k_carve(cv, (size_t)smp->o.n_bias, sizeof(kli_token));
+    smp->bias = k_carve(cv, (size_t)smp->o.n_bias, sizeof(float));
+    smp->blog = k_carve(cv, smp->o.n_bias > 0 ? nv : 0, sizeof(float));
 }
 
 int
@@ -123,6 +129,18 @@ kli_sampler_create(struct kli_sampler **out, const struct kli_sampler_options *o
     if (opt->penalty_last_n < 0 || opt->penalty_last_n > (1 << 24))
         return err_set(err, KLI_E_RANGE, "penalty window %d is outside [0, 2^24]",
                            opt->penalty_last_n);
+    if (opt->n_bias < 0 || opt->n_bias > 1024 ||
+        (opt->n_bias > 0 && (opt->bias_ids == NULL || opt->bias == NULL)))
+        return err_set(err, KLI_E_RANGE, "logit_bias: %d entries (at most 1024, with both "
+                       "arrays)", opt->n_bias);
+    for (int32_t i = 0; i < opt->n_bias; i++) {
+        if (opt->bias_ids[i] < 0 || opt->bias_ids[i] >= n_vocab)
+            return err_set(err, KLI_E_RANGE, "logit_bias: token %d is outside the vocabulary "
+                           "[0, %d)", opt->bias_ids[i], n_vocab);
+        if (!(opt->bias[i] >= -100.0f && opt->bias[i] <= 100.0f))
+            return err_set(err, KLI_E_RANGE, "logit_bias: the bias %g of token %d is outside "
+                           "[-100, 100]", (double)opt->bias[i], opt->bias_ids[i]);
+    }
     smp = k_calloc(1, sizeof(*smp));
     if (smp == NULL)
         return err_set(err, KLI_E_NOMEM, "out of memory");
@@ -134,6 +152,12 @@ kli_sampler_create(struct kli_sampler **out, const struct kli_sampler_options *o
         return err_set(err, KLI_E_NOMEM, "out of memory");
     }
     sampler_carve(smp, &cv);
+    if (opt->n_bias > 0) {
+        memcpy(smp->bias_ids, opt->bias_ids, (size_t)opt->n_bias * sizeof(kli_token));
+        memcpy(smp->bias, opt->bias, (size_t)opt->n_bias * sizeof(float));
+    }
+    smp->o.bias_ids = smp->bias_ids;   /* the options point at the copies */
+    smp->o.bias = smp->bias;
     kli_sampler_reset(smp);
     *out = smp;
     return KLI_OK;
@@ -500,6 +524,13 @@ static kli_token
 sampler_draw(struct kli_sampler *smp, const float *logits)
 {
     const struct kli_sampler_options *o = &smp->o;
+
+    if (o->n_bias > 0) {   /* logit_bias first, on a copy */
+        memcpy(smp->blog, logits, (size_t)smp->n_vocab * sizeof(float));
+        for (int32_t i = 0; i < o->n_bias; i++)
+            smp->blog[smp->bias_ids[i]] += smp->bias[i];
+        logits = smp->blog;
+    }
     int32_t V = smp->n_vocab;
     kli_token tok = 0;
     double sum = 0.0;

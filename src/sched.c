@@ -51,6 +51,8 @@ struct sched_req {
     struct kli_sampler_options so;
     int32_t max_tokens;
     const struct kli_grammar *grammar;
+    kli_token *bias_ids;          /* the copies so.bias_ids and so.bias point at */
+    float *bias;
     char *stop[SCHED_MAX_STOP];
     int32_t n_stop;
     char *fail;
@@ -104,6 +106,8 @@ sched_req_free(struct sched_req *r)
     for (int32_t i = 0; i < r->n_stop; i++)
         free(r->stop[i]);
     free(r->fail);
+    free(r->bias_ids);
+    free(r->bias);
     free(r);
 }
 
@@ -630,6 +634,17 @@ kli_sched_submit(struct kli_sched *s, const struct kli_sched_request *r, uint64_
             goto nomem;
     }
     q->so = r->so;
+    if (r->so.n_bias > 0 && r->so.n_bias <= 1024 && r->so.bias_ids != NULL &&
+        r->so.bias != NULL) {   /* kli_sampler_create checks them when the request joins */
+        q->bias_ids = k_mallocarray((size_t)r->so.n_bias, sizeof(kli_token));
+        q->bias = k_mallocarray((size_t)r->so.n_bias, sizeof(float));
+        if (q->bias_ids == NULL || q->bias == NULL)
+            goto nomem;
+        memcpy(q->bias_ids, r->so.bias_ids, (size_t)r->so.n_bias * sizeof(kli_token));
+        memcpy(q->bias, r->so.bias, (size_t)r->so.n_bias * sizeof(float));
+    }
+    q->so.bias_ids = q->bias_ids;
+    q->so.bias = q->bias;
     q->max_tokens = r->max_tokens;
     q->grammar = r->grammar;
     q->user = r->user;

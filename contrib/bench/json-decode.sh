@@ -53,8 +53,9 @@ while [ $r -lt "$rounds" ]; do
     run --json "$@" >>"$tmp/json"
     r=$((r + 1))
 done
-median() { sort -g "$1" | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] :
-                                                    (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+median() {
+    sort -g "$1" | awk '{ v[NR] = $1 } END { m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2; print m }'
+}
 f=$(median "$tmp/free") s=$(median "$tmp/schema") j=$(median "$tmp/json")
 echo "decode tok/s, median of $rounds: free $f, --json-schema $s, --json $j"
 awk -v f="$f" -v s="$s" -v j="$j" 'BEGIN { printf "ratio: schema/free %.3f, json/free %.3f\n",
