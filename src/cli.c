@@ -113,6 +113,42 @@ cli_gen_init(struct cli_gen_opts *g)
     kli_sampler_options_init(&g->so);
 }
 
+/* --logit-bias ID:BIAS[,ID:BIAS]...: @return 1, or -1 after reporting. */
+static int
+cli_logit_bias(const char *arg, struct cli_gen_opts *g)
+{
+    const char *p = arg;
+
+    for (;;) {
+        char *end;
+        long id;
+        double b;
+        errno = 0;
+        id = strtol(p, &end, 10);
+        if (errno != 0 || end == p || *end != ':' || id < 0 || id > INT32_MAX)
+            goto bad;
+        p = end + 1;
+        b = strtod(p, &end);
+        if (end == p || !(b >= -100.0 && b <= 100.0) || (*end != ',' && *end != '\0'))
+            goto bad;
+        if (g->so.n_bias == CLI_GEN_MAX_BIAS) {
+            cli_error("--logit-bias: at most %d tokens", CLI_GEN_MAX_BIAS);
+            return -1;
+        }
+        g->bias_ids[g->so.n_bias] = (kli_token)id;
+        g->bias[g->so.n_bias++] = (float)b;
+        g->so.bias_ids = g->bias_ids;
+        g->so.bias = g->bias;
+        if (*end == '\0')
+            return 1;
+        p = end + 1;
+    }
+bad:
+    cli_error("--logit-bias: '%s' is not ID:BIAS[,ID:BIAS]... (a token id, a bias in "
+              "[-100, 100])", arg);
+    return -1;
+}
+
 int
 cli_gen_option(int c, const char *arg, struct cli_gen_opts *g)
 {
@@ -126,6 +162,9 @@ cli_gen_option(int c, const char *arg, struct cli_gen_opts *g)
     case CLI_OPT_CACHE_TYPE: return cli_parse_cache_type(arg, &g->cache_type) ? -1 : 1;
     case CLI_OPT_RAW: g->raw = 1; return 1;
     case CLI_OPT_QUIET: g->quiet = 1; return 1;
+    case CLI_OPT_JSON_SCHEMA: g->json_schema = arg; return 1;
+    case CLI_OPT_LOGIT_BIAS:
+        return cli_logit_bias(arg, g);
     case CLI_OPT_STOP:
         if (g->n_stop == CLI_GEN_MAX_STOP) {
             cli_error("--stop: at most %d stop strings", CLI_GEN_MAX_STOP);
@@ -248,13 +287,48 @@ int
 cli_gen_check(const struct cli_gen_opts *g)
 {
     struct kli_sampler *probe = NULL;
+    struct kli_sampler_options so = g->so;
     struct kli_err err = {0};
 
-    if (kli_sampler_create(&probe, &g->so, 1, &err) != KLI_OK) {
+    so.n_bias = 0;   /* the token ids are checked against the model's vocabulary */
+    if (kli_sampler_create(&probe, &so, 1, &err) != KLI_OK) {
         cli_error("%s", err.msg);
         return -1;
     }
     kli_sampler_free(probe);
+    if (g->json && g->json_schema != NULL) {
+        cli_error("give --json or --json-schema, not both");
+        return -1;
+    }
+    if ((g->json || g->json_schema != NULL) && g->max_tokens == 0) {
+        cli_error("%s needs --max-tokens above 0", g->json ? "--json" : "--json-schema");
+        return -1;
+    }
+    return 0;
+}
+
+int
+cli_gen_grammar(const struct cli_gen_opts *g, const struct kli_tokenizer *tok,
+                struct kli_grammar **out)
+{
+    struct kli_err err = {0};
+    char *text = NULL;
+    size_t len = 0;
+    int rc;
+
+    *out = NULL;
+    if (!g->json && g->json_schema == NULL)
+        return 0;
+    if (g->json_schema != NULL &&
+        (text = cli_read_file(g->json_schema, CLI_SCHEMA_MAX, 0, "(the limit is 1 MiB)",
+                              &len)) == NULL)
+        return -1;
+    rc = kli_grammar_create(out, tok, text, len, &err);
+    free(text);
+    if (rc != KLI_OK) {
+        cli_error("%s: %s", g->json_schema != NULL ? g->json_schema : "--json", err.msg);
+        return -1;
+    }
     return 0;
 }
 
@@ -684,7 +758,11 @@ cli_getopt(int argc, char **argv, const char *shortopts, const struct option *op
     while ((c = getopt_long(argc, argv, shortopts, opts, NULL)) != -1) {
         switch (c) {
         case 'm': a->model = optarg; break;
-        case CLI_OPT_JSON: a->json = 1; break;
+        case CLI_OPT_JSON:
+            a->json = 1;
+            if (a->gen != NULL)
+                a->gen->json = 1;
+            break;
         case 'h':
             fputs(a->usage, stdout);
             return CLI_ARGS_HELP;

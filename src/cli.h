@@ -165,7 +165,11 @@ int cli_parse_float(const char *s, const char *what, float *out);
  * reads the command line with cli_getopt (-m goes to its struct cli_args, the rest to
  * cli_gen_option through args->gen), and checks the result with cli_gen_check once the
  * command line is read. */
-enum { CLI_OPT_STOP = 0x4300, CLI_OPT_RAW, CLI_OPT_CTX, CLI_OPT_QUIET, CLI_OPT_CACHE_TYPE };
+enum {
+    CLI_OPT_STOP = 0x4300, CLI_OPT_RAW, CLI_OPT_CTX, CLI_OPT_QUIET, CLI_OPT_CACHE_TYPE,
+    CLI_OPT_JSON_SCHEMA, CLI_OPT_LOGIT_BIAS
+};
+#define CLI_GEN_MAX_BIAS 64
 #define CLI_GEN_MAX_STOP 16
 struct cli_gen_opts {
     const char *system;
@@ -175,6 +179,10 @@ struct cli_gen_opts {
     struct kli_sampler_options so;
     const char *stop[CLI_GEN_MAX_STOP];
     int n_stop;
+    const char *json_schema;    /* --json-schema FILE */
+    int json;                   /* --json: any JSON object */
+    kli_token bias_ids[CLI_GEN_MAX_BIAS];   /* --logit-bias ID:BIAS, so.bias_ids points here */
+    float bias[CLI_GEN_MAX_BIAS];
 };
 #define CLI_GEN_LONGOPTS \
     CLI_MODEL_LONGOPT, \
@@ -185,6 +193,9 @@ struct cli_gen_opts {
     {"ctx", required_argument, NULL, CLI_OPT_CTX}, \
     CLI_CACHE_TYPE_LONGOPT, \
     {"quiet", no_argument, NULL, CLI_OPT_QUIET}, \
+    {"json-schema", required_argument, NULL, CLI_OPT_JSON_SCHEMA}, \
+    {"logit-bias", required_argument, NULL, CLI_OPT_LOGIT_BIAS}, \
+    CLI_JSON_LONGOPT, \
     CLI_SAMPLING_LONGOPTS, \
     CLI_PLACEMENT_LONGOPTS, \
     CLI_GPU_LONGOPTS
@@ -207,6 +218,12 @@ void cli_gen_init(struct cli_gen_opts *g);
 int cli_gen_option(int c, const char *arg, struct cli_gen_opts *g);
 /* Checks the sampling options before a model is loaded. @return 0, or -1 after reporting. */
 int cli_gen_check(const struct cli_gen_opts *g);
+/* The grammar that --json or --json-schema ask for, compiled for tok; *out is NULL when
+ * neither was given. @return 0, or -1 after reporting. */
+int cli_gen_grammar(const struct cli_gen_opts *g, const struct kli_tokenizer *tok,
+                    struct kli_grammar **out);
+/* The largest --json-schema file (and response_format schema) read. */
+#define CLI_SCHEMA_MAX (1 << 20)
 
 /* The length of the valid UTF-8 sequence at p (1 to 4), or minus the length of its maximal
  * subpart: the bytes that started a sequence before it broke off (at least 1). */
@@ -238,6 +255,8 @@ int64_t cli_find_nul(const char *s, size_t n, int json);
     "  sampling:  [--temp|--temperature T] [--top-k K] [--top-p P] [--min-p P] [--seed S]\n" \
     "             [--repeat-penalty R] [--presence-penalty P] [--frequency-penalty F]\n" \
     "             [--repeat-last-n N]\n"
+#define CLI_JSON_HELP \
+    "  JSON:      [--json | --json-schema FILE]   [--logit-bias ID:BIAS[,ID:BIAS]...]\n"
 #define CLI_PLACEMENT_HELP \
     "  placement: [-t|--threads N] [--cpus LIST] [--numa POLICY] [--mem-budget SIZE]\n"
 #define CLI_GPU_HELP \

@@ -35,6 +35,7 @@
 #include "util.h"
 
 #define BATCH_MAX_PARALLEL 256
+#define BATCH_MAX_SCHEMAS 64     /* distinct response_format schemas in one run */
 
 /* ==== options ============================================================================= */
 
@@ -79,10 +80,11 @@ static const char batch_usage[] =
     "                 [--resume | --overwrite] [--prefix-cache SIZE] [--prefix-dir DIR]\n"
     "                 [--min-prefix N] [--max-prompt-bytes SIZE] [--max-errors N] [--quiet]\n"
     "                 [-h|--help]\n"
-    CLI_SAMPLING_HELP CLI_PLACEMENT_HELP CLI_GPU_HELP
+    CLI_JSON_HELP CLI_SAMPLING_HELP CLI_PLACEMENT_HELP CLI_GPU_HELP
     "Each input line is a JSON object: {\"id\": ..., \"prompt\": ... | \"messages\": [...],\n"
     "optional \"max_tokens\", \"temperature\", \"top_p\", \"top_k\", \"min_p\", \"seed\", "
-    "\"stop\", ...}.\n"
+    "\"stop\",\n\"response_format\", ...}.\n"
+    "OpenAI Batch lines ({\"custom_id\", \"method\", \"url\", \"body\"}) get OpenAI's output.\n"
     "Each output line: id, text, prompt_tokens, completion_tokens, cached_tokens,\n"
     "finish_reason, prefill_ms, decode_ms (and error). Exit status 3: more than\n"
     "--max-errors N (default 0) records failed. See kli(1).\n";
@@ -208,9 +210,72 @@ struct batch {
     int64_t done, errors, prompt_tokens, cached_tokens, gen_tokens;
     double t0, last;
     int tty;
+    const char *model_name;       /* "model" of OpenAI output lines: the model's file name */
+    struct kli_grammar *gram;     /* --json / --json-schema, or NULL */
+    struct kli_grammar *gram_object;   /* response_format json_object, made when asked */
+    /* response_format json_schema: the grammars of the distinct schemas met, kept for the
+     * whole run (the scheduler's requests borrow them) */
+    char *schema_key[BATCH_MAX_SCHEMAS];
+    struct kli_grammar *schema_gram[BATCH_MAX_SCHEMAS];
+    int n_schemas;
 };
 
 static volatile sig_atomic_t batch_signal;
+
+/* The grammar of record r (NULL: none). A schema that does not compile, or one too many,
+ * fails the record: its message goes to msg (cap bytes) and *fail. @return 0, or -1 when
+ * out of memory. */
+static int
+batch_grammar(struct batch *b, const struct batch_rec *r, const struct kli_grammar **out,
+              char *msg, size_t cap, const char **fail)
+{
+    struct kli_err err = {0};
+    struct kli_grammar *g = NULL;
+
+    *out = NULL;
+    switch (r->format) {
+    case BATCH_FMT_DEFAULT:
+        *out = b->gram;
+        return 0;
+    case BATCH_FMT_TEXT:
+        return 0;
+    case BATCH_FMT_OBJECT:
+        if (b->gram_object == NULL &&
+            kli_grammar_create(&b->gram_object, b->tok, NULL, 0, &err) != KLI_OK)
+            return -1;
+        *out = b->gram_object;
+        return 0;
+    default:
+        break;
+    }
+    for (int i = 0; i < b->n_schemas; i++) {
+        if (strcmp(b->schema_key[i], r->schema) == 0) {
+            *out = b->schema_gram[i];
+            return 0;
+        }
+    }
+    if (b->n_schemas == BATCH_MAX_SCHEMAS) {
+        snprintf(msg, cap, "\"response_format\": more than %d distinct schemas in one run",
+                 BATCH_MAX_SCHEMAS);
+        *fail = msg;
+        return 0;
+    }
+    int rc = kli_grammar_create(&g, b->tok, r->schema, strlen(r->schema), &err);
+    if (rc == KLI_E_NOMEM)
+        return -1;
+    if (rc != KLI_OK) {
+        snprintf(msg, cap, "\"response_format\": %s", err.msg);
+        *fail = msg;
+        return 0;
+    }
+    if ((b->schema_key[b->n_schemas] = strdup(r->schema)) == NULL) {
+        kli_grammar_free(g);
+        return -1;
+    }
+    b->schema_gram[b->n_schemas++] = g;
+    *out = g;
+    return 0;
+}
 
 static void
 batch_on_signal(int sig)
@@ -239,6 +304,44 @@ batch_write(struct batch *b, const char *p, size_t n)
 
 static void batch_progress(struct batch *b, int final);
 
+/* The output line of an OpenAI Batch record: OpenAI's Batch output format, the body a
+ * chat.completion or a text_completion object with its usage, or an error (a status of 400
+ * for a record that is refused, 500 for one that failed while it ran). @return 0, or
+ * non-zero when out of memory. */
+static int
+batch_openai_line(const struct batch *b, const struct batch_item *it,
+                  const struct kli_sched_result *res, const char *reason, struct bbuf *l)
+{
+    int chat = it->api == BATCH_API_CHAT, bad = 0;
+
+    bad |= bbuf_addf(l, "{\"id\":\"batch_req_%d\",\"custom_id\":", (int)it->line);
+    bad |= bbuf_json_str(l, it->id, strlen(it->id));
+    if (res->error != NULL) {
+        bad |= bbuf_addf(l, ",\"response\":{\"status_code\":%d,\"request_id\":\"req_%d\","
+                         "\"body\":null},\"error\":{\"code\":\"%s\",\"message\":",
+                         res->started ? 500 : 400, (int)it->line,
+                         res->started ? "server_error" : "invalid_request");
+        bad |= bbuf_json_str(l, res->error, strlen(res->error));
+        return bad | bbuf_add(l, "}}\n", 3);
+    }
+    bad |= bbuf_addf(l, ",\"response\":{\"status_code\":200,\"request_id\":\"req_%d\","
+                     "\"body\":{\"id\":\"%s-%d\",\"object\":\"%s\",\"created\":%lld,"
+                     "\"model\":", (int)it->line, chat ? "chatcmpl" : "cmpl", (int)it->line,
+                     chat ? "chat.completion" : "text_completion", (long long)time(NULL));
+    bad |= bbuf_json_str(l, b->model_name, strlen(b->model_name));
+    const char *choice = chat ? ",\"choices\":[{\"index\":0,\"message\":{\"role\":"
+                                "\"assistant\",\"content\":"
+                              : ",\"choices\":[{\"index\":0,\"text\":";
+    bad |= bbuf_add(l, choice, strlen(choice));
+    bad |= bbuf_json_text(l, res->text, res->len);
+    bad |= bbuf_addf(l, "%s,\"logprobs\":null,\"finish_reason\":\"%s\"}],\"usage\":{"
+                     "\"prompt_tokens\":%d,\"completion_tokens\":%d,\"total_tokens\":%d,"
+                     "\"prompt_tokens_details\":{\"cached_tokens\":%d}}}},\"error\":null}\n",
+                     chat ? "}" : "", reason, (int)res->n_prompt, (int)res->n_generated,
+                     (int)(res->n_prompt + res->n_generated), (int)res->n_cached);
+    return bad;
+}
+
 /* Writes the line of the record a request was made for, when the scheduler ends it. */
 static void
 batch_on_finish(void *ud, const struct kli_sched_result *res)
@@ -253,6 +356,10 @@ batch_on_finish(void *ud, const struct kli_sched_result *res)
         return;
     reason = res->finish == KLI_FINISH_LENGTH ? "length"
              : res->finish == KLI_FINISH_ERROR ? "error" : "stop";
+    if (it->api != BATCH_API_KLI) {
+        bad = batch_openai_line(b, it, res, reason, &l);
+        goto write;
+    }
     bad |= bbuf_add(&l, "{\"id\":", 6);
     bad |= bbuf_json_str(&l, id, strlen(id));
     bad |= bbuf_add(&l, ",\"text\":", 8);
@@ -266,6 +373,7 @@ batch_on_finish(void *ud, const struct kli_sched_result *res)
         bad |= bbuf_json_str(&l, res->error, strlen(res->error));
     }
     bad |= bbuf_add(&l, "}\n", 2);
+write:
     if (bad) {
         cli_error("out of memory writing the line of %s", id);
         b->io_failed = 1;
@@ -315,6 +423,7 @@ batch_on_need(void *ud, struct kli_sched *sched)
         struct batch_item *it = &b->in.items[b->next_item];
         struct batch_rec r;
         struct kli_sched_request q;
+        char msg[600];
         int rc = batch_rec_prepare(&r, &b->in, it, b->tok, &b->dflt);
         kli_sched_request_init(&q);
         if (rc == 0) {
@@ -326,7 +435,10 @@ batch_on_need(void *ud, struct kli_sched *sched)
             q.n_stop = r.n_stop;
             q.fail = r.error;
             q.user = it;
-            rc = kli_sched_submit(sched, &q, NULL, &err) == KLI_OK ? 0 : -1;
+            if (r.error == NULL)
+                rc = batch_grammar(b, &r, &q.grammar, msg, sizeof(msg), &q.fail);
+            if (rc == 0)
+                rc = kli_sched_submit(sched, &q, NULL, &err) == KLI_OK ? 0 : -1;
             batch_rec_clear(&r);
         }
         if (rc != 0) {
@@ -595,6 +707,10 @@ cmd_batch(int argc, char **argv)
     b.dflt.system = a.g.system;
     b.dflt.raw = a.g.raw;
     b.dflt.max_prompt_bytes = (int64_t)a.max_prompt_bytes;
+    b.model_name = strrchr(path, '/') != NULL && strrchr(path, '/')[1] != '\0'
+                   ? strrchr(path, '/') + 1 : path;
+    if (cli_gen_grammar(&a.g, b.tok, &b.gram) != 0)
+        goto out;
     b.cap_ahead = a.parallel > 8 ? (int)a.parallel : 8;
     kli_sched_options_init(&so);
     so.parallel = (int32_t)a.parallel;
@@ -641,6 +757,12 @@ cmd_batch(int argc, char **argv)
     }
 out:
     kli_sched_free(b.sched);   /* the records still held end without a line */
+    kli_grammar_free(b.gram);
+    kli_grammar_free(b.gram_object);
+    for (int i = 0; i < b.n_schemas; i++) {
+        kli_grammar_free(b.schema_gram[i]);
+        free(b.schema_key[i]);
+    }
     cli_cache_report(model);
     kli_model_close(model);
     batch_input_close(&b.in);

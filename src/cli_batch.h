@@ -41,6 +41,16 @@ struct batch_item {
     char *id;                /* the record's id, or "line:N" */
     char *error;             /* a reason found while scanning (malformed, duplicate,
                                 oversized), or NULL */
+    int api;                 /* enum batch_api: the record's format, and its line's */
+};
+
+/* A record's format: kli's own, or an OpenAI Batch API line (custom_id, method, url, body)
+ * for one of the two endpoints kli serves. */
+enum batch_api {
+    BATCH_API_KLI,
+    BATCH_API_CHAT,          /* "url": "/v1/chat/completions" */
+    BATCH_API_COMPLETIONS,   /* "url": "/v1/completions" */
+    BATCH_API_OTHER          /* custom_id with another url: the record fails */
 };
 
 struct batch_input {
@@ -111,6 +121,18 @@ struct batch_rec {
                                   `msg`) */
     char msg[512];
     struct cJSON *json;        /* the parsed record */
+    kli_token *bias_ids;       /* its "logit_bias" (malloc'd), so.bias_ids points here */
+    float *bias;
+    int format;                /* its response_format: enum batch_format */
+    char *schema;              /* BATCH_FMT_SCHEMA: the schema as compact JSON (malloc'd) */
+};
+
+/* What a record's "response_format" asks for. */
+enum batch_format {
+    BATCH_FMT_DEFAULT,         /* none given: --json / --json-schema, if any */
+    BATCH_FMT_TEXT,            /* {"type": "text"}: free text */
+    BATCH_FMT_OBJECT,          /* {"type": "json_object"}: any JSON object */
+    BATCH_FMT_SCHEMA           /* {"type": "json_schema", "json_schema": {"schema": ...}} */
 };
 
 /* Parses and tokenizes the record of item `it` into r. Problems with the record end up in

@@ -324,7 +324,7 @@ io_load(struct batch_input *in, const char *path, int64_t max_line)
 /* The id of the record on a line, or NULL when it has none (or not a usable one). Sets
  * *error for a line that is no record at all. */
 static char *
-io_line_id(const char *p, size_t len, int64_t max_line, char **error)
+io_line_id(const char *p, size_t len, int64_t max_line, char **error, int *api)
 {
     size_t bad;
 
@@ -352,7 +352,16 @@ io_line_id(const char *p, size_t len, int64_t max_line, char **error)
         *error = io_strdupf("a NUL (\\u0000) at byte %lld: prompts cannot hold NUL bytes",
                             (long long)nul + 1);
     } else {
-        cJSON *j = cJSON_GetObjectItemCaseSensitive(root, "id");
+        cJSON *j = cJSON_GetObjectItemCaseSensitive(root, "custom_id");
+        if (j != NULL) {   /* an OpenAI Batch line: its custom_id is its id */
+            const cJSON *url = cJSON_GetObjectItemCaseSensitive(root, "url");
+            *api = !cJSON_IsString(url) ? BATCH_API_OTHER :
+                   strcmp(url->valuestring, "/v1/chat/completions") == 0 ? BATCH_API_CHAT :
+                   strcmp(url->valuestring, "/v1/completions") == 0 ? BATCH_API_COMPLETIONS :
+                   BATCH_API_OTHER;
+        } else {
+            j = cJSON_GetObjectItemCaseSensitive(root, "id");
+        }
         /* "line:" begins only the ids kli gives records without one, so that such an id
          * names exactly one line and a resumed run never takes one record for another */
         if (cJSON_IsString(j) && strncmp(j->valuestring, "line:", 5) == 0)
@@ -390,11 +399,12 @@ batch_input_open(struct batch_input *in, const char *path, const struct batch_se
             continue;   /* a blank line is no record */
         in->n_records++;
 
-        struct batch_item it = {(int64_t)(p - in->text), (int64_t)len, ln, NULL, NULL};
+        struct batch_item it = {(int64_t)(p - in->text), (int64_t)len, ln, NULL, NULL,
+                                 BATCH_API_KLI};
         char lid[32];
         int32_t first;
         snprintf(lid, sizeof(lid), "line:%d", (int)ln);
-        it.id = io_line_id(p, len, sel->max_line, &it.error);
+        it.id = io_line_id(p, len, sel->max_line, &it.error, &it.api);
         if (it.id != NULL) {
             int r = batch_idset_add(seen, it.id, ln, &first);
             if (r < 0)
@@ -510,9 +520,14 @@ batch_output_scan(const char *path, struct batch_idset *set, int quiet)
         size_t n = (size_t)(nl - p);   /* every line ends in a newline now */
         pos += n + 1;
         cJSON *root = cJSON_ParseWithLength(p, n);
-        cJSON *id = cJSON_GetObjectItemCaseSensitive(root, "id");
+        cJSON *id = cJSON_GetObjectItemCaseSensitive(root, "custom_id");
         const cJSON *fr = cJSON_GetObjectItemCaseSensitive(root, "finish_reason");
+        const cJSON *oerr = cJSON_GetObjectItemCaseSensitive(root, "error");
         int32_t failed = cJSON_IsString(fr) && strcmp(fr->valuestring, "error") == 0;
+        if (id != NULL)   /* an OpenAI Batch output line: failed when its error is set */
+            failed = oerr != NULL && !cJSON_IsNull(oerr);
+        else
+            id = cJSON_GetObjectItemCaseSensitive(root, "id");
         if (cJSON_IsString(id)) {
             if (batch_idset_add(set, id->valuestring, failed, NULL) < 0) {
                 cJSON_Delete(root);
@@ -564,6 +579,39 @@ rec_num(struct batch_rec *r, const cJSON *o, const char *name, double lo, double
         return rec_fail(r, "\"%s\" must be %s in [%g, %g]", name,
                         integer ? "an integer" : "a number", lo, hi);
     *out = j->valuedouble;
+    return 0;
+}
+
+/* "logit_bias": {"TOKEN_ID": BIAS, ...}, as OpenAI's API has it. */
+static int
+rec_bias(struct batch_rec *r, const cJSON *o)
+{
+    const cJSON *lb = cJSON_GetObjectItemCaseSensitive(o, "logit_bias"), *k;
+    int n = 0;
+
+    if (lb == NULL || cJSON_IsNull(lb))
+        return 0;
+    if (!cJSON_IsObject(lb) || cJSON_GetArraySize(lb) > 1024)
+        return rec_fail(r, "\"logit_bias\" must be an object of at most 1024 "
+                        "\"token id\": bias members");
+    r->bias_ids = malloc(((size_t)cJSON_GetArraySize(lb) + 1) * sizeof(kli_token));
+    r->bias = malloc(((size_t)cJSON_GetArraySize(lb) + 1) * sizeof(float));
+    if (r->bias_ids == NULL || r->bias == NULL)
+        return rec_fail(r, "out of memory");
+    cJSON_ArrayForEach(k, lb) {
+        char *end;
+        long id = strtol(k->string, &end, 10);
+        if (end == k->string || *end != '\0' || id < 0 || id > INT32_MAX)
+            return rec_fail(r, "\"logit_bias\": \"%.32s\" is not a token id", k->string);
+        if (!cJSON_IsNumber(k) || !(k->valuedouble >= -100 && k->valuedouble <= 100))
+            return rec_fail(r, "\"logit_bias\": the bias of %ld must be a number in "
+                            "[-100, 100]", id);
+        r->bias_ids[n] = (kli_token)id;
+        r->bias[n++] = (float)k->valuedouble;
+    }
+    r->so.bias_ids = r->bias_ids;
+    r->so.bias = r->bias;
+    r->so.n_bias = n;
     return 0;
 }
 
@@ -631,11 +679,50 @@ rec_settings(struct batch_rec *r, const cJSON *o)
             return rec_fail(r, "\"stop\" must be a string or an array of strings");
         }
     }
+    if (rec_bias(r, o) != 0)
+        return -1;
     struct kli_sampler *probe = NULL;
+    struct kli_sampler_options so = r->so;
     struct kli_err err = {0};
-    if (kli_sampler_create(&probe, &r->so, 1, &err) != KLI_OK)
+    so.n_bias = 0;   /* the ids are checked against the model's vocabulary when it runs */
+    if (kli_sampler_create(&probe, &so, 1, &err) != KLI_OK)
         return rec_fail(r, "%s", err.msg);
     kli_sampler_free(probe);
+    return 0;
+}
+
+/* "response_format": OpenAI's text, json_object or json_schema. */
+static int
+rec_format(struct batch_rec *r, const cJSON *o)
+{
+    const cJSON *f = cJSON_GetObjectItemCaseSensitive(o, "response_format");
+    const cJSON *type = cJSON_GetObjectItemCaseSensitive(f, "type");
+
+    if (f == NULL || cJSON_IsNull(f))
+        return 0;
+    if (!cJSON_IsObject(f) || !cJSON_IsString(type))
+        return rec_fail(r, "\"response_format\" must be an object with a string \"type\"");
+    if (strcmp(type->valuestring, "text") == 0) {
+        r->format = BATCH_FMT_TEXT;
+        return 0;
+    }
+    if (strcmp(type->valuestring, "json_object") == 0) {
+        r->format = BATCH_FMT_OBJECT;
+    } else if (strcmp(type->valuestring, "json_schema") == 0) {
+        const cJSON *js = cJSON_GetObjectItemCaseSensitive(f, "json_schema");
+        const cJSON *sc = cJSON_GetObjectItemCaseSensitive(js, "schema");
+        if (!cJSON_IsObject(js) || !(cJSON_IsObject(sc) || cJSON_IsBool(sc)))
+            return rec_fail(r, "\"response_format\": json_schema needs \"json_schema\": "
+                            "{\"schema\": {...}}");
+        if ((r->schema = cJSON_PrintUnformatted(sc)) == NULL)
+            return rec_fail(r, "out of memory");
+        r->format = BATCH_FMT_SCHEMA;
+    } else {
+        return rec_fail(r, "\"response_format\": type \"%.64s\" is not supported (text, "
+                        "json_object, json_schema)", type->valuestring);
+    }
+    if (r->max_tokens == 0)
+        return rec_fail(r, "\"response_format\" needs \"max_tokens\" above 0");
     return 0;
 }
 
@@ -736,6 +823,68 @@ rec_prompt(struct batch_rec *r, const cJSON *o, const struct kli_tokenizer *tok,
     return rc;
 }
 
+/* The members of an OpenAI request body kli reads, besides those it ignores (model, user,
+ * metadata, store) and those it checks for their one allowed value (n, stream). */
+static const char *const rec_body_fields[] = {
+    "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p",
+    "top_k", "min_p", "seed", "stop", "presence_penalty", "frequency_penalty",
+    "repetition_penalty", "response_format", "logit_bias", "model", "user", "metadata",
+    "store", "n", "stream",
+};
+
+/* An OpenAI Batch line: *o becomes its body, checked member by member (one kli cannot
+ * honour fails the record naming it), with OpenAI's names turned into kli's. */
+static int
+rec_openai(struct batch_rec *r, const struct batch_item *it, cJSON **o)
+{
+    cJSON *root = r->json, *body = cJSON_GetObjectItemCaseSensitive(root, "body"), *k;
+    const cJSON *method = cJSON_GetObjectItemCaseSensitive(root, "method");
+
+    if (!cJSON_IsString(cJSON_GetObjectItemCaseSensitive(root, "custom_id")))
+        return rec_fail(r, "\"custom_id\" must be a non-empty string");
+    if (method != NULL && (!cJSON_IsString(method) || strcmp(method->valuestring, "POST")))
+        return rec_fail(r, "\"method\" must be \"POST\"");
+    if (it->api == BATCH_API_OTHER)
+        return rec_fail(r, "\"url\" must be \"/v1/chat/completions\" or \"/v1/completions\"");
+    if (!cJSON_IsObject(body))
+        return rec_fail(r, "\"body\" must be an object");
+    cJSON_ArrayForEach(k, body) {
+        size_t i = 0;
+        while (i < sizeof(rec_body_fields) / sizeof(rec_body_fields[0]) &&
+               strcmp(k->string, rec_body_fields[i]) != 0)
+            i++;
+        if (i == sizeof(rec_body_fields) / sizeof(rec_body_fields[0]))
+            return rec_fail(r, "\"body.%.64s\" is not supported", k->string);
+    }
+    k = cJSON_GetObjectItemCaseSensitive(body, "n");
+    if (k != NULL && !cJSON_IsNull(k) && !(cJSON_IsNumber(k) && k->valuedouble == 1))
+        return rec_fail(r, "\"body.n\": only 1 choice is supported");
+    k = cJSON_GetObjectItemCaseSensitive(body, "stream");
+    if (k != NULL && !cJSON_IsNull(k) && !cJSON_IsFalse(k))
+        return rec_fail(r, "\"body.stream\": a batch does not stream");
+    if (it->api == BATCH_API_CHAT ? cJSON_HasObjectItem(body, "prompt")
+                                  : cJSON_HasObjectItem(body, "messages"))
+        return rec_fail(r, "\"body.%s\" does not belong to %s",
+                        it->api == BATCH_API_CHAT ? "prompt" : "messages",
+                        it->api == BATCH_API_CHAT ? "/v1/chat/completions" : "/v1/completions");
+    /* OpenAI's and vLLM's names for kli's */
+    static const char *const alias[][2] = {
+        {"max_completion_tokens", "max_tokens"}, {"repetition_penalty", "repeat_penalty"},
+    };
+    for (size_t i = 0; i < sizeof(alias) / sizeof(alias[0]); i++) {
+        k = cJSON_GetObjectItemCaseSensitive(body, alias[i][0]);
+        if (k == NULL || cJSON_HasObjectItem(body, alias[i][1]))
+            continue;
+        cJSON *dup = cJSON_Duplicate(k, 1);
+        if (dup == NULL || !cJSON_AddItemToObject(body, alias[i][1], dup)) {
+            cJSON_Delete(dup);
+            return rec_fail(r, "out of memory");
+        }
+    }
+    *o = body;
+    return 0;
+}
+
 int
 batch_rec_prepare(struct batch_rec *r, const struct batch_input *in,
                   const struct batch_item *it, const struct kli_tokenizer *tok,
@@ -751,7 +900,15 @@ batch_rec_prepare(struct batch_rec *r, const struct batch_input *in,
     r->json = cJSON_ParseWithLength(in->text + it->off, (size_t)it->len);
     if (r->json == NULL)
         return -1;      /* it parsed during the scan: out of memory */
-    if (rec_settings(r, r->json) == 0 && rec_prompt(r, r->json, tok, d) == 0 && r->n == 0)
+    cJSON *o = r->json;
+    struct batch_defaults dd = *d;
+    if (it->api != BATCH_API_KLI) {
+        dd.raw = it->api == BATCH_API_COMPLETIONS;   /* a completion continues its prompt */
+        if (rec_openai(r, it, &o) != 0)
+            o = NULL;
+    }
+    if (o != NULL && rec_settings(r, o) == 0 && rec_format(r, o) == 0 &&
+        rec_prompt(r, o, tok, &dd) == 0 && r->n == 0)
         rec_fail(r, "the prompt is empty");
     if (r->error != NULL) {
         free(r->toks);
@@ -765,5 +922,8 @@ void
 batch_rec_clear(struct batch_rec *r)
 {
     free(r->toks);
+    free(r->schema);
+    free(r->bias_ids);
+    free(r->bias);
     cJSON_Delete(r->json);
 }

@@ -254,8 +254,42 @@ struct gen_session {
     const struct kli_tokenizer *tok;
     struct kli_session *s;
     struct kli_sampler *smp;
+    struct kli_grammar *gram;   /* --json, --json-schema */
     struct kli_generate_options go;
 };
+
+/* (Re)starts the JSON value of --json / --json-schema for the next answer. @return 0, or -1
+ * after reporting. */
+static int
+gen_grammar_start(struct gen_session *gs, const struct gen_args *a)
+{
+    struct kli_err err = {0};
+
+    if (gs->gram != NULL &&
+        kli_sampler_set_grammar(gs->smp, gs->gram, (int32_t)a->g.max_tokens, &err) != KLI_OK) {
+        cli_error("%s", err.msg);
+        return -1;
+    }
+    return 0;
+}
+
+/* After an answer under --json / --json-schema: a value the grammar could not go on with is
+ * an error; one cut short by a stop string or Ctrl-C is reported. @return 0, or -1. */
+static int
+gen_grammar_check(const struct gen_session *gs, const struct kli_generate_result *r)
+{
+    int st = kli_sampler_grammar_status(gs->smp);
+
+    if (gs->gram == NULL || st == 1)
+        return 0;
+    if (st < 0) {
+        cli_error("no token could continue the JSON value: the output is incomplete");
+        return -1;
+    }
+    if (r->finish == KLI_FINISH_STOP || r->finish == KLI_FINISH_INTERRUPT)
+        fprintf(stderr, "kli: the JSON value is incomplete (%s)\n", finish_name(r->finish));
+    return 0;
+}
 
 /* Opens gs (zeroed) from the model at `path`; gen_close frees it also on failure.
  * @return 0, or -1 after reporting. */
@@ -282,6 +316,10 @@ gen_open(const struct gen_args *a, const char *path, struct gen_session *gs)
         cli_error("%s", err.msg);
         return -1;
     }
+    if (cli_gen_grammar(&a->g, gs->tok, &gs->gram) != 0)
+        return -1;
+    if (gen_grammar_start(gs, a) != 0)
+        return -1;
     kli_generate_options_init(&gs->go);
     gs->go.max_tokens = (int32_t)a->g.max_tokens;
     gs->go.stop = a->g.stop;
@@ -295,6 +333,7 @@ static void
 gen_close(struct gen_session *gs, const struct gen_args *a)
 {
     kli_sampler_free(gs->smp);
+    kli_grammar_free(gs->gram);
     kli_session_free(gs->s);
     cli_cache_report(gs->m);
     kli_model_close(gs->m);
@@ -306,7 +345,7 @@ static const char run_usage[] =
     "               [--raw [--special]] [-s|--system SYSTEM] [-n|--max-tokens MAX]\n"
     "               [--stop STR]... [--ctx N] [--cache-type T] [--quiet]\n"
     "               [--load-state FILE] [--save-state FILE] [-h|--help]\n"
-    CLI_SAMPLING_HELP CLI_PLACEMENT_HELP CLI_GPU_HELP
+    CLI_JSON_HELP CLI_SAMPLING_HELP CLI_PLACEMENT_HELP CLI_GPU_HELP
     "Without -m, the built-in demo model runs. Without -p/-f, the prompt is read from stdin.\n";
 
 static int
@@ -402,6 +441,8 @@ cmd_run(int argc, char **argv)
     }
     if (!a.g.quiet)
         gen_report(&res);
+    if (gen_grammar_check(&gs, &res) != 0)
+        goto out;
     if (a.save_state != NULL && kli_session_save(gs.s, gs.smp, a.save_state, &err) != KLI_OK) {
         cli_error("%s", err.msg);
         goto out;
@@ -532,7 +573,7 @@ chat_command(struct chat_state *c, const char *line)
 static const char chat_usage[] =
     "usage: kli chat [-m|--model MODEL] [-s|--system SYSTEM] [-n|--max-tokens MAX]\n"
     "                [--stop STR]... [--ctx N] [--cache-type T] [--quiet] [-h|--help]\n"
-    CLI_SAMPLING_HELP CLI_PLACEMENT_HELP CLI_GPU_HELP
+    CLI_JSON_HELP CLI_SAMPLING_HELP CLI_PLACEMENT_HELP CLI_GPU_HELP
     "Commands inside the chat: /reset, /save FILE, /load FILE, /help, /exit. Ctrl-C stops the\n"
     "current answer.\n";
 
@@ -629,6 +670,10 @@ cmd_chat(int argc, char **argv)
         if (cs.turns > 0)
             ids[off++] = im_end;   /* closes the previous answer, which ended unfed */
         kli_chat_render(gs.tok, msgs, nm, 1, cs.turns > 0, ids + off, n, &err);
+        if (gen_grammar_start(&gs, &a) != 0) {
+            free(ids);
+            continue;
+        }
         int r = kli_generate(gs.s, gs.tok, gs.smp, ids, (int32_t)n + off, &gs.go, &res, &err);
         free(ids);
         cli_text_end(&gen_text, stdout);
@@ -640,6 +685,7 @@ cmd_chat(int argc, char **argv)
         if (res.finish == KLI_FINISH_INTERRUPT)
             fputs("(stopped)\n", stdout);
         fflush(stdout);
+        gen_grammar_check(&gs, &res);
         cs.turns++;
         if (!a.g.quiet && tty)
             gen_report(&res);

@@ -132,6 +132,13 @@ kli_generate(struct kli_session *s, const struct kli_tokenizer *tok, struct kli_
             rc = kli_session_eval(s, &t, 1, NULL, err);
             break;
         }
+        /* A grammar's value is whole: it ends like an end token, the token fed. */
+        if (kli_sampler_grammar_status(smp) == 1) {
+            r.finish = KLI_FINISH_EOS;
+            gen_emit(&text, text.n, opt);
+            rc = kli_session_eval(s, &t, 1, NULL, err);
+            break;
+        }
         size_t safe = kli_utf8_complete_prefix(text.buf, text.n - hold);
         if (gen_emit(&text, safe, opt) != 0) {
             r.finish = KLI_FINISH_INTERRUPT;

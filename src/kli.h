@@ -481,6 +481,12 @@ struct kli_sampler_options {
     float frequency_penalty;  /* subtract per occurrence of a recent token; 0 = off */
     int32_t penalty_last_n;   /* recent tokens the penalties look at; default 64 */
     uint64_t seed;            /* the random stream; the same seed gives the same tokens */
+    /* logit_bias: bias[i] (in [-100, 100]) is added to the logit of token bias_ids[i], for
+     * i < n_bias (up to 1024), before the penalties; -100 all but bans a token. The arrays
+     * are copied by kli_sampler_create (and kli_sched_submit). Default: none. */
+    const kli_token *bias_ids;
+    const float *bias;
+    int32_t n_bias;
 };
 
 KLI_API void kli_sampler_options_init(struct kli_sampler_options *opt);
@@ -507,6 +513,38 @@ KLI_API void kli_sampler_accept(struct kli_sampler *smp, kli_token tok);
 
 /* Forgets the recorded tokens and restarts the random stream from the seed. */
 KLI_API void kli_sampler_reset(struct kli_sampler *smp);
+
+/* ---- constrained decoding: JSON Schema ------------------------------------------------
+ * A grammar is a JSON Schema compiled for one tokenizer; a sampler given one (and a token
+ * budget) draws only tokens that keep the output a prefix of a valid value, which can still
+ * be completed within the tokens left, and ends it (an end token) once the value is whole.
+ * The subset, and what is written for it (compact JSON, declared properties in their order),
+ * is in kli(3), GRAMMARS. A grammar is immutable but for a mask cache behind a lock: any
+ * number of samplers, on any threads, may share one. */
+struct kli_grammar;
+
+/* Compiles `schema` (len bytes of JSON Schema text; NULL: any JSON object) for `tok`, which
+ * must outlive the grammar.
+ * @return KLI_OK; KLI_E_FORMAT (not JSON, a keyword's value of the wrong type),
+ *         KLI_E_UNSUPPORTED (a keyword outside the subset, named with its place as a JSON
+ *         pointer; a tokenizer without <|im_end|> or [EOS]), KLI_E_INVALID (no value
+ *         satisfies the schema), KLI_E_NOMEM. */
+KLI_API int kli_grammar_create(struct kli_grammar **out, const struct kli_tokenizer *tok,
+                               const char *schema, size_t len, struct kli_err *err);
+KLI_API void kli_grammar_free(struct kli_grammar *g);
+
+/* Constrains smp's draws to `g` (NULL: no constraint), the value to be complete within
+ * max_tokens draws (> 0); kli_sampler_reset starts the value again. Once the value is
+ * complete, kli_sampler_sample returns the grammar's end token (<|im_end|>, else [EOS]).
+ * The grammar's state is not part of a snapshot. `g` must outlive its use by smp.
+ * @return KLI_OK; KLI_E_INVALID (max_tokens <= 0); KLI_E_NOMEM. */
+KLI_API int kli_sampler_set_grammar(struct kli_sampler *smp, const struct kli_grammar *g,
+                                    int32_t max_tokens, struct kli_err *err);
+
+/* @return 1 when the sampler's value is complete, 0 while it is not (or no grammar is set),
+ *         -1 when no token could follow (the draws so far are not a valid prefix: a bug, or
+ *         tokens drawn elsewhere were accepted). */
+KLI_API int kli_sampler_grammar_status(const struct kli_sampler *smp);
 
 /* ==== Snapshots: saving, restoring and forking a session ==================================
  * A snapshot is a session's complete state: the KDA recurrent and convolution states, the MLA
@@ -752,6 +790,9 @@ struct kli_sched_request {
      * caller's own errors keep their place among the results. */
     const char *fail;
     void *user;                  /* handed back in the callbacks */
+    /* Not NULL: the output is a value of this grammar, complete within max_tokens
+     * (kli_sampler_set_grammar); borrowed, it must outlive the request. */
+    const struct kli_grammar *grammar;
 };
 
 struct kli_prefix_stats {

@@ -12,6 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "grammar.h"
 #include "internal.h"
 #include "sampler.h"
 #include "threads.h"
@@ -39,6 +40,12 @@ struct kli_sampler {
     uint16_t *bk;             /* [n_vocab] each candidate's bucket */
     int32_t *bstart;          /* [SAMPLER_BUCKETS + 1] */
     void *mem;                /* the block the arrays above are carved from */
+    kli_token *bias_ids;      /* [o.n_bias] the options' logit_bias, copied */
+    float *bias;
+    float *blog;              /* [n_vocab] the logits with the bias added */
+    struct gr_matcher *gm;    /* kli_sampler_set_grammar's, or NULL */
+    int32_t g_budget;         /* its max_tokens */
+    float *glog;              /* [n_vocab] the logits the grammar allows, -inf elsewhere */
 };
 
 void
@@ -54,6 +61,8 @@ kli_sampler_free(struct kli_sampler *smp)
 {
     if (smp == NULL)
         return;
+    gr_matcher_free(smp->gm);
+    free(smp->glog);
     free(smp->mem);
     free(smp);
 }
@@ -66,6 +75,8 @@ kli_sampler_reset(struct kli_sampler *smp)
         smp->rng = 1;
     smp->n_recent = smp->head = 0;
     memset(smp->count, 0, (size_t)smp->n_vocab * sizeof(int32_t));
+    if (smp->gm != NULL)
+        gr_matcher_reset(smp->gm, smp->g_budget);
 }
 
 /* The arrays, all sized by the options and n_vocab (k_carve's two passes). */
@@ -81,6 +92,9 @@ sampler_carve(struct kli_sampler *smp, struct k_carve *cv)
     smp->tmp = k_carve(cv, nv, sizeof(struct sampler_cand));
     smp->bstart = k_carve(cv, SAMPLER_BUCKETS + 1, sizeof(int32_t));
     smp->bk = k_carve(cv, nv, sizeof(uint16_t));
+    smp->bias_ids = k_carve(cv, (size_t)smp->o.n_bias, sizeof(kli_token));
+    smp->bias = k_carve(cv, (size_t)smp->o.n_bias, sizeof(float));
+    smp->blog = k_carve(cv, smp->o.n_bias > 0 ? nv : 0, sizeof(float));
 }
 
 int
@@ -113,6 +127,18 @@ kli_sampler_create(struct kli_sampler **out, const struct kli_sampler_options *o
     if (opt->penalty_last_n < 0 || opt->penalty_last_n > (1 << 24))
         return err_set(err, KLI_E_RANGE, "penalty window %d is outside [0, 2^24]",
                            opt->penalty_last_n);
+    if (opt->n_bias < 0 || opt->n_bias > 1024 ||
+        (opt->n_bias > 0 && (opt->bias_ids == NULL || opt->bias == NULL)))
+        return err_set(err, KLI_E_RANGE, "logit_bias: %d entries (at most 1024, with both "
+                       "arrays)", opt->n_bias);
+    for (int32_t i = 0; i < opt->n_bias; i++) {
+        if (opt->bias_ids[i] < 0 || opt->bias_ids[i] >= n_vocab)
+            return err_set(err, KLI_E_RANGE, "logit_bias: token %d is outside the vocabulary "
+                           "[0, %d)", opt->bias_ids[i], n_vocab);
+        if (!(opt->bias[i] >= -100.0f && opt->bias[i] <= 100.0f))
+            return err_set(err, KLI_E_RANGE, "logit_bias: the bias %g of token %d is outside "
+                           "[-100, 100]", (double)opt->bias[i], opt->bias_ids[i]);
+    }
     smp = k_calloc(1, sizeof(*smp));
     if (smp == NULL)
         return err_set(err, KLI_E_NOMEM, "out of memory");
@@ -124,6 +150,12 @@ kli_sampler_create(struct kli_sampler **out, const struct kli_sampler_options *o
         return err_set(err, KLI_E_NOMEM, "out of memory");
     }
     sampler_carve(smp, &cv);
+    if (opt->n_bias > 0) {
+        memcpy(smp->bias_ids, opt->bias_ids, (size_t)opt->n_bias * sizeof(kli_token));
+        memcpy(smp->bias, opt->bias, (size_t)opt->n_bias * sizeof(float));
+    }
+    smp->o.bias_ids = smp->bias_ids;   /* the options point at the copies */
+    smp->o.bias = smp->bias;
     kli_sampler_reset(smp);
     *out = smp;
     return KLI_OK;
@@ -411,10 +443,92 @@ sampler_support_at(const struct kli_sampler *smp, int32_t i, kli_token *id, floa
     *w = smp->cand[i].logit;
 }
 
+static kli_token sampler_draw(struct kli_sampler *smp, const float *logits);
+
+int
+kli_sampler_set_grammar(struct kli_sampler *smp, const struct kli_grammar *g,
+                        int32_t max_tokens, struct kli_err *err)
+{
+    struct gr_matcher *gm = NULL;
+    float *glog = NULL;
+
+    if (smp == NULL || (g != NULL && max_tokens <= 0))
+        return err_set(err, KLI_E_INVALID, "kli_sampler_set_grammar: invalid arguments");
+    if (g != NULL && g->nodes[g->root].minlen > max_tokens)
+        return err_set(err, KLI_E_RANGE, "max_tokens %d is below the %d tokens that the "
+                       "shortest value of the schema may take", (int)max_tokens,
+                       (int)g->nodes[g->root].minlen);
+    if (g != NULL) {
+        int rc = gr_matcher_create(&gm, g, smp->n_vocab, err);
+        if (rc != KLI_OK)
+            return rc;
+        if ((glog = k_mallocarray((size_t)smp->n_vocab, sizeof(float))) == NULL) {
+            gr_matcher_free(gm);
+            return err_set(err, KLI_E_NOMEM, "out of memory");
+        }
+        gr_matcher_reset(gm, max_tokens);
+    }
+    gr_matcher_free(smp->gm);
+    free(smp->glog);
+    smp->gm = gm;
+    smp->glog = glog;
+    smp->g_budget = max_tokens;
+    return KLI_OK;
+}
+
+int
+kli_sampler_grammar_status(const struct kli_sampler *smp)
+{
+    return smp == NULL || smp->gm == NULL ? 0 : gr_matcher_status(smp->gm);
+}
+
+/* A draw under the grammar: the logits of the tokens it does not allow become -inf; once the
+ * value is complete, or nothing can follow, the end token. */
+static kli_token
+sampler_grammar_draw(struct kli_sampler *smp, const float *logits)
+{
+    struct gr_matcher *gm = smp->gm;
+    const uint64_t *mask;
+    int32_t V = smp->n_vocab;
+    kli_token tok;
+
+    if (gr_matcher_status(gm) != 0)
+        return gr_matcher_end(gm);
+    if ((mask = gr_matcher_mask(gm)) == NULL) {
+        gr_matcher_accept(gm, -1);   /* stuck: kli_sampler_grammar_status tells */
+        return gr_matcher_end(gm);
+    }
+    for (int32_t i = 0; i < V; i++)
+        smp->glog[i] = (mask[i / 64] >> (i % 64)) & 1 ? logits[i] : -INFINITY;
+    tok = sampler_draw(smp, smp->glog);
+    if (tok < 0 || tok >= V || !((mask[tok / 64] >> (tok % 64)) & 1)) {
+        /* every allowed logit NaN or -inf: the first allowed token */
+        for (tok = 0; !((mask[tok / 64] >> (tok % 64)) & 1); tok++)
+            ;
+    }
+    gr_matcher_accept(gm, tok);
+    return tok;
+}
+
 kli_token
 kli_sampler_sample(struct kli_sampler *smp, const float *logits)
 {
+    if (smp->gm != NULL)
+        return sampler_grammar_draw(smp, logits);
+    return sampler_draw(smp, logits);
+}
+
+static kli_token
+sampler_draw(struct kli_sampler *smp, const float *logits)
+{
     const struct kli_sampler_options *o = &smp->o;
+
+    if (o->n_bias > 0) {   /* logit_bias first, on a copy */
+        memcpy(smp->blog, logits, (size_t)smp->n_vocab * sizeof(float));
+        for (int32_t i = 0; i < o->n_bias; i++)
+            smp->blog[smp->bias_ids[i]] += smp->bias[i];
+        logits = smp->blog;
+    }
     int32_t V = smp->n_vocab;
     kli_token tok = 0;
     double sum = 0.0;

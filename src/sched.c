@@ -50,6 +50,9 @@ struct sched_req {
     int32_t n;
     struct kli_sampler_options so;
     int32_t max_tokens;
+    const struct kli_grammar *grammar;
+    kli_token *bias_ids;          /* the copies so.bias_ids and so.bias point at */
+    float *bias;
     char *stop[SCHED_MAX_STOP];
     int32_t n_stop;
     char *fail;
@@ -103,6 +106,8 @@ sched_req_free(struct sched_req *r)
     for (int32_t i = 0; i < r->n_stop; i++)
         free(r->stop[i]);
     free(r->fail);
+    free(r->bias_ids);
+    free(r->bias);
     free(r);
 }
 
@@ -182,7 +187,11 @@ sched_take(struct kli_sched *s, struct sched_place *p, kli_token t, const float 
 
     for (int i = 0; i < TOKENIZER_N_ENDS; i++) {
         if (s->ends[i] >= 0 && t == s->ends[i]) {
-            sched_finish(s, p, KLI_FINISH_EOS, KLI_OK, NULL);
+            if (kli_sampler_grammar_status(p->smp) < 0)
+                sched_finish(s, p, KLI_FINISH_ERROR, KLI_E_INVALID, "no token could continue "
+                             "the JSON value (the grammar is stuck)");
+            else
+                sched_finish(s, p, KLI_FINISH_EOS, KLI_OK, NULL);
             return;
         }
     }
@@ -209,6 +218,10 @@ sched_take(struct kli_sched *s, struct sched_place *p, kli_token t, const float 
             sched_finish(s, p, KLI_FINISH_STOP, KLI_OK, NULL);
             return;
         }
+    }
+    if (kli_sampler_grammar_status(p->smp) == 1) {   /* the JSON value is whole */
+        sched_finish(s, p, KLI_FINISH_EOS, KLI_OK, NULL);
+        return;
     }
     if (p->n_gen >= r->max_tokens || kli_session_pos(p->s) >= kli_session_ctx_max(p->s)) {
         sched_finish(s, p, KLI_FINISH_LENGTH, KLI_OK, NULL);
@@ -318,7 +331,11 @@ sched_join(struct kli_sched *s, struct sched_place *p, struct sched_req *r, int3
         sched_end(s, r, NULL, KLI_FINISH_ERROR, err.code, err.msg);
         return 0;
     }
-    if ((rc = kli_sampler_create(&p->smp, &r->so, kli_model_n_vocab(s->m), &err)) != KLI_OK) {
+    if ((rc = kli_sampler_create(&p->smp, &r->so, kli_model_n_vocab(s->m), &err)) != KLI_OK ||
+        (r->grammar != NULL && r->max_tokens > 0 &&
+         (rc = kli_sampler_set_grammar(p->smp, r->grammar, r->max_tokens, &err)) != KLI_OK)) {
+        kli_sampler_free(p->smp);
+        p->smp = NULL;
         sched_end(s, r, NULL, KLI_FINISH_ERROR, rc, err.msg);
         return 0;
     }
@@ -624,7 +641,19 @@ kli_sched_submit(struct kli_sched *s, const struct kli_sched_request *r, uint64_
             goto nomem;
     }
     q->so = r->so;
+    if (r->so.n_bias > 0 && r->so.n_bias <= 1024 && r->so.bias_ids != NULL &&
+        r->so.bias != NULL) {   /* kli_sampler_create checks them when the request joins */
+        q->bias_ids = k_mallocarray((size_t)r->so.n_bias, sizeof(kli_token));
+        q->bias = k_mallocarray((size_t)r->so.n_bias, sizeof(float));
+        if (q->bias_ids == NULL || q->bias == NULL)
+            goto nomem;
+        memcpy(q->bias_ids, r->so.bias_ids, (size_t)r->so.n_bias * sizeof(kli_token));
+        memcpy(q->bias, r->so.bias, (size_t)r->so.n_bias * sizeof(float));
+    }
+    q->so.bias_ids = q->bias_ids;
+    q->so.bias = q->bias;
     q->max_tokens = r->max_tokens;
+    q->grammar = r->grammar;
     q->user = r->user;
     q->id = s->next_id++;
     s->wait[s->n_wait++] = q;

@@ -52,6 +52,8 @@ struct tok_map {
     size_t mask;
 };
 
+struct gr_trie;
+
 struct kli_tokenizer {
     int32_t n_base;                /* ranks in tiktoken.model; the first special id */
     int32_t n_vocab;               /* n_base + special slots */
@@ -72,6 +74,8 @@ struct kli_tokenizer {
     unsigned char aclass[256];     /* enum tok_class of each byte, for the ASCII fast path */
     pcre2_code *re;
     int jit;                       /* re is JIT-compiled */
+    struct gr_trie *trie;          /* the vocabulary as grammar.c walks it: built by the
+                                      first grammar, shared by all, freed here */
 };
 
 /* ==== Byte-string map ======================================================================= */

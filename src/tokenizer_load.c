@@ -16,6 +16,7 @@
 #include <sys/stat.h>
 
 #include "internal.h"
+#include "grammar.h"
 #include "tokenizer.h"
 #include "tokenizer_impl.h"
 #include "unicode.h"
@@ -677,6 +678,7 @@ kli_tokenizer_close(struct kli_tokenizer *t)
 {
     if (t == NULL)
         return;
+    gr_trie_free(t->trie);
     pcre2_code_free(t->re);
     free(t->specials.slot);
     free(t->ranks.slot);

@@ -63,5 +63,30 @@ if [ $? -eq 0 ]; then ok "every record completed; 1e-45 and 1e-39 give the greed
     notok "every record completed; 1e-45 and 1e-39 give the greedy text"
     sed 's/^/# /' "$tmp/check.out" | head -5
 fi
+# ---- --logit-bias and "logit_bias": +100 on the token of "a" makes greedy text all a's ------
+a_id=$(printf a | "$kli" tokenize -m "$model" | tr -d ' \n')
+"$kli" run -m "$model" -p "Tell me a story" -n 6 --temp 0 --logit-bias "$a_id:100" -t 1 \
+    --quiet >"$tmp/bias.txt" 2>"$tmp/err"
+rc=$?
+if [ $rc -eq 0 ] && [ "$(cat "$tmp/bias.txt")" = "aaaaaa" ]; then
+    ok "run --logit-bias $a_id:100: six a's"
+else
+    notok "run --logit-bias $a_id:100: exit $rc, '$(head -c 40 "$tmp/bias.txt")'"
+fi
+t "--logit-bias with a bias of 200: usage error" 2 \
+    "$kli" run -m "$model" -p x --logit-bias 5:200
+t "--logit-bias with a token outside the vocabulary: exit 1" 1 \
+    "$kli" run -m "$model" -p x --logit-bias 99999:1
+printf '{"id": "a", "prompt": "Hi", "max_tokens": 4, "temperature": 0, "logit_bias": {"%s": 100}}\n{"id": "b", "prompt": "Hi", "logit_bias": {"x": 1}}\n' \
+    "$a_id" >"$tmp/bias.jsonl"
+"$kli" batch -m "$model" -i "$tmp/bias.jsonl" -o "$tmp/bias.out" -t 1 --quiet \
+    --max-errors 1 >/dev/null 2>"$tmp/err"
+rc=$?
+"$py" - "$tmp/bias.out" <<'EOF'
+import json, sys
+rs = {json.loads(l)['id']: json.loads(l) for l in open(sys.argv[1], encoding='utf-8')}
+sys.exit(rs['a']['text'] != 'aaaa' or 'is not a token id' not in rs['b'].get('error', ''))
+EOF
+check $((rc + $?)) "batch logit_bias: four a's; a bad key fails its record naming it"
 echo "1..$n"
 exit $fail

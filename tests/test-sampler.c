@@ -440,6 +440,69 @@ test_many(void)
     free(l);
 }
 
+/* logit_bias: drawing with a bias is drawing from the logits with the bias added by hand,
+ * token for token from the same seed; +100 forces a token, -100 bans one; bad entries are
+ * refused naming them. */
+static void
+test_bias(void)
+{
+    enum { NV = 300 };
+    float l[NV], lb[NV];
+    kli_token ids[3] = {7, 42, 250};
+    float b[3] = {3.5f, -100.0f, 1.25f};
+    struct kli_sampler_options o, ob;
+    struct kli_sampler *a, *c;
+    struct kli_err err = {0};
+    int same = 1;
+
+    for (int i = 0; i < NV; i++)
+        l[i] = (float)tl_normal(&trng);
+    l[42] = 20.0f;   /* the argmax, banned by its bias */
+    memcpy(lb, l, sizeof(l));
+    for (int k = 0; k < 3; k++)
+        lb[ids[k]] += b[k];
+    kli_sampler_options_init(&o);
+    o.temperature = 0.8f;
+    o.top_p = 0.95f;
+    ob = o;
+    ob.bias_ids = ids;
+    ob.bias = b;
+    ob.n_bias = 3;
+    a = mk(&ob, NV);
+    c = mk(&o, NV);
+    ids[0] = 0;   /* the sampler holds a copy */
+    for (int i = 0; i < 200; i++) {
+        kli_token x = kli_sampler_sample(a, l), y = kli_sampler_sample(c, lb);
+        same &= x == y && x != 42;
+    }
+    ok(same, "logit_bias: 200 draws equal those from the biased logits; the banned token "
+       "never drawn");
+    kli_sampler_free(a);
+    kli_sampler_free(c);
+    ob.temperature = 0;
+    ids[0] = 7;
+    b[0] = 100.0f;
+    a = mk(&ob, NV);
+    ok(kli_sampler_sample(a, l) == 7, "logit_bias: +100 makes token 7 the greedy choice");
+    kli_sampler_free(a);
+    ids[1] = NV;
+    a = NULL;
+    ok(kli_sampler_create(&a, &ob, NV, &err) == KLI_E_RANGE && a == NULL &&
+       strstr(err.msg, "token 300 is outside the vocabulary") != NULL,
+       "logit_bias: a token outside the vocabulary refused: %s", err.msg);
+    ids[1] = 1;
+    b[2] = 101.0f;
+    memset(&err, 0, sizeof(err));
+    ok(kli_sampler_create(&a, &ob, NV, &err) == KLI_E_RANGE &&
+       strstr(err.msg, "outside [-100, 100]") != NULL,
+       "logit_bias: a bias of 101 refused: %s", err.msg);
+    b[2] = 1.0f;
+    ob.n_bias = 1025;
+    memset(&err, 0, sizeof(err));
+    ok(kli_sampler_create(&a, &ob, NV, &err) == KLI_E_RANGE, "logit_bias: 1025 entries "
+       "refused: %s", err.msg);
+}
+
 /* Greedy, seeds, penalties and the other fixed cases. */
 static void
 test_basics(void)
@@ -652,6 +715,8 @@ main(int argc, char **argv)
         test_many();
     if (tap_case_seeded("extremes", &trng, TSEED))
         test_extremes();
+    if (tap_case_seeded("bias", &trng, TSEED))
+        test_bias();
     if (tap_case("basics"))
         test_basics();
     if (tap_case("abi_size"))

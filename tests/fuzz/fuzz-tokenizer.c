@@ -25,23 +25,8 @@
 #include "unicode.h"
 #define FUZZ_NAME "fuzz-tokenizer"
 #define FUZZ_CLEANUP
+#define FUZZ_TOKENIZER
 #include "fuzz.h"
-
-static struct kli_tokenizer *fuzz_tok;
-
-static void
-fuzz_load(void)
-{
-    const char *dir = getenv("KLI_FUZZ_TOKENIZER_DIR");
-    struct kli_err err = {0};
-
-    if (dir == NULL)
-        dir = "tests/data/tokenizer";
-    if (kli_tokenizer_open(&fuzz_tok, dir, &err) != KLI_OK) {
-        fprintf(stderr, "fuzz-tokenizer: cannot load %s: %s\n", dir, err.msg);
-        abort();
-    }
-}
 
 static void
 fuzz_mode(const char *text, size_t size, int valid, int flags)

@@ -27,6 +27,27 @@ fuzz_check(int cond, const char *what)
     }
 }
 
+#ifdef FUZZ_TOKENIZER
+/* The harnesses that need the tokenizer fixture define FUZZ_TOKENIZER (and include kli.h):
+ * fuzz_tok is loaded once by fuzz_load, from $KLI_FUZZ_TOKENIZER_DIR or else
+ * ./tests/data/tokenizer. */
+static struct kli_tokenizer *fuzz_tok;
+
+static void
+fuzz_load(void)
+{
+    const char *dir = getenv("KLI_FUZZ_TOKENIZER_DIR");
+    struct kli_err err = {0};
+
+    if (dir == NULL)
+        dir = "tests/data/tokenizer";
+    if (kli_tokenizer_open(&fuzz_tok, dir, &err) != KLI_OK) {
+        fprintf(stderr, FUZZ_NAME ": cannot load %s: %s\n", dir, err.msg);
+        abort();
+    }
+}
+#endif
+
 #ifndef KLI_LIBFUZZER
 /* Runs every file named in argv[1..] through the harness, each from a buffer of exactly its
  * size (so that a read past the end shows under ASan). @return 0, or 1 when a file cannot
