@@ -172,7 +172,8 @@ avx2_transpose8(const __m256 *v, float *dst, int64_t ds)
  * with integer sums throughout (sc_c: sc[2c] for the first 16 lanes of x_c's pair sums,
  * sc[2c + 1] for the others). vpmaddubsw cannot saturate: u <= 63 and |x| <= 127 make a pair
  * at most 16002. (VNNI's vpdpbusd would add groups of four before the scales are applied, so
- * the vpmaddwd that applies them would stay: avx512vnni runs this code unchanged.)
+ * the vpmaddwd that applies them stays; avx512vnni fuses it with its add as vpdpwssd, which
+ * does not saturate either: the same integers.)
  */
 #define AVX2_KSB 320
 
@@ -201,22 +202,10 @@ avx2_k_field(__m256i v, int from, int to, int mask)
     return _mm256_and_si256(v, _mm256_set1_epi8((char)(mask << to)));
 }
 
-/* The little-endian 32-bit word at p. */
-AVX2_INLINE uint32_t
-avx2_k_u32(const uint8_t *p)
-{
-    uint32_t v;
-
-    memcpy(&v, p, 4);
-    return v;
-}
-
 /* The scales, minimums and d, dm of the super-block at p (see above). */
 AVX2_INLINE void
 avx2_k_head(enum k_dtype dt, const uint8_t *p, __m256i *sc, __m256i *mn, float *d, float *dm)
 {
-    const uint32_t m2 = 0x03030303u, m4 = 0x0f0f0f0fu;
-
     switch (dt) {
     case KLI_DT_Q2_K: {
         /* a byte per sub-block: scale in the low nibble, minimum in the high one */
@@ -228,12 +217,18 @@ avx2_k_head(enum k_dtype dt, const uint8_t *p, __m256i *sc, __m256i *mn, float *
         return;
     }
     case KLI_DT_Q3_K: {
-        /* sixteen 6-bit values u, scale u - 32: kli-weights(5) */
-        uint32_t a0 = avx2_k_u32(p + 96), a1 = avx2_k_u32(p + 100), a2 = avx2_k_u32(p + 104);
-        __m128i u = _mm_setr_epi32((int)((a0 & m4) | (a2 & m2) << 4),
-                                   (int)((a1 & m4) | (a2 >> 2 & m2) << 4),
-                                   (int)((a0 >> 4 & m4) | (a2 >> 4 & m2) << 4),
-                                   (int)((a1 >> 4 & m4) | (a2 >> 6 & m2) << 4));
+        /* sixteen 6-bit values u, scale u - 32 (kli-weights(5)): with a0, a1, a2 the words at
+         * p + 96, 100, 104, the 32-bit lanes of v are, per byte, a0 & 0xf, a1 & 0xf,
+         * a0 >> 4 & 0xf and a1 >> 4 & 0xf with a2's bit pairs 0, 1, 2 and 3 above them
+         * (loaded from p + 92, whose lanes 1..3 are a0..a2, not to read past the block) */
+        __m128i h = _mm_loadu_si128((const __m128i *)(p + 92));
+        __m128i a = _mm_shuffle_epi32(h, _MM_SHUFFLE(2, 1, 2, 1));
+        __m128i b = _mm_shuffle_epi32(h, _MM_SHUFFLE(3, 3, 3, 3));
+        b = _mm_srlv_epi32(_mm_sllv_epi32(b, _mm_setr_epi32(4, 2, 0, 0)),
+                           _mm_setr_epi32(0, 0, 0, 2));
+        __m128i u = _mm_or_si128(
+            _mm_and_si128(_mm_srlv_epi32(a, _mm_setr_epi32(0, 0, 4, 4)), _mm_set1_epi8(0x0f)),
+            _mm_and_si128(b, _mm_set1_epi8(0x30)));
         *sc = *mn = _mm256_sub_epi16(_mm256_cvtepu8_epi16(u), _mm256_set1_epi16(32));
         *d = avx2_f16(p + 108);
         *dm = 4.0f * *d;
@@ -241,15 +236,23 @@ avx2_k_head(enum k_dtype dt, const uint8_t *p, __m256i *sc, __m256i *mn, float *
     }
     case KLI_DT_Q4_K:
     case KLI_DT_Q5_K: {
-        /* eight 6-bit scales and minimums, each repeated for the two halves of its 32 */
-        uint32_t a0 = avx2_k_u32(p + 4), a1 = avx2_k_u32(p + 8), a2 = avx2_k_u32(p + 12);
-        __m128i v = _mm_setr_epi32((int)(a0 & 0x3f3f3f3fu), (int)((a2 & m4) | (a0 >> 6 & m2) << 4),
-                                   (int)(a1 & 0x3f3f3f3fu),
-                                   (int)((a2 >> 4 & m4) | (a1 >> 6 & m2) << 4));
+        /* eight 6-bit scales and minimums, each repeated for the two halves of its 32. With
+         * a0, a1, a2 the words at p + 4, 8, 12, the 32-bit lanes of v are sc0..3 = a0 & 0x3f,
+         * sc4..7 = a2 & 0xf | (a0 >> 6 & 3) << 4, mn0..3 = a1 & 0x3f and mn4..7 = a2 >> 4 &
+         * 0xf | (a1 >> 6 & 3) << 4 per byte (kli-weights(5)), in one register: the two top
+         * bits of a byte, shifted right by 2 within its 32-bit word, land at bits 4..5 */
+        __m128i h = _mm_loadu_si128((const __m128i *)p);
+        __m128i a = _mm_shuffle_epi32(h, _MM_SHUFFLE(3, 2, 3, 1));
+        __m128i b = _mm_shuffle_epi32(h, _MM_SHUFFLE(2, 2, 1, 1));
+        __m128i v = _mm_or_si128(
+            _mm_and_si128(_mm_srlv_epi32(a, _mm_setr_epi32(0, 0, 0, 4)),
+                          _mm_setr_epi32(0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f)),
+            _mm_and_si128(_mm_srli_epi32(b, 2), _mm_setr_epi32(0, 0x30303030, 0, 0x30303030)));
+        __m128 f = _mm_cvtph_ps(h);
         *sc = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(v, v));
         *mn = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(v, v));
-        *d = avx2_f16(p);
-        *dm = avx2_f16(p + 2);
+        *d = _mm_cvtss_f32(f);
+        *dm = _mm_cvtss_f32(_mm_movehdup_ps(f));
         return;
     }
     default:
@@ -356,6 +359,13 @@ avx2_quant_qk(const float *x, int64_t nb, uint8_t *buf)
     }
 }
 
+/* acc + madd(a, b): one vpdpwssd where the including file is built with VNNI (avx512vnni) */
+#ifdef KLI_VNNI
+#define AVX2_K_MADD(acc, a, b) _mm256_dpwssd_epi32(acc, a, b)
+#else
+#define AVX2_K_MADD(acc, a, b) _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
+#endif
+
 /*
  * out[r nt + t] = row r . token t over nsb super-blocks, r < nr, t < nt (constants, one of
  * them 1, nr nt <= 8): rows rb bytes apart, token regions `stride` bytes apart; the rows pf
@@ -380,6 +390,7 @@ avx2_qk_dot(enum k_dtype dt, int nr, int nt, const uint8_t *act, size_t stride, 
                 _mm_prefetch((const char *)(p + pf + l), _MM_HINT_T0);
             _mm_prefetch((const char *)(p + pf + bb - 1), _MM_HINT_T0);
             avx2_k_head(dt, p, &s16, &mn, &d, &dm);
+            const __m256 vd = _mm256_set1_ps(d), vm = _mm256_set1_ps(dm);
             sc[0] = _mm256_permute2x128_si256(s16, s16, 0x00);
             sc[1] = _mm256_permute2x128_si256(s16, s16, 0x11);
 #pragma GCC unroll 8
@@ -391,20 +402,18 @@ avx2_qk_dot(enum k_dtype dt, int nr, int nt, const uint8_t *act, size_t stride, 
 #pragma GCC unroll 8
                 for (int t = 0; t < nt; t++) {
                     __m256i xq = _mm256_load_si256((const __m256i *)(act + t * stride + 32 * c));
-                    isum[t] = _mm256_add_epi32(isum[t],
-                                               _mm256_madd_epi16(_mm256_maddubs_epi16(u, xq), sv));
+                    isum[t] = AVX2_K_MADD(isum[t], _mm256_maddubs_epi16(u, xq), sv);
                 }
             }
+            /* acc += d_x (d isum - dm madd(mn, sums)), d and dm broadcast once per row */
 #pragma GCC unroll 8
             for (int t = 0; t < nt; t++) {
                 const uint8_t *xs = act + t * stride;
                 __m256i sums = _mm256_load_si256((const __m256i *)(xs + 256));
-                __m256 ms = _mm256_cvtepi32_ps(_mm256_madd_epi16(mn, sums));
-                __m256 *a = &acc[r * nt + t];
-                float dx;
-                memcpy(&dx, xs + 288, 4);
-                *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), _mm256_set1_ps(d * dx), *a);
-                *a = _mm256_fnmadd_ps(ms, _mm256_set1_ps(dm * dx), *a);
+                __m256 ms = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(mn, sums)), vm);
+                __m256 v = _mm256_fmsub_ps(_mm256_cvtepi32_ps(isum[t]), vd, ms);
+                acc[r * nt + t] = _mm256_fmadd_ps(v, _mm256_broadcast_ss((const float *)(xs + 288)),
+                                                  acc[r * nt + t]);
             }
         }
     }

@@ -18,7 +18,8 @@
  *
  * The including file defines X86(name) (its prefix, e.g. avx2_##name) and:
  *   X86_KC, X86_NR, X86_NC, X86_TM   the GEMM blocking (NR a multiple of 8)
- *   X86_DTM                          tokens per decode tile: 4, or 8 (then 4 for the rest)
+ *   X86_DTM                          tokens per decode tile: 4, or 8 (then 4 for the rest);
+ *                                    8 for the K types whatever it is
  *   X86_QBUF, X86_ALIGN              the activation buffer's bytes and alignment
  *   X86(mpack)[KLI_DT_COUNT]         the m from which the GEMM path is taken
  *   X86(dot_rows)(dt, nr, x, w, rb, pf, k, out)         float rows . one token, nr <= 4
@@ -170,7 +171,7 @@ x86_stream_q(enum k_dtype dt, float *y, int64_t ldy, const float *x, int64_t ldx
 {
     uint8_t act[X86_QBUF] __attribute__((aligned(X86_ALIGN)));
     size_t rb = (size_t)dtype_nbytes(dt, (uint64_t)k);
-    float out[X86_DTM];
+    float out[8];
 
     for (int64_t k0 = 0, kq; k0 < k; k0 += kq) {
         kq = x86_qslice(dt, k - k0, m);
@@ -201,12 +202,13 @@ x86_stream_q(enum k_dtype dt, float *y, int64_t ldy, const float *x, int64_t ldx
             const uint8_t *p = wk + r * rb;
             size_t pf = x86_ahead(r, 1, n, rb);
             int64_t t = 0;
-#if X86_DTM == 8
-            for (; t + 8 <= m; t += 8) {
+            /* eight tokens a tile where the ISA has the registers for it, and for the K types
+             * everywhere: their tile holds only its integer sums in registers while it runs
+             * through a super-block, and unpacking a super-block is most of its work */
+            for (; (X86_DTM == 8 || dtype_is_k(dt)) && t + 8 <= m; t += 8) {
                 x86_qtile(dt, 8, act + t * stride, stride, nb, p, pf, out);
                 x86_put_col(y + t * ldy + r, ldy, out, 8, k0 > 0);
             }
-#endif
             for (; t + 4 <= m; t += 4) {
                 x86_qtile(dt, 4, act + t * stride, stride, nb, p, pf, out);
                 x86_put_col(y + t * ldy + r, ldy, out, 4, k0 > 0);
