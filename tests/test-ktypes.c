@@ -5,7 +5,10 @@
  * kli-weights(5) (GGUF's), every field of every type set and chosen elements checked;
  * error_*: the quantizer's relative RMS error on Gaussian rows, within bounds and strictly
  * falling from Q2_K to Q6_K, Q4_K well below Q4; weighted_*: importance weights lower the
- * weighted error, and NULL weights give dtype_from_f32's bytes; edge_*: zeros, tiny, huge
+ * weighted error, NULL weights give dtype_from_f32's bytes, and weights that favour some
+ * columns lower those columns' error; feedback_*: the inverse's factor, and error feedback
+ * (kq_from_f32_h) lowering e^T H e on correlated inputs, a diagonal H giving the weighted
+ * bytes; edge_*: zeros, tiny, huge
  * and non-finite inputs give finite, deterministic blocks; matmul: every table's matmul of
  * every K type against the dequantized weights in double (generic to 1e-5 of sum |x w|, the
  * SIMD tables within the rounding of x to int8 per super-block); nano: the trained demo model
@@ -713,47 +716,25 @@ files(void)
     ok(tl_rmtree(dir) == 0, "clean up");
 }
 
-/* Rows of x's error, weighted per column by wgt: the relative RMS error of columns j with
- * sel(j) (j % 2 == part), through dt quantized with imp. */
-static double
-half_err(enum k_dtype dt, const float *x, int rows, int k, const float *imp, int part)
-{
-    uint8_t *q = tl_malloc((size_t)dtype_nbytes(dt, (uint64_t)k));
-    float *y = tl_malloc((size_t)k * sizeof(float));
-    double num = 0.0, den = 0.0;
-
-    for (int r = 0; r < rows; r++) {
-        const float *xr = x + (size_t)r * k;
-        dtype_from_f32_w(dt, xr, q, k, imp);
-        dtype_to_f32(dt, q, y, k);
-        for (int j = part; j < k; j += 2) {
-            num += ((double)y[j] - xr[j]) * ((double)y[j] - xr[j]);
-            den += (double)xr[j] * xr[j];
-        }
-    }
-    free(q);
-    free(y);
-    return sqrt(num / den);
-}
-
 /* Weights that favour every other column lower those columns' own (unweighted) error and
  * raise the rest's, against the unweighted quantizer. */
 static void
 weighted_channels(void)
 {
     uint64_t st = 41;   /* each case starts from its seed */
-
-    int rows = 16, k = 512;
-    float *x = gauss_rows(&st, rows, k);
-    float *imp = tl_malloc((size_t)k * sizeof(float));
-    int good = 1;
-    for (int j = 0; j < k; j++)
+    int rows = 16, k = 512, good = 1;
+    float *x = gauss_rows(&st, rows, k), *imp = tl_malloc((size_t)k * sizeof(float));
+    float *even = tl_malloc((size_t)k * sizeof(float)), *odd = tl_malloc((size_t)k * 4);
+    for (int j = 0; j < k; j++) {
         imp[j] = j % 2 == 0 ? 8.0f : 1.0f;
+        even[j] = j % 2 == 0 ? 1.0f : 0.0f;   /* each half's own error, unweighted */
+        odd[j] = 1.0f - even[j];
+    }
     for (int t = 0; t < 7; t++) {
-        double f0 = half_err(ktypes[t], x, rows, k, NULL, 0);
-        double f1 = half_err(ktypes[t], x, rows, k, imp, 0);
-        double o0 = half_err(ktypes[t], x, rows, k, NULL, 1);
-        double o1 = half_err(ktypes[t], x, rows, k, imp, 1);
+        double f0 = rel_err(ktypes[t], x, rows, k, NULL, even);
+        double f1 = rel_err(ktypes[t], x, rows, k, imp, even);
+        double o0 = rel_err(ktypes[t], x, rows, k, NULL, odd);
+        double o1 = rel_err(ktypes[t], x, rows, k, imp, odd);
         diag("%s favoured columns %.5f -> %.5f, the others %.5f -> %.5f",
              k_dtype_name(ktypes[t]), f0, f1, o0, o1);
         good &= t < 5 ? f1 < 0.97 * f0 && o1 > o0 : f1 <= f0;
@@ -762,6 +743,8 @@ weighted_channels(void)
        "the others' cost; Q4 and Q8_0 never raise it)");
     free(x);
     free(imp);
+    free(even);
+    free(odd);
 }
 
 /* H = a a^T / r + eps I for a random k x r a: inputs with strong correlations. */
@@ -862,12 +845,9 @@ static void
 feedback_lower(void)
 {
     uint64_t st = 47;   /* each case starts from its seed */
-
-    int rows = 8, k = 512;
-    float *x = gauss_rows(&st, rows, k);
+    int rows = 8, k = 512, lower = 1, same = 1;
+    float *x = gauss_rows(&st, rows, k), *u = tl_malloc((size_t)k * k * sizeof(float));
     double *h = corr_h(&st, k, 32, 0.05);
-    float *u = tl_malloc((size_t)k * k * sizeof(float));
-    int lower = 1, same = 1;
     ok(kq_hinv_factor(h, k, 0.01, u) == 0, "H factored");
     for (int t = 0; t < 5; t++) {
         double ew = out_err(ktypes[t], x, rows, k, h, NULL);
