@@ -260,7 +260,8 @@ kli_imatrix_save(const struct kli_imatrix *im, const char *path, const char *con
     kv[3] = fp;
     kv[4] = "kli.matrices";
     kv[5] = nmat;
-    memcpy(kv + 6, meta_kv, (size_t)(2 * n_meta) * sizeof(*kv));
+    if (n_meta > 0)   /* meta_kv may be NULL then */
+        memcpy(kv + 6, meta_kv, (size_t)(2 * n_meta) * sizeof(*kv));
     if ((rc = st_writer_open_meta(&w, path, ent, nt, kv, n_meta + 3, err)) != KLI_OK)
         goto out;
     for (int64_t i = 0; i < im->n && rc == KLI_OK; i++) {
