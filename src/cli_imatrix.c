@@ -101,7 +101,7 @@ imat_collect(struct imat_run *r, struct kli_session *s, float *logits, long ever
 
 static const char imat_usage[] =
     "usage: kli imatrix [-m|--model MODEL] -f|--file TEXT -o|--output FILE [--ctx N]\n"
-    "                   [--chunks N] [--save-every N] [--bos] [-h|--help]\n"
+    "                   [--chunks N] [--save-every N] [--bos] [--covariance] [-h|--help]\n"
     CLI_PLACEMENT_HELP;
 
 int
@@ -115,6 +115,7 @@ cli_imatrix(int argc, char **argv)
         {"chunks", required_argument, NULL, 'C'},
         {"save-every", required_argument, NULL, 'S'},
         {"bos", no_argument, NULL, 'B'},
+        {"covariance", no_argument, NULL, 'V'},
         CLI_THREADS_LONGOPT,
         CLI_HELP_LONGOPT,
         CLI_PLACEMENT_LONGOPTS,
@@ -129,7 +130,7 @@ cli_imatrix(int argc, char **argv)
         {'S', "--save-every", 0, INT32_MAX, &every},
     };
     struct cli_args ca = {.usage = imat_usage, .ints = ints, .n_ints = 3};
-    int c, rc = 1, bos = 0;
+    int c, rc = 1, bos = 0, cov = 0;
     struct kli_model *m = NULL;
     struct kli_session *s = NULL;
     struct kli_err err = {0};
@@ -144,6 +145,7 @@ cli_imatrix(int argc, char **argv)
         case 'f': r.file = optarg; break;
         case 'o': r.out = optarg; break;
         case 'B': bos = 1; break;
+        case 'V': cov = 1; break;
         }
     }
     if (c != CLI_ARGS_END)
@@ -191,6 +193,7 @@ cli_imatrix(int argc, char **argv)
     so.ctx_max = (int32_t)ctx;
     if (kli_session_create(&s, m, &so, &err) != KLI_OK ||
         kli_imatrix_create(&r.im, m, &err) != KLI_OK ||
+        (cov && kli_imatrix_covariance(r.im, &err) != KLI_OK) ||
         kli_session_set_imatrix(s, r.im, &err) != KLI_OK) {
         cli_error("%s", err.msg);
         goto out;

@@ -247,7 +247,8 @@ kli_convert(const char *in, const char *out, const struct kli_convert_options *o
     for (int64_t i = 0; i < n; i++) {
         const struct tensor_desc *d = wfile_tensor(wf, order[i].src);
 
-        qs.imp = quantize_imp(imp, order[i].src, d->dtype, ent[i].dtype, used);
+        quantize_imp(&qs, imp, wfile_n_tensors(m->wf), order[i].src, d->dtype, ent[i].dtype,
+                     used);
         if ((rc = quantize_tensor(&qs, wf, d, ent[i].dtype, err)) != KLI_OK)
             goto out;
     }

@@ -4,6 +4,7 @@
 #include "config.h"
 
 #include <inttypes.h>
+#include <math.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -21,6 +22,7 @@ struct imat_ent {
     const char *name;     /* the model's tensor name */
     int64_t width;        /* input values per row: the matrix's shape[1] */
     double *sum;          /* [width] sum of x[j]^2 */
+    double *cov;          /* NULL, or [width * width] sum of x[a] x[b], lower triangle */
     uint64_t count;       /* rows added */
 };
 
@@ -73,7 +75,7 @@ imat_reg(struct kli_imatrix *im, const struct tensor *t)
     int64_t s = imat_slot(im, t->name);
     if (im->slot[s] != 0)
         return;
-    im->ent[im->n] = (struct imat_ent){t->name, t->shape[1], NULL, 0};
+    im->ent[im->n] = (struct imat_ent){t->name, t->shape[1], NULL, NULL, 0};
     im->slot[s] = (int32_t)++im->n;
 }
 
@@ -156,10 +158,30 @@ kli_imatrix_free(struct kli_imatrix *im)
         return;
     if (im->ent != NULL && im->n > 0)
         free(im->ent[0].sum);
+    for (int64_t i = 0; im->ent != NULL && i < im->n; i++)
+        free(im->ent[i].cov);
     free(im->ent);
     free(im->slot);
     pthread_mutex_destroy(&im->lock);
     free(im);
+}
+
+int
+kli_imatrix_covariance(struct kli_imatrix *im, struct kli_err *err)
+{
+    for (int64_t i = 0; i < im->n; i++) {
+        if (im->ent[i].count > 0)
+            return err_set(err, KLI_E_INVALID, "kli_imatrix_covariance: %s has rows already: "
+                               "ask before collecting", im->ent[i].name);
+    }
+    for (int64_t i = 0; i < im->n; i++) {
+        struct imat_ent *e = &im->ent[i];
+        if (e->cov == NULL &&
+            (e->cov = k_calloc((size_t)(e->width * e->width), sizeof(double))) == NULL)
+            return err_set(err, KLI_E_NOMEM, "out of memory for the covariance of %s (%lld x "
+                               "%lld)", e->name, (long long)e->width, (long long)e->width);
+    }
+    return KLI_OK;
 }
 
 void
@@ -176,6 +198,11 @@ imat_add(struct kli_imatrix *im, const struct tensor *w, const float *x, int64_t
         const float *r = x + t * ldx;
         for (int64_t j = 0; j < e->width; j++)
             e->sum[j] += (double)r[j] * r[j];
+        for (int64_t a = 0; e->cov != NULL && a < e->width; a++) {
+            double *ca = e->cov + a * e->width, xa = r[a];
+            for (int64_t b = 0; b <= a; b++)
+                ca[b] += xa * r[b];
+        }
     }
     e->count += (uint64_t)m;
     pthread_mutex_unlock(&im->lock);
@@ -198,24 +225,29 @@ kli_imatrix_save(const struct kli_imatrix *im, const char *path, const char *con
     struct st_entry *ent = NULL;
     struct st_writer *w = NULL;
     const char **kv = NULL;
-    char **names = NULL, fp[32], nmat[32];
+    char **names = NULL, **cnames = NULL, fp[32], nmat[32];
     float *buf = NULL;
-    int64_t maxw = 1;
+    int64_t maxw = 1, nt = 0;
     int rc = KLI_E_NOMEM;
 
-    ent = k_calloc((size_t)(2 * im->n), sizeof(*ent));
+    ent = k_calloc((size_t)(3 * im->n), sizeof(*ent));
     names = k_calloc((size_t)im->n, sizeof(*names));
+    cnames = k_calloc((size_t)im->n, sizeof(*cnames));
     kv = k_calloc((size_t)(2 * n_meta + 6), sizeof(*kv));
-    if (ent == NULL || names == NULL || kv == NULL)
+    if (ent == NULL || names == NULL || cnames == NULL || kv == NULL)
         goto nomem;
     for (int64_t i = 0; i < im->n; i++) {
         const struct imat_ent *e = &im->ent[i];
         size_t len = strlen(e->name) + sizeof(".count");
-        if ((names[i] = k_malloc(len)) == NULL)
+        if ((names[i] = k_malloc(len)) == NULL || (cnames[i] = k_malloc(len)) == NULL)
             goto nomem;
         snprintf(names[i], len, "%s.count", e->name);
-        ent[2 * i] = (struct st_entry){e->name, "F32", 1, {e->width}, 4 * (uint64_t)e->width};
-        ent[2 * i + 1] = (struct st_entry){names[i], "I64", 1, {1}, 8};
+        snprintf(cnames[i], len, "%s.cov", e->name);
+        ent[nt++] = (struct st_entry){e->name, "F32", 1, {e->width}, 4 * (uint64_t)e->width};
+        ent[nt++] = (struct st_entry){names[i], "I64", 1, {1}, 8};
+        if (e->cov != NULL)
+            ent[nt++] = (struct st_entry){cnames[i], "F32", 2, {e->width, e->width},
+                                          4 * (uint64_t)(e->width * e->width)};
         maxw = e->width > maxw ? e->width : maxw;
     }
     if ((buf = k_mallocarray((size_t)maxw, sizeof(float))) == NULL)
@@ -228,8 +260,9 @@ kli_imatrix_save(const struct kli_imatrix *im, const char *path, const char *con
     kv[3] = fp;
     kv[4] = "kli.matrices";
     kv[5] = nmat;
-    memcpy(kv + 6, meta_kv, (size_t)(2 * n_meta) * sizeof(*kv));
-    if ((rc = st_writer_open_meta(&w, path, ent, 2 * im->n, kv, n_meta + 3, err)) != KLI_OK)
+    if (n_meta > 0)   /* meta_kv may be NULL then */
+        memcpy(kv + 6, meta_kv, (size_t)(2 * n_meta) * sizeof(*kv));
+    if ((rc = st_writer_open_meta(&w, path, ent, nt, kv, n_meta + 3, err)) != KLI_OK)
         goto out;
     for (int64_t i = 0; i < im->n && rc == KLI_OK; i++) {
         const struct imat_ent *e = &im->ent[i];
@@ -239,6 +272,14 @@ kli_imatrix_save(const struct kli_imatrix *im, const char *path, const char *con
         util_wr64(c8, e->count);
         if ((rc = st_writer_write(w, buf, 4 * (uint64_t)e->width, err)) == KLI_OK)
             rc = st_writer_write(w, c8, 8, err);
+        /* the covariance row by row, mirrored from its lower triangle */
+        for (int64_t a = 0; e->cov != NULL && a < e->width && rc == KLI_OK; a++) {
+            for (int64_t b = 0; b < e->width; b++) {
+                double v = b <= a ? e->cov[a * e->width + b] : e->cov[b * e->width + a];
+                buf[b] = e->count > 0 ? (float)(v / (double)e->count) : 0.0f;
+            }
+            rc = st_writer_write(w, buf, 4 * (uint64_t)e->width, err);
+        }
     }
     goto out;
 nomem:
@@ -247,7 +288,10 @@ out:
     rc = st_writer_finish(w, rc, err);
     for (int64_t i = 0; names != NULL && i < im->n; i++)
         free(names[i]);
+    for (int64_t i = 0; cnames != NULL && i < im->n; i++)
+        free(cnames[i]);
     free(names);
+    free(cnames);
     free(ent);
     free(kv);
     free(buf);
@@ -256,11 +300,53 @@ out:
 
 /* ==== reading the file for kli_quantize ================================================= */
 
-/* Checks one mean-squares tensor `d` of the file against the checkpoint and copies it out:
- * *imp stays NULL when its count is 0. */
+/* Checks a copy v of n floats from tensor `d` of the file: all finite, and none negative in
+ * a vector of mean squares (a covariance's off-diagonal values may be). */
+static int
+imat_check(const char *path, const struct tensor_desc *d, const float *v, int64_t n,
+           struct kli_err *err)
+{
+    for (int64_t j = 0; j < n; j++) {
+        const char *what = v[j] < 0.0f && d->ndim == 1 ? "negative"
+                           : !isfinite(v[j])            ? "not finite"
+                                                        : NULL;
+        if (what != NULL)
+            return err_set(err, KLI_E_FORMAT, "%s: %s[%lld] is %s", path, d->name,
+                           (long long)j, what);
+    }
+    return KLI_OK;
+}
+
+/* The optional "<name>.cov" of a matrix of width w: *cov stays NULL without one. */
+static int
+imat_take_cov(const char *path, const struct wfile *f, const char *name, int64_t w,
+              float **cov, struct kli_err *err)
+{
+    char cname[512];
+    const struct tensor_desc *c;
+    int rc;
+
+    snprintf(cname, sizeof(cname), "%s.cov", name);
+    if ((c = wfile_find(f, cname)) == NULL)
+        return KLI_OK;
+    if (c->dtype != KLI_DT_F32 || c->ndim != 2 || c->shape[0] != w || c->shape[1] != w)
+        return err_set(err, KLI_E_FORMAT, "%s: %.400s is not F32 [%lld, %lld]", path, cname,
+                       (long long)w, (long long)w);
+    if ((*cov = k_mallocarray((size_t)(w * w), sizeof(float))) == NULL)
+        return err_set(err, KLI_E_NOMEM, "out of memory reading %s", path);
+    memcpy(*cov, c->data, (size_t)(w * w) * sizeof(float));
+    if ((rc = imat_check(path, c, *cov, w * w, err)) != KLI_OK) {
+        free(*cov);
+        *cov = NULL;
+    }
+    return rc;
+}
+
+/* Checks one mean-squares tensor `d` of the file against the checkpoint and copies it out,
+ * with its covariance where the file has one: both stay NULL when its count is 0. */
 static int
 imat_take(const char *path, const struct wfile *f, const struct wfile *wf,
-          const struct tensor_desc *d, float **imp, struct kli_err *err)
+          const struct tensor_desc *d, float **imp, float **cov, struct kli_err *err)
 {
     const struct tensor_desc *m = wfile_find(wf, d->name), *c;
     char cname[512];
@@ -286,13 +372,12 @@ imat_take(const char *path, const struct wfile *f, const struct wfile *wf,
     if ((v = k_mallocarray((size_t)d->shape[0], sizeof(float))) == NULL)
         return err_set(err, KLI_E_NOMEM, "out of memory reading %s", path);
     memcpy(v, d->data, (size_t)d->shape[0] * sizeof(float));
-    for (int64_t j = 0; j < d->shape[0]; j++) {
-        if (!(v[j] >= 0.0f) || v[j] > 3.4e38f) {
-            const char *what = v[j] < 0.0f ? "negative" : "not finite";
-            free(v);
-            return err_set(err, KLI_E_FORMAT, "%s: %s[%lld] is %s", path, d->name,
-                           (long long)j, what);
-        }
+    int rc = imat_check(path, d, v, d->shape[0], err);
+    if (rc == KLI_OK)
+        rc = imat_take_cov(path, f, d->name, d->shape[0], cov, err);
+    if (rc != KLI_OK) {
+        free(v);
+        return rc;
     }
     *imp = v;
     return KLI_OK;
@@ -303,7 +388,7 @@ imat_load(const char *path, const struct wfile *wf, float ***out, struct kli_err
 {
     struct wfile *f = NULL;
     int64_t n = wfile_n_tensors(wf), found = 0;
-    float **imp = k_calloc((size_t)(n > 0 ? n : 1), sizeof(*imp));
+    float **imp = k_calloc((size_t)(n > 0 ? 2 * n : 1), sizeof(*imp));
     int rc;
 
     *out = NULL;
@@ -314,13 +399,15 @@ imat_load(const char *path, const struct wfile *wf, float ***out, struct kli_err
     for (int64_t i = 0; i < wfile_n_tensors(f); i++) {
         const struct tensor_desc *d = wfile_tensor(f, i);
         size_t len = strlen(d->name);
-        if (len > 6 && strcmp(d->name + len - 6, ".count") == 0)
+        if ((len > 6 && strcmp(d->name + len - 6, ".count") == 0) ||
+            (len > 4 && strcmp(d->name + len - 4, ".cov") == 0))
             continue;
         const struct tensor_desc *m = wfile_find(wf, d->name);
-        float *v = NULL;
-        if ((rc = imat_take(path, f, wf, d, &v, err)) != KLI_OK)
+        float *v = NULL, *cv = NULL;
+        if ((rc = imat_take(path, f, wf, d, &v, &cv, err)) != KLI_OK)
             goto fail;
         imp[wfile_index(wf, m)] = v;
+        imp[n + wfile_index(wf, m)] = cv;
         found++;
     }
     if (found == 0) {
@@ -339,7 +426,7 @@ fail:
 void
 imat_imp_free(float **imp, int64_t n)
 {
-    for (int64_t i = 0; imp != NULL && i < n; i++)
+    for (int64_t i = 0; imp != NULL && i < 2 * n; i++)
         free(imp[i]);
     free(imp);
 }

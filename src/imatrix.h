@@ -39,8 +39,9 @@ imat_hook(const struct tensor *w, const float *x, int64_t ldx, int64_t m)
 struct wfile;
 
 /* Reads the importance matrix at `path` for the checkpoint `wf` (kli_quantize): (*out)[i], for
- * tensor i of wf, is a copy of its mean squares, NULL where the file has none for it or saw
- * no rows. Refuses a file that is not one (KLI_E_FORMAT), one made for another model (a name
+ * tensor i of wf (n of them), is a copy of its mean squares, NULL where the file has none for
+ * it or saw no rows; (*out)[n + i] its covariance (w x w, row-major), NULL where the file has
+ * none. Refuses a file that is not one (KLI_E_FORMAT), one made for another model (a name
  * wf lacks or another input width: KLI_E_INVALID) and negative or non-finite values.
  * @return KLI_OK, KLI_E_IO, KLI_E_FORMAT, KLI_E_INVALID, KLI_E_NOMEM. */
 int imat_load(const char *path, const struct wfile *wf, float ***out, struct kli_err *err);

@@ -901,6 +901,13 @@ KLI_API int kli_imatrix_create(struct kli_imatrix **out, const struct kli_model 
                                struct kli_err *err);
 KLI_API void kli_imatrix_free(struct kli_imatrix *im);
 
+/* Makes `im` also sum, for every matrix, the products x[a] x[b] of its inputs (the matrix of
+ * second moments, width x width doubles each), which kli_imatrix_save writes as well and
+ * kli_quantize then uses to spread each rounding error over the later columns (kli(1),
+ * quantize --imatrix). Call it before any rows are added.
+ * @return KLI_OK; KLI_E_INVALID when rows were added; KLI_E_NOMEM. */
+KLI_API int kli_imatrix_covariance(struct kli_imatrix *im, struct kli_err *err);
+
 /* Attaches `im` (of s's model) to s: each later kli_session_eval (and batched step s leads)
  * adds to it; NULL detaches. The collector must outlive its use by s.
  * @return KLI_OK; KLI_E_INVALID when the session or model uses a GPU. */
@@ -909,7 +916,8 @@ KLI_API int kli_session_set_imatrix(struct kli_session *s, struct kli_imatrix *i
 
 /* Writes the means so far to `path` (through kli_outfile) as a safetensors file: per matrix
  * an F32 tensor of its name (the mean squares, one per input column; zeros for a matrix
- * never used) and an I64 "<name>.count" (rows seen), and in __metadata__ kli.imatrix "1",
+ * never used), an I64 "<name>.count" (rows seen) and, after kli_imatrix_covariance, an F32
+ * "<name>.cov" [width, width] (the mean of x[a] x[b]), and in __metadata__ kli.imatrix "1",
  * kli.model_fingerprint, kli.matrices and the n_meta pairs meta_kv[2i] = meta_kv[2i + 1].
  * @return KLI_OK, KLI_E_IO, KLI_E_NOMEM. */
 KLI_API int kli_imatrix_save(const struct kli_imatrix *im, const char *path,

@@ -337,6 +337,8 @@ struct quant_job {
     int64_t cols;
     uint64_t out_rb;
     const float *imp;     /* NULL, or the column weights each row is quantized with */
+    const float *u;       /* NULL, or the error-feedback factor (cols x cols, K types) */
+    float *tmp;           /* with u: cols floats of scratch per worker */
 };
 
 static void
@@ -344,7 +346,12 @@ quant_rows(void *ctx, int64_t r0, int64_t r1, int ith)
 {
     const struct quant_job *j = ctx;
 
-    (void)ith;
+    if (j->u != NULL) {
+        for (int64_t r = r0; r < r1; r++)
+            kq_from_f32_h(j->to, j->src + r * j->cols, j->dst + (uint64_t)r * j->out_rb,
+                          j->cols / KLI_QK_K, j->imp, j->u, j->tmp + (int64_t)ith * j->cols);
+        return;
+    }
     if (j->imp == NULL)
         dtype_from_f32(j->to, j->src + r0 * j->cols, j->dst + (uint64_t)r0 * j->out_rb,
                        (r1 - r0) * j->cols);
@@ -353,11 +360,53 @@ quant_rows(void *ctx, int64_t r0, int64_t r1, int ith)
                          j->imp);
 }
 
+/* The damping of the second moments before they are inverted, as a fraction of their mean
+ * diagonal: 0.2 was best of 0.01 to 1 on the nano model (doc/quality.md, "Importance"). */
+#define QUANT_DAMP 0.2
+
+/* With qs->cov, a K type and whole super-blocks: the error-feedback factor of the tensor's
+ * inputs into *u, and scratch for every worker into *tmp (both NULL otherwise, and where
+ * the moments cannot be inverted: the weights alone then apply). */
+static int
+quant_feedback(const struct quantize_stream *qs, enum k_dtype to, int64_t cols, float **u,
+               float **tmp, struct kli_err *err)
+{
+    double *h = NULL;
+
+    *u = NULL;
+    *tmp = NULL;
+    if (qs->cov == NULL || !dtype_is_k(to) || cols % KLI_QK_K != 0)
+        return KLI_OK;
+    h = k_mallocarray((size_t)(cols * cols), sizeof(double));
+    *u = k_mallocarray((size_t)(cols * cols), sizeof(float));
+    *tmp = k_mallocarray((size_t)(cols * (threads_count() + 1)), sizeof(float));
+    if (h == NULL || *u == NULL || *tmp == NULL) {
+        free(h);
+        free(*u);
+        free(*tmp);
+        *u = NULL;
+        *tmp = NULL;
+        return err_set(err, KLI_E_NOMEM, "out of memory for the error feedback of %lld "
+                           "columns", (long long)cols);
+    }
+    for (int64_t i = 0; i < cols * cols; i++)
+        h[i] = qs->cov[i];
+    if (kq_hinv_factor(h, cols, QUANT_DAMP, *u) != 0) {
+        free(*u);
+        free(*tmp);
+        *u = NULL;
+        *tmp = NULL;
+    }
+    free(h);
+    return KLI_OK;
+}
+
 int
 quantize_tensor(struct quantize_stream *qs, const struct wfile *wf,
                 const struct tensor_desc *d, enum k_dtype to, struct kli_err *err)
 {
     const uint8_t *src = d->data;
+    float *u = NULL, *tmp = NULL;
     int rc = KLI_OK;
 
     if (to == d->dtype || to == KLI_DT_OTHER) {
@@ -375,29 +424,37 @@ quantize_tensor(struct quantize_stream *qs, const struct wfile *wf,
     uint64_t in_rb = dtype_nbytes(d->dtype, (uint64_t)cols);
     uint64_t out_rb = dtype_nbytes(to, (uint64_t)cols);
 
+    if ((rc = quant_feedback(qs, to, cols, &u, &tmp, err)) != KLI_OK)
+        return rc;
     for (int64_t r = 0; r < rows && rc == KLI_OK; r += qs->rows) {
         int64_t k = rows - r < qs->rows ? rows - r : qs->rows;
         dtype_to_f32(d->dtype, src + (uint64_t)r * in_rb, qs->fbuf, k * cols);
         if (dtype_info(to)->block > 1 && (rc = quant_finite(qs->fbuf, k * cols, r, cols, d->name,
                                                             err)) != KLI_OK)
             break;
-        struct quant_job job = {qs->fbuf, qs->qbuf, to, cols, out_rb, qs->imp};
+        struct quant_job job = {qs->fbuf, qs->qbuf, to, cols, out_rb, qs->imp, u, tmp};
         threads_parallel_for(k, 1, quant_rows, &job);
         rc = qs->write(qs->ctx, qs->qbuf, (uint64_t)k * out_rb, err);
         quant_drop(wf, d, (uint64_t)r * in_rb, (uint64_t)k * in_rb);
         if (rc == KLI_OK)
             rc = quant_progress(qs, (uint64_t)k * in_rb, d->name, err);
     }
+    free(u);
+    free(tmp);
     return rc;
 }
 
-const float *
-quantize_imp(float *const *imp, int64_t i, enum k_dtype from, enum k_dtype to, int64_t used[2])
+void
+quantize_imp(struct quantize_stream *qs, float *const *imp, int64_t n, int64_t i,
+             enum k_dtype from, enum k_dtype to, int64_t used[2])
 {
+    qs->imp = NULL;
+    qs->cov = NULL;
     if (imp == NULL || to == from || dtype_info(to)->block == 1)
-        return NULL;
+        return;
     used[imp[i] == NULL]++;
-    return imp[i];
+    qs->imp = imp[i];
+    qs->cov = imp[i] != NULL ? imp[n + i] : NULL;
 }
 
 /* kli_quantize's side of the stream: a safetensors writer. */
@@ -496,7 +553,7 @@ kli_quantize(const char *in, const char *out, const struct kli_convert_options *
         goto out;
     for (int64_t i = 0; i < n && rc == KLI_OK; i++) {
         const struct tensor_desc *d = wfile_tensor(wf, i);
-        qs.imp = quantize_imp(imp, i, d->dtype, to[i], used);
+        quantize_imp(&qs, imp, n, i, d->dtype, to[i], used);
         rc = quantize_tensor(&qs, wf, d, to[i], err);
     }
     if (opt->imatrix_used != NULL)

@@ -79,6 +79,8 @@ struct quantize_stream {
     int64_t rows;         /* rows per slab */
     const float *imp;     /* NULL, or the next tensor's per-column weights (kli_quantize's
                              --imatrix): each row is quantized with dtype_from_f32_w */
+    const float *cov;     /* NULL, or its inputs' second moments (cols x cols): K types then
+                             spread rounding errors over the row (kq_from_f32_h) */
 };
 
 /* Allocates the slab buffers for rows of up to max_cols elements (about 4 MB of floats per
@@ -86,12 +88,12 @@ struct quantize_stream {
 int quantize_stream_init(struct quantize_stream *qs, int64_t max_cols, struct kli_err *err);
 void quantize_stream_free(struct quantize_stream *qs);
 
-/* The column weights (kli_convert_options.imatrix, loaded by imat_load into imp[], indexed
- * like the input's tensors) that tensor i is quantized with when it goes from dtype `from` to
- * `to`: imp[i] when it becomes a block type, counted in used[0] (weighted) or used[1] (the
- * file has nothing for it); NULL otherwise, and always when imp is NULL. */
-const float *quantize_imp(float *const *imp, int64_t i, enum k_dtype from, enum k_dtype to,
-                          int64_t used[2]);
+/* Sets qs->imp and qs->cov for tensor i of n (kli_convert_options.imatrix, loaded by
+ * imat_load into imp[], indexed like the input's tensors) as it goes from dtype `from` to
+ * `to`: imp[i] and imp[n + i] when it becomes a block type, counted in used[0] (weighted) or
+ * used[1] (the file has nothing for it); NULL otherwise, and always when imp is NULL. */
+void quantize_imp(struct quantize_stream *qs, float *const *imp, int64_t n, int64_t i,
+                  enum k_dtype from, enum k_dtype to, int64_t used[2]);
 
 int quantize_tensor(struct quantize_stream *qs, const struct wfile *wf,
                     const struct tensor_desc *d, enum k_dtype to, struct kli_err *err);

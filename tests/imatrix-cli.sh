@@ -2,7 +2,8 @@
 # imatrix-cli.sh - kli imatrix and kli quantize --imatrix on the nano demo model: a file
 # collected from the first half of the held-out text, quantize with it (the summary of
 # weighted and unweighted matrices), the mean KLD of `kli perplexity --kld-base` on the
-# second half with and without it (lower with it, at q4 and at each K type kli can run), and
+# second half with and without it (lower with it, at q4 and at each K type kli can run; at
+# q2_k by more than 10% with --covariance's error feedback), and
 # hostile input: an empty text, one shorter than a chunk, -o naming the model or the text, a
 # FIFO as -f, a damaged file, an imatrix for another model. (test-imatrix checks that an
 # imatrix covering nothing gives the plain bytes.) Every matrix's counts and means against
@@ -102,13 +103,14 @@ if tcase quantize; then
     check $? "... saying so"
 fi
 
-# kld TYPE: the mean KLD on the evaluation half of TYPE without and with the imatrix, in
-# $plain and $weighted; status 77 when kli cannot run that type yet.
+# kld TYPE [IMATRIX]: the mean KLD on the evaluation half of TYPE without and with the
+# imatrix (default nano.imat), in $plain and $weighted; status 77 when kli cannot run that
+# type yet.
 kld() {
     ty=$1
     for w in plain weighted; do
         im=""
-        [ $w = weighted ] && im="$tmp/nano.imat"
+        [ $w = weighted ] && im="${2:-$tmp/nano.imat}"
         "$K" quantize -m "$N" -o "$tmp/$ty-$w" --type "$ty" --force ${im:+--imatrix "$im"} \
             >/dev/null 2>&1 || return 1
         "$K" perplexity -m "$tmp/$ty-$w" -f "$tmp/eval.txt" --ctx 256 --kld-base "$tmp/base" \
@@ -137,6 +139,18 @@ if tcase kld; then
         [ $rc = 0 ] && awk -v a="$plain" -v b="$weighted" 'BEGIN { exit !(b < a) }'
         check $? "$ty: the imatrix lowers the mean KLD ($plain -> $weighted)"
     done
+fi
+
+if tcase covariance; then
+    t "kli imatrix --covariance" 0 "$K" imatrix -m "$N" -f "$tmp/cal.txt" \
+        -o "$tmp/cov.imat" --ctx 256 --covariance
+    [ -e "$tmp/base" ] || "$K" perplexity -m "$N" -f "$tmp/eval.txt" --ctx 256 \
+        --kld-base "$tmp/base" >/dev/null 2>&1
+    kld q2_k "$tmp/cov.imat"
+    rc=$?
+    echo "# q2_k: mean KLD $plain without the imatrix, $weighted with its covariance"
+    [ $rc = 0 ] && awk -v a="$plain" -v b="$weighted" 'BEGIN { exit !(b < 0.9 * a) }'
+    check $? "q2_k: the covariance's error feedback lowers the mean KLD by > 10%"
 fi
 
 tdone

@@ -3,7 +3,9 @@
  * nano demo model: layer 0's mixer inputs against the normed embeddings computed here, the
  * counts every matrix must have (tokens for the dense ones, tokens x top_k over a layer's
  * experts), the file's round trip through kli_quantize's reader, and the reader refusing
- * damaged or foreign files.
+ * damaged or foreign files; covariance, feedback: kli_imatrix_covariance's second moments
+ * (layer 0's against the outer products computed here, every one symmetric with the means
+ * on its diagonal), read back, refused when damaged, and changing a K type's bytes only.
  */
 #include "config.h"
 
@@ -27,6 +29,7 @@
 static char tmpdir[] = "/tmp/kli-imat-XXXXXX";
 static struct kli_model *nano;
 static struct wfile *saved;        /* the collector's file, read back */
+static struct wfile *covsaved;     /* the same with kli_imatrix_covariance (cov.imat) */
 static kli_token ids[N_TOK];
 static int n_evals;                /* lm_head runs on the last row of each */
 
@@ -59,8 +62,28 @@ file_mean(const struct tensor *t, int64_t *count)
     return d->data;
 }
 
-/* Collects over ids (fed in pieces of 7 and 64 tokens: the grouped and the per-expert MoE
- * schedules both run) and saves to tmpdir/nano.imat. */
+/* A session on nano collecting into a new collector *im (with the covariance when cov),
+ * fed the ids in pieces of 7 and 64 tokens: the grouped and the per-expert MoE schedules
+ * both run. @return the session's status. */
+static int
+collect(struct kli_session **s, struct kli_imatrix **im, int cov, struct kli_err *err)
+{
+    int rc = kli_session_create(s, nano, NULL, err);
+
+    rc = rc == KLI_OK ? kli_imatrix_create(im, nano, err) : rc;
+    rc = rc == KLI_OK && cov ? kli_imatrix_covariance(*im, err) : rc;
+    rc = rc == KLI_OK ? kli_session_set_imatrix(*s, *im, err) : rc;
+    for (int p = 0; rc == KLI_OK && p < N_TOK;) {
+        int k = p < 70 ? 7 : 64;
+        k = p + k > N_TOK ? N_TOK - p : k;
+        rc = kli_session_eval(*s, ids + p, k, NULL, err);
+        p += k;
+        n_evals += !cov;
+    }
+    return rc;
+}
+
+/* Collects over ids and saves to tmpdir/nano.imat. */
 static void
 case_collect(void)
 {
@@ -71,16 +94,7 @@ case_collect(void)
     int rc;
 
     snprintf(path, sizeof(path), "%s/nano.imat", tmpdir);
-    rc = kli_session_create(&s, nano, NULL, &err);
-    rc = rc == KLI_OK ? kli_imatrix_create(&im, nano, &err) : rc;
-    rc = rc == KLI_OK ? kli_session_set_imatrix(s, im, &err) : rc;
-    for (int p = 0; rc == KLI_OK && p < N_TOK;) {
-        int k = p < 70 ? 7 : 64;
-        k = p + k > N_TOK ? N_TOK - p : k;
-        rc = kli_session_eval(s, ids + p, k, NULL, &err);
-        p += k;
-        n_evals++;
-    }
+    rc = collect(&s, &im, 0, &err);
     const char *kv[] = {"test", "yes"};
     rc = rc == KLI_OK ? kli_imatrix_save(im, path, kv, 1, &err) : rc;
     ok(rc == KLI_OK, "collect over %d tokens and save (%s)", N_TOK, err.msg);
@@ -105,6 +119,23 @@ case_collect(void)
         exit(1);
 }
 
+/* x[D]: layer 0's mixer input for token ids[t], rmsnorm(embed[id]) * attn_norm, in the
+ * model's float steps (row: D floats of scratch). */
+static void
+layer0_input(int t, float *row, double *x)
+{
+    const struct k_layer *ly = &nano->layers[0];
+    int64_t D = nano->cfg.d_model;
+    double ss = 0;
+
+    ops_row_f32(&nano->embed, ids[t], row);
+    for (int64_t j = 0; j < D; j++)
+        ss += (double)row[j] * row[j];
+    double r = 1.0 / sqrt(ss / (double)D + nano->cfg.norm_eps);
+    for (int64_t j = 0; j < D; j++)
+        x[j] = (double)(float)((float)(row[j] * (float)r) * ly->attn_norm[j]);
+}
+
 /* Layer 0 (KDA) multiplies q, k, v, f_a, b and g_a with rmsnorm(embed[id]) * attn_norm. */
 static void
 case_layer0(void)
@@ -112,18 +143,13 @@ case_layer0(void)
     const struct k_layer *ly = &nano->layers[0];
     int64_t D = nano->cfg.d_model, count;
     double *want = tl_calloc((size_t)D, sizeof(double));
+    double *x = tl_malloc((size_t)D * sizeof(double));
     float *row = tl_malloc((size_t)D * sizeof(float));
 
     for (int t = 0; t < N_TOK; t++) {
-        double ss = 0;
-        ops_row_f32(&nano->embed, ids[t], row);
+        layer0_input(t, row, x);
         for (int64_t j = 0; j < D; j++)
-            ss += (double)row[j] * row[j];
-        double r = 1.0 / sqrt(ss / (double)D + nano->cfg.norm_eps);
-        for (int64_t j = 0; j < D; j++) {
-            double x = (double)(float)((float)(row[j] * (float)r) * ly->attn_norm[j]);
-            want[j] += x * x / N_TOK;
-        }
+            want[j] += x[j] * x[j] / N_TOK;
     }
     const struct tensor *mats[] = {&ly->kda.q_proj, &ly->kda.k_proj, &ly->kda.v_proj,
                                    &ly->kda.f_a, &ly->kda.b_proj, &ly->kda.g_a};
@@ -133,6 +159,7 @@ case_layer0(void)
         ok(count == N_TOK && e < 1e-5, "%s: %lld rows, means within %.2g of rmsnorm(embed)^2",
            mats[i]->name, (long long)count, e);
     }
+    free(x);
     free(want);
     free(row);
 }
@@ -277,9 +304,10 @@ case_refuse(void)
     kli_model_close(tiny);
 }
 
-/* out/model.safetensors of kli_quantize(nano, out, q4, imatrix); NULL on failure. */
+/* out/model.safetensors of kli_quantize(nano, out, type, imatrix); NULL on failure. */
 static char *
-quantized(const char *name, const char *imatrix, int64_t used[2], size_t *len)
+quantized_as(const char *name, const char *type, const char *imatrix, int64_t used[2],
+             size_t *len)
 {
     char in[4096], out[4200], file[4300];
     struct kli_convert_options o;
@@ -288,7 +316,7 @@ quantized(const char *name, const char *imatrix, int64_t used[2], size_t *len)
     tl_path(in, sizeof(in), "../../contrib/models/kimi-linear-nano");
     snprintf(out, sizeof(out), "%s/%s", tmpdir, name);
     kli_quantize_options_init(&o);
-    o.type = "q4";
+    o.type = type;
     o.imatrix = imatrix;
     o.imatrix_used = used;
     if (kli_quantize(in, out, &o, &err) != KLI_OK) {
@@ -297,6 +325,12 @@ quantized(const char *name, const char *imatrix, int64_t used[2], size_t *len)
     }
     snprintf(file, sizeof(file), "%s/model.safetensors", out);
     return tl_slurp(file, len);
+}
+
+static char *
+quantized(const char *name, const char *imatrix, int64_t used[2], size_t *len)
+{
+    return quantized_as(name, "q4", imatrix, used, len);
 }
 
 /* An imatrix that covers nothing seen leaves every byte as without one; the collected one
@@ -326,12 +360,173 @@ case_unweighted(void)
     free(w);
 }
 
+/* Collects with kli_imatrix_covariance over the ids in case_collect's pieces, to
+ * tmpdir/cov.imat. @return the file, or NULL. */
+static struct wfile *
+collect_cov(void)
+{
+    struct kli_session *s = NULL;
+    struct kli_imatrix *im = NULL;
+    struct kli_err err = {0};
+    struct wfile *f = NULL;
+    char path[4200];
+    int rc;
+
+    snprintf(path, sizeof(path), "%s/cov.imat", tmpdir);
+    rc = collect(&s, &im, 1, &err);
+    rc = rc == KLI_OK ? kli_imatrix_save(im, path, NULL, 0, &err) : rc;
+    ok(rc == KLI_OK, "collect with the covariance and save (%s)", err.msg);
+    memset(&err, 0, sizeof(err));
+    ok(im != NULL && kli_imatrix_covariance(im, &err) == KLI_E_INVALID,
+       "asking for it after rows were added is refused: %s", err.msg);
+    kli_session_free(s);
+    kli_imatrix_free(im);
+    if (rc == KLI_OK && wfile_open(&f, path, &err) != KLI_OK)
+        diag("%s: %s", path, err.msg);
+    return f;
+}
+
+/* The covariance of layer 0's q_proj against rmsnorm(embed) x attn_norm computed here;
+ * every matrix's: symmetric, its diagonal the file's means. */
+static void
+case_covariance(void)
+{
+    const struct k_layer *ly = &nano->layers[0];
+    int64_t D = nano->cfg.d_model, nmat = 0;
+    const struct wfile *f = covsaved;
+    double *want = tl_calloc((size_t)(D * D), sizeof(double));
+    float *row = tl_malloc((size_t)D * sizeof(float));
+    double *x = tl_malloc((size_t)D * sizeof(double)), worst = 0.0;
+    int sym = 1, diag_ok = 1;
+    char cname[600];
+
+    for (int t = 0; t < N_TOK; t++) {
+        layer0_input(t, row, x);
+        for (int64_t a = 0; a < D; a++)
+            for (int64_t b = 0; b < D; b++)
+                want[a * D + b] += x[a] * x[b] / N_TOK;
+    }
+    snprintf(cname, sizeof(cname), "%s.cov", ly->kda.q_proj.name);
+    const struct tensor_desc *c = f != NULL ? wfile_find(f, cname) : NULL;
+    double e = c != NULL && c->ndim == 2 && c->shape[0] == D && c->shape[1] == D
+                   ? tl_rel_l2_d(c->data, want, D * D) : INFINITY;
+    ok(e < 1e-5, "%s within %.2g of the mean of x x^T computed here", cname, e);
+    for (int64_t i = 0; f != NULL && i < wfile_n_tensors(f); i++) {
+        const struct tensor_desc *d = wfile_tensor(f, i), *m, *cv;
+        if (d->ndim != 2)
+            continue;
+        size_t len = strlen(d->name) - 4;
+        char name[600];
+        snprintf(name, sizeof(name), "%.*s", (int)len, d->name);
+        m = wfile_find(saved, name);
+        cv = d;
+        int64_t w = cv->shape[0];
+        const float *cd = cv->data;
+        if (m == NULL || m->shape[0] != w) {
+            diag_ok = 0;
+            continue;
+        }
+        const float *md = m->data;
+        for (int64_t a = 0; a < w; a++) {
+            double dv = fabs((double)cd[a * w + a] - md[a]);
+            worst = dv / (md[a] + 1e-30) > worst ? dv / (md[a] + 1e-30) : worst;
+            for (int64_t b = 0; b < a; b++)
+                sym &= cd[a * w + b] == cd[b * w + a];
+        }
+        nmat++;
+    }
+    diag_ok &= worst < 1e-5;
+    ok(nmat > 50 && sym && diag_ok, "%lld covariances, symmetric, each diagonal the means "
+       "(worst %.2g)", (long long)nmat, worst);
+    free(want);
+    free(row);
+    free(x);
+}
+
+/* Whether imat_load refuses (with code) an imatrix for lm_head, means 1 and count 5, whose
+ * covariance is (D + more)^2 of v on the diagonal. */
+static int
+refused_cov(int64_t more, float v, int code, const char *what)
+{
+    struct st_writer *w = NULL;
+    struct kli_err err = {0};
+    const char *name = nano->lm_head.name;
+    int64_t D = nano->cfg.d_model, W = D + more;
+    char cname[512], vname[512], path[4200];
+    float *x = tl_malloc((size_t)(W * W) * sizeof(float));
+    float *ones = tl_malloc((size_t)D * sizeof(float));
+    uint8_t c8[8];
+
+    snprintf(path, sizeof(path), "%s/badcov.imat", tmpdir);
+    snprintf(cname, sizeof(cname), "%s.count", name);
+    snprintf(vname, sizeof(vname), "%s.cov", name);
+    struct st_entry e[3] = {{name, "F32", 1, {D}, 4 * (uint64_t)D},
+                            {cname, "I64", 1, {1}, 8},
+                            {vname, "F32", 2, {W, W}, 4 * (uint64_t)(W * W)}};
+    for (int64_t i = 0; i < W * W; i++)
+        x[i] = i % (W + 1) == 0 ? v : 0.0f;
+    for (int64_t i = 0; i < D; i++)
+        ones[i] = 1.0f;
+    util_wr64(c8, 5);
+    int rc = st_writer_open(&w, path, e, 3, &err);
+    rc = rc == KLI_OK ? st_writer_write(w, ones, 4 * (uint64_t)D, &err) : rc;
+    rc = rc == KLI_OK ? st_writer_write(w, c8, 8, &err) : rc;
+    rc = rc == KLI_OK ? st_writer_write(w, x, 4 * (uint64_t)(W * W), &err) : rc;
+    rc = rc == KLI_OK ? st_writer_close(w, &err) : rc;
+    free(x);
+    free(ones);
+    if (rc != KLI_OK) {
+        diag("writing %s: %s", path, err.msg);
+        return 0;
+    }
+    return refused(path, nano->wf, code, what);
+}
+
+/* The covariances loaded (imp[n + i]) change a K type's bytes (error feedback) and leave
+ * Q4's as the means alone give them. */
+static void
+case_feedback(void)
+{
+    char full[4200], cov[4200];
+    struct kli_err err = {0};
+    float **imp = NULL;
+    int64_t n = wfile_n_tensors(nano->wf), ncov = 0, u[2];
+    size_t n0 = 0, n1 = 0, n2 = 0, n3 = 0;
+
+    snprintf(full, sizeof(full), "%s/nano.imat", tmpdir);
+    snprintf(cov, sizeof(cov), "%s/cov.imat", tmpdir);
+    int rc = imat_load(cov, nano->wf, &imp, &err);
+    for (int64_t i = 0; rc == KLI_OK && i < n; i++)
+        ncov += imp[n + i] != NULL && imp[i] != NULL;
+    ok(rc == KLI_OK && ncov > 50, "imat_load reads %lld covariances (%s)", (long long)ncov,
+       err.msg);
+    imat_imp_free(imp, n);
+    ok(refused_cov(32, 1.0f, KLI_E_FORMAT, "cov width"), "a covariance of another width "
+       "is refused");
+    ok(refused_cov(0, NAN, KLI_E_FORMAT, "cov NaN"), "a NaN in a covariance is refused");
+    ok(!refused_cov(0, -1.0f, KLI_E_FORMAT, "cov negative"), "negative values in a "
+       "covariance are read (off the diagonal they are ordinary)");
+    char *a = quantized_as("k-means", "q3_k_m", full, u, &n0);
+    char *b = quantized_as("k-cov", "q3_k_m", cov, u, &n1);
+    char *c = quantized("q4-means", full, u, &n2);
+    char *d = quantized("q4-cov", cov, u, &n3);
+    ok(a != NULL && b != NULL && n0 == n1 && memcmp(a, b, n0) != 0,
+       "q3_k_m: the covariance changes the bytes");
+    ok(c != NULL && d != NULL && n2 == n3 && memcmp(c, d, n2) == 0,
+       "q4: the covariance is not used, the means' bytes");
+    free(a);
+    free(b);
+    free(c);
+    free(d);
+}
+
 int
 main(int argc, char **argv)
 {
     static const struct tap_fn cases[] = {
         {"layer0", case_layer0}, {"counts", case_counts}, {"roundtrip", case_roundtrip},
         {"refuse", case_refuse}, {"unweighted", case_unweighted},
+        {"covariance", case_covariance}, {"feedback", case_feedback},
     };
     tap_init(argc, argv);
     if (mkdtemp(tmpdir) == NULL)
@@ -340,10 +535,13 @@ main(int argc, char **argv)
     uint64_t r = 7;
     for (int i = 0; i < N_TOK; i++)
         ids[i] = (kli_token)(tl_xorshift(&r) % 2000);
-    if (!tap_listing)
+    if (!tap_listing) {
         case_collect();
+        covsaved = collect_cov();
+    }
     tap_run(cases, sizeof(cases) / sizeof(cases[0]));
     wfile_close(saved);
+    wfile_close(covsaved);
     kli_model_close(nano);
     if (tl_rmtree(tmpdir) != 0)
         diag("could not remove %s", tmpdir);

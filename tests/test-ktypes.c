@@ -5,7 +5,10 @@
  * kli-weights(5) (GGUF's), every field of every type set and chosen elements checked;
  * error_*: the quantizer's relative RMS error on Gaussian rows, within bounds and strictly
  * falling from Q2_K to Q6_K, Q4_K well below Q4; weighted_*: importance weights lower the
- * weighted error, and NULL weights give dtype_from_f32's bytes; edge_*: zeros, tiny, huge
+ * weighted error, NULL weights give dtype_from_f32's bytes, and weights that favour some
+ * columns lower those columns' error; feedback_*: the inverse's factor, and error feedback
+ * (kq_from_f32_h) lowering e^T H e on correlated inputs, a diagonal H giving the weighted
+ * bytes; edge_*: zeros, tiny, huge
  * and non-finite inputs give finite, deterministic blocks; matmul: every table's matmul of
  * every K type against the dequantized weights in double (generic to 1e-5 of sum |x w|, the
  * SIMD tables within the rounding of x to int8 per super-block); nano: the trained demo model
@@ -713,6 +716,174 @@ files(void)
     ok(tl_rmtree(dir) == 0, "clean up");
 }
 
+/* Weights that favour every other column lower those columns' own (unweighted) error and
+ * raise the rest's, against the unweighted quantizer. */
+static void
+weighted_channels(void)
+{
+    uint64_t st = 41;   /* each case starts from its seed */
+    int rows = 16, k = 512, good = 1;
+    float *x = gauss_rows(&st, rows, k), *imp = tl_malloc((size_t)k * sizeof(float));
+    float *even = tl_malloc((size_t)k * sizeof(float)), *odd = tl_malloc((size_t)k * 4);
+    for (int j = 0; j < k; j++) {
+        imp[j] = j % 2 == 0 ? 8.0f : 1.0f;
+        even[j] = j % 2 == 0 ? 1.0f : 0.0f;   /* each half's own error, unweighted */
+        odd[j] = 1.0f - even[j];
+    }
+    for (int t = 0; t < 7; t++) {
+        double f0 = rel_err(ktypes[t], x, rows, k, NULL, even);
+        double f1 = rel_err(ktypes[t], x, rows, k, imp, even);
+        double o0 = rel_err(ktypes[t], x, rows, k, NULL, odd);
+        double o1 = rel_err(ktypes[t], x, rows, k, imp, odd);
+        diag("%s favoured columns %.5f -> %.5f, the others %.5f -> %.5f",
+             k_dtype_name(ktypes[t]), f0, f1, o0, o1);
+        good &= t < 5 ? f1 < 0.97 * f0 && o1 > o0 : f1 <= f0;
+    }
+    ok(good, "weights favouring half the columns lower their error (K types by > 3%%, at "
+       "the others' cost; Q4 and Q8_0 never raise it)");
+    free(x);
+    free(imp);
+    free(even);
+    free(odd);
+}
+
+/* H = a a^T / r + eps I for a random k x r a: inputs with strong correlations. */
+static double *
+corr_h(uint64_t *st, int k, int r, double eps)
+{
+    double *a = tl_malloc((size_t)k * r * sizeof(double));
+    double *h = tl_malloc((size_t)k * k * sizeof(double));
+
+    for (int i = 0; i < k * r; i++)
+        a[i] = tl_normal(st);
+    for (int i = 0; i < k; i++) {
+        for (int j = 0; j < k; j++) {
+            double t = i == j ? eps : 0.0;
+            for (int p = 0; p < r; p++)
+                t += a[i * r + p] * a[j * r + p] / r;
+            h[i * k + j] = t;
+        }
+    }
+    free(a);
+    return h;
+}
+
+/* u^T u (H + damp mean(diag H) I) = I, u upper triangular; no factor for an H that is not
+ * positive definite. */
+static void
+feedback_factor(void)
+{
+    uint64_t st = 43;   /* each case starts from its seed */
+
+    int k = 48;
+    double *h = corr_h(&st, k, 8, 0.05), md = 0.0, worst = 0.0;
+    float *u = tl_malloc((size_t)k * k * sizeof(float));
+    int upper = 1;
+    for (int i = 0; i < k; i++)
+        md += h[i * k + i] / k;
+    ok(kq_hinv_factor(h, k, 0.1, u) == 0, "a positive definite H is factored");
+    for (int i = 0; i < k; i++) {
+        for (int j = 0; j < k; j++) {
+            double t = 0.0;   /* (u^T u H')[i][j] */
+            for (int p = 0; p < k; p++) {
+                double g = 0.0;
+                for (int q = 0; q < k; q++)
+                    g += (double)u[q * k + i] * u[q * k + p];
+                t += g * (h[p * k + j] + (p == j ? 0.1 * md : 0.0));
+            }
+            double d = fabs(t - (i == j ? 1.0 : 0.0));
+            worst = d > worst ? d : worst;
+            upper &= j >= i || u[i * k + j] == 0.0f;
+        }
+    }
+    ok(upper && worst < 1e-4, "u is upper triangular and u^T u H' = I to %.2g", worst);
+    for (int i = 0; i < k * k; i++)
+        h[i] = 0.0;
+    ok(kq_hinv_factor(h, k, 0.0, u) != 0, "a zero H without damping is refused");
+    h[0] = -1.0;
+    ok(kq_hinv_factor(h, 1, 0.0, u) != 0, "a negative 1 x 1 H is refused");
+    free(h);
+    free(u);
+}
+
+/* sum over rows of e^T H e, e a row's error through dt: with error feedback (u) or without
+ * (the per-column weights diag H). */
+static double
+out_err(enum k_dtype dt, const float *x, int rows, int k, const double *h, const float *u)
+{
+    uint8_t *q = tl_malloc((size_t)dtype_nbytes(dt, (uint64_t)k));
+    float *y = tl_malloc((size_t)k * sizeof(float)), *tmp = tl_malloc((size_t)k * 4);
+    float *dg = tl_malloc((size_t)k * sizeof(float));
+    double *e = tl_malloc((size_t)k * sizeof(double)), sum = 0.0;
+
+    for (int j = 0; j < k; j++)
+        dg[j] = (float)h[j * k + j];
+    for (int r = 0; r < rows; r++) {
+        const float *xr = x + (size_t)r * k;
+        if (u != NULL)
+            kq_from_f32_h(dt, xr, q, k / 256, dg, u, tmp);
+        else
+            dtype_from_f32_w(dt, xr, q, k, dg);
+        dtype_to_f32(dt, q, y, k);
+        for (int j = 0; j < k; j++)
+            e[j] = (double)y[j] - xr[j];
+        for (int i = 0; i < k; i++)
+            for (int j = 0; j < k; j++)
+                sum += e[i] * h[i * k + j] * e[j];
+    }
+    free(q);
+    free(y);
+    free(tmp);
+    free(dg);
+    free(e);
+    return sum;
+}
+
+/* Inputs with strong correlations: error feedback lowers the output error e^T H e well
+ * below what the per-column weights reach; a diagonal H gives the weighted bytes. */
+static void
+feedback_lower(void)
+{
+    uint64_t st = 47;   /* each case starts from its seed */
+    int rows = 8, k = 512, lower = 1, same = 1;
+    float *x = gauss_rows(&st, rows, k), *u = tl_malloc((size_t)k * k * sizeof(float));
+    double *h = corr_h(&st, k, 32, 0.05);
+    ok(kq_hinv_factor(h, k, 0.01, u) == 0, "H factored");
+    for (int t = 0; t < 5; t++) {
+        double ew = out_err(ktypes[t], x, rows, k, h, NULL);
+        double ef = out_err(ktypes[t], x, rows, k, h, u);
+        diag("%s output error %.4g with the weights, %.4g with feedback (%.1f%% lower)",
+             k_dtype_name(ktypes[t]), ew, ef, 100.0 * (1.0 - ef / ew));
+        lower &= ef < 0.8 * ew;
+    }
+    ok(lower, "error feedback lowers the output error by > 20%% in every K type");
+    /* a diagonal H: u diagonal, nothing spread */
+    for (int i = 0; i < k; i++)
+        for (int j = 0; j < k; j++)
+            h[i * k + j] = i == j ? 0.5 + (double)(i % 7) : 0.0;
+    ok(kq_hinv_factor(h, k, 0.0, u) == 0, "diagonal H factored");
+    float *dg = tl_malloc((size_t)k * sizeof(float)), *tmp = tl_malloc((size_t)k * 4);
+    for (int j = 0; j < k; j++)
+        dg[j] = (float)h[j * k + j];
+    for (int t = 0; t < 5; t++) {
+        size_t nb = (size_t)dtype_nbytes(ktypes[t], (uint64_t)k);
+        uint8_t *p = tl_malloc(nb), *q = tl_malloc(nb);
+        for (int r = 0; r < rows; r++) {
+            dtype_from_f32_w(ktypes[t], x + (size_t)r * k, p, k, dg);
+            kq_from_f32_h(ktypes[t], x + (size_t)r * k, q, k / 256, dg, u, tmp);
+            same &= memcmp(p, q, nb) == 0;
+        }
+        free(p);
+        free(q);
+    }
+    ok(same, "a diagonal H gives the weighted quantizer's bytes in every K type");
+    free(x);
+    free(h);
+    free(u);
+    free(dg);
+    free(tmp);
+}
+
 static const struct tap_fn cases[] = {
     {"layout_table", layout_table},
     {"layout_q2_k", layout_q2_k},
@@ -724,6 +895,9 @@ static const struct tap_fn cases[] = {
     {"error_outliers", error_outliers},
     {"weighted_lower", weighted_lower},
     {"weighted_null", weighted_null},
+    {"weighted_channels", weighted_channels},
+    {"feedback_factor", feedback_factor},
+    {"feedback_lower", feedback_lower},
     {"edge_values", edge_values},
     {"matmul", matmul_tables},
     {"nano", nano_logits},

@@ -98,6 +98,23 @@ void kq_to_f32(enum k_dtype dt, const uint8_t *src, float *dst, int64_t nb);
 void kq_from_f32(enum k_dtype dt, const float *src, uint8_t *dst, int64_t nb,
                  const float *imp);
 
+/*
+ * Error feedback over a row (GPTQ's rounding, Frantar et al. 2022): with H = E[x x^T] the
+ * input's second moments (k x k), the output error of a row is e^T H e, which the per-column
+ * weights of dtype_from_f32_w see only through diag(H). kq_hinv_factor writes the upper
+ * triangular u (k x k, row-major) with u^T u = (H + damp * mean(diag H) * I)^-1, in double,
+ * from the upper triangle of h; @return 0, or -1 when H is not positive definite (after the
+ * damping). kq_from_f32_h quantizes one row of nb super-blocks (k = 256 nb): each block's
+ * scales are searched as kq_from_f32's with imp (k weights, diag(H) say), on the row as
+ * corrected so far; its weights are then rounded in order to the nearest level of those
+ * scales, each rounding error spread over the later columns through u, so that later
+ * columns make up for it where the inputs are correlated. tmp: k floats of scratch. A
+ * diagonal H (u diagonal) gives kq_from_f32's bytes.
+ */
+int kq_hinv_factor(const double *h, int64_t k, double damp, float *u);
+void kq_from_f32_h(enum k_dtype dt, const float *src, uint8_t *dst, int64_t nb,
+                   const float *imp, const float *u, float *tmp);
+
 /* The dtype a matrix with rows of `cols` elements is written in when dt is asked for: dt
  * when the rows are whole blocks of it; for a K type whose rows are not whole super-blocks
  * but whole 32-blocks, KLI_DT_K_FALLBACK; else KLI_DT_COUNT (no block type fits: the caller

@@ -23,8 +23,10 @@
 #include "config.h"
 
 #include <math.h>
+#include <stdlib.h>
 
 #include "dtype.h"
+#include "internal.h"
 #include "util.h"
 
 #define KQ_F16_MAX 65504.0f
@@ -615,5 +617,106 @@ kq_from_f32(enum k_dtype dt, const float *src, uint8_t *dst, int64_t nb, const f
                 w[j + i] = 1.0f;
         }
         kq_quant_block(dt, x, w, dst + (size_t)k * bb);
+    }
+}
+
+/* ==== error feedback (dtype.h) ========================================================== */
+
+/* Cholesky a = l l^T in place (lower triangle of a, k x k); @return -1 if not positive
+ * definite. */
+static int
+kq_chol(double *a, int64_t k)
+{
+    for (int64_t j = 0; j < k; j++) {
+        double s = a[j * k + j];
+        for (int64_t p = 0; p < j; p++)
+            s -= a[j * k + p] * a[j * k + p];
+        if (!(s > 0.0) || !isfinite(s))
+            return -1;
+        a[j * k + j] = sqrt(s);
+        for (int64_t i = j + 1; i < k; i++) {
+            double t = a[i * k + j];
+            for (int64_t p = 0; p < j; p++)
+                t -= a[i * k + p] * a[j * k + p];
+            a[i * k + j] = t / a[j * k + j];
+        }
+    }
+    return 0;
+}
+
+int
+kq_hinv_factor(const double *h, int64_t k, double damp, float *u)
+{
+    double *a = k_mallocarray((size_t)(k * k), sizeof(double));
+    double *b = k_mallocarray((size_t)(k * k), sizeof(double));
+    double md = 0.0;
+    int rc = -1;
+
+    if (a == NULL || b == NULL || k < 1)
+        goto out;
+    for (int64_t i = 0; i < k; i++)
+        md += h[i * k + i] / (double)k;
+    for (int64_t i = 0; i < k; i++)
+        for (int64_t j = 0; j <= i; j++)
+            a[i * k + j] = h[j * k + i] + (i == j ? damp * md : 0.0);
+    if (kq_chol(a, k) != 0)
+        goto out;
+    /* b = l^-1 (lower), column by column by forward substitution */
+    for (int64_t c = 0; c < k; c++) {
+        for (int64_t i = 0; i < c; i++)
+            b[i * k + c] = 0.0;
+        for (int64_t i = c; i < k; i++) {
+            double t = i == c ? 1.0 : 0.0;
+            for (int64_t p = c; p < i; p++)
+                t -= a[i * k + p] * b[p * k + c];
+            b[i * k + c] = t / a[i * k + i];
+        }
+    }
+    /* H^-1 = b^T b: its lower triangle into a */
+    for (int64_t i = 0; i < k; i++) {
+        for (int64_t j = 0; j <= i; j++) {
+            double t = 0.0;
+            for (int64_t p = i; p < k; p++)
+                t += b[p * k + i] * b[p * k + j];
+            a[i * k + j] = t;
+        }
+    }
+    if (kq_chol(a, k) != 0)
+        goto out;
+    /* H^-1 = l l^T = u^T u with u = l^T */
+    for (int64_t i = 0; i < k; i++)
+        for (int64_t j = 0; j < k; j++)
+            u[i * k + j] = j >= i ? (float)a[j * k + i] : 0.0f;
+    rc = 0;
+out:
+    free(a);
+    free(b);
+    return rc;
+}
+
+void
+kq_from_f32_h(enum k_dtype dt, const float *src, uint8_t *dst, int64_t nb, const float *imp,
+              const float *u, float *tmp)
+{
+    const struct kq_type *ty = kq_type(dt);
+    size_t bb = (size_t)dtype_info(dt)->block_bytes;
+    int64_t k = nb * KLI_QK_K;
+    struct kq_block b;
+
+    for (int64_t i = 0; i < k; i++)
+        tmp[i] = isfinite(src[i]) ? src[i] : 0.0f;
+    for (int64_t s = 0; s < nb; s++) {
+        uint8_t *o = dst + (size_t)s * bb;
+        kq_from_f32(dt, tmp + s * KLI_QK_K, o, 1, imp != NULL ? imp + s * KLI_QK_K : NULL);
+        kq_unpack(dt, o, &b);
+        for (int i = 0; i < KLI_QK_K; i++) {
+            int64_t j = s * KLI_QK_K + i;
+            float sc = b.d * (float)b.sc[i / ty->sub], mn = b.dmin * (float)b.mn[i / ty->sub];
+            b.q[i] = kq_level(tmp[j], sc, mn, ty->qlo, ty->qhi);
+            float e = (tmp[j] - (sc * (float)b.q[i] - mn)) / u[j * k + j];
+            for (int64_t l = j + 1; l < k; l++)
+                tmp[l] -= e * u[j * k + l];
+        }
+        kq_pack(dt, &b, o);
     }
 }
