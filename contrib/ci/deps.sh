@@ -15,3 +15,17 @@ ci_install() {
     # shellcheck disable=SC2086
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends $missing
 }
+
+# ci_install_tool CMD:PKG...: installs PKG where the command CMD is missing. For tools a test
+# can live without (the openai client test skips without node and npm), and which a host may
+# already have from elsewhere (a nodejs with its own npm, which Debian's npm conflicts with):
+# a failure here is a warning, not the end of the run.
+ci_install_tool() {
+    want=""
+    for cp in "$@"; do
+        command -v "${cp%%:*}" >/dev/null 2>&1 || want="$want ${cp#*:}"
+    done
+    [ -n "$want" ] || return 0
+    # shellcheck disable=SC2086
+    ci_install $want || echo "warning: could not install$want; the tests that need them skip"
+}

@@ -5,7 +5,9 @@
 # AddressSanitizer and UBSan (`make check-sanitize`).
 set -eu
 cd "$(dirname "$0")/../.."
-KLI_CI_MORE_PKGS="mandoc python3 python3-numpy curl nodejs npm" sh contrib/ci/build.sh
+. contrib/ci/deps.sh
+ci_install_tool curl:curl node:nodejs npm:npm
+KLI_CI_MORE_PKGS="mandoc python3 python3-numpy" sh contrib/ci/build.sh
 cd build
 rc=0
 make -j"$(nproc)" check-all || rc=1
