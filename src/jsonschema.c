@@ -200,6 +200,38 @@ sc_count(struct sc *c, const cJSON *s, const char *k)
     return (int64_t)v->valuedouble;
 }
 
+/* A pair of count keywords, klo <= khi (each -1 when absent). @return 0, or -1 after an
+ * error. */
+static int
+sc_counts(struct sc *c, const cJSON *s, const char *klo, const char *khi, int64_t *lo,
+          int64_t *hi)
+{
+    *lo = sc_count(c, s, klo);
+    *hi = sc_count(c, s, khi);
+    if (*lo == -2 || *hi == -2)
+        return -1;
+    if (*hi >= 0 && *lo > *hi) {
+        err_set(c->err, KLI_E_INVALID, "schema: %s %lld exceeds %s %lld at %s", klo,
+                (long long)*lo, khi, (long long)*hi, sc_where(c));
+        return -1;
+    }
+    return 0;
+}
+
+/* A node of `kind` holding lo to hi characters or items (from sc_counts: -1, no bound).
+ * @return its index, or -1 after an error. */
+static int32_t
+sc_sized(struct sc *c, int kind, int64_t lo, int64_t hi)
+{
+    int32_t i = gr_node_add(c->g, kind);
+
+    if (i < 0)
+        return sc_nomem(c), -1;
+    c->g->nodes[i].min_len = lo > 0 ? (int32_t)lo : 0;
+    c->g->nodes[i].max_len = (int32_t)hi;
+    return i;
+}
+
 /* A bound: `k` (a number) and its exclusive twin (a number, or draft 4's boolean). */
 static int
 sc_bound(struct sc *c, const cJSON *s, const char *k, const char *xk, int *has, double *val,
@@ -259,16 +291,11 @@ sc_number(struct sc *c, const cJSON *s, int integer)
 static int32_t
 sc_string(struct sc *c, const cJSON *s)
 {
-    int64_t lo = sc_count(c, s, "minLength"), hi = sc_count(c, s, "maxLength");
+    int64_t lo, hi;
     int32_t i;
 
-    if (lo == -2 || hi == -2)
+    if (sc_counts(c, s, "minLength", "maxLength", &lo, &hi) != 0)
         return -1;
-    if (hi >= 0 && lo > hi) {
-        err_set(c->err, KLI_E_INVALID, "schema: minLength %lld exceeds maxLength %lld at %s",
-                (long long)lo, (long long)hi, sc_where(c));
-        return -1;
-    }
     const cJSON *pat = cJSON_GetObjectItemCaseSensitive(s, "pattern");
     int32_t rx = 0;
     if (pat != NULL) {
@@ -295,10 +322,8 @@ sc_string(struct sc *c, const cJSON *s)
         }
         rx = ++g->n_res;
     }
-    if ((i = gr_node_add(c->g, GR_STRING)) < 0)
-        return sc_nomem(c), -1;
-    c->g->nodes[i].min_len = lo > 0 ? (int32_t)lo : 0;
-    c->g->nodes[i].max_len = (int32_t)hi;
+    if ((i = sc_sized(c, GR_STRING, lo, hi)) < 0)
+        return -1;
     c->g->nodes[i].pattern = rx;
     return i;
 }
@@ -306,17 +331,12 @@ sc_string(struct sc *c, const cJSON *s)
 static int32_t
 sc_array(struct sc *c, const cJSON *s, int depth)
 {
-    int64_t lo = sc_count(c, s, "minItems"), hi = sc_count(c, s, "maxItems");
+    int64_t lo, hi;
     const cJSON *items = cJSON_GetObjectItemCaseSensitive(s, "items");
     int32_t i, child = GR_N_ANY;
 
-    if (lo == -2 || hi == -2)
+    if (sc_counts(c, s, "minItems", "maxItems", &lo, &hi) != 0)
         return -1;
-    if (hi >= 0 && lo > hi) {
-        err_set(c->err, KLI_E_INVALID, "schema: minItems %lld exceeds maxItems %lld at %s",
-                (long long)lo, (long long)hi, sc_where(c));
-        return -1;
-    }
     if (items != NULL) {
         if (cJSON_IsArray(items)) {
             err_set(c->err, KLI_E_UNSUPPORTED, "schema: items as an array (tuples) at %s is "
@@ -326,10 +346,8 @@ sc_array(struct sc *c, const cJSON *s, int depth)
         if ((child = sc_sub(c, "items", items, depth)) < 0)
             return -1;
     }
-    if ((i = gr_node_add(c->g, GR_ARRAY)) < 0)
-        return sc_nomem(c), -1;
-    c->g->nodes[i].min_len = lo > 0 ? (int32_t)lo : 0;
-    c->g->nodes[i].max_len = (int32_t)hi;
+    if ((i = sc_sized(c, GR_ARRAY, lo, hi)) < 0)
+        return -1;
     c->g->nodes[i].child = child;
     return i;
 }

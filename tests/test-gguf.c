@@ -240,6 +240,15 @@ refused(struct gb *b, int code, const char *want, const char *what)
     memset(b, 0, sizeof(*b));
 }
 
+/* A head with one key "k" and that key's value type; the value is the caller's. */
+static void
+gb_one_key(struct gb *b, uint32_t type)
+{
+    gb_head(b, 3, 0, 1);
+    gb_str(b, "k");
+    gb_le(b, type, 4);
+}
+
 static void
 test_damaged(void)
 {
@@ -261,26 +270,18 @@ test_damaged(void)
     gb_le(&b, 1ull << 62, 8);
     gb_le(&b, 0, 8);
     refused(&b, KLI_E_FORMAT, "claims", "a forged string length");
-    gb_head(&b, 3, 0, 1);
-    gb_str(&b, "k");
-    gb_le(&b, 13, 4);
+    gb_one_key(&b, 13);
     refused(&b, KLI_E_FORMAT, "unknown value type 13", "an unknown value type");
-    gb_head(&b, 3, 0, 1);
-    gb_str(&b, "k");
-    gb_le(&b, GGUF_T_ARRAY, 4);
+    gb_one_key(&b, GGUF_T_ARRAY);
     gb_le(&b, GGUF_T_ARRAY, 4);
     gb_le(&b, 0, 8);
     refused(&b, KLI_E_FORMAT, "nested", "a nested array");
-    gb_head(&b, 3, 0, 1);
-    gb_str(&b, "k");
-    gb_le(&b, GGUF_T_ARRAY, 4);
+    gb_one_key(&b, GGUF_T_ARRAY);
     gb_le(&b, GGUF_T_U64, 4);
     gb_le(&b, 1ull << 61, 8);
     gb_le(&b, 0, 8);
     refused(&b, KLI_E_FORMAT, "elements of uint64", "an array count past the end");
-    gb_head(&b, 3, 0, 1);
-    gb_str(&b, "k");
-    gb_le(&b, GGUF_T_BOOL, 4);
+    gb_one_key(&b, GGUF_T_BOOL);
     gb_le(&b, 2, 1);
     refused(&b, KLI_E_FORMAT, "bool of value 2", "a bool that is 2");
     gb_head(&b, 3, 0, 2);
@@ -293,36 +294,33 @@ test_damaged(void)
     gb_head(&b, 3, 0, 1);
     gb_kv_u32(&b, "general.alignment", 48);
     refused(&b, KLI_E_FORMAT, "not a power of two", "an alignment of 48");
-    gb_head(&b, 3, 1, 0);
-    gb_tinfo(&b, "t", 5, ne, GGML_F32, 0);
-    gb_data(&b, 32, 128);
-    refused(&b, KLI_E_FORMAT, "5 dimensions", "five dimensions");
-    gb_head(&b, 3, 1, 0);
-    gb_tinfo(&b, "t", 1, ne, 31, 0);
-    gb_data(&b, 32, 128);
-    refused(&b, KLI_E_FORMAT, "ggml type 31", "a retired ggml type");
-    gb_head(&b, 3, 1, 0);
-    gb_tinfo(&b, "t", 1, ne, GGML_Q4_K, 0);
-    gb_data(&b, 32, 144);
-    refused(&b, KLI_E_FORMAT, "not whole Q4_K blocks", "a row of 32 in Q4_K");
+    /* one tensor "t" of ne[0..nd) in its own data section of `data` bytes after 32 */
+    static const struct {
+        int nd;
+        uint32_t type;
+        uint64_t off;
+        size_t data;
+        const char *want, *what;
+    } one[] = {
+        {5, GGML_F32, 0, 128, "5 dimensions", "five dimensions"},
+        {1, 31, 0, 128, "ggml type 31", "a retired ggml type"},
+        {1, GGML_Q4_K, 0, 144, "not whole Q4_K blocks", "a row of 32 in Q4_K"},
+        {1, GGML_F32, 16, 256, "not a multiple of the alignment", "an unaligned offset"},
+        {1, GGML_F32, 0, 127, "run past the end", "a tensor one byte short"},
+        {1, GGML_F32, 1ull << 63, 128, "run past the end", "an offset near 2^63"},
+    };
+    for (size_t k = 0; k < sizeof(one) / sizeof(one[0]); k++) {
+        gb_head(&b, 3, 1, 0);
+        gb_tinfo(&b, "t", one[k].nd, ne, one[k].type, one[k].off);
+        gb_data(&b, 32, one[k].data);
+        refused(&b, KLI_E_FORMAT, one[k].want, one[k].what);
+    }
     gb_head(&b, 3, 1, 0);
     {
         uint64_t big[2] = {1ull << 40, 1ull << 40};
         gb_tinfo(&b, "t", 2, big, GGML_F32, 0);
     }
     refused(&b, KLI_E_FORMAT, "too large", "dimensions whose product overflows");
-    gb_head(&b, 3, 1, 0);
-    gb_tinfo(&b, "t", 1, ne, GGML_F32, 16);
-    gb_data(&b, 32, 256);
-    refused(&b, KLI_E_FORMAT, "not a multiple of the alignment", "an unaligned offset");
-    gb_head(&b, 3, 1, 0);
-    gb_tinfo(&b, "t", 1, ne, GGML_F32, 0);
-    gb_data(&b, 32, 127);
-    refused(&b, KLI_E_FORMAT, "run past the end", "a tensor one byte short");
-    gb_head(&b, 3, 1, 0);
-    gb_tinfo(&b, "t", 1, ne, GGML_F32, 1ull << 63);
-    gb_data(&b, 32, 128);
-    refused(&b, KLI_E_FORMAT, "run past the end", "an offset near 2^63");
     gb_head(&b, 3, 2, 0);
     gb_tinfo(&b, "t", 1, ne, GGML_F32, 0);
     gb_tinfo(&b, "u", 1, ne, GGML_F32, 96);
@@ -405,20 +403,23 @@ test_view_refusals(void)
     struct kli_err err;
     uint32_t block, bytes;
 
-    gb_kimi_one(&b, "llama", "token_embd.weight", GGML_F32);
-    gb_data(&b, 32, 2048);
-    ok(kimi_open(&b, &err, NULL) == KLI_E_UNSUPPORTED && strstr(err.msg, "\"llama\""),
-       "another architecture is refused, named: %s", err.msg);
-    free(b.p);
-    memset(&b, 0, sizeof(b));
-
-    /* the per-layer kinds */
-    gb_kimi_one(&b, "kimi-linear", "token_embd.weight", GGML_F32);
-    gb_data(&b, 32, 2048);
-    ok(kimi_open(&b, &err, NULL) == KLI_E_FORMAT && strstr(err.msg, "head_count_kv"),
-       "no head_count_kv array: %s", err.msg);
-    free(b.p);
-    memset(&b, 0, sizeof(b));
+    /* another architecture; then the per-layer kinds missing */
+    static const struct {
+        const char *arch;
+        int code;
+        const char *want, *what;
+    } view[] = {
+        {"llama", KLI_E_UNSUPPORTED, "\"llama\"", "another architecture is refused, named"},
+        {"kimi-linear", KLI_E_FORMAT, "head_count_kv", "no head_count_kv array"},
+    };
+    for (size_t k = 0; k < sizeof(view) / sizeof(view[0]); k++) {
+        gb_kimi_one(&b, view[k].arch, "token_embd.weight", GGML_F32);
+        gb_data(&b, 32, 2048);
+        ok(kimi_open(&b, &err, NULL) == view[k].code && strstr(err.msg, view[k].want),
+           "%s: %s", view[k].what, err.msg);
+        free(b.p);
+        memset(&b, 0, sizeof(b));
+    }
 
     /* an IQ type */
     gguf_type_block(16, &block, &bytes);
@@ -922,6 +923,20 @@ written_free(struct written *w)
 
 /* kli convert --to gguf of the safetensors model against make_gguf.py's file of it (two
  * writers written apart), then read back. */
+/* ok() that model out's logits on the 40 ids are model src's (rel L2 <= 1e-6), naming src
+ * as `whose`. */
+static void
+same_logits(const char *src, const char *out, const char *whose)
+{
+    int32_t va = 0, vb = 0;
+    float *l1 = tl_logits_of(src, NULL, ids, 40, &va), *l2 = tl_logits_of(out, NULL, ids, 40, &vb);
+    double e = l1 != NULL && l2 != NULL && va == vb ? tl_rel_l2(l2, l1, (int64_t)va * 40) : 1;
+
+    ok(e <= 1e-6, "its logits = %s (rel L2 %.3g <= 1e-6)", whose, e);
+    free(l1);
+    free(l2);
+}
+
 static void
 test_write(void)
 {
@@ -1012,12 +1027,7 @@ test_write(void)
     }
     ok(n > 0 && eq == n && wfile_n_tensors(wg) == n, "read back, all %d tensors hold the "
        "source's values (%d; A_log within 1e-6)", n, eq);
-    int32_t va = 0, vb = 0;
-    float *l1 = tl_logits_of(src, NULL, ids, 40, &va), *l2 = tl_logits_of(out, NULL, ids, 40, &vb);
-    double e2 = l1 != NULL && l2 != NULL && va == vb ? tl_rel_l2(l2, l1, (int64_t)va * 40) : 1;
-    ok(e2 <= 1e-6, "its logits = the safetensors model's (rel L2 %.3g <= 1e-6)", e2);
-    free(l1);
-    free(l2);
+    same_logits(src, out, "the safetensors model's");
     /* and written again from itself: the same file, byte for byte */
     {
         char again[4400];
@@ -1119,12 +1129,7 @@ test_write_nano(void)
     kli_tokenizer_close(ta);
     kli_tokenizer_close(tb);
     free(text);
-    int32_t va = 0, vb = 0;
-    float *l1 = tl_logits_of(src, NULL, ids, 40, &va), *l2 = tl_logits_of(out, NULL, ids, 40, &vb);
-    double e = l1 != NULL && l2 != NULL && va == vb ? tl_rel_l2(l2, l1, (int64_t)va * 40) : 1;
-    ok(e <= 1e-6, "its logits = the directory's (rel L2 %.3g <= 1e-6)", e);
-    free(l1);
-    free(l2);
+    same_logits(src, out, "the directory's");
 out:
     written_free(&wr);
 }

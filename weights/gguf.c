@@ -87,24 +87,32 @@ gg_short(struct gg_cur *c, const char *what)
                    c->fname, what, (unsigned long long)c->pos, (unsigned long long)c->size);
 }
 
+/* A little-endian integer of `bytes` (4 or 8) into *v. */
+static int
+gg_uint(struct gg_cur *c, const char *what, unsigned bytes, uint64_t *v)
+{
+    if (gg_left(c) < bytes)
+        return gg_short(c, what);
+    *v = bytes == 4 ? util_rd32(c->base + c->pos) : util_rd64(c->base + c->pos);
+    c->pos += bytes;
+    return KLI_OK;
+}
+
 static int
 gg_u32(struct gg_cur *c, const char *what, uint32_t *v)
 {
-    if (gg_left(c) < 4)
-        return gg_short(c, what);
-    *v = util_rd32(c->base + c->pos);
-    c->pos += 4;
-    return KLI_OK;
+    uint64_t x = 0;
+    int rc = gg_uint(c, what, 4, &x);
+
+    if (rc == KLI_OK)
+        *v = (uint32_t)x;
+    return rc;
 }
 
 static int
 gg_u64(struct gg_cur *c, const char *what, uint64_t *v)
 {
-    if (gg_left(c) < 8)
-        return gg_short(c, what);
-    *v = util_rd64(c->base + c->pos);
-    c->pos += 8;
-    return KLI_OK;
+    return gg_uint(c, what, 8, v);
 }
 
 /* A gguf_string: u64 length, then the bytes (no NUL). *s points into the image. */

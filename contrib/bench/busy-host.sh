@@ -13,6 +13,7 @@
 # idle default new/baseline (target: no loss). Run it on an otherwise quiet machine; the
 # numbers of one round are compared with each other only, so slow drift cancels.
 set -eu
+. "$(dirname "$0")/lib.sh"
 
 kli=./kli
 base=""
@@ -56,11 +57,6 @@ sample() {
     shift 2
     "$bin" bench -m "$model" -p "$prompt" -n "$gen" -r 1 --json "$@" 2>/dev/null |
         sed -n 's/.*"decode_tok_s": \([0-9.]*\).*/\1/p' >>"$out"
-}
-
-median() {
-    sort -n "$1" | awk '{ v[NR] = $1 } END { if (NR == 0) print "nan";
-        else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }
 
 for r in $(seq "$rounds"); do

@@ -11,6 +11,7 @@
 # value is whole, so they are shorter: compare tok/s, not times. A shape-true model is
 # `kli synth -o DIR` (add --gpu on and the like after --). Run it on a quiet machine.
 set -eu
+. "$(dirname "$0")/lib.sh"
 
 kli=./kli model=""
 rounds=5 n=64
@@ -53,9 +54,6 @@ while [ $r -lt "$rounds" ]; do
     run --json "$@" >>"$tmp/json"
     r=$((r + 1))
 done
-median() {
-    sort -g "$1" | awk '{ v[NR] = $1 } END { m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2; print m }'
-}
 f=$(median "$tmp/free") s=$(median "$tmp/schema") j=$(median "$tmp/json")
 echo "decode tok/s, median of $rounds: free $f, --json-schema $s, --json $j"
 awk -v f="$f" -v s="$s" -v j="$j" 'BEGIN { printf "ratio: schema/free %.3f, json/free %.3f\n",

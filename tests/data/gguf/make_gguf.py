@@ -1,18 +1,24 @@
 #!/usr/bin/python3
 """Writes the GGUF fixtures of this directory from tests/data (README.md says how and why).
 
-A GGUF v3 writer of its own (numpy and the standard library only) that lays the tiny
-Kimi Linear model out as llama.cpp's converter does for the "kimi-linear" architecture:
+A GGUF v3 writer of its own (numpy, the standard library and the safetensors reader of
+contrib/reference/kimi_ref.py) that lays the tiny Kimi Linear model out as llama.cpp's
+converter does for the "kimi-linear" architecture:
 its tensor names, the stacked experts, kv_b split per head into k_b (transposed) and v_b,
 A_log stored as -exp(A_log), dt_bias as ssm_dt.bias, conv1d weights as [1, d_inner, 1, d_conv],
 1-D tensors, the conv weights, ssm_a and the router in F32, the vocabulary as GPT-2 byte strings
 with token types, merges and special ids. Usage: make_gguf.py TESTDATA_DIR OUT_DIR
 """
 import json
+import os
 import struct
 import sys
 
 import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..",
+                                "contrib", "reference"))
+import kimi_ref  # noqa: E402
 
 F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, BF16 = 0, 1, 2, 3, 6, 7, 8, 20, 30
 IQ4NL_LEVELS = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89,
@@ -21,18 +27,8 @@ T_U32, T_I32, T_F32, T_BOOL, T_STR, T_ARR = 4, 5, 6, 7, 8, 9
 
 
 def read_safetensors(path):
-    b = open(path, "rb").read()
-    n = struct.unpack("<Q", b[:8])[0]
-    hdr = json.loads(b[8:8 + n])
-    out = {}
-    for k, v in hdr.items():
-        if k == "__metadata__":
-            continue
-        s, e = v["data_offsets"]
-        raw = np.frombuffer(b[8 + n + s:8 + n + e], dtype=np.uint16)
-        assert v["dtype"] == "BF16"
-        out[k] = (raw.astype(np.uint32) << 16).view(np.float32).reshape(v["shape"])
-    return out
+    """The model's tensors in float32 (BF16 ones exactly: kimi_ref widens them to float64)."""
+    return {k: v.astype(np.float32) for k, v in kimi_ref.read_safetensors(path).items()}
 
 
 def bf16_bytes(a):
