@@ -390,6 +390,34 @@ req_grammar(struct serve_req *r, const struct kli_tokenizer *tok, struct serve_e
     return 0;
 }
 
+/* The settings and the grammar go to a sampler as the scheduler will give them, so that what
+ * it would refuse (a schema longer than max_tokens allows, ...) is a 400 now. */
+static int
+req_probe(struct serve_req *r, const struct serve_limits *lim, struct serve_err *e)
+{
+    struct kli_sampler *probe = NULL;
+    struct kli_sampler_options so = r->so;
+    struct kli_err err = {0};
+    int rc;
+
+    if (lim->n_vocab <= 0)
+        so.n_bias = 0;      /* the ids cannot be checked */
+    rc = kli_sampler_create(&probe, &so, lim->n_vocab > 0 ? lim->n_vocab : 1, &err);
+    if (rc == KLI_OK && r->grammar != NULL) {
+        rc = kli_sampler_set_grammar(probe, r->grammar, r->max_tokens, &err);
+        if (rc == KLI_E_RANGE) {
+            kli_sampler_free(probe);
+            return serve_fail(e, "max_tokens", "'response_format': %s", err.msg);
+        }
+    }
+    kli_sampler_free(probe);
+    if (rc == KLI_E_NOMEM)
+        return req_nomem(e);
+    if (rc != KLI_OK)
+        return serve_fail(e, NULL, "%s", err.msg);
+    return 0;
+}
+
 /* ==== the whole body ====================================================================== */
 
 static int
@@ -522,16 +550,7 @@ serve_req_parse(struct serve_req *r, enum serve_kind kind, const char *body, siz
                    (int)r->n, (int)lim->max_prompt_tokens);
         goto fail;
     }
-    struct kli_sampler *probe = NULL;
-    struct kli_sampler_options so = r->so;
-    struct kli_err err = {0};
-    so.n_bias = 0;   /* the ids were checked against lim->n_vocab */
-    if (kli_sampler_create(&probe, &so, 1, &err) != KLI_OK) {
-        serve_fail(e, NULL, "%s", err.msg);
-        goto fail;
-    }
-    kli_sampler_free(probe);
-    if (req_grammar(r, tok, e) != 0)
+    if (req_grammar(r, tok, e) != 0 || req_probe(r, lim, e) != 0)
         goto fail;
     cJSON_Delete(root);
     return 0;

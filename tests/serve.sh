@@ -368,6 +368,10 @@ if tcase format; then
         "json_schema":{"schema":{"allOf":[]}}}')" "$tmp/e" >/dev/null
     if grep -q allOf "$tmp/e"; then ok "a bad schema: the message names the keyword"
     else notok "a bad schema: $(cat "$tmp/e")"; fi
+    is "$(post /v1/completions '{"prompt":"x","max_tokens":10,"response_format":{"type":
+        "json_schema","json_schema":{"schema":{"type":"array","minItems":400}}}}' "$tmp/e")" \
+        400 "a schema whose shortest value is over max_tokens: 400"
+    c "a schema over max_tokens: named" error "$tmp/e" max_tokens
 fi
 
 if tcase bias; then
