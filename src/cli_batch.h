@@ -10,7 +10,7 @@
 #include <stdint.h>
 
 #include "kli.h"
-#include "oai.h"
+#include "cli_oai.h"
 
 #define BATCH_MAX_STOP 16
 

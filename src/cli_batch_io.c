@@ -26,7 +26,7 @@
 #include "kli.h"
 #include "cli.h"
 #include "cli_batch.h"
-#include "oai.h"
+#include "cli_oai.h"
 #include "util.h"
 
 /* ==== bytes, UTF-8 and JSON strings ======================================================== */
@@ -583,7 +583,7 @@ rec_num(struct batch_rec *r, const cJSON *o, const char *name, double lo, double
     return 0;
 }
 
-/* "logit_bias": {"TOKEN_ID": BIAS, ...}, as OpenAI's API has it (oai.h). */
+/* "logit_bias": {"TOKEN_ID": BIAS, ...}, as OpenAI's API has it (cli_oai.h). */
 static int
 rec_bias(struct batch_rec *r, const cJSON *o)
 {
@@ -679,7 +679,7 @@ rec_settings(struct batch_rec *r, const cJSON *o)
     return 0;
 }
 
-/* "response_format": OpenAI's text, json_object or json_schema (oai.h). */
+/* "response_format": OpenAI's text, json_object or json_schema (cli_oai.h). */
 static int
 rec_format(struct batch_rec *r, const cJSON *o)
 {

@@ -16,7 +16,7 @@
 #include <cjson/cJSON.h>
 
 #include "kli.h"
-#include "oai.h"
+#include "cli_oai.h"
 #include "serve.h"
 
 int
@@ -60,8 +60,8 @@ enum field_how {
     F_ONE,          /* n, best_of: only 1 */
     F_FALSE,        /* logprobs (chat), echo: only false */
     F_ZERO,         /* logprobs (completions), top_logprobs: only 0 */
-    F_BIAS,         /* logit_bias (oai.h) */
-    F_FORMAT,       /* response_format (oai.h), compiled once the prompt is good */
+    F_BIAS,         /* logit_bias (cli_oai.h) */
+    F_FORMAT,       /* response_format (cli_oai.h), compiled once the prompt is good */
     F_NEVER,        /* fields kli has no way to honour: any value but null is refused */
 };
 
@@ -354,7 +354,7 @@ req_prompt(struct serve_req *r, const cJSON *j, const struct kli_tokenizer *tok,
     return 0;
 }
 
-/* ==== logit_bias and response_format (oai.h, as kli batch reads them) ==================== */
+/* ==== logit_bias and response_format (cli_oai.h, as kli batch reads them) ==================== */
 
 static int
 req_bias(struct serve_req *r, const cJSON *j, const struct serve_limits *lim,

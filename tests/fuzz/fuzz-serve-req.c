@@ -20,7 +20,7 @@
 #include <string.h>
 
 #include "kli.h"
-#include "oai.h"
+#include "cli_oai.h"
 #include "serve.h"
 #define FUZZ_NAME "fuzz-serve-req"
 #define FUZZ_CLEANUP

@@ -1,6 +1,6 @@
 /*
- * oai.c - response_format and logit_bias of an OpenAI request, for kli batch and kli serve
- * (oai.h).
+ * cli_oai.c - response_format and logit_bias of an OpenAI request, for kli batch and kli serve
+ * (cli_oai.h).
  */
 #include "config.h"
 
@@ -11,7 +11,7 @@
 #include <cjson/cJSON.h>
 
 #include "kli.h"
-#include "oai.h"
+#include "cli_oai.h"
 
 int
 oai_response_format(const cJSON *f, enum oai_format *fmt, char **schema, char *msg, size_t cap)

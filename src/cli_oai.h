@@ -1,10 +1,10 @@
 /*
- * oai.h - members of an OpenAI request that kli batch (cli_batch_io.c) and kli serve
+ * cli_oai.h - members of an OpenAI request that kli batch (cli_batch_io.c) and kli serve
  * (serve_req.c) both honour, read the same way: response_format and logit_bias. Part of
  * the CLI, not of the library.
  */
-#ifndef KLI_OAI_H
-#define KLI_OAI_H
+#ifndef KLI_CLI_OAI_H
+#define KLI_CLI_OAI_H
 
 #include <stddef.h>
 #include <stdint.h>
