@@ -229,7 +229,6 @@ static int
 batch_grammar(struct batch *b, const struct batch_rec *r, const struct kli_grammar **out,
               char *msg, size_t cap, const char **fail)
 {
-    struct kli_err err = {0};
     struct kli_grammar *g = NULL;
 
     *out = NULL;
@@ -241,7 +240,7 @@ batch_grammar(struct batch *b, const struct batch_rec *r, const struct kli_gramm
         return 0;
     case BATCH_FMT_OBJECT:
         if (b->gram_object == NULL &&
-            kli_grammar_create(&b->gram_object, b->tok, NULL, 0, &err) != KLI_OK)
+            oai_grammar(&b->gram_object, b->tok, OAI_FMT_OBJECT, NULL, msg, cap) != 0)
             return -1;
         *out = b->gram_object;
         return 0;
@@ -260,11 +259,10 @@ batch_grammar(struct batch *b, const struct batch_rec *r, const struct kli_gramm
         *fail = msg;
         return 0;
     }
-    int rc = kli_grammar_create(&g, b->tok, r->schema, strlen(r->schema), &err);
-    if (rc == KLI_E_NOMEM)
+    int rc = oai_grammar(&g, b->tok, OAI_FMT_SCHEMA, r->schema, msg, cap);
+    if (rc < 0)
         return -1;
-    if (rc != KLI_OK) {
-        snprintf(msg, cap, "\"response_format\": %s", err.msg);
+    if (rc > 0) {
         *fail = msg;
         return 0;
     }

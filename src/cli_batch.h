@@ -10,6 +10,7 @@
 #include <stdint.h>
 
 #include "kli.h"
+#include "cli_oai.h"
 
 #define BATCH_MAX_STOP 16
 
@@ -129,10 +130,10 @@ struct batch_rec {
 
 /* What a record's "response_format" asks for. */
 enum batch_format {
-    BATCH_FMT_DEFAULT,         /* none given: --json / --json-schema, if any */
-    BATCH_FMT_TEXT,            /* {"type": "text"}: free text */
-    BATCH_FMT_OBJECT,          /* {"type": "json_object"}: any JSON object */
-    BATCH_FMT_SCHEMA           /* {"type": "json_schema", "json_schema": {"schema": ...}} */
+    BATCH_FMT_DEFAULT = OAI_FMT_NONE,    /* none given: --json / --json-schema, if any */
+    BATCH_FMT_TEXT = OAI_FMT_TEXT,
+    BATCH_FMT_OBJECT = OAI_FMT_OBJECT,
+    BATCH_FMT_SCHEMA = OAI_FMT_SCHEMA
 };
 
 /* Parses and tokenizes the record of item `it` into r. Problems with the record end up in

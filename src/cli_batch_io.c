@@ -26,6 +26,7 @@
 #include "kli.h"
 #include "cli.h"
 #include "cli_batch.h"
+#include "cli_oai.h"
 #include "util.h"
 
 /* ==== bytes, UTF-8 and JSON strings ======================================================== */
@@ -582,36 +583,23 @@ rec_num(struct batch_rec *r, const cJSON *o, const char *name, double lo, double
     return 0;
 }
 
-/* "logit_bias": {"TOKEN_ID": BIAS, ...}, as OpenAI's API has it. */
+/* "logit_bias": {"TOKEN_ID": BIAS, ...}, as OpenAI's API has it (cli_oai.h). */
 static int
 rec_bias(struct batch_rec *r, const cJSON *o)
 {
-    const cJSON *lb = cJSON_GetObjectItemCaseSensitive(o, "logit_bias"), *k;
-    int n = 0;
+    const cJSON *lb = cJSON_GetObjectItemCaseSensitive(o, "logit_bias");
+    char msg[256];
+    int rc;
 
-    if (lb == NULL || cJSON_IsNull(lb))
+    if (lb == NULL)
         return 0;
-    if (!cJSON_IsObject(lb) || cJSON_GetArraySize(lb) > 1024)
-        return rec_fail(r, "\"logit_bias\" must be an object of at most 1024 "
-                        "\"token id\": bias members");
-    r->bias_ids = malloc(((size_t)cJSON_GetArraySize(lb) + 1) * sizeof(kli_token));
-    r->bias = malloc(((size_t)cJSON_GetArraySize(lb) + 1) * sizeof(float));
-    if (r->bias_ids == NULL || r->bias == NULL)
+    rc = oai_logit_bias(lb, 0, &r->bias_ids, &r->bias, &r->so.n_bias, msg, sizeof(msg));
+    if (rc == -2)
         return rec_fail(r, "out of memory");
-    cJSON_ArrayForEach(k, lb) {
-        char *end;
-        long id = strtol(k->string, &end, 10);
-        if (end == k->string || *end != '\0' || id < 0 || id > INT32_MAX)
-            return rec_fail(r, "\"logit_bias\": \"%.32s\" is not a token id", k->string);
-        if (!cJSON_IsNumber(k) || !(k->valuedouble >= -100 && k->valuedouble <= 100))
-            return rec_fail(r, "\"logit_bias\": the bias of %ld must be a number in "
-                            "[-100, 100]", id);
-        r->bias_ids[n] = (kli_token)id;
-        r->bias[n++] = (float)k->valuedouble;
-    }
+    if (rc != 0)
+        return rec_fail(r, "%s", msg);
     r->so.bias_ids = r->bias_ids;
     r->so.bias = r->bias;
-    r->so.n_bias = n;
     return 0;
 }
 
@@ -691,37 +679,20 @@ rec_settings(struct batch_rec *r, const cJSON *o)
     return 0;
 }
 
-/* "response_format": OpenAI's text, json_object or json_schema. */
+/* "response_format": OpenAI's text, json_object or json_schema (cli_oai.h). */
 static int
 rec_format(struct batch_rec *r, const cJSON *o)
 {
     const cJSON *f = cJSON_GetObjectItemCaseSensitive(o, "response_format");
-    const cJSON *type = cJSON_GetObjectItemCaseSensitive(f, "type");
+    enum oai_format fmt;
+    char msg[256];
 
-    if (f == NULL || cJSON_IsNull(f))
+    if (f == NULL)
         return 0;
-    if (!cJSON_IsObject(f) || !cJSON_IsString(type))
-        return rec_fail(r, "\"response_format\" must be an object with a string \"type\"");
-    if (strcmp(type->valuestring, "text") == 0) {
-        r->format = BATCH_FMT_TEXT;
-        return 0;
-    }
-    if (strcmp(type->valuestring, "json_object") == 0) {
-        r->format = BATCH_FMT_OBJECT;
-    } else if (strcmp(type->valuestring, "json_schema") == 0) {
-        const cJSON *js = cJSON_GetObjectItemCaseSensitive(f, "json_schema");
-        const cJSON *sc = cJSON_GetObjectItemCaseSensitive(js, "schema");
-        if (!cJSON_IsObject(js) || !(cJSON_IsObject(sc) || cJSON_IsBool(sc)))
-            return rec_fail(r, "\"response_format\": json_schema needs \"json_schema\": "
-                            "{\"schema\": {...}}");
-        if ((r->schema = cJSON_PrintUnformatted(sc)) == NULL)
-            return rec_fail(r, "out of memory");
-        r->format = BATCH_FMT_SCHEMA;
-    } else {
-        return rec_fail(r, "\"response_format\": type \"%.64s\" is not supported (text, "
-                        "json_object, json_schema)", type->valuestring);
-    }
-    if (r->max_tokens == 0)
+    if (oai_response_format(f, &fmt, &r->schema, msg, sizeof(msg)) != 0)
+        return rec_fail(r, "%s", msg);
+    r->format = (int)fmt;
+    if (fmt != OAI_FMT_NONE && fmt != OAI_FMT_TEXT && r->max_tokens == 0)
         return rec_fail(r, "\"response_format\" needs \"max_tokens\" above 0");
     return 0;
 }

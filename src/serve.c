@@ -545,6 +545,7 @@ serve_loop(void *arg)
             q.max_tokens = j->rq.max_tokens;
             q.stop = (const char *const *)j->rq.stop;
             q.n_stop = j->rq.n_stop;
+            q.grammar = j->rq.grammar;
             q.user = j;
             if (kli_sched_submit(s->sched, &q, &j->sched_id, &err) != KLI_OK) {
                 j->error = strdup(err.msg);
@@ -1334,6 +1335,7 @@ cli_serve(int argc, char **argv)
     s.lim.seeded = a.seeded;
     s.lim.max_tokens = (int32_t)a.max_tokens;
     s.lim.max_tokens_limit = (int32_t)a.max_tokens_limit;
+    s.lim.n_vocab = kli_model_n_vocab(s.model);
     s.lim.max_prompt_tokens = a.max_prompt > 0 && a.max_prompt < s.ctx ? (int32_t)a.max_prompt
                                                                          : s.ctx;
 

@@ -22,9 +22,11 @@ struct serve_limits {
     int32_t max_tokens;              /* for a request without max_tokens */
     int32_t max_tokens_limit;        /* the most a request may ask for */
     int32_t max_prompt_tokens;       /* the longest prompt admitted */
+    int32_t n_vocab;                 /* logit_bias ids are below it (0: not checked) */
 };
 
-/* A request, parsed and tokenized. Owns its tokens and stop strings. */
+/* A request, parsed and tokenized. Owns its tokens, stop strings, logit_bias arrays (so
+ * points at them) and grammar, so they live as long as the request's job. */
 struct serve_req {
     enum serve_kind kind;
     kli_token *toks;
@@ -35,6 +37,11 @@ struct serve_req {
     char *stop[SERVE_MAX_STOP];
     int32_t n_stop;
     int stream, include_usage;
+    kli_token *bias_ids;             /* "logit_bias" */
+    float *bias;
+    int format;                      /* "response_format": enum oai_format */
+    char *schema;                    /* its json_schema, compact (until compiled) */
+    struct kli_grammar *grammar;     /* json_object or json_schema, else NULL */
 };
 
 /* Why a request was refused: an HTTP status and the fields of an OpenAI error object. */

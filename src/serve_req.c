@@ -2,7 +2,7 @@
  * serve_req.c - kli serve: the body of an OpenAI chat or completions request to a scheduler
  * request (serve.h). Every member of the body is looked up in one table: a field kli
  * honours is checked and applied, a field of the OpenAI API that kli cannot honour is
- * refused unless it has its neutral value (n 1, logprobs false, an empty logit_bias, ...),
+ * refused unless it has its neutral value (n 1, logprobs false, ...),
  * and any other name is refused as unknown; the error names the field. Absent fields and
  * nulls take the command line's defaults.
  */
@@ -16,6 +16,7 @@
 #include <cjson/cJSON.h>
 
 #include "kli.h"
+#include "cli_oai.h"
 #include "serve.h"
 
 int
@@ -38,6 +39,10 @@ void
 serve_req_clear(struct serve_req *r)
 {
     free(r->toks);
+    free(r->bias_ids);
+    free(r->bias);
+    free(r->schema);
+    kli_grammar_free(r->grammar);
     for (int32_t i = 0; i < r->n_stop; i++)
         free(r->stop[i]);
     memset(r, 0, sizeof(*r));
@@ -55,7 +60,8 @@ enum field_how {
     F_ONE,          /* n, best_of: only 1 */
     F_FALSE,        /* logprobs (chat), echo: only false */
     F_ZERO,         /* logprobs (completions), top_logprobs: only 0 */
-    F_EMPTY,        /* logit_bias: only {} */
+    F_BIAS,         /* logit_bias (cli_oai.h) */
+    F_FORMAT,       /* response_format (cli_oai.h), compiled once the prompt is good */
     F_NEVER,        /* fields kli has no way to honour: any value but null is refused */
 };
 
@@ -93,9 +99,9 @@ static const struct field {
     {"logprobs", COMPL, F_ZERO, 0, 0, 0},
     {"top_logprobs", CHAT, F_ZERO, 0, 0, 0},
     {"echo", COMPL, F_FALSE, 0, 0, 0},
-    {"logit_bias", CHAT | COMPL, F_EMPTY, 0, 0, 0},
+    {"logit_bias", CHAT | COMPL, F_BIAS, 0, 0, 0},
     {"suffix", COMPL, F_NEVER, 0, 0, 0},
-    {"response_format", CHAT, F_NEVER, 0, 0, 0},
+    {"response_format", CHAT | COMPL, F_FORMAT, 0, 0, 0},
     {"tools", CHAT, F_NEVER, 0, 0, 0},
     {"tool_choice", CHAT, F_NEVER, 0, 0, 0},
     {"parallel_tool_calls", CHAT, F_NEVER, 0, 0, 0},
@@ -184,7 +190,6 @@ req_neutral(const struct field *f, const cJSON *j, struct serve_err *e)
     case F_ONE: neutral = cJSON_IsNumber(j) && j->valuedouble == 1; break;
     case F_FALSE: neutral = cJSON_IsFalse(j); break;
     case F_ZERO: neutral = cJSON_IsNumber(j) && j->valuedouble == 0; break;
-    case F_EMPTY: neutral = cJSON_IsObject(j) && j->child == NULL; break;
     default: neutral = 0; break;
     }
     if (neutral)
@@ -193,8 +198,6 @@ req_neutral(const struct field *f, const cJSON *j, struct serve_err *e)
     case F_ONE:
         return serve_fail(e, f->name, "'%s': kli serve gives one choice per request; send "
                           "the request again for more", f->name);
-    case F_EMPTY:
-        return serve_fail(e, f->name, "'%s' is not supported by kli serve (only {})", f->name);
     default:
         return serve_fail(e, f->name, "'%s' is not supported by kli serve", f->name);
     }
@@ -351,6 +354,70 @@ req_prompt(struct serve_req *r, const cJSON *j, const struct kli_tokenizer *tok,
     return 0;
 }
 
+/* ==== logit_bias and response_format (cli_oai.h, as kli batch reads them) ==================== */
+
+static int
+req_bias(struct serve_req *r, const cJSON *j, const struct serve_limits *lim,
+         struct serve_err *e)
+{
+    char msg[256];
+    int rc = oai_logit_bias(j, lim->n_vocab, &r->bias_ids, &r->bias, &r->so.n_bias, msg,
+                            sizeof(msg));
+
+    if (rc == -2)
+        return req_nomem(e);
+    if (rc != 0)
+        return serve_fail(e, "logit_bias", "%s", msg);
+    r->so.bias_ids = r->bias_ids;
+    r->so.bias = r->bias;
+    return 0;
+}
+
+/* The grammar of the request's response_format. */
+static int
+req_grammar(struct serve_req *r, const struct kli_tokenizer *tok, struct serve_err *e)
+{
+    char msg[512];
+    int rc = oai_grammar(&r->grammar, tok, (enum oai_format)r->format, r->schema, msg,
+                         sizeof(msg));
+
+    if (rc < 0)
+        return req_nomem(e);
+    if (rc > 0)
+        return serve_fail(e, "response_format", "%s", msg);
+    free(r->schema);
+    r->schema = NULL;
+    return 0;
+}
+
+/* The settings and the grammar go to a sampler as the scheduler will give them, so that what
+ * it would refuse (a schema longer than max_tokens allows, ...) is a 400 now. */
+static int
+req_probe(struct serve_req *r, const struct serve_limits *lim, struct serve_err *e)
+{
+    struct kli_sampler *probe = NULL;
+    struct kli_sampler_options so = r->so;
+    struct kli_err err = {0};
+    int rc;
+
+    if (lim->n_vocab <= 0)
+        so.n_bias = 0;      /* the ids cannot be checked */
+    rc = kli_sampler_create(&probe, &so, lim->n_vocab > 0 ? lim->n_vocab : 1, &err);
+    if (rc == KLI_OK && r->grammar != NULL) {
+        rc = kli_sampler_set_grammar(probe, r->grammar, r->max_tokens, &err);
+        if (rc == KLI_E_RANGE) {
+            kli_sampler_free(probe);
+            return serve_fail(e, "max_tokens", "'response_format': %s", err.msg);
+        }
+    }
+    kli_sampler_free(probe);
+    if (rc == KLI_E_NOMEM)
+        return req_nomem(e);
+    if (rc != KLI_OK)
+        return serve_fail(e, NULL, "%s", err.msg);
+    return 0;
+}
+
 /* ==== the whole body ====================================================================== */
 
 static int
@@ -400,6 +467,16 @@ req_field(struct serve_req *r, const struct field *f, const cJSON *j,
         return req_messages(r, j, tok, e);
     case F_PROMPT:
         return req_prompt(r, j, tok, e);
+    case F_BIAS:
+        return req_bias(r, j, lim, e);
+    case F_FORMAT: {
+        enum oai_format fmt;
+        char msg[256];
+        if (oai_response_format(j, &fmt, &r->schema, msg, sizeof(msg)) != 0)
+            return serve_fail(e, f->name, "%s", msg);
+        r->format = (int)fmt;
+        return 0;
+    }
     default:
         return req_neutral(f, j, e);
     }
@@ -473,13 +550,8 @@ serve_req_parse(struct serve_req *r, enum serve_kind kind, const char *body, siz
                    (int)r->n, (int)lim->max_prompt_tokens);
         goto fail;
     }
-    struct kli_sampler *probe = NULL;
-    struct kli_err err = {0};
-    if (kli_sampler_create(&probe, &r->so, 1, &err) != KLI_OK) {
-        serve_fail(e, NULL, "%s", err.msg);
+    if (req_grammar(r, tok, e) != 0 || req_probe(r, lim, e) != 0)
         goto fail;
-    }
-    kli_sampler_free(probe);
     cJSON_Delete(root);
     return 0;
 fail:

@@ -3,8 +3,9 @@
 # disconnect cases with 64 streaming clients at once; then the official OpenAI client for
 # Node (the `openai` package from npm, installed into a cache directory outside the tree,
 # $KLI_NPM_DIR or else ~/.cache/kli/npm): models.list, a chat answer whole and streamed (the
-# two agreeing), and a completion. The npm part is skipped, with a message, where node or
-# npm is missing or the registry cannot be reached.
+# two agreeing), a completion, a json_schema answer that validates and a bad logit_bias
+# refused. The npm part is skipped, with a message, where node or npm is missing or the
+# registry cannot be reached.
 set -u
 : "${KLI_BIN:?}" "${KLI_TESTDATA:?}" "${KLI_SRCDIR:?}"
 . "$KLI_SRCDIR/tests/lib.sh"
@@ -69,6 +70,19 @@ try {
                                               max_tokens: 8, temperature: 0 });
     out(cmpl.choices[0].text.length > 0 && cmpl.choices[0].finish_reason === 'length',
         'openai: a completion');
+    const person = { type: 'object', additionalProperties: false, required: ['name', 'age'],
+                     properties: { name: { type: 'string', maxLength: 8 },
+                                   age: { type: 'integer', minimum: 0, maximum: 120 } } };
+    const js = await c.chat.completions.create({ ...req, max_tokens: 120,
+        response_format: { type: 'json_schema',
+                           json_schema: { name: 'person', strict: true, schema: person } } });
+    const p = JSON.parse(js.choices[0].message.content);
+    out(Object.keys(p).sort().join() === 'age,name' && typeof p.name === 'string' &&
+        p.name.length <= 8 && Number.isInteger(p.age) && p.age >= 0 && p.age <= 120,
+        'openai: response_format json_schema validates');
+    const ban = await c.chat.completions.create({ ...req, max_tokens: 2,
+                                                  logit_bias: { '-1': 5 } }).catch((e) => e);
+    out(ban.status === 400 && ban.param === 'logit_bias', 'openai: a bad logit_bias is a 400');
     try {
         await c.chat.completions.create({ ...req, tools: [{ type: 'function',
             function: { name: 'f', parameters: {} } }] });

@@ -4,7 +4,9 @@
 # strings cut the same in both, seeds repeat, N concurrent streaming clients each get
 # exactly the greedy answer the same request gets alone, a client that disconnects
 # mid-stream is cancelled and the server goes on, the state of a conversation is reused by
-# its next turn (cached_tokens), malformed and unknown or unsupported fields give a 400
+# its next turn (cached_tokens), response_format (json_schema answers validate, whole and
+# streamed, on both endpoints; json_object) and logit_bias (-100 on the greedy token changes
+# the answer, +100 forces one), malformed and unknown or unsupported fields give a 400
 # naming the field, oversized bodies a 413, a full queue a 429 with Retry-After, the API
 # key, /tokenize and /detokenize, /metrics, the log (one line per request, reopened on
 # SIGHUP) and SIGTERM's exit status 0.
@@ -110,6 +112,17 @@ elif cmd == 'hangup':     # PORT BODY: reads the first events of a stream, then 
             sys.exit('the stream ended early: %r' % got[-200:])
         got += d
     s.close()
+elif cmd == 'person':     # FILE|-s FILE: the text is a JSON object of the schema $person
+    t = sse(a[1])['text'] if a[0] == '-s' else whole(a[0])['text']
+    o = json.loads(t)
+    if (not isinstance(o, dict) or sorted(o) != ['age', 'name'] or
+            not isinstance(o['name'], str) or len(o['name']) > 8 or
+            type(o['age']) is not int or not 0 <= o['age'] <= 120):
+        sys.exit('not a person: %r' % t)
+elif cmd == 'object':     # FILE: the text is a JSON object
+    t = whole(a[0])['text']
+    if not isinstance(json.loads(t), dict):
+        sys.exit('not an object: %r' % t)
 elif cmd == 'metric':     # FILE NAME: prints a metric's value
     for l in open(a[0]):
         if l.startswith(a[1] + ' '):
@@ -286,8 +299,10 @@ if tcase errors; then
     is "$(post /v1/chat/completions "$(chat hi ',"frobnicate":1')" "$tmp/e")" 400 \
         "an unknown field: 400"
     c "an unknown field: named" error "$tmp/e" frobnicate
-    for f in '"tools":[]' '"response_format":{"type":"json_object"}' '"n":2' '"logprobs":true' \
-             '"logit_bias":{"5":1}'; do
+    for f in '"tools":[]' '"n":2' '"logprobs":true' '"logit_bias":{"x":1}' \
+             '"logit_bias":{"99999999":1}' '"logit_bias":{"5":101}' '"logit_bias":[]' \
+             '"response_format":{"type":"regex"}' '"response_format":{"type":"json_schema"}' \
+             '"response_format":{"type":"json_schema","json_schema":{"schema":{"allOf":[]}}}'; do
         name=$(printf '%s' "$f" | sed 's/^"\([a-z_]*\)".*/\1/')
         is "$(post /v1/chat/completions "$(chat hi ",$f")" "$tmp/e")" 400 "$name: 400"
         c "$name: named" error "$tmp/e" "$name"
@@ -313,6 +328,79 @@ if tcase errors; then
         "an unknown path: 404"
     is "$(curl -s -o "$tmp/e" -w '%{http_code}' "http://127.0.0.1:$port/v1/chat/completions")" \
         405 "GET on a POST endpoint: 405"
+fi
+
+person='{"type":"object","properties":{"name":{"type":"string","maxLength":8},
+"age":{"type":"integer","minimum":0,"maximum":120}},"required":["name","age"],
+"additionalProperties":false}'
+if tcase format; then
+    fmt=",\"max_tokens\":120,\"response_format\":{\"type\":\"json_schema\",\"json_schema\":
+{\"name\":\"person\",\"strict\":true,\"schema\":$person}}"
+    is "$(post /v1/chat/completions "$(chat 'Who are you?' "$fmt")" "$tmp/fw")" 200 \
+        "json_schema: 200"
+    c "json_schema: the answer parses and validates" person "$tmp/fw"
+    is "$(post /v1/chat/completions "$(chat 'Who are you?' "$fmt,\"stream\":true")" \
+        "$tmp/fs")" 200 "json_schema streamed: 200"
+    c "json_schema: streamed and whole agree" agree "$tmp/fw" "$tmp/fs"
+    c "json_schema: the streamed answer validates" person -s "$tmp/fs"
+    c "json_schema: finish_reason stop" field "$tmp/fw" choices 0 finish_reason
+    is "$(cat "$tmp/check.out")" stop "json_schema: the value is complete"
+    # sampled, seeded: the same request twice, the same text
+    sampled="{\"messages\":[{\"role\":\"user\",\"content\":\"Who?\"}],\"seed\":7${fmt}}"
+    post /v1/chat/completions "$sampled" "$tmp/fr1" >/dev/null
+    post /v1/chat/completions "$sampled" "$tmp/fr2" >/dev/null
+    c "json_schema sampled: validates" person "$tmp/fr1"
+    "$py" "$tmp/check.py" text "$tmp/fr1" >"$tmp/ft1"
+    "$py" "$tmp/check.py" text "$tmp/fr2" >"$tmp/ft2"
+    if [ -s "$tmp/ft1" ] && cmp -s "$tmp/ft1" "$tmp/ft2"; then
+        ok "json_schema: the same request twice gives the same text"
+    else notok "json_schema: two answers differ"; fi
+    body="{\"prompt\":\"Once upon a time\",\"temperature\":0${fmt}}"
+    is "$(post /v1/completions "$body" "$tmp/fc")" 200 "json_schema on /v1/completions: 200"
+    c "json_schema on /v1/completions: validates" person "$tmp/fc"
+    is "$(post /v1/chat/completions "$(chat 'Hi' \
+        ',"max_tokens":60,"response_format":{"type":"json_object"}')" "$tmp/fo")" 200 \
+        "json_object: 200"
+    c "json_object: the answer is a JSON object" object "$tmp/fo"
+    is "$(post /v1/chat/completions "$(chat 'Hi' ',"max_tokens":4,"response_format":
+        {"type":"text"}')" "$tmp/ft")" 200 "text: 200"
+    post /v1/chat/completions "$(chat 'x' ',"response_format":{"type":"json_schema",
+        "json_schema":{"schema":{"allOf":[]}}}')" "$tmp/e" >/dev/null
+    if grep -q allOf "$tmp/e"; then ok "a bad schema: the message names the keyword"
+    else notok "a bad schema: $(cat "$tmp/e")"; fi
+    is "$(post /v1/completions '{"prompt":"x","max_tokens":10,"response_format":{"type":
+        "json_schema","json_schema":{"schema":{"type":"array","minItems":400}}}}' "$tmp/e")" \
+        400 "a schema whose shortest value is over max_tokens: 400"
+    c "a schema over max_tokens: named" error "$tmp/e" max_tokens
+fi
+
+if tcase bias; then
+    # the greedy first token, its id through /tokenize; -100 on it changes the answer
+    body='{"prompt":"Once upon a time","temperature":0,"max_tokens":1'
+    post /v1/completions "$body}" "$tmp/b0" >/dev/null
+    "$py" "$tmp/check.py" text "$tmp/b0" >"$tmp/bt0"
+    "$py" -c "import json,sys; print(json.dumps({'content': open(sys.argv[1]).read()}))" \
+        "$tmp/bt0" >"$tmp/btok.json"
+    post /tokenize "$(cat "$tmp/btok.json")" "$tmp/btok" >/dev/null
+    id=$("$py" -c "import json,sys; t=json.load(open(sys.argv[1]))['tokens']; \
+print(t[0] if len(t) == 1 else 'x')" "$tmp/btok")
+    is "$(post /v1/completions "$body,\"logit_bias\":{\"$id\":-100}}" "$tmp/b1")" 200 \
+        "logit_bias -100 on the greedy token: 200"
+    "$py" "$tmp/check.py" text "$tmp/b1" >"$tmp/bt1"
+    if [ -s "$tmp/bt0" ] && ! cmp -s "$tmp/bt0" "$tmp/bt1"; then
+        ok "logit_bias -100 on the greedy token changes the answer"
+    else notok "logit_bias -100: '$(cat "$tmp/bt0")' and '$(cat "$tmp/bt1")'"; fi
+    # +100 on the token of "a": the greedy answer is all a's, on both endpoints, streamed too
+    post /tokenize '{"content":"a"}' "$tmp/btok" >/dev/null
+    a=$("$py" -c "import json,sys; print(json.load(open(sys.argv[1]))['tokens'][0])" \
+        "$tmp/btok")
+    is "$(post /v1/chat/completions "$(chat Hi ",\"max_tokens\":4,\"logit_bias\":{\"$a\":100}")" \
+        "$tmp/b2")" 200 "logit_bias +100: 200"
+    c "logit_bias +100 on a token forces it" text "$tmp/b2"
+    is "$(cat "$tmp/check.out")" aaaa "logit_bias +100: four a's"
+    post /v1/chat/completions "$(chat Hi ",\"max_tokens\":4,\"logit_bias\":{\"$a\":100},
+        \"stream\":true")" "$tmp/b3" >/dev/null
+    c "logit_bias: streamed and whole agree" agree "$tmp/b2" "$tmp/b3"
 fi
 
 if tcase tokenize; then

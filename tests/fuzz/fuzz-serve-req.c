@@ -9,7 +9,8 @@
  * parser's promises: a refusal carries a status (400, or 500 for memory) and a message, and
  * nothing is left allocated; an accepted request has a prompt of 1..max_prompt_tokens ids
  * inside the vocabulary, max_tokens within the limit, at most 16 non-empty stop strings,
- * include_usage only with stream, and sampler settings the sampler takes.
+ * include_usage only with stream, sampler settings the sampler takes, logit_bias ids inside
+ * the vocabulary, and a grammar exactly when response_format asks for JSON.
  */
 #include "config.h"
 
@@ -19,6 +20,7 @@
 #include <string.h>
 
 #include "kli.h"
+#include "cli_oai.h"
 #include "serve.h"
 #define FUZZ_NAME "fuzz-serve-req"
 #define FUZZ_CLEANUP
@@ -57,11 +59,13 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     lim.max_tokens = 16;
     lim.max_tokens_limit = 64;
     lim.max_prompt_tokens = 512;
+    lim.n_vocab = kli_tokenizer_n_vocab(fuzz_tok);
     enum serve_kind kind = data[0] & 1 ? SERVE_COMPLETION : SERVE_CHAT;
     if (serve_req_parse(&r, kind, (const char *)data + 1, size - 1, fuzz_tok, &lim, &e) != 0) {
         fuzz_check((e.status == 400 || e.status == 500) && e.msg[0] != '\0' &&
                    e.type != NULL, "a refusal without a status or a message");
-        fuzz_check(r.toks == NULL && r.n_stop == 0, "a refusal that keeps memory");
+        fuzz_check(r.toks == NULL && r.n_stop == 0 && r.grammar == NULL && r.bias_ids == NULL &&
+                   r.schema == NULL, "a refusal that keeps memory");
         return 0;
     }
     fuzz_check(r.n >= 1 && r.n <= lim.max_prompt_tokens, "prompt length");
@@ -72,7 +76,15 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     for (int32_t i = 0; i < r.n_stop; i++)
         fuzz_check(r.stop[i] != NULL && r.stop[i][0] != '\0', "empty stop string");
     fuzz_check(!r.include_usage || r.stream, "include_usage without stream");
-    fuzz_check(kli_sampler_create(&smp, &r.so, 1, &err) == KLI_OK, "sampler settings");
+    fuzz_check(r.so.n_bias >= 0 && r.so.n_bias <= 1024, "logit_bias count");
+    for (int32_t i = 0; i < r.so.n_bias; i++)
+        fuzz_check(r.so.bias_ids[i] >= 0 && r.so.bias_ids[i] < lim.n_vocab &&
+                   r.so.bias[i] >= -100 && r.so.bias[i] <= 100, "logit_bias member");
+    fuzz_check((r.grammar != NULL) ==
+                   (r.format == OAI_FMT_OBJECT || r.format == OAI_FMT_SCHEMA) && r.schema == NULL,
+               "the grammar of response_format");
+    fuzz_check(kli_sampler_create(&smp, &r.so, lim.n_vocab, &err) == KLI_OK,
+               "sampler settings");
     kli_sampler_free(smp);
     serve_req_clear(&r);
     return 0;
