@@ -135,24 +135,35 @@ convert_done(const struct convert_args *a, const struct progress *p)
                 "seen)\n", p->what, (long long)a->used[0], a->o.imatrix, (long long)a->used[1]);
 }
 
-/* -m IN -o OUT [--type T] [--keep GLOB=TYPE]... [--imatrix FILE] [--force], into a->o (whose
- * progress goes to `p`). `help` is printed for -h and `usage` with a usage error.
+/* The options quantize and convert share; convert adds --to (quantize writes a directory). */
+#define CLI_CONVERT_LONGOPTS \
+    CLI_MODEL_LONGOPT, \
+    {"output", required_argument, NULL, 'o'}, \
+    {"type", required_argument, NULL, 'T'}, \
+    {"keep", required_argument, NULL, 'K'}, \
+    {"force", no_argument, NULL, 'F'}, \
+    {"imatrix", required_argument, NULL, 'I'}, \
+    CLI_HELP_LONGOPT
+
+static const struct option quantize_opts[] = {
+    CLI_CONVERT_LONGOPTS,
+    CLI_LONGOPTS_END,
+};
+
+static const struct option convert_opts[] = {
+    CLI_CONVERT_LONGOPTS,
+    {"to", required_argument, NULL, 'G'},
+    CLI_LONGOPTS_END,
+};
+
+/* -m IN -o OUT [--type T] [--keep GLOB=TYPE]... [--imatrix FILE] [--force] and, in `opts`
+ * (quantize_opts or convert_opts), convert's [--to FORMAT], into a->o (whose progress goes to
+ * `p`). `help` is printed for -h and `usage` with a usage error.
  * @return 0 to go on, 1 after --help, -1 on a usage error. */
 static int
-convert_args_parse(int argc, char **argv, struct convert_args *a, struct progress *p,
-                   const char *help, const char *usage)
+convert_args_parse(int argc, char **argv, const struct option *opts, struct convert_args *a,
+                   struct progress *p, const char *help, const char *usage)
 {
-    static const struct option opts[] = {
-        CLI_MODEL_LONGOPT,
-        {"output", required_argument, NULL, 'o'},
-        {"type", required_argument, NULL, 'T'},
-        {"keep", required_argument, NULL, 'K'},
-        {"force", no_argument, NULL, 'F'},
-        {"imatrix", required_argument, NULL, 'I'},
-        {"to", required_argument, NULL, 'G'},
-        CLI_HELP_LONGOPT,
-        CLI_LONGOPTS_END,
-    };
     int c;
 
     a->ca.usage = help;
@@ -196,7 +207,7 @@ cmd_quantize(int argc, char **argv)
     int pr;
 
     kli_quantize_options_init(&a.o);
-    pr = convert_args_parse(argc, argv, &a, &p,
+    pr = convert_args_parse(argc, argv, quantize_opts, &a, &p,
                             "usage: kli quantize -m|--model DIR -o|--output OUT_DIR "
                             "--type TYPE\n"
                             "                    [--keep GLOB=TYPE]... [--imatrix FILE] "
@@ -209,10 +220,6 @@ cmd_quantize(int argc, char **argv)
                             "[--keep GLOB=TYPE]...");
     if (pr != 0)
         return pr > 0 ? 0 : 2;
-    if (a.o.format != NULL) {
-        cli_error("--to is an option of kli convert; quantize writes a model directory");
-        return 2;
-    }
     if (kli_quantize(a.ca.model, a.out, &a.o, &err) != KLI_OK) {
         cli_error("%s", err.msg);
         return 1;
@@ -248,7 +255,7 @@ cmd_convert(int argc, char **argv)
     int rc, pr;
 
     kli_convert_options_init(&a.o);
-    pr = convert_args_parse(argc, argv, &a, &p,
+    pr = convert_args_parse(argc, argv, convert_opts, &a, &p,
                             "usage: kli convert -m|--model MODEL -o|--output OUT "
                             "[--to kli|gguf] [--type TYPE]\n"
                             "                   [--keep GLOB=TYPE]... [--imatrix FILE] "

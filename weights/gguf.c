@@ -491,12 +491,15 @@ int
 gguf_probe(const char *path)
 {
     char magic[4];
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
     ssize_t n;
+    int fd;
 
-    if (fd < 0)
+    /* Not a regular file (a FIFO would block open() and read()): not a GGUF file. */
+    if ((fd = kli_file_open(path, NULL, NULL)) < 0)
         return 0;
-    n = read(fd, magic, 4);
+    do {
+        n = read(fd, magic, 4);
+    } while (n < 0 && errno == EINTR);
     close(fd);
     return n == 4 && memcmp(magic, GGUF_MAGIC, 4) == 0;
 }
