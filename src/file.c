@@ -125,3 +125,19 @@ file_read(const char *path, uint64_t max, char **buf, size_t *len, struct kli_er
     *len = n;
     return KLI_OK;
 }
+
+int
+file_has_magic(const char *path, const void *magic, size_t n)
+{
+    unsigned char head[16];
+    ssize_t got;
+    int fd;
+
+    if (n > sizeof(head) || (fd = kli_file_open(path, NULL, NULL)) < 0)
+        return 0;
+    do {
+        got = read(fd, head, n);
+    } while (got < 0 && errno == EINTR);
+    close(fd);
+    return got == (ssize_t)n && memcmp(head, magic, n) == 0;
+}

@@ -80,6 +80,10 @@ struct text_buf {
 
 void text_printf(struct text_buf *t, const char *fmt, ...) KLI_PRINTF(2, 3);
 
+/* Whether the regular file `path` begins with the n bytes of `magic` (a FIFO, a directory
+ * or an unreadable path does not: the format probes that pick a loader by magic). */
+int file_has_magic(const char *path, const void *magic, size_t n);
+
 /* Reads the regular file `path` whole into a NUL-terminated buffer (*buf, freed with free;
  * *len excludes the NUL). A file over `max` bytes is refused before anything is read.
  * @return KLI_OK, KLI_E_IO (as kli_file_open, or a read error), KLI_E_RANGE (over max) or

@@ -490,18 +490,7 @@ gguf_free(struct gguf *g)
 int
 gguf_probe(const char *path)
 {
-    char magic[4];
-    ssize_t n;
-    int fd;
-
-    /* Not a regular file (a FIFO would block open() and read()): not a GGUF file. */
-    if ((fd = kli_file_open(path, NULL, NULL)) < 0)
-        return 0;
-    do {
-        n = read(fd, magic, 4);
-    } while (n < 0 && errno == EINTR);
-    close(fd);
-    return n == 4 && memcmp(magic, GGUF_MAGIC, 4) == 0;
+    return file_has_magic(path, GGUF_MAGIC, 4);
 }
 
 /* ==== lookups ==== */

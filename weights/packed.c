@@ -163,18 +163,7 @@ pack_info_free(struct pack_info *info)
 int
 pack_probe(const char *path)
 {
-    char magic[8];
-    ssize_t got;
-    int fd;
-
-    /* Not a regular file (a directory, a FIFO that would block open()): not a .kli file. */
-    if ((fd = kli_file_open(path, NULL, NULL)) < 0)
-        return 0;
-    do {
-        got = read(fd, magic, sizeof(magic));
-    } while (got < 0 && errno == EINTR);
-    close(fd);
-    return got == (ssize_t)sizeof(magic) && memcmp(magic, KLI_PACK_MAGIC, 8) == 0;
+    return file_has_magic(path, KLI_PACK_MAGIC, 8);
 }
 
 /* The header: magic, its checksum, version, byte order, sizes, then the section table. A
