@@ -158,30 +158,6 @@ ok(int cond, const char *fmt, ...)
     return cond;
 }
 
-/* ok(), except that where `todo` is not NULL a failure is a known, open bug: it prints
- * "not ok N - ... # TODO todo" (an expected failure to the TAP driver) and does not count.
- * A pass prints "ok" as usual. */
-__attribute__((format(printf, 3, 4), unused)) static int
-ok_todo(int cond, const char *todo, const char *fmt, ...)
-{
-    va_list ap;
-
-    if (tap_listing)
-        return cond;
-    tap_n++;
-    printf("%s %d - ", cond ? "ok" : "not ok", tap_n);
-    va_start(ap, fmt);
-    vprintf(fmt, ap);
-    va_end(ap);
-    if (!cond && todo != NULL)
-        printf(" # TODO %s", todo);
-    printf("\n");
-    fflush(stdout);
-    if (!cond && todo == NULL)
-        tap_failed++;
-    return cond;
-}
-
 __attribute__((format(printf, 1, 2), unused)) static void
 diag(const char *fmt, ...)
 {

@@ -91,11 +91,4 @@ float *tl_logits(struct kli_model *m, const kli_token *ids, int n, int chunk,
 float *tl_logits_of(const char *path, const char *weight_type, const kli_token *ids, int n,
                     int32_t *V);
 
-/* Edge mode gives other bits than resident weights under the AVX-512 tables (found on the
- * GPU server in session 9, cause not yet found; AVX2 and generic agree bit for bit): there
- * a known, open bug (tap.h's ok_todo), anywhere else a failure. */
-#define EDGE_AVX512_TODO \
-    (strncmp(kli_simd_variant(), "avx512", 6) == 0 ? "edge mode vs resident under AVX-512, " \
-     "an open bug" : NULL)
-
 #endif
