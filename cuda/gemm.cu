@@ -18,14 +18,16 @@
  *                  decodes them (the CPU's float values bit for bit), then split. Then
  *                      W x = Wh xh + Wh xl [+ Wl xh]
  *                  in two GEMMs (three for split weights), the later ones adding into y;
- *                  Wl xl, below 2^-18 of the product, is left out.
+ *                  Wl xl, below 2^-18 of the product, is left out. KLI_CUDA_GEMM_SPLIT=0
+ *                  rounds each operand to bf16 once and multiplies once instead (~1e-3),
+ *                  to measure what the split costs.
  *
  * Why split, at two or three times the tensor-core work of one bf16 product: bf16 keeps 8
  * significant bits, and rounding the activations once moves each by up to 2^-9 of itself;
  * a product is then off from the float32 one by ~1e-3 relative, and on the tiny test model
  * (random weights, top-2 of 8 experts whose near-ties flip) that became 0.12 relative L2 on
- * the logits and 7% of the argmaxes changed (measured by rounding the inputs of every
- * projection of contrib/reference/kimi_ref.py; 1.3e-5 and none changed with the split). hi +
+ * the logits and 7% of the argmaxes changed (contrib/reference/bf16_emul.py, kimi_ref.py's
+ * forward pass with the operands rounded; 1.3e-5 and none changed with the split). hi +
  * lo holds 16 significant bits: an operand is off by at most 2^-18 of itself, a product by
  * ~1e-5 of its L2 norm. test-cuda holds a product to float64 sums over the split operands
  * within 1e-4 and to the CPU's float32 twin within 1e-4 (products, layers and whole-model
@@ -43,6 +45,7 @@
 
 #include <limits.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "common.cuh"
 
@@ -70,6 +73,16 @@ cu_gemm_min(void)
     return v > INT_MAX ? INT_MAX : (int)v;
 }
 
+/* Whether operands are split into hi + lo (KLI_CUDA_GEMM_SPLIT, default 1); 0: one bf16
+ * rounding each and one product, for measuring what the split costs. */
+static int
+gemm_split_on(void)
+{
+    const char *s = getenv("KLI_CUDA_GEMM_SPLIT");
+
+    return s == NULL || strcmp(s, "0") != 0;
+}
+
 /* A grid of GEMM_NT-thread blocks for n items, grid-striding beyond 65535 blocks. */
 static unsigned
 gemm_blocks(long long n)
@@ -88,22 +101,27 @@ gemm_split(float v, __nv_bfloat16 *hi, __nv_bfloat16 *lo)
     *lo = __float2bfloat16_rn(v - __bfloat162float(*hi));
 }
 
-/* x[t * ldx + k] = xh[t][k] + xl[t][k] for t < T, k < K (xl = xh + T * K). */
+/* x[t * ldx + k] = xh[t][k] + xl[t][k] for t < T, k < K (xl = xh + T * K; not written
+ * without lo). */
 __global__ void
-gemm_x16(const float *x, int ldx, int K, long long T, __nv_bfloat16 *xh)
+gemm_x16(const float *x, int ldx, int K, long long T, int lo, __nv_bfloat16 *xh)
 {
     const long long n = T * K;
 
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x)
-        gemm_split(x[i / K * ldx + i % K], xh + i, xh + n + i);
+         i += (long long)gridDim.x * blockDim.x) {
+        __nv_bfloat16 l;
+        gemm_split(x[i / K * ldx + i % K], xh + i, &l);
+        if (lo)
+            xh[n + i] = l;
+    }
 }
 
 /* Weight (r0 + r, k) of W ([.][K] of dtype DT) = wh[r][k] + wl[r][k] for r < rows
- * (wl = wh + rows * K), decoded 8 at a time as cu_w8 decodes them. */
+ * (wl = wh + rows * K; not written without lo), decoded 8 at a time as cu_w8 does. */
 template <int DT>
 __global__ void
-gemm_w16(const void *W, long long r0, long long rows, int K, __nv_bfloat16 *wh)
+gemm_w16(const void *W, long long r0, long long rows, int K, int lo, __nv_bfloat16 *wh)
 {
     const int C = K / 8;
     const long long n = rows * C;
@@ -119,7 +137,8 @@ gemm_w16(const void *W, long long r0, long long rows, int K, __nv_bfloat16 *wh)
         for (int k = 0; k < 8; k++)
             gemm_split(o[k], h + k, l + k);
         *(uint4 *)(wh + r * K + 8 * c) = *(const uint4 *)h;
-        *(uint4 *)(wh + rows * K + r * K + 8 * c) = *(const uint4 *)l;
+        if (lo)
+            *(uint4 *)(wh + rows * K + r * K + 8 * c) = *(const uint4 *)l;
     }
 }
 
@@ -210,12 +229,13 @@ cu_gemm(struct gpu_queue *q, const void *W, int dtype, long long wbs, int R, int
     if ((rc = cu_queue_grow(q, &q->gws, &q->gws_bytes, gemm_scratch(dtype, R, K, T, &rt),
                             err)) != KLI_OK)
         return rc;
+    const int lo = gemm_split_on();
     __nv_bfloat16 *xh = (__nv_bfloat16 *)q->gws, *xl = xh + T * K;
     __nv_bfloat16 *wb = (__nv_bfloat16 *)((char *)q->gws + b_x);
     for (int b = 0; b < nb; b++) {
         const char *Wb = (const char *)W + b * wbs;
         gemm_x16<<<gemm_blocks(T * K), GEMM_NT, 0, q->st>>>(x + (size_t)b * xbs, ldx, K, T,
-                                                             xh);
+                                                             lo, xh);
         if ((rc = cu_launched(err, "gemm_x16")) != KLI_OK)
             return rc;
         for (long long r0 = 0; r0 < R; r0 += rt) {
@@ -224,7 +244,7 @@ cu_gemm(struct gpu_queue *q, const void *W, int dtype, long long wbs, int R, int
             if (dtype != KLI_DT_BF16) {
                 if (cu_dtype_switch(dtype, [&](auto dt) {
                         gemm_w16<decltype(dt)::value><<<gemm_blocks(rows * (K / 8)), GEMM_NT, 0,
-                                                        q->st>>>(Wb, r0, rows, K, wb);
+                                                        q->st>>>(Wb, r0, rows, K, lo, wb);
                     }) != 0)
                     return err_set(err, KLI_E_UNSUPPORTED, "%s: dtype %d", what, dtype);
                 if ((rc = cu_launched(err, "gemm_w16")) != KLI_OK)
@@ -235,7 +255,7 @@ cu_gemm(struct gpu_queue *q, const void *W, int dtype, long long wbs, int R, int
             /* W x = Wh xh + Wh xl + Wl xh (+ Wl xl, below 2^-18 of it, left out) */
             const void *pa[3] = {A, A, Al};
             const __nv_bfloat16 *pb[3] = {xh, xl, xh};
-            for (int k = 0; k < (Al != NULL ? 3 : 2); k++) {
+            for (int k = 0; k < (!lo ? 1 : Al != NULL ? 3 : 2); k++) {
                 if ((rc = gemm_check(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, (int)rows, (int)T,
                                                   K, &one, pa[k], CUDA_R_16BF, K, pb[k],
                                                   CUDA_R_16BF, K, k == 0 ? &zero : &one,

@@ -72,6 +72,7 @@ static uint64_t rng = 0x9e3779b97f4a7c15ull;
  * to O(1).
  */
 static double gemm_tol;
+static int gemm_one;   /* KLI_CUDA_GEMM_SPLIT=0: one bf16 rounding, no lo */
 
 /* KLI_CUDA_GEMM_MIN=min (0: off) and the bound of the float32 tests widened to tol. */
 static void
@@ -465,14 +466,14 @@ test_kmatmul(enum k_dtype dt, int R, int K, int T)
 
 /* ==== 2c. The tensor-core products (cuda/gemm.cu) ============================================ */
 
-/* v = hi + lo as gemm.cu splits it: hi = bf16(v), lo = bf16(v - hi). */
+/* v = hi + lo as gemm.cu splits it: hi = bf16(v), lo = bf16(v - hi) (0 with gemm_one). */
 static void
 split16(float v, double *hi, double *lo)
 {
     float h = bf16_to_f32(f32_to_bf16(v));
 
     *hi = h;
-    *lo = bf16_to_f32(f32_to_bf16(v - h));
+    *lo = gemm_one ? 0.0 : bf16_to_f32(f32_to_bf16(v - h));
 }
 
 /*
@@ -1380,6 +1381,15 @@ main(int argc, char **argv)
             test_gemm(kts[i], 300, 2304, 33);
         test_gemm(KLI_DT_BF16, 37, 512, 1);
         test_gemm(KLI_DT_Q8_0, 14600, 2304, 3);
+        /* KLI_CUDA_GEMM_SPLIT=0: one rounding each, 1e-3 from float32 (1e-2 allowed) */
+        setenv("KLI_CUDA_GEMM_SPLIT", "0", 1);
+        gemm_one = 1;
+        gemm_force(1, 1e-2);
+        test_gemm(KLI_DT_BF16, 300, 2304, 33);
+        test_gemm(KLI_DT_Q4_K, 300, 2304, 33);
+        test_gemm(KLI_DT_F32, 300, 2304, 33);
+        unsetenv("KLI_CUDA_GEMM_SPLIT");
+        gemm_one = 0;
         gemm_force(0, 0.0);
     }
     /* the experts through it: every item (KLI_CUDA_GEMM_MIN=1), then the shared expert's 6

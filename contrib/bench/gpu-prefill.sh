@@ -14,13 +14,15 @@
 #    to 1 MLA, GP_EXPERTS routed experts, top 8, seed 7) at bf16, q8_0 and q4_k (kli quantize
 #    of the bf16 one), made once in GP_DIR, whole on the GPU (--gpu on). For each type,
 #    `kli bench -p 512 -n 8 -r 3 --json` with KLI_CUDA_GEMM_MIN = 0 (the warp-per-row kernels
-#    only: the old path), 32 (the default) and 8, one after the other; the table gives the
-#    median of the 3 prefill repetitions with their range, and the ratio to the old path.
-#    With 256 experts a 512-token prefill routes 16 rows to an expert on average, so the
-#    default (32) leaves most routed experts on the kernels and 8 moves them too.
+#    only: the old path), 32 (the default), 8, and 8 with KLI_CUDA_GEMM_SPLIT=0 ("8:one":
+#    one bf16 product in place of the split pair, what the split costs), one after the
+#    other; the table gives the median of the 3 prefill repetitions with their range, and
+#    the ratio to the old path. With 256 experts a 512-token prefill routes 16 rows to an
+#    expert on average, so the default (32) leaves most routed experts on the kernels and 8
+#    moves them too.
 #
 # Settings: GP_DIR (/tmp/kli-gpu-prefill), GP_LAYERS (4), GP_EXPERTS (256), GP_TYPES
-# ("bf16 q8_0 q4_k"), GP_MINS ("0 32 8"), GP_TEST (1; 0 skips test-cuda). About 23 GB of
+# ("bf16 q8_0 q4_k"), GP_MINS ("0 32 8 8:one"), GP_TEST (1; 0 skips test-cuda). About 23 GB of
 # models with the defaults.
 set -eu
 
@@ -29,7 +31,7 @@ dir=${GP_DIR:-/tmp/kli-gpu-prefill}
 layers=${GP_LAYERS:-4}
 experts=${GP_EXPERTS:-256}
 types=${GP_TYPES:-bf16 q8_0 q4_k}
-mins=${GP_MINS:-0 32 8}
+mins=${GP_MINS:-0 32 8 8:one}
 kli=$build/kli
 
 if [ ! -x "$kli" ] || [ ! -x "$build/tests/test-cuda" ]; then
@@ -74,9 +76,12 @@ out=$dir/bench-$(date +%Y%m%d-%H%M%S).txt
 : >"$out"
 for t in $types; do
     for n in $mins; do
-        stamp "bench $t, KLI_CUDA_GEMM_MIN=$n"
-        line=$(KLI_CUDA_GEMM_MIN=$n "$kli" bench -m "$dir/synth-$layers-$experts-$t" --gpu on \
-                   -p 512 -n 8 -r 3 --json 2>>"$dir/bench.err" | tail -n 1) || line=""
+        split=1
+        case $n in *:one) split=0 ;; esac
+        stamp "bench $t, KLI_CUDA_GEMM_MIN=${n%:one} KLI_CUDA_GEMM_SPLIT=$split"
+        line=$(KLI_CUDA_GEMM_MIN=${n%:one} KLI_CUDA_GEMM_SPLIT=$split "$kli" bench \
+                   -m "$dir/synth-$layers-$experts-$t" --gpu on -p 512 -n 8 -r 3 --json \
+                   2>>"$dir/bench.err" | tail -n 1) || line=""
         get() { printf '%s\n' "$line" | sed -n "s/.*\"$1\": *\([0-9.eE+-]*\).*/\1/p"; }
         echo "$t $n $(get prefill_tok_s) $(get prefill_tok_s_min) $(get prefill_tok_s_max)" \
              "$(get decode_tok_s)" >>"$out"
