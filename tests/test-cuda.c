@@ -466,14 +466,16 @@ test_kmatmul(enum k_dtype dt, int R, int K, int T)
 
 /* ==== 2c. The tensor-core products (cuda/gemm.cu) ============================================ */
 
-/* v = hi + lo as gemm.cu splits it: hi = bf16(v), lo = bf16(v - hi) (0 with gemm_one). */
+/* v[i] = hi[i] + lo[i], i < n, as gemm.cu splits the operands of products of dtype dt:
+ * hi = bf16(v), lo = bf16(v - hi) (0 with gemm_one); F32 is not split. */
 static void
-split16(float v, double *hi, double *lo)
+split16(enum k_dtype dt, const float *v, int64_t n, double *hi, double *lo)
 {
-    float h = bf16_to_f32(f32_to_bf16(v));
-
-    *hi = h;
-    *lo = gemm_one ? 0.0 : bf16_to_f32(f32_to_bf16(v - h));
+    for (int64_t i = 0; i < n; i++) {
+        float h = dt == KLI_DT_F32 ? v[i] : bf16_to_f32(f32_to_bf16(v[i]));
+        hi[i] = h;
+        lo[i] = dt == KLI_DT_F32 || gemm_one ? 0.0 : bf16_to_f32(f32_to_bf16(v[i] - h));
+    }
 }
 
 /*
@@ -500,24 +502,10 @@ test_gemm(enum k_dtype dt, int R, int K, int T)
     const uint64_t bytes = dtype_nbytes(dt, (uint64_t)R * K);
 
     make_mat(dt, R, K, &t, &w);
-    for (int64_t i = 0; i < (int64_t)T * K; i++) {
-        if (dt == KLI_DT_F32) {
-            xh[i] = x[i];
-            xl[i] = 0.0;
-        } else {
-            split16(x[i], xh + i, xl + i);
-        }
-    }
+    split16(dt, x, (int64_t)T * K, xh, xl);
     for (int r = 0; r < R; r++) {
         dtype_to_f32(dt, (const uint8_t *)w + dtype_nbytes(dt, (uint64_t)r * K), wf, K);
-        for (int k = 0; k < K; k++) {
-            if (dt == KLI_DT_F32) {
-                wh[k] = wf[k];
-                wl[k] = 0.0;
-            } else {
-                split16(wf[k], wh + k, wl + k);
-            }
-        }
+        split16(dt, wf, K, wh, wl);
         for (int i = 0; i < T; i++) {
             const double *ph = xh + (size_t)i * K, *pl = xl + (size_t)i * K;
             double a = 0.0;
