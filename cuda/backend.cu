@@ -148,6 +148,8 @@ cu_queue_free(struct gpu_queue *q)
     if (q == NULL)
         return;
     (void)cudaStreamSynchronize(q->st);
+    cu_gemm_free(q);
+    cu_release(q->g, q->gws, q->gws_bytes);
     cu_release(q->g, q->ws, q->ws_bytes);
     if (q->pin != NULL)
         (void)cudaFreeHost(q->pin);
@@ -175,27 +177,38 @@ cu_queue_create(struct k_gpu *g, struct gpu_queue **out, struct kli_err *err)
 }
 
 int
+cu_queue_grow(struct gpu_queue *q, void **buf, uint64_t *have, uint64_t bytes,
+              struct kli_err *err)
+{
+    if (bytes <= *have)
+        return KLI_OK;
+    uint64_t want = bytes > 2 * *have ? bytes : 2 * *have;
+    void *p = NULL;
+    if (cu_check(cudaStreamSynchronize(q->st), err, "cudaStreamSynchronize") != KLI_OK)
+        return KLI_E_CUDA;
+    cu_release(q->g, *buf, *have);
+    *buf = NULL;
+    *have = 0;
+    /* The doubling is a wish: settle for the exact size near the budget's end. */
+    if (cu_alloc(q->g, &p, want, NULL) != KLI_OK) {
+        int rc;
+        want = bytes;
+        if ((rc = cu_alloc(q->g, &p, want, err)) != KLI_OK)
+            return rc;
+    }
+    *buf = p;
+    *have = want;
+    return KLI_OK;
+}
+
+int
 cu_queue_reserve(struct gpu_queue *q, uint64_t bytes, uint64_t pin_bytes,
                  struct kli_err *err)
 {
-    if (bytes > q->ws_bytes) {
-        uint64_t want = bytes > 2 * q->ws_bytes ? bytes : 2 * q->ws_bytes;
-        void *p = NULL;
-        if (cu_check(cudaStreamSynchronize(q->st), err, "cudaStreamSynchronize") != KLI_OK)
-            return KLI_E_CUDA;
-        cu_release(q->g, q->ws, q->ws_bytes);
-        q->ws = NULL;
-        q->ws_bytes = 0;
-        /* The doubling is a wish: settle for the exact size near the budget's end. */
-        if (cu_alloc(q->g, &p, want, NULL) != KLI_OK) {
-            int rc;
-            want = bytes;
-            if ((rc = cu_alloc(q->g, &p, want, err)) != KLI_OK)
-                return rc;
-        }
-        q->ws = p;
-        q->ws_bytes = want;
-    }
+    int rc;
+
+    if ((rc = cu_queue_grow(q, &q->ws, &q->ws_bytes, bytes, err)) != KLI_OK)
+        return rc;
     if (pin_bytes > q->pin_bytes) {
         uint64_t want = pin_bytes > 2 * q->pin_bytes ? pin_bytes : 2 * q->pin_bytes;
         if (cu_check(cudaStreamSynchronize(q->st), err, "cudaStreamSynchronize") != KLI_OK)

@@ -41,6 +41,11 @@ struct gpu_queue {
     uint64_t ws_bytes;
     void *pin;                /* pinned host staging, grown on demand */
     uint64_t pin_bytes;
+    /* cuBLAS (gemm.cu): the handle, made on first use, and the scratch of the bf16
+     * products (activations and one tile of expanded weights), grown on demand */
+    void *blas;
+    void *gws;
+    uint64_t gws_bytes;
     /* the MoE job between moe_launch and moe_wait */
     int64_t moe_n;            /* floats of its result, 0 when none is pending */
     const float *moe_res;     /* its result in pin */
@@ -341,6 +346,11 @@ cu_align(uint64_t n)
  * geometrically, counted against the budget. */
 int cu_queue_reserve(struct gpu_queue *q, uint64_t bytes, uint64_t pin_bytes,
                      struct kli_err *err);
+/* Makes the device buffer *p of *have bytes, on q's stream, hold at least `bytes`: it grows
+ * geometrically (exactly near the budget's end), counted against the budget; the stream is
+ * drained before the old one is freed. */
+int cu_queue_grow(struct gpu_queue *q, void **p, uint64_t *have, uint64_t bytes,
+                  struct kli_err *err);
 
 /* The blocks (mla.cu, moe.cu), behind the vtable entries of the same names. */
 int cu_mla_check(struct k_gpu *g, int32_t H, int32_t L, int32_t C, struct kli_err *err);
@@ -361,6 +371,18 @@ int cu_mm(struct gpu_queue *q, const void *W, int dtype, long long wbs, int R, i
           int nb, const float *x, int ldx, int xbs, int64_t T, float *y, int ldy, int ybs,
           struct kli_err *err, const char *what);
 int cu_mat_ok(const struct gpu_mat *m, int32_t rows, int32_t cols);
+/* The prefill products through cuBLAS (gemm.cu). cu_gemm_min: the fewest rows for which
+ * cu_mm takes cu_gemm (KLI_CUDA_GEMM_MIN; 0: never, as without cuBLAS). cu_gemm_fits:
+ * whether the scratch of a product is there (grown now if need be; 0: the budget is spent,
+ * the kernels do it). cu_gemm: cu_mm's contract on tensor cores (bf16 products, float32 sums)
+ * or, for F32 weights, in float32. cu_gemm_free: the queue's cuBLAS handle (cu_queue_free,
+ * which frees q->gws). */
+int cu_gemm_min(void);
+int cu_gemm_fits(struct gpu_queue *q, int dtype, int R, int K, int64_t T);
+int cu_gemm(struct gpu_queue *q, const void *W, int dtype, long long wbs, int R, int K,
+            int nb, const float *x, int ldx, int xbs, int64_t T, float *y, int ldy, int ybs,
+            struct kli_err *err, const char *what);
+void cu_gemm_free(struct gpu_queue *q);
 int cu_moe_launch(struct gpu_queue *q, const struct gpu_moe_job *j,
                   struct kli_err *err);
 int cu_moe_wait(struct gpu_queue *q, float *out, struct kli_err *err);

@@ -7,7 +7,7 @@
  *
  * Files: common.cuh (error mapping, launch checks), backend.cu (device, memory, queues),
  * mla.cu (latent attention and whole MLA layers), kda.cu (whole KDA layers), moe.cu
- * (SwiGLU experts).
+ * (SwiGLU experts), gemm.cu (the prefill products through cuBLAS, on tensor cores).
  */
 #ifndef KLI_CUDA_H
 #define KLI_CUDA_H

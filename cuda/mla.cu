@@ -377,7 +377,11 @@ cu_mm(struct gpu_queue *q, const void *W, int dtype, long long wbs, int R, int K
 {
     dim3 grid((unsigned)((R + MM_ROWS - 1) / MM_ROWS), (unsigned)nb,
               (unsigned)((T + MM_TG - 1) / MM_TG));
+    const int gmin = cu_gemm_min();
 
+    /* prefill: tensor cores (gemm.cu); where its scratch does not fit, these kernels */
+    if (gmin > 0 && T >= gmin && cu_gemm_fits(q, dtype, R, K, T))
+        return cu_gemm(q, W, dtype, wbs, R, K, nb, x, ldx, xbs, T, y, ldy, ybs, err, what);
     if (cu_dtype_switch(dtype, [&](auto dt) {
             mla_mm<decltype(dt)::value><<<grid, 32 * MM_ROWS, 0, q->st>>>(
                 W, wbs, R, K, x, ldx, xbs, (int)T, y, ldy, ybs);

@@ -14,6 +14,9 @@
  * and are expanded 8 at a time in registers, as the CPU's generic kernels expand them
  * (simd/generic.c, weights/kquant.c); the products are float32.
  * Summing in ffn_combine in a fixed order keeps the result deterministic (no atomics).
+ * An item of at least cu_gemm_min() rows (prefill: the shared expert, the busier routed
+ * ones) multiplies through cuBLAS instead (gemm.cu): its rows gathered, gate and up as two
+ * products, silu(g) * u, down; the kernels skip it (ffn_gemm).
  */
 #include <math.h>
 #include <string.h>
@@ -67,7 +70,7 @@ ffn_gate_up(const struct ffn_item *items, const float *x, const int *row, int D,
     const struct ffn_item it = items[blockIdx.y];
     const int f = blockIdx.x * FFN_ROWS + threadIdx.x / 32, lane = threadIdx.x % 32;
 
-    if (f >= it.F || it.n == 0)
+    if (f >= it.F || it.n <= 0)   /* none, or through cuBLAS */
         return;
     cu_dtype_switch(it.dtype, [&](auto dt) {
         ffn_gate_up_row<decltype(dt)::value>(it, f, x, row, D, hb, ldh, lane);
@@ -80,11 +83,34 @@ ffn_down(const struct ffn_item *items, const float *hb, int ldh, int D, float *y
     const struct ffn_item it = items[blockIdx.y];
     const int d = blockIdx.x * FFN_ROWS + threadIdx.x / 32, lane = threadIdx.x % 32;
 
-    if (d >= D || it.n == 0)
+    if (d >= D || it.n <= 0)
         return;
     cu_dtype_switch(it.ddown, [&](auto dt) {
         ffn_down_row<decltype(dt)::value>(it, d, hb, ldh, D, y, lane);
     });
+}
+
+/* The items multiplied through cuBLAS (gemm.cu): block p gathers xg[p] = x[row[p]]; block
+ * p of ffn_swiglu makes h[p][f] = silu(g) * u of the products g = h[p][f], u = u[p][f], as
+ * ffn_gate_up_row does. */
+__global__ void
+ffn_gather(const float *x, const int *row, int D, float *xg)
+{
+    const int p = blockIdx.x;
+
+    for (int d = threadIdx.x; d < D; d += blockDim.x)
+        xg[(size_t)p * D + d] = x[(size_t)row[p] * D + d];
+}
+
+__global__ void
+ffn_swiglu(float *h, const float *u, int ldh, int F)
+{
+    const size_t p = blockIdx.x;
+
+    for (int f = threadIdx.x; f < F; f += blockDim.x) {
+        const float g = h[p * ldh + f];
+        h[p * ldh + f] = g / (1.0f + expf(-g)) * u[p * ldh + f];
+    }
 }
 
 /* out[t] = sum of wt[p] * y[p] over the pairs of row t, in pair order. */
@@ -102,6 +128,48 @@ ffn_combine(const float *y, const float *wt, const int *tokptr, const int *tpair
         }
         out[(size_t)t * D + d] = a;
     }
+}
+
+/*
+ * The items marked for cuBLAS (n < 0: -n rows), step 0 (h = silu(gate x) * (up x), the P
+ * pairs' rows gathered into xg first) or step 1 (y = down h), on q's stream beside the
+ * kernels' items.
+ */
+static int
+ffn_gemm(struct gpu_queue *q, const struct ffn_item *it, int n_items, int P, int step,
+         const float *x, const int *row, int D, float *h, float *u, int ldh, float *xg,
+         float *y, struct kli_err *err)
+{
+    int rc, gathered = 0;
+
+    for (int i = 0; i < n_items; i++) {
+        const int n = -it[i].n, s = it[i].start;
+        if (n <= 0)
+            continue;
+        if (step == 1) {
+            if ((rc = cu_gemm(q, it[i].down, it[i].ddown, 0, D, it[i].F, 1, h + (size_t)s * ldh,
+                              ldh, 0, n, y + (size_t)s * D, D, 0, err, "expert down")) != KLI_OK)
+                return rc;
+            continue;
+        }
+        if (!gathered) {   /* every pair's row: one launch, the kernels' items' too */
+            ffn_gather<<<(unsigned)P, 256, 0, q->st>>>(x, row, D, xg);
+            if ((rc = cu_launched(err, "ffn_gather")) != KLI_OK)
+                return rc;
+            gathered = 1;
+        }
+        const float *xi = xg + (size_t)s * D;
+        if ((rc = cu_gemm(q, it[i].gate, it[i].dtype, 0, it[i].F, D, 1, xi, D, 0, n,
+                          h + (size_t)s * ldh, ldh, 0, err, "expert gate")) != KLI_OK ||
+            (rc = cu_gemm(q, it[i].up, it[i].dtype, 0, it[i].F, D, 1, xi, D, 0, n,
+                          u + (size_t)s * ldh, ldh, 0, err, "expert up")) != KLI_OK)
+            return rc;
+        ffn_swiglu<<<(unsigned)n, 256, 0, q->st>>>(h + (size_t)s * ldh, u + (size_t)s * ldh,
+                                                   ldh, it[i].F);
+        if ((rc = cu_launched(err, "ffn_swiglu")) != KLI_OK)
+            return rc;
+    }
+    return KLI_OK;
 }
 
 int
@@ -126,13 +194,19 @@ cu_moe_launch(struct gpu_queue *q, const struct gpu_moe_job *j, struct kli_err *
 
     if ((rc = cu_check(cudaSetDevice(q->g->info.device), err, "cudaSetDevice")) != KLI_OK)
         return rc;
+    /* Items of at least gmin rows multiply through cuBLAS (gemm.cu) where their scratch
+     * fits: their gathered rows in xg, up's products in ub; the kernels skip them. */
+    const int gmin = cu_gemm_min();
+    const int any_gemm = gmin > 0 && P >= gmin;
     /* One staging area, one copy: items, row, wt, tpair, tokptr, x. */
     uint64_t b_it = cu_align((uint64_t)j->n_items * sizeof(struct ffn_item));
     uint64_t b_row = cu_align((uint64_t)P * 4), b_tp = cu_align((uint64_t)(T + 1) * 4);
     uint64_t b_x = cu_align((uint64_t)T * D * 4), b_out = cu_align((uint64_t)T * D * 4);
     uint64_t b_in = b_it + 3 * b_row + b_tp + b_x;
     uint64_t b_h = cu_align((uint64_t)P * fmax * 4), b_y = cu_align((uint64_t)P * D * 4);
-    if ((rc = cu_queue_reserve(q, b_in + b_h + b_y + b_out, b_in + b_out, err)) != KLI_OK)
+    uint64_t b_g = any_gemm ? b_y + b_h : 0;
+    if ((rc = cu_queue_reserve(q, b_in + b_h + b_y + b_out + b_g, b_in + b_out, err)) !=
+        KLI_OK)
         return rc;
     char *pin = (char *)q->pin, *ws = (char *)q->ws;
     struct ffn_item *it = (struct ffn_item *)pin;
@@ -148,6 +222,10 @@ cu_moe_launch(struct gpu_queue *q, const struct gpu_moe_job *j, struct kli_err *
         it[i].F = j->item[i].d_ff;
         it[i].start = j->start[i];
         it[i].n = j->start[i + 1] - j->start[i];
+        if (any_gemm && it[i].n >= gmin &&
+            cu_gemm_fits(q, it[i].dtype, it[i].F, (int)D, it[i].n) &&
+            cu_gemm_fits(q, it[i].ddown, (int)D, it[i].F, it[i].n))
+            it[i].n = -it[i].n;   /* through cuBLAS: the kernels see none (below) */
     }
     memcpy(row, j->row, (size_t)P * 4);
     memcpy(wt, j->wt, (size_t)P * 4);
@@ -178,17 +256,22 @@ cu_moe_launch(struct gpu_queue *q, const struct gpu_moe_job *j, struct kli_err *
     const float *x_d = (const float *)(ws + b_it + 3 * b_row + b_tp);
     float *h_d = (float *)(ws + b_in), *y_d = (float *)(ws + b_in + b_h);
     float *out_d = (float *)(ws + b_in + b_h + b_y);
+    float *xg_d = (float *)(ws + b_in + b_h + b_y + b_out), *u_d = xg_d + b_y / 4;
 
     if ((rc = cu_check(cudaMemcpyAsync(ws, pin, b_in, cudaMemcpyHostToDevice, q->st), err,
                        "cudaMemcpyAsync (moe inputs)")) != KLI_OK)
         return rc;
     ffn_gate_up<<<dim3((unsigned)((fmax + FFN_ROWS - 1) / FFN_ROWS), (unsigned)j->n_items),
                   32 * FFN_ROWS, 0, q->st>>>(it_d, x_d, row_d, (int)D, h_d, fmax);
-    if ((rc = cu_launched(err, "ffn_gate_up")) != KLI_OK)
+    if ((rc = cu_launched(err, "ffn_gate_up")) != KLI_OK ||
+        (rc = ffn_gemm(q, it, j->n_items, (int)P, 0, x_d, row_d, (int)D, h_d, u_d, fmax,
+                       xg_d, y_d, err)) != KLI_OK)
         return rc;
     ffn_down<<<dim3((unsigned)((D + FFN_ROWS - 1) / FFN_ROWS), (unsigned)j->n_items),
                32 * FFN_ROWS, 0, q->st>>>(it_d, h_d, fmax, (int)D, y_d);
-    if ((rc = cu_launched(err, "ffn_down")) != KLI_OK)
+    if ((rc = cu_launched(err, "ffn_down")) != KLI_OK ||
+        (rc = ffn_gemm(q, it, j->n_items, (int)P, 1, x_d, row_d, (int)D, h_d, u_d, fmax,
+                       xg_d, y_d, err)) != KLI_OK)
         return rc;
     ffn_combine<<<(unsigned)T, 256, 0, q->st>>>(y_d, wt_d, tokptr_d, tpair_d, (int)D, out_d);
     if ((rc = cu_launched(err, "ffn_combine")) != KLI_OK)

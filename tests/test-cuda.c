@@ -58,6 +58,41 @@ static struct k_gpu *gpu;
 static struct gpu_queue *queue;
 static uint64_t rng = 0x9e3779b97f4a7c15ull;
 
+/*
+ * The tensor-core products of cuda/gemm.cu, which the gemm cases run with KLI_CUDA_GEMM_MIN
+ * forced (gemm_force; the other cases with it 0: the exact kernels). Their operands are split
+ * into two bf16 values each, hi + lo, 16 significant bits: an operand is off by at most 2^-18
+ * of itself, and a product from the float32 one by about 1e-5 of its L2 norm (one bf16
+ * rounding would be 1e-3; gemm.cu). Beside the float32 CPU twins the bounds (1e-6 to 1e-5
+ * for products, layers, states and cache rows; 1e-5 between the GPU's and the CPU's logits)
+ * become gemm_tol, 1e-4; the whole model's logits keep 1e-4 against the golden ones (emulated
+ * on the tiny model: 1.3e-5). F32 weights stay float32 (no TF32) and keep the exact bounds.
+ * test_gemm checks the products themselves against float64 sums over the split operands; a
+ * wrong product (a transposed or shifted matrix, a stale tile, a missing lo) is off by 1e-3
+ * to O(1).
+ */
+static double gemm_tol;
+static int gemm_one;   /* KLI_CUDA_GEMM_SPLIT=0: one bf16 rounding, no lo */
+
+/* KLI_CUDA_GEMM_MIN=min (0: off) and the bound of the float32 tests widened to tol. */
+static void
+gemm_force(int min, double tol)
+{
+    char v[16];
+
+    snprintf(v, sizeof(v), "%d", min);
+    setenv("KLI_CUDA_GEMM_MIN", v, 1);
+    gemm_tol = min > 0 ? tol : 0.0;
+}
+
+/* The bound `exact` of a float32 test, or the bf16 one when products of dtype dt (-1: a
+ * model's mix) run on the tensor cores. */
+static double
+tol_for(int dt, double exact)
+{
+    return dt == KLI_DT_F32 || exact > gemm_tol ? exact : gemm_tol;
+}
+
 /* Device -> host. @return 0 on success. */
 static int
 dev_read(void *dst, const void *src, uint64_t bytes)
@@ -302,8 +337,9 @@ test_experts(enum k_dtype dt, enum k_dtype ddown, int F)
     for (int i = 0; i < T * D; i++)
         out[i] -= 0.5f;
     double e = tl_rel_l2(out, ref, T * D);
-    ok(rc == KLI_OK && e < 1e-5, "experts %s, down %s, %d wide (shared + %d routed, one "
-       "idle): GPU vs CPU twin %.2g", k_dtype_name(dt), k_dtype_name(ddown), F, NE - 1, e);
+    ok(rc == KLI_OK && e < tol_for(dt, 1e-5), "experts %s, down %s, %d wide (shared + %d "
+       "routed, one idle): GPU vs CPU twin %.2g", k_dtype_name(dt), k_dtype_name(ddown), F,
+       NE - 1, e);
     for (int e2 = 0; e2 <= NE; e2++) {
         uint64_t b[3] = {dtype_nbytes(dt, (uint64_t)d[e2].d_ff * D),
                          dtype_nbytes(dt, (uint64_t)d[e2].d_ff * D),
@@ -428,6 +464,79 @@ test_kmatmul(enum k_dtype dt, int R, int K, int T)
     free(yd);
 }
 
+/* ==== 2c. The tensor-core products (cuda/gemm.cu) ============================================ */
+
+/* v[i] = hi[i] + lo[i], i < n, as gemm.cu splits the operands of products of dtype dt:
+ * hi = bf16(v), lo = bf16(v - hi) (0 with gemm_one); F32 is not split. */
+static void
+split16(enum k_dtype dt, const float *v, int64_t n, double *hi, double *lo)
+{
+    for (int64_t i = 0; i < n; i++) {
+        float h = dt == KLI_DT_F32 ? v[i] : bf16_to_f32(f32_to_bf16(v[i]));
+        hi[i] = h;
+        lo[i] = dt == KLI_DT_F32 || gemm_one ? 0.0 : bf16_to_f32(f32_to_bf16(v[i] - h));
+    }
+}
+
+/*
+ * y [T][R] = x W^T for a random [R][K] matrix of dtype dt through the device's matmul with
+ * KLI_CUDA_GEMM_MIN forced (gemm_force), against
+ *   - float64 sums of wh xh + wh xl + wl xh over the operands as gemm.cu splits them (x; the
+ *     weights decoded as the CPU decodes them, dtype_to_f32; F32: no split): 1e-4, as a
+ *     float32 sum of 2304 terms is off by about 1e-6, more where the tensor cores add with
+ *     truncation (Fasi et al., 2021: a bias that grows with K); one bf16 rounding in place
+ *     of the split, or a lost lo term, shows as 1e-3;
+ *   - the CPU's generic kernel in float32: gemm_tol (F32: 1e-5).
+ */
+static void
+test_gemm(enum k_dtype dt, int R, int K, int T)
+{
+    struct tensor t;
+    void *w;
+    float *x = rand_floats((int64_t)T * K, 1.0f, 0.0f), *wf = tl_malloc((size_t)K * 4);
+    double *xh = tl_malloc((size_t)T * K * sizeof(double));
+    double *xl = tl_malloc((size_t)T * K * sizeof(double)), *wh = tl_malloc((size_t)K * 8);
+    double *wl = tl_malloc((size_t)K * 8);
+    float *yc = tl_malloc((size_t)T * R * 4), *yg = tl_malloc((size_t)T * R * 4);
+    double *yd = tl_malloc((size_t)T * R * sizeof(double));
+    const uint64_t bytes = dtype_nbytes(dt, (uint64_t)R * K);
+
+    make_mat(dt, R, K, &t, &w);
+    split16(dt, x, (int64_t)T * K, xh, xl);
+    for (int r = 0; r < R; r++) {
+        dtype_to_f32(dt, (const uint8_t *)w + dtype_nbytes(dt, (uint64_t)r * K), wf, K);
+        split16(dt, wf, K, wh, wl);
+        for (int i = 0; i < T; i++) {
+            const double *ph = xh + (size_t)i * K, *pl = xl + (size_t)i * K;
+            double a = 0.0;
+            for (int k = 0; k < K; k++)
+                a += wh[k] * ph[k] + wh[k] * pl[k] + wl[k] * ph[k];
+            yd[(size_t)i * R + r] = a;
+        }
+    }
+    kernels_generic()->matmul[dt](yc, R, x, K, w, R, K, T);
+    struct gpu_mat m = {dev_copy(w, bytes), (int32_t)dt, R, K};
+    struct kli_err err = {0};
+    int rc = ops->matmul(queue, &m, x, T, yg, &err);
+    if (rc != KLI_OK)
+        diag("%s gemm: %s", k_dtype_name(dt), err.msg);
+    double ed = tl_rel_l2_d(yg, yd, (int64_t)T * R), ec = tl_rel_l2(yg, yc, (int64_t)T * R);
+    ok(rc == KLI_OK && ed < 1e-4 && ec < tol_for(dt, 1e-5), "tensor cores, %s, %d x %d, %d "
+       "rows: vs float64 over the split operands %.2g, vs the CPU's float32 %.2g",
+       k_dtype_name(dt), R, K, T, ed, ec);
+    ops->release(gpu, (void *)m.w, bytes);
+    free(w);
+    free(x);
+    free(xh);
+    free(xl);
+    free(wh);
+    free(wl);
+    free(wf);
+    free(yc);
+    free(yg);
+    free(yd);
+}
+
 /* ==== 3. A whole MLA layer =================================================================== */
 
 /* n_seq sequences of len[q] rows after this pass, T_seq new rows each. */
@@ -524,8 +633,9 @@ test_mla_layer(const char *what, enum k_dtype dt, int D, int H, int L, int nope,
         free(back);
     }
     double eo = tl_rel_l2(out_g, out_c, T * D);
-    ok(rc == KLI_OK && eo < 1e-5 && er < 1e-6 && ed == 0.0, "%s: GPU layer vs CPU twin %.2g, "
-       "new rows %.2g, device rows = returned rows (%.2g)", what, eo, er, ed);
+    ok(rc == KLI_OK && eo < tol_for(dt, 1e-5) && er < tol_for(dt, 1e-6) && ed == 0.0,
+       "%s: GPU layer vs CPU twin %.2g, new rows %.2g, device rows = returned rows (%.2g)",
+       what, eo, er, ed);
 
     for (int q = 0; q < n_seq; q++) {
         ops->release(gpu, dc[q], (uint64_t)len[q] * C * 4);
@@ -650,8 +760,9 @@ test_kda_layer(const char *what, enum k_dtype dt, int D, int H, int K, int rf, i
         ec = fmax(ec, tl_rel_l2(bc, st[q].conv, nc));
     }
     double eo = tl_rel_l2(out_g, out_c, T * D);
-    ok(rc == KLI_OK && eo < 1e-5 && es < 1e-5 && ec < 1e-6, "%s: GPU layer vs CPU twin %.2g, "
-       "states %.2g, conv states (raw projections) %.2g", what, eo, es, ec);
+    ok(rc == KLI_OK && eo < tol_for(dt, 1e-5) && es < tol_for(dt, 1e-5) &&
+       ec < tol_for(dt, 1e-6), "%s: GPU layer vs CPU twin %.2g, states %.2g, conv states (raw "
+       "projections) %.2g", what, eo, es, ec);
 
     for (int k = 0; k < 9; k++) {
         ops->release(gpu, (void *)dm[k]->w, dtype_nbytes(dt, (uint64_t)rows[k] * cols[k]));
@@ -771,25 +882,32 @@ check_golden(const char *what, struct kli_model *m, int32_t batch_max, const flo
     double ed = tl_rel_l2(all + (int64_t)n_prompt * V, ref_decode, (int64_t)n_decode * V);
     double ec = cpu != NULL ? tl_rel_l2(all, cpu, N * V) : 0.0;
 
-    ok(good && ep < 1e-4 && ed < 1e-4 && ec < 1e-5, "%s: prefill %.2g, decode %.2g from the "
-       "golden logits; %.2g from the CPU path", what, ep, ed, ec);
+    ok(good && ep < tol_for(-1, 1e-4) && ed < tol_for(-1, 1e-4) && ec < tol_for(-1, 1e-5),
+       "%s: prefill %.2g, decode %.2g from the golden logits; %.2g from the CPU path", what,
+       ep, ed, ec);
     free(all);
+}
+
+/* The CPU-only tiny model (*mc), the golden tokens and logits; @return the CPU path's
+ * logits of them all. */
+static float *
+golden_setup(struct kli_model **mc)
+{
+    *mc = open_tiny(KLI_GPU_OFF, 0, 0);
+    V = kli_model_n_vocab(*mc);
+    load_golden();
+    ref_prefill = tl_load_f32(dir, "ref64_prefill.f32", (size_t)n_prompt * (size_t)V);
+    ref_decode = tl_load_f32(dir, "ref64_decode.f32", (size_t)n_decode * (size_t)V);
+    float *cpu = tl_malloc((size_t)(n_prompt + n_decode) * V * sizeof(float));
+    ok(run_all(*mc, 0, cpu), "the CPU path runs");
+    return cpu;
 }
 
 static void
 test_golden(void)
 {
-    int64_t N;
-    struct kli_model *mc = open_tiny(KLI_GPU_OFF, 0, 0);
-
-    V = kli_model_n_vocab(mc);
-    load_golden();
-    ref_prefill = tl_load_f32(dir, "ref64_prefill.f32", (size_t)n_prompt * (size_t)V);
-    ref_decode = tl_load_f32(dir, "ref64_decode.f32", (size_t)n_decode * (size_t)V);
-    N = n_prompt + n_decode;
-    float *cpu = tl_malloc((size_t)N * V * sizeof(float));
-    ok(run_all(mc, 0, cpu), "the CPU path runs");
-
+    struct kli_model *mc;
+    float *cpu = golden_setup(&mc);
     struct kli_model *m = open_tiny(KLI_GPU_ON, -1, 0);
     const char *st = kli_model_gpu_status(m);
     diag("%s", st);
@@ -963,6 +1081,31 @@ test_golden(void)
     free(ref_decode);
 }
 
+/* 4c. The tiny model (bf16 weights) with every product on the tensor cores: the whole model,
+ * then 3 hot experts per layer (the CPU computing the rest); 1e-4 of the golden logits and
+ * gemm_tol of the CPU path's. */
+static void
+test_golden_gemm(void)
+{
+    struct kli_model *mc;
+    float *cpu = golden_setup(&mc);
+    const int32_t hot[2] = {-1, 3};
+
+    for (int h = 0; h < 2; h++) {
+        struct kli_model *m = open_tiny(KLI_GPU_ON, hot[h], 0);
+        diag("%s", kli_model_gpu_status(m));
+        check_golden(h == 0 ? "tensor cores, all experts" : "tensor cores, 3 hot experts", m,
+                     0, cpu);
+        check_golden(h == 0 ? "tensor cores, all experts, batch_max 7" :
+                     "tensor cores, 3 hot experts, batch_max 7", m, 7, cpu);
+        kli_model_close(m);
+    }
+    free(cpu);
+    kli_model_close(mc);
+    free(ref_prefill);
+    free(ref_decode);
+}
+
 /* ==== 4b. The nano model at the K types ====================================================== */
 
 /*
@@ -1022,9 +1165,9 @@ test_kmodel(const char *type)
                      (h == 1 || strstr(st, "whole model") != NULL) &&
                      kli_model_gpu_stats(m, &gs) == 0 && gs.on_gpu > 0 &&
                      (h == 0 ? gs.on_gpu == gs.routed : gs.on_gpu < gs.routed);
-        ok(placed && ep < 1e-4 && ed < 1e-4, "nano at %s, %s: prefill %.2g, decode %.2g from "
-           "the CPU path", type, h == 0 ? "the whole model on the GPU" : "2 of 6 experts hot",
-           ep, ed);
+        ok(placed && ep < tol_for(-1, 1e-4) && ed < tol_for(-1, 1e-4), "nano at %s, %s: "
+           "prefill %.2g, decode %.2g from the CPU path", type,
+           h == 0 ? "the whole model on the GPU" : "2 of 6 experts hot", ep, ed);
         if (!placed)
             diag("routed %llu, on the GPU %llu", (unsigned long long)gs.routed,
                  (unsigned long long)gs.on_gpu);
@@ -1148,6 +1291,7 @@ main(int argc, char **argv)
     if (!do_bench && !do_bench_mm) {
         tap_init(argc, argv);
         setenv("KLI_SIMD", "generic", 1);
+        gemm_force(0, 0.0);   /* the exact kernels, but in the gemm cases */
     }
     /* (-l lists the cases without a GPU: no case runs) */
     if (!tap_listing && (ops = backend_cuda()) == NULL)
@@ -1207,6 +1351,49 @@ main(int argc, char **argv)
             test_kmatmul(kts[i], 37, 2304, 6);
             test_kmatmul(kts[i], 19, 512, 40);
         }
+    }
+
+    /* 2c. the tensor-core products (cuda/gemm.cu), forced at any row count: every dtype at
+     * the released width, a decode row, the bf16 widths of the MLA heads; a q8_0 matrix of
+     * two tiles of decoded weights (64 MiB each: 14528 rows of 2304) */
+#ifdef HAVE_CUBLAS
+    const int gemm_in = 1;
+#else
+    const int gemm_in = 0;
+#endif
+    if (tap_case("gemm") && gemm_in) {
+        gemm_force(1, 1e-4);
+        for (size_t i = 0; i < sizeof(dts) / sizeof(dts[0]); i++)
+            test_gemm(dts[i], 300, 2304, 33);
+        for (size_t i = 0; i < sizeof(kts) / sizeof(kts[0]); i++)
+            test_gemm(kts[i], 300, 2304, 33);
+        test_gemm(KLI_DT_BF16, 37, 512, 1);
+        test_gemm(KLI_DT_Q8_0, 14600, 2304, 3);
+        /* KLI_CUDA_GEMM_SPLIT=0: one rounding each, 1e-3 from float32 (1e-2 allowed) */
+        setenv("KLI_CUDA_GEMM_SPLIT", "0", 1);
+        gemm_one = 1;
+        gemm_force(1, 1e-2);
+        test_gemm(KLI_DT_BF16, 300, 2304, 33);
+        test_gemm(KLI_DT_Q4_K, 300, 2304, 33);
+        test_gemm(KLI_DT_F32, 300, 2304, 33);
+        unsetenv("KLI_CUDA_GEMM_SPLIT");
+        gemm_one = 0;
+        gemm_force(0, 0.0);
+    }
+    /* the experts through it: every item (KLI_CUDA_GEMM_MIN=1), then the shared expert's 6
+     * rows through it beside the routed experts' 3 on the kernels (4) */
+    if (tap_case("gemm_experts") && gemm_in) {
+        gemm_force(1, 1e-4);
+        for (size_t i = 0; i < sizeof(dts) / sizeof(dts[0]); i++)
+            test_experts(dts[i], dts[i], 96);
+        for (size_t i = 0; i < sizeof(kts) / sizeof(kts[0]); i++)
+            test_experts(kts[i], kts[i], 256);
+        test_experts(KLI_DT_Q4_K, KLI_DT_Q8_0, 96);
+        gemm_force(4, 1e-4);
+        test_experts(KLI_DT_BF16, KLI_DT_BF16, 96);
+        test_experts(KLI_DT_F32, KLI_DT_F32, 96);
+        test_experts(KLI_DT_Q4_K, KLI_DT_Q6_K, 512);
+        gemm_force(0, 0.0);
     }
 
     /* 3. a whole MLA layer, then the budget */
@@ -1270,6 +1457,29 @@ main(int argc, char **argv)
         test_kda_layer("KDA layer q3_k, prefill 2 sequences x 9 rows", KLI_DT_Q3_K, 256, 2, 128,
                        256, 256, 2, 9);
     }
+    /* 3c. whole layers with the projections on the tensor cores (F32: the absorbed products,
+     * batched over the heads, in float32) */
+    if (tap_case("gemm_layers") && gemm_in) {
+        int64_t pre[] = {7, 40}, big[] = {1000};
+        gemm_force(1, 1e-4);
+        test_mla_layer("tensor cores: MLA layer f32, prefill 2 sequences x 7 rows", KLI_DT_F32,
+                       256, 4, 64, 32, 16, 32, 2, pre, 7);
+        test_mla_layer("tensor cores: MLA layer bf16, prefill 2 sequences x 7 rows",
+                       KLI_DT_BF16, 256, 4, 64, 32, 16, 32, 2, pre, 7);
+        test_mla_layer("tensor cores: MLA layer q4_k, prefill 2 sequences x 7 rows",
+                       KLI_DT_Q4_K, 256, 8, 64, 32, 16, 32, 2, pre, 7);
+        test_mla_layer("tensor cores: MLA layer q8_0, released shape, prefill 40 rows",
+                       KLI_DT_Q8_0, 2304, 32, 512, 128, 64, 128, 1, big, 40);
+        test_kda_layer("tensor cores: KDA layer f32, prefill 3 rows", KLI_DT_F32, 128, 2, 32,
+                       32, 32, 1, 3);
+        test_kda_layer("tensor cores: KDA layer bf16, prefill 2 sequences x 70 rows",
+                       KLI_DT_BF16, 128, 2, 32, 32, 32, 2, 70);
+        test_kda_layer("tensor cores: KDA layer q4, released head shape, prefill 9 rows",
+                       KLI_DT_Q4, 256, 4, 128, 64, 64, 1, 9);
+        test_kda_layer("tensor cores: KDA layer q3_k, prefill 2 sequences x 9 rows",
+                       KLI_DT_Q3_K, 256, 2, 128, 256, 256, 2, 9);
+        gemm_force(0, 0.0);
+    }
     /* the budget */
     if (tap_case("budget")) {
         struct k_gpu *g2 = NULL;
@@ -1294,6 +1504,16 @@ main(int argc, char **argv)
         test_kmodel("q2_k");
         test_kmodel("q6_k");
     }
+    /* 4c. the tiny model and the nano model at q4_k with the products on the tensor cores */
+    if (tap_case("gemm_model") && gemm_in) {
+        gemm_force(1, 1e-4);
+        tl_path(dir, sizeof(dir), "tiny-kimi-linear");
+        test_golden_gemm();
+        test_kmodel("q4_k");
+        gemm_force(0, 0.0);
+    }
+    if (!gemm_in && !tap_listing)
+        diag("built without cuBLAS: the gemm cases do not run");
     if (gpu != NULL) {
         ops->queue_free(queue);
         ops->close(gpu);
