@@ -54,7 +54,8 @@
 #include <cuda_bf16.h>
 
 enum {
-    GEMM_MIN_DEFAULT = 32,        /* rows from which cu_mm multiplies through cuBLAS */
+    GEMM_MIN_DEFAULT = 0,         /* rows from which cu_mm multiplies through cuBLAS; 0 (off)
+                                     until the path has been run and measured on a GPU */
     GEMM_TILE = 64 << 20,         /* bytes of decoded weights at a time */
     GEMM_NT = 256,                /* threads per block of the conversion kernels */
 };
