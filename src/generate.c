@@ -106,7 +106,8 @@ kli_generate(struct kli_session *s, const struct kli_tokenizer *tok, struct kli_
         }
         kli_sampler_accept(smp, t);
         r.n_generated++;
-        if (t < n_base) {   /* special tokens other than the ends produce no text */
+        /* Special tokens other than the ends produce no text, or their names. */
+        if (t < n_base || opt->special) {
             size_t len;
             const char *p = kli_token_bytes(tok, t, &len);
             if (p != NULL && util_text_add(&text.buf, &text.n, &text.cap, p, len) != 0) {
