@@ -117,4 +117,71 @@ if tcase special; then
     ! grep -q '<|' "$tmp/out"
     check $? "without --special special tokens are dropped"
 fi
+if tcase serve; then
+    if ! command -v curl >/dev/null 2>&1 || "$kli" serve --help 2>&1 | grep -q "built without"
+    then
+        ok "serve # SKIP curl and a kli with the HTTP server are needed"
+    else
+        "$kli" serve -m "$model" --port 0 -t 1 2>"$tmp/serve.err" &
+        spid=$!
+        trap 'kill -9 $spid 2>/dev/null; rm -rf "$tmp"' EXIT
+        poll 1200 grep -qs 'http://' "$tmp/serve.err"
+        port=$(sed -n 's|.*http://[^ ]*:\([0-9]*\)/ .*|\1|p' "$tmp/serve.err")
+        tl=$(tr -d '\n' <"$tmp/tools.json")
+        for mode in whole stream; do
+            st=false
+            [ $mode = stream ] && st=true
+            bad=0
+            for seed in 1 2 3; do
+                printf '{"messages":[{"role":"user","content":"Weather?"}],"tools":%s,
+"tool_choice":"required","max_tokens":60,"temperature":1,"seed":%d,"stream":%s}' \
+                    "$tl" $seed $st >"$tmp/body.json"
+                curl -s -N -o "$tmp/ans" -H 'Content-Type: application/json' \
+                    --data-binary @"$tmp/body.json" "http://127.0.0.1:$port/v1/chat/completions"
+                python3 - "$tmp/ans" $mode >"$tmp/out" 2>"$tmp/err" <<'EOF2' || bad=1
+import json, sys
+raw = open(sys.argv[1], encoding='utf-8').read()
+if sys.argv[2] == 'whole':
+    c = json.loads(raw)['choices'][0]
+    msg = {"content": c['message']['content'], "tool_calls": c['message'].get('tool_calls'),
+           "finish_reason": c['finish_reason']}
+else:
+    calls, content, fin = [], '', None
+    for e in raw.split('\n\n'):
+        if not e.startswith('data: ') or e == 'data: [DONE]':
+            continue
+        for ch in json.loads(e[6:])['choices']:
+            d = ch['delta']
+            content += d.get('content') or ''
+            for tc in d.get('tool_calls', []):
+                assert tc['index'] == len(calls), tc
+                calls.append({k: v for k, v in tc.items() if k != 'index'})
+            fin = ch['finish_reason'] or fin
+    msg = {"content": content or None, "tool_calls": calls, "finish_reason": fin}
+print(json.dumps(msg))
+EOF2
+                check_call "$tmp/out" "" 2>>"$tmp/err" || bad=1
+                [ $bad = 0 ] || sed 's/^/# /' "$tmp/err" | head -3
+            done
+            check $bad "serve, $mode: tool_choice required gives valid calls"
+        done
+        # a conversation with a call and its result is accepted; an unknown name is a 400
+        printf '{"messages":[{"role":"user","content":"Weather?"},{"role":"assistant",
+"content":null,"tool_calls":[{"id":"functions.ping:0","type":"function","function":
+{"name":"ping","arguments":"{\\"n\\":true}"}}]},{"role":"tool","tool_call_id":
+"functions.ping:0","content":"pong"}],"tools":%s,"max_tokens":5}' "$tl" >"$tmp/body.json"
+        code=$(curl -s -o "$tmp/ans" -w '%{http_code}' -H 'Content-Type: application/json' \
+            --data-binary @"$tmp/body.json" "http://127.0.0.1:$port/v1/chat/completions")
+        [ "$code" = 200 ]
+        check $? "serve: a conversation with a tool call and its result (got $code)"
+        printf '{"messages":[{"role":"user","content":"x"}],"tools":%s,"tool_choice":
+{"type":"function","function":{"name":"nope"}}}' "$tl" >"$tmp/body.json"
+        code=$(curl -s -o "$tmp/ans" -w '%{http_code}' -H 'Content-Type: application/json' \
+            --data-binary @"$tmp/body.json" "http://127.0.0.1:$port/v1/chat/completions")
+        [ "$code" = 400 ] && grep -q '"param":"tool_choice"' "$tmp/ans" && grep -q nope "$tmp/ans"
+        check $? "serve: an undeclared function in tool_choice is a 400 naming it"
+        kill $spid 2>/dev/null
+        wait $spid 2>/dev/null
+    fi
+fi
 tdone
