@@ -339,51 +339,37 @@ gen_tools_prompt(const struct gen_args *a, const struct gen_tools *t,
                  const struct kli_tokenizer *tok, const char *text, kli_token **ids,
                  struct kli_err *err)
 {
-    char *msgs = NULL, *tl = cJSON_PrintUnformatted(t->tools);
-    size_t len = 0;
-    int64_t n = -1, np = 0;
-    kli_token *p;
+    cJSON *msgs = NULL, *m;
+    int64_t n;
 
     if (a->messages != NULL) {
-        msgs = cli_read_file(a->messages, gen_prompt_max(a->g.ctx), 0, GEN_PROMPT_LIMIT, &len);
-    } else {
-        cJSON *arr = cJSON_CreateArray(), *m;
-        if (arr != NULL && a->g.system != NULL && (m = cJSON_CreateObject()) != NULL) {
-            cJSON_AddItemToArray(arr, m);
+        size_t len;
+        char *f = cli_read_file(a->messages, gen_prompt_max(a->g.ctx), 0, GEN_PROMPT_LIMIT,
+                                &len);
+        if (f == NULL)
+            return -1;   /* reported */
+        msgs = cJSON_ParseWithLength(f, len);
+        free(f);
+        if (msgs == NULL) {
+            cli_error("%s: not JSON", a->messages);
+            return -1;
+        }
+    } else if ((msgs = cJSON_CreateArray()) != NULL) {
+        if (a->g.system != NULL && (m = cJSON_CreateObject()) != NULL) {
+            cJSON_AddItemToArray(msgs, m);
             cJSON_AddStringToObject(m, "role", "system");
             cJSON_AddStringToObject(m, "content", a->g.system);
         }
-        if (arr != NULL && (m = cJSON_CreateObject()) != NULL) {
-            cJSON_AddItemToArray(arr, m);
+        if ((m = cJSON_CreateObject()) != NULL) {
+            cJSON_AddItemToArray(msgs, m);
             cJSON_AddStringToObject(m, "role", "user");
             cJSON_AddStringToObject(m, "content", text);
         }
-        msgs = arr != NULL ? cJSON_PrintUnformatted(arr) : NULL;
-        len = msgs != NULL ? strlen(msgs) : 0;
-        cJSON_Delete(arr);
     }
-    if (msgs == NULL || tl == NULL) {
-        if (msgs == NULL && a->messages != NULL)
-            goto out;   /* reported */
-        n = gen_oom(err);
-        goto out;
-    }
-    n = kli_chat_render_json(tok, msgs, len, tl, strlen(tl), 1, 0, NULL, 0, err);
-    if (n < 0)
-        goto out;
-    size_t pl = t->prefix != NULL ? strlen(t->prefix) : 0;
-    if ((p = malloc(((size_t)n + pl + 1) * sizeof(kli_token))) == NULL) {
-        n = gen_oom(err);
-        goto out;
-    }
-    *ids = p;
-    n = kli_chat_render_json(tok, msgs, len, tl, strlen(tl), 1, 0, p, n, err);
-    if (n >= 0 && pl > 0)
-        np = kli_tokenize(tok, t->prefix, pl, KLI_TOKENIZE_SPECIAL, p + n, (int64_t)pl + 1, err);
-    n = np < 0 ? np : n + np;
-out:
-    free(msgs);
-    free(tl);
+    if (msgs == NULL)
+        return gen_oom(err);
+    n = tc_render(tok, msgs, t->tools, t->prefix, ids, err);
+    cJSON_Delete(msgs);
     return n;
 }
 
@@ -396,15 +382,8 @@ gen_tools_print(const struct gen_tools *t, const struct kli_generate_result *r)
     const char *text = t->out != NULL ? t->out : "";
     int rc;
 
-    if (t->forced != NULL) {
-        rc = tc_forced_calls(t->tools, t->forced, text, t->n, &calls, msg, sizeof(msg));
-        if (rc >= 0 && (content = strdup(rc == 1 ? text : "")) == NULL)
-            rc = -1;
-    } else {
-        rc = tc_parse(text, t->n, t->tools, &content, &calls, msg, sizeof(msg));
-    }
-    if (rc >= 0 && tc_utf8(&content, calls, cli_utf8_seq) != 0)
-        rc = -1;
+    rc = tc_answer(text, t->n, NULL, 0, t->tools, t->forced, &content, &calls, msg,
+                   sizeof(msg), cli_utf8_seq);
     if (rc == 1)
         fprintf(stderr, "kli: the tool calls are malformed (%s): the answer is given as "
                 "content\n", msg);

@@ -503,3 +503,73 @@ tc_utf8(char **content, cJSON *calls, int (*seq)(const unsigned char *, size_t))
     }
     return 0;
 }
+
+int
+tc_answer(const char *text, size_t n, const char *const *stop, int n_stop, const cJSON *tools,
+          const char *forced, char **content, cJSON **calls, char *msg, size_t cap,
+          int (*seq)(const unsigned char *, size_t))
+{
+    int rc;
+
+    *content = NULL;
+    *calls = NULL;
+    for (int i = 0; i < n_stop; i++) {
+        const char *st = tc_find(text, n, stop[i]);
+        if (st != NULL)
+            n = (size_t)(st - text);
+    }
+    if (forced != NULL) {
+        rc = tc_forced_calls(tools, forced, text, n, calls, msg, cap);
+        if (rc >= 0 && (*content = rc == 1 ? strndup(text, n) : strdup("")) == NULL)
+            rc = -1;
+    } else {
+        rc = tc_parse(text, n, tools, content, calls, msg, cap);
+    }
+    if (rc >= 0 && tc_utf8(content, *calls, seq) != 0)
+        rc = -1;
+    if (rc < 0) {
+        free(*content);
+        cJSON_Delete(*calls);
+        *content = NULL;
+        *calls = NULL;
+    }
+    return rc;
+}
+
+int64_t
+tc_render(const struct kli_tokenizer *tok, const cJSON *messages, const cJSON *tools,
+          const char *prefix, kli_token **ids, struct kli_err *err)
+{
+    char *msgs = cJSON_PrintUnformatted(messages);
+    char *tl = tools != NULL ? cJSON_PrintUnformatted(tools) : NULL;
+    size_t pl = prefix != NULL ? strlen(prefix) : 0, tn = tl != NULL ? strlen(tl) : 0;
+    int64_t n = KLI_E_NOMEM, np = 0;
+
+    *ids = NULL;
+    if (msgs == NULL || (tools != NULL && tl == NULL)) {
+        snprintf(err->msg, sizeof(err->msg), "out of memory");
+        goto out;
+    }
+    n = kli_chat_render_json(tok, msgs, strlen(msgs), tl, tn, 1, 0, NULL, 0, err);
+    if (n < 0)
+        goto out;
+    if ((*ids = malloc(((size_t)n + pl + 1) * sizeof(kli_token))) == NULL) {
+        snprintf(err->msg, sizeof(err->msg), "out of memory");
+        n = KLI_E_NOMEM;
+        goto out;
+    }
+    n = kli_chat_render_json(tok, msgs, strlen(msgs), tl, tn, 1, 0, *ids, n, err);
+    if (n >= 0 && pl > 0)
+        np = kli_tokenize(tok, prefix, pl, KLI_TOKENIZE_SPECIAL, *ids + n, (int64_t)pl + 1,
+                          err);
+    n = np < 0 ? np : n + np;
+out:
+    if (n < 0) {
+        free(*ids);
+        *ids = NULL;
+        err->code = (int)n;
+    }
+    free(msgs);
+    free(tl);
+    return n;
+}

@@ -7,6 +7,9 @@
 #define KLI_CLI_TOOLCALL_H
 
 #include <stddef.h>
+#include <stdint.h>
+
+#include "kli.h"
 
 struct cJSON;
 
@@ -57,5 +60,22 @@ int tc_forced_calls(const struct cJSON *tools, const char *forced, const char *t
  * be): each invalid sequence, as `seq` (cli_utf8_seq) finds it, becomes U+FFFD.
  * @return 0, or -1 when out of memory. */
 int tc_utf8(char **content, struct cJSON *calls, int (*seq)(const unsigned char *, size_t));
+
+/* An answer read for tool calls, as run, batch and serve read it: `text` (n bytes, special
+ * tokens by name) cut at the first of the stop strings, then under a forced call
+ * (tc_forced_grammar; `forced` not NULL) the call it is, else tc_parse's content and calls;
+ * both made valid UTF-8 (tc_utf8). @return as tc_parse (on -1 nothing is returned). */
+int tc_answer(const char *text, size_t n, const char *const *stop, int n_stop,
+              const struct cJSON *tools, const char *forced, char **content,
+              struct cJSON **calls, char *msg, size_t cap,
+              int (*seq)(const unsigned char *, size_t));
+
+/* The prompt of a conversation with tools: `messages` (a JSON array; tool calls and results
+ * allowed) and `tools` (NULL: none) rendered by kli_chat_render_json, generation prompt
+ * on, then `prefix` (NULL or the text a forced call starts with, special tokens by name).
+ * @return the number of tokens in *ids (malloc'd), or a negative status with err set. */
+int64_t tc_render(const struct kli_tokenizer *tok, const struct cJSON *messages,
+                  const struct cJSON *tools, const char *prefix, kli_token **ids,
+                  struct kli_err *err);
 
 #endif

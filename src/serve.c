@@ -383,29 +383,14 @@ serve_reason(const struct job *j)
 static int
 job_tools(struct job *j)
 {
-    char msg[256], *content = NULL;
-    size_t n = j->acc.n;
-    int rc;
+    char msg[256], *content;
+    int rc = tc_answer(j->acc.p != NULL ? j->acc.p : "", j->acc.n,
+                       (const char *const *)j->rq.stop, j->rq.n_stop, j->rq.tools,
+                       j->rq.tool_mode == SERVE_TOOLS_FORCED ? j->rq.forced : NULL, &content,
+                       &j->calls, msg, sizeof(msg), cli_utf8_seq);
 
-    for (int32_t i = 0; i < j->rq.n_stop; i++) {
-        const char *st = strstr(j->acc.p != NULL ? j->acc.p : "", j->rq.stop[i]);
-        if (st != NULL && (size_t)(st - j->acc.p) < n)
-            n = (size_t)(st - j->acc.p);
-    }
-    const char *text = j->acc.p != NULL ? j->acc.p : "";
-    if (j->rq.tool_mode == SERVE_TOOLS_FORCED) {
-        rc = tc_forced_calls(j->rq.tools, j->rq.forced, text, n, &j->calls, msg, sizeof(msg));
-        if (rc >= 0 && (content = rc == 1 ? strndup(text, n) : strdup("")) == NULL)
-            rc = -1;
-    } else {
-        rc = tc_parse(text, n, j->rq.tools, &content, &j->calls, msg, sizeof(msg));
-    }
-    if (rc >= 0 && tc_utf8(&content, j->calls, cli_utf8_seq) != 0)
-        rc = -1;
-    if (rc < 0) {
-        free(content);
+    if (rc < 0)
         return -1;
-    }
     free(j->text);
     j->text = content;
     j->len = strlen(content);

@@ -436,48 +436,24 @@ req_tool_message(const cJSON *m)
            (cJSON_IsString(role) && strcmp(role->valuestring, "tool") == 0);
 }
 
-/* The messages with tools, tool calls or tool results: rendered by kli_chat_render_json,
- * then the start of the call that tool_choice forces. */
+/* The messages with tools, tool calls or tool results (tc_render). */
 static int
 req_tool_messages(struct serve_req *r, const cJSON *j, const struct kli_tokenizer *tok,
                   const char *prefix, struct serve_err *e)
 {
     struct kli_err err = {0};
-    char *msgs = cJSON_PrintUnformatted(j);
-    char *tl = r->tools != NULL ? cJSON_PrintUnformatted(r->tools) : NULL;
-    size_t pl = prefix != NULL ? strlen(prefix) : 0, tn = tl != NULL ? strlen(tl) : 0;
-    int64_t n = -1, np = 0;
-    int rc = -1;
+    kli_token *ids = NULL;
+    int64_t n = tc_render(tok, j, r->tools, prefix, &ids, &err);
 
-    if (msgs == NULL || (r->tools != NULL && tl == NULL)) {
-        req_nomem(e);
-        goto out;
-    }
-    n = kli_chat_render_json(tok, msgs, strlen(msgs), tl, tn, 1, 0, NULL, 0, &err);
-    if (n < 0) {
-        serve_fail(e, "messages", "'messages': %s", err.msg);
-        goto out;
-    }
-    if (n + (int64_t)pl > INT32_MAX - 1) {
-        serve_fail(e, "messages", "'messages': too long");
-        goto out;
-    }
-    if ((r->toks = malloc(((size_t)n + pl + 1) * sizeof(kli_token))) == NULL) {
-        req_nomem(e);
-        goto out;
-    }
-    n = kli_chat_render_json(tok, msgs, strlen(msgs), tl, tn, 1, 0, r->toks, n, &err);
-    if (pl > 0 && (np = kli_tokenize(tok, prefix, pl, KLI_TOKENIZE_SPECIAL, r->toks + n,
-                                     (int64_t)pl + 1, &err)) < 0) {
-        serve_fail(e, "tool_choice", "'tool_choice': %s", err.msg);
-        goto out;
-    }
-    r->n = (int32_t)(n + np);
-    rc = 0;
-out:
-    free(msgs);
-    free(tl);
-    return rc;
+    if (n == KLI_E_NOMEM)
+        return req_nomem(e);
+    if (n < 0)
+        return serve_fail(e, "messages", "'messages': %s", err.msg);
+    r->toks = ids;
+    if (n > INT32_MAX - 1)
+        return serve_fail(e, "messages", "'messages': too long");
+    r->n = (int32_t)n;
+    return 0;
 }
 
 /* The conversation: plain messages as before; with tools or tool messages through the JSON
