@@ -117,6 +117,48 @@ if tcase special; then
     ! grep -q '<|' "$tmp/out"
     check $? "without --special special tokens are dropped"
 fi
+if tcase batch; then
+    tl=$(tr -d '\n' <"$tmp/tools.json")
+    : >"$tmp/in.jsonl"
+    for i in 1 2 3 4; do
+        printf '{"id":"r%d","messages":[{"role":"user","content":"Weather %d?"}],"tools":%s,"tool_choice":"required","max_tokens":60,"temperature":1,"seed":%d}\n' \
+            $i $i "$tl" $i >>"$tmp/in.jsonl"
+        printf '{"custom_id":"o%d","method":"POST","url":"/v1/chat/completions","body":{"messages":[{"role":"user","content":"Weather %d?"}],"tools":%s,"tool_choice":{"type":"function","function":{"name":"ping"}},"max_tokens":60,"temperature":1,"seed":%d}}\n' \
+            $i $i "$tl" $i >>"$tmp/in.jsonl"
+    done
+    printf '{"id":"bad","prompt":"x","tools":%s,"tool_choice":"nope"}\n' "$tl" >>"$tmp/in.jsonl"
+    "$kli" batch -m "$model" -i "$tmp/in.jsonl" -o "$tmp/out.jsonl" -P 3 -t 1 --quiet \
+        2>"$tmp/err"
+    python3 - "$tmp/out.jsonl" >"$tmp/calls" 2>"$tmp/err" <<'EOF2'
+import json, sys
+lines = [json.loads(l) for l in open(sys.argv[1], encoding='utf-8')]
+assert len(lines) == 9, len(lines)
+for o in lines:
+    if o.get('id') == 'bad':
+        assert 'tool_choice' in o['error'], o
+        continue
+    if 'custom_id' in o:
+        c = o['response']['body']['choices'][0]
+        msg = {"content": c['message']['content'], "tool_calls": c['message']['tool_calls'],
+               "finish_reason": c['finish_reason']}
+        name = 'ping'
+    else:
+        msg = {"content": o['text'], "tool_calls": o['tool_calls'],
+               "finish_reason": o['finish_reason']}
+        name = 'any'
+    print(name + ' ' + json.dumps(msg))
+EOF2
+    check $? "batch: 9 lines, tool_calls in kli's records and OpenAI bodies, the bad one named"
+    bad=0
+    while read -r name msg; do
+        printf '%s\n' "$msg" >"$tmp/one"
+        [ "$name" = any ] && name=""
+        check_call "$tmp/one" "$name" 2>>"$tmp/err" || bad=1
+    done <"$tmp/calls"
+    [ $bad = 0 ] || sed 's/^/# /' "$tmp/err" | head -3
+    check $bad "batch: every call validates (required, and ping named)"
+fi
+
 if tcase serve; then
     if ! command -v curl >/dev/null 2>&1 || "$kli" serve --help 2>&1 | grep -q "built without"
     then
