@@ -10,6 +10,7 @@
 set -u
 : "${KLI_BIN:?}" "${KLI_TESTDATA:?}" "${KLI_SRCDIR:?}"
 . "$KLI_SRCDIR/tests/lib.sh"
+need_python json "python3 is needed to check the JSON answers"
 tok="$KLI_TESTDATA/tokenizer"
 
 if tcase golden; then
@@ -50,7 +51,7 @@ EOF2
 # check_call FILE NAME: the answer is a call to NAME (any declared one if empty) with
 # arguments of its parameters (the two schemas above, checked by hand)
 check_call() {
-    python3 - "$1" "$2" <<'EOF2'
+    "$PY" - "$1" "$2" <<'EOF2'
 import json, sys
 o = json.load(open(sys.argv[1]))
 assert o["finish_reason"] == "tool_calls", o
@@ -96,7 +97,7 @@ if tcase auto; then
     "$kli" run -m "$model" -p "Weather?" --tools "$tmp/tools.json" -n 20 --seed 3 -t 1 \
         --quiet >"$tmp/out" 2>"$tmp/err"
     check $? "auto: the random model's answer comes back"
-    python3 -c 'import json,sys; o=json.load(open(sys.argv[1])); assert "content" in o' \
+    "$PY" -c 'import json,sys; o=json.load(open(sys.argv[1])); assert "content" in o' \
         "$tmp/out"
     check $? "auto: a JSON message with its content"
     t "--tool-choice without --tools: usage error" 2 "$kli" run -m "$model" -p x \
@@ -129,7 +130,7 @@ if tcase batch; then
     printf '{"id":"bad","prompt":"x","tools":%s,"tool_choice":"nope"}\n' "$tl" >>"$tmp/in.jsonl"
     "$kli" batch -m "$model" -i "$tmp/in.jsonl" -o "$tmp/out.jsonl" -P 3 -t 1 --quiet \
         2>"$tmp/err"
-    python3 - "$tmp/out.jsonl" >"$tmp/calls" 2>"$tmp/err" <<'EOF2'
+    "$PY" - "$tmp/out.jsonl" >"$tmp/calls" 2>"$tmp/err" <<'EOF2'
 import json, sys
 lines = [json.loads(l) for l in open(sys.argv[1], encoding='utf-8')]
 assert len(lines) == 9, len(lines)
@@ -180,7 +181,7 @@ if tcase serve; then
                     "$tl" $seed $st >"$tmp/body.json"
                 curl -s -N -o "$tmp/ans" -H 'Content-Type: application/json' \
                     --data-binary @"$tmp/body.json" "http://127.0.0.1:$port/v1/chat/completions"
-                python3 - "$tmp/ans" $mode >"$tmp/out" 2>"$tmp/err" <<'EOF2' || bad=1
+                "$PY" - "$tmp/ans" $mode >"$tmp/out" 2>"$tmp/err" <<'EOF2' || bad=1
 import json, sys
 raw = open(sys.argv[1], encoding='utf-8').read()
 if sys.argv[2] == 'whole':
