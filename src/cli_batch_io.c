@@ -860,20 +860,12 @@ rec_tools(struct batch_rec *r, const cJSON *o, const struct kli_tokenizer *tok,
                         "format");
     if (prompt != NULL) {   /* the chat format's system and user turns */
         const cJSON *sys = cJSON_GetObjectItemCaseSensitive(o, "system");
-        const char *st = cJSON_IsString(sys) ? sys->valuestring : d->system;
-        cJSON *m;
-        if ((built = cJSON_CreateArray()) == NULL)
+        if (sys != NULL && !cJSON_IsString(sys))
+            return rec_fail(r, "\"system\" must be a string");
+        built = tc_messages(cJSON_IsString(sys) ? sys->valuestring : d->system,
+                            prompt->valuestring);
+        if (built == NULL)
             return rec_fail(r, "out of memory");
-        if (st != NULL && (m = cJSON_CreateObject()) != NULL) {
-            cJSON_AddItemToArray(built, m);
-            cJSON_AddStringToObject(m, "role", "system");
-            cJSON_AddStringToObject(m, "content", st);
-        }
-        if ((m = cJSON_CreateObject()) != NULL) {
-            cJSON_AddItemToArray(built, m);
-            cJSON_AddStringToObject(m, "role", "user");
-            cJSON_AddStringToObject(m, "content", prompt->valuestring);
-        }
         messages = built;
     }
     if (!cJSON_IsArray(messages) || cJSON_GetArraySize(messages) < 1) {

@@ -339,7 +339,7 @@ gen_tools_prompt(const struct gen_args *a, const struct gen_tools *t,
                  const struct kli_tokenizer *tok, const char *text, kli_token **ids,
                  struct kli_err *err)
 {
-    cJSON *msgs = NULL, *m;
+    cJSON *msgs = NULL;
     int64_t n;
 
     if (a->messages != NULL) {
@@ -354,17 +354,8 @@ gen_tools_prompt(const struct gen_args *a, const struct gen_tools *t,
             cli_error("%s: not JSON", a->messages);
             return -1;
         }
-    } else if ((msgs = cJSON_CreateArray()) != NULL) {
-        if (a->g.system != NULL && (m = cJSON_CreateObject()) != NULL) {
-            cJSON_AddItemToArray(msgs, m);
-            cJSON_AddStringToObject(m, "role", "system");
-            cJSON_AddStringToObject(m, "content", a->g.system);
-        }
-        if ((m = cJSON_CreateObject()) != NULL) {
-            cJSON_AddItemToArray(msgs, m);
-            cJSON_AddStringToObject(m, "role", "user");
-            cJSON_AddStringToObject(m, "content", text);
-        }
+    } else {
+        msgs = tc_messages(a->g.system, text);
     }
     if (msgs == NULL)
         return gen_oom(err);

@@ -573,3 +573,26 @@ out:
     free(tl);
     return n;
 }
+
+cJSON *
+tc_messages(const char *system, const char *user)
+{
+    cJSON *arr = cJSON_CreateArray(), *m;
+
+    for (int i = 0; arr != NULL && i < 2; i++) {
+        const char *text = i == 0 ? system : user;
+        if (text == NULL)
+            continue;
+        if ((m = cJSON_CreateObject()) == NULL) {
+            cJSON_Delete(arr);
+            return NULL;
+        }
+        cJSON_AddItemToArray(arr, m);
+        if (cJSON_AddStringToObject(m, "role", i == 0 ? "system" : "user") == NULL ||
+            cJSON_AddStringToObject(m, "content", text) == NULL) {
+            cJSON_Delete(arr);
+            return NULL;
+        }
+    }
+    return arr;
+}

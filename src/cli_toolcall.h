@@ -78,4 +78,8 @@ int64_t tc_render(const struct kli_tokenizer *tok, const struct cJSON *messages,
                   const struct cJSON *tools, const char *prefix, kli_token **ids,
                   struct kli_err *err);
 
+/* The conversation of one prompt in the chat format: a system message (NULL: none) and the
+ * user's, as a JSON array of messages. @return it, or NULL when out of memory. */
+struct cJSON *tc_messages(const char *system, const char *user);
+
 #endif
