@@ -436,6 +436,8 @@ batch_on_token(void *ud, const struct kli_sched_token *t)
     if (tl != NULL) {   /* the answer is read for calls: special tokens by name */
         size_t len = t->len;
         const char *p = len > 0 ? t->text : kli_token_bytes(b->tok, t->token, &len);
+        if (t->len == 0 && !tc_marker(p, len))
+            len = 0;   /* special tokens but the tool-call markers give no text */
         if (p != NULL && util_text_add(&tl->acc, &tl->n, &tl->cap, p, len) != 0) {
             cli_error("out of memory");
             b->io_failed = 1;

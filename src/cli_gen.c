@@ -585,7 +585,7 @@ cmd_run(int argc, char **argv)
         /* the answer is read for its calls: collected, the markers by name */
         gs.go.on_text = gen_collect;
         gs.go.ud = &gt;
-        gs.go.special = 1;
+        gs.go.special = a.special ? 1 : 2;
     }
     if (gt.schema != NULL &&
         (kli_grammar_create(&gs.gram, gs.tok, gt.schema, strlen(gt.schema), &err) != KLI_OK ||

@@ -596,3 +596,9 @@ tc_messages(const char *system, const char *user)
     }
     return arr;
 }
+
+int
+tc_marker(const char *name, size_t len)
+{
+    return name != NULL && len > 11 && memcmp(name, "<|tool_call", 11) == 0;
+}

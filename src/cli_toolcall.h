@@ -82,4 +82,8 @@ int64_t tc_render(const struct kli_tokenizer *tok, const struct cJSON *messages,
  * user's, as a JSON array of messages. @return it, or NULL when out of memory. */
 struct cJSON *tc_messages(const char *system, const char *user);
 
+/* Whether a special token's name (len bytes) is a tool-call marker, one that an answer read
+ * for calls keeps by name (as kli_generate_options special 2 does). */
+int tc_marker(const char *name, size_t len);
+
 #endif

@@ -694,7 +694,8 @@ struct kli_generate_options {
     kli_text_fn on_text;         /* may be NULL */
     void *ud;
     int32_t special;             /* 1: special tokens other than the end tokens are passed
-                                    to on_text as their names ("<|tool_call_begin|>");
+                                    to on_text as their names ("<|im_user|>"); 2: only the
+                                    tool-call markers ("<|tool_call_begin|>", ...);
                                     default 0: they produce no text */
 };
 

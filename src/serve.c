@@ -528,8 +528,11 @@ serve_on_token(void *ud, const struct kli_sched_token *t)
     s->gen_tokens++;
     const char *text = t->text;
     size_t len = t->len;
-    if (len == 0 && j->rq.tool_mode != SERVE_TOOLS_OFF)   /* a special token, by name */
+    if (len == 0 && j->rq.tool_mode != SERVE_TOOLS_OFF) {   /* a tool-call marker, by name */
         text = kli_token_bytes(s->tok, t->token, &len);
+        if (!tc_marker(text, len))
+            len = 0;
+    }
     if (bbuf_add(&j->acc, text, text != NULL ? len : 0) == 0 && j->rq.stream &&
         (safe = job_safe(j)) > j->sent) {
         if (job_event(j, j->acc.p + j->sent, safe - j->sent, NULL) == 0)

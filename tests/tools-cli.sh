@@ -2,10 +2,10 @@
 # tools-cli.sh - tool calls in Kimi's format through the CLI (TAP): the native rendering of
 # conversations with tools (kli tokenize --messages --tools, kli_chat_render_json) against
 # the template rendered by jinja2 (tests/chat_template.py, tests/data/kimi-tools.jinja),
-# byte for byte and token for token; kli run --tools on the tiny model, whose random
-# weights try every kind of token, under tool_choice required and a named function (each
-# answer a call to a declared function whose arguments validate against its parameters);
-# --special. The golden cases need python3 with jinja2 (python3-jinja2); without it they are
+# byte for byte and token for token; kli run --tools, kli batch and kli serve (whole and
+# streamed) on the tiny model, whose random weights try every kind of token, under
+# tool_choice required and a named function (each answer a call to a declared function
+# whose arguments validate against its parameters); --special in run and chat. The golden cases need python3 with jinja2 (python3-jinja2); without it they are
 # skipped with a message.
 set -u
 : "${KLI_BIN:?}" "${KLI_TESTDATA:?}" "${KLI_SRCDIR:?}"
@@ -100,6 +100,19 @@ if tcase auto; then
     "$PY" -c 'import json,sys; o=json.load(open(sys.argv[1])); assert "content" in o' \
         "$tmp/out"
     check $? "auto: a JSON message with its content"
+    cat >"$tmp/conv.json" <<'EOF2'
+[{"role": "user", "content": "Weather in Paris?"},
+ {"role": "assistant", "content": null, "tool_calls": [{"id": "functions.get_weather:0",
+  "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}]},
+ {"role": "tool", "tool_call_id": "functions.get_weather:0", "content": "18 degrees"}]
+EOF2
+    t "auto: --messages with a call and its result" 0 "$kli" run -m "$model" \
+        --messages "$tmp/conv.json" --tools "$tmp/tools.json" -n 5 --seed 1 -t 1 --quiet
+    printf '[{"role": "tool", "content": "x"}]' >"$tmp/notid.json"
+    t "a tool message without tool_call_id: exit 1" 1 "$kli" run -m "$model" \
+        --messages "$tmp/notid.json" --tools "$tmp/tools.json" -n 5
+    grep -q tool_call_id "$tmp/stderr"
+    check $? "the message names tool_call_id"
     t "--tool-choice without --tools: usage error" 2 "$kli" run -m "$model" -p x \
         --tool-choice none
     printf '{"not": "a list"}' >"$tmp/obj.json"
@@ -117,6 +130,10 @@ if tcase special; then
         >"$tmp/out" 2>"$tmp/err"
     ! grep -q '<|' "$tmp/out"
     check $? "without --special special tokens are dropped"
+    printf 'x\n' | "$kli" chat -m "$model" --special -n 4 --seed 1 -t 1 --quiet \
+        --logit-bias "$id:100" >"$tmp/out" 2>"$tmp/err"
+    grep -q '<|tool_calls_section_begin|>' "$tmp/out"
+    check $? "chat --special prints it too"
 fi
 if tcase batch; then
     tl=$(tr -d '\n' <"$tmp/tools.json")
@@ -171,6 +188,7 @@ if tcase serve; then
         poll 1200 grep -qs 'http://' "$tmp/serve.err"
         port=$(sed -n 's|.*http://[^ ]*:\([0-9]*\)/ .*|\1|p' "$tmp/serve.err")
         tl=$(tr -d '\n' <"$tmp/tools.json")
+        sec=$(printf '<|tool_calls_section_begin|>' | "$kli" tokenize -m "$model" --special)
         for mode in whole stream; do
             st=false
             [ $mode = stream ] && st=true
@@ -208,6 +226,29 @@ EOF2
             done
             check $bad "serve, $mode: tool_choice required gives valid calls"
         done
+        # auto, greedy: the stream's content is the whole answer's, a marker held back
+        for st in false true; do
+            printf '{"messages":[{"role":"user","content":"Weather?"}],"tools":%s,
+"max_tokens":30,"temperature":0,"stream":%s,"logit_bias":{"%s":4}}' "$tl" $st "$sec" \
+                >"$tmp/body.json"
+            curl -s -N -o "$tmp/auto.$st" -H 'Content-Type: application/json' \
+                --data-binary @"$tmp/body.json" "http://127.0.0.1:$port/v1/chat/completions"
+        done
+        "$PY" - "$tmp/auto.false" "$tmp/auto.true" >"$tmp/err" 2>&1 <<'EOF2'
+import json, sys
+w = json.load(open(sys.argv[1], encoding='utf-8'))['choices'][0]
+content, fin = '', None
+for e in open(sys.argv[2], encoding='utf-8').read().split('\n\n'):
+    if e.startswith('data: {'):
+        for ch in json.loads(e[6:])['choices']:
+            content += ch['delta'].get('content') or ''
+            assert 'tool_calls' not in ch['delta'] or w['finish_reason'] == 'tool_calls'
+            fin = ch['finish_reason'] or fin
+assert (w['message']['content'] or '') == content, (w, content)
+assert w['finish_reason'] == fin, (w, fin)
+EOF2
+        check $? "serve, auto: the stream's content and finish agree with the whole answer"
+        [ -s "$tmp/err" ] && sed 's/^/# /' "$tmp/err" | head -3
         # a conversation with a call and its result is accepted; an unknown name is a 400
         printf '{"messages":[{"role":"user","content":"Weather?"},{"role":"assistant",
 "content":null,"tool_calls":[{"id":"functions.ping:0","type":"function","function":
