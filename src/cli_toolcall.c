@@ -26,6 +26,20 @@ tc_find(const char *s, size_t n, const char *needle)
     return NULL;
 }
 
+/* Whether s[0..n) holds one of the five markers. */
+static int
+tc_any_marker(const char *s, size_t n)
+{
+    static const char *const mk[] = {TC_SECTION_BEGIN, TC_SECTION_END, TC_CALL_BEGIN,
+                                     TC_ARG_BEGIN, TC_CALL_END};
+
+    for (size_t i = 0; i < sizeof(mk) / sizeof(mk[0]); i++) {
+        if (tc_find(s, n, mk[i]) != NULL)
+            return 1;
+    }
+    return 0;
+}
+
 static int
 tc_space(char c)
 {
@@ -91,15 +105,137 @@ out:
     return rc;
 }
 
-/* Arguments: a JSON object, whole. */
+/* ==== strict JSON: what clients parse (cJSON takes any control byte as a blank, and
+ * numbers such as 01 or +1) ====================================================== */
+
+struct tc_js {
+    const unsigned char *p, *end;
+};
+
+static void
+tc_js_blank(struct tc_js *j)
+{
+    while (j->p < j->end && (*j->p == ' ' || *j->p == '\t' || *j->p == '\n' || *j->p == '\r'))
+        j->p++;
+}
+
+static int
+tc_js_digits(struct tc_js *j)
+{
+    const unsigned char *s = j->p;
+
+    while (j->p < j->end && *j->p >= '0' && *j->p <= '9')
+        j->p++;
+    return j->p > s;
+}
+
+static int
+tc_js_string(struct tc_js *j)
+{
+    j->p++;   /* the quote */
+    while (j->p < j->end && *j->p != '"') {
+        if (*j->p < 0x20)
+            return 0;
+        if (*j->p++ == '\\') {
+            if (j->p == j->end)
+                return 0;
+            if (*j->p == 'u') {
+                for (int k = 1; k <= 4; k++) {
+                    if (j->p + k >= j->end || !strchr("0123456789abcdefABCDEF", j->p[k]) ||
+                        j->p[k] == '\0')
+                        return 0;
+                }
+                j->p += 5;
+            } else if (strchr("\"\\/bfnrt", *j->p) != NULL && *j->p != '\0') {
+                j->p++;
+            } else {
+                return 0;
+            }
+        }
+    }
+    if (j->p == j->end)
+        return 0;
+    j->p++;
+    return 1;
+}
+
+static int
+tc_js_value(struct tc_js *j, int depth)
+{
+    static const char *const lits[] = {"true", "false", "null"};
+
+    tc_js_blank(j);
+    if (j->p == j->end || depth > 64)
+        return 0;
+    if (*j->p == '"')
+        return tc_js_string(j);
+    if (*j->p == '{' || *j->p == '[') {
+        int obj = *j->p++ == '{';
+        tc_js_blank(j);
+        if (j->p < j->end && *j->p == (obj ? '}' : ']')) {
+            j->p++;
+            return 1;
+        }
+        for (;;) {
+            if (obj) {
+                tc_js_blank(j);
+                if (j->p == j->end || *j->p != '"' || !tc_js_string(j))
+                    return 0;
+                tc_js_blank(j);
+                if (j->p == j->end || *j->p++ != ':')
+                    return 0;
+            }
+            if (!tc_js_value(j, depth + 1))
+                return 0;
+            tc_js_blank(j);
+            if (j->p == j->end)
+                return 0;
+            if (*j->p == ',') {
+                j->p++;
+                continue;
+            }
+            return *j->p++ == (obj ? '}' : ']');
+        }
+    }
+    for (size_t i = 0; i < sizeof(lits) / sizeof(lits[0]); i++) {
+        size_t k = strlen(lits[i]);
+        if ((size_t)(j->end - j->p) >= k && memcmp(j->p, lits[i], k) == 0) {
+            j->p += k;
+            return 1;
+        }
+    }
+    if (*j->p == '-')
+        j->p++;
+    if (j->p < j->end && *j->p == '0')
+        j->p++;
+    else if (!tc_js_digits(j))
+        return 0;
+    if (j->p < j->end && *j->p == '.') {
+        j->p++;
+        if (!tc_js_digits(j))
+            return 0;
+    }
+    if (j->p < j->end && (*j->p == 'e' || *j->p == 'E')) {
+        j->p++;
+        if (j->p < j->end && (*j->p == '+' || *j->p == '-'))
+            j->p++;
+        if (!tc_js_digits(j))
+            return 0;
+    }
+    return 1;
+}
+
+/* Arguments: a JSON object, whole, as a strict parser (RFC 8259) reads it. */
 static int
 tc_args_ok(const char *a, size_t n)
 {
-    cJSON *v = cJSON_ParseWithLength(a, n);
-    int ok = cJSON_IsObject(v);
+    struct tc_js j = {(const unsigned char *)a, (const unsigned char *)a + n};
 
-    cJSON_Delete(v);
-    return ok;
+    tc_js_blank(&j);
+    if (j.p == j.end || *j.p != '{' || !tc_js_value(&j, 0))
+        return 0;
+    tc_js_blank(&j);
+    return j.p == j.end;
 }
 
 /* One call: [functions.]NAME:IDX<|tool_call_argument_begin|>JSON, between the call markers
@@ -212,7 +348,7 @@ tc_parse(const char *text, size_t len, const cJSON *tools, char **content, cJSON
     *calls = NULL;
     *content = NULL;
     if (b == NULL) {
-        if (tc_find(text, len, TC_CALL_BEGIN) != NULL || tc_find(text, len, TC_SECTION_END)) {
+        if (tc_any_marker(text, len)) {
             snprintf(msg, cap, "tool-call markers outside a %s", TC_SECTION_BEGIN);
             rc = 1;
             goto whole;
@@ -225,8 +361,8 @@ tc_parse(const char *text, size_t len, const cJSON *tools, char **content, cJSON
         rc = 1;
         goto whole;
     }
-    if (tc_find(e + se, (size_t)(text + len - e - se), "<|tool_call") != NULL ||
-        tc_find(text, (size_t)(b - text), "<|tool_call") != NULL) {
+    if (tc_any_marker(e + se, (size_t)(text + len - e - se)) ||
+        tc_any_marker(text, (size_t)(b - text))) {
         snprintf(msg, cap, "tool-call markers outside the section");
         rc = 1;
         goto whole;

@@ -67,6 +67,10 @@ test_good(void)
     ok(rc == 0 && strcmp(out, "(none)") == 0 && strcmp(content, "no calls at all") == 0,
        "text without a section is all content");
     free(content);
+    rc = parse(SB CB "ping:0" AB " {\"s\": \"\\u00e9\\n\", \"n\": -0.5e+3, \"t\": [true, false]}\n"
+               CE SE, &content, out, sizeof(out), msg);
+    ok(rc == 0, "strict JSON arguments with escapes, exponents and literals: %s", msg);
+    free(content);
     rc = parse(SB "\n" CB "ping:3" AB "{\"a\":[1,{\"b\":null}]}" CE "\n" SE, &content, out,
                sizeof(out), msg);
     ok(rc == 0 && strcmp(out, "ping:3|ping|{\"a\":[1,{\"b\":null}]};") == 0 &&
@@ -83,6 +87,13 @@ test_damaged(void)
         {SB CB "functions.get_weather:0" AB "{\"city\": \"Par", "no " SE},
         {SB CB "functions.get_weather:0" AB "{\"city\": 1" CE SE, "not a JSON object"},
         {SB CB "functions.get_weather:0" AB "[1]" CE SE, "not a JSON object"},
+        {SB CB "functions.ping:0" AB "{\"a\":01}" CE SE, "not a JSON object"},
+        {SB CB "functions.ping:0" AB "{\"a\":+1}" CE SE, "not a JSON object"},
+        {SB CB "functions.ping:0" AB "{\"a\":\"x\ny\"}" CE SE, "not a JSON object"},
+        {SB CB "functions.ping:0" AB "{\"a\"\x14:1}" CE SE, "not a JSON object"},
+        {SB CB "functions.ping:0" AB "{\"a\":\"\\q\"}" CE SE, "not a JSON object"},
+        {SB CB "functions.ping:0" AB "{} {}" CE SE, "not a JSON object"},
+        {"x" CE, "outside"},
         {SB CB "functions.nope:0" AB "{}" CE SE, "no function \"nope\""},
         {SB CB "get_weather" AB "{}" CE SE, "not functions.NAME:INDEX"},
         {SB CB "functions.ping:x" AB "{}" CE SE, "not functions.NAME:INDEX"},
