@@ -76,6 +76,13 @@ if tcase required; then
             check_call "$tmp/out" "" 2>>"$tmp/err" || { bad=1; sed 's/^/# /' "$tmp/err" | head -5; }
     done
     check $bad "required: 8 random answers are each a valid call"
+    bad=0
+    for seed in 1 2 3 4; do   # the demo model (no -m), a trained one that never saw tools
+        "$kli" run --gpu off -p "Weather?" --tools "$tmp/tools.json" --tool-choice required \
+            -n 60 --temp 1 --seed $seed -t 1 --quiet >"$tmp/out" 2>"$tmp/err" &&
+            check_call "$tmp/out" "" 2>>"$tmp/err" || { bad=1; sed 's/^/# /' "$tmp/err" | head -5; }
+    done
+    check $bad "required, the demo model: 4 sampled answers are each a valid call"
 fi
 
 if tcase named; then
