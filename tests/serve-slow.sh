@@ -3,8 +3,8 @@
 # disconnect cases with 64 streaming clients at once; then the official OpenAI client for
 # Node (the `openai` package from npm, installed into a cache directory outside the tree,
 # $KLI_NPM_DIR or else ~/.cache/kli/npm): models.list, a chat answer whole and streamed (the
-# two agreeing), a completion, a json_schema answer that validates and a bad logit_bias
-# refused. The npm part is skipped, with a message, where node or npm is missing or the
+# two agreeing), a completion, a json_schema answer that validates, a bad logit_bias
+# refused and a tool call under tool_choice "required". The npm part is skipped, with a message, where node or npm is missing or the
 # registry cannot be reached.
 set -u
 : "${KLI_BIN:?}" "${KLI_TESTDATA:?}" "${KLI_SRCDIR:?}"
