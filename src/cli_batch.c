@@ -16,6 +16,7 @@
  */
 #include "config.h"
 
+#include <cjson/cJSON.h>
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -32,6 +33,7 @@
 #include "kli.h"
 #include "cli.h"
 #include "cli_batch.h"
+#include "cli_toolcall.h"
 #include "util.h"
 
 #define BATCH_MAX_PARALLEL 256
@@ -83,10 +85,10 @@ static const char batch_usage[] =
     CLI_JSON_HELP CLI_SAMPLING_HELP CLI_PLACEMENT_HELP CLI_GPU_HELP
     "Each input line is a JSON object: {\"id\": ..., \"prompt\": ... | \"messages\": [...],\n"
     "optional \"max_tokens\", \"temperature\", \"top_p\", \"top_k\", \"min_p\", \"seed\", "
-    "\"stop\",\n\"response_format\", ...}.\n"
+    "\"stop\",\n\"response_format\", \"tools\", \"tool_choice\", ...}.\n"
     "OpenAI Batch lines ({\"custom_id\", \"method\", \"url\", \"body\"}) get OpenAI's output.\n"
     "Each output line: id, text, prompt_tokens, completion_tokens, cached_tokens,\n"
-    "finish_reason, prefill_ms, decode_ms (and error). Exit status 3: more than\n"
+    "finish_reason, prefill_ms, decode_ms (and tool_calls, error). Exit status 3: more than\n"
     "--max-errors N (default 0) records failed. See kli(1).\n";
 
 /* A byte count: digits with an optional K, M, G or T (powers of 1024), optionally followed
@@ -301,6 +303,24 @@ batch_write(struct batch *b, const char *p, size_t n)
 }
 
 static void batch_progress(struct batch *b, int final);
+static int batch_tool_answer(struct batch_item *it, struct kli_sched_result *res,
+                             char **content, cJSON **calls, const char **reason);
+
+/* ,"tool_calls":[...] when there are calls. @return 0, or non-zero when out of memory. */
+static int
+batch_calls_json(struct bbuf *l, const cJSON *calls)
+{
+    char *p;
+    int bad;
+
+    if (calls == NULL)
+        return 0;
+    if ((p = cJSON_PrintUnformatted(calls)) == NULL)
+        return -1;
+    bad = bbuf_add(l, ",\"tool_calls\":", 14) | bbuf_add(l, p, strlen(p));
+    free(p);
+    return bad;
+}
 
 /* The output line of an OpenAI Batch record: OpenAI's Batch output format, the body a
  * chat.completion or a text_completion object with its usage, or an error (a status of 400
@@ -308,7 +328,8 @@ static void batch_progress(struct batch *b, int final);
  * non-zero when out of memory. */
 static int
 batch_openai_line(const struct batch *b, const struct batch_item *it,
-                  const struct kli_sched_result *res, const char *reason, struct bbuf *l)
+                  const struct kli_sched_result *res, const char *reason, const cJSON *calls,
+                  struct bbuf *l)
 {
     int chat = it->api == BATCH_API_CHAT, bad = 0;
 
@@ -331,7 +352,11 @@ batch_openai_line(const struct batch *b, const struct batch_item *it,
                                 "\"assistant\",\"content\":"
                               : ",\"choices\":[{\"index\":0,\"text\":";
     bad |= bbuf_add(l, choice, strlen(choice));
-    bad |= bbuf_json_text(l, res->text, res->len);
+    if (calls != NULL && res->len == 0)
+        bad |= bbuf_add(l, "null", 4);
+    else
+        bad |= bbuf_json_text(l, res->text, res->len);
+    bad |= batch_calls_json(l, calls);
     bad |= bbuf_addf(l, "%s,\"logprobs\":null,\"finish_reason\":\"%s\"}],\"usage\":{"
                      "\"prompt_tokens\":%d,\"completion_tokens\":%d,\"total_tokens\":%d,"
                      "\"prompt_tokens_details\":{\"cached_tokens\":%d}}}},\"error\":null}\n",
@@ -345,23 +370,32 @@ static void
 batch_on_finish(void *ud, const struct kli_sched_result *res)
 {
     struct batch *b = ud;
-    const struct batch_item *it = res->user;
+    struct batch_item *it = res->user;
+    struct kli_sched_result rr = *res;
     struct bbuf l = {NULL, 0, 0};
     const char *id = it->id, *reason;
+    char *content = NULL;
+    cJSON *calls = NULL;
     int bad = 0;
 
-    if (res->finish == KLI_FINISH_INTERRUPT)   /* stopped: no line, a rerun redoes it */
+    if (res->finish == KLI_FINISH_INTERRUPT) {   /* stopped: no line, a rerun redoes it */
+        batch_tools_free(it->tools);
+        it->tools = NULL;
         return;
+    }
     reason = res->finish == KLI_FINISH_LENGTH ? "length"
              : res->finish == KLI_FINISH_ERROR ? "error" : "stop";
+    bad = batch_tool_answer(it, &rr, &content, &calls, &reason);
+    res = &rr;
     if (it->api != BATCH_API_KLI) {
-        bad = batch_openai_line(b, it, res, reason, &l);
+        bad |= batch_openai_line(b, it, res, reason, calls, &l);
         goto write;
     }
     bad |= bbuf_add(&l, "{\"id\":", 6);
     bad |= bbuf_json_str(&l, id, strlen(id));
     bad |= bbuf_add(&l, ",\"text\":", 8);
     bad |= bbuf_json_text(&l, res->text, res->len);
+    bad |= batch_calls_json(&l, calls);
     bad |= bbuf_addf(&l, ",\"prompt_tokens\":%d,\"completion_tokens\":%d,\"cached_tokens\":%d,"
                      "\"finish_reason\":\"%s\",\"prefill_ms\":%.1f,\"decode_ms\":%.1f",
                      (int)res->n_prompt, (int)res->n_generated, (int)res->n_cached, reason,
@@ -379,6 +413,10 @@ write:
         batch_write(b, l.p, l.n);
     }
     free(l.p);
+    free(content);
+    cJSON_Delete(calls);
+    batch_tools_free(it->tools);
+    it->tools = NULL;
     b->done++;
     b->errors += res->error != NULL;
     if (res->started) {
@@ -391,8 +429,47 @@ write:
 static void
 batch_on_token(void *ud, const struct kli_sched_token *t)
 {
-    (void)t;
-    ((struct batch *)ud)->gen_tokens++;
+    struct batch *b = ud;
+    struct batch_tools *tl = ((struct batch_item *)t->user)->tools;
+
+    b->gen_tokens++;
+    if (tl != NULL) {   /* the answer is read for calls: special tokens by name */
+        size_t len = t->len;
+        const char *p = len > 0 ? t->text : kli_token_bytes(b->tok, t->token, &len);
+        if (t->len == 0 && !tc_marker(p, len))
+            len = 0;   /* special tokens but the tool-call markers give no text */
+        if (p != NULL && util_text_add(&tl->acc, &tl->n, &tl->cap, p, len) != 0) {
+            cli_error("out of memory");
+            b->io_failed = 1;
+        }
+    }
+}
+
+/* A record with tools: res's text becomes the content read from the answer, *calls its
+ * tool calls (NULL: none), *reason "tool_calls" when there are some. @return 0, or -1 when
+ * out of memory. */
+static int
+batch_tool_answer(struct batch_item *it, struct kli_sched_result *res, char **content,
+                  cJSON **calls, const char **reason)
+{
+    struct batch_tools *tl = it->tools;
+    char msg[256];
+    int rc;
+
+    *content = NULL;
+    *calls = NULL;
+    if (tl == NULL || res->error != NULL)
+        return 0;
+    rc = tc_answer(tl->acc != NULL ? tl->acc : "", tl->n, (const char *const *)tl->stop,
+                   tl->n_stop, tl->tools, tl->forced, content, calls, msg, sizeof(msg),
+                   cli_utf8_seq);
+    if (rc < 0)
+        return -1;
+    res->text = *content;
+    res->len = strlen(*content);
+    if (*calls != NULL)
+        *reason = "tool_calls";
+    return 0;
 }
 
 static void
@@ -435,6 +512,10 @@ batch_on_need(void *ud, struct kli_sched *sched)
             q.user = it;
             if (r.error == NULL)
                 rc = batch_grammar(b, &r, &q.grammar, msg, sizeof(msg), &q.fail);
+            if (rc == 0 && q.fail == NULL) {   /* the item reads its answer for calls */
+                it->tools = r.tools;
+                r.tools = NULL;
+            }
             if (rc == 0)
                 rc = kli_sched_submit(sched, &q, NULL, &err) == KLI_OK ? 0 : -1;
             batch_rec_clear(&r);

@@ -36,6 +36,9 @@ size_t batch_utf8_valid(const char *s, size_t n);
 /* ==== the input ============================================================================ */
 
 /* One line of the input that holds a record (blank lines hold none). */
+struct cJSON;
+struct batch_tools;
+
 struct batch_item {
     int64_t off, len;        /* the line's bytes in the input */
     int32_t line;            /* 1-based line number */
@@ -43,7 +46,19 @@ struct batch_item {
     char *error;             /* a reason found while scanning (malformed, duplicate,
                                 oversized), or NULL */
     int api;                 /* enum batch_api: the record's format, and its line's */
+    struct batch_tools *tools;   /* a record with tools, from its submission to its line */
 };
+
+/* What a record with tools needs to read its answer (cli_toolcall.h). */
+struct batch_tools {
+    struct cJSON *tools;     /* its "tools" */
+    char *forced;            /* tool_choice required ("") or a named function, else NULL */
+    char *stop[BATCH_MAX_STOP];   /* its stop strings, copied */
+    int n_stop;
+    char *acc;               /* the answer, special tokens by name */
+    size_t n, cap;
+};
+void batch_tools_free(struct batch_tools *t);
 
 /* A record's format: kli's own, or an OpenAI Batch API line (custom_id, method, url, body)
  * for one of the two endpoints kli serves. */
@@ -126,6 +141,7 @@ struct batch_rec {
     float *bias;
     int format;                /* its response_format: enum batch_format */
     char *schema;              /* BATCH_FMT_SCHEMA: the schema as compact JSON (malloc'd) */
+    struct batch_tools *tools; /* with "tools" read for calls (owned until submitted) */
 };
 
 /* What a record's "response_format" asks for. */

@@ -27,6 +27,7 @@
 #include "cli.h"
 #include "cli_batch.h"
 #include "cli_oai.h"
+#include "cli_toolcall.h"
 #include "util.h"
 
 /* ==== bytes, UTF-8 and JSON strings ======================================================== */
@@ -401,7 +402,7 @@ batch_input_open(struct batch_input *in, const char *path, const struct batch_se
         in->n_records++;
 
         struct batch_item it = {(int64_t)(p - in->text), (int64_t)len, ln, NULL, NULL,
-                                 BATCH_API_KLI};
+                                 BATCH_API_KLI, NULL};
         char lid[32];
         int32_t first;
         snprintf(lid, sizeof(lid), "line:%d", (int)ln);
@@ -464,6 +465,7 @@ batch_input_close(struct batch_input *in)
     for (int64_t i = 0; i < in->n_items; i++) {
         free(in->items[i].id);
         free(in->items[i].error);
+        batch_tools_free(in->items[i].tools);
     }
     free(in->items);
     if (in->mapped)
@@ -794,13 +796,131 @@ rec_prompt(struct batch_rec *r, const cJSON *o, const struct kli_tokenizer *tok,
     return rc;
 }
 
+/* ==== tools (cli_toolcall.h) ============================================================== */
+
+void
+batch_tools_free(struct batch_tools *t)
+{
+    if (t == NULL)
+        return;
+    cJSON_Delete(t->tools);
+    free(t->forced);
+    for (int i = 0; i < t->n_stop; i++)
+        free(t->stop[i]);
+    free(t->acc);
+    free(t);
+}
+
+/* Whether the record's messages carry a tool call or a tool result. */
+static int
+rec_tool_messages(const cJSON *messages)
+{
+    const cJSON *m;
+
+    cJSON_ArrayForEach(m, messages) {
+        const cJSON *role = cJSON_GetObjectItemCaseSensitive(m, "role");
+        if (cJSON_HasObjectItem(m, "tool_calls") || cJSON_HasObjectItem(m, "tool_call_id") ||
+            (cJSON_IsString(role) && strcmp(role->valuestring, "tool") == 0))
+            return 1;
+    }
+    return 0;
+}
+
+/* A record with "tools", "tool_choice" or tool messages: its prompt rendered with them
+ * (tc_render), a forced call's grammar as its schema, and r->tools to read the answer with
+ * (NULL under tool_choice "none"). *done: the prompt is made (or the record failed). */
+static int
+rec_tools(struct batch_rec *r, const cJSON *o, const struct kli_tokenizer *tok,
+          const struct batch_defaults *d, int *done)
+{
+    const cJSON *tools = cJSON_GetObjectItemCaseSensitive(o, "tools");
+    const cJSON *choice = cJSON_GetObjectItemCaseSensitive(o, "tool_choice");
+    const cJSON *messages = cJSON_GetObjectItemCaseSensitive(o, "messages");
+    const cJSON *prompt = cJSON_GetObjectItemCaseSensitive(o, "prompt");
+    const char *forced = NULL;
+    char msg[256], *prefix = NULL;
+    cJSON *built = NULL;
+    kli_token *ids = NULL;
+    struct kli_err err = {0};
+    int none = 0;
+    int64_t n;
+
+    *done = 0;
+    if (cJSON_IsNull(tools))
+        tools = NULL;
+    if (tools == NULL && (choice == NULL || cJSON_IsNull(choice)) &&
+        !(cJSON_IsArray(messages) && rec_tool_messages(messages)))
+        return 0;
+    *done = 1;
+    if (tc_check(tools, choice, &forced, &none, msg, sizeof(msg)) != 0)
+        return rec_fail(r, "%s", msg);
+    if (prompt != NULL && (messages != NULL || !cJSON_IsString(prompt) ||
+                           cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(o, "raw"))))
+        return rec_fail(r, "\"tools\" need \"messages\", or a \"prompt\" string in the chat "
+                        "format");
+    if (prompt != NULL) {   /* the chat format's system and user turns */
+        const cJSON *sys = cJSON_GetObjectItemCaseSensitive(o, "system");
+        if (sys != NULL && !cJSON_IsString(sys))
+            return rec_fail(r, "\"system\" must be a string");
+        built = tc_messages(cJSON_IsString(sys) ? sys->valuestring : d->system,
+                            prompt->valuestring);
+        if (built == NULL)
+            return rec_fail(r, "out of memory");
+        messages = built;
+    }
+    if (!cJSON_IsArray(messages) || cJSON_GetArraySize(messages) < 1) {
+        cJSON_Delete(built);
+        return rec_fail(r, "\"messages\" must be a non-empty array");
+    }
+    if (forced != NULL) {
+        if (r->format == BATCH_FMT_OBJECT || r->format == BATCH_FMT_SCHEMA) {
+            cJSON_Delete(built);
+            return rec_fail(r, "\"tool_choice\" %s does not go with \"response_format\"",
+                            forced[0] ? "naming a function" : "\"required\"");
+        }
+        if (r->max_tokens == 0) {
+            cJSON_Delete(built);
+            return rec_fail(r, "\"tool_choice\" %s needs \"max_tokens\" above 0",
+                            forced[0] ? "naming a function" : "\"required\"");
+        }
+        free(r->schema);
+        r->schema = NULL;
+        if (tc_forced_grammar(tools, forced, &r->schema, &prefix) != 0) {
+            cJSON_Delete(built);
+            return rec_fail(r, "out of memory");
+        }
+        r->format = BATCH_FMT_SCHEMA;
+    }
+    n = tc_render(tok, messages, tools, prefix, &ids, &err);
+    free(prefix);
+    cJSON_Delete(built);
+    if (n < 0)
+        return rec_fail(r, "%s", err.msg);
+    r->toks = ids;
+    if (n > INT32_MAX - 1)
+        return rec_fail(r, "the prompt is too long");
+    r->n = (int32_t)n;
+    if (none || tools == NULL)
+        return 0;
+    if ((r->tools = calloc(1, sizeof(*r->tools))) == NULL ||
+        (r->tools->tools = cJSON_Duplicate(tools, 1)) == NULL ||
+        (forced != NULL && (r->tools->forced = strdup(forced)) == NULL))
+        return rec_fail(r, "out of memory");
+    for (int i = 0; i < r->n_stop; i++) {
+        if ((r->tools->stop[i] = strdup(r->stop[i])) == NULL)
+            return rec_fail(r, "out of memory");
+        r->tools->n_stop = i + 1;
+    }
+    return 0;
+}
+
 /* The members of an OpenAI request body kli reads, besides those it ignores (model, user,
  * metadata, store) and those it checks for their one allowed value (n, stream). */
 static const char *const rec_body_fields[] = {
     "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p",
     "top_k", "min_p", "seed", "stop", "presence_penalty", "frequency_penalty",
     "repetition_penalty", "response_format", "logit_bias", "model", "user", "metadata",
-    "store", "n", "stream",
+    "store", "n", "stream", "tools", "tool_choice",
 };
 
 /* An OpenAI Batch line: *o becomes its body, checked member by member (one kli cannot
@@ -878,13 +998,17 @@ batch_rec_prepare(struct batch_rec *r, const struct batch_input *in,
         if (rec_openai(r, it, &o) != 0)
             o = NULL;
     }
+    int done = 0;
     if (o != NULL && rec_settings(r, o) == 0 && rec_format(r, o) == 0 &&
-        rec_prompt(r, o, tok, &dd) == 0 && r->n == 0)
+        rec_tools(r, o, tok, &dd, &done) == 0 && (done || rec_prompt(r, o, tok, &dd) == 0) &&
+        r->n == 0 && r->error == NULL)
         rec_fail(r, "the prompt is empty");
     if (r->error != NULL) {
         free(r->toks);
         r->toks = NULL;
         r->n = 0;
+        batch_tools_free(r->tools);
+        r->tools = NULL;
     }
     return 0;
 }
@@ -896,5 +1020,6 @@ batch_rec_clear(struct batch_rec *r)
     free(r->schema);
     free(r->bias_ids);
     free(r->bias);
+    batch_tools_free(r->tools);
     cJSON_Delete(r->json);
 }

@@ -15,10 +15,13 @@
 
 #include "kli.h"
 #include "cli.h"
+#include "cli_toolcall.h"
+#include "util.h"
 
 /* ==== options shared by run and chat ====================================================== */
 
-enum { OPT_SPECIAL = 256, OPT_MESSAGES, OPT_SAVE_STATE, OPT_LOAD_STATE };
+enum { OPT_SPECIAL = 256, OPT_MESSAGES, OPT_SAVE_STATE, OPT_LOAD_STATE, OPT_TOOLS,
+       OPT_TOOL_CHOICE };
 
 
 struct gen_args {
@@ -26,6 +29,7 @@ struct gen_args {
     struct cli_gen_opts g;                 /* the options run and chat share with batch */
     const char *prompt, *file, *messages;
     const char *save_state, *load_state;   /* kli run --save-state / --load-state */
+    const char *tools, *tool_choice;       /* kli run --tools / --tool-choice */
     int special;
 };
 
@@ -38,14 +42,17 @@ static const struct option run_opts[] = {
     {"special", no_argument, NULL, OPT_SPECIAL},
     {"save-state", required_argument, NULL, OPT_SAVE_STATE},
     {"load-state", required_argument, NULL, OPT_LOAD_STATE},
+    {"tools", required_argument, NULL, OPT_TOOLS},
+    {"tool-choice", required_argument, NULL, OPT_TOOL_CHOICE},
     CLI_HELP_LONGOPT,
     CLI_LONGOPTS_END,
 };
 
-/* chat takes those of run but the prompt's (-p, -f, --messages, --raw, --special) and the
+/* chat takes those of run but the prompt's (-p, -f, --messages, --raw), the tools' and the
  * state files' (it has /save and /load). */
 static const struct option chat_opts[] = {
     CLI_GEN_LONGOPTS,
+    {"special", no_argument, NULL, OPT_SPECIAL},
     CLI_HELP_LONGOPT,
     CLI_LONGOPTS_END,
 };
@@ -69,6 +76,8 @@ gen_parse(int argc, char **argv, const struct option *opts, const char *shortopt
         case OPT_SPECIAL: a->special = 1; break;
         case OPT_SAVE_STATE: a->save_state = optarg; break;
         case OPT_LOAD_STATE: a->load_state = optarg; break;
+        case OPT_TOOLS: a->tools = optarg; break;
+        case OPT_TOOL_CHOICE: a->tool_choice = optarg; break;
         }
     }
     if (c != CLI_ARGS_END)
@@ -245,6 +254,158 @@ prompt_tokens(const struct gen_args *a, const struct kli_tokenizer *tok, const c
     return n < 0 ? n : n + off;
 }
 
+/* ==== kli run --tools ===================================================================== */
+
+/* The declarations of --tools, --tool-choice and the answer, collected. */
+struct gen_tools {
+    cJSON *tools;               /* the file's array */
+    cJSON *choice;              /* --tool-choice as a request gives tool_choice */
+    const char *forced;         /* NULL, "" (required) or a function's name */
+    int none;
+    char *schema, *prefix;      /* what a forced call is constrained with (tc_forced_grammar) */
+    char *out;                  /* the answer, special tokens by name */
+    size_t n, cap;
+};
+
+static int
+gen_collect(void *ud, const char *text, size_t len)
+{
+    struct gen_tools *t = ud;
+
+    if (util_text_add(&t->out, &t->n, &t->cap, text, len) != 0) {
+        gen_write_failed = 1;
+        return 1;
+    }
+    return gen_interrupted ? 1 : 0;
+}
+
+static void
+gen_tools_free(struct gen_tools *t)
+{
+    cJSON_Delete(t->tools);
+    cJSON_Delete(t->choice);
+    free(t->schema);
+    free(t->prefix);
+    free(t->out);
+}
+
+/* Reads --tools and --tool-choice. @return 0, or -1 after reporting. */
+static int
+gen_tools_open(const struct gen_args *a, struct gen_tools *t)
+{
+    size_t len;
+    char msg[256];
+    char *text = cli_read_file(a->tools, CLI_SCHEMA_MAX, 0, "(the limit is 1 MiB)", &len);
+    const char *c = a->tool_choice != NULL ? a->tool_choice : "auto";
+
+    if (text == NULL)
+        return -1;
+    t->tools = cJSON_ParseWithLength(text, len);
+    free(text);
+    if (!cJSON_IsArray(t->tools)) {
+        cli_error("%s: expected a JSON array of tool declarations", a->tools);
+        return -1;
+    }
+    if (strcmp(c, "auto") == 0 || strcmp(c, "none") == 0 || strcmp(c, "required") == 0) {
+        t->choice = cJSON_CreateString(c);
+    } else if ((t->choice = cJSON_CreateObject()) != NULL) {
+        cJSON *fn = cJSON_AddObjectToObject(t->choice, "function");
+        if (cJSON_AddStringToObject(t->choice, "type", "function") == NULL || fn == NULL ||
+            cJSON_AddStringToObject(fn, "name", c) == NULL) {
+            cli_error("out of memory");
+            return -1;
+        }
+    }
+    if (t->choice == NULL) {
+        cli_error("out of memory");
+        return -1;
+    }
+    if (tc_check(t->tools, t->choice, &t->forced, &t->none, msg, sizeof(msg)) != 0) {
+        cli_error("%s: %s", a->tools, msg);
+        return -1;
+    }
+    if (t->forced != NULL && tc_forced_grammar(t->tools, t->forced, &t->schema,
+                                               &t->prefix) != 0) {
+        cli_error("out of memory");
+        return -1;
+    }
+    return 0;
+}
+
+/* The prompt with the tools: the conversation of --messages (tool calls and results
+ * included) or -s and the prompt, then the text a forced call starts with. */
+static int64_t
+gen_tools_prompt(const struct gen_args *a, const struct gen_tools *t,
+                 const struct kli_tokenizer *tok, const char *text, kli_token **ids,
+                 struct kli_err *err)
+{
+    cJSON *msgs = NULL;
+    int64_t n;
+
+    if (a->messages != NULL) {
+        size_t len;
+        char *f = cli_read_file(a->messages, gen_prompt_max(a->g.ctx), 0, GEN_PROMPT_LIMIT,
+                                &len);
+        if (f == NULL)
+            return -1;   /* reported */
+        msgs = cJSON_ParseWithLength(f, len);
+        free(f);
+        if (msgs == NULL) {
+            cli_error("%s: not JSON", a->messages);
+            return -1;
+        }
+    } else {
+        msgs = tc_messages(a->g.system, text);
+    }
+    if (msgs == NULL)
+        return gen_oom(err);
+    n = tc_render(tok, msgs, t->tools, t->prefix, ids, err);
+    cJSON_Delete(msgs);
+    return n;
+}
+
+/* Prints the answer as an assistant message: {"content", "tool_calls", "finish_reason"}. */
+static int
+gen_tools_print(const struct gen_tools *t, const struct kli_generate_result *r)
+{
+    char msg[256] = "", *content = NULL, *js;
+    cJSON *calls = NULL, *o = cJSON_CreateObject();
+    const char *text = t->out != NULL ? t->out : "";
+    int rc;
+
+    rc = tc_answer(text, t->n, NULL, 0, t->tools, t->forced, &content, &calls, msg,
+                   sizeof(msg), cli_utf8_seq);
+    if (rc == 1)
+        fprintf(stderr, "kli: the tool calls are malformed (%s): the answer is given as "
+                "content\n", msg);
+    if (rc < 0 || o == NULL) {
+        cli_error("out of memory");
+        cJSON_Delete(o);
+        cJSON_Delete(calls);
+        free(content);
+        return -1;
+    }
+    const char *fin = calls != NULL ? "tool_calls" :
+                      r->finish == KLI_FINISH_LENGTH ? "length" : "stop";
+    if (calls != NULL && content[0] == '\0')
+        cJSON_AddNullToObject(o, "content");
+    else
+        cJSON_AddStringToObject(o, "content", content);
+    if (calls != NULL)
+        cJSON_AddItemToObject(o, "tool_calls", calls);
+    cJSON_AddStringToObject(o, "finish_reason", fin);
+    free(content);
+    js = cJSON_PrintUnformatted(o);
+    cJSON_Delete(o);
+    if (js == NULL) {
+        cli_error("out of memory");
+        return -1;
+    }
+    printf("%s\n", js);
+    free(js);
+    return 0;
+}
+
 /* ==== kli run ============================================================================= */
 
 /* What run and chat open alike: the model with its tokenizer, a session of --ctx positions,
@@ -342,7 +503,8 @@ gen_close(struct gen_session *gs, const struct gen_args *a)
 
 static const char run_usage[] =
     "usage: kli run [-m|--model MODEL] [-p|--prompt TEXT | -f|--file FILE | --messages JSON]\n"
-    "               [--raw [--special]] [-s|--system SYSTEM] [-n|--max-tokens MAX]\n"
+    "               [--raw] [--special] [-s|--system SYSTEM] [-n|--max-tokens MAX]\n"
+    "               [--tools FILE [--tool-choice auto|none|required|NAME]]\n"
     "               [--stop STR]... [--ctx N] [--cache-type T] [--quiet]\n"
     "               [--load-state FILE] [--save-state FILE] [-h|--help]\n"
     CLI_JSON_HELP CLI_SAMPLING_HELP CLI_PLACEMENT_HELP CLI_GPU_HELP
@@ -353,6 +515,7 @@ cmd_run(int argc, char **argv)
 {
     struct gen_args a;
     struct gen_session gs = {0};
+    struct gen_tools gt = {0};
     struct kli_err err = {0};
     struct kli_generate_result res;
     kli_token *ids = NULL;
@@ -376,9 +539,12 @@ cmd_run(int argc, char **argv)
                   "the file, with --raw in the text");
         return 2;
     }
-    if (a.special && !a.g.raw) {
-        cli_error("run: --special only applies with --raw (the chat format keeps typed "
-                  "special tokens as text)");
+    if (a.tools == NULL && a.tool_choice != NULL) {
+        cli_error("run: --tool-choice needs --tools");
+        return 2;
+    }
+    if (a.tools != NULL && (a.g.raw || a.g.json || a.g.json_schema != NULL)) {
+        cli_error("run: --tools does not go with --raw, --json or --json-schema");
         return 2;
     }
     if (a.prompt != NULL) {
@@ -412,13 +578,29 @@ cmd_run(int argc, char **argv)
         cli_error("--save-state: %s", err.msg);
         goto out;
     }
-    if (gen_open(&a, path, &gs) != 0)
+    if (gen_open(&a, path, &gs) != 0 || (a.tools != NULL && gen_tools_open(&a, &gt) != 0))
         goto out;
+    gs.go.special = a.special;
+    if (a.tools != NULL && !gt.none) {
+        /* the answer is read for its calls: collected, the markers by name */
+        gs.go.on_text = gen_collect;
+        gs.go.ud = &gt;
+        gs.go.special = a.special ? 1 : 2;
+    }
+    if (gt.schema != NULL &&
+        (kli_grammar_create(&gs.gram, gs.tok, gt.schema, strlen(gt.schema), &err) != KLI_OK ||
+         gen_grammar_start(&gs, &a) != 0)) {
+        if (err.msg[0] != '\0')
+            cli_error("%s: a function's parameters: %s", a.tools, err.msg);
+        goto out;
+    }
     if (a.load_state != NULL && kli_session_load(gs.s, gs.smp, a.load_state, &err) != KLI_OK) {
         cli_error("%s", err.msg);
         goto out;
     }
-    if (a.messages != NULL)
+    if (a.tools != NULL)
+        n = gen_tools_prompt(&a, &gt, gs.tok, text, &ids, &err);
+    else if (a.messages != NULL)
         n = messages_tokens(gs.tok, a.messages, gen_prompt_max(a.g.ctx), &ids, &err);
     else
         n = prompt_tokens(&a, gs.tok, text, len, kli_session_pos(gs.s) > 0, &ids, &err);
@@ -432,9 +614,14 @@ cmd_run(int argc, char **argv)
         goto out;
     }
     signal(SIGINT, SIG_DFL);
-    if (cli_text_end(&gen_text, stdout) != 0)
-        gen_write_failed = 1;
-    fputc('\n', stdout);
+    if (a.tools != NULL && !gt.none) {
+        if (gen_tools_print(&gt, &res) != 0)
+            goto out;
+    } else {
+        if (cli_text_end(&gen_text, stdout) != 0)
+            gen_write_failed = 1;
+        fputc('\n', stdout);
+    }
     if (fflush(stdout) != 0 || gen_write_failed) {
         cli_error("stdout: write error");
         goto out;
@@ -451,6 +638,7 @@ cmd_run(int argc, char **argv)
 out:
     free(ids);
     free(text);
+    gen_tools_free(&gt);
     gen_close(&gs, &a);
     return rc;
 }
@@ -572,7 +760,8 @@ chat_command(struct chat_state *c, const char *line)
 
 static const char chat_usage[] =
     "usage: kli chat [-m|--model MODEL] [-s|--system SYSTEM] [-n|--max-tokens MAX]\n"
-    "                [--stop STR]... [--ctx N] [--cache-type T] [--quiet] [-h|--help]\n"
+    "                [--stop STR]... [--ctx N] [--cache-type T] [--special] [--quiet]\n"
+    "                [-h|--help]\n"
     CLI_JSON_HELP CLI_SAMPLING_HELP CLI_PLACEMENT_HELP CLI_GPU_HELP
     "Commands inside the chat: /reset, /save FILE, /load FILE, /help, /exit. Ctrl-C stops the\n"
     "current answer.\n";
@@ -594,6 +783,7 @@ cmd_chat(int argc, char **argv)
     const char *path = cli_model_path(a.ca.model, a.ca.demo, sizeof(a.ca.demo));
     if (path == NULL || gen_open(&a, path, &gs) != 0)
         goto out;
+    gs.go.special = a.special;
     kli_token im_end = kli_tokenizer_find_special(gs.tok, "<|im_end|>");
     cs.s = gs.s;
     cs.smp = gs.smp;
@@ -714,7 +904,8 @@ tok_open(struct cli_args *ca, struct kli_tokenizer **t)
 }
 
 static const char tokenize_usage[] =
-    "usage: kli tokenize [-m|--model MODEL] [--special] [--file F] [-h|--help]\n";
+    "usage: kli tokenize [-m|--model MODEL] [--special] [--file F]\n"
+    "                    [--messages JSON [--tools JSON]] [-h|--help]\n";
 static const char detokenize_usage[] =
     "usage: kli detokenize [-m|--model MODEL] [--file F] [-h|--help]\n";
 
@@ -725,11 +916,15 @@ cmd_tokenize(int argc, char **argv)
         CLI_MODEL_LONGOPT,
         {"special", no_argument, NULL, 'S'},
         {"file", required_argument, NULL, 'f'},
+        {"messages", required_argument, NULL, OPT_MESSAGES},
+        {"tools", required_argument, NULL, OPT_TOOLS},
         CLI_HELP_LONGOPT,
         CLI_LONGOPTS_END,
     };
     struct cli_args ca = {.usage = tokenize_usage};
-    const char *file = "-";
+    const char *file = "-", *messages = NULL, *tools = NULL;
+    char *tl = NULL;
+    size_t tlen = 0;
     int special = 0, c, rc = 1;
     struct kli_tokenizer *t = NULL;
     struct kli_err err = {0};
@@ -741,21 +936,36 @@ cmd_tokenize(int argc, char **argv)
         switch (c) {
         case 'S': special = 1; break;
         case 'f': file = optarg; break;
+        case OPT_MESSAGES: messages = optarg; break;
+        case OPT_TOOLS: tools = optarg; break;
         }
     }
     if (c != CLI_ARGS_END || cli_no_operands(argc, argv, "tokenize") != 0)
         return cli_args_exit(c);
-    if ((text = cli_read_file(file, CLI_TEXT_MAX, 0, "the limit of tokenize", &len)) == NULL)
-        return 1;
+    if (tools != NULL && messages == NULL) {
+        cli_error("tokenize: --tools needs --messages");
+        return 2;
+    }
+    if ((text = cli_read_file(messages != NULL ? messages : file, CLI_TEXT_MAX, 0,
+                              "the limit of tokenize", &len)) == NULL ||
+        (tools != NULL &&
+         (tl = cli_read_file(tools, CLI_SCHEMA_MAX, 0, "(the limit is 1 MiB)", &tlen)) == NULL))
+        goto out;
     if (tok_open(&ca, &t) != 0)
         goto out;
-    ids = malloc((len + 1) * sizeof(kli_token));
-    if (ids == NULL) {
-        cli_error("out of memory");
+    /* a conversation: rendered as run --tools renders it, generation prompt included */
+    int64_t n = messages == NULL ? (int64_t)len + 1 :
+                kli_chat_render_json(t, text, len, tl, tlen, 1, 0, NULL, 0, &err);
+    if (n < 0 || (ids = malloc(((size_t)n + 1) * sizeof(kli_token))) == NULL) {
+        cli_error("%s%s%s", messages != NULL ? messages : "", messages != NULL ? ": " : "",
+                  n < 0 ? err.msg : "out of memory");
         goto out;
     }
-    int64_t n = kli_tokenize(t, text, len, special ? KLI_TOKENIZE_SPECIAL : 0, ids,
-                             (int64_t)len + 1, &err);
+    if (messages != NULL)
+        n = kli_chat_render_json(t, text, len, tl, tlen, 1, 0, ids, n, &err);
+    else
+        n = kli_tokenize(t, text, len, special ? KLI_TOKENIZE_SPECIAL : 0, ids,
+                         (int64_t)len + 1, &err);
     if (n < 0) {
         cli_error("%s", err.msg);
         goto out;
@@ -767,6 +977,7 @@ cmd_tokenize(int argc, char **argv)
 out:
     free(ids);
     free(text);
+    free(tl);
     kli_tokenizer_close(t);
     cli_demo_remove(ca.demo);
     return rc;

@@ -106,9 +106,12 @@ kli_generate(struct kli_session *s, const struct kli_tokenizer *tok, struct kli_
         }
         kli_sampler_accept(smp, t);
         r.n_generated++;
-        if (t < n_base) {   /* special tokens other than the ends produce no text */
-            size_t len;
-            const char *p = kli_token_bytes(tok, t, &len);
+        /* Special tokens other than the ends produce no text, or their names: all of them
+         * (special 1) or the tool-call markers, <|tool_call...|> (special 2). */
+        size_t len;
+        const char *p = kli_token_bytes(tok, t, &len);
+        if (t < n_base || opt->special == 1 ||
+            (opt->special == 2 && p != NULL && len > 11 && memcmp(p, "<|tool_call", 11) == 0)) {
             if (p != NULL && util_text_add(&text.buf, &text.n, &text.cap, p, len) != 0) {
                 rc = err_set(err, KLI_E_NOMEM, "out of memory");
                 goto out;

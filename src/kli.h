@@ -648,6 +648,28 @@ KLI_API int64_t kli_chat_render(const struct kli_tokenizer *tok,
                                 int add_generation_prompt, int continuation,
                                 kli_token *out, int64_t cap, struct kli_err *err);
 
+/* Renders an OpenAI-style conversation with tools in Kimi's chat format (doc/formats.md 1.7):
+ * `messages` (len bytes) is a JSON array of {"role", "content"} objects, where content is a
+ * string, a list of {"type": "text", "text"} parts or null; an assistant message may carry
+ * "tool_calls" ([{"id", "function": {"name", "arguments"}}], arguments a JSON string or
+ * value) and a "tool" message needs "tool_call_id". `tools` (tools_len bytes; NULL or 0: none)
+ * is the request's JSON array of tool declarations, rendered first as the tool_declare
+ * system turn (keys sorted, Python's JSON spacing), as Kimi's template does:
+ *     <|im_system|>tool_declare<|im_middle|>[{"function": ...}]<|im_end|>
+ *     ... <|im_assistant|>assistant<|im_middle|>TEXT<|tool_calls_section_begin|>
+ *         <|tool_call_begin|>ID<|tool_call_argument_begin|>ARGS<|tool_call_end|>
+ *         <|tool_calls_section_end|><|im_end|>
+ *     <|im_system|>tool<|im_middle|>## Return of ID\nCONTENT<|im_end|>
+ * Otherwise as kli_chat_render (the default system turn, continuation, the cap protocol).
+ * @return the number of ids, or a negative status: KLI_E_FORMAT (not JSON), KLI_E_INVALID
+ *         (a message of an unknown role or missing field, named by its index),
+ *         KLI_E_UNSUPPORTED (a content part other than text; a tokenizer without the chat or
+ *         tool-call tokens). */
+KLI_API int64_t kli_chat_render_json(const struct kli_tokenizer *tok, const char *messages,
+                                     size_t len, const char *tools, size_t tools_len,
+                                     int add_generation_prompt, int continuation,
+                                     kli_token *out, int64_t cap, struct kli_err *err);
+
 /* ==== Generation =========================================================================== */
 
 enum kli_finish {
@@ -671,6 +693,10 @@ struct kli_generate_options {
     int32_t n_stop;
     kli_text_fn on_text;         /* may be NULL */
     void *ud;
+    int32_t special;             /* 1: special tokens other than the end tokens are passed
+                                    to on_text as their names ("<|im_user|>"); 2: only the
+                                    tool-call markers ("<|tool_call_begin|>", ...);
+                                    default 0: they produce no text */
 };
 
 struct kli_generate_result {

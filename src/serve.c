@@ -61,6 +61,7 @@ cli_serve(int argc, char **argv)
 #include <cjson/cJSON.h>
 
 #include "cli_batch.h"
+#include "cli_toolcall.h"
 #include "serve.h"
 #include "util.h"
 
@@ -258,6 +259,7 @@ struct job {
     size_t out_off;
     enum kli_finish finish;
     char *text, *error;          /* the final text; the error message */
+    cJSON *calls;                /* the tool calls read from the answer, else NULL */
     size_t len;
     int32_t n_prompt, n_cached, n_gen;
     double t_first;
@@ -320,6 +322,7 @@ job_unref(struct job *j)
     free(j->out.p);
     free(j->text);
     free(j->error);
+    cJSON_Delete(j->calls);
     pthread_cond_destroy(&j->cv);
     free(j);
 }
@@ -355,13 +358,68 @@ job_safe(const struct job *j)
         }
     }
     lim -= hold;
+    /* an answer read for tool calls: the content streams up to the first marker (a forced
+     * call: none of it), the rest waits for the end */
+    if (j->rq.tool_mode == SERVE_TOOLS_FORCED)
+        lim = j->sent;
+    for (size_t p = j->sent; j->rq.tool_mode == SERVE_TOOLS_AUTO && p < lim; p++) {
+        if (a[p] == '<' && (p + 1 == lim || a[p + 1] == '|')) {
+            lim = p;
+            break;
+        }
+    }
     return j->sent + kli_utf8_complete_prefix(a + j->sent, lim - j->sent);
 }
 
 static const char *
-serve_reason(enum kli_finish f)
+serve_reason(const struct job *j)
 {
-    return f == KLI_FINISH_LENGTH ? "length" : "stop";
+    return j->calls != NULL ? "tool_calls" : j->finish == KLI_FINISH_LENGTH ? "length" : "stop";
+}
+
+/* The answer of a request with tools, read at its end (mu held): the text with its special
+ * tokens by name (acc, cut at a stop string) split into content (j->text) and calls. A
+ * damaged section leaves the whole text as content. @return 0, or -1 when out of memory. */
+static int
+job_tools(struct job *j)
+{
+    char msg[256], *content;
+    int rc = tc_answer(j->acc.p != NULL ? j->acc.p : "", j->acc.n,
+                       (const char *const *)j->rq.stop, j->rq.n_stop, j->rq.tools,
+                       j->rq.tool_mode == SERVE_TOOLS_FORCED ? j->rq.forced : NULL, &content,
+                       &j->calls, msg, sizeof(msg), cli_utf8_seq);
+
+    if (rc < 0)
+        return -1;
+    free(j->text);
+    j->text = content;
+    j->len = strlen(content);
+    if (j->sent > j->len)
+        j->sent = j->len;
+    return 0;
+}
+
+/* The calls of a finished answer as "tool_calls": [...] members; `index` for stream deltas. */
+static int
+job_calls_json(struct bbuf *b, const struct job *j, int index)
+{
+    const cJSON *c;
+    int i = 0, bad = BB_ADD(b, "\"tool_calls\":[");
+
+    cJSON_ArrayForEach(c, j->calls) {
+        char *p = cJSON_PrintUnformatted(c);
+        if (p == NULL)
+            return -1;
+        if (i > 0)
+            bad |= BB_ADD(b, ",");
+        if (index)
+            bad |= bbuf_addf(b, "{\"index\":%d,", i) | bbuf_add(b, p + 1, strlen(p) - 1);
+        else
+            bad |= bbuf_add(b, p, strlen(p));
+        free(p);
+        i++;
+    }
+    return bad | BB_ADD(b, "]");
 }
 
 /* The start of an object of the response: id, object, created, model. */
@@ -430,7 +488,14 @@ job_stream_end(struct job *j)
     } else {
         if (j->len > j->sent)
             bad |= job_event(j, j->text + j->sent, j->len - j->sent, NULL);
-        bad |= job_event(j, NULL, 0, serve_reason(j->finish));
+        if (j->calls != NULL) {   /* the calls whole, in one delta */
+            bad |= BB_ADD(b, "data: ");
+            bad |= serve_head(b, j, "chat.completion.chunk");
+            bad |= BB_ADD(b, ",\"choices\":[{\"index\":0,\"delta\":{");
+            bad |= job_calls_json(b, j, 1);
+            bad |= BB_ADD(b, "},\"logprobs\":null,\"finish_reason\":null}]}\n\n");
+        }
+        bad |= job_event(j, NULL, 0, serve_reason(j));
         if (j->rq.include_usage) {
             bad |= BB_ADD(b, "data: ");
             bad |= serve_head(b, j, j->rq.kind == SERVE_CHAT ? "chat.completion.chunk"
@@ -461,7 +526,14 @@ serve_on_token(void *ud, const struct kli_sched_token *t)
         s->ttft_count++;
     }
     s->gen_tokens++;
-    if (bbuf_add(&j->acc, t->text, t->len) == 0 && j->rq.stream &&
+    const char *text = t->text;
+    size_t len = t->len;
+    if (len == 0 && j->rq.tool_mode != SERVE_TOOLS_OFF) {   /* a tool-call marker, by name */
+        text = kli_token_bytes(s->tok, t->token, &len);
+        if (!tc_marker(text, len))
+            len = 0;
+    }
+    if (bbuf_add(&j->acc, text, text != NULL ? len : 0) == 0 && j->rq.stream &&
         (safe = job_safe(j)) > j->sent) {
         if (job_event(j, j->acc.p + j->sent, safe - j->sent, NULL) == 0)
             j->sent = safe;
@@ -494,6 +566,9 @@ serve_on_finish(void *ud, const struct kli_sched_result *r)
     }
     if (r->error != NULL)
         j->error = strdup(r->error);
+    if (j->error == NULL && j->rq.tool_mode != SERVE_TOOLS_OFF && r->finish != KLI_FINISH_ERROR &&
+        r->finish != KLI_FINISH_INTERRUPT && job_tools(j) != 0)
+        j->error = strdup("out of memory");
     if (j->len < j->sent)   /* cannot happen: what was sent is final */
         j->sent = j->len;
     if (r->started) {
@@ -606,7 +681,7 @@ serve_log(struct srv *s, const struct conn *cn, const struct job *j)
                       "completion=%d finish=%s ttft=%.1fms", j->id, (int)j->n_prompt,
                       (int)j->n_cached, (int)j->n_gen,
                       !j->done ? "none" : j->error != NULL ? "error"
-                      : j->finish == KLI_FINISH_INTERRUPT ? "cancelled" : serve_reason(j->finish),
+                      : j->finish == KLI_FINISH_INTERRUPT ? "cancelled" : serve_reason(j),
                       j->t_first > 0 ? 1e3 * (j->t_first - j->t0) : 0.0);
     if (k < 0)
         return;
@@ -807,9 +882,14 @@ job_answer(struct conn *cn, struct MHD_Connection *c, struct job *j)
     bad |= BB_ADD(&b, ",\"choices\":[{\"index\":0,");
     bad |= chat ? BB_ADD(&b, "\"message\":{\"role\":\"assistant\",\"content\":")
                 : BB_ADD(&b, "\"text\":");
-    bad |= bbuf_json_str(&b, j->text, j->len);
+    if (j->calls != NULL && j->len == 0)
+        bad |= BB_ADD(&b, "null");
+    else
+        bad |= bbuf_json_str(&b, j->text, j->len);
+    if (j->calls != NULL)
+        bad |= BB_ADD(&b, ",") | job_calls_json(&b, j, 0);
     bad |= bbuf_addf(&b, "%s,\"logprobs\":null,\"finish_reason\":\"%s\"}],", chat ? "}" : "",
-                     serve_reason(j->finish));
+                     serve_reason(j));
     bad |= serve_usage_json(&b, j);
     bad |= BB_ADD(&b, "}\n");
     if (bad) {

@@ -27,6 +27,8 @@ struct serve_limits {
 
 /* A request, parsed and tokenized. Owns its tokens, stop strings, logit_bias arrays (so
  * points at them) and grammar, so they live as long as the request's job. */
+struct cJSON;
+
 struct serve_req {
     enum serve_kind kind;
     kli_token *toks;
@@ -42,6 +44,17 @@ struct serve_req {
     int format;                      /* "response_format": enum oai_format */
     char *schema;                    /* its json_schema, compact (until compiled) */
     struct kli_grammar *grammar;     /* json_object or json_schema, else NULL */
+    struct cJSON *tools;             /* "tools" (owned), else NULL */
+    struct cJSON *tool_choice;       /* "tool_choice" (owned), else NULL */
+    int tool_mode;                   /* SERVE_TOOLS_*: how the answer is read */
+    const char *forced;              /* under SERVE_TOOLS_FORCED: "" or the function named */
+};
+
+/* How an answer is read for tool calls (cli_toolcall.h). */
+enum {
+    SERVE_TOOLS_OFF,                 /* no tools, or tool_choice "none": text only */
+    SERVE_TOOLS_AUTO,                /* the model may write a tool-call section */
+    SERVE_TOOLS_FORCED               /* required or named: the answer is the call */
 };
 
 /* Why a request was refused: an HTTP status and the fields of an OpenAI error object. */

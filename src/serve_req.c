@@ -16,6 +16,7 @@
 #include <cjson/cJSON.h>
 
 #include "kli.h"
+#include "cli_toolcall.h"
 #include "cli_oai.h"
 #include "serve.h"
 
@@ -43,6 +44,8 @@ serve_req_clear(struct serve_req *r)
     free(r->bias);
     free(r->schema);
     kli_grammar_free(r->grammar);
+    cJSON_Delete(r->tools);
+    cJSON_Delete(r->tool_choice);
     for (int32_t i = 0; i < r->n_stop; i++)
         free(r->stop[i]);
     memset(r, 0, sizeof(*r));
@@ -62,6 +65,7 @@ enum field_how {
     F_ZERO,         /* logprobs (completions), top_logprobs: only 0 */
     F_BIAS,         /* logit_bias (cli_oai.h) */
     F_FORMAT,       /* response_format (cli_oai.h), compiled once the prompt is good */
+    F_TOOLS,        /* tools, tool_choice: kept, read with the messages (cli_toolcall.h) */
     F_NEVER,        /* fields kli has no way to honour: any value but null is refused */
 };
 
@@ -102,8 +106,8 @@ static const struct field {
     {"logit_bias", CHAT | COMPL, F_BIAS, 0, 0, 0},
     {"suffix", COMPL, F_NEVER, 0, 0, 0},
     {"response_format", CHAT | COMPL, F_FORMAT, 0, 0, 0},
-    {"tools", CHAT, F_NEVER, 0, 0, 0},
-    {"tool_choice", CHAT, F_NEVER, 0, 0, 0},
+    {"tools", CHAT, F_TOOLS, 0, 0, 0},
+    {"tool_choice", CHAT, F_TOOLS, 0, 0, 0},
     {"parallel_tool_calls", CHAT, F_NEVER, 0, 0, 0},
     {"functions", CHAT, F_NEVER, 0, 0, 0},
     {"function_call", CHAT, F_NEVER, 0, 0, 0},
@@ -418,6 +422,75 @@ req_probe(struct serve_req *r, const struct serve_limits *lim, struct serve_err 
     return 0;
 }
 
+/* ==== tools (cli_toolcall.h) ============================================================== */
+
+/* Whether a message carries a tool call or a tool result, which only the JSON renderer
+ * reads. */
+static int
+req_tool_message(const cJSON *m)
+{
+    const cJSON *role = cJSON_GetObjectItemCaseSensitive(m, "role");
+
+    return cJSON_GetObjectItemCaseSensitive(m, "tool_calls") != NULL ||
+           cJSON_GetObjectItemCaseSensitive(m, "tool_call_id") != NULL ||
+           (cJSON_IsString(role) && strcmp(role->valuestring, "tool") == 0);
+}
+
+/* The messages with tools, tool calls or tool results (tc_render). */
+static int
+req_tool_messages(struct serve_req *r, const cJSON *j, const struct kli_tokenizer *tok,
+                  const char *prefix, struct serve_err *e)
+{
+    struct kli_err err = {0};
+    kli_token *ids = NULL;
+    int64_t n = tc_render(tok, j, r->tools, prefix, &ids, &err);
+
+    if (n == KLI_E_NOMEM)
+        return req_nomem(e);
+    if (n < 0)
+        return serve_fail(e, "messages", "'messages': %s", err.msg);
+    r->toks = ids;
+    if (n > INT32_MAX - 1)
+        return serve_fail(e, "messages", "'messages': too long");
+    r->n = (int32_t)n;
+    return 0;
+}
+
+/* The conversation: plain messages as before; with tools or tool messages through the JSON
+ * renderer, with tool_choice read (a forced call is constrained by a grammar, as a
+ * response_format would be). */
+static int
+req_conversation(struct serve_req *r, const cJSON *j, const struct kli_tokenizer *tok,
+                 struct serve_err *e)
+{
+    const cJSON *m;
+    char msg[256], *prefix = NULL;
+    int tools = 0, none = 0, rc;
+
+    cJSON_ArrayForEach(m, j)
+        tools |= req_tool_message(m);
+    if (r->tools == NULL && r->tool_choice == NULL && !tools)
+        return req_messages(r, j, tok, e);
+    if (!cJSON_IsArray(j) || cJSON_GetArraySize(j) < 1)
+        return serve_fail(e, "messages", "'messages' must be a non-empty array");
+    if (tc_check(r->tools, r->tool_choice, &r->forced, &none, msg, sizeof(msg)) != 0)
+        return serve_fail(e, r->tool_choice != NULL ? "tool_choice" : "tools", "%s", msg);
+    r->tool_mode = r->forced != NULL ? SERVE_TOOLS_FORCED :
+                   none || r->tools == NULL ? SERVE_TOOLS_OFF : SERVE_TOOLS_AUTO;
+    if (r->forced != NULL) {
+        if (r->format == OAI_FMT_OBJECT || r->format == OAI_FMT_SCHEMA)
+            return serve_fail(e, "tool_choice", "'tool_choice' %s does not go with "
+                              "'response_format'", r->forced[0] ? "naming a function"
+                                                               : "\"required\"");
+        if (tc_forced_grammar(r->tools, r->forced, &r->schema, &prefix) != 0)
+            return req_nomem(e);
+        r->format = OAI_FMT_SCHEMA;
+    }
+    rc = req_tool_messages(r, j, tok, prefix, e);
+    free(prefix);
+    return rc;
+}
+
 /* ==== the whole body ====================================================================== */
 
 static int
@@ -464,7 +537,11 @@ req_field(struct serve_req *r, const struct field *f, const cJSON *j,
             return serve_fail(e, f->name, "'%s' must be a string", f->name);
         return 0;
     case F_MESSAGES:
-        return req_messages(r, j, tok, e);
+        return 0;   /* read once the tools are known (req_conversation) */
+    case F_TOOLS: {
+        cJSON **dst = strcmp(f->name, "tools") == 0 ? &r->tools : &r->tool_choice;
+        return (*dst = cJSON_Duplicate(j, 1)) != NULL ? 0 : req_nomem(e);
+    }
     case F_PROMPT:
         return req_prompt(r, j, tok, e);
     case F_BIAS:
@@ -510,6 +587,7 @@ serve_req_parse(struct serve_req *r, enum serve_kind kind, const char *body, siz
         serve_fail(e, NULL, "the body must be a JSON object");
         goto fail;
     }
+    const cJSON *msgs = NULL;
     cJSON_ArrayForEach(m, root) {
         const struct field *f = NULL;
         for (const cJSON *o = root->child; o != m; o = o->next) {
@@ -529,9 +607,13 @@ serve_req_parse(struct serve_req *r, enum serve_kind kind, const char *body, siz
         if (cJSON_IsNull(m) && f->how != F_MESSAGES && f->how != F_PROMPT)
             continue;
         have_prompt |= f->how == F_MESSAGES || f->how == F_PROMPT;
+        if (f->how == F_MESSAGES)
+            msgs = m;
         if (req_field(r, f, m, tok, lim, e) != 0)
             goto fail;
     }
+    if (msgs != NULL && req_conversation(r, msgs, tok, e) != 0)
+        goto fail;
     if (!have_prompt) {
         serve_fail(e, need, "'%s' is required", need);
         goto fail;

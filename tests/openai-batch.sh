@@ -18,7 +18,7 @@ cat >"$tmp/in.jsonl" <<'EOF2'
 {"id": "own-chat", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}], "max_tokens": 12, "temperature": 0.8, "seed": 5}
 {"id": "own-comp", "prompt": "Once upon a time", "raw": true, "max_tokens": 9, "temperature": 0}
 {"custom_id": "bad-url", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}}
-{"custom_id": "bad-field", "method": "POST", "url": "/v1/chat/completions", "body": {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "f"}}]}}
+{"custom_id": "bad-field", "method": "POST", "url": "/v1/chat/completions", "body": {"messages": [{"role": "user", "content": "x"}], "audio": {"voice": "alloy"}}}
 {"custom_id": "bad-n", "method": "POST", "url": "/v1/chat/completions", "body": {"messages": [{"role": "user", "content": "x"}], "n": 2}}
 {"custom_id": "bad-kind", "method": "POST", "url": "/v1/completions", "body": {"messages": [{"role": "user", "content": "x"}]}}
 {"custom_id": "bad-method", "method": "GET", "url": "/v1/completions", "body": {"prompt": "x"}}
@@ -56,7 +56,7 @@ for k, obj, own in (('chat-1', 'chat.completion', 'own-chat'),
             or u['completion_tokens'] != o['completion_tokens']
             or u['total_tokens'] != u['prompt_tokens'] + u['completion_tokens']):
         sys.exit('%s: %r against %r' % (k, r, o))
-want = {'bad-url': '"url" must be', 'bad-field': '"body.tools" is not supported',
+want = {'bad-url': '"url" must be', 'bad-field': '"body.audio" is not supported',
         'bad-n': '"body.n"', 'bad-kind': '"body.messages" does not belong',
         'bad-method': '"method" must be "POST"'}
 for k, w in want.items():

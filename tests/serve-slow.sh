@@ -3,8 +3,8 @@
 # disconnect cases with 64 streaming clients at once; then the official OpenAI client for
 # Node (the `openai` package from npm, installed into a cache directory outside the tree,
 # $KLI_NPM_DIR or else ~/.cache/kli/npm): models.list, a chat answer whole and streamed (the
-# two agreeing), a completion, a json_schema answer that validates and a bad logit_bias
-# refused. The npm part is skipped, with a message, where node or npm is missing or the
+# two agreeing), a completion, a json_schema answer that validates, a bad logit_bias
+# refused and a tool call under tool_choice "required". The npm part is skipped, with a message, where node or npm is missing or the
 # registry cannot be reached.
 set -u
 : "${KLI_BIN:?}" "${KLI_TESTDATA:?}" "${KLI_SRCDIR:?}"
@@ -83,13 +83,13 @@ try {
     const ban = await c.chat.completions.create({ ...req, max_tokens: 2,
                                                   logit_bias: { '-1': 5 } }).catch((e) => e);
     out(ban.status === 400 && ban.param === 'logit_bias', 'openai: a bad logit_bias is a 400');
-    try {
-        await c.chat.completions.create({ ...req, tools: [{ type: 'function',
-            function: { name: 'f', parameters: {} } }] });
-        out(false, 'openai: tools refused');
-    } catch (e) {
-        out(e.status === 400 && e.param === 'tools', 'openai: tools refused with 400, param tools');
-    }
+    const tc = await c.chat.completions.create({ ...req, max_tokens: 40, tool_choice: 'required',
+        tools: [{ type: 'function', function: { name: 'f', parameters: { type: 'object',
+            properties: { x: { type: 'integer' } }, required: ['x'] } } }] });
+    const call = tc.choices[0].message.tool_calls[0];
+    out(tc.choices[0].finish_reason === 'tool_calls' && call.function.name === 'f' &&
+        Number.isInteger(JSON.parse(call.function.arguments).x),
+        'openai: tool_choice required gives a call to f with valid arguments');
 } catch (e) {
     out(false, `openai: ${e}`);
 }

@@ -16,7 +16,7 @@ KLI_FUZZ_TOKENIZER_DIR="$KLI_TESTDATA/tokenizer"
 KLI_FUZZ_MODEL_DIR="$KLI_TESTDATA/tiny-kimi-linear"
 export KLI_FUZZ_TOKENIZER_DIR KLI_FUZZ_MODEL_DIR
 
-for target in safetensors packed config tokenizer tokfile snapshot serve-req gguf schema; do
+for target in safetensors packed config tokenizer tokfile snapshot serve-req gguf schema toolcall; do
     bin="$bindir/tests/fuzz/fuzz-$target"
     files=$(ls "$corpus/$target" 2>/dev/null | wc -l)
     if [ ! -x "$bin" ]; then

@@ -227,6 +227,56 @@ main(int argc, char **argv)
     ok(kli_session_eval(s3, more, 8, NULL, &err) == KLI_E_RANGE, "eval past ctx_max: %s",
        err.msg);
 
+    /* ---- special: the names of special tokens, all (1) or the tool-call markers (2) ----
+     * Greedy under a bias towards two special tokens, one a tool-call marker: the text of
+     * special 0 is that of 1 without any special name, that of 2 without the other one. */
+    kli_token bias_ids[2] = {tokid(tok, "<|tool_call_begin|>"), tokid(tok, "<|im_user|>")};
+    float bias[2] = {3, 3};
+    struct sink sp[3];
+    so.temperature = 0;
+    so.bias_ids = bias_ids;
+    so.bias = bias;
+    so.n_bias = 2;
+    go.max_tokens = 40;
+    for (int k = 0; k < 3; k++) {
+        memset(&sp[k], 0, sizeof(sp[k]));
+        memset(&err, 0, sizeof(err));
+        kli_sampler_free(smp);
+        kli_sampler_create(&smp, &so, kli_model_n_vocab(m), &err);
+        kli_session_reset(s);
+        go.ud = &sp[k];
+        go.special = k;
+        rc = kli_generate(s, tok, smp, ids, (int32_t)n, &go, &res, &err);
+        ok(rc == KLI_OK, "special %d: %s", k, err.msg);
+    }
+    go.special = 0;
+    char cut[2][8192];
+    size_t cn[2] = {0, 0};
+    const char *mk = "<|tool_call_begin|>", *us = "<|im_user|>";
+    for (size_t i = 0; i < sp[1].n;) {
+        /* a special token's name, or one byte of text */
+        const char *e = strncmp(sp[1].buf + i, "<|", 2) == 0 ? strstr(sp[1].buf + i, "|>") : NULL;
+        char name[64] = "";
+        if (e != NULL && (size_t)(e + 2 - sp[1].buf - i) < sizeof(name))
+            memcpy(name, sp[1].buf + i, (size_t)(e + 2 - sp[1].buf - i));
+        int special = name[0] != '\0' && kli_tokenizer_find_special(tok, name) >= 0;
+        size_t step = special ? strlen(name) : 1;
+        if (!special)
+            cut[0][cn[0]++] = sp[1].buf[i];
+        if (!special || strncmp(name, "<|tool_call", 11) == 0) {
+            memcpy(cut[1] + cn[1], sp[1].buf + i, step);
+            cn[1] += step;
+        }
+        i += step;
+    }
+    ok(strstr(sp[1].buf, mk) != NULL && strstr(sp[1].buf, us) != NULL,
+       "special 1 names both tokens: %.80s", sp[1].buf);
+    ok(cn[0] == sp[0].n && memcmp(cut[0], sp[0].buf, cn[0]) == 0,
+       "special 0: the same text without the names (%zu bytes)", sp[0].n);
+    ok(cn[1] == sp[2].n && memcmp(cut[1], sp[2].buf, cn[1]) == 0 && strstr(sp[2].buf, mk),
+       "special 2: the tool-call markers only (%zu bytes)", sp[2].n);
+    so.n_bias = 0;
+
     kli_session_free(s3);
     kli_session_free(s2);
     kli_session_free(s);

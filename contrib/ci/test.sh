@@ -7,7 +7,7 @@ set -eu
 cd "$(dirname "$0")/../.."
 . contrib/ci/deps.sh
 ci_install_tool curl:curl node:nodejs npm:npm
-KLI_CI_MORE_PKGS="mandoc python3 python3-numpy" sh contrib/ci/build.sh
+KLI_CI_MORE_PKGS="mandoc python3 python3-numpy python3-jinja2" sh contrib/ci/build.sh
 cd build
 rc=0
 make -j"$(nproc)" check-all || rc=1

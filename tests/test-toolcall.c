@@ -1,0 +1,174 @@
+/*
+ * test-toolcall.c - the reader of Kimi's tool-call section (src/cli_toolcall.c, tc_parse)
+ * and the constraint of tool_choice (tc_forced_grammar, tc_forced_calls): good sections
+ * give the calls and the content around them; every damaged section is named and gives the
+ * whole text back as content.
+ */
+#include "config.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cjson/cJSON.h>
+
+#include "cli_toolcall.h"
+#include "tap.h"
+
+#define SB TC_SECTION_BEGIN
+#define SE TC_SECTION_END
+#define CB TC_CALL_BEGIN
+#define AB TC_ARG_BEGIN
+#define CE TC_CALL_END
+
+static const char decl[] =
+    "[{\"type\":\"function\",\"function\":{\"name\":\"get_weather\",\"parameters\":"
+    "{\"type\":\"object\",\"properties\":{\"city\":{\"type\":\"string\"}}}}},"
+    "{\"type\":\"function\",\"function\":{\"name\":\"ping\"}}]";
+
+/* Parses text; the result's calls as "id|name|arguments;" into out. */
+static int
+parse(const char *text, char **content, char *out, size_t cap, char *msg)
+{
+    cJSON *tools = cJSON_Parse(decl), *calls = NULL, *c;
+    int rc = tc_parse(text, strlen(text), tools, content, &calls, msg, 256);
+
+    out[0] = '\0';
+    cJSON_ArrayForEach(c, calls) {
+        const cJSON *fn = cJSON_GetObjectItemCaseSensitive(c, "function");
+        size_t n = strlen(out);
+        snprintf(out + n, cap - n, "%s|%s|%s;",
+                 cJSON_GetObjectItemCaseSensitive(c, "id")->valuestring,
+                 cJSON_GetObjectItemCaseSensitive(fn, "name")->valuestring,
+                 cJSON_GetObjectItemCaseSensitive(fn, "arguments")->valuestring);
+    }
+    if (rc == 0 && calls == NULL)
+        snprintf(out, cap, "(none)");
+    cJSON_Delete(calls);
+    cJSON_Delete(tools);
+    return rc;
+}
+
+static void
+test_good(void)
+{
+    char *content = NULL, out[1024], msg[256];
+    int rc;
+
+    rc = parse("Let me look." SB CB "functions.get_weather:0" AB "{\"city\": \"Paris\"}" CE
+               CB " functions.ping:1 " AB " {} " CE SE " Done.", &content, out, sizeof(out), msg);
+    ok(rc == 0, "two calls parse");
+    ok(strcmp(out, "functions.get_weather:0|get_weather|{\"city\": \"Paris\"};"
+                   "functions.ping:1|ping|{};") == 0, "their ids, names and arguments: %s", out);
+    ok(content != NULL && strcmp(content, "Let me look. Done.") == 0,
+       "the content is the text around the section: \"%s\"", content);
+    free(content);
+    rc = parse("no calls at all", &content, out, sizeof(out), msg);
+    ok(rc == 0 && strcmp(out, "(none)") == 0 && strcmp(content, "no calls at all") == 0,
+       "text without a section is all content");
+    free(content);
+    rc = parse(SB CB "ping:0" AB " {\"s\": \"\\u00e9\\n\", \"n\": -0.5e+3, \"t\": [true, false]}\n"
+               CE SE, &content, out, sizeof(out), msg);
+    ok(rc == 0, "strict JSON arguments with escapes, exponents and literals: %s", msg);
+    free(content);
+    rc = parse(SB "\n" CB "ping:3" AB "{\"a\":[1,{\"b\":null}]}" CE "\n" SE, &content, out,
+               sizeof(out), msg);
+    ok(rc == 0 && strcmp(out, "ping:3|ping|{\"a\":[1,{\"b\":null}]};") == 0 &&
+       content[0] == '\0', "an id without functions., blanks between calls: %s", out);
+    free(content);
+}
+
+static void
+test_damaged(void)
+{
+    static const struct {
+        const char *text, *why;
+    } bad[] = {
+        {SB CB "functions.get_weather:0" AB "{\"city\": \"Par", "no " SE},
+        {SB CB "functions.get_weather:0" AB "{\"city\": 1" CE SE, "not a JSON object"},
+        {SB CB "functions.get_weather:0" AB "[1]" CE SE, "not a JSON object"},
+        {SB CB "functions.ping:0" AB "{\"a\":01}" CE SE, "not a JSON object"},
+        {SB CB "functions.ping:0" AB "{\"a\":+1}" CE SE, "not a JSON object"},
+        {SB CB "functions.ping:0" AB "{\"a\":\"x\ny\"}" CE SE, "not a JSON object"},
+        {SB CB "functions.ping:0" AB "{\"a\"\x14:1}" CE SE, "not a JSON object"},
+        {SB CB "functions.ping:0" AB "{\"a\":\"\\q\"}" CE SE, "not a JSON object"},
+        {SB CB "functions.ping:0" AB "{} {}" CE SE, "not a JSON object"},
+        {"x" CE, "outside"},
+        {SB CB "functions.nope:0" AB "{}" CE SE, "no function \"nope\""},
+        {SB CB "get_weather" AB "{}" CE SE, "not functions.NAME:INDEX"},
+        {SB CB "functions.ping:x" AB "{}" CE SE, "not functions.NAME:INDEX"},
+        {SB CB "functions.ping:0" "{}" CE SE, "has no " AB},
+        {SB CB "functions.ping:0" AB "{}" SE, "has no " CE},
+        {SB CB "functions.ping:0" AB "{}" CB "functions.ping:1" AB "{}" CE SE, "before the next"},
+        {SB SE, "no call"},
+        {SB "hello" CB "functions.ping:0" AB "{}" CE SE, "text other than calls"},
+        {"x" CB "functions.ping:0" AB "{}" CE, "outside"},
+        {SB CB "functions.ping:0" AB "{}" CE SE SB SE, "outside the section"},
+    };
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        char *content = NULL, out[1024], msg[256] = "";
+        int rc = parse(bad[i].text, &content, out, sizeof(out), msg);
+        ok(rc == 1 && strstr(msg, bad[i].why) != NULL && out[0] == '\0' &&
+           content != NULL && strcmp(content, bad[i].text) == 0,
+           "damaged %zu: named (\"%s\") and given back whole", i, msg);
+        free(content);
+    }
+}
+
+static void
+test_forced(void)
+{
+    cJSON *tools = cJSON_Parse(decl), *one = cJSON_Parse(decl), *calls = NULL;
+    char *schema = NULL, *prefix = NULL, msg[256];
+    const char *forced = NULL;
+    int none = 0;
+
+    cJSON_DeleteItemFromArray(one, 1);
+    ok(tc_forced_grammar(tools, "get_weather", &schema, &prefix) == 0 &&
+       strcmp(prefix, SB CB "functions.get_weather:0" AB) == 0 &&
+       strstr(schema, "\"city\"") != NULL, "named: the section's start forced, its schema");
+    free(schema);
+    free(prefix);
+    ok(tc_forced_grammar(one, "", &schema, &prefix) == 0 &&
+       strcmp(prefix, SB CB "functions.get_weather:0" AB) == 0,
+       "required with one function: as named");
+    free(schema);
+    free(prefix);
+    ok(tc_forced_grammar(tools, "", &schema, &prefix) == 0 && prefix[0] == '\0' &&
+       strstr(schema, "\"anyOf\"") != NULL && strstr(schema, "\"const\":\"ping\"") != NULL,
+       "required with two: one {name, arguments} object per function");
+    free(schema);
+    free(prefix);
+    ok(tc_forced_calls(tools, "", "{\"name\":\"ping\",\"arguments\":{}}", 30, &calls, msg,
+                       sizeof(msg)) == 0 && cJSON_GetArraySize(calls) == 1,
+       "a {name, arguments} answer is one call");
+    cJSON_Delete(calls);
+    ok(tc_forced_calls(tools, "ping", "{\"a\":", 5, &calls, msg, sizeof(msg)) == 1 &&
+       calls == NULL, "cut-short arguments are named");
+    cJSON *c = cJSON_CreateString("required");
+    ok(tc_check(tools, c, &forced, &none, msg, sizeof(msg)) == 0 && forced != NULL &&
+       forced[0] == '\0', "tool_choice required");
+    cJSON_Delete(c);
+    c = cJSON_Parse("{\"type\":\"function\",\"function\":{\"name\":\"zz\"}}");
+    ok(tc_check(tools, c, &forced, &none, msg, sizeof(msg)) == -1 && strstr(msg, "zz") != NULL,
+       "an unknown named function is refused by name: %s", msg);
+    cJSON_Delete(c);
+    c = cJSON_CreateString("none");
+    ok(tc_check(tools, c, &forced, &none, msg, sizeof(msg)) == 0 && none && forced == NULL,
+       "tool_choice none");
+    cJSON_Delete(c);
+    c = cJSON_CreateString("required");
+    ok(tc_check(NULL, c, &forced, &none, msg, sizeof(msg)) == -1,
+       "required without tools is refused: %s", msg);
+    cJSON_Delete(c);
+    cJSON_Delete(tools);
+    cJSON_Delete(one);
+}
+
+static const struct tap_fn cases[] = {
+    {"good", test_good},
+    {"damaged", test_damaged},
+    {"forced", test_forced},
+};
+
+TAP_MAIN(cases)
