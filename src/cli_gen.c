@@ -15,10 +15,14 @@
 
 #include "kli.h"
 #include "cli.h"
+#include "cli_batch.h"
 
 /* ==== options shared by run and chat ====================================================== */
 
-enum { OPT_SPECIAL = 256, OPT_MESSAGES, OPT_SAVE_STATE, OPT_LOAD_STATE };
+enum {
+    OPT_SPECIAL = 256, OPT_MESSAGES, OPT_SAVE_STATE, OPT_LOAD_STATE, OPT_LOGPROBS,
+    OPT_LOGPROBS_FILE
+};
 
 
 struct gen_args {
@@ -27,6 +31,8 @@ struct gen_args {
     const char *prompt, *file, *messages;
     const char *save_state, *load_state;   /* kli run --save-state / --load-state */
     int special;
+    long logprobs;                         /* kli run --logprobs N; -1: none */
+    const char *logprobs_file;             /* --logprobs-file; NULL: standard error */
 };
 
 static const struct option run_opts[] = {
@@ -38,6 +44,8 @@ static const struct option run_opts[] = {
     {"special", no_argument, NULL, OPT_SPECIAL},
     {"save-state", required_argument, NULL, OPT_SAVE_STATE},
     {"load-state", required_argument, NULL, OPT_LOAD_STATE},
+    {"logprobs", required_argument, NULL, OPT_LOGPROBS},
+    {"logprobs-file", required_argument, NULL, OPT_LOGPROBS_FILE},
     CLI_HELP_LONGOPT,
     CLI_LONGOPTS_END,
 };
@@ -58,6 +66,7 @@ gen_parse(int argc, char **argv, const struct option *opts, const char *shortopt
     int c;
 
     memset(a, 0, sizeof(*a));
+    a->logprobs = -1;
     cli_gen_init(&a->g);
     a->ca.usage = usage;
     a->ca.gen = &a->g;
@@ -69,6 +78,11 @@ gen_parse(int argc, char **argv, const struct option *opts, const char *shortopt
         case OPT_SPECIAL: a->special = 1; break;
         case OPT_SAVE_STATE: a->save_state = optarg; break;
         case OPT_LOAD_STATE: a->load_state = optarg; break;
+        case OPT_LOGPROBS:
+            if (cli_parse_int(optarg, 0, KLI_LOGPROBS_MAX, "--logprobs", &a->logprobs) != 0)
+                return -1;
+            break;
+        case OPT_LOGPROBS_FILE: a->logprobs_file = optarg; break;
         }
     }
     if (c != CLI_ARGS_END)
@@ -247,6 +261,28 @@ prompt_tokens(const struct gen_args *a, const struct kli_tokenizer *tok, const c
 
 /* ==== kli run ============================================================================= */
 
+/* kli run --logprobs: one JSON line per generated token (lp_chat_entry with ids). */
+struct gen_lp {
+    const struct kli_tokenizer *tok;
+    FILE *f;
+    struct bbuf line;
+    int failed;
+};
+
+static void
+gen_on_logprobs(void *ud, kli_token token, const struct kli_logprobs *lp)
+{
+    struct gen_lp *g = ud;
+
+    (void)token;
+    if (lp == NULL || g->failed)
+        return;
+    g->line.n = 0;
+    if (lp_chat_entry(&g->line, g->tok, lp, 1) != 0 || bbuf_add(&g->line, "\n", 1) != 0 ||
+        fwrite(g->line.p, 1, g->line.n, g->f) != g->line.n)
+        g->failed = 1;
+}
+
 /* What run and chat open alike: the model with its tokenizer, a session of --ctx positions,
  * the sampler and the generation options (printing through gen_print). */
 struct gen_session {
@@ -344,7 +380,8 @@ static const char run_usage[] =
     "usage: kli run [-m|--model MODEL] [-p|--prompt TEXT | -f|--file FILE | --messages JSON]\n"
     "               [--raw [--special]] [-s|--system SYSTEM] [-n|--max-tokens MAX]\n"
     "               [--stop STR]... [--ctx N] [--cache-type T] [--quiet]\n"
-    "               [--load-state FILE] [--save-state FILE] [-h|--help]\n"
+    "               [--load-state FILE] [--save-state FILE]\n"
+    "               [--logprobs N [--logprobs-file FILE]] [-h|--help]\n"
     CLI_JSON_HELP CLI_SAMPLING_HELP CLI_PLACEMENT_HELP CLI_GPU_HELP
     "Without -m, the built-in demo model runs. Without -p/-f, the prompt is read from stdin.\n";
 
@@ -360,9 +397,15 @@ cmd_run(int argc, char **argv)
     size_t len = 0;
     int64_t n;
     int rc = 1, pr;
+    struct gen_lp glp = {0};
+    struct kli_outfile *lpf = NULL;
 
     if ((pr = gen_parse(argc, argv, run_opts, "m:p:f:s:n:t:h", &a, run_usage)) != 0)
         return pr > 0 ? 0 : 2;
+    if (a.logprobs_file != NULL && a.logprobs < 0) {
+        cli_error("run: --logprobs-file needs --logprobs N");
+        return 2;
+    }
     if ((a.prompt != NULL) + (a.file != NULL) + (a.messages != NULL) > 1) {
         cli_error("run: give one of -p, -f and --messages");
         return 2;
@@ -412,8 +455,36 @@ cmd_run(int argc, char **argv)
         cli_error("--save-state: %s", err.msg);
         goto out;
     }
+    if (a.logprobs_file != NULL &&
+        (kli_output_check(a.logprobs_file, path, &err) != KLI_OK ||
+         (a.file != NULL && kli_output_check(a.logprobs_file, a.file, &err) != KLI_OK) ||
+         (a.messages != NULL && kli_output_check(a.logprobs_file, a.messages, &err) != KLI_OK))) {
+        cli_error("--logprobs-file: %s", err.msg);
+        goto out;
+    }
     if (gen_open(&a, path, &gs) != 0)
         goto out;
+    if (a.logprobs >= 0) {
+        if (kli_sampler_set_logprobs(gs.smp, (int32_t)a.logprobs, &err) != KLI_OK) {
+            cli_error("%s", err.msg);
+            goto out;
+        }
+        glp.tok = gs.tok;
+        glp.f = stderr;
+        if (a.logprobs_file != NULL) {
+            int fd = -1;
+            if (kli_outfile_open(&lpf, a.logprobs_file, KLI_OUTFILE_STREAM, &err) != KLI_OK ||
+                (fd = dup(kli_outfile_fd(lpf))) < 0 || (glp.f = fdopen(fd, "wb")) == NULL) {
+                cli_error("%s", err.code != 0 ? err.msg : strerror(errno));
+                if (fd >= 0)
+                    close(fd);
+                glp.f = NULL;
+                goto out;
+            }
+        }
+        gs.go.on_token = gen_on_logprobs;
+        gs.go.ud = &glp;
+    }
     if (a.load_state != NULL && kli_session_load(gs.s, gs.smp, a.load_state, &err) != KLI_OK) {
         cli_error("%s", err.msg);
         goto out;
@@ -439,6 +510,27 @@ cmd_run(int argc, char **argv)
         cli_error("stdout: write error");
         goto out;
     }
+    if (glp.f != NULL && !glp.failed && fflush(glp.f) != 0)
+        glp.failed = 1;
+    if (glp.failed) {
+        cli_error("%s: write error", a.logprobs_file != NULL ? a.logprobs_file
+                                                             : "standard error");
+        goto out;
+    }
+    if (lpf != NULL) {
+        FILE *f = glp.f;
+        glp.f = NULL;
+        int crc = KLI_E_IO;
+        if (fclose(f) != 0)
+            kli_outfile_abort(lpf);
+        else
+            crc = kli_outfile_commit(lpf, &err);
+        lpf = NULL;
+        if (crc != KLI_OK) {
+            cli_error("%s: %s", a.logprobs_file, err.code != 0 ? err.msg : "write error");
+            goto out;
+        }
+    }
     if (!a.g.quiet)
         gen_report(&res);
     if (gen_grammar_check(&gs, &res) != 0)
@@ -449,6 +541,10 @@ cmd_run(int argc, char **argv)
     }
     rc = gen_interrupted ? 130 : 0;
 out:
+    if (glp.f != NULL && glp.f != stderr)
+        fclose(glp.f);
+    kli_outfile_abort(lpf);
+    free(glp.line.p);
     free(ids);
     free(text);
     gen_close(&gs, &a);

@@ -106,6 +106,8 @@ kli_generate(struct kli_session *s, const struct kli_tokenizer *tok, struct kli_
         }
         kli_sampler_accept(smp, t);
         r.n_generated++;
+        if (opt->on_token != NULL)
+            opt->on_token(opt->ud, t, kli_sampler_logprobs(smp));
         if (t < n_base) {   /* special tokens other than the ends produce no text */
             size_t len;
             const char *p = kli_token_bytes(tok, t, &len);

@@ -262,6 +262,10 @@ struct job {
     int32_t n_prompt, n_cached, n_gen;
     double t_first;
     struct job *next;            /* in the inbox, or among the submitted */
+    struct lp_list lp;           /* with logprobs: every reported token's */
+    int32_t lp_sent;             /* of lp, passed on in events */
+    size_t lp_off;               /* the text offset where token lp_sent starts */
+    int lp_bad;                  /* one could not be kept: the answer fails */
 };
 
 /* One HTTP request (MHD's per-request pointer). */
@@ -318,6 +322,7 @@ job_unref(struct job *j)
     serve_req_clear(&j->rq);
     free(j->acc.p);
     free(j->out.p);
+    lp_list_free(&j->lp);
     free(j->text);
     free(j->error);
     pthread_cond_destroy(&j->cv);
@@ -382,9 +387,22 @@ serve_usage_json(struct bbuf *b, const struct job *j)
                      (int)j->n_cached);
 }
 
-/* One SSE event of a stream: a piece of text (finish NULL), or the end of the choice. */
+/* A choice's "logprobs" value for its tokens [from, to), the first at text offset off. */
 static int
-job_event(struct job *j, const char *text, size_t len, const char *finish)
+job_logprobs(struct bbuf *b, const struct job *j, int32_t from, int32_t to, size_t off)
+{
+    if (!j->rq.logprobs_on)
+        return BB_ADD(b, "null");
+    if (j->rq.kind == SERVE_CHAT)
+        return lp_chat_json(b, j->s->tok, j->lp.v + from, to - from);
+    return lp_compl_json(b, j->s->tok, j->lp.v + from, to - from, off);
+}
+
+/* One SSE event of a stream: a piece of text (finish NULL), or the end of the choice. With
+ * logprobs, a piece of text carries those of its tokens whose text it ends (`last`: all the
+ * rest). */
+static int
+job_event_lp(struct job *j, const char *text, size_t len, const char *finish, int last)
 {
     struct bbuf *b = &j->out;
     int chat = j->rq.kind == SERVE_CHAT, bad;
@@ -403,13 +421,29 @@ job_event(struct job *j, const char *text, size_t len, const char *finish)
         if (chat)
             bad |= BB_ADD(b, "}");
     }
-    bad |= BB_ADD(b, ",\"logprobs\":null,\"finish_reason\":");
+    bad |= BB_ADD(b, ",\"logprobs\":");
+    if (text != NULL && j->rq.logprobs_on) {
+        int32_t to = last ? j->lp.n : lp_upto(j->s->tok, &j->lp, j->lp_sent, j->lp_off,
+                                               (size_t)(text + len - j->acc.p));
+        bad |= job_logprobs(b, j, j->lp_sent, to, j->lp_off);
+        for (; j->lp_sent < to; j->lp_sent++)
+            j->lp_off += lp_text_len(j->s->tok, j->lp.v[j->lp_sent].token);
+    } else {
+        bad |= BB_ADD(b, "null");
+    }
+    bad |= BB_ADD(b, ",\"finish_reason\":");
     if (finish != NULL)
         bad |= bbuf_addf(b, "\"%s\"", finish);
     else
         bad |= BB_ADD(b, "null");
     bad |= BB_ADD(b, "}]}\n\n");
     return bad;
+}
+
+static int
+job_event(struct job *j, const char *text, size_t len, const char *finish)
+{
+    return job_event_lp(j, text, len, finish, 0);
 }
 
 /* The end of a stream: the rest of the text, the finish reason, the usage, [DONE]; or an
@@ -428,8 +462,8 @@ job_stream_end(struct job *j)
         bad |= bbuf_json_str(b, msg, strlen(msg));
         bad |= BB_ADD(b, ",\"type\":\"server_error\",\"param\":null,\"code\":null}}\n\n");
     } else {
-        if (j->len > j->sent)
-            bad |= job_event(j, j->text + j->sent, j->len - j->sent, NULL);
+        if (j->len > j->sent || j->lp_sent < j->lp.n)
+            bad |= job_event_lp(j, j->text + j->sent, j->len - j->sent, NULL, 1);
         bad |= job_event(j, NULL, 0, serve_reason(j->finish));
         if (j->rq.include_usage) {
             bad |= BB_ADD(b, "data: ");
@@ -461,6 +495,8 @@ serve_on_token(void *ud, const struct kli_sched_token *t)
         s->ttft_count++;
     }
     s->gen_tokens++;
+    if (t->lp != NULL && lp_list_add(&j->lp, t->lp) != 0)
+        j->lp_bad = 1;
     if (bbuf_add(&j->acc, t->text, t->len) == 0 && j->rq.stream &&
         (safe = job_safe(j)) > j->sent) {
         if (job_event(j, j->acc.p + j->sent, safe - j->sent, NULL) == 0)
@@ -494,6 +530,8 @@ serve_on_finish(void *ud, const struct kli_sched_result *r)
     }
     if (r->error != NULL)
         j->error = strdup(r->error);
+    else if (j->lp_bad && j->error == NULL)
+        j->error = strdup("out of memory (logprobs)");
     if (j->len < j->sent)   /* cannot happen: what was sent is final */
         j->sent = j->len;
     if (r->started) {
@@ -546,6 +584,7 @@ serve_loop(void *arg)
             q.stop = (const char *const *)j->rq.stop;
             q.n_stop = j->rq.n_stop;
             q.grammar = j->rq.grammar;
+            q.logprobs = j->rq.logprobs_on ? j->rq.top_logprobs : -1;
             q.user = j;
             if (kli_sched_submit(s->sched, &q, &j->sched_id, &err) != KLI_OK) {
                 j->error = strdup(err.msg);
@@ -808,8 +847,9 @@ job_answer(struct conn *cn, struct MHD_Connection *c, struct job *j)
     bad |= chat ? BB_ADD(&b, "\"message\":{\"role\":\"assistant\",\"content\":")
                 : BB_ADD(&b, "\"text\":");
     bad |= bbuf_json_str(&b, j->text, j->len);
-    bad |= bbuf_addf(&b, "%s,\"logprobs\":null,\"finish_reason\":\"%s\"}],", chat ? "}" : "",
-                     serve_reason(j->finish));
+    bad |= bbuf_addf(&b, "%s,\"logprobs\":", chat ? "}" : "");
+    bad |= job_logprobs(&b, j, 0, j->lp.n, 0);
+    bad |= bbuf_addf(&b, ",\"finish_reason\":\"%s\"}],", serve_reason(j->finish));
     bad |= serve_usage_json(&b, j);
     bad |= BB_ADD(&b, "}\n");
     if (bad) {

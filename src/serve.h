@@ -42,6 +42,8 @@ struct serve_req {
     int format;                      /* "response_format": enum oai_format */
     char *schema;                    /* its json_schema, compact (until compiled) */
     struct kli_grammar *grammar;     /* json_object or json_schema, else NULL */
+    int logprobs_on;                 /* "logprobs": true (chat), or a number (completions) */
+    int32_t top_logprobs;            /* the alternatives asked for with them */
 };
 
 /* Why a request was refused: an HTTP status and the fields of an OpenAI error object. */
