@@ -57,13 +57,14 @@ enum field_how {
     F_SEED, F_STOP, F_STREAM, F_STREAM_OPTIONS,
     F_STRING,       /* any string (model, user): accepted, not used */
     F_MESSAGES, F_PROMPT,
-    F_ONE,          /* n, best_of: only 1 */
+    F_ONE,          /* best_of: only 1 */
     F_FALSE,        /* echo: only false */
     F_BIAS,         /* logit_bias (cli_oai.h) */
     F_FORMAT,       /* response_format (cli_oai.h), compiled once the prompt is good */
     F_NEVER,        /* fields kli has no way to honour: any value but null is refused */
     F_LOGPROBS,     /* logprobs (chat): true or false */
     F_TOP_LOGPROBS, /* top_logprobs (chat), logprobs (completions): an integer in [lo, hi] */
+    F_N,            /* n: choices, an integer in [lo, hi] */
 };
 
 #define CHAT 1
@@ -94,7 +95,7 @@ static const struct field {
     {"stop", CHAT | COMPL, F_STOP, 0, 0, 0},
     {"stream", CHAT | COMPL, F_STREAM, 0, 0, 0},
     {"stream_options", CHAT | COMPL, F_STREAM_OPTIONS, 0, 0, 0},
-    {"n", CHAT | COMPL, F_ONE, 0, 0, 0},
+    {"n", CHAT | COMPL, F_N, 0, 1, SERVE_MAX_N},
     {"best_of", COMPL, F_ONE, 0, 0, 0},
     {"logprobs", CHAT, F_LOGPROBS, 0, 0, 0},
     {"logprobs", COMPL, F_TOP_LOGPROBS, 0, 0, 5},
@@ -470,6 +471,11 @@ req_field(struct serve_req *r, const struct field *f, const cJSON *j,
         r->top_logprobs = (int32_t)v;
         r->logprobs_on |= r->kind == SERVE_COMPLETION;
         return 0;
+    case F_N:
+        if (req_number(j, f->name, f->lo, f->hi, 1, e, &v) != 0)
+            return -1;
+        r->n_choices = (int32_t)v;
+        return 0;
     case F_STRING:
         if (!cJSON_IsString(j))
             return serve_fail(e, f->name, "'%s' must be a string", f->name);
@@ -509,6 +515,7 @@ serve_req_parse(struct serve_req *r, enum serve_kind kind, const char *body, siz
     r->so = lim->so;
     r->seeded = lim->seeded;
     r->max_tokens = lim->max_tokens;
+    r->n_choices = 1;
     if (root == NULL) {
         const char *at = cJSON_GetErrorPtr();
         if (at != NULL && at >= body && at <= body + len)

@@ -299,7 +299,7 @@ if tcase errors; then
     is "$(post /v1/chat/completions "$(chat hi ',"frobnicate":1')" "$tmp/e")" 400 \
         "an unknown field: 400"
     c "an unknown field: named" error "$tmp/e" frobnicate
-    for f in '"tools":[]' '"n":2' '"logprobs":"yes"' '"top_logprobs":21' '"top_logprobs":2' \
+    for f in '"tools":[]' '"n":17' '"n":0' '"logprobs":"yes"' '"top_logprobs":21' '"top_logprobs":2' \
              '"logit_bias":{"x":1}' \
              '"logit_bias":{"99999999":1}' '"logit_bias":{"5":101}' '"logit_bias":[]' \
              '"response_format":{"type":"regex"}' '"response_format":{"type":"json_schema"}' \
