@@ -118,23 +118,28 @@ lp_compl_json(struct bbuf *b, const struct kli_tokenizer *tok, const struct kli_
         bad |= bbuf_addf(b, i > 0 ? ",%.8g" : "%.8g", (double)lp[i].logprob);
     bad |= bbuf_add(b, "],\"top_logprobs\":[", 18);
     for (int32_t i = 0; i < n; i++) {
+        /* an object: two tokens whose texts print alike (invalid UTF-8 turns into U+FFFD)
+         * would repeat a key; the first, likelier one stands */
+        struct bbuf keys = {NULL, 0, 0};
+        size_t at[KLI_LOGPROBS_MAX + 1] = {0};
         bad |= bbuf_add(b, i > 0 ? ",{" : "{", i > 0 ? 2 : 1);
-        for (int32_t k = 0; k < lp[i].n_top; k++) {
-            /* an object: a second token with the same text would repeat a key; the first,
-             * more likely one stands */
-            size_t lk, lj;
+        for (int32_t k = 0, shown = 0; k < lp[i].n_top; k++) {
+            size_t lk;
             const char *pk = kli_token_bytes(tok, lp[i].top[k].token, &lk);
             int dup = 0;
-            for (int32_t j = 0; j < k && !dup; j++) {
-                const char *pj = kli_token_bytes(tok, lp[i].top[j].token, &lj);
-                dup = lj == lk && memcmp(pj, pk, lk) == 0;
-            }
-            if (dup)
+            at[k] = keys.n;
+            bad |= bbuf_json_str(&keys, pk != NULL ? pk : "", pk != NULL ? lk : 0);
+            for (int32_t j = 0; j < k && !dup && keys.p != NULL; j++)
+                dup = at[j + 1] - at[j] == keys.n - at[k] &&
+                      memcmp(keys.p + at[j], keys.p + at[k], keys.n - at[k]) == 0;
+            at[k + 1] = keys.n;
+            if (dup || keys.p == NULL)
                 continue;
-            bad |= bbuf_add(b, ",", k > 0);
-            bad |= bbuf_json_str(b, pk != NULL ? pk : "", pk != NULL ? lk : 0);
+            bad |= bbuf_add(b, ",", shown++ > 0);
+            bad |= bbuf_add(b, keys.p + at[k], keys.n - at[k]);
             bad |= bbuf_addf(b, ":%.8g", (double)lp[i].top[k].logprob);
         }
+        free(keys.p);
         bad |= bbuf_add(b, "}", 1);
     }
     bad |= bbuf_add(b, "],\"text_offset\":[", 17);
