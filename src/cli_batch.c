@@ -218,7 +218,40 @@ struct batch {
     char *schema_key[BATCH_MAX_SCHEMAS];
     struct kli_grammar *schema_gram[BATCH_MAX_SCHEMAS];
     int n_schemas;
+    /* the log-probabilities of the records submitted with logprobs, until their line */
+    struct batch_lp {
+        const struct batch_item *it;
+        struct lp_list l;
+    } *lp;
+    int n_lp, cap_lp;
 };
+
+/* Keeps the log-probabilities of item it from now on. @return 0, or -1 out of memory. */
+static int
+batch_lp_add(struct batch *b, const struct batch_item *it)
+{
+    if (b->n_lp == b->cap_lp) {
+        int cap = b->cap_lp > 0 ? 2 * b->cap_lp : 16;
+        struct batch_lp *nl = realloc(b->lp, (size_t)cap * sizeof(*nl));
+        if (nl == NULL)
+            return -1;
+        b->lp = nl;
+        b->cap_lp = cap;
+    }
+    b->lp[b->n_lp++] = (struct batch_lp){it, {NULL, 0, 0}};
+    return 0;
+}
+
+/* The log-probabilities kept for item it, or NULL. */
+static struct batch_lp *
+batch_lp_find(struct batch *b, const struct batch_item *it)
+{
+    for (int i = 0; i < b->n_lp; i++) {
+        if (b->lp[i].it == it)
+            return &b->lp[i];
+    }
+    return NULL;
+}
 
 static volatile sig_atomic_t batch_signal;
 
@@ -308,7 +341,8 @@ static void batch_progress(struct batch *b, int final);
  * non-zero when out of memory. */
 static int
 batch_openai_line(const struct batch *b, const struct batch_item *it,
-                  const struct kli_sched_result *res, const char *reason, struct bbuf *l)
+                  const struct kli_sched_result *res, const char *reason,
+                  const struct lp_list *lp, struct bbuf *l)
 {
     int chat = it->api == BATCH_API_CHAT, bad = 0;
 
@@ -332,10 +366,17 @@ batch_openai_line(const struct batch *b, const struct batch_item *it,
                               : ",\"choices\":[{\"index\":0,\"text\":";
     bad |= bbuf_add(l, choice, strlen(choice));
     bad |= bbuf_json_text(l, res->text, res->len);
-    bad |= bbuf_addf(l, "%s,\"logprobs\":null,\"finish_reason\":\"%s\"}],\"usage\":{"
+    bad |= bbuf_addf(l, "%s,\"logprobs\":", chat ? "}" : "");
+    if (lp == NULL)
+        bad |= bbuf_add(l, "null", 4);
+    else if (chat)
+        bad |= lp_chat_json(l, b->tok, lp->v, lp->n);
+    else
+        bad |= lp_compl_json(l, b->tok, lp->v, lp->n, 0);
+    bad |= bbuf_addf(l, ",\"finish_reason\":\"%s\"}],\"usage\":{"
                      "\"prompt_tokens\":%d,\"completion_tokens\":%d,\"total_tokens\":%d,"
                      "\"prompt_tokens_details\":{\"cached_tokens\":%d}}}},\"error\":null}\n",
-                     chat ? "}" : "", reason, (int)res->n_prompt, (int)res->n_generated,
+                     reason, (int)res->n_prompt, (int)res->n_generated,
                      (int)(res->n_prompt + res->n_generated), (int)res->n_cached);
     return bad;
 }
@@ -348,14 +389,20 @@ batch_on_finish(void *ud, const struct kli_sched_result *res)
     const struct batch_item *it = res->user;
     struct bbuf l = {NULL, 0, 0};
     const char *id = it->id, *reason;
+    struct batch_lp *blp = batch_lp_find(b, it);
+    struct lp_list lp = {NULL, 0, 0};
     int bad = 0;
 
+    if (blp != NULL) {   /* taken out of the table, freed below */
+        lp = blp->l;
+        *blp = b->lp[--b->n_lp];
+    }
     if (res->finish == KLI_FINISH_INTERRUPT)   /* stopped: no line, a rerun redoes it */
-        return;
+        goto out;
     reason = res->finish == KLI_FINISH_LENGTH ? "length"
              : res->finish == KLI_FINISH_ERROR ? "error" : "stop";
     if (it->api != BATCH_API_KLI) {
-        bad = batch_openai_line(b, it, res, reason, &l);
+        bad = batch_openai_line(b, it, res, reason, blp != NULL ? &lp : NULL, &l);
         goto write;
     }
     bad |= bbuf_add(&l, "{\"id\":", 6);
@@ -369,6 +416,9 @@ batch_on_finish(void *ud, const struct kli_sched_result *res)
     if (res->error != NULL) {
         bad |= bbuf_add(&l, ",\"error\":", 9);
         bad |= bbuf_json_str(&l, res->error, strlen(res->error));
+    } else if (blp != NULL) {
+        bad |= bbuf_add(&l, ",\"logprobs\":", 12);
+        bad |= lp_chat_json(&l, b->tok, lp.v, lp.n);
     }
     bad |= bbuf_add(&l, "}\n", 2);
 write:
@@ -386,13 +436,22 @@ write:
         b->cached_tokens += res->n_cached;
     }
     batch_progress(b, 0);
+out:
+    lp_list_free(&lp);
 }
 
 static void
 batch_on_token(void *ud, const struct kli_sched_token *t)
 {
-    (void)t;
-    ((struct batch *)ud)->gen_tokens++;
+    struct batch *b = ud;
+    struct batch_lp *blp;
+
+    b->gen_tokens++;
+    if (t->lp != NULL && (blp = batch_lp_find(b, t->user)) != NULL &&
+        lp_list_add(&blp->l, t->lp) != 0) {
+        cli_error("out of memory");
+        b->io_failed = 1;
+    }
 }
 
 static void
@@ -433,10 +492,13 @@ batch_on_need(void *ud, struct kli_sched *sched)
             q.n_stop = r.n_stop;
             q.fail = r.error;
             q.user = it;
+            q.logprobs = r.logprobs;
             if (r.error == NULL)
                 rc = batch_grammar(b, &r, &q.grammar, msg, sizeof(msg), &q.fail);
             if (rc == 0)
                 rc = kli_sched_submit(sched, &q, NULL, &err) == KLI_OK ? 0 : -1;
+            if (rc == 0 && r.error == NULL && r.logprobs >= 0)
+                rc = batch_lp_add(b, it);
             batch_rec_clear(&r);
         }
         if (rc != 0) {
@@ -755,6 +817,9 @@ cmd_batch(int argc, char **argv)
     }
 out:
     kli_sched_free(b.sched);   /* the records still held end without a line */
+    for (int i = 0; i < b.n_lp; i++)
+        lp_list_free(&b.lp[i].l);
+    free(b.lp);
     kli_grammar_free(b.gram);
     kli_grammar_free(b.gram_object);
     for (int i = 0; i < b.n_schemas; i++) {

@@ -156,6 +156,7 @@ struct batch_rec {
     float *bias;
     int format;                /* its response_format: enum batch_format */
     char *schema;              /* BATCH_FMT_SCHEMA: the schema as compact JSON (malloc'd) */
+    int32_t logprobs;          /* "logprobs" / "top_logprobs": the alternatives; -1: none */
 };
 
 /* What a record's "response_format" asks for. */

@@ -193,6 +193,13 @@ elif cmd == 'first-choice':    # N1 NK: choice 0 of NK equals the only choice of
         sys.exit('%r\n%r' % (x['choices'][0], y['choices'][0]))
     if all(c == y['choices'][0] for c in y['choices']):
         sys.exit('every sampled choice the same: %r' % y['choices'])
+elif cmd == 'pick':        # OUT ID: a batch line, as the answer whose logprobs it holds
+    for l in open(a[0]):
+        o = json.loads(l)
+        if o.get('id') == a[1] and 'text' in o:
+            json.dump({'choices': [{'logprobs': o.get('logprobs')}]}, sys.stdout)
+        elif o.get('custom_id') == a[1]:
+            json.dump(o['response']['body'], sys.stdout)
 else:
     sys.exit('unknown check ' + cmd)
 EOF
@@ -249,6 +256,33 @@ if tcase run-errors; then
         --temperature 0 --logprobs 1 --quiet
     k=$(grep -c '^{"id":' "$tmp/stderr")
     is "$k" 3 "... one line per token"
+fi
+
+if tcase batch; then
+    t "the run to compare with" 0 "$kli" run -m "$model" --raw -p "$prompt" -n 10 \
+        --temperature 0 --logprobs 5 --logprobs-file "$tmp/b.jsonl" --quiet
+    cat >"$tmp/in.jsonl" <<EOF
+{"id": "kli", "prompt": "$prompt", "max_tokens": 10, "temperature": 0, "logprobs": true, "top_logprobs": 5}
+{"custom_id": "compl", "method": "POST", "url": "/v1/completions", "body": {"prompt": "$prompt", "max_tokens": 10, "temperature": 0, "logprobs": 5}}
+{"id": "none", "prompt": "$prompt", "max_tokens": 2, "logprobs": false}
+{"id": "top-alone", "prompt": "x", "top_logprobs": 2}
+{"custom_id": "six", "method": "POST", "url": "/v1/completions", "body": {"prompt": "x", "logprobs": 6}}
+{"custom_id": "top-compl", "method": "POST", "url": "/v1/completions", "body": {"prompt": "x", "top_logprobs": 1}}
+EOF
+    t "kli batch with logprobs (three records refused)" 3 "$kli" batch -m "$model" --raw \
+        -i "$tmp/in.jsonl" -o "$tmp/out.jsonl" --quiet --max-errors 2
+    "$py" "$tmp/check.py" pick "$tmp/out.jsonl" kli >"$tmp/b-kli.json"
+    c "a kli record's logprobs (OpenAI's chat shape) are run's" vs-run-chat "$tmp/b-kli.json" \
+        "$tmp/b.jsonl"
+    "$py" "$tmp/check.py" pick "$tmp/out.jsonl" compl >"$tmp/b-compl.json"
+    c "an OpenAI completions body's logprobs are run's" vs-run-compl "$tmp/b-compl.json" \
+        "$tmp/b.jsonl"
+    k=$(grep -c '"logprobs"' "$tmp/out.jsonl")
+    is "$k" 2 "... and only theirs carry logprobs"
+    for e in '"top_logprobs\\" needs' 'must be an integer in \[0, 5\]' \
+             '"top_logprobs\\" does not belong'; do
+        if grep -q "$e" "$tmp/out.jsonl"; then ok "refused: $e"; else notok "refused: $e"; fi
+    done
 fi
 
 # ---- kli serve -------------------------------------------------------------------------
