@@ -376,6 +376,29 @@ gen_close(struct gen_session *gs, const struct gen_args *a)
     cli_demo_remove(a->ca.demo);
 }
 
+/* kli run's output file `out` (NULL: none, fine) may be none of its inputs: the model at
+ * `path`, -f's or --messages' file, nor `other` (another output, or NULL). @return 0, or -1
+ * after reporting. */
+static int
+run_output_check(const struct gen_args *a, const char *out, const char *path,
+                 const char *other, const char *opt)
+{
+    struct kli_err err = {0};
+    const char *in[] = {path, a->file, a->messages, other};
+
+    if (out != NULL && other != NULL && strcmp(out, other) == 0) {
+        cli_error("%s: '%s' is another output of this run too", opt, out);
+        return -1;
+    }
+    for (size_t i = 0; out != NULL && i < sizeof(in) / sizeof(in[0]); i++) {
+        if (in[i] != NULL && kli_output_check(out, in[i], &err) != KLI_OK) {
+            cli_error("%s: %s", opt, err.msg);
+            return -1;
+        }
+    }
+    return 0;
+}
+
 static const char run_usage[] =
     "usage: kli run [-m|--model MODEL] [-p|--prompt TEXT | -f|--file FILE | --messages JSON]\n"
     "               [--raw [--special]] [-s|--system SYSTEM] [-n|--max-tokens MAX]\n"
@@ -448,20 +471,9 @@ cmd_run(int argc, char **argv)
     if (path == NULL)
         goto out;
     /* the state file may be the one loaded (it is replaced at the end), never an input */
-    if (a.save_state != NULL &&
-        (kli_output_check(a.save_state, path, &err) != KLI_OK ||
-         (a.file != NULL && kli_output_check(a.save_state, a.file, &err) != KLI_OK) ||
-         (a.messages != NULL && kli_output_check(a.save_state, a.messages, &err) != KLI_OK))) {
-        cli_error("--save-state: %s", err.msg);
+    if (run_output_check(&a, a.save_state, path, NULL, "--save-state") != 0 ||
+        run_output_check(&a, a.logprobs_file, path, a.save_state, "--logprobs-file") != 0)
         goto out;
-    }
-    if (a.logprobs_file != NULL &&
-        (kli_output_check(a.logprobs_file, path, &err) != KLI_OK ||
-         (a.file != NULL && kli_output_check(a.logprobs_file, a.file, &err) != KLI_OK) ||
-         (a.messages != NULL && kli_output_check(a.logprobs_file, a.messages, &err) != KLI_OK))) {
-        cli_error("--logprobs-file: %s", err.msg);
-        goto out;
-    }
     if (gen_open(&a, path, &gs) != 0)
         goto out;
     if (a.logprobs >= 0) {

@@ -454,17 +454,13 @@ req_field(struct serve_req *r, const struct field *f, const cJSON *j,
     case F_STOP:
         return req_stop(r, j, e);
     case F_STREAM:
-        if (!cJSON_IsBool(j))
-            return serve_fail(e, f->name, "'%s' must be true or false", f->name);
-        r->stream = cJSON_IsTrue(j);
-        return 0;
-    case F_STREAM_OPTIONS:
-        return req_stream_options(r, j, e);
     case F_LOGPROBS:
         if (!cJSON_IsBool(j))
             return serve_fail(e, f->name, "'%s' must be true or false", f->name);
-        r->logprobs_on = cJSON_IsTrue(j);
+        *(f->how == F_STREAM ? &r->stream : &r->logprobs_on) = cJSON_IsTrue(j);
         return 0;
+    case F_STREAM_OPTIONS:
+        return req_stream_options(r, j, e);
     case F_TOP_LOGPROBS:
         if (req_number(j, f->name, f->lo, f->hi, 1, e, &v) != 0)
             return -1;

@@ -252,6 +252,8 @@ if tcase run-errors; then
         --logprobs-file "$tmp/x.jsonl"
     t "--logprobs-file cannot be the model" 1 "$kli" run -m "$model" -p x --logprobs 1 \
         --logprobs-file "$model/model.safetensors"
+    t "--logprobs-file cannot be --save-state's file" 1 "$kli" run -m "$model" -p x \
+        --logprobs 1 --logprobs-file "$tmp/one" --save-state "$tmp/one"
     t "lines go to standard error without --logprobs-file" 0 "$kli" run -m "$model" -p x -n 3 \
         --temperature 0 --logprobs 1 --quiet
     k=$(grep -c '^{"id":' "$tmp/stderr")
