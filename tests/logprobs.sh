@@ -368,6 +368,15 @@ if serve_case serve-n; then
     c "... is choice 0 of n 4 (choice i samples with seed + i); the others differ" \
         first-choice "$tmp/n-one.wc" "$tmp/n-seed.wc"
     is "$(post /v1/completions "{\"prompt\":\"x\",\"n\":17}" "$tmp/e")" 400 "n 17 is refused"
+    # a prompt of at least --min-prefix tokens is evaluated once for all the choices
+    cached() { curl -s "http://127.0.0.1:$port/metrics" | sed -n 's/^kli_cached_tokens_total //p'; }
+    c0=$(cached)
+    long=$(printf 'word %.0s' $(seq 80))
+    is "$(post /v1/completions "{\"prompt\":\"$long\",\"max_tokens\":2,\"n\":4}" "$tmp/n-long")" \
+        200 "n 4 with a prompt of 80 words"
+    np=$("$py" -c 'import json,sys; print(json.load(open(sys.argv[1]))["usage"]["prompt_tokens"])' \
+        "$tmp/n-long")
+    is "$(( $(cached) - c0 ))" "$((3 * np))" "... its prompt evaluated once: the 3 other choices start from its state"
 fi
 
 tdone
