@@ -706,8 +706,8 @@ struct kli_generate_options {
     int32_t n_stop;
     kli_text_fn on_text;         /* may be NULL */
     void *ud;
-    /* Called with every generated token that is fed or ends the output by a stop string (not
-     * end tokens), before its text reaches on_text; lp is kli_sampler_logprobs of the
+    /* Called with every generated token but the end tokens (the one that completes a stop
+     * string included), before its text reaches on_text; lp is kli_sampler_logprobs of the
      * sampler (NULL unless it records them). May be NULL. */
     void (*on_token)(void *ud, kli_token token, const struct kli_logprobs *lp);
 };
