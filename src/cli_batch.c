@@ -83,10 +83,10 @@ static const char batch_usage[] =
     CLI_JSON_HELP CLI_SAMPLING_HELP CLI_PLACEMENT_HELP CLI_GPU_HELP
     "Each input line is a JSON object: {\"id\": ..., \"prompt\": ... | \"messages\": [...],\n"
     "optional \"max_tokens\", \"temperature\", \"top_p\", \"top_k\", \"min_p\", \"seed\", "
-    "\"stop\",\n\"response_format\", ...}.\n"
+    "\"stop\",\n\"response_format\", \"logprobs\", \"top_logprobs\", ...}.\n"
     "OpenAI Batch lines ({\"custom_id\", \"method\", \"url\", \"body\"}) get OpenAI's output.\n"
     "Each output line: id, text, prompt_tokens, completion_tokens, cached_tokens,\n"
-    "finish_reason, prefill_ms, decode_ms (and error). Exit status 3: more than\n"
+    "finish_reason, prefill_ms, decode_ms (and error, logprobs). Exit status 3: more than\n"
     "--max-errors N (default 0) records failed. See kli(1).\n";
 
 /* A byte count: digits with an optional K, M, G or T (powers of 1024), optionally followed
