@@ -204,15 +204,6 @@ else:
     sys.exit('unknown check ' + cmd)
 EOF
 
-is() { if [ "$1" = "$2" ]; then ok "$3"; else notok "$3 (got '$1', want '$2')"; fi; }
-c() {   # c DESCRIPTION CHECK ARGS...
-    _d=$1
-    shift
-    "$py" "$tmp/check.py" "$@" >"$tmp/check.out" 2>&1
-    _r=$?
-    check $_r "$_d"
-    [ $_r = 0 ] || sed 's/^/# /' "$tmp/check.out" | head -5
-}
 
 prompt="The quick brown fox jumps over"
 printf '%s' "$prompt" | "$kli" tokenize -m "$model" >"$tmp/prompt.ids" 2>/dev/null

@@ -128,15 +128,6 @@ elif cmd == 'metric':     # FILE NAME: prints a metric's value
         if l.startswith(a[1] + ' '):
             print(l.split()[1])
 EOF
-# c DESCRIPTION CHECK ARGS...: a check of check.py, its output in $tmp/check.out
-c() {
-    _d=$1
-    shift
-    "$py" "$tmp/check.py" "$@" >"$tmp/check.out" 2>&1
-    _r=$?
-    check $_r "$_d"
-    [ $_r = 0 ] || sed 's/^/# /' "$tmp/check.out" | head -5
-}
 
 # start NAME ARGS...: starts a server on a free port, waits until it listens; $port, $pid
 start() {
@@ -161,7 +152,6 @@ post() {
     curl -s -N -o "$_out" -w '%{http_code}' -H 'Content-Type: application/json' \
         --data-binary @"$tmp/body.json" "$@" "http://127.0.0.1:$port$_path"
 }
-is() { if [ "$1" = "$2" ]; then ok "$3"; else notok "$3 (got '$1', want '$2')"; fi; }
 
 chat() {   # chat CONTENT [MORE-FIELDS]: a greedy chat body
     printf '{"model":"m","messages":[{"role":"user","content":"%s"}],"temperature":0%s}' \

@@ -34,6 +34,19 @@ mk(struct kli_sampler_options *o, int32_t V)
     return s;
 }
 
+/* The defaults, but for these settings. */
+static void
+opts_set(struct kli_sampler_options *o, float temp, float top_p, float min_p, float rp,
+         int top_k)
+{
+    kli_sampler_options_init(o);
+    o->temperature = temp;
+    o->top_p = top_p;
+    o->min_p = min_p;
+    o->repeat_penalty = rp;
+    o->top_k = top_k;
+}
+
 /* How often a fresh sampler with options o picks each token of the 3 logits l in n draws. */
 static void
 counts3(struct kli_sampler_options *o, const float *l, int n, int cnt[3])
@@ -669,12 +682,7 @@ test_basics(void)
         {"NaN temperature", NAN, 0.9f, 0, 1, 0},
     };
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
-        kli_sampler_options_init(&o);
-        o.temperature = bad[i].t;
-        o.top_p = bad[i].p;
-        o.min_p = bad[i].mp;
-        o.repeat_penalty = bad[i].rp;
-        o.top_k = bad[i].k;
+        opts_set(&o, bad[i].t, bad[i].p, bad[i].mp, bad[i].rp, bad[i].k);
         memset(&err, 0, sizeof(err));
         s = NULL;
         int rc = kli_sampler_create(&s, &o, 3, &err);
@@ -750,12 +758,7 @@ test_logprobs(void)
 
     for (size_t si = 0; si < sizeof(set) / sizeof(set[0]); si++) {
         struct kli_sampler_options o;
-        kli_sampler_options_init(&o);
-        o.temperature = set[si].temp;
-        o.top_p = set[si].top_p;
-        o.min_p = set[si].min_p;
-        o.top_k = set[si].top_k;
-        o.repeat_penalty = set[si].rp;
+        opts_set(&o, set[si].temp, set[si].top_p, set[si].min_p, set[si].rp, set[si].top_k);
         o.presence_penalty = set[si].pres;
         o.frequency_penalty = set[si].freq;
         o.seed = 100 + si;
