@@ -85,11 +85,11 @@ static const char batch_usage[] =
     CLI_JSON_HELP CLI_SAMPLING_HELP CLI_PLACEMENT_HELP CLI_GPU_HELP
     "Each input line is a JSON object: {\"id\": ..., \"prompt\": ... | \"messages\": [...],\n"
     "optional \"max_tokens\", \"temperature\", \"top_p\", \"top_k\", \"min_p\", \"seed\", "
-    "\"stop\",\n\"response_format\", \"tools\", \"tool_choice\", ...}.\n"
+    "\"stop\",\n\"response_format\", \"tools\", \"tool_choice\", \"logprobs\", \"top_logprobs\", ...}.\n"
     "OpenAI Batch lines ({\"custom_id\", \"method\", \"url\", \"body\"}) get OpenAI's output.\n"
     "Each output line: id, text, prompt_tokens, completion_tokens, cached_tokens,\n"
-    "finish_reason, prefill_ms, decode_ms (and tool_calls, error). Exit status 3: more than\n"
-    "--max-errors N (default 0) records failed. See kli(1).\n";
+    "finish_reason, prefill_ms, decode_ms (and tool_calls, error, logprobs).\n"
+    "Exit status 3: more than --max-errors N (default 0) records failed. See kli(1).\n";
 
 /* A byte count: digits with an optional K, M, G or T (powers of 1024), optionally followed
  * by B or iB. */
@@ -220,7 +220,40 @@ struct batch {
     char *schema_key[BATCH_MAX_SCHEMAS];
     struct kli_grammar *schema_gram[BATCH_MAX_SCHEMAS];
     int n_schemas;
+    /* the log-probabilities of the records submitted with logprobs, until their line */
+    struct batch_lp {
+        const struct batch_item *it;
+        struct lp_list l;
+    } *lp;
+    int n_lp, cap_lp;
 };
+
+/* Keeps the log-probabilities of item it from now on. @return 0, or -1 out of memory. */
+static int
+batch_lp_add(struct batch *b, const struct batch_item *it)
+{
+    if (b->n_lp == b->cap_lp) {
+        int cap = b->cap_lp > 0 ? 2 * b->cap_lp : 16;
+        struct batch_lp *nl = realloc(b->lp, (size_t)cap * sizeof(*nl));
+        if (nl == NULL)
+            return -1;
+        b->lp = nl;
+        b->cap_lp = cap;
+    }
+    b->lp[b->n_lp++] = (struct batch_lp){it, {NULL, 0, 0}};
+    return 0;
+}
+
+/* The log-probabilities kept for item it, or NULL. */
+static struct batch_lp *
+batch_lp_find(struct batch *b, const struct batch_item *it)
+{
+    for (int i = 0; i < b->n_lp; i++) {
+        if (b->lp[i].it == it)
+            return &b->lp[i];
+    }
+    return NULL;
+}
 
 static volatile sig_atomic_t batch_signal;
 
@@ -329,7 +362,7 @@ batch_calls_json(struct bbuf *l, const cJSON *calls)
 static int
 batch_openai_line(const struct batch *b, const struct batch_item *it,
                   const struct kli_sched_result *res, const char *reason, const cJSON *calls,
-                  struct bbuf *l)
+                  const struct lp_list *lp, struct bbuf *l)
 {
     int chat = it->api == BATCH_API_CHAT, bad = 0;
 
@@ -357,10 +390,17 @@ batch_openai_line(const struct batch *b, const struct batch_item *it,
     else
         bad |= bbuf_json_text(l, res->text, res->len);
     bad |= batch_calls_json(l, calls);
-    bad |= bbuf_addf(l, "%s,\"logprobs\":null,\"finish_reason\":\"%s\"}],\"usage\":{"
+    bad |= bbuf_addf(l, "%s,\"logprobs\":", chat ? "}" : "");
+    if (lp == NULL)
+        bad |= bbuf_add(l, "null", 4);
+    else if (chat)
+        bad |= lp_chat_json(l, b->tok, lp->v, lp->n);
+    else
+        bad |= lp_compl_json(l, b->tok, lp->v, lp->n, 0);
+    bad |= bbuf_addf(l, ",\"finish_reason\":\"%s\"}],\"usage\":{"
                      "\"prompt_tokens\":%d,\"completion_tokens\":%d,\"total_tokens\":%d,"
                      "\"prompt_tokens_details\":{\"cached_tokens\":%d}}}},\"error\":null}\n",
-                     chat ? "}" : "", reason, (int)res->n_prompt, (int)res->n_generated,
+                     reason, (int)res->n_prompt, (int)res->n_generated,
                      (int)(res->n_prompt + res->n_generated), (int)res->n_cached);
     return bad;
 }
@@ -374,21 +414,27 @@ batch_on_finish(void *ud, const struct kli_sched_result *res)
     struct kli_sched_result rr = *res;
     struct bbuf l = {NULL, 0, 0};
     const char *id = it->id, *reason;
+    struct batch_lp *blp = batch_lp_find(b, it);
+    struct lp_list lp = {NULL, 0, 0};
     char *content = NULL;
     cJSON *calls = NULL;
     int bad = 0;
 
+    if (blp != NULL) {   /* taken out of the table, freed below */
+        lp = blp->l;
+        *blp = b->lp[--b->n_lp];
+    }
     if (res->finish == KLI_FINISH_INTERRUPT) {   /* stopped: no line, a rerun redoes it */
         batch_tools_free(it->tools);
         it->tools = NULL;
-        return;
+        goto out;
     }
     reason = res->finish == KLI_FINISH_LENGTH ? "length"
              : res->finish == KLI_FINISH_ERROR ? "error" : "stop";
     bad = batch_tool_answer(it, &rr, &content, &calls, &reason);
     res = &rr;
     if (it->api != BATCH_API_KLI) {
-        bad |= batch_openai_line(b, it, res, reason, calls, &l);
+        bad |= batch_openai_line(b, it, res, reason, calls, blp != NULL ? &lp : NULL, &l);
         goto write;
     }
     bad |= bbuf_add(&l, "{\"id\":", 6);
@@ -403,6 +449,9 @@ batch_on_finish(void *ud, const struct kli_sched_result *res)
     if (res->error != NULL) {
         bad |= bbuf_add(&l, ",\"error\":", 9);
         bad |= bbuf_json_str(&l, res->error, strlen(res->error));
+    } else if (blp != NULL) {
+        bad |= bbuf_add(&l, ",\"logprobs\":", 12);
+        bad |= lp_chat_json(&l, b->tok, lp.v, lp.n);
     }
     bad |= bbuf_add(&l, "}\n", 2);
 write:
@@ -424,6 +473,8 @@ write:
         b->cached_tokens += res->n_cached;
     }
     batch_progress(b, 0);
+out:
+    lp_list_free(&lp);
 }
 
 static void
@@ -431,8 +482,14 @@ batch_on_token(void *ud, const struct kli_sched_token *t)
 {
     struct batch *b = ud;
     struct batch_tools *tl = ((struct batch_item *)t->user)->tools;
+    struct batch_lp *blp;
 
     b->gen_tokens++;
+    if (t->lp != NULL && (blp = batch_lp_find(b, t->user)) != NULL &&
+        lp_list_add(&blp->l, t->lp) != 0) {
+        cli_error("out of memory");
+        b->io_failed = 1;
+    }
     if (tl != NULL) {   /* the answer is read for calls: special tokens by name */
         size_t len = t->len;
         const char *p = len > 0 ? t->text : kli_token_bytes(b->tok, t->token, &len);
@@ -510,6 +567,7 @@ batch_on_need(void *ud, struct kli_sched *sched)
             q.n_stop = r.n_stop;
             q.fail = r.error;
             q.user = it;
+            q.logprobs = r.logprobs;
             if (r.error == NULL)
                 rc = batch_grammar(b, &r, &q.grammar, msg, sizeof(msg), &q.fail);
             if (rc == 0 && q.fail == NULL) {   /* the item reads its answer for calls */
@@ -518,6 +576,8 @@ batch_on_need(void *ud, struct kli_sched *sched)
             }
             if (rc == 0)
                 rc = kli_sched_submit(sched, &q, NULL, &err) == KLI_OK ? 0 : -1;
+            if (rc == 0 && r.error == NULL && r.logprobs >= 0)
+                rc = batch_lp_add(b, it);
             batch_rec_clear(&r);
         }
         if (rc != 0) {
@@ -836,6 +896,9 @@ cmd_batch(int argc, char **argv)
     }
 out:
     kli_sched_free(b.sched);   /* the records still held end without a line */
+    for (int i = 0; i < b.n_lp; i++)
+        lp_list_free(&b.lp[i].l);
+    free(b.lp);
     kli_grammar_free(b.gram);
     kli_grammar_free(b.gram_object);
     for (int i = 0; i < b.n_schemas; i++) {

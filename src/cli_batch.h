@@ -33,6 +33,36 @@ int bbuf_json_text(struct bbuf *b, const char *s, size_t n);
 /* @return the offset of the first byte that is not part of valid UTF-8, or n. */
 size_t batch_utf8_valid(const char *s, size_t n);
 
+/* ==== log-probabilities in OpenAI's shapes (cli_logprobs.c) ============================= */
+
+/* A growing list of the log-probabilities of a choice's tokens. */
+struct lp_list {
+    struct kli_logprobs *v;
+    int32_t n, cap;
+};
+/* @return 0, or -1 out of memory. */
+int lp_list_add(struct lp_list *l, const struct kli_logprobs *lp);
+void lp_list_free(struct lp_list *l);
+/* One entry of a chat choice's logprobs.content: {"token", "logprob", "bytes",
+ * "top_logprobs": [{"token", "logprob", "bytes"}...]}, each with "id" (the token id) first
+ * when with_id (kli run --logprobs). @return 0, or -1 out of memory. */
+int lp_chat_entry(struct bbuf *b, const struct kli_tokenizer *tok, const struct kli_logprobs *lp,
+                  int with_id);
+/* A chat choice's "logprobs" value for tokens lp[0..n): {"content": [entries]}. */
+int lp_chat_json(struct bbuf *b, const struct kli_tokenizer *tok, const struct kli_logprobs *lp,
+                 int32_t n);
+/* The bytes token t adds to the generated text: none for special tokens. */
+size_t lp_text_len(const struct kli_tokenizer *tok, kli_token t);
+/* Tokens l[from..) whose text, token `from` starting at text offset off, ends by `end`.
+ * @return the index after the last of them. */
+int32_t lp_upto(const struct kli_tokenizer *tok, const struct lp_list *l, int32_t from, size_t off,
+                size_t end);
+/* A completion choice's "logprobs" value: {"tokens", "token_logprobs", "top_logprobs" (an
+ * object per token, text to log-probability; a repeated text keeps its first, likelier
+ * entry), "text_offset" (byte offsets in the generated text, the first off0)}. */
+int lp_compl_json(struct bbuf *b, const struct kli_tokenizer *tok, const struct kli_logprobs *lp,
+                  int32_t n, size_t off0);
+
 /* ==== the input ============================================================================ */
 
 /* One line of the input that holds a record (blank lines hold none). */
@@ -142,6 +172,7 @@ struct batch_rec {
     int format;                /* its response_format: enum batch_format */
     char *schema;              /* BATCH_FMT_SCHEMA: the schema as compact JSON (malloc'd) */
     struct batch_tools *tools; /* with "tools" read for calls (owned until submitted) */
+    int32_t logprobs;          /* "logprobs" / "top_logprobs": the alternatives; -1: none */
 };
 
 /* What a record's "response_format" asks for. */

@@ -681,6 +681,36 @@ rec_settings(struct batch_rec *r, const cJSON *o)
     return 0;
 }
 
+/* "logprobs" and "top_logprobs": a chat body's and kli's records take logprobs true or false
+ * and top_logprobs 0..20 (which needs logprobs true), a completions body logprobs 0..5. */
+static int
+rec_logprobs(struct batch_rec *r, const cJSON *o, int api)
+{
+    const cJSON *lp = cJSON_GetObjectItemCaseSensitive(o, "logprobs");
+    const cJSON *top = cJSON_GetObjectItemCaseSensitive(o, "top_logprobs");
+    double v = 0;
+
+    r->logprobs = -1;
+    if (api == BATCH_API_COMPLETIONS) {
+        if (top != NULL)
+            return rec_fail(r, "\"top_logprobs\" does not belong to /v1/completions (its "
+                            "\"logprobs\" is the number of alternatives)");
+        if (rec_num(r, o, "logprobs", 0, 5, 1, &v) != 0)
+            return -1;
+        r->logprobs = lp != NULL && !cJSON_IsNull(lp) ? (int32_t)v : -1;
+        return 0;
+    }
+    if (lp != NULL && !cJSON_IsNull(lp) && !cJSON_IsBool(lp))
+        return rec_fail(r, "\"logprobs\" must be true or false");
+    if (rec_num(r, o, "top_logprobs", 0, KLI_LOGPROBS_MAX, 1, &v) != 0)
+        return -1;
+    if (cJSON_IsTrue(lp))
+        r->logprobs = (int32_t)v;
+    else if (v > 0)
+        return rec_fail(r, "\"top_logprobs\" needs \"logprobs\": true");
+    return 0;
+}
+
 /* "response_format": OpenAI's text, json_object or json_schema (cli_oai.h). */
 static int
 rec_format(struct batch_rec *r, const cJSON *o)
@@ -920,7 +950,7 @@ static const char *const rec_body_fields[] = {
     "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p",
     "top_k", "min_p", "seed", "stop", "presence_penalty", "frequency_penalty",
     "repetition_penalty", "response_format", "logit_bias", "model", "user", "metadata",
-    "store", "n", "stream", "tools", "tool_choice",
+    "store", "n", "stream", "tools", "tool_choice", "logprobs", "top_logprobs",
 };
 
 /* An OpenAI Batch line: *o becomes its body, checked member by member (one kli cannot
@@ -982,6 +1012,7 @@ batch_rec_prepare(struct batch_rec *r, const struct batch_input *in,
                   const struct batch_defaults *d)
 {
     memset(r, 0, sizeof(*r));
+    r->logprobs = -1;
     r->so = d->so;
     r->max_tokens = d->max_tokens;
     for (; r->n_stop < d->n_stop; r->n_stop++)
@@ -999,7 +1030,8 @@ batch_rec_prepare(struct batch_rec *r, const struct batch_input *in,
             o = NULL;
     }
     int done = 0;
-    if (o != NULL && rec_settings(r, o) == 0 && rec_format(r, o) == 0 &&
+    if (o != NULL && rec_settings(r, o) == 0 && rec_logprobs(r, o, it->api) == 0 &&
+        rec_format(r, o) == 0 &&
         rec_tools(r, o, tok, &dd, &done) == 0 && (done || rec_prompt(r, o, tok, &dd) == 0) &&
         r->n == 0 && r->error == NULL)
         rec_fail(r, "the prompt is empty");

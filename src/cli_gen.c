@@ -15,13 +15,16 @@
 
 #include "kli.h"
 #include "cli.h"
+#include "cli_batch.h"
 #include "cli_toolcall.h"
 #include "util.h"
 
 /* ==== options shared by run and chat ====================================================== */
 
-enum { OPT_SPECIAL = 256, OPT_MESSAGES, OPT_SAVE_STATE, OPT_LOAD_STATE, OPT_TOOLS,
-       OPT_TOOL_CHOICE };
+enum {
+    OPT_SPECIAL = 256, OPT_MESSAGES, OPT_SAVE_STATE, OPT_LOAD_STATE, OPT_TOOLS, OPT_TOOL_CHOICE,
+    OPT_LOGPROBS, OPT_LOGPROBS_FILE
+};
 
 
 struct gen_args {
@@ -31,6 +34,8 @@ struct gen_args {
     const char *save_state, *load_state;   /* kli run --save-state / --load-state */
     const char *tools, *tool_choice;       /* kli run --tools / --tool-choice */
     int special;
+    long logprobs;                         /* kli run --logprobs N; -1: none */
+    const char *logprobs_file;             /* --logprobs-file; NULL: standard error */
 };
 
 static const struct option run_opts[] = {
@@ -44,6 +49,8 @@ static const struct option run_opts[] = {
     {"load-state", required_argument, NULL, OPT_LOAD_STATE},
     {"tools", required_argument, NULL, OPT_TOOLS},
     {"tool-choice", required_argument, NULL, OPT_TOOL_CHOICE},
+    {"logprobs", required_argument, NULL, OPT_LOGPROBS},
+    {"logprobs-file", required_argument, NULL, OPT_LOGPROBS_FILE},
     CLI_HELP_LONGOPT,
     CLI_LONGOPTS_END,
 };
@@ -65,6 +72,7 @@ gen_parse(int argc, char **argv, const struct option *opts, const char *shortopt
     int c;
 
     memset(a, 0, sizeof(*a));
+    a->logprobs = -1;
     cli_gen_init(&a->g);
     a->ca.usage = usage;
     a->ca.gen = &a->g;
@@ -78,6 +86,11 @@ gen_parse(int argc, char **argv, const struct option *opts, const char *shortopt
         case OPT_LOAD_STATE: a->load_state = optarg; break;
         case OPT_TOOLS: a->tools = optarg; break;
         case OPT_TOOL_CHOICE: a->tool_choice = optarg; break;
+        case OPT_LOGPROBS:
+            if (cli_parse_int(optarg, 0, KLI_LOGPROBS_MAX, "--logprobs", &a->logprobs) != 0)
+                return -1;
+            break;
+        case OPT_LOGPROBS_FILE: a->logprobs_file = optarg; break;
         }
     }
     if (c != CLI_ARGS_END)
@@ -265,6 +278,7 @@ struct gen_tools {
     char *schema, *prefix;      /* what a forced call is constrained with (tc_forced_grammar) */
     char *out;                  /* the answer, special tokens by name */
     size_t n, cap;
+    struct gen_lp *lp;          /* --logprobs with --tools: the writer (gen_tools_on_token) */
 };
 
 static int
@@ -408,6 +422,35 @@ gen_tools_print(const struct gen_tools *t, const struct kli_generate_result *r)
 
 /* ==== kli run ============================================================================= */
 
+/* kli run --logprobs: one JSON line per generated token (lp_chat_entry with ids). */
+struct gen_lp {
+    const struct kli_tokenizer *tok;
+    FILE *f;
+    struct bbuf line;
+    int failed;
+};
+
+static void
+gen_on_logprobs(void *ud, kli_token token, const struct kli_logprobs *lp)
+{
+    struct gen_lp *g = ud;
+
+    (void)token;
+    if (lp == NULL || g->failed)
+        return;
+    g->line.n = 0;
+    if (lp_chat_entry(&g->line, g->tok, lp, 1) != 0 || bbuf_add(&g->line, "\n", 1) != 0 ||
+        fwrite(g->line.p, 1, g->line.n, g->f) != g->line.n)
+        g->failed = 1;
+}
+
+/* on_token under --tools: the tools' context carries the logprobs writer. */
+static void
+gen_tools_on_token(void *ud, kli_token token, const struct kli_logprobs *lp)
+{
+    gen_on_logprobs(((struct gen_tools *)ud)->lp, token, lp);
+}
+
 /* What run and chat open alike: the model with its tokenizer, a session of --ctx positions,
  * the sampler and the generation options (printing through gen_print). */
 struct gen_session {
@@ -501,12 +544,36 @@ gen_close(struct gen_session *gs, const struct gen_args *a)
     cli_demo_remove(a->ca.demo);
 }
 
+/* kli run's output file `out` (NULL: none, fine) may be none of its inputs: the model at
+ * `path`, -f's or --messages' file, nor `other` (another output, or NULL). @return 0, or -1
+ * after reporting. */
+static int
+run_output_check(const struct gen_args *a, const char *out, const char *path,
+                 const char *other, const char *opt)
+{
+    struct kli_err err = {0};
+    const char *in[] = {path, a->file, a->messages, other};
+
+    if (out != NULL && other != NULL && strcmp(out, other) == 0) {
+        cli_error("%s: '%s' is another output of this run too", opt, out);
+        return -1;
+    }
+    for (size_t i = 0; out != NULL && i < sizeof(in) / sizeof(in[0]); i++) {
+        if (in[i] != NULL && kli_output_check(out, in[i], &err) != KLI_OK) {
+            cli_error("%s: %s", opt, err.msg);
+            return -1;
+        }
+    }
+    return 0;
+}
+
 static const char run_usage[] =
     "usage: kli run [-m|--model MODEL] [-p|--prompt TEXT | -f|--file FILE | --messages JSON]\n"
     "               [--raw] [--special] [-s|--system SYSTEM] [-n|--max-tokens MAX]\n"
     "               [--tools FILE [--tool-choice auto|none|required|NAME]]\n"
     "               [--stop STR]... [--ctx N] [--cache-type T] [--quiet]\n"
-    "               [--load-state FILE] [--save-state FILE] [-h|--help]\n"
+    "               [--load-state FILE] [--save-state FILE]\n"
+    "               [--logprobs N [--logprobs-file FILE]] [-h|--help]\n"
     CLI_JSON_HELP CLI_SAMPLING_HELP CLI_PLACEMENT_HELP CLI_GPU_HELP
     "Without -m, the built-in demo model runs. Without -p/-f, the prompt is read from stdin.\n";
 
@@ -523,9 +590,15 @@ cmd_run(int argc, char **argv)
     size_t len = 0;
     int64_t n;
     int rc = 1, pr;
+    struct gen_lp glp = {0};
+    struct kli_outfile *lpf = NULL;
 
     if ((pr = gen_parse(argc, argv, run_opts, "m:p:f:s:n:t:h", &a, run_usage)) != 0)
         return pr > 0 ? 0 : 2;
+    if (a.logprobs_file != NULL && a.logprobs < 0) {
+        cli_error("run: --logprobs-file needs --logprobs N");
+        return 2;
+    }
     if ((a.prompt != NULL) + (a.file != NULL) + (a.messages != NULL) > 1) {
         cli_error("run: give one of -p, -f and --messages");
         return 2;
@@ -571,21 +644,42 @@ cmd_run(int argc, char **argv)
     if (path == NULL)
         goto out;
     /* the state file may be the one loaded (it is replaced at the end), never an input */
-    if (a.save_state != NULL &&
-        (kli_output_check(a.save_state, path, &err) != KLI_OK ||
-         (a.file != NULL && kli_output_check(a.save_state, a.file, &err) != KLI_OK) ||
-         (a.messages != NULL && kli_output_check(a.save_state, a.messages, &err) != KLI_OK))) {
-        cli_error("--save-state: %s", err.msg);
+    if (run_output_check(&a, a.save_state, path, NULL, "--save-state") != 0 ||
+        run_output_check(&a, a.logprobs_file, path, a.save_state, "--logprobs-file") != 0)
         goto out;
-    }
     if (gen_open(&a, path, &gs) != 0 || (a.tools != NULL && gen_tools_open(&a, &gt) != 0))
         goto out;
+    if (a.logprobs >= 0) {
+        if (kli_sampler_set_logprobs(gs.smp, (int32_t)a.logprobs, &err) != KLI_OK) {
+            cli_error("%s", err.msg);
+            goto out;
+        }
+        glp.tok = gs.tok;
+        glp.f = stderr;
+        if (a.logprobs_file != NULL) {
+            int fd = -1;
+            if (kli_outfile_open(&lpf, a.logprobs_file, KLI_OUTFILE_STREAM, &err) != KLI_OK ||
+                (fd = dup(kli_outfile_fd(lpf))) < 0 || (glp.f = fdopen(fd, "wb")) == NULL) {
+                cli_error("%s", err.code != 0 ? err.msg : strerror(errno));
+                if (fd >= 0)
+                    close(fd);
+                glp.f = NULL;
+                goto out;
+            }
+        }
+        gs.go.on_token = gen_on_logprobs;
+        gs.go.ud = &glp;
+    }
     gs.go.special = a.special;
     if (a.tools != NULL && !gt.none) {
         /* the answer is read for its calls: collected, the markers by name */
         gs.go.on_text = gen_collect;
         gs.go.ud = &gt;
         gs.go.special = a.special ? 1 : 2;
+        if (gs.go.on_token != NULL) {   /* one ud for both: the logprobs writer through gt */
+            gt.lp = &glp;
+            gs.go.on_token = gen_tools_on_token;
+        }
     }
     if (gt.schema != NULL &&
         (kli_grammar_create(&gs.gram, gs.tok, gt.schema, strlen(gt.schema), &err) != KLI_OK ||
@@ -626,6 +720,27 @@ cmd_run(int argc, char **argv)
         cli_error("stdout: write error");
         goto out;
     }
+    if (glp.f != NULL && !glp.failed && fflush(glp.f) != 0)
+        glp.failed = 1;
+    if (glp.failed) {
+        cli_error("%s: write error", a.logprobs_file != NULL ? a.logprobs_file
+                                                             : "standard error");
+        goto out;
+    }
+    if (lpf != NULL) {
+        FILE *f = glp.f;
+        glp.f = NULL;
+        int crc = KLI_E_IO;
+        if (fclose(f) != 0)
+            kli_outfile_abort(lpf);
+        else
+            crc = kli_outfile_commit(lpf, &err);
+        lpf = NULL;
+        if (crc != KLI_OK) {
+            cli_error("%s: %s", a.logprobs_file, err.code != 0 ? err.msg : "write error");
+            goto out;
+        }
+    }
     if (!a.g.quiet)
         gen_report(&res);
     if (gen_grammar_check(&gs, &res) != 0)
@@ -636,6 +751,10 @@ cmd_run(int argc, char **argv)
     }
     rc = gen_interrupted ? 130 : 0;
 out:
+    if (glp.f != NULL && glp.f != stderr)
+        fclose(glp.f);
+    kli_outfile_abort(lpf);
+    free(glp.line.p);
     free(ids);
     free(text);
     gen_tools_free(&gt);

@@ -106,6 +106,8 @@ kli_generate(struct kli_session *s, const struct kli_tokenizer *tok, struct kli_
         }
         kli_sampler_accept(smp, t);
         r.n_generated++;
+        if (opt->on_token != NULL)
+            opt->on_token(opt->ud, t, kli_sampler_logprobs(smp));
         /* Special tokens other than the ends produce no text, or their names: all of them
          * (special 1) or the tool-call markers, <|tool_call...|> (special 2). */
         size_t len;

@@ -514,6 +514,41 @@ KLI_API void kli_sampler_accept(struct kli_sampler *smp, kli_token tok);
 /* Forgets the recorded tokens and restarts the random stream from the seed. */
 KLI_API void kli_sampler_reset(struct kli_sampler *smp);
 
+/* ---- log-probabilities ------------------------------------------------------------------
+ * A sampler asked for them records, at each draw, the log-probability (natural log) of the
+ * token drawn and of the n_top most likely tokens, under the distribution the draw used:
+ * the logits after logit_bias, the penalties and a grammar's mask, divided by the
+ * temperature, cut by top-k, min-p and top-p and renormalised over the tokens kept (an
+ * alternative is always a token the draw could have picked, so there may be fewer than
+ * n_top). With temperature 0 (greedy) the draw has no distribution: then it is the softmax
+ * of those logits at temperature 1 over the whole vocabulary, whose most likely token greedy
+ * takes. A token chosen without a draw (a grammar's end token, a forced fallback) has
+ * log-probability 0 and no alternatives. Log-probabilities are at least -9999. */
+#define KLI_LOGPROBS_MAX 20
+
+struct kli_token_logprob {
+    kli_token token;
+    float logprob;
+};
+
+struct kli_logprobs {
+    kli_token token;             /* the token drawn */
+    float logprob;               /* its log-probability, <= 0 */
+    int32_t n_top;               /* entries of top: at most the n_top asked for */
+    struct kli_token_logprob top[KLI_LOGPROBS_MAX];   /* most likely first, ties to the lower
+                                                         id; the token drawn among them when
+                                                         it is one of the most likely */
+};
+
+/* Starts (n_top in [0, KLI_LOGPROBS_MAX]) or stops (-1, the default) recording each draw's
+ * log-probabilities. Recording costs a pass over the vocabulary per draw.
+ * @return KLI_OK, or KLI_E_RANGE for another n_top. */
+KLI_API int kli_sampler_set_logprobs(struct kli_sampler *smp, int32_t n_top, struct kli_err *err);
+
+/* @return the last draw's log-probabilities (valid until the next draw), or NULL when not
+ * recording or before the first draw since recording started. */
+KLI_API const struct kli_logprobs *kli_sampler_logprobs(const struct kli_sampler *smp);
+
 /* ---- constrained decoding: JSON Schema ------------------------------------------------
  * A grammar is a JSON Schema compiled for one tokenizer; a sampler given one (and a token
  * budget) draws only tokens that keep the output a prefix of a valid value, which can still
@@ -697,6 +732,10 @@ struct kli_generate_options {
                                     to on_text as their names ("<|im_user|>"); 2: only the
                                     tool-call markers ("<|tool_call_begin|>", ...);
                                     default 0: they produce no text */
+    /* Called with every generated token but the end tokens (the one that completes a stop
+     * string included), before its text reaches on_text; lp is kli_sampler_logprobs of the
+     * sampler (NULL unless it records them). May be NULL. */
+    void (*on_token)(void *ud, kli_token token, const struct kli_logprobs *lp);
 };
 
 struct kli_generate_result {
@@ -754,6 +793,7 @@ struct kli_sched_token {
     size_t len;
     int32_t n_generated;         /* tokens generated so far, this one included */
     const float *logits;         /* the kli_model_n_vocab logits it was sampled from */
+    const struct kli_logprobs *lp;   /* with the request's logprobs >= 0, else NULL */
 };
 
 /* How a request ended. `text` (all its generated text, cut before a stop string) and
@@ -819,6 +859,9 @@ struct kli_sched_request {
     /* Not NULL: the output is a value of this grammar, complete within max_tokens
      * (kli_sampler_set_grammar); borrowed, it must outlive the request. */
     const struct kli_grammar *grammar;
+    /* -1 (default): none; 0..KLI_LOGPROBS_MAX: every reported token carries its
+     * log-probabilities and this many alternatives (kli_sched_token.lp). */
+    int32_t logprobs;
 };
 
 struct kli_prefix_stats {

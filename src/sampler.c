@@ -46,6 +46,9 @@ struct kli_sampler {
     struct gr_matcher *gm;    /* kli_sampler_set_grammar's, or NULL */
     int32_t g_budget;         /* its max_tokens */
     float *glog;              /* [n_vocab] the logits the grammar allows, -inf elsewhere */
+    int32_t lp_top;           /* kli_sampler_set_logprobs's n_top; -1: not recording */
+    int lp_valid;             /* lp holds the last draw's */
+    struct kli_logprobs lp;
 };
 
 void
@@ -156,6 +159,7 @@ kli_sampler_create(struct kli_sampler **out, const struct kli_sampler_options *o
     }
     smp->o.bias_ids = smp->bias_ids;   /* the options point at the copies */
     smp->o.bias = smp->bias;
+    smp->lp_top = -1;
     kli_sampler_reset(smp);
     *out = smp;
     return KLI_OK;
@@ -443,6 +447,128 @@ sampler_support_at(const struct kli_sampler *smp, int32_t i, kli_token *id, floa
     *w = smp->cand[i].logit;
 }
 
+/* ==== log-probabilities (kli.h) ========================================================= */
+
+int
+kli_sampler_set_logprobs(struct kli_sampler *smp, int32_t n_top, struct kli_err *err)
+{
+    if (smp == NULL)
+        return err_set(err, KLI_E_INVALID, "kli_sampler_set_logprobs: no sampler");
+    if (n_top < -1 || n_top > KLI_LOGPROBS_MAX)
+        return err_set(err, KLI_E_RANGE, "logprobs %d is outside [0, %d] (-1: off)",
+                       (int)n_top, KLI_LOGPROBS_MAX);
+    smp->lp_top = n_top;
+    smp->lp_valid = 0;
+    return KLI_OK;
+}
+
+const struct kli_logprobs *
+kli_sampler_logprobs(const struct kli_sampler *smp)
+{
+    return smp != NULL && smp->lp_top >= 0 && smp->lp_valid ? &smp->lp : NULL;
+}
+
+/* Offers (id, v) to the top list of smp->lp, kept by falling v, ties to the lower id (ids
+ * come in rising order, so a tie never displaces an entry). */
+static void
+sampler_top_offer(struct kli_sampler *smp, kli_token id, float v)
+{
+    struct kli_logprobs *lp = &smp->lp;
+    int32_t k = lp->n_top;
+
+    if (k == smp->lp_top && !(v > lp->top[k - 1].logprob))
+        return;
+    if (k < smp->lp_top)
+        lp->n_top++;
+    else
+        k--;
+    while (k > 0 && v > lp->top[k - 1].logprob) {
+        lp->top[k] = lp->top[k - 1];
+        k--;
+    }
+    lp->top[k].token = id;
+    lp->top[k].logprob = v;
+}
+
+/* A log-probability as reported: at least -9999 (-inf and NaN included). */
+static float
+sampler_lp_floor(double x)
+{
+    return x >= -9999.0 ? (float)x : -9999.0f;
+}
+
+/* Records a token chosen without a draw: probability 1. @return tok. */
+static kli_token
+sampler_forced(struct kli_sampler *smp, kli_token tok)
+{
+    if (smp->lp_top >= 0) {
+        smp->lp = (struct kli_logprobs){.token = tok, .logprob = 0.0f};
+        smp->lp_valid = 1;
+    }
+    return tok;
+}
+
+/* Records greedy's choice tok under the softmax of l [n_vocab] at temperature 1 (NaN and -inf
+ * logits have probability 0). @return tok. */
+static kli_token
+sampler_note_softmax(struct kli_sampler *smp, const float *l, kli_token tok)
+{
+    struct kli_logprobs *lp = &smp->lp;
+    int32_t V = smp->n_vocab;
+    float mx = -INFINITY;
+    double sum = 0.0;
+
+    if (smp->lp_top < 0)
+        return tok;
+    for (int32_t i = 0; i < V; i++)
+        mx = l[i] > mx ? l[i] : mx;
+    if (!(mx > -INFINITY && mx < INFINITY))
+        return sampler_forced(smp, tok);
+    lp->n_top = 0;
+    for (int32_t i = 0; i < V; i++) {
+        if (l[i] > -INFINITY) {
+            sum += exp((double)l[i] - (double)mx);
+            if (smp->lp_top > 0)
+                sampler_top_offer(smp, i, l[i]);
+        }
+    }
+    double lse = (double)mx + log(sum);
+    for (int32_t k = 0; k < lp->n_top; k++)
+        lp->top[k].logprob = sampler_lp_floor((double)lp->top[k].logprob - lse);
+    lp->token = tok;
+    lp->logprob = sampler_lp_floor((double)l[tok] - lse);
+    smp->lp_valid = 1;
+    return tok;
+}
+
+/* Records tok drawn from the n candidates of sampler_support (unnormalised probabilities
+ * summing to sum > 0). @return tok. */
+static kli_token
+sampler_note_support(struct kli_sampler *smp, int32_t n, double sum, kli_token tok)
+{
+    struct kli_logprobs *lp = &smp->lp;
+    const struct sampler_cand *c = smp->cand;
+    double w = 0.0;
+
+    if (smp->lp_top < 0)
+        return tok;
+    lp->n_top = 0;
+    for (int32_t i = 0; i < n; i++) {
+        if (c[i].id == tok)
+            w = c[i].logit;
+    }
+    /* equal weights lie in one bucket, in rising id order (sampler_cut), as the top list
+     * wants them for its ties */
+    for (int32_t i = 0; i < n && smp->lp_top > 0; i++)
+        sampler_top_offer(smp, c[i].id, c[i].logit);
+    for (int32_t k = 0; k < lp->n_top; k++)
+        lp->top[k].logprob = sampler_lp_floor(log((double)lp->top[k].logprob / sum));
+    lp->token = tok;
+    lp->logprob = sampler_lp_floor(log(w / sum));
+    smp->lp_valid = 1;
+    return tok;
+}
+
 static kli_token sampler_draw(struct kli_sampler *smp, const float *logits);
 
 int
@@ -493,10 +619,10 @@ sampler_grammar_draw(struct kli_sampler *smp, const float *logits)
     kli_token tok;
 
     if (gr_matcher_status(gm) != 0)
-        return gr_matcher_end(gm);
+        return sampler_forced(smp, gr_matcher_end(gm));
     if ((mask = gr_matcher_mask(gm)) == NULL) {
         gr_matcher_accept(gm, -1);   /* stuck: kli_sampler_grammar_status tells */
-        return gr_matcher_end(gm);
+        return sampler_forced(smp, gr_matcher_end(gm));
     }
     for (int32_t i = 0; i < V; i++)
         smp->glog[i] = (mask[i / 64] >> (i % 64)) & 1 ? logits[i] : -INFINITY;
@@ -505,6 +631,7 @@ sampler_grammar_draw(struct kli_sampler *smp, const float *logits)
         /* every allowed logit NaN or -inf: the first allowed token */
         for (tok = 0; !((mask[tok / 64] >> (tok % 64)) & 1); tok++)
             ;
+        sampler_forced(smp, tok);
     }
     gr_matcher_accept(gm, tok);
     return tok;
@@ -545,18 +672,21 @@ sampler_draw(struct kli_sampler *smp, const float *logits)
                 best = i;
             }
         }
-        return best;
+        return sampler_note_softmax(smp, logits, best);
     }
     int32_t n = sampler_support(smp, logits, &sum, &tok);
+    if (n == 0 && o->temperature == 0.0f)   /* greedy after the penalties, in smp->work */
+        return sampler_note_softmax(smp, smp->work, tok);
     if (n == 0 || !(sum > 0.0))
-        return n == 0 ? tok : smp->cand[0].id;
+        return sampler_forced(smp, n == 0 ? tok : smp->cand[0].id);
     double r = sampler_uniform(smp) * sum, acc = 0.0;
-    for (int32_t i = 0; i < n; i++) {
+    int32_t i = 0;
+    for (; i < n - 1; i++) {
         acc += smp->cand[i].logit;
         if (r < acc)
-            return smp->cand[i].id;
+            break;
     }
-    return smp->cand[n - 1].id;
+    return sampler_note_support(smp, n, sum, smp->cand[i].id);
 }
 
 struct sample_many {

@@ -51,6 +51,7 @@ struct sched_req {
     struct kli_sampler_options so;
     int32_t max_tokens;
     const struct kli_grammar *grammar;
+    int32_t logprobs;             /* kli_sampler_set_logprobs's n_top, -1: none */
     kli_token *bias_ids;          /* the copies so.bias_ids and so.bias point at */
     float *bias;
     char *stop[SCHED_MAX_STOP];
@@ -201,7 +202,8 @@ sched_take(struct kli_sched *s, struct sched_place *p, kli_token t, const float 
         bytes = kli_token_bytes(s->tok, t, &len);
     if (s->o.on_token != NULL) {
         struct kli_sched_token ev = {r->id, r->user, t, bytes != NULL ? bytes : "",
-                                     bytes != NULL ? len : 0, p->n_gen, logits};
+                                     bytes != NULL ? len : 0, p->n_gen, logits,
+                                     kli_sampler_logprobs(p->smp)};
         s->o.on_token(s->o.ud, &ev);
     }
     if (bytes != NULL && util_text_add(&p->text, &p->n_text, &p->cap_text, bytes, len) != 0) {
@@ -333,7 +335,8 @@ sched_join(struct kli_sched *s, struct sched_place *p, struct sched_req *r, int3
     }
     if ((rc = kli_sampler_create(&p->smp, &r->so, kli_model_n_vocab(s->m), &err)) != KLI_OK ||
         (r->grammar != NULL && r->max_tokens > 0 &&
-         (rc = kli_sampler_set_grammar(p->smp, r->grammar, r->max_tokens, &err)) != KLI_OK)) {
+         (rc = kli_sampler_set_grammar(p->smp, r->grammar, r->max_tokens, &err)) != KLI_OK) ||
+        (rc = kli_sampler_set_logprobs(p->smp, r->logprobs, &err)) != KLI_OK) {
         kli_sampler_free(p->smp);
         p->smp = NULL;
         sched_end(s, r, NULL, KLI_FINISH_ERROR, rc, err.msg);
@@ -519,7 +522,7 @@ kli_sched_options_init(struct kli_sched_options *o)
 void
 kli_sched_request_init(struct kli_sched_request *r)
 {
-    *r = (struct kli_sched_request){.size = sizeof(*r), .max_tokens = 256};
+    *r = (struct kli_sched_request){.size = sizeof(*r), .max_tokens = 256, .logprobs = -1};
     kli_sampler_options_init(&r->so);
 }
 
@@ -654,6 +657,7 @@ kli_sched_submit(struct kli_sched *s, const struct kli_sched_request *r, uint64_
     q->so.bias = q->bias;
     q->max_tokens = r->max_tokens;
     q->grammar = r->grammar;
+    q->logprobs = r->logprobs;
     q->user = r->user;
     q->id = s->next_id++;
     s->wait[s->n_wait++] = q;

@@ -264,6 +264,18 @@ struct job {
     int32_t n_prompt, n_cached, n_gen;
     double t_first;
     struct job *next;            /* in the inbox, or among the submitted */
+    struct lp_list lp;           /* with logprobs: every reported token's */
+    int32_t lp_sent;             /* of lp, passed on in events */
+    size_t lp_off;               /* the text offset where token lp_sent starts */
+    int lp_bad;                  /* one could not be kept: the answer fails */
+    /* n > 1: every choice is a job of its own on the scheduler. The first, the lead, holds
+     * the connection, the stream (out, cv) and the request (the others borrow its rq); it is
+     * done when all its choices have ended. A choice holds a reference to the lead while
+     * the scheduler has it, and the lead one to each choice until it is freed. */
+    int index;                   /* the choice's */
+    struct job *lead;            /* choice 0's job (itself for choice 0) */
+    struct job **sib;            /* lead: choices 1..n_sib */
+    int n_sib, n_open;           /* lead: choices not yet ended */
 };
 
 /* One HTTP request (MHD's per-request pointer). */
@@ -317,9 +329,15 @@ job_unref(struct job *j)
 {
     if (--j->refs > 0)
         return;
-    serve_req_clear(&j->rq);
+    if (j->lead == j || j->lead == NULL) {
+        for (int i = 0; i < j->n_sib; i++)
+            job_unref(j->sib[i]);
+        free(j->sib);
+        serve_req_clear(&j->rq);
+    }
     free(j->acc.p);
     free(j->out.p);
+    lp_list_free(&j->lp);
     free(j->text);
     free(j->error);
     cJSON_Delete(j->calls);
@@ -431,25 +449,57 @@ serve_head(struct bbuf *b, const struct job *j, const char *object)
     return bad | bbuf_json_str(b, j->s->name, strlen(j->s->name));
 }
 
+/* The choices of lead j: i = 0 is j itself. */
+static struct job *
+job_choice(struct job *j, int i)
+{
+    return i == 0 ? j : j->sib[i - 1];
+}
+
+/* The tokens generated for all the choices of lead j. */
+static int32_t
+job_completion_tokens(const struct job *j)
+{
+    int32_t n = j->n_gen;
+
+    for (int i = 0; i < j->n_sib; i++)
+        n += j->sib[i]->n_gen;
+    return n;
+}
+
 static int
 serve_usage_json(struct bbuf *b, const struct job *j)
 {
+    int32_t gen = job_completion_tokens(j);
+
     return bbuf_addf(b, "\"usage\":{\"prompt_tokens\":%d,\"completion_tokens\":%d,"
                      "\"total_tokens\":%d,\"prompt_tokens_details\":{\"cached_tokens\":%d}}",
-                     (int)j->n_prompt, (int)j->n_gen, (int)(j->n_prompt + j->n_gen),
-                     (int)j->n_cached);
+                     (int)j->n_prompt, (int)gen, (int)(j->n_prompt + gen), (int)j->n_cached);
 }
 
-/* One SSE event of a stream: a piece of text (finish NULL), or the end of the choice. */
+/* A choice's "logprobs" value for its tokens [from, to), the first at text offset off. */
 static int
-job_event(struct job *j, const char *text, size_t len, const char *finish)
+job_logprobs(struct bbuf *b, const struct job *j, int32_t from, int32_t to, size_t off)
 {
-    struct bbuf *b = &j->out;
+    if (!j->rq.logprobs_on)
+        return BB_ADD(b, "null");
+    if (j->rq.kind == SERVE_CHAT)
+        return lp_chat_json(b, j->s->tok, j->lp.v + from, to - from);
+    return lp_compl_json(b, j->s->tok, j->lp.v + from, to - from, off);
+}
+
+/* One SSE event of a stream: a piece of text (finish NULL), or the end of the choice. With
+ * logprobs, a piece of text carries those of its tokens whose text it ends (`last`: all the
+ * rest). */
+static int
+job_event_lp(struct job *j, const char *text, size_t len, const char *finish, int last)
+{
+    struct bbuf *b = &j->lead->out;
     int chat = j->rq.kind == SERVE_CHAT, bad;
 
     bad = BB_ADD(b, "data: ");
     bad |= serve_head(b, j, chat ? "chat.completion.chunk" : "text_completion");
-    bad |= BB_ADD(b, ",\"choices\":[{\"index\":0,");
+    bad |= bbuf_addf(b, ",\"choices\":[{\"index\":%d,", j->index);
     if (chat && text == NULL) {
         bad |= BB_ADD(b, "\"delta\":{");
         if (finish == NULL)
@@ -461,7 +511,17 @@ job_event(struct job *j, const char *text, size_t len, const char *finish)
         if (chat)
             bad |= BB_ADD(b, "}");
     }
-    bad |= BB_ADD(b, ",\"logprobs\":null,\"finish_reason\":");
+    bad |= BB_ADD(b, ",\"logprobs\":");
+    if (text != NULL && j->rq.logprobs_on) {
+        int32_t to = last ? j->lp.n : lp_upto(j->s->tok, &j->lp, j->lp_sent, j->lp_off,
+                                               (size_t)(text + len - j->acc.p));
+        bad |= job_logprobs(b, j, j->lp_sent, to, j->lp_off);
+        for (; j->lp_sent < to; j->lp_sent++)
+            j->lp_off += lp_text_len(j->s->tok, j->lp.v[j->lp_sent].token);
+    } else {
+        bad |= BB_ADD(b, "null");
+    }
+    bad |= BB_ADD(b, ",\"finish_reason\":");
     if (finish != NULL)
         bad |= bbuf_addf(b, "\"%s\"", finish);
     else
@@ -470,44 +530,73 @@ job_event(struct job *j, const char *text, size_t len, const char *finish)
     return bad;
 }
 
-/* The end of a stream: the rest of the text, the finish reason, the usage, [DONE]; or an
- * error event. */
-static void
-job_stream_end(struct job *j)
+static int
+job_event(struct job *j, const char *text, size_t len, const char *finish)
 {
-    struct bbuf *b = &j->out;
+    return job_event_lp(j, text, len, finish, 0);
+}
+
+/* The end of a choice's stream: the rest of its text and its finish reason, or an error
+ * event; after the last choice (`last`), the usage and [DONE]. */
+static void
+job_stream_end(struct job *j, int last)
+{
+    struct bbuf *b = &j->lead->out;
+    size_t at = b->n;
     int bad = 0;
 
     if (j->error != NULL || j->finish == KLI_FINISH_INTERRUPT) {
         const char *msg = j->error != NULL ? j->error
-                          : j->timed_out ? "the request took longer than --timeout allows"
+                          : j->lead->timed_out ? "the request took longer than --timeout allows"
                           : "the request was cancelled";
         bad |= BB_ADD(b, "data: {\"error\":{\"message\":");
         bad |= bbuf_json_str(b, msg, strlen(msg));
         bad |= BB_ADD(b, ",\"type\":\"server_error\",\"param\":null,\"code\":null}}\n\n");
     } else {
-        if (j->len > j->sent)
-            bad |= job_event(j, j->text + j->sent, j->len - j->sent, NULL);
+        if (j->len > j->sent || j->lp_sent < j->lp.n)
+            bad |= job_event_lp(j, j->text + j->sent, j->len - j->sent, NULL, 1);
         if (j->calls != NULL) {   /* the calls whole, in one delta */
             bad |= BB_ADD(b, "data: ");
             bad |= serve_head(b, j, "chat.completion.chunk");
-            bad |= BB_ADD(b, ",\"choices\":[{\"index\":0,\"delta\":{");
+            bad |= bbuf_addf(b, ",\"choices\":[{\"index\":%d,\"delta\":{", j->index);
             bad |= job_calls_json(b, j, 1);
             bad |= BB_ADD(b, "},\"logprobs\":null,\"finish_reason\":null}]}\n\n");
         }
         bad |= job_event(j, NULL, 0, serve_reason(j));
-        if (j->rq.include_usage) {
-            bad |= BB_ADD(b, "data: ");
-            bad |= serve_head(b, j, j->rq.kind == SERVE_CHAT ? "chat.completion.chunk"
-                                                             : "text_completion");
-            bad |= BB_ADD(b, ",\"choices\":[],");
-            bad |= serve_usage_json(b, j);
-            bad |= BB_ADD(b, "}\n\n");
-        }
     }
-    bad |= BB_ADD(b, "data: [DONE]\n\n");
+    if (last && j->rq.include_usage && j->lead->error == NULL &&
+        j->lead->finish != KLI_FINISH_INTERRUPT) {
+        bad |= BB_ADD(b, "data: ");
+        bad |= serve_head(b, j, j->rq.kind == SERVE_CHAT ? "chat.completion.chunk"
+                                                         : "text_completion");
+        bad |= BB_ADD(b, ",\"choices\":[],");
+        bad |= serve_usage_json(b, j->lead);
+        bad |= BB_ADD(b, "}\n\n");
+    }
+    if (last)
+        bad |= BB_ADD(b, "data: [DONE]\n\n");
     if (bad)   /* out of memory: the client sees the stream break off */
-        j->out.n = j->out_off;
+        b->n = at;
+}
+
+/* mu held: choice j has ended (its text, finish and error are in): its stream ends, the lead
+ * is done after its last choice, and the scheduler's references go. */
+static void
+job_end(struct srv *s, struct job *j)
+{
+    struct job *lead = j->lead;
+
+    lead->n_open--;
+    if (j->rq.stream)
+        job_stream_end(j, lead->n_open == 0);
+    if (j != lead || lead->n_open == 0)
+        j->done = 1;   /* the lead's: all its choices have ended */
+    lead->done = lead->n_open == 0;
+    s->n_jobs--;
+    pthread_cond_broadcast(&lead->cv);
+    if (j != lead)
+        job_unref(lead);   /* the choice's hold on its lead */
+    job_unref(j);
 }
 
 /* ==== the scheduler's callbacks (its thread) ============================================== */
@@ -520,12 +609,14 @@ serve_on_token(void *ud, const struct kli_sched_token *t)
     size_t safe;
 
     pthread_mutex_lock(&s->mu);
-    if (j->t_first == 0) {
+    if (j->t_first == 0 && j == j->lead) {
         j->t_first = util_now_s();
         s->ttft_sum += j->t_first - j->t0;
         s->ttft_count++;
     }
     s->gen_tokens++;
+    if (t->lp != NULL && lp_list_add(&j->lp, t->lp) != 0)
+        j->lp_bad = 1;
     const char *text = t->text;
     size_t len = t->len;
     if (len == 0 && j->rq.tool_mode != SERVE_TOOLS_OFF) {   /* a tool-call marker, by name */
@@ -537,7 +628,7 @@ serve_on_token(void *ud, const struct kli_sched_token *t)
         (safe = job_safe(j)) > j->sent) {
         if (job_event(j, j->acc.p + j->sent, safe - j->sent, NULL) == 0)
             j->sent = safe;
-        pthread_cond_broadcast(&j->cv);
+        pthread_cond_broadcast(&j->lead->cv);
     }
     pthread_mutex_unlock(&s->mu);
 }
@@ -566,6 +657,8 @@ serve_on_finish(void *ud, const struct kli_sched_result *r)
     }
     if (r->error != NULL)
         j->error = strdup(r->error);
+    else if (j->lp_bad && j->error == NULL)
+        j->error = strdup("out of memory (logprobs)");
     if (j->error == NULL && j->rq.tool_mode != SERVE_TOOLS_OFF && r->finish != KLI_FINISH_ERROR &&
         r->finish != KLI_FINISH_INTERRUPT && job_tools(j) != 0)
         j->error = strdup("out of memory");
@@ -577,13 +670,8 @@ serve_on_finish(void *ud, const struct kli_sched_result *r)
         s->cache_hits += r->n_cached > 0;
     }
     s->finished++;
-    if (j->rq.stream)
-        job_stream_end(j);
-    j->done = 1;
     s->n_sched--;
-    s->n_jobs--;
-    pthread_cond_broadcast(&j->cv);
-    job_unref(j);
+    job_end(s, j);
     pthread_mutex_unlock(&s->mu);
 }
 
@@ -621,16 +709,13 @@ serve_loop(void *arg)
             q.stop = (const char *const *)j->rq.stop;
             q.n_stop = j->rq.n_stop;
             q.grammar = j->rq.grammar;
+            q.logprobs = j->rq.logprobs_on ? j->rq.top_logprobs : -1;
+            q.so.seed += (uint64_t)j->index;   /* each choice a stream of its own */
             q.user = j;
             if (kli_sched_submit(s->sched, &q, &j->sched_id, &err) != KLI_OK) {
                 j->error = strdup(err.msg);
                 j->finish = KLI_FINISH_ERROR;
-                if (j->rq.stream)
-                    job_stream_end(j);
-                j->done = 1;
-                s->n_jobs--;
-                pthread_cond_broadcast(&j->cv);
-                job_unref(j);
+                job_end(s, j);
                 continue;
             }
             j->submitted = 1;
@@ -640,7 +725,7 @@ serve_loop(void *arg)
         }
         s->inbox_tail = NULL;
         for (j = s->active; j != NULL; j = j->next) {
-            if (j->cancel && !j->cancel_sent) {
+            if ((j->cancel || j->lead->cancel) && !j->cancel_sent) {
                 kli_sched_cancel(s->sched, j->sched_id);
                 j->cancel_sent = 1;
             }
@@ -679,7 +764,7 @@ serve_log(struct srv *s, const struct conn *cn, const struct job *j)
     if (j != NULL && k > 0 && (size_t)k < sizeof(line))
         k += snprintf(line + k, sizeof(line) - (size_t)k, " id=%s prompt=%d cached=%d "
                       "completion=%d finish=%s ttft=%.1fms", j->id, (int)j->n_prompt,
-                      (int)j->n_cached, (int)j->n_gen,
+                      (int)j->n_cached, (int)job_completion_tokens(j),
                       !j->done ? "none" : j->error != NULL ? "error"
                       : j->finish == KLI_FINISH_INTERRUPT ? "cancelled" : serve_reason(j),
                       j->t_first > 0 ? 1e3 * (j->t_first - j->t0) : 0.0);
@@ -870,6 +955,10 @@ job_answer(struct conn *cn, struct MHD_Connection *c, struct job *j)
         cn->status = 499;
         return MHD_NO;
     }
+    for (int i = 1; i <= j->n_sib && j->error == NULL; i++) {
+        if (j->sib[i - 1]->error != NULL)
+            return serve_fail_reply(cn, c, 500, "server_error", NULL, 0, j->sib[i - 1]->error);
+    }
     if (j->error != NULL)
         return serve_fail_reply(cn, c, 500, "server_error", NULL, 0, j->error);
     if (j->timed_out)
@@ -879,17 +968,23 @@ job_answer(struct conn *cn, struct MHD_Connection *c, struct job *j)
         return serve_fail_reply(cn, c, 503, "server_error", NULL, 0,
                                 "the request was cancelled (the server is shutting down)");
     bad = serve_head(&b, j, chat ? "chat.completion" : "text_completion");
-    bad |= BB_ADD(&b, ",\"choices\":[{\"index\":0,");
-    bad |= chat ? BB_ADD(&b, "\"message\":{\"role\":\"assistant\",\"content\":")
-                : BB_ADD(&b, "\"text\":");
-    if (j->calls != NULL && j->len == 0)
-        bad |= BB_ADD(&b, "null");
-    else
-        bad |= bbuf_json_str(&b, j->text, j->len);
-    if (j->calls != NULL)
-        bad |= BB_ADD(&b, ",") | job_calls_json(&b, j, 0);
-    bad |= bbuf_addf(&b, "%s,\"logprobs\":null,\"finish_reason\":\"%s\"}],", chat ? "}" : "",
-                     serve_reason(j));
+    bad |= BB_ADD(&b, ",\"choices\":[");
+    for (int i = 0; i <= j->n_sib; i++) {
+        const struct job *ch = job_choice(j, i);
+        bad |= bbuf_addf(&b, "%s{\"index\":%d,", i > 0 ? "," : "", i);
+        bad |= chat ? BB_ADD(&b, "\"message\":{\"role\":\"assistant\",\"content\":")
+                    : BB_ADD(&b, "\"text\":");
+        if (ch->calls != NULL && ch->len == 0)
+            bad |= BB_ADD(&b, "null");
+        else
+            bad |= bbuf_json_str(&b, ch->text, ch->len);
+        if (ch->calls != NULL)
+            bad |= BB_ADD(&b, ",") | job_calls_json(&b, ch, 0);
+        bad |= bbuf_addf(&b, "%s,\"logprobs\":", chat ? "}" : "");
+        bad |= job_logprobs(&b, ch, 0, ch->lp.n, 0);
+        bad |= bbuf_addf(&b, ",\"finish_reason\":\"%s\"}", serve_reason(ch));
+    }
+    bad |= BB_ADD(&b, "],");
     bad |= serve_usage_json(&b, j);
     bad |= BB_ADD(&b, "}\n");
     if (bad) {
@@ -930,7 +1025,35 @@ serve_complete(struct srv *s, struct conn *cn, struct MHD_Connection *c, enum se
              serve_mix(k ^ ((uint64_t)j->created << 20)));
     if (!j->rq.seeded)
         j->rq.so.seed = serve_mix(k ^ (uint64_t)(j->t0 * 1e9));
-    if (s->draining || s->n_jobs >= s->a->queue) {
+    j->lead = j;
+    j->n_open = j->rq.n_choices > 1 ? j->rq.n_choices : 1;
+    if (j->n_open > 1 && (j->sib = calloc((size_t)j->n_open - 1, sizeof(*j->sib))) == NULL)
+        j->n_open = 0;
+    for (int i = 1; i < j->n_open; i++) {   /* the other choices borrow the request */
+        struct job *ch = calloc(1, sizeof(*ch));
+        if (ch == NULL) {
+            j->n_open = 0;
+            break;
+        }
+        ch->s = s;
+        ch->rq = j->rq;
+        memcpy(ch->id, j->id, sizeof(ch->id));
+        ch->created = j->created;
+        ch->fd = -1;
+        ch->t0 = j->t0;
+        ch->index = i;
+        ch->lead = j;
+        ch->refs = 1;   /* the lead's */
+        pthread_cond_init(&ch->cv, NULL);
+        j->sib[j->n_sib++] = ch;
+    }
+    if (j->n_open == 0) {   /* out of memory */
+        j->refs = 1;
+        job_unref(j);
+        pthread_mutex_unlock(&s->mu);
+        return MHD_NO;
+    }
+    if (s->draining || s->n_jobs + j->n_open > s->a->queue) {
         int drain = s->draining;
         j->refs = 1;
         job_unref(j);
@@ -941,19 +1064,25 @@ serve_complete(struct srv *s, struct conn *cn, struct MHD_Connection *c, enum se
         return serve_fail_reply(cn, c, 429, "rate_limit_error", NULL, 1,
                                 "too many requests queued (--queue); try again shortly");
     }
-    s->n_jobs++;
-    j->refs = 2 + j->rq.stream;   /* the connection, the scheduler, a stream's response */
-    if (s->inbox == NULL)
-        s->inbox = j;
-    else
-        s->inbox_tail->next = j;
-    s->inbox_tail = j;
+    s->n_jobs += j->n_open;
+    /* the connection, the scheduler, a stream's response, each other choice */
+    j->refs = 2 + j->rq.stream + j->n_sib;
+    for (int i = 0; i < j->n_open; i++) {
+        struct job *ch = job_choice(j, i);
+        if (i > 0)
+            ch->refs++;   /* the scheduler's */
+        if (s->inbox == NULL)
+            s->inbox = ch;
+        else
+            s->inbox_tail->next = ch;
+        s->inbox_tail = ch;
+    }
     cn->job = j;
     s->n_answering++;
     pthread_cond_signal(&s->cv);
     if (j->rq.stream) {
-        if (kind == SERVE_CHAT)
-            job_event(j, NULL, 0, NULL);   /* the role first */
+        for (int i = 0; i < j->n_open && kind == SERVE_CHAT; i++)
+            job_event(job_choice(j, i), NULL, 0, NULL);   /* the role first */
         pthread_mutex_unlock(&s->mu);
         struct MHD_Response *r = MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 16384,
                                                                    serve_read, j,
@@ -1491,12 +1620,7 @@ out:
     for (struct job *j = s.inbox, *next; j != NULL; j = next) {
         next = j->next;
         j->finish = KLI_FINISH_INTERRUPT;
-        if (j->rq.stream)
-            job_stream_end(j);
-        j->done = 1;
-        s.n_jobs--;
-        pthread_cond_broadcast(&j->cv);
-        job_unref(j);
+        job_end(&s, j);
     }
     s.inbox = NULL;
     pthread_mutex_unlock(&s.mu);

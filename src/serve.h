@@ -12,6 +12,7 @@
 #include "kli.h"
 
 #define SERVE_MAX_STOP 16
+#define SERVE_MAX_N 16                /* choices per request ("n") */
 
 enum serve_kind { SERVE_CHAT, SERVE_COMPLETION };
 
@@ -48,6 +49,9 @@ struct serve_req {
     struct cJSON *tool_choice;       /* "tool_choice" (owned), else NULL */
     int tool_mode;                   /* SERVE_TOOLS_*: how the answer is read */
     const char *forced;              /* under SERVE_TOOLS_FORCED: "" or the function named */
+    int logprobs_on;                 /* "logprobs": true (chat), or a number (completions) */
+    int32_t top_logprobs;            /* the alternatives asked for with them */
+    int32_t n_choices;               /* "n", 1..SERVE_MAX_N */
 };
 
 /* How an answer is read for tool calls (cli_toolcall.h). */
@@ -68,7 +72,7 @@ struct serve_err {
 
 /* Parses a body of /v1/chat/completions or /v1/completions (JSON, `len` bytes, no NUL in
  * it) into r: every field is checked, and one kli cannot honour (unknown, or known but not
- * supported, such as tools or n > 1) is refused naming it rather than ignored.
+ * supported, such as tools or best_of > 1) is refused naming it rather than ignored.
  * @return 0, or -1 with e filled in (r then holds nothing). */
 int serve_req_parse(struct serve_req *r, enum serve_kind kind, const char *body, size_t len,
                     const struct kli_tokenizer *tok, const struct serve_limits *lim,

@@ -2,7 +2,7 @@
  * serve_req.c - kli serve: the body of an OpenAI chat or completions request to a scheduler
  * request (serve.h). Every member of the body is looked up in one table: a field kli
  * honours is checked and applied, a field of the OpenAI API that kli cannot honour is
- * refused unless it has its neutral value (n 1, logprobs false, ...),
+ * refused unless it has its neutral value (n 1, echo false, ...),
  * and any other name is refused as unknown; the error names the field. Absent fields and
  * nulls take the command line's defaults.
  */
@@ -60,13 +60,15 @@ enum field_how {
     F_SEED, F_STOP, F_STREAM, F_STREAM_OPTIONS,
     F_STRING,       /* any string (model, user): accepted, not used */
     F_MESSAGES, F_PROMPT,
-    F_ONE,          /* n, best_of: only 1 */
-    F_FALSE,        /* logprobs (chat), echo: only false */
-    F_ZERO,         /* logprobs (completions), top_logprobs: only 0 */
+    F_ONE,          /* best_of: only 1 */
+    F_FALSE,        /* echo: only false */
     F_BIAS,         /* logit_bias (cli_oai.h) */
     F_FORMAT,       /* response_format (cli_oai.h), compiled once the prompt is good */
     F_TOOLS,        /* tools, tool_choice: kept, read with the messages (cli_toolcall.h) */
     F_NEVER,        /* fields kli has no way to honour: any value but null is refused */
+    F_LOGPROBS,     /* logprobs (chat): true or false */
+    F_TOP_LOGPROBS, /* top_logprobs (chat), logprobs (completions): an integer in [lo, hi] */
+    F_N,            /* n: choices, an integer in [lo, hi] */
 };
 
 #define CHAT 1
@@ -97,11 +99,11 @@ static const struct field {
     {"stop", CHAT | COMPL, F_STOP, 0, 0, 0},
     {"stream", CHAT | COMPL, F_STREAM, 0, 0, 0},
     {"stream_options", CHAT | COMPL, F_STREAM_OPTIONS, 0, 0, 0},
-    {"n", CHAT | COMPL, F_ONE, 0, 0, 0},
+    {"n", CHAT | COMPL, F_N, 0, 1, SERVE_MAX_N},
     {"best_of", COMPL, F_ONE, 0, 0, 0},
-    {"logprobs", CHAT, F_FALSE, 0, 0, 0},
-    {"logprobs", COMPL, F_ZERO, 0, 0, 0},
-    {"top_logprobs", CHAT, F_ZERO, 0, 0, 0},
+    {"logprobs", CHAT, F_LOGPROBS, 0, 0, 0},
+    {"logprobs", COMPL, F_TOP_LOGPROBS, 0, 0, 5},
+    {"top_logprobs", CHAT, F_TOP_LOGPROBS, 0, 0, KLI_LOGPROBS_MAX},
     {"echo", COMPL, F_FALSE, 0, 0, 0},
     {"logit_bias", CHAT | COMPL, F_BIAS, 0, 0, 0},
     {"suffix", COMPL, F_NEVER, 0, 0, 0},
@@ -193,7 +195,6 @@ req_neutral(const struct field *f, const cJSON *j, struct serve_err *e)
     switch (f->how) {
     case F_ONE: neutral = cJSON_IsNumber(j) && j->valuedouble == 1; break;
     case F_FALSE: neutral = cJSON_IsFalse(j); break;
-    case F_ZERO: neutral = cJSON_IsNumber(j) && j->valuedouble == 0; break;
     default: neutral = 0; break;
     }
     if (neutral)
@@ -526,12 +527,24 @@ req_field(struct serve_req *r, const struct field *f, const cJSON *j,
     case F_STOP:
         return req_stop(r, j, e);
     case F_STREAM:
+    case F_LOGPROBS:
         if (!cJSON_IsBool(j))
             return serve_fail(e, f->name, "'%s' must be true or false", f->name);
-        r->stream = cJSON_IsTrue(j);
+        *(f->how == F_STREAM ? &r->stream : &r->logprobs_on) = cJSON_IsTrue(j);
         return 0;
     case F_STREAM_OPTIONS:
         return req_stream_options(r, j, e);
+    case F_TOP_LOGPROBS:
+        if (req_number(j, f->name, f->lo, f->hi, 1, e, &v) != 0)
+            return -1;
+        r->top_logprobs = (int32_t)v;
+        r->logprobs_on |= r->kind == SERVE_COMPLETION;
+        return 0;
+    case F_N:
+        if (req_number(j, f->name, f->lo, f->hi, 1, e, &v) != 0)
+            return -1;
+        r->n_choices = (int32_t)v;
+        return 0;
     case F_STRING:
         if (!cJSON_IsString(j))
             return serve_fail(e, f->name, "'%s' must be a string", f->name);
@@ -575,6 +588,7 @@ serve_req_parse(struct serve_req *r, enum serve_kind kind, const char *body, siz
     r->so = lim->so;
     r->seeded = lim->seeded;
     r->max_tokens = lim->max_tokens;
+    r->n_choices = 1;
     if (root == NULL) {
         const char *at = cJSON_GetErrorPtr();
         if (at != NULL && at >= body && at <= body + len)
@@ -616,6 +630,10 @@ serve_req_parse(struct serve_req *r, enum serve_kind kind, const char *body, siz
         goto fail;
     if (!have_prompt) {
         serve_fail(e, need, "'%s' is required", need);
+        goto fail;
+    }
+    if (r->top_logprobs > 0 && !r->logprobs_on) {
+        serve_fail(e, "top_logprobs", "'top_logprobs' needs 'logprobs': true");
         goto fail;
     }
     if (r->include_usage && !r->stream) {

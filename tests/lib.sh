@@ -25,6 +25,19 @@ t() {
     fi
 }
 
+# is GOT WANT DESCRIPTION: a check that two strings are equal.
+is() { if [ "$1" = "$2" ]; then ok "$3"; else notok "$3 (got '$1', want '$2')"; fi; }
+# c DESCRIPTION CHECK ARGS...: a check of the script's $tmp/check.py (run by $py, see
+# need_python), its output left in $tmp/check.out and its first lines shown on failure.
+c() {
+    _d=$1
+    shift
+    "$py" "$tmp/check.py" "$@" >"$tmp/check.out" 2>&1
+    _r=$?
+    check $_r "$_d"
+    [ $_r = 0 ] || sed 's/^/# /' "$tmp/check.out" | head -5
+}
+
 # poll TICKS COMMAND...: runs COMMAND every 0.05 s until it succeeds, at most TICKS times.
 poll() {
     _ticks=$1 _i=0

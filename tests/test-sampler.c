@@ -6,7 +6,8 @@
  * into buckets of logit and sorts only where a cut falls), from 3 to 163,840 candidates,
  * against a reference made here that sorts every candidate: the same tokens, the same
  * probabilities.
- * kli_sampler_sample_many against each sampler alone. Temperatures, logits, cuts and penalties
+ * kli_sampler_sample_many against each sampler alone. The log-probabilities a sampler records
+ * against that reference (and a softmax of the penalised logits for greedy). Temperatures, logits, cuts and penalties
  * at their extremes (1e-39 overflowed logit / T to inf and crashed the cut).
  */
 #include "config.h"
@@ -31,6 +32,19 @@ mk(struct kli_sampler_options *o, int32_t V)
     if (kli_sampler_create(&s, o, V, &err) != KLI_OK)
         diag("create failed: %s", err.msg);
     return s;
+}
+
+/* The defaults, but for these settings. */
+static void
+opts_set(struct kli_sampler_options *o, float temp, float top_p, float min_p, float rp,
+         int top_k)
+{
+    kli_sampler_options_init(o);
+    o->temperature = temp;
+    o->top_p = top_p;
+    o->min_p = min_p;
+    o->repeat_penalty = rp;
+    o->top_k = top_k;
 }
 
 /* How often a fresh sampler with options o picks each token of the 3 logits l in n draws. */
@@ -668,12 +682,7 @@ test_basics(void)
         {"NaN temperature", NAN, 0.9f, 0, 1, 0},
     };
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
-        kli_sampler_options_init(&o);
-        o.temperature = bad[i].t;
-        o.top_p = bad[i].p;
-        o.min_p = bad[i].mp;
-        o.repeat_penalty = bad[i].rp;
-        o.top_k = bad[i].k;
+        opts_set(&o, bad[i].t, bad[i].p, bad[i].mp, bad[i].rp, bad[i].k);
         memset(&err, 0, sizeof(err));
         s = NULL;
         int rc = kli_sampler_create(&s, &o, 3, &err);
@@ -685,6 +694,139 @@ test_basics(void)
 /* kli.h's ABI rule, through the one helper every options-taking function uses: options
  * not filled by their _init are refused, and members past the caller's size are the
  * defaults, whatever the caller's memory holds there. */
+/* ---- log-probabilities (kli_sampler_logprobs) against the reference --------------------- */
+
+/* Checks smp's record of the draw `tok` against ref[V] (log-probabilities; -inf: not in the
+ * support), ntop alternatives asked for. @return 0 when it matches within tol. */
+static int
+lp_check(const struct kli_sampler *smp, kli_token tok, const double *ref, int V, int ntop,
+         double tol, const char **why)
+{
+    const struct kli_logprobs *lp = kli_sampler_logprobs(smp);
+    int finite = 0;
+
+    for (int i = 0; i < V; i++)
+        finite += ref[i] > -INFINITY;
+    *why = "no record";
+    if (lp == NULL || lp->token != tok)
+        return -1;
+    *why = "the token's logprob";
+    if (!(fabs((double)lp->logprob - ref[tok]) <= tol))
+        return -1;
+    *why = "the number of alternatives";
+    if (lp->n_top != (ntop < finite ? ntop : finite))
+        return -1;
+    for (int k = 0; k < lp->n_top; k++) {
+        *why = "an alternative's logprob, or their order";
+        if (!(fabs((double)lp->top[k].logprob - ref[lp->top[k].token]) <= tol) ||
+            (k > 0 && lp->top[k].logprob > lp->top[k - 1].logprob))
+            return -1;
+    }
+    for (int i = 0; i < V && lp->n_top > 0; i++) {
+        int listed = 0;
+        for (int k = 0; k < lp->n_top; k++)
+            listed |= lp->top[k].token == i;
+        *why = "a likelier token left out";
+        if (!listed && ref[i] > (double)lp->top[lp->n_top - 1].logprob + tol)
+            return -1;
+    }
+    return 0;
+}
+
+static void
+test_logprobs(void)
+{
+    enum { V = 3000, STEPS = 12 };
+    static const struct {
+        float temp, top_p, min_p, rp, pres, freq;
+        int top_k, ntop;
+    } set[] = {
+        {0.0f, 1.0f, 0.0f, 1.0f, 0.0f, 0.0f, 0, 5},      /* greedy, the fast path */
+        {0.0f, 0.9f, 0.0f, 1.3f, 0.4f, 0.1f, 0, 20},     /* greedy after penalties */
+        {1.0f, 1.0f, 0.0f, 1.0f, 0.0f, 0.0f, 0, 3},
+        {0.7f, 0.9f, 0.0f, 1.2f, 0.3f, 0.2f, 0, 20},
+        {1.3f, 0.95f, 0.01f, 1.0f, 0.0f, 0.0f, 40, 8},
+        {0.5f, 1.0f, 0.0f, 1.0f, 0.0f, 0.0f, 4, 10},     /* fewer kept than asked for */
+        {2.0f, 0.5f, 0.0f, 1.0f, 1.0f, 0.0f, 0, 0},
+    };
+    float *l = malloc(V * sizeof(float)), *pl = malloc(V * sizeof(float));
+    double *ref = malloc(V * sizeof(double)), *prob = malloc(V * sizeof(double));
+    int32_t *cnt = calloc(V, sizeof(int32_t));
+    double worst = 0;
+    int bad = 0;
+    const char *why = "";
+
+    for (size_t si = 0; si < sizeof(set) / sizeof(set[0]); si++) {
+        struct kli_sampler_options o;
+        opts_set(&o, set[si].temp, set[si].top_p, set[si].min_p, set[si].rp, set[si].top_k);
+        o.presence_penalty = set[si].pres;
+        o.frequency_penalty = set[si].freq;
+        o.seed = 100 + si;
+        struct kli_sampler *smp = mk(&o, V);
+        struct kli_err err = {0};
+        memset(cnt, 0, V * sizeof(int32_t));
+        ok(kli_sampler_logprobs(smp) == NULL &&
+           kli_sampler_set_logprobs(smp, set[si].ntop, &err) == KLI_OK &&
+           kli_sampler_logprobs(smp) == NULL, "setting %zu: no record before a draw", si);
+        for (int step = 0; step < STEPS; step++) {
+            for (int i = 0; i < V; i++)
+                l[i] = (float)(4.0 * (tuni() + tuni() + tuni() - 1.5));
+            kli_token t = kli_sampler_sample(smp, l);
+            /* the reference: penalties as kli.h states them, then the distribution */
+            for (int i = 0; i < V; i++) {
+                pl[i] = l[i];
+                if (cnt[i] > 0 && o.repeat_penalty != 1.0f)
+                    pl[i] = pl[i] > 0 ? pl[i] / o.repeat_penalty : pl[i] * o.repeat_penalty;
+                if (cnt[i] > 0)
+                    pl[i] -= o.presence_penalty + o.frequency_penalty * (float)cnt[i];
+            }
+            if (o.temperature == 0.0f) {
+                double mx = -INFINITY, sum = 0;
+                for (int i = 0; i < V; i++)
+                    mx = pl[i] > mx ? pl[i] : mx;
+                for (int i = 0; i < V; i++)
+                    sum += exp((double)pl[i] - mx);
+                for (int i = 0; i < V; i++)
+                    ref[i] = (double)pl[i] - mx - log(sum);
+            } else {
+                ref_support(pl, V, o.temperature, o.top_k, o.top_p, o.min_p, prob);
+                for (int i = 0; i < V; i++)
+                    ref[i] = prob[i] > 0 ? log(prob[i]) : -INFINITY;
+            }
+            if (!bad && lp_check(smp, t, ref, V, set[si].ntop, 2e-5, &why) != 0) {
+                bad = 1;
+                diag("setting %zu, step %d: %s", si, step, why);
+            }
+            if (ref[t] > -INFINITY)
+                worst = fmax(worst, fabs((double)kli_sampler_logprobs(smp)->logprob - ref[t]));
+            kli_sampler_accept(smp, t);
+            cnt[t]++;
+        }
+        kli_sampler_free(smp);
+    }
+    ok(!bad, "logprobs of %d draws under 7 settings (greedy, penalties, temperature, top-k, "
+       "min-p, top-p) match a full sort's within 2e-5 (worst %.1e), alternatives in order",
+       STEPS * 7, worst);
+
+    struct kli_sampler_options o;
+    struct kli_err err = {0};
+    kli_sampler_options_init(&o);
+    struct kli_sampler *smp = mk(&o, 10);
+    ok(kli_sampler_set_logprobs(smp, 21, &err) == KLI_E_RANGE &&
+       kli_sampler_set_logprobs(smp, -2, &err) == KLI_E_RANGE,
+       "logprobs 21 and -2 refused: %s", err.msg);
+    kli_sampler_set_logprobs(smp, 2, &err);
+    kli_sampler_sample(smp, l);
+    ok(kli_sampler_logprobs(smp) != NULL && kli_sampler_set_logprobs(smp, -1, &err) == KLI_OK &&
+       kli_sampler_logprobs(smp) == NULL, "-1 stops recording");
+    kli_sampler_free(smp);
+    free(l);
+    free(pl);
+    free(ref);
+    free(prob);
+    free(cnt);
+}
+
 static void
 test_abi_size(void)
 {
@@ -717,6 +859,8 @@ main(int argc, char **argv)
         test_extremes();
     if (tap_case_seeded("bias", &trng, TSEED))
         test_bias();
+    if (tap_case_seeded("logprobs", &trng, TSEED))
+        test_logprobs();
     if (tap_case("basics"))
         test_basics();
     if (tap_case("abi_size"))
