@@ -1,0 +1,215 @@
+/*
+ * test-gguf-llama.c - GGUF files made by llama.cpp's own tools, read by kli.
+ *
+ * The fixtures in tests/data/gguf/llama were written by llama.cpp's convert_hf_to_gguf.py
+ * (F32, BF16, Q8_0 and a vocabulary-only file) and quantized with ggml's own quantizers
+ * (the K mixes); tests/data/gguf/README.md says how. Each is checked against the model it
+ * was made from: the weights kli reads against the safetensors weights, within each type's
+ * rounding; the logits; the tokenizer against the tiktoken.model it came from.
+ */
+#include "config.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "dtype.h"
+#include "kli.h"
+#include "tap.h"
+#include "testlib.h"
+#include "weights.h"
+
+/* The token ids the logits cases feed (set in main). */
+static kli_token ids[40];
+
+#define TINY "tiny-kimi-linear"
+#define NANO "../../contrib/models/kimi-linear-nano"
+
+/* A fixture, the safetensors model it was made from, and the largest relative L2 distance
+ * of any matrix kli reads from it to that model's weights (the coarsest type's rounding
+ * of these random weights with some room: a block read another way is near 1 or more). */
+struct fixture {
+    const char *file;
+    const char *src;
+    double bound;
+};
+
+static const struct fixture fixtures[] = {
+    {"gguf/llama/tiny-f32.gguf", TINY, 1e-6},
+    {"gguf/llama/tiny-bf16.gguf", TINY, 1e-6},
+    {"gguf/llama/tiny-q8_0.gguf", TINY, 0.01},
+    {"gguf/llama/tiny-q4_k_m.gguf", TINY, 0.15},
+    {"gguf/llama/nano-q4_k_m.gguf", NANO, 0.15},
+    {"gguf/llama/nano-q2_k.gguf", NANO, 0.5},
+};
+#define N_FIXTURES (sizeof(fixtures) / sizeof(fixtures[0]))
+
+/* Every tensor of the view of the fixture against the safetensors model's tensor of the
+ * same name: the same number of elements (the view gives A_log and the conv weights the
+ * shapes kli uses, not the checkpoint's), and its values (dtype_to_f32) within the bound. */
+static void
+test_weights(void)
+{
+    for (size_t f = 0; f < N_FIXTURES; f++) {
+        char p[4200], s[4200];
+        struct kli_err err = {0};
+        struct wfile *w = NULL, *r = NULL;
+        double worst = 0;
+        const char *worst_name = "";
+        int n = 0, same_shape = 0;
+
+        tl_path(p, sizeof(p), fixtures[f].file);
+        tl_path(s, sizeof(s), fixtures[f].src);
+        if (wfile_open(&w, p, &err) != KLI_OK || wfile_open(&r, s, &err) != KLI_OK) {
+            ok(0, "%s: open: %s", fixtures[f].file, err.msg);
+            wfile_close(w);
+            continue;
+        }
+        n = (int)wfile_n_tensors(r);
+        for (int i = 0; i < n; i++) {
+            const struct tensor_desc *b = wfile_tensor(r, i), *a = wfile_find(w, b->name);
+            if (a == NULL || a->numel != b->numel) {
+                diag("%s: %s missing or of another size", fixtures[f].file, b->name);
+                continue;
+            }
+            same_shape++;
+            float *x = tl_malloc((size_t)a->numel * sizeof(float));
+            float *y = tl_malloc((size_t)b->numel * sizeof(float));
+            dtype_to_f32(a->dtype, a->data, x, a->numel);
+            dtype_to_f32(b->dtype, b->data, y, b->numel);
+            double e = tl_rel_l2(x, y, a->numel);
+            if (!(e <= worst)) {
+                worst = e;
+                worst_name = b->name;
+            }
+            free(x);
+            free(y);
+        }
+        ok(n > 40 && same_shape == n && wfile_n_tensors(w) == n,
+           "%s: the %d tensors of the safetensors model, of the same sizes (%d)",
+           fixtures[f].file, n, same_shape);
+        ok(worst <= fixtures[f].bound, "%s: every tensor within rel L2 %g of the model's "
+           "(worst %.3g, %s)", fixtures[f].file, fixtures[f].bound, worst, worst_name);
+        wfile_close(w);
+        wfile_close(r);
+    }
+}
+
+/* F32 and BF16 files: the safetensors model's logits on 40 tokens. */
+static void
+test_logits_float(void)
+{
+    for (size_t f = 0; f < 2; f++) {
+        char a[4200], b[4200];
+        int32_t va = 0, vb = 0;
+        float *la = tl_logits_of(tl_path(a, sizeof(a), TINY), NULL, ids, 40, &va);
+        float *lb = tl_logits_of(tl_path(b, sizeof(b), fixtures[f].file), NULL, ids, 40, &vb);
+        double e = la != NULL && lb != NULL && va == vb ? tl_rel_l2(lb, la, (int64_t)va * 40)
+                                                        : 1;
+
+        ok(e <= 1e-6, "%s: logits = safetensors logits (rel L2 %.3g <= 1e-6, 40 tokens)",
+           fixtures[f].file, e);
+        free(la);
+        free(lb);
+    }
+}
+
+/* Quantized files: logits with the blocks used in place (kli's int8 kernels) against logits
+ * on the same weights dequantized to F32 at open. The int8 rounding of the activations
+ * differs (test-gguf's logits_quant and ktypes say why the bound is loose); a block read
+ * another way leaves nothing in common. */
+static void
+test_logits_quant(void)
+{
+    for (size_t f = 2; f < N_FIXTURES; f++) {
+        char p[4200];
+        int32_t va = 0, vb = 0;
+
+        tl_path(p, sizeof(p), fixtures[f].file);
+        float *lq = tl_logits_of(p, NULL, ids, 1, &va), *lf = tl_logits_of(p, "f32", ids, 1, &vb);
+        double e = lq != NULL && lf != NULL && va == vb ? tl_rel_l2(lq, lf, va) : 1;
+        ok(e <= 0.1, "%s: logits = logits on its weights dequantized (rel L2 %.3g <= 0.1, one "
+           "token)", fixtures[f].file, e);
+        free(lq);
+        free(lf);
+    }
+}
+
+/* ok() that tokenizers a and b encode `len` bytes of text to the same ids with `flags`. */
+static void
+same_ids(struct kli_tokenizer *a, struct kli_tokenizer *b, const char *text, size_t len,
+         int flags, const char *what)
+{
+    struct kli_err err = {0};
+    kli_token *ia = tl_calloc(len + 16, sizeof(*ia)), *ib = tl_calloc(len + 16, sizeof(*ib));
+    int64_t na = kli_tokenize(a, text, len, flags, ia, (int64_t)len + 16, &err);
+    int64_t nb = kli_tokenize(b, text, len, flags, ib, (int64_t)len + 16, &err);
+
+    ok(na > 0 && na == nb && memcmp(ia, ib, (size_t)na * sizeof(*ia)) == 0,
+       "%s: the corpus (%zu bytes) encodes to the same %lld ids as tiktoken.model (%s)", what,
+       len, (long long)na, flags ? "special tokens" : "ordinary");
+    free(ia);
+    free(ib);
+}
+
+/* The tokenizer rebuilt from each file's metadata against the tiktoken.model of the
+ * directory it was made from, on tests/data/tokenizer/corpus.txt (with and without special
+ * tokens) and each token's bytes. */
+static void
+test_tokenizer(void)
+{
+    static const char *const pairs[][2] = {
+        {"gguf/llama/vocab.gguf", "tokenizer"},
+        {"gguf/llama/tiny-q8_0.gguf", TINY},
+        {"gguf/llama/nano-q4_k_m.gguf", NANO},
+    };
+    char c[4200];
+    size_t len = 0;
+    char *text = tl_slurp(tl_path(c, sizeof(c), "tokenizer/corpus.txt"), &len);
+
+    for (size_t i = 0; i < sizeof(pairs) / sizeof(pairs[0]); i++) {
+        char g[4200], d[4200];
+        struct kli_tokenizer *a = NULL, *b = NULL;
+        struct kli_err err = {0};
+        int rc = kli_tokenizer_open(&a, tl_path(d, sizeof(d), pairs[i][1]), &err);
+
+        rc = rc == KLI_OK ? kli_tokenizer_open(&b, tl_path(g, sizeof(g), pairs[i][0]), &err)
+                          : rc;
+        ok(rc == KLI_OK, "%s: both tokenizers open: %s", pairs[i][0], err.msg);
+        if (rc == KLI_OK) {
+            int same = kli_tokenizer_n_vocab(a) == kli_tokenizer_n_vocab(b) &&
+                       kli_tokenizer_n_base(a) == kli_tokenizer_n_base(b);
+            for (kli_token t = 0; same && t < kli_tokenizer_n_vocab(a); t++) {
+                size_t la, lb;
+                const char *ba = kli_token_bytes(a, t, &la), *bb = kli_token_bytes(b, t, &lb);
+                same &= la == lb && memcmp(ba, bb, la) == 0;
+            }
+            ok(same, "%s: the same %d tokens (%d ranks), byte for byte", pairs[i][0],
+               kli_tokenizer_n_vocab(b), kli_tokenizer_n_base(b));
+            same_ids(a, b, text, len, 0, pairs[i][0]);
+            same_ids(a, b, text, len, KLI_TOKENIZE_SPECIAL, pairs[i][0]);
+        }
+        kli_tokenizer_close(a);
+        kli_tokenizer_close(b);
+    }
+    free(text);
+}
+
+int
+main(int argc, char **argv)
+{
+    static const struct tap_fn cases[] = {
+        {"weights", test_weights},
+        {"logits_float", test_logits_float},
+        {"logits_quant", test_logits_quant},
+        {"tokenizer", test_tokenizer},
+    };
+
+    tap_init(argc, argv);
+    for (size_t i = 0; i < sizeof(ids) / sizeof(ids[0]); i++)
+        ids[i] = (kli_token)((i * 37 + 11) % 500);
+    tap_run(cases, sizeof(cases) / sizeof(cases[0]));
+    plan_done();
+    return tap_failed ? 1 : 0;
+}
