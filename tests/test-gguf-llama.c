@@ -14,13 +14,16 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <cjson/cJSON.h>
+
 #include "dtype.h"
 #include "kli.h"
 #include "tap.h"
 #include "testlib.h"
 #include "weights.h"
 
-/* The token ids the logits cases feed (set in main). */
+/* The token ids the logits cases feed: the first 40 of the tiny model's golden prompt (set
+ * in main; every id is below both models' vocabularies). */
 static kli_token ids[40];
 
 #define TINY "tiny-kimi-linear"
@@ -115,24 +118,39 @@ test_logits_float(void)
     }
 }
 
-/* Quantized files: logits with the blocks used in place (kli's int8 kernels) against logits
- * on the same weights dequantized to F32 at open. The int8 rounding of the activations
- * differs (test-gguf's logits_quant and ktypes say why the bound is loose); a block read
- * another way leaves nothing in common. */
+static int
+cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+/* Quantized files: one-token logits with the blocks used in place (kli's int8 kernels)
+ * against logits on the same weights dequantized to F32 at open, for each of 12 tokens. The
+ * int8 rounding of the activations differs (test-gguf's logits_quant says why the bound is
+ * loose), and now and then it flips which experts the router picks, which moves that token's
+ * logits far (seen: 1 token in 12, up to rel L2 1.2, in kli's own Q8_0 files as in these);
+ * so the median is held: a block read another way leaves nothing in common for any token. */
 static void
 test_logits_quant(void)
 {
     for (size_t f = 2; f < N_FIXTURES; f++) {
         char p[4200];
-        int32_t va = 0, vb = 0;
+        double e[12];
 
         tl_path(p, sizeof(p), fixtures[f].file);
-        float *lq = tl_logits_of(p, NULL, ids, 1, &va), *lf = tl_logits_of(p, "f32", ids, 1, &vb);
-        double e = lq != NULL && lf != NULL && va == vb ? tl_rel_l2(lq, lf, va) : 1;
-        ok(e <= 0.1, "%s: logits = logits on its weights dequantized (rel L2 %.3g <= 0.1, one "
-           "token)", fixtures[f].file, e);
-        free(lq);
-        free(lf);
+        for (int k = 0; k < 12; k++) {
+            int32_t va = 0, vb = 0;
+            float *lq = tl_logits_of(p, NULL, ids + k, 1, &va);
+            float *lf = tl_logits_of(p, "f32", ids + k, 1, &vb);
+            e[k] = lq != NULL && lf != NULL && va == vb ? tl_rel_l2(lq, lf, va) : 1e9;
+            free(lq);
+            free(lf);
+        }
+        qsort(e, 12, sizeof(e[0]), cmp_double);
+        double med = (e[5] + e[6]) / 2;
+        ok(med <= 0.05, "%s: logits = logits on its weights dequantized (median rel L2 over 12 "
+           "tokens %.3g <= 0.05; least %.3g, most %.3g)", fixtures[f].file, med, e[0], e[11]);
     }
 }
 
@@ -206,9 +224,18 @@ main(int argc, char **argv)
         {"tokenizer", test_tokenizer},
     };
 
+    char d[4200];
+    cJSON *golden = tl_load_json(tl_path(d, sizeof(d), TINY), "golden.json");
+    const cJSON *prompt = cJSON_GetObjectItemCaseSensitive(golden, "prompt");
+
     tap_init(argc, argv);
-    for (size_t i = 0; i < sizeof(ids) / sizeof(ids[0]); i++)
-        ids[i] = (kli_token)((i * 37 + 11) % 500);
+    if (cJSON_GetArraySize(prompt) < 40) {
+        printf("Bail out! %s/golden.json: no prompt of 40 ids\n", d);
+        return 1;
+    }
+    for (int i = 0; i < 40; i++)
+        ids[i] = (kli_token)cJSON_GetArrayItem(prompt, i)->valueint;
+    cJSON_Delete(golden);
     tap_run(cases, sizeof(cases) / sizeof(cases[0]));
     plan_done();
     return tap_failed ? 1 : 0;
