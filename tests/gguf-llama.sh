@@ -31,6 +31,8 @@ info tiny-q4_k_m.gguf 5 Q4_K Q8_0
 info nano-q4_k_m.gguf 4 Q4_K Q6_K
 info nano-q2_k.gguf 4 Q2_K Q3_K Q6_K
 t "kli info -m llama/vocab.gguf: no tensors, refused" 1 "$KLI_BIN" info -m "$L/vocab.gguf"
+grep -q "holds no tensors" "$tmp/stderr"
+check $? "llama/vocab.gguf: the message says so: $(head -c 120 "$tmp/stderr")"
 
 need_python numpy "no python3 with numpy for tests/gguf_read.py"
 # mine SRC TYPE THEIRS BOUND: kli convert --to gguf --type TYPE of SRC against THEIRS.
