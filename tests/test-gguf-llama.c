@@ -154,6 +154,35 @@ test_logits_quant(void)
     }
 }
 
+/* kli convert of each quantized file into a .kli (packed, the blocks as they are): the same
+ * logits, bit for bit, on 8 tokens. */
+static void
+test_to_kli(void)
+{
+    char dir[] = "/tmp/kli-gguf-llama-XXXXXX";
+
+    if (mkdtemp(dir) == NULL) {
+        ok(0, "mkdtemp");
+        return;
+    }
+    for (size_t f = 2; f < N_FIXTURES; f++) {
+        char p[4200], out[4300];
+        struct kli_err err = {0};
+        int32_t va = 0, vb = 0;
+
+        snprintf(out, sizeof(out), "%s/%zu.kli", dir, f);
+        int rc = kli_convert(tl_path(p, sizeof(p), fixtures[f].file), out, NULL, &err);
+        float *lg = rc == KLI_OK ? tl_logits_of(p, NULL, ids, 8, &va) : NULL;
+        float *lk = rc == KLI_OK ? tl_logits_of(out, NULL, ids, 8, &vb) : NULL;
+        ok(lg != NULL && lk != NULL && va == vb &&
+           memcmp(lg, lk, (size_t)va * 8 * sizeof(float)) == 0,
+           "%s -> .kli: the same logits, bit for bit: %s", fixtures[f].file, err.msg);
+        free(lg);
+        free(lk);
+    }
+    tl_rmtree(dir);
+}
+
 /* ok() that tokenizers a and b encode `len` bytes of text to the same ids with `flags`. */
 static void
 same_ids(struct kli_tokenizer *a, struct kli_tokenizer *b, const char *text, size_t len,
@@ -221,6 +250,7 @@ main(int argc, char **argv)
         {"weights", test_weights},
         {"logits_float", test_logits_float},
         {"logits_quant", test_logits_quant},
+        {"to_kli", test_to_kli},
         {"tokenizer", test_tokenizer},
     };
 
