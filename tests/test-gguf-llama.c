@@ -209,24 +209,21 @@ same_ids(struct kli_tokenizer *a, struct kli_tokenizer *b, const char *text, siz
 static void
 test_tokenizer(void)
 {
-    static const char *const pairs[][2] = {
-        {"gguf/llama/vocab.gguf", "tokenizer"},
-        {"gguf/llama/tiny-q8_0.gguf", TINY},
-        {"gguf/llama/nano-q4_k_m.gguf", NANO},
-    };
     char c[4200];
     size_t len = 0;
     char *text = tl_slurp(tl_path(c, sizeof(c), "tokenizer/corpus.txt"), &len);
 
-    for (size_t i = 0; i < sizeof(pairs) / sizeof(pairs[0]); i++) {
+    /* vocab.gguf, then every model file */
+    for (size_t i = 0; i <= N_FIXTURES; i++) {
+        const char *file = i == 0 ? "gguf/llama/vocab.gguf" : fixtures[i - 1].file;
+        const char *dir = i == 0 ? "tokenizer" : fixtures[i - 1].src;
         char g[4200], d[4200];
         struct kli_tokenizer *a = NULL, *b = NULL;
         struct kli_err err = {0};
-        int rc = kli_tokenizer_open(&a, tl_path(d, sizeof(d), pairs[i][1]), &err);
+        int rc = kli_tokenizer_open(&a, tl_path(d, sizeof(d), dir), &err);
 
-        rc = rc == KLI_OK ? kli_tokenizer_open(&b, tl_path(g, sizeof(g), pairs[i][0]), &err)
-                          : rc;
-        ok(rc == KLI_OK, "%s: both tokenizers open: %s", pairs[i][0], err.msg);
+        rc = rc == KLI_OK ? kli_tokenizer_open(&b, tl_path(g, sizeof(g), file), &err) : rc;
+        ok(rc == KLI_OK, "%s: both tokenizers open: %s", file, err.msg);
         if (rc == KLI_OK) {
             int same = kli_tokenizer_n_vocab(a) == kli_tokenizer_n_vocab(b) &&
                        kli_tokenizer_n_base(a) == kli_tokenizer_n_base(b);
@@ -235,10 +232,10 @@ test_tokenizer(void)
                 const char *ba = kli_token_bytes(a, t, &la), *bb = kli_token_bytes(b, t, &lb);
                 same &= la == lb && memcmp(ba, bb, la) == 0;
             }
-            ok(same, "%s: the same %d tokens (%d ranks), byte for byte", pairs[i][0],
+            ok(same, "%s: the same %d tokens (%d ranks), byte for byte", file,
                kli_tokenizer_n_vocab(b), kli_tokenizer_n_base(b));
-            same_ids(a, b, text, len, 0, pairs[i][0]);
-            same_ids(a, b, text, len, KLI_TOKENIZE_SPECIAL, pairs[i][0]);
+            same_ids(a, b, text, len, 0, file);
+            same_ids(a, b, text, len, KLI_TOKENIZE_SPECIAL, file);
         }
         kli_tokenizer_close(a);
         kli_tokenizer_close(b);
