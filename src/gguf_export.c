@@ -405,14 +405,17 @@ gx_meta(struct gx *x, struct gguf_kvbuf *b)
                        "kimi-linear has experts in every layer after the dense ones",
                        c->moe.layer_freq);
     gguf_kv_str(b, "general.architecture", "kimi-linear");
+    gguf_kv_str(b, "general.type", "model");
     gguf_kv_str(b, "general.name", "kli convert");
+    gguf_kv_u32(b, "general.quantization_version", 2);
     gguf_kv_u32(b, GX_KEY("block_count"), (uint32_t)c->n_layers);
     gguf_kv_u32(b, GX_KEY("context_length"), (uint32_t)c->ctx_max);
     gguf_kv_u32(b, GX_KEY("embedding_length"), (uint32_t)c->d_model);
     if (c->d_ff > 0)
         gguf_kv_u32(b, GX_KEY("feed_forward_length"), (uint32_t)c->d_ff);
     gguf_kv_u32(b, GX_KEY("attention.head_count"), (uint32_t)c->mla.n_heads);
-    gguf_kv_array(b, GX_KEY("attention.head_count_kv"), GGUF_T_U32, (uint64_t)c->n_layers);
+    /* INT32, as llama.cpp's converter writes this array (its loader takes either) */
+    gguf_kv_array(b, GX_KEY("attention.head_count_kv"), GGUF_T_I32, (uint64_t)c->n_layers);
     for (int l = 0; l < c->n_layers; l++)
         gguf_kv_elem(b, c->layer_mixer[l] == KLI_MIXER_MLA, 4);
     gguf_kv_f32(b, GX_KEY("attention.layer_norm_rms_epsilon"), c->norm_eps);
@@ -426,6 +429,9 @@ gx_meta(struct gx *x, struct gguf_kvbuf *b)
     gguf_kv_u32(b, GX_KEY("attention.key_length_mla"),
                 (uint32_t)(c->mla.qk_nope_dim + c->mla.qk_rope_dim));
     gguf_kv_u32(b, GX_KEY("attention.value_length_mla"), (uint32_t)c->mla.v_head_dim);
+    /* the converter's value_length is config.json's head_dim, hidden / heads in Kimi's
+     * configs; llama.cpp's loader takes that as its default too */
+    gguf_kv_u32(b, GX_KEY("attention.value_length"), (uint32_t)(c->d_model / c->mla.n_heads));
     if (c->moe.n_experts > 0) {
         gguf_kv_u32(b, GX_KEY("expert_count"), (uint32_t)c->moe.n_experts);
         gguf_kv_u32(b, GX_KEY("expert_used_count"), (uint32_t)c->moe.top_k);
@@ -435,10 +441,9 @@ gx_meta(struct gx *x, struct gguf_kvbuf *b)
         gguf_kv_f32(b, GX_KEY("expert_weights_scale"), c->moe.scaling);
         gguf_kv_bool(b, GX_KEY("expert_weights_norm"), c->moe.renormalize);
         gguf_kv_u32(b, GX_KEY("expert_gating_func"), c->moe.sigmoid ? 2 : 1);
-        if (c->moe.n_group > 1) {
+        if (c->moe.n_group > 1)
             gguf_kv_u32(b, GX_KEY("expert_group_count"), (uint32_t)c->moe.n_group);
-            gguf_kv_u32(b, GX_KEY("expert_group_used_count"), (uint32_t)c->moe.topk_group);
-        }
+        gguf_kv_u32(b, GX_KEY("expert_group_used_count"), (uint32_t)c->moe.topk_group);
     }
 #undef GX_KEY
     if (c->bos >= 0)
@@ -448,6 +453,37 @@ gx_meta(struct gx *x, struct gguf_kvbuf *b)
     if (c->pad >= 0)
         gguf_kv_u32(b, "tokenizer.ggml.padding_token_id", (uint32_t)c->pad);
     return x->m->tok != NULL ? gx_vocab(x, b) : KLI_OK;
+}
+
+/* general.file_type: llama.cpp's name (enum llama_ftype) for the --type recipe of that
+ * name, else for the ggml type that holds most of the matrices' elements. */
+static void
+gx_file_type(const struct gx *x, struct gguf_kvbuf *b)
+{
+    static const struct { const char *recipe; uint32_t type, ftype; } ft[] = {
+        {"f32", GGML_F32, 0}, {"f16", GGML_F16, 1}, {"q4", GGML_Q4_0, 2},
+        {NULL, GGML_Q4_1, 3}, {"q8_0", GGML_Q8_0, 7}, {NULL, GGML_Q5_0, 8},
+        {NULL, GGML_Q5_1, 9}, {"q2_k", GGML_Q2_K, 10}, {"q3_k", GGML_Q3_K, 11},
+        {"q3_k_m", UINT32_MAX, 12}, {"q4_k", GGML_Q4_K, 14}, {"q4_k_m", UINT32_MAX, 15},
+        {"q5_k", GGML_Q5_K, 16}, {"q5_k_m", UINT32_MAX, 17}, {"q6_k", GGML_Q6_K, 18},
+        {NULL, GGML_IQ4_NL, 25}, {"bf16", GGML_BF16, 32},
+    };
+    const size_t n_ft = sizeof(ft) / sizeof(ft[0]);
+    uint64_t held[sizeof(ft) / sizeof(ft[0])] = {0};
+    size_t best = 0;
+
+    for (int64_t i = 0; i < x->n; i++) {
+        for (size_t k = 0; k < n_ft; k++) {
+            if ((x->it[i].kind == GX_MATRIX || x->it[i].kind == GX_STACK) &&
+                x->t[i].type == ft[k].type)
+                held[k] += (uint64_t)(x->t[i].ne[0] * x->t[i].ne[1] * x->t[i].ne[2]);
+        }
+    }
+    for (size_t k = 0; k < n_ft; k++)
+        best = held[k] > held[best] ? k : best;
+    for (size_t k = 0; x->opt->type != NULL && k < n_ft; k++)
+        best = ft[k].recipe != NULL && strcmp(ft[k].recipe, x->opt->type) == 0 ? k : best;
+    gguf_kv_u32(b, "general.file_type", ft[best].ftype);
 }
 
 int
@@ -464,6 +500,7 @@ gguf_export(const struct kli_model *m, const char *out, const struct kli_convert
     if ((rc = quantize_plan(opt->type, &x.plan, err)) != KLI_OK ||
         (rc = gx_meta(&x, &kv)) != KLI_OK || (rc = gx_plan(&x)) != KLI_OK)
         goto out;
+    gx_file_type(&x, &kv);
     for (int64_t i = 0; i < x.n; i++) {
         if (x.it[i].kind == GX_MATRIX || x.it[i].kind == GX_STACK) {
             qs.total += x.it[i].d->nbytes * (uint64_t)x.t[i].ne[2];

@@ -71,7 +71,10 @@ bind_lookup(struct bind *b, const char *fmt, va_list ap, char *name, size_t cap)
 
     vsnprintf(name, cap, fmt, ap);
     d = bind_find(b, name);
-    if (d == NULL)
+    if (d == NULL && wfile_n_tensors(b->m->wf) == 0)
+        err_set(b->err, KLI_E_FORMAT, "weights: the file holds no tensors (a vocabulary "
+                "only?): missing %s", name);
+    else if (d == NULL)
         err_set(b->err, KLI_E_FORMAT, "weights: missing tensor %s", name);
     return d;
 }

@@ -839,7 +839,13 @@ same_kv(const struct gguf *a, const struct gguf *b, const char *key)
 {
     const struct gguf_kv *x = gguf_find(a, key), *y = gguf_find(b, key);
 
-    if (x == NULL || y == NULL || x->type != y->type || x->elem != y->elem || x->n != y->n)
+    /* an integer array is the same in INT32 as in UINT32 (llama.cpp's loader takes both) */
+    int ints = x != NULL && y != NULL && x->type == GGUF_T_ARRAY && y->type == GGUF_T_ARRAY &&
+               (x->elem == GGUF_T_U32 || x->elem == GGUF_T_I32) &&
+               (y->elem == GGUF_T_U32 || y->elem == GGUF_T_I32);
+
+    if (x == NULL || y == NULL || x->type != y->type || (x->elem != y->elem && !ints) ||
+        x->n != y->n)
         return 0;
     if (x->type == GGUF_T_ARRAY && x->elem == GGUF_T_STRING) {
         for (uint64_t i = 0; i < x->n; i++) {
@@ -869,6 +875,39 @@ same_kv(const struct gguf *a, const struct gguf *b, const char *key)
     return gguf_get_num(a, key, &f) == 0 && gguf_get_num(b, key, &g) == 0 && f == g;
 }
 
+
+/* The tensors of GGUF b against those of the same names in a: types, shapes and bytes;
+ * ssm_a (-exp of A_log) to an ulp or two. @return how many are the same bytes; *near
+ * receives how many ssm_a are near instead. */
+static int
+same_tensors(const struct gguf *a, const struct gguf *b, int *near)
+{
+    int same = 0;
+
+    *near = 0;
+    for (int64_t i = 0; i < b->n_t; i++) {
+        const struct gguf_tensor *y = &b->t[i], *x = NULL;
+        for (int64_t j = 0; j < a->n_t && x == NULL; j++)
+            x = strcmp(a->t[j].name, y->name) == 0 ? &a->t[j] : NULL;
+        if (x == NULL || x->type != y->type || x->ndim != y->ndim ||
+            memcmp(x->ne, y->ne, sizeof(x->ne)) != 0 || x->nbytes != y->nbytes) {
+            diag("%s differs in type or shape", y->name);
+            continue;
+        }
+        if (memcmp(x->data, y->data, x->nbytes) == 0) {
+            same++;
+        } else if (strstr(y->name, "ssm_a") != NULL && y->type == GGML_F32) {
+            float fa[64], fb[64];
+            int64_t n = y->numel < 64 ? y->numel : 64;
+            memcpy(fa, x->data, (size_t)n * 4);
+            memcpy(fb, y->data, (size_t)n * 4);
+            *near += tl_rel_l2(fa, fb, n) <= 1e-6;
+        } else {
+            diag("%s: other bytes", y->name);
+        }
+    }
+    return same;
+}
 
 /* A GGUF kli writes of model `src` (kli convert --to gguf, into a temporary directory) and
  * the fixture it is compared with, both read and parsed. */
@@ -957,29 +996,7 @@ test_write(void)
     ok(kli_convert(src, out, &o, &err) == KLI_E_IO && strstr(err.msg, "exists"),
        "an existing output is kept without --force: %s", err.msg);
     memset(&err, 0, sizeof(err));
-    /* the tensors: names, types, shapes and bytes; ssm_a (-exp of A_log) to an ulp or two */
-    int same = 0, near = 0;
-    for (int64_t i = 0; i < b->n_t; i++) {
-        const struct gguf_tensor *y = &b->t[i], *x = NULL;
-        for (int64_t j = 0; j < a->n_t && x == NULL; j++)
-            x = strcmp(a->t[j].name, y->name) == 0 ? &a->t[j] : NULL;
-        if (x == NULL || x->type != y->type || x->ndim != y->ndim ||
-            memcmp(x->ne, y->ne, sizeof(x->ne)) != 0 || x->nbytes != y->nbytes) {
-            diag("%s differs in type or shape", y->name);
-            continue;
-        }
-        if (memcmp(x->data, y->data, x->nbytes) == 0) {
-            same++;
-        } else if (strstr(y->name, "ssm_a") != NULL && y->type == GGML_F32) {
-            float fa[64], fb[64];
-            int64_t n = y->numel < 64 ? y->numel : 64;
-            memcpy(fa, x->data, (size_t)n * 4);
-            memcpy(fb, y->data, (size_t)n * 4);
-            near += tl_rel_l2(fa, fb, n) <= 1e-6;
-        } else {
-            diag("%s: other bytes", y->name);
-        }
-    }
+    int near = 0, same = same_tensors(a, b, &near);
     ok(a->n_t == b->n_t && same + near == b->n_t && near <= 5,
        "the same %lld tensors as make_gguf.py writes: %d bit for bit, %d ssm_a within 1e-6",
        (long long)b->n_t, same, near);
@@ -1162,6 +1179,74 @@ test_edge(void)
     }
 }
 
+/* The metadata key k of GGUF g is one of the names in `list` (NULL-terminated). */
+static int
+key_in(const char *k, const char *const *list)
+{
+    for (; *list != NULL; list++) {
+        if (strcmp(k, *list) == 0)
+            return 1;
+    }
+    return 0;
+}
+
+/* kli convert --to gguf of the tiny model against the file llama.cpp's own converter made of
+ * it (tests/data/gguf/llama/tiny-bf16.gguf): the same tensors, names, types, shapes and
+ * bytes, and the same metadata but for the keys named here. */
+static void
+test_write_llama(void)
+{
+    static const char *const theirs_only[] = {
+        "general.size_label",           /* a label of the parameter count */
+        "kimi-linear.rope.freq_base",   /* kli has no use for it; llama.cpp's default */
+        NULL,
+    };
+    static const char *const other_value[] = {
+        "general.name",
+        "tokenizer.ggml.eos_token_id",  /* theirs tiktoken's [EOS], ours config.json's */
+        NULL,
+    };
+    static const char *const ours_only[] = {
+        "kimi-linear.expert_weights_norm",
+        "tokenizer.ggml.merges",        /* empty: the tiny vocabulary has no merges */
+        NULL,
+    };
+    char src[4200];
+    struct written wr;
+    int near = 0, same, kv_ok = 1;
+
+    if (!write_gguf(&wr, fx(src, sizeof(src), "tiny-kimi-linear"), "gguf/llama/tiny-bf16.gguf",
+                    "the tiny model"))
+        goto out;
+    same = same_tensors(wr.a, wr.b, &near);
+    ok(wr.a->n_t == wr.b->n_t && same + near == wr.b->n_t && near <= 5,
+       "the same %lld tensors as llama.cpp's converter writes: %d bit for bit, %d ssm_a "
+       "within 1e-6", (long long)wr.b->n_t, same, near);
+    for (int64_t i = 0; i < wr.b->n_kv; i++) {
+        const char *k = wr.b->kv[i].key;
+        int mine = gguf_find(wr.a, k) != NULL;
+        if (key_in(k, theirs_only) ? mine : !mine) {
+            diag("metadata %s: %s", k, mine ? "now written by kli too" : "missing");
+            kv_ok = 0;
+        } else if (mine && !key_in(k, other_value) && !same_kv(wr.a, wr.b, k)) {
+            diag("metadata %s differs", k);
+            kv_ok = 0;
+        }
+    }
+    for (int64_t i = 0; i < wr.a->n_kv; i++) {
+        const char *k = wr.a->kv[i].key;
+        if (gguf_find(wr.b, k) == NULL && !key_in(k, ours_only)) {
+            diag("metadata %s: written by kli only", k);
+            kv_ok = 0;
+        }
+    }
+    ok(kv_ok, "the same metadata keys and values as llama.cpp's converter writes (but "
+       "general.name, the eos id, general.size_label, rope.freq_base, expert_weights_norm, "
+       "the empty merges)");
+out:
+    written_free(&wr);
+}
+
 /* K types in place: the nano model (rows of 256) written as a Q4_K GGUF. Every K-type matrix
  * of the file is used from the mapping with kli quantize's q4_k bytes; its logits against
  * the same weights dequantized to F32 at open (the int8 rounding of the activations, as in
@@ -1249,6 +1334,7 @@ main(int argc, char **argv)
         {"edge", test_edge},
         {"write", test_write},
         {"write_nano", test_write_nano},
+        {"write_llama", test_write_llama},
         {"ktypes", test_ktypes},
     };
 
