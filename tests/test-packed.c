@@ -126,13 +126,6 @@ die_midway(void *ud, uint64_t done, uint64_t total, const char *what)
         raise(SIGKILL);
 }
 
-/* pack_writer_write as tl_feed calls it */
-static int
-feed_pack(void *w, const void *p, uint64_t n, struct kli_err *err)
-{
-    return pack_writer_write(w, p, n, err);
-}
-
 /* The writer over more than its 8 MiB buffer, fed in odd-sized pieces (one larger than the
  * buffer), so that its flushes, which fall on multiples of 8 MiB of the file, land inside
  * tensors and inside calls: the tensors read back byte for byte and match their checksums. */
@@ -159,7 +152,7 @@ test_large(const char *dir)
     snprintf(path, sizeof(path), "%s/large.kli", dir);
     rc = pack_writer_open(&w, path, &meta, e, 2, &err);
     if (rc == KLI_OK)
-        rc = tl_feed(feed_pack, w, src, total, &err);
+        rc = tl_feed(pack_writer_sink, w, src, total, &err);
     if (rc == KLI_OK)
         rc = pack_writer_close(w, &err);
     else

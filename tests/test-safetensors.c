@@ -798,13 +798,6 @@ test_fixture(void)
     wfile_close(w);
 }
 
-/* st_writer_write as tl_feed calls it */
-static int
-feed_st(void *w, const void *p, uint64_t n, struct kli_err *err)
-{
-    return st_writer_write(w, p, n, err);
-}
-
 /* The streaming writer over a file larger than its 8 MiB buffer, fed in odd-sized pieces
  * (one larger than the buffer) so that flushes fall inside tensors and inside calls: every
  * byte reads back, and the reader's mapping starts on a 2 MiB boundary (weights/mmap.c: a
@@ -828,7 +821,7 @@ test_writer_large(void)
     remember(path);
     rc = st_writer_open(&w, path, e, 2, &err);
     if (rc == KLI_OK)
-        rc = tl_feed(feed_st, w, src, total, &err);
+        rc = tl_feed(st_writer_sink, w, src, total, &err);
     rc = st_writer_finish(w, rc, &err);
     ok(rc == KLI_OK, "writer: %zu bytes in odd pieces: %s", total, err.msg);
 
