@@ -125,6 +125,13 @@ int cli_args_exit(int c);
 /* The sizes --mem-budget listed (kli bench takes several, other commands one).
  * @return their count (0: no budget); *out borrowed. */
 int cli_mem_budgets(const uint64_t **out);
+/* The options of the commands that read a text in windows of --ctx tokens (perplexity,
+ * imatrix): -f/--file FILE, --ctx N and --bos; the caller lists --ctx's range and default in
+ * its struct cli_int_opt and hands the text to cli_text_tokens. */
+#define CLI_TEXT_LONGOPTS \
+    {"file", required_argument, NULL, 'f'}, \
+    {"ctx", required_argument, NULL, 'c'}, \
+    {"bos", no_argument, NULL, 'B'}
 /* The tokens of a text as kli perplexity scores them (special-token strings as plain text;
  * a BOS first when `bos`), in *out (malloc'd). @return their count, or -1 after reporting
  * (messages start with `cmd`). */

@@ -109,12 +109,10 @@ cli_imatrix(int argc, char **argv)
 {
     static const struct option opts[] = {
         CLI_MODEL_LONGOPT,
-        {"file", required_argument, NULL, 'f'},
+        CLI_TEXT_LONGOPTS,
         {"output", required_argument, NULL, 'o'},
-        {"ctx", required_argument, NULL, 'c'},
         {"chunks", required_argument, NULL, 'C'},
         {"save-every", required_argument, NULL, 'S'},
-        {"bos", no_argument, NULL, 'B'},
         {"covariance", no_argument, NULL, 'V'},
         CLI_THREADS_LONGOPT,
         CLI_HELP_LONGOPT,

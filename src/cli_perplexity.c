@@ -244,9 +244,7 @@ cli_perplexity(int argc, char **argv)
 {
     static const struct option opts[] = {
         CLI_MODEL_LONGOPT,
-        {"file", required_argument, NULL, 'f'},
-        {"ctx", required_argument, NULL, 'c'},
-        {"bos", no_argument, NULL, 'B'},
+        CLI_TEXT_LONGOPTS,
         CLI_JSON_LONGOPT,
         {"kld-base", required_argument, NULL, 'K'},
         CLI_CACHE_TYPE_LONGOPT,

@@ -124,17 +124,6 @@ struct convert_args {
     struct kli_convert_options o;   /* initialized by the caller: its defaults */
 };
 
-/* The closing lines of quantize and convert: where the output went, and what --imatrix
- * weighted. */
-static void
-convert_done(const struct convert_args *a, const struct progress *p)
-{
-    fprintf(stderr, "%s: wrote %s in %.1f s\n", p->what, a->out, util_now_s() - p->t0);
-    if (a->o.imatrix != NULL)
-        fprintf(stderr, "%s: %lld matrices weighted by %s, %lld unweighted (not in it or never "
-                "seen)\n", p->what, (long long)a->used[0], a->o.imatrix, (long long)a->used[1]);
-}
-
 /* The options quantize and convert share; convert adds --to (quantize writes a directory). */
 #define CLI_CONVERT_LONGOPTS \
     CLI_MODEL_LONGOPT, \
@@ -156,18 +145,30 @@ static const struct option convert_opts[] = {
     CLI_LONGOPTS_END,
 };
 
-/* -m IN -o OUT [--type T] [--keep GLOB=TYPE]... [--imatrix FILE] [--force] and, in `opts`
- * (quantize_opts or convert_opts), convert's [--to FORMAT], into a->o (whose progress goes to
- * `p`). `help` is printed for -h and `usage` with a usage error.
- * @return 0 to go on, 1 after --help, -1 on a usage error. */
+/* What tells kli quantize and kli convert apart: the name, the option table (convert's adds
+ * --to), the library's defaults and call, whether Ctrl-C is caught, and the usage texts:
+ * `help` for -h, `usage` with a usage error. */
+struct convert_cmd {
+    const char *what;
+    const struct option *opts;
+    void (*init)(struct kli_convert_options *o);
+    int (*run)(const char *in, const char *out, const struct kli_convert_options *o,
+               struct kli_err *err);
+    int catch_signals;   /* convert: Ctrl-C stops between slabs and removes the temporary file */
+    const char *help, *usage;
+};
+
+/* -m IN -o OUT [--type T] [--keep GLOB=TYPE]... [--imatrix FILE] [--force] and, in cmd->opts,
+ * convert's [--to FORMAT], into a->o (whose progress goes to `p`).
+ * @return 0 to go on, 1 after --help, -1 on a usage error (reported). */
 static int
-convert_args_parse(int argc, char **argv, const struct option *opts, struct convert_args *a,
-                   struct progress *p, const char *help, const char *usage)
+convert_args_parse(int argc, char **argv, const struct convert_cmd *cmd, struct convert_args *a,
+                   struct progress *p)
 {
     int c;
 
-    a->ca.usage = help;
-    while ((c = cli_getopt(argc, argv, "m:o:h", opts, &a->ca)) > 0) {
+    a->ca.usage = cmd->help;
+    while ((c = cli_getopt(argc, argv, "m:o:h", cmd->opts, &a->ca)) > 0) {
         switch (c) {
         case 'o': a->out = optarg; break;
         case 'T': a->o.type = optarg; break;
@@ -186,7 +187,12 @@ convert_args_parse(int argc, char **argv, const struct option *opts, struct conv
     if (c != CLI_ARGS_END)
         return c == CLI_ARGS_HELP ? 1 : -1;
     if (a->ca.model == NULL || a->out == NULL || optind < argc) {
-        cli_error("%s", usage);
+        cli_error("%s", cmd->usage);
+        return -1;
+    }
+    if (a->o.format != NULL && strcmp(a->o.format, "kli") != 0 &&
+        strcmp(a->o.format, "gguf") != 0) {
+        cli_error("--to %s: the formats are kli and gguf", a->o.format);
         return -1;
     }
     a->o.keep = a->keep;
@@ -195,40 +201,6 @@ convert_args_parse(int argc, char **argv, const struct option *opts, struct conv
     a->o.ud = p;
     return 0;
 }
-
-/* ==== kli quantize ======================================================================== */
-
-static int
-cmd_quantize(int argc, char **argv)
-{
-    struct kli_err err = {0};
-    struct progress p = {util_now_s(), 0, isatty(STDERR_FILENO), "quantize"};
-    struct convert_args a = {0};
-    int pr;
-
-    kli_quantize_options_init(&a.o);
-    pr = convert_args_parse(argc, argv, quantize_opts, &a, &p,
-                            "usage: kli quantize -m|--model DIR -o|--output OUT_DIR "
-                            "--type TYPE\n"
-                            "                    [--keep GLOB=TYPE]... [--imatrix FILE] "
-                            "[--force] [-h|--help]\n"
-                            "  TYPE: a recipe, q2_k, q3_k_m, q4_k_m, q5_k_m, q6_k, q8_0 "
-                            "(default),\n"
-                            "        or one type for every matrix, q5_k, q4_k, q4, q3_k, bf16, "
-                            "f16, f32\n",
-                            "usage: kli quantize -m DIR -o OUT_DIR --type TYPE "
-                            "[--keep GLOB=TYPE]...");
-    if (pr != 0)
-        return pr > 0 ? 0 : 2;
-    if (kli_quantize(a.ca.model, a.out, &a.o, &err) != KLI_OK) {
-        cli_error("%s", err.msg);
-        return 1;
-    }
-    convert_done(&a, &p);
-    return 0;
-}
-
-/* ==== kli convert ========================================================================= */
 
 static volatile sig_atomic_t convert_signal;
 
@@ -245,53 +217,87 @@ convert_interrupt(void *ud)
     return convert_signal != 0;
 }
 
+/* kli quantize and kli convert: the options, the library call, then where the output went
+ * and what --imatrix weighted. */
 static int
-cmd_convert(int argc, char **argv)
+convert_cmd_run(int argc, char **argv, const struct convert_cmd *cmd)
 {
     struct kli_err err = {0};
-    struct progress p = {util_now_s(), 0, isatty(STDERR_FILENO), "convert"};
+    struct progress p = {util_now_s(), 0, isatty(STDERR_FILENO), cmd->what};
     struct sigaction sa, old_int, old_term;
     struct convert_args a = {0};
-    int rc, pr;
+    int rc;
 
-    kli_convert_options_init(&a.o);
-    pr = convert_args_parse(argc, argv, convert_opts, &a, &p,
-                            "usage: kli convert -m|--model MODEL -o|--output OUT "
-                            "[--to kli|gguf] [--type TYPE]\n"
-                            "                   [--keep GLOB=TYPE]... [--imatrix FILE] "
-                            "[--force] [-h|--help]\n"
-                            "  OUT: a .kli file, or with --to gguf a GGUF file for "
-                            "llama.cpp-family tools\n"
-                            "  TYPE: a recipe, q2_k, q3_k_m, q4_k_m, q5_k_m, q6_k, q8_0, "
-                            "or one type\n"
-                            "        for every matrix, q5_k, q4_k, q4, q3_k, bf16, f16, f32 "
-                            "(default: as stored)\n",
-                            "usage: kli convert -m MODEL -o OUT [--to kli|gguf] "
-                            "[--type TYPE] [--keep GLOB=TYPE]...");
-    if (pr != 0)
-        return pr > 0 ? 0 : 2;
-    if (a.o.format != NULL && strcmp(a.o.format, "kli") != 0 && strcmp(a.o.format, "gguf") != 0) {
-        cli_error("--to %s: the formats are kli and gguf", a.o.format);
-        return 2;
+    cmd->init(&a.o);
+    if ((rc = convert_args_parse(argc, argv, cmd, &a, &p)) != 0)
+        return rc > 0 ? 0 : 2;
+    if (cmd->catch_signals) {
+        a.o.interrupt = convert_interrupt;
+        memset(&sa, 0, sizeof(sa));
+        sa.sa_handler = convert_on_signal;
+        sigemptyset(&sa.sa_mask);
+        sigaction(SIGINT, &sa, &old_int);
+        sigaction(SIGTERM, &sa, &old_term);
     }
-    a.o.interrupt = convert_interrupt;
-    /* Ctrl-C stops between slabs and removes the temporary file. */
-    memset(&sa, 0, sizeof(sa));
-    sa.sa_handler = convert_on_signal;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGINT, &sa, &old_int);
-    sigaction(SIGTERM, &sa, &old_term);
-    rc = kli_convert(a.ca.model, a.out, &a.o, &err);
-    sigaction(SIGINT, &old_int, NULL);
-    sigaction(SIGTERM, &old_term, NULL);
+    rc = cmd->run(a.ca.model, a.out, &a.o, &err);
+    if (cmd->catch_signals) {
+        sigaction(SIGINT, &old_int, NULL);
+        sigaction(SIGTERM, &old_term, NULL);
+    }
     if (rc != KLI_OK) {
         if (p.tty)
-            fputc('\n', stderr);
+            fputc('\n', stderr);   /* after the progress bar */
         cli_error("%s", err.msg);
         return rc == KLI_E_INTERRUPTED ? 128 + (int)convert_signal : 1;
     }
-    convert_done(&a, &p);
+    fprintf(stderr, "%s: wrote %s in %.1f s\n", p.what, a.out, util_now_s() - p.t0);
+    if (a.o.imatrix != NULL)
+        fprintf(stderr, "%s: %lld matrices weighted by %s, %lld unweighted (not in it or never "
+                "seen)\n", p.what, (long long)a.used[0], a.o.imatrix, (long long)a.used[1]);
     return 0;
+}
+
+/* ==== kli quantize ======================================================================== */
+
+static const struct convert_cmd quantize_cmd = {
+    .what = "quantize",
+    .opts = quantize_opts,
+    .init = kli_quantize_options_init,
+    .run = kli_quantize,
+    .help = "usage: kli quantize -m|--model DIR -o|--output OUT_DIR --type TYPE\n"
+            "                    [--keep GLOB=TYPE]... [--imatrix FILE] [--force] [-h|--help]\n"
+            "  TYPE: a recipe, q2_k, q3_k_m, q4_k_m, q5_k_m, q6_k, q8_0 (default),\n"
+            "        or one type for every matrix, q5_k, q4_k, q4, q3_k, bf16, f16, f32\n",
+    .usage = "usage: kli quantize -m DIR -o OUT_DIR --type TYPE [--keep GLOB=TYPE]...",
+};
+
+static int
+cmd_quantize(int argc, char **argv)
+{
+    return convert_cmd_run(argc, argv, &quantize_cmd);
+}
+
+/* ==== kli convert ========================================================================= */
+
+static const struct convert_cmd convert_cmd = {
+    .what = "convert",
+    .opts = convert_opts,
+    .init = kli_convert_options_init,
+    .run = kli_convert,
+    .catch_signals = 1,
+    .help = "usage: kli convert -m|--model MODEL -o|--output OUT [--to kli|gguf] [--type TYPE]\n"
+            "                   [--keep GLOB=TYPE]... [--imatrix FILE] [--force] [-h|--help]\n"
+            "  OUT: a .kli file, or with --to gguf a GGUF file for llama.cpp-family tools\n"
+            "  TYPE: a recipe, q2_k, q3_k_m, q4_k_m, q5_k_m, q6_k, q8_0, or one type\n"
+            "        for every matrix, q5_k, q4_k, q4, q3_k, bf16, f16, f32 (default: as stored)\n",
+    .usage = "usage: kli convert -m MODEL -o OUT [--to kli|gguf] [--type TYPE] "
+             "[--keep GLOB=TYPE]...",
+};
+
+static int
+cmd_convert(int argc, char **argv)
+{
+    return convert_cmd_run(argc, argv, &convert_cmd);
 }
 
 /* ==== kli bench =========================================================================== */

@@ -137,13 +137,6 @@ cv_read(const char *dir, const char *name, int optional, char **buf, uint64_t *l
     return KLI_OK;
 }
 
-/* kli_convert's side of the stream: a .kli writer. */
-static int
-cv_write(void *ctx, const void *data, uint64_t n, struct kli_err *err)
-{
-    return pack_writer_write(ctx, data, n, err);
-}
-
 int
 kli_convert(const char *in, const char *out, const struct kli_convert_options *opt,
             struct kli_err *err)
@@ -238,7 +231,7 @@ kli_convert(const char *in, const char *out, const struct kli_convert_options *o
     if (opt->imatrix != NULL && (rc = imat_load(opt->imatrix, wf, &imp, err)) != KLI_OK)
         goto out;
     qs.opt = opt;
-    qs.write = cv_write;
+    qs.write = pack_writer_sink;   /* kli_convert's side of the stream: a .kli writer */
     if ((rc = quantize_stream_init(&qs, maxcols, err)) != KLI_OK)
         goto out;
     if ((rc = pack_writer_open(&w, out, &meta, ent, n, err)) != KLI_OK)

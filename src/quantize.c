@@ -457,13 +457,6 @@ quantize_imp(struct quantize_stream *qs, float *const *imp, int64_t n, int64_t i
     qs->cov = imp[i] != NULL ? imp[n + i] : NULL;
 }
 
-/* kli_quantize's side of the stream: a safetensors writer. */
-static int
-quant_write_st(void *ctx, const void *data, uint64_t n, struct kli_err *err)
-{
-    return st_writer_write(ctx, data, n, err);
-}
-
 int
 kli_quantize(const char *in, const char *out, const struct kli_convert_options *opt,
              struct kli_err *err)
@@ -548,7 +541,8 @@ kli_quantize(const char *in, const char *out, const struct kli_convert_options *
         goto out;
     }
 
-    struct quantize_stream qs = {.write = quant_write_st, .ctx = w, .opt = opt, .total = total};
+    /* kli_quantize's side of the stream: a safetensors writer */
+    struct quantize_stream qs = {.write = st_writer_sink, .ctx = w, .opt = opt, .total = total};
     if ((rc = quantize_stream_init(&qs, maxcols, err)) != KLI_OK)
         goto out;
     for (int64_t i = 0; i < n && rc == KLI_OK; i++) {

@@ -142,26 +142,17 @@ test_large(const char *dir)
     static const char cfg[] = "{}";
     struct pack_meta meta = {.config = cfg, .config_len = sizeof(cfg) - 1};
     size_t total = ((size_t)NA + NB) * 4;
-    uint8_t *src = malloc(total);
+    uint8_t *src = tl_pattern(total);
     char path[4200];
     struct pack_writer *w = NULL;
     struct wfile *wf = NULL;
     struct kli_err err = {0};
     int rc;
 
-    if (src == NULL) {
-        ok(0, "large file: out of memory");
-        return;
-    }
-    tl_pattern(src, total);
     snprintf(path, sizeof(path), "%s/large.kli", dir);
     rc = pack_writer_open(&w, path, &meta, e, 2, &err);
-    for (size_t o = 0, i = 0; rc == KLI_OK && o < total; i++) {
-        size_t n = tl_piece(i, total - o);
-
-        rc = pack_writer_write(w, src + o, n, &err);
-        o += n;
-    }
+    if (rc == KLI_OK)
+        rc = tl_feed(pack_writer_sink, w, src, total, &err);
     if (rc == KLI_OK)
         rc = pack_writer_close(w, &err);
     else

@@ -167,19 +167,30 @@ tl_spill(const char *path, const void *p, size_t n)
     return ok_;
 }
 
-void
-tl_pattern(uint8_t *p, size_t n)
+uint8_t *
+tl_pattern(size_t n)
 {
+    uint8_t *p = tl_malloc(n);
+
     for (size_t i = 0; i < n; i++)
         p[i] = (uint8_t)(i * 2654435761u >> 13);
+    return p;
 }
 
-size_t
-tl_piece(size_t i, size_t left)
+int
+tl_feed(int (*write)(void *ctx, const void *p, uint64_t n, struct kli_err *err), void *ctx,
+        const uint8_t *src, size_t n, struct kli_err *err)
 {
     static const size_t piece[] = {1, 4093, 1000003, 9 << 20, 65536, 777};
+    int rc = KLI_OK;
 
-    return piece[i % 6] < left ? piece[i % 6] : left;
+    for (size_t o = 0, i = 0; rc == KLI_OK && o < n; i++) {
+        size_t k = piece[i % 6] < n - o ? piece[i % 6] : n - o;
+
+        rc = write(ctx, src + o, k, err);
+        o += k;
+    }
+    return rc;
 }
 
 int

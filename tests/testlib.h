@@ -50,11 +50,13 @@ char *tl_slurp(const char *path, size_t *len);
  * the file closed, else 0. */
 int tl_spill(const char *path, const void *p, size_t n);
 
-/* For the large-file writer tests: n bytes of a fixed pattern, and the size of piece i
- * (at most `left`) in the odd sizes they are fed to a writer in (1 byte to 9 MiB, cycled),
- * so that the writer's buffer flushes fall inside calls. */
-void tl_pattern(uint8_t *p, size_t n);
-size_t tl_piece(size_t i, size_t left);
+/* For the large-file writer tests: n bytes of a fixed pattern (tl_malloc'd; bails out when
+ * memory runs out), and tl_feed, which hands the n bytes at src to write(ctx, ...) in odd-sized
+ * pieces (1 byte to 9 MiB, cycled) so that the writer's buffer flushes fall inside calls.
+ * tl_feed @return KLI_OK, or the first error of write (err filled by it). */
+uint8_t *tl_pattern(size_t n);
+int tl_feed(int (*write)(void *ctx, const void *p, uint64_t n, struct kli_err *err), void *ctx,
+            const uint8_t *src, size_t n, struct kli_err *err);
 
 /* For the on_text callbacks that collect generated text: appends the n bytes at t to buf (cap
  * bytes, *len of them used) when they fit with a byte to spare (for a terminating NUL, which

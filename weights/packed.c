@@ -1029,6 +1029,12 @@ pack_writer_write(struct pack_writer *w, const void *data, uint64_t nbytes,
 }
 
 int
+pack_writer_sink(void *w, const void *data, uint64_t nbytes, struct kli_err *err)
+{
+    return pack_writer_write(w, data, nbytes, err);
+}
+
+int
 pack_writer_close(struct pack_writer *w, struct kli_err *err)
 {
     uint8_t *h = w->prefix;

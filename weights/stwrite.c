@@ -127,6 +127,12 @@ st_writer_write(struct st_writer *w, const void *data, uint64_t nbytes,
 }
 
 int
+st_writer_sink(void *w, const void *data, uint64_t nbytes, struct kli_err *err)
+{
+    return st_writer_write(w, data, nbytes, err);
+}
+
+int
 st_writer_close(struct st_writer *w, struct kli_err *err)
 {
     int rc;

@@ -210,6 +210,12 @@ int pack_writer_close(struct pack_writer *w, struct kli_err *err);
 /* Abandons the file (removes the temporary file). NULL is allowed. */
 void pack_writer_abort(struct pack_writer *w);
 
+/* The two writers as byte sinks: st_writer_write and pack_writer_write for a caller that
+ * holds the writer as a void * (a conversion stream's write and ctx, quantize.h; the tests'
+ * tl_feed). */
+int st_writer_sink(void *w, const void *data, uint64_t nbytes, struct kli_err *err);
+int pack_writer_sink(void *w, const void *data, uint64_t nbytes, struct kli_err *err);
+
 /* ==== GGUF (gguf.c reads the container, gguf_kimi.c the Kimi Linear model in it) ==========
  * wfile_open recognises a GGUF by its magic and presents it as the checkpoint it was made
  * from: descriptors under the Hugging Face names (data in the mapping where the layouts
