@@ -252,7 +252,7 @@ mla_project(const struct kli_model *m, const struct k_mla_w *w, float *const *ca
  * Per worker, sc->part holds m [H], l [H], acc [H][L], the tile [MLA_TILE][C] and the scores
  * [H][MLA_TILE] (mla_part_floats).
  */
-enum { MLA_TILE = 32 };   /* rows per tile: the float tile (72 KiB at C = 576) stays in L2 */
+enum { MLA_TILE = 64 };   /* rows per tile: the float tile (144 KiB at C = 576) stays in L2 */
 
 int64_t
 mla_part_floats(const struct k_config *cfg)
