@@ -282,6 +282,10 @@ mla_split_range(void *ctx, int64_t s0, int64_t s1, int ith)
     float *mx = j->part + (int64_t)ith * j->pf, *l = mx + H, *acc = l + H;
     float *tile = acc + H * L, *S = tile + MLA_TILE * C;
 
+    /* l was zeroed by the caller (a worker without a range keeps l = 0: the merge skips it) */
+    for (int64_t h = 0; h < H; h++)
+        mx[h] = -INFINITY;
+    memset(acc, 0, (size_t)(H * L) * sizeof(float));
     for (int64_t s = s0; s < s1; s += MLA_TILE) {
         int64_t k = s1 - s < MLA_TILE ? s1 - s : MLA_TILE;
         kk->to_f32(j->dt, j->cache + s * j->rb, tile, k * C);
@@ -318,14 +322,14 @@ mla_merge_range(void *ctx, int64_t h0, int64_t h1, int ith)
     (void)ith;
     for (int64_t h = h0; h < h1; h++) {
         float M = -INFINITY, den = 0.0f, *o = j->lat + h * L;
-        for (int w = 0; w < j->nw; w++) {
-            float m = j->part[w * j->pf + h];
-            M = m > M ? m : M;
+        for (int w = 0; w < j->nw; w++) {   /* a worker without rows has l = 0: skipped */
+            const float *mw = j->part + w * j->pf;
+            M = mw[H + h] > 0.0f && mw[h] > M ? mw[h] : M;
         }
         memset(o, 0, (size_t)L * sizeof(float));
         for (int w = 0; w < j->nw; w++) {
             const float *mw = j->part + w * j->pf;
-            if (mw[H + h] == 0.0f)   /* a worker without rows (m = -inf) */
+            if (mw[H + h] == 0.0f)
                 continue;
             float a = expf(mw[h] - M);
             den += a * mw[H + h];
@@ -350,12 +354,8 @@ mla_attend_split(const struct kli_model *m, float *const *caches, const int64_t 
         j.cache = (const uint8_t *)caches[sq];
         j.q = sc->qfull + t * H * C;
         j.lat = sc->lat + t * H * L;
-        for (int w = 0; w < j.nw; w++) {
-            float *p = sc->part + w * j.pf;
-            for (int64_t h = 0; h < H; h++)
-                p[h] = -INFINITY;
-            memset(p + H, 0, (size_t)(H + H * L) * sizeof(float));
-        }
+        for (int w = 0; w < j.nw; w++)   /* each worker clears the rest of its part */
+            memset(sc->part + w * j.pf + H, 0, (size_t)H * sizeof(float));
         threads_parallel_for(n, MLA_TILE, mla_split_range, &j);
         threads_parallel_for(H, 1, mla_merge_range, &j);
     }
