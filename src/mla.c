@@ -238,10 +238,10 @@ mla_project(const struct kli_model *m, const struct k_mla_w *w, float *const *ca
 }
 
 /*
- * Attention of one query row over a narrow (bf16 or q8_0) cache in one pass (split-K, "flash decoding", as
- * cuda/mla.cu): the context is split into one contiguous range of rows per worker, and each
- * worker walks its range MLA_TILE rows at a time. A tile is widened once into floats (the
- * ISA's to_f32) and, while it is in cache, serves every head twice:
+ * Attention of one query row over a narrow (bf16 or q8_0) cache in one pass (split-K, "flash
+ * decoding", as cuda/mla.cu): the context is split into one contiguous range of rows per
+ * worker, and each worker walks its range MLA_TILE rows at a time. A tile is widened once
+ * into floats (the ISA's to_f32) and, while it is in cache, serves every head twice:
  *     S [H][k]  = scale * Q [H][C] . tile[0:k]^T          (the ISA's float matmul)
  *     online softmax per head: m' = max(m, max_r S), a = exp(m - m'), P = exp(S - m'),
  *                              l = a l + sum_r P,  acc = a acc
