@@ -17,6 +17,11 @@
  *     lat[h] = sum_s exp(m_s - M) acc_s[h] / sum_s exp(m_s - M) l_s.
  * Everything is float32, as on the CPU; exp is the accurate expf.
  *
+ * The mirror holds rows of the session's cache type (F32, BF16 or Q8_0: 4, 2 or 1 + 1/16
+ * bytes a value), and the tile is widened to float as it is loaded into shared memory, so a
+ * narrow cache halves or quarters what the attention reads; the arithmetic after the load is
+ * the same. The CPU twin of a narrow cache is mla_attend's one-pass form (src/mla.c).
+ *
  * cu_mla_layer runs the whole layer around that attention (the CPU twin is mla_forward):
  * the projections q_proj, kv_a, o_proj in the stored dtype and the per-head absorbed
  * products W_UK^T, W_UV in float32, one warp per weight row (mla_mm); the new latent rows are
@@ -35,9 +40,10 @@ enum {
     ATT_PAD = 4,      /* floats added to each shared row: rows start 4 banks apart */
 };
 
-/* One query row: the device cache of its sequence and how many rows it attends to. */
+/* One query row: the device cache of its sequence (rows of the job's dtype) and how many
+ * rows it attends to. */
 struct att_row {
-    const float *cache;
+    const void *cache;
     long long n;
 };
 
@@ -62,6 +68,7 @@ att_smem(int H, int C)
  *            rowsT = 256 / (L/4): each tile value it loads serves up to 16 heads.
  * Partial result per (t, s, h): m, l, two unused floats, acc[L] (so acc is 16-byte aligned).
  */
+template <int DT>
 __global__ void __launch_bounds__(ATT_NT, 1)
 mla_att_part(const struct att_row *rows, const float *q, int H, int L, int C, float scale,
              long long chunk, int S, float *part)
@@ -92,9 +99,21 @@ mla_att_part(const struct att_row *rows, const float *q, int H, int L, int C, fl
 
     for (long long base = p0; base < p1; base += ATT_PT) {
         const int np = (int)(p1 - base < ATT_PT ? p1 - base : ATT_PT);
-        const float4 *cg = (const float4 *)(r.cache + base * C);
-        for (int i = tid; i < np * C4; i += ATT_NT)
-            *(float4 *)(ts + (i / C4) * CP + (i % C4) * 4) = cg[i];
+        if (DT == KLI_DT_F32) {
+            const float4 *cg = (const float4 *)((const float *)r.cache + base * C);
+            for (int i = tid; i < np * C4; i += ATT_NT)
+                *(float4 *)(ts + (i / C4) * CP + (i % C4) * 4) = cg[i];
+        } else {
+            /* eight values at a time, widened (C is a multiple of 8, of 32 for Q8_0) */
+            const int C8 = C / 8;
+            for (int i = tid; i < np * C8; i += ATT_NT) {
+                float v[8];
+                cu_w8<DT>(r.cache, base + i / C8, C, i % C8, v);
+                float *d = ts + (i / C8) * CP + (i % C8) * 8;
+                *(float4 *)d = make_float4(v[0], v[1], v[2], v[3]);
+                *(float4 *)(d + 4) = make_float4(v[4], v[5], v[6], v[7]);
+            }
+        }
         __syncthreads();
 
         /* scores; rows past np read row np-1 (written) and are masked to -inf */
@@ -229,6 +248,14 @@ mla_att_merge(const float *part, int S, int H, int L, float *lat)
     }
 }
 
+/* Whether the attention reads a mirror of rows of C values of dtype dt. */
+static int
+att_dtype_ok(int dt, int C)
+{
+    return dt == KLI_DT_F32 || (dt == KLI_DT_BF16 && C % 8 == 0) ||
+           (dt == KLI_DT_Q8_0 && C % 32 == 0);
+}
+
 int
 cu_mla_check(struct k_gpu *g, int32_t H, int32_t L, int32_t C, struct kli_err *err)
 {
@@ -270,21 +297,39 @@ att_chunks(const struct k_gpu *g, int64_t T, int64_t nmax, int64_t *chunk)
     return (nmax + *chunk - 1) / *chunk;
 }
 
+template <int DT>
 static int
-att_run(struct gpu_queue *q, const struct att_row *rows_d, const float *q_d, int64_t T,
-        int H, int L, int C, float scale, int64_t S, int64_t chunk, float *part_d,
-        float *lat_d, struct kli_err *err)
+att_part(struct gpu_queue *q, const struct att_row *rows_d, const float *q_d, int64_t T,
+         int H, int L, int C, float scale, int64_t S, int64_t chunk, float *part_d,
+         struct kli_err *err)
 {
     size_t smem = (size_t)att_smem(H, C);
     int rc;
 
-    if ((rc = cu_check(cudaFuncSetAttribute(mla_att_part,
+    if ((rc = cu_check(cudaFuncSetAttribute(mla_att_part<DT>,
                                             cudaFuncAttributeMaxDynamicSharedMemorySize,
                                             (int)smem), err, "cudaFuncSetAttribute")) != KLI_OK)
         return rc;
-    mla_att_part<<<dim3((unsigned)S, (unsigned)T), ATT_NT, smem, q->st>>>(
+    mla_att_part<DT><<<dim3((unsigned)S, (unsigned)T), ATT_NT, smem, q->st>>>(
         rows_d, q_d, H, L, C, scale, (long long)chunk, (int)S, part_d);
-    if ((rc = cu_launched(err, "mla_att_part")) != KLI_OK)
+    return cu_launched(err, "mla_att_part");
+}
+
+/* The attention of T staged query rows over mirrors of dtype dt (att_dtype_ok). */
+static int
+att_run(struct gpu_queue *q, int dt, const struct att_row *rows_d, const float *q_d,
+        int64_t T, int H, int L, int C, float scale, int64_t S, int64_t chunk, float *part_d,
+        float *lat_d, struct kli_err *err)
+{
+    int rc;
+
+    if (dt == KLI_DT_BF16)
+        rc = att_part<KLI_DT_BF16>(q, rows_d, q_d, T, H, L, C, scale, S, chunk, part_d, err);
+    else if (dt == KLI_DT_Q8_0)
+        rc = att_part<KLI_DT_Q8_0>(q, rows_d, q_d, T, H, L, C, scale, S, chunk, part_d, err);
+    else
+        rc = att_part<KLI_DT_F32>(q, rows_d, q_d, T, H, L, C, scale, S, chunk, part_d, err);
+    if (rc != KLI_OK)
         return rc;
     mla_att_merge<<<dim3((unsigned)H, (unsigned)T), 128, (size_t)(S + 3) / 4 * sizeof(float4),
                     q->st>>>(
@@ -300,6 +345,9 @@ cu_mla_attend(struct gpu_queue *q, const struct gpu_mla_job *j, struct kli_err *
     int64_t nmax = 1, chunk;
     int rc;
 
+    if (!att_dtype_ok(j->dtype, C))
+        return err_set(err, KLI_E_UNSUPPORTED, "GPU attention: no kernel for cache rows of "
+                       "%d values of dtype %d", C, j->dtype);
     if ((rc = cu_check(cudaSetDevice(q->g->info.device), err, "cudaSetDevice")) != KLI_OK)
         return rc;
     for (int64_t t = 0; t < T; t++)
@@ -323,8 +371,8 @@ cu_mla_attend(struct gpu_queue *q, const struct gpu_mla_job *j, struct kli_err *
     if ((rc = cu_check(cudaMemcpyAsync(ws, pin, b_rows + b_q, cudaMemcpyHostToDevice, q->st),
                        err, "cudaMemcpyAsync (queries)")) != KLI_OK)
         return rc;
-    if ((rc = att_run(q, rows_d, q_d, T, H, L, C, j->scale, S, chunk, part_d, lat_d, err)) !=
-        KLI_OK)
+    if ((rc = att_run(q, j->dtype, rows_d, q_d, T, H, L, C, j->scale, S, chunk, part_d, lat_d,
+                      err)) != KLI_OK)
         return rc;
     if ((rc = cu_check(cudaMemcpyAsync(pin, lat_d, (size_t)T * H * L * sizeof(float),
                                        cudaMemcpyDeviceToHost, q->st), err,
@@ -519,8 +567,8 @@ cu_mla_layer(struct gpu_queue *q, const struct gpu_mla_layer_job *j,
     mla_qpe<<<(unsigned)T, 128, 0, q->st>>>(qp_d, H, j->nope, j->rope, L, C, qf_d);
     if ((rc = cu_launched(err, "mla_qpe")) != KLI_OK)
         return rc;
-    if ((rc = att_run(q, rows_d, qf_d, T, H, L, C, j->scale, S, chunk, part_d, lat_d, err)) !=
-        KLI_OK)
+    if ((rc = att_run(q, KLI_DT_F32, rows_d, qf_d, T, H, L, C, j->scale, S, chunk, part_d,
+                      lat_d, err)) != KLI_OK)
         return rc;
     /* o[t][h] = W_UV[h] lat[t][h], then out = o_proj o */
     if ((rc = cu_mm(q, w->w_uv, KLI_DT_F32, (long long)dv * L * 4, dv, L, H, lat_d, H * L,

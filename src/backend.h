@@ -84,7 +84,9 @@ struct gpu_moe_job {
  *     S[h][s]   = scale * q[t][h] . cache_t[s]          s < n[t]   (C = L + rope values)
  *     P         = softmax(S[h])
  *     lat[t][h] = sum_s P[h][s] cache_t[s][0:L]
- * cache_t is the device cache (rows of C floats) of the sequence row t belongs to. */
+ * cache_t is the device cache of the sequence row t belongs to: rows of C values stored as
+ * dtype (F32, BF16 or Q8_0, mla_row_bytes; cache[t] points at its first byte whatever the
+ * type), widened to float as they are read. */
 struct gpu_mla_job {
     int64_t T;
     int32_t H, L, C;
@@ -93,6 +95,7 @@ struct gpu_mla_job {
     const int64_t *n;            /* [T] rows attended, >= 1 */
     const float *q;              /* host [T][H][C] */
     float *lat;                  /* host [T][H][L], written */
+    int32_t dtype;               /* the rows' enum k_dtype: KLI_DT_F32 (0) unless set */
 };
 
 /* Whether the device kernels compute a [.][cols] matrix of dtype dt (struct gpu_mat, struct

@@ -80,7 +80,9 @@ struct backend_sess {
     struct gpu_queue *q;
     int dead;                     /* a step failed: the CPU from now on */
     int mla_off;                  /* the mirrors no longer fit the budget */
-    float **dc;                   /* [n_layers] device mirrors [dcap][L+rope] */
+    uint8_t **dc;                 /* [n_layers] device mirrors: [dcap] rows of rb bytes */
+    enum k_dtype dt;              /* the mirrors' rows: the session's cache type */
+    int64_t rb;                   /* bytes of a mirror row (mla_row_bytes of dt) */
     int64_t *dcap, *synced;       /* [n_layers] rows allocated, rows equal to the host's */
     kli_token *toks;              /* [toks_cap] the ids the mirrors were built from */
     int64_t toks_n, toks_cap;

@@ -7,7 +7,10 @@
  * The host cache stays the truth. A mirror row is trusted only while the token history that
  * produced it is unchanged: backend_forward_begin compares the session's history with the ids
  * the mirror was built from, so snapshots, copies and rewinds need no hooks of their own.
- *
+ * A mirror holds the rows as the host stores them (the session's cache type: f32, bf16 or
+ * q8_0), so a narrow cache is narrow on the device too; the device's whole-layer path writes
+ * f32 rows only, so a narrow session's projections stay on the CPU and only its attention
+ * goes to the device.
  */
 #include "config.h"
 
@@ -33,13 +36,12 @@ backend_sess_free(struct kli_session *s)
     if (g == NULL)
         return;
     struct backend_model *bm = g->bm;
-    int64_t C = mla_row_floats(&s->m->cfg);
     if (g->q != NULL)
         bm->ops->queue_sync(g->q, NULL);
     if (g->dc != NULL) {
         for (int i = 0; i < s->m->cfg.n_layers; i++) {
             if (g->dc[i] != NULL)
-                bm->ops->release(bm->g, g->dc[i], (uint64_t)g->dcap[i] * C * 4);
+                bm->ops->release(bm->g, g->dc[i], (uint64_t)g->dcap[i] * g->rb);
         }
     }
     if (g->dS != NULL) {
@@ -94,8 +96,8 @@ backend_sess_create(struct kli_session *s, struct kli_err *err)
     s->gpu = NULL;
     if (bm == NULL || bm->g == NULL)
         return KLI_OK;
-    if (s->cache_type != KLI_CACHE_F32) {
-        /* the device mirrors and reads f32 caches only: this session computes on the CPU */
+    if (s->mla_sc.cache_dt != KLI_DT_F32 && mla_row_floats(cfg) % 8 != 0) {
+        /* the device widens narrow rows 8 values at a time (q8_0 rows hold whole blocks) */
         bk_note_cpu(bm, kli_cache_type_name(s->cache_type));
         return KLI_OK;
     }
@@ -104,6 +106,8 @@ backend_sess_create(struct kli_session *s, struct kli_err *err)
     s->gpu = g;
     g->bm = bm;
     g->s = s;
+    g->dt = s->mla_sc.cache_dt;
+    g->rb = mla_row_bytes(cfg, g->dt);
     size_t nl = (size_t)cfg->n_layers;
     struct k_carve cv = {0};
     bk_sess_carve(g, &cv);
@@ -360,7 +364,8 @@ bk_mirror(struct backend_sess *g, struct gpu_queue *q, int i, const float *cache
 {
     struct backend_model *bm = g->bm;
     const struct backend_ops *ops = bm->ops;
-    int64_t C = mla_row_floats(&bm->m->cfg);
+    int64_t rb = g->rb;
+    const uint8_t *host = (const uint8_t *)cache;
     int rc;
 
     if (room > g->dcap[i]) {
@@ -370,26 +375,26 @@ bk_mirror(struct backend_sess *g, struct gpu_queue *q, int i, const float *cache
             cap *= 2;
         if (cap > g->s->ctx_max)
             cap = g->s->ctx_max > room ? g->s->ctx_max : room;
-        if (ops->alloc(bm->g, &p, (uint64_t)cap * C * 4, NULL) != KLI_OK &&
-            (cap = room, rc = ops->alloc(bm->g, &p, (uint64_t)cap * C * 4, err)) != KLI_OK)
+        if (ops->alloc(bm->g, &p, (uint64_t)cap * rb, NULL) != KLI_OK &&
+            (cap = room, rc = ops->alloc(bm->g, &p, (uint64_t)cap * rb, err)) != KLI_OK)
             return rc;
         if (g->synced[i] > 0 &&
-            (rc = ops->queue_copy(q, p, g->dc[i], (uint64_t)g->synced[i] * C * 4, err)) !=
+            (rc = ops->queue_copy(q, p, g->dc[i], (uint64_t)g->synced[i] * rb, err)) !=
             KLI_OK) {
-            ops->release(bm->g, p, (uint64_t)cap * C * 4);
+            ops->release(bm->g, p, (uint64_t)cap * rb);
             return rc;
         }
         if (g->dc[i] != NULL) {
             if ((rc = ops->queue_sync(q, err)) != KLI_OK)
                 return rc;
-            ops->release(bm->g, g->dc[i], (uint64_t)g->dcap[i] * C * 4);
+            ops->release(bm->g, g->dc[i], (uint64_t)g->dcap[i] * rb);
         }
         g->dc[i] = p;
         g->dcap[i] = cap;
     }
     if (need > g->synced[i]) {
-        if ((rc = ops->queue_upload(q, g->dc[i] + g->synced[i] * C, cache + g->synced[i] * C,
-                                    (uint64_t)(need - g->synced[i]) * C * 4, err)) != KLI_OK)
+        if ((rc = ops->queue_upload(q, g->dc[i] + g->synced[i] * rb, host + g->synced[i] * rb,
+                                    (uint64_t)(need - g->synced[i]) * rb, err)) != KLI_OK)
             return rc;
         g->synced[i] = need;
     }
@@ -408,7 +413,7 @@ bk_mirrors(struct backend_sess *const *gs, int layer, float *const *caches, cons
     struct kli_err e = {0};
 
     for (int64_t q = 0; q < n_seq; q++) {
-        if (gs[q]->mla_off)
+        if (gs[q]->mla_off || gs[q]->dt != g0->dt)
             return BACKEND_CPU;
         int rc = bk_mirror(gs[q], g0->q, layer, caches[q], pos[q] + have, pos[q] + T_seq, &e);
         if (rc == KLI_E_NOMEM) {
@@ -422,7 +427,7 @@ bk_mirrors(struct backend_sess *const *gs, int layer, float *const *caches, cons
     }
     for (int64_t t = 0; t < n_seq * T_seq; t++) {
         int64_t q = t / T_seq;
-        g0->cptr[t] = gs[q]->dc[layer];
+        g0->cptr[t] = (const float *)(const void *)gs[q]->dc[layer];
         g0->nrow[t] = pos[q] + t % T_seq + 1;
     }
     return KLI_OK;
@@ -445,7 +450,7 @@ backend_mla_attend(struct backend_sess *const *gs, int layer, float *const *cach
     struct gpu_mla_job j = {
         T, c->n_heads, c->kv_lora_rank, (int32_t)mla_row_floats(&bm->m->cfg),
         1.0f / sqrtf((float)(c->qk_nope_dim + c->qk_rope_dim)),
-        g0->cptr, g0->nrow, qfull, lat,
+        g0->cptr, g0->nrow, qfull, lat, g0->dt,
     };
     if (bm->ops->mla_attend(g0->q, &j, &e) != KLI_OK) {
         bk_dead(g0, &e);
@@ -466,7 +471,7 @@ backend_mla_layer(struct backend_sess *const *gs, int layer, float *const *cache
     struct kli_err e = {0};
 
     /* the device needs every earlier row, and room for this pass's */
-    if (!bm->mla_proj || bm->mla_w[layer].buf == NULL || g0->dead ||
+    if (!bm->mla_proj || bm->mla_w[layer].buf == NULL || g0->dead || g0->dt != KLI_DT_F32 ||
         bk_mirrors(gs, layer, caches, pos, n_seq, T_seq, 0) != KLI_OK)
         return BACKEND_CPU;
     struct gpu_mla_layer_job j = {

@@ -237,68 +237,127 @@ mla_project(const struct kli_model *m, const struct k_mla_w *w, float *const *ca
     threads_parallel_for(H, 1, mla_absorb_range, &j);
 }
 
-/* The weighted latent sum over a narrow cache, lat [H][L] = P [H][n] . cache[0:n][0:L]:
- * each worker widens its range of rows, MLA_PV_TILE at a time, into a float tile (the ISA's
- * to_f32) and adds the tile's product into its own part [H][L] (the ISA's gemm_nn); the rows
- * are read once, by one worker, and the parts are added after. */
-struct mla_pv_job {
-    const float *P;
-    const uint8_t *cache;
-    float *part;
-    int64_t H, Lr, n, rb;
-    enum k_dtype dt;
-};
-
-enum { MLA_PV_TILE = 32 };   /* rows widened at a time: the float tile stays in L2 */
+/*
+ * Attention of one query row over a narrow (bf16 or q8_0) cache in one pass (split-K, "flash
+ * decoding", as cuda/mla.cu): the context is split into one contiguous range of rows per
+ * worker, and each worker walks its range MLA_TILE rows at a time. A tile is widened once
+ * into floats (the ISA's to_f32) and, while it is in cache, serves every head twice:
+ *     S [H][k]  = scale * Q [H][C] . tile[0:k]^T          (the ISA's float matmul)
+ *     online softmax per head: m' = max(m, max_r S), a = exp(m - m'), P = exp(S - m'),
+ *                              l = a l + sum_r P,  acc = a acc
+ *     acc [H][L] += P [H][k] . tile[0:k][0:L]             (the ISA's gemm_nn)
+ * so each cached row is read from memory once per token and layer, by one worker. The
+ * workers' (m, l, acc) are merged after, per head: with M = max_w m_w,
+ *     lat[h] = sum_w exp(m_w - M) acc_w[h] / sum_w exp(m_w - M) l_w.
+ * Per worker, sc->part holds m [H], l [H], acc [H][L], the tile [MLA_TILE][C] and the scores
+ * [H][MLA_TILE] (mla_part_floats).
+ */
+enum { MLA_TILE = 64 };   /* rows per tile: the float tile (144 KiB at C = 576) stays in L2 */
 
 int64_t
 mla_part_floats(const struct k_config *cfg)
 {
-    return ((int64_t)cfg->mla.n_heads + MLA_PV_TILE) * cfg->mla.kv_lora_rank;
+    int64_t H = cfg->mla.n_heads, L = cfg->mla.kv_lora_rank;
+
+    return 2 * H + H * L + MLA_TILE * mla_row_floats(cfg) + H * MLA_TILE;
 }
 
-static void
-mla_pv_range(void *ctx, int64_t s0, int64_t s1, int ith)
-{
-    struct mla_pv_job *j = ctx;
-    const struct k_kernels *kk = k_kernels();
-    float *y = j->part + (int64_t)ith * (j->H + MLA_PV_TILE) * j->Lr, *tile = y + j->H * j->Lr;
+struct mla_split_job {
+    const uint8_t *cache;
+    const float *q;          /* [H][C] */
+    float *part;
+    int64_t H, L, C, rb, pf;
+    enum k_dtype dt;
+    float scale;
+    float *lat;              /* [H][L], the merge's output */
+    int nw;                  /* workers whose parts are merged */
+};
 
-    for (int64_t s = s0; s < s1; s += MLA_PV_TILE) {
-        int64_t k = s1 - s < MLA_PV_TILE ? s1 - s : MLA_PV_TILE;
-        for (int64_t r = 0; r < k; r++)
-            kk->to_f32(j->dt, j->cache + (s + r) * j->rb, tile + r * j->Lr, j->Lr);
-        kk->gemm_nn(y, j->Lr, j->P + s, j->n, tile, j->Lr, j->H, j->Lr, k, 1.0f, 1);
+static void
+mla_split_range(void *ctx, int64_t s0, int64_t s1, int ith)
+{
+    struct mla_split_job *j = ctx;
+    const struct k_kernels *kk = k_kernels();
+    int64_t H = j->H, L = j->L, C = j->C;
+    float *mx = j->part + (int64_t)ith * j->pf, *l = mx + H, *acc = l + H;
+    float *tile = acc + H * L, *S = tile + MLA_TILE * C;
+
+    /* l was zeroed by the caller (a worker without a range keeps l = 0: the merge skips it) */
+    for (int64_t h = 0; h < H; h++)
+        mx[h] = -INFINITY;
+    memset(acc, 0, (size_t)(H * L) * sizeof(float));
+    for (int64_t s = s0; s < s1; s += MLA_TILE) {
+        int64_t k = s1 - s < MLA_TILE ? s1 - s : MLA_TILE;
+        kk->to_f32(j->dt, j->cache + s * j->rb, tile, k * C);
+        kk->matmul[KLI_DT_F32](S, MLA_TILE, j->q, C, tile, k, C, H);
+        for (int64_t h = 0; h < H; h++) {
+            float *p = S + h * MLA_TILE, m1 = mx[h], sum = 0.0f;
+            for (int64_t r = 0; r < k; r++) {
+                p[r] *= j->scale;
+                m1 = p[r] > m1 ? p[r] : m1;
+            }
+            for (int64_t r = 0; r < k; r++) {
+                p[r] = expf(p[r] - m1);
+                sum += p[r];
+            }
+            if (m1 > mx[h]) {   /* a new maximum: what came before weighs exp(m - m') */
+                float a = expf(mx[h] - m1);
+                l[h] *= a;
+                kk->scale(acc + h * L, a, L);
+                mx[h] = m1;
+            }
+            l[h] += sum;
+        }
+        kk->gemm_nn(acc, L, S, MLA_TILE, tile, C, H, L, k, 1.0f, 1);
     }
 }
 
 static void
-mla_attend_narrow(const struct kli_model *m, float *const *caches, const int64_t *pos,
-                  int64_t n_seq, struct mla_scratch *sc, int64_t T_seq, float scale)
+mla_merge_range(void *ctx, int64_t h0, int64_t h1, int ith)
+{
+    struct mla_split_job *j = ctx;
+    const struct k_kernels *kk = k_kernels();
+    int64_t H = j->H, L = j->L;
+
+    (void)ith;
+    for (int64_t h = h0; h < h1; h++) {
+        float M = -INFINITY, den = 0.0f, *o = j->lat + h * L;
+        for (int w = 0; w < j->nw; w++) {   /* a worker without rows has l = 0: skipped */
+            const float *mw = j->part + w * j->pf;
+            M = mw[H + h] > 0.0f && mw[h] > M ? mw[h] : M;
+        }
+        memset(o, 0, (size_t)L * sizeof(float));
+        for (int w = 0; w < j->nw; w++) {
+            const float *mw = j->part + w * j->pf;
+            if (mw[H + h] == 0.0f)
+                continue;
+            float a = expf(mw[h] - M);
+            den += a * mw[H + h];
+            kk->axpy(o, a, mw + 2 * H + h * L, L);
+        }
+        kk->scale(o, 1.0f / den, L);
+    }
+}
+
+static void
+mla_attend_split(const struct kli_model *m, float *const *caches, const int64_t *pos,
+                 int64_t n_seq, struct mla_scratch *sc, int64_t T_seq, float scale)
 {
     const struct config_mla *c = &m->cfg.mla;
-    int64_t H = c->n_heads, Lr = c->kv_lora_rank, stride = mla_row_floats(&m->cfg);
-    int64_t rb = mla_row_bytes(&m->cfg, sc->cache_dt), HL = H * Lr;
-    int nt = threads_count();
+    int64_t H = c->n_heads, L = c->kv_lora_rank, C = mla_row_floats(&m->cfg);
+    struct mla_split_job j = {NULL, NULL, sc->part, H, L, C, mla_row_bytes(&m->cfg,
+                              sc->cache_dt), mla_part_floats(&m->cfg), sc->cache_dt, scale,
+                              NULL, threads_count()};
 
     for (int64_t t = 0; t < n_seq * T_seq; t++) {
         int64_t sq = t / T_seq, n = pos[sq] + t % T_seq + 1;
-        float *S = sc->work, *lat = sc->lat + t * HL;
-        /* the scores through the weight kernels of the cache's type */
-        struct tensor keys = ops_view_f32(caches[sq], n, stride);
-        keys.dtype = sc->cache_dt;
-        ops_matmul(&keys, sc->qfull + t * H * stride, stride, S, n, H);
-        struct mla_softmax_job sj = {S, n, n, scale};
-        threads_parallel_for(H, 1, mla_softmax_range, &sj);
-        struct mla_pv_job pj = {S, (const uint8_t *)caches[sq], sc->part, H, Lr, n, rb,
-                                sc->cache_dt};
-        int64_t pf = HL + MLA_PV_TILE * Lr;
-        for (int i = 0; i < nt; i++)
-            memset(sc->part + i * pf, 0, (size_t)HL * sizeof(float));
-        threads_parallel_for(n, MLA_PV_TILE, mla_pv_range, &pj);
-        memcpy(lat, sc->part, (size_t)HL * sizeof(float));
-        for (int i = 1; i < nt; i++)
-            k_kernels()->axpy(lat, 1.0f, sc->part + i * pf, HL);
+        j.cache = (const uint8_t *)caches[sq];
+        j.q = sc->qfull + t * H * C;
+        j.lat = sc->lat + t * H * L;
+        for (int w = 0; w < j.nw; w++)   /* each worker clears the rest of its part */
+            memset(sc->part + w * j.pf + H, 0, (size_t)H * sizeof(float));
+        threads_parallel_for(n, MLA_TILE, mla_split_range, &j);
+        threads_parallel_for(H, 1, mla_merge_range, &j);
     }
 }
 
@@ -311,7 +370,7 @@ mla_attend(const struct kli_model *m, float *const *caches, const int64_t *pos, 
     float scale = 1.0f / sqrtf((float)(c->qk_nope_dim + c->qk_rope_dim));
 
     if (sc->cache_dt != KLI_DT_F32) {
-        mla_attend_narrow(m, caches, pos, n_seq, sc, T_seq, scale);
+        mla_attend_split(m, caches, pos, n_seq, sc, T_seq, scale);
         return;
     }
 

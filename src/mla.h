@@ -31,7 +31,8 @@ int64_t mla_row_floats(const struct k_config *cfg);
  * of whole 4-byte words (an even number of blocks), as the session's buffers are words. */
 int64_t mla_row_bytes(const struct k_config *cfg, enum k_dtype dt);
 
-/* Floats of sc->part per thread (a narrow cache's partial sums and widened tile). */
+/* Floats of sc->part per thread: a narrow cache's one-pass attention state (running max,
+ * sum and weighted latents of every head), its widened tile of rows and their scores. */
 int64_t mla_part_floats(const struct k_config *cfg);
 
 /* Floats of attention workspace for a context of n tokens. */
