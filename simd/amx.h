@@ -86,20 +86,47 @@ amx_kc(enum k_dtype dt)
     return dt == KLI_DT_Q8_0 ? AMX_KC : AMX_KC / 2;
 }
 
-/* x[t][j] (t < nt, j < kc; tokens nt..31 zero) as hi and lo bf16 into B tiles of pairs: step
- * s (32 columns), half h (16 tokens), part p (hi, lo) at xp + 4096 s + 2048 h + 1024 p, row
- * l, token t at 64 l + 4 t. */
+/* The bf16 (round to nearest even) of the float with bits u, as the upper half of a word. */
+static inline uint32_t
+amx_bf16_hi(uint32_t u)
+{
+    return (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+}
+
+/* x[t][j] (t < nt, j < kc; tokens nt..31 zero) as hi = bf16(x) and lo = bf16(x - hi) into B
+ * tiles of pairs: step s (32 columns), half h (16 tokens), part p (hi, lo) at xp + 4096 s +
+ * 2048 h + 1024 p, row l (columns 2l, 2l + 1), token t at 64 l + 4 t. A token's row is split
+ * first (hi | lo << 16 per column, a loop the compiler vectorizes), then its pairs go to
+ * their tile rows. (NaN is not kept: activations are finite.) */
 static void
 amx_pack_bf16(const float *x, int64_t ldx, int nt, int64_t kc, uint8_t *xp)
 {
+    uint32_t sp[AMX_KC / 2];
+
     for (int t = 0; t < AMX_TB; t++) {
+        if (t < nt) {
+            for (int64_t j0 = 0; j0 < kc; j0 += 32) {
+                for (int j = 0; j < 32; j++) {
+                    uint32_t u, h, v;
+                    float f = x[t * ldx + j0 + j], r;
+                    memcpy(&u, &f, 4);
+                    h = amx_bf16_hi(u);
+                    memcpy(&r, &h, 4);
+                    r = f - r;
+                    memcpy(&v, &r, 4);
+                    sp[j0 + j] = h >> 16 | amx_bf16_hi(v);
+                }
+            }
+        } else {
+            memset(sp, 0, sizeof(sp));
+        }
+        uint8_t *d = xp + 2048 * (t / 16) + 4 * (t % 16);
         for (int64_t s = 0; s < kc / 32; s++) {
-            uint8_t *d = xp + 4096 * s + 2048 * (t / 16) + 4 * (t % 16);
-            for (int j = 0; j < 32; j++) {
-                float v = t < nt ? x[t * ldx + 32 * s + j] : 0.0f;
-                uint16_t hi = f32_to_bf16(v), lo = f32_to_bf16(v - bf16_to_f32(hi));
-                memcpy(d + 64 * (j / 2) + 2 * (j % 2), &hi, 2);
-                memcpy(d + 1024 + 64 * (j / 2) + 2 * (j % 2), &lo, 2);
+            for (int l = 0; l < 16; l++) {
+                uint32_t a = sp[32 * s + 2 * l], b = sp[32 * s + 2 * l + 1];
+                uint32_t hi = (a & 0xffffu) | b << 16, lo = a >> 16 | (b & 0xffff0000u);
+                memcpy(d + 4096 * s + 64 * l, &hi, 4);
+                memcpy(d + 4096 * s + 1024 + 64 * l, &lo, 4);
             }
         }
     }
