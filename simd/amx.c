@@ -24,9 +24,22 @@
 
 #include "simd.h"
 
-#define AMX_CONFIG(cfg) _tile_loadconfig(cfg)
+/* GCC's ldtilecfg and tileloadd are asm statements that name no memory they read (the
+ * configuration as one pointer-sized object, the tile's rows not at all), so the compiler
+ * may keep the packing's stores to those bytes from reaching memory before them: each is
+ * preceded by a compiler barrier. (tilestored declares its memory clobber itself.) */
+#define AMX_BARRIER() __asm__ volatile("" ::: "memory")
+#define AMX_CONFIG(cfg)                                                                       \
+    do {                                                                                      \
+        AMX_BARRIER();                                                                        \
+        _tile_loadconfig(cfg);                                                                \
+    } while (0)
 #define AMX_ZERO(t) _tile_zero(t)
-#define AMX_LOAD(t, p, stride) _tile_loadd(t, p, (long)(stride))
+#define AMX_LOAD(t, p, stride)                                                                \
+    do {                                                                                      \
+        AMX_BARRIER();                                                                        \
+        _tile_loadd(t, p, (long)(stride));                                                    \
+    } while (0)
 #define AMX_STORE(t, p, stride) _tile_stored(t, p, (long)(stride))
 #define AMX_DP_BF16(c, a, b) _tile_dpbf16ps(c, a, b)
 #define AMX_DP_S8(c, a, b) _tile_dpbssd(c, a, b)

@@ -170,15 +170,34 @@ amx_pack_q8(const float *x, int64_t ldx, int nt, int64_t kc, uint8_t *xp, float 
     }
 }
 
-/* acc[4][16][16] = the 32 rows at w (stride rb bytes) . the packed tokens, over `steps` steps
- * of 32 columns: C tile i holds row half i / 2, token half i % 2. */
-static void
-amx_block_bf16(const uint8_t *w, size_t rb, const uint8_t *xp, int64_t steps, float *acc)
+/* Zeroes the C tiles. */
+static inline void
+amx_zero_c(void)
 {
     AMX_ZERO(0);
     AMX_ZERO(1);
     AMX_ZERO(2);
     AMX_ZERO(3);
+}
+
+/* Stores the C tiles to p[4][16][16] (4-byte elements). */
+static inline void
+amx_store_c(void *p)
+{
+    uint8_t *c = p;
+
+    AMX_STORE(0, c, 64);
+    AMX_STORE(1, c + 1024, 64);
+    AMX_STORE(2, c + 2048, 64);
+    AMX_STORE(3, c + 3072, 64);
+}
+
+/* acc[4][16][16] = the 32 rows at w (stride rb bytes) . the packed tokens, over `steps` steps
+ * of 32 columns: C tile i holds row half i / 2, token half i % 2. */
+static void
+amx_block_bf16(const uint8_t *w, size_t rb, const uint8_t *xp, int64_t steps, float *acc)
+{
+    amx_zero_c();
     for (int64_t s = 0; s < steps; s++) {
         const uint8_t *xs = xp + 4096 * s;
         AMX_LOAD(4, w + 64 * s, rb);
@@ -196,10 +215,7 @@ amx_block_bf16(const uint8_t *w, size_t rb, const uint8_t *xp, int64_t steps, fl
         AMX_DP_BF16(1, 4, 7);
         AMX_DP_BF16(3, 5, 7);
     }
-    AMX_STORE(0, acc, 64);
-    AMX_STORE(1, acc + 256, 64);
-    AMX_STORE(2, acc + 512, 64);
-    AMX_STORE(3, acc + 768, 64);
+    amx_store_c(acc);
 }
 
 /* The same for 32 Q8_0 rows over nb blocks: each block's integer sums scaled by d_w d_x. */
@@ -212,10 +228,7 @@ amx_block_q8(const uint8_t *w, size_t rb, const uint8_t *xp, const float *xd, in
     memset(acc, 0, 4 * 256 * sizeof(float));
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *wb = w + 34 * b;
-        AMX_ZERO(0);
-        AMX_ZERO(1);
-        AMX_ZERO(2);
-        AMX_ZERO(3);
+        amx_zero_c();
         AMX_LOAD(4, wb + 2, rb);
         AMX_LOAD(5, wb + 16 * rb + 2, rb);
         AMX_LOAD(6, xp + 1024 * b, 64);
@@ -224,10 +237,7 @@ amx_block_q8(const uint8_t *w, size_t rb, const uint8_t *xp, const float *xd, in
         AMX_DP_S8(1, 4, 7);
         AMX_DP_S8(2, 5, 6);
         AMX_DP_S8(3, 5, 7);
-        AMX_STORE(0, ci, 64);
-        AMX_STORE(1, ci + 256, 64);
-        AMX_STORE(2, ci + 512, 64);
-        AMX_STORE(3, ci + 768, 64);
+        amx_store_c(ci);
         for (int i = 0; i < 4; i++) {
             const float *dx = xd + 32 * b + 16 * (i % 2);
             for (int r = 0; r < 16; r++) {
