@@ -437,7 +437,8 @@ run_shapes(const char *what, mm_fn mm, enum k_dtype dt, int split, double l2tol)
     }
     diag("%s: %d of 30 shapes on tiles, worst err/bound %.3g, rel L2 %.3g", what, tiled,
          e.worst > eq.worst ? e.worst : eq.worst, err_rel(&e));
-    ok(e.worst <= 1.0 && eq.worst <= 1.0 && err_rel(&e) < l2tol && intact && emu.bad == bad0 && !emu.on,
+    ok(e.worst <= 1.0 && eq.worst <= 1.0 && err_rel(&e) < l2tol && intact && emu.bad == bad0 &&
+       !emu.on,
        "%s: within the bound, rel L2 %.2g < %g, y's padding untouched, tiles used as "
        "configured and released", what, err_rel(&e), l2tol);
 }
