@@ -1,10 +1,10 @@
 /*
- * amx.c - the amx table: the avx512vnni kernels with the prefill GEMM of bf16 and Q8_0
+ * amx.c - the amx table: the avx512vnni kernels with the prefill GEMM of bf16, Q8_0 and Q4
  * weights on AMX tiles (Sapphire Rapids and later).
  *
  * Compiled with the AVX-512 and VNNI flags of avx512vnni plus -mamx-tile -mamx-bf16
  * -mamx-int8 (configure leaves the table out where the compiler lacks them). The GEMM is
- * amx.h's, over the AMX instructions defined here; every other entry, and these two below
+ * amx.h's, over the AMX instructions defined here; every other entry, and these three below
  * AMX_MPACK tokens or for k not a multiple of 32, is avx512vnni's.
  *
  * kernels_amx() hands the table out only when CPUID reports AMX-TILE, AMX-BF16 and AMX-INT8,
@@ -69,6 +69,7 @@ static pthread_once_t amx_once = PTHREAD_ONCE_INIT;
 
 KLI_MATMUL_ENTRY(amx_matmul_bf16, amx_matmul, amx_base, KLI_DT_BF16)
 KLI_MATMUL_ENTRY(amx_matmul_q8_0, amx_matmul, amx_base, KLI_DT_Q8_0)
+KLI_MATMUL_ENTRY(amx_matmul_q4, amx_matmul, amx_base, KLI_DT_Q4)
 
 /* Whether Linux lets this process use the tile data (asked once; the grant is for the whole
  * process, threads started later included). */
@@ -96,6 +97,7 @@ amx_init(void)
     amx_table.name = "amx";
     amx_table.matmul[KLI_DT_BF16] = amx_matmul_bf16;
     amx_table.matmul[KLI_DT_Q8_0] = amx_matmul_q8_0;
+    amx_table.matmul[KLI_DT_Q4] = amx_matmul_q4;
     amx_ready = &amx_table;
 }
 

@@ -38,6 +38,8 @@
  *    block sums are theirs: one tdpbssd per block into zeroed C tiles, stored, and scaled by
  *    d_w d_x into a float accumulator (the blocks have different scales, so the integer sums
  *    of two blocks never meet). Only the float summation order differs from avx512vnni.
+ *  - Q4: as Q8_0, its blocks widened to Q8_0's (nibble - 8 as int8, the same scale) in a
+ *    copy of 32 rows: the integer block sums of avx512vnni's Q4 kernels again.
  * Rows past the last full 32 go through a zero-padded copy; tokens past the last full 32 are
  * zeros in the packed activations and their results are not stored.
  */
@@ -66,13 +68,14 @@ _Static_assert(sizeof(struct amx_tilecfg) == 64, "ldtilecfg reads 64 bytes");
 static inline int
 amx_takes(enum k_dtype dt, int64_t k, int64_t m)
 {
-    return (dt == KLI_DT_BF16 || dt == KLI_DT_Q8_0) && m >= AMX_MPACK && k > 0 && k % 32 == 0;
+    return (dt == KLI_DT_BF16 || dt == KLI_DT_Q8_0 || dt == KLI_DT_Q4) && m >= AMX_MPACK &&
+           k > 0 && k % 32 == 0;
 }
 
 static void
 amx_config(enum k_dtype dt, struct amx_tilecfg *c)
 {
-    int q8 = dt == KLI_DT_Q8_0;
+    int q8 = dt != KLI_DT_BF16;   /* int8 tiles: Q8_0, and Q4 widened to it */
 
     memset(c, 0, sizeof(*c));
     c->palette = 1;
@@ -86,7 +89,7 @@ amx_config(enum k_dtype dt, struct amx_tilecfg *c)
 static inline int64_t
 amx_kc(enum k_dtype dt)
 {
-    return dt == KLI_DT_Q8_0 ? AMX_KC : AMX_KC / 2;
+    return dt == KLI_DT_BF16 ? AMX_KC / 2 : AMX_KC;
 }
 
 /* The bf16 (round to nearest even) of the float with bits u, as the upper half of a word. */
@@ -267,7 +270,22 @@ amx_put(float *y, int64_t ldy, const float *acc, int nr, int nt, int add)
     }
 }
 
-/* The product on tiles, for amx_takes(dt, k, m). */
+/* nb Q4 blocks (18 bytes: f16 d, nibbles of elements i and 16 + i in byte i) as Q8_0 blocks
+ * (34 bytes: the same d, 32 int8 values nibble - 8): the same products, as int8. */
+static void
+amx_widen_q4(uint8_t *dst, const uint8_t *src, int64_t nb)
+{
+    for (int64_t b = 0; b < nb; b++, dst += 34, src += 18) {
+        memcpy(dst, src, 2);
+        for (int i = 0; i < 16; i++) {
+            dst[2 + i] = (uint8_t)((src[2 + i] & 15) - 8);
+            dst[18 + i] = (uint8_t)((src[2 + i] >> 4) - 8);
+        }
+    }
+}
+
+/* The product on tiles, for amx_takes(dt, k, m). Q4 runs as Q8_0: 32 rows of a slice are
+ * widened into wt, once per block of 32 tokens. */
 static void
 amx_gemm(enum k_dtype dt, float *y, int64_t ldy, const float *x, int64_t ldx,
          const uint8_t *w, int64_t n, int64_t k, int64_t m)
@@ -287,7 +305,7 @@ amx_gemm(enum k_dtype dt, float *y, int64_t ldy, const float *x, int64_t ldx,
             int64_t kc = k - k0 < amx_kc(dt) ? k - k0 : amx_kc(dt);
             size_t off = (size_t)dtype_nbytes(dt, (uint64_t)k0);
             size_t sb = (size_t)dtype_nbytes(dt, (uint64_t)kc);
-            if (dt == KLI_DT_Q8_0)
+            if (dt != KLI_DT_BF16)
                 amx_pack_q8(x + t0 * ldx + k0, ldx, nt, kc, xp, xd);
             else
                 amx_pack_bf16(x + t0 * ldx + k0, ldx, nt, kc, xp);
@@ -295,14 +313,20 @@ amx_gemm(enum k_dtype dt, float *y, int64_t ldy, const float *x, int64_t ldx,
                 int nr = n - r0 < AMX_TB ? (int)(n - r0) : AMX_TB;
                 const uint8_t *wb = w + r0 * rb + off;
                 size_t stride = rb;
-                if (nr < AMX_TB) {
-                    memset(wt, 0, AMX_TB * sb);
-                    for (int r = 0; r < nr; r++)
-                        memcpy(wt + r * sb, wb + r * rb, sb);
+                if (nr < AMX_TB || dt == KLI_DT_Q4) {
+                    size_t wsb = dt == KLI_DT_Q4 ? (size_t)kc / 32 * 34 : sb;
+                    if (nr < AMX_TB)
+                        memset(wt, 0, AMX_TB * wsb);
+                    for (int r = 0; r < nr; r++) {
+                        if (dt == KLI_DT_Q4)
+                            amx_widen_q4(wt + r * wsb, wb + r * rb, kc / 32);
+                        else
+                            memcpy(wt + r * wsb, wb + r * rb, sb);
+                    }
                     wb = wt;
-                    stride = sb;
+                    stride = wsb;
                 }
-                if (dt == KLI_DT_Q8_0)
+                if (dt != KLI_DT_BF16)
                     amx_block_q8(wb, stride, xp, xd, kc / 32, acc);
                 else
                     amx_block_bf16(wb, stride, xp, kc / 32, acc);

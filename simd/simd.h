@@ -178,7 +178,7 @@ const struct k_kernels *kernels_generic(void);
 const struct k_kernels *kernels_avx2(void);
 const struct k_kernels *kernels_avx512(void);
 const struct k_kernels *kernels_avx512vnni(void);
-/* avx512vnni with the bf16 and Q8_0 prefill GEMM on AMX tiles (amx.c; also needs the OS's
+/* avx512vnni with the bf16, Q8_0 and Q4 prefill GEMM on AMX tiles (amx.c; also needs the OS's
  * permission for the tile data, asked on the first call) */
 const struct k_kernels *kernels_amx(void);
 const struct k_kernels *kernels_neon(void);

@@ -16,7 +16,7 @@
  *                terms): |y - ref| <= (k/2 + 64) 2^-24 sum|xw|, rel L2 < 1e-5.
  *   bf16 vs float64 on x itself: hi + lo is within 2^-16 |x| of x, so |y - ref| <=
  *                2^-16 sum|xw| + the summation bound, and the relative L2 error < 5e-5.
- *   Q8_0 vs an independent reference of the avx512vnni arithmetic (x quantized per block
+ *   Q8_0 and Q4 vs an independent reference of the avx512vnni arithmetic (x quantized per block
  *                with scale amax/127, integer block sums, scaled by d_w d_x, in double):
  *                |y - ref| <= (k/32 + 16) 2^-23 sum_b |isum_b d_w d_x| (float summation of
  *                the block terms in another order), rel L2 < 1e-6.
@@ -234,13 +234,14 @@ prob_new(struct prob *p, enum k_dtype dt, int64_t n, int64_t k, int64_t m)
     p->bound = tl_calloc((size_t)(m * n), 8);
     for (int64_t r = 0; r < n; r++) {
         uint8_t *row = p->w + r * rb;
-        for (int64_t j = 0; j < k; j += dt == KLI_DT_Q8_0 ? 32 : 1) {
-            if (dt == KLI_DT_Q8_0) {
-                uint8_t *blk = row + j / 32 * 34;
+        for (int64_t j = 0; j < k; j += dt == KLI_DT_BF16 ? 1 : 32) {
+            if (dt != KLI_DT_BF16) {
+                int bb = dt == KLI_DT_Q8_0 ? 34 : 18;
+                uint8_t *blk = row + j / 32 * bb;
                 uint16_t h = f32_to_f16(rndf() * 0.05f);
                 memcpy(blk, &h, 2);
-                for (int i = 0; i < 32; i++)
-                    blk[2 + i] = (uint8_t)(int8_t)rnd(-128, 127);
+                for (int i = 2; i < bb; i++)
+                    blk[i] = (uint8_t)rnd(0, 255);
             } else {
                 uint16_t h = f32_to_bf16(rndf());
                 memcpy(row + 2 * j, &h, 2);
@@ -310,22 +311,33 @@ ref_bf16(struct prob *p, int rnd_x)
     }
 }
 
-/* The avx512vnni arithmetic of Q8_0 written out (exact): per block, x to int8 with scale
- * amax/127 (round half to even, as vcvtps2dq), the integer sum with the weights' int8, times
+/* Weight j of a Q8_0 or Q4 block as an integer (Q4: nibble - 8, elements 16.. in the high
+ * nibbles). */
+static int
+q_weight(enum k_dtype dt, const uint8_t *blk, int j)
+{
+    if (dt == KLI_DT_Q8_0)
+        return (int8_t)blk[2 + j];
+    return (j < 16 ? blk[2 + j] & 15 : blk[2 + j - 16] >> 4) - 8;
+}
+
+/* The avx512vnni arithmetic of Q8_0 and Q4 written out (exact): per block, x to int8 with
+ * scale amax/127 (round half to even, as vcvtps2dq), the integer sum with the weights' int8, times
  * d_w d_x. Else the product with x itself, for a kernel that may or may not quantize x: the
  * bound adds the quantization's 1.01 sum_b (amax_b / 254) sum_{j in b} |w_j| (as in
  * tests/test-simd.c). */
 static void
 ref_q8(struct prob *p, int exact)
 {
-    size_t rb = (size_t)p->k / 32 * 34;
+    int bb = p->dt == KLI_DT_Q8_0 ? 34 : 18;
+    size_t rb = (size_t)p->k / 32 * (size_t)bb;
 
     for (int64_t t = 0; t < p->m; t++) {
         for (int64_t r = 0; r < p->n; r++) {
             double s = 0.0, mag = 0.0, qerr = 0.0;
             for (int64_t b = 0; b < p->k / 32; b++) {
                 const float *xb = p->x + t * p->ldx + 32 * b;
-                const uint8_t *wb = p->w + r * rb + 34 * b;
+                const uint8_t *wb = p->w + r * rb + bb * b;
                 float amax = 0.0f;
                 for (int j = 0; j < 32; j++)
                     amax = fabsf(xb[j]) > amax ? fabsf(xb[j]) : amax;
@@ -333,7 +345,7 @@ ref_q8(struct prob *p, int exact)
                 float dw = f16_to_f32((uint16_t)(wb[0] | wb[1] << 8));
                 double isum = 0.0, fsum = 0.0, wsum = 0.0;
                 for (int j = 0; j < 32; j++) {
-                    int8_t q = (int8_t)wb[2 + j];
+                    int q = q_weight(p->dt, wb, j);
                     isum += nearbyint((double)(xb[j] * inv)) * q;
                     fsum += (double)xb[j] * q;
                     wsum += fabs((double)q * dw);
@@ -425,13 +437,13 @@ run_shapes(const char *what, mm_fn mm, enum k_dtype dt, int split, double l2tol)
         shape(trial, dt, &n, &k, &m);
         prob_new(&p, dt, n, k, m);
         int takes = amx_takes(dt, k, m), exact = split || takes;
-        if (dt == KLI_DT_Q8_0)
+        if (dt != KLI_DT_BF16)
             ref_q8(&p, exact);
         else
             ref_bf16(&p, split && takes);
         tiled += takes;
         mm(dt, p.y, p.ldy, p.x, p.ldx, p.w, n, k, m);
-        err_add(dt == KLI_DT_Q8_0 && !exact ? &eq : &e, &p);
+        err_add(dt != KLI_DT_BF16 && !exact ? &eq : &e, &p);
         intact &= prob_intact(&p);
         prob_free(&p);
     }
@@ -457,6 +469,13 @@ case_emu_q8_0(void)
 {
     rng = SEED + 1;
     run_shapes("emulated q8_0 vs the integer-sum reference", mm_emu, KLI_DT_Q8_0, 0, 1e-6);
+}
+
+static void
+case_emu_q4(void)
+{
+    rng = SEED + 4;
+    run_shapes("emulated q4 vs the integer-sum reference", mm_emu, KLI_DT_Q4, 0, 1e-6);
 }
 
 /* The emulation's own checks catch a wrong configuration: tiles 4/5 configured for bf16
@@ -561,10 +580,14 @@ case_hw(void)
     run_shapes("amx bf16 vs float x", mm_hw, KLI_DT_BF16, 0, 5e-5);
     rng = SEED + 1;
     run_shapes("amx q8_0 vs the integer-sum reference", mm_hw, KLI_DT_Q8_0, 0, 1e-6);
+    rng = SEED + 4;
+    run_shapes("amx q4 vs the integer-sum reference", mm_hw, KLI_DT_Q4, 0, 1e-6);
     if (kernels_avx512vnni() != NULL) {
         rng = SEED + 1;
         run_shapes("avx512vnni decode q8_0 vs the same reference", mm_vnni, KLI_DT_Q8_0, 1,
                    1e-6);
+        rng = SEED + 4;
+        run_shapes("avx512vnni decode q4 vs the same reference", mm_vnni, KLI_DT_Q4, 1, 1e-6);
     }
     hw_vs_emu_bf16();
     struct thr_arg a = {0};
@@ -574,12 +597,13 @@ case_hw(void)
        "amx q8_0 on a second thread (its own tile configuration)");
     ok(strcmp(hw->name, "amx") == 0 && hw->matmul[KLI_DT_F32] ==
        kernels_avx512vnni()->matmul[KLI_DT_F32] && hw->silu == kernels_avx512vnni()->silu,
-       "the amx table is avx512vnni's but for the bf16 and q8_0 matmuls");
+       "the amx table is avx512vnni's but for the bf16, q8_0 and q4 matmuls");
 }
 
 static const struct tap_fn cases[] = {
     {"emu_bf16", case_emu_bf16},
     {"emu_q8_0", case_emu_q8_0},
+    {"emu_q4", case_emu_q4},
     {"emu_checks", case_emu_checks},
     {"hw", case_hw},
 };
