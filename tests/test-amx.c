@@ -114,33 +114,39 @@ emu_shapes(int c, int a, int b)
            emu.colsb[b] == emu.colsb[c] && emu.colsb[a] % 4 == 0;
 }
 
-static void
-emu_dp_bf16(int c, int a, int b)
+/* The dword (i, j) of tile a . tile b: bf16 pairs with float32 sums, or int8 quads with
+ * int32 sums (each as the SDM's pseudo-code). */
+static float
+emu_dot_bf16(int a, int b, int i, int j)
 {
-    emu.ops++;
-    if (!emu_shapes(c, a, b)) {
-        emu.bad++;
-        return;
-    }
-    for (int i = 0; i < emu.rows[c]; i++) {
-        for (int j = 0; j < emu.colsb[c] / 4; j++) {
-            float s;
-            memcpy(&s, emu.t[c] + 64 * i + 4 * j, 4);
-            for (int l = 0; l < emu.colsb[a] / 4; l++) {
-                for (int e = 0; e < 2; e++) {
-                    uint16_t x, y;
-                    memcpy(&x, emu.t[a] + 64 * i + 4 * l + 2 * e, 2);
-                    memcpy(&y, emu.t[b] + 64 * l + 4 * j + 2 * e, 2);
-                    s += bf16_to_f32(x) * bf16_to_f32(y);
-                }
-            }
-            memcpy(emu.t[c] + 64 * i + 4 * j, &s, 4);
+    float s = 0.0f;
+
+    for (int l = 0; l < emu.colsb[a] / 4; l++) {
+        for (int e = 0; e < 2; e++) {
+            uint16_t x, y;
+            memcpy(&x, emu.t[a] + 64 * i + 4 * l + 2 * e, 2);
+            memcpy(&y, emu.t[b] + 64 * l + 4 * j + 2 * e, 2);
+            s += bf16_to_f32(x) * bf16_to_f32(y);
         }
     }
+    return s;
 }
 
+static int32_t
+emu_dot_s8(int a, int b, int i, int j)
+{
+    int32_t s = 0;
+
+    for (int l = 0; l < emu.colsb[a] / 4; l++) {
+        for (int e = 0; e < 4; e++)
+            s += (int8_t)emu.t[a][64 * i + 4 * l + e] * (int8_t)emu.t[b][64 * l + 4 * j + e];
+    }
+    return s;
+}
+
+/* tdpbf16ps (bf16 set) or tdpbssd: c += a . b. */
 static void
-emu_dp_s8(int c, int a, int b)
+emu_dp(int c, int a, int b, int bf16)
 {
     emu.ops++;
     if (!emu_shapes(c, a, b)) {
@@ -149,14 +155,18 @@ emu_dp_s8(int c, int a, int b)
     }
     for (int i = 0; i < emu.rows[c]; i++) {
         for (int j = 0; j < emu.colsb[c] / 4; j++) {
-            int32_t s;
-            memcpy(&s, emu.t[c] + 64 * i + 4 * j, 4);
-            for (int l = 0; l < emu.colsb[a] / 4; l++) {
-                for (int e = 0; e < 4; e++)
-                    s += (int8_t)emu.t[a][64 * i + 4 * l + e] *
-                         (int8_t)emu.t[b][64 * l + 4 * j + e];
+            uint8_t *d = emu.t[c] + 64 * i + 4 * j;
+            if (bf16) {
+                float s;
+                memcpy(&s, d, 4);
+                s += emu_dot_bf16(a, b, i, j);
+                memcpy(d, &s, 4);
+            } else {
+                int32_t s;
+                memcpy(&s, d, 4);
+                s += emu_dot_s8(a, b, i, j);
+                memcpy(d, &s, 4);
             }
-            memcpy(emu.t[c] + 64 * i + 4 * j, &s, 4);
         }
     }
 }
@@ -178,8 +188,8 @@ emu_f16(const uint8_t *p)
 #define AMX_ZERO(t) emu_zero(t)
 #define AMX_LOAD(t, p, stride) emu_load(t, p, (long)(stride))
 #define AMX_STORE(t, p, stride) emu_store(t, p, (long)(stride))
-#define AMX_DP_BF16(c, a, b) emu_dp_bf16(c, a, b)
-#define AMX_DP_S8(c, a, b) emu_dp_s8(c, a, b)
+#define AMX_DP_BF16(c, a, b) emu_dp(c, a, b, 1)
+#define AMX_DP_S8(c, a, b) emu_dp(c, a, b, 0)
 #define AMX_RELEASE() emu_release()
 #define AMX_F16(p) emu_f16(p)
 
