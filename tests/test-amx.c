@@ -494,7 +494,7 @@ static void
 case_emu_checks(void)
 {
     struct amx_tilecfg cfg;
-    uint8_t w[32 * 34] = {0}, xp[1024] = {0};
+    uint8_t w[32 * 34 + 64] = {0}, xp[1024] = {0};   /* the wrong shapes read further */
     float xd[32] = {0}, acc[1024];
     long bad0 = emu.bad;
 
