@@ -26,7 +26,7 @@ static void
 cpu_detect(struct k_cpu_features *f)
 {
     unsigned a, b, c, d;
-    int os_avx = 0, os_avx512 = 0;
+    int os_avx = 0, os_avx512 = 0, os_amx = 0;
 
     if (!__get_cpuid(1, &a, &b, &c, &d))
         return;
@@ -36,6 +36,7 @@ cpu_detect(struct k_cpu_features *f)
         uint64_t xcr0 = cpu_xgetbv();
         os_avx = (xcr0 & 0x6) == 0x6;                  /* XMM and YMM state */
         os_avx512 = os_avx && (xcr0 & 0xe0) == 0xe0;   /* opmask, ZMM_Hi256, Hi16_ZMM */
+        os_amx = (xcr0 & 0x60000) == 0x60000;          /* XTILECFG, XTILEDATA */
     }
     if (!os_avx) {
         f->fma = f->f16c = 0;
@@ -53,6 +54,12 @@ cpu_detect(struct k_cpu_features *f)
         f->avx512vnni = (c >> 11) & 1;
         __cpuid_count(7, 1, a, b, c, d);
         f->avx512bf16 = (a >> 5) & 1;
+    }
+    if (os_amx) {
+        __cpuid_count(7, 0, a, b, c, d);
+        f->amx_bf16 = (d >> 22) & 1;
+        f->amx_tile = (d >> 24) & 1;
+        f->amx_int8 = (d >> 25) & 1;
     }
 }
 #elif defined(__aarch64__)

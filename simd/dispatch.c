@@ -2,7 +2,7 @@
  * dispatch.c - picks the kernel table once per process.
  *
  * The best variant the CPU (and OS) supports wins; KLI_SIMD=generic|avx2|avx512|avx512vnni|
- * neon|neondot forces one, which is how tests and benchmarks compare variants. A forced
+ * amx|neon|neondot forces one, which is how tests and benchmarks compare variants. A forced
  * variant that is not compiled in or not supported falls back to the best available one.
  */
 #include "config.h"
@@ -21,7 +21,7 @@ kernels_all(const struct k_kernels **out, int cap)
 {
     const struct k_kernels *(*get[])(void) = {
         kernels_generic, kernels_neon, kernels_neondot, kernels_avx2,
-        kernels_avx512, kernels_avx512vnni,
+        kernels_avx512, kernels_avx512vnni, kernels_amx,
     };
     int n = 0;
 
@@ -86,6 +86,9 @@ const struct k_kernels *kernels_avx512(void) { return NULL; }
 #endif
 #ifndef KLI_BUILD_AVX512VNNI
 const struct k_kernels *kernels_avx512vnni(void) { return NULL; }
+#endif
+#ifndef KLI_BUILD_AMX
+const struct k_kernels *kernels_amx(void) { return NULL; }
 #endif
 #ifndef KLI_BUILD_NEON
 const struct k_kernels *kernels_neon(void) { return NULL; }

@@ -164,7 +164,7 @@ struct k_kernels {
     void (*to_f32)(enum k_dtype dt, const void *src, float *dst, int64_t n);
 };
 
-/* The selected table (KLI_SIMD=generic|avx2|avx512|avx512vnni|neon|neondot forces one; an
+/* The selected table (KLI_SIMD=generic|avx2|avx512|avx512vnni|amx|neon|neondot forces one; an
  * unavailable forced variant falls back to the best available, see dispatch.c; the table's
  * name is what kli_simd_variant() reports). */
 const struct k_kernels *k_kernels(void);
@@ -178,6 +178,9 @@ const struct k_kernels *kernels_generic(void);
 const struct k_kernels *kernels_avx2(void);
 const struct k_kernels *kernels_avx512(void);
 const struct k_kernels *kernels_avx512vnni(void);
+/* avx512vnni with the bf16, Q8_0 and Q4 prefill GEMM on AMX tiles (amx.c; also needs the OS's
+ * permission for the tile data, asked on the first call) */
+const struct k_kernels *kernels_amx(void);
 const struct k_kernels *kernels_neon(void);
 const struct k_kernels *kernels_neondot(void);   /* neon with SDOT (Armv8.2 dotprod) */
 
@@ -192,6 +195,7 @@ void fp_flush_end(unsigned long mode);
 struct k_cpu_features {
     int avx2, fma, f16c;
     int avx512f, avx512bw, avx512vl, avx512dq, avx512bf16, avx512vnni;
+    int amx_tile, amx_bf16, amx_int8;   /* CPUID and XCR0 (the tile state); see kernels_amx */
     int neon, dotprod;
 };
 const struct k_cpu_features *k_cpu_features(void);

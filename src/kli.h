@@ -95,7 +95,7 @@ KLI_API const char *kli_strerror(int code);
 KLI_API const char *kli_version(void);
 
 /* @return the name of the CPU kernel variant in use ("generic", "avx2", "avx512", "avx512vnni",
- * "neon").
+ * "amx", "neon", "neondot").
  * The choice is made once per process, honouring the KLI_SIMD environment variable. */
 KLI_API const char *kli_simd_variant(void);
 

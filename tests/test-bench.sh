@@ -27,7 +27,7 @@ for k in ("prefill_tok_s", "decode_tok_s", "triad_gb_s", "decode_bytes_per_token
           "roofline_fraction", "threads", "prefill_tok_s_min", "decode_tok_s_max",
           "triad_gb_s_min", "triad_gb_s_max", "decode_tok_s_min", "peak_rss_bytes"):
     assert isinstance(r[k], (int, float)) and r[k] > 0, (k, r.get(k))
-assert r["simd"] in ("generic", "avx2", "avx512", "avx512vnni", "neon", "neondot"), r["simd"]
+assert r["simd"] in ("generic", "avx2", "avx512", "avx512vnni", "amx", "neon", "neondot"), r["simd"]
 assert r["weight_type"] == "stored" and r["reps"] == 3 and r["gen_tokens"] == 8, r
 assert r["prefill_tok_s_min"] <= r["prefill_tok_s"] <= r["prefill_tok_s_max"], r
 assert r["decode_tok_s_min"] <= r["decode_tok_s"] <= r["decode_tok_s_max"], r

@@ -28,7 +28,7 @@ check "weights/ includes only its own headers, kli.h, internal.h and util.h" \
     "$(inc weights/*.c weights/*.h |
        grep -vE '"(config|kli|internal|util|weights|dtype|mmap|wbuf|xxhash|gguf)\.h"')"
 check "simd/ includes only its own headers, dtype.h and kli.h" \
-    "$(inc simd/*.c simd/*.h | grep -vE '"(config|kli|simd|dtype|avx2|gemm)\.h"')"
+    "$(inc simd/*.c simd/*.h | grep -vE '"(config|kli|simd|dtype|avx2|gemm|amx)\.h"')"
 check "src/ includes no CUDA headers" \
     "$(grep -Hn '#include' src/*.c src/*.h | grep -E 'cuda|\.cuh' | grep -v 'kli_cuda\.h')"
 check "the CLI includes only kli.h (and its own cli.h, cli_*.h, and the header-only util.h)" \
@@ -43,11 +43,11 @@ check "only layer.c, of the forward pass, asks the device: no backend_* in the m
        src/moe_sched.c src/ffn.c 2>/dev/null)"
 check "no OpenMP: parallel work goes through threads.c's pool" \
     "$(grep -Hn '#pragma omp\|omp\.h' src/*.c src/*.h simd/*.c weights/*.c)"
-check "no ISA intrinsics outside simd/<isa>.c and simd/<isa>.h (gemm.h, the x86 driver, has none)" \
+check "no ISA intrinsics outside simd/<isa>.c and simd/<isa>.h (gemm.h and amx.h, drivers, have none)" \
     "$(grep -Hn 'immintrin\.h\|arm_neon\.h' src/*.c weights/*.c simd/generic.c simd/dispatch.c \
-           simd/gemm.h
-       grep -HnE '\b_mm[0-9]*_[a-z]|\b__m(128|256|512)' src/*.c src/*.h weights/*.c weights/*.h \
-           simd/generic.c simd/dispatch.c simd/simd.h simd/gemm.h)"
+           simd/gemm.h simd/amx.h
+       grep -HnE '\b_mm[0-9]*_[a-z]|\b__m(128|256|512)|\b_tile_' src/*.c src/*.h weights/*.c \
+           weights/*.h simd/generic.c simd/dispatch.c simd/simd.h simd/gemm.h simd/amx.h)"
 # Citations of the design notes: "doc/<name>.md", optionally followed by "section N",
 # "decision N" or a bare section number N or N.M. A section is a heading "## N." or
 # "### N.M"; a decision is item "N." of model.md's "## Decisions". (The xxHash

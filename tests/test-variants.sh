@@ -14,7 +14,7 @@ B="$(dirname "$KLI_BIN")/tests"
 variants() {
     prog=$1 label=$2
     shift 2
-    for v in generic avx2 avx512 avx512vnni neon neondot; do
+    for v in generic avx2 avx512 avx512vnni amx neon neondot; do
         KLI_SIMD=$v "$B/$prog" "$@" >"$tmp/$prog-$v.out" 2>&1
         rc=$?
         used=$(sed -n 's/^# kernels: //p' "$tmp/$prog-$v.out" | head -1)
