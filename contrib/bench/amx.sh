@@ -4,7 +4,8 @@
 #
 #   sh contrib/bench/amx.sh BUILD_DIR
 #
-# BUILD_DIR is a configured and built tree (`make` and `make check` programs built: `make
+# BUILD_DIR is a tree configured with --enable-amx (the amx table is experimental and off by
+# default) and built (`make` and `make check` programs built: `make
 # check TESTS=` builds them without running any); nothing is built here. Steps:
 #   1. `kli --version` under KLI_SIMD=amx must name amx (else the CPU, the OS or the build
 #      lacks it: the script says which it can tell and stops);
