@@ -126,7 +126,8 @@ bk_note_cpu(struct backend_model *bm, const char *type)
         size_t n = strlen(bm->status);
         bm->cpu_caches |= bit;
         snprintf(bm->status + n, sizeof(bm->status) - n, "; sessions with a %s latent cache "
-                 "compute on the CPU (the GPU reads rows in whole groups of 8 values)", type);
+                 "compute on the CPU (KLI_CUDA_NARROW_CACHE=1 moves their attention to the GPU, "
+                 "experimental)", type);
     }
     pthread_mutex_unlock(&bm->status_lock);
 }

@@ -96,8 +96,11 @@ backend_sess_create(struct kli_session *s, struct kli_err *err)
     s->gpu = NULL;
     if (bm == NULL || bm->g == NULL)
         return KLI_OK;
-    if (s->mla_sc.cache_dt != KLI_DT_F32 && mla_row_floats(cfg) % 8 != 0) {
-        /* the device widens narrow rows 8 values at a time (q8_0 rows hold whole blocks) */
+    const char *narrow = getenv("KLI_CUDA_NARROW_CACHE");
+    if (s->mla_sc.cache_dt != KLI_DT_F32 &&
+        (narrow == NULL || strcmp(narrow, "1") != 0 || mla_row_floats(cfg) % 8 != 0)) {
+        /* The device widens narrow rows 8 values at a time (q8_0 rows hold whole blocks).
+         * Experimental, KLI_CUDA_NARROW_CACHE=1: not yet run on a GPU. */
         bk_note_cpu(bm, kli_cache_type_name(s->cache_type));
         return KLI_OK;
     }

@@ -985,6 +985,7 @@ test_golden(void)
      * follows a bf16 session of the CPU-only model (whose attention is the CPU twin) within
      * 1e-4, and the status does not send it to the CPU. */
     {
+        setenv("KLI_CUDA_NARROW_CACHE", "1", 1);   /* experimental, off by default */
         struct kli_session *g = tl_session(m, 0, 0, KLI_CACHE_BF16);
         struct kli_session *c = tl_session(mc, 0, 0, KLI_CACHE_BF16);
         struct kli_err err = {0};
