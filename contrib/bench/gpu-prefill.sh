@@ -5,7 +5,7 @@
 #   sh contrib/bench/gpu-prefill.sh [BUILD_DIR]      (default ./build)
 #
 # BUILD_DIR holds kli and tests/test-cuda of a CUDA build with cuBLAS, e.g.
-#   ./autogen.sh && mkdir -p build && cd build && ../configure -q --with-cuda &&
+#   ./autogen.sh && mkdir -p build && cd build && ../configure -q --with-cuda --with-cublas &&
 #   make -j16 kli tests/test-cuda
 #
 # 1. test-cuda: every CUDA block against its CPU twin; the gemm* cases force the cuBLAS path
