@@ -131,7 +131,8 @@ check $? "chat refuses a line with a NUL byte, naming it, and answers the next"
 
 # ---- --help, kli help, man/kli.1: every long option a command accepts ----------------------
 # The options come from the source: each command's function in the command tables of
-# src/cli*.c (kli serve's in src/serve*.c), the struct option tables it (or a parse helper it calls) uses, and the
+# src/cli*.c (kli serve's in src/serve*.c), the struct option tables it (or a parse helper it
+# calls, or a command descriptor it names) uses, and the
 # CLI_*_LONGOPT entries and CLI_*_LONGOPTS groups of src/cli.h they list.
 cat >"$tmp/opts.py" <<'PYEOF'
 import glob, re, sys
@@ -160,6 +161,10 @@ tables = {m.group(1): entries(m.group(2))
           for m in re.finditer(r'^static const ' + TABLE, allc, re.S | re.M)}
 funcs = {m.group(1): m.group(2) for m in
          re.finditer(r'^(\w+)\([^;{]*?\)\n\{\n(.*?)^\}', allc, re.S | re.M)}
+# command descriptors at file level (kli quantize's and convert's struct convert_cmd): a
+# function that names one uses the tables its initializer names
+descs = {m.group(1): m.group(2) for m in
+         re.finditer(r'^static const struct \w+ (\w+) = \{(.*?)^\};', allc, re.S | re.M)}
 
 
 def uses(fn, depth=0):
@@ -170,6 +175,11 @@ def uses(fn, depth=0):
     for t, names in tables.items():
         if re.search(r'\b%s\b' % t, body):
             got |= set(names)
+    for d, init in descs.items():
+        if re.search(r'\b%s\b' % d, body):
+            for t, names in tables.items():
+                if re.search(r'\b%s\b' % t, init):
+                    got |= set(names)
     if depth < 1:
         for callee in re.findall(r'\b(\w+)\(', body):
             if callee != fn and callee in funcs:
