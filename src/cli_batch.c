@@ -522,6 +522,8 @@ batch_tool_answer(struct batch_item *it, struct kli_sched_result *res, char **co
                    cli_utf8_seq);
     if (rc < 0)
         return -1;
+    if (tl->one_call)
+        tc_keep_first(*calls);
     res->text = *content;
     res->len = strlen(*content);
     if (*calls != NULL)

@@ -83,6 +83,7 @@ struct batch_item {
 struct batch_tools {
     struct cJSON *tools;     /* its "tools" */
     char *forced;            /* tool_choice required ("") or a named function, else NULL */
+    int one_call;            /* "parallel_tool_calls": false keeps only the first call */
     char *stop[BATCH_MAX_STOP];   /* its stop strings, copied */
     int n_stop;
     char *acc;               /* the answer, special tokens by name */

@@ -872,7 +872,7 @@ rec_tools(struct batch_rec *r, const cJSON *o, const struct kli_tokenizer *tok,
     cJSON *built = NULL;
     kli_token *ids = NULL;
     struct kli_err err = {0};
-    int none = 0;
+    int none = 0, one = 0;
     int64_t n;
 
     *done = 0;
@@ -882,7 +882,9 @@ rec_tools(struct batch_rec *r, const cJSON *o, const struct kli_tokenizer *tok,
         !(cJSON_IsArray(messages) && rec_tool_messages(messages)))
         return 0;
     *done = 1;
-    if (tc_check(tools, choice, &forced, &none, msg, sizeof(msg)) != 0)
+    if (tc_check(tools, choice, &forced, &none, msg, sizeof(msg)) != 0 ||
+        tc_parallel(cJSON_GetObjectItemCaseSensitive(o, "parallel_tool_calls"), &one, msg,
+                    sizeof(msg)) != 0)
         return rec_fail(r, "%s", msg);
     if (prompt != NULL && (messages != NULL || !cJSON_IsString(prompt) ||
                            cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(o, "raw"))))
@@ -936,6 +938,7 @@ rec_tools(struct batch_rec *r, const cJSON *o, const struct kli_tokenizer *tok,
         (r->tools->tools = cJSON_Duplicate(tools, 1)) == NULL ||
         (forced != NULL && (r->tools->forced = strdup(forced)) == NULL))
         return rec_fail(r, "out of memory");
+    r->tools->one_call = one;
     for (int i = 0; i < r->n_stop; i++) {
         if ((r->tools->stop[i] = strdup(r->stop[i])) == NULL)
             return rec_fail(r, "out of memory");
@@ -950,7 +953,8 @@ static const char *const rec_body_fields[] = {
     "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p",
     "top_k", "min_p", "seed", "stop", "presence_penalty", "frequency_penalty",
     "repetition_penalty", "response_format", "logit_bias", "model", "user", "metadata",
-    "store", "n", "stream", "tools", "tool_choice", "logprobs", "top_logprobs",
+    "store", "n", "stream", "tools", "tool_choice", "parallel_tool_calls", "logprobs",
+    "top_logprobs",
 };
 
 /* An OpenAI Batch line: *o becomes its body, checked member by member (one kli cannot

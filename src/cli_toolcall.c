@@ -641,6 +641,27 @@ tc_utf8(char **content, cJSON *calls, int (*seq)(const unsigned char *, size_t))
 }
 
 int
+tc_parallel(const cJSON *v, int *one, char *msg, size_t cap)
+{
+    *one = 0;
+    if (v == NULL || cJSON_IsNull(v) || cJSON_IsTrue(v))
+        return 0;
+    if (cJSON_IsFalse(v)) {
+        *one = 1;
+        return 0;
+    }
+    snprintf(msg, cap, "\"parallel_tool_calls\" must be true or false");
+    return -1;
+}
+
+void
+tc_keep_first(cJSON *calls)
+{
+    while (cJSON_GetArraySize(calls) > 1)
+        cJSON_DeleteItemFromArray(calls, cJSON_GetArraySize(calls) - 1);
+}
+
+int
 tc_answer(const char *text, size_t n, const char *const *stop, int n_stop, const cJSON *tools,
           const char *forced, char **content, cJSON **calls, char *msg, size_t cap,
           int (*seq)(const unsigned char *, size_t))

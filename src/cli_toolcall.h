@@ -41,6 +41,14 @@ int tc_parse(const char *text, size_t len, const struct cJSON *tools, char **con
 int tc_check(const struct cJSON *tools, const struct cJSON *choice, const char **forced,
              int *none, char *msg, size_t cap);
 
+/* Reads a request's "parallel_tool_calls" (NULL, null, true or false): *one is 1 for false,
+ * an answer then keeps only its first call (tc_keep_first). @return 0; -1 with the reason in
+ * msg. */
+int tc_parallel(const struct cJSON *v, int *one, char *msg, size_t cap);
+
+/* Drops every call of `calls` (a tc_parse array, or NULL) after the first. */
+void tc_keep_first(struct cJSON *calls);
+
 /* The JSON Schema that tool_choice "required" or a named function constrains the
  * arguments with (malloc'd text), and the text forced after the generation prompt
  * (malloc'd, special tokens by name): for one function (named, or the only one)

@@ -409,6 +409,8 @@ job_tools(struct job *j)
 
     if (rc < 0)
         return -1;
+    if (j->rq.one_call)
+        tc_keep_first(j->calls);
     free(j->text);
     j->text = content;
     j->len = strlen(content);

@@ -49,6 +49,7 @@ struct serve_req {
     struct cJSON *tool_choice;       /* "tool_choice" (owned), else NULL */
     int tool_mode;                   /* SERVE_TOOLS_*: how the answer is read */
     const char *forced;              /* under SERVE_TOOLS_FORCED: "" or the function named */
+    int one_call;                    /* "parallel_tool_calls": false keeps the first call */
     int logprobs_on;                 /* "logprobs": true (chat), or a number (completions) */
     int32_t top_logprobs;            /* the alternatives asked for with them */
     int32_t n_choices;               /* "n", 1..SERVE_MAX_N */

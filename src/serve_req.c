@@ -65,6 +65,7 @@ enum field_how {
     F_BIAS,         /* logit_bias (cli_oai.h) */
     F_FORMAT,       /* response_format (cli_oai.h), compiled once the prompt is good */
     F_TOOLS,        /* tools, tool_choice: kept, read with the messages (cli_toolcall.h) */
+    F_PARALLEL,     /* parallel_tool_calls: true, or false for one call (cli_toolcall.h) */
     F_NEVER,        /* fields kli has no way to honour: any value but null is refused */
     F_LOGPROBS,     /* logprobs (chat): true or false */
     F_TOP_LOGPROBS, /* top_logprobs (chat), logprobs (completions): an integer in [lo, hi] */
@@ -110,7 +111,7 @@ static const struct field {
     {"response_format", CHAT | COMPL, F_FORMAT, 0, 0, 0},
     {"tools", CHAT, F_TOOLS, 0, 0, 0},
     {"tool_choice", CHAT, F_TOOLS, 0, 0, 0},
-    {"parallel_tool_calls", CHAT, F_NEVER, 0, 0, 0},
+    {"parallel_tool_calls", CHAT, F_PARALLEL, 0, 0, 0},
     {"functions", CHAT, F_NEVER, 0, 0, 0},
     {"function_call", CHAT, F_NEVER, 0, 0, 0},
     {"audio", CHAT, F_NEVER, 0, 0, 0},
@@ -554,6 +555,12 @@ req_field(struct serve_req *r, const struct field *f, const cJSON *j,
     case F_TOOLS: {
         cJSON **dst = strcmp(f->name, "tools") == 0 ? &r->tools : &r->tool_choice;
         return (*dst = cJSON_Duplicate(j, 1)) != NULL ? 0 : req_nomem(e);
+    }
+    case F_PARALLEL: {
+        char msg[128];
+        if (tc_parallel(j, &r->one_call, msg, sizeof(msg)) != 0)
+            return serve_fail(e, f->name, "%s", msg);
+        return 0;
     }
     case F_PROMPT:
         return req_prompt(r, j, tok, e);

@@ -294,7 +294,7 @@ if tcase errors; then
         "an unknown field: 400"
     c "an unknown field: named" error "$tmp/e" frobnicate
     for f in '"tools":{}' '"n":17' '"n":0' '"logprobs":"yes"' '"top_logprobs":21' '"top_logprobs":2' \
-             '"logit_bias":{"x":1}' \
+             '"logit_bias":{"x":1}' '"parallel_tool_calls":"no"' \
              '"logit_bias":{"99999999":1}' '"logit_bias":{"5":101}' '"logit_bias":[]' \
              '"response_format":{"type":"regex"}' '"response_format":{"type":"json_schema"}' \
              '"response_format":{"type":"json_schema","json_schema":{"schema":{"allOf":[]}}}'; do
@@ -302,8 +302,9 @@ if tcase errors; then
         is "$(post /v1/chat/completions "$(chat hi ",$f")" "$tmp/e")" 400 "$name: 400"
         c "$name: named" error "$tmp/e" "$name"
     done
-    is "$(post /v1/chat/completions "$(chat hi ',"n":1,"logprobs":false,"logit_bias":{}')" \
-        "$tmp/e")" 200 "n 1, logprobs false and an empty logit_bias pass"
+    is "$(post /v1/chat/completions \
+        "$(chat hi ',"n":1,"logprobs":false,"logit_bias":{},"parallel_tool_calls":false')" \
+        "$tmp/e")" 200 "n 1, logprobs false, an empty logit_bias and parallel_tool_calls pass"
     is "$(post /v1/chat/completions "$(chat hi ',"temperature":7')" "$tmp/e")" 400 \
         "temperature 7: 400"
     c "temperature 7: named" error "$tmp/e" temperature

@@ -165,10 +165,52 @@ test_forced(void)
     cJSON_Delete(one);
 }
 
+/* parallel_tool_calls: true, null or absent keep every call; false keeps the first. */
+static void
+test_parallel(void)
+{
+    static const char text[] = SB CB "functions.get_weather:0" AB "{\"city\": \"Oslo\"}" CE
+                               CB "functions.ping:1" AB "{}" CE CB "ping:2" AB "{}" CE SE;
+    static const char *const good[] = {"true", "null", "false"};
+    cJSON *tools = cJSON_Parse(decl);
+    char msg[256] = "", *content = NULL;
+    int one = -1;
+
+    for (int i = 0; i < 3; i++) {
+        cJSON *v = cJSON_Parse(good[i]), *calls = NULL;
+        ok(tc_parallel(v, &one, msg, sizeof(msg)) == 0 && one == (i == 2),
+           "parallel_tool_calls %s is read", good[i]);
+        tc_parse(text, strlen(text), tools, &content, &calls, msg, sizeof(msg));
+        if (one)
+            tc_keep_first(calls);
+        const cJSON *fn = cJSON_GetObjectItemCaseSensitive(cJSON_GetArrayItem(calls, 0),
+                                                           "function");
+        const cJSON *name = cJSON_GetObjectItemCaseSensitive(fn, "name");
+        ok(cJSON_GetArraySize(calls) == (one ? 1 : 3) && cJSON_IsString(name) &&
+           strcmp(name->valuestring, "get_weather") == 0,
+           "%s: %d calls, the first first", good[i], cJSON_GetArraySize(calls));
+        free(content);
+        cJSON_Delete(calls);
+        cJSON_Delete(v);
+    }
+    ok(tc_parallel(NULL, &one, msg, sizeof(msg)) == 0 && one == 0, "absent: every call");
+    tc_keep_first(NULL);   /* no calls at all: nothing to drop */
+    static const char *const bad[] = {"1", "\"false\"", "[]", "{}"};
+    for (int i = 0; i < 4; i++) {
+        cJSON *v = cJSON_Parse(bad[i]);
+        msg[0] = '\0';
+        ok(tc_parallel(v, &one, msg, sizeof(msg)) == -1 &&
+           strstr(msg, "parallel_tool_calls") != NULL, "%s is refused: %s", bad[i], msg);
+        cJSON_Delete(v);
+    }
+    cJSON_Delete(tools);
+}
+
 static const struct tap_fn cases[] = {
     {"good", test_good},
     {"damaged", test_damaged},
     {"forced", test_forced},
+    {"parallel", test_parallel},
 };
 
 TAP_MAIN(cases)

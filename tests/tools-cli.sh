@@ -152,28 +152,36 @@ if tcase batch; then
             $i $i "$tl" $i >>"$tmp/in.jsonl"
     done
     printf '{"id":"bad","prompt":"x","tools":%s,"tool_choice":"nope"}\n' "$tl" >>"$tmp/in.jsonl"
+    printf '{"id":"bad2","prompt":"x","tools":%s,"parallel_tool_calls":"no"}\n' "$tl" \
+        >>"$tmp/in.jsonl"
+    printf '{"custom_id":"o5","method":"POST","url":"/v1/chat/completions","body":{"messages":[{"role":"user","content":"Weather?"}],"tools":%s,"tool_choice":"required","parallel_tool_calls":false,"max_tokens":60,"temperature":1,"seed":5}}\n' \
+        "$tl" >>"$tmp/in.jsonl"
     "$kli" batch -m "$model" -i "$tmp/in.jsonl" -o "$tmp/out.jsonl" -P 3 -t 1 --quiet \
         2>"$tmp/err"
     "$PY" - "$tmp/out.jsonl" >"$tmp/calls" 2>"$tmp/err" <<'EOF2'
 import json, sys
 lines = [json.loads(l) for l in open(sys.argv[1], encoding='utf-8')]
-assert len(lines) == 9, len(lines)
+assert len(lines) == 11, len(lines)
 for o in lines:
     if o.get('id') == 'bad':
         assert 'tool_choice' in o['error'], o
+        continue
+    if o.get('id') == 'bad2':
+        assert 'parallel_tool_calls' in o['error'], o
         continue
     if 'custom_id' in o:
         c = o['response']['body']['choices'][0]
         msg = {"content": c['message']['content'], "tool_calls": c['message']['tool_calls'],
                "finish_reason": c['finish_reason']}
-        name = 'ping'
+        name = 'any' if o['custom_id'] == 'o5' else 'ping'
+        assert o['custom_id'] != 'o5' or len(msg['tool_calls']) == 1, o
     else:
         msg = {"content": o['text'], "tool_calls": o['tool_calls'],
                "finish_reason": o['finish_reason']}
         name = 'any'
     print(name + ' ' + json.dumps(msg))
 EOF2
-    check $? "batch: 9 lines, tool_calls in kli's records and OpenAI bodies, the bad one named"
+    check $? "batch: 11 lines, tool_calls in kli's records and OpenAI bodies, the bad ones named"
     bad=0
     while read -r name msg; do
         printf '%s\n' "$msg" >"$tmp/one"
