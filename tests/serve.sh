@@ -398,6 +398,21 @@ print(t[0] if len(t) == 1 else 'x')" "$tmp/btok")
     c "logit_bias: streamed and whole agree" agree "$tmp/b2" "$tmp/b3"
 fi
 
+if tcase tools_utf8; then
+    # An answer read for tool calls is made valid UTF-8 at its end; the bytes streamed
+    # before must count as the U+FFFD they went out as, or their tail goes out twice. Token
+    # 255 of the demo model is the lone byte 0xad: forced, every token is one bad byte.
+    b=$(chat Hi ',"max_tokens":3,"logit_bias":{"255":100},"tools":[{"type":"function",
+"function":{"name":"f"}}]')
+    post /v1/chat/completions "$b" "$tmp/u8w" >/dev/null
+    post /v1/chat/completions "${b%\}},\"stream\":true}" "$tmp/u8s" >/dev/null
+    c "tools: a whole answer of bad bytes" text "$tmp/u8w"
+    is "$(cat "$tmp/check.out")" "$(printf '\357\277\275\357\277\275\357\277\275')" \
+        "tools: three bad bytes are three U+FFFD"
+    c "tools: streamed, the bad bytes' U+FFFD go out once (whole and stream agree)" agree \
+        "$tmp/u8w" "$tmp/u8s"
+fi
+
 if tcase tokenize; then
     is "$(post /tokenize '{"content":"Hello world, again"}' "$tmp/tok")" 200 "/tokenize: 200"
     ids=$("$py" -c "import json,sys; print(json.dumps(json.load(open(sys.argv[1]))['tokens']))" \
