@@ -988,6 +988,12 @@ rec_openai(struct batch_rec *r, const struct batch_item *it, cJSON **o)
         return rec_fail(r, "\"body.%s\" does not belong to %s",
                         it->api == BATCH_API_CHAT ? "prompt" : "messages",
                         it->api == BATCH_API_CHAT ? "/v1/chat/completions" : "/v1/completions");
+    /* a completion continues its prompt as it is: it has no tools (kli serve agrees) */
+    for (int i = 0; it->api == BATCH_API_COMPLETIONS && i < 2; i++) {
+        const char *f = i == 0 ? "tools" : "tool_choice";
+        if (cJSON_HasObjectItem(body, f))
+            return rec_fail(r, "\"body.%s\" does not belong to /v1/completions", f);
+    }
     /* OpenAI's and vLLM's names for kli's */
     static const char *const alias[][2] = {
         {"max_completion_tokens", "max_tokens"}, {"repetition_penalty", "repeat_penalty"},
