@@ -620,6 +620,12 @@ cmd_run(int argc, char **argv)
         cli_error("run: --tools does not go with --raw, --json or --json-schema");
         return 2;
     }
+    /* a forced call is constrained by a grammar, which needs a token limit (as --json) */
+    if (a.tool_choice != NULL && strcmp(a.tool_choice, "auto") != 0 &&
+        strcmp(a.tool_choice, "none") != 0 && a.g.max_tokens == 0) {
+        cli_error("run: --tool-choice %s needs --max-tokens above 0", a.tool_choice);
+        return 2;
+    }
     if (a.prompt != NULL) {
         len = strlen(a.prompt);
         text = strdup(a.prompt);

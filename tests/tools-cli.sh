@@ -98,6 +98,12 @@ if tcase named; then
         --tool-choice nope
     grep -q '"nope"' "$tmp/stderr"
     check $? "the message names the function"
+    for ch in required ping; do   # a forced call's grammar needs a token limit, as --json's
+        t "--tool-choice $ch with -n 0: usage error" 2 "$kli" run -m "$model" -p x \
+            --tools "$tmp/tools.json" --tool-choice $ch -n 0
+        grep -q -- '--max-tokens above 0' "$tmp/stderr"
+        check $? "--tool-choice $ch with -n 0: the message says what is needed"
+    done
 fi
 
 if tcase auto; then
