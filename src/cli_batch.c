@@ -275,7 +275,7 @@ batch_grammar(struct batch *b, const struct batch_rec *r, const struct kli_gramm
         return 0;
     case BATCH_FMT_OBJECT:
         if (b->gram_object == NULL &&
-            oai_grammar(&b->gram_object, b->tok, OAI_FMT_OBJECT, NULL, msg, cap) != 0)
+            oai_grammar(&b->gram_object, b->tok, OAI_FMT_OBJECT, NULL, NULL, msg, cap) != 0)
             return -1;
         *out = b->gram_object;
         return 0;
@@ -294,7 +294,10 @@ batch_grammar(struct batch *b, const struct batch_rec *r, const struct kli_gramm
         *fail = msg;
         return 0;
     }
-    int rc = oai_grammar(&g, b->tok, OAI_FMT_SCHEMA, r->schema, msg, cap);
+    /* a forced tool call's schema is its function's parameters (rec_tools) */
+    int rc = oai_grammar(&g, b->tok, OAI_FMT_SCHEMA, r->schema,
+                         r->tools != NULL && r->tools->forced != NULL ? "tools" : NULL, msg,
+                         cap);
     if (rc < 0)
         return -1;
     if (rc > 0) {

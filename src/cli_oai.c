@@ -53,7 +53,7 @@ oai_response_format(const cJSON *f, enum oai_format *fmt, char **schema, char *m
 
 int
 oai_grammar(struct kli_grammar **out, const struct kli_tokenizer *tok, enum oai_format fmt,
-            const char *schema, char *msg, size_t cap)
+            const char *schema, const char *what, char *msg, size_t cap)
 {
     struct kli_err err = {0};
     int rc;
@@ -67,7 +67,7 @@ oai_grammar(struct kli_grammar **out, const struct kli_tokenizer *tok, enum oai_
     if (rc == KLI_E_NOMEM)
         return -1;
     if (rc != KLI_OK) {
-        snprintf(msg, cap, "\"response_format\": %s", err.msg);
+        snprintf(msg, cap, "\"%s\": %s", what != NULL ? what : "response_format", err.msg);
         return 1;
     }
     return 0;

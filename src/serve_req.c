@@ -383,13 +383,15 @@ static int
 req_grammar(struct serve_req *r, const struct kli_tokenizer *tok, struct serve_err *e)
 {
     char msg[512];
-    int rc = oai_grammar(&r->grammar, tok, (enum oai_format)r->format, r->schema, msg,
+    /* a forced tool call's schema is its function's parameters (req_conversation) */
+    const char *what = r->tool_mode == SERVE_TOOLS_FORCED ? "tools" : "response_format";
+    int rc = oai_grammar(&r->grammar, tok, (enum oai_format)r->format, r->schema, what, msg,
                          sizeof(msg));
 
     if (rc < 0)
         return req_nomem(e);
     if (rc > 0)
-        return serve_fail(e, "response_format", "%s", msg);
+        return serve_fail(e, what, "%s", msg);
     free(r->schema);
     r->schema = NULL;
     return 0;
@@ -412,7 +414,8 @@ req_probe(struct serve_req *r, const struct serve_limits *lim, struct serve_err 
         rc = kli_sampler_set_grammar(probe, r->grammar, r->max_tokens, &err);
         if (rc == KLI_E_RANGE) {
             kli_sampler_free(probe);
-            return serve_fail(e, "max_tokens", "'response_format': %s", err.msg);
+            return serve_fail(e, "max_tokens", "'%s': %s", r->tool_mode == SERVE_TOOLS_FORCED ?
+                              "tool_choice" : "response_format", err.msg);
         }
     }
     kli_sampler_free(probe);

@@ -158,15 +158,21 @@ if tcase batch; then
             $i $i "$tl" $i >>"$tmp/in.jsonl"
     done
     printf '{"id":"bad","prompt":"x","tools":%s,"tool_choice":"nope"}\n' "$tl" >>"$tmp/in.jsonl"
+    # a forced call to a function whose parameters are no schema kli takes: named as tools
+    printf '{"id":"badschema","prompt":"x","max_tokens":20,"tools":[{"type":"function","function":{"name":"w","parameters":{"type":"object","properties":{"a":{"type":"weird"}}}}}],"tool_choice":"required"}\n' \
+        >>"$tmp/in.jsonl"
     "$kli" batch -m "$model" -i "$tmp/in.jsonl" -o "$tmp/out.jsonl" -P 3 -t 1 --quiet \
         2>"$tmp/err"
     "$PY" - "$tmp/out.jsonl" >"$tmp/calls" 2>"$tmp/err" <<'EOF2'
 import json, sys
 lines = [json.loads(l) for l in open(sys.argv[1], encoding='utf-8')]
-assert len(lines) == 9, len(lines)
+assert len(lines) == 10, len(lines)
 for o in lines:
     if o.get('id') == 'bad':
         assert 'tool_choice' in o['error'], o
+        continue
+    if o.get('id') == 'badschema':
+        assert o['error'].startswith('"tools": ') and 'response_format' not in o['error'], o
         continue
     if 'custom_id' in o:
         c = o['response']['body']['choices'][0]
@@ -179,7 +185,7 @@ for o in lines:
         name = 'any'
     print(name + ' ' + json.dumps(msg))
 EOF2
-    check $? "batch: 9 lines, tool_calls in kli's records and OpenAI bodies, the bad one named"
+    check $? "batch: 10 lines, tool_calls in kli's records and OpenAI bodies, the bad ones named"
     bad=0
     while read -r name msg; do
         printf '%s\n' "$msg" >"$tmp/one"
@@ -277,6 +283,22 @@ EOF2
             --data-binary @"$tmp/body.json" "http://127.0.0.1:$port/v1/chat/completions")
         [ "$code" = 400 ] && grep -q '"param":"tool_choice"' "$tmp/ans" && grep -q nope "$tmp/ans"
         check $? "serve: an undeclared function in tool_choice is a 400 naming it"
+        # a forced call's errors name the fields the request has, not response_format
+        printf '{"messages":[{"role":"user","content":"x"}],"max_tokens":20,"tools":[{"type":
+"function","function":{"name":"w","parameters":{"type":"object","properties":{"a":{"type":
+"weird"}}}}}],"tool_choice":"required"}' >"$tmp/body.json"
+        code=$(curl -s -o "$tmp/ans" -w '%{http_code}' -H 'Content-Type: application/json' \
+            --data-binary @"$tmp/body.json" "http://127.0.0.1:$port/v1/chat/completions")
+        [ "$code" = 400 ] && grep -q '"param":"tools"' "$tmp/ans" &&
+            ! grep -q response_format "$tmp/ans"
+        check $? "serve: a forced call's bad parameters schema is a 400 naming tools"
+        printf '{"messages":[{"role":"user","content":"x"}],"max_tokens":3,"tools":%s,
+"tool_choice":"required"}' "$tl" >"$tmp/body.json"
+        code=$(curl -s -o "$tmp/ans" -w '%{http_code}' -H 'Content-Type: application/json' \
+            --data-binary @"$tmp/body.json" "http://127.0.0.1:$port/v1/chat/completions")
+        [ "$code" = 400 ] && grep -q '"param":"max_tokens"' "$tmp/ans" &&
+            grep -q tool_choice "$tmp/ans" && ! grep -q response_format "$tmp/ans"
+        check $? "serve: too small a max_tokens for a forced call: a 400 naming tool_choice"
         kill $spid 2>/dev/null
         wait $spid 2>/dev/null
     fi
