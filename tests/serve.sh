@@ -294,7 +294,8 @@ if tcase errors; then
         "an unknown field: 400"
     c "an unknown field: named" error "$tmp/e" frobnicate
     for f in '"tools":{}' '"n":17' '"n":0' '"logprobs":"yes"' '"top_logprobs":21' '"top_logprobs":2' \
-             '"logit_bias":{"x":1}' \
+             '"logit_bias":{"x":1}' '"logit_bias":{" 5":1}' '"logit_bias":{"+5":1}' \
+             '"logit_bias":{"05":1}' '"logit_bias":{"5":60,"5":60}' \
              '"logit_bias":{"99999999":1}' '"logit_bias":{"5":101}' '"logit_bias":[]' \
              '"response_format":{"type":"regex"}' '"response_format":{"type":"json_schema"}' \
              '"response_format":{"type":"json_schema","json_schema":{"schema":{"allOf":[]}}}'; do
