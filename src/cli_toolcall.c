@@ -457,16 +457,29 @@ tc_check(const cJSON *tools, const cJSON *choice, const char **forced, int *none
 }
 
 /* The parameters schema of a declaration, as compact JSON (an empty object's schema when it
- * has none). */
+ * has none). One without "type" gets "type": "object": kli's schemas take the type of their
+ * keywords, and {} (or annotations alone) allows any value, where arguments are an object. */
 static char *
 tc_params(const cJSON *tool)
 {
+    static const char *const typed[] = {"type", "anyOf", "oneOf", "$ref", "enum", "const"};
     const cJSON *fn = cJSON_GetObjectItemCaseSensitive(tool, "function");
     const cJSON *pa = cJSON_GetObjectItemCaseSensitive(fn, "parameters");
+    cJSON *o;
+    char *s = NULL;
 
     if (pa == NULL)
         return strdup("{\"type\":\"object\"}");
-    return cJSON_IsObject(pa) ? cJSON_PrintUnformatted(pa) : NULL;
+    if (!cJSON_IsObject(pa))
+        return NULL;
+    for (size_t i = 0; i < sizeof(typed) / sizeof(typed[0]); i++) {
+        if (cJSON_HasObjectItem(pa, typed[i]))
+            return cJSON_PrintUnformatted(pa);
+    }
+    if ((o = cJSON_Duplicate(pa, 1)) != NULL && cJSON_AddStringToObject(o, "type", "object"))
+        s = cJSON_PrintUnformatted(o);
+    cJSON_Delete(o);
+    return s;
 }
 
 /* The one function a forced call goes to: the named one, or the only one; NULL: several. */

@@ -98,6 +98,22 @@ if tcase named; then
         --tool-choice nope
     grep -q '"nope"' "$tmp/stderr"
     check $? "the message names the function"
+    # parameters {} (or without "type"): still a call whose arguments are an object
+    printf '[{"type":"function","function":{"name":"f","parameters":{}}},
+{"type":"function","function":{"name":"g","parameters":{"description":"x"}}}]' \
+        >"$tmp/untyped.json"
+    bad=0
+    for ch in f g required; do
+        for seed in 1 2 3; do
+            "$kli" run -m "$model" -p x --tools "$tmp/untyped.json" --tool-choice $ch -n 30 \
+                --temp 1 --seed $seed -t 1 --quiet >"$tmp/out" 2>"$tmp/err" &&
+                "$PY" -c 'import json,sys; o=json.load(open(sys.argv[1]))
+assert o["finish_reason"] == "tool_calls", o
+assert isinstance(json.loads(o["tool_calls"][0]["function"]["arguments"]), dict), o' \
+                "$tmp/out" 2>>"$tmp/err" || { bad=1; sed 's/^/# /' "$tmp/err" | head -3; }
+        done
+    done
+    check $bad "untyped parameters: 9 forced answers are each a call with object arguments"
     for ch in required ping; do   # a forced call's grammar needs a token limit, as --json's
         t "--tool-choice $ch with -n 0: usage error" 2 "$kli" run -m "$model" -p x \
             --tools "$tmp/tools.json" --tool-choice $ch -n 0
