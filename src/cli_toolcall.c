@@ -391,6 +391,14 @@ whole:
     return (*content = strndup(text, len)) != NULL ? rc : -1;
 }
 
+/* The name of a declaration that tc_check took. */
+static const char *
+tc_name(const cJSON *tool)
+{
+    return cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(tool, "function"),
+                                            "name")->valuestring;
+}
+
 int
 tc_check(const cJSON *tools, const cJSON *choice, const char **forced, int *none, char *msg,
          size_t cap)
@@ -421,6 +429,14 @@ tc_check(const cJSON *tools, const cJSON *choice, const char **forced, int *none
                 snprintf(msg, cap, "\"tools\"[%d]: \"parameters\" must be a JSON Schema "
                          "object", i);
                 return -1;
+            }
+            /* a call names its function: two of one name could not be told apart */
+            for (const cJSON *u = tools->child; u != t; u = u->next) {
+                if (strcmp(tc_name(u), nm->valuestring) == 0) {
+                    snprintf(msg, cap, "\"tools\"[%d]: a second function \"%.64s\"", i,
+                             nm->valuestring);
+                    return -1;
+                }
             }
             i++;
         }
@@ -489,13 +505,6 @@ tc_single(const cJSON *tools, const char *forced)
     if (forced != NULL && forced[0] != '\0')
         return tc_tool(tools, forced, strlen(forced));
     return cJSON_GetArraySize(tools) == 1 ? cJSON_GetArrayItem(tools, 0) : NULL;
-}
-
-static const char *
-tc_name(const cJSON *tool)
-{
-    return cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(tool, "function"),
-                                            "name")->valuestring;
 }
 
 int

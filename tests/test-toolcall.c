@@ -161,6 +161,11 @@ test_forced(void)
     ok(tc_check(NULL, c, &forced, &none, msg, sizeof(msg)) == -1,
        "required without tools is refused: %s", msg);
     cJSON_Delete(c);
+    cJSON *two = cJSON_Parse("[{\"type\":\"function\",\"function\":{\"name\":\"f\"}},"
+                             "{\"type\":\"function\",\"function\":{\"name\":\"f\"}}]");
+    ok(tc_check(two, NULL, &forced, &none, msg, sizeof(msg)) == -1 &&
+       strstr(msg, "[1]") != NULL, "a function declared twice is refused: %s", msg);
+    cJSON_Delete(two);
     cJSON_Delete(tools);
     cJSON_Delete(one);
 }
