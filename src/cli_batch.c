@@ -727,7 +727,9 @@ batch_open_output(const struct batch_args *a, struct batch_idset *done)
     if (strcmp(a->output, "-") == 0)
         return STDOUT_FILENO;
     if ((strcmp(a->input, "-") != 0 && kli_output_check(a->output, a->input, &err) != KLI_OK) ||
-        (a->ca.model != NULL && kli_output_check(a->output, a->ca.model, &err) != KLI_OK)) {
+        (a->ca.model != NULL && kli_output_check(a->output, a->ca.model, &err) != KLI_OK) ||
+        (a->g.json_schema != NULL &&
+         kli_output_check(a->output, a->g.json_schema, &err) != KLI_OK)) {
         cli_error("batch: %s", err.msg);
         return -1;
     }

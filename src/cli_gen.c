@@ -545,14 +545,16 @@ gen_close(struct gen_session *gs, const struct gen_args *a)
 }
 
 /* kli run's output file `out` (NULL: none, fine) may be none of its inputs: the model at
- * `path`, -f's or --messages' file, nor `other` (another output, or NULL). @return 0, or -1
+ * `path`, the files of -f, --messages, --tools and --json-schema, --load-state's (which
+ * --save-state alone may replace), nor `other` (another output, or NULL). @return 0, or -1
  * after reporting. */
 static int
 run_output_check(const struct gen_args *a, const char *out, const char *path,
                  const char *other, const char *opt)
 {
     struct kli_err err = {0};
-    const char *in[] = {path, a->file, a->messages, other};
+    const char *in[] = {path, a->file, a->messages, a->tools, a->g.json_schema, other,
+                        out == a->save_state ? NULL : a->load_state};
 
     if (out != NULL && other != NULL && strcmp(out, other) == 0) {
         cli_error("%s: '%s' is another output of this run too", opt, out);
