@@ -458,7 +458,9 @@ tc_check(const cJSON *tools, const cJSON *choice, const char **forced, int *none
     }
     const cJSON *fn = cJSON_GetObjectItemCaseSensitive(choice, "function");
     const cJSON *nm = cJSON_GetObjectItemCaseSensitive(fn, "name");
-    if (!cJSON_IsObject(choice) || !cJSON_IsString(nm)) {
+    const cJSON *ty = cJSON_GetObjectItemCaseSensitive(choice, "type");
+    if (!cJSON_IsObject(choice) || !cJSON_IsString(nm) || !cJSON_IsString(ty) ||
+        strcmp(ty->valuestring, "function") != 0) {
         snprintf(msg, cap, "\"tool_choice\" must be \"auto\", \"none\", \"required\" or "
                  "{\"type\": \"function\", \"function\": {\"name\": NAME}}");
         return -1;

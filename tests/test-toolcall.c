@@ -161,6 +161,15 @@ test_forced(void)
     ok(tc_check(NULL, c, &forced, &none, msg, sizeof(msg)) == -1,
        "required without tools is refused: %s", msg);
     cJSON_Delete(c);
+    /* another type of choice (OpenAI's allowed_tools, custom) is not a function's */
+    c = cJSON_Parse("{\"type\":\"custom\",\"function\":{\"name\":\"ping\"}}");
+    ok(tc_check(tools, c, &forced, &none, msg, sizeof(msg)) == -1,
+       "a choice of type custom is refused: %s", msg);
+    cJSON_Delete(c);
+    c = cJSON_Parse("{\"function\":{\"name\":\"ping\"}}");
+    ok(tc_check(tools, c, &forced, &none, msg, sizeof(msg)) == -1,
+       "a choice without type is refused: %s", msg);
+    cJSON_Delete(c);
     cJSON *two = cJSON_Parse("[{\"type\":\"function\",\"function\":{\"name\":\"f\"}},"
                              "{\"type\":\"function\",\"function\":{\"name\":\"f\"}}]");
     ok(tc_check(two, NULL, &forced, &none, msg, sizeof(msg)) == -1 &&
