@@ -238,6 +238,42 @@ tc_args_ok(const char *a, size_t n)
     return j.p == j.end;
 }
 
+/* The value of member `key` of the JSON object s[0..n) as it is written there (*vn bytes), or
+ * NULL. */
+static const char *
+tc_member(const char *s, size_t n, const char *key, size_t *vn)
+{
+    struct tc_js j = {(const unsigned char *)s, (const unsigned char *)s + n};
+    size_t kn = strlen(key);
+
+    tc_js_blank(&j);
+    if (j.p == j.end || *j.p++ != '{')
+        return NULL;
+    for (;;) {
+        tc_js_blank(&j);
+        if (j.p == j.end || *j.p != '"')
+            return NULL;
+        const unsigned char *k = j.p + 1, *v;
+        if (!tc_js_string(&j))
+            return NULL;
+        int match = (size_t)(j.p - 1 - k) == kn && memcmp(k, key, kn) == 0;
+        tc_js_blank(&j);
+        if (j.p == j.end || *j.p++ != ':')
+            return NULL;
+        tc_js_blank(&j);
+        v = j.p;
+        if (!tc_js_value(&j, 1))
+            return NULL;
+        if (match) {
+            *vn = (size_t)(j.p - v);
+            return (const char *)v;
+        }
+        tc_js_blank(&j);
+        if (j.p == j.end || *j.p++ != ',')
+            return NULL;
+    }
+}
+
 /* One call: [functions.]NAME:IDX<|tool_call_argument_begin|>JSON, between the call markers
  * (s[0..n)). @return 0, 1 (msg set) or -1. */
 static int
@@ -596,7 +632,12 @@ tc_forced_calls(const cJSON *tools, const char *forced, const char *text, size_t
         snprintf(msg, cap, "the call is not a complete {\"name\", \"arguments\"} object");
         goto fail;
     }
-    char *a = cJSON_PrintUnformatted(args);
+    /* the arguments as the model wrote them: cJSON's doubles would print an integer past
+     * 2^53 rounded, in e-notation, no longer the integer its schema asked for */
+    size_t an = 0;
+    const char *raw = tc_member(text, len, "arguments", &an);
+    char *a = raw != NULL && tc_args_ok(raw, an) ? strndup(raw, an)
+                                                 : cJSON_PrintUnformatted(args);
     snprintf(id, sizeof(id), "functions.%.256s:0", nm->valuestring);
     if (a == NULL || tc_add(*calls, id, strlen(id), nm->valuestring, strlen(nm->valuestring),
                             a, strlen(a)) != 0) {

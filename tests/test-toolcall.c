@@ -143,6 +143,16 @@ test_forced(void)
                        sizeof(msg)) == 0 && cJSON_GetArraySize(calls) == 1,
        "a {name, arguments} answer is one call");
     cJSON_Delete(calls);
+    /* the arguments as written: an integer past 2^53 stays that integer, not 1.2e+20 */
+    const char *big = "{\"name\":\"ping\", \"arguments\" : {\"n\":123456789012345678901,"
+                      "\"s\":\"\\u00e9\"}}";
+    int rc = tc_forced_calls(tools, "", big, strlen(big), &calls, msg, sizeof(msg));
+    const char *a = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(
+        cJSON_GetObjectItemCaseSensitive(cJSON_GetArrayItem(calls, 0), "function"), "arguments"));
+    ok(rc == 0 && a != NULL &&
+       strcmp(a, "{\"n\":123456789012345678901,\"s\":\"\\u00e9\"}") == 0,
+       "required with two: the arguments are the model's text: %s", a != NULL ? a : "(none)");
+    cJSON_Delete(calls);
     ok(tc_forced_calls(tools, "ping", "{\"a\":", 5, &calls, msg, sizeof(msg)) == 1 &&
        calls == NULL, "cut-short arguments are named");
     cJSON *c = cJSON_CreateString("required");
