@@ -921,7 +921,7 @@ rec_tools(struct batch_rec *r, const cJSON *o, const struct kli_tokenizer *tok,
         }
         r->format = BATCH_FMT_SCHEMA;
     }
-    n = tc_render(tok, messages, tools, prefix, &ids, &err);
+    n = tc_render(tok, messages, tools, prefix, 0, &ids, &err);
     free(prefix);
     cJSON_Delete(built);
     if (n < 0)

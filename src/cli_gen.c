@@ -350,7 +350,7 @@ gen_tools_open(const struct gen_args *a, struct gen_tools *t)
  * included) or -s and the prompt, then the text a forced call starts with. */
 static int64_t
 gen_tools_prompt(const struct gen_args *a, const struct gen_tools *t,
-                 const struct kli_tokenizer *tok, const char *text, kli_token **ids,
+                 const struct kli_tokenizer *tok, const char *text, int cont, kli_token **ids,
                  struct kli_err *err)
 {
     cJSON *msgs = NULL;
@@ -373,7 +373,7 @@ gen_tools_prompt(const struct gen_args *a, const struct gen_tools *t,
     }
     if (msgs == NULL)
         return gen_oom(err);
-    n = tc_render(tok, msgs, t->tools, t->prefix, ids, err);
+    n = tc_render(tok, msgs, t->tools, t->prefix, cont, ids, err);
     cJSON_Delete(msgs);
     return n;
 }
@@ -701,7 +701,7 @@ cmd_run(int argc, char **argv)
         goto out;
     }
     if (a.tools != NULL)
-        n = gen_tools_prompt(&a, &gt, gs.tok, text, &ids, &err);
+        n = gen_tools_prompt(&a, &gt, gs.tok, text, kli_session_pos(gs.s) > 0, &ids, &err);
     else if (a.messages != NULL)
         n = messages_tokens(gs.tok, a.messages, gen_prompt_max(a.g.ctx), &ids, &err);
     else

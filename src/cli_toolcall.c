@@ -739,31 +739,39 @@ tc_answer(const char *text, size_t n, const char *const *stop, int n_stop, const
 
 int64_t
 tc_render(const struct kli_tokenizer *tok, const cJSON *messages, const cJSON *tools,
-          const char *prefix, kli_token **ids, struct kli_err *err)
+          const char *prefix, int cont, kli_token **ids, struct kli_err *err)
 {
     char *msgs = cJSON_PrintUnformatted(messages);
     char *tl = tools != NULL ? cJSON_PrintUnformatted(tools) : NULL;
     size_t pl = prefix != NULL ? strlen(prefix) : 0, tn = tl != NULL ? strlen(tl) : 0;
-    int64_t n = KLI_E_NOMEM, np = 0;
+    int64_t n = KLI_E_NOMEM, np = 0, off = cont ? 1 : 0;
+    kli_token end = cont ? kli_tokenizer_find_special(tok, "<|im_end|>") : 0;
 
     *ids = NULL;
     if (msgs == NULL || (tools != NULL && tl == NULL)) {
         snprintf(err->msg, sizeof(err->msg), "out of memory");
         goto out;
     }
-    n = kli_chat_render_json(tok, msgs, strlen(msgs), tl, tn, 1, 0, NULL, 0, err);
+    if (end < 0) {
+        n = KLI_E_UNSUPPORTED;
+        snprintf(err->msg, sizeof(err->msg), "the tokenizer has no <|im_end|>");
+        goto out;
+    }
+    n = kli_chat_render_json(tok, msgs, strlen(msgs), tl, tn, 1, cont, NULL, 0, err);
     if (n < 0)
         goto out;
-    if ((*ids = malloc(((size_t)n + pl + 1) * sizeof(kli_token))) == NULL) {
+    if ((*ids = malloc(((size_t)(n + off) + pl + 1) * sizeof(kli_token))) == NULL) {
         snprintf(err->msg, sizeof(err->msg), "out of memory");
         n = KLI_E_NOMEM;
         goto out;
     }
-    n = kli_chat_render_json(tok, msgs, strlen(msgs), tl, tn, 1, 0, *ids, n, err);
+    if (cont)
+        (*ids)[0] = end;
+    n = kli_chat_render_json(tok, msgs, strlen(msgs), tl, tn, 1, cont, *ids + off, n, err);
     if (n >= 0 && pl > 0)
-        np = kli_tokenize(tok, prefix, pl, KLI_TOKENIZE_SPECIAL, *ids + n, (int64_t)pl + 1,
-                          err);
-    n = np < 0 ? np : n + np;
+        np = kli_tokenize(tok, prefix, pl, KLI_TOKENIZE_SPECIAL, *ids + off + n,
+                          (int64_t)pl + 1, err);
+    n = n < 0 ? n : np < 0 ? np : off + n + np;
 out:
     if (n < 0) {
         free(*ids);

@@ -447,7 +447,7 @@ req_tool_messages(struct serve_req *r, const cJSON *j, const struct kli_tokenize
 {
     struct kli_err err = {0};
     kli_token *ids = NULL;
-    int64_t n = tc_render(tok, j, r->tools, prefix, &ids, &err);
+    int64_t n = tc_render(tok, j, r->tools, prefix, 0, &ids, &err);
 
     if (n == KLI_E_NOMEM)
         return req_nomem(e);

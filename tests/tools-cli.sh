@@ -142,6 +142,22 @@ EOF2
         --messages "$tmp/notid.json" --tools "$tmp/tools.json" -n 5
     grep -q tool_call_id "$tmp/stderr"
     check $? "the message names tool_call_id"
+    # after --load-state the prompt continues the conversation as without --tools: an
+    # <|im_end|> closes the last answer, no second default system message (an empty tools
+    # list declares nothing, so the two prompts are the same tokens, the answers the same)
+    "$kli" run -m "$model" -p "Weather?" -n 4 --temp 0 -t 1 --quiet --save-state "$tmp/st" \
+        >/dev/null 2>&1
+    printf '[]' >"$tmp/none.json"
+    "$kli" run -m "$model" -p "And now?" -n 6 --temp 0 -t 1 --load-state "$tmp/st" \
+        >"$tmp/plain" 2>"$tmp/plain.err"
+    "$kli" run -m "$model" -p "And now?" -n 6 --temp 0 -t 1 --load-state "$tmp/st" \
+        --tools "$tmp/none.json" >"$tmp/withtools" 2>"$tmp/withtools.err"
+    is "$(grep -o 'prompt [0-9]* tokens' "$tmp/withtools.err")" \
+        "$(grep -o 'prompt [0-9]* tokens' "$tmp/plain.err")" \
+        "--load-state with --tools: the prompt continues the conversation"
+    "$PY" -c 'import json,sys; o=json.load(open(sys.argv[1]))
+assert o["content"] == open(sys.argv[2]).read().rstrip("\n"), o' "$tmp/withtools" "$tmp/plain"
+    check $? "--load-state with --tools: the answer is the one without"
     t "--tool-choice without --tools: usage error" 2 "$kli" run -m "$model" -p x \
         --tool-choice none
     printf '{"not": "a list"}' >"$tmp/obj.json"
