@@ -125,8 +125,16 @@ cli_logit_bias(const char *arg, struct cli_gen_opts *g)
         double b;
         errno = 0;
         id = strtol(p, &end, 10);
-        if (errno != 0 || end == p || *end != ':' || id < 0 || id > INT32_MAX)
+        if (*p < '0' || *p > '9' || errno != 0 || end == p || *end != ':' || id < 0 ||
+            id > INT32_MAX)
             goto bad;
+        /* the sampler adds the biases of a repeated id: 5:60,5:60 would be 120 */
+        for (int32_t i = 0; i < g->so.n_bias; i++) {
+            if (g->bias_ids[i] == (kli_token)id) {
+                cli_error("--logit-bias: token %ld is given twice", id);
+                return -1;
+            }
+        }
         p = end + 1;
         b = strtod(p, &end);
         if (end == p || !(b >= -100.0 && b <= 100.0) || (*end != ',' && *end != '\0'))

@@ -275,7 +275,7 @@ batch_grammar(struct batch *b, const struct batch_rec *r, const struct kli_gramm
         return 0;
     case BATCH_FMT_OBJECT:
         if (b->gram_object == NULL &&
-            oai_grammar(&b->gram_object, b->tok, OAI_FMT_OBJECT, NULL, msg, cap) != 0)
+            oai_grammar(&b->gram_object, b->tok, OAI_FMT_OBJECT, NULL, NULL, msg, cap) != 0)
             return -1;
         *out = b->gram_object;
         return 0;
@@ -294,7 +294,10 @@ batch_grammar(struct batch *b, const struct batch_rec *r, const struct kli_gramm
         *fail = msg;
         return 0;
     }
-    int rc = oai_grammar(&g, b->tok, OAI_FMT_SCHEMA, r->schema, msg, cap);
+    /* a forced tool call's schema is its function's parameters (rec_tools) */
+    int rc = oai_grammar(&g, b->tok, OAI_FMT_SCHEMA, r->schema,
+                         r->tools != NULL && r->tools->forced != NULL ? "tools" : NULL, msg,
+                         cap);
     if (rc < 0)
         return -1;
     if (rc > 0) {
@@ -726,7 +729,9 @@ batch_open_output(const struct batch_args *a, struct batch_idset *done)
     if (strcmp(a->output, "-") == 0)
         return STDOUT_FILENO;
     if ((strcmp(a->input, "-") != 0 && kli_output_check(a->output, a->input, &err) != KLI_OK) ||
-        (a->ca.model != NULL && kli_output_check(a->output, a->ca.model, &err) != KLI_OK)) {
+        (a->ca.model != NULL && kli_output_check(a->output, a->ca.model, &err) != KLI_OK) ||
+        (a->g.json_schema != NULL &&
+         kli_output_check(a->output, a->g.json_schema, &err) != KLI_OK)) {
         cli_error("batch: %s", err.msg);
         return -1;
     }

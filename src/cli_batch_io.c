@@ -923,7 +923,7 @@ rec_tools(struct batch_rec *r, const cJSON *o, const struct kli_tokenizer *tok,
         }
         r->format = BATCH_FMT_SCHEMA;
     }
-    n = tc_render(tok, messages, tools, prefix, &ids, &err);
+    n = tc_render(tok, messages, tools, prefix, 0, &ids, &err);
     free(prefix);
     cJSON_Delete(built);
     if (n < 0)
@@ -992,6 +992,13 @@ rec_openai(struct batch_rec *r, const struct batch_item *it, cJSON **o)
         return rec_fail(r, "\"body.%s\" does not belong to %s",
                         it->api == BATCH_API_CHAT ? "prompt" : "messages",
                         it->api == BATCH_API_CHAT ? "/v1/chat/completions" : "/v1/completions");
+    /* a completion continues its prompt as it is: it has no tools (kli serve agrees) */
+    static const char *const chat_only[] = {"tools", "tool_choice", "parallel_tool_calls"};
+    for (size_t i = 0; it->api == BATCH_API_COMPLETIONS && i < 3; i++) {
+        const char *f = chat_only[i];
+        if (cJSON_HasObjectItem(body, f))
+            return rec_fail(r, "\"body.%s\" does not belong to /v1/completions", f);
+    }
     /* OpenAI's and vLLM's names for kli's */
     static const char *const alias[][2] = {
         {"max_completion_tokens", "max_tokens"}, {"repetition_penalty", "repeat_penalty"},

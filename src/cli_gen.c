@@ -350,7 +350,7 @@ gen_tools_open(const struct gen_args *a, struct gen_tools *t)
  * included) or -s and the prompt, then the text a forced call starts with. */
 static int64_t
 gen_tools_prompt(const struct gen_args *a, const struct gen_tools *t,
-                 const struct kli_tokenizer *tok, const char *text, kli_token **ids,
+                 const struct kli_tokenizer *tok, const char *text, int cont, kli_token **ids,
                  struct kli_err *err)
 {
     cJSON *msgs = NULL;
@@ -373,7 +373,7 @@ gen_tools_prompt(const struct gen_args *a, const struct gen_tools *t,
     }
     if (msgs == NULL)
         return gen_oom(err);
-    n = tc_render(tok, msgs, t->tools, t->prefix, ids, err);
+    n = tc_render(tok, msgs, t->tools, t->prefix, cont, ids, err);
     cJSON_Delete(msgs);
     return n;
 }
@@ -545,14 +545,16 @@ gen_close(struct gen_session *gs, const struct gen_args *a)
 }
 
 /* kli run's output file `out` (NULL: none, fine) may be none of its inputs: the model at
- * `path`, -f's or --messages' file, nor `other` (another output, or NULL). @return 0, or -1
+ * `path`, the files of -f, --messages, --tools and --json-schema, --load-state's (which
+ * --save-state alone may replace), nor `other` (another output, or NULL). @return 0, or -1
  * after reporting. */
 static int
 run_output_check(const struct gen_args *a, const char *out, const char *path,
                  const char *other, const char *opt)
 {
     struct kli_err err = {0};
-    const char *in[] = {path, a->file, a->messages, other};
+    const char *in[] = {path, a->file, a->messages, a->tools, a->g.json_schema, other,
+                        out == a->save_state ? NULL : a->load_state};
 
     if (out != NULL && other != NULL && strcmp(out, other) == 0) {
         cli_error("%s: '%s' is another output of this run too", opt, out);
@@ -618,6 +620,12 @@ cmd_run(int argc, char **argv)
     }
     if (a.tools != NULL && (a.g.raw || a.g.json || a.g.json_schema != NULL)) {
         cli_error("run: --tools does not go with --raw, --json or --json-schema");
+        return 2;
+    }
+    /* a forced call is constrained by a grammar, which needs a token limit (as --json) */
+    if (a.tool_choice != NULL && strcmp(a.tool_choice, "auto") != 0 &&
+        strcmp(a.tool_choice, "none") != 0 && a.g.max_tokens == 0) {
+        cli_error("run: --tool-choice %s needs --max-tokens above 0", a.tool_choice);
         return 2;
     }
     if (a.prompt != NULL) {
@@ -693,7 +701,7 @@ cmd_run(int argc, char **argv)
         goto out;
     }
     if (a.tools != NULL)
-        n = gen_tools_prompt(&a, &gt, gs.tok, text, &ids, &err);
+        n = gen_tools_prompt(&a, &gt, gs.tok, text, kli_session_pos(gs.s) > 0, &ids, &err);
     else if (a.messages != NULL)
         n = messages_tokens(gs.tok, a.messages, gen_prompt_max(a.g.ctx), &ids, &err);
     else

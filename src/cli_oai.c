@@ -53,7 +53,7 @@ oai_response_format(const cJSON *f, enum oai_format *fmt, char **schema, char *m
 
 int
 oai_grammar(struct kli_grammar **out, const struct kli_tokenizer *tok, enum oai_format fmt,
-            const char *schema, char *msg, size_t cap)
+            const char *schema, const char *what, char *msg, size_t cap)
 {
     struct kli_err err = {0};
     int rc;
@@ -67,7 +67,7 @@ oai_grammar(struct kli_grammar **out, const struct kli_tokenizer *tok, enum oai_
     if (rc == KLI_E_NOMEM)
         return -1;
     if (rc != KLI_OK) {
-        snprintf(msg, cap, "\"response_format\": %s", err.msg);
+        snprintf(msg, cap, "\"%s\": %s", what != NULL ? what : "response_format", err.msg);
         return 1;
     }
     return 0;
@@ -98,10 +98,20 @@ oai_logit_bias(const cJSON *lb, int32_t n_vocab, kli_token **ids, float **bias, 
     cJSON_ArrayForEach(k, lb) {
         char *end;
         long id = strtol(k->string, &end, 10);
-        if (end == k->string || *end != '\0' || id < 0 || id > top) {
+        /* only the id's decimal digits (strtol also takes " 5", "+5", "-0" and "05"): one
+         * key per token, as biases given twice would add up past [-100, 100] */
+        size_t nd = strspn(k->string, "0123456789");
+        if (nd == 0 || k->string[nd] != '\0' || (k->string[0] == '0' && nd > 1) ||
+            end == k->string || *end != '\0' || id < 0 || id > top) {
             snprintf(msg, cap, "\"logit_bias\": \"%.32s\" is not a token id%s", k->string,
                      n_vocab > 0 ? " of the model's vocabulary" : "");
             return -1;
+        }
+        for (int32_t i = 0; i < count; i++) {
+            if ((*ids)[i] == (kli_token)id) {
+                snprintf(msg, cap, "\"logit_bias\": token %ld is given twice", id);
+                return -1;
+            }
         }
         if (!cJSON_IsNumber(k) || !(k->valuedouble >= -100 && k->valuedouble <= 100)) {
             snprintf(msg, cap, "\"logit_bias\": the bias of %ld must be a number in "

@@ -30,11 +30,12 @@ int oai_response_format(const struct cJSON *f, enum oai_format *fmt, char **sche
                         char *msg, size_t cap);
 
 /* The grammar of a format for tok: NULL for NONE and TEXT, any JSON object for OBJECT, the
- * schema text for SCHEMA (the caller frees it with kli_grammar_free).
+ * schema text for SCHEMA (the caller frees it with kli_grammar_free). `what` names the
+ * schema's source in msg (NULL: "response_format"; a forced tool call's is "tools").
  * @return 0; 1 when the schema is refused (msg says why, naming the keyword); -1 when out
  *         of memory. */
 int oai_grammar(struct kli_grammar **out, const struct kli_tokenizer *tok, enum oai_format fmt,
-                const char *schema, char *msg, size_t cap);
+                const char *schema, const char *what, char *msg, size_t cap);
 
 /* Reads "logit_bias" (lb: its value, not NULL): {"TOKEN_ID": BIAS, ...}, ids in
  * [0, n_vocab) (n_vocab 0: any id up to INT32_MAX, checked later), biases in [-100, 100], at

@@ -238,6 +238,42 @@ tc_args_ok(const char *a, size_t n)
     return j.p == j.end;
 }
 
+/* The value of member `key` of the JSON object s[0..n) as it is written there (*vn bytes), or
+ * NULL. */
+static const char *
+tc_member(const char *s, size_t n, const char *key, size_t *vn)
+{
+    struct tc_js j = {(const unsigned char *)s, (const unsigned char *)s + n};
+    size_t kn = strlen(key);
+
+    tc_js_blank(&j);
+    if (j.p == j.end || *j.p++ != '{')
+        return NULL;
+    for (;;) {
+        tc_js_blank(&j);
+        if (j.p == j.end || *j.p != '"')
+            return NULL;
+        const unsigned char *k = j.p + 1, *v;
+        if (!tc_js_string(&j))
+            return NULL;
+        int match = (size_t)(j.p - 1 - k) == kn && memcmp(k, key, kn) == 0;
+        tc_js_blank(&j);
+        if (j.p == j.end || *j.p++ != ':')
+            return NULL;
+        tc_js_blank(&j);
+        v = j.p;
+        if (!tc_js_value(&j, 1))
+            return NULL;
+        if (match) {
+            *vn = (size_t)(j.p - v);
+            return (const char *)v;
+        }
+        tc_js_blank(&j);
+        if (j.p == j.end || *j.p++ != ',')
+            return NULL;
+    }
+}
+
 /* One call: [functions.]NAME:IDX<|tool_call_argument_begin|>JSON, between the call markers
  * (s[0..n)). @return 0, 1 (msg set) or -1. */
 static int
@@ -391,6 +427,14 @@ whole:
     return (*content = strndup(text, len)) != NULL ? rc : -1;
 }
 
+/* The name of a declaration that tc_check took. */
+static const char *
+tc_name(const cJSON *tool)
+{
+    return cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(tool, "function"),
+                                            "name")->valuestring;
+}
+
 int
 tc_check(const cJSON *tools, const cJSON *choice, const char **forced, int *none, char *msg,
          size_t cap)
@@ -422,6 +466,14 @@ tc_check(const cJSON *tools, const cJSON *choice, const char **forced, int *none
                          "object", i);
                 return -1;
             }
+            /* a call names its function: two of one name could not be told apart */
+            for (const cJSON *u = tools->child; u != t; u = u->next) {
+                if (strcmp(tc_name(u), nm->valuestring) == 0) {
+                    snprintf(msg, cap, "\"tools\"[%d]: a second function \"%.64s\"", i,
+                             nm->valuestring);
+                    return -1;
+                }
+            }
             i++;
         }
     }
@@ -442,7 +494,9 @@ tc_check(const cJSON *tools, const cJSON *choice, const char **forced, int *none
     }
     const cJSON *fn = cJSON_GetObjectItemCaseSensitive(choice, "function");
     const cJSON *nm = cJSON_GetObjectItemCaseSensitive(fn, "name");
-    if (!cJSON_IsObject(choice) || !cJSON_IsString(nm)) {
+    const cJSON *ty = cJSON_GetObjectItemCaseSensitive(choice, "type");
+    if (!cJSON_IsObject(choice) || !cJSON_IsString(nm) || !cJSON_IsString(ty) ||
+        strcmp(ty->valuestring, "function") != 0) {
         snprintf(msg, cap, "\"tool_choice\" must be \"auto\", \"none\", \"required\" or "
                  "{\"type\": \"function\", \"function\": {\"name\": NAME}}");
         return -1;
@@ -457,16 +511,29 @@ tc_check(const cJSON *tools, const cJSON *choice, const char **forced, int *none
 }
 
 /* The parameters schema of a declaration, as compact JSON (an empty object's schema when it
- * has none). */
+ * has none). One without "type" gets "type": "object": kli's schemas take the type of their
+ * keywords, and {} (or annotations alone) allows any value, where arguments are an object. */
 static char *
 tc_params(const cJSON *tool)
 {
+    static const char *const typed[] = {"type", "anyOf", "oneOf", "$ref", "enum", "const"};
     const cJSON *fn = cJSON_GetObjectItemCaseSensitive(tool, "function");
     const cJSON *pa = cJSON_GetObjectItemCaseSensitive(fn, "parameters");
+    cJSON *o;
+    char *s = NULL;
 
     if (pa == NULL)
         return strdup("{\"type\":\"object\"}");
-    return cJSON_IsObject(pa) ? cJSON_PrintUnformatted(pa) : NULL;
+    if (!cJSON_IsObject(pa))
+        return NULL;
+    for (size_t i = 0; i < sizeof(typed) / sizeof(typed[0]); i++) {
+        if (cJSON_HasObjectItem(pa, typed[i]))
+            return cJSON_PrintUnformatted(pa);
+    }
+    if ((o = cJSON_Duplicate(pa, 1)) != NULL && cJSON_AddStringToObject(o, "type", "object"))
+        s = cJSON_PrintUnformatted(o);
+    cJSON_Delete(o);
+    return s;
 }
 
 /* The one function a forced call goes to: the named one, or the only one; NULL: several. */
@@ -476,13 +543,6 @@ tc_single(const cJSON *tools, const char *forced)
     if (forced != NULL && forced[0] != '\0')
         return tc_tool(tools, forced, strlen(forced));
     return cJSON_GetArraySize(tools) == 1 ? cJSON_GetArrayItem(tools, 0) : NULL;
-}
-
-static const char *
-tc_name(const cJSON *tool)
-{
-    return cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(tool, "function"),
-                                            "name")->valuestring;
 }
 
 int
@@ -572,7 +632,12 @@ tc_forced_calls(const cJSON *tools, const char *forced, const char *text, size_t
         snprintf(msg, cap, "the call is not a complete {\"name\", \"arguments\"} object");
         goto fail;
     }
-    char *a = cJSON_PrintUnformatted(args);
+    /* the arguments as the model wrote them: cJSON's doubles would print an integer past
+     * 2^53 rounded, in e-notation, no longer the integer its schema asked for */
+    size_t an = 0;
+    const char *raw = tc_member(text, len, "arguments", &an);
+    char *a = raw != NULL && tc_args_ok(raw, an) ? strndup(raw, an)
+                                                 : cJSON_PrintUnformatted(args);
     snprintf(id, sizeof(id), "functions.%.256s:0", nm->valuestring);
     if (a == NULL || tc_add(*calls, id, strlen(id), nm->valuestring, strlen(nm->valuestring),
                             a, strlen(a)) != 0) {
@@ -695,31 +760,39 @@ tc_answer(const char *text, size_t n, const char *const *stop, int n_stop, const
 
 int64_t
 tc_render(const struct kli_tokenizer *tok, const cJSON *messages, const cJSON *tools,
-          const char *prefix, kli_token **ids, struct kli_err *err)
+          const char *prefix, int cont, kli_token **ids, struct kli_err *err)
 {
     char *msgs = cJSON_PrintUnformatted(messages);
     char *tl = tools != NULL ? cJSON_PrintUnformatted(tools) : NULL;
     size_t pl = prefix != NULL ? strlen(prefix) : 0, tn = tl != NULL ? strlen(tl) : 0;
-    int64_t n = KLI_E_NOMEM, np = 0;
+    int64_t n = KLI_E_NOMEM, np = 0, off = cont ? 1 : 0;
+    kli_token end = cont ? kli_tokenizer_find_special(tok, "<|im_end|>") : 0;
 
     *ids = NULL;
     if (msgs == NULL || (tools != NULL && tl == NULL)) {
         snprintf(err->msg, sizeof(err->msg), "out of memory");
         goto out;
     }
-    n = kli_chat_render_json(tok, msgs, strlen(msgs), tl, tn, 1, 0, NULL, 0, err);
+    if (end < 0) {
+        n = KLI_E_UNSUPPORTED;
+        snprintf(err->msg, sizeof(err->msg), "the tokenizer has no <|im_end|>");
+        goto out;
+    }
+    n = kli_chat_render_json(tok, msgs, strlen(msgs), tl, tn, 1, cont, NULL, 0, err);
     if (n < 0)
         goto out;
-    if ((*ids = malloc(((size_t)n + pl + 1) * sizeof(kli_token))) == NULL) {
+    if ((*ids = malloc(((size_t)(n + off) + pl + 1) * sizeof(kli_token))) == NULL) {
         snprintf(err->msg, sizeof(err->msg), "out of memory");
         n = KLI_E_NOMEM;
         goto out;
     }
-    n = kli_chat_render_json(tok, msgs, strlen(msgs), tl, tn, 1, 0, *ids, n, err);
+    if (cont)
+        (*ids)[0] = end;
+    n = kli_chat_render_json(tok, msgs, strlen(msgs), tl, tn, 1, cont, *ids + off, n, err);
     if (n >= 0 && pl > 0)
-        np = kli_tokenize(tok, prefix, pl, KLI_TOKENIZE_SPECIAL, *ids + n, (int64_t)pl + 1,
-                          err);
-    n = np < 0 ? np : n + np;
+        np = kli_tokenize(tok, prefix, pl, KLI_TOKENIZE_SPECIAL, *ids + off + n,
+                          (int64_t)pl + 1, err);
+    n = n < 0 ? n : np < 0 ? np : off + n + np;
 out:
     if (n < 0) {
         free(*ids);

@@ -81,9 +81,11 @@ int tc_answer(const char *text, size_t n, const char *const *stop, int n_stop,
 /* The prompt of a conversation with tools: `messages` (a JSON array; tool calls and results
  * allowed) and `tools` (NULL: none) rendered by kli_chat_render_json, generation prompt
  * on, then `prefix` (NULL or the text a forced call starts with, special tokens by name).
+ * With `cont` it continues a session that holds a conversation (kli run --load-state): an
+ * <|im_end|> closes its last answer first, and no default system message is added.
  * @return the number of tokens in *ids (malloc'd), or a negative status with err set. */
 int64_t tc_render(const struct kli_tokenizer *tok, const struct cJSON *messages,
-                  const struct cJSON *tools, const char *prefix, kli_token **ids,
+                  const struct cJSON *tools, const char *prefix, int cont, kli_token **ids,
                   struct kli_err *err);
 
 /* The conversation of one prompt in the chat format: a system message (NULL: none) and the

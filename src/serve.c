@@ -411,11 +411,20 @@ job_tools(struct job *j)
         return -1;
     if (j->rq.one_call)
         tc_keep_first(j->calls);
+    /* The content is made valid UTF-8 (each bad sequence becomes the 3 bytes of U+FFFD),
+     * while j->sent counts bytes of acc: what was streamed, acc[0, sent) (which ends before
+     * a stop string and a marker, on a whole character), is the content's first
+     * `streamed` bytes, and the rest goes out from there. */
+    size_t streamed = 0;
+    for (size_t i = 0; i < j->sent;) {
+        int k = cli_utf8_seq((const unsigned char *)j->acc.p + i, j->sent - i);
+        streamed += k > 0 ? (size_t)k : 3;
+        i += (size_t)(k > 0 ? k : -k);
+    }
     free(j->text);
     j->text = content;
     j->len = strlen(content);
-    if (j->sent > j->len)
-        j->sent = j->len;
+    j->sent = streamed < j->len ? streamed : j->len;
     return 0;
 }
 

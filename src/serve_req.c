@@ -384,13 +384,15 @@ static int
 req_grammar(struct serve_req *r, const struct kli_tokenizer *tok, struct serve_err *e)
 {
     char msg[512];
-    int rc = oai_grammar(&r->grammar, tok, (enum oai_format)r->format, r->schema, msg,
+    /* a forced tool call's schema is its function's parameters (req_conversation) */
+    const char *what = r->tool_mode == SERVE_TOOLS_FORCED ? "tools" : "response_format";
+    int rc = oai_grammar(&r->grammar, tok, (enum oai_format)r->format, r->schema, what, msg,
                          sizeof(msg));
 
     if (rc < 0)
         return req_nomem(e);
     if (rc > 0)
-        return serve_fail(e, "response_format", "%s", msg);
+        return serve_fail(e, what, "%s", msg);
     free(r->schema);
     r->schema = NULL;
     return 0;
@@ -413,7 +415,8 @@ req_probe(struct serve_req *r, const struct serve_limits *lim, struct serve_err 
         rc = kli_sampler_set_grammar(probe, r->grammar, r->max_tokens, &err);
         if (rc == KLI_E_RANGE) {
             kli_sampler_free(probe);
-            return serve_fail(e, "max_tokens", "'response_format': %s", err.msg);
+            return serve_fail(e, "max_tokens", "'%s': %s", r->tool_mode == SERVE_TOOLS_FORCED ?
+                              "tool_choice" : "response_format", err.msg);
         }
     }
     kli_sampler_free(probe);
@@ -445,7 +448,7 @@ req_tool_messages(struct serve_req *r, const cJSON *j, const struct kli_tokenize
 {
     struct kli_err err = {0};
     kli_token *ids = NULL;
-    int64_t n = tc_render(tok, j, r->tools, prefix, &ids, &err);
+    int64_t n = tc_render(tok, j, r->tools, prefix, 0, &ids, &err);
 
     if (n == KLI_E_NOMEM)
         return req_nomem(e);

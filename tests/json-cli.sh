@@ -205,5 +205,11 @@ EOF2
     else
         notok "batch: $(head -c 300 "$tmp/check")"
     fi
+    # the output may not be --json-schema's file (--overwrite would empty it)
+    cp "$tmp/person.json" "$tmp/p2.json"
+    t "batch: -o cannot be --json-schema's file" 1 "$kli" batch -m "$model" \
+        -i "$tmp/in.jsonl" -o "$tmp/p2.json" --json-schema "$tmp/p2.json" --overwrite -t 1
+    cmp -s "$tmp/person.json" "$tmp/p2.json"
+    check $? "... which is left as it was"
 fi
 tdone

@@ -245,6 +245,23 @@ if tcase run-errors; then
         --logprobs-file "$model/model.safetensors"
     t "--logprobs-file cannot be --save-state's file" 1 "$kli" run -m "$model" -p x \
         --logprobs 1 --logprobs-file "$tmp/one" --save-state "$tmp/one"
+    # nor any other input: the file of --tools, --json-schema or --load-state is kept
+    printf '[{"type":"function","function":{"name":"f"}}]' >"$tmp/tools.json"
+    cp "$tmp/tools.json" "$tmp/tools.keep"
+    t "--logprobs-file cannot be --tools' file" 1 "$kli" run -m "$model" -p x -n 2 \
+        --logprobs 1 --tools "$tmp/tools.json" --logprobs-file "$tmp/tools.json"
+    cmp -s "$tmp/tools.json" "$tmp/tools.keep"
+    check $? "... which is left as it was"
+    printf '{"type":"object"}' >"$tmp/schema.json"
+    t "--save-state cannot be --json-schema's file" 1 "$kli" run -m "$model" -p x -n 8 \
+        --json-schema "$tmp/schema.json" --save-state "$tmp/schema.json"
+    is "$(cat "$tmp/schema.json")" '{"type":"object"}' "... which is left as it was"
+    "$kli" run -m "$model" -p x -n 2 --quiet --save-state "$tmp/state" >/dev/null 2>&1
+    cp "$tmp/state" "$tmp/state.keep"
+    t "--logprobs-file cannot be --load-state's file" 1 "$kli" run -m "$model" -p x -n 2 \
+        --logprobs 1 --load-state "$tmp/state" --logprobs-file "$tmp/state"
+    cmp -s "$tmp/state" "$tmp/state.keep"
+    check $? "... which is left as it was"
     t "lines go to standard error without --logprobs-file" 0 "$kli" run -m "$model" -p x -n 3 \
         --temperature 0 --logprobs 1 --quiet
     k=$(grep -c '^{"id":' "$tmp/stderr")

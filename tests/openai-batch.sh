@@ -22,14 +22,15 @@ cat >"$tmp/in.jsonl" <<'EOF2'
 {"custom_id": "bad-n", "method": "POST", "url": "/v1/chat/completions", "body": {"messages": [{"role": "user", "content": "x"}], "n": 2}}
 {"custom_id": "bad-kind", "method": "POST", "url": "/v1/completions", "body": {"messages": [{"role": "user", "content": "x"}]}}
 {"custom_id": "bad-method", "method": "GET", "url": "/v1/completions", "body": {"prompt": "x"}}
+{"custom_id": "bad-tools", "method": "POST", "url": "/v1/completions", "body": {"prompt": "x", "max_tokens": 4, "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"}}
 EOF2
 
 "$kli" batch -m "$model" -i "$tmp/in.jsonl" -o "$tmp/out.jsonl" -P 2 -t 1 --quiet \
     >/dev/null 2>"$tmp/err"
-check $(($? != 3)) "5 failed records, --max-errors 0: exit 3"
+check $(($? != 3)) "6 failed records, --max-errors 0: exit 3"
 "$kli" batch -m "$model" -i "$tmp/in.jsonl" -o "$tmp/out2.jsonl" -P 2 -t 1 --quiet \
-    --max-errors 5 >/dev/null 2>"$tmp/err"
-check $? "the same with --max-errors 5: exit 0"
+    --max-errors 6 >/dev/null 2>"$tmp/err"
+check $? "the same with --max-errors 6: exit 0"
 
 "$py" - "$tmp/out.jsonl" >"$tmp/check" 2>&1 <<'EOF2'
 import json, sys
@@ -37,7 +38,7 @@ rs = {}
 for line in open(sys.argv[1], encoding='utf-8'):
     r = json.loads(line)
     rs[r.get('custom_id', r.get('id'))] = r
-if len(rs) != 9:
+if len(rs) != 10:
     sys.exit('%d lines' % len(rs))
 for k, obj, own in (('chat-1', 'chat.completion', 'own-chat'),
                     ('comp-1', 'text_completion', 'own-comp')):
@@ -58,7 +59,9 @@ for k, obj, own in (('chat-1', 'chat.completion', 'own-chat'),
         sys.exit('%s: %r against %r' % (k, r, o))
 want = {'bad-url': '"url" must be', 'bad-field': '"body.audio" is not supported',
         'bad-n': '"body.n"', 'bad-kind': '"body.messages" does not belong',
-        'bad-method': '"method" must be "POST"'}
+        'bad-method': '"method" must be "POST"',
+        # a completion has no tools: not rendered as a chat with them
+        'bad-tools': '"body.tools" does not belong to /v1/completions'}
 for k, w in want.items():
     r = rs[k]
     if (r['response']['status_code'] != 400 or r['error'] is None
@@ -74,11 +77,11 @@ fi
 # resume: a lost line is redone, and only it
 grep -v '"custom_id":"comp-1"' "$tmp/out2.jsonl" >"$tmp/cut.jsonl"
 mv "$tmp/cut.jsonl" "$tmp/out2.jsonl"
-"$kli" batch -m "$model" -i "$tmp/in.jsonl" -o "$tmp/out2.jsonl" -P 2 -t 1 --max-errors 5 \
+"$kli" batch -m "$model" -i "$tmp/in.jsonl" -o "$tmp/out2.jsonl" -P 2 -t 1 --max-errors 6 \
     >/dev/null 2>"$tmp/err"
 rc=$?
-if [ $rc -eq 0 ] && [ "$(wc -l <"$tmp/out2.jsonl")" -eq 9 ] &&
-    grep -q "1 records to run, 8 already" "$tmp/err"; then
+if [ $rc -eq 0 ] && [ "$(wc -l <"$tmp/out2.jsonl")" -eq 10 ] &&
+    grep -q "1 records to run, 9 already" "$tmp/err"; then
     ok "resume by custom_id: only the lost record runs again"
 else
     notok "resume by custom_id: exit $rc"
@@ -92,6 +95,6 @@ done
 "$py" -c "
 import json, sys
 ids = [json.loads(l).get('custom_id') or json.loads(l)['id'] for l in open('$tmp/shard.jsonl')]
-sys.exit(sorted(ids) != sorted(set(ids)) or len(ids) != 9)"
+sys.exit(sorted(ids) != sorted(set(ids)) or len(ids) != 10)"
 check $? "two shards into one file: every record once"
 echo "1..$n"

@@ -294,7 +294,8 @@ if tcase errors; then
         "an unknown field: 400"
     c "an unknown field: named" error "$tmp/e" frobnicate
     for f in '"tools":{}' '"n":17' '"n":0' '"logprobs":"yes"' '"top_logprobs":21' '"top_logprobs":2' \
-             '"logit_bias":{"x":1}' '"parallel_tool_calls":"no"' \
+             '"logit_bias":{"x":1}' '"logit_bias":{" 5":1}' '"logit_bias":{"+5":1}' \
+             '"logit_bias":{"05":1}' '"logit_bias":{"5":60,"5":60}' '"parallel_tool_calls":"no"' \
              '"logit_bias":{"99999999":1}' '"logit_bias":{"5":101}' '"logit_bias":[]' \
              '"response_format":{"type":"regex"}' '"response_format":{"type":"json_schema"}' \
              '"response_format":{"type":"json_schema","json_schema":{"schema":{"allOf":[]}}}'; do
@@ -397,6 +398,21 @@ print(t[0] if len(t) == 1 else 'x')" "$tmp/btok")
     post /v1/chat/completions "$(chat Hi ",\"max_tokens\":4,\"logit_bias\":{\"$a\":100},
         \"stream\":true")" "$tmp/b3" >/dev/null
     c "logit_bias: streamed and whole agree" agree "$tmp/b2" "$tmp/b3"
+fi
+
+if tcase tools_utf8; then
+    # An answer read for tool calls is made valid UTF-8 at its end; the bytes streamed
+    # before must count as the U+FFFD they went out as, or their tail goes out twice. Token
+    # 255 of the demo model is the lone byte 0xad: forced, every token is one bad byte.
+    b=$(chat Hi ',"max_tokens":3,"logit_bias":{"255":100},"tools":[{"type":"function",
+"function":{"name":"f"}}]')
+    post /v1/chat/completions "$b" "$tmp/u8w" >/dev/null
+    post /v1/chat/completions "${b%\}},\"stream\":true}" "$tmp/u8s" >/dev/null
+    c "tools: a whole answer of bad bytes" text "$tmp/u8w"
+    is "$(cat "$tmp/check.out")" "$(printf '\357\277\275\357\277\275\357\277\275')" \
+        "tools: three bad bytes are three U+FFFD"
+    c "tools: streamed, the bad bytes' U+FFFD go out once (whole and stream agree)" agree \
+        "$tmp/u8w" "$tmp/u8s"
 fi
 
 if tcase tokenize; then

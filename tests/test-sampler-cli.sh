@@ -75,6 +75,10 @@ else
 fi
 t "--logit-bias with a bias of 200: usage error" 2 \
     "$kli" run -m "$model" -p x --logit-bias 5:200
+t "--logit-bias naming a token twice: usage error" 2 \
+    "$kli" run -m "$model" -p x --logit-bias 5:60,5:60
+t "--logit-bias with a blank before the id: usage error" 2 \
+    "$kli" run -m "$model" -p x --logit-bias " 5:1"
 t "--logit-bias with a token outside the vocabulary: exit 1" 1 \
     "$kli" run -m "$model" -p x --logit-bias 99999:1
 printf '{"id": "a", "prompt": "Hi", "max_tokens": 4, "temperature": 0, "logit_bias": {"%s": 100}}\n{"id": "b", "prompt": "Hi", "logit_bias": {"x": 1}}\n' \

@@ -143,6 +143,16 @@ test_forced(void)
                        sizeof(msg)) == 0 && cJSON_GetArraySize(calls) == 1,
        "a {name, arguments} answer is one call");
     cJSON_Delete(calls);
+    /* the arguments as written: an integer past 2^53 stays that integer, not 1.2e+20 */
+    const char *big = "{\"name\":\"ping\", \"arguments\" : {\"n\":123456789012345678901,"
+                      "\"s\":\"\\u00e9\"}}";
+    int rc = tc_forced_calls(tools, "", big, strlen(big), &calls, msg, sizeof(msg));
+    const char *a = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(
+        cJSON_GetObjectItemCaseSensitive(cJSON_GetArrayItem(calls, 0), "function"), "arguments"));
+    ok(rc == 0 && a != NULL &&
+       strcmp(a, "{\"n\":123456789012345678901,\"s\":\"\\u00e9\"}") == 0,
+       "required with two: the arguments are the model's text: %s", a != NULL ? a : "(none)");
+    cJSON_Delete(calls);
     ok(tc_forced_calls(tools, "ping", "{\"a\":", 5, &calls, msg, sizeof(msg)) == 1 &&
        calls == NULL, "cut-short arguments are named");
     cJSON *c = cJSON_CreateString("required");
@@ -161,6 +171,20 @@ test_forced(void)
     ok(tc_check(NULL, c, &forced, &none, msg, sizeof(msg)) == -1,
        "required without tools is refused: %s", msg);
     cJSON_Delete(c);
+    /* another type of choice (OpenAI's allowed_tools, custom) is not a function's */
+    c = cJSON_Parse("{\"type\":\"custom\",\"function\":{\"name\":\"ping\"}}");
+    ok(tc_check(tools, c, &forced, &none, msg, sizeof(msg)) == -1,
+       "a choice of type custom is refused: %s", msg);
+    cJSON_Delete(c);
+    c = cJSON_Parse("{\"function\":{\"name\":\"ping\"}}");
+    ok(tc_check(tools, c, &forced, &none, msg, sizeof(msg)) == -1,
+       "a choice without type is refused: %s", msg);
+    cJSON_Delete(c);
+    cJSON *two = cJSON_Parse("[{\"type\":\"function\",\"function\":{\"name\":\"f\"}},"
+                             "{\"type\":\"function\",\"function\":{\"name\":\"f\"}}]");
+    ok(tc_check(two, NULL, &forced, &none, msg, sizeof(msg)) == -1 &&
+       strstr(msg, "[1]") != NULL, "a function declared twice is refused: %s", msg);
+    cJSON_Delete(two);
     cJSON_Delete(tools);
     cJSON_Delete(one);
 }

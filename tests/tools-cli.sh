@@ -98,6 +98,28 @@ if tcase named; then
         --tool-choice nope
     grep -q '"nope"' "$tmp/stderr"
     check $? "the message names the function"
+    # parameters {} (or without "type"): still a call whose arguments are an object
+    printf '[{"type":"function","function":{"name":"f","parameters":{}}},
+{"type":"function","function":{"name":"g","parameters":{"description":"x"}}}]' \
+        >"$tmp/untyped.json"
+    bad=0
+    for ch in f g required; do
+        for seed in 1 2 3; do
+            "$kli" run -m "$model" -p x --tools "$tmp/untyped.json" --tool-choice $ch -n 30 \
+                --temp 1 --seed $seed -t 1 --quiet >"$tmp/out" 2>"$tmp/err" &&
+                "$PY" -c 'import json,sys; o=json.load(open(sys.argv[1]))
+assert o["finish_reason"] == "tool_calls", o
+assert isinstance(json.loads(o["tool_calls"][0]["function"]["arguments"]), dict), o' \
+                "$tmp/out" 2>>"$tmp/err" || { bad=1; sed 's/^/# /' "$tmp/err" | head -3; }
+        done
+    done
+    check $bad "untyped parameters: 9 forced answers are each a call with object arguments"
+    for ch in required ping; do   # a forced call's grammar needs a token limit, as --json's
+        t "--tool-choice $ch with -n 0: usage error" 2 "$kli" run -m "$model" -p x \
+            --tools "$tmp/tools.json" --tool-choice $ch -n 0
+        grep -q -- '--max-tokens above 0' "$tmp/stderr"
+        check $? "--tool-choice $ch with -n 0: the message says what is needed"
+    done
 fi
 
 if tcase auto; then
@@ -120,6 +142,22 @@ EOF2
         --messages "$tmp/notid.json" --tools "$tmp/tools.json" -n 5
     grep -q tool_call_id "$tmp/stderr"
     check $? "the message names tool_call_id"
+    # after --load-state the prompt continues the conversation as without --tools: an
+    # <|im_end|> closes the last answer, no second default system message (an empty tools
+    # list declares nothing, so the two prompts are the same tokens, the answers the same)
+    "$kli" run -m "$model" -p "Weather?" -n 4 --temp 0 -t 1 --quiet --save-state "$tmp/st" \
+        >/dev/null 2>&1
+    printf '[]' >"$tmp/none.json"
+    "$kli" run -m "$model" -p "And now?" -n 6 --temp 0 -t 1 --load-state "$tmp/st" \
+        >"$tmp/plain" 2>"$tmp/plain.err"
+    "$kli" run -m "$model" -p "And now?" -n 6 --temp 0 -t 1 --load-state "$tmp/st" \
+        --tools "$tmp/none.json" >"$tmp/withtools" 2>"$tmp/withtools.err"
+    is "$(grep -o 'prompt [0-9]* tokens' "$tmp/withtools.err")" \
+        "$(grep -o 'prompt [0-9]* tokens' "$tmp/plain.err")" \
+        "--load-state with --tools: the prompt continues the conversation"
+    "$PY" -c 'import json,sys; o=json.load(open(sys.argv[1]))
+assert o["content"] == open(sys.argv[2]).read().rstrip("\n"), o' "$tmp/withtools" "$tmp/plain"
+    check $? "--load-state with --tools: the answer is the one without"
     t "--tool-choice without --tools: usage error" 2 "$kli" run -m "$model" -p x \
         --tool-choice none
     printf '{"not": "a list"}' >"$tmp/obj.json"
@@ -156,18 +194,24 @@ if tcase batch; then
         >>"$tmp/in.jsonl"
     printf '{"custom_id":"o5","method":"POST","url":"/v1/chat/completions","body":{"messages":[{"role":"user","content":"Weather?"}],"tools":%s,"tool_choice":"required","parallel_tool_calls":false,"max_tokens":60,"temperature":1,"seed":5}}\n' \
         "$tl" >>"$tmp/in.jsonl"
+    # a forced call to a function whose parameters are no schema kli takes: named as tools
+    printf '{"id":"badschema","prompt":"x","max_tokens":20,"tools":[{"type":"function","function":{"name":"w","parameters":{"type":"object","properties":{"a":{"type":"weird"}}}}}],"tool_choice":"required"}\n' \
+        >>"$tmp/in.jsonl"
     "$kli" batch -m "$model" -i "$tmp/in.jsonl" -o "$tmp/out.jsonl" -P 3 -t 1 --quiet \
         2>"$tmp/err"
     "$PY" - "$tmp/out.jsonl" >"$tmp/calls" 2>"$tmp/err" <<'EOF2'
 import json, sys
 lines = [json.loads(l) for l in open(sys.argv[1], encoding='utf-8')]
-assert len(lines) == 11, len(lines)
+assert len(lines) == 12, len(lines)
 for o in lines:
     if o.get('id') == 'bad':
         assert 'tool_choice' in o['error'], o
         continue
     if o.get('id') == 'bad2':
         assert 'parallel_tool_calls' in o['error'], o
+        continue
+    if o.get('id') == 'badschema':
+        assert o['error'].startswith('"tools": ') and 'response_format' not in o['error'], o
         continue
     if 'custom_id' in o:
         c = o['response']['body']['choices'][0]
@@ -181,7 +225,9 @@ for o in lines:
         name = 'any'
     print(name + ' ' + json.dumps(msg))
 EOF2
-    check $? "batch: 11 lines, tool_calls in kli's records and OpenAI bodies, the bad ones named"
+    rc=$?
+    [ $rc = 0 ] || sed 's/^/# /' "$tmp/err" | tail -3
+    check $rc "batch: 12 lines, tool_calls in kli's records and OpenAI bodies, the bad ones named"
     bad=0
     while read -r name msg; do
         printf '%s\n' "$msg" >"$tmp/one"
@@ -279,6 +325,22 @@ EOF2
             --data-binary @"$tmp/body.json" "http://127.0.0.1:$port/v1/chat/completions")
         [ "$code" = 400 ] && grep -q '"param":"tool_choice"' "$tmp/ans" && grep -q nope "$tmp/ans"
         check $? "serve: an undeclared function in tool_choice is a 400 naming it"
+        # a forced call's errors name the fields the request has, not response_format
+        printf '{"messages":[{"role":"user","content":"x"}],"max_tokens":20,"tools":[{"type":
+"function","function":{"name":"w","parameters":{"type":"object","properties":{"a":{"type":
+"weird"}}}}}],"tool_choice":"required"}' >"$tmp/body.json"
+        code=$(curl -s -o "$tmp/ans" -w '%{http_code}' -H 'Content-Type: application/json' \
+            --data-binary @"$tmp/body.json" "http://127.0.0.1:$port/v1/chat/completions")
+        [ "$code" = 400 ] && grep -q '"param":"tools"' "$tmp/ans" &&
+            ! grep -q response_format "$tmp/ans"
+        check $? "serve: a forced call's bad parameters schema is a 400 naming tools"
+        printf '{"messages":[{"role":"user","content":"x"}],"max_tokens":3,"tools":%s,
+"tool_choice":"required"}' "$tl" >"$tmp/body.json"
+        code=$(curl -s -o "$tmp/ans" -w '%{http_code}' -H 'Content-Type: application/json' \
+            --data-binary @"$tmp/body.json" "http://127.0.0.1:$port/v1/chat/completions")
+        [ "$code" = 400 ] && grep -q '"param":"max_tokens"' "$tmp/ans" &&
+            grep -q tool_choice "$tmp/ans" && ! grep -q response_format "$tmp/ans"
+        check $? "serve: too small a max_tokens for a forced call: a 400 naming tool_choice"
         kill $spid 2>/dev/null
         wait $spid 2>/dev/null
     fi
