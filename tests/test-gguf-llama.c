@@ -20,6 +20,7 @@
 #include "kli.h"
 #include "tap.h"
 #include "testlib.h"
+#include "util.h"
 #include "weights.h"
 
 /* The token ids the logits cases feed: the first 40 of the tiny model's golden prompt (set
@@ -121,13 +122,6 @@ test_logits_float(void)
     }
 }
 
-static int
-cmp_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
 /* Quantized files: one-token logits with the blocks used in place (kli's int8 kernels)
  * against logits on the same weights dequantized to F32 at open, for each of 12 tokens. The
  * int8 rounding of the activations differs (test-gguf's logits_quant says why the bound is
@@ -150,8 +144,7 @@ test_logits_quant(void)
             free(lq);
             free(lf);
         }
-        qsort(e, 12, sizeof(e[0]), cmp_double);
-        double med = (e[5] + e[6]) / 2;
+        double med = util_median(e, 12);
         ok(med <= 0.05, "%s: logits = logits on its weights dequantized (median rel L2 over 12 "
            "tokens %.3g <= 0.05; least %.3g, most %.3g)", fixtures[f].file, med, e[0], e[11]);
     }
