@@ -496,16 +496,6 @@ nano_tokens(void)
     return nano_n;
 }
 
-static int
-argmax(const float *x, int32_t n)
-{
-    int best = 0;
-
-    for (int32_t i = 1; i < n; i++)
-        best = x[i] > x[best] ? i : best;
-    return best;
-}
-
 static void
 nano_logits(void)
 {
@@ -530,7 +520,7 @@ nano_logits(void)
             continue;
         }
         for (int i = 0; i < n; i++)
-            agree[t] += argmax(l + (size_t)i * V, V) == argmax(ref + (size_t)i * V, V);
+            agree[t] += tl_argmax(l + (size_t)i * V, V) == tl_argmax(ref + (size_t)i * V, V);
         double e = tl_rel_l2(l, ref, (int64_t)n * V);
         ok(e < bound[t], "nano %s: logits within %.2f of f32 (rel L2 %.4f), top-1 %d/%d", type[t],
            bound[t], e, agree[t], n);

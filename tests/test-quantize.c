@@ -97,14 +97,8 @@ argmax_agree(const float *a, const float *b, int n, int32_t V)
 {
     int agree = 0;
 
-    for (int i = 0; i < n; i++) {
-        int x = 0, y = 0;
-        for (int32_t j = 1; j < V; j++) {
-            x = a[i * V + j] > a[i * V + x] ? j : x;
-            y = b[i * V + j] > b[i * V + y] ? j : y;
-        }
-        agree += x == y;
-    }
+    for (int i = 0; i < n; i++)
+        agree += tl_argmax(a + (size_t)i * V, V) == tl_argmax(b + (size_t)i * V, V);
     return agree;
 }
 

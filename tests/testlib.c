@@ -109,6 +109,16 @@ tl_rel_l2_d(const float *a, const double *b, int64_t n)
     return rel_l2_of(a, NULL, b, n);
 }
 
+int32_t
+tl_argmax(const float *x, int32_t n)
+{
+    int32_t best = 0;
+
+    for (int32_t i = 1; i < n; i++)
+        best = x[i] > x[best] ? i : best;
+    return best;
+}
+
 void *
 tl_malloc(size_t n)
 {

@@ -39,6 +39,10 @@ double tl_normal(uint64_t *state);
 double tl_rel_l2(const float *a, const float *b, int64_t n);
 double tl_rel_l2_d(const float *a, const double *b, int64_t n);
 
+/* The index of the largest of x[0, n) (n > 0), the lowest one on ties: the greedy token of a
+ * row of logits. */
+int32_t tl_argmax(const float *x, int32_t n);
+
 /* malloc / calloc that bail out when memory runs out (a zero size still gives a pointer). */
 void *tl_malloc(size_t n);
 void *tl_calloc(size_t n, size_t size);
