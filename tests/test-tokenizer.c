@@ -477,18 +477,12 @@ static void
 write_file(const char *name, const char *text)
 {
     char path[128];
-    FILE *f;
 
     snprintf(path, sizeof(path), "%s/%s", tmpdir, name);
-    if (text == NULL) {
+    if (text == NULL)
         unlink(path);
-        return;
-    }
-    f = fopen(path, "wb");
-    if (f != NULL) {
-        fputs(text, f);
-        fclose(f);
-    }
+    else
+        tl_spill(path, text, strlen(text));
 }
 
 /* 256 single-byte ranks, then `extra` verbatim. */
