@@ -341,3 +341,31 @@ tl_logits_of(const char *path, const char *weight_type, const kli_token *ids, in
     kli_model_close(m);
     return out;
 }
+
+double
+tl_logits_rel_l2(const char *a, const char *wa, const char *b, const char *wb,
+                 const kli_token *ids, int n)
+{
+    int32_t va = 0, vb = 0;
+    float *la = tl_logits_of(a, wa, ids, n, &va), *lb = tl_logits_of(b, wb, ids, n, &vb);
+    double e = la != NULL && lb != NULL && va == vb ? tl_rel_l2(la, lb, (int64_t)va * n)
+                                                    : INFINITY;
+
+    free(la);
+    free(lb);
+    return e;
+}
+
+int
+tl_same_logits(const char *a, const char *wa, const char *b, const char *wb,
+               const kli_token *ids, int n)
+{
+    int32_t va = 0, vb = 0;
+    float *la = tl_logits_of(a, wa, ids, n, &va), *lb = tl_logits_of(b, wb, ids, n, &vb);
+    int same = la != NULL && lb != NULL && va == vb &&
+               memcmp(la, lb, (size_t)n * (size_t)va * sizeof(float)) == 0;
+
+    free(la);
+    free(lb);
+    return same;
+}

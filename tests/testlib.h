@@ -97,4 +97,13 @@ float *tl_logits(struct kli_model *m, const kli_token *ids, int n, int chunk,
 float *tl_logits_of(const char *path, const char *weight_type, const kli_token *ids, int n,
                     int32_t *V);
 
+/* The models at a and b, each opened with its weight type (NULL: as stored), given the same
+ * n ids by tl_logits_of: tl_logits_rel_l2 is tl_rel_l2 of a's logits against b's (+inf when
+ * either has none or the vocabularies differ), tl_same_logits 1 when both have logits and
+ * they are equal bit for bit. */
+double tl_logits_rel_l2(const char *a, const char *wa, const char *b, const char *wb,
+                        const kli_token *ids, int n);
+int tl_same_logits(const char *a, const char *wa, const char *b, const char *wb,
+                   const kli_token *ids, int n);
+
 #endif
