@@ -264,6 +264,24 @@ tl_session(struct kli_model *m, int32_t ctx_max, int32_t batch_max, int32_t cach
     return s;
 }
 
+int
+tl_same_future(struct kli_session *a, struct kli_session *b, int n, kli_token first,
+               kli_token step)
+{
+    struct kli_err err = {0};
+    size_t V = (size_t)kli_model_n_vocab(kli_session_model(a));
+
+    for (int t = 0; t < n; t++) {
+        kli_token tok = first + step * (kli_token)t;
+        if (kli_session_eval(a, &tok, 1, NULL, &err) != KLI_OK ||
+            kli_session_eval(b, &tok, 1, NULL, &err) != KLI_OK)
+            return 0;
+        if (memcmp(kli_session_logits(a), kli_session_logits(b), V * sizeof(float)) != 0)
+            return 0;
+    }
+    return 1;
+}
+
 struct kli_model *
 tl_open_model(const char *name, int n_threads)
 {

@@ -78,6 +78,12 @@ struct cJSON *tl_load_json(const char *dir, const char *name);
 /* A session of m with these options (0: the default); bails out on failure. */
 struct kli_session *tl_session(struct kli_model *m, int32_t ctx_max, int32_t batch_max,
                                int32_t cache_type);
+/* Feeds the n tokens first, first + step, first + 2 step, ... to the sessions a and b (of
+ * one model) one at a time; 1 when every eval succeeds and their logits agree bit for bit
+ * after each. */
+int tl_same_future(struct kli_session *a, struct kli_session *b, int n, kli_token first,
+                   kli_token step);
+
 /* Opens the fixture model tl_data()/name with n_threads threads; bails out on failure. */
 struct kli_model *tl_open_model(const char *name, int n_threads);
 /* The same with the options `opt` (NULL: the defaults). */
