@@ -31,6 +31,7 @@
 #include "simd.h"
 #include "tap.h"
 #include "testlib.h"
+#include "util.h"
 
 /* The K types, then the two 32-element block types (for the weighted quantizer). */
 static const enum k_dtype ktypes[7] = {
@@ -568,8 +569,7 @@ write_one_tensor(const char *dir, const char *dtype, int rows, int cols, size_t 
         hdr[hl++] = ' ';
     size_t total = 8 + (size_t)hl + nbytes;
     uint8_t *buf = tl_calloc(total, 1);
-    for (int i = 0; i < 8; i++)
-        buf[i] = (uint8_t)((uint64_t)hl >> (8 * i));
+    util_wr64(buf, (uint64_t)hl);
     memcpy(buf + 8, hdr, (size_t)hl);
     snprintf(path, sizeof(path), "%s/model.safetensors", dir);
     int rc = tl_spill(path, buf, total);
