@@ -360,14 +360,26 @@ tl_logits_of(const char *path, const char *weight_type, const kli_token *ids, in
     return out;
 }
 
+/* The logits of the models a and b on the same n ids into *la and *lb (to free, NULL when
+ * missing). @return their vocabulary size, or 0 when either has none or the two differ. */
+static int32_t
+logits_pair(const char *a, const char *wa, const char *b, const char *wb, const kli_token *ids,
+            int n, float **la, float **lb)
+{
+    int32_t va = 0, vb = 0;
+
+    *la = tl_logits_of(a, wa, ids, n, &va);
+    *lb = tl_logits_of(b, wb, ids, n, &vb);
+    return *la != NULL && *lb != NULL && va == vb ? va : 0;
+}
+
 double
 tl_logits_rel_l2(const char *a, const char *wa, const char *b, const char *wb,
                  const kli_token *ids, int n)
 {
-    int32_t va = 0, vb = 0;
-    float *la = tl_logits_of(a, wa, ids, n, &va), *lb = tl_logits_of(b, wb, ids, n, &vb);
-    double e = la != NULL && lb != NULL && va == vb ? tl_rel_l2(la, lb, (int64_t)va * n)
-                                                    : INFINITY;
+    float *la, *lb;
+    int32_t V = logits_pair(a, wa, b, wb, ids, n, &la, &lb);
+    double e = V > 0 ? tl_rel_l2(la, lb, (int64_t)V * n) : INFINITY;
 
     free(la);
     free(lb);
@@ -378,10 +390,9 @@ int
 tl_same_logits(const char *a, const char *wa, const char *b, const char *wb,
                const kli_token *ids, int n)
 {
-    int32_t va = 0, vb = 0;
-    float *la = tl_logits_of(a, wa, ids, n, &va), *lb = tl_logits_of(b, wb, ids, n, &vb);
-    int same = la != NULL && lb != NULL && va == vb &&
-               memcmp(la, lb, (size_t)n * (size_t)va * sizeof(float)) == 0;
+    float *la, *lb;
+    int32_t V = logits_pair(a, wa, b, wb, ids, n, &la, &lb);
+    int same = V > 0 && memcmp(la, lb, (size_t)n * (size_t)V * sizeof(float)) == 0;
 
     free(la);
     free(lb);
