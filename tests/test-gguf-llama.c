@@ -245,5 +245,5 @@ main(int argc, char **argv)
     cJSON_Delete(golden);
     tap_run(cases, sizeof(cases) / sizeof(cases[0]));
     plan_done();
-    return tap_failed ? 1 : 0;
+    return tap_exit();
 }

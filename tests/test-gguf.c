@@ -1330,5 +1330,5 @@ main(int argc, char **argv)
         ids[i] = (kli_token)((i * 37 + 11) % 500);
     tap_run(cases, sizeof(cases) / sizeof(cases[0]));
     plan_done();
-    return tap_failed ? 1 : 0;
+    return tap_exit();
 }

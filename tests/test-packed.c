@@ -468,5 +468,5 @@ main(int argc, char **argv)
     unlink(tmp);
     rmdir(dir);
     plan_done();
-    return tap_failed ? 1 : 0;
+    return tap_exit();
 }
