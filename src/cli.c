@@ -546,6 +546,23 @@ cli_parse_ids(const char *s, kli_token **out, int32_t *n_out)
     return 0;
 }
 
+int
+cli_read_ids(const char *path, const char *limit, kli_token **out, int32_t *n_out)
+{
+    size_t len;
+    char *text = cli_read_file(path, CLI_TEXT_MAX, 0, limit, &len);
+    int rc = -1;
+
+    if (text == NULL)
+        return -1;
+    if (strlen(text) != len)
+        cli_error("%s: contains a NUL byte", path);
+    else
+        rc = cli_parse_ids(text, out, n_out);
+    free(text);
+    return rc;
+}
+
 /* ==== GPU options ========================================================================== */
 
 static struct {
@@ -958,19 +975,7 @@ cmd_logits(int argc, char **argv)
         return 1;
     }
     if (ids_file != NULL) {
-        size_t len;
-        char *text = cli_read_file(ids_file, CLI_TEXT_MAX, 0, "the limit of --ids-file",
-                                   &len);
-        if (text == NULL)
-            return 1;
-        if (strlen(text) != len) {
-            cli_error("%s: contains a NUL byte", ids_file);
-            free(text);
-            return 1;
-        }
-        int r = cli_parse_ids(text, &ids, &n);
-        free(text);
-        if (r != 0)
+        if (cli_read_ids(ids_file, "the limit of --ids-file", &ids, &n) != 0)
             return 1;
     } else if (cli_parse_ids(ids_arg, &ids, &n) != 0) {
         return 2;

@@ -29,6 +29,10 @@ char *cli_read_file(const char *path, size_t max, size_t max_line, const char *l
  * reported). */
 int cli_parse_size(const char *s, uint64_t *out);
 int cli_parse_ids(const char *s, kli_token **out, int32_t *n_out);
+/* The ids of the file path ("-": standard input) by cli_parse_ids, read as by cli_read_file
+ * (at most CLI_TEXT_MAX bytes, `limit` naming that limit); a NUL byte is refused.
+ * @return 0, or -1 after reporting. */
+int cli_read_ids(const char *path, const char *limit, kli_token **out, int32_t *n_out);
 int cli_open_model(const char *path, int threads, struct kli_model **m);
 /* The model directory to open: `model` (-m), or else the built-in demo model, written to a
  * new temporary directory whose path goes to demo[cap] (cli_demo_remove deletes it).

@@ -1126,8 +1126,7 @@ cmd_detokenize(int argc, char **argv)
     struct kli_err err = {0};
     kli_token *ids = NULL;
     int32_t n = 0;
-    char *text = NULL, *out = NULL;
-    size_t len;
+    char *out = NULL;
 
     while ((c = cli_getopt(argc, argv, "m:f:h", opts, &ca)) > 0) {
         if (c == 'f')
@@ -1135,13 +1134,7 @@ cmd_detokenize(int argc, char **argv)
     }
     if (c != CLI_ARGS_END || cli_no_operands(argc, argv, "detokenize") != 0)
         return cli_args_exit(c);
-    if ((text = cli_read_file(file, CLI_TEXT_MAX, 0, "the limit of detokenize", &len)) == NULL)
-        return 1;
-    if (strlen(text) != len) {
-        cli_error("%s: contains a NUL byte", file);
-        goto out;
-    }
-    if (cli_parse_ids(text, &ids, &n) != 0)
+    if (cli_read_ids(file, "the limit of detokenize", &ids, &n) != 0)
         goto out;
     if (tok_open(&ca, &t) != 0)
         goto out;
@@ -1159,7 +1152,6 @@ cmd_detokenize(int argc, char **argv)
 out:
     free(out);
     free(ids);
-    free(text);
     kli_tokenizer_close(t);
     cli_demo_remove(ca.demo);
     return rc;

@@ -26,6 +26,7 @@
 
 #include "kli.h"
 #include "cli.h"
+#include "util.h"
 
 #define PPL_CHUNK 64
 static const char kld_magic[8] = {'K', 'L', 'I', 'K', 'L', 'D', '1', '\0'};
@@ -47,13 +48,6 @@ struct ppl_stats {
     uint64_t top1_same;
     double kld_sum, kld_sq;
 };
-
-static int
-cmp_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
 
 /* log-softmax of one row, in double, into lp[V]. */
 static void
@@ -351,8 +345,7 @@ cli_perplexity(int argc, char **argv)
     if (cmp) {
         kl_mean = st.kld_sum / (double)st.n;
         kl_err = sem(st.kld_sum, st.kld_sq, st.n);
-        qsort(st.kld, st.n, sizeof(double), cmp_double);
-        kl_med = st.n % 2 ? st.kld[st.n / 2] : 0.5 * (st.kld[st.n / 2 - 1] + st.kld[st.n / 2]);
+        kl_med = util_median(st.kld, (size_t)st.n);
         kl_p99 = st.kld[(size_t)floor(0.99 * (double)(st.n - 1))];
         base_ppl = exp(st.base_nll_sum / (double)st.n);
         top1 = (double)st.top1_same / (double)st.n;

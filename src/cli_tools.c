@@ -302,14 +302,6 @@ cmd_convert(int argc, char **argv)
 
 /* ==== kli bench =========================================================================== */
 
-static int
-dcmp(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-
-    return x < y ? -1 : x > y;
-}
-
 struct stat3 {
     double med, min, max;
 };
@@ -321,10 +313,9 @@ stats(double *v, int n)
 
     if (n == 0)
         return s;
-    qsort(v, (size_t)n, sizeof(double), dcmp);
+    s.med = util_median(v, (size_t)n);
     s.min = v[0];
     s.max = v[n - 1];
-    s.med = n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
     return s;
 }
 

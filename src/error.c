@@ -45,6 +45,14 @@ err_set(struct kli_err *err, int code, const char *fmt, ...)
     return code;
 }
 
+const char *
+err_path_tail(const char *path)
+{
+    size_t len = strlen(path);
+
+    return len > 96 ? path + len - 96 : path;
+}
+
 void
 panic(const char *file, int line, const char *what)
 {

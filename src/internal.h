@@ -24,6 +24,10 @@
  * so that `return err_set(err, KLI_E_FORMAT, "...")` reads naturally. */
 int err_set(struct kli_err *err, int code, const char *fmt, ...) KLI_PRINTF(3, 4);
 
+/* A path for a message: its last 96 bytes when it is longer, so that a long path does not
+ * push the problem out of the message (the result != path when it was cut). */
+const char *err_path_tail(const char *path);
+
 /* The options a public function works with, by kli.h's ABI rule: *dflt holds the defaults
  * (from the struct's _init, `size` first) and gets the members the caller's opt->size
  * covers; the later members keep their defaults. opt NULL: the defaults alone.

@@ -1,6 +1,7 @@
 /*
  * util.h - the few helpers every part of kli needs once: little-endian loads and stores,
- * the host's byte order, FNV-1a-64, a monotonic clock and a growing text buffer.
+ * the host's byte order, FNV-1a-64, a monotonic clock, a growing text buffer and the median
+ * of doubles.
  *
  * Header-only (static inline, nothing to link, no state), so the library, weights/ and the
  * CLI may all include it without depending on each other (tests/test-deps.sh allows it).
@@ -126,6 +127,26 @@ util_text_add(char **buf, size_t *n, size_t *cap, const void *p, size_t len)
     *n += len;
     (*buf)[*n] = '\0';
     return 0;
+}
+
+/* ==== order statistics ==================================================================== */
+
+/* qsort's comparison of two doubles, ascending. */
+static inline int
+util_cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+
+    return x < y ? -1 : x > y;
+}
+
+/* Sorts v[n] (n > 0) ascending, in place. @return the median: the middle value, or with n
+ * even the mean of the middle two. */
+static inline double
+util_median(double *v, size_t n)
+{
+    qsort(v, n, sizeof(double), util_cmp_double);
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
 #endif /* KLI_UTIL_H */

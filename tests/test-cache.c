@@ -43,18 +43,7 @@ sess(int32_t type, int32_t ctx)
 static int
 same_future(struct kli_session *a, struct kli_session *b)
 {
-    struct kli_err err = {0};
-    size_t V = (size_t)kli_model_n_vocab(nano);
-
-    for (int t = 0; t < 4; t++) {
-        kli_token tok = (kli_token)(31 * t + 7);
-        if (kli_session_eval(a, &tok, 1, NULL, &err) != KLI_OK ||
-            kli_session_eval(b, &tok, 1, NULL, &err) != KLI_OK)
-            return 0;
-        if (memcmp(kli_session_logits(a), kli_session_logits(b), V * sizeof(float)) != 0)
-            return 0;
-    }
-    return 1;
+    return tl_same_future(a, b, 4, 7, 31);
 }
 
 static void

@@ -41,7 +41,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "backend.h"
 #include "ffn.h"
@@ -54,6 +53,7 @@
 #include "tap.h"
 #include "testlib.h"
 #include "threads.h"
+#include "util.h"
 
 static const struct backend_ops *ops;
 static struct k_gpu *gpu;
@@ -112,15 +112,6 @@ static float
 frand(void)
 {
     return (float)tl_unit(tl_xorshift(&rng)) * 2.0f - 1.0f;
-}
-
-static double
-now_s(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
 static void *
@@ -1222,12 +1213,12 @@ bench_mm(void)
         double best = INFINITY;
         free(w);
         for (int r = 0; r < 8; r++) {   /* the first call warms up */
-            double t0 = now_s();
+            double t0 = util_now_s();
             if (ops->matmul(queue, &m, x, 1, y, &err) != KLI_OK) {
                 printf("%s: %s\n", k_dtype_name(dts[i]), err.msg);
                 return 1;
             }
-            double t = now_s() - t0;
+            double t = util_now_s() - t0;
             best = r > 0 && t < best ? t : best;
         }
         printf("%-6s %10.1f %10.1f %10.0f\n", k_dtype_name(dts[i]), (double)bytes / 1048576.0,
@@ -1277,18 +1268,18 @@ bench(void)
         struct kli_err err = {0};
         double tc = 1e30, tg = 1e30;
         for (int r = 0; r < 5; r++) {
-            double t0 = now_s();
+            double t0 = util_now_s();
             cpu_attend(rows, dt, n, q, H, L, C, dqk, lc, S);
-            double t1 = now_s();
+            double t1 = util_now_s();
             tc = t1 - t0 < tc ? t1 - t0 : tc;
         }
         for (int r = 0; r < 20; r++) {
-            double t0 = now_s();
+            double t0 = util_now_s();
             if (ops->mla_attend(queue, &j, &err) != KLI_OK) {
                 printf("GPU attention: %s\n", err.msg);
                 return 1;
             }
-            double t1 = now_s();
+            double t1 = util_now_s();
             tg = t1 - t0 < tg ? t1 - t0 : tg;
         }
         printf("%5s %8lld %12.3f %12.3f %8.1fx %12.0f   (rel L2 GPU vs CPU %.2g)\n",

@@ -139,9 +139,7 @@ main(int argc, char **argv)
     int nh = 0, V = kli_model_n_vocab(m);
     for (; nh < res.n_generated; nh++) {
         const float *lg = kli_session_logits(s2);
-        kli_token best = 0;
-        for (int i = 1; i < V; i++)
-            best = lg[i] > lg[best] ? i : best;
+        kli_token best = tl_argmax(lg, V);
         hand[nh] = best;
         kli_session_eval(s2, &best, 1, NULL, &err);
     }

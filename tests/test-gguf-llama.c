@@ -20,6 +20,7 @@
 #include "kli.h"
 #include "tap.h"
 #include "testlib.h"
+#include "util.h"
 #include "weights.h"
 
 /* The token ids the logits cases feed: the first 40 of the tiny model's golden prompt (set
@@ -108,24 +109,13 @@ test_logits_float(void)
 {
     for (size_t f = 0; f < 2; f++) {
         char a[4200], b[4200];
-        int32_t va = 0, vb = 0, n = f == 0 ? 8 : 40;
-        float *la = tl_logits_of(tl_path(a, sizeof(a), TINY), NULL, ids, n, &va);
-        float *lb = tl_logits_of(tl_path(b, sizeof(b), fixtures[f].file), NULL, ids, n, &vb);
-        double e = la != NULL && lb != NULL && va == vb ? tl_rel_l2(lb, la, (int64_t)va * n)
-                                                        : 1;
+        int n = f == 0 ? 8 : 40;
+        double e = tl_logits_rel_l2(tl_path(b, sizeof(b), fixtures[f].file), NULL,
+                                    tl_path(a, sizeof(a), TINY), NULL, ids, n);
 
         ok(e <= 1e-6, "%s: logits = safetensors logits (rel L2 %.3g <= 1e-6, %d tokens)",
            fixtures[f].file, e, n);
-        free(la);
-        free(lb);
     }
-}
-
-static int
-cmp_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
 }
 
 /* Quantized files: one-token logits with the blocks used in place (kli's int8 kernels)
@@ -142,16 +132,9 @@ test_logits_quant(void)
         double e[12];
 
         tl_path(p, sizeof(p), fixtures[f].file);
-        for (int k = 0; k < 12; k++) {
-            int32_t va = 0, vb = 0;
-            float *lq = tl_logits_of(p, NULL, ids + k, 1, &va);
-            float *lf = tl_logits_of(p, "f32", ids + k, 1, &vb);
-            e[k] = lq != NULL && lf != NULL && va == vb ? tl_rel_l2(lq, lf, va) : 1e9;
-            free(lq);
-            free(lf);
-        }
-        qsort(e, 12, sizeof(e[0]), cmp_double);
-        double med = (e[5] + e[6]) / 2;
+        for (int k = 0; k < 12; k++)
+            e[k] = tl_logits_rel_l2(p, NULL, p, "f32", ids + k, 1);
+        double med = util_median(e, 12);
         ok(med <= 0.05, "%s: logits = logits on its weights dequantized (median rel L2 over 12 "
            "tokens %.3g <= 0.05; least %.3g, most %.3g)", fixtures[f].file, med, e[0], e[11]);
     }
@@ -171,17 +154,11 @@ test_to_kli(void)
     for (size_t f = 2; f < N_FIXTURES; f++) {
         char p[4200], out[4300];
         struct kli_err err = {0};
-        int32_t va = 0, vb = 0;
 
         snprintf(out, sizeof(out), "%s/%zu.kli", dir, f);
         int rc = kli_convert(tl_path(p, sizeof(p), fixtures[f].file), out, NULL, &err);
-        float *lg = rc == KLI_OK ? tl_logits_of(p, NULL, ids, 8, &va) : NULL;
-        float *lk = rc == KLI_OK ? tl_logits_of(out, NULL, ids, 8, &vb) : NULL;
-        ok(lg != NULL && lk != NULL && va == vb &&
-           memcmp(lg, lk, (size_t)va * 8 * sizeof(float)) == 0,
+        ok(rc == KLI_OK && tl_same_logits(p, NULL, out, NULL, ids, 8),
            "%s -> .kli: the same logits, bit for bit: %s", fixtures[f].file, err.msg);
-        free(lg);
-        free(lk);
     }
     tl_rmtree(dir);
 }
@@ -268,5 +245,5 @@ main(int argc, char **argv)
     cJSON_Delete(golden);
     tap_run(cases, sizeof(cases) / sizeof(cases[0]));
     plan_done();
-    return tap_failed ? 1 : 0;
+    return tap_exit();
 }

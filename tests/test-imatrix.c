@@ -546,5 +546,5 @@ main(int argc, char **argv)
     if (tl_rmtree(tmpdir) != 0)
         diag("could not remove %s", tmpdir);
     plan_done();
-    return tap_failed != 0;
+    return tap_exit();
 }

@@ -31,6 +31,7 @@
 #include "simd.h"
 #include "tap.h"
 #include "testlib.h"
+#include "util.h"
 
 /* The K types, then the two 32-element block types (for the weighted quantizer). */
 static const enum k_dtype ktypes[7] = {
@@ -377,13 +378,9 @@ edge_values(void)
             x[i] = (float)((i * 37) % 19 - 9) * 1e4f;
         dtype_from_f32(dt, x, q[0], 512);
         dtype_to_f32(dt, q[0], y, 512);
-        double num = 0, den = 0;
-        for (int i = 0; i < 512; i++) {
+        for (int i = 0; i < 512; i++)
             finite &= isfinite(y[i]);
-            num += ((double)y[i] - x[i]) * ((double)y[i] - x[i]);
-            den += (double)x[i] * x[i];
-        }
-        huge_ok &= sqrt(num / den) < 0.5;
+        huge_ok &= tl_rel_l2(y, x, 512) < 0.5;
         x[3] = NAN;
         x[300] = INFINITY;
         x[301] = -INFINITY;
@@ -496,16 +493,6 @@ nano_tokens(void)
     return nano_n;
 }
 
-static int
-argmax(const float *x, int32_t n)
-{
-    int best = 0;
-
-    for (int32_t i = 1; i < n; i++)
-        best = x[i] > x[best] ? i : best;
-    return best;
-}
-
 static void
 nano_logits(void)
 {
@@ -530,7 +517,7 @@ nano_logits(void)
             continue;
         }
         for (int i = 0; i < n; i++)
-            agree[t] += argmax(l + (size_t)i * V, V) == argmax(ref + (size_t)i * V, V);
+            agree[t] += tl_argmax(l + (size_t)i * V, V) == tl_argmax(ref + (size_t)i * V, V);
         double e = tl_rel_l2(l, ref, (int64_t)n * V);
         ok(e < bound[t], "nano %s: logits within %.2f of f32 (rel L2 %.4f), top-1 %d/%d", type[t],
            bound[t], e, agree[t], n);
@@ -582,8 +569,7 @@ write_one_tensor(const char *dir, const char *dtype, int rows, int cols, size_t 
         hdr[hl++] = ' ';
     size_t total = 8 + (size_t)hl + nbytes;
     uint8_t *buf = tl_calloc(total, 1);
-    for (int i = 0; i < 8; i++)
-        buf[i] = (uint8_t)((uint64_t)hl >> (8 * i));
+    util_wr64(buf, (uint64_t)hl);
     memcpy(buf + 8, hdr, (size_t)hl);
     snprintf(path, sizeof(path), "%s/model.safetensors", dir);
     int rc = tl_spill(path, buf, total);

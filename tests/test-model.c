@@ -70,18 +70,6 @@ load_golden(void)
     cJSON_Delete(root);
 }
 
-static int32_t
-argmax(const float *x, int32_t n)
-{
-    int32_t best = 0;
-
-    for (int32_t i = 1; i < n; i++) {
-        if (x[i] > x[best])
-            best = i;
-    }
-    return best;
-}
-
 static struct kli_session *
 new_session(int32_t ctx_max, int32_t batch_max)
 {
@@ -115,7 +103,7 @@ check_run(const char *what, const float *all, const float *ref_p)
     ok(ed < TOL, "%s: decode logits [%d][%d] within %g: %.3g", what, n_decode, V, TOL, ed);
     for (int32_t i = 0; i < n_decode; i++) {
         const float *row = all + (int64_t)(n_prompt + i) * V;
-        int32_t a = argmax(row, V), r = argmax(ref_decode + (int64_t)i * V, V);
+        int32_t a = tl_argmax(row, V), r = tl_argmax(ref_decode + (int64_t)i * V, V);
         if (a != r) {
             am_ref = 0;
             diag("%s: decode row %d argmax %d, reference %d", what, i, a, r);
@@ -126,7 +114,7 @@ check_run(const char *what, const float *all, const float *ref_p)
                  tokens[n_prompt + i + 1]);
         }
     }
-    int32_t a0 = argmax(all + (int64_t)(n_prompt - 1) * V, V);
+    int32_t a0 = tl_argmax(all + (int64_t)(n_prompt - 1) * V, V);
     ok(am_ref, "%s: argmax of every decode row equals the reference's", what);
     ok(am_tok && a0 == tokens[n_prompt],
        "%s: greedy continuation equals decode_tokens (first %d, wanted %d)", what, a0,

@@ -17,6 +17,7 @@
 #include "dtype.h"
 #include "tap.h"
 #include "testlib.h"
+#include "util.h"
 #include "weights.h"
 
 static char fixture[4096];
@@ -27,14 +28,6 @@ stop_now(void *ud)
 {
     (void)ud;
     return 1;
-}
-
-static int
-dcmp(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-
-    return x < y ? -1 : x > y;
 }
 
 /* Median over rows of the per-row relative L2 error: a random-weight model routes on
@@ -50,7 +43,7 @@ median_row_err(const float *a, const float *b, int n, int32_t V, int *big)
         e[i] = tl_rel_l2(a + (size_t)i * V, b + (size_t)i * V, (size_t)V);
         *big += e[i] > 0.1;
     }
-    qsort(e, (size_t)n, sizeof(double), dcmp);
+    qsort(e, (size_t)n, sizeof(double), util_cmp_double);
     return e[n / 2];
 }
 
@@ -104,14 +97,8 @@ argmax_agree(const float *a, const float *b, int n, int32_t V)
 {
     int agree = 0;
 
-    for (int i = 0; i < n; i++) {
-        int x = 0, y = 0;
-        for (int32_t j = 1; j < V; j++) {
-            x = a[i * V + j] > a[i * V + x] ? j : x;
-            y = b[i * V + j] > b[i * V + y] ? j : y;
-        }
-        agree += x == y;
-    }
+    for (int i = 0; i < n; i++)
+        agree += tl_argmax(a + (size_t)i * V, V) == tl_argmax(b + (size_t)i * V, V);
     return agree;
 }
 

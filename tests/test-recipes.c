@@ -322,5 +322,5 @@ main(int argc, char **argv)
     if (system(cmd) != 0)
         diag("could not remove %s", tmpdir);
     plan_done();
-    return tap_failed != 0;
+    return tap_exit();
 }

@@ -14,23 +14,6 @@
 #include "tap.h"
 #include "testlib.h"
 
-/* Feeds the same 5 tokens to both sessions and compares their logits bit for bit. */
-static int
-same_future(struct kli_session *a, struct kli_session *b, int32_t V)
-{
-    struct kli_err err = {0};
-
-    for (int t = 0; t < 5; t++) {
-        kli_token tok = (kli_token)(17 * t + 3);
-        if (kli_session_eval(a, &tok, 1, NULL, &err) != KLI_OK ||
-            kli_session_eval(b, &tok, 1, NULL, &err) != KLI_OK)
-            return 0;
-        if (memcmp(kli_session_logits(a), kli_session_logits(b), (size_t)V * sizeof(float)))
-            return 0;
-    }
-    return 1;
-}
-
 int
 main(int argc, char **argv)
 {
@@ -79,7 +62,7 @@ main(int argc, char **argv)
        (unsigned long long)kli_session_nbytes(big));
 
     /* The slow twin: a fork goes on exactly as the original, and so must the copies. */
-    ok(same_future(forked, small, V), "a copy goes on bit for bit as a fork");
+    ok(tl_same_future(forked, small, 5, 3, 17), "a copy goes on bit for bit as a fork");
     ok(kli_session_pos(big) == 300, "the source is unchanged by its copies' evals");
 
     /* The full context of tiny refuses more tokens; a copy of too many tokens is refused

@@ -16,6 +16,7 @@
 #include "kli.h"
 #include "tap.h"
 #include "testlib.h"
+#include "util.h"
 #include "weights.h"
 
 #define MAX_PATHS 128
@@ -84,8 +85,7 @@ build_st(const char *hdr, const void *data, size_t dlen, size_t *out_len)
 
     if (b == NULL)
         return NULL;
-    for (int i = 0; i < 8; i++)
-        b[i] = (uint8_t)((uint64_t)hp >> (8 * i));
+    util_wr64(b, (uint64_t)hp);
     memcpy(b + 8, hdr, h);
     memset(b + 8 + h, ' ', hp - h);
     if (dlen > 0)
@@ -115,8 +115,7 @@ write_raw_len(const char *rel, uint64_t hlen, const char *rest)
 
     if (b == NULL)
         return 0;
-    for (int i = 0; i < 8; i++)
-        b[i] = (uint8_t)(hlen >> (8 * i));
+    util_wr64(b, hlen);
     memcpy(b + 8, rest, n);
     r = write_file(rel, b, 8 + n);
     free(b);
@@ -296,8 +295,7 @@ test_single(void)
         struct kli_err err = {0};
         int rc;
 
-        for (int i = 0; i < 8; i++)
-            b[i] = (uint8_t)((uint64_t)h >> (8 * i));
+        util_wr64(b, (uint64_t)h);
         memcpy(b + 8, hdr, h);
         memcpy(b + 8 + h, data, sizeof(data));
         rc = safetensors_parse(b, 8 + h + sizeof(data), "mem", 3, &descs, &n, &cap, &err);

@@ -8,7 +8,6 @@
 #include "config.h"
 
 #include <dirent.h>
-#include <math.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -206,14 +205,9 @@ same_as_alone(struct req *r, int32_t ctx_max, const char *what)
     int first = same && (n == 0 || memcmp(r->got_logits, r->want_logits,
                                           (size_t)g_V * sizeof(float)) == 0);
     for (int32_t k = 1; same && k < n; k++) {
-        const float *a = r->got_logits + (size_t)k * (size_t)g_V;
-        const float *b = r->want_logits + (size_t)k * (size_t)g_V;
-        double num = 0, den = 0;
-        for (int32_t v = 0; v < g_V; v++) {
-            num += ((double)a[v] - b[v]) * ((double)a[v] - b[v]);
-            den += (double)b[v] * b[v];
-        }
-        worst = den > 0 && sqrt(num / den) > worst ? sqrt(num / den) : worst;
+        double e = tl_rel_l2(r->got_logits + (size_t)k * (size_t)g_V,
+                             r->want_logits + (size_t)k * (size_t)g_V, g_V);
+        worst = e > worst ? e : worst;
     }
     ok(same, "%s: %s: %d tokens as alone (%d), finish %d (%d)", what, r->name, (int)r->n_got,
        (int)r->n_want, (int)r->finish, (int)r->want_finish);
@@ -993,16 +987,11 @@ keep_finished(void)
         ok(b[k].n_cached == (k == 0 ? 30 + fed : 0), "keep_finished %d: %d tokens cached, "
            "want %d", k, (int)b[k].n_cached, k == 0 ? 30 + fed : 0);
         alone(&b[k], 0);
-        double num = 0, den = 0;
-        for (int32_t v = 0; v < g_V; v++) {
-            double d = (double)b[k].got_logits[v] - b[k].want_logits[v];
-            num += d * d;
-            den += (double)b[k].want_logits[v] * b[k].want_logits[v];
-        }
+        double e = tl_rel_l2(b[k].got_logits, b[k].want_logits, g_V);
         ok(b[k].n_got == b[k].n_want && b[k].finishes == 1 &&
            memcmp(b[k].got, b[k].want, (size_t)b[k].n_want * sizeof(kli_token)) == 0 &&
-           den > 0 && sqrt(num / den) <= 1e-5, "keep_finished %d: the second turn as alone "
-           "(first logits rel L2 %.2e)", k, den > 0 ? sqrt(num / den) : -1.0);
+           e <= 1e-5, "keep_finished %d: the second turn as alone (first logits rel L2 %.2e)",
+           k, e);
         kli_sched_free(s);
         req_free(&b[k]);
     }

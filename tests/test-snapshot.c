@@ -230,7 +230,6 @@ save_targets(struct kli_session *s, struct kli_sampler *smp, const char *dir)
     static const char precious[] = "precious bytes\n";
     struct kli_err err = {0};
     struct stat st;
-    FILE *f;
 
     int64_t need = kli_session_snapshot(s, smp, NULL, 0, &err);
     uint8_t *snap = need > 0 ? malloc((size_t)need) : NULL;
@@ -249,15 +248,11 @@ save_targets(struct kli_session *s, struct kli_sampler *smp, const char *dir)
     snprintf(victim, sizeof(victim), "%s/victim", d);
     snprintf(target, sizeof(target), "%s/s.klisnap", d);
     snprintf(planted, sizeof(planted), "%s.tmp", target);
-    f = fopen(victim, "wb");
-    if (f == NULL || fwrite(precious, 1, sizeof(precious) - 1, f) != sizeof(precious) - 1) {
+    if (!tl_spill(victim, precious, sizeof(precious) - 1)) {
         ok(0, "writing %s", victim);
-        if (f != NULL)
-            fclose(f);
         free(snap);
         return;
     }
-    fclose(f);
 
     /* a symbolic link where the temporary file used to go */
     ok(symlink(victim, planted) == 0, "a link planted at %s", planted);

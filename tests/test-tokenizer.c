@@ -477,34 +477,36 @@ static void
 write_file(const char *name, const char *text)
 {
     char path[128];
-    FILE *f;
 
     snprintf(path, sizeof(path), "%s/%s", tmpdir, name);
-    if (text == NULL) {
+    if (text == NULL)
         unlink(path);
-        return;
-    }
-    f = fopen(path, "wb");
-    if (f != NULL) {
-        fputs(text, f);
-        fclose(f);
-    }
+    else
+        tl_spill(path, text, strlen(text));
 }
 
-/* 256 single-byte ranks, then `extra` verbatim. */
-static void
-write_model(const char *extra)
+/* Writes the tiktoken.model lines of the single bytes 0 .. n-1, each ranked as its value, at
+ * o (16 bytes a line at most). @return the end of what was written. */
+static char *
+byte_ranks(char *o, int n)
 {
-    char *buf = malloc(256 * 16 + strlen(extra) + 1), *o = buf;
-
-    for (int i = 0; i < 256; i++) {
+    for (int i = 0; i < n; i++) {
         unsigned char b = (unsigned char)i;
 
         b64(&b, 1, o);
         o += strlen(o);
         o += sprintf(o, " %d\n", i);
     }
-    strcpy(o, extra);
+    return o;
+}
+
+/* 256 single-byte ranks, then `extra` verbatim. */
+static void
+write_model(const char *extra)
+{
+    char *buf = malloc(256 * 16 + strlen(extra) + 1);
+
+    strcpy(byte_ranks(buf, 256), extra);
     write_file("tiktoken.model", buf);
     free(buf);
 }
@@ -610,16 +612,9 @@ test_loading(void)
     expect_refused("too few ranks", "has 2 ranks");
     {
         /* 256 ranks, but byte 0xFF replaced by a two-byte token. */
-        char *buf = malloc(256 * 16), *o = buf;
+        char *buf = malloc(256 * 16);
 
-        for (int i = 0; i < 255; i++) {
-            unsigned char b = (unsigned char)i;
-
-            b64(&b, 1, o);
-            o += strlen(o);
-            o += sprintf(o, " %d\n", i);
-        }
-        strcpy(o, "YWI= 255\n");
+        strcpy(byte_ranks(buf, 255), "YWI= 255\n");
         write_file("tiktoken.model", buf);
         free(buf);
         expect_refused("a byte without a rank", "byte 0xff has no rank");
@@ -641,8 +636,8 @@ test_fast_path_pairs(void)
 {
     struct kli_tokenizer *t = NULL;
     struct kli_err err = {0};
-    char *buf = malloc((256 + 65536) * 16), *o = buf;
-    int rank = 0;
+    char *buf = malloc((256 + 65536) * 16), *o;
+    int rank = 256;
 
     snprintf(tmpdir, sizeof(tmpdir), "/tmp/kli-test-tok-XXXXXX");
     if (buf == NULL || mkdtemp(tmpdir) == NULL) {
@@ -650,13 +645,7 @@ test_fast_path_pairs(void)
         free(buf);
         return;
     }
-    for (int i = 0; i < 256; i++) {
-        unsigned char b = (unsigned char)i;
-
-        b64(&b, 1, o);
-        o += strlen(o);
-        o += sprintf(o, " %d\n", rank++);
-    }
+    o = byte_ranks(buf, 256);   /* ranks 0..255, the pairs after them */
     for (uint32_t i = 0; i < 65536; i++) {
         uint32_t x = (i * 40503u + 12345u) & 0xFFFF;     /* a permutation of 0..65535 */
         unsigned char pair[2] = {(unsigned char)(x >> 8), (unsigned char)x};

@@ -109,6 +109,16 @@ tl_rel_l2_d(const float *a, const double *b, int64_t n)
     return rel_l2_of(a, NULL, b, n);
 }
 
+int32_t
+tl_argmax(const float *x, int32_t n)
+{
+    int32_t best = 0;
+
+    for (int32_t i = 1; i < n; i++)
+        best = x[i] > x[best] ? i : best;
+    return best;
+}
+
 void *
 tl_malloc(size_t n)
 {
@@ -254,6 +264,24 @@ tl_session(struct kli_model *m, int32_t ctx_max, int32_t batch_max, int32_t cach
     return s;
 }
 
+int
+tl_same_future(struct kli_session *a, struct kli_session *b, int n, kli_token first,
+               kli_token step)
+{
+    struct kli_err err = {0};
+    size_t V = (size_t)kli_model_n_vocab(kli_session_model(a));
+
+    for (int t = 0; t < n; t++) {
+        kli_token tok = first + step * (kli_token)t;
+        if (kli_session_eval(a, &tok, 1, NULL, &err) != KLI_OK ||
+            kli_session_eval(b, &tok, 1, NULL, &err) != KLI_OK)
+            return 0;
+        if (memcmp(kli_session_logits(a), kli_session_logits(b), V * sizeof(float)) != 0)
+            return 0;
+    }
+    return 1;
+}
+
 struct kli_model *
 tl_open_model(const char *name, int n_threads)
 {
@@ -330,4 +358,43 @@ tl_logits_of(const char *path, const char *weight_type, const kli_token *ids, in
         printf("# logits of %s: %s\n", path, err.msg);
     kli_model_close(m);
     return out;
+}
+
+/* The logits of the models a and b on the same n ids into *la and *lb (to free, NULL when
+ * missing). @return their vocabulary size, or 0 when either has none or the two differ. */
+static int32_t
+logits_pair(const char *a, const char *wa, const char *b, const char *wb, const kli_token *ids,
+            int n, float **la, float **lb)
+{
+    int32_t va = 0, vb = 0;
+
+    *la = tl_logits_of(a, wa, ids, n, &va);
+    *lb = tl_logits_of(b, wb, ids, n, &vb);
+    return *la != NULL && *lb != NULL && va == vb ? va : 0;
+}
+
+double
+tl_logits_rel_l2(const char *a, const char *wa, const char *b, const char *wb,
+                 const kli_token *ids, int n)
+{
+    float *la, *lb;
+    int32_t V = logits_pair(a, wa, b, wb, ids, n, &la, &lb);
+    double e = V > 0 ? tl_rel_l2(la, lb, (int64_t)V * n) : INFINITY;
+
+    free(la);
+    free(lb);
+    return e;
+}
+
+int
+tl_same_logits(const char *a, const char *wa, const char *b, const char *wb,
+               const kli_token *ids, int n)
+{
+    float *la, *lb;
+    int32_t V = logits_pair(a, wa, b, wb, ids, n, &la, &lb);
+    int same = V > 0 && memcmp(la, lb, (size_t)n * (size_t)V * sizeof(float)) == 0;
+
+    free(la);
+    free(lb);
+    return same;
 }

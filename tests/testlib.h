@@ -39,6 +39,10 @@ double tl_normal(uint64_t *state);
 double tl_rel_l2(const float *a, const float *b, int64_t n);
 double tl_rel_l2_d(const float *a, const double *b, int64_t n);
 
+/* The index of the largest of x[0, n) (n > 0), the lowest one on ties: the greedy token of a
+ * row of logits. */
+int32_t tl_argmax(const float *x, int32_t n);
+
 /* malloc / calloc that bail out when memory runs out (a zero size still gives a pointer). */
 void *tl_malloc(size_t n);
 void *tl_calloc(size_t n, size_t size);
@@ -74,6 +78,12 @@ struct cJSON *tl_load_json(const char *dir, const char *name);
 /* A session of m with these options (0: the default); bails out on failure. */
 struct kli_session *tl_session(struct kli_model *m, int32_t ctx_max, int32_t batch_max,
                                int32_t cache_type);
+/* Feeds the n tokens first, first + step, first + 2 step, ... to the sessions a and b (of
+ * one model) one at a time; 1 when every eval succeeds and their logits agree bit for bit
+ * after each. */
+int tl_same_future(struct kli_session *a, struct kli_session *b, int n, kli_token first,
+                   kli_token step);
+
 /* Opens the fixture model tl_data()/name with n_threads threads; bails out on failure. */
 struct kli_model *tl_open_model(const char *name, int n_threads);
 /* The same with the options `opt` (NULL: the defaults). */
@@ -92,5 +102,14 @@ float *tl_logits(struct kli_model *m, const kli_token *ids, int n, int chunk,
  * *V receives its vocabulary size. NULL on failure (with a TAP diagnostic). */
 float *tl_logits_of(const char *path, const char *weight_type, const kli_token *ids, int n,
                     int32_t *V);
+
+/* The models at a and b, each opened with its weight type (NULL: as stored), given the same
+ * n ids by tl_logits_of: tl_logits_rel_l2 is tl_rel_l2 of a's logits against b's (+inf when
+ * either has none or the vocabularies differ), tl_same_logits 1 when both have logits and
+ * they are equal bit for bit. */
+double tl_logits_rel_l2(const char *a, const char *wa, const char *b, const char *wb,
+                        const kli_token *ids, int n);
+int tl_same_logits(const char *a, const char *wa, const char *b, const char *wb,
+                   const kli_token *ids, int n);
 
 #endif

@@ -75,15 +75,6 @@ pack_align(uint64_t x, uint64_t a)
     return (x + a - 1) / a * a;
 }
 
-/* A long path pushes the problem out of the 256-byte message: keep its tail. */
-static const char *
-pack_tail(const char *path)
-{
-    size_t len = strlen(path);
-
-    return len > 96 ? path + len - 96 : path;
-}
-
 KLI_PRINTF(4, 5) static int
 pack_err(struct kli_err *err, int code, const char *fname, const char *fmt, ...)
 {
@@ -93,8 +84,8 @@ pack_err(struct kli_err *err, int code, const char *fname, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(what, sizeof(what), fmt, ap);
     va_end(ap);
-    return err_set(err, code, "%s%s: %s", pack_tail(fname) == fname ? "" : "...",
-                       pack_tail(fname), what);
+    return err_set(err, code, "%s%s: %s", err_path_tail(fname) == fname ? "" : "...",
+                       err_path_tail(fname), what);
 }
 
 /* Bytes of `numel` elements of dt, or UINT64_MAX when not whole blocks or too large. */

@@ -101,15 +101,6 @@ struct wfile {
 
 /* ==== Small helpers ==== */
 
-/* A long path pushes the problem out of the 256-byte message: keep its tail. */
-static const char *
-st_tail(const char *path)
-{
-    size_t len = strlen(path);
-
-    return len > 96 ? path + len - 96 : path;
-}
-
 /* Sets "<file>: tensor "<name>": <problem>". */
 KLI_PRINTF(5, 6) static int
 st_terr(struct kli_err *err, int code, const char *fname, const char *name,
@@ -122,7 +113,7 @@ st_terr(struct kli_err *err, int code, const char *fname, const char *name,
     vsnprintf(what, sizeof(what), fmt, ap);
     va_end(ap);
     return err_set(err, code, "%s%s: tensor \"%.64s%s\": %s",
-                       st_tail(fname) == fname ? "" : "...", st_tail(fname), name,
+                       err_path_tail(fname) == fname ? "" : "...", err_path_tail(fname), name,
                        strlen(name) > 64 ? "..." : "", what);
 }
 
@@ -691,7 +682,7 @@ st_build_table(struct wfile *w, struct kli_err *err)
 
             if (strcmp(o->name, d->name) == 0) {
                 return st_terr(err, KLI_E_FORMAT, w->paths[d->file], d->name,
-                               "also found in %s", st_tail(w->paths[o->file]));
+                               "also found in %s", err_path_tail(w->paths[o->file]));
             }
             h = (h + 1) & w->mask;
         }
