@@ -839,7 +839,9 @@ struct kli_sched_options {
     /* Non-zero, with prefix reuse: the state at the end of every request that ends with
      * EOS, STOP or LENGTH (its prompt and the generated tokens that were fed) is kept too,
      * so that the next turn of a conversation, whose prompt repeats the request and its
-     * answer, starts from it. Default 0. */
+     * answer, starts from it; and so is the state at the end of every prompt of at least
+     * min_prefix tokens that was not already kept, for a next turn whose answer does not
+     * tokenize again into the tokens generated (it then starts after the prompt). Default 0. */
     int keep_finished;
     int32_t cache_type;          /* enum kli_cache_type of every session; 0 = KLI_CACHE_F32 */
 };

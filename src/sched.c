@@ -369,6 +369,14 @@ sched_join(struct kli_sched *s, struct sched_place *p, struct sched_req *r, int3
     }
     if (rc == KLI_OK)
         rc = sched_prefill(s, r->toks + at, r->n - at, &err);
+    if (rc == KLI_OK && s->cache != NULL && s->o.keep_finished &&
+        r->n - have >= s->o.min_prefix) {
+        /* The prompt's end too: a next turn repeats this prompt, but the answer's text may
+         * not tokenize again into the tokens generated, and then only this state fits. */
+        struct kli_err perr = {0};
+        if (prefix_cache_put(s->cache, s->pre, &perr) != KLI_OK && s->o.on_notice != NULL)
+            s->o.on_notice(s->o.ud, perr.msg);
+    }
     if (rc == KLI_OK)
         rc = kli_session_copy(p->s, s->pre, &err);
     if (rc == KLI_E_INTERRUPTED) {

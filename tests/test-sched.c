@@ -949,8 +949,9 @@ identical_and_bad(void)
 }
 
 /* keep_finished: a conversation's next turn (its prompt, what it generated, new tokens)
- * starts from the state the first turn ended with; without the option it starts from
- * nothing kept. Either way it decodes what it decodes alone, the first logits within
+ * starts from the state the first turn ended with, and one whose answer differs from what
+ * was generated from the state at the end of the first prompt; without the option it starts
+ * from nothing kept. Either way it decodes what it decodes alone, the first logits within
  * rounding (the kept part was evaluated a token at a time). */
 static void
 keep_finished(void)
@@ -992,6 +993,33 @@ keep_finished(void)
            memcmp(b[k].got, b[k].want, (size_t)b[k].n_want * sizeof(kli_token)) == 0 &&
            e <= 1e-5, "keep_finished %d: the second turn as alone (first logits rel L2 %.2e)",
            k, e);
+        /* a next turn whose answer was not the tokens generated (its text tokenized
+         * otherwise): the state kept at the end of the first prompt still serves. On a new
+         * scheduler, so that no earlier second turn has left a shared prefix behind. */
+        kli_sched_free(s);
+        s = NULL;
+        ok(kli_sched_create(&s, g_m, &o, &err) == KLI_OK, "keep_finished %d: again %s", k,
+           err.msg);
+        a.n_got = a.finishes = 0;
+        if (s == NULL || submit(s, &a, NULL) != 0)
+            return;
+        run_all(s);
+        struct req c;
+        req_init(&c, "turn 2'", 0, 5, 0.0f, 73);
+        memcpy(c.prompt, a.prompt, 30 * sizeof(kli_token));
+        for (int i = 0; i < 9; i++)
+            c.prompt[30 + i] = (kli_token)(200 + i);
+        c.n_prompt = 39;
+        submit(s, &c, NULL);
+        run_all(s);
+        ok(c.n_cached == (k == 0 ? 30 : 0), "keep_finished %d: another answer: %d tokens "
+           "cached, want %d (the first prompt)", k, (int)c.n_cached, k == 0 ? 30 : 0);
+        alone(&c, 0);
+        e = tl_rel_l2(c.got_logits, c.want_logits, g_V);
+        ok(c.n_got == c.n_want && c.finishes == 1 &&
+           memcmp(c.got, c.want, (size_t)c.n_want * sizeof(kli_token)) == 0 && e <= 1e-5,
+           "keep_finished %d: another answer decodes as alone (first logits rel L2 %.2e)", k, e);
+        req_free(&c);
         kli_sched_free(s);
         req_free(&b[k]);
     }
