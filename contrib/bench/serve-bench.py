@@ -115,9 +115,6 @@ def serve_rate(a, recs):
 def followup(a):
     words = ('the quick brown fox jumps over the lazy dog while the river runs to the sea '
              'and the town by the sea keeps its lights on through the long winter night ')
-    long_text = (words * (a.context // 20 + 1))
-    turn1 = [{'role': 'system', 'content': 'You are a careful reader.'},
-             {'role': 'user', 'content': 'Read this and summarise it: ' + long_text}]
     body = {'temperature': 0, 'max_tokens': 16}
     cold_p, cold_port = start(a.kli, a.model, ['--state-cache', '0'] + a.serve)
     try:
@@ -126,6 +123,15 @@ def followup(a):
         stop(cold_p)
         raise
     try:
+        # the words repeated to about --context tokens, counted by the model's tokenizer
+        c = http.client.HTTPConnection('127.0.0.1', warm_port, timeout=3600)
+        c.request('POST', '/tokenize', json.dumps({'content': words}),
+                  {'Content-Type': 'application/json'})
+        per = max(1, len(json.loads(c.getresponse().read())['tokens']))
+        c.close()
+        long_text = words * max(1, round(a.context / per))
+        turn1 = [{'role': 'system', 'content': 'You are a careful reader.'},
+                 {'role': 'user', 'content': 'Read this and summarise it: ' + long_text}]
         c = http.client.HTTPConnection('127.0.0.1', warm_port, timeout=3600)
         c.request('POST', '/v1/chat/completions', json.dumps(dict(body, messages=turn1)),
                   {'Content-Type': 'application/json'})
