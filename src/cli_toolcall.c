@@ -461,9 +461,22 @@ tc_check(const cJSON *tools, const cJSON *choice, const char **forced, int *none
                          "\"function\": {\"name\": NAME}} with a name without ':', '<', '>'", i);
                 return -1;
             }
+            if (strlen(nm->valuestring) > TC_NAME_MAX) {
+                snprintf(msg, cap, "\"tools\"[%d]: a function name of more than %d bytes", i,
+                         TC_NAME_MAX);
+                return -1;
+            }
             if (pa != NULL && !cJSON_IsObject(pa)) {
                 snprintf(msg, cap, "\"tools\"[%d]: \"parameters\" must be a JSON Schema "
                          "object", i);
+                return -1;
+            }
+            /* the arguments of a call are a JSON object: a schema of another type could
+             * never be met */
+            const cJSON *pt = cJSON_GetObjectItemCaseSensitive(pa, "type");
+            if (pt != NULL && !(cJSON_IsString(pt) && strcmp(pt->valuestring, "object") == 0)) {
+                snprintf(msg, cap, "\"tools\"[%d]: \"parameters\" must have \"type\": "
+                         "\"object\" (the arguments are a JSON object)", i);
                 return -1;
             }
             /* a call names its function: two of one name could not be told apart */

@@ -19,6 +19,9 @@ struct cJSON;
 #define TC_ARG_BEGIN "<|tool_call_argument_begin|>"
 #define TC_CALL_END "<|tool_call_end|>"
 
+/* The longest function name a declaration may have, in bytes (OpenAI's limit). */
+#define TC_NAME_MAX 64
+
 /* Splits generated text, its special tokens written as their names (kli_generate_options
  * special), into the content and the calls of its tool-call section:
  *     TEXT <|tool_calls_section_begin|>

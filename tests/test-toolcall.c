@@ -185,6 +185,30 @@ test_forced(void)
     ok(tc_check(two, NULL, &forced, &none, msg, sizeof(msg)) == -1 &&
        strstr(msg, "[1]") != NULL, "a function declared twice is refused: %s", msg);
     cJSON_Delete(two);
+    /* names up to TC_NAME_MAX bytes; parameters of type object, or untyped */
+    char decl2[512], name[TC_NAME_MAX + 2];
+    for (int len = TC_NAME_MAX; len <= TC_NAME_MAX + 1; len++) {
+        memset(name, 'n', (size_t)len);
+        name[len] = '\0';
+        snprintf(decl2, sizeof(decl2), "[{\"type\":\"function\",\"function\":{\"name\":"
+                 "\"%s\"}}]", name);
+        two = cJSON_Parse(decl2);
+        rc = tc_check(two, NULL, &forced, &none, msg, sizeof(msg));
+        ok(len == TC_NAME_MAX ? rc == 0 : rc == -1 && strstr(msg, "name") != NULL,
+           "a name of %d bytes is %s", len, rc == 0 ? "taken" : msg);
+        cJSON_Delete(two);
+    }
+    static const char *const params[] = {"{\"type\":\"object\"}", "{}",
+                                          "{\"type\":\"string\"}", "{\"type\":[\"object\"]}"};
+    for (int k = 0; k < 4; k++) {
+        snprintf(decl2, sizeof(decl2), "[{\"type\":\"function\",\"function\":{\"name\":"
+                 "\"f\",\"parameters\":%s}}]", params[k]);
+        two = cJSON_Parse(decl2);
+        rc = tc_check(two, NULL, &forced, &none, msg, sizeof(msg));
+        ok(k < 2 ? rc == 0 : rc == -1 && strstr(msg, "object") != NULL,
+           "parameters %s: %s", params[k], rc == 0 ? "taken" : msg);
+        cJSON_Delete(two);
+    }
     cJSON_Delete(tools);
     cJSON_Delete(one);
 }
