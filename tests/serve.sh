@@ -70,6 +70,12 @@ if cmd == 'agree':        # WHOLE STREAM: the same text, finish and usage
     w, s = whole(a[0]), sse(a[1])
     if s['usage'] is None:
         s['usage'] = w['usage']
+    # what was reused depends on the requests before (the second may start from the
+    # state the first left at the end of the same prompt): at most the prompt
+    for u in (w['usage'], s['usage']):
+        d = u.pop('prompt_tokens_details', None) or {}
+        if not 0 <= d.get('cached_tokens', 0) <= u['prompt_tokens']:
+            sys.exit('cached_tokens out of range: %r' % d)
     if w != s:
         sys.exit('whole %r\nstream %r' % (w, s))
     if not w['text']:
