@@ -31,8 +31,8 @@
 #define O_NOCTTY 0
 #endif
 
-static const char *
-file_kind(mode_t mode)
+const char *
+file_kind(unsigned mode)
 {
     if (S_ISDIR(mode))
         return "a directory";

@@ -84,6 +84,9 @@ struct text_buf {
 
 void text_printf(struct text_buf *t, const char *fmt, ...) KLI_PRINTF(2, 3);
 
+/* What a stat mode that is not a regular file is, in words ("a FIFO", "a directory", ...). */
+const char *file_kind(unsigned mode);
+
 /* Whether the regular file `path` begins with the n bytes of `magic` (a FIFO, a directory
  * or an unreadable path does not: the format probes that pick a loader by magic). */
 int file_has_magic(const char *path, const void *magic, size_t n);

@@ -12,6 +12,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <errno.h>
 #include <string.h>
 #include <sys/stat.h>
 
@@ -600,7 +601,12 @@ kli_model_open(struct kli_model **out, const char *path, const struct kli_model_
     *out = NULL;
     if ((opt = OPTS_TAKE(kli_model_options_init, dflt, opt, "kli_model_open", err)) == NULL)
         return KLI_E_INVALID;
-    if (stat(path, &st) != 0 || (!S_ISDIR(st.st_mode) && !wfile_probe(path)))
+    if (stat(path, &st) != 0)
+        return err_set(err, KLI_E_IO, "%s: %s", path, strerror(errno));
+    if (!S_ISDIR(st.st_mode) && !S_ISREG(st.st_mode))
+        return err_set(err, KLI_E_IO, "%s: not a regular file (%s) or a directory", path,
+                       file_kind(st.st_mode));
+    if (!S_ISDIR(st.st_mode) && !wfile_probe(path))
         return err_set(err, KLI_E_IO, "%s: not a model directory (config.json and "
                            "safetensors expected), .kli file or GGUF file", path);
     int is_dir = S_ISDIR(st.st_mode);

@@ -58,7 +58,7 @@ ln -sf /dev/zero "$tmp/dev-tok/tiktoken.model"
 refused "/dev/zero as tiktoken.model is refused" "not a regular file (a character device)" \
     "$kli" run -m "$tmp/dev-tok" -p hi -n 2 --gpu off
 mkfifo "$tmp/m.kli"
-refused "a FIFO as the model is refused" "m.kli: not a model directory" \
+refused "a FIFO as the model is refused" "m.kli: not a regular file (a FIFO)" \
     "$kli" run -m "$tmp/m.kli" -p hi -n 2 --gpu off
 mkfifo "$tmp/state.fifo"
 refused "a FIFO as --load-state is refused" "state.fifo: not a regular file (a FIFO)" \
