@@ -509,19 +509,19 @@ sampler_forced(struct kli_sampler *smp, kli_token tok)
 }
 
 /* Records greedy's choice tok under the softmax of l [n_vocab] at temperature 1 (NaN and -inf
- * logits have probability 0). @return tok. */
+ * logits have probability 0). tok is the argmax of l, NaN never chosen, so l[tok] is the
+ * largest logit (NaN only when none is larger than -inf): no pass of its own for the max.
+ * @return tok. */
 static kli_token
 sampler_note_softmax(struct kli_sampler *smp, const float *l, kli_token tok)
 {
     struct kli_logprobs *lp = &smp->lp;
     int32_t V = smp->n_vocab;
-    float mx = -INFINITY;
+    float mx = l[tok];
     double sum = 0.0;
 
     if (smp->lp_top < 0)
         return tok;
-    for (int32_t i = 0; i < V; i++)
-        mx = l[i] > mx ? l[i] : mx;
     if (!(mx > -INFINITY && mx < INFINITY))
         return sampler_forced(smp, tok);
     lp->n_top = 0;
