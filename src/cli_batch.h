@@ -42,6 +42,7 @@ struct lp_list {
 };
 /* @return 0, or -1 out of memory. */
 int lp_list_add(struct lp_list *l, const struct kli_logprobs *lp);
+/* Frees l's entries, leaving it empty; l may be NULL. */
 void lp_list_free(struct lp_list *l);
 /* One entry of a chat choice's logprobs.content: {"token", "logprob", "bytes",
  * "top_logprobs": [{"token", "logprob", "bytes"}...]}, each with "id" (the token id) first
@@ -77,6 +78,7 @@ struct batch_item {
                                 oversized), or NULL */
     int api;                 /* enum batch_api: the record's format, and its line's */
     struct batch_tools *tools;   /* a record with tools, from its submission to its line */
+    struct lp_list *lp;      /* a record with logprobs: its tokens', likewise */
 };
 
 /* What a record with tools needs to read its answer (cli_toolcall.h). */

@@ -402,7 +402,7 @@ batch_input_open(struct batch_input *in, const char *path, const struct batch_se
         in->n_records++;
 
         struct batch_item it = {(int64_t)(p - in->text), (int64_t)len, ln, NULL, NULL,
-                                 BATCH_API_KLI, NULL};
+                                 BATCH_API_KLI, NULL, NULL};
         char lid[32];
         int32_t first;
         snprintf(lid, sizeof(lid), "line:%d", (int)ln);
@@ -466,6 +466,8 @@ batch_input_close(struct batch_input *in)
         free(in->items[i].id);
         free(in->items[i].error);
         batch_tools_free(in->items[i].tools);
+        lp_list_free(in->items[i].lp);
+        free(in->items[i].lp);
     }
     free(in->items);
     if (in->mapped)

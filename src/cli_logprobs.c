@@ -30,6 +30,8 @@ lp_list_add(struct lp_list *l, const struct kli_logprobs *lp)
 void
 lp_list_free(struct lp_list *l)
 {
+    if (l == NULL)
+        return;
     free(l->v);
     memset(l, 0, sizeof(*l));
 }
