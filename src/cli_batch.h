@@ -54,10 +54,10 @@ int lp_chat_json(struct bbuf *b, const struct kli_tokenizer *tok, const struct k
                  int32_t n);
 /* The bytes token t adds to the generated text: none for special tokens. */
 size_t lp_text_len(const struct kli_tokenizer *tok, kli_token t);
-/* Tokens l[from..) whose text, token `from` starting at text offset off, ends by `end`.
- * @return the index after the last of them. */
-int32_t lp_upto(const struct kli_tokenizer *tok, const struct lp_list *l, int32_t from, size_t off,
-                size_t end);
+/* Tokens l[from..) whose text, token `from` starting at text offset *off, ends by `end`;
+ * *off becomes the offset after them. @return the index after the last of them. */
+int32_t lp_upto(const struct kli_tokenizer *tok, const struct lp_list *l, int32_t from,
+                size_t *off, size_t end);
 /* A completion choice's "logprobs" value: {"tokens", "token_logprobs", "top_logprobs" (an
  * object per token, text to log-probability; a repeated text keeps its first, likelier
  * entry), "text_offset" (byte offsets in the generated text, the first off0)}. */
