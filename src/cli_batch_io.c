@@ -843,21 +843,6 @@ batch_tools_free(struct batch_tools *t)
     free(t);
 }
 
-/* Whether the record's messages carry a tool call or a tool result. */
-static int
-rec_tool_messages(const cJSON *messages)
-{
-    const cJSON *m;
-
-    cJSON_ArrayForEach(m, messages) {
-        const cJSON *role = cJSON_GetObjectItemCaseSensitive(m, "role");
-        if (cJSON_HasObjectItem(m, "tool_calls") || cJSON_HasObjectItem(m, "tool_call_id") ||
-            (cJSON_IsString(role) && strcmp(role->valuestring, "tool") == 0))
-            return 1;
-    }
-    return 0;
-}
-
 /* A record with "tools", "tool_choice" or tool messages: its prompt rendered with them
  * (tc_render), a forced call's grammar as its schema, and r->tools to read the answer with
  * (NULL under tool_choice "none"). *done: the prompt is made (or the record failed). */
@@ -881,7 +866,7 @@ rec_tools(struct batch_rec *r, const cJSON *o, const struct kli_tokenizer *tok,
     if (cJSON_IsNull(tools))
         tools = NULL;
     if (tools == NULL && (choice == NULL || cJSON_IsNull(choice)) &&
-        !(cJSON_IsArray(messages) && rec_tool_messages(messages)))
+        !oai_tool_messages(messages))
         return 0;
     *done = 1;
     if (tc_check(tools, choice, &forced, &none, msg, sizeof(msg)) != 0 ||
