@@ -220,40 +220,7 @@ struct batch {
     char *schema_key[BATCH_MAX_SCHEMAS];
     struct kli_grammar *schema_gram[BATCH_MAX_SCHEMAS];
     int n_schemas;
-    /* the log-probabilities of the records submitted with logprobs, until their line */
-    struct batch_lp {
-        const struct batch_item *it;
-        struct lp_list l;
-    } *lp;
-    int n_lp, cap_lp;
 };
-
-/* Keeps the log-probabilities of item it from now on. @return 0, or -1 out of memory. */
-static int
-batch_lp_add(struct batch *b, const struct batch_item *it)
-{
-    if (b->n_lp == b->cap_lp) {
-        int cap = b->cap_lp > 0 ? 2 * b->cap_lp : 16;
-        struct batch_lp *nl = realloc(b->lp, (size_t)cap * sizeof(*nl));
-        if (nl == NULL)
-            return -1;
-        b->lp = nl;
-        b->cap_lp = cap;
-    }
-    b->lp[b->n_lp++] = (struct batch_lp){it, {NULL, 0, 0}};
-    return 0;
-}
-
-/* The log-probabilities kept for item it, or NULL. */
-static struct batch_lp *
-batch_lp_find(struct batch *b, const struct batch_item *it)
-{
-    for (int i = 0; i < b->n_lp; i++) {
-        if (b->lp[i].it == it)
-            return &b->lp[i];
-    }
-    return NULL;
-}
 
 static volatile sig_atomic_t batch_signal;
 
@@ -417,16 +384,12 @@ batch_on_finish(void *ud, const struct kli_sched_result *res)
     struct kli_sched_result rr = *res;
     struct bbuf l = {NULL, 0, 0};
     const char *id = it->id, *reason;
-    struct batch_lp *blp = batch_lp_find(b, it);
-    struct lp_list lp = {NULL, 0, 0};
+    struct lp_list *lp = it->lp;   /* taken from the item, freed below */
     char *content = NULL;
     cJSON *calls = NULL;
     int bad = 0;
 
-    if (blp != NULL) {   /* taken out of the table, freed below */
-        lp = blp->l;
-        *blp = b->lp[--b->n_lp];
-    }
+    it->lp = NULL;
     if (res->finish == KLI_FINISH_INTERRUPT) {   /* stopped: no line, a rerun redoes it */
         batch_tools_free(it->tools);
         it->tools = NULL;
@@ -437,7 +400,7 @@ batch_on_finish(void *ud, const struct kli_sched_result *res)
     bad = batch_tool_answer(it, &rr, &content, &calls, &reason);
     res = &rr;
     if (it->api != BATCH_API_KLI) {
-        bad |= batch_openai_line(b, it, res, reason, calls, blp != NULL ? &lp : NULL, &l);
+        bad |= batch_openai_line(b, it, res, reason, calls, lp, &l);
         goto write;
     }
     bad |= bbuf_add(&l, "{\"id\":", 6);
@@ -452,9 +415,9 @@ batch_on_finish(void *ud, const struct kli_sched_result *res)
     if (res->error != NULL) {
         bad |= bbuf_add(&l, ",\"error\":", 9);
         bad |= bbuf_json_str(&l, res->error, strlen(res->error));
-    } else if (blp != NULL) {
+    } else if (lp != NULL) {
         bad |= bbuf_add(&l, ",\"logprobs\":", 12);
-        bad |= lp_chat_json(&l, b->tok, lp.v, lp.n);
+        bad |= lp_chat_json(&l, b->tok, lp->v, lp->n);
     }
     bad |= bbuf_add(&l, "}\n", 2);
 write:
@@ -477,19 +440,19 @@ write:
     }
     batch_progress(b, 0);
 out:
-    lp_list_free(&lp);
+    lp_list_free(lp);
+    free(lp);
 }
 
 static void
 batch_on_token(void *ud, const struct kli_sched_token *t)
 {
     struct batch *b = ud;
-    struct batch_tools *tl = ((struct batch_item *)t->user)->tools;
-    struct batch_lp *blp;
+    const struct batch_item *it = t->user;
+    struct batch_tools *tl = it->tools;
 
     b->gen_tokens++;
-    if (t->lp != NULL && (blp = batch_lp_find(b, t->user)) != NULL &&
-        lp_list_add(&blp->l, t->lp) != 0) {
+    if (t->lp != NULL && it->lp != NULL && lp_list_add(it->lp, t->lp) != 0) {
         cli_error("out of memory");
         b->io_failed = 1;
     }
@@ -581,8 +544,9 @@ batch_on_need(void *ud, struct kli_sched *sched)
             }
             if (rc == 0)
                 rc = kli_sched_submit(sched, &q, NULL, &err) == KLI_OK ? 0 : -1;
-            if (rc == 0 && r.error == NULL && r.logprobs >= 0)
-                rc = batch_lp_add(b, it);
+            if (rc == 0 && r.error == NULL && r.logprobs >= 0 &&
+                (it->lp = calloc(1, sizeof(*it->lp))) == NULL)
+                rc = -1;
             batch_rec_clear(&r);
         }
         if (rc != 0) {
@@ -903,9 +867,6 @@ cmd_batch(int argc, char **argv)
     }
 out:
     kli_sched_free(b.sched);   /* the records still held end without a line */
-    for (int i = 0; i < b.n_lp; i++)
-        lp_list_free(&b.lp[i].l);
-    free(b.lp);
     kli_grammar_free(b.gram);
     kli_grammar_free(b.gram_object);
     for (int i = 0; i < b.n_schemas; i++) {

@@ -42,6 +42,7 @@ struct lp_list {
 };
 /* @return 0, or -1 out of memory. */
 int lp_list_add(struct lp_list *l, const struct kli_logprobs *lp);
+/* Frees l's entries, leaving it empty; l may be NULL. */
 void lp_list_free(struct lp_list *l);
 /* One entry of a chat choice's logprobs.content: {"token", "logprob", "bytes",
  * "top_logprobs": [{"token", "logprob", "bytes"}...]}, each with "id" (the token id) first
@@ -53,10 +54,10 @@ int lp_chat_json(struct bbuf *b, const struct kli_tokenizer *tok, const struct k
                  int32_t n);
 /* The bytes token t adds to the generated text: none for special tokens. */
 size_t lp_text_len(const struct kli_tokenizer *tok, kli_token t);
-/* Tokens l[from..) whose text, token `from` starting at text offset off, ends by `end`.
- * @return the index after the last of them. */
-int32_t lp_upto(const struct kli_tokenizer *tok, const struct lp_list *l, int32_t from, size_t off,
-                size_t end);
+/* Tokens l[from..) whose text, token `from` starting at text offset *off, ends by `end`;
+ * *off becomes the offset after them. @return the index after the last of them. */
+int32_t lp_upto(const struct kli_tokenizer *tok, const struct lp_list *l, int32_t from,
+                size_t *off, size_t end);
 /* A completion choice's "logprobs" value: {"tokens", "token_logprobs", "top_logprobs" (an
  * object per token, text to log-probability; a repeated text keeps its first, likelier
  * entry), "text_offset" (byte offsets in the generated text, the first off0)}. */
@@ -77,6 +78,7 @@ struct batch_item {
                                 oversized), or NULL */
     int api;                 /* enum batch_api: the record's format, and its line's */
     struct batch_tools *tools;   /* a record with tools, from its submission to its line */
+    struct lp_list *lp;      /* a record with logprobs: its tokens', likewise */
 };
 
 /* What a record with tools needs to read its answer (cli_toolcall.h). */

@@ -402,7 +402,7 @@ batch_input_open(struct batch_input *in, const char *path, const struct batch_se
         in->n_records++;
 
         struct batch_item it = {(int64_t)(p - in->text), (int64_t)len, ln, NULL, NULL,
-                                 BATCH_API_KLI, NULL};
+                                 BATCH_API_KLI, NULL, NULL};
         char lid[32];
         int32_t first;
         snprintf(lid, sizeof(lid), "line:%d", (int)ln);
@@ -466,6 +466,8 @@ batch_input_close(struct batch_input *in)
         free(in->items[i].id);
         free(in->items[i].error);
         batch_tools_free(in->items[i].tools);
+        lp_list_free(in->items[i].lp);
+        free(in->items[i].lp);
     }
     free(in->items);
     if (in->mapped)
@@ -841,21 +843,6 @@ batch_tools_free(struct batch_tools *t)
     free(t);
 }
 
-/* Whether the record's messages carry a tool call or a tool result. */
-static int
-rec_tool_messages(const cJSON *messages)
-{
-    const cJSON *m;
-
-    cJSON_ArrayForEach(m, messages) {
-        const cJSON *role = cJSON_GetObjectItemCaseSensitive(m, "role");
-        if (cJSON_HasObjectItem(m, "tool_calls") || cJSON_HasObjectItem(m, "tool_call_id") ||
-            (cJSON_IsString(role) && strcmp(role->valuestring, "tool") == 0))
-            return 1;
-    }
-    return 0;
-}
-
 /* A record with "tools", "tool_choice" or tool messages: its prompt rendered with them
  * (tc_render), a forced call's grammar as its schema, and r->tools to read the answer with
  * (NULL under tool_choice "none"). *done: the prompt is made (or the record failed). */
@@ -879,7 +866,7 @@ rec_tools(struct batch_rec *r, const cJSON *o, const struct kli_tokenizer *tok,
     if (cJSON_IsNull(tools))
         tools = NULL;
     if (tools == NULL && (choice == NULL || cJSON_IsNull(choice)) &&
-        !(cJSON_IsArray(messages) && rec_tool_messages(messages)))
+        !oai_tool_messages(messages))
         return 0;
     *done = 1;
     if (tc_check(tools, choice, &forced, &none, msg, sizeof(msg)) != 0 ||

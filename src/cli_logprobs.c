@@ -30,6 +30,8 @@ lp_list_add(struct lp_list *l, const struct kli_logprobs *lp)
 void
 lp_list_free(struct lp_list *l)
 {
+    if (l == NULL)
+        return;
     free(l->v);
     memset(l, 0, sizeof(*l));
 }
@@ -151,10 +153,11 @@ lp_compl_json(struct bbuf *b, const struct kli_tokenizer *tok, const struct kli_
 }
 
 int32_t
-lp_upto(const struct kli_tokenizer *tok, const struct lp_list *l, int32_t from, size_t off,
+lp_upto(const struct kli_tokenizer *tok, const struct lp_list *l, int32_t from, size_t *off,
         size_t end)
 {
-    while (from < l->n && off + lp_text_len(tok, l->v[from].token) <= end)
-        off += lp_text_len(tok, l->v[from++].token);
+    for (size_t len; from < l->n && *off + (len = lp_text_len(tok, l->v[from].token)) <= end;
+         from++)
+        *off += len;
     return from;
 }

@@ -1,6 +1,6 @@
 /*
- * cli_oai.c - response_format and logit_bias of an OpenAI request, for kli batch and kli serve
- * (cli_oai.h).
+ * cli_oai.c - response_format, logit_bias and the tool messages of an OpenAI request, for kli
+ * batch and kli serve (cli_oai.h).
  */
 #include "config.h"
 
@@ -122,5 +122,22 @@ oai_logit_bias(const cJSON *lb, int32_t n_vocab, kli_token **ids, float **bias, 
         (*bias)[count++] = (float)k->valuedouble;
     }
     *n = count;
+    return 0;
+}
+
+int
+oai_tool_messages(const cJSON *messages)
+{
+    const cJSON *m;
+
+    if (!cJSON_IsArray(messages))
+        return 0;
+    cJSON_ArrayForEach(m, messages) {
+        const cJSON *role = cJSON_GetObjectItemCaseSensitive(m, "role");
+        if (cJSON_GetObjectItemCaseSensitive(m, "tool_calls") != NULL ||
+            cJSON_GetObjectItemCaseSensitive(m, "tool_call_id") != NULL ||
+            (cJSON_IsString(role) && strcmp(role->valuestring, "tool") == 0))
+            return 1;
+    }
     return 0;
 }

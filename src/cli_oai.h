@@ -1,7 +1,7 @@
 /*
  * cli_oai.h - members of an OpenAI request that kli batch (cli_batch_io.c) and kli serve
- * (serve_req.c) both honour, read the same way: response_format and logit_bias. Part of
- * the CLI, not of the library.
+ * (serve_req.c) both honour, read the same way: response_format, logit_bias and whether the
+ * messages need the renderer of tools. Part of the CLI, not of the library.
  */
 #ifndef KLI_CLI_OAI_H
 #define KLI_CLI_OAI_H
@@ -43,5 +43,10 @@ int oai_grammar(struct kli_grammar **out, const struct kli_tokenizer *tok, enum 
  * failure). @return 0; -1 with the reason in msg (cap bytes); -2 when out of memory. */
 int oai_logit_bias(const struct cJSON *lb, int32_t n_vocab, kli_token **ids, float **bias,
                    int32_t *n, char *msg, size_t cap);
+
+/* Whether "messages" (an array; anything else: no) holds a message with a tool call
+ * ("tool_calls") or a tool result ("tool_call_id", role "tool"): one that only the renderer
+ * of tools (cli_toolcall.h tc_render) reads. */
+int oai_tool_messages(const struct cJSON *messages);
 
 #endif

@@ -509,19 +509,19 @@ sampler_forced(struct kli_sampler *smp, kli_token tok)
 }
 
 /* Records greedy's choice tok under the softmax of l [n_vocab] at temperature 1 (NaN and -inf
- * logits have probability 0). @return tok. */
+ * logits have probability 0). tok is the argmax of l, NaN never chosen, so l[tok] is the
+ * largest logit (NaN only when none is larger than -inf): no pass of its own for the max.
+ * @return tok. */
 static kli_token
 sampler_note_softmax(struct kli_sampler *smp, const float *l, kli_token tok)
 {
     struct kli_logprobs *lp = &smp->lp;
     int32_t V = smp->n_vocab;
-    float mx = -INFINITY;
+    float mx = l[tok];
     double sum = 0.0;
 
     if (smp->lp_top < 0)
         return tok;
-    for (int32_t i = 0; i < V; i++)
-        mx = l[i] > mx ? l[i] : mx;
     if (!(mx > -INFINITY && mx < INFINITY))
         return sampler_forced(smp, tok);
     lp->n_top = 0;
@@ -541,22 +541,19 @@ sampler_note_softmax(struct kli_sampler *smp, const float *l, kli_token tok)
     return tok;
 }
 
-/* Records tok drawn from the n candidates of sampler_support (unnormalised probabilities
- * summing to sum > 0). @return tok. */
+/* Records candidate `at` drawn from the n candidates of sampler_support (unnormalised
+ * probabilities summing to sum > 0). @return its token. */
 static kli_token
-sampler_note_support(struct kli_sampler *smp, int32_t n, double sum, kli_token tok)
+sampler_note_support(struct kli_sampler *smp, int32_t n, double sum, int32_t at)
 {
     struct kli_logprobs *lp = &smp->lp;
     const struct sampler_cand *c = smp->cand;
-    double w = 0.0;
+    kli_token tok = c[at].id;
+    double w = c[at].logit;
 
     if (smp->lp_top < 0)
         return tok;
     lp->n_top = 0;
-    for (int32_t i = 0; i < n; i++) {
-        if (c[i].id == tok)
-            w = c[i].logit;
-    }
     /* equal weights lie in one bucket, in rising id order (sampler_cut), as the top list
      * wants them for its ties */
     for (int32_t i = 0; i < n && smp->lp_top > 0; i++)
@@ -686,7 +683,7 @@ sampler_draw(struct kli_sampler *smp, const float *logits)
         if (r < acc)
             break;
     }
-    return sampler_note_support(smp, n, sum, smp->cand[i].id);
+    return sampler_note_support(smp, n, sum, i);
 }
 
 struct sample_many {

@@ -524,11 +524,11 @@ job_event_lp(struct job *j, const char *text, size_t len, const char *finish, in
     }
     bad |= BB_ADD(b, ",\"logprobs\":");
     if (text != NULL && j->rq.logprobs_on) {
-        int32_t to = last ? j->lp.n : lp_upto(j->s->tok, &j->lp, j->lp_sent, j->lp_off,
-                                               (size_t)(text + len - j->acc.p));
-        bad |= job_logprobs(b, j, j->lp_sent, to, j->lp_off);
-        for (; j->lp_sent < to; j->lp_sent++)
-            j->lp_off += lp_text_len(j->s->tok, j->lp.v[j->lp_sent].token);
+        int32_t from = j->lp_sent;
+        size_t off = j->lp_off;
+        j->lp_sent = lp_upto(j->s->tok, &j->lp, from, &j->lp_off,
+                             last ? SIZE_MAX : (size_t)(text + len - j->acc.p));
+        bad |= job_logprobs(b, j, from, j->lp_sent, off);
     } else {
         bad |= BB_ADD(b, "null");
     }

@@ -429,18 +429,6 @@ req_probe(struct serve_req *r, const struct serve_limits *lim, struct serve_err 
 
 /* ==== tools (cli_toolcall.h) ============================================================== */
 
-/* Whether a message carries a tool call or a tool result, which only the JSON renderer
- * reads. */
-static int
-req_tool_message(const cJSON *m)
-{
-    const cJSON *role = cJSON_GetObjectItemCaseSensitive(m, "role");
-
-    return cJSON_GetObjectItemCaseSensitive(m, "tool_calls") != NULL ||
-           cJSON_GetObjectItemCaseSensitive(m, "tool_call_id") != NULL ||
-           (cJSON_IsString(role) && strcmp(role->valuestring, "tool") == 0);
-}
-
 /* The messages with tools, tool calls or tool results (tc_render). */
 static int
 req_tool_messages(struct serve_req *r, const cJSON *j, const struct kli_tokenizer *tok,
@@ -468,13 +456,10 @@ static int
 req_conversation(struct serve_req *r, const cJSON *j, const struct kli_tokenizer *tok,
                  struct serve_err *e)
 {
-    const cJSON *m;
     char msg[256], *prefix = NULL;
-    int tools = 0, none = 0, rc;
+    int none = 0, rc;
 
-    cJSON_ArrayForEach(m, j)
-        tools |= req_tool_message(m);
-    if (r->tools == NULL && r->tool_choice == NULL && !tools)
+    if (r->tools == NULL && r->tool_choice == NULL && !oai_tool_messages(j))
         return req_messages(r, j, tok, e);
     if (!cJSON_IsArray(j) || cJSON_GetArraySize(j) < 1)
         return serve_fail(e, "messages", "'messages' must be a non-empty array");
