@@ -230,10 +230,13 @@ amx_block_q8(const uint8_t *w, size_t rb, const uint8_t *xp, const float *xd, in
              float *acc)
 {
     int32_t ci[4 * 256] __attribute__((aligned(64)));
+    float dw[AMX_TB];
 
     memset(acc, 0, 4 * 256 * sizeof(float));
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *wb = w + 34 * b;
+        for (int r = 0; r < AMX_TB; r++)   /* each row's scale, once for both token halves */
+            dw[r] = AMX_F16(wb + (size_t)r * rb);
         amx_zero_c();
         AMX_LOAD(4, wb + 2, rb);
         AMX_LOAD(5, wb + 16 * rb + 2, rb);
@@ -247,11 +250,10 @@ amx_block_q8(const uint8_t *w, size_t rb, const uint8_t *xp, const float *xd, in
         for (int i = 0; i < 4; i++) {
             const float *dx = xd + 32 * b + 16 * (i % 2);
             for (int r = 0; r < 16; r++) {
-                float dw = AMX_F16(wb + (size_t)(16 * (i / 2) + r) * rb);
-                float *a = acc + 256 * i + 16 * r;
+                float dr = dw[16 * (i / 2) + r], *a = acc + 256 * i + 16 * r;
                 const int32_t *c = ci + 256 * i + 16 * r;
                 for (int t = 0; t < 16; t++)
-                    a[t] += (float)c[t] * (dw * dx[t]);
+                    a[t] += (float)c[t] * (dr * dx[t]);
             }
         }
     }

@@ -46,6 +46,11 @@ cpu_detect(struct k_cpu_features *f)
         return;
     __cpuid_count(7, 0, a, b, c, d);
     f->avx2 = (b >> 5) & 1;
+    if (os_amx) {
+        f->amx_bf16 = (d >> 22) & 1;
+        f->amx_tile = (d >> 24) & 1;
+        f->amx_int8 = (d >> 25) & 1;
+    }
     if (os_avx512) {
         f->avx512f = (b >> 16) & 1;
         f->avx512dq = (b >> 17) & 1;
@@ -54,12 +59,6 @@ cpu_detect(struct k_cpu_features *f)
         f->avx512vnni = (c >> 11) & 1;
         __cpuid_count(7, 1, a, b, c, d);
         f->avx512bf16 = (a >> 5) & 1;
-    }
-    if (os_amx) {
-        __cpuid_count(7, 0, a, b, c, d);
-        f->amx_bf16 = (d >> 22) & 1;
-        f->amx_tile = (d >> 24) & 1;
-        f->amx_int8 = (d >> 25) & 1;
     }
 }
 #elif defined(__aarch64__)
