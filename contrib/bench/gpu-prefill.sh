@@ -14,12 +14,13 @@
 #    to 1 MLA, GP_EXPERTS routed experts, top 8, seed 7) at bf16, q8_0 and q4_k (kli quantize
 #    of the bf16 one), made once in GP_DIR, whole on the GPU (--gpu on). For each type,
 #    `kli bench -p 512 -n 8 -r 3 --json` with KLI_CUDA_GEMM_MIN = 0 (the warp-per-row kernels
-#    only: the old path), 32 (the default), 8, and 8 with KLI_CUDA_GEMM_SPLIT=0 ("8:one":
+#    only: the old path, and the default until this has run on a GPU), 32, 8, and 8 with
+#    KLI_CUDA_GEMM_SPLIT=0 ("8:one":
 #    one bf16 product in place of the split pair, what the split costs), one after the
 #    other; the table gives the median of the 3 prefill repetitions with their range, and
 #    the ratio to the old path. With 256 experts a 512-token prefill routes 16 rows to an
-#    expert on average, so the default (32) leaves most routed experts on the kernels and 8
-#    moves them too.
+#    expert on average, so 32 leaves most routed experts on the kernels and 8 moves them
+#    too. (A build needs --with-cublas for any of it.)
 #
 # Settings: GP_DIR (/tmp/kli-gpu-prefill), GP_LAYERS (4), GP_EXPERTS (256), GP_TYPES
 # ("bf16 q8_0 q4_k"), GP_MINS ("0 32 8 8:one"), GP_TEST (1; 0 skips test-cuda). About 23 GB of
