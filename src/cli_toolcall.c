@@ -12,19 +12,7 @@
 
 #include "kli.h"
 #include "cli_toolcall.h"
-
-/* The first occurrence of the NUL-terminated needle in s[0..n). */
-static const char *
-tc_find(const char *s, size_t n, const char *needle)
-{
-    size_t k = strlen(needle);
-
-    for (size_t i = 0; k <= n && i <= n - k; i++) {
-        if (s[i] == needle[0] && memcmp(s + i, needle, k) == 0)
-            return s + i;
-    }
-    return NULL;
-}
+#include "util.h"
 
 /* Whether s[0..n) holds one of the five markers. */
 static int
@@ -34,7 +22,7 @@ tc_any_marker(const char *s, size_t n)
                                      TC_ARG_BEGIN, TC_CALL_END};
 
     for (size_t i = 0; i < sizeof(mk) / sizeof(mk[0]); i++) {
-        if (tc_find(s, n, mk[i]) != NULL)
+        if (util_find(s, n, mk[i]) != NULL)
             return 1;
     }
     return 0;
@@ -279,7 +267,7 @@ tc_member(const char *s, size_t n, const char *key, size_t *vn)
 static int
 tc_call(const char *s, size_t n, const cJSON *tools, cJSON *calls, int k, char *msg, size_t cap)
 {
-    const char *arg = tc_find(s, n, TC_ARG_BEGIN);
+    const char *arg = util_find(s, n, TC_ARG_BEGIN);
     const char *id = s, *name, *colon = NULL, *a;
     size_t idn, nn, an;
 
@@ -292,7 +280,7 @@ tc_call(const char *s, size_t n, const cJSON *tools, cJSON *calls, int k, char *
     a = arg + strlen(TC_ARG_BEGIN);
     an = (size_t)(s + n - a);
     tc_trim(&a, &an);
-    if (tc_find(a, an, "<|") != NULL && tc_find(a, an, TC_ARG_BEGIN) != NULL) {
+    if (util_find(a, an, "<|") != NULL && util_find(a, an, TC_ARG_BEGIN) != NULL) {
         snprintf(msg, cap, "call %d has two %s", k, TC_ARG_BEGIN);
         return 1;
     }
@@ -350,12 +338,12 @@ tc_section(const char *s, size_t n, const cJSON *tools, cJSON *calls, char *msg,
             snprintf(msg, cap, "text other than calls in the section (call %d)", k);
             return 1;
         }
-        const char *e = tc_find(p + cb, m - cb, TC_CALL_END);
+        const char *e = util_find(p + cb, m - cb, TC_CALL_END);
         if (e == NULL) {
             snprintf(msg, cap, "call %d has no %s", k, TC_CALL_END);
             return 1;
         }
-        if (tc_find(p + cb, (size_t)(e - p - cb), TC_CALL_BEGIN) != NULL) {
+        if (util_find(p + cb, (size_t)(e - p - cb), TC_CALL_BEGIN) != NULL) {
             snprintf(msg, cap, "call %d has no %s before the next call", k, TC_CALL_END);
             return 1;
         }
@@ -376,7 +364,7 @@ int
 tc_parse(const char *text, size_t len, const cJSON *tools, char **content, cJSON **calls,
          char *msg, size_t cap)
 {
-    const char *b = tc_find(text, len, TC_SECTION_BEGIN), *e = NULL;
+    const char *b = util_find(text, len, TC_SECTION_BEGIN), *e = NULL;
     size_t sb = strlen(TC_SECTION_BEGIN), se = strlen(TC_SECTION_END);
     cJSON *list = NULL;
     int rc;
@@ -391,7 +379,7 @@ tc_parse(const char *text, size_t len, const cJSON *tools, char **content, cJSON
         }
         return (*content = strndup(text, len)) != NULL ? 0 : -1;
     }
-    e = tc_find(b + sb, (size_t)(text + len - b - sb), TC_SECTION_END);
+    e = util_find(b + sb, (size_t)(text + len - b - sb), TC_SECTION_END);
     if (e == NULL) {
         snprintf(msg, cap, "the section has no %s", TC_SECTION_END);
         rc = 1;
@@ -749,7 +737,7 @@ tc_answer(const char *text, size_t n, const char *const *stop, int n_stop, const
     *content = NULL;
     *calls = NULL;
     for (int i = 0; i < n_stop; i++) {
-        const char *st = tc_find(text, n, stop[i]);
+        const char *st = util_find(text, n, stop[i]);
         if (st != NULL)
             n = (size_t)(st - text);
     }
