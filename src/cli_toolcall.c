@@ -280,7 +280,7 @@ tc_call(const char *s, size_t n, const cJSON *tools, cJSON *calls, int k, char *
     a = arg + strlen(TC_ARG_BEGIN);
     an = (size_t)(s + n - a);
     tc_trim(&a, &an);
-    if (util_find(a, an, "<|") != NULL && util_find(a, an, TC_ARG_BEGIN) != NULL) {
+    if (util_find(a, an, TC_ARG_BEGIN) != NULL) {
         snprintf(msg, cap, "call %d has two %s", k, TC_ARG_BEGIN);
         return 1;
     }
