@@ -511,30 +511,31 @@ tc_check(const cJSON *tools, const cJSON *choice, const char **forced, int *none
     return 0;
 }
 
-/* The parameters schema of a declaration, as compact JSON (an empty object's schema when it
- * has none). One without "type" gets "type": "object": kli's schemas take the type of their
- * keywords, and {} (or annotations alone) allows any value, where arguments are an object. */
-static char *
+/* The parameters schema of a declaration (a new cJSON object; an empty object's schema when
+ * it has none). One without "type" gets "type": "object": kli's schemas take the type of their
+ * keywords, and {} (or annotations alone) allows any value, where arguments are an object.
+ * @return it, or NULL when out of memory or the parameters are not an object. */
+static cJSON *
 tc_params(const cJSON *tool)
 {
     static const char *const typed[] = {"type", "anyOf", "oneOf", "$ref", "enum", "const"};
     const cJSON *fn = cJSON_GetObjectItemCaseSensitive(tool, "function");
     const cJSON *pa = cJSON_GetObjectItemCaseSensitive(fn, "parameters");
     cJSON *o;
-    char *s = NULL;
 
-    if (pa == NULL)
-        return strdup("{\"type\":\"object\"}");
-    if (!cJSON_IsObject(pa))
+    if (pa != NULL && !cJSON_IsObject(pa))
         return NULL;
-    for (size_t i = 0; i < sizeof(typed) / sizeof(typed[0]); i++) {
+    if ((o = pa != NULL ? cJSON_Duplicate(pa, 1) : cJSON_CreateObject()) == NULL)
+        return NULL;
+    for (size_t i = 0; pa != NULL && i < sizeof(typed) / sizeof(typed[0]); i++) {
         if (cJSON_HasObjectItem(pa, typed[i]))
-            return cJSON_PrintUnformatted(pa);
+            return o;
     }
-    if ((o = cJSON_Duplicate(pa, 1)) != NULL && cJSON_AddStringToObject(o, "type", "object"))
-        s = cJSON_PrintUnformatted(o);
-    cJSON_Delete(o);
-    return s;
+    if (cJSON_AddStringToObject(o, "type", "object") == NULL) {
+        cJSON_Delete(o);
+        return NULL;
+    }
+    return o;
 }
 
 /* The one function a forced call goes to: the named one, or the only one; NULL: several. */
@@ -557,7 +558,10 @@ tc_forced_grammar(const cJSON *tools, const char *forced, char **schema, char **
     if (one != NULL) {
         const char *name = tc_name(one);
         size_t n = strlen(TC_SECTION_BEGIN TC_CALL_BEGIN TC_ARG_BEGIN) + strlen(name) + 16;
-        if ((*prefix = malloc(n)) == NULL || (*schema = tc_params(one)) == NULL)
+        cJSON *pa = tc_params(one);
+        *schema = pa != NULL ? cJSON_PrintUnformatted(pa) : NULL;
+        cJSON_Delete(pa);
+        if (*schema == NULL || (*prefix = malloc(n)) == NULL)
             goto fail;
         snprintf(*prefix, n, "%s%sfunctions.%s:0%s", TC_SECTION_BEGIN, TC_CALL_BEGIN, name,
                  TC_ARG_BEGIN);
@@ -567,10 +571,7 @@ tc_forced_grammar(const cJSON *tools, const char *forced, char **schema, char **
         == NULL || (*prefix = strdup("")) == NULL)
         goto fail;
     cJSON_ArrayForEach(t, tools) {
-        char *p = tc_params(t);
-        cJSON *alt = cJSON_CreateObject(), *props, *nm, *req;
-        cJSON *pa = p != NULL ? cJSON_Parse(p) : NULL;
-        free(p);
+        cJSON *alt = cJSON_CreateObject(), *props, *nm, *req, *pa = tc_params(t);
         if (alt == NULL || pa == NULL) {
             cJSON_Delete(alt);
             cJSON_Delete(pa);
