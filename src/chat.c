@@ -73,51 +73,77 @@ chat_turn(struct chat_out *o, const struct kli_tokenizer *tok, kli_token head,
     return KLI_OK;
 }
 
+struct chat_ids {
+    kli_token sys, usr, ast, mid, end, sec_begin, sec_end, call_begin, arg_begin, call_end;
+};
+
+/* The ids of the chat format's markers (the tool-call ones -1 where the tokenizer lacks
+ * them). @return KLI_OK, or KLI_E_UNSUPPORTED without the five of the turns. */
+static int
+chat_ids_find(const struct kli_tokenizer *tok, struct chat_ids *k, struct kli_err *err)
+{
+    k->sys = kli_tokenizer_find_special(tok, "<|im_system|>");
+    k->usr = kli_tokenizer_find_special(tok, "<|im_user|>");
+    k->ast = kli_tokenizer_find_special(tok, "<|im_assistant|>");
+    k->mid = kli_tokenizer_find_special(tok, "<|im_middle|>");
+    k->end = kli_tokenizer_find_special(tok, "<|im_end|>");
+    k->sec_begin = kli_tokenizer_find_special(tok, "<|tool_calls_section_begin|>");
+    k->sec_end = kli_tokenizer_find_special(tok, "<|tool_calls_section_end|>");
+    k->call_begin = kli_tokenizer_find_special(tok, "<|tool_call_begin|>");
+    k->arg_begin = kli_tokenizer_find_special(tok, "<|tool_call_argument_begin|>");
+    k->call_end = kli_tokenizer_find_special(tok, "<|tool_call_end|>");
+    if (k->sys < 0 || k->usr < 0 || k->ast < 0 || k->mid < 0 || k->end < 0)
+        return err_set(err, KLI_E_UNSUPPORTED, "the tokenizer lacks the chat tokens "
+                       "(<|im_system|>, <|im_user|>, <|im_assistant|>, <|im_middle|>, "
+                       "<|im_end|>)");
+    return KLI_OK;
+}
+
+/* The marker that opens message i's turn: a tool's result is a system turn.
+ * @return it, or KLI_E_INVALID (err set) for an unknown role. */
+static kli_token
+chat_head(const struct chat_ids *k, const char *role, int i, struct kli_err *err)
+{
+    if (strcmp(role, "system") == 0 || strcmp(role, "tool") == 0)
+        return k->sys;
+    if (strcmp(role, "user") == 0)
+        return k->usr;
+    if (strcmp(role, "assistant") == 0)
+        return k->ast;
+    return err_set(err, KLI_E_INVALID, "chat message %d: unknown role \"%.40s\" (system, "
+                   "user, assistant or tool)", i, role);
+}
+
 int64_t
 kli_chat_render(const struct kli_tokenizer *tok, const struct kli_chat_message *msgs,
                 int32_t n, int add_generation_prompt, int continuation, kli_token *out,
                 int64_t cap, struct kli_err *err)
 {
     struct chat_out o = {out, out != NULL ? cap : 0, 0};
-    kli_token sys = kli_tokenizer_find_special(tok, "<|im_system|>");
-    kli_token usr = kli_tokenizer_find_special(tok, "<|im_user|>");
-    kli_token ast = kli_tokenizer_find_special(tok, "<|im_assistant|>");
-    kli_token mid = kli_tokenizer_find_special(tok, "<|im_middle|>");
-    kli_token end = kli_tokenizer_find_special(tok, "<|im_end|>");
+    struct chat_ids k;
     int rc;
 
     if (tok == NULL || (msgs == NULL && n > 0) || n < 0)
         return err_set(err, KLI_E_INVALID, "kli_chat_render: invalid arguments");
-    if (sys < 0 || usr < 0 || ast < 0 || mid < 0 || end < 0)
-        return err_set(err, KLI_E_UNSUPPORTED,
-                           "the tokenizer lacks the chat tokens (<|im_system|>, <|im_user|>, "
-                           "<|im_assistant|>, <|im_middle|>, <|im_end|>)");
+    if ((rc = chat_ids_find(tok, &k, err)) != KLI_OK)
+        return rc;
     if (!continuation && (n == 0 || strcmp(msgs[0].role, "system") != 0)) {
-        rc = chat_turn(&o, tok, sys, "system", CHAT_DEFAULT_SYSTEM, mid, end, err);
+        rc = chat_turn(&o, tok, k.sys, "system", CHAT_DEFAULT_SYSTEM, k.mid, k.end, err);
         if (rc != KLI_OK)
             return rc;
     }
     for (int32_t i = 0; i < n; i++) {
-        const char *role = msgs[i].role;
         kli_token head;
-        if (role == NULL || msgs[i].content == NULL)
+        if (msgs[i].role == NULL || msgs[i].content == NULL)
             return err_set(err, KLI_E_INVALID, "chat message %d has no role or content", i);
-        if (strcmp(role, "system") == 0 || strcmp(role, "tool") == 0)
-            head = sys;
-        else if (strcmp(role, "user") == 0)
-            head = usr;
-        else if (strcmp(role, "assistant") == 0)
-            head = ast;
-        else
-            return err_set(err, KLI_E_INVALID,
-                               "chat message %d: unknown role \"%.40s\" (system, user, "
-                               "assistant or tool)", i, role);
-        rc = chat_turn(&o, tok, head, role, msgs[i].content, mid, end, err);
+        if ((head = chat_head(&k, msgs[i].role, i, err)) < 0)
+            return head;
+        rc = chat_turn(&o, tok, head, msgs[i].role, msgs[i].content, k.mid, k.end, err);
         if (rc != KLI_OK)
             return rc;
     }
     if (add_generation_prompt) {
-        rc = chat_turn(&o, tok, ast, "assistant", NULL, mid, -1, err);
+        rc = chat_turn(&o, tok, k.ast, "assistant", NULL, k.mid, -1, err);
         if (rc != KLI_OK)
             return rc;
     }
@@ -276,10 +302,6 @@ chat_content(const cJSON *c, int i, char **b, size_t *n, size_t *cap, struct kli
     return KLI_OK;
 }
 
-struct chat_ids {
-    kli_token sys, usr, ast, mid, end, sec_begin, sec_end, call_begin, arg_begin, call_end;
-};
-
 /* An assistant message's tool calls: the section the model writes, each call's id and
  * arguments (a string as it is, an object as JSON). */
 static int
@@ -340,15 +362,8 @@ chat_json_msg(struct chat_out *o, const struct kli_tokenizer *tok, const struct 
 
     if (!cJSON_IsObject(m) || !cJSON_IsString(role))
         return err_set(err, KLI_E_INVALID, "chat message %d has no \"role\"", i);
-    if (strcmp(role->valuestring, "system") == 0 || strcmp(role->valuestring, "tool") == 0)
-        head = k->sys;
-    else if (strcmp(role->valuestring, "user") == 0)
-        head = k->usr;
-    else if (strcmp(role->valuestring, "assistant") == 0)
-        head = k->ast;
-    else
-        return err_set(err, KLI_E_INVALID, "chat message %d: unknown role \"%.40s\" (system, "
-                       "user, assistant or tool)", i, role->valuestring);
+    if ((head = chat_head(k, role->valuestring, i, err)) < 0)
+        return head;
     if (strcmp(role->valuestring, "tool") == 0) {
         const cJSON *id = cJSON_GetObjectItemCaseSensitive(m, "tool_call_id");
         if (!cJSON_IsString(id))
@@ -393,20 +408,8 @@ kli_chat_render_json(const struct kli_tokenizer *tok, const char *messages, size
 
     if (tok == NULL || messages == NULL)
         return err_set(err, KLI_E_INVALID, "kli_chat_render_json: invalid arguments");
-    k.sys = kli_tokenizer_find_special(tok, "<|im_system|>");
-    k.usr = kli_tokenizer_find_special(tok, "<|im_user|>");
-    k.ast = kli_tokenizer_find_special(tok, "<|im_assistant|>");
-    k.mid = kli_tokenizer_find_special(tok, "<|im_middle|>");
-    k.end = kli_tokenizer_find_special(tok, "<|im_end|>");
-    k.sec_begin = kli_tokenizer_find_special(tok, "<|tool_calls_section_begin|>");
-    k.sec_end = kli_tokenizer_find_special(tok, "<|tool_calls_section_end|>");
-    k.call_begin = kli_tokenizer_find_special(tok, "<|tool_call_begin|>");
-    k.arg_begin = kli_tokenizer_find_special(tok, "<|tool_call_argument_begin|>");
-    k.call_end = kli_tokenizer_find_special(tok, "<|tool_call_end|>");
-    if (k.sys < 0 || k.usr < 0 || k.ast < 0 || k.mid < 0 || k.end < 0)
-        return err_set(err, KLI_E_UNSUPPORTED, "the tokenizer lacks the chat tokens "
-                       "(<|im_system|>, <|im_user|>, <|im_assistant|>, <|im_middle|>, "
-                       "<|im_end|>)");
+    if ((rc = chat_ids_find(tok, &k, err)) != KLI_OK)
+        return rc;
     msgs = cJSON_ParseWithLength(messages, len);
     if (!cJSON_IsArray(msgs)) {
         rc = err_set(err, KLI_E_FORMAT, "the messages are not a JSON array");

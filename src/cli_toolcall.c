@@ -12,19 +12,7 @@
 
 #include "kli.h"
 #include "cli_toolcall.h"
-
-/* The first occurrence of the NUL-terminated needle in s[0..n). */
-static const char *
-tc_find(const char *s, size_t n, const char *needle)
-{
-    size_t k = strlen(needle);
-
-    for (size_t i = 0; k <= n && i <= n - k; i++) {
-        if (s[i] == needle[0] && memcmp(s + i, needle, k) == 0)
-            return s + i;
-    }
-    return NULL;
-}
+#include "util.h"
 
 /* Whether s[0..n) holds one of the five markers. */
 static int
@@ -34,7 +22,7 @@ tc_any_marker(const char *s, size_t n)
                                      TC_ARG_BEGIN, TC_CALL_END};
 
     for (size_t i = 0; i < sizeof(mk) / sizeof(mk[0]); i++) {
-        if (tc_find(s, n, mk[i]) != NULL)
+        if (util_find(s, n, mk[i]) != NULL)
             return 1;
     }
     return 0;
@@ -279,7 +267,7 @@ tc_member(const char *s, size_t n, const char *key, size_t *vn)
 static int
 tc_call(const char *s, size_t n, const cJSON *tools, cJSON *calls, int k, char *msg, size_t cap)
 {
-    const char *arg = tc_find(s, n, TC_ARG_BEGIN);
+    const char *arg = util_find(s, n, TC_ARG_BEGIN);
     const char *id = s, *name, *colon = NULL, *a;
     size_t idn, nn, an;
 
@@ -292,7 +280,7 @@ tc_call(const char *s, size_t n, const cJSON *tools, cJSON *calls, int k, char *
     a = arg + strlen(TC_ARG_BEGIN);
     an = (size_t)(s + n - a);
     tc_trim(&a, &an);
-    if (tc_find(a, an, "<|") != NULL && tc_find(a, an, TC_ARG_BEGIN) != NULL) {
+    if (util_find(a, an, TC_ARG_BEGIN) != NULL) {
         snprintf(msg, cap, "call %d has two %s", k, TC_ARG_BEGIN);
         return 1;
     }
@@ -350,12 +338,12 @@ tc_section(const char *s, size_t n, const cJSON *tools, cJSON *calls, char *msg,
             snprintf(msg, cap, "text other than calls in the section (call %d)", k);
             return 1;
         }
-        const char *e = tc_find(p + cb, m - cb, TC_CALL_END);
+        const char *e = util_find(p + cb, m - cb, TC_CALL_END);
         if (e == NULL) {
             snprintf(msg, cap, "call %d has no %s", k, TC_CALL_END);
             return 1;
         }
-        if (tc_find(p + cb, (size_t)(e - p - cb), TC_CALL_BEGIN) != NULL) {
+        if (util_find(p + cb, (size_t)(e - p - cb), TC_CALL_BEGIN) != NULL) {
             snprintf(msg, cap, "call %d has no %s before the next call", k, TC_CALL_END);
             return 1;
         }
@@ -376,7 +364,7 @@ int
 tc_parse(const char *text, size_t len, const cJSON *tools, char **content, cJSON **calls,
          char *msg, size_t cap)
 {
-    const char *b = tc_find(text, len, TC_SECTION_BEGIN), *e = NULL;
+    const char *b = util_find(text, len, TC_SECTION_BEGIN), *e = NULL;
     size_t sb = strlen(TC_SECTION_BEGIN), se = strlen(TC_SECTION_END);
     cJSON *list = NULL;
     int rc;
@@ -391,7 +379,7 @@ tc_parse(const char *text, size_t len, const cJSON *tools, char **content, cJSON
         }
         return (*content = strndup(text, len)) != NULL ? 0 : -1;
     }
-    e = tc_find(b + sb, (size_t)(text + len - b - sb), TC_SECTION_END);
+    e = util_find(b + sb, (size_t)(text + len - b - sb), TC_SECTION_END);
     if (e == NULL) {
         snprintf(msg, cap, "the section has no %s", TC_SECTION_END);
         rc = 1;
@@ -523,30 +511,31 @@ tc_check(const cJSON *tools, const cJSON *choice, const char **forced, int *none
     return 0;
 }
 
-/* The parameters schema of a declaration, as compact JSON (an empty object's schema when it
- * has none). One without "type" gets "type": "object": kli's schemas take the type of their
- * keywords, and {} (or annotations alone) allows any value, where arguments are an object. */
-static char *
+/* The parameters schema of a declaration (a new cJSON object; an empty object's schema when
+ * it has none). One without "type" gets "type": "object": kli's schemas take the type of their
+ * keywords, and {} (or annotations alone) allows any value, where arguments are an object.
+ * @return it, or NULL when out of memory or the parameters are not an object. */
+static cJSON *
 tc_params(const cJSON *tool)
 {
     static const char *const typed[] = {"type", "anyOf", "oneOf", "$ref", "enum", "const"};
     const cJSON *fn = cJSON_GetObjectItemCaseSensitive(tool, "function");
     const cJSON *pa = cJSON_GetObjectItemCaseSensitive(fn, "parameters");
     cJSON *o;
-    char *s = NULL;
 
-    if (pa == NULL)
-        return strdup("{\"type\":\"object\"}");
-    if (!cJSON_IsObject(pa))
+    if (pa != NULL && !cJSON_IsObject(pa))
         return NULL;
-    for (size_t i = 0; i < sizeof(typed) / sizeof(typed[0]); i++) {
+    if ((o = pa != NULL ? cJSON_Duplicate(pa, 1) : cJSON_CreateObject()) == NULL)
+        return NULL;
+    for (size_t i = 0; pa != NULL && i < sizeof(typed) / sizeof(typed[0]); i++) {
         if (cJSON_HasObjectItem(pa, typed[i]))
-            return cJSON_PrintUnformatted(pa);
+            return o;
     }
-    if ((o = cJSON_Duplicate(pa, 1)) != NULL && cJSON_AddStringToObject(o, "type", "object"))
-        s = cJSON_PrintUnformatted(o);
-    cJSON_Delete(o);
-    return s;
+    if (cJSON_AddStringToObject(o, "type", "object") == NULL) {
+        cJSON_Delete(o);
+        return NULL;
+    }
+    return o;
 }
 
 /* The one function a forced call goes to: the named one, or the only one; NULL: several. */
@@ -569,7 +558,10 @@ tc_forced_grammar(const cJSON *tools, const char *forced, char **schema, char **
     if (one != NULL) {
         const char *name = tc_name(one);
         size_t n = strlen(TC_SECTION_BEGIN TC_CALL_BEGIN TC_ARG_BEGIN) + strlen(name) + 16;
-        if ((*prefix = malloc(n)) == NULL || (*schema = tc_params(one)) == NULL)
+        cJSON *pa = tc_params(one);
+        *schema = pa != NULL ? cJSON_PrintUnformatted(pa) : NULL;
+        cJSON_Delete(pa);
+        if (*schema == NULL || (*prefix = malloc(n)) == NULL)
             goto fail;
         snprintf(*prefix, n, "%s%sfunctions.%s:0%s", TC_SECTION_BEGIN, TC_CALL_BEGIN, name,
                  TC_ARG_BEGIN);
@@ -579,10 +571,7 @@ tc_forced_grammar(const cJSON *tools, const char *forced, char **schema, char **
         == NULL || (*prefix = strdup("")) == NULL)
         goto fail;
     cJSON_ArrayForEach(t, tools) {
-        char *p = tc_params(t);
-        cJSON *alt = cJSON_CreateObject(), *props, *nm, *req;
-        cJSON *pa = p != NULL ? cJSON_Parse(p) : NULL;
-        free(p);
+        cJSON *alt = cJSON_CreateObject(), *props, *nm, *req, *pa = tc_params(t);
         if (alt == NULL || pa == NULL) {
             cJSON_Delete(alt);
             cJSON_Delete(pa);
@@ -749,7 +738,7 @@ tc_answer(const char *text, size_t n, const char *const *stop, int n_stop, const
     *content = NULL;
     *calls = NULL;
     for (int i = 0; i < n_stop; i++) {
-        const char *st = tc_find(text, n, stop[i]);
+        const char *st = util_find(text, n, stop[i]);
         if (st != NULL)
             n = (size_t)(st - text);
     }

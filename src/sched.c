@@ -164,19 +164,6 @@ sched_finish(struct kli_sched *s, struct sched_place *p, enum kli_finish finish,
     p->smp = NULL;
 }
 
-/* Searches for `pat` in s[from, n). */
-static const char *
-sched_find(const char *s, size_t n, size_t from, const char *pat)
-{
-    size_t pl = strlen(pat);
-
-    for (size_t i = from; i + pl <= n; i++) {
-        if (s[i] == pat[0] && memcmp(s + i, pat, pl) == 0)
-            return s + i;
-    }
-    return NULL;
-}
-
 /* Takes the token sampled for place p: an end token or a stop string finishes the request,
  * so do max_tokens and a full context; otherwise the token is fed at the next step. */
 static void
@@ -213,7 +200,7 @@ sched_take(struct kli_sched *s, struct sched_place *p, kli_token t, const float 
     for (int32_t i = 0; i < r->n_stop; i++) {
         size_t sl = strlen(r->stop[i]);
         size_t from = old >= sl - 1 ? old - (sl - 1) : 0;
-        const char *hit = sched_find(p->text, p->n_text, from, r->stop[i]);
+        const char *hit = util_find(p->text + from, p->n_text - from, r->stop[i]);
         if (hit != NULL) {
             p->n_text = (size_t)(hit - p->text);
             p->text[p->n_text] = '\0';

@@ -1,7 +1,7 @@
 /*
  * util.h - the few helpers every part of kli needs once: little-endian loads and stores,
- * the host's byte order, FNV-1a-64, a monotonic clock, a growing text buffer and the median
- * of doubles.
+ * the host's byte order, FNV-1a-64, a monotonic clock, a growing text buffer, a string search
+ * in counted bytes and the median of doubles.
  *
  * Header-only (static inline, nothing to link, no state), so the library, weights/ and the
  * CLI may all include it without depending on each other (tests/test-deps.sh allows it).
@@ -127,6 +127,20 @@ util_text_add(char **buf, size_t *n, size_t *cap, const void *p, size_t len)
     *n += len;
     (*buf)[*n] = '\0';
     return 0;
+}
+
+/* The first occurrence of the NUL-terminated `needle` (not empty) in s[0..n), which may hold
+ * NUL bytes (memmem, which C11 lacks). @return it, or NULL. */
+static inline const char *
+util_find(const char *s, size_t n, const char *needle)
+{
+    size_t k = strlen(needle);
+
+    for (size_t i = 0; k <= n && i <= n - k; i++) {
+        if (s[i] == needle[0] && memcmp(s + i, needle, k) == 0)
+            return s + i;
+    }
+    return NULL;
 }
 
 /* ==== order statistics ==================================================================== */
