@@ -15,6 +15,9 @@
 #include <string.h>
 #include <sys/resource.h>
 #include <unistd.h>
+#ifdef __GLIBC__
+#include <malloc.h>   /* mallopt */
+#endif
 
 #include "kli.h"
 #include "cli.h"
@@ -253,18 +256,15 @@ cli_room(int64_t room, const char *what, int64_t *most, const char **why)
     }
 }
 
-int
-cli_ctx_fits(const struct kli_model *m, int32_t type, int64_t ctx)
+int64_t
+cli_mem_room(const char **why)
 {
-    uint64_t need = kli_model_cache_bytes(m, type, ctx);
     int64_t most = -1, max, cur;
-    const char *why = NULL;
     struct rlimit rl;
 
-    if (need == 0)
-        return 0;   /* a type the model cannot hold: the session says so */
+    *why = NULL;
     int64_t kb = cli_file_num("/proc/meminfo", "MemAvailable:");
-    cli_room(kb >= 0 ? kb * 1024 : -1, "available memory (MemAvailable)", &most, &why);
+    cli_room(kb >= 0 ? kb * 1024 : -1, "available memory (MemAvailable)", &most, why);
     /* cgroup v2, then v1: the limit less what the group uses now ("max": none) */
     max = cli_file_num("/sys/fs/cgroup/memory.max", "");
     cur = cli_file_num("/sys/fs/cgroup/memory.current", "");
@@ -273,14 +273,27 @@ cli_ctx_fits(const struct kli_model *m, int32_t type, int64_t ctx)
         cur = cli_file_num("/sys/fs/cgroup/memory/memory.usage_in_bytes", "");
     }
     if (max >= 0 && cur >= 0 && max < ((int64_t)1 << 60))
-        cli_room(max > cur ? max - cur : 0, "the cgroup's memory limit", &most, &why);
+        cli_room(max > cur ? max - cur : 0, "the cgroup's memory limit", &most, why);
     /* RLIMIT_AS less the address space mapped now (the model's mapping among it) */
     int64_t vm = cli_file_num("/proc/self/status", "VmSize:");
     if (getrlimit(RLIMIT_AS, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY && vm >= 0) {
         int64_t lim = rl.rlim_cur > (rlim_t)INT64_MAX ? INT64_MAX : (int64_t)rl.rlim_cur;
         cli_room(lim > vm * 1024 ? lim - vm * 1024 : 0, "the address space limit (RLIMIT_AS)",
-                 &most, &why);
+                 &most, why);
     }
+    return most;
+}
+
+int
+cli_ctx_fits(const struct kli_model *m, int32_t type, int64_t ctx)
+{
+    uint64_t need = kli_model_cache_bytes(m, type, ctx);
+    const char *why;
+    int64_t most;
+
+    if (need == 0)
+        return 0;   /* a type the model cannot hold: the session says so */
+    most = cli_mem_room(&why);
     if (most < 0 || need <= (uint64_t)most)
         return 0;
     cli_error("a context of %lld tokens needs %.2f GiB for its %s latent cache and attention "
@@ -1236,6 +1249,20 @@ cli_blas_env(char **argv)
 }
 #endif
 
+/* Under an address-space limit (ulimit -v), one malloc arena: glibc gives threads arenas of
+ * their own, each reserving 64 MiB of address space, so that a few threads (kli serve's
+ * connections, a batch's workers) take a few hundred MiB of the limit without using it, and
+ * allocations fail with most of the limit free. */
+static void
+cli_arena_limit(void)
+{
+#ifdef M_ARENA_MAX
+    struct rlimit as;
+    if (getrlimit(RLIMIT_AS, &as) == 0 && as.rlim_cur != RLIM_INFINITY)
+        mallopt(M_ARENA_MAX, 1);
+#endif
+}
+
 int
 main(int argc, char **argv)
 {
@@ -1245,6 +1272,7 @@ main(int argc, char **argv)
 #ifdef HAVE_OPENBLAS
     cli_blas_env(argv);
 #endif
+    cli_arena_limit();
     if (argc < 2) {
         usage(stderr);
         return 2;

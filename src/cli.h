@@ -170,6 +170,11 @@ int cli_sampling_option(int c, const char *arg, struct kli_sampler_options *so);
 /* A float option value: @return 0, or -1 after reporting. */
 int cli_parse_float(const char *s, const char *what, float *out);
 
+/* The memory this process can still take, in bytes: the least of MemAvailable, the cgroup's
+ * limit less its use, and RLIMIT_AS less the address space mapped now; -1 when none of them
+ * is known. *why names the limit that gave it. */
+int64_t cli_mem_room(const char **why);
+
 /* The options of the text generating commands, run, chat and batch, in one table and one
  * parser: -m, -s, -n, -t, --stop, --ctx, --quiet and the sampling, placement and GPU groups
  * (CLI_GEN_LONGOPTS), and --raw (CLI_GEN_RAW_LONGOPT; run and batch). A command lists them,

@@ -84,6 +84,7 @@ struct serve_args {
     long timeout, grace, threads;
     int insecure, seeded;
     uint64_t state_bytes, max_body;
+    int state_given;                   /* --state-cache was on the command line */
     struct kli_sampler_options so;
 };
 
@@ -182,6 +183,7 @@ serve_parse(int argc, char **argv, struct serve_args *a)
                 return -1;
             }
             *(c == OPT_MAX_BODY ? &a->max_body : &a->state_bytes) = v;
+            a->state_given |= c == OPT_STATE_CACHE;
             break;
         }
         default:
@@ -268,6 +270,7 @@ struct job {
     int32_t lp_sent;             /* of lp, passed on in events */
     size_t lp_off;               /* the text offset where token lp_sent starts */
     int lp_bad;                  /* one could not be kept: the answer fails */
+    int nomem;                   /* it failed for memory: 503, worth a retry */
     /* n > 1: every choice is a job of its own on the scheduler. The first, the lead, holds
      * the connection, the stream (out, cv) and the request (the others borrow its rq); it is
      * done when all its choices have ended. A choice holds a reference to the lead while
@@ -281,7 +284,7 @@ struct job {
 /* One HTTP request (MHD's per-request pointer). */
 struct conn {
     struct bbuf body;
-    int too_big, status;
+    int too_big, nomem, status;
     char method[8], path[64], peer[64];
     double t0;
     struct job *job;
@@ -670,6 +673,7 @@ serve_on_finish(void *ud, const struct kli_sched_result *r)
         j->error = strdup(r->error);
     else if (j->lp_bad && j->error == NULL)
         j->error = strdup("out of memory (logprobs)");
+    j->nomem = r->status == KLI_E_NOMEM || (r->error == NULL && j->error != NULL);
     if (j->error == NULL && j->rq.tool_mode != SERVE_TOOLS_OFF && r->finish != KLI_FINISH_ERROR &&
         r->finish != KLI_FINISH_INTERRUPT && job_tools(j) != 0)
         j->error = strdup("out of memory");
@@ -792,6 +796,36 @@ serve_log(struct srv *s, const struct conn *cn, const struct job *j)
 }
 
 /* Queues a response of `body` (malloc'd, taken over). */
+/* The answer when memory runs out while a request is read or answered: made at start, so
+ * that the client gets a 503 to retry rather than a connection reset (MHD responses may be
+ * queued on any number of connections). */
+static struct MHD_Response *serve_oom_resp;
+static const char serve_oom_body[] = "{\"error\":{\"message\":\"out of memory: retry later\","
+                                     "\"type\":\"server_error\",\"param\":null,"
+                                     "\"code\":null}}\n";
+
+static int
+serve_oom_init(void)
+{
+    serve_oom_resp = MHD_create_response_from_buffer(sizeof(serve_oom_body) - 1,
+                                                     (void *)serve_oom_body,
+                                                     MHD_RESPMEM_PERSISTENT);
+    if (serve_oom_resp == NULL ||
+        MHD_add_response_header(serve_oom_resp, MHD_HTTP_HEADER_CONTENT_TYPE,
+                                "application/json") != MHD_YES ||
+        MHD_add_response_header(serve_oom_resp, MHD_HTTP_HEADER_RETRY_AFTER, "1") != MHD_YES)
+        return -1;
+    return 0;
+}
+
+static enum MHD_Result
+serve_oom(struct conn *cn, struct MHD_Connection *c)
+{
+    if (cn != NULL)
+        cn->status = 503;
+    return MHD_queue_response(c, 503, serve_oom_resp);
+}
+
 static enum MHD_Result
 serve_reply(struct conn *cn, struct MHD_Connection *c, int status, const char *ctype,
             char *body, size_t len, int retry_after)
@@ -801,7 +835,7 @@ serve_reply(struct conn *cn, struct MHD_Connection *c, int status, const char *c
 
     if (r == NULL) {
         free(body);
-        return MHD_NO;
+        return serve_oom(cn, c);
     }
     MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE, ctype);
     if (retry_after > 0) {
@@ -821,7 +855,7 @@ static enum MHD_Result
 serve_json(struct conn *cn, struct MHD_Connection *c, int status, struct bbuf *b)
 {
     if (b->p == NULL && BB_ADD(b, "") != 0)
-        return MHD_NO;
+        return serve_oom(cn, c);
     return serve_reply(cn, c, status, "application/json", b->p, b->n, 0);
 }
 
@@ -846,8 +880,10 @@ serve_error(struct conn *cn, struct MHD_Connection *c, const struct serve_err *e
         bad |= BB_ADD(&b, ",\"code\":null}}\n");
     if (bad) {
         free(b.p);
-        return MHD_NO;
+        return serve_oom(cn, c);
     }
+    if (e->status == 503 && retry_after == 0)
+        retry_after = 1;
     return serve_reply(cn, c, e->status, "application/json", b.p, b.n, retry_after);
 }
 
@@ -966,12 +1002,15 @@ job_answer(struct conn *cn, struct MHD_Connection *c, struct job *j)
         cn->status = 499;
         return MHD_NO;
     }
-    for (int i = 1; i <= j->n_sib && j->error == NULL; i++) {
+    struct job *failed = j->error != NULL ? j : NULL;   /* the lead, else the first choice */
+    for (int i = 1; i <= j->n_sib && failed == NULL; i++) {
         if (j->sib[i - 1]->error != NULL)
-            return serve_fail_reply(cn, c, 500, "server_error", NULL, 0, j->sib[i - 1]->error);
+            failed = j->sib[i - 1];
     }
-    if (j->error != NULL)
-        return serve_fail_reply(cn, c, 500, "server_error", NULL, 0, j->error);
+    /* memory runs short for a while (other requests hold it): a 503 asks for a retry */
+    if (failed != NULL)
+        return serve_fail_reply(cn, c, failed->nomem ? 503 : 500, "server_error", NULL,
+                                failed->nomem ? 1 : 0, failed->error);
     if (j->timed_out)
         return serve_fail_reply(cn, c, 504, "server_error", "timeout", 0,
                                 "the request took longer than --timeout allows");
@@ -1000,7 +1039,7 @@ job_answer(struct conn *cn, struct MHD_Connection *c, struct job *j)
     bad |= BB_ADD(&b, "}\n");
     if (bad) {
         free(b.p);
-        return MHD_NO;
+        return serve_oom(cn, c);
     }
     return serve_json(cn, c, 200, &b);
 }
@@ -1018,7 +1057,7 @@ serve_complete(struct srv *s, struct conn *cn, struct MHD_Connection *c, enum se
         return serve_fail_reply(cn, c, 400, "invalid_request_error", NULL, 0,
                                 "the body holds a NUL character (\\u0000)");
     if ((j = calloc(1, sizeof(*j))) == NULL)
-        return MHD_NO;
+        return serve_oom(cn, c);
     if (serve_req_parse(&j->rq, kind, cn->body.p, cn->body.n, s->tok, &s->lim, &e) != 0) {
         free(j);
         return serve_error(cn, c, &e, 0);
@@ -1062,7 +1101,7 @@ serve_complete(struct srv *s, struct conn *cn, struct MHD_Connection *c, enum se
         j->refs = 1;
         job_unref(j);
         pthread_mutex_unlock(&s->mu);
-        return MHD_NO;
+        return serve_oom(cn, c);
     }
     if (s->draining || s->n_jobs + j->n_open > s->a->queue) {
         int drain = s->draining;
@@ -1100,7 +1139,7 @@ serve_complete(struct srv *s, struct conn *cn, struct MHD_Connection *c, enum se
                                                                    serve_read_free);
         if (r == NULL) {
             serve_read_free(j);
-            return MHD_NO;
+            return serve_oom(cn, c);
         }
         MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE, "text/event-stream");
         MHD_add_response_header(r, MHD_HTTP_HEADER_CACHE_CONTROL, "no-cache");
@@ -1120,13 +1159,16 @@ serve_complete(struct srv *s, struct conn *cn, struct MHD_Connection *c, enum se
 static enum MHD_Result
 serve_tokens(struct srv *s, struct conn *cn, struct MHD_Connection *c, int encode)
 {
-    cJSON *root = cJSON_ParseWithLength(cn->body.p, cn->body.n), *m;
+    struct serve_err e = {0};
+    cJSON *root = serve_json_parse(cn->body.p, cn->body.n, &e), *m;
     struct bbuf b = {NULL, 0, 0};
     struct kli_err err = {0};
     const char *want = encode ? "content" : "tokens";
     char msg[300];
     int bad = 0;
 
+    if (root == NULL && e.status == 503)
+        return serve_error(cn, c, &e, 1);
     if (!cJSON_IsObject(root) || cn->body.n == 0) {
         cJSON_Delete(root);
         return serve_fail_reply(cn, c, 400, "invalid_request_error", NULL, 0,
@@ -1244,7 +1286,7 @@ serve_metrics(struct srv *s, struct conn *cn, struct MHD_Connection *c)
     pthread_mutex_unlock(&s->mu);
     if (bad) {
         free(b.p);
-        return MHD_NO;
+        return serve_oom(cn, c);
     }
     return serve_reply(cn, c, 200, "text/plain; version=0.0.4", b.p, b.n, 0);
 }
@@ -1310,7 +1352,7 @@ serve_route(struct srv *s, struct conn *cn, struct MHD_Connection *c, const char
                          "\"context_length\":%d}]}\n", s->ctx);
         if (bad) {
             free(b.p);
-            return MHD_NO;
+            return serve_oom(cn, c);
         }
         return serve_json(cn, c, 200, &b);
     }
@@ -1331,7 +1373,7 @@ serve_handle(void *cls, struct MHD_Connection *c, const char *url, const char *m
         const union MHD_ConnectionInfo *ci;
         const char *cl;
         if ((cn = calloc(1, sizeof(*cn))) == NULL)
-            return MHD_NO;
+            return serve_oom(NULL, c);
         *ctx = cn;
         cn->t0 = util_now_s();
         snprintf(cn->method, sizeof(cn->method), "%s", method);
@@ -1362,16 +1404,19 @@ serve_handle(void *cls, struct MHD_Connection *c, const char *url, const char *m
             free(cn->body.p);
             memset(&cn->body, 0, sizeof(cn->body));
         }
-        if (!cn->too_big && bbuf_add(&cn->body, upload, *upload_size) != 0)
-            return MHD_NO;
+        if (!cn->too_big && !cn->nomem && bbuf_add(&cn->body, upload, *upload_size) != 0) {
+            cn->nomem = 1;   /* the rest is read and dropped; the answer is a 503 */
+            free(cn->body.p);
+            memset(&cn->body, 0, sizeof(cn->body));
+        }
         *upload_size = 0;
         return MHD_YES;
     }
     if (cn->too_big)
         return serve_fail_reply(cn, c, 413, "invalid_request_error", NULL, 0,
                                 "the body is over --max-body");
-    if (cn->body.p == NULL && BB_ADD(&cn->body, "") != 0)
-        return MHD_NO;
+    if (cn->nomem || (cn->body.p == NULL && BB_ADD(&cn->body, "") != 0))
+        return serve_oom(cn, c);
     return serve_route(s, cn, c, url, method);
 }
 
@@ -1463,6 +1508,32 @@ serve_name(const struct serve_args *a, char *buf, size_t cap)
     return buf[0] != '\0' ? buf : "kli";
 }
 
+/* The state cache shares this process's memory with the running sessions and with every
+ * connection's buffers and thread: kept states that fill all the room left make the next
+ * connection's allocations fail, and the client sees its connection reset (ulimit -v). So
+ * without --state-cache the cache keeps at most a quarter of the room the process has
+ * before its sessions exist (cli_mem_room); a --state-cache above half of it is kept as
+ * given, with a warning. */
+static void
+serve_state_room(struct serve_args *a)
+{
+    const char *why;
+    int64_t room = cli_mem_room(&why);
+
+    if (room < 0 || a->state_bytes == 0)
+        return;
+    if (!a->state_given && a->state_bytes > (uint64_t)room / 4) {
+        a->state_bytes = (uint64_t)room / 4;
+        fprintf(stderr, "kli serve: %s leaves %.0f MiB: the state cache keeps at most "
+                "%.0f MiB (--state-cache)\n", why, (double)room / 1048576.0,
+                (double)a->state_bytes / 1048576.0);
+    } else if (a->state_given && a->state_bytes > (uint64_t)room / 2) {
+        fprintf(stderr, "kli serve: warning: --state-cache %.0f MiB is over half of the "
+                "%.0f MiB that %s leaves: requests may fail for memory once it fills\n",
+                (double)a->state_bytes / 1048576.0, (double)room / 1048576.0, why);
+    }
+}
+
 int
 cli_serve(int argc, char **argv)
 {
@@ -1512,6 +1583,11 @@ cli_serve(int argc, char **argv)
         goto out;
     s.name = serve_name(&a, namebuf, sizeof(namebuf));
 
+    serve_json_hooks();
+    if (serve_oom_init() != 0) {
+        cli_error("serve: out of memory");
+        goto out;
+    }
     const char *path = cli_model_path(a.ca.model, a.ca.demo, sizeof(a.ca.demo));
     if (path == NULL || cli_open_model(path, cli_threads(a.threads), &s.model) != 0)
         goto out;
@@ -1523,6 +1599,7 @@ cli_serve(int argc, char **argv)
     so.parallel = (int32_t)a.parallel;
     so.ctx_max = (int32_t)a.ctx;
     so.min_prefix = (int32_t)a.min_prefix;
+    serve_state_room(&a);
     so.prefix_bytes = a.state_bytes;
     so.prefix_dir = a.state_dir;
     if (a.state_dir != NULL)
@@ -1578,6 +1655,9 @@ cli_serve(int argc, char **argv)
                          MHD_OPTION_NOTIFY_COMPLETED, serve_completed, &s,
                          MHD_OPTION_CONNECTION_LIMIT, (unsigned)(4 * a.queue + 64),
                          MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)60,
+                         /* not RLIMIT_STACK's 8 MiB of address space per connection:
+                          * a handler parses JSON and writes answers from the heap */
+                         MHD_OPTION_THREAD_STACK_SIZE, (size_t)(1 << 20),
                          MHD_OPTION_END);
     if (d == NULL) {
         cli_error("serve: cannot listen on %s port %ld: %s", a.host, a.port, strerror(errno));
@@ -1648,6 +1728,8 @@ out:
     }
     if (d != NULL)
         MHD_stop_daemon(d);
+    if (serve_oom_resp != NULL)
+        MHD_destroy_response(serve_oom_resp);
     kli_model_close(s.model);
     cli_demo_remove(a.ca.demo);
     if (s.log_fd > STDERR_FILENO)

@@ -9,6 +9,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include <cjson/cJSON.h>
+
 #include "kli.h"
 
 #define SERVE_MAX_STOP 16
@@ -70,6 +72,11 @@ struct serve_err {
     char param[96];                  /* the field at fault, or "" */
     char msg[512];
 };
+
+/* Routes cJSON's allocations through kli serve's counter (once, before any request), so
+ * that serve_json_parse tells a body that is not JSON (400) from memory running out (503). */
+void serve_json_hooks(void);
+cJSON *serve_json_parse(const char *body, size_t len, struct serve_err *e);
 
 /* Parses a body of /v1/chat/completions or /v1/completions (JSON, `len` bytes, no NUL in
  * it) into r: every field is checked, and one kli cannot honour (unknown, or known but not

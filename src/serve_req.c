@@ -214,7 +214,7 @@ req_neutral(const struct field *f, const cJSON *j, struct serve_err *e)
 static int
 req_nomem(struct serve_err *e)
 {
-    e->status = 500;
+    e->status = 503;   /* for a while: other requests hold the memory */
     e->type = "server_error";
     return serve_fail(e, NULL, "out of memory");
 }
@@ -567,12 +567,54 @@ req_field(struct serve_req *r, const struct field *f, const cJSON *j,
     }
 }
 
+/* cJSON answers NULL both for a syntax error and for a failed allocation: its allocations
+ * go through here, so that a parse that ran out of memory is told apart (a 503 to retry,
+ * not a 400 blaming the client's JSON). */
+static _Thread_local int req_json_oom;
+
+static void *
+req_json_malloc(size_t n)
+{
+    void *p = malloc(n);
+    if (p == NULL)
+        req_json_oom = 1;
+    return p;
+}
+
+void
+serve_json_hooks(void)
+{
+    cJSON_Hooks h = {req_json_malloc, free};
+    cJSON_InitHooks(&h);
+}
+
+/* The body parsed, or NULL with the error in e: not JSON (400), or out of memory (503). */
+cJSON *
+serve_json_parse(const char *body, size_t len, struct serve_err *e)
+{
+    cJSON *root;
+
+    req_json_oom = 0;
+    if ((root = cJSON_ParseWithLength(body, len)) != NULL)
+        return root;
+    if (req_json_oom) {
+        req_nomem(e);
+        return NULL;
+    }
+    const char *at = cJSON_GetErrorPtr();   /* global in cJSON: checked to lie in the body */
+    if (at != NULL && at >= body && at <= body + len)
+        serve_fail(e, NULL, "the body is not valid JSON (at byte %zu)", (size_t)(at - body));
+    else
+        serve_fail(e, NULL, "the body is not valid JSON");
+    return NULL;
+}
+
 int
 serve_req_parse(struct serve_req *r, enum serve_kind kind, const char *body, size_t len,
                 const struct kli_tokenizer *tok, const struct serve_limits *lim,
                 struct serve_err *e)
 {
-    cJSON *root = cJSON_ParseWithLength(body, len);
+    cJSON *root;
     const cJSON *m;
     const char *need = kind == SERVE_CHAT ? "messages" : "prompt";
     int mask = kind == SERVE_CHAT ? CHAT : COMPL, have_prompt = 0;
@@ -584,14 +626,8 @@ serve_req_parse(struct serve_req *r, enum serve_kind kind, const char *body, siz
     r->seeded = lim->seeded;
     r->max_tokens = lim->max_tokens;
     r->n_choices = 1;
-    if (root == NULL) {
-        const char *at = cJSON_GetErrorPtr();
-        if (at != NULL && at >= body && at <= body + len)
-            serve_fail(e, NULL, "the body is not valid JSON (at byte %zu)", (size_t)(at - body));
-        else
-            serve_fail(e, NULL, "the body is not valid JSON");
+    if ((root = serve_json_parse(body, len, e)) == NULL)
         return -1;
-    }
     if (!cJSON_IsObject(root)) {
         serve_fail(e, NULL, "the body must be a JSON object");
         goto fail;

@@ -5,7 +5,10 @@
 # $KLI_NPM_DIR or else ~/.cache/kli/npm): models.list, a chat answer whole and streamed (the
 # two agreeing), a completion, a json_schema answer that validates, a bad logit_bias
 # refused and a tool call under tool_choice "required". The npm part is skipped, with a message, where node or npm is missing or the
-# registry cannot be reached.
+# registry cannot be reached. Last, memory: under an address-space limit (ulimit -v, set
+# from what an idle server maps here) 12 clients send 120 long chats whose states would
+# fill the default state cache many times over: every request is answered (200, or 503 with
+# Retry-After), none is reset, and the state cache keeps to the share it announced.
 set -u
 : "${KLI_BIN:?}" "${KLI_TESTDATA:?}" "${KLI_SRCDIR:?}"
 . "$KLI_SRCDIR/tests/lib.sh"
@@ -115,6 +118,114 @@ JS
         is_rc=$?
         if [ "$is_rc" = 0 ]; then ok "openai: the server exits 0"; else
             notok "openai: the server exits $is_rc"; fi
+    fi
+fi
+if tcase memory; then
+    if grep -q __asan_init "$kli" 2>/dev/null; then
+        echo "# SKIP memory: AddressSanitizer cannot run under ulimit -v"
+    elif ! need_python json; then
+        echo "# SKIP memory: python3 is needed"
+    else
+        cat >"$tmp/mem.py" <<'EOF'
+import http.client, json, re, resource, subprocess, sys, time, threading
+kli, tmp = sys.argv[1], sys.argv[2]
+
+def start(limit_kb):
+    err = open('%s/mem-%d.err' % (tmp, limit_kb), 'w+')
+    def lim():
+        if limit_kb:
+            resource.setrlimit(resource.RLIMIT_AS, (limit_kb * 1024, limit_kb * 1024))
+    p = subprocess.Popen([kli, 'serve', '--port', '0', '--min-prefix', '8', '-P', '4',
+                          '--queue', '64'], stderr=err, preexec_fn=lim)
+    for _ in range(1200):
+        err.seek(0)
+        m = re.search(r'http://[^ ]*:(\d+)/ ', err.read())
+        if m:
+            return p, int(m.group(1)), err
+        if p.poll() is not None:
+            break
+        time.sleep(0.05)
+    err.seek(0)
+    sys.exit('kli serve did not start: %s' % err.read()[-400:])
+
+def vm_kb(pid):
+    return int(re.search(r'VmSize:\s+(\d+)', open('/proc/%d/status' % pid).read()).group(1))
+
+def req(port, method, path, body=None):
+    c = http.client.HTTPConnection('127.0.0.1', port, timeout=600)
+    c.request(method, path, json.dumps(body) if body else None,
+              {'Content-Type': 'application/json'})
+    r = c.getresponse()
+    data = r.read()
+    c.close()
+    return r.status, r.getheader('Retry-After'), data
+
+# What an idle server maps on this machine (its threads' stacks and the model among it),
+# after one request, under a limit too high to matter (a limit changes how kli allocates);
+# the limit of the test leaves it 160 MiB more.
+p, port, err = start(1 << 30)
+req(port, 'POST', '/v1/chat/completions',
+    {'max_tokens': 1, 'messages': [{'role': 'user', 'content': 'hi'}]})
+base = vm_kb(p.pid)
+p.terminate()
+p.wait()
+limit = base + 160 * 1024
+p, port, err = start(limit)
+codes, lock, todo = {}, threading.Lock(), list(range(120))
+
+def one(i):
+    body = {'temperature': 0, 'max_tokens': 4, 'messages': [{'role': 'user',
+            'content': 'request %d ' % i + 'words and more words ' * 400}]}
+    try:
+        st, retry, data = req(port, 'POST', '/v1/chat/completions', body)
+        k = 200 if st == 200 else '503' if st == 503 and retry else '%d: %r' % (st, data[:120])
+    except Exception as ex:
+        k = 'no answer (%s)' % type(ex).__name__
+    with lock:
+        codes[k] = codes.get(k, 0) + 1
+
+def worker():
+    while True:
+        with lock:
+            if not todo:
+                return
+            i = todo.pop()
+        one(i)
+
+ts = [threading.Thread(target=worker) for _ in range(12)]
+for t in ts:
+    t.start()
+for t in ts:
+    t.join()
+st, _, m = req(port, 'GET', '/metrics')
+alive = p.poll() is None
+p.terminate()
+p.wait()
+err.seek(0)
+log = err.read()
+m = m.decode()
+print('# limit %d KiB (idle server %d KiB): %r' % (limit, base, codes))
+print('# ' + ' '.join(l for l in m.splitlines() if l.startswith('kli_state_cache')))
+ann = re.search(r'the state cache keeps at most (\d+) MiB', log)
+kept = int(re.search(r'kli_state_cache_bytes (\d+)', m).group(1))
+bad = [k for k in codes if k not in (200, '503')]
+print('%s every request answered, 200 or 503 with Retry-After%s' %
+      ('ok' if not bad else 'not ok', '' if not bad else ': %r' % bad))
+print('%s most requests (>= 90%%) were served' % ('ok' if codes.get(200, 0) >= 108 else 'not ok'))
+print('%s the state cache took the share it announced (%s MiB), no more (%d bytes kept)' %
+      ('ok' if ann and kept <= (int(ann.group(1)) + 1) * 1048576 else 'not ok',
+       ann.group(1) if ann else 'none announced', kept))
+print('%s the server is still up' % ('ok' if alive and st == 200 else 'not ok'))
+EOF
+        "$PY" "$tmp/mem.py" "$kli" "$tmp" >"$tmp/mem.out" 2>&1
+        grep -q '^ok the server is still up' "$tmp/mem.out" || notok "memory: the check ran"
+        while IFS= read -r l; do
+            case $l in
+            "ok "*) ok "memory: ${l#ok }" ;;
+            "not ok "*) notok "memory: ${l#not ok }" ;;
+            *) echo "# $l" ;;
+            esac
+        done <"$tmp/mem.out"
     fi
 fi
 tdone
