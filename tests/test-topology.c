@@ -1173,7 +1173,7 @@ test_pool_sleep(void)
     int team = cpus > 0 && cpus < 8 ? 4 * (int)cpus : 16;
     threads_set_count(team > POOL_MAXT ? POOL_MAXT : team);
     good = 1;
-    for (int r = 0; r < 2000; r++) {
+    for (int r = 0; r < 600; r++) {
         int64_t n = 1 + r % 97;
         memset(j.count, 0, (size_t)n * sizeof(j.count[0]));
         j.n = n;
@@ -1181,7 +1181,7 @@ test_pool_sleep(void)
         for (int64_t i = 0; i < n; i++)
             good &= j.count[i] == 1;
     }
-    ok(good && !j.bad_ith, "pool: %d workers on %ld CPUs, 2000 regions: no deadlock, every "
+    ok(good && !j.bad_ith, "pool: %d workers on %ld CPUs, 600 regions: no deadlock, every "
        "index once", threads_count(), cpus);
     threads_set_count(saved);
 }
