@@ -390,7 +390,9 @@ batch_on_finish(void *ud, const struct kli_sched_result *res)
     int bad = 0;
 
     it->lp = NULL;
-    if (res->finish == KLI_FINISH_INTERRUPT) {   /* stopped: no line, a rerun redoes it */
+    if (res->finish == KLI_FINISH_INTERRUPT && it->tools != NULL && it->tools->first_done)
+        rr.finish = KLI_FINISH_EOS;   /* cancelled at the end of its one tool call */
+    else if (res->finish == KLI_FINISH_INTERRUPT) {   /* stopped: no line, a rerun redoes it */
         batch_tools_free(it->tools);
         it->tools = NULL;
         goto out;
@@ -456,14 +458,27 @@ batch_on_token(void *ud, const struct kli_sched_token *t)
         cli_error("out of memory");
         b->io_failed = 1;
     }
-    if (tl != NULL) {   /* the answer is read for calls: special tokens by name */
+    if (tl != NULL && !tl->first_done) {   /* the answer is read for calls: special tokens
+                                            * by name */
         size_t len = t->len;
         const char *p = len > 0 ? t->text : kli_token_bytes(b->tok, t->token, &len);
         if (t->len == 0 && !tc_marker(p, len))
             len = 0;   /* special tokens but the tool-call markers give no text */
+        /* parallel_tool_calls false: the first call is the answer, so it ends here (the
+         * section closed) rather than generating calls that would be dropped */
+        int ended = tl->one_call && t->len == 0 && tc_first_call_end(tl->acc, tl->n, p, len);
         if (p != NULL && util_text_add(&tl->acc, &tl->n, &tl->cap, p, len) != 0) {
             cli_error("out of memory");
             b->io_failed = 1;
+        }
+        if (ended) {
+            tl->first_done = 1;
+            if (util_text_add(&tl->acc, &tl->n, &tl->cap, TC_SECTION_END,
+                              strlen(TC_SECTION_END)) != 0) {
+                cli_error("out of memory");
+                b->io_failed = 1;
+            }
+            kli_sched_cancel(b->sched, t->id);
         }
     }
 }

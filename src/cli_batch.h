@@ -90,6 +90,7 @@ struct batch_tools {
     int n_stop;
     char *acc;               /* the answer, special tokens by name */
     size_t n, cap;
+    int first_done;          /* one_call: the first call ended, the request was cancelled */
 };
 void batch_tools_free(struct batch_tools *t);
 

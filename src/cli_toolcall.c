@@ -830,6 +830,17 @@ tc_messages(const char *system, const char *user)
 }
 
 int
+tc_first_call_end(const char *acc, size_t n, const char *tok, size_t len)
+{
+    const char *sb;
+
+    if (tok == NULL || len != strlen(TC_CALL_END) || memcmp(tok, TC_CALL_END, len) != 0 ||
+        acc == NULL || (sb = util_find(acc, n, TC_SECTION_BEGIN)) == NULL)
+        return 0;
+    return util_find(sb, n - (size_t)(sb - acc), TC_CALL_BEGIN) != NULL;
+}
+
+int
 tc_marker(const char *name, size_t len)
 {
     return name != NULL && len > 11 && memcmp(name, "<|tool_call", 11) == 0;

@@ -271,6 +271,8 @@ struct job {
     size_t lp_off;               /* the text offset where token lp_sent starts */
     int lp_bad;                  /* one could not be kept: the answer fails */
     int nomem;                   /* it failed for memory: 503, worth a retry */
+    int first_done;              /* one_call: its first tool call ended; cancelled there */
+    int acc_bad;                 /* text was lost for memory: the answer fails */
     /* n > 1: every choice is a job of its own on the scheduler. The first, the lead, holds
      * the connection, the stream (out, cv) and the request (the others borrow its rq); it is
      * done when all its choices have ended. A choice holds a reference to the lead while
@@ -633,13 +635,26 @@ serve_on_token(void *ud, const struct kli_sched_token *t)
         j->lp_bad = 1;
     const char *text = t->text;
     size_t len = t->len;
+    int ended = 0;
     if (len == 0 && j->rq.tool_mode != SERVE_TOOLS_OFF) {   /* a tool-call marker, by name */
         text = kli_token_bytes(s->tok, t->token, &len);
         if (!tc_marker(text, len))
             len = 0;
+        /* parallel_tool_calls false: the first call is the answer, so it ends here (the
+         * section closed) rather than generating calls that would be dropped */
+        ended = j->rq.one_call && tc_first_call_end(j->acc.p, j->acc.n, text, len);
     }
-    if (bbuf_add(&j->acc, text, text != NULL ? len : 0) == 0 && j->rq.stream &&
-        (safe = job_safe(j)) > j->sent) {
+    if (j->first_done)
+        len = 0;   /* a token decoded before the cancel took effect */
+    if (bbuf_add(&j->acc, text, text != NULL ? len : 0) != 0)
+        j->acc_bad = 1;
+    if (ended && !j->first_done) {
+        j->first_done = 1;
+        if (bbuf_add(&j->acc, TC_SECTION_END, strlen(TC_SECTION_END)) != 0)
+            j->acc_bad = 1;
+        kli_sched_cancel(s->sched, t->id);
+    }
+    if (j->rq.stream && (safe = job_safe(j)) > j->sent) {
         if (job_event(j, j->acc.p + j->sent, safe - j->sent, NULL) == 0)
             j->sent = safe;
         pthread_cond_broadcast(&j->lead->cv);
@@ -658,7 +673,7 @@ serve_on_finish(void *ud, const struct kli_sched_result *r)
         ;
     if (*pp == j)
         *pp = j->next;
-    j->finish = r->finish;
+    j->finish = r->finish == KLI_FINISH_INTERRUPT && j->first_done ? KLI_FINISH_EOS : r->finish;
     j->n_prompt = r->n_prompt;
     j->n_cached = r->n_cached;
     j->n_gen = r->n_generated;
@@ -673,10 +688,12 @@ serve_on_finish(void *ud, const struct kli_sched_result *r)
         j->error = strdup(r->error);
     else if (j->lp_bad && j->error == NULL)
         j->error = strdup("out of memory (logprobs)");
-    j->nomem = r->status == KLI_E_NOMEM || (r->error == NULL && j->error != NULL);
-    if (j->error == NULL && j->rq.tool_mode != SERVE_TOOLS_OFF && r->finish != KLI_FINISH_ERROR &&
-        r->finish != KLI_FINISH_INTERRUPT && job_tools(j) != 0)
+    else if (j->acc_bad && j->error == NULL)
+        j->error = strdup("out of memory (the answer's text)");
+    if (j->error == NULL && j->rq.tool_mode != SERVE_TOOLS_OFF && j->finish != KLI_FINISH_ERROR &&
+        j->finish != KLI_FINISH_INTERRUPT && job_tools(j) != 0)
         j->error = strdup("out of memory");
+    j->nomem = r->status == KLI_E_NOMEM || (r->error == NULL && j->error != NULL);
     if (j->len < j->sent)   /* cannot happen: what was sent is final */
         j->sent = j->len;
     if (r->started) {

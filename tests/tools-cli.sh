@@ -236,6 +236,59 @@ EOF2
     done <"$tmp/calls"
     [ $bad = 0 ] || sed 's/^/# /' "$tmp/err" | head -3
     check $bad "batch: every call validates (required, and ping named)"
+    # parallel_tool_calls false in batch records: as serve's case says
+    ids=$(printf '<|tool_calls_section_begin|><|tool_call_begin|><|tool_call_argument_begin|><|tool_call_end|><|tool_calls_section_end|>' |
+        "$kli" tokenize -m "$model" --special)
+    "$PY" - "$tl" $ids >"$tmp/one.jsonl" <<'EOF2'
+import json, sys
+tools, ids = json.loads(sys.argv[1]), sys.argv[2:7]
+for seed in range(1, 9):
+    for par in (True, False):
+        print(json.dumps({'id': '%d-%s' % (seed, par), 'tools': tools, 'max_tokens': 60,
+                          'messages': [{'role': 'user', 'content': 'Weather?'}],
+                          'temperature': 1, 'seed': seed, 'logprobs': True,
+                          'parallel_tool_calls': par, 'logit_bias': {i: 30 for i in ids}}))
+EOF2
+    "$kli" batch -m "$model" -i "$tmp/one.jsonl" -o "$tmp/one.out.jsonl" -P 4 -t 1 --quiet \
+        2>"$tmp/err"
+    "$PY" - "$tmp/one.out.jsonl" >"$tmp/one.out" 2>&1 <<'EOF2'
+import json, sys
+names = ['<|tool_calls_section_begin|>', '<|tool_call_begin|>',
+         '<|tool_call_argument_begin|>', '<|tool_call_end|>', '<|tool_calls_section_end|>']
+recs = {}
+for l in open(sys.argv[1], encoding='utf-8'):
+    o = json.loads(l)
+    recs[o['id']] = o
+
+def first_call_end(toks):
+    sec = call = False
+    for i, t in enumerate(toks):
+        if t == names[0]:
+            sec = True
+        elif t == names[1] and sec:
+            call = True
+        elif t == names[3] and call:
+            return i + 1
+    return None
+
+cut = 0
+for seed in range(1, 9):
+    a, o = recs['%d-True' % seed], recs['%d-False' % seed]
+    all_ = [t['token'] for t in a['logprobs']['content']]
+    one = [t['token'] for t in o['logprobs']['content']]
+    want = first_call_end(all_)
+    assert one == all_[:len(one)] and o['completion_tokens'] == len(one), (seed, one, all_)
+    if want is None:
+        assert one == all_, (seed, one, all_)
+    else:
+        cut += want < len(all_)
+        assert len(one) == want and o['finish_reason'] != 'length', (seed, o, want)
+        assert len(o.get('tool_calls') or []) <= 1, o
+print('%d of 8 answers ended early' % cut)
+assert cut >= 2, cut
+EOF2
+    check $? "batch: parallel_tool_calls false ends the answer after the first call"
+    sed 's/^/# /' "$tmp/one.out" | tail -3
 fi
 
 if tcase serve; then
@@ -341,6 +394,62 @@ EOF2
         [ "$code" = 400 ] && grep -q '"param":"max_tokens"' "$tmp/ans" &&
             grep -q tool_choice "$tmp/ans" && ! grep -q response_format "$tmp/ans"
         check $? "serve: too small a max_tokens for a forced call: a 400 naming tool_choice"
+        # parallel_tool_calls false ends the answer at the end of its first call: with the
+        # markers' logits raised so that calls come fast, each seed's answer is the answer
+        # of the same request with parallel calls allowed, token for token, cut after the
+        # first <|tool_call_end|> that closes a call begun inside a section
+        ids=$(printf '<|tool_calls_section_begin|><|tool_call_begin|><|tool_call_argument_begin|><|tool_call_end|><|tool_calls_section_end|>' |
+            "$kli" tokenize -m "$model" --special)
+        "$PY" - "$port" "$tl" $ids >"$tmp/one.out" 2>&1 <<'EOF2'
+import http.client, json, sys
+port, tools, ids = int(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3:8]
+names = ['<|tool_calls_section_begin|>', '<|tool_call_begin|>',
+         '<|tool_call_argument_begin|>', '<|tool_call_end|>', '<|tool_calls_section_end|>']
+
+def ask(seed, par):
+    body = {'messages': [{'role': 'user', 'content': 'Weather?'}], 'tools': tools,
+            'max_tokens': 60, 'temperature': 1, 'seed': seed, 'logprobs': True,
+            'parallel_tool_calls': par, 'logit_bias': {i: 30 for i in ids}}
+    c = http.client.HTTPConnection('127.0.0.1', port, timeout=300)
+    c.request('POST', '/v1/chat/completions', json.dumps(body),
+              {'Content-Type': 'application/json'})
+    r = c.getresponse()
+    o = json.loads(r.read())
+    assert r.status == 200, o
+    ch = o['choices'][0]
+    return [t['token'] for t in ch['logprobs']['content']], ch, o['usage']['completion_tokens']
+
+def first_call_end(toks):
+    """The length of the answer cut after the first call's end, or None."""
+    sec = call = False
+    for i, t in enumerate(toks):
+        if t == names[0]:
+            sec = True
+        elif t == names[1] and sec:
+            call = True
+        elif t == names[3] and call:
+            return i + 1
+    return None
+
+cut = 0
+for seed in range(1, 9):
+    all_, _, n_all = ask(seed, True)
+    one, ch, n_one = ask(seed, False)
+    want = first_call_end(all_)
+    assert one == all_[:len(one)], (seed, one, all_)
+    assert n_one == len(one), (seed, n_one, len(one))
+    if want is None:
+        assert one == all_, (seed, one, all_)
+    else:
+        cut += want < len(all_)
+        assert len(one) == want, (seed, len(one), want, all_)
+        assert ch['finish_reason'] != 'length', ch
+        assert len(ch['message'].get('tool_calls') or []) <= 1, ch
+print('%d of 8 answers ended early' % cut)
+assert cut >= 2, cut
+EOF2
+        check $? "serve: parallel_tool_calls false ends the answer after the first call"
+        sed 's/^/# /' "$tmp/one.out" | tail -3
         kill $spid 2>/dev/null
         wait $spid 2>/dev/null
     fi
