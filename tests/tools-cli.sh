@@ -48,6 +48,27 @@ cat >"$tmp/tools.json" <<'EOF2'
   "properties": {"n": {"type": "boolean"}}, "required": ["n"], "additionalProperties": false}}}]
 EOF2
 
+# first_call_end(tokens): for the parallel_tool_calls cases, the length of an answer cut
+# after its first call's end (the first <|tool_call_end|> after a call begun inside a
+# section), or None
+cat >"$tmp/first_call.py" <<'EOF2'
+names = ['<|tool_calls_section_begin|>', '<|tool_call_begin|>',
+         '<|tool_call_argument_begin|>', '<|tool_call_end|>', '<|tool_calls_section_end|>']
+
+
+def first_call_end(toks):
+    sec = call = False
+    for i, t in enumerate(toks):
+        if t == names[0]:
+            sec = True
+        elif t == names[1] and sec:
+            call = True
+        elif t == names[3] and call:
+            return i + 1
+    return None
+EOF2
+export ONECALL_DIR="$tmp"
+
 # check_call FILE NAME: the answer is a call to NAME (any declared one if empty) with
 # arguments of its parameters (the two schemas above, checked by hand)
 check_call() {
@@ -252,24 +273,14 @@ EOF2
     "$kli" batch -m "$model" -i "$tmp/one.jsonl" -o "$tmp/one.out.jsonl" -P 4 -t 1 --quiet \
         2>"$tmp/err"
     "$PY" - "$tmp/one.out.jsonl" >"$tmp/one.out" 2>&1 <<'EOF2'
-import json, sys
-names = ['<|tool_calls_section_begin|>', '<|tool_call_begin|>',
-         '<|tool_call_argument_begin|>', '<|tool_call_end|>', '<|tool_calls_section_end|>']
+import json, os, sys
+sys.path.insert(0, os.environ['ONECALL_DIR'])
+from first_call import first_call_end, names
 recs = {}
 for l in open(sys.argv[1], encoding='utf-8'):
     o = json.loads(l)
     recs[o['id']] = o
 
-def first_call_end(toks):
-    sec = call = False
-    for i, t in enumerate(toks):
-        if t == names[0]:
-            sec = True
-        elif t == names[1] and sec:
-            call = True
-        elif t == names[3] and call:
-            return i + 1
-    return None
 
 cut = 0
 for seed in range(1, 9):
@@ -401,10 +412,10 @@ EOF2
         ids=$(printf '<|tool_calls_section_begin|><|tool_call_begin|><|tool_call_argument_begin|><|tool_call_end|><|tool_calls_section_end|>' |
             "$kli" tokenize -m "$model" --special)
         "$PY" - "$port" "$tl" $ids >"$tmp/one.out" 2>&1 <<'EOF2'
-import http.client, json, sys
+import http.client, json, os, sys
+sys.path.insert(0, os.environ['ONECALL_DIR'])
+from first_call import first_call_end, names
 port, tools, ids = int(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3:8]
-names = ['<|tool_calls_section_begin|>', '<|tool_call_begin|>',
-         '<|tool_call_argument_begin|>', '<|tool_call_end|>', '<|tool_calls_section_end|>']
 
 def ask(seed, par):
     body = {'messages': [{'role': 'user', 'content': 'Weather?'}], 'tools': tools,
@@ -419,17 +430,6 @@ def ask(seed, par):
     ch = o['choices'][0]
     return [t['token'] for t in ch['logprobs']['content']], ch, o['usage']['completion_tokens']
 
-def first_call_end(toks):
-    """The length of the answer cut after the first call's end, or None."""
-    sec = call = False
-    for i, t in enumerate(toks):
-        if t == names[0]:
-            sec = True
-        elif t == names[1] and sec:
-            call = True
-        elif t == names[3] and call:
-            return i + 1
-    return None
 
 cut = 0
 for seed in range(1, 9):
