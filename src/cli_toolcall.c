@@ -829,15 +829,30 @@ tc_messages(const char *system, const char *user)
     return arr;
 }
 
+/* Whether a[0..n) holds no marker (every one begins so). */
+static int
+tc_no_marker(const char *a, size_t n)
+{
+    return util_find(a, n, "<|tool_call") == NULL;
+}
+
 int
 tc_first_call_end(const char *acc, size_t n, const char *tok, size_t len)
 {
-    const char *sb;
+    const char *end = acc + n, *sb, *cb, *ab;
+    size_t lsb = strlen(TC_SECTION_BEGIN), lcb = strlen(TC_CALL_BEGIN);
 
+    /* acc = CONTENT SECTION_BEGIN CALL_BEGIN ID ARG_BEGIN ARGS, and no other marker after
+     * the section's begin: then this end closes a well-formed first call. Anything else is
+     * left to the parser whole. */
     if (tok == NULL || len != strlen(TC_CALL_END) || memcmp(tok, TC_CALL_END, len) != 0 ||
-        acc == NULL || (sb = util_find(acc, n, TC_SECTION_BEGIN)) == NULL)
+        acc == NULL || (sb = util_find(acc, n, TC_SECTION_BEGIN)) == NULL ||
+        (cb = util_find(sb + lsb, (size_t)(end - sb - lsb), TC_CALL_BEGIN)) == NULL ||
+        !tc_no_marker(sb + lsb, (size_t)(cb - sb - lsb)) ||
+        (ab = util_find(cb + lcb, (size_t)(end - cb - lcb), TC_ARG_BEGIN)) == NULL ||
+        !tc_no_marker(cb + lcb, (size_t)(ab - cb - lcb)))
         return 0;
-    return util_find(sb, n - (size_t)(sb - acc), TC_CALL_BEGIN) != NULL;
+    return tc_no_marker(ab + strlen(TC_ARG_BEGIN), (size_t)(end - ab - strlen(TC_ARG_BEGIN)));
 }
 
 int

@@ -96,8 +96,9 @@ int64_t tc_render(const struct kli_tokenizer *tok, const struct cJSON *messages,
 struct cJSON *tc_messages(const char *system, const char *user);
 
 /* Whether a token (its marker name, len bytes; 0 for an ordinary token) ends the first call
- * of an answer whose text so far is acc[0..n): it is TC_CALL_END, and acc has a call begun
- * inside a section. With "parallel_tool_calls": false the answer can end there. */
+ * of an answer whose text so far is acc[0..n): it is TC_CALL_END, and since its first
+ * section's begin acc holds exactly one call's begin and argument begin, no other marker.
+ * With "parallel_tool_calls": false the answer can end there. */
 int tc_first_call_end(const char *acc, size_t n, const char *tok, size_t len);
 
 /* Whether a special token's name (len bytes) is a tool-call marker, one that an answer read

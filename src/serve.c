@@ -744,8 +744,10 @@ serve_loop(void *arg)
             q.logprobs = j->rq.logprobs_on ? j->rq.top_logprobs : -1;
             q.so.seed += (uint64_t)j->index;   /* each choice a stream of its own */
             q.user = j;
-            if (kli_sched_submit(s->sched, &q, &j->sched_id, &err) != KLI_OK) {
+            int rc = kli_sched_submit(s->sched, &q, &j->sched_id, &err);
+            if (rc != KLI_OK) {
                 j->error = strdup(err.msg);
+                j->nomem = rc == KLI_E_NOMEM || j->error == NULL;
                 j->finish = KLI_FINISH_ERROR;
                 job_end(s, j);
                 continue;
@@ -1028,10 +1030,15 @@ job_answer(struct conn *cn, struct MHD_Connection *c, struct job *j)
     if (failed != NULL)
         return serve_fail_reply(cn, c, failed->nomem ? 503 : 500, "server_error", NULL,
                                 failed->nomem ? 1 : 0, failed->error);
-    if (j->timed_out)
+    /* a choice cut short; the timeout counts only then (an answer that ended as the
+     * deadline passed is whole) */
+    int cut = j->finish == KLI_FINISH_INTERRUPT;
+    for (int i = 1; i <= j->n_sib; i++)
+        cut |= j->sib[i - 1]->finish == KLI_FINISH_INTERRUPT;
+    if (cut && j->timed_out)
         return serve_fail_reply(cn, c, 504, "server_error", "timeout", 0,
                                 "the request took longer than --timeout allows");
-    if (j->finish == KLI_FINISH_INTERRUPT)
+    if (cut)
         return serve_fail_reply(cn, c, 503, "server_error", NULL, 0,
                                 "the request was cancelled (the server is shutting down)");
     bad = serve_head(&b, j, chat ? "chat.completion" : "text_completion");

@@ -254,11 +254,62 @@ test_parallel(void)
     cJSON_Delete(tools);
 }
 
+/* parallel_tool_calls false ends an answer at the end of its first call when that call is
+ * well formed (tc_first_call_end): what was generated, the end and the section's end then
+ * parse into exactly the first call of the whole answer. Anything else is never cut. */
+static void
+test_first_end(void)
+{
+    static const char whole[] = "Let me see." SB CB "functions.get_weather:0" AB
+                                "{\"city\": \"Oslo\"}" CE CB "functions.ping:1" AB "{}" CE SE;
+    static const char *const cut[] = {
+        SB CB "functions.ping:0" AB "{}",
+        "text" SB CB "functions.ping:0" AB "",
+        SB CB AB "{\"a\": 1}",
+    };
+    static const char *const never[] = {
+        "", "plain text", SB, SB CB "functions.ping:0", CB "functions.ping:0" AB "{}",
+        SB AB "{}", SB AB CB "x", SB CB "x" AB "{}" CE, SB CB "x" AB "{}" SE,
+        SB SB CB "x" AB "{}", SB CB CB "x" AB "{}", SB "junk" CE CB "x" AB "{}",
+        SB CB "x" AB "{}" CE CB "y" AB "{}", SE SB "" CB "x" AB AB "{}",
+    };
+    cJSON *tools = cJSON_Parse(decl), *all = NULL, *first = NULL;
+    char msg[256] = "", *content = NULL, buf[512];
+    const char *ce = strstr(whole, CE);
+    size_t n = (size_t)(ce - whole);
+
+    ok(tc_first_call_end(whole, n, CE, strlen(CE)) &&
+       !tc_first_call_end(whole, n, AB, strlen(AB)) && !tc_first_call_end(whole, n, "x", 1) &&
+       !tc_first_call_end(whole, n, CE, strlen(CE) - 1),
+       "the first call's end, and no other token, ends it");
+    snprintf(buf, sizeof(buf), "%.*s%s%s", (int)n, whole, CE, SE);
+    tc_parse(whole, strlen(whole), tools, &content, &all, msg, sizeof(msg));
+    free(content);
+    content = NULL;
+    tc_parse(buf, strlen(buf), tools, &content, &first, msg, sizeof(msg));
+    tc_keep_first(all);
+    ok(cJSON_GetArraySize(first) == 1 && cJSON_Compare(first, all, 1) &&
+       content != NULL && strcmp(content, "Let me see.") == 0,
+       "cut there and closed, the answer is the first call and the text before it");
+    free(content);
+    cJSON_Delete(all);
+    cJSON_Delete(first);
+    for (size_t i = 0; i < sizeof(cut) / sizeof(cut[0]); i++)
+        ok(tc_first_call_end(cut[i], strlen(cut[i]), CE, strlen(CE)), "cut after %s", cut[i]);
+    for (size_t i = 0; i < sizeof(never) / sizeof(never[0]); i++)
+        ok(!tc_first_call_end(never[i], strlen(never[i]), CE, strlen(CE)),
+           "not cut after '%s'", never[i]);
+    ok(!tc_first_call_end(NULL, 0, CE, strlen(CE)) && !tc_first_call_end(whole, n, NULL, 0),
+       "nothing yet, or no token: not cut");
+    cJSON_Delete(tools);
+}
+
 static const struct tap_fn cases[] = {
     {"good", test_good},
     {"damaged", test_damaged},
     {"forced", test_forced},
     {"parallel", test_parallel},
+    {"first_end", test_first_end},
 };
 
 TAP_MAIN(cases)
