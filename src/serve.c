@@ -1535,9 +1535,11 @@ serve_name(const struct serve_args *a, char *buf, size_t cap)
 /* The state cache shares this process's memory with the running sessions and with every
  * connection's buffers and thread: kept states that fill all the room left make the next
  * connection's allocations fail, and the client sees its connection reset (ulimit -v). So
- * without --state-cache the cache keeps at most a quarter of the room the process has
- * before its sessions exist (cli_mem_room); a --state-cache above half of it is kept as
- * given, with a warning. */
+ * without --state-cache the cache keeps at most an eighth of the room the process has
+ * before its sessions exist (cli_mem_room): the rest is for what requests take while they
+ * run (the sessions' buffers, OpenBLAS's, the connections), which grows well past what the
+ * process maps at start. A --state-cache above half of the room is kept as given, with a
+ * warning. */
 static void
 serve_state_room(struct serve_args *a)
 {
@@ -1546,8 +1548,8 @@ serve_state_room(struct serve_args *a)
 
     if (room < 0 || a->state_bytes == 0)
         return;
-    if (!a->state_given && a->state_bytes > (uint64_t)room / 4) {
-        a->state_bytes = (uint64_t)room / 4;
+    if (!a->state_given && a->state_bytes > (uint64_t)room / 8) {
+        a->state_bytes = (uint64_t)room / 8;
         fprintf(stderr, "kli serve: %s leaves %.0f MiB: the state cache keeps at most "
                 "%.0f MiB (--state-cache)\n", why, (double)room / 1048576.0,
                 (double)a->state_bytes / 1048576.0);
