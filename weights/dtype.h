@@ -108,12 +108,18 @@ void kq_from_f32(enum k_dtype dt, const float *src, uint8_t *dst, int64_t nb,
  * scales are searched as kq_from_f32's with imp (k weights, diag(H) say), on the row as
  * corrected so far; its weights are then rounded in order to the nearest level of those
  * scales, each rounding error spread over the later columns through u, so that later
- * columns make up for it where the inputs are correlated. tmp: k floats of scratch. A
- * diagonal H (u diagonal) gives kq_from_f32's bytes.
+ * columns make up for it where the inputs are correlated. Other scales are then tried (a
+ * search with GPTQ's own column weights 1/u_jj^2, and searches on the values the best
+ * rounding so far ended with), and the block keeps those whose rounding leaves the least
+ * sum of (error_j / u_jj)^2, the block's part of e^T H e. tmp: k floats of scratch. A
+ * diagonal H (u diagonal) gives kq_from_f32's bytes. kq_from_f32_hp: the same with
+ * `passes` of the search (kq_from_f32_h: 4; 0: the first scales alone), for tests.
  */
 int kq_hinv_factor(const double *h, int64_t k, double damp, float *u);
 void kq_from_f32_h(enum k_dtype dt, const float *src, uint8_t *dst, int64_t nb,
                    const float *imp, const float *u, float *tmp);
+void kq_from_f32_hp(enum k_dtype dt, const float *src, uint8_t *dst, int64_t nb,
+                    const float *imp, const float *u, float *tmp, int passes);
 
 /* The dtype a matrix with rows of `cols` elements is written in when dt is asked for: dt
  * when the rows are whole blocks of it; for a K type whose rows are not whole super-blocks

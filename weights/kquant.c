@@ -694,29 +694,89 @@ out:
     return rc;
 }
 
+/*
+ * Rounds one super-block of the row, columns j0.. j0 + 255, to the nearest levels of the
+ * scales in b, spreading each rounding error over the block's later columns through u (the
+ * columns after the block are left to the caller). x: the block as corrected so far, on
+ * return as corrected while rounding; r: each column's error over u_jj. @return sum r^2:
+ * the block's part of GPTQ's objective e^T H e, given that the columns after it still make
+ * up for its errors. It is what the choice of the block's scales changes, so kq_from_f32_h
+ * compares candidate scales by it.
+ */
+static double
+kq_round_block(struct kq_block *b, const struct kq_type *ty, float *x, const float *u,
+               int64_t k, int64_t j0, float *r)
+{
+    double loss = 0.0;
+
+    for (int i = 0; i < KLI_QK_K; i++) {
+        const float *uj = u + (j0 + i) * k + j0;
+        float sc = b->d * (float)b->sc[i / ty->sub], mn = b->dmin * (float)b->mn[i / ty->sub];
+        b->q[i] = kq_level(x[i], sc, mn, ty->qlo, ty->qhi);
+        r[i] = (x[i] - (sc * (float)b->q[i] - mn)) / uj[i];
+        loss += (double)r[i] * r[i];
+        for (int l = i + 1; l < KLI_QK_K; l++)
+            x[l] -= r[i] * uj[l];
+    }
+    return loss;
+}
+
+/* Scale candidates per super-block in kq_from_f32_h: passes over the block (the first on
+ * the block as first seen, the later ones on the values the best rounding so far ended
+ * with), each searching the scales with two sets of column weights. */
+#define KQ_H_PASSES 4
+#define KQ_BLOCK_MAX 210   /* the largest K block, Q6_K's */
+
 void
 kq_from_f32_h(enum k_dtype dt, const float *src, uint8_t *dst, int64_t nb, const float *imp,
               const float *u, float *tmp)
 {
+    kq_from_f32_hp(dt, src, dst, nb, imp, u, tmp, KQ_H_PASSES);
+}
+
+void
+kq_from_f32_hp(enum k_dtype dt, const float *src, uint8_t *dst, int64_t nb, const float *imp,
+               const float *u, float *tmp, int passes)
+{
     const struct kq_type *ty = kq_type(dt);
     size_t bb = (size_t)dtype_info(dt)->block_bytes;
     int64_t k = nb * KLI_QK_K;
-    struct kq_block b;
+    struct kq_block b, best;
+    float x[KLI_QK_K], y[KLI_QK_K], gw[KLI_QK_K], r[KLI_QK_K], rb[KLI_QK_K];
+    uint8_t cand[KQ_BLOCK_MAX];
 
     for (int64_t i = 0; i < k; i++)
         tmp[i] = isfinite(src[i]) ? src[i] : 0.0f;
     for (int64_t s = 0; s < nb; s++) {
-        uint8_t *o = dst + (size_t)s * bb;
-        kq_from_f32(dt, tmp + s * KLI_QK_K, o, 1, imp != NULL ? imp + s * KLI_QK_K : NULL);
-        kq_unpack(dt, o, &b);
-        for (int i = 0; i < KLI_QK_K; i++) {
-            int64_t j = s * KLI_QK_K + i;
-            float sc = b.d * (float)b.sc[i / ty->sub], mn = b.dmin * (float)b.mn[i / ty->sub];
-            b.q[i] = kq_level(tmp[j], sc, mn, ty->qlo, ty->qhi);
-            float e = (tmp[j] - (sc * (float)b.q[i] - mn)) / u[j * k + j];
-            for (int64_t l = j + 1; l < k; l++)
-                tmp[l] -= e * u[j * k + l];
+        int64_t j0 = s * KLI_QK_K;
+        const float *t0 = tmp + j0, *ib = imp != NULL ? imp + j0 : NULL;
+        /* GPTQ's loss weighs column j's error on the corrected values by 1 / u_jj^2 */
+        for (int i = 0; i < KLI_QK_K; i++)
+            gw[i] = 1.0f / (u[(j0 + i) * k + j0 + i] * u[(j0 + i) * k + j0 + i]);
+        kq_from_f32(dt, t0, cand, 1, ib);
+        kq_unpack(dt, cand, &best);
+        memcpy(y, t0, sizeof(y));
+        double bl = kq_round_block(&best, ty, y, u, k, j0, rb);
+        for (int c = 0; c < 2 * passes; c++) {
+            const float *w = c % 2 == 0 ? gw : ib;
+            if (c == 1 || (w == NULL && c % 2 == 1))
+                continue;   /* the first candidate above, or no imp */
+            kq_from_f32(dt, c < 2 ? t0 : y, cand, 1, w);
+            kq_unpack(dt, cand, &b);
+            memcpy(x, t0, sizeof(x));
+            double l = kq_round_block(&b, ty, x, u, k, j0, r);
+            if (l < bl) {
+                bl = l;
+                best = b;
+                memcpy(rb, r, sizeof(rb));
+                memcpy(y, x, sizeof(y));
+            }
         }
-        kq_pack(dt, &b, o);
+        kq_pack(dt, &best, dst + (size_t)s * bb);
+        for (int i = 0; i < KLI_QK_K; i++) {
+            const float *uj = u + (j0 + i) * k;
+            for (int64_t l = j0 + KLI_QK_K; l < k; l++)
+                tmp[l] -= rb[i] * uj[l];
+        }
     }
 }
