@@ -61,12 +61,13 @@
 
 /* m from which matmul packs W and runs the GEMM tile instead of streaming W through the
  * multi-token decode tiles: measured crossovers (k = n = 2304, one Sapphire Rapids core). The
- * quantized limits must keep m * 320 bytes <= X86_QBUF. The K types' are Q4's, not measured
- * on AVX-512 yet. */
+ * quantized limits must keep m * 320 bytes <= X86_QBUF. The K types': one Zen 5 core
+ * (contrib/bench/bench-kernels.c), where their tiles ran 166-170 GFLOP/s at m = 32 against
+ * the GEMM's 145-150, and the two were even at m = 48. */
 static const int64_t avx512_mpack[KLI_DT_COUNT] = {
     [KLI_DT_F32] = 8, [KLI_DT_F16] = 16, [KLI_DT_BF16] = 16, [KLI_DT_Q8_0] = 16,
-    [KLI_DT_Q4] = 32, [KLI_DT_Q2_K] = 32, [KLI_DT_Q3_K] = 32, [KLI_DT_Q4_K] = 32,
-    [KLI_DT_Q5_K] = 32, [KLI_DT_Q6_K] = 32,
+    [KLI_DT_Q4] = 32, [KLI_DT_Q2_K] = 48, [KLI_DT_Q3_K] = 48, [KLI_DT_Q4_K] = 48,
+    [KLI_DT_Q5_K] = 48, [KLI_DT_Q6_K] = 48,
 };
 
 /* ---- small helpers -------------------------------------------------------------------- */
@@ -747,11 +748,78 @@ avx512_tile_tm(int tm, const float *pk, const float *const *xt, int64_t kc, floa
  * transposes, which 512-bit registers would not speed up. */
 #define avx512_pack8 avx2_pack8
 
-/* The K types' decode primitives are avx2.h's 256-bit ones (see there). */
+/* The K types' activation regions and one-token rows are avx2.h's (see there). */
 #define avx512_quant_qk avx2_quant_qk
 #define avx512_qk_bytes avx2_qk_bytes
 #define avx512_qk_rows avx2_qk_rows
-#define avx512_qk_tile avx2_qk_tile
+
+/* Two 256-bit halves as one register: lo in elements 0..7, hi in 8..15. */
+AVX512_INLINE __m512i
+avx512_join(__m256i lo, __m256i hi)
+{
+    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+}
+
+/*
+ * out[t] = row p . token t over nb 32-blocks (whole super-blocks), t < nt <= 8: avx2_qk_dot
+ * with nr = 1, its tokens' work on chunk pairs. A token's region holds chunks c and c + 1 in
+ * 64 bytes in a row, so one 512-bit load, vpmaddubsw and scaled pair add do for the token
+ * what two 256-bit ones did there, while the row's levels and scales, unpacked once per
+ * super-block for all the tokens, are joined in pairs. The integer sums per token are
+ * avx2_qk_dot's, folded to 256 bits before the same float steps: the same results, bit for
+ * bit.
+ */
+AVX512_INLINE void
+avx512_qk_tile(enum k_dtype dt, int nt, const uint8_t *act, size_t stride, int64_t nb,
+               const uint8_t *p, size_t pf, float *out)
+{
+    const size_t bb = avx2_k_bytes(dt);
+    __m256 acc[8];
+
+    avx2_zeros(nt, acc);
+    for (int64_t s = 0; s < nb / 8; s++, p += bb, act += AVX2_KSB) {
+        __m256i s16, mn, sc[2];
+        __m512i isum[8];
+        float d, dm;
+        for (size_t l = 0; l < bb; l += 64)
+            _mm_prefetch((const char *)(p + pf + l), _MM_HINT_T0);
+        _mm_prefetch((const char *)(p + pf + bb - 1), _MM_HINT_T0);
+        avx2_k_head(dt, p, &s16, &mn, &d, &dm);
+        const __m256 vd = _mm256_set1_ps(d), vm = _mm256_set1_ps(dm);
+        sc[0] = _mm256_permute2x128_si256(s16, s16, 0x00);
+        sc[1] = _mm256_permute2x128_si256(s16, s16, 0x11);
+#pragma GCC unroll 8
+        for (int t = 0; t < nt; t++)
+            isum[t] = _mm512_setzero_si512();
+#pragma GCC unroll 4
+        for (int c = 0; c < 8; c += 2) {
+            __m512i u = avx512_join(avx2_k_levels(dt, p, c), avx2_k_levels(dt, p, c + 1));
+            __m512i sv = avx512_join(avx2_k_scale(sc[c / 4], c),
+                                     avx2_k_scale(sc[(c + 1) / 4], c + 1));
+#pragma GCC unroll 8
+            for (int t = 0; t < nt; t++) {
+                __m512i xq = _mm512_loadu_si512((const void *)(act + t * stride + 32 * c));
+                __m512i pr = _mm512_maddubs_epi16(u, xq);
+#ifdef KLI_VNNI
+                isum[t] = _mm512_dpwssd_epi32(isum[t], pr, sv);
+#else
+                isum[t] = _mm512_add_epi32(isum[t], _mm512_madd_epi16(pr, sv));
+#endif
+            }
+        }
+#pragma GCC unroll 8
+        for (int t = 0; t < nt; t++) {
+            const uint8_t *xs = act + t * stride;
+            __m256i is = _mm256_add_epi32(_mm512_castsi512_si256(isum[t]),
+                                          _mm512_extracti64x4_epi64(isum[t], 1));
+            __m256i sums = _mm256_load_si256((const __m256i *)(xs + 256));
+            __m256 ms = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(mn, sums)), vm);
+            __m256 v = _mm256_fmsub_ps(_mm256_cvtepi32_ps(is), vd, ms);
+            acc[t] = _mm256_fmadd_ps(v, _mm256_broadcast_ss((const float *)(xs + 288)), acc[t]);
+        }
+    }
+    avx2_hsums(nt, acc, out);
+}
 
 AVX512_INLINE void
 avx512_tile(const float *pk, const float *const *xt, int64_t kc, float *y, int64_t ldy, int nr,

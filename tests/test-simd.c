@@ -678,6 +678,38 @@ test_matmul(const struct k_kernels *kt, const struct k_kernels *gen)
     }
 }
 
+/* avx512's K-type tiles work on chunk pairs in 512-bit registers where avx2's take one chunk
+ * at a time, but sum the same integers and finish with the same 256-bit float steps: below
+ * both tables' GEMM thresholds (m < 32) the products are avx2's, bit for bit. */
+static void
+test_twin_k(const struct k_kernels *kt, const struct k_kernels *base)
+{
+    int bad = 0, cases = 0;
+
+    for (int dt = KLI_DT_Q2_K; dt <= KLI_DT_Q6_K; dt++) {
+        for (int trial = 0; trial < 12; trial++) {
+            int64_t k = KLI_QK_K * rng_int(1, 9), n = rng_int(1, 24), m = rng_int(2, 31);
+            size_t rb = (size_t)dtype_nbytes(dt, (uint64_t)k);
+            uint8_t *w = tl_malloc(rb * (size_t)n);
+            float *x = tl_malloc((size_t)(m * k) * 4), *y = tl_malloc((size_t)(m * n) * 4);
+            float *yb = tl_malloc((size_t)(m * n) * 4);
+            fill_w(dt, w, n * k);
+            for (int64_t t = 0; t < m; t++)
+                fill_x(x + t * k, k);
+            kt->matmul[dt](y, n, x, k, w, n, k, m);
+            base->matmul[dt](yb, n, x, k, w, n, k, m);
+            bad += memcmp(y, yb, (size_t)(m * n) * 4) != 0;
+            cases++;
+            free(w);
+            free(x);
+            free(y);
+            free(yb);
+        }
+    }
+    ok(!bad, "%s K-type tiles: bit-identical to %s's (%d shapes, m 2..31, %d differ)",
+       kt->name, base->name, cases, bad);
+}
+
 /* A twin built from the same source with other instructions (avx512vnni from avx512.c, neondot from neon.c) must
  * give bit-identical products: the integer dot products are the same integers. */
 static void
@@ -770,6 +802,7 @@ main(int argc, char **argv)
         count += use[v] ? KLI_DT_COUNT + 7 + KLI_DT_COUNT - 1 : 1;
     }
     count += use[1] != NULL && use[2] != NULL;
+    count += use[0] != NULL && use[1] != NULL;
     count += use[3] != NULL && use[4] != NULL;
     plan(count);   /* (a selection of cases prints its plan at the end instead) */
     for (int v = 0; v < NV; v++) {
@@ -787,6 +820,8 @@ main(int argc, char **argv)
     /* avx512vnni against avx512, neondot against neon: bit for bit */
     if (simd_case("avx512vnni", "twin") && use[1] != NULL && use[2] != NULL)
         test_twin(use[2], use[1]);
+    if (simd_case("avx512", "twin_k") && use[0] != NULL && use[1] != NULL)
+        test_twin_k(use[1], use[0]);
     if (simd_case("neondot", "twin") && use[3] != NULL && use[4] != NULL)
         test_twin(use[4], use[3]);
     if (tap_listing || tap_n_names > 0)
