@@ -325,9 +325,18 @@ avx2_quant32(const float *x, __m256 id)
     return _mm256_permutevar8x32_epi32(q, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
 }
 
-/* One token's K region for nb 32-blocks (whole super-blocks) of x. */
-static void
-avx2_quant_qk(const float *x, int64_t nb, uint8_t *buf)
+/* Where chunk c of a super-block's int8 x is stored in a K region: at 32 c (avx2), or at
+ * avx512.c's pair positions, chunks c and c + 2 side by side (0 2 1 3 4 6 5 7). */
+AVX2_INLINE int
+avx2_k_slot(int c, int pairs)
+{
+    return pairs ? (c & 4) | (c & 1) << 1 | (c & 2) >> 1 : c;
+}
+
+/* One token's K region for nb 32-blocks (whole super-blocks) of x, its chunks where
+ * avx2_k_slot puts them (pairs a constant after inlining). */
+AVX2_INLINE void
+avx2_quant_qk_at(const float *x, int64_t nb, uint8_t *buf, int pairs)
 {
     const __m256 sgn = _mm256_set1_ps(-0.0f);
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
@@ -342,7 +351,7 @@ avx2_quant_qk(const float *x, int64_t nb, uint8_t *buf)
         float d = amax / 127.0f;
         for (int c = 0; c < 8; c++) {
             __m256i q = avx2_quant32(x + 32 * c, id);
-            _mm256_store_si256((__m256i *)(buf + 32 * c), q);
+            _mm256_store_si256((__m256i *)(buf + 32 * avx2_k_slot(c, pairs)), q);
             /* sums of four: elements 0..15 in lanes 0..3, 16..31 in lanes 4..7 */
             sum[c] = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), q),
                                        _mm256_set1_epi16(1));
@@ -357,6 +366,12 @@ avx2_quant_qk(const float *x, int64_t nb, uint8_t *buf)
                            _mm256_permute4x64_epi64(_mm256_packs_epi32(h[0], h[1]), 0xd8));
         memcpy(buf + 288, &d, 4);
     }
+}
+
+static inline void
+avx2_quant_qk(const float *x, int64_t nb, uint8_t *buf)
+{
+    avx2_quant_qk_at(x, nb, buf, 0);
 }
 
 /* acc + madd(a, b): one vpdpwssd where the including file is built with VNNI (avx512vnni) */

@@ -748,77 +748,161 @@ avx512_tile_tm(int tm, const float *pk, const float *const *xt, int64_t kc, floa
  * transposes, which 512-bit registers would not speed up. */
 #define avx512_pack8 avx2_pack8
 
-/* The K types' activation regions and one-token rows are avx2.h's (see there). */
-#define avx512_quant_qk avx2_quant_qk
-#define avx512_qk_bytes avx2_qk_bytes
-#define avx512_qk_rows avx2_qk_rows
-
-/* Two 256-bit halves as one register: lo in elements 0..7, hi in 8..15. */
-AVX512_INLINE __m512i
-avx512_join(__m256i lo, __m256i hi)
+/*
+ * The K types (avx2.h has their layouts and the dot product's form). Here a token's region
+ * keeps chunks c and c + 2 side by side (avx2_k_slot), so that one 512-bit register holds the
+ * pair: the levels of both come from one load (Q4_K, Q5_K's low bits, the 32 bytes two
+ * chunks share) or one broadcast of 32 bytes shifted by a different count in each half, and
+ * one vpshufb picks both chunks' scales. The integer sums are avx2_qk_dot's, folded to 256
+ * bits before the same float steps: the products are the avx2 table's, bit for bit.
+ */
+static void
+avx512_quant_qk(const float *x, int64_t nb, uint8_t *buf)
 {
-    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    avx2_quant_qk_at(x, nb, buf, 1);
+}
+
+#define avx512_qk_bytes avx2_qk_bytes
+
+/* The bits of each byte of v at mask << from0 (first half) or from1 (second half), at
+ * mask << to (from0, from1, to and mask constants after inlining). The 16-bit shifts carry
+ * bits across bytes, which the mask drops. */
+AVX512_INLINE __m512i
+avx512_k_field2(__m512i v, int from0, int from1, int to, int mask)
+{
+    if (from0 != 0 || from1 != 0) {
+        const __m512i n = _mm512_inserti64x4(_mm512_set1_epi16((short)from0),
+                                             _mm256_set1_epi16((short)from1), 1);
+        v = _mm512_srlv_epi16(v, n);
+    }
+    v = _mm512_and_si512(v, _mm512_set1_epi8((char)mask));
+    return to > 0 ? _mm512_slli_epi16(v, to) : v;
+}
+
+/* 32 bytes at p in both halves of a register */
+AVX512_INLINE __m512i
+avx512_bcast32(const uint8_t *p)
+{
+    return _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)p));
+}
+
+/* The levels u of chunks a and a + 2 (a = 0, 1, 4 or 5, a constant after inlining) of the
+ * super-block at p: avx2_k_levels(dt, p, a) in the first half, (a + 2) in the second. */
+AVX512_INLINE __m512i
+avx512_k_levels2(enum k_dtype dt, const uint8_t *p, int a)
+{
+    int g = a / 4, s = 2 * (a % 4);
+
+    switch (dt) {
+    case KLI_DT_Q2_K:
+        return avx512_k_field2(avx512_bcast32(p + 16 + 32 * g), s, s + 4, 0, 3);
+    case KLI_DT_Q3_K:
+        return _mm512_or_si512(avx512_k_field2(avx512_bcast32(p + 32 + 32 * g), s, s + 4, 0, 3),
+                               avx512_k_field2(avx512_bcast32(p), a, a + 2, 2, 1));
+    case KLI_DT_Q4_K:
+        return avx512_k_field2(_mm512_loadu_si512((const void *)(p + 16 + 64 * g)),
+                               4 * (a % 2), 4 * (a % 2), 0, 15);
+    case KLI_DT_Q5_K:
+        return _mm512_or_si512(
+            avx512_k_field2(_mm512_loadu_si512((const void *)(p + 48 + 64 * g)), 4 * (a % 2),
+                            4 * (a % 2), 0, 15),
+            avx512_k_field2(avx512_bcast32(p + 16), a, a + 2, 4, 1));
+    default:
+        /* ql: chunks c % 4 < 2 in the low nibbles, the others in the high ones */
+        return _mm512_or_si512(
+            avx512_k_field2(avx512_bcast32(p + 64 * g + 32 * (a % 2)), 0, 4, 0, 15),
+            avx512_k_field2(avx512_bcast32(p + 128 + 32 * g), s, s + 4, 4, 3));
+    }
+}
+
+/* The int16 scales of chunks a and a + 2 for their pair sums (avx2_k_scale's in each half),
+ * from sc4, the eight scales of chunks 4 (a / 4) .. 4 (a / 4) + 3 in every 128-bit lane. */
+AVX512_INLINE __m512i
+avx512_k_scale2(__m512i sc4, int a)
+{
+    const __m256i c0 = _mm256_add_epi8(
+        _mm256_set1_epi16((short)(0x0100 + 0x0404 * (a % 4))),
+        _mm256_setr_epi64x(0, 0, 0x0202020202020202ll, 0x0202020202020202ll));
+    const __m256i c1 = _mm256_add_epi8(
+        _mm256_set1_epi16((short)(0x0100 + 0x0404 * ((a + 2) % 4))),
+        _mm256_setr_epi64x(0, 0, 0x0202020202020202ll, 0x0202020202020202ll));
+
+    return _mm512_shuffle_epi8(sc4, _mm512_inserti64x4(_mm512_castsi256_si512(c0), c1, 1));
 }
 
 /*
- * out[t] = row p . token t over nb 32-blocks (whole super-blocks), t < nt <= 8: avx2_qk_dot
- * with nr = 1, its tokens' work on chunk pairs. A token's region holds chunks c and c + 1 in
- * 64 bytes in a row, so one 512-bit load, vpmaddubsw and scaled pair add do for the token
- * what two 256-bit ones did there, while the row's levels and scales, unpacked once per
- * super-block for all the tokens, are joined in pairs. The integer sums per token are
- * avx2_qk_dot's, folded to 256 bits before the same float steps: the same results, bit for
- * bit.
+ * out[r nt + t] = row r . token t over nsb super-blocks, r < nr, t < nt (constants, one of
+ * them 1, nr nt <= 8): avx2_qk_dot on this file's regions, two chunks a step.
  */
 AVX512_INLINE void
-avx512_qk_tile(enum k_dtype dt, int nt, const uint8_t *act, size_t stride, int64_t nb,
-               const uint8_t *p, size_t pf, float *out)
+avx512_qk_dot(enum k_dtype dt, int nr, int nt, const uint8_t *act, size_t stride,
+              int64_t nsb, const uint8_t *w, size_t rb, size_t pf, float *out)
 {
     const size_t bb = avx2_k_bytes(dt);
     __m256 acc[8];
 
-    avx2_zeros(nt, acc);
-    for (int64_t s = 0; s < nb / 8; s++, p += bb, act += AVX2_KSB) {
-        __m256i s16, mn, sc[2];
-        __m512i isum[8];
-        float d, dm;
-        for (size_t l = 0; l < bb; l += 64)
-            _mm_prefetch((const char *)(p + pf + l), _MM_HINT_T0);
-        _mm_prefetch((const char *)(p + pf + bb - 1), _MM_HINT_T0);
-        avx2_k_head(dt, p, &s16, &mn, &d, &dm);
-        const __m256 vd = _mm256_set1_ps(d), vm = _mm256_set1_ps(dm);
-        sc[0] = _mm256_permute2x128_si256(s16, s16, 0x00);
-        sc[1] = _mm256_permute2x128_si256(s16, s16, 0x11);
-#pragma GCC unroll 8
-        for (int t = 0; t < nt; t++)
-            isum[t] = _mm512_setzero_si512();
+    avx2_zeros(nr * nt, acc);
+    for (int64_t s = 0; s < nsb; s++, w += bb, act += AVX2_KSB) {
 #pragma GCC unroll 4
-        for (int c = 0; c < 8; c += 2) {
-            __m512i u = avx512_join(avx2_k_levels(dt, p, c), avx2_k_levels(dt, p, c + 1));
-            __m512i sv = avx512_join(avx2_k_scale(sc[c / 4], c),
-                                     avx2_k_scale(sc[(c + 1) / 4], c + 1));
+        for (int r = 0; r < nr; r++) {
+            const uint8_t *p = w + r * rb;
+            __m256i s16, mn;
+            __m512i sc[2], isum[8];
+            float d, dm;
+            for (size_t l = 0; l < bb; l += 64)
+                _mm_prefetch((const char *)(p + pf + l), _MM_HINT_T0);
+            _mm_prefetch((const char *)(p + pf + bb - 1), _MM_HINT_T0);
+            avx2_k_head(dt, p, &s16, &mn, &d, &dm);
+            const __m256 vd = _mm256_set1_ps(d), vm = _mm256_set1_ps(dm);
+            sc[0] = _mm512_broadcast_i32x4(_mm256_castsi256_si128(s16));
+            sc[1] = _mm512_broadcast_i32x4(_mm256_extracti128_si256(s16, 1));
+#pragma GCC unroll 8
+            for (int t = 0; t < nt; t++)
+                isum[t] = _mm512_setzero_si512();
+#pragma GCC unroll 4
+            for (int q = 0; q < 4; q++) {
+                int a = (q & 2) << 1 | (q & 1);   /* pairs (0, 2), (1, 3), (4, 6), (5, 7) */
+                __m512i u = avx512_k_levels2(dt, p, a), sv = avx512_k_scale2(sc[a / 4], a);
+#pragma GCC unroll 8
+                for (int t = 0; t < nt; t++) {
+                    __m512i xq = _mm512_loadu_si512((const void *)(act + t * stride + 64 * q));
+                    __m512i pr = _mm512_maddubs_epi16(u, xq);
+#ifdef KLI_VNNI
+                    isum[t] = _mm512_dpwssd_epi32(isum[t], pr, sv);
+#else
+                    isum[t] = _mm512_add_epi32(isum[t], _mm512_madd_epi16(pr, sv));
+#endif
+                }
+            }
 #pragma GCC unroll 8
             for (int t = 0; t < nt; t++) {
-                __m512i xq = _mm512_loadu_si512((const void *)(act + t * stride + 32 * c));
-                __m512i pr = _mm512_maddubs_epi16(u, xq);
-#ifdef KLI_VNNI
-                isum[t] = _mm512_dpwssd_epi32(isum[t], pr, sv);
-#else
-                isum[t] = _mm512_add_epi32(isum[t], _mm512_madd_epi16(pr, sv));
-#endif
+                const uint8_t *xs = act + t * stride;
+                __m256i is = _mm256_add_epi32(_mm512_castsi512_si256(isum[t]),
+                                              _mm512_extracti64x4_epi64(isum[t], 1));
+                __m256i sums = _mm256_load_si256((const __m256i *)(xs + 256));
+                __m256 ms = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(mn, sums)), vm);
+                __m256 v = _mm256_fmsub_ps(_mm256_cvtepi32_ps(is), vd, ms);
+                acc[r * nt + t] = _mm256_fmadd_ps(
+                    v, _mm256_broadcast_ss((const float *)(xs + 288)), acc[r * nt + t]);
             }
         }
-#pragma GCC unroll 8
-        for (int t = 0; t < nt; t++) {
-            const uint8_t *xs = act + t * stride;
-            __m256i is = _mm256_add_epi32(_mm512_castsi512_si256(isum[t]),
-                                          _mm512_extracti64x4_epi64(isum[t], 1));
-            __m256i sums = _mm256_load_si256((const __m256i *)(xs + 256));
-            __m256 ms = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(mn, sums)), vm);
-            __m256 v = _mm256_fmsub_ps(_mm256_cvtepi32_ps(is), vd, ms);
-            acc[t] = _mm256_fmadd_ps(v, _mm256_broadcast_ss((const float *)(xs + 288)), acc[t]);
-        }
     }
-    avx2_hsums(nt, acc, out);
+    avx2_hsums(nr * nt, acc, out);
+}
+
+/* gemm.h's K primitives (avx2_qk_rows' and avx2_qk_tile's contracts) */
+AVX512_INLINE void
+avx512_qk_rows(enum k_dtype dt, int nr, const uint8_t *act, int64_t nb, const uint8_t *w,
+               size_t rb, size_t pf, float *out)
+{
+    avx512_qk_dot(dt, nr, 1, act, 0, nb / 8, w, rb, pf, out);
+}
+
+AVX512_INLINE void
+avx512_qk_tile(enum k_dtype dt, int nt, const uint8_t *act, size_t stride, int64_t nb,
+               const uint8_t *p, size_t pf, float *out)
+{
+    avx512_qk_dot(dt, 1, nt, act, stride, nb / 8, p, 0, pf, out);
 }
 
 AVX512_INLINE void
