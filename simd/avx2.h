@@ -381,6 +381,27 @@ avx2_quant_qk(const float *x, int64_t nb, uint8_t *buf)
 #define AVX2_K_MADD(acc, a, b) _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
 #endif
 
+/* Prefetches the bb bytes of a super-block at p (its lines and its last byte). */
+AVX2_INLINE void
+avx2_k_fetch(const uint8_t *p, size_t bb)
+{
+    for (size_t l = 0; l < bb; l += 64)
+        _mm_prefetch((const char *)(p + l), _MM_HINT_T0);
+    _mm_prefetch((const char *)(p + bb - 1), _MM_HINT_T0);
+}
+
+/* acc + d_x (d isum - dm madd(mn, sums)) for the token region xs of a super-block, d and dm
+ * broadcast in vd, vm. */
+AVX2_INLINE __m256
+avx2_k_finish(__m256 acc, __m256i isum, __m256i mn, __m256 vd, __m256 vm, const uint8_t *xs)
+{
+    __m256i sums = _mm256_load_si256((const __m256i *)(xs + 256));
+    __m256 ms = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(mn, sums)), vm);
+    __m256 v = _mm256_fmsub_ps(_mm256_cvtepi32_ps(isum), vd, ms);
+
+    return _mm256_fmadd_ps(v, _mm256_broadcast_ss((const float *)(xs + 288)), acc);
+}
+
 /*
  * out[r nt + t] = row r . token t over nsb super-blocks, r < nr, t < nt (constants, one of
  * them 1, nr nt <= 8): rows rb bytes apart, token regions `stride` bytes apart; the rows pf
@@ -401,9 +422,7 @@ avx2_qk_dot(enum k_dtype dt, int nr, int nt, const uint8_t *act, size_t stride, 
             const uint8_t *p = w + r * rb;
             __m256i s16, mn, sc[2], isum[8];
             float d, dm;
-            for (size_t l = 0; l < bb; l += 64)
-                _mm_prefetch((const char *)(p + pf + l), _MM_HINT_T0);
-            _mm_prefetch((const char *)(p + pf + bb - 1), _MM_HINT_T0);
+            avx2_k_fetch(p + pf, bb);
             avx2_k_head(dt, p, &s16, &mn, &d, &dm);
             const __m256 vd = _mm256_set1_ps(d), vm = _mm256_set1_ps(dm);
             sc[0] = _mm256_permute2x128_si256(s16, s16, 0x00);
@@ -420,35 +439,13 @@ avx2_qk_dot(enum k_dtype dt, int nr, int nt, const uint8_t *act, size_t stride, 
                     isum[t] = AVX2_K_MADD(isum[t], _mm256_maddubs_epi16(u, xq), sv);
                 }
             }
-            /* acc += d_x (d isum - dm madd(mn, sums)), d and dm broadcast once per row */
 #pragma GCC unroll 8
-            for (int t = 0; t < nt; t++) {
-                const uint8_t *xs = act + t * stride;
-                __m256i sums = _mm256_load_si256((const __m256i *)(xs + 256));
-                __m256 ms = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(mn, sums)), vm);
-                __m256 v = _mm256_fmsub_ps(_mm256_cvtepi32_ps(isum[t]), vd, ms);
-                acc[r * nt + t] = _mm256_fmadd_ps(v, _mm256_broadcast_ss((const float *)(xs + 288)),
-                                                  acc[r * nt + t]);
-            }
+            for (int t = 0; t < nt; t++)
+                acc[r * nt + t] = avx2_k_finish(acc[r * nt + t], isum[t], mn, vd, vm,
+                                                act + t * stride);
         }
     }
     avx2_hsums(nr * nt, acc, out);
-}
-
-/* gemm.h's K primitives: out[r] = row r . one token (nb 32-blocks), r < nr <= 4; and
- * out[t] = row p . token t, t < nt <= 8. */
-AVX2_INLINE void
-avx2_qk_rows(enum k_dtype dt, int nr, const uint8_t *act, int64_t nb, const uint8_t *w,
-             size_t rb, size_t pf, float *out)
-{
-    avx2_qk_dot(dt, nr, 1, act, 0, nb / 8, w, rb, pf, out);
-}
-
-AVX2_INLINE void
-avx2_qk_tile(enum k_dtype dt, int nt, const uint8_t *act, size_t stride, int64_t nb,
-             const uint8_t *p, size_t pf, float *out)
-{
-    avx2_qk_dot(dt, 1, nt, act, stride, nb / 8, p, 0, pf, out);
 }
 
 /* The 256 weights of the super-block at p as floats (out 32-byte aligned). */

@@ -849,9 +849,7 @@ avx512_qk_dot(enum k_dtype dt, int nr, int nt, const uint8_t *act, size_t stride
             __m256i s16, mn;
             __m512i sc[2], isum[8];
             float d, dm;
-            for (size_t l = 0; l < bb; l += 64)
-                _mm_prefetch((const char *)(p + pf + l), _MM_HINT_T0);
-            _mm_prefetch((const char *)(p + pf + bb - 1), _MM_HINT_T0);
+            avx2_k_fetch(p + pf, bb);
             avx2_k_head(dt, p, &s16, &mn, &d, &dm);
             const __m256 vd = _mm256_set1_ps(d), vm = _mm256_set1_ps(dm);
             sc[0] = _mm512_broadcast_i32x4(_mm256_castsi256_si128(s16));
@@ -876,33 +874,14 @@ avx512_qk_dot(enum k_dtype dt, int nr, int nt, const uint8_t *act, size_t stride
             }
 #pragma GCC unroll 8
             for (int t = 0; t < nt; t++) {
-                const uint8_t *xs = act + t * stride;
                 __m256i is = _mm256_add_epi32(_mm512_castsi512_si256(isum[t]),
                                               _mm512_extracti64x4_epi64(isum[t], 1));
-                __m256i sums = _mm256_load_si256((const __m256i *)(xs + 256));
-                __m256 ms = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(mn, sums)), vm);
-                __m256 v = _mm256_fmsub_ps(_mm256_cvtepi32_ps(is), vd, ms);
-                acc[r * nt + t] = _mm256_fmadd_ps(
-                    v, _mm256_broadcast_ss((const float *)(xs + 288)), acc[r * nt + t]);
+                acc[r * nt + t] = avx2_k_finish(acc[r * nt + t], is, mn, vd, vm,
+                                                act + t * stride);
             }
         }
     }
     avx2_hsums(nr * nt, acc, out);
-}
-
-/* gemm.h's K primitives (avx2_qk_rows' and avx2_qk_tile's contracts) */
-AVX512_INLINE void
-avx512_qk_rows(enum k_dtype dt, int nr, const uint8_t *act, int64_t nb, const uint8_t *w,
-               size_t rb, size_t pf, float *out)
-{
-    avx512_qk_dot(dt, nr, 1, act, 0, nb / 8, w, rb, pf, out);
-}
-
-AVX512_INLINE void
-avx512_qk_tile(enum k_dtype dt, int nt, const uint8_t *act, size_t stride, int64_t nb,
-               const uint8_t *p, size_t pf, float *out)
-{
-    avx512_qk_dot(dt, 1, nt, act, stride, nb / 8, p, 0, pf, out);
 }
 
 AVX512_INLINE void

@@ -27,9 +27,11 @@
  *   X86(quant_q8|q4)(x, nb, buf), X86(q8|q4_bytes)(nb)  one token's activation region
  *   X86(q8|q4_rows)(nr, act, nb, w, rb, pf, out)        nr rows . one token
  *   X86(q8|q4_tile)(nt, act, stride, nb, p, pf, out)    one row . nt tokens, nt <= X86_DTM
- *   X86(quant_qk)(x, nb, buf), X86(qk_bytes)(nb), X86(qk_rows)(dt, ...), X86(qk_tile)(dt, ...)
- *                                    the same for the K types (Q2_K .. Q6_K), whose regions
- *                                    and rows go by super-blocks of 256 (avx2.h has them)
+ *   X86(quant_qk)(x, nb, buf), X86(qk_bytes)(nb)   the same for the K types (Q2_K .. Q6_K),
+ *                                    whose regions go by super-blocks of 256 (avx2.h has them)
+ *   X86(qk_dot)(dt, nr, nt, act, stride, nsb, w, rb, pf, out)
+ *                                    nr K rows . nt tokens over nsb super-blocks, one of nr
+ *                                    (<= 4) and nt (<= 8) 1
  *   X86(pack8)(dt, row, kc, dst)     eight rows of W into a panel (avx2.h has the 256-bit one)
  *   X86(tile)(pk, xt, kc, y, ldy, nr, nt, add)          the GEMM register tile
  * and, for X86_TABLE, the table's other kernels: X86(dot), X86(axpy), ... (see simd.h).
@@ -134,7 +136,7 @@ x86_qrows(enum k_dtype dt, int nr, const uint8_t *act, int64_t nb, const uint8_t
           size_t rb, size_t pf, float *out)
 {
     if (dtype_is_k(dt))
-        X86(qk_rows)(dt, nr, act, nb, w, rb, pf, out);
+        X86(qk_dot)(dt, nr, 1, act, 0, nb / 8, w, rb, pf, out);
     else if (dt == KLI_DT_Q8_0)
         X86(q8_rows)(nr, act, nb, w, rb, pf, out);
     else
@@ -146,7 +148,7 @@ x86_qtile(enum k_dtype dt, int nt, const uint8_t *act, size_t stride, int64_t nb
           const uint8_t *p, size_t pf, float *out)
 {
     if (dtype_is_k(dt))
-        X86(qk_tile)(dt, nt, act, stride, nb, p, pf, out);
+        X86(qk_dot)(dt, 1, nt, act, stride, nb / 8, p, 0, pf, out);
     else if (dt == KLI_DT_Q8_0)
         X86(q8_tile)(nt, act, stride, nb, p, pf, out);
     else

@@ -678,6 +678,29 @@ test_matmul(const struct k_kernels *kt, const struct k_kernels *gen)
     }
 }
 
+/* Whether kt's and base's matmul of one random m x k by n x k shape differ in any bit. */
+static int
+twin_differ(const struct k_kernels *kt, const struct k_kernels *base, int dt, int64_t k,
+            int64_t n, int64_t m)
+{
+    size_t rb = (size_t)dtype_nbytes(dt, (uint64_t)k);
+    uint8_t *w = tl_malloc(rb * (size_t)n);
+    float *x = tl_malloc((size_t)(m * k) * 4), *y = tl_malloc((size_t)(m * n) * 4);
+    float *yb = tl_malloc((size_t)(m * n) * 4);
+
+    fill_w(dt, w, n * k);
+    for (int64_t t = 0; t < m; t++)
+        fill_x(x + t * k, k);
+    kt->matmul[dt](y, n, x, k, w, n, k, m);
+    base->matmul[dt](yb, n, x, k, w, n, k, m);
+    int differ = memcmp(y, yb, (size_t)(m * n) * 4) != 0;
+    free(w);
+    free(x);
+    free(y);
+    free(yb);
+    return differ;
+}
+
 /* avx512's K-type rows and tiles work on chunk pairs in 512-bit registers where avx2's take
  * one chunk at a time, but sum the same integers and finish with the same 256-bit float
  * steps: below both tables' GEMM thresholds (m < 48) the products are avx2's, bit for bit. */
@@ -689,21 +712,8 @@ test_twin_k(const struct k_kernels *kt, const struct k_kernels *base)
     for (int dt = KLI_DT_Q2_K; dt <= KLI_DT_Q6_K; dt++) {
         for (int trial = 0; trial < 16; trial++) {
             int64_t k = KLI_QK_K * rng_int(1, 9), n = rng_int(1, 24), m = rng_int(1, 47);
-            size_t rb = (size_t)dtype_nbytes(dt, (uint64_t)k);
-            uint8_t *w = tl_malloc(rb * (size_t)n);
-            float *x = tl_malloc((size_t)(m * k) * 4), *y = tl_malloc((size_t)(m * n) * 4);
-            float *yb = tl_malloc((size_t)(m * n) * 4);
-            fill_w(dt, w, n * k);
-            for (int64_t t = 0; t < m; t++)
-                fill_x(x + t * k, k);
-            kt->matmul[dt](y, n, x, k, w, n, k, m);
-            base->matmul[dt](yb, n, x, k, w, n, k, m);
-            bad += memcmp(y, yb, (size_t)(m * n) * 4) != 0;
+            bad += twin_differ(kt, base, dt, k, n, m);
             cases++;
-            free(w);
-            free(x);
-            free(y);
-            free(yb);
         }
     }
     ok(!bad, "%s K-type products: bit-identical to %s's (%d shapes, m 1..47, %d differ)",
@@ -724,21 +734,8 @@ test_twin(const struct k_kernels *kt, const struct k_kernels *base)
         for (int trial = 0; trial < 30; trial++) {
             int64_t k = blk * (trial < 3 ? trial + 1 : rng_int(1, 3000 / blk));
             int64_t n = rng_int(1, 40), m = trial < 20 ? rng_int(1, 9) : rng_int(10, 40);
-            size_t rb = (size_t)dtype_nbytes(dt, (uint64_t)k);
-            uint8_t *w = tl_malloc(rb * (size_t)n);
-            float *x = tl_malloc((size_t)(m * k) * 4), *y = tl_malloc((size_t)(m * n) * 4);
-            float *yb = tl_malloc((size_t)(m * n) * 4);
-            fill_w(dt, w, n * k);
-            for (int64_t t = 0; t < m; t++)
-                fill_x(x + t * k, k);
-            kt->matmul[dt](y, n, x, k, w, n, k, m);
-            base->matmul[dt](yb, n, x, k, w, n, k, m);
-            bad += memcmp(y, yb, (size_t)(m * n) * 4) != 0;
+            bad += twin_differ(kt, base, dt, k, n, m);
             cases++;
-            free(w);
-            free(x);
-            free(y);
-            free(yb);
         }
     }
     ok(!bad, "%s matmul: bit-identical to %s in every dtype (%d shapes, %d differ)", kt->name,
