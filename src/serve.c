@@ -878,10 +878,10 @@ serve_json(struct conn *cn, struct MHD_Connection *c, int status, struct bbuf *b
     return serve_reply(cn, c, status, "application/json", b->p, b->n, 0);
 }
 
-/* An OpenAI error object. */
+/* An OpenAI error object. A 503 (no memory, shutting down) and a 429 (queue full) pass, so
+ * they tell the client when to try again: Retry-After: 1. */
 static enum MHD_Result
-serve_error(struct conn *cn, struct MHD_Connection *c, const struct serve_err *e,
-            int retry_after)
+serve_error(struct conn *cn, struct MHD_Connection *c, const struct serve_err *e)
 {
     struct bbuf b = {NULL, 0, 0};
     int bad = BB_ADD(&b, "{\"error\":{\"message\":");
@@ -901,14 +901,13 @@ serve_error(struct conn *cn, struct MHD_Connection *c, const struct serve_err *e
         free(b.p);
         return serve_oom(cn, c);
     }
-    if (e->status == 503 && retry_after == 0)
-        retry_after = 1;
-    return serve_reply(cn, c, e->status, "application/json", b.p, b.n, retry_after);
+    return serve_reply(cn, c, e->status, "application/json", b.p, b.n,
+                       e->status == 503 || e->status == 429);
 }
 
 static enum MHD_Result
 serve_fail_reply(struct conn *cn, struct MHD_Connection *c, int status, const char *type,
-                 const char *code, int retry_after, const char *msg)
+                 const char *code, const char *msg)
 {
     struct serve_err e;
 
@@ -917,7 +916,7 @@ serve_fail_reply(struct conn *cn, struct MHD_Connection *c, int status, const ch
     e.type = type;
     e.code = code;
     snprintf(e.msg, sizeof(e.msg), "%s", msg);
-    return serve_error(cn, c, &e, retry_after);
+    return serve_error(cn, c, &e);
 }
 
 /* Whether the client has closed its end (no wait). */
@@ -1029,17 +1028,17 @@ job_answer(struct conn *cn, struct MHD_Connection *c, struct job *j)
     /* memory runs short for a while (other requests hold it): a 503 asks for a retry */
     if (failed != NULL)
         return serve_fail_reply(cn, c, failed->nomem ? 503 : 500, "server_error", NULL,
-                                failed->nomem ? 1 : 0, failed->error);
+                                failed->error);
     /* a choice cut short; the timeout counts only then (an answer that ended as the
      * deadline passed is whole) */
     int cut = j->finish == KLI_FINISH_INTERRUPT;
     for (int i = 1; i <= j->n_sib; i++)
         cut |= j->sib[i - 1]->finish == KLI_FINISH_INTERRUPT;
     if (cut && j->timed_out)
-        return serve_fail_reply(cn, c, 504, "server_error", "timeout", 0,
+        return serve_fail_reply(cn, c, 504, "server_error", "timeout",
                                 "the request took longer than --timeout allows");
     if (cut)
-        return serve_fail_reply(cn, c, 503, "server_error", NULL, 0,
+        return serve_fail_reply(cn, c, 503, "server_error", NULL,
                                 "the request was cancelled (the server is shutting down)");
     bad = serve_head(&b, j, chat ? "chat.completion" : "text_completion");
     bad |= BB_ADD(&b, ",\"choices\":[");
@@ -1078,13 +1077,13 @@ serve_complete(struct srv *s, struct conn *cn, struct MHD_Connection *c, enum se
     enum MHD_Result rc;
 
     if (cli_find_nul(cn->body.p, cn->body.n, 1) >= 0)
-        return serve_fail_reply(cn, c, 400, "invalid_request_error", NULL, 0,
+        return serve_fail_reply(cn, c, 400, "invalid_request_error", NULL,
                                 "the body holds a NUL character (\\u0000)");
     if ((j = calloc(1, sizeof(*j))) == NULL)
         return serve_oom(cn, c);
     if (serve_req_parse(&j->rq, kind, cn->body.p, cn->body.n, s->tok, &s->lim, &e) != 0) {
         free(j);
-        return serve_error(cn, c, &e, 0);
+        return serve_error(cn, c, &e);
     }
     j->s = s;
     j->t0 = util_now_s();
@@ -1133,9 +1132,9 @@ serve_complete(struct srv *s, struct conn *cn, struct MHD_Connection *c, enum se
         job_unref(j);
         pthread_mutex_unlock(&s->mu);
         if (drain)
-            return serve_fail_reply(cn, c, 503, "server_error", NULL, 0,
+            return serve_fail_reply(cn, c, 503, "server_error", NULL,
                                     "the server is shutting down");
-        return serve_fail_reply(cn, c, 429, "rate_limit_error", NULL, 1,
+        return serve_fail_reply(cn, c, 429, "rate_limit_error", NULL,
                                 "too many requests queued (--queue); try again shortly");
     }
     s->n_jobs += j->n_open;
@@ -1192,17 +1191,17 @@ serve_tokens(struct srv *s, struct conn *cn, struct MHD_Connection *c, int encod
     int bad = 0;
 
     if (root == NULL && e.status == 503)
-        return serve_error(cn, c, &e, 1);
+        return serve_error(cn, c, &e);
     if (!cJSON_IsObject(root) || cn->body.n == 0) {
         cJSON_Delete(root);
-        return serve_fail_reply(cn, c, 400, "invalid_request_error", NULL, 0,
+        return serve_fail_reply(cn, c, 400, "invalid_request_error", NULL,
                                 "the body must be a JSON object");
     }
     cJSON_ArrayForEach(m, root) {
         if (strcmp(m->string, want) != 0) {
             snprintf(msg, sizeof(msg), "unknown field '%.60s' (only '%s')", m->string, want);
             cJSON_Delete(root);
-            return serve_fail_reply(cn, c, 400, "invalid_request_error", NULL, 0, msg);
+            return serve_fail_reply(cn, c, 400, "invalid_request_error", NULL, msg);
         }
     }
     m = cJSON_GetObjectItemCaseSensitive(root, want);
@@ -1256,7 +1255,7 @@ serve_tokens(struct srv *s, struct conn *cn, struct MHD_Connection *c, int encod
     cJSON_Delete(root);
     if (bad) {
         free(b.p);
-        return serve_fail_reply(cn, c, 400, "invalid_request_error", NULL, 0, msg);
+        return serve_fail_reply(cn, c, 400, "invalid_request_error", NULL, msg);
     }
     return serve_json(cn, c, 200, &b);
 }
@@ -1359,13 +1358,13 @@ serve_route(struct srv *s, struct conn *cn, struct MHD_Connection *c, const char
     for (int i = 0; i < 4; i++)
         which = strcmp(url, posts[i]) == 0 ? i : which;
     if (which < 0 && strcmp(url, "/v1/models") != 0 && strcmp(url, "/metrics") != 0)
-        return serve_fail_reply(cn, c, 404, "invalid_request_error", "unknown_url", 0,
+        return serve_fail_reply(cn, c, 404, "invalid_request_error", "unknown_url",
                                 "no such endpoint (see kli(1), kli serve)");
     if (!serve_authorized(s, c))
-        return serve_fail_reply(cn, c, 401, "invalid_request_error", "invalid_api_key", 0,
+        return serve_fail_reply(cn, c, 401, "invalid_request_error", "invalid_api_key",
                                 "a valid API key is needed (Authorization: Bearer KEY)");
     if (which >= 0 ? !post : !get)
-        return serve_fail_reply(cn, c, 405, "invalid_request_error", NULL, 0,
+        return serve_fail_reply(cn, c, 405, "invalid_request_error", NULL,
                                 which >= 0 ? "use POST here" : "use GET here");
     if (strcmp(url, "/metrics") == 0)
         return serve_metrics(s, cn, c);
@@ -1418,7 +1417,7 @@ serve_handle(void *cls, struct MHD_Connection *c, const char *url, const char *m
         }
         cl = MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
         if (cl != NULL && strtoull(cl, NULL, 10) > s->a->max_body)
-            return serve_fail_reply(cn, c, 413, "invalid_request_error", NULL, 0,
+            return serve_fail_reply(cn, c, 413, "invalid_request_error", NULL,
                                     "the body is over --max-body");
         return MHD_YES;
     }
@@ -1437,7 +1436,7 @@ serve_handle(void *cls, struct MHD_Connection *c, const char *url, const char *m
         return MHD_YES;
     }
     if (cn->too_big)
-        return serve_fail_reply(cn, c, 413, "invalid_request_error", NULL, 0,
+        return serve_fail_reply(cn, c, 413, "invalid_request_error", NULL,
                                 "the body is over --max-body");
     if (cn->nomem || (cn->body.p == NULL && BB_ADD(&cn->body, "") != 0))
         return serve_oom(cn, c);
