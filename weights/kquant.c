@@ -757,19 +757,21 @@ kq_from_f32_hp(enum k_dtype dt, const float *src, uint8_t *dst, int64_t nb, cons
         kq_unpack(dt, cand, &best);
         memcpy(y, t0, sizeof(y));
         double bl = kq_round_block(&best, ty, y, u, k, j0, rb);
-        for (int c = 0; c < 2 * passes; c++) {
-            const float *w = c % 2 == 0 ? gw : ib;
-            if (c == 1 || (w == NULL && c % 2 == 1))
-                continue;   /* the first candidate above, or no imp */
-            kq_from_f32(dt, c < 2 ? t0 : y, cand, 1, w);
-            kq_unpack(dt, cand, &b);
-            memcpy(x, t0, sizeof(x));
-            double l = kq_round_block(&b, ty, x, u, k, j0, r);
-            if (l < bl) {
-                bl = l;
-                best = b;
-                memcpy(rb, r, sizeof(rb));
-                memcpy(y, x, sizeof(y));
+        for (int pass = 0; pass < passes; pass++) {
+            for (int v = 0; v < 2; v++) {
+                const float *w = v == 0 ? gw : ib;
+                if (w == NULL || (pass == 0 && v == 1))
+                    continue;   /* no imp, or the first candidate above */
+                kq_from_f32(dt, pass == 0 ? t0 : y, cand, 1, w);
+                kq_unpack(dt, cand, &b);
+                memcpy(x, t0, sizeof(x));
+                double l = kq_round_block(&b, ty, x, u, k, j0, r);
+                if (l < bl) {
+                    bl = l;
+                    best = b;
+                    memcpy(rb, r, sizeof(rb));
+                    memcpy(y, x, sizeof(y));
+                }
             }
         }
         kq_pack(dt, &best, dst + (size_t)s * bb);
