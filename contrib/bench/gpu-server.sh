@@ -19,6 +19,8 @@
 #   amx    contrib/bench/amx.sh: the amx table's tests, the golden fixtures under it, and
 #          prefill against avx512vnni at 16 threads
 #   gp     contrib/bench/gpu-prefill.sh: prefill with the cuBLAS products against without
+#   vsl    contrib/bench/vs-llama.sh at 16 threads against the llama-bench that DIR/llama.tar.xz
+#          holds (a CPU build of llama.cpp with Kimi Linear support and its libraries), if any
 #   depth  contrib/bench/depth.sh: GPU decode at 128K and 1M tokens with each cache type,
 #          with and without the narrow cache, then CPU decode at 128K on 16 threads
 set -u
@@ -99,6 +101,18 @@ for s in "$@"; do
             >"$OUT/gp.log" 2>&1
         echo "gpu-prefill.sh: exit $?"
         tail -12 "$OUT/gp.log" ;;
+    vsl)
+        st vs-llama
+        if [ ! -f "$dir/llama.tar.xz" ]; then
+            echo "vsl: no $dir/llama.tar.xz"
+            continue
+        fi
+        { mkdir -p /tmp/ll && tar -C /tmp/ll -xJf "$dir/llama.tar.xz"; } || continue
+        LD_LIBRARY_PATH=/tmp/ll:$LD_LIBRARY_PATH VSL_DIR=/tmp/vsl timeout "$(left)" \
+            sh contrib/bench/vs-llama.sh $B/kli /tmp/ll/llama-bench >"$OUT/vsl.log" 2>&1
+        echo "vs-llama.sh: exit $?"
+        tail -8 "$OUT/vsl.log"
+        cp /tmp/vsl/vsl-*.jsonl "$OUT/" 2>/dev/null ;;
     depth)
         st depth
         [ -f /tmp/sh64/config.json ] ||
@@ -114,4 +128,4 @@ for s in "$@"; do
     *) echo "gpu-server: no stage '$s'" >&2 ;;
     esac
 done
-st done
+st "done"
