@@ -516,17 +516,10 @@ bench_rss_reset(void)
     }
 }
 
-/* Bytes per triad array: four times the last-level cache, so that the probe measures memory
- * and not a large L3, but at least 64 MiB and at most 256 MiB. The cap keeps the probe's
- * 768 MiB (and a sanitizer's shadow of it) from growing with a server's cache: sysconf
- * reports the sum over an EPYC's CCDs (508 MiB on a Zen 5), while each thread sees only
- * its own CCD's share. KLI_BENCH_LLC pretends another cache size (tests, and a machine whose
- * cache sysconf misreports). */
-#define BENCH_TRIAD_MIN ((size_t)64 << 20)
-#define BENCH_TRIAD_MAX ((size_t)256 << 20)
-
-static size_t
-bench_triad_bytes(void)
+/* The last-level cache in bytes: KLI_BENCH_LLC (tests, and a machine whose cache sysconf
+ * misreports), else the L3, else the L2; 0 when none is known. */
+static uint64_t
+bench_llc(void)
 {
     const char *e = getenv("KLI_BENCH_LLC");
     uint64_t llc = 0;
@@ -543,9 +536,54 @@ bench_triad_bytes(void)
         llc = l3 > 0 ? (uint64_t)l3 : 0;
     }
 #endif
+#ifdef _SC_LEVEL2_CACHE_SIZE
+    if (llc == 0) {
+        long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+        llc = l2 > 0 ? (uint64_t)l2 : 0;
+    }
+#endif
+    return llc;
+}
+
+/* Bytes per triad array: four times the last-level cache, so that the probe measures memory
+ * and not a large L3, but at least 64 MiB and at most 256 MiB. The cap keeps the probe's
+ * 768 MiB (and a sanitizer's shadow of it) from growing with a server's cache: sysconf
+ * reports the sum over an EPYC's CCDs (508 MiB on a Zen 5), while each thread sees only
+ * its own CCD's share. */
+#define BENCH_TRIAD_MIN ((size_t)64 << 20)
+#define BENCH_TRIAD_MAX ((size_t)256 << 20)
+
+static size_t
+bench_triad_bytes(uint64_t llc)
+{
     if (llc > BENCH_TRIAD_MAX / 4)
         return BENCH_TRIAD_MAX;
     return (size_t)llc * 4 > BENCH_TRIAD_MIN ? (size_t)llc * 4 : BENCH_TRIAD_MIN;
+}
+
+/* The read probe's buffer for a decode that reads `w` weight bytes a token, on a last-level
+ * cache of `llc` bytes (0: unknown, taken as 32 MiB): min(w, max(4 x llc, 256 MiB)), at
+ * least 64 MiB, in whole 64 KiB. The fastest way to read w bytes over and over is a plain
+ * sequential read of w bytes, which gets exactly the help from the cache that the decode
+ * gets, so a decode cannot beat it by more than noise; past four times the last-level cache
+ * the cache helps neither, and a bigger buffer changes nothing but the memory it takes
+ * (doc/measuring.md section 3). */
+#define BENCH_READ_MIN ((uint64_t)64 << 20)
+#define BENCH_READ_SPAN ((uint64_t)256 << 20)
+#define BENCH_LLC_GUESS ((uint64_t)32 << 20)
+
+static size_t
+bench_read_bytes(uint64_t llc, uint64_t w)
+{
+    uint64_t span, b;
+
+    llc = llc != 0 ? llc : BENCH_LLC_GUESS;
+    span = llc > UINT64_MAX / 4 ? UINT64_MAX : 4 * llc;
+    span = span > BENCH_READ_SPAN ? span : BENCH_READ_SPAN;
+    b = w < span ? w : span;
+    b = b > BENCH_READ_MIN ? b : BENCH_READ_MIN;
+    b = b < SIZE_MAX ? b : SIZE_MAX;
+    return (size_t)b & ~(((size_t)64 << 10) - 1);
 }
 
 /* @return the larger of `peak` and the peak resident size since the last reset. */
@@ -559,11 +597,13 @@ bench_rss_mark(uint64_t peak)
 
 /* What one configuration's measurement found, for bench_print_json and bench_print_text. */
 struct bench_result {
-    struct stat3 pf, dc, dd, tr;       /* prefill, decode, decode at depth, triad */
+    struct stat3 pf, dc, dd, tr, rd;   /* prefill, decode, decode at depth, triad, read */
     double bytes;                      /* weight bytes one decode token reads */
-    double roof;                       /* median fraction of the probe's bandwidth */
+    double roof;                       /* median fraction of the read probe's bandwidth */
+    double roof_triad;                 /* the same against the triad */
+    int n_capped;                      /* repetitions whose decode outran the read probe */
     double ph[KLI_PHASE_COUNT];        /* seconds per decoded token in each phase */
-    size_t triad_bytes;
+    size_t triad_bytes, read_bytes;
     uint64_t peak;                     /* peak resident size */
     uint64_t w_res, w_huge;            /* weight pages resident, of them in 2 MiB pages */
     int w_known;
@@ -574,7 +614,30 @@ struct bench_result {
     uint64_t cache_bytes;              /* what the context at depth takes (MLA cache, ...) */
 };
 
-/* Measures one model configuration: prefill, decode (and at depth), triad, phases; in edge
+/* Repetition r's bandwidth probes: the triad into tr[r], the read pass into rd[r]. */
+static void
+bench_probe(const struct bench_result *res, double *tr, double *rd, long r)
+{
+    tr[r] = kli_bench_triad(res->triad_bytes);
+    rd[r] = kli_bench_read(res->read_bytes);
+}
+
+/* The roofline fraction of a decode that moved `used` GB/s against a probe of `probe` GB/s:
+ * used / max(probe, used), so at most 1; *capped is set when the decode outran the probe
+ * (noise, or the cache serving what the probe did not get). 0 when the probe failed. */
+static double
+bench_roof(double used, double probe, int *capped)
+{
+    if (probe <= 0)
+        return 0;
+    if (used > probe) {
+        *capped = 1;
+        return 1;
+    }
+    return used / probe;
+}
+
+/* Measures one model configuration: prefill, decode (and at depth), probes, phases; in edge
  * mode the expert cache's counts, on a GPU its own, and the peak resident size. The model
  * and session are left in *mp and *sp for the caller to close.
  * @return 0, or 1 after an error message. */
@@ -594,20 +657,26 @@ bench_measure(const struct bench_args *a, struct kli_model **mp, struct kli_sess
     kli_token *prompt = NULL;
 
     memset(res, 0, sizeof(*res));
-    /* The bandwidth probe runs right before each repetition's decode, so that each roofline
-     * fraction compares numbers from the same minute of a noisy machine. Its buffers are
+    /* The bandwidth probes run right before each repetition's decode, so that each roofline
+     * fraction compares numbers from the same minute of a noisy machine. Their buffers are
      * freed before the peak resident size is read on (bench_rss_mark). Under a memory budget
-     * the probes all run first, before the model takes its share. */
-    /* One value a repetition: triad GB/s, roofline fraction, prefill, decode, decode at depth */
-    double *tr = calloc((size_t)reps * 5, sizeof(double));
-    res->triad_bytes = bench_triad_bytes();
+     * the probes all run first, before the model takes its share; the bytes a decode reads
+     * are not known then, and the read probe takes no more than the triad's three arrays. */
+    /* One value a repetition: triad and read GB/s, roofline fractions against the read probe
+     * and the triad, prefill, decode, decode at depth */
+    double *tr = calloc((size_t)reps * 7, sizeof(double));
+    uint64_t llc = bench_llc();
+    res->triad_bytes = bench_triad_bytes(llc);
     if (tr == NULL) {
         cli_error("out of memory");
         return 1;
     }
-    double *rf = tr + reps, *pf = rf + reps, *dc = pf + reps, *dd = dc + reps;
+    double *rd = tr + reps, *rf = rd + reps, *rt = rf + reps, *pf = rt + reps;
+    double *dc = pf + reps, *dd = dc + reps;
+    if (a->budget != 0)
+        res->read_bytes = bench_read_bytes(llc, 3 * (uint64_t)res->triad_bytes);
     for (long r = 0; r < reps && a->budget != 0; r++)
-        tr[r] = kli_bench_triad(res->triad_bytes);
+        bench_probe(res, tr, rd, r);
     bench_rss_reset();
     kli_model_options_init(&mo);
     mo.n_threads = a->threads;
@@ -623,6 +692,9 @@ bench_measure(const struct bench_args *a, struct kli_model **mp, struct kli_sess
     cli_gpu_report(m);
     res->edge = kli_model_cache_stats(m, &res->cs) == 0;
     res->gpu = kli_model_gpu_stats(m, &res->gs) == 0;
+    res->bytes = (double)kli_model_decode_bytes(m);
+    if (a->budget == 0)
+        res->read_bytes = bench_read_bytes(llc, kli_model_decode_bytes(m));
     kli_session_options_init(&so);
     so.batch_max = pp > 0 && pp < 512 ? (int32_t)pp : 512;
     so.cache_type = a->cache_type;
@@ -673,7 +745,7 @@ bench_measure(const struct bench_args *a, struct kli_model **mp, struct kli_sess
     for (long r = 0; r < reps; r++) {
         if (a->budget == 0) {
             res->peak = bench_rss_mark(res->peak);
-            tr[r] = kli_bench_triad(res->triad_bytes);
+            bench_probe(res, tr, rd, r);
             bench_rss_reset();
         }
         if (pp > 0) {
@@ -692,7 +764,10 @@ bench_measure(const struct bench_args *a, struct kli_model **mp, struct kli_sess
             kli_model_gpu_reset(m);
             if ((dc[r] = bench_decode(s, (int)tg, V, &err)) < 0)
                 goto fail;
-            rf[r] = tr[r] > 0 ? (double)kli_model_decode_bytes(m) * dc[r] / (tr[r] * 1e9) : 0;
+            int capped = 0;
+            rf[r] = bench_roof(res->bytes * dc[r] / 1e9, rd[r], &capped);
+            rt[r] = tr[r] > 0 ? res->bytes * dc[r] / (tr[r] * 1e9) : 0;
+            res->n_capped += capped;
             if (res->gpu) {
                 kli_model_gpu_stats(m, &res->gs);
                 res->g_routed += res->gs.routed;
@@ -718,17 +793,19 @@ bench_measure(const struct bench_args *a, struct kli_model **mp, struct kli_sess
                 goto fail;
         }
         if (!json)
-            fprintf(stderr, "  rep %ld: prefill %.1f tok/s, decode %.2f tok/s%s, triad %.1f "
-                    "GB/s\n", r + 1, pf[r], dc[r], depth > 0 ? " (empty context)" : "", tr[r]);
+            fprintf(stderr, "  rep %ld: prefill %.1f tok/s, decode %.2f tok/s%s, read %.1f "
+                    "GB/s, triad %.1f GB/s\n", r + 1, pf[r], dc[r],
+                    depth > 0 ? " (empty context)" : "", rd[r], tr[r]);
     }
     res->pf = stats(pf, (int)reps);
     res->dc = stats(dc, (int)reps);
     res->dd = stats(dd, (int)reps);
     res->tr = stats(tr, (int)reps);
-    res->bytes = (double)kli_model_decode_bytes(m);
+    res->rd = stats(rd, (int)reps);
     res->cache_bytes = kli_model_cache_bytes(m, a->cache_type, depth);
-    /* the median of the repetitions' fractions, each against its own probe */
+    /* the medians of the repetitions' fractions, each against its own probes */
     res->roof = tg > 0 ? stats(rf, (int)reps).med : 0;
+    res->roof_triad = tg > 0 ? stats(rt, (int)reps).med : 0;
     res->peak = bench_rss_mark(res->peak);
     res->w_known = kli_model_weight_pages(m, &res->w_res, &res->w_huge) == 0;
     rc = 0;
@@ -756,13 +833,24 @@ bench_print_json(const struct bench_args *a, const struct bench_result *res)
            "\"decode_tok_s_max\": %.3f, \"decode_depth_tok_s\": %.3f, "
            "\"cache_type\": \"%s\", \"context_bytes\": %llu, "
            "\"triad_gb_s\": %.3f, \"triad_gb_s_min\": %.3f, \"triad_gb_s_max\": %.3f, "
-           "\"triad_bytes\": %zu, \"decode_bytes_per_token\": %.0f, "
-           "\"roofline_fraction\": %.4f, \"phase_ms\": {",
+           "\"triad_bytes\": %zu, \"read_gb_s\": %.3f, \"read_gb_s_min\": %.3f, "
+           "\"read_gb_s_max\": %.3f, \"read_probe_bytes\": %zu, "
+           "\"decode_bytes_per_token\": %.0f, ",
            a->model, kli_simd_variant(), kli_threads(), a->type ? a->type : "stored", a->pp,
            tg, a->depth, reps, res->pf.med, res->pf.min, res->pf.max, res->dc.med, res->dc.min,
            res->dc.max, res->dd.med, kli_cache_type_name(a->cache_type),
            (unsigned long long)res->cache_bytes, res->tr.med, res->tr.min, res->tr.max,
-           res->triad_bytes, res->bytes, res->roof);
+           res->triad_bytes, res->rd.med, res->rd.min, res->rd.max, res->read_bytes,
+           res->bytes);
+    /* a CPU roofline says nothing of a run that uses the GPU */
+    if (res->gpu)
+        printf("\"roofline_fraction\": null, \"roofline_triad\": null, "
+               "\"roofline_capped\": null, ");
+    else
+        printf("\"roofline_fraction\": %.4f, \"roofline_triad\": %.4f, "
+               "\"roofline_capped\": %s, ", res->roof, res->roof_triad,
+               res->n_capped > 0 ? "true" : "false");
+    printf("\"phase_ms\": {");
     for (int k = 0; k < KLI_PHASE_COUNT; k++)
         printf("%s\"%s\": %.4f", k ? ", " : "", phase_names[k], res->ph[k] * 1e3);
     printf("}");
@@ -789,6 +877,25 @@ bench_print_json(const struct bench_args *a, const struct bench_result *res)
     printf(", \"peak_rss_bytes\": %llu}\n", (unsigned long long)res->peak);
 }
 
+/* The roofline line of the text report: medians of the repetitions, each against the
+ * probes run just before its decode. */
+static void
+bench_print_roofline(const struct bench_args *a, const struct bench_result *res)
+{
+    if (res->gpu) {
+        printf("roofline for CPU runs only (this run uses the GPU)\n");
+        return;
+    }
+    printf("roofline %.3f of the read probe (%.0f MiB, %.1f GB/s; triad %.1f GB/s, fraction "
+           "%.3f); %.1f GB/s used in decode\n", res->roof,
+           (double)res->read_bytes / 1048576.0, res->rd.med, res->tr.med, res->roof_triad,
+           res->bytes * res->dc.med / 1e9);
+    if (res->n_capped > 0)
+        printf("roofline capped at 1 in %d of %ld repetitions: decode outran the read probe "
+               "(noise, or the cache serving what the probe did not get)\n", res->n_capped,
+               a->reps);
+}
+
 static void
 bench_print_text(const struct bench_args *a, const struct bench_result *res)
 {
@@ -808,11 +915,11 @@ bench_print_text(const struct bench_args *a, const struct bench_result *res)
     printf("decode phases (ms/token):");
     for (int k = 0; k < KLI_PHASE_COUNT; k++)
         printf(" %s %.2f", phase_names[k], res->ph[k] * 1e3);
-    printf("\nmemory   triad %.1f GB/s (min %.1f, max %.1f); decode reads %.1f MB/token\n",
-           res->tr.med, res->tr.min, res->tr.max, res->bytes / 1e6);
-    printf("roofline %.3f of measured bandwidth (median of the repetitions, each against "
-           "the probe run just before it; %.1f GB/s used in decode)\n", res->roof,
-           res->bytes * res->dc.med / 1e9);
+    printf("\nmemory   read %.1f GB/s (min %.1f, max %.1f) over %.0f MiB, triad %.1f GB/s "
+           "(min %.1f, max %.1f); decode reads %.1f MB/token\n", res->rd.med, res->rd.min,
+           res->rd.max, (double)res->read_bytes / 1048576.0, res->tr.med, res->tr.min,
+           res->tr.max, res->bytes / 1e6);
+    bench_print_roofline(a, res);
     if (res->edge)
         printf("cache    budget %.0f MiB, %d of %d experts: decode hit rate %.1f%%, %.1f MB "
                "read/token, prefetches used %.0f%%, %.2f ms/token waiting\n",

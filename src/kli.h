@@ -1089,6 +1089,13 @@ KLI_API int kli_model_verify(const struct kli_model *model, kli_progress_fn prog
  * arrays cannot be allocated. */
 KLI_API double kli_bench_triad(size_t bytes_per_array);
 
+/* Measures read-only memory bandwidth, the ceiling of a decode that streams its weights:
+ * sums every 8-byte word of one buffer of `bytes` (rounded down to a multiple of 64 KiB),
+ * written first by the worker threads the model uses, which then read it with the same
+ * static split; best of five passes. @return GB/s (1e9 bytes), or -1 when the rounded size
+ * is 0 or the buffer cannot be allocated. */
+KLI_API double kli_bench_read(size_t bytes);
+
 /* @return the number of worker threads in use. */
 KLI_API int kli_threads(void);
 

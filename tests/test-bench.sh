@@ -2,11 +2,13 @@
 # test-bench.sh - kli bench on the tiny fixture: the JSON object has every key the targets
 # name, with numbers that hang together; decode_bytes_per_token equals a count made here from
 # the checkpoint's own header by the rule kli(3) states for kli_model_decode_bytes; the
-# roofline fraction lies between the extremes its repetitions allow; the bandwidth probe's
-# buffers (3 x 64 MiB, run between repetitions) stay out of the reported peak resident size;
-# the probe's arrays are four times the last-level cache between 64 and 256 MiB, whatever
-# cache the host has or pretends to have (KLI_BENCH_LLC); KLI_SIMD is honoured and named;
-# bad arguments are refused.
+# roofline fraction, against the read probe, lies in (0, 1] and between the extremes its
+# repetitions allow, and the triad's too; the bandwidth probes' buffers (3 x 64 MiB and 64
+# MiB, run between repetitions) stay out of the reported peak resident size; the triad's
+# arrays are four times the last-level cache between 64 and 256 MiB and the read probe's
+# buffer min(decode bytes, max(4 x LLC, 256 MiB)), at least 64 MiB, whatever cache the host
+# has or pretends to have (KLI_BENCH_LLC); KLI_SIMD is honoured and named; bad arguments are
+# refused.
 # Speed itself is not tested.
 set -u
 : "${KLI_BIN:?}" "${KLI_TESTDATA:?}" "${KLI_SRCDIR:?}"
@@ -25,13 +27,15 @@ import json, struct, sys
 r = json.loads(open(sys.argv[1]).read())
 for k in ("prefill_tok_s", "decode_tok_s", "triad_gb_s", "decode_bytes_per_token",
           "roofline_fraction", "threads", "prefill_tok_s_min", "decode_tok_s_max",
-          "triad_gb_s_min", "triad_gb_s_max", "decode_tok_s_min", "peak_rss_bytes"):
+          "triad_gb_s_min", "triad_gb_s_max", "decode_tok_s_min", "peak_rss_bytes",
+          "read_gb_s", "read_gb_s_min", "read_gb_s_max", "read_probe_bytes", "roofline_triad"):
     assert isinstance(r[k], (int, float)) and r[k] > 0, (k, r.get(k))
 assert r["simd"] in ("generic", "avx2", "avx512", "avx512vnni", "amx", "neon", "neondot"), r["simd"]
 assert r["weight_type"] == "stored" and r["reps"] == 3 and r["gen_tokens"] == 8, r
 assert r["prefill_tok_s_min"] <= r["prefill_tok_s"] <= r["prefill_tok_s_max"], r
 assert r["decode_tok_s_min"] <= r["decode_tok_s"] <= r["decode_tok_s_max"], r
 assert r["triad_gb_s_min"] <= r["triad_gb_s"] <= r["triad_gb_s_max"], r
+assert r["read_gb_s_min"] <= r["read_gb_s"] <= r["read_gb_s_max"], r
 
 # The bytes one decode step reads, from the header: attention and shared matrices, the
 # router, top_k routed experts per MoE layer at their average size, one embedding row, lm_head;
@@ -69,16 +73,23 @@ for L, b in experts.items():
 assert r["decode_bytes_per_token"] == want, (r["decode_bytes_per_token"], want)
 
 # Each repetition's fraction is bytes x its decode rate / its own probe, so their median lies
-# between the extremes of those.
+# between the extremes of those; against the read probe it is capped at 1, and flagged if so.
 B = want / 1e9
 lo = B * r["decode_tok_s_min"] / r["triad_gb_s_max"]
 hi = B * r["decode_tok_s_max"] / r["triad_gb_s_min"]
+assert lo * 0.999 <= r["roofline_triad"] <= hi * 1.001, (lo, r["roofline_triad"], hi)
+lo = min(1, B * r["decode_tok_s_min"] / r["read_gb_s_max"])
+hi = min(1, B * r["decode_tok_s_max"] / r["read_gb_s_min"])
 assert lo * 0.999 <= r["roofline_fraction"] <= hi * 1.001, (lo, r["roofline_fraction"], hi)
+assert 0 < r["roofline_fraction"] <= 1, r["roofline_fraction"]
+assert isinstance(r["roofline_capped"], bool), r["roofline_capped"]
 
-# The probe's three 64 MiB arrays are freed before the peak is read on; the tiny model and
-# kli itself take a few MiB.
+# The probes' buffers (three 64 MiB arrays, one of 64 MiB: a decode of the tiny model reads
+# about 1 MB) are freed before the peak is read on; the tiny model and kli itself take a
+# few MiB.
 assert r["peak_rss_bytes"] < 150 << 20, r["peak_rss_bytes"]
 assert r["triad_bytes"] == 64 << 20, r["triad_bytes"]
+assert r["read_probe_bytes"] == 64 << 20, r["read_probe_bytes"]
 
 # Linux reports the weight file's resident pages: the run read every tensor but the
 # embedding table, of which it touched a few rows, and at most the whole file.
@@ -96,24 +107,25 @@ check $rc "the JSON has the targets' keys; decode bytes equal the header's count
 
 "$KLI_BIN" bench --gpu off -m "$M" -p 8 -n 4 -r 1 >"$tmp/t.out" 2>"$tmp/t.err"
 rc=$?
-grep -q "^roofline " "$tmp/t.out" && grep -q "^decode phases" "$tmp/t.out" &&
+grep -q "^roofline .* of the read probe" "$tmp/t.out" && grep -q "^decode phases" "$tmp/t.out" &&
     { [ "$(uname -s)" != Linux ] || grep -q "^weights .* in 2 MiB pages" "$tmp/t.out"; } &&
     grep -q "kernels " "$tmp/t.err"
 check $((rc + $?)) "the text report has the roofline, phase and weight-page lines and names the kernels"
 
-# The probe's size by the rule kli(1) states, for pretended caches: a 508 MiB L3 (a Zen 5
-# EPYC's) gets the capped 256 MiB, not 1 GiB per array. (The process's peak cannot show the
-# arrays from outside: kli resets it after each probe.)
+# The probes' sizes by the rules kli(1) states, for pretended caches: a 508 MiB L3 (a Zen 5
+# EPYC's) gets the capped 256 MiB, not 1 GiB per array. The read probe reads no more than a
+# decode (about 1 MB here), but at least 64 MiB. (The process's peak cannot show the
+# buffers from outside: kli resets it after each probe.)
 rc=0
 for llc in 1M:64 40M:160 508M:256 8G:256; do
     KLI_BENCH_LLC=${llc%:*} "$KLI_BIN" bench --gpu off -m "$M" -p 4 -n 2 -r 1 --json \
         >"$tmp/p.json" 2>"$tmp/p.err" || rc=1
-    got=$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["triad_bytes"])' \
-          "$tmp/p.json" 2>/dev/null)
-    echo "# KLI_BENCH_LLC=${llc%:*}: arrays of ${got:-?} bytes"
-    [ "${got:-0}" = $((${llc#*:} << 20)) ] || rc=1
+    got=$("$PY" -c 'import json, sys; r = json.load(open(sys.argv[1]))
+print(r["triad_bytes"], r["read_probe_bytes"])' "$tmp/p.json" 2>/dev/null)
+    echo "# KLI_BENCH_LLC=${llc%:*}: triad arrays and read buffer of ${got:-?} bytes"
+    [ "${got:-0}" = "$((${llc#*:} << 20)) $((64 << 20))" ] || rc=1
 done
-check $rc "the probe's arrays are 4 x the pretended last-level cache, within [64, 256] MiB"
+check $rc "the triad's arrays are 4 x the pretended LLC, within [64, 256] MiB; the read buffer 64 MiB"
 
 KLI_SIMD=generic "$KLI_BIN" bench --gpu off -m "$M" -p 4 -n 2 -r 1 --json 2>/dev/null |
     grep -q '"simd": "generic"'

@@ -6,7 +6,8 @@
 # a sanitizer's runtime), stays under the budget while the resident run's exceeds it; the
 # logits equal the resident run's bit for bit and the float64 NumPy reference's within
 # 1e-4; the CLI refuses a budget below the least and a list outside kli bench; kli bench
-# reports the cache's hit rate and bytes read per token. Every run is CPU-only (--gpu off): a
+# reports the cache's hit rate and bytes read per token, and sizes its read probe, run before
+# the model opens, within the triad's arrays. Every run is CPU-only (--gpu off): a
 # resident run with a GPU computes hot experts there, and the CUDA runtime's own memory is not
 # part of what the budget bounds.
 set -u
@@ -121,8 +122,11 @@ else
     notok "the sharded model could not be written"
 fi
 
-# kli bench: one JSON object per budget with the cache's numbers.
-"$KLI_BIN" bench --gpu off -m "$M" -p 8 -n 8 -r 1 --mem-budget 64M,128M --json >"$tmp/bench.json" 2>/dev/null
+# kli bench: one JSON object per budget with the cache's numbers. The probes run before the
+# model opens, the read probe's buffer max(4 x LLC, 256 MiB) but no larger than the triad's
+# three arrays: 192 MiB for a pretended 1 MiB cache.
+KLI_BENCH_LLC=1M "$KLI_BIN" bench --gpu off -m "$M" -p 8 -n 8 -r 1 --mem-budget 64M,128M \
+    --json >"$tmp/bench.json" 2>/dev/null
 check $? "kli bench --mem-budget 64M,128M"
 "$PY" - "$tmp/bench.json" <<'EOF'
 import json, sys
@@ -133,9 +137,11 @@ for r, b in zip(rows, (64 << 20, 128 << 20)):
     assert 0 <= r["cache_hit_rate"] <= 1 and r["cache_bytes_read_per_token"] >= 0, r
     assert 0 < r["cache_slots"] <= r["cache_experts"] == 128, r
     assert r["decode_tok_s"] > 0 and r["peak_rss_bytes"] > 0, r
+    assert r["triad_bytes"] == 64 << 20 and r["read_probe_bytes"] == 192 << 20, r
+    assert r["read_gb_s"] > 0 and 0 < r["roofline_fraction"] <= 1, r
 assert rows[1]["cache_slots"] > rows[0]["cache_slots"], rows
 EOF
-check $? "bench prints one object per budget with hit rate, bytes read per token and slots"
+check $? "bench prints one object per budget with hit rate, bytes read per token, slots and probes"
 
 echo "1..$n"
 exit $fail
