@@ -603,6 +603,7 @@ struct bench_result {
     double roof_triad;                 /* the same against the triad */
     int n_capped;                      /* repetitions whose decode outran the read probe */
     double ph[KLI_PHASE_COUNT];        /* seconds per decoded token in each phase */
+    double pph[KLI_PHASE_COUNT];       /* seconds per prompt token in each phase */
     size_t triad_bytes, read_bytes;
     uint64_t peak;                     /* peak resident size */
     uint64_t w_res, w_huge;            /* weight pages resident, of them in 2 MiB pages */
@@ -635,6 +636,18 @@ bench_roof(double used, double probe, int *capped)
         return 1;
     }
     return used / probe;
+}
+
+/* Adds the session's seconds in each phase since its timers were reset, over `div` (the
+ * tokens of all repetitions), to acc: the mean per token. */
+static void
+bench_phases(const struct kli_session *s, double acc[KLI_PHASE_COUNT], double div)
+{
+    double p1[KLI_PHASE_COUNT];
+
+    kli_session_phase_seconds(s, p1);
+    for (int k = 0; k < KLI_PHASE_COUNT; k++)
+        acc[k] += p1[k] / div;
 }
 
 /* Measures one model configuration: prefill, decode (and at depth), probes, phases; in edge
@@ -752,10 +765,12 @@ bench_measure(const struct bench_args *a, struct kli_model **mp, struct kli_sess
             for (long i = 0; i < pp; i++)
                 prompt[i] = rand_token(V);
             kli_session_reset(s);
+            kli_session_reset_timers(s);
             double t0 = util_now_s();
             if (kli_session_eval(s, prompt, (int32_t)pp, NULL, &err) != KLI_OK)
                 goto fail;
             pf[r] = pp / (util_now_s() - t0);
+            bench_phases(s, res->pph, (double)pp * (double)reps);
         }
         if (tg > 0) {
             kli_session_reset(s);
@@ -785,10 +800,7 @@ bench_measure(const struct bench_args *a, struct kli_model **mp, struct kli_sess
                 dsum->prefetch_used += cs->prefetch_used;
                 dsum->wait_seconds += cs->wait_seconds;
             }
-            double p1[KLI_PHASE_COUNT];
-            kli_session_phase_seconds(s, p1);
-            for (int k = 0; k < KLI_PHASE_COUNT; k++)
-                res->ph[k] += p1[k] / (double)tg / (double)reps;
+            bench_phases(s, res->ph, (double)tg * (double)reps);
             if (depth > 0 && (dd[r] = bench_decode(sd, (int)tg, V, &err)) < 0)
                 goto fail;
         }
@@ -853,6 +865,9 @@ bench_print_json(const struct bench_args *a, const struct bench_result *res)
     printf("\"phase_ms\": {");
     for (int k = 0; k < KLI_PHASE_COUNT; k++)
         printf("%s\"%s\": %.4f", k ? ", " : "", phase_names[k], res->ph[k] * 1e3);
+    printf("}, \"prefill_phase_ms\": {");
+    for (int k = 0; k < KLI_PHASE_COUNT; k++)
+        printf("%s\"%s\": %.4f", k ? ", " : "", phase_names[k], res->pph[k] * 1e3);
     printf("}");
     if (res->edge)
         printf(", \"mem_budget\": %llu, \"cache_slots\": %d, \"cache_experts\": %d, "
@@ -915,6 +930,11 @@ bench_print_text(const struct bench_args *a, const struct bench_result *res)
     printf("decode phases (ms/token):");
     for (int k = 0; k < KLI_PHASE_COUNT; k++)
         printf(" %s %.2f", phase_names[k], res->ph[k] * 1e3);
+    if (a->pp > 0) {
+        printf("\nprefill phases (ms/token):");
+        for (int k = 0; k < KLI_PHASE_COUNT; k++)
+            printf(" %s %.3f", phase_names[k], res->pph[k] * 1e3);
+    }
     printf("\nmemory   read %.1f GB/s (min %.1f, max %.1f) over %.0f MiB, triad %.1f GB/s "
            "(min %.1f, max %.1f); decode reads %.1f MB/token\n", res->rd.med, res->rd.min,
            res->rd.max, (double)res->read_bytes / 1048576.0, res->tr.med, res->tr.min,

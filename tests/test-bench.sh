@@ -36,6 +36,13 @@ assert r["prefill_tok_s_min"] <= r["prefill_tok_s"] <= r["prefill_tok_s_max"], r
 assert r["decode_tok_s_min"] <= r["decode_tok_s"] <= r["decode_tok_s_max"], r
 assert r["triad_gb_s_min"] <= r["triad_gb_s"] <= r["triad_gb_s_max"], r
 assert r["read_gb_s_min"] <= r["read_gb_s"] <= r["read_gb_s_max"], r
+# Per-phase times lie inside the timed prefill and decode: their sums, in ms per token, are
+# at most the slowest repetition's time per token (the MoE and KDA layers always run).
+for ph, rate in (("phase_ms", "decode_tok_s_min"), ("prefill_phase_ms", "prefill_tok_s_min")):
+    p = r[ph]
+    assert set(p) == {"kda", "mla", "moe", "dense", "lm_head", "other"}, p
+    assert p["kda"] > 0 and p["moe"] > 0 and min(p.values()) >= 0, (ph, p)
+    assert sum(p.values()) <= 1e3 / r[rate] * 1.001, (ph, sum(p.values()), r[rate])
 
 # The bytes one decode step reads, from the header: attention and shared matrices, the
 # router, top_k routed experts per MoE layer at their average size, one embedding row, lm_head;
@@ -108,6 +115,7 @@ check $rc "the JSON has the targets' keys; decode bytes equal the header's count
 "$KLI_BIN" bench --gpu off -m "$M" -p 8 -n 4 -r 1 >"$tmp/t.out" 2>"$tmp/t.err"
 rc=$?
 grep -q "^roofline .* of the read probe" "$tmp/t.out" && grep -q "^decode phases" "$tmp/t.out" &&
+    grep -q "^prefill phases" "$tmp/t.out" &&
     { [ "$(uname -s)" != Linux ] || grep -q "^weights .* in 2 MiB pages" "$tmp/t.out"; } &&
     grep -q "kernels " "$tmp/t.err"
 check $((rc + $?)) "the text report has the roofline, phase and weight-page lines and names the kernels"
