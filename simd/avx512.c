@@ -830,6 +830,120 @@ avx512_k_scale2(__m512i sc4, int a)
     return _mm512_shuffle_epi8(sc4, _mm512_inserti64x4(_mm512_castsi256_si512(c0), c1, 1));
 }
 
+/* The integer sums of row p's super-block against one token's region xs: avx512_qk_dot's
+ * isum, lane for lane, with the scales of chunk pair q taken from bc by one vpshufb with
+ * ctl[q]. */
+AVX512_INLINE __m512i
+avx512_k_isum(enum k_dtype dt, const uint8_t *p, const uint8_t *xs, __m512i bc,
+              const __m512i *ctl)
+{
+    __m512i isum = _mm512_setzero_si512();   /* (q = 0 sets it: no zero to add to) */
+
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; q++) {
+        int a = (q & 2) << 1 | (q & 1);
+        __m512i u = avx512_k_levels2(dt, p, a), sv = _mm512_shuffle_epi8(bc, ctl[q]);
+        __m512i pr = _mm512_maddubs_epi16(u, _mm512_load_si512((const void *)(xs + 64 * q)));
+#ifdef KLI_VNNI
+        isum = q ? _mm512_dpwssd_epi32(isum, pr, sv) : _mm512_madd_epi16(pr, sv);
+#else
+        isum = q ? _mm512_add_epi32(isum, _mm512_madd_epi16(pr, sv)) : _mm512_madd_epi16(pr, sv);
+#endif
+    }
+    return isum;
+}
+
+/* vpshufb indices: bytes 8..11 (128-bit lanes 0, 2) and 12..15 (lanes 1, 3) of a lane,
+ * each zero-extended to a word and repeated for the two runs of 16 of its sub-block */
+static const uint16_t avx512_k_mn_ix[32] __attribute__((aligned(64))) = {
+    0x8008, 0x8008, 0x8009, 0x8009, 0x800a, 0x800a, 0x800b, 0x800b,
+    0x800c, 0x800c, 0x800d, 0x800d, 0x800e, 0x800e, 0x800f, 0x800f,
+    0x8008, 0x8008, 0x8009, 0x8009, 0x800a, 0x800a, 0x800b, 0x800b,
+    0x800c, 0x800c, 0x800d, 0x800d, 0x800e, 0x800e, 0x800f, 0x800f,
+};
+
+/*
+ * Four Q4_K or Q5_K rows . one token (decode), out[r], r < 4: avx512_qk_dot's integers and
+ * float steps lane for lane, with less work around them. The four rows' 16-byte heads go
+ * into one register (row r in 128-bit lane r), so the bit fiddling that makes the 6-bit
+ * scales and minimums runs once for four rows; a row's scales for a chunk pair come straight
+ * from its bytes (one vpshufb of the row's lane broadcast, zero-extending to int16: no
+ * unpack, widen or per-half broadcast); and rows 0, 1 (2, 3) share one 512-bit register for
+ * the fold of the chunk pairs and every float step, with d and dm broadcast per half, so that
+ * each half holds what avx2_k_finish computes for its row, and is summed as avx2_hsum does.
+ */
+AVX512_INLINE void
+avx512_qk_rows4(enum k_dtype dt, const uint8_t *act, int64_t nsb, const uint8_t *w,
+                size_t rb, size_t pf, float *out)
+{
+    const size_t bb = avx2_k_bytes(dt);
+    /* the scale of chunk c is byte c of a row's lane (mins: byte 8 + c); a word of ctl picks
+     * byte b as b | 0x8000, the high byte zero */
+    __m512i ctl[4], ctlm;
+    __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; q++) {
+        int a = (q & 2) << 1 | (q & 1);
+        ctl[q] = _mm512_inserti64x4(_mm512_set1_epi16((short)(0x8000 | a)),
+                                    _mm256_set1_epi16((short)(0x8000 | (a + 2))), 1);
+    }
+    /* on [lane r | lane r | lane r + 1 | lane r + 1] of the heads: the minimums 0..3, 4..7 of
+     * rows r, r + 1 in the order of avx2_k_head's mn */
+    ctlm = _mm512_load_si512(avx512_k_mn_ix);
+    for (int64_t s = 0; s < nsb; s++, w += bb, act += AVX2_KSB) {
+        const uint8_t *p[4] = {w, w + rb, w + 2 * rb, w + 3 * rb};
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; r++)
+            avx2_k_fetch(p[r] + pf, bb);
+        /* avx2_k_head's Q4_K step, four rows at once */
+        __m512i h = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)p[0]));
+        h = _mm512_mask_broadcast_i32x4(h, 0x00f0, _mm_loadu_si128((const __m128i *)p[1]));
+        h = _mm512_mask_broadcast_i32x4(h, 0x0f00, _mm_loadu_si128((const __m128i *)p[2]));
+        h = _mm512_mask_broadcast_i32x4(h, 0xf000, _mm_loadu_si128((const __m128i *)p[3]));
+        __m512i a = _mm512_shuffle_epi32(h, (_MM_PERM_ENUM)_MM_SHUFFLE(3, 2, 3, 1));
+        __m512i b = _mm512_shuffle_epi32(h, (_MM_PERM_ENUM)_MM_SHUFFLE(2, 2, 1, 1));
+        __m512i v = _mm512_ternarylogic_epi32(
+            _mm512_and_si512(_mm512_srlv_epi32(a, _mm512_set4_epi32(4, 0, 0, 0)),
+                             _mm512_set4_epi32(0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f,
+                                               0x3f3f3f3f)),
+            _mm512_srli_epi32(b, 2), _mm512_set4_epi32(0x30303030, 0, 0x30303030, 0), 0xf8);
+        /* d0 dm0 d1 dm1 .. d3 dm3 */
+        __m256 f = _mm256_cvtph_ps(_mm512_castsi512_si128(
+            _mm512_permutexvar_epi32(_mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                                      12, 8, 4, 0), h)));
+        __m512 f2 = _mm512_castps256_ps512(f);
+        const __m512 dx = _mm512_set1_ps(*(const float *)(act + 288));
+        const __m512i sums = _mm512_broadcast_i64x4(
+            _mm256_load_si256((const __m256i *)(act + 256)));
+        __m512i isum[4];
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; r++)
+            isum[r] = avx512_k_isum(dt, p[r], act, _mm512_shuffle_i32x4(v, v, 0x55 * r), ctl);
+#pragma GCC unroll 2
+        for (int i = 0; i < 2; i++) {
+            const __m512i sel = _mm512_inserti64x4(_mm512_set1_epi32(4 * i),
+                                                   _mm256_set1_epi32(4 * i + 2), 1);
+            __m512 vd = _mm512_permutexvar_ps(sel, f2);
+            __m512 vm = _mm512_permutexvar_ps(_mm512_add_epi32(sel, _mm512_set1_epi32(1)), f2);
+            __m512i mn = _mm512_shuffle_epi8(
+                _mm512_shuffle_i32x4(v, v, i ? _MM_SHUFFLE(3, 3, 2, 2) : _MM_SHUFFLE(1, 1, 0, 0)),
+                ctlm);
+            __m512i is = _mm512_add_epi32(
+                _mm512_shuffle_i64x2(isum[2 * i], isum[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                _mm512_shuffle_i64x2(isum[2 * i], isum[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+            __m512 ms = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_madd_epi16(mn, sums)), vm);
+            __m512 fv = _mm512_fmsub_ps(_mm512_cvtepi32_ps(is), vd, ms);
+            acc[i] = _mm512_fmadd_ps(fv, dx, acc[i]);
+        }
+    }
+#pragma GCC unroll 2
+    for (int i = 0; i < 2; i++) {
+        out[2 * i] = avx2_hsum(_mm512_castps512_ps256(acc[i]));
+        out[2 * i + 1] = avx2_hsum(_mm512_extractf32x8_ps(acc[i], 1));
+    }
+}
+
 /*
  * out[r nt + t] = row r . token t over nsb super-blocks, r < nr, t < nt (constants, one of
  * them 1, nr nt <= 8): avx2_qk_dot on this file's regions, two chunks a step.
@@ -841,6 +955,10 @@ avx512_qk_dot(enum k_dtype dt, int nr, int nt, const uint8_t *act, size_t stride
     const size_t bb = avx2_k_bytes(dt);
     __m256 acc[8];
 
+    if (nr == 4 && nt == 1 && (dt == KLI_DT_Q4_K || dt == KLI_DT_Q5_K)) {
+        avx512_qk_rows4(dt, act, nsb, w, rb, pf, out);
+        return;
+    }
     avx2_zeros(nr * nt, acc);
     for (int64_t s = 0; s < nsb; s++, w += bb, act += AVX2_KSB) {
 #pragma GCC unroll 4
