@@ -707,7 +707,7 @@ bench_measure(const struct bench_args *a, struct kli_model **mp, struct kli_sess
     res->gpu = kli_model_gpu_stats(m, &res->gs) == 0;
     res->bytes = (double)kli_model_decode_bytes(m);
     if (a->budget == 0)
-        res->read_bytes = bench_read_bytes(llc, kli_model_decode_bytes(m));
+        res->read_bytes = bench_read_bytes(llc, (uint64_t)res->bytes);
     kli_session_options_init(&so);
     so.batch_max = pp > 0 && pp < 512 ? (int32_t)pp : 512;
     so.cache_type = a->cache_type;
