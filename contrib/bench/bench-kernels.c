@@ -1,15 +1,11 @@
 /*
  * bench-kernels.c - micro benchmark of the matmul kernels of every usable SIMD variant.
  *
- * Not part of `make check`. Build by hand from the source root, with a config.h from a
- * configured tree (or one defining KLI_BUILD_AVX2 / KLI_BUILD_AVX512 as wanted):
+ * Not part of `make check`. Build by hand from the source root against a configured and built
+ * tree BUILD (its config.h and its convenience library, which has every kernel table):
  *
- *   CF="-std=gnu11 -O2 -Isimd -Iweights -Isrc -I<dir of config.h>"
- *   gcc $CF -mavx2 -mfma -mf16c -c simd/avx2.c -o /tmp/avx2.o
- *   gcc $CF -mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma -mf16c -c simd/avx512.c \
- *       -o /tmp/avx512.o
- *   gcc $CF -fopenmp -o /tmp/bench-kernels contrib/bench/bench-kernels.c /tmp/avx2.o \
- *       /tmp/avx512.o simd/cpu.c simd/dispatch.c simd/generic.c weights/dtype.c -lm -lpthread
+ *   gcc -std=gnu11 -O2 -Isimd -Iweights -Isrc -IBUILD -fopenmp -o /tmp/bench-kernels \
+ *       contrib/bench/bench-kernels.c BUILD/.libs/libkli_all.a -lopenblas -lhwloc -lzstd -lm
  *
  * What it prints (each number the median of 5 timed repetitions after one warm-up, with the
  * range beside it), for 1 and 2 threads (or -t LIST):
@@ -24,9 +20,11 @@
  *     eight tokens cost what one does;
  *   - prefill: m = 64 and m = 512 (or -m LIST), k = n = 2304, GFLOP/s (2 m n k per call).
  *
- * Options: -v NAME[,NAME] (variants), -d DTYPE (one dtype), -t 1,2 (thread counts), -M MiB,
- * -B, -G (include the generic variant in prefill; it is slow), -P (skip prefill), -D (skip
- * decode).
+ * Options: -v NAME[,NAME] (variants), -d DTYPE (one dtype, any case), -t 1,2 (thread counts),
+ * -M MiB, -N ROWS (decode's n), -B, -G (include the generic variant in prefill; it is slow), -P
+ * (skip prefill), -D (skip decode). -M 0 runs decode over one copy of W again and again: with
+ * a W that fits the cache (-N 256: 324 KiB of Q4_K), the kernels' speed with no memory in the
+ * way.
  */
 #include "config.h"
 
@@ -36,6 +34,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <time.h>
 
 #include "simd.h"
@@ -239,9 +238,9 @@ bench_pass(const struct k_kernels *kt, enum k_dtype dt, int nt, uint8_t **w, int
 static void
 bench_matmul(const struct k_kernels **tabs, int ntab, const int *threads, int nthreads,
              int only_dt, int prefill, int with_generic, int batch, int footprint_mib,
-             const int64_t *pm, int npm)
+             const int64_t *pm, int npm, int64_t decode_n)
 {
-    int64_t k = 2304, n = prefill ? 2304 : 16384;
+    int64_t k = 2304, n = prefill ? 2304 : decode_n;
     int64_t ms[16] = {1, 8};
     int nm = batch ? 2 : 1;
 
@@ -255,6 +254,10 @@ bench_matmul(const struct k_kernels **tabs, int ntab, const int *threads, int nt
             continue;
         size_t wbytes = (size_t)dtype_nbytes(dt, (uint64_t)(n * k));
         int ncopy = prefill ? 1 : (int)(((size_t)footprint_mib << 20) / wbytes + 1);
+        /* -M 0: the one copy again and again, from the cache if it fits (compute speed) */
+        int nalloc = ncopy;
+        if (!prefill && footprint_mib == 0)
+            ncopy = (int)((256u << 20) / wbytes + 1);
         uint8_t **w = malloc(sizeof(*w) * (size_t)ncopy);
         int64_t mmax = 1;
         for (int i = 0; i < nm; i++)
@@ -262,6 +265,10 @@ bench_matmul(const struct k_kernels **tabs, int ntab, const int *threads, int nt
         float *x = bench_alloc((size_t)(mmax * k) * 4), *y = bench_alloc((size_t)(mmax * n) * 4);
 
         for (int c = 0; c < ncopy; c++) {
+            if (c >= nalloc) {
+                w[c] = w[0];
+                continue;
+            }
             w[c] = bench_alloc(wbytes);
             bench_fill(dt, w[c], n * k);
         }
@@ -299,7 +306,7 @@ bench_matmul(const struct k_kernels **tabs, int ntab, const int *threads, int nt
                 }
             }
         }
-        for (int c = 0; c < ncopy; c++)
+        for (int c = 0; c < nalloc; c++)
             free(w[c]);
         free(w);
         free(x);
@@ -315,6 +322,7 @@ main(int argc, char **argv)
     const char *only_v = NULL;
     int only_dt = -1, with_generic = 0, do_prefill = 1, do_decode = 1, batch = 0;
     int footprint = 256, npm = 2;
+    int64_t decode_n = 16384;
     int64_t pm[16] = {64, 512};
     int threads[8] = {1, 2}, nthreads = 2;
 
@@ -324,7 +332,7 @@ main(int argc, char **argv)
         } else if (strcmp(argv[i], "-d") == 0 && i + 1 < argc) {
             const char *d = argv[++i];
             for (int dt = 0; dt < KLI_DT_COUNT; dt++) {
-                if (dt != KLI_DT_OTHER && strcmp(k_dtype_name(dt), d) == 0)
+                if (dt != KLI_DT_OTHER && strcasecmp(k_dtype_name(dt), d) == 0)
                     only_dt = dt;
             }
         } else if (strcmp(argv[i], "-t") == 0 && i + 1 < argc) {
@@ -337,6 +345,12 @@ main(int argc, char **argv)
             }
         } else if (strcmp(argv[i], "-M") == 0 && i + 1 < argc) {
             footprint = atoi(argv[++i]);
+        } else if (strcmp(argv[i], "-N") == 0 && i + 1 < argc) {
+            decode_n = atoll(argv[++i]);
+            if (decode_n < 4) {
+                fprintf(stderr, "%s: -N wants at least 4 rows\n", argv[0]);
+                return 2;
+            }
         } else if (strcmp(argv[i], "-m") == 0 && i + 1 < argc) {
             char *s = argv[++i];
             npm = 0;
@@ -355,7 +369,7 @@ main(int argc, char **argv)
             do_decode = 0;
         } else {
             fprintf(stderr, "usage: %s [-v variants] [-d dtype] [-t 1,2] [-M MiB] [-B] "
-                    "[-m 64,512] [-G] [-P] [-D]\n", argv[0]);
+                    "[-N rows] [-m 64,512] [-G] [-P] [-D]\n", argv[0]);
             return 2;
         }
     }
@@ -385,10 +399,10 @@ main(int argc, char **argv)
         bench_bandwidth(threads[i], footprint);
     if (do_decode)
         bench_matmul(tabs, ntab, threads, nthreads, only_dt, 0, with_generic, batch, footprint,
-                     pm, npm);
+                     pm, npm, decode_n);
     if (do_prefill)
         bench_matmul(tabs, ntab, threads, nthreads, only_dt, 1, with_generic, 0, footprint, pm,
-                     npm);
+                     npm, decode_n);
     for (int i = 0; i < nthreads; i++)
         bench_bandwidth(threads[i], footprint);
     return 0;
