@@ -21,10 +21,10 @@
  *   - prefill: m = 64 and m = 512 (or -m LIST), k = n = 2304, GFLOP/s (2 m n k per call).
  *
  * Options: -v NAME[,NAME] (variants), -d DTYPE (one dtype, any case), -t 1,2 (thread counts),
- * -M MiB, -N ROWS (decode's n), -B, -G (include the generic variant in prefill; it is slow), -P
- * (skip prefill), -D (skip decode). -M 0 runs decode over one copy of W again and again: with
- * a W that fits the cache (-N 256: 324 KiB of Q4_K), the kernels' speed with no memory in the
- * way.
+ * -M MiB, -N ROWS (decode's n), -K COLS (k, a multiple of 256), -n ROWS (prefill's n), -B, -G
+ * (include the generic variant in prefill; it is slow), -P (skip prefill), -D (skip decode).
+ * -M 0 runs decode over one copy of W again and again: with a W that fits the cache (-N 256:
+ * 324 KiB of Q4_K), the kernels' speed with no memory in the way.
  */
 #include "config.h"
 
@@ -238,9 +238,9 @@ bench_pass(const struct k_kernels *kt, enum k_dtype dt, int nt, uint8_t **w, int
 static void
 bench_matmul(const struct k_kernels **tabs, int ntab, const int *threads, int nthreads,
              int only_dt, int prefill, int with_generic, int batch, int footprint_mib,
-             const int64_t *pm, int npm, int64_t decode_n)
+             const int64_t *pm, int npm, int64_t decode_n, int64_t k, int64_t prefill_n)
 {
-    int64_t k = 2304, n = prefill ? 2304 : decode_n;
+    int64_t n = prefill ? prefill_n : decode_n;
     int64_t ms[16] = {1, 8};
     int nm = batch ? 2 : 1;
 
@@ -322,7 +322,7 @@ main(int argc, char **argv)
     const char *only_v = NULL;
     int only_dt = -1, with_generic = 0, do_prefill = 1, do_decode = 1, batch = 0;
     int footprint = 256, npm = 2;
-    int64_t decode_n = 16384;
+    int64_t decode_n = 16384, k = 2304, prefill_n = 2304;
     int64_t pm[16] = {64, 512};
     int threads[8] = {1, 2}, nthreads = 2;
 
@@ -351,6 +351,18 @@ main(int argc, char **argv)
                 fprintf(stderr, "%s: -N wants at least 4 rows\n", argv[0]);
                 return 2;
             }
+        } else if (strcmp(argv[i], "-K") == 0 && i + 1 < argc) {
+            k = atoll(argv[++i]);
+            if (k < 256 || k % 256 != 0) {
+                fprintf(stderr, "%s: -K wants a multiple of 256\n", argv[0]);
+                return 2;
+            }
+        } else if (strcmp(argv[i], "-n") == 0 && i + 1 < argc) {
+            prefill_n = atoll(argv[++i]);
+            if (prefill_n < 4) {
+                fprintf(stderr, "%s: -n wants at least 4 rows\n", argv[0]);
+                return 2;
+            }
         } else if (strcmp(argv[i], "-m") == 0 && i + 1 < argc) {
             char *s = argv[++i];
             npm = 0;
@@ -369,7 +381,7 @@ main(int argc, char **argv)
             do_decode = 0;
         } else {
             fprintf(stderr, "usage: %s [-v variants] [-d dtype] [-t 1,2] [-M MiB] [-B] "
-                    "[-N rows] [-m 64,512] [-G] [-P] [-D]\n", argv[0]);
+                    "[-N rows] [-K k] [-n rows] [-m 64,512] [-G] [-P] [-D]\n", argv[0]);
             return 2;
         }
     }
@@ -399,10 +411,10 @@ main(int argc, char **argv)
         bench_bandwidth(threads[i], footprint);
     if (do_decode)
         bench_matmul(tabs, ntab, threads, nthreads, only_dt, 0, with_generic, batch, footprint,
-                     pm, npm, decode_n);
+                     pm, npm, decode_n, k, prefill_n);
     if (do_prefill)
         bench_matmul(tabs, ntab, threads, nthreads, only_dt, 1, with_generic, 0, footprint, pm,
-                     npm, decode_n);
+                     npm, decode_n, k, prefill_n);
     for (int i = 0; i < nthreads; i++)
         bench_bandwidth(threads[i], footprint);
     return 0;
