@@ -775,8 +775,37 @@ avx512_k_field2(__m512i v, int from0, int from1, int to, int mask)
                                              _mm256_set1_epi16((short)from1), 1);
         v = _mm512_srlv_epi16(v, n);
     }
-    v = _mm512_and_si512(v, _mm512_set1_epi8((char)mask));
+    if (mask != 0)      /* 0: the shift alone (avx512_k_merge masks it) */
+        v = _mm512_and_si512(v, _mm512_set1_epi8((char)mask));
     return to > 0 ? _mm512_slli_epi16(v, to) : v;
+}
+
+/* The bit pairs (mask 3) or bits (mask 1) at from0 of each byte of v (first half) and from1
+ * (second half) at bit `to`, every other bit zero: one rotation of the 32-bit lanes moves
+ * them (left by to - from, a count modulo 32), and as from and to lie in the same byte, no
+ * bit of the field crosses into another. */
+AVX512_INLINE __m512i
+avx512_k_bits2(__m512i v, int from0, int from1, int to, int mask)
+{
+    const __m512i n = _mm512_inserti64x4(_mm512_set1_epi32((to - from0 + 32) % 32),
+                                         _mm256_set1_epi32((to - from1 + 32) % 32), 1);
+
+    return _mm512_and_si512(_mm512_rolv_epi32(v, n), _mm512_set1_epi8((char)(mask << to)));
+}
+
+AVX512_INLINE __m512i
+avx512_k_bit2(__m512i v, int from0, int from1, int to)
+{
+    return avx512_k_bits2(v, from0, from1, to, 1);
+}
+
+/* hi | (lo & ((1 << lobits) - 1)) per byte, in one step (hi has no bit below lobits): the
+ * levels of a K type whose low bits and high bits come from different bytes */
+AVX512_INLINE __m512i
+avx512_k_merge(__m512i lo, __m512i hi, int lobits)
+{
+    /* imm 0xf8: A | (B & C) for A = hi, B = lo, C = the mask */
+    return _mm512_ternarylogic_epi32(hi, lo, _mm512_set1_epi8((char)((1 << lobits) - 1)), 0xf8);
 }
 
 /* 32 bytes at p in both halves of a register */
@@ -797,21 +826,22 @@ avx512_k_levels2(enum k_dtype dt, const uint8_t *p, int a)
     case KLI_DT_Q2_K:
         return avx512_k_field2(avx512_bcast32(p + 16 + 32 * g), s, s + 4, 0, 3);
     case KLI_DT_Q3_K:
-        return _mm512_or_si512(avx512_k_field2(avx512_bcast32(p + 32 + 32 * g), s, s + 4, 0, 3),
-                               avx512_k_field2(avx512_bcast32(p), a, a + 2, 2, 1));
+        return avx512_k_merge(avx512_k_field2(avx512_bcast32(p + 32 + 32 * g), s, s + 4, 0, 0),
+                              avx512_k_bit2(avx512_bcast32(p), a, a + 2, 2), 2);
     case KLI_DT_Q4_K:
         return avx512_k_field2(_mm512_loadu_si512((const void *)(p + 16 + 64 * g)),
                                4 * (a % 2), 4 * (a % 2), 0, 15);
     case KLI_DT_Q5_K:
-        return _mm512_or_si512(
+        return avx512_k_merge(
             avx512_k_field2(_mm512_loadu_si512((const void *)(p + 48 + 64 * g)), 4 * (a % 2),
-                            4 * (a % 2), 0, 15),
-            avx512_k_field2(avx512_bcast32(p + 16), a, a + 2, 4, 1));
+                            4 * (a % 2), 0, 0),
+            avx512_k_bit2(avx512_bcast32(p + 16), a, a + 2, 4), 4);
     default:
         /* ql: chunks c % 4 < 2 in the low nibbles, the others in the high ones */
-        return _mm512_or_si512(
-            avx512_k_field2(avx512_bcast32(p + 64 * g + 32 * (a % 2)), 0, 4, 0, 15),
-            avx512_k_field2(avx512_bcast32(p + 128 + 32 * g), s, s + 4, 4, 3));
+        return avx512_k_merge(avx512_k_field2(avx512_bcast32(p + 64 * g + 32 * (a % 2)), 0, 4,
+                                              0, 0),
+                              avx512_k_bits2(avx512_bcast32(p + 128 + 32 * g), s, s + 4, 4, 3),
+                              4);
     }
 }
 
