@@ -974,6 +974,103 @@ avx512_qk_rows4(enum k_dtype dt, const uint8_t *act, int64_t nsb, const uint8_t 
     }
 }
 
+/* The integer sums of row p's super-block against nt token regions (`stride` bytes apart),
+ * isum[t], t < nt, in chunk pairs; sc[0], sc[1]: the row's int16 scales of chunks 0..3 and
+ * 4..7 in every 128-bit lane (avx2_k_head's, split). */
+AVX512_INLINE void
+avx512_k_isums(enum k_dtype dt, int nt, const uint8_t *p, const uint8_t *act, size_t stride,
+               const __m512i *sc, __m512i *isum)
+{
+#pragma GCC unroll 8
+    for (int t = 0; t < nt; t++)
+        isum[t] = _mm512_setzero_si512();
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; q++) {
+        int a = (q & 2) << 1 | (q & 1);   /* pairs (0, 2), (1, 3), (4, 6), (5, 7) */
+        __m512i u = avx512_k_levels2(dt, p, a), sv = avx512_k_scale2(sc[a / 4], a);
+#pragma GCC unroll 8
+        for (int t = 0; t < nt; t++) {
+            __m512i xq = _mm512_loadu_si512((const void *)(act + t * stride + 64 * q));
+            __m512i pr = _mm512_maddubs_epi16(u, xq);
+#ifdef KLI_VNNI
+            isum[t] = _mm512_dpwssd_epi32(isum[t], pr, sv);
+#else
+            isum[t] = _mm512_add_epi32(isum[t], _mm512_madd_epi16(pr, sv));
+#endif
+        }
+    }
+}
+
+/* Row p's super-block against nt tokens: prefetches pf bytes ahead, reads the head (mn, d,
+ * dm as avx2_k_head gives them) and makes the integer sums isum[t]. */
+AVX512_INLINE void
+avx512_k_row(enum k_dtype dt, int nt, const uint8_t *p, size_t pf, const uint8_t *act,
+             size_t stride, __m512i *isum, __m256i *mn, float *d, float *dm)
+{
+    __m256i s16;
+    __m512i sc[2];
+
+    avx2_k_fetch(p + pf, avx2_k_bytes(dt));
+    avx2_k_head(dt, p, &s16, mn, d, dm);
+    sc[0] = _mm512_broadcast_i32x4(_mm256_castsi256_si128(s16));
+    sc[1] = _mm512_broadcast_i32x4(_mm256_extracti128_si256(s16, 1));
+    avx512_k_isums(dt, nt, p, act, stride, sc, isum);
+}
+
+/*
+ * One K-type row . nt tokens (2 <= nt <= 8, a constant), out[t]: the multi-token tile. Tokens
+ * go in pairs through the folds and float steps, token t in the low half of a 512-bit
+ * register and t + 1 in the high one, each half doing what avx2_k_finish does for its token
+ * (and summed as avx2_hsum does), so that the products stay avx2's, bit for bit, with half
+ * the instructions around the integer sums; an odd last token takes avx2_k_finish itself.
+ */
+AVX512_INLINE void
+avx512_qk_tile(enum k_dtype dt, int nt, const uint8_t *act, size_t stride, int64_t nsb,
+               const uint8_t *w, size_t pf, float *out)
+{
+    const size_t bb = avx2_k_bytes(dt);
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                     _mm512_setzero_ps()};
+    __m256 last = _mm256_setzero_ps();
+
+    for (int64_t s = 0; s < nsb; s++, w += bb, act += AVX2_KSB) {
+        __m512i isum[8];
+        __m256i mn;
+        float d, dm;
+        avx512_k_row(dt, nt, w, pf, act, stride, isum, &mn, &d, &dm);
+        const __m512 vd = _mm512_set1_ps(d), vm = _mm512_set1_ps(dm);
+        const __m512i mn2 = _mm512_broadcast_i64x4(mn);
+#pragma GCC unroll 4
+        for (int t = 0; t + 1 < nt; t += 2) {
+            const uint8_t *x0 = act + t * stride, *x1 = x0 + stride;
+            __m512i is = _mm512_add_epi32(
+                _mm512_shuffle_i64x2(isum[t], isum[t + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                _mm512_shuffle_i64x2(isum[t], isum[t + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+            __m512i sums = _mm512_inserti64x4(
+                _mm512_castsi256_si512(_mm256_load_si256((const __m256i *)(x0 + 256))),
+                _mm256_load_si256((const __m256i *)(x1 + 256)), 1);
+            __m512 dx = _mm512_insertf32x8(_mm512_set1_ps(*(const float *)(x0 + 288)),
+                                           _mm256_set1_ps(*(const float *)(x1 + 288)), 1);
+            __m512 ms = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_madd_epi16(mn2, sums)), vm);
+            __m512 v = _mm512_fmsub_ps(_mm512_cvtepi32_ps(is), vd, ms);
+            acc[t / 2] = _mm512_fmadd_ps(v, dx, acc[t / 2]);
+        }
+        if (nt % 2) {
+            __m256i is = _mm256_add_epi32(_mm512_castsi512_si256(isum[nt - 1]),
+                                          _mm512_extracti64x4_epi64(isum[nt - 1], 1));
+            last = avx2_k_finish(last, is, mn, _mm256_set1_ps(d), _mm256_set1_ps(dm),
+                                 act + (nt - 1) * stride);
+        }
+    }
+#pragma GCC unroll 4
+    for (int t = 0; t + 1 < nt; t += 2) {
+        out[t] = avx2_hsum(_mm512_castps512_ps256(acc[t / 2]));
+        out[t + 1] = avx2_hsum(_mm512_extractf32x8_ps(acc[t / 2], 1));
+    }
+    if (nt % 2)
+        out[nt - 1] = avx2_hsum(last);
+}
+
 /*
  * out[r nt + t] = row r . token t over nsb super-blocks, r < nr, t < nt (constants, one of
  * them 1, nr nt <= 8): avx2_qk_dot on this file's regions, two chunks a step.
@@ -989,37 +1086,19 @@ avx512_qk_dot(enum k_dtype dt, int nr, int nt, const uint8_t *act, size_t stride
         avx512_qk_rows4(dt, act, nsb, w, rb, pf, out);
         return;
     }
+    if (nr == 1 && nt >= 2) {
+        avx512_qk_tile(dt, nt, act, stride, nsb, w, pf, out);
+        return;
+    }
     avx2_zeros(nr * nt, acc);
     for (int64_t s = 0; s < nsb; s++, w += bb, act += AVX2_KSB) {
 #pragma GCC unroll 4
         for (int r = 0; r < nr; r++) {
-            const uint8_t *p = w + r * rb;
-            __m256i s16, mn;
-            __m512i sc[2], isum[8];
+            __m512i isum[8];
+            __m256i mn;
             float d, dm;
-            avx2_k_fetch(p + pf, bb);
-            avx2_k_head(dt, p, &s16, &mn, &d, &dm);
+            avx512_k_row(dt, nt, w + r * rb, pf, act, stride, isum, &mn, &d, &dm);
             const __m256 vd = _mm256_set1_ps(d), vm = _mm256_set1_ps(dm);
-            sc[0] = _mm512_broadcast_i32x4(_mm256_castsi256_si128(s16));
-            sc[1] = _mm512_broadcast_i32x4(_mm256_extracti128_si256(s16, 1));
-#pragma GCC unroll 8
-            for (int t = 0; t < nt; t++)
-                isum[t] = _mm512_setzero_si512();
-#pragma GCC unroll 4
-            for (int q = 0; q < 4; q++) {
-                int a = (q & 2) << 1 | (q & 1);   /* pairs (0, 2), (1, 3), (4, 6), (5, 7) */
-                __m512i u = avx512_k_levels2(dt, p, a), sv = avx512_k_scale2(sc[a / 4], a);
-#pragma GCC unroll 8
-                for (int t = 0; t < nt; t++) {
-                    __m512i xq = _mm512_loadu_si512((const void *)(act + t * stride + 64 * q));
-                    __m512i pr = _mm512_maddubs_epi16(u, xq);
-#ifdef KLI_VNNI
-                    isum[t] = _mm512_dpwssd_epi32(isum[t], pr, sv);
-#else
-                    isum[t] = _mm512_add_epi32(isum[t], _mm512_madd_epi16(pr, sv));
-#endif
-                }
-            }
 #pragma GCC unroll 8
             for (int t = 0; t < nt; t++) {
                 __m256i is = _mm256_add_epi32(_mm512_castsi512_si256(isum[t]),
