@@ -314,6 +314,21 @@ bench_matmul(const struct k_kernels **tabs, int ntab, const int *threads, int nt
     }
 }
 
+/* A size option's value: a whole multiple of `unit` (at least one), else -1 after saying so. */
+static int
+bench_size(const char *prog, const char *opt, const char *val, int64_t unit, int64_t *out)
+{
+    char *end;
+    long long v = strtoll(val, &end, 10);
+
+    if (*end != '\0' || v < unit || v % unit != 0) {
+        fprintf(stderr, "%s: %s wants a multiple of %lld\n", prog, opt, (long long)unit);
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
 int
 main(int argc, char **argv)
 {
@@ -346,23 +361,14 @@ main(int argc, char **argv)
         } else if (strcmp(argv[i], "-M") == 0 && i + 1 < argc) {
             footprint = atoi(argv[++i]);
         } else if (strcmp(argv[i], "-N") == 0 && i + 1 < argc) {
-            decode_n = atoll(argv[++i]);
-            if (decode_n < 4) {
-                fprintf(stderr, "%s: -N wants at least 4 rows\n", argv[0]);
+            if (bench_size(argv[0], "-N", argv[++i], 4, &decode_n) != 0)
                 return 2;
-            }
         } else if (strcmp(argv[i], "-K") == 0 && i + 1 < argc) {
-            k = atoll(argv[++i]);
-            if (k < 256 || k % 256 != 0) {
-                fprintf(stderr, "%s: -K wants a multiple of 256\n", argv[0]);
+            if (bench_size(argv[0], "-K", argv[++i], 256, &k) != 0)
                 return 2;
-            }
         } else if (strcmp(argv[i], "-n") == 0 && i + 1 < argc) {
-            prefill_n = atoll(argv[++i]);
-            if (prefill_n < 4) {
-                fprintf(stderr, "%s: -n wants at least 4 rows\n", argv[0]);
+            if (bench_size(argv[0], "-n", argv[++i], 4, &prefill_n) != 0)
                 return 2;
-            }
         } else if (strcmp(argv[i], "-m") == 0 && i + 1 < argc) {
             char *s = argv[++i];
             npm = 0;
