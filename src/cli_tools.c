@@ -854,12 +854,13 @@ bench_print_json(const struct bench_args *a, const struct bench_result *res)
            (unsigned long long)res->cache_bytes, res->tr.med, res->tr.min, res->tr.max,
            res->triad_bytes, res->rd.med, res->rd.min, res->rd.max, res->read_bytes,
            res->bytes);
-    /* a CPU roofline says nothing of a run that uses the GPU */
+    /* a CPU roofline says nothing of a run that uses the GPU; six significant digits, not
+     * four decimals, which left a small model's 0.0035 two and failed its checks */
     if (res->gpu)
         printf("\"roofline_fraction\": null, \"roofline_triad\": null, "
                "\"roofline_capped\": null, ");
     else
-        printf("\"roofline_fraction\": %.4f, \"roofline_triad\": %.4f, "
+        printf("\"roofline_fraction\": %.6g, \"roofline_triad\": %.6g, "
                "\"roofline_capped\": %s, ", res->roof, res->roof_triad,
                res->n_capped > 0 ? "true" : "false");
     printf("\"phase_ms\": {");
