@@ -860,27 +860,37 @@ avx512_k_scale2(__m512i sc4, int a)
     return _mm512_shuffle_epi8(sc4, _mm512_inserti64x4(_mm512_castsi256_si512(c0), c1, 1));
 }
 
-/* The integer sums of row p's super-block against one token's region xs: avx512_qk_dot's
- * isum, lane for lane, with the scales of chunk pair q taken from bc by one vpshufb with
- * ctl[q]. */
-AVX512_INLINE __m512i
-avx512_k_isum(enum k_dtype dt, const uint8_t *p, const uint8_t *xs, __m512i bc,
-              const __m512i *ctl)
+/* The integer sums of row p's super-block against nt token regions (`stride` bytes apart),
+ * isum[t], t < nt, a chunk pair a step; sv[q]: the int16 scales of pair q in the order of
+ * its pair sums. */
+AVX512_INLINE void
+avx512_k_isums(enum k_dtype dt, int nt, const uint8_t *p, const uint8_t *act, size_t stride,
+               const __m512i *sv, __m512i *isum)
 {
-    __m512i isum = _mm512_setzero_si512();   /* (q = 0 sets it: no zero to add to) */
-
 #pragma GCC unroll 4
     for (int q = 0; q < 4; q++) {
-        int a = (q & 2) << 1 | (q & 1);
-        __m512i u = avx512_k_levels2(dt, p, a), sv = _mm512_shuffle_epi8(bc, ctl[q]);
-        __m512i pr = _mm512_maddubs_epi16(u, _mm512_load_si512((const void *)(xs + 64 * q)));
+        int a = (q & 2) << 1 | (q & 1);   /* pairs (0, 2), (1, 3), (4, 6), (5, 7) */
+        __m512i u = avx512_k_levels2(dt, p, a);
+#pragma GCC unroll 8
+        for (int t = 0; t < nt; t++) {
+            __m512i xq = _mm512_loadu_si512((const void *)(act + t * stride + 64 * q));
+            __m512i pr = _mm512_maddubs_epi16(u, xq);
+            /* (q = 0 sets the sum: no zero to add to) */
 #ifdef KLI_VNNI
-        isum = q ? _mm512_dpwssd_epi32(isum, pr, sv) : _mm512_madd_epi16(pr, sv);
+            isum[t] = q ? _mm512_dpwssd_epi32(isum[t], pr, sv[q]) : _mm512_madd_epi16(pr, sv[q]);
 #else
-        isum = q ? _mm512_add_epi32(isum, _mm512_madd_epi16(pr, sv)) : _mm512_madd_epi16(pr, sv);
+            isum[t] = q ? _mm512_add_epi32(isum[t], _mm512_madd_epi16(pr, sv[q]))
+                        : _mm512_madd_epi16(pr, sv[q]);
 #endif
+        }
     }
-    return isum;
+}
+
+/* The two halves of each 256-bit run of integer sums added: avx2's 256-bit isum */
+AVX512_INLINE __m256i
+avx512_k_fold(__m512i isum)
+{
+    return _mm256_add_epi32(_mm512_castsi512_si256(isum), _mm512_extracti64x4_epi64(isum, 1));
 }
 
 /* vpshufb indices: bytes 8..11 (128-bit lanes 0, 2) and 12..15 (lanes 1, 3) of a lane,
@@ -948,8 +958,14 @@ avx512_qk_rows4(enum k_dtype dt, const uint8_t *act, int64_t nsb, const uint8_t 
             _mm256_load_si256((const __m256i *)(act + 256)));
         __m512i isum[4];
 #pragma GCC unroll 4
-        for (int r = 0; r < 4; r++)
-            isum[r] = avx512_k_isum(dt, p[r], act, _mm512_shuffle_i32x4(v, v, 0x55 * r), ctl);
+        for (int r = 0; r < 4; r++) {
+            const __m512i bc = _mm512_shuffle_i32x4(v, v, 0x55 * r);
+            __m512i sv[4];
+#pragma GCC unroll 4
+            for (int q = 0; q < 4; q++)
+                sv[q] = _mm512_shuffle_epi8(bc, ctl[q]);
+            avx512_k_isums(dt, 1, p[r], act, 0, sv, isum + r);
+        }
 #pragma GCC unroll 2
         for (int i = 0; i < 2; i++) {
             const __m512i sel = _mm512_inserti64x4(_mm512_set1_epi32(4 * i),
@@ -974,33 +990,6 @@ avx512_qk_rows4(enum k_dtype dt, const uint8_t *act, int64_t nsb, const uint8_t 
     }
 }
 
-/* The integer sums of row p's super-block against nt token regions (`stride` bytes apart),
- * isum[t], t < nt, in chunk pairs; sc[0], sc[1]: the row's int16 scales of chunks 0..3 and
- * 4..7 in every 128-bit lane (avx2_k_head's, split). */
-AVX512_INLINE void
-avx512_k_isums(enum k_dtype dt, int nt, const uint8_t *p, const uint8_t *act, size_t stride,
-               const __m512i *sc, __m512i *isum)
-{
-#pragma GCC unroll 8
-    for (int t = 0; t < nt; t++)
-        isum[t] = _mm512_setzero_si512();
-#pragma GCC unroll 4
-    for (int q = 0; q < 4; q++) {
-        int a = (q & 2) << 1 | (q & 1);   /* pairs (0, 2), (1, 3), (4, 6), (5, 7) */
-        __m512i u = avx512_k_levels2(dt, p, a), sv = avx512_k_scale2(sc[a / 4], a);
-#pragma GCC unroll 8
-        for (int t = 0; t < nt; t++) {
-            __m512i xq = _mm512_loadu_si512((const void *)(act + t * stride + 64 * q));
-            __m512i pr = _mm512_maddubs_epi16(u, xq);
-#ifdef KLI_VNNI
-            isum[t] = _mm512_dpwssd_epi32(isum[t], pr, sv);
-#else
-            isum[t] = _mm512_add_epi32(isum[t], _mm512_madd_epi16(pr, sv));
-#endif
-        }
-    }
-}
-
 /* Row p's super-block against nt tokens: prefetches pf bytes ahead, reads the head (mn, d,
  * dm as avx2_k_head gives them) and makes the integer sums isum[t]. */
 AVX512_INLINE void
@@ -1008,13 +997,18 @@ avx512_k_row(enum k_dtype dt, int nt, const uint8_t *p, size_t pf, const uint8_t
              size_t stride, __m512i *isum, __m256i *mn, float *d, float *dm)
 {
     __m256i s16;
-    __m512i sc[2];
+    __m512i sc[2], sv[4];
 
     avx2_k_fetch(p + pf, avx2_k_bytes(dt));
     avx2_k_head(dt, p, &s16, mn, d, dm);
     sc[0] = _mm512_broadcast_i32x4(_mm256_castsi256_si128(s16));
     sc[1] = _mm512_broadcast_i32x4(_mm256_extracti128_si256(s16, 1));
-    avx512_k_isums(dt, nt, p, act, stride, sc, isum);
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; q++) {
+        int a = (q & 2) << 1 | (q & 1);
+        sv[q] = avx512_k_scale2(sc[a / 4], a);
+    }
+    avx512_k_isums(dt, nt, p, act, stride, sv, isum);
 }
 
 /*
@@ -1056,10 +1050,8 @@ avx512_qk_tile(enum k_dtype dt, int nt, const uint8_t *act, size_t stride, int64
             acc[t / 2] = _mm512_fmadd_ps(v, dx, acc[t / 2]);
         }
         if (nt % 2) {
-            __m256i is = _mm256_add_epi32(_mm512_castsi512_si256(isum[nt - 1]),
-                                          _mm512_extracti64x4_epi64(isum[nt - 1], 1));
-            last = avx2_k_finish(last, is, mn, _mm256_set1_ps(d), _mm256_set1_ps(dm),
-                                 act + (nt - 1) * stride);
+            last = avx2_k_finish(last, avx512_k_fold(isum[nt - 1]), mn, _mm256_set1_ps(d),
+                                 _mm256_set1_ps(dm), act + (nt - 1) * stride);
         }
     }
 #pragma GCC unroll 4
@@ -1101,10 +1093,8 @@ avx512_qk_dot(enum k_dtype dt, int nr, int nt, const uint8_t *act, size_t stride
             const __m256 vd = _mm256_set1_ps(d), vm = _mm256_set1_ps(dm);
 #pragma GCC unroll 8
             for (int t = 0; t < nt; t++) {
-                __m256i is = _mm256_add_epi32(_mm512_castsi512_si256(isum[t]),
-                                              _mm512_extracti64x4_epi64(isum[t], 1));
-                acc[r * nt + t] = avx2_k_finish(acc[r * nt + t], is, mn, vd, vm,
-                                                act + t * stride);
+                acc[r * nt + t] = avx2_k_finish(acc[r * nt + t], avx512_k_fold(isum[t]), mn, vd,
+                                                vm, act + t * stride);
             }
         }
     }
